@@ -1,0 +1,63 @@
+"""Stable names of vnpu's Kubernetes API (see DESIGN.md "Names"). Change only with a migration note.
+
+Every component imports these constants instead of spelling the strings, so a rename is one edit.
+"""
+
+from __future__ import annotations
+
+import re
+
+GROUP = "vnpu.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "InferenceModel"
+PLURAL = "inferencemodels"
+SINGULAR = "inferencemodel"
+SHORT_NAME = "infm"
+
+#: Extended resource: one unit is one slice of ``slice_mib`` MiB of one physical device.
+RESOURCE_MEMORY = f"{GROUP}/memory"
+DEFAULT_SLICE_MIB = 1024
+
+#: Node annotation holding the JSON device inventory written by the device plugin.
+ANNOTATION_DEVICES = f"{GROUP}/devices"
+
+#: Pod annotations set by the operator and honoured by the device plugin.
+ANNOTATION_DEVICE = f"{GROUP}/device"
+ANNOTATION_SLICES = f"{GROUP}/slices"
+ANNOTATION_SHARE_GROUP = f"{GROUP}/share-group"
+
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+MANAGED_BY_VALUE = "vnpu-operator"
+LABEL_MODEL = f"{GROUP}/model"
+LABEL_ROLE = f"{GROUP}/role"
+ROLE_REPLICA = "replica"
+ROLE_WEIGHTS = "weights"
+ROLE_PLACEHOLDER = "placeholder"
+
+#: Device IDs advertised to the kubelet are ``<device-id>-s<index>`` and at most this long.
+MAX_DEVICE_ID_LEN = 63
+_SLICE_ID = re.compile(r"^(?P<device>.+)-s(?P<index>\d+)$")
+
+
+def slice_id(device_id: str, index: int) -> str:
+    """The kubelet-visible ID of slice ``index`` of physical device ``device_id``."""
+    sid = f"{device_id}-s{index}"
+    if len(sid) > MAX_DEVICE_ID_LEN:
+        raise ValueError(f"slice id {sid!r} is longer than {MAX_DEVICE_ID_LEN} characters")
+    return sid
+
+
+def parse_slice_id(sid: str) -> tuple[str, int]:
+    """Split a slice ID back into (physical device ID, slice index)."""
+    m = _SLICE_ID.match(sid)
+    if not m:
+        raise ValueError(f"{sid!r} is not a vnpu slice id (<device>-s<index>)")
+    return m.group("device"), int(m.group("index"))
+
+
+def slices_for_mib(mib: int, slice_mib: int = DEFAULT_SLICE_MIB) -> int:
+    """How many whole slices cover ``mib`` MiB (at least one for any positive demand)."""
+    if mib < 0 or slice_mib <= 0:
+        raise ValueError(f"need mib >= 0 and slice_mib > 0, got {mib=} {slice_mib=}")
+    return -(-mib // slice_mib)
