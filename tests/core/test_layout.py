@@ -1,0 +1,49 @@
+"""The repository layout must never shadow the standard library's ``operator`` (DESIGN.md "Names")."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run_in_repo_root(*args: str) -> str:
+    proc = subprocess.run(
+        [sys.executable, *args], cwd=REPO_ROOT, capture_output=True, text=True, check=True, timeout=60
+    )
+    return proc.stdout.strip()
+
+
+def test_stdlib_operator_wins_from_repo_root() -> None:
+    out = _run_in_repo_root("-c", "import collections, operator; print(operator.add)")
+    assert out == "<built-in function add>"
+
+
+def test_stdlib_operator_wins_even_without_site() -> None:
+    # -S skips site, so nothing pre-imports `operator`: the repo root really is searched first.
+    out = _run_in_repo_root("-S", "-c", "import operator; print(operator.__file__)")
+    assert "/operator/" not in out and out.endswith("operator.py")
+
+
+def test_no_package_init_in_operator_folder() -> None:
+    assert not (REPO_ROOT / "operator" / "__init__.py").exists()
+    assert not (REPO_ROOT / "vnpu" / "__init__.py").exists()
+
+
+def test_components_import_as_vnpu_subpackages_from_repo_root() -> None:
+    out = _run_in_repo_root(
+        "-c",
+        "import vnpu.api, vnpu.operator, vnpu.device_plugin, vnpu.runtime, operator; "
+        "print(list(vnpu.operator.__path__)[0].endswith('/operator'), operator.add.__module__)",
+    )
+    assert out == "True _operator"
+
+
+def test_operator_and_device_plugin_never_import_torch() -> None:
+    out = _run_in_repo_root(
+        "-c",
+        "import sys, vnpu.cli, vnpu.api, vnpu.inventory; print('torch' in sys.modules)",
+    )
+    assert out == "False"
