@@ -1,0 +1,406 @@
+"""Device-memory estimate of one InferenceModel: shared weights once per device, the rest per replica.
+
+The packer needs two numbers per model: what the weight-holder occupies on a device (the weights, or
+under async offload the resident part of them) and what every replica adds (KV cache + activation +
+runtime overhead + the offload prefetch ring). Both come from the spec, with the weight size and the
+architecture read from the model file's header (:mod:`vnpu.modelfile`) when the spec leaves them out.
+
+KV cache (notes/runtime.md §5): ``Σ_layers 2 · kv_heads · head_dim · dtype_bytes`` per token; multi-head
+latent attention caches one ``kv_lora_rank + rope_dim`` latent per layer instead. Paged engines round
+each sequence up to whole blocks. Every defaulted term is listed in ``MemoryEstimate.assumptions`` so the
+operator can show the user what it guessed.
+
+Pure: no Kubernetes, no numpy; the only I/O is reading a header through :mod:`vnpu.modelfile`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from vnpu.api import DEFAULT_SLICE_MIB, slices_for_mib
+from vnpu.modelfile import MIB, ModelConfig, ModelFileInfo, config_from_hf, local_source_path, read_model_file
+
+#: Bytes per weight element for the CRD's ``weights.dtype`` values (ggml block types include scales).
+WEIGHT_DTYPE_BYTES: dict[str, float] = {
+    "float32": 4, "float16": 2, "bfloat16": 2, "float8": 1, "int8": 1, "int4": 0.5,
+    "q8_0": 34 / 32, "q4_0": 18 / 32, "q4_1": 20 / 32,
+}
+#: KV cache element size when the spec says nothing: fp16/bf16, or fp32 for fp32 models.
+DEFAULT_KV_DTYPE_BYTES = 2
+#: Activation reserve when neither ``memory.activationMiB`` nor a model config is available.
+DEFAULT_ACTIVATION_MIB = 256
+#: Tokens one forward step processes in the analytic activation estimate (a chunked-prefill step).
+PREFILL_CHUNK_TOKENS = 512
+DEFAULT_PREFETCH_DEPTH = 2
+
+
+class EstimateError(ValueError):
+    """The spec does not give enough to size the model (the message says which field to set)."""
+
+
+def mib_ceil(nbytes: float) -> int:
+    """Whole MiB covering ``nbytes``."""
+    return math.ceil(nbytes / MIB)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Analytic pieces
+
+
+def kv_bytes_per_token(config: ModelConfig, kv_dtype_bytes: int = DEFAULT_KV_DTYPE_BYTES) -> int:
+    """KV-cache bytes one token costs across all layers.
+
+    Standard attention: ``Σ_layers kv_heads · (head_dim + v_head_dim) · bytes`` (= 2·kv·head_dim·bytes
+    when K and V have the same head dim). MLA: ``layers · (kv_lora_rank + qk_rope_head_dim) · bytes``.
+    """
+    if kv_dtype_bytes <= 0:
+        raise EstimateError(f"KV dtype size must be positive, got {kv_dtype_bytes}")
+    if config.kv_lora_rank:
+        return config.n_layers * (config.kv_lora_rank + (config.qk_rope_head_dim or 0)) * kv_dtype_bytes
+    per_head = config.head_dim + (config.value_head_dim or config.head_dim)
+    per_layer = config.kv_heads_per_layer or (config.n_kv_heads,) * config.n_layers
+    heads = sum(per_layer)
+    return heads * per_head * kv_dtype_bytes
+
+
+def kv_cache_bytes(
+    config: ModelConfig,
+    max_context_tokens: int,
+    max_batch: int,
+    kv_dtype_bytes: int = DEFAULT_KV_DTYPE_BYTES,
+    block_size: int | None = None,
+) -> int:
+    """KV cache for ``max_batch`` sequences of ``max_context_tokens``; with paging, each sequence is
+    rounded up to whole blocks of ``block_size`` tokens (vLLM's CUDA default 16, Ascend commonly 128)."""
+    if max_context_tokens <= 0 or max_batch <= 0:
+        raise EstimateError(
+            f"need maxContextTokens > 0 and maxBatch > 0, got {max_context_tokens}, {max_batch}"
+        )
+    tokens = max_context_tokens
+    if block_size:
+        tokens = -(-tokens // block_size) * block_size
+    return tokens * max_batch * kv_bytes_per_token(config, kv_dtype_bytes)
+
+
+def estimate_param_count(config: ModelConfig) -> int:
+    """Parameters of a Llama-style decoder from its config (embeddings, attention, gated FFN, norms).
+
+    Used only when no header can be read; exact for Llama/Qwen2/Mistral up to biases.
+    """
+    if not config.ffn_size or not config.vocab_size:
+        raise EstimateError("sizing weights from a model config needs its FFN size and vocabulary size")
+    h, q_width = config.hidden_size, config.n_heads * config.head_dim
+    kv_width = config.n_kv_heads * (config.head_dim + (config.value_head_dim or config.head_dim))
+    per_layer = h * q_width + h * kv_width + q_width * h + 3 * h * config.ffn_size + 2 * h
+    embeddings = config.vocab_size * h * (1 if config.tie_word_embeddings else 2)
+    return config.n_layers * per_layer + embeddings + h
+
+
+def default_activation_bytes(config: ModelConfig, max_batch: int, act_bytes: int = 2) -> int:
+    """A rough peak of one forward step: a prefill chunk through attention and the FFN plus the fp32
+    logits of a decode batch. Calibrate with a profile run and set ``memory.activationMiB`` instead."""
+    tokens = max(max_batch, PREFILL_CHUNK_TOKENS)
+    ffn = config.ffn_size or 4 * config.hidden_size
+    step = tokens * (4 * config.hidden_size + 2 * ffn) * act_bytes
+    logits = max_batch * (config.vocab_size or 0) * 4
+    return step + logits
+
+
+#: File tensor dtypes (safetensors / ggml names) as the CRD's ``weights.dtype`` values.
+_FILE_DTYPES = {
+    "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8", "F8_E5M2": "float8",
+    "I8": "int8", "Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_1": "q4_1",
+}
+
+
+def file_dtype(info: ModelFileInfo) -> str | None:
+    """The CRD dtype holding most of a model file's bytes (None for types the CRD does not name)."""
+    by_dtype = info.bytes_by_dtype
+    if not by_dtype:
+        return None
+    return _FILE_DTYPES.get(max(by_dtype, key=lambda k: (by_dtype[k], k)))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The estimate
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Device memory of one model: ``device_weights_mib`` once per device that runs any of its
+    replicas (held by the weight-holder pod), ``per_replica_mib`` for every replica."""
+
+    weights_mib: int  #: all the weights
+    device_weights_mib: int  #: the part resident on the device (< weights_mib under async offload)
+    kv_cache_mib: int
+    activation_mib: int
+    overhead_mib: int
+    staging_mib: int  #: per-replica prefetch ring for streamed layers (0 without offload)
+    slice_mib: int = DEFAULT_SLICE_MIB
+    kv_bytes_per_token: int | None = None
+    config: ModelConfig | None = None
+    assumptions: tuple[str, ...] = ()  #: every term that was defaulted rather than given or read
+
+    @property
+    def per_replica_mib(self) -> int:
+        return self.kv_cache_mib + self.activation_mib + self.overhead_mib + self.staging_mib
+
+    @property
+    def weight_slices(self) -> int:
+        """Slices of the weight-holder pod (0: nothing resident, no holder needed)."""
+        return slices_for_mib(self.device_weights_mib, self.slice_mib)
+
+    @property
+    def replica_slices(self) -> int:
+        return slices_for_mib(self.per_replica_mib, self.slice_mib)
+
+    def device_mib(self, replicas_on_device: int) -> int:
+        """Memory ``replicas_on_device`` replicas of this model take on one device, sharing weights."""
+        if replicas_on_device <= 0:
+            return 0
+        return self.device_weights_mib + replicas_on_device * self.per_replica_mib
+
+    def saved_by_sharing_mib(self, replicas_on_device: int) -> int:
+        """What one weight copy for ``replicas_on_device`` replicas saves over a copy each."""
+        return max(0, replicas_on_device - 1) * self.device_weights_mib
+
+
+def estimate_memory(
+    *,
+    weights_mib: int,
+    config: ModelConfig | None = None,
+    kv_cache_mib: int | None = None,
+    max_context_tokens: int | None = None,
+    max_batch: int | None = None,
+    activation_mib: int | None = None,
+    overhead_mib: int = 0,
+    offload_budget_mib: int | None = None,
+    prefetch_depth: int = DEFAULT_PREFETCH_DEPTH,
+    largest_layer_mib: int | None = None,
+    kv_dtype_bytes: int = DEFAULT_KV_DTYPE_BYTES,
+    block_size: int | None = None,
+    slice_mib: int = DEFAULT_SLICE_MIB,
+) -> MemoryEstimate:
+    """The estimate from plain numbers (see :func:`estimate_from_spec` for the CRD form).
+
+    KV: ``kv_cache_mib`` when given, else ``max_context_tokens × max_batch`` tokens through the config.
+    Offload: with ``offload_budget_mib`` below ``weights_mib``, the budget covers the resident weights
+    (shared, in the weight-holder) plus each replica's prefetch ring of ``prefetch_depth`` buffers of the
+    largest layer (per replica, because every replica streams layers for its own forward passes).
+    """
+    assumptions: list[str] = []
+    if weights_mib < 0 or overhead_mib < 0:
+        raise EstimateError(f"weights and overhead must be non-negative, got {weights_mib}, {overhead_mib}")
+    per_token = kv_bytes_per_token(config, kv_dtype_bytes) if config else None
+    if kv_cache_mib is not None:
+        kv_mib = kv_cache_mib
+    elif max_context_tokens is not None and max_batch is not None:
+        if config is None:
+            raise EstimateError(
+                "memory.maxContextTokens/maxBatch need the model config (layers, KV heads, head dim): "
+                "use a source the operator can read, or set memory.kvCacheMiB"
+            )
+        kv_mib = mib_ceil(kv_cache_bytes(config, max_context_tokens, max_batch, kv_dtype_bytes, block_size))
+    else:
+        raise EstimateError("spec.memory needs kvCacheMiB, or maxContextTokens together with maxBatch")
+    if activation_mib is None:
+        if config is not None:
+            activation_mib = mib_ceil(default_activation_bytes(config, max_batch or 1))
+            assumptions.append(f"activationMiB={activation_mib} estimated analytically from the model config")
+        else:
+            activation_mib = DEFAULT_ACTIVATION_MIB
+            assumptions.append(f"activationMiB={activation_mib} (default: no model config to estimate from)")
+    device_weights, staging = weights_mib, 0
+    if offload_budget_mib is not None and offload_budget_mib < weights_mib:
+        if prefetch_depth < 1:
+            raise EstimateError(f"offload.prefetchDepth must be at least 1, got {prefetch_depth}")
+        if largest_layer_mib is None:
+            if config is None:
+                raise EstimateError(
+                    "async offload needs the layer sizes: use a source the operator can read, or set "
+                    "offload.mode=none"
+                )
+            largest_layer_mib = -(-weights_mib // config.n_layers)
+            assumptions.append(f"largest layer ≈ {largest_layer_mib} MiB (weights / layers)")
+        staging = prefetch_depth * largest_layer_mib
+        device_weights = offload_budget_mib - staging
+        if device_weights < 0:
+            raise EstimateError(
+                f"offload.deviceBudgetMiB={offload_budget_mib} is smaller than the prefetch ring "
+                f"({prefetch_depth} × {largest_layer_mib} MiB layers = {staging} MiB)"
+            )
+    return MemoryEstimate(
+        weights_mib=weights_mib,
+        device_weights_mib=device_weights,
+        kv_cache_mib=kv_mib,
+        activation_mib=activation_mib,
+        overhead_mib=overhead_mib,
+        staging_mib=staging,
+        slice_mib=slice_mib,
+        kv_bytes_per_token=per_token,
+        config=config,
+        assumptions=tuple(assumptions),
+    )
+
+
+def _opt_int(section: Mapping[str, Any], key: str, where: str) -> int | None:
+    value = section.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise EstimateError(f"spec.{where}.{key} must be a non-negative integer, got {value!r}")
+    return value
+
+
+def _section(spec: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    value = spec.get(key) or {}
+    if not isinstance(value, Mapping):
+        raise EstimateError(f"spec.{key} must be an object")
+    return value
+
+
+def estimate_from_spec(
+    spec: Mapping[str, Any],
+    *,
+    slice_mib: int = DEFAULT_SLICE_MIB,
+    cache_dir: str | os.PathLike[str] | None = None,
+    model_file: ModelFileInfo | None = None,
+    overhead_mib: int = 0,
+    block_size: int | None = None,
+    kv_dtype_bytes: int | None = None,
+    read_header: Callable[[str, Any], ModelFileInfo] = read_model_file,
+) -> MemoryEstimate:
+    """The estimate for an InferenceModel ``spec`` (the CRD's camelCase dict).
+
+    Reads the source's header only when the spec lacks something it gives (``weights.sizeMiB``, the
+    config for ``maxContextTokens``/``maxBatch``, the activation default, layer sizes for offload).
+    ``file://`` and plain paths are readable; ``hf://`` is readable inside ``cache_dir`` (an HF hub
+    cache or mirror) when one is configured; ``pvc://`` never is (the operator mounts no claims).
+    An optional ``spec.modelConfig`` (config.json keys: ``num_hidden_layers``, ``num_key_value_heads``,
+    ``head_dim``, ...) stands in for the header's config. ``model_file`` passes an already-read header
+    (caching is the caller's business). Raises :class:`EstimateError` (a ValueError) naming the field
+    to set when something is missing.
+    """
+    source = _section(spec, "source")
+    weights = _section(spec, "weights")
+    memory = _section(spec, "memory")
+    offload = _section(spec, "offload")
+    uri = str(source.get("uri", ""))
+    dtype = weights.get("dtype")
+    if dtype is not None and dtype not in WEIGHT_DTYPE_BYTES:
+        raise EstimateError(f"spec.weights.dtype {dtype!r} is not one of {sorted(WEIGHT_DTYPE_BYTES)}")
+    size_mib = _opt_int(weights, "sizeMiB", "weights")
+    kv_mib = _opt_int(memory, "kvCacheMiB", "memory")
+    max_ctx = _opt_int(memory, "maxContextTokens", "memory")
+    max_batch = _opt_int(memory, "maxBatch", "memory")
+    activation = _opt_int(memory, "activationMiB", "memory")
+    offloading = offload.get("mode", "none") == "async"
+    budget = _opt_int(offload, "deviceBudgetMiB", "offload") if offloading else None
+    if offloading and budget is None:
+        raise EstimateError("spec.offload.deviceBudgetMiB is required when offload.mode is async")
+    depth = _opt_int(offload, "prefetchDepth", "offload") or DEFAULT_PREFETCH_DEPTH
+
+    config: ModelConfig | None = None
+    hint = spec.get("modelConfig")
+    if hint is not None:
+        if not isinstance(hint, Mapping):
+            raise EstimateError("spec.modelConfig must be an object with config.json keys")
+        try:
+            config = config_from_hf(hint)
+        except ValueError as exc:
+            raise EstimateError(f"spec.modelConfig: {exc}") from exc
+
+    needs_config = config is None and (kv_mib is None or activation is None)
+    needs_header = size_mib is None or needs_config or (budget is not None and model_file is None)
+    missing = [what for what, needed in (
+        ("spec.weights.sizeMiB", size_mib is None and (config is None or dtype is None)),
+        ("spec.memory.kvCacheMiB (or spec.modelConfig for maxContextTokens/maxBatch)",
+         needs_config and kv_mib is None),
+    ) if needed]
+    info = model_file
+    if info is None and needs_header:
+        info = _read_source_header(uri, source.get("format"), cache_dir, read_header, missing)
+    if config is None and info is not None:
+        config = info.config
+    assumptions: list[str] = []
+    if size_mib is None:
+        if info is not None and dtype is not None and dtype != file_dtype(info):
+            # weights.dtype is the dtype on the device, which may differ from the file's (a GGUF the
+            # runtime dequantises, a checkpoint quantised on load): size the parameters at that dtype.
+            size_mib = mib_ceil(info.param_count * WEIGHT_DTYPE_BYTES[dtype])
+            if size_mib != info.weight_mib:
+                assumptions.append(f"weights.sizeMiB={size_mib}: {info.param_count} parameters as {dtype}")
+        elif info is not None:
+            size_mib = info.weight_mib
+        elif config is not None and dtype is not None:
+            size_mib = mib_ceil(estimate_param_count(config) * WEIGHT_DTYPE_BYTES[dtype])
+            assumptions.append(f"weights.sizeMiB={size_mib} estimated from spec.modelConfig and {dtype}")
+        else:
+            raise EstimateError(_unreadable_message(uri, missing))
+    if kv_mib is None and config is None:
+        why = info.config_error if info is not None and info.config_error else "no model config"
+        raise EstimateError(
+            f"memory.maxContextTokens/maxBatch need the model's layers, KV heads and head dim ({why}): "
+            "set spec.memory.kvCacheMiB or spec.modelConfig"
+        )
+    largest_layer = None
+    if info is not None and info.layer_bytes():
+        largest_layer = mib_ceil(max(info.layer_bytes().values()))
+    if kv_dtype_bytes is None:
+        fp32 = dtype == "float32" or (config is not None and config.dtype == "float32")
+        kv_dtype_bytes = 4 if fp32 else DEFAULT_KV_DTYPE_BYTES
+    estimate = estimate_memory(
+        weights_mib=size_mib,
+        config=config,
+        kv_cache_mib=kv_mib,
+        max_context_tokens=max_ctx,
+        max_batch=max_batch,
+        activation_mib=activation,
+        overhead_mib=_opt_int(memory, "overheadMiB", "memory") or overhead_mib,
+        offload_budget_mib=budget,
+        prefetch_depth=depth,
+        largest_layer_mib=largest_layer,
+        kv_dtype_bytes=kv_dtype_bytes,
+        block_size=block_size,
+        slice_mib=slice_mib,
+    )
+    if assumptions:
+        estimate = dataclasses.replace(estimate, assumptions=(*assumptions, *estimate.assumptions))
+    return estimate
+
+
+def _unreadable_message(uri: str, missing: list[str]) -> str:
+    if uri.startswith("pvc://"):
+        where = "pvc:// sources are only mounted into the model's pods, not into the operator"
+    elif uri.startswith("hf://"):
+        where = "hf:// sources are readable only with a local model cache configured for the operator"
+    else:
+        where = f"source {uri!r} is not readable by the operator"
+    return f"cannot size the model: {where}; set {' and '.join(missing)}"
+
+
+def _read_source_header(
+    uri: str,
+    fmt: Any,
+    cache_dir: str | os.PathLike[str] | None,
+    read_header: Callable[[str, Any], ModelFileInfo],
+    missing: list[str],
+) -> ModelFileInfo | None:
+    """The header of the source, or None when it cannot be read and nothing depends on it (an optional
+    refinement such as the activation estimate then falls back to its default)."""
+    path = local_source_path(uri, cache_dir) if uri else None
+    if path is None:
+        if missing:
+            raise EstimateError(_unreadable_message(uri, missing))
+        return None
+    try:
+        return read_header(str(path), fmt)
+    except ValueError as exc:
+        if not missing:
+            return None
+        raise EstimateError(f"cannot read the header of {uri}: {exc}") from exc
