@@ -1,0 +1,85 @@
+"""Keeps the node annotation ``vnpu.io/devices`` equal to the device table's inventory.
+
+Wakes on every device-table change (and resyncs periodically in case someone edited the node),
+patches only when the JSON differs from what it last wrote, and retries with backoff on API errors
+(node not registered yet, API server down).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from vnpu.device_plugin.devices import DeviceTable
+
+from vnpu.api import ANNOTATION_DEVICES
+
+log = logging.getLogger(__name__)
+
+
+class NodeAnnotator:
+    def __init__(self, core_api: Any, node_name: str, table: DeviceTable, *, resync_s: float = 60.0) -> None:
+        self.api = core_api
+        self.node_name = node_name
+        self.table = table
+        self.resync_s = resync_s
+        self.last_written: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def sync_once(self) -> bool:
+        """Write the annotation if it differs from the node's; True when the node is up to date."""
+        from kubernetes.client.exceptions import ApiException
+
+        wanted = self.table.inventory().to_json()
+        try:
+            node = self.api.read_node(self.node_name, _request_timeout=10)
+            current = (node.metadata.annotations or {}).get(ANNOTATION_DEVICES)
+            if current != wanted:
+                self.api.patch_node(
+                    self.node_name,
+                    {"metadata": {"annotations": {ANNOTATION_DEVICES: wanted}}},
+                    _request_timeout=10,
+                )
+                log.info(
+                    "node annotation updated",
+                    extra={"node": self.node_name, "annotation": ANNOTATION_DEVICES},
+                )
+        except (ApiException, OSError) as exc:
+            log.warning(
+                "cannot update node annotation; will retry",
+                extra={"node": self.node_name, "error": str(exc)[:300]},
+            )
+            return False
+        except Exception as exc:  # urllib3 connection errors and the like
+            log.warning(
+                "cannot update node annotation; will retry",
+                extra={"node": self.node_name, "error": repr(exc)[:300]},
+            )
+            return False
+        self.last_written = wanted
+        return True
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="vnpu-annotator", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        backoff = 0.5
+        seen = -1
+        while not self._stop.is_set():
+            version = self.table.version
+            if self.sync_once():
+                backoff = 0.5
+                seen = version
+                self.table.wait_for_change(seen, timeout=self.resync_s, stop=self._stop)
+            else:
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 10.0)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.table.wake_watchers()
+        if self._thread is not None:
+            self._thread.join(timeout=5)

@@ -1,0 +1,233 @@
+"""The live device table: what the plugin currently advertises, fed by polling a backend.
+
+:func:`merge` is the pure rule that turns one poll (devices or a backend error) into the next table:
+
+* a device whose memory cannot be read this time keeps its last known size, so its slice IDs stay stable;
+* a device missing from the backend's report, or every device when the backend fails as a whole, stays
+  in the table as Unhealthy with the reason: the kubelet must see it go unhealthy, not vanish;
+* unhealthy devices advertise all their slices as Unhealthy.
+
+:class:`DeviceTable` holds the current table behind a lock and a version number that changes only
+when something the kubelet or the node annotation sees changes (not on memory-usage updates), so
+ListAndWatch streams and the annotator wake exactly when they have something to send.
+:class:`HealthMonitor` polls the backend on a thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+from vnpu.device_plugin.backends.base import Backend, BackendError, PhysicalDevice
+
+from vnpu.api import MAX_DEVICE_ID_LEN, slice_id
+from vnpu.inventory import HEALTHY, UNHEALTHY, DeviceInfo, NodeInventory
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DeviceEntry:
+    """One physical device in the table, with its slice layout."""
+
+    device: PhysicalDevice
+    total_mib: int
+    slice_mib: int
+    slices: int
+
+    @property
+    def id(self) -> str:
+        return self.device.id
+
+    @property
+    def healthy(self) -> bool:
+        return self.device.healthy and self.slices > 0
+
+    @property
+    def reason(self) -> str:
+        if self.device.healthy and self.slices == 0:
+            return f"device memory ({self.total_mib} MiB) is smaller than one slice ({self.slice_mib} MiB)"
+        return self.device.reason
+
+    def slice_ids(self) -> list[str]:
+        return [slice_id(self.id, i) for i in range(self.slices)]
+
+    def visible_key(self) -> tuple[object, ...]:
+        """Everything the kubelet or the inventory annotation can see (not memory usage)."""
+        d = self.device
+        return (d.id, d.index, d.model, d.numa_node, self.healthy, self.reason, self.total_mib, self.slices)
+
+    def info(self) -> DeviceInfo:
+        return DeviceInfo(
+            id=self.id,
+            index=self.device.index,
+            model=self.device.model,
+            total_mib=self.total_mib,
+            slice_mib=self.slice_mib,
+            slices=self.slices,
+            health=HEALTHY if self.healthy else UNHEALTHY,
+            numa_node=self.device.numa_node,
+            reason="" if self.healthy else self.reason,
+        )
+
+
+def _check_id_length(device_id: str, slices: int) -> None:
+    if slices:
+        slice_id(device_id, slices - 1)  # raises ValueError when the longest slice ID exceeds the limit
+
+
+def merge(
+    previous: dict[str, DeviceEntry], report: Sequence[PhysicalDevice] | BackendError, slice_mib: int
+) -> dict[str, DeviceEntry]:
+    """The next device table from the previous one and one backend poll (pure)."""
+    if isinstance(report, BackendError):
+        return {
+            k: replace(e, device=replace(e.device, healthy=False, reason=str(report)))
+            for k, e in previous.items()
+        }
+    table: dict[str, DeviceEntry] = {}
+    for dev in report:
+        prev = previous.get(dev.id)
+        total = dev.total_mib if dev.total_mib is not None else (prev.total_mib if prev else 0)
+        if dev.total_mib is None and dev.healthy:
+            dev = replace(dev, healthy=False, reason="device memory size unknown")
+        slices = total // slice_mib
+        try:
+            _check_id_length(dev.id, slices)
+        except ValueError:
+            dev = replace(
+                dev,
+                healthy=False,
+                reason=f"device id {dev.id!r} too long for slice ids of at most {MAX_DEVICE_ID_LEN} chars",
+            )
+            slices = 0
+        table[dev.id] = DeviceEntry(device=dev, total_mib=total, slice_mib=slice_mib, slices=slices)
+    for key, entry in previous.items():
+        if key not in table:
+            table[key] = replace(
+                entry,
+                device=replace(
+                    entry.device, healthy=False, reason="device no longer reported by the backend"
+                ),
+            )
+    return dict(sorted(table.items(), key=lambda kv: (kv[1].device.index, kv[0])))
+
+
+class DeviceTable:
+    """The current device table, thread-safe, versioned for watchers."""
+
+    def __init__(self, slice_mib: int) -> None:
+        if slice_mib < 1:
+            raise ValueError(f"slice size must be >= 1 MiB, got {slice_mib}")
+        self.slice_mib = slice_mib
+        self._entries: dict[str, DeviceEntry] = {}
+        self._slice_owner: dict[str, DeviceEntry] = {}
+        self._version = 0
+        self._cond = threading.Condition()
+
+    # -- writers ------------------------------------------------------------------------------------
+    def update(self, report: Sequence[PhysicalDevice] | BackendError) -> list[tuple[int, str]]:
+        """Apply one poll; returns health transitions as (log level, message)."""
+        with self._cond:
+            new = merge(self._entries, report, self.slice_mib)
+            transitions = _transitions(self._entries, new)
+            changed = [e.visible_key() for e in self._entries.values()] != [
+                e.visible_key() for e in new.values()
+            ]
+            self._entries = new
+            if changed:
+                self._slice_owner = {sid: e for e in new.values() for sid in e.slice_ids()}
+                self._version += 1
+                self._cond.notify_all()
+            return transitions
+
+    def wake_watchers(self) -> None:
+        """Wake every waiter (used when a stream is cancelled)."""
+        with self._cond:
+            self._cond.notify_all()
+
+    # -- readers ------------------------------------------------------------------------------------
+    @property
+    def version(self) -> int:
+        with self._cond:
+            return self._version
+
+    def wait_for_change(self, seen_version: int, timeout: float, stop: threading.Event | None = None) -> int:
+        """Block until the version differs from ``seen_version``, ``stop`` is set (wake it with
+        :meth:`wake_watchers`) or ``timeout`` passes; returns the current version."""
+        with self._cond:
+            self._cond.wait_for(
+                lambda: self._version != seen_version or (stop is not None and stop.is_set()), timeout=timeout
+            )
+            return self._version
+
+    def entries(self) -> list[DeviceEntry]:
+        with self._cond:
+            return list(self._entries.values())
+
+    def entry(self, device_id: str) -> DeviceEntry | None:
+        with self._cond:
+            return self._entries.get(device_id)
+
+    def owner_of(self, sid: str) -> DeviceEntry | None:
+        """The device a slice ID belongs to, or None for an unknown ID."""
+        with self._cond:
+            return self._slice_owner.get(sid)
+
+    def inventory(self) -> NodeInventory:
+        return NodeInventory(tuple(e.info() for e in self.entries()))
+
+
+def _transitions(old: dict[str, DeviceEntry], new: dict[str, DeviceEntry]) -> list[tuple[int, str]]:
+    out = []
+    for key, entry in new.items():
+        before = old.get(key)
+        if before is None and entry.healthy:
+            out.append((logging.INFO, f"device {key} found: {entry.slices} slices of {entry.slice_mib} MiB"))
+        elif before is None:
+            out.append((logging.WARNING, f"device {key} found unhealthy: {entry.reason}"))
+        elif before.healthy and not entry.healthy:
+            out.append((logging.WARNING, f"device {key} became unhealthy: {entry.reason}"))
+        elif not before.healthy and entry.healthy:
+            out.append((logging.INFO, f"device {key} is healthy again"))
+        elif not entry.healthy and before.reason != entry.reason:
+            out.append((logging.WARNING, f"device {key} still unhealthy: {entry.reason}"))
+    return out
+
+
+class HealthMonitor:
+    """Polls the backend every ``interval_s`` seconds and feeds the device table."""
+
+    def __init__(self, backend: Backend, table: DeviceTable, interval_s: float = 0.5) -> None:
+        self.backend = backend
+        self.table = table
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def poll_once(self) -> None:
+        try:
+            report: Sequence[PhysicalDevice] | BackendError = self.backend.discover()
+        except BackendError as exc:
+            report = exc
+        except Exception as exc:  # a backend bug must not stop health reporting: mark devices unhealthy
+            log.exception("backend raised unexpectedly", extra={"backend": self.backend.name})
+            report = BackendError(f"{self.backend.name} backend failed: {exc!r}")
+        for level, message in self.table.update(report):
+            log.log(level, message, extra={"backend": self.backend.name})
+
+    def start(self) -> None:
+        self.poll_once()
+        self._thread = threading.Thread(target=self._run, name="vnpu-health", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.poll_once()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)

@@ -1,0 +1,228 @@
+"""``vnpu device-plugin``: run the kubelet device plugin advertising ``vnpu.io/memory`` slices."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from vnpu.device_plugin import contract
+from vnpu.device_plugin.backends.base import BACKEND_NAMES
+from vnpu.device_plugin.plugin import PluginConfig, PluginRunner
+
+from vnpu.api import DEFAULT_SLICE_MIB, RESOURCE_MEMORY
+from vnpu.logs import setup_logging
+
+log = logging.getLogger("vnpu.device_plugin")
+
+DESCRIPTION = f"""\
+Advertise each accelerator's memory to the kubelet as {RESOURCE_MEMORY} slices (one device ID per
+slice, <device>-s<index>), keep them on one physical device, honour the operator's vnpu.io/device
+pod annotation, mount the pod's share-group socket directory, write the node annotation
+vnpu.io/devices and export Prometheus metrics.
+
+Backends: ascend (npu-smi), nvidia (NVML, needs nvidia-ml-py), simulated (devices from
+--simulated-config FILE or --simulated-devices COUNTxMIB[:NUMA]); auto picks the first present and
+falls back to simulated.
+"""
+
+EPILOG = """\
+environment: NODE_NAME (default of --node-name), VNPU_SIMULATED_CONFIG, VNPU_SIMULATED_DEVICES,
+KUBECONFIG (default of --kubeconfig).
+
+examples:
+  vnpu device-plugin --node-name $(hostname)                       # in a DaemonSet (in-cluster config)
+  vnpu device-plugin --simulated-devices 8x65536:2 --no-api \\
+      --plugin-dir /tmp/dp --state-dir /tmp/dp-state --metrics-port 0  # local try-out without a cluster
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = PluginConfig()
+    p = argparse.ArgumentParser(
+        prog="vnpu device-plugin",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    g = p.add_argument_group("kubelet")
+    g.add_argument(
+        "--plugin-dir",
+        type=Path,
+        default=d.plugin_dir,
+        help="kubelet device-plugin directory holding kubelet.sock (default: %(default)s)",
+    )
+    g.add_argument(
+        "--socket-name", default=d.socket_name, help="this plugin's socket file name (default: %(default)s)"
+    )
+    g.add_argument(
+        "--resource-name", default=d.resource_name, help="extended resource name (default: %(default)s)"
+    )
+    g.add_argument(
+        "--pod-resources-socket",
+        type=Path,
+        default=d.pod_resources_socket,
+        help="kubelet pod-resources API socket, read to rebuild allocations (default: %(default)s)",
+    )
+
+    g = p.add_argument_group("devices")
+    g.add_argument(
+        "--backend", choices=BACKEND_NAMES, default=d.backend, help="device backend (default: %(default)s)"
+    )
+    g.add_argument(
+        "--slice-mib",
+        type=int,
+        default=DEFAULT_SLICE_MIB,
+        help="size of one slice in MiB (default: %(default)s)",
+    )
+    g.add_argument(
+        "--simulated-config",
+        type=Path,
+        default=os.environ.get("VNPU_SIMULATED_CONFIG") or None,
+        help="YAML/JSON file declaring simulated devices (re-read on change)",
+    )
+    g.add_argument(
+        "--simulated-devices",
+        default=os.environ.get("VNPU_SIMULATED_DEVICES") or None,
+        metavar="COUNTxMIB[:NUMA]",
+        help="simulated devices as a spec, e.g. 8x65536:2 (default: 2x16384)",
+    )
+    g.add_argument(
+        "--npu-smi",
+        default=d.npu_smi,
+        help="npu-smi executable for the ascend backend (default: %(default)s)",
+    )
+    g.add_argument(
+        "--sysfs-root",
+        type=Path,
+        default=d.sysfs_root,
+        help="sysfs mount for NUMA lookups (default: %(default)s)",
+    )
+    g.add_argument(
+        "--health-interval",
+        type=float,
+        default=d.health_interval_s,
+        metavar="SECONDS",
+        help="backend poll interval (default: %(default)s)",
+    )
+
+    g = p.add_argument_group("allocation")
+    g.add_argument(
+        "--allow-spanning",
+        action="store_true",
+        help="accept allocations whose slices span several physical devices (refused by default)",
+    )
+    g.add_argument(
+        "--share-root",
+        type=Path,
+        default=d.share_root,
+        help="host directory with one socket directory per share group; the pod's group is mounted at "
+        f"{contract.SOCKET_DIR_IN_CONTAINER} (default: %(default)s)",
+    )
+    g.add_argument(
+        "--state-dir",
+        type=Path,
+        default=d.state_dir,
+        help="where the allocation checkpoint lives (default: %(default)s)",
+    )
+    g.add_argument(
+        "--reconcile-interval",
+        type=float,
+        default=d.reconcile_interval_s,
+        metavar="SECONDS",
+        help="how often to reconcile allocations with the pod-resources API (default: %(default)s)",
+    )
+    g.add_argument(
+        "--release-grace",
+        type=float,
+        default=d.release_grace_s,
+        metavar="SECONDS",
+        help="how long an allocation unknown to pod-resources is kept (default: %(default)s)",
+    )
+
+    g = p.add_argument_group("cluster")
+    g.add_argument(
+        "--node-name", default=os.environ.get("NODE_NAME"), help="this node's name (default: $NODE_NAME)"
+    )
+    g.add_argument(
+        "--kubeconfig",
+        type=Path,
+        default=os.environ.get("KUBECONFIG") or None,
+        help="kubeconfig for the API server (default: $KUBECONFIG, else in-cluster config)",
+    )
+    g.add_argument(
+        "--no-api",
+        action="store_true",
+        help="do not talk to the API server (no node annotation, no pod matching)",
+    )
+
+    g = p.add_argument_group("observability")
+    g.add_argument(
+        "--metrics-address", default=d.metrics_address, help="metrics bind address (default: %(default)s)"
+    )
+    g.add_argument(
+        "--metrics-port",
+        type=int,
+        default=d.metrics_port,
+        help="metrics port, 0 disables (default: %(default)s)",
+    )
+    g.add_argument(
+        "--log-format", choices=("json", "text"), default="json", help="log format (default: %(default)s)"
+    )
+    g.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> PluginConfig:
+    return PluginConfig(
+        plugin_dir=args.plugin_dir,
+        socket_name=args.socket_name,
+        resource_name=args.resource_name,
+        slice_mib=args.slice_mib,
+        backend=args.backend,
+        simulated_config=args.simulated_config,
+        simulated_spec=args.simulated_devices,
+        npu_smi=args.npu_smi,
+        sysfs_root=args.sysfs_root,
+        health_interval_s=args.health_interval,
+        allow_spanning=args.allow_spanning,
+        share_root=args.share_root,
+        state_dir=args.state_dir,
+        pod_resources_socket=args.pod_resources_socket,
+        reconcile_interval_s=args.reconcile_interval,
+        release_grace_s=args.release_grace,
+        node_name=args.node_name,
+        kubeconfig=args.kubeconfig,
+        use_api=not args.no_api,
+        metrics_address=args.metrics_address,
+        metrics_port=args.metrics_port,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_format, logging.DEBUG if args.verbose else logging.INFO)
+    if args.slice_mib < 1:
+        log.error("--slice-mib must be >= 1")
+        return 2
+    try:
+        runner = PluginRunner(config_from_args(args))
+    except ValueError as exc:
+        log.error("cannot start the device plugin", extra={"error": str(exc)})
+        return 2
+    signal.signal(signal.SIGTERM, lambda *_: runner._stop.set())
+    signal.signal(signal.SIGINT, lambda *_: runner._stop.set())
+    try:
+        runner.start()
+        runner.wait()
+    finally:
+        runner.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
