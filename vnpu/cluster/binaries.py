@@ -21,6 +21,7 @@ COMPONENTS = (
     "kubelet",
     "kubectl",
     "kwok",
+    "kwok-stages.yaml",
     "helm",
     "kubeconform",
 )

@@ -22,16 +22,21 @@ BIN=$CACHE/bin/$KEY
 WORK=$CACHE/build
 mkdir -p "$BIN" "$WORK"
 
-WANTED=(etcd kube-apiserver kube-controller-manager kube-scheduler kubelet kubectl kwok helm kubeconform)
+WANTED=(etcd kube-apiserver kube-controller-manager kube-scheduler kubelet kubectl kwok kwok-stages.yaml helm kubeconform)
 missing=()
-for b in "${WANTED[@]}"; do [[ -x $BIN/$b ]] || missing+=("$b"); done
+for b in "${WANTED[@]}"; do [[ -e $BIN/$b ]] || missing+=("$b"); done
 if ((${#missing[@]} == 0)); then
   echo "vnpu: reusing cached binaries in $BIN" >&2
   echo "$BIN"
   exit 0
 fi
 
-total=${#missing[@]}; step=0; t0=$SECONDS
+need() { [[ " ${missing[*]} " == *" $1 "* ]]; }
+total=0
+need etcd && total=$((total + 1))
+for b in kube-apiserver kube-controller-manager kube-scheduler kubelet kubectl; do need "$b" && { total=$((total + 1)); break; }; done
+for b in kwok kwok-stages.yaml helm kubeconform; do need "$b" && total=$((total + 1)); done
+step=0; t0=$SECONDS
 # A progress line per component with elapsed time, plus a heartbeat every 30 s so long Go builds
 # visibly move on a slow 2-core machine.
 progress() { step=$((step + 1)); printf '[%d/%d] %-24s (total %ds)\n' "$step" "$total" "$1" $((SECONDS - t0)) >&2; }
@@ -49,8 +54,6 @@ run_step() {  # run_step NAME CMD...
   kill "$hb" 2>/dev/null || true
   wait "$hb" 2>/dev/null || true
 }
-need() { [[ " ${missing[*]} " == *" $1 "* ]]; }
-
 export GOFLAGS=${GOFLAGS:--mod=mod} CGO_ENABLED=0
 MINOR=${K8S_VERSION#1.}; MINOR=${MINOR%%.*}
 STAGING="v0.${K8S_VERSION#1.}"
@@ -120,12 +123,26 @@ need etcd && run_step etcd build_etcd
 k8s_missing=""
 for b in kube-apiserver kube-controller-manager kube-scheduler kubelet kubectl; do need "$b" && k8s_missing+="$b "; done
 [[ -n $k8s_missing ]] && run_step "kubernetes" build_k8s
+# kwok >= 0.7 ships no built-in behaviour: its standard "fast" node/pod stages and the node heartbeat
+# come as Stage manifests inside the module; assemble them from the module cache (not the repo).
+kwok_stages() {
+  local dir
+  dir=$(go mod download -json "sigs.k8s.io/kwok@v$KWOK_VERSION" | python3 -c 'import json,sys;print(json.load(sys.stdin)["Dir"])')
+  local f out=$BIN/kwok-stages.yaml.tmp
+  : > "$out"
+  for f in node/fast/node-initialize.yaml node/heartbeat-with-lease/node-heartbeat-with-lease.yaml \
+           pod/fast/pod-ready.yaml pod/fast/pod-complete.yaml pod/fast/pod-delete.yaml; do
+    { echo "---"; cat "$dir/kustomize/stage/$f"; } >> "$out"
+  done
+  mv "$out" "$BIN/kwok-stages.yaml"
+}
 need kwok && run_step kwok build_go_install kwok "sigs.k8s.io/kwok/cmd/kwok@v$KWOK_VERSION"
+need kwok-stages.yaml && run_step kwok-stages kwok_stages
 need helm && run_step helm build_go_install helm "helm.sh/helm/v3/cmd/helm@v$HELM_VERSION" "$HELM_LDF"
 need kubeconform && run_step kubeconform build_go_install kubeconform "github.com/yannh/kubeconform/cmd/kubeconform@v$KUBECONFORM_VERSION"
 
 for b in "${WANTED[@]}"; do
-  [[ -x $BIN/$b ]] || { echo "vnpu: $b missing from $BIN after the build" >&2; exit 1; }
+  [[ -e $BIN/$b ]] || { echo "vnpu: $b missing from $BIN after the build" >&2; exit 1; }
 done
-printf 'vnpu: built %d component(s) in %ds into %s\n' "$total" $((SECONDS - t0)) "$BIN" >&2
+printf 'vnpu: built %s in %ds into %s\n' "${missing[*]}" $((SECONDS - t0)) "$BIN" >&2
 echo "$BIN"

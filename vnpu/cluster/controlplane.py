@@ -208,7 +208,8 @@ class ControlPlane:
         proc = self._spawn(
             "kwok",
             [
-                self._bin("kwok"), f"--kubeconfig={self.kubeconfig}", "--manage-all-nodes=false",
+                self._bin("kwok"), f"--kubeconfig={self.kubeconfig}", f"--config={self._bin('kwok-stages.yaml')}",
+                "--manage-all-nodes=false",
                 "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
                 "--manage-nodes-with-label-selector=", "--manage-single-node=", f"--cidr={SERVICE_CIDR}",
                 "--node-ip=10.0.0.1", "--node-lease-duration-seconds=40",
