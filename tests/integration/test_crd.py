@@ -76,6 +76,9 @@ BAD_SPECS = [
      with_changes(placement={"tolerations": [{"key": "k", "operator": "Exists", "value": "v"}]}),
      "operator Exists must not set a value"),
     ("bad-dtype", with_changes(weights__dtype="float13"), "spec.weights.dtype"),
+    ("kv-heads-not-divisor", with_changes(modelConfig={"num_attention_heads": 9, "num_key_value_heads": 4}),
+     "multiple of num_key_value_heads"),
+    ("zero-layers", with_changes(modelConfig={"num_hidden_layers": 0}), "spec.modelConfig.num_hidden_layers"),
 ]  # fmt: skip
 
 
@@ -101,6 +104,8 @@ def test_bad_specs_cover_at_least_twelve_cases() -> None:
             "source": {"uri": "pvc://models/llama/8b.safetensors", "format": "safetensors"},
             "weights": {"sizeMiB": 15320, "dtype": "bfloat16"},
             "shareGroup": "llama-8b-bf16",
+            "modelConfig": {"num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+                            "head_dim": 128, "hidden_size": 4096},
             "replicas": 4,
             "memory": {"kvCacheMiB": 2048, "activationMiB": 512},
             "offload": {"mode": "async", "deviceBudgetMiB": 8192, "prefetchDepth": 3},
