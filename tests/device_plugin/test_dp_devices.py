@@ -1,0 +1,116 @@
+"""The device table: merge rules, versioning, inventory, and the health monitor's handling of bad output."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from vnpu.device_plugin.backends.base import Backend, BackendError, PhysicalDevice
+from vnpu.device_plugin.devices import DeviceTable, HealthMonitor, merge
+
+from vnpu.inventory import NodeInventory
+
+
+def dev(i: int, total: int | None = 4096, **kw) -> PhysicalDevice:
+    return PhysicalDevice(id=f"npu{i}", index=i, model="m", total_mib=total, **kw)
+
+
+def test_slices_follow_memory_and_slice_size():
+    table = merge({}, [dev(0, 4096), dev(1, 3000)], slice_mib=1024)
+    assert [(e.id, e.slices) for e in table.values()] == [("npu0", 4), ("npu1", 2)]
+    assert table["npu0"].slice_ids() == ["npu0-s0", "npu0-s1", "npu0-s2", "npu0-s3"]
+
+
+def test_unknown_size_keeps_the_last_known_layout_and_marks_unhealthy():
+    before = merge({}, [dev(0)], slice_mib=1024)
+    after = merge(before, [dev(0, None)], slice_mib=1024)
+    assert after["npu0"].slices == 4 and not after["npu0"].healthy
+    assert after["npu0"].reason == "device memory size unknown"
+    never_known = merge({}, [dev(0, None)], slice_mib=1024)
+    assert never_known["npu0"].slices == 0 and not never_known["npu0"].healthy
+
+
+def test_backend_failure_or_a_vanished_device_turns_unhealthy_instead_of_disappearing():
+    before = merge({}, [dev(0), dev(1)], slice_mib=1024)
+    failed = merge(before, BackendError("npu-smi exited 1"), slice_mib=1024)
+    assert [(e.healthy, e.reason) for e in failed.values()] == [(False, "npu-smi exited 1")] * 2
+    vanished = merge(before, [dev(0)], slice_mib=1024)
+    assert vanished["npu0"].healthy and not vanished["npu1"].healthy
+    assert "no longer reported" in vanished["npu1"].reason
+
+
+def test_device_smaller_than_a_slice_or_with_too_long_an_id_is_unhealthy():
+    table = merge({}, [dev(0, 512), PhysicalDevice(id="x" * 60, index=1, model="m", total_mib=20480)], 1024)
+    small, long_id = table.values()
+    assert not small.healthy and "smaller than one slice" in small.reason
+    assert not long_id.healthy and long_id.slices == 0 and "too long" in long_id.reason
+
+
+def test_version_changes_only_on_visible_changes():
+    table = DeviceTable(slice_mib=1024)
+    table.update([dev(0, used_mib=1)])
+    v = table.version
+    table.update([dev(0, used_mib=999)])  # memory usage: metrics only, no ListAndWatch message
+    assert table.version == v and table.entries()[0].device.used_mib == 999
+    table.update([dev(0, healthy=False, reason="hot")])
+    assert table.version == v + 1
+
+
+def test_wait_for_change_wakes_on_update_and_on_stop():
+    table = DeviceTable(slice_mib=1024)
+    table.update([dev(0)])
+    seen = table.version
+    threading.Timer(0.05, lambda: table.update([dev(0, healthy=False, reason="x")])).start()
+    assert table.wait_for_change(seen, timeout=10) == seen + 1
+    stop = threading.Event()
+    threading.Timer(0.05, lambda: (stop.set(), table.wake_watchers())).start()
+    assert table.wait_for_change(seen + 1, timeout=10, stop=stop) == seen + 1
+
+
+def test_inventory_is_the_shared_annotation_format():
+    table = DeviceTable(slice_mib=2048)
+    table.update([dev(0, 8192, numa_node=1), dev(1, 8192, healthy=False, reason="ECC")])
+    parsed = NodeInventory.from_json(table.inventory().to_json())
+    first, second = parsed.devices
+    assert (first.id, first.slices, first.slice_mib, first.numa_node, first.health) == (
+        "npu0",
+        4,
+        2048,
+        1,
+        "Healthy",
+    )
+    assert (second.health, second.reason) == ("Unhealthy", "ECC")
+
+
+class FlakyBackend(Backend):
+    name = "flaky"
+
+    def __init__(self) -> None:
+        self.mode = "ok"
+
+    def discover(self) -> list[PhysicalDevice]:
+        if self.mode == "garbage":
+            raise BackendError("npu-smi info output has no device table")
+        if self.mode == "bug":
+            raise KeyError("oops")
+        return [dev(0)]
+
+    def container_env(self, device: PhysicalDevice) -> dict[str, str]:
+        return {}
+
+
+def test_monitor_marks_devices_unhealthy_with_a_logged_reason_and_recovers(caplog):
+    backend, table = FlakyBackend(), DeviceTable(slice_mib=1024)
+    monitor = HealthMonitor(backend, table)
+    caplog.set_level(logging.INFO, logger="vnpu.device_plugin.devices")
+    monitor.poll_once()
+    backend.mode = "garbage"
+    monitor.poll_once()
+    assert not table.entries()[0].healthy
+    assert "device npu0 became unhealthy: npu-smi info output has no device table" in caplog.text
+    backend.mode = "bug"
+    monitor.poll_once()  # an unexpected exception in a backend must not kill health reporting
+    assert "flaky backend failed: KeyError('oops')" in table.entries()[0].reason
+    backend.mode = "ok"
+    monitor.poll_once()
+    assert table.entries()[0].healthy and "device npu0 is healthy again" in caplog.text

@@ -1,0 +1,79 @@
+"""The allocation ledger: checkpoint round trips, re-allocation, reconcile with pod-resources."""
+
+from __future__ import annotations
+
+import json
+
+from vnpu.device_plugin.ledger import Allocation, Ledger, PodRef
+
+A = PodRef("ns", "a", "uid-a")
+B = PodRef("ns", "b", "uid-b")
+
+
+def alloc(slices: list[str], pod: PodRef | None = None, at: float = 100.0, group: str = "") -> Allocation:
+    return Allocation(slices=tuple(slices), devices=("npu0",), pod=pod, share_group=group, allocated_at=at)
+
+
+def test_checkpoint_round_trip(tmp_path):
+    path = tmp_path / "state" / "checkpoint.json"
+    ledger = Ledger(path)
+    ledger.record(alloc(["npu0-s0", "npu0-s1"], A, group="g1"))
+    ledger.record(alloc(["npu0-s2"], None))
+    restored = Ledger(path)
+    assert restored.load() == 3
+    assert restored.held() == ledger.held()
+    assert restored.held()["npu0-s0"].share_group == "g1"
+    assert len(json.loads(path.read_text())["allocations"]) == 2  # one entry per allocation, not per slice
+    assert not list(path.parent.glob(".checkpoint-*"))  # no temp files left behind
+
+
+def test_corrupt_or_foreign_checkpoints_are_ignored_not_fatal(tmp_path, caplog):
+    path = tmp_path / "checkpoint.json"
+    path.write_text("{not json")
+    assert Ledger(path).load() == 0
+    path.write_text(json.dumps({"version": 99, "allocations": []}))
+    assert Ledger(path).load() == 0
+    assert "ignoring unreadable checkpoint" in caplog.text
+
+
+def test_a_slice_is_never_held_twice_and_a_displaced_allocation_is_released_whole(tmp_path):
+    ledger = Ledger(tmp_path / "c.json")
+    ledger.record(alloc(["npu0-s0", "npu0-s1"], A))
+    displaced = ledger.record(alloc(["npu0-s1", "npu0-s2"], B))
+    assert [d.pod for d in displaced] == [A]
+    assert sorted(ledger.held()) == ["npu0-s1", "npu0-s2"]
+    assert ledger.count_by_device() == {"npu0": 2}
+
+
+def test_reuse_by_the_same_pod_is_not_a_displacement(tmp_path):
+    ledger = Ledger(tmp_path / "c.json")
+    ledger.record(alloc(["npu0-s0", "npu0-s1"], A))
+    assert ledger.record(alloc(["npu0-s0"], A)) == []
+    assert sorted(ledger.held()) == ["npu0-s0", "npu0-s1"]
+
+
+def test_release_pods(tmp_path):
+    ledger = Ledger(tmp_path / "c.json")
+    ledger.record(alloc(["npu0-s0"], A))
+    ledger.record(alloc(["npu0-s1"], B))
+    assert ledger.release_pods([PodRef("ns", "a")]) == 1  # name match when the UID is unknown
+    assert list(ledger.held()) == ["npu0-s1"]
+
+
+def test_reconcile_adopts_live_holders_and_releases_the_rest_after_grace(tmp_path):
+    ledger = Ledger(tmp_path / "c.json")
+    ledger.record(alloc(["npu0-s0"], A, at=100.0))  # A still runs
+    ledger.record(alloc(["npu0-s1"], B, at=100.0))  # B ended while the plugin was down
+    ledger.record(alloc(["npu0-s2"], None, at=195.0))  # allocated a moment ago; kubelet may not list it yet
+    ledger.record(alloc(["npu0-s3"], None, at=100.0))  # pod unknown to the plugin, listed by the kubelet
+    live = {"npu0-s0": PodRef("ns", "a"), "npu0-s3": PodRef("ns", "c"), "npu0-s4": PodRef("ns", "d")}
+    added, released = ledger.reconcile(live, grace_s=10, now=200.0)
+    held = ledger.held()
+    assert sorted(held) == ["npu0-s0", "npu0-s2", "npu0-s3", "npu0-s4"]
+    assert held["npu0-s3"].pod == PodRef("ns", "c")  # attached to its pod, source kept
+    assert held["npu0-s4"].source == "pod-resources"
+    assert (added, released) == (2, 1)
+    # Once the grace period has passed, the unconfirmed allocation goes too.
+    assert ledger.reconcile(live, grace_s=10, now=300.0) == (0, 1)
+    assert "npu0-s2" not in ledger.held()
+    assert Ledger(tmp_path / "c.json").load() == 3
