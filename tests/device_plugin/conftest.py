@@ -73,6 +73,8 @@ def plugin_process(dirs: PluginDirs) -> Iterator[Callable[..., PluginProcess]]:
     procs: list[PluginProcess] = []
 
     def start(*extra: str) -> PluginProcess:
+        if not dirs.devices_file.exists():
+            write_devices(dirs.devices_file, TWO_DEVICES)
         p = PluginProcess(dirs.cli_args(*extra), dirs.root / "plugin.log").start()
         procs.append(p)
         return p
