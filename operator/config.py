@@ -1,0 +1,30 @@
+"""Operator settings: one frozen object built from the command line, passed to every part that needs
+it (no module-level globals that tests would have to patch)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+DEFAULT_RUNTIME_IMAGE = "ghcr.io/vnpu/vnpu:0.1.0"
+DEFAULT_PLACEHOLDER_IMAGE = "registry.k8s.io/pause:3.10"
+PLACEHOLDER_PRIORITY_CLASS = "vnpu-placeholder"
+PLACEHOLDER_PRIORITY = -100
+
+
+@dataclass(frozen=True)
+class OperatorConfig:
+    runtime_image: str = DEFAULT_RUNTIME_IMAGE
+    placeholder_image: str = DEFAULT_PLACEHOLDER_IMAGE
+    image_pull_policy: str = "IfNotPresent"
+    #: Host directory (on every node) under which the device plugin keeps one socket dir per share group.
+    socket_root: str = "/var/run/vnpu/groups"
+    #: Create placeholder pods for demand that cannot be placed (for the Cluster Autoscaler).
+    placeholders: bool = True
+    #: Seconds to coalesce bursts of events into one reconcile pass.
+    debounce_seconds: float = 0.2
+    #: Re-plan at least this often even without events (safety net for missed watch events).
+    resync_seconds: float = 60.0
+    #: Namespaces to watch; empty means all.
+    namespaces: tuple[str, ...] = field(default_factory=tuple)
+    #: Move running replicas to free devices when that saves devices (off: placements are sticky).
+    defragment: bool = False

@@ -1,0 +1,146 @@
+"""All of the operator's Kubernetes API calls (sync ``kubernetes`` client; the async reconciler runs
+them in a worker thread). Kept in one module so the planner stays pure and RBAC needs are visible
+in one place — deploy/helm/vnpu/templates/rbac.yaml grants exactly what this module uses."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from vnpu import api
+from vnpu.operator.config import PLACEHOLDER_PRIORITY, PLACEHOLDER_PRIORITY_CLASS
+from vnpu.operator.state import ObservedModel, ObservedNode, ObservedPod, parse_model, parse_node, parse_pod
+
+log = logging.getLogger(__name__)
+MANAGED_SELECTOR = f"{api.LABEL_MANAGED_BY}={api.MANAGED_BY_VALUE}"
+
+
+class Kube:
+    """Thin, typed wrapper over the API calls the reconciler makes."""
+
+    def __init__(self, api_client: client.ApiClient, namespaces: tuple[str, ...] = ()) -> None:
+        self.api_client = api_client
+        self.core = client.CoreV1Api(api_client)
+        self.custom = client.CustomObjectsApi(api_client)
+        self.scheduling = client.SchedulingV1Api(api_client)
+        self.namespaces = namespaces
+
+    # -- reading -----------------------------------------------------------------------------------------
+    def _raw(self, obj: Any) -> dict[str, Any]:
+        return self.api_client.sanitize_for_serialization(obj)  # type: ignore[no-any-return]
+
+    def list_nodes(self) -> list[ObservedNode]:
+        return [parse_node(self._raw(n)) for n in self.core.list_node().items]
+
+    def list_pods(self) -> list[ObservedPod]:
+        if not self.namespaces:
+            items = self.core.list_pod_for_all_namespaces(label_selector=MANAGED_SELECTOR).items
+        else:
+            items = [
+                p
+                for ns in self.namespaces
+                for p in self.core.list_namespaced_pod(ns, label_selector=MANAGED_SELECTOR).items
+            ]
+        return [parse_pod(self._raw(p)) for p in items]
+
+    def list_models(self) -> list[ObservedModel]:
+        if not self.namespaces:
+            items = self.custom.list_cluster_custom_object(api.GROUP, api.VERSION, api.PLURAL)["items"]
+        else:
+            items = [
+                o
+                for ns in self.namespaces
+                for o in self.custom.list_namespaced_custom_object(api.GROUP, api.VERSION, ns, api.PLURAL)[
+                    "items"
+                ]
+            ]
+        return [parse_model(o) for o in items]
+
+    # -- writing -----------------------------------------------------------------------------------------
+    def create_pod(self, manifest: Mapping[str, Any]) -> bool:
+        """Create a pod; False if it already exists (a retry after a crash is not an error)."""
+        try:
+            self.core.create_namespaced_pod(manifest["metadata"]["namespace"], manifest)
+        except ApiException as exc:
+            if exc.status == 409:
+                return False
+            raise
+        return True
+
+    def delete_pod(self, namespace: str, name: str, *, force: bool = False) -> bool:
+        """Delete a pod; ``force`` skips the grace period (its node is gone and cannot confirm)."""
+        try:
+            self.core.delete_namespaced_pod(name, namespace, grace_period_seconds=0 if force else None)
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
+
+    def patch_model_status(self, model: ObservedModel, status: Mapping[str, Any]) -> None:
+        try:
+            self.custom.patch_namespaced_custom_object_status(
+                api.GROUP, api.VERSION, model.namespace, api.PLURAL, model.name, {"status": dict(status)}
+            )
+        except ApiException as exc:
+            if exc.status != 404:  # deleted meanwhile
+                raise
+
+    def ensure_placeholder_priority_class(self) -> None:
+        body = {
+            "apiVersion": "scheduling.k8s.io/v1",
+            "kind": "PriorityClass",
+            "metadata": {
+                "name": PLACEHOLDER_PRIORITY_CLASS,
+                "labels": {api.LABEL_MANAGED_BY: api.MANAGED_BY_VALUE},
+            },
+            "value": PLACEHOLDER_PRIORITY,
+            "preemptionPolicy": "Never",
+            "globalDefault": False,
+            "description": "vnpu placeholder pods: demand the Cluster Autoscaler should add nodes for.",
+        }
+        try:
+            self.scheduling.create_priority_class(body)
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+
+    def post_event(self, model: ObservedModel, event_type: str, reason: str, message: str) -> None:
+        """A core/v1 Event on the InferenceModel (shown by ``kubectl describe infm``)."""
+        now = dt.datetime.now(dt.UTC)
+        body = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{model.name}.", "namespace": model.namespace},
+            "involvedObject": {
+                "apiVersion": api.API_VERSION,
+                "kind": api.KIND,
+                "name": model.name,
+                "namespace": model.namespace,
+                "uid": model.uid,
+            },
+            "type": event_type,
+            "reason": reason,
+            "message": message[:1024],
+            "source": {"component": api.MANAGED_BY_VALUE},
+            "reportingComponent": api.MANAGED_BY_VALUE,
+            "reportingInstance": api.MANAGED_BY_VALUE,
+            "firstTimestamp": now.isoformat(),
+            "lastTimestamp": now.isoformat(),
+            "count": 1,
+        }
+        try:
+            self.core.create_namespaced_event(model.namespace, body)
+        except ApiException as exc:  # events are best effort: never fail a reconcile over one
+            log.warning(
+                "could not post event %s on %s/%s: %s", reason, model.namespace, model.name, exc.reason
+            )
+
+
+def names(pods: Iterable[ObservedPod]) -> list[str]:
+    return sorted(f"{p.namespace}/{p.name}" for p in pods)

@@ -1,0 +1,144 @@
+"""The reconcile loop: one pass reads the cluster, plans, and converges.
+
+Triggers (kopf handlers, a periodic resync) only set an event; bursts coalesce into one pass after a
+short debounce. A pass is idempotent: pod names are deterministic and every decision is re-derived
+from the API server, so killing the operator at any point and starting it again converges to the same
+pods, never duplicates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+from vnpu.operator import metrics
+from vnpu.operator.config import OperatorConfig
+from vnpu.operator.estimate_cache import EstimateCache
+from vnpu.operator.kube import Kube
+from vnpu.operator.planner import Plan, plan
+
+log = logging.getLogger(__name__)
+
+
+class Reconciler:
+    def __init__(self, config: OperatorConfig, kube: Kube | None = None) -> None:
+        self.config = config
+        self._kube = kube
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._passes = 0
+        self._last_ok: float | None = None
+        self._last_error = ""
+        self._estimates = EstimateCache()
+        self._lock = asyncio.Lock()
+
+    @property
+    def kube(self) -> Kube:
+        if self._kube is None:
+            from kubernetes import client, config
+
+            try:
+                config.load_incluster_config()
+            except config.ConfigException:
+                config.load_kube_config()
+            self._kube = Kube(client.ApiClient(), self.config.namespaces)
+        return self._kube
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self.kube.ensure_placeholder_priority_class)
+        self._task = asyncio.create_task(self._loop(), name="vnpu-reconciler")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def trigger(self, why: str) -> None:
+        log.debug("reconcile requested: %s", why)
+        self._wake.set()
+
+    async def reconcile_now(self, why: str) -> Plan:
+        """Run a pass right away (used by handlers that must see its effect, e.g. the finalizer)."""
+        log.debug("reconcile now: %s", why)
+        return await self._pass()
+
+    async def has_pods(self, namespace: str, model: str) -> bool:
+        pods = await asyncio.to_thread(self.kube.list_pods)
+        return any(p.namespace == namespace and p.model == model for p in pods)
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "passes": self._passes,
+            "last_ok_age_s": None if self._last_ok is None else round(time.monotonic() - self._last_ok, 1),
+            "last_error": self._last_error,
+        }
+
+    async def _loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=self.config.resync_seconds)
+            await asyncio.sleep(self.config.debounce_seconds)  # coalesce a burst of events
+            self._wake.clear()
+            try:
+                await self._pass()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # keep the loop alive; the next trigger or resync retries
+                metrics.RECONCILE_ERRORS.inc()
+                self._last_error = repr(exc)
+                log.exception("reconcile pass failed; retrying in 1s")
+                await asyncio.sleep(1)
+                self._wake.set()
+
+    async def _pass(self) -> Plan:
+        async with self._lock:  # one pass at a time: a pass acts on a consistent snapshot
+            started = time.perf_counter()
+            result = await asyncio.to_thread(self._pass_sync)
+            metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
+            self._passes += 1
+            self._last_ok = time.monotonic()
+            self._last_error = ""
+            return result
+
+    def _pass_sync(self) -> Plan:
+        kube = self.kube
+        models, nodes, pods = kube.list_models(), kube.list_nodes(), kube.list_pods()
+        estimates = {m.key: self._estimates.get(m) for m in models}
+        result = plan(models, nodes, pods, estimates, self.config)
+        self._apply(result)
+        return result
+
+    def _apply(self, result: Plan) -> None:
+        kube = self.kube
+        # Deletions first: a replica that moves frees its old slot before the new pod asks for it.
+        for deletion in result.delete:
+            if kube.delete_pod(deletion.namespace, deletion.name, force=deletion.force):
+                metrics.POD_ACTIONS.labels("delete", deletion.role).inc()
+                log.info("deleted pod %s/%s (%s)", deletion.namespace, deletion.name, deletion.reason)
+        # Weight-holders before the replicas that map them.
+        for manifest in sorted(
+            result.create, key=lambda m: m["metadata"]["labels"].get("vnpu.io/role") != "weights"
+        ):
+            role = manifest["metadata"]["labels"].get("vnpu.io/role", "")
+            if kube.create_pod(manifest):
+                metrics.POD_ACTIONS.labels("create", role).inc()
+                log.info(
+                    "created %s pod %s/%s",
+                    role,
+                    manifest["metadata"]["namespace"],
+                    manifest["metadata"]["name"],
+                )
+        for update in result.statuses:
+            kube.patch_model_status(update.model, update.status)
+            for event in update.events:
+                kube.post_event(update.model, event.type, event.reason, event.message)
+        metrics.UNPLACED_SLICES.set(result.unplaced_slices)
+        for update in result.statuses:
+            labels = (update.model.namespace, update.model.name)
+            metrics.PLACED_REPLICAS.labels(*labels).set(update.placed)
+            metrics.UNPLACED_REPLICAS.labels(*labels).set(update.unplaced)
+            metrics.SAVED_BY_SHARING_MIB.labels(*labels).set(update.saved_mib)
