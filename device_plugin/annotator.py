@@ -11,9 +11,8 @@ import logging
 import threading
 from typing import Any
 
-from vnpu.device_plugin.devices import DeviceTable
-
 from vnpu.api import ANNOTATION_DEVICES
+from vnpu.device_plugin.devices import DeviceTable
 
 log = logging.getLogger(__name__)
 

@@ -20,9 +20,8 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from vnpu.device_plugin.backends.base import Backend, BackendError, PhysicalDevice
-
 from vnpu.api import MAX_DEVICE_ID_LEN, slice_id
+from vnpu.device_plugin.backends.base import Backend, BackendError, PhysicalDevice
 from vnpu.inventory import HEALTHY, UNHEALTHY, DeviceInfo, NodeInventory
 
 log = logging.getLogger(__name__)

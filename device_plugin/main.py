@@ -10,11 +10,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from vnpu.api import DEFAULT_SLICE_MIB, RESOURCE_MEMORY
 from vnpu.device_plugin import contract
 from vnpu.device_plugin.backends.base import BACKEND_NAMES
 from vnpu.device_plugin.plugin import PluginConfig, PluginRunner
-
-from vnpu.api import DEFAULT_SLICE_MIB, RESOURCE_MEMORY
 from vnpu.logs import setup_logging
 
 log = logging.getLogger("vnpu.device_plugin")
@@ -130,6 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="where the allocation checkpoint lives (default: %(default)s)",
     )
     g.add_argument(
+        "--checkpoint-fsync",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="fsync the checkpoint before Allocate returns, so a crash loses nothing (default: on)",
+    )
+    g.add_argument(
         "--reconcile-interval",
         type=float,
         default=d.reconcile_interval_s,
@@ -192,6 +197,7 @@ def config_from_args(args: argparse.Namespace) -> PluginConfig:
         allow_spanning=args.allow_spanning,
         share_root=args.share_root,
         state_dir=args.state_dir,
+        durable_checkpoint=args.checkpoint_fsync,
         pod_resources_socket=args.pod_resources_socket,
         reconcile_interval_s=args.reconcile_interval,
         release_grace_s=args.release_grace,

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+
+from vnpu.api import DEFAULT_SLICE_MIB, RESOURCE_MEMORY
 from vnpu.device_plugin import contract, podresources, registration
 from vnpu.device_plugin.annotator import NodeAnnotator
 from vnpu.device_plugin.backends import Backend, create_backend
@@ -27,8 +29,6 @@ from vnpu.device_plugin.metrics import PluginMetrics
 from vnpu.device_plugin.pods import PodWatcher
 from vnpu.device_plugin.proto import api_pb2_grpc
 from vnpu.device_plugin.service import DevicePluginService, ServiceOptions
-
-from vnpu.api import DEFAULT_SLICE_MIB, RESOURCE_MEMORY
 
 log = logging.getLogger(__name__)
 
@@ -71,16 +71,28 @@ class PluginConfig:
         return self.plugin_dir / self.socket_name
 
 
-def make_core_api(kubeconfig: Path | None) -> Any | None:
-    """A CoreV1Api from ``kubeconfig``, else from the in-cluster service account, else None."""
-    from kubernetes import client, config
+def api_configured(kubeconfig: Path | None) -> bool:
+    """Whether API-server access is configured: a kubeconfig, or running in a pod."""
+    return kubeconfig is not None or bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
 
-    if kubeconfig is not None:
-        return client.CoreV1Api(config.new_client_from_config(config_file=str(kubeconfig)))
-    if os.environ.get("KUBERNETES_SERVICE_HOST"):
-        configuration = client.Configuration()
-        config.load_incluster_config(client_configuration=configuration)
-        return client.CoreV1Api(client.ApiClient(configuration))
+
+def make_core_api(kubeconfig: Path | None) -> Any | None:
+    """A CoreV1Api from ``kubeconfig``, else from the in-cluster service account, else None.
+    Raises ValueError when the configuration exists but cannot be loaded."""
+    from kubernetes import client, config
+    from kubernetes.config.config_exception import ConfigException
+
+    try:
+        if kubeconfig is not None:
+            return client.CoreV1Api(config.new_client_from_config(config_file=str(kubeconfig)))
+        if os.environ.get("KUBERNETES_SERVICE_HOST"):
+            configuration = client.Configuration()
+            config.load_incluster_config(client_configuration=configuration)
+            return client.CoreV1Api(client.ApiClient(configuration))
+    except (ConfigException, OSError) as exc:
+        raise ValueError(
+            f"cannot load the API-server configuration ({kubeconfig or 'in-cluster'}): {exc}"
+        ) from exc
     return None
 
 
@@ -104,6 +116,8 @@ class PluginRunner:
         self.metrics = PluginMetrics(self.table, self.ledger)
         self.metrics_port: int | None = None
         if core_api is None and config.use_api:
+            if api_configured(config.kubeconfig) and not config.node_name:
+                raise ValueError("talking to the API server needs the node name (--node-name or NODE_NAME)")
             core_api = make_core_api(config.kubeconfig)
         self.core_api = core_api
         self.pods: PodWatcher | None = None

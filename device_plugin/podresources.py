@@ -9,10 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import grpc
-from vnpu.device_plugin.ledger import PodRef
-from vnpu.device_plugin.proto import podresources_pb2, podresources_pb2_grpc
 
 from vnpu.api import RESOURCE_MEMORY
+from vnpu.device_plugin.ledger import PodRef
+from vnpu.device_plugin.proto import podresources_pb2, podresources_pb2_grpc
 
 DEFAULT_SOCKET = Path("/var/lib/kubelet/pod-resources/kubelet.sock")
 

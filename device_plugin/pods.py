@@ -19,9 +19,8 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from vnpu.device_plugin.ledger import PodRef
-
 from vnpu.api import ANNOTATION_DEVICE, ANNOTATION_SHARE_GROUP, RESOURCE_MEMORY
+from vnpu.device_plugin.ledger import PodRef
 
 log = logging.getLogger(__name__)
 

@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 import grpc
+
 from vnpu.device_plugin.proto import api_pb2, api_pb2_grpc
 
 log = logging.getLogger(__name__)

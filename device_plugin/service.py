@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+
 from vnpu.device_plugin import contract
 from vnpu.device_plugin.backends.base import Backend
 from vnpu.device_plugin.devices import DeviceTable
@@ -24,7 +25,6 @@ from vnpu.device_plugin.placement import (
 )
 from vnpu.device_plugin.pods import PodSummary, PodWatcher, match_pod, preferred_device
 from vnpu.device_plugin.proto import api_pb2, api_pb2_grpc
-
 from vnpu.inventory import HEALTHY, UNHEALTHY
 
 log = logging.getLogger(__name__)
@@ -205,7 +205,8 @@ class DevicePluginService(api_pb2_grpc.DevicePluginServicer):
             )
         )
         for old in displaced:
-            log.warning(
+            # Normal when a pod ended and the kubelet re-used its slices before the plugin noticed.
+            log.info(
                 "slices re-allocated by the kubelet; previous holder released",
                 extra={"slices": list(old.slices), "previous_pod": str(old.pod) if old.pod else None},
             )

@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
 from vnpu.device_plugin.backends.base import Backend, BackendError, PhysicalDevice
 from vnpu.device_plugin.contract import ENV_ASCEND_VISIBLE_DEVICES
-
 from vnpu.inventory import HEALTHY, UNHEALTHY
 
 DEFAULT_SPEC = "2x16384"

@@ -25,6 +25,7 @@ from dp_helpers import (
     harness_key,
     write_devices,
 )
+
 from vnpu.device_plugin.plugin import PluginRunner
 from vnpu.device_plugin.proto import api_pb2_grpc
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import grpc
 import yaml
+
 from vnpu.device_plugin.plugin import PluginConfig
 from vnpu.device_plugin.proto import api_pb2, api_pb2_grpc
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from dp_helpers import FIXTURES, fake_npu_smi
+
 from vnpu.device_plugin.backends import BackendError, create_backend
 from vnpu.device_plugin.backends.ascend import AscendBackend, parse_chip_map, parse_info, to_devices
 from vnpu.device_plugin.backends.base import read_numa_node

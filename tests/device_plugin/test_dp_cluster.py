@@ -11,10 +11,10 @@ import grpc
 import pytest
 from dp_helpers import TWO_DEVICES, allocate, preferred, wait_for, write_devices
 from kubernetes import client
-from vnpu.device_plugin import contract
-from vnpu.device_plugin.plugin import PluginRunner
 
 from vnpu.api import ANNOTATION_DEVICE, ANNOTATION_DEVICES, ANNOTATION_SHARE_GROUP, RESOURCE_MEMORY
+from vnpu.device_plugin import contract
+from vnpu.device_plugin.plugin import PluginRunner
 from vnpu.inventory import NodeInventory
 
 pytestmark = pytest.mark.integration

@@ -7,7 +7,6 @@ import threading
 
 from vnpu.device_plugin.backends.base import Backend, BackendError, PhysicalDevice
 from vnpu.device_plugin.devices import DeviceTable, HealthMonitor, merge
-
 from vnpu.inventory import NodeInventory
 
 

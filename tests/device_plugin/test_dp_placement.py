@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from vnpu.device_plugin.placement import AllocationError, preferred_allocation, validate_request
 
 from vnpu.api import parse_slice_id
+from vnpu.device_plugin.placement import AllocationError, preferred_allocation, validate_request
 
 
 def ids(device: str, *indices: int) -> list[str]:

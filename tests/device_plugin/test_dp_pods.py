@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+from vnpu.api import ANNOTATION_DEVICE, ANNOTATION_SHARE_GROUP, RESOURCE_MEMORY
 from vnpu.device_plugin.ledger import PodRef
 from vnpu.device_plugin.pods import match_pod, preferred_device, summarize
-
-from vnpu.api import ANNOTATION_DEVICE, ANNOTATION_SHARE_GROUP, RESOURCE_MEMORY
 
 
 def pod(

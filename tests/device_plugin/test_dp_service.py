@@ -18,12 +18,12 @@ from dp_helpers import (
     wait_for,
     write_devices,
 )
+
+from vnpu.cluster.controlplane import free_port
 from vnpu.device_plugin import contract
 from vnpu.device_plugin.backends.ascend import AscendBackend
 from vnpu.device_plugin.plugin import PluginRunner
 from vnpu.device_plugin.proto import api_pb2
-
-from vnpu.cluster.controlplane import free_port
 
 ALL_SLICES = [f"npu0-s{i}" for i in range(4)] + [f"npu1-s{i}" for i in range(8)]
 

@@ -1,0 +1,87 @@
+"""``vnpu device-plugin``: help, refusals of bad configuration, clean shutdown; the harness's go.mod."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from dp_helpers import GOHARNESS_SRC, wait_for
+
+VNPU = [sys.executable, "-m", "vnpu", "device-plugin"]
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*VNPU, *args], capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_help_documents_every_group():
+    out = run("--help")
+    assert out.returncode == 0
+    for text in (
+        "usage: vnpu device-plugin",
+        "--plugin-dir",
+        "--simulated-devices",
+        "--allow-spanning",
+        "--share-root",
+        "--node-name",
+        "--metrics-port",
+        "vnpu.io/memory",
+    ):
+        assert text in out.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--slice-mib", "0", "--no-api"], "--slice-mib must be >= 1"),
+        (["--kubeconfig", "/nonexistent/kubeconfig"], "needs the node name"),
+        (
+            ["--kubeconfig", "/nonexistent/kubeconfig", "--node-name", "n1"],
+            "cannot load the API-server configuration",
+        ),
+    ],
+)
+def test_bad_configuration_exits_2_with_a_clear_message(args, message, monkeypatch):
+    monkeypatch.delenv("NODE_NAME", raising=False)
+    out = run(*args)
+    assert out.returncode == 2
+    assert message in out.stderr
+
+
+def test_sigterm_stops_cleanly_and_logs_json(plugin_process, dirs):
+    plugin = plugin_process("--no-api", "--metrics-port", "0")
+    wait_for(lambda: (dirs.plugin_dir / "vnpu-memory.sock").exists(), timeout=30, what="plugin socket")
+    assert plugin.terminate() == 0
+    assert not (dirs.plugin_dir / "vnpu-memory.sock").exists()
+    messages = [e["msg"] for e in plugin.log_lines()]
+    assert "plugin starting" in messages and "plugin stopped" in messages
+    assert all({"ts", "level", "logger", "msg"} <= set(e) for e in plugin.log_lines())
+    json.dumps(plugin.log_lines())  # every line was a JSON object
+
+
+def test_harness_gomod_replaces_exactly_the_staging_modules_of_kubernetes():
+    """go.mod must replace every staging module k/k requires at v0.0.0 (gen-gomod.sh derives the list)."""
+    gomod = (GOHARNESS_SRC / "go.mod").read_text()
+    version = re.search(r"^\s*k8s\.io/kubernetes (v1\.\d+\.\d+)$", gomod, re.M).group(1)
+    upstream = (
+        Path.home()
+        / "go"
+        / "pkg"
+        / "mod"
+        / "cache"
+        / "download"
+        / "k8s.io"
+        / "kubernetes"
+        / "@v"
+        / f"{version}.mod"
+    )
+    if not upstream.exists():
+        pytest.skip(f"SKIPPED LOUDLY: {upstream} is not in the Go module cache")
+    staging = set(re.findall(r"^\s+(k8s\.io/[a-z0-9-]+) v0\.0\.0$", upstream.read_text(), re.M))
+    replaced = dict(re.findall(r"^replace (k8s\.io/[a-z0-9-]+) => \1 (v\S+)$", gomod, re.M))
+    assert set(replaced) == staging
+    assert set(replaced.values()) == {"v0." + version.removeprefix("v1.")}
