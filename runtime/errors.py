@@ -1,0 +1,15 @@
+"""Errors the runtime reports to its callers (torch-free, so the CLI can catch them cheaply)."""
+
+from __future__ import annotations
+
+
+class ContextLengthError(ValueError):
+    """Prompt plus requested tokens do not fit the context this process was started with."""
+
+
+class RuntimeUnavailableError(RuntimeError):
+    """The model cannot serve right now (weights not loaded, or the weights-holder went away)."""
+
+
+class MemoryBudgetError(RuntimeError):
+    """The configuration does not fit ``VNPU_MEMORY_LIMIT_MIB``."""

@@ -1,0 +1,196 @@
+"""A Llama-architecture decoder in plain torch: RMSNorm, RoPE, GQA attention, SwiGLU, KV cache.
+
+The model owns no weights. It asks a :class:`WeightProvider` for one unit at a time (see
+:mod:`vnpu.runtime.units`): a resident provider hands out views of a (possibly shared) arena, the
+offload engine hands out ring-buffer slots it filled ahead of time. The math is the same either way,
+so an offloaded run is bit-identical to a resident one.
+
+Numerics follow Hugging Face ``LlamaForCausalLM`` (RMSNorm in float32, RoPE "rotate half" layout,
+softmax attention with grouped KV heads) so greedy outputs match ``transformers`` token for token.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from vnpu.runtime.config import ModelConfig
+from vnpu.runtime.units import Unit, model_units
+
+
+class WeightProvider(Protocol):
+    """Source of weight units for the forward pass."""
+
+    def unit(self, unit: Unit) -> contextlib.AbstractContextManager[Mapping[str, torch.Tensor]]:
+        """Tensors of ``unit`` (short key -> tensor), valid inside the ``with`` block only."""
+        ...
+
+    def begin_pass(self) -> None:
+        """Called at the start of every forward pass (the offload ring re-aligns itself here)."""
+        ...
+
+
+class ResidentWeights:
+    """All weights already in place (e.g. views into an arena): every unit is a dict lookup."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        self.tensors = tensors
+
+    @contextlib.contextmanager
+    def unit(self, unit: Unit) -> Iterator[Mapping[str, torch.Tensor]]:
+        out = {key: self.tensors[name] for key, name in unit.tensors.items()}
+        if unit.rows is not None:
+            out = {key: t[unit.rows[0] : unit.rows[1]] for key, t in out.items()}
+        yield out
+
+    def begin_pass(self) -> None:
+        pass
+
+
+class KVCache:
+    """Per-layer key/value tensors ``[max_batch, kv_heads, max_tokens, head_dim]``, allocated once."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        max_tokens: int,
+        max_batch: int = 1,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        shape = (max_batch, config.num_key_value_heads, max_tokens, config.head_dim)
+        self.max_tokens = max_tokens
+        self.max_batch = max_batch
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.values = [
+            torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)
+        ]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    dtype = x.dtype
+    x32 = x.to(torch.float32)
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class LlamaModel:
+    """Forward pass of a Llama model over weights from a provider and a :class:`KVCache`."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        weights: WeightProvider,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        max_positions: int | None = None,
+    ) -> None:
+        self.config = config
+        self.weights = weights
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.units = model_units(config)
+        self._embed = self.units[0]
+        self._blocks = [u for u in self.units if u.kind in ("attn", "ffn")]
+        self._norm = next(u for u in self.units if u.kind == "norm")
+        self._head = [u for u in self.units if u.kind == "head"]
+        positions = max_positions or config.max_position_embeddings
+        d = config.head_dim
+        inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+        freqs = torch.arange(positions, dtype=torch.float32)[:, None] * inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self._cos = emb.cos().to(device=self.device, dtype=dtype)
+        self._sin = emb.sin().to(device=self.device, dtype=dtype)
+
+    def new_cache(self, max_tokens: int, max_batch: int = 1) -> KVCache:
+        return KVCache(self.config, max_tokens, max_batch, self.dtype, self.device)
+
+    @torch.inference_mode()
+    def forward(
+        self, input_ids: torch.Tensor, cache: KVCache, start: int, last_only: bool = True
+    ) -> torch.Tensor:
+        """Logits for ``input_ids`` ``[batch, tokens]`` placed at positions ``start...`` of ``cache``.
+
+        Returns ``[batch, vocab]`` for the last position (``last_only``) or ``[batch, tokens, vocab]``.
+        """
+        batch, count = input_ids.shape
+        end = start + count
+        if end > cache.max_tokens or batch > cache.max_batch:
+            raise ValueError(f"positions {start}..{end} x batch {batch} exceed the KV cache")
+        self.weights.begin_pass()
+        with self.weights.unit(self._embed) as w:
+            table = w["weight"]
+            hidden = F.embedding(input_ids.to(table.device), table).to(self.device, self.dtype)
+        cos, sin = self._cos[start:end], self._sin[start:end]
+        mask = None
+        if count > 1 and start > 0:  # chunked prefill: causal within the chunk, all of the past visible
+            rows = torch.arange(start, end, device=self.device)[:, None]
+            mask = torch.arange(end, device=self.device)[None, :] <= rows
+        for unit in self._blocks:
+            with self.weights.unit(unit) as w:
+                if unit.kind == "attn":
+                    hidden = hidden + self._attention(
+                        hidden, w, cache, unit.layer or 0, start, cos, sin, mask
+                    )
+                else:
+                    hidden = hidden + self._feed_forward(hidden, w)
+        if last_only:
+            hidden = hidden[:, -1]
+        with self.weights.unit(self._norm) as w:
+            hidden = rms_norm(hidden, w["weight"], self.config.rms_norm_eps)
+        logits = []
+        for unit in self._head:
+            with self.weights.unit(unit) as w:
+                logits.append(F.linear(hidden, w["weight"]).float())
+        return torch.cat(logits, dim=-1)
+
+    def _attention(
+        self,
+        x: torch.Tensor,
+        w: Mapping[str, torch.Tensor],
+        cache: KVCache,
+        layer: int,
+        start: int,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        cfg = self.config
+        batch, count, _ = x.shape
+        h = rms_norm(x, w["norm"], cfg.rms_norm_eps)
+        q = F.linear(h, w["q"]).view(batch, count, cfg.num_attention_heads, cfg.head_dim).transpose(1, 2)
+        k = F.linear(h, w["k"]).view(batch, count, cfg.num_key_value_heads, cfg.head_dim).transpose(1, 2)
+        v = F.linear(h, w["v"]).view(batch, count, cfg.num_key_value_heads, cfg.head_dim).transpose(1, 2)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        end = start + count
+        cache.keys[layer][:batch, :, start:end] = k
+        cache.values[layer][:batch, :, start:end] = v
+        keys = cache.keys[layer][:batch, :, :end]
+        values = cache.values[layer][:batch, :, :end]
+        out = F.scaled_dot_product_attention(
+            q,
+            keys,
+            values,
+            attn_mask=mask,
+            is_causal=count > 1 and start == 0,
+            enable_gqa=cfg.kv_group_size > 1,
+        )
+        return F.linear(out.transpose(1, 2).reshape(batch, count, -1), w["o"])
+
+    def _feed_forward(self, x: torch.Tensor, w: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        h = rms_norm(x, w["norm"], self.config.rms_norm_eps)
+        return F.linear(F.silu(F.linear(h, w["gate"])) * F.linear(h, w["up"]), w["down"])

@@ -1,0 +1,174 @@
+"""Our Llama implementation against ``transformers`` on the same dequantised SmolLM2 weights."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from vnpu.runtime.checkpoint import GGUFCheckpoint
+from vnpu.runtime.config import ModelConfig
+from vnpu.runtime.generate import generate
+from vnpu.runtime.loader import load_weights
+from vnpu.runtime.model import LlamaModel, ResidentWeights
+from vnpu.runtime.sources import resolve
+from vnpu.runtime.tokenizer import Tokenizer
+
+PROMPT = "<|im_start|>user\nWhat is the capital of France? Answer in one sentence.<|im_end|>\n<|im_start|>assistant\n"
+STEPS = 32
+
+
+def our_model(weights: Any, max_positions: int = 512) -> LlamaModel:
+    tensors = {name: weights.arena.view(entry) for name, entry in weights.manifest.tensors.items()}
+    return LlamaModel(weights.manifest.config, ResidentWeights(tensors), max_positions=max_positions)
+
+
+def hf_model(weights: Any):
+    """HF LlamaForCausalLM from a LlamaConfig derived from GGUF metadata, loaded with the same tensors."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    c: ModelConfig = weights.manifest.config
+    config = LlamaConfig(
+        vocab_size=c.vocab_size,
+        hidden_size=c.hidden_size,
+        intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_hidden_layers,
+        num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=c.num_key_value_heads,
+        head_dim=c.head_dim,
+        max_position_embeddings=c.max_position_embeddings,
+        rms_norm_eps=c.rms_norm_eps,
+        rope_theta=c.rope_theta,
+        tie_word_embeddings=c.tie_word_embeddings,
+        bos_token_id=c.bos_token_id,
+        eos_token_id=c.eos_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    state = {name: weights.arena.view(entry).clone() for name, entry in weights.manifest.tensors.items()}
+    result = model.load_state_dict(state, strict=False)
+    assert set(result.missing_keys) <= {"lm_head.weight"} and not result.unexpected_keys
+    model.tie_weights()
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    return model.eval()
+
+
+def hf_greedy(model, ids: list[int], steps: int) -> tuple[list[int], list[torch.Tensor]]:
+    """Greedy decoding with HF's own KV cache (no stop token: exactly ``steps`` tokens)."""
+    out, logits = [], []
+    past = None
+    inputs = torch.tensor([ids])
+    with torch.no_grad():
+        for _ in range(steps):
+            result = model(input_ids=inputs, past_key_values=past, use_cache=True)
+            past = result.past_key_values
+            step_logits = result.logits[0, -1].float()
+            token = int(step_logits.argmax())
+            out.append(token)
+            logits.append(step_logits)
+            inputs = torch.tensor([[token]])
+    return out, logits
+
+
+def our_greedy(model: LlamaModel, ids: list[int], steps: int) -> tuple[list[int], list[torch.Tensor]]:
+    cache = model.new_cache(len(ids) + steps)
+    out, logits = [], []
+    step_logits = model.forward(torch.tensor([ids]), cache, 0)[0]
+    position = len(ids)
+    for _ in range(steps):
+        token = int(step_logits.argmax())
+        out.append(token)
+        logits.append(step_logits)
+        step_logits = model.forward(torch.tensor([[token]]), cache, position)[0]
+        position += 1
+    return out, logits
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm2_weights: Any) -> Tokenizer:
+    return Tokenizer(smollm2_weights.manifest.tokenizer)
+
+
+def test_config_from_gguf_metadata(smollm2_weights: Any) -> None:
+    c = smollm2_weights.manifest.config
+    assert (c.num_hidden_layers, c.hidden_size, c.intermediate_size) == (30, 576, 1536)
+    assert (c.num_attention_heads, c.num_key_value_heads, c.head_dim) == (9, 3, 64)
+    assert c.rope_theta == 100000.0 and c.tie_word_embeddings and c.vocab_size == 49152
+    assert c.kv_bytes_per_token(2) == 30 * 2 * 3 * 64 * 2  # the KV formula of vnpu.memory
+
+
+def test_qk_unpermutation_matches_transformers_gguf_loader(smollm2_path: Path, smollm2_weights: Any) -> None:
+    """Our inverse of llama.cpp's q/k row permutation equals transformers' own GGUF loader's."""
+    from gguf.quants import dequantize
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+
+    ckpt = GGUFCheckpoint(resolve(str(smollm2_path)))
+    processor = LlamaTensorProcessor(config={"num_attention_heads": 9, "num_key_value_heads": 3})
+    tensors = {t.name: t for t in ckpt._reader.tensors}  # noqa: SLF001 - the raw GGUF tensors
+    for gguf_name, hf_name in (("blk.7.attn_q.weight", "self_attn.q_proj"), ("blk.7.attn_k.weight", "self_attn.k_proj")):
+        t = tensors[gguf_name]
+        raw = dequantize(t.data, t.tensor_type).reshape(tuple(reversed([int(d) for d in t.shape])))
+        reference = processor.process(raw, gguf_name).weights
+        ours = smollm2_weights.arena.view(smollm2_weights.manifest.tensors[f"model.layers.7.{hf_name}.weight"])
+        np.testing.assert_array_equal(ours.numpy(), reference)
+        assert not np.array_equal(raw, reference)  # the permutation is real: undoing it matters
+
+
+def test_greedy_generation_matches_transformers(smollm2_weights: Any, tokenizer: Tokenizer) -> None:
+    ids = tokenizer.encode(PROMPT)
+    ours, our_logits = our_greedy(our_model(smollm2_weights), ids, STEPS)
+    theirs, their_logits = hf_greedy(hf_model(smollm2_weights), ids, STEPS)
+    assert ours == theirs, (tokenizer.decode(ours), tokenizer.decode(theirs))
+    for step, (a, b) in enumerate(zip(our_logits, their_logits, strict=True)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3, msg=f"logits differ at step {step}")
+    # The un-permuted RoPE layout is the right one: the model answers sensibly.
+    assert "Paris" in tokenizer.decode(ours)
+
+
+def test_chunked_prefill_equals_one_shot(smollm2_weights: Any, tokenizer: Tokenizer) -> None:
+    model = our_model(smollm2_weights)
+    ids = tokenizer.encode(PROMPT)
+    one = generate(model, model.new_cache(128), ids, 8, prefill_chunk=512)
+    chunked = generate(model, model.new_cache(128), ids, 8, prefill_chunk=5)
+    assert one.token_ids == chunked.token_ids
+
+
+def test_safetensors_checkpoint_gives_the_same_tokens(smollm2_weights: Any, tokenizer: Tokenizer, tmp_path: Path) -> None:
+    """The same weights saved by transformers as safetensors + config.json load to the same model."""
+    hf = hf_model(smollm2_weights)
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    (tmp_path / "tokenizer.json").write_text(json.dumps(_hf_tokenizer_json(tokenizer)))
+    loaded = load_weights(resolve(f"file://{tmp_path}"), progress=False)
+    assert dataclasses.replace(loaded.manifest.config, name="") == dataclasses.replace(
+        smollm2_weights.manifest.config, name=""
+    )
+    ids = tokenizer.encode(PROMPT)
+    from_st = generate(our_model(loaded), our_model(loaded).new_cache(128), ids, 12)
+    from_gguf = generate(our_model(smollm2_weights), our_model(smollm2_weights).new_cache(128), ids, 12)
+    assert from_st.token_ids == from_gguf.token_ids
+    assert Tokenizer(loaded.manifest.tokenizer).encode(PROMPT) == ids
+
+
+def _hf_tokenizer_json(tokenizer: Tokenizer) -> dict[str, Any]:
+    """A minimal HF tokenizer.json for the same vocabulary (ByteLevel BPE with SmolLM's digit split)."""
+    specials = sorted(tokenizer.special_ids)
+    return {
+        "added_tokens": [{"id": i, "content": tokenizer.tokens[i], "special": True} for i in specials],
+        "pre_tokenizer": {
+            "type": "Sequence",
+            "pretokenizers": [
+                {"type": "Digits", "individual_digits": True},
+                {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True},
+            ],
+        },
+        "decoder": {"type": "ByteLevel"},
+        "model": {
+            "type": "BPE",
+            "vocab": {t: i for i, t in enumerate(tokenizer.tokens) if i not in tokenizer.special_ids},
+            "merges": [" ".join(pair) for pair, _ in sorted(tokenizer.ranks.items(), key=lambda kv: kv[1])],
+        },
+    }
