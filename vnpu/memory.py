@@ -27,8 +27,15 @@ from vnpu.modelfile import MIB, ModelConfig, ModelFileInfo, config_from_hf, loca
 
 #: Bytes per weight element for the CRD's ``weights.dtype`` values (ggml block types include scales).
 WEIGHT_DTYPE_BYTES: dict[str, float] = {
-    "float32": 4, "float16": 2, "bfloat16": 2, "float8": 1, "int8": 1, "int4": 0.5,
-    "q8_0": 34 / 32, "q4_0": 18 / 32, "q4_1": 20 / 32,
+    "float32": 4,
+    "float16": 2,
+    "bfloat16": 2,
+    "float8": 1,
+    "int8": 1,
+    "int4": 0.5,
+    "q8_0": 34 / 32,
+    "q4_0": 18 / 32,
+    "q4_1": 20 / 32,
 }
 #: KV cache element size when the spec says nothing: fp16/bf16, or fp32 for fp32 models.
 DEFAULT_KV_DTYPE_BYTES = 2
@@ -113,8 +120,15 @@ def default_activation_bytes(config: ModelConfig, max_batch: int, act_bytes: int
 
 #: File tensor dtypes (safetensors / ggml names) as the CRD's ``weights.dtype`` values.
 _FILE_DTYPES = {
-    "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8", "F8_E5M2": "float8",
-    "I8": "int8", "Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_1": "q4_1",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F8_E4M3": "float8",
+    "F8_E5M2": "float8",
+    "I8": "int8",
+    "Q8_0": "q8_0",
+    "Q4_0": "q4_0",
+    "Q4_1": "q4_1",
 }
 
 
@@ -317,11 +331,17 @@ def estimate_from_spec(
 
     needs_config = config is None and (kv_mib is None or activation is None)
     needs_header = size_mib is None or needs_config or (budget is not None and model_file is None)
-    missing = [what for what, needed in (
-        ("spec.weights.sizeMiB", size_mib is None and (config is None or dtype is None)),
-        ("spec.memory.kvCacheMiB (or spec.modelConfig for maxContextTokens/maxBatch)",
-         needs_config and kv_mib is None),
-    ) if needed]
+    missing = [
+        what
+        for what, needed in (
+            ("spec.weights.sizeMiB", size_mib is None and (config is None or dtype is None)),
+            (
+                "spec.memory.kvCacheMiB (or spec.modelConfig for maxContextTokens/maxBatch)",
+                needs_config and kv_mib is None,
+            ),
+        )
+        if needed
+    ]
     info = model_file
     if info is None and needs_header:
         info = _read_source_header(uri, source.get("format"), cache_dir, read_header, missing)

