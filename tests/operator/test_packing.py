@@ -1,0 +1,512 @@
+"""vnpu.operator.packing: the share-aware packer (pure): scenarios and hypothesis properties."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter, defaultdict
+from dataclasses import replace
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from vnpu.api import slices_for_mib
+from vnpu.operator.packing import (
+    Demand,
+    Device,
+    Node,
+    PackResult,
+    Placement,
+    Reason,
+    Spread,
+    Taint,
+    Toleration,
+    pack,
+)
+
+GIB = 1024
+
+
+def cluster(n_nodes: int, devices: int = 8, slices: int = 64, **node_kwargs) -> list[Node]:
+    return [
+        Node(f"node-{i}", tuple(Device(f"npu{j}", slices) for j in range(devices)), **node_kwargs)
+        for i in range(n_nodes)
+    ]
+
+
+def placements(result: PackResult) -> list[Placement]:
+    return [Placement(a.model, a.replica, a.node, a.device, a.slices) for a in result.assignments]
+
+
+def per_device(result: PackResult) -> dict[tuple[str, str], int]:
+    used: dict[tuple[str, str], int] = defaultdict(int)
+    for a in result.assignments:
+        used[(a.node, a.device)] += a.slices
+    for h in result.weight_holders:
+        used[(h.node, h.device)] += h.slices
+    return used
+
+
+# ------------------------------------------------------------------------------------------ sharing
+
+
+def test_replicas_of_a_group_share_one_weight_copy_per_device():
+    result = pack(
+        cluster(1, devices=2), [Demand("m", "g", replicas=4, replica_mib=2 * GIB, weight_mib=10 * GIB)]
+    )
+    assert {a.device for a in result.assignments} == {"npu0"}
+    assert [a.slices for a in result.assignments] == [2, 2, 2, 2]
+    assert [h.slices for h in result.weight_holders] == [10]
+    assert result.weight_holders[0].models == ("m",)
+    assert sum(a.weight_holder for a in result.assignments) == 1
+    assert result.slices_used() == 10 + 4 * 2
+    assert result.saved_by_sharing_mib([Demand("m", "g", 4, 2 * GIB, 10 * GIB)]) == {"m": 30 * GIB}
+
+
+def test_models_with_the_same_share_group_share_weights():
+    demands = [Demand("chat", "llama", 2, 3 * GIB, 16 * GIB), Demand("batch", "llama", 3, 5 * GIB, 16 * GIB)]
+    result = pack(cluster(1, devices=4), demands)
+    assert result.devices_used() == 1
+    assert len(result.weight_holders) == 1 and result.weight_holders[0].models == ("batch", "chat")
+    assert result.slices_used() == 16 + 2 * 3 + 3 * 5
+
+
+def test_a_group_overflowing_one_device_opens_a_second_copy():
+    # 64-slice devices: weights 28 + 6 per replica -> 6 replicas per device.
+    result = pack(cluster(1, devices=4), [Demand("m", "g", 8, 6 * GIB, 28 * GIB)])
+    assert result.devices_used() == 2
+    assert sorted(Counter(a.device for a in result.assignments).values()) == [2, 6]
+    assert len(result.weight_holders) == 2
+
+
+def test_zero_weight_models_get_no_weight_holder():
+    result = pack(cluster(1), [Demand("m", "g", 3, 4 * GIB, 0)])
+    assert result.weight_holders == () and len(result.assignments) == 3
+
+
+def test_mixed_slice_sizes_are_converted_per_device():
+    nodes = [
+        Node("fine", (Device("a", 16, slice_mib=512),)),
+        Node("coarse", (Device("b", 8, slice_mib=1024),)),
+    ]
+    result = pack(nodes, [Demand("m", "g", 2, 1536, 2048, node_selector={})])
+    for a in result.assignments:
+        size = 512 if a.node == "fine" else 1024
+        assert a.slices == slices_for_mib(1536, size)
+    assert not result.unplaced
+
+
+# ------------------------------------------------------------------------------ selectors and taints
+
+
+def test_node_selector_and_its_reason():
+    nodes = [
+        Node("a", (Device("d", 64),), labels={"zone": "x"}),
+        Node("b", (Device("d", 64),), labels={"zone": "y"}),
+    ]
+    ok = pack(nodes, [Demand("m", "g", 2, GIB, GIB, node_selector={"zone": "y"})])
+    assert {a.node for a in ok.assignments} == {"b"}
+    bad = pack(nodes, [Demand("m", "g", 2, GIB, GIB, node_selector={"zone": "z"})])
+    assert [u.replica for u in bad.unplaced] == [0, 1]
+    assert bad.unplaced[0].code == Reason.NODE_SELECTOR
+    assert "no node matches nodeSelector {'zone': 'z'}" in bad.unplaced[0].reason
+
+
+def test_taints_need_tolerations():
+    gpu = Taint("dedicated", "llm", "NoSchedule")
+    nodes = [
+        Node("tainted", (Device("d", 64),), taints=(gpu,)),
+        Node("soft", (Device("d", 64),), taints=(Taint("x", "", "PreferNoSchedule"),)),
+    ]
+    result = pack(nodes, [Demand("m", "g", 1, GIB, GIB, node_selector={})])
+    assert result.assignments[0].node == "soft"  # PreferNoSchedule does not exclude
+    only_tainted = pack(nodes[:1], [Demand("m", "g", 1, GIB, GIB)])
+    assert only_tainted.unplaced[0].code == Reason.TAINTED
+    assert "dedicated=llm:NoSchedule" in only_tainted.unplaced[0].reason
+    for tol in (
+        Toleration("dedicated", "Equal", "llm", "NoSchedule"),
+        Toleration("dedicated", "Exists"),
+        Toleration(operator="Exists"),
+    ):
+        assert pack(nodes[:1], [Demand("m", "g", 1, GIB, GIB, tolerations=(tol,))]).assignments
+    for tol in (
+        Toleration("dedicated", "Equal", "other"),
+        Toleration("dedicated", "Exists", effect="NoExecute"),
+    ):
+        assert pack(nodes[:1], [Demand("m", "g", 1, GIB, GIB, tolerations=(tol,))]).unplaced
+
+
+def test_no_execute_taint_evicts_running_replicas_no_schedule_does_not():
+    demand = Demand("m", "g", 1, GIB, GIB)
+    running = [Placement("m", 0, "a", "d", 1)]
+    for effect, kept in (("NoSchedule", True), ("NoExecute", False)):
+        nodes = [
+            Node("a", (Device("d", 64),), taints=(Taint("k", "v", effect),)),
+            Node("b", (Device("d", 64),)),
+        ]
+        result = pack(nodes, [demand], running)
+        assert result.assignments[0].kept is kept
+        assert result.assignments[0].node == ("a" if kept else "b")
+        assert bool(result.dropped) is not kept
+
+
+# ------------------------------------------------------------------------------------------- reasons
+
+
+def test_insufficient_memory_message_names_the_numbers():
+    nodes = [Node("a", (Device("d", 16, free_slices=6),))]
+    result = pack(nodes, [Demand("m", "g", 1, 4 * GIB, 5 * GIB)])
+    u = result.unplaced[0]
+    assert u.code == Reason.INSUFFICIENT_MEMORY
+    assert (
+        u.reason == "insufficient memory: needs 9 slices (4 per replica + 5 for the weights), largest free 6"
+    )
+    assert (u.replica_mib, u.weight_mib) == (4 * GIB, 5 * GIB)
+
+
+def test_device_too_small_and_no_nodes():
+    result = pack(cluster(1, devices=1, slices=32), [Demand("m", "g", 1, 8 * GIB, 28 * GIB)])
+    assert result.unplaced[0].code == Reason.DEVICE_TOO_SMALL
+    assert "the largest eligible device has 32" in result.unplaced[0].reason
+    assert pack([], [Demand("m", "g", 1, GIB)]).unplaced[0].code == Reason.NO_NODES
+
+
+def test_unhealthy_devices_and_unready_nodes_are_skipped():
+    nodes = [
+        Node("a", (Device("d0", 64, healthy=False), Device("d1", 64))),
+        Node("b", (Device("d0", 64),), ready=False),
+        Node("c", (Device("d0", 64),), schedulable=False),
+    ]
+    result = pack(nodes, [Demand("m", "g", 7, 10 * GIB, 0)])
+    assert {(a.node, a.device) for a in result.assignments} == {("a", "d1")}
+    assert len(result.assignments) == 6 and len(result.unplaced) == 1
+
+
+# -------------------------------------------------------------------------------------------- spread
+
+
+def test_best_effort_spread_uses_distinct_nodes_first():
+    demand = Demand("m", "g", 5, 2 * GIB, 4 * GIB, spread=Spread.BEST_EFFORT)
+    result = pack(cluster(3), [demand])
+    assert sorted(Counter(a.node for a in result.assignments).values()) == [1, 2, 2]
+    unspread = pack(cluster(3), [replace(demand, spread=Spread.NONE)])
+    assert len({a.node for a in unspread.assignments}) == 1  # packed: one device, one weight copy
+
+
+def test_hard_spread_leaves_extra_replicas_unplaced():
+    result = pack(cluster(3), [Demand("m", "g", 5, 2 * GIB, 4 * GIB, spread=Spread.HARD)])
+    assert len({a.node for a in result.assignments}) == 3 == len(result.assignments)
+    assert [u.code for u in result.unplaced] == [Reason.SPREAD, Reason.SPREAD]
+
+
+def test_spread_prefers_devices_already_holding_the_group():
+    nodes = cluster(2, devices=2)
+    demands = [
+        Demand("a", "shared", 2, 2 * GIB, 20 * GIB),
+        Demand("b", "shared", 2, 2 * GIB, 20 * GIB, spread=Spread.BEST_EFFORT),
+    ]
+    current = [Placement("a", 0, "node-0", "npu1", 2), Placement("a", 1, "node-1", "npu0", 2)]
+    result = pack(nodes, demands, current)
+    by_model = result.by_model()
+    assert {(a.node, a.device) for a in by_model["b"]} == {("node-0", "npu1"), ("node-1", "npu0")}
+    assert len(result.weight_holders) == 2
+
+
+# ------------------------------------------------------------------------------------------ priority
+
+
+def test_higher_priority_is_placed_first_whatever_the_names():
+    nodes = cluster(1, devices=1, slices=16)
+    for low, high in (("a", "z"), ("z", "a")):
+        demands = [
+            Demand(low, low, 1, 10 * GIB, 0, priority=0),
+            Demand(high, high, 1, 10 * GIB, 0, priority=5),
+        ]
+        result = pack(nodes, demands)
+        assert [a.model for a in result.assignments] == [high]
+        assert [u.model for u in result.unplaced] == [low]
+
+
+def test_higher_priority_preempts_running_lower_priority():
+    nodes = cluster(1, devices=1, slices=16)
+    demands = [
+        Demand("low", "l", 1, 10 * GIB, 0, priority=0),
+        Demand("high", "h", 1, 10 * GIB, 0, priority=9),
+    ]
+    result = pack(nodes, demands, [Placement("low", 0, "node-0", "npu0", 10)])
+    assert [a.model for a in result.assignments] == ["high"]
+    assert [u.model for u in result.unplaced] == ["low"]
+    assert result.dropped[0].reason == "preempted by high (priority 9)"
+    no_preempt = pack(nodes, demands, [Placement("low", 0, "node-0", "npu0", 10)], preempt=False)
+    assert [a.model for a in no_preempt.assignments] == ["low"]
+
+
+# ----------------------------------------------------------------------------------------- stability
+
+
+def test_running_replicas_stay_put():
+    demands = [Demand("a", "ga", 3, 4 * GIB, 8 * GIB), Demand("b", "gb", 2, 2 * GIB, 2 * GIB)]
+    # A deliberately poor current layout: every replica on its own device.
+    current = [Placement("a", i, "node-0", f"npu{i}", 4) for i in range(3)]
+    current += [Placement("b", i, "node-1", f"npu{i}", 2) for i in range(2)]
+    result = pack(cluster(2), demands, current)
+    assert all(a.kept for a in result.assignments) and not result.dropped
+    assert result.devices_used() == 5
+    defragmented = pack(cluster(2), demands, current, defragment=True)
+    assert defragmented.devices_used() == 1
+    assert {d.reason for d in defragmented.dropped} == {"moved by defragmentation"}
+    assert sum(a.kept for a in defragmented.assignments) == 5 - len(defragmented.dropped)
+    assert sum(a.kept for a in defragmented.assignments) >= 1  # index matching keeps some in place
+
+
+def test_scale_down_drops_the_highest_indices_and_scale_up_adds_next_to_the_group():
+    current = [Placement("m", i, "node-0", "npu0", 2) for i in range(4)]
+    down = pack(cluster(1), [Demand("m", "g", 2, 2 * GIB, 10 * GIB)], current)
+    assert [a.replica for a in down.assignments] == [0, 1] and all(a.kept for a in down.assignments)
+    assert [(d.placement.replica, d.reason) for d in down.dropped] == [
+        (2, "scaled down to 2 replicas"),
+        (3, "scaled down to 2 replicas"),
+    ]
+    up = pack(cluster(1), [Demand("m", "g", 6, 2 * GIB, 10 * GIB)], current)
+    assert {a.device for a in up.assignments} == {"npu0"}
+    assert [a.kept for a in up.assignments] == [True] * 4 + [False] * 2
+
+
+def test_replicas_on_lost_capacity_are_replaced():
+    current = [Placement("m", 0, "node-0", "npu0", 2), Placement("m", 1, "node-1", "npu0", 2)]
+    nodes = cluster(3, devices=1)
+    nodes[0] = replace(nodes[0], devices=(Device("npu0", 64, healthy=False),))
+    nodes[1] = replace(nodes[1], ready=False)
+    result = pack(nodes, [Demand("m", "g", 2, 2 * GIB, 4 * GIB)], current)
+    assert {a.node for a in result.assignments} == {"node-2"}
+    assert sorted(d.reason for d in result.dropped) == [
+        "device npu0 is unhealthy",
+        "node node-1 is not ready",
+    ]
+    gone = pack(cluster(1, devices=1), [Demand("m", "g", 2, 2 * GIB, 4 * GIB)], current)
+    assert "node-1" in {d.placement.node for d in gone.dropped}
+
+
+def test_changed_replica_size_is_replaced_and_cordon_keeps():
+    current = [Placement("m", 0, "node-0", "npu0", 2)]
+    resized = pack(cluster(1), [Demand("m", "g", 1, 3 * GIB, 4 * GIB)], current)
+    assert resized.assignments[0].slices == 3 and not resized.assignments[0].kept
+    assert "per-replica memory changed" in resized.dropped[0].reason
+    cordoned = pack(cluster(1, schedulable=False), [Demand("m", "g", 2, 2 * GIB, 4 * GIB)], current)
+    assert [a.kept for a in cordoned.assignments] == [True]
+    assert cordoned.unplaced[0].code == Reason.NO_ELIGIBLE_NODE and "cordoned" in cordoned.unplaced[0].reason
+
+
+def test_current_placements_count_against_capacity():
+    nodes = [Node("a", (Device("d", 16),))]
+    current = [Placement("x", 0, "a", "d", 8)]
+    result = pack(
+        nodes, [Demand("x", "gx", 1, 8 * GIB, 4 * GIB), Demand("y", "gy", 1, 4 * GIB, 1 * GIB)], current
+    )
+    assert result.assignments[0].kept and [u.model for u in result.unplaced] == ["y"]
+
+
+def test_bad_inputs_are_value_errors():
+    with pytest.raises(ValueError, match="node names"):
+        pack(cluster(1) + cluster(1), [])
+    with pytest.raises(ValueError, match="models must be unique"):
+        pack(cluster(1), [Demand("m", "g", 1, 1), Demand("m", "h", 1, 1)])
+    with pytest.raises(ValueError, match="twice"):
+        pack([Node("a", (Device("d", 1), Device("d", 1)))], [])
+    with pytest.raises(ValueError, match="non-negative"):
+        pack(cluster(1), [Demand("m", "g", -1, 1)])
+
+
+# ------------------------------------------------------------------------------------------ properties
+
+LABELS = [{}, {"zone": "a"}, {"zone": "b"}, {"zone": "a", "pool": "big"}]
+TAINTS = [(), (Taint("dedicated", "llm"),), (Taint("maint", "", "NoExecute"),)]
+TOLERATIONS = [(), (Toleration("dedicated", "Exists"),), (Toleration(operator="Exists"),)]
+
+
+@st.composite
+def instances(draw, *, uniform: bool = False, allow_spread: bool = True):
+    """A small random cluster and demand set; ``uniform``: healthy, ready nodes without labels or taints
+    and one slice size (so slice counts compare across plans)."""
+    nodes = []
+    for i in range(draw(st.integers(1, 4))):
+        devices = []
+        for j in range(draw(st.integers(1, 3))):
+            total = draw(st.sampled_from([8, 16, 32, 64]))
+            slice_mib = 1024 if uniform else draw(st.sampled_from([1024, 1024, 512]))
+            devices.append(
+                Device(
+                    f"d{j}",
+                    total,
+                    slice_mib=slice_mib,
+                    healthy=draw(st.booleans()) or uniform,
+                    free_slices=draw(st.integers(0, total)) if draw(st.booleans()) else None,
+                )
+            )
+        nodes.append(
+            Node(
+                f"n{i}",
+                tuple(devices),
+                labels={} if uniform else draw(st.sampled_from(LABELS)),
+                taints=() if uniform else draw(st.sampled_from(TAINTS)),
+                ready=uniform or draw(st.integers(0, 5)) > 0,
+                schedulable=uniform or draw(st.integers(0, 5)) > 0,
+            )
+        )
+    demands = []
+    for k in range(draw(st.integers(1, 6))):
+        group = f"g{draw(st.integers(0, 3))}"
+        demands.append(
+            Demand(
+                model=f"m{k}",
+                share_group=group,
+                replicas=draw(st.integers(0, 8)),
+                replica_mib=draw(st.integers(1, 12)) * 512,
+                weight_mib=draw(st.integers(0, 40)) * 512,
+                priority=draw(st.integers(-1, 1)),
+                node_selector={} if uniform else draw(st.sampled_from([{}, {}, {"zone": "a"}])),
+                tolerations=() if uniform else draw(st.sampled_from(TOLERATIONS)),
+                spread=draw(st.sampled_from(list(Spread))) if allow_spread else Spread.NONE,
+            )
+        )
+    return nodes, demands
+
+
+def check_invariants(
+    nodes: list[Node], demands: list[Demand], result: PackResult, current: list[Placement] = ()
+) -> None:
+    node_of = {n.name: n for n in nodes}
+    device_of = {(n.name, d.id): d for n in nodes for d in n.devices}
+    demand_of = {d.model: d for d in demands}
+    group_mib: dict[str, int] = defaultdict(int)
+    for d in demands:
+        group_mib[d.share_group] = max(group_mib[d.share_group], d.weight_mib)
+    # No device over capacity (what is free for the packer).
+    for key, used in per_device(result).items():
+        assert used <= device_of[key].available, (key, used)
+    # Every replica is placed exactly once or reported unplaced with a reason.
+    placed = Counter((a.model, a.replica) for a in result.assignments)
+    unplaced = Counter((u.model, u.replica) for u in result.unplaced)
+    assert max(placed.values(), default=1) == 1 and max(unplaced.values(), default=1) == 1
+    assert not set(placed) & set(unplaced)
+    assert set(placed) | set(unplaced) == {(d.model, r) for d in demands for r in range(d.replicas)}
+    assert all(u.reason and u.code in Reason for u in result.unplaced)
+    running = {(p.model, p.replica, p.node, p.device) for p in current}
+    for a in result.assignments:
+        d, node, dev = demand_of[a.model], node_of[a.node], device_of[(a.node, a.device)]
+        assert a.slices == slices_for_mib(d.replica_mib, dev.slice_mib)
+        assert dev.healthy and node.ready
+        assert all(node.labels.get(k) == v for k, v in d.node_selector.items())
+        for taint in node.taints:
+            tolerated = any(t.tolerates(taint) for t in d.tolerations)
+            if taint.effect == "NoExecute" or (taint.effect == "NoSchedule" and not a.kept):
+                assert tolerated, (a, taint)
+        if not a.kept:
+            assert node.schedulable
+        else:
+            assert (a.model, a.replica, a.node, a.device) in running
+    # Weight-holders: exactly one per (device, group) with replicas and weights, of the right size.
+    groups_on = {(a.node, a.device, a.share_group) for a in result.assignments}
+    holders = {(h.node, h.device, h.share_group): h for h in result.weight_holders}
+    assert set(holders) == {k for k in groups_on if group_mib[k[2]] > 0}
+    for (node, device, group), h in holders.items():
+        assert h.slices == slices_for_mib(group_mib[group], device_of[(node, device)].slice_mib)
+    charged = Counter((a.node, a.device, a.share_group) for a in result.assignments if a.weight_holder)
+    assert charged == Counter(groups_on)
+    # Hard spread: one replica per node.
+    for d in demands:
+        if d.spread == Spread.HARD:
+            nodes_used = [a.node for a in result.assignments if a.model == d.model]
+            assert len(nodes_used) == len(set(nodes_used))
+
+
+def shuffled(nodes: list[Node], demands: list[Demand], current: list[Placement], seed: int):
+    rng = random.Random(seed)
+    nodes = [
+        replace(
+            n,
+            devices=tuple(rng.sample(n.devices, len(n.devices))),
+            labels=dict(rng.sample(sorted(n.labels.items()), len(n.labels))),
+        )
+        for n in nodes
+    ]
+    return rng.sample(nodes, len(nodes)), rng.sample(demands, len(demands)), rng.sample(current, len(current))
+
+
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(instances(), st.integers(0, 2**32), st.booleans())
+def test_property_invariants_and_determinism(instance, seed, defragment):
+    nodes, demands = instance
+    first = pack(nodes, demands)
+    check_invariants(nodes, demands, first)
+    # Re-pack a perturbed demand set with the first plan as the running state.
+    rng = random.Random(seed)
+    changed = [replace(d, replicas=max(0, d.replicas + rng.randint(-2, 2))) for d in demands]
+    current = placements(first)
+    second = pack(nodes, changed, current, defragment=defragment)
+    check_invariants(nodes, changed, second, current)
+    # Same input in any order -> same output.
+    for extra_seed in (seed, seed + 1):
+        n2, d2, c2 = shuffled(nodes, changed, current, extra_seed)
+        assert pack(n2, d2, c2, defragment=defragment) == second
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(instances())
+def test_property_repacking_the_result_keeps_everything(instance):
+    nodes, demands = instance
+    first = pack(nodes, demands)
+    again = pack(nodes, demands, placements(first))
+    before = {(a.model, a.replica, a.node, a.device, a.slices) for a in first.assignments}
+    after = {(a.model, a.replica, a.node, a.device, a.slices) for a in again.assignments if a.kept}
+    assert before == after and not again.dropped
+    assert {(u.model, u.replica) for u in again.unplaced} <= {(u.model, u.replica) for u in first.unplaced}
+
+
+def unshared(demands: list[Demand]) -> list[Demand]:
+    """The same replicas, each paying its own copy of its group's weights (one group per replica)."""
+    group_mib: dict[str, int] = defaultdict(int)
+    for d in demands:
+        group_mib[d.share_group] = max(group_mib[d.share_group], d.weight_mib)
+    return [
+        replace(
+            d,
+            model=f"{d.model}/{r}",
+            share_group=f"{d.model}/{r}",
+            replicas=1,
+            weight_mib=group_mib[d.share_group],
+        )
+        for d in demands
+        for r in range(d.replicas)
+    ]
+
+
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(instances(uniform=True, allow_spread=False))
+def test_property_sharing_never_costs_more_than_not_sharing(instance):
+    nodes, demands = instance
+    demands = [replace(d, priority=0) for d in demands]
+    shared, alone = pack(nodes, demands), pack(nodes, unshared(demands))
+    assert len(shared.assignments) >= len(alone.assignments)
+    if not alone.unplaced:
+        assert not shared.unplaced
+        assert shared.devices_used() <= alone.devices_used()
+        assert shared.slices_used() <= alone.slices_used()
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(instances(uniform=True, allow_spread=False), st.integers(1, 8), st.integers(0, 8))
+def test_property_lower_priority_is_left_unplaced_first(instance, replica_half_gib, weight_half_gib):
+    nodes, demands = instance
+    # Equal sizes, distinct groups: any replica can use any free room another one could.
+    demands = [
+        replace(d, share_group=d.model, replica_mib=replica_half_gib * 512, weight_mib=weight_half_gib * 512)
+        for d in demands
+    ]
+    result = pack(nodes, demands)
+    if result.unplaced:
+        worst_unplaced = max(u.priority for u in result.unplaced)
+        placed_models = {a.model for a in result.assignments}
+        for d in demands:
+            if d.priority < worst_unplaced:
+                assert d.model not in placed_models, d
