@@ -369,6 +369,7 @@ class _Packer:
             [slices_for_mib(self.group_mib[d.share_group], s) for s in self.slice_sizes] for d in self.demands
         ]
         self.sig = [_signature(d) for d in self.demands]
+        self.demand_free_index: list[_FreeIndex | None] = [None] * len(self.demands)
         self.indexes: dict[_Signature, _FreeIndex] = {}
         self.node_ok: dict[_Signature, list[bool]] = {}
         self.dev_indexes: list[list[_FreeIndex]] = [[] for _ in self.dev_id]
@@ -412,6 +413,13 @@ class _Packer:
                     idx.add(self.dev_cls[o], o, self.dev_free[o], self.dev_total[o])
                     self.dev_indexes[o].append(idx)
             self.indexes[sig] = idx
+        return idx
+
+    def demand_index_of(self, di: int) -> _FreeIndex:
+        """The free-slice index for demand ``di`` (cached per demand: signatures are costly to hash)."""
+        idx = self.demand_free_index[di]
+        if idx is None:
+            idx = self.demand_free_index[di] = self.index(self.sig[di])
         return idx
 
     # -- primitive moves ------------------------------------------------------------------------
@@ -551,7 +559,7 @@ class _Packer:
 
     def _place_spread(self, di: int, preempt: bool) -> None:
         d = self.demands[di]
-        idx = self.index(self.sig[di])
+        idx = self.demand_index_of(di)
         counts = self.model_node_count[di]
         level = 0
         while self.missing[di]:
@@ -622,7 +630,7 @@ class _Packer:
                 heapq.heappush(heap, (-key, model, di))
                 continue
             need = self.w_slices[di][cls] + k * self.rep_slices[di][cls]
-            o = self.index(self.sig[di]).best_fit(cls, need)
+            o = self.demand_index_of(di).best_fit(cls, need)
             assert o is not None, "bug: chunk sized to the largest free device does not fit"
             self.place(di, o, k)
             if self.missing[di]:
@@ -653,7 +661,7 @@ class _Packer:
 
     def _next_chunk(self, di: int) -> tuple[int, int, int]:
         """(MiB, replicas, slice class) of the largest chunk the emptiest eligible device can take."""
-        idx = self.index(self.sig[di])
+        idx = self.demand_index_of(di)
         n = len(self.missing[di]) if self.share else 1  # share-blind: one replica at a time (plain BFD)
         best = (0, 0, 0)
         for cls in range(len(self.slice_sizes)):
@@ -781,7 +789,7 @@ class _Packer:
                 else Reason.NO_ELIGIBLE_NODE
             )
             return code, f"0/{total} nodes are available: {', '.join(parts)}"
-        idx = self.index(self.sig[di])
+        idx = self.demand_index_of(di)
         # The slice class with the biggest eligible device decides the message.
         cls = max(
             range(len(self.slice_sizes)), key=lambda c: (idx.largest_total[c] * self.slice_sizes[c], -c)
@@ -870,7 +878,7 @@ class _Packer:
                     best = key
         if best is not None:
             return best[1]
-        idx = self.index(self.sig[di])
+        idx = self.demand_index_of(di)
         candidates = []
         for cls in range(len(self.slice_sizes)):
             need = self.rep_slices[di][cls] + self.w_slices[di][cls]

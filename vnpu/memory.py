@@ -325,7 +325,7 @@ def estimate_from_spec(
         if not isinstance(hint, Mapping):
             raise EstimateError("spec.modelConfig must be an object with config.json keys")
         try:
-            config = config_from_hf(hint)
+            config = config_from_hf(_complete_kv_hint(hint))
         except ValueError as exc:
             raise EstimateError(f"spec.modelConfig: {exc}") from exc
 
@@ -392,6 +392,18 @@ def estimate_from_spec(
     if assumptions:
         estimate = dataclasses.replace(estimate, assumptions=(*assumptions, *estimate.assumptions))
     return estimate
+
+
+def _complete_kv_hint(hint: Mapping[str, Any]) -> dict[str, Any]:
+    """A hint that names only what the KV formula needs (layers, KV heads, head dim) is enough: the
+    query heads default to the KV heads and the hidden size to heads × head dim."""
+    out = dict(hint)
+    if "num_attention_heads" not in out and "num_key_value_heads" in out:
+        out["num_attention_heads"] = out["num_key_value_heads"]
+    heads, head_dim = out.get("num_attention_heads"), out.get("head_dim")
+    if "hidden_size" not in out and isinstance(heads, int) and isinstance(head_dim, int):
+        out["hidden_size"] = heads * head_dim
+    return out
 
 
 def _unreadable_message(uri: str, missing: list[str]) -> str:

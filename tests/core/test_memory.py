@@ -222,6 +222,19 @@ def test_pvc_source_needs_size_and_kv_or_a_config_hint():
     assert any("modelConfig" in a for a in hinted.assumptions)
 
 
+def test_a_minimal_model_config_hint_is_enough_for_the_kv_cache():
+    est = estimate_from_spec(
+        {
+            "source": {"uri": "pvc://models/llama"},
+            "weights": {"sizeMiB": 15000},
+            "memory": {"maxContextTokens": 8192, "maxBatch": 2, "activationMiB": 100},
+            "modelConfig": {"num_hidden_layers": 32, "num_key_value_heads": 8, "head_dim": 128},
+        }
+    )
+    assert est.kv_bytes_per_token == 131_072 and est.kv_cache_mib == 2048
+    assert est.per_replica_mib == 2148
+
+
 def test_offload_keeps_the_budget_on_the_device():
     est = estimate_from_spec(
         {
