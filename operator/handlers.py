@@ -54,6 +54,11 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
     def reconciler(memo: kopf.Memo) -> Reconciler:
         return memo["reconciler"]  # type: ignore[no-any-return]
 
+    @kopf.on.login(registry=registry)
+    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        # In a pod: the service account; elsewhere: $KUBECONFIG / ~/.kube/config (client certs included).
+        return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+
     @kopf.on.startup(registry=registry)
     async def start(memo: kopf.Memo, settings: kopf.OperatorSettings, **_: Any) -> None:
         rec = Reconciler(config)

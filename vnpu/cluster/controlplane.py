@@ -189,7 +189,7 @@ class ControlPlane:
                 f"--authentication-kubeconfig={kcm}", f"--authorization-kubeconfig={kcm}",
                 f"--bind-address={self.host}", f"--secure-port={port}", "--leader-elect=false",
                 f"--service-account-private-key-file={self.pki.sa_key}", f"--root-ca-file={self.pki.ca_cert}",
-                f"--service-cluster-ip-range={SERVICE_CIDR}", "--use-service-account-credentials=false",
+                f"--service-cluster-ip-range={SERVICE_CIDR}", "--use-service-account-credentials=true",
                 # Node lifecycle: notice a lost node quickly so tests of re-placement finish fast.
                 "--node-monitor-grace-period=20s", "--node-monitor-period=2s",
             ],

@@ -1,0 +1,268 @@
+"""The operator end to end against the real apiserver, scheduler, controller-manager and kwok nodes.
+
+Each test runs ``vnpu operator`` as a real process watching the test's namespace, applies
+InferenceModels, and asserts on what the API server ends up holding: pods, placements, status,
+events. Replicas are 1 GiB (kvCacheMiB 768 + activationMiB 256), weights 4 GiB, devices 16 GiB.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+from typing import Any
+
+import pytest
+from kubernetes import client
+
+from vnpu import api
+from vnpu.cluster.processes import wait_until
+
+from operator_harness import OperatorProcess, get_model, live, pods_of
+
+GIB = 1024
+
+
+def spec(replicas: int = 2, weights_mib: int = 4 * GIB, **extra: Any) -> dict[str, Any]:
+    return {
+        "modelName": "m",
+        "source": {"uri": "pvc://models/m.safetensors"},
+        "weights": {"sizeMiB": weights_mib},
+        "replicas": replicas,
+        "memory": {"kvCacheMiB": 768, "activationMiB": 256},
+        **extra,
+    }
+
+
+@pytest.fixture
+def cluster(control_plane):
+    control_plane.start_scheduler()
+    control_plane.start_controller_manager()
+    control_plane.start_kwok()
+    return control_plane
+
+
+@pytest.fixture
+def operator(cluster, namespace, tmp_path):
+    op = OperatorProcess(cluster, namespace, tmp_path).start()
+    yield op
+    # Models go first, while the operator can still run their finalizer.
+    cluster.kubectl("delete", "infm", "--all", "-n", namespace, "--timeout=60s", check=False)
+    op.stop()
+
+
+def apply(cp, namespace: str, name: str, model_spec: dict[str, Any]) -> None:
+    body = {"apiVersion": api.API_VERSION, "kind": api.KIND, "metadata": {"name": name, "namespace": namespace},
+            "spec": model_spec}  # fmt: skip
+    cp.kubectl("apply", "-f", "-", input=json.dumps(body))
+
+
+def wait_phase(cp, namespace: str, name: str, phase: str, timeout: float = 60) -> dict[str, Any]:
+    def reached() -> bool:
+        return get_model(cp, namespace, name).get("status", {}).get("phase") == phase
+
+    wait_until(reached, timeout, f"{name} phase {phase}")
+    return get_model(cp, namespace, name)
+
+
+def replica_pods(cp, namespace: str, model: str) -> list[Any]:
+    return live(pods_of(cp, namespace, f"{api.LABEL_MODEL}={model},{api.LABEL_ROLE}={api.ROLE_REPLICA}"))
+
+
+def holder_pods(cp, namespace: str) -> list[Any]:
+    return live(pods_of(cp, namespace, f"{api.LABEL_ROLE}={api.ROLE_WEIGHTS}"))
+
+
+def events_of(cp, namespace: str, name: str) -> list[Any]:
+    events = client.CoreV1Api(cp.api_client()).list_namespaced_event(
+        namespace, field_selector=f"involvedObject.name={name}"
+    )
+    return list(events.items)
+
+
+def test_shared_weights_one_holder_per_device(cluster, namespace, kwok_nodes, operator) -> None:
+    (node,) = kwok_nodes(1, devices=1, device_mib=16 * GIB)
+    apply(cluster, namespace, "chat", spec(replicas=2, shareGroup="smollm"))
+    apply(cluster, namespace, "chat-b", spec(replicas=2, shareGroup="smollm"))
+    a = wait_phase(cluster, namespace, "chat", "Ready")
+    wait_phase(cluster, namespace, "chat-b", "Ready")
+    holders = holder_pods(cluster, namespace)
+    assert len(holders) == 1, "two models of one share group on one device map one weight copy"
+    (holder,) = holders
+    assert holder.spec.node_name == node and holder.metadata.annotations[api.ANNOTATION_SLICES] == "4"
+    assert {o.name for o in holder.metadata.owner_references} == {"chat", "chat-b"}
+    replicas = replica_pods(cluster, namespace, "chat") + replica_pods(cluster, namespace, "chat-b")
+    assert len(replicas) == 4
+    for pod in replicas:
+        assert pod.spec.node_name == node
+        assert pod.metadata.annotations["vnpu.io/weight-holder"] == holder.metadata.name
+        assert pod.spec.containers[0].resources.limits[api.RESOURCE_MEMORY] == "1"
+    # 4 GiB weights + 4 x 1 GiB replicas = 8 GiB on a 16 GiB device; without sharing it would be 20 GiB.
+    assert (
+        a["status"]["memory"]["savedBySharingMiB"]
+        + get_model(cluster, namespace, "chat-b")["status"]["memory"]["savedBySharingMiB"]
+        == 3 * 4 * GIB
+    )
+    assert len(a["status"]["placements"]) == 2 and a["status"]["readyReplicas"] == 2
+    assert "Placed" in [e.reason for e in events_of(cluster, namespace, "chat")]
+
+
+def test_spread_across_nodes(cluster, namespace, kwok_nodes, operator) -> None:
+    nodes = kwok_nodes(3, devices=2, device_mib=16 * GIB)
+    apply(cluster, namespace, "spread", spec(replicas=3, placement={"spreadAcrossNodes": True}))
+    wait_phase(cluster, namespace, "spread", "Ready")
+    assert sorted(p.spec.node_name for p in replica_pods(cluster, namespace, "spread")) == sorted(nodes)
+    assert len(holder_pods(cluster, namespace)) == 3
+
+
+def test_priority_decides_who_waits(cluster, namespace, kwok_nodes, operator) -> None:
+    kwok_nodes(1, devices=1, device_mib=8 * GIB)  # room for 4 GiB weights + 4 replicas of one model
+    apply(cluster, namespace, "low", spec(replicas=4, shareGroup="low", priority=-10))
+    wait_phase(cluster, namespace, "low", "Ready")
+    apply(cluster, namespace, "high", spec(replicas=4, shareGroup="high", priority=100))
+    high = wait_phase(cluster, namespace, "high", "Ready")
+    low = wait_phase(cluster, namespace, "low", "CapacityPending")
+    assert high["status"]["readyReplicas"] == 4
+    pending = {c["type"]: c for c in low["status"]["conditions"]}["CapacityPending"]
+    assert pending["status"] == "True" and pending["message"]
+    placeholders = live(pods_of(cluster, namespace, f"{api.LABEL_ROLE}={api.ROLE_PLACEHOLDER}"))
+    assert len(placeholders) == 4
+    for ph in placeholders:
+        assert ph.spec.priority_class_name == "vnpu-placeholder" and ph.spec.priority < 0
+
+    def unschedulable() -> bool:
+        pods = live(pods_of(cluster, namespace, f"{api.LABEL_ROLE}={api.ROLE_PLACEHOLDER}"))
+        return all(
+            any(c.type == "PodScheduled" and c.reason == "Unschedulable" for c in p.status.conditions or [])
+            for p in pods
+        )
+
+    wait_until(unschedulable, 30, "placeholders marked Unschedulable by the scheduler")
+    assert "CapacityPending" in [e.reason for e in events_of(cluster, namespace, "low")]
+
+    # Capacity arrives (what the Cluster Autoscaler would do): placeholders go, low gets placed.
+    kwok_nodes(1, devices=1, device_mib=8 * GIB)
+    wait_phase(cluster, namespace, "low", "Ready")
+    wait_until(lambda: not live(pods_of(cluster, namespace, f"{api.LABEL_ROLE}={api.ROLE_PLACEHOLDER}")), 30,
+               "placeholders removed")  # fmt: skip
+
+
+def test_scale_up_and_down_through_the_scale_subresource(cluster, namespace, kwok_nodes, operator) -> None:
+    kwok_nodes(1, devices=2, device_mib=16 * GIB)
+    apply(cluster, namespace, "sc", spec(replicas=1))
+    wait_phase(cluster, namespace, "sc", "Ready")
+    cluster.kubectl("scale", "-n", namespace, "infm/sc", "--replicas=5")
+    wait_until(lambda: len(replica_pods(cluster, namespace, "sc")) == 5, 60, "5 replicas")
+    wait_phase(cluster, namespace, "sc", "Ready")
+    before = {p.metadata.name for p in replica_pods(cluster, namespace, "sc")}
+    cluster.kubectl("scale", "-n", namespace, "infm/sc", "--replicas=2")
+    wait_until(lambda: len(replica_pods(cluster, namespace, "sc")) == 2, 60, "2 replicas")
+    after = replica_pods(cluster, namespace, "sc")
+    assert {p.metadata.name for p in after} <= before, "scale-down keeps running replicas in place"
+    assert sorted(p.metadata.labels["vnpu.io/replica"] for p in after) == ["0", "1"]
+
+
+def test_hpa_drives_replicas(cluster, namespace, kwok_nodes, operator) -> None:
+    kwok_nodes(1, devices=2, device_mib=16 * GIB)
+    apply(cluster, namespace, "auto", spec(replicas=1))
+    wait_phase(cluster, namespace, "auto", "Ready")
+    hpa = {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": {"name": "auto", "namespace": namespace},
+        "spec": {
+            "scaleTargetRef": {"apiVersion": api.API_VERSION, "kind": api.KIND, "name": "auto"},
+            "minReplicas": 3,
+            "maxReplicas": 6,
+            "metrics": [{"type": "Resource", "resource": {"name": "cpu",
+                                                          "target": {"type": "Utilization", "averageUtilization": 80}}}],
+        },
+    }  # fmt: skip
+    cluster.kubectl("apply", "-f", "-", input=json.dumps(hpa))
+    # Below minReplicas the HPA controller scales through our scale subresource without metrics.
+    wait_until(lambda: get_model(cluster, namespace, "auto")["spec"]["replicas"] == 3, 90, "HPA scaled to 3")
+    wait_until(lambda: len(replica_pods(cluster, namespace, "auto")) == 3, 60, "3 replica pods")
+
+
+def test_node_loss_replaces_replicas(cluster, namespace, kwok_nodes, operator) -> None:
+    first, second = kwok_nodes(2, devices=1, device_mib=16 * GIB)
+    apply(cluster, namespace, "ha", spec(replicas=2, placement={"spreadAcrossNodes": True}))
+    wait_phase(cluster, namespace, "ha", "Ready")
+    (third,) = kwok_nodes(1, devices=1, device_mib=16 * GIB)
+    client.CoreV1Api(cluster.api_client()).delete_node(first)
+
+    def moved() -> bool:
+        return sorted(p.spec.node_name or "" for p in replica_pods(cluster, namespace, "ha")) == sorted(
+            [second, third]
+        )
+
+    wait_until(moved, 90, "replica re-placed from the lost node")
+    wait_phase(cluster, namespace, "ha", "Ready")
+    assert all(h.spec.node_name != first for h in holder_pods(cluster, namespace))
+
+
+def test_bad_spec_is_refused_and_unreadable_source_fails_clearly(
+    cluster, namespace, kwok_nodes, operator
+) -> None:
+    proc = cluster.kubectl("apply", "-n", namespace, "-f", "-", check=False, input=json.dumps(
+        {"apiVersion": api.API_VERSION, "kind": api.KIND, "metadata": {"name": "neg"},
+         "spec": spec(weights_mib=-1)}))  # fmt: skip
+    assert proc.returncode != 0 and "spec.weights.sizeMiB" in proc.stderr
+    kwok_nodes(1)
+    # Valid for the API server, but nothing tells the operator how big a pvc:// model is.
+    apply(cluster, namespace, "unsized", {"modelName": "x", "source": {"uri": "pvc://models/x.gguf"}})
+    failed = wait_phase(cluster, namespace, "unsized", "Failed")
+    placed = {c["type"]: c for c in failed["status"]["conditions"]}["Placed"]
+    assert placed["reason"] == "InvalidSpec" and "sizeMiB" in placed["message"]
+    assert not replica_pods(cluster, namespace, "unsized")
+    assert "InvalidSpec" in [e.reason for e in events_of(cluster, namespace, "unsized")]
+
+
+def test_delete_cleans_up_pods_and_unneeded_holders(cluster, namespace, kwok_nodes, operator) -> None:
+    kwok_nodes(1, devices=1, device_mib=16 * GIB)
+    apply(cluster, namespace, "one", spec(replicas=1, shareGroup="g"))
+    apply(cluster, namespace, "two", spec(replicas=1, shareGroup="g"))
+    wait_phase(cluster, namespace, "one", "Ready")
+    wait_phase(cluster, namespace, "two", "Ready")
+    assert len(holder_pods(cluster, namespace)) == 1
+    cluster.kubectl("delete", "-n", namespace, "infm/one", "--timeout=60s")
+    assert not replica_pods(cluster, namespace, "one")
+    assert len(holder_pods(cluster, namespace)) == 1, "the group's holder stays while 'two' uses it"
+    cluster.kubectl("delete", "-n", namespace, "infm/two", "--timeout=60s")
+    wait_until(lambda: not live(pods_of(cluster, namespace)), 60, "every pod of the group gone")
+
+
+def test_operator_killed_repeatedly_mid_reconcile_leaves_no_duplicates(
+    cluster, namespace, kwok_nodes, tmp_path
+):
+    kwok_nodes(2, devices=2, device_mib=16 * GIB)
+    op = OperatorProcess(cluster, namespace, tmp_path)
+    try:
+        for i in range(4):
+            apply(cluster, namespace, f"m{i}", spec(replicas=3, shareGroup=f"g{i % 2}"))
+        for _ in range(4):  # kill it while it is creating pods, start again
+            op.start()
+            wait_until(lambda: len(pods_of(cluster, namespace)) > 0, 30, "some pods created")
+            op.kill()
+        op.start()
+        for i in range(4):
+            wait_phase(cluster, namespace, f"m{i}", "Ready", timeout=90)
+        pods = live(pods_of(cluster, namespace))
+        replicas = [p for p in pods if p.metadata.labels[api.LABEL_ROLE] == api.ROLE_REPLICA]
+        per_index = collections.Counter((p.metadata.labels[api.LABEL_MODEL], p.metadata.labels["vnpu.io/replica"])
+                                        for p in replicas)  # fmt: skip
+        assert len(replicas) == 12 and set(per_index.values()) == {1}, per_index
+        holders = collections.Counter(
+            (
+                p.metadata.labels["vnpu.io/share-group"],
+                p.spec.node_name,
+                p.metadata.annotations[api.ANNOTATION_DEVICE],
+            )
+            for p in pods
+            if p.metadata.labels[api.LABEL_ROLE] == api.ROLE_WEIGHTS
+        )
+        assert set(holders.values()) == {1}
+        used = {(p.spec.node_name, p.metadata.annotations[api.ANNOTATION_DEVICE]) for p in replicas}
+        assert {(n, d) for _, n, d in holders} == used, "a holder exactly where replicas of its group run"
+    finally:
+        cluster.kubectl("delete", "infm", "--all", "-n", namespace, "--timeout=60s", check=False)
+        op.stop()
