@@ -29,10 +29,25 @@ class OperatorProcess:
         port = free_port()
         self.starts += 1
         argv = [
-            sys.executable, "-m", "vnpu", "operator", "--kubeconfig", str(self.kubeconfig), "--standalone",
-            "-n", self.namespace, "--liveness", f"http://127.0.0.1:{port}/healthz", "--resync-seconds", "3",
-            "--runtime-image", "local.test/vnpu:dev", "--log-format", "text", *extra,
-        ]  # fmt: skip
+            sys.executable,
+            "-m",
+            "vnpu",
+            "operator",
+            "--kubeconfig",
+            str(self.kubeconfig),
+            "--standalone",
+            "-n",
+            self.namespace,
+            "--liveness",
+            f"http://127.0.0.1:{port}/healthz",
+            "--resync-seconds",
+            "3",
+            "--runtime-image",
+            "local.test/vnpu:dev",
+            "--log-format",
+            "text",
+            *extra,
+        ]
         self.proc = ManagedProcess("operator", argv, self.log_dir / f"operator-{self.starts}.log")
         proc = self.proc
 

@@ -65,21 +65,32 @@ BAD_SPECS = [
     ("kv-and-context", with_changes(memory__kvCacheMiB=512), "not both"),
     ("async-without-budget", with_changes(offload={"mode": "async"}), "offload.deviceBudgetMiB is required"),
     ("bad-offload-mode", with_changes(offload={"mode": "sometimes"}), "spec.offload.mode"),
-    ("zero-prefetch", with_changes(offload={"mode": "async", "deviceBudgetMiB": 512, "prefetchDepth": 0}),
-     "spec.offload.prefetchDepth"),
+    (
+        "zero-prefetch",
+        with_changes(offload={"mode": "async", "deviceBudgetMiB": 512, "prefetchDepth": 0}),
+        "spec.offload.prefetchDepth",
+    ),
     ("bad-share-group", with_changes(shareGroup="Not_A_Label"), "spec.shareGroup"),
     ("bad-port", with_changes(runtime={"port": 70000}), "spec.runtime.port"),
     ("priority-out-of-range", with_changes(priority=5000), "spec.priority"),
-    ("resources-set-vnpu-memory", with_changes(runtime={"resources": {"limits": {"vnpu.io/memory": 4}}}),
-     "must not set vnpu.io/memory"),
-    ("toleration-exists-with-value",
-     with_changes(placement={"tolerations": [{"key": "k", "operator": "Exists", "value": "v"}]}),
-     "operator Exists must not set a value"),
+    (
+        "resources-set-vnpu-memory",
+        with_changes(runtime={"resources": {"limits": {"vnpu.io/memory": 4}}}),
+        "must not set vnpu.io/memory",
+    ),
+    (
+        "toleration-exists-with-value",
+        with_changes(placement={"tolerations": [{"key": "k", "operator": "Exists", "value": "v"}]}),
+        "operator Exists must not set a value",
+    ),
     ("bad-dtype", with_changes(weights__dtype="float13"), "spec.weights.dtype"),
-    ("kv-heads-not-divisor", with_changes(modelConfig={"num_attention_heads": 9, "num_key_value_heads": 4}),
-     "multiple of num_key_value_heads"),
+    (
+        "kv-heads-not-divisor",
+        with_changes(modelConfig={"num_attention_heads": 9, "num_key_value_heads": 4}),
+        "multiple of num_key_value_heads",
+    ),
     ("zero-layers", with_changes(modelConfig={"num_hidden_layers": 0}), "spec.modelConfig.num_hidden_layers"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize(("name", "spec", "message"), BAD_SPECS, ids=[b[0] for b in BAD_SPECS])
@@ -104,20 +115,31 @@ def test_bad_specs_cover_at_least_twelve_cases() -> None:
             "source": {"uri": "pvc://models/llama/8b.safetensors", "format": "safetensors"},
             "weights": {"sizeMiB": 15320, "dtype": "bfloat16"},
             "shareGroup": "llama-8b-bf16",
-            "modelConfig": {"num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
-                            "head_dim": 128, "hidden_size": 4096},
+            "modelConfig": {
+                "num_hidden_layers": 32,
+                "num_attention_heads": 32,
+                "num_key_value_heads": 8,
+                "head_dim": 128,
+                "hidden_size": 4096,
+            },
             "replicas": 4,
             "memory": {"kvCacheMiB": 2048, "activationMiB": 512},
             "offload": {"mode": "async", "deviceBudgetMiB": 8192, "prefetchDepth": 3},
-            "runtime": {"image": "vnpu/runtime:0.1", "port": 8080,
-                        "resources": {"requests": {"cpu": "2", "memory": "8Gi"}}},
-            "placement": {"nodeSelector": {"vnpu.io/npu": "true"}, "spreadAcrossNodes": True,
-                          "tolerations": [{"key": "npu", "operator": "Exists", "effect": "NoSchedule"}]},
+            "runtime": {
+                "image": "vnpu/runtime:0.1",
+                "port": 8080,
+                "resources": {"requests": {"cpu": "2", "memory": "8Gi"}},
+            },
+            "placement": {
+                "nodeSelector": {"vnpu.io/npu": "true"},
+                "spreadAcrossNodes": True,
+                "tolerations": [{"key": "npu", "operator": "Exists", "effect": "NoSchedule"}],
+            },
             "priority": 100,
         },
     ],
     ids=["minimal", "context-sized", "everything"],
-)  # fmt: skip
+)
 def test_good_specs_are_accepted_with_defaults(crd_api, namespace, spec) -> None:
     obj = create(crd_api, namespace, "good", spec)
     assert obj["spec"]["modelName"] == spec["modelName"]
@@ -167,9 +189,16 @@ def test_scale_subresource_and_printer_columns(control_plane, crd_api, namespace
         namespace,
         api.PLURAL,
         "scaled",
-        {"status": {"phase": "Running", "replicas": 5, "readyReplicas": 3, "selector": "vnpu.io/model=scaled",
-                    "memory": {"weightsMiB": 100, "perReplicaMiB": 300, "savedBySharingMiB": 400}}},
-    )  # fmt: skip
+        {
+            "status": {
+                "phase": "Running",
+                "replicas": 5,
+                "readyReplicas": 3,
+                "selector": "vnpu.io/model=scaled",
+                "memory": {"weightsMiB": 100, "perReplicaMiB": 300, "savedBySharingMiB": 400},
+            }
+        },
+    )
     scale = crd_api.get_namespaced_custom_object_scale(
         api.GROUP, api.VERSION, namespace, api.PLURAL, "scaled"
     )

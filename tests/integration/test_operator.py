@@ -13,11 +13,10 @@ from typing import Any
 
 import pytest
 from kubernetes import client
+from operator_harness import OperatorProcess, get_model, live, pods_of
 
 from vnpu import api
 from vnpu.cluster.processes import wait_until
-
-from operator_harness import OperatorProcess, get_model, live, pods_of
 
 GIB = 1024
 
@@ -51,8 +50,12 @@ def operator(cluster, namespace, tmp_path):
 
 
 def apply(cp, namespace: str, name: str, model_spec: dict[str, Any]) -> None:
-    body = {"apiVersion": api.API_VERSION, "kind": api.KIND, "metadata": {"name": name, "namespace": namespace},
-            "spec": model_spec}  # fmt: skip
+    body = {
+        "apiVersion": api.API_VERSION,
+        "kind": api.KIND,
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": model_spec,
+    }
     cp.kubectl("apply", "-f", "-", input=json.dumps(body))
 
 
@@ -142,8 +145,11 @@ def test_priority_decides_who_waits(cluster, namespace, kwok_nodes, operator) ->
     # Capacity arrives (what the Cluster Autoscaler would do): placeholders go, low gets placed.
     kwok_nodes(1, devices=1, device_mib=8 * GIB)
     wait_phase(cluster, namespace, "low", "Ready")
-    wait_until(lambda: not live(pods_of(cluster, namespace, f"{api.LABEL_ROLE}={api.ROLE_PLACEHOLDER}")), 30,
-               "placeholders removed")  # fmt: skip
+    wait_until(
+        lambda: not live(pods_of(cluster, namespace, f"{api.LABEL_ROLE}={api.ROLE_PLACEHOLDER}")),
+        30,
+        "placeholders removed",
+    )
 
 
 def test_scale_up_and_down_through_the_scale_subresource(cluster, namespace, kwok_nodes, operator) -> None:
@@ -173,10 +179,14 @@ def test_hpa_drives_replicas(cluster, namespace, kwok_nodes, operator) -> None:
             "scaleTargetRef": {"apiVersion": api.API_VERSION, "kind": api.KIND, "name": "auto"},
             "minReplicas": 3,
             "maxReplicas": 6,
-            "metrics": [{"type": "Resource", "resource": {"name": "cpu",
-                                                          "target": {"type": "Utilization", "averageUtilization": 80}}}],
+            "metrics": [
+                {
+                    "type": "Resource",
+                    "resource": {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": 80}},
+                }
+            ],
         },
-    }  # fmt: skip
+    }
     cluster.kubectl("apply", "-f", "-", input=json.dumps(hpa))
     # Below minReplicas the HPA controller scales through our scale subresource without metrics.
     wait_until(lambda: get_model(cluster, namespace, "auto")["spec"]["replicas"] == 3, 90, "HPA scaled to 3")
@@ -203,9 +213,22 @@ def test_node_loss_replaces_replicas(cluster, namespace, kwok_nodes, operator) -
 def test_bad_spec_is_refused_and_unreadable_source_fails_clearly(
     cluster, namespace, kwok_nodes, operator
 ) -> None:
-    proc = cluster.kubectl("apply", "-n", namespace, "-f", "-", check=False, input=json.dumps(
-        {"apiVersion": api.API_VERSION, "kind": api.KIND, "metadata": {"name": "neg"},
-         "spec": spec(weights_mib=-1)}))  # fmt: skip
+    proc = cluster.kubectl(
+        "apply",
+        "-n",
+        namespace,
+        "-f",
+        "-",
+        check=False,
+        input=json.dumps(
+            {
+                "apiVersion": api.API_VERSION,
+                "kind": api.KIND,
+                "metadata": {"name": "neg"},
+                "spec": spec(weights_mib=-1),
+            }
+        ),
+    )
     assert proc.returncode != 0 and "spec.weights.sizeMiB" in proc.stderr
     kwok_nodes(1)
     # Valid for the API server, but nothing tells the operator how big a pvc:// model is.
@@ -248,8 +271,9 @@ def test_operator_killed_repeatedly_mid_reconcile_leaves_no_duplicates(
             wait_phase(cluster, namespace, f"m{i}", "Ready", timeout=90)
         pods = live(pods_of(cluster, namespace))
         replicas = [p for p in pods if p.metadata.labels[api.LABEL_ROLE] == api.ROLE_REPLICA]
-        per_index = collections.Counter((p.metadata.labels[api.LABEL_MODEL], p.metadata.labels["vnpu.io/replica"])
-                                        for p in replicas)  # fmt: skip
+        per_index = collections.Counter(
+            (p.metadata.labels[api.LABEL_MODEL], p.metadata.labels["vnpu.io/replica"]) for p in replicas
+        )
         assert len(replicas) == 12 and set(per_index.values()) == {1}, per_index
         holders = collections.Counter(
             (

@@ -122,12 +122,18 @@ class ControlPlane:
         proc = self._spawn(
             "etcd",
             [
-                self._bin("etcd"), "--name=vnpu", f"--data-dir={data}",
-                f"--listen-client-urls={url}", f"--advertise-client-urls={url}",
-                f"--listen-peer-urls={peer_url}", f"--initial-advertise-peer-urls={peer_url}",
-                f"--initial-cluster=vnpu={peer_url}", "--unsafe-no-fsync=true", "--log-level=warn",
+                self._bin("etcd"),
+                "--name=vnpu",
+                f"--data-dir={data}",
+                f"--listen-client-urls={url}",
+                f"--advertise-client-urls={url}",
+                f"--listen-peer-urls={peer_url}",
+                f"--initial-advertise-peer-urls={peer_url}",
+                f"--initial-cluster=vnpu={peer_url}",
+                "--unsafe-no-fsync=true",
+                "--log-level=warn",
             ],
-        )  # fmt: skip
+        )
         wait_until(lambda: _http_ok(f"{url}/health"), 60, "etcd health")
         if not proc.alive():
             raise RuntimeError(f"etcd exited:\n{proc.tail()}")
@@ -140,16 +146,22 @@ class ControlPlane:
             [
                 self._bin("kube-apiserver"),
                 f"--etcd-servers=http://127.0.0.1:{self.etcd_port}",
-                f"--bind-address={self.host}", f"--advertise-address={self.host}",
-                f"--secure-port={self.apiserver_port}", "--endpoint-reconciler-type=none",
-                f"--tls-cert-file={p.serving_cert}", f"--tls-private-key-file={p.serving_key}",
+                f"--bind-address={self.host}",
+                f"--advertise-address={self.host}",
+                f"--secure-port={self.apiserver_port}",
+                "--endpoint-reconciler-type=none",
+                f"--tls-cert-file={p.serving_cert}",
+                f"--tls-private-key-file={p.serving_key}",
                 f"--client-ca-file={p.ca_cert}",
                 f"--service-account-issuer=https://{self.host}:{self.apiserver_port}",
-                f"--service-account-key-file={p.sa_pub}", f"--service-account-signing-key-file={p.sa_key}",
-                f"--service-cluster-ip-range={SERVICE_CIDR}", "--authorization-mode=Node,RBAC",
-                "--allow-privileged=true", *admission,
+                f"--service-account-key-file={p.sa_pub}",
+                f"--service-account-signing-key-file={p.sa_key}",
+                f"--service-cluster-ip-range={SERVICE_CIDR}",
+                "--authorization-mode=Node,RBAC",
+                "--allow-privileged=true",
+                *admission,
             ],
-        )  # fmt: skip
+        )
         admin = p.client("admin", "vnpu-admin", "system:masters")
         write_kubeconfig(self.kubeconfig, self.server, p.ca_cert, admin.cert, admin.key, "admin")
 
@@ -168,11 +180,15 @@ class ControlPlane:
         proc = self._spawn(
             "kube-scheduler",
             [
-                self._bin("kube-scheduler"), f"--kubeconfig={sched}", f"--authentication-kubeconfig={sched}",
-                f"--authorization-kubeconfig={sched}", f"--bind-address={self.host}",
-                f"--secure-port={port}", "--leader-elect=false",
+                self._bin("kube-scheduler"),
+                f"--kubeconfig={sched}",
+                f"--authentication-kubeconfig={sched}",
+                f"--authorization-kubeconfig={sched}",
+                f"--bind-address={self.host}",
+                f"--secure-port={port}",
+                "--leader-elect=false",
             ],
-        )  # fmt: skip
+        )
         wait_until(
             lambda: proc.alive() and _https_ok(f"https://{self.host}:{port}/healthz"), 60, "kube-scheduler"
         )
@@ -185,15 +201,22 @@ class ControlPlane:
         proc = self._spawn(
             "kube-controller-manager",
             [
-                self._bin("kube-controller-manager"), f"--kubeconfig={kcm}",
-                f"--authentication-kubeconfig={kcm}", f"--authorization-kubeconfig={kcm}",
-                f"--bind-address={self.host}", f"--secure-port={port}", "--leader-elect=false",
-                f"--service-account-private-key-file={self.pki.sa_key}", f"--root-ca-file={self.pki.ca_cert}",
-                f"--service-cluster-ip-range={SERVICE_CIDR}", "--use-service-account-credentials=true",
+                self._bin("kube-controller-manager"),
+                f"--kubeconfig={kcm}",
+                f"--authentication-kubeconfig={kcm}",
+                f"--authorization-kubeconfig={kcm}",
+                f"--bind-address={self.host}",
+                f"--secure-port={port}",
+                "--leader-elect=false",
+                f"--service-account-private-key-file={self.pki.sa_key}",
+                f"--root-ca-file={self.pki.ca_cert}",
+                f"--service-cluster-ip-range={SERVICE_CIDR}",
+                "--use-service-account-credentials=true",
                 # Node lifecycle: notice a lost node quickly so tests of re-placement finish fast.
-                "--node-monitor-grace-period=20s", "--node-monitor-period=2s",
+                "--node-monitor-grace-period=20s",
+                "--node-monitor-period=2s",
             ],
-        )  # fmt: skip
+        )
         wait_until(
             lambda: proc.alive() and _https_ok(f"https://{self.host}:{port}/healthz"),
             60,
@@ -208,14 +231,19 @@ class ControlPlane:
         proc = self._spawn(
             "kwok",
             [
-                self._bin("kwok"), f"--kubeconfig={self.kubeconfig}", f"--config={self._bin('kwok-stages.yaml')}",
+                self._bin("kwok"),
+                f"--kubeconfig={self.kubeconfig}",
+                f"--config={self._bin('kwok-stages.yaml')}",
                 "--manage-all-nodes=false",
                 "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
-                "--manage-nodes-with-label-selector=", "--manage-single-node=", f"--cidr={SERVICE_CIDR}",
-                "--node-ip=10.0.0.1", "--node-lease-duration-seconds=40",
+                "--manage-nodes-with-label-selector=",
+                "--manage-single-node=",
+                f"--cidr={SERVICE_CIDR}",
+                "--node-ip=10.0.0.1",
+                "--node-lease-duration-seconds=40",
                 f"--server-address={self.host}:{port}",
             ],
-        )  # fmt: skip
+        )
         wait_until(lambda: proc.alive() and _http_ok(f"http://{self.host}:{port}/healthz"), 60, "kwok")
 
     # -- clients -----------------------------------------------------------------------------------------
@@ -225,8 +253,9 @@ class ControlPlane:
         if groups and len(groups) > 1:
             raise ValueError("one group per user keeps the openssl subject simple")
         cert = self.pki.client(name, user, org)
-        return write_kubeconfig(self.workdir / f"{name}.kubeconfig", self.server, self.pki.ca_cert, cert.cert,
-                                cert.key, name)  # fmt: skip
+        return write_kubeconfig(
+            self.workdir / f"{name}.kubeconfig", self.server, self.pki.ca_cert, cert.cert, cert.key, name
+        )
 
     def api_client(self, kubeconfig: Path | None = None) -> Any:
         """A ``kubernetes.client.ApiClient`` for the admin (or the given kubeconfig)."""

@@ -48,9 +48,22 @@ def _issue(pki: Pki, cert: Path, key: Path, subject: str, extensions: str) -> No
     ext.write_text(extensions + "\n")
     _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr), "-subj", subject)
     _openssl(
-        "x509", "-req", "-in", str(csr), "-CA", str(pki.ca_cert), "-CAkey", str(pki.ca_key),
-        "-CAcreateserial", "-days", "30", "-out", str(cert), "-extfile", str(ext),
-    )  # fmt: skip
+        "x509",
+        "-req",
+        "-in",
+        str(csr),
+        "-CA",
+        str(pki.ca_cert),
+        "-CAkey",
+        str(pki.ca_key),
+        "-CAcreateserial",
+        "-days",
+        "30",
+        "-out",
+        str(cert),
+        "-extfile",
+        str(ext),
+    )
     csr.unlink()
     ext.unlink()
     key.chmod(0o600)
@@ -70,9 +83,20 @@ def create_pki(directory: Path, extra_ips: tuple[str, ...] = ()) -> Pki:
     )
     if not pki.ca_cert.exists():
         _openssl(
-            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "30",
-            "-keyout", str(pki.ca_key), "-out", str(pki.ca_cert), "-subj", "/CN=vnpu-local-ca",
-        )  # fmt: skip
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "30",
+            "-keyout",
+            str(pki.ca_key),
+            "-out",
+            str(pki.ca_cert),
+            "-subj",
+            "/CN=vnpu-local-ca",
+        )
     if not pki.serving_cert.exists():
         sans = ["IP:127.0.0.1", "DNS:localhost", "IP:10.0.0.1", "DNS:kubernetes.default.svc"]
         sans += [f"IP:{ip}" for ip in extra_ips]
