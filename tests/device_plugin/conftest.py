@@ -133,6 +133,20 @@ def dp_harness_bin() -> Path:
 
 @pytest.fixture
 def harness(dp_harness_bin: Path, dirs: PluginDirs) -> Iterator[Harness]:
-    h = Harness(dp_harness_bin, dirs.plugin_dir, dirs.root / "harness.log")
+    h = Harness([str(dp_harness_bin), str(dirs.plugin_dir)], dirs.root / "harness.log")
+    yield h
+    h.close()
+
+
+@pytest.fixture
+def kubelet_node(dp_harness_bin: Path, dirs: PluginDirs) -> Iterator[Harness]:
+    """The harness in manager mode: the kubelet's whole device manager at its fixed paths under
+    /var/lib/kubelet, in a private mount namespace (a tmpfs on /var/lib there; the host is untouched)."""
+    unshare = shutil.which("unshare")
+    if unshare is None or os.geteuid() != 0:
+        pytest.skip("SKIPPED LOUDLY: manager mode needs root and unshare(1) for a private mount namespace")
+    env = {**os.environ, "DPHARNESS_OUTER_MNT_NS": os.readlink("/proc/self/ns/mnt")}
+    argv = [unshare, "--mount", "--propagation", "private", str(dp_harness_bin), "--manager"]
+    h = Harness(argv, dirs.root / "harness.log", env=env)
     yield h
     h.close()

@@ -224,14 +224,15 @@ def harness_key() -> str:
 class Harness:
     """The Go harness process: send commands, wait for replies and events (see goharness/main.go)."""
 
-    def __init__(self, binary: Path, plugin_dir: Path, log_path: Path) -> None:
+    def __init__(self, argv: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
         self.proc = subprocess.Popen(
-            [str(binary), str(plugin_dir)],
+            argv,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=log_path.open("w"),
             text=True,
             bufsize=1,
+            env=env,
         )
         self.events: list[dict[str, Any]] = []
         self._cond = threading.Condition()

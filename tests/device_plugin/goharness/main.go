@@ -2,6 +2,7 @@
 // Python plugin is tested against the real registration server and plugin client
 // (k8s.io/kubernetes/pkg/kubelet/cm/devicemanager/plugin/v1beta1) and, for the restart scenario,
 // the kubelet's real pod-resources v1 server (k8s.io/kubernetes/pkg/kubelet/apis/podresources).
+// With --manager it runs the kubelet's whole device manager instead (manager.go).
 //
 // Protocol: one JSON command per line on stdin, one JSON object per line on stdout. Replies carry
 // the command's "id"; asynchronous events (connected, disconnected, devices, cleanup) carry none.
@@ -377,11 +378,36 @@ func (k *kubelet) handle(c command) {
 	}
 }
 
+// readCommands feeds every stdin line to handle, in order.
+func readCommands(handle func([]byte)) {
+	scanner := bufio.NewScanner(os.Stdin)
+	scanner.Buffer(make([]byte, 1<<20), 1<<24)
+	for scanner.Scan() {
+		handle(scanner.Bytes())
+	}
+}
+
+func decode(line []byte, into any) bool {
+	if err := json.Unmarshal(line, into); err != nil {
+		emit("error", nil, map[string]any{"error": "bad command: " + err.Error()})
+		return false
+	}
+	return true
+}
+
+const usage = `usage: dpharness <device-plugin dir>   registration server + plugin client (plugin mode)
+       dpharness --manager               full device manager at /var/lib/kubelet (under unshare --mount)
+Commands arrive on stdin and results leave on stdout, one JSON object per line.`
+
 func main() {
 	klog.InitFlags(nil)
 	if len(os.Args) != 2 {
-		fmt.Fprintln(os.Stderr, "usage: dpharness <kubelet device-plugin dir>   (commands on stdin, JSON lines)")
+		fmt.Fprintln(os.Stderr, usage)
 		os.Exit(2)
+	}
+	if os.Args[1] == "--manager" {
+		runManagerMode()
+		return
 	}
 	dir, err := filepath.Abs(os.Args[1])
 	if err != nil {
@@ -389,19 +415,16 @@ func main() {
 		os.Exit(2)
 	}
 	k := &kubelet{dir: dir, plugins: map[string]plugin.DevicePlugin{}, pods: map[types.UID]*podEntry{}}
-	emit("ready", nil, map[string]any{"dir": dir, "kubelet_socket": filepath.Join(dir, kubeletSocketName)})
-	scanner := bufio.NewScanner(os.Stdin)
-	scanner.Buffer(make([]byte, 1<<20), 1<<24)
-	for scanner.Scan() {
+	emit("ready", nil, map[string]any{"mode": "plugin", "dir": dir, "kubelet_socket": filepath.Join(dir, kubeletSocketName)})
+	readCommands(func(line []byte) {
 		var c command
-		if err := json.Unmarshal(scanner.Bytes(), &c); err != nil {
-			emit("error", nil, map[string]any{"error": "bad command: " + err.Error()})
-			continue
+		if !decode(line, &c) {
+			return
 		}
 		if c.Resource == "" {
 			c.Resource = "vnpu.io/memory"
 		}
 		// Commands run one at a time, in order, like the kubelet's device manager does per pod.
 		k.handle(c)
-	}
+	})
 }
