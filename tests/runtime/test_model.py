@@ -19,7 +19,10 @@ from vnpu.runtime.model import LlamaModel, ResidentWeights
 from vnpu.runtime.sources import resolve
 from vnpu.runtime.tokenizer import Tokenizer
 
-PROMPT = "<|im_start|>user\nWhat is the capital of France? Answer in one sentence.<|im_end|>\n<|im_start|>assistant\n"
+PROMPT = (
+    "<|im_start|>user\nWhat is the capital of France? Answer in one sentence.<|im_end|>\n"
+    "<|im_start|>assistant\n"
+)
 STEPS = 32
 
 
@@ -108,12 +111,14 @@ def test_qk_unpermutation_matches_transformers_gguf_loader(smollm2_path: Path, s
 
     ckpt = GGUFCheckpoint(resolve(str(smollm2_path)))
     processor = LlamaTensorProcessor(config={"num_attention_heads": 9, "num_key_value_heads": 3})
-    tensors = {t.name: t for t in ckpt._reader.tensors}  # noqa: SLF001 - the raw GGUF tensors
-    for gguf_name, hf_name in (("blk.7.attn_q.weight", "self_attn.q_proj"), ("blk.7.attn_k.weight", "self_attn.k_proj")):
+    tensors = {t.name: t for t in ckpt._reader.tensors}  # the raw GGUF tensors
+    pairs = (("blk.7.attn_q.weight", "self_attn.q_proj"), ("blk.7.attn_k.weight", "self_attn.k_proj"))
+    for gguf_name, hf_name in pairs:
         t = tensors[gguf_name]
         raw = dequantize(t.data, t.tensor_type).reshape(tuple(reversed([int(d) for d in t.shape])))
         reference = processor.process(raw, gguf_name).weights
-        ours = smollm2_weights.arena.view(smollm2_weights.manifest.tensors[f"model.layers.7.{hf_name}.weight"])
+        entry = smollm2_weights.manifest.tensors[f"model.layers.7.{hf_name}.weight"]
+        ours = smollm2_weights.arena.view(entry)
         np.testing.assert_array_equal(ours.numpy(), reference)
         assert not np.array_equal(raw, reference)  # the permutation is real: undoing it matters
 
@@ -137,7 +142,9 @@ def test_chunked_prefill_equals_one_shot(smollm2_weights: Any, tokenizer: Tokeni
     assert one.token_ids == chunked.token_ids
 
 
-def test_safetensors_checkpoint_gives_the_same_tokens(smollm2_weights: Any, tokenizer: Tokenizer, tmp_path: Path) -> None:
+def test_safetensors_checkpoint_gives_the_same_tokens(
+    smollm2_weights: Any, tokenizer: Tokenizer, tmp_path: Path
+) -> None:
     """The same weights saved by transformers as safetensors + config.json load to the same model."""
     hf = hf_model(smollm2_weights)
     hf.save_pretrained(tmp_path, safe_serialization=True)
