@@ -23,6 +23,14 @@ Algorithm, per priority level from the highest down:
    left on other used devices (never moving kept replicas), then replica indices are matched to the
    current placements so a replica that stays on its device keeps its index.
 
+The plan returned is the best (fewest unplaced replicas by priority, then fewest devices, slices and
+moves) of several runs from the same kept state: (A) the share-aware packing above; (B) a share-blind
+best-fit-decreasing by replica, re-accounted with sharing and completed like A, which makes "sharing
+never costs more than not sharing" hold by construction; and, when few replicas are to be placed, up
+to 24 randomised variants of A with fixed seeds (jittered chunk order, chunks balanced across devices
+or split to fill gaps), which find the exact optimum on the small mixes where the greedy order misses
+it. In the steady state (nothing new to place) only A runs.
+
 Unplaced replicas come with a code and a message (``no node matches nodeSelector``, ``insufficient
 memory: needs 9 slices, largest free 6``, ...). Cost: building the indexes is O(devices · distinct
 eligibility signatures); a chunk or replica placement is O(slice values) via per-signature free-slice
@@ -36,10 +44,17 @@ from __future__ import annotations
 
 import enum
 import heapq
+import random
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from vnpu.api import DEFAULT_SLICE_MIB, slices_for_mib
+
+#: Randomised packing variants tried besides the two main strategies: at most VARIANTS, and no more
+#: than VARIANT_BUDGET / (replicas to place) of them, so they matter on small, tight problems (where
+#: they find the optimum the greedy order misses) and cost nothing at scale or in the steady state.
+VARIANTS = 24
+VARIANT_BUDGET = 6000
 
 NO_SCHEDULE = "NoSchedule"
 NO_EXECUTE = "NoExecute"
@@ -370,6 +385,11 @@ class _Packer:
         ]
         self.sig = [_signature(d) for d in self.demands]
         self.demand_free_index: list[_FreeIndex | None] = [None] * len(self.demands)
+        # Chunk ordering knobs of the randomised variants (see ``perturb``); neutral by default.
+        self.jitter = [1.0] * len(self.demands)
+        self.balanced = [False] * len(self.demands)
+        self.split = [False] * len(self.demands)
+        self.rng: random.Random | None = None
         self.indexes: dict[_Signature, _FreeIndex] = {}
         self.node_ok: dict[_Signature, list[bool]] = {}
         self.dev_indexes: list[list[_FreeIndex]] = [[] for _ in self.dev_id]
@@ -606,7 +626,7 @@ class _Packer:
 
     def _place_chunks(self, members: list[int], preempt: bool) -> None:
         """Best-fit decreasing by chunk for the non-spread demands of one priority level."""
-        heap: list[tuple[int, str, int]] = []
+        heap: list[tuple[float, str, int]] = []
         for di in members:
             if self.missing[di]:
                 heap.append((-self._next_chunk(di)[0], self.demands[di].model, di))
@@ -639,8 +659,8 @@ class _Packer:
     def _fill_group_devices(self, di: int) -> bool:
         """Add replicas of ``di`` to eligible devices already holding its group's weights (each costs
         only its own slices), tightest device first. True if any replica was placed."""
-        if not self.share:
-            return False
+        if not self.share or self.balanced[di] or self.split[di]:
+            return False  # (variants that shape a demand's chunks must not have them merged back)
         ok = self._eligible_nodes(self.sig[di])
         rep = self.rep_slices[di]
         candidates = sorted(
@@ -659,8 +679,10 @@ class _Packer:
                 placed = True
         return placed
 
-    def _next_chunk(self, di: int) -> tuple[int, int, int]:
-        """(MiB, replicas, slice class) of the largest chunk the emptiest eligible device can take."""
+    def _next_chunk(self, di: int) -> tuple[float, int, int]:
+        """(ordering key, replicas, slice class) of the next chunk of ``di``: the most replicas the
+        emptiest eligible device can take (or, in a ``balanced`` variant, the remaining replicas spread
+        evenly over as few devices). The key is the chunk's MiB (times the variant's jitter)."""
         idx = self.demand_index_of(di)
         n = len(self.missing[di]) if self.share else 1  # share-blind: one replica at a time (plain BFD)
         best = (0, 0, 0)
@@ -670,10 +692,22 @@ class _Packer:
             if room < 0 or (r and room < r):
                 continue
             k = min(n, room // r) if r else n
+            if self.balanced[di] and 0 < k < n:
+                k = -(-n // -(-n // k))
+            elif self.split[di] and k > 1 and self.rng is not None:
+                k = self.rng.randint(1, k)
             mib = self._chunk_mib(di, k)
             if (k, mib) > (best[1], best[0]):
                 best = (mib, k, cls)
-        return best
+        return best[0] * self.jitter[di], best[1], best[2]
+
+    def perturb(self, rng: random.Random) -> None:
+        """Make this run a randomised variant (GRASP-style): jitter the chunk order, balance some
+        demands' chunks. Deterministic for a given ``rng`` seed."""
+        self.rng = rng
+        self.jitter = [rng.uniform(0.7, 1.3) for _ in self.demands]
+        self.balanced = [rng.random() < 0.4 for _ in self.demands]
+        self.split = [rng.random() < 0.3 for _ in self.demands]
 
     def _preempt(self, di: int, max_level: int | None = None) -> bool:
         """Evict strictly lower-priority replicas from the one device where that frees room for one
@@ -1033,31 +1067,21 @@ def _best_plan(
     improve: bool,
     share: bool,
 ) -> PackResult:
-    """The better of two plans from the same kept state: (A) share-aware chunk packing, and (B) a
-    share-blind best-fit-decreasing by replica, re-accounted with sharing (which only frees room),
-    then completed and improved like A. B makes "sharing never costs more than not sharing" hold by
-    construction; A is what usually wins when groups have several replicas."""
-    blind = _Packer(nodes, demands, share=False)
-    blind.record_current(current)
-    if keep:
-        blind.keep_current(current)
-    blind.place_all(preempt)
-    if not share:
-        blind.match_indices()
-        return blind.result()
-    plan_a = _Packer(nodes, demands)
-    plan_a.record_current(current)
-    if keep:
-        plan_a.keep_current(current)
-    plan_b = _Packer(nodes, demands)
-    plan_b.record_current(current)
-    if keep:
-        plan_b.keep_current(current)
-    for (di, replica), (o, _, kept) in blind.placed.items():
-        if not kept and (di, replica) not in plan_b.placed and plan_b.cost(di, o) <= plan_b.dev_free[o]:
-            plan_b.place(di, o, 1, replicas=[replica])
-    results = []
-    for packer in (plan_a, plan_b):
+    """The best of several plans from the same kept state (lowest :func:`_score`, the first on ties):
+
+    (A) share-aware chunk packing; (B) a share-blind best-fit-decreasing by replica, re-accounted with
+    sharing (which only frees room), then completed and improved like A: B makes "sharing never costs
+    more than not sharing" hold by construction; (R1..Rk) randomised variants of A with fixed seeds,
+    as many as :data:`VARIANT_BUDGET` allows for the number of replicas to place.
+    """
+
+    def start(packer: _Packer) -> _Packer:
+        packer.record_current(current)
+        if keep:
+            packer.keep_current(current)
+        return packer
+
+    def finish(packer: _Packer) -> PackResult:
         packer.place_all(preempt)
         if improve:
             packer.improve()
@@ -1066,5 +1090,27 @@ def _best_plan(
                 packer.place_all(preempt)
                 packer.improve()
         packer.match_indices()
-        results.append(packer.result())
-    return min(results, key=lambda r: _score(r, levels))  # A on ties (min keeps the first)
+        return packer.result()
+
+    if not share:
+        blind = start(_Packer(nodes, demands, share=False))
+        blind.place_all(preempt)
+        blind.match_indices()
+        return blind.result()
+    plan_a = start(_Packer(nodes, demands))
+    new_replicas = sum(d.replicas for d in demands) - len(plan_a.placed)
+    results = [finish(plan_a)]
+    if new_replicas == 0:  # the steady state: nothing to place, every strategy gives the same plan
+        return results[0]
+    blind = start(_Packer(nodes, demands, share=False))
+    blind.place_all(preempt)
+    plan_b = start(_Packer(nodes, demands))
+    for (di, replica), (o, _, kept) in blind.placed.items():
+        if not kept and (di, replica) not in plan_b.placed and plan_b.cost(di, o) <= plan_b.dev_free[o]:
+            plan_b.place(di, o, 1, replicas=[replica])
+    results.append(finish(plan_b))
+    for seed in range(min(VARIANTS, VARIANT_BUDGET // new_replicas)):
+        variant = start(_Packer(nodes, demands))
+        variant.perturb(random.Random(seed))
+        results.append(finish(variant))
+    return min(results, key=lambda r: _score(r, levels))

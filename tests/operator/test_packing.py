@@ -433,7 +433,7 @@ def shuffled(nodes: list[Node], demands: list[Demand], current: list[Placement],
     return rng.sample(nodes, len(nodes)), rng.sample(demands, len(demands)), rng.sample(current, len(current))
 
 
-@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(instances(), st.integers(0, 2**32), st.booleans())
 def test_property_invariants_and_determinism(instance, seed, defragment):
     nodes, demands = instance
@@ -451,7 +451,7 @@ def test_property_invariants_and_determinism(instance, seed, defragment):
         assert pack(n2, d2, c2, defragment=defragment) == second
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(instances())
 def test_property_repacking_the_result_keeps_everything(instance):
     nodes, demands = instance
@@ -481,7 +481,7 @@ def unshared(demands: list[Demand]) -> list[Demand]:
     ]
 
 
-@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(instances(uniform=True, allow_spread=False))
 def test_property_sharing_never_costs_more_than_not_sharing(instance):
     nodes, demands = instance
