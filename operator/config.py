@@ -8,7 +8,9 @@ from dataclasses import dataclass, field
 DEFAULT_RUNTIME_IMAGE = "ghcr.io/vnpu/vnpu:0.1.0"
 DEFAULT_PLACEHOLDER_IMAGE = "registry.k8s.io/pause:3.10"
 PLACEHOLDER_PRIORITY_CLASS = "vnpu-placeholder"
-PLACEHOLDER_PRIORITY = -100
+# Negative so real work always wins, but at or above the Cluster Autoscaler's default
+# --expendable-pods-priority-cutoff (-10): below it the autoscaler ignores the pod and never scales up.
+PLACEHOLDER_PRIORITY = -5
 
 
 @dataclass(frozen=True)
@@ -16,8 +18,6 @@ class OperatorConfig:
     runtime_image: str = DEFAULT_RUNTIME_IMAGE
     placeholder_image: str = DEFAULT_PLACEHOLDER_IMAGE
     image_pull_policy: str = "IfNotPresent"
-    #: Host directory (on every node) under which the device plugin keeps one socket dir per share group.
-    socket_root: str = "/var/run/vnpu/groups"
     #: Create placeholder pods for demand that cannot be placed (for the Cluster Autoscaler).
     placeholders: bool = True
     #: Seconds to coalesce bursts of events into one reconcile pass.

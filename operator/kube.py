@@ -104,6 +104,12 @@ class Kube:
             "globalDefault": False,
             "description": "vnpu placeholder pods: demand the Cluster Autoscaler should add nodes for.",
         }
+        try:  # the Helm chart usually made it; RBAC allows get and create, not list
+            self.scheduling.read_priority_class(PLACEHOLDER_PRIORITY_CLASS)
+            return
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
         try:
             self.scheduling.create_priority_class(body)
         except ApiException as exc:

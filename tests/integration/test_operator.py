@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import collections
 import json
+import subprocess
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -290,3 +292,42 @@ def test_operator_killed_repeatedly_mid_reconcile_leaves_no_duplicates(
     finally:
         cluster.kubectl("delete", "infm", "--all", "-n", namespace, "--timeout=60s", check=False)
         op.stop()
+
+
+def test_operator_runs_under_exactly_the_chart_rbac(cluster, namespace, kwok_nodes, kube_bin_dir, tmp_path):
+    chart = Path(__file__).resolve().parents[2] / "deploy" / "helm" / "vnpu"
+    rendered = subprocess.run(
+        [
+            str(kube_bin_dir / "helm"),
+            "template",
+            "rbac-test",
+            str(chart),
+            "-n",
+            "vnpu-rbac",
+            "--show-only",
+            "templates/operator-rbac.yaml",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    cluster.kubectl("create", "namespace", "vnpu-rbac", check=False)
+    cluster.kubectl("apply", "-f", "-", input=rendered)
+    sa_user = "system:serviceaccount:vnpu-rbac:rbac-test-vnpu-operator"
+    kubeconfig = cluster.kubeconfig_for("rbac-operator", sa_user)
+    # The identity is really confined: it may not read secrets or touch deployments.
+    denied = cluster.kubectl("auth", "can-i", "list", "secrets", "-A", kubeconfig=kubeconfig, check=False)
+    assert denied.stdout.strip() == "no"
+    kwok_nodes(1, devices=1, device_mib=16 * GIB)
+    op = OperatorProcess(cluster, namespace, tmp_path, kubeconfig=kubeconfig).start()
+    try:
+        apply(cluster, namespace, "rbac", spec(replicas=2))
+        wait_phase(cluster, namespace, "rbac", "Ready")
+        assert "CapacityPending" not in [e.reason for e in events_of(cluster, namespace, "rbac")]
+        cluster.kubectl("delete", "-n", namespace, "infm/rbac", "--timeout=60s")
+        assert not live(pods_of(cluster, namespace))
+    finally:
+        op.stop()
+    denials = [line for line in op.log().splitlines() if "orbidden" in line or " 403" in line]
+    assert not denials, "\n".join(denials[:5])

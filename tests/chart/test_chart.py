@@ -1,0 +1,164 @@
+"""The Helm chart: lint, schema validation against the pinned release, install into the real apiserver,
+and the operator running under exactly the RBAC the chart grants."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from openapi_schemas import write_schemas
+
+from vnpu import api
+
+CHART = Path(__file__).resolve().parents[2] / "deploy" / "helm" / "vnpu"
+VALUE_SETS = {
+    "defaults": [],
+    "peering-and-monitoring": [
+        "--set",
+        "operator.replicas=2",
+        "--set",
+        "serviceMonitor.enabled=true",
+        "--api-versions",
+        "monitoring.coreos.com/v1",
+    ],
+    "simulated-one-namespace": [
+        "--set",
+        "devicePlugin.backend=simulated",
+        "--set",
+        "operator.watchNamespaces={team-a,team-b}",
+        "--set",
+        "operator.placeholders.enabled=false",
+    ],
+}
+
+
+def helm(bin_dir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        [str(bin_dir / "helm"), *args], capture_output=True, text=True, timeout=120, check=False
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"helm {' '.join(args)} failed:\n{proc.stderr}")
+    return proc
+
+
+def render(bin_dir: Path, *args: str) -> list[dict[str, Any]]:
+    out = helm(
+        bin_dir, "template", "vnpu", str(CHART), "-n", "vnpu-system", "--kube-version", "1.34.4", *args
+    )
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+LINT_SETS = {
+    "defaults": [],
+    "peering": ["--set", "operator.replicas=2"],
+    "simulated-one-namespace": VALUE_SETS["simulated-one-namespace"],
+}
+
+
+@pytest.mark.parametrize("values", LINT_SETS.values(), ids=LINT_SETS.keys())
+def test_lint_strict(kube_bin_dir, values) -> None:
+    proc = helm(kube_bin_dir, "lint", "--strict", str(CHART), *values)
+    assert "0 chart(s) failed" in proc.stdout
+
+
+def test_values_schema_refuses_bad_values(kube_bin_dir) -> None:
+    proc = helm(
+        kube_bin_dir, "template", "x", str(CHART), "--set", "devicePlugin.backend=quantum", check=False
+    )
+    assert proc.returncode != 0 and "/devicePlugin/backend" in proc.stderr
+    proc = helm(
+        kube_bin_dir, "template", "x", str(CHART), "--set", "placeholderPriorityClass.value=-100", check=False
+    )
+    assert proc.returncode != 0 and "/placeholderPriorityClass/value" in proc.stderr
+    proc = helm(
+        kube_bin_dir, "template", "x", str(CHART), "--set", "serviceMonitor.enabled=true", check=False
+    )
+    assert proc.returncode != 0 and "needs the Prometheus Operator CRDs" in proc.stderr
+
+
+def test_rendered_manifests_match_the_pinned_kubernetes_schemas(
+    control_plane, kube_bin_dir, tmp_path
+) -> None:
+    openapi = json.loads(control_plane.kubectl("get", "--raw", "/openapi/v2").stdout)
+    docs = [d for values in VALUE_SETS.values() for d in render(kube_bin_dir, *values)]
+    wanted = {(d["apiVersion"], d["kind"]) for d in docs}
+    written = write_schemas(openapi, wanted, tmp_path / "schemas")
+    assert len(written) >= len(wanted) - 2  # ServiceMonitor/PodMonitor have no schema without their CRDs
+    for name, values in VALUE_SETS.items():
+        manifest = tmp_path / f"{name}.yaml"
+        manifest.write_text(yaml.safe_dump_all(render(kube_bin_dir, *values)))
+        proc = subprocess.run(
+            [
+                str(kube_bin_dir / "kubeconform"),
+                "-summary",
+                "-output",
+                "json",
+                "-schema-location",
+                str(tmp_path / "schemas") + "/{{.Group}}/{{.ResourceKind}}_{{.ResourceAPIVersion}}.json",
+                "-skip",
+                "ServiceMonitor,PodMonitor",
+                str(manifest),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        summary = json.loads(proc.stdout)["summary"]
+        assert proc.returncode == 0 and summary["invalid"] == 0 and summary["errors"] == 0, proc.stdout
+        assert summary["valid"] >= 8
+
+
+def test_security_contexts_are_restricted_where_possible(kube_bin_dir) -> None:
+    docs = {(d["kind"], d["metadata"]["name"]): d for d in render(kube_bin_dir)}
+    operator = docs[("Deployment", "vnpu-operator")]["spec"]["template"]["spec"]
+    assert operator["securityContext"]["runAsNonRoot"] is True
+    ctx = operator["containers"][0]["securityContext"]
+    assert (
+        ctx["readOnlyRootFilesystem"]
+        and not ctx["allowPrivilegeEscalation"]
+        and ctx["capabilities"]["drop"] == ["ALL"]
+    )
+    plugin = docs[("DaemonSet", "vnpu-device-plugin")]["spec"]["template"]["spec"]
+    pctx = plugin["containers"][0]["securityContext"]
+    assert pctx["readOnlyRootFilesystem"] and pctx["capabilities"]["drop"] == ["ALL"]
+    mounts = {m["mountPath"] for m in plugin["containers"][0]["volumeMounts"]}
+    assert {"/var/lib/kubelet/device-plugins", "/var/lib/kubelet/pod-resources"} <= mounts
+
+
+def test_helm_install_into_the_real_apiserver(control_plane, kube_bin_dir) -> None:
+    kc = str(control_plane.kubeconfig)
+    # Other tests ran the operator outside Helm, which creates the PriorityClass itself; Helm refuses
+    # to adopt an object it did not create (docs/troubleshooting.md), so start from a clean slate.
+    control_plane.kubectl("delete", "priorityclass", "vnpu-placeholder", "--ignore-not-found")
+    proc = helm(
+        kube_bin_dir,
+        "install",
+        "vnpu-install-test",
+        str(CHART),
+        "-n",
+        "vnpu-chart",
+        "--create-namespace",
+        "--kubeconfig",
+        kc,
+        "--set",
+        "devicePlugin.backend=simulated",
+        "--wait=false",
+    )
+    assert "STATUS: deployed" in proc.stdout
+    assert "kubectl get infm" in proc.stdout  # NOTES.txt
+    try:
+        names = control_plane.kubectl("get", "deploy,ds,sa", "-n", "vnpu-chart", "-o", "name").stdout.split()
+        assert {
+            "deployment.apps/vnpu-install-test-operator",
+            "daemonset.apps/vnpu-install-test-device-plugin",
+        } <= set(names)
+        assert "vnpu-placeholder" in control_plane.kubectl("get", "priorityclass", "-o", "name").stdout
+        crd = control_plane.kubectl("get", "crd", f"{api.PLURAL}.{api.GROUP}", "-o", "name").stdout
+        assert crd.strip() == f"customresourcedefinition.apiextensions.k8s.io/{api.PLURAL}.{api.GROUP}"
+    finally:
+        helm(kube_bin_dir, "uninstall", "vnpu-install-test", "-n", "vnpu-chart", "--kubeconfig", kc)
