@@ -1,0 +1,165 @@
+"""Replica side of the weights-holder protocol: attach to the arena, hold a lease, notice its loss.
+
+:func:`attach` connects, receives the manifest and the arena (file descriptors over SCM_RIGHTS on
+CPU, an IPC handle on CUDA/NPU), maps it read-only and returns a :class:`Lease`. A watcher thread
+blocks on the lease socket; EOF means the holder is gone, and the lease calls ``on_lost`` once.
+What to do then (stop serving, re-attach) is the caller's business — see
+:class:`vnpu.runtime.engine.SharedWeightsSupervisor`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from vnpu.runtime.arena import Arena, ArenaError, import_arena
+from vnpu.runtime.holder import PROTOCOL_VERSION
+from vnpu.runtime.ipc import ProtocolError, recv_message, send_message
+from vnpu.runtime.manifest import WeightManifest
+
+
+class HolderUnavailableError(ConnectionError):
+    """No weights-holder answers on the socket, or it went away."""
+
+
+class AttachRefusedError(PermissionError):
+    """The holder answered but refused this replica (share group, credentials, protocol)."""
+
+
+class Lease:
+    """An attached arena. Keep it alive as long as any tensor view of it is in use."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        manifest: WeightManifest,
+        arena: Arena,
+        holder: dict[str, Any],
+        seconds: float,
+    ) -> None:
+        self._sock = sock
+        self.manifest = manifest
+        self.arena = arena
+        self.holder = holder
+        self.attach_seconds = seconds
+        self.lost_reason: str | None = None
+        self._lost = threading.Event()
+        self._closed = False
+        self._on_lost: list[Callable[[str], None]] = []
+        self._watcher = threading.Thread(target=self._watch, name="lease-watch", daemon=True)
+        self._watcher.start()
+
+    @property
+    def alive(self) -> bool:
+        return not self._lost.is_set()
+
+    def on_lost(self, callback: Callable[[str], None]) -> None:
+        """Call ``callback(reason)`` when the holder goes away (immediately if it already has)."""
+        self._on_lost.append(callback)
+        if self._lost.is_set() and self.lost_reason is not None:
+            callback(self.lost_reason)
+
+    def wait_lost(self, timeout: float | None = None) -> bool:
+        return self._lost.wait(timeout)
+
+    def tensors(self) -> dict[str, Any]:
+        """Every weight as a zero-copy view into the arena, by HF name."""
+        return {name: self.arena.view(entry) for name, entry in self.manifest.tensors.items()}
+
+    def _watch(self) -> None:
+        reason = "weights-holder closed the connection"
+        try:
+            while True:
+                message, fds = recv_message(self._sock)
+                for fd in fds:
+                    os.close(fd)
+                if message.get("op") == "shutdown":
+                    reason = f"weights-holder is shutting down: {message.get('reason', '')}"
+                    break
+        except (ProtocolError, OSError) as e:
+            if not self._closed:
+                reason = f"lost the weights-holder ({e})"
+        if self._closed:
+            return
+        self.lost_reason = reason
+        self._lost.set()
+        for callback in list(self._on_lost):
+            callback(reason)
+
+    def close(self) -> None:
+        """End the lease (the holder sees EOF) and unmap the arena once no view is left."""
+        self._closed = True
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        self._sock.close()
+        self.arena.close()
+
+
+def _connect(socket_path: Path, timeout: float) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(str(socket_path))
+    except (FileNotFoundError, ConnectionRefusedError) as e:
+        sock.close()
+        raise HolderUnavailableError(
+            f"no weights-holder is listening at {socket_path} ({e.strerror}); "
+            "is the weights-holder of this share group running on this node?"
+        ) from e
+    except PermissionError as e:
+        sock.close()
+        raise AttachRefusedError(f"not allowed to connect to {socket_path}: {e.strerror}") from e
+    except OSError as e:
+        sock.close()
+        raise HolderUnavailableError(f"cannot connect to the weights-holder at {socket_path}: {e}") from e
+    return sock
+
+
+def attach(
+    socket_path: str | os.PathLike[str], share_group: str, device: str = "cpu", timeout: float = 30.0
+) -> Lease:
+    """Attach to the holder at ``socket_path``; raises HolderUnavailableError or AttachRefusedError."""
+    path = Path(socket_path)
+    start = time.perf_counter()
+    sock = _connect(path, timeout)
+    try:
+        send_message(
+            sock,
+            {"op": "attach", "protocol": PROTOCOL_VERSION, "share_group": share_group, "pid": os.getpid()},
+        )
+        reply, fds = recv_message(sock)
+    except (ProtocolError, OSError) as e:
+        sock.close()
+        raise HolderUnavailableError(f"weights-holder at {path} went away during attach: {e}") from e
+    if not reply.get("ok"):
+        for fd in fds:
+            os.close(fd)
+        sock.close()
+        raise AttachRefusedError(f"weights-holder at {path} refused to attach: {reply.get('error')}")
+    try:
+        manifest = WeightManifest.from_dict(reply["manifest"])
+        arena = import_arena(reply["arena"], fds, device)
+    except (ArenaError, KeyError, ValueError) as e:
+        sock.close()
+        raise HolderUnavailableError(f"cannot import the arena from {path}: {e}") from e
+    sock.settimeout(None)
+    return Lease(sock, manifest, arena, reply.get("holder", {}), time.perf_counter() - start)
+
+
+def holder_status(socket_path: str | os.PathLike[str], timeout: float = 5.0) -> dict[str, Any]:
+    """The holder's self-description (``vnpu runtime probe``)."""
+    sock = _connect(Path(socket_path), timeout)
+    with sock:
+        send_message(sock, {"op": "status"})
+        reply, fds = recv_message(sock)
+    for fd in fds:
+        os.close(fd)
+    if not reply.get("ok"):
+        raise AttachRefusedError(str(reply.get("error")))
+    return dict(reply["holder"])

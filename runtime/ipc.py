@@ -1,0 +1,82 @@
+"""Length-prefixed JSON messages over a unix stream socket, with file descriptors (SCM_RIGHTS).
+
+Frame: 4-byte big-endian payload length sent in one ``sendmsg`` together with any file descriptors,
+then the UTF-8 JSON payload. JSON, not pickle: a replica must never execute what a socket sends it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import struct
+from typing import Any
+
+_HEADER = struct.Struct(">I")
+MAX_MESSAGE = 64 * 1024 * 1024
+MAX_FDS = 8
+
+
+class ProtocolError(ConnectionError):
+    """The peer closed the connection or sent something that is not a valid frame."""
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    return json.dumps(message, separators=(",", ":")).encode()
+
+
+def send_message(sock: socket.socket, message: dict[str, Any], fds: list[int] | tuple[int, ...] = ()) -> None:
+    send_encoded(sock, encode(message), fds)
+
+
+def send_encoded(sock: socket.socket, payload: bytes, fds: list[int] | tuple[int, ...] = ()) -> None:
+    """Send an already JSON-encoded object (lets a server encode a large constant part once)."""
+    if len(payload) > MAX_MESSAGE:
+        raise ProtocolError(f"message of {len(payload)} bytes exceeds {MAX_MESSAGE}")
+    header = _HEADER.pack(len(payload))
+    if fds:
+        socket.send_fds(sock, [header], list(fds))
+    else:
+        sock.sendall(header)
+    sock.sendall(payload)
+
+
+def _recv_exact(sock: socket.socket, count: int) -> bytes:
+    chunks = bytearray()
+    while len(chunks) < count:
+        chunk = sock.recv(count - len(chunks))
+        if not chunk:
+            raise ProtocolError("connection closed by peer")
+        chunks += chunk
+    return bytes(chunks)
+
+
+def recv_message(sock: socket.socket, max_size: int = MAX_MESSAGE) -> tuple[dict[str, Any], list[int]]:
+    """One message and the file descriptors that came with it (the caller owns and closes them)."""
+    data, fds, _flags, _addr = socket.recv_fds(sock, _HEADER.size, MAX_FDS)
+    if not data:
+        for fd in fds:
+            _close_quietly(fd)
+        raise ProtocolError("connection closed by peer")
+    try:
+        if len(data) < _HEADER.size:
+            data += _recv_exact(sock, _HEADER.size - len(data))
+        (length,) = _HEADER.unpack(data)
+        if length > max_size:
+            raise ProtocolError(f"peer announced a {length}-byte message (limit {max_size})")
+        message = json.loads(_recv_exact(sock, length))
+        if not isinstance(message, dict):
+            raise ProtocolError("message is not a JSON object")
+    except (ValueError, OSError) as e:
+        for fd in fds:
+            _close_quietly(fd)
+        if isinstance(e, ProtocolError):
+            raise
+        raise ProtocolError(f"bad message: {e}") from e
+    return message, fds
+
+
+def _close_quietly(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.close(fd)

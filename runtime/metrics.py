@@ -1,0 +1,59 @@
+"""Prometheus metrics of one serving process (its own registry, so tests can run several in one process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_PREFIX = "vnpu_runtime_"
+
+
+class RuntimeMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            _PREFIX + "requests", "Completion requests by outcome", ["status"], registry=r
+        )
+        self.prompt_tokens = Counter(_PREFIX + "prompt_tokens", "Prompt tokens processed", registry=r)
+        self.generated_tokens = Counter(_PREFIX + "generated_tokens", "Tokens generated", registry=r)
+        self.tokens_per_second = Gauge(
+            _PREFIX + "tokens_per_second", "Decode speed of the last completed request", registry=r
+        )
+        self.time_to_first_token = Histogram(
+            _PREFIX + "time_to_first_token_seconds",
+            "Time from request start to the first generated token",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=r,
+        )
+        self.request_seconds = Histogram(
+            _PREFIX + "request_seconds",
+            "Wall time of completion requests",
+            registry=r,
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+        )
+        self.kv_cache_bytes = Gauge(
+            _PREFIX + "kv_cache_bytes", "KV cache allocated by this process", registry=r
+        )
+        self.kv_cache_usage = Gauge(
+            _PREFIX + "kv_cache_usage_ratio", "Fraction of KV cache positions in use", registry=r
+        )
+        self.weights_bytes = Gauge(
+            _PREFIX + "weights_bytes",
+            "Weight bytes this process uses, by ownership",
+            ["ownership"],
+            registry=r,
+        )
+        self.offload_bytes = Counter(
+            _PREFIX + "offload_bytes", "Bytes copied host-to-device by the offload engine", registry=r
+        )
+        self.offload_stall_seconds = Counter(
+            _PREFIX + "offload_stall_seconds", "Compute time spent waiting for streamed weights", registry=r
+        )
+        self.attach_seconds = Gauge(
+            _PREFIX + "attach_seconds",
+            "Time the last weight attach (or load from disk) took",
+            ["mode"],
+            registry=r,
+        )
+        self.attaches = Counter(_PREFIX + "attaches", "Successful attaches to a weights-holder", registry=r)
+        self.ready = Gauge(_PREFIX + "ready", "1 when the model can serve requests", registry=r)

@@ -1,0 +1,222 @@
+"""Shared weights in one process tree: arena sealing, the holder protocol, access control, leases."""
+
+from __future__ import annotations
+
+import mmap
+import os
+import socket
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from rt_helpers import load_tiny_llama
+
+from vnpu.runtime.arena import ArenaError, CpuArena, import_arena
+from vnpu.runtime.attach import AttachRefusedError, HolderUnavailableError, attach, holder_status
+from vnpu.runtime.engine import ModelRuntime, ServeOptions, SharedWeightsSupervisor
+from vnpu.runtime.errors import RuntimeUnavailableError
+from vnpu.runtime.holder import HolderError, WeightsHolder
+from vnpu.runtime.manifest import ALIGNMENT, WeightManifest, pack
+
+
+def wait_until(condition: Any, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def tiny(short_tmp: Path) -> Any:
+    return load_tiny_llama(short_tmp / "model")
+
+
+@pytest.fixture
+def holder(tiny: Any, short_tmp: Path) -> Any:
+    h = WeightsHolder(tiny, "group-a", short_tmp / "s" / "weights.sock")
+    h.start()
+    yield h
+    h.stop()
+
+
+# --- layout and arena ---------------------------------------------------------------------------
+
+
+def test_pack_aligns_every_tensor() -> None:
+    entries, total = pack([("a", "float32", (3,)), ("b", "bfloat16", (5, 7)), ("c", "float16", (1,))])
+    assert [e.offset % ALIGNMENT for e in entries.values()] == [0, 0, 0]
+    assert entries["b"].offset >= entries["a"].offset + 12 and total % ALIGNMENT == 0
+    with pytest.raises(ValueError, match="duplicate"):
+        pack([("a", "float32", (1,)), ("a", "float32", (1,))])
+
+
+def test_manifest_round_trips(tiny: Any) -> None:
+    again = WeightManifest.from_dict(tiny.manifest.to_dict())
+    assert again.tensors == tiny.manifest.tensors and again.config == tiny.manifest.config
+
+
+def test_sealed_arena_cannot_be_written_by_anyone() -> None:
+    arena = CpuArena.allocate(4096)
+    arena.write(0, np.arange(16, dtype=np.uint8))
+    arena.seal()
+    with pytest.raises(ArenaError):
+        arena.write(0, np.zeros(4, dtype=np.uint8))
+    meta, fds = arena.export()
+    dup = os.dup(fds[0])
+    with pytest.raises(PermissionError):  # F_SEAL_WRITE: no writable shared mapping, not even for root
+        mmap.mmap(dup, 4096, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    imported = import_arena(meta, [dup])
+    assert imported.numpy()[:16].tolist() == list(range(16))
+    arena.close()
+
+
+def test_unsealed_memfd_is_refused() -> None:
+    fd = os.memfd_create("not-sealed", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, 4096)
+    with pytest.raises(ArenaError, match="not write-sealed"):
+        CpuArena.import_({"backend": "cpu", "nbytes": 4096}, [fd])
+    os.close(fd)
+
+
+# --- the holder protocol ------------------------------------------------------------------------
+
+
+def test_attach_maps_the_same_bytes_zero_copy(holder: Any, tiny: Any) -> None:
+    lease = attach(holder.socket_path, "group-a")
+    try:
+        assert holder.clients == 1
+        ours, theirs = lease.tensors(), {n: tiny.arena.view(e) for n, e in tiny.manifest.tensors.items()}
+        for name, tensor in theirs.items():
+            assert torch.equal(ours[name], tensor)
+        # Same physical pages: the imported mapping is a different address of one memfd.
+        assert lease.arena.byte_tensor().data_ptr() != tiny.arena.byte_tensor().data_ptr()
+        assert lease.manifest.tokenizer == tiny.manifest.tokenizer  # the replica needs no model file
+        assert holder_status(holder.socket_path)["clients"] == 1
+    finally:
+        lease.close()
+    wait_until(lambda: holder.clients == 0)
+
+
+def test_socket_and_directory_are_private(holder: Any) -> None:
+    assert stat.S_IMODE(holder.socket_path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(holder.socket_path.parent.stat().st_mode) == 0o700
+
+
+def test_other_share_group_is_refused(holder: Any) -> None:
+    with pytest.raises(AttachRefusedError, match=r"share group mismatch.*group-a.*group-b"):
+        attach(holder.socket_path, "group-b")
+    assert holder.clients == 0
+
+
+def test_no_holder_is_a_clear_error(short_tmp: Path) -> None:
+    with pytest.raises(HolderUnavailableError, match="no weights-holder is listening"):
+        attach(short_tmp / "missing.sock", "g")
+
+
+def test_second_holder_on_a_live_socket_is_refused_and_stale_sockets_are_replaced(
+    holder: Any, tiny: Any, short_tmp: Path
+) -> None:
+    with pytest.raises(HolderError, match="already serving"):
+        WeightsHolder(tiny, "group-a", holder.socket_path).start()
+    stale = short_tmp / "s" / "stale.sock"
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(stale))
+    s.close()  # a socket file nobody listens on, as a crashed holder leaves behind
+    replacement = WeightsHolder(tiny, "group-a", stale)
+    replacement.start()
+    try:
+        assert holder_status(stale)["share_group"] == "group-a"
+    finally:
+        replacement._stop.set()
+        replacement._listener.close()  # not stop(): the arena belongs to the fixture's holder
+
+
+# The child imports only the standard library before dropping privileges (nobody cannot read the
+# venv) and speaks the holder's framing by hand: 4-byte big-endian length + JSON.
+_OTHER_USER_CLIENT = """
+import json, os, socket, struct, sys
+path = sys.argv[1]
+os.setgid(65534); os.setuid(65534)
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+try:
+    s.connect(path)
+except PermissionError as e:
+    print("connect refused:", e.strerror); sys.exit(0)
+body = json.dumps({"op": "attach", "protocol": 1, "share_group": "group-a"}).encode()
+s.sendall(struct.pack(">I", len(body)) + body)
+n = struct.unpack(">I", s.recv(4))[0]
+data = b""
+while len(data) < n:
+    data += s.recv(n - len(data))
+print("reply:", json.loads(data))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to impersonate another uid")
+def test_other_users_are_refused_by_mode_and_by_peer_credentials(holder: Any, short_tmp: Path) -> None:
+    def attempt() -> str:
+        cmd = [sys.executable, "-c", _OTHER_USER_CLIENT, str(holder.socket_path)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        return proc.stdout + proc.stderr
+
+    for directory in (short_tmp, holder.socket_path.parent):
+        os.chmod(directory, 0o755)  # let the other user reach the socket file itself
+    out = attempt()
+    assert "connect refused: Permission denied" in out, out  # the 0600 socket file
+    os.chmod(holder.socket_path, 0o666)  # even with the file open to all, SO_PEERCRED refuses
+    out = attempt()
+    assert "'ok': False" in out and "uid 65534" in out, out
+    assert holder.clients == 0
+
+
+def test_lease_notices_holder_death(holder: Any) -> None:
+    lease = attach(holder.socket_path, "group-a")
+    seen: list[str] = []
+    lease.on_lost(seen.append)
+    holder.stop()
+    assert lease.wait_lost(10)
+    assert not lease.alive and seen and "holder" in seen[0]
+    lease.close()
+
+
+# --- a replica runtime over a lease -------------------------------------------------------------
+
+
+def test_runtime_fails_clearly_while_the_holder_is_gone_and_recovers(tiny: Any, short_tmp: Path) -> None:
+    path = short_tmp / "s" / "weights.sock"
+    runtime = ModelRuntime(ServeOptions(max_context=64))
+    supervisor = SharedWeightsSupervisor(runtime, path, "group-a", retry_initial=0.05, retry_max=0.2)
+    supervisor.start()
+    try:
+        wait_until(lambda: runtime.unavailable_reason and "no weights-holder" in runtime.unavailable_reason)
+        with pytest.raises(RuntimeUnavailableError, match="no weights-holder is listening"):
+            runtime.complete("hi", 4, temperature=0)
+        first = WeightsHolder(tiny, "group-a", path)
+        first.start()
+        wait_until(lambda: runtime.ready)
+        expected = runtime.complete("hello", 8, temperature=0).result.token_ids
+        cache = runtime._cache
+        first.stop()  # the holder dies
+        wait_until(lambda: not runtime.ready)
+        assert "went away" in (runtime.unavailable_reason or "")
+        with pytest.raises(RuntimeUnavailableError, match="weights-holder"):
+            runtime.complete("hello", 8, temperature=0)
+        second_weights = load_tiny_llama(short_tmp / "model2")  # a new holder process: a new arena
+        second = WeightsHolder(second_weights, "group-a", path)
+        second.start()
+        try:
+            wait_until(lambda: runtime.ready)
+            assert runtime.complete("hello", 8, temperature=0).result.token_ids == expected
+            assert runtime._cache is cache  # the replica's own KV cache survived the re-attach
+            assert runtime.metrics.attaches._value.get() == 2
+        finally:
+            second.stop()
+    finally:
+        supervisor.stop()
