@@ -26,26 +26,14 @@ class OperatorProcess:
         self.starts = 0
 
     def start(self, *extra: str) -> OperatorProcess:
-        port = free_port()
+        port, metrics_port = free_port(), free_port()
+        self.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
         self.starts += 1
         argv = [
-            sys.executable,
-            "-m",
-            "vnpu",
-            "operator",
-            "--kubeconfig",
-            str(self.kubeconfig),
-            "--standalone",
-            "-n",
-            self.namespace,
-            "--liveness",
-            f"http://127.0.0.1:{port}/healthz",
-            "--resync-seconds",
-            "3",
-            "--runtime-image",
-            "local.test/vnpu:dev",
-            "--log-format",
-            "text",
+            *(sys.executable, "-m", "vnpu", "operator", "--standalone", "--log-format", "text"),
+            *("--kubeconfig", str(self.kubeconfig), "-n", self.namespace, "--resync-seconds", "3"),
+            *("--liveness", f"http://127.0.0.1:{port}/healthz", "--metrics-port", str(metrics_port)),
+            *("--runtime-image", "local.test/vnpu:dev"),
             *extra,
         ]
         self.proc = ManagedProcess("operator", argv, self.log_dir / f"operator-{self.starts}.log")
@@ -59,6 +47,10 @@ class OperatorProcess:
 
         wait_until(healthy, 60, "operator liveness endpoint")
         return self
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(self.metrics_url, timeout=5) as resp:
+            return resp.read().decode()
 
     def kill(self) -> None:
         """SIGKILL, no cleanup: what a crashed or evicted operator looks like."""

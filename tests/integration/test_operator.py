@@ -109,6 +109,11 @@ def test_shared_weights_one_holder_per_device(cluster, namespace, kwok_nodes, op
     )
     assert len(a["status"]["placements"]) == 2 and a["status"]["readyReplicas"] == 2
     assert "Placed" in [e.reason for e in events_of(cluster, namespace, "chat")]
+    metrics = operator.metrics()
+    assert f'vnpu_operator_placed_replicas{{model="chat",namespace="{namespace}"}} 2.0' in metrics
+    assert f'vnpu_operator_memory_saved_by_sharing_mib{{model="chat",namespace="{namespace}"}}' in metrics
+    assert "vnpu_operator_reconcile_duration_seconds_count" in metrics
+    assert 'vnpu_operator_pod_actions_total{action="create",role="weights"} 1.0' in metrics
 
 
 def test_spread_across_nodes(cluster, namespace, kwok_nodes, operator) -> None:
