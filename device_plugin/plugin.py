@@ -202,7 +202,10 @@ class PluginRunner:
     def _serve(self) -> None:
         cfg = self.config
         if self._server is not None:
-            self._server.stop(grace=0.2)
+            # Wait for the old server to be gone: gRPC unlinks its socket path when a server stops,
+            # which would delete the new server's socket if it were already bound there.
+            self._server.stop(grace=0).wait(5)
+            self._server = None
         cfg.plugin_dir.mkdir(parents=True, exist_ok=True)
         cfg.socket_path.unlink(missing_ok=True)
         server = grpc.server(ThreadPoolExecutor(max_workers=cfg.grpc_workers, thread_name_prefix="vnpu-grpc"))

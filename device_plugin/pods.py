@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +26,8 @@ from vnpu.device_plugin.ledger import PodRef
 log = logging.getLogger(__name__)
 
 FINISHED_PHASES = ("Succeeded", "Failed")
+#: Minimum time between two direct pod listings (see PodWatcher.refresh).
+REFRESH_MIN_INTERVAL_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -165,6 +168,7 @@ class PodWatcher:
         self._stop = threading.Event()
         self._watch: Any = None
         self._thread: threading.Thread | None = None
+        self._last_refresh = -REFRESH_MIN_INTERVAL_S
 
     @property
     def field_selector(self) -> str:
@@ -175,9 +179,15 @@ class PodWatcher:
             return list(self._pods.values())
 
     def refresh(self) -> list[PodSummary]:
-        """List pods now (used when a request finds no match: our watch may lag the kubelet's)."""
-        result = self.api.list_pod_for_all_namespaces(field_selector=self.field_selector, _request_timeout=5)
-        self._replace_all([summarize(p, self.resource) for p in result.items])
+        """List pods now (used when a request finds no match: our watch may lag the kubelet's).
+        At most once per ``REFRESH_MIN_INTERVAL_S`` so an unreachable API server cannot slow every call."""
+        now = time.monotonic()
+        if now - self._last_refresh >= REFRESH_MIN_INTERVAL_S:
+            self._last_refresh = now
+            result = self.api.list_pod_for_all_namespaces(
+                field_selector=self.field_selector, _request_timeout=2
+            )
+            self._replace_all([summarize(p, self.resource) for p in result.items])
         return self.pods()
 
     def _key(self, s: PodSummary) -> str:

@@ -273,7 +273,11 @@ class DevicePluginService(api_pb2_grpc.DevicePluginServicer):
         mounts = []
         if share_group:
             host_dir = contract.share_group_host_dir(self.options.share_root, share_group)
-            host_dir.mkdir(parents=True, exist_ok=True)
+            if not host_dir.is_dir():
+                # Sticky and world-writable like /tmp: the group's pods may run as any user and must
+                # create their sockets here, but cannot remove each other's. Only this group mounts it.
+                host_dir.mkdir(parents=True, exist_ok=True)
+                host_dir.chmod(0o1777)
             mounts.append(
                 api_pb2.Mount(
                     container_path=contract.SOCKET_DIR_IN_CONTAINER, host_path=str(host_dir), read_only=False

@@ -172,3 +172,16 @@ def test_stop_removes_the_socket_and_wakes_streams(run_plugin, stub_for):
     watcher.thread.join(5)
     assert not watcher.thread.is_alive() and time.monotonic() - started < 5
     assert not runner.config.socket_path.exists()
+
+
+def test_a_removed_socket_is_served_again_once_and_stays(run_plugin, stub_for, caplog):
+    # The kubelet deletes plugin sockets when it starts. gRPC unlinks a server's socket path when
+    # that server stops, so the old server must be gone before the new one binds the same path.
+    caplog.set_level(logging.WARNING, logger="vnpu.device_plugin.plugin")
+    runner = run_plugin()
+    runner.config.socket_path.unlink()
+    wait_for(runner.config.socket_path.exists, timeout=5, what="socket served again")
+    time.sleep(1.0)  # several watch intervals: the new socket must survive the old server's shutdown
+    assert runner.config.socket_path.exists()
+    assert caplog.text.count("plugin socket disappeared") == 1
+    assert stub_for(runner).GetDevicePluginOptions(api_pb2.Empty()).get_preferred_allocation_available
