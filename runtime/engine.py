@@ -28,7 +28,7 @@ import torch
 from vnpu import memory
 from vnpu.runtime.arena import Arena
 from vnpu.runtime.attach import AttachRefusedError, HolderUnavailableError, Lease, attach
-from vnpu.runtime.errors import ContextLengthError, MemoryBudgetError, RuntimeUnavailableError
+from vnpu.runtime.errors import InvalidRequestError, MemoryBudgetError, RuntimeUnavailableError
 from vnpu.runtime.generate import GenerationResult, check_context, generate
 from vnpu.runtime.manifest import DTYPE_BYTES, WeightManifest
 from vnpu.runtime.metrics import RuntimeMetrics
@@ -276,7 +276,7 @@ class ModelRuntime:
             tok = installed.tokenizer
             ids = tok.encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
             if any(i < 0 or i >= installed.manifest.config.vocab_size for i in ids):
-                raise ContextLengthError("prompt token ids out of the vocabulary range")
+                raise InvalidRequestError("prompt token ids out of the vocabulary range")
             check_context(len(ids), max_tokens, self.options.max_context)
             decoder = StreamDecoder(tok)
             matcher = StopMatcher(stop)

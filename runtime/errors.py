@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 
-class ContextLengthError(ValueError):
+class InvalidRequestError(ValueError):
+    """The request cannot be served as asked (answered with HTTP 400)."""
+
+
+class ContextLengthError(InvalidRequestError):
     """Prompt plus requested tokens do not fit the context this process was started with."""
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vnpu.runtime.errors import ContextLengthError
+from vnpu.runtime.errors import ContextLengthError, InvalidRequestError
 from vnpu.runtime.model import KVCache, LlamaModel
 
 __all__ = ["ContextLengthError", "GenerationResult", "check_context", "generate"]
@@ -35,9 +35,9 @@ class GenerationResult:
 
 def check_context(prompt_tokens: int, max_new_tokens: int, context: int) -> None:
     if prompt_tokens == 0:
-        raise ContextLengthError("the prompt is empty")
+        raise InvalidRequestError("the prompt is empty")
     if max_new_tokens < 1:
-        raise ContextLengthError(f"max_tokens must be at least 1, got {max_new_tokens}")
+        raise InvalidRequestError(f"max_tokens must be at least 1, got {max_new_tokens}")
     if prompt_tokens + max_new_tokens > context:
         raise ContextLengthError(
             f"this model's maximum context length is {context} tokens, but {prompt_tokens} prompt tokens "

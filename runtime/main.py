@@ -1,0 +1,446 @@
+"""``vnpu runtime``: the model runtime inside vnpu's pods.
+
+Subcommands:
+
+* ``weights-holder`` — load a model once into one arena on this device and serve it to the replicas of
+  its share group over a unix socket (zero-copy import: memfd over SCM_RIGHTS on CPU, IPC handles on
+  CUDA/Ascend).
+* ``serve`` — the OpenAI-style HTTP server. Attaches to the share group's weights-holder when a socket
+  directory is configured, otherwise loads the model itself. Allocates its own KV cache.
+* ``generate`` — one completion on the command line (same loading/attaching rules as ``serve``).
+* ``probe`` — ask a weights-holder for its status (exit 0 when it answers; for readiness probes).
+
+Every option has an environment default, which is how the operator and the device plugin configure
+the pods (see runtime/README.md): ``VNPU_MODEL_URI``, ``VNPU_MODEL_FORMAT``, ``VNPU_MODEL_DTYPE``,
+``VNPU_MODEL_NAME``, ``VNPU_SHARE_GROUP`` (or ``VNPU_SHARE_GROUP_NAME``), ``VNPU_SOCKET_DIR``,
+``VNPU_DEVICE``, ``VNPU_MEMORY_LIMIT_MIB``, ``VNPU_OFFLOAD_BUDGET_MIB``, ``VNPU_PREFETCH_DEPTH``,
+``VNPU_PORT``, ``VNPU_PVC_ROOT``, ``VNPU_HF_CACHE``, ``VNPU_TORCH_DEVICE``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+from vnpu.logs import setup_logging
+
+log = logging.getLogger("vnpu.runtime")
+
+DEFAULT_PORT = 8000
+RUNTIME_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _env(*names: str, default: str | None = None) -> str | None:
+    for name in names:
+        value = os.environ.get(name)
+        if value:
+            return value
+    return default
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    return int(value) if value else None
+
+
+def default_socket_path(socket_dir: str | None, device_id: str | None) -> Path | None:
+    """``<socket dir>/weights-<device>.sock``: one holder per (device, share group) on a node."""
+    if not socket_dir:
+        return None
+    suffix = re.sub(r"[^A-Za-z0-9_.-]", "_", device_id) if device_id else ""
+    return Path(socket_dir) / (f"weights-{suffix}.sock" if suffix else "weights.sock")
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model source")
+    g.add_argument(
+        "--model",
+        default=_env("VNPU_MODEL_URI"),
+        help="model URI: a path, file:///path, pvc://claim/path or hf://org/name@rev [$VNPU_MODEL_URI]",
+    )
+    g.add_argument(
+        "--format",
+        choices=("gguf", "safetensors"),
+        default=_env("VNPU_MODEL_FORMAT"),
+        help="file format when the source directory is ambiguous [$VNPU_MODEL_FORMAT]",
+    )
+    g.add_argument(
+        "--dtype",
+        default=_env("VNPU_MODEL_DTYPE"),
+        help="dtype of the weights in memory: float32 | float16 | bfloat16 (quantised weights are "
+        "dequantised; default float32 on CPU, bfloat16 on accelerators) [$VNPU_MODEL_DTYPE]",
+    )
+    g.add_argument(
+        "--pvc-root",
+        default=_env("VNPU_PVC_ROOT"),
+        help="where pvc://<claim> volumes are mounted (default /mnt/pvc) [$VNPU_PVC_ROOT]",
+    )
+    g.add_argument(
+        "--hf-cache",
+        default=_env("VNPU_HF_CACHE"),
+        help="local Hugging Face hub cache or mirror for hf:// sources (never fetched) [$VNPU_HF_CACHE]",
+    )
+    g.add_argument("--no-progress", action="store_true", help="no progress bar while loading weights")
+
+
+def _add_sharing_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("weight sharing")
+    g.add_argument(
+        "--share-group",
+        default=_env("VNPU_SHARE_GROUP", "VNPU_SHARE_GROUP_NAME"),
+        help="share group of this pod; a holder refuses replicas of other groups [$VNPU_SHARE_GROUP]",
+    )
+    g.add_argument(
+        "--socket-dir",
+        default=_env("VNPU_SOCKET_DIR"),
+        help="the share group's socket directory (mounted by the device plugin) [$VNPU_SOCKET_DIR]",
+    )
+    g.add_argument("--socket", help="socket path (default <socket-dir>/weights-<$VNPU_DEVICE>.sock)")
+    g.add_argument(
+        "--device-id",
+        default=_env("VNPU_DEVICE"),
+        help="physical device id from the device plugin, names the socket [$VNPU_DEVICE]",
+    )
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--device",
+        default=_env("VNPU_TORCH_DEVICE", default="cpu"),
+        help="torch device: cpu, cuda[:N] or npu[:N] [$VNPU_TORCH_DEVICE, default cpu]",
+    )
+    p.add_argument(
+        "--memory-limit-mib",
+        type=int,
+        default=_env_int("VNPU_MEMORY_LIMIT_MIB"),
+        help="device memory this container may use (set by the device plugin) [$VNPU_MEMORY_LIMIT_MIB]",
+    )
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument(
+        "--log-format", choices=("json", "text"), default="json", help="log line format (default json)"
+    )
+    p.add_argument("--log-level", default="INFO", help="log level (default INFO)")
+
+
+def _add_serving_args(p: argparse.ArgumentParser, http: bool) -> None:
+    g = p.add_argument_group("serving")
+    mode = g.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--attach",
+        dest="attach",
+        action="store_true",
+        default=None,
+        help="attach to the share group's weights-holder (default when a socket dir is set)",
+    )
+    mode.add_argument(
+        "--standalone",
+        dest="attach",
+        action="store_false",
+        help="load the weights in this process, even when a socket dir is set",
+    )
+    g.add_argument(
+        "--max-context",
+        type=int,
+        default=_env_int("VNPU_MAX_CONTEXT") or 2048,
+        help="tokens of KV cache (prompt + completion limit) [$VNPU_MAX_CONTEXT, default 2048]",
+    )
+    g.add_argument(
+        "--prefill-chunk", type=int, default=256, help="prompt tokens per forward step (default 256)"
+    )
+    g.add_argument(
+        "--offload-budget-mib",
+        type=float,
+        default=_env("VNPU_OFFLOAD_BUDGET_MIB"),
+        help="device budget for weights: keep what fits resident, stream the rest [$VNPU_OFFLOAD_BUDGET_MIB]",
+    )
+    g.add_argument(
+        "--prefetch-depth",
+        type=int,
+        default=int(_env("VNPU_PREFETCH_DEPTH", default="2") or 2),
+        help="ring buffers for streamed layers [$VNPU_PREFETCH_DEPTH, default 2]",
+    )
+    g.add_argument(
+        "--link-gbps",
+        type=float,
+        help="CPU only: emulate a host-to-device link of this many GB/s for streamed layers",
+    )
+    g.add_argument(
+        "--model-name",
+        default=_env("VNPU_MODEL_NAME"),
+        help="model name clients ask for (default: from the model file) [$VNPU_MODEL_NAME]",
+    )
+    if http:
+        g.add_argument(
+            "--host", default="127.0.0.1", help="listen address (default 127.0.0.1; use 0.0.0.0 in a pod)"
+        )
+        g.add_argument(
+            "--port",
+            type=int,
+            default=_env_int("VNPU_PORT") or DEFAULT_PORT,
+            help=f"listen port [$VNPU_PORT, default {DEFAULT_PORT}]",
+        )
+        g.add_argument("--max-queue", type=int, default=64, help="queued requests before answering 429")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vnpu runtime",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    holder = sub.add_parser(
+        "weights-holder",
+        help="load a model once and share it with this group's replicas",
+        description="Load the model into one arena on the device and serve it over a unix socket.",
+    )
+    _add_model_args(holder)
+    _add_sharing_args(holder)
+    _add_common(holder)
+    holder.add_argument(
+        "--socket-mode", default="0600", help="socket permissions, octal (0600, or 0660 with --socket-group)"
+    )
+    holder.add_argument("--socket-group", help="group (name or gid) allowed to attach besides our own uid")
+
+    serve = sub.add_parser(
+        "serve",
+        help="serve completions over HTTP",
+        description="OpenAI-style completions, /healthz, /readyz and /metrics over HTTP.",
+    )
+    _add_model_args(serve)
+    _add_sharing_args(serve)
+    _add_common(serve)
+    _add_serving_args(serve, http=True)
+
+    gen = sub.add_parser("generate", help="one completion on the command line")
+    _add_model_args(gen)
+    _add_sharing_args(gen)
+    _add_common(gen)
+    _add_serving_args(gen, http=False)
+    gen.add_argument("--prompt", required=True, help="prompt text")
+    gen.add_argument("--max-tokens", type=int, default=32, help="tokens to generate (default 32)")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--json", action="store_true", help="print a JSON object with token ids and timings")
+
+    probe = sub.add_parser("probe", help="ask a weights-holder for its status (exit 0 when it answers)")
+    _add_sharing_args(probe)
+    return parser
+
+
+def _socket_path(args: argparse.Namespace) -> Path | None:
+    return Path(args.socket) if args.socket else default_socket_path(args.socket_dir, args.device_id)
+
+
+def _dtype(args: argparse.Namespace) -> str | None:
+    if args.dtype in (None, "", "auto"):
+        return None
+    if args.dtype not in RUNTIME_DTYPES:
+        log.warning("weights are dequantised to a float dtype", extra={"requested_dtype": args.dtype})
+        return None
+    return str(args.dtype)
+
+
+def _load_local(args: argparse.Namespace) -> object:
+    from vnpu.runtime.loader import load_weights
+    from vnpu.runtime.sources import resolve
+
+    if not args.model:
+        raise SystemExit("vnpu runtime: --model (or $VNPU_MODEL_URI) is required")
+    source = resolve(args.model, args.format, pvc_root=args.pvc_root, hf_cache=args.hf_cache)
+    arena_device = "cpu" if args.command != "weights-holder" else args.device
+    return load_weights(
+        source, arena_device, _dtype(args) or _default_dtype(args.device), progress=not args.no_progress
+    )
+
+
+def _default_dtype(device: str) -> str:
+    from vnpu.runtime.loader import default_dtype
+
+    return default_dtype(device)
+
+
+def cmd_weights_holder(args: argparse.Namespace) -> int:
+    from vnpu.runtime.holder import WeightsHolder
+    from vnpu.runtime.loader import release_free_heap
+
+    path = _socket_path(args)
+    if path is None:
+        raise SystemExit(
+            "vnpu runtime weights-holder: --socket-dir (or $VNPU_SOCKET_DIR) or --socket is required"
+        )
+    if not args.share_group:
+        raise SystemExit("vnpu runtime weights-holder: --share-group (or $VNPU_SHARE_GROUP) is required")
+    weights = _load_local(args)
+    limit = args.memory_limit_mib
+    if limit is not None and weights.manifest.total_bytes > limit * 1024 * 1024:  # type: ignore[attr-defined]
+        raise SystemExit(
+            f"vnpu runtime weights-holder: the weights need {weights.manifest.total_bytes / 2**20:.1f} MiB "  # type: ignore[attr-defined]
+            f"but VNPU_MEMORY_LIMIT_MIB={limit}"
+        )
+    group = None
+    if args.socket_group is not None:
+        import grp
+
+        group = (
+            int(args.socket_group) if args.socket_group.isdigit() else grp.getgrnam(args.socket_group).gr_gid
+        )
+    holder = WeightsHolder(weights, args.share_group, path, int(args.socket_mode, 8), group)  # type: ignore[arg-type]
+    # The holder keeps the manifest encoded; the tokenizer tables as Python objects are dead weight.
+    weights.manifest.tokenizer = {}  # type: ignore[attr-defined]
+    release_free_heap()
+    holder.start()
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    print(json.dumps({"event": "ready", "socket": str(path), **holder.info()}), flush=True)
+    stop.wait()
+    holder.stop()
+    return 0
+
+
+def _runtime(args: argparse.Namespace) -> tuple[object, object | None]:
+    """A ModelRuntime with weights installed (loaded) or being attached (supervisor started)."""
+    from vnpu.runtime.engine import (
+        ModelRuntime,
+        ServeOptions,
+        SharedWeightsSupervisor,
+        apply_device_memory_limit,
+    )
+
+    options = ServeOptions(
+        device=args.device,
+        max_context=args.max_context,
+        prefill_chunk=args.prefill_chunk,
+        memory_limit_mib=args.memory_limit_mib,
+        offload_budget_mib=float(args.offload_budget_mib) if args.offload_budget_mib is not None else None,
+        prefetch_depth=args.prefetch_depth,
+        link_bytes_per_s=args.link_gbps * 1e9 if args.link_gbps else None,
+        model_name=args.model_name or "",
+    )
+    apply_device_memory_limit(args.device, args.memory_limit_mib)
+    runtime = ModelRuntime(options)
+    path = _socket_path(args)
+    attach = args.attach if args.attach is not None else path is not None
+    if attach:
+        if path is None or not args.share_group:
+            raise SystemExit("vnpu runtime: attaching needs --socket-dir/--socket and --share-group")
+        supervisor = SharedWeightsSupervisor(runtime, path, args.share_group, args.device)
+        supervisor.start()
+        return runtime, supervisor
+    weights = _load_local(args)
+    runtime.install(weights.manifest, weights.arena, shared=False, seconds=weights.seconds)  # type: ignore[attr-defined]
+    return runtime, None
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from vnpu.runtime.server import make_app
+
+    runtime, supervisor = _runtime(args)
+    app = make_app(runtime, args.max_queue)  # type: ignore[arg-type]
+    log.info("serving", extra={"host": args.host, "port": args.port})
+    try:
+        web.run_app(app, host=args.host, port=args.port, print=None, handle_signals=True)
+    finally:
+        if supervisor is not None:
+            supervisor.stop()  # type: ignore[attr-defined]
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import time
+
+    runtime, supervisor = _runtime(args)
+    deadline = time.monotonic() + 60
+    while not runtime.ready:  # type: ignore[attr-defined]
+        fatal = getattr(supervisor, "fatal", None)
+        if fatal or getattr(supervisor, "refused", False) or time.monotonic() > deadline:
+            print(f"vnpu runtime generate: {fatal or runtime.unavailable_reason}", file=sys.stderr)  # type: ignore[attr-defined]
+            return 1
+        time.sleep(0.05)
+    completion = runtime.complete(  # type: ignore[attr-defined]
+        args.prompt, args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed
+    )
+    if args.json:
+        result = completion.result
+        print(
+            json.dumps(
+                {
+                    "text": completion.text,
+                    "token_ids": result.token_ids,
+                    "prompt_tokens": completion.prompt_tokens,
+                    "finish_reason": completion.finish_reason,
+                    "time_to_first_token_s": result.time_to_first_token_s,
+                    "total_s": result.total_s,
+                }
+            )
+        )
+    else:
+        print(completion.text)
+    if supervisor is not None:
+        supervisor.stop()  # type: ignore[attr-defined]
+    return 0
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from vnpu.runtime.attach import AttachRefusedError, HolderUnavailableError, holder_status
+
+    path = _socket_path(args)
+    if path is None:
+        print("vnpu runtime probe: --socket-dir or --socket is required", file=sys.stderr)
+        return 2
+    try:
+        print(json.dumps(holder_status(path)))
+    except (HolderUnavailableError, AttachRefusedError) as e:
+        print(f"vnpu runtime probe: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    setup_logging(
+        getattr(args, "log_format", "json"), getattr(logging, str(getattr(args, "log_level", "INFO")).upper())
+    )
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+    from vnpu.runtime.attach import AttachRefusedError, HolderUnavailableError
+    from vnpu.runtime.config import UnsupportedModelError
+    from vnpu.runtime.errors import MemoryBudgetError
+    from vnpu.runtime.sources import SourceError
+
+    commands = {
+        "weights-holder": cmd_weights_holder,
+        "serve": cmd_serve,
+        "generate": cmd_generate,
+        "probe": cmd_probe,
+    }
+    try:
+        return commands[args.command](args)
+    except (
+        SourceError,
+        UnsupportedModelError,
+        MemoryBudgetError,
+        HolderUnavailableError,
+        AttachRefusedError,
+    ) as e:
+        print(f"vnpu runtime {args.command}: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

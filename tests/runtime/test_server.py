@@ -1,0 +1,211 @@
+"""The HTTP API of ``serve``: OpenAI-style completions, errors as 4xx/503, health, readiness, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from rt_helpers import load_tiny_llama
+
+from vnpu.runtime.engine import ModelRuntime, ServeOptions, StopMatcher
+from vnpu.runtime.errors import MemoryBudgetError
+from vnpu.runtime.server import make_app
+
+CONTEXT = 64
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    return load_tiny_llama(tmp_path_factory.mktemp("tiny") / "m")
+
+
+@pytest.fixture
+def runtime(tiny: Any) -> ModelRuntime:
+    rt = ModelRuntime(ServeOptions(max_context=CONTEXT, model_name="tiny"))
+    rt.install(tiny.manifest, tiny.arena, shared=False, seconds=0.01)
+    return rt
+
+
+def run(runtime: ModelRuntime, scenario: Callable[[TestClient], Awaitable[None]]) -> None:
+    async def main() -> None:
+        async with TestClient(TestServer(make_app(runtime, max_queue=4))) as client:
+            await scenario(client)
+
+    asyncio.run(main())
+
+
+def test_completion_is_openai_shaped_and_deterministic(runtime: ModelRuntime) -> None:
+    expected = runtime.complete("hello", 10, temperature=0)
+
+    async def scenario(client: TestClient) -> None:
+        body = {
+            "model": "tiny",
+            "prompt": "hello",
+            "max_tokens": 10,
+            "temperature": 0,
+            "return_token_ids": True,
+        }
+        response = await client.post("/v1/completions", json=body)
+        assert response.status == 200
+        data = await response.json()
+        assert data["object"] == "text_completion" and data["model"] == "tiny"
+        choice = data["choices"][0]
+        assert choice["text"] == expected.text and choice["token_ids"] == expected.result.token_ids
+        assert choice["finish_reason"] in ("length", "stop")
+        assert data["usage"] == {"prompt_tokens": 5, "completion_tokens": 10, "total_tokens": 15}
+
+    run(runtime, scenario)
+
+
+def test_streaming_sends_the_same_text_as_sse(runtime: ModelRuntime) -> None:
+    expected = runtime.complete("stream me", 12, temperature=0).text
+
+    async def scenario(client: TestClient) -> None:
+        body = {"prompt": ["stream me"], "max_tokens": 12, "temperature": 0, "stream": True}
+        response = await client.post("/v1/completions", json=body)
+        assert response.status == 200 and response.headers["Content-Type"].startswith("text/event-stream")
+        events = [line[6:] for line in (await response.text()).splitlines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        chunks = [json.loads(e) for e in events[:-1]]
+        assert "".join(c["choices"][0]["text"] for c in chunks) == expected
+        assert chunks[-1]["choices"][0]["finish_reason"] in ("length", "stop")
+
+    run(runtime, scenario)
+
+
+def test_sampling_with_a_seed_reproduces(runtime: ModelRuntime) -> None:
+    async def scenario(client: TestClient) -> None:
+        body = {"prompt": "abc", "max_tokens": 8, "temperature": 0.9, "top_p": 0.9, "seed": 7}
+        first = await (await client.post("/v1/completions", json=body)).json()
+        second = await (await client.post("/v1/completions", json=body)).json()
+        assert first["choices"][0]["text"] == second["choices"][0]["text"]
+
+    run(runtime, scenario)
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "needle"),
+    [
+        ({"prompt": "x" * 60, "max_tokens": 10}, 400, "maximum context length is 64"),
+        ({"prompt": "x" * 200, "max_tokens": 1}, 400, "maximum context length is 64"),
+        ({"prompt": "", "max_tokens": 4}, 400, "empty"),
+        ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+        ({"prompt": "x", "max_tokens": "3"}, 400, "max_tokens"),
+        ({"prompt": 5}, 400, "'prompt'"),
+        ({"prompt": "x", "temperature": 9}, 400, "temperature"),
+        ({"prompt": "x", "n": 2}, 400, "n=1"),
+        ({"prompt": "x", "stop": [1]}, 400, "stop"),
+        ({"prompt": [300, 1]}, 400, "vocabulary"),
+        ({"prompt": "x", "model": "someone-else"}, 404, "does not exist"),
+    ],
+)
+def test_bad_requests_get_4xx_never_a_crash(
+    runtime: ModelRuntime, body: dict, status: int, needle: str
+) -> None:
+    async def scenario(client: TestClient) -> None:
+        response = await client.post("/v1/completions", json=body)
+        assert response.status == status
+        error = (await response.json())["error"]
+        assert needle in error["message"]
+        stream = await client.post("/v1/completions", json={**body, "stream": True})
+        assert stream.status == status
+        assert (await client.get("/healthz")).status == 200  # still alive
+
+    run(runtime, scenario)
+
+
+def test_invalid_json_is_400(runtime: ModelRuntime) -> None:
+    async def scenario(client: TestClient) -> None:
+        response = await client.post("/v1/completions", data=b"{not json")
+        assert response.status == 400
+
+    run(runtime, scenario)
+
+
+def test_context_limit_counts_prompt_plus_completion(runtime: ModelRuntime) -> None:
+    async def scenario(client: TestClient) -> None:
+        ok = await client.post(
+            "/v1/completions", json={"prompt": "x" * 54, "max_tokens": 10, "temperature": 0}
+        )
+        assert ok.status == 200  # 54 + 10 == 64 fits exactly
+        data = await ok.json()
+        assert data["usage"]["total_tokens"] <= CONTEXT
+        over = await client.post("/v1/completions", json={"prompt": "x" * 54, "max_tokens": 11})
+        assert over.status == 400 and (await over.json())["error"]["code"] == "context_length_exceeded"
+
+    run(runtime, scenario)
+
+
+def test_stop_strings_cut_the_text() -> None:
+    matcher = StopMatcher(["END", "##"])
+    out = "".join(matcher.feed(p) for p in ["hello E", "N", "Dworld"]) + matcher.flush()
+    assert out == "hello " and matcher.stopped
+    matcher = StopMatcher(["END"])
+    out = "".join(matcher.feed(p) for p in ["a E", "b"]) + matcher.flush()
+    assert out == "a Eb" and not matcher.stopped
+
+
+def test_not_ready_is_503_and_readyz_says_why(tiny: Any) -> None:
+    rt = ModelRuntime(ServeOptions(max_context=CONTEXT))
+
+    async def scenario(client: TestClient) -> None:
+        assert (await client.get("/healthz")).status == 200
+        ready = await client.get("/readyz")
+        assert ready.status == 503 and "not loaded" in (await ready.json())["reason"]
+        response = await client.post("/v1/completions", json={"prompt": "x"})
+        assert response.status == 503 and "not available" in (await response.json())["error"]["message"]
+        rt.install(tiny.manifest, tiny.arena, shared=False, seconds=0.01)
+        assert (await client.get("/readyz")).status == 200
+        rt.uninstall("weights-holder went away")
+        response = await client.post("/v1/completions", json={"prompt": "x"})
+        assert response.status == 503 and "weights-holder went away" in (await response.text())
+
+    run(rt, scenario)
+
+
+def test_metrics_report_tokens_ttft_kv_and_attach(runtime: ModelRuntime) -> None:
+    async def scenario(client: TestClient) -> None:
+        await client.post("/v1/completions", json={"prompt": "abc", "max_tokens": 5, "temperature": 0})
+        text = await (await client.get("/metrics")).text()
+        for name in (
+            "vnpu_runtime_generated_tokens_total 5.0",
+            "vnpu_runtime_tokens_per_second",
+            "vnpu_runtime_time_to_first_token_seconds_count 1.0",
+            "vnpu_runtime_kv_cache_bytes",
+            "vnpu_runtime_kv_cache_usage_ratio",
+            "vnpu_runtime_offload_bytes_total",
+            'vnpu_runtime_attach_seconds{mode="load"}',
+            'vnpu_runtime_requests_total{status="200"} 1.0',
+            "vnpu_runtime_ready 1.0",
+        ):
+            assert name in text, name
+
+    run(runtime, scenario)
+
+
+def test_memory_limit_is_a_checked_budget_on_cpu(tiny: Any) -> None:
+    needs = ModelRuntime(ServeOptions(max_context=CONTEXT)).required_bytes(tiny.manifest, False, 0)
+    assert needs["weights"] == tiny.manifest.total_bytes and needs["kv_cache"] > 0
+    tight = ModelRuntime(ServeOptions(max_context=CONTEXT, memory_limit_mib=1))
+    with pytest.raises(MemoryBudgetError, match="VNPU_MEMORY_LIMIT_MIB=1 is too small"):
+        tight.install(tiny.manifest, tiny.arena, shared=False, seconds=0)
+    # Attached replicas do not pay for the weights: the holder's slices do.
+    assert tight.required_bytes(tiny.manifest, True, 0)["weights"] == 0
+    roomy = ModelRuntime(ServeOptions(max_context=CONTEXT, memory_limit_mib=64))
+    roomy.install(tiny.manifest, tiny.arena, shared=False, seconds=0)
+    assert roomy.ready
+
+
+def test_offloaded_serving_reports_offload_bytes(tiny: Any) -> None:
+    rt = ModelRuntime(ServeOptions(max_context=CONTEXT, offload_budget_mib=0.2, prefetch_depth=2))
+    rt.install(tiny.manifest, tiny.arena, shared=False, seconds=0)
+    assert rt.plan is not None and rt.plan["streamed"]
+    plain = ModelRuntime(ServeOptions(max_context=CONTEXT))
+    plain.install(tiny.manifest, tiny.arena, shared=False, seconds=0)
+    assert rt.complete("offload", 6, temperature=0).text == plain.complete("offload", 6, temperature=0).text
+    assert rt.metrics.offload_bytes._value.get() > 0
+    rt.uninstall("done")
