@@ -97,3 +97,44 @@ def load_tiny_llama(directory: Path, **kwargs: object) -> object:
     from vnpu.runtime.sources import resolve
 
     return load_weights(resolve(str(write_tiny_llama(directory, **kwargs))), progress=False)  # type: ignore[arg-type]
+
+
+# --- processes and HTTP -------------------------------------------------------------------------
+
+
+def http_json(url: str, body: dict | None = None, timeout: float = 120.0) -> tuple[int, dict]:
+    """GET (or POST ``body``) and return (status, JSON body) without raising on HTTP errors."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read() or b"{}")
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def pss_kib(pid: int) -> int:
+    """Proportional set size of a process (shared pages divided among their users), in KiB."""
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no Pss in /proc/{pid}/smaps_rollup")
+
+
+def mapping_kib(pid: int, needle: str) -> tuple[int, int]:
+    """(Rss, Pss) in KiB of the mappings of ``pid`` whose path contains ``needle``."""
+    rss = pss = 0
+    inside = False
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        fields = line.split()
+        if fields and "-" in fields[0] and len(fields) >= 5 and not fields[0].endswith(":"):
+            inside = needle in line
+        elif inside and fields[0] == "Rss:":
+            rss += int(fields[1])
+        elif inside and fields[0] == "Pss:":
+            pss += int(fields[1])
+    return rss, pss

@@ -1,0 +1,207 @@
+"""Real processes: one weights-holder, four ``serve`` replicas attached to it, and a standalone one.
+
+Checks the acceptance bar of shared weights on CPU: identical tokens, one physical copy of the weights
+(PSS), clear failures while the holder is gone and recovery when it returns.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from rt_helpers import free_port, http_json, mapping_kib, pss_kib
+
+REPLICAS = 4
+CONTEXT = 256
+REQUEST = {
+    "prompt": "The three primary colors are",
+    "max_tokens": 12,
+    "temperature": 0,
+    "return_token_ids": True,
+}
+GROUP = "smollm2-test"
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen
+    log: Path
+    port: int | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+            try:
+                self.popen.wait(30)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+
+
+@dataclass
+class Cluster:
+    root: Path
+    model: Path
+    procs: list[Proc] = field(default_factory=list)
+
+    def spawn(self, name: str, *args: str, port: int | None = None) -> Proc:
+        log = self.root / f"{name}.log"
+        cmd = [sys.executable, "-m", "vnpu", "runtime", *args, "--threads", "1", "--no-progress"]
+        if port is not None:
+            cmd += ["--port", str(port)]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        with log.open("w") as out:
+            popen = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=self.root)
+        proc = Proc(name, popen, log, port)
+        self.procs.append(proc)
+        return proc
+
+    def holder(self) -> Proc:
+        proc = self.spawn(
+            "holder",
+            "weights-holder",
+            "--model",
+            str(self.model),
+            "--share-group",
+            GROUP,
+            "--socket-dir",
+            str(self.root / "sock"),
+        )
+        wait_for(lambda: '"event": "ready"' in proc.log.read_text(), proc, 180)
+        return proc
+
+    def serve(self, name: str, *args: str) -> Proc:
+        return self.spawn(name, "serve", "--max-context", str(CONTEXT), *args, port=free_port())
+
+
+def wait_for(condition: Any, proc: Proc, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.popen.poll() is not None:
+            raise AssertionError(
+                f"{proc.name} exited {proc.popen.returncode}:\n{proc.log.read_text()[-3000:]}"
+            )
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{proc.name} not ready in {timeout}s:\n{proc.log.read_text()[-3000:]}")
+        time.sleep(0.2)
+
+
+def ready(proc: Proc) -> bool:
+    try:
+        return http_json(proc.url + "/readyz", timeout=5)[0] == 200
+    except OSError:
+        return False
+
+
+def complete(proc: Proc) -> dict:
+    status, body = http_json(proc.url + "/v1/completions", REQUEST)
+    assert status == 200, body
+    return body["choices"][0]
+
+
+@pytest.fixture(scope="module")
+def cluster(smollm2_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="vnpu-procs-"))  # short: unix socket paths are limited
+    c = Cluster(root, smollm2_path)
+    try:
+        yield c
+    finally:
+        for proc in c.procs:
+            proc.stop(signal.SIGKILL)
+        import shutil
+
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def standalone(cluster: Cluster) -> dict[str, Any]:
+    """A replica that loads the weights itself: its tokens, and its memory once it has run."""
+    proc = cluster.serve("standalone", "--standalone", "--model", str(cluster.model))
+    wait_for(lambda: ready(proc), proc, 240)
+    choice = complete(proc)
+    result = {"choice": choice, "pss_kib": pss_kib(proc.popen.pid)}
+    proc.stop()
+    return result
+
+
+@pytest.fixture(scope="module")
+def shared(cluster: Cluster, standalone: dict[str, Any]) -> dict[str, Any]:
+    holder = cluster.holder()
+    replicas = [
+        cluster.serve(f"replica{i}", "--socket-dir", str(cluster.root / "sock"), "--share-group", GROUP)
+        for i in range(REPLICAS)
+    ]
+    for proc in replicas:
+        wait_for(lambda p=proc: ready(p), proc, 240)
+    return {"holder": holder, "replicas": replicas}
+
+
+def test_replicas_generate_the_same_tokens_as_a_standalone_process(
+    shared: dict[str, Any], standalone: dict[str, Any]
+) -> None:
+    expected = standalone["choice"]
+    assert len(expected["token_ids"]) == REQUEST["max_tokens"]
+    for proc in shared["replicas"]:
+        choice = complete(proc)
+        assert choice["token_ids"] == expected["token_ids"] and choice["text"] == expected["text"], proc.name
+
+
+def test_one_physical_copy_of_the_weights(
+    shared: dict[str, Any], standalone: dict[str, Any], smollm2_weights: Any
+) -> None:
+    """PSS(holder + 4 replicas) <= weights + 4 x (KV + overhead) + 10%.
+
+    Overhead is measured, not assumed: the standalone replica's PSS minus its weights and KV cache
+    (what a replica costs besides them: interpreter, torch, tokenizer, activations).
+    """
+    for proc in shared["replicas"]:
+        complete(proc)  # every replica has touched every weight
+    weights_kib = smollm2_weights.manifest.total_bytes / 1024
+    kv_kib = smollm2_weights.manifest.config.kv_bytes_per_token(4) * CONTEXT / 1024
+    overhead_kib = standalone["pss_kib"] - weights_kib - kv_kib
+    assert overhead_kib > 0
+    pids = [shared["holder"].popen.pid] + [p.popen.pid for p in shared["replicas"]]
+    total_kib = sum(pss_kib(pid) for pid in pids)
+    bound_kib = 1.10 * (weights_kib + REPLICAS * (kv_kib + overhead_kib))
+    mib = {
+        k: round(v / 1024)
+        for k, v in {"total": total_kib, "bound": bound_kib, "weights": weights_kib}.items()
+    }
+    print(f"\nPSS of holder + {REPLICAS} replicas {mib}, overhead/replica {overhead_kib / 1024:.0f} MiB")
+    assert total_kib <= bound_kib
+    # And directly: every process maps all the weight pages, yet their PSS shares sum to one copy.
+    maps = [mapping_kib(pid, "memfd:vnpu-weights") for pid in pids]
+    for rss, _ in maps:
+        assert rss >= 0.99 * weights_kib
+    assert abs(sum(pss for _, pss in maps) - weights_kib) <= 0.01 * weights_kib
+
+
+def test_holder_death_fails_clearly_and_replicas_recover(cluster: Cluster, shared: dict[str, Any]) -> None:
+    replicas = shared["replicas"]
+    expected = complete(replicas[0])["token_ids"]
+    shared["holder"].stop(signal.SIGKILL)
+    for proc in replicas:
+        wait_for(lambda p=proc: not ready(p), proc, 30)
+        status, body = http_json(proc.url + "/v1/completions", REQUEST)
+        assert status == 503
+        assert "weights-holder" in body["error"]["message"], body
+        assert proc.popen.poll() is None  # failing requests, not a crashed process
+    cluster.holder()  # it comes back (a fresh process: a new arena)
+    for proc in replicas:
+        wait_for(lambda p=proc: ready(p), proc, 120)
+        assert complete(proc)["token_ids"] == expected
