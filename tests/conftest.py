@@ -21,9 +21,14 @@ CRDS_DIR = REPO_ROOT / "crds"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    skip_node = os.environ.get("VNPU_SKIP_NODE_E2E") == "1"
     for item in items:
         if "tests/integration/" in str(item.fspath):
             item.add_marker(pytest.mark.integration)
+        if "tests/e2e/" in str(item.fspath):
+            item.add_marker(pytest.mark.node)
+        if skip_node and item.get_closest_marker("node"):
+            item.add_marker(pytest.mark.skip(reason="VNPU_SKIP_NODE_E2E=1 (developer opt-out; CI runs it)"))
 
 
 @pytest.fixture(scope="session")

@@ -69,16 +69,22 @@ class ControlPlane:
         host: str = "127.0.0.1",
         service_account_admission: bool = False,
         wrap: Sequence[str] = (),
+        apiserver_port: int | None = None,
+        apiserver_args: Sequence[str] = (),
     ) -> None:
-        """``wrap`` prefixes every command (e.g. ``["ip", "netns", "exec", "vnpu-e2e"]``)."""
+        """``wrap`` prefixes every command (e.g. ``["ip", "netns", "exec", "vnpu-e2e"]``);
+        ``apiserver_port`` fixes the secure port (e.g. 443 when ``host`` is the ``kubernetes`` Service
+        address inside a private network namespace, so pods reach the API server without a kube-proxy);
+        ``apiserver_args`` are appended to kube-apiserver's flags."""
         self.bin_dir = bin_dir
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="vnpu-cp-"))
         self.host = host
         self.service_account_admission = service_account_admission
         self.wrap = list(wrap)
+        self.apiserver_args = list(apiserver_args)
         self.processes: dict[str, ManagedProcess] = {}
         self.etcd_port = free_port()
-        self.apiserver_port = free_port()
+        self.apiserver_port = apiserver_port or free_port()
         self.pki: Pki = create_pki(self.workdir / "pki", extra_ips=(host,) if host != "127.0.0.1" else ())
         self.server = f"https://{host}:{self.apiserver_port}"
         self.kubeconfig = self.workdir / "admin.kubeconfig"
@@ -160,6 +166,7 @@ class ControlPlane:
                 "--authorization-mode=Node,RBAC",
                 "--allow-privileged=true",
                 *admission,
+                *self.apiserver_args,
             ],
         )
         admin = p.client("admin", "vnpu-admin", "system:masters")
