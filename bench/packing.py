@@ -159,6 +159,17 @@ def quality_suite(seed: int) -> list[Mix]:
                 min_replicas=2,
             )
         )
+    for i in range(12):  # medium: up to ~100 replicas, still within reach of the MILP
+        mixes.append(
+            make_mix(
+                rng,
+                f"medium-{i:02d}",
+                models=rng.randint(5, 10),
+                max_replicas=rng.choice([8, 12, 16]),
+                device_gib=rng.choice([32, 64]),
+                min_replicas=2,
+            )
+        )
     for i in range(4):  # one replica per model: sharing cannot help, it must not hurt
         mixes.append(
             make_mix(
@@ -611,7 +622,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--milp-max-replicas",
         type=int,
-        default=40,
+        default=120,
         help="solve the exact optimum for mixes up to this many replicas (default: %(default)s)",
     )
     parser.add_argument("--quick", action="store_true", help="small suite and 1 timed run (smoke test)")

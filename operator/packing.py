@@ -27,7 +27,7 @@ The plan returned is the best (fewest unplaced replicas by priority, then fewest
 moves) of several runs from the same kept state: (A) the share-aware packing above; (B) a share-blind
 best-fit-decreasing by replica, re-accounted with sharing and completed like A, which makes "sharing
 never costs more than not sharing" hold by construction; and, when few replicas are to be placed, up
-to 24 randomised variants of A with fixed seeds (jittered chunk order, chunks balanced across devices
+to 64 randomised variants of A with fixed seeds (jittered chunk order, chunks balanced across devices
 or split to fill gaps), which find the exact optimum on the small mixes where the greedy order misses
 it. In the steady state (nothing new to place) only A runs.
 
@@ -51,10 +51,11 @@ from dataclasses import dataclass, field
 from vnpu.api import DEFAULT_SLICE_MIB, slices_for_mib
 
 #: Randomised packing variants tried besides the two main strategies: at most VARIANTS, and no more
-#: than VARIANT_BUDGET / (replicas to place) of them, so they matter on small, tight problems (where
-#: they find the optimum the greedy order misses) and cost nothing at scale or in the steady state.
-VARIANTS = 24
-VARIANT_BUDGET = 6000
+#: than VARIANT_BUDGET / (replicas + devices) of them (each is a whole packing run, whose cost grows
+#: with both), so they help on small, tight problems (where they find the optimum the greedy order
+#: misses) and cost nothing at scale; none run in the steady state (nothing new to place).
+VARIANTS = 64
+VARIANT_BUDGET = 15_000
 
 NO_SCHEDULE = "NoSchedule"
 NO_EXECUTE = "NoExecute"
@@ -249,9 +250,11 @@ class PackResult:
         group_mib: dict[str, int] = {}
         for d in demands:
             group_mib[d.share_group] = max(group_mib.get(d.share_group, 0), d.weight_mib)
+        holders = {(h.node, h.device, h.share_group) for h in self.weight_holders}
         out: dict[str, int] = {}
         for a in self.assignments:
-            saved = 0 if a.weight_holder else group_mib.get(a.share_group, 0)
+            shared = (a.node, a.device, a.share_group) in holders and not a.weight_holder
+            saved = group_mib.get(a.share_group, 0) if shared else 0
             out[a.model] = out.get(a.model, 0) + saved
         return out
 
@@ -270,6 +273,28 @@ class _FreeIndex:
         ]
         self.masks = [0] * n_classes
         self.largest_total = [0] * n_classes  #: the biggest eligible device of each class, in slices
+
+    @classmethod
+    def build(
+        cls,
+        n_classes: int,
+        max_slices: Sequence[int],
+        eligible: Sequence[int],
+        free: Sequence[int],
+        dev_cls: Sequence[int],
+        dev_total: Sequence[int],
+    ) -> _FreeIndex:
+        """An index over the ``eligible`` devices (in ordinal order within each bucket)."""
+        index = cls(n_classes, max_slices)
+        grouped: dict[tuple[int, int], list[int]] = {}
+        for o in eligible:
+            grouped.setdefault((dev_cls[o], free[o]), []).append(o)
+            if dev_total[o] > index.largest_total[dev_cls[o]]:
+                index.largest_total[dev_cls[o]] = dev_total[o]
+        for (c, f), ordinals in grouped.items():
+            index.buckets[c][f] = dict.fromkeys(ordinals)
+            index.masks[c] |= 1 << f
+        return index
 
     def add(self, cls: int, ordinal: int, free: int, total: int) -> None:
         self.buckets[cls][free][ordinal] = None
@@ -328,12 +353,13 @@ def _blocking_taints(
     ]
 
 
-class _Packer:
-    """Mutable state of one packing run (see the module docstring for the algorithm)."""
+class _Cluster:
+    """The static side of one :func:`pack` call, computed once and shared by every packing run:
+    devices flattened in (node name, device id) order (the ordinal is the tie-breaker everywhere),
+    demands in model order with their slices per slice size, and per eligibility signature the
+    devices new replicas may use."""
 
-    def __init__(self, nodes: Sequence[Node], demands: Sequence[Demand], share: bool = True) -> None:
-        #: False: the share-blind model, every replica pays its own copy of the weights.
-        self.share = share
+    def __init__(self, nodes: Sequence[Node], demands: Sequence[Demand]) -> None:
         self.nodes = sorted(nodes, key=lambda n: n.name)
         if len({n.name for n in self.nodes}) != len(self.nodes):
             raise ValueError("node names must be unique")
@@ -344,12 +370,11 @@ class _Packer:
             if d.replicas < 0 or d.replica_mib < 0 or d.weight_mib < 0:
                 raise ValueError(f"demand {d.model!r}: replicas and sizes must be non-negative")
         self.demand_index = {d.model: i for i, d in enumerate(self.demands)}
-        # Devices, flattened in (node name, device id) order: the ordinal is the tie-breaker everywhere.
         self.dev_id: list[str] = []
         self.dev_node: list[int] = []
         self.dev_cls: list[int] = []
         self.dev_total: list[int] = []
-        self.dev_free: list[int] = []
+        self.dev_available: list[int] = []
         self.dev_ok_kept: list[bool] = []  # healthy device on a ready node
         self.dev_ok_new: list[bool] = []  # ... that is also schedulable
         self.slice_sizes = sorted(
@@ -366,33 +391,77 @@ class _Packer:
                 self.dev_node.append(ni)
                 self.dev_cls.append(cls_of[dev.slice_mib])
                 self.dev_total.append(max(0, dev.total_slices))
-                self.dev_free.append(dev.available)
+                self.dev_available.append(dev.available)
                 self.dev_ok_kept.append(dev.healthy and node.ready)
                 self.dev_ok_new.append(dev.healthy and node.ready and node.schedulable)
         self.max_slices = [0] * len(self.slice_sizes)
         for o, total in enumerate(self.dev_total):
             self.max_slices[self.dev_cls[o]] = max(self.max_slices[self.dev_cls[o]], total)
-        # Share groups: weights (largest declared), and per device how many replicas each group has.
+        # Share groups' weights: the largest any of their demands declares.
         self.group_mib: dict[str, int] = {}
         for d in self.demands:
             self.group_mib[d.share_group] = max(self.group_mib.get(d.share_group, 0), d.weight_mib)
-        self.dev_groups: list[dict[str, int]] = [{} for _ in self.dev_id]
-        self.group_devices: dict[str, dict[int, None]] = {g: {} for g in self.group_mib}
-        # Per demand: slices per slice class (replica, group weights), signature.
         self.rep_slices = [[slices_for_mib(d.replica_mib, s) for s in self.slice_sizes] for d in self.demands]
         self.w_slices = [
             [slices_for_mib(self.group_mib[d.share_group], s) for s in self.slice_sizes] for d in self.demands
         ]
+        # Eligibility signatures (selector, tolerations): ids, nodes that pass, devices new replicas may use.
         self.sig = [_signature(d) for d in self.demands]
-        self.demand_free_index: list[_FreeIndex | None] = [None] * len(self.demands)
+        sig_ids: dict[_Signature, int] = {}
+        self.sig_of = [sig_ids.setdefault(sig, len(sig_ids)) for sig in self.sig]
+        self.signatures = list(sig_ids)
+        self.node_ok: list[list[bool]] = []
+        self.eligible: list[list[int]] = []
+        self.dev_sigs: list[list[int]] = [[] for _ in self.dev_id]
+        for sid, (selector, tolerations) in enumerate(self.signatures):
+            ok = [
+                all(node.labels.get(k) == v for k, v in selector)
+                and not _blocking_taints(node, tolerations, (NO_SCHEDULE, NO_EXECUTE))
+                for node in self.nodes
+            ]
+            self.node_ok.append(ok)
+            eligible = [o for o in range(len(self.dev_id)) if self.dev_ok_new[o] and ok[self.dev_node[o]]]
+            self.eligible.append(eligible)
+            for o in eligible:
+                self.dev_sigs[o].append(sid)
+
+
+class _Packer:
+    """Mutable state of one packing run (see the module docstring for the algorithm)."""
+
+    def __init__(self, cluster: _Cluster, share: bool = True) -> None:
+        c = cluster
+        #: False: the share-blind model, every replica pays its own copy of the weights.
+        self.share = share
+        # Static data, shared read-only with the other runs of the same pack() call.
+        self.nodes, self.demands, self.demand_index = c.nodes, c.demands, c.demand_index
+        self.dev_id, self.dev_node, self.dev_cls, self.dev_total = (
+            c.dev_id,
+            c.dev_node,
+            c.dev_cls,
+            c.dev_total,
+        )
+        self.dev_ok_kept, self.dev_ok_new, self.dev_ordinal = c.dev_ok_kept, c.dev_ok_new, c.dev_ordinal
+        self.slice_sizes, self.group_mib = c.slice_sizes, c.group_mib
+        self.rep_slices, self.w_slices, self.sig = c.rep_slices, c.w_slices, c.sig
+        self.node_ok, self.dev_sigs = c.node_ok, c.dev_sigs
+        self.sig_of = c.sig_of
+        # Capacity: free slices per device and one free-slice index per eligibility signature.
+        self.dev_free = list(c.dev_available)
+        self.indexes = [
+            _FreeIndex.build(
+                len(c.slice_sizes), c.max_slices, eligible, self.dev_free, c.dev_cls, c.dev_total
+            )
+            for eligible in c.eligible
+        ]
+        # Share groups present per device (replica counts), and the devices holding each group.
+        self.dev_groups: list[dict[str, int]] = [{} for _ in self.dev_id]
+        self.group_devices: dict[str, dict[int, None]] = {g: {} for g in self.group_mib}
         # Chunk ordering knobs of the randomised variants (see ``perturb``); neutral by default.
         self.jitter = [1.0] * len(self.demands)
         self.balanced = [False] * len(self.demands)
         self.split = [False] * len(self.demands)
         self.rng: random.Random | None = None
-        self.indexes: dict[_Signature, _FreeIndex] = {}
-        self.node_ok: dict[_Signature, list[bool]] = {}
-        self.dev_indexes: list[list[_FreeIndex]] = [[] for _ in self.dev_id]
         # Placements: (demand, replica) -> (device ordinal, slices, kept); per (demand, node) counts.
         self.placed: dict[tuple[int, int], tuple[int, int, bool]] = {}
         self.model_node_count: list[dict[int, int]] = [{} for _ in self.demands]
@@ -402,6 +471,8 @@ class _Packer:
         # Where ``current`` had each replica (device, slices): decides ``Assignment.kept``.
         self.current: dict[tuple[int, int], tuple[int, int]] = {}
         self.kept_by_priority: list[tuple[int, int, int]] = []  # (priority, demand, replica) kept
+        self.node_verdicts: dict[int, tuple[int, tuple[Reason, str] | None]] = {}
+        self.on_device: dict[int, list[tuple[int, int]]] = {}  # filled by ``improve``
 
     def record_current(self, current: Sequence[Placement]) -> None:
         for p in current:
@@ -410,37 +481,13 @@ class _Packer:
             if di is not None and o is not None:
                 self.current[(di, p.replica)] = (o, p.slices)
 
-    # -- eligibility -----------------------------------------------------------------------------
-
-    def _eligible_nodes(self, sig: _Signature) -> list[bool]:
-        if sig not in self.node_ok:
-            selector, tolerations = sig
-            self.node_ok[sig] = [
-                all(node.labels.get(k) == v for k, v in selector)
-                and not _blocking_taints(node, tolerations, (NO_SCHEDULE, NO_EXECUTE))
-                for node in self.nodes
-            ]
-        return self.node_ok[sig]
-
-    def index(self, sig: _Signature) -> _FreeIndex:
-        """The free-slice index of the devices new replicas with this signature may use."""
-        idx = self.indexes.get(sig)
-        if idx is None:
-            ok = self._eligible_nodes(sig)
-            idx = _FreeIndex(len(self.slice_sizes), self.max_slices)
-            for o in range(len(self.dev_id)):
-                if self.dev_ok_new[o] and ok[self.dev_node[o]]:
-                    idx.add(self.dev_cls[o], o, self.dev_free[o], self.dev_total[o])
-                    self.dev_indexes[o].append(idx)
-            self.indexes[sig] = idx
-        return idx
+    def _eligible_nodes(self, di: int) -> list[bool]:
+        """Per node: may new replicas of demand ``di`` go there (selector and taints)."""
+        return self.node_ok[self.sig_of[di]]
 
     def demand_index_of(self, di: int) -> _FreeIndex:
-        """The free-slice index for demand ``di`` (cached per demand: signatures are costly to hash)."""
-        idx = self.demand_free_index[di]
-        if idx is None:
-            idx = self.demand_free_index[di] = self.index(self.sig[di])
-        return idx
+        """The free-slice index of the devices new replicas of demand ``di`` may use."""
+        return self.indexes[self.sig_of[di]]
 
     # -- primitive moves ------------------------------------------------------------------------
 
@@ -448,8 +495,8 @@ class _Packer:
         old = self.dev_free[o]
         if old != new:
             cls = self.dev_cls[o]
-            for idx in self.dev_indexes[o]:
-                idx.move(cls, o, old, new)
+            for sid in self.dev_sigs[o]:
+                self.indexes[sid].move(cls, o, old, new)
             self.dev_free[o] = new
 
     def cost(self, di: int, o: int) -> int:
@@ -600,7 +647,7 @@ class _Packer:
         group's weights first, else one with room for weights + replica."""
         counts = self.model_node_count[di]
         best: tuple[int, int] | None = None
-        ok = self._eligible_nodes(self.sig[di])
+        ok = self._eligible_nodes(di)
         for o in self.group_devices[self.demands[di].share_group] if self.share else ():
             if (
                 self.dev_ok_new[o]
@@ -661,7 +708,7 @@ class _Packer:
         only its own slices), tightest device first. True if any replica was placed."""
         if not self.share or self.balanced[di] or self.split[di]:
             return False  # (variants that shape a demand's chunks must not have them merged back)
-        ok = self._eligible_nodes(self.sig[di])
+        ok = self._eligible_nodes(di)
         rep = self.rep_slices[di]
         candidates = sorted(
             (self.dev_free[o], o)
@@ -715,7 +762,7 @@ class _Packer:
         d = self.demands[di]
         if not self.kept_by_priority or self.kept_by_priority[0][0] >= d.priority:
             return False  # nothing of lower priority runs (lower levels are placed after this one)
-        ok = self._eligible_nodes(self.sig[di])
+        ok = self._eligible_nodes(di)
         victims_by_device: dict[int, list[tuple[int, int, int]]] = {}
         for prio, dj, replica in self.kept_by_priority:
             if prio >= d.priority:
@@ -782,47 +829,16 @@ class _Packer:
         self.missing[di] = []
 
     def _explain(self, di: int) -> tuple[Reason, str]:
-        """Why demand ``di`` does not fit, in the scheduler's style (most specific cause first)."""
+        """Why demand ``di`` does not fit, most specific cause first."""
         d = self.demands[di]
         if not self.nodes:
             return Reason.NO_NODES, "no nodes with vnpu devices in the cluster"
-        selector, tolerations = self.sig[di]
-        excluded: dict[str, int] = {}
-        taints: set[str] = set()
-        eligible_nodes = 0
-        for node in self.nodes:
-            if any(node.labels.get(k) != v for k, v in selector):
-                excluded["didn't match nodeSelector"] = excluded.get("didn't match nodeSelector", 0) + 1
-                continue
-            blocking = _blocking_taints(node, tolerations, (NO_SCHEDULE, NO_EXECUTE))
-            if blocking:
-                excluded["had untolerated taints"] = excluded.get("had untolerated taints", 0) + 1
-                taints.update(_taint_str(t) for t in blocking)
-                continue
-            if not node.ready:
-                excluded["not ready"] = excluded.get("not ready", 0) + 1
-                continue
-            if not node.schedulable:
-                excluded["unschedulable (cordoned)"] = excluded.get("unschedulable (cordoned)", 0) + 1
-                continue
-            if not any(dev.healthy for dev in node.devices):
-                excluded["had no healthy device"] = excluded.get("had no healthy device", 0) + 1
-                continue
-            eligible_nodes += 1
-        total = len(self.nodes)
-        if eligible_nodes == 0:
-            if excluded.get("didn't match nodeSelector") == total:
-                return Reason.NODE_SELECTOR, f"no node matches nodeSelector {dict(selector)}"
-            parts = []
-            for what, n in sorted(excluded.items()):
-                suffix = f" {{{', '.join(sorted(taints))}}}" if what == "had untolerated taints" else ""
-                parts.append(f"{n} {what}{suffix}")
-            code = (
-                Reason.TAINTED
-                if set(excluded) <= {"had untolerated taints", "didn't match nodeSelector"} and taints
-                else Reason.NO_ELIGIBLE_NODE
-            )
-            return code, f"0/{total} nodes are available: {', '.join(parts)}"
+        sid = self.sig_of[di]
+        if sid not in self.node_verdicts:
+            self.node_verdicts[sid] = self._node_verdict(self.sig[di])
+        eligible_nodes, verdict = self.node_verdicts[sid]
+        if verdict is not None:
+            return verdict
         idx = self.demand_index_of(di)
         # The slice class with the biggest eligible device decides the message.
         cls = max(
@@ -847,13 +863,49 @@ class _Packer:
             f"insufficient memory: needs {w + r} slices{weights}, largest free {max(idx.max_free(cls), 0)}"
         )
 
+    def _node_verdict(self, sig: _Signature) -> tuple[int, tuple[Reason, str] | None]:
+        """(eligible nodes, the reason when there are none) for one signature, in the scheduler's
+        style: ``0/12 nodes are available: 3 didn't match nodeSelector, 9 had untolerated taints``."""
+        selector, tolerations = sig
+        excluded: dict[str, int] = {}
+        taints: set[str] = set()
+        eligible = 0
+        for node in self.nodes:
+            if any(node.labels.get(k) != v for k, v in selector):
+                why = "didn't match nodeSelector"
+            elif blocking := _blocking_taints(node, tolerations, (NO_SCHEDULE, NO_EXECUTE)):
+                why = "had untolerated taints"
+                taints.update(_taint_str(t) for t in blocking)
+            elif not node.ready:
+                why = "not ready"
+            elif not node.schedulable:
+                why = "unschedulable (cordoned)"
+            elif not any(dev.healthy for dev in node.devices):
+                why = "had no healthy device"
+            else:
+                eligible += 1
+                continue
+            excluded[why] = excluded.get(why, 0) + 1
+        if eligible:
+            return eligible, None
+        total = len(self.nodes)
+        if excluded.get("didn't match nodeSelector") == total:
+            return 0, (Reason.NODE_SELECTOR, f"no node matches nodeSelector {dict(selector)}")
+        parts = []
+        for what, n in sorted(excluded.items()):
+            suffix = f" {{{', '.join(sorted(taints))}}}" if what == "had untolerated taints" else ""
+            parts.append(f"{n} {what}{suffix}")
+        only_taints = set(excluded) <= {"had untolerated taints", "didn't match nodeSelector"}
+        code = Reason.TAINTED if only_taints else Reason.NO_ELIGIBLE_NODE
+        return 0, (code, f"0/{total} nodes are available: {', '.join(parts)}")
+
     # -- phase 5: local improvement --------------------------------------------------------------
 
     def improve(self) -> None:
         """Empty lightly used devices by moving their replicas into the room left on other used
         devices; a device is only touched if it holds new replicas of non-spread demands only (kept
         replicas never move here), and a move is committed only if the whole device empties."""
-        self.on_device: dict[int, list[tuple[int, int]]] = {}
+        self.on_device = {}
         for (di, replica), (o, _, _) in self.placed.items():
             self.on_device.setdefault(o, []).append((di, replica))
         movable = [
@@ -868,48 +920,53 @@ class _Packer:
             self._try_empty(o)
 
     def _try_empty(self, o: int) -> bool:
+        """Move every replica on device ``o`` to other used devices, if they all fit. The moves are
+        planned first against an overlay of what the plan adds, so a failed attempt changes nothing."""
         moving = sorted(self.on_device.get(o, []))
         if not moving:
             return False
-        saved = [(di, replica, self.placed[(di, replica)]) for di, replica in moving]
+        added_slices: dict[int, int] = {}
+        added_groups: dict[int, set[str]] = {}
+        plan: list[tuple[int, int, int]] = []
+        for di, replica in moving:
+            target = self._improve_target(di, o, added_slices, added_groups)
+            if target is None:
+                return False
+            group = self.demands[di].share_group
+            cost = self.rep_slices[di][self.dev_cls[target]]
+            if group not in self.dev_groups[target] and group not in added_groups.get(target, ()):
+                cost += self.w_slices[di][self.dev_cls[target]]
+            added_slices[target] = added_slices.get(target, 0) + cost
+            added_groups.setdefault(target, set()).add(group)
+            plan.append((di, replica, target))
         for di, replica in moving:
             self.unplace(di, replica)
-        self.on_device.pop(o)
-        moved: list[tuple[int, int, int]] = []
-        for di, replica in moving:
-            target = self._improve_target(di, exclude=o)
-            if target is None:
-                break
+        for di, replica, target in plan:
             self.missing[di].remove(replica)
             self.place(di, target, 1, replicas=[replica])
-            moved.append((di, replica, target))
-        if len(moved) < len(moving):  # roll back: put everything where it was
-            for di, replica, _ in moved:
-                self.unplace(di, replica)
-            for di, replica, (_, _, kept) in saved:
-                self.missing[di].remove(replica)
-                self.place(di, o, 1, kept=kept, replicas=[replica])
-            self.on_device[o] = moving
-            return False
-        for di, replica, target in moved:
             self.on_device[target].append((di, replica))
+        del self.on_device[o]
         return True
 
-    def _improve_target(self, di: int, exclude: int) -> int | None:
-        """The tightest other *used* device with room for one replica of ``di``: one holding the
-        group's weights first (replica only), else one with room for weights + replica."""
-        ok = self._eligible_nodes(self.sig[di])
+    def _improve_target(
+        self, di: int, exclude: int, added_slices: dict[int, int], added_groups: dict[int, set[str]]
+    ) -> int | None:
+        """The tightest other *used* device with room for one replica of ``di``, given what the
+        planned moves add: one holding the group's weights first (replica only), else one with room
+        for weights + replica."""
+        ok = self._eligible_nodes(di)
+        group = self.demands[di].share_group
         best: tuple[int, int] | None = None
-        for o in self.group_devices[self.demands[di].share_group]:
+        holding = list(self.group_devices[group]) + [t for t, gs in added_groups.items() if group in gs]
+        for o in holding:
+            free = self.dev_free[o] - added_slices.get(o, 0)
             if (
                 o != exclude
                 and self.dev_ok_new[o]
                 and ok[self.dev_node[o]]
-                and self.rep_slices[di][self.dev_cls[o]] <= self.dev_free[o]
-            ):
-                key = (self.dev_free[o], o)
-                if best is None or key < best:
-                    best = key
+                and self.rep_slices[di][self.dev_cls[o]] <= free
+            ) and (best is None or (free, o) < best):
+                best = (free, o)
         if best is not None:
             return best[1]
         idx = self.demand_index_of(di)
@@ -919,12 +976,32 @@ class _Packer:
             for o in idx.walk(cls, need):
                 if self.dev_free[o] == self.dev_total[o]:
                     break  # the remaining buckets hold empty devices (or bigger, rarer ones): stop here
-                if o != exclude and o in self.on_device:
-                    candidates.append(((self.dev_free[o] - need) * self.slice_sizes[cls], o))
+                free = self.dev_free[o] - added_slices.get(o, 0)
+                if o != exclude and o in self.on_device and free >= need:
+                    candidates.append(((free - need) * self.slice_sizes[cls], o))
                     break
         return min(candidates)[1] if candidates else None
 
     # -- output ---------------------------------------------------------------------------------
+
+    def score(self, levels: Sequence[int]) -> tuple[tuple[int, ...], int, int, int]:
+        """This run's :func:`_score`, from its state (no result objects built)."""
+        per_priority: dict[int, int] = {}
+        for u in self.unplaced:
+            per_priority[u.priority] = per_priority.get(u.priority, 0) + 1
+        devices = set()
+        slices = moves = 0
+        for (di, replica), (o, r, _) in self.placed.items():
+            devices.add(o)
+            slices += r if self.share else r + self.w_slices[di][self.dev_cls[o]]
+            moves += self.current.get((di, replica)) != (o, r)
+        if self.share:
+            for o in devices:
+                cls = self.dev_cls[o]
+                slices += sum(
+                    slices_for_mib(self.group_mib[g], self.slice_sizes[cls]) for g in self.dev_groups[o]
+                )
+        return tuple(per_priority.get(level, 0) for level in levels), len(devices), slices, moves
 
     def result(self) -> PackResult:
         charged: dict[tuple[int, str], tuple[str, int]] = {}
@@ -1028,12 +1105,13 @@ def pack(
     the weights), for comparisons. Deterministic: equal inputs in any order give equal results.
     Raises ValueError for duplicate node, device or model names, or negative sizes.
     """
+    cluster = _Cluster(nodes, demands)
     levels = sorted({d.priority for d in demands}, reverse=True)
     options = {"preempt": preempt, "improve": improve, "share": share_weights}
-    stable = _best_plan(nodes, demands, current, levels, keep=True, **options)
+    stable = _best_plan(cluster, current, levels, keep=True, **options)
     if not defragment or not current:
         return stable
-    fresh = _best_plan(nodes, demands, current, levels, keep=False, **options)
+    fresh = _best_plan(cluster, current, levels, keep=False, **options)
     if _score(fresh, levels) >= _score(stable, levels):
         return stable
     reasons = {(x.placement.model, x.placement.replica): x.reason for x in stable.dropped}
@@ -1057,8 +1135,7 @@ def _score(result: PackResult, levels: Sequence[int]) -> tuple[tuple[int, ...], 
 
 
 def _best_plan(
-    nodes: Sequence[Node],
-    demands: Sequence[Demand],
+    cluster: _Cluster,
     current: Sequence[Placement],
     levels: Sequence[int],
     *,
@@ -1072,7 +1149,7 @@ def _best_plan(
     (A) share-aware chunk packing; (B) a share-blind best-fit-decreasing by replica, re-accounted with
     sharing (which only frees room), then completed and improved like A: B makes "sharing never costs
     more than not sharing" hold by construction; (R1..Rk) randomised variants of A with fixed seeds,
-    as many as :data:`VARIANT_BUDGET` allows for the number of replicas to place.
+    as many as :data:`VARIANT_BUDGET` allows for the size of the problem.
     """
 
     def start(packer: _Packer) -> _Packer:
@@ -1081,7 +1158,7 @@ def _best_plan(
             packer.keep_current(current)
         return packer
 
-    def finish(packer: _Packer) -> PackResult:
+    def finish(packer: _Packer) -> _Packer:
         packer.place_all(preempt)
         if improve:
             packer.improve()
@@ -1090,27 +1167,27 @@ def _best_plan(
                 packer.place_all(preempt)
                 packer.improve()
         packer.match_indices()
-        return packer.result()
+        return packer
 
     if not share:
-        blind = start(_Packer(nodes, demands, share=False))
+        blind = start(_Packer(cluster, share=False))
         blind.place_all(preempt)
         blind.match_indices()
         return blind.result()
-    plan_a = start(_Packer(nodes, demands))
-    new_replicas = sum(d.replicas for d in demands) - len(plan_a.placed)
-    results = [finish(plan_a)]
-    if new_replicas == 0:  # the steady state: nothing to place, every strategy gives the same plan
-        return results[0]
-    blind = start(_Packer(nodes, demands, share=False))
-    blind.place_all(preempt)
-    plan_b = start(_Packer(nodes, demands))
-    for (di, replica), (o, _, kept) in blind.placed.items():
-        if not kept and (di, replica) not in plan_b.placed and plan_b.cost(di, o) <= plan_b.dev_free[o]:
-            plan_b.place(di, o, 1, replicas=[replica])
-    results.append(finish(plan_b))
-    for seed in range(min(VARIANTS, VARIANT_BUDGET // new_replicas)):
-        variant = start(_Packer(nodes, demands))
-        variant.perturb(random.Random(seed))
-        results.append(finish(variant))
-    return min(results, key=lambda r: _score(r, levels))
+    total_replicas = sum(d.replicas for d in cluster.demands)
+    plan_a = start(_Packer(cluster))
+    new_replicas = total_replicas - len(plan_a.placed)
+    runs = [finish(plan_a)]
+    if new_replicas > 0:  # in the steady state (nothing to place) every strategy gives plan A
+        blind = start(_Packer(cluster, share=False))
+        blind.place_all(preempt)
+        plan_b = start(_Packer(cluster))
+        for (di, replica), (o, _, kept) in blind.placed.items():
+            if not kept and (di, replica) not in plan_b.placed and plan_b.cost(di, o) <= plan_b.dev_free[o]:
+                plan_b.place(di, o, 1, replicas=[replica])
+        runs.append(finish(plan_b))
+        for seed in range(min(VARIANTS, VARIANT_BUDGET // (total_replicas + len(cluster.dev_id)))):
+            variant = start(_Packer(cluster))
+            variant.perturb(random.Random(seed))
+            runs.append(finish(variant))
+    return min(runs, key=lambda run: run.score(levels)).result()  # the first of equals: A before B

@@ -306,6 +306,29 @@ def test_current_placements_count_against_capacity():
     assert result.assignments[0].kept and [u.model for u in result.unplaced] == ["y"]
 
 
+def test_share_blind_mode_carries_weights_in_every_replica():
+    demands = [Demand("m", "g", 4, 2 * GIB, 10 * GIB)]
+    blind = pack(cluster(1), demands, share_weights=False)
+    assert blind.weight_holders == () and [a.slices for a in blind.assignments] == [12] * 4
+    assert blind.devices_used() == 1 and blind.slices_used() == 48
+    assert blind.saved_by_sharing_mib(demands) == {"m": 0}
+    assert pack(cluster(1), demands).slices_used() == 18
+
+
+def test_mixed_exclusions_are_listed_like_the_scheduler_does():
+    nodes = [
+        Node("a", (Device("d", 64),), labels={"zone": "x"}),
+        Node("b", (Device("d", 64),), labels={"zone": "y"}, taints=(Taint("gpu", "", "NoSchedule"),)),
+        Node("c", (Device("d", 64),), labels={"zone": "y"}, ready=False),
+    ]
+    u = pack(nodes, [Demand("m", "g", 1, GIB, node_selector={"zone": "y"})]).unplaced[0]
+    assert u.code == Reason.NO_ELIGIBLE_NODE
+    assert u.reason == (
+        "0/3 nodes are available: 1 didn't match nodeSelector, 1 had untolerated taints {gpu:NoSchedule}, "
+        "1 not ready"
+    )
+
+
 def test_bad_inputs_are_value_errors():
     with pytest.raises(ValueError, match="node names"):
         pack(cluster(1) + cluster(1), [])
@@ -433,7 +456,7 @@ def shuffled(nodes: list[Node], demands: list[Demand], current: list[Placement],
     return rng.sample(nodes, len(nodes)), rng.sample(demands, len(demands)), rng.sample(current, len(current))
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(instances(), st.integers(0, 2**32), st.booleans())
 def test_property_invariants_and_determinism(instance, seed, defragment):
     nodes, demands = instance
@@ -446,9 +469,8 @@ def test_property_invariants_and_determinism(instance, seed, defragment):
     second = pack(nodes, changed, current, defragment=defragment)
     check_invariants(nodes, changed, second, current)
     # Same input in any order -> same output.
-    for extra_seed in (seed, seed + 1):
-        n2, d2, c2 = shuffled(nodes, changed, current, extra_seed)
-        assert pack(n2, d2, c2, defragment=defragment) == second
+    n2, d2, c2 = shuffled(nodes, changed, current, seed)
+    assert pack(n2, d2, c2, defragment=defragment) == second
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
