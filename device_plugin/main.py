@@ -13,6 +13,7 @@ from pathlib import Path
 from vnpu.api import DEFAULT_SLICE_MIB, RESOURCE_MEMORY
 from vnpu.device_plugin import contract
 from vnpu.device_plugin.backends.base import BACKEND_NAMES
+from vnpu.device_plugin.ledger import SYNC_MODES
 from vnpu.device_plugin.plugin import PluginConfig, PluginRunner
 from vnpu.logs import setup_logging
 
@@ -129,10 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="where the allocation checkpoint lives (default: %(default)s)",
     )
     g.add_argument(
-        "--checkpoint-fsync",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="fsync the checkpoint before Allocate returns, so a crash loses nothing (default: on)",
+        "--checkpoint-sync",
+        choices=SYNC_MODES,
+        default=d.checkpoint_sync,
+        help="how journaled allocations reach the disk: sync = fdatasync before Allocate returns; async = "
+        "right after, on a thread (survives plugin crashes; pod-resources covers an OS crash); off = never "
+        "(default: %(default)s)",
     )
     g.add_argument(
         "--reconcile-interval",
@@ -197,7 +200,7 @@ def config_from_args(args: argparse.Namespace) -> PluginConfig:
         allow_spanning=args.allow_spanning,
         share_root=args.share_root,
         state_dir=args.state_dir,
-        durable_checkpoint=args.checkpoint_fsync,
+        checkpoint_sync=args.checkpoint_sync,
         pod_resources_socket=args.pod_resources_socket,
         reconcile_interval_s=args.reconcile_interval,
         release_grace_s=args.release_grace,

@@ -50,7 +50,7 @@ class PluginConfig:
     allow_spanning: bool = False
     share_root: Path = Path(contract.DEFAULT_SHARE_ROOT)
     state_dir: Path = Path("/var/lib/vnpu/device-plugin")
-    durable_checkpoint: bool = True
+    checkpoint_sync: str = "async"  #: sync | async | off (see vnpu.device_plugin.ledger)
     pod_resources_socket: Path = podresources.DEFAULT_SOCKET
     reconcile_interval_s: float = 30.0
     release_grace_s: float = 10.0
@@ -112,7 +112,7 @@ class PluginRunner:
         )
         self.table = DeviceTable(config.slice_mib)
         self.monitor = HealthMonitor(self.backend, self.table, config.health_interval_s)
-        self.ledger = Ledger(config.checkpoint_path, durable=config.durable_checkpoint)
+        self.ledger = Ledger(config.checkpoint_path, sync=config.checkpoint_sync)
         self.metrics = PluginMetrics(self.table, self.ledger)
         self.metrics_port: int | None = None
         if core_api is None and config.use_api:
@@ -184,6 +184,7 @@ class PluginRunner:
             self._server = None
         self.table.wake_watchers()
         self.metrics.stop()
+        self.ledger.close()
         self.backend.close()
         self.config.socket_path.unlink(missing_ok=True)
         log.info("plugin stopped")
