@@ -74,7 +74,8 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
     @kopf.on.create(api.GROUP, api.VERSION, api.PLURAL, registry=registry)
     @kopf.on.update(api.GROUP, api.VERSION, api.PLURAL, registry=registry)
     async def model_changed(memo: kopf.Memo, namespace: str, name: str, **_: Any) -> None:
-        await reconciler(memo).reconcile_now(f"InferenceModel {namespace}/{name} changed")
+        # Only a trigger: a burst of creates (hundreds of models applied at once) becomes one pass.
+        reconciler(memo).trigger(f"InferenceModel {namespace}/{name} changed")
 
     @kopf.on.delete(api.GROUP, api.VERSION, api.PLURAL, registry=registry)
     async def model_deleted(memo: kopf.Memo, namespace: str, name: str, **_: Any) -> None:

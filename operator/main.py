@@ -114,7 +114,8 @@ def main(argv: list[str]) -> int:
             settings=settings,
             standalone=args.standalone,
             priority=args.priority,
-            peering_name=args.peering,
+            # A peering name makes peering mandatory in kopf, even next to standalone=True.
+            peering_name=None if args.standalone else args.peering,
             clusterwide=not args.namespace,
             namespaces=args.namespace,
             liveness_endpoint=args.liveness,

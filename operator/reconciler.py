@@ -12,15 +12,19 @@ import asyncio
 import contextlib
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from vnpu import api
 from vnpu.operator import metrics
 from vnpu.operator.config import OperatorConfig
 from vnpu.operator.estimate_cache import EstimateCache
 from vnpu.operator.kube import Kube
-from vnpu.operator.planner import Plan, plan
+from vnpu.operator.planner import Plan, PodDeletion, plan
 
 log = logging.getLogger(__name__)
+#: Parallel API calls when applying a plan (the kubernetes client pool allows 4 per host by default).
+API_CONCURRENCY = 4
 
 
 class Reconciler:
@@ -114,26 +118,34 @@ class Reconciler:
 
     def _apply(self, result: Plan) -> None:
         kube = self.kube
-        # Deletions first: a replica that moves frees its old slot before the new pod asks for it.
-        for deletion in result.delete:
-            if kube.delete_pod(deletion.namespace, deletion.name, force=deletion.force):
-                metrics.POD_ACTIONS.labels("delete", deletion.role).inc()
-                log.info("deleted pod %s/%s (%s)", deletion.namespace, deletion.name, deletion.reason)
-        # Weight-holders before the replicas that map them.
-        for manifest in sorted(
-            result.create, key=lambda m: m["metadata"]["labels"].get("vnpu.io/role") != "weights"
-        ):
-            role = manifest["metadata"]["labels"].get("vnpu.io/role", "")
+
+        def delete(d: PodDeletion) -> None:
+            if kube.delete_pod(d.namespace, d.name, force=d.force):
+                metrics.POD_ACTIONS.labels("delete", d.role).inc()
+                log.info("deleted pod %s/%s (%s)", d.namespace, d.name, d.reason)
+
+        def create(manifest: dict[str, Any]) -> None:
+            role = manifest["metadata"]["labels"].get(api.LABEL_ROLE, "")
             if kube.create_pod(manifest):
                 metrics.POD_ACTIONS.labels("create", role).inc()
-                log.info(
-                    "created %s pod %s/%s",
-                    role,
-                    manifest["metadata"]["namespace"],
-                    manifest["metadata"]["name"],
-                )
+                meta = manifest["metadata"]
+                log.info("created %s pod %s/%s", role, meta["namespace"], meta["name"])
+
+        def is_holder(manifest: dict[str, Any]) -> bool:
+            return bool(manifest["metadata"]["labels"].get(api.LABEL_ROLE) == api.ROLE_WEIGHTS)
+
+        holders = [m for m in result.create if is_holder(m)]
+        others = [m for m in result.create if not is_holder(m)]
+        # Deletions first (a moving replica frees its old slot), then weight-holders before the replicas
+        # that map them. Each phase fans out over a few connections: hundreds of models applied at
+        # once mean thousands of pods.
+        with ThreadPoolExecutor(max_workers=API_CONCURRENCY) as pool:
+            for phase, items in ((delete, result.delete), (create, holders), (create, others)):
+                for future in [pool.submit(phase, item) for item in items]:  # type: ignore[arg-type]
+                    future.result()
         for update in result.statuses:
-            kube.patch_model_status(update.model, update.status)
+            if update.changed:
+                kube.patch_model_status(update.model, update.status)
             for event in update.events:
                 kube.post_event(update.model, event.type, event.reason, event.message)
         metrics.UNPLACED_SLICES.set(result.unplaced_slices)

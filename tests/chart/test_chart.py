@@ -55,6 +55,7 @@ def render(bin_dir: Path, *args: str) -> list[dict[str, Any]]:
 LINT_SETS = {
     "defaults": [],
     "peering": ["--set", "operator.replicas=2"],
+    "peering-namespaced": ["--set", "operator.replicas=2", "--set", "operator.watchNamespaces={a,b}"],
     "simulated-one-namespace": VALUE_SETS["simulated-one-namespace"],
 }
 

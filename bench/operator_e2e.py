@@ -1,0 +1,173 @@
+"""End-to-end operator latency: many InferenceModels applied at once to the real apiserver with kwok nodes.
+
+For each model: time from its create call returning to the moment every pod it needs (replicas and
+the weight-holders of its group) exists, seen through a watch. Reports p50/p99 and the total time
+to converge, and writes JSON, a table and a PNG histogram to bench/results/.
+
+    vnpu bench operator --models 500 --nodes 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from vnpu import api
+from vnpu.bench.report import percentile, results_dir, write_table
+
+GIB = 1024
+
+
+def _model(i: int, namespace: str) -> dict[str, Any]:
+    """A seeded mix: 8 share groups of 1-8 GiB weights, 1-3 replicas of 1-2 GiB each."""
+    return {
+        "apiVersion": api.API_VERSION,
+        "kind": api.KIND,
+        "metadata": {"name": f"m{i:04d}", "namespace": namespace},
+        "spec": {
+            "modelName": f"model-{i}",
+            "source": {"uri": f"pvc://models/group-{i % 8}.safetensors"},
+            "shareGroup": f"group-{i % 8}",
+            "weights": {"sizeMiB": (1 + i % 8) * GIB},
+            "replicas": 1 + i % 3,
+            "memory": {"kvCacheMiB": 768 + 256 * (i % 2), "activationMiB": 256},
+        },
+    }
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="vnpu bench operator", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("--models", type=int, default=500)
+    parser.add_argument("--nodes", type=int, default=200)
+    parser.add_argument("--devices-per-node", type=int, default=8)
+    parser.add_argument("--timeout", type=float, default=600)
+    parser.add_argument("--out", type=Path, default=None, help="results directory (default bench/results)")
+    args = parser.parse_args(argv)
+
+    from kubernetes import client, watch
+
+    from vnpu.cluster.binaries import ensure_binaries
+    from vnpu.cluster.controlplane import ControlPlane
+    from vnpu.cluster.kwok import create_npu_nodes
+    from vnpu.cluster.processes import ManagedProcess, wait_until
+
+    crds = Path(__file__).resolve().parents[1] / "crds"
+    namespace = "bench"
+    with ControlPlane(ensure_binaries()) as cp:
+        cp.start_controller_manager()
+        cp.start_kwok()
+        cp.kubectl("apply", "--server-side", "-f", str(crds))
+        cp.kubectl("create", "namespace", namespace)
+        api_client = cp.api_client()
+        core = client.CoreV1Api(api_client)
+        create_npu_nodes(api_client, args.nodes, devices=args.devices_per_node, device_mib=64 * GIB)
+        wait_until(
+            lambda: sum(1 for n in core.list_node().items if not n.spec.taints) == args.nodes,
+            300,
+            "nodes Ready",
+        )
+        operator = ManagedProcess(
+            "operator",
+            [sys.executable, "-m", "vnpu", "operator", "--kubeconfig", str(cp.kubeconfig), "--standalone",
+             "-n", namespace, "--log-format", "text", "--no-placeholders"],
+            cp.workdir / "logs" / "operator.log",
+        )  # fmt: skip
+        try:
+            first_seen: dict[str, float] = {}
+            expected: dict[str, set[str]] = {}
+            stop = threading.Event()
+
+            def watch_pods() -> None:
+                w = watch.Watch()
+                for ev in w.stream(core.list_namespaced_pod, namespace, timeout_seconds=int(args.timeout)):
+                    pod = ev["object"]
+                    first_seen.setdefault(pod.metadata.name, time.perf_counter())
+                    if stop.is_set():
+                        w.stop()
+
+            watcher = threading.Thread(target=watch_pods, daemon=True)
+            watcher.start()
+            time.sleep(3)  # operator start-up and initial listing are not what we measure
+            custom = client.CustomObjectsApi(api_client)
+            created_at: dict[str, float] = {}
+            t0 = time.perf_counter()
+            for i in range(args.models):
+                body = _model(i, namespace)
+                custom.create_namespaced_custom_object(api.GROUP, api.VERSION, namespace, api.PLURAL, body)
+                created_at[body["metadata"]["name"]] = time.perf_counter()
+            t_applied = time.perf_counter() - t0
+
+            def placements() -> dict[str, Any]:
+                items = custom.list_namespaced_custom_object(api.GROUP, api.VERSION, namespace, api.PLURAL)[
+                    "items"
+                ]
+                return {o["metadata"]["name"]: o.get("status", {}) for o in items}
+
+            def converged() -> bool:
+                statuses = placements()
+                for name, status in statuses.items():
+                    pods = {p["pod"] for p in status.get("placements", [])}
+                    pods |= {p["weightHolder"] for p in status.get("placements", []) if p.get("weightHolder")}
+                    if (
+                        len(status.get("placements", []))
+                        < _model(int(name[1:]), namespace)["spec"]["replicas"]
+                    ):
+                        return False
+                    expected[name] = pods
+                return all(pod in first_seen for pods in expected.values() for pod in pods)
+
+            wait_until(converged, args.timeout, "all models placed and their pods created", interval=1.0)
+            t_total = time.perf_counter() - t0
+            stop.set()
+        finally:
+            operator.stop()
+
+    latencies = sorted(max(first_seen[p] for p in pods) - created_at[name] for name, pods in expected.items())
+    pods_total = len({p for pods in expected.values() for p in pods})
+    result = {
+        "models": args.models,
+        "nodes": args.nodes,
+        "devices": args.nodes * args.devices_per_node,
+        "pods": pods_total,
+        "apply_seconds": round(t_applied, 2),
+        "converge_seconds": round(t_total, 2),
+        "latency_p50_s": round(percentile(latencies, 50), 2),
+        "latency_p99_s": round(percentile(latencies, 99), 2),
+        "latency_max_s": round(latencies[-1], 2),
+    }
+    out = args.out or results_dir()
+    (out / "operator_e2e.json").write_text(json.dumps({"result": result, "latencies_s": latencies}, indent=2))
+    write_table(out / "operator_e2e.md", [result], title="Operator end to end (real apiserver, kwok nodes)")
+    _plot(latencies, out / "operator_e2e.png", result)
+    return 0
+
+
+def _plot(latencies: list[float], path: Path, result: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.hist(latencies, bins=40, color="#4c72b0")
+    for q, style in (("latency_p50_s", "--"), ("latency_p99_s", ":")):
+        ax.axvline(result[q], color="black", linestyle=style, label=f"{q[8:11]} {result[q]} s")
+    ax.set_xlabel("seconds from create to all of the model's pods created")
+    ax.set_ylabel("models")
+    ax.set_title(
+        f"{result['models']} InferenceModels on {result['nodes']} kwok nodes ({result['pods']} pods)"
+    )
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

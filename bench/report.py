@@ -1,0 +1,41 @@
+"""Small helpers every benchmark suite shares: where results go, percentiles, a Markdown table."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+def results_dir() -> Path:
+    """``$VNPU_BENCH_OUT`` or bench/results/ of this checkout (created)."""
+    out = Path(os.environ.get("VNPU_BENCH_OUT") or Path(__file__).resolve().parent / "results")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def percentile(sorted_values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile of already sorted values (q in 0..100)."""
+    if not sorted_values:
+        raise ValueError("percentile of no values")
+    rank = max(1, math.ceil(q / 100 * len(sorted_values)))
+    return float(sorted_values[rank - 1])
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], title: str = "") -> str:
+    columns = list(rows[0]) if rows else []
+    lines = [f"### {title}", ""] if title else []
+    lines.append("| " + " | ".join(columns) + " |")
+    lines.append("|" + "---|" * len(columns))
+    lines += ["| " + " | ".join(str(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_table(path: Path, rows: Sequence[dict[str, Any]], title: str = "") -> str:
+    """Write the table as Markdown, print it, and return it."""
+    text = markdown_table(rows, title)
+    path.write_text(text)
+    print(text)
+    return text
