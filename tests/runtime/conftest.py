@@ -16,6 +16,14 @@ import pytest
 from rt_helpers import smollm2_dir
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread() -> None:
+    """CI machines are small and shared: oversubscribed intra-op threads make torch many times slower."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def smollm2_path() -> Path:
     return smollm2_dir()
