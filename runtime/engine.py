@@ -75,6 +75,8 @@ def apply_device_memory_limit(device: str, limit_mib: int | None) -> float | Non
     """On CUDA/NPU, cap torch's allocator at ``limit_mib``; returns the fraction set (None on CPU)."""
     if limit_mib is None or device.startswith("cpu"):
         return None
+    if device.startswith("npu"):
+        import torch_npu  # noqa: F401  - registers the npu device and torch.npu
     dev = torch.device(device)
     backend = torch.cuda if dev.type == "cuda" else torch.npu  # type: ignore[attr-defined]
     index = dev.index or 0
