@@ -215,9 +215,10 @@ class PluginProcess:
 
 
 def harness_key() -> str:
+    """Cache key of the harness binary: every source file, go.mod and go.sum."""
     digest = hashlib.sha256()
-    for name in ("main.go", "go.mod", "go.sum"):
-        digest.update(name.encode() + b"\0" + (GOHARNESS_SRC / name).read_bytes())
+    for path in sorted([*GOHARNESS_SRC.glob("*.go"), GOHARNESS_SRC / "go.mod", GOHARNESS_SRC / "go.sum"]):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:16]
 
 
