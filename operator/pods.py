@@ -15,9 +15,6 @@ from typing import Any
 from vnpu import api
 from vnpu.operator.config import PLACEHOLDER_PRIORITY_CLASS, OperatorConfig
 
-LABEL_REPLICA = f"{api.GROUP}/replica"
-LABEL_SHARE_GROUP = f"{api.GROUP}/share-group"
-ANNOTATION_WEIGHT_HOLDER = f"{api.GROUP}/weight-holder"
 SAFE_TO_EVICT = "cluster-autoscaler.kubernetes.io/safe-to-evict"
 RUNTIME_PORT_NAME = "http"
 MAX_NAME = 63  # pod names end up as hostnames
@@ -65,7 +62,7 @@ def _labels(
     labels = {
         api.LABEL_MANAGED_BY: api.MANAGED_BY_VALUE,
         api.LABEL_ROLE: role,
-        LABEL_SHARE_GROUP: share_group,
+        api.LABEL_SHARE_GROUP: share_group,
     }
     if model is not None:
         labels[api.LABEL_MODEL] = model.name
@@ -145,7 +142,7 @@ def replica_pod(
         SAFE_TO_EVICT: "true",  # stateless: the autoscaler may move it
     }
     if holder:
-        annotations[ANNOTATION_WEIGHT_HOLDER] = holder
+        annotations[api.ANNOTATION_WEIGHT_HOLDER] = holder
     probe = {"httpGet": {"path": "/readyz", "port": RUNTIME_PORT_NAME}, "periodSeconds": 5}
     return {
         "apiVersion": "v1",
@@ -153,7 +150,7 @@ def replica_pod(
         "metadata": {
             "name": replica_pod_name(model.name, index, node, device, salt),
             "namespace": model.namespace,
-            "labels": _labels(model, api.ROLE_REPLICA, model.share_group, {LABEL_REPLICA: str(index)}),
+            "labels": _labels(model, api.ROLE_REPLICA, model.share_group, {api.LABEL_REPLICA: str(index)}),
             "annotations": annotations,
             "ownerReferences": [_owner(model)],
         },
@@ -246,7 +243,9 @@ def placeholder_pod(
         "metadata": {
             "name": placeholder_pod_name(model.name, index),
             "namespace": model.namespace,
-            "labels": _labels(model, api.ROLE_PLACEHOLDER, model.share_group, {LABEL_REPLICA: str(index)}),
+            "labels": _labels(
+                model, api.ROLE_PLACEHOLDER, model.share_group, {api.LABEL_REPLICA: str(index)}
+            ),
             "annotations": {api.ANNOTATION_SLICES: str(slices), SAFE_TO_EVICT: "true"},
             "ownerReferences": [_owner(model)],
         },

@@ -13,7 +13,6 @@ from typing import Any
 from vnpu import api
 from vnpu.inventory import NodeInventory
 from vnpu.operator.packing import Taint
-from vnpu.operator.pods import LABEL_REPLICA, LABEL_SHARE_GROUP
 
 
 @dataclass(frozen=True)
@@ -126,8 +125,8 @@ def parse_pod(obj: Mapping[str, Any]) -> ObservedPod:
         name=meta["name"],
         role=labels.get(api.LABEL_ROLE, ""),
         model=labels.get(api.LABEL_MODEL),
-        share_group=labels.get(LABEL_SHARE_GROUP),
-        replica=_int_or_none(labels.get(LABEL_REPLICA)),
+        share_group=labels.get(api.LABEL_SHARE_GROUP),
+        replica=_int_or_none(labels.get(api.LABEL_REPLICA)),
         node=_pinned_node(spec),
         device=annotations.get(api.ANNOTATION_DEVICE),
         slices=_int_or_none(annotations.get(api.ANNOTATION_SLICES)) or 0,

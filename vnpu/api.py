@@ -27,6 +27,9 @@ ANNOTATION_DEVICE = f"{GROUP}/device"
 ANNOTATION_SLICES = f"{GROUP}/slices"
 ANNOTATION_SHARE_GROUP = f"{GROUP}/share-group"
 
+#: Pod annotation naming the weight-holder pod a replica maps its weights from.
+ANNOTATION_WEIGHT_HOLDER = f"{GROUP}/weight-holder"
+
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGED_BY_VALUE = "vnpu-operator"
 LABEL_MODEL = f"{GROUP}/model"
@@ -34,6 +37,9 @@ LABEL_ROLE = f"{GROUP}/role"
 ROLE_REPLICA = "replica"
 ROLE_WEIGHTS = "weights"
 ROLE_PLACEHOLDER = "placeholder"
+#: Pod labels: which replica of its model a pod is, and its share group (selectable, unlike annotations).
+LABEL_REPLICA = f"{GROUP}/replica"
+LABEL_SHARE_GROUP = f"{GROUP}/share-group"
 
 #: Device IDs advertised to the kubelet are ``<device-id>-s<index>`` and at most this long.
 MAX_DEVICE_ID_LEN = 63

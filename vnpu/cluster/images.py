@@ -97,8 +97,24 @@ def build_pause_image(workdir: Path) -> Path:
 
 
 def launcher_script(python: str) -> str:
-    """``/bin/vnpu`` in the image: run the ``vnpu`` CLI with the node-provided interpreter."""
-    return f'#!/bin/sh\nexec {shlex.quote(python)} -m vnpu "$@"\n'
+    """``/bin/vnpu`` in the image: run the ``vnpu`` CLI with the node-provided interpreter.
+
+    A container's first process is PID 1 of its PID namespace, and the kernel drops signals that PID 1
+    has no handler for: Python as PID 1 would ignore the kubelet's SIGTERM until it installs a handler
+    (after imports that take seconds), and then be SIGKILLed after the grace period. So when the
+    launcher is PID 1 it stays as a small init, as ``tini`` does in production images: it forwards
+    SIGTERM/SIGINT to ``vnpu`` and exits with its status. Otherwise it simply ``exec``s."""
+    py = shlex.quote(python)
+    return f"""#!/bin/sh
+if [ "$$" != 1 ]; then exec {py} -m vnpu "$@"; fi
+{py} -m vnpu "$@" &
+child=$!
+trap 'kill -TERM "$child" 2>/dev/null' TERM
+trap 'kill -INT "$child" 2>/dev/null' INT
+status=0
+while kill -0 "$child" 2>/dev/null; do wait "$child"; status=$?; done
+exit "$status"
+"""
 
 
 def build_vnpu_image(workdir: Path, python: str, image: str = VNPU_IMAGE) -> Path:
@@ -125,10 +141,12 @@ def build_vnpu_image(workdir: Path, python: str, image: str = VNPU_IMAGE) -> Pat
         (rootfs / "root").chmod(0o755)
         (rootfs / "lib").symlink_to("usr/lib")
         (rootfs / "lib64").symlink_to("usr/lib64")
+        # 65532 is the conventional non-root user of distroless images (the chart runs the operator as it).
         (rootfs / "etc/passwd").write_text(
-            "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534::/:/bin/false\n"
+            "root:x:0:0:root:/root:/bin/sh\nnonroot:x:65532:65532::/tmp:/bin/false\n"
+            "nobody:x:65534:65534::/:/bin/false\n"
         )
-        (rootfs / "etc/group").write_text("root:x:0:\nnogroup:x:65534:\n")
+        (rootfs / "etc/group").write_text("root:x:0:\nnonroot:x:65532:\nnogroup:x:65534:\n")
 
     return build_oci_image(workdir, image, populate)
 

@@ -42,6 +42,7 @@ KUBELET_ROOT = "/var/lib/kubelet"
 POD_LOGS = "/var/log/pods"
 DEFAULT_POD_CIDR = "10.214.0.0/24"
 CNI_BIN_DIR = "/usr/lib/cni"  # Debian containernetworking-plugins
+CLUSTER_DOMAIN = "cluster.local"
 
 
 # -- pure configuration ----------------------------------------------------------------------------------
@@ -127,8 +128,9 @@ def cni_conflist(pod_cidr: str = DEFAULT_POD_CIDR, bridge: str = "cni0") -> dict
     }
 
 
-def kubelet_config(*, address: str, cgroup_root: str) -> dict[str, Any]:
+def kubelet_config(*, address: str, cgroup_root: str, cluster_dns: str | None = None) -> dict[str, Any]:
     """KubeletConfiguration for a test node on cgroup v1 without systemd and without a registry."""
+    dns = {"clusterDNS": [cluster_dns], "clusterDomain": CLUSTER_DOMAIN} if cluster_dns else {}
     return {
         "apiVersion": "kubelet.config.k8s.io/v1beta1",
         "kind": "KubeletConfiguration",
@@ -160,7 +162,31 @@ def kubelet_config(*, address: str, cgroup_root: str) -> dict[str, Any]:
         "syncFrequency": "10s",
         "shutdownGracePeriod": "0s",
         "maxPods": 30,
+        **dns,
     }
+
+
+def cluster_dns_args(listen: str, records: Mapping[str, str]) -> list[str]:
+    """dnsmasq as the node's cluster DNS: it answers the given names (and their subdomains) and says
+    NXDOMAIN to everything else, so no query is ever forwarded out of the node."""
+    args = [
+        "--keep-in-foreground",
+        "--conf-file=/dev/null",
+        "--no-resolv",
+        "--no-hosts",
+        "--pid-file=",
+        "--user=root",
+        "--log-facility=-",
+        f"--listen-address={listen}",
+        "--bind-interfaces",
+        "--address=/#/",
+    ]
+    return args + [f"--address=/{name}/{ip}" for name, ip in sorted(records.items())]
+
+
+def api_service_records(service_ip: str) -> dict[str, str]:
+    """DNS names of the ``kubernetes`` Service (what in-cluster clients such as kopf resolve)."""
+    return {f"kubernetes.default.svc.{CLUSTER_DOMAIN}": service_ip, "kubernetes.default.svc": service_ip}
 
 
 # -- the node --------------------------------------------------------------------------------------------
@@ -192,6 +218,7 @@ class LocalNode:
         try:
             self.start_containerd()
             self.import_images(image_python or sys.executable)
+            self.start_cluster_dns()
             self.start_kubelet()
             self.wait_ready()
         except BaseException:
@@ -202,7 +229,7 @@ class LocalNode:
     def stop(self) -> None:
         """Stop the kubelet and containerd, then kill whatever else the node still runs (containers and
         their shims) — the containers' state goes with containerd's root in the work directory."""
-        for name in ("kubelet", "containerd"):
+        for name in ("kubelet", "containerd", "dns"):
             proc = self.processes.pop(name, None)
             if proc is not None:
                 proc.stop(timeout=10)
@@ -253,13 +280,27 @@ class LocalNode:
         images.import_image(ctr, images.build_pause_image(build), images.PAUSE_IMAGE)
         images.import_image(ctr, images.build_vnpu_image(build, python), images.VNPU_IMAGE)
 
+    # -- cluster DNS -------------------------------------------------------------------------------------
+    def start_cluster_dns(self) -> None:
+        """Pods resolve the API server's Service name through this (there is no CoreDNS here)."""
+        proc = self._spawn(
+            "dns", ["dnsmasq", *cluster_dns_args(self.ns.network.node_ip, api_service_records(self.cp.host))]
+        )
+        wait_until(lambda: proc.alive() and "started" in proc.tail(), 10, "the cluster DNS (dnsmasq)")
+
     # -- kubelet -----------------------------------------------------------------------------------------
     def start_kubelet(self) -> None:
         kdir = self.dir / "kubelet"
         kdir.mkdir(parents=True, exist_ok=True)
         config = kdir / "config.yaml"
         config.write_text(
-            yaml.safe_dump(kubelet_config(address=self.ns.network.node_ip, cgroup_root=self.ns.cgroup_root))
+            yaml.safe_dump(
+                kubelet_config(
+                    address=self.ns.network.node_ip,
+                    cgroup_root=self.ns.cgroup_root,
+                    cluster_dns=self.ns.network.node_ip if "dns" in self.processes else None,
+                )
+            )
         )
         kubeconfig = self.cp.kubeconfig_for("kubelet", f"system:node:{self.name}", ["system:nodes"])
         argv = [
@@ -347,6 +388,7 @@ REQUIRED_COMMANDS = {
     "unshare": "util-linux",
     "mount": "mount",
     "tar": "tar",
+    "dnsmasq": "dnsmasq-base",
 }
 REQUIRED_CNI_PLUGINS = ("bridge", "host-local", "loopback")
 

@@ -90,6 +90,19 @@ def private_dir(workdir: Path, target: str) -> Path:
     return workdir / "root" / target.strip("/").replace("/", "-")
 
 
+def _through_host_symlinks(path: str) -> str:
+    """``path`` with the host's symlinks above the private directories resolved (``/var/run/x`` is
+    ``/run/x`` on Debian); components inside a private directory are left alone."""
+    resolved = "/"
+    parts = [p for p in path.split("/") if p]
+    for i, part in enumerate(parts):
+        candidate = os.path.join(resolved, part)
+        if candidate in PRIVATE_DIRS:
+            return "/".join([candidate, *parts[i + 1 :]])
+        resolved = os.path.realpath(candidate) if os.path.islink(candidate) else candidate
+    return resolved
+
+
 def cgroup_hierarchies() -> list[Path]:
     """Mount points of every cgroup hierarchy (v1 controllers, named ones and a hybrid's cgroup2)."""
     found = []
@@ -126,7 +139,7 @@ class NodeNamespaces:
 
     def host_path(self, node_path: str | Path) -> Path:
         """The host path of a file the node sees at ``node_path`` (inside a private directory)."""
-        p = str(node_path)
+        p = _through_host_symlinks(str(node_path))
         for target in PRIVATE_DIRS:
             if p == target or p.startswith(target + "/"):
                 return private_dir(self.workdir, target) / p[len(target) :].lstrip("/")
