@@ -425,11 +425,80 @@ class _Cluster:
             for o in eligible:
                 self.dev_sigs[o].append(sid)
 
+    def current_map(self, current: Sequence[Placement]) -> dict[tuple[int, int], tuple[int, int]]:
+        """(demand, replica) -> (device ordinal, slices) of the running replicas we know."""
+        out = {}
+        for p in current:
+            di = self.demand_index.get(p.model)
+            o = self.dev_ordinal.get((p.node, p.device))
+            if di is not None and o is not None:
+                out[(di, p.replica)] = (o, p.slices)
+        return out
+
+    def keep_candidates(
+        self, current: Sequence[Placement]
+    ) -> tuple[list[tuple[Placement, int, int]], list[Dropped]]:
+        """The running replicas that may stay, as (placement, demand, device) in the order they are
+        committed (highest priority first), and those that may not, with the reason. What still
+        depends on capacity (room, hard spread) is decided per run in :meth:`_Packer.keep_current`."""
+        order = sorted(
+            current,
+            key=lambda p: (
+                -self.demands[self.demand_index[p.model]].priority if p.model in self.demand_index else 0,
+                p.model,
+                p.replica,
+                p.node,
+                p.device,
+            ),
+        )
+        seen: set[tuple[str, int]] = set()
+        candidates: list[tuple[Placement, int, int]] = []
+        dropped: list[Dropped] = []
+        for p in order:
+            reason = self._why_not_keep(p, seen)
+            if reason:
+                dropped.append(Dropped(p, reason))
+                continue
+            seen.add((p.model, p.replica))
+            candidates.append((p, self.demand_index[p.model], self.dev_ordinal[(p.node, p.device)]))
+        return candidates, dropped
+
+    def _why_not_keep(self, p: Placement, seen: set[tuple[str, int]]) -> str:
+        di = self.demand_index.get(p.model)
+        if di is None:
+            return "the model no longer asks for replicas"
+        d = self.demands[di]
+        if p.replica < 0 or p.replica >= d.replicas:
+            return f"scaled down to {d.replicas} replicas"
+        if (p.model, p.replica) in seen:
+            return "duplicate placement of the same replica"
+        o = self.dev_ordinal.get((p.node, p.device))
+        if o is None:
+            return f"device {p.device} on node {p.node} no longer exists"
+        node = self.nodes[self.dev_node[o]]
+        if not node.ready:
+            return f"node {node.name} is not ready"
+        if not self.dev_ok_kept[o]:
+            return f"device {p.device} is unhealthy"
+        if any(node.labels.get(k) != v for k, v in d.node_selector.items()):
+            return f"node {node.name} no longer matches the nodeSelector"
+        evicting = _blocking_taints(node, self.sig[di][1], (NO_EXECUTE,))
+        if evicting:
+            return f"node {node.name} has an untolerated NoExecute taint {_taint_str(evicting[0])}"
+        if p.slices != self.rep_slices[di][self.dev_cls[o]]:
+            return f"per-replica memory changed ({p.slices} -> {self.rep_slices[di][self.dev_cls[o]]} slices)"
+        return ""
+
 
 class _Packer:
     """Mutable state of one packing run (see the module docstring for the algorithm)."""
 
-    def __init__(self, cluster: _Cluster, share: bool = True) -> None:
+    def __init__(
+        self,
+        cluster: _Cluster,
+        share: bool = True,
+        current: dict[tuple[int, int], tuple[int, int]] | None = None,
+    ) -> None:
         c = cluster
         #: False: the share-blind model, every replica pays its own copy of the weights.
         self.share = share
@@ -468,18 +537,11 @@ class _Packer:
         self.missing: list[list[int]] = [[] for _ in self.demands]
         self.unplaced: list[Unplaced] = []
         self.dropped: list[Dropped] = []
-        # Where ``current`` had each replica (device, slices): decides ``Assignment.kept``.
-        self.current: dict[tuple[int, int], tuple[int, int]] = {}
+        # Where ``current`` had each replica (device, slices): decides ``Assignment.kept`` (shared).
+        self.current: dict[tuple[int, int], tuple[int, int]] = current if current is not None else {}
         self.kept_by_priority: list[tuple[int, int, int]] = []  # (priority, demand, replica) kept
         self.node_verdicts: dict[int, tuple[int, tuple[Reason, str] | None]] = {}
         self.on_device: dict[int, list[tuple[int, int]]] = {}  # filled by ``improve``
-
-    def record_current(self, current: Sequence[Placement]) -> None:
-        for p in current:
-            di = self.demand_index.get(p.model)
-            o = self.dev_ordinal.get((p.node, p.device))
-            if di is not None and o is not None:
-                self.current[(di, p.replica)] = (o, p.slices)
 
     def _eligible_nodes(self, di: int) -> list[bool]:
         """Per node: may new replicas of demand ``di`` go there (selector and taints)."""
@@ -507,8 +569,18 @@ class _Packer:
             cost += self.w_slices[di][cls]
         return cost
 
-    def place(self, di: int, o: int, count: int, kept: bool = False, replicas: Sequence[int] = ()) -> None:
-        """Put ``count`` replicas of demand ``di`` on device ``o`` (taking indices from ``missing``)."""
+    def place(
+        self,
+        di: int,
+        o: int,
+        count: int,
+        kept: bool = False,
+        replicas: Sequence[int] = (),
+        update_index: bool = True,
+    ) -> None:
+        """Put ``count`` replicas of demand ``di`` on device ``o`` (taking indices from ``missing``
+        unless ``replicas`` names them). ``update_index=False`` leaves the free-slice indexes to the
+        caller (bulk updates)."""
         d = self.demands[di]
         cls = self.dev_cls[o]
         r = self.rep_slices[di][cls]
@@ -521,7 +593,10 @@ class _Packer:
         groups[d.share_group] += count
         if cost > self.dev_free[o]:
             raise AssertionError(f"bug: over-committing device {self.dev_id[o]}")
-        self._set_free(o, self.dev_free[o] - cost)
+        if update_index:
+            self._set_free(o, self.dev_free[o] - cost)
+        else:
+            self.dev_free[o] -= cost
         indices = list(replicas) if replicas else [self.missing[di].pop(0) for _ in range(count)]
         for replica in indices:
             self.placed[(di, replica)] = (o, r, kept)
@@ -550,57 +625,28 @@ class _Packer:
 
     # -- phase 1: kept placements ----------------------------------------------------------------
 
-    def keep_current(self, current: Sequence[Placement]) -> None:
-        order = sorted(
-            current,
-            key=lambda p: (
-                -self.demands[self.demand_index[p.model]].priority if p.model in self.demand_index else 0,
-                p.model,
-                p.replica,
-                p.node,
-                p.device,
-            ),
-        )
-        seen: set[tuple[str, int]] = set()
-        for p in order:
-            reason = self._why_not_keep(p, seen)
-            if reason:
-                self.dropped.append(Dropped(p, reason))
+    def keep_current(
+        self, candidates: Sequence[tuple[Placement, int, int]], static_drops: Sequence[Dropped]
+    ) -> None:
+        """Commit the running replicas that are still valid (see :meth:`_Cluster.keep_candidates`) and
+        still fit, highest priority first. The indexes are updated once per device at the end."""
+        self.dropped.extend(static_drops)
+        before: dict[int, int] = {}
+        for p, di, o in candidates:
+            node = self.dev_node[o]
+            if self.demands[di].spread == Spread.HARD and self.model_node_count[di].get(node, 0) > 0:
+                reason = f"spreadAcrossNodes=hard: another replica already runs on node {p.node}"
+            elif self.cost(di, o) > self.dev_free[o]:
+                reason = f"device {p.device} no longer has room for it"
+            else:
+                before.setdefault(o, self.dev_free[o])
+                self.place(di, o, 1, kept=True, replicas=[p.replica], update_index=False)
+                self.kept_by_priority.append((self.demands[di].priority, di, p.replica))
                 continue
-            seen.add((p.model, p.replica))
-            di = self.demand_index[p.model]
-            self.place(di, self.dev_ordinal[(p.node, p.device)], 1, kept=True, replicas=[p.replica])
-            self.kept_by_priority.append((self.demands[di].priority, di, p.replica))
-
-    def _why_not_keep(self, p: Placement, seen: set[tuple[str, int]]) -> str:
-        di = self.demand_index.get(p.model)
-        if di is None:
-            return "the model no longer asks for replicas"
-        d = self.demands[di]
-        if p.replica < 0 or p.replica >= d.replicas:
-            return f"scaled down to {d.replicas} replicas"
-        if (p.model, p.replica) in seen:
-            return "duplicate placement of the same replica"
-        o = self.dev_ordinal.get((p.node, p.device))
-        if o is None:
-            return f"device {p.device} on node {p.node} no longer exists"
-        node = self.nodes[self.dev_node[o]]
-        if not node.ready:
-            return f"node {node.name} is not ready"
-        if not self.dev_ok_kept[o]:
-            return f"device {p.device} is unhealthy"
-        if any(node.labels.get(k) != v for k, v in d.node_selector.items()):
-            return f"node {node.name} no longer matches the nodeSelector"
-        evicting = _blocking_taints(node, _signature(d)[1], (NO_EXECUTE,))
-        if evicting:
-            return f"node {node.name} has an untolerated NoExecute taint {_taint_str(evicting[0])}"
-        if p.slices != self.rep_slices[di][self.dev_cls[o]]:
-            return f"per-replica memory changed ({p.slices} -> {self.rep_slices[di][self.dev_cls[o]]} slices)"
-        if d.spread == Spread.HARD and self.model_node_count[di].get(self.dev_node[o], 0) > 0:
-            return f"spreadAcrossNodes=hard: another replica already runs on node {node.name}"
-        if self.cost(di, o) > self.dev_free[o]:
-            return f"device {p.device} no longer has room for it"
-        return ""
+            self.dropped.append(Dropped(p, reason))
+        for o, old in before.items():
+            new, self.dev_free[o] = self.dev_free[o], old
+            self._set_free(o, new)
 
     # -- phases 2-4: new placements ---------------------------------------------------------------
 
@@ -1152,10 +1198,13 @@ def _best_plan(
     as many as :data:`VARIANT_BUDGET` allows for the size of the problem.
     """
 
-    def start(packer: _Packer) -> _Packer:
-        packer.record_current(current)
+    current_map = cluster.current_map(current)
+    candidates, static_drops = cluster.keep_candidates(current) if keep else ([], [])
+
+    def start(share_weights: bool = True) -> _Packer:
+        packer = _Packer(cluster, share_weights, current_map)
         if keep:
-            packer.keep_current(current)
+            packer.keep_current(candidates, static_drops)
         return packer
 
     def finish(packer: _Packer) -> _Packer:
@@ -1170,24 +1219,24 @@ def _best_plan(
         return packer
 
     if not share:
-        blind = start(_Packer(cluster, share=False))
+        blind = start(share_weights=False)
         blind.place_all(preempt)
         blind.match_indices()
         return blind.result()
     total_replicas = sum(d.replicas for d in cluster.demands)
-    plan_a = start(_Packer(cluster))
+    plan_a = start()
     new_replicas = total_replicas - len(plan_a.placed)
     runs = [finish(plan_a)]
     if new_replicas > 0:  # in the steady state (nothing to place) every strategy gives plan A
-        blind = start(_Packer(cluster, share=False))
+        blind = start(share_weights=False)
         blind.place_all(preempt)
-        plan_b = start(_Packer(cluster))
+        plan_b = start()
         for (di, replica), (o, _, kept) in blind.placed.items():
             if not kept and (di, replica) not in plan_b.placed and plan_b.cost(di, o) <= plan_b.dev_free[o]:
                 plan_b.place(di, o, 1, replicas=[replica])
         runs.append(finish(plan_b))
         for seed in range(min(VARIANTS, VARIANT_BUDGET // (total_replicas + len(cluster.dev_id)))):
-            variant = start(_Packer(cluster))
+            variant = start()
             variant.perturb(random.Random(seed))
             runs.append(finish(variant))
     return min(runs, key=lambda run: run.score(levels)).result()  # the first of equals: A before B
