@@ -33,7 +33,7 @@ from vnpu.runtime.generate import GenerationResult, check_context, generate
 from vnpu.runtime.manifest import DTYPE_BYTES, WeightManifest
 from vnpu.runtime.metrics import RuntimeMetrics
 from vnpu.runtime.model import KVCache, LlamaModel, ResidentWeights, WeightProvider
-from vnpu.runtime.offload import OffloadedWeights, ThrottledLink, plan_offload, unit_sizes
+from vnpu.runtime.offload import OffloadedWeights, OffloadPlan, ThrottledLink, plan_offload, unit_sizes
 from vnpu.runtime.tokenizer import StreamDecoder, Tokenizer
 from vnpu.runtime.units import model_units
 
@@ -123,7 +123,7 @@ class ModelRuntime:
         self._installed: _Installed | None = None
         self._cache: KVCache | None = None
         self._unavailable = "weights are not loaded yet"
-        self.plan: dict[str, Any] | None = None
+        self.plan: OffloadPlan | None = None  #: the offload plan in use, if any
 
     # --- state ---------------------------------------------------------------------------------
 
@@ -144,10 +144,16 @@ class ModelRuntime:
         dtype = next(iter(manifest.tensors.values())).dtype
         return manifest.config.kv_bytes_per_token(DTYPE_BYTES[dtype]) * self.options.max_context
 
-    def required_bytes(self, manifest: WeightManifest, shared: bool, ring_bytes: int) -> dict[str, int]:
-        """What this process needs under its memory limit, term by term."""
+    def required_bytes(
+        self, manifest: WeightManifest, shared: bool, ring_bytes: int, plan: OffloadPlan | None = None
+    ) -> dict[str, int]:
+        """What this process needs on its device under its memory limit, term by term.
+
+        Weights: none when attached (the holder's slices pay for them), the resident part under
+        offload (the rest stays in host memory), else all of them.
+        """
         dtype_bytes = DTYPE_BYTES[next(iter(manifest.tensors.values())).dtype]
-        own_weights = 0 if shared else manifest.total_bytes
+        own_weights = 0 if shared else (plan.resident_bytes if plan is not None else manifest.total_bytes)
         activation = memory.default_activation_bytes(manifest.config.to_modelfile_config(), 1, dtype_bytes)
         return {
             "kv_cache": self.kv_cache_bytes(manifest),
@@ -156,11 +162,13 @@ class ModelRuntime:
             "offload_ring": ring_bytes,
         }
 
-    def check_budget(self, manifest: WeightManifest, shared: bool, ring_bytes: int) -> None:
+    def check_budget(
+        self, manifest: WeightManifest, shared: bool, ring_bytes: int, plan: OffloadPlan | None = None
+    ) -> None:
         limit = self.options.memory_limit_mib
         if limit is None:
             return
-        parts = self.required_bytes(manifest, shared, ring_bytes)
+        parts = self.required_bytes(manifest, shared, ring_bytes, plan)
         total = sum(parts.values())
         if total > limit * MIB:
             detail = ", ".join(f"{k} {v / MIB:.1f} MiB" for k, v in parts.items() if v)
@@ -181,18 +189,23 @@ class ModelRuntime:
         dtype = getattr(torch, next(iter(manifest.tensors.values())).dtype)
         provider: WeightProvider
         ring = 0
-        if opts.offload_budget_mib is not None:
+        offload = opts.offload_budget_mib is not None
+        if offload and arena.backend != "cpu":
+            # Attached to a device arena: every weight is already resident on the device.
+            log.warning("offload budget ignored: the weights-holder's arena is on the device already")
+            offload = False
+        if offload:
             plan = plan_offload(
-                unit_sizes(units, manifest), int(opts.offload_budget_mib * MIB), opts.prefetch_depth
+                unit_sizes(units, manifest), int((opts.offload_budget_mib or 0) * MIB), opts.prefetch_depth
             )
             ring = plan.ring_bytes
-            self.check_budget(manifest, shared, ring)
+            self.check_budget(manifest, shared, ring, plan)
             link = ThrottledLink(opts.link_bytes_per_s) if opts.device.startswith("cpu") else None
             provider = OffloadedWeights(units, manifest, arena.byte_tensor(), plan, opts.device, link)
-            self.plan = plan.to_dict()
+            self.plan = plan
             log.info(
                 "offload plan",
-                extra={k: v for k, v in self.plan.items() if k not in ("resident", "streamed")},
+                extra={k: v for k, v in plan.to_dict().items() if k not in ("resident", "streamed")},
             )
         else:
             self.check_budget(manifest, shared, 0)

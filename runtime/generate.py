@@ -48,6 +48,7 @@ def check_context(prompt_tokens: int, max_new_tokens: int, context: int) -> None
 def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
     if temperature <= 0:
         return int(torch.argmax(logits))
+    logits = logits.float().cpu()  # the seeded generator lives on the CPU, whatever the device
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)

@@ -198,12 +198,20 @@ def test_memory_limit_is_a_checked_budget_on_cpu(tiny: Any) -> None:
     roomy = ModelRuntime(ServeOptions(max_context=CONTEXT, memory_limit_mib=64))
     roomy.install(tiny.manifest, tiny.arena, shared=False, seconds=0)
     assert roomy.ready
+    # Under offload only the resident part and the ring count against the device budget.
+    offloaded = ModelRuntime(ServeOptions(max_context=CONTEXT, offload_budget_mib=0.2))
+    offloaded.install(tiny.manifest, tiny.arena, shared=False, seconds=0)
+    plan = offloaded.plan
+    assert plan is not None
+    needs = offloaded.required_bytes(tiny.manifest, False, plan.ring_bytes, plan)
+    assert needs["weights"] == plan.resident_bytes < tiny.manifest.total_bytes
+    offloaded.uninstall("done")
 
 
 def test_offloaded_serving_reports_offload_bytes(tiny: Any) -> None:
     rt = ModelRuntime(ServeOptions(max_context=CONTEXT, offload_budget_mib=0.2, prefetch_depth=2))
     rt.install(tiny.manifest, tiny.arena, shared=False, seconds=0)
-    assert rt.plan is not None and rt.plan["streamed"]
+    assert rt.plan is not None and rt.plan.streamed
     plain = ModelRuntime(ServeOptions(max_context=CONTEXT))
     plain.install(tiny.manifest, tiny.arena, shared=False, seconds=0)
     assert rt.complete("offload", 6, temperature=0).text == plain.complete("offload", 6, temperature=0).text
