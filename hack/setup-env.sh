@@ -17,7 +17,7 @@ command -v go >/dev/null || need_debs+=(golang-go)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need_debs+=(python3-venv)
 # The single-node end-to-end (tests/e2e, vnpu/cluster/node.py): a real kubelet on containerd + runc.
 for pair in containerd:containerd runc:runc umoci:umoci busybox:busybox-static gcc:gcc ip:iproute2 \
-            nsenter:util-linux /usr/lib/cni/bridge:containernetworking-plugins; do
+            nsenter:util-linux dnsmasq:dnsmasq-base /usr/lib/cni/bridge:containernetworking-plugins; do
   [[ -x ${pair%%:*} ]] || command -v "${pair%%:*}" >/dev/null || need_debs+=("${pair#*:}")
 done
 if ((${#need_debs[@]})); then

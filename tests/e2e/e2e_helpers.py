@@ -1,0 +1,167 @@
+"""Observations of the real node for tests/e2e: what the API server holds, what the kubelet allocated
+(its pod-resources API), and what the container processes actually received (their environment,
+mounts and memory maps, read from /proc — no exec into containers)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import urllib.request
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from vnpu import api
+from vnpu.cluster.node import KUBELET_ROOT, SingleNodeCluster
+from vnpu.device_plugin.proto import podresources_pb2, podresources_pb2_grpc
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CHART = REPO_ROOT / "deploy" / "helm" / "vnpu"
+CHART_VALUES = Path(__file__).with_name("chart-values.yaml")
+RELEASE_NAMESPACE = "vnpu-system"
+
+
+def helm(cluster: SingleNodeCluster, *args: str, timeout: float = 300) -> str:
+    assert cluster.cp is not None
+    env = {
+        **os.environ,
+        "KUBECONFIG": str(cluster.cp.kubeconfig),
+        "HELM_CACHE_HOME": str(cluster.workdir / "helm"),
+    }
+    proc = subprocess.run(
+        [str(cluster.bin_dir / "helm"), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"helm {' '.join(args)} failed: {proc.stderr.strip()}")
+    return proc.stdout
+
+
+def kget(cluster: SingleNodeCluster, *args: str) -> Any:
+    """``kubectl get ... -o json`` as a dict."""
+    assert cluster.cp is not None
+    return json.loads(cluster.cp.kubectl("get", *args, "-o", "json").stdout)
+
+
+def pods(cluster: SingleNodeCluster, namespace: str, selector: str = "") -> list[dict[str, Any]]:
+    args = ["pods", "-n", namespace] + (["-l", selector] if selector else [])
+    return list(kget(cluster, *args)["items"])
+
+
+def is_ready(pod: dict[str, Any]) -> bool:
+    if pod["metadata"].get("deletionTimestamp") or pod.get("status", {}).get("phase") != "Running":
+        return False
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in pod["status"].get("conditions", []))
+
+
+def node_memory(cluster: SingleNodeCluster) -> tuple[int, int]:
+    """(capacity, allocatable) of vnpu.io/memory on the node."""
+    node = kget(cluster, "node", cluster.node_name)
+    status = node["status"]
+    return int(status["capacity"].get(api.RESOURCE_MEMORY, 0)), int(
+        status["allocatable"].get(api.RESOURCE_MEMORY, 0)
+    )
+
+
+# -- the kubelet's view ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Allocation:
+    namespace: str
+    pod: str
+    container: str
+    device_ids: tuple[str, ...]
+
+
+def kubelet_allocations(cluster: SingleNodeCluster) -> list[Allocation]:
+    """Every ``vnpu.io/memory`` allocation the kubelet holds, from its pod-resources API (v1 List)."""
+    assert cluster.node is not None
+    socket = cluster.node.host_path(f"{KUBELET_ROOT}/pod-resources/kubelet.sock")
+    with grpc.insecure_channel(f"unix://{socket}") as channel:
+        stub = podresources_pb2_grpc.PodResourcesListerStub(channel)
+        response = stub.List(podresources_pb2.ListPodResourcesRequest(), timeout=10)
+    found = []
+    for pod in response.pod_resources:
+        for container in pod.containers:
+            ids = [
+                i for d in container.devices if d.resource_name == api.RESOURCE_MEMORY for i in d.device_ids
+            ]
+            if ids:
+                found.append(Allocation(pod.namespace, pod.name, container.name, tuple(sorted(ids))))
+    return sorted(found, key=lambda a: (a.namespace, a.pod, a.container))
+
+
+def double_allocated(allocations: list[Allocation]) -> dict[str, int]:
+    """Slice IDs handed to more than one container (must be empty)."""
+    counts = Counter(i for a in allocations for i in a.device_ids)
+    return {i: n for i, n in counts.items() if n > 1}
+
+
+# -- what a container process received -------------------------------------------------------------------
+def container_pid(cluster: SingleNodeCluster, pod: dict[str, Any], container: str) -> int:
+    """Host PID of a running container's first process (containerd's task list)."""
+    assert cluster.node is not None
+    status = next(s for s in pod["status"]["containerStatuses"] if s["name"] == container)
+    cid = status["containerID"].removeprefix("containerd://")
+    for line in cluster.node.ctr("-n", "k8s.io", "tasks", "ls").stdout.splitlines()[1:]:
+        task, pid, *_ = line.split()
+        if task == cid:
+            return int(pid)
+    raise LookupError(f"no task for container {container} of pod {pod['metadata']['name']}")
+
+
+def workload_pid(pid: int) -> int:
+    """The ``vnpu`` process of a container: the first process itself, or its only child when the image's
+    launcher stays PID 1 to forward signals."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return int(children[0]) if len(children) == 1 else pid
+
+
+def process_env(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(item.decode().split("=", 1) for item in raw if b"=" in item)
+
+
+def process_mounts(pid: int) -> dict[str, str]:
+    """Mount point in the container -> mounted path inside its source file system (mountinfo fields)."""
+    mounts = {}
+    for line in Path(f"/proc/{pid}/mountinfo").read_text().splitlines():
+        fields = line.split()
+        mounts[fields[4]] = fields[3]
+    return mounts
+
+
+def shared_weight_mappings(pid: int) -> set[tuple[str, str]]:
+    """(device, inode) of the memfd arenas a process maps (the CPU backend's shared weights)."""
+    found = set()
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5].startswith("/memfd:vnpu-weights"):
+            found.add((fields[3], fields[4]))
+    return found
+
+
+# -- HTTP to a replica (the calling thread is in the node's network namespace) ---------------------------
+def http_json(url: str, body: dict[str, Any] | None = None, timeout: float = 120) -> Any:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+def metrics(url: str) -> dict[str, float]:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    return values
