@@ -34,7 +34,7 @@ import yaml
 
 from vnpu.cluster import images
 from vnpu.cluster.controlplane import ControlPlane
-from vnpu.cluster.nodens import NodeNamespaces
+from vnpu.cluster.nodens import NodeNamespaces, sweep_orphans
 from vnpu.cluster.processes import ManagedProcess, wait_until
 
 CONTAINERD_SOCKET = "/run/containerd/containerd.sock"
@@ -441,6 +441,7 @@ class SingleNodeCluster:
         problems = missing_prerequisites()
         if problems:
             raise RuntimeError("a real node cannot run here; missing: " + "; ".join(problems))
+        sweep_orphans()  # a previous run killed with SIGKILL leaves containers behind
         stack = contextlib.ExitStack()
         try:
             self.ns.start()

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -49,6 +50,8 @@ KUBELET_SYSCTLS = (
     "kernel/keys/root_maxbytes",
 )
 _CLONE_NEWNET = 0x40000000
+#: Names ending in the owner's PID (``vnpu-e2e-1234``) let a later run recognise leftovers of a dead one.
+_OWNED_NAME = re.compile(r"^vnpu-[a-z0-9-]*?-(?P<pid>\d+)$")
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,20 @@ def _setns(fd: int) -> None:
     if libc.setns(fd, _CLONE_NEWNET) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"setns: {os.strerror(err)}")
+
+
+def sweep_orphans() -> list[str]:
+    """Remove the cgroup subtrees (and kill what still runs in them: containers and containerd shims
+    survive a SIGKILLed owner) of nodes whose owning process is gone. Returns the names removed."""
+    removed = []
+    names = {d.name for h in cgroup_hierarchies() if h.is_dir() for d in h.iterdir() if d.is_dir()}
+    for name in sorted(names):
+        m = _OWNED_NAME.match(name)
+        if m is None or Path(f"/proc/{m.group('pid')}").exists():
+            continue
+        NodeNamespaces(name, Path("/nonexistent")).stop()
+        removed.append(name)
+    return removed
 
 
 class NodeNamespaces:
