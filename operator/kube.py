@@ -82,6 +82,20 @@ class Kube:
             raise
         return True
 
+    def set_pod_owners(self, namespace: str, name: str, owner_references: list[dict[str, Any]]) -> None:
+        """Replace a pod's ownerReferences (a JSON merge patch replaces the list; a strategic merge
+        would only add to it)."""
+        try:
+            self.core.patch_namespaced_pod(
+                name,
+                namespace,
+                {"metadata": {"ownerReferences": owner_references}},
+                _content_type="application/merge-patch+json",
+            )
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
     def patch_model_status(self, model: ObservedModel, status: Mapping[str, Any]) -> None:
         try:
             self.custom.patch_namespaced_custom_object_status(

@@ -65,10 +65,22 @@ class StatusUpdate:
     changed: bool
 
 
+@dataclass(frozen=True)
+class OwnersUpdate:
+    """New ownerReferences for an existing weight-holder: the models using it changed (a model of the
+    group joined later, or one is being deleted). Without this, a holder first created for one model
+    would be garbage-collected with it while other models' replicas still map its memory."""
+
+    namespace: str
+    name: str
+    owner_references: list[dict[str, Any]]
+
+
 @dataclass
 class Plan:
     create: list[dict[str, Any]] = field(default_factory=list)
     delete: list[PodDeletion] = field(default_factory=list)
+    set_owners: list[OwnersUpdate] = field(default_factory=list)
     statuses: list[StatusUpdate] = field(default_factory=list)
     unplaced_slices: int = 0
 
@@ -240,6 +252,15 @@ def plan(
         if p.terminating and p.node in lost_nodes:
             result.delete.append(PodDeletion(p.namespace, p.name, p.role, "node lost", force=True))
     result.create = [m for key, m in sorted(desired.items()) if key not in existing]
+    for key, manifest in sorted(desired.items()):
+        pod = existing.get(key)
+        refs = manifest["metadata"]["ownerReferences"]
+        if (
+            pod is not None
+            and pod.role == api.ROLE_WEIGHTS
+            and set(pod.owner_uids) != {r["uid"] for r in refs}
+        ):
+            result.set_owners.append(OwnersUpdate(key[0], key[1], refs))
 
     # Statuses and events.
     pods_by_name = {(p.namespace, p.name): p for p in pods}

@@ -139,6 +139,14 @@ class Reconciler:
         # Deletions first (a moving replica frees its old slot), then weight-holders before the replicas
         # that map them. Each phase fans out over a few connections: hundreds of models applied at
         # once mean thousands of pods.
+        for update in result.set_owners:  # before deletions: a holder must never be left to one owner
+            kube.set_pod_owners(update.namespace, update.name, update.owner_references)
+            log.info(
+                "holder %s/%s now owned by %s",
+                update.namespace,
+                update.name,
+                ", ".join(r["name"] for r in update.owner_references),
+            )
         with ThreadPoolExecutor(max_workers=API_CONCURRENCY) as pool:
             for phase, items in ((delete, result.delete), (create, holders), (create, others)):
                 for future in [pool.submit(phase, item) for item in items]:  # type: ignore[arg-type]

@@ -50,7 +50,8 @@ def control_plane(kube_bin_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
         cp.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/inferencemodels.vnpu.io")
         yield cp
     finally:
-        cp.cleanup()
+        # VNPU_KEEP_CONTROL_PLANE=1 keeps logs (incl. the pod-deletion audit log) for a post-mortem.
+        cp.stop() if os.environ.get("VNPU_KEEP_CONTROL_PLANE") == "1" else cp.cleanup()
 
 
 @pytest.fixture

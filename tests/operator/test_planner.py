@@ -120,8 +120,12 @@ def test_lost_node_pods_are_force_deleted_and_replaced_elsewhere() -> None:
     result = run([m], [node("n1"), node("n2", ready=False), node("n3")], pods)
     forced = [d for d in result.delete if d.force]
     assert forced and all(p.node == "n2" for p in pods if p.name in {d.name for d in forced})
-    new_nodes = {p["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
-                 ["nodeSelectorTerms"][0]["matchFields"][0]["values"][0] for p in result.create}  # fmt: skip
+    new_nodes = {
+        p["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+            "nodeSelectorTerms"
+        ][0]["matchFields"][0]["values"][0]
+        for p in result.create
+    }
     assert new_nodes == {"n3"}
     degraded = {c["type"]: c for c in result.statuses[0].status["conditions"]}["Degraded"]
     assert degraded["status"] == "True" and degraded["reason"] == "NodeLost"
@@ -194,3 +198,44 @@ def test_status_unchanged_is_not_patched_again() -> None:
 def test_default_share_group_is_a_valid_label(uri: str) -> None:
     group = default_share_group({"source": {"uri": uri}, "weights": {"dtype": "bfloat16"}})
     assert len(group) <= 63 and group.replace("-", "").isalnum() and group.islower()
+
+
+def test_a_holder_is_owned_by_every_model_using_it() -> None:
+    nodes = [node("n1", devices=1)]
+    # The first pass sees one model of the group; its holder is owned by that model alone.
+    a = model("a", 1, shareGroup="g")
+    pods = as_pods(run([a], nodes).create)
+    b = model("b", 1, shareGroup="g")
+    result = run([a, b], nodes, pods)
+    (update,) = result.set_owners
+    holder = next(p for p in pods if p.role == "weights")
+    assert update.name == holder.name
+    assert sorted(r["uid"] for r in update.owner_references) == ["uid-a", "uid-b"]
+    # Deleting `a` hands the holder to `b` before anything else happens.
+    deleting = ObservedModel(a.namespace, a.name, a.uid, a.generation, a.spec, deleting=True)
+    pods = [*pods, *as_pods([m for m in result.create])]
+    pods = [
+        p if p.role != "weights" else parse_pod({**_holder_manifest(result, holder.name, pods)}) for p in pods
+    ]
+    later = run([deleting, b], nodes, pods)
+    assert [r["uid"] for r in later.set_owners[0].owner_references] == ["uid-b"]
+    assert holder.name not in {d.name for d in later.delete}
+
+
+def _holder_manifest(result: Plan, name: str, pods: list[ObservedPod]) -> dict[str, Any]:
+    refs = result.set_owners[0].owner_references
+    return {
+        "metadata": {
+            "name": name,
+            "namespace": "ns",
+            "labels": {
+                api.LABEL_ROLE: "weights",
+                api.LABEL_MANAGED_BY: api.MANAGED_BY_VALUE,
+                api.LABEL_SHARE_GROUP: "g",
+            },
+            "annotations": {api.ANNOTATION_DEVICE: "n1-npu0", api.ANNOTATION_SLICES: "4"},
+            "ownerReferences": refs,
+        },
+        "spec": {"nodeName": "n1"},
+        "status": {"phase": "Running"},
+    }

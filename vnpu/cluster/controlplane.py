@@ -147,6 +147,15 @@ class ControlPlane:
     def _start_apiserver(self) -> None:
         p = self.pki
         admission = [] if self.service_account_admission else ["--disable-admission-plugins=ServiceAccount"]
+        # Who deleted which pod: an audit trail of pod deletions only (cheap, and the first question
+        # when a test sees a pod vanish).
+        policy = self.workdir / "audit-policy.yaml"
+        policy.write_text(
+            "apiVersion: audit.k8s.io/v1\nkind: Policy\nomitStages: [RequestReceived]\nrules:\n"
+            "- level: Metadata\n  verbs: [delete, deletecollection]\n  resources: [{group: '', resources: [pods]}, {group: vnpu.io, resources: [inferencemodels]}]\n"
+            "- level: None\n"
+        )
+        audit = [f"--audit-policy-file={policy}", f"--audit-log-path={self.workdir / 'logs' / 'audit.log'}"]
         proc = self._spawn(
             "kube-apiserver",
             [
@@ -166,6 +175,7 @@ class ControlPlane:
                 "--authorization-mode=Node,RBAC",
                 "--allow-privileged=true",
                 *admission,
+                *audit,
                 *self.apiserver_args,
             ],
         )
