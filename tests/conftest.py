@@ -29,6 +29,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.node)
         if skip_node and item.get_closest_marker("node"):
             item.add_marker(pytest.mark.skip(reason="VNPU_SKIP_NODE_E2E=1 (developer opt-out; CI runs it)"))
+    # The single-node end-to-end (root, containerd, a real kubelet) goes last: it is the slowest and
+    # the most invasive, and nothing else should depend on the machine state it leaves.
+    items.sort(key=lambda item: item.get_closest_marker("node") is not None)
 
 
 @pytest.fixture(scope="session")
