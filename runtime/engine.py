@@ -214,8 +214,12 @@ class ModelRuntime:
                 tensors = {name: t.to(opts.device) for name, t in tensors.items()}
             provider = ResidentWeights(tensors)
         with self._lock:
+            previous = self._installed
+            if previous is not None and isinstance(previous.provider, OffloadedWeights):
+                previous.provider.close()
             if (
                 self._cache is None
+                or self._cache.storage.dtype != dtype
                 or self._cache.keys[0].shape[1:]
                 != (config.num_key_value_heads, opts.max_context, config.head_dim)
                 or len(self._cache.keys) != config.num_hidden_layers
