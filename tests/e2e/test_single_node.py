@@ -294,6 +294,18 @@ def check_container_received_allocation(cluster, pod: dict[str, Any]) -> int:
     return pid
 
 
+def wait_attached(cluster, group: str, replicas: int) -> None:
+    """The group's weight-holder (asked over its socket, from the host) serves ``replicas`` clients."""
+    directory = cluster.node.host_path(f"{contract.DEFAULT_SHARE_ROOT}/{group}")
+
+    def attached() -> bool:
+        status = holder_status(next(directory.glob("weights-*.sock")))
+        assert status["share_group"] == group
+        return status["clients"] == replicas
+
+    wait_until(attached, 60, f"{replicas} replicas attached to the {group} weight-holder")
+
+
 def complete(pod: dict[str, Any], model_name: str, max_tokens: int = 8) -> dict[str, Any]:
     ip = pod["status"]["podIP"]
     body = {
@@ -342,9 +354,7 @@ def test_models_run_on_their_slices_share_weights_and_serve(models) -> None:
         if pod["metadata"]["labels"][api.LABEL_ROLE] == api.ROLE_REPLICA:
             assert notes[api.ANNOTATION_WEIGHT_HOLDER] == holder_of[notes[api.ANNOTATION_SHARE_GROUP]]
     # The holder itself counts its attached replicas.
-    socket = cluster.node.host_path(f"{contract.DEFAULT_SHARE_ROOT}/{SHARED_GROUP}")
-    status = holder_status(next(socket.glob("weights-*.sock")))
-    assert status["share_group"] == SHARED_GROUP and status["clients"] == 3
+    wait_attached(cluster, SHARED_GROUP, 3)
 
     check_serving(cluster)
     offload = next(p for p in live if p["metadata"]["labels"].get(api.LABEL_MODEL) == "chat-offload"
@@ -407,8 +417,5 @@ def test_deleting_the_nodes_pods_recreates_each_once(models) -> None:
         int(p["metadata"]["annotations"][api.ANNOTATION_SLICES]) for p in live
     )
     wait_capacity(cluster)
-    socket = cluster.node.host_path(f"{contract.DEFAULT_SHARE_ROOT}/{SHARED_GROUP}")
-    wait_until(
-        lambda: holder_status(next(socket.glob("weights-*.sock")))["clients"] == 3, 60, "3 replicas attached"
-    )
+    wait_attached(cluster, SHARED_GROUP, 3)
     check_serving(cluster)
