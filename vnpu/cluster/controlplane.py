@@ -147,13 +147,26 @@ class ControlPlane:
     def _start_apiserver(self) -> None:
         p = self.pki
         admission = [] if self.service_account_admission else ["--disable-admission-plugins=ServiceAccount"]
-        # Who deleted which pod: an audit trail of pod deletions only (cheap, and the first question
-        # when a test sees a pod vanish).
+        # Who deleted which pod or model: an audit trail of deletions only (cheap, and the first question
+        # when a test sees something vanish).
         policy = self.workdir / "audit-policy.yaml"
+        deletions = {
+            "level": "Metadata",
+            "verbs": ["delete", "deletecollection"],
+            "resources": [
+                {"group": "", "resources": ["pods"]},
+                {"group": "vnpu.io", "resources": ["inferencemodels"]},
+            ],
+        }
         policy.write_text(
-            "apiVersion: audit.k8s.io/v1\nkind: Policy\nomitStages: [RequestReceived]\nrules:\n"
-            "- level: Metadata\n  verbs: [delete, deletecollection]\n  resources: [{group: '', resources: [pods]}, {group: vnpu.io, resources: [inferencemodels]}]\n"
-            "- level: None\n"
+            yaml.safe_dump(
+                {
+                    "apiVersion": "audit.k8s.io/v1",
+                    "kind": "Policy",
+                    "omitStages": ["RequestReceived"],
+                    "rules": [deletions, {"level": "None"}],
+                }
+            )
         )
         audit = [f"--audit-policy-file={policy}", f"--audit-log-path={self.workdir / 'logs' / 'audit.log'}"]
         proc = self._spawn(
