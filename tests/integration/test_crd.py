@@ -123,7 +123,7 @@ def test_bad_specs_cover_at_least_twelve_cases() -> None:
                 "hidden_size": 4096,
             },
             "replicas": 4,
-            "memory": {"kvCacheMiB": 2048, "activationMiB": 512},
+            "memory": {"kvCacheMiB": 2048, "activationMiB": 512, "overheadMiB": 300},
             "offload": {"mode": "async", "deviceBudgetMiB": 8192, "prefetchDepth": 3},
             "runtime": {
                 "image": "vnpu/runtime:0.1",
@@ -145,6 +145,7 @@ def test_good_specs_are_accepted_with_defaults(crd_api, namespace, spec) -> None
     assert obj["spec"]["modelName"] == spec["modelName"]
     assert obj["spec"]["replicas"] == spec.get("replicas", 1)  # defaulted by the schema
     assert obj["spec"]["priority"] == spec.get("priority", 0)
+    assert obj["spec"].get("memory") == spec.get("memory"), "no field of a valid spec is pruned"
 
 
 def test_status_goes_through_the_subresource_only(crd_api, namespace) -> None:
