@@ -65,14 +65,14 @@ class KVCache:
         shape = (max_batch, config.num_key_value_heads, max_tokens, config.head_dim)
         self.max_tokens = max_tokens
         self.max_batch = max_batch
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
-        self.values = [
-            torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)
-        ]
+        # One allocation for all of it (keys and values of every layer); layers get views.
+        self.storage = torch.zeros((2, config.num_hidden_layers, *shape), dtype=dtype, device=device)
+        self.keys = list(self.storage[0].unbind(0))
+        self.values = list(self.storage[1].unbind(0))
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+        return self.storage.numel() * self.storage.element_size()
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
