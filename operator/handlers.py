@@ -9,6 +9,8 @@ safe: nothing lives only in the operator's memory.
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 from typing import Any
 
 import kopf
@@ -46,6 +48,26 @@ def pod_fingerprint(body: Any) -> tuple[Any, ...]:
     )
 
 
+SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+
+
+def in_cluster_login() -> kopf.ConnectionInfo | None:
+    """The pod's service account, addressed like client-go's in-cluster config does
+    ($KUBERNETES_SERVICE_HOST/PORT): kopf's own helper assumes kubernetes.default.svc, which needs
+    cluster DNS the operator should not depend on."""
+    token = SERVICE_ACCOUNT_DIR / "token"
+    host, port = os.environ.get("KUBERNETES_SERVICE_HOST"), os.environ.get("KUBERNETES_SERVICE_PORT", "443")
+    if not token.exists() or not host:
+        return None
+    namespace = SERVICE_ACCOUNT_DIR / "namespace"
+    return kopf.ConnectionInfo(
+        server=f"https://{f'[{host}]' if ':' in host else host}:{port}",
+        ca_path=str(SERVICE_ACCOUNT_DIR / "ca.crt"),
+        token=token.read_text().strip(),
+        default_namespace=namespace.read_text().strip() if namespace.exists() else None,
+    )
+
+
 def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
     """Register every handler on ``registry`` (no import-time side effects on kopf's default registry)."""
     seen_nodes: dict[str, tuple[Any, ...]] = {}
@@ -57,7 +79,7 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
     @kopf.on.login(registry=registry)
     def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
         # In a pod: the service account; elsewhere: $KUBECONFIG / ~/.kube/config (client certs included).
-        return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+        return in_cluster_login() or kopf.login_with_kubeconfig(**kwargs)
 
     @kopf.on.startup(registry=registry)
     async def start(memo: kopf.Memo, settings: kopf.OperatorSettings, **_: Any) -> None:

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -119,6 +120,9 @@ def main(argv: list[str]) -> int:
             clusterwide=not args.namespace,
             namespaces=args.namespace,
             liveness_endpoint=args.liveness,
+            # kopf would derive this from getpass.getuser(), which fails for a UID without a passwd
+            # entry (OpenShift-style random UIDs).
+            identity=f"{socket.gethostname()}@{os.getpid()}",  # type: ignore[arg-type]
         )
     )
     return 0

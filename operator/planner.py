@@ -315,3 +315,43 @@ def _comparable(status: Mapping[str, Any]) -> Any:
         {k: v for k, v in c.items() if k != "lastTransitionTime"} for c in status.get("conditions", [])
     ]
     return json.loads(json.dumps(clean, sort_keys=True, default=str))
+
+
+def creation_waves(manifests: Sequence[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """Split pod creations into waves so that no two pods of one wave are bound to the same node with
+    the same number of slices.
+
+    The kubelet never tells a device plugin which pod an Allocate is for; ours matches the oldest
+    pending pod asking for that many slices, and the kubelet admits pods oldest first — but
+    ``creationTimestamp`` has one-second resolution, so two such pods created in the same second
+    are a coin toss (and can cross share groups). Waves created a second apart make the order the
+    kubelet uses and the order the plugin assumes the same.
+    """
+    waves: list[list[dict[str, Any]]] = []
+    seen: dict[tuple[str, str], int] = defaultdict(int)
+    for manifest in manifests:
+        node = _pinned_node_of(manifest)
+        slices = manifest["metadata"].get("annotations", {}).get(api.ANNOTATION_SLICES, "")
+        index = 0
+        if node is not None:
+            index = seen[(node, slices)]
+            seen[(node, slices)] += 1
+        while len(waves) <= index:
+            waves.append([])
+        waves[index].append(manifest)
+    return waves
+
+
+def _pinned_node_of(manifest: Mapping[str, Any]) -> str | None:
+    terms = (
+        manifest.get("spec", {})
+        .get("affinity", {})
+        .get("nodeAffinity", {})
+        .get("requiredDuringSchedulingIgnoredDuringExecution", {})
+        .get("nodeSelectorTerms", [])
+    )
+    for term in terms:
+        for field_ in term.get("matchFields", []):
+            if field_.get("operator") == "In" and field_.get("values"):
+                return str(field_["values"][0])
+    return None

@@ -166,6 +166,13 @@ def replica_pod(
                     "env": [*_runtime_env(model, config), {"name": "VNPU_PORT", "value": str(port)}],
                     "ports": [{"name": RUNTIME_PORT_NAME, "containerPort": port}],
                     "resources": _resources(spec, slices),
+                    # Loading or attaching weights can take a while on a busy node: liveness starts
+                    # only once the server has answered once (up to 5 minutes).
+                    "startupProbe": {
+                        "httpGet": {"path": "/healthz", "port": RUNTIME_PORT_NAME},
+                        "periodSeconds": 2,
+                        "failureThreshold": 150,
+                    },
                     "readinessProbe": probe,
                     "livenessProbe": {**probe, "httpGet": {"path": "/healthz", "port": RUNTIME_PORT_NAME}},
                 }

@@ -20,11 +20,13 @@ from vnpu.operator import metrics
 from vnpu.operator.config import OperatorConfig
 from vnpu.operator.estimate_cache import EstimateCache
 from vnpu.operator.kube import Kube
-from vnpu.operator.planner import Plan, PodDeletion, plan
+from vnpu.operator.planner import Plan, PodDeletion, creation_waves, plan
 
 log = logging.getLogger(__name__)
 #: Parallel API calls when applying a plan (the kubernetes client pool allows 4 per host by default).
 API_CONCURRENCY = 4
+#: Gap between creation waves of pods one node's device plugin could confuse (see creation_waves).
+CREATION_SPACING_S = 1.1
 
 
 class Reconciler:
@@ -136,6 +138,9 @@ class Reconciler:
 
         holders = [m for m in result.create if is_holder(m)]
         others = [m for m in result.create if not is_holder(m)]
+        phases: list[tuple[Any, list[Any]]] = [(delete, list(result.delete))]
+        for group in (holders, others):
+            phases += [(create, wave) for wave in creation_waves(group)]
         # Deletions first (a moving replica frees its old slot), then weight-holders before the replicas
         # that map them. Each phase fans out over a few connections: hundreds of models applied at
         # once mean thousands of pods.
@@ -148,9 +153,17 @@ class Reconciler:
                 ", ".join(r["name"] for r in update.owner_references),
             )
         with ThreadPoolExecutor(max_workers=API_CONCURRENCY) as pool:
-            for phase, items in ((delete, result.delete), (create, holders), (create, others)):
-                for future in [pool.submit(phase, item) for item in items]:  # type: ignore[arg-type]
+            previous_create = 0.0
+            for action, items in phases:
+                if not items:
+                    continue
+                if action is create and previous_create:
+                    # creationTimestamp has one-second resolution: see creation_waves().
+                    time.sleep(max(0.0, CREATION_SPACING_S - (time.monotonic() - previous_create)))
+                for future in [pool.submit(action, item) for item in items]:
                     future.result()
+                if action is create:
+                    previous_create = time.monotonic()
         for update in result.statuses:
             if update.changed:
                 kube.patch_model_status(update.model, update.status)

@@ -11,7 +11,7 @@ from vnpu import api
 from vnpu.cluster.kwok import npu_node_manifest
 from vnpu.memory import EstimateError, MemoryEstimate
 from vnpu.operator.config import OperatorConfig
-from vnpu.operator.planner import Plan, default_share_group, plan
+from vnpu.operator.planner import Plan, creation_waves, default_share_group, plan
 from vnpu.operator.state import ObservedModel, ObservedPod, parse_node, parse_pod
 
 NOW = dt.datetime(2026, 11, 25, 12, 0, tzinfo=dt.UTC)
@@ -239,3 +239,36 @@ def _holder_manifest(result: Plan, name: str, pods: list[ObservedPod]) -> dict[s
         "spec": {"nodeName": "n1"},
         "status": {"phase": "Running"},
     }
+
+
+def test_pods_a_device_plugin_could_confuse_are_created_in_separate_waves() -> None:
+    a, b = model("a", 2, shareGroup="ga"), model("b", 2, shareGroup="gb")
+    result = run([a, b], [node("n1", devices=2)])
+    replicas = [m for m in result.create if m["metadata"]["labels"][api.LABEL_ROLE] == "replica"]
+    waves = creation_waves(replicas)
+    assert sorted(len(w) for w in waves) == [1, 1, 1, 1], "4 one-slice replicas on one node: 4 waves"
+
+    def pinned(name: str, node_name: str, slices: int) -> dict[str, Any]:
+        term = {"matchFields": [{"key": "metadata.name", "operator": "In", "values": [node_name]}]}
+        return {
+            "metadata": {"name": name, "annotations": {api.ANNOTATION_SLICES: str(slices)}},
+            "spec": {
+                "affinity": {
+                    "nodeAffinity": {
+                        "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [term]}
+                    }
+                }
+            },
+        }
+
+    pods = [
+        pinned("x1", "n1", 1),
+        pinned("y1", "n2", 1),
+        pinned("x2", "n1", 1),
+        pinned("z", "n1", 3),
+        {"metadata": {"name": "placeholder"}, "spec": {}},
+    ]
+    assert [[p["metadata"]["name"] for p in w] for w in creation_waves(pods)] == [
+        ["x1", "y1", "z", "placeholder"],
+        ["x2"],
+    ]
