@@ -56,4 +56,9 @@ class RuntimeMetrics:
             registry=r,
         )
         self.attaches = Counter(_PREFIX + "attaches", "Successful attaches to a weights-holder", registry=r)
+        self.requests_in_flight = Gauge(
+            _PREFIX + "requests_in_flight",
+            "Completion requests running or queued (an autoscaling signal)",
+            registry=r,
+        )
         self.ready = Gauge(_PREFIX + "ready", "1 when the model can serve requests", registry=r)

@@ -127,6 +127,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     if body.get("stream"):
         return await _stream(request, runtime, queue, kwargs, completion_id, created, name, start)
     queue["waiting"] += 1
+    runtime.metrics.requests_in_flight.set(queue["waiting"])
     try:
         completion = await asyncio.to_thread(
             runtime.complete, kwargs.pop("prompt"), kwargs.pop("max_tokens"), **kwargs
@@ -139,6 +140,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
         return _error(503, f"model is not available: {e}", "service_unavailable")
     finally:
         queue["waiting"] -= 1
+        runtime.metrics.requests_in_flight.set(queue["waiting"])
     runtime.metrics.requests.labels("200").inc()
     runtime.metrics.request_seconds.observe(time.perf_counter() - start)
     result = completion.result
@@ -194,6 +196,7 @@ async def _stream(
         return f"data: {json.dumps(data)}\n\n".encode()
 
     queue["waiting"] += 1
+    runtime.metrics.requests_in_flight.set(queue["waiting"])
     task = asyncio.ensure_future(
         asyncio.to_thread(
             runtime.complete,
@@ -248,6 +251,7 @@ async def _stream(
         raise
     finally:
         queue["waiting"] -= 1
+        runtime.metrics.requests_in_flight.set(queue["waiting"])
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -181,6 +181,7 @@ def test_metrics_report_tokens_ttft_kv_and_attach(runtime: ModelRuntime) -> None
             'vnpu_runtime_attach_seconds{mode="load"}',
             'vnpu_runtime_requests_total{status="200"} 1.0',
             "vnpu_runtime_ready 1.0",
+            "vnpu_runtime_requests_in_flight 0.0",
         ):
             assert name in text, name
 
