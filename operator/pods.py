@@ -101,6 +101,22 @@ def _resources(spec: Mapping[str, Any], slices: int) -> dict[str, Any]:
     return {"requests": requests, "limits": limits}
 
 
+#: dtypes the runtime can hold weights in (its --dtype); the CRD also names file quantisations.
+RUNTIME_DTYPES = ("float32", "float16", "bfloat16")
+#: Where a pvc:// source's claim is mounted in model pods (the runtime's VNPU_PVC_ROOT default).
+PVC_ROOT = "/mnt/pvc"
+
+
+def _model_volumes(spec: Mapping[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """A pvc://<claim>/<path> source: the claim, read-only, at /mnt/pvc/<claim> in every model pod."""
+    uri = str(spec["source"]["uri"])
+    if not uri.startswith("pvc://"):
+        return [], []
+    claim = uri.removeprefix("pvc://").split("/", 1)[0]
+    volume = {"name": "model", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
+    return [volume], [{"name": "model", "mountPath": f"{PVC_ROOT}/{claim}", "readOnly": True}]
+
+
 def _runtime_env(model: ModelRef, config: OperatorConfig) -> list[dict[str, Any]]:
     source = model.spec["source"]
     env = [
@@ -112,8 +128,11 @@ def _runtime_env(model: ModelRef, config: OperatorConfig) -> list[dict[str, Any]
     ]
     if "format" in source:
         env.append({"name": "VNPU_MODEL_FORMAT", "value": source["format"]})
-    if "dtype" in model.spec.get("weights", {}):
-        env.append({"name": "VNPU_MODEL_DTYPE", "value": model.spec["weights"]["dtype"]})
+    dtype = model.spec.get("weights", {}).get("dtype")
+    if dtype in RUNTIME_DTYPES:  # quantised file types (q4_1, ...) are the file's business, not a target
+        env.append({"name": "VNPU_MODEL_DTYPE", "value": dtype})
+    if "maxContextTokens" in model.spec.get("memory", {}):
+        env.append({"name": "VNPU_MAX_CONTEXT", "value": str(model.spec["memory"]["maxContextTokens"])})
     offload = model.spec.get("offload", {})
     if offload.get("mode") == "async":
         env += [
@@ -175,8 +194,10 @@ def replica_pod(
                     },
                     "readinessProbe": probe,
                     "livenessProbe": {**probe, "httpGet": {"path": "/healthz", "port": RUNTIME_PORT_NAME}},
+                    "volumeMounts": _model_volumes(spec)[1],
                 }
             ],
+            "volumes": _model_volumes(spec)[0],
         },
     }
 
@@ -222,8 +243,10 @@ def holder_pod(
                     "args": ["vnpu", "runtime", "weights-holder"],
                     "env": _runtime_env(first, config),
                     "resources": _resources(first.spec, slices),
+                    "volumeMounts": _model_volumes(first.spec)[1],
                 }
             ],
+            "volumes": _model_volumes(first.spec)[0],
         },
     }
 

@@ -272,3 +272,27 @@ def test_pods_a_device_plugin_could_confuse_are_created_in_separate_waves() -> N
         ["x1", "y1", "z", "placeholder"],
         ["x2"],
     ]
+
+
+def test_model_pods_mount_the_pvc_and_carry_the_runtime_settings() -> None:
+    m = model(
+        "p",
+        1,
+        source={"uri": "pvc://models/smollm2/m.gguf"},
+        weights={"dtype": "q4_1"},
+        memory={"maxContextTokens": 4096, "maxBatch": 2},
+    )
+    result = run([m], [node("n1", devices=1)])
+    assert roles(result.create) == ["replica", "weights"]
+    for pod in result.create:
+        assert pod["spec"]["volumes"] == [
+            {"name": "model", "persistentVolumeClaim": {"claimName": "models", "readOnly": True}}
+        ]
+        (container,) = pod["spec"]["containers"]
+        assert container["volumeMounts"] == [
+            {"name": "model", "mountPath": "/mnt/pvc/models", "readOnly": True}
+        ]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert env["VNPU_MODEL_URI"] == "pvc://models/smollm2/m.gguf"
+        assert env["VNPU_MAX_CONTEXT"] == "4096"
+        assert "VNPU_MODEL_DTYPE" not in env, "a file quantisation is not a runtime dtype"
