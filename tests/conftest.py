@@ -70,9 +70,13 @@ def namespace(control_plane: Any) -> Iterator[str]:
 @pytest.fixture
 def kwok_nodes(control_plane: Any) -> Iterator[Callable[..., list[str]]]:
     """Factory creating fake NPU nodes managed by kwok; they are deleted after the test."""
+    from kubernetes import client
+
     from vnpu.cluster.kwok import create_npu_nodes, delete_nodes
+    from vnpu.cluster.processes import wait_until
 
     control_plane.start_kwok()
+    core = client.CoreV1Api(control_plane.api_client())
     created: list[str] = []
     counter = itertools.count()
 
@@ -80,7 +84,15 @@ def kwok_nodes(control_plane: Any) -> Iterator[Callable[..., list[str]]]:
         prefix = kwargs.pop("prefix", f"npu-{uuid.uuid4().hex[:6]}-{next(counter)}")
         names = create_npu_nodes(control_plane.api_client(), count, prefix=prefix, **kwargs)
         created.extend(names)
+        wait_until(lambda: all(usable(n) for n in names), 60, f"kwok nodes {names} Ready")
         return names
+
+    def usable(name: str) -> bool:
+        """Ready, and — when a controller-manager runs — rid of the not-ready taint it manages."""
+        node = core.read_node(name)
+        ready = any(c.type == "Ready" and c.status == "True" for c in node.status.conditions or [])
+        untainted = "kube-controller-manager" not in control_plane.processes or not node.spec.taints
+        return ready and untainted
 
     yield make
     delete_nodes(control_plane.api_client(), created)

@@ -19,6 +19,7 @@ from operator_harness import OperatorProcess, get_model, live, pods_of
 
 from vnpu import api
 from vnpu.cluster.processes import wait_until
+from vnpu.cluster.volumes import ensure_local_claim
 
 GIB = 1024
 
@@ -40,6 +41,14 @@ def cluster(control_plane):
     control_plane.start_controller_manager()
     control_plane.start_kwok()
     return control_plane
+
+
+@pytest.fixture(autouse=True)
+def model_claim(request, namespace, tmp_path):
+    """The `models` claim every pvc://models/... source here mounts (bound like a real one)."""
+    cp = request.getfixturevalue("control_plane")
+    cp.start_controller_manager()  # its persistent-volume binder completes the binding
+    ensure_local_claim(cp, namespace, "models", tmp_path / "models")
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ import os
 import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -115,6 +116,7 @@ def up(args: argparse.Namespace) -> int:
     from vnpu.cluster.controlplane import ControlPlane
     from vnpu.cluster.kwok import create_npu_nodes
     from vnpu.cluster.processes import ManagedProcess, wait_until
+    from vnpu.cluster.volumes import ensure_local_claim
 
     workdir: Path = args.workdir
     state = _state_file(workdir)
@@ -128,6 +130,7 @@ def up(args: argparse.Namespace) -> int:
     bin_dir = ensure_binaries()  # prints its own progress when it builds
     steps = Steps(["control plane", "CRDs", "nodes", "operator", "models", "placement", "serving"])
     processes: list[ManagedProcess] = []
+    scratch: list[Path] = []
     cp = ControlPlane(bin_dir, workdir / "control-plane")
     try:
         state.write_text(json.dumps({"pid": os.getpid(), "kubeconfig": str(cp.kubeconfig)}))
@@ -169,6 +172,8 @@ def up(args: argparse.Namespace) -> int:
             )
             processes.append(operator)
         with steps.step("models"):
+            # The examples read pvc://models/...: a claim on a host directory (SmolLM2 lands there).
+            ensure_local_claim(cp, "default", "models", workdir / "pvc" / "models")
             applied = _apply_examples(cp, args.examples)
         with steps.step("placement"):
             wait_until(lambda: _settled(cp, applied), 120, "models placed", interval=1.0)
@@ -176,7 +181,7 @@ def up(args: argparse.Namespace) -> int:
         completion = ""
         with steps.step("serving"):
             if not args.no_serve:
-                completion = _serve_one(cp, workdir, processes)
+                completion = _serve_one(cp, workdir, processes, scratch)
         steps.close()
         print(f"\nkubeconfig: {cp.kubeconfig}\n")
         print(cp.kubectl("get", "infm", "-A").stdout)
@@ -195,6 +200,8 @@ def up(args: argparse.Namespace) -> int:
         for proc in reversed(processes):
             proc.stop()
         cp.stop()
+        for directory in scratch:
+            shutil.rmtree(directory, ignore_errors=True)
         state.unlink(missing_ok=True)
 
 
@@ -247,7 +254,7 @@ def _smollm2_gguf() -> Path | None:
     return path if path.exists() else None
 
 
-def _serve_one(cp: Any, workdir: Path, processes: list[Any]) -> str:
+def _serve_one(cp: Any, workdir: Path, processes: list[Any], scratch: list[Path]) -> str:
     """Run one placed SmolLM2 replica (and its weight-holder) here and ask it for a completion."""
     from vnpu.cluster.controlplane import free_port
     from vnpu.cluster.processes import ManagedProcess, wait_until
@@ -283,8 +290,10 @@ def _serve_one(cp: Any, workdir: Path, processes: list[Any]) -> str:
             shutil.copyfile(gguf, link)
     group = replica["metadata"]["annotations"][api.ANNOTATION_SHARE_GROUP]
     device = replica["metadata"]["annotations"][api.ANNOTATION_DEVICE]
-    socket_dir = workdir / "share" / group
-    socket_dir.mkdir(parents=True, exist_ok=True)
+    # Unix socket paths are limited to 107 bytes: keep them out of a possibly deep work directory.
+    scratch.append(Path(tempfile.mkdtemp(prefix="vnpu-up-")))
+    socket_dir = scratch[-1] / group
+    socket_dir.mkdir(mode=0o700)
     common = [
         "--model",
         uri,
