@@ -379,7 +379,9 @@ def test_kubelet_restart_loses_no_allocation(models) -> None:
     # The kubelet wipes the device-plugin directory on start: the plugin must notice and re-register.
     wait_capacity(cluster)
     wait_serving(cluster)
-    assert snapshot(cluster) == before
+    # A restarted kubelet rebuilds its pod list from the API server before pod-resources reports
+    # every pod again: wait for that, then the allocations must be exactly the ones before.
+    wait_until(lambda: snapshot(cluster) == before, 60, "the kubelet reporting every allocation again")
     assert time.monotonic() - started < 120
     check_serving(cluster)
 
@@ -395,7 +397,7 @@ def test_device_plugin_restart_loses_no_allocation(models) -> None:
     assert device_plugin_pod(cluster)["metadata"]["uid"] != old["metadata"]["uid"]
     wait_capacity(cluster)
     wait_serving(cluster)
-    assert snapshot(cluster) == before
+    wait_until(lambda: snapshot(cluster) == before, 60, "the same allocations after the plugin restart")
     check_serving(cluster)
 
 
