@@ -125,6 +125,14 @@ def pss_kib(pid: int) -> int:
     raise AssertionError(f"no Pss in /proc/{pid}/smaps_rollup")
 
 
+def rss_kib(pid: int) -> int:
+    """Resident set size of a process (every mapped page counted in full), in KiB."""
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Rss:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no Rss in /proc/{pid}/smaps_rollup")
+
+
 def mapping_kib(pid: int, needle: str) -> tuple[int, int]:
     """(Rss, Pss) in KiB of the mappings of ``pid`` whose path contains ``needle``."""
     rss = pss = 0
