@@ -205,10 +205,16 @@ def plan(
     desired: dict[tuple[str, str], dict[str, Any]] = {}
     refs = {key: _ref(m) for key, (m, _) in active.items()}
     holder_of: dict[tuple[str, str, str], str] = {}
+    group_mib: dict[str, int] = {}
+    for d in demands:
+        group_mib[d.share_group] = max(group_mib.get(d.share_group, 0), d.weight_mib)
     for h in packed.weight_holders:
         owners = [refs[m] for m in sorted(h.models)]
         group = owners[0].share_group
-        manifest = holder_pod(owners, group, h.node, h.device, h.slices, config, salt=str(h.slices))
+        manifest = holder_pod(
+            owners, group, h.node, h.device, h.slices, config, salt=str(h.slices),
+            weights_mib=group_mib.get(h.share_group, 0),
+        )  # fmt: skip
         desired[(owners[0].namespace, manifest["metadata"]["name"])] = manifest
         holder_of[(h.node, h.device, h.share_group)] = manifest["metadata"]["name"]
 

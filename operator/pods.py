@@ -210,6 +210,7 @@ def holder_pod(
     slices: int,
     config: OperatorConfig,
     salt: str = "",
+    weights_mib: int = 0,
 ) -> dict[str, Any]:
     """The weight-holder of ``share_group`` on one device. Owned by every model of the group that uses
     it, so garbage collection removes it only when the last one is gone (the operator also deletes it
@@ -227,6 +228,7 @@ def holder_pod(
                 api.ANNOTATION_DEVICE: device,
                 api.ANNOTATION_SLICES: str(slices),
                 api.ANNOTATION_SHARE_GROUP: share_group,
+                api.ANNOTATION_WEIGHTS_MIB: str(weights_mib),
                 # Replicas on this device map its memory: evicting it would break them.
                 SAFE_TO_EVICT: "false",
             },

@@ -40,3 +40,13 @@ def test_rows_count_slices_models_and_sharing() -> None:
 def test_devices_without_vnpu_pods_are_left_out() -> None:
     nodes = [npu_node_manifest("n1", devices=2)]
     assert device_rows(nodes, []) == []
+
+
+def test_saving_counts_the_holders_weight_mib_when_it_says() -> None:
+    nodes = [npu_node_manifest("n1", devices=1, device_mib=16 * 1024)]
+    holder = pod(api.ROLE_WEIGHTS, "n1", "n1-npu0", 1, "g")
+    holder["metadata"]["annotations"][api.ANNOTATION_WEIGHTS_MIB] = "94"
+    replicas = [pod(api.ROLE_REPLICA, "n1", "n1-npu0", 1, "g", m) for m in ("a", "a", "b", "b")]
+    (row,) = device_rows(nodes, [holder, *replicas])
+    # Four replicas on one 94 MiB copy: three copies not made (not three whole slices).
+    assert row.saved_mib() == 3 * 94

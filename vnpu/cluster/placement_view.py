@@ -24,11 +24,15 @@ class DeviceRow:
     model_slices: dict[str, int] = field(default_factory=dict)  #: model -> slices of its replicas here
     groups: dict[str, int] = field(default_factory=dict)  #: share group -> replicas on this device
     holder_slices: dict[str, int] = field(default_factory=dict)  #: share group -> its holder's slices
+    holder_mib: dict[str, int] = field(default_factory=dict)  #: share group -> MiB of its weight copy
 
     def saved_mib(self) -> int:
-        """Device memory (whole slices) not spent on copies: (replicas - 1) holder-sized copies per group."""
-        saved = sum(max(0, n - 1) * self.holder_slices.get(g, 0) for g, n in self.groups.items())
-        return saved * self.slice_mib
+        """Device memory not spent on copies: (replicas - 1) weight copies per group, as the operator's
+        ``savedBySharingMiB`` counts it (the holder's slices stand in for a holder that does not say)."""
+        return sum(
+            max(0, n - 1) * self.holder_mib.get(g, self.holder_slices.get(g, 0) * self.slice_mib)
+            for g, n in self.groups.items()
+        )
 
 
 def device_rows(nodes: Sequence[Mapping[str, Any]], pods: Sequence[Mapping[str, Any]]) -> list[DeviceRow]:
@@ -61,6 +65,8 @@ def device_rows(nodes: Sequence[Mapping[str, Any]], pods: Sequence[Mapping[str, 
         if labels.get(api.LABEL_ROLE) == api.ROLE_WEIGHTS:
             row.weight_slices += slices
             row.holder_slices[group] = slices
+            if annotations.get(api.ANNOTATION_WEIGHTS_MIB, "").isdigit():
+                row.holder_mib[group] = int(annotations[api.ANNOTATION_WEIGHTS_MIB])
         elif labels.get(api.LABEL_ROLE) == api.ROLE_REPLICA:
             model = labels.get(api.LABEL_MODEL, "?")
             row.replicas[model] = row.replicas.get(model, 0) + 1
