@@ -13,8 +13,8 @@ import yaml
 from openapi_schemas import write_schemas
 
 from vnpu import api
+from vnpu.cluster.helm import CHART
 
-CHART = Path(__file__).resolve().parents[2] / "deploy" / "helm" / "vnpu"
 VALUE_SETS = {
     "defaults": [],
     "peering-and-monitoring": [

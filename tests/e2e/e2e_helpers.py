@@ -5,8 +5,6 @@ mounts and memory maps, read from /proc — no exec into containers)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import urllib.request
 from collections import Counter
 from dataclasses import dataclass
@@ -16,33 +14,16 @@ from typing import Any
 import grpc
 
 from vnpu import api
+from vnpu.cluster import helm as vnpu_helm
 from vnpu.cluster.node import KUBELET_ROOT, SingleNodeCluster
 from vnpu.device_plugin.proto import podresources_pb2, podresources_pb2_grpc
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-CHART = REPO_ROOT / "deploy" / "helm" / "vnpu"
-CHART_VALUES = Path(__file__).with_name("chart-values.yaml")
-RELEASE_NAMESPACE = "vnpu-system"
 
 
 def helm(cluster: SingleNodeCluster, *args: str, timeout: float = 300) -> str:
     assert cluster.cp is not None
-    env = {
-        **os.environ,
-        "KUBECONFIG": str(cluster.cp.kubeconfig),
-        "HELM_CACHE_HOME": str(cluster.workdir / "helm"),
-    }
-    proc = subprocess.run(
-        [str(cluster.bin_dir / "helm"), *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=timeout,
-        check=False,
+    return vnpu_helm.helm(
+        cluster.bin_dir, cluster.cp.kubeconfig, cluster.workdir / "helm", *args, timeout=timeout
     )
-    if proc.returncode != 0:
-        raise RuntimeError(f"helm {' '.join(args)} failed: {proc.stderr.strip()}")
-    return proc.stdout
 
 
 def kget(cluster: SingleNodeCluster, *args: str) -> Any:

@@ -29,9 +29,6 @@ from typing import Any
 
 import pytest
 from e2e_helpers import (
-    CHART,
-    CHART_VALUES,
-    RELEASE_NAMESPACE,
     Allocation,
     container_pid,
     double_allocated,
@@ -51,6 +48,7 @@ from e2e_helpers import (
 
 from vnpu import api
 from vnpu.cluster import images
+from vnpu.cluster.helm import CHART, RELEASE, RELEASE_NAMESPACE, local_node_values
 from vnpu.cluster.processes import wait_until
 from vnpu.device_plugin import contract
 from vnpu.runtime.attach import holder_status
@@ -64,7 +62,7 @@ MODELS = {
     "chat-b": ("smollm2-b", 1, SHARED_GROUP),
     "chat-offload": ("smollm2-offload", 1, OFFLOAD_GROUP),
 }
-TOTAL_SLICES = 32  # chart-values.yaml: two simulated 16 GiB devices, 1 GiB slices
+TOTAL_SLICES = 32  # the `installed` fixture: two simulated 16 GiB devices, 1 GiB slices
 SLICE_MIB = 1024
 
 
@@ -149,12 +147,16 @@ def test_node_is_ready_and_runs_a_pod_from_a_local_image(single_node) -> None:
 # -- stage 2 ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def installed(single_node):
-    """The chart installed with the e2e values (waits for the operator and the device plugin)."""
+    """The chart installed with the values of a local node, as `vnpu up` installs it: the locally built
+    image, our pause image, simulated devices (two 16 GiB devices = 32 slices of 1 GiB). Waits for the
+    operator and the device plugin."""
+    values = single_node.workdir / "chart-values.json"
+    values.write_text(json.dumps(local_node_values(devices=2, device_mib=16 * SLICE_MIB)))
     helm(
         single_node,
-        "install", "vnpu", str(CHART),
+        "install", RELEASE, str(CHART),
         "--namespace", RELEASE_NAMESPACE, "--create-namespace",
-        "--values", str(CHART_VALUES),
+        "--values", str(values),
         "--wait", "--timeout", "180s",
     )  # fmt: skip
     return single_node

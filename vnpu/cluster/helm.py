@@ -1,0 +1,42 @@
+"""The Helm chart on a local cluster: the ``helm`` built by build-binaries.sh, and the chart values for
+a node without a registry (locally built images, simulated devices). Used by ``vnpu up`` on a real
+node and by the single-node end-to-end, so both install exactly the same thing."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from vnpu.cluster import images
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CHART = REPO_ROOT / "deploy" / "helm" / "vnpu"
+RELEASE = "vnpu"
+RELEASE_NAMESPACE = "vnpu-system"
+
+
+def local_node_values(
+    *, devices: int = 2, device_mib: int = 16384, resync_seconds: int = 10
+) -> dict[str, Any]:
+    """Chart values for :class:`~vnpu.cluster.node.LocalNode`: the locally built image (nothing can be
+    pulled, so ``pullPolicy: Never``), our own pause image for the placeholder pods, and the device
+    plugin's simulated backend with ``devices`` devices of ``device_mib`` each."""
+    repository, tag = images.VNPU_IMAGE.rsplit(":", 1)
+    return {
+        "image": {"repository": repository, "tag": tag, "pullPolicy": "Never"},
+        "operator": {"placeholders": {"image": images.PAUSE_IMAGE}, "resyncSeconds": resync_seconds},
+        "devicePlugin": {"backend": "simulated", "simulatedDevices": f"{devices}x{device_mib}"},
+    }
+
+
+def helm(bin_dir: Path, kubeconfig: Path, cache_dir: Path, *args: str, timeout: float = 300) -> str:
+    """Run ``helm`` against ``kubeconfig`` (its caches under ``cache_dir``); stdout, or RuntimeError."""
+    env = {**os.environ, "KUBECONFIG": str(kubeconfig), "HELM_CACHE_HOME": str(cache_dir)}
+    proc = subprocess.run(
+        [str(bin_dir / "helm"), *args], capture_output=True, text=True, env=env, timeout=timeout, check=False
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"helm {' '.join(args)} failed: {proc.stderr.strip()}")
+    return proc.stdout
