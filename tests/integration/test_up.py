@@ -1,5 +1,6 @@
 """`vnpu up` is the README's main job: it must come up on its own, place the examples, serve a real
-completion, and `vnpu down` must stop all of it."""
+completion, and `vnpu down` must stop all of it. This is the kwok-only mode (any machine); the
+real-node mode is tests/e2e/test_main_job_up.py."""
 
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ def test_up_places_serves_and_down_stops_everything(kube_bin_dir, tmp_path: Path
                 "-m",
                 "vnpu",
                 "up",
+                "--node",
+                "kwok",
                 "--nodes",
                 "2",
                 "--workdir",

