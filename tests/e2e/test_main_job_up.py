@@ -66,13 +66,12 @@ def test_up_runs_a_real_node_serves_from_its_pods_and_down_removes_it(kube_bin_d
 
         nodes = {n["metadata"]["name"] for n in kubectl("get", "nodes")["items"]}
         assert nodes == {"vnpu-node", "npu-0", "npu-1"}
-        on_real = [
-            p
-            for p in kubectl("get", "pods", "-A", "-l", f"{api.LABEL_MANAGED_BY}={api.MANAGED_BY_VALUE}")[
-                "items"
-            ]
-            if p["spec"].get("nodeName") == "vnpu-node"
-        ]
+        selector = f"{api.LABEL_MANAGED_BY}={api.MANAGED_BY_VALUE}"
+        managed = kubectl("get", "pods", "-A", "-l", selector)["items"]
+        on_real = [p for p in managed if p["spec"].get("nodeName") == "vnpu-node"]
+        # Real pods get the node's bridge addresses, kwok's fake ones a range of their own.
+        assert all(p["status"]["podIP"].startswith("10.214.") for p in on_real)
+        assert all(p["status"]["podIP"].startswith("10.215.") for p in managed if p not in on_real)
         roles = sorted(p["metadata"]["labels"][api.LABEL_ROLE] for p in on_real)
         assert roles == ["replica"] * 4 + ["weights"], roles
         assert all(p["status"]["phase"] == "Running" for p in on_real)

@@ -25,6 +25,10 @@ from vnpu.cluster.pki import Pki, create_pki
 from vnpu.cluster.processes import ManagedProcess, wait_until
 
 SERVICE_CIDR = "10.0.0.0/24"
+#: Addresses kwok gives its fake pods and nodes: apart from the Service range (where a fake pod could
+#: show the API server's ClusterIP) and from a real local node's ranges (10.213/16, 10.214/16).
+KWOK_POD_CIDR = "10.215.0.0/16"
+KWOK_NODE_IP = "10.212.0.1"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -268,8 +272,8 @@ class ControlPlane:
                 "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
                 "--manage-nodes-with-label-selector=",
                 "--manage-single-node=",
-                f"--cidr={SERVICE_CIDR}",
-                "--node-ip=10.0.0.1",
+                f"--cidr={KWOK_POD_CIDR}",
+                f"--node-ip={KWOK_NODE_IP}",
                 "--node-lease-duration-seconds=40",
                 f"--server-address={self.host}:{port}",
             ],
