@@ -102,7 +102,6 @@ def _resources(spec: Mapping[str, Any], slices: int) -> dict[str, Any]:
 
 
 #: dtypes the runtime can hold weights in (its --dtype); the CRD also names file quantisations.
-RUNTIME_DTYPES = ("float32", "float16", "bfloat16")
 #: Where a pvc:// source's claim is mounted in model pods (the runtime's VNPU_PVC_ROOT default).
 PVC_ROOT = "/mnt/pvc"
 
@@ -129,7 +128,7 @@ def _runtime_env(model: ModelRef, config: OperatorConfig) -> list[dict[str, Any]
     if "format" in source:
         env.append({"name": "VNPU_MODEL_FORMAT", "value": source["format"]})
     dtype = model.spec.get("weights", {}).get("dtype")
-    if dtype in RUNTIME_DTYPES:  # quantised file types (q4_1, ...) are the file's business, not a target
+    if dtype in api.RUNTIME_DTYPES:  # quantised file types (q4_1, ...) are the file's business, not a target
         env.append({"name": "VNPU_MODEL_DTYPE", "value": dtype})
     if "maxContextTokens" in model.spec.get("memory", {}):
         env.append({"name": "VNPU_MAX_CONTEXT", "value": str(model.spec["memory"]["maxContextTokens"])})

@@ -30,12 +30,12 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
+from vnpu import api
 from vnpu.logs import setup_logging
 
 log = logging.getLogger("vnpu.runtime")
 
 DEFAULT_PORT = 8000
-RUNTIME_DTYPES = ("float32", "float16", "bfloat16")
 
 
 def _env(*names: str, default: str | None = None) -> str | None:
@@ -245,7 +245,7 @@ def _socket_path(args: argparse.Namespace) -> Path | None:
 def _dtype(args: argparse.Namespace) -> str | None:
     if args.dtype in (None, "", "auto"):
         return None
-    if args.dtype not in RUNTIME_DTYPES:
+    if args.dtype not in api.RUNTIME_DTYPES:
         log.warning("weights are dequantised to a float dtype", extra={"requested_dtype": args.dtype})
         return None
     return str(args.dtype)

@@ -22,6 +22,10 @@ DEFAULT_SLICE_MIB = 1024
 #: Node annotation holding the JSON device inventory written by the device plugin.
 ANNOTATION_DEVICES = f"{GROUP}/devices"
 
+#: Weight dtypes vnpu's runtime holds on a device (quantized files are dequantised on load to one of
+#: these); the CRD refuses other ``weights.dtype`` values unless ``runtime.image`` names another runtime.
+RUNTIME_DTYPES = ("float32", "float16", "bfloat16")
+
 #: Pod annotations set by the operator and honoured by the device plugin.
 ANNOTATION_DEVICE = f"{GROUP}/device"
 ANNOTATION_SLICES = f"{GROUP}/slices"

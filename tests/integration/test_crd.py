@@ -85,6 +85,11 @@ BAD_SPECS = [
     ),
     ("bad-dtype", with_changes(weights__dtype="float13"), "spec.weights.dtype"),
     (
+        "quantized-dtype-without-its-runtime",
+        with_changes(weights__dtype="q4_1"),
+        "dequantises quantized files",
+    ),
+    (
         "kv-heads-not-divisor",
         with_changes(modelConfig={"num_attention_heads": 9, "num_key_value_heads": 4}),
         "multiple of num_key_value_heads",
@@ -137,8 +142,15 @@ def test_bad_specs_cover_at_least_twelve_cases() -> None:
             },
             "priority": 100,
         },
+        {
+            "modelName": "qwen-q4",
+            "source": {"uri": "file:///models/qwen.gguf", "format": "gguf"},
+            "weights": {"dtype": "q4_1"},
+            "runtime": {"image": "example.com/llama-cpp-runtime:1"},
+            "memory": {"kvCacheMiB": 256},
+        },
     ],
-    ids=["minimal", "context-sized", "everything"],
+    ids=["minimal", "context-sized", "everything", "quantized-with-its-runtime"],
 )
 def test_good_specs_are_accepted_with_defaults(crd_api, namespace, spec) -> None:
     obj = create(crd_api, namespace, "good", spec)
