@@ -45,6 +45,7 @@ def test_weights_here_looks_in_the_local_claims_and_on_the_host(tmp_path: Path) 
     assert not weights_here("pvc://models/a", tmp_path / "pvc")  # a directory is not a weights file
     assert weights_here(f"file://{tmp_path}/pvc/models/a/w.gguf", tmp_path / "pvc")
     assert not weights_here("hf://org/model@main", tmp_path / "pvc")  # up downloads nothing
+    assert not weights_here("pvc://models/../../../etc/passwd", tmp_path / "pvc")  # escapes the claim
 
 
 def test_models_with_local_weights_go_to_the_real_node_others_to_kwok(tmp_path: Path) -> None:

@@ -334,13 +334,17 @@ def host_kubeconfig(kubeconfig: str, port: int) -> str:
 
 def weights_here(uri: str, pvc_root: Path) -> bool:
     """Are a source's weights on this machine (so a real node can serve them)? ``pvc://claim/path``
-    looks in the local claim directories under ``pvc_root``; ``file://`` on the host; anything else
-    (hf://, s3://) would need a download, which ``up`` does not do."""
-    if uri.startswith("pvc://"):
-        return (pvc_root / uri.removeprefix("pvc://")).is_file()
-    if uri.startswith("file://"):
-        return Path(uri.removeprefix("file://")).is_file()
-    return False
+    looks in the local claim directories under ``pvc_root``, ``file://`` on the host, both resolved as
+    the runtime resolves them; anything else (hf://, s3://) would need a download or a cache mounted
+    into the pods, neither of which ``up`` does."""
+    from vnpu.runtime.sources import SourceError, local_path
+
+    if not uri.startswith(("pvc://", "file://")):
+        return False
+    try:
+        return local_path(uri, pvc_root=pvc_root).is_file()
+    except SourceError:
+        return False
 
 
 def route_to_nodes(model: Mapping[str, Any], pvc_root: Path, real_node: str) -> dict[str, Any]:
