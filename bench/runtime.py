@@ -29,18 +29,16 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from vnpu.bench.probes import free_port, http_json, mapping_kib, pss_kib
 from vnpu.bench.report import markdown_table, results_dir
 
 MIB = 1024 * 1024
@@ -77,39 +75,12 @@ def median_time(
 # processes
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _http(url: str, body: dict | None = None, timeout: float = 300) -> tuple[int, dict]:
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    """:func:`http_json`, with a connection error as status 0 (a replica still starting up)."""
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.status, json.loads(response.read() or b"{}")
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"{}")
+        return http_json(url, body, timeout)
     except OSError:
         return 0, {}
-
-
-def _pss_kib(pid: int, needle: str | None = None) -> int:
-    """PSS of a process, or of its mappings whose path contains ``needle``."""
-    if needle is None:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                return int(line.split()[1])
-        return 0
-    total, inside = 0, False
-    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
-        fields = line.split()
-        if fields and "-" in fields[0] and not fields[0].endswith(":"):
-            inside = needle in line
-        elif inside and fields[0] == "Pss:":
-            total += int(fields[1])
-    return total
 
 
 class Runtimes:
@@ -145,7 +116,7 @@ class Runtimes:
         return proc
 
     def serve(self, name: str, attach: bool) -> tuple[subprocess.Popen, str]:
-        port = _free_port()
+        port = free_port()
         args = ["serve", "--port", str(port), "--max-context", str(self.context), "--threads", "1"]
         if attach:
             args += ["--socket-dir", str(self.root / "sock"), "--share-group", "bench"]
@@ -201,8 +172,8 @@ def bench_memory(model: Path, counts: list[int], context: int) -> list[dict[str,
                     if status != 200:
                         raise RuntimeError(f"replica {i} answered {status}")
                     pids.append(proc.pid)
-                total = sum(_pss_kib(pid) for pid in pids)
-                weights = sum(_pss_kib(pid, "memfd:vnpu-weights") for pid in pids)
+                total = sum(pss_kib(pid) for pid in pids)
+                weights = sum(mapping_kib(pid, "memfd:vnpu-weights")[1] for pid in pids)
                 rows.append(
                     {
                         "replicas": n,

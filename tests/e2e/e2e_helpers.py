@@ -14,6 +14,7 @@ from typing import Any
 import grpc
 
 from vnpu import api
+from vnpu.bench import probes
 from vnpu.cluster import helm as vnpu_helm
 from vnpu.cluster.node import KUBELET_ROOT, SingleNodeCluster
 from vnpu.device_plugin.proto import podresources_pb2, podresources_pb2_grpc
@@ -131,10 +132,10 @@ def shared_weight_mappings(pid: int) -> set[tuple[str, str]]:
 
 # -- HTTP to a replica (the calling thread is in the node's network namespace) ---------------------------
 def http_json(url: str, body: dict[str, Any] | None = None, timeout: float = 120) -> Any:
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        return json.loads(response.read())
+    """The JSON answer of a request that must succeed."""
+    status, answer = probes.http_json(url, body, timeout)
+    assert status == 200, f"{url}: HTTP {status} {answer}"
+    return answer
 
 
 def metrics(url: str) -> dict[str, float]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import socket
 from pathlib import Path
 
 import pytest
@@ -19,12 +18,6 @@ def smollm2_dir() -> Path:
     path = Path(next(iter(spec.submodule_search_locations)))
     assert (path / GGUF_NAME).is_file(), f"{GGUF_NAME} not found in {path}"
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def write_tiny_llama(directory: Path, seed: int = 0, layers: int = 2) -> Path:
@@ -97,52 +90,3 @@ def load_tiny_llama(directory: Path, **kwargs: object) -> object:
     from vnpu.runtime.sources import resolve
 
     return load_weights(resolve(str(write_tiny_llama(directory, **kwargs))), progress=False)  # type: ignore[arg-type]
-
-
-# --- processes and HTTP -------------------------------------------------------------------------
-
-
-def http_json(url: str, body: dict | None = None, timeout: float = 120.0) -> tuple[int, dict]:
-    """GET (or POST ``body``) and return (status, JSON body) without raising on HTTP errors."""
-    import json
-    import urllib.error
-    import urllib.request
-
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.status, json.loads(response.read() or b"{}")
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"{}")
-
-
-def pss_kib(pid: int) -> int:
-    """Proportional set size of a process (shared pages divided among their users), in KiB."""
-    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-        if line.startswith("Pss:"):
-            return int(line.split()[1])
-    raise AssertionError(f"no Pss in /proc/{pid}/smaps_rollup")
-
-
-def rss_kib(pid: int) -> int:
-    """Resident set size of a process (every mapped page counted in full), in KiB."""
-    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-        if line.startswith("Rss:"):
-            return int(line.split()[1])
-    raise AssertionError(f"no Rss in /proc/{pid}/smaps_rollup")
-
-
-def mapping_kib(pid: int, needle: str) -> tuple[int, int]:
-    """(Rss, Pss) in KiB of the mappings of ``pid`` whose path contains ``needle``."""
-    rss = pss = 0
-    inside = False
-    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
-        fields = line.split()
-        if fields and "-" in fields[0] and len(fields) >= 5 and not fields[0].endswith(":"):
-            inside = needle in line
-        elif inside and fields[0] == "Rss:":
-            rss += int(fields[1])
-        elif inside and fields[0] == "Pss:":
-            pss += int(fields[1])
-    return rss, pss

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from rt_helpers import free_port, http_json, mapping_kib, pss_kib, rss_kib
+
+from vnpu.bench.probes import free_port, http_json, mapping_kib, pss_kib, rss_kib
 
 REPLICAS = 4
 CONTEXT = 256
