@@ -95,3 +95,36 @@ def test_up_runs_a_real_node_serves_from_its_pods_and_down_removes_it(kube_bin_d
         if up.poll() is None:
             up.kill()
             up.wait(30)
+
+
+def test_up_after_a_killed_up_sweeps_its_leftovers_and_serves(kube_bin_dir, tmp_path: Path) -> None:
+    """SIGKILL leaves the node's containers and shims running (nothing can clean up): the next `vnpu
+    up` ends them, starts from empty directories and comes up as before."""
+    workdir = tmp_path / "up"
+    log = tmp_path / "killed.log"
+    with log.open("w") as out:
+        killed = subprocess.Popen(
+            [sys.executable, "-m", "vnpu", "up", "--node", "real", "--nodes", "1", "--no-serve",
+             "--workdir", str(workdir)],
+            stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        wait_until(
+            lambda: "vnpu is up" in log.read_text() or killed.poll() is not None, 600, "vnpu up", interval=1
+        )
+        assert killed.poll() is None, log.read_text()
+    finally:
+        killed.kill()
+        killed.wait(30)
+    cgroup = f"vnpu-up-{killed.pid}"
+    assert any((h / cgroup).is_dir() for h in cgroup_hierarchies()), "the killed node's containers remain"
+
+    again = subprocess.run(
+        [sys.executable, "-m", "vnpu", "up", "--node", "real", "--nodes", "1", "--once",
+         "--workdir", str(workdir)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "a pod on vnpu-node/" in again.stdout and "completed:" in again.stdout
+    assert not any((h / cgroup).exists() for h in cgroup_hierarchies()), "the killed node was not swept"
+    assert not [d for h in cgroup_hierarchies() for d in h.glob("vnpu-up-*")], "the second run left its node"

@@ -283,7 +283,12 @@ def _start_real(
     from vnpu.cluster.helm import CHART, RELEASE, RELEASE_NAMESPACE, helm, local_node_values
     from vnpu.cluster.kwok import NPU_NODE_LABEL, create_npu_nodes
     from vnpu.cluster.node import SingleNodeCluster
+    from vnpu.cluster.nodens import sweep_orphans
 
+    # A run killed with SIGKILL leaves its containers (and their shims) and its node's files behind:
+    # end those first, then start from empty directories.
+    sweep_orphans()
+    shutil.rmtree(workdir / "cluster", ignore_errors=True)
     forwarder = LoopbackForwarder()  # listens in the host's namespace: create it before entering the node's
     cleanup.callback(forwarder.close)
     cluster = SingleNodeCluster(
