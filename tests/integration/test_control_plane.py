@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from kubernetes import client
@@ -45,10 +46,13 @@ def test_kwok_nodes_advertise_vnpu_memory_and_become_ready(control_plane, kwok_n
 
 
 def test_teardown_leaves_no_process_behind(kube_bin_dir, tmp_path) -> None:
-    cp = ControlPlane(kube_bin_dir, tmp_path).start()
-    cp.start_kwok()
-    pids = [p.pid for p in cp.processes.values()]
-    cp.stop()
+    with ControlPlane(kube_bin_dir, tmp_path) as cp:
+        cp.start_kwok()
+        pids = [p.pid for p in cp.processes.values()]
+        etcd_data = cp._etcd_data
+        assert etcd_data.name.startswith(f"vnpu-etcd-{os.getpid()}-")  # a later run can tell it is ours
+    # Leaving the context stopped everything and removed etcd's (in-memory) data.
+    assert not etcd_data.exists()
     for pid in pids:
         stat = Path(f"/proc/{pid}/stat")
         assert not stat.exists() or stat.read_text().split()[2] == "Z"

@@ -9,6 +9,7 @@ default service accounts.
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import ssl
@@ -25,6 +26,8 @@ from vnpu.cluster.pki import Pki, create_pki
 from vnpu.cluster.processes import ManagedProcess, wait_until
 
 SERVICE_CIDR = "10.0.0.0/24"
+#: etcd data directories are named ``<prefix><owner pid>-<random>`` so later runs can remove dead ones.
+ETCD_DATA_PREFIX = "vnpu-etcd-"
 #: Addresses kwok gives its fake pods and nodes: apart from the Service range (where a fake pod could
 #: show the API server's ClusterIP) and from a real local node's ranges (10.213/16, 10.214/16).
 KWOK_POD_CIDR = "10.215.0.0/16"
@@ -112,6 +115,7 @@ class ControlPlane:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+        self.remove_data()  # the work directory (logs) stays
 
     def _spawn(self, name: str, argv: Sequence[str]) -> ManagedProcess:
         proc = ManagedProcess(name, [*self.wrap, *argv], self.workdir / "logs" / f"{name}.log")
@@ -123,9 +127,9 @@ class ControlPlane:
 
     def _start_etcd(self) -> None:
         peer = free_port()
-        data = Path(
-            tempfile.mkdtemp(prefix="vnpu-etcd-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None)
-        )
+        parent = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
+        sweep_dead_etcd_data(parent)
+        data = Path(tempfile.mkdtemp(prefix=f"{ETCD_DATA_PREFIX}{os.getpid()}-", dir=parent))
         self._etcd_data = data
         url = f"http://127.0.0.1:{self.etcd_port}"
         peer_url = f"http://127.0.0.1:{peer}"
@@ -315,11 +319,27 @@ class ControlPlane:
         with urllib.request.urlopen(f"{self.server}{path}", context=ctx, timeout=5) as resp:
             return resp.read().decode()
 
+    def remove_data(self) -> None:
+        """Delete etcd's data (it lives in memory, under /dev/shm, when that exists)."""
+        shutil.rmtree(getattr(self, "_etcd_data", ""), ignore_errors=True)
+
     def cleanup(self) -> None:
         """Stop everything and delete the work directory and etcd data."""
         self.stop()
-        shutil.rmtree(getattr(self, "_etcd_data", ""), ignore_errors=True)
+        self.remove_data()
         shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def sweep_dead_etcd_data(parent: Path) -> list[Path]:
+    """Remove etcd data directories whose owning process is gone (a SIGKILLed run cannot clean up, and
+    under /dev/shm its data would hold memory until reboot). Returns what was removed."""
+    removed = []
+    for path in parent.glob(f"{ETCD_DATA_PREFIX}*-*"):
+        owner = path.name[len(ETCD_DATA_PREFIX) :].split("-", 1)[0]
+        if owner.isdigit() and not Path(f"/proc/{owner}").exists():
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
 
 
 def _http_ok(url: str) -> bool:

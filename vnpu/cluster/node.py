@@ -427,9 +427,13 @@ class SingleNodeCluster:
         name: str | None = None,
         node_name: str = "vnpu-node",
         node_labels: Mapping[str, str] | None = None,
+        keep_workdir: bool = False,
     ) -> None:
+        """``keep_workdir`` keeps the work directory (logs, containerd's state) after :meth:`stop` and
+        after a failed :meth:`start`, for a post-mortem; the caller removes it."""
         self.bin_dir = bin_dir
         self.workdir = workdir
+        self.keep_workdir = keep_workdir
         self.ns = NodeNamespaces(name or f"vnpu-node-{os.getpid()}", workdir)
         self.node_name = node_name
         self.node_labels = dict(node_labels or {})
@@ -445,7 +449,7 @@ class SingleNodeCluster:
         stack = contextlib.ExitStack()
         try:
             self.ns.start()
-            stack.callback(self.ns.cleanup)
+            stack.callback(self.ns.stop)
             stack.enter_context(self.ns.entered())
             apiserver_vip = self.ns.network.extra_ips[0]
             self.cp = ControlPlane(
@@ -458,7 +462,8 @@ class SingleNodeCluster:
                 # The node's name resolves nowhere: reach the kubelet (logs, exec) by its address.
                 apiserver_args=["--kubelet-preferred-address-types=InternalIP"],
             )
-            stack.callback(self.cp.cleanup)
+            stack.callback(self.cp.remove_data)
+            stack.callback(self.cp.stop)
             self.cp.start()
             self.cp.start_scheduler()
             self.cp.start_controller_manager()
@@ -469,16 +474,22 @@ class SingleNodeCluster:
             self.node.start()
         except BaseException:
             stack.close()
+            self._remove_workdir()
             raise
         self._entered = stack
         return self
 
     def stop(self) -> None:
-        """Stop the node, the control plane and the namespaces; delete the work directory."""
+        """Stop the node, the control plane and the namespaces; delete the work directory unless the
+        cluster was made with ``keep_workdir``."""
         if self._entered is not None:
             self._entered.close()
             self._entered = None
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        self._remove_workdir()
+
+    def _remove_workdir(self) -> None:
+        if not self.keep_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self) -> SingleNodeCluster:
         return self.start()

@@ -252,6 +252,7 @@ def _start_kwok(
     from vnpu.cluster.processes import ManagedProcess
 
     cp = ControlPlane(bin_dir, workdir / "control-plane")
+    cleanup.callback(cp.remove_data)  # etcd's data is in memory (/dev/shm); the logs stay
     cleanup.callback(cp.stop)
     with steps.step("control plane"):
         cp.start()
@@ -293,7 +294,7 @@ def _start_real(
     cleanup.callback(forwarder.close)
     cluster = SingleNodeCluster(
         bin_dir, workdir / "cluster", name=f"vnpu-up-{os.getpid()}", node_name=REAL_NODE,
-        node_labels={NPU_NODE_LABEL: "true"},
+        node_labels={NPU_NODE_LABEL: "true"}, keep_workdir=True,  # logs outlive the run; removed next time
     )  # fmt: skip
     with steps.step("control plane + real node"):
         cleanup.callback(cluster.stop)
