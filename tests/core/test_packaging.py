@@ -12,6 +12,8 @@ import tomllib
 import venv
 from pathlib import Path
 
+from vnpu.cluster import images
+
 REPO = Path(__file__).resolve().parents[2]
 CONTAINERFILE = REPO / "deploy" / "image" / "Containerfile"
 
@@ -73,3 +75,4 @@ def test_the_containerfile_copies_every_source_folder_and_installs_real_extras()
     chart = (REPO / "deploy" / "helm" / "vnpu" / "templates" / "operator-deployment.yaml").read_text()
     uid = re.search(r"runAsUser: (\d+)", chart)
     assert uid and f"USER {uid.group(1)}:" in text  # the chart's non-root user exists in the image
+    assert f"USER {images.NON_ROOT_USER}" in text  # and the e2e's local image runs as the same user

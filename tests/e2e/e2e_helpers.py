@@ -111,6 +111,14 @@ def process_env(pid: int) -> dict[str, str]:
     return dict(item.decode().split("=", 1) for item in raw if b"=" in item)
 
 
+def process_uid(pid: int) -> int:
+    """The real user id a process runs as."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Uid:"):
+            return int(line.split()[1])
+    raise LookupError(f"no Uid in /proc/{pid}/status")
+
+
 def process_mounts(pid: int) -> dict[str, str]:
     """Mount point in the container -> mounted path inside its source file system (mountinfo fields)."""
     mounts = {}

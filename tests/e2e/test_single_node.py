@@ -42,6 +42,7 @@ from e2e_helpers import (
     pods,
     process_env,
     process_mounts,
+    process_uid,
     shared_weight_mappings,
     workload_pid,
 )
@@ -284,6 +285,9 @@ def check_container_received_allocation(cluster, pod: dict[str, Any]) -> int:
     notes = pod["metadata"]["annotations"]
     container = pod["spec"]["containers"][0]["name"]
     pid = workload_pid(container_pid(cluster, pod, container))
+    # Non-root, as the image's user (like deploy/image/Containerfile's): the holder still creates its
+    # socket in the share directory the device plugin made for the group.
+    assert process_uid(pid) == int(images.NON_ROOT_USER.split(":")[0])
     env = process_env(pid)
     assert env[contract.ENV_DEVICE] == notes[api.ANNOTATION_DEVICE]
     assert env[contract.ENV_SLICES] == notes[api.ANNOTATION_SLICES]

@@ -22,6 +22,8 @@ from pathlib import Path
 PAUSE_SOURCE = Path(__file__).with_name("pause.c")
 PAUSE_IMAGE = "local.test/pause:1"
 VNPU_IMAGE = "local.test/vnpu:dev"
+#: The user of the vnpu image (uid:gid), the same as deploy/image/Containerfile's and the chart's.
+NON_ROOT_USER = "65532:65532"
 BUSYBOX = Path("/usr/bin/busybox")  # Debian busybox-static: no shared libraries needed
 #: Applets linked into the image's /bin (what probes, debugging and the launcher need).
 BUSYBOX_APPLETS = (
@@ -57,6 +59,7 @@ def build_oci_image(
     *,
     entrypoint: Sequence[str] = (),
     env: Sequence[str] = ("PATH=/bin:/usr/bin:/usr/local/bin",),
+    user: str = "",
 ) -> Path:
     """Build a one-layer OCI image: ``populate(rootfs: Path)`` fills the root filesystem. Returns the
     tarball of the OCI layout, ready for ``ctr images import``."""
@@ -75,6 +78,8 @@ def build_oci_image(
     config += [f"--config.env={e}" for e in env]
     if entrypoint:
         config += [f"--config.entrypoint={part}" for part in entrypoint]
+    if user:
+        config.append(f"--config.user={user}")
     _run(config)
     _run(["umoci", "gc", "--layout", str(layout)])
     shutil.rmtree(bundle)
@@ -148,7 +153,9 @@ def build_vnpu_image(workdir: Path, python: str, image: str = VNPU_IMAGE) -> Pat
         )
         (rootfs / "etc/group").write_text("root:x:0:\nnonroot:x:65532:\nnogroup:x:65534:\n")
 
-    return build_oci_image(workdir, image, populate)
+    # Like the real image (deploy/image/Containerfile), processes run as 65532 unless a pod says
+    # otherwise (the device plugin runs as root): model pods are tested as the non-root user they are.
+    return build_oci_image(workdir, image, populate, user=NON_ROOT_USER)
 
 
 def import_image(ctr: Sequence[str], tarball: Path, image: str) -> None:
