@@ -79,6 +79,14 @@ def test_up_runs_a_real_node_serves_from_its_pods_and_down_removes_it(kube_bin_d
         assert {p["spec"]["nodeName"] for p in system} == {"vnpu-node"}  # the kwok taint kept them off
         assert (tmp_path / "placement.png").stat().st_size > 10_000
 
+        # The table is live: scaling a model (here through the host kubeconfig) is printed again.
+        subprocess.run(
+            [str(kube_bin_dir / "kubectl"), "--kubeconfig", str(kubeconfig), "scale", "infm/smollm2-chat",
+             "--replicas=3"],
+            check=True, capture_output=True, timeout=60,
+        )  # fmt: skip
+        wait_until(lambda: "smollm2-chat×3" in log.read_text(), 60, "the live table to show 3 replicas")
+
         cgroup = f"vnpu-up-{up.pid}"
         assert any((h / cgroup).is_dir() for h in cgroup_hierarchies())
         down = subprocess.run(

@@ -224,10 +224,18 @@ def up(args: argparse.Namespace) -> int:
                 print(f"\n{completion}")
             if args.once:
                 return 0
-            print("\nvnpu is up: live placement below; Ctrl-C or `vnpu down` stops it.\n", flush=True)
-            while True:
+            print(
+                "\nvnpu is up: the placement is printed again when it changes; Ctrl-C or `vnpu down` stops "
+                "it.\n",
+                flush=True,
+            )
+            shown = table
+            while True:  # print the placement again whenever it changes (scale, delete, node loss)
                 time.sleep(5)
-                print(_table(cp, args.png), end="\n\n", flush=True)
+                table = _table(cp, args.png)
+                if table != shown:
+                    print(f"{time.strftime('%H:%M:%S')}\n{table}", end="\n\n", flush=True)
+                    shown = table
         except KeyboardInterrupt:
             print("\nvnpu up: stopping ...", file=sys.stderr, flush=True)
             return 0
