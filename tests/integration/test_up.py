@@ -80,3 +80,25 @@ def _child_of(pid: int, parent: int) -> bool:
         return int(Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[1]) == parent
     except (OSError, ValueError, IndexError):
         return False
+
+
+def test_up_with_a_bad_example_says_why_and_cleans_up(kube_bin_dir, tmp_path: Path) -> None:
+    """An example the API server refuses ends `up` with the server's message (no traceback) and exit 1;
+    the logs named in the message stay."""
+    examples = tmp_path / "examples"
+    examples.mkdir()
+    (examples / "bad.yaml").write_text(
+        "apiVersion: vnpu.io/v1alpha1\nkind: InferenceModel\nmetadata: {name: bad}\n"
+        "spec: {modelName: m, source: {uri: 'file:///m.gguf'}, weights: {dtype: q4_1}}\n"
+    )
+    workdir = tmp_path / "up"
+    proc = subprocess.run(
+        [sys.executable, "-m", "vnpu", "up", "--node", "kwok", "--nodes", "1", "--once",
+         "--examples", str(examples), "--workdir", str(workdir)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "vnpu up failed:" in proc.stderr and "weights.dtype" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (workdir / "up.json").exists()
+    assert (workdir / "control-plane" / "logs" / "kube-apiserver.log").stat().st_size > 0  # logs stay

@@ -239,6 +239,12 @@ def up(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             print("\nvnpu up: stopping ...", file=sys.stderr, flush=True)
             return 0
+        except (RuntimeError, TimeoutError, OSError) as exc:
+            # A component failed to start or never became ready: say which, and where its logs are
+            # (they outlive the run), rather than a traceback.
+            print(f"\nvnpu up failed: {exc}\nlogs: {workdir}/logs, {workdir}/control-plane/logs, "
+                  f"{workdir}/cluster (real node)", file=sys.stderr, flush=True)  # fmt: skip
+            return 1
 
 
 def _interrupt_on_sigterm() -> None:
