@@ -10,8 +10,8 @@ The stages build on each other (the module's tests run in order on one cluster):
 3. two InferenceModels sharing weights and one offloading: every pod runs with the Allocate envs and
    the share-group mount, on slices of the device the operator chose; the shared group's replicas map
    the one weight-holder's arena; completions come back from the real SmolLM2 weights;
-4. restarting the kubelet, restarting the device plugin and deleting the node's pods lose no
-   allocation and duplicate nothing.
+4. restarting the kubelet, the device plugin and the operator, and deleting the node's pods, lose
+   no allocation and duplicate nothing.
 
 What a container received is read from its process (/proc/<pid>/environ, mountinfo, maps) and what
 the kubelet allocated from its pod-resources API: no exec into containers.
@@ -404,6 +404,42 @@ def test_device_plugin_restart_loses_no_allocation(models) -> None:
     wait_capacity(cluster)
     wait_serving(cluster)
     wait_until(lambda: snapshot(cluster) == before, 60, "the same allocations after the plugin restart")
+    check_serving(cluster)
+
+
+def test_operator_restart_keeps_every_pod(models) -> None:
+    """The chart's operator pod replaced (Deployment): the new operator adopts what it finds — the same
+    pods (uids), the same allocations, no duplicate created while it caught up."""
+    cluster = models
+    before = snapshot(cluster)
+    selector = "app.kubernetes.io/component=operator"
+    (old,) = pods(cluster, RELEASE_NAMESPACE, selector)
+    cluster.cp.kubectl(
+        "delete", "pod", "-n", RELEASE_NAMESPACE, pod_name(old), "--wait=true", "--timeout=60s"
+    )
+
+    def new_operator_ready() -> bool:
+        live = [
+            p
+            for p in pods(cluster, RELEASE_NAMESPACE, selector)
+            if not p["metadata"].get("deletionTimestamp")
+        ]
+        return len(live) == 1 and live[0]["metadata"]["uid"] != old["metadata"]["uid"] and is_ready(live[0])
+
+    wait_until(new_operator_ready, 120, "the new operator pod Ready")
+    (new,) = [p for p in pods(cluster, RELEASE_NAMESPACE, selector) if is_ready(p)]
+    operator_metrics = f"http://{new['status']['podIP']}:8080/metrics"
+    # Two full passes of the new operator over the cluster, then: it created and deleted nothing.
+    wait_until(
+        lambda: metrics(operator_metrics).get("vnpu_operator_reconcile_duration_seconds_count", 0) >= 2,
+        120,
+        "two reconcile passes of the new operator",
+    )
+    actions = {
+        k: v for k, v in metrics(operator_metrics).items() if k.startswith("vnpu_operator_pod_actions_total")
+    }
+    assert not any(actions.values()), actions
+    assert snapshot(cluster) == before
     check_serving(cluster)
 
 
