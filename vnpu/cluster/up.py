@@ -67,7 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
         "kwok: simulated nodes only; auto: real where it can run, else kwok (default %(default)s)",
     )
     p.add_argument("--nodes", type=int, default=3, help="simulated NPU nodes (default %(default)s)")
-    p.add_argument("--devices-per-node", type=int, default=4, help="devices per node (default %(default)s)")
+    p.add_argument(
+        "--devices-per-node",
+        type=int,
+        default=4,
+        help="devices per node, simulated ones on the real node too (default %(default)s)",
+    )
     p.add_argument(
         "--device-gib", type=int, default=16, help="memory per device in GiB (default %(default)s)"
     )
