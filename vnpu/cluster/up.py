@@ -521,8 +521,9 @@ def _complete_on_real_node(cp: Any, node: str, timeout: float = 420) -> str:
 
 
 def _serve_one(cp: Any, workdir: Path, cleanup: contextlib.ExitStack) -> str:
-    """kwok nodes run no containers: run one placed SmolLM2 replica (and its weight-holder) here, from
-    its pod's settings (model, share group, device), and ask it for a completion."""
+    """kwok nodes run no containers: run one placed SmolLM2 replica (and its weight-holder) here, with
+    its pod's environment (model, dtype, context, offload: what the operator set) and device, and ask
+    it for a completion. Only what a node would provide differs: the claim's and sockets' paths."""
     from vnpu.cluster.controlplane import free_port
     from vnpu.cluster.processes import ManagedProcess, wait_until
 
@@ -545,10 +546,12 @@ def _serve_one(cp: Any, workdir: Path, cleanup: contextlib.ExitStack) -> str:
         "--model", uri, "--pvc-root", str(workdir / "pvc"), "--share-group", group,
         "--socket-dir", str(socket_dir), "--device-id", device, "--log-format", "text", "--no-progress",
     ]  # fmt: skip
+    pod_env = {**os.environ, **env}
     holder = ManagedProcess(
         "weights-holder",
         [sys.executable, "-m", "vnpu", "runtime", "weights-holder", *common],
         workdir / "logs" / "weights-holder.log",
+        env=pod_env,
     )
     cleanup.callback(holder.stop)
     port = free_port()
@@ -557,6 +560,7 @@ def _serve_one(cp: Any, workdir: Path, cleanup: contextlib.ExitStack) -> str:
         [sys.executable, "-m", "vnpu", "runtime", "serve", *common, "--attach", "--host", "127.0.0.1",
          "--port", str(port), "--model-name", env["VNPU_MODEL_NAME"]],
         workdir / "logs" / "serve.log",
+        env=pod_env,
     )  # fmt: skip
     cleanup.callback(server.stop)
 
