@@ -27,7 +27,6 @@ import ctypes
 import os
 import re
 import shlex
-import shutil
 import signal
 import time
 from collections.abc import Iterator, Sequence
@@ -272,11 +271,6 @@ class NodeNamespaces:
                     with contextlib.suppress(OSError):
                         found.update(int(x) for x in Path(directory, "cgroup.procs").read_text().split())
         return found
-
-    def cleanup(self) -> None:
-        """:meth:`stop`, then delete the work directory (containerd's images and snapshots included)."""
-        self.stop()
-        shutil.rmtree(self.workdir, ignore_errors=True)
 
     # -- cgroups -----------------------------------------------------------------------------------------
     def _cgroup_dirs(self) -> list[Path]:
