@@ -4,7 +4,7 @@
 CPU, an IPC handle on CUDA/NPU), maps it read-only and returns a :class:`Lease`. A watcher thread
 blocks on the lease socket; EOF means the holder is gone, and the lease calls ``on_lost`` once.
 What to do then (stop serving, re-attach) is the caller's business — see
-:class:`vnpu.runtime.engine.SharedWeightsSupervisor`.
+:class:`vnpu.runtime.supervisor.SharedWeightsSupervisor`.
 """
 
 from __future__ import annotations

@@ -2,9 +2,8 @@
 
 :class:`ModelRuntime` is what the HTTP server talks to. Weights are *installed* into it — from a
 local load or from a weights-holder lease — and can be *uninstalled* when the holder goes away; the
-KV cache belongs to the process and survives a re-attach. :class:`SharedWeightsSupervisor` keeps a
-lease: attach, serve, notice the loss, mark the runtime unavailable (clients get a clear 503), retry
-with backoff, re-install.
+KV cache belongs to the process and survives a re-attach (:mod:`vnpu.runtime.supervisor` keeps the
+lease).
 
 Memory contract (``VNPU_MEMORY_LIMIT_MIB``): on CUDA/NPU the limit becomes torch's per-process memory
 fraction; on CPU it is a checked budget — KV cache + activation estimate + offload ring + the weights
@@ -17,17 +16,14 @@ from __future__ import annotations
 import gc
 import logging
 import threading
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from vnpu import memory
 from vnpu.runtime.arena import Arena
-from vnpu.runtime.attach import AttachRefusedError, HolderUnavailableError, Lease, attach
 from vnpu.runtime.errors import InvalidRequestError, MemoryBudgetError, RuntimeUnavailableError
 from vnpu.runtime.generate import GenerationResult, check_context, generate
 from vnpu.runtime.manifest import DTYPE_BYTES, WeightManifest
@@ -350,73 +346,3 @@ class ModelRuntime:
         if result.decode_tokens_per_s:
             m.tokens_per_second.set(result.decode_tokens_per_s)
         return Completion("".join(pieces), result, result.finish_reason, len(ids))
-
-
-class SharedWeightsSupervisor:
-    """Keeps a replica attached to its weights-holder: attach, serve, notice loss, retry, re-attach."""
-
-    def __init__(
-        self,
-        runtime: ModelRuntime,
-        socket_path: str | Path,
-        share_group: str,
-        device: str = "cpu",
-        retry_initial: float = 0.2,
-        retry_max: float = 5.0,
-    ) -> None:
-        self.runtime = runtime
-        self.socket_path = Path(socket_path)
-        self.share_group = share_group
-        self.device = device
-        self.retry_initial = retry_initial
-        self.retry_max = retry_max
-        self._stop = threading.Event()
-        self._lease: Lease | None = None
-        self._thread = threading.Thread(target=self._run, name="weights-supervisor", daemon=True)
-        self.fatal: str | None = None  #: the attached model cannot be used at all
-        self.refused = False  #: the last attach was refused (share group, credentials): a config error
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        lease = self._lease
-        if lease is not None:
-            lease.close()
-        self._thread.join(timeout=10)
-
-    def _run(self) -> None:
-        delay = self.retry_initial
-        while not self._stop.is_set():
-            try:
-                lease = attach(self.socket_path, self.share_group, self.device)
-            except (HolderUnavailableError, AttachRefusedError) as e:
-                self.refused = isinstance(e, AttachRefusedError)
-                self.runtime.set_unavailable(f"weights-holder unavailable: {e}")
-                log.warning("attach failed", extra={"reason": str(e), "retry_s": round(delay, 2)})
-                self._stop.wait(delay)
-                delay = min(delay * 2, self.retry_max)
-                continue
-            delay = self.retry_initial
-            self.refused = False
-            self._lease = lease
-            try:
-                self.runtime.install(
-                    lease.manifest, lease.arena, shared=True, seconds=lease.attach_seconds, keep=lease
-                )
-            except Exception as e:  # a holder serving an unusable model / budget error: stay down, loudly
-                self.fatal = str(e)
-                self.runtime.set_unavailable(f"cannot use the attached weights: {e}")
-                log.error("install failed", extra={"reason": str(e)})
-                lease.close()
-                return
-            self.runtime.metrics.attaches.inc()
-            while not lease.wait_lost(0.5):
-                if self._stop.is_set():
-                    return
-            reason = f"weights-holder at {self.socket_path} went away ({lease.lost_reason}); reconnecting"
-            self.runtime.uninstall(reason)
-            lease.close()
-            self._lease = None
-            time.sleep(0)  # let views die before the next attach maps a new arena

@@ -311,12 +311,8 @@ def cmd_weights_holder(args: argparse.Namespace) -> int:
 
 def _runtime(args: argparse.Namespace) -> tuple[object, object | None]:
     """A ModelRuntime with weights installed (loaded) or being attached (supervisor started)."""
-    from vnpu.runtime.engine import (
-        ModelRuntime,
-        ServeOptions,
-        SharedWeightsSupervisor,
-        apply_device_memory_limit,
-    )
+    from vnpu.runtime.engine import ModelRuntime, ServeOptions, apply_device_memory_limit
+    from vnpu.runtime.supervisor import SharedWeightsSupervisor
 
     options = ServeOptions(
         device=args.device,

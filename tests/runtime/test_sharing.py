@@ -19,10 +19,11 @@ from rt_helpers import load_tiny_llama
 
 from vnpu.runtime.arena import ArenaError, CpuArena, import_arena
 from vnpu.runtime.attach import AttachRefusedError, HolderUnavailableError, attach, holder_status
-from vnpu.runtime.engine import ModelRuntime, ServeOptions, SharedWeightsSupervisor
+from vnpu.runtime.engine import ModelRuntime, ServeOptions
 from vnpu.runtime.errors import RuntimeUnavailableError
 from vnpu.runtime.holder import HolderError, WeightsHolder
 from vnpu.runtime.manifest import ALIGNMENT, WeightManifest, pack
+from vnpu.runtime.supervisor import SharedWeightsSupervisor
 
 
 def wait_until(condition: Any, timeout: float = 20.0) -> None:

@@ -1,0 +1,88 @@
+"""Keeps a serving replica attached to its share group's weights-holder.
+
+Attach, install the weights into the :class:`~vnpu.runtime.engine.ModelRuntime`, notice the holder's
+loss (EOF on the lease), mark the runtime unavailable (clients get a clear 503), retry with backoff,
+re-install. The KV cache belongs to the runtime and survives a re-attach.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+
+from vnpu.runtime.attach import AttachRefusedError, HolderUnavailableError, Lease, attach
+from vnpu.runtime.engine import ModelRuntime
+
+log = logging.getLogger("vnpu.runtime.supervisor")
+
+
+class SharedWeightsSupervisor:
+    """Keeps a replica attached to its weights-holder: attach, serve, notice loss, retry, re-attach."""
+
+    def __init__(
+        self,
+        runtime: ModelRuntime,
+        socket_path: str | Path,
+        share_group: str,
+        device: str = "cpu",
+        retry_initial: float = 0.2,
+        retry_max: float = 5.0,
+    ) -> None:
+        self.runtime = runtime
+        self.socket_path = Path(socket_path)
+        self.share_group = share_group
+        self.device = device
+        self.retry_initial = retry_initial
+        self.retry_max = retry_max
+        self._stop = threading.Event()
+        self._lease: Lease | None = None
+        self._thread = threading.Thread(target=self._run, name="weights-supervisor", daemon=True)
+        self.fatal: str | None = None  #: the attached model cannot be used at all
+        self.refused = False  #: the last attach was refused (share group, credentials): a config error
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        lease = self._lease
+        if lease is not None:
+            lease.close()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        delay = self.retry_initial
+        while not self._stop.is_set():
+            try:
+                lease = attach(self.socket_path, self.share_group, self.device)
+            except (HolderUnavailableError, AttachRefusedError) as e:
+                self.refused = isinstance(e, AttachRefusedError)
+                self.runtime.set_unavailable(f"weights-holder unavailable: {e}")
+                log.warning("attach failed", extra={"reason": str(e), "retry_s": round(delay, 2)})
+                self._stop.wait(delay)
+                delay = min(delay * 2, self.retry_max)
+                continue
+            delay = self.retry_initial
+            self.refused = False
+            self._lease = lease
+            try:
+                self.runtime.install(
+                    lease.manifest, lease.arena, shared=True, seconds=lease.attach_seconds, keep=lease
+                )
+            except Exception as e:  # a holder serving an unusable model / budget error: stay down, loudly
+                self.fatal = str(e)
+                self.runtime.set_unavailable(f"cannot use the attached weights: {e}")
+                log.error("install failed", extra={"reason": str(e)})
+                lease.close()
+                return
+            self.runtime.metrics.attaches.inc()
+            while not lease.wait_lost(0.5):
+                if self._stop.is_set():
+                    return
+            reason = f"weights-holder at {self.socket_path} went away ({lease.lost_reason}); reconnecting"
+            self.runtime.uninstall(reason)
+            lease.close()
+            self._lease = None
+            time.sleep(0)  # let views die before the next attach maps a new arena
