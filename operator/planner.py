@@ -299,6 +299,13 @@ def plan(
     awaiting_key = {(r.namespace, r.share_group) for r in refs.values()} - set(key_uid)
     existing = {(p.namespace, p.name): p for p in pods}
     for key, p in sorted(existing.items()):
+        if p.finished and not p.terminating:
+            # A pod that ended for good (the kubelet refused it at admission, e.g. right after a
+            # restart before the device plugin registered again): delete it; the next pass creates
+            # it anew under the same name, as a ReplicaSet replaces its failed pods.
+            why = f"pod {p.phase.lower()}: {p.status_reason or 'ended'} {p.status_message}".strip()
+            result.delete.append(PodDeletion(p.namespace, p.name, p.role, why))
+            continue
         if key in desired or p.terminating:
             continue
         if (p.namespace, p.share_group) in awaiting_key and p.node not in lost_nodes:

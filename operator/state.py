@@ -42,6 +42,15 @@ class ObservedPod:
     ready: bool
     terminating: bool
     owner_uids: tuple[str, ...] = ()
+    #: The kubelet's reason and message for the phase (e.g. UnexpectedAdmissionError), if any.
+    status_reason: str = ""
+    status_message: str = ""
+
+    @property
+    def finished(self) -> bool:
+        """Failed or Succeeded: its containers will not run again (restartPolicy aside, a pod the
+        kubelet refused at admission ends Failed for good)."""
+        return self.phase in ("Failed", "Succeeded")
 
 
 @dataclass(frozen=True)
@@ -153,6 +162,8 @@ def parse_pod(obj: Mapping[str, Any]) -> ObservedPod:
         ready=conditions.get("Ready") == "True",
         terminating=meta.get("deletionTimestamp") is not None,
         owner_uids=tuple(o.get("uid", "") for o in meta.get("ownerReferences") or []),
+        status_reason=str(status.get("reason", "")),
+        status_message=str(status.get("message", "")),
     )
 
 

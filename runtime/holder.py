@@ -80,6 +80,7 @@ class WeightsHolder:
         # Encoded once: the tokenizer tables make it ~2 MB; the Python objects would cost far more.
         self._manifest_json = encode(weights.manifest.to_dict())
         self._listener: socket.socket | None = None
+        self._bound: tuple[int, int] | None = None  #: (device, inode) of the socket file we bound
         self._stop = threading.Event()
         self._leases: dict[int, socket.socket] = {}
         self._lock = threading.Lock()
@@ -128,6 +129,8 @@ class WeightsHolder:
             listener.bind(str(self.socket_path))
         finally:
             os.umask(old_umask)
+        st = self.socket_path.lstat()
+        self._bound = (st.st_dev, st.st_ino)
         if self.socket_group is not None:
             os.chown(self.socket_path, -1, self.socket_group)
         os.chmod(self.socket_path, self.socket_mode)
@@ -140,13 +143,17 @@ class WeightsHolder:
         self._stop.wait()
 
     def stop(self) -> None:
-        """Close the socket and every lease (replicas see EOF), then release the arena."""
+        """Close the socket and every lease (replicas see EOF), then release the arena. The socket
+        file is removed only if it is still ours: a holder replacing this one (a restarted pod) may
+        already have bound the path, and must keep it."""
         self._stop.set()
         if self._listener is not None:
             with contextlib.suppress(OSError):
                 self._listener.close()
             with contextlib.suppress(OSError):
-                self.socket_path.unlink()
+                st = self.socket_path.lstat()
+                if (st.st_dev, st.st_ino) == self._bound:
+                    self.socket_path.unlink()
         with self._lock:
             leases, self._leases = list(self._leases.values()), {}
         for conn in leases:

@@ -7,6 +7,7 @@ a skip, so CI cannot pass without having run it. ``hack/setup-env.sh`` installs 
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Iterator
@@ -14,7 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from vnpu.cluster.helm import CHART, RELEASE, RELEASE_NAMESPACE, local_node_values
 from vnpu.cluster.node import SingleNodeCluster, missing_prerequisites
+
+#: The `installed` chart's simulated devices: two of 16 GiB in 1 GiB slices.
+DEVICE_MIB = 16 * 1024
 
 
 @pytest.fixture(scope="session")
@@ -37,3 +42,22 @@ def single_node(kube_bin_dir: Path) -> Iterator[SingleNodeCluster]:
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def installed(single_node: SingleNodeCluster) -> SingleNodeCluster:
+    """The chart installed with the values of a local node, as `vnpu up` installs it: the locally built
+    image, our pause image, simulated devices (two 16 GiB devices, each its own resource of 16 slices
+    of 1 GiB). Waits for the operator and the device plugin. Shared by the modules of tests/e2e."""
+    from e2e_helpers import helm
+
+    values = single_node.workdir / "chart-values.json"
+    values.write_text(json.dumps(local_node_values(devices=2, device_mib=DEVICE_MIB)))
+    helm(
+        single_node,
+        "install", RELEASE, str(CHART),
+        "--namespace", RELEASE_NAMESPACE, "--create-namespace",
+        "--values", str(values),
+        "--wait", "--timeout", "180s",
+    )  # fmt: skip
+    return single_node

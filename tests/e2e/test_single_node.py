@@ -33,7 +33,6 @@ from e2e_helpers import (
     Allocation,
     container_pid,
     double_allocated,
-    helm,
     holder_socket,
     http_json,
     is_ready,
@@ -51,7 +50,7 @@ from e2e_helpers import (
 
 from vnpu import api, sharing
 from vnpu.cluster import images
-from vnpu.cluster.helm import CHART, RELEASE, RELEASE_NAMESPACE, local_node_values
+from vnpu.cluster.helm import RELEASE_NAMESPACE
 from vnpu.cluster.processes import wait_until
 from vnpu.device_plugin import contract
 from vnpu.runtime.attach import holder_status
@@ -149,23 +148,6 @@ def test_node_is_ready_and_runs_a_pod_from_a_local_image(single_node) -> None:
 
 
 # -- stage 2 ---------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def installed(single_node):
-    """The chart installed with the values of a local node, as `vnpu up` installs it: the locally built
-    image, our pause image, simulated devices (two 16 GiB devices = 32 slices of 1 GiB). Waits for the
-    operator and the device plugin."""
-    values = single_node.workdir / "chart-values.json"
-    values.write_text(json.dumps(local_node_values(devices=2, device_mib=16 * SLICE_MIB)))
-    helm(
-        single_node,
-        "install", RELEASE, str(CHART),
-        "--namespace", RELEASE_NAMESPACE, "--create-namespace",
-        "--values", str(values),
-        "--wait", "--timeout", "180s",
-    )  # fmt: skip
-    return single_node
-
-
 def device_plugin_pod(cluster) -> dict[str, Any]:
     live = [p for p in pods(cluster, RELEASE_NAMESPACE, "app.kubernetes.io/component=device-plugin")
             if not p["metadata"].get("deletionTimestamp")]  # fmt: skip

@@ -75,8 +75,8 @@ BAD_SPECS = [
     ("priority-out-of-range", with_changes(priority=5000), "spec.priority"),
     (
         "resources-set-vnpu-memory",
-        with_changes(runtime={"resources": {"limits": {"vnpu.io/memory": 4}}}),
-        "must not set vnpu.io/memory",
+        with_changes(runtime={"resources": {"limits": {"vnpu.io/memory-0": 4}}}),
+        "must not set vnpu.io/ resources",
     ),
     (
         "toleration-exists-with-value",

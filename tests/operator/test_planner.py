@@ -388,3 +388,25 @@ def test_a_node_whose_device_plugin_predates_per_device_resources_is_not_used() 
     assert "predates vnpu 0.2" in old.inventory_error
     result = run([model("a", 1)], [old])
     assert result.create == [] or roles(result.create) == ["placeholder"]
+
+
+def test_a_pod_the_kubelet_refused_at_admission_is_replaced() -> None:
+    """Right after a kubelet restart, pods admitted before the device plugin registered again end
+    Failed (UnexpectedAdmissionError) for good: the pass deletes them, the next creates them anew."""
+    nodes = [node("n1", devices=1)]
+    m = model("a", 2)
+    created = run([m], nodes).create
+    pods = as_pods(created)
+    failed_name = next(p.name for p in pods if p.role == "replica")
+    manifest = next(x for x in created if x["metadata"]["name"] == failed_name)
+    refused = parse_pod(
+        {**manifest, "status": {"phase": "Failed", "reason": "UnexpectedAdmissionError",
+                                "message": "Allocate failed due to no healthy devices present"}}
+    )  # fmt: skip
+    pods = [refused if p.name == failed_name else p for p in pods]
+    result = run([m], nodes, pods)
+    (deletion,) = result.delete
+    assert deletion.name == failed_name and "UnexpectedAdmissionError" in deletion.reason
+    assert result.create == []  # same name: created once the failed pod is gone
+    after = run([m], nodes, [p for p in pods if p.name != failed_name])
+    assert [x["metadata"]["name"] for x in after.create] == [failed_name]

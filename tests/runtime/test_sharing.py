@@ -350,3 +350,24 @@ def test_a_replica_stays_unready_with_the_reason_while_only_an_untrusted_holder_
             real._listener.close()
     finally:
         supervisor.stop()
+
+
+def test_a_stopping_holder_leaves_its_replacements_socket_alone(tiny: Any, short_tmp: Path) -> None:
+    """A restarted holder pod can bind the path while the old one is still shutting down (the old
+    socket file was gone already): the old one's exit must not remove the new one's socket."""
+    path = short_tmp / "s3" / "weights.sock"
+    old = WeightsHolder(load_tiny_llama(short_tmp / "old-model"), ID, KEY, path)
+    old.start()
+    path.unlink()
+    new = WeightsHolder(tiny, ID, KEY, path)
+    new.start()
+    try:
+        old.stop()
+        assert path.exists() and holder_status(path, ID, KEY)["pid"] == os.getpid()
+    finally:
+        new._listener.close()  # not stop(): the arena belongs to the fixture
+    # And a holder that still owns its path removes it when it stops.
+    alone = WeightsHolder(load_tiny_llama(short_tmp / "alone-model"), ID, KEY, short_tmp / "s4" / "w.sock")
+    alone.start()
+    alone.stop()
+    assert not alone.socket_path.exists()
