@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-DEFAULT_RUNTIME_IMAGE = "ghcr.io/vnpu/vnpu:0.1.0"
+DEFAULT_RUNTIME_IMAGE = "ghcr.io/vnpu/vnpu:0.2.0"
 DEFAULT_PLACEHOLDER_IMAGE = "registry.k8s.io/pause:3.10"
 PLACEHOLDER_PRIORITY_CLASS = "vnpu-placeholder"
 # Negative so real work always wins, but at or above the Cluster Autoscaler's default

@@ -20,6 +20,7 @@ the kubelet allocated from its pod-resources API: no exec into containers.
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import json
 import time
@@ -140,7 +141,7 @@ def test_node_is_ready_and_runs_a_pod_from_a_local_image(single_node) -> None:
 
     wait_until(succeeded, 120, "pod hello Succeeded", interval=0.5)
     on_disk = node.container_log(ns, "hello", "main")
-    assert marker in on_disk and "vnpu 0.1.0" in on_disk
+    assert marker in on_disk and f"vnpu {importlib.metadata.version('vnpu')}" in on_disk
     via_api = cp.kubectl("logs", "hello", "-n", ns).stdout  # API server -> kubelet, inside the namespace
     assert via_api.splitlines()[0] == marker
     assert kget(single_node, "pod", "hello", "-n", ns)["status"]["podIP"].startswith("10.214.")
