@@ -44,6 +44,12 @@ ANNOTATION_WEIGHT_HOLDER = f"{GROUP}/weight-holder"
 #: sharing count (replicas - 1) copies of this per device, as the operator's status does).
 ANNOTATION_WEIGHTS_MIB = f"{GROUP}/weights-mib"
 
+#: InferenceModel annotations written by the gateway (vnpu.gateway.activity), read by the operator to
+#: scale idle models to zero and to forecast demand: a cumulative request counter and the time of the
+#: latest request (RFC 3339).
+ANNOTATION_REQUESTS = f"{GROUP}/requests"
+ANNOTATION_LAST_REQUEST = f"{GROUP}/last-request"
+
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGED_BY_VALUE = "vnpu-operator"
 LABEL_MODEL = f"{GROUP}/model"

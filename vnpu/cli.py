@@ -3,7 +3,8 @@
 vnpu runs many inference models densely on NPUs in Kubernetes. Components live in their own folders
 at the top of the repository and are installed as subpackages of the namespace package ``vnpu``:
 ``vnpu.operator`` (kopf operator), ``vnpu.device_plugin`` (kubelet device plugin), ``vnpu.runtime``
-(shared-weight serving runtime) and ``vnpu.bench``. The shared pieces live in ``vnpu/``: the stable API
+(shared-weight serving runtime), ``vnpu.gateway`` (one OpenAI endpoint for all models) and
+``vnpu.bench``. The shared pieces live in ``vnpu/``: the stable API
 names (:mod:`vnpu.api`), the node inventory format (:mod:`vnpu.inventory`), logging, this CLI and the
 local control plane used by tests and ``vnpu up`` (:mod:`vnpu.cluster`).
 
@@ -20,8 +21,12 @@ from collections.abc import Sequence
 #: command -> (module, one-line help). Modules expose ``main(argv: list[str]) -> int``.
 COMMANDS: dict[str, tuple[str, str]] = {
     "operator": ("vnpu.operator.main", "run the InferenceModel operator (kopf) against the current cluster"),
-    "device-plugin": ("vnpu.device_plugin.main", "run the kubelet device plugin advertising vnpu.io/memory"),
+    "device-plugin": (
+        "vnpu.device_plugin.main",
+        "run the kubelet device plugin advertising vnpu.io/memory-<index> per device",
+    ),
     "runtime": ("vnpu.runtime.main", "model runtime: `weights-holder` (shared weights) and `serve` (HTTP)"),
+    "gateway": ("vnpu.gateway.main", "one OpenAI endpoint for every model: route by name, pick a replica"),
     "up": ("vnpu.cluster.up", "start a local control plane with simulated NPU nodes, place and serve models"),
     "down": ("vnpu.cluster.up", "stop what `vnpu up` started"),
     "cluster": ("vnpu.cluster.main", "build the Kubernetes binaries or run a bare local control plane"),

@@ -1,0 +1,243 @@
+"""The gateway's view of the cluster, kept by watching (never polling) the API server.
+
+Two list+watch loops, each on a thread: InferenceModels (what clients may ask for: ``modelName``,
+``replicas``, ``scaling.minReplicas``) and EndpointSlices carrying the ``vnpu.io/model`` label (the
+operator's Service of each model has it, and the EndpointSlice controller copies a Service's labels to
+its slices). Every change rebuilds the :class:`~vnpu.gateway.routing.RouteTable` and wakes whoever
+waits for a model's first ready endpoint. A watch that ends or fails re-lists: nothing is missed.
+
+Parsing is pure (:func:`parse_model`, :func:`parse_slice`); the threads only feed it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from vnpu import api
+from vnpu.gateway.routing import Endpoint, ModelKey, Route, RouteTable
+
+log = logging.getLogger(__name__)
+
+#: The port name of a replica's HTTP server (the operator's pods and Services use it).
+PORT_NAME = "http"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    key: ModelKey
+    model_name: str
+    replicas: int
+    min_replicas: int
+
+
+def parse_model(obj: Mapping[str, Any]) -> ModelInfo | None:
+    """An InferenceModel as the gateway needs it; None while it is being deleted."""
+    meta, spec = obj.get("metadata", {}), obj.get("spec", {}) or {}
+    if meta.get("deletionTimestamp"):
+        return None
+    scaling = spec.get("scaling", {}) or {}
+    replicas = int(spec.get("replicas", 1))
+    return ModelInfo(
+        key=ModelKey(str(meta.get("namespace", "")), str(meta["name"])),
+        model_name=str(spec.get("modelName") or meta["name"]),
+        replicas=replicas,
+        min_replicas=int(scaling.get("minReplicas", 1)),
+    )
+
+
+def parse_slice(obj: Mapping[str, Any]) -> tuple[ModelKey, tuple[Endpoint, ...]] | None:
+    """A model's EndpointSlice: its model and ready endpoints on the ``http`` port (None if unlabelled)."""
+    meta = obj.get("metadata", {})
+    model = (meta.get("labels") or {}).get(api.LABEL_MODEL)
+    if not model:
+        return None
+    ports = [p.get("port") for p in obj.get("ports") or [] if p.get("name") == PORT_NAME and p.get("port")]
+    if not ports:
+        return ModelKey(str(meta.get("namespace", "")), model), ()
+    endpoints = []
+    for e in obj.get("endpoints") or []:
+        conditions = e.get("conditions") or {}
+        # Unset "ready" means ready (the API's convention); a terminating endpoint takes no new work.
+        if conditions.get("ready") is False or conditions.get("terminating") is True:
+            continue
+        pod = (e.get("targetRef") or {}).get("name", "")
+        for address in e.get("addresses") or []:
+            endpoints.append(Endpoint(str(address), int(ports[0]), pod))
+    return ModelKey(str(meta.get("namespace", "")), model), tuple(sorted(set(endpoints), key=str))
+
+
+class Discovery:
+    """The route table, kept current by watches; ``changed`` fires (on the loop) after every change."""
+
+    def __init__(self, api_client: Any, namespaces: tuple[str, ...] = ()) -> None:
+        self.api_client = api_client
+        self.namespaces = namespaces
+        self.table = RouteTable()
+        self._models: dict[ModelKey, ModelInfo] = {}
+        self._slices: dict[tuple[str, str], tuple[ModelKey, tuple[Endpoint, ...]]] = {}  # (ns, slice)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.changed = asyncio.Event()
+        self.synced = {"models": threading.Event(), "slices": threading.Event()}
+        self._watches: list[Any] = []
+
+    # -- state --------------------------------------------------------------------------------------------
+    def _rebuild(self) -> None:
+        endpoints: dict[ModelKey, set[Endpoint]] = {}
+        for key, eps in self._slices.values():
+            endpoints.setdefault(key, set()).update(eps)
+        routes = {
+            key: Route(
+                key,
+                m.model_name,
+                m.replicas,
+                m.min_replicas,
+                tuple(sorted(endpoints.get(key, ()), key=lambda e: (e.address, e.port))),
+            )
+            for key, m in self._models.items()
+        }
+        self.table = RouteTable(routes)
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._pulse)
+
+    def _pulse(self) -> None:
+        self.changed.set()
+        self.changed = asyncio.Event()  # waiters hold the old event; the next change sets a new one
+
+    def apply_model(self, kind: str, obj: Mapping[str, Any]) -> None:
+        info = parse_model(obj) if kind != "DELETED" else None
+        meta = obj.get("metadata", {})
+        key = ModelKey(str(meta.get("namespace", "")), str(meta.get("name", "")))
+        with self._lock:
+            if info is None:
+                self._models.pop(key, None)
+            else:
+                self._models[key] = info
+            self._rebuild()
+
+    def apply_slice(self, kind: str, obj: Mapping[str, Any]) -> None:
+        meta = obj.get("metadata", {})
+        name = (str(meta.get("namespace", "")), str(meta.get("name", "")))
+        parsed = parse_slice(obj) if kind != "DELETED" else None
+        with self._lock:
+            if parsed is None:
+                self._slices.pop(name, None)
+            else:
+                self._slices[name] = parsed
+            self._rebuild()
+
+    def replace_all(self, what: str, items: list[Mapping[str, Any]]) -> None:
+        with self._lock:
+            if what == "models":
+                self._models = {m.key: m for m in map(parse_model, items) if m is not None}
+            else:
+                self._slices = {}
+                for obj in items:
+                    parsed = parse_slice(obj)
+                    if parsed is not None:
+                        meta = obj["metadata"]
+                        self._slices[(meta.get("namespace", ""), meta["name"])] = parsed
+            self._rebuild()
+        self.synced[what].set()
+
+    # -- watching ---------------------------------------------------------------------------------------
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        from kubernetes import client
+
+        self._loop = loop
+        custom = client.CustomObjectsApi(self.api_client)
+        discovery = client.DiscoveryV1Api(self.api_client)
+        selector = api.LABEL_MODEL
+        if self.namespaces:
+            model_lists = [
+                (
+                    lambda ns=ns, **kw: custom.list_namespaced_custom_object(
+                        api.GROUP, api.VERSION, ns, api.PLURAL, **kw
+                    )
+                )
+                for ns in self.namespaces
+            ]
+            slice_lists = [
+                (
+                    lambda ns=ns, **kw: discovery.list_namespaced_endpoint_slice(
+                        ns, label_selector=selector, **kw
+                    )
+                )
+                for ns in self.namespaces
+            ]
+        else:
+            model_lists = [
+                lambda **kw: custom.list_cluster_custom_object(api.GROUP, api.VERSION, api.PLURAL, **kw)
+            ]
+            slice_lists = [
+                lambda **kw: discovery.list_endpoint_slice_for_all_namespaces(label_selector=selector, **kw)
+            ]
+        self._start_watch("models", model_lists, self.apply_model)
+        self._start_watch("slices", slice_lists, self.apply_slice)
+
+    def _start_watch(
+        self, what: str, lists: list[Callable[..., Any]], apply: Callable[[str, Any], None]
+    ) -> None:
+        if len(lists) > 1:  # several namespaces: one thread each, sharing the table
+            for fn in lists:
+                threading.Thread(
+                    target=self._watch,
+                    args=(what, fn, apply, False),
+                    daemon=True,
+                    name=f"gateway-watch-{what}",
+                ).start()
+            return
+        threading.Thread(
+            target=self._watch, args=(what, lists[0], apply, True), daemon=True, name=f"gateway-watch-{what}"
+        ).start()
+
+    def _watch(
+        self, what: str, list_fn: Callable[..., Any], apply: Callable[[str, Any], None], whole: bool
+    ) -> None:
+        from kubernetes import watch
+
+        backoff = 0.5
+        while not self._stop.is_set():
+            try:
+                body = json.loads(list_fn(_preload_content=False).data)
+                items = body.get("items") or []
+                if whole:
+                    self.replace_all(what, items)
+                else:
+                    for obj in items:
+                        apply("ADDED", obj)
+                    self.synced[what].set()
+                w = watch.Watch()
+                self._watches.append(w)
+                for event in w.stream(
+                    list_fn,
+                    resource_version=body["metadata"]["resourceVersion"],
+                    timeout_seconds=300,
+                    allow_watch_bookmarks=True,
+                ):
+                    if self._stop.is_set():
+                        return
+                    kind = event["type"]
+                    if kind == "ERROR":
+                        break  # 410 Gone and the like: list again
+                    if kind in ("ADDED", "MODIFIED", "DELETED"):
+                        apply(kind, event["raw_object"])
+                backoff = 0.5
+            except Exception as exc:  # the API server restarting, a timeout: list and watch again
+                if self._stop.is_set():
+                    return
+                log.warning("watch failed; listing again", extra={"what": what, "error": repr(exc)[:300]})
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 10.0)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for w in self._watches:
+            w.stop()

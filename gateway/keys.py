@@ -1,0 +1,120 @@
+"""Optional API keys: which client may call which models.
+
+The keys file is a Secret mounted into the gateway (``--api-keys``). Without it every request is let
+through (the gateway then sits behind your own authentication, as a Service in the cluster usually
+does). With it, a request needs ``Authorization: Bearer <key>`` and the key's ``models`` patterns
+must match the model it asks for (``<namespace>/<modelName>`` or the bare name; shell-style
+patterns: ``team-a/*``, ``*``). A key is stored as its SHA-256 (``sha256``) or, less safely, in the
+clear (``key``); the gateway keeps only digests and compares them in constant time::
+
+    keys:
+      - name: team-a-app
+        sha256: 9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08
+        models: ["team-a/*"]
+      - name: ops
+        key: s3cr3t
+        models: ["*"]
+
+A key that may not call a model gets the same 404 as a model that does not exist: no caller learns
+what other tenants serve.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import hmac
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class KeyFileError(ValueError):
+    """The keys file cannot be used (the message names the entry and the field)."""
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    name: str
+    digest: bytes  #: SHA-256 of the key
+    models: tuple[str, ...]
+
+    def allows(self, names: tuple[str, ...]) -> bool:
+        """Whether any pattern matches any of the model's names (qualified or bare)."""
+        return any(fnmatch.fnmatchcase(n, p) for p in self.models for n in names)
+
+
+def _digest(text: str) -> bytes:
+    return hashlib.sha256(text.encode()).digest()
+
+
+def parse_keys(data: Any) -> tuple[ApiKey, ...]:
+    """The keys of a parsed keys file; raises KeyFileError naming what is wrong."""
+    if not isinstance(data, dict) or not isinstance(data.get("keys"), list):
+        raise KeyFileError("the API keys file must be a mapping with a 'keys' list")
+    keys = []
+    for i, entry in enumerate(data["keys"]):
+        where = f"keys[{i}]"
+        if not isinstance(entry, dict):
+            raise KeyFileError(f"{where} must be a mapping")
+        name = str(entry.get("name") or where)
+        if ("key" in entry) == ("sha256" in entry):
+            raise KeyFileError(f"{where} ({name}) needs exactly one of 'key' or 'sha256'")
+        if "key" in entry:
+            if not isinstance(entry["key"], str) or len(entry["key"]) < 8:
+                raise KeyFileError(f"{where} ({name}): 'key' must be a string of at least 8 characters")
+            digest = _digest(entry["key"])
+        else:
+            try:
+                digest = bytes.fromhex(str(entry["sha256"]))
+            except ValueError:
+                digest = b""
+            if len(digest) != 32:
+                raise KeyFileError(f"{where} ({name}): 'sha256' must be 64 hex characters")
+        models = entry.get("models")
+        if not isinstance(models, list) or not models or not all(isinstance(m, str) and m for m in models):
+            raise KeyFileError(f"{where} ({name}): 'models' must be a non-empty list of model name patterns")
+        keys.append(ApiKey(name, digest, tuple(models)))
+    return tuple(keys)
+
+
+class KeyRing:
+    """The keys of a file, re-read when the file changes (a Secret update reaches the mount)."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._stamp: tuple[int, int] | None = None
+        self._keys: tuple[ApiKey, ...] = ()
+        if path is not None:
+            self.reload()
+
+    @property
+    def enabled(self) -> bool:
+        return self.path is not None
+
+    def reload(self) -> None:
+        """Read the file if it changed; a file that turned bad keeps the last good keys (and raises)."""
+        assert self.path is not None
+        st = os.stat(self.path)
+        stamp = (st.st_ino, st.st_mtime_ns)
+        if stamp == self._stamp:
+            return
+        try:
+            keys = parse_keys(yaml.safe_load(self.path.read_text()))
+        except yaml.YAMLError as exc:
+            raise KeyFileError(f"the API keys file {self.path} is not YAML: {exc}") from exc
+        self._keys, self._stamp = keys, stamp
+
+    def authenticate(self, authorization: str | None) -> ApiKey | None:
+        """The key a request's ``Authorization: Bearer <key>`` header presents, or None."""
+        if not authorization or not authorization.startswith("Bearer "):
+            return None
+        presented = _digest(authorization.removeprefix("Bearer ").strip())
+        found = None
+        for key in self._keys:  # compare with every key, in constant time each
+            if hmac.compare_digest(presented, key.digest):
+                found = key
+        return found

@@ -1,0 +1,129 @@
+"""``vnpu gateway``: one OpenAI endpoint for every InferenceModel of the cluster."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from vnpu.logs import setup_logging
+
+log = logging.getLogger("vnpu.gateway")
+
+DESCRIPTION = """\
+Serve the OpenAI API for every model of the cluster: /v1/models lists them, /v1/completions and
+/v1/chat/completions go to a ready replica of the model the request's `model` names (the one with the
+fewest requests outstanding, then the least KV cache in use), streaming answers pass through
+unbuffered, and a connect failure is retried once on another replica. Models are found by watching
+InferenceModels and the EndpointSlices of their Services (never by polling).
+
+A model answers to <namespace>/<modelName>, and to <modelName> alone when no other namespace serves
+that name. A model scaled to zero (spec.scaling.minReplicas: 0) is woken through its scale
+subresource; the request waits until a replica is ready or gets a 503 with Retry-After.
+
+Credentials: in-cluster service account, else --kubeconfig / $KUBECONFIG / ~/.kube/config.
+"""
+
+EPILOG = """\
+examples:
+  vnpu gateway --port 8080                                   # in a pod (the chart runs this)
+  vnpu gateway --kubeconfig ~/.kube/config --host 127.0.0.1  # on a workstation against a cluster
+  vnpu gateway --api-keys /etc/vnpu/keys/keys.yaml           # keys from a mounted Secret
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vnpu gateway",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--kubeconfig", type=Path, help="kubeconfig file (default: in-cluster, then $KUBECONFIG)")
+    p.add_argument(
+        "-n",
+        "--namespace",
+        action="append",
+        default=[],
+        help="serve only the models of this namespace (repeatable); default: all namespaces",
+    )
+    p.add_argument(
+        "--host", default="127.0.0.1", help="listen address (default %(default)s; 0.0.0.0 in a pod)"
+    )
+    p.add_argument("--port", type=int, default=8080, help="listen port (default %(default)s)")
+    p.add_argument(
+        "--api-keys",
+        type=Path,
+        help="YAML file of API keys and the models each may call "
+        "(see vnpu.gateway.keys); without it requests need no key",
+    )
+    p.add_argument(
+        "--wake-timeout",
+        type=float,
+        default=120.0,
+        metavar="SECONDS",
+        help="how long a request waits for a model to wake from zero (default %(default)s)",
+    )
+    p.add_argument("--no-wake", action="store_true", help="never scale a model up from zero")
+    p.add_argument(
+        "--activity-flush",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="how often request counts go onto the models' annotations (default %(default)s)",
+    )
+    p.add_argument("--log-format", choices=("json", "text"), default="json", help="(default %(default)s)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def api_client(kubeconfig: Path | None) -> object:
+    from kubernetes import client, config
+
+    if kubeconfig is not None:
+        return config.new_client_from_config(config_file=str(kubeconfig))
+    try:
+        configuration = client.Configuration()
+        config.load_incluster_config(client_configuration=configuration)
+        return client.ApiClient(configuration)
+    except config.ConfigException:
+        return config.new_client_from_config()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_format, logging.DEBUG if args.verbose else logging.INFO)
+    from aiohttp import web
+
+    from vnpu.gateway.activity import ActivityRecorder, scale_from_zero
+    from vnpu.gateway.discovery import Discovery
+    from vnpu.gateway.keys import KeyFileError, KeyRing
+    from vnpu.gateway.server import Gateway, GatewayConfig, make_app
+
+    try:
+        keys = KeyRing(args.api_keys)
+    except (OSError, KeyFileError) as exc:
+        log.error("cannot read the API keys", extra={"error": str(exc)})
+        return 2
+    client = api_client(args.kubeconfig)
+    recorder = ActivityRecorder(client, flush_s=args.activity_flush)
+    gateway = Gateway(
+        discovery=Discovery(client, tuple(args.namespace)),
+        keys=keys,
+        config=GatewayConfig(wake_timeout_s=args.wake_timeout),
+        wake=None if args.no_wake else (lambda ns, name: scale_from_zero(client, ns, name)),
+        record=recorder.record,
+    )
+    recorder.start()
+    log.info("gateway serving", extra={"host": args.host, "port": args.port, "keys": keys.enabled})
+    try:
+        web.run_app(make_app(gateway), host=args.host, port=args.port, print=None, handler_cancellation=True)
+    finally:
+        recorder.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

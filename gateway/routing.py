@@ -1,0 +1,98 @@
+"""Which model a request names and which replica serves it. Pure: no I/O, no clock of its own.
+
+The gateway's view of the cluster is a :class:`RouteTable`: every served model (an InferenceModel) by
+the name clients ask for, with its ready endpoints. Names are per namespace in Kubernetes but one
+flat space for an OpenAI client, so a model answers to ``<namespace>/<modelName>`` always and to the
+bare ``<modelName>`` when no other namespace serves that name (an ambiguous bare name is "not found",
+never a guess between tenants).
+
+Picking follows the Gateway API Inference Extension's endpoint picker, scaled down: the endpoint
+with the fewest requests outstanding through this gateway, then the lowest KV-cache usage the
+runtime reports, then a rotation so equal endpoints share the load.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One replica's HTTP address (from an EndpointSlice)."""
+
+    address: str
+    port: int
+    pod: str = ""
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.address}]" if ":" in self.address else self.address
+        return f"http://{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class ModelKey:
+    namespace: str
+    name: str  #: the InferenceModel's name
+
+
+@dataclass(frozen=True)
+class Route:
+    """A served model as clients see it."""
+
+    key: ModelKey
+    model_name: str  #: spec.modelName: what clients ask for
+    replicas: int  #: spec.replicas (0: scaled to zero; a request wakes it when it may)
+    min_replicas: int = 1  #: spec.scaling.minReplicas (0 allows scale to zero)
+    endpoints: tuple[Endpoint, ...] = ()
+
+    @property
+    def qualified_name(self) -> str:
+        return f"{self.key.namespace}/{self.model_name}"
+
+
+@dataclass
+class RouteTable:
+    """Routes by model key; rebuilt from watch events (see :mod:`.discovery`)."""
+
+    routes: dict[ModelKey, Route] = field(default_factory=dict)
+
+    def resolve(self, requested: str) -> Route | None:
+        """The route a request's ``model`` names, or None when it names none or is ambiguous."""
+        if "/" in requested:
+            namespace, _, name = requested.partition("/")
+            found = [r for r in self.routes.values() if r.key.namespace == namespace and r.model_name == name]
+        else:
+            found = [r for r in self.routes.values() if r.model_name == requested]
+        return found[0] if len(found) == 1 else None
+
+    def listed(self, allowed: Iterable[Route] | None = None) -> list[str]:
+        """The names a client may use, sorted: qualified always, bare where unambiguous."""
+        routes = list(self.routes.values() if allowed is None else allowed)
+        counts: dict[str, int] = {}
+        for r in self.routes.values():
+            counts[r.model_name] = counts.get(r.model_name, 0) + 1
+        names = {r.qualified_name for r in routes} | {
+            r.model_name for r in routes if counts[r.model_name] == 1
+        }
+        return sorted(names)
+
+
+def pick(
+    endpoints: Iterable[Endpoint],
+    outstanding: Mapping[Endpoint, int],
+    kv_usage: Mapping[Endpoint, float],
+    *,
+    turn: int = 0,
+    exclude: Iterable[Endpoint] = (),
+) -> Endpoint | None:
+    """The endpoint to send the next request to: fewest outstanding, then least KV usage (unknown
+    counts as full), then ``turn`` rotates among the rest. None when every endpoint is excluded."""
+    skip = set(exclude)
+    candidates = sorted({e for e in endpoints if e not in skip}, key=lambda e: (e.address, e.port))
+    if not candidates:
+        return None
+    best = min((outstanding.get(e, 0), kv_usage.get(e, 1.0)) for e in candidates)
+    tied = [e for e in candidates if (outstanding.get(e, 0), kv_usage.get(e, 1.0)) == best]
+    return tied[turn % len(tied)]

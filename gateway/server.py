@@ -1,0 +1,382 @@
+"""The OpenAI front door for every model: route by ``model``, pick a replica, stream the answer back.
+
+``POST /v1/completions`` and ``POST /v1/chat/completions`` are forwarded to one ready replica of the
+model the body names (see :mod:`.routing` for names and picking), byte for byte, streaming included:
+chunks go out as they arrive, and a client that leaves cancels the upstream request (the replica then
+frees the sequence). A connection that cannot be made to the picked replica is retried once on
+another. ``GET /v1/models`` lists what the caller may call. Errors are OpenAI error objects; an
+unknown model (or one the caller's key may not call) is a 404 that names nothing else.
+
+A model scaled to zero (``spec.scaling.minReplicas: 0`` and no replica) is woken through its scale
+subresource and the request is held until a replica is ready, or answered 503 with ``Retry-After``
+once ``--wake-timeout`` passes (Knative's activator does the same). Every request is counted towards
+the model's activity (:mod:`.activity`), which the operator reads to scale idle models to zero.
+
+The gateway keeps no state that matters between requests: run as many replicas as you need.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from vnpu.gateway.discovery import Discovery
+from vnpu.gateway.keys import ApiKey, KeyFileError, KeyRing
+from vnpu.gateway.routing import Endpoint, Route, pick
+
+log = logging.getLogger(__name__)
+
+#: Largest request body forwarded (a prompt of a few hundred thousand tokens fits).
+MAX_BODY = 16 * 1024 * 1024
+#: Headers never forwarded upstream: hop-by-hop ones, and the caller's key (it is for the gateway).
+_DROP_REQUEST_HEADERS = {
+    "host",
+    "authorization",
+    "connection",
+    "keep-alive",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+    "proxy-authorization",
+    "content-length",
+}
+_DROP_RESPONSE_HEADERS = {"connection", "keep-alive", "transfer-encoding", "content-length", "server", "date"}
+
+
+def openai_error(
+    status: int, message: str, kind: str, code: str | None = None, headers: dict[str, str] | None = None
+) -> web.Response:
+    body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
+    return web.json_response(body, status=status, headers=headers)
+
+
+def not_found(model: str) -> web.Response:
+    return openai_error(
+        404,
+        f"The model `{model}` does not exist or you do not have access to it.",
+        "invalid_request_error",
+        "model_not_found",
+    )
+
+
+class _RouteCollector(Collector):
+    """Ready endpoints per model, read from the route table at scrape time."""
+
+    def __init__(self, discovery: Discovery) -> None:
+        self.discovery = discovery
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "vnpu_gateway_ready_endpoints", "Ready replicas the gateway routes to, by model", labels=["model"]
+        )
+        for route in self.discovery.table.routes.values():
+            family.add_metric([route.qualified_name], len(route.endpoints))
+        yield family
+
+
+class GatewayMetrics:
+    def __init__(self, discovery: Discovery | None = None) -> None:
+        r = self.registry = CollectorRegistry()
+        if discovery is not None:
+            r.register(_RouteCollector(discovery))
+        self.requests = Counter(
+            "vnpu_gateway_requests", "Requests by model and outcome", ["model", "code"], registry=r
+        )
+        self.outstanding = Gauge(
+            "vnpu_gateway_outstanding", "Requests in flight by model", ["model"], registry=r
+        )
+        self.retries = Counter(
+            "vnpu_gateway_retries", "Connect failures retried on another replica", registry=r
+        )
+        self.wakes = Counter("vnpu_gateway_wakes", "Scale-from-zero requests sent", ["model"], registry=r)
+        self.wake_seconds = Histogram(
+            "vnpu_gateway_wake_seconds",
+            "Time a request waited for a model to wake",
+            registry=r,
+            buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120),
+        )
+
+
+@dataclass
+class GatewayConfig:
+    wake_timeout_s: float = 120.0
+    connect_timeout_s: float = 5.0
+    kv_scrape_interval_s: float = 2.0
+
+
+@dataclass
+class Gateway:
+    """Everything a request handler needs; one per process."""
+
+    discovery: Discovery
+    keys: KeyRing
+    config: GatewayConfig = field(default_factory=GatewayConfig)
+    #: scales a model (namespace, name) to at least one replica; None disables waking
+    wake: Callable[[str, str], None] | None = None
+    #: counts one request to a model (namespace, name) for its activity record
+    record: Callable[[str, str], None] | None = None
+    metrics: GatewayMetrics = field(default=None)  # type: ignore[assignment]
+    outstanding: dict[Endpoint, int] = field(default_factory=dict)
+    kv_usage: dict[Endpoint, float] = field(default_factory=dict)
+    turn: int = 0
+    _waking: dict[tuple[str, str], asyncio.Task[None]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.metrics is None:
+            self.metrics = GatewayMetrics(self.discovery)
+
+    # -- access ---------------------------------------------------------------------------------------
+    def caller(self, request: web.Request) -> ApiKey | web.Response | None:
+        """The caller's key; None when keys are off; an error response when it may not call at all."""
+        if not self.keys.enabled:
+            return None
+        try:
+            self.keys.reload()
+        except (OSError, KeyFileError) as exc:  # keep serving with the last good keys
+            log.error("cannot reload the API keys file", extra={"error": str(exc)})
+        key = self.keys.authenticate(request.headers.get("Authorization"))
+        if key is None:
+            return openai_error(
+                401,
+                "Incorrect or missing API key: send `Authorization: Bearer <key>`.",
+                "invalid_request_error",
+                "invalid_api_key",
+            )
+        return key
+
+    def visible(self, key: ApiKey | None) -> list[Route]:
+        routes = list(self.discovery.table.routes.values())
+        if key is None:
+            return routes
+        return [r for r in routes if key.allows((r.qualified_name, r.model_name))]
+
+    # -- endpoints ------------------------------------------------------------------------------------
+    async def endpoints_of(self, route: Route) -> tuple[Route, str | None]:
+        """The route with ready endpoints, waking the model when it may; else the reason there are none."""
+        if route.endpoints:
+            return route, None
+        if route.replicas == 0 and route.min_replicas > 0:
+            return route, f"model {route.qualified_name} is scaled to 0 replicas and does not scale from zero"
+        started = time.monotonic()
+        if route.replicas == 0 and self.wake is not None:
+            self._start_wake(route)
+        deadline = started + self.config.wake_timeout_s
+        while True:
+            current = self.discovery.table.routes.get(route.key)
+            if current is None:
+                return route, "the model was deleted"
+            if current.endpoints:
+                self.metrics.wake_seconds.observe(time.monotonic() - started)
+                return current, None
+            left = deadline - time.monotonic()
+            if left <= 0:
+                what = "waking from zero" if route.replicas == 0 else "starting"
+                bound = f"{self.config.wake_timeout_s:.0f} s"
+                return current, f"no replica of {route.qualified_name} became ready within {bound} ({what})"
+            changed = self.discovery.changed
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), timeout=min(left, 1.0))
+
+    def _start_wake(self, route: Route) -> None:
+        key = (route.key.namespace, route.key.name)
+        task = self._waking.get(key)
+        if task is not None and not task.done():
+            return
+        wake = self.wake
+        assert wake is not None
+        self.metrics.wakes.labels(route.qualified_name).inc()
+        log.info("waking a model scaled to zero", extra={"model": route.qualified_name})
+        self._waking[key] = asyncio.ensure_future(asyncio.to_thread(wake, *key))
+
+    def choose(self, route: Route, exclude: set[Endpoint]) -> Endpoint | None:
+        self.turn += 1
+        return pick(route.endpoints, self.outstanding, self.kv_usage, turn=self.turn, exclude=exclude)
+
+    # -- forwarding -----------------------------------------------------------------------------------
+    async def forward(self, request: web.Request) -> web.StreamResponse:
+        caller = self.caller(request)
+        if isinstance(caller, web.Response):
+            return caller
+        raw = await request.read()
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return openai_error(400, "The request body is not valid JSON.", "invalid_request_error")
+        model = body.get("model") if isinstance(body, dict) else None
+        if not isinstance(model, str) or not model:
+            return openai_error(400, "You must provide a model parameter.", "invalid_request_error")
+        route = self.discovery.table.resolve(model)
+        if route is None or (
+            caller is not None and not caller.allows((route.qualified_name, route.model_name))
+        ):
+            self.metrics.requests.labels("", "404").inc()
+            return not_found(model)
+        if self.record is not None:
+            self.record(route.key.namespace, route.key.name)
+        route, reason = await self.endpoints_of(route)
+        if reason is not None:
+            self.metrics.requests.labels(route.qualified_name, "503").inc()
+            return openai_error(503, reason, "service_unavailable", headers={"Retry-After": "5"})
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in _DROP_REQUEST_HEADERS}
+        tried: set[Endpoint] = set()
+        for _attempt in range(2):  # a connect failure is retried once on another replica
+            endpoint = self.choose(route, tried)
+            if endpoint is None:
+                break
+            tried.add(endpoint)
+            try:
+                return await self._proxy(request, route, endpoint, raw, headers)
+            except (TimeoutError, aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError) as exc:
+                log.warning(
+                    "replica unreachable; trying another",
+                    extra={"model": route.qualified_name, "endpoint": endpoint.url, "error": repr(exc)},
+                )
+                self.metrics.retries.inc()
+                current = self.discovery.table.routes.get(route.key)
+                route = current or route
+        self.metrics.requests.labels(route.qualified_name, "503").inc()
+        return openai_error(
+            503,
+            f"no replica of {route.qualified_name} could be reached",
+            "service_unavailable",
+            headers={"Retry-After": "1"},
+        )
+
+    async def _proxy(
+        self, request: web.Request, route: Route, endpoint: Endpoint, raw: bytes, headers: dict[str, str]
+    ) -> web.StreamResponse:
+        session: aiohttp.ClientSession = request.app[SESSION_KEY]
+        self.outstanding[endpoint] = self.outstanding.get(endpoint, 0) + 1
+        gauge = self.metrics.outstanding.labels(route.qualified_name)
+        gauge.inc()
+        try:
+            timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.config.connect_timeout_s)
+            async with session.post(
+                f"{endpoint.url}{request.path}", data=raw, headers=headers, timeout=timeout
+            ) as upstream:
+                response = web.StreamResponse(status=upstream.status)
+                for name, value in upstream.headers.items():
+                    if name.lower() not in _DROP_RESPONSE_HEADERS:
+                        response.headers[name] = value
+                response.headers["X-Vnpu-Replica"] = endpoint.pod or endpoint.address
+                await response.prepare(request)
+                # Chunks as they come: server-sent events reach the client token by token.
+                async for chunk in upstream.content.iter_any():
+                    await response.write(chunk)
+                await response.write_eof()
+                self.metrics.requests.labels(route.qualified_name, str(upstream.status)).inc()
+                return response
+        finally:
+            self.outstanding[endpoint] -= 1
+            if not self.outstanding[endpoint]:
+                del self.outstanding[endpoint]
+            gauge.dec()
+
+    # -- load -------------------------------------------------------------------------------------------
+    async def scrape_kv_usage(self, session: aiohttp.ClientSession) -> None:
+        """Refresh each replica's KV-cache usage (the runtime's metric) for tie-breaking."""
+        while True:
+            endpoints = {e for r in self.discovery.table.routes.values() for e in r.endpoints}
+            for stale in set(self.kv_usage) - endpoints:
+                del self.kv_usage[stale]
+            for endpoint in endpoints:
+                try:
+                    async with session.get(
+                        f"{endpoint.url}/metrics", timeout=aiohttp.ClientTimeout(total=1)
+                    ) as resp:
+                        text = await resp.text()
+                except (TimeoutError, aiohttp.ClientError):
+                    self.kv_usage.pop(endpoint, None)
+                    continue
+                usage = kv_usage_of(text)
+                if usage is not None:
+                    self.kv_usage[endpoint] = usage
+            await asyncio.sleep(self.config.kv_scrape_interval_s)
+
+
+def kv_usage_of(metrics_text: str) -> float | None:
+    """The runtime's KV-cache usage ratio from its Prometheus text, if it exports one."""
+    for line in metrics_text.splitlines():
+        if line.startswith("vnpu_runtime_kv_cache_usage_ratio") and not line.startswith("#"):
+            with contextlib.suppress(ValueError):
+                return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+GATEWAY_KEY = web.AppKey("gateway", Gateway)
+SESSION_KEY = web.AppKey("session", aiohttp.ClientSession)
+
+
+async def models(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY_KEY]
+    caller = gw.caller(request)
+    if isinstance(caller, web.Response):
+        return caller
+    names = gw.discovery.table.listed(gw.visible(caller))
+    data = [{"id": n, "object": "model", "created": 0, "owned_by": "vnpu"} for n in names]
+    return web.json_response({"object": "list", "data": data})
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await request.app[GATEWAY_KEY].forward(request)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    synced = all(e.is_set() for e in request.app[GATEWAY_KEY].discovery.synced.values())
+    return web.json_response({"status": "ready" if synced else "syncing"}, status=200 if synced else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[GATEWAY_KEY].metrics.registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def make_app(gateway: Gateway) -> web.Application:
+    app = web.Application(client_max_size=MAX_BODY)
+    app[GATEWAY_KEY] = gateway
+
+    async def lifecycle(app: web.Application) -> Any:
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
+        session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+        app[SESSION_KEY] = session
+        gateway.discovery.start(asyncio.get_running_loop())
+        scraper = asyncio.ensure_future(gateway.scrape_kv_usage(session))
+        yield
+        scraper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await scraper
+        gateway.discovery.stop()
+        await session.close()
+
+    app.cleanup_ctx.append(lifecycle)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/chat/completions", completions)
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    return app

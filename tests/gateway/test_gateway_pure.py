@@ -1,0 +1,139 @@
+"""The gateway's pure parts: model names, picking a replica, API keys, parsing watch objects,
+activity annotations."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vnpu import api
+from vnpu.gateway.activity import merged_activity
+from vnpu.gateway.discovery import parse_model, parse_slice
+from vnpu.gateway.keys import KeyFileError, KeyRing, parse_keys
+from vnpu.gateway.routing import Endpoint, ModelKey, Route, RouteTable, pick
+from vnpu.gateway.server import kv_usage_of
+
+A, B, C = Endpoint("10.0.0.1", 8000), Endpoint("10.0.0.2", 8000), Endpoint("10.0.0.3", 8000)
+
+
+def route(ns: str, name: str, model_name: str, *endpoints: Endpoint, replicas: int = 1) -> Route:
+    return Route(ModelKey(ns, name), model_name, replicas, 1, tuple(endpoints))
+
+
+def table(*routes: Route) -> RouteTable:
+    return RouteTable({r.key: r for r in routes})
+
+
+def test_a_model_answers_to_its_qualified_name_and_to_its_bare_name_when_unique() -> None:
+    t = table(route("team-a", "chat", "smollm2", A), route("team-a", "coder", "qwen", B))
+    assert t.resolve("smollm2").key == ModelKey("team-a", "chat")
+    assert t.resolve("team-a/qwen").key == ModelKey("team-a", "coder")
+    assert t.resolve("llama") is None and t.resolve("team-b/smollm2") is None
+    assert t.listed() == ["qwen", "smollm2", "team-a/qwen", "team-a/smollm2"]
+
+
+def test_a_bare_name_two_namespaces_serve_is_never_a_guess_between_tenants() -> None:
+    t = table(route("team-a", "chat", "smollm2", A), route("team-b", "chat", "smollm2", B))
+    assert t.resolve("smollm2") is None
+    assert t.resolve("team-b/smollm2").key.namespace == "team-b"
+    assert t.listed() == ["team-a/smollm2", "team-b/smollm2"]
+    # A caller allowed only team-a's still sees only the qualified name: the bare one is ambiguous.
+    assert t.listed([t.routes[ModelKey("team-a", "chat")]]) == ["team-a/smollm2"]
+
+
+def test_pick_prefers_fewest_outstanding_then_least_kv_then_rotates() -> None:
+    assert pick([A, B, C], {A: 2, B: 1, C: 1}, {B: 0.5, C: 0.2}) == C
+    assert pick([A, B, C], {A: 2, B: 1, C: 1}, {B: 0.2, C: 0.5}) == B
+    assert pick([A, B], {}, {A: 0.1}) == A  # unknown usage counts as full
+    assert {pick([A, B], {}, {}, turn=t) for t in range(2)} == {A, B}
+    assert pick([A, B], {}, {}, exclude=[A, B]) is None
+    assert pick([A, B], {B: 5}, {}, exclude=[A]) == B
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    load=st.dictionaries(st.sampled_from([A, B, C]), st.integers(0, 5)),
+    usage=st.dictionaries(st.sampled_from([A, B, C]), st.floats(0, 1)),
+    turn=st.integers(0, 100),
+    excluded=st.sets(st.sampled_from([A, B, C]), max_size=2),
+)
+def test_pick_never_chooses_a_busier_endpoint(load, usage, turn, excluded) -> None:
+    chosen = pick([A, B, C], load, usage, turn=turn, exclude=excluded)
+    assert chosen is not None and chosen not in excluded
+    for other in {A, B, C} - excluded:
+        assert (load.get(chosen, 0), usage.get(chosen, 1.0)) <= (load.get(other, 0), usage.get(other, 1.0))
+
+
+def test_api_keys_are_kept_as_digests_and_match_patterns(tmp_path) -> None:
+    path = tmp_path / "keys.yaml"
+    path.write_text(
+        "keys:\n"
+        f"  - {{name: a, sha256: {hashlib.sha256(b'team-a-secret').hexdigest()}, models: ['team-a/*']}}\n"
+        "  - {name: ops, key: ops-secret-1, models: ['*']}\n"
+    )
+    ring = KeyRing(path)
+    team_a = ring.authenticate("Bearer team-a-secret")
+    assert team_a is not None and team_a.name == "a"
+    assert team_a.allows(("team-a/smollm2", "smollm2")) and not team_a.allows(("team-b/x", "x"))
+    assert ring.authenticate("Bearer ops-secret-1").name == "ops"
+    for header in (None, "", "Bearer wrong", "Basic team-a-secret", "team-a-secret"):
+        assert ring.authenticate(header) is None
+    assert all(len(k.digest) == 32 for k in ring._keys)  # no key in the clear in memory
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"nope": []}, "a 'keys' list"),
+        ({"keys": [{"name": "x", "models": ["*"]}]}, "exactly one of 'key' or 'sha256'"),
+        ({"keys": [{"name": "x", "key": "short", "models": ["*"]}]}, "at least 8 characters"),
+        ({"keys": [{"name": "x", "sha256": "zz", "models": ["*"]}]}, "64 hex characters"),
+        ({"keys": [{"name": "x", "key": "long-enough", "models": []}]}, "non-empty list"),
+    ],
+)
+def test_a_bad_keys_file_is_refused_with_the_entry_named(data, message) -> None:
+    with pytest.raises(KeyFileError, match=message):
+        parse_keys(data)
+
+
+def test_watch_objects_parse_into_routes() -> None:
+    model = {"metadata": {"namespace": "ns", "name": "chat"},
+             "spec": {"modelName": "smollm2", "replicas": 0, "scaling": {"minReplicas": 0}}}  # fmt: skip
+    info = parse_model(model)
+    assert info is not None and (info.model_name, info.replicas, info.min_replicas) == ("smollm2", 0, 0)
+    assert parse_model({"metadata": {"namespace": "ns", "name": "x"}, "spec": {}}).min_replicas == 1
+    assert parse_model({**model, "metadata": {**model["metadata"], "deletionTimestamp": "now"}}) is None
+    slice_ = {
+        "metadata": {"namespace": "ns", "name": "chat-abc", "labels": {api.LABEL_MODEL: "chat"}},
+        "ports": [{"name": "metrics", "port": 9000}, {"name": "http", "port": 8000}],
+        "endpoints": [
+            {"addresses": ["10.0.0.1"], "conditions": {"ready": True}, "targetRef": {"name": "chat-0"}},
+            {"addresses": ["10.0.0.2"], "conditions": {"ready": False}},
+            {"addresses": ["10.0.0.3"], "conditions": {"ready": True, "terminating": True}},
+            {"addresses": ["10.0.0.4"]},  # unset readiness means ready
+        ],
+    }
+    key, endpoints = parse_slice(slice_)
+    assert key == ModelKey("ns", "chat")
+    assert endpoints == (Endpoint("10.0.0.1", 8000, "chat-0"), Endpoint("10.0.0.4", 8000))
+    assert parse_slice({"metadata": {"name": "other", "labels": {}}}) is None
+
+
+def test_activity_annotations_add_and_keep_the_latest_time() -> None:
+    t1 = dt.datetime(2026, 12, 1, 10, 0, tzinfo=dt.UTC)
+    first = merged_activity({}, 3, t1)
+    assert first == {api.ANNOTATION_REQUESTS: "3", api.ANNOTATION_LAST_REQUEST: "2026-12-01T10:00:00Z"}
+    # Another gateway's flush with an older request time: counts add, the time stays the latest.
+    second = merged_activity(first, 2, t1 - dt.timedelta(minutes=5))
+    assert second == {api.ANNOTATION_REQUESTS: "5", api.ANNOTATION_LAST_REQUEST: "2026-12-01T10:00:00Z"}
+    garbled = merged_activity({api.ANNOTATION_REQUESTS: "lots"}, 1, t1)
+    assert garbled[api.ANNOTATION_REQUESTS] == "1"
+
+
+def test_kv_usage_is_read_from_the_runtime_metrics() -> None:
+    text = "# HELP x\nvnpu_runtime_kv_cache_usage_ratio 0.25\nvnpu_runtime_ready 1.0\n"
+    assert kv_usage_of(text) == 0.25 and kv_usage_of("nothing 1") is None

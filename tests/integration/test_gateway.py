@@ -1,0 +1,475 @@
+"""``vnpu gateway`` against the real API server: it finds models by watching InferenceModels and the
+EndpointSlices this test creates (as the EndpointSlice controller would for the operator's Services),
+routes by model name, picks the least-loaded replica, streams unbuffered, retries a dead replica,
+wakes a model from zero through its scale subresource, enforces API keys and records activity.
+
+Replicas are small aiohttp servers in this process (they say who answered and can hold a stream open
+on command), bound in a network namespace the test creates and reached over a veth pair: the API
+server refuses loopback addresses in EndpointSlices, as it should. The client is the official
+``openai`` package.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+from aiohttp import web
+from kubernetes import client
+
+from vnpu import api
+from vnpu.cluster.controlplane import free_port
+from vnpu.cluster.nodens import _setns
+from vnpu.cluster.processes import ManagedProcess, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+class ReplicaNetwork:
+    """A network namespace the test creates, joined to the host by a veth pair: the host side is
+    10.252.<n>.1, the replicas' side 10.252.<n>.2."""
+
+    def __init__(self) -> None:
+        n = os.getpid() % 200 + 20
+        self.name = f"vnpu-gw-{os.getpid()}"
+        self.address = f"10.252.{n}.2"
+        host, inner = f"vgw{n}h", f"vgw{n}n"
+        subprocess.run(["ip", "netns", "del", self.name], capture_output=True, check=False)
+        for cmd in (
+            ["ip", "netns", "add", self.name],
+            ["ip", "link", "add", host, "type", "veth", "peer", "name", inner],
+            ["ip", "link", "set", inner, "netns", self.name],
+            ["ip", "addr", "add", f"10.252.{n}.1/30", "dev", host],
+            ["ip", "link", "set", host, "up"],
+            ["ip", "-n", self.name, "addr", "add", f"{self.address}/30", "dev", inner],
+            ["ip", "-n", self.name, "link", "set", inner, "up"],
+            ["ip", "-n", self.name, "link", "set", "lo", "up"],
+        ):
+            subprocess.run(cmd, capture_output=True, text=True, check=True)
+        self.ports = iter(range(18000, 19000))
+
+    def enter_in_this_thread(self) -> None:
+        """setns(2) for the calling thread only (servers started here bind inside the namespace)."""
+        fd = os.open(f"/run/netns/{self.name}", os.O_RDONLY)
+        try:
+            _setns(fd)
+        finally:
+            os.close(fd)
+
+    def close(self) -> None:
+        subprocess.run(["ip", "netns", "del", self.name], capture_output=True, check=False)
+
+
+@pytest.fixture(scope="module")
+def replica_net() -> Iterator[ReplicaNetwork]:
+    if os.geteuid() != 0:
+        pytest.fail("the gateway's integration test creates a network namespace: run it as root (CI does)")
+    net = ReplicaNetwork()
+    yield net
+    net.close()
+
+
+class FakeReplica:
+    """An OpenAI-ish replica in the replica network: answers with its name, streams three chunks (the
+    second only once ``release`` is set), reports a KV usage, and remembers requests and cancellations."""
+
+    def __init__(self, net: ReplicaNetwork, name: str, kv_usage: float | None = 0.0) -> None:
+        self.net, self.name, self.kv_usage = net, name, kv_usage
+        self.address, self.port = net.address, next(net.ports)
+        self.requests: list[dict[str, Any]] = []
+        self.cancelled = 0
+        self.release = threading.Event()
+        self.release.set()
+        self.in_stream = threading.Event()
+        self._ready = threading.Event()
+        self._loop = asyncio.new_event_loop()
+        threading.Thread(target=self._run, daemon=True).start()
+        self._ready.wait(10)
+
+    def _run(self) -> None:
+        self.net.enter_in_this_thread()
+        asyncio.set_event_loop(self._loop)
+        app = web.Application()
+        app.router.add_post("/v1/completions", self._complete)
+        app.router.add_post("/v1/chat/completions", self._complete)
+        app.router.add_get("/metrics", self._metrics)
+        runner = web.AppRunner(app, handler_cancellation=True)
+        self._loop.run_until_complete(runner.setup())
+        self._loop.run_until_complete(web.TCPSite(runner, self.address, self.port).start())
+        self._ready.set()
+        self._loop.run_forever()
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        if self.kv_usage is None:  # a runtime that exports no KV usage
+            return web.Response(text="vnpu_runtime_ready 1.0\n")
+        return web.Response(text=f"vnpu_runtime_kv_cache_usage_ratio {self.kv_usage}\n")
+
+    async def _complete(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.requests.append(
+            {"path": request.path, "body": body, "auth": request.headers.get("Authorization")}
+        )
+        chat = request.path.endswith("chat/completions")
+        if not body.get("stream"):
+            text = f"answered by {self.name}"
+            choice = {"index": 0, "finish_reason": "stop"}
+            choice |= {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
+            return web.json_response(
+                {
+                    "id": "x",
+                    "object": "chat.completion" if chat else "text_completion",
+                    "created": 0,
+                    "model": body["model"],
+                    "choices": [choice],
+                    "usage": {"prompt_tokens": 1, "completion_tokens": 3, "total_tokens": 4},
+                }
+            )
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        try:
+            for i, piece in enumerate([f"{self.name}:", " one", " two"]):
+                if i == 1:
+                    self.in_stream.set()
+                    while not self.release.is_set():
+                        await asyncio.sleep(0.01)
+                delta = {"delta": {"content": piece}} if chat else {"text": piece}
+                chunk = {
+                    "id": "x",
+                    "object": "chat.completion.chunk" if chat else "text_completion",
+                    "created": 0,
+                    "model": body["model"],
+                    "choices": [{"index": 0, "finish_reason": None, **delta}],
+                }
+                await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+            await response.write(b"data: [DONE]\n\n")
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        return response
+
+    def close(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+
+
+@pytest.fixture
+def replicas(replica_net: ReplicaNetwork) -> Iterator[dict[str, FakeReplica]]:
+    usage = (("a1", 0.5), ("a2", 0.1), ("b1", None), ("c1", None))
+    made = {name: FakeReplica(replica_net, name, kv) for name, kv in usage}
+    yield made
+    for r in made.values():
+        r.close()
+
+
+def model(namespace: str, name: str, model_name: str, replicas: int = 1, **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": api.API_VERSION,
+        "kind": api.KIND,
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "modelName": model_name,
+            "source": {"uri": "file:///m.gguf"},
+            "weights": {"sizeMiB": 100},
+            "replicas": replicas,
+            "memory": {"kvCacheMiB": 64},
+            **spec,
+        },
+    }
+
+
+def endpoint_slice(namespace: str, model_name: str, replicas: list[Any]) -> dict[str, Any]:
+    """What the EndpointSlice controller writes for a model's Service: ready endpoints on port http
+    (the replicas here listen on ports of their own, so each gets a slice of its own)."""
+    assert len({r.port for r in replicas}) == 1
+    return {
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": f"{model_name}-{uuid.uuid4().hex[:5]}",
+            "namespace": namespace,
+            "labels": {api.LABEL_MODEL: model_name, "kubernetes.io/service-name": model_name},
+        },
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": replicas[0].port if replicas else 1, "protocol": "TCP"}],
+        "endpoints": [
+            {
+                "addresses": [r.address],
+                "conditions": {"ready": True},
+                "targetRef": {"kind": "Pod", "name": r.name, "namespace": namespace},
+            }
+            for r in replicas
+        ],
+    }
+
+
+class Gateway:
+    def __init__(self, control_plane: Any, tmp: Path, *namespaces: str, extra: tuple[str, ...] = ()) -> None:
+        self.port = free_port()
+        argv = [
+            sys.executable,
+            "-m",
+            "vnpu",
+            "gateway",
+            "--kubeconfig",
+            str(control_plane.kubeconfig),
+            "--port",
+            str(self.port),
+            "--log-format",
+            "text",
+            "--activity-flush",
+            "1",
+            *extra,
+        ]
+        for ns in namespaces:
+            argv += ["-n", ns]
+        self.proc = ManagedProcess("gateway", argv, tmp / f"gateway-{self.port}.log")
+        wait_until(self._ready, 60, "the gateway synced")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _ready(self) -> bool:
+        if not self.proc.alive():
+            raise RuntimeError(self.proc.tail(30))
+        try:
+            with urllib.request.urlopen(f"{self.url}/readyz", timeout=2) as resp:
+                return resp.status == 200
+        except OSError:
+            return False
+
+    def client(self, key: str = "none") -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0, timeout=60)
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"{self.url}/metrics", timeout=5) as resp:
+            return resp.read().decode()
+
+    def stop(self) -> None:
+        self.proc.stop()
+
+
+def apply(control_plane: Any, *objects: dict[str, Any]) -> None:
+    control_plane.kubectl(
+        "apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": list(objects)})
+    )
+
+
+def answered_by(completion: Any) -> str:
+    return str(
+        completion.choices[0].text
+        if hasattr(completion.choices[0], "text")
+        else completion.choices[0].message.content
+    )
+
+
+def test_routes_by_name_picks_the_least_loaded_streams_and_survives_a_dead_replica(
+    control_plane, namespace, replicas, tmp_path
+) -> None:
+    a1, a2, b1 = replicas["a1"], replicas["a2"], replicas["b1"]
+    apply(control_plane, model(namespace, "chat", "smollm2"), model(namespace, "coder", "qwen"))
+    apply(
+        control_plane,
+        endpoint_slice(namespace, "chat", [a1]),
+        endpoint_slice(namespace, "chat", [a2]),
+        endpoint_slice(namespace, "coder", [b1]),
+    )
+    gw = Gateway(control_plane, tmp_path, namespace)
+    try:
+        oa = gw.client()
+        assert sorted(m.id for m in oa.models.list()) == sorted(
+            ["smollm2", "qwen", f"{namespace}/smollm2", f"{namespace}/qwen"]
+        )
+
+        def always_a2() -> bool:  # once KV usage is scraped, the idle replica with less in use wins
+            return all(
+                answered_by(oa.completions.create(model="smollm2", prompt="hi")) == "answered by a2"
+                for _ in range(5)
+            )
+
+        wait_until(always_a2, 30, "KV usage known: the idle replica with less KV in use is picked")
+        assert answered_by(oa.completions.create(model="qwen", prompt="hi")) == "answered by b1"
+        chat = oa.chat.completions.create(
+            model=f"{namespace}/qwen", messages=[{"role": "user", "content": "x"}]
+        )
+        assert chat.choices[0].message.content == "answered by b1"
+        assert b1.requests[-1]["auth"] is None  # the caller's Authorization never reaches a replica
+
+        # Streaming passes through unbuffered: the first chunk arrives while the replica holds the rest.
+        a1.release.clear()
+        a2.release.clear()
+        stream = oa.completions.create(model="smollm2", prompt="hi", stream=True)
+        first = next(iter(stream))
+        holder = a1 if a1.in_stream.is_set() else a2
+        assert first.choices[0].text == f"{holder.name}:"
+        # While that request is outstanding, the next goes to the other replica (fewest outstanding).
+        other = a2 if holder is a1 else a1
+        other.release.set()
+        assert answered_by(oa.completions.create(model="smollm2", prompt="hi")) == f"answered by {other.name}"
+        holder.release.set()
+        assert "".join(c.choices[0].text for c in stream) == " one two"
+
+        # A client that leaves mid-stream cancels the upstream request.
+        a1.release.clear()
+        a2.release.clear()
+        stream = oa.completions.create(model="smollm2", prompt="hi", stream=True)
+        next(iter(stream))
+        holder = a1 if a1.in_stream.is_set() else a2
+        stream.close()
+        wait_until(lambda: holder.cancelled == 1, 30, "the replica's stream cancelled")
+        a1.release.set()
+        a2.release.set()
+
+        # Unknown and ambiguous names: an OpenAI 404 that names nothing else.
+        with pytest.raises(openai.NotFoundError) as err:
+            oa.completions.create(model="llama", prompt="hi")
+        assert err.value.body["code"] == "model_not_found" and "llama" in err.value.body["message"]
+        assert "smollm2" not in err.value.body["message"]
+
+        # A replica that died (its endpoint still listed for a moment): retried once on another, never seen.
+        dead = FakeReplicaStub(replicas["c1"].address, next(replicas["c1"].net.ports))
+        apply(
+            control_plane,
+            endpoint_slice(namespace, "coder", [replicas["c1"]]),
+            endpoint_slice(namespace, "coder", [dead]),
+        )
+        wait_until(lambda: ready_endpoints(gw, f"{namespace}/qwen") == 3, 30, "coder's three endpoints")
+        answers = [answered_by(oa.completions.create(model="qwen", prompt="hi")) for _ in range(6)]
+        assert set(answers) == {"answered by b1", "answered by c1"}
+        assert metric(gw, "vnpu_gateway_retries_total") >= 1
+    finally:
+        gw.stop()
+
+
+class FakeReplicaStub:
+    """An endpoint where nothing listens (a replica that just died)."""
+
+    def __init__(self, address: str, port: int) -> None:
+        self.address, self.port, self.name = address, port, "dead"
+
+
+def metric(gw: Gateway, name: str) -> float:
+    for line in gw.metrics().splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def ready_endpoints(gw: Gateway, model_name: str) -> int:
+    return int(metric(gw, f'vnpu_gateway_ready_endpoints{{model="{model_name}"}}'))
+
+
+def test_two_namespaces_one_name_api_keys_and_activity(control_plane, replicas, tmp_path) -> None:
+    ns_a, ns_b = f"ga-{uuid.uuid4().hex[:6]}", f"gb-{uuid.uuid4().hex[:6]}"
+    for ns in (ns_a, ns_b):
+        control_plane.kubectl("create", "namespace", ns)
+    apply(
+        control_plane,
+        model(ns_a, "chat", "smollm2"),
+        model(ns_b, "chat", "smollm2"),
+        endpoint_slice(ns_a, "chat", [replicas["a1"]]),
+        endpoint_slice(ns_b, "chat", [replicas["b1"]]),
+    )
+    keys = tmp_path / "keys.yaml"
+    keys.write_text(
+        "keys:\n"
+        f"  - {{name: team-a, sha256: {hashlib.sha256(b'team-a-key-1').hexdigest()}, models: ['{ns_a}/*']}}\n"
+        "  - {name: ops, key: ops-key-12345, models: ['*']}\n"
+    )
+    gw = Gateway(control_plane, tmp_path, ns_a, ns_b, extra=("--api-keys", str(keys)))
+    try:
+        with pytest.raises(openai.AuthenticationError):
+            gw.client("wrong").models.list()
+        team_a, ops = gw.client("team-a-key-1"), gw.client("ops-key-12345")
+        assert [m.id for m in team_a.models.list()] == [f"{ns_a}/smollm2"]  # the bare name is ambiguous
+        assert sorted(m.id for m in ops.models.list()) == sorted([f"{ns_a}/smollm2", f"{ns_b}/smollm2"])
+        assert answered_by(team_a.completions.create(model=f"{ns_a}/smollm2", prompt="x")) == "answered by a1"
+        with pytest.raises(openai.NotFoundError):  # another tenant's model: the same 404 as none at all
+            team_a.completions.create(model=f"{ns_b}/smollm2", prompt="x")
+        with pytest.raises(openai.NotFoundError):  # ambiguous: never a guess between tenants
+            ops.completions.create(model="smollm2", prompt="x")
+        assert answered_by(ops.completions.create(model=f"{ns_b}/smollm2", prompt="x")) == "answered by b1"
+
+        custom = client.CustomObjectsApi(control_plane.api_client())
+
+        def requests_recorded(ns: str) -> int:
+            notes = custom.get_namespaced_custom_object(api.GROUP, api.VERSION, ns, api.PLURAL, "chat")[
+                "metadata"
+            ]
+            return int((notes.get("annotations") or {}).get(api.ANNOTATION_REQUESTS, "0"))
+
+        wait_until(
+            lambda: requests_recorded(ns_a) == 1 and requests_recorded(ns_b) == 1, 30, "activity recorded"
+        )
+        for _ in range(3):
+            ops.completions.create(model=f"{ns_b}/smollm2", prompt="x")
+        wait_until(lambda: requests_recorded(ns_b) == 4, 30, "activity added")
+    finally:
+        gw.stop()
+
+
+def test_a_model_at_zero_is_woken_and_the_request_waits_for_it(
+    control_plane, namespace, replicas, tmp_path
+) -> None:
+    apply(
+        control_plane,
+        model(namespace, "idle", "sleepy", replicas=0, scaling={"minReplicas": 0}),
+        model(namespace, "off", "off", replicas=0),
+    )
+    gw = Gateway(control_plane, tmp_path, namespace, extra=("--wake-timeout", "60"))
+    custom = client.CustomObjectsApi(control_plane.api_client())
+    try:
+        oa = gw.client()
+        result: dict[str, Any] = {}
+
+        def call() -> None:
+            started = time.monotonic()
+            result["answer"] = answered_by(oa.completions.create(model="sleepy", prompt="x"))
+            result["waited"] = time.monotonic() - started
+
+        caller = threading.Thread(target=call)
+        caller.start()
+
+        def scaled_up() -> bool:
+            obj = custom.get_namespaced_custom_object(api.GROUP, api.VERSION, namespace, api.PLURAL, "idle")
+            return obj["spec"]["replicas"] == 1
+
+        wait_until(scaled_up, 30, "the gateway scaling the model to 1 through its scale subresource")
+        assert caller.is_alive(), "the request is held while the model wakes"
+        apply(control_plane, endpoint_slice(namespace, "idle", [replicas["c1"]]))  # the replica is Ready
+        caller.join(60)
+        assert result["answer"] == "answered by c1"
+        # A model at zero that may not scale from zero is answered at once, and says why.
+        with pytest.raises(openai.InternalServerError) as err:
+            oa.completions.create(model="off", prompt="x")
+        assert err.value.status_code == 503 and "does not scale from zero" in err.value.body["message"]
+        assert err.value.response.headers["Retry-After"]
+    finally:
+        gw.stop()
+
+
+def test_a_wake_that_takes_too_long_is_a_503_with_retry_after(control_plane, namespace, tmp_path) -> None:
+    apply(control_plane, model(namespace, "slow", "slow", replicas=0, scaling={"minReplicas": 0}))
+    gw = Gateway(control_plane, tmp_path, namespace, extra=("--wake-timeout", "2"))
+    try:
+        with pytest.raises(openai.InternalServerError) as err:
+            gw.client().completions.create(model="slow", prompt="x")
+        assert (
+            err.value.status_code == 503
+            and "became ready within 2 s (waking from zero)" in err.value.body["message"]
+        )
+        assert err.value.response.headers["Retry-After"] == "5"
+    finally:
+        gw.stop()
