@@ -16,6 +16,7 @@ SUITES: dict[str, tuple[str, str]] = {
     ),
     "runtime": ("vnpu.bench.runtime", "shared-weight memory, attach vs load time, async-offload overlap"),
     "operator": ("vnpu.bench.operator_e2e", "create-to-pods latency for many InferenceModels on kwok nodes"),
+    "wake": ("vnpu.bench.wake", "keep-warm policies on a replayed trace; warm vs cold wake on a real node"),
 }
 
 
