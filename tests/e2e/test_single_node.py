@@ -55,6 +55,7 @@ from vnpu.cluster.helm import CHART, RELEASE, RELEASE_NAMESPACE, local_node_valu
 from vnpu.cluster.processes import wait_until
 from vnpu.cluster.volumes import ensure_local_claim
 from vnpu.device_plugin import contract
+from vnpu.memory import estimate_from_spec
 from vnpu.runtime.attach import holder_status
 
 MODELS_NS = "models"
@@ -70,6 +71,9 @@ TOTAL_SLICES = 32  # the `installed` fixture: two simulated 16 GiB devices, 1 Gi
 SLICE_MIB = 1024
 #: The claim the models read their weights from (a host folder: the image carries no model).
 CLAIM = "models"
+#: SmolLM2-135M as its GGUF header gives it: 134,515,008 parameters held as float32, and its shape.
+SMOLLM2_F32_MIB = 514
+SMOLLM2_CONFIG = {"num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64}
 
 
 def smollm2_gguf() -> Path:
@@ -83,7 +87,9 @@ def model_manifest(name: str) -> dict[str, Any]:
     spec: dict[str, Any] = {
         "modelName": model_name,
         "source": {"uri": f"pvc://{CLAIM}/{smollm2_gguf().name}", "format": "gguf"},
-        "weights": {"dtype": "float32"},
+        # The operator mounts no claims, so it cannot read the header: size and shape as the file has them.
+        "weights": {"dtype": "float32", "sizeMiB": SMOLLM2_F32_MIB},
+        "modelConfig": SMOLLM2_CONFIG,
         "shareGroup": group,
         "replicas": replicas,
         "memory": {"maxContextTokens": 512, "maxBatch": 1},
@@ -307,6 +313,14 @@ def models(installed):
     except OSError:
         shutil.copyfile(smollm2_gguf(), folder / smollm2_gguf().name)
     ensure_local_claim(cluster.cp, MODELS_NS, CLAIM, folder)
+    # What the operator would have read from the header, had it the file (keeps the constants honest).
+    header = estimate_from_spec(
+        {"source": {"uri": f"file://{smollm2_gguf()}", "format": "gguf"}, "weights": {"dtype": "float32"}}
+        | {"memory": {"kvCacheMiB": 1}}
+    )
+    shape = header.config
+    assert header.weights_mib == SMOLLM2_F32_MIB and shape is not None
+    assert (shape.n_layers, shape.n_heads, shape.n_kv_heads, shape.head_dim) == (30, 9, 3, 64)
     manifests = [model_manifest(name) for name in MODELS]
     cluster.cp.kubectl(
         "apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": manifests})
@@ -350,7 +364,9 @@ def check_container_received_allocation(cluster, pod: dict[str, Any]) -> int:
     group = notes[api.ANNOTATION_SHARE_GROUP]
     assert env[contract.ENV_SHARE_GROUP] == group
     assert env[contract.ENV_SOCKET_DIR] == contract.SOCKET_DIR_IN_CONTAINER
-    source = process_mounts(pid)[contract.SOCKET_DIR_IN_CONTAINER]
+    mounts, target = process_mounts(pid), contract.SOCKET_DIR_IN_CONTAINER
+    # In the Debian image /var/run is a symlink to /run: runc mounts at the resolved path.
+    source = mounts.get(target) or mounts[target.replace("/var/run/", "/run/", 1)]
     assert source.endswith(f"/share-groups/{group}"), source  # only its own group's directory
     return pid
 
