@@ -18,7 +18,8 @@ outside the work tree: the base by the list, the dependency pins and the recipe 
 build, rebuilt only when they change); the image by the base and the wheel's inputs (seconds: editing
 vnpu's code rebuilds only the top layer). The result is an OCI archive for ``ctr images import``.
 
-:func:`ensure_image` is what callers use; ``vnpu cluster image`` and ``make image`` print its path.
+:func:`ensure_image` is what callers use; ``make image`` (``python -m vnpu.cluster.imagebuild``) prints
+its path.
 """
 
 from __future__ import annotations
