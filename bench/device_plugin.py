@@ -1,13 +1,17 @@
 """``vnpu bench device-plugin``: Allocate / GetPreferredAllocation latency and ListAndWatch size.
 
 The plugin runs as a real ``vnpu device-plugin`` process with simulated devices (8 devices x 64
-slices by default); this process is the client and times each call over the plugin's unix socket,
-as the kubelet would see it (client-side latency, gRPC included). Allocate is measured twice side by
-side in three checkpoint sync modes (sync: fdatasync before returning; async, the default: fdatasync
-right after on a thread; off), to show what durability
-costs. ListAndWatch message size is computed for the same layout and for 2,048 slices.
+slices by default), on the real path with nothing turned off: it talks to a real kube-apiserver
+(its node's inventory annotation is written), reconciles with a pod-resources server every few
+seconds (this process plays the kubelet's, listing every allocation made so far as a live pod's), and
+serves one endpoint per device. This process is the client and times each call over the device's
+unix socket, as the kubelet would see it (client-side latency, gRPC included). Allocate is measured
+side by side in three checkpoint sync modes (sync: fdatasync before returning; async, the default:
+fdatasync right after on a thread; off), to show what durability costs. ListAndWatch message size is
+computed for one device of the same layout and for larger devices.
 
-Writes ``device-plugin.json``, ``device-plugin.md`` and ``device-plugin.png`` to ``--out-dir``.
+Writes ``device-plugin.json`` (with the command, commit and load), ``device-plugin.md`` and
+``device-plugin.png`` to ``--out-dir``.
 """
 
 from __future__ import annotations
@@ -52,15 +56,60 @@ def summary_ms(samples_s: list[float]) -> dict[str, float]:
     }
 
 
-class PluginUnderTest:
-    """A ``vnpu device-plugin`` subprocess with simulated devices in a temp dir."""
+class FakeKubeletPodResources:
+    """The kubelet's pod-resources v1 List, over the allocations the client made: each Allocate call
+    becomes a live pod holding its slices, so the plugin's periodic reconcile has real work to do."""
 
-    def __init__(self, devices: int, slices: int, slice_mib: int, sync: str) -> None:
+    def __init__(self, socket: Path) -> None:
+        import threading
+        from concurrent.futures import ThreadPoolExecutor
+
+        import grpc
+
+        from vnpu.device_plugin.proto import podresources_pb2, podresources_pb2_grpc
+
+        self.socket = socket
+        self._lock = threading.Lock()
+        self._pods: list[Any] = []
+        pb = podresources_pb2
+        outer = self
+
+        class Servicer(podresources_pb2_grpc.PodResourcesListerServicer):
+            def List(self, request: Any, context: Any) -> Any:
+                with outer._lock:
+                    return pb.ListPodResourcesResponse(pod_resources=list(outer._pods))
+
+        self.server = grpc.server(ThreadPoolExecutor(2))
+        podresources_pb2_grpc.add_PodResourcesListerServicer_to_server(Servicer(), self.server)
+        self.server.add_insecure_port(f"unix://{socket}")
+        self.server.start()
+        self._pb = pb
+
+    def hold(self, resource: str, ids: list[str]) -> None:
+        pb = self._pb
+        with self._lock:
+            name = f"pod-{len(self._pods)}"
+            devices = pb.ContainerDevices(resource_name=resource, device_ids=ids)
+            container = pb.ContainerResources(name="main", devices=[devices])
+            self._pods.append(pb.PodResources(name=name, namespace="bench", containers=[container]))
+
+    def close(self) -> None:
+        self.server.stop(0)
+
+
+class PluginUnderTest:
+    """A ``vnpu device-plugin`` subprocess with simulated devices in a temp dir, talking to the API
+    server as node ``node`` and to a pod-resources server of its own."""
+
+    def __init__(
+        self, devices: int, slices: int, slice_mib: int, sync: str, kubeconfig: Path, node: str
+    ) -> None:
         from vnpu.cluster.controlplane import free_port
 
         self.root = Path(tempfile.mkdtemp(prefix="vnpu-bench-dp-"))
         self.metrics_port = free_port()
-        self.socket = self.root / "dp" / "vnpu-memory.sock"
+        self.devices = devices
+        self.pod_resources = FakeKubeletPodResources(self.root / "pod-resources.sock")
         args = [
             sys.executable,
             "-m",
@@ -76,11 +125,14 @@ class PluginUnderTest:
             str(self.root / "dp"),
             "--state-dir",
             str(self.root / "state"),
-            "--share-root",
-            str(self.root / "share"),
+            "--socket-root",
+            str(self.root / "sockets"),
             "--pod-resources-socket",
-            str(self.root / "none.sock"),
-            "--no-api",
+            str(self.pod_resources.socket),
+            "--kubeconfig",
+            str(kubeconfig),
+            "--node-name",
+            node,
             "--metrics-port",
             str(self.metrics_port),
             "--log-format",
@@ -112,72 +164,111 @@ class PluginUnderTest:
 
         return {"n": total, "p50_le_ms": upper_ms(0.5), "p99_le_ms": upper_ms(0.99)}
 
-    def stub(self) -> Any:
+    def stubs(self) -> list[Any]:
+        """One client per device endpoint (``vnpu-memory-<index>.sock``), by device index."""
         import grpc
 
         from vnpu.device_plugin.proto import api_pb2_grpc
 
-        deadline = time.monotonic() + 30
-        while not self.socket.exists():
+        sockets = [self.root / "dp" / f"vnpu-memory-{d}.sock" for d in range(self.devices)]
+        deadline = time.monotonic() + 60
+        while not all(s.exists() for s in sockets):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(
                     f"plugin did not start; log: {(self.root / 'plugin.log').read_text()[-2000:]}"
                 )
             time.sleep(0.05)
-        self.channel = grpc.insecure_channel(f"unix://{self.socket}")
-        grpc.channel_ready_future(self.channel).result(timeout=10)
-        return api_pb2_grpc.DevicePluginStub(self.channel)
+        self.channels = [grpc.insecure_channel(f"unix://{s}") for s in sockets]
+        for channel in self.channels:
+            grpc.channel_ready_future(channel).result(timeout=10)
+        return [api_pb2_grpc.DevicePluginStub(c) for c in self.channels]
+
+    def log_text(self) -> str:
+        return (self.root / "plugin.log").read_text()
 
     def close(self) -> None:
-        if hasattr(self, "channel"):
-            self.channel.close()
+        for channel in getattr(self, "channels", []):
+            channel.close()
         self.proc.terminate()
         self.proc.wait(15)
         self.log.close()
+        self.pod_resources.close()
         shutil.rmtree(self.root, ignore_errors=True)
 
 
 def measure_calls(
     devices: int, slices: int, slice_mib: int, n: int, seed: int
-) -> tuple[dict[str, list[float]], dict[str, dict[str, float]]]:
-    """Time n calls of each kind. Three plugins run at once (checkpoint sync, async, off) and the
-    calls are interleaved in a shuffled order, so machine noise hits every measurement alike."""
+) -> tuple[dict[str, list[float]], dict[str, dict[str, float]], dict[str, Any]]:
+    """Time n calls of each kind. A real control plane runs; three plugins run at once (checkpoint
+    sync, async, off), each as its own node with its own pod-resources server, and the calls are
+    interleaved in a shuffled order, so machine noise hits every measurement alike. Returns the
+    samples, the plugins' own Allocate histograms, and what proves the real path ran."""
+    import tempfile as tf
+
+    from kubernetes import client
+
+    from vnpu.api import ANNOTATION_DEVICES, device_resource
+    from vnpu.cluster.binaries import ensure_binaries
+    from vnpu.cluster.controlplane import ControlPlane
     from vnpu.device_plugin.proto import api_pb2
 
     rng = random.Random(seed)
-    ids = [f"npu{d}-s{s}" for d in range(devices) for s in range(slices)]
-    plugins = {
-        "sync": PluginUnderTest(devices, slices, slice_mib, sync="sync"),
-        "async": PluginUnderTest(devices, slices, slice_mib, sync="async"),
-        "off": PluginUnderTest(devices, slices, slice_mib, sync="off"),
-    }
+    workdir = Path(tf.mkdtemp(prefix="vnpu-bench-dp-cp-"))
+    cp = ControlPlane(ensure_binaries(), workdir).start()
+    core = client.CoreV1Api(cp.api_client())
+    plugins: dict[str, PluginUnderTest] = {}
     try:
-        stubs = {name: p.stub() for name, p in plugins.items()}
-        for stub in stubs.values():
-            assert len(next(iter(stub.ListAndWatch(api_pb2.Empty()))).devices) == devices * slices
+        for mode in ("sync", "async", "off"):
+            node = f"bench-dp-{mode}"
+            core.create_node(client.V1Node(metadata=client.V1ObjectMeta(name=node)))
+            plugins[mode] = PluginUnderTest(devices, slices, slice_mib, mode, cp.kubeconfig, node)
+        stubs = {name: p.stubs() for name, p in plugins.items()}
+        for per_device in stubs.values():
+            for d, stub in enumerate(per_device):
+                assert len(next(iter(stub.ListAndWatch(api_pb2.Empty()))).devices) == slices, d
 
-        def allocate_request() -> Any:
-            size = rng.randint(1, 8)
-            device, start = rng.randrange(devices), rng.randrange(slices - size + 1)
-            chosen = [f"npu{device}-s{s}" for s in range(start, start + size)]
-            return api_pb2.AllocateRequest(
-                container_requests=[api_pb2.ContainerAllocateRequest(devices_ids=chosen)]
-            )
+        def allocate_call(mode: str) -> tuple[Callable[[Any], Any], Callable[[], Any]]:
+            chosen: dict[str, Any] = {}
 
-        def preferred_request() -> Any:
-            available = [s for s in ids if rng.random() < 0.6]
-            return api_pb2.PreferredAllocationRequest(container_requests=[
-                api_pb2.ContainerPreferredAllocationRequest(available_deviceIDs=available,
-                                                            allocation_size=rng.randint(1, 8))
-            ])  # fmt: skip
+            def request() -> Any:
+                size = rng.randint(1, 8)
+                device, start = rng.randrange(devices), rng.randrange(slices - size + 1)
+                chosen["device"] = device
+                chosen["ids"] = [f"npu{device}-s{s}" for s in range(start, start + size)]
+                return api_pb2.AllocateRequest(
+                    container_requests=[api_pb2.ContainerAllocateRequest(devices_ids=chosen["ids"])]
+                )
+
+            def call(req: Any) -> Any:
+                response = stubs[mode][chosen["device"]].Allocate(req)
+                return response
+
+            def after() -> None:  # what the kubelet then lists as a live pod's (outside the timing)
+                plugins[mode].pod_resources.hold(device_resource(chosen["device"]), chosen["ids"])
+
+            call.after = after  # type: ignore[attr-defined]
+            return call, request
+
+        def preferred() -> tuple[Callable[[Any], Any], Callable[[], Any]]:
+            chosen: dict[str, int] = {}
+
+            def request() -> Any:
+                device = chosen["device"] = rng.randrange(devices)
+                available = [f"npu{device}-s{s}" for s in range(slices) if rng.random() < 0.6]
+                return api_pb2.PreferredAllocationRequest(container_requests=[
+                    api_pb2.ContainerPreferredAllocationRequest(
+                        available_deviceIDs=available, allocation_size=rng.randint(1, 8))
+                ])  # fmt: skip
+
+            return (lambda req: stubs["async"][chosen["device"]].GetPreferredAllocation(req)), request
 
         kinds: dict[str, tuple[Callable[[Any], Any], Callable[[], Any]]] = {
-            "allocate_sync": (stubs["sync"].Allocate, allocate_request),
-            "allocate_async": (stubs["async"].Allocate, allocate_request),
-            "allocate_off": (stubs["off"].Allocate, allocate_request),
-            "preferred": (stubs["async"].GetPreferredAllocation, preferred_request),
+            "allocate_sync": allocate_call("sync"),
+            "allocate_async": allocate_call("async"),
+            "allocate_off": allocate_call("off"),
+            "preferred": preferred(),
             # The floor: a call doing no work measures gRPC and Python overhead alone.
-            "floor": (stubs["async"].GetDevicePluginOptions, api_pb2.Empty),
+            "floor": (stubs["async"][0].GetDevicePluginOptions, api_pb2.Empty),
         }
         samples: dict[str, list[float]] = {k: [] for k in kinds}
         warmup = 50
@@ -190,29 +281,48 @@ def measure_calls(
                 t = time.perf_counter()
                 call(request)
                 elapsed = time.perf_counter() - t
+                if hasattr(call, "after"):
+                    call.after()
                 if i >= warmup:
                     samples[kind].append(elapsed)
         server_side = {name: p.server_side_allocate() for name, p in plugins.items()}
+        annotated = {
+            name: bool(
+                (core.read_node(f"bench-dp-{name}").metadata.annotations or {}).get(ANNOTATION_DEVICES)
+            )
+            for name in plugins
+        }
+        logs = {name: p.log_text() for name, p in plugins.items()}
+        real_path = {
+            "api_server": True,
+            "node_annotation_written": annotated,
+            "endpoints_per_plugin": devices,
+            "pod_resources_reconciles_adopting_pods": {
+                name: text.count("ledger reconciled with pod-resources") for name, text in logs.items()
+            },
+        }
     finally:
         for p in plugins.values():
             p.close()
-    return samples, server_side
+        cp.cleanup()
+        shutil.rmtree(workdir, ignore_errors=True)
+    return samples, server_side, real_path
 
 
-def list_and_watch_bytes(devices: int, slices: int) -> dict[str, Any]:
-    """Serialized size of the full ListAndWatch message (every slice with health and NUMA node)."""
+def list_and_watch_bytes(slices: int) -> dict[str, Any]:
+    """Serialized size of one device's full ListAndWatch message (every slice with health and NUMA
+    node): each device is its own resource, so this is what one stream carries."""
     from vnpu.device_plugin.backends.simulated import parse_spec
     from vnpu.device_plugin.devices import DeviceTable
     from vnpu.device_plugin.service import list_and_watch_response
 
     table = DeviceTable(slice_mib=1024)
-    table.update(parse_spec(f"{devices}x{slices * 1024}:2"))
-    size = list_and_watch_response(table).ByteSize()
+    table.update(parse_spec(f"1x{slices * 1024}:2"))
+    size = list_and_watch_response(table.entries()[0]).ByteSize()
     return {
-        "devices": devices,
-        "slices": devices * slices,
+        "slices": slices,
         "bytes": size,
-        "bytes_per_slice": size / (devices * slices),
+        "bytes_per_slice": size / slices,
         "fraction_of_grpc_default_max": size / GRPC_DEFAULT_MAX_MESSAGE,
     }
 
@@ -265,15 +375,15 @@ def table(result: dict[str, Any]) -> str:
         rows.append(f"| {name} | {s['p50_le_ms']:g} | {s['p99_le_ms']:g} |")
     rows += [
         "",
-        "| ListAndWatch message | slices | bytes | bytes/slice | of gRPC 4 MiB default |",
+        "| ListAndWatch message of one device | slices | bytes | bytes/slice | of gRPC 4 MiB default |",
         "|---|---:|---:|---:|---:|",
     ]
     for m in result["list_and_watch"]:
         rows.append(
-            f"| {m['devices']} devices | {m['slices']} | {m['bytes']} | {m['bytes_per_slice']:.1f} "
+            f"| {m['slices']} slices | {m['slices']} | {m['bytes']} | {m['bytes_per_slice']:.1f} "
             f"| {m['fraction_of_grpc_default_max']:.2%} |"
         )
-    goal = result["goal"]
+    goal, real = result["goal"], result["real_path"]
     rows += [
         "",
         f"Goal p99 Allocate < {goal['p99_allocate_ms']} ms: **{'met' if goal['met'] else 'NOT met'}** "
@@ -282,6 +392,11 @@ def table(result: dict[str, Any]) -> str:
         f"{result['floor']['p50_ms']:.3f} ms is the Python gRPC round trip every call pays. "
         f"Load average (1 min) before/after: {result['machine']['loadavg_1m_before_after']} on "
         f"{result['machine']['cpus']} CPUs.",
+        "",
+        f"Real path: a kube-apiserver (node annotation written: {real['node_annotation_written']}), "
+        f"{real['endpoints_per_plugin']} endpoints per plugin, pod-resources reconciles that "
+        f"adopted allocations: {real['pod_resources_reconciles_adopting_pods']}.",
+        f"Command: `{result['run']['command']}` at commit {result['run']['commit']}.",
     ]
     return "\n".join(rows) + "\n"
 
@@ -301,17 +416,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", type=Path, default=Path("bench/results"), help="(default: %(default)s)")
     args = parser.parse_args(argv)
 
+    from vnpu.bench.report import provenance
+
+    run = provenance("device-plugin", sys.argv[1:] if argv is None else argv)
     load_before = os.getloadavg()
-    samples, server_side = measure_calls(args.devices, args.slices, 1024, args.calls, seed=args.seed)
+    samples, server_side, real_path = measure_calls(
+        args.devices, args.slices, 1024, args.calls, seed=args.seed
+    )
     result: dict[str, Any] = {
         "suite": "device-plugin",
+        "run": run,
         "layout": {"devices": args.devices, "slices_per_device": args.slices, "slice_mib": 1024},
         **{kind: summary_ms(values) for kind, values in samples.items()},
         "allocate_server_side": server_side,
+        "real_path": real_path,
         "list_and_watch": [
-            list_and_watch_bytes(args.devices, args.slices),
-            list_and_watch_bytes(8, 256),
-            list_and_watch_bytes(32, 64),
+            list_and_watch_bytes(args.slices),
+            list_and_watch_bytes(256),
+            list_and_watch_bytes(2048),
         ],
         "machine": {
             "python": platform.python_version(),
@@ -320,9 +442,11 @@ def main(argv: list[str] | None = None) -> int:
             # This machine may be shared: the load average tells how much else ran during the measurement.
             "loadavg_1m_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
         },
-        "method": "plugins in their own processes; Python gRPC client in this process over the unix socket; "
-        "calls of all kinds interleaved in shuffled order; Allocate asks for 1-8 contiguous slices of a "
-        "random device; timings are client side (request built before the timer starts)",
+        "method": "plugins in their own processes, each with a real API server (node annotation) and a "
+        "pod-resources server listing every allocation made so far; Python gRPC client in this process "
+        "over the device's own unix socket; calls of all kinds interleaved in shuffled order; Allocate "
+        "asks for 1-8 contiguous slices of a random device; timings are client side (request built "
+        "before the timer starts)",
     }
     result["fsync_cost_ratio_p50"] = result["allocate_sync"]["p50_ms"] / result["allocate_off"]["p50_ms"]
     result["goal"] = {

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import math
 import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -14,6 +19,33 @@ def results_dir() -> Path:
     out = Path(os.environ.get("VNPU_BENCH_OUT") or Path(__file__).resolve().parent / "results")
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def provenance(suite: str, argv: Sequence[str]) -> dict[str, Any]:
+    """What every result JSON records about its run: the command that reproduces it, the commit (with
+    ``-dirty`` when the tree had changes), when, and how loaded this (possibly shared) machine was."""
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        try:
+            out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+        return out.stdout.strip() if out.returncode == 0 else ""
+
+    commit = git("rev-parse", "HEAD") or "unknown"
+    if git("status", "--porcelain", "--untracked-files=no"):
+        commit += "-dirty"
+    return {
+        "command": shlex.join(["vnpu", "bench", suite, *argv]),
+        "commit": commit,
+        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "loadavg_1_5_15": [round(x, 2) for x in os.getloadavg()],
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "argv0": sys.argv[0],
+    }
 
 
 def percentile(sorted_values: Sequence[float], q: float) -> float:

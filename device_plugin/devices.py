@@ -5,7 +5,9 @@
 * a device whose memory cannot be read this time keeps its last known size, so its slice IDs stay stable;
 * a device missing from the backend's report, or every device when the backend fails as a whole, stays
   in the table as Unhealthy with the reason: the kubelet must see it go unhealthy, not vanish;
-* unhealthy devices advertise all their slices as Unhealthy.
+* unhealthy devices advertise all their slices as Unhealthy;
+* every device is its own extended resource, ``vnpu.io/memory-<index>``: a device whose index another
+  device already has (or is out of range) is unhealthy, so two devices never share one resource.
 
 :class:`DeviceTable` holds the current table behind a lock and a version number that changes only
 when something the kubelet or the node annotation sees changes (not on memory-usage updates), so
@@ -20,7 +22,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from vnpu.api import MAX_DEVICE_ID_LEN, slice_id
+from vnpu.api import MAX_DEVICE_ID_LEN, MAX_DEVICE_INDEX, device_resource, slice_id
 from vnpu.device_plugin.backends.base import Backend, BackendError, PhysicalDevice
 from vnpu.inventory import HEALTHY, UNHEALTHY, DeviceInfo, NodeInventory
 
@@ -50,6 +52,12 @@ class DeviceEntry:
             return f"device memory ({self.total_mib} MiB) is smaller than one slice ({self.slice_mib} MiB)"
         return self.device.reason
 
+    @property
+    def resource(self) -> str:
+        """The extended resource advertising this device's slices; empty for an index no resource
+        can carry (the device is then unhealthy and has no endpoint)."""
+        return device_resource(self.device.index) if 0 <= self.device.index <= MAX_DEVICE_INDEX else ""
+
     def slice_ids(self) -> list[str]:
         return [slice_id(self.id, i) for i in range(self.slices)]
 
@@ -69,6 +77,7 @@ class DeviceEntry:
             health=HEALTHY if self.healthy else UNHEALTHY,
             numa_node=self.device.numa_node,
             reason="" if self.healthy else self.reason,
+            resource=self.resource,
         )
 
 
@@ -87,8 +96,16 @@ def merge(
             for k, e in previous.items()
         }
     table: dict[str, DeviceEntry] = {}
-    for dev in report:
+    index_owner = {e.device.index: e.id for e in previous.values()}  # an index stays with its first device
+    for dev in sorted(report, key=lambda d: (d.id not in previous, d.index, d.id)):
         prev = previous.get(dev.id)
+        owner = index_owner.setdefault(dev.index, dev.id)
+        if not 0 <= dev.index <= MAX_DEVICE_INDEX:
+            dev = replace(
+                dev, healthy=False, reason=f"device index {dev.index} is outside [0, {MAX_DEVICE_INDEX}]"
+            )
+        elif owner != dev.id:
+            dev = replace(dev, healthy=False, reason=f"device index {dev.index} is already {owner}'s")
         total = dev.total_mib if dev.total_mib is not None else (prev.total_mib if prev else 0)
         if dev.total_mib is None and dev.healthy:
             dev = replace(dev, healthy=False, reason="device memory size unknown")

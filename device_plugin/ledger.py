@@ -1,7 +1,13 @@
-"""The allocation ledger: which slices are held, by which pod, for which share group.
+"""The device ledger: which slices of which device are held, and by whom once that is known.
 
 The kubelet decides which slices a container gets; the ledger remembers what the plugin handed out
-so that metrics and placement know what is in use, and so a restarted plugin knows it too:
+so that metrics and placement know what is in use, and so a restarted plugin knows it too. It holds
+devices and amounts, never pod wiring: an ``Allocate`` does not say which pod it is for, so a fresh
+allocation has no owner until the kubelet's pod-resources API names it. A second front end over the
+same devices — a DRA driver, whose claims carry a device and a consumed capacity — records its
+allocations the same way (device, slices, owner = the claim), and :mod:`.allocation` gives both the
+same container edits.
+
 
 * every allocation is appended to a journal before Allocate returns (one small write: far cheaper
   than rewriting a file, which needs a new inode, a rename and a directory sync). How it reaches
@@ -15,7 +21,8 @@ so that metrics and placement know what is in use, and so a restarted plugin kno
   pod-resources API (the authority on what live pods hold) when its socket exists: slices a live
   pod holds are (re)recorded, checkpointed slices no live pod holds are released after a grace
   period (an Allocate can precede the kubelet's own bookkeeping by a moment);
-* pods that the API server reports deleted or finished release their slices.
+* slices no live pod holds any more (a pod finished or was deleted) are released by the same
+  reconcile, which runs every few seconds.
 
 A slice is keyed once: recording an allocation for a slice that another allocation held replaces
 the old holder (the kubelet never hands out a slice in use, so the old holder is gone). Nothing is
@@ -31,7 +38,7 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
@@ -66,12 +73,11 @@ class PodRef:
 
 @dataclass(frozen=True)
 class Allocation:
-    """Slices handed to one container."""
+    """Slices handed to one container (``pod`` is None until pod-resources names the holder)."""
 
     slices: tuple[str, ...]
     devices: tuple[str, ...]
     pod: PodRef | None = None
-    share_group: str = ""
     allocated_at: float = field(default_factory=time.time)
     source: str = "allocate"  #: "allocate" or "pod-resources"
 
@@ -81,7 +87,6 @@ class Allocation:
             "slices": list(self.slices),
             "devices": list(self.devices),
             "pod": None if pod is None else {"namespace": pod.namespace, "name": pod.name, "uid": pod.uid},
-            "share_group": self.share_group,
             "allocated_at": self.allocated_at,
             "source": self.source,
         }
@@ -98,7 +103,6 @@ class Allocation:
             slices=tuple(str(s) for s in raw["slices"]),
             devices=tuple(str(d) for d in raw["devices"]),
             pod=PodRef(str(pod["namespace"]), str(pod["name"]), str(pod.get("uid", ""))) if pod else None,
-            share_group=str(raw.get("share_group", "")),
             allocated_at=float(raw.get("allocated_at", 0.0)),
             source=str(raw.get("source", "allocate")),
         )
@@ -282,21 +286,6 @@ class Ledger:
     def _same_holder(old: Allocation, new: Allocation) -> bool:
         return old.pod is not None and old.pod.same_pod(new.pod)
 
-    def release_pods(self, gone: Iterable[PodRef]) -> int:
-        """Release every slice held by the given pods; returns the number of slices released."""
-        gone = list(gone)
-        with self._lock:
-            doomed = [
-                sid
-                for sid, a in self._by_slice.items()
-                if a.pod is not None and any(a.pod.same_pod(p) for p in gone)
-            ]
-            for sid in doomed:
-                del self._by_slice[sid]
-            if doomed:
-                self._compact_locked()
-            return len(doomed)
-
     def reconcile(
         self, live: Mapping[str, PodRef], *, grace_s: float, now: float | None = None
     ) -> tuple[int, int]:
@@ -311,7 +300,7 @@ class Ledger:
                 if current is not None and pod.same_pod(current.pod):
                     continue
                 if current is not None and current.pod is None and current.source == "allocate":
-                    # Allocated before the pod was known: attach the pod, keep the share group.
+                    # Allocated before the pod was known: attach the pod.
                     self._by_slice[sid] = replace(current, pod=pod)
                     added += 1
                     continue
@@ -357,6 +346,3 @@ class Ledger:
             device = _device_of(sid)
             counts[device] = counts.get(device, 0) + 1
         return counts
-
-    def claimed_pods(self) -> list[PodRef]:
-        return [a.pod for a in self.allocations() if a.pod is not None]

@@ -1,4 +1,4 @@
-"""``vnpu device-plugin``: run the kubelet device plugin advertising ``vnpu.io/memory`` slices."""
+"""``vnpu device-plugin``: run the kubelet device plugin advertising each device's memory slices."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from vnpu.api import DEFAULT_SLICE_MIB, RESOURCE_MEMORY
+from vnpu.api import DEFAULT_SLICE_MIB, RESOURCE_PREFIX
 from vnpu.device_plugin import contract
 from vnpu.device_plugin.backends.ascend import DEFAULT_DRIVER_PATH, SHARED_DEVICE_FILES
 from vnpu.device_plugin.backends.base import BACKEND_NAMES, FALLBACKS, Backend, create_backend
@@ -21,10 +21,12 @@ from vnpu.logs import setup_logging
 log = logging.getLogger("vnpu.device_plugin")
 
 DESCRIPTION = f"""\
-Advertise each accelerator's memory to the kubelet as {RESOURCE_MEMORY} slices (one device ID per
-slice, <device>-s<index>), keep them on one physical device, honour the operator's vnpu.io/device
-pod annotation, mount the pod's share-group socket directory, write the node annotation
-vnpu.io/devices and export Prometheus metrics.
+Advertise each accelerator's memory to the kubelet as slices, one extended resource per device:
+{RESOURCE_PREFIX}<index> (one device ID per slice, <device>-s<index>; one gRPC endpoint and one
+registration per device). Allocate depends on the device alone: it hands out the vendor's
+visible-device variables, VNPU_DEVICE, the memory limit (slices x slice size), device nodes and the
+device's socket directory. The plugin never looks at pods. It writes the node annotation
+vnpu.io/devices and exports Prometheus metrics.
 
 Backends: ascend (npu-smi), nvidia (NVML, needs nvidia-ml-py), simulated (devices from
 --simulated-config FILE or --simulated-devices COUNTxMIB[:NUMA]). auto picks Ascend (npu-smi, or the
@@ -59,10 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="kubelet device-plugin directory holding kubelet.sock (default: %(default)s)",
     )
     g.add_argument(
-        "--socket-name", default=d.socket_name, help="this plugin's socket file name (default: %(default)s)"
-    )
-    g.add_argument(
-        "--resource-name", default=d.resource_name, help="extended resource name (default: %(default)s)"
+        "--socket-prefix",
+        default=d.socket_prefix,
+        help="endpoint sockets are <prefix><device index>.sock in the plugin dir (default: %(default)s)",
     )
     g.add_argument(
         "--pod-resources-socket",
@@ -134,16 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("allocation")
     g.add_argument(
-        "--allow-spanning",
-        action="store_true",
-        help="accept allocations whose slices span several physical devices (refused by default)",
-    )
-    g.add_argument(
-        "--share-root",
+        "--socket-root",
         type=Path,
-        default=d.share_root,
-        help="host directory with one socket directory per share group; the pod's group is mounted at "
-        f"{contract.SOCKET_DIR_IN_CONTAINER} (default: %(default)s)",
+        default=d.socket_root,
+        help="host directory with one socket directory per device; a container allocated slices of a "
+        f"device gets that device's directory at {contract.SOCKET_DIR_IN_CONTAINER} (default: %(default)s)",
     )
     g.add_argument(
         "--state-dir",
@@ -187,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--no-api",
         action="store_true",
-        help="do not talk to the API server (no node annotation, no pod matching)",
+        help="do not talk to the API server (no node annotation)",
     )
 
     g = p.add_argument_group("observability")
@@ -210,8 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> PluginConfig:
     return PluginConfig(
         plugin_dir=args.plugin_dir,
-        socket_name=args.socket_name,
-        resource_name=args.resource_name,
+        socket_prefix=args.socket_prefix,
         slice_mib=args.slice_mib,
         backend=args.backend,
         simulated_config=args.simulated_config,
@@ -219,8 +214,7 @@ def config_from_args(args: argparse.Namespace) -> PluginConfig:
         npu_smi=args.npu_smi,
         sysfs_root=args.sysfs_root,
         health_interval_s=args.health_interval,
-        allow_spanning=args.allow_spanning,
-        share_root=args.share_root,
+        socket_root=args.socket_root,
         state_dir=args.state_dir,
         checkpoint_sync=args.checkpoint_sync,
         pod_resources_socket=args.pod_resources_socket,

@@ -1,9 +1,11 @@
 """Wires the parts into one running device plugin and keeps it registered.
 
 Start order: restore the ledger from its checkpoint, poll the backend once, reconcile with the
-kubelet's pod-resources API, serve gRPC on ``<plugin dir>/<socket>``, register, then keep watching:
-re-serve and re-register when the kubelet restarts, reconcile periodically, annotate the node,
-watch this node's pods.
+kubelet's pod-resources API, then for every physical device serve its own gRPC endpoint
+(``<plugin dir>/vnpu-memory-<index>.sock``) and register its resource (``vnpu.io/memory-<index>``).
+Then keep watching: serve and register devices that appear, re-serve and re-register when the
+kubelet restarts, reconcile periodically, annotate the node. The plugin never watches pods: what a
+container gets depends on the device alone.
 """
 
 from __future__ import annotations
@@ -19,16 +21,15 @@ from typing import Any
 
 import grpc
 
-from vnpu.api import DEFAULT_SLICE_MIB, RESOURCE_MEMORY
+from vnpu.api import DEFAULT_SLICE_MIB
 from vnpu.device_plugin import contract, podresources, registration
 from vnpu.device_plugin.annotator import NodeAnnotator
 from vnpu.device_plugin.backends import Backend, create_backend
 from vnpu.device_plugin.devices import DeviceTable, HealthMonitor
 from vnpu.device_plugin.ledger import Ledger
 from vnpu.device_plugin.metrics import PluginMetrics
-from vnpu.device_plugin.pods import PodWatcher
 from vnpu.device_plugin.proto import api_pb2_grpc
-from vnpu.device_plugin.service import DevicePluginService, ServiceOptions
+from vnpu.device_plugin.service import DeviceService, ServiceOptions
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +39,8 @@ class PluginConfig:
     """Every knob of the plugin; ``vnpu device-plugin --help`` documents them."""
 
     plugin_dir: Path = registration.DEFAULT_PLUGIN_DIR
-    socket_name: str = "vnpu-memory.sock"
-    resource_name: str = RESOURCE_MEMORY
+    #: Endpoint sockets are ``<prefix><index>.sock`` in the plugin directory.
+    socket_prefix: str = "vnpu-memory-"
     slice_mib: int = DEFAULT_SLICE_MIB
     backend: str = "auto"
     simulated_config: Path | None = None
@@ -47,12 +48,11 @@ class PluginConfig:
     npu_smi: str = "npu-smi"
     sysfs_root: Path = Path("/sys")
     health_interval_s: float = 0.5
-    allow_spanning: bool = False
-    share_root: Path = Path(contract.DEFAULT_SHARE_ROOT)
+    socket_root: Path = Path(contract.DEFAULT_SOCKET_ROOT)
     state_dir: Path = Path("/var/lib/vnpu/device-plugin")
     checkpoint_sync: str = "async"  #: sync | async | off (see vnpu.device_plugin.ledger)
     pod_resources_socket: Path = podresources.DEFAULT_SOCKET
-    reconcile_interval_s: float = 30.0
+    reconcile_interval_s: float = 5.0
     release_grace_s: float = 10.0
     watch_interval_s: float = 0.2
     node_name: str | None = None
@@ -60,15 +60,14 @@ class PluginConfig:
     use_api: bool = True  #: talk to the API server when a kubeconfig or in-cluster config exists
     metrics_address: str = "127.0.0.1"
     metrics_port: int = 9465  #: 0 disables the metrics endpoint
-    grpc_workers: int = 16
+    grpc_workers: int = 4  #: per device endpoint (one is busy with the ListAndWatch stream)
 
     @property
     def checkpoint_path(self) -> Path:
         return self.state_dir / "checkpoint.json"
 
-    @property
-    def socket_path(self) -> Path:
-        return self.plugin_dir / self.socket_name
+    def socket_name(self, index: int) -> str:
+        return f"{self.socket_prefix}{index}.sock"
 
 
 def api_configured(kubeconfig: Path | None) -> bool:
@@ -96,6 +95,54 @@ def make_core_api(kubeconfig: Path | None) -> Any | None:
     return None
 
 
+class DeviceEndpoint:
+    """One device's gRPC server on its own socket, registered as its own resource."""
+
+    def __init__(self, config: PluginConfig, resource: str, index: int, service: DeviceService) -> None:
+        self.config = config
+        self.resource = resource
+        self.index = index
+        self.service = service
+        self.socket_name = config.socket_name(index)
+        self.socket_path = config.plugin_dir / self.socket_name
+        self.registered_kubelet: registration.FileIdentity | None = None
+        self.retry_at = 0.0
+        self._server: grpc.Server | None = None
+
+    @property
+    def device_id(self) -> str:
+        return self.service.device_id
+
+    def serve(self) -> None:
+        if self._server is not None:
+            # Wait for the old server to be gone: gRPC unlinks its socket path when a server stops,
+            # which would delete the new server's socket if it were already bound there.
+            self._server.stop(grace=0).wait(5)
+            self._server = None
+        self.config.plugin_dir.mkdir(parents=True, exist_ok=True)
+        self.socket_path.unlink(missing_ok=True)
+        server = grpc.server(
+            ThreadPoolExecutor(
+                max_workers=self.config.grpc_workers, thread_name_prefix=f"vnpu-grpc-{self.index}"
+            )
+        )
+        api_pb2_grpc.add_DevicePluginServicer_to_server(self.service, server)
+        server.add_insecure_port(f"unix://{self.socket_path.resolve()}")
+        server.start()
+        self._server = server
+        self.registered_kubelet = None
+        log.info(
+            "serving the device plugin API",
+            extra={"socket": str(self.socket_path), "device": self.device_id, "resource": self.resource},
+        )
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.stop(grace=0.5).wait(2)
+            self._server = None
+        self.socket_path.unlink(missing_ok=True)
+
+
 class PluginRunner:
     """One device plugin instance: start(), then stop() (or use as a context manager)."""
 
@@ -120,27 +167,16 @@ class PluginRunner:
                 raise ValueError("talking to the API server needs the node name (--node-name or NODE_NAME)")
             core_api = make_core_api(config.kubeconfig)
         self.core_api = core_api
-        self.pods: PodWatcher | None = None
         self.annotator: NodeAnnotator | None = None
         if core_api is not None:
             if not config.node_name:
                 raise ValueError("talking to the API server needs the node name (--node-name or NODE_NAME)")
-            self.pods = PodWatcher(
-                core_api, config.node_name, resource=config.resource_name, on_gone=self._release_pods
-            )
             self.annotator = NodeAnnotator(core_api, config.node_name, self.table)
-        self.service = DevicePluginService(
-            self.table,
-            self.ledger,
-            self.backend,
-            ServiceOptions(config.slice_mib, config.allow_spanning, config.share_root),
-            pods=self.pods,
-            metrics=self.metrics,
-        )
-        self._server: grpc.Server | None = None
+        self.options = ServiceOptions(socket_root=str(config.socket_root))
+        #: resource -> its endpoint; a resource keeps its endpoint (and device) for the plugin's life
+        self.endpoints: dict[str, DeviceEndpoint] = {}
         self._stop = threading.Event()
         self._watch_thread: threading.Thread | None = None
-        self._registered_kubelet: registration.FileIdentity | None = None
         self.registrations = 0
 
     # -- lifecycle ----------------------------------------------------------------------------------
@@ -151,7 +187,6 @@ class PluginRunner:
             "plugin starting",
             extra={
                 "backend": self.backend.name,
-                "resource": cfg.resource_name,
                 "slice_mib": cfg.slice_mib,
                 "plugin_dir": str(cfg.plugin_dir),
                 "restored_slices": restored,
@@ -162,12 +197,12 @@ class PluginRunner:
         if cfg.metrics_port:
             self.metrics_port = self.metrics.serve(cfg.metrics_address, cfg.metrics_port)
             log.info("metrics endpoint", extra={"address": cfg.metrics_address, "port": self.metrics_port})
-        if self.pods is not None:
-            self.pods.start()
         if self.annotator is not None:
             self.annotator.start()
-        self._serve()
-        self._try_register()
+        self._add_endpoints()
+        kubelet = registration.file_identity(cfg.plugin_dir / registration.KUBELET_SOCKET_NAME)
+        for endpoint in self.endpoints.values():
+            self._try_register(endpoint, kubelet)
         self._watch_thread = threading.Thread(target=self._watch_loop, name="vnpu-kubelet-watch", daemon=True)
         self._watch_thread.start()
         return self
@@ -176,17 +211,15 @@ class PluginRunner:
         self._stop.set()
         if self._watch_thread is not None:
             self._watch_thread.join(timeout=5)
-        for part in (self.annotator, self.pods, self.monitor):
+        for part in (self.annotator, self.monitor):
             if part is not None:
                 part.stop()
-        if self._server is not None:
-            self._server.stop(grace=0.5).wait(2)
-            self._server = None
+        for endpoint in self.endpoints.values():
+            endpoint.stop()
         self.table.wake_watchers()
         self.metrics.stop()
         self.ledger.close()
         self.backend.close()
-        self.config.socket_path.unlink(missing_ok=True)
         log.info("plugin stopped")
 
     def __enter__(self) -> PluginRunner:
@@ -199,64 +232,69 @@ class PluginRunner:
         """Block until stop() is called (from a signal handler)."""
         self._stop.wait()
 
-    # -- gRPC server and registration ---------------------------------------------------------------
-    def _serve(self) -> None:
-        cfg = self.config
-        if self._server is not None:
-            # Wait for the old server to be gone: gRPC unlinks its socket path when a server stops,
-            # which would delete the new server's socket if it were already bound there.
-            self._server.stop(grace=0).wait(5)
-            self._server = None
-        cfg.plugin_dir.mkdir(parents=True, exist_ok=True)
-        cfg.socket_path.unlink(missing_ok=True)
-        server = grpc.server(ThreadPoolExecutor(max_workers=cfg.grpc_workers, thread_name_prefix="vnpu-grpc"))
-        api_pb2_grpc.add_DevicePluginServicer_to_server(self.service, server)
-        server.add_insecure_port(f"unix://{cfg.socket_path.resolve()}")
-        server.start()
-        self._server = server
-        log.info("serving the device plugin API", extra={"socket": str(cfg.socket_path)})
+    # -- endpoints and registration -----------------------------------------------------------------
+    def _add_endpoints(self) -> list[DeviceEndpoint]:
+        """Serve an endpoint for every device with a resource of its own that has none yet."""
+        added = []
+        for entry in self.table.entries():
+            resource = entry.resource
+            if not resource or resource in self.endpoints:
+                continue
+            socket_dir = contract.device_socket_dir(self.config.socket_root, entry.id)
+            ensure_socket_dir(socket_dir)
+            service = DeviceService(
+                entry.id, self.table, self.ledger, self.backend, self.options, metrics=self.metrics
+            )
+            endpoint = DeviceEndpoint(self.config, resource, entry.device.index, service)
+            endpoint.serve()
+            self.endpoints[resource] = endpoint
+            added.append(endpoint)
+        return added
 
-    def _try_register(self) -> bool:
+    def _try_register(self, endpoint: DeviceEndpoint, kubelet: registration.FileIdentity | None) -> bool:
         cfg = self.config
-        kubelet = cfg.plugin_dir / registration.KUBELET_SOCKET_NAME
-        identity = registration.file_identity(kubelet)
-        if identity is None:
+        if kubelet is None:
             return False
         try:
-            registration.register(cfg.plugin_dir, cfg.socket_name, cfg.resource_name)
+            registration.register(cfg.plugin_dir, endpoint.socket_name, endpoint.resource)
         except grpc.RpcError as exc:
             log.warning(
                 "registration with the kubelet failed; will retry",
-                extra={"kubelet_socket": str(kubelet), "error": f"{exc.code().name}: {exc.details()}"},
+                extra={"resource": endpoint.resource, "error": f"{exc.code().name}: {exc.details()}"},
             )
+            endpoint.retry_at = time.monotonic() + 0.5
             return False
-        self._registered_kubelet = identity
+        endpoint.registered_kubelet = kubelet
         self.registrations += 1
         self.metrics.registrations.inc()
         log.info(
             "registered with the kubelet",
-            extra={"kubelet_socket": str(kubelet), "resource": cfg.resource_name},
+            extra={
+                "resource": endpoint.resource,
+                "device": endpoint.device_id,
+                "socket": endpoint.socket_name,
+            },
         )
         return True
 
     def _watch_loop(self) -> None:
         cfg = self.config
-        kubelet = cfg.plugin_dir / registration.KUBELET_SOCKET_NAME
+        kubelet_socket = cfg.plugin_dir / registration.KUBELET_SOCKET_NAME
         next_reconcile = time.monotonic() + cfg.reconcile_interval_s
-        retry_at = 0.0
         while not self._stop.wait(cfg.watch_interval_s):
             try:
-                if not cfg.socket_path.exists():
-                    log.warning(
-                        "plugin socket disappeared (kubelet restart?); serving again",
-                        extra={"socket": str(cfg.socket_path)},
-                    )
-                    self._serve()
-                    self._registered_kubelet = None
-                identity = registration.file_identity(kubelet)
-                stale = identity is not None and identity != self._registered_kubelet
-                if stale and time.monotonic() >= retry_at and not self._try_register():
-                    retry_at = time.monotonic() + 0.5
+                self._add_endpoints()  # devices that appeared since the last look
+                kubelet = registration.file_identity(kubelet_socket)
+                for endpoint in self.endpoints.values():
+                    if not endpoint.socket_path.exists():
+                        log.warning(
+                            "plugin socket disappeared (kubelet restart?); serving again",
+                            extra={"socket": str(endpoint.socket_path)},
+                        )
+                        endpoint.serve()
+                    stale = kubelet is not None and kubelet != endpoint.registered_kubelet
+                    if stale and time.monotonic() >= endpoint.retry_at:
+                        self._try_register(endpoint, kubelet)
                 if time.monotonic() >= next_reconcile:
                     next_reconcile = time.monotonic() + cfg.reconcile_interval_s
                     self.reconcile()
@@ -270,7 +308,7 @@ class PluginRunner:
         if not sock.exists():
             return
         try:
-            live = podresources.list_held_slices(sock, self.config.resource_name)
+            live = podresources.list_held_slices(sock)
         except grpc.RpcError as exc:
             log.warning("pod-resources List failed", extra={"socket": str(sock), "error": str(exc.code())})
             return
@@ -281,9 +319,12 @@ class PluginRunner:
                 extra={"added": added, "released": released, "held": len(self.ledger.held_slices())},
             )
 
-    def _release_pods(self, gone: list[Any]) -> None:
-        released = self.ledger.release_pods(gone)
-        if released:
-            log.info(
-                "released slices of finished pods", extra={"pods": [str(p) for p in gone], "slices": released}
-            )
+
+def ensure_socket_dir(path: Path) -> None:
+    """The host directory of one device's sockets, mounted into every container on that device.
+    Sticky and world-writable like /tmp: pods run as their share group's user (see vnpu.sharing) and
+    create their sockets here under names only their group can compute, and none can remove
+    another's."""
+    path.mkdir(parents=True, exist_ok=True)
+    if path.stat().st_mode & 0o7777 != 0o1777:
+        path.chmod(0o1777)

@@ -26,12 +26,13 @@ def node_fingerprint(body: Any) -> tuple[Any, ...]:
     """What about a node matters to placement; kubelet heartbeats change nothing here."""
     meta, spec, status = body.get("metadata", {}), body.get("spec", {}), body.get("status", {})
     ready = [c.get("status") for c in status.get("conditions") or [] if c.get("type") == "Ready"]
+    allocatable = status.get("allocatable") or {}
     return (
         (meta.get("annotations") or {}).get(api.ANNOTATION_DEVICES),
         tuple(sorted((meta.get("labels") or {}).items())),
         str(spec.get("taints")),
         bool(spec.get("unschedulable")),
-        (status.get("allocatable") or {}).get(api.RESOURCE_MEMORY),
+        tuple(sorted((k, v) for k, v in allocatable.items() if api.is_vnpu_resource(k))),
         tuple(ready),
         meta.get("deletionTimestamp") is not None,
     )

@@ -5,6 +5,7 @@ in one place — deploy/helm/vnpu/templates/rbac.yaml grants exactly what this m
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -14,10 +15,22 @@ from kubernetes.client.exceptions import ApiException
 
 from vnpu import api
 from vnpu.operator.config import PLACEHOLDER_PRIORITY, PLACEHOLDER_PRIORITY_CLASS
-from vnpu.operator.state import ObservedModel, ObservedNode, ObservedPod, parse_model, parse_node, parse_pod
+from vnpu.operator.pods import ROLE_SHARE_KEY
+from vnpu.operator.state import (
+    ObservedModel,
+    ObservedNode,
+    ObservedPod,
+    ObservedSecret,
+    parse_model,
+    parse_node,
+    parse_pod,
+    parse_secret,
+)
 
 log = logging.getLogger(__name__)
 MANAGED_SELECTOR = f"{api.LABEL_MANAGED_BY}={api.MANAGED_BY_VALUE}"
+SHARE_KEY_SELECTOR = f"{MANAGED_SELECTOR},{api.LABEL_ROLE}={ROLE_SHARE_KEY}"
+METADATA_ONLY = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1"
 
 
 class Kube:
@@ -48,6 +61,20 @@ class Kube:
             ]
         return [parse_pod(self._raw(p)) for p in items]
 
+    def list_secrets(self) -> list[ObservedSecret]:
+        """The share groups' key Secrets, as metadata only (PartialObjectMetadataList): the keys never
+        reach the operator's memory, and there is no watch of Secrets at all."""
+        kwargs: dict[str, Any] = {
+            "label_selector": SHARE_KEY_SELECTOR,
+            "_headers": {"Accept": METADATA_ONLY},
+            "_preload_content": False,
+        }
+        if not self.namespaces:
+            responses = [self.core.list_secret_for_all_namespaces(**kwargs)]
+        else:
+            responses = [self.core.list_namespaced_secret(ns, **kwargs) for ns in self.namespaces]
+        return [parse_secret(item) for r in responses for item in json.loads(r.data).get("items") or []]
+
     def list_models(self) -> list[ObservedModel]:
         if not self.namespaces:
             items = self.custom.list_cluster_custom_object(api.GROUP, api.VERSION, api.PLURAL)["items"]
@@ -71,6 +98,38 @@ class Kube:
                 return False
             raise
         return True
+
+    def create_secret(self, manifest: Mapping[str, Any]) -> bool:
+        """Create a Secret; False if it already exists (its key stays: pods may already mount it)."""
+        try:
+            self.core.create_namespaced_secret(manifest["metadata"]["namespace"], manifest)
+        except ApiException as exc:
+            if exc.status == 409:
+                return False
+            raise
+        return True
+
+    def delete_secret(self, namespace: str, name: str) -> bool:
+        try:
+            self.core.delete_namespaced_secret(name, namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
+
+    def set_secret_owners(self, namespace: str, name: str, owner_references: list[dict[str, Any]]) -> None:
+        """Replace a Secret's ownerReferences (metadata stays mutable on an immutable Secret)."""
+        try:
+            self.core.patch_namespaced_secret(
+                name,
+                namespace,
+                {"metadata": {"ownerReferences": owner_references}},
+                _content_type="application/merge-patch+json",
+            )
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
 
     def delete_pod(self, namespace: str, name: str, *, force: bool = False) -> bool:
         """Delete a pod; ``force`` skips the grace period (its node is gone and cannot confirm)."""

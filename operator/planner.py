@@ -4,9 +4,14 @@
 
 Steps: turn observed state into the packer's input (devices with their free slices, demands per model,
 the current placements for stability), pack, derive the desired pods (replicas, one weight-holder per
-(node, device, share group), placeholders for what fits nowhere), diff them against the pods that
-exist, and compute each model's status and the events worth posting. No API calls here: the
-reconciler applies the plan, and tests assert on it directly.
+(node, device, namespace, share group, weights), placeholders for what fits nowhere) and one key
+Secret per (namespace, share group), diff them against what exists, and compute each model's status
+and the events worth posting. No API calls here: the reconciler applies the plan, and tests assert on
+it directly.
+
+A group's pods are created only once its Secret exists, and their names carry the Secret's uid: the
+key is mounted from it, so a re-created Secret (a new key) rolls the group's holders and replicas
+together instead of leaving replicas that cannot authenticate their holder.
 """
 
 from __future__ import annotations
@@ -15,23 +20,24 @@ import datetime as dt
 import hashlib
 import json
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from vnpu import api
+from vnpu import api, sharing
 from vnpu.memory import EstimateError, MemoryEstimate
 from vnpu.operator import packing
 from vnpu.operator.config import OperatorConfig
 from vnpu.operator.pods import (
     ModelRef,
     holder_pod,
+    owner_references,
     placeholder_pod,
     placeholder_pod_name,
     replica_pod,
     replica_pod_name,
 )
-from vnpu.operator.state import ObservedModel, ObservedNode, ObservedPod
+from vnpu.operator.state import ObservedModel, ObservedNode, ObservedPod, ObservedSecret
 from vnpu.operator.status import ModelOutcome, build_status
 
 #: Spec fields that shape a pod: a change to any of them replaces the model's pods.
@@ -67,13 +73,30 @@ class StatusUpdate:
 
 @dataclass(frozen=True)
 class OwnersUpdate:
-    """New ownerReferences for an existing weight-holder: the models using it changed (a model of the
-    group joined later, or one is being deleted). Without this, a holder first created for one model
-    would be garbage-collected with it while other models' replicas still map its memory."""
+    """New ownerReferences for an existing weight-holder or key Secret: the models using it changed (a
+    model of the group joined later, or one is being deleted). Without this, a holder first created for
+    one model would be garbage-collected with it while other models' replicas still map its memory."""
 
     namespace: str
     name: str
     owner_references: list[dict[str, Any]]
+    kind: str = "Pod"  #: Pod or Secret
+
+
+@dataclass(frozen=True)
+class SecretIntent:
+    """A share group's key Secret to create; the reconciler draws the key (the plan stays pure)."""
+
+    namespace: str
+    share_group: str
+    owners: tuple[ModelRef, ...]
+
+
+@dataclass(frozen=True)
+class SecretDeletion:
+    namespace: str
+    name: str
+    share_group: str
 
 
 @dataclass
@@ -81,6 +104,8 @@ class Plan:
     create: list[dict[str, Any]] = field(default_factory=list)
     delete: list[PodDeletion] = field(default_factory=list)
     set_owners: list[OwnersUpdate] = field(default_factory=list)
+    create_secrets: list[SecretIntent] = field(default_factory=list)
+    delete_secrets: list[SecretDeletion] = field(default_factory=list)
     statuses: list[StatusUpdate] = field(default_factory=list)
     unplaced_slices: int = 0
 
@@ -96,6 +121,14 @@ def share_group(spec: Mapping[str, Any]) -> str:
     return str(spec.get("shareGroup") or default_share_group(spec))
 
 
+def model_weights_id(spec: Mapping[str, Any], config: OperatorConfig) -> str:
+    """What a holder of this model holds: source, dtype on the device, and the runtime image."""
+    image = spec.get("runtime", {}).get("image", config.runtime_image)
+    return sharing.weights_id(
+        str(spec["source"]["uri"]), str(spec.get("weights", {}).get("dtype", "")), image
+    )
+
+
 def template_hash(spec: Mapping[str, Any]) -> str:
     relevant = {k: spec.get(k) for k in POD_TEMPLATE_FIELDS}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:8]
@@ -105,15 +138,16 @@ def _model_key(namespace: str, name: str) -> str:
     return f"{namespace}/{name}"
 
 
-def _group_key(namespace: str, group: str) -> str:
-    """Share groups are namespaced: replicas of different namespaces never map each other's memory."""
-    return f"{namespace}/{group}"
+def _group_key(namespace: str, group: str, weights_id: str) -> str:
+    """What shares one weight copy: share groups are namespaced (replicas of different namespaces never
+    map each other's memory), and only equal weights share even within an explicit group."""
+    return f"{namespace}/{group}/{weights_id}"
 
 
 def _packer_nodes(nodes: Sequence[ObservedNode], held: Mapping[tuple[str, str], int]) -> list[packing.Node]:
     out = []
     for n in nodes:
-        if n.inventory is None:
+        if n.inventory is None or n.inventory_error:
             continue  # no usable inventory: nothing can be placed there (reported via status)
         devices = tuple(
             packing.Device(
@@ -131,7 +165,7 @@ def _packer_nodes(nodes: Sequence[ObservedNode], held: Mapping[tuple[str, str], 
     return out
 
 
-def _demand(model: ObservedModel, estimate: MemoryEstimate) -> packing.Demand:
+def _demand(model: ObservedModel, estimate: MemoryEstimate, weights_id: str) -> packing.Demand:
     placement = model.spec.get("placement", {})
     tolerations = tuple(
         packing.Toleration(
@@ -141,7 +175,7 @@ def _demand(model: ObservedModel, estimate: MemoryEstimate) -> packing.Demand:
     )
     return packing.Demand(
         model=_model_key(model.namespace, model.name),
-        share_group=_group_key(model.namespace, share_group(model.spec)),
+        share_group=_group_key(model.namespace, share_group(model.spec), weights_id),
         replicas=int(model.spec.get("replicas", 1)),
         replica_mib=estimate.per_replica_mib,
         weight_mib=estimate.device_weights_mib,
@@ -159,10 +193,15 @@ def plan(
     estimates: Mapping[tuple[str, str], MemoryEstimate | EstimateError],
     config: OperatorConfig,
     now: dt.datetime | None = None,
+    secrets: Sequence[ObservedSecret] = (),
 ) -> Plan:
     now = now or dt.datetime.now(dt.UTC)
     result = Plan()
     node_by_name = {n.name: n for n in nodes}
+    # (node, device id) -> the device's extended resource, from the device plugin's inventory
+    resource_of = {
+        (n.name, d.id): d.resource for n in nodes if n.inventory is not None for d in n.inventory.devices
+    }
     lost_nodes = {
         p.node for p in pods if p.node and (p.node not in node_by_name or not node_by_name[p.node].ready)
     }
@@ -172,7 +211,12 @@ def plan(
         est = estimates.get(m.key)
         if not m.deleting and isinstance(est, MemoryEstimate):
             active[_model_key(m.namespace, m.name)] = (m, est)
-    templates = {key: template_hash(m.spec) for key, (m, _) in active.items()}
+    refs = {key: _ref(m, config) for key, (m, _) in active.items()}
+    # (namespace, group) -> its key Secret's uid, when the Secret exists and is not going away
+    key_uid = {(x.namespace, x.share_group): x.uid for x in secrets if not x.terminating}
+    templates = {
+        key: template_hash(m.spec) + _key_generation(key_uid, refs[key]) for key, (m, _) in active.items()
+    }
 
     # Slices held by pods the packer does not manage: terminating pods still own their memory.
     held: dict[tuple[str, str], int] = defaultdict(int)
@@ -199,33 +243,36 @@ def plan(
         current.append(packing.Placement(key, p.replica, p.node, p.device, p.slices))
         current_pod[(key, p.replica)] = p
 
-    demands = [_demand(m, est) for m, est in active.values()]
+    demands = [_demand(m, est, refs[key].weights_id) for key, (m, est) in active.items()]
     packed = packing.pack(_packer_nodes(nodes, held), demands, current, defragment=config.defragment)
 
     desired: dict[tuple[str, str], dict[str, Any]] = {}
-    refs = {key: _ref(m) for key, (m, _) in active.items()}
     holder_of: dict[tuple[str, str, str], str] = {}
     group_mib: dict[str, int] = {}
     for d in demands:
         group_mib[d.share_group] = max(group_mib.get(d.share_group, 0), d.weight_mib)
     for h in packed.weight_holders:
         owners = [refs[m] for m in sorted(h.models)]
-        group = owners[0].share_group
+        first = owners[0]
+        salt = f"{h.slices}{_key_generation(key_uid, first)}"
         manifest = holder_pod(
-            owners, group, h.node, h.device, h.slices, config, salt=str(h.slices),
+            owners, h.node, h.device, resource_of[(h.node, h.device)], h.slices, config, salt=salt,
             weights_mib=group_mib.get(h.share_group, 0),
         )  # fmt: skip
-        desired[(owners[0].namespace, manifest["metadata"]["name"])] = manifest
         holder_of[(h.node, h.device, h.share_group)] = manifest["metadata"]["name"]
+        if (first.namespace, first.share_group) in key_uid:  # pods that mount the key wait for it
+            desired[(first.namespace, manifest["metadata"]["name"])] = manifest
 
     placements_of: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for a in packed.assignments:
         ref = refs[a.model]
         holder = holder_of.get((a.node, a.device, a.share_group))
         salt = _pod_salt(a.slices, templates[a.model])
-        manifest = replica_pod(ref, a.replica, a.node, a.device, a.slices, holder, config, salt)
+        resource = resource_of[(a.node, a.device)]
+        manifest = replica_pod(ref, a.replica, a.node, a.device, resource, a.slices, holder, config, salt)
         name = manifest["metadata"]["name"]
-        desired[(ref.namespace, name)] = manifest
+        if holder is None or (ref.namespace, ref.share_group) in key_uid:
+            desired[(ref.namespace, name)] = manifest
         placements_of[a.model].append(
             {
                 "node": a.node,
@@ -246,10 +293,15 @@ def plan(
             manifest = placeholder_pod(ref, u.replica, slices, sorted(node_by_name), config)
             desired[(ref.namespace, placeholder_pod_name(ref.name, u.replica))] = manifest
 
-    # Diff: delete what is not desired (force on lost nodes), create what is missing.
+    # Diff: delete what is not desired (force on lost nodes), create what is missing. The pods of a group
+    # whose key Secret is missing (deleted by someone) stay until the new Secret exists and their
+    # successors can start: a new key rolls the group, it does not take it down first.
+    awaiting_key = {(r.namespace, r.share_group) for r in refs.values()} - set(key_uid)
     existing = {(p.namespace, p.name): p for p in pods}
     for key, p in sorted(existing.items()):
         if key in desired or p.terminating:
+            continue
+        if (p.namespace, p.share_group) in awaiting_key and p.node not in lost_nodes:
             continue
         force = p.node in lost_nodes
         why = "node lost" if force else "no longer in the plan"
@@ -260,13 +312,14 @@ def plan(
     result.create = [m for key, m in sorted(desired.items()) if key not in existing]
     for key, manifest in sorted(desired.items()):
         pod = existing.get(key)
-        refs = manifest["metadata"]["ownerReferences"]
+        owners = manifest["metadata"]["ownerReferences"]
         if (
             pod is not None
             and pod.role == api.ROLE_WEIGHTS
-            and set(pod.owner_uids) != {r["uid"] for r in refs}
+            and set(pod.owner_uids) != {r["uid"] for r in owners}
         ):
-            result.set_owners.append(OwnersUpdate(key[0], key[1], refs))
+            result.set_owners.append(OwnersUpdate(key[0], key[1], owners))
+    _plan_secrets(result, refs.values(), pods, secrets)
 
     # Statuses and events.
     pods_by_name = {(p.namespace, p.name): p for p in pods}
@@ -310,8 +363,47 @@ def _pod_salt(slices: int, template: str) -> str:
     return f"{slices}/{template}"
 
 
-def _ref(model: ObservedModel) -> ModelRef:
-    return ModelRef(model.name, model.namespace, model.uid, model.spec, share_group(model.spec))
+def _ref(model: ObservedModel, config: OperatorConfig) -> ModelRef:
+    return ModelRef(
+        model.name,
+        model.namespace,
+        model.uid,
+        model.spec,
+        share_group(model.spec),
+        model_weights_id(model.spec, config),
+    )
+
+
+def _key_generation(key_uid: Mapping[tuple[str, str], str], ref: ModelRef) -> str:
+    """Which key a group's pods mount, for their names: a new Secret is a new generation."""
+    uid = key_uid.get((ref.namespace, ref.share_group))
+    return f"/key:{uid}" if uid else ""
+
+
+def _plan_secrets(
+    result: Plan, refs: Iterable[ModelRef], pods: Sequence[ObservedPod], secrets: Sequence[ObservedSecret]
+) -> None:
+    """One key Secret per (namespace, group) with an active model, owned by those models; a Secret goes
+    once no model of its group is active and no pod of the group is left to mount it."""
+    owners: dict[tuple[str, str], list[ModelRef]] = defaultdict(list)
+    for ref in sorted(refs, key=lambda r: r.name):
+        owners[(ref.namespace, ref.share_group)].append(ref)
+    existing = {(x.namespace, x.share_group): x for x in secrets}
+    for key, group_owners in sorted(owners.items()):
+        secret = existing.get(key)
+        if secret is None:
+            result.create_secrets.append(SecretIntent(key[0], key[1], tuple(group_owners)))
+        elif not secret.terminating and set(secret.owner_uids) != {r.uid for r in group_owners}:
+            refs_ = owner_references(group_owners)
+            result.set_owners.append(OwnersUpdate(key[0], secret.name, refs_, kind="Secret"))
+    in_use = {
+        (p.namespace, p.share_group)
+        for p in pods
+        if p.share_group and p.role in (api.ROLE_REPLICA, api.ROLE_WEIGHTS)
+    }
+    for key, secret in sorted(existing.items()):
+        if key not in owners and key not in in_use and not secret.terminating:
+            result.delete_secrets.append(SecretDeletion(key[0], secret.name, key[1]))
 
 
 def _comparable(status: Mapping[str, Any]) -> Any:
@@ -321,43 +413,3 @@ def _comparable(status: Mapping[str, Any]) -> Any:
         {k: v for k, v in c.items() if k != "lastTransitionTime"} for c in status.get("conditions", [])
     ]
     return json.loads(json.dumps(clean, sort_keys=True, default=str))
-
-
-def creation_waves(manifests: Sequence[dict[str, Any]]) -> list[list[dict[str, Any]]]:
-    """Split pod creations into waves so that no two pods of one wave are bound to the same node with
-    the same number of slices.
-
-    The kubelet never tells a device plugin which pod an Allocate is for; ours matches the oldest
-    pending pod asking for that many slices, and the kubelet admits pods oldest first — but
-    ``creationTimestamp`` has one-second resolution, so two such pods created in the same second
-    are a coin toss (and can cross share groups). Waves created a second apart make the order the
-    kubelet uses and the order the plugin assumes the same.
-    """
-    waves: list[list[dict[str, Any]]] = []
-    seen: dict[tuple[str, str], int] = defaultdict(int)
-    for manifest in manifests:
-        node = _pinned_node_of(manifest)
-        slices = manifest["metadata"].get("annotations", {}).get(api.ANNOTATION_SLICES, "")
-        index = 0
-        if node is not None:
-            index = seen[(node, slices)]
-            seen[(node, slices)] += 1
-        while len(waves) <= index:
-            waves.append([])
-        waves[index].append(manifest)
-    return waves
-
-
-def _pinned_node_of(manifest: Mapping[str, Any]) -> str | None:
-    terms = (
-        manifest.get("spec", {})
-        .get("affinity", {})
-        .get("nodeAffinity", {})
-        .get("requiredDuringSchedulingIgnoredDuringExecution", {})
-        .get("nodeSelectorTerms", [])
-    )
-    for term in terms:
-        for field_ in term.get("matchFields", []):
-            if field_.get("operator") == "In" and field_.get("values"):
-                return str(field_["values"][0])
-    return None

@@ -15,18 +15,17 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from vnpu import api
+from vnpu import api, sharing
 from vnpu.operator import metrics
 from vnpu.operator.config import OperatorConfig
 from vnpu.operator.estimate_cache import EstimateCache
 from vnpu.operator.kube import Kube
-from vnpu.operator.planner import Plan, PodDeletion, creation_waves, plan
+from vnpu.operator.planner import Plan, PodDeletion, SecretIntent, plan
+from vnpu.operator.pods import share_key_secret
 
 log = logging.getLogger(__name__)
 #: Parallel API calls when applying a plan (the kubernetes client pool allows 4 per host by default).
 API_CONCURRENCY = 4
-#: Gap between creation waves of pods one node's device plugin could confuse (see creation_waves).
-CREATION_SPACING_S = 1.1
 
 
 class Reconciler:
@@ -113,9 +112,12 @@ class Reconciler:
     def _pass_sync(self) -> Plan:
         kube = self.kube
         models, nodes, pods = kube.list_models(), kube.list_nodes(), kube.list_pods()
+        secrets = kube.list_secrets()
         estimates = {m.key: self._estimates.get(m) for m in models}
-        result = plan(models, nodes, pods, estimates, self.config)
+        result = plan(models, nodes, pods, estimates, self.config, secrets=secrets)
         self._apply(result)
+        if result.create_secrets:  # the groups' pods are planned once their Secrets exist: go on now
+            self._wake.set()
         return result
 
     def _apply(self, result: Plan) -> None:
@@ -133,37 +135,47 @@ class Reconciler:
                 meta = manifest["metadata"]
                 log.info("created %s pod %s/%s", role, meta["namespace"], meta["name"])
 
+        def create_secret(intent: SecretIntent) -> None:
+            # The key is drawn here, not in the (pure) plan; an existing Secret keeps its key.
+            secret = share_key_secret(intent.namespace, intent.share_group, intent.owners, sharing.new_key())
+            if kube.create_secret(secret):
+                log.info("created the key Secret of share group %s/%s", intent.namespace, intent.share_group)
+
         def is_holder(manifest: dict[str, Any]) -> bool:
             return bool(manifest["metadata"]["labels"].get(api.LABEL_ROLE) == api.ROLE_WEIGHTS)
 
         holders = [m for m in result.create if is_holder(m)]
         others = [m for m in result.create if not is_holder(m)]
-        phases: list[tuple[Any, list[Any]]] = [(delete, list(result.delete))]
-        for group in (holders, others):
-            phases += [(create, wave) for wave in creation_waves(group)]
-        # Deletions first (a moving replica frees its old slot), then weight-holders before the replicas
-        # that map them. Each phase fans out over a few connections: hundreds of models applied at
-        # once mean thousands of pods.
         for update in result.set_owners:  # before deletions: a holder must never be left to one owner
-            kube.set_pod_owners(update.namespace, update.name, update.owner_references)
+            if update.kind == "Secret":
+                kube.set_secret_owners(update.namespace, update.name, update.owner_references)
+            else:
+                kube.set_pod_owners(update.namespace, update.name, update.owner_references)
             log.info(
-                "holder %s/%s now owned by %s",
+                "%s %s/%s now owned by %s",
+                update.kind,
                 update.namespace,
                 update.name,
                 ", ".join(r["name"] for r in update.owner_references),
             )
+        # Key Secrets first (a group's pods are planned only once its Secret exists), then deletions (a
+        # moving replica frees its old slot), then weight-holders before the replicas that map them.
+        # Each phase fans out over a few connections: hundreds of models applied at once mean
+        # thousands of pods. The device each pod gets is in its own resource request, so pods of any
+        # groups may be created together.
+        phases: list[tuple[Any, list[Any]]] = [
+            (create_secret, list(result.create_secrets)),
+            (delete, list(result.delete)),
+            (create, holders),
+            (create, others),
+        ]
         with ThreadPoolExecutor(max_workers=API_CONCURRENCY) as pool:
-            previous_create = 0.0
             for action, items in phases:
-                if not items:
-                    continue
-                if action is create and previous_create:
-                    # creationTimestamp has one-second resolution: see creation_waves().
-                    time.sleep(max(0.0, CREATION_SPACING_S - (time.monotonic() - previous_create)))
                 for future in [pool.submit(action, item) for item in items]:
                     future.result()
-                if action is create:
-                    previous_create = time.monotonic()
+        for gone in result.delete_secrets:
+            if kube.delete_secret(gone.namespace, gone.name):
+                log.info("deleted the key Secret of share group %s/%s", gone.namespace, gone.share_group)
         for update in result.statuses:
             if update.changed:
                 kube.patch_model_status(update.model, update.status)

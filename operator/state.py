@@ -45,6 +45,18 @@ class ObservedPod:
 
 
 @dataclass(frozen=True)
+class ObservedSecret:
+    """A share group's key Secret (its data is never read by the operator)."""
+
+    namespace: str
+    name: str
+    uid: str
+    share_group: str
+    owner_uids: tuple[str, ...]
+    terminating: bool
+
+
+@dataclass(frozen=True)
 class ObservedModel:
     namespace: str
     name: str
@@ -72,6 +84,13 @@ def parse_node(obj: Mapping[str, Any]) -> ObservedNode:
             inventory = NodeInventory.from_json(raw)
         except ValueError as exc:
             error = f"malformed {api.ANNOTATION_DEVICES} annotation: {exc}"
+        else:
+            unnamed = [d.id for d in inventory.devices if api.device_resource_index(d.resource) is None]
+            if unnamed:
+                error = (
+                    f"devices {', '.join(unnamed)} have no per-device resource (vnpu.io/memory-<index>) in "
+                    f"{api.ANNOTATION_DEVICES}: the node's device plugin predates vnpu 0.2; upgrade it"
+                )
     taints = tuple(
         Taint(t.get("key", ""), t.get("value", "") or "", t.get("effect", ""))
         for t in spec.get("taints") or []
@@ -147,4 +166,16 @@ def parse_model(obj: Mapping[str, Any]) -> ObservedModel:
         spec=obj.get("spec", {}) or {},
         deleting=meta.get("deletionTimestamp") is not None,
         status=obj.get("status", {}) or {},
+    )
+
+
+def parse_secret(obj: Mapping[str, Any]) -> ObservedSecret:
+    meta = obj.get("metadata", {})
+    return ObservedSecret(
+        namespace=meta.get("namespace", ""),
+        name=meta["name"],
+        uid=meta.get("uid", ""),
+        share_group=(meta.get("labels") or {}).get(api.LABEL_SHARE_GROUP, ""),
+        owner_uids=tuple(o.get("uid", "") for o in meta.get("ownerReferences") or []),
+        terminating=meta.get("deletionTimestamp") is not None,
     )

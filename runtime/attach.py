@@ -15,9 +15,11 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vnpu import sharing
 from vnpu.runtime.arena import Arena, ArenaError, import_arena
 from vnpu.runtime.holder import PROTOCOL_VERSION
 from vnpu.runtime.ipc import ProtocolError, recv_message, send_message
@@ -29,7 +31,33 @@ class HolderUnavailableError(ConnectionError):
 
 
 class AttachRefusedError(PermissionError):
-    """The holder answered but refused this replica (share group, credentials, protocol)."""
+    """No attach is possible with this holder: it refused this replica (identity, key, protocol), it
+    could not prove it holds the group's key (a squatter), or it serves other weights."""
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What this replica must find in the holder's manifest: its own source, dtype and header digest
+    (None where the replica does not constrain it)."""
+
+    source: str
+    dtype: str | None = None
+    header_digest: str | None = None
+
+
+def manifest_mismatch(manifest: WeightManifest, expected: Expected) -> str | None:
+    """Why ``manifest`` is not the weights ``expected`` names, or None when it is (pure)."""
+    problems = []
+    if manifest.source != expected.source:
+        problems.append(f"source {manifest.source!r}, this replica's is {expected.source!r}")
+    if expected.dtype is not None and manifest.dtype != expected.dtype:
+        problems.append(f"dtype {manifest.dtype}, this replica's is {expected.dtype}")
+    if expected.header_digest is not None and manifest.header_digest != expected.header_digest:
+        problems.append(
+            f"weights whose headers digest to {manifest.header_digest or 'nothing'}, "
+            f"this replica's to {expected.header_digest}"
+        )
+    return "; ".join(problems) or None
 
 
 class Lease:
@@ -121,19 +149,61 @@ def _connect(socket_path: Path, timeout: float) -> socket.socket:
     return sock
 
 
+def _handshake(sock: socket.socket, path: Path, identity: sharing.ShareIdentity, key: bytes, op: str) -> None:
+    """Authenticate the holder, then this client, for ``op`` (see vnpu.runtime.holder)."""
+    client_nonce = sharing.new_nonce()
+    send_message(
+        sock,
+        {
+            "op": "hello",
+            "protocol": PROTOCOL_VERSION,
+            "identity": {
+                "namespace": identity.namespace,
+                "group": identity.group,
+                "weights_id": identity.weights_id,
+            },
+            "nonce": client_nonce,
+            "pid": os.getpid(),
+        },
+    )
+    challenge, fds = recv_message(sock, max_size=64 * 1024)
+    for fd in fds:
+        os.close(fd)
+    if not challenge.get("ok"):
+        raise AttachRefusedError(f"weights-holder at {path} refused {identity}: {challenge.get('error')}")
+    server_nonce = challenge.get("nonce")
+    if not sharing.valid_nonce(server_nonce):
+        raise AttachRefusedError(f"weights-holder at {path} sent a malformed challenge")
+    expected = sharing.proof(key, "holder", identity, client_nonce, str(server_nonce))
+    if not sharing.proof_matches(expected, challenge.get("proof")):
+        raise AttachRefusedError(
+            f"whatever listens at {path} failed authentication: it does not hold the key of {identity} "
+            "(a socket squatted by another pod?); not attaching to it"
+        )
+    send_message(
+        sock, {"op": op, "proof": sharing.proof(key, "replica", identity, client_nonce, server_nonce)}
+    )
+
+
 def attach(
-    socket_path: str | os.PathLike[str], share_group: str, device: str = "cpu", timeout: float = 30.0
+    socket_path: str | os.PathLike[str],
+    identity: sharing.ShareIdentity,
+    key: bytes,
+    device: str = "cpu",
+    timeout: float = 30.0,
+    expected: Expected | None = None,
 ) -> Lease:
-    """Attach to the holder at ``socket_path``; raises HolderUnavailableError or AttachRefusedError."""
+    """Attach to the holder of ``identity`` at ``socket_path``; raises HolderUnavailableError (nothing
+    there, or it went away) or AttachRefusedError (authentication, identity or weights mismatch)."""
     path = Path(socket_path)
     start = time.perf_counter()
     sock = _connect(path, timeout)
     try:
-        send_message(
-            sock,
-            {"op": "attach", "protocol": PROTOCOL_VERSION, "share_group": share_group, "pid": os.getpid()},
-        )
+        _handshake(sock, path, identity, key, "attach")
         reply, fds = recv_message(sock)
+    except AttachRefusedError:
+        sock.close()
+        raise
     except (ProtocolError, OSError) as e:
         sock.close()
         raise HolderUnavailableError(f"weights-holder at {path} went away during attach: {e}") from e
@@ -144,7 +214,15 @@ def attach(
         raise AttachRefusedError(f"weights-holder at {path} refused to attach: {reply.get('error')}")
     try:
         manifest = WeightManifest.from_dict(reply["manifest"])
+        mismatch = None if expected is None else manifest_mismatch(manifest, expected)
+        if mismatch is not None:
+            raise AttachRefusedError(f"the weights-holder of {identity} at {path} serves {mismatch}")
         arena = import_arena(reply["arena"], fds, device)
+    except AttachRefusedError:
+        for fd in fds:
+            os.close(fd)
+        sock.close()
+        raise
     except (ArenaError, KeyError, ValueError) as e:
         sock.close()
         raise HolderUnavailableError(f"cannot import the arena from {path}: {e}") from e
@@ -152,12 +230,20 @@ def attach(
     return Lease(sock, manifest, arena, reply.get("holder", {}), time.perf_counter() - start)
 
 
-def holder_status(socket_path: str | os.PathLike[str], timeout: float = 5.0) -> dict[str, Any]:
-    """The holder's self-description (``vnpu runtime probe``)."""
-    sock = _connect(Path(socket_path), timeout)
+def holder_status(
+    socket_path: str | os.PathLike[str], identity: sharing.ShareIdentity, key: bytes, timeout: float = 5.0
+) -> dict[str, Any]:
+    """The holder's self-description (``vnpu runtime probe``), after the same mutual authentication."""
+    path = Path(socket_path)
+    sock = _connect(path, timeout)
     with sock:
-        send_message(sock, {"op": "status"})
-        reply, fds = recv_message(sock)
+        try:
+            _handshake(sock, path, identity, key, "status")
+            reply, fds = recv_message(sock)
+        except AttachRefusedError:
+            raise
+        except (ProtocolError, OSError) as e:
+            raise HolderUnavailableError(f"weights-holder at {path} went away: {e}") from e
     for fd in fds:
         os.close(fd)
     if not reply.get("ok"):

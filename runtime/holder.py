@@ -1,17 +1,23 @@
-"""The weights-holder: one loaded arena per (device, share group), served over a unix socket.
+"""The weights-holder: one loaded arena per (device, share identity), served over a unix socket.
 
-Protocol (JSON frames, see :mod:`vnpu.runtime.ipc`), client first:
+Protocol (JSON frames, see :mod:`vnpu.runtime.ipc`), client first, authenticated both ways with the
+share group's key (see :mod:`vnpu.sharing`):
 
-* ``{"op": "attach", "protocol": 1, "share_group": g, "pid": p}`` -> ``{"ok": true, "manifest": ...,
-  "arena": meta, "holder": {...}}`` plus the arena's file descriptors. The connection then stays open:
-  it is the replica's lease. When the holder goes away the replica sees EOF at once.
-* ``{"op": "status"}`` -> ``{"ok": true, "holder": {...}}`` (used by ``vnpu runtime probe``).
-* ``{"op": "ping"}`` on a lease -> ``{"ok": true, "op": "pong"}``.
+1. ``{"op": "hello", "protocol": 2, "identity": {namespace, group, weights_id}, "nonce": Nc, "pid": p}``
+   -> ``{"ok": true, "op": "challenge", "nonce": Ns, "proof": HMAC(key, holder, identity, Nc, Ns)}``.
+   The client checks the proof: a squatter without the key cannot make it.
+2. ``{"op": "attach" | "status", "proof": HMAC(key, replica, identity, Nc, Ns)}``. The holder checks it: a
+   pod of another namespace cannot make it. ``attach`` -> ``{"ok": true, "manifest": ..., "arena": meta,
+   "holder": {...}}`` plus the arena's file descriptors; the connection then stays open as the replica's
+   lease (``{"op": "ping"}`` -> ``{"ok": true, "op": "pong"}``), and when the holder goes away the
+   replica sees EOF at once. ``status`` -> ``{"ok": true, "holder": {...}}`` (``vnpu runtime probe``).
 
-Access control, three layers: the socket directory is mounted only into replicas of this share group
-(device plugin); the socket file is ``0600`` (or ``0660`` with ``socket_group``); the peer's
-credentials (``SO_PEERCRED``) must match our uid, root, or that group; and the client must name the
-same share group. Refusals are answered with ``{"ok": false, "error": ...}`` and logged.
+Access control, in layers: the socket's name is unguessable without the key, the file is ``0600`` (or
+``0660`` with ``socket_group``) and the pods of one group run as that group's user; the peer's
+credentials (``SO_PEERCRED``) must match our uid, root, or that group; then the handshake above. A
+refusal is answered with ``{"ok": false, "error": ...}`` and logged with the peer's pid and uid; the
+handshake has a deadline and a cap on connections in it, so a hostile peer cannot pin the holder's
+threads.
 """
 
 from __future__ import annotations
@@ -27,10 +33,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from vnpu import sharing
 from vnpu.runtime.ipc import ProtocolError, encode, recv_message, send_encoded, send_message
 from vnpu.runtime.loader import LoadedWeights
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+#: Seconds a client has to complete the handshake, and how many may be in it at once.
+HANDSHAKE_TIMEOUT_S = 5.0
+MAX_HANDSHAKES = 32
 #: Requests are tiny JSON objects; anything bigger is refused before it is parsed.
 MAX_REQUEST = 64 * 1024
 SOCKET_NAME = "weights.sock"
@@ -49,18 +59,20 @@ def peer_credentials(conn: socket.socket) -> tuple[int, int, int]:
 
 
 class WeightsHolder:
-    """Serves one sealed arena to any number of replicas of one share group."""
+    """Serves one sealed arena to any number of replicas of one share identity."""
 
     def __init__(
         self,
         weights: LoadedWeights,
-        share_group: str,
+        identity: sharing.ShareIdentity,
+        key: bytes,
         socket_path: str | os.PathLike[str],
         socket_mode: int = 0o600,
         socket_group: int | None = None,
     ) -> None:
         self.weights = weights
-        self.share_group = share_group
+        self.identity = identity
+        self._key = key
         self.socket_path = Path(socket_path)
         self.socket_mode = socket_mode
         self.socket_group = socket_group
@@ -72,6 +84,8 @@ class WeightsHolder:
         self._leases: dict[int, socket.socket] = {}
         self._lock = threading.Lock()
         self._lease_ids = iter(range(1, 1 << 62))
+        self._handshakes = threading.BoundedSemaphore(MAX_HANDSHAKES)
+        self.refused = 0  #: connections refused (authentication, identity, protocol, credentials)
         self.started_at = time.time()
 
     @property
@@ -83,7 +97,9 @@ class WeightsHolder:
         m = self.weights.manifest
         return {
             "pid": os.getpid(),
-            "share_group": self.share_group,
+            "namespace": self.identity.namespace,
+            "share_group": self.identity.group,
+            "weights_id": self.identity.weights_id,
             "source": m.source,
             "backend": self._arena_meta["backend"],
             "device": self.weights.arena.device,
@@ -148,56 +164,113 @@ class WeightsHolder:
                 conn, _ = self._listener.accept()
             except OSError:
                 return
+            if not self._handshakes.acquire(blocking=False):
+                log.warning("refused client: too many connections in their handshake")
+                conn.close()
+                continue
             threading.Thread(target=self._handle, args=(conn,), name="holder-conn", daemon=True).start()
 
     def _allowed(self, uid: int, gid: int) -> bool:
         return uid in (os.getuid(), 0) or (self.socket_group is not None and gid == self.socket_group)
 
+    def _handshake(self, conn: socket.socket, peer: str) -> str | None:
+        """Run the mutual authentication; returns the authenticated op ("attach" or "status"), or None
+        after refusing the client."""
+        hello = self._recv(conn)
+        if hello.get("op") != "hello" or hello.get("protocol") != PROTOCOL_VERSION:
+            self._refuse(
+                conn,
+                f"{peer}: expected a protocol {PROTOCOL_VERSION} hello, got op {hello.get('op')!r} "
+                f"protocol {hello.get('protocol')!r} (replica and holder run different vnpu versions?)",
+            )
+            return None
+        raw = hello.get("identity")
+        theirs = raw if isinstance(raw, dict) else {}
+        ours = self.identity
+        if (theirs.get("namespace"), theirs.get("group"), theirs.get("weights_id")) != (
+            ours.namespace,
+            ours.group,
+            ours.weights_id,
+        ):
+            # Said without naming ours: an unauthenticated peer learns nothing about this group.
+            self._refuse(conn, f"{peer}: asked for another share identity than this holder serves")
+            return None
+        client_nonce = hello.get("nonce")
+        if not sharing.valid_nonce(client_nonce):
+            self._refuse(conn, f"{peer}: malformed nonce")
+            return None
+        server_nonce = sharing.new_nonce()
+        send_message(
+            conn,
+            {
+                "ok": True,
+                "op": "challenge",
+                "nonce": server_nonce,
+                "proof": sharing.proof(self._key, "holder", ours, client_nonce, server_nonce),
+            },
+        )
+        answer = self._recv(conn)
+        expected = sharing.proof(self._key, "replica", ours, client_nonce, server_nonce)
+        if not sharing.proof_matches(expected, answer.get("proof")):
+            self._refuse(conn, f"{peer}: authentication failed (it does not hold this share group's key)")
+            return None
+        op = answer.get("op")
+        if op not in ("attach", "status"):
+            self._refuse(conn, f"{peer}: unknown op {op!r}")
+            return None
+        return str(op)
+
+    @staticmethod
+    def _recv(conn: socket.socket) -> dict[str, Any]:
+        request, fds = recv_message(conn, max_size=MAX_REQUEST)  # bounded before parsing
+        for fd in fds:
+            os.close(fd)
+        return request
+
     def _handle(self, conn: socket.socket) -> None:
         lease_id = None
+        in_handshake = True
         try:
             pid, uid, gid = peer_credentials(conn)
-            request, fds = recv_message(conn, max_size=MAX_REQUEST)  # read first: refuse with an answer
-            for fd in fds:
-                os.close(fd)
+            peer = f"peer pid {pid} uid {uid}"
+            conn.settimeout(HANDSHAKE_TIMEOUT_S)
             if not self._allowed(uid, gid):
-                self._refuse(conn, f"peer pid {pid} uid {uid} gid {gid} may not use this weights-holder")
+                self._refuse(conn, f"{peer} gid {gid} may not use this weights-holder")
                 return
-            op = request.get("op")
+            op = self._handshake(conn, peer)
+            if op is None:
+                return
             if op == "status":
                 send_message(conn, {"ok": True, "holder": self.info()})
                 return
-            if op != "attach":
-                self._refuse(conn, f"unknown op {op!r}")
-                return
-            if request.get("protocol") != PROTOCOL_VERSION:
-                self._refuse(
-                    conn,
-                    f"protocol {request.get('protocol')!r} unsupported (holder speaks {PROTOCOL_VERSION})",
-                )
-                return
-            if request.get("share_group") != self.share_group:
-                self._refuse(
-                    conn,
-                    f"share group mismatch: this holder serves {self.share_group!r}, "
-                    f"client pid {pid} asked for {request.get('share_group')!r}",
-                )
-                return
             head = encode({"ok": True, "arena": self._arena_meta, "holder": self.info()})
             send_encoded(conn, head[:-1] + b',"manifest":' + self._manifest_json + b"}", self._arena_fds)
+            conn.settimeout(None)
+            in_handshake = False
+            self._handshakes.release()
             with self._lock:
                 lease_id = next(self._lease_ids)
                 self._leases[lease_id] = conn
-            log.info("replica attached", extra={"peer_pid": pid, "peer_uid": uid, "clients": self.clients})
+            log.info(
+                "replica attached",
+                extra={
+                    "peer_pid": pid,
+                    "peer_uid": uid,
+                    "clients": self.clients,
+                    "share": str(self.identity),
+                },
+            )
             self._serve_lease(conn)
         except (ProtocolError, OSError) as e:
             if not self._stop.is_set():
-                log.info("connection ended", extra={"reason": str(e)})
+                log.info("connection ended", extra={"reason": str(e), "share": str(self.identity)})
         finally:
+            if in_handshake:
+                self._handshakes.release()
             if lease_id is not None:
                 with self._lock:
                     self._leases.pop(lease_id, None)
-                log.info("replica detached", extra={"clients": self.clients})
+                log.info("replica detached", extra={"clients": self.clients, "share": str(self.identity)})
             conn.close()
 
     def _serve_lease(self, conn: socket.socket) -> None:
@@ -210,8 +283,8 @@ class WeightsHolder:
             else:
                 send_message(conn, {"ok": False, "error": f"unknown op {request.get('op')!r}"})
 
-    @staticmethod
-    def _refuse(conn: socket.socket, reason: str) -> None:
-        log.warning("refused client", extra={"reason": reason})
+    def _refuse(self, conn: socket.socket, reason: str) -> None:
+        self.refused += 1
+        log.warning("refused client", extra={"reason": reason, "share": str(self.identity)})
         with contextlib.suppress(OSError):
             send_message(conn, {"ok": False, "error": reason})

@@ -63,7 +63,9 @@ def load_weights(
         for name in bar:
             arena.write(entries[name].offset, as_bytes(ckpt.read(name), dtype))
         arena.seal()
-        manifest = WeightManifest(ckpt.config, entries, total, source.uri, ckpt.tokenizer)
+        manifest = WeightManifest(
+            ckpt.config, entries, total, source.uri, ckpt.tokenizer, header_digest=source.header_digest
+        )
     except BaseException:
         if arena is not None:
             arena.close()

@@ -12,9 +12,10 @@ Subcommands:
 
 Every option has an environment default, which is how the operator and the device plugin configure
 the pods (see runtime/README.md): ``VNPU_MODEL_URI``, ``VNPU_MODEL_FORMAT``, ``VNPU_MODEL_DTYPE``,
-``VNPU_MODEL_NAME``, ``VNPU_SHARE_GROUP`` (or ``VNPU_SHARE_GROUP_NAME``), ``VNPU_SOCKET_DIR``,
-``VNPU_DEVICE``, ``VNPU_MEMORY_LIMIT_MIB``, ``VNPU_OFFLOAD_BUDGET_MIB``, ``VNPU_PREFETCH_DEPTH``,
-``VNPU_PORT``, ``VNPU_PVC_ROOT``, ``VNPU_HF_CACHE``, ``VNPU_TORCH_DEVICE``.
+``VNPU_MODEL_NAME``, ``VNPU_SHARE_NAMESPACE``, ``VNPU_SHARE_GROUP``, ``VNPU_WEIGHTS_ID``,
+``VNPU_SHARE_KEY_FILE``, ``VNPU_SOCKET_DIR``, ``VNPU_DEVICE``, ``VNPU_MEMORY_LIMIT_MIB``,
+``VNPU_OFFLOAD_BUDGET_MIB``, ``VNPU_PREFETCH_DEPTH``, ``VNPU_PORT``, ``VNPU_PVC_ROOT``, ``VNPU_HF_CACHE``,
+``VNPU_TORCH_DEVICE``.
 """
 
 from __future__ import annotations
@@ -23,14 +24,13 @@ import argparse
 import json
 import logging
 import os
-import re
 import signal
 import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from vnpu import api
+from vnpu import api, sharing
 from vnpu.logs import setup_logging
 
 log = logging.getLogger("vnpu.runtime")
@@ -51,12 +51,40 @@ def _env_int(name: str) -> int | None:
     return int(value) if value else None
 
 
-def default_socket_path(socket_dir: str | None, device_id: str | None) -> Path | None:
-    """``<socket dir>/weights-<device>.sock``: one holder per (device, share group) on a node."""
-    if not socket_dir:
+class SharingConfigError(ValueError):
+    """The sharing options do not describe a share identity this process can use."""
+
+
+def share_identity(args: argparse.Namespace) -> sharing.ShareIdentity | None:
+    """The share identity the options name, None when none of its parts is set."""
+    parts = {"--share-namespace": args.share_namespace, "--share-group": args.share_group,
+             "--weights-id": args.weights_id}  # fmt: skip
+    if not any(parts.values()):
         return None
-    suffix = re.sub(r"[^A-Za-z0-9_.-]", "_", device_id) if device_id else ""
-    return Path(socket_dir) / (f"weights-{suffix}.sock" if suffix else "weights.sock")
+    missing = [flag for flag, value in parts.items() if not value]
+    if missing:
+        raise SharingConfigError(
+            f"a share identity needs {', '.join(parts)}; missing {', '.join(missing)} (the operator sets "
+            f"${sharing.ENV_SHARE_NAMESPACE}, ${sharing.ENV_SHARE_GROUP} and ${sharing.ENV_WEIGHTS_ID})"
+        )
+    try:
+        return sharing.ShareIdentity(args.share_namespace, args.share_group, args.weights_id)
+    except ValueError as e:
+        raise SharingConfigError(str(e)) from e
+
+
+def holder_socket_path(args: argparse.Namespace, identity: sharing.ShareIdentity, key: bytes) -> Path:
+    """``--socket``, else ``<socket dir>/<HMAC(key, identity, device)>``: one holder per (device, share
+    identity), under a name only the group can compute."""
+    if args.socket:
+        return Path(args.socket)
+    if not args.socket_dir or not args.device_id:
+        raise SharingConfigError(
+            "sharing weights needs the device's socket directory and device id (--socket-dir/--device-id, "
+            "set by the device plugin as $VNPU_SOCKET_DIR and $VNPU_DEVICE: does the pod request a "
+            "vnpu.io/memory-<index> resource?), or --socket"
+        )
+    return Path(args.socket_dir) / sharing.socket_name(key, identity, args.device_id)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -92,22 +120,42 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_sharing_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("weight sharing")
+    g = p.add_argument_group(
+        "weight sharing",
+        "A share identity is (namespace, group, weights id); holder and replicas prove to each other "
+        "that they hold the group's key (the operator mounts it from a Secret of the namespace).",
+    )
+    g.add_argument(
+        "--share-namespace",
+        default=_env(sharing.ENV_SHARE_NAMESPACE),
+        help=f"namespace of the share group [${sharing.ENV_SHARE_NAMESPACE}]",
+    )
     g.add_argument(
         "--share-group",
-        default=_env("VNPU_SHARE_GROUP", "VNPU_SHARE_GROUP_NAME"),
-        help="share group of this pod; a holder refuses replicas of other groups [$VNPU_SHARE_GROUP]",
+        default=_env(sharing.ENV_SHARE_GROUP),
+        help=f"share group of this pod [${sharing.ENV_SHARE_GROUP}]",
+    )
+    g.add_argument(
+        "--weights-id",
+        default=_env(sharing.ENV_WEIGHTS_ID),
+        help="which weights the group's holder holds (a hash of source, dtype and image) "
+        f"[${sharing.ENV_WEIGHTS_ID}]",
+    )
+    g.add_argument(
+        "--share-key-file",
+        default=_env(sharing.ENV_SHARE_KEY_FILE, default=sharing.KEY_FILE),
+        help=f"the share group's key [${sharing.ENV_SHARE_KEY_FILE}, default {sharing.KEY_FILE}]",
     )
     g.add_argument(
         "--socket-dir",
         default=_env("VNPU_SOCKET_DIR"),
-        help="the share group's socket directory (mounted by the device plugin) [$VNPU_SOCKET_DIR]",
+        help="the device's socket directory (mounted by the device plugin) [$VNPU_SOCKET_DIR]",
     )
-    g.add_argument("--socket", help="socket path (default <socket-dir>/weights-<$VNPU_DEVICE>.sock)")
+    g.add_argument("--socket", help="socket path (default: <socket-dir>/<name derived from the key>)")
     g.add_argument(
         "--device-id",
         default=_env("VNPU_DEVICE"),
-        help="physical device id from the device plugin, names the socket [$VNPU_DEVICE]",
+        help="physical device id from the device plugin; part of the socket's name [$VNPU_DEVICE]",
     )
 
 
@@ -138,13 +186,14 @@ def _add_serving_args(p: argparse.ArgumentParser, http: bool) -> None:
         dest="attach",
         action="store_true",
         default=None,
-        help="attach to the share group's weights-holder (default when a socket dir is set)",
+        help="attach to the share group's weights-holder (the default with a share identity: such a "
+        "replica never loads weights itself)",
     )
     mode.add_argument(
         "--standalone",
         dest="attach",
         action="store_false",
-        help="load the weights in this process, even when a socket dir is set",
+        help="load the weights in this process (no share identity)",
     )
     g.add_argument(
         "--max-context",
@@ -238,8 +287,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _socket_path(args: argparse.Namespace) -> Path | None:
-    return Path(args.socket) if args.socket else default_socket_path(args.socket_dir, args.device_id)
+def _sharing(args: argparse.Namespace) -> tuple[sharing.ShareIdentity, bytes, Path]:
+    """Identity, key and socket path for a holder, an attaching replica or a probe."""
+    identity = share_identity(args)
+    if identity is None:
+        raise SharingConfigError(
+            "no share identity: set --share-namespace, --share-group and --weights-id (the operator sets "
+            f"${sharing.ENV_SHARE_NAMESPACE}, ${sharing.ENV_SHARE_GROUP}, ${sharing.ENV_WEIGHTS_ID})"
+        )
+    key = sharing.load_key(args.share_key_file)
+    return identity, key, holder_socket_path(args, identity, key)
 
 
 def _dtype(args: argparse.Namespace) -> str | None:
@@ -274,13 +331,7 @@ def cmd_weights_holder(args: argparse.Namespace) -> int:
     from vnpu.runtime.holder import WeightsHolder
     from vnpu.runtime.loader import release_free_heap
 
-    path = _socket_path(args)
-    if path is None:
-        raise SystemExit(
-            "vnpu runtime weights-holder: --socket-dir (or $VNPU_SOCKET_DIR) or --socket is required"
-        )
-    if not args.share_group:
-        raise SystemExit("vnpu runtime weights-holder: --share-group (or $VNPU_SHARE_GROUP) is required")
+    identity, key, path = _sharing(args)
     weights = _load_local(args)
     limit = args.memory_limit_mib
     if limit is not None and weights.manifest.total_bytes > limit * 1024 * 1024:  # type: ignore[attr-defined]
@@ -295,7 +346,7 @@ def cmd_weights_holder(args: argparse.Namespace) -> int:
         group = (
             int(args.socket_group) if args.socket_group.isdigit() else grp.getgrnam(args.socket_group).gr_gid
         )
-    holder = WeightsHolder(weights, args.share_group, path, int(args.socket_mode, 8), group)  # type: ignore[arg-type]
+    holder = WeightsHolder(weights, identity, key, path, int(args.socket_mode, 8), group)  # type: ignore[arg-type]
     # The holder keeps the manifest encoded; the tokenizer tables as Python objects are dead weight.
     weights.manifest.tokenizer = {}  # type: ignore[attr-defined]
     release_free_heap()
@@ -326,17 +377,27 @@ def _runtime(args: argparse.Namespace) -> tuple[object, object | None]:
     )
     apply_device_memory_limit(args.device, args.memory_limit_mib)
     runtime = ModelRuntime(options)
-    path = _socket_path(args)
-    attach = args.attach if args.attach is not None else path is not None
+    attach = args.attach if args.attach is not None else share_identity(args) is not None
     if attach:
-        if path is None or not args.share_group:
-            raise SystemExit("vnpu runtime: attaching needs --socket-dir/--socket and --share-group")
-        supervisor = SharedWeightsSupervisor(runtime, path, args.share_group, args.device)
+        identity, key, path = _sharing(args)
+        supervisor = SharedWeightsSupervisor(runtime, path, identity, key, args.device, _expected(args))
         supervisor.start()
         return runtime, supervisor
     weights = _load_local(args)
     runtime.install(weights.manifest, weights.arena, shared=False, seconds=weights.seconds)  # type: ignore[attr-defined]
     return runtime, None
+
+
+def _expected(args: argparse.Namespace) -> object:
+    """What this replica must find in its holder's manifest: its own source, dtype and header digest
+    (read from its own copy of the source's headers: no weight data is read)."""
+    from vnpu.runtime.attach import Expected
+    from vnpu.runtime.sources import resolve
+
+    if not args.model:
+        raise SharingConfigError("--model (or $VNPU_MODEL_URI) is required to check the holder's weights")
+    source = resolve(args.model, args.format, pvc_root=args.pvc_root, hf_cache=args.hf_cache)
+    return Expected(args.model, _dtype(args) or _default_dtype(args.device), source.header_digest)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -359,7 +420,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import time
 
     runtime, supervisor = _runtime(args)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + float(os.environ.get("VNPU_ATTACH_WAIT_S", "60"))
     while not runtime.ready:  # type: ignore[attr-defined]
         fatal = getattr(supervisor, "fatal", None)
         if fatal or getattr(supervisor, "refused", False) or time.monotonic() > deadline:
@@ -393,12 +454,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_probe(args: argparse.Namespace) -> int:
     from vnpu.runtime.attach import AttachRefusedError, HolderUnavailableError, holder_status
 
-    path = _socket_path(args)
-    if path is None:
-        print("vnpu runtime probe: --socket-dir or --socket is required", file=sys.stderr)
+    try:
+        identity, key, path = _sharing(args)
+    except (SharingConfigError, sharing.ShareKeyError) as e:
+        print(f"vnpu runtime probe: {e}", file=sys.stderr)
         return 2
     try:
-        print(json.dumps(holder_status(path)))
+        print(json.dumps(holder_status(path, identity, key)))
     except (HolderUnavailableError, AttachRefusedError) as e:
         print(f"vnpu runtime probe: {e}", file=sys.stderr)
         return 1
@@ -433,6 +495,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         MemoryBudgetError,
         HolderUnavailableError,
         AttachRefusedError,
+        SharingConfigError,
+        sharing.ShareKeyError,
     ) as e:
         print(f"vnpu runtime {args.command}: {e}", file=sys.stderr)
         return 1

@@ -48,6 +48,13 @@ class WeightManifest:
     total_bytes: int
     source: str = ""
     tokenizer: dict[str, Any] = field(default_factory=dict)
+    #: Digest of the source's headers (see ResolvedSource.header_digest); empty when unknown.
+    header_digest: str = ""
+
+    @property
+    def dtype(self) -> str:
+        """The arena's dtype (every tensor of an arena has the same one)."""
+        return next(iter(self.tensors.values())).dtype if self.tensors else ""
 
     @property
     def weight_bytes(self) -> int:
@@ -61,6 +68,7 @@ class WeightManifest:
             "total_bytes": self.total_bytes,
             "source": self.source,
             "tokenizer": self.tokenizer,
+            "header_digest": self.header_digest,
         }
 
     @classmethod
@@ -72,6 +80,7 @@ class WeightManifest:
             total_bytes=int(data["total_bytes"]),
             source=str(data.get("source", "")),
             tokenizer=dict(data.get("tokenizer", {})),
+            header_digest=str(data.get("header_digest", "")),
         )
 
 

@@ -13,6 +13,7 @@ Accepted forms (``file://``, plain paths and ``hf://`` resolve through the share
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,23 @@ class ResolvedSource:
     def config_json(self) -> Path | None:
         path = self.directory / "config.json"
         return path if path.is_file() else None
+
+    @property
+    def header_digest(self) -> str:
+        """A digest of what the weights' headers say (every tensor's name, dtype, shape, size and offset,
+        and the file it is in): a holder and a replica compare it to know they mean the same weights."""
+        digest = hashlib.sha256(self.format.encode())
+        for t in sorted(self.info.tensors, key=lambda t: (Path(t.file).name, t.offset, t.name)):
+            row = (
+                t.name,
+                t.dtype,
+                ",".join(map(str, t.shape)),
+                str(t.nbytes),
+                str(t.offset),
+                Path(t.file).name,
+            )
+            digest.update(("\x00".join(row) + "\n").encode())
+        return digest.hexdigest()[:32]
 
     @property
     def tokenizer_json(self) -> Path | None:

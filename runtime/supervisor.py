@@ -3,6 +3,10 @@
 Attach, install the weights into the :class:`~vnpu.runtime.engine.ModelRuntime`, notice the holder's
 loss (EOF on the lease), mark the runtime unavailable (clients get a clear 503), retry with backoff,
 re-install. The KV cache belongs to the runtime and survives a re-attach.
+
+A replica planned to attach never loads weights of its own: its slices are sized for its KV cache.
+While no holder it can trust answers (none yet, one that fails authentication, one serving other
+weights) it stays unready with the reason on ``/readyz`` and in its log, and keeps trying.
 """
 
 from __future__ import annotations
@@ -12,7 +16,8 @@ import threading
 import time
 from pathlib import Path
 
-from vnpu.runtime.attach import AttachRefusedError, HolderUnavailableError, Lease, attach
+from vnpu import sharing
+from vnpu.runtime.attach import AttachRefusedError, Expected, HolderUnavailableError, Lease, attach
 from vnpu.runtime.engine import ModelRuntime
 
 log = logging.getLogger("vnpu.runtime.supervisor")
@@ -25,14 +30,18 @@ class SharedWeightsSupervisor:
         self,
         runtime: ModelRuntime,
         socket_path: str | Path,
-        share_group: str,
+        identity: sharing.ShareIdentity,
+        key: bytes,
         device: str = "cpu",
+        expected: Expected | None = None,
         retry_initial: float = 0.2,
         retry_max: float = 5.0,
     ) -> None:
         self.runtime = runtime
         self.socket_path = Path(socket_path)
-        self.share_group = share_group
+        self.identity = identity
+        self._key = key
+        self.expected = expected
         self.device = device
         self.retry_initial = retry_initial
         self.retry_max = retry_max
@@ -40,7 +49,8 @@ class SharedWeightsSupervisor:
         self._lease: Lease | None = None
         self._thread = threading.Thread(target=self._run, name="weights-supervisor", daemon=True)
         self.fatal: str | None = None  #: the attached model cannot be used at all
-        self.refused = False  #: the last attach was refused (share group, credentials): a config error
+        #: the last attach was refused (authentication, identity, other weights): not a holder to use
+        self.refused = False
 
     def start(self) -> None:
         self._thread.start()
@@ -56,11 +66,16 @@ class SharedWeightsSupervisor:
         delay = self.retry_initial
         while not self._stop.is_set():
             try:
-                lease = attach(self.socket_path, self.share_group, self.device)
+                lease = attach(
+                    self.socket_path, self.identity, self._key, self.device, expected=self.expected
+                )
             except (HolderUnavailableError, AttachRefusedError) as e:
                 self.refused = isinstance(e, AttachRefusedError)
-                self.runtime.set_unavailable(f"weights-holder unavailable: {e}")
-                log.warning("attach failed", extra={"reason": str(e), "retry_s": round(delay, 2)})
+                what = "weights-holder refused or untrusted" if self.refused else "weights-holder unavailable"
+                self.runtime.set_unavailable(f"{what}: {e}")
+                level = logging.ERROR if self.refused else logging.WARNING
+                extra = {"reason": str(e), "share": str(self.identity), "retry_s": round(delay, 2)}
+                log.log(level, "attach failed", extra=extra)
                 self._stop.wait(delay)
                 delay = min(delay * 2, self.retry_max)
                 continue

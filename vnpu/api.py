@@ -15,9 +15,15 @@ PLURAL = "inferencemodels"
 SINGULAR = "inferencemodel"
 SHORT_NAME = "infm"
 
-#: Extended resource: one unit is one slice of ``slice_mib`` MiB of one physical device.
-RESOURCE_MEMORY = f"{GROUP}/memory"
+#: Extended resources: one per physical device, ``vnpu.io/memory-<index>`` (the device's index on its
+#: node); one unit is one slice of ``slice_mib`` MiB of that device. Per-device names let the scheduler
+#: and the kubelet enforce the device the operator chose; nothing has to guess it. (Before 0.2 there was
+#: one aggregate ``vnpu.io/memory``: see the README's migration note.)
+RESOURCE_PREFIX = f"{GROUP}/memory-"
+LEGACY_RESOURCE_MEMORY = f"{GROUP}/memory"
 DEFAULT_SLICE_MIB = 1024
+MAX_DEVICE_INDEX = 9999
+_DEVICE_RESOURCE = re.compile(r"^vnpu\.io/memory-(?P<index>0|[1-9][0-9]{0,3})$")
 
 #: Node annotation holding the JSON device inventory written by the device plugin.
 ANNOTATION_DEVICES = f"{GROUP}/devices"
@@ -68,6 +74,24 @@ def parse_slice_id(sid: str) -> tuple[str, int]:
     if not m:
         raise ValueError(f"{sid!r} is not a vnpu slice id (<device>-s<index>)")
     return m.group("device"), int(m.group("index"))
+
+
+def device_resource(index: int) -> str:
+    """The extended resource of the device with ``index`` on its node: ``vnpu.io/memory-<index>``."""
+    if not 0 <= index <= MAX_DEVICE_INDEX:
+        raise ValueError(f"device index must be in [0, {MAX_DEVICE_INDEX}], got {index}")
+    return f"{RESOURCE_PREFIX}{index}"
+
+
+def device_resource_index(name: str) -> int | None:
+    """The device index of a per-device resource name, or None when ``name`` is not one."""
+    m = _DEVICE_RESOURCE.match(name)
+    return int(m.group("index")) if m else None
+
+
+def is_vnpu_resource(name: str) -> bool:
+    """Any extended resource of vnpu's API group (per-device or the pre-0.2 aggregate)."""
+    return name.startswith(f"{GROUP}/")
 
 
 def slices_for_mib(mib: int, slice_mib: int = DEFAULT_SLICE_MIB) -> int:

@@ -24,6 +24,9 @@ class DeviceInfo:
     health: str = HEALTHY
     numa_node: int | None = None
     reason: str = ""  #: why the device is unhealthy, empty when healthy
+    #: The extended resource advertising this device's slices (``vnpu.io/memory-<index>``); empty in an
+    #: inventory written by a device plugin older than per-device resources.
+    resource: str = ""
 
     @property
     def healthy(self) -> bool:
@@ -64,6 +67,7 @@ class NodeInventory:
                         health=str(raw.get("health", HEALTHY)),
                         numa_node=None if raw.get("numa_node") is None else int(raw["numa_node"]),
                         reason=str(raw.get("reason", "")),
+                        resource=str(raw.get("resource", "")),
                     )
                 )
             except (KeyError, TypeError, ValueError) as exc:

@@ -14,6 +14,7 @@ from openapi_schemas import write_schemas
 
 from vnpu import api
 from vnpu.cluster.helm import CHART
+from vnpu.cluster.processes import wait_until
 
 VALUE_SETS = {
     "defaults": [],
@@ -207,6 +208,22 @@ def test_helm_install_into_the_real_apiserver(control_plane, kube_bin_dir) -> No
     # Other tests ran the operator outside Helm, which creates the PriorityClass itself; Helm refuses
     # to adopt an object it did not create (docs/troubleshooting.md), so start from a clean slate.
     control_plane.kubectl("delete", "priorityclass", "vnpu-placeholder", "--ignore-not-found")
+    # The chart's admission policy is on by default: an admin's vnpu pod is refused while it is installed.
+    probe = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "probe", "namespace": "vnpu-chart"},
+        "spec": {
+            "containers": [{"name": "c", "image": "x", "resources": {"limits": {"vnpu.io/memory-0": "1"}}}]
+        },
+    }
+
+    def admin_may_create() -> bool:
+        out = control_plane.kubectl(
+            "create", "--dry-run=server", "-f", "-", input=json.dumps(probe), check=False
+        )
+        return out.returncode == 0
+
     proc = helm(
         kube_bin_dir,
         "install",
@@ -232,5 +249,8 @@ def test_helm_install_into_the_real_apiserver(control_plane, kube_bin_dir) -> No
         assert "vnpu-placeholder" in control_plane.kubectl("get", "priorityclass", "-o", "name").stdout
         crd = control_plane.kubectl("get", "crd", f"{api.PLURAL}.{api.GROUP}", "-o", "name").stdout
         assert crd.strip() == f"customresourcedefinition.apiextensions.k8s.io/{api.PLURAL}.{api.GROUP}"
+        wait_until(lambda: not admin_may_create(), 30, "the chart's admission policy enforced")
     finally:
         helm(kube_bin_dir, "uninstall", "vnpu-install-test", "-n", "vnpu-chart", "--kubeconfig", kc)
+        # Gone with the release: later tests (operators running as the admin) create vnpu pods again.
+        wait_until(admin_may_create, 30, "the chart's admission policy removed")

@@ -56,11 +56,14 @@ def run_plugin(dirs: PluginDirs) -> Iterator[Callable[..., PluginRunner]]:
 
 
 @pytest.fixture
-def stub_for() -> Iterator[Callable[[PluginRunner], api_pb2_grpc.DevicePluginStub]]:
+def stub_for() -> Iterator[Callable[..., api_pb2_grpc.DevicePluginStub]]:
+    """A client of one device's endpoint (index 0 unless told)."""
     channels: list[grpc.Channel] = []
 
-    def make(runner: PluginRunner) -> api_pb2_grpc.DevicePluginStub:
-        channel = grpc.insecure_channel(f"unix://{runner.config.socket_path}")
+    def make(runner: PluginRunner, index: int = 0) -> api_pb2_grpc.DevicePluginStub:
+        channel = grpc.insecure_channel(
+            f"unix://{runner.config.plugin_dir / runner.config.socket_name(index)}"
+        )
         channels.append(channel)
         return api_pb2_grpc.DevicePluginStub(channel)
 

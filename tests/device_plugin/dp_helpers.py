@@ -83,14 +83,14 @@ class PluginDirs:
     root: Path
     plugin_dir: Path = field(init=False)
     state_dir: Path = field(init=False)
-    share_root: Path = field(init=False)
+    socket_root: Path = field(init=False)
     devices_file: Path = field(init=False)
     pod_resources_socket: Path = field(init=False)
 
     def __post_init__(self) -> None:
         self.plugin_dir = self.root / "device-plugins"
         self.state_dir = self.root / "state"
-        self.share_root = self.root / "share"
+        self.socket_root = self.root / "sockets"
         self.devices_file = self.root / "devices.yaml"
         self.pod_resources_socket = self.root / "pod-resources" / "kubelet.sock"
         self.plugin_dir.mkdir(parents=True)
@@ -100,7 +100,7 @@ class PluginDirs:
         values: dict[str, Any] = dict(
             plugin_dir=self.plugin_dir,
             state_dir=self.state_dir,
-            share_root=self.share_root,
+            socket_root=self.socket_root,
             backend="simulated",
             simulated_config=self.devices_file,
             use_api=False,
@@ -116,8 +116,8 @@ class PluginDirs:
             str(self.plugin_dir),
             "--state-dir",
             str(self.state_dir),
-            "--share-root",
-            str(self.share_root),
+            "--socket-root",
+            str(self.socket_root),
             "--backend",
             "simulated",
             "--simulated-config",

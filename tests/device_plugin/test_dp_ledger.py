@@ -12,20 +12,20 @@ A = PodRef("ns", "a", "uid-a")
 B = PodRef("ns", "b", "uid-b")
 
 
-def alloc(slices: list[str], pod: PodRef | None = None, at: float = 100.0, group: str = "") -> Allocation:
-    return Allocation(slices=tuple(slices), devices=("npu0",), pod=pod, share_group=group, allocated_at=at)
+def alloc(slices: list[str], pod: PodRef | None = None, at: float = 100.0) -> Allocation:
+    return Allocation(slices=tuple(slices), devices=("npu0",), pod=pod, allocated_at=at)
 
 
 def test_checkpoint_round_trip(tmp_path):
     path = tmp_path / "state" / "checkpoint.json"
     ledger = Ledger(path)
-    ledger.record(alloc(["npu0-s0", "npu0-s1"], A, group="g1"))
+    ledger.record(alloc(["npu0-s0", "npu0-s1"], A))
     ledger.record(alloc(["npu0-s2"], None))
     assert len(ledger.journal.read_text().splitlines()) == 2  # allocations are journaled, not rewritten
     restored = Ledger(path)
     assert restored.load() == 3
     assert restored.held() == ledger.held()
-    assert restored.held()["npu0-s0"].share_group == "g1"
+    assert restored.held()["npu0-s0"].pod == A
     # Loading folds the journal into the snapshot: one entry per allocation, not per slice.
     assert len(json.loads(path.read_text())["allocations"]) == 2
     assert restored.journal.read_text() == ""
@@ -80,14 +80,6 @@ def test_reuse_by_the_same_pod_is_not_a_displacement(tmp_path):
     assert sorted(ledger.held()) == ["npu0-s0", "npu0-s1"]
 
 
-def test_release_pods(tmp_path):
-    ledger = Ledger(tmp_path / "c.json")
-    ledger.record(alloc(["npu0-s0"], A))
-    ledger.record(alloc(["npu0-s1"], B))
-    assert ledger.release_pods([PodRef("ns", "a")]) == 1  # name match when the UID is unknown
-    assert list(ledger.held()) == ["npu0-s1"]
-
-
 def test_reconcile_adopts_live_holders_and_releases_the_rest_after_grace(tmp_path):
     ledger = Ledger(tmp_path / "c.json")
     ledger.record(alloc(["npu0-s0"], A, at=100.0))  # A still runs
@@ -121,3 +113,12 @@ def test_every_sync_mode_restores_what_was_recorded(tmp_path, mode):
 def test_unknown_sync_mode_is_refused(tmp_path):
     with pytest.raises(ValueError, match="sync mode"):
         Ledger(tmp_path / "c.json", sync="sometimes")
+
+
+def test_a_checkpoint_of_an_older_plugin_still_loads(tmp_path):
+    """Checkpoints written before per-device resources carried a share group per allocation."""
+    path = tmp_path / "checkpoint.json"
+    old = {"slices": ["npu0-s0"], "devices": ["npu0"], "pod": None, "share_group": "g1", "allocated_at": 1.0}
+    path.write_text(json.dumps({"version": 1, "allocations": [old]}))
+    ledger = Ledger(path)
+    assert ledger.load() == 1 and ledger.held()["npu0-s0"].devices == ("npu0",)

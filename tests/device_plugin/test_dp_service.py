@@ -1,9 +1,10 @@
-"""The plugin's gRPC service over its real unix socket, driven by a Python client (the Go harness
-drives it with the kubelet's code)."""
+"""The plugin's per-device gRPC endpoints over their real unix sockets, driven by a Python client (the
+Go harness drives them with the kubelet's code)."""
 
 from __future__ import annotations
 
 import logging
+import queue
 import time
 
 import grpc
@@ -25,81 +26,120 @@ from vnpu.device_plugin.backends.ascend import AscendBackend
 from vnpu.device_plugin.plugin import PluginRunner
 from vnpu.device_plugin.proto import api_pb2
 
-ALL_SLICES = [f"npu0-s{i}" for i in range(4)] + [f"npu1-s{i}" for i in range(8)]
+NPU0 = [f"npu0-s{i}" for i in range(4)]
+NPU1 = [f"npu1-s{i}" for i in range(8)]
 
 
-def test_options_and_the_first_list(run_plugin, stub_for):
-    stub = stub_for(run_plugin())
-    options = stub.GetDevicePluginOptions(api_pb2.Empty())
-    assert options.get_preferred_allocation_available and not options.pre_start_required
-    watcher = StreamWatcher(stub)
-    _, devices = watcher.next()
-    assert list(devices) == ALL_SLICES and set(devices.values()) == {"Healthy"}
-    first = next(iter(stub.ListAndWatch(api_pb2.Empty())))
-    assert [d.topology.nodes[0].ID for d in first.devices] == [0] * 4 + [1] * 8
-    assert stub.PreStartContainer(api_pb2.PreStartContainerRequest(devices_ids=["npu0-s0"])) is not None
-    watcher.close()
+def test_one_endpoint_per_device_each_listing_only_its_slices(run_plugin, stub_for):
+    runner = run_plugin()
+    assert sorted(runner.endpoints) == ["vnpu.io/memory-0", "vnpu.io/memory-1"]
+    assert sorted(p.name for p in runner.config.plugin_dir.glob("*.sock")) == [
+        "vnpu-memory-0.sock",
+        "vnpu-memory-1.sock",
+    ]
+    for index, slices, numa in ((0, NPU0, 0), (1, NPU1, 1)):
+        stub = stub_for(runner, index)
+        options = stub.GetDevicePluginOptions(api_pb2.Empty())
+        assert options.get_preferred_allocation_available and not options.pre_start_required
+        watcher = StreamWatcher(stub)
+        _, devices = watcher.next()
+        assert list(devices) == slices and set(devices.values()) == {"Healthy"}
+        first = next(iter(stub.ListAndWatch(api_pb2.Empty())))
+        assert {d.topology.nodes[0].ID for d in first.devices} == {numa}
+        assert stub.PreStartContainer(api_pb2.PreStartContainerRequest(devices_ids=slices[:1])) is not None
+        watcher.close()
 
 
 def test_health_flips_reach_listandwatch_within_a_second_both_ways(run_plugin, stub_for, dirs):
     # Default poll interval (0.5 s): the acceptance bar is an update within 1 s in both directions.
-    watcher = StreamWatcher(stub_for(run_plugin()))
-    watcher.next()
+    runner = run_plugin()
+    sick_stream, well_stream = StreamWatcher(stub_for(runner, 1)), StreamWatcher(stub_for(runner, 0))
+    sick_stream.next()
+    well_stream.next()
     sick = [dict(TWO_DEVICES[0]), dict(TWO_DEVICES[1], health="Unhealthy", reason="HBM ECC errors")]
     write_devices(dirs.devices_file, sick)
-    _, devices = watcher.next(timeout=1.0)
-    assert {h for s, h in devices.items() if s.startswith("npu1")} == {"Unhealthy"}
-    assert {h for s, h in devices.items() if s.startswith("npu0")} == {"Healthy"}
+    _, devices = sick_stream.next(timeout=1.0)
+    assert set(devices) == set(NPU1) and set(devices.values()) == {"Unhealthy"}
     write_devices(dirs.devices_file, TWO_DEVICES)
-    _, devices = watcher.next(timeout=1.0)
+    _, devices = sick_stream.next(timeout=1.0)
     assert set(devices.values()) == {"Healthy"}
-    watcher.close()
+    # The other device's stream never re-sent: nothing about npu0 changed.
+    with pytest.raises(queue.Empty):
+        well_stream.next(timeout=0.5)
+    sick_stream.close()
+    well_stream.close()
 
 
-def test_allocate_payload_for_simulated_devices(run_plugin, stub_for):
-    stub = stub_for(run_plugin(slice_mib=1024))
-    resp = allocate(stub, ["npu1-s2", "npu1-s3", "npu1-s4"])
+def test_allocate_is_a_function_of_the_device_alone(run_plugin, stub_for, dirs):
+    runner = run_plugin(slice_mib=1024)
+    resp = allocate(stub_for(runner, 1), ["npu1-s2", "npu1-s3", "npu1-s4"])
     assert dict(resp.envs) == {
         "ASCEND_VISIBLE_DEVICES": "1",
         contract.ENV_DEVICE: "npu1",
         contract.ENV_MEMORY_LIMIT_MIB: "3072",
         contract.ENV_SLICES: "3",
         contract.ENV_SLICE_MIB: "1024",
-        contract.ENV_SHARE_GROUP: "",
+        contract.ENV_SOCKET_DIR: contract.SOCKET_DIR_IN_CONTAINER,
     }
-    assert (
-        not resp.mounts and not resp.devices
-    )  # no share group without a matching pod; no /dev for simulated
+    # The device's own socket directory, for every container on it; no /dev for simulated devices.
+    socket_dir = dirs.socket_root / "npu1"
+    assert [(m.host_path, m.container_path, m.read_only) for m in resp.mounts] == [
+        (str(socket_dir), contract.SOCKET_DIR_IN_CONTAINER, False)
+    ]
+    assert socket_dir.is_dir() and socket_dir.stat().st_mode & 0o7777 == 0o1777
+    assert not resp.devices
+    # Asked again for other slices of the same size: the same answer but for the IDs' own values.
+    again = allocate(stub_for(runner, 1), ["npu1-s5", "npu1-s6", "npu1-s7"])
+    assert dict(again.envs) == dict(resp.envs) and list(again.mounts) == list(resp.mounts)
 
 
-def test_allocate_refuses_spanning_unknown_and_unhealthy(run_plugin, stub_for, dirs):
-    stub = stub_for(run_plugin())
+def test_allocate_refuses_other_devices_unknown_repeated_and_unhealthy(run_plugin, stub_for, dirs):
+    runner = run_plugin()
+    stub = stub_for(runner, 0)
     for ids, message in [
-        (["npu0-s0", "npu1-s0"], "span 2 physical devices"),
+        (["npu0-s0", "npu1-s0"], "is a slice of npu1, not of npu0"),
+        (["npu1-s0"], "is a slice of npu1, not of npu0"),
         (["npu7-s0"], "unknown device ID"),
+        (["npu0-s1", "npu0-s1"], "repeats device IDs"),
     ]:
         with pytest.raises(grpc.RpcError) as err:
             allocate(stub, ids)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in err.value.details()
+    assert runner.ledger.held() == {}  # nothing refused was recorded
     write_devices(
         dirs.devices_file, [TWO_DEVICES[0], dict(TWO_DEVICES[1], health="Unhealthy", reason="overheated")]
     )
     with pytest.raises(grpc.RpcError) as err:
-        wait_for(lambda: allocate(stub, ["npu1-s0"]) and False, timeout=3)
+        wait_for(lambda: allocate(stub_for(runner, 1), ["npu1-s0"]) and False, timeout=3)
     assert "npu1 is unhealthy: overheated" in err.value.details()
 
 
-def test_spanning_allowed_on_request(run_plugin, stub_for):
-    resp = allocate(stub_for(run_plugin(allow_spanning=True)), ["npu0-s0", "npu1-s0"])
-    assert resp.envs[contract.ENV_DEVICE] == "npu0,npu1" and resp.envs["ASCEND_VISIBLE_DEVICES"] == "0,1"
-    assert resp.envs[contract.ENV_MEMORY_LIMIT_MIB] == "2048"
+def test_preferred_allocation_prefers_free_slices_by_index(run_plugin, stub_for):
+    runner = run_plugin()
+    stub = stub_for(runner, 1)
+    assert preferred(stub, NPU1, 3) == ["npu1-s0", "npu1-s1", "npu1-s2"]
+    assert preferred(stub, NPU1, 2, must=["npu1-s7"]) == ["npu1-s7", "npu1-s0"]
+    allocate(stub, ["npu1-s0", "npu1-s1"])
+    # The ledger still holds s0/s1 (the kubelet offers them after a pod ended, before reconcile).
+    assert preferred(stub, NPU1, 2) == ["npu1-s2", "npu1-s3"]
+    assert preferred(stub, ["npu1-s0", "npu1-s1", "npu1-s2"], 3) == ["npu1-s2", "npu1-s0", "npu1-s1"]
 
 
-def test_preferred_allocation_keeps_one_device_and_best_fit(run_plugin, stub_for):
-    stub = stub_for(run_plugin())
-    assert preferred(stub, ALL_SLICES, 3) == ["npu0-s0", "npu0-s1", "npu0-s2"]
-    assert preferred(stub, ALL_SLICES, 5) == [f"npu1-s{i}" for i in range(5)]
-    assert preferred(stub, ALL_SLICES, 2, must=["npu1-s7"]) == ["npu1-s7", "npu1-s0"]
+def test_a_device_appearing_later_gets_its_own_endpoint(run_plugin, stub_for, dirs):
+    runner = run_plugin(devices=[TWO_DEVICES[0]], health_interval_s=0.1)
+    assert sorted(runner.endpoints) == ["vnpu.io/memory-0"]
+    write_devices(dirs.devices_file, TWO_DEVICES)
+    wait_for(lambda: "vnpu.io/memory-1" in runner.endpoints, timeout=5, what="an endpoint for npu1")
+    assert preferred(stub_for(runner, 1), NPU1, 1) == ["npu1-s0"]
+
+
+def test_two_devices_with_one_index_never_share_a_resource(run_plugin):
+    clash = [dict(TWO_DEVICES[0]), dict(TWO_DEVICES[1], index=0)]
+    runner = run_plugin(devices=clash)
+    assert sorted(runner.endpoints) == ["vnpu.io/memory-0"]
+    assert runner.endpoints["vnpu.io/memory-0"].device_id == "npu0"
+    npu1 = runner.table.entry("npu1")
+    assert npu1 is not None and not npu1.healthy and "index 0 is already npu0's" in npu1.reason
 
 
 def test_malformed_backend_output_marks_devices_unhealthy_and_the_plugin_keeps_serving(
@@ -111,7 +151,7 @@ def test_malformed_backend_output_marks_devices_unhealthy_and_the_plugin_keeps_s
     watcher.next()
     dirs.devices_file.write_text("devices: [{memory_mib: lots}]\n")
     _, devices = watcher.next(timeout=3)
-    assert set(devices.values()) == {"Unhealthy"} and len(devices) == 12  # same IDs, now unhealthy
+    assert set(devices.values()) == {"Unhealthy"} and list(devices) == NPU0  # same IDs, now unhealthy
     assert "became unhealthy: simulated config device #0 is malformed" in caplog.text
     assert stub.GetDevicePluginOptions(api_pb2.Empty()).get_preferred_allocation_available  # still serving
     write_devices(dirs.devices_file, TWO_DEVICES)
@@ -123,9 +163,10 @@ def test_malformed_backend_output_marks_devices_unhealthy_and_the_plugin_keeps_s
 def test_ascend_payload_has_device_nodes(dirs, tmp_path, stub_for):
     backend = AscendBackend(npu_smi=str(fake_npu_smi(tmp_path, "910b-8x-info.txt")), sysfs_root=tmp_path)
     with PluginRunner(dirs.config(backend="ascend", slice_mib=4096), backend=backend) as runner:
-        stub = stub_for(runner)
+        assert len(runner.endpoints) == 8
+        stub = stub_for(runner, 6)
         first = next(iter(stub.ListAndWatch(api_pb2.Empty())))
-        assert len(first.devices) == 8 * 16  # 64 GiB HBM in 4 GiB slices on 8 chips
+        assert len(first.devices) == 16  # 64 GiB HBM in 4 GiB slices
         resp = allocate(stub, ["npu6-s0", "npu6-s1"])
     assert resp.envs["ASCEND_VISIBLE_DEVICES"] == "6" and resp.envs[contract.ENV_MEMORY_LIMIT_MIB] == "8192"
     assert [(d.host_path, d.container_path, d.permissions) for d in resp.devices] == [
@@ -137,7 +178,7 @@ def test_metrics(run_plugin, stub_for, dirs):
     port = free_port()
     runner = run_plugin(devices=[dict(TWO_DEVICES[0], used_mib=100), TWO_DEVICES[1]], metrics_port=port)
     assert runner.metrics_port == port
-    stub = stub_for(runner)
+    stub = stub_for(runner, 1)
     allocate(stub, ["npu1-s0", "npu1-s1", "npu1-s2"])
     with pytest.raises(grpc.RpcError):
         allocate(stub, ["npu0-s0", "npu1-s3"])
@@ -160,10 +201,10 @@ def test_plugin_restart_restores_allocations_from_the_checkpoint(dirs, stub_for)
     with PluginRunner(dirs.config()) as second:
         assert sorted(second.ledger.held()) == ["npu0-s0", "npu0-s1"]
         # A new 2-slice request avoids the held slices although the (restarted) kubelet offers them.
-        assert preferred(stub_for(second), ALL_SLICES, 2) == ["npu0-s2", "npu0-s3"]
+        assert preferred(stub_for(second), NPU0, 2) == ["npu0-s2", "npu0-s3"]
 
 
-def test_stop_removes_the_socket_and_wakes_streams(run_plugin, stub_for):
+def test_stop_removes_the_sockets_and_wakes_streams(run_plugin, stub_for):
     runner = run_plugin()
     watcher = StreamWatcher(stub_for(runner))
     watcher.next()
@@ -171,7 +212,7 @@ def test_stop_removes_the_socket_and_wakes_streams(run_plugin, stub_for):
     runner.stop()
     watcher.thread.join(5)
     assert not watcher.thread.is_alive() and time.monotonic() - started < 5
-    assert not runner.config.socket_path.exists()
+    assert not list(runner.config.plugin_dir.glob("*.sock"))
 
 
 def test_a_removed_socket_is_served_again_once_and_stays(run_plugin, stub_for, caplog):
@@ -179,9 +220,10 @@ def test_a_removed_socket_is_served_again_once_and_stays(run_plugin, stub_for, c
     # that server stops, so the old server must be gone before the new one binds the same path.
     caplog.set_level(logging.WARNING, logger="vnpu.device_plugin.plugin")
     runner = run_plugin()
-    runner.config.socket_path.unlink()
-    wait_for(runner.config.socket_path.exists, timeout=5, what="socket served again")
+    socket = runner.endpoints["vnpu.io/memory-1"].socket_path
+    socket.unlink()
+    wait_for(socket.exists, timeout=5, what="socket served again")
     time.sleep(1.0)  # several watch intervals: the new socket must survive the old server's shutdown
-    assert runner.config.socket_path.exists()
+    assert socket.exists()
     assert caplog.text.count("plugin socket disappeared") == 1
-    assert stub_for(runner).GetDevicePluginOptions(api_pb2.Empty()).get_preferred_allocation_available
+    assert stub_for(runner, 1).GetDevicePluginOptions(api_pb2.Empty()).get_preferred_allocation_available

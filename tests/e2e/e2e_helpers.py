@@ -4,6 +4,7 @@ mounts and memory maps, read from /proc — no exec into containers)."""
 
 from __future__ import annotations
 
+import base64
 import json
 import urllib.request
 from collections import Counter
@@ -13,10 +14,11 @@ from typing import Any
 
 import grpc
 
-from vnpu import api
+from vnpu import api, sharing
 from vnpu.bench import probes
 from vnpu.cluster import helm as vnpu_helm
 from vnpu.cluster.node import KUBELET_ROOT, SingleNodeCluster
+from vnpu.device_plugin import contract
 from vnpu.device_plugin.proto import podresources_pb2, podresources_pb2_grpc
 
 
@@ -44,13 +46,14 @@ def is_ready(pod: dict[str, Any]) -> bool:
     return any(c["type"] == "Ready" and c["status"] == "True" for c in pod["status"].get("conditions", []))
 
 
-def node_memory(cluster: SingleNodeCluster) -> tuple[int, int]:
-    """(capacity, allocatable) of vnpu.io/memory on the node."""
-    node = kget(cluster, "node", cluster.node_name)
-    status = node["status"]
-    return int(status["capacity"].get(api.RESOURCE_MEMORY, 0)), int(
-        status["allocatable"].get(api.RESOURCE_MEMORY, 0)
-    )
+def node_memory(cluster: SingleNodeCluster) -> dict[str, tuple[int, int]]:
+    """Per vnpu resource of the node (one per device): (capacity, allocatable)."""
+    status = kget(cluster, "node", cluster.node_name)["status"]
+    return {
+        name: (int(value), int(status["allocatable"].get(name, 0)))
+        for name, value in status["capacity"].items()
+        if api.is_vnpu_resource(name)
+    }
 
 
 # -- the kubelet's view ----------------------------------------------------------------------------------
@@ -63,7 +66,8 @@ class Allocation:
 
 
 def kubelet_allocations(cluster: SingleNodeCluster) -> list[Allocation]:
-    """Every ``vnpu.io/memory`` allocation the kubelet holds, from its pod-resources API (v1 List)."""
+    """Every vnpu allocation (``vnpu.io/memory-<index>``) the kubelet holds, per container, from its
+    pod-resources API (v1 List)."""
     assert cluster.node is not None
     socket = cluster.node.host_path(f"{KUBELET_ROOT}/pod-resources/kubelet.sock")
     with grpc.insecure_channel(f"unix://{socket}") as channel:
@@ -73,7 +77,10 @@ def kubelet_allocations(cluster: SingleNodeCluster) -> list[Allocation]:
     for pod in response.pod_resources:
         for container in pod.containers:
             ids = [
-                i for d in container.devices if d.resource_name == api.RESOURCE_MEMORY for i in d.device_ids
+                i
+                for d in container.devices
+                if api.device_resource_index(d.resource_name) is not None
+                for i in d.device_ids
             ]
             if ids:
                 found.append(Allocation(pod.namespace, pod.name, container.name, tuple(sorted(ids))))
@@ -155,3 +162,27 @@ def metrics(url: str) -> dict[str, float]:
             name, _, value = line.rpartition(" ")
             values[name] = float(value)
     return values
+
+
+# -- share groups ----------------------------------------------------------------------------------------
+def share_key(cluster: SingleNodeCluster, namespace: str, group: str) -> bytes:
+    """A share group's key, from the Secret the operator keeps in its namespace."""
+    secret = kget(cluster, "secret", sharing.secret_name(group), "-n", namespace)
+    return base64.b64decode(secret["data"][sharing.SECRET_KEY_FIELD])
+
+
+def holder_socket(
+    cluster: SingleNodeCluster, holder: dict[str, Any]
+) -> tuple[Path, sharing.ShareIdentity, bytes]:
+    """Where a weight-holder pod listens on the host, its identity and its group's key (what a replica
+    of its group computes: the name comes from the key)."""
+    assert cluster.node is not None
+    meta = holder["metadata"]
+    env = {e["name"]: e.get("value") for e in holder["spec"]["containers"][0]["env"]}
+    identity = sharing.ShareIdentity(
+        meta["namespace"], env[sharing.ENV_SHARE_GROUP], env[sharing.ENV_WEIGHTS_ID]
+    )
+    key = share_key(cluster, meta["namespace"], identity.group)
+    device = meta["annotations"][api.ANNOTATION_DEVICE]
+    directory = cluster.node.host_path(str(contract.device_socket_dir(contract.DEFAULT_SOCKET_ROOT, device)))
+    return directory / sharing.socket_name(key, identity, device), identity, key

@@ -5,11 +5,12 @@ The stages build on each other (the module's tests run in order on one cluster):
 
 1. the node itself: Ready, runs a pod from a locally built image on the locally built pause sandbox,
    the container's output is on the node's disk and behind ``kubectl logs``;
-2. ``helm install`` of deploy/helm/vnpu (simulated devices): the device plugin registers with this
-   kubelet and the node advertises ``vnpu.io/memory``;
+2. ``helm install`` of deploy/helm/vnpu (simulated devices): the device plugin registers one
+   resource per device with this kubelet (``vnpu.io/memory-0``, ``vnpu.io/memory-1``);
 3. two InferenceModels sharing weights and one offloading: every pod runs with the Allocate envs and
-   the share-group mount, on slices of the device the operator chose; the shared group's replicas map
-   the one weight-holder's arena; completions come back from the real SmolLM2 weights;
+   its device's socket directory, on slices of the device the operator chose (its own resource), as
+   its share group's user with the group's key; the shared group's replicas map the one
+   weight-holder's arena after authenticating it; completions come back from the real SmolLM2 weights;
 4. restarting the kubelet, the device plugin and the operator, and deleting the node's pods, lose
    no allocation and duplicate nothing.
 
@@ -35,6 +36,7 @@ from e2e_helpers import (
     container_pid,
     double_allocated,
     helm,
+    holder_socket,
     http_json,
     is_ready,
     kget,
@@ -49,7 +51,7 @@ from e2e_helpers import (
     workload_pid,
 )
 
-from vnpu import api
+from vnpu import api, sharing
 from vnpu.cluster import images
 from vnpu.cluster.helm import CHART, RELEASE, RELEASE_NAMESPACE, local_node_values
 from vnpu.cluster.processes import wait_until
@@ -67,8 +69,9 @@ MODELS = {
     "chat-b": ("smollm2-b", 1, SHARED_GROUP),
     "chat-offload": ("smollm2-offload", 1, OFFLOAD_GROUP),
 }
-TOTAL_SLICES = 32  # the `installed` fixture: two simulated 16 GiB devices, 1 GiB slices
 SLICE_MIB = 1024
+#: The `installed` fixture: two simulated 16 GiB devices in 1 GiB slices, each its own resource.
+CAPACITY = {api.device_resource(0): 16, api.device_resource(1): 16}
 #: The claim the models read their weights from (a host folder: the image carries no model).
 CLAIM = "models"
 #: SmolLM2-135M as its GGUF header gives it: 134,515,008 parameters held as float32, and its shape.
@@ -207,10 +210,9 @@ def test_the_default_install_advertises_no_devices_on_a_node_without_accelerator
     )
     log = cluster.node.container_log(RELEASE_NAMESPACE, pod_name(pod), "device-plugin")
     assert "Ascend: no npu-smi at '/usr/local/sbin/npu-smi'" in log and "NVIDIA: " in log
-    # Serving its socket in the kubelet's directory, advertising nothing: no fake capacity.
-    plugin_dir = cluster.node.host_path("/var/lib/kubelet/device-plugins")
-    wait_until(lambda: any(plugin_dir.glob("vnpu*.sock")), 30, "the plugin's socket")
-    assert node_memory(cluster) == (0, 0)
+    # No device, so no endpoint and no resource: the scheduler sees no capacity at all.
+    assert node_memory(cluster) == {}
+    assert not list(cluster.node.host_path("/var/lib/kubelet/device-plugins").glob("vnpu*.sock"))
     inventory = kget(cluster, "node", cluster.node_name)["metadata"].get("annotations", {})
     assert json.loads(inventory.get(api.ANNOTATION_DEVICES, '{"devices": []}'))["devices"] == []
 
@@ -222,8 +224,9 @@ def device_plugin_pod(cluster) -> dict[str, Any]:
     return live[0]
 
 
-def wait_capacity(cluster, expected: int = TOTAL_SLICES, timeout: float = 90) -> None:
-    wait_until(lambda: node_memory(cluster) == (expected, expected), timeout, f"vnpu.io/memory == {expected}")
+def wait_capacity(cluster, timeout: float = 90) -> None:
+    expected = {name: (n, n) for name, n in CAPACITY.items()}
+    wait_until(lambda: node_memory(cluster) == expected, timeout, f"(capacity, allocatable) == {expected}")
 
 
 def test_device_plugin_registers_with_the_kubelet(installed) -> None:
@@ -231,28 +234,33 @@ def test_device_plugin_registers_with_the_kubelet(installed) -> None:
     wait_capacity(cluster)
     node = kget(cluster, "node", cluster.node_name)
     inventory = json.loads(node["metadata"]["annotations"][api.ANNOTATION_DEVICES])
-    assert [(d["id"], d["slices"], d["health"]) for d in inventory["devices"]] == [
-        ("npu0", 16, "Healthy"),
-        ("npu1", 16, "Healthy"),
+    assert [(d["id"], d["slices"], d["health"], d["resource"]) for d in inventory["devices"]] == [
+        ("npu0", 16, "Healthy", "vnpu.io/memory-0"),
+        ("npu1", 16, "Healthy", "vnpu.io/memory-1"),
     ]
     plugin_dir = cluster.node.host_path("/var/lib/kubelet/device-plugins")
     assert (plugin_dir / "kubelet.sock").is_socket()
-    assert [p.name for p in plugin_dir.glob("vnpu*.sock")], (
-        "the plugin's socket is in the kubelet's directory"
-    )
+    assert sorted(p.name for p in plugin_dir.glob("vnpu*.sock")) == [
+        "vnpu-memory-0.sock",
+        "vnpu-memory-1.sock",
+    ]
     assert is_ready(device_plugin_pod(cluster))
 
 
 # -- stage 3 ---------------------------------------------------------------------------------------------
-def runtime_pods(cluster) -> list[dict[str, Any]]:
-    """Live (not terminating) replica and weight-holder pods."""
+def runtime_pods_in(cluster, namespace: str) -> list[dict[str, Any]]:
+    """Live (not terminating) replica and weight-holder pods of ``namespace``."""
     roles = (api.ROLE_REPLICA, api.ROLE_WEIGHTS)
-    managed = pods(cluster, MODELS_NS, f"{api.LABEL_MANAGED_BY}={api.MANAGED_BY_VALUE}")
+    managed = pods(cluster, namespace, f"{api.LABEL_MANAGED_BY}={api.MANAGED_BY_VALUE}")
     return [
         p
         for p in managed
         if not p["metadata"].get("deletionTimestamp") and p["metadata"]["labels"].get(api.LABEL_ROLE) in roles
     ]
+
+
+def runtime_pods(cluster) -> list[dict[str, Any]]:
+    return runtime_pods_in(cluster, MODELS_NS)
 
 
 def serving_complete(cluster) -> bool:
@@ -334,11 +342,12 @@ def pod_name(pod: dict[str, Any]) -> str:
 
 
 def check_allocations(cluster, live: list[dict[str, Any]]) -> list[Allocation]:
-    """Each runtime pod holds exactly its annotated number of slices, all of the annotated device; no
-    slice is held twice; the kubelet holds nothing for pods that no longer exist."""
+    """Each runtime pod holds exactly its annotated number of slices, all of the annotated device (the
+    resource it requested); no slice is held twice; the kubelet holds nothing for pods that no longer
+    exist."""
     allocations = kubelet_allocations(cluster)
     assert double_allocated(allocations) == {}
-    by_pod = {a.pod: a for a in allocations if a.namespace == MODELS_NS}
+    by_pod = {a.pod: a for a in allocations if a.namespace == MODELS_NS}  # one container each
     assert set(by_pod) == {pod_name(p) for p in live}
     for pod in live:
         notes = pod["metadata"]["annotations"]
@@ -349,38 +358,49 @@ def check_allocations(cluster, live: list[dict[str, Any]]) -> list[Allocation]:
 
 
 def check_container_received_allocation(cluster, pod: dict[str, Any]) -> int:
-    """The container's process got the Allocate envs and (with a share group) the socket-dir mount.
-    Returns the PID of its vnpu process."""
-    notes = pod["metadata"]["annotations"]
+    """The container's process got its device's Allocate envs and socket directory, and the operator's
+    share identity; it runs as its share group's own user. Returns the PID of its vnpu process."""
+    meta, notes = pod["metadata"], pod["metadata"]["annotations"]
     container = pod["spec"]["containers"][0]["name"]
     pid = workload_pid(container_pid(cluster, pod, container))
-    # Non-root, as the image's user (like deploy/image/Containerfile's): the holder still creates its
-    # socket in the share directory the device plugin made for the group.
-    assert process_uid(pid) == int(images.NON_ROOT_USER.split(":")[0])
+    group = notes[api.ANNOTATION_SHARE_GROUP]
+    # Non-root, as the share group's user: the kernel keeps other groups from its socket.
+    assert process_uid(pid) == sharing.share_uid(meta["namespace"], group)
     env = process_env(pid)
-    assert env[contract.ENV_DEVICE] == notes[api.ANNOTATION_DEVICE]
+    device = notes[api.ANNOTATION_DEVICE]
+    assert env[contract.ENV_DEVICE] == device
     assert env[contract.ENV_SLICES] == notes[api.ANNOTATION_SLICES]
     assert int(env[contract.ENV_MEMORY_LIMIT_MIB]) == int(notes[api.ANNOTATION_SLICES]) * SLICE_MIB
-    group = notes[api.ANNOTATION_SHARE_GROUP]
-    assert env[contract.ENV_SHARE_GROUP] == group
+    assert env[sharing.ENV_SHARE_NAMESPACE] == meta["namespace"] and env[sharing.ENV_SHARE_GROUP] == group
     assert env[contract.ENV_SOCKET_DIR] == contract.SOCKET_DIR_IN_CONTAINER
-    mounts, target = process_mounts(pid), contract.SOCKET_DIR_IN_CONTAINER
-    # In the Debian image /var/run is a symlink to /run: runc mounts at the resolved path.
-    source = mounts.get(target) or mounts[target.replace("/var/run/", "/run/", 1)]
-    assert source.endswith(f"/share-groups/{group}"), source  # only its own group's directory
+    mounts = process_mounts(pid)
+    assert mounted(mounts, contract.SOCKET_DIR_IN_CONTAINER).endswith(f"/devices/{device}"), mounts
+    assert mounted(mounts, sharing.KEY_MOUNT_DIR)  # the group's key, from the namespace's Secret
     return pid
 
 
-def wait_attached(cluster, group: str, replicas: int) -> None:
-    """The group's weight-holder (asked over its socket, from the host) serves ``replicas`` clients."""
-    directory = cluster.node.host_path(f"{contract.DEFAULT_SHARE_ROOT}/{group}")
+def mounted(mounts: dict[str, str], target: str) -> str:
+    """What is mounted at ``target`` in a container. In the Debian image /var/run is a symlink to
+    /run, and runc mounts at the resolved path."""
+    found = mounts.get(target) or mounts.get(target.replace("/var/run/", "/run/", 1))
+    assert found, f"nothing mounted at {target}: {sorted(mounts)}"
+    return found
+
+
+def wait_attached(cluster, namespace: str, group: str, replicas: int) -> None:
+    """The group's weight-holder (asked over its socket, from the host, with the group's key) serves
+    ``replicas`` clients."""
+    (holder,) = [p for p in runtime_pods_in(cluster, namespace)
+                 if p["metadata"]["labels"][api.LABEL_ROLE] == api.ROLE_WEIGHTS
+                 and p["metadata"]["annotations"][api.ANNOTATION_SHARE_GROUP] == group]  # fmt: skip
 
     def attached() -> bool:
-        status = holder_status(next(directory.glob("weights-*.sock")))
-        assert status["share_group"] == group
+        path, identity, key = holder_socket(cluster, holder)
+        status = holder_status(path, identity, key)
+        assert (status["namespace"], status["share_group"]) == (namespace, group)
         return status["clients"] == replicas
 
-    wait_until(attached, 60, f"{replicas} replicas attached to the {group} weight-holder")
+    wait_until(attached, 60, f"{replicas} replicas attached to the {namespace}/{group} weight-holder")
 
 
 def complete(pod: dict[str, Any], model_name: str, max_tokens: int = 8) -> dict[str, Any]:
@@ -431,7 +451,7 @@ def test_models_run_on_their_slices_share_weights_and_serve(models) -> None:
         if pod["metadata"]["labels"][api.LABEL_ROLE] == api.ROLE_REPLICA:
             assert notes[api.ANNOTATION_WEIGHT_HOLDER] == holder_of[notes[api.ANNOTATION_SHARE_GROUP]]
     # The holder itself counts its attached replicas.
-    wait_attached(cluster, SHARED_GROUP, 3)
+    wait_attached(cluster, MODELS_NS, SHARED_GROUP, 3)
 
     check_serving(cluster)
     offload = next(p for p in live if p["metadata"]["labels"].get(api.LABEL_MODEL) == "chat-offload"
@@ -532,5 +552,5 @@ def test_deleting_the_nodes_pods_recreates_each_once(models) -> None:
         int(p["metadata"]["annotations"][api.ANNOTATION_SLICES]) for p in live
     )
     wait_capacity(cluster)
-    wait_attached(cluster, SHARED_GROUP, 3)
+    wait_attached(cluster, MODELS_NS, SHARED_GROUP, 3)
     check_serving(cluster)

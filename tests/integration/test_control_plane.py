@@ -40,7 +40,9 @@ def test_kwok_nodes_advertise_vnpu_memory_and_become_ready(control_plane, kwok_n
 
     wait_until(all_ready, 60, "kwok nodes Ready")
     node = core.read_node(names[0])
-    assert node.status.allocatable[api.RESOURCE_MEMORY] == str(4 * 32)
+    assert {k: v for k, v in node.status.allocatable.items() if api.is_vnpu_resource(k)} == {
+        api.device_resource(i): "32" for i in range(4)
+    }
     inventory = NodeInventory.from_json(node.metadata.annotations[api.ANNOTATION_DEVICES])
     assert [d.slices for d in inventory.devices] == [32, 32, 32, 32]
 

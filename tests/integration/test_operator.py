@@ -7,6 +7,7 @@ events. Replicas are 1 GiB (kvCacheMiB 768 + activationMiB 256), weights 4 GiB, 
 
 from __future__ import annotations
 
+import base64
 import collections
 import json
 import subprocess
@@ -17,7 +18,7 @@ import pytest
 from kubernetes import client
 from operator_harness import OperatorProcess, get_model, live, pods_of
 
-from vnpu import api
+from vnpu import api, sharing
 from vnpu.cluster.processes import wait_until
 from vnpu.cluster.volumes import ensure_local_claim
 
@@ -109,7 +110,7 @@ def test_shared_weights_one_holder_per_device(cluster, namespace, kwok_nodes, op
     for pod in replicas:
         assert pod.spec.node_name == node
         assert pod.metadata.annotations["vnpu.io/weight-holder"] == holder.metadata.name
-        assert pod.spec.containers[0].resources.limits[api.RESOURCE_MEMORY] == "1"
+        assert pod.spec.containers[0].resources.limits == {"vnpu.io/memory-0": "1"}
     # 4 GiB weights + 4 x 1 GiB replicas = 8 GiB on a 16 GiB device; without sharing it would be 20 GiB.
     assert (
         a["status"]["memory"]["savedBySharingMiB"]
@@ -123,6 +124,18 @@ def test_shared_weights_one_holder_per_device(cluster, namespace, kwok_nodes, op
     assert f'vnpu_operator_memory_saved_by_sharing_mib{{model="chat",namespace="{namespace}"}}' in metrics
     assert "vnpu_operator_reconcile_duration_seconds_count" in metrics
     assert 'vnpu_operator_pod_actions_total{action="create",role="weights"} 1.0' in metrics
+    # One key Secret for the (namespace, group), owned by both models, mounted by holder and replicas.
+    (secret,) = (
+        client.CoreV1Api(cluster.api_client())
+        .list_namespaced_secret(namespace, label_selector=f"{api.LABEL_ROLE}=share-key")
+        .items
+    )
+    assert secret.metadata.name == sharing.secret_name("smollm") and secret.immutable
+    assert {o.name for o in secret.metadata.owner_references} == {"chat", "chat-b"}
+    assert len(base64.b64decode(secret.data[sharing.SECRET_KEY_FIELD])) == sharing.KEY_BYTES
+    for pod in [holder, *replicas]:
+        volumes = {v.name: v for v in pod.spec.volumes}
+        assert volumes["share-key"].secret.secret_name == secret.metadata.name
 
 
 def test_spread_across_nodes(cluster, namespace, kwok_nodes, operator) -> None:
@@ -330,8 +343,12 @@ def test_operator_runs_under_exactly_the_chart_rbac(cluster, namespace, kwok_nod
     cluster.kubectl("apply", "-f", "-", input=rendered)
     sa_user = "system:serviceaccount:vnpu-rbac:rbac-test-vnpu-operator"
     kubeconfig = cluster.kubeconfig_for("rbac-operator", sa_user)
-    # The identity is really confined: it may not read secrets or touch deployments.
-    denied = cluster.kubectl("auth", "can-i", "list", "secrets", "-A", kubeconfig=kubeconfig, check=False)
+    # The identity is really confined: it may not get a Secret by name or touch deployments.
+    denied = cluster.kubectl("auth", "can-i", "get", "secrets", "-A", kubeconfig=kubeconfig, check=False)
+    assert denied.stdout.strip() == "no"
+    denied = cluster.kubectl(
+        "auth", "can-i", "create", "deployments", "-A", kubeconfig=kubeconfig, check=False
+    )
     assert denied.stdout.strip() == "no"
     kwok_nodes(1, devices=1, device_mib=16 * GIB)
     op = OperatorProcess(cluster, namespace, tmp_path, kubeconfig=kubeconfig).start()

@@ -7,12 +7,12 @@ from typing import Any
 
 import pytest
 
-from vnpu import api
+from vnpu import api, sharing
 from vnpu.cluster.kwok import npu_node_manifest
 from vnpu.memory import EstimateError, MemoryEstimate
 from vnpu.operator.config import OperatorConfig
-from vnpu.operator.planner import Plan, creation_waves, default_share_group, plan
-from vnpu.operator.state import ObservedModel, ObservedPod, parse_node, parse_pod
+from vnpu.operator.planner import Plan, default_share_group, plan, share_group
+from vnpu.operator.state import ObservedModel, ObservedPod, ObservedSecret, parse_node, parse_pod
 
 NOW = dt.datetime(2026, 11, 25, 12, 0, tzinfo=dt.UTC)
 CONFIG = OperatorConfig()
@@ -46,9 +46,20 @@ def estimate(weights: int = 4096, per_replica: int = 1024) -> MemoryEstimate:
     )
 
 
-def run(models, nodes, pods=(), estimates=None, config=CONFIG) -> Plan:
+def keys_for(models, uid: str = "key-1") -> list[ObservedSecret]:
+    """The key Secrets of the models' share groups, as a previous pass would have created them."""
+    groups = sorted({(m.namespace, share_group(m.spec)) for m in models})
+    return [
+        ObservedSecret(ns, sharing.secret_name(g), f"{uid}-{ns}-{g}", g, (), terminating=False)
+        for ns, g in groups
+    ]
+
+
+def run(models, nodes, pods=(), estimates=None, config=CONFIG, secrets=None) -> Plan:
+    """One pass; unless told otherwise the groups' key Secrets already exist."""
     estimates = estimates or {m.key: estimate() for m in models}
-    return plan(models, nodes, list(pods), estimates, config, NOW)
+    secrets = keys_for(models) if secrets is None else secrets
+    return plan(models, nodes, list(pods), estimates, config, NOW, secrets=secrets)
 
 
 def as_pods(manifests: list[dict[str, Any]], ready: bool = True) -> list[ObservedPod]:
@@ -77,7 +88,8 @@ def test_replicas_share_one_weight_holder_per_device() -> None:
         assert ann[api.ANNOTATION_DEVICE] == "n1-npu0"
         assert ann[api.ANNOTATION_SLICES] == "1"
         assert ann["vnpu.io/weight-holder"] == holder["metadata"]["name"]
-        assert r["spec"]["containers"][0]["resources"]["limits"][api.RESOURCE_MEMORY] == "1"
+        # The chosen device's own resource: the scheduler and kubelet enforce the device.
+        assert r["spec"]["containers"][0]["resources"]["limits"] == {"vnpu.io/memory-0": "1"}
         term = r["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
         assert term["nodeSelectorTerms"][0]["matchFields"][0]["values"] == ["n1"]
         assert r["metadata"]["ownerReferences"][0]["uid"] == "uid-llama"
@@ -140,7 +152,7 @@ def test_unplaced_demand_gets_placeholders_until_capacity_arrives() -> None:
     assert len(placeholders) == 2 and first.unplaced_slices == 2 * (12 + 3)
     ph = placeholders[0]
     assert ph["spec"]["priorityClassName"] == "vnpu-placeholder"
-    assert ph["spec"]["containers"][0]["resources"]["requests"][api.RESOURCE_MEMORY] == "15"
+    assert ph["spec"]["containers"][0]["resources"]["requests"] == {"vnpu.io/memory-0": "15"}
     not_in = ph["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
     assert not_in["nodeSelectorTerms"][0]["matchFields"][0] == {
         "key": "metadata.name",
@@ -175,8 +187,9 @@ def test_spec_change_replaces_pods_in_place() -> None:
     pods = as_pods(run([model("a", 1)], nodes).create)
     changed = model("a", 1, runtime={"image": "vnpu:2"})
     result = run([changed], nodes, pods)
-    old = {p.name for p in pods if p.role == "replica"}
-    assert {d.name for d in result.delete} == old
+    # A new runtime image is new weights to hold (vnpu.sharing.weights_id): the holder rolls too.
+    assert {d.name for d in result.delete} == {p.name for p in pods}
+    assert {p["spec"]["containers"][0]["image"] for p in result.create} == {"vnpu:2"}
     (new,) = [p for p in result.create if p["metadata"]["labels"][api.LABEL_ROLE] == "replica"]
     assert new["metadata"]["annotations"][api.ANNOTATION_DEVICE] == "n1-npu0"
     assert new["spec"]["containers"][0]["image"] == "vnpu:2"
@@ -208,7 +221,7 @@ def test_a_holder_is_owned_by_every_model_using_it() -> None:
     pods = as_pods(run([a], nodes).create)
     b = model("b", 1, shareGroup="g")
     result = run([a, b], nodes, pods)
-    (update,) = result.set_owners
+    (update,) = [u for u in result.set_owners if u.kind == "Pod"]
     holder = next(p for p in pods if p.role == "weights")
     assert update.name == holder.name
     assert sorted(r["uid"] for r in update.owner_references) == ["uid-a", "uid-b"]
@@ -219,12 +232,13 @@ def test_a_holder_is_owned_by_every_model_using_it() -> None:
         p if p.role != "weights" else parse_pod({**_holder_manifest(result, holder.name, pods)}) for p in pods
     ]
     later = run([deleting, b], nodes, pods)
-    assert [r["uid"] for r in later.set_owners[0].owner_references] == ["uid-b"]
+    (update,) = [u for u in later.set_owners if u.kind == "Pod"]
+    assert [r["uid"] for r in update.owner_references] == ["uid-b"]
     assert holder.name not in {d.name for d in later.delete}
 
 
 def _holder_manifest(result: Plan, name: str, pods: list[ObservedPod]) -> dict[str, Any]:
-    refs = result.set_owners[0].owner_references
+    refs = next(u for u in result.set_owners if u.kind == "Pod").owner_references
     return {
         "metadata": {
             "name": name,
@@ -242,39 +256,6 @@ def _holder_manifest(result: Plan, name: str, pods: list[ObservedPod]) -> dict[s
     }
 
 
-def test_pods_a_device_plugin_could_confuse_are_created_in_separate_waves() -> None:
-    a, b = model("a", 2, shareGroup="ga"), model("b", 2, shareGroup="gb")
-    result = run([a, b], [node("n1", devices=2)])
-    replicas = [m for m in result.create if m["metadata"]["labels"][api.LABEL_ROLE] == "replica"]
-    waves = creation_waves(replicas)
-    assert sorted(len(w) for w in waves) == [1, 1, 1, 1], "4 one-slice replicas on one node: 4 waves"
-
-    def pinned(name: str, node_name: str, slices: int) -> dict[str, Any]:
-        term = {"matchFields": [{"key": "metadata.name", "operator": "In", "values": [node_name]}]}
-        return {
-            "metadata": {"name": name, "annotations": {api.ANNOTATION_SLICES: str(slices)}},
-            "spec": {
-                "affinity": {
-                    "nodeAffinity": {
-                        "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [term]}
-                    }
-                }
-            },
-        }
-
-    pods = [
-        pinned("x1", "n1", 1),
-        pinned("y1", "n2", 1),
-        pinned("x2", "n1", 1),
-        pinned("z", "n1", 3),
-        {"metadata": {"name": "placeholder"}, "spec": {}},
-    ]
-    assert [[p["metadata"]["name"] for p in w] for w in creation_waves(pods)] == [
-        ["x1", "y1", "z", "placeholder"],
-        ["x2"],
-    ]
-
-
 def test_model_pods_mount_the_pvc_and_carry_the_runtime_settings() -> None:
     m = model(
         "p",
@@ -287,13 +268,123 @@ def test_model_pods_mount_the_pvc_and_carry_the_runtime_settings() -> None:
     assert roles(result.create) == ["replica", "weights"]
     for pod in result.create:
         assert pod["spec"]["volumes"] == [
-            {"name": "model", "persistentVolumeClaim": {"claimName": "models", "readOnly": True}}
-        ]
+            {"name": "model", "persistentVolumeClaim": {"claimName": "models", "readOnly": True}},
+            {"name": "share-key", "secret": {"secretName": sharing.secret_name(share_group(m.spec)),
+                                              "defaultMode": 0o440}},
+        ]  # fmt: skip
         (container,) = pod["spec"]["containers"]
         assert container["volumeMounts"] == [
-            {"name": "model", "mountPath": "/mnt/pvc/models", "readOnly": True}
+            {"name": "model", "mountPath": "/mnt/pvc/models", "readOnly": True},
+            {"name": "share-key", "mountPath": sharing.KEY_MOUNT_DIR, "readOnly": True},
         ]
         env = {e["name"]: e.get("value") for e in container["env"]}
         assert env["VNPU_MODEL_URI"] == "pvc://models/smollm2/m.gguf"
         assert env["VNPU_MAX_CONTEXT"] == "4096"
+        assert env["VNPU_MAX_BATCH"] == "2" and env["VNPU_DEFAULT_PRIORITY"] == "0"
+        # The share identity: namespace from the API server, group, weights, and where the key is.
+        namespace_env = next(e for e in container["env"] if e["name"] == sharing.ENV_SHARE_NAMESPACE)
+        assert namespace_env == {
+            "name": sharing.ENV_SHARE_NAMESPACE,
+            "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}},
+        }
+        assert env[sharing.ENV_SHARE_GROUP] == share_group(m.spec)
+        assert env[sharing.ENV_WEIGHTS_ID] == sharing.weights_id(
+            "pvc://models/smollm2/m.gguf", "q4_1", CONFIG.runtime_image
+        )
+        assert env[sharing.ENV_SHARE_KEY_FILE] == sharing.KEY_FILE
+        uid = sharing.share_uid("ns", share_group(m.spec))
+        assert pod["spec"]["securityContext"] == {
+            "runAsUser": uid, "runAsGroup": uid, "fsGroup": uid, "runAsNonRoot": True
+        }  # fmt: skip
         assert "VNPU_MODEL_DTYPE" not in env, "a file quantisation is not a runtime dtype"
+
+
+def test_a_groups_key_secret_comes_first_and_its_pods_follow_once_it_exists() -> None:
+    a, b = model("a", 2, shareGroup="g"), model("b", 1, shareGroup="g")
+    nodes = [node("n1", devices=1)]
+    first = run([a, b], nodes, secrets=[])
+    assert first.create == [] and [(x.namespace, x.share_group) for x in first.create_secrets] == [
+        ("ns", "g")
+    ]
+    assert [r.name for r in first.create_secrets[0].owners] == ["a", "b"]  # owned by the group's models
+    assert {s.status["phase"] for s in first.statuses} == {"Running"}  # placed; pods wait for the key
+    second = run([a, b], nodes, secrets=keys_for([a]))
+    assert roles(second.create) == ["replica", "replica", "replica", "weights"]
+    assert second.create_secrets == []
+    (owners,) = [u for u in second.set_owners if u.kind == "Secret"]  # the observed Secret had no owners
+    assert sorted(r["uid"] for r in owners.owner_references) == ["uid-a", "uid-b"]
+
+
+def test_two_namespaces_with_the_same_model_never_share_a_holder_a_key_or_a_user() -> None:
+    team_a, team_b = model("chat", 2, ns="team-a"), model("chat", 2, ns="team-b")
+    assert share_group(team_a.spec) == share_group(team_b.spec)  # the same default group name
+    result = run([team_a, team_b], [node("n1", devices=1)])
+    holders = [p for p in result.create if p["metadata"]["labels"][api.LABEL_ROLE] == "weights"]
+    assert sorted(h["metadata"]["namespace"] for h in holders) == ["team-a", "team-b"]
+    for pod in result.create:
+        ns = pod["metadata"]["namespace"]
+        if pod["metadata"]["labels"][api.LABEL_ROLE] == "replica":
+            holder = pod["metadata"]["annotations"][api.ANNOTATION_WEIGHT_HOLDER]
+            assert holder in {h["metadata"]["name"] for h in holders if h["metadata"]["namespace"] == ns}
+    users = {p["metadata"]["namespace"]: p["spec"]["securityContext"]["runAsUser"] for p in result.create}
+    assert users["team-a"] != users["team-b"]
+    # Two groups, two holders' worth of weights on the one device: nothing is shared across namespaces.
+    assert all(s.saved_mib == 4096 for s in result.statuses)
+
+
+def test_a_source_change_rolls_the_holder_with_the_replicas() -> None:
+    nodes = [node("n1", devices=1)]
+    old = model("a", 2)
+    pods = as_pods(run([old], nodes).create)
+    new = model("a", 2, source={"uri": "file:///models/m-v2.gguf"}, shareGroup=share_group(old.spec))
+    result = run([new], nodes, pods, secrets=keys_for([old]))
+    old_holder = next(p for p in pods if p.role == "weights")
+    new_holder = next(p for p in result.create if p["metadata"]["labels"][api.LABEL_ROLE] == "weights")
+    assert new_holder["metadata"]["name"] != old_holder.name
+    assert old_holder.name in {d.name for d in result.delete}
+    env = {e["name"]: e.get("value") for e in new_holder["spec"]["containers"][0]["env"]}
+    assert env["VNPU_MODEL_URI"] == "file:///models/m-v2.gguf"
+    for replica in (p for p in result.create if p["metadata"]["labels"][api.LABEL_ROLE] == "replica"):
+        # New replicas attach to the new holder only: its weights id is in their identity.
+        assert (
+            replica["metadata"]["annotations"][api.ANNOTATION_WEIGHT_HOLDER] == new_holder["metadata"]["name"]
+        )
+        renv = {e["name"]: e.get("value") for e in replica["spec"]["containers"][0]["env"]}
+        assert renv[sharing.ENV_WEIGHTS_ID] == env[sharing.ENV_WEIGHTS_ID]
+
+
+def test_a_new_key_rolls_the_group_without_taking_it_down_first() -> None:
+    nodes = [node("n1", devices=1)]
+    m = model("a", 2)
+    pods = as_pods(run([m], nodes).create)
+    # Someone deleted the Secret: a new one is planned and the running pods stay meanwhile.
+    gone = run([m], nodes, pods, secrets=[])
+    assert len(gone.create_secrets) == 1 and gone.delete == [] and gone.create == []
+    # The new Secret (a new uid: a new key) is there: the group's pods are replaced by new names.
+    rolled = run([m], nodes, pods, secrets=keys_for([m], uid="key-2"))
+    assert {d.name for d in rolled.delete} == {p.name for p in pods}
+    assert not {p["metadata"]["name"] for p in rolled.create} & {p.name for p in pods}
+
+
+def test_a_key_secret_goes_once_its_group_has_no_model_and_no_pod() -> None:
+    nodes = [node("n1", devices=1)]
+    m = model("a", 1)
+    pods = as_pods(run([m], nodes).create)
+    deleting = ObservedModel(m.namespace, m.name, m.uid, m.generation, m.spec, deleting=True)
+    while_pods_run = run([deleting], nodes, pods, secrets=keys_for([m]))
+    assert while_pods_run.delete_secrets == []
+    after = run([deleting], nodes, [], secrets=keys_for([m]))
+    assert [x.name for x in after.delete_secrets] == [sharing.secret_name(share_group(m.spec))]
+
+
+def test_a_node_whose_device_plugin_predates_per_device_resources_is_not_used() -> None:
+    manifest = npu_node_manifest("old", devices=1, device_mib=16 * 1024)
+    inventory = manifest["metadata"]["annotations"][api.ANNOTATION_DEVICES].replace(
+        ',"resource":"vnpu.io/memory-0"', ""
+    )
+    manifest["metadata"]["annotations"][api.ANNOTATION_DEVICES] = inventory
+    manifest["status"]["conditions"] = [{"type": "Ready", "status": "True"}]
+    old = parse_node(manifest)
+    assert "predates vnpu 0.2" in old.inventory_error
+    result = run([model("a", 1)], [old])
+    assert result.create == [] or roles(result.create) == ["placeholder"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,8 +11,9 @@ from pathlib import Path
 import pytest
 from rt_helpers import load_tiny_llama, write_tiny_llama
 
+from vnpu import sharing
 from vnpu.runtime.engine import ModelRuntime, ServeOptions
-from vnpu.runtime.main import build_parser, default_socket_path
+from vnpu.runtime.main import SharingConfigError, build_parser, holder_socket_path, share_identity
 
 
 def test_cli_reads_the_pod_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -19,7 +21,10 @@ def test_cli_reads_the_pod_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     env = {
         "VNPU_MODEL_URI": "pvc://c/m",
         "VNPU_MODEL_NAME": "smol",
-        "VNPU_SHARE_GROUP_NAME": "g1",
+        "VNPU_SHARE_NAMESPACE": "team-a",
+        "VNPU_SHARE_GROUP": "g1",
+        "VNPU_WEIGHTS_ID": "0123456789abcdef",
+        "VNPU_SHARE_KEY_FILE": "/var/run/vnpu/credential/key",
         "VNPU_SOCKET_DIR": "/var/run/vnpu/share",
         "VNPU_DEVICE": "npu-0",
         "VNPU_MEMORY_LIMIT_MIB": "2048",
@@ -30,14 +35,29 @@ def test_cli_reads_the_pod_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     args = build_parser().parse_args(["serve"])
-    assert (args.model, args.model_name, args.share_group) == ("pvc://c/m", "smol", "g1")
+    assert (args.model, args.model_name) == ("pvc://c/m", "smol")
+    identity = share_identity(args)
+    assert identity == sharing.ShareIdentity("team-a", "g1", "0123456789abcdef")
+    assert args.share_key_file == "/var/run/vnpu/credential/key"
     assert (args.memory_limit_mib, float(args.offload_budget_mib), args.prefetch_depth) == (2048, 512.0, 3)
     assert args.port == 8123 and args.host == "127.0.0.1" and args.attach is None
-    assert default_socket_path(args.socket_dir, args.device_id) == Path(
-        "/var/run/vnpu/share/weights-npu-0.sock"
-    )
-    monkeypatch.setenv("VNPU_SHARE_GROUP", "from-device-plugin")
-    assert build_parser().parse_args(["weights-holder"]).share_group == "from-device-plugin"
+    # The socket's name comes from the key: the same for holder and replica, unguessable without it.
+    key = b"k" * 32
+    path = holder_socket_path(args, identity, key)
+    assert path == Path("/var/run/vnpu/share") / sharing.socket_name(key, identity, "npu-0")
+    assert path != holder_socket_path(args, identity, b"x" * 32)
+
+
+def test_a_partial_share_identity_or_a_missing_socket_dir_is_a_clear_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("VNPU_SHARE_GROUP", "g1")
+    args = build_parser().parse_args(["serve"])
+    with pytest.raises(SharingConfigError, match="missing --share-namespace, --weights-id"):
+        share_identity(args)
+    identity = sharing.ShareIdentity("ns", "g1", "w")
+    with pytest.raises(SharingConfigError, match=r"does the pod request a vnpu\.io/memory-<index> resource"):
+        holder_socket_path(args, identity, b"k" * 32)
 
 
 def test_help_texts(capsys: pytest.CaptureFixture[str]) -> None:
@@ -61,6 +81,45 @@ def test_generate_standalone_and_probe_without_holder(short_tmp: Path) -> None:
     weights = load_tiny_llama(short_tmp / "model")
     runtime.install(weights.manifest, weights.arena, shared=False, seconds=0)
     assert result["token_ids"] == runtime.complete("hello", 6).result.token_ids
+    key = short_tmp / "key"
+    key.write_bytes(sharing.new_key())
     probe = [sys.executable, "-m", "vnpu", "runtime", "probe", "--socket", str(short_tmp / "none.sock")]
+    probe += [
+        "--share-namespace",
+        "ns",
+        "--share-group",
+        "g",
+        "--weights-id",
+        "w",
+        "--share-key-file",
+        str(key),
+    ]
     proc = subprocess.run(probe, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and "no weights-holder is listening" in proc.stderr
+    proc = subprocess.run([*probe[:-1], "/nonexistent/key"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "cannot read the share key /nonexistent/key" in proc.stderr
+
+
+def test_a_replica_planned_to_attach_never_loads_its_own_weights(short_tmp: Path) -> None:
+    """With a share identity but no holder answering, ``generate`` waits for the holder and gives up
+    with the reason; it never falls back to loading the model into its KV-sized slices."""
+    model = write_tiny_llama(short_tmp / "model")
+    key = short_tmp / "key"
+    key.write_bytes(sharing.new_key())
+    cmd = [sys.executable, "-m", "vnpu", "runtime", "generate", "--model", str(model), "--prompt", "hi"]
+    cmd += [
+        "--share-namespace",
+        "ns",
+        "--share-group",
+        "g",
+        "--weights-id",
+        "w",
+        "--share-key-file",
+        str(key),
+    ]
+    cmd += ["--socket", str(short_tmp / "holder.sock"), "--no-progress", "--max-context", "64"]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "VNPU_ATTACH_WAIT_S": "2"}
+    )
+    assert proc.returncode == 1 and "no weights-holder is listening" in proc.stderr
+    assert "loading" not in proc.stderr  # the loader's progress bar never started

@@ -1,4 +1,5 @@
-"""Shared weights in one process tree: arena sealing, the holder protocol, access control, leases."""
+"""Shared weights in one process tree: arena sealing, the holder protocol with mutual authentication,
+access control, squatters, weights that are not the replica's, leases."""
 
 from __future__ import annotations
 
@@ -14,11 +15,18 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 from rt_helpers import load_tiny_llama
 
+from vnpu import sharing
 from vnpu.runtime.arena import ArenaError, CpuArena, import_arena
-from vnpu.runtime.attach import AttachRefusedError, HolderUnavailableError, attach, holder_status
+from vnpu.runtime.attach import (
+    AttachRefusedError,
+    Expected,
+    HolderUnavailableError,
+    attach,
+    holder_status,
+    manifest_mismatch,
+)
 from vnpu.runtime.engine import ModelRuntime, ServeOptions
 from vnpu.runtime.errors import RuntimeUnavailableError
 from vnpu.runtime.holder import HolderError, WeightsHolder
@@ -39,9 +47,13 @@ def tiny(short_tmp: Path) -> Any:
     return load_tiny_llama(short_tmp / "model")
 
 
+ID = sharing.ShareIdentity("team-a", "group-a", "w1")
+KEY = b"k" * 32
+
+
 @pytest.fixture
 def holder(tiny: Any, short_tmp: Path) -> Any:
-    h = WeightsHolder(tiny, "group-a", short_tmp / "s" / "weights.sock")
+    h = WeightsHolder(tiny, ID, KEY, short_tmp / "s" / "weights.sock")
     h.start()
     yield h
     h.stop()
@@ -90,16 +102,14 @@ def test_unsealed_memfd_is_refused() -> None:
 
 
 def test_attach_maps_the_same_bytes_zero_copy(holder: Any, tiny: Any) -> None:
-    lease = attach(holder.socket_path, "group-a")
+    lease = attach(holder.socket_path, ID, KEY)
     try:
         assert holder.clients == 1
-        ours, theirs = lease.tensors(), {n: tiny.arena.view(e) for n, e in tiny.manifest.tensors.items()}
-        for name, tensor in theirs.items():
-            assert torch.equal(ours[name], tensor)
-        # Same physical pages: the imported mapping is a different address of one memfd.
-        assert lease.arena.byte_tensor().data_ptr() != tiny.arena.byte_tensor().data_ptr()
-        assert lease.manifest.tokenizer == tiny.manifest.tokenizer  # the replica needs no model file
-        assert holder_status(holder.socket_path)["clients"] == 1
+        a, b = tiny.arena.numpy(), lease.arena.numpy()
+        assert a.ctypes.data != b.ctypes.data and np.array_equal(a, b)  # two mappings, the same bytes
+        assert lease.manifest.tensors == tiny.manifest.tensors
+        status = holder_status(holder.socket_path, ID, KEY)
+        assert (status["clients"], status["namespace"], status["share_group"]) == (1, "team-a", "group-a")
     finally:
         lease.close()
     wait_until(lambda: holder.clients == 0)
@@ -110,32 +120,124 @@ def test_socket_and_directory_are_private(holder: Any) -> None:
     assert stat.S_IMODE(holder.socket_path.parent.stat().st_mode) == 0o700
 
 
-def test_other_share_group_is_refused(holder: Any) -> None:
-    with pytest.raises(AttachRefusedError, match=r"share group mismatch.*group-a.*group-b"):
-        attach(holder.socket_path, "group-b")
+@pytest.mark.parametrize(
+    ("identity", "key", "message"),
+    [
+        # Another namespace deploying the same group and weights: its own key, so its proof fails.
+        (sharing.ShareIdentity("team-b", "group-a", "w1"), b"b" * 32, "another share identity"),
+        # A foreign pod that copied this group's identity (annotation, env) but cannot mount the Secret:
+        # with another key the holder's proof does not check out, so it never even sends its own.
+        (ID, b"x" * 32, "failed authentication"),
+        # The right key for other weights (an old replica during a roll): not this holder's identity.
+        (sharing.ShareIdentity("team-a", "group-a", "w2"), KEY, "another share identity"),
+    ],
+)
+def test_a_client_without_the_groups_key_or_identity_is_refused(
+    holder: Any, identity: sharing.ShareIdentity, key: bytes, message: str
+) -> None:
+    with pytest.raises(AttachRefusedError, match=message):
+        attach(holder.socket_path, identity, key)
+    with pytest.raises(AttachRefusedError):
+        holder_status(holder.socket_path, identity, key)  # status is behind the handshake too
+    assert holder.clients == 0
+
+
+def test_a_client_that_skips_the_handshake_gets_nothing(holder: Any) -> None:
+    """A hand-made client: a protocol-1 attach (no proof) and a hello followed by a forged proof."""
+    from vnpu.runtime.ipc import recv_message, send_message
+
+    for first in ({"op": "attach", "protocol": 1, "share_group": "group-a"}, {"op": "status"}):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(str(holder.socket_path))
+            send_message(s, first)
+            reply, fds = recv_message(s)
+            assert not reply["ok"] and "protocol 2 hello" in reply["error"] and not fds
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(str(holder.socket_path))
+        identity = {"namespace": ID.namespace, "group": ID.group, "weights_id": ID.weights_id}
+        send_message(s, {"op": "hello", "protocol": 2, "identity": identity, "nonce": "0" * 32})
+        challenge, _ = recv_message(s)
+        assert challenge["ok"] and challenge["op"] == "challenge"
+        send_message(s, {"op": "attach", "proof": challenge["proof"]})  # replaying the holder's own proof
+        reply, fds = recv_message(s)
+        assert not reply["ok"] and "authentication failed" in reply["error"] and not fds
+    assert holder.clients == 0
+
+
+def test_a_squatting_socket_is_refused_by_the_replica(tiny: Any, short_tmp: Path) -> None:
+    """Something listening where the holder should be, without the group's key (it answers the hello
+    with a challenge of its own making): the replica refuses it and never sends its proof."""
+    squatter = WeightsHolder(tiny, ID, b"s" * 32, short_tmp / "squat.sock")
+    squatter.start()
+    try:
+        with pytest.raises(AttachRefusedError, match="failed authentication: it does not hold the key"):
+            attach(squatter.socket_path, ID, KEY)
+        assert squatter.clients == 0
+    finally:
+        squatter._listener.close()  # not stop(): the arena belongs to the fixture's weights
+
+
+def test_a_holder_serving_other_weights_is_refused_by_the_replica(holder: Any, tiny: Any) -> None:
+    manifest = tiny.manifest
+    assert (
+        manifest_mismatch(manifest, Expected(manifest.source, manifest.dtype, manifest.header_digest)) is None
+    )
+    for expected, message in [
+        (Expected("file:///other.gguf"), "source"),
+        (Expected(manifest.source, "bfloat16"), "dtype float32, this replica's is bfloat16"),
+        (Expected(manifest.source, None, "0" * 32), "headers digest to"),
+    ]:
+        with pytest.raises(AttachRefusedError, match=message):
+            attach(holder.socket_path, ID, KEY, expected=expected)
     assert holder.clients == 0
 
 
 def test_no_holder_is_a_clear_error(short_tmp: Path) -> None:
     with pytest.raises(HolderUnavailableError, match="no weights-holder is listening"):
-        attach(short_tmp / "missing.sock", "g")
+        attach(short_tmp / "missing.sock", ID, KEY)
+
+
+def test_a_stalled_handshake_times_out_and_connections_are_capped(holder: Any, monkeypatch: Any) -> None:
+    from vnpu.runtime import holder as holder_module
+
+    idle = []
+    for _ in range(holder_module.MAX_HANDSHAKES + 4):  # connect and say nothing
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(str(holder.socket_path))
+        idle.append(s)
+    try:
+        # The holder keeps serving: beyond the cap it closes at once, and stalled ones time out.
+        wait_until(
+            lambda: holder.clients == 0 and _attach_works(holder),
+            timeout=holder_module.HANDSHAKE_TIMEOUT_S * 3,
+        )
+    finally:
+        for s in idle:
+            s.close()
+
+
+def _attach_works(holder: Any) -> bool:
+    try:
+        attach(holder.socket_path, ID, KEY, timeout=1.0).close()
+    except (HolderUnavailableError, AttachRefusedError, OSError):
+        return False
+    return True
 
 
 def test_second_holder_on_a_live_socket_is_refused_and_stale_sockets_are_replaced(
     holder: Any, tiny: Any, short_tmp: Path
 ) -> None:
     with pytest.raises(HolderError, match="already serving"):
-        WeightsHolder(tiny, "group-a", holder.socket_path).start()
-    stale = short_tmp / "s" / "stale.sock"
-    s = socket.socket(socket.AF_UNIX)
+        WeightsHolder(tiny, ID, KEY, holder.socket_path).start()
+    stale = short_tmp / "stale.sock"
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.bind(str(stale))
     s.close()  # a socket file nobody listens on, as a crashed holder leaves behind
-    replacement = WeightsHolder(tiny, "group-a", stale)
+    replacement = WeightsHolder(tiny, ID, KEY, stale)
     replacement.start()
     try:
-        assert holder_status(stale)["share_group"] == "group-a"
+        assert holder_status(stale, ID, KEY)["share_group"] == "group-a"
     finally:
-        replacement._stop.set()
         replacement._listener.close()  # not stop(): the arena belongs to the fixture's holder
 
 
@@ -150,7 +252,7 @@ try:
     s.connect(path)
 except PermissionError as e:
     print("connect refused:", e.strerror); sys.exit(0)
-body = json.dumps({"op": "attach", "protocol": 1, "share_group": "group-a"}).encode()
+body = json.dumps({"op": "hello", "protocol": 2, "identity": {}, "nonce": "0" * 32}).encode()
 s.sendall(struct.pack(">I", len(body)) + body)
 n = struct.unpack(">I", s.recv(4))[0]
 data = b""
@@ -178,7 +280,7 @@ def test_other_users_are_refused_by_mode_and_by_peer_credentials(holder: Any, sh
 
 
 def test_lease_notices_holder_death(holder: Any) -> None:
-    lease = attach(holder.socket_path, "group-a")
+    lease = attach(holder.socket_path, ID, KEY)
     seen: list[str] = []
     lease.on_lost(seen.append)
     holder.stop()
@@ -193,13 +295,13 @@ def test_lease_notices_holder_death(holder: Any) -> None:
 def test_runtime_fails_clearly_while_the_holder_is_gone_and_recovers(tiny: Any, short_tmp: Path) -> None:
     path = short_tmp / "s" / "weights.sock"
     runtime = ModelRuntime(ServeOptions(max_context=64))
-    supervisor = SharedWeightsSupervisor(runtime, path, "group-a", retry_initial=0.05, retry_max=0.2)
+    supervisor = SharedWeightsSupervisor(runtime, path, ID, KEY, retry_initial=0.05, retry_max=0.2)
     supervisor.start()
     try:
         wait_until(lambda: runtime.unavailable_reason and "no weights-holder" in runtime.unavailable_reason)
         with pytest.raises(RuntimeUnavailableError, match="no weights-holder is listening"):
             runtime.complete("hi", 4, temperature=0)
-        first = WeightsHolder(tiny, "group-a", path)
+        first = WeightsHolder(tiny, ID, KEY, path)
         first.start()
         wait_until(lambda: runtime.ready)
         expected = runtime.complete("hello", 8, temperature=0).result.token_ids
@@ -210,7 +312,7 @@ def test_runtime_fails_clearly_while_the_holder_is_gone_and_recovers(tiny: Any, 
         with pytest.raises(RuntimeUnavailableError, match="weights-holder"):
             runtime.complete("hello", 8, temperature=0)
         second_weights = load_tiny_llama(short_tmp / "model2")  # a new holder process: a new arena
-        second = WeightsHolder(second_weights, "group-a", path)
+        second = WeightsHolder(second_weights, ID, KEY, path)
         second.start()
         try:
             wait_until(lambda: runtime.ready)
@@ -219,5 +321,32 @@ def test_runtime_fails_clearly_while_the_holder_is_gone_and_recovers(tiny: Any, 
             assert runtime.metrics.attaches._value.get() == 2
         finally:
             second.stop()
+    finally:
+        supervisor.stop()
+
+
+def test_a_replica_stays_unready_with_the_reason_while_only_an_untrusted_holder_answers(
+    tiny: Any, short_tmp: Path
+) -> None:
+    """A squatter on the replica's socket path: the replica never serves (no fallback), says why on
+    its readiness, and attaches as soon as its real holder is there."""
+    path = short_tmp / "s2" / "weights.sock"
+    runtime = ModelRuntime(ServeOptions(max_context=64))
+    squatter = WeightsHolder(tiny, ID, b"s" * 32, path)
+    squatter.start()
+    supervisor = SharedWeightsSupervisor(runtime, path, ID, KEY, retry_initial=0.05, retry_max=0.2)
+    supervisor.start()
+    try:
+        wait_until(lambda: "failed authentication" in (runtime.unavailable_reason or ""))
+        assert not runtime.ready and supervisor.refused
+        squatter._listener.close()
+        path.unlink()
+        real = WeightsHolder(tiny, ID, KEY, path)
+        real.start()
+        try:
+            wait_until(lambda: runtime.ready)
+            assert runtime.complete("hello", 4, temperature=0).result.token_ids
+        finally:
+            real._listener.close()
     finally:
         supervisor.stop()

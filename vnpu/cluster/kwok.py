@@ -1,7 +1,7 @@
 """Fake NPU nodes for scale tests and demos: kwok keeps them Ready and "runs" pods bound to them.
 
-Each node carries what a real node with vnpu's device plugin would show: allocatable
-``vnpu.io/memory`` and the ``vnpu.io/devices`` inventory annotation.
+Each node carries what a real node with vnpu's device plugin would show: one allocatable extended
+resource per device (``vnpu.io/memory-<index>``) and the ``vnpu.io/devices`` inventory annotation.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ def simulated_inventory(node: str, devices: int, device_mib: int, slice_mib: int
                 slice_mib=slice_mib,
                 slices=device_mib // slice_mib,
                 numa_node=0,
+                resource=api.device_resource(i),
             )
             for i in range(devices)
         )
@@ -44,8 +45,8 @@ def npu_node_manifest(
     taints: Sequence[Mapping[str, str]] = (),
 ) -> dict[str, Any]:
     inventory = simulated_inventory(name, devices, device_mib, slice_mib)
-    slices = sum(d.slices for d in inventory.devices)
-    capacity = {"cpu": "64", "memory": "512Gi", "pods": "250", api.RESOURCE_MEMORY: str(slices)}
+    capacity = {"cpu": "64", "memory": "512Gi", "pods": "250"}
+    capacity.update({d.resource: str(d.slices) for d in inventory.devices})
     return {
         "apiVersion": "v1",
         "kind": "Node",

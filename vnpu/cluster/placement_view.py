@@ -113,7 +113,7 @@ def render_png(rows: Sequence[DeviceRow], path: Path) -> Path:
         ax.bar(labels, per_model[m], bottom=bottoms, label=m)
         bottoms = [b + v for b, v in zip(bottoms, per_model[m], strict=True)]
     ax.plot(labels, [r.total_slices for r in rows], "k_", markersize=30, label="capacity")
-    ax.set_ylabel("vnpu.io/memory slices")
+    ax.set_ylabel("slices (vnpu.io/memory-<index>)")
     ax.set_title("vnpu placement")
     ax.legend(fontsize=7)
     fig.tight_layout()

@@ -20,6 +20,7 @@ hack/setup-env.sh installs) it runs a **real node**; elsewhere simulated nodes o
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import copy
 import importlib.util
@@ -38,7 +39,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from vnpu import api
+from vnpu import api, sharing
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -539,16 +540,25 @@ def _serve_one(cp: Any, workdir: Path, cleanup: contextlib.ExitStack) -> str:
     replica = replicas[0]
     env = _container_env(replica)
     uri = env["VNPU_MODEL_URI"]
-    group = replica["metadata"]["annotations"][api.ANNOTATION_SHARE_GROUP]
+    namespace = replica["metadata"]["namespace"]
     device = replica["metadata"]["annotations"][api.ANNOTATION_DEVICE]
     # Unix socket paths are limited to 107 bytes: keep them out of a possibly deep work directory.
     scratch = Path(tempfile.mkdtemp(prefix="vnpu-up-"))
     cleanup.callback(shutil.rmtree, scratch, ignore_errors=True)
-    socket_dir = scratch / group
+    socket_dir = scratch / "sockets"
     socket_dir.mkdir(mode=0o700)
+    # The group's key, as the kubelet would mount it from the operator's Secret.
+    secret = json.loads(
+        cp.kubectl("get", "secret", sharing.secret_name(env[sharing.ENV_SHARE_GROUP]), "-n", namespace,
+                   "-o", "json").stdout
+    )  # fmt: skip
+    key_file = scratch / "key"
+    key_file.write_bytes(base64.b64decode(secret["data"][sharing.SECRET_KEY_FIELD]))
+    key_file.chmod(0o400)
     common = [
-        "--model", uri, "--pvc-root", str(workdir / "pvc"), "--share-group", group,
-        "--socket-dir", str(socket_dir), "--device-id", device, "--log-format", "text", "--no-progress",
+        "--model", uri, "--pvc-root", str(workdir / "pvc"), "--share-namespace", namespace,
+        "--share-key-file", str(key_file), "--socket-dir", str(socket_dir), "--device-id", device,
+        "--log-format", "text", "--no-progress",
     ]  # fmt: skip
     pod_env = {**os.environ, **env}
     holder = ManagedProcess(

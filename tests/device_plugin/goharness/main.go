@@ -422,7 +422,7 @@ func main() {
 			return
 		}
 		if c.Resource == "" {
-			c.Resource = "vnpu.io/memory"
+			c.Resource = "vnpu.io/memory-0" // one resource per device: commands name theirs
 		}
 		// Commands run one at a time, in order, like the kubelet's device manager does per pod.
 		k.handle(c)

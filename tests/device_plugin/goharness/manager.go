@@ -198,6 +198,15 @@ type managerCommand struct {
 	Container   string            `json:"container"`
 	Slices      int64             `json:"slices"`
 	Annotations map[string]string `json:"annotations"`
+	// Containers, when set, admits a pod of several containers (each its own resource and count)
+	// instead of the single Container/Resource/Slices one.
+	Containers []containerRequest `json:"containers"`
+}
+
+type containerRequest struct {
+	Name     string `json:"name"`
+	Resource string `json:"resource"`
+	Slices   int64  `json:"slices"`
 }
 
 func (n *node) handle(c managerCommand) {
@@ -269,8 +278,13 @@ func (n *node) handle(c managerCommand) {
 			return
 		}
 		capacity, allocatable, _ := m.GetCapacity()
-		q := func(l v1.ResourceList) int64 { v := l[v1.ResourceName(c.Resource)]; return v.Value() }
-		emit("capacity", c.ID, map[string]any{"capacity": q(capacity), "allocatable": q(allocatable)})
+		q := func(l v1.ResourceList, name v1.ResourceName) int64 { v := l[name]; return v.Value() }
+		all := map[string]any{}
+		for name := range capacity {
+			all[string(name)] = map[string]int64{"capacity": q(capacity, name), "allocatable": q(allocatable, name)}
+		}
+		emit("capacity", c.ID, map[string]any{"capacity": q(capacity, v1.ResourceName(c.Resource)),
+			"allocatable": q(allocatable, v1.ResourceName(c.Resource)), "resources": all})
 	case "admit":
 		n.admit(c, fail)
 	case "remove_pod":
@@ -293,54 +307,73 @@ func (n *node) handle(c managerCommand) {
 	}
 }
 
-// admit runs the kubelet's pod admission for one container: ManagerImpl.Allocate, then the options
-// the container runtime would get.
+// admit runs the kubelet's pod admission: ManagerImpl.Allocate for each container in order (as the
+// kubelet does), then the options the container runtime would get for each.
 func (n *node) admit(c managerCommand, fail func(error)) {
 	m := n.currentManager()
 	if m == nil || c.Pod == nil {
 		fail(fmt.Errorf("admit needs a started device manager and a pod"))
 		return
 	}
-	container := v1.Container{Name: c.Container, Resources: v1.ResourceRequirements{
-		Limits:   v1.ResourceList{v1.ResourceName(c.Resource): *resource.NewQuantity(c.Slices, resource.DecimalSI)},
-		Requests: v1.ResourceList{v1.ResourceName(c.Resource): *resource.NewQuantity(c.Slices, resource.DecimalSI)},
-	}}
+	requests := c.Containers
+	if len(requests) == 0 {
+		requests = []containerRequest{{Name: c.Container, Resource: c.Resource, Slices: c.Slices}}
+	}
+	containers := make([]v1.Container, 0, len(requests))
+	for _, r := range requests {
+		q := *resource.NewQuantity(r.Slices, resource.DecimalSI)
+		containers = append(containers, v1.Container{Name: r.Name, Resources: v1.ResourceRequirements{
+			Limits:   v1.ResourceList{v1.ResourceName(r.Resource): q},
+			Requests: v1.ResourceList{v1.ResourceName(r.Resource): q},
+		}})
+	}
 	pod := &v1.Pod{
 		ObjectMeta: metav1.ObjectMeta{Name: c.Pod.Name, Namespace: c.Pod.Namespace, UID: types.UID(c.Pod.UID),
 			Annotations: c.Annotations, CreationTimestamp: metav1.NewTime(time.Now())},
-		Spec: v1.PodSpec{Containers: []v1.Container{container}},
+		Spec: v1.PodSpec{Containers: containers},
 	}
 	n.mu.Lock()
 	n.pods[pod.UID] = pod
 	n.mu.Unlock()
-	if err := m.Allocate(pod, &container); err != nil {
-		n.mu.Lock()
-		delete(n.pods, pod.UID)
-		n.mu.Unlock()
-		fail(err)
-		return
+	results := []map[string]any{}
+	for i := range pod.Spec.Containers {
+		container := &pod.Spec.Containers[i]
+		if err := m.Allocate(pod, container); err != nil {
+			n.mu.Lock()
+			delete(n.pods, pod.UID)
+			n.mu.Unlock()
+			fail(err)
+			return
+		}
+		opts, err := m.GetDeviceRunContainerOptions(pod, container)
+		if err != nil {
+			fail(err)
+			return
+		}
+		envs := map[string]string{}
+		for _, e := range opts.Envs {
+			envs[e.Name] = e.Value
+		}
+		mounts := []map[string]any{}
+		for _, mt := range opts.Mounts {
+			mounts = append(mounts, map[string]any{"container_path": mt.ContainerPath, "host_path": mt.HostPath,
+				"read_only": mt.ReadOnly})
+		}
+		devices := []map[string]any{}
+		for _, d := range opts.Devices {
+			devices = append(devices, map[string]any{"container_path": d.PathInContainer, "host_path": d.PathOnHost,
+				"permissions": d.Permissions})
+		}
+		r := requests[i]
+		results = append(results, map[string]any{"name": container.Name, "resource": r.Resource,
+			"ids": deviceIDs(m.GetDevices(c.Pod.UID, container.Name), r.Resource), "envs": envs, "mounts": mounts,
+			"devices": devices})
 	}
-	opts, err := m.GetDeviceRunContainerOptions(pod, &container)
-	if err != nil {
-		fail(err)
-		return
+	reply := map[string]any{"containers": results}
+	for k, v := range results[0] { // the single-container form keeps its flat reply
+		reply[k] = v
 	}
-	envs := map[string]string{}
-	for _, e := range opts.Envs {
-		envs[e.Name] = e.Value
-	}
-	mounts := []map[string]any{}
-	for _, mt := range opts.Mounts {
-		mounts = append(mounts, map[string]any{"container_path": mt.ContainerPath, "host_path": mt.HostPath,
-			"read_only": mt.ReadOnly})
-	}
-	devices := []map[string]any{}
-	for _, d := range opts.Devices {
-		devices = append(devices, map[string]any{"container_path": d.PathInContainer, "host_path": d.PathOnHost,
-			"permissions": d.Permissions})
-	}
-	emit("admitted", c.ID, map[string]any{"ids": deviceIDs(m.GetDevices(c.Pod.UID, c.Container), c.Resource),
-		"envs": envs, "mounts": mounts, "devices": devices})
+	emit("admitted", c.ID, reply)
 }
 
 func runManagerMode() {
@@ -361,7 +394,7 @@ func runManagerMode() {
 			return
 		}
 		if c.Resource == "" {
-			c.Resource = "vnpu.io/memory"
+			c.Resource = "vnpu.io/memory-0" // one resource per device: commands name theirs
 		}
 		if c.Container == "" {
 			c.Container = "main"
