@@ -12,7 +12,8 @@ from pathlib import Path
 
 from vnpu.api import DEFAULT_SLICE_MIB, RESOURCE_PREFIX
 from vnpu.device_plugin import contract
-from vnpu.device_plugin.backends.base import BACKEND_NAMES
+from vnpu.device_plugin.backends.ascend import DEFAULT_DRIVER_PATH, SHARED_DEVICE_FILES
+from vnpu.device_plugin.backends.base import BACKEND_NAMES, FALLBACKS, Backend, create_backend
 from vnpu.device_plugin.ledger import SYNC_MODES
 from vnpu.device_plugin.plugin import PluginConfig, PluginRunner
 from vnpu.logs import setup_logging
@@ -28,13 +29,14 @@ device's socket directory. The plugin never looks at pods. It writes the node an
 vnpu.io/devices and exports Prometheus metrics.
 
 Backends: ascend (npu-smi), nvidia (NVML, needs nvidia-ml-py), simulated (devices from
---simulated-config FILE or --simulated-devices COUNTxMIB[:NUMA]); auto picks the first present and
-falls back to simulated.
+--simulated-config FILE or --simulated-devices COUNTxMIB[:NUMA]). auto picks Ascend (npu-smi, or the
+driver's DCMI library), then NVIDIA (NVML); on a node with neither it advertises nothing and logs
+what it looked for, unless --fallback simulated.
 """
 
 EPILOG = """\
 environment: NODE_NAME (default of --node-name), VNPU_SIMULATED_CONFIG, VNPU_SIMULATED_DEVICES,
-KUBECONFIG (default of --kubeconfig).
+VNPU_BACKEND_FALLBACK (default of --fallback), KUBECONFIG (default of --kubeconfig).
 
 examples:
   vnpu device-plugin --node-name $(hostname)                       # in a DaemonSet (in-cluster config)
@@ -75,6 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--backend", choices=BACKEND_NAMES, default=d.backend, help="device backend (default: %(default)s)"
     )
     g.add_argument(
+        "--fallback",
+        choices=FALLBACKS,
+        default=os.environ.get("VNPU_BACKEND_FALLBACK") or "none",
+        help="what --backend auto does when it finds no accelerator: none = advertise nothing, "
+        "simulated = advertise the simulated devices (default: %(default)s)",
+    )
+    g.add_argument(
         "--slice-mib",
         type=int,
         default=DEFAULT_SLICE_MIB,
@@ -96,6 +105,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--npu-smi",
         default=d.npu_smi,
         help="npu-smi executable for the ascend backend (default: %(default)s)",
+    )
+    g.add_argument(
+        "--ascend-driver-path",
+        default=DEFAULT_DRIVER_PATH,
+        help="Ascend driver folder; npu-smi runs with its libraries, and its DCMI library marks an "
+        "Ascend node for --backend auto (default: %(default)s)",
+    )
+    g.add_argument(
+        "--ascend-device-files",
+        default=",".join(SHARED_DEVICE_FILES),
+        metavar="PATH[,PATH...]",
+        help="device files every container on an Ascend NPU gets besides its /dev/davinci<N> "
+        "(default: %(default)s)",
     )
     g.add_argument(
         "--sysfs-root",
@@ -206,6 +228,20 @@ def config_from_args(args: argparse.Namespace) -> PluginConfig:
     )
 
 
+def backend_from_args(args: argparse.Namespace) -> Backend:
+    """The device backend the flags select (``auto`` detects; see the module's help)."""
+    return create_backend(
+        args.backend,
+        fallback=args.fallback,
+        config_path=args.simulated_config,
+        spec=args.simulated_devices,
+        npu_smi=args.npu_smi,
+        sysfs_root=args.sysfs_root,
+        driver_path=args.ascend_driver_path,
+        device_files=[f for f in args.ascend_device_files.split(",") if f],
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_format, logging.DEBUG if args.verbose else logging.INFO)
@@ -213,7 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("--slice-mib must be >= 1")
         return 2
     try:
-        runner = PluginRunner(config_from_args(args))
+        runner = PluginRunner(config_from_args(args), backend=backend_from_args(args))
     except ValueError as exc:
         log.error("cannot start the device plugin", extra={"error": str(exc)})
         return 2

@@ -2,7 +2,10 @@
 # Prepare everything vnpu's tests and `vnpu up` need on a fresh machine, reusing caches when warm:
 #  - a Python virtualenv outside the work tree, keyed by the hash of pyproject.toml (torch is big:
 #    a new env is made only when dependencies change), with the project installed editable;
-#  - the real Kubernetes binaries, built from the Go module proxy and cached by version.
+#  - the real Kubernetes binaries, built from the Go module proxy and cached by version;
+#  - the vnpu image (Debian + python3 + vnpu, an OCI archive for containerd), built with mmdebstrap and
+#    umoci and cached by content hash (vnpu/cluster/imagebuild.py); skipped with VNPU_SKIP_NODE_E2E=1,
+#    like the end-to-end that runs it.
 # Prints the virtualenv path on its last line.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,7 +19,8 @@ command -v openssl >/dev/null || need_debs+=(openssl)
 command -v go >/dev/null || need_debs+=(golang-go)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need_debs+=(python3-venv)
 # The single-node end-to-end (tests/e2e, vnpu/cluster/node.py): a real kubelet on containerd + runc.
-for pair in containerd:containerd runc:runc umoci:umoci busybox:busybox-static gcc:gcc ip:iproute2 \
+# The vnpu image: a Debian root file system (mmdebstrap) packed as an OCI image (umoci).
+for pair in containerd:containerd runc:runc umoci:umoci mmdebstrap:mmdebstrap gcc:gcc ip:iproute2 \
             nsenter:util-linux dnsmasq:dnsmasq-base /usr/lib/cni/bridge:containernetworking-plugins; do
   [[ -x ${pair%%:*} ]] || command -v "${pair%%:*}" >/dev/null || need_debs+=("${pair#*:}")
 done
@@ -39,4 +43,7 @@ else
 fi
 
 "$VENV/bin/python" -c 'from vnpu.cluster.binaries import ensure_binaries; ensure_binaries()'
+if [[ ${VNPU_SKIP_NODE_E2E:-} != 1 ]]; then
+  "$VENV/bin/python" -m vnpu.cluster.imagebuild >/dev/null   # progress on stderr; cached by content hash
+fi
 echo "$VENV"

@@ -7,6 +7,9 @@ HBM total where reported, else the memory total. ``npu-smi info -m`` maps (NPU I
 chip logic ID, which is the ``/dev/davinci<N>`` number and the ``ASCEND_VISIBLE_DEVICES`` value on
 standard Atlas servers (where logic and physical IDs coincide).
 
+npu-smi loads the driver's libraries (``/usr/local/Ascend/driver/lib64/...``): the backend runs it with
+those folders on ``LD_LIBRARY_PATH``, as the driver's ``set_env.sh`` would.
+
 Parsing is pure (:func:`parse_info`, :func:`parse_chip_map`); :class:`AscendBackend` only runs the tool.
 A chip whose fields cannot be parsed is reported unhealthy with the reason; output with no device
 table at all raises BackendError.
@@ -14,8 +17,10 @@ table at all raises BackendError.
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +31,10 @@ from vnpu.device_plugin.contract import ENV_ASCEND_VISIBLE_DEVICES
 SCHEDULABLE_HEALTH = ("OK", "Warning")
 #: Device files every Ascend container needs besides its own /dev/davinci<N>.
 SHARED_DEVICE_FILES = ("/dev/davinci_manager", "/dev/devmm_svm", "/dev/hisi_hdc")
+#: Where the Ascend driver installs itself; npu-smi loads its libraries from below it.
+DEFAULT_DRIVER_PATH = "/usr/local/Ascend/driver"
+#: Library folders of the driver, in the order the driver's own set_env.sh puts them on LD_LIBRARY_PATH.
+DRIVER_LIBRARY_DIRS = ("lib64", "lib64/common", "lib64/driver")
 
 _BUS_ID = re.compile(r"^[0-9A-Fa-f]{4,8}:[0-9A-Fa-f]{2}:[0-9A-Fa-f]{2}\.[0-7]$")
 _USAGE_PAIR = re.compile(r"(\S+)\s*/\s*(\S+)")
@@ -174,23 +183,44 @@ def to_devices(
     return devices
 
 
+def npu_smi_environment(environ: Mapping[str, str], driver_path: str | Path) -> dict[str, str]:
+    """The environment npu-smi runs with: the driver's library folders ahead of ``LD_LIBRARY_PATH``.
+    Only npu-smi gets them (the plugin's own Python must not load the host's libraries)."""
+    dirs = [str(Path(driver_path, d)) for d in DRIVER_LIBRARY_DIRS]
+    inherited = [p for p in environ.get("LD_LIBRARY_PATH", "").split(":") if p and p not in dirs]
+    return {**environ, "LD_LIBRARY_PATH": ":".join(dirs + inherited)}
+
+
 class AscendBackend(Backend):
-    """Runs ``npu-smi`` (path configurable) and parses its output."""
+    """Runs ``npu-smi`` (path configurable, with the driver's libraries) and parses its output.
+
+    ``device_files`` are the shared device files every container on an NPU gets besides its own
+    ``/dev/davinci<N>`` (the chart's ``devicePlugin.ascend.deviceFiles``)."""
 
     name = "ascend"
 
     def __init__(
-        self, npu_smi: str = "npu-smi", sysfs_root: str | Path = "/sys", timeout_s: float = 10.0
+        self,
+        npu_smi: str = "npu-smi",
+        sysfs_root: str | Path = "/sys",
+        timeout_s: float = 10.0,
+        driver_path: str | Path = DEFAULT_DRIVER_PATH,
+        device_files: Sequence[str] = SHARED_DEVICE_FILES,
     ) -> None:
         self.npu_smi = npu_smi
         self.sysfs_root = sysfs_root
         self.timeout_s = timeout_s
+        self.driver_path = driver_path
+        self.device_files = tuple(device_files)
         self._chip_map: dict[tuple[int, int], int] = {}
 
     def _run(self, *args: str) -> str:
         cmd = [self.npu_smi, *args]
+        env = npu_smi_environment(os.environ, self.driver_path)
         try:
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=self.timeout_s, check=False)
+            done = subprocess.run(
+                cmd, capture_output=True, text=True, timeout=self.timeout_s, check=False, env=env
+            )
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise BackendError(f"{' '.join(cmd)} failed: {exc}") from exc
         if done.returncode != 0:
@@ -213,4 +243,4 @@ class AscendBackend(Backend):
 
     def device_nodes(self, device: PhysicalDevice) -> list[DeviceNode]:
         own = f"/dev/davinci{device.visible_id}"
-        return [DeviceNode(own, own), *(DeviceNode(p, p) for p in SHARED_DEVICE_FILES)]
+        return [DeviceNode(own, own), *(DeviceNode(p, p) for p in self.device_files)]

@@ -5,12 +5,15 @@ from __future__ import annotations
 import abc
 import logging
 import shutil
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 BACKEND_NAMES = ("auto", "ascend", "nvidia", "simulated")
+#: What ``auto`` does on a node with no accelerator: advertise nothing, or simulated devices.
+FALLBACKS = ("none", "simulated")
 
 
 class BackendError(RuntimeError):
@@ -83,19 +86,72 @@ def read_numa_node(pci_bus_id: str, sysfs_root: str | Path = "/sys") -> int | No
     return value if value >= 0 else None
 
 
-def create_backend(name: str, **options: object) -> Backend:
-    """Build a backend by name. ``auto`` picks ascend when ``npu-smi`` is on PATH, else nvidia when
-    NVML initialises, else simulated. Options are passed to the chosen backend's constructor."""
-    from vnpu.device_plugin.backends.ascend import AscendBackend
+@dataclass(frozen=True)
+class Detection:
+    """What ``auto`` found on this node: the backend to use (None: no accelerator) and, for each
+    vendor it ruled out, why — the plugin logs these so an empty node says what it looked for."""
+
+    backend: str | None
+    reasons: tuple[str, ...] = ()
+
+
+def ascend_driver_library(driver_path: str | Path) -> Path:
+    """Where the Ascend driver installs its DCMI library (the vendor's management API)."""
+    return Path(driver_path, "lib64", "driver", "libdcmi.so")
+
+
+def detect(npu_smi: str, driver_path: str | Path, nvml_problem: Callable[[], str]) -> Detection:
+    """Ascend first (``npu-smi`` found, or the driver's DCMI library present), then NVIDIA (NVML
+    initialises: ``nvml_problem()`` returns "" when it does, else why not)."""
+    reasons = []
+    if shutil.which(npu_smi):
+        return Detection("ascend")
+    dcmi = ascend_driver_library(driver_path)
+    if dcmi.exists():
+        # An Ascend node whose npu-smi is not where we look: still Ascend; discovery then fails with
+        # npu-smi's path in every poll, which says exactly what to mount.
+        return Detection("ascend", (f"npu-smi not found at {npu_smi!r} although {dcmi} exists",))
+    reasons.append(f"Ascend: no npu-smi at {npu_smi!r} and no DCMI library at {dcmi}")
+    problem = nvml_problem()
+    if not problem:
+        return Detection("nvidia")
+    reasons.append(f"NVIDIA: {problem}")
+    return Detection(None, tuple(reasons))
+
+
+class NoAccelerator(Backend):
+    """What ``auto`` uses on a node without accelerators (unless told to fall back to simulated
+    devices): it advertises nothing, so a real cluster never schedules onto devices that do not exist."""
+
+    name = "none"
+
+    def __init__(self, reasons: Sequence[str] = ()) -> None:
+        self.reasons = tuple(reasons)
+
+    def discover(self) -> list[PhysicalDevice]:
+        return []
+
+    def container_env(self, device: PhysicalDevice) -> dict[str, str]:
+        return {}
+
+
+def create_backend(name: str, *, fallback: str = "none", **options: object) -> Backend:
+    """Build a backend by name. ``auto`` picks ascend when ``npu-smi`` (or the Ascend driver's DCMI
+    library) is present, else nvidia when NVML initialises; with neither it uses ``fallback``:
+    ``none`` (advertise nothing, log why) or ``simulated``. Options are passed to the chosen
+    backend's constructor; the simulated ones are ignored unless the simulated backend is chosen."""
+    from vnpu.device_plugin.backends.ascend import DEFAULT_DRIVER_PATH, AscendBackend
     from vnpu.device_plugin.backends.nvidia import NvidiaBackend
     from vnpu.device_plugin.backends.simulated import SimulatedBackend
 
     def pick(cls: type[Backend], keys: tuple[str, ...]) -> Backend:
         return cls(**{k: v for k, v in options.items() if k in keys and v is not None})  # type: ignore[arg-type]
 
-    ascend_keys = ("npu_smi", "sysfs_root", "timeout_s")
+    ascend_keys = ("npu_smi", "sysfs_root", "timeout_s", "driver_path", "device_files")
     nvidia_keys = ("sysfs_root",)
     simulated_keys = ("config_path", "spec")
+    if fallback not in FALLBACKS:
+        raise ValueError(f"unknown fallback {fallback!r}; choose one of {', '.join(FALLBACKS)}")
     if name == "ascend":
         return pick(AscendBackend, ascend_keys)
     if name == "nvidia":
@@ -104,13 +160,27 @@ def create_backend(name: str, **options: object) -> Backend:
         return pick(SimulatedBackend, simulated_keys)
     if name != "auto":
         raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKEND_NAMES)}")
-    if options.get("config_path") or options.get("spec"):
-        return pick(SimulatedBackend, simulated_keys)
-    if shutil.which(str(options.get("npu_smi") or "npu-smi")):
-        log.info("backend auto-detected", extra={"backend": "ascend"})
+    found = detect(
+        str(options.get("npu_smi") or "npu-smi"),
+        str(options.get("driver_path") or DEFAULT_DRIVER_PATH),
+        NvidiaBackend.problem,
+    )
+    if found.backend == "ascend":
+        log.info("backend auto-detected", extra={"backend": "ascend", "notes": list(found.reasons)})
         return pick(AscendBackend, ascend_keys)
-    if NvidiaBackend.available():
+    if found.backend == "nvidia":
         log.info("backend auto-detected", extra={"backend": "nvidia"})
         return pick(NvidiaBackend, nvidia_keys)
-    log.info("no accelerator found; using the simulated backend", extra={"backend": "simulated"})
-    return pick(SimulatedBackend, simulated_keys)
+    if fallback == "simulated":
+        log.warning(
+            "no accelerator found; advertising simulated devices (fallback simulated)",
+            extra={"backend": "simulated", "reasons": list(found.reasons)},
+        )
+        return pick(SimulatedBackend, simulated_keys)
+    ignored = [k for k in simulated_keys if options.get(k)]
+    log.warning(
+        "no accelerator found; advertising no devices. Install the driver (or mount it into this "
+        "pod), or set --backend simulated / --fallback simulated for simulated devices",
+        extra={"backend": "none", "reasons": list(found.reasons), "ignored_simulated_options": ignored},
+    )
+    return NoAccelerator(found.reasons)

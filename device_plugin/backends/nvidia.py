@@ -59,16 +59,24 @@ class NvidiaBackend(Backend):
         self._nvml: Any = None
 
     @staticmethod
-    def available() -> bool:
-        """True when nvidia-ml-py is installed and NVML initialises (a driver is present)."""
+    def problem() -> str:
+        """Why NVML cannot be used here ("" when it can): nvidia-ml-py missing, or NVML failing to
+        initialise (no driver, libnvidia-ml.so.1 not mounted into this container)."""
         try:
             import pynvml
-
+        except ImportError:
+            return "nvidia-ml-py is not installed (pip install 'vnpu[cuda]')"
+        try:
             pynvml.nvmlInit()
             pynvml.nvmlShutdown()
-        except Exception:  # ImportError, NVMLError_LibraryNotFound, driver errors: all mean "no"
-            return False
-        return True
+        except Exception as exc:  # NVMLError_LibraryNotFound, driver errors: all mean "no"
+            return f"NVML did not initialise: {exc}"
+        return ""
+
+    @staticmethod
+    def available() -> bool:
+        """True when nvidia-ml-py is installed and NVML initialises (a driver is present)."""
+        return not NvidiaBackend.problem()
 
     def _lib(self) -> Any:
         if self._nvml is None:

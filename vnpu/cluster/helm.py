@@ -1,6 +1,7 @@
 """The Helm chart on a local cluster: the ``helm`` built by build-binaries.sh, and the chart values for
-a node without a registry (locally built images, simulated devices). Used by ``vnpu up`` on a real
-node and by the single-node end-to-end, so both install exactly the same thing."""
+a node without a registry or an accelerator: the chart's defaults plus the locally built images and
+the simulated backend — nothing else. Used by ``vnpu up`` on a real node and by the single-node
+end-to-end, so both install exactly what a user would, on a machine like this one."""
 
 from __future__ import annotations
 
@@ -17,18 +18,22 @@ RELEASE = "vnpu"
 RELEASE_NAMESPACE = "vnpu-system"
 
 
-def local_node_values(
-    *, devices: int = 2, device_mib: int = 16384, resync_seconds: int = 10
-) -> dict[str, Any]:
+def local_node_values(*, simulated_devices: str = "", resync_seconds: int | None = None) -> dict[str, Any]:
     """Chart values for :class:`~vnpu.cluster.node.LocalNode`: the locally built image (nothing can be
     pulled, so ``pullPolicy: Never``), our own pause image for the placeholder pods, and the device
-    plugin's simulated backend with ``devices`` devices of ``device_mib`` each."""
+    plugin's simulated backend (``simulated_devices`` as ``COUNTxMIB``; empty: the plugin's default of
+    two 16 GiB devices). ``resync_seconds`` shortens the operator's periodic pass (``vnpu up``)."""
     repository, tag = images.VNPU_IMAGE.rsplit(":", 1)
-    return {
+    values: dict[str, Any] = {
         "image": {"repository": repository, "tag": tag, "pullPolicy": "Never"},
-        "operator": {"placeholders": {"image": images.PAUSE_IMAGE}, "resyncSeconds": resync_seconds},
-        "devicePlugin": {"backend": "simulated", "simulatedDevices": f"{devices}x{device_mib}"},
+        "operator": {"placeholders": {"image": images.PAUSE_IMAGE}},
+        "devicePlugin": {"backend": "simulated"},
     }
+    if simulated_devices:
+        values["devicePlugin"]["simulatedDevices"] = simulated_devices
+    if resync_seconds is not None:
+        values["operator"]["resyncSeconds"] = resync_seconds
+    return values
 
 
 def helm(bin_dir: Path, kubeconfig: Path, cache_dir: Path, *args: str, timeout: float = 300) -> str:

@@ -2,11 +2,9 @@
 Docker) and imported into containerd with ``ctr -n k8s.io images import``.
 
 * ``local.test/pause:1`` — the pod sandbox image: our own ``pause.c`` linked statically.
-* ``local.test/vnpu:dev`` — the image of the operator, device plugin and runtime pods. A real image
-  would carry Python, torch and vnpu (gigabytes); this one is a busybox root filesystem whose
-  ``vnpu`` command runs the Python environment of the machine the node runs on. The node provides that
-  environment read-only to every container (see :func:`vnpu.cluster.node.python_environment_mounts`),
-  the way a node image with a preinstalled runtime would; the image only names the interpreter.
+* ``local.test/vnpu:dev`` — the image of the operator, device plugin and runtime pods: Debian's
+  python3 with vnpu and its dependencies, built from deploy/image/contents.txt by
+  :mod:`vnpu.cluster.imagebuild` (cached by content hash) and only imported here.
 
 Pods must use ``imagePullPolicy: Never`` (or ``IfNotPresent``): nothing can be pulled.
 """
@@ -22,24 +20,19 @@ from pathlib import Path
 PAUSE_SOURCE = Path(__file__).with_name("pause.c")
 PAUSE_IMAGE = "local.test/pause:1"
 VNPU_IMAGE = "local.test/vnpu:dev"
-#: The user of the vnpu image (uid:gid), the same as deploy/image/Containerfile's and the chart's.
+#: The user of the vnpu image (uid:gid), the same as deploy/image/Containerfile's and the chart's:
+#: 65532 is the conventional non-root user of distroless images.
 NON_ROOT_USER = "65532:65532"
-BUSYBOX = Path("/usr/bin/busybox")  # Debian busybox-static: no shared libraries needed
-#: Applets linked into the image's /bin (what probes, debugging and the launcher need).
-BUSYBOX_APPLETS = (
-    "sh", "cat", "ls", "env", "echo", "sleep", "mkdir", "rm", "ps", "id", "grep", "test", "true",
-    "false", "wget", "stat", "find", "head", "tail", "wc",
-)  # fmt: skip
 
 
 class ImageBuildError(RuntimeError):
     """A tool needed to build or import an image failed or is missing."""
 
 
-def _run(argv: Sequence[str], cwd: Path | None = None) -> None:
+def _run(argv: Sequence[str], cwd: Path | None = None, timeout: float = 300) -> None:
     if shutil.which(argv[0]) is None:
         raise ImageBuildError(f"`{argv[0]}` is not installed (hack/setup-env.sh installs it)")
-    proc = subprocess.run(list(argv), cwd=cwd, capture_output=True, text=True, check=False, timeout=300)
+    proc = subprocess.run(list(argv), cwd=cwd, capture_output=True, text=True, check=False, timeout=timeout)
     if proc.returncode != 0:
         raise ImageBuildError(f"{shlex.join(argv)} failed ({proc.returncode}): {proc.stderr.strip()}")
 
@@ -101,65 +94,9 @@ def build_pause_image(workdir: Path) -> Path:
     return build_oci_image(workdir, PAUSE_IMAGE, populate, entrypoint=["/pause"], env=())
 
 
-def launcher_script(python: str) -> str:
-    """``/bin/vnpu`` in the image: run the ``vnpu`` CLI with the node-provided interpreter.
-
-    A container's first process is PID 1 of its PID namespace, and the kernel drops signals that PID 1
-    has no handler for: Python as PID 1 would ignore the kubelet's SIGTERM until it installs a handler
-    (after imports that take seconds), and then be SIGKILLed after the grace period. So when the
-    launcher is PID 1 it stays as a small init, as ``tini`` does in production images: it forwards
-    SIGTERM/SIGINT to ``vnpu`` and exits with its status. Otherwise it simply ``exec``s."""
-    py = shlex.quote(python)
-    return f"""#!/bin/sh
-if [ "$$" != 1 ]; then exec {py} -m vnpu "$@"; fi
-{py} -m vnpu "$@" &
-child=$!
-trap 'kill -TERM "$child" 2>/dev/null' TERM
-trap 'kill -INT "$child" 2>/dev/null' INT
-status=0
-while kill -0 "$child" 2>/dev/null; do wait "$child"; status=$?; done
-exit "$status"
-"""
-
-
-def build_vnpu_image(workdir: Path, python: str, image: str = VNPU_IMAGE) -> Path:
-    """The operator/device-plugin/runtime image: busybox, ``/bin/vnpu`` launching ``python -m vnpu``,
-    and the merged-/usr symlinks (``/lib``, ``/lib64``) the host's shared libraries expect once the
-    node mounts ``/usr``."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    if not BUSYBOX.exists():
-        raise ImageBuildError(f"{BUSYBOX} is missing (Debian package busybox-static)")
-
-    def populate(rootfs: Path) -> None:
-        bin_dir = rootfs / "bin"
-        bin_dir.mkdir()
-        shutil.copy2(BUSYBOX, bin_dir / "busybox")
-        for applet in BUSYBOX_APPLETS:
-            (bin_dir / applet).symlink_to("busybox")
-        vnpu = bin_dir / "vnpu"
-        vnpu.write_text(launcher_script(python))
-        vnpu.chmod(0o755)
-        for d in ("usr", "tmp", "root", "etc", "var/tmp"):
-            (rootfs / d).mkdir(parents=True, exist_ok=True)
-        (rootfs / "tmp").chmod(0o1777)
-        (rootfs / "var/tmp").chmod(0o1777)
-        (rootfs / "root").chmod(0o755)
-        (rootfs / "lib").symlink_to("usr/lib")
-        (rootfs / "lib64").symlink_to("usr/lib64")
-        # 65532 is the conventional non-root user of distroless images (the chart runs the operator as it).
-        (rootfs / "etc/passwd").write_text(
-            "root:x:0:0:root:/root:/bin/sh\nnonroot:x:65532:65532::/tmp:/bin/false\n"
-            "nobody:x:65534:65534::/:/bin/false\n"
-        )
-        (rootfs / "etc/group").write_text("root:x:0:\nnonroot:x:65532:\nnogroup:x:65534:\n")
-
-    # Like the real image (deploy/image/Containerfile), processes run as 65532 unless a pod says
-    # otherwise (the device plugin runs as root): model pods are tested as the non-root user they are.
-    return build_oci_image(workdir, image, populate, user=NON_ROOT_USER)
-
-
 def import_image(ctr: Sequence[str], tarball: Path, image: str) -> None:
     """Import an OCI tarball into containerd's ``k8s.io`` namespace (the one the CRI plugin uses) as
     ``image``. ``ctr`` is the command prefix reaching the node's containerd."""
     name, _ = split_reference(image)
-    _run([*ctr, "-n", "k8s.io", "images", "import", "--base-name", name, str(tarball)])
+    # The vnpu image is gigabytes (torch): unpacking it takes minutes on a slow disk.
+    _run([*ctr, "-n", "k8s.io", "images", "import", "--base-name", name, str(tarball)], timeout=1800)

@@ -13,14 +13,14 @@ namespace. The settings a VM of this kind needs:
   collected image could never be pulled again;
 * pod networking: a CNI bridge with host-local addresses inside the node's network namespace; the API
   server listens on the ``kubernetes`` Service address there, so pods reach it without a kube-proxy;
-* the Python environment of this machine mounted read-only into every container through containerd's
-  base OCI spec (see :func:`python_environment_mounts`), because the test image cannot carry torch.
+* the vnpu image is the real one (Debian's python3, vnpu, torch), built by
+  :mod:`vnpu.cluster.imagebuild` and imported with ``ctr``: containers see nothing of this machine's
+  Python.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 import shutil
@@ -46,33 +46,7 @@ CLUSTER_DOMAIN = "cluster.local"
 
 
 # -- pure configuration ----------------------------------------------------------------------------------
-def python_environment_mounts() -> list[str]:
-    """Host directories a container needs to run this interpreter with vnpu importable: ``/usr``
-    (shared libraries), the base interpreter, the virtualenv and — for an editable install — the
-    source checkout. Mounted read-only at the same paths, so every path in the venv stays valid."""
-    candidates = [Path("/usr"), Path(sys.base_prefix).resolve(), Path(sys.prefix)]
-    spec = importlib.util.find_spec("vnpu.api")
-    if spec and spec.origin:
-        candidates.append(Path(spec.origin).resolve().parents[1])  # the checkout (editable) or site-packages
-    roots: list[Path] = []
-    for path in sorted(set(candidates), key=lambda p: len(p.parts)):
-        if not any(path == r or r in path.parents for r in roots):
-            roots.append(path)
-    return [str(p) for p in roots]
-
-
-def base_runtime_spec(default_spec: Mapping[str, Any], read_only_mounts: Sequence[str]) -> dict[str, Any]:
-    """containerd's default OCI spec plus read-only bind mounts of ``read_only_mounts`` (same paths)."""
-    spec = json.loads(json.dumps(default_spec))
-    spec["mounts"] = [m for m in spec.get("mounts", []) if m.get("destination") not in read_only_mounts]
-    spec["mounts"] += [
-        {"destination": p, "type": "bind", "source": p, "options": ["rbind", "ro", "nosuid", "nodev"]}
-        for p in read_only_mounts
-    ]
-    return spec
-
-
-def containerd_config(*, sandbox_image: str, cni_conf_dir: Path, base_spec: Path) -> str:
+def containerd_config(*, sandbox_image: str, cni_conf_dir: Path) -> str:
     """containerd 1.6 configuration (TOML, version 2) for a kubelet without systemd."""
     return f"""\
 version = 2
@@ -97,7 +71,6 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
     default_runtime_name = "runc"
     [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
       runtime_type = "io.containerd.runc.v2"
-      base_runtime_spec = "{base_spec}"
       [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
         SystemdCgroup = false
   [plugins."io.containerd.grpc.v1.cri".cni]
@@ -213,11 +186,11 @@ class LocalNode:
         self.processes: dict[str, ManagedProcess] = {}
 
     # -- lifecycle ---------------------------------------------------------------------------------------
-    def start(self, image_python: str | None = None) -> LocalNode:
+    def start(self) -> LocalNode:
         """containerd, the pause and vnpu images, the kubelet; returns once the node is Ready."""
         try:
             self.start_containerd()
-            self.import_images(image_python or sys.executable)
+            self.import_images()
             self.start_cluster_dns()
             self.start_kubelet()
             self.wait_ready()
@@ -246,15 +219,8 @@ class LocalNode:
         cni_dir = self.dir / "cni"
         cni_dir.mkdir(exist_ok=True)
         (cni_dir / "10-vnpu-node.conflist").write_text(json.dumps(cni_conflist(self.pod_cidr), indent=2))
-        default_spec = json.loads(self._run(["ctr", "oci", "spec"], wrap=False))
-        base_spec = self.dir / "base-runtime-spec.json"
-        base_spec.write_text(
-            json.dumps(base_runtime_spec(default_spec, python_environment_mounts()), indent=2)
-        )
         config = self.dir / "containerd.toml"
-        config.write_text(
-            containerd_config(sandbox_image=images.PAUSE_IMAGE, cni_conf_dir=cni_dir, base_spec=base_spec)
-        )
+        config.write_text(containerd_config(sandbox_image=images.PAUSE_IMAGE, cni_conf_dir=cni_dir))
         proc = self._spawn("containerd", ["containerd", "--config", str(config)])
         socket = self.ns.host_path(CONTAINERD_SOCKET)
 
@@ -273,12 +239,15 @@ class LocalNode:
             raise RuntimeError(f"ctr {' '.join(args)} failed: {proc.stderr.strip()}")
         return proc
 
-    def import_images(self, python: str) -> None:
-        """Build and import the pause image and ``local.test/vnpu:dev`` (launching ``python``)."""
+    def import_images(self) -> None:
+        """Build and import the pause image; import ``local.test/vnpu:dev`` from the image cache
+        (built first when this checkout's image is not there yet)."""
+        from vnpu.cluster.imagebuild import ensure_image
+
         build = self.dir / "images"
         ctr = [*self.ns.wrap(), "ctr", f"--address={CONTAINERD_SOCKET}"]
         images.import_image(ctr, images.build_pause_image(build), images.PAUSE_IMAGE)
-        images.import_image(ctr, images.build_vnpu_image(build, python), images.VNPU_IMAGE)
+        images.import_image(ctr, ensure_image(), images.VNPU_IMAGE)
 
     # -- cluster DNS -------------------------------------------------------------------------------------
     def start_cluster_dns(self) -> None:
@@ -381,7 +350,6 @@ REQUIRED_COMMANDS = {
     "ctr": "containerd",
     "runc": "runc",
     "umoci": "umoci",
-    "busybox": "busybox-static",
     "gcc": "gcc",
     "ip": "iproute2",
     "nsenter": "util-linux",

@@ -333,7 +333,11 @@ def _start_real(
     with steps.step("helm install"):
         values = workdir / "chart-values.json"
         values.write_text(
-            json.dumps(local_node_values(devices=args.devices_per_node, device_mib=args.device_gib * 1024))
+            json.dumps(
+                local_node_values(
+                    simulated_devices=f"{args.devices_per_node}x{args.device_gib * 1024}", resync_seconds=10
+                )
+            )
         )
         helm(
             bin_dir, cp.kubeconfig, workdir / "helm",
