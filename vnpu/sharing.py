@@ -113,7 +113,8 @@ def load_key(path: str | Path) -> bytes:
             f"cannot read the share key {path}: {exc.strerror or exc} (the operator mounts the group's "
             f"Secret there; is this pod one the operator created?)"
         ) from exc
-    key = key.strip()
+    # Raw bytes as the Secret holds them: a random key may begin or end with bytes that look like
+    # whitespace, and stripping them would give holder and replica different keys than the Secret's.
     if len(key) < MIN_KEY_BYTES:
         raise ShareKeyError(f"the share key {path} has {len(key)} bytes; at least {MIN_KEY_BYTES} are needed")
     return key

@@ -371,3 +371,14 @@ def test_a_stopping_holder_leaves_its_replacements_socket_alone(tiny: Any, short
     alone.start()
     alone.stop()
     assert not alone.socket_path.exists()
+
+
+def test_a_key_is_read_byte_for_byte(short_tmp: Path) -> None:
+    """Random keys may start or end with whitespace-like bytes: nothing may be stripped."""
+    key = b"\n\t " + b"k" * 29 + b"\r\x0b"
+    path = short_tmp / "key"
+    path.write_bytes(key)
+    assert sharing.load_key(path) == key
+    path.write_bytes(b"short")
+    with pytest.raises(sharing.ShareKeyError, match="at least 16"):
+        sharing.load_key(path)
