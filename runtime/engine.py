@@ -1,21 +1,39 @@
-"""A serving process's model: weights (own or attached), KV cache, tokenizer, one request at a time.
+"""A serving process's model: weights (own or attached), a paged KV pool and one continuous-batching loop.
 
 :class:`ModelRuntime` is what the HTTP server talks to. Weights are *installed* into it — from a
 local load or from a weights-holder lease — and can be *uninstalled* when the holder goes away; the
-KV cache belongs to the process and survives a re-attach (:mod:`vnpu.runtime.supervisor` keeps the
-lease).
+KV pool belongs to the process and survives a re-attach (:mod:`vnpu.runtime.supervisor` keeps the
+lease and drives :meth:`~ModelRuntime.install`, :meth:`~ModelRuntime.uninstall` and
+:meth:`~ModelRuntime.set_unavailable`).
+
+Requests are :meth:`~ModelRuntime.submit`-ted as token ids (tokenization happens before, in the
+caller's thread, outside every lock). One engine thread runs the loop: ask the
+:class:`~vnpu.runtime.scheduler.Scheduler` for a step (new sequences join at every step up to
+``max_batch``; prefill is chunked and interleaved with decode; the lowest-priority sequence is
+preempted when blocks run out), run it as one :meth:`~vnpu.runtime.model.LlamaModel.forward_batch`
+(each weight unit — and under offload each streamed layer — is fetched once per step for the whole
+batch), sample, detokenize, check stop conditions, and hand each request its new text through the
+callback it gave. A finished, cancelled or failed sequence returns its KV blocks at once.
 
 Memory contract (``VNPU_MEMORY_LIMIT_MIB``): on CUDA/NPU the limit becomes torch's per-process memory
-fraction; on CPU it is a checked budget — KV cache + activation estimate + offload ring + the weights
-this process owns (none when attached: the holder's slices pay for them) must fit, or the process
-refuses to start with the numbers in the message.
+fraction; on CPU it is a checked budget. Either way the KV pool gets what the limit leaves after the
+weights this process owns (none when attached: the holder's slices pay for them), the activation
+estimate for ``max_batch`` and the offload ring — capped at ``max_batch`` sequences of
+``max_context`` tokens, which is all the scheduler can ever use — and must hold at least one sequence
+of ``max_context`` tokens, or the process refuses to start with the numbers in the message. Without a
+limit the pool is exactly ``max_batch`` x ``max_context`` tokens (the CRD's ``maxBatch`` x
+``maxContextTokens``).
 """
 
 from __future__ import annotations
 
 import gc
+import itertools
 import logging
+import queue
 import threading
+import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,16 +42,31 @@ import torch
 
 from vnpu import memory
 from vnpu.runtime.arena import Arena
+from vnpu.runtime.chat import ChatTemplate
 from vnpu.runtime.errors import InvalidRequestError, MemoryBudgetError, RuntimeUnavailableError
-from vnpu.runtime.generate import GenerationResult, check_context, generate
+from vnpu.runtime.generate import GenerationResult, check_context
 from vnpu.runtime.manifest import DTYPE_BYTES, WeightManifest
 from vnpu.runtime.metrics import RuntimeMetrics
-from vnpu.runtime.model import KVCache, LlamaModel, ResidentWeights, WeightProvider
+from vnpu.runtime.model import LlamaModel, ResidentWeights, WeightProvider
 from vnpu.runtime.offload import OffloadedWeights, OffloadPlan, ThrottledLink, plan_offload, unit_sizes
+from vnpu.runtime.paged import DEFAULT_BLOCK_SIZE, PagedKVCache, StepSequence, build_layout
+from vnpu.runtime.sampling import SamplingParams, TokenLogprob, sample_step
+from vnpu.runtime.scheduler import (
+    BlockAllocator,
+    QueueFullError,
+    Scheduler,
+    SchedulerConfig,
+    StepPlan,
+)
+from vnpu.runtime.scheduler import (
+    Sequence as ScheduledSequence,
+)
 from vnpu.runtime.tokenizer import StreamDecoder, Tokenizer
 from vnpu.runtime.units import model_units
 
-log = logging.getLogger("vnpu.runtime.engine")
+__all__ = ["QueueFullError"]
+
+log = logging.getLogger(__name__)
 MIB = 1024 * 1024
 
 
@@ -41,12 +74,39 @@ MIB = 1024 * 1024
 class ServeOptions:
     device: str = "cpu"
     max_context: int = 2048
-    prefill_chunk: int = 256
+    prefill_chunk: int = 256  #: tokens per forward step, decode tokens included
     memory_limit_mib: int | None = None
     offload_budget_mib: float | None = None  #: None: everything resident
     prefetch_depth: int = 2
     link_bytes_per_s: float | None = None  #: CPU only: emulate a host-to-device link of this bandwidth
     model_name: str = ""
+    max_batch: int = 16  #: sequences decoded together (``spec.memory.maxBatch``)
+    default_priority: int = 0  #: priority of requests that give none (``spec.priority``)
+    max_queue: int = 64  #: sequences waiting for a batch slot before new ones get 429
+    block_size: int = DEFAULT_BLOCK_SIZE
+
+    @property
+    def max_step_tokens(self) -> int:
+        return max(self.prefill_chunk, self.max_batch)
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt_ids: tuple[int, ...]
+    params: SamplingParams
+    priority: int | None = None  #: None: the model's default priority
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """What one step produced for one request; the last one carries ``finish_reason``."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    logprobs: tuple[TokenLogprob, ...] = ()
+    finish_reason: str | None = None  #: "stop", "length", "cancelled" or "error"
+    error: Exception | None = None
+    completion_tokens: int = 0  #: generated so far (all of them in the last output)
 
 
 @dataclass
@@ -55,6 +115,7 @@ class Completion:
     result: GenerationResult
     finish_reason: str
     prompt_tokens: int
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass
@@ -62,6 +123,7 @@ class _Installed:
     manifest: WeightManifest
     model: LlamaModel
     tokenizer: Tokenizer
+    chat_template: ChatTemplate | None
     provider: WeightProvider
     shared: bool
     keep: list[Any] = field(default_factory=list)  # objects whose lifetime the views depend on
@@ -111,14 +173,52 @@ class StopMatcher:
         return "" if self.stopped else text
 
 
+@dataclass(eq=False)
+class _Active:
+    """A request inside the engine: its scheduler sequence and everything that turns tokens into text."""
+
+    seq: ScheduledSequence
+    params: SamplingParams
+    sink: Callable[[RequestOutput], None]
+    decoder: StreamDecoder
+    matcher: StopMatcher
+    generator: torch.Generator | None
+    stop_ids: frozenset[int]
+    submitted: float
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    closed: bool = False  #: the caller has had its last output
+
+
+class RequestHandle:
+    """The caller's side of a submitted request."""
+
+    def __init__(self, runtime: ModelRuntime, active: _Active) -> None:
+        self._runtime = runtime
+        self._active = active
+        self.id = active.seq.id
+        self.prompt_tokens = active.seq.prompt_len
+        self.priority = active.seq.priority
+
+    def abort(self) -> bool:
+        """Cancel the request (its blocks are freed now, or right after the step using them)."""
+        return self._runtime.abort(self)
+
+
 class ModelRuntime:
     def __init__(self, options: ServeOptions, metrics: RuntimeMetrics | None = None) -> None:
         self.options = options
         self.metrics = metrics or RuntimeMetrics()
-        self._lock = threading.Lock()  # one generation at a time; install/uninstall wait for it
+        self._lock = threading.Lock()  # the model: a step, install and uninstall exclude each other
+        self._cond = threading.Condition()  # the scheduler and the active requests
         self._installed: _Installed | None = None
-        self._cache: KVCache | None = None
+        self._cache: PagedKVCache | None = None
+        self._scheduler: Scheduler | None = None
+        self._active: dict[str, _Active] = {}  # keyed by request id
+        self._arrivals = itertools.count()
         self._unavailable = "weights are not loaded yet"
+        self._thread: threading.Thread | None = None
+        self._stopping = False
         self.plan: OffloadPlan | None = None  #: the offload plan in use, if any
 
     # --- state ---------------------------------------------------------------------------------
@@ -136,9 +236,89 @@ class ModelRuntime:
         installed = self._installed
         return self.options.model_name or (installed.manifest.config.name if installed else "")
 
+    @property
+    def tokenizer(self) -> Tokenizer:
+        installed = self._installed
+        if installed is None:
+            raise RuntimeUnavailableError(self._unavailable or "not ready")
+        return installed.tokenizer
+
+    @property
+    def chat_template(self) -> ChatTemplate | None:
+        installed = self._installed
+        if installed is None:
+            raise RuntimeUnavailableError(self._unavailable or "not ready")
+        return installed.chat_template
+
+    def stats(self) -> dict[str, int]:
+        """Running and waiting sequences and KV blocks in use (what tests and /metrics read)."""
+        with self._cond:
+            sched = self._scheduler
+            if sched is None:
+                return {"running": 0, "waiting": 0, "blocks_used": 0, "blocks_total": 0, "preemptions": 0}
+            return {
+                "running": len(sched.running),
+                "waiting": len(sched.waiting),
+                "blocks_used": sched.allocator.used,
+                "blocks_total": sched.allocator.total,
+                "preemptions": sched.preemptions,
+            }
+
+    # --- memory ---------------------------------------------------------------------------------
+
+    def _dtype_bytes(self, manifest: WeightManifest) -> int:
+        return DTYPE_BYTES[next(iter(manifest.tensors.values())).dtype]
+
+    def _block_bytes(self, manifest: WeightManifest) -> int:
+        return PagedKVCache.bytes_per_block(
+            manifest.config, self._dtype_bytes(manifest), self.options.block_size
+        )
+
+    def _blocks_per_sequence(self) -> int:
+        return -(-self.options.max_context // self.options.block_size)
+
+    def _pool_blocks(
+        self, manifest: WeightManifest, shared: bool, ring_bytes: int, plan: OffloadPlan | None
+    ) -> tuple[int, int]:
+        """(usable blocks the limit allows, bytes it leaves for the KV cache); no limit: what is wanted."""
+        wanted = self.options.max_batch * self._blocks_per_sequence()
+        limit = self.options.memory_limit_mib
+        if limit is None:
+            return wanted, wanted * self._block_bytes(manifest)
+        fixed = sum(self._fixed_bytes(manifest, shared, ring_bytes, plan).values())
+        room = max(0, limit * MIB - fixed - self._block_bytes(manifest))  # less the null block
+        return min(wanted, room // self._block_bytes(manifest)), room
+
+    def kv_blocks(
+        self, manifest: WeightManifest, shared: bool, ring_bytes: int, plan: OffloadPlan | None = None
+    ) -> int:
+        """Usable KV blocks for this process (see the module docstring's memory contract); raises
+        MemoryBudgetError when the limit cannot hold one sequence of ``max_context`` tokens."""
+        blocks, room = self._pool_blocks(manifest, shared, ring_bytes, plan)
+        if blocks < self._blocks_per_sequence():
+            one = self._blocks_per_sequence() * self._block_bytes(manifest)
+            fixed = self._fixed_bytes(manifest, shared, ring_bytes, plan)
+            detail = ", ".join(f"{k} {v / MIB:.1f} MiB" for k, v in fixed.items() if v)
+            raise MemoryBudgetError(
+                f"VNPU_MEMORY_LIMIT_MIB={self.options.memory_limit_mib} is too small: after {detail} it "
+                f"leaves {room / MIB:.2f} MiB for the KV cache, and one sequence of --max-context "
+                f"{self.options.max_context} tokens needs {one / MIB:.2f} MiB; lower --max-context, "
+                "enable offload, or raise the limit"
+            )
+        return int(blocks)
+
     def kv_cache_bytes(self, manifest: WeightManifest) -> int:
-        dtype = next(iter(manifest.tensors.values())).dtype
-        return manifest.config.kv_bytes_per_token(DTYPE_BYTES[dtype]) * self.options.max_context
+        """KV bytes of ``max_batch`` sequences of ``max_context`` tokens (the pool without a limit)."""
+        return self.options.max_batch * self._blocks_per_sequence() * self._block_bytes(manifest)
+
+    def _fixed_bytes(
+        self, manifest: WeightManifest, shared: bool, ring_bytes: int, plan: OffloadPlan | None
+    ) -> dict[str, int]:
+        own_weights = 0 if shared else (plan.resident_bytes if plan is not None else manifest.total_bytes)
+        activation = memory.default_activation_bytes(
+            manifest.config.to_modelfile_config(), self.options.max_batch, self._dtype_bytes(manifest)
+        )
+        return {"activation": activation, "weights": own_weights, "offload_ring": ring_bytes}
 
     def required_bytes(
         self, manifest: WeightManifest, shared: bool, ring_bytes: int, plan: OffloadPlan | None = None
@@ -148,30 +328,17 @@ class ModelRuntime:
         Weights: none when attached (the holder's slices pay for them), the resident part under
         offload (the rest stays in host memory), else all of them.
         """
-        dtype_bytes = DTYPE_BYTES[next(iter(manifest.tensors.values())).dtype]
-        own_weights = 0 if shared else (plan.resident_bytes if plan is not None else manifest.total_bytes)
-        activation = memory.default_activation_bytes(manifest.config.to_modelfile_config(), 1, dtype_bytes)
+        blocks, _ = self._pool_blocks(manifest, shared, ring_bytes, plan)
+        blocks = max(blocks, self._blocks_per_sequence()) + 1  # at least one sequence, + the null block
         return {
-            "kv_cache": self.kv_cache_bytes(manifest),
-            "activation": activation,
-            "weights": own_weights,
-            "offload_ring": ring_bytes,
+            "kv_cache": blocks * self._block_bytes(manifest),
+            **self._fixed_bytes(manifest, shared, ring_bytes, plan),
         }
 
     def check_budget(
         self, manifest: WeightManifest, shared: bool, ring_bytes: int, plan: OffloadPlan | None = None
     ) -> None:
-        limit = self.options.memory_limit_mib
-        if limit is None:
-            return
-        parts = self.required_bytes(manifest, shared, ring_bytes, plan)
-        total = sum(parts.values())
-        if total > limit * MIB:
-            detail = ", ".join(f"{k} {v / MIB:.1f} MiB" for k, v in parts.items() if v)
-            raise MemoryBudgetError(
-                f"VNPU_MEMORY_LIMIT_MIB={limit} is too small: this process needs {total / MIB:.1f} MiB "
-                f"({detail}); lower --max-context, enable offload, or raise the limit"
-            )
+        self.kv_blocks(manifest, shared, ring_bytes, plan)  # raises MemoryBudgetError with the numbers
 
     # --- install / uninstall --------------------------------------------------------------------
 
@@ -185,6 +352,7 @@ class ModelRuntime:
         dtype = getattr(torch, next(iter(manifest.tensors.values())).dtype)
         provider: WeightProvider
         ring = 0
+        plan: OffloadPlan | None = None
         offload = opts.offload_budget_mib is not None
         if offload and arena.backend != "cpu":
             # Attached to a device arena: every weight is already resident on the device.
@@ -195,7 +363,16 @@ class ModelRuntime:
                 unit_sizes(units, manifest), int((opts.offload_budget_mib or 0) * MIB), opts.prefetch_depth
             )
             ring = plan.ring_bytes
-            self.check_budget(manifest, shared, ring, plan)
+        blocks = self.kv_blocks(manifest, shared, ring, plan)  # refuse before allocating anything
+        tokenizer = Tokenizer(manifest.tokenizer)  # outside the lock: requests keep flowing meanwhile
+        template = None
+        if tokenizer.chat_template:
+            template = ChatTemplate(
+                tokenizer.chat_template,
+                tokenizer.special_token_text(tokenizer.bos_id),
+                tokenizer.special_token_text(tokenizer.eos_id),
+            )
+        if plan is not None:
             link = ThrottledLink(opts.link_bytes_per_s) if opts.device.startswith("cpu") else None
             provider = OffloadedWeights(units, manifest, arena.byte_tensor(), plan, opts.device, link)
             self.plan = plan
@@ -204,7 +381,6 @@ class ModelRuntime:
                 extra={k: v for k, v in plan.to_dict().items() if k not in ("resident", "streamed")},
             )
         else:
-            self.check_budget(manifest, shared, 0)
             tensors = {name: arena.view(entry) for name, entry in manifest.tensors.items()}
             if arena.backend == "cpu" and not opts.device.startswith("cpu"):
                 tensors = {name: t.to(opts.device) for name, t in tensors.items()}
@@ -213,24 +389,37 @@ class ModelRuntime:
             previous = self._installed
             if previous is not None and isinstance(previous.provider, OffloadedWeights):
                 previous.provider.close()
+            cache = self._cache
             if (
-                self._cache is None
-                or self._cache.storage.dtype != dtype
-                or self._cache.keys[0].shape[1:]
-                != (config.num_key_value_heads, opts.max_context, config.head_dim)
-                or len(self._cache.keys) != config.num_hidden_layers
+                cache is None
+                or not cache.compatible(config, dtype, opts.device)
+                or cache.usable_blocks != blocks
             ):
-                if self._cache is not None:
-                    self._cache = None
-                    gc.collect()  # free the old cache before allocating the new one
-                self._cache = KVCache(config, opts.max_context, 1, dtype, opts.device)
+                if cache is not None:
+                    self._cache = cache = None
+                    gc.collect()  # free the old pool before allocating the new one
+                cache = PagedKVCache(config, blocks + 1, opts.block_size, dtype, opts.device)
+                self._cache = cache
+            with self._cond:
+                if self._scheduler is not None and self._scheduler.allocator.num_blocks != cache.num_blocks:
+                    self._fail_all(RuntimeUnavailableError("the model was replaced"))
+                    self._scheduler = None
+                if self._scheduler is None:
+                    sched_config = SchedulerConfig(
+                        opts.max_batch, opts.max_step_tokens, opts.block_size, opts.max_queue
+                    )
+                    self._scheduler = Scheduler(sched_config, BlockAllocator(cache.num_blocks))
+                else:  # new weights: what is cached was computed by the old ones; recompute it
+                    self._scheduler.preempt_all()
             model = LlamaModel(config, provider, opts.device, dtype, max_positions=opts.max_context)
             self._installed = _Installed(
-                manifest, model, Tokenizer(manifest.tokenizer), provider, shared, [arena, keep]
+                manifest, model, tokenizer, template, provider, shared, [arena, keep]
             )
             self._unavailable = None
+        self._start_loop()
         m = self.metrics
-        m.kv_cache_bytes.set(self._cache.nbytes)
+        m.kv_cache_bytes.set(cache.nbytes)
+        m.kv_cache_blocks.set(blocks)
         m.weights_bytes.labels("shared" if shared else "own").set(manifest.total_bytes)
         m.weights_bytes.labels("own" if shared else "shared").set(0)
         m.attach_seconds.labels("attach" if shared else "load").set(seconds)
@@ -241,7 +430,9 @@ class ModelRuntime:
                 "model": self.model_name,
                 "shared": shared,
                 "seconds": round(seconds, 4),
-                "kv_cache_bytes": self._cache.nbytes,
+                "kv_cache_bytes": cache.nbytes,
+                "kv_blocks": blocks,
+                "max_batch": opts.max_batch,
                 "weights_bytes": manifest.total_bytes,
             },
         )
@@ -253,24 +444,105 @@ class ModelRuntime:
             self.metrics.ready.set(0)
 
     def uninstall(self, reason: str) -> None:
-        """Stop serving (new requests fail with ``reason`` at once), then drop the weight views."""
+        """Stop serving (new requests fail with ``reason`` at once; running ones end with it after the
+        step in flight), then drop the weight views."""
         self._unavailable = reason
         self.metrics.ready.set(0)
         with self._lock:
             installed, self._installed = self._installed, None
+            with self._cond:
+                self._fail_all(RuntimeUnavailableError(reason))
         if installed is not None and isinstance(installed.provider, OffloadedWeights):
             installed.provider.close()
         del installed
         gc.collect()
         log.warning("model unavailable", extra={"reason": reason})
 
+    def close(self) -> None:
+        """Stop the engine thread (requests still inside fail)."""
+        with self._cond:
+            self._stopping = True
+            self._fail_all(RuntimeUnavailableError("the server is shutting down"))
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
     # --- requests -----------------------------------------------------------------------------
 
     def tokenize(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+    def validate_prompt(self, ids: Sequence[int], max_tokens: int) -> None:
+        """Refuse ids outside the vocabulary and prompts that do not fit the context (HTTP 400)."""
         installed = self._installed
         if installed is None:
             raise RuntimeUnavailableError(self._unavailable or "not ready")
-        return installed.tokenizer.encode(text)
+        vocab = installed.manifest.config.vocab_size
+        if any(i < 0 or i >= vocab for i in ids):
+            raise InvalidRequestError(f"prompt token ids must be in the vocabulary [0, {vocab})")
+        check_context(len(ids), max_tokens, self.options.max_context)
+
+    def submit(self, request: GenerationRequest, sink: Callable[[RequestOutput], None]) -> RequestHandle:
+        """Queue ``request``; ``sink`` gets its outputs from the engine thread (it must not block).
+
+        Raises InvalidRequestError / ContextLengthError (400), QueueFullError (429) or
+        RuntimeUnavailableError (503) at once.
+        """
+        self.validate_prompt(request.prompt_ids, request.params.max_tokens)
+        installed = self._installed
+        if installed is None:
+            raise RuntimeUnavailableError(self._unavailable or "not ready")
+        tokenizer = installed.tokenizer
+        eos = installed.manifest.config.eos_token_id
+        stop_ids = (
+            frozenset()
+            if request.params.ignore_eos
+            else frozenset(i for i in (eos, tokenizer.eos_id) if i is not None)
+        )
+        priority = self.options.default_priority if request.priority is None else request.priority
+        with self._cond:
+            if self._scheduler is None or self._stopping or self._installed is None:
+                raise RuntimeUnavailableError(self._unavailable or "not ready")
+            seq = ScheduledSequence(
+                id=uuid.uuid4().hex,
+                tokens=list(request.prompt_ids),
+                prompt_len=len(request.prompt_ids),
+                priority=priority,
+                arrival=next(self._arrivals),
+            )
+            active = _Active(
+                seq=seq,
+                params=request.params,
+                sink=sink,
+                decoder=StreamDecoder(tokenizer),
+                matcher=StopMatcher(request.params.stop),
+                generator=request.params.generator(),
+                stop_ids=stop_ids,
+                submitted=time.perf_counter(),
+            )
+            self._scheduler.add(seq)  # QueueFullError when the queue is full
+            self._active[seq.id] = active
+            self._update_queue_metrics()
+            self._cond.notify_all()
+        return RequestHandle(self, active)
+
+    def abort(self, handle: RequestHandle) -> bool:
+        """Cancel a request: it gets a last "cancelled" output; its blocks are free at once (or right
+        after the step in flight, which is still using them)."""
+        with self._cond:
+            active = self._active.get(handle.id)
+            if active is None or active.closed or self._scheduler is None:
+                return False
+            active.closed = True
+            self._scheduler.abort(active.seq)
+            if not active.seq.in_step:
+                del self._active[handle.id]
+            self._update_queue_metrics()
+            completion = active.seq.num_generated
+        active.sink(RequestOutput("", (), finish_reason="cancelled", completion_tokens=completion))
+        log.info("request cancelled", extra={"request": handle.id, "generated": completion})
+        return True
 
     def complete(
         self,
@@ -283,66 +555,246 @@ class ModelRuntime:
         stop: Sequence[str] = (),
         on_text: Callable[[str], None] | None = None,
         cancelled: Callable[[], bool] | None = None,
+        priority: int | None = None,
+        logprobs: int | None = None,
+        ignore_eos: bool = False,
     ) -> Completion:
-        """Run one completion; raises RuntimeUnavailableError or ContextLengthError (never crashes)."""
+        """Run one completion to its end (blocking); raises like :meth:`submit`."""
+        ids = self.tokenize(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
+        params = SamplingParams(
+            max_tokens, temperature, top_p, seed, tuple(stop), ignore_eos=ignore_eos, logprobs=logprobs
+        )
+        outputs: queue.SimpleQueue[RequestOutput] = queue.SimpleQueue()
+        start = time.perf_counter()
+        handle = self.submit(GenerationRequest(tuple(ids), params, priority), outputs.put)
+        pieces: list[str] = []
+        tokens: list[int] = []
+        probs: list[TokenLogprob] = []
+        first = 0.0
+        while True:
+            try:
+                out = outputs.get(timeout=0.05)
+            except queue.Empty:
+                if cancelled is not None and cancelled():
+                    handle.abort()
+                continue
+            if out.token_ids and not tokens:
+                first = time.perf_counter() - start
+            tokens += out.token_ids
+            probs += out.logprobs
+            if out.text:
+                pieces.append(out.text)
+                if on_text is not None:
+                    on_text(out.text)
+            if cancelled is not None and cancelled():
+                handle.abort()
+            if out.finish_reason is not None:
+                if out.error is not None:
+                    raise out.error
+                break
+        finish = "stop" if out.finish_reason == "cancelled" else out.finish_reason
+        result = GenerationResult(len(ids), tokens, finish, first, time.perf_counter() - start)
+        return Completion("".join(pieces), result, finish, len(ids), probs)
+
+    # --- the engine loop ------------------------------------------------------------------------
+
+    def _start_loop(self) -> None:
+        with self._cond:
+            if self._thread is not None or self._stopping:
+                return
+            self._thread = threading.Thread(target=self._loop, name="engine-loop", daemon=True)
+            self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopping and not (self._scheduler and self._scheduler.has_work()):
+                    self._cond.wait()
+                if self._stopping:
+                    return
+            try:
+                self._step()
+            except Exception:  # never let the loop die: fail what was in the step, keep serving
+                log.exception("engine step failed")
+
+    def _fail_all(self, error: Exception) -> None:
+        """End every request with ``error`` (caller holds ``_cond``; sinks never block)."""
+        sched = self._scheduler
+        for active in list(self._active.values()):
+            if sched is not None and not active.seq.in_step:
+                sched.finish(active.seq)
+            elif sched is not None:
+                active.seq.aborted = True  # finished right after the step in flight
+            if not active.closed:
+                active.closed = True
+                active.sink(
+                    RequestOutput(
+                        "", (), finish_reason="error", error=error, completion_tokens=active.seq.num_generated
+                    )
+                )
+            if not active.seq.in_step:
+                self._active.pop(active.seq.id, None)
+        self._update_queue_metrics()
+
+    def _step(self) -> None:
         with self._lock:
-            installed = self._installed
-            if installed is None or self._cache is None:
-                raise RuntimeUnavailableError(self._unavailable or "not ready")
-            tok = installed.tokenizer
-            ids = tok.encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
-            if any(i < 0 or i >= installed.manifest.config.vocab_size for i in ids):
-                raise InvalidRequestError("prompt token ids out of the vocabulary range")
-            check_context(len(ids), max_tokens, self.options.max_context)
-            decoder = StreamDecoder(tok)
-            matcher = StopMatcher(stop)
-            pieces: list[str] = []
-            capacity = self.options.max_context
+            installed, cache = self._installed, self._cache
+            with self._cond:
+                if installed is None or cache is None or self._scheduler is None:
+                    self._fail_all(RuntimeUnavailableError(self._unavailable or "not ready"))
+                    return
+                plan = self._scheduler.schedule()
+                actives = [self._active[c.sequence.id] for c in plan.chunks]
+                if plan.preempted:
+                    self.metrics.preemptions.inc(len(plan.preempted))
+                    log.info(
+                        "preempted",
+                        extra={
+                            "sequences": [s.id for s in plan.preempted],
+                            "priorities": [s.priority for s in plan.preempted],
+                        },
+                    )
+            if not plan.chunks:
+                with self._cond:
+                    self._cond.wait(0.01)
+                return
+            try:
+                tokens, logprobs = self._run(installed, cache, plan, actives)
+            except Exception as e:
+                log.exception("forward step failed", extra={"sequences": len(plan.chunks)})
+                with self._cond:
+                    self._scheduler.complete_step(plan)
+                    for active in actives:
+                        active.seq.aborted = True
+                    self._finish_step(plan, actives, [], error=e)
+                return
+        now = time.perf_counter()
+        with self._cond:
+            self._scheduler.complete_step(plan)
+            self._finish_step(plan, actives, list(zip(tokens, logprobs, strict=True)), now=now)
 
-            def emit(text: str) -> None:
-                if text:
-                    pieces.append(text)
-                    if on_text is not None:
-                        on_text(text)
-
-            generated = 0
-
-            def on_token(token: int) -> bool:
-                nonlocal generated
-                generated += 1
-                self.metrics.kv_cache_usage.set((len(ids) + generated) / capacity)
-                emit(matcher.feed(decoder.push(token)))
-                return not matcher.stopped and not (cancelled is not None and cancelled())
-
-            stats = getattr(installed.provider, "stats", None)
-            before = (stats.bytes_copied, stats.stall_seconds) if stats else (0, 0.0)
-            eos = (
-                [installed.manifest.config.eos_token_id]
-                if installed.manifest.config.eos_token_id is not None
-                else []
+    def _run(
+        self, installed: _Installed, cache: PagedKVCache, plan: StepPlan, actives: list[_Active]
+    ) -> tuple[list[int | None], list[TokenLogprob | None]]:
+        """One forward step and the sampled token of every chunk that ends its sequence's tokens."""
+        steps = [
+            StepSequence(
+                c.sequence.tokens[c.start : c.start + c.count], c.start, list(c.sequence.blocks), c.samples
             )
-            result = generate(
-                installed.model,
-                self._cache,
-                ids,
-                max_tokens,
-                temperature=temperature,
-                top_p=top_p,
-                seed=seed,
-                stop_ids=eos,
-                prefill_chunk=self.options.prefill_chunk,
-                on_token=on_token,
-            )
-            if not matcher.stopped:
-                emit(matcher.feed(decoder.flush()) + matcher.flush())
-            if stats:
-                self.metrics.offload_bytes.inc(stats.bytes_copied - before[0])
-                self.metrics.offload_stall_seconds.inc(stats.stall_seconds - before[1])
+            for c in plan.chunks
+        ]
+        stats = getattr(installed.provider, "stats", None)
+        before = (stats.bytes_copied, stats.stall_seconds) if stats else (0, 0.0)
+        layout, rows = build_layout(steps, cache.block_size, cache.device)
+        logits = installed.model.forward_batch(layout, cache)
+        # Logit rows come in layout order (decode sequences first): map each back to its chunk.
+        sampling = sorted((i for i, row in enumerate(rows) if row >= 0), key=rows.__getitem__)
+        picked, probs = sample_step(
+            logits,
+            [actives[i].params for i in sampling],
+            [actives[i].generator for i in sampling],
+        )
+        tokens: list[int | None] = [None] * len(steps)
+        logprobs: list[TokenLogprob | None] = [None] * len(steps)
+        for j, i in enumerate(sampling):
+            tokens[i], logprobs[i] = picked[j], probs[j]
+        if stats:
+            self.metrics.offload_bytes.inc(stats.bytes_copied - before[0])
+            self.metrics.offload_stall_seconds.inc(stats.stall_seconds - before[1])
         m = self.metrics
-        m.kv_cache_usage.set(0)
-        m.prompt_tokens.inc(len(ids))
-        m.generated_tokens.inc(len(result.token_ids))
-        m.time_to_first_token.observe(result.time_to_first_token_s)
-        if result.decode_tokens_per_s:
-            m.tokens_per_second.set(result.decode_tokens_per_s)
-        return Completion("".join(pieces), result, result.finish_reason, len(ids))
+        m.batch_size.set(len(steps))
+        m.step_tokens.observe(layout.num_tokens)
+        return tokens, logprobs
+
+    def _finish_step(
+        self,
+        plan: StepPlan,
+        actives: list[_Active],
+        sampled: list[tuple[int | None, TokenLogprob | None]],
+        error: Exception | None = None,
+        now: float = 0.0,
+    ) -> None:
+        """Append sampled tokens, emit text, end finished sequences (caller holds ``_cond``)."""
+        sched = self._scheduler
+        assert sched is not None
+        deliveries: list[tuple[_Active, RequestOutput]] = []
+        for index, (chunk, active) in enumerate(zip(plan.chunks, actives, strict=True)):
+            seq = chunk.sequence
+            if seq.aborted or error is not None:
+                sched.finish(seq)
+                self._active.pop(seq.id, None)
+                if not active.closed:
+                    active.closed = True
+                    failure = error or RuntimeUnavailableError(self._unavailable or "not ready")
+                    deliveries.append(
+                        (
+                            active,
+                            RequestOutput(
+                                "",
+                                (),
+                                finish_reason="error",
+                                error=failure,
+                                completion_tokens=seq.num_generated,
+                            ),
+                        )
+                    )
+                continue
+            token, logprob = sampled[index]
+            if token is None:
+                continue  # a prefill chunk that does not reach the end of the prompt yet
+            output = self._advance(active, token, logprob, now)
+            if output.finish_reason is not None:
+                sched.finish(seq)
+                self._active.pop(seq.id, None)
+                active.closed = True
+                self._observe_finished(active)
+            if output.text or output.finish_reason is not None or output.logprobs or output.token_ids:
+                deliveries.append((active, output))
+        self._update_queue_metrics()
+        for active, output in deliveries:
+            active.sink(output)
+
+    def _advance(
+        self, active: _Active, token: int, logprob: TokenLogprob | None, now: float
+    ) -> RequestOutput:
+        """One new token for ``active``: detokenize, match stop strings and ids, decide the finish."""
+        seq = active.seq
+        seq.tokens.append(token)
+        if active.first_token_at is None:
+            active.first_token_at = now
+            self.metrics.time_to_first_token.observe(now - active.submitted)
+        active.last_token_at = now
+        self.metrics.generated_tokens.inc()
+        generated = seq.num_generated
+        finish: str | None = None
+        text = ""
+        if token in active.stop_ids:
+            finish = "stop"
+        else:
+            text = active.matcher.feed(active.decoder.push(token))
+            if active.matcher.stopped:
+                finish = "stop"
+            elif generated >= active.params.max_tokens or len(seq.tokens) >= self.options.max_context:
+                finish = "length"
+        if finish is not None and not active.matcher.stopped:
+            text += active.matcher.feed(active.decoder.flush()) + active.matcher.flush()
+        logprobs = (logprob,) if logprob is not None and token not in active.stop_ids else ()
+        return RequestOutput(text, (token,), logprobs, finish, completion_tokens=generated)
+
+    def _observe_finished(self, active: _Active) -> None:
+        m = self.metrics
+        m.prompt_tokens.inc(active.seq.prompt_len)
+        if active.first_token_at is not None and active.last_token_at is not None:
+            decode = active.last_token_at - active.first_token_at
+            if active.seq.num_generated > 1 and decode > 0:
+                m.tokens_per_second.set((active.seq.num_generated - 1) / decode)
+
+    def _update_queue_metrics(self) -> None:
+        sched = self._scheduler
+        if sched is None:
+            return
+        m = self.metrics
+        m.requests_waiting.set(len(sched.waiting))
+        m.requests_running.set(len(sched.running))
+        m.requests_in_flight.set(len(sched.waiting) + len(sched.running))
+        m.kv_cache_usage.set(sched.allocator.used / sched.allocator.total if sched.allocator.total else 0)
