@@ -84,6 +84,9 @@ class ServeOptions:
     default_priority: int = 0  #: priority of requests that give none (``spec.priority``)
     max_queue: int = 64  #: sequences waiting for a batch slot before new ones get 429
     block_size: int = DEFAULT_BLOCK_SIZE
+    #: Usable KV blocks, overriding the size the memory budget gives (vLLM's
+    #: ``--num-gpu-blocks-override``: experiments and tests of preemption)
+    kv_blocks: int | None = None
 
     @property
     def max_step_tokens(self) -> int:
@@ -294,6 +297,13 @@ class ModelRuntime:
     ) -> int:
         """Usable KV blocks for this process (see the module docstring's memory contract); raises
         MemoryBudgetError when the limit cannot hold one sequence of ``max_context`` tokens."""
+        if self.options.kv_blocks is not None:
+            if self.options.kv_blocks < self._blocks_per_sequence():
+                raise MemoryBudgetError(
+                    f"{self.options.kv_blocks} KV blocks cannot hold one sequence of --max-context "
+                    f"{self.options.max_context} tokens ({self._blocks_per_sequence()} blocks)"
+                )
+            return self.options.kv_blocks
         blocks, room = self._pool_blocks(manifest, shared, ring_bytes, plan)
         if blocks < self._blocks_per_sequence():
             one = self._blocks_per_sequence() * self._block_bytes(manifest)
@@ -702,7 +712,7 @@ class ModelRuntime:
             self.metrics.offload_bytes.inc(stats.bytes_copied - before[0])
             self.metrics.offload_stall_seconds.inc(stats.stall_seconds - before[1])
         m = self.metrics
-        m.batch_size.set(len(steps))
+        m.batch_size.observe(len(steps))
         m.step_tokens.observe(layout.num_tokens)
         return tokens, logprobs
 

@@ -71,7 +71,12 @@ class RuntimeMetrics:
             "Sequences in the running batch (prefilling or decoding)",
             registry=r,
         )
-        self.batch_size = Gauge(_PREFIX + "batch_size", "Sequences in the last forward step", registry=r)
+        self.batch_size = Histogram(
+            _PREFIX + "batch_size",
+            "Sequences per forward step (continuous batching)",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=r,
+        )
         self.step_tokens = Histogram(
             _PREFIX + "step_tokens",
             "Tokens per forward step (decode tokens plus prefill chunks)",

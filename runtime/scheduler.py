@@ -129,11 +129,8 @@ class ScheduledChunk:
     sequence: Sequence
     start: int  #: first position run this step (== sequence.num_computed when scheduled)
     count: int  #: tokens run this step
-
-    @property
-    def samples(self) -> bool:
-        """The chunk reaches the end of the sequence's tokens: its last logits give the next token."""
-        return self.start + self.count == len(self.sequence.tokens)
+    #: The chunk reaches the end of the sequence's tokens: its last logits give the next token.
+    samples: bool
 
 
 @dataclass(frozen=True)
@@ -256,7 +253,7 @@ class Scheduler:
             if seq.status is not SequenceStatus.RUNNING:
                 continue
             seq.blocks += self.allocator.allocate(self._blocks_for(seq, count))
-            chunks.append(ScheduledChunk(seq, seq.num_computed, count))
+            chunks.append(ScheduledChunk(seq, seq.num_computed, count, count == seq.num_pending))
             budget -= count
         # 3. Admit waiting sequences, best first.
         while self.waiting and budget > 0 and len(self.running) < cfg.max_batch and not short_of_blocks:
@@ -269,7 +266,7 @@ class Scheduler:
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             seq.blocks += self.allocator.allocate(needed)
-            chunks.append(ScheduledChunk(seq, seq.num_computed, count))
+            chunks.append(ScheduledChunk(seq, seq.num_computed, count, count == seq.num_pending))
             budget -= count
         for chunk in chunks:
             chunk.sequence.in_step = True

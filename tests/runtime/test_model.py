@@ -159,7 +159,9 @@ def test_safetensors_checkpoint_gives_the_same_tokens(
     """The same weights saved by transformers as safetensors + config.json load to the same model."""
     hf = hf_model(smollm2_weights)
     hf.save_pretrained(tmp_path, safe_serialization=True)
-    (tmp_path / "tokenizer.json").write_text(json.dumps(_hf_tokenizer_json(tokenizer, smollm2_weights.manifest.tokenizer["merges"])))
+    (tmp_path / "tokenizer.json").write_text(
+        json.dumps(_hf_tokenizer_json(tokenizer, smollm2_weights.manifest.tokenizer["merges"]))
+    )
     loaded = load_weights(resolve(f"file://{tmp_path}"), progress=False)
     assert dataclasses.replace(loaded.manifest.config, name="") == dataclasses.replace(
         smollm2_weights.manifest.config, name=""
