@@ -10,7 +10,7 @@
   ``seed``, ``stop``, ``logprobs`` (chat: ``logprobs`` + ``top_logprobs``), ``usage`` on every
   non-streamed response, and the extensions ``priority`` (higher first; default: the model's),
   ``ignore_eos`` and ``return_token_ids``. Fields are validated by :mod:`vnpu.runtime.openai_protocol`.
-* ``GET /v1/models`` — the one model this process serves.
+* ``GET /v1/models`` (and ``/v1/models/{id}``) — the one model this process serves.
 * ``GET /healthz`` — the process is alive. ``GET /readyz`` — 200 only while the model can serve.
 * ``GET /metrics`` — Prometheus text format.
 
@@ -413,21 +413,32 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     return await _generate(request, "chat")
 
 
-async def models(request: web.Request) -> web.Response:
+def _model_card(request: web.Request) -> dict[str, Any] | None:
     runtime = request.app[RUNTIME_KEY]
-    name = runtime.model_name
-    data = []
-    if name:
-        data.append(
-            {
-                "id": name,
-                "object": "model",
-                "created": request.app[_STARTED_KEY],
-                "owned_by": "vnpu",
-                "max_model_len": runtime.options.max_context,
-            }
-        )
-    return web.json_response({"object": "list", "data": data})
+    if not runtime.model_name:
+        return None
+    return {
+        "id": runtime.model_name,
+        "object": "model",
+        "created": request.app[_STARTED_KEY],
+        "owned_by": "vnpu",
+        "max_model_len": runtime.options.max_context,
+    }
+
+
+async def models(request: web.Request) -> web.Response:
+    card = _model_card(request)
+    return web.json_response({"object": "list", "data": [card] if card else []})
+
+
+async def model(request: web.Request) -> web.Response:
+    card = _model_card(request)
+    name = request.match_info["model"]
+    if card is None or card["id"] != name:
+        return HTTPError(
+            404, f"model {name!r} does not exist here", "invalid_request_error", "model_not_found"
+        ).response()
+    return web.json_response(card)
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -466,6 +477,7 @@ def make_app(runtime: ModelRuntime) -> web.Application:
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", models)
+    app.router.add_get("/v1/models/{model}", model)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
