@@ -176,6 +176,12 @@ def _add_serving_args(p: argparse.ArgumentParser, http: bool) -> None:
         "interleaved with decoding (default 256)",
     )
     g.add_argument(
+        "--kv-blocks",
+        type=int,
+        help="usable KV blocks of 16 tokens, overriding what the memory budget gives (experiments, "
+        "as vLLM's --num-gpu-blocks-override)",
+    )
+    g.add_argument(
         "--offload-budget-mib",
         type=float,
         default=_env("VNPU_OFFLOAD_BUDGET_MIB"),
@@ -351,6 +357,7 @@ def _runtime(args: argparse.Namespace) -> tuple[object, object | None]:
         max_batch=args.max_batch,
         default_priority=args.default_priority,
         max_queue=getattr(args, "max_queue", 64),
+        kv_blocks=args.kv_blocks,
     )
     apply_device_memory_limit(args.device, args.memory_limit_mib)
     runtime = ModelRuntime(options)
