@@ -664,20 +664,21 @@ class ModelRuntime:
                             "priorities": [s.priority for s in plan.preempted],
                         },
                     )
-            if not plan.chunks:
-                with self._cond:
-                    self._cond.wait(0.01)
-                return
-            try:
-                tokens, logprobs = self._run(installed, cache, plan, actives)
-            except Exception as e:
-                log.exception("forward step failed", extra={"sequences": len(plan.chunks)})
-                with self._cond:
-                    self._scheduler.complete_step(plan)
-                    for active in actives:
-                        active.seq.aborted = True
-                    self._finish_step(plan, actives, [], error=e)
-                return
+            if plan.chunks:
+                try:
+                    tokens, logprobs = self._run(installed, cache, plan, actives)
+                except Exception as e:
+                    log.exception("forward step failed", extra={"sequences": len(plan.chunks)})
+                    with self._cond:
+                        self._scheduler.complete_step(plan)
+                        for active in actives:
+                            active.seq.aborted = True
+                        self._finish_step(plan, actives, [], error=e)
+                    return
+        if not plan.chunks:  # nothing fits this step (blocks are being given back): look again soon
+            with self._cond:
+                self._cond.wait(0.01)
+            return
         now = time.perf_counter()
         with self._cond:
             self._scheduler.complete_step(plan)

@@ -208,8 +208,9 @@ class LlamaModel:
         with self.weights.unit(self._embed) as w:
             table = w["weight"]
             hidden = F.embedding(layout.input_ids.to(table.device), table).to(self.device, self.dtype)
-        cos = self._cos[layout.positions][:, None, :]
-        sin = self._sin[layout.positions][:, None, :]
+        # index_select, not advanced indexing: several times faster for these row gathers on CPU.
+        cos = self._cos.index_select(0, layout.positions)[:, None, :]
+        sin = self._sin.index_select(0, layout.positions)[:, None, :]
         for unit in self._blocks:
             with self.weights.unit(unit) as w:
                 if unit.kind == "attn":
@@ -218,7 +219,7 @@ class LlamaModel:
                     )
                 else:
                     hidden = hidden + self._feed_forward(hidden, w)
-        hidden = hidden[layout.sample_rows]
+        hidden = hidden.index_select(0, layout.sample_rows)
         with self.weights.unit(self._norm) as w:
             hidden = rms_norm(hidden, w["weight"], self.config.rms_norm_eps)
         logits = []
@@ -255,15 +256,17 @@ class LlamaModel:
         if b:
             assert layout.decode_gather is not None
             gather = layout.decode_gather
-            ctx_k = keys[gather].transpose(1, 2)  # [B, kv_heads, L, d]
-            ctx_v = values[gather].transpose(1, 2)
+            flat = gather.reshape(-1)
+            shape = (b, gather.shape[1], kv_heads, d)
+            ctx_k = keys.index_select(0, flat).view(shape).transpose(1, 2)  # [B, kv_heads, L, d]
+            ctx_v = values.index_select(0, flat).view(shape).transpose(1, 2)
             out = F.scaled_dot_product_attention(
                 q[:b, :, None, :], ctx_k, ctx_v, attn_mask=layout.decode_mask, enable_gqa=gqa
             )
             parts.append(out.reshape(b, heads * d))
         for span in layout.prefills:
-            ctx_k = keys[span.gather].transpose(0, 1)[None]  # [1, kv_heads, start + count, d]
-            ctx_v = values[span.gather].transpose(0, 1)[None]
+            ctx_k = keys.index_select(0, span.gather).transpose(0, 1)[None]  # [1, kv_heads, ctx, d]
+            ctx_v = values.index_select(0, span.gather).transpose(0, 1)[None]
             q_span = q[span.row : span.row + span.count].transpose(0, 1)[None]
             out = F.scaled_dot_product_attention(
                 q_span, ctx_k, ctx_v, attn_mask=span.mask, is_causal=span.mask is None, enable_gqa=gqa
