@@ -205,6 +205,7 @@ class LlamaModel:
         Every weight unit is used once for the whole step (one pass of the offload ring).
         """
         self.weights.begin_pass()
+        cache.initialise(layout.last_block)
         with self.weights.unit(self._embed) as w:
             table = w["weight"]
             hidden = F.embedding(layout.input_ids.to(table.device), table).to(self.device, self.dtype)
@@ -251,22 +252,25 @@ class LlamaModel:
         keys.index_copy_(0, layout.slots, k)
         values.index_copy_(0, layout.slots, v)
         gqa = cfg.kv_group_size > 1
+        key_blocks, value_blocks = cache.blocks(layer)
         parts = []
         b = layout.decode_count
         if b:
-            assert layout.decode_gather is not None
-            gather = layout.decode_gather
-            flat = gather.reshape(-1)
-            shape = (b, gather.shape[1], kv_heads, d)
-            ctx_k = keys.index_select(0, flat).view(shape).transpose(1, 2)  # [B, kv_heads, L, d]
-            ctx_v = values.index_select(0, flat).view(shape).transpose(1, 2)
+            assert layout.decode_blocks is not None
+            table = layout.decode_blocks
+            shape = (b, table.shape[1] * cache.block_size, kv_heads, d)
+            # Whole blocks per row: index_select, not advanced indexing (several times faster on CPU).
+            ctx_k = key_blocks.index_select(0, table.reshape(-1)).view(shape).transpose(1, 2)
+            ctx_v = value_blocks.index_select(0, table.reshape(-1)).view(shape).transpose(1, 2)
             out = F.scaled_dot_product_attention(
                 q[:b, :, None, :], ctx_k, ctx_v, attn_mask=layout.decode_mask, enable_gqa=gqa
             )
             parts.append(out.reshape(b, heads * d))
         for span in layout.prefills:
-            ctx_k = keys.index_select(0, span.gather).transpose(0, 1)[None]  # [1, kv_heads, ctx, d]
-            ctx_v = values.index_select(0, span.gather).transpose(0, 1)[None]
+            end = span.start + span.count
+            shape = (-1, kv_heads, d)
+            ctx_k = key_blocks.index_select(0, span.blocks).view(shape)[:end].transpose(0, 1)[None]
+            ctx_v = value_blocks.index_select(0, span.blocks).view(shape)[:end].transpose(0, 1)[None]
             q_span = q[span.row : span.row + span.count].transpose(0, 1)[None]
             out = F.scaled_dot_product_attention(
                 q_span, ctx_k, ctx_v, attn_mask=span.mask, is_causal=span.mask is None, enable_gqa=gqa

@@ -4,10 +4,12 @@
 (``block * block_size + offset``), handed out a block at a time by the scheduler's
 :class:`~vnpu.runtime.scheduler.BlockAllocator`. A sequence's context is the list of its blocks, so
 sequences of any length share one pool with no fragmentation beyond a block, and a finished or
-preempted sequence gives its blocks back at once. Block 0 is the *null block*: never handed out and
-filled with zeros, it pads the gather index of shorter sequences in a decode batch (padding is masked
-out, but must not read uninitialised memory: NaN x 0 is NaN). The rest of the pool is ``torch.empty``:
-on CPU its pages cost memory only once a sequence has written them.
+preempted sequence gives its blocks back at once. Attention reads a sequence's context a whole block
+at a time (one row copy per block instead of one per token). Block 0 is the *null block*: never handed
+out, it pads the block tables of shorter sequences in a decode batch. Positions past a sequence's
+length are masked out, but they must not hold uninitialised memory (NaN x 0 is NaN), so every block is
+zero-filled before its first use (:meth:`PagedKVCache.initialise`); after that it holds finite values
+of earlier sequences. On CPU the pool's pages therefore cost memory only once used.
 
 :class:`BatchLayout` flattens one step's sequences into one token batch — single-token (decode)
 sequences first, then prefill chunks — so every linear layer runs once per step for all of them (and
@@ -54,9 +56,24 @@ class PagedKVCache:
         slots = num_blocks * block_size
         shape = (2, config.num_hidden_layers, slots, config.num_key_value_heads, config.head_dim)
         self.storage = torch.empty(shape, dtype=dtype, device=device)
-        self.storage[:, :, : block_size * (NULL_BLOCK + 1)].zero_()
         self.keys = list(self.storage[0].unbind(0))
         self.values = list(self.storage[1].unbind(0))
+        self._initialised = 0  # blocks [0, _initialised) have been zero-filled
+        self.initialise(NULL_BLOCK)
+
+    def initialise(self, last_block: int) -> None:
+        """Zero-fill every block up to ``last_block`` that never was (before a step uses them)."""
+        if last_block >= self._initialised:
+            end = (last_block + 1) * self.block_size
+            self.storage[:, :, self._initialised * self.block_size : end].zero_()
+            self._initialised = last_block + 1
+
+    def blocks(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of ``layer`` as ``[num_blocks, block_size * kv_heads * head_dim]`` rows."""
+        return (
+            self.keys[layer].view(self.num_blocks, -1),
+            self.values[layer].view(self.num_blocks, -1),
+        )
 
     @property
     def nbytes(self) -> int:
@@ -96,7 +113,7 @@ class PrefillSpan:
     row: int
     count: int
     start: int
-    gather: torch.Tensor  #: [start + count] slots of its whole context, in position order
+    blocks: torch.Tensor  #: [n] the blocks holding positions [0, start + count), in order
     mask: torch.Tensor | None  #: [count, start + count] causal mask offset by the past; None: start 0
 
 
@@ -108,20 +125,15 @@ class BatchLayout:
     positions: torch.Tensor  #: [T]
     slots: torch.Tensor  #: [T] where each new token's key and value are written
     decode_count: int  #: rows [0, decode_count) are single-token sequences
-    decode_gather: torch.Tensor | None  #: [B, L] context slots per decode sequence, null-padded
-    decode_mask: torch.Tensor | None  #: [B, 1, 1, L] True where attended; None without padding
+    decode_blocks: torch.Tensor | None  #: [B, n] block table per decode sequence, null-padded
+    decode_mask: torch.Tensor | None  #: [B, 1, 1, n * block_size] True where attended; None: all
     prefills: tuple[PrefillSpan, ...]
     sample_rows: torch.Tensor  #: [S] rows whose logits the step returns, in the order given
+    last_block: int  #: the highest block id the step touches
 
     @property
     def num_tokens(self) -> int:
         return int(self.input_ids.numel())
-
-
-def _context_slots(blocks: Sequence[int], length: int, block_size: int) -> torch.Tensor:
-    table = torch.tensor(list(blocks), dtype=torch.long)
-    slots = (table[:, None] * block_size + torch.arange(block_size)[None, :]).reshape(-1)
-    return slots[:length]
 
 
 def build_layout(
@@ -134,54 +146,59 @@ def build_layout(
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i].tokens) != 1)
     ids: list[int] = []
     positions: list[int] = []
-    slots: list[torch.Tensor] = []
-    decode_contexts: list[torch.Tensor] = []
+    slots: list[int] = []
+    decode_tables: list[list[int]] = []
+    decode_lengths: list[int] = []
     prefills: list[PrefillSpan] = []
     sample_rows: list[int] = []
     logit_index = [-1] * len(sequences)
+    last_block = NULL_BLOCK
     for i in order:
         seq = sequences[i]
         count = len(seq.tokens)
         if count == 0:
             raise ValueError("a scheduled sequence must run at least one token")
         end = seq.start + count
-        if len(seq.blocks) * block_size < end:
+        used = -(-end // block_size)
+        if len(seq.blocks) < used:
             raise ValueError(f"{len(seq.blocks)} blocks cannot hold {end} positions")
-        context = _context_slots(seq.blocks, end, block_size)
+        table = list(seq.blocks[:used])
+        last_block = max(last_block, *table)
         row = len(ids)
         ids.extend(seq.tokens)
         positions.extend(range(seq.start, end))
-        slots.append(context[seq.start :])
+        slots.extend(table[p // block_size] * block_size + p % block_size for p in range(seq.start, end))
         if count == 1:
-            decode_contexts.append(context)
+            decode_tables.append(table)
+            decode_lengths.append(end)
         else:
             mask = None
             if seq.start > 0:
                 rows = torch.arange(seq.start, end)[:, None]
                 mask = (torch.arange(end)[None, :] <= rows).to(device)
-            prefills.append(PrefillSpan(row, count, seq.start, context.to(device), mask))
+            blocks = torch.tensor(table, dtype=torch.long, device=device)
+            prefills.append(PrefillSpan(row, count, seq.start, blocks, mask))
         if seq.sample:
             logit_index[i] = len(sample_rows)
             sample_rows.append(row + count - 1)
-    decode_gather = decode_mask = None
-    if decode_contexts:
-        lengths = torch.tensor([len(c) for c in decode_contexts])
-        longest = int(lengths.max())
-        gather = torch.full((len(decode_contexts), longest), NULL_BLOCK * block_size, dtype=torch.long)
-        for b, context in enumerate(decode_contexts):
-            gather[b, : len(context)] = context
-        decode_gather = gather.to(device)
-        if int(lengths.min()) != longest:
-            mask = torch.arange(longest)[None, :] < lengths[:, None]
+    decode_blocks = decode_mask = None
+    if decode_tables:
+        width = max(len(t) for t in decode_tables)
+        padded = [t + [NULL_BLOCK] * (width - len(t)) for t in decode_tables]
+        decode_blocks = torch.tensor(padded, dtype=torch.long, device=device)
+        if any(n != width * block_size for n in decode_lengths):
+            lengths = torch.tensor(decode_lengths)
+            mask = torch.arange(width * block_size)[None, :] < lengths[:, None]
             decode_mask = mask[:, None, None, :].to(device)
     layout = BatchLayout(
         input_ids=torch.tensor(ids, dtype=torch.long),
         positions=torch.tensor(positions, dtype=torch.long, device=device),
-        slots=torch.cat(slots).to(device),
-        decode_count=len(decode_contexts),
-        decode_gather=decode_gather,
+        slots=torch.tensor(slots, dtype=torch.long, device=device),
+        decode_count=len(decode_tables),
+        decode_blocks=decode_blocks,
         decode_mask=decode_mask,
         prefills=tuple(prefills),
         sample_rows=torch.tensor(sample_rows, dtype=torch.long, device=device),
+        last_block=last_block,
     )
     return layout, logit_index
