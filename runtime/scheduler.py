@@ -11,12 +11,15 @@ One step, in the order vLLM's scheduler uses (``vllm/v1/core/sched/scheduler.py`
    chunk), the worst running sequence is preempted. This is vLLM V0's ``_schedule_priority_preemption``;
    it is what keeps a high-priority request's time to first token close to its idle value on a replica
    saturated by low-priority work (the issue's "keep KV for high-priority agents").
-2. **Running sequences**, best first, each get their next chunk: one token when decoding, up to the
-   step's token budget while their prompt is still being prefilled (chunked prefill interleaves with
-   decode: no decode waits for a long prompt). When a sequence needs a block and none is free, the
-   worst running sequence — possibly itself — is preempted, as vLLM V1 does.
-3. **Waiting sequences**, best first, are admitted while batch slots, blocks and token budget last
-   (not in a step that had to preempt for blocks: the pool is full).
+2. **Decode**: every running sequence past its prompt gets one token, best first. When a sequence
+   needs a block and none is free, the worst running sequence — possibly itself — is preempted, as
+   vLLM V1 does.
+3. **Prefill chunks, by rank**: running sequences still prefilling their prompt (or recomputing after
+   a preemption) and waiting sequences share what is left of the step's token budget, best first, so
+   chunked prefill interleaves with decode (no decode waits for a long prompt) and a high-priority
+   newcomer is not queued behind a low-priority prompt's remaining chunks. Waiting sequences are
+   admitted while batch slots and blocks last (not in a step that had to preempt for blocks: the pool
+   is full), and no waiting sequence jumps ahead of a better one that does not fit.
 
 Rank: higher ``priority`` first (as a Kubernetes PriorityClass; the model's ``spec.priority`` is the
 default), then earlier arrival. Equal priorities never preempt each other for admission, so there is
@@ -236,36 +239,52 @@ class Scheduler:
                 break
             self._preempt(worst)
             preempted.append(worst)
-        # 2. Running sequences, best first: decode tokens and prefill chunks.
         chunks: list[ScheduledChunk] = []
         short_of_blocks = False
-        for seq in sorted(self.running, key=lambda s: s.rank, reverse=True):
-            if seq.status is not SequenceStatus.RUNNING or budget == 0:
-                continue
-            count = min(seq.num_pending, budget)
+
+        def grow(seq: Sequence, count: int) -> bool:
+            """Blocks for ``count`` more tokens of running ``seq``, preempting the worst running
+            sequences while none are free; False when ``seq`` itself had to give way."""
+            nonlocal short_of_blocks
             while self.allocator.free < self._blocks_for(seq, count):
                 victim = self._worst_running()
                 self._preempt(victim)
                 preempted.append(victim)
                 short_of_blocks = True
                 if victim is seq:
-                    break
-            if seq.status is not SequenceStatus.RUNNING:
-                continue
+                    return False
             seq.blocks += self.allocator.allocate(self._blocks_for(seq, count))
-            chunks.append(ScheduledChunk(seq, seq.num_computed, count, count == seq.num_pending))
-            budget -= count
-        # 3. Admit waiting sequences, best first.
-        while self.waiting and budget > 0 and len(self.running) < cfg.max_batch and not short_of_blocks:
-            seq = self.waiting[0]
-            count = min(seq.num_pending, budget)
-            needed = self._blocks_for(seq, count)
-            if self.allocator.free < needed:
+            return True
+
+        # 2. Decode: one token for every running sequence past its prompt, best first.
+        for seq in sorted(self.running, key=lambda s: s.rank, reverse=True):
+            if budget and seq.status is SequenceStatus.RUNNING and seq.num_pending == 1 and grow(seq, 1):
+                chunks.append(ScheduledChunk(seq, seq.num_computed, 1, True))
+                budget -= 1
+        # 3. Prefill chunks in rank order: running sequences still prefilling (or recomputing after a
+        #    preemption) and waiting ones, admitted while batch slots and blocks last. A newcomer that
+        #    outranks a sequence in the middle of a long prefill gets the step's budget first.
+        admitting = not short_of_blocks
+        prefilling = [s for s in self.running if s.num_pending > 1]
+        for seq in sorted(prefilling + self.waiting, key=lambda s: s.rank, reverse=True):
+            if budget == 0:
                 break
-            self.waiting.pop(0)
-            seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
-            seq.blocks += self.allocator.allocate(needed)
+            count = min(seq.num_pending, budget)
+            if seq.status is SequenceStatus.RUNNING:
+                if not grow(seq, count):
+                    admitting = False
+                    continue
+            elif seq.status is SequenceStatus.WAITING and admitting and seq in self.waiting:
+                needed = self._blocks_for(seq, count)
+                if len(self.running) >= cfg.max_batch or self.allocator.free < needed:
+                    admitting = False  # no later (lower-ranked) waiting sequence jumps ahead of it
+                    continue
+                self.waiting.remove(seq)
+                seq.status = SequenceStatus.RUNNING
+                self.running.append(seq)
+                seq.blocks += self.allocator.allocate(needed)
+            else:
+                continue
             chunks.append(ScheduledChunk(seq, seq.num_computed, count, count == seq.num_pending))
             budget -= count
         for chunk in chunks:

@@ -200,3 +200,18 @@ def test_a_sequence_that_cannot_grow_preempts_itself_when_it_is_the_worst() -> N
 def test_config_must_fit_one_token_per_running_sequence() -> None:
     with pytest.raises(ValueError, match="max_step_tokens"):
         SchedulerConfig(max_batch=8, max_step_tokens=4, block_size=16, max_waiting=1)
+
+
+def test_a_better_newcomer_prefills_before_a_worse_prompt_in_progress() -> None:
+    s = make(step_tokens=8)
+    low = seq(30, priority=0)
+    s.add(low)
+    assert counts(step(s)) == {low.id: 8}  # its prompt takes several steps
+    high = seq(6, priority=5)
+    s.add(high)
+    plan = step(s)
+    # The newcomer's whole prompt runs first; the low prompt continues with what is left.
+    assert counts(plan) == {high.id: 6, low.id: 2}
+    assert [c.sequence for c in plan.chunks] == [high, low]
+    plan = step(s)
+    assert counts(plan) == {high.id: 1, low.id: 7}  # decode first, then prefill
