@@ -17,12 +17,7 @@ callback it gave. A finished, cancelled or failed sequence returns its KV blocks
 
 Memory contract (``VNPU_MEMORY_LIMIT_MIB``): on CUDA/NPU the limit becomes torch's per-process memory
 fraction; on CPU it is a checked budget. Either way the KV pool gets what the limit leaves after the
-weights this process owns (none when attached: the holder's slices pay for them), the activation
-estimate for ``max_batch`` and the offload ring — capped at ``max_batch`` sequences of
-``max_context`` tokens, which is all the scheduler can ever use — and must hold at least one sequence
-of ``max_context`` tokens, or the process refuses to start with the numbers in the message. Without a
-limit the pool is exactly ``max_batch`` x ``max_context`` tokens (the CRD's ``maxBatch`` x
-``maxContextTokens``).
+fixed costs (:mod:`vnpu.runtime.budget`), or the process refuses to start with the numbers.
 """
 
 from __future__ import annotations
@@ -40,16 +35,23 @@ from typing import Any
 
 import torch
 
-from vnpu import memory
 from vnpu.runtime.arena import Arena
+from vnpu.runtime.budget import KVBudget
 from vnpu.runtime.chat import ChatTemplate
-from vnpu.runtime.errors import InvalidRequestError, MemoryBudgetError, RuntimeUnavailableError
+from vnpu.runtime.errors import InvalidRequestError, RuntimeUnavailableError
 from vnpu.runtime.generate import GenerationResult, check_context
-from vnpu.runtime.manifest import DTYPE_BYTES, WeightManifest
+from vnpu.runtime.manifest import WeightManifest
 from vnpu.runtime.metrics import RuntimeMetrics
 from vnpu.runtime.model import LlamaModel, ResidentWeights, WeightProvider
 from vnpu.runtime.offload import OffloadedWeights, OffloadPlan, ThrottledLink, plan_offload, unit_sizes
 from vnpu.runtime.paged import DEFAULT_BLOCK_SIZE, PagedKVCache, StepSequence, build_layout
+from vnpu.runtime.requests import (
+    GenerationRequest,
+    RequestHandle,
+    RequestOutput,
+    RequestState,
+    StopMatcher,
+)
 from vnpu.runtime.sampling import SamplingParams, TokenLogprob, sample_step
 from vnpu.runtime.scheduler import (
     BlockAllocator,
@@ -64,7 +66,15 @@ from vnpu.runtime.scheduler import (
 from vnpu.runtime.tokenizer import StreamDecoder, Tokenizer
 from vnpu.runtime.units import model_units
 
-__all__ = ["QueueFullError"]
+__all__ = [
+    "GenerationRequest",
+    "ModelRuntime",
+    "QueueFullError",
+    "RequestHandle",
+    "RequestOutput",
+    "ServeOptions",
+    "StopMatcher",
+]
 
 log = logging.getLogger(__name__)
 MIB = 1024 * 1024
@@ -91,25 +101,6 @@ class ServeOptions:
     @property
     def max_step_tokens(self) -> int:
         return max(self.prefill_chunk, self.max_batch)
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    prompt_ids: tuple[int, ...]
-    params: SamplingParams
-    priority: int | None = None  #: None: the model's default priority
-
-
-@dataclass(frozen=True)
-class RequestOutput:
-    """What one step produced for one request; the last one carries ``finish_reason``."""
-
-    text: str
-    token_ids: tuple[int, ...]
-    logprobs: tuple[TokenLogprob, ...] = ()
-    finish_reason: str | None = None  #: "stop", "length", "cancelled" or "error"
-    error: Exception | None = None
-    completion_tokens: int = 0  #: generated so far (all of them in the last output)
 
 
 @dataclass
@@ -147,67 +138,6 @@ def apply_device_memory_limit(device: str, limit_mib: int | None) -> float | Non
     return fraction
 
 
-class StopMatcher:
-    """Cuts generated text at the first stop string, holding back a tail that might start one."""
-
-    def __init__(self, stops: Sequence[str]) -> None:
-        self.stops = [s for s in stops if s]
-        self._pending = ""
-        self.stopped = False
-
-    def feed(self, piece: str) -> str:
-        text = self._pending + piece
-        hits = [(text.find(s), s) for s in self.stops if s in text]
-        if hits:
-            self.stopped = True
-            self._pending = ""
-            return text[: min(hits)[0]]
-        hold = 0
-        for s in self.stops:
-            for k in range(min(len(s) - 1, len(text)), 0, -1):
-                if text.endswith(s[:k]):
-                    hold = max(hold, k)
-                    break
-        self._pending = text[len(text) - hold :] if hold else ""
-        return text[: len(text) - hold]
-
-    def flush(self) -> str:
-        text, self._pending = self._pending, ""
-        return "" if self.stopped else text
-
-
-@dataclass(eq=False)
-class _Active:
-    """A request inside the engine: its scheduler sequence and everything that turns tokens into text."""
-
-    seq: ScheduledSequence
-    params: SamplingParams
-    sink: Callable[[RequestOutput], None]
-    decoder: StreamDecoder
-    matcher: StopMatcher
-    generator: torch.Generator | None
-    stop_ids: frozenset[int]
-    submitted: float
-    first_token_at: float | None = None
-    last_token_at: float | None = None
-    closed: bool = False  #: the caller has had its last output
-
-
-class RequestHandle:
-    """The caller's side of a submitted request."""
-
-    def __init__(self, runtime: ModelRuntime, active: _Active) -> None:
-        self._runtime = runtime
-        self._active = active
-        self.id = active.seq.id
-        self.prompt_tokens = active.seq.prompt_len
-        self.priority = active.seq.priority
-
-    def abort(self) -> bool:
-        """Cancel the request (its blocks are freed now, or right after the step using them)."""
-        return self._runtime.abort(self)
-
-
 class ModelRuntime:
     def __init__(self, options: ServeOptions, metrics: RuntimeMetrics | None = None) -> None:
         self.options = options
@@ -217,7 +147,7 @@ class ModelRuntime:
         self._installed: _Installed | None = None
         self._cache: PagedKVCache | None = None
         self._scheduler: Scheduler | None = None
-        self._active: dict[str, _Active] = {}  # keyed by request id
+        self._active: dict[str, RequestState] = {}  # keyed by request id
         self._arrivals = itertools.count()
         self._unavailable = "weights are not loaded yet"
         self._thread: threading.Thread | None = None
@@ -269,81 +199,34 @@ class ModelRuntime:
 
     # --- memory ---------------------------------------------------------------------------------
 
-    def _dtype_bytes(self, manifest: WeightManifest) -> int:
-        return DTYPE_BYTES[next(iter(manifest.tensors.values())).dtype]
-
-    def _block_bytes(self, manifest: WeightManifest) -> int:
-        return PagedKVCache.bytes_per_block(
-            manifest.config, self._dtype_bytes(manifest), self.options.block_size
+    def budget(
+        self, manifest: WeightManifest, shared: bool, ring_bytes: int, plan: OffloadPlan | None = None
+    ) -> KVBudget:
+        """This process's memory budget (see :mod:`vnpu.runtime.budget`). Weights: none when attached
+        (the holder's slices pay for them), the resident part under offload, else all of them."""
+        opts = self.options
+        return KVBudget.of(
+            manifest,
+            own_weight_bytes=0 if shared else (plan.resident_bytes if plan else manifest.total_bytes),
+            ring_bytes=ring_bytes,
+            max_context=opts.max_context,
+            max_batch=opts.max_batch,
+            block_size=opts.block_size,
+            limit_mib=opts.memory_limit_mib,
+            override=opts.kv_blocks,
         )
-
-    def _blocks_per_sequence(self) -> int:
-        return -(-self.options.max_context // self.options.block_size)
-
-    def _pool_blocks(
-        self, manifest: WeightManifest, shared: bool, ring_bytes: int, plan: OffloadPlan | None
-    ) -> tuple[int, int]:
-        """(usable blocks the limit allows, bytes it leaves for the KV cache); no limit: what is wanted."""
-        wanted = self.options.max_batch * self._blocks_per_sequence()
-        limit = self.options.memory_limit_mib
-        if limit is None:
-            return wanted, wanted * self._block_bytes(manifest)
-        fixed = sum(self._fixed_bytes(manifest, shared, ring_bytes, plan).values())
-        room = max(0, limit * MIB - fixed - self._block_bytes(manifest))  # less the null block
-        return min(wanted, room // self._block_bytes(manifest)), room
 
     def kv_blocks(
         self, manifest: WeightManifest, shared: bool, ring_bytes: int, plan: OffloadPlan | None = None
     ) -> int:
-        """Usable KV blocks for this process (see the module docstring's memory contract); raises
-        MemoryBudgetError when the limit cannot hold one sequence of ``max_context`` tokens."""
-        if self.options.kv_blocks is not None:
-            if self.options.kv_blocks < self._blocks_per_sequence():
-                raise MemoryBudgetError(
-                    f"{self.options.kv_blocks} KV blocks cannot hold one sequence of --max-context "
-                    f"{self.options.max_context} tokens ({self._blocks_per_sequence()} blocks)"
-                )
-            return self.options.kv_blocks
-        blocks, room = self._pool_blocks(manifest, shared, ring_bytes, plan)
-        if blocks < self._blocks_per_sequence():
-            one = self._blocks_per_sequence() * self._block_bytes(manifest)
-            fixed = self._fixed_bytes(manifest, shared, ring_bytes, plan)
-            detail = ", ".join(f"{k} {v / MIB:.1f} MiB" for k, v in fixed.items() if v)
-            raise MemoryBudgetError(
-                f"VNPU_MEMORY_LIMIT_MIB={self.options.memory_limit_mib} is too small: after {detail} it "
-                f"leaves {room / MIB:.2f} MiB for the KV cache, and one sequence of --max-context "
-                f"{self.options.max_context} tokens needs {one / MIB:.2f} MiB; lower --max-context, "
-                "enable offload, or raise the limit"
-            )
-        return int(blocks)
-
-    def kv_cache_bytes(self, manifest: WeightManifest) -> int:
-        """KV bytes of ``max_batch`` sequences of ``max_context`` tokens (the pool without a limit)."""
-        return self.options.max_batch * self._blocks_per_sequence() * self._block_bytes(manifest)
-
-    def _fixed_bytes(
-        self, manifest: WeightManifest, shared: bool, ring_bytes: int, plan: OffloadPlan | None
-    ) -> dict[str, int]:
-        own_weights = 0 if shared else (plan.resident_bytes if plan is not None else manifest.total_bytes)
-        activation = memory.default_activation_bytes(
-            manifest.config.to_modelfile_config(), self.options.max_batch, self._dtype_bytes(manifest)
-        )
-        return {"activation": activation, "weights": own_weights, "offload_ring": ring_bytes}
+        """Usable KV blocks; raises MemoryBudgetError when one ``max_context`` sequence does not fit."""
+        return self.budget(manifest, shared, ring_bytes, plan).blocks()
 
     def required_bytes(
         self, manifest: WeightManifest, shared: bool, ring_bytes: int, plan: OffloadPlan | None = None
     ) -> dict[str, int]:
-        """What this process needs on its device under its memory limit, term by term.
-
-        Weights: none when attached (the holder's slices pay for them), the resident part under
-        offload (the rest stays in host memory), else all of them.
-        """
-        blocks, _ = self._pool_blocks(manifest, shared, ring_bytes, plan)
-        blocks = max(blocks, self._blocks_per_sequence()) + 1  # at least one sequence, + the null block
-        return {
-            "kv_cache": blocks * self._block_bytes(manifest),
-            **self._fixed_bytes(manifest, shared, ring_bytes, plan),
-        }
+        """What this process needs on its device under its memory limit, term by term."""
+        return self.budget(manifest, shared, ring_bytes, plan).required()
 
     def check_budget(
         self, manifest: WeightManifest, shared: bool, ring_bytes: int, plan: OffloadPlan | None = None
@@ -521,7 +404,7 @@ class ModelRuntime:
                 priority=priority,
                 arrival=next(self._arrivals),
             )
-            active = _Active(
+            active = RequestState(
                 seq=seq,
                 params=request.params,
                 sink=sink,
@@ -535,7 +418,7 @@ class ModelRuntime:
             self._active[seq.id] = active
             self._update_queue_metrics()
             self._cond.notify_all()
-        return RequestHandle(self, active)
+        return RequestHandle(active, self.abort)
 
     def abort(self, handle: RequestHandle) -> bool:
         """Cancel a request: it gets a last "cancelled" output; its blocks are free at once (or right
@@ -685,7 +568,7 @@ class ModelRuntime:
             self._finish_step(plan, actives, list(zip(tokens, logprobs, strict=True)), now=now)
 
     def _run(
-        self, installed: _Installed, cache: PagedKVCache, plan: StepPlan, actives: list[_Active]
+        self, installed: _Installed, cache: PagedKVCache, plan: StepPlan, actives: list[RequestState]
     ) -> tuple[list[int | None], list[TokenLogprob | None]]:
         """One forward step and the sampled token of every chunk that ends its sequence's tokens."""
         steps = [
@@ -720,7 +603,7 @@ class ModelRuntime:
     def _finish_step(
         self,
         plan: StepPlan,
-        actives: list[_Active],
+        actives: list[RequestState],
         sampled: list[tuple[int | None, TokenLogprob | None]],
         error: Exception | None = None,
         now: float = 0.0,
@@ -728,7 +611,7 @@ class ModelRuntime:
         """Append sampled tokens, emit text, end finished sequences (caller holds ``_cond``)."""
         sched = self._scheduler
         assert sched is not None
-        deliveries: list[tuple[_Active, RequestOutput]] = []
+        deliveries: list[tuple[RequestState, RequestOutput]] = []
         for index, (chunk, active) in enumerate(zip(plan.chunks, actives, strict=True)):
             seq = chunk.sequence
             if seq.aborted or error is not None:
@@ -753,7 +636,11 @@ class ModelRuntime:
             token, logprob = sampled[index]
             if token is None:
                 continue  # a prefill chunk that does not reach the end of the prompt yet
-            output = self._advance(active, token, logprob, now)
+            first = active.first_token_at is None
+            output = active.advance(token, logprob, now, self.options.max_context)
+            self.metrics.generated_tokens.inc()
+            if first:
+                self.metrics.time_to_first_token.observe(now - active.submitted)
             if output.finish_reason is not None:
                 sched.finish(seq)
                 self._active.pop(seq.id, None)
@@ -765,34 +652,7 @@ class ModelRuntime:
         for active, output in deliveries:
             active.sink(output)
 
-    def _advance(
-        self, active: _Active, token: int, logprob: TokenLogprob | None, now: float
-    ) -> RequestOutput:
-        """One new token for ``active``: detokenize, match stop strings and ids, decide the finish."""
-        seq = active.seq
-        seq.tokens.append(token)
-        if active.first_token_at is None:
-            active.first_token_at = now
-            self.metrics.time_to_first_token.observe(now - active.submitted)
-        active.last_token_at = now
-        self.metrics.generated_tokens.inc()
-        generated = seq.num_generated
-        finish: str | None = None
-        text = ""
-        if token in active.stop_ids:
-            finish = "stop"
-        else:
-            text = active.matcher.feed(active.decoder.push(token))
-            if active.matcher.stopped:
-                finish = "stop"
-            elif generated >= active.params.max_tokens or len(seq.tokens) >= self.options.max_context:
-                finish = "length"
-        if finish is not None and not active.matcher.stopped:
-            text += active.matcher.feed(active.decoder.flush()) + active.matcher.flush()
-        logprobs = (logprob,) if logprob is not None and token not in active.stop_ids else ()
-        return RequestOutput(text, (token,), logprobs, finish, completion_tokens=generated)
-
-    def _observe_finished(self, active: _Active) -> None:
+    def _observe_finished(self, active: RequestState) -> None:
         m = self.metrics
         m.prompt_tokens.inc(active.seq.prompt_len)
         if active.first_token_at is not None and active.last_token_at is not None:
