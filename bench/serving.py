@@ -498,17 +498,37 @@ def bench_throughput(model_dir: Path, args: argparse.Namespace) -> list[dict[str
     server = Server(model_dir, args, max_batch=max(levels))
     peer = Peer(model_dir, args)
     try:
-        for level in levels:
-            timings, wall = asyncio.run(vnpu_level(server.url, level, args.rounds, args.max_tokens))
-            rows.append({**summarise("vnpu", level, timings, wall), "load_1m": load_average()[0]})
-            print(f"throughput: {rows[-1]}", flush=True)
-            timings, wall = peer.level(level, args.rounds, args.max_tokens)
-            rows.append({**summarise("transformers", level, timings, wall), "load_1m": load_average()[0]})
-            print(f"throughput: {rows[-1]}", flush=True)
+        for n in range(args.passes):
+            for level in levels:
+                timings, wall = asyncio.run(vnpu_level(server.url, level, args.rounds, args.max_tokens))
+                rows.append(
+                    {**summarise("vnpu", level, timings, wall), "pass": n, "load_1m": load_average()[0]}
+                )
+                print(f"throughput: {rows[-1]}", flush=True)
+                timings, wall = peer.level(level, args.rounds, args.max_tokens)
+                rows.append(
+                    {
+                        **summarise("transformers", level, timings, wall),
+                        "pass": n,
+                        "load_1m": load_average()[0],
+                    }
+                )
+                print(f"throughput: {rows[-1]}", flush=True)
     finally:
         peer.stop()
         server.stop()
     return rows
+
+
+def best_passes(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """For each engine and level, the pass with the most tokens/s: on a shared machine, the pass least
+    disturbed by other work (both sides get the same number of passes, interleaved)."""
+    best: dict[tuple[str, int], dict[str, Any]] = {}
+    for row in rows:
+        key = (row["engine"], row["concurrency"])
+        if key not in best or row["tokens_per_s"] > best[key]["tokens_per_s"]:
+            best[key] = row
+    return sorted(best.values(), key=lambda r: (r["concurrency"], r["engine"] != "vnpu"))
 
 
 def bench_ttft(model_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -552,7 +572,7 @@ def bench_ttft(model_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def goals(results: dict[str, Any]) -> dict[str, Any]:
-    rows = results.get("throughput", [])
+    rows = best_passes(results.get("throughput", []))
 
     def row(engine: str, level: int) -> dict[str, Any] | None:
         return next((r for r in rows if r["engine"] == engine and r["concurrency"] == level), None)
@@ -600,7 +620,12 @@ def write_report(out: Path, results: dict[str, Any]) -> None:
         "at every level).\n",
     ]
     if results.get("throughput"):
-        parts.append(markdown_table(results["throughput"], "Throughput and latency"))
+        parts.append(
+            markdown_table(
+                best_passes(results["throughput"]),
+                f"Throughput and latency (best of {results['passes']} interleaved passes per level)",
+            )
+        )
     for key, title in (
         ("arrival", "A request arriving while 7 decode"),
         ("priority", "High priority under saturation"),
@@ -626,7 +651,7 @@ def _plot(path: Path, results: dict[str, Any]) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 4, figsize=(22, 4.8))
-    rows = results.get("throughput", [])
+    rows = best_passes(results.get("throughput", []))
     styles = {"vnpu": ("o-", "#2a7"), "transformers": ("s--", "#c63")}
     for engine, (style, color) in styles.items():
         sel = sorted((r for r in rows if r["engine"] == engine), key=lambda r: r["concurrency"])
@@ -678,7 +703,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--rounds", type=int, default=2, help="requests per client / generate calls per level"
     )
-    parser.add_argument("--probes", type=int, default=6, help="TTFT probes per scenario (median reported)")
+    parser.add_argument("--probes", type=int, default=8, help="TTFT probes per scenario (median reported)")
+    parser.add_argument(
+        "--passes", type=int, default=2, help="interleaved passes over all levels (the best one is reported)"
+    )
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     parser.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
     parser.add_argument(
@@ -710,6 +738,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": args.threads,
         "max_tokens": args.max_tokens,
         "rounds": args.rounds,
+        "passes": args.passes,
         "load_average": {"start": load_average()},
     }
     if "throughput" in sections:
