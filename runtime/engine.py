@@ -268,7 +268,6 @@ class ModelRuntime:
         if plan is not None:
             link = ThrottledLink(opts.link_bytes_per_s) if opts.device.startswith("cpu") else None
             provider = OffloadedWeights(units, manifest, arena.byte_tensor(), plan, opts.device, link)
-            self.plan = plan
             log.info(
                 "offload plan",
                 extra={k: v for k, v in plan.to_dict().items() if k not in ("resident", "streamed")},
@@ -279,6 +278,7 @@ class ModelRuntime:
                 tensors = {name: t.to(opts.device) for name, t in tensors.items()}
             provider = ResidentWeights(tensors)
         with self._lock:
+            self.plan = plan
             previous = self._installed
             if previous is not None and isinstance(previous.provider, OffloadedWeights):
                 previous.provider.close()
