@@ -530,6 +530,7 @@ class ModelRuntime:
         self._update_queue_metrics()
 
     def _step(self) -> None:
+        began = time.perf_counter()
         with self._lock:
             installed, cache = self._installed, self._cache
             with self._cond:
@@ -563,6 +564,7 @@ class ModelRuntime:
                 self._cond.wait(0.01)
             return
         now = time.perf_counter()
+        self.metrics.step_seconds.observe(now - began)
         with self._cond:
             self._scheduler.complete_step(plan)
             self._finish_step(plan, actives, list(zip(tokens, logprobs, strict=True)), now=now)

@@ -83,6 +83,12 @@ class RuntimeMetrics:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
             registry=r,
         )
+        self.step_seconds = Histogram(
+            _PREFIX + "step_seconds",
+            "Wall time of one engine step (schedule, forward pass, sampling)",
+            buckets=(0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5),
+            registry=r,
+        )
         self.kv_cache_blocks = Gauge(
             _PREFIX + "kv_cache_blocks", "Usable blocks of the paged KV cache", registry=r
         )
