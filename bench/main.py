@@ -15,6 +15,10 @@ SUITES: dict[str, tuple[str, str]] = {
         "Allocate/GetPreferredAllocation latency, ListAndWatch size",
     ),
     "runtime": ("vnpu.bench.runtime", "shared-weight memory, attach vs load time, async-offload overlap"),
+    "serving": (
+        "vnpu.bench.serving",
+        "continuous batching vs transformers generate: tokens/s, TTFT, inter-token latency, priority",
+    ),
     "operator": ("vnpu.bench.operator_e2e", "create-to-pods latency for many InferenceModels on kwok nodes"),
     "wake": ("vnpu.bench.wake", "keep-warm policies on a replayed trace; warm vs cold wake on a real node"),
 }

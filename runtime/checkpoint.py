@@ -91,7 +91,7 @@ class GGUFCheckpoint:
         tokenizer_meta = {
             name: f.contents()
             for name, f in self._reader.fields.items()
-            if name.startswith("tokenizer.ggml.")
+            if name.startswith("tokenizer.")  # tokenizer.ggml.* and tokenizer.chat_template
         }
         self._tensors = {hf_name_for_gguf(t.name): t for t in self._reader.tensors}
         self.tokenizer = tokenizer_spec_from_gguf(tokenizer_meta)
@@ -139,11 +139,21 @@ class SafetensorsCheckpoint:
         if self.config.tie_word_embeddings:
             self._where.pop("lm_head.weight", None)
         tokenizer_json = source.tokenizer_json
+        config_json = source.directory / "tokenizer_config.json"
+        template_file = source.directory / "chat_template.jinja"
         self.tokenizer = (
-            tokenizer_spec_from_hf(json.loads(tokenizer_json.read_text())) if tokenizer_json else {}
+            tokenizer_spec_from_hf(
+                json.loads(tokenizer_json.read_text()),
+                json.loads(config_json.read_text()) if config_json.is_file() else None,
+                template_file.read_text() if template_file.is_file() else None,
+            )
+            if tokenizer_json
+            else {}
         )
-        self.tokenizer.setdefault("bos_id", self.config.bos_token_id)
-        self.tokenizer.setdefault("eos_id", self.config.eos_token_id)
+        if self.tokenizer.get("bos_id") is None:
+            self.tokenizer["bos_id"] = self.config.bos_token_id
+        if self.tokenizer.get("eos_id") is None:
+            self.tokenizer["eos_id"] = self.config.eos_token_id
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {k: tuple(h.get_slice(k).get_shape()) for k, h in self._where.items()}

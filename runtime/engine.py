@@ -1,39 +1,82 @@
-"""A serving process's model: weights (own or attached), KV cache, tokenizer, one request at a time.
+"""A serving process's model: weights (own or attached), a paged KV pool and one continuous-batching loop.
 
 :class:`ModelRuntime` is what the HTTP server talks to. Weights are *installed* into it — from a
 local load or from a weights-holder lease — and can be *uninstalled* when the holder goes away; the
-KV cache belongs to the process and survives a re-attach (:mod:`vnpu.runtime.supervisor` keeps the
-lease).
+KV pool belongs to the process and survives a re-attach (:mod:`vnpu.runtime.supervisor` keeps the
+lease and drives :meth:`~ModelRuntime.install`, :meth:`~ModelRuntime.uninstall` and
+:meth:`~ModelRuntime.set_unavailable`).
+
+Requests are :meth:`~ModelRuntime.submit`-ted as token ids (tokenization happens before, in the
+caller's thread, outside every lock). One engine thread runs the loop: ask the
+:class:`~vnpu.runtime.scheduler.Scheduler` for a step (new sequences join at every step up to
+``max_batch``; prefill is chunked and interleaved with decode; the lowest-priority sequence is
+preempted when blocks run out), run it as one :meth:`~vnpu.runtime.model.LlamaModel.forward_batch`
+(each weight unit — and under offload each streamed layer — is fetched once per step for the whole
+batch), sample, detokenize, check stop conditions, and hand each request its new text through the
+callback it gave. A finished, cancelled or failed sequence returns its KV blocks at once.
 
 Memory contract (``VNPU_MEMORY_LIMIT_MIB``): on CUDA/NPU the limit becomes torch's per-process memory
-fraction; on CPU it is a checked budget — KV cache + activation estimate + offload ring + the weights
-this process owns (none when attached: the holder's slices pay for them) must fit, or the process
-refuses to start with the numbers in the message.
+fraction; on CPU it is a checked budget. Either way the KV pool gets what the limit leaves after the
+fixed costs (:mod:`vnpu.runtime.budget`), or the process refuses to start with the numbers.
 """
 
 from __future__ import annotations
 
 import gc
+import itertools
 import logging
+import queue
 import threading
+import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from vnpu import memory
 from vnpu.runtime.arena import Arena
-from vnpu.runtime.errors import InvalidRequestError, MemoryBudgetError, RuntimeUnavailableError
-from vnpu.runtime.generate import GenerationResult, check_context, generate
-from vnpu.runtime.manifest import DTYPE_BYTES, WeightManifest
+from vnpu.runtime.budget import KVBudget
+from vnpu.runtime.chat import ChatTemplate
+from vnpu.runtime.errors import InvalidRequestError, RuntimeUnavailableError
+from vnpu.runtime.generate import GenerationResult, check_context
+from vnpu.runtime.manifest import WeightManifest
 from vnpu.runtime.metrics import RuntimeMetrics
-from vnpu.runtime.model import KVCache, LlamaModel, ResidentWeights, WeightProvider
+from vnpu.runtime.model import LlamaModel, ResidentWeights, WeightProvider
 from vnpu.runtime.offload import OffloadedWeights, OffloadPlan, ThrottledLink, plan_offload, unit_sizes
+from vnpu.runtime.paged import DEFAULT_BLOCK_SIZE, PagedKVCache, StepSequence, build_layout
+from vnpu.runtime.requests import (
+    GenerationRequest,
+    RequestHandle,
+    RequestOutput,
+    RequestState,
+    StopMatcher,
+)
+from vnpu.runtime.sampling import SamplingParams, TokenLogprob, sample_step
+from vnpu.runtime.scheduler import (
+    BlockAllocator,
+    QueueFullError,
+    Scheduler,
+    SchedulerConfig,
+    StepPlan,
+)
+from vnpu.runtime.scheduler import (
+    Sequence as ScheduledSequence,
+)
 from vnpu.runtime.tokenizer import StreamDecoder, Tokenizer
 from vnpu.runtime.units import model_units
 
-log = logging.getLogger("vnpu.runtime.engine")
+__all__ = [
+    "GenerationRequest",
+    "ModelRuntime",
+    "QueueFullError",
+    "RequestHandle",
+    "RequestOutput",
+    "ServeOptions",
+    "StopMatcher",
+]
+
+log = logging.getLogger(__name__)
 MIB = 1024 * 1024
 
 
@@ -41,12 +84,23 @@ MIB = 1024 * 1024
 class ServeOptions:
     device: str = "cpu"
     max_context: int = 2048
-    prefill_chunk: int = 256
+    prefill_chunk: int = 256  #: tokens per forward step, decode tokens included
     memory_limit_mib: int | None = None
     offload_budget_mib: float | None = None  #: None: everything resident
     prefetch_depth: int = 2
     link_bytes_per_s: float | None = None  #: CPU only: emulate a host-to-device link of this bandwidth
     model_name: str = ""
+    max_batch: int = 16  #: sequences decoded together (``spec.memory.maxBatch``)
+    default_priority: int = 0  #: priority of requests that give none (``spec.priority``)
+    max_queue: int = 64  #: sequences waiting for a batch slot before new ones get 429
+    block_size: int = DEFAULT_BLOCK_SIZE
+    #: Usable KV blocks, overriding the size the memory budget gives (vLLM's
+    #: ``--num-gpu-blocks-override``: experiments and tests of preemption)
+    kv_blocks: int | None = None
+
+    @property
+    def max_step_tokens(self) -> int:
+        return max(self.prefill_chunk, self.max_batch)
 
 
 @dataclass
@@ -55,6 +109,7 @@ class Completion:
     result: GenerationResult
     finish_reason: str
     prompt_tokens: int
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass
@@ -62,6 +117,7 @@ class _Installed:
     manifest: WeightManifest
     model: LlamaModel
     tokenizer: Tokenizer
+    chat_template: ChatTemplate | None
     provider: WeightProvider
     shared: bool
     keep: list[Any] = field(default_factory=list)  # objects whose lifetime the views depend on
@@ -82,43 +138,20 @@ def apply_device_memory_limit(device: str, limit_mib: int | None) -> float | Non
     return fraction
 
 
-class StopMatcher:
-    """Cuts generated text at the first stop string, holding back a tail that might start one."""
-
-    def __init__(self, stops: Sequence[str]) -> None:
-        self.stops = [s for s in stops if s]
-        self._pending = ""
-        self.stopped = False
-
-    def feed(self, piece: str) -> str:
-        text = self._pending + piece
-        hits = [(text.find(s), s) for s in self.stops if s in text]
-        if hits:
-            self.stopped = True
-            self._pending = ""
-            return text[: min(hits)[0]]
-        hold = 0
-        for s in self.stops:
-            for k in range(min(len(s) - 1, len(text)), 0, -1):
-                if text.endswith(s[:k]):
-                    hold = max(hold, k)
-                    break
-        self._pending = text[len(text) - hold :] if hold else ""
-        return text[: len(text) - hold]
-
-    def flush(self) -> str:
-        text, self._pending = self._pending, ""
-        return "" if self.stopped else text
-
-
 class ModelRuntime:
     def __init__(self, options: ServeOptions, metrics: RuntimeMetrics | None = None) -> None:
         self.options = options
         self.metrics = metrics or RuntimeMetrics()
-        self._lock = threading.Lock()  # one generation at a time; install/uninstall wait for it
+        self._lock = threading.Lock()  # the model: a step, install and uninstall exclude each other
+        self._cond = threading.Condition()  # the scheduler and the active requests
         self._installed: _Installed | None = None
-        self._cache: KVCache | None = None
+        self._cache: PagedKVCache | None = None
+        self._scheduler: Scheduler | None = None
+        self._active: dict[str, RequestState] = {}  # keyed by request id
+        self._arrivals = itertools.count()
         self._unavailable = "weights are not loaded yet"
+        self._thread: threading.Thread | None = None
+        self._stopping = False
         self.plan: OffloadPlan | None = None  #: the offload plan in use, if any
 
     # --- state ---------------------------------------------------------------------------------
@@ -136,42 +169,69 @@ class ModelRuntime:
         installed = self._installed
         return self.options.model_name or (installed.manifest.config.name if installed else "")
 
-    def kv_cache_bytes(self, manifest: WeightManifest) -> int:
-        dtype = next(iter(manifest.tensors.values())).dtype
-        return manifest.config.kv_bytes_per_token(DTYPE_BYTES[dtype]) * self.options.max_context
+    @property
+    def tokenizer(self) -> Tokenizer:
+        installed = self._installed
+        if installed is None:
+            raise RuntimeUnavailableError(self._unavailable or "not ready")
+        return installed.tokenizer
+
+    @property
+    def chat_template(self) -> ChatTemplate | None:
+        installed = self._installed
+        if installed is None:
+            raise RuntimeUnavailableError(self._unavailable or "not ready")
+        return installed.chat_template
+
+    def stats(self) -> dict[str, int]:
+        """Running and waiting sequences and KV blocks in use (what tests and /metrics read)."""
+        with self._cond:
+            sched = self._scheduler
+            if sched is None:
+                return {"running": 0, "waiting": 0, "blocks_used": 0, "blocks_total": 0, "preemptions": 0}
+            return {
+                "running": len(sched.running),
+                "waiting": len(sched.waiting),
+                "blocks_used": sched.allocator.used,
+                "blocks_total": sched.allocator.total,
+                "preemptions": sched.preemptions,
+            }
+
+    # --- memory ---------------------------------------------------------------------------------
+
+    def budget(
+        self, manifest: WeightManifest, shared: bool, ring_bytes: int, plan: OffloadPlan | None = None
+    ) -> KVBudget:
+        """This process's memory budget (see :mod:`vnpu.runtime.budget`). Weights: none when attached
+        (the holder's slices pay for them), the resident part under offload, else all of them."""
+        opts = self.options
+        return KVBudget.of(
+            manifest,
+            own_weight_bytes=0 if shared else (plan.resident_bytes if plan else manifest.total_bytes),
+            ring_bytes=ring_bytes,
+            max_context=opts.max_context,
+            max_batch=opts.max_batch,
+            block_size=opts.block_size,
+            limit_mib=opts.memory_limit_mib,
+            override=opts.kv_blocks,
+        )
+
+    def kv_blocks(
+        self, manifest: WeightManifest, shared: bool, ring_bytes: int, plan: OffloadPlan | None = None
+    ) -> int:
+        """Usable KV blocks; raises MemoryBudgetError when one ``max_context`` sequence does not fit."""
+        return self.budget(manifest, shared, ring_bytes, plan).blocks()
 
     def required_bytes(
         self, manifest: WeightManifest, shared: bool, ring_bytes: int, plan: OffloadPlan | None = None
     ) -> dict[str, int]:
-        """What this process needs on its device under its memory limit, term by term.
-
-        Weights: none when attached (the holder's slices pay for them), the resident part under
-        offload (the rest stays in host memory), else all of them.
-        """
-        dtype_bytes = DTYPE_BYTES[next(iter(manifest.tensors.values())).dtype]
-        own_weights = 0 if shared else (plan.resident_bytes if plan is not None else manifest.total_bytes)
-        activation = memory.default_activation_bytes(manifest.config.to_modelfile_config(), 1, dtype_bytes)
-        return {
-            "kv_cache": self.kv_cache_bytes(manifest),
-            "activation": activation,
-            "weights": own_weights,
-            "offload_ring": ring_bytes,
-        }
+        """What this process needs on its device under its memory limit, term by term."""
+        return self.budget(manifest, shared, ring_bytes, plan).required()
 
     def check_budget(
         self, manifest: WeightManifest, shared: bool, ring_bytes: int, plan: OffloadPlan | None = None
     ) -> None:
-        limit = self.options.memory_limit_mib
-        if limit is None:
-            return
-        parts = self.required_bytes(manifest, shared, ring_bytes, plan)
-        total = sum(parts.values())
-        if total > limit * MIB:
-            detail = ", ".join(f"{k} {v / MIB:.1f} MiB" for k, v in parts.items() if v)
-            raise MemoryBudgetError(
-                f"VNPU_MEMORY_LIMIT_MIB={limit} is too small: this process needs {total / MIB:.1f} MiB "
-                f"({detail}); lower --max-context, enable offload, or raise the limit"
-            )
+        self.kv_blocks(manifest, shared, ring_bytes, plan)  # raises MemoryBudgetError with the numbers
 
     # --- install / uninstall --------------------------------------------------------------------
 
@@ -185,6 +245,7 @@ class ModelRuntime:
         dtype = getattr(torch, next(iter(manifest.tensors.values())).dtype)
         provider: WeightProvider
         ring = 0
+        plan: OffloadPlan | None = None
         offload = opts.offload_budget_mib is not None
         if offload and arena.backend != "cpu":
             # Attached to a device arena: every weight is already resident on the device.
@@ -195,42 +256,63 @@ class ModelRuntime:
                 unit_sizes(units, manifest), int((opts.offload_budget_mib or 0) * MIB), opts.prefetch_depth
             )
             ring = plan.ring_bytes
-            self.check_budget(manifest, shared, ring, plan)
+        blocks = self.kv_blocks(manifest, shared, ring, plan)  # refuse before allocating anything
+        tokenizer = Tokenizer(manifest.tokenizer)  # outside the lock: requests keep flowing meanwhile
+        template = None
+        if tokenizer.chat_template:
+            template = ChatTemplate(
+                tokenizer.chat_template,
+                tokenizer.special_token_text(tokenizer.bos_id),
+                tokenizer.special_token_text(tokenizer.eos_id),
+            )
+        if plan is not None:
             link = ThrottledLink(opts.link_bytes_per_s) if opts.device.startswith("cpu") else None
             provider = OffloadedWeights(units, manifest, arena.byte_tensor(), plan, opts.device, link)
-            self.plan = plan
             log.info(
                 "offload plan",
                 extra={k: v for k, v in plan.to_dict().items() if k not in ("resident", "streamed")},
             )
         else:
-            self.check_budget(manifest, shared, 0)
             tensors = {name: arena.view(entry) for name, entry in manifest.tensors.items()}
             if arena.backend == "cpu" and not opts.device.startswith("cpu"):
                 tensors = {name: t.to(opts.device) for name, t in tensors.items()}
             provider = ResidentWeights(tensors)
         with self._lock:
+            self.plan = plan
             previous = self._installed
             if previous is not None and isinstance(previous.provider, OffloadedWeights):
                 previous.provider.close()
+            cache = self._cache
             if (
-                self._cache is None
-                or self._cache.storage.dtype != dtype
-                or self._cache.keys[0].shape[1:]
-                != (config.num_key_value_heads, opts.max_context, config.head_dim)
-                or len(self._cache.keys) != config.num_hidden_layers
+                cache is None
+                or not cache.compatible(config, dtype, opts.device)
+                or cache.usable_blocks != blocks
             ):
-                if self._cache is not None:
-                    self._cache = None
-                    gc.collect()  # free the old cache before allocating the new one
-                self._cache = KVCache(config, opts.max_context, 1, dtype, opts.device)
+                if cache is not None:
+                    self._cache = cache = None
+                    gc.collect()  # free the old pool before allocating the new one
+                cache = PagedKVCache(config, blocks + 1, opts.block_size, dtype, opts.device)
+                self._cache = cache
+            with self._cond:
+                if self._scheduler is not None and self._scheduler.allocator.num_blocks != cache.num_blocks:
+                    self._fail_all(RuntimeUnavailableError("the model was replaced"))
+                    self._scheduler = None
+                if self._scheduler is None:
+                    sched_config = SchedulerConfig(
+                        opts.max_batch, opts.max_step_tokens, opts.block_size, opts.max_queue
+                    )
+                    self._scheduler = Scheduler(sched_config, BlockAllocator(cache.num_blocks))
+                else:  # new weights: what is cached was computed by the old ones; recompute it
+                    self._scheduler.preempt_all()
             model = LlamaModel(config, provider, opts.device, dtype, max_positions=opts.max_context)
             self._installed = _Installed(
-                manifest, model, Tokenizer(manifest.tokenizer), provider, shared, [arena, keep]
+                manifest, model, tokenizer, template, provider, shared, [arena, keep]
             )
             self._unavailable = None
+        self._start_loop()
         m = self.metrics
-        m.kv_cache_bytes.set(self._cache.nbytes)
+        m.kv_cache_bytes.set(cache.nbytes)
+        m.kv_cache_blocks.set(blocks)
         m.weights_bytes.labels("shared" if shared else "own").set(manifest.total_bytes)
         m.weights_bytes.labels("own" if shared else "shared").set(0)
         m.attach_seconds.labels("attach" if shared else "load").set(seconds)
@@ -241,7 +323,9 @@ class ModelRuntime:
                 "model": self.model_name,
                 "shared": shared,
                 "seconds": round(seconds, 4),
-                "kv_cache_bytes": self._cache.nbytes,
+                "kv_cache_bytes": cache.nbytes,
+                "kv_blocks": blocks,
+                "max_batch": opts.max_batch,
                 "weights_bytes": manifest.total_bytes,
             },
         )
@@ -253,24 +337,105 @@ class ModelRuntime:
             self.metrics.ready.set(0)
 
     def uninstall(self, reason: str) -> None:
-        """Stop serving (new requests fail with ``reason`` at once), then drop the weight views."""
+        """Stop serving (new requests fail with ``reason`` at once; running ones end with it after the
+        step in flight), then drop the weight views."""
         self._unavailable = reason
         self.metrics.ready.set(0)
         with self._lock:
             installed, self._installed = self._installed, None
+            with self._cond:
+                self._fail_all(RuntimeUnavailableError(reason))
         if installed is not None and isinstance(installed.provider, OffloadedWeights):
             installed.provider.close()
         del installed
         gc.collect()
         log.warning("model unavailable", extra={"reason": reason})
 
+    def close(self) -> None:
+        """Stop the engine thread (requests still inside fail)."""
+        with self._cond:
+            self._stopping = True
+            self._fail_all(RuntimeUnavailableError("the server is shutting down"))
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
     # --- requests -----------------------------------------------------------------------------
 
     def tokenize(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+    def validate_prompt(self, ids: Sequence[int], max_tokens: int) -> None:
+        """Refuse ids outside the vocabulary and prompts that do not fit the context (HTTP 400)."""
         installed = self._installed
         if installed is None:
             raise RuntimeUnavailableError(self._unavailable or "not ready")
-        return installed.tokenizer.encode(text)
+        vocab = installed.manifest.config.vocab_size
+        if any(i < 0 or i >= vocab for i in ids):
+            raise InvalidRequestError(f"prompt token ids must be in the vocabulary [0, {vocab})")
+        check_context(len(ids), max_tokens, self.options.max_context)
+
+    def submit(self, request: GenerationRequest, sink: Callable[[RequestOutput], None]) -> RequestHandle:
+        """Queue ``request``; ``sink`` gets its outputs from the engine thread (it must not block).
+
+        Raises InvalidRequestError / ContextLengthError (400), QueueFullError (429) or
+        RuntimeUnavailableError (503) at once.
+        """
+        self.validate_prompt(request.prompt_ids, request.params.max_tokens)
+        installed = self._installed
+        if installed is None:
+            raise RuntimeUnavailableError(self._unavailable or "not ready")
+        tokenizer = installed.tokenizer
+        eos = installed.manifest.config.eos_token_id
+        stop_ids = (
+            frozenset()
+            if request.params.ignore_eos
+            else frozenset(i for i in (eos, tokenizer.eos_id) if i is not None)
+        )
+        priority = self.options.default_priority if request.priority is None else request.priority
+        with self._cond:
+            if self._scheduler is None or self._stopping or self._installed is None:
+                raise RuntimeUnavailableError(self._unavailable or "not ready")
+            seq = ScheduledSequence(
+                id=uuid.uuid4().hex,
+                tokens=list(request.prompt_ids),
+                prompt_len=len(request.prompt_ids),
+                priority=priority,
+                arrival=next(self._arrivals),
+            )
+            active = RequestState(
+                seq=seq,
+                params=request.params,
+                sink=sink,
+                decoder=StreamDecoder(tokenizer),
+                matcher=StopMatcher(request.params.stop),
+                generator=request.params.generator(),
+                stop_ids=stop_ids,
+                submitted=time.perf_counter(),
+            )
+            self._scheduler.add(seq)  # QueueFullError when the queue is full
+            self._active[seq.id] = active
+            self._update_queue_metrics()
+            self._cond.notify_all()
+        return RequestHandle(active, self.abort)
+
+    def abort(self, handle: RequestHandle) -> bool:
+        """Cancel a request: it gets a last "cancelled" output; its blocks are free at once (or right
+        after the step in flight, which is still using them)."""
+        with self._cond:
+            active = self._active.get(handle.id)
+            if active is None or active.closed or self._scheduler is None:
+                return False
+            active.closed = True
+            self._scheduler.abort(active.seq)
+            if not active.seq.in_step:
+                del self._active[handle.id]
+            self._update_queue_metrics()
+            completion = active.seq.num_generated
+        active.sink(RequestOutput("", (), finish_reason="cancelled", completion_tokens=completion))
+        log.info("request cancelled", extra={"request": handle.id, "generated": completion})
+        return True
 
     def complete(
         self,
@@ -283,66 +448,226 @@ class ModelRuntime:
         stop: Sequence[str] = (),
         on_text: Callable[[str], None] | None = None,
         cancelled: Callable[[], bool] | None = None,
+        priority: int | None = None,
+        logprobs: int | None = None,
+        ignore_eos: bool = False,
     ) -> Completion:
-        """Run one completion; raises RuntimeUnavailableError or ContextLengthError (never crashes)."""
+        """Run one completion to its end (blocking); raises like :meth:`submit`."""
+        ids = self.tokenize(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
+        params = SamplingParams(
+            max_tokens, temperature, top_p, seed, tuple(stop), ignore_eos=ignore_eos, logprobs=logprobs
+        )
+        outputs: queue.SimpleQueue[RequestOutput] = queue.SimpleQueue()
+        start = time.perf_counter()
+        handle = self.submit(GenerationRequest(tuple(ids), params, priority), outputs.put)
+        pieces: list[str] = []
+        tokens: list[int] = []
+        probs: list[TokenLogprob] = []
+        first = 0.0
+        while True:
+            try:
+                out = outputs.get(timeout=0.05)
+            except queue.Empty:
+                if cancelled is not None and cancelled():
+                    handle.abort()
+                continue
+            if out.token_ids and not tokens:
+                first = time.perf_counter() - start
+            tokens += out.token_ids
+            probs += out.logprobs
+            if out.text:
+                pieces.append(out.text)
+                if on_text is not None:
+                    on_text(out.text)
+            if cancelled is not None and cancelled():
+                handle.abort()
+            if out.finish_reason is not None:
+                if out.error is not None:
+                    raise out.error
+                break
+        finish = "stop" if out.finish_reason == "cancelled" else out.finish_reason
+        result = GenerationResult(len(ids), tokens, finish, first, time.perf_counter() - start)
+        return Completion("".join(pieces), result, finish, len(ids), probs)
+
+    # --- the engine loop ------------------------------------------------------------------------
+
+    def _start_loop(self) -> None:
+        with self._cond:
+            if self._thread is not None or self._stopping:
+                return
+            self._thread = threading.Thread(target=self._loop, name="engine-loop", daemon=True)
+            self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopping and not (self._scheduler and self._scheduler.has_work()):
+                    self._cond.wait()
+                if self._stopping:
+                    return
+            try:
+                self._step()
+            except Exception:  # never let the loop die: fail what was in the step, keep serving
+                log.exception("engine step failed")
+
+    def _fail_all(self, error: Exception) -> None:
+        """End every request with ``error`` (caller holds ``_cond``; sinks never block)."""
+        sched = self._scheduler
+        for active in list(self._active.values()):
+            if sched is not None and not active.seq.in_step:
+                sched.finish(active.seq)
+            elif sched is not None:
+                active.seq.aborted = True  # finished right after the step in flight
+            if not active.closed:
+                active.closed = True
+                active.sink(
+                    RequestOutput(
+                        "", (), finish_reason="error", error=error, completion_tokens=active.seq.num_generated
+                    )
+                )
+            if not active.seq.in_step:
+                self._active.pop(active.seq.id, None)
+        self._update_queue_metrics()
+
+    def _step(self) -> None:
+        began = time.perf_counter()
         with self._lock:
-            installed = self._installed
-            if installed is None or self._cache is None:
-                raise RuntimeUnavailableError(self._unavailable or "not ready")
-            tok = installed.tokenizer
-            ids = tok.encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
-            if any(i < 0 or i >= installed.manifest.config.vocab_size for i in ids):
-                raise InvalidRequestError("prompt token ids out of the vocabulary range")
-            check_context(len(ids), max_tokens, self.options.max_context)
-            decoder = StreamDecoder(tok)
-            matcher = StopMatcher(stop)
-            pieces: list[str] = []
-            capacity = self.options.max_context
+            installed, cache = self._installed, self._cache
+            with self._cond:
+                if installed is None or cache is None or self._scheduler is None:
+                    self._fail_all(RuntimeUnavailableError(self._unavailable or "not ready"))
+                    return
+                plan = self._scheduler.schedule()
+                actives = [self._active[c.sequence.id] for c in plan.chunks]
+                if plan.preempted:
+                    self.metrics.preemptions.inc(len(plan.preempted))
+                    log.info(
+                        "preempted",
+                        extra={
+                            "sequences": [s.id for s in plan.preempted],
+                            "priorities": [s.priority for s in plan.preempted],
+                        },
+                    )
+            if plan.chunks:
+                try:
+                    tokens, logprobs = self._run(installed, cache, plan, actives)
+                except Exception as e:
+                    log.exception("forward step failed", extra={"sequences": len(plan.chunks)})
+                    with self._cond:
+                        self._scheduler.complete_step(plan)
+                        for active in actives:
+                            active.seq.aborted = True
+                        self._finish_step(plan, actives, [], error=e)
+                    return
+        if not plan.chunks:  # nothing fits this step (blocks are being given back): look again soon
+            with self._cond:
+                self._cond.wait(0.01)
+            return
+        now = time.perf_counter()
+        self.metrics.step_seconds.observe(now - began)
+        with self._cond:
+            self._scheduler.complete_step(plan)
+            self._finish_step(plan, actives, list(zip(tokens, logprobs, strict=True)), now=now)
 
-            def emit(text: str) -> None:
-                if text:
-                    pieces.append(text)
-                    if on_text is not None:
-                        on_text(text)
-
-            generated = 0
-
-            def on_token(token: int) -> bool:
-                nonlocal generated
-                generated += 1
-                self.metrics.kv_cache_usage.set((len(ids) + generated) / capacity)
-                emit(matcher.feed(decoder.push(token)))
-                return not matcher.stopped and not (cancelled is not None and cancelled())
-
-            stats = getattr(installed.provider, "stats", None)
-            before = (stats.bytes_copied, stats.stall_seconds) if stats else (0, 0.0)
-            eos = (
-                [installed.manifest.config.eos_token_id]
-                if installed.manifest.config.eos_token_id is not None
-                else []
+    def _run(
+        self, installed: _Installed, cache: PagedKVCache, plan: StepPlan, actives: list[RequestState]
+    ) -> tuple[list[int | None], list[TokenLogprob | None]]:
+        """One forward step and the sampled token of every chunk that ends its sequence's tokens."""
+        steps = [
+            StepSequence(
+                c.sequence.tokens[c.start : c.start + c.count], c.start, list(c.sequence.blocks), c.samples
             )
-            result = generate(
-                installed.model,
-                self._cache,
-                ids,
-                max_tokens,
-                temperature=temperature,
-                top_p=top_p,
-                seed=seed,
-                stop_ids=eos,
-                prefill_chunk=self.options.prefill_chunk,
-                on_token=on_token,
-            )
-            if not matcher.stopped:
-                emit(matcher.feed(decoder.flush()) + matcher.flush())
-            if stats:
-                self.metrics.offload_bytes.inc(stats.bytes_copied - before[0])
-                self.metrics.offload_stall_seconds.inc(stats.stall_seconds - before[1])
+            for c in plan.chunks
+        ]
+        stats = getattr(installed.provider, "stats", None)
+        before = (stats.bytes_copied, stats.stall_seconds) if stats else (0, 0.0)
+        layout, rows = build_layout(steps, cache.block_size, cache.device)
+        logits = installed.model.forward_batch(layout, cache)
+        # Logit rows come in layout order (decode sequences first): map each back to its chunk.
+        sampling = sorted((i for i, row in enumerate(rows) if row >= 0), key=rows.__getitem__)
+        picked, probs = sample_step(
+            logits,
+            [actives[i].params for i in sampling],
+            [actives[i].generator for i in sampling],
+        )
+        tokens: list[int | None] = [None] * len(steps)
+        logprobs: list[TokenLogprob | None] = [None] * len(steps)
+        for j, i in enumerate(sampling):
+            tokens[i], logprobs[i] = picked[j], probs[j]
+        if stats:
+            self.metrics.offload_bytes.inc(stats.bytes_copied - before[0])
+            self.metrics.offload_stall_seconds.inc(stats.stall_seconds - before[1])
         m = self.metrics
-        m.kv_cache_usage.set(0)
-        m.prompt_tokens.inc(len(ids))
-        m.generated_tokens.inc(len(result.token_ids))
-        m.time_to_first_token.observe(result.time_to_first_token_s)
-        if result.decode_tokens_per_s:
-            m.tokens_per_second.set(result.decode_tokens_per_s)
-        return Completion("".join(pieces), result, result.finish_reason, len(ids))
+        m.batch_size.observe(len(steps))
+        m.step_tokens.observe(layout.num_tokens)
+        return tokens, logprobs
+
+    def _finish_step(
+        self,
+        plan: StepPlan,
+        actives: list[RequestState],
+        sampled: list[tuple[int | None, TokenLogprob | None]],
+        error: Exception | None = None,
+        now: float = 0.0,
+    ) -> None:
+        """Append sampled tokens, emit text, end finished sequences (caller holds ``_cond``)."""
+        sched = self._scheduler
+        assert sched is not None
+        deliveries: list[tuple[RequestState, RequestOutput]] = []
+        for index, (chunk, active) in enumerate(zip(plan.chunks, actives, strict=True)):
+            seq = chunk.sequence
+            if seq.aborted or error is not None:
+                sched.finish(seq)
+                self._active.pop(seq.id, None)
+                if not active.closed:
+                    active.closed = True
+                    failure = error or RuntimeUnavailableError(self._unavailable or "not ready")
+                    deliveries.append(
+                        (
+                            active,
+                            RequestOutput(
+                                "",
+                                (),
+                                finish_reason="error",
+                                error=failure,
+                                completion_tokens=seq.num_generated,
+                            ),
+                        )
+                    )
+                continue
+            token, logprob = sampled[index]
+            if token is None:
+                continue  # a prefill chunk that does not reach the end of the prompt yet
+            first = active.first_token_at is None
+            output = active.advance(token, logprob, now, self.options.max_context)
+            self.metrics.generated_tokens.inc()
+            if first:
+                self.metrics.time_to_first_token.observe(now - active.submitted)
+            if output.finish_reason is not None:
+                sched.finish(seq)
+                self._active.pop(seq.id, None)
+                active.closed = True
+                self._observe_finished(active)
+            if output.text or output.finish_reason is not None or output.logprobs or output.token_ids:
+                deliveries.append((active, output))
+        self._update_queue_metrics()
+        for active, output in deliveries:
+            active.sink(output)
+
+    def _observe_finished(self, active: RequestState) -> None:
+        m = self.metrics
+        m.prompt_tokens.inc(active.seq.prompt_len)
+        if active.first_token_at is not None and active.last_token_at is not None:
+            decode = active.last_token_at - active.first_token_at
+            if active.seq.num_generated > 1 and decode > 0:
+                m.tokens_per_second.set((active.seq.num_generated - 1) / decode)
+
+    def _update_queue_metrics(self) -> None:
+        sched = self._scheduler
+        if sched is None:
+            return
+        m = self.metrics
+        m.requests_waiting.set(len(sched.waiting))
+        m.requests_running.set(len(sched.running))
+        m.requests_in_flight.set(len(sched.waiting) + len(sched.running))
+        m.kv_cache_usage.set(sched.allocator.used / sched.allocator.total if sched.allocator.total else 0)

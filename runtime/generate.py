@@ -1,8 +1,10 @@
-"""Token generation over a :class:`~vnpu.runtime.model.LlamaModel`: chunked prefill, then decode.
+"""One sequence's generation over a :class:`~vnpu.runtime.model.LlamaModel` and a contiguous KV cache.
 
-Greedy (``temperature == 0``) is deterministic; sampling uses a seeded generator so a request with a
-``seed`` reproduces. Stop conditions: a stop token id, ``max_new_tokens``, or the callback asking to
-stop (a client that went away, or a stop string matched by the caller).
+The reference path (tests, offload benchmarks): chunked prefill, then decode, one sequence. Serving
+runs many sequences at once through :mod:`vnpu.runtime.engine`; both pick tokens with
+:mod:`vnpu.runtime.sampling`. Greedy (``temperature == 0``) is deterministic; sampling uses a
+seeded generator so a request with a ``seed`` reproduces. Stop conditions: a stop token id,
+``max_new_tokens``, or the callback asking to stop.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 
 from vnpu.runtime.errors import ContextLengthError, InvalidRequestError
 from vnpu.runtime.model import KVCache, LlamaModel
+from vnpu.runtime.sampling import SamplingParams, sample_token
 
 __all__ = ["ContextLengthError", "GenerationResult", "check_context", "generate"]
 
@@ -45,18 +48,6 @@ def check_context(prompt_tokens: int, max_new_tokens: int, context: int) -> None
         )
 
 
-def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
-    if temperature <= 0:
-        return int(torch.argmax(logits))
-    logits = logits.float().cpu()  # the seeded generator lives on the CPU, whatever the device
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < top_p
-        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
-    return int(torch.multinomial(probs, 1, generator=generator))
-
-
 def generate(
     model: LlamaModel,
     cache: KVCache,
@@ -75,9 +66,8 @@ def generate(
     ``on_token(id)`` is called for every new token; returning False stops generation ("stop").
     """
     check_context(len(prompt_ids), max_new_tokens, cache.max_tokens)
-    generator = None
-    if temperature > 0:
-        generator = torch.Generator().manual_seed(seed if seed is not None else int(time.time_ns()))
+    params = SamplingParams(max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    generator = params.generator()
     result = GenerationResult(prompt_tokens=len(prompt_ids))
     start = time.perf_counter()
     ids = torch.tensor([list(prompt_ids)], dtype=torch.long)
@@ -88,7 +78,7 @@ def generate(
     position = len(prompt_ids)
     stops = set(stop_ids)
     while True:
-        token = _pick(logits[0], temperature, top_p, generator)
+        token = sample_token(logits[0], params, generator)
         if not result.token_ids:
             result.time_to_first_token_s = time.perf_counter() - start
         result.token_ids.append(token)

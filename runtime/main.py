@@ -5,8 +5,9 @@ Subcommands:
 * ``weights-holder`` — load a model once into one arena on this device and serve it to the replicas of
   its share group over a unix socket (zero-copy import: memfd over SCM_RIGHTS on CPU, IPC handles on
   CUDA/Ascend).
-* ``serve`` — the OpenAI-style HTTP server. Attaches to the share group's weights-holder when a socket
-  directory is configured, otherwise loads the model itself. Allocates its own KV cache.
+* ``serve`` — the OpenAI-style HTTP server (chat and text completions, continuous batching).
+  Attaches to the share group's weights-holder when a socket directory is configured, otherwise
+  loads the model itself. Allocates its own KV cache (a block pool).
 * ``generate`` — one completion on the command line (same loading/attaching rules as ``serve``).
 * ``probe`` — ask a weights-holder for its status (exit 0 when it answers; for readiness probes).
 
@@ -15,7 +16,7 @@ the pods (see runtime/README.md): ``VNPU_MODEL_URI``, ``VNPU_MODEL_FORMAT``, ``V
 ``VNPU_MODEL_NAME``, ``VNPU_SHARE_NAMESPACE``, ``VNPU_SHARE_GROUP``, ``VNPU_WEIGHTS_ID``,
 ``VNPU_SHARE_KEY_FILE``, ``VNPU_SOCKET_DIR``, ``VNPU_DEVICE``, ``VNPU_MEMORY_LIMIT_MIB``,
 ``VNPU_OFFLOAD_BUDGET_MIB``, ``VNPU_PREFETCH_DEPTH``, ``VNPU_PORT``, ``VNPU_PVC_ROOT``, ``VNPU_HF_CACHE``,
-``VNPU_TORCH_DEVICE``.
+``VNPU_TORCH_DEVICE``, ``VNPU_MAX_CONTEXT``, ``VNPU_MAX_BATCH``, ``VNPU_DEFAULT_PRIORITY``.
 """
 
 from __future__ import annotations
@@ -202,7 +203,31 @@ def _add_serving_args(p: argparse.ArgumentParser, http: bool) -> None:
         help="tokens of KV cache (prompt + completion limit) [$VNPU_MAX_CONTEXT, default 2048]",
     )
     g.add_argument(
-        "--prefill-chunk", type=int, default=256, help="prompt tokens per forward step (default 256)"
+        "--max-batch",
+        type=int,
+        default=_env_int("VNPU_MAX_BATCH") or 16,
+        help="sequences decoded together by continuous batching (spec.memory.maxBatch) "
+        "[$VNPU_MAX_BATCH, default 16]",
+    )
+    g.add_argument(
+        "--default-priority",
+        type=int,
+        default=_env_int("VNPU_DEFAULT_PRIORITY") or 0,
+        help="priority of requests that give none; higher is served first and preempted last "
+        "(spec.priority) [$VNPU_DEFAULT_PRIORITY, default 0]",
+    )
+    g.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=256,
+        help="tokens per forward step, decode tokens included: longer prompts are prefilled in chunks "
+        "interleaved with decoding (default 256)",
+    )
+    g.add_argument(
+        "--kv-blocks",
+        type=int,
+        help="usable KV blocks of 16 tokens, overriding what the memory budget gives (experiments, "
+        "as vLLM's --num-gpu-blocks-override)",
     )
     g.add_argument(
         "--offload-budget-mib",
@@ -236,7 +261,12 @@ def _add_serving_args(p: argparse.ArgumentParser, http: bool) -> None:
             default=_env_int("VNPU_PORT") or DEFAULT_PORT,
             help=f"listen port [$VNPU_PORT, default {DEFAULT_PORT}]",
         )
-        g.add_argument("--max-queue", type=int, default=64, help="queued requests before answering 429")
+        g.add_argument(
+            "--max-queue",
+            type=int,
+            default=64,
+            help="requests waiting for a batch slot before new ones get 429 (default 64)",
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -374,6 +404,10 @@ def _runtime(args: argparse.Namespace) -> tuple[object, object | None]:
         prefetch_depth=args.prefetch_depth,
         link_bytes_per_s=args.link_gbps * 1e9 if args.link_gbps else None,
         model_name=args.model_name or "",
+        max_batch=args.max_batch,
+        default_priority=args.default_priority,
+        max_queue=getattr(args, "max_queue", 64),
+        kv_blocks=args.kv_blocks,
     )
     apply_device_memory_limit(args.device, args.memory_limit_mib)
     runtime = ModelRuntime(options)
@@ -406,7 +440,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from vnpu.runtime.server import make_app
 
     runtime, supervisor = _runtime(args)
-    app = make_app(runtime, args.max_queue)  # type: ignore[arg-type]
+    app = make_app(runtime)  # type: ignore[arg-type]
     log.info("serving", extra={"host": args.host, "port": args.port})
     try:
         web.run_app(app, host=args.host, port=args.port, print=None, handle_signals=True)

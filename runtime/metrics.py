@@ -35,7 +35,7 @@ class RuntimeMetrics:
             _PREFIX + "kv_cache_bytes", "KV cache allocated by this process", registry=r
         )
         self.kv_cache_usage = Gauge(
-            _PREFIX + "kv_cache_usage_ratio", "Fraction of KV cache positions in use", registry=r
+            _PREFIX + "kv_cache_usage_ratio", "Fraction of KV cache blocks in use", registry=r
         )
         self.weights_bytes = Gauge(
             _PREFIX + "weights_bytes",
@@ -59,6 +59,42 @@ class RuntimeMetrics:
         self.requests_in_flight = Gauge(
             _PREFIX + "requests_in_flight",
             "Completion requests running or queued (an autoscaling signal)",
+            registry=r,
+        )
+        self.requests_waiting = Gauge(
+            _PREFIX + "requests_waiting",
+            "Requests queued for a batch slot (what the queue limit counts)",
+            registry=r,
+        )
+        self.requests_running = Gauge(
+            _PREFIX + "requests_running",
+            "Sequences in the running batch (prefilling or decoding)",
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            _PREFIX + "batch_size",
+            "Sequences per forward step (continuous batching)",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=r,
+        )
+        self.step_tokens = Histogram(
+            _PREFIX + "step_tokens",
+            "Tokens per forward step (decode tokens plus prefill chunks)",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+            registry=r,
+        )
+        self.step_seconds = Histogram(
+            _PREFIX + "step_seconds",
+            "Wall time of one engine step (schedule, forward pass, sampling)",
+            buckets=(0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5),
+            registry=r,
+        )
+        self.kv_cache_blocks = Gauge(
+            _PREFIX + "kv_cache_blocks", "Usable blocks of the paged KV cache", registry=r
+        )
+        self.preemptions = Counter(
+            _PREFIX + "preemptions",
+            "Sequences preempted (blocks freed, recomputed later) for higher-priority or longer ones",
             registry=r,
         )
         self.ready = Gauge(_PREFIX + "ready", "1 when the model can serve requests", registry=r)

@@ -1,14 +1,31 @@
-"""HTTP API of ``vnpu runtime serve`` (aiohttp).
+"""HTTP API of ``vnpu runtime serve`` (aiohttp), shaped as OpenAI's so its clients work unchanged.
 
-* ``POST /v1/completions`` — OpenAI-style text completion (``prompt``, ``max_tokens`` (16),
-  ``temperature`` (1.0; 0 = greedy), ``top_p``, ``seed``, ``stop``, ``stream``). Streaming answers are
-  server-sent events ending with ``data: [DONE]``. Errors use OpenAI's ``{"error": {...}}`` shape:
-  400 for bad input and requests beyond the context, 404 for an unknown model, 429 when the queue is
-  full, 503 while the weights are unavailable (e.g. the weights-holder is gone).
+* ``POST /v1/chat/completions`` — the conversation rendered with the model's own chat template
+  (:mod:`vnpu.runtime.chat`), then generated like a completion. ``max_completion_tokens`` (or
+  ``max_tokens``) defaults to what the context leaves.
+* ``POST /v1/completions`` — text completion (``prompt``: a string, token ids, or a list holding one
+  of those; ``max_tokens`` defaults to 16).
+* Both: ``stream`` (server-sent events ending with ``data: [DONE]``; with
+  ``stream_options.include_usage`` a last chunk carries ``usage``), ``temperature``, ``top_p``,
+  ``seed``, ``stop``, ``logprobs`` (chat: ``logprobs`` + ``top_logprobs``), ``usage`` on every
+  non-streamed response, and the extensions ``priority`` (higher first; default: the model's),
+  ``ignore_eos`` and ``return_token_ids``. Fields are validated by :mod:`vnpu.runtime.openai_protocol`.
+* ``GET /v1/models`` (and ``/v1/models/{id}``) — the one model this process serves.
 * ``GET /healthz`` — the process is alive. ``GET /readyz`` — 200 only while the model can serve.
 * ``GET /metrics`` — Prometheus text format.
 
-Generation runs in a worker thread, one request at a time (requests queue up to ``max_queue``).
+Errors use OpenAI's error object ``{"error": {"message", "type", "param", "code"}}``: 400 for bad input
+(non-UTF-8 or invalid JSON bodies, unknown fields, out-of-range values, empty prompts, prompts beyond
+the context with code ``context_length_exceeded``), 404 for another model, 429 when the engine's
+waiting queue is full, 503 while the weights are unavailable. A failure after a stream started is sent
+as an ``error`` event before ``[DONE]``.
+
+Each request is parsed, rendered and tokenized in the handler — tokenization in a worker thread,
+outside every lock, and the prompt's length is checked against the context before tokenizing when
+the text alone proves it too long — and then submitted to the engine
+(:class:`~vnpu.runtime.engine.ModelRuntime`), whose one loop batches all requests. A client that
+disconnects cancels its request: the handler notices (a failed write, or a closed transport while it
+waits) and aborts it, which frees its KV blocks.
 """
 
 from __future__ import annotations
@@ -18,240 +35,410 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from vnpu.runtime.engine import ModelRuntime
+from vnpu.runtime.engine import GenerationRequest, ModelRuntime, RequestHandle, RequestOutput
 from vnpu.runtime.errors import ContextLengthError, InvalidRequestError, RuntimeUnavailableError
+from vnpu.runtime.openai_protocol import (
+    BadRequest,
+    ChatRequest,
+    CompletionRequest,
+    error_body,
+    parse_chat,
+    parse_completion,
+    usage,
+)
+from vnpu.runtime.sampling import TokenLogprob
+from vnpu.runtime.scheduler import QueueFullError
 
-log = logging.getLogger("vnpu.runtime.server")
+log = logging.getLogger(__name__)
 RUNTIME_KEY = web.AppKey("runtime", ModelRuntime)
-_QUEUE_KEY = web.AppKey("queue", dict)
+_STARTED_KEY = web.AppKey("started", int)
+#: Largest request body (bytes); a bigger one is a 400, like any other oversize prompt.
+MAX_BODY_BYTES = 8 * 1024 * 1024
+#: How often a handler waiting for tokens checks that its client is still connected (seconds).
+DISCONNECT_POLL_S = 0.1
 
 
-class BadRequest(ValueError):
-    pass
+class HTTPError(Exception):
+    """An OpenAI-shaped error response."""
+
+    def __init__(
+        self, status: int, message: str, kind: str, code: str | None = None, param: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status, self.kind, self.code, self.param = status, kind, code, param
+
+    def response(self) -> web.Response:
+        return web.json_response(error_body(str(self), self.kind, self.code, self.param), status=self.status)
 
 
-def _error(status: int, message: str, kind: str, code: str | None = None) -> web.Response:
-    body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
-    return web.json_response(body, status=status)
+def _as_http(error: Exception) -> HTTPError:
+    if isinstance(error, HTTPError):
+        return error
+    if isinstance(error, BadRequest):
+        return HTTPError(400, str(error), "invalid_request_error", None, error.param)
+    if isinstance(error, ContextLengthError):
+        return HTTPError(400, str(error), "invalid_request_error", "context_length_exceeded")
+    if isinstance(error, InvalidRequestError):
+        return HTTPError(400, str(error), "invalid_request_error")
+    if isinstance(error, QueueFullError):
+        return HTTPError(429, str(error), "requests", "rate_limit_exceeded")
+    if isinstance(error, RuntimeUnavailableError):
+        return HTTPError(503, f"model is not available: {error}", "server_error", "service_unavailable")
+    return HTTPError(500, f"internal error: {error}", "server_error")
 
 
-def _code(error: Exception) -> str | None:
-    return "context_length_exceeded" if isinstance(error, ContextLengthError) else None
-
-
-def parse_completion_request(body: Any) -> dict[str, Any]:
-    """Validate an OpenAI completion body into keyword arguments for :meth:`ModelRuntime.complete`."""
-    if not isinstance(body, dict):
-        raise BadRequest("request body must be a JSON object")
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
-    if (
-        isinstance(prompt, list)
-        and prompt
-        and all(isinstance(i, int) and not isinstance(i, bool) for i in prompt)
-    ):
-        pass
-    elif not isinstance(prompt, str):
-        raise BadRequest("'prompt' must be a string, a list with one string, or a list of token ids")
-
-    def number(key: str, default: float, low: float, high: float) -> float:
-        value = body.get(key, default)
-        if value is None:
-            value = default
-        if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
-            raise BadRequest(f"'{key}' must be a number in [{low}, {high}]")
-        return float(value)
-
-    max_tokens = body.get("max_tokens", 16)
-    if max_tokens is None:
-        max_tokens = 16
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-        raise BadRequest("'max_tokens' must be a positive integer")
-    if body.get("n", 1) not in (1, None):
-        raise BadRequest("only n=1 is supported")
-    stop = body.get("stop") or []
-    if isinstance(stop, str):
-        stop = [stop]
-    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop) or len(stop) > 4:
-        raise BadRequest("'stop' must be a string or a list of up to 4 strings")
-    seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise BadRequest("'seed' must be an integer")
-    return {
-        "prompt": prompt,
-        "max_tokens": max_tokens,
-        "temperature": number("temperature", 1.0, 0.0, 2.0),
-        "top_p": number("top_p", 1.0, 0.0, 1.0) or 1.0,
-        "seed": seed,
-        "stop": stop,
-    }
-
-
-async def completions(request: web.Request) -> web.StreamResponse:
-    runtime = request.app[RUNTIME_KEY]
-    queue = request.app[_QUEUE_KEY]
+async def _read_json(request: web.Request) -> Any:
     try:
-        body = await request.json()
-        kwargs = parse_completion_request(body)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        runtime.metrics.requests.labels("400").inc()
-        return _error(400, "request body is not valid JSON", "invalid_request_error")
-    except BadRequest as e:
-        runtime.metrics.requests.labels("400").inc()
-        return _error(400, str(e), "invalid_request_error")
-    model = body.get("model")
-    if model not in (None, "", runtime.model_name):
-        runtime.metrics.requests.labels("404").inc()
-        return _error(
+        data = await request.read()
+    except web.HTTPRequestEntityTooLarge as e:
+        raise BadRequest(f"the request body is larger than {MAX_BODY_BYTES} bytes") from e
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadRequest(f"the request body is not valid UTF-8 ({e.reason} at byte {e.start})") from e
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise BadRequest(f"the request body is not valid JSON: {e}") from e
+
+
+def _check_model(runtime: ModelRuntime, model: str | None) -> None:
+    if model not in (None, runtime.model_name):
+        raise HTTPError(
             404,
             f"model {model!r} does not exist here (this server serves {runtime.model_name!r})",
             "invalid_request_error",
             "model_not_found",
+            "model",
         )
     if not runtime.ready:
-        runtime.metrics.requests.labels("503").inc()
-        return _error(503, f"model is not available: {runtime.unavailable_reason}", "service_unavailable")
-    if queue["waiting"] >= queue["max"]:
-        runtime.metrics.requests.labels("429").inc()
-        return _error(429, f"too many queued requests (limit {queue['max']})", "rate_limit_exceeded")
-    completion_id = f"cmpl-{uuid.uuid4().hex[:24]}"
-    created = int(time.time())
-    name = runtime.model_name
-    start = time.perf_counter()
-    if body.get("stream"):
-        return await _stream(request, runtime, queue, kwargs, completion_id, created, name, start)
-    queue["waiting"] += 1
-    runtime.metrics.requests_in_flight.set(queue["waiting"])
-    try:
-        completion = await asyncio.to_thread(
-            runtime.complete, kwargs.pop("prompt"), kwargs.pop("max_tokens"), **kwargs
-        )
-    except InvalidRequestError as e:
-        runtime.metrics.requests.labels("400").inc()
-        return _error(400, str(e), "invalid_request_error", _code(e))
-    except RuntimeUnavailableError as e:
-        runtime.metrics.requests.labels("503").inc()
-        return _error(503, f"model is not available: {e}", "service_unavailable")
-    finally:
-        queue["waiting"] -= 1
-        runtime.metrics.requests_in_flight.set(queue["waiting"])
-    runtime.metrics.requests.labels("200").inc()
-    runtime.metrics.request_seconds.observe(time.perf_counter() - start)
-    result = completion.result
-    choice: dict[str, Any] = {
-        "index": 0,
-        "text": completion.text,
-        "logprobs": None,
-        "finish_reason": completion.finish_reason,
-    }
-    if body.get("return_token_ids"):  # vLLM's extension: the generated ids, for exact comparisons
-        choice["token_ids"] = result.token_ids
-    return web.json_response(
-        {
-            "id": completion_id,
-            "object": "text_completion",
-            "created": created,
-            "model": name,
-            "choices": [choice],
-            "usage": {
-                "prompt_tokens": completion.prompt_tokens,
-                "completion_tokens": len(result.token_ids),
-                "total_tokens": completion.prompt_tokens + len(result.token_ids),
-            },
-        }
+        raise _as_http(RuntimeUnavailableError(runtime.unavailable_reason or "not ready"))
+
+
+def _context_error(
+    runtime: ModelRuntime, prompt_tokens: int, max_tokens: int, at_least: bool
+) -> ContextLengthError:
+    context = runtime.options.max_context
+    bound = "at least " if at_least else ""
+    return ContextLengthError(
+        f"this model's maximum context length is {context} tokens, but {bound}{prompt_tokens} prompt tokens "
+        f"plus {max_tokens} completion tokens were requested"
     )
+
+
+def _tokenize(runtime: ModelRuntime, text: str, max_tokens: int | None) -> list[int]:
+    """Token ids of ``text``, refusing a prompt the text alone proves too long before tokenizing it."""
+    tokenizer = runtime.tokenizer
+    if not text:
+        raise InvalidRequestError("the prompt is empty")
+    bound = tokenizer.min_tokens(text)
+    if bound + (max_tokens or 1) > runtime.options.max_context:
+        raise _context_error(runtime, bound, max_tokens or 1, at_least=True)
+    return tokenizer.encode(text)
+
+
+def _prepare(runtime: ModelRuntime, req: CompletionRequest | ChatRequest) -> tuple[list[int], int]:
+    """Render and tokenize (in a worker thread: no lock held); returns the ids and max_tokens."""
+    max_tokens = req.sampling.max_tokens
+    if isinstance(req, ChatRequest):
+        template = runtime.chat_template
+        if template is None:
+            raise InvalidRequestError(
+                f"model {runtime.model_name!r} has no chat template in its files; use /v1/completions"
+            )
+        text = template.render([m.to_template() for m in req.messages], add_generation_prompt=True)
+        ids = _tokenize(runtime, text, max_tokens)
+    elif isinstance(req.prompt, str):
+        ids = _tokenize(runtime, req.prompt, max_tokens)
+    else:
+        ids = list(req.prompt)
+    if max_tokens is None:  # chat: as many as the context leaves
+        max_tokens = runtime.options.max_context - len(ids)
+        if max_tokens < 1:
+            raise _context_error(runtime, len(ids), 1, at_least=False)
+    runtime.validate_prompt(ids, max_tokens)
+    return ids, max_tokens
+
+
+@dataclass
+class _Call:
+    """One request in flight: what the response needs to be formatted."""
+
+    kind: str  #: "chat" or "completion"
+    id: str
+    created: int
+    model: str
+    prompt_tokens: int
+    include_usage: bool
+    return_token_ids: bool
+    logprobs: bool
+    tokenizer_text: Callable[[int], str]
+    token_bytes: Callable[[int], bytes]
+
+
+def _logprobs_json(call: _Call, entries: list[TokenLogprob], offset: int) -> dict[str, Any] | None:
+    if not call.logprobs:
+        return None
+    text = call.tokenizer_text
+    if call.kind == "chat":
+
+        def item(token: int, lp: float) -> dict[str, Any]:
+            return {"token": text(token), "logprob": lp, "bytes": list(call.token_bytes(token))}
+
+        content = [
+            {**item(e.token_id, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]} for e in entries
+        ]
+        return {"content": content, "refusal": None}
+    offsets, at = [], offset
+    for e in entries:
+        offsets.append(at)
+        at += len(text(e.token_id))
+    return {
+        "tokens": [text(e.token_id) for e in entries],
+        "token_logprobs": [e.logprob for e in entries],
+        "top_logprobs": [{text(t): lp for t, lp in e.top} for e in entries],
+        "text_offset": offsets,
+    }
+
+
+def _choice(
+    call: _Call,
+    text: str,
+    ids: list[int],
+    probs: list[TokenLogprob],
+    finish: str | None,
+    stream: bool,
+    offset: int = 0,
+) -> dict[str, Any]:
+    choice: dict[str, Any] = {"index": 0}
+    if call.kind == "chat":
+        if stream:
+            choice["delta"] = {"content": text} if text else {}
+        else:
+            choice["message"] = {"role": "assistant", "content": text, "refusal": None}
+    else:
+        choice["text"] = text
+    choice["logprobs"] = _logprobs_json(call, probs, offset)
+    choice["finish_reason"] = finish
+    if call.return_token_ids:
+        choice["token_ids"] = ids
+    return choice
+
+
+def _envelope(call: _Call, choices: list[dict[str, Any]], stream: bool) -> dict[str, Any]:
+    obj = {"chat": "chat.completion", "completion": "text_completion"}[call.kind]
+    if stream and call.kind == "chat":
+        obj = "chat.completion.chunk"
+    data: dict[str, Any] = {"id": call.id, "object": obj, "created": call.created, "model": call.model}
+    if call.kind == "chat":
+        data["system_fingerprint"] = None
+    data["choices"] = choices
+    return data
+
+
+def _sse(data: dict[str, Any] | str) -> bytes:
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n".encode()
+
+
+def _disconnected(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+async def _next_output(outputs: asyncio.Queue[RequestOutput], request: web.Request) -> RequestOutput | None:
+    """The request's next output, or None once its client has gone."""
+    while True:
+        if not outputs.empty():
+            return outputs.get_nowait()
+        try:
+            return await asyncio.wait_for(outputs.get(), DISCONNECT_POLL_S)
+        except TimeoutError:
+            if _disconnected(request):
+                return None
+
+
+async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
+    runtime = request.app[RUNTIME_KEY]
+    metrics = runtime.metrics
+    start = time.perf_counter()
+    handle: RequestHandle | None = None
+    finished = False
+    try:
+        parse: Callable[[Any], CompletionRequest | ChatRequest] = (
+            parse_chat if kind == "chat" else parse_completion
+        )
+        req = parse(await _read_json(request))
+        _check_model(runtime, req.model)
+        ids, max_tokens = await asyncio.to_thread(_prepare, runtime, req)
+        tokenizer = runtime.tokenizer
+        loop = asyncio.get_running_loop()
+        outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
+
+        def sink(output: RequestOutput) -> None:
+            loop.call_soon_threadsafe(outputs.put_nowait, output)
+
+        handle = runtime.submit(
+            GenerationRequest(tuple(ids), req.sampling.params(max_tokens), req.priority), sink
+        )
+        call = _Call(
+            kind=kind,
+            id=("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24],
+            created=int(time.time()),
+            model=runtime.model_name,
+            prompt_tokens=len(ids),
+            include_usage=req.include_usage,
+            return_token_ids=req.return_token_ids,
+            logprobs=req.sampling.logprobs is not None,
+            tokenizer_text=tokenizer.token_text,
+            token_bytes=tokenizer.token_bytes.__getitem__,
+        )
+        if req.stream:
+            response = await _stream(request, call, outputs)
+        else:
+            response = await _collect(request, call, outputs)
+        finished = response is not None
+        if response is None:
+            metrics.requests.labels("cancelled").inc()
+            log.info("client went away", extra={"request": handle.id})
+            return web.Response(status=499)
+        metrics.requests.labels(str(response.status)).inc()
+        metrics.request_seconds.observe(time.perf_counter() - start)
+        return response
+    except (ConnectionResetError, asyncio.CancelledError):
+        metrics.requests.labels("cancelled").inc()
+        raise
+    except Exception as e:
+        error = _as_http(e)
+        if error.status == 500:
+            log.exception("request failed")
+        metrics.requests.labels(str(error.status)).inc()
+        finished = True
+        return error.response()
+    finally:
+        if handle is not None and not finished:
+            handle.abort()
+
+
+async def _collect(
+    request: web.Request, call: _Call, outputs: asyncio.Queue[RequestOutput]
+) -> web.Response | None:
+    pieces: list[str] = []
+    ids: list[int] = []
+    probs: list[TokenLogprob] = []
+    while True:
+        out = await _next_output(outputs, request)
+        if out is None:
+            return None
+        pieces.append(out.text)
+        ids += out.token_ids
+        probs += out.logprobs
+        if out.finish_reason is not None:
+            break
+    if out.error is not None:
+        raise out.error
+    choice = _choice(call, "".join(pieces), ids, probs, out.finish_reason, stream=False)
+    body = _envelope(call, [choice], stream=False)
+    body["usage"] = usage(call.prompt_tokens, out.completion_tokens)
+    return web.json_response(body)
 
 
 async def _stream(
-    request: web.Request,
-    runtime: ModelRuntime,
-    queue: dict[str, int],
-    kwargs: dict[str, Any],
-    completion_id: str,
-    created: int,
-    name: str,
-    start: float,
-) -> web.StreamResponse:
-    loop = asyncio.get_running_loop()
-    pieces: asyncio.Queue[str | None] = asyncio.Queue()
-    state = {"cancelled": False}
-
-    def on_text(text: str) -> None:
-        loop.call_soon_threadsafe(pieces.put_nowait, text)
-
-    def chunk(text: str, finish: str | None) -> bytes:
-        data = {
-            "id": completion_id,
-            "object": "text_completion",
-            "created": created,
-            "model": name,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
-        }
-        return f"data: {json.dumps(data)}\n\n".encode()
-
-    queue["waiting"] += 1
-    runtime.metrics.requests_in_flight.set(queue["waiting"])
-    task = asyncio.ensure_future(
-        asyncio.to_thread(
-            runtime.complete,
-            kwargs.pop("prompt"),
-            kwargs.pop("max_tokens"),
-            on_text=on_text,
-            cancelled=lambda: state["cancelled"],
-            **kwargs,
-        )
-    )
-    task.add_done_callback(lambda _: pieces.put_nowait(None))
+    request: web.Request, call: _Call, outputs: asyncio.Queue[RequestOutput]
+) -> web.StreamResponse | None:
     response: web.StreamResponse | None = None
-    try:
-        while True:
-            text = await pieces.get()
-            if text is None:
-                break
+    offset = 0
+    while True:
+        out = await _next_output(outputs, request)
+        if out is None:
+            return None
+        if out.error is not None:
             if response is None:
-                response = web.StreamResponse(
-                    headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
-                )
-                await response.prepare(request)
-            await response.write(chunk(text, None))
-        try:
-            completion = task.result()
-        except (InvalidRequestError, RuntimeUnavailableError) as e:
-            status, kind = (
-                (400, "invalid_request_error")
-                if isinstance(e, InvalidRequestError)
-                else (503, "service_unavailable")
-            )
-            runtime.metrics.requests.labels(str(status)).inc()
-            if response is None:
-                return _error(status, str(e), kind, _code(e))
-            await response.write(
-                f"data: {json.dumps({'error': {'message': str(e), 'type': kind}})}\n\n".encode()
-            )
-            await response.write(b"data: [DONE]\n\n")
+                raise out.error
+            error = _as_http(out.error)
+            await response.write(_sse(error_body(str(error), error.kind, error.code)))
+            await response.write(_sse("[DONE]"))
             return response
         if response is None:
             response = web.StreamResponse(
                 headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
             )
             await response.prepare(request)
-        await response.write(chunk("", completion.finish_reason))
-        await response.write(b"data: [DONE]\n\n")
-        runtime.metrics.requests.labels("200").inc()
-        runtime.metrics.request_seconds.observe(time.perf_counter() - start)
-        return response
-    except (ConnectionResetError, asyncio.CancelledError):
-        state["cancelled"] = True  # the client went away: stop generating at the next token
-        raise
-    finally:
-        queue["waiting"] -= 1
-        runtime.metrics.requests_in_flight.set(queue["waiting"])
+            if call.kind == "chat":  # the first chunk announces the role, as OpenAI's does
+                first = _envelope(
+                    call,
+                    [
+                        {
+                            "index": 0,
+                            "delta": {"role": "assistant", "content": ""},
+                            "logprobs": None,
+                            "finish_reason": None,
+                        }
+                    ],
+                    True,
+                )
+                await response.write(_sse(_with_usage(call, first)))
+        if out.text or out.logprobs or (call.return_token_ids and out.token_ids):
+            choice = _choice(call, out.text, list(out.token_ids), list(out.logprobs), None, True, offset)
+            await response.write(_sse(_with_usage(call, _envelope(call, [choice], True))))
+            offset += len(out.text)
+        if out.finish_reason is not None:
+            last = _choice(call, "", [], [], out.finish_reason, True, offset)
+            await response.write(_sse(_with_usage(call, _envelope(call, [last], True))))
+            if call.include_usage:
+                final = _envelope(call, [], True)
+                final["usage"] = usage(call.prompt_tokens, out.completion_tokens)
+                await response.write(_sse(final))
+            await response.write(_sse("[DONE]"))
+            return response
+
+
+def _with_usage(call: _Call, chunk: dict[str, Any]) -> dict[str, Any]:
+    if call.include_usage:
+        chunk["usage"] = None  # every chunk but the last, as OpenAI's
+    return chunk
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await _generate(request, "completion")
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await _generate(request, "chat")
+
+
+def _model_card(request: web.Request) -> dict[str, Any] | None:
+    runtime = request.app[RUNTIME_KEY]
+    if not runtime.model_name:
+        return None
+    return {
+        "id": runtime.model_name,
+        "object": "model",
+        "created": request.app[_STARTED_KEY],
+        "owned_by": "vnpu",
+        "max_model_len": runtime.options.max_context,
+    }
+
+
+async def models(request: web.Request) -> web.Response:
+    card = _model_card(request)
+    return web.json_response({"object": "list", "data": [card] if card else []})
+
+
+async def model(request: web.Request) -> web.Response:
+    card = _model_card(request)
+    name = request.match_info["model"]
+    if card is None or card["id"] != name:
+        return HTTPError(
+            404, f"model {name!r} does not exist here", "invalid_request_error", "model_not_found"
+        ).response()
+    return web.json_response(card)
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -271,11 +458,26 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-def make_app(runtime: ModelRuntime, max_queue: int = 64) -> web.Application:
-    app = web.Application(client_max_size=8 * 1024 * 1024)
+@web.middleware
+async def openai_errors(request: web.Request, handler: Callable[[web.Request], Any]) -> web.StreamResponse:
+    """Unknown paths and wrong methods under /v1 answer with OpenAI's error object too."""
+    try:
+        return await handler(request)
+    except web.HTTPException as e:
+        if not request.path.startswith("/v1/") or e.status < 400:
+            raise
+        return web.json_response(error_body(e.reason, "invalid_request_error"), status=e.status)
+
+
+def make_app(runtime: ModelRuntime) -> web.Application:
+    """The server's application; the waiting-queue limit is ``runtime.options.max_queue``."""
+    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[openai_errors])
     app[RUNTIME_KEY] = runtime
-    app[_QUEUE_KEY] = {"waiting": 0, "max": max_queue}
+    app[_STARTED_KEY] = int(time.time())
     app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/v1/models/{model}", model)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

@@ -8,6 +8,13 @@ from pathlib import Path
 import pytest
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+#: A ChatML template for the tiny model (its files carry it as HF checkpoints do, in
+#: tokenizer_config.json); it refuses a conversation ending with an assistant message, as some do.
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<' + message['role'] + '>' + message['content'] + '\\n' }}{% endfor %}"
+    "{% if messages[-1]['role'] == 'assistant' %}{{ raise_exception('the last message must not be the "
+    "assistant\\'s') }}{% endif %}{% if add_generation_prompt %}{{ '<assistant>' }}{% endif %}"
+)
 
 
 def smollm2_dir() -> Path:
@@ -82,6 +89,7 @@ def write_tiny_llama(directory: Path, seed: int = 0, layers: int = 2) -> Path:
         "model": {"type": "BPE", "vocab": {encoder[b]: b for b in range(256)}, "merges": []},
     }
     (directory / "tokenizer.json").write_text(json.dumps(tokenizer))
+    (directory / "tokenizer_config.json").write_text(json.dumps({"chat_template": TINY_CHAT_TEMPLATE}))
     return directory
 
 

@@ -25,14 +25,14 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 @pytest.fixture
 def runtime(tiny: Any) -> ModelRuntime:
-    rt = ModelRuntime(ServeOptions(max_context=CONTEXT, model_name="tiny"))
+    rt = ModelRuntime(ServeOptions(max_context=CONTEXT, model_name="tiny", max_queue=4))
     rt.install(tiny.manifest, tiny.arena, shared=False, seconds=0.01)
     return rt
 
 
 def run(runtime: ModelRuntime, scenario: Callable[[TestClient], Awaitable[None]]) -> None:
     async def main() -> None:
-        async with TestClient(TestServer(make_app(runtime, max_queue=4))) as client:
+        async with TestClient(TestServer(make_app(runtime))) as client:
             await scenario(client)
 
     asyncio.run(main())
@@ -97,7 +97,7 @@ def test_sampling_with_a_seed_reproduces(runtime: ModelRuntime) -> None:
         ({"prompt": "x", "max_tokens": "3"}, 400, "max_tokens"),
         ({"prompt": 5}, 400, "'prompt'"),
         ({"prompt": "x", "temperature": 9}, 400, "temperature"),
-        ({"prompt": "x", "n": 2}, 400, "n=1"),
+        ({"prompt": "x", "n": 2}, 400, "'n': 1"),
         ({"prompt": "x", "stop": [1]}, 400, "stop"),
         ({"prompt": [300, 1]}, 400, "vocabulary"),
         ({"prompt": "x", "model": "someone-else"}, 404, "does not exist"),

@@ -26,7 +26,18 @@ TEXTS = [
     "",
     " ",
     "a" * 300,
+    "tabs\t\tand   runs     of      spaces\n\n\n\r\n  \u3000ideographic space",
+    "👩‍👩‍👧‍👦 family, 🇫🇷 flag, 🤖🦾 robots, ZWJ and skin tones 👍🏽",
+    "class Foo:\n    def bar(self, x: int) -> int:\n        return x ** 2  # square\n",
+    "<|endoftext|><|im_start|><|im_end|>text<|im_start|>inside",
+    "numbers 1234567890 0.5e-10 -42 v1.2.3 2024-01-01",
+    "Ελληνικά, русский, עברית, العربية, हिन्दी, 한국어, ไทย",
+    "mixed\u200bzero\u200cwidth\u200djoiners and combining e\u0301 a\u0300",
 ]
+
+
+#: Numbers outside ASCII right after a space: see test_numbers_split_as_the_gguf_pre_tokenizer_says.
+NUMBER_TEXTS = [" ١٢٣ arabic-indic", "x ² and ³", "version 2 of 10 (٣)", "Ⅻ roman ⅻ", " 12 34"]
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +60,28 @@ def test_round_trip(tokenizer: Tokenizer, text: str) -> None:
 @pytest.mark.parametrize("text", TEXTS)
 def test_ids_match_hf_tokenizers(tokenizer: Tokenizer, hf_tokenizer, text: str) -> None:
     assert tokenizer.encode(text) == hf_tokenizer(text)["input_ids"]
+
+
+@pytest.mark.parametrize("text", NUMBER_TEXTS)
+def test_numbers_split_as_the_gguf_pre_tokenizer_says(tokenizer: Tokenizer, hf_tokenizer, text: str) -> None:
+    """``tokenizer.ggml.pre = "smollm"`` isolates every numeric code point before GPT-2's regex, as
+    llama.cpp's LLAMA_VOCAB_PRE_TYPE_SMOLLM and SmolLM2's own tokenizer.json (Digits with
+    individual_digits, then ByteLevel) do. transformers' GGUF loader has no "smollm" entry and keeps
+    GPT-2's regex alone, which differs only when a non-ASCII number follows a space (" ١" can merge
+    into one piece there). The reference here is transformers' tokenizer with SmolLM2's pre-tokenizer."""
+    import copy
+
+    from tokenizers import pre_tokenizers
+
+    reference = copy.deepcopy(hf_tokenizer)
+    reference.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
+    assert tokenizer.encode(text) == reference(text)["input_ids"]
+    assert tokenizer.decode(tokenizer.encode(text)) == text
 
 
 def test_special_tokens_and_ids(tokenizer: Tokenizer) -> None:
@@ -83,3 +116,46 @@ def test_unsupported_tokenizers_are_refused() -> None:
         tokenizer_spec_from_gguf({"tokenizer.ggml.model": "llama"})
     with pytest.raises(TokenizerError, match="pre-tokenizer"):
         tokenizer_spec_from_gguf({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "mystery"})
+
+
+def test_a_long_run_of_letters_matches_and_is_linear(tokenizer: Tokenizer, hf_tokenizer) -> None:
+    """50k letters (6.7 s with the hand-written BPE this replaced) tokenize like transformers'."""
+    text = "a" * 50_000
+    assert tokenizer.encode(text) == hf_tokenizer(text)["input_ids"]
+    assert tokenizer.min_tokens(text) <= len(tokenizer.encode(text))
+
+
+def test_chat_template_renders_like_transformers(tokenizer: Tokenizer, hf_tokenizer) -> None:
+    """The GGUF's own chat template, rendered in the sandbox, gives transformers' text and ids."""
+    from vnpu.runtime.chat import ChatTemplate
+
+    assert tokenizer.chat_template and "<|im_start|>" in tokenizer.chat_template
+    template = ChatTemplate(tokenizer.chat_template, "<|im_start|>", "<|im_end|>")
+    conversations = [
+        [{"role": "user", "content": "Hi! 🤖"}],
+        [
+            {"role": "system", "content": "You are terse."},
+            {"role": "user", "content": "2+2?"},
+            {"role": "assistant", "content": "4"},
+            {"role": "user", "content": "And 3+3?"},
+        ],
+    ]
+    for messages in conversations:
+        for generation_prompt in (True, False):
+            ours = template.render(messages, add_generation_prompt=generation_prompt)
+            theirs = hf_tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=generation_prompt
+            )
+            assert ours == theirs
+            assert tokenizer.encode(ours) == hf_tokenizer(theirs, add_special_tokens=False)["input_ids"]
+
+
+def test_chat_templates_run_sandboxed() -> None:
+    from vnpu.runtime.chat import ChatTemplate, ChatTemplateError
+
+    escape = ChatTemplate("{{ messages.__class__.__mro__[1].__subclasses__() }}")
+    with pytest.raises(ChatTemplateError, match="unsafe"):
+        escape.render([{"role": "user", "content": "x"}])
+    mutate = ChatTemplate("{% set _ = messages.append(1) %}{{ messages }}")
+    with pytest.raises(ChatTemplateError):
+        mutate.render([{"role": "user", "content": "x"}])

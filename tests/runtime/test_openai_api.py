@@ -1,0 +1,484 @@
+"""The HTTP API as clients use it: the official ``openai`` package against ``vnpu runtime serve``'s app.
+
+Chat and text completions (streamed and not), the model's own chat template, ``/v1/models``, usage,
+stop, seed, logprobs, OpenAI error objects for bad input (each case a 400 with a message), 404, 429 and
+503, and a client that goes away cancelling its request and freeing its KV blocks. Only what the
+official client cannot send (bodies that are not UTF-8 or not JSON, ``NaN``, which it refuses to
+serialise) goes through a plain HTTP client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
+
+import openai
+import pytest
+from aiohttp import ClientTimeout
+from aiohttp.test_utils import TestClient, TestServer
+from openai import AsyncOpenAI
+from rt_helpers import load_tiny_llama
+
+from vnpu.runtime.engine import ModelRuntime, ServeOptions
+from vnpu.runtime.server import make_app
+
+CONTEXT = 64
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello there"}]
+
+Scenario = Callable[[AsyncOpenAI, TestClient], Awaitable[None]]
+
+
+def serve(runtime: ModelRuntime, scenario: Scenario) -> None:
+    async def main() -> None:
+        async with TestClient(TestServer(make_app(runtime))) as http:
+            client = AsyncOpenAI(base_url=str(http.make_url("/v1")), api_key="unused", max_retries=0)
+            try:
+                await scenario(client, http)
+            finally:
+                await client.close()
+
+    asyncio.run(main())
+
+
+async def until(condition: Callable[[], Any], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    return load_tiny_llama(tmp_path_factory.mktemp("tiny") / "m")
+
+
+@pytest.fixture(scope="module")
+def runtime(tiny: Any) -> Iterator[ModelRuntime]:
+    rt = ModelRuntime(ServeOptions(max_context=CONTEXT, model_name="tiny", max_batch=4))
+    rt.install(tiny.manifest, tiny.arena, shared=False, seconds=0.01)
+    yield rt
+    rt.close()
+
+
+@pytest.fixture
+def slow(tiny: Any) -> Iterator[ModelRuntime]:
+    """A runtime whose steps take long (offloaded weights over a slow emulated link): requests stay
+    running and queued long enough to be observed."""
+    rt = ModelRuntime(
+        ServeOptions(
+            max_context=CONTEXT,
+            model_name="tiny",
+            max_batch=1,
+            max_queue=1,
+            offload_budget_mib=0.25,
+            link_bytes_per_s=2e6,
+        )
+    )
+    rt.install(tiny.manifest, tiny.arena, shared=False, seconds=0.01)
+    yield rt
+    rt.uninstall("done")
+    rt.close()
+
+
+def rendered(runtime: ModelRuntime, messages: list[dict[str, str]]) -> str:
+    template = runtime.chat_template
+    assert template is not None
+    return template.render(messages)
+
+
+# --- chat ---------------------------------------------------------------------------------------
+
+
+def test_chat_completion_renders_the_models_template(runtime: ModelRuntime) -> None:
+    prompt = rendered(runtime, MESSAGES)
+    assert prompt == "<system>Be brief.\n<user>hello there\n<assistant>"
+    expected = runtime.complete(prompt, 10, ignore_eos=True)
+
+    async def scenario(client: AsyncOpenAI, _: TestClient) -> None:
+        reply = await client.chat.completions.create(
+            model="tiny",
+            messages=MESSAGES,  # type: ignore[arg-type]
+            max_completion_tokens=10,
+            temperature=0,
+            extra_body={"ignore_eos": True},
+        )
+        assert (
+            reply.object == "chat.completion" and reply.model == "tiny" and reply.id.startswith("chatcmpl-")
+        )
+        choice = reply.choices[0]
+        assert choice.message.role == "assistant" and choice.message.content == expected.text
+        assert choice.finish_reason == "length"
+        assert reply.usage is not None
+        assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (
+            len(runtime.tokenize(prompt)),
+            10,
+        )
+        assert reply.usage.total_tokens == reply.usage.prompt_tokens + 10
+
+    serve(runtime, scenario)
+
+
+def test_chat_streaming_sends_the_same_text_and_usage_last(runtime: ModelRuntime) -> None:
+    async def scenario(client: AsyncOpenAI, _: TestClient) -> None:
+        args: dict[str, Any] = {
+            "model": "tiny",
+            "messages": MESSAGES,
+            "max_tokens": 12,
+            "temperature": 0,
+            "extra_body": {"ignore_eos": True},
+        }
+        whole = await client.chat.completions.create(**args)
+        stream = await client.chat.completions.create(
+            **args, stream=True, stream_options={"include_usage": True}
+        )
+        chunks = [chunk async for chunk in stream]
+        assert all(c.object == "chat.completion.chunk" for c in chunks)
+        assert chunks[0].choices[0].delta.role == "assistant"
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text == whole.choices[0].message.content
+        assert chunks[-2].choices[0].finish_reason == "length"
+        assert chunks[-1].choices == [] and chunks[-1].usage is not None
+        assert chunks[-1].usage.completion_tokens == 12
+        assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens  # type: ignore[union-attr]
+        assert all(c.usage is None for c in chunks[:-1])
+
+    serve(runtime, scenario)
+
+
+def test_chat_default_max_tokens_is_what_the_context_leaves(runtime: ModelRuntime) -> None:
+    async def scenario(client: AsyncOpenAI, _: TestClient) -> None:
+        reply = await client.chat.completions.create(
+            model="tiny",
+            messages=MESSAGES,
+            temperature=0,
+            extra_body={"ignore_eos": True},  # type: ignore[arg-type]
+        )
+        assert reply.usage is not None and reply.usage.total_tokens == CONTEXT
+        assert reply.choices[0].finish_reason == "length"
+
+    serve(runtime, scenario)
+
+
+def test_chat_on_the_real_model_answers_with_its_own_template(smollm2_weights: Any) -> None:
+    rt = ModelRuntime(ServeOptions(max_context=256, model_name="smollm2"))
+    rt.install(smollm2_weights.manifest, smollm2_weights.arena, shared=False, seconds=0)
+
+    async def scenario(client: AsyncOpenAI, _: TestClient) -> None:
+        messages = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
+        reply = await client.chat.completions.create(
+            model="smollm2",
+            messages=messages,
+            max_tokens=24,
+            temperature=0,  # type: ignore[arg-type]
+        )
+        assert "Paris" in (reply.choices[0].message.content or "")
+        assert reply.choices[0].finish_reason == "stop"  # the model ended its turn with <|im_end|>
+
+    try:
+        serve(rt, scenario)
+    finally:
+        rt.close()
+
+
+# --- completions and models --------------------------------------------------------------------
+
+
+def test_completions_streamed_and_not(runtime: ModelRuntime) -> None:
+    expected = runtime.complete("stream me", 12, ignore_eos=True)
+
+    async def scenario(client: AsyncOpenAI, _: TestClient) -> None:
+        args: dict[str, Any] = {"model": "tiny", "prompt": "stream me", "max_tokens": 12, "temperature": 0}
+        extra = {"ignore_eos": True, "return_token_ids": True}
+        whole = await client.completions.create(**args, extra_body=extra)
+        assert whole.object == "text_completion" and whole.choices[0].text == expected.text
+        assert whole.choices[0].model_extra["token_ids"] == expected.result.token_ids  # type: ignore[index]
+        assert whole.usage is not None and whole.usage.completion_tokens == 12
+        stream = await client.completions.create(
+            **args, extra_body={"ignore_eos": True}, stream=True, stream_options={"include_usage": True}
+        )
+        chunks = [c async for c in stream]
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == expected.text
+        assert chunks[-1].usage is not None and chunks[-1].usage.total_tokens == whole.usage.total_tokens
+        ids = await client.completions.create(model="tiny", prompt=[104, 105], max_tokens=3, temperature=0)
+        assert ids.usage is not None and ids.usage.prompt_tokens == 2
+
+    serve(runtime, scenario)
+
+
+def test_models_lists_the_served_model(runtime: ModelRuntime) -> None:
+    async def scenario(client: AsyncOpenAI, _: TestClient) -> None:
+        listed = [m async for m in client.models.list()]
+        assert [m.id for m in listed] == ["tiny"] and listed[0].owned_by == "vnpu"
+        assert (await client.models.retrieve("tiny")).id == "tiny"
+        with pytest.raises(openai.NotFoundError):
+            await client.models.retrieve("other")
+
+    serve(runtime, scenario)
+
+
+def test_stop_strings_and_seeds(runtime: ModelRuntime) -> None:
+    full = runtime.complete("abc", 20, ignore_eos=True).text
+    stop = full[5:7]
+    assert stop and stop in full
+
+    async def scenario(client: AsyncOpenAI, _: TestClient) -> None:
+        cut = await client.completions.create(
+            model="tiny", prompt="abc", max_tokens=20, temperature=0, stop=[stop]
+        )
+        assert cut.choices[0].text == full[: full.index(stop)] and cut.choices[0].finish_reason == "stop"
+        args: dict[str, Any] = {"model": "tiny", "messages": MESSAGES, "max_tokens": 16, "temperature": 1.0}
+        first = await client.chat.completions.create(**args, seed=2**62, top_p=0.9)
+        second = await client.chat.completions.create(**args, seed=2**62, top_p=0.9)
+        assert first.choices[0].message.content == second.choices[0].message.content
+
+    serve(runtime, scenario)
+
+
+def test_logprobs_for_chat_and_completions(runtime: ModelRuntime) -> None:
+    async def scenario(client: AsyncOpenAI, _: TestClient) -> None:
+        reply = await client.chat.completions.create(
+            model="tiny",
+            messages=MESSAGES,  # type: ignore[arg-type]
+            max_tokens=6,
+            temperature=0,
+            logprobs=True,
+            top_logprobs=3,
+            extra_body={"ignore_eos": True},
+        )
+        content = reply.choices[0].logprobs.content  # type: ignore[union-attr]
+        assert content is not None and len(content) == 6
+        for entry in content:
+            assert entry.logprob <= 0 and len(entry.top_logprobs) == 3
+            assert entry.top_logprobs[0].token == entry.token  # greedy picks the most likely
+            assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob)
+            values = [t.logprob for t in entry.top_logprobs]
+            assert values == sorted(values, reverse=True)
+            assert bytes(entry.bytes or []).decode("utf-8", "replace") == entry.token
+        # Tokens may be parts of a UTF-8 character (this model's tokens are single bytes): their bytes
+        # put together are the text.
+        whole = b"".join(bytes(e.bytes or []) for e in content)
+        assert whole.decode("utf-8", "replace") == reply.choices[0].message.content
+        plain = await client.completions.create(
+            model="tiny",
+            prompt="abc",
+            max_tokens=4,
+            temperature=0,
+            logprobs=2,
+            extra_body={"ignore_eos": True},
+        )
+        lp = plain.choices[0].logprobs
+        assert lp is not None and len(lp.tokens or []) == 4 and len(lp.token_logprobs or []) == 4
+        for token, top in zip(lp.tokens or [], lp.top_logprobs or [], strict=True):
+            # Keyed by token text, as OpenAI's format is: two byte tokens that are each part of a
+            # character both read U+FFFD and share a key.
+            assert 1 <= len(top) <= 2 and token in top
+        assert lp.text_offset == [sum(len(t) for t in (lp.tokens or [])[:i]) for i in range(4)]
+
+    serve(runtime, scenario)
+
+
+# --- bad input ----------------------------------------------------------------------------------
+
+
+def chat(**kwargs: Any) -> tuple[str, dict[str, Any]]:
+    return "chat", {"model": "tiny", "messages": MESSAGES, "max_tokens": 4, **kwargs}
+
+
+def text(**kwargs: Any) -> tuple[str, dict[str, Any]]:
+    return "completions", {"model": "tiny", "prompt": "hi", "max_tokens": 4, **kwargs}
+
+
+BAD_REQUESTS = {
+    "temperature above 2": (chat(temperature=2.5), "temperature", "'temperature' must be 0 (greedy) or in"),
+    "negative temperature": (chat(temperature=-0.5), "temperature", "'temperature' must be 0"),
+    "tiny temperature": (chat(temperature=1e-9), "temperature", "got 1e-09"),
+    "huge seed": (chat(seed=2**70), "seed", "'seed' must be in"),
+    "top_p 0": (chat(top_p=0), "top_p", "'top_p' must be in (0, 1]"),
+    "top_p above 1": (text(top_p=1.5), "top_p", "'top_p' must be in (0, 1]"),
+    "empty prompt": (text(prompt=""), None, "the prompt is empty"),
+    "empty messages": (chat(messages=[]), "messages", "'messages' must be a non-empty list"),
+    "oversize prompt": (text(prompt="word " * 500), None, "maximum context length is 64"),
+    "oversize chat": (
+        chat(messages=[{"role": "user", "content": "x" * 300}]),
+        None,
+        "maximum context length",
+    ),
+    "prompt plus max_tokens beyond the context": (text(max_tokens=64), None, "maximum context length is 64"),
+    "zero max_tokens": (text(max_tokens=0), "max_tokens", "'max_tokens' must be in [1,"),
+    "unknown field": (chat(extra_body={"max_token": 5}), "max_token", "unknown field 'max_token'"),
+    "unsupported penalty": (chat(frequency_penalty=0.5), "frequency_penalty", "is not supported"),
+    "unsupported tools": (
+        chat(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]),
+        "tools",
+        "is not supported",
+    ),
+    "n above 1": (chat(n=2), "n", "only 'n': 1"),
+    "too many stops": (chat(stop=["a", "b", "c", "d", "e"]), "stop", "up to 4 strings"),
+    "completion logprobs above 5": (text(logprobs=9), "logprobs", "'logprobs' must be in [0, 5]"),
+    "top_logprobs without logprobs": (chat(top_logprobs=2), "top_logprobs", "needs 'logprobs': true"),
+    "priority not an integer": (
+        chat(extra_body={"priority": "high"}),
+        "priority",
+        "'priority' must be an integer",
+    ),
+    "unknown role": (chat(messages=[{"role": "robot", "content": "x"}]), "messages", "role must be one of"),
+    "image content": (
+        chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]),
+        "messages",
+        "only text parts",
+    ),
+    "token ids outside the vocabulary": (text(prompt=[300, 1]), None, "vocabulary"),
+    "two prompts": (text(prompt=["a", "b"]), "prompt", "one prompt per request"),
+    "stream_options without stream": (chat(stream_options={"include_usage": True}), "stream_options", "only"),
+    "template refuses": (
+        chat(messages=[{"role": "assistant", "content": "x"}]),
+        None,
+        "chat template refused the messages: the last message must not be the assistant's",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS), ids=list(BAD_REQUESTS))
+def test_bad_input_is_a_400_with_a_message(runtime: ModelRuntime, case: str) -> None:
+    (endpoint, kwargs), param, needle = BAD_REQUESTS[case]
+
+    async def scenario(client: AsyncOpenAI, http: TestClient) -> None:
+        create = client.chat.completions.create if endpoint == "chat" else client.completions.create
+        for stream in (False, True) if case != "stream_options without stream" else (False,):
+            with pytest.raises(openai.BadRequestError) as caught:
+                await create(**kwargs, **({"stream": True} if stream else {}))  # type: ignore[call-overload]
+            error = caught.value
+            assert error.status_code == 400 and needle in error.message, error.message
+            body = error.body
+            assert isinstance(body, dict) and body["type"] == "invalid_request_error"
+            assert body["param"] == param
+        assert (await http.get("/healthz")).status == 200  # still alive
+
+    serve(runtime, scenario)
+
+
+@pytest.mark.parametrize(
+    ("data", "needle"),
+    [
+        (b'{"model": "tiny", "prompt": "caf\xe9", "max_tokens": 2}', "not valid UTF-8"),
+        (b"{not json", "not valid JSON"),
+        (b"[1, 2]", "must be a JSON object"),
+        (b'{"prompt": "hi", "temperature": NaN}', "'temperature' must be a finite number"),
+        (b'{"prompt": "hi", "top_p": Infinity}', "'top_p' must be a finite number"),
+        (b'{"prompt": "' + b"x" * (9 * 1024 * 1024) + b'"}', "larger than"),
+    ],
+    ids=["latin-1 body", "invalid JSON", "not an object", "NaN temperature", "infinite top_p", "huge body"],
+)
+def test_bodies_the_client_cannot_send_are_400_too(runtime: ModelRuntime, data: bytes, needle: str) -> None:
+    async def scenario(_: AsyncOpenAI, http: TestClient) -> None:
+        for path in ("/v1/completions", "/v1/chat/completions"):
+            response = await http.post(path, data=data, headers={"Content-Type": "application/json"})
+            assert response.status == 400
+            error = (await response.json())["error"]
+            assert needle in error["message"] or path.endswith("chat/completions"), error
+            assert error["type"] == "invalid_request_error"
+
+    serve(runtime, scenario)
+
+
+def test_other_model_is_404_and_unknown_paths_are_openai_errors(runtime: ModelRuntime) -> None:
+    async def scenario(client: AsyncOpenAI, http: TestClient) -> None:
+        with pytest.raises(openai.NotFoundError) as caught:
+            await client.chat.completions.create(model="gpt-4o", messages=MESSAGES)  # type: ignore[arg-type]
+        assert caught.value.code == "model_not_found" and "does not exist here" in caught.value.message
+        response = await http.post("/v1/embeddings", json={})
+        assert response.status == 404 and "error" in await response.json()
+
+    serve(runtime, scenario)
+
+
+def test_unavailable_weights_are_503(tiny: Any) -> None:
+    rt = ModelRuntime(ServeOptions(max_context=CONTEXT, model_name="tiny"))
+
+    async def scenario(client: AsyncOpenAI, _: TestClient) -> None:
+        with pytest.raises(openai.InternalServerError) as caught:
+            await client.chat.completions.create(model="tiny", messages=MESSAGES)  # type: ignore[arg-type]
+        assert caught.value.status_code == 503 and "not loaded" in caught.value.message
+
+    serve(rt, scenario)
+
+
+# --- load and departures ---------------------------------------------------------------------------
+
+
+def test_a_full_queue_is_429_and_counts_only_what_waits(slow: ModelRuntime) -> None:
+    async def scenario(client: AsyncOpenAI, _: TestClient) -> None:
+        args: dict[str, Any] = {"model": "tiny", "prompt": "abc", "max_tokens": 20, "temperature": 0}
+        running = asyncio.ensure_future(client.completions.create(**args, extra_body={"ignore_eos": True}))
+        await until(lambda: slow.stats()["running"] == 1)
+        queued = asyncio.ensure_future(client.completions.create(**args))
+        await until(lambda: slow.stats()["waiting"] == 1)  # max_batch 1: it waits for the slot
+        with pytest.raises(openai.RateLimitError) as caught:
+            await client.completions.create(**args)
+        assert caught.value.status_code == 429 and "limit 1" in caught.value.message
+        assert caught.value.code == "rate_limit_exceeded"
+        first = await running
+        assert first.usage is not None and first.usage.completion_tokens == 20
+        await queued  # the slot freed: the queued one ran
+        assert slow.stats()["waiting"] == 0
+
+    serve(slow, scenario)
+
+
+def test_a_streaming_client_that_disconnects_frees_its_blocks(slow: ModelRuntime) -> None:
+    async def scenario(client: AsyncOpenAI, _: TestClient) -> None:
+        stream = await client.chat.completions.create(
+            model="tiny",
+            messages=MESSAGES,
+            max_tokens=15,
+            stream=True,
+            extra_body={"ignore_eos": True},  # type: ignore[arg-type]
+        )
+        async for _chunk in stream:
+            break  # the first chunk came: the sequence is running and holds blocks
+        assert slow.stats()["blocks_used"] > 0
+        await stream.close()  # the client goes away
+        await until(lambda: slow.stats()["blocks_used"] == 0 and slow.stats()["running"] == 0)
+        assert slow.metrics.requests.labels("cancelled")._value.get() >= 1
+        assert slow.metrics.generated_tokens._value.get() < 15  # stopped early, not run to the end
+
+    serve(slow, scenario)
+
+
+def test_a_waiting_client_that_disconnects_is_cancelled_too(slow: ModelRuntime) -> None:
+    async def scenario(client: AsyncOpenAI, http: TestClient) -> None:
+        body = {"model": "tiny", "prompt": "abc", "max_tokens": 40, "ignore_eos": True}
+        with pytest.raises(asyncio.TimeoutError):  # a non-streamed request abandoned mid-generation
+            await http.post("/v1/completions", json=body, timeout=ClientTimeout(total=0.5))
+        await until(lambda: slow.stats()["blocks_used"] == 0 and slow.stats()["running"] == 0)
+        assert slow.metrics.requests.labels("cancelled")._value.get() >= 1
+        assert slow.metrics.generated_tokens._value.get() < 40
+
+    serve(slow, scenario)
+
+
+def test_priority_extension_and_metrics(runtime: ModelRuntime) -> None:
+    async def scenario(client: AsyncOpenAI, http: TestClient) -> None:
+        reply = await client.chat.completions.create(
+            model="tiny",
+            messages=MESSAGES,
+            max_tokens=3,
+            extra_body={"priority": 7},  # type: ignore[arg-type]
+        )
+        assert reply.usage is not None
+        text = await (await http.get("/metrics")).text()
+        for name in (
+            "vnpu_runtime_batch_size_bucket",
+            "vnpu_runtime_kv_cache_blocks",
+            "vnpu_runtime_requests_waiting 0.0",
+            "vnpu_runtime_requests_running 0.0",
+            "vnpu_runtime_preemptions_total",
+            "vnpu_runtime_step_tokens_bucket",
+        ):
+            assert name in text, name
+        assert json.loads(json.dumps(reply.model_dump()))["usage"]["total_tokens"] == reply.usage.total_tokens
+
+    serve(runtime, scenario)

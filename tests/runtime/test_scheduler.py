@@ -1,0 +1,217 @@
+"""The continuous-batching scheduler on its own (pure: no model): admission, chunked prefill, blocks,
+priority and preemption by recompute."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from vnpu.runtime.scheduler import (
+    BlockAllocator,
+    QueueFullError,
+    Scheduler,
+    SchedulerConfig,
+    Sequence,
+    SequenceStatus,
+    StepPlan,
+)
+
+BLOCK = 4
+_ids = itertools.count()
+
+
+def make(max_batch: int = 4, step_tokens: int = 16, blocks: int = 64, waiting: int = 8) -> Scheduler:
+    return Scheduler(SchedulerConfig(max_batch, step_tokens, BLOCK, waiting), BlockAllocator(blocks))
+
+
+def seq(prompt: int, priority: int = 0) -> Sequence:
+    n = next(_ids)
+    return Sequence(f"s{n}", list(range(1, prompt + 1)), prompt, priority, arrival=n)
+
+
+def run(s: Scheduler, plan: StepPlan, token: int = 7) -> None:
+    """What the engine does after a step: mark it computed, append a token to sampling sequences."""
+    s.complete_step(plan)
+    for chunk in plan.chunks:
+        if chunk.samples:
+            chunk.sequence.tokens.append(token)
+
+
+def step(s: Scheduler) -> StepPlan:
+    plan = s.schedule()
+    run(s, plan)
+    return plan
+
+
+def counts(plan: StepPlan) -> dict[str, int]:
+    return {c.sequence.id: c.count for c in plan.chunks}
+
+
+def test_new_sequences_join_at_every_step_up_to_max_batch() -> None:
+    s = make(max_batch=3)
+    a, b = seq(5), seq(6)
+    s.add(a)
+    s.add(b)
+    assert counts(step(s)) == {a.id: 5, b.id: 6}  # both prefilled in the first step
+    c, d = seq(3), seq(3)
+    s.add(c)
+    s.add(d)
+    plan = step(s)  # a and b decode one token each; c joins; d waits for a slot
+    assert counts(plan) == {a.id: 1, b.id: 1, c.id: 3}
+    assert [x.id for x in s.waiting] == [d.id]
+    s.finish(a)  # a finished: d takes its slot at the next step
+    assert counts(step(s)) == {b.id: 1, c.id: 1, d.id: 3}
+
+
+def test_long_prompts_are_prefilled_in_chunks_interleaved_with_decode() -> None:
+    s = make(step_tokens=8)
+    short = seq(2)
+    s.add(short)
+    step(s)
+    long = seq(20)
+    s.add(long)
+    plans = [step(s) for _ in range(3)]
+    # The decoding sequence runs every step; the long prompt takes what the budget leaves.
+    assert [counts(p) for p in plans] == [
+        {short.id: 1, long.id: 7},
+        {short.id: 1, long.id: 7},
+        {short.id: 1, long.id: 6},
+    ]
+    assert [c.samples for c in plans[2].chunks] == [True, True]  # the last chunk yields a token
+    assert not plans[0].chunks[1].samples
+    assert long.num_computed == 20 and long.num_pending == 1
+
+
+def test_blocks_follow_the_context_and_come_back_at_once() -> None:
+    s = make(blocks=10)  # 9 usable (block 0 is the null block)
+    a = seq(5)
+    s.add(a)
+    step(s)
+    assert len(a.blocks) == 2 and s.allocator.used == 2 and 0 not in a.blocks
+    for _ in range(3):  # 3 decode steps: 8 tokens in the cache fill 2 blocks exactly
+        step(s)
+    assert len(a.blocks) == 2 and a.num_computed == 8
+    step(s)  # the 9th token needs a third block
+    assert len(a.blocks) == 3
+    s.finish(a)
+    assert s.allocator.used == 0 and a.status is SequenceStatus.FINISHED
+
+
+def test_abort_frees_now_or_right_after_the_step_in_flight() -> None:
+    s = make()
+    waiting, running, in_step = seq(3), seq(3), seq(3)
+    s.add(running)
+    s.add(in_step)
+    step(s)
+    s.add(waiting)
+    assert s.abort(waiting) and waiting not in s.waiting
+    assert s.abort(running) and running.status is SequenceStatus.FINISHED and running.blocks == []
+    plan = s.schedule()  # in_step is being computed: its blocks stay until the step ends
+    assert s.abort(in_step) and in_step.blocks and in_step.aborted
+    s.complete_step(plan)
+    s.finish(in_step)
+    assert s.allocator.used == 0 and not s.has_work()
+
+
+def test_queue_limit_counts_only_what_waits() -> None:
+    s = make(max_batch=2, waiting=2)
+    for _ in range(2):
+        s.add(seq(2))
+    step(s)  # both running: the queue is empty again
+    s.add(seq(2))
+    s.add(seq(2))
+    with pytest.raises(QueueFullError, match="limit 2"):
+        s.add(seq(2))
+    assert len(s.waiting) == 2 and len(s.running) == 2
+
+
+def test_higher_priority_is_admitted_first() -> None:
+    s = make(max_batch=1)
+    first = seq(2, priority=0)
+    s.add(first)
+    step(s)
+    low, high, mid = seq(2, priority=1), seq(2, priority=9), seq(2, priority=5)
+    for x in (low, high, mid):
+        s.add(x)
+    assert [x.id for x in s.waiting] == [high.id, mid.id, low.id]
+
+
+def test_a_better_waiting_sequence_preempts_the_worst_running_one() -> None:
+    s = make(max_batch=2)
+    old_low, new_low = seq(3, priority=0), seq(3, priority=0)
+    s.add(old_low)
+    s.add(new_low)
+    step(s)
+    step(s)
+    high = seq(3, priority=10)
+    s.add(high)
+    plan = step(s)
+    # Among equal priorities the latest arrival gives way; its blocks are freed and it is requeued
+    # with its tokens (prompt + generated) to be recomputed.
+    assert plan.preempted == (new_low,)
+    assert counts(plan) == {old_low.id: 1, high.id: 3}
+    assert new_low.status is SequenceStatus.WAITING and new_low.num_computed == 0 and not new_low.blocks
+    assert new_low.tokens[:3] == [1, 2, 3] and len(new_low.tokens) == 5
+    assert s.preemptions == 1
+
+
+def test_equal_priorities_never_preempt_for_admission() -> None:
+    s = make(max_batch=1)
+    a, b = seq(3, priority=5), seq(3, priority=5)
+    s.add(a)
+    step(s)
+    s.add(b)
+    for _ in range(3):
+        plan = step(s)
+        assert not plan.preempted and counts(plan) == {a.id: 1}
+
+
+def test_when_blocks_run_out_the_lowest_priority_sequence_is_recomputed() -> None:
+    s = make(max_batch=4, blocks=5)  # 4 usable blocks of 4 tokens
+    high, low = seq(4, priority=2), seq(4, priority=1)
+    s.add(high)
+    s.add(low)
+    step(s)  # 1 block each, both sampled a 5th token
+    plan = step(s)  # both need a second block: 4 used
+    assert not plan.preempted and s.allocator.used == 4
+    for _ in range(3):
+        step(s)  # both at 8 tokens computed + 1 pending: the next step needs a third block each
+    plan = step(s)
+    assert plan.preempted == (low,) and counts(plan) == {high.id: 1}
+    assert low in s.waiting and low.num_computed == 0 and low.preemptions == 1
+    # Once the high-priority sequence is done, the low one is recomputed from all its tokens.
+    s.finish(high)
+    plan = step(s)
+    assert counts(plan) == {low.id: 9} and plan.chunks[0].samples
+
+
+def test_a_sequence_that_cannot_grow_preempts_itself_when_it_is_the_worst() -> None:
+    s = make(max_batch=4, blocks=3)  # 2 usable blocks
+    high, low = seq(4, priority=2), seq(4, priority=1)
+    s.add(high)
+    s.add(low)
+    step(s)
+    plan = s.schedule()  # both need a second block; only high gets one, low gives its own back
+    assert plan.preempted == (low,) and counts(plan) == {high.id: 1}
+    run(s, plan)
+
+
+def test_config_must_fit_one_token_per_running_sequence() -> None:
+    with pytest.raises(ValueError, match="max_step_tokens"):
+        SchedulerConfig(max_batch=8, max_step_tokens=4, block_size=16, max_waiting=1)
+
+
+def test_a_better_newcomer_prefills_before_a_worse_prompt_in_progress() -> None:
+    s = make(step_tokens=8)
+    low = seq(30, priority=0)
+    s.add(low)
+    assert counts(step(s)) == {low.id: 8}  # its prompt takes several steps
+    high = seq(6, priority=5)
+    s.add(high)
+    plan = step(s)
+    # The newcomer's whole prompt runs first; the low prompt continues with what is left.
+    assert counts(plan) == {high.id: 6, low.id: 2}
+    assert [c.sequence for c in plan.chunks] == [high, low]
+    plan = step(s)
+    assert counts(plan) == {high.id: 1, low.id: 7}  # decode first, then prefill
