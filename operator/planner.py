@@ -47,6 +47,7 @@ from vnpu.operator.pods import (
     owner_references,
     placeholder_pod_name,
     replica_pod_name,
+    short_hash,
 )
 from vnpu.operator.spec import RECREATE, default_share_group
 from vnpu.operator.state import ObservedModel, ObservedNode, ObservedPod, ObservedSecret
@@ -396,7 +397,7 @@ def plan(
                 device=a.device,
                 replica=a.replica,
                 holder=holder,
-                template=templates[a.model],
+                template=template_label(templates[a.model]),
             )
         placements_of[a.model].append(
             {
@@ -575,10 +576,15 @@ def restatus(result: Plan, failures: Mapping[str, Failure], now: dt.datetime) ->
             result.statuses[i] = _status_update(m, outcome, now)
 
 
+def template_label(template: str) -> str:
+    """The vnpu.io/template-hash label value of a pod template (and key generation): a valid label."""
+    return short_hash(template, length=10)
+
+
 def _is_current(p: ObservedPod, model: ObservedModel, template: str) -> bool:
     """Whether a replica pod is of the model's current pod template (and key generation)."""
     if p.template:
-        return p.template == template
+        return p.template == template_label(template)
     # Pods from before the template label: the name says it (it hashes the template).
     return bool(p.node and p.device) and p.name == replica_pod_name(
         model.name, p.replica or 0, p.node or "", p.device or "", _pod_salt(p.slices, template)
