@@ -16,6 +16,10 @@ SUITES: dict[str, tuple[str, str]] = {
     ),
     "runtime": ("vnpu.bench.runtime", "shared-weight memory, attach vs load time, async-offload overlap"),
     "operator": ("vnpu.bench.operator_e2e", "create-to-pods latency for many InferenceModels on kwok nodes"),
+    "churn": (
+        "vnpu.bench.churn",
+        "arrivals, scale changes and deletions through the packer vs a fresh repack",
+    ),
 }
 
 

@@ -21,6 +21,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any
 
 from kubernetes.client.exceptions import ApiException
@@ -245,6 +246,10 @@ class Reconciler:
             def set_owners(u: Any = update) -> None:
                 if u.kind == "Secret":
                     kube.set_secret_owners(u.namespace, u.name, u.owner_references)
+                    known = self._secrets.get((u.namespace, u.name))
+                    if known is not None:  # the cache of Secrets is ours to keep current
+                        uids = tuple(r["uid"] for r in u.owner_references)
+                        self._secrets[(u.namespace, u.name)] = replace(known, owner_uids=uids)
                 else:
                     kube.set_pod_owners(u.namespace, u.name, u.owner_references)
 

@@ -60,7 +60,7 @@ from vnpu.operator.packing.outputs import (
     Unplaced,
     WeightHolder,
 )
-from vnpu.operator.packing.plans import VARIANT_BUDGET, VARIANTS, pack
+from vnpu.operator.packing.plans import VARIANT_BUDGET, VARIANTS, consolidate, pack
 
 __all__ = [
     "NO_EXECUTE",
@@ -81,5 +81,6 @@ __all__ = [
     "Toleration",
     "Unplaced",
     "WeightHolder",
+    "consolidate",
     "pack",
 ]

@@ -128,3 +128,45 @@ def _best_plan(
             variant.perturb(random.Random(seed))
             runs.append(finish(variant))
     return min(runs, key=lambda run: run.score(levels)).result()  # the first of equals: A before B
+
+
+def consolidate(
+    nodes: Sequence[Node],
+    demands: Sequence[Demand],
+    current: Sequence[Placement],
+    *,
+    max_moves: int,
+    tries: int = 16,
+) -> PackResult:
+    """A stable plan that may move at most ``max_moves`` running replicas to free devices.
+
+    Between the sticky plan (no moves; under churn, deletions leave devices with a few replicas each
+    and the count drifts up) and a fresh repack (fewest devices, most replicas moved): the devices
+    that hold the fewest replicas are drained one at a time (their replicas offered to the packer as
+    new, which puts them into the room left on other devices), cheapest first, and a drain is kept
+    only if the plan then uses fewer devices and the moves stay within the budget."""
+    best = pack(nodes, demands, current)
+    if max_moves <= 0:
+        return best
+    count: dict[tuple[str, str], int] = {}
+    used: dict[tuple[str, str], int] = {}
+    for a in best.assignments:
+        count[(a.node, a.device)] = count.get((a.node, a.device), 0) + 1
+        used[(a.node, a.device)] = used.get((a.node, a.device), 0) + a.slices
+    kept = [Placement(a.model, a.replica, a.node, a.device, a.slices) for a in best.assignments]
+    moves = 0
+    for device in sorted(count, key=lambda d: (count[d], used[d], d))[:tries]:
+        if moves + count[device] > max_moves:
+            continue
+        trial = [p for p in kept if (p.node, p.device) != device]
+        result = pack(nodes, demands, trial)
+        was = {(p.model, p.replica): (p.node, p.device) for p in kept}
+        moved = sum(
+            1
+            for a in result.assignments
+            if (k := (a.model, a.replica)) in was and was[k] != (a.node, a.device)
+        )
+        if result.devices_used() < best.devices_used() and not result.unplaced and moves + moved <= max_moves:
+            best, moves = result, moves + moved
+            kept = [Placement(a.model, a.replica, a.node, a.device, a.slices) for a in result.assignments]
+    return best
