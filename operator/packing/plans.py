@@ -138,27 +138,44 @@ def consolidate(
     max_moves: int,
     tries: int = 16,
 ) -> PackResult:
-    """A stable plan that may move at most ``max_moves`` running replicas to free devices.
+    """A stable plan that may move at most ``max_moves`` running replicas to use less memory.
 
-    Between the sticky plan (no moves; under churn, deletions leave devices with a few replicas each
-    and the count drifts up) and a fresh repack (fewest devices, most replicas moved): the devices
-    that hold the fewest replicas are drained one at a time (their replicas offered to the packer as
-    new, which puts them into the room left on other devices), cheapest first, and a drain is kept
-    only if the plan then uses fewer devices and the moves stay within the budget."""
+    Between the sticky plan (no moves) and a fresh repack (fewest devices, most replicas moved). Under
+    churn a sticky plan drifts for one reason above all: a group that scaled up where its devices were
+    full got another weight copy elsewhere, and after it scaled down its replicas sit thinly on several
+    copies. So the candidates are the thinnest copies of groups with more than one (their replicas
+    offered to the packer as new, which puts them next to the group's other copies, paying no
+    weights), then the least-used devices; each is kept only if the plan then needs fewer devices or
+    slices, within the move budget.
+    """
     best = pack(nodes, demands, current)
     if max_moves <= 0:
         return best
-    count: dict[tuple[str, str], int] = {}
+    copies: dict[str, dict[tuple[str, str], int]] = {}
     used: dict[tuple[str, str], int] = {}
     for a in best.assignments:
-        count[(a.node, a.device)] = count.get((a.node, a.device), 0) + 1
+        per_device = copies.setdefault(a.share_group, {})
+        per_device[(a.node, a.device)] = per_device.get((a.node, a.device), 0) + 1
         used[(a.node, a.device)] = used.get((a.node, a.device), 0) + a.slices
+    thin = sorted(
+        (n, group, device)
+        for group, devices in copies.items()
+        if len(devices) > 1
+        for device, n in devices.items()
+    )
+    candidates: list[tuple[str | None, tuple[str, str]]] = [(g, d) for _, g, d in thin[:tries]]
+    candidates += [(None, d) for d in sorted(used, key=lambda d: (used[d], d))[:tries]]
     kept = [Placement(a.model, a.replica, a.node, a.device, a.slices) for a in best.assignments]
+    group_of = {d.model: d.share_group for d in demands}
     moves = 0
-    for device in sorted(count, key=lambda d: (count[d], used[d], d))[:tries]:
-        if moves + count[device] > max_moves:
+    for group, device in candidates:
+        trial = [
+            p
+            for p in kept
+            if (p.node, p.device) != device or (group is not None and group_of[p.model] != group)
+        ]
+        if len(trial) == len(kept) or moves + len(kept) - len(trial) > max_moves:
             continue
-        trial = [p for p in kept if (p.node, p.device) != device]
         result = pack(nodes, demands, trial)
         was = {(p.model, p.replica): (p.node, p.device) for p in kept}
         moved = sum(
@@ -166,7 +183,8 @@ def consolidate(
             for a in result.assignments
             if (k := (a.model, a.replica)) in was and was[k] != (a.node, a.device)
         )
-        if result.devices_used() < best.devices_used() and not result.unplaced and moves + moved <= max_moves:
+        better = (result.devices_used(), result.slices_used()) < (best.devices_used(), best.slices_used())
+        if better and not result.unplaced and moves + moved <= max_moves:
             best, moves = result, moves + moved
             kept = [Placement(a.model, a.replica, a.node, a.device, a.slices) for a in result.assignments]
     return best
