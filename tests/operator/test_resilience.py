@@ -210,3 +210,32 @@ def test_the_spec_is_parsed_once_with_its_defaults_in_one_place() -> None:
         parse_spec({"source": {"uri": "file:///m"}, "rollout": {"maxSurge": "lots"}})
     with pytest.raises(SpecError, match=r"spec\.source\.uri"):
         parse_spec({"modelName": "m"})
+
+
+def test_hf_sources_are_sized_from_the_configured_model_cache(tmp_path) -> None:
+    import json
+
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from vnpu.operator.config import OperatorConfig
+    from vnpu.operator.main import build_parser
+    from vnpu.operator.reconciler import Reconciler
+
+    snapshot = tmp_path / "models--org--tiny" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (tmp_path / "models--org--tiny" / "refs").mkdir()
+    (tmp_path / "models--org--tiny" / "refs" / "main").write_text("abc123")
+    save_file({"w": np.zeros((1024, 512), dtype=np.float32)}, str(snapshot / "model.safetensors"))
+    (snapshot / "config.json").write_text(
+        json.dumps({"model_type": "llama", "num_hidden_layers": 2, "num_attention_heads": 4,
+                    "num_key_value_heads": 2, "hidden_size": 256, "intermediate_size": 512,
+                    "vocab_size": 1000, "torch_dtype": "float32"})
+    )  # fmt: skip
+    args = build_parser().parse_args(["--model-cache-dir", str(tmp_path)])
+    config = OperatorConfig(model_cache_dir=args.model_cache_dir)
+    estimates = Reconciler(config)._estimates
+    m = model("hf", source={"uri": "hf://org/tiny"}, memory={"maxContextTokens": 1000, "maxBatch": 4})
+    assert estimates.get(m).weights_mib == 2  # the header, read from the cache: 512 Ki float32
+    without = EstimateCache(None).get(m)
+    assert isinstance(without, EstimateError) and "local model cache" in str(without)
