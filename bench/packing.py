@@ -586,7 +586,7 @@ def table(rows: list[dict[str, Any]], scale: dict[str, Any], summary: dict[str, 
         elif opt["proven_optimal"]:
             opt_text, ratio = str(opt["devices"]), f"{r['vnpu'] / opt['devices']:.3f}"
         else:
-            opt_text, ratio = f"≥{_fmt(opt['lower_bound'], '.0f')} (limit)", "-"
+            opt_text, ratio = "time limit", "-"
         lines.append(
             f"| {r['mix']} | {r['device_gib']} | {r['models']} ({r['share_groups']}) | {r['replicas']} | "
             f"{opt_text} | {r['lower_bound']} | {r['vnpu']} | {ratio} | {r['gap']:.1%} | {r['ffd']} | "
