@@ -183,7 +183,15 @@ def test_a_context_change_rolls_four_replicas_and_four_stay_ready(
         return len(pods) == 4 and all(p.metadata.annotations[api.ANNOTATION_SLICES] == "2" for p in pods)
 
     wait_until(rolled, 120, "every replica rolled to 2 slices")
-    model = wait_phase(cluster, namespace, "roll", "Ready")
+
+    def complete() -> bool:
+        model = get_model(cluster, namespace, "roll")
+        return condition(model, "Progressing").get("reason") == "RolloutComplete" and (
+            model["status"].get("phase") == "Ready"
+        )
+
+    wait_until(complete, 60, "the rollout complete in the model's status")
+    model = get_model(cluster, namespace, "roll")
     done.set()
     follower.join(30)
     assert lowest and min(lowest) >= 4, f"fewer than 4 ready replicas at some moment: {min(lowest)}"
