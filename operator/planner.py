@@ -310,8 +310,8 @@ def plan(
             if p.node not in lost_nodes:
                 old_of[key].append(p)
             continue
-        if (key, p.replica) in current_pod or p.replica >= model.spec.replicas or not p.node or not p.device:
-            continue
+        if (key, p.replica) in current_pod or not p.node or not p.device:
+            continue  # (a scale-down is the packer's: it picks which replicas go)
         current.append(packing.Placement(key, p.replica, p.node, p.device, p.slices))
         current_pod[(key, p.replica)] = p
 

@@ -119,7 +119,12 @@ class Cluster:
     ) -> tuple[list[tuple[Placement, int, int]], list[Dropped]]:
         """The running replicas that may stay, as (placement, demand, device) in the order they are
         committed (highest priority first), and those that may not, with the reason. What still
-        depends on capacity (room, hard spread) is decided per run in :meth:`Packer.keep_current`."""
+        depends on capacity (room, hard spread) is decided per run in :meth:`Packer.keep_current`.
+
+        A scale-down drops, like a ReplicaSet picking its victims, the replicas whose going frees the
+        most: those on the devices holding the fewest replicas of their share group (a thin weight
+        copy goes away whole), the highest index first among equals. Replica indices are identities,
+        not a range: the survivors keep theirs, and new replicas take the lowest free ones."""
         order = sorted(
             current,
             key=lambda p: (
@@ -131,7 +136,7 @@ class Cluster:
             ),
         )
         seen: set[tuple[str, int]] = set()
-        candidates: list[tuple[Placement, int, int]] = []
+        valid: list[tuple[Placement, int, int]] = []
         dropped: list[Dropped] = []
         for p in order:
             reason = self._why_not_keep(p, seen)
@@ -139,7 +144,23 @@ class Cluster:
                 dropped.append(Dropped(p, reason))
                 continue
             seen.add((p.model, p.replica))
-            candidates.append((p, self.demand_index[p.model], self.dev_ordinal[(p.node, p.device)]))
+            valid.append((p, self.demand_index[p.model], self.dev_ordinal[(p.node, p.device)]))
+        # Scale-down: per demand, the replicas beyond its count go, thinnest weight copy first.
+        on_device: dict[tuple[int, str], int] = {}  # (device, share group) -> valid replicas there
+        per_demand: dict[int, list[tuple[Placement, int, int]]] = {}
+        for p, di, o in valid:
+            key = (o, self.demands[di].share_group)
+            on_device[key] = on_device.get(key, 0) + 1
+            per_demand.setdefault(di, []).append((p, di, o))
+        excess: set[tuple[str, int]] = set()
+        for di, entries in per_demand.items():
+            d = self.demands[di]
+            if len(entries) > d.replicas:
+                ranked = sorted(entries, key=lambda e: (on_device[(e[2], d.share_group)], -e[0].replica))
+                for p, _, _ in ranked[: len(entries) - d.replicas]:
+                    excess.add((p.model, p.replica))
+                    dropped.append(Dropped(p, f"scaled down to {d.replicas} replicas"))
+        candidates = [e for e in valid if (e[0].model, e[0].replica) not in excess]
         return candidates, dropped
 
     def _why_not_keep(self, p: Placement, seen: set[tuple[str, int]]) -> str:
@@ -147,8 +168,10 @@ class Cluster:
         if di is None:
             return "the model no longer asks for replicas"
         d = self.demands[di]
-        if p.replica < 0 or p.replica >= d.replicas:
-            return f"scaled down to {d.replicas} replicas"
+        if p.replica < 0:
+            return f"replica index {p.replica} is not valid"
+        if d.replicas == 0:
+            return "scaled down to 0 replicas"
         if (p.model, p.replica) in seen:
             return "duplicate placement of the same replica"
         o = self.dev_ordinal.get((p.node, p.device))

@@ -187,7 +187,10 @@ class Packer:
         for di, replica in self.placed:
             taken[di].add(replica)
         for di, d in enumerate(self.demands):
-            self.missing[di] = [r for r in range(d.replicas) if r not in taken[di]]
+            # The lowest free indices, as many as are missing (survivors of a scale-down keep theirs).
+            need = d.replicas - len(taken[di])
+            free = (r for r in range(d.replicas + len(taken[di])) if r not in taken[di])
+            self.missing[di] = [next(free) for _ in range(max(0, need))]
         self.kept_by_priority.sort()
         levels = sorted({d.priority for d in self.demands}, reverse=True)
         for level in levels:
