@@ -20,6 +20,10 @@ SUITES: dict[str, tuple[str, str]] = {
         "continuous batching vs transformers generate: tokens/s, TTFT, inter-token latency, priority",
     ),
     "operator": ("vnpu.bench.operator_e2e", "create-to-pods latency for many InferenceModels on kwok nodes"),
+    "churn": (
+        "vnpu.bench.churn",
+        "arrivals, scale changes and deletions through the packer vs a fresh repack",
+    ),
     "wake": ("vnpu.bench.wake", "keep-warm policies on a replayed trace; warm vs cold wake on a real node"),
 }
 

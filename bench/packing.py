@@ -7,14 +7,21 @@ of 32 or 64 GiB (1 GiB slices). Devices used, side by side on the same cluster:
 
 * ``vnpu``: :func:`vnpu.operator.packing.pack` (share-aware: one weight copy per device and group);
 * ``ffd``: first-fit decreasing without sharing (every replica carries its own weights);
-* ``k8s``: the Kubernetes default, share-blind: pods in creation order, each requesting weights + KV,
-  node by LeastAllocated scoring (most free memory, random among ties), then the device with the most
-  free memory on that node (only devices that can hold the whole pod are considered: generous to it);
+* ``k8s``: what kube-scheduler does when bin-packing, share-blind: ``NodeResourcesFit`` with
+  ``MostAllocated`` scoring (the fullest node that fits wins, random among ties), pods in creation
+  order, each requesting weights + KV, then the fullest device on that node that fits (what a
+  bin-packing device plugin prefers), on a *right-sized* cluster: just the nodes share-blind FFD
+  needs. Replicas it cannot place count against it: each adds its devices' worth (its slices over a
+  device's) to the devices it used;
 * ``optimum``: the exact minimum with the same cost model, as a MILP solved by HiGHS through
-  :func:`scipy.optimize.milp`, on instances small enough to solve within the time limit.
+  :func:`scipy.optimize.milp`, on instances small enough to solve within the time limit;
+* ``lower bound``, on every instance: the MILP's proven bound where it ran, else (and at least) the
+  counting bound: every device holding a group's weights has room for at most ``capacity - weights``
+  slices of its replicas, so the group needs ``ceil(replica slices / (capacity - weights))`` weight
+  copies, and all of it together needs ``ceil(total / capacity)`` devices. The gap is vnpu / bound - 1.
 
-Goals (issue 4): vnpu <= 1.03 x the optimum, and >= 30% fewer devices than the share-blind baseline
-(``ffd``, the stronger of the two share-blind ones) on mixes with replicas.
+Goals (issues 4 and 11): vnpu <= 1.03 x the optimum where it is known, <= 1.05 x the lower bound
+elsewhere, and >= 30% fewer devices than the share-blind baseline (``ffd``) on mixes with replicas.
 
 (b) Time. 10,000 replicas of ~2,000 models on 1,000 nodes x 8 devices (64 GiB), with best-effort
 spread, zone selectors, tainted nodes and three priority levels: median of ``--runs`` fresh packs, and
@@ -40,11 +47,13 @@ from pathlib import Path
 from typing import Any
 
 from vnpu.api import slices_for_mib
+from vnpu.bench.report import provenance
 from vnpu.memory import estimate_memory, estimate_param_count
 from vnpu.modelfile import ModelConfig, config_from_hf
 from vnpu.operator.packing import Demand, Device, Node, Placement, Spread, Taint, Toleration, pack
 
 GOAL_OPTIMUM_RATIO = 1.03
+GOAL_BOUND_RATIO = 1.05
 GOAL_SAVING_VS_SHARE_BLIND = 0.30
 GOAL_PACK_SECONDS = 2.0
 SLICE_MIB = 1024
@@ -225,26 +234,50 @@ def ffd_without_sharing(demands: Sequence[Demand], devices: int, capacity: int) 
     return len(free), unplaced
 
 
-def kubernetes_default(demands: Sequence[Demand], nodes: int, capacity: int, seed: int) -> tuple[int, int]:
-    """kube-scheduler's default, share-blind: LeastAllocated node scoring on vnpu.io/memory (random
-    among equal scores), pods in creation order; the device with the most free memory on that node."""
+def kubernetes_most_allocated(
+    demands: Sequence[Demand], nodes: int, capacity: int, seed: int
+) -> tuple[int, int, int]:
+    """kube-scheduler bin-packing, share-blind: MostAllocated node scoring on vnpu memory (the fullest
+    feasible node, random among equal scores), pods in creation order; the fullest device on that node
+    that fits. Returns (devices used, unplaced replicas, their slices)."""
     rng = random.Random(seed)
     groups = group_weights(demands)
     free = [[capacity] * DEVICES_PER_NODE for _ in range(nodes)]
-    unplaced = 0
+    unplaced = unplaced_slices = 0
     for d in demands:
         size = sum(item_slices(d, groups))
         for _ in range(d.replicas):
             feasible = [n for n in range(nodes) if max(free[n]) >= size]
             if not feasible:
                 unplaced += 1
+                unplaced_slices += size
                 continue
-            best = max(sum(free[n]) for n in feasible)
+            best = min(sum(free[n]) for n in feasible)
             node = rng.choice([n for n in feasible if sum(free[n]) == best])
-            device = max(range(DEVICES_PER_NODE), key=lambda j: (free[node][j], -j))
+            device = min(
+                (j for j in range(DEVICES_PER_NODE) if free[node][j] >= size),
+                key=lambda j: (free[node][j], j),
+            )
             free[node][device] -= size
     used = sum(1 for node in free for f in node if f < capacity)
-    return used, unplaced
+    return used, unplaced, unplaced_slices
+
+
+def counting_lower_bound(demands: Sequence[Demand], capacity: int) -> int:
+    """Devices any packing needs: each group's replicas need ceil(their slices / (capacity - weights))
+    copies of its weights, and everything together fits in no fewer than ceil(total / capacity)."""
+    groups = group_weights(demands)
+    replica_slices: dict[str, int] = {}
+    for d in demands:
+        replica_slices[d.share_group] = replica_slices.get(d.share_group, 0) + d.replicas * slices_for_mib(
+            d.replica_mib
+        )
+    total = 0
+    for g, slices in replica_slices.items():
+        w = slices_for_mib(groups[g])
+        if slices:
+            total += slices + w * math.ceil(slices / max(1, capacity - w))
+    return math.ceil(total / capacity)
 
 
 def exact_optimum(
@@ -347,7 +380,9 @@ def evaluate(mix: Mix, *, seed: int, milp_limit_replicas: int, milp_time_limit: 
     vnpu_seconds = time.perf_counter() - started
     blind = pack(nodes, mix.demands, share_weights=False)
     ffd, ffd_unplaced = ffd_without_sharing(mix.demands, n_devices, capacity)
-    k8s, k8s_unplaced = kubernetes_default(mix.demands, len(nodes), capacity, seed)
+    right_sized = math.ceil(ffd_alone / DEVICES_PER_NODE)
+    k8s_used, k8s_unplaced, k8s_missing = kubernetes_most_allocated(mix.demands, right_sized, capacity, seed)
+    k8s = k8s_used + math.ceil(k8s_missing / capacity)
     row: dict[str, Any] = {
         "mix": mix.name,
         "device_gib": mix.device_gib,
@@ -363,7 +398,9 @@ def evaluate(mix: Mix, *, seed: int, milp_limit_replicas: int, milp_time_limit: 
         "ffd": ffd,
         "ffd_unplaced": ffd_unplaced,
         "k8s": k8s,
+        "k8s_devices_used": k8s_used,
         "k8s_unplaced": k8s_unplaced,
+        "k8s_cluster_devices": right_sized * DEVICES_PER_NODE,
         "demands": [
             {
                 "model": d.model,
@@ -375,8 +412,16 @@ def evaluate(mix: Mix, *, seed: int, milp_limit_replicas: int, milp_time_limit: 
             for d in mix.demands
         ],
     }
+    bound = counting_lower_bound(mix.demands, capacity)
     if mix.replicas <= milp_limit_replicas:
         row["optimum"] = exact_optimum(mix.demands, capacity, plan.devices_used(), milp_time_limit)
+        milp_bound = row["optimum"].get("lower_bound")
+        if row["optimum"]["proven_optimal"]:
+            bound = max(bound, row["optimum"]["devices"])
+        elif milp_bound is not None:
+            bound = max(bound, math.ceil(milp_bound - 1e-6))
+    row["lower_bound"] = bound
+    row["gap"] = round(row["vnpu"] / bound - 1, 4) if bound else 0.0
     return row
 
 
@@ -508,6 +553,10 @@ def summarize(rows: list[dict[str, Any]], scale: dict[str, Any]) -> dict[str, An
         "saving_possible_min": min(possible) if possible else None,
         "saving_vs_k8s_mean": statistics.fmean(savings_k8s) if savings_k8s else None,
         "singles_vnpu_vs_ffd": [(r["mix"], r["vnpu"], r["ffd"]) for r in rows if not r["with_replicas"]],
+        "bound_ratio_max": max(r["vnpu"] / r["lower_bound"] for r in rows if r["lower_bound"]),
+        "goal_bound_met_every_instance": all(
+            r["vnpu"] <= GOAL_BOUND_RATIO * r["lower_bound"] for r in rows if r not in solved
+        ),
         "goal_optimum_met": aggregate is not None and aggregate <= GOAL_OPTIMUM_RATIO,
         "goal_optimum_met_every_instance": bool(ratios) and max(ratios) <= GOAL_OPTIMUM_RATIO,
         "goal_saving_met": (total_saving("ffd") or 0) >= GOAL_SAVING_VS_SHARE_BLIND,
@@ -523,9 +572,9 @@ def _fmt(value: float | None, spec: str = ".3f") -> str:
 
 def table(rows: list[dict[str, Any]], scale: dict[str, Any], summary: dict[str, Any]) -> str:
     lines = [
-        "| mix | GiB/device | models (groups) | replicas | optimum | vnpu | vnpu/opt | FFD no sharing | "
-        "k8s default | vnpu saves vs FFD | vs k8s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| mix | GiB/device | models (groups) | replicas | optimum | lower bound | vnpu | vnpu/opt | gap | "
+        "FFD no sharing | k8s MostAllocated (unplaced) | vnpu saves vs FFD | vs k8s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         opt = r.get("optimum")
@@ -537,10 +586,11 @@ def table(rows: list[dict[str, Any]], scale: dict[str, Any], summary: dict[str, 
         elif opt["proven_optimal"]:
             opt_text, ratio = str(opt["devices"]), f"{r['vnpu'] / opt['devices']:.3f}"
         else:
-            opt_text, ratio = f"≥{_fmt(opt['lower_bound'], '.0f')} (limit)", "-"
+            opt_text, ratio = "time limit", "-"
         lines.append(
             f"| {r['mix']} | {r['device_gib']} | {r['models']} ({r['share_groups']}) | {r['replicas']} | "
-            f"{opt_text} | {r['vnpu']} | {ratio} | {r['ffd']} | {r['k8s']} | "
+            f"{opt_text} | {r['lower_bound']} | {r['vnpu']} | {ratio} | {r['gap']:.1%} | {r['ffd']} | "
+            f"{r['k8s']} ({r['k8s_unplaced']}) | "
             f"{1 - r['vnpu'] / r['ffd']:.0%}{bound} | {1 - r['vnpu'] / r['k8s']:.0%} |"
         )
     s = summary
@@ -550,13 +600,17 @@ def table(rows: list[dict[str, Any]], scale: dict[str, Any], summary: dict[str, 
         f"{s['optimum_matched']}. vnpu/optimum: aggregate {_fmt(s['optimum_ratio_aggregate'])}, "
         f"mean {_fmt(s['optimum_ratio_mean'])}, worst {_fmt(s['optimum_ratio_max'])}. "
         f"Goal <= {GOAL_OPTIMUM_RATIO}: **{'met' if s['goal_optimum_met'] else 'NOT met'}** (aggregate), "
-        f"**{'met' if s['goal_optimum_met_every_instance'] else 'NOT met'}** on every instance.",
+        f"**{'met' if s['goal_optimum_met_every_instance'] else 'NOT met'}** on every instance. "
+        f"Where the optimum is not known, vnpu is within {GOAL_BOUND_RATIO} x the lower bound: "
+        f"**{'met' if s['goal_bound_met_every_instance'] else 'NOT met'}** (worst vnpu/bound on any mix "
+        f"{_fmt(s['bound_ratio_max'])}).",
         f"On the {s['mixes_with_replicas']} mixes with replicas (>= 2 per model on average) vnpu uses "
         f"{_fmt(s['saving_vs_ffd_aggregate'], '.0%')} fewer devices than share-blind FFD in total "
         f"(per mix: mean {_fmt(s['saving_vs_ffd_mean'], '.0%')}, "
         f"least {_fmt(s['saving_vs_ffd_min'], '.0%')}; "
         f"the least any packer could save on a solved mix is {_fmt(s['saving_possible_min'], '.0%')}), and "
-        f"{_fmt(s['saving_vs_k8s_aggregate'], '.0%')} fewer than the Kubernetes default. "
+        f"{_fmt(s['saving_vs_k8s_aggregate'], '.0%')} fewer than kube-scheduler's MostAllocated "
+        f"bin-packing on a right-sized cluster (its unplaced replicas counted as devices). "
         f"Goal >= {GOAL_SAVING_VS_SHARE_BLIND:.0%}: "
         f"**{'met' if s['goal_saving_met'] else 'NOT met'}** in total, "
         f"**{'met' if s['goal_saving_met_every_mix'] else 'NOT met'}** on every mix.",
@@ -589,7 +643,7 @@ def plot(rows: list[dict[str, Any]], scale: dict[str, Any], path: Path) -> None:
     fig, (ax, ax_time) = plt.subplots(1, 2, figsize=(15, 5.5), gridspec_kw={"width_ratios": [4, 1]})
     names = [r["mix"] for r in rows]
     series = [
-        ("k8s default (share-blind)", [r["k8s"] for r in rows], "#c44e52"),
+        ("k8s MostAllocated (share-blind)", [r["k8s"] for r in rows], "#c44e52"),
         ("FFD without sharing", [r["ffd"] for r in rows], "#dd8452"),
         ("vnpu", [r["vnpu"] for r in rows], "#4c72b0"),
         (
@@ -662,6 +716,7 @@ def main(argv: list[str] | None = None) -> int:
     scale = time_scale(args.seed, args.runs)
     summary = summarize(rows, scale)
     result = {
+        "provenance": provenance("packing", list(argv or [])),
         "suite": "packing",
         "seed": args.seed,
         "machine": {

@@ -34,7 +34,8 @@ def provenance(suite: str, argv: Sequence[str]) -> dict[str, Any]:
         return out.stdout.strip() if out.returncode == 0 else ""
 
     commit = git("rev-parse", "HEAD") or "unknown"
-    if git("status", "--porcelain", "--untracked-files=no"):
+    # Results another benchmark is rewriting meanwhile are not a change of the code measured.
+    if git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results"):
         commit += "-dirty"
     return {
         "command": shlex.join(["vnpu", "bench", suite, *argv]),

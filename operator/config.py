@@ -28,3 +28,11 @@ class OperatorConfig:
     namespaces: tuple[str, ...] = field(default_factory=tuple)
     #: Move running replicas to free devices when that saves devices (off: placements are sticky).
     defragment: bool = False
+    #: Seconds a NotReady (or unreachable) node keeps its pods before they are re-placed: the
+    #: default of Kubernetes' taint-based eviction (DefaultTolerationSeconds).
+    node_grace_seconds: int = 300
+    #: Where hf:// sources are looked up to size them (an HF hub cache or mirror); None: not sizable.
+    model_cache_dir: str | None = None
+    #: Retry a failing model's writes after this many seconds, doubling up to ``max_backoff_seconds``.
+    backoff_seconds: float = 1.0
+    max_backoff_seconds: float = 300.0

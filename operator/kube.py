@@ -14,23 +14,26 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from vnpu import api
+from vnpu.operator import metrics
 from vnpu.operator.config import PLACEHOLDER_PRIORITY, PLACEHOLDER_PRIORITY_CLASS
 from vnpu.operator.pods import ROLE_SHARE_KEY
-from vnpu.operator.state import (
-    ObservedModel,
-    ObservedNode,
-    ObservedPod,
-    ObservedSecret,
-    parse_model,
-    parse_node,
-    parse_pod,
-    parse_secret,
-)
+from vnpu.operator.state import ObservedModel, ObservedPod, ObservedSecret, parse_secret
 
 log = logging.getLogger(__name__)
 MANAGED_SELECTOR = f"{api.LABEL_MANAGED_BY}={api.MANAGED_BY_VALUE}"
 SHARE_KEY_SELECTOR = f"{MANAGED_SELECTOR},{api.LABEL_ROLE}={ROLE_SHARE_KEY}"
 METADATA_ONLY = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1"
+
+
+def api_client_from_env() -> client.ApiClient:
+    """In a pod: its service account; elsewhere: $KUBECONFIG or ~/.kube/config."""
+    from kubernetes import config
+
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+    return client.ApiClient()
 
 
 class Kube:
@@ -43,27 +46,11 @@ class Kube:
         self.scheduling = client.SchedulingV1Api(api_client)
         self.namespaces = namespaces
 
-    # -- reading -----------------------------------------------------------------------------------------
-    def _raw(self, obj: Any) -> dict[str, Any]:
-        return self.api_client.sanitize_for_serialization(obj)  # type: ignore[no-any-return]
-
-    def list_nodes(self) -> list[ObservedNode]:
-        return [parse_node(self._raw(n)) for n in self.core.list_node().items]
-
-    def list_pods(self) -> list[ObservedPod]:
-        if not self.namespaces:
-            items = self.core.list_pod_for_all_namespaces(label_selector=MANAGED_SELECTOR).items
-        else:
-            items = [
-                p
-                for ns in self.namespaces
-                for p in self.core.list_namespaced_pod(ns, label_selector=MANAGED_SELECTOR).items
-            ]
-        return [parse_pod(self._raw(p)) for p in items]
-
+    # -- reading (nodes, pods and models come from the watch-fed cache: vnpu.operator.cache) -------------
     def list_secrets(self) -> list[ObservedSecret]:
         """The share groups' key Secrets, as metadata only (PartialObjectMetadataList): the keys never
-        reach the operator's memory, and there is no watch of Secrets at all."""
+        reach the operator's memory, and there is no watch of Secrets at all (the reconciler keeps
+        what it creates and deletes, and lists again on resync)."""
         kwargs: dict[str, Any] = {
             "label_selector": SHARE_KEY_SELECTOR,
             "_headers": {"Accept": METADATA_ONLY},
@@ -73,43 +60,41 @@ class Kube:
             responses = [self.core.list_secret_for_all_namespaces(**kwargs)]
         else:
             responses = [self.core.list_namespaced_secret(ns, **kwargs) for ns in self.namespaces]
+        metrics.API_REQUESTS.labels("list", "secrets").inc(len(responses))
         return [parse_secret(item) for r in responses for item in json.loads(r.data).get("items") or []]
-
-    def list_models(self) -> list[ObservedModel]:
-        if not self.namespaces:
-            items = self.custom.list_cluster_custom_object(api.GROUP, api.VERSION, api.PLURAL)["items"]
-        else:
-            items = [
-                o
-                for ns in self.namespaces
-                for o in self.custom.list_namespaced_custom_object(api.GROUP, api.VERSION, ns, api.PLURAL)[
-                    "items"
-                ]
-            ]
-        return [parse_model(o) for o in items]
 
     # -- writing -----------------------------------------------------------------------------------------
     def create_pod(self, manifest: Mapping[str, Any]) -> bool:
         """Create a pod; False if it already exists (a retry after a crash is not an error)."""
+        metrics.API_REQUESTS.labels("create", "pods").inc()
         try:
-            self.core.create_namespaced_pod(manifest["metadata"]["namespace"], manifest)
+            self.core.create_namespaced_pod(
+                manifest["metadata"]["namespace"], manifest, _preload_content=False
+            )
         except ApiException as exc:
             if exc.status == 409:
                 return False
             raise
         return True
 
-    def create_secret(self, manifest: Mapping[str, Any]) -> bool:
-        """Create a Secret; False if it already exists (its key stays: pods may already mount it)."""
+    def create_secret(self, manifest: Mapping[str, Any]) -> ObservedSecret | None:
+        """Create a Secret and return it (metadata only); None if it already exists (its key stays:
+        pods may already mount it)."""
+        metrics.API_REQUESTS.labels("create", "secrets").inc()
         try:
-            self.core.create_namespaced_secret(manifest["metadata"]["namespace"], manifest)
+            resp = self.core.create_namespaced_secret(
+                manifest["metadata"]["namespace"], manifest, _preload_content=False
+            )
         except ApiException as exc:
             if exc.status == 409:
-                return False
+                return None
             raise
-        return True
+        created = json.loads(resp.data)
+        created.pop("data", None)  # the key is not the operator's to keep
+        return parse_secret(created)
 
     def delete_secret(self, namespace: str, name: str) -> bool:
+        metrics.API_REQUESTS.labels("delete", "secrets").inc()
         try:
             self.core.delete_namespaced_secret(name, namespace)
         except ApiException as exc:
@@ -120,6 +105,7 @@ class Kube:
 
     def set_secret_owners(self, namespace: str, name: str, owner_references: list[dict[str, Any]]) -> None:
         """Replace a Secret's ownerReferences (metadata stays mutable on an immutable Secret)."""
+        metrics.API_REQUESTS.labels("patch", "secrets").inc()
         try:
             self.core.patch_namespaced_secret(
                 name,
@@ -133,8 +119,11 @@ class Kube:
 
     def delete_pod(self, namespace: str, name: str, *, force: bool = False) -> bool:
         """Delete a pod; ``force`` skips the grace period (its node is gone and cannot confirm)."""
+        metrics.API_REQUESTS.labels("delete", "pods").inc()
         try:
-            self.core.delete_namespaced_pod(name, namespace, grace_period_seconds=0 if force else None)
+            self.core.delete_namespaced_pod(
+                name, namespace, grace_period_seconds=0 if force else None, _preload_content=False
+            )
         except ApiException as exc:
             if exc.status == 404:
                 return False
@@ -144,6 +133,7 @@ class Kube:
     def set_pod_owners(self, namespace: str, name: str, owner_references: list[dict[str, Any]]) -> None:
         """Replace a pod's ownerReferences (a JSON merge patch replaces the list; a strategic merge
         would only add to it)."""
+        metrics.API_REQUESTS.labels("patch", "pods").inc()
         try:
             self.core.patch_namespaced_pod(
                 name,
@@ -156,9 +146,16 @@ class Kube:
                 raise
 
     def patch_model_status(self, model: ObservedModel, status: Mapping[str, Any]) -> None:
+        metrics.API_REQUESTS.labels("patch", "inferencemodels/status").inc()
         try:
             self.custom.patch_namespaced_custom_object_status(
-                api.GROUP, api.VERSION, model.namespace, api.PLURAL, model.name, {"status": dict(status)}
+                api.GROUP,
+                api.VERSION,
+                model.namespace,
+                api.PLURAL,
+                model.name,
+                {"status": dict(status)},
+                _preload_content=False,
             )
         except ApiException as exc:
             if exc.status != 404:  # deleted meanwhile
@@ -213,8 +210,9 @@ class Kube:
             "lastTimestamp": now.isoformat(),
             "count": 1,
         }
+        metrics.API_REQUESTS.labels("create", "events").inc()
         try:
-            self.core.create_namespaced_event(model.namespace, body)
+            self.core.create_namespaced_event(model.namespace, body, _preload_content=False)
         except ApiException as exc:  # events are best effort: never fail a reconcile over one
             log.warning(
                 "could not post event %s on %s/%s: %s", reason, model.namespace, model.name, exc.reason
@@ -223,3 +221,15 @@ class Kube:
 
 def names(pods: Iterable[ObservedPod]) -> list[str]:
     return sorted(f"{p.namespace}/{p.name}" for p in pods)
+
+
+def api_error(exc: ApiException) -> tuple[str, str]:
+    """(reason, message) of a refused request in the API server's own words: the Status object's
+    ``reason`` (Forbidden, Invalid, AlreadyExists, ...) and ``message``."""
+    try:
+        body = json.loads(exc.body or "{}")
+    except (TypeError, ValueError):
+        body = {}
+    reason = body.get("reason") or exc.reason or "ApiError"
+    message = body.get("message") or f"{exc.status} {exc.reason}"
+    return str(reason).replace(" ", ""), str(message)

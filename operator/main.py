@@ -8,6 +8,9 @@ import logging
 import os
 import socket
 import sys
+import threading
+import urllib.parse
+import uuid
 from pathlib import Path
 
 from vnpu.logs import setup_logging
@@ -19,6 +22,10 @@ memory (a share group's weights are paid once per device), run one weight-holder
 (node, device, share group), launch the replica pods pinned to their node with the chosen device in
 the vnpu.io/device annotation, and report status, events and Prometheus metrics. Demand that fits
 nowhere becomes low-priority placeholder pods so a Cluster Autoscaler adds nodes.
+
+With --leader-elect, replicas elect one leader through a coordination.k8s.io Lease: only the leader
+watches, plans and writes; a standby takes over within lease duration + retry period (17 s by
+default) of the leader's death, at once when the leader shuts down cleanly.
 
 Credentials: in-cluster service account, else --kubeconfig / $KUBECONFIG / ~/.kube/config.
 """
@@ -37,14 +44,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="watch only this namespace (repeatable); default: all namespaces",
     )
     p.add_argument(
-        "--standalone",
+        "--leader-elect",
         action="store_true",
-        help="run without kopf peering (a single replica; otherwise replicas elect one active)",
+        help="elect one active replica through a Lease (run this with more than one replica, and "
+        "for rolling updates of a single one)",
     )
     p.add_argument(
-        "--peering", default="vnpu-operator", help="kopf peering object name (default %(default)s)"
+        "--leader-election-namespace",
+        default=None,
+        help="namespace of the Lease (default: the pod's namespace, else 'default')",
     )
-    p.add_argument("--priority", type=int, default=0, help="kopf peering priority of this instance")
+    p.add_argument(
+        "--leader-election-id", default="vnpu-operator", help="name of the Lease (default %(default)s)"
+    )
+    p.add_argument("--lease-duration", type=float, default=15.0, help="seconds (default %(default)s)")
+    p.add_argument("--renew-deadline", type=float, default=10.0, help="seconds (default %(default)s)")
+    p.add_argument("--retry-period", type=float, default=2.0, help="seconds (default %(default)s)")
+    p.add_argument(
+        "--standalone", action="store_true", help="accepted for compatibility (kopf peering is not used)"
+    )
     p.add_argument(
         "--metrics-port", type=int, default=0, help="serve Prometheus metrics on this port (0: off)"
     )
@@ -66,9 +84,109 @@ def build_parser() -> argparse.ArgumentParser:
         help="allow moving running replicas when that frees devices (default: placements are sticky)",
     )
     p.add_argument("--resync-seconds", type=float, default=60.0, help="full re-plan at least this often")
+    p.add_argument(
+        "--node-grace-seconds",
+        type=int,
+        default=300,
+        help="seconds a NotReady node keeps its pods before they are re-placed (default %(default)s, "
+        "as Kubernetes' taint-based eviction)",
+    )
+    p.add_argument(
+        "--model-cache-dir",
+        default=None,
+        help="local HF hub cache or mirror where hf:// sources are found to size them",
+    )
     p.add_argument("--log-format", choices=["json", "text"], default="json")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
+
+
+def _lease_namespace(args: argparse.Namespace) -> str:
+    if args.leader_election_namespace:
+        return str(args.leader_election_namespace)
+    own = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+    return own.read_text().strip() if own.exists() else "default"
+
+
+async def _standby_health(liveness: str | None) -> asyncio.AbstractServer | None:
+    """While waiting to lead, answer the liveness endpoint (kopf serves it once this replica leads)."""
+    if not liveness:
+        return None
+    url = urllib.parse.urlsplit(liveness)
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readline()
+        body = b'{"standby": true}'
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n")
+        writer.write(b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+        writer.close()
+
+    return await asyncio.start_server(answer, url.hostname, url.port, reuse_address=True)
+
+
+async def run(args: argparse.Namespace, config: OperatorConfig) -> int:
+    import kopf
+
+    from vnpu.operator import handlers
+    from vnpu.operator.kube import api_client_from_env
+    from vnpu.operator.leader import LeaderElector, LeaseConfig
+
+    stop, lost = threading.Event(), threading.Event()
+    elector = None
+    if args.leader_elect:
+        lease = LeaseConfig(
+            _lease_namespace(args),
+            args.leader_election_id,
+            f"{socket.gethostname()}_{uuid.uuid4()}",
+            args.lease_duration,
+            args.renew_deadline,
+            args.retry_period,
+        )
+        elector = LeaderElector(api_client_from_env(), lease)
+        standby = await _standby_health(args.liveness)
+        try:
+            await asyncio.to_thread(elector.acquire)
+        finally:
+            if standby is not None:
+                standby.close()
+                await standby.wait_closed()
+
+        def on_lost() -> None:
+            lost.set()
+            stop.set()
+
+        elector.keep_leading(on_lost)
+
+    registry = kopf.OperatorRegistry()
+    handlers.register(registry, config, elector.is_leader if elector else lambda: True)
+    settings = kopf.OperatorSettings()
+    # Our own keys for kopf's bookkeeping, in annotations: status stays ours and is never pruned.
+    settings.persistence.finalizer = "vnpu.io/finalizer"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="vnpu.io")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="vnpu.io")
+    settings.posting.level = logging.WARNING  # only problems become Events; placement events are ours
+    settings.execution.max_workers = 4
+    settings.watching.server_timeout = 120
+    settings.networking.error_backoffs = [1, 2, 5, 10]
+    try:
+        await kopf.operator(
+            registry=registry,
+            settings=settings,
+            # One active replica is the Lease's business: kopf peering stays off.
+            standalone=True,
+            clusterwide=not args.namespace,
+            namespaces=args.namespace,
+            liveness_endpoint=args.liveness,
+            stop_flag=stop,
+            # kopf would derive this from getpass.getuser(), which fails for a UID without a passwd
+            # entry (OpenShift-style random UIDs).
+            identity=f"{socket.gethostname()}@{os.getpid()}",  # type: ignore[arg-type]
+        )
+    finally:
+        if elector is not None:
+            elector.release()
+    return 1 if lost.is_set() else 0
 
 
 def main(argv: list[str]) -> int:
@@ -77,9 +195,6 @@ def main(argv: list[str]) -> int:
     if args.kubeconfig:
         os.environ["KUBECONFIG"] = str(args.kubeconfig)
 
-    import kopf
-
-    from vnpu.operator import handlers
     from vnpu.operator.metrics import REGISTRY
 
     config = OperatorConfig(
@@ -90,42 +205,14 @@ def main(argv: list[str]) -> int:
         resync_seconds=args.resync_seconds,
         namespaces=tuple(args.namespace),
         defragment=args.defragment,
+        node_grace_seconds=args.node_grace_seconds,
+        model_cache_dir=args.model_cache_dir,
     )
-    registry = kopf.OperatorRegistry()
-    handlers.register(registry, config)
-
-    settings = kopf.OperatorSettings()
-    # Our own keys for kopf's bookkeeping, in annotations: status stays ours and is never pruned.
-    settings.persistence.finalizer = "vnpu.io/finalizer"
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="vnpu.io")
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="vnpu.io")
-    settings.posting.level = logging.WARNING  # only problems become Events; placement events are ours
-    settings.execution.max_workers = 4
-    settings.watching.server_timeout = 120
-    settings.networking.error_backoffs = [1, 2, 5, 10]
-
     if args.metrics_port:
         from prometheus_client import start_http_server
 
         start_http_server(args.metrics_port, addr=args.metrics_host, registry=REGISTRY)
-
-    asyncio.run(
-        kopf.operator(
-            registry=registry,
-            settings=settings,
-            standalone=args.standalone,
-            priority=args.priority,
-            # A peering name makes peering mandatory in kopf, even next to standalone=True.
-            peering_name=None if args.standalone else args.peering,
-            clusterwide=not args.namespace,
-            namespaces=args.namespace,
-            liveness_endpoint=args.liveness,
-            # kopf would derive this from getpass.getuser(), which fails for a UID without a passwd
-            # entry (OpenShift-style random UIDs).
-            identity=f"{socket.gethostname()}@{os.getpid()}",  # type: ignore[arg-type]
-        )
-    )
-    return 0
+    return asyncio.run(run(args, config))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ REGISTRY = CollectorRegistry(auto_describe=True)
 
 RECONCILE_SECONDS = Histogram(
     "vnpu_operator_reconcile_duration_seconds",
-    "Wall time of one full reconcile pass (read state, pack, apply).",
+    "Wall time of one reconcile pass (plan from the watch-fed caches, apply the writes).",
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
     registry=REGISTRY,
 )
@@ -44,5 +44,28 @@ POD_ACTIONS = Counter(
     "vnpu_operator_pod_actions_total",
     "Pods created or deleted by the operator.",
     ["action", "role"],
+    registry=REGISTRY,
+)
+API_REQUESTS = Counter(
+    "vnpu_operator_api_requests_total",
+    "Requests the operator sent to the API server, by verb and resource (informers' lists and watches "
+    "included): what one reconcile pass costs the server.",
+    ["verb", "resource"],
+    registry=REGISTRY,
+)
+API_ERRORS = Counter(
+    "vnpu_operator_api_errors_total",
+    "Writes the API server refused, per model and reason (Forbidden, Invalid, ...); the model backs off.",
+    ["namespace", "model", "reason"],
+    registry=REGISTRY,
+)
+MODELS_IN_BACKOFF = Gauge(
+    "vnpu_operator_models_in_backoff",
+    "Models whose writes are paused after the API server refused one.",
+    registry=REGISTRY,
+)
+IS_LEADER = Gauge(
+    "vnpu_operator_leader",
+    "1 while this replica holds the leader Lease (plans and writes), else 0.",
     registry=REGISTRY,
 )

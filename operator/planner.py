@@ -1,13 +1,24 @@
-"""One reconcile pass as a pure function: observed cluster state in, pod actions and statuses out.
+"""One reconcile pass as a pure function: observed cluster state in, typed intents and statuses out.
 
-    plan(models, nodes, pods, estimates, config, now) -> Plan
+    plan(models, nodes, pods, estimates, config, now, secrets, failures) -> Plan
 
-Steps: turn observed state into the packer's input (devices with their free slices, demands per model,
-the current placements for stability), pack, derive the desired pods (replicas, one weight-holder per
-(node, device, namespace, share group, weights), placeholders for what fits nowhere) and one key
-Secret per (namespace, share group), diff them against what exists, and compute each model's status
-and the events worth posting. No API calls here: the reconciler applies the plan, and tests assert on
-it directly.
+Steps: turn observed state into the packer's input (devices with what is really free on them, demands
+per model, the current placements for stability), pack, derive the desired pods as typed
+:class:`~vnpu.operator.pods.PodIntent` values (weight-holders, then replicas, then placeholders: the
+order they are created in) and one key Secret per (namespace, share group), diff them against what
+exists, and compute each model's status and the events worth posting. No API calls here: the
+reconciler applies the plan, and tests assert on it directly.
+
+What the plan never does, because each would be a needless outage:
+
+* delete a running model's pods because its estimate failed (its pods are kept and counted as held
+  until the estimate works again; status says ``Degraded``);
+* re-place the pods of a NotReady node before ``node_grace_seconds`` (default 300 s, as Kubernetes'
+  taint-based eviction) have passed;
+* replace all replicas at once on a spec change: replicas of an older pod template are rolled with
+  ``maxSurge``/``maxUnavailable`` (default 25%/0), counting only Ready replicas as available;
+* write for a model whose last write the API server refused before its backoff has passed (other
+  models are planned and written as usual).
 
 A group's pods are created only once its Secret exists, and their names carry the Secret's uid: the
 key is mounted from it, so a re-created Secret (a new key) rolls the group's holders and replicas
@@ -17,7 +28,6 @@ together instead of leaving replicas that cannot authenticate their holder.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -29,19 +39,32 @@ from vnpu.memory import EstimateError, MemoryEstimate
 from vnpu.operator import packing
 from vnpu.operator.config import OperatorConfig
 from vnpu.operator.pods import (
+    NODE_LOST_TAINTS,
+    PLACEHOLDER_DEVICE_INDEX,
     ModelRef,
-    holder_pod,
+    PodIntent,
+    holder_pod_name,
     owner_references,
-    placeholder_pod,
     placeholder_pod_name,
-    replica_pod,
     replica_pod_name,
+    short_hash,
 )
+from vnpu.operator.spec import RECREATE, default_share_group
 from vnpu.operator.state import ObservedModel, ObservedNode, ObservedPod, ObservedSecret
-from vnpu.operator.status import ModelOutcome, build_status
+from vnpu.operator.status import Event, ModelOutcome, PodProblem, Rollout, build_status
 
-#: Spec fields that shape a pod: a change to any of them replaces the model's pods.
-POD_TEMPLATE_FIELDS = ("modelName", "source", "weights", "modelConfig", "memory", "offload", "runtime")
+__all__ = ["Event", "Failure", "Plan", "default_share_group", "plan"]
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A write for a model that the API server refused: the model is left alone until ``retry_at``
+    (its backoff), and its status carries ``message`` (the server's own words)."""
+
+    message: str
+    retry_at: dt.datetime
+    attempts: int = 1
+    reason: str = "ApiError"  #: the condition's reason: Forbidden, Invalid, ... (from the HTTP status)
 
 
 @dataclass(frozen=True)
@@ -50,14 +73,8 @@ class PodDeletion:
     name: str
     role: str
     reason: str
-    force: bool = False  #: skip the grace period: the pod's node is gone or NotReady
-
-
-@dataclass(frozen=True)
-class Event:
-    type: str  #: Normal or Warning
-    reason: str
-    message: str
+    force: bool = False  #: skip the grace period: the pod's node is gone or lost for good
+    models: tuple[str, ...] = ()  #: whose deletion this is ("namespace/name")
 
 
 @dataclass(frozen=True)
@@ -81,6 +98,7 @@ class OwnersUpdate:
     name: str
     owner_references: list[dict[str, Any]]
     kind: str = "Pod"  #: Pod or Secret
+    models: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -90,6 +108,10 @@ class SecretIntent:
     namespace: str
     share_group: str
     owners: tuple[ModelRef, ...]
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        return tuple(o.key for o in self.owners)
 
 
 @dataclass(frozen=True)
@@ -101,37 +123,29 @@ class SecretDeletion:
 
 @dataclass
 class Plan:
-    create: list[dict[str, Any]] = field(default_factory=list)
+    #: Pods to create, in creation order: weight-holders, then replicas, then placeholders.
+    create: list[PodIntent] = field(default_factory=list)
     delete: list[PodDeletion] = field(default_factory=list)
     set_owners: list[OwnersUpdate] = field(default_factory=list)
     create_secrets: list[SecretIntent] = field(default_factory=list)
     delete_secrets: list[SecretDeletion] = field(default_factory=list)
     statuses: list[StatusUpdate] = field(default_factory=list)
     unplaced_slices: int = 0
+    #: Seconds until something time-based changes the plan (a node's grace period, a backoff).
+    requeue_after: float | None = None
+    #: Per model ("namespace/name"): what :func:`restatus` needs to redo its status after the writes.
+    outcomes: dict[str, tuple[ObservedModel, ModelOutcome]] = field(default_factory=dict)
 
 
-def default_share_group(spec: Mapping[str, Any]) -> str:
-    """Digest of uri (which carries an hf revision) and dtype: equal weights share by default."""
-    source = spec.get("source", {})
-    dtype = spec.get("weights", {}).get("dtype", "")
-    return "w-" + hashlib.sha256(f"{source.get('uri', '')}\x00{dtype}".encode()).hexdigest()[:16]
+def share_group(model: ObservedModel) -> str:
+    return model.spec.share_group if model.spec else default_share_group(model.raw_spec)
 
 
-def share_group(spec: Mapping[str, Any]) -> str:
-    return str(spec.get("shareGroup") or default_share_group(spec))
-
-
-def model_weights_id(spec: Mapping[str, Any], config: OperatorConfig) -> str:
+def model_weights_id(model: ObservedModel, config: OperatorConfig) -> str:
     """What a holder of this model holds: source, dtype on the device, and the runtime image."""
-    image = spec.get("runtime", {}).get("image", config.runtime_image)
-    return sharing.weights_id(
-        str(spec["source"]["uri"]), str(spec.get("weights", {}).get("dtype", "")), image
-    )
-
-
-def template_hash(spec: Mapping[str, Any]) -> str:
-    relevant = {k: spec.get(k) for k in POD_TEMPLATE_FIELDS}
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:8]
+    assert model.spec is not None
+    spec = model.spec
+    return sharing.weights_id(spec.source.uri, spec.weights_dtype or "", spec.image(config.runtime_image))
 
 
 def _model_key(namespace: str, name: str) -> str:
@@ -144,7 +158,31 @@ def _group_key(namespace: str, group: str, weights_id: str) -> str:
     return f"{namespace}/{group}/{weights_id}"
 
 
-def _packer_nodes(nodes: Sequence[ObservedNode], held: Mapping[tuple[str, str], int]) -> list[packing.Node]:
+@dataclass(frozen=True)
+class _NodeView:
+    """Where pods of a node stand: ``lost`` nodes lose their pods now (gone, or NotReady past the grace
+    period); ``suspect`` ones keep them but take no new ones."""
+
+    lost: frozenset[str]
+    suspect: Mapping[str, float]  #: node -> seconds left of its grace period
+
+
+def _node_view(nodes: Sequence[ObservedNode], config: OperatorConfig, now: dt.datetime) -> _NodeView:
+    lost, suspect = set(), {}
+    for n in nodes:
+        if n.ready or n.not_ready_since is None:
+            continue
+        left = (n.not_ready_since - now).total_seconds() + config.node_grace_seconds
+        if left <= 0:
+            lost.add(n.name)
+        else:
+            suspect[n.name] = left
+    return _NodeView(frozenset(lost), suspect)
+
+
+def _packer_nodes(
+    nodes: Sequence[ObservedNode], held: Mapping[tuple[str, str], int], view: _NodeView
+) -> list[packing.Node]:
     out = []
     for n in nodes:
         if n.inventory is None or n.inventory_error:
@@ -159,31 +197,50 @@ def _packer_nodes(nodes: Sequence[ObservedNode], held: Mapping[tuple[str, str], 
             )
             for d in n.inventory.devices
         )
+        # Readiness is the grace period's business, not the lifecycle controller's NoExecute taints.
+        taints = tuple(t for t in n.taints if t.key not in NODE_LOST_TAINTS)
         out.append(
-            packing.Node(n.name, devices, n.labels, n.taints, ready=n.ready, schedulable=n.schedulable)
+            packing.Node(
+                n.name,
+                devices,
+                n.labels,
+                taints,
+                ready=n.name not in view.lost,
+                schedulable=n.schedulable and n.ready,
+            )
         )
     return out
 
 
-def _demand(model: ObservedModel, estimate: MemoryEstimate, weights_id: str) -> packing.Demand:
-    placement = model.spec.get("placement", {})
-    tolerations = tuple(
-        packing.Toleration(
-            t.get("key", ""), t.get("operator", "Equal"), t.get("value", ""), t.get("effect", "")
-        )
-        for t in placement.get("tolerations", [])
-    )
+def _demand(model: ObservedModel, estimate: MemoryEstimate, weights_id: str, replicas: int) -> packing.Demand:
+    assert model.spec is not None
+    spec = model.spec
     return packing.Demand(
         model=_model_key(model.namespace, model.name),
-        share_group=_group_key(model.namespace, share_group(model.spec), weights_id),
-        replicas=int(model.spec.get("replicas", 1)),
+        share_group=_group_key(model.namespace, spec.share_group, weights_id),
+        replicas=replicas,
         replica_mib=estimate.per_replica_mib,
         weight_mib=estimate.device_weights_mib,
-        priority=int(model.spec.get("priority", 0)),
-        node_selector=dict(placement.get("nodeSelector", {})),
-        tolerations=tolerations,
-        spread=packing.Spread.BEST_EFFORT if placement.get("spreadAcrossNodes") else packing.Spread.NONE,
+        priority=spec.priority,
+        node_selector=dict(spec.placement.node_selector),
+        tolerations=tuple(t.for_packer() for t in spec.placement.tolerations),
+        spread=spec.placement.spread,
     )
+
+
+def _device_of(nodes: Sequence[ObservedNode]) -> dict[tuple[str, str], str]:
+    """(node, extended resource) -> device id, from the device plugins' inventories."""
+    return {
+        (n.name, d.resource): d.id
+        for n in nodes
+        if n.inventory is not None
+        for d in n.inventory.devices
+        if d.resource
+    }
+
+
+def _holds_memory(p: ObservedPod) -> bool:
+    return bool(p.node) and not p.finished
 
 
 def plan(
@@ -194,85 +251,154 @@ def plan(
     config: OperatorConfig,
     now: dt.datetime | None = None,
     secrets: Sequence[ObservedSecret] = (),
+    failures: Mapping[str, Failure] | None = None,
 ) -> Plan:
     now = now or dt.datetime.now(dt.UTC)
+    failures = failures or {}
     result = Plan()
     node_by_name = {n.name: n for n in nodes}
+    view = _node_view(nodes, config, now)
     # (node, device id) -> the device's extended resource, from the device plugin's inventory
     resource_of = {
         (n.name, d.id): d.resource for n in nodes if n.inventory is not None for d in n.inventory.devices
     }
-    lost_nodes = {
-        p.node for p in pods if p.node and (p.node not in node_by_name or not node_by_name[p.node].ready)
-    }
+    device_of = _device_of(nodes)
+    ours = [p for p in pods if p.managed]
+    foreign = [p for p in pods if not p.managed]
+    lost_nodes = {p.node for p in ours if p.node and (p.node not in node_by_name or p.node in view.lost)}
+    backoff = {k for k, f in failures.items() if f.retry_at > now}
 
+    # Models: active (placed by the packer), frozen (running, but no estimate: pods kept as they are).
     active: dict[str, tuple[ObservedModel, MemoryEstimate]] = {}
+    frozen: set[str] = set()
+    replicas_of: dict[str, list[ObservedPod]] = defaultdict(list)
+    for p in ours:
+        if p.role == api.ROLE_REPLICA and p.model and not p.terminating:
+            replicas_of[_model_key(p.namespace, p.model)].append(p)
     for m in models:
+        key = _model_key(m.namespace, m.name)
         est = estimates.get(m.key)
-        if not m.deleting and isinstance(est, MemoryEstimate):
-            active[_model_key(m.namespace, m.name)] = (m, est)
+        if m.deleting:
+            continue
+        if m.spec is not None and isinstance(est, MemoryEstimate):
+            active[key] = (m, est)
+        elif replicas_of.get(key):
+            frozen.add(key)
     refs = {key: _ref(m, config) for key, (m, _) in active.items()}
     # (namespace, group) -> its key Secret's uid, when the Secret exists and is not going away
     key_uid = {(x.namespace, x.share_group): x.uid for x in secrets if not x.terminating}
     templates = {
-        key: template_hash(m.spec) + _key_generation(key_uid, refs[key]) for key, (m, _) in active.items()
+        key: m.spec.template_hash + _key_generation(key_uid, refs[key])  # type: ignore[union-attr]
+        for key, (m, _) in active.items()
     }
+    pods_by_name = {(p.namespace, p.name): p for p in ours}
 
-    # Slices held by pods the packer does not manage: terminating pods still own their memory.
-    held: dict[tuple[str, str], int] = defaultdict(int)
-    for p in pods:
-        if p.terminating and p.node and p.device:
-            held[(p.node, p.device)] += p.slices
-
-    # Current placements of live replica pods that still match their model (stability input).
+    # Current placements of live replica pods of the current template (stability input), and the
+    # replicas of older templates (rolled out below).
     current: list[packing.Placement] = []
     current_pod: dict[tuple[str, int], ObservedPod] = {}
-    for p in sorted(pods, key=lambda p: (not p.ready, p.name)):  # a ready pod wins a duplicate index
-        if p.role != api.ROLE_REPLICA or p.terminating or p.replica is None or not p.node or not p.device:
+    old_of: dict[str, list[ObservedPod]] = defaultdict(list)
+    for p in sorted(ours, key=lambda p: (not p.ready, p.name)):  # a ready pod wins a duplicate index
+        if p.role != api.ROLE_REPLICA or p.terminating or p.replica is None:
             continue
         key = _model_key(p.namespace, p.model or "")
-        if key not in active or (key, p.replica) in current_pod:
+        if key not in active:
             continue
-        model, est = active[key]
-        if p.replica >= int(model.spec.get("replicas", 1)):
+        model, _ = active[key]
+        assert model.spec is not None
+        if not _is_current(p, model, templates[key]):
+            if p.node not in lost_nodes:
+                old_of[key].append(p)
             continue
-        if p.name != replica_pod_name(
-            model.name, p.replica, p.node, p.device, _pod_salt(p.slices, templates[key])
-        ):
-            continue  # created for an older spec: replaced where it stands (stability keeps the device)
+        if (key, p.replica) in current_pod or not p.node or not p.device:
+            continue  # (a scale-down is the packer's: it picks which replicas go)
         current.append(packing.Placement(key, p.replica, p.node, p.device, p.slices))
         current_pod[(key, p.replica)] = p
 
-    demands = [_demand(m, est, refs[key].weights_id) for key, (m, est) in active.items()]
-    packed = packing.pack(_packer_nodes(nodes, held), demands, current, defragment=config.defragment)
+    # Memory the packer may not use: pods it does not place (terminating ones, anyone else's pods with
+    # vnpu resources, frozen models' pods, replicas of older templates and the holders they map).
+    held: dict[tuple[str, str], int] = defaultdict(int)
+    kept_pods: set[tuple[str, str]] = set()  # (namespace, name) of pods kept outside the plan
+    for p in foreign:
+        if _holds_memory(p):
+            for resource, slices in p.requests:
+                device = device_of.get((p.node or "", resource))
+                if device:
+                    held[(p.node or "", device)] += slices
+    outside: list[ObservedPod] = []
+    for p in ours:
+        key = _model_key(p.namespace, p.model or "")
+        if p.terminating or (p.role == api.ROLE_REPLICA and key in frozen):
+            outside.append(p)
+    outside += [p for key in sorted(old_of) for p in old_of[key]]
+    used_holders = {(p.namespace, p.weight_holder) for p in outside if p.weight_holder and not p.terminating}
+    outside += [pods_by_name[k] for k in sorted(used_holders) if k in pods_by_name]
+    for p in outside:
+        if not p.terminating:
+            kept_pods.add((p.namespace, p.name))
+        if p.node and p.device and _holds_memory(p):
+            held[(p.node, p.device)] += p.slices
 
-    desired: dict[tuple[str, str], dict[str, Any]] = {}
+    # Rollouts: how many replicas of the new template each model may have now.
+    rollouts: dict[str, Rollout] = {}
+    demands = []
+    for key, (m, est) in active.items():
+        assert m.spec is not None
+        want = m.spec.replicas
+        old = old_of.get(key, [])
+        if old:
+            limit = 0 if m.spec.rollout.strategy == RECREATE else want + m.spec.rollout.surge(want) - len(old)
+            allowed = max(0, min(want, limit))
+        else:
+            allowed = want
+        demands.append(_demand(m, est, refs[key].weights_id, allowed))
+    packed = packing.pack(_packer_nodes(nodes, held, view), demands, current, defragment=config.defragment)
+
+    intents: dict[tuple[str, str], PodIntent] = {}
     holder_of: dict[tuple[str, str, str], str] = {}
     group_mib: dict[str, int] = {}
     for d in demands:
         group_mib[d.share_group] = max(group_mib.get(d.share_group, 0), d.weight_mib)
     for h in packed.weight_holders:
-        owners = [refs[m] for m in sorted(h.models)]
+        owners = tuple(refs[m] for m in sorted(h.models))
         first = owners[0]
         salt = f"{h.slices}{_key_generation(key_uid, first)}"
-        manifest = holder_pod(
-            owners, h.node, h.device, resource_of[(h.node, h.device)], h.slices, config, salt=salt,
-            weights_mib=group_mib.get(h.share_group, 0),
-        )  # fmt: skip
-        holder_of[(h.node, h.device, h.share_group)] = manifest["metadata"]["name"]
+        name = holder_pod_name(first.share_group, first.weights_id, h.node, h.device, salt)
+        holder_of[(h.node, h.device, h.share_group)] = name
         if (first.namespace, first.share_group) in key_uid:  # pods that mount the key wait for it
-            desired[(first.namespace, manifest["metadata"]["name"])] = manifest
+            intents[(first.namespace, name)] = PodIntent(
+                api.ROLE_WEIGHTS,
+                first.namespace,
+                name,
+                owners,
+                h.slices,
+                resource_of[(h.node, h.device)],
+                node=h.node,
+                device=h.device,
+                weights_mib=group_mib.get(h.share_group, 0),
+            )
 
     placements_of: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for a in packed.assignments:
         ref = refs[a.model]
         holder = holder_of.get((a.node, a.device, a.share_group))
-        salt = _pod_salt(a.slices, templates[a.model])
-        resource = resource_of[(a.node, a.device)]
-        manifest = replica_pod(ref, a.replica, a.node, a.device, resource, a.slices, holder, config, salt)
-        name = manifest["metadata"]["name"]
+        name = replica_pod_name(
+            ref.name, a.replica, a.node, a.device, _pod_salt(a.slices, templates[a.model])
+        )
         if holder is None or (ref.namespace, ref.share_group) in key_uid:
-            desired[(ref.namespace, name)] = manifest
+            intents[(ref.namespace, name)] = PodIntent(
+                api.ROLE_REPLICA,
+                ref.namespace,
+                name,
+                (ref,),
+                a.slices,
+                resource_of[(a.node, a.device)],
+                node=a.node,
+                device=a.device,
+                replica=a.replica,
+                holder=holder,
+                template=template_label(templates[a.model]),
+            )
         placements_of[a.model].append(
             {
                 "node": a.node,
@@ -290,80 +416,190 @@ def plan(
         result.unplaced_slices += slices
         if config.placeholders:
             ref = refs[u.model]
-            manifest = placeholder_pod(ref, u.replica, slices, sorted(node_by_name), config)
-            desired[(ref.namespace, placeholder_pod_name(ref.name, u.replica))] = manifest
+            name = placeholder_pod_name(ref.name, u.replica)
+            intents[(ref.namespace, name)] = PodIntent(
+                api.ROLE_PLACEHOLDER,
+                ref.namespace,
+                name,
+                (ref,),
+                slices,
+                api.device_resource(PLACEHOLDER_DEVICE_INDEX),
+                replica=u.replica,
+            )
 
-    # Diff: delete what is not desired (force on lost nodes), create what is missing. The pods of a group
-    # whose key Secret is missing (deleted by someone) stay until the new Secret exists and their
-    # successors can start: a new key rolls the group, it does not take it down first.
+    # Rolling out: old replicas go as the new ones become Ready (never below replicas - maxUnavailable).
+    retiring: dict[tuple[str, str], str] = {}
+    for key, old in sorted(old_of.items()):
+        m, _ = active[key]
+        assert m.spec is not None
+        want = m.spec.replicas
+        new_ready = sum(
+            1
+            for x in placements_of.get(key, [])
+            if (p := pods_by_name.get((m.namespace, x["pod"]))) and p.ready and not p.terminating
+        )
+        budget = new_ready + sum(1 for p in old if p.ready) - (want - m.spec.rollout.unavailable(want))
+        left = 0
+        for p in sorted(old, key=lambda p: (p.ready, -(p.replica or 0), p.name)):
+            if not p.ready:
+                retiring[(p.namespace, p.name)] = "replaced by the new pod template (not ready)"
+            elif budget > 0:
+                budget -= 1
+                retiring[(p.namespace, p.name)] = "replaced by the new pod template"
+            else:
+                left += 1
+        rollouts[key] = Rollout(want, left, m.spec.rollout.describe(want), new_ready)
+
+    # Diff: delete what is neither desired nor kept (force on lost nodes), create what is missing. The
+    # pods of a group whose key Secret is missing (deleted by someone) stay until the new Secret exists
+    # and their successors can start: a new key rolls the group, it does not take it down first.
     awaiting_key = {(r.namespace, r.share_group) for r in refs.values()} - set(key_uid)
-    existing = {(p.namespace, p.name): p for p in pods}
-    for key, p in sorted(existing.items()):
-        if p.finished and not p.terminating:
-            # A pod that ended for good (the kubelet refused it at admission, e.g. right after a
-            # restart before the device plugin registered again): delete it; the next pass creates
-            # it anew under the same name, as a ReplicaSet replaces its failed pods.
-            why = f"pod {p.phase.lower()}: {p.status_reason or 'ended'} {p.status_message}".strip()
-            result.delete.append(PodDeletion(p.namespace, p.name, p.role, why))
+    deletions: list[PodDeletion] = []
+    for key_, p in sorted(pods_by_name.items()):
+        if p.terminating:
+            if p.node in lost_nodes:  # a terminating pod on a lost node never finishes by itself
+                deletions.append(PodDeletion(p.namespace, p.name, p.role, "node lost", True, _owners_of(p)))
             continue
-        if key in desired or p.terminating:
+        if p.node in lost_nodes:
+            deletions.append(PodDeletion(p.namespace, p.name, p.role, "node lost", True, _owners_of(p)))
             continue
-        if (p.namespace, p.share_group) in awaiting_key and p.node not in lost_nodes:
+        if p.finished:
+            # Ended for good (e.g. the kubelet refused it at admission right after a restart, before the
+            # device plugin registered again): delete it; the next pass creates it anew under the same
+            # name, as a ReplicaSet replaces its failed pods.
+            why = f"pod {p.phase.lower()}: {p.problem or 'ended'}"
+            deletions.append(PodDeletion(p.namespace, p.name, p.role, why, False, _owners_of(p)))
             continue
-        force = p.node in lost_nodes
-        why = "node lost" if force else "no longer in the plan"
-        result.delete.append(PodDeletion(p.namespace, p.name, p.role, why, force=force))
-    for _, p in sorted(existing.items()):  # a terminating pod on a lost node never finishes by itself
-        if p.terminating and p.node in lost_nodes:
-            result.delete.append(PodDeletion(p.namespace, p.name, p.role, "node lost", force=True))
-    result.create = [m for key, m in sorted(desired.items()) if key not in existing]
-    for key, manifest in sorted(desired.items()):
-        pod = existing.get(key)
-        owners = manifest["metadata"]["ownerReferences"]
+        if key_ in intents:
+            continue
+        if key_ in retiring:
+            deletions.append(PodDeletion(p.namespace, p.name, p.role, retiring[key_], False, _owners_of(p)))
+            continue
+        if key_ in kept_pods and key_ not in retiring:
+            continue
+        if (p.namespace, p.share_group) in awaiting_key:
+            continue
+        deletions.append(
+            PodDeletion(p.namespace, p.name, p.role, "no longer in the plan", False, _owners_of(p))
+        )
+    creations = [i for k, i in sorted(intents.items()) if k not in pods_by_name]
+    order = {api.ROLE_WEIGHTS: 0, api.ROLE_REPLICA: 1, api.ROLE_PLACEHOLDER: 2}
+    creations.sort(key=lambda i: (order[i.role], i.namespace, i.name))
+    owner_updates = []
+    for key_, intent in sorted(intents.items()):
+        pod = pods_by_name.get(key_)
         if (
             pod is not None
             and pod.role == api.ROLE_WEIGHTS
-            and set(pod.owner_uids) != {r["uid"] for r in owners}
+            and set(pod.owner_uids) != {o.uid for o in intent.owners}
         ):
-            result.set_owners.append(OwnersUpdate(key[0], key[1], owners))
-    _plan_secrets(result, refs.values(), pods, secrets)
+            owner_updates.append(
+                OwnersUpdate(key_[0], key_[1], owner_references(intent.owners), models=intent.models)
+            )
+
+    # Models in backoff are left alone: none of their writes until it has passed.
+    result.create = [i for i in creations if not backoff.intersection(i.models)]
+    result.delete = [d for d in deletions if not backoff.intersection(d.models)]
+    result.set_owners = [u for u in owner_updates if not backoff.intersection(u.models)]
+    _plan_secrets(result, refs.values(), ours, secrets, backoff)
 
     # Statuses and events.
-    pods_by_name = {(p.namespace, p.name): p for p in pods}
     saved = packed.saved_by_sharing_mib(demands)
+    waits = [left for node, left in view.suspect.items() if any(p.node == node for p in ours)]
+    waits += [(f.retry_at - now).total_seconds() for f in failures.values() if f.retry_at > now]
+    result.requeue_after = max(0.5, min(waits)) if waits else None
     for m in models:
         key = _model_key(m.namespace, m.name)
         est = estimates.get(m.key)
         placed = sorted(placements_of.get(key, []), key=lambda x: x["pod"])
-        ready = sum(1 for x in placed if (pp := pods_by_name.get((m.namespace, x["pod"]))) and pp.ready)
+        mine = [p for p in ours if p.namespace == m.namespace and p.model == m.name]
+        holders_used = {x["weightHolder"] for x in placed if x["weightHolder"]} | {
+            p.weight_holder for p in mine if p.weight_holder and p.role == api.ROLE_REPLICA
+        }
+        ready = 0
+        for x in placed:
+            pp = pods_by_name.get((m.namespace, x["pod"]))
+            holder = pods_by_name.get((m.namespace, x["weightHolder"])) if x["weightHolder"] else None
+            if pp and pp.ready and (not x["weightHolder"] or (holder and holder.ready)):
+                ready += 1
+        if key in frozen:
+            ready = sum(1 for p in replicas_of[key] if p.ready)
+        rollout = rollouts.get(key)
+        if rollout is not None:
+            ready += sum(1 for p in old_of.get(key, []) if p.ready and (m.namespace, p.name) not in retiring)
+        problems = [
+            PodProblem(p.name, p.role, p.problem)
+            for p in sorted(mine, key=lambda p: p.name)
+            if p.problem and not p.terminating and p.role in (api.ROLE_REPLICA, api.ROLE_WEIGHTS)
+        ] + [
+            PodProblem(h.name, h.role, h.problem)
+            for h in sorted(ours, key=lambda p: p.name)
+            if h.role == api.ROLE_WEIGHTS
+            and h.namespace == m.namespace
+            and h.name in holders_used
+            and h.problem
+        ]
         outcome = ModelOutcome(
-            estimate=est,
+            estimate=est if m.spec is not None else EstimateError(m.spec_error),
             placements=placed,
             unplaced=unplaced_of.get(key, []),
             ready_replicas=ready,
             saved_mib=saved.get(key, 0),
-            lost_nodes=sorted(
-                {
-                    p.node
-                    for p in pods
-                    if p.model == m.name and p.namespace == m.namespace and p.node in lost_nodes
-                }
-            ),
+            lost_nodes=sorted({p.node for p in mine if p.node in lost_nodes and p.node}),
+            suspect_nodes=sorted({p.node for p in mine if p.node in view.suspect and p.node}),
+            frozen_replicas=len(replicas_of[key]) if key in frozen else 0,
+            problems=tuple(problems),
+            rollout=rollout,
+            failure=failures.get(key),
+            updated_replicas=len(placed) if rollout is not None else None,
         )
-        status, events = build_status(m, outcome, now)
-        changed = _comparable(status) != _comparable(m.status)
-        result.statuses.append(
-            StatusUpdate(
-                model=m,
-                status=status,
-                events=tuple(Event(*e) for e in events),
-                placed=len(placed),
-                unplaced=len(outcome.unplaced),
-                saved_mib=outcome.saved_mib,
-                changed=changed,
-            )
-        )
+        result.outcomes[key] = (m, outcome)
+        result.statuses.append(_status_update(m, outcome, now))
     return result
+
+
+def _status_update(m: ObservedModel, outcome: ModelOutcome, now: dt.datetime) -> StatusUpdate:
+    status, events = build_status(m, outcome, now)
+    return StatusUpdate(
+        model=m,
+        status=status,
+        events=tuple(events),
+        placed=len(outcome.placements),
+        unplaced=len(outcome.unplaced),
+        saved_mib=outcome.saved_mib,
+        changed=_comparable(status) != _comparable(m.status),
+    )
+
+
+def restatus(result: Plan, failures: Mapping[str, Failure], now: dt.datetime) -> None:
+    """Redo the statuses of the models whose writes failed in this pass (their condition carries the
+    server's message at once, not one pass later)."""
+    for i, update in enumerate(result.statuses):
+        key = _model_key(update.model.namespace, update.model.name)
+        if key in failures and key in result.outcomes:
+            m, outcome = result.outcomes[key]
+            outcome = ModelOutcome(**{**outcome.__dict__, "failure": failures[key]})
+            result.outcomes[key] = (m, outcome)
+            result.statuses[i] = _status_update(m, outcome, now)
+
+
+def template_label(template: str) -> str:
+    """The vnpu.io/template-hash label value of a pod template (and key generation): a valid label."""
+    return short_hash(template, length=10)
+
+
+def _is_current(p: ObservedPod, model: ObservedModel, template: str) -> bool:
+    """Whether a replica pod is of the model's current pod template (and key generation)."""
+    if p.template:
+        return p.template == template_label(template)
+    # Pods from before the template label: the name says it (it hashes the template).
+    return bool(p.node and p.device) and p.name == replica_pod_name(
+        model.name, p.replica or 0, p.node or "", p.device or "", _pod_salt(p.slices, template)
+    )
+
+
+def _owners_of(p: ObservedPod) -> tuple[str, ...]:
+    return (_model_key(p.namespace, p.model),) if p.model else ()
 
 
 def _pod_salt(slices: int, template: str) -> str:
@@ -371,14 +607,8 @@ def _pod_salt(slices: int, template: str) -> str:
 
 
 def _ref(model: ObservedModel, config: OperatorConfig) -> ModelRef:
-    return ModelRef(
-        model.name,
-        model.namespace,
-        model.uid,
-        model.spec,
-        share_group(model.spec),
-        model_weights_id(model.spec, config),
-    )
+    assert model.spec is not None
+    return ModelRef(model.name, model.namespace, model.uid, model.spec, model_weights_id(model, config))
 
 
 def _key_generation(key_uid: Mapping[tuple[str, str], str], ref: ModelRef) -> str:
@@ -388,7 +618,11 @@ def _key_generation(key_uid: Mapping[tuple[str, str], str], ref: ModelRef) -> st
 
 
 def _plan_secrets(
-    result: Plan, refs: Iterable[ModelRef], pods: Sequence[ObservedPod], secrets: Sequence[ObservedSecret]
+    result: Plan,
+    refs: Iterable[ModelRef],
+    pods: Sequence[ObservedPod],
+    secrets: Sequence[ObservedSecret],
+    backoff: set[str],
 ) -> None:
     """One key Secret per (namespace, group) with an active model, owned by those models; a Secret goes
     once no model of its group is active and no pod of the group is left to mount it."""
@@ -398,11 +632,14 @@ def _plan_secrets(
     existing = {(x.namespace, x.share_group): x for x in secrets}
     for key, group_owners in sorted(owners.items()):
         secret = existing.get(key)
+        models = tuple(r.key for r in group_owners)
+        if backoff.issuperset(models):
+            continue
         if secret is None:
             result.create_secrets.append(SecretIntent(key[0], key[1], tuple(group_owners)))
         elif not secret.terminating and set(secret.owner_uids) != {r.uid for r in group_owners}:
             refs_ = owner_references(group_owners)
-            result.set_owners.append(OwnersUpdate(key[0], secret.name, refs_, kind="Secret"))
+            result.set_owners.append(OwnersUpdate(key[0], secret.name, refs_, kind="Secret", models=models))
     in_use = {
         (p.namespace, p.share_group)
         for p in pods

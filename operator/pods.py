@@ -1,8 +1,9 @@
 """Manifests the operator creates: replicas, weight-holders, autoscaler placeholders, and the Secret
 holding each share group's key.
 
-Pure functions from (model, placement) to a manifest dict: no API calls here, so the exact objects are
-unit-testable and names are deterministic (a re-run after a crash creates the same names, and the API
+The planner decides *what* to run as typed :class:`PodIntent` values (in creation order); :func:`render`
+turns one into a manifest. Pure functions: no API calls here, so the exact objects are unit-testable
+and names are deterministic (a re-run after a crash creates the same names, and the API
 server's AlreadyExists makes creation idempotent).
 
 Every pod requests the extended resource of the device the operator chose (``vnpu.io/memory-<index>``),
@@ -10,18 +11,23 @@ so the scheduler and the kubelet enforce that device; the device plugin then han
 device's environment and socket directory. What is specific to the pod — its share group, the weights
 its holder holds, the group's key — is in the pod spec written here, never guessed on the node. The
 pods of one (namespace, group) run as a user of their own (:func:`vnpu.sharing.share_uid`).
+
+Every pod the operator creates passes the ``restricted`` Pod Security Standard (non-root, seccomp
+RuntimeDefault, no privilege escalation, all capabilities dropped, a read-only root filesystem with a
+scratch emptyDir, no service-account token), so a namespace that enforces it runs models like any other.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from vnpu import api, sharing
 from vnpu.operator.config import PLACEHOLDER_PRIORITY_CLASS, OperatorConfig
+from vnpu.operator.spec import ModelSpec, PodToleration
 
 SAFE_TO_EVICT = "cluster-autoscaler.kubernetes.io/safe-to-evict"
 RUNTIME_PORT_NAME = "http"
@@ -32,9 +38,17 @@ MAX_NAME = 63  # pod names end up as hostnames
 ROLE_SHARE_KEY = "share-key"
 #: Pod volume of the share group's key.
 KEY_VOLUME = "share-key"
+#: Scratch space of model pods (their root filesystem is read-only).
+SCRATCH_VOLUME = "scratch"
+SCRATCH_DIR = "/tmp"
 #: The resource placeholders request: device 0 of a node the autoscaler would add (any device of a
 #: fresh node fits what fits on one device; a pod can name only one).
 PLACEHOLDER_DEVICE_INDEX = 0
+#: The pause image's own non-root user.
+PLACEHOLDER_UID = 65535
+#: Taints the node lifecycle controller puts on a node that stops reporting: model pods tolerate them
+#: for the operator's node grace period, so the taint manager and the operator agree on when to move.
+NODE_LOST_TAINTS = ("node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable")
 
 
 @dataclass(frozen=True)
@@ -44,10 +58,44 @@ class ModelRef:
     name: str
     namespace: str
     uid: str
-    spec: Mapping[str, Any]
-    share_group: str
+    spec: ModelSpec
     #: What its weight-holders hold (see vnpu.sharing.weights_id).
     weights_id: str = ""
+
+    @property
+    def share_group(self) -> str:
+        return self.spec.share_group
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True)
+class PodIntent:
+    """One pod the plan wants: a replica on a device, the weight-holder of a group on a device, or a
+    placeholder for a replica that fits nowhere. :func:`render` makes the manifest."""
+
+    role: str  #: api.ROLE_REPLICA, ROLE_WEIGHTS or ROLE_PLACEHOLDER
+    namespace: str
+    name: str
+    #: The models it serves: one for replicas and placeholders, every model using it for a holder.
+    owners: tuple[ModelRef, ...]
+    slices: int
+    resource: str
+    node: str | None = None
+    device: str | None = None
+    replica: int | None = None
+    #: The weight-holder pod a replica maps its weights from.
+    holder: str | None = None
+    #: MiB of the weight copy a holder holds.
+    weights_mib: int = 0
+    #: Pod-template hash (and key generation) of a replica, its vnpu.io/template-hash label.
+    template: str = ""
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        return tuple(o.key for o in self.owners)
 
 
 def short_hash(*parts: str, length: int = 6) -> str:
@@ -77,9 +125,18 @@ def placeholder_pod_name(model: str, index: int) -> str:
     return _name(f"{model}-pending", str(index))
 
 
-def _labels(
-    model: ModelRef | None, role: str, share_group: str, extra: Mapping[str, str] = {}
-) -> dict[str, str]:
+def render(intent: PodIntent, config: OperatorConfig) -> dict[str, Any]:
+    """The manifest of ``intent``."""
+    if intent.role == api.ROLE_REPLICA:
+        return _replica_pod(intent, config)
+    if intent.role == api.ROLE_WEIGHTS:
+        return _holder_pod(intent, config)
+    if intent.role == api.ROLE_PLACEHOLDER:
+        return _placeholder_pod(intent, config)
+    raise ValueError(f"unknown pod role {intent.role!r}")
+
+
+def _labels(model: ModelRef | None, role: str, share_group: str, extra: dict[str, str]) -> dict[str, str]:
     labels = {
         api.LABEL_MANAGED_BY: api.MANAGED_BY_VALUE,
         api.LABEL_ROLE: role,
@@ -102,32 +159,64 @@ def _owner(model: ModelRef) -> dict[str, Any]:
     }
 
 
+def owner_references(owners: Sequence[ModelRef]) -> list[dict[str, Any]]:
+    """Every model as an owner, the first as the controller."""
+    return [{**_owner(m), "controller": i == 0} for i, m in enumerate(owners)]
+
+
 def _pin_to_node(node: str) -> dict[str, Any]:
     """Required node affinity on the node's name (what DaemonSets use): the scheduler still checks
-    resources, taints and the vnpu.io/memory capacity, unlike setting spec.nodeName directly."""
+    resources, taints and the device's capacity, unlike setting spec.nodeName directly."""
     term = {"matchFields": [{"key": "metadata.name", "operator": "In", "values": [node]}]}
     return {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [term]}}}
 
 
-def _tolerations(spec: Mapping[str, Any]) -> list[dict[str, Any]]:
-    return [dict(t) for t in spec.get("placement", {}).get("tolerations", [])]
+def _tolerations(spec: ModelSpec, node_grace_seconds: int | None) -> list[dict[str, Any]]:
+    """The model's tolerations, plus the node-lost taints for the grace period unless it names them."""
+    out = [t.manifest() for t in spec.placement.tolerations]
+    if node_grace_seconds is not None:
+        named = {t.key for t in spec.placement.tolerations}
+        out += [
+            PodToleration(key, "Exists", "", "NoExecute", node_grace_seconds).manifest()
+            for key in NODE_LOST_TAINTS
+            if key not in named
+        ]
+    return out
 
 
-def _resources(spec: Mapping[str, Any], resource: str, slices: int) -> dict[str, Any]:
+def _resources(spec: ModelSpec | None, resource: str, slices: int) -> dict[str, Any]:
     """The user's CPU/memory plus ``slices`` of the chosen device's own resource."""
-    user = spec.get("runtime", {}).get("resources", {})
-    requests = {k: str(v) for k, v in user.get("requests", {}).items()}
-    limits = {k: str(v) for k, v in user.get("limits", {}).items()}
+    requests = dict(spec.runtime.requests) if spec else {}
+    limits = dict(spec.runtime.limits) if spec else {}
     # Extended resources must have requests == limits.
     requests[resource] = limits[resource] = str(slices)
     return {"requests": requests, "limits": limits}
 
 
-def _share_security(model: ModelRef) -> dict[str, Any]:
+def _pod_security(uid: int) -> dict[str, Any]:
+    """The restricted profile, pod level: a non-root user of its own, RuntimeDefault seccomp."""
+    return {
+        "runAsUser": uid,
+        "runAsGroup": uid,
+        "fsGroup": uid,
+        "runAsNonRoot": True,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+#: The restricted profile, container level.
+CONTAINER_SECURITY: dict[str, Any] = {
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+    "readOnlyRootFilesystem": True,
+    "runAsNonRoot": True,
+}
+
+
+def _share_uid(model: ModelRef) -> int:
     """The pod runs as its (namespace, group)'s own user: the kernel keeps other groups away from its
     socket on the shared device directory, and the key's files are readable through ``fsGroup``."""
-    uid = sharing.share_uid(model.namespace, model.share_group)
-    return {"runAsUser": uid, "runAsGroup": uid, "fsGroup": uid, "runAsNonRoot": True}
+    return sharing.share_uid(model.namespace, model.share_group)
 
 
 def _key_volume(model: ModelRef) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -137,6 +226,10 @@ def _key_volume(model: ModelRef) -> tuple[dict[str, Any], dict[str, Any]]:
         "secret": {"secretName": sharing.secret_name(model.share_group), "defaultMode": 0o440},
     }
     return volume, {"name": KEY_VOLUME, "mountPath": sharing.KEY_MOUNT_DIR, "readOnly": True}
+
+
+def _scratch() -> tuple[dict[str, Any], dict[str, Any]]:
+    return {"name": SCRATCH_VOLUME, "emptyDir": {}}, {"name": SCRATCH_VOLUME, "mountPath": SCRATCH_DIR}
 
 
 def _share_env(model: ModelRef) -> list[dict[str, Any]]:
@@ -175,19 +268,13 @@ def share_key_secret(
     }
 
 
-def owner_references(owners: Sequence[ModelRef]) -> list[dict[str, Any]]:
-    """Every model as an owner, the first as the controller."""
-    return [{**_owner(m), "controller": i == 0} for i, m in enumerate(owners)]
-
-
-#: dtypes the runtime can hold weights in (its --dtype); the CRD also names file quantisations.
 #: Where a pvc:// source's claim is mounted in model pods (the runtime's VNPU_PVC_ROOT default).
 PVC_ROOT = "/mnt/pvc"
 
 
-def _model_volumes(spec: Mapping[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def _model_volumes(spec: ModelSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """A pvc://<claim>/<path> source: the claim, read-only, at /mnt/pvc/<claim> in every model pod."""
-    uri = str(spec["source"]["uri"])
+    uri = spec.source.uri
     if not uri.startswith("pvc://"):
         return [], []
     claim = uri.removeprefix("pvc://").split("/", 1)[0]
@@ -195,89 +282,97 @@ def _model_volumes(spec: Mapping[str, Any]) -> tuple[list[dict[str, Any]], list[
     return [volume], [{"name": "model", "mountPath": f"{PVC_ROOT}/{claim}", "readOnly": True}]
 
 
-def _runtime_env(model: ModelRef, config: OperatorConfig) -> list[dict[str, Any]]:
-    source = model.spec["source"]
+def _runtime_env(spec: ModelSpec) -> list[dict[str, Any]]:
     env = [
-        {"name": "VNPU_MODEL_NAME", "value": model.spec["modelName"]},
-        {"name": "VNPU_MODEL_URI", "value": source["uri"]},
+        {"name": "VNPU_MODEL_NAME", "value": spec.model_name},
+        {"name": "VNPU_MODEL_URI", "value": spec.source.uri},
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        # The root filesystem is read-only: temporary files and caches go to the scratch emptyDir.
+        {"name": "TMPDIR", "value": SCRATCH_DIR},
+        {"name": "HOME", "value": SCRATCH_DIR},
     ]
-    if "format" in source:
-        env.append({"name": "VNPU_MODEL_FORMAT", "value": source["format"]})
-    dtype = model.spec.get("weights", {}).get("dtype")
-    if dtype in api.RUNTIME_DTYPES:  # quantised file types (q4_1, ...) are the file's business, not a target
-        env.append({"name": "VNPU_MODEL_DTYPE", "value": dtype})
-    memory = model.spec.get("memory", {})
-    if "maxContextTokens" in memory:
-        env.append({"name": "VNPU_MAX_CONTEXT", "value": str(memory["maxContextTokens"])})
-    if "maxBatch" in memory:
-        env.append({"name": "VNPU_MAX_BATCH", "value": str(memory["maxBatch"])})
-    env.append({"name": "VNPU_DEFAULT_PRIORITY", "value": str(int(model.spec.get("priority", 0)))})
-    offload = model.spec.get("offload", {})
-    if offload.get("mode") == "async":
+    if spec.source.format:
+        env.append({"name": "VNPU_MODEL_FORMAT", "value": spec.source.format})
+    if spec.weights_dtype in api.RUNTIME_DTYPES:  # quantised file types are the file's business
+        env.append({"name": "VNPU_MODEL_DTYPE", "value": spec.weights_dtype})
+    if spec.memory.max_context_tokens is not None:
+        env.append({"name": "VNPU_MAX_CONTEXT", "value": str(spec.memory.max_context_tokens)})
+    if spec.memory.max_batch is not None:
+        env.append({"name": "VNPU_MAX_BATCH", "value": str(spec.memory.max_batch)})
+    env.append({"name": "VNPU_DEFAULT_PRIORITY", "value": str(spec.priority)})
+    if spec.offload.mode == "async":
         env += [
-            {"name": "VNPU_OFFLOAD_BUDGET_MIB", "value": str(offload["deviceBudgetMiB"])},
-            {"name": "VNPU_PREFETCH_DEPTH", "value": str(offload.get("prefetchDepth", 2))},
+            {"name": "VNPU_OFFLOAD_BUDGET_MIB", "value": str(spec.offload.device_budget_mib)},
+            {"name": "VNPU_PREFETCH_DEPTH", "value": str(spec.offload.prefetch_depth)},
         ]
     return env
 
 
-def replica_pod(
-    model: ModelRef,
-    index: int,
-    node: str,
-    device: str,
-    resource: str,
-    slices: int,
-    holder: str | None,
-    config: OperatorConfig,
-    salt: str = "",
+def _pod(
+    intent: PodIntent,
+    labels: dict[str, str],
+    annotations: dict[str, str],
+    owners: list[dict[str, Any]],
+    spec: dict[str, Any],
 ) -> dict[str, Any]:
-    """A serving replica on ``device`` (``resource`` is that device's extended resource). With a
-    ``holder`` it maps that holder's weights and never loads its own; without one it loads them."""
-    spec = model.spec
-    port = int(spec.get("runtime", {}).get("port", 8000))
-    annotations = {
-        api.ANNOTATION_DEVICE: device,
-        api.ANNOTATION_SLICES: str(slices),
-        api.ANNOTATION_SHARE_GROUP: model.share_group,
-        SAFE_TO_EVICT: "true",  # stateless: the autoscaler may move it
-    }
-    if holder:
-        annotations[api.ANNOTATION_WEIGHT_HOLDER] = holder
-    probe = {"httpGet": {"path": "/readyz", "port": RUNTIME_PORT_NAME}, "periodSeconds": 5}
-    volumes, mounts = _model_volumes(spec)
-    env = _runtime_env(model, config)
-    pod_security: dict[str, Any] = {}
-    if holder:
-        key_volume, key_mount = _key_volume(model)
-        volumes, mounts = [*volumes, key_volume], [*mounts, key_mount]
-        env += _share_env(model)
-        pod_security = _share_security(model)
     return {
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {
-            "name": replica_pod_name(model.name, index, node, device, salt),
-            "namespace": model.namespace,
-            "labels": _labels(model, api.ROLE_REPLICA, model.share_group, {api.LABEL_REPLICA: str(index)}),
+            "name": intent.name,
+            "namespace": intent.namespace,
+            "labels": labels,
             "annotations": annotations,
-            "ownerReferences": [_owner(model)],
+            "ownerReferences": owners,
         },
-        "spec": {
-            "affinity": _pin_to_node(node),
-            "tolerations": _tolerations(spec),
-            "securityContext": pod_security,
+        "spec": {"automountServiceAccountToken": False, "enableServiceLinks": False, **spec},
+    }
+
+
+def _replica_pod(intent: PodIntent, config: OperatorConfig) -> dict[str, Any]:
+    """A serving replica on ``intent.device``. With a holder it maps that holder's weights and never
+    loads its own; without one it loads them."""
+    (model,) = intent.owners
+    spec = model.spec
+    assert intent.node and intent.device and intent.replica is not None
+    port = spec.runtime.port
+    annotations = {
+        api.ANNOTATION_DEVICE: intent.device,
+        api.ANNOTATION_SLICES: str(intent.slices),
+        api.ANNOTATION_SHARE_GROUP: model.share_group,
+        SAFE_TO_EVICT: "true",  # stateless: the autoscaler may move it
+    }
+    if intent.holder:
+        annotations[api.ANNOTATION_WEIGHT_HOLDER] = intent.holder
+    probe = {"httpGet": {"path": "/readyz", "port": RUNTIME_PORT_NAME}, "periodSeconds": 5}
+    volumes, mounts = _model_volumes(spec)
+    env = _runtime_env(spec)
+    if intent.holder:
+        key_volume, key_mount = _key_volume(model)
+        volumes, mounts = [*volumes, key_volume], [*mounts, key_mount]
+        env += _share_env(model)
+    scratch, scratch_mount = _scratch()
+    volumes, mounts = [*volumes, scratch], [*mounts, scratch_mount]
+    labels = {api.LABEL_REPLICA: str(intent.replica), api.LABEL_TEMPLATE_HASH: intent.template}
+    return _pod(
+        intent,
+        _labels(model, api.ROLE_REPLICA, model.share_group, labels),
+        annotations,
+        [_owner(model)],
+        {
+            "affinity": _pin_to_node(intent.node),
+            "tolerations": _tolerations(spec, config.node_grace_seconds),
+            "securityContext": _pod_security(_share_uid(model)),
             "containers": [
                 {
                     "name": "runtime",
-                    "image": spec.get("runtime", {}).get("image", config.runtime_image),
+                    "image": spec.image(config.runtime_image),
                     "imagePullPolicy": config.image_pull_policy,
                     "args": ["vnpu", "runtime", "serve", "--host", "0.0.0.0", "--port", str(port)],
                     "env": [*env, {"name": "VNPU_PORT", "value": str(port)}],
                     "ports": [{"name": RUNTIME_PORT_NAME, "containerPort": port}],
-                    "resources": _resources(spec, resource, slices),
+                    "resources": _resources(spec, intent.resource, intent.slices),
                     # Loading or attaching weights can take a while on a busy node: liveness starts
                     # only once the server has answered once (up to 5 minutes).
                     "startupProbe": {
@@ -287,110 +382,85 @@ def replica_pod(
                     },
                     "readinessProbe": probe,
                     "livenessProbe": {**probe, "httpGet": {"path": "/healthz", "port": RUNTIME_PORT_NAME}},
+                    "securityContext": CONTAINER_SECURITY,
                     "volumeMounts": mounts,
                 }
             ],
             "volumes": volumes,
         },
-    }
+    )
 
 
-def holder_pod(
-    owners: Sequence[ModelRef],
-    node: str,
-    device: str,
-    resource: str,
-    slices: int,
-    config: OperatorConfig,
-    salt: str = "",
-    weights_mib: int = 0,
-) -> dict[str, Any]:
+def _holder_pod(intent: PodIntent, config: OperatorConfig) -> dict[str, Any]:
     """The weight-holder of the owners' share group and weights on one device. Owned by every model of
     the group that uses it, so garbage collection removes it only when the last one is gone (the
     operator also deletes it as soon as no replica of the group remains on that device)."""
-    first = owners[0]
-    share_group = first.share_group
+    first = intent.owners[0]
+    assert intent.node and intent.device
     volumes, mounts = _model_volumes(first.spec)
     key_volume, key_mount = _key_volume(first)
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {
-            "name": holder_pod_name(share_group, first.weights_id, node, device, salt),
-            "namespace": first.namespace,
-            "labels": _labels(None, api.ROLE_WEIGHTS, share_group),
-            "annotations": {
-                api.ANNOTATION_DEVICE: device,
-                api.ANNOTATION_SLICES: str(slices),
-                api.ANNOTATION_SHARE_GROUP: share_group,
-                api.ANNOTATION_WEIGHTS_MIB: str(weights_mib),
-                # Replicas on this device map its memory: evicting it would break them.
-                SAFE_TO_EVICT: "false",
-            },
-            "ownerReferences": owner_references(owners),
+    scratch, scratch_mount = _scratch()
+    return _pod(
+        intent,
+        _labels(None, api.ROLE_WEIGHTS, first.share_group, {}),
+        {
+            api.ANNOTATION_DEVICE: intent.device,
+            api.ANNOTATION_SLICES: str(intent.slices),
+            api.ANNOTATION_SHARE_GROUP: first.share_group,
+            api.ANNOTATION_WEIGHTS_MIB: str(intent.weights_mib),
+            # Replicas on this device map its memory: evicting it would break them.
+            SAFE_TO_EVICT: "false",
         },
-        "spec": {
-            "affinity": _pin_to_node(node),
-            "tolerations": _tolerations(first.spec),
-            "securityContext": _share_security(first),
+        owner_references(intent.owners),
+        {
+            "affinity": _pin_to_node(intent.node),
+            "tolerations": _tolerations(first.spec, config.node_grace_seconds),
+            "securityContext": _pod_security(_share_uid(first)),
             "containers": [
                 {
                     "name": "weights",
-                    "image": first.spec.get("runtime", {}).get("image", config.runtime_image),
+                    "image": first.spec.image(config.runtime_image),
                     "imagePullPolicy": config.image_pull_policy,
                     "args": ["vnpu", "runtime", "weights-holder"],
-                    "env": [*_runtime_env(first, config), *_share_env(first)],
-                    "resources": _resources(first.spec, resource, slices),
-                    "volumeMounts": [*mounts, key_mount],
+                    "env": [*_runtime_env(first.spec), *_share_env(first)],
+                    "resources": _resources(first.spec, intent.resource, intent.slices),
+                    "securityContext": CONTAINER_SECURITY,
+                    "volumeMounts": [*mounts, key_mount, scratch_mount],
                 }
             ],
-            "volumes": [*volumes, key_volume],
+            "volumes": [*volumes, key_volume, scratch],
         },
-    }
+    )
 
 
-def placeholder_pod(
-    model: ModelRef, index: int, slices: int, existing_nodes: Sequence[str], config: OperatorConfig
-) -> dict[str, Any]:
-    """A pause pod standing for a replica that fits nowhere. It requests the replica's slices, may not
-    land on any node that exists now (so it stays Pending/Unschedulable and the Cluster Autoscaler
-    sizes a new node from a template advertising ``vnpu.io/memory-0``: what fits on one device fits on
-    a fresh node's first), and has a negative priority with preemption off so it never displaces real
-    work."""
-    selector = dict(model.spec.get("placement", {}).get("nodeSelector", {}))
-    affinity: dict[str, Any] = {}
-    if existing_nodes:
-        term = {
-            "matchFields": [{"key": "metadata.name", "operator": "NotIn", "values": sorted(existing_nodes)}]
-        }
-        affinity = {
-            "nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [term]}}
-        }
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {
-            "name": placeholder_pod_name(model.name, index),
-            "namespace": model.namespace,
-            "labels": _labels(
-                model, api.ROLE_PLACEHOLDER, model.share_group, {api.LABEL_REPLICA: str(index)}
-            ),
-            "annotations": {api.ANNOTATION_SLICES: str(slices), SAFE_TO_EVICT: "true"},
-            "ownerReferences": [_owner(model)],
-        },
-        "spec": {
+def _placeholder_pod(intent: PodIntent, config: OperatorConfig) -> dict[str, Any]:
+    """A pause pod standing for a replica that fits nowhere: it requests the replica's slices (and the
+    weights') of ``vnpu.io/memory-0``, so the Cluster Autoscaler sizes a new node from a template
+    advertising it (what fits on one device fits on a fresh node's first), with the model's
+    nodeSelector and tolerations. It names no node: a valid pod on any cluster. Were the scheduler to
+    find room the packer did not, the pod runs pause at a negative priority with preemption off, and
+    any replica preempts it, so it never keeps capacity from real work."""
+    (model,) = intent.owners
+    spec = model.spec
+    return _pod(
+        intent,
+        _labels(model, api.ROLE_PLACEHOLDER, model.share_group, {api.LABEL_REPLICA: str(intent.replica)}),
+        {api.ANNOTATION_SLICES: str(intent.slices), SAFE_TO_EVICT: "true"},
+        [_owner(model)],
+        {
             "priorityClassName": PLACEHOLDER_PRIORITY_CLASS,
-            "nodeSelector": selector,
-            "affinity": affinity,
-            "tolerations": _tolerations(model.spec),
+            "nodeSelector": dict(spec.placement.node_selector),
+            "tolerations": [t.manifest() for t in spec.placement.tolerations],
             "terminationGracePeriodSeconds": 0,
+            "securityContext": _pod_security(PLACEHOLDER_UID),
             "containers": [
                 {
                     "name": "placeholder",
                     "image": config.placeholder_image,
                     "imagePullPolicy": config.image_pull_policy,
-                    "resources": _resources({}, api.device_resource(PLACEHOLDER_DEVICE_INDEX), slices),
+                    "resources": _resources(None, intent.resource, intent.slices),
+                    "securityContext": CONTAINER_SECURITY,
                 }
             ],
         },
-    }
+    )

@@ -1,59 +1,86 @@
-"""The reconcile loop: one pass reads the cluster, plans, and converges.
+"""The reconcile loop: one pass plans from the watch-fed caches and applies the writes.
 
-Triggers (kopf handlers, a periodic resync) only set an event; bursts coalesce into one pass after a
-short debounce. A pass is idempotent: pod names are deterministic and every decision is re-derived
-from the API server, so killing the operator at any point and starting it again converges to the same
-pods, never duplicates.
+Triggers (informer changes, kopf's finalizer handler, a periodic resync, a grace period or backoff
+running out) only set an event; bursts coalesce into one pass after a short debounce. A pass is
+idempotent: pod names are deterministic and every decision is re-derived from the observed state, so
+killing the operator at any point and starting it again converges to the same pods, never duplicates.
+
+Failures are the failing model's alone. Every write belongs to the models it serves; when the API
+server refuses one (a PodSecurity 403, a namespace at its ResourceQuota, a LimitRange, a webhook), the
+model gets a ``Degraded`` condition with the server's message, a Warning Event, a count in
+``vnpu_operator_api_errors_total`` and a backoff (1 s doubling to 5 minutes) during which the planner
+leaves its objects alone. Every other model in every namespace is written in the same pass.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import logging
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any
+
+from kubernetes.client.exceptions import ApiException
 
 from vnpu import api, sharing
 from vnpu.operator import metrics
 from vnpu.operator.config import OperatorConfig
 from vnpu.operator.estimate_cache import EstimateCache
-from vnpu.operator.kube import Kube
-from vnpu.operator.planner import Plan, PodDeletion, SecretIntent, plan
-from vnpu.operator.pods import share_key_secret
+from vnpu.operator.kube import Kube, api_client_from_env, api_error
+from vnpu.operator.planner import Failure, Plan, PodDeletion, SecretIntent, plan, restatus
+from vnpu.operator.pods import PodIntent, render, share_key_secret
+from vnpu.operator.state import ObservedModel, ObservedNode, ObservedPod, ObservedSecret
 
 log = logging.getLogger(__name__)
-#: Parallel API calls when applying a plan (the kubernetes client pool allows 4 per host by default).
-API_CONCURRENCY = 4
+#: Parallel API calls when applying a plan.
+API_CONCURRENCY = 8
+#: Seconds to wait for the informers' first lists before the first pass.
+SYNC_TIMEOUT = 120.0
 
 
 class Reconciler:
-    def __init__(self, config: OperatorConfig, kube: Kube | None = None) -> None:
+    def __init__(
+        self,
+        config: OperatorConfig,
+        kube: Kube | None = None,
+        is_leader: Callable[[], bool] = lambda: True,
+    ) -> None:
         self.config = config
         self._kube = kube
+        self._is_leader = is_leader
         self._wake = asyncio.Event()
+        self._loop_ref: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
+        self._cache: Any = None
         self._passes = 0
         self._last_ok: float | None = None
         self._last_error = ""
-        self._estimates = EstimateCache()
+        self._estimates = EstimateCache(config.model_cache_dir)
         self._lock = asyncio.Lock()
+        self._failures: dict[str, Failure] = {}
+        self._secrets: dict[tuple[str, str], ObservedSecret] = {}
+        self._secrets_listed = 0.0
+        self._requeue_after: float | None = None
 
     @property
     def kube(self) -> Kube:
         if self._kube is None:
-            from kubernetes import client, config
-
-            try:
-                config.load_incluster_config()
-            except config.ConfigException:
-                config.load_kube_config()
-            self._kube = Kube(client.ApiClient(), self.config.namespaces)
+            self._kube = Kube(api_client_from_env(), self.config.namespaces)
         return self._kube
 
     async def start(self) -> None:
+        from vnpu.operator.cache import ClusterCache
+
+        self._loop_ref = asyncio.get_running_loop()
         await asyncio.to_thread(self.kube.ensure_placeholder_priority_class)
+        self._cache = ClusterCache(self.kube.api_client, self.config.namespaces, self._changed)
+        self._cache.start()
+        if not await asyncio.to_thread(self._cache.wait_synced, SYNC_TIMEOUT):
+            raise RuntimeError("the informers did not list nodes, pods and InferenceModels in time")
         self._task = asyncio.create_task(self._loop(), name="vnpu-reconciler")
 
     async def stop(self) -> None:
@@ -61,32 +88,42 @@ class Reconciler:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        if self._cache is not None:
+            self._cache.stop()
+
+    def _changed(self, why: str) -> None:
+        """Called from an informer's thread."""
+        if self._loop_ref is not None:
+            self._loop_ref.call_soon_threadsafe(self.trigger, why)
 
     def trigger(self, why: str) -> None:
         log.debug("reconcile requested: %s", why)
         self._wake.set()
 
-    async def reconcile_now(self, why: str) -> Plan:
-        """Run a pass right away (used by handlers that must see its effect, e.g. the finalizer)."""
-        log.debug("reconcile now: %s", why)
-        return await self._pass()
-
-    async def has_pods(self, namespace: str, model: str) -> bool:
-        pods = await asyncio.to_thread(self.kube.list_pods)
-        return any(p.namespace == namespace and p.model == model for p in pods)
+    def has_pods(self, namespace: str, model: str) -> bool:
+        """Whether the model still has pods (from the cache: the finalizer waits on it)."""
+        _, _, pods = self._cache.snapshot()
+        return any(p.managed and p.namespace == namespace and p.model == model for p in pods)
 
     def health(self) -> dict[str, Any]:
         return {
             "passes": self._passes,
             "last_ok_age_s": None if self._last_ok is None else round(time.monotonic() - self._last_ok, 1),
             "last_error": self._last_error,
+            "models_in_backoff": len(self._failures),
         }
 
     async def _loop(self) -> None:
         while True:
+            timeout = self.config.resync_seconds
+            if self._requeue_after is not None:
+                timeout = min(timeout, self._requeue_after)
+            woken = False
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=self.config.resync_seconds)
-            await asyncio.sleep(self.config.debounce_seconds)  # coalesce a burst of events
+                await asyncio.wait_for(self._wake.wait(), timeout=timeout)
+                woken = True
+            if woken:
+                await asyncio.sleep(self.config.debounce_seconds)  # coalesce a burst of events
             self._wake.clear()
             try:
                 await self._pass()
@@ -110,60 +147,119 @@ class Reconciler:
             return result
 
     def _pass_sync(self) -> Plan:
-        kube = self.kube
-        models, nodes, pods = kube.list_models(), kube.list_nodes(), kube.list_pods()
-        secrets = kube.list_secrets()
-        estimates = {m.key: self._estimates.get(m) for m in models}
-        result = plan(models, nodes, pods, estimates, self.config, secrets=secrets)
-        self._apply(result)
+        models, nodes, pods = self._cache.snapshot()
+        return self.reconcile(models, nodes, pods)
+
+    def _secret_snapshot(self) -> list[ObservedSecret]:
+        """Key Secrets: listed at start and on every resync, else what this operator created and kept."""
+        if time.monotonic() - self._secrets_listed >= self.config.resync_seconds or not self._secrets_listed:
+            self._secrets = {(s.namespace, s.name): s for s in self.kube.list_secrets()}
+            self._secrets_listed = time.monotonic()
+        return list(self._secrets.values())
+
+    def reconcile(
+        self, models: Sequence[ObservedModel], nodes: Sequence[ObservedNode], pods: Sequence[ObservedPod]
+    ) -> Plan:
+        """One pass over the given state: plan, write, report."""
+        if not self._is_leader():
+            raise RuntimeError("not the leader: refusing to write")
+        now = dt.datetime.now(dt.UTC)
+        self._estimates.forget_except(models)
+        estimates = {m.key: self._estimates.get(m) for m in models if m.spec is not None}
+        live = {f"{m.namespace}/{m.name}" for m in models}
+        self._failures = {k: f for k, f in self._failures.items() if k in live}
+        result = plan(
+            models, nodes, pods, estimates, self.config, now, self._secret_snapshot(), self._failures
+        )
+        failed = self._apply(result)
+        self._settle_failures(result, failed, now)
+        restatus(result, self._failures, now)
+        self._report(result)
+        retries = [r for m in models if (r := self._estimates.retry_in(m)) is not None]
+        waits = [w for w in (result.requeue_after, min(retries, default=None)) if w is not None]
+        self._requeue_after = max(0.5, min(waits)) if waits else None
         if result.create_secrets:  # the groups' pods are planned once their Secrets exist: go on now
-            self._wake.set()
+            self._wake_soon()
         return result
 
-    def _apply(self, result: Plan) -> None:
+    def _wake_soon(self) -> None:
+        if self._loop_ref is not None:
+            self._loop_ref.call_soon_threadsafe(self._wake.set)
+
+    # -- writes ----------------------------------------------------------------------------------------
+    def _apply(self, result: Plan) -> dict[str, tuple[str, str]]:
+        """Apply the plan's writes; returns model -> (reason, message) of the writes the server refused.
+        A model whose write failed gets none of its later writes in this pass."""
         kube = self.kube
+        failed: dict[str, tuple[str, str]] = {}
+
+        def guarded(models: Sequence[str], what: str, write: Callable[[], None]) -> None:
+            if failed.keys() & set(models):
+                return  # this model already failed in this pass: its later writes would too
+            if not self._is_leader():
+                raise RuntimeError("lost the leader Lease: refusing to write")
+            try:
+                write()
+            except ApiException as exc:
+                reason, message = api_error(exc)
+                log.warning("%s refused: %s", what, message, extra={"models": list(models), "reason": reason})
+                for model in models or ():
+                    failed.setdefault(model, (reason, f"{what}: {message}"))
+                    ns, name = model.split("/", 1)
+                    metrics.API_ERRORS.labels(ns, name, reason).inc()
 
         def delete(d: PodDeletion) -> None:
-            if kube.delete_pod(d.namespace, d.name, force=d.force):
-                metrics.POD_ACTIONS.labels("delete", d.role).inc()
-                log.info("deleted pod %s/%s (%s)", d.namespace, d.name, d.reason)
+            def write() -> None:
+                if kube.delete_pod(d.namespace, d.name, force=d.force):
+                    metrics.POD_ACTIONS.labels("delete", d.role).inc()
+                    log.info("deleted pod %s/%s (%s)", d.namespace, d.name, d.reason)
 
-        def create(manifest: dict[str, Any]) -> None:
-            role = manifest["metadata"]["labels"].get(api.LABEL_ROLE, "")
-            if kube.create_pod(manifest):
-                metrics.POD_ACTIONS.labels("create", role).inc()
-                meta = manifest["metadata"]
-                log.info("created %s pod %s/%s", role, meta["namespace"], meta["name"])
+            guarded(d.models, f"deleting pod {d.namespace}/{d.name}", write)
+
+        def create(intent: PodIntent) -> None:
+            def write() -> None:
+                if kube.create_pod(render(intent, self.config)):
+                    metrics.POD_ACTIONS.labels("create", intent.role).inc()
+                    log.info("created %s pod %s/%s", intent.role, intent.namespace, intent.name)
+
+            guarded(intent.models, f"creating {intent.role} pod {intent.name}", write)
 
         def create_secret(intent: SecretIntent) -> None:
-            # The key is drawn here, not in the (pure) plan; an existing Secret keeps its key.
-            secret = share_key_secret(intent.namespace, intent.share_group, intent.owners, sharing.new_key())
-            if kube.create_secret(secret):
-                log.info("created the key Secret of share group %s/%s", intent.namespace, intent.share_group)
+            def write() -> None:
+                # The key is drawn here, not in the (pure) plan; an existing Secret keeps its key.
+                key = sharing.new_key()
+                made = kube.create_secret(
+                    share_key_secret(intent.namespace, intent.share_group, intent.owners, key)
+                )
+                if made is None:
+                    self._secrets_listed = 0.0  # it exists already: learn its uid from a list
+                else:
+                    self._secrets[(made.namespace, made.name)] = made
+                    log.info(
+                        "created the key Secret of share group %s/%s", intent.namespace, intent.share_group
+                    )
 
-        def is_holder(manifest: dict[str, Any]) -> bool:
-            return bool(manifest["metadata"]["labels"].get(api.LABEL_ROLE) == api.ROLE_WEIGHTS)
+            guarded(intent.models, f"creating the key Secret of share group {intent.share_group}", write)
 
-        holders = [m for m in result.create if is_holder(m)]
-        others = [m for m in result.create if not is_holder(m)]
         for update in result.set_owners:  # before deletions: a holder must never be left to one owner
-            if update.kind == "Secret":
-                kube.set_secret_owners(update.namespace, update.name, update.owner_references)
-            else:
-                kube.set_pod_owners(update.namespace, update.name, update.owner_references)
-            log.info(
-                "%s %s/%s now owned by %s",
-                update.kind,
-                update.namespace,
-                update.name,
-                ", ".join(r["name"] for r in update.owner_references),
-            )
+
+            def set_owners(u: Any = update) -> None:
+                if u.kind == "Secret":
+                    kube.set_secret_owners(u.namespace, u.name, u.owner_references)
+                    known = self._secrets.get((u.namespace, u.name))
+                    if known is not None:  # the cache of Secrets is ours to keep current
+                        uids = tuple(r["uid"] for r in u.owner_references)
+                        self._secrets[(u.namespace, u.name)] = replace(known, owner_uids=uids)
+                else:
+                    kube.set_pod_owners(u.namespace, u.name, u.owner_references)
+
+            guarded(update.models, f"setting the owners of {update.kind} {update.name}", set_owners)
         # Key Secrets first (a group's pods are planned only once its Secret exists), then deletions (a
-        # moving replica frees its old slot), then weight-holders before the replicas that map them.
-        # Each phase fans out over a few connections: hundreds of models applied at once mean
-        # thousands of pods. The device each pod gets is in its own resource request, so pods of any
-        # groups may be created together.
-        phases: list[tuple[Any, list[Any]]] = [
+        # moving replica frees its old slot), then pods in the plan's order: weight-holders before the
+        # replicas that map them. Each phase fans out over a few connections.
+        holders = [i for i in result.create if i.role == api.ROLE_WEIGHTS]
+        others = [i for i in result.create if i.role != api.ROLE_WEIGHTS]
+        phases: list[tuple[Callable[[Any], None], list[Any]]] = [
             (create_secret, list(result.create_secrets)),
             (delete, list(result.delete)),
             (create, holders),
@@ -174,13 +270,46 @@ class Reconciler:
                 for future in [pool.submit(action, item) for item in items]:
                     future.result()
         for gone in result.delete_secrets:
-            if kube.delete_secret(gone.namespace, gone.name):
-                log.info("deleted the key Secret of share group %s/%s", gone.namespace, gone.share_group)
-        for update in result.statuses:
+            try:
+                if kube.delete_secret(gone.namespace, gone.name):
+                    self._secrets.pop((gone.namespace, gone.name), None)
+                    log.info("deleted the key Secret of share group %s/%s", gone.namespace, gone.share_group)
+            except ApiException as exc:
+                log.warning("deleting Secret %s/%s: %s", gone.namespace, gone.name, api_error(exc)[1])
+        return failed
+
+    def _settle_failures(self, result: Plan, failed: dict[str, tuple[str, str]], now: dt.datetime) -> None:
+        """Back off the models that failed now; forget those whose retry went through."""
+        for key, (reason, message) in failed.items():
+            before = self._failures.get(key)
+            attempts = before.attempts + 1 if before else 1
+            delay = min(self.config.max_backoff_seconds, self.config.backoff_seconds * 2 ** (attempts - 1))
+            retry_at = now + dt.timedelta(seconds=delay)
+            self._failures[key] = Failure(f"{message} (retrying in {delay:g}s)", retry_at, attempts, reason)
+        for key in list(self._failures):
+            if key not in failed and self._failures[key].retry_at <= now:
+                del self._failures[key]  # retried in this pass (its writes were planned) and went through
+        metrics.MODELS_IN_BACKOFF.set(len(self._failures))
+
+    def _report(self, result: Plan) -> None:
+        kube = self.kube
+
+        def report(update: Any) -> None:
             if update.changed:
-                kube.patch_model_status(update.model, update.status)
+                try:
+                    kube.patch_model_status(update.model, update.status)
+                except ApiException as exc:
+                    reason, message = api_error(exc)
+                    metrics.API_ERRORS.labels(update.model.namespace, update.model.name, reason).inc()
+                    log.warning(
+                        "status of %s/%s refused: %s", update.model.namespace, update.model.name, message
+                    )
             for event in update.events:
                 kube.post_event(update.model, event.type, event.reason, event.message)
+
+        with ThreadPoolExecutor(max_workers=API_CONCURRENCY) as pool:
+            for future in [pool.submit(report, u) for u in result.statuses if u.changed or u.events]:
+                future.result()
         metrics.UNPLACED_SLICES.set(result.unplaced_slices)
         for update in result.statuses:
             labels = (update.model.namespace, update.model.name)

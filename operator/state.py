@@ -6,6 +6,7 @@ malformed input is handled in one place.
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,6 +14,26 @@ from typing import Any
 from vnpu import api
 from vnpu.inventory import NodeInventory
 from vnpu.operator.packing import Taint
+from vnpu.operator.spec import ModelSpec, SpecError, parse_spec
+
+#: When a NotReady node without a transition time stopped being Ready: long enough ago.
+LONG_AGO = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
+#: Container waiting reasons that mean the pod will not come up by itself (the kubelet's words).
+STUCK_WAITING_REASONS = frozenset(
+    {
+        "CrashLoopBackOff",
+        "ImagePullBackOff",
+        "ErrImagePull",
+        "ErrImageNeverPull",
+        "InvalidImageName",
+        "CreateContainerConfigError",
+        "CreateContainerError",
+        "RunContainerError",
+        "PreCreateHookError",
+        "PostStartHookError",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -25,6 +46,8 @@ class ObservedNode:
     inventory: NodeInventory | None
     #: Why the inventory could not be used (missing or malformed annotation); empty when fine.
     inventory_error: str = ""
+    #: When the node stopped being Ready (its Ready condition's lastTransitionTime), None while Ready.
+    not_ready_since: dt.datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -42,15 +65,19 @@ class ObservedPod:
     ready: bool
     terminating: bool
     owner_uids: tuple[str, ...] = ()
-    #: The kubelet's reason and message for the phase (e.g. UnexpectedAdmissionError), if any.
-    status_reason: str = ""
-    status_message: str = ""
-
-    @property
-    def finished(self) -> bool:
-        """Failed or Succeeded: its containers will not run again (restartPolicy aside, a pod the
-        kubelet refused at admission ends Failed for good)."""
-        return self.phase in ("Failed", "Succeeded")
+    #: Created by this operator for a namespace it serves (else another install's or anyone's pod, which
+    #: only matters for the device memory it holds).
+    managed: bool = True
+    #: vnpu.io/template-hash: the pod template (and key generation) it was created from.
+    template: str | None = None
+    #: The weight-holder a replica maps (vnpu.io/weight-holder annotation).
+    weight_holder: str | None = None
+    #: vnpu resources requested: (extended resource, slices).
+    requests: tuple[tuple[str, int], ...] = ()
+    #: Why the pod is not coming up, in the scheduler's or kubelet's words; empty when nothing is wrong.
+    problem: str = ""
+    #: Finished (Succeeded or Failed): it holds no device memory any more.
+    finished: bool = False
 
 
 @dataclass(frozen=True)
@@ -71,9 +98,13 @@ class ObservedModel:
     name: str
     uid: str
     generation: int
-    spec: Mapping[str, Any]
+    #: The parsed spec; None when it cannot be used (``spec_error`` says why).
+    spec: ModelSpec | None
     deleting: bool
     status: Mapping[str, Any] = field(default_factory=dict)
+    spec_error: str = ""
+    #: The spec as the API server holds it (for the memory estimate, which names its fields).
+    raw_spec: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def key(self) -> tuple[str, str]:
@@ -83,6 +114,10 @@ class ObservedModel:
 def parse_node(obj: Mapping[str, Any]) -> ObservedNode:
     meta, spec, status = obj.get("metadata", {}), obj.get("spec", {}) or {}, obj.get("status", {}) or {}
     conditions = {c.get("type"): c.get("status") for c in status.get("conditions") or []}
+    ready_since = next(
+        (c.get("lastTransitionTime") for c in status.get("conditions") or [] if c.get("type") == "Ready"),
+        None,
+    )
     annotations = meta.get("annotations") or {}
     inventory, error = None, ""
     raw = annotations.get(api.ANNOTATION_DEVICES)
@@ -104,15 +139,28 @@ def parse_node(obj: Mapping[str, Any]) -> ObservedNode:
         Taint(t.get("key", ""), t.get("value", "") or "", t.get("effect", ""))
         for t in spec.get("taints") or []
     )
+    ready = conditions.get("Ready") == "True"
     return ObservedNode(
         name=meta["name"],
-        ready=conditions.get("Ready") == "True",
+        ready=ready,
         schedulable=not spec.get("unschedulable", False),
         labels=dict(meta.get("labels") or {}),
         taints=taints,
         inventory=inventory,
         inventory_error=error,
+        not_ready_since=None if ready else (parse_time(ready_since) or LONG_AGO),
     )
+
+
+def parse_time(value: Any) -> dt.datetime | None:
+    """An RFC 3339 timestamp of the API server (``2026-01-02T03:04:05Z``), None when absent or bad."""
+    if not isinstance(value, str):
+        return None
+    try:
+        parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
 
 
 def _pinned_node(spec: Mapping[str, Any]) -> str | None:
@@ -143,11 +191,51 @@ def _int_or_none(value: Any) -> int | None:
         return None
 
 
-def parse_pod(obj: Mapping[str, Any]) -> ObservedPod:
+def vnpu_requests(spec: Mapping[str, Any]) -> tuple[tuple[str, int], ...]:
+    """The vnpu resources a pod holds: per resource, the larger of its init containers' largest and
+    its containers' sum (the scheduler's effective request)."""
+    total: dict[str, int] = {}
+    for c in spec.get("containers") or []:
+        for name, value in ((c.get("resources") or {}).get("limits") or {}).items():
+            if api.is_vnpu_resource(name) and (n := _int_or_none(value)):
+                total[name] = total.get(name, 0) + n
+    for c in spec.get("initContainers") or []:
+        for name, value in ((c.get("resources") or {}).get("limits") or {}).items():
+            if api.is_vnpu_resource(name) and (n := _int_or_none(value)):
+                total[name] = max(total.get(name, 0), n)
+    return tuple(sorted(total.items()))
+
+
+def pod_problem(status: Mapping[str, Any]) -> str:
+    """Why a pod is not coming up, in the words of whoever knows: the scheduler (Unschedulable), the
+    kubelet (a container waiting in CrashLoopBackOff, ImagePullBackOff, ...), or a container that
+    keeps restarting. Empty when nothing is wrong (a pod still starting is not a problem)."""
+    for c in status.get("conditions") or []:
+        if c.get("type") == "PodScheduled" and c.get("status") == "False" and c.get("reason"):
+            return f"{c['reason']}: {c.get('message', '')}".rstrip(": ")
+    for cs in [*(status.get("initContainerStatuses") or []), *(status.get("containerStatuses") or [])]:
+        waiting = (cs.get("state") or {}).get("waiting") or {}
+        if waiting.get("reason") in STUCK_WAITING_REASONS:
+            restarts = cs.get("restartCount", 0)
+            tail = f" (restarted {restarts} times)" if restarts else ""
+            return f"{waiting['reason']}: container {cs.get('name')}: {waiting.get('message', '')}{tail}"
+        last = (cs.get("lastState") or {}).get("terminated") or {}
+        if cs.get("restartCount", 0) and not cs.get("ready") and last:
+            return (
+                f"{last.get('reason') or 'Error'}: container {cs.get('name')} exited with "
+                f"{last.get('exitCode')} and restarted {cs['restartCount']} times"
+            )
+    if status.get("phase") == "Failed":
+        return f"{status.get('reason') or 'Failed'}: {status.get('message', '')}".rstrip(": ")
+    return ""
+
+
+def parse_pod(obj: Mapping[str, Any], managed: bool = True) -> ObservedPod:
     meta, spec, status = obj.get("metadata", {}), obj.get("spec", {}) or {}, obj.get("status", {}) or {}
     labels = meta.get("labels") or {}
     annotations = meta.get("annotations") or {}
     conditions = {c.get("type"): c.get("status") for c in status.get("conditions") or []}
+    phase = status.get("phase", "Pending")
     return ObservedPod(
         namespace=meta.get("namespace", ""),
         name=meta["name"],
@@ -158,25 +246,37 @@ def parse_pod(obj: Mapping[str, Any]) -> ObservedPod:
         node=_pinned_node(spec),
         device=annotations.get(api.ANNOTATION_DEVICE),
         slices=_int_or_none(annotations.get(api.ANNOTATION_SLICES)) or 0,
-        phase=status.get("phase", "Pending"),
+        phase=phase,
         ready=conditions.get("Ready") == "True",
         terminating=meta.get("deletionTimestamp") is not None,
         owner_uids=tuple(o.get("uid", "") for o in meta.get("ownerReferences") or []),
-        status_reason=str(status.get("reason", "")),
-        status_message=str(status.get("message", "")),
+        managed=managed,
+        template=labels.get(api.LABEL_TEMPLATE_HASH),
+        weight_holder=annotations.get(api.ANNOTATION_WEIGHT_HOLDER),
+        requests=vnpu_requests(spec),
+        problem=pod_problem(status),
+        finished=phase in ("Succeeded", "Failed"),
     )
 
 
 def parse_model(obj: Mapping[str, Any]) -> ObservedModel:
     meta = obj.get("metadata", {})
+    raw = obj.get("spec", {}) or {}
+    spec, error = None, ""
+    try:
+        spec = parse_spec(raw)
+    except SpecError as exc:
+        error = str(exc)
     return ObservedModel(
         namespace=meta.get("namespace", ""),
         name=meta["name"],
         uid=meta.get("uid", ""),
         generation=int(meta.get("generation", 0)),
-        spec=obj.get("spec", {}) or {},
+        spec=spec,
         deleting=meta.get("deletionTimestamp") is not None,
         status=obj.get("status", {}) or {},
+        spec_error=error,
+        raw_spec=raw,
     )
 
 

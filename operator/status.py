@@ -1,7 +1,12 @@
 """InferenceModel status and the events worth posting, from one pass's outcome (pure).
 
 Conditions follow the Kubernetes convention (type/status/reason/message/lastTransitionTime, the time
-kept while the status does not flip): Placed, Ready, CapacityPending, Degraded.
+kept while the status does not flip): Placed, Ready, CapacityPending, Progressing, Degraded.
+
+``Degraded`` says what is wrong in the words of whoever knows: the API server's message for a write it
+refused, the scheduler's or the kubelet's for a replica or weight-holder that does not come up
+(Unschedulable, CrashLoopBackOff, ...), the estimate's error while running pods are kept, a node
+that is lost or inside its grace period. A replica counts as ready only with its weight-holder ready.
 """
 
 from __future__ import annotations
@@ -10,14 +15,47 @@ import datetime as dt
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vnpu import api
 from vnpu.memory import EstimateError, MemoryEstimate
 from vnpu.operator.packing import Unplaced
 from vnpu.operator.state import ObservedModel
 
+if TYPE_CHECKING:
+    from vnpu.operator.planner import Failure
+
 NORMAL, WARNING = "Normal", "Warning"
+
+
+@dataclass(frozen=True)
+class Event:
+    type: str  #: Normal or Warning
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class PodProblem:
+    """A replica or weight-holder of the model that is not coming up, and why."""
+
+    pod: str
+    role: str
+    problem: str  #: "<Reason>: <message>" from the scheduler or the kubelet
+
+    @property
+    def reason(self) -> str:
+        return self.problem.split(":", 1)[0].strip() or "PodNotReady"
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """A rolling update in progress: replicas of an older pod template still running."""
+
+    desired: int
+    old_replicas: int
+    strategy: str
+    new_ready: int = 0
 
 
 @dataclass(frozen=True)
@@ -28,6 +66,14 @@ class ModelOutcome:
     ready_replicas: int
     saved_mib: int
     lost_nodes: Sequence[str] = ()
+    #: NotReady nodes still inside their grace period, where replicas of the model run.
+    suspect_nodes: Sequence[str] = ()
+    #: Running replicas kept as they are because the model has no estimate now.
+    frozen_replicas: int = 0
+    problems: Sequence[PodProblem] = ()
+    rollout: Rollout | None = None
+    failure: Failure | None = None
+    updated_replicas: int | None = None
 
 
 def _unplaced_summary(unplaced: Sequence[Unplaced]) -> list[dict[str, Any]]:
@@ -35,10 +81,33 @@ def _unplaced_summary(unplaced: Sequence[Unplaced]) -> list[dict[str, Any]]:
     return [{"replicas": n, "reason": reason} for reason, n in sorted(counts.items())]
 
 
+def _degradation(outcome: ModelOutcome) -> tuple[str, str] | None:
+    """(reason, message) of what degrades the model, the most pressing first; None when nothing does."""
+    parts: list[tuple[str, str]] = []
+    if outcome.failure is not None:
+        parts.append((outcome.failure.reason, outcome.failure.message))
+    if outcome.lost_nodes:
+        parts.append(("NodeLost", f"re-placing replicas from lost node(s): {', '.join(outcome.lost_nodes)}"))
+    for p in outcome.problems[:3]:
+        parts.append(
+            (p.reason, f"{'weight-holder' if p.role == api.ROLE_WEIGHTS else 'replica'} {p.pod}: {p.problem}")
+        )
+    if len(outcome.problems) > 3:
+        parts.append(
+            (outcome.problems[0].reason, f"and {len(outcome.problems) - 3} more pod(s) not coming up")
+        )
+    if outcome.suspect_nodes:
+        nodes = ", ".join(outcome.suspect_nodes)
+        parts.append(("NodeNotReady", f"node(s) {nodes} NotReady: their replicas stay for the grace period"))
+    if not parts:
+        return None
+    return parts[0][0], "; ".join(m for _, m in parts)
+
+
 def build_status(
     model: ObservedModel, outcome: ModelOutcome, now: dt.datetime
-) -> tuple[dict[str, Any], list[tuple[str, str, str]]]:
-    """The new ``status`` and events ``(type, reason, message)`` for ``model``."""
+) -> tuple[dict[str, Any], list[Event]]:
+    """The new ``status`` and the events for ``model``."""
     previous = {c.get("type"): c for c in model.status.get("conditions", [])}
     stamp = now.strftime("%Y-%m-%dT%H:%M:%SZ")
     conditions: list[dict[str, Any]] = []
@@ -58,36 +127,69 @@ def build_status(
             }
         )
 
-    def flipped(type_: str, status: str) -> bool:
-        return previous.get(type_, {}).get("status") != status
+    def flipped(type_: str, status: str, reason: str | None = None) -> bool:
+        prev = previous.get(type_, {})
+        return prev.get("status") != status or (reason is not None and prev.get("reason") != reason)
 
-    want = int(model.spec.get("replicas", 1))
+    want = model.spec.replicas if model.spec else 0
     placed = len(outcome.placements)
-    events: list[tuple[str, str, str]] = []
+    old = outcome.rollout.old_replicas if outcome.rollout else 0
+    events: list[Event] = []
     status: dict[str, Any] = {
         "observedGeneration": model.generation,
-        "replicas": placed,
+        "replicas": max(placed, outcome.frozen_replicas) + old,
+        "updatedReplicas": placed if outcome.updated_replicas is None else outcome.updated_replicas,
         "readyReplicas": outcome.ready_replicas,
         "selector": f"{api.LABEL_MODEL}={model.name},{api.LABEL_ROLE}={api.ROLE_REPLICA}",
         "placements": list(outcome.placements),
         "unplaced": _unplaced_summary(outcome.unplaced),
     }
+    degraded = _degradation(outcome)
+
+    def report_degraded() -> None:
+        if degraded is None:
+            condition("Degraded", False, "AsExpected", "")
+            return
+        reason, message = degraded
+        condition("Degraded", True, reason, message)
+        if flipped("Degraded", "True", reason) or previous.get("Degraded", {}).get("message") != message:
+            events.append(Event(WARNING, reason, message))
 
     if model.deleting:
         status["phase"] = "Terminating"
         condition("Placed", False, "Deleting", "the model is being deleted")
         condition("Ready", False, "Deleting", "the model is being deleted")
         condition("CapacityPending", False, "Deleting", "")
+        condition("Progressing", False, "Deleting", "")
         condition("Degraded", False, "Deleting", "")
     elif isinstance(outcome.estimate, EstimateError) or outcome.estimate is None:
         message = str(outcome.estimate or "no memory estimate")
-        status["phase"] = "Failed"
-        condition("Placed", False, "InvalidSpec", message)
-        condition("Ready", False, "InvalidSpec", message)
-        condition("CapacityPending", False, "InvalidSpec", "")
-        condition("Degraded", True, "InvalidSpec", message)
-        if flipped("Degraded", "True") or previous.get("Degraded", {}).get("message") != message:
-            events.append((WARNING, "InvalidSpec", message))
+        ready = outcome.frozen_replicas > 0 and outcome.ready_replicas >= want
+        if outcome.frozen_replicas:
+            # Running replicas stay as they are: an estimate that fails now (an unreadable source
+            # during a storage hiccup, a spec the operator cannot size) is no reason to stop them.
+            kept = f"keeping the {outcome.frozen_replicas} running replica(s) as they are"
+            degraded = ("EstimateFailed", f"{message}; {kept}; retrying with backoff")
+            status["phase"] = "Degraded"
+            condition("Placed", True, "EstimateFailed", kept)
+            condition("CapacityPending", False, "EstimateFailed", "")
+        else:
+            degraded = ("InvalidSpec", message)
+            status["phase"] = "Failed"
+            condition("Placed", False, "InvalidSpec", message)
+            condition("CapacityPending", False, "InvalidSpec", "")
+        condition(
+            "Ready",
+            ready,
+            "AllReplicasReady"
+            if ready
+            else "InvalidSpec"
+            if not outcome.frozen_replicas
+            else "ReplicasNotReady",
+            message if not outcome.frozen_replicas else f"{outcome.ready_replicas}/{want} replicas ready",
+        )
+        condition("Progressing", False, degraded[0], "")
+        report_degraded()
     else:
         est = outcome.estimate
         status["memory"] = {
@@ -104,7 +206,7 @@ def build_status(
             condition("Placed", False, str(first.code), message)
             condition("CapacityPending", True, str(first.code), message)
             if flipped("CapacityPending", "True"):
-                events.append((WARNING, "CapacityPending", f"{message}; {where}"))
+                events.append(Event(WARNING, "CapacityPending", f"{message}; {where}"))
         else:
             condition("Placed", True, "AllPlaced", where)
             condition("CapacityPending", False, "AllPlaced", "")
@@ -115,22 +217,46 @@ def build_status(
             "AllReplicasReady" if ready else "ReplicasNotReady",
             f"{outcome.ready_replicas}/{want} replicas ready",
         )
-        if outcome.lost_nodes:
-            lost = ", ".join(outcome.lost_nodes)
-            condition("Degraded", True, "NodeLost", f"re-placing replicas from lost node(s): {lost}")
-            if flipped("Degraded", "True"):
-                events.append((WARNING, "NodeLost", f"re-placing replicas from lost node(s): {lost}"))
+        rollout = outcome.rollout
+        if rollout is not None:
+            message = (
+                f"{rollout.new_ready}/{want} replicas of the new pod template ready, {rollout.old_replicas} "
+                f"of the old one left ({rollout.strategy})"
+            )
+            condition("Progressing", True, "RollingUpdate", message)
+            if flipped("Progressing", "True", "RollingUpdate"):
+                events.append(
+                    Event(
+                        NORMAL,
+                        "RollingUpdate",
+                        f"rolling {want} replicas to the new pod template ({rollout.strategy})",
+                    )
+                )
         else:
-            condition("Degraded", False, "AsExpected", "")
+            condition(
+                "Progressing",
+                True,
+                "RolloutComplete",
+                f"{placed}/{want} replicas of the current pod template",
+            )
+            if previous.get("Progressing", {}).get("reason") == "RollingUpdate":
+                events.append(
+                    Event(NORMAL, "RolloutComplete", f"all {want} replicas run the new pod template")
+                )
+        report_degraded()
         before = sorted(p.get("pod", "") for p in model.status.get("placements", []))
         after = sorted(p["pod"] for p in outcome.placements)
         if after != before and outcome.placements:
             saved = f", {outcome.saved_mib} MiB saved by sharing weights" if outcome.saved_mib else ""
-            events.append((NORMAL, "Placed", f"{where}{saved}"))
-        if ready:
+            events.append(Event(NORMAL, "Placed", f"{where}{saved}"))
+        if ready and degraded is None:
             status["phase"] = "Ready"
+        elif degraded is not None and degraded[0] != "NodeNotReady":
+            status["phase"] = "Degraded"
         elif outcome.unplaced:
             status["phase"] = "CapacityPending"
+        elif ready:
+            status["phase"] = "Ready"
         elif placed >= want:
             status["phase"] = "Running"
         else:

@@ -60,6 +60,9 @@ ROLE_PLACEHOLDER = "placeholder"
 #: Pod labels: which replica of its model a pod is, and its share group (selectable, unlike annotations).
 LABEL_REPLICA = f"{GROUP}/replica"
 LABEL_SHARE_GROUP = f"{GROUP}/share-group"
+#: Pod label: the hash of the model's pod template (and key generation) a replica was created from;
+#: replicas of an older template are rolled out (like a Deployment's pod-template-hash).
+LABEL_TEMPLATE_HASH = f"{GROUP}/template-hash"
 
 #: Device IDs advertised to the kubelet are ``<device-id>-s<index>`` and at most this long.
 MAX_DEVICE_ID_LEN = 63

@@ -8,9 +8,10 @@ import random
 
 from vnpu.bench.packing import (
     cluster_for,
+    counting_lower_bound,
     exact_optimum,
     ffd_without_sharing,
-    kubernetes_default,
+    kubernetes_most_allocated,
     main,
     make_mix,
 )
@@ -25,15 +26,31 @@ def test_baselines_on_a_hand_checked_instance():
     demands = [Demand("m", "g", 6, 6 * GIB, 28 * GIB)]
     assert ffd_without_sharing(demands, 100, 64) == (6, 0)
     assert ffd_without_sharing(demands, 4, 64) == (4, 2)
-    assert kubernetes_default(demands, 1, 64, seed=0) == (6, 0)  # spreads over the node's devices
+    # Share-blind bin-packing: one 34-slice pod per 64-slice device, 6 devices (8 on the node).
+    assert kubernetes_most_allocated(demands, 1, 64, seed=0) == (6, 0, 0)
+    assert (
+        kubernetes_most_allocated(demands, 1, 64, seed=0)[0] >= exact_optimum(demands, 64, 6, 10)["devices"]
+    )
+    assert counting_lower_bound(demands, 64) == 1
     assert exact_optimum(demands, 64, 6, 10)["devices"] == 1
     assert pack(cluster_for(8, 64), demands).devices_used() == 1
 
 
-def test_least_allocated_spreads_across_nodes():
+def test_most_allocated_packs_onto_the_fullest_node_and_counts_what_it_cannot_place():
     demands = [Demand("m", "g", 4, 2 * GIB, 2 * GIB)]
-    used, unplaced = kubernetes_default(demands, 4, 64, seed=1)
-    assert (used, unplaced) == (4, 0)  # one pod per node: the emptiest node wins each time
+    assert kubernetes_most_allocated(demands, 4, 64, seed=1) == (1, 0, 0)  # 4 x 4 slices on one device
+    big = [Demand("m", "g", 3, 30 * GIB, 30 * GIB)]  # 60 slices each: one per device
+    assert kubernetes_most_allocated(big, 1, 64, seed=1)[:2] == (3, 0)
+    tiny = [Demand("m", "g", 10, 30 * GIB, 30 * GIB)]
+    assert kubernetes_most_allocated(tiny, 1, 64, seed=1) == (8, 2, 120)
+
+
+def test_the_counting_bound_is_below_the_optimum():
+    rng = random.Random(7)
+    for i in range(6):
+        mix = make_mix(rng, f"b{i}", models=rng.randint(2, 5), max_replicas=6, device_gib=32)
+        optimum = exact_optimum(mix.demands, 32, pack(cluster_for(64, 32), mix.demands).devices_used(), 20)
+        assert optimum["proven_optimal"] and counting_lower_bound(mix.demands, 32) <= optimum["devices"]
 
 
 def test_exact_optimum_splits_groups_to_fill_gaps():
@@ -68,6 +85,8 @@ def test_quick_run_writes_json_table_and_plot(tmp_path, capsys):
     data = json.loads((tmp_path / "packing.json").read_text())
     assert data["scale"]["replicas"] == 10_000 and data["scale"]["devices"] == 8000
     assert len(data["mixes"]) == 3 and all("optimum" in m for m in data["mixes"])
+    assert all(m["lower_bound"] >= 1 and "gap" in m for m in data["mixes"])
+    assert data["provenance"]["command"].startswith("vnpu bench packing") and data["provenance"]["commit"]
     assert (tmp_path / "packing.png").stat().st_size > 10_000
     assert "vnpu/opt" in (tmp_path / "packing.md").read_text()
     assert "wrote" in capsys.readouterr().out

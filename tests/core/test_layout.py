@@ -41,9 +41,24 @@ def test_components_import_as_vnpu_subpackages_from_repo_root() -> None:
     assert out == "True _operator"
 
 
+#: Every module of the operator and the device plugin: importing them all must not pull in torch.
+OPERATOR_AND_PLUGIN_MODULES = sorted(
+    f"vnpu.{folder}.{path.relative_to(REPO_ROOT / folder).with_suffix('').as_posix().replace('/', '.')}"
+    for folder in ("operator", "device_plugin")
+    for path in (REPO_ROOT / folder).rglob("*.py")
+    if "proto" not in path.parts and path.name != "__init__.py"
+)
+
+
 def test_operator_and_device_plugin_never_import_torch() -> None:
+    assert "vnpu.operator.main" in OPERATOR_AND_PLUGIN_MODULES
+    assert "vnpu.operator.packing.plans" in OPERATOR_AND_PLUGIN_MODULES
+    assert "vnpu.device_plugin.main" in OPERATOR_AND_PLUGIN_MODULES
+    imports = "; ".join(f"import {m}" for m in OPERATOR_AND_PLUGIN_MODULES)
     out = _run_in_repo_root(
         "-c",
-        "import sys, vnpu.cli, vnpu.api, vnpu.inventory; print('torch' in sys.modules)",
+        f"import sys, vnpu.cli, vnpu.api, vnpu.inventory; {imports}; "
+        "print('torch' in sys.modules, len([m for m in sys.modules if m.startswith('vnpu.')]))",
     )
-    assert out == "False"
+    imported, count = out.split()
+    assert imported == "False" and int(count) >= len(OPERATOR_AND_PLUGIN_MODULES)

@@ -95,6 +95,19 @@ BAD_SPECS = [
         "multiple of num_key_value_heads",
     ),
     ("zero-layers", with_changes(modelConfig={"num_hidden_layers": 0}), "spec.modelConfig.num_hidden_layers"),
+    ("surge-words", with_changes(rollout={"maxSurge": "lots"}), "rollout.maxSurge must be"),
+    ("surge-negative", with_changes(rollout={"maxSurge": -1}), "rollout.maxSurge must be"),
+    (
+        "unavailable-fraction",
+        with_changes(rollout={"maxUnavailable": "0.5"}),
+        "rollout.maxUnavailable must be",
+    ),
+    (
+        "recreate-with-surge",
+        with_changes(rollout={"strategy": "Recreate", "maxSurge": 1}),
+        "apply to the RollingUpdate strategy only",
+    ),
+    ("unknown-strategy", with_changes(rollout={"strategy": "BlueGreen"}), "spec.rollout.strategy"),
 ]
 
 
@@ -141,6 +154,7 @@ def test_bad_specs_cover_at_least_twelve_cases() -> None:
                 "tolerations": [{"key": "npu", "operator": "Exists", "effect": "NoSchedule"}],
             },
             "priority": 100,
+            "rollout": {"strategy": "RollingUpdate", "maxSurge": "50%", "maxUnavailable": 1},
         },
         {
             "modelName": "qwen-q4",
@@ -148,6 +162,7 @@ def test_bad_specs_cover_at_least_twelve_cases() -> None:
             "weights": {"dtype": "q4_1"},
             "runtime": {"image": "example.com/llama-cpp-runtime:1"},
             "memory": {"kvCacheMiB": 256},
+            "rollout": {"strategy": "Recreate"},
         },
     ],
     ids=["minimal", "context-sized", "everything", "quantized-with-its-runtime"],
@@ -158,6 +173,7 @@ def test_good_specs_are_accepted_with_defaults(crd_api, namespace, spec) -> None
     assert obj["spec"]["replicas"] == spec.get("replicas", 1)  # defaulted by the schema
     assert obj["spec"]["priority"] == spec.get("priority", 0)
     assert obj["spec"].get("memory") == spec.get("memory"), "no field of a valid spec is pruned"
+    assert obj["spec"].get("rollout", {}).get("maxSurge") == spec.get("rollout", {}).get("maxSurge")
 
 
 def test_status_goes_through_the_subresource_only(crd_api, namespace) -> None:

@@ -412,7 +412,13 @@ def check_invariants(
     unplaced = Counter((u.model, u.replica) for u in result.unplaced)
     assert max(placed.values(), default=1) == 1 and max(unplaced.values(), default=1) == 1
     assert not set(placed) & set(unplaced)
-    assert set(placed) | set(unplaced) == {(d.model, r) for d in demands for r in range(d.replicas)}
+    # Each model has exactly its replica count of distinct indices: below the count, or kept from
+    # ``current`` (a scale-down keeps its survivors' indices).
+    kept_indices = {(p.model, p.replica) for p in current}
+    for d in demands:
+        mine = {r for m, r in set(placed) | set(unplaced) if m == d.model}
+        assert len(mine) == d.replicas, (d.model, mine)
+        assert all(r < d.replicas or (d.model, r) in kept_indices for r in mine)
     assert all(u.reason and u.code in Reason for u in result.unplaced)
     running = {(p.model, p.replica, p.node, p.device) for p in current}
     for a in result.assignments:

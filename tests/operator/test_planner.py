@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -11,7 +12,9 @@ from vnpu import api, sharing
 from vnpu.cluster.kwok import npu_node_manifest
 from vnpu.memory import EstimateError, MemoryEstimate
 from vnpu.operator.config import OperatorConfig
-from vnpu.operator.planner import Plan, default_share_group, plan, share_group
+from vnpu.operator.planner import Plan, default_share_group, plan
+from vnpu.operator.pods import render
+from vnpu.operator.spec import parse_spec
 from vnpu.operator.state import ObservedModel, ObservedPod, ObservedSecret, parse_node, parse_pod
 
 NOW = dt.datetime(2026, 11, 25, 12, 0, tzinfo=dt.UTC)
@@ -32,7 +35,7 @@ def model(name: str, replicas: int = 2, ns: str = "ns", **spec: Any) -> Observed
         "memory": {"kvCacheMiB": 1024},
         **spec,
     }
-    return ObservedModel(ns, name, f"uid-{name}", 1, full, deleting=False)
+    return ObservedModel(ns, name, f"uid-{name}", 1, parse_spec(full), deleting=False, raw_spec=full)
 
 
 def estimate(weights: int = 4096, per_replica: int = 1024) -> MemoryEstimate:
@@ -48,18 +51,21 @@ def estimate(weights: int = 4096, per_replica: int = 1024) -> MemoryEstimate:
 
 def keys_for(models, uid: str = "key-1") -> list[ObservedSecret]:
     """The key Secrets of the models' share groups, as a previous pass would have created them."""
-    groups = sorted({(m.namespace, share_group(m.spec)) for m in models})
+    groups = sorted({(m.namespace, m.spec.share_group) for m in models})
     return [
         ObservedSecret(ns, sharing.secret_name(g), f"{uid}-{ns}-{g}", g, (), terminating=False)
         for ns, g in groups
     ]
 
 
-def run(models, nodes, pods=(), estimates=None, config=CONFIG, secrets=None) -> Plan:
+def run(models, nodes, pods=(), estimates=None, config=CONFIG, secrets=None, **kwargs) -> Plan:
     """One pass; unless told otherwise the groups' key Secrets already exist."""
     estimates = estimates or {m.key: estimate() for m in models}
     secrets = keys_for(models) if secrets is None else secrets
-    return plan(models, nodes, list(pods), estimates, config, NOW, secrets=secrets)
+    result = plan(models, nodes, list(pods), estimates, config, NOW, secrets=secrets, **kwargs)
+    # The intents, rendered: what the reconciler would create, in its order.
+    result.create = [render(i, config) for i in result.create]  # type: ignore[misc]
+    return result
 
 
 def as_pods(manifests: list[dict[str, Any]], ready: bool = True) -> list[ObservedPod]:
@@ -153,12 +159,9 @@ def test_unplaced_demand_gets_placeholders_until_capacity_arrives() -> None:
     ph = placeholders[0]
     assert ph["spec"]["priorityClassName"] == "vnpu-placeholder"
     assert ph["spec"]["containers"][0]["resources"]["requests"] == {"vnpu.io/memory-0": "15"}
-    not_in = ph["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
-    assert not_in["nodeSelectorTerms"][0]["matchFields"][0] == {
-        "key": "metadata.name",
-        "operator": "NotIn",
-        "values": ["n1"],
-    }
+    # No node-name exclusion (matchFields NotIn takes one value: invalid on 2+ nodes): a valid pod on
+    # any cluster, at a negative priority that every replica preempts.
+    assert "affinity" not in ph["spec"] and ph["spec"]["securityContext"]["runAsNonRoot"]
     status = first.statuses[0].status
     assert status["phase"] == "CapacityPending"
     assert {c["type"]: c["status"] for c in status["conditions"]}["CapacityPending"] == "True"
@@ -182,17 +185,61 @@ def test_invalid_spec_fails_with_the_reason_and_creates_nothing() -> None:
     assert placed["reason"] == "InvalidSpec" and "sizeMiB" in placed["message"]
 
 
-def test_spec_change_replaces_pods_in_place() -> None:
+def test_spec_change_rolls_replicas_with_surge_and_never_below_the_ready_count() -> None:
     nodes = [node("n1", devices=1)]
     pods = as_pods(run([model("a", 1)], nodes).create)
     changed = model("a", 1, runtime={"image": "vnpu:2"})
-    result = run([changed], nodes, pods)
-    # A new runtime image is new weights to hold (vnpu.sharing.weights_id): the holder rolls too.
-    assert {d.name for d in result.delete} == {p.name for p in pods}
-    assert {p["spec"]["containers"][0]["image"] for p in result.create} == {"vnpu:2"}
-    (new,) = [p for p in result.create if p["metadata"]["labels"][api.LABEL_ROLE] == "replica"]
+    # Surge first: the new holder and replica start beside the old ones, nothing is deleted yet.
+    first = run([changed], nodes, pods)
+    assert first.delete == []
+    assert {p["spec"]["containers"][0]["image"] for p in first.create} == {"vnpu:2"}
+    (new,) = [p for p in first.create if p["metadata"]["labels"][api.LABEL_ROLE] == "replica"]
     assert new["metadata"]["annotations"][api.ANNOTATION_DEVICE] == "n1-npu0"
-    assert new["spec"]["containers"][0]["image"] == "vnpu:2"
+    progressing = {c["type"]: c for c in first.statuses[0].status["conditions"]}["Progressing"]
+    assert progressing["reason"] == "RollingUpdate"
+    assert "RollingUpdate" in [e.reason for e in first.statuses[0].events]
+    assert first.statuses[0].status["readyReplicas"] == 1  # the old replica still serves
+    # Not ready yet: the old replica stays.
+    waiting = run([changed], nodes, [*pods, *as_pods(first.create, ready=False)])
+    assert waiting.delete == [] and waiting.create == []
+    # Ready: the old replica goes; its holder stays while the replica terminates.
+    ready = [*pods, *as_pods(first.create)]
+    second = run([changed], nodes, ready)
+    old_replica = next(p for p in pods if p.role == "replica")
+    old_holder = next(p for p in pods if p.role == "weights")
+    assert [d.name for d in second.delete] == [old_replica.name] and second.create == []
+    terminating = [replace(p, terminating=True) if p.name == old_replica.name else p for p in ready]
+    third = run([changed], nodes, terminating)
+    assert [d.name for d in third.delete] == [old_holder.name]
+    done = run([changed], nodes, [p for p in ready if p.name not in (old_replica.name, old_holder.name)])
+    status = done.statuses[0].status
+    assert {c["type"]: c for c in status["conditions"]}["Progressing"]["reason"] == "RolloutComplete"
+
+
+def test_rollout_of_four_replicas_keeps_four_ready_at_every_step() -> None:
+    nodes = [node("n1", devices=2)]
+    pods = as_pods(run([model("a", 4)], nodes).create)
+    changed = model("a", 4, memory={"kvCacheMiB": 2048})
+    for _ in range(20):
+        result = run([changed], nodes, pods, estimates={changed.key: estimate(per_replica=2048)})
+        gone = {d.name for d in result.delete}
+        pods = [p for p in pods if p.name not in gone] + as_pods(result.create)
+        ready = [p for p in pods if p.role == "replica" and p.ready]
+        assert len(ready) >= 4, "maxUnavailable 0: never fewer ready replicas than asked for"
+        assert len([p for p in pods if p.role == "replica"]) <= 5, "maxSurge 25% of 4 = 1"
+        if not result.create and not result.delete:
+            break
+    replicas = [p for p in pods if p.role == "replica"]
+    assert len(replicas) == 4 and {p.slices for p in replicas} == {2}
+
+
+def test_recreate_strategy_deletes_before_it_creates() -> None:
+    nodes = [node("n1", devices=1)]
+    pods = as_pods(run([model("a", 2)], nodes).create)
+    changed = model("a", 2, runtime={"image": "vnpu:2"}, rollout={"strategy": "Recreate"})
+    result = run([changed], nodes, pods)
+    assert {d.name for d in result.delete} == {p.name for p in pods if p.role == "replica"}
+    assert [p for p in result.create if p["metadata"]["labels"][api.LABEL_ROLE] == "replica"] == []
 
 
 def test_status_unchanged_is_not_patched_again() -> None:
@@ -269,13 +316,15 @@ def test_model_pods_mount_the_pvc_and_carry_the_runtime_settings() -> None:
     for pod in result.create:
         assert pod["spec"]["volumes"] == [
             {"name": "model", "persistentVolumeClaim": {"claimName": "models", "readOnly": True}},
-            {"name": "share-key", "secret": {"secretName": sharing.secret_name(share_group(m.spec)),
+            {"name": "share-key", "secret": {"secretName": sharing.secret_name(m.spec.share_group),
                                               "defaultMode": 0o440}},
+            {"name": "scratch", "emptyDir": {}},
         ]  # fmt: skip
         (container,) = pod["spec"]["containers"]
         assert container["volumeMounts"] == [
             {"name": "model", "mountPath": "/mnt/pvc/models", "readOnly": True},
             {"name": "share-key", "mountPath": sharing.KEY_MOUNT_DIR, "readOnly": True},
+            {"name": "scratch", "mountPath": "/tmp"},
         ]
         env = {e["name"]: e.get("value") for e in container["env"]}
         assert env["VNPU_MODEL_URI"] == "pvc://models/smollm2/m.gguf"
@@ -287,15 +336,23 @@ def test_model_pods_mount_the_pvc_and_carry_the_runtime_settings() -> None:
             "name": sharing.ENV_SHARE_NAMESPACE,
             "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}},
         }
-        assert env[sharing.ENV_SHARE_GROUP] == share_group(m.spec)
+        assert env[sharing.ENV_SHARE_GROUP] == m.spec.share_group
         assert env[sharing.ENV_WEIGHTS_ID] == sharing.weights_id(
             "pvc://models/smollm2/m.gguf", "q4_1", CONFIG.runtime_image
         )
         assert env[sharing.ENV_SHARE_KEY_FILE] == sharing.KEY_FILE
-        uid = sharing.share_uid("ns", share_group(m.spec))
+        uid = sharing.share_uid("ns", m.spec.share_group)
+        # The restricted Pod Security profile, pod and container level.
         assert pod["spec"]["securityContext"] == {
-            "runAsUser": uid, "runAsGroup": uid, "fsGroup": uid, "runAsNonRoot": True
+            "runAsUser": uid, "runAsGroup": uid, "fsGroup": uid, "runAsNonRoot": True,
+            "seccompProfile": {"type": "RuntimeDefault"},
         }  # fmt: skip
+        assert container["securityContext"] == {
+            "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
+            "readOnlyRootFilesystem": True, "runAsNonRoot": True,
+        }  # fmt: skip
+        assert pod["spec"]["automountServiceAccountToken"] is False
+        assert env["TMPDIR"] == "/tmp"
         assert "VNPU_MODEL_DTYPE" not in env, "a file quantisation is not a runtime dtype"
 
 
@@ -317,7 +374,7 @@ def test_a_groups_key_secret_comes_first_and_its_pods_follow_once_it_exists() ->
 
 def test_two_namespaces_with_the_same_model_never_share_a_holder_a_key_or_a_user() -> None:
     team_a, team_b = model("chat", 2, ns="team-a"), model("chat", 2, ns="team-b")
-    assert share_group(team_a.spec) == share_group(team_b.spec)  # the same default group name
+    assert team_a.spec.share_group == team_b.spec.share_group  # the same default group name
     result = run([team_a, team_b], [node("n1", devices=1)])
     holders = [p for p in result.create if p["metadata"]["labels"][api.LABEL_ROLE] == "weights"]
     assert sorted(h["metadata"]["namespace"] for h in holders) == ["team-a", "team-b"]
@@ -336,12 +393,12 @@ def test_a_source_change_rolls_the_holder_with_the_replicas() -> None:
     nodes = [node("n1", devices=1)]
     old = model("a", 2)
     pods = as_pods(run([old], nodes).create)
-    new = model("a", 2, source={"uri": "file:///models/m-v2.gguf"}, shareGroup=share_group(old.spec))
+    new = model("a", 2, source={"uri": "file:///models/m-v2.gguf"}, shareGroup=old.spec.share_group)
     result = run([new], nodes, pods, secrets=keys_for([old]))
     old_holder = next(p for p in pods if p.role == "weights")
     new_holder = next(p for p in result.create if p["metadata"]["labels"][api.LABEL_ROLE] == "weights")
     assert new_holder["metadata"]["name"] != old_holder.name
-    assert old_holder.name in {d.name for d in result.delete}
+    assert old_holder.name not in {d.name for d in result.delete}, "old replicas still map it"
     env = {e["name"]: e.get("value") for e in new_holder["spec"]["containers"][0]["env"]}
     assert env["VNPU_MODEL_URI"] == "file:///models/m-v2.gguf"
     for replica in (p for p in result.create if p["metadata"]["labels"][api.LABEL_ROLE] == "replica"):
@@ -360,10 +417,13 @@ def test_a_new_key_rolls_the_group_without_taking_it_down_first() -> None:
     # Someone deleted the Secret: a new one is planned and the running pods stay meanwhile.
     gone = run([m], nodes, pods, secrets=[])
     assert len(gone.create_secrets) == 1 and gone.delete == [] and gone.create == []
-    # The new Secret (a new uid: a new key) is there: the group's pods are replaced by new names.
+    # The new Secret (a new uid: a new key) is there: the group's pods roll to new names, the old
+    # ones going only as the new ones are Ready.
     rolled = run([m], nodes, pods, secrets=keys_for([m], uid="key-2"))
-    assert {d.name for d in rolled.delete} == {p.name for p in pods}
+    assert rolled.delete == [] and len(rolled.create) == 2  # a new holder and one surge replica
     assert not {p["metadata"]["name"] for p in rolled.create} & {p.name for p in pods}
+    next_ = run([m], nodes, [*pods, *as_pods(rolled.create)], secrets=keys_for([m], uid="key-2"))
+    assert {d.name for d in next_.delete} <= {p.name for p in pods} and next_.delete
 
 
 def test_a_key_secret_goes_once_its_group_has_no_model_and_no_pod() -> None:
@@ -374,7 +434,7 @@ def test_a_key_secret_goes_once_its_group_has_no_model_and_no_pod() -> None:
     while_pods_run = run([deleting], nodes, pods, secrets=keys_for([m]))
     assert while_pods_run.delete_secrets == []
     after = run([deleting], nodes, [], secrets=keys_for([m]))
-    assert [x.name for x in after.delete_secrets] == [sharing.secret_name(share_group(m.spec))]
+    assert [x.name for x in after.delete_secrets] == [sharing.secret_name(m.spec.share_group)]
 
 
 def test_a_node_whose_device_plugin_predates_per_device_resources_is_not_used() -> None:

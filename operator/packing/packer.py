@@ -1,501 +1,35 @@
-"""Share-aware packing of model replicas onto (node, device) pairs: pure, deterministic, no Kubernetes.
-
-Cost model (DESIGN.md "Placement"): the first replica of a share group on a device pays the group's
-weights + its own KV/activation; every further replica of that group on that device pays only its own
-part. The weights live in a weight-holder pod per (device, group), sized to the weights' slices.
-
-Algorithm, per priority level from the highest down:
-
-1. Kept placements (``current``) are validated and committed first, highest priority first, so running
-   replicas stay where they are (unless ``defragment=True``).
-2. Demands with ``spreadAcrossNodes`` are placed replica by replica on the nodes that hold the fewest
-   replicas of that model (best effort: distinct nodes while possible, then the least-loaded ones;
-   ``Spread.HARD``: distinct nodes or unplaced). Within a node, a device already holding the group's
-   weights is preferred, then the tightest device with room for weights + replica.
-3. Other demands are packed best-fit-decreasing by *chunk*: a demand first fills the devices already
-   holding its weights (each replica costs only its own slices there), then opens the largest chunk
-   ``weights + k·replica`` that the emptiest eligible device can take on the tightest device that fits
-   it. Chunks of all demands of a level are taken largest first (a lazy priority queue).
-4. A replica that fits nowhere may preempt placements of strictly lower priority (kept ones; newly
-   placed lower levels are not placed yet) on the device where that evicts the least; evicted replicas
-   are re-placed at their own level or reported unplaced.
-5. A local-improvement pass empties lightly used devices by moving their new replicas into the room
-   left on other used devices (never moving kept replicas), then replica indices are matched to the
-   current placements so a replica that stays on its device keeps its index.
-
-The plan returned is the best (fewest unplaced replicas by priority, then fewest devices, slices and
-moves) of several runs from the same kept state: (A) the share-aware packing above; (B) a share-blind
-best-fit-decreasing by replica, re-accounted with sharing and completed like A, which makes "sharing
-never costs more than not sharing" hold by construction; and, when few replicas are to be placed, up
-to 64 randomised variants of A with fixed seeds (jittered chunk order, chunks balanced across devices
-or split to fill gaps), which find the exact optimum on the small mixes where the greedy order misses
-it. In the steady state (nothing new to place) only A runs.
-
-Unplaced replicas come with a code and a message (``no node matches nodeSelector``, ``insufficient
-memory: needs 9 slices, largest free 6``, ...). Cost: building the indexes is O(devices · distinct
-eligibility signatures); a chunk or replica placement is O(slice values) via per-signature free-slice
-buckets, so 10,000 replicas on 8,000 devices pack in well under two seconds (see bench/packing.py).
-
-Capacity bookkeeping is per device in that device's own slices (``slice_mib`` may differ per node), so
-demands are given in MiB and converted per device with :func:`vnpu.api.slices_for_mib`.
-"""
+"""One packing run's mutable state and its phases (see the package docstring for the algorithm):
+kept placements, spread and chunked new placements, preemption, local improvement, and the result."""
 
 from __future__ import annotations
 
-import enum
 import heapq
 import random
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-
-from vnpu.api import DEFAULT_SLICE_MIB, slices_for_mib
-
-#: Randomised packing variants tried besides the two main strategies: at most VARIANTS, and no more
-#: than VARIANT_BUDGET / (replicas + devices) of them (each is a whole packing run, whose cost grows
-#: with both), so they help on small, tight problems (where they find the optimum the greedy order
-#: misses) and cost nothing at scale; none run in the steady state (nothing new to place).
-VARIANTS = 64
-VARIANT_BUDGET = 15_000
-
-NO_SCHEDULE = "NoSchedule"
-NO_EXECUTE = "NoExecute"
-PREFER_NO_SCHEDULE = "PreferNoSchedule"
-
-
-# ---------------------------------------------------------------------------------------------------
-# Inputs
-
-
-@dataclass(frozen=True)
-class Taint:
-    key: str
-    value: str = ""
-    effect: str = NO_SCHEDULE
-
-
-@dataclass(frozen=True)
-class Toleration:
-    """Kubernetes toleration semantics: empty key with ``Exists`` tolerates everything; empty effect
-    matches every effect; ``Exists`` ignores the value."""
-
-    key: str = ""
-    operator: str = "Equal"
-    value: str = ""
-    effect: str = ""
-
-    def tolerates(self, taint: Taint) -> bool:
-        if self.effect and self.effect != taint.effect:
-            return False
-        if not self.key:
-            return self.operator == "Exists"
-        if self.key != taint.key:
-            return False
-        return self.operator == "Exists" or self.value == taint.value
-
-
-@dataclass(frozen=True)
-class Device:
-    """One physical accelerator. ``free_slices`` is what is free *for this packing problem*: the total
-    minus slices held by pods the packer does not manage (not our replicas, weight-holders or
-    placeholders). None means all of it."""
-
-    id: str
-    total_slices: int
-    slice_mib: int = DEFAULT_SLICE_MIB
-    healthy: bool = True
-    free_slices: int | None = None
-
-    @property
-    def available(self) -> int:
-        free = self.total_slices if self.free_slices is None else self.free_slices
-        return max(0, min(free, self.total_slices))
-
-
-@dataclass(frozen=True)
-class Node:
-    """A node: ``ready`` False (or a lost node) evicts its replicas; ``schedulable`` False (cordoned)
-    keeps running replicas but takes no new ones."""
-
-    name: str
-    devices: tuple[Device, ...] = ()
-    labels: Mapping[str, str] = field(default_factory=dict)
-    taints: tuple[Taint, ...] = ()
-    ready: bool = True
-    schedulable: bool = True
-
-
-class Spread(enum.StrEnum):
-    """``spreadAcrossNodes``: the CRD's boolean ``true`` maps to BEST_EFFORT."""
-
-    NONE = "none"
-    BEST_EFFORT = "best-effort"  #: distinct nodes while capacity allows, then the least-loaded nodes
-    HARD = "hard"  #: at most one replica per node; the rest stay unplaced
-
-
-@dataclass(frozen=True)
-class Demand:
-    """What one model asks for. ``model`` is a unique key (e.g. ``namespace/name``); demands with the
-    same ``share_group`` share one weight copy per device (the group's weights are the largest
-    ``weight_mib`` among its demands; 0 means no weight-holder)."""
-
-    model: str
-    share_group: str
-    replicas: int
-    replica_mib: int
-    weight_mib: int = 0
-    priority: int = 0
-    node_selector: Mapping[str, str] = field(default_factory=dict)
-    tolerations: tuple[Toleration, ...] = ()
-    spread: Spread = Spread.NONE
-
-
-@dataclass(frozen=True)
-class Placement:
-    """Where a replica runs now (input, for stability)."""
-
-    model: str
-    replica: int
-    node: str
-    device: str
-    slices: int
-
-
-# ---------------------------------------------------------------------------------------------------
-# Outputs
-
-
-@dataclass(frozen=True)
-class Assignment:
-    """A replica placed on a device. ``weight_holder`` marks the one replica per (device, group) that is
-    charged for the group's weights (they live in that device's :class:`WeightHolder` pod); ``kept``
-    is True when the replica stays exactly where ``current`` had it."""
-
-    model: str
-    replica: int
-    node: str
-    device: str
-    slices: int
-    share_group: str
-    weight_holder: bool
-    kept: bool
-
-
-@dataclass(frozen=True)
-class WeightHolder:
-    """One weight copy: group ``share_group``'s weights on ``device``, for the replicas of ``models``."""
-
-    node: str
-    device: str
-    share_group: str
-    slices: int
-    models: tuple[str, ...]
-
-
-class Reason(enum.StrEnum):
-    NO_NODES = "NoNodes"
-    NODE_SELECTOR = "NodeSelectorMismatch"
-    TAINTED = "Tainted"
-    NO_ELIGIBLE_NODE = "NoEligibleNode"
-    DEVICE_TOO_SMALL = "DeviceTooSmall"
-    INSUFFICIENT_MEMORY = "InsufficientMemory"
-    SPREAD = "SpreadConstraint"
-
-
-@dataclass(frozen=True)
-class Unplaced:
-    """A replica that could not be placed, why, and what it would need (for placeholders/autoscaling)."""
-
-    model: str
-    replica: int
-    share_group: str
-    priority: int
-    code: Reason
-    reason: str
-    replica_mib: int
-    weight_mib: int
-
-
-@dataclass(frozen=True)
-class Dropped:
-    """A current placement that is not kept where it was (the replica may be re-placed elsewhere)."""
-
-    placement: Placement
-    reason: str
-
-
-@dataclass(frozen=True)
-class PackResult:
-    assignments: tuple[Assignment, ...]
-    weight_holders: tuple[WeightHolder, ...]
-    unplaced: tuple[Unplaced, ...]
-    dropped: tuple[Dropped, ...]
-
-    def devices_used(self) -> int:
-        return len(
-            {(a.node, a.device) for a in self.assignments} | {(h.node, h.device) for h in self.weight_holders}
-        )
-
-    def slices_used(self) -> int:
-        return sum(a.slices for a in self.assignments) + sum(h.slices for h in self.weight_holders)
-
-    def by_model(self) -> dict[str, list[Assignment]]:
-        out: dict[str, list[Assignment]] = {}
-        for a in self.assignments:
-            out.setdefault(a.model, []).append(a)
-        return out
-
-    def saved_by_sharing_mib(self, demands: Iterable[Demand]) -> dict[str, int]:
-        """Per model: the weight MiB its replicas did not pay because a copy was already on the device
-        (each replica not charged for the weights saves one copy). Sums to Σ_devices (n-1)·weights."""
-        group_mib: dict[str, int] = {}
-        for d in demands:
-            group_mib[d.share_group] = max(group_mib.get(d.share_group, 0), d.weight_mib)
-        holders = {(h.node, h.device, h.share_group) for h in self.weight_holders}
-        out: dict[str, int] = {}
-        for a in self.assignments:
-            shared = (a.node, a.device, a.share_group) in holders and not a.weight_holder
-            saved = group_mib.get(a.share_group, 0) if shared else 0
-            out[a.model] = out.get(a.model, 0) + saved
-        return out
-
-
-# ---------------------------------------------------------------------------------------------------
-# Free-slice index
-
-
-class _FreeIndex:
-    """Devices eligible for one (selector, tolerations) signature, bucketed by free slices per slice
-    size class. A bitmask of non-empty buckets makes best-fit and largest-free O(1)-ish queries."""
-
-    def __init__(self, n_classes: int, max_slices: Sequence[int]) -> None:
-        self.buckets: list[list[dict[int, None]]] = [
-            [{} for _ in range(max_slices[c] + 1)] for c in range(n_classes)
-        ]
-        self.masks = [0] * n_classes
-        self.largest_total = [0] * n_classes  #: the biggest eligible device of each class, in slices
-
-    @classmethod
-    def build(
-        cls,
-        n_classes: int,
-        max_slices: Sequence[int],
-        eligible: Sequence[int],
-        free: Sequence[int],
-        dev_cls: Sequence[int],
-        dev_total: Sequence[int],
-    ) -> _FreeIndex:
-        """An index over the ``eligible`` devices (in ordinal order within each bucket)."""
-        index = cls(n_classes, max_slices)
-        grouped: dict[tuple[int, int], list[int]] = {}
-        for o in eligible:
-            grouped.setdefault((dev_cls[o], free[o]), []).append(o)
-            if dev_total[o] > index.largest_total[dev_cls[o]]:
-                index.largest_total[dev_cls[o]] = dev_total[o]
-        for (c, f), ordinals in grouped.items():
-            index.buckets[c][f] = dict.fromkeys(ordinals)
-            index.masks[c] |= 1 << f
-        return index
-
-    def add(self, cls: int, ordinal: int, free: int, total: int) -> None:
-        self.buckets[cls][free][ordinal] = None
-        self.masks[cls] |= 1 << free
-        self.largest_total[cls] = max(self.largest_total[cls], total)
-
-    def move(self, cls: int, ordinal: int, old: int, new: int) -> None:
-        bucket = self.buckets[cls][old]
-        del bucket[ordinal]
-        if not bucket:
-            self.masks[cls] &= ~(1 << old)
-        self.buckets[cls][new][ordinal] = None
-        self.masks[cls] |= 1 << new
-
-    def best_fit(self, cls: int, need: int) -> int | None:
-        """A device with the fewest free slices that are still >= ``need`` (first such in order)."""
-        m = self.masks[cls] >> need
-        if not m:
-            return None
-        v = need + (m & -m).bit_length() - 1
-        return next(iter(self.buckets[cls][v]))
-
-    def max_free(self, cls: int) -> int:
-        return self.masks[cls].bit_length() - 1
-
-    def walk(self, cls: int, need: int) -> Iterator[int]:
-        """Devices with >= ``need`` free, tightest first."""
-        m = self.masks[cls] >> need
-        v = need
-        while m:
-            low = (m & -m).bit_length() - 1
-            v += low
-            m >>= low
-            yield from self.buckets[cls][v]  # callers stop iterating before they change the index
-            m >>= 1
-            v += 1
-
-
-# ---------------------------------------------------------------------------------------------------
-# The packer
-
-
-_Signature = tuple[tuple[tuple[str, str], ...], tuple[Toleration, ...]]
-
-
-def _signature(d: Demand) -> _Signature:
-    tolerations = tuple(sorted(set(d.tolerations), key=lambda t: (t.key, t.operator, t.value, t.effect)))
-    return tuple(sorted(d.node_selector.items())), tolerations
-
-
-def _blocking_taints(
-    node: Node, tolerations: tuple[Toleration, ...], effects: tuple[str, ...]
-) -> list[Taint]:
-    return [
-        t for t in node.taints if t.effect in effects and not any(tol.tolerates(t) for tol in tolerations)
-    ]
-
-
-class _Cluster:
-    """The static side of one :func:`pack` call, computed once and shared by every packing run:
-    devices flattened in (node name, device id) order (the ordinal is the tie-breaker everywhere),
-    demands in model order with their slices per slice size, and per eligibility signature the
-    devices new replicas may use."""
-
-    def __init__(self, nodes: Sequence[Node], demands: Sequence[Demand]) -> None:
-        self.nodes = sorted(nodes, key=lambda n: n.name)
-        if len({n.name for n in self.nodes}) != len(self.nodes):
-            raise ValueError("node names must be unique")
-        self.demands = sorted(demands, key=lambda d: d.model)
-        if len({d.model for d in self.demands}) != len(self.demands):
-            raise ValueError("demand models must be unique")
-        for d in self.demands:
-            if d.replicas < 0 or d.replica_mib < 0 or d.weight_mib < 0:
-                raise ValueError(f"demand {d.model!r}: replicas and sizes must be non-negative")
-        self.demand_index = {d.model: i for i, d in enumerate(self.demands)}
-        self.dev_id: list[str] = []
-        self.dev_node: list[int] = []
-        self.dev_cls: list[int] = []
-        self.dev_total: list[int] = []
-        self.dev_available: list[int] = []
-        self.dev_ok_kept: list[bool] = []  # healthy device on a ready node
-        self.dev_ok_new: list[bool] = []  # ... that is also schedulable
-        self.slice_sizes = sorted(
-            {dev.slice_mib for n in self.nodes for dev in n.devices} or {DEFAULT_SLICE_MIB}
-        )
-        cls_of = {s: i for i, s in enumerate(self.slice_sizes)}
-        self.dev_ordinal: dict[tuple[str, str], int] = {}
-        for ni, node in enumerate(self.nodes):
-            for dev in sorted(node.devices, key=lambda x: x.id):
-                if (node.name, dev.id) in self.dev_ordinal:
-                    raise ValueError(f"device {dev.id!r} appears twice on node {node.name!r}")
-                self.dev_ordinal[(node.name, dev.id)] = len(self.dev_id)
-                self.dev_id.append(dev.id)
-                self.dev_node.append(ni)
-                self.dev_cls.append(cls_of[dev.slice_mib])
-                self.dev_total.append(max(0, dev.total_slices))
-                self.dev_available.append(dev.available)
-                self.dev_ok_kept.append(dev.healthy and node.ready)
-                self.dev_ok_new.append(dev.healthy and node.ready and node.schedulable)
-        self.max_slices = [0] * len(self.slice_sizes)
-        for o, total in enumerate(self.dev_total):
-            self.max_slices[self.dev_cls[o]] = max(self.max_slices[self.dev_cls[o]], total)
-        # Share groups' weights: the largest any of their demands declares.
-        self.group_mib: dict[str, int] = {}
-        for d in self.demands:
-            self.group_mib[d.share_group] = max(self.group_mib.get(d.share_group, 0), d.weight_mib)
-        self.rep_slices = [[slices_for_mib(d.replica_mib, s) for s in self.slice_sizes] for d in self.demands]
-        self.w_slices = [
-            [slices_for_mib(self.group_mib[d.share_group], s) for s in self.slice_sizes] for d in self.demands
-        ]
-        # Eligibility signatures (selector, tolerations): ids, nodes that pass, devices new replicas may use.
-        self.sig = [_signature(d) for d in self.demands]
-        sig_ids: dict[_Signature, int] = {}
-        self.sig_of = [sig_ids.setdefault(sig, len(sig_ids)) for sig in self.sig]
-        self.signatures = list(sig_ids)
-        self.node_ok: list[list[bool]] = []
-        self.eligible: list[list[int]] = []
-        self.dev_sigs: list[list[int]] = [[] for _ in self.dev_id]
-        for sid, (selector, tolerations) in enumerate(self.signatures):
-            ok = [
-                all(node.labels.get(k) == v for k, v in selector)
-                and not _blocking_taints(node, tolerations, (NO_SCHEDULE, NO_EXECUTE))
-                for node in self.nodes
-            ]
-            self.node_ok.append(ok)
-            eligible = [o for o in range(len(self.dev_id)) if self.dev_ok_new[o] and ok[self.dev_node[o]]]
-            self.eligible.append(eligible)
-            for o in eligible:
-                self.dev_sigs[o].append(sid)
-
-    def current_map(self, current: Sequence[Placement]) -> dict[tuple[int, int], tuple[int, int]]:
-        """(demand, replica) -> (device ordinal, slices) of the running replicas we know."""
-        out = {}
-        for p in current:
-            di = self.demand_index.get(p.model)
-            o = self.dev_ordinal.get((p.node, p.device))
-            if di is not None and o is not None:
-                out[(di, p.replica)] = (o, p.slices)
-        return out
-
-    def keep_candidates(
-        self, current: Sequence[Placement]
-    ) -> tuple[list[tuple[Placement, int, int]], list[Dropped]]:
-        """The running replicas that may stay, as (placement, demand, device) in the order they are
-        committed (highest priority first), and those that may not, with the reason. What still
-        depends on capacity (room, hard spread) is decided per run in :meth:`_Packer.keep_current`."""
-        order = sorted(
-            current,
-            key=lambda p: (
-                -self.demands[self.demand_index[p.model]].priority if p.model in self.demand_index else 0,
-                p.model,
-                p.replica,
-                p.node,
-                p.device,
-            ),
-        )
-        seen: set[tuple[str, int]] = set()
-        candidates: list[tuple[Placement, int, int]] = []
-        dropped: list[Dropped] = []
-        for p in order:
-            reason = self._why_not_keep(p, seen)
-            if reason:
-                dropped.append(Dropped(p, reason))
-                continue
-            seen.add((p.model, p.replica))
-            candidates.append((p, self.demand_index[p.model], self.dev_ordinal[(p.node, p.device)]))
-        return candidates, dropped
-
-    def _why_not_keep(self, p: Placement, seen: set[tuple[str, int]]) -> str:
-        di = self.demand_index.get(p.model)
-        if di is None:
-            return "the model no longer asks for replicas"
-        d = self.demands[di]
-        if p.replica < 0 or p.replica >= d.replicas:
-            return f"scaled down to {d.replicas} replicas"
-        if (p.model, p.replica) in seen:
-            return "duplicate placement of the same replica"
-        o = self.dev_ordinal.get((p.node, p.device))
-        if o is None:
-            return f"device {p.device} on node {p.node} no longer exists"
-        node = self.nodes[self.dev_node[o]]
-        if not node.ready:
-            return f"node {node.name} is not ready"
-        if not self.dev_ok_kept[o]:
-            return f"device {p.device} is unhealthy"
-        if any(node.labels.get(k) != v for k, v in d.node_selector.items()):
-            return f"node {node.name} no longer matches the nodeSelector"
-        evicting = _blocking_taints(node, self.sig[di][1], (NO_EXECUTE,))
-        if evicting:
-            return f"node {node.name} has an untolerated NoExecute taint {_taint_str(evicting[0])}"
-        if p.slices != self.rep_slices[di][self.dev_cls[o]]:
-            return f"per-replica memory changed ({p.slices} -> {self.rep_slices[di][self.dev_cls[o]]} slices)"
-        return ""
-
-
-class _Packer:
+from collections.abc import Sequence
+
+from vnpu.api import slices_for_mib
+from vnpu.operator.packing.cluster import Cluster, Signature, blocking_taints, taint_str
+from vnpu.operator.packing.free_index import FreeIndex
+from vnpu.operator.packing.inputs import NO_EXECUTE, NO_SCHEDULE, Placement, Spread
+from vnpu.operator.packing.outputs import (
+    Assignment,
+    Dropped,
+    PackResult,
+    Reason,
+    Unplaced,
+    WeightHolder,
+)
+
+#: Lightest used devices the merge pass of :meth:`Packer.improve` pairs up (at most n·(n-1)/2 tries).
+MERGE_CANDIDATES = 12
+
+
+class Packer:
     """Mutable state of one packing run (see the module docstring for the algorithm)."""
 
     def __init__(
         self,
-        cluster: _Cluster,
+        cluster: Cluster,
         share: bool = True,
         current: dict[tuple[int, int], tuple[int, int]] | None = None,
     ) -> None:
@@ -518,9 +52,7 @@ class _Packer:
         # Capacity: free slices per device and one free-slice index per eligibility signature.
         self.dev_free = list(c.dev_available)
         self.indexes = [
-            _FreeIndex.build(
-                len(c.slice_sizes), c.max_slices, eligible, self.dev_free, c.dev_cls, c.dev_total
-            )
+            FreeIndex.build(len(c.slice_sizes), c.max_slices, eligible, self.dev_free, c.dev_cls, c.dev_total)
             for eligible in c.eligible
         ]
         # Share groups present per device (replica counts), and the devices holding each group.
@@ -547,7 +79,7 @@ class _Packer:
         """Per node: may new replicas of demand ``di`` go there (selector and taints)."""
         return self.node_ok[self.sig_of[di]]
 
-    def demand_index_of(self, di: int) -> _FreeIndex:
+    def demand_index_of(self, di: int) -> FreeIndex:
         """The free-slice index of the devices new replicas of demand ``di`` may use."""
         return self.indexes[self.sig_of[di]]
 
@@ -628,7 +160,7 @@ class _Packer:
     def keep_current(
         self, candidates: Sequence[tuple[Placement, int, int]], static_drops: Sequence[Dropped]
     ) -> None:
-        """Commit the running replicas that are still valid (see :meth:`_Cluster.keep_candidates`) and
+        """Commit the running replicas that are still valid (see :meth:`Cluster.keep_candidates`) and
         still fit, highest priority first. The indexes are updated once per device at the end."""
         self.dropped.extend(static_drops)
         before: dict[int, int] = {}
@@ -655,7 +187,10 @@ class _Packer:
         for di, replica in self.placed:
             taken[di].add(replica)
         for di, d in enumerate(self.demands):
-            self.missing[di] = [r for r in range(d.replicas) if r not in taken[di]]
+            # The lowest free indices, as many as are missing (survivors of a scale-down keep theirs).
+            need = d.replicas - len(taken[di])
+            free = (r for r in range(d.replicas + len(taken[di])) if r not in taken[di])
+            self.missing[di] = [next(free) for _ in range(max(0, need))]
         self.kept_by_priority.sort()
         levels = sorted({d.priority for d in self.demands}, reverse=True)
         for level in levels:
@@ -688,7 +223,7 @@ class _Packer:
                 continue
             self._give_up(di)
 
-    def _spread_target(self, di: int, idx: _FreeIndex, level: int) -> int | None:
+    def _spread_target(self, di: int, idx: FreeIndex, level: int) -> int | None:
         """Tightest device on a node with <= ``level`` replicas of this model: one already holding the
         group's weights first, else one with room for weights + replica."""
         counts = self.model_node_count[di]
@@ -909,7 +444,7 @@ class _Packer:
             f"insufficient memory: needs {w + r} slices{weights}, largest free {max(idx.max_free(cls), 0)}"
         )
 
-    def _node_verdict(self, sig: _Signature) -> tuple[int, tuple[Reason, str] | None]:
+    def _node_verdict(self, sig: Signature) -> tuple[int, tuple[Reason, str] | None]:
         """(eligible nodes, the reason when there are none) for one signature, in the scheduler's
         style: ``0/12 nodes are available: 3 didn't match nodeSelector, 9 had untolerated taints``."""
         selector, tolerations = sig
@@ -919,9 +454,9 @@ class _Packer:
         for node in self.nodes:
             if any(node.labels.get(k) != v for k, v in selector):
                 why = "didn't match nodeSelector"
-            elif blocking := _blocking_taints(node, tolerations, (NO_SCHEDULE, NO_EXECUTE)):
+            elif blocking := blocking_taints(node, tolerations, (NO_SCHEDULE, NO_EXECUTE)):
                 why = "had untolerated taints"
-                taints.update(_taint_str(t) for t in blocking)
+                taints.update(taint_str(t) for t in blocking)
             elif not node.ready:
                 why = "not ready"
             elif not node.schedulable:
@@ -964,6 +499,52 @@ class _Packer:
         )
         for o in movable:
             self._try_empty(o)
+        self._merge_pairs([o for o in movable if o in self.on_device])
+
+    def _merge_pairs(self, movable: Sequence[int]) -> None:
+        """Move the replicas of two lightly used devices together onto one empty device that holds them
+        both (a bigger one): best fit onto the tightest device leaves such pairs, which emptying one
+        device into the others cannot undo. Only the :data:`MERGE_CANDIDATES` lightest devices are
+        paired, so the pass stays cheap at scale."""
+        candidates = list(movable[:MERGE_CANDIDATES])
+        merged: set[int] = set()
+        for i, a in enumerate(candidates):
+            for b in candidates[i + 1 :]:
+                if a in merged or b in merged or self.dev_cls[a] != self.dev_cls[b]:
+                    continue
+                moving = sorted(self.on_device[a] + self.on_device[b])
+                cls = self.dev_cls[a]
+                groups = {self.demands[di].share_group: di for di, _ in moving}
+                need = sum(self.rep_slices[di][cls] for di, _ in moving)
+                need += sum(self.w_slices[di][cls] for di in groups.values()) if self.share else 0
+                if not self.share:
+                    need += sum(self.w_slices[di][cls] for di, _ in moving)
+                target = self._empty_target(moving, cls, need, (a, b))
+                if target is None:
+                    continue
+                for di, replica in moving:
+                    self.unplace(di, replica)
+                for di, replica in moving:
+                    self.missing[di].remove(replica)
+                    self.place(di, target, 1, replicas=[replica])
+                self.on_device[target] = moving
+                del self.on_device[a], self.on_device[b]
+                merged |= {a, b, target}
+                break
+
+    def _empty_target(
+        self, moving: Sequence[tuple[int, int]], cls: int, need: int, exclude: tuple[int, int]
+    ) -> int | None:
+        """The tightest empty device of class ``cls`` with ``need`` slices that every replica in
+        ``moving`` may use."""
+        first = moving[0][0]
+        for o in self.demand_index_of(first).walk(cls, need):
+            if o in exclude or self.dev_free[o] != self.dev_total[o]:
+                continue
+            node = self.dev_node[o]
+            if all(self._eligible_nodes(di)[node] for di, _ in moving):
+                return o
+        return None
 
     def _try_empty(self, o: int) -> bool:
         """Move every replica on device ``o`` to other used devices, if they all fit. The moves are
@@ -1125,118 +706,3 @@ class _Packer:
                 del self.placed[(di, replica)]
             for replica, o in sorted(new_device.items()):
                 self.placed[(di, replica)] = (o, self.rep_slices[di][self.dev_cls[o]], False)
-
-
-def _taint_str(t: Taint) -> str:
-    return f"{t.key}={t.value}:{t.effect}" if t.value else f"{t.key}:{t.effect}"
-
-
-def pack(
-    nodes: Sequence[Node],
-    demands: Sequence[Demand],
-    current: Sequence[Placement] = (),
-    *,
-    defragment: bool = False,
-    preempt: bool = True,
-    improve: bool = True,
-    share_weights: bool = True,
-) -> PackResult:
-    """Place every replica of ``demands`` on the devices of ``nodes``.
-
-    ``current`` placements are kept where still valid (stability). With ``defragment`` the cluster is
-    also re-packed from scratch, and that plan wins only if it leaves fewer replicas unplaced (highest
-    priority first) or uses fewer devices. ``preempt`` lets a replica that fits nowhere evict strictly
-    lower-priority ones. ``improve`` runs the local-improvement pass. ``share_weights=False`` gives the
-    share-blind plan (every replica carries its own weights: no weight-holders, replica slices include
-    the weights), for comparisons. Deterministic: equal inputs in any order give equal results.
-    Raises ValueError for duplicate node, device or model names, or negative sizes.
-    """
-    cluster = _Cluster(nodes, demands)
-    levels = sorted({d.priority for d in demands}, reverse=True)
-    options = {"preempt": preempt, "improve": improve, "share": share_weights}
-    stable = _best_plan(cluster, current, levels, keep=True, **options)
-    if not defragment or not current:
-        return stable
-    fresh = _best_plan(cluster, current, levels, keep=False, **options)
-    if _score(fresh, levels) >= _score(stable, levels):
-        return stable
-    reasons = {(x.placement.model, x.placement.replica): x.reason for x in stable.dropped}
-    kept = {(a.model, a.replica) for a in fresh.assignments if a.kept}
-    dropped = tuple(
-        Dropped(p, reasons.get((p.model, p.replica), "moved by defragmentation"))
-        for p in sorted(current, key=lambda p: (p.model, p.replica, p.node, p.device))
-        if (p.model, p.replica) not in kept
-    )
-    return PackResult(fresh.assignments, fresh.weight_holders, fresh.unplaced, dropped)
-
-
-def _score(result: PackResult, levels: Sequence[int]) -> tuple[tuple[int, ...], int, int, int]:
-    """Lower is better: unplaced replicas at each priority (highest first), devices, slices, moves."""
-    per_priority: dict[int, int] = {}
-    for u in result.unplaced:
-        per_priority[u.priority] = per_priority.get(u.priority, 0) + 1
-    unplaced = tuple(per_priority.get(level, 0) for level in levels)
-    moves = sum(1 for a in result.assignments if not a.kept)
-    return unplaced, result.devices_used(), result.slices_used(), moves
-
-
-def _best_plan(
-    cluster: _Cluster,
-    current: Sequence[Placement],
-    levels: Sequence[int],
-    *,
-    keep: bool,
-    preempt: bool,
-    improve: bool,
-    share: bool,
-) -> PackResult:
-    """The best of several plans from the same kept state (lowest :func:`_score`, the first on ties):
-
-    (A) share-aware chunk packing; (B) a share-blind best-fit-decreasing by replica, re-accounted with
-    sharing (which only frees room), then completed and improved like A: B makes "sharing never costs
-    more than not sharing" hold by construction; (R1..Rk) randomised variants of A with fixed seeds,
-    as many as :data:`VARIANT_BUDGET` allows for the size of the problem.
-    """
-
-    current_map = cluster.current_map(current)
-    candidates, static_drops = cluster.keep_candidates(current) if keep else ([], [])
-
-    def start(share_weights: bool = True) -> _Packer:
-        packer = _Packer(cluster, share_weights, current_map)
-        if keep:
-            packer.keep_current(candidates, static_drops)
-        return packer
-
-    def finish(packer: _Packer) -> _Packer:
-        packer.place_all(preempt)
-        if improve:
-            packer.improve()
-            if packer.unplaced:  # the improvement pass may have made room for what did not fit
-                packer.unplaced = []
-                packer.place_all(preempt)
-                packer.improve()
-        packer.match_indices()
-        return packer
-
-    if not share:
-        blind = start(share_weights=False)
-        blind.place_all(preempt)
-        blind.match_indices()
-        return blind.result()
-    total_replicas = sum(d.replicas for d in cluster.demands)
-    plan_a = start()
-    new_replicas = total_replicas - len(plan_a.placed)
-    runs = [finish(plan_a)]
-    if new_replicas > 0:  # in the steady state (nothing to place) every strategy gives plan A
-        blind = start(share_weights=False)
-        blind.place_all(preempt)
-        plan_b = start()
-        for (di, replica), (o, _, kept) in blind.placed.items():
-            if not kept and (di, replica) not in plan_b.placed and plan_b.cost(di, o) <= plan_b.dev_free[o]:
-                plan_b.place(di, o, 1, replicas=[replica])
-        runs.append(finish(plan_b))
-        for seed in range(min(VARIANTS, VARIANT_BUDGET // (total_replicas + len(cluster.dev_id)))):
-            variant = start()
-            variant.perturb(random.Random(seed))
-            runs.append(finish(variant))
-    return min(runs, key=lambda run: run.score(levels)).result()  # the first of equals: A before B

@@ -1,0 +1,192 @@
+"""``vnpu bench churn``: a churn trace through the packer, the way the operator drives it.
+
+2,000 seeded events over a population of up to 300 models drawn from the packing suite's real
+architectures: arrivals, scale changes and deletions. After each event the packer runs as the
+operator runs it: with the previous placements as the running state (stable: running replicas stay).
+Two policies run side by side: ``sticky`` never moves a running replica; ``consolidating`` runs,
+every ``--consolidate-every`` events, the bounded consolidation
+(:func:`vnpu.operator.packing.consolidate`), which may move a few running replicas to use fewer
+devices. After
+each step the devices used are compared with a fresh repack of the same demands (what a from-scratch
+packing would need), and every replica that changes device is a move.
+
+Goal (issue 11): at the end, devices <= 1.05 x the fresh repack, with at most 5% of the replicas
+moved over the whole trace (moves / replicas running at the end).
+
+Writes ``churn.json`` (with command, commit and load), ``churn.md`` and ``churn.png`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from vnpu.api import slices_for_mib
+from vnpu.bench.packing import CATALOGUE, DEVICES_PER_NODE, deployment
+from vnpu.bench.report import provenance, results_dir, write_table
+from vnpu.operator.packing import Demand, Device, Node, Placement, consolidate, pack
+
+GOAL_RATIO = 1.05
+GOAL_MOVED = 0.05
+
+
+def trace(seed: int, events: int, max_models: int) -> list[tuple[str, Demand | str, int]]:
+    """(kind, demand or model, replicas) events: arrive, scale, delete."""
+    rng = random.Random(seed)
+    sizes = [
+        deployment(name, ctx, batch)
+        for name in sorted(CATALOGUE)
+        for ctx in (4096, 8192, 16384)
+        for batch in (1, 4)
+    ]
+    sizes = [s for s in sizes if slices_for_mib(s.weight_mib) + slices_for_mib(s.replica_mib) <= 64]
+    alive: dict[str, Demand] = {}
+    out: list[tuple[str, Demand | str, int]] = []
+    serial = 0
+    while len(out) < events:
+        r = rng.random()
+        if len(alive) < max_models and (r < 0.4 or len(alive) < 20):
+            size = rng.choice(sizes)
+            group = f"ns-{serial % 20}/{size.name.split()[0]}"
+            d = Demand(
+                f"ns-{serial % 20}/m{serial}", group, rng.randint(1, 8), size.replica_mib, size.weight_mib
+            )
+            serial += 1
+            alive[d.model] = d
+            out.append(("arrive", d, d.replicas))
+        elif r < 0.8:
+            model = rng.choice(sorted(alive))
+            n = max(1, alive[model].replicas + rng.choice([-3, -2, -1, 1, 2, 3]))
+            alive[model] = replace(alive[model], replicas=n)
+            out.append(("scale", model, n))
+        else:
+            model = rng.choice(sorted(alive))
+            del alive[model]
+            out.append(("delete", model, 0))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="vnpu bench churn", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--seed", type=int, default=11)
+    parser.add_argument("--events", type=int, default=2000)
+    parser.add_argument("--models", type=int, default=300, help="most models alive at once")
+    parser.add_argument("--nodes", type=int, default=250, help="nodes of 8 x 64 GiB devices")
+    parser.add_argument("--consolidate-every", type=int, default=10)
+    parser.add_argument("--move-budget", type=int, default=4, help="moves one consolidation may make")
+    parser.add_argument("--out", type=Path, default=None, help="results directory (default bench/results)")
+    args = parser.parse_args(argv)
+    argv = list(argv or [])
+
+    nodes = [
+        Node(f"node-{i:04d}", tuple(Device(f"npu{j}", 64) for j in range(DEVICES_PER_NODE)))
+        for i in range(args.nodes)
+    ]
+    demands: dict[str, Demand] = {}
+    policies = {"sticky": 0, "consolidating": args.move_budget}
+    current: dict[str, list[Placement]] = {name: [] for name in policies}
+    moves = dict.fromkeys(policies, 0)
+    steps: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    for step, (kind, what, n) in enumerate(trace(args.seed, args.events, args.models), 1):
+        if kind == "arrive":
+            assert isinstance(what, Demand)
+            demands[what.model] = what
+        elif kind == "scale":
+            demands[str(what)] = replace(demands[str(what)], replicas=n)
+        else:
+            del demands[str(what)]
+        row: dict[str, Any] = {"step": step, "event": kind, "models": len(demands)}
+        for name, budget in policies.items():
+            where = {(p.model, p.replica): (p.node, p.device) for p in current[name]}
+            if budget and step % args.consolidate_every == 0:
+                result = consolidate(nodes, list(demands.values()), current[name], max_moves=budget)
+            else:
+                result = pack(nodes, list(demands.values()), current[name])
+            moved = sum(
+                1
+                for a in result.assignments
+                if (k := (a.model, a.replica)) in where and where[k] != (a.node, a.device)
+            )
+            moves[name] += moved
+            current[name] = [
+                Placement(a.model, a.replica, a.node, a.device, a.slices) for a in result.assignments
+            ]
+            row.update({f"{name}_devices": result.devices_used(), f"{name}_moves": moved})
+            row["replicas"], row["unplaced"] = len(result.assignments), len(result.unplaced)
+        if step % 10 == 0 or step == args.events:
+            row["fresh_devices"] = pack(nodes, list(demands.values())).devices_used()
+        steps.append(row)
+    seconds = time.perf_counter() - started
+    last = steps[-1]
+    replicas_end = last["replicas"]
+    summaries = []
+    for name in policies:
+        summary = {
+            "policy": name,
+            "events": args.events,
+            "models_at_end": last["models"],
+            "replicas_at_end": replicas_end,
+            "devices_at_end": last[f"{name}_devices"],
+            "fresh_repack_devices_at_end": last["fresh_devices"],
+            "ratio_at_end": round(last[f"{name}_devices"] / last["fresh_devices"], 4),
+            "worst_ratio": round(
+                max(r[f"{name}_devices"] / r["fresh_devices"] for r in steps if "fresh_devices" in r), 4
+            ),
+            "moves_total": moves[name],
+            "moved_fraction": round(moves[name] / max(1, replicas_end), 4),
+            "unplaced_at_end": last["unplaced"],
+        }
+        summary["goal_ratio_met"] = summary["ratio_at_end"] <= GOAL_RATIO
+        summary["goal_moves_met"] = summary["moved_fraction"] <= GOAL_MOVED
+        summaries.append(summary)
+    settings = {
+        "consolidate_every": args.consolidate_every,
+        "move_budget": args.move_budget,
+        "nodes": args.nodes,
+        "seconds": round(seconds, 1),
+    }
+    out = args.out or results_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "provenance": provenance("churn", argv),
+        "settings": settings,
+        "goals": {"ratio": GOAL_RATIO, "moved_fraction": GOAL_MOVED},
+        "summary": summaries,
+        "steps": steps,
+    }
+    (out / "churn.json").write_text(json.dumps(payload, indent=2) + "\n")
+    write_table(
+        out / "churn.md", summaries, title="Churn trace through the packer: devices vs a fresh repack, moves"
+    )
+    _plot(steps, summaries, out / "churn.png")
+    return 0
+
+
+def _plot(steps: list[dict[str, Any]], summaries: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    for s in summaries:
+        name = s["policy"]
+        label = f"{name}: end ratio {s['ratio_at_end']}, {s['moves_total']} moves ({s['moved_fraction']:.1%})"
+        ax.plot([r["step"] for r in steps], [r[f"{name}_devices"] for r in steps], label=label)
+    fresh = [r for r in steps if "fresh_devices" in r]
+    ax.plot([r["step"] for r in fresh], [r["fresh_devices"] for r in fresh], label="fresh repack", alpha=0.8)
+    ax.set_xlabel("event")
+    ax.set_ylabel("devices used")
+    ax.set_title(f"Churn: {summaries[0]['events']} arrivals, scale changes and deletions")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

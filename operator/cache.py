@@ -1,0 +1,261 @@
+"""Watch-fed caches of the objects a pass reads (client-go's informers, in a thread each).
+
+A reconcile pass reads the cluster from these stores, not from the API server: the load a pass puts on
+the server is its writes, which grow with what changed, never with the size of the cluster. Each
+informer LISTs once, then WATCHes from the list's resourceVersion (with bookmarks); when the watch
+ends it resumes from the last version seen, and on ``410 Gone`` or any error it LISTs again and
+replaces its store, so an object deleted while no watch was open is noticed too.
+
+Objects are parsed once, on arrival, into the frozen dataclasses of :mod:`vnpu.operator.state`; a
+change that leaves the parsed object equal (a node's heartbeat, a pod's unrelated status field) wakes
+nobody.
+
+Pods are watched in every namespace, whatever namespaces the operator serves: a pod anyone created
+that requests a ``vnpu.io/memory-<index>`` resource holds device memory the packer must not hand out
+again. Of the pods outside the operator's own, only those are kept.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Hashable, Mapping
+from typing import Any, Generic, TypeVar
+
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+from kubernetes.watch.watch import iter_resp_lines
+
+from vnpu import api
+from vnpu.operator import metrics
+from vnpu.operator.state import (
+    ObservedModel,
+    ObservedNode,
+    ObservedPod,
+    parse_model,
+    parse_node,
+    parse_pod,
+)
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+#: Seconds a watch request stays open before the server ends it (and the informer resumes it).
+WATCH_SECONDS = 300
+#: Pause before listing again after an error, so a broken API server is not hammered.
+RETRY_SECONDS = 2.0
+
+
+class Informer(Generic[T]):
+    """One resource's store, kept current by LIST + WATCH in a daemon thread.
+
+    ``parse`` turns a raw object into ``(key, value)``, or None for objects the store does not keep.
+    ``fingerprint`` is what about a value must change to call ``on_change`` (default: the value).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        list_call: Callable[..., Any],
+        parse: Callable[[Mapping[str, Any]], tuple[str, T] | None],
+        on_change: Callable[[str], None],
+        fingerprint: Callable[[T], Hashable] | None = None,
+    ) -> None:
+        self.name = name
+        self._list = list_call
+        self._parse = parse
+        self._on_change = on_change
+        self._fingerprint = fingerprint or (lambda v: v)  # type: ignore[assignment,return-value]
+        self._store: dict[str, T] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self.synced = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"informer-{name}", daemon=True)
+        self._resp: Any = None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        resp = self._resp
+        if resp is not None:
+            try:
+                resp.close()
+            except Exception:  # the stream may already be closed
+                log.debug("closing the %s watch", self.name, exc_info=True)
+
+    def snapshot(self) -> list[T]:
+        with self._lock:
+            return list(self._store.values())
+
+    def get(self, key: str) -> T | None:
+        with self._lock:
+            return self._store.get(key)
+
+    # -- the loop ------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        version: str | None = None
+        while not self._stop.is_set():
+            try:
+                if version is None:
+                    version = self._relist()
+                version = self._watch(version)
+            except ApiException as exc:
+                if exc.status == 410:  # our resourceVersion is too old: start over from a list
+                    log.info("%s watch expired; listing again", self.name)
+                else:
+                    log.warning("%s informer: %s %s; listing again", self.name, exc.status, exc.reason)
+                    self._stop.wait(RETRY_SECONDS)
+                version = None
+            except Exception:
+                if self._stop.is_set():
+                    return
+                log.warning("%s informer failed; listing again", self.name, exc_info=True)
+                self._stop.wait(RETRY_SECONDS)
+                version = None
+
+    def _relist(self) -> str:
+        resp = self._list(_preload_content=False, _request_timeout=60)
+        metrics.API_REQUESTS.labels("list", self.name).inc()
+        data = json.loads(resp.data)
+        fresh: dict[str, T] = {}
+        for obj in data.get("items") or []:
+            parsed = self._parse(obj)
+            if parsed is not None:
+                fresh[parsed[0]] = parsed[1]
+        with self._lock:
+            old, self._store = self._store, fresh
+        changed = [k for k in old.keys() | fresh.keys() if self._changed(old.get(k), fresh.get(k))]
+        self.synced.set()
+        for key in changed:
+            self._on_change(key)
+        return str(data.get("metadata", {}).get("resourceVersion", ""))
+
+    def _watch(self, version: str) -> str:
+        resp = self._list(
+            watch=True,
+            resource_version=version,
+            allow_watch_bookmarks=True,
+            timeout_seconds=WATCH_SECONDS,
+            _preload_content=False,
+            _request_timeout=WATCH_SECONDS + 30,
+        )
+        metrics.API_REQUESTS.labels("watch", self.name).inc()
+        self._resp = resp
+        try:
+            for line in iter_resp_lines(resp):
+                if self._stop.is_set():
+                    break
+                if not line:
+                    continue
+                event = json.loads(line)
+                obj = event.get("object") or {}
+                kind = event.get("type")
+                if kind == "ERROR":
+                    raise ApiException(status=obj.get("code", 500), reason=obj.get("message", ""))
+                version = obj.get("metadata", {}).get("resourceVersion") or version
+                if kind == "BOOKMARK":
+                    continue
+                self._apply(kind, obj)
+        finally:
+            self._resp = None
+            resp.close()
+            resp.release_conn()
+        return version
+
+    def _apply(self, kind: str | None, obj: Mapping[str, Any]) -> None:
+        parsed = self._parse(obj)
+        meta = obj.get("metadata", {})
+        key = parsed[0] if parsed else _key(meta)
+        with self._lock:
+            before = self._store.get(key)
+            if kind == "DELETED" or parsed is None:
+                self._store.pop(key, None)
+                after = None
+            else:
+                after = self._store[key] = parsed[1]
+        if self._changed(before, after):
+            self._on_change(key)
+
+    def _changed(self, before: T | None, after: T | None) -> bool:
+        if before is None or after is None:
+            return before is not after
+        return bool(self._fingerprint(before) != self._fingerprint(after))
+
+
+def _key(meta: Mapping[str, Any]) -> str:
+    ns = meta.get("namespace")
+    return f"{ns}/{meta.get('name')}" if ns else str(meta.get("name"))
+
+
+def model_fingerprint(m: ObservedModel) -> Hashable:
+    """What about a model wakes a pass: not its status (the operator's own writes)."""
+    return (m.uid, m.generation, m.deleting, m.spec, m.spec_error)
+
+
+class ClusterCache:
+    """The informers of one operator: nodes, pods (all namespaces) and InferenceModels (the namespaces
+    it serves, or all)."""
+
+    def __init__(
+        self, api_client: client.ApiClient, namespaces: tuple[str, ...], on_change: Callable[[str], None]
+    ) -> None:
+        core = client.CoreV1Api(api_client)
+        custom = client.CustomObjectsApi(api_client)
+        served = set(namespaces)
+
+        def pod(obj: Mapping[str, Any]) -> tuple[str, ObservedPod] | None:
+            meta = obj.get("metadata", {})
+            labels = meta.get("labels") or {}
+            ours = labels.get(api.LABEL_MANAGED_BY) == api.MANAGED_BY_VALUE and (
+                not served or meta.get("namespace") in served
+            )
+            parsed = parse_pod(obj, managed=ours)
+            if not ours and not (parsed.requests and parsed.node and not parsed.finished):
+                return None
+            return _key(meta), parsed
+
+        def node(obj: Mapping[str, Any]) -> tuple[str, ObservedNode] | None:
+            return obj["metadata"]["name"], parse_node(obj)
+
+        def model(obj: Mapping[str, Any]) -> tuple[str, ObservedModel] | None:
+            return _key(obj.get("metadata", {})), parse_model(obj)
+
+        self.nodes = Informer("nodes", core.list_node, node, lambda k: on_change(f"node {k}"))
+        self.pods = Informer("pods", core.list_pod_for_all_namespaces, pod, lambda k: on_change(f"pod {k}"))
+        lists = (
+            [functools.partial(custom.list_namespaced_custom_object, api.GROUP, api.VERSION, ns, api.PLURAL)
+             for ns in namespaces]
+            if namespaces
+            else [functools.partial(custom.list_cluster_custom_object, api.GROUP, api.VERSION, api.PLURAL)]
+        )  # fmt: skip
+        self.models = [
+            Informer(
+                "inferencemodels",
+                call,
+                model,
+                lambda k: on_change(f"InferenceModel {k}"),
+                fingerprint=model_fingerprint,  # type: ignore[arg-type]
+            )
+            for call in lists
+        ]
+        self._all: list[Informer[Any]] = [self.nodes, self.pods, *self.models]
+
+    def start(self) -> None:
+        for informer in self._all:
+            informer.start()
+
+    def stop(self) -> None:
+        for informer in self._all:
+            informer.stop()
+
+    def wait_synced(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        return all(i.synced.wait(max(0.0, deadline - time.monotonic())) for i in self._all)
+
+    def snapshot(self) -> tuple[list[ObservedModel], list[ObservedNode], list[ObservedPod]]:
+        models = [m for informer in self.models for m in informer.snapshot()]
+        return models, self.nodes.snapshot(), self.pods.snapshot()

@@ -1,0 +1,190 @@
+"""The entry point: :func:`pack` runs several packings from the same kept state and returns the best
+(fewest unplaced replicas by priority, then fewest devices, slices and moves)."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+from vnpu.operator.packing.cluster import Cluster
+from vnpu.operator.packing.inputs import Demand, Node, Placement
+from vnpu.operator.packing.outputs import Dropped, PackResult
+from vnpu.operator.packing.packer import Packer
+
+#: Randomised packing variants tried besides the two main strategies: at most VARIANTS, and no more
+#: than VARIANT_BUDGET / (replicas + devices) of them (each is a whole packing run, whose cost grows
+#: with both), so they help on small, tight problems (where they find the optimum the greedy order
+#: misses) and cost nothing at scale; none run in the steady state (nothing new to place).
+VARIANTS = 64
+VARIANT_BUDGET = 15_000
+
+
+def pack(
+    nodes: Sequence[Node],
+    demands: Sequence[Demand],
+    current: Sequence[Placement] = (),
+    *,
+    defragment: bool = False,
+    preempt: bool = True,
+    improve: bool = True,
+    share_weights: bool = True,
+) -> PackResult:
+    """Place every replica of ``demands`` on the devices of ``nodes``.
+
+    ``current`` placements are kept where still valid (stability). With ``defragment`` the cluster is
+    also re-packed from scratch, and that plan wins only if it leaves fewer replicas unplaced (highest
+    priority first) or uses fewer devices. ``preempt`` lets a replica that fits nowhere evict strictly
+    lower-priority ones. ``improve`` runs the local-improvement pass. ``share_weights=False`` gives the
+    share-blind plan (every replica carries its own weights: no weight-holders, replica slices include
+    the weights), for comparisons. Deterministic: equal inputs in any order give equal results.
+    Raises ValueError for duplicate node, device or model names, or negative sizes.
+    """
+    cluster = Cluster(nodes, demands)
+    levels = sorted({d.priority for d in demands}, reverse=True)
+    options = {"preempt": preempt, "improve": improve, "share": share_weights}
+    stable = _best_plan(cluster, current, levels, keep=True, **options)
+    if not defragment or not current:
+        return stable
+    fresh = _best_plan(cluster, current, levels, keep=False, **options)
+    if _score(fresh, levels) >= _score(stable, levels):
+        return stable
+    reasons = {(x.placement.model, x.placement.replica): x.reason for x in stable.dropped}
+    kept = {(a.model, a.replica) for a in fresh.assignments if a.kept}
+    dropped = tuple(
+        Dropped(p, reasons.get((p.model, p.replica), "moved by defragmentation"))
+        for p in sorted(current, key=lambda p: (p.model, p.replica, p.node, p.device))
+        if (p.model, p.replica) not in kept
+    )
+    return PackResult(fresh.assignments, fresh.weight_holders, fresh.unplaced, dropped)
+
+
+def _score(result: PackResult, levels: Sequence[int]) -> tuple[tuple[int, ...], int, int, int]:
+    """Lower is better: unplaced replicas at each priority (highest first), devices, slices, moves."""
+    per_priority: dict[int, int] = {}
+    for u in result.unplaced:
+        per_priority[u.priority] = per_priority.get(u.priority, 0) + 1
+    unplaced = tuple(per_priority.get(level, 0) for level in levels)
+    moves = sum(1 for a in result.assignments if not a.kept)
+    return unplaced, result.devices_used(), result.slices_used(), moves
+
+
+def _best_plan(
+    cluster: Cluster,
+    current: Sequence[Placement],
+    levels: Sequence[int],
+    *,
+    keep: bool,
+    preempt: bool,
+    improve: bool,
+    share: bool,
+) -> PackResult:
+    """The best of several plans from the same kept state (lowest :func:`_score`, the first on ties):
+
+    (A) share-aware chunk packing; (B) a share-blind best-fit-decreasing by replica, re-accounted with
+    sharing (which only frees room), then completed and improved like A: B makes "sharing never costs
+    more than not sharing" hold by construction; (R1..Rk) randomised variants of A with fixed seeds,
+    as many as :data:`VARIANT_BUDGET` allows for the size of the problem.
+    """
+
+    current_map = cluster.current_map(current)
+    candidates, static_drops = cluster.keep_candidates(current) if keep else ([], [])
+
+    def start(share_weights: bool = True) -> Packer:
+        packer = Packer(cluster, share_weights, current_map)
+        if keep:
+            packer.keep_current(candidates, static_drops)
+        return packer
+
+    def finish(packer: Packer) -> Packer:
+        packer.place_all(preempt)
+        if improve:
+            packer.improve()
+            if packer.unplaced:  # the improvement pass may have made room for what did not fit
+                packer.unplaced = []
+                packer.place_all(preempt)
+                packer.improve()
+        packer.match_indices()
+        return packer
+
+    if not share:
+        blind = start(share_weights=False)
+        blind.place_all(preempt)
+        blind.match_indices()
+        return blind.result()
+    total_replicas = sum(d.replicas for d in cluster.demands)
+    plan_a = start()
+    new_replicas = total_replicas - len(plan_a.placed)
+    runs = [finish(plan_a)]
+    if new_replicas > 0:  # in the steady state (nothing to place) every strategy gives plan A
+        blind = start(share_weights=False)
+        blind.place_all(preempt)
+        plan_b = start()
+        for (di, replica), (o, _, kept) in blind.placed.items():
+            if not kept and (di, replica) not in plan_b.placed and plan_b.cost(di, o) <= plan_b.dev_free[o]:
+                plan_b.place(di, o, 1, replicas=[replica])
+        runs.append(finish(plan_b))
+        for seed in range(min(VARIANTS, VARIANT_BUDGET // (total_replicas + len(cluster.dev_id)))):
+            variant = start()
+            variant.perturb(random.Random(seed))
+            runs.append(finish(variant))
+    return min(runs, key=lambda run: run.score(levels)).result()  # the first of equals: A before B
+
+
+def consolidate(
+    nodes: Sequence[Node],
+    demands: Sequence[Demand],
+    current: Sequence[Placement],
+    *,
+    max_moves: int,
+    tries: int = 16,
+) -> PackResult:
+    """A stable plan that may move at most ``max_moves`` running replicas to use less memory.
+
+    Between the sticky plan (no moves) and a fresh repack (fewest devices, most replicas moved). Under
+    churn a sticky plan drifts for one reason above all: a group that scaled up where its devices were
+    full got another weight copy elsewhere, and after it scaled down its replicas sit thinly on several
+    copies. So the candidates are the thinnest copies of groups with more than one (their replicas
+    offered to the packer as new, which puts them next to the group's other copies, paying no
+    weights), then the least-used devices; each is kept only if the plan then needs fewer devices or
+    slices, within the move budget.
+    """
+    best = pack(nodes, demands, current)
+    if max_moves <= 0:
+        return best
+    copies: dict[str, dict[tuple[str, str], int]] = {}
+    used: dict[tuple[str, str], int] = {}
+    for a in best.assignments:
+        per_device = copies.setdefault(a.share_group, {})
+        per_device[(a.node, a.device)] = per_device.get((a.node, a.device), 0) + 1
+        used[(a.node, a.device)] = used.get((a.node, a.device), 0) + a.slices
+    thin = sorted(
+        (n, group, device)
+        for group, devices in copies.items()
+        if len(devices) > 1
+        for device, n in devices.items()
+    )
+    candidates: list[tuple[str | None, tuple[str, str]]] = [(g, d) for _, g, d in thin[:tries]]
+    candidates += [(None, d) for d in sorted(used, key=lambda d: (used[d], d))[:tries]]
+    kept = [Placement(a.model, a.replica, a.node, a.device, a.slices) for a in best.assignments]
+    group_of = {d.model: d.share_group for d in demands}
+    moves = 0
+    for group, device in candidates:
+        trial = [
+            p
+            for p in kept
+            if (p.node, p.device) != device or (group is not None and group_of[p.model] != group)
+        ]
+        if len(trial) == len(kept) or moves + len(kept) - len(trial) > max_moves:
+            continue
+        result = pack(nodes, demands, trial)
+        was = {(p.model, p.replica): (p.node, p.device) for p in kept}
+        moved = sum(
+            1
+            for a in result.assignments
+            if (k := (a.model, a.replica)) in was and was[k] != (a.node, a.device)
+        )
+        better = (result.devices_used(), result.slices_used()) < (best.devices_used(), best.slices_used())
+        if better and not result.unplaced and moves + moved <= max_moves:
+            best, moves = result, moves + moved
+            kept = [Placement(a.model, a.replica, a.node, a.device, a.slices) for a in result.assignments]
+    return best

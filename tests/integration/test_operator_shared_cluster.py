@@ -1,0 +1,247 @@
+"""The operator on a shared cluster, against the real API server, scheduler, controller-manager and kwok:
+one tenant never stalls another, HA that holds, no needless outages, capacity and status from reality.
+
+Each test runs ``vnpu operator`` as a real process (two for HA). kwok marks pods Ready once bound, so
+"Ready" here is the API server's Ready condition, as a real kubelet would set it.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any
+
+import test_operator
+from kubernetes import client, watch
+from operator_harness import OperatorProcess, get_model, live, pods_of
+from test_operator import GIB, apply, events_of, replica_pods, spec, wait_phase
+
+from vnpu import api
+from vnpu.cluster.processes import wait_until
+
+# The fixtures of test_operator.py: the scheduler, controller-manager and kwok; the `models` claim; and
+# one operator watching the test's namespace.
+cluster = test_operator.cluster
+model_claim = test_operator.model_claim
+operator = test_operator.operator
+
+
+def local(**kwargs: Any) -> dict[str, Any]:
+    """A model spec whose source needs no claim (the `models` claim exists in the test's namespace only)."""
+    return {**spec(**kwargs), "source": {"uri": "file:///models/m.safetensors"}}
+
+
+def condition(model: dict[str, Any], type_: str) -> dict[str, Any]:
+    return {c["type"]: c for c in model.get("status", {}).get("conditions", [])}.get(type_, {})
+
+
+def new_namespace(cp: Any, name: str, labels: dict[str, str] | None = None) -> str:
+    body = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels or {}}}
+    cp.kubectl("apply", "-f", "-", input=json.dumps(body))
+    return name
+
+
+def test_one_tenant_never_stalls_another(cluster, namespace, kwok_nodes, tmp_path) -> None:
+    """A restricted namespace, a namespace at its quota, an unplaceable model on a 3-node cluster and a
+    healthy namespace, in one operator: each model ends as it should, none holds up the others."""
+    kwok_nodes(3, devices=1, device_mib=16 * GIB)
+    suffix = namespace.removeprefix("t-")
+    restricted = new_namespace(cluster, f"r-{suffix}", {"pod-security.kubernetes.io/enforce": "restricted"})
+    quota = new_namespace(cluster, f"q-{suffix}")
+    cluster.kubectl(
+        "apply", "-n", quota, "-f", "-",
+        input=json.dumps({"apiVersion": "v1", "kind": "ResourceQuota", "metadata": {"name": "pods"},
+                          "spec": {"hard": {"pods": "0"}}}),
+    )  # fmt: skip
+    healthy = namespace
+    op = OperatorProcess(cluster, healthy, tmp_path).start("-n", restricted, "-n", quota)
+    try:
+        apply(cluster, quota, "starved", local(replicas=1, weights_mib=2 * GIB))
+        apply(cluster, healthy, "nowhere", spec(replicas=1, placement={"nodeSelector": {"pool": "none"}}))
+        apply(cluster, restricted, "strict", local(replicas=2, weights_mib=2 * GIB))
+        apply(cluster, healthy, "fine", spec(replicas=2, weights_mib=2 * GIB))
+        wait_phase(cluster, restricted, "strict", "Ready", timeout=90)
+        wait_phase(cluster, healthy, "fine", "Ready", timeout=90)
+        nowhere = wait_phase(cluster, healthy, "nowhere", "CapacityPending", timeout=90)
+        assert "nodeSelector" in condition(nowhere, "CapacityPending")["message"]
+
+        def refused() -> bool:
+            c = condition(get_model(cluster, quota, "starved"), "Degraded")
+            return c.get("status") == "True" and "exceeded quota" in c.get("message", "")
+
+        wait_until(refused, 60, "the quota's refusal in the starved model's status")
+        starved = get_model(cluster, quota, "starved")
+        assert condition(starved, "Degraded")["reason"] == "Forbidden"
+        assert any(e.reason == "Forbidden" for e in events_of(cluster, quota, "starved"))
+        assert (
+            f'vnpu_operator_api_errors_total{{model="starved",namespace="{quota}",reason="Forbidden"}}'
+            in (op.metrics())
+        )
+        # The placeholders of the unplaceable model are valid pods on a 3-node cluster.
+        placeholders = live(pods_of(cluster, healthy, f"{api.LABEL_ROLE}={api.ROLE_PLACEHOLDER}"))
+        assert len(placeholders) == 1 and placeholders[0].spec.node_selector == {"pool": "none"}
+        # The restricted namespace runs the model: its pods pass the restricted profile as created.
+        for pod in live(pods_of(cluster, restricted)):
+            assert (
+                pod.spec.security_context.run_as_non_root
+                and pod.spec.automount_service_account_token is False
+            )
+            (container,) = pod.spec.containers
+            assert container.security_context.capabilities.drop == ["ALL"]
+            assert container.security_context.read_only_root_filesystem
+        # Quota lifted: the model converges on its own (its backoff ends, nothing else to do).
+        cluster.kubectl("delete", "-n", quota, "resourcequota", "pods")
+        wait_phase(cluster, quota, "starved", "Ready", timeout=120)
+    finally:
+        for ns in (quota, restricted, healthy):
+            cluster.kubectl("delete", "infm", "--all", "-n", ns, "--timeout=60s", check=False)
+        op.stop()
+
+
+def test_two_operators_one_writer_and_the_standby_takes_over(
+    cluster, namespace, kwok_nodes, tmp_path
+) -> None:
+    kwok_nodes(2, devices=1, device_mib=16 * GIB)
+    lease = f"vnpu-{namespace}"
+    args = ("--leader-elect", "--leader-election-namespace", namespace, "--leader-election-id", lease,
+            "--lease-duration", "6", "--renew-deadline", "4", "--retry-period", "1")  # fmt: skip
+    first = OperatorProcess(cluster, namespace, tmp_path / "a").start(*args)
+    wait_until(lambda: "vnpu_operator_leader 1.0" in first.metrics(), 30, "the first operator leads")
+    second = OperatorProcess(cluster, namespace, tmp_path / "b").start(*args)
+    try:
+        apply(cluster, namespace, "ha", spec(replicas=2))
+        wait_phase(cluster, namespace, "ha", "Ready")
+        before = {p.metadata.name for p in live(pods_of(cluster, namespace))}
+        assert "vnpu_operator_leader 0.0" in second.metrics()
+        assert "created" not in second.log() and "deleted pod" not in second.log(), "the standby wrote"
+        first.kill()  # no release: the standby must wait out the Lease
+        wait_until(lambda: "vnpu_operator_leader 1.0" in second.metrics(), 60, "the standby leads")
+        apply(cluster, namespace, "after", spec(replicas=1, shareGroup="after"))
+        wait_phase(cluster, namespace, "after", "Ready")
+        wait_phase(cluster, namespace, "ha", "Ready")
+        after = {p.metadata.name for p in live(pods_of(cluster, namespace))}
+        assert before <= after, "the new leader kept every pod the old one made"
+        assert "deleted pod" not in second.log()
+        holder = client.CoordinationV1Api(cluster.api_client()).read_namespaced_lease(lease, namespace)
+        assert holder.spec.holder_identity and holder.spec.lease_transitions >= 1
+    finally:
+        cluster.kubectl("delete", "infm", "--all", "-n", namespace, "--timeout=60s", check=False)
+        second.stop()
+        first.stop()
+
+
+def test_a_context_change_rolls_four_replicas_and_four_stay_ready(
+    cluster, namespace, kwok_nodes, operator
+) -> None:
+    kwok_nodes(2, devices=1, device_mib=16 * GIB)
+    apply(cluster, namespace, "roll", spec(replicas=4))
+    wait_phase(cluster, namespace, "roll", "Ready")
+    core = client.CoreV1Api(cluster.api_client())
+    selector = f"{api.LABEL_MODEL}=roll,{api.LABEL_ROLE}={api.ROLE_REPLICA}"
+    listed = core.list_namespaced_pod(namespace, label_selector=selector)
+    state = {p.metadata.name: p for p in listed.items}
+    lowest: list[int] = []
+    templates: set[str] = set()
+    done = threading.Event()
+
+    def ready_count() -> int:
+        return sum(
+            1
+            for p in state.values()
+            if p.metadata.deletion_timestamp is None
+            and any(c.type == "Ready" and c.status == "True" for c in p.status.conditions or [])
+        )
+
+    def follow() -> None:
+        w = watch.Watch()
+        version = listed.metadata.resource_version
+        for ev in w.stream(
+            core.list_namespaced_pod,
+            namespace,
+            label_selector=selector,
+            resource_version=version,
+            timeout_seconds=180,
+        ):
+            pod = ev["object"]
+            if ev["type"] == "DELETED":
+                state.pop(pod.metadata.name, None)
+            else:
+                state[pod.metadata.name] = pod
+                templates.add(pod.metadata.labels.get(api.LABEL_TEMPLATE_HASH, ""))
+            lowest.append(ready_count())  # every state the API server went through, one event at a time
+            if done.is_set():
+                w.stop()
+
+    follower = threading.Thread(target=follow, daemon=True)
+    follower.start()
+    changed = spec(replicas=4)
+    changed["memory"]["kvCacheMiB"] = 1792  # a longer context: 2 GiB per replica instead of 1
+    apply(cluster, namespace, "roll", changed)
+
+    def rolled() -> bool:
+        pods = replica_pods(cluster, namespace, "roll")
+        return len(pods) == 4 and all(p.metadata.annotations[api.ANNOTATION_SLICES] == "2" for p in pods)
+
+    wait_until(rolled, 120, "every replica rolled to 2 slices")
+
+    def complete() -> bool:
+        model = get_model(cluster, namespace, "roll")
+        return condition(model, "Progressing").get("reason") == "RolloutComplete" and (
+            model["status"].get("phase") == "Ready"
+        )
+
+    wait_until(complete, 60, "the rollout complete in the model's status")
+    model = get_model(cluster, namespace, "roll")
+    done.set()
+    follower.join(30)
+    assert lowest and min(lowest) >= 4, f"fewer than 4 ready replicas at some moment: {min(lowest)}"
+    assert len(templates) >= 2, "the watch saw pods of both templates"
+    reasons = [e.reason for e in events_of(cluster, namespace, "roll")]
+    assert "RollingUpdate" in reasons and "RolloutComplete" in reasons
+    assert condition(model, "Progressing")["reason"] == "RolloutComplete"
+    assert model["status"]["updatedReplicas"] == 4
+
+
+def test_capacity_and_status_come_from_what_really_runs(cluster, namespace, kwok_nodes, operator) -> None:
+    (node,) = kwok_nodes(1, devices=1, device_mib=16 * GIB)
+    # Someone else's pod, in a namespace the operator does not serve, holds 10 of the device's 16 slices.
+    other = new_namespace(cluster, f"o-{namespace.removeprefix('t-')}")
+    squatter = {
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "squatter", "namespace": other},
+        "spec": {"nodeName": node, "containers": [{"name": "c", "image": "pause",
+                 "resources": {"limits": {"vnpu.io/memory-0": "10"}}}]},
+    }  # fmt: skip
+    cluster.kubectl("apply", "-f", "-", input=json.dumps(squatter))
+    apply(cluster, namespace, "big", spec(replicas=3, weights_mib=4 * GIB))  # 4 + 3 = 7 > 6 free
+    big = wait_phase(cluster, namespace, "big", "CapacityPending")
+    assert len(big["status"]["placements"]) == 2, "4 + 2 slices fit next to the squatter's 10, not 3"
+    assert all(p.status.phase == "Running" for p in replica_pods(cluster, namespace, "big"))
+    cluster.kubectl("delete", "-n", other, "pod", "squatter", "--wait=true")
+    wait_phase(cluster, namespace, "big", "Ready")
+
+    # A weight-holder that crash-loops (its status as a kubelet would write it): the model is Degraded
+    # with the kubelet's reason and its replicas are not counted ready.
+    core = client.CoreV1Api(cluster.api_client())
+    (holder,) = live(pods_of(cluster, namespace, f"{api.LABEL_ROLE}={api.ROLE_WEIGHTS}"))
+    crash = {
+        "status": {
+            "conditions": [
+                {"type": "Ready", "status": "False"},
+                {"type": "ContainersReady", "status": "False"},
+            ],
+            "containerStatuses": [{
+                "name": "weights", "image": "x", "imageID": "", "ready": False, "restartCount": 2,
+                "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 20s restarting"}},
+                "lastState": {"terminated": {"exitCode": 1, "reason": "Error"}},
+            }],
+        }
+    }  # fmt: skip
+    core.patch_namespaced_pod_status(holder.metadata.name, namespace, crash)
+
+    def degraded() -> bool:
+        return condition(get_model(cluster, namespace, "big"), "Degraded").get("reason") == "CrashLoopBackOff"
+
+    wait_until(degraded, 60, "the crash-looping holder in the model's status")
+    big = get_model(cluster, namespace, "big")
+    assert big["status"]["readyReplicas"] == 0 and big["status"]["phase"] == "Degraded"
+    assert "restarted 2 times" in condition(big, "Degraded")["message"]

@@ -1,0 +1,241 @@
+"""The planner on a shared cluster: failures stay with their model, uncertainty keeps running pods,
+capacity and status come from what really runs. Pure: no API server (tests/integration covers that)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import replace
+
+import pytest
+from test_planner import CONFIG, NOW, as_pods, estimate, model, node, run
+
+from vnpu import api
+from vnpu.memory import EstimateError
+from vnpu.operator.estimate_cache import EstimateCache
+from vnpu.operator.planner import Failure
+from vnpu.operator.spec import Rollout, SpecError, parse_spec
+from vnpu.operator.state import parse_node, parse_pod
+
+
+def conditions(update) -> dict:
+    return {c["type"]: c for c in update.status["conditions"]}
+
+
+def test_a_model_in_backoff_gets_no_writes_and_says_why_while_others_converge() -> None:
+    bad, good = model("bad", 2, ns="quota"), model("good", 2, ns="team")
+    failure = Failure('pods "x" is forbidden: exceeded quota', NOW + dt.timedelta(seconds=8), 3, "Forbidden")
+    result = run([bad, good], [node("n1")], failures={"quota/bad": failure})
+    assert {p["metadata"]["namespace"] for p in result.create} == {"team"}
+    status = {u.model.name: u for u in result.statuses}
+    degraded = conditions(status["bad"])["Degraded"]
+    assert degraded["status"] == "True" and degraded["reason"] == "Forbidden"
+    assert "exceeded quota" in degraded["message"]
+    assert "Forbidden" in [e.reason for e in status["bad"].events]
+    assert conditions(status["good"])["Degraded"]["status"] == "False"
+    assert result.requeue_after == pytest.approx(8)
+    # Once the backoff has passed, the model is planned (and written) again.
+    later = run([bad, good], [node("n1")], failures={"quota/bad": replace(failure, retry_at=NOW)})
+    assert {p["metadata"]["namespace"] for p in later.create} == {"quota", "team"}
+
+
+def test_a_notready_node_keeps_its_pods_for_the_grace_period() -> None:
+    m = model("a", 2, placement={"spreadAcrossNodes": True})
+    pods = as_pods(run([m], [node("n1"), node("n2")]).create)
+
+    def not_ready_since(seconds_ago: float):
+        n = parse_node(
+            {
+                "metadata": {"name": "n2", "annotations": {api.ANNOTATION_DEVICES: _inventory("n2")}},
+                "status": {
+                    "conditions": [
+                        {
+                            "type": "Ready",
+                            "status": "Unknown",
+                            "lastTransitionTime": (NOW - dt.timedelta(seconds=seconds_ago)).strftime(
+                                "%Y-%m-%dT%H:%M:%SZ"
+                            ),
+                        }
+                    ]
+                },
+                "spec": {"taints": [{"key": "node.kubernetes.io/unreachable", "effect": "NoExecute"}]},
+            }
+        )
+        return [node("n1"), n, node("n3")]
+
+    within = run([m], not_ready_since(60), pods)
+    assert within.delete == [] and within.create == []
+    assert within.requeue_after == pytest.approx(240)
+    degraded = conditions(within.statuses[0])["Degraded"]
+    assert degraded["reason"] == "NodeNotReady" and "n2" in degraded["message"]
+    past = run([m], not_ready_since(301), pods)
+    forced = [d for d in past.delete if d.force]
+    assert forced and {p.node for p in pods if p.name in {d.name for d in forced}} == {"n2"}
+    assert conditions(past.statuses[0])["Degraded"]["reason"] == "NodeLost"
+    # Model pods tolerate the lifecycle controller's taints for exactly the grace period.
+    replica = next(
+        p for p in run([m], [node("n1")]).create if p["metadata"]["labels"][api.LABEL_ROLE] == "replica"
+    )
+    assert {"key": "node.kubernetes.io/unreachable", "operator": "Exists", "effect": "NoExecute",
+            "tolerationSeconds": CONFIG.node_grace_seconds} in replica["spec"]["tolerations"]  # fmt: skip
+
+
+def _inventory(name: str) -> str:
+    from vnpu.cluster.kwok import simulated_inventory
+
+    return simulated_inventory(name, 2, 16 * 1024, 1024).to_json()
+
+
+def test_an_estimate_error_on_a_running_model_keeps_its_pods() -> None:
+    m = model("a", 2)
+    nodes = [node("n1")]
+    pods = as_pods(run([m], nodes).create)
+    result = run(
+        [m], nodes, pods, estimates={m.key: EstimateError("cannot read hf://org/m: NFS stale handle")}
+    )
+    assert result.delete == [] and result.create == []
+    status = result.statuses[0].status
+    degraded = conditions(result.statuses[0])["Degraded"]
+    assert status["phase"] == "Degraded" and degraded["reason"] == "EstimateFailed"
+    assert "NFS stale handle" in degraded["message"] and status["readyReplicas"] == 2
+    # The same error on a model that runs nothing yet: it fails with the reason, and creates nothing.
+    fresh = run([model("b", 1)], nodes, estimates={("ns", "b"): EstimateError("set spec.weights.sizeMiB")})
+    assert fresh.statuses[0].status["phase"] == "Failed" and fresh.create == []
+
+
+def test_estimate_failures_are_retried_with_backoff_not_cached() -> None:
+    now = [0.0]
+    calls = []
+
+    def flaky(spec, cache_dir=None):
+        calls.append(now[0])
+        if len(calls) < 3:
+            raise OSError("Stale file handle")
+        return estimate()
+
+    cache = EstimateCache("/models/hf", clock=lambda: now[0], estimate=flaky)
+    m = model("a")
+    assert isinstance(cache.get(m), EstimateError)
+    assert isinstance(cache.get(m), EstimateError) and len(calls) == 1  # within its backoff
+    assert cache.retry_in(m) == pytest.approx(1)
+    now[0] = 1.0
+    assert isinstance(cache.get(m), EstimateError) and cache.retry_in(m) == pytest.approx(2)
+    now[0] = 3.0
+    assert cache.get(m) == estimate() and cache.retry_in(m) is None
+    now[0] = 100.0
+    assert cache.get(m) == estimate() and len(calls) == 3  # a success is cached for the generation
+
+
+def test_pods_anyone_else_made_that_hold_vnpu_memory_are_subtracted() -> None:
+    foreign = parse_pod(
+        {
+            "metadata": {"namespace": "other", "name": "squatter"},
+            "spec": {
+                "nodeName": "n1",
+                "containers": [{"resources": {"limits": {"vnpu.io/memory-0": "14", "cpu": "1"}}}],
+            },
+            "status": {"phase": "Running"},
+        },
+        managed=False,
+    )
+    result = run([model("a", 1)], [node("n1", devices=1)], [foreign])
+    # 16 slices - 14 held = 2 free: weights (4) + a replica (1) no longer fit there.
+    assert [p["metadata"]["labels"][api.LABEL_ROLE] for p in result.create] == ["placeholder"]
+    finished = replace(foreign, finished=True)
+    assert "placeholder" not in [
+        p["metadata"]["labels"][api.LABEL_ROLE]
+        for p in run([model("a", 1)], [node("n1", devices=1)], [finished]).create
+    ]
+
+
+def test_a_crash_looping_holder_makes_the_model_degraded_and_its_replicas_unready() -> None:
+    m = model("a", 2)
+    nodes = [node("n1", devices=1)]
+    manifests = run([m], nodes).create
+    crashing = []
+    for manifest in manifests:
+        status = {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}
+        if manifest["metadata"]["labels"][api.LABEL_ROLE] == "weights":
+            status = {
+                "phase": "Running",
+                "conditions": [{"type": "Ready", "status": "False"}],
+                "containerStatuses": [
+                    {
+                        "name": "weights",
+                        "ready": False,
+                        "restartCount": 2,
+                        "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 20s"}},
+                    }
+                ],
+            }
+        crashing.append(parse_pod({**manifest, "status": status}))
+    result = run([m], nodes, crashing)
+    status = result.statuses[0].status
+    degraded = conditions(result.statuses[0])["Degraded"]
+    assert degraded["reason"] == "CrashLoopBackOff" and "weight-holder" in degraded["message"]
+    assert "restarted 2 times" in degraded["message"]
+    assert status["readyReplicas"] == 0 and status["phase"] == "Degraded"
+    assert conditions(result.statuses[0])["Ready"]["status"] == "False"
+
+
+def test_an_unschedulable_replica_surfaces_the_schedulers_reason() -> None:
+    m = model("a", 1)
+    nodes = [node("n1", devices=1)]
+    pods = []
+    for manifest in run([m], nodes).create:
+        status = {"phase": "Pending"}
+        if manifest["metadata"]["labels"][api.LABEL_ROLE] == "replica":
+            status["conditions"] = [
+                {
+                    "type": "PodScheduled",
+                    "status": "False",
+                    "reason": "Unschedulable",
+                    "message": "0/3 nodes are available: 1 Insufficient vnpu.io/memory-0.",
+                }
+            ]
+        pods.append(parse_pod({**manifest, "status": status}))
+    degraded = conditions(run([m], nodes, pods).statuses[0])["Degraded"]
+    assert degraded["reason"] == "Unschedulable" and "Insufficient vnpu.io/memory-0" in degraded["message"]
+
+
+def test_the_spec_is_parsed_once_with_its_defaults_in_one_place() -> None:
+    spec = parse_spec({"modelName": "m", "source": {"uri": "file:///m.gguf"}, "memory": {"kvCacheMiB": 1}})
+    assert spec.replicas == 1 and spec.runtime.port == 8000 and spec.priority == 0
+    assert spec.rollout == Rollout("RollingUpdate", "25%", 0)
+    assert (spec.rollout.surge(4), spec.rollout.unavailable(4)) == (1, 0)
+    assert (spec.rollout.surge(10), spec.rollout.unavailable(10)) == (3, 0)  # surge rounds up
+    assert Rollout(max_surge=0, max_unavailable=0).surge(4) == 1  # never stuck at 0/0
+    assert Rollout(max_surge=0, max_unavailable="50%").unavailable(5) == 2  # rounds down
+    assert Rollout("Recreate").unavailable(3) == 3 and Rollout("Recreate").surge(3) == 0
+    with pytest.raises(SpecError, match=r"spec\.rollout\.maxSurge"):
+        parse_spec({"source": {"uri": "file:///m"}, "rollout": {"maxSurge": "lots"}})
+    with pytest.raises(SpecError, match=r"spec\.source\.uri"):
+        parse_spec({"modelName": "m"})
+
+
+def test_hf_sources_are_sized_from_the_configured_model_cache(tmp_path) -> None:
+    import json
+
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from vnpu.operator.config import OperatorConfig
+    from vnpu.operator.main import build_parser
+    from vnpu.operator.reconciler import Reconciler
+
+    snapshot = tmp_path / "models--org--tiny" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (tmp_path / "models--org--tiny" / "refs").mkdir()
+    (tmp_path / "models--org--tiny" / "refs" / "main").write_text("abc123")
+    save_file({"w": np.zeros((1024, 512), dtype=np.float32)}, str(snapshot / "model.safetensors"))
+    (snapshot / "config.json").write_text(
+        json.dumps({"model_type": "llama", "num_hidden_layers": 2, "num_attention_heads": 4,
+                    "num_key_value_heads": 2, "hidden_size": 256, "intermediate_size": 512,
+                    "vocab_size": 1000, "torch_dtype": "float32"})
+    )  # fmt: skip
+    args = build_parser().parse_args(["--model-cache-dir", str(tmp_path)])
+    config = OperatorConfig(model_cache_dir=args.model_cache_dir)
+    estimates = Reconciler(config)._estimates
+    m = model("hf", source={"uri": "hf://org/tiny"}, memory={"maxContextTokens": 1000, "maxBatch": 4})
+    assert estimates.get(m).weights_mib == 2  # the header, read from the cache: 512 Ki float32
+    without = EstimateCache(None).get(m)
+    assert isinstance(without, EstimateError) and "local model cache" in str(without)
