@@ -17,7 +17,7 @@ from typing import Any
 
 from vnpu import api, sharing
 from vnpu.operator import metrics
-from vnpu.operator.config import OperatorConfig
+from vnpu.operator.config import PLACEHOLDER_PRIORITY_CLASS, OperatorConfig
 from vnpu.operator.estimate_cache import EstimateCache
 from vnpu.operator.kube import Kube
 from vnpu.operator.planner import Plan, PodDeletion, SecretIntent, plan
@@ -53,7 +53,13 @@ class Reconciler:
         return self._kube
 
     async def start(self) -> None:
-        await asyncio.to_thread(self.kube.ensure_placeholder_priority_class)
+        kube = self.kube
+        if self.config.placeholders and await asyncio.to_thread(kube.placeholder_priority_class_missing):
+            log.error(
+                "PriorityClass %s is missing: no placeholder pod can be created until it exists (the Helm "
+                "chart ships it, placeholderPriorityClass.create=true), or run with --no-placeholders",
+                PLACEHOLDER_PRIORITY_CLASS,
+            )
         self._task = asyncio.create_task(self._loop(), name="vnpu-reconciler")
 
     async def stop(self) -> None:
