@@ -1,6 +1,6 @@
 """All of the operator's Kubernetes API calls (sync ``kubernetes`` client; the async reconciler runs
 them in a worker thread). Kept in one module so the planner stays pure and RBAC needs are visible
-in one place — deploy/helm/vnpu/templates/rbac.yaml grants exactly what this module uses."""
+in one place — deploy/helm/vnpu/templates/operator-rbac.yaml grants exactly what this module uses."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from kubernetes.client.exceptions import ApiException
 
 from vnpu import api
 from vnpu.operator import metrics
-from vnpu.operator.config import PLACEHOLDER_PRIORITY, PLACEHOLDER_PRIORITY_CLASS
+from vnpu.operator.config import PLACEHOLDER_PRIORITY_CLASS
 from vnpu.operator.pods import ROLE_SHARE_KEY
 from vnpu.operator.state import ObservedModel, ObservedPod, ObservedSecret, parse_secret
 
@@ -161,30 +161,18 @@ class Kube:
             if exc.status != 404:  # deleted meanwhile
                 raise
 
-    def ensure_placeholder_priority_class(self) -> None:
-        body = {
-            "apiVersion": "scheduling.k8s.io/v1",
-            "kind": "PriorityClass",
-            "metadata": {
-                "name": PLACEHOLDER_PRIORITY_CLASS,
-                "labels": {api.LABEL_MANAGED_BY: api.MANAGED_BY_VALUE},
-            },
-            "value": PLACEHOLDER_PRIORITY,
-            "preemptionPolicy": "Never",
-            "globalDefault": False,
-            "description": "vnpu placeholder pods: demand the Cluster Autoscaler should add nodes for.",
-        }
-        try:  # the Helm chart usually made it; RBAC allows get and create, not list
-            self.scheduling.read_priority_class(PLACEHOLDER_PRIORITY_CLASS)
-            return
-        except ApiException as exc:
-            if exc.status != 404:
-                raise
+    def placeholder_priority_class_missing(self) -> bool:
+        """True when the API server says the placeholder PriorityClass does not exist (the chart ships
+        it; the operator never creates one). Read once at start so a missing class is named clearly:
+        the API server refuses every placeholder pod without it. A refused read says nothing."""
         try:
-            self.scheduling.create_priority_class(body)
+            self.scheduling.read_priority_class(PLACEHOLDER_PRIORITY_CLASS)
         except ApiException as exc:
-            if exc.status != 409:
+            if exc.status == 404:
+                return True
+            if exc.status != 403:
                 raise
+        return False
 
     def post_event(self, model: ObservedModel, event_type: str, reason: str, message: str) -> None:
         """A core/v1 Event on the InferenceModel (shown by ``kubectl describe infm``)."""

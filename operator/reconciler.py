@@ -28,7 +28,7 @@ from kubernetes.client.exceptions import ApiException
 
 from vnpu import api, sharing
 from vnpu.operator import metrics
-from vnpu.operator.config import OperatorConfig
+from vnpu.operator.config import PLACEHOLDER_PRIORITY_CLASS, OperatorConfig
 from vnpu.operator.estimate_cache import EstimateCache
 from vnpu.operator.kube import Kube, api_client_from_env, api_error
 from vnpu.operator.planner import Failure, Plan, PodDeletion, SecretIntent, plan, restatus
@@ -76,8 +76,14 @@ class Reconciler:
         from vnpu.operator.cache import ClusterCache
 
         self._loop_ref = asyncio.get_running_loop()
-        await asyncio.to_thread(self.kube.ensure_placeholder_priority_class)
-        self._cache = ClusterCache(self.kube.api_client, self.config.namespaces, self._changed)
+        kube = self.kube
+        if self.config.placeholders and await asyncio.to_thread(kube.placeholder_priority_class_missing):
+            log.error(
+                "PriorityClass %s is missing: no placeholder pod can be created until it exists (the Helm "
+                "chart ships it, placeholderPriorityClass.create=true), or run with --no-placeholders",
+                PLACEHOLDER_PRIORITY_CLASS,
+            )
+        self._cache = ClusterCache(kube.api_client, self.config.namespaces, self._changed)
         self._cache.start()
         if not await asyncio.to_thread(self._cache.wait_synced, SYNC_TIMEOUT):
             raise RuntimeError("the informers did not list nodes, pods and InferenceModels in time")

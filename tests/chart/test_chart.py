@@ -205,8 +205,8 @@ def test_values_schema_refuses_bad_backend_settings(kube_bin_dir, setting, path)
 
 def test_helm_install_into_the_real_apiserver(control_plane, kube_bin_dir) -> None:
     kc = str(control_plane.kubeconfig)
-    # Other tests ran the operator outside Helm, which creates the PriorityClass itself; Helm refuses
-    # to adopt an object it did not create (docs/troubleshooting.md), so start from a clean slate.
+    # Other tests applied the chart's PriorityClass outside Helm (for operators they run without it);
+    # Helm refuses to adopt an object it did not create (docs/troubleshooting.md): start clean.
     control_plane.kubectl("delete", "priorityclass", "vnpu-placeholder", "--ignore-not-found")
     # The chart's admission policy is on by default: an admin's vnpu pod is refused while it is installed.
     probe = {
@@ -250,6 +250,11 @@ def test_helm_install_into_the_real_apiserver(control_plane, kube_bin_dir) -> No
         crd = control_plane.kubectl("get", "crd", f"{api.PLURAL}.{api.GROUP}", "-o", "name").stdout
         assert crd.strip() == f"customresourcedefinition.apiextensions.k8s.io/{api.PLURAL}.{api.GROUP}"
         wait_until(lambda: not admin_may_create(), 30, "the chart's admission policy enforced")
+        policies = control_plane.kubectl("get", "validatingadmissionpolicies", "-o", "name").stdout.split()
+        assert {
+            "validatingadmissionpolicy.admissionregistration.k8s.io/vnpu-install-test-operator-only-pods",
+            "validatingadmissionpolicy.admissionregistration.k8s.io/vnpu-install-test-device-plugin-own-node",
+        } <= set(policies)
     finally:
         helm(kube_bin_dir, "uninstall", "vnpu-install-test", "-n", "vnpu-chart", "--kubeconfig", kc)
         # Gone with the release: later tests (operators running as the admin) create vnpu pods again.

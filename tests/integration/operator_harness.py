@@ -16,10 +16,18 @@ from vnpu.cluster.processes import ManagedProcess, wait_until
 
 class OperatorProcess:
     def __init__(
-        self, control_plane: Any, namespace: str, log_dir: Path, kubeconfig: Path | None = None
+        self,
+        control_plane: Any,
+        namespace: str,
+        log_dir: Path,
+        kubeconfig: Path | None = None,
+        *,
+        clusterwide: bool = False,
     ) -> None:
+        """The operator watches ``namespace`` only, or every namespace when ``clusterwide``."""
         self.cp = control_plane
         self.namespace = namespace
+        self.clusterwide = clusterwide
         self.log_dir = log_dir
         self.kubeconfig = kubeconfig or control_plane.kubeconfig
         self.proc: ManagedProcess | None = None
@@ -31,7 +39,8 @@ class OperatorProcess:
         self.starts += 1
         argv = [
             *(sys.executable, "-m", "vnpu", "operator", "--standalone", "--log-format", "text"),
-            *("--kubeconfig", str(self.kubeconfig), "-n", self.namespace, "--resync-seconds", "3"),
+            *("--kubeconfig", str(self.kubeconfig), "--resync-seconds", "3"),
+            *(() if self.clusterwide else ("-n", self.namespace)),
             *("--liveness", f"http://127.0.0.1:{port}/healthz", "--metrics-port", str(metrics_port)),
             *("--runtime-image", "local.test/vnpu:dev"),
             *extra,

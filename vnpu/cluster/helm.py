@@ -45,3 +45,20 @@ def helm(bin_dir: Path, kubeconfig: Path, cache_dir: Path, *args: str, timeout: 
     if proc.returncode != 0:
         raise RuntimeError(f"helm {' '.join(args)} failed: {proc.stderr.strip()}")
     return proc.stdout
+
+
+def template(bin_dir: Path, *args: str) -> str:
+    """``helm template`` of the chart as release ``vnpu`` in ``vnpu-system`` (no cluster needed)."""
+    proc = subprocess.run(
+        [str(bin_dir / "helm"), "template", RELEASE, str(CHART), "--namespace", RELEASE_NAMESPACE, *args],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    if proc.returncode != 0:
+        raise RuntimeError(f"helm template {' '.join(args)} failed: {proc.stderr.strip()}")
+    return proc.stdout
+
+
+def placeholder_priority_class(bin_dir: Path) -> str:
+    """The placeholder PriorityClass as the chart ships it, for an operator run outside Helm (the
+    operator never creates it): apply it with ``kubectl apply -f -``."""
+    return template(bin_dir, "--show-only", "templates/priorityclass.yaml")

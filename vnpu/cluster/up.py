@@ -268,6 +268,7 @@ def _start_kwok(
 ) -> Site:
     """Control plane + kwok nodes + the operator as a local process."""
     from vnpu.cluster.controlplane import ControlPlane
+    from vnpu.cluster.helm import placeholder_priority_class
     from vnpu.cluster.kwok import create_npu_nodes
     from vnpu.cluster.processes import ManagedProcess
 
@@ -282,6 +283,8 @@ def _start_kwok(
     with steps.step("CRDs"):
         cp.kubectl("apply", "--server-side", "-f", str(REPO_ROOT / "crds"))
         cp.kubectl("wait", "--for=condition=Established", "--timeout=60s", f"crd/{api.PLURAL}.{api.GROUP}")
+        # The chart's placeholder PriorityClass: the operator runs outside Helm here and creates none.
+        cp.kubectl("apply", "-f", "-", input=placeholder_priority_class(bin_dir))
     with steps.step("nodes"):
         create_npu_nodes(
             cp.api_client(), args.nodes, prefix="npu", devices=args.devices_per_node,

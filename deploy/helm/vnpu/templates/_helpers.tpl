@@ -38,6 +38,11 @@ app.kubernetes.io/component: {{ .component }}
 {{- printf "%s-device-plugin" (include "vnpu.fullname" .) -}}
 {{- end -}}
 
+{{/* The placeholder pods' PriorityClass: one per cluster, the name the operator uses (vnpu.operator.config). */}}
+{{- define "vnpu.placeholderPriorityClass" -}}
+vnpu-placeholder
+{{- end -}}
+
 {{/* Restricted-profile container security context (PodSecurity "restricted"). */}}
 {{- define "vnpu.restrictedContainer" -}}
 allowPrivilegeEscalation: false

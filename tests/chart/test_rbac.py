@@ -1,0 +1,180 @@
+"""The chart's RBAC: cluster-wide only what is cluster-scoped when ``operator.watchNamespaces`` is set
+(a Role and RoleBinding per watched namespace for the operator and the gateway), no PriorityClass
+create anywhere, and the device plugin's own-node policy on by default. Rendering checks here; the
+operator running under exactly these rules in both modes is
+tests/integration/test_operator.py::test_operator_runs_under_exactly_the_chart_rbac, the device
+plugin's policy against the API server tests/chart/test_device_plugin_policy.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from test_chart import helm, render
+
+from vnpu.cluster.helm import CHART
+from vnpu.operator.config import PLACEHOLDER_PRIORITY, PLACEHOLDER_PRIORITY_CLASS
+
+NAMESPACED = ["--set", "operator.watchNamespaces={team-a,team-b}"]
+OPERATOR_SA = {"kind": "ServiceAccount", "name": "vnpu-operator", "namespace": "vnpu-system"}
+GATEWAY_SA = {"kind": "ServiceAccount", "name": "vnpu-gateway", "namespace": "vnpu-system"}
+#: Namespaced resources the operator works on in the namespaces it serves.
+OPERATOR_NAMESPACED = {"inferencemodels", "inferencemodels/status", "pods", "secrets", "events"}
+#: Cluster-scoped: nodes, the namespaces kopf follows, the CRD kopf discovers, the placeholder class.
+OPERATOR_CLUSTER = {"nodes", "namespaces", "customresourcedefinitions", "priorityclasses"}
+
+
+def rbac(docs: list[dict[str, Any]]) -> dict[tuple[str, str, str], dict[str, Any]]:
+    """(kind, namespace, name) -> object, for Roles, ClusterRoles and their bindings."""
+    kinds = {"Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding"}
+    return {
+        (d["kind"], d["metadata"].get("namespace", ""), d["metadata"]["name"]): d
+        for d in docs
+        if d["kind"] in kinds
+    }
+
+
+def resources(role: dict[str, Any]) -> set[str]:
+    return {r for rule in role["rules"] for r in rule["resources"]}
+
+
+def test_cluster_wide_by_default_with_no_role(kube_bin_dir: Path) -> None:
+    objects = rbac(render(kube_bin_dir))
+    assert not [k for k in objects if k[0] in ("Role", "RoleBinding")]
+    operator = objects[("ClusterRole", "", "vnpu-operator")]
+    assert resources(operator) == OPERATOR_NAMESPACED | OPERATOR_CLUSTER
+    assert resources(objects[("ClusterRole", "", "vnpu-gateway")]) == {
+        "inferencemodels",
+        "inferencemodels/scale",
+        "endpointslices",
+    }
+    assert objects[("ClusterRoleBinding", "", "vnpu-operator")]["subjects"] == [OPERATOR_SA]
+
+
+def test_watch_namespaces_gives_roles_there_and_cluster_wide_only_cluster_scoped(kube_bin_dir: Path) -> None:
+    objects = rbac(render(kube_bin_dir, *NAMESPACED))
+    default = rbac(render(kube_bin_dir))
+    assert resources(objects[("ClusterRole", "", "vnpu-operator")]) == OPERATOR_CLUSTER
+    # The gateway reads and wakes models only: nothing cluster-wide at all.
+    assert not [k for k in objects if k[0].startswith("Cluster") and k[2] == "vnpu-gateway"]
+    for ns in ("team-a", "team-b"):
+        role = objects[("Role", ns, "vnpu-operator")]
+        # The same rules as the cluster-wide role gives the operator there, namespace by namespace.
+        cluster_rules = default[("ClusterRole", "", "vnpu-operator")]["rules"]
+        assert role["rules"] == [r for r in cluster_rules if set(r["resources"]) <= OPERATOR_NAMESPACED]
+        binding = objects[("RoleBinding", ns, "vnpu-operator")]
+        assert binding["roleRef"] == {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": "Role",
+            "name": "vnpu-operator",
+        }
+        assert binding["subjects"] == [OPERATOR_SA]
+        gateway = objects[("Role", ns, "vnpu-gateway")]
+        assert gateway["rules"] == default[("ClusterRole", "", "vnpu-gateway")]["rules"]
+        assert objects[("RoleBinding", ns, "vnpu-gateway")]["subjects"] == [GATEWAY_SA]
+    assert {k[1] for k in objects if k[0] == "Role"} == {"team-a", "team-b"}
+
+
+@pytest.mark.parametrize(
+    "values",
+    [[], NAMESPACED, ["--set", "operator.replicas=2"], [*NAMESPACED, "--set", "operator.replicas=2"]],
+    ids=["cluster-wide", "namespaced", "peering", "namespaced-peering"],
+)
+def test_nobody_may_create_a_priority_class(kube_bin_dir: Path, values: list[str]) -> None:
+    """The chart ships the placeholder PriorityClass; the operator may only read that one, to say so
+    when it is missing."""
+    docs = render(kube_bin_dir, *values)
+    rules = [rule for role in rbac(docs).values() for rule in role.get("rules", [])]
+    (priority,) = [r for r in rules if "priorityclasses" in r["resources"]]
+    assert priority == {
+        "apiGroups": ["scheduling.k8s.io"],
+        "resources": ["priorityclasses"],
+        "resourceNames": [PLACEHOLDER_PRIORITY_CLASS],
+        "verbs": ["get"],
+    }
+    peering = [r for r in rules if r["apiGroups"] == ["kopf.dev"]]
+    if "operator.replicas=2" in values:
+        assert peering and all(r["verbs"] == ["get", "list", "watch", "patch"] for r in peering)
+        namespaced = "operator.watchNamespaces={team-a,team-b}" in values
+        assert {x for r in peering for x in r["resources"]} == (
+            {"kopfpeerings"} if namespaced else {"clusterkopfpeerings"}
+        )
+    else:
+        assert not peering
+
+
+def test_without_placeholders_the_operator_reads_no_priority_class(kube_bin_dir: Path) -> None:
+    docs = render(kube_bin_dir, "--set", "operator.placeholders.enabled=false")
+    assert "priorityclasses" not in resources(rbac(docs)[("ClusterRole", "", "vnpu-operator")])
+
+
+def test_the_chart_ships_the_placeholder_class_the_operator_uses(kube_bin_dir: Path) -> None:
+    (pc,) = [d for d in render(kube_bin_dir) if d["kind"] == "PriorityClass"]
+    assert pc["metadata"]["name"] == PLACEHOLDER_PRIORITY_CLASS and pc["value"] == PLACEHOLDER_PRIORITY
+    assert pc["preemptionPolicy"] == "Never" and pc["globalDefault"] is False
+
+
+def test_the_device_plugin_own_node_policy_is_on_by_default(kube_bin_dir: Path) -> None:
+    docs = render(kube_bin_dir)
+    policies = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ValidatingAdmissionPolicy"}
+    policy = policies["vnpu-device-plugin-own-node"]
+    (condition,) = policy["spec"]["matchConditions"]
+    assert condition["expression"] == (
+        "request.userInfo.username == 'system:serviceaccount:vnpu-system:vnpu-device-plugin'"
+    )
+    bindings = [d for d in docs if d["kind"] == "ValidatingAdmissionPolicyBinding"]
+    assert {"policyName": "vnpu-device-plugin-own-node", "validationActions": ["Deny"]} in [
+        b["spec"] for b in bindings
+    ]
+    off = render(kube_bin_dir, "--set", "devicePlugin.nodeRestriction.enabled=false")
+    assert "vnpu-device-plugin-own-node" not in json.dumps(off)
+    # The plugin's RBAC stays as narrow as RBAC can say: get and patch nodes, nothing else.
+    plugin_role = rbac(docs)[("ClusterRole", "", "vnpu-device-plugin")]
+    assert plugin_role["rules"] == [{"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "patch"]}]
+
+
+@pytest.mark.integration
+def test_namespaced_gateway_and_operator_are_confined_to_their_namespaces(
+    control_plane: Any, kube_bin_dir: Path, namespace: str
+) -> None:
+    """Against the API server: with watchNamespaces, the operator and the gateway may act in the
+    watched namespace and nowhere else; cluster-wide only reads of cluster-scoped objects."""
+    release = "rbac-confined"
+    out = helm(
+        kube_bin_dir, "template", release, str(CHART), "-n", "vnpu-rbac-confined",
+        "--set", f"operator.watchNamespaces={{{namespace}}}",
+        "--show-only", "templates/operator-rbac.yaml", "--show-only", "templates/gateway.yaml",
+    ).stdout  # fmt: skip
+    docs = [d for d in yaml.safe_load_all(out) if d and d["kind"] not in ("Deployment", "Service")]
+    listing = json.dumps({"apiVersion": "v1", "kind": "List", "items": docs})
+    control_plane.kubectl("create", "namespace", "vnpu-rbac-confined", check=False)
+    control_plane.kubectl("apply", "-f", "-", input=listing)
+    try:
+
+        def can(who: str, *args: str) -> bool:
+            user = f"system:serviceaccount:vnpu-rbac-confined:{release}-vnpu-{who}"
+            out = control_plane.kubectl(
+                "auth", "can-i", *args, f"--as={user}", "--as-group=system:serviceaccounts", check=False
+            )
+            return out.stdout.strip() == "yes"
+
+        assert can("operator", "create", "pods", "-n", namespace)
+        assert can("operator", "delete", "secrets", "-n", namespace)
+        assert can("operator", "patch", "inferencemodels.vnpu.io", "-n", namespace)
+        assert can("operator", "list", "nodes")
+        assert not can("operator", "create", "pods", "-n", "default")
+        assert not can("operator", "list", "pods", "--all-namespaces")
+        assert not can("operator", "create", "secrets", "-n", "kube-system")
+        assert not can("operator", "create", "priorityclasses")
+        assert not can("operator", "get", "priorityclasses/system-node-critical")
+        assert can("operator", "get", f"priorityclasses/{PLACEHOLDER_PRIORITY_CLASS}")
+        assert can("gateway", "list", "endpointslices.discovery.k8s.io", "-n", namespace)
+        assert can("gateway", "patch", "inferencemodels.vnpu.io", "--subresource=scale", "-n", namespace)
+        assert not can("gateway", "list", "endpointslices.discovery.k8s.io", "--all-namespaces")
+        assert not can("gateway", "patch", "inferencemodels.vnpu.io", "-n", "default")
+        assert not can("gateway", "list", "nodes")
+    finally:
+        control_plane.kubectl("delete", "-f", "-", "--ignore-not-found", input=listing, check=False)
