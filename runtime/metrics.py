@@ -98,3 +98,17 @@ class RuntimeMetrics:
             registry=r,
         )
         self.ready = Gauge(_PREFIX + "ready", "1 when the model can serve requests", registry=r)
+        # Which weights this replica maps, so dashboards and alerts can join replicas to their share
+        # identity (a group is scoped by its namespace: two namespaces' groups never share a series).
+        self.share_info = Gauge(
+            _PREFIX + "share_info",
+            "1 for the share identity (namespace, group, weights id, device) this replica attaches to",
+            ["namespace", "group", "weights_id", "device"],
+            registry=r,
+        )
+        self.attach_failures = Counter(
+            _PREFIX + "attach_failures",
+            "Attach attempts that failed: refused (authentication, identity, other weights) or unavailable",
+            ["reason"],
+            registry=r,
+        )

@@ -53,6 +53,8 @@ class SharedWeightsSupervisor:
         self.refused = False
 
     def start(self) -> None:
+        i = self.identity
+        self.runtime.metrics.share_info.labels(i.namespace, i.group, i.weights_id, self.device).set(1)
         self._thread.start()
 
     def stop(self) -> None:
@@ -71,6 +73,7 @@ class SharedWeightsSupervisor:
                 )
             except (HolderUnavailableError, AttachRefusedError) as e:
                 self.refused = isinstance(e, AttachRefusedError)
+                self.runtime.metrics.attach_failures.labels("refused" if self.refused else "unavailable").inc()
                 what = "weights-holder refused or untrusted" if self.refused else "weights-holder unavailable"
                 self.runtime.set_unavailable(f"{what}: {e}")
                 level = logging.ERROR if self.refused else logging.WARNING

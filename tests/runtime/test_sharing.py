@@ -319,6 +319,9 @@ def test_runtime_fails_clearly_while_the_holder_is_gone_and_recovers(tiny: Any, 
             assert runtime.complete("hello", 8, temperature=0).result.token_ids == expected
             assert runtime._cache is cache  # the replica's own KV cache survived the re-attach
             assert runtime.metrics.attaches._value.get() == 2
+            info = runtime.metrics.share_info.labels(ID.namespace, ID.group, ID.weights_id, "cpu")
+            assert info._value.get() == 1  # the replica's series name its namespaced share identity
+            assert runtime.metrics.attach_failures.labels("unavailable")._value.get() >= 1
         finally:
             second.stop()
     finally:
@@ -339,6 +342,7 @@ def test_a_replica_stays_unready_with_the_reason_while_only_an_untrusted_holder_
     try:
         wait_until(lambda: "failed authentication" in (runtime.unavailable_reason or ""))
         assert not runtime.ready and supervisor.refused
+        assert runtime.metrics.attach_failures.labels("refused")._value.get() >= 1
         squatter._listener.close()
         path.unlink()
         real = WeightsHolder(tiny, ID, KEY, path)
