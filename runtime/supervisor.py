@@ -73,7 +73,8 @@ class SharedWeightsSupervisor:
                 )
             except (HolderUnavailableError, AttachRefusedError) as e:
                 self.refused = isinstance(e, AttachRefusedError)
-                self.runtime.metrics.attach_failures.labels("refused" if self.refused else "unavailable").inc()
+                failure = "refused" if self.refused else "unavailable"
+                self.runtime.metrics.attach_failures.labels(failure).inc()
                 what = "weights-holder refused or untrusted" if self.refused else "weights-holder unavailable"
                 self.runtime.set_unavailable(f"{what}: {e}")
                 level = logging.ERROR if self.refused else logging.WARNING
