@@ -18,7 +18,7 @@ from vnpu.cluster.processes import wait_until
 
 VALUE_SETS = {
     "defaults": [],
-    "peering-and-monitoring": [
+    "two-replicas-and-monitoring": [
         "--set",
         "operator.replicas=2",
         "--set",
@@ -61,8 +61,8 @@ def render(bin_dir: Path, *args: str) -> list[dict[str, Any]]:
 
 LINT_SETS = {
     "defaults": [],
-    "peering": ["--set", "operator.replicas=2"],
-    "peering-namespaced": ["--set", "operator.replicas=2", "--set", "operator.watchNamespaces={a,b}"],
+    "two-replicas": ["--set", "operator.replicas=2"],
+    "two-replicas-namespaced": ["--set", "operator.replicas=2", "--set", "operator.watchNamespaces={a,b}"],
     "simulated-one-namespace": VALUE_SETS["simulated-one-namespace"],
 }
 

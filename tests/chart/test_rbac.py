@@ -23,8 +23,11 @@ OPERATOR_SA = {"kind": "ServiceAccount", "name": "vnpu-operator", "namespace": "
 GATEWAY_SA = {"kind": "ServiceAccount", "name": "vnpu-gateway", "namespace": "vnpu-system"}
 #: Namespaced resources the operator works on in the namespaces it serves.
 OPERATOR_NAMESPACED = {"inferencemodels", "inferencemodels/status", "pods", "secrets", "events"}
-#: Cluster-scoped: nodes, the namespaces kopf follows, the CRD kopf discovers, the placeholder class.
-OPERATOR_CLUSTER = {"nodes", "namespaces", "customresourcedefinitions", "priorityclasses"}
+#: Cluster-wide in both modes: nodes, the namespaces kopf follows, the CRD kopf discovers, the
+#: placeholder class, and a read of pods everywhere (any pod holding vnpu.io memory counts).
+OPERATOR_CLUSTER = {"nodes", "namespaces", "customresourcedefinitions", "priorityclasses", "pods"}
+#: The one Role in the release namespace, in both modes: the leader-election Lease.
+LEADER_ROLE = ("Role", "vnpu-system", "vnpu-operator-leader-election")
 
 
 def rbac(docs: list[dict[str, Any]]) -> dict[tuple[str, str, str], dict[str, Any]]:
@@ -43,7 +46,8 @@ def resources(role: dict[str, Any]) -> set[str]:
 
 def test_cluster_wide_by_default_with_no_role(kube_bin_dir: Path) -> None:
     objects = rbac(render(kube_bin_dir))
-    assert not [k for k in objects if k[0] in ("Role", "RoleBinding")]
+    roles = [k for k in objects if k[0] in ("Role", "RoleBinding")]
+    assert roles == [LEADER_ROLE, ("RoleBinding", *LEADER_ROLE[1:])]
     operator = objects[("ClusterRole", "", "vnpu-operator")]
     assert resources(operator) == OPERATOR_NAMESPACED | OPERATOR_CLUSTER
     assert resources(objects[("ClusterRole", "", "vnpu-gateway")]) == {
@@ -62,9 +66,13 @@ def test_watch_namespaces_gives_roles_there_and_cluster_wide_only_cluster_scoped
     assert not [k for k in objects if k[0].startswith("Cluster") and k[2] == "vnpu-gateway"]
     for ns in ("team-a", "team-b"):
         role = objects[("Role", ns, "vnpu-operator")]
-        # The same rules as the cluster-wide role gives the operator there, namespace by namespace.
+        # The same rules as the cluster-wide role gives the operator, split: namespace by namespace,
+        # and what stays cluster-wide (a read of pods among them).
         cluster_rules = default[("ClusterRole", "", "vnpu-operator")]["rules"]
-        assert role["rules"] == [r for r in cluster_rules if set(r["resources"]) <= OPERATOR_NAMESPACED]
+        split = role["rules"] + objects[("ClusterRole", "", "vnpu-operator")]["rules"]
+        assert sorted(map(json.dumps, split)) == sorted(map(json.dumps, cluster_rules))
+        (pod_write,) = [r for r in role["rules"] if r["resources"] == ["pods"]]
+        assert pod_write["verbs"] == ["create", "delete", "patch"]
         binding = objects[("RoleBinding", ns, "vnpu-operator")]
         assert binding["roleRef"] == {
             "apiGroup": "rbac.authorization.k8s.io",
@@ -75,13 +83,13 @@ def test_watch_namespaces_gives_roles_there_and_cluster_wide_only_cluster_scoped
         gateway = objects[("Role", ns, "vnpu-gateway")]
         assert gateway["rules"] == default[("ClusterRole", "", "vnpu-gateway")]["rules"]
         assert objects[("RoleBinding", ns, "vnpu-gateway")]["subjects"] == [GATEWAY_SA]
-    assert {k[1] for k in objects if k[0] == "Role"} == {"team-a", "team-b"}
+    assert {k[1] for k in objects if k[0] == "Role"} == {"team-a", "team-b", "vnpu-system"}
 
 
 @pytest.mark.parametrize(
     "values",
     [[], NAMESPACED, ["--set", "operator.replicas=2"], [*NAMESPACED, "--set", "operator.replicas=2"]],
-    ids=["cluster-wide", "namespaced", "peering", "namespaced-peering"],
+    ids=["cluster-wide", "namespaced", "two-replicas", "namespaced-two-replicas"],
 )
 def test_nobody_may_create_a_priority_class(kube_bin_dir: Path, values: list[str]) -> None:
     """The chart ships the placeholder PriorityClass; the operator may only read that one, to say so
@@ -95,15 +103,20 @@ def test_nobody_may_create_a_priority_class(kube_bin_dir: Path, values: list[str
         "resourceNames": [PLACEHOLDER_PRIORITY_CLASS],
         "verbs": ["get"],
     }
-    peering = [r for r in rules if r["apiGroups"] == ["kopf.dev"]]
-    if "operator.replicas=2" in values:
-        assert peering and all(r["verbs"] == ["get", "list", "watch", "patch"] for r in peering)
-        namespaced = "operator.watchNamespaces={team-a,team-b}" in values
-        assert {x for r in peering for x in r["resources"]} == (
-            {"kopfpeerings"} if namespaced else {"clusterkopfpeerings"}
-        )
-    else:
-        assert not peering
+    # One writer among replicas is a Lease in the release namespace (no kopf peering, at any count).
+    assert not [r for r in rules if r["apiGroups"] == ["kopf.dev"]]
+    leases = [
+        (name, role)
+        for (kind, ns, name), role in rbac(docs).items()
+        if any("leases" in r["resources"] for r in role.get("rules", []))
+    ]
+    assert [name for name, _ in leases] == ["vnpu-operator-leader-election"]
+    (lease_rule,) = leases[0][1]["rules"]
+    assert lease_rule == {
+        "apiGroups": ["coordination.k8s.io"],
+        "resources": ["leases"],
+        "verbs": ["get", "create", "update"],
+    }
 
 
 def test_without_placeholders_the_operator_reads_no_priority_class(kube_bin_dir: Path) -> None:
