@@ -161,6 +161,27 @@ class Kube:
             if exc.status != 404:  # deleted meanwhile
                 raise
 
+    def scale_model(self, namespace: str, name: str, replicas: int, resource_version: str) -> bool:
+        """Set the model's replicas through its scale subresource, as ``kubectl scale
+        --resource-version`` does: only if the model is still at ``resource_version``. False when it
+        changed meanwhile (409: a wake or a user's scale won) or is gone (404)."""
+        metrics.API_REQUESTS.labels("update", "inferencemodels/scale").inc()
+        body = {
+            "apiVersion": "autoscaling/v1",
+            "kind": "Scale",
+            "metadata": {"name": name, "namespace": namespace, "resourceVersion": resource_version},
+            "spec": {"replicas": replicas},
+        }
+        try:
+            self.custom.replace_namespaced_custom_object_scale(
+                api.GROUP, api.VERSION, namespace, api.PLURAL, name, body, _preload_content=False
+            )
+        except ApiException as exc:
+            if exc.status in (404, 409):
+                return False
+            raise
+        return True
+
     def placeholder_priority_class_missing(self) -> bool:
         """True when the API server says the placeholder PriorityClass does not exist (the chart ships
         it; the operator never creates one). Read once at start so a missing class is named clearly:

@@ -96,6 +96,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="local HF hub cache or mirror where hf:// sources are found to size them",
     )
+    p.add_argument(
+        "--pool-label",
+        default="vnpu.io/pool",
+        help="node label naming a node's pool; keep-warm budgets are per pool (default %(default)s; "
+        "nodes without it form the pool 'default')",
+    )
+    p.add_argument(
+        "--keep-warm-fraction",
+        type=float,
+        default=0.2,
+        help="fraction of a pool's device memory that weight-holders of models scaled to zero may keep "
+        "when their keepWarm is Auto, chosen by the demand forecast (default %(default)s)",
+    )
     p.add_argument("--log-format", choices=["json", "text"], default="json")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
@@ -207,6 +220,8 @@ def main(argv: list[str]) -> int:
         defragment=args.defragment,
         node_grace_seconds=args.node_grace_seconds,
         model_cache_dir=args.model_cache_dir,
+        pool_label=args.pool_label,
+        keep_warm_fraction=args.keep_warm_fraction,
     )
     if args.metrics_port:
         from prometheus_client import start_http_server

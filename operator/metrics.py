@@ -69,3 +69,15 @@ IS_LEADER = Gauge(
     "1 while this replica holds the leader Lease (plans and writes), else 0.",
     registry=REGISTRY,
 )
+SCALED_TO_ZERO = Counter(
+    "vnpu_operator_scaled_to_zero_total",
+    "Idle models the operator scaled to 0 replicas (spec.scaling.minReplicas 0).",
+    ["namespace", "model"],
+    registry=REGISTRY,
+)
+WARM_HOLDERS = Gauge(
+    "vnpu_operator_warm_holders",
+    "Weight-holders kept for share groups with no replicas (keepWarm), per node pool.",
+    ["pool"],
+    registry=REGISTRY,
+)

@@ -36,7 +36,7 @@ from typing import Any
 
 from vnpu import api, sharing
 from vnpu.memory import EstimateError, MemoryEstimate
-from vnpu.operator import packing
+from vnpu.operator import forecast, packing, scaling
 from vnpu.operator.config import OperatorConfig
 from vnpu.operator.pods import (
     NODE_LOST_TAINTS,
@@ -133,6 +133,10 @@ class Plan:
     unplaced_slices: int = 0
     #: Seconds until something time-based changes the plan (a node's grace period, a backoff).
     requeue_after: float | None = None
+    #: Idle models to scale to 0 (through their scale subresource).
+    scale_down: list[scaling.ScaleDown] = field(default_factory=list)
+    #: Node pool -> weight-holders kept warm for groups with no replicas.
+    warm_holders: dict[str, int] = field(default_factory=dict)
     #: Per model ("namespace/name"): what :func:`restatus` needs to redo its status after the writes.
     outcomes: dict[str, tuple[ObservedModel, ModelOutcome]] = field(default_factory=dict)
 
@@ -333,6 +337,27 @@ def plan(
     outside += [p for key in sorted(old_of) for p in old_of[key]]
     used_holders = {(p.namespace, p.weight_holder) for p in outside if p.weight_holder and not p.terminating}
     outside += [pods_by_name[k] for k in sorted(used_holders) if k in pods_by_name]
+
+    # Scale to zero, keep-warm and wake (vnpu.operator.scaling): a group with no replicas keeps one
+    # holder when warm; a waking model is offered the device of its group's holder first.
+    group_of = {
+        key: _group_key(m.namespace, m.spec.share_group, refs[key].weights_id)  # type: ignore[union-attr]
+        for key, (m, _) in active.items()
+    }
+    holders_of = _current_holders(ours, active, refs, group_of, key_uid, lost_nodes)
+    activities = {key: scaling.activity(m, now) for key, (m, _) in active.items()}
+    demand_of = {key: scaling.demand(m, now) for key, (m, _) in active.items()}
+    warm_of, warm_holders = _warm(active, group_of, holders_of, demand_of, nodes, config, now)
+    outside += warm_holders
+    for h in warm_holders:
+        node = node_by_name.get(h.node or "")
+        pool = node.labels.get(config.pool_label, scaling.DEFAULT_POOL) if node else scaling.DEFAULT_POOL
+        result.warm_holders[pool] = result.warm_holders.get(pool, 0) + 1
+    current += _wake_placements(active, group_of, holders_of, current, node_by_name)
+    for key, act in sorted(activities.items()):
+        down = scaling.scale_down(active[key][0], act)
+        if down is not None and key not in backoff:
+            result.scale_down.append(down)
     for p in outside:
         if not p.terminating:
             kept_pods.add((p.namespace, p.name))
@@ -507,6 +532,7 @@ def plan(
     saved = packed.saved_by_sharing_mib(demands)
     waits = [left for node, left in view.suspect.items() if any(p.node == node for p in ours)]
     waits += [(f.retry_at - now).total_seconds() for f in failures.values() if f.retry_at > now]
+    waits += [a.due_in for a in activities.values() if a.due_in]
     result.requeue_after = max(0.5, min(waits)) if waits else None
     for m in models:
         key = _model_key(m.namespace, m.name)
@@ -552,6 +578,10 @@ def plan(
             rollout=rollout,
             failure=failures.get(key),
             updated_replicas=len(placed) if rollout is not None else None,
+            scaling=scaling.scaling_status(activities[key], m.generation, warm_of.get(key))
+            if key in activities
+            else None,
+            demand=demand_of[key].to_dict() if key in demand_of else None,
         )
         result.outcomes[key] = (m, outcome)
         result.statuses.append(_status_update(m, outcome, now))
@@ -581,6 +611,99 @@ def restatus(result: Plan, failures: Mapping[str, Failure], now: dt.datetime) ->
             outcome = ModelOutcome(**{**outcome.__dict__, "failure": failures[key]})
             result.outcomes[key] = (m, outcome)
             result.statuses[i] = _status_update(m, outcome, now)
+
+
+def _current_holders(
+    ours: Sequence[ObservedPod],
+    active: Mapping[str, tuple[ObservedModel, MemoryEstimate]],
+    refs: Mapping[str, ModelRef],
+    group_of: Mapping[str, str],
+    key_uid: Mapping[tuple[str, str], str],
+    lost_nodes: set[str],
+) -> dict[str, list[ObservedPod]]:
+    """Group key -> its live weight-holders that hold the group's current weights under its current
+    key (their names say so), the Ready ones first."""
+    expected: dict[tuple[str, str], tuple[str, ModelRef]] = {}  # (namespace, group) -> (key, ref)
+    for key in active:
+        ref = refs[key]
+        expected.setdefault((ref.namespace, ref.share_group), (group_of[key], ref))
+    out: dict[str, list[ObservedPod]] = defaultdict(list)
+    for p in sorted(ours, key=lambda p: (not p.ready, p.name)):
+        if p.role != api.ROLE_WEIGHTS or p.terminating or p.finished or not p.node or not p.device:
+            continue
+        if p.node in lost_nodes or (p.namespace, p.share_group or "") not in expected:
+            continue
+        group, ref = expected[(p.namespace, p.share_group or "")]
+        salt = f"{p.slices}{_key_generation(key_uid, ref)}"
+        if p.name == holder_pod_name(ref.share_group, ref.weights_id, p.node, p.device, salt):
+            out[group].append(p)
+    return out
+
+
+def _warm(
+    active: Mapping[str, tuple[ObservedModel, MemoryEstimate]],
+    group_of: Mapping[str, str],
+    holders_of: Mapping[str, list[ObservedPod]],
+    demand_of: Mapping[str, forecast.DemandState],
+    nodes: Sequence[ObservedNode],
+    config: OperatorConfig,
+    now: dt.datetime,
+) -> tuple[dict[str, bool], list[ObservedPod]]:
+    """Which groups with no replicas keep a holder (per model at 0 replicas: warm or not), and the
+    holders that stay outside the plan (their memory held, the pods kept)."""
+    wanting = {group_of[k] for k, (m, _) in active.items() if m.spec and m.spec.replicas > 0}
+    idle: dict[str, list[ObservedModel]] = defaultdict(list)
+    for key, (m, _) in sorted(active.items()):
+        if m.spec is not None and m.spec.replicas == 0 and group_of[key] not in wanting:
+            idle[group_of[key]].append(m)
+    pool_of = {n.name: n.labels.get(config.pool_label, scaling.DEFAULT_POOL) for n in nodes}
+    slice_mib = {
+        (n.name, d.id): d.slice_mib for n in nodes if n.inventory is not None for d in n.inventory.devices
+    }
+    device_mib = {
+        n.name: sum(d.slices * d.slice_mib for d in n.inventory.devices) if n.inventory else 0 for n in nodes
+    }
+    groups = []
+    for group, models in sorted(idle.items()):
+        if holders_of.get(group):
+            h = holders_of[group][0]
+            mib = h.slices * slice_mib.get((h.node or "", h.device or ""), api.DEFAULT_SLICE_MIB)
+            groups.append(scaling.WarmGroup(group, tuple(models), pool_of.get(h.node or "", ""), mib))
+    budgets = scaling.pool_budgets(pool_of, device_mib, config.keep_warm_fraction)
+    kept = scaling.keep_warm(groups, budgets, demand_of, now)
+    warm = {_model_key(m.namespace, m.name): g in kept for g, models in idle.items() for m in models}
+    return warm, [holders_of[g][0] for g in sorted(kept)]
+
+
+def _wake_placements(
+    active: Mapping[str, tuple[ObservedModel, MemoryEstimate]],
+    group_of: Mapping[str, str],
+    holders_of: Mapping[str, list[ObservedPod]],
+    current: Sequence[packing.Placement],
+    node_by_name: Mapping[str, ObservedNode],
+) -> list[packing.Placement]:
+    """A waking model (replicas wanted, none running, no replica of its group anywhere) is offered its
+    group's existing holder's device for its first replica, as if that replica ran there: the packer
+    keeps it if it still fits, and the replica attaches to the held weights instead of loading them."""
+    running = {p.model for p in current}
+    groups_running = {group_of[k] for k in running if k in group_of}
+    out = []
+    for key, (m, est) in sorted(active.items()):
+        group = group_of[key]
+        if not m.spec or m.spec.replicas == 0 or key in running or group in groups_running:
+            continue
+        holders = holders_of.get(group)
+        node = node_by_name.get(holders[0].node or "") if holders else None
+        if not holders or node is None or node.inventory is None:
+            continue
+        h = holders[0]
+        device = next((d for d in node.inventory.devices if d.id == h.device), None)
+        if device is None:
+            continue
+        slices = api.slices_for_mib(est.per_replica_mib, device.slice_mib)
+        out.append(packing.Placement(key, 0, h.node or "", h.device or "", slices))
+        groups_running.add(group)
+    return out
 
 
 def template_label(template: str) -> str:

@@ -27,7 +27,7 @@ from typing import Any
 from kubernetes.client.exceptions import ApiException
 
 from vnpu import api, sharing
-from vnpu.operator import metrics
+from vnpu.operator import metrics, scaling
 from vnpu.operator.config import PLACEHOLDER_PRIORITY_CLASS, OperatorConfig
 from vnpu.operator.estimate_cache import EstimateCache
 from vnpu.operator.kube import Kube, api_client_from_env, api_error
@@ -275,6 +275,19 @@ class Reconciler:
             for action, items in phases:
                 for future in [pool.submit(action, item) for item in items]:
                     future.result()
+        for down in result.scale_down:
+
+            def scale(d: scaling.ScaleDown = down) -> None:
+                if kube.scale_model(d.namespace, d.name, 0, d.resource_version):
+                    metrics.SCALED_TO_ZERO.labels(d.namespace, d.name).inc()
+                    log.info("scaled %s to 0 replicas (idle for %.0fs)", d.key, d.idle_seconds)
+                    if d.key in result.outcomes:
+                        message = f"no request for {d.idle_seconds:.0f}s: scaled to 0 replicas"
+                        kube.post_event(result.outcomes[d.key][0], "Normal", "ScaledToZero", message)
+                else:  # changed meanwhile (a wake won the race) or gone: look again with fresh state
+                    self._wake_soon()
+
+            guarded((down.key,), f"scaling {down.key} to 0", scale)
         for gone in result.delete_secrets:
             try:
                 if kube.delete_secret(gone.namespace, gone.name):
@@ -317,6 +330,9 @@ class Reconciler:
             for future in [pool.submit(report, u) for u in result.statuses if u.changed or u.events]:
                 future.result()
         metrics.UNPLACED_SLICES.set(result.unplaced_slices)
+        metrics.WARM_HOLDERS.clear()
+        for pool, count in result.warm_holders.items():
+            metrics.WARM_HOLDERS.labels(pool).set(count)
         for update in result.statuses:
             labels = (update.model.namespace, update.model.name)
             metrics.PLACED_REPLICAS.labels(*labels).set(update.placed)

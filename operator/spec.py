@@ -28,6 +28,11 @@ DEFAULT_MAX_SURGE: int | str = "25%"
 DEFAULT_MAX_UNAVAILABLE: int | str = 0
 ROLLING_UPDATE = "RollingUpdate"
 RECREATE = "Recreate"
+#: Scale to zero: off unless minReplicas is 0; five idle minutes; holders kept by the forecast.
+DEFAULT_MIN_REPLICAS = 1
+DEFAULT_IDLE_SECONDS = 300
+KEEP_WARM_ALWAYS, KEEP_WARM_NEVER, KEEP_WARM_AUTO = "Always", "Never", "Auto"
+KEEP_WARM_MODES = (KEEP_WARM_ALWAYS, KEEP_WARM_NEVER, KEEP_WARM_AUTO)
 
 #: Spec fields that shape a pod: a change to any of them rolls the model's pods.
 POD_TEMPLATE_FIELDS = ("modelName", "source", "weights", "modelConfig", "memory", "offload", "runtime")
@@ -137,6 +142,16 @@ def _resolve(value: int | str, replicas: int, *, round_up: bool) -> int:
 
 
 @dataclass(frozen=True)
+class Scaling:
+    """``spec.scaling``: scale to zero after ``idle_seconds`` without a request when ``min_replicas``
+    is 0, and whether the weight-holders stay meanwhile (:mod:`vnpu.operator.scaling`)."""
+
+    min_replicas: int = DEFAULT_MIN_REPLICAS
+    idle_seconds: int = DEFAULT_IDLE_SECONDS
+    keep_warm: str = KEEP_WARM_AUTO
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     model_name: str
     source: Source
@@ -149,6 +164,7 @@ class ModelSpec:
     placement: Placement = Placement()
     priority: int = DEFAULT_PRIORITY
     rollout: Rollout = Rollout()
+    scaling: Scaling = Scaling()
     #: The spec as the API server holds it (for the estimate and the pod-template hash only).
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
@@ -215,6 +231,11 @@ def parse_spec(raw: Mapping[str, Any]) -> ModelSpec:
         )
         for t in placement.get("tolerations") or []
     )
+    scaling = _section(raw, "scaling")
+    keep_warm = str(scaling.get("keepWarm", KEEP_WARM_AUTO))
+    if keep_warm not in KEEP_WARM_MODES:
+        modes = ", ".join(KEEP_WARM_MODES)
+        raise SpecError(f"spec.scaling.keepWarm must be one of {modes}, got {keep_warm!r}")
     strategy = str(rollout.get("strategy", ROLLING_UPDATE))
     if strategy not in (ROLLING_UPDATE, RECREATE):
         raise SpecError(f"spec.rollout.strategy must be {ROLLING_UPDATE} or {RECREATE}, got {strategy!r}")
@@ -255,6 +276,12 @@ def parse_spec(raw: Mapping[str, Any]) -> ModelSpec:
             max_unavailable=_int_or_percent(
                 rollout.get("maxUnavailable", DEFAULT_MAX_UNAVAILABLE), "rollout.maxUnavailable"
             ),
+        ),
+        scaling=Scaling(
+            min_replicas=_int(scaling, "minReplicas", "scaling.", DEFAULT_MIN_REPLICAS) or 0,
+            idle_seconds=_int(scaling, "idleSeconds", "scaling.", DEFAULT_IDLE_SECONDS)
+            or DEFAULT_IDLE_SECONDS,
+            keep_warm=keep_warm,
         ),
         raw=raw,
     )

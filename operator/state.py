@@ -105,6 +105,11 @@ class ObservedModel:
     spec_error: str = ""
     #: The spec as the API server holds it (for the memory estimate, which names its fields).
     raw_spec: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    #: metadata.resourceVersion: the scale-down to zero is conditional on it (a wake in between wins).
+    resource_version: str = ""
+    #: The gateway's activity annotations: cumulative requests and the latest request's time.
+    requests_total: int | None = None
+    last_request: dt.datetime | None = None
 
     @property
     def key(self) -> tuple[str, str]:
@@ -261,6 +266,7 @@ def parse_pod(obj: Mapping[str, Any], managed: bool = True) -> ObservedPod:
 
 def parse_model(obj: Mapping[str, Any]) -> ObservedModel:
     meta = obj.get("metadata", {})
+    annotations = meta.get("annotations") or {}
     raw = obj.get("spec", {}) or {}
     spec, error = None, ""
     try:
@@ -277,7 +283,29 @@ def parse_model(obj: Mapping[str, Any]) -> ObservedModel:
         status=obj.get("status", {}) or {},
         spec_error=error,
         raw_spec=raw,
+        resource_version=str(meta.get("resourceVersion", "")),
+        requests_total=_non_negative_int(annotations.get(api.ANNOTATION_REQUESTS)),
+        last_request=parse_timestamp(annotations.get(api.ANNOTATION_LAST_REQUEST)),
     )
+
+
+def _non_negative_int(value: str | None) -> int | None:
+    """An annotation's counter; anything else (absent, garbled) is None, never an error."""
+    if value is None or not value.isdigit():
+        return None
+    return int(value)
+
+
+def parse_timestamp(value: str | None) -> dt.datetime | None:
+    """An RFC 3339 annotation in UTC; anything unparsable is None (an annotation anyone may write must
+    never stop a reconcile)."""
+    if not value:
+        return None
+    try:
+        parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
 
 
 def parse_secret(obj: Mapping[str, Any]) -> ObservedSecret:

@@ -74,6 +74,9 @@ class ModelOutcome:
     rollout: Rollout | None = None
     failure: Failure | None = None
     updated_replicas: int | None = None
+    #: status.scaling (the idle clock, warm while at 0) and status.demand (the forecast's history).
+    scaling: Mapping[str, Any] | None = None
+    demand: Mapping[str, Any] | None = None
 
 
 def _unplaced_summary(unplaced: Sequence[Unplaced]) -> list[dict[str, Any]]:
@@ -144,6 +147,10 @@ def build_status(
         "placements": list(outcome.placements),
         "unplaced": _unplaced_summary(outcome.unplaced),
     }
+    if outcome.scaling is not None:
+        status["scaling"] = dict(outcome.scaling)
+    if outcome.demand is not None:
+        status["demand"] = dict(outcome.demand)
     degraded = _degradation(outcome)
 
     def report_degraded() -> None:
@@ -249,7 +256,9 @@ def build_status(
         if after != before and outcome.placements:
             saved = f", {outcome.saved_mib} MiB saved by sharing weights" if outcome.saved_mib else ""
             events.append(Event(NORMAL, "Placed", f"{where}{saved}"))
-        if ready and degraded is None:
+        if want == 0 and not outcome.placements and degraded is None:
+            status["phase"] = "Idle"  # scaled to zero (by the operator, a user or an autoscaler)
+        elif ready and degraded is None:
             status["phase"] = "Ready"
         elif degraded is not None and degraded[0] != "NodeNotReady":
             status["phase"] = "Degraded"

@@ -1,0 +1,152 @@
+"""Scale to zero, keep-warm and wake in the planner (pure; the API-server side is
+tests/integration/test_scaling.py)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import replace
+from typing import Any
+
+from test_planner import NOW, as_pods, estimate, model, node, run
+
+from vnpu import api
+from vnpu.operator import forecast
+from vnpu.operator.state import ObservedModel, parse_model
+
+MINUTE = dt.timedelta(minutes=1)
+
+
+def idle_model(
+    name: str = "a",
+    replicas: int = 1,
+    keep_warm: str = "Always",
+    last_request: dt.datetime | None = None,
+    active_since: dt.datetime | None = None,
+    generation: int = 1,
+    **spec: Any,
+) -> ObservedModel:
+    m = model(name, replicas, scaling={"minReplicas": 0, "idleSeconds": 300, "keepWarm": keep_warm}, **spec)
+    status = {}
+    if active_since is not None:
+        status["scaling"] = {
+            "generation": generation,
+            "activeSince": active_since.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        }
+    return replace(m, generation=generation, status=status, resource_version="41", last_request=last_request)
+
+
+def test_an_idle_model_is_scaled_to_zero_at_the_version_read() -> None:
+    m = idle_model(last_request=NOW - 10 * MINUTE, active_since=NOW - 60 * MINUTE)
+    result = run([m], [node("n1")])
+    (down,) = result.scale_down
+    assert (down.namespace, down.name, down.resource_version) == ("ns", "a", "41")
+    assert down.idle_seconds == 600
+
+
+def test_a_recent_request_keeps_it_and_the_pass_comes_back_when_it_is_due() -> None:
+    m = idle_model(last_request=NOW - 2 * MINUTE, active_since=NOW - 60 * MINUTE)
+    result = run([m], [node("n1")])
+    assert result.scale_down == []
+    assert result.requeue_after == 180
+
+
+def test_a_model_just_woken_is_not_put_back_to_zero_before_the_gateway_reports_its_request() -> None:
+    """The gateway scaled it to 1 (a new generation) but its request counts arrive seconds later: the
+    old last-request must not send it straight back to 0."""
+    m = idle_model(last_request=NOW - 60 * MINUTE, active_since=NOW - 60 * MINUTE, generation=2)
+    woken = replace(m, status={"scaling": {"generation": 1, "activeSince": "2026-11-25T10:00:00Z"}})
+    result = run([woken], [node("n1")])
+    assert result.scale_down == []
+    scaling = result.statuses[0].status["scaling"]
+    assert scaling == {"generation": 2, "activeSince": "2026-11-25T12:00:00Z"}  # the clock restarts now
+
+
+def test_min_replicas_one_never_scales_to_zero() -> None:
+    m = replace(model("a", 1), last_request=NOW - 1000 * MINUTE, resource_version="3")
+    assert run([m], [node("n1")]).scale_down == []
+
+
+def test_garbled_activity_annotations_are_ignored() -> None:
+    obj = {
+        "metadata": {
+            "name": "a",
+            "namespace": "ns",
+            "uid": "u",
+            "resourceVersion": "9",
+            "annotations": {api.ANNOTATION_REQUESTS: "-3", api.ANNOTATION_LAST_REQUEST: "yesterday"},
+        },
+        "spec": {"source": {"uri": "file:///m.gguf"}, "memory": {"kvCacheMiB": 1}},
+    }
+    m = parse_model(obj)
+    assert (m.requests_total, m.last_request, m.resource_version) == (None, None, "9")
+
+
+def _running(m: ObservedModel, nodes: list[Any], others: tuple[ObservedModel, ...] = ()) -> list[Any]:
+    return as_pods(run([m, *others], nodes).create)
+
+
+def test_keep_warm_always_keeps_the_holder_and_frees_only_the_replicas() -> None:
+    nodes = [node("n1")]
+    pods = _running(model("a", 2), nodes)
+    at_zero = idle_model(replicas=0, keep_warm="Always")
+    result = run([at_zero], nodes, pods)
+    assert sorted(d.role for d in result.delete) == ["replica", "replica"]
+    assert result.create == []
+    status = result.statuses[0].status
+    assert status["phase"] == "Idle" and status["scaling"]["warm"] is True
+    assert result.warm_holders == {"default": 1}
+    # The held weights are memory the packer does not hand to anyone else.
+    big = model("big", 1, shareGroup="big", source={"uri": "file:///big.gguf"})
+    holder = [p for p in pods if p.role == "weights"]
+    crowded = run([at_zero, big], [node("n1", devices=1)], holder, estimates={
+        at_zero.key: estimate(), big.key: estimate(weights=12 * 1024, per_replica=1024),
+    })  # fmt: skip
+    assert crowded.statuses[1].status["phase"] == "CapacityPending"
+
+
+def test_keep_warm_never_releases_the_holder_too() -> None:
+    nodes = [node("n1")]
+    pods = _running(model("a", 1), nodes)
+    result = run([idle_model(replicas=0, keep_warm="Never")], nodes, pods)
+    assert sorted(d.role for d in result.delete) == ["replica", "weights"]
+    assert result.statuses[0].status["scaling"]["warm"] is False
+
+
+def test_keep_warm_auto_keeps_the_likeliest_within_the_pool_budget() -> None:
+    """Two groups at zero, room in the budget for one holder: the one with traffic stays."""
+    nodes = [node("n1", devices=2)]  # 32 GiB; 20% = 6.4 GiB: one 4 GiB holder
+    busy_spec = {"shareGroup": "busy", "source": {"uri": "file:///busy.gguf"}}
+    quiet_spec = {"shareGroup": "quiet", "source": {"uri": "file:///quiet.gguf"}}
+    pods = as_pods(run([model("busy", 1, **busy_spec), model("quiet", 1, **quiet_spec)], nodes).create)
+    history = forecast.DemandState(updated_min=NOW.timestamp() / 60 - 5, total=100, rate=2.0)
+    busy = replace(idle_model("busy", 0, "Auto", **busy_spec), status={"demand": history.to_dict()})
+    busy = replace(busy, requests_total=110)
+    quiet = idle_model("quiet", 0, "Auto", **quiet_spec)
+    result = run([busy, quiet], nodes, pods)
+    group_of = {p.name: p.share_group for p in pods}
+    deleted = {(d.role, group_of[d.name]) for d in result.delete}
+    assert deleted == {("replica", "busy"), ("replica", "quiet"), ("weights", "quiet")}
+    by_model = {s.model.name: s.status for s in result.statuses}
+    assert by_model["busy"]["scaling"]["warm"] is True and by_model["quiet"]["scaling"]["warm"] is False
+    assert by_model["busy"]["demand"]["total"] == 110  # the gateway's counter folded into the history
+
+
+def test_a_waking_model_is_placed_on_its_warm_holders_device_and_attaches() -> None:
+    """The holder sits on the node's second device; without the wake preference a fresh pack of one
+    replica on an empty node would open the first device and load the weights again."""
+    nodes = [node("n1", devices=2)]
+    filler = model("filler", 1, shareGroup="filler", source={"uri": "file:///filler.gguf"})
+    estimates = {("ns", "a"): estimate(), filler.key: estimate(weights=12 * 1024, per_replica=1024)}
+    first = run([model("a", 1), filler], nodes, estimates=estimates)
+    pods = as_pods(first.create)
+    (holder,) = [p for p in pods if p.role == "weights" and p.model is None and p.share_group != "filler"]
+    assert holder.device == "n1-npu1"
+    # a goes to zero (warm), the filler goes away.
+    pods = [p for p in pods if p.role == "weights" and p.name == holder.name]
+    woken = idle_model(replicas=1, keep_warm="Always", generation=3)
+    result = run([woken], nodes, pods)
+    assert [p["metadata"]["labels"][api.LABEL_ROLE] for p in result.create] == ["replica"]
+    replica = result.create[0]
+    assert replica["metadata"]["annotations"][api.ANNOTATION_DEVICE] == "n1-npu1"
+    assert replica["metadata"]["annotations"]["vnpu.io/weight-holder"] == holder.name
+    assert result.delete == []
