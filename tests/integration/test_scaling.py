@@ -1,0 +1,102 @@
+"""Scale to zero, keep-warm and wake against the real API server, scheduler and kwok nodes (issue 13).
+
+The gateway's part (holding a request while it scales a model to 1) is tests/integration/
+test_gateway.py; here the operator's: an idle model goes to 0 through its scale subresource, keepWarm
+decides whether its weight-holder stays, and a wake (``kubectl scale --replicas=1``, what the gateway
+does) lands on the warm holder's device and is not undone before the gateway reports the request.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+
+from operator_harness import get_model
+from test_operator import GIB, apply, events_of, holder_pods, replica_pods, spec, wait_phase
+
+from vnpu import api
+from vnpu.cluster.processes import wait_until
+from vnpu.operator.kube import Kube
+
+IDLE_S = 30  # the CRD's minimum
+
+
+def _long_ago() -> str:
+    return (dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _scaled(keep_warm: str, group: str) -> dict:
+    return spec(
+        replicas=2,
+        shareGroup=group,
+        scaling={"minReplicas": 0, "idleSeconds": IDLE_S, "keepWarm": keep_warm},
+    )
+
+
+def test_idle_models_go_to_zero_keep_warm_decides_and_a_wake_attaches(
+    cluster, namespace, kwok_nodes, operator
+) -> None:
+    kwok_nodes(1, devices=2, device_mib=16 * GIB)
+    apply(cluster, namespace, "warm", _scaled("Always", "warm"))
+    apply(cluster, namespace, "cold", _scaled("Never", "cold"))
+    apply(cluster, namespace, "steady", spec(replicas=1, shareGroup="steady"))  # minReplicas 1: stays
+    for name in ("warm", "cold", "steady"):
+        wait_phase(cluster, namespace, name, "Ready")
+        # The gateway's activity: a request an hour ago (the operator's own clock starts at first sight).
+        cluster.kubectl(
+            "annotate", "infm", name, "-n", namespace, "--overwrite",
+            f"{api.ANNOTATION_LAST_REQUEST}={_long_ago()}", f"{api.ANNOTATION_REQUESTS}=3",
+        )  # fmt: skip
+    (warm_holder,) = [
+        h for h in holder_pods(cluster, namespace) if h.metadata.labels[api.LABEL_SHARE_GROUP] == "warm"
+    ]
+
+    for name in ("warm", "cold"):
+        wait_phase(cluster, namespace, name, "Idle", timeout=IDLE_S + 40)
+        assert get_model(cluster, namespace, name)["spec"]["replicas"] == 0
+        assert "ScaledToZero" in {e.reason for e in events_of(cluster, namespace, name)}
+    wait_until(lambda: not replica_pods(cluster, namespace, "warm"), 60, "warm's replicas gone")
+    wait_until(lambda: not replica_pods(cluster, namespace, "cold"), 60, "cold's replicas gone")
+    groups = lambda: {h.metadata.labels[api.LABEL_SHARE_GROUP]: h for h in holder_pods(cluster, namespace)}  # noqa: E731
+    wait_until(lambda: "cold" not in groups(), 60, "keepWarm Never: the holder released")
+    assert groups()["warm"].metadata.uid == warm_holder.metadata.uid, "keepWarm Always: the same holder stays"
+    status = get_model(cluster, namespace, "warm")["status"]
+    assert status["scaling"]["warm"] is True and status["readyReplicas"] == 0
+    assert get_model(cluster, namespace, "cold")["status"]["scaling"]["warm"] is False
+    assert get_model(cluster, namespace, "steady")["spec"]["replicas"] == 1
+    assert 'vnpu_operator_warm_holders{pool="default"} 1.0' in operator.metrics()
+
+    # A wake, as the gateway does it; its last request is still an hour old (the gateway's counts come
+    # a few seconds later): the model must stay up, on the warm holder's device, mapping its weights.
+    cluster.kubectl("scale", "-n", namespace, "infm/warm", "--replicas=1")
+    wait_phase(cluster, namespace, "warm", "Ready")
+    (replica,) = replica_pods(cluster, namespace, "warm")
+    assert (
+        replica.metadata.annotations[api.ANNOTATION_DEVICE]
+        == warm_holder.metadata.annotations[api.ANNOTATION_DEVICE]
+    )
+    assert replica.metadata.annotations["vnpu.io/weight-holder"] == warm_holder.metadata.name
+    assert groups()["warm"].metadata.uid == warm_holder.metadata.uid
+    time.sleep(8)  # a few resync passes (3 s)
+    assert get_model(cluster, namespace, "warm")["spec"]["replicas"] == 1
+
+
+def test_the_scale_down_loses_to_a_concurrent_wake(cluster, namespace, kwok_nodes, operator) -> None:
+    """The operator's scale-down carries the resourceVersion it planned from: if the gateway scaled the
+    model meanwhile, the API server refuses it (409) and the wake stands."""
+    kwok_nodes(1, devices=1, device_mib=16 * GIB)
+    apply(cluster, namespace, "race", spec(replicas=1))
+    read = get_model(cluster, namespace, "race")["metadata"]["resourceVersion"]
+    cluster.kubectl("scale", "-n", namespace, "infm/race", "--replicas=2")  # the wake lands first
+    kube = Kube(cluster.api_client(), (namespace,))
+    assert kube.scale_model(namespace, "race", 0, read) is False
+    assert get_model(cluster, namespace, "race")["spec"]["replicas"] == 2
+    # At the version it reads now it goes through (retried: the operator's status writes move it too).
+    wait_until(
+        lambda: kube.scale_model(
+            namespace, "race", 0, get_model(cluster, namespace, "race")["metadata"]["resourceVersion"]
+        ),
+        30,
+        "a scale at the current version",
+    )
+    assert get_model(cluster, namespace, "race")["spec"]["replicas"] == 0
