@@ -99,8 +99,10 @@ def dp_harness_bin() -> Path:
         return binary
     go = shutil.which("go")
     if go is None:
-        pytest.skip(
-            "SKIPPED LOUDLY: the Go toolchain is missing, so the kubelet-code harness cannot be built"
+        pytest.fail(
+            "the Go toolchain is missing, so the kubelet-code harness cannot be built (hack/setup-env.sh "
+            "installs golang-go)",
+            pytrace=False,
         )
     cache.mkdir(parents=True, exist_ok=True)
     print(
