@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import time
 
+import test_operator
 from operator_harness import get_model
 from test_operator import GIB, apply, events_of, holder_pods, replica_pods, spec, wait_phase
 
@@ -19,6 +20,10 @@ from vnpu.cluster.processes import wait_until
 from vnpu.operator.kube import Kube
 
 IDLE_S = 30  # the CRD's minimum
+# test_operator's fixtures: its kwok cluster, the operator process, the models claim (autouse).
+cluster = test_operator.cluster
+operator = test_operator.operator
+model_claim = test_operator.model_claim
 
 
 def _long_ago() -> str:
