@@ -58,8 +58,17 @@ ENV = (
     "PYTHONUNBUFFERED=1",
 )
 #: Imports the base must satisfy before it is cached (what the three components load first).
-SMOKE_IMPORTS = ("kopf", "kubernetes", "grpc", "google.protobuf", "yaml", "prometheus_client", "tqdm")
-RUNTIME_IMPORTS = ("torch", "numpy", "gguf", "safetensors", "aiohttp", "regex")
+SMOKE_IMPORTS = (
+    "kopf",
+    "kubernetes",
+    "grpc",
+    "google.protobuf",
+    "yaml",
+    "prometheus_client",
+    "tqdm",
+    "aiohttp",
+)
+RUNTIME_IMPORTS = ("torch", "numpy", "gguf", "safetensors", "tokenizers", "jinja2")
 EXTRA_SMOKE_IMPORTS = {"runtime": RUNTIME_IMPORTS, "cuda": (*RUNTIME_IMPORTS, "pynvml")}
 
 
