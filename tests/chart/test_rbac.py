@@ -22,7 +22,7 @@ NAMESPACED = ["--set", "operator.watchNamespaces={team-a,team-b}"]
 OPERATOR_SA = {"kind": "ServiceAccount", "name": "vnpu-operator", "namespace": "vnpu-system"}
 GATEWAY_SA = {"kind": "ServiceAccount", "name": "vnpu-gateway", "namespace": "vnpu-system"}
 #: Namespaced resources the operator works on in the namespaces it serves.
-OPERATOR_NAMESPACED = {"inferencemodels", "inferencemodels/status", "pods", "secrets", "events"}
+OPERATOR_NAMESPACED = {"inferencemodels", "inferencemodels/status", "pods", "secrets", "services", "events"}
 #: Cluster-scoped: nodes, the namespaces kopf follows, the CRD kopf discovers, the placeholder class.
 OPERATOR_CLUSTER = {"nodes", "namespaces", "customresourcedefinitions", "priorityclasses"}
 
