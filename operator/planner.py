@@ -7,8 +7,8 @@ per model, the current placements for stability), pack, derive the desired pods 
 :class:`~vnpu.operator.pods.PodIntent` values (weight-holders, then replicas, then placeholders: the
 order they are created in), one key Secret per (namespace, share group) and one Service per model
 (:mod:`vnpu.operator.services`), diff them against what exists, and compute each model's status and
-the events worth posting. No API calls here: the
-reconciler applies the plan, and tests assert on it directly.
+the events worth posting. No API calls here: the reconciler applies the plan, and tests assert on it
+directly.
 
 What the plan never does, because each would be a needless outage:
 
