@@ -13,6 +13,9 @@ nobody.
 Pods are watched in every namespace, whatever namespaces the operator serves: a pod anyone created
 that requests a ``vnpu.io/memory-<index>`` resource holds device memory the packer must not hand out
 again. Of the pods outside the operator's own, only those are kept.
+
+Services are watched by the operator's managed-by label, in the namespaces it serves (or all): a model's
+Service that someone deletes is noticed at once and created again.
 """
 
 from __future__ import annotations
@@ -31,13 +34,16 @@ from kubernetes.watch.watch import iter_resp_lines
 
 from vnpu import api
 from vnpu.operator import metrics
+from vnpu.operator.kube import MANAGED_SELECTOR
 from vnpu.operator.state import (
     ObservedModel,
     ObservedNode,
     ObservedPod,
+    ObservedService,
     parse_model,
     parse_node,
     parse_pod,
+    parse_service,
 )
 
 log = logging.getLogger(__name__)
@@ -197,8 +203,8 @@ def model_fingerprint(m: ObservedModel) -> Hashable:
 
 
 class ClusterCache:
-    """The informers of one operator: nodes, pods (all namespaces) and InferenceModels (the namespaces
-    it serves, or all)."""
+    """The informers of one operator: nodes, pods (all namespaces), and InferenceModels and the
+    operator's Services (the namespaces it serves, or all)."""
 
     def __init__(
         self, api_client: client.ApiClient, namespaces: tuple[str, ...], on_change: Callable[[str], None]
@@ -242,7 +248,20 @@ class ClusterCache:
             )
             for call in lists
         ]
-        self._all: list[Informer[Any]] = [self.nodes, self.pods, *self.models]
+        service_lists = (
+            [functools.partial(core.list_namespaced_service, ns, label_selector=MANAGED_SELECTOR)
+             for ns in namespaces]
+            if namespaces
+            else [functools.partial(core.list_service_for_all_namespaces, label_selector=MANAGED_SELECTOR)]
+        )  # fmt: skip
+
+        def service(obj: Mapping[str, Any]) -> tuple[str, ObservedService] | None:
+            return _key(obj.get("metadata", {})), parse_service(obj)
+
+        self.services = [
+            Informer("services", call, service, lambda k: on_change(f"Service {k}")) for call in service_lists
+        ]
+        self._all: list[Informer[Any]] = [self.nodes, self.pods, *self.models, *self.services]
 
     def start(self) -> None:
         for informer in self._all:
@@ -259,3 +278,6 @@ class ClusterCache:
     def snapshot(self) -> tuple[list[ObservedModel], list[ObservedNode], list[ObservedPod]]:
         models = [m for informer in self.models for m in informer.snapshot()]
         return models, self.nodes.snapshot(), self.pods.snapshot()
+
+    def services_snapshot(self) -> list[ObservedService]:
+        return [s for informer in self.services for s in informer.snapshot()]

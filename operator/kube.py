@@ -17,7 +17,14 @@ from vnpu import api
 from vnpu.operator import metrics
 from vnpu.operator.config import PLACEHOLDER_PRIORITY_CLASS
 from vnpu.operator.pods import ROLE_SHARE_KEY
-from vnpu.operator.state import ObservedModel, ObservedPod, ObservedSecret, parse_secret
+from vnpu.operator.state import (
+    ObservedModel,
+    ObservedPod,
+    ObservedSecret,
+    ObservedService,
+    parse_secret,
+    parse_service,
+)
 
 log = logging.getLogger(__name__)
 MANAGED_SELECTOR = f"{api.LABEL_MANAGED_BY}={api.MANAGED_BY_VALUE}"
@@ -63,7 +70,30 @@ class Kube:
         metrics.API_REQUESTS.labels("list", "secrets").inc(len(responses))
         return [parse_secret(item) for r in responses for item in json.loads(r.data).get("items") or []]
 
+    def find_service(self, namespace: str, name: str) -> ObservedService | None:
+        """The Service ``namespace/name`` whatever its labels (the informer sees only the operator's), by
+        a list with a field selector: the operator's RBAC grants ``list`` on Services, not ``get``."""
+        metrics.API_REQUESTS.labels("list", "services").inc()
+        resp = self.core.list_namespaced_service(
+            namespace, field_selector=f"metadata.name={name}", _preload_content=False
+        )
+        items = json.loads(resp.data).get("items") or []
+        return parse_service(items[0]) if items else None
+
     # -- writing -----------------------------------------------------------------------------------------
+    def create_service(self, manifest: Mapping[str, Any]) -> bool:
+        """Create a Service; False if one of that name already exists (ours or not: the caller looks)."""
+        metrics.API_REQUESTS.labels("create", "services").inc()
+        try:
+            self.core.create_namespaced_service(
+                manifest["metadata"]["namespace"], manifest, _preload_content=False
+            )
+        except ApiException as exc:
+            if exc.status == 409:
+                return False
+            raise
+        return True
+
     def create_pod(self, manifest: Mapping[str, Any]) -> bool:
         """Create a pod; False if it already exists (a retry after a crash is not an error)."""
         metrics.API_REQUESTS.labels("create", "pods").inc()

@@ -1,13 +1,14 @@
 """One reconcile pass as a pure function: observed cluster state in, typed intents and statuses out.
 
-    plan(models, nodes, pods, estimates, config, now, secrets, failures) -> Plan
+    plan(models, nodes, pods, estimates, config, now, secrets, failures, services) -> Plan
 
 Steps: turn observed state into the packer's input (devices with what is really free on them, demands
 per model, the current placements for stability), pack, derive the desired pods as typed
 :class:`~vnpu.operator.pods.PodIntent` values (weight-holders, then replicas, then placeholders: the
-order they are created in) and one key Secret per (namespace, share group), diff them against what
-exists, and compute each model's status and the events worth posting. No API calls here: the
-reconciler applies the plan, and tests assert on it directly.
+order they are created in), one key Secret per (namespace, share group) and one Service per model
+(:mod:`vnpu.operator.services`), diff them against what exists, and compute each model's status and
+the events worth posting. No API calls here: the reconciler applies the plan, and tests assert on it
+directly.
 
 What the plan never does, because each would be a needless outage:
 
@@ -49,8 +50,9 @@ from vnpu.operator.pods import (
     replica_pod_name,
     short_hash,
 )
+from vnpu.operator.services import ServiceIntent, plan_service
 from vnpu.operator.spec import RECREATE, default_share_group
-from vnpu.operator.state import ObservedModel, ObservedNode, ObservedPod, ObservedSecret
+from vnpu.operator.state import ObservedModel, ObservedNode, ObservedPod, ObservedSecret, ObservedService
 from vnpu.operator.status import Event, ModelOutcome, PodProblem, Rollout, build_status
 
 __all__ = ["Event", "Failure", "Plan", "default_share_group", "plan"]
@@ -129,6 +131,8 @@ class Plan:
     set_owners: list[OwnersUpdate] = field(default_factory=list)
     create_secrets: list[SecretIntent] = field(default_factory=list)
     delete_secrets: list[SecretDeletion] = field(default_factory=list)
+    #: Services to create: one per served model that has none.
+    create_services: list[ServiceIntent] = field(default_factory=list)
     statuses: list[StatusUpdate] = field(default_factory=list)
     unplaced_slices: int = 0
     #: Seconds until something time-based changes the plan (a node's grace period, a backoff).
@@ -256,6 +260,7 @@ def plan(
     now: dt.datetime | None = None,
     secrets: Sequence[ObservedSecret] = (),
     failures: Mapping[str, Failure] | None = None,
+    services: Sequence[ObservedService] = (),
 ) -> Plan:
     now = now or dt.datetime.now(dt.UTC)
     failures = failures or {}
@@ -527,6 +532,11 @@ def plan(
     result.delete = [d for d in deletions if not backoff.intersection(d.models)]
     result.set_owners = [u for u in owner_updates if not backoff.intersection(u.models)]
     _plan_secrets(result, refs.values(), ours, secrets, backoff)
+    services_by_key = {(s.namespace, s.name): s for s in services}  # (namespace, name) -> Service
+    service_of = {_model_key(m.namespace, m.name): plan_service(m, services_by_key) for m in models}
+    result.create_services = [
+        v.intent for key, v in sorted(service_of.items()) if v.intent is not None and key not in backoff
+    ]
 
     # Statuses and events.
     saved = packed.saved_by_sharing_mib(demands)
@@ -582,6 +592,8 @@ def plan(
             if key in activities
             else None,
             demand=demand_of[key].to_dict() if key in demand_of else None,
+            endpoint=service_of[key].endpoint,
+            service_problem=service_of[key].problem,
         )
         result.outcomes[key] = (m, outcome)
         result.statuses.append(_status_update(m, outcome, now))

@@ -1,5 +1,5 @@
 """Manifests the operator creates: replicas, weight-holders, autoscaler placeholders, and the Secret
-holding each share group's key.
+holding each share group's key (each model's Service is :mod:`vnpu.operator.services`).
 
 The planner decides *what* to run as typed :class:`PodIntent` values (in creation order); :func:`render`
 turns one into a manifest. Pure functions: no API calls here, so the exact objects are unit-testable
@@ -146,6 +146,16 @@ def _labels(model: ModelRef | None, role: str, share_group: str, extra: dict[str
         labels[api.LABEL_MODEL] = model.name
     labels.update(extra)
     return labels
+
+
+def replica_selector(model: str) -> dict[str, str]:
+    """The labels that select exactly the replica pods of ``model`` (its Service's selector): the
+    managed-by label keeps out pods anyone else labelled alike (the admission policy refuses those)."""
+    return {
+        api.LABEL_MANAGED_BY: api.MANAGED_BY_VALUE,
+        api.LABEL_ROLE: api.ROLE_REPLICA,
+        api.LABEL_MODEL: model,
+    }
 
 
 def _owner(model: ModelRef) -> dict[str, Any]:

@@ -33,7 +33,8 @@ from vnpu.operator.estimate_cache import EstimateCache
 from vnpu.operator.kube import Kube, api_client_from_env, api_error
 from vnpu.operator.planner import Failure, Plan, PodDeletion, SecretIntent, plan, restatus
 from vnpu.operator.pods import PodIntent, render, share_key_secret
-from vnpu.operator.state import ObservedModel, ObservedNode, ObservedPod, ObservedSecret
+from vnpu.operator.services import ServiceIntent, render_service, service_name
+from vnpu.operator.state import ObservedModel, ObservedNode, ObservedPod, ObservedSecret, ObservedService
 
 log = logging.getLogger(__name__)
 #: Parallel API calls when applying a plan.
@@ -64,6 +65,11 @@ class Reconciler:
         self._failures: dict[str, Failure] = {}
         self._secrets: dict[tuple[str, str], ObservedSecret] = {}
         self._secrets_listed = 0.0
+        #: Services with a model's Service name that the model does not control and the informer does
+        #: not see (it watches the operator's label only): learned from AlreadyExists, looked at again
+        #: on every resync. (namespace, name) -> Service
+        self._taken: dict[tuple[str, str], ObservedService] = {}
+        self._taken_checked = 0.0
         self._requeue_after: float | None = None
 
     @property
@@ -154,7 +160,7 @@ class Reconciler:
 
     def _pass_sync(self) -> Plan:
         models, nodes, pods = self._cache.snapshot()
-        return self.reconcile(models, nodes, pods)
+        return self.reconcile(models, nodes, pods, self._cache.services_snapshot())
 
     def _secret_snapshot(self) -> list[ObservedSecret]:
         """Key Secrets: listed at start and on every resync, else what this operator created and kept."""
@@ -163,8 +169,34 @@ class Reconciler:
             self._secrets_listed = time.monotonic()
         return list(self._secrets.values())
 
+    def _service_snapshot(
+        self, models: Sequence[ObservedModel], watched: Sequence[ObservedService]
+    ) -> list[ObservedService]:
+        """The informer's Services plus the taken names, each looked at again once per resync: a taken
+        name is the model's to use as soon as that Service is gone (or handed to the model)."""
+        wanted = {(m.namespace, service_name(m.name)) for m in models}
+        self._taken = {k: v for k, v in self._taken.items() if k in wanted}
+        if self._taken and time.monotonic() - self._taken_checked >= self.config.resync_seconds:
+            for key in list(self._taken):
+                try:
+                    found = self.kube.find_service(*key)
+                except ApiException as exc:
+                    log.warning("looking at Service %s/%s: %s", *key, api_error(exc)[1])
+                    continue
+                if found is None:
+                    del self._taken[key]
+                else:
+                    self._taken[key] = found
+            self._taken_checked = time.monotonic()
+        seen = {(s.namespace, s.name) for s in watched}
+        return [*watched, *(s for k, s in self._taken.items() if k not in seen)]
+
     def reconcile(
-        self, models: Sequence[ObservedModel], nodes: Sequence[ObservedNode], pods: Sequence[ObservedPod]
+        self,
+        models: Sequence[ObservedModel],
+        nodes: Sequence[ObservedNode],
+        pods: Sequence[ObservedPod],
+        services: Sequence[ObservedService] = (),
     ) -> Plan:
         """One pass over the given state: plan, write, report."""
         if not self._is_leader():
@@ -175,7 +207,15 @@ class Reconciler:
         live = {f"{m.namespace}/{m.name}" for m in models}
         self._failures = {k: f for k, f in self._failures.items() if k in live}
         result = plan(
-            models, nodes, pods, estimates, self.config, now, self._secret_snapshot(), self._failures
+            models,
+            nodes,
+            pods,
+            estimates,
+            self.config,
+            now,
+            self._secret_snapshot(),
+            self._failures,
+            self._service_snapshot(models, services),
         )
         failed = self._apply(result)
         self._settle_failures(result, failed, now)
@@ -247,6 +287,25 @@ class Reconciler:
 
             guarded(intent.models, f"creating the key Secret of share group {intent.share_group}", write)
 
+        def create_service(intent: ServiceIntent) -> None:
+            def write() -> None:
+                if kube.create_service(render_service(intent)):
+                    log.info("created Service %s/%s", intent.namespace, intent.name)
+                    return
+                # AlreadyExists: ours, not yet seen by the informer, or someone else's (never touched).
+                found = kube.find_service(intent.namespace, intent.name)
+                if found is not None and found.controller_uid != intent.owner.uid:
+                    self._taken[(found.namespace, found.name)] = found
+                    log.warning(
+                        "Service %s/%s exists and is not %s's: leaving it alone",
+                        intent.namespace,
+                        intent.name,
+                        intent.owner.key,
+                    )
+                    self._wake_soon()  # the next pass says so in the model's status
+
+            guarded(intent.models, f"creating Service {intent.name}", write)
+
         for update in result.set_owners:  # before deletions: a holder must never be left to one owner
 
             def set_owners(u: Any = update) -> None:
@@ -262,7 +321,8 @@ class Reconciler:
             guarded(update.models, f"setting the owners of {update.kind} {update.name}", set_owners)
         # Key Secrets first (a group's pods are planned only once its Secret exists), then deletions (a
         # moving replica frees its old slot), then pods in the plan's order: weight-holders before the
-        # replicas that map them. Each phase fans out over a few connections.
+        # replicas that map them, and last the models' Services (a refused Service never holds back a
+        # model's pods). Each phase fans out over a few connections.
         holders = [i for i in result.create if i.role == api.ROLE_WEIGHTS]
         others = [i for i in result.create if i.role != api.ROLE_WEIGHTS]
         phases: list[tuple[Callable[[Any], None], list[Any]]] = [
@@ -270,6 +330,7 @@ class Reconciler:
             (delete, list(result.delete)),
             (create, holders),
             (create, others),
+            (create_service, list(result.create_services)),
         ]
         with ThreadPoolExecutor(max_workers=API_CONCURRENCY) as pool:
             for action, items in phases:

@@ -93,6 +93,19 @@ class ObservedSecret:
 
 
 @dataclass(frozen=True)
+class ObservedService:
+    """A Service named like a model's (vnpu.operator.services.service_name): ours when its controller
+    is that model, else someone else's, left alone."""
+
+    namespace: str
+    name: str
+    uid: str
+    #: The uid of its controller ownerReference; None when nothing controls it.
+    controller_uid: str | None
+    terminating: bool
+
+
+@dataclass(frozen=True)
 class ObservedModel:
     namespace: str
     name: str
@@ -316,5 +329,17 @@ def parse_secret(obj: Mapping[str, Any]) -> ObservedSecret:
         uid=meta.get("uid", ""),
         share_group=(meta.get("labels") or {}).get(api.LABEL_SHARE_GROUP, ""),
         owner_uids=tuple(o.get("uid", "") for o in meta.get("ownerReferences") or []),
+        terminating=meta.get("deletionTimestamp") is not None,
+    )
+
+
+def parse_service(obj: Mapping[str, Any]) -> ObservedService:
+    meta = obj.get("metadata", {})
+    controller = next((o for o in meta.get("ownerReferences") or [] if o.get("controller")), None)
+    return ObservedService(
+        namespace=meta.get("namespace", ""),
+        name=meta["name"],
+        uid=meta.get("uid", ""),
+        controller_uid=controller.get("uid") if controller else None,
         terminating=meta.get("deletionTimestamp") is not None,
     )

@@ -6,7 +6,8 @@ kept while the status does not flip): Placed, Ready, CapacityPending, Progressin
 ``Degraded`` says what is wrong in the words of whoever knows: the API server's message for a write it
 refused, the scheduler's or the kubelet's for a replica or weight-holder that does not come up
 (Unschedulable, CrashLoopBackOff, ...), the estimate's error while running pods are kept, a node
-that is lost or inside its grace period. A replica counts as ready only with its weight-holder ready.
+that is lost or inside its grace period, the operator's own when the model's Service name is taken. A
+replica counts as ready only with its weight-holder ready.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from vnpu import api
 from vnpu.memory import EstimateError, MemoryEstimate
 from vnpu.operator.packing import Unplaced
+from vnpu.operator.services import REASON_NAME_TAKEN
 from vnpu.operator.state import ObservedModel
 
 if TYPE_CHECKING:
@@ -77,6 +79,10 @@ class ModelOutcome:
     #: status.scaling (the idle clock, warm while at 0) and status.demand (the forecast's history).
     scaling: Mapping[str, Any] | None = None
     demand: Mapping[str, Any] | None = None
+    #: The URL of the model's Service once it exists (status.endpoint), else empty.
+    endpoint: str = ""
+    #: Why the model has no Service (its name is someone else's); empty when nothing is wrong.
+    service_problem: str = ""
 
 
 def _unplaced_summary(unplaced: Sequence[Unplaced]) -> list[dict[str, Any]]:
@@ -99,6 +105,8 @@ def _degradation(outcome: ModelOutcome) -> tuple[str, str] | None:
         parts.append(
             (outcome.problems[0].reason, f"and {len(outcome.problems) - 3} more pod(s) not coming up")
         )
+    if outcome.service_problem:
+        parts.append((REASON_NAME_TAKEN, outcome.service_problem))
     if outcome.suspect_nodes:
         nodes = ", ".join(outcome.suspect_nodes)
         parts.append(("NodeNotReady", f"node(s) {nodes} NotReady: their replicas stay for the grace period"))
@@ -151,6 +159,10 @@ def build_status(
         status["scaling"] = dict(outcome.scaling)
     if outcome.demand is not None:
         status["demand"] = dict(outcome.demand)
+    if outcome.endpoint:
+        status["endpoint"] = outcome.endpoint
+    elif "endpoint" in model.status:
+        status["endpoint"] = None  # the status is merge-patched: null removes the field
     degraded = _degradation(outcome)
 
     def report_degraded() -> None:

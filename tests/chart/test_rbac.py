@@ -28,6 +28,7 @@ OPERATOR_NAMESPACED = {
     "inferencemodels/scale",
     "pods",
     "secrets",
+    "services",
     "events",
 }
 #: Cluster-wide in both modes: nodes, the namespaces kopf follows, the CRD kopf discovers, the

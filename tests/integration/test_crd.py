@@ -225,6 +225,7 @@ def test_scale_subresource_and_printer_columns(control_plane, crd_api, namespace
                 "readyReplicas": 3,
                 "selector": "vnpu.io/model=scaled",
                 "memory": {"weightsMiB": 100, "perReplicaMiB": 300, "savedBySharingMiB": 400},
+                "endpoint": f"http://vnpu-scaled.{namespace}.svc:80",
             }
         },
     )
@@ -246,6 +247,10 @@ def test_scale_subresource_and_printer_columns(control_plane, crd_api, namespace
         "MIB",
         "SAVED",
         "MIB",
+        "ENDPOINT",
         "AGE",
     ]
-    assert row.split()[:7] == ["scaled", "smollm2-135m", "5", "3", "Running", "100", "400"]
+    assert row.split()[:8] == [
+        *("scaled", "smollm2-135m", "5", "3", "Running", "100", "400"),
+        f"http://vnpu-scaled.{namespace}.svc:80",
+    ]

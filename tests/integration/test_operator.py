@@ -22,6 +22,8 @@ from vnpu import api, sharing
 from vnpu.cluster.helm import CHART, placeholder_priority_class
 from vnpu.cluster.processes import wait_until
 from vnpu.cluster.volumes import ensure_local_claim
+from vnpu.gateway.discovery import parse_slice
+from vnpu.gateway.routing import ModelKey
 from vnpu.operator.config import PLACEHOLDER_PRIORITY_CLASS
 
 GIB = 1024
@@ -288,6 +290,102 @@ def test_delete_cleans_up_pods_and_unneeded_holders(cluster, namespace, kwok_nod
     wait_until(lambda: not live(pods_of(cluster, namespace)), 60, "every pod of the group gone")
 
 
+def conditions_of(cp, namespace: str, name: str) -> dict[str, dict[str, Any]]:
+    return {c["type"]: c for c in get_model(cp, namespace, name).get("status", {}).get("conditions", [])}
+
+
+def test_each_model_has_a_service_that_comes_back_and_never_takes_someone_elses(
+    cluster, namespace, kwok_nodes, operator
+) -> None:
+    kwok_nodes(1, devices=1, device_mib=16 * GIB)
+    core = client.CoreV1Api(cluster.api_client())
+    # Someone's own Service, under the name the operator would give the model "taken".
+    theirs = core.create_namespaced_service(
+        namespace,
+        {
+            "metadata": {"name": "vnpu-taken", "labels": {"team": "a"}},
+            "spec": {"selector": {"app": "mine"}, "ports": [{"name": "web", "port": 8080}]},
+        },
+    )
+    apply(cluster, namespace, "chat", spec(replicas=2, shareGroup="g"))
+    apply(cluster, namespace, "taken", spec(replicas=1, shareGroup="g"))
+    chat = wait_phase(cluster, namespace, "chat", "Ready")
+    endpoint = f"http://vnpu-chat.{namespace}.svc:80"
+    wait_until(
+        lambda: get_model(cluster, namespace, "chat")["status"].get("endpoint") == endpoint,
+        30,
+        "status.endpoint of chat",
+    )
+    svc = core.read_namespaced_service("vnpu-chat", namespace)
+    assert svc.spec.type == "ClusterIP" and svc.spec.cluster_ip
+    assert svc.spec.selector == {
+        api.LABEL_MANAGED_BY: api.MANAGED_BY_VALUE,
+        api.LABEL_ROLE: api.ROLE_REPLICA,
+        api.LABEL_MODEL: "chat",
+    }
+    (port,) = svc.spec.ports
+    assert (port.name, port.port, port.target_port, port.protocol) == ("http", 80, "http", "TCP")
+    assert svc.metadata.labels == {api.LABEL_MANAGED_BY: api.MANAGED_BY_VALUE, api.LABEL_MODEL: "chat"}
+    (owner,) = svc.metadata.owner_references
+    assert (owner.kind, owner.name, owner.uid) == (api.KIND, "chat", chat["metadata"]["uid"])
+    assert owner.controller and owner.block_owner_deletion
+    printed = cluster.kubectl("get", "infm", "chat", "-n", namespace).stdout
+    assert "ENDPOINT" in printed.splitlines()[0] and endpoint in printed
+
+    # The EndpointSlice controller copies the labels: the gateway finds both replicas, on port http.
+    replicas = {p.metadata.name for p in replica_pods(cluster, namespace, "chat")}
+
+    def routable() -> bool:
+        slices = client.DiscoveryV1Api(cluster.api_client()).list_namespaced_endpoint_slice(
+            namespace, label_selector=api.LABEL_MODEL
+        )
+        found = [parse_slice(client.ApiClient().sanitize_for_serialization(x)) for x in slices.items]
+        pods = {e.pod for key, eps in filter(None, found) if key == ModelKey(namespace, "chat") for e in eps}
+        return pods == replicas
+
+    wait_until(routable, 60, "the gateway's view of chat: both replicas ready on port http")
+
+    # Someone deletes the Service: it is back at once (the operator watches its Services).
+    core.delete_namespaced_service("vnpu-chat", namespace)
+    wait_until(
+        lambda: core.read_namespaced_service("vnpu-chat", namespace).metadata.uid != svc.metadata.uid,
+        30,
+        "the model's Service created again",
+    )
+    wait_until(
+        lambda: get_model(cluster, namespace, "chat")["status"].get("endpoint") == endpoint,
+        30,
+        "status.endpoint of chat again",
+    )
+
+    # The name "taken" would get is someone else's: left as it is, and the model says why.
+    wait_until(
+        lambda: (
+            conditions_of(cluster, namespace, "taken").get("Degraded", {}).get("reason") == "ServiceNameTaken"
+        ),
+        30,
+        "taken: Degraded, ServiceNameTaken",
+    )
+    degraded = conditions_of(cluster, namespace, "taken")["Degraded"]
+    assert degraded["status"] == "True" and "vnpu-taken" in degraded["message"]
+    assert "endpoint" not in get_model(cluster, namespace, "taken")["status"]
+    still = core.read_namespaced_service("vnpu-taken", namespace)
+    assert still.metadata.resource_version == theirs.metadata.resource_version
+    assert not still.metadata.owner_references and still.metadata.labels == {"team": "a"}
+    assert "ServiceNameTaken" in [e.reason for e in events_of(cluster, namespace, "taken")]
+    # Once that Service is gone, the model gets its own (the name is looked at again every resync).
+    core.delete_namespaced_service("vnpu-taken", namespace)
+    wait_until(
+        lambda: (
+            get_model(cluster, namespace, "taken")["status"].get("endpoint")
+            == f"http://vnpu-taken.{namespace}.svc:80"
+        ),
+        30,
+        "taken: its own Service once the name is free",
+    )
+    assert conditions_of(cluster, namespace, "taken")["Degraded"]["status"] == "False"
+
+
 def test_operator_killed_repeatedly_mid_reconcile_leaves_no_duplicates(
     cluster, namespace, kwok_nodes, tmp_path
 ):
@@ -347,8 +445,9 @@ def test_operator_runs_under_exactly_the_chart_rbac(
         capture_output=True, text=True, check=True, timeout=60,
     ).stdout  # fmt: skip
     kinds = sorted(d["kind"] for d in yaml.safe_load_all(rendered) if d)
+    # (One Role and RoleBinding are always there: the leader-election Lease in the release namespace.)
     assert kinds == sorted(
-        ["ClusterRole", "ClusterRoleBinding", "ServiceAccount"]
+        ["ClusterRole", "ClusterRoleBinding", "ServiceAccount", "Role", "RoleBinding"]
         + (["Role", "RoleBinding"] if namespaced else [])
     )
     cluster.kubectl("create", "namespace", release_ns, check=False)
@@ -362,18 +461,21 @@ def test_operator_runs_under_exactly_the_chart_rbac(
         return out.stdout.strip() == "yes"
 
     # The identity is really confined: it may not get a Secret by name, touch deployments or create a
-    # PriorityClass; with watchNamespaces it may create pods only in the watched namespace.
+    # PriorityClass; with watchNamespaces it may create pods and Services only in the watched namespace
+    # (it reads pods everywhere: any pod holding vnpu memory counts).
     assert not can_i("get", "secrets", "-A") and not can_i("create", "deployments", "-A")
     assert not can_i("create", "priorityclasses")
-    assert can_i("create", "pods", "-n", namespace)
+    assert can_i("create", "pods", "-n", namespace) and can_i("create", "services", "-n", namespace)
     assert can_i("create", "pods", "-n", "default") is not namespaced
-    assert can_i("list", "pods", "-A") is not namespaced
+    assert can_i("create", "services", "-n", "default") is not namespaced
+    assert can_i("list", "pods", "-A")
     kwok_nodes(1, devices=1, device_mib=16 * GIB)
     op = OperatorProcess(cluster, namespace, tmp_path, kubeconfig=kubeconfig, clusterwide=not namespaced)
     try:
         op.start()
         apply(cluster, namespace, "rbac", spec(replicas=2))
         wait_phase(cluster, namespace, "rbac", "Ready")
+        wait_until(lambda: get_model(cluster, namespace, "rbac")["status"].get("endpoint"), 30, "its Service")
         assert "CapacityPending" not in [e.reason for e in events_of(cluster, namespace, "rbac")]
         cluster.kubectl("delete", "-n", namespace, "infm/rbac", "--timeout=60s")
         assert not live(pods_of(cluster, namespace))

@@ -1,0 +1,133 @@
+"""A Service per InferenceModel: one stable in-cluster address for the model's replicas.
+
+The Service selects the model's replica pods only (never its weight-holders or placeholders) on their
+named port ``http``, so nothing in it depends on the model's spec: the operator creates it, creates it
+again when someone deletes it, and never updates it. Garbage collection removes it with its model
+(controller ownerReference), so there is nothing to delete either.
+
+The EndpointSlice controller copies a Service's labels onto its EndpointSlices: the gateway
+(:mod:`vnpu.gateway.discovery`) finds a model's ready replicas by the ``vnpu.io/model`` label and the
+port name ``http`` there.
+
+The name is deterministic (:func:`service_name`), so a retry after a crash creates the very same
+object. A Service of that name that this model does not control is someone else's: it is left alone,
+and the model's ``Degraded`` condition says so (reason ``ServiceNameTaken``).
+
+Pure, like :mod:`vnpu.operator.pods`: the planner decides, the reconciler writes.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from vnpu import api
+from vnpu.operator.pods import RUNTIME_PORT_NAME, ModelRef, owner_references, replica_selector, short_hash
+from vnpu.operator.state import ObservedModel, ObservedService
+
+#: The Service's port (what clients dial); it forwards to the replicas' named port ``http``.
+SERVICE_PORT = 80
+PREFIX = "vnpu-"
+#: A Service name must be an RFC 1035 label: lower-case alphanumerics and '-', starting with a letter.
+MAX_SERVICE_NAME = 63
+_DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+#: Why a model has no Service: the name is someone else's Service.
+REASON_NAME_TAKEN = "ServiceNameTaken"
+
+
+def service_name(model: str) -> str:
+    """``vnpu-<model>``: the prefix keeps it off the names users give their own Services, and makes a
+    model named ``7b`` a valid label. A model name that still is not one (dots, or longer than 58
+    characters) is cut and made unique by a hash of the whole name: ``vnpu-<cut name>-<hash>``."""
+    name = f"{PREFIX}{model}"
+    if len(name) <= MAX_SERVICE_NAME and _DNS1035.match(name):
+        return name
+    digest = short_hash(model, length=8)
+    room = MAX_SERVICE_NAME - len(PREFIX) - len(digest) - 1
+    cut = re.sub(r"[^a-z0-9-]+", "-", model.lower())[:room].strip("-")
+    return f"{PREFIX}{cut}-{digest}" if cut else f"{PREFIX}{digest}"
+
+
+def endpoint_url(namespace: str, name: str) -> str:
+    """The in-cluster URL of Service ``name``: ``http://<name>.<namespace>.svc:80``. It ends in ``.svc``,
+    not ``.svc.cluster.local``: the cluster domain is a setting of each cluster (the kubelet's
+    ``clusterDomain``), and every pod's DNS search path resolves ``<service>.<namespace>.svc``."""
+    return f"http://{name}.{namespace}.svc:{SERVICE_PORT}"
+
+
+@dataclass(frozen=True)
+class ServiceIntent:
+    """The Service of ``owner`` to create."""
+
+    name: str
+    owner: ModelRef
+
+    @property
+    def namespace(self) -> str:
+        return self.owner.namespace
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        return (self.owner.key,)
+
+
+@dataclass(frozen=True)
+class ServiceView:
+    """Where one model's Service stands after a pass."""
+
+    intent: ServiceIntent | None = None  #: to create: the model is served and has none
+    endpoint: str = ""  #: its URL, once the model's own Service exists
+    problem: str = ""  #: why it has none that will be created; empty when nothing is wrong
+
+
+def plan_service(model: ObservedModel, services: Mapping[tuple[str, str], ObservedService]) -> ServiceView:
+    """The Service ``model`` needs, from the Services observed (keyed by (namespace, name)). A served
+    model (spec parsed, not being deleted) without one gets an intent; one whose name is taken by a
+    Service it does not control gets a problem instead, and that Service is never touched."""
+    name = service_name(model.name)
+    found = services.get((model.namespace, name))
+    if found is not None and found.controller_uid == model.uid:
+        return ServiceView(endpoint="" if found.terminating else endpoint_url(model.namespace, name))
+    if found is not None:
+        return ServiceView(
+            problem=(
+                f"Service {name} exists in {model.namespace} and is not this model's: it is left as it is, "
+                f"and the model has no Service (the gateway cannot route to it) until that one is "
+                f"renamed or deleted"
+            )
+        )
+    if model.spec is None or model.deleting:
+        return ServiceView()
+    return ServiceView(
+        intent=ServiceIntent(name, ModelRef(model.name, model.namespace, model.uid, model.spec))
+    )
+
+
+def render_service(intent: ServiceIntent) -> dict[str, Any]:
+    """The manifest of ``intent``: a ClusterIP Service on port 80 in front of the model's replicas."""
+    model = intent.owner
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": intent.name,
+            "namespace": model.namespace,
+            # Copied onto its EndpointSlices, where the gateway looks for vnpu.io/model.
+            "labels": {api.LABEL_MANAGED_BY: api.MANAGED_BY_VALUE, api.LABEL_MODEL: model.name},
+            "ownerReferences": owner_references([model]),
+        },
+        "spec": {
+            "type": "ClusterIP",
+            "selector": replica_selector(model.name),
+            "ports": [
+                {
+                    "name": RUNTIME_PORT_NAME,
+                    "protocol": "TCP",
+                    "port": SERVICE_PORT,
+                    "targetPort": RUNTIME_PORT_NAME,
+                }
+            ],
+        },
+    }

@@ -1,0 +1,105 @@
+"""A Service per InferenceModel, planned by the pure pass: created once, never touched when the name
+is someone else's, its URL in status.endpoint."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+
+import pytest
+from test_planner import NOW, model, node, run
+
+from vnpu import api
+from vnpu.gateway.discovery import PORT_NAME
+from vnpu.operator.planner import Failure
+from vnpu.operator.pods import RUNTIME_PORT_NAME
+from vnpu.operator.services import render_service, service_name
+from vnpu.operator.state import ObservedService, parse_service
+
+DNS1035 = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
+
+
+def created(result) -> list[ObservedService]:
+    """The plan's Services as the informer would see them once created."""
+    return [
+        parse_service({**(m := render_service(i)), "metadata": {**m["metadata"], "uid": f"svc-{i.name}"}})
+        for i in result.create_services
+    ]
+
+
+def conditions(result, i: int = 0) -> dict[str, dict]:
+    return {c["type"]: c for c in result.statuses[i].status["conditions"]}
+
+
+def test_a_served_model_gets_a_service_selecting_its_replicas_only() -> None:
+    m = model("llama", replicas=2)
+    first = run([m], [node("n1", devices=1)])
+    (intent,) = first.create_services
+    svc = render_service(intent)
+    assert svc["metadata"]["name"] == "vnpu-llama" and svc["metadata"]["namespace"] == "ns"
+    assert svc["metadata"]["labels"] == {api.LABEL_MANAGED_BY: api.MANAGED_BY_VALUE, api.LABEL_MODEL: "llama"}
+    (owner,) = svc["metadata"]["ownerReferences"]
+    assert owner["uid"] == "uid-llama" and owner["kind"] == api.KIND
+    assert owner["controller"] is True and owner["blockOwnerDeletion"] is True
+    assert svc["spec"]["type"] == "ClusterIP"
+    assert svc["spec"]["ports"] == [{"name": "http", "protocol": "TCP", "port": 80, "targetPort": "http"}]
+    # The port name the gateway reads from the EndpointSlices, and the replicas' container port name.
+    assert PORT_NAME == RUNTIME_PORT_NAME == "http"
+    selector = svc["spec"]["selector"].items()
+    selected = {
+        p["metadata"]["labels"][api.LABEL_ROLE]
+        for p in first.create
+        if selector <= p["metadata"]["labels"].items()
+    }
+    assert selected == {api.ROLE_REPLICA} and len(first.create) == 3  # not the weight-holder
+    assert "endpoint" not in first.statuses[0].status  # not before the Service exists
+
+    second = run([m], [node("n1", devices=1)], services=created(first))
+    assert second.create_services == []
+    assert second.statuses[0].status["endpoint"] == "http://vnpu-llama.ns.svc:80"
+
+
+def test_a_deleted_service_is_created_again_and_its_endpoint_dropped_meanwhile() -> None:
+    m = model("llama")
+    served = run([m], [node("n1")], services=created(run([m], [node("n1")])))
+    with_endpoint = replace(m, status=served.statuses[0].status)
+    again = run([with_endpoint], [node("n1")], services=[])
+    assert [i.name for i in again.create_services] == ["vnpu-llama"]
+    assert again.statuses[0].status["endpoint"] is None  # merge patch: removes the field
+    assert again.statuses[0].changed
+
+
+def test_a_foreign_service_with_the_name_is_left_alone_and_the_model_says_why() -> None:
+    m = model("llama", replicas=1)
+    users = ObservedService("ns", "vnpu-llama", "uid-users", controller_uid=None, terminating=False)
+    result = run([m], [node("n1")], services=[users])
+    assert result.create_services == []
+    assert result.create, "the model's pods are created all the same"
+    degraded = conditions(result)["Degraded"]
+    assert degraded["status"] == "True" and degraded["reason"] == "ServiceNameTaken"
+    assert "vnpu-llama" in degraded["message"] and "not this model's" in degraded["message"]
+    assert "endpoint" not in result.statuses[0].status
+    # Another model's Service of that name (a previous model of the same name, say) is not ours either.
+    other = replace(users, controller_uid="uid-previous")
+    assert conditions(run([m], [node("n1")], services=[other]))["Degraded"]["reason"] == "ServiceNameTaken"
+
+
+def test_no_service_for_a_model_being_deleted_or_in_backoff() -> None:
+    m = model("llama")
+    assert run([replace(m, deleting=True)], [node("n1")]).create_services == []
+    failing = {"ns/llama": Failure("refused", NOW.replace(hour=13))}
+    assert run([m], [node("n1")], failures=failing).create_services == []
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["llama", "7b", "a" * 58, "a" * 59, "llama-3.1-8b-instruct", "x" * 253, "a.b." + "c" * 200],
+)
+def test_service_names_are_dns_labels_and_distinct(name: str) -> None:
+    svc = service_name(name)
+    assert DNS1035.match(svc), svc
+    assert svc == service_name(name)
+    if DNS1035.match(f"vnpu-{name}") and len(name) <= 58:
+        assert svc == f"vnpu-{name}"
+    else:
+        assert svc != service_name(name + "x") and svc.startswith("vnpu-")
