@@ -1,5 +1,5 @@
 """Scale to zero, keep-warm and wake in the planner (pure; the API-server side is
-tests/integration/test_scaling.py)."""
+tests/integration/test_scale_to_zero.py)."""
 
 from __future__ import annotations
 
