@@ -30,7 +30,7 @@ from typing import Any
 
 from vnpu.operator import forecast
 from vnpu.operator.spec import KEEP_WARM_ALWAYS, KEEP_WARM_AUTO
-from vnpu.operator.state import ObservedModel, parse_timestamp
+from vnpu.operator.state import ObservedModel, parse_time
 
 #: Minutes between demand-history updates of a model whose counter did not move.
 DEMAND_REFRESH_MIN = 10.0
@@ -77,7 +77,7 @@ def activity(model: ObservedModel, now: dt.datetime) -> Activity:
     assert model.spec is not None
     scaling = model.status.get("scaling") or {}
     same_generation = scaling.get("generation") == model.generation
-    since = parse_timestamp(scaling.get("activeSince")) if same_generation else None
+    since = parse_time(scaling.get("activeSince")) if same_generation else None
     since = min(since, now) if since else now
     latest = max(since, model.last_request) if model.last_request else since
     idle_for = max(0.0, (now - latest).total_seconds())

@@ -298,7 +298,7 @@ def parse_model(obj: Mapping[str, Any]) -> ObservedModel:
         raw_spec=raw,
         resource_version=str(meta.get("resourceVersion", "")),
         requests_total=_non_negative_int(annotations.get(api.ANNOTATION_REQUESTS)),
-        last_request=parse_timestamp(annotations.get(api.ANNOTATION_LAST_REQUEST)),
+        last_request=parse_time(annotations.get(api.ANNOTATION_LAST_REQUEST)),
     )
 
 
@@ -307,18 +307,6 @@ def _non_negative_int(value: str | None) -> int | None:
     if value is None or not value.isdigit():
         return None
     return int(value)
-
-
-def parse_timestamp(value: str | None) -> dt.datetime | None:
-    """An RFC 3339 annotation in UTC; anything unparsable is None (an annotation anyone may write must
-    never stop a reconcile)."""
-    if not value:
-        return None
-    try:
-        parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
 
 
 def parse_secret(obj: Mapping[str, Any]) -> ObservedSecret:

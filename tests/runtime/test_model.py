@@ -13,7 +13,6 @@ import torch
 from rt_helpers import load_tiny_llama
 
 from vnpu.runtime.checkpoint import GGUFCheckpoint
-from vnpu.runtime.config import ModelConfig
 from vnpu.runtime.generate import generate
 from vnpu.runtime.loader import load_weights
 from vnpu.runtime.model import LlamaModel, ResidentWeights
@@ -33,32 +32,13 @@ def our_model(weights: Any, max_positions: int = 512) -> LlamaModel:
 
 
 def hf_model(weights: Any):
-    """HF LlamaForCausalLM from a LlamaConfig derived from GGUF metadata, loaded with the same tensors."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """HF LlamaForCausalLM from a LlamaConfig derived from GGUF metadata, loaded with the same tensors
+    (the builder the serving benchmark's peer uses)."""
+    from vnpu.bench.serving import transformers_llama
 
-    c: ModelConfig = weights.manifest.config
-    config = LlamaConfig(
-        vocab_size=c.vocab_size,
-        hidden_size=c.hidden_size,
-        intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.num_hidden_layers,
-        num_attention_heads=c.num_attention_heads,
-        num_key_value_heads=c.num_key_value_heads,
-        head_dim=c.head_dim,
-        max_position_embeddings=c.max_position_embeddings,
-        rms_norm_eps=c.rms_norm_eps,
-        rope_theta=c.rope_theta,
-        tie_word_embeddings=c.tie_word_embeddings,
-        bos_token_id=c.bos_token_id,
-        eos_token_id=c.eos_token_id,
-    )
-    model = LlamaForCausalLM(config)
-    state = {name: weights.arena.view(entry).clone() for name, entry in weights.manifest.tensors.items()}
-    result = model.load_state_dict(state, strict=False)
-    assert set(result.missing_keys) <= {"lm_head.weight"} and not result.unexpected_keys
-    model.tie_weights()
+    model = transformers_llama(weights)
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
-    return model.eval()
+    return model
 
 
 def hf_greedy(model, ids: list[int], steps: int) -> tuple[list[int], list[torch.Tensor]]:
