@@ -246,7 +246,7 @@ class Gateway:
             tried.add(endpoint)
             try:
                 return await self._proxy(request, route, endpoint, raw, headers)
-            except (TimeoutError, aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError) as exc:
+            except _Unreachable as exc:
                 log.warning(
                     "replica unreachable; trying another",
                     extra={"model": route.qualified_name, "endpoint": endpoint.url, "error": repr(exc)},
@@ -271,9 +271,15 @@ class Gateway:
         gauge.inc()
         try:
             timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.config.connect_timeout_s)
-            async with session.post(
-                f"{endpoint.url}{request.path}", data=raw, headers=headers, timeout=timeout
-            ) as upstream:
+            try:
+                upstream = await session.post(
+                    f"{endpoint.url}{request.path}", data=raw, headers=headers, timeout=timeout
+                )
+            except (TimeoutError, aiohttp.ClientConnectionError) as exc:
+                # Nothing came back yet (refused, reset, a pooled connection to a replica that died):
+                # the replica never answered, so another one may.
+                raise _Unreachable(exc) from exc
+            async with upstream:
                 response = web.StreamResponse(status=upstream.status)
                 for name, value in upstream.headers.items():
                     if name.lower() not in _DROP_RESPONSE_HEADERS:
@@ -312,6 +318,11 @@ class Gateway:
                 if usage is not None:
                     self.kv_usage[endpoint] = usage
             await asyncio.sleep(self.config.kv_scrape_interval_s)
+
+
+class _Unreachable(Exception):
+    """The picked replica gave no response at all (connect refused or timed out, connection reset
+    before the status line): safe to try another, as Envoy's ``reset,connect-failure`` retry policy."""
 
 
 def kv_usage_of(metrics_text: str) -> float | None:

@@ -20,6 +20,22 @@ from vnpu.cluster.helm import CHART, RELEASE, RELEASE_NAMESPACE, local_node_valu
 from vnpu.cluster.node import SingleNodeCluster, missing_prerequisites
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Within this folder, tests of the chart's plain defaults (``installed_defaults`` without
+    ``installed``) first: the first module that asks for ``installed`` upgrades the session's release
+    for good. Everything else keeps its place (the end-to-end runs last, after the other suites)."""
+    here = Path(__file__).parent
+    slots = [n for n, item in enumerate(items) if here in item.path.parents]
+
+    def defaults_only(item: pytest.Item) -> bool:
+        names = getattr(item, "fixturenames", ())
+        return "installed_defaults" in names and "installed" not in names
+
+    ordered = sorted((items[n] for n in slots), key=lambda item: not defaults_only(item))
+    for n, item in zip(slots, ordered, strict=True):
+        items[n] = item
+
+
 @pytest.fixture(scope="session")
 def single_node(kube_bin_dir: Path) -> Iterator[SingleNodeCluster]:
     """Control plane + one real node (``vnpu-node``), torn down after the session.

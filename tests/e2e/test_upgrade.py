@@ -34,6 +34,7 @@ import os
 import shutil
 import subprocess
 import tarfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,7 +104,23 @@ def import_previous_image(cluster: SingleNodeCluster, previous_tree: Path) -> No
     """The previous version's image as ``local.test/vnpu:previous`` next to this checkout's ``:dev``
     (both archives carry the tag ``dev``: the current one is set aside while the previous one lands)."""
     assert cluster.node is not None
-    archive = ensure_image(quiet=True, repo=previous_tree)
+    # Built in a thread of its own: this one is inside the node's network namespace, where PyPI and
+    # Debian's mirror cannot be reached.
+    built: list[Path] = []
+    failed: list[BaseException] = []
+
+    def build() -> None:
+        try:
+            built.append(ensure_image(quiet=True, repo=previous_tree))
+        except BaseException as exc:  # handed to the test thread
+            failed.append(exc)
+
+    worker = threading.Thread(target=build, name="previous-image")
+    worker.start()
+    worker.join()
+    if failed:
+        raise failed[0]
+    (archive,) = built
     tag = ("-n", "k8s.io", "images", "tag", "--force")
     cluster.node.ctr(*tag, images.VNPU_IMAGE, "local.test/vnpu:current")
     try:

@@ -15,6 +15,8 @@ import asyncio
 import hashlib
 import json
 import os
+import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -340,17 +342,55 @@ def test_routes_by_name_picks_the_least_loaded_streams_and_survives_a_dead_repli
 
         # A replica that died (its endpoint still listed for a moment): retried once on another, never seen.
         dead = FakeReplicaStub(replicas["c1"].address, next(replicas["c1"].net.ports))
-        apply(
-            control_plane,
-            endpoint_slice(namespace, "coder", [replicas["c1"]]),
-            endpoint_slice(namespace, "coder", [dead]),
-        )
+        dead_slice = endpoint_slice(namespace, "coder", [dead])
+        apply(control_plane, endpoint_slice(namespace, "coder", [replicas["c1"]]), dead_slice)
         wait_until(lambda: ready_endpoints(gw, f"{namespace}/qwen") == 3, 30, "coder's three endpoints")
         answers = [answered_by(oa.completions.create(model="qwen", prompt="hi")) for _ in range(6)]
         assert set(answers) == {"answered by b1", "answered by c1"}
-        assert metric(gw, "vnpu_gateway_retries_total") >= 1
+        retries = metric(gw, "vnpu_gateway_retries_total")
+        assert retries >= 1
+
+        # A replica that takes the connection and resets it before any answer (it died mid-request, or
+        # the gateway's pooled connection outlived it): retried on another too, never a 5xx.
+        reset = ResettingReplica(replicas["c1"].net)
+        control_plane.kubectl("delete", "endpointslice", dead_slice["metadata"]["name"], "-n", namespace)
+        apply(control_plane, endpoint_slice(namespace, "coder", [reset]))
+        wait_until(
+            lambda: ready_endpoints(gw, f"{namespace}/qwen") == 3 and reset.connections == 0,
+            30,
+            "coder's endpoints: b1, c1 and the resetting one",
+        )
+        answers = [answered_by(oa.completions.create(model="qwen", prompt="hi")) for _ in range(8)]
+        assert set(answers) <= {"answered by b1", "answered by c1"}
+        assert reset.connections >= 1 and metric(gw, "vnpu_gateway_retries_total") > retries
     finally:
         gw.stop()
+
+
+class ResettingReplica:
+    """Accepts a connection, reads the request and resets the connection without a status line."""
+
+    def __init__(self, net: ReplicaNetwork) -> None:
+        self.address, self.port, self.name = net.address, next(net.ports), "reset"
+        self.connections = 0
+        ready = threading.Event()
+
+        def serve() -> None:
+            net.enter_in_this_thread()
+            with socket.socket() as server:
+                server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                server.bind((self.address, self.port))
+                server.listen(16)
+                ready.set()
+                while True:
+                    conn, _ = server.accept()
+                    self.connections += 1
+                    conn.recv(65536)
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST
+                    conn.close()
+
+        threading.Thread(target=serve, daemon=True).start()
+        ready.wait(10)
 
 
 class FakeReplicaStub:

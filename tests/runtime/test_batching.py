@@ -17,6 +17,7 @@ import torch
 from rt_helpers import load_tiny_llama
 from test_model import hf_greedy, hf_model
 
+from vnpu import sharing
 from vnpu.runtime.engine import GenerationRequest, ModelRuntime, RequestOutput, ServeOptions
 from vnpu.runtime.errors import MemoryBudgetError, RuntimeUnavailableError
 from vnpu.runtime.holder import WeightsHolder
@@ -217,11 +218,12 @@ def test_offloaded_weights_stream_each_layer_once_per_step_for_the_whole_batch(t
 def test_batching_over_weights_attached_from_a_holder(tiny: Any, short_tmp: Path) -> None:
     path = short_tmp / "s" / "weights.sock"
     own = load_tiny_llama(short_tmp / "m", layers=4)  # the same weights; the holder closes its arena
-    holder = WeightsHolder(own, "group-b", path)
+    identity, key = sharing.ShareIdentity("ns", "group-b", "w1"), b"b" * 32
+    holder = WeightsHolder(own, identity, key, path)
     holder.start()
     standalone = runtime_for(tiny)
     attached = ModelRuntime(ServeOptions(max_context=96, max_batch=4))
-    supervisor = SharedWeightsSupervisor(attached, path, "group-b", retry_initial=0.05)
+    supervisor = SharedWeightsSupervisor(attached, path, identity, key, retry_initial=0.05)
     supervisor.start()
     try:
         wait_until(lambda: attached.ready)

@@ -76,13 +76,21 @@ class Cluster:
             "weights-holder",
             "--model",
             str(self.model),
-            "--share-group",
-            GROUP,
-            "--socket-dir",
-            str(self.root / "sock"),
+            *self.sharing(),
         )
         wait_for(lambda: '"event": "ready"' in proc.log.read_text(), proc, 180)
         return proc
+
+    def sharing(self) -> list[str]:
+        """The share identity, key and device the operator and device plugin would give a pod."""
+        key = self.root / "key"
+        if not key.exists():
+            key.write_bytes(os.urandom(32))
+            key.chmod(0o600)
+        return [
+            *("--share-namespace", "procs", "--share-group", GROUP, "--weights-id", "w-procs"),
+            *("--share-key-file", str(key), "--socket-dir", str(self.root / "sock"), "--device-id", "cpu0"),
+        ]
 
     def serve(self, name: str, *args: str) -> Proc:
         return self.spawn(name, "serve", "--max-context", str(CONTEXT), *args, port=free_port())
@@ -144,7 +152,7 @@ def standalone(cluster: Cluster) -> dict[str, Any]:
 def shared(cluster: Cluster, standalone: dict[str, Any]) -> dict[str, Any]:
     holder = cluster.holder()
     replicas = [
-        cluster.serve(f"replica{i}", "--socket-dir", str(cluster.root / "sock"), "--share-group", GROUP)
+        cluster.serve(f"replica{i}", "--model", str(cluster.model), *cluster.sharing())
         for i in range(REPLICAS)
     ]
     for proc in replicas:
