@@ -59,6 +59,7 @@ from vnpu.cluster import images
 from vnpu.cluster.helm import CHART, RELEASE, RELEASE_NAMESPACE, REPO_ROOT, local_node_values
 from vnpu.cluster.imagebuild import ensure_image
 from vnpu.cluster.node import CONTAINERD_SOCKET, KUBELET_ROOT, SingleNodeCluster
+from vnpu.cluster.nodens import _setns
 from vnpu.cluster.processes import wait_until
 from vnpu.cluster.volumes import ensure_local_claim
 from vnpu.operator.pods import ROLE_SHARE_KEY
@@ -104,13 +105,18 @@ def import_previous_image(cluster: SingleNodeCluster, previous_tree: Path) -> No
     """The previous version's image as ``local.test/vnpu:previous`` next to this checkout's ``:dev``
     (both archives carry the tag ``dev``: the current one is set aside while the previous one lands)."""
     assert cluster.node is not None
-    # Built in a thread of its own: this one is inside the node's network namespace, where PyPI and
-    # Debian's mirror cannot be reached.
+    # Built in a thread of its own, moved back to the host's network namespace: this one is inside the
+    # node's, where PyPI and Debian's mirror cannot be reached (a new thread starts in its creator's).
     built: list[Path] = []
     failed: list[BaseException] = []
 
     def build() -> None:
         try:
+            host = os.open("/proc/1/ns/net", os.O_RDONLY)
+            try:
+                _setns(host)
+            finally:
+                os.close(host)
             built.append(ensure_image(quiet=True, repo=previous_tree))
         except BaseException as exc:  # handed to the test thread
             failed.append(exc)
