@@ -276,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         help="warm budgets as fractions of all weights (default 0.05,0.1,0.2,0.4)",
     )
     parser.add_argument("--seed", type=int, default=11)
+    parser.add_argument("--rounds", type=int, default=3, help="warm and cold wakes each (section real)")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default bench/results)")
     args = parser.parse_args(argv)
     out = args.out or results_dir()
@@ -293,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     if "real" in sections:
         from vnpu.bench.wake_node import measure_wake
 
-        result["real"] = measure_wake(out)
+        result["real"] = measure_wake(out, rounds=args.rounds)
         text += "\n" + result["real"]["table"]
     (out / "wake.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "wake.md").write_text(text)
