@@ -33,6 +33,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tarfile
 import threading
 from collections.abc import Iterator
@@ -57,7 +58,6 @@ from e2e_helpers import (
 from vnpu import api
 from vnpu.cluster import images
 from vnpu.cluster.helm import CHART, RELEASE, RELEASE_NAMESPACE, REPO_ROOT, local_node_values
-from vnpu.cluster.imagebuild import ensure_image
 from vnpu.cluster.node import CONTAINERD_SOCKET, KUBELET_ROOT, SingleNodeCluster
 from vnpu.cluster.nodens import _setns
 from vnpu.cluster.processes import wait_until
@@ -101,6 +101,24 @@ def previous_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+def build_previous_image(previous_tree: Path) -> Path:
+    """The previous release's image, built by the previous release's own ``make image`` code (its
+    recipe, its smoke test) from its tree: ``python -m vnpu.cluster.imagebuild`` with its ``vnpu``
+    package first on the path. Cached by content hash like every image."""
+    shim = previous_tree.parent / f"{previous_tree.name}-path"
+    shim.mkdir(exist_ok=True)
+    if not (shim / "vnpu").exists():
+        (shim / "vnpu").symlink_to(previous_tree / "vnpu")
+    proc = subprocess.run(
+        [sys.executable, "-m", "vnpu.cluster.imagebuild", "--quiet"],
+        env={**os.environ, "PYTHONPATH": str(shim)},
+        cwd=previous_tree, capture_output=True, text=True, timeout=1800, check=False,
+    )  # fmt: skip
+    if proc.returncode != 0:
+        raise RuntimeError(f"building the previous release's image failed:\n{proc.stderr[-3000:]}")
+    return Path(proc.stdout.strip().splitlines()[-1])
+
+
 def import_previous_image(cluster: SingleNodeCluster, previous_tree: Path) -> None:
     """The previous version's image as ``local.test/vnpu:previous`` next to this checkout's ``:dev``
     (both archives carry the tag ``dev``: the current one is set aside while the previous one lands)."""
@@ -112,12 +130,12 @@ def import_previous_image(cluster: SingleNodeCluster, previous_tree: Path) -> No
 
     def build() -> None:
         try:
-            host = os.open("/proc/1/ns/net", os.O_RDONLY)
+            host = os.open(f"/proc/{os.getppid()}/ns/net", os.O_RDONLY)  # pytest's parent: the host's
             try:
                 _setns(host)
             finally:
                 os.close(host)
-            built.append(ensure_image(quiet=True, repo=previous_tree))
+            built.append(build_previous_image(previous_tree))
         except BaseException as exc:  # handed to the test thread
             failed.append(exc)
 
