@@ -344,7 +344,7 @@ def test_upgrade_from_the_previous_release_keeps_every_model_pod(previous_releas
     old_plugin = component_pod(cluster, "device-plugin")["metadata"]["uid"]
 
     # The documented upgrade: CRDs first (Helm never upgrades crds/), then the chart.
-    cluster.cp.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CHART / "crds"))
+    cluster.cp.kubectl("apply", "--server-side", "--force-conflicts", "-f", str((CHART / "crds").resolve()))
     install(cluster, "upgrade", CHART, upgrade_values("dev"))
 
     ds = kget(cluster, "daemonset", "-n", RELEASE_NAMESPACE, "-l", INSTANCE)["items"][0]
