@@ -45,6 +45,7 @@ import pytest
 import yaml
 from e2e_helpers import (
     Allocation,
+    container_pid,
     helm,
     http_json,
     is_ready,
@@ -58,7 +59,7 @@ from e2e_helpers import (
 from vnpu import api
 from vnpu.cluster import images
 from vnpu.cluster.helm import CHART, RELEASE, RELEASE_NAMESPACE, REPO_ROOT, local_node_values
-from vnpu.cluster.node import CONTAINERD_SOCKET, KUBELET_ROOT, SingleNodeCluster
+from vnpu.cluster.node import CONTAINERD_SOCKET, SingleNodeCluster
 from vnpu.cluster.nodens import _setns
 from vnpu.cluster.processes import wait_until
 from vnpu.cluster.volumes import ensure_local_claim
@@ -383,12 +384,12 @@ def test_the_plugins_own_token_patches_its_node_and_no_other(previous_release: S
     cluster = previous_release.cluster
     assert cluster.cp is not None and cluster.node is not None
     plugin = component_pod(cluster, "device-plugin")
-    projected = cluster.node.host_path(
-        f"{KUBELET_ROOT}/pods/{plugin['metadata']['uid']}/volumes/kubernetes.io~projected"
-    )
-    (token_file,) = projected.glob("*/token")
+    # As the plugin reads it: its container's view (the kubelet mounts it on a tmpfs of the node's own
+    # mount namespace, which the host's view of the kubelet's folder does not show).
+    pid = container_pid(cluster, plugin, plugin["spec"]["containers"][0]["name"])
+    token = Path(f"/proc/{pid}/root/var/run/secrets/kubernetes.io/serviceaccount/token").read_text()
     config = yaml.safe_load(cluster.cp.kubeconfig.read_text())
-    config["users"] = [{"name": "plugin", "user": {"token": token_file.read_text().strip()}}]
+    config["users"] = [{"name": "plugin", "user": {"token": token.strip()}}]
     config["contexts"][0]["context"]["user"] = "plugin"
     kubeconfig = tmp_path / "plugin.kubeconfig"
     kubeconfig.write_text(yaml.safe_dump(config))
