@@ -387,7 +387,8 @@ def test_the_plugins_own_token_patches_its_node_and_no_other(previous_release: S
     # As the plugin reads it: its container's view (the kubelet mounts it on a tmpfs of the node's own
     # mount namespace, which the host's view of the kubelet's folder does not show).
     pid = container_pid(cluster, plugin, plugin["spec"]["containers"][0]["name"])
-    token = Path(f"/proc/{pid}/root/var/run/secrets/kubernetes.io/serviceaccount/token").read_text()
+    # (/run, not /var/run: an absolute symlink under /proc/<pid>/root resolves against our own root.)
+    token = Path(f"/proc/{pid}/root/run/secrets/kubernetes.io/serviceaccount/token").read_text()
     config = yaml.safe_load(cluster.cp.kubeconfig.read_text())
     config["users"] = [{"name": "plugin", "user": {"token": token.strip()}}]
     config["contexts"][0]["context"]["user"] = "plugin"
