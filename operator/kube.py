@@ -7,7 +7,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from kubernetes import client
@@ -83,24 +83,17 @@ class Kube:
     # -- writing -----------------------------------------------------------------------------------------
     def create_service(self, manifest: Mapping[str, Any]) -> bool:
         """Create a Service; False if one of that name already exists (ours or not: the caller looks)."""
-        metrics.API_REQUESTS.labels("create", "services").inc()
-        try:
-            self.core.create_namespaced_service(
-                manifest["metadata"]["namespace"], manifest, _preload_content=False
-            )
-        except ApiException as exc:
-            if exc.status == 409:
-                return False
-            raise
-        return True
+        return self._create("services", self.core.create_namespaced_service, manifest)
 
     def create_pod(self, manifest: Mapping[str, Any]) -> bool:
         """Create a pod; False if it already exists (a retry after a crash is not an error)."""
-        metrics.API_REQUESTS.labels("create", "pods").inc()
+        return self._create("pods", self.core.create_namespaced_pod, manifest)
+
+    def _create(self, resource: str, create: Callable[..., Any], manifest: Mapping[str, Any]) -> bool:
+        """A namespaced create, counted; False on 409 (the name is taken), other errors raised."""
+        metrics.API_REQUESTS.labels("create", resource).inc()
         try:
-            self.core.create_namespaced_pod(
-                manifest["metadata"]["namespace"], manifest, _preload_content=False
-            )
+            create(manifest["metadata"]["namespace"], manifest, _preload_content=False)
         except ApiException as exc:
             if exc.status == 409:
                 return False
