@@ -33,17 +33,11 @@ def merged_activity(annotations: dict[str, str], added: int, last: dt.datetime) 
         total = int(annotations.get(api.ANNOTATION_REQUESTS, "0"))
     except ValueError:
         total = 0  # a garbled counter restarts rather than blocking every update
-    previous = annotations.get(api.ANNOTATION_LAST_REQUEST)
-    latest = last
-    if previous:
-        try:
-            seen = dt.datetime.fromisoformat(previous.replace("Z", "+00:00"))
-            latest = max(seen, last)
-        except ValueError:
-            pass
+    seen = api.parse_time(annotations.get(api.ANNOTATION_LAST_REQUEST))
+    latest = max(seen, last) if seen else last
     return {
         api.ANNOTATION_REQUESTS: str(total + added),
-        api.ANNOTATION_LAST_REQUEST: latest.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        api.ANNOTATION_LAST_REQUEST: api.format_time(latest),
     }
 
 

@@ -28,9 +28,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from vnpu import api
 from vnpu.operator import forecast
 from vnpu.operator.spec import KEEP_WARM_ALWAYS, KEEP_WARM_AUTO
-from vnpu.operator.state import ObservedModel, parse_time
+from vnpu.operator.state import ObservedModel
 
 #: Minutes between demand-history updates of a model whose counter did not move.
 DEMAND_REFRESH_MIN = 10.0
@@ -38,10 +39,6 @@ DEMAND_REFRESH_MIN = 10.0
 WARM_HORIZON_MIN = 30.0
 #: The pool of a node without the pool label.
 DEFAULT_POOL = "default"
-
-
-def _stamp(t: dt.datetime) -> str:
-    return t.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def minutes(t: dt.datetime) -> float:
@@ -77,7 +74,7 @@ def activity(model: ObservedModel, now: dt.datetime) -> Activity:
     assert model.spec is not None
     scaling = model.status.get("scaling") or {}
     same_generation = scaling.get("generation") == model.generation
-    since = parse_time(scaling.get("activeSince")) if same_generation else None
+    since = api.parse_time(scaling.get("activeSince")) if same_generation else None
     since = min(since, now) if since else now
     latest = max(since, model.last_request) if model.last_request else since
     idle_for = max(0.0, (now - latest).total_seconds())
@@ -106,7 +103,7 @@ def demand(model: ObservedModel, now: dt.datetime) -> forecast.DemandState:
 
 
 def scaling_status(act: Activity, generation: int, warm: bool | None) -> dict[str, Any]:
-    out: dict[str, Any] = {"generation": generation, "activeSince": _stamp(act.active_since)}
+    out: dict[str, Any] = {"generation": generation, "activeSince": api.format_time(act.active_since)}
     if warm is not None:
         out["warm"] = warm
     return out

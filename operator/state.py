@@ -166,19 +166,8 @@ def parse_node(obj: Mapping[str, Any]) -> ObservedNode:
         taints=taints,
         inventory=inventory,
         inventory_error=error,
-        not_ready_since=None if ready else (parse_time(ready_since) or LONG_AGO),
+        not_ready_since=None if ready else (api.parse_time(ready_since) or LONG_AGO),
     )
-
-
-def parse_time(value: Any) -> dt.datetime | None:
-    """An RFC 3339 timestamp of the API server (``2026-01-02T03:04:05Z``), None when absent or bad."""
-    if not isinstance(value, str):
-        return None
-    try:
-        parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
 
 
 def _pinned_node(spec: Mapping[str, Any]) -> str | None:
@@ -298,7 +287,7 @@ def parse_model(obj: Mapping[str, Any]) -> ObservedModel:
         raw_spec=raw,
         resource_version=str(meta.get("resourceVersion", "")),
         requests_total=_non_negative_int(annotations.get(api.ANNOTATION_REQUESTS)),
-        last_request=parse_time(annotations.get(api.ANNOTATION_LAST_REQUEST)),
+        last_request=api.parse_time(annotations.get(api.ANNOTATION_LAST_REQUEST)),
     )
 
 

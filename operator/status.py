@@ -120,7 +120,7 @@ def build_status(
 ) -> tuple[dict[str, Any], list[Event]]:
     """The new ``status`` and the events for ``model``."""
     previous = {c.get("type"): c for c in model.status.get("conditions", [])}
-    stamp = now.strftime("%Y-%m-%dT%H:%M:%SZ")
+    stamp = api.format_time(now)
     conditions: list[dict[str, Any]] = []
 
     def condition(type_: str, ok: bool, reason: str, message: str) -> None:

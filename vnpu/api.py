@@ -5,7 +5,9 @@ Every component imports these constants instead of spelling the strings, so a re
 
 from __future__ import annotations
 
+import datetime as dt
 import re
+from typing import Any
 
 GROUP = "vnpu.io"
 VERSION = "v1alpha1"
@@ -108,3 +110,24 @@ def slices_for_mib(mib: int, slice_mib: int = DEFAULT_SLICE_MIB) -> int:
     if mib < 0 or slice_mib <= 0:
         raise ValueError(f"need mib >= 0 and slice_mib > 0, got {mib=} {slice_mib=}")
     return -(-mib // slice_mib)
+
+
+#: Timestamps in annotations and status (``vnpu.io/last-request``, ``status.scaling.activeSince``) are
+#: RFC 3339 in UTC to the second, as the API server writes its own.
+TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+
+
+def format_time(t: dt.datetime) -> str:
+    return t.astimezone(dt.UTC).strftime(TIME_FORMAT)
+
+
+def parse_time(value: Any) -> dt.datetime | None:
+    """An RFC 3339 timestamp (``2026-01-02T03:04:05Z``) as an aware datetime; None when absent or
+    unparsable: anyone may write an annotation, and a bad one must never stop a reconcile or a flush."""
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)

@@ -132,6 +132,11 @@ def test_activity_annotations_add_and_keep_the_latest_time() -> None:
     assert second == {api.ANNOTATION_REQUESTS: "5", api.ANNOTATION_LAST_REQUEST: "2026-12-01T10:00:00Z"}
     garbled = merged_activity({api.ANNOTATION_REQUESTS: "lots"}, 1, t1)
     assert garbled[api.ANNOTATION_REQUESTS] == "1"
+    # A hand-written time without a zone is read as UTC (not compared naive against aware), junk ignored.
+    naive = merged_activity({api.ANNOTATION_LAST_REQUEST: "2026-12-01T11:00:00"}, 1, t1)
+    assert naive[api.ANNOTATION_LAST_REQUEST] == "2026-12-01T11:00:00Z"
+    junk = merged_activity({api.ANNOTATION_LAST_REQUEST: "yesterday"}, 1, t1)
+    assert junk[api.ANNOTATION_LAST_REQUEST] == "2026-12-01T10:00:00Z"
 
 
 def test_kv_usage_is_read_from_the_runtime_metrics() -> None:
