@@ -69,9 +69,6 @@ class Reconciler:
         #: not see (it watches the operator's label only): learned from AlreadyExists, looked at again
         #: on every resync. (namespace, name) -> Service
         self._taken: dict[tuple[str, str], ObservedService] = {}
-        #: Services this operator created that its informer may not show yet, with when: without them
-        #: the next passes would create each again (a 409 and a lookup per model per pass).
-        self._created: dict[tuple[str, str], tuple[ObservedService, float]] = {}
         self._taken_checked = 0.0
         self._requeue_after: float | None = None
 
@@ -192,16 +189,7 @@ class Reconciler:
                     self._taken[key] = found
             self._taken_checked = time.monotonic()
         seen = {(s.namespace, s.name) for s in watched}
-        # Just created and not seen yet: trusted for one resync period (a Service deleted before the
-        # informer ever showed it is created again after that).
-        horizon = time.monotonic() - self.config.resync_seconds
-        self._created = {
-            k: (svc, at)
-            for k, (svc, at) in self._created.items()
-            if k in wanted and k not in seen and at > horizon
-        }
-        pending = [svc for k, (svc, _) in self._created.items() if k not in self._taken]
-        return [*watched, *(s for k, s in self._taken.items() if k not in seen), *pending]
+        return [*watched, *(s for k, s in self._taken.items() if k not in seen)]
 
     def reconcile(
         self,
@@ -303,8 +291,6 @@ class Reconciler:
             def write() -> None:
                 if kube.create_service(render_service(intent)):
                     log.info("created Service %s/%s", intent.namespace, intent.name)
-                    created = ObservedService(intent.namespace, intent.name, "", intent.owner.uid, False)
-                    self._created[(intent.namespace, intent.name)] = (created, time.monotonic())
                     return
                 # AlreadyExists: ours, not yet seen by the informer, or someone else's (never touched).
                 found = kube.find_service(intent.namespace, intent.name)
