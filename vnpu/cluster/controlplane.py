@@ -25,7 +25,9 @@ import yaml
 from vnpu.cluster.pki import Pki, create_pki
 from vnpu.cluster.processes import ManagedProcess, wait_until
 
-SERVICE_CIDR = "10.0.0.0/24"
+#: Room for a Service per model: every InferenceModel gets one (vnpu.operator.services), and a /24 ran
+#: out at 253 ("range is full"), which the 500-model operator bench hit. 10.0.0.1 stays the API server's.
+SERVICE_CIDR = "10.0.0.0/16"
 #: etcd data directories are named ``<prefix><owner pid>-<random>`` so later runs can remove dead ones.
 ETCD_DATA_PREFIX = "vnpu-etcd-"
 #: Addresses kwok gives its fake pods and nodes: apart from the Service range (where a fake pod could
