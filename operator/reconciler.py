@@ -20,7 +20,7 @@ import datetime as dt
 import logging
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
 
@@ -33,12 +33,16 @@ from vnpu.operator.estimate_cache import EstimateCache
 from vnpu.operator.kube import Kube, api_client_from_env, api_error
 from vnpu.operator.planner import Failure, Plan, PodDeletion, SecretIntent, plan, restatus
 from vnpu.operator.pods import PodIntent, render, share_key_secret
+from vnpu.operator.reported import ReportedStatuses
 from vnpu.operator.services import ServiceIntent, render_service, service_name
 from vnpu.operator.state import ObservedModel, ObservedNode, ObservedPod, ObservedSecret, ObservedService
 
 log = logging.getLogger(__name__)
 #: Parallel API calls when applying a plan.
 API_CONCURRENCY = 8
+#: Parallel status patches and Events. They run behind the next pass's pod writes (see
+#: :mod:`vnpu.operator.reported`), with fewer connections, so in a burst new models get pods first.
+REPORT_CONCURRENCY = 3
 #: Seconds to wait for the informers' first lists before the first pass.
 SYNC_TIMEOUT = 120.0
 
@@ -71,6 +75,10 @@ class Reconciler:
         self._taken: dict[tuple[str, str], ObservedService] = {}
         self._taken_checked = 0.0
         self._requeue_after: float | None = None
+        #: Status patches and Events go out here, one pass's report at a time and in pass order, while
+        #: the next pass plans and writes its pods; ``_reported`` lets that pass see them as written.
+        self._reporter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vnpu-report")
+        self._reported = ReportedStatuses(stale_after=config.resync_seconds)
 
     @property
     def kube(self) -> Kube:
@@ -100,6 +108,7 @@ class Reconciler:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        await asyncio.to_thread(self._reporter.shutdown, wait=True, cancel_futures=True)
         if self._cache is not None:
             self._cache.stop()
 
@@ -202,10 +211,12 @@ class Reconciler:
         if not self._is_leader():
             raise RuntimeError("not the leader: refusing to write")
         now = dt.datetime.now(dt.UTC)
+        models = self._reported.overlay(models)
         self._estimates.forget_except(models)
         estimates = {m.key: self._estimates.get(m) for m in models if m.spec is not None}
         live = {f"{m.namespace}/{m.name}" for m in models}
         self._failures = {k: f for k, f in self._failures.items() if k in live}
+        started = time.perf_counter()
         result = plan(
             models,
             nodes,
@@ -217,10 +228,18 @@ class Reconciler:
             self._failures,
             self._service_snapshot(models, services),
         )
+        planned = time.perf_counter()
         failed = self._apply(result)
         self._settle_failures(result, failed, now)
         restatus(result, self._failures, now)
-        self._report(result)
+        self._submit_report(result)
+        log.debug(
+            "pass over %d models: plan %.2fs, writes %.2fs",
+            len(models),
+            planned - started,
+            time.perf_counter() - planned,
+            extra={"creates": len(result.create), "deletes": len(result.delete), "failed": len(failed)},
+        )
         retries = [r for m in models if (r := self._estimates.retry_in(m)) is not None]
         waits = [w for w in (result.requeue_after, min(retries, default=None)) if w is not None]
         self._requeue_after = max(0.5, min(waits)) if waits else None
@@ -371,14 +390,27 @@ class Reconciler:
                 del self._failures[key]  # retried in this pass (its writes were planned) and went through
         metrics.MODELS_IN_BACKOFF.set(len(self._failures))
 
-    def _report(self, result: Plan) -> None:
+    def _submit_report(self, result: Plan) -> None:
+        tokens = {
+            u.model.uid: self._reported.submitted(u.model.uid, u.status) for u in result.statuses if u.changed
+        }
+        self._reporter.submit(self._report, result, tokens).add_done_callback(_log_failure)
+
+    def _report(self, result: Plan, tokens: dict[str, int]) -> None:
+        """Write a pass's statuses and Events (on the reporter's thread)."""
         kube = self.kube
 
         def report(update: Any) -> None:
+            if not self._is_leader():
+                self._reported.refused(update.model.uid, tokens.get(update.model.uid, 0))
+                return  # the new leader reports from its own passes
             if update.changed:
                 try:
                     kube.patch_model_status(update.model, update.status)
-                except ApiException as exc:
+                except Exception as exc:
+                    self._reported.refused(update.model.uid, tokens[update.model.uid])
+                    if not isinstance(exc, ApiException):
+                        raise
                     reason, message = api_error(exc)
                     metrics.API_ERRORS.labels(update.model.namespace, update.model.name, reason).inc()
                     log.warning(
@@ -387,7 +419,7 @@ class Reconciler:
             for event in update.events:
                 kube.post_event(update.model, event.type, event.reason, event.message)
 
-        with ThreadPoolExecutor(max_workers=API_CONCURRENCY) as pool:
+        with ThreadPoolExecutor(max_workers=REPORT_CONCURRENCY) as pool:
             for future in [pool.submit(report, u) for u in result.statuses if u.changed or u.events]:
                 future.result()
         metrics.UNPLACED_SLICES.set(result.unplaced_slices)
@@ -399,3 +431,8 @@ class Reconciler:
             metrics.PLACED_REPLICAS.labels(*labels).set(update.placed)
             metrics.UNPLACED_REPLICAS.labels(*labels).set(update.unplaced)
             metrics.SAVED_BY_SHARING_MIB.labels(*labels).set(update.saved_mib)
+
+
+def _log_failure(future: Future[None]) -> None:
+    if not future.cancelled() and (exc := future.exception()) is not None:
+        log.error("writing statuses failed", exc_info=exc)
