@@ -57,6 +57,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     argv = list(argv)
 
+    import urllib3
     from kubernetes import client, watch
 
     from vnpu.cluster.binaries import ensure_binaries
@@ -94,18 +95,48 @@ def main(argv: list[str]) -> int:
             expected: dict[str, set[str]] = {}
             stop = threading.Event()
 
-            def watch_pods() -> None:
-                w = watch.Watch()
-                for ev in w.stream(core.list_namespaced_pod, namespace, timeout_seconds=int(args.timeout)):
-                    pod = ev["object"]
-                    first_seen.setdefault(pod.metadata.name, time.perf_counter())
-                    if stop.is_set():
-                        w.stop()
-
-            watcher = threading.Thread(target=watch_pods, daemon=True)
-            watcher.start()
-            time.sleep(3)  # operator start-up and initial listing are not what we measure
             custom = client.CustomObjectsApi(api_client)
+            statuses: dict[str, Any] = {}
+
+            def follow(list_fn: Any, *args: Any, seen: Any) -> None:
+                """LIST, then WATCH from there; again whenever the server ends the watch (a busy API
+                server closes a consumer that falls behind), until the bench is done. A watch, not a
+                LIST of every model each second: the bench must not load the API server it measures."""
+                while not stop.is_set():
+                    try:
+                        listed = list_fn(*args, _preload_content=False)
+                        body = json.loads(listed.data)
+                        for obj in body["items"]:
+                            seen(obj)
+                        w = watch.Watch()
+                        version = body["metadata"]["resourceVersion"]
+                        for ev in w.stream(list_fn, *args, resource_version=version, timeout_seconds=60):
+                            if ev["type"] != "ERROR":
+                                seen(ev["raw_object"])
+                            if stop.is_set():
+                                w.stop()
+                    except (urllib3.exceptions.HTTPError, client.ApiException):
+                        time.sleep(0.2)  # the API server going away at the end, or 410 Gone: list again
+
+            def pod_seen(obj: dict[str, Any]) -> None:
+                first_seen.setdefault(obj["metadata"]["name"], time.perf_counter())
+
+            def model_seen(obj: dict[str, Any]) -> None:
+                statuses[obj["metadata"]["name"]] = obj.get("status") or {}
+
+            watchers = (
+                (core.list_namespaced_pod, (namespace,), pod_seen),
+                (
+                    custom.list_namespaced_custom_object,
+                    (api.GROUP, api.VERSION, namespace, api.PLURAL),
+                    model_seen,
+                ),
+            )
+            for list_fn, list_args, seen in watchers:
+                threading.Thread(
+                    target=follow, args=(list_fn, *list_args), kwargs={"seen": seen}, daemon=True
+                ).start()
+            time.sleep(3)  # operator start-up and initial listing are not what we measure
             created_at: dict[str, float] = {}
             t0 = time.perf_counter()
             for i in range(args.models):
@@ -114,15 +145,10 @@ def main(argv: list[str]) -> int:
                 created_at[body["metadata"]["name"]] = time.perf_counter()
             t_applied = time.perf_counter() - t0
 
-            def placements() -> dict[str, Any]:
-                items = custom.list_namespaced_custom_object(api.GROUP, api.VERSION, namespace, api.PLURAL)[
-                    "items"
-                ]
-                return {o["metadata"]["name"]: o.get("status", {}) for o in items}
-
             def converged() -> bool:
-                statuses = placements()
-                for name, status in statuses.items():
+                if len(statuses) < args.models:
+                    return False
+                for name, status in dict(statuses).items():
                     pods = {p["pod"] for p in status.get("placements", [])}
                     pods |= {p["weightHolder"] for p in status.get("placements", []) if p.get("weightHolder")}
                     if (
