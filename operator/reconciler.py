@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -74,6 +75,12 @@ class Reconciler:
         #: on every resync. (namespace, name) -> Service
         self._taken: dict[tuple[str, str], ObservedService] = {}
         self._taken_checked = 0.0
+        #: Services handed to the reporter and not yet seen by the informer (nor refused), with when:
+        #: the next pass must not plan them again. (namespace, name) -> (Service, monotonic seconds)
+        self._creating: dict[tuple[str, str], tuple[ObservedService, float]] = {}
+        #: Writes the reporter had refused since the last pass: model -> (reason, message).
+        self._late_failures: dict[str, tuple[str, str]] = {}
+        self._shared_lock = threading.Lock()  # the three above are shared with the reporter's threads
         self._requeue_after: float | None = None
         #: Status patches and Events go out here, one pass's report at a time and in pass order, while
         #: the next pass plans and writes its pods; ``_reported`` lets that pass see them as written.
@@ -181,24 +188,35 @@ class Reconciler:
     def _service_snapshot(
         self, models: Sequence[ObservedModel], watched: Sequence[ObservedService]
     ) -> list[ObservedService]:
-        """The informer's Services plus the taken names, each looked at again once per resync: a taken
-        name is the model's to use as soon as that Service is gone (or handed to the model)."""
+        """The informer's Services, plus the taken names, each looked at again once per resync (a taken
+        name is the model's to use as soon as that Service is gone, or handed to the model), plus the
+        Services being created (until the informer shows them, at most one resync)."""
         wanted = {(m.namespace, service_name(m.name)) for m in models}
-        self._taken = {k: v for k, v in self._taken.items() if k in wanted}
-        if self._taken and time.monotonic() - self._taken_checked >= self.config.resync_seconds:
-            for key in list(self._taken):
+        with self._shared_lock:
+            taken = {k: v for k, v in self._taken.items() if k in wanted}
+        if taken and time.monotonic() - self._taken_checked >= self.config.resync_seconds:
+            for key in list(taken):
                 try:
                     found = self.kube.find_service(*key)
                 except ApiException as exc:
                     log.warning("looking at Service %s/%s: %s", *key, api_error(exc)[1])
                     continue
                 if found is None:
-                    del self._taken[key]
+                    del taken[key]
                 else:
-                    self._taken[key] = found
+                    taken[key] = found
             self._taken_checked = time.monotonic()
         seen = {(s.namespace, s.name) for s in watched}
-        return [*watched, *(s for k, s in self._taken.items() if k not in seen)]
+        now = time.monotonic()
+        with self._shared_lock:
+            self._taken = taken
+            self._creating = {
+                k: (svc, since)
+                for k, (svc, since) in self._creating.items()
+                if k not in seen and now - since < self.config.resync_seconds
+            }
+            creating = [svc for svc, _ in self._creating.values()]
+        return [*watched, *(s for k, s in taken.items() if k not in seen), *creating]
 
     def reconcile(
         self,
@@ -230,6 +248,9 @@ class Reconciler:
         )
         planned = time.perf_counter()
         failed = self._apply(result)
+        with self._shared_lock:
+            late, self._late_failures = self._late_failures, {}
+        failed.update({k: v for k, v in late.items() if k in live and k not in failed})
         self._settle_failures(result, failed, now)
         restatus(result, self._failures, now)
         self._submit_report(result)
@@ -306,25 +327,6 @@ class Reconciler:
 
             guarded(intent.models, f"creating the key Secret of share group {intent.share_group}", write)
 
-        def create_service(intent: ServiceIntent) -> None:
-            def write() -> None:
-                if kube.create_service(render_service(intent)):
-                    log.info("created Service %s/%s", intent.namespace, intent.name)
-                    return
-                # AlreadyExists: ours, not yet seen by the informer, or someone else's (never touched).
-                found = kube.find_service(intent.namespace, intent.name)
-                if found is not None and found.controller_uid != intent.owner.uid:
-                    self._taken[(found.namespace, found.name)] = found
-                    log.warning(
-                        "Service %s/%s exists and is not %s's: leaving it alone",
-                        intent.namespace,
-                        intent.name,
-                        intent.owner.key,
-                    )
-                    self._wake_soon()  # the next pass says so in the model's status
-
-            guarded(intent.models, f"creating Service {intent.name}", write)
-
         for update in result.set_owners:  # before deletions: a holder must never be left to one owner
 
             def set_owners(u: Any = update) -> None:
@@ -340,8 +342,8 @@ class Reconciler:
             guarded(update.models, f"setting the owners of {update.kind} {update.name}", set_owners)
         # Key Secrets first (a group's pods are planned only once its Secret exists), then deletions (a
         # moving replica frees its old slot), then pods in the plan's order: weight-holders before the
-        # replicas that map them, and last the models' Services (a refused Service never holds back a
-        # model's pods). Each phase fans out over a few connections.
+        # replicas that map them. Each phase fans out over a few connections. The models' Services go
+        # to the reporter with the statuses: a Service never holds back anyone's pods.
         holders = [i for i in result.create if i.role == api.ROLE_WEIGHTS]
         others = [i for i in result.create if i.role != api.ROLE_WEIGHTS]
         phases: list[tuple[Callable[[Any], None], list[Any]]] = [
@@ -349,7 +351,6 @@ class Reconciler:
             (delete, list(result.delete)),
             (create, holders),
             (create, others),
-            (create_service, list(result.create_services)),
         ]
         with ThreadPoolExecutor(max_workers=API_CONCURRENCY) as pool:
             for action, items in phases:
@@ -394,11 +395,56 @@ class Reconciler:
         tokens = {
             u.model.uid: self._reported.submitted(u.model.uid, u.status) for u in result.statuses if u.changed
         }
+        now = time.monotonic()
+        with self._shared_lock:
+            for intent in result.create_services:
+                pending = ObservedService(
+                    intent.namespace, intent.name, "", intent.owner.uid, False, pending=True
+                )
+                self._creating[(intent.namespace, intent.name)] = (pending, now)
         self._reporter.submit(self._report, result, tokens).add_done_callback(_log_failure)
 
     def _report(self, result: Plan, tokens: dict[str, int]) -> None:
-        """Write a pass's statuses and Events (on the reporter's thread)."""
+        """Create a pass's Services, then write its statuses and Events (on the reporter's thread)."""
         kube = self.kube
+
+        def create_service(intent: ServiceIntent) -> None:
+            key = (intent.namespace, intent.name)
+            if not self._is_leader():
+                with self._shared_lock:
+                    self._creating.pop(key, None)
+                return
+            try:
+                if kube.create_service(render_service(intent)):
+                    log.info("created Service %s/%s", intent.namespace, intent.name)
+                    return
+                # AlreadyExists: ours, not yet seen by the informer, or someone else's (never touched).
+                found = kube.find_service(intent.namespace, intent.name)
+            except Exception as exc:
+                with self._shared_lock:
+                    self._creating.pop(key, None)
+                if not isinstance(exc, ApiException):
+                    raise
+                reason, message = api_error(exc)
+                log.warning("creating Service %s/%s refused: %s", *key, message, extra={"reason": reason})
+                metrics.API_ERRORS.labels(intent.namespace, intent.owner.name, reason).inc()
+                with self._shared_lock:
+                    self._late_failures[intent.owner.key] = (
+                        reason,
+                        f"creating Service {intent.name}: {message}",
+                    )
+                self._wake_soon()  # the next pass backs the model off and says why in its status
+                return
+            if found is not None and found.controller_uid != intent.owner.uid:
+                with self._shared_lock:
+                    self._creating.pop(key, None)
+                    self._taken[key] = found
+                log.warning("Service %s/%s exists and is not %s's: leaving it alone", *key, intent.owner.key)
+                self._wake_soon()  # the next pass says so in the model's status
+
+        with ThreadPoolExecutor(max_workers=REPORT_CONCURRENCY) as pool:
+            for future in [pool.submit(create_service, i) for i in result.create_services]:
+                future.result()
 
         def report(update: Any) -> None:
             if not self._is_leader():

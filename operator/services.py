@@ -89,7 +89,8 @@ def plan_service(model: ObservedModel, services: Mapping[tuple[str, str], Observ
     name = service_name(model.name)
     found = services.get((model.namespace, name))
     if found is not None and found.controller_uid == model.uid:
-        return ServiceView(endpoint="" if found.terminating else endpoint_url(model.namespace, name))
+        there = not (found.terminating or found.pending)
+        return ServiceView(endpoint=endpoint_url(model.namespace, name) if there else "")
     if found is not None:
         return ServiceView(
             problem=(

@@ -103,6 +103,8 @@ class ObservedService:
     #: The uid of its controller ownerReference; None when nothing controls it.
     controller_uid: str | None
     terminating: bool
+    #: Being created by this operator and not yet seen by its informer (no endpoint to give out yet).
+    pending: bool = False
 
 
 @dataclass(frozen=True)

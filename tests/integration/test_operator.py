@@ -386,6 +386,41 @@ def test_each_model_has_a_service_that_comes_back_and_never_takes_someone_elses(
     assert conditions_of(cluster, namespace, "taken")["Degraded"]["status"] == "False"
 
 
+def test_a_refused_service_never_holds_back_the_models_pods(cluster, namespace, kwok_nodes, operator) -> None:
+    """Services are created behind the pods (by the reporter): a namespace with no room for Services
+    still gets its pods, and the model says why it has no endpoint until there is room."""
+    kwok_nodes(1, devices=1, device_mib=16 * GIB)
+    core = client.CoreV1Api(cluster.api_client())
+    quota = {"metadata": {"name": "no-services"}, "spec": {"hard": {"services": "0"}}}
+    core.create_namespaced_resource_quota(namespace, quota)
+    wait_until(
+        lambda: core.read_namespaced_resource_quota("no-services", namespace).status.hard is not None,
+        30,
+        "the quota observed",
+    )
+    apply(cluster, namespace, "chat", spec(replicas=2))
+    wait_until(lambda: len(replica_pods(cluster, namespace, "chat")) == 2, 60, "both replica pods")
+    wait_until(
+        lambda: (
+            "exceeded quota"
+            in conditions_of(cluster, namespace, "chat").get("Degraded", {}).get("message", "")
+        ),
+        60,
+        "chat: Degraded with the server's quota message",
+    )
+    assert "endpoint" not in get_model(cluster, namespace, "chat")["status"]
+    assert any("vnpu-chat" in e.message for e in events_of(cluster, namespace, "chat") if e.type == "Warning")
+    core.delete_namespaced_resource_quota("no-services", namespace)
+    endpoint = f"http://vnpu-chat.{namespace}.svc:80"
+    wait_until(
+        lambda: get_model(cluster, namespace, "chat")["status"].get("endpoint") == endpoint,
+        120,  # within the model's backoff
+        "chat: its Service once the quota is gone",
+    )
+    assert conditions_of(cluster, namespace, "chat")["Degraded"]["status"] == "False"
+    assert core.read_namespaced_service("vnpu-chat", namespace).metadata.owner_references
+
+
 def test_operator_killed_repeatedly_mid_reconcile_leaves_no_duplicates(
     cluster, namespace, kwok_nodes, tmp_path
 ):
