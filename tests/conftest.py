@@ -50,7 +50,7 @@ def control_plane(kube_bin_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
     cp.start()
     try:
         cp.kubectl("apply", "--server-side", "-f", str(CRDS_DIR))
-        cp.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/inferencemodels.vnpu.io")
+        cp.wait_established("inferencemodels.vnpu.io")
         yield cp
     finally:
         # VNPU_KEEP_CONTROL_PLANE=1 keeps logs (incl. the pod-deletion audit log) for a post-mortem.

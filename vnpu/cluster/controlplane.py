@@ -305,6 +305,18 @@ class ControlPlane:
         config.load_kube_config(config_file=str(kubeconfig or self.kubeconfig), client_configuration=cfg)
         return client.ApiClient(cfg)
 
+    def wait_established(self, crd: str, timeout: float = 60) -> None:
+        """Wait until CustomResourceDefinition ``crd`` serves its resource. Not ``kubectl wait
+        --for=condition=Established``: on a busy server it can look before the CRD has any conditions,
+        and then fails at once (".status.conditions accessor error") instead of waiting."""
+        query = '{.status.conditions[?(@.type=="Established")].status}'
+
+        def established() -> bool:
+            got = self.kubectl("get", f"crd/{crd}", "-o", f"jsonpath={query}", check=False)
+            return got.returncode == 0 and got.stdout.strip() == "True"
+
+        wait_until(established, timeout, f"CRD {crd} Established", interval=0.2)
+
     def kubectl(
         self, *args: str, input: str | None = None, check: bool = True, kubeconfig: Path | None = None
     ) -> subprocess.CompletedProcess[str]:

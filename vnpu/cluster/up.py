@@ -282,7 +282,7 @@ def _start_kwok(
         cp.start_kwok()
     with steps.step("CRDs"):
         cp.kubectl("apply", "--server-side", "-f", str(REPO_ROOT / "crds"))
-        cp.kubectl("wait", "--for=condition=Established", "--timeout=60s", f"crd/{api.PLURAL}.{api.GROUP}")
+        cp.wait_established(f"{api.PLURAL}.{api.GROUP}")
         # The chart's placeholder PriorityClass: the operator runs outside Helm here and creates none.
         cp.kubectl("apply", "-f", "-", input=placeholder_priority_class(bin_dir))
     with steps.step("nodes"):
