@@ -5,10 +5,12 @@ architectures: arrivals, scale changes and deletions. After each event the packe
 operator runs it: with the previous placements as the running state (stable: running replicas stay).
 Two policies run side by side: ``sticky`` never moves a running replica; ``consolidating`` runs,
 every ``--consolidate-every`` events, the bounded consolidation
-(:func:`vnpu.operator.packing.consolidate`), which may move a few running replicas to use fewer
-devices. After
-each step the devices used are compared with a fresh repack of the same demands (what a from-scratch
-packing would need), and every replica that changes device is a move.
+(:func:`vnpu.operator.packing.consolidate`): only while the plan needs more than 1.05x the devices
+of a fresh repack, it moves at most ``--move-budget`` running replicas, off thin weight copies and
+near-empty devices, and only where a move frees a device or at least ``--min-slices-per-move``
+slices. After each step the devices used are compared with a fresh repack of the same demands (what
+a from-scratch packing would need), and every running replica that changes device is a move (a
+replica removed by a scale-down or a deletion is not, nor is a new one).
 
 Goal (issue 11): at the end, devices <= 1.05 x the fresh repack, with at most 5% of the replicas
 moved over the whole trace (moves / replicas running at the end).
@@ -29,7 +31,16 @@ from typing import Any
 from vnpu.api import slices_for_mib
 from vnpu.bench.packing import CATALOGUE, DEVICES_PER_NODE, deployment
 from vnpu.bench.report import provenance, results_dir, write_table
-from vnpu.operator.packing import Demand, Device, Node, Placement, consolidate, pack
+from vnpu.operator.packing import (
+    CONSOLIDATE_BOUND,
+    MIN_SLICES_PER_MOVE,
+    Demand,
+    Device,
+    Node,
+    Placement,
+    consolidate,
+    pack,
+)
 
 GOAL_RATIO = 1.05
 GOAL_MOVED = 0.05
@@ -80,7 +91,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", type=int, default=300, help="most models alive at once")
     parser.add_argument("--nodes", type=int, default=250, help="nodes of 8 x 64 GiB devices")
     parser.add_argument("--consolidate-every", type=int, default=10)
-    parser.add_argument("--move-budget", type=int, default=4, help="moves one consolidation may make")
+    parser.add_argument("--move-budget", type=int, default=2, help="moves one consolidation may make")
+    parser.add_argument(
+        "--min-slices-per-move",
+        type=int,
+        default=MIN_SLICES_PER_MOVE,
+        help="slices a move that frees no device must save",
+    )
     parser.add_argument("--out", type=Path, default=None, help="results directory (default bench/results)")
     args = parser.parse_args(argv)
     argv = list(argv or [])
@@ -107,7 +124,13 @@ def main(argv: list[str] | None = None) -> int:
         for name, budget in policies.items():
             where = {(p.model, p.replica): (p.node, p.device) for p in current[name]}
             if budget and step % args.consolidate_every == 0:
-                result = consolidate(nodes, list(demands.values()), current[name], max_moves=budget)
+                result = consolidate(
+                    nodes,
+                    list(demands.values()),
+                    current[name],
+                    max_moves=budget,
+                    min_slices_per_move=args.min_slices_per_move,
+                )
             else:
                 result = pack(nodes, list(demands.values()), current[name])
             moved = sum(
@@ -150,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = {
         "consolidate_every": args.consolidate_every,
         "move_budget": args.move_budget,
+        "min_slices_per_move": args.min_slices_per_move,
+        "bound": CONSOLIDATE_BOUND,
         "nodes": args.nodes,
         "seconds": round(seconds, 1),
     }

@@ -60,9 +60,18 @@ from vnpu.operator.packing.outputs import (
     Unplaced,
     WeightHolder,
 )
-from vnpu.operator.packing.plans import VARIANT_BUDGET, VARIANTS, consolidate, pack
+from vnpu.operator.packing.plans import (
+    CONSOLIDATE_BOUND,
+    MIN_SLICES_PER_MOVE,
+    VARIANT_BUDGET,
+    VARIANTS,
+    consolidate,
+    pack,
+)
 
 __all__ = [
+    "CONSOLIDATE_BOUND",
+    "MIN_SLICES_PER_MOVE",
     "NO_EXECUTE",
     "NO_SCHEDULE",
     "PREFER_NO_SCHEDULE",

@@ -130,61 +130,95 @@ def _best_plan(
     return min(runs, key=lambda run: run.score(levels)).result()  # the first of equals: A before B
 
 
+#: :func:`consolidate` acts only while the plan needs more than this times a fresh repack's devices.
+CONSOLIDATE_BOUND = 1.05
+#: ... and a move that empties no device must save at least this many slices (weights, mostly).
+MIN_SLICES_PER_MOVE = 16
+
+
 def consolidate(
     nodes: Sequence[Node],
     demands: Sequence[Demand],
     current: Sequence[Placement],
     *,
     max_moves: int,
-    tries: int = 16,
+    bound: float = CONSOLIDATE_BOUND,
+    min_slices_per_move: int = MIN_SLICES_PER_MOVE,
+    tries: int = 24,
 ) -> PackResult:
-    """A stable plan that may move at most ``max_moves`` running replicas to use less memory.
+    """A stable plan that may move at most ``max_moves`` running replicas to use fewer devices.
 
-    Between the sticky plan (no moves) and a fresh repack (fewest devices, most replicas moved). Under
-    churn a sticky plan drifts for one reason above all: a group that scaled up where its devices were
-    full got another weight copy elsewhere, and after it scaled down its replicas sit thinly on several
-    copies. So the candidates are the thinnest copies of groups with more than one (their replicas
-    offered to the packer as new, which puts them next to the group's other copies, paying no
-    weights), then the least-used devices; each is kept only if the plan then needs fewer devices or
-    slices, within the move budget.
+    Between the sticky plan (no moves) and a fresh repack (fewest devices, most replicas moved). It
+    does nothing while the sticky plan needs at most ``bound`` times the devices of a fresh repack
+    (computed here), so moves are spent only on drift. Under churn a sticky plan drifts mostly by
+    weight copies: a group that grew where its devices were full got another copy elsewhere, and its
+    scale-downs leave copies holding a replica or two. So the candidates are, cheapest first (fewest
+    replicas to move): the copies of groups with several (their replicas offered to the packer as new,
+    which puts them next to the group's other copies, paying no weights) and whole devices. A
+    candidate is taken only if the plan then places everything and needs fewer devices, or saves at
+    least ``min_slices_per_move`` slices per replica moved (room the next arrivals fill instead of
+    opening devices); moves that buy less are not worth a restart.
     """
     best = pack(nodes, demands, current)
-    if max_moves <= 0:
+    if max_moves <= 0 or best.unplaced:
         return best
-    copies: dict[str, dict[tuple[str, str], int]] = {}
-    used: dict[tuple[str, str], int] = {}
-    for a in best.assignments:
-        per_device = copies.setdefault(a.share_group, {})
-        per_device[(a.node, a.device)] = per_device.get((a.node, a.device), 0) + 1
-        used[(a.node, a.device)] = used.get((a.node, a.device), 0) + a.slices
-    thin = sorted(
-        (n, group, device)
-        for group, devices in copies.items()
-        if len(devices) > 1
-        for device, n in devices.items()
-    )
-    candidates: list[tuple[str | None, tuple[str, str]]] = [(g, d) for _, g, d in thin[:tries]]
-    candidates += [(None, d) for d in sorted(used, key=lambda d: (used[d], d))[:tries]]
-    kept = [Placement(a.model, a.replica, a.node, a.device, a.slices) for a in best.assignments]
+    target = bound * pack(nodes, demands).devices_used()
     group_of = {d.model: d.share_group for d in demands}
     moves = 0
-    for group, device in candidates:
-        trial = [
-            p
-            for p in kept
-            if (p.node, p.device) != device or (group is not None and group_of[p.model] != group)
-        ]
-        if len(trial) == len(kept) or moves + len(kept) - len(trial) > max_moves:
-            continue
-        result = pack(nodes, demands, trial)
-        was = {(p.model, p.replica): (p.node, p.device) for p in kept}
-        moved = sum(
-            1
-            for a in result.assignments
-            if (k := (a.model, a.replica)) in was and was[k] != (a.node, a.device)
-        )
-        better = (result.devices_used(), result.slices_used()) < (best.devices_used(), best.slices_used())
-        if better and not result.unplaced and moves + moved <= max_moves:
-            best, moves = result, moves + moved
-            kept = [Placement(a.model, a.replica, a.node, a.device, a.slices) for a in result.assignments]
+    while best.devices_used() > target and moves < max_moves:
+        kept = [Placement(a.model, a.replica, a.node, a.device, a.slices) for a in best.assignments]
+        improved = None
+        for group, device in _drain_candidates(best, max_moves - moves)[:tries]:
+            trial = [
+                p for p in kept if (p.node, p.device) != device or group not in (None, group_of[p.model])
+            ]
+            result = pack(nodes, demands, trial)
+            moved = _moved(kept, result)
+            if result.unplaced or not moved or moves + moved > max_moves:
+                continue
+            saved = best.slices_used() - result.slices_used()
+            if result.devices_used() < best.devices_used() or saved >= min_slices_per_move * moved:
+                improved = result, moved
+                break
+        if improved is None:
+            break
+        best, moves = improved[0], moves + improved[1]
     return best
+
+
+def _drain_candidates(plan: PackResult, budget: int) -> list[tuple[str | None, tuple[str, str]]]:
+    """(share group or None for the whole device, (node, device)) to empty, at most ``budget``
+    replicas each: fewest replicas first, then the biggest weight copy, then the least-used device."""
+    replicas: dict[tuple[str, str], int] = {}
+    used: dict[tuple[str, str], int] = {}
+    copies: dict[str, dict[tuple[str, str], int]] = {}  # group -> (node, device) -> its replicas there
+    for a in plan.assignments:
+        key = (a.node, a.device)
+        replicas[key] = replicas.get(key, 0) + 1
+        used[key] = used.get(key, 0) + a.slices
+        per_device = copies.setdefault(a.share_group, {})
+        per_device[key] = per_device.get(key, 0) + 1
+    weights: dict[tuple[str, tuple[str, str]], int] = {}
+    for h in plan.weight_holders:
+        used[(h.node, h.device)] = used.get((h.node, h.device), 0) + h.slices
+        weights[(h.share_group, (h.node, h.device))] = h.slices
+    ranked: list[tuple[int, int, int, str, tuple[str, str]]] = [
+        (n, 0, used[key], "", key) for key, n in replicas.items() if n <= budget
+    ]
+    ranked += [
+        (n, -weights.get((group, key), 0), used[key], group, key)
+        for group, devices in copies.items()
+        if len(devices) > 1
+        for key, n in devices.items()
+        if n <= budget
+    ]
+    ranked.sort()
+    return [(group or None, key) for _, _, _, group, key in ranked]
+
+
+def _moved(before: Sequence[Placement], result: PackResult) -> int:
+    """Running replicas that ``result`` puts on another device (scale-downs and new ones are not moves)."""
+    was = {(p.model, p.replica): (p.node, p.device) for p in before}
+    return sum(
+        1 for a in result.assignments if (k := (a.model, a.replica)) in was and was[k] != (a.node, a.device)
+    )

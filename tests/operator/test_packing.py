@@ -21,6 +21,7 @@ from vnpu.operator.packing import (
     Spread,
     Taint,
     Toleration,
+    consolidate,
     pack,
 )
 
@@ -538,3 +539,30 @@ def test_property_lower_priority_is_left_unplaced_first(instance, replica_half_g
         for d in demands:
             if d.priority < worst_unplaced:
                 assert d.model not in placed_models, d
+
+
+def test_consolidation_moves_nothing_within_its_bound():
+    nodes = [Node("n", tuple(Device(f"d{i}", 16) for i in range(3)))]
+    demands = [Demand("a", "ga", 1, 6 * 1024, 0), Demand("b", "gb", 1, 6 * 1024, 0)]
+    current = [Placement("a", 0, "n", "d0", 6), Placement("b", 0, "n", "d1", 6)]
+    # 2 devices against a fresh repack's 1: within a bound of 2x, the drift is not worth a move.
+    kept = consolidate(nodes, demands, current, max_moves=4, bound=2.0)
+    assert kept.devices_used() == 2 and all(a.kept for a in kept.assignments)
+
+
+def test_consolidation_merges_a_thin_weight_copy_only_when_the_move_saves_enough():
+    nodes = [Node("n", tuple(Device(f"d{i}", 16) for i in range(2)))]
+    demands = [
+        Demand("a", "g", 3, 2 * 1024, 8 * 1024),
+        Demand("b", "g", 1, 2 * 1024, 8 * 1024),
+        Demand("c", "h", 1, 6 * 1024, 0),
+    ]
+    # d0: g's weights + 3 replicas of a (2 slices free); d1: a second copy of g for b's one replica, + c.
+    current = [Placement("a", i, "n", "d0", 2) for i in range(3)]
+    current += [Placement("b", 0, "n", "d1", 2), Placement("c", 0, "n", "d1", 6)]
+    # Both plans use 2 devices, so a bound below 1 forces the question: is 8 slices per move enough?
+    merged = consolidate(nodes, demands, current, max_moves=1, bound=0.9, min_slices_per_move=8)
+    where = {(a.model, a.replica): a.device for a in merged.assignments}
+    assert where[("b", 0)] == "d0" and merged.slices_used() == 16 + 6
+    stays = consolidate(nodes, demands, current, max_moves=1, bound=0.9, min_slices_per_move=9)
+    assert all(a.kept for a in stays.assignments)
