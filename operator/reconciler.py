@@ -21,7 +21,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
 
@@ -34,14 +34,14 @@ from vnpu.operator.estimate_cache import EstimateCache
 from vnpu.operator.kube import Kube, api_client_from_env, api_error
 from vnpu.operator.planner import Failure, Plan, PodDeletion, SecretIntent, plan, restatus
 from vnpu.operator.pods import PodIntent, render, share_key_secret
-from vnpu.operator.reported import ReportedStatuses
+from vnpu.operator.reported import Report, ReportedStatuses, ReportQueue
 from vnpu.operator.services import ServiceIntent, render_service, service_name
 from vnpu.operator.state import ObservedModel, ObservedNode, ObservedPod, ObservedSecret, ObservedService
 
 log = logging.getLogger(__name__)
 #: Parallel API calls when applying a plan.
 API_CONCURRENCY = 8
-#: Parallel status patches and Events. They run behind the next pass's pod writes (see
+#: Threads writing Services, status patches and Events. They run behind the next pass's pod writes (see
 #: :mod:`vnpu.operator.reported`), with fewer connections, so in a burst new models get pods first.
 REPORT_CONCURRENCY = 3
 #: Seconds to wait for the informers' first lists before the first pass.
@@ -82,9 +82,10 @@ class Reconciler:
         self._late_failures: dict[str, tuple[str, str]] = {}
         self._shared_lock = threading.Lock()  # the three above are shared with the reporter's threads
         self._requeue_after: float | None = None
-        #: Status patches and Events go out here, one pass's report at a time and in pass order, while
-        #: the next pass plans and writes its pods; ``_reported`` lets that pass see them as written.
-        self._reporter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vnpu-report")
+        #: Services, status patches and Events go out from here (REPORT_CONCURRENCY threads) while the
+        #: next pass plans and writes its pods; ``_reported`` lets that pass see the statuses as written.
+        self._reports = ReportQueue()
+        self._reporters: list[threading.Thread] = []
         self._reported = ReportedStatuses(stale_after=config.resync_seconds)
 
     @property
@@ -108,6 +109,12 @@ class Reconciler:
         self._cache.start()
         if not await asyncio.to_thread(self._cache.wait_synced, SYNC_TIMEOUT):
             raise RuntimeError("the informers did not list nodes, pods and InferenceModels in time")
+        self._reporters = [
+            threading.Thread(target=self._report_worker, name=f"vnpu-report-{i}", daemon=True)
+            for i in range(REPORT_CONCURRENCY)
+        ]
+        for worker in self._reporters:
+            worker.start()
         self._task = asyncio.create_task(self._loop(), name="vnpu-reconciler")
 
     async def stop(self) -> None:
@@ -115,7 +122,9 @@ class Reconciler:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        await asyncio.to_thread(self._reporter.shutdown, wait=True, cancel_futures=True)
+        self._reports.close()
+        for worker in self._reporters:
+            await asyncio.to_thread(worker.join, 10)
         if self._cache is not None:
             self._cache.stop()
 
@@ -392,82 +401,29 @@ class Reconciler:
         metrics.MODELS_IN_BACKOFF.set(len(self._failures))
 
     def _submit_report(self, result: Plan) -> None:
-        tokens = {
-            u.model.uid: self._reported.submitted(u.model.uid, u.status) for u in result.statuses if u.changed
-        }
+        """Queue the pass's Services, statuses and Events for the reporter; set its gauges now."""
         now = time.monotonic()
-        with self._shared_lock:
-            for intent in result.create_services:
-                pending = ObservedService(
-                    intent.namespace, intent.name, "", intent.owner.uid, False, pending=True
-                )
+        reports: dict[str, Report] = {}
+        for intent in result.create_services:
+            if intent.owner.key not in result.outcomes:
+                continue  # not a model this pass looked at (cannot happen): the next pass plans it again
+            pending = ObservedService(
+                intent.namespace, intent.name, "", intent.owner.uid, False, pending=True
+            )
+            with self._shared_lock:
                 self._creating[(intent.namespace, intent.name)] = (pending, now)
-        self._reporter.submit(self._report, result, tokens).add_done_callback(_log_failure)
-
-    def _report(self, result: Plan, tokens: dict[str, int]) -> None:
-        """Create a pass's Services, then write its statuses and Events (on the reporter's thread)."""
-        kube = self.kube
-
-        def create_service(intent: ServiceIntent) -> None:
-            key = (intent.namespace, intent.name)
-            if not self._is_leader():
-                with self._shared_lock:
-                    self._creating.pop(key, None)
-                return
-            try:
-                if kube.create_service(render_service(intent)):
-                    log.info("created Service %s/%s", intent.namespace, intent.name)
-                    return
-                # AlreadyExists: ours, not yet seen by the informer, or someone else's (never touched).
-                found = kube.find_service(intent.namespace, intent.name)
-            except Exception as exc:
-                with self._shared_lock:
-                    self._creating.pop(key, None)
-                if not isinstance(exc, ApiException):
-                    raise
-                reason, message = api_error(exc)
-                log.warning("creating Service %s/%s refused: %s", *key, message, extra={"reason": reason})
-                metrics.API_ERRORS.labels(intent.namespace, intent.owner.name, reason).inc()
-                with self._shared_lock:
-                    self._late_failures[intent.owner.key] = (
-                        reason,
-                        f"creating Service {intent.name}: {message}",
-                    )
-                self._wake_soon()  # the next pass backs the model off and says why in its status
-                return
-            if found is not None and found.controller_uid != intent.owner.uid:
-                with self._shared_lock:
-                    self._creating.pop(key, None)
-                    self._taken[key] = found
-                log.warning("Service %s/%s exists and is not %s's: leaving it alone", *key, intent.owner.key)
-                self._wake_soon()  # the next pass says so in the model's status
-
-        with ThreadPoolExecutor(max_workers=REPORT_CONCURRENCY) as pool:
-            for future in [pool.submit(create_service, i) for i in result.create_services]:
-                future.result()
-
-        def report(update: Any) -> None:
-            if not self._is_leader():
-                self._reported.refused(update.model.uid, tokens.get(update.model.uid, 0))
-                return  # the new leader reports from its own passes
-            if update.changed:
-                try:
-                    kube.patch_model_status(update.model, update.status)
-                except Exception as exc:
-                    self._reported.refused(update.model.uid, tokens[update.model.uid])
-                    if not isinstance(exc, ApiException):
-                        raise
-                    reason, message = api_error(exc)
-                    metrics.API_ERRORS.labels(update.model.namespace, update.model.name, reason).inc()
-                    log.warning(
-                        "status of %s/%s refused: %s", update.model.namespace, update.model.name, message
-                    )
-            for event in update.events:
-                kube.post_event(update.model, event.type, event.reason, event.message)
-
-        with ThreadPoolExecutor(max_workers=REPORT_CONCURRENCY) as pool:
-            for future in [pool.submit(report, u) for u in result.statuses if u.changed or u.events]:
-                future.result()
+            reports[intent.owner.key] = Report(result.outcomes[intent.owner.key][0], service=intent)
+        for u in result.statuses:
+            if not (u.changed or u.events):
+                continue
+            key = f"{u.model.namespace}/{u.model.name}"
+            status, token = (
+                (u.status, self._reported.submitted(u.model.uid, u.status)) if u.changed else (None, 0)
+            )
+            report = Report(u.model, status=status, token=token, events=u.events)
+            reports[key] = reports[key].then(report) if key in reports else report
+        for key, report in reports.items():
+            self._reports.put(key, report)
         metrics.UNPLACED_SLICES.set(result.unplaced_slices)
         metrics.WARM_HOLDERS.clear()
         for pool, count in result.warm_holders.items():
@@ -478,7 +434,64 @@ class Reconciler:
             metrics.UNPLACED_REPLICAS.labels(*labels).set(update.unplaced)
             metrics.SAVED_BY_SHARING_MIB.labels(*labels).set(update.saved_mib)
 
+    def _report_worker(self) -> None:
+        """One of the reporter's threads: write each model's report in turn, until stopped."""
+        while (taken := self._reports.take()) is not None:
+            key, report = taken
+            try:
+                self._write_report(report)
+            except Exception:
+                log.exception("writing the status of %s failed", key)
+            finally:
+                self._reports.done(key)
 
-def _log_failure(future: Future[None]) -> None:
-    if not future.cancelled() and (exc := future.exception()) is not None:
-        log.error("writing statuses failed", exc_info=exc)
+    def _write_report(self, report: Report) -> None:
+        """Create the model's Service, then write its status and Events."""
+        kube, model = self.kube, report.model
+        if not self._is_leader():  # the new leader reports from its own passes
+            self._reported.refused(model.uid, report.token)
+            if report.service is not None:
+                with self._shared_lock:
+                    self._creating.pop((report.service.namespace, report.service.name), None)
+            return
+        if report.service is not None:
+            self._create_service(report.service)
+        if report.status is not None:
+            try:
+                kube.patch_model_status(model, report.status)
+            except Exception as exc:
+                self._reported.refused(model.uid, report.token)
+                if not isinstance(exc, ApiException):
+                    raise
+                reason, message = api_error(exc)
+                metrics.API_ERRORS.labels(model.namespace, model.name, reason).inc()
+                log.warning("status of %s/%s refused: %s", model.namespace, model.name, message)
+        for event in report.events:
+            kube.post_event(model, event.type, event.reason, event.message)
+
+    def _create_service(self, intent: ServiceIntent) -> None:
+        key = (intent.namespace, intent.name)
+        try:
+            if self.kube.create_service(render_service(intent)):
+                log.info("created Service %s/%s", intent.namespace, intent.name)
+                return
+            # AlreadyExists: ours, not yet seen by the informer, or someone else's (never touched).
+            found = self.kube.find_service(intent.namespace, intent.name)
+        except Exception as exc:
+            with self._shared_lock:
+                self._creating.pop(key, None)
+            if not isinstance(exc, ApiException):
+                raise
+            reason, message = api_error(exc)
+            log.warning("creating Service %s/%s refused: %s", *key, message, extra={"reason": reason})
+            metrics.API_ERRORS.labels(intent.namespace, intent.owner.name, reason).inc()
+            with self._shared_lock:
+                self._late_failures[intent.owner.key] = (reason, f"creating Service {intent.name}: {message}")
+            self._wake_soon()  # the next pass backs the model off and says why in its status
+            return
+        if found is not None and found.controller_uid != intent.owner.uid:
+            with self._shared_lock:
+                self._creating.pop(key, None)
+                self._taken[key] = found
+            log.warning("Service %s/%s exists and is not %s's: leaving it alone", *key, intent.owner.key)
+            self._wake_soon()  # the next pass says so in the model's status

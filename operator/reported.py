@@ -1,8 +1,9 @@
-"""The statuses this operator has written, or is writing, until its informer shows them.
+"""What a pass leaves for the background reporter, and the statuses as written, for the next pass.
 
-A pass writes pods first and hands its status patches and Events to a background reporter, so the next
-pass can place newly created models while the previous statuses are still being written (on a busy
-API server they are half of a burst's writes). The next pass must then plan from the statuses as
+A pass writes pods first and hands its models' Services, status patches and Events to a background
+reporter (:class:`ReportQueue`), so the next pass can place newly created models while the previous
+ones are still being reported (in a burst that is two thirds of the writes). The next pass must then
+plan from the statuses as
 written, not as the informer last saw them: conditions keep their transition times and a flip posts
 its Event once, not once per pass until the watch catches up.
 
@@ -23,7 +24,9 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+from vnpu.operator.services import ServiceIntent
 from vnpu.operator.state import ObservedModel
+from vnpu.operator.status import Event
 
 
 def merge_patch(target: Mapping[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
@@ -96,3 +99,69 @@ class ReportedStatuses:
                 self._entries[m.uid] = entry
                 out.append(replace(m, status=merged))
         return out
+
+
+@dataclass(frozen=True)
+class Report:
+    """What is left to write for one model: its Service to create, its latest status, its Events."""
+
+    model: ObservedModel
+    service: ServiceIntent | None = None
+    status: Mapping[str, Any] | None = None
+    token: int = 0  #: the ReportedStatuses token of ``status``
+    events: tuple[Event, ...] = ()
+
+    def then(self, later: Report) -> Report:
+        """This report followed by ``later``: the later status wins, Events add up."""
+        return Report(
+            model=later.model,
+            service=later.service or self.service,
+            status=later.status if later.status is not None else self.status,
+            token=later.token if later.status is not None else self.token,
+            events=self.events + later.events,
+        )
+
+
+class ReportQueue:
+    """Reports by model key, as client-go's workqueue keeps keys: a model queued again before a worker
+    took it is merged (its latest status is the one written; in a burst a model that became Ready
+    before its first status went out gets one patch, not two), and no two workers hold one model at
+    once (its writes keep their order)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._queued: dict[str, Report] = {}  # insertion-ordered: oldest first
+        self._busy: set[str] = set()
+        self._closed = False
+
+    def __len__(self) -> int:
+        with self._cond:
+            return len(self._queued) + len(self._busy)
+
+    def put(self, key: str, report: Report) -> None:
+        with self._cond:
+            before = self._queued.pop(key, None)
+            self._queued[key] = before.then(report) if before else report
+            self._cond.notify()
+
+    def take(self) -> tuple[str, Report] | None:
+        """The oldest report whose model no worker holds (blocks); None once closed."""
+        with self._cond:
+            while True:
+                if self._closed:
+                    return None
+                key = next((k for k in self._queued if k not in self._busy), None)
+                if key is not None:
+                    self._busy.add(key)
+                    return key, self._queued.pop(key)
+                self._cond.wait()
+
+    def done(self, key: str) -> None:
+        with self._cond:
+            self._busy.discard(key)
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()

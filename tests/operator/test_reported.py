@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vnpu.operator.reported import ReportedStatuses, merge_patch
+from vnpu.operator.reported import Report, ReportedStatuses, ReportQueue, merge_patch
 from vnpu.operator.state import ObservedModel
+from vnpu.operator.status import Event
 
 json_scalars = st.none() | st.booleans() | st.integers() | st.text(max_size=5)
 json_values = st.recursive(
@@ -82,3 +84,34 @@ def test_entries_of_deleted_models_are_forgotten() -> None:
     reported.submitted("u1", {"readyReplicas": 1})
     reported.overlay([model()])
     assert len(reported) == 1
+
+
+def test_a_model_queued_again_before_a_worker_took_it_gets_one_write_of_its_latest_status() -> None:
+    placed, ready = Event("Normal", "Placed", "on n1"), Event("Normal", "Ready", "2/2")
+    queue = ReportQueue()
+    queue.put("ns/a", Report(model(), status={"phase": "Pending"}, token=1, events=(placed,)))
+    queue.put("ns/b", Report(model(uid="u2"), status={"phase": "Pending"}, token=2))
+    queue.put("ns/a", Report(model(), status={"phase": "Ready"}, token=3, events=(ready,)))
+    queue.put("ns/a", Report(model(), events=()))  # an events-only report keeps the status it follows
+    key, report = queue.take() or ("", None)
+    assert key == "ns/b"  # ns/a moved behind it when queued again, as a workqueue re-adds a key
+    key, report = queue.take() or ("", None)
+    assert key == "ns/a" and report is not None
+    assert (report.status, report.token, report.events) == ({"phase": "Ready"}, 3, (placed, ready))
+
+
+def test_no_two_workers_hold_one_model_so_its_writes_keep_their_order() -> None:
+    queue = ReportQueue()
+    queue.put("ns/a", Report(model(), status={"n": 1}, token=1))
+    assert queue.take() is not None  # a worker is writing ns/a's first status
+    queue.put("ns/a", Report(model(), status={"n": 2}, token=2))
+    taken: list[Any] = []
+    other = threading.Thread(target=lambda: taken.append(queue.take()))
+    other.start()
+    other.join(0.2)
+    assert other.is_alive() and not taken  # the second write waits for the first
+    queue.done("ns/a")
+    other.join(5)
+    assert taken[0][1].status == {"n": 2}
+    queue.close()
+    assert queue.take() is None
