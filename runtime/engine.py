@@ -139,8 +139,12 @@ def apply_device_memory_limit(device: str, limit_mib: int | None) -> float | Non
 
 
 class ModelRuntime:
-    def __init__(self, options: ServeOptions, metrics: RuntimeMetrics | None = None) -> None:
+    def __init__(
+        self, options: ServeOptions, metrics: RuntimeMetrics | None = None, *, engine_thread: bool = True
+    ) -> None:
+        """``engine_thread=False``: the caller runs the engine loop itself, with :meth:`run_engine`."""
         self.options = options
+        self._engine_thread = engine_thread
         self.metrics = metrics or RuntimeMetrics()
         self._lock = threading.Lock()  # the model: a step, install and uninstall exclude each other
         self._cond = threading.Condition()  # the scheduler and the active requests
@@ -357,7 +361,7 @@ class ModelRuntime:
             self._stopping = True
             self._fail_all(RuntimeUnavailableError("the server is shutting down"))
             self._cond.notify_all()
-        if self._thread is not None:
+        if self._engine_thread and self._thread is not None:  # run_engine's caller returns by itself
             self._thread.join(timeout=30)
             self._thread = None
 
@@ -491,9 +495,22 @@ class ModelRuntime:
 
     # --- the engine loop ------------------------------------------------------------------------
 
+    def run_engine(self) -> None:
+        """Run the engine loop in the calling thread until :meth:`close` (needs ``engine_thread=False``).
+
+        Why: on CPU, PyTorch's GEMMs (MKL under GNU OpenMP) run about 2x slower when called from any
+        thread but the process's initial one (measured here: a transformers decode step 42-53 ms on the
+        main thread, 88-105 ms on another), so ``vnpu runtime serve`` runs the model on its main thread
+        and the HTTP server on another."""
+        with self._cond:
+            if self._engine_thread or self._thread is not None:
+                raise RuntimeError("the engine loop is already running in its own thread")
+            self._thread = threading.current_thread()
+        self._loop()
+
     def _start_loop(self) -> None:
         with self._cond:
-            if self._thread is not None or self._stopping:
+            if self._thread is not None or self._stopping or not self._engine_thread:
                 return
             self._thread = threading.Thread(target=self._loop, name="engine-loop", daemon=True)
             self._thread.start()

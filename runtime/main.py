@@ -390,7 +390,7 @@ def cmd_weights_holder(args: argparse.Namespace) -> int:
     return 0
 
 
-def _runtime(args: argparse.Namespace) -> tuple[object, object | None]:
+def _runtime(args: argparse.Namespace, engine_thread: bool = True) -> tuple[object, object | None]:
     """A ModelRuntime with weights installed (loaded) or being attached (supervisor started)."""
     from vnpu.runtime.engine import ModelRuntime, ServeOptions, apply_device_memory_limit
     from vnpu.runtime.supervisor import SharedWeightsSupervisor
@@ -410,7 +410,7 @@ def _runtime(args: argparse.Namespace) -> tuple[object, object | None]:
         kv_blocks=args.kv_blocks,
     )
     apply_device_memory_limit(args.device, args.memory_limit_mib)
-    runtime = ModelRuntime(options)
+    runtime = ModelRuntime(options, engine_thread=engine_thread)
     attach = args.attach if args.attach is not None else share_identity(args) is not None
     if attach:
         identity, key, path = _sharing(args)
@@ -435,16 +435,27 @@ def _expected(args: argparse.Namespace) -> object:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from aiohttp import web
+    from vnpu.runtime.server import SHUTDOWN_TIMEOUT_S, HttpServerThread, make_app
 
-    from vnpu.runtime.server import make_app
-
-    runtime, supervisor = _runtime(args)
-    app = make_app(runtime)  # type: ignore[arg-type]
-    log.info("serving", extra={"host": args.host, "port": args.port})
+    # The model runs on this (the initial) thread and the HTTP server on another: see
+    # ModelRuntime.run_engine for why.
+    runtime, supervisor = _runtime(args, engine_thread=False)
+    server = HttpServerThread(make_app(runtime), args.host, args.port)  # type: ignore[arg-type]
     try:
-        web.run_app(app, host=args.host, port=args.port, print=None, handle_signals=True)
+        server.start()
+        log.info("serving", extra={"host": args.host, "port": args.port})
+
+        def stop(signum: int, _frame: object) -> None:
+            log.info("stopping", extra={"signal": signal.Signals(signum).name})
+            server.stop_then(runtime.close)  # type: ignore[attr-defined]
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, stop)
+        runtime.run_engine()  # type: ignore[attr-defined]
     finally:
+        server.stop_then(lambda: None)
+        server.join(SHUTDOWN_TIMEOUT_S + 5)
+        runtime.close()  # type: ignore[attr-defined]
         if supervisor is not None:
             supervisor.stop()  # type: ignore[attr-defined]
     return 0

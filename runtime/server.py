@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -482,3 +483,61 @@ def make_app(runtime: ModelRuntime) -> web.Application:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     return app
+
+
+#: Seconds a stopping server gives requests in flight to finish (aiohttp's run_app default).
+SHUTDOWN_TIMEOUT_S = 60.0
+
+
+class HttpServerThread:
+    """An aiohttp app served from its own thread and event loop; :meth:`stop_then` closes it gracefully
+    (no new connections, requests in flight get up to ``SHUTDOWN_TIMEOUT_S``) and then calls ``after``."""
+
+    def __init__(self, app: web.Application, host: str, port: int) -> None:
+        self._app, self._host, self._port = app, host, port
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run, name="http", daemon=True)
+        self._started = threading.Event()
+        self._error: BaseException | None = None
+        self._runner: web.AppRunner | None = None
+        self._stopping = False
+
+    def start(self) -> None:
+        """Serve; raises what kept the server from listening (a port in use, say)."""
+        self._thread.start()
+        self._started.wait()
+        if self._error is not None:
+            raise self._error
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._runner = web.AppRunner(self._app, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+            self._loop.run_until_complete(self._runner.setup())
+            site = web.TCPSite(self._runner, self._host, self._port)
+            self._loop.run_until_complete(site.start())
+        except BaseException as exc:
+            self._error = exc
+            self._started.set()
+            return
+        self._started.set()
+        self._loop.run_forever()
+
+    def stop_then(self, after: Callable[[], object]) -> None:
+        if self._stopping or not self._thread.is_alive():
+            after()
+            return
+        self._stopping = True
+
+        async def shutdown() -> None:
+            try:
+                if self._runner is not None:
+                    await self._runner.cleanup()
+            finally:
+                after()
+                self._loop.stop()
+
+        self._loop.call_soon_threadsafe(lambda: self._loop.create_task(shutdown()))
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)

@@ -10,7 +10,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -218,3 +220,30 @@ def test_holder_death_fails_clearly_and_replicas_recover(cluster: Cluster, share
     for proc in replicas:
         wait_for(lambda p=proc: ready(p), proc, 120)
         assert complete(proc)["token_ids"] == expected
+
+
+def test_sigterm_finishes_the_request_in_flight_then_exits(cluster: Cluster) -> None:
+    """The model runs on serve's main thread and HTTP on another (ModelRuntime.run_engine): SIGTERM
+    still stops gracefully, as aiohttp's run_app did: no new requests, the one in flight completes."""
+    proc = cluster.serve("graceful", "--standalone", "--model", str(cluster.model))
+    wait_for(lambda: ready(proc), proc, 240)
+    answers: list[tuple[int, Any]] = []
+    long = {**REQUEST, "max_tokens": 64, "ignore_eos": True}
+    client = threading.Thread(target=lambda: answers.append(http_json(proc.url + "/v1/completions", long)))
+    client.start()
+    wait_for(lambda: _generating(proc), proc, 60)
+    proc.popen.send_signal(signal.SIGTERM)
+    client.join(120)
+    assert proc.popen.wait(60) == 0, proc.log.read_text()[-3000:]
+    ((status, body),) = answers
+    assert status == 200 and body["usage"]["completion_tokens"] == 64, body
+    assert not ready(proc)
+
+
+def _generating(proc: Proc) -> bool:
+    try:
+        with urllib.request.urlopen(proc.url + "/metrics", timeout=5) as response:
+            text = response.read().decode()
+    except OSError:
+        return False
+    return "vnpu_runtime_requests_running 1.0" in text
