@@ -122,7 +122,6 @@ def main(argv: list[str] | None = None) -> int:
             del demands[str(what)]
         row: dict[str, Any] = {"step": step, "event": kind, "models": len(demands)}
         for name, budget in policies.items():
-            where = {(p.model, p.replica): (p.node, p.device) for p in current[name]}
             if budget and step % args.consolidate_every == 0:
                 result = consolidate(
                     nodes,
@@ -133,15 +132,9 @@ def main(argv: list[str] | None = None) -> int:
                 )
             else:
                 result = pack(nodes, list(demands.values()), current[name])
-            moved = sum(
-                1
-                for a in result.assignments
-                if (k := (a.model, a.replica)) in where and where[k] != (a.node, a.device)
-            )
+            moved = result.moved_from(current[name])
             moves[name] += moved
-            current[name] = [
-                Placement(a.model, a.replica, a.node, a.device, a.slices) for a in result.assignments
-            ]
+            current[name] = result.placements()
             row.update({f"{name}_devices": result.devices_used(), f"{name}_moves": moved})
             row["replicas"], row["unplaced"] = len(result.assignments), len(result.unplaced)
         if step % 10 == 0 or step == args.events:

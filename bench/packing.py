@@ -50,7 +50,7 @@ from vnpu.api import slices_for_mib
 from vnpu.bench.report import provenance
 from vnpu.memory import estimate_memory, estimate_param_count
 from vnpu.modelfile import ModelConfig, config_from_hf
-from vnpu.operator.packing import Demand, Device, Node, Placement, Spread, Taint, Toleration, pack
+from vnpu.operator.packing import Demand, Device, Node, Spread, Taint, Toleration, pack
 
 GOAL_OPTIMUM_RATIO = 1.03
 GOAL_BOUND_RATIO = 1.05
@@ -483,7 +483,7 @@ def time_scale(seed: int, runs: int) -> dict[str, Any]:
         fresh.append(time.perf_counter() - started)
         fresh_cpu.append(time.process_time() - cpu)
     assert plan is not None
-    current = [Placement(a.model, a.replica, a.node, a.device, a.slices) for a in plan.assignments]
+    current = plan.placements()
     rng = random.Random(seed + 1)
     scaled = [
         d

@@ -84,6 +84,18 @@ class PackResult:
     def slices_used(self) -> int:
         return sum(a.slices for a in self.assignments) + sum(h.slices for h in self.weight_holders)
 
+    def placements(self) -> list[Placement]:
+        """The plan as running placements: the ``current`` of the next :func:`pack` once it is applied."""
+        return [Placement(a.model, a.replica, a.node, a.device, a.slices) for a in self.assignments]
+
+    def moved_from(self, before: Iterable[Placement]) -> int:
+        """Running replicas this plan puts on another device than ``before`` (a replica removed by a
+        scale-down is not a move, nor is a new one)."""
+        was = {(p.model, p.replica): (p.node, p.device) for p in before}
+        return sum(
+            1 for a in self.assignments if (k := (a.model, a.replica)) in was and was[k] != (a.node, a.device)
+        )
+
     def by_model(self) -> dict[str, list[Assignment]]:
         out: dict[str, list[Assignment]] = {}
         for a in self.assignments:

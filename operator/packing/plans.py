@@ -166,14 +166,14 @@ def consolidate(
     group_of = {d.model: d.share_group for d in demands}
     moves = 0
     while best.devices_used() > target and moves < max_moves:
-        kept = [Placement(a.model, a.replica, a.node, a.device, a.slices) for a in best.assignments]
+        kept = best.placements()
         improved = None
         for group, device in _drain_candidates(best, max_moves - moves)[:tries]:
             trial = [
                 p for p in kept if (p.node, p.device) != device or group not in (None, group_of[p.model])
             ]
             result = pack(nodes, demands, trial)
-            moved = _moved(kept, result)
+            moved = result.moved_from(kept)
             if result.unplaced or not moved or moves + moved > max_moves:
                 continue
             saved = best.slices_used() - result.slices_used()
@@ -214,11 +214,3 @@ def _drain_candidates(plan: PackResult, budget: int) -> list[tuple[str | None, t
     ]
     ranked.sort()
     return [(group or None, key) for _, _, _, group, key in ranked]
-
-
-def _moved(before: Sequence[Placement], result: PackResult) -> int:
-    """Running replicas that ``result`` puts on another device (scale-downs and new ones are not moves)."""
-    was = {(p.model, p.replica): (p.node, p.device) for p in before}
-    return sum(
-        1 for a in result.assignments if (k := (a.model, a.replica)) in was and was[k] != (a.node, a.device)
-    )

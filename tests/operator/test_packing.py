@@ -35,10 +35,6 @@ def cluster(n_nodes: int, devices: int = 8, slices: int = 64, **node_kwargs) -> 
     ]
 
 
-def placements(result: PackResult) -> list[Placement]:
-    return [Placement(a.model, a.replica, a.node, a.device, a.slices) for a in result.assignments]
-
-
 def per_device(result: PackResult) -> dict[tuple[str, str], int]:
     used: dict[tuple[str, str], int] = defaultdict(int)
     for a in result.assignments:
@@ -472,7 +468,7 @@ def test_property_invariants_and_determinism(instance, seed, defragment):
     # Re-pack a perturbed demand set with the first plan as the running state.
     rng = random.Random(seed)
     changed = [replace(d, replicas=max(0, d.replicas + rng.randint(-2, 2))) for d in demands]
-    current = placements(first)
+    current = first.placements()
     second = pack(nodes, changed, current, defragment=defragment)
     check_invariants(nodes, changed, second, current)
     # Same input in any order -> same output.
@@ -485,7 +481,7 @@ def test_property_invariants_and_determinism(instance, seed, defragment):
 def test_property_repacking_the_result_keeps_everything(instance):
     nodes, demands = instance
     first = pack(nodes, demands)
-    again = pack(nodes, demands, placements(first))
+    again = pack(nodes, demands, first.placements())
     before = {(a.model, a.replica, a.node, a.device, a.slices) for a in first.assignments}
     after = {(a.model, a.replica, a.node, a.device, a.slices) for a in again.assignments if a.kept}
     assert before == after and not again.dropped
