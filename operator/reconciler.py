@@ -402,8 +402,8 @@ class Reconciler:
 
     def _submit_report(self, result: Plan) -> None:
         """Queue the pass's Services, statuses and Events for the reporter; set its gauges now."""
+        # The queue merges what one model gets twice (its Service, then its status): no merging here.
         now = time.monotonic()
-        reports: dict[str, Report] = {}
         for intent in result.create_services:
             if intent.owner.key not in result.outcomes:
                 continue  # not a model this pass looked at (cannot happen): the next pass plans it again
@@ -412,18 +412,15 @@ class Reconciler:
             )
             with self._shared_lock:
                 self._creating[(intent.namespace, intent.name)] = (pending, now)
-            reports[intent.owner.key] = Report(result.outcomes[intent.owner.key][0], service=intent)
+            self._reports.put(intent.owner.key, Report(result.outcomes[intent.owner.key][0], service=intent))
         for u in result.statuses:
             if not (u.changed or u.events):
                 continue
-            key = f"{u.model.namespace}/{u.model.name}"
             status, token = (
                 (u.status, self._reported.submitted(u.model.uid, u.status)) if u.changed else (None, 0)
             )
             report = Report(u.model, status=status, token=token, events=u.events)
-            reports[key] = reports[key].then(report) if key in reports else report
-        for key, report in reports.items():
-            self._reports.put(key, report)
+            self._reports.put(f"{u.model.namespace}/{u.model.name}", report)
         metrics.UNPLACED_SLICES.set(result.unplaced_slices)
         metrics.WARM_HOLDERS.clear()
         for pool, count in result.warm_holders.items():

@@ -134,10 +134,6 @@ class ReportQueue:
         self._busy: set[str] = set()
         self._closed = False
 
-    def __len__(self) -> int:
-        with self._cond:
-            return len(self._queued) + len(self._busy)
-
     def put(self, key: str, report: Report) -> None:
         with self._cond:
             before = self._queued.pop(key, None)
