@@ -13,12 +13,18 @@ of 32 or 64 GiB (1 GiB slices). Devices used, side by side on the same cluster:
   bin-packing device plugin prefers), on a *right-sized* cluster: just the nodes share-blind FFD
   needs. Replicas it cannot place count against it: each adds its devices' worth (its slices over a
   device's) to the devices it used;
-* ``optimum``: the exact minimum with the same cost model, as a MILP solved by HiGHS through
-  :func:`scipy.optimize.milp`, on instances small enough to solve within the time limit;
-* ``lower bound``, on every instance: the MILP's proven bound where it ran, else (and at least) the
-  counting bound: every device holding a group's weights has room for at most ``capacity - weights``
-  slices of its replicas, so the group needs ``ceil(replica slices / (capacity - weights))`` weight
-  copies, and all of it together needs ``ceil(total / capacity)`` devices. The gap is vnpu / bound - 1.
+* ``optimum``: the exact minimum with the same cost model, where one of these proves it: a MILP over
+  devices solved by HiGHS through :func:`scipy.optimize.milp` (instances small enough to solve within
+  the time limit); the configuration LP (:mod:`vnpu.bench.configuration_lp`: its integer program over
+  every maximal device configuration, or over the generated ones when that meets the LP bound); or
+  vnpu's own plan, when it uses no more devices than the lower bound. Where two prove it they must
+  agree (the bench fails otherwise);
+* ``lower bound``, on every instance: the largest of the counting bound (every device holding a
+  group's weights has room for at most ``capacity - weights`` slices of its replicas, so the group
+  needs ``ceil(replica slices / (capacity - weights))`` weight copies, and all of it together needs
+  ``ceil(total / capacity)`` devices), the MILP's proven bound where it ran, and the configuration
+  LP's optimum rounded up (Gilmore-Gomory, by column generation: far tighter than the MILP's). The
+  gap is vnpu / bound - 1.
 
 Goals (issues 4 and 11): vnpu <= 1.03 x the optimum where it is known, <= 1.05 x the lower bound
 elsewhere, and >= 30% fewer devices than the share-blind baseline (``ffd``) on mixes with replicas.
@@ -47,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from vnpu.api import slices_for_mib
+from vnpu.bench.configuration_lp import configuration_lp
 from vnpu.bench.report import provenance
 from vnpu.memory import estimate_memory, estimate_param_count
 from vnpu.modelfile import ModelConfig, config_from_hf
@@ -57,6 +64,8 @@ GOAL_BOUND_RATIO = 1.05
 GOAL_SAVING_VS_SHARE_BLIND = 0.30
 GOAL_PACK_SECONDS = 2.0
 SLICE_MIB = 1024
+#: How the table marks what proved an optimum (see :func:`known_optimum`).
+PROOF_MARK = {"MILP": "M", "configurations": "C", "vnpu = bound": "B"}
 DEVICES_PER_NODE = 8
 
 #: Real architectures (config.json values of the published checkpoints), held in bf16.
@@ -420,9 +429,28 @@ def evaluate(mix: Mix, *, seed: int, milp_limit_replicas: int, milp_time_limit: 
             bound = max(bound, row["optimum"]["devices"])
         elif milp_bound is not None:
             bound = max(bound, math.ceil(milp_bound - 1e-6))
+    row["configuration_lp"] = configuration_lp(mix.demands, capacity)
+    bound = max(bound, row["configuration_lp"]["lower_bound"] or 0)
     row["lower_bound"] = bound
     row["gap"] = round(row["vnpu"] / bound - 1, 4) if bound else 0.0
+    row["known_optimum"], row["optimum_proof"] = known_optimum(row)
     return row
+
+
+def known_optimum(row: dict[str, Any]) -> tuple[int | None, str | None]:
+    """The instance's optimum and what proves it (None, None: not known). Raises if two proofs differ."""
+    proofs = {}
+    if row.get("optimum", {}).get("proven_optimal"):
+        proofs["MILP"] = row["optimum"]["devices"]
+    if row["configuration_lp"]["proven_optimal"]:
+        proofs["configurations"] = row["configuration_lp"]["devices"]
+    if row["vnpu"] <= row["lower_bound"] and not row["vnpu_unplaced"]:
+        proofs["vnpu = bound"] = row["vnpu"]
+    if len(set(proofs.values())) > 1:
+        raise AssertionError(f"{row['mix']}: the optimum proofs disagree: {proofs}")
+    if not proofs:
+        return None, None
+    return next(iter(proofs.values())), " and ".join(proofs)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -523,15 +551,13 @@ def time_scale(seed: int, runs: int) -> dict[str, Any]:
 
 
 def summarize(rows: list[dict[str, Any]], scale: dict[str, Any]) -> dict[str, Any]:
-    solved = [r for r in rows if r.get("optimum", {}).get("proven_optimal")]
-    ratios = [r["vnpu"] / r["optimum"]["devices"] for r in solved]
-    aggregate = (
-        sum(r["vnpu"] for r in solved) / sum(r["optimum"]["devices"] for r in solved) if solved else None
-    )
+    solved = [r for r in rows if r["known_optimum"] is not None]
+    ratios = [r["vnpu"] / r["known_optimum"] for r in solved]
+    aggregate = sum(r["vnpu"] for r in solved) / sum(r["known_optimum"] for r in solved) if solved else None
     with_replicas = [r for r in rows if r["with_replicas"]]
     savings_ffd = [1 - r["vnpu"] / r["ffd"] for r in with_replicas]
     savings_k8s = [1 - r["vnpu"] / r["k8s"] for r in with_replicas]
-    possible = [1 - r["optimum"]["devices"] / r["ffd"] for r in with_replicas if r in solved]
+    possible = [1 - r["known_optimum"] / r["ffd"] for r in with_replicas if r in solved]
 
     def total_saving(baseline: str) -> float | None:
         if not with_replicas:
@@ -540,7 +566,11 @@ def summarize(rows: list[dict[str, Any]], scale: dict[str, Any]) -> dict[str, An
 
     return {
         "optimum_instances": len(solved),
-        "optimum_matched": sum(1 for r in solved if r["vnpu"] == r["optimum"]["devices"]),
+        "optimum_matched": sum(1 for r in solved if r["vnpu"] == r["known_optimum"]),
+        "optimum_proofs": {
+            proof: sum(1 for r in solved if r["optimum_proof"] == proof)
+            for proof in sorted({r["optimum_proof"] for r in solved})
+        },
         "optimum_ratio_aggregate": aggregate,
         "optimum_ratio_max": max(ratios) if ratios else None,
         "optimum_ratio_mean": statistics.fmean(ratios) if ratios else None,
@@ -577,16 +607,12 @@ def table(rows: list[dict[str, Any]], scale: dict[str, Any], summary: dict[str, 
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        opt = r.get("optimum")
-        bound = ""
-        if opt is not None and opt["proven_optimal"]:
-            bound = f" (max {1 - opt['devices'] / r['ffd']:.0%})"
-        if opt is None:
-            opt_text, ratio = "-", "-"
-        elif opt["proven_optimal"]:
-            opt_text, ratio = str(opt["devices"]), f"{r['vnpu'] / opt['devices']:.3f}"
-        else:
-            opt_text, ratio = "time limit", "-"
+        opt = r["known_optimum"]
+        bound, opt_text, ratio = "", "-", "-"
+        if opt is not None:
+            marks = "".join(PROOF_MARK[proof] for proof in r["optimum_proof"].split(" and "))
+            bound = f" (max {1 - opt / r['ffd']:.0%})"
+            opt_text, ratio = f"{opt} ({marks})", f"{r['vnpu'] / opt:.3f}"
         lines.append(
             f"| {r['mix']} | {r['device_gib']} | {r['models']} ({r['share_groups']}) | {r['replicas']} | "
             f"{opt_text} | {r['lower_bound']} | {r['vnpu']} | {ratio} | {r['gap']:.1%} | {r['ffd']} | "
@@ -596,7 +622,9 @@ def table(rows: list[dict[str, Any]], scale: dict[str, Any], summary: dict[str, 
     s = summary
     lines += [
         "",
-        f"Exact optimum solved on {s['optimum_instances']} mixes; vnpu matched it on "
+        "Optimum proven by: M the device MILP, C the configuration IP, B vnpu's plan meeting the lower "
+        f"bound ({', '.join(f'{k}: {v}' for k, v in s['optimum_proofs'].items())}).",
+        f"Exact optimum known on {s['optimum_instances']} mixes; vnpu matched it on "
         f"{s['optimum_matched']}. vnpu/optimum: aggregate {_fmt(s['optimum_ratio_aggregate'])}, "
         f"mean {_fmt(s['optimum_ratio_mean'])}, worst {_fmt(s['optimum_ratio_max'])}. "
         f"Goal <= {GOAL_OPTIMUM_RATIO}: **{'met' if s['goal_optimum_met'] else 'NOT met'}** (aggregate), "
@@ -647,8 +675,8 @@ def plot(rows: list[dict[str, Any]], scale: dict[str, Any], path: Path) -> None:
         ("FFD without sharing", [r["ffd"] for r in rows], "#dd8452"),
         ("vnpu", [r["vnpu"] for r in rows], "#4c72b0"),
         (
-            "exact optimum (MILP)",
-            [r["optimum"]["devices"] if r.get("optimum", {}).get("proven_optimal") else 0 for r in rows],
+            "exact optimum (proven)",
+            [r["known_optimum"] or 0 for r in rows],
             "#55a868",
         ),
     ]
@@ -706,10 +734,10 @@ def main(argv: list[str] | None = None) -> int:
             milp_limit_replicas=args.milp_max_replicas,
             milp_time_limit=args.milp_time_limit,
         )
-        opt = row.get("optimum")
         print(
             f"{mix.name}: vnpu {row['vnpu']}  ffd {row['ffd']}  k8s {row['k8s']}  "
-            f"optimum {opt['devices'] if opt else '-'}",
+            f"optimum {row['known_optimum'] or '-'} ({row['optimum_proof'] or 'not proven'})  "
+            f"lower bound {row['lower_bound']}",
             flush=True,
         )
         rows.append(row)
