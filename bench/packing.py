@@ -683,6 +683,15 @@ def plot(rows: list[dict[str, Any]], scale: dict[str, Any], path: Path) -> None:
     width = 0.2
     for i, (label, values, color) in enumerate(series):
         ax.bar([x + (i - 1.5) * width for x in range(len(rows))], values, width, label=label, color=color)
+    ax.scatter(
+        [x + 1.5 * width for x in range(len(rows))],
+        [r["lower_bound"] for r in rows],
+        marker="_",
+        s=120,
+        color="black",
+        label="lower bound",
+        zorder=3,
+    )
     ax.set_xticks(range(len(rows)), names, rotation=60, ha="right", fontsize=8)
     ax.set_ylabel("devices used (log scale)")
     ax.set_yscale("log")
