@@ -15,6 +15,10 @@ replica removed by a scale-down or a deletion is not, nor is a new one).
 Goal (issue 11): at the end, devices <= 1.05 x the fresh repack, with at most 5% of the replicas
 moved over the whole trace (moves / replicas running at the end).
 
+Where the extra devices go: at the end each plan's used slices are split into weight copies (one per
+share group and device) and replicas, and the free slices left on its used devices; the summary gives,
+against the fresh repack, the extra weight copies and the extra free slices, each in devices' worth.
+
 Writes ``churn.json`` (with command, commit and load), ``churn.md`` and ``churn.png`` to ``--out``.
 """
 
@@ -37,6 +41,7 @@ from vnpu.operator.packing import (
     Demand,
     Device,
     Node,
+    PackResult,
     Placement,
     consolidate,
     pack,
@@ -82,6 +87,18 @@ def trace(seed: int, events: int, max_models: int) -> list[tuple[str, Demand | s
     return out
 
 
+def footprint(result: PackResult, device_slices: int) -> dict[str, int]:
+    """A plan's used devices split into weight copies, replica slices and the slices left free on them."""
+    weight_slices = sum(h.slices for h in result.weight_holders)
+    replica_slices = sum(a.slices for a in result.assignments)
+    return {
+        "weight_copies": len(result.weight_holders),
+        "weight_slices": weight_slices,
+        "replica_slices": replica_slices,
+        "free_slices": result.devices_used() * device_slices - weight_slices - replica_slices,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="vnpu bench churn", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -102,13 +119,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     argv = list(argv or [])
 
+    device_slices = 64
     nodes = [
-        Node(f"node-{i:04d}", tuple(Device(f"npu{j}", 64) for j in range(DEVICES_PER_NODE)))
+        Node(f"node-{i:04d}", tuple(Device(f"npu{j}", device_slices) for j in range(DEVICES_PER_NODE)))
         for i in range(args.nodes)
     ]
     demands: dict[str, Demand] = {}
     policies = {"sticky": 0, "consolidating": args.move_budget}
     current: dict[str, list[Placement]] = {name: [] for name in policies}
+    plans: dict[str, PackResult] = {}
     moves = dict.fromkeys(policies, 0)
     steps: list[dict[str, Any]] = []
     started = time.perf_counter()
@@ -134,17 +153,20 @@ def main(argv: list[str] | None = None) -> int:
                 result = pack(nodes, list(demands.values()), current[name])
             moved = result.moved_from(current[name])
             moves[name] += moved
-            current[name] = result.placements()
+            current[name], plans[name] = result.placements(), result
             row.update({f"{name}_devices": result.devices_used(), f"{name}_moves": moved})
             row["replicas"], row["unplaced"] = len(result.assignments), len(result.unplaced)
         if step % 10 == 0 or step == args.events:
-            row["fresh_devices"] = pack(nodes, list(demands.values())).devices_used()
+            plans["fresh"] = pack(nodes, list(demands.values()))
+            row["fresh_devices"] = plans["fresh"].devices_used()
         steps.append(row)
     seconds = time.perf_counter() - started
     last = steps[-1]
     replicas_end = last["replicas"]
+    fresh = footprint(plans["fresh"], device_slices)
     summaries = []
     for name in policies:
+        mine = footprint(plans[name], device_slices)
         summary = {
             "policy": name,
             "events": args.events,
@@ -159,6 +181,12 @@ def main(argv: list[str] | None = None) -> int:
             "moves_total": moves[name],
             "moved_fraction": round(moves[name] / max(1, replicas_end), 4),
             "unplaced_at_end": last["unplaced"],
+            "weight_copies": mine["weight_copies"],
+            "fresh_weight_copies": fresh["weight_copies"],
+            "extra_weights_in_devices": round(
+                (mine["weight_slices"] - fresh["weight_slices"]) / device_slices, 1
+            ),
+            "extra_free_in_devices": round((mine["free_slices"] - fresh["free_slices"]) / device_slices, 1),
         }
         summary["goal_ratio_met"] = summary["ratio_at_end"] <= GOAL_RATIO
         summary["goal_moves_met"] = summary["moved_fraction"] <= GOAL_MOVED

@@ -34,4 +34,9 @@ def test_a_short_run_writes_json_table_and_plot(tmp_path):
     assert sticky["policy"] == "sticky" and sticky["moves_total"] == 0
     assert consolidating["events"] == 60 and len(data["steps"]) == 60
     assert data["steps"][-1]["fresh_devices"] >= 1
+    # The extra devices split into extra weight copies and extra free room, against the fresh repack.
+    extra = sticky["devices_at_end"] - sticky["fresh_repack_devices_at_end"]
+    split = sticky["extra_weights_in_devices"] + sticky["extra_free_in_devices"]
+    assert abs(split - extra) <= 0.11  # both place every replica: their replica slices are equal
+    assert sticky["weight_copies"] >= 1 and sticky["fresh_weight_copies"] >= 1
     assert (out / "churn.png").stat().st_size > 10_000 and (out / "churn.md").exists()
