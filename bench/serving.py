@@ -19,6 +19,12 @@ Sections:
 * ``priority`` — time to first token of a high-priority request while low-priority clients saturate
   the replica (more of them than ``maxBatch``: a full batch and a queue), vs idle; the same request
   at the clients' priority is shown for contrast.
+* ``step`` — where a decode step's time goes, in this process, with no HTTP: the engine's batched
+  decode step (:meth:`~vnpu.runtime.model.LlamaModel.forward_batch` over a paged cache) at 1, 4, 8
+  and 16 sequences, and the same step's matrix products alone (every weight matrix once, as a step
+  streams them), with the rate they stream the weights at. On a CPU the weights do not fit in cache,
+  so a step is bound by how fast its matrix products stream them; ``scaling_bound_at_8`` is how much
+  8 sequences per step can gain over 1 with these kernels, before any serving overhead.
 
 Goals (issue 12): at 8 clients, aggregate >= 4x vnpu's own single-client rate and >= 1.3x transformers
 at batch 8 (never below 1.0x); single-client decode not slower than transformers; a request arriving
@@ -567,6 +573,88 @@ def bench_ttft(model_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def bench_step(
+    model_dir: Path, args: argparse.Namespace, context: int = 64, repeats: int = 9
+) -> dict[str, Any]:
+    """The ``step`` section (module docstring): medians of ``repeats`` interleaved runs per batch."""
+    import torch
+    import torch.nn.functional as F
+
+    from vnpu.runtime.loader import load_weights
+    from vnpu.runtime.model import LlamaModel, ResidentWeights
+    from vnpu.runtime.paged import PagedKVCache, StepSequence, build_layout
+    from vnpu.runtime.sources import resolve
+
+    torch.set_num_threads(args.threads)
+    weights = load_weights(resolve(str(model_dir)), args.device, args.dtype, progress=False)
+    config = weights.manifest.config
+    dtype = getattr(torch, args.dtype)
+    tensors = {name: weights.arena.view(entry) for name, entry in weights.manifest.tensors.items()}
+    model = LlamaModel(config, ResidentWeights(tensors), args.device, dtype, max_positions=2048)
+    levels = [int(c) for c in args.concurrency.split(",")]
+    block = 16
+    per_sequence = -(-(context + 1) // block)
+    cache = PagedKVCache(config, 1 + per_sequence * max(levels), block, dtype, args.device)
+    matrices = [t for t in tensors.values() if t.dim() == 2]  # the embedding table doubles as the head
+    matrix_bytes = sum(t.numel() * t.element_size() for t in matrices)
+
+    def sync() -> None:
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    def timed(fn: Any) -> float:
+        sync()
+        started = time.perf_counter()
+        fn()
+        sync()
+        return time.perf_counter() - started
+
+    step_s: dict[int, list[float]] = {b: [] for b in levels}
+    gemm_s: dict[int, list[float]] = {b: [] for b in levels}
+    layouts, inputs = {}, {}
+    for b in levels:
+        sequences = [
+            StepSequence([1], context, list(range(1 + i * per_sequence, 1 + (i + 1) * per_sequence)), True)
+            for i in range(b)
+        ]
+        layouts[b] = build_layout(sequences, block, args.device)[0]
+        inputs[b] = {
+            n: torch.randn(b, n, dtype=dtype, device=args.device) for n in {t.shape[1] for t in matrices}
+        }
+
+    def gemms(b: int) -> None:
+        for t in matrices:
+            F.linear(inputs[b][t.shape[1]], t)
+
+    with torch.inference_mode():
+        for b in levels:  # warm-up: first-touch of the cache pages and the kernels' own set-up
+            model.forward_batch(layouts[b], cache)
+            gemms(b)
+        for _ in range(repeats):
+            for b in levels:
+                step_s[b].append(timed(lambda b=b: model.forward_batch(layouts[b], cache)))
+                gemm_s[b].append(timed(lambda b=b: gemms(b)))
+    rows = []
+    for b in levels:
+        step, gemm = statistics.median(step_s[b]), statistics.median(gemm_s[b])
+        rows.append(
+            {
+                "batch": b,
+                "step_ms": round(step * 1000, 1),
+                "tokens_per_s": round(b / step, 1),
+                "gemm_ms": round(gemm * 1000, 1),
+                "gemm_weights_gb_per_s": round(matrix_bytes / gemm / 1e9, 1),
+                "gemm_share_of_step": round(gemm / step, 2),
+            }
+        )
+        print(f"step: {rows[-1]}", flush=True)
+    by_batch = {r["batch"]: r for r in rows}
+    out: dict[str, Any] = {"context": context, "weights_mib": round(matrix_bytes / 2**20), "rows": rows}
+    if 1 in by_batch and 8 in by_batch:
+        out["scaling_bound_at_8"] = round(by_batch[8]["tokens_per_s"] / by_batch[1]["tokens_per_s"], 2)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------
 # report
 
@@ -632,6 +720,16 @@ def write_report(out: Path, results: dict[str, Any]) -> None:
     ):
         if key in results:
             parts.append(markdown_table([{k: v for k, v in results[key].items()}], title))
+    if "step" in results:
+        step = results["step"]
+        parts.append(
+            markdown_table(
+                step["rows"],
+                f"One decode step in process, no HTTP (context {step['context']}, "
+                f"{step['weights_mib']} MiB of weight matrices; scaling bound at 8: "
+                f"{step.get('scaling_bound_at_8')})",
+            )
+        )
     rows = [
         {"measure": k, "value": v["value"], "goal": v["goal"], "met": "yes" if v["met"] else "NO"}
         for k, v in results.get("goals", {}).items()
@@ -695,7 +793,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="vnpu bench serving", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--sections", default="throughput,ttft", help="comma-separated: throughput, ttft")
+    parser.add_argument(
+        "--sections", default="throughput,ttft,step", help="comma-separated: throughput, ttft, step"
+    )
     parser.add_argument(
         "--concurrency", default=",".join(map(str, CONCURRENCY)), help="client counts / batch sizes"
     )
@@ -745,6 +845,8 @@ def main(argv: list[str] | None = None) -> int:
         results["throughput"] = bench_throughput(model_dir, args)
     if "ttft" in sections:
         results.update(bench_ttft(model_dir, args))
+    if "step" in sections:
+        results["step"] = bench_step(model_dir, args)
     results["load_average"]["end"] = load_average()
     results["goals"] = goals(results)
     write_report(out, results)
