@@ -64,6 +64,18 @@ MODELS_IN_BACKOFF = Gauge(
     "Models whose writes are paused after the API server refused one.",
     registry=REGISTRY,
 )
+REPORTS_QUEUED = Gauge(
+    "vnpu_operator_reports_queued",
+    "Models whose Service, status or Events wait for the background reporter (it trails the passes).",
+    registry=REGISTRY,
+)
+REPORT_LAG_SECONDS = Histogram(
+    "vnpu_operator_report_lag_seconds",
+    "From a model's report being queued by a pass to the reporter having written it (Service, status "
+    "and Events): how far statuses trail the pods.",
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+    registry=REGISTRY,
+)
 IS_LEADER = Gauge(
     "vnpu_operator_leader",
     "1 while this replica holds the leader Lease (plans and writes), else 0.",

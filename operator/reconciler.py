@@ -421,6 +421,7 @@ class Reconciler:
             )
             report = Report(u.model, status=status, token=token, events=u.events)
             self._reports.put(f"{u.model.namespace}/{u.model.name}", report)
+        metrics.REPORTS_QUEUED.set(self._reports.backlog)
         metrics.UNPLACED_SLICES.set(result.unplaced_slices)
         metrics.WARM_HOLDERS.clear()
         for pool, count in result.warm_holders.items():
@@ -440,7 +441,10 @@ class Reconciler:
             except Exception:
                 log.exception("writing the status of %s failed", key)
             finally:
-                self._reports.done(key)
+                lag = self._reports.done(key)
+                if lag is not None:
+                    metrics.REPORT_LAG_SECONDS.observe(lag)
+                metrics.REPORTS_QUEUED.set(self._reports.backlog)
 
     def _write_report(self, report: Report) -> None:
         """Create the model's Service, then write its status and Events."""

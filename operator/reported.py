@@ -126,18 +126,30 @@ class ReportQueue:
     """Reports by model key, as client-go's workqueue keeps keys: a model queued again before a worker
     took it is merged (its latest status is the one written; in a burst a model that became Ready
     before its first status went out gets one patch, not two), and no two workers hold one model at
-    once (its writes keep their order)."""
+    once (its writes keep their order). It also says how far the reporter trails the passes: the
+    models waiting (:attr:`backlog`) and, when a worker is done with one, how long ago its oldest
+    merged report was queued."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._cond = threading.Condition()
+        self._clock = clock
         self._queued: dict[str, Report] = {}  # insertion-ordered: oldest first
-        self._busy: set[str] = set()
+        self._since: dict[str, float] = {}  # queued key -> when its oldest merged report was queued
+        self._busy: dict[str, float] = {}  # key a worker holds -> when its report was queued
         self._closed = False
+
+    @property
+    def backlog(self) -> int:
+        """Models with reports no worker has taken yet."""
+        with self._cond:
+            return len(self._queued)
 
     def put(self, key: str, report: Report) -> None:
         with self._cond:
             before = self._queued.pop(key, None)
             self._queued[key] = before.then(report) if before else report
+            if before is None:
+                self._since[key] = self._clock()
             self._cond.notify()
 
     def take(self) -> tuple[str, Report] | None:
@@ -148,14 +160,17 @@ class ReportQueue:
                     return None
                 key = next((k for k in self._queued if k not in self._busy), None)
                 if key is not None:
-                    self._busy.add(key)
+                    self._busy[key] = self._since.pop(key)
                     return key, self._queued.pop(key)
                 self._cond.wait()
 
-    def done(self, key: str) -> None:
+    def done(self, key: str) -> float | None:
+        """A worker finished ``key``'s report: seconds since that report (its oldest merged part) was
+        queued, None if the key was not taken."""
         with self._cond:
-            self._busy.discard(key)
+            since = self._busy.pop(key, None)
             self._cond.notify_all()
+            return None if since is None else self._clock() - since
 
     def close(self) -> None:
         with self._cond:

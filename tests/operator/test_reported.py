@@ -115,3 +115,25 @@ def test_no_two_workers_hold_one_model_so_its_writes_keep_their_order() -> None:
     assert taken[0][1].status == {"n": 2}
     queue.close()
     assert queue.take() is None
+
+
+def test_the_queue_says_how_far_the_reporter_trails() -> None:
+    now = [100.0]
+    queue = ReportQueue(clock=lambda: now[0])
+    queue.put("ns/a", Report(model(), status={"n": 1}, token=1))
+    now[0] = 101.0
+    queue.put("ns/b", Report(model(uid="u2"), status={"n": 1}, token=2))
+    now[0] = 102.0
+    queue.put("ns/a", Report(model(), status={"n": 2}, token=3))  # merged: its lag counts from 100
+    assert queue.backlog == 2
+    assert queue.take() is not None and queue.backlog == 1
+    now[0] = 105.0
+    assert queue.done("ns/b") == 4.0  # queued at 101 (ns/a went behind it when queued again)
+    key, _ = queue.take() or ("", None)
+    assert key == "ns/a" and queue.backlog == 0
+    queue.put("ns/a", Report(model(), status={"n": 3}, token=4))  # queued again while being written
+    now[0] = 106.0
+    assert queue.done("ns/a") == 6.0 and queue.done("ns/a") is None
+    assert queue.backlog == 1
+    now[0] = 110.0
+    assert queue.take() is not None and queue.done("ns/a") == 5.0  # the later report, queued at 105
