@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import random
 
+from vnpu.bench.configuration_lp import configuration_lp
 from vnpu.bench.packing import (
     cluster_for,
     counting_lower_bound,
@@ -64,7 +65,7 @@ def test_exact_optimum_splits_groups_to_fill_gaps():
     assert result["proven_optimal"] and result["devices"] == 2
 
 
-def test_vnpu_matches_the_exact_optimum_on_seeded_mixes():
+def test_vnpu_and_the_configuration_lp_match_the_exact_optimum_on_seeded_mixes():
     rng = random.Random(2024)
     for i in range(12):
         mix = make_mix(
@@ -78,6 +79,10 @@ def test_vnpu_matches_the_exact_optimum_on_seeded_mixes():
         optimum = exact_optimum(mix.demands, mix.device_gib, plan.devices_used(), 20)
         assert optimum["proven_optimal"], mix
         assert plan.devices_used() == optimum["devices"], mix
+        configurations = configuration_lp(mix.demands, mix.device_gib)  # a second, independent proof
+        assert configurations["proven_optimal"], (mix, configurations)
+        assert configurations["devices"] == configurations["lower_bound"] == optimum["devices"], mix
+        assert configurations["lp"] <= optimum["devices"] + 1e-6
 
 
 def test_quick_run_writes_json_table_and_plot(tmp_path, capsys):
