@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vnpu.api import slices_for_mib
-from vnpu.operator.packing import Demand
+from vnpu.operator.packing import Demand, group_weight_mib
 
 #: Reduced costs below this are noise of the LP solver, not a better column.
 EPSILON = 1e-9
@@ -53,9 +53,7 @@ class Item:
 def items_of(demands: Sequence[Demand]) -> tuple[list[Item], list[int]]:
     """Demands as :class:`Item` s, and each group's weight slices (its largest demand's). Demands of
     one group with equal replica slices are one item: for packing they are interchangeable."""
-    weight_mib: dict[str, int] = {}
-    for d in demands:
-        weight_mib[d.share_group] = max(weight_mib.get(d.share_group, 0), d.weight_mib)
+    weight_mib = group_weight_mib(demands)
     names = sorted(weight_mib)
     index = {g: i for i, g in enumerate(names)}
     counts: dict[tuple[int, int], int] = {}

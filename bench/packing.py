@@ -57,7 +57,7 @@ from vnpu.bench.configuration_lp import configuration_lp
 from vnpu.bench.report import provenance
 from vnpu.memory import estimate_memory, estimate_param_count
 from vnpu.modelfile import ModelConfig, config_from_hf
-from vnpu.operator.packing import Demand, Device, Node, Spread, Taint, Toleration, pack
+from vnpu.operator.packing import Demand, Device, Node, Spread, Taint, Toleration, group_weight_mib, pack
 
 GOAL_OPTIMUM_RATIO = 1.03
 GOAL_BOUND_RATIO = 1.05
@@ -217,16 +217,9 @@ def item_slices(d: Demand, group_mib: dict[str, int]) -> tuple[int, int]:
     return slices_for_mib(group_mib[d.share_group]), slices_for_mib(d.replica_mib)
 
 
-def group_weights(demands: Sequence[Demand]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for d in demands:
-        out[d.share_group] = max(out.get(d.share_group, 0), d.weight_mib)
-    return out
-
-
 def ffd_without_sharing(demands: Sequence[Demand], devices: int, capacity: int) -> tuple[int, int]:
     """First-fit decreasing with every replica paying its own weights: (devices used, unplaced)."""
-    groups = group_weights(demands)
+    groups = group_weight_mib(demands)
     items = sorted((sum(item_slices(d, groups)) for d in demands for _ in range(d.replicas)), reverse=True)
     free: list[int] = []
     unplaced = 0
@@ -250,7 +243,7 @@ def kubernetes_most_allocated(
     feasible node, random among equal scores), pods in creation order; the fullest device on that node
     that fits. Returns (devices used, unplaced replicas, their slices)."""
     rng = random.Random(seed)
-    groups = group_weights(demands)
+    groups = group_weight_mib(demands)
     free = [[capacity] * DEVICES_PER_NODE for _ in range(nodes)]
     unplaced = unplaced_slices = 0
     for d in demands:
@@ -275,7 +268,7 @@ def kubernetes_most_allocated(
 def counting_lower_bound(demands: Sequence[Demand], capacity: int) -> int:
     """Devices any packing needs: each group's replicas need ceil(their slices / (capacity - weights))
     copies of its weights, and everything together fits in no fewer than ceil(total / capacity)."""
-    groups = group_weights(demands)
+    groups = group_weight_mib(demands)
     replica_slices: dict[str, int] = {}
     for d in demands:
         replica_slices[d.share_group] = replica_slices.get(d.share_group, 0) + d.replicas * slices_for_mib(
@@ -302,7 +295,7 @@ def exact_optimum(
     import numpy as np
     from scipy.optimize import Bounds, LinearConstraint, milp
 
-    groups = group_weights(demands)
+    groups = group_weight_mib(demands)
     group_names = sorted(groups)
     active = [d for d in demands if d.replicas > 0]
     n_b, n_g, n_d = upper_bound, len(group_names), len(active)

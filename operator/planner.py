@@ -386,9 +386,7 @@ def plan(
 
     intents: dict[tuple[str, str], PodIntent] = {}
     holder_of: dict[tuple[str, str, str], str] = {}
-    group_mib: dict[str, int] = {}
-    for d in demands:
-        group_mib[d.share_group] = max(group_mib.get(d.share_group, 0), d.weight_mib)
+    group_mib = packing.group_weight_mib(demands)
     for h in packed.weight_holders:
         owners = tuple(refs[m] for m in sorted(h.models))
         first = owners[0]

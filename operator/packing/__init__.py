@@ -51,6 +51,7 @@ from vnpu.operator.packing.inputs import (
     Spread,
     Taint,
     Toleration,
+    group_weight_mib,
 )
 from vnpu.operator.packing.outputs import (
     Assignment,
@@ -91,5 +92,6 @@ __all__ = [
     "Unplaced",
     "WeightHolder",
     "consolidate",
+    "group_weight_mib",
     "pack",
 ]

@@ -15,6 +15,7 @@ from vnpu.operator.packing.inputs import (
     Placement,
     Taint,
     Toleration,
+    group_weight_mib,
 )
 from vnpu.operator.packing.outputs import Dropped
 
@@ -76,10 +77,7 @@ class Cluster:
         self.max_slices = [0] * len(self.slice_sizes)
         for o, total in enumerate(self.dev_total):
             self.max_slices[self.dev_cls[o]] = max(self.max_slices[self.dev_cls[o]], total)
-        # Share groups' weights: the largest any of their demands declares.
-        self.group_mib: dict[str, int] = {}
-        for d in self.demands:
-            self.group_mib[d.share_group] = max(self.group_mib.get(d.share_group, 0), d.weight_mib)
+        self.group_mib = group_weight_mib(self.demands)
         self.rep_slices = [[slices_for_mib(d.replica_mib, s) for s in self.slice_sizes] for d in self.demands]
         self.w_slices = [
             [slices_for_mib(self.group_mib[d.share_group], s) for s in self.slice_sizes] for d in self.demands

@@ -5,7 +5,7 @@ no Kubernetes imports."""
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from vnpu.api import DEFAULT_SLICE_MIB
@@ -96,6 +96,14 @@ class Demand:
     node_selector: Mapping[str, str] = field(default_factory=dict)
     tolerations: tuple[Toleration, ...] = ()
     spread: Spread = Spread.NONE
+
+
+def group_weight_mib(demands: Iterable[Demand]) -> dict[str, int]:
+    """Each share group's weights: the largest ``weight_mib`` any of its demands declares."""
+    out: dict[str, int] = {}
+    for d in demands:
+        out[d.share_group] = max(out.get(d.share_group, 0), d.weight_mib)
+    return out
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ import enum
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from vnpu.operator.packing.inputs import Demand, Placement
+from vnpu.operator.packing.inputs import Demand, Placement, group_weight_mib
 
 
 @dataclass(frozen=True)
@@ -105,9 +105,7 @@ class PackResult:
     def saved_by_sharing_mib(self, demands: Iterable[Demand]) -> dict[str, int]:
         """Per model: the weight MiB its replicas did not pay because a copy was already on the device
         (each replica not charged for the weights saves one copy). Sums to Σ_devices (n-1)·weights."""
-        group_mib: dict[str, int] = {}
-        for d in demands:
-            group_mib[d.share_group] = max(group_mib.get(d.share_group, 0), d.weight_mib)
+        group_mib = group_weight_mib(demands)
         holders = {(h.node, h.device, h.share_group) for h in self.weight_holders}
         out: dict[str, int] = {}
         for a in self.assignments:

@@ -18,7 +18,7 @@ from vnpu.bench.configuration_lp import (
     maximal_configurations,
 )
 from vnpu.bench.packing import cluster_for, quality_suite
-from vnpu.operator.packing import Demand, pack
+from vnpu.operator.packing import Demand, group_weight_mib, pack
 
 GIB = 1024
 
@@ -101,9 +101,7 @@ def test_the_bound_never_exceeds_a_packing(rows):
     demands = [
         Demand(f"m{i}", f"g{g}", n, r * GIB, w * GIB) for i, (g, n, r, w) in enumerate(rows) if r + w <= 32
     ]
-    weights: dict[str, int] = {}
-    for d in demands:
-        weights[d.share_group] = max(weights.get(d.share_group, 0), d.weight_mib)
+    weights = group_weight_mib(demands)
     demands = [d for d in demands if d.replica_mib + weights[d.share_group] <= 32 * GIB]
     result = configuration_lp(demands, 32)
     plan = pack(cluster_for(64, 32), demands)
