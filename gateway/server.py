@@ -231,6 +231,10 @@ class Gateway:
         ):
             self.metrics.requests.labels("", "404").inc()
             return not_found(model)
+        if model != route.model_name:
+            # A replica knows only its own modelName: the namespace-qualified name is the gateway's.
+            body["model"] = route.model_name
+            raw = json.dumps(body).encode()
         if self.record is not None:
             self.record(route.key.namespace, route.key.name)
         route, reason = await self.endpoints_of(route)

@@ -436,6 +436,8 @@ def test_two_namespaces_one_name_api_keys_and_activity(control_plane, replicas, 
         assert [m.id for m in team_a.models.list()] == [f"{ns_a}/smollm2"]  # the bare name is ambiguous
         assert sorted(m.id for m in ops.models.list()) == sorted([f"{ns_a}/smollm2", f"{ns_b}/smollm2"])
         assert answered_by(team_a.completions.create(model=f"{ns_a}/smollm2", prompt="x")) == "answered by a1"
+        # The runtime serves only its own modelName: the gateway forwards the bare one.
+        assert replicas["a1"].requests[-1]["body"]["model"] == "smollm2"
         with pytest.raises(openai.NotFoundError):  # another tenant's model: the same 404 as none at all
             team_a.completions.create(model=f"{ns_b}/smollm2", prompt="x")
         with pytest.raises(openai.NotFoundError):  # ambiguous: never a guess between tenants
