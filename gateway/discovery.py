@@ -34,6 +34,17 @@ class ModelInfo:
     model_name: str
     replicas: int
     min_replicas: int
+    holder_serves: bool = False
+
+
+@dataclass(frozen=True)
+class SliceInfo:
+    """One EndpointSlice of a model's Service: its ready endpoints, and whether it is the warm Service's
+    (the share group's serving weight-holders, labelled ``vnpu.io/role: weights``)."""
+
+    key: ModelKey
+    endpoints: tuple[Endpoint, ...]
+    warm: bool = False
 
 
 def parse_model(obj: Mapping[str, Any]) -> ModelInfo | None:
@@ -43,23 +54,28 @@ def parse_model(obj: Mapping[str, Any]) -> ModelInfo | None:
         return None
     scaling = spec.get("scaling", {}) or {}
     replicas = int(spec.get("replicas", 1))
+    min_replicas = int(scaling.get("minReplicas", api.DEFAULT_MIN_REPLICAS))
     return ModelInfo(
         key=ModelKey(str(meta.get("namespace", "")), str(meta["name"])),
         model_name=str(spec.get("modelName") or meta["name"]),
         replicas=replicas,
-        min_replicas=int(scaling.get("minReplicas", 1)),
+        min_replicas=min_replicas,
+        holder_serves=api.holder_serves(min_replicas, str(scaling.get("keepWarm", api.DEFAULT_KEEP_WARM))),
     )
 
 
-def parse_slice(obj: Mapping[str, Any]) -> tuple[ModelKey, tuple[Endpoint, ...]] | None:
+def parse_slice(obj: Mapping[str, Any]) -> SliceInfo | None:
     """A model's EndpointSlice: its model and ready endpoints on the ``http`` port (None if unlabelled)."""
     meta = obj.get("metadata", {})
-    model = (meta.get("labels") or {}).get(api.LABEL_MODEL)
+    labels = meta.get("labels") or {}
+    model = labels.get(api.LABEL_MODEL)
     if not model:
         return None
+    key = ModelKey(str(meta.get("namespace", "")), model)
+    warm = labels.get(api.LABEL_ROLE) == api.ROLE_WEIGHTS
     ports = [p.get("port") for p in obj.get("ports") or [] if p.get("name") == PORT_NAME and p.get("port")]
     if not ports:
-        return ModelKey(str(meta.get("namespace", "")), model), ()
+        return SliceInfo(key, (), warm)
     endpoints = []
     for e in obj.get("endpoints") or []:
         conditions = e.get("conditions") or {}
@@ -69,7 +85,7 @@ def parse_slice(obj: Mapping[str, Any]) -> tuple[ModelKey, tuple[Endpoint, ...]]
         pod = (e.get("targetRef") or {}).get("name", "")
         for address in e.get("addresses") or []:
             endpoints.append(Endpoint(str(address), int(ports[0]), pod))
-    return ModelKey(str(meta.get("namespace", "")), model), tuple(sorted(set(endpoints), key=str))
+    return SliceInfo(key, tuple(sorted(set(endpoints), key=str)), warm)
 
 
 class Discovery:
@@ -80,7 +96,7 @@ class Discovery:
         self.namespaces = namespaces
         self.table = RouteTable()
         self._models: dict[ModelKey, ModelInfo] = {}
-        self._slices: dict[tuple[str, str], tuple[ModelKey, tuple[Endpoint, ...]]] = {}  # (ns, slice)
+        self._slices: dict[tuple[str, str], SliceInfo] = {}  # (namespace, slice name)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -90,16 +106,22 @@ class Discovery:
 
     # -- state --------------------------------------------------------------------------------------------
     def _rebuild(self) -> None:
-        endpoints: dict[ModelKey, set[Endpoint]] = {}
-        for key, eps in self._slices.values():
-            endpoints.setdefault(key, set()).update(eps)
+        endpoints: dict[tuple[ModelKey, bool], set[Endpoint]] = {}
+        for s in self._slices.values():
+            endpoints.setdefault((s.key, s.warm), set()).update(s.endpoints)
+
+        def of(key: ModelKey, warm: bool) -> tuple[Endpoint, ...]:
+            return tuple(sorted(endpoints.get((key, warm), ()), key=lambda e: (e.address, e.port)))
+
         routes = {
             key: Route(
                 key,
                 m.model_name,
                 m.replicas,
                 m.min_replicas,
-                tuple(sorted(endpoints.get(key, ()), key=lambda e: (e.address, e.port))),
+                of(key, False),
+                warm=of(key, True),
+                holder_serves=m.holder_serves,
             )
             for key, m in self._models.items()
         }

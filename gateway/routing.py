@@ -45,11 +45,21 @@ class Route:
     model_name: str  #: spec.modelName: what clients ask for
     replicas: int  #: spec.replicas (0: scaled to zero; a request wakes it when it may)
     min_replicas: int = 1  #: spec.scaling.minReplicas (0 allows scale to zero)
-    endpoints: tuple[Endpoint, ...] = ()
+    endpoints: tuple[Endpoint, ...] = ()  #: its ready replicas
+    #: Its share group's serving weight-holders (its warm Service), used while no replica is ready.
+    warm: tuple[Endpoint, ...] = ()
+    holder_serves: bool = False  #: vnpu.api.holder_serves: its holders may answer it
 
     @property
     def qualified_name(self) -> str:
         return f"{self.key.namespace}/{self.model_name}"
+
+    @property
+    def targets(self) -> tuple[Endpoint, ...]:
+        """Where its requests go: the ready replicas, else (when it may) the serving holders."""
+        if self.endpoints or not self.holder_serves:
+            return self.endpoints
+        return self.warm
 
 
 @dataclass

@@ -109,6 +109,12 @@ class GatewayMetrics:
             "vnpu_gateway_retries", "Connect failures retried on another replica", registry=r
         )
         self.wakes = Counter("vnpu_gateway_wakes", "Scale-from-zero requests sent", ["model"], registry=r)
+        self.warm_requests = Counter(
+            "vnpu_gateway_warm_requests",
+            "Requests answered by a serving weight-holder while the model had no ready replica",
+            ["model"],
+            registry=r,
+        )
         self.wake_seconds = Histogram(
             "vnpu_gateway_wake_seconds",
             "Time a request waited for a model to wake",
@@ -171,8 +177,10 @@ class Gateway:
         return [r for r in routes if key.allows((r.qualified_name, r.model_name))]
 
     # -- endpoints ------------------------------------------------------------------------------------
-    async def endpoints_of(self, route: Route) -> tuple[Route, str | None]:
-        """The route with ready endpoints, waking the model when it may; else the reason there are none."""
+    async def endpoints_of(self, route: Route, warm: bool = True) -> tuple[Route, str | None]:
+        """The route with somewhere to send the request, waking the model when it may; else the reason
+        there is nowhere. With no ready replica, its serving weight-holders answer meanwhile (``warm``:
+        unless they just failed), so a wake from warm weights costs no pod start."""
         if route.endpoints:
             return route, None
         if route.replicas == 0 and route.min_replicas > 0:
@@ -185,7 +193,7 @@ class Gateway:
             current = self.discovery.table.routes.get(route.key)
             if current is None:
                 return route, "the model was deleted"
-            if current.endpoints:
+            if current.endpoints or (warm and current.targets):
                 self.metrics.wake_seconds.observe(time.monotonic() - started)
                 return current, None
             left = deadline - time.monotonic()
@@ -210,7 +218,7 @@ class Gateway:
 
     def choose(self, route: Route, exclude: set[Endpoint]) -> Endpoint | None:
         self.turn += 1
-        return pick(route.endpoints, self.outstanding, self.kv_usage, turn=self.turn, exclude=exclude)
+        return pick(route.targets, self.outstanding, self.kv_usage, turn=self.turn, exclude=exclude)
 
     # -- forwarding -----------------------------------------------------------------------------------
     async def forward(self, request: web.Request) -> web.StreamResponse:
@@ -245,11 +253,18 @@ class Gateway:
         tried: set[Endpoint] = set()
         for _attempt in range(2):  # a connect failure is retried once on another replica
             endpoint = self.choose(route, tried)
+            if endpoint is None and tried and not route.endpoints:
+                # Only serving holders were there and they failed: wait for a replica instead.
+                route, reason = await self.endpoints_of(route, warm=False)
+                endpoint = self.choose(route, tried) if reason is None else None
             if endpoint is None:
                 break
             tried.add(endpoint)
             try:
-                return await self._proxy(request, route, endpoint, raw, headers)
+                response = await self._proxy(request, route, endpoint, raw, headers)
+                if endpoint not in route.endpoints:
+                    self.metrics.warm_requests.labels(route.qualified_name).inc()
+                return response
             except _Unreachable as exc:
                 log.warning(
                     "replica unreachable; trying another",

@@ -228,7 +228,8 @@ def _demand(model: ObservedModel, estimate: MemoryEstimate, weights_id: str, rep
         share_group=_group_key(model.namespace, spec.share_group, weights_id),
         replicas=replicas,
         replica_mib=estimate.per_replica_mib,
-        weight_mib=estimate.device_weights_mib,
+        # A holder that answers requests needs memory for that beside the weights, on every device.
+        weight_mib=estimate.device_weights_mib + (estimate.holder_serving_mib if spec.holder_serves else 0),
         priority=spec.priority,
         node_selector=dict(spec.placement.node_selector),
         tolerations=tuple(t.for_packer() for t in spec.placement.tolerations),
@@ -349,7 +350,8 @@ def plan(
         key: _group_key(m.namespace, m.spec.share_group, refs[key].weights_id)  # type: ignore[union-attr]
         for key, (m, _) in active.items()
     }
-    holders_of = _current_holders(ours, active, refs, group_of, key_uid, lost_nodes)
+    serving_groups = {group_of[key] for key, (m, _) in active.items() if m.spec and m.spec.holder_serves}
+    holders_of = _current_holders(ours, active, refs, group_of, key_uid, lost_nodes, serving_groups)
     activities = {key: scaling.activity(m, now) for key, (m, _) in active.items()}
     demand_of = {key: scaling.demand(m, now) for key, (m, _) in active.items()}
     warm_of, warm_holders = _warm(active, group_of, holders_of, demand_of, nodes, config, now)
@@ -390,7 +392,8 @@ def plan(
     for h in packed.weight_holders:
         owners = tuple(refs[m] for m in sorted(h.models))
         first = owners[0]
-        salt = f"{h.slices}{_key_generation(key_uid, first)}"
+        serves = h.share_group in serving_groups
+        salt = _holder_salt(h.slices, serves, key_uid, first)
         name = holder_pod_name(first.share_group, first.weights_id, h.node, h.device, salt)
         holder_of[(h.node, h.device, h.share_group)] = name
         if (first.namespace, first.share_group) in key_uid:  # pods that mount the key wait for it
@@ -404,6 +407,7 @@ def plan(
                 node=h.node,
                 device=h.device,
                 weights_mib=group_mib.get(h.share_group, 0),
+                serves=serves,
             )
 
     placements_of: dict[str, list[dict[str, Any]]] = defaultdict(list)
@@ -533,7 +537,7 @@ def plan(
     services_by_key = {(s.namespace, s.name): s for s in services}  # (namespace, name) -> Service
     service_of = {_model_key(m.namespace, m.name): plan_service(m, services_by_key) for m in models}
     result.create_services = [
-        v.intent for key, v in sorted(service_of.items()) if v.intent is not None and key not in backoff
+        i for key, v in sorted(service_of.items()) if key not in backoff for i in v.intents
     ]
 
     # Statuses and events.
@@ -630,6 +634,7 @@ def _current_holders(
     group_of: Mapping[str, str],
     key_uid: Mapping[tuple[str, str], str],
     lost_nodes: set[str],
+    serving_groups: set[str],
 ) -> dict[str, list[ObservedPod]]:
     """Group key -> its live weight-holders that hold the group's current weights under its current
     key (their names say so), the Ready ones first."""
@@ -644,7 +649,7 @@ def _current_holders(
         if p.node in lost_nodes or (p.namespace, p.share_group or "") not in expected:
             continue
         group, ref = expected[(p.namespace, p.share_group or "")]
-        salt = f"{p.slices}{_key_generation(key_uid, ref)}"
+        salt = _holder_salt(p.slices, group in serving_groups, key_uid, ref)
         if p.name == holder_pod_name(ref.share_group, ref.weights_id, p.node, p.device, salt):
             out[group].append(p)
     return out
@@ -742,6 +747,12 @@ def _pod_salt(slices: int, template: str) -> str:
 def _ref(model: ObservedModel, config: OperatorConfig) -> ModelRef:
     assert model.spec is not None
     return ModelRef(model.name, model.namespace, model.uid, model.spec, model_weights_id(model, config))
+
+
+def _holder_salt(slices: int, serves: bool, key_uid: Mapping[tuple[str, str], str], ref: ModelRef) -> str:
+    """What a weight-holder's name hashes besides its place: its size, whether it answers requests
+    (such a holder is another pod; none before that existed, so older names are unchanged), its key."""
+    return f"{slices}{'s' if serves else ''}{_key_generation(key_uid, ref)}"
 
 
 def _key_generation(key_uid: Mapping[tuple[str, str], str], ref: ModelRef) -> str:

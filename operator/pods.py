@@ -90,6 +90,8 @@ class PodIntent:
     holder: str | None = None
     #: MiB of the weight copy a holder holds.
     weights_mib: int = 0
+    #: A holder that also answers requests (its group has a model for which vnpu.api.holder_serves).
+    serves: bool = False
     #: Pod-template hash (and key generation) of a replica, its vnpu.io/template-hash label.
     template: str = ""
 
@@ -155,6 +157,15 @@ def replica_selector(model: str) -> dict[str, str]:
         api.LABEL_MANAGED_BY: api.MANAGED_BY_VALUE,
         api.LABEL_ROLE: api.ROLE_REPLICA,
         api.LABEL_MODEL: model,
+    }
+
+
+def holder_selector(share_group: str) -> dict[str, str]:
+    """The labels that select the weight-holders of ``share_group`` (a model's warm Service)."""
+    return {
+        api.LABEL_MANAGED_BY: api.MANAGED_BY_VALUE,
+        api.LABEL_ROLE: api.ROLE_WEIGHTS,
+        api.LABEL_SHARE_GROUP: share_group,
     }
 
 
@@ -416,6 +427,19 @@ def _holder_pod(intent: PodIntent, config: OperatorConfig) -> dict[str, Any]:
     volumes, mounts = _model_volumes(first.spec)
     key_volume, key_mount = _key_volume(first)
     scratch, scratch_mount = _scratch()
+    container = {
+        "name": "weights",
+        "image": first.spec.image(config.runtime_image),
+        "imagePullPolicy": config.image_pull_policy,
+        "args": ["vnpu", "runtime", "weights-holder"],
+        "env": [*_runtime_env(first.spec), *_share_env(first)],
+        "resources": _resources(first.spec, intent.resource, intent.slices),
+        "securityContext": CONTAINER_SECURITY,
+        "volumeMounts": [*mounts, key_mount, scratch_mount],
+    }
+    if intent.serves:
+        serving = [o for o in intent.owners if o.spec.holder_serves] or list(intent.owners)
+        container |= _holder_serving(container["env"], serving)
     return _pod(
         intent,
         _labels(None, api.ROLE_WEIGHTS, first.share_group, {}),
@@ -432,21 +456,30 @@ def _holder_pod(intent: PodIntent, config: OperatorConfig) -> dict[str, Any]:
             "affinity": _pin_to_node(intent.node),
             "tolerations": _tolerations(first.spec, config.node_grace_seconds),
             "securityContext": _pod_security(_share_uid(first)),
-            "containers": [
-                {
-                    "name": "weights",
-                    "image": first.spec.image(config.runtime_image),
-                    "imagePullPolicy": config.image_pull_policy,
-                    "args": ["vnpu", "runtime", "weights-holder"],
-                    "env": [*_runtime_env(first.spec), *_share_env(first)],
-                    "resources": _resources(first.spec, intent.resource, intent.slices),
-                    "securityContext": CONTAINER_SECURITY,
-                    "volumeMounts": [*mounts, key_mount, scratch_mount],
-                }
-            ],
+            "containers": [container],
             "volumes": [*volumes, key_volume, scratch],
         },
     )
+
+
+def _holder_serving(env: list[dict[str, Any]], serving: Sequence[ModelRef]) -> dict[str, Any]:
+    """What a holder that answers requests adds (``weights-holder --serve``): the HTTP port the warm
+    Service selects, one sequence at a time (the memory its slices hold for it), at the longest context
+    of the models it answers for, and a readiness probe on the server, which starts before the socket."""
+    port = serving[0].spec.runtime.port
+    contexts = [o.spec.memory.max_context_tokens for o in serving if o.spec.memory.max_context_tokens]
+    replaced = {"VNPU_MAX_BATCH", "VNPU_MAX_CONTEXT", "VNPU_PORT"}
+    env = [e for e in env if e["name"] not in replaced] + [
+        {"name": "VNPU_MAX_BATCH", "value": "1"},
+        {"name": "VNPU_PORT", "value": str(port)},
+        *([{"name": "VNPU_MAX_CONTEXT", "value": str(max(contexts))}] if contexts else []),
+    ]
+    return {
+        "args": ["vnpu", "runtime", "weights-holder", "--serve", "--host", "0.0.0.0", "--port", str(port)],
+        "env": env,
+        "ports": [{"name": RUNTIME_PORT_NAME, "containerPort": port}],
+        "readinessProbe": {"httpGet": {"path": "/readyz", "port": RUNTIME_PORT_NAME}, "periodSeconds": 1},
+    }
 
 
 def _placeholder_pod(intent: PodIntent, config: OperatorConfig) -> dict[str, Any]:

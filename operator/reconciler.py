@@ -35,7 +35,7 @@ from vnpu.operator.kube import Kube, api_client_from_env, api_error
 from vnpu.operator.planner import Failure, Plan, PodDeletion, SecretIntent, plan, restatus
 from vnpu.operator.pods import PodIntent, render, share_key_secret
 from vnpu.operator.reported import Report, ReportedStatuses, ReportQueue
-from vnpu.operator.services import ServiceIntent, render_service, service_name
+from vnpu.operator.services import ServiceIntent, render_service, service_name, warm_service_name
 from vnpu.operator.state import ObservedModel, ObservedNode, ObservedPod, ObservedSecret, ObservedService
 
 log = logging.getLogger(__name__)
@@ -200,7 +200,11 @@ class Reconciler:
         """The informer's Services, plus the taken names, each looked at again once per resync (a taken
         name is the model's to use as soon as that Service is gone, or handed to the model), plus the
         Services being created (until the informer shows them, at most one resync)."""
-        wanted = {(m.namespace, service_name(m.name)) for m in models}
+        wanted = {(m.namespace, service_name(m.name)) for m in models} | {
+            (m.namespace, warm_service_name(m.name))
+            for m in models
+            if m.spec is not None and m.spec.holder_serves
+        }
         with self._shared_lock:
             taken = {k: v for k, v in self._taken.items() if k in wanted}
         if taken and time.monotonic() - self._taken_checked >= self.config.resync_seconds:
@@ -412,7 +416,9 @@ class Reconciler:
             )
             with self._shared_lock:
                 self._creating[(intent.namespace, intent.name)] = (pending, now)
-            self._reports.put(intent.owner.key, Report(result.outcomes[intent.owner.key][0], service=intent))
+            self._reports.put(
+                intent.owner.key, Report(result.outcomes[intent.owner.key][0], services=(intent,))
+            )
         for u in result.statuses:
             if not (u.changed or u.events):
                 continue
@@ -451,12 +457,12 @@ class Reconciler:
         kube, model = self.kube, report.model
         if not self._is_leader():  # the new leader reports from its own passes
             self._reported.refused(model.uid, report.token)
-            if report.service is not None:
-                with self._shared_lock:
-                    self._creating.pop((report.service.namespace, report.service.name), None)
+            with self._shared_lock:
+                for service in report.services:
+                    self._creating.pop((service.namespace, service.name), None)
             return
-        if report.service is not None:
-            self._create_service(report.service)
+        for service in report.services:
+            self._create_service(service)
         if report.status is not None:
             try:
                 kube.patch_model_status(model, report.status)

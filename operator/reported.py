@@ -103,10 +103,10 @@ class ReportedStatuses:
 
 @dataclass(frozen=True)
 class Report:
-    """What is left to write for one model: its Service to create, its latest status, its Events."""
+    """What is left to write for one model: its Services to create, its latest status, its Events."""
 
     model: ObservedModel
-    service: ServiceIntent | None = None
+    services: tuple[ServiceIntent, ...] = ()
     status: Mapping[str, Any] | None = None
     token: int = 0  #: the ReportedStatuses token of ``status``
     events: tuple[Event, ...] = ()
@@ -115,7 +115,7 @@ class Report:
         """This report followed by ``later``: the later status wins, Events add up."""
         return Report(
             model=later.model,
-            service=later.service or self.service,
+            services=self.services + tuple(s for s in later.services if s not in self.services),
             status=later.status if later.status is not None else self.status,
             token=later.token if later.status is not None else self.token,
             events=self.events + later.events,

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from vnpu import api
+from vnpu.api import KEEP_WARM_ALWAYS, KEEP_WARM_AUTO
 from vnpu.operator import forecast
-from vnpu.operator.spec import KEEP_WARM_ALWAYS, KEEP_WARM_AUTO
 from vnpu.operator.state import ObservedModel
 
 #: Minutes between demand-history updates of a model whose counter did not move.

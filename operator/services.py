@@ -9,6 +9,12 @@ The EndpointSlice controller copies a Service's labels onto its EndpointSlices: 
 (:mod:`vnpu.gateway.discovery`) finds a model's ready replicas by the ``vnpu.io/model`` label and the
 port name ``http`` there.
 
+A model whose weight-holders answer while it has no ready replica (:func:`vnpu.api.holder_serves`:
+it may scale to zero and keeps its holders) has a second Service, its warm one
+(:func:`warm_service_name`): the same labels plus ``vnpu.io/role: weights``, selecting its share
+group's weight-holders on the same port name. The gateway sends a request there only while the
+model's own Service has no ready endpoint.
+
 The name is deterministic (:func:`service_name`), so a retry after a crash creates the very same
 object. A Service of that name that this model does not control is someone else's: it is left alone,
 and the model's ``Degraded`` condition says so (reason ``ServiceNameTaken``).
@@ -24,7 +30,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from vnpu import api
-from vnpu.operator.pods import RUNTIME_PORT_NAME, ModelRef, owner_references, replica_selector, short_hash
+from vnpu.operator.pods import (
+    RUNTIME_PORT_NAME,
+    ModelRef,
+    holder_selector,
+    owner_references,
+    replica_selector,
+    short_hash,
+)
 from vnpu.operator.state import ObservedModel, ObservedService
 
 #: The Service's port (what clients dial); it forwards to the replicas' named port ``http``.
@@ -50,6 +63,12 @@ def service_name(model: str) -> str:
     return f"{PREFIX}{cut}-{digest}" if cut else f"{PREFIX}{digest}"
 
 
+def warm_service_name(model: str) -> str:
+    """The warm Service's name: :func:`service_name` of ``<model>/warm``, a name no model can have (a
+    model's name has no '/'), so it is cut and hashed: ``vnpu-<model>-warm-<hash>``."""
+    return service_name(f"{model}/warm")
+
+
 def endpoint_url(namespace: str, name: str) -> str:
     """The in-cluster URL of Service ``name``: ``http://<name>.<namespace>.svc:80``. It ends in ``.svc``,
     not ``.svc.cluster.local``: the cluster domain is a setting of each cluster (the kubelet's
@@ -63,6 +82,7 @@ class ServiceIntent:
 
     name: str
     owner: ModelRef
+    warm: bool = False  #: the warm Service, selecting the model's share group's weight-holders
 
     @property
     def namespace(self) -> str:
@@ -77,38 +97,62 @@ class ServiceIntent:
 class ServiceView:
     """Where one model's Service stands after a pass."""
 
-    intent: ServiceIntent | None = None  #: to create: the model is served and has none
+    intents: tuple[ServiceIntent, ...] = ()  #: to create: the model is served and has none
     endpoint: str = ""  #: its URL, once the model's own Service exists
     problem: str = ""  #: why it has none that will be created; empty when nothing is wrong
 
 
 def plan_service(model: ObservedModel, services: Mapping[tuple[str, str], ObservedService]) -> ServiceView:
-    """The Service ``model`` needs, from the Services observed (keyed by (namespace, name)). A served
-    model (spec parsed, not being deleted) without one gets an intent; one whose name is taken by a
-    Service it does not control gets a problem instead, and that Service is never touched."""
-    name = service_name(model.name)
+    """The Services ``model`` needs, from the Services observed (keyed by (namespace, name)). A served
+    model (spec parsed, not being deleted) without its own gets an intent, and without its warm one
+    while its holders serve; a name taken by a Service the model does not control is a problem
+    instead, and that Service is never touched. A warm Service the model no longer needs stays: the
+    gateway routes there only while :func:`vnpu.api.holder_serves` says so."""
+    view = _plan_one(model, services, service_name(model.name), warm=False)
+    if model.spec is None or not model.spec.holder_serves:
+        return view
+    warm = _plan_one(model, services, warm_service_name(model.name), warm=True)
+    return ServiceView(
+        intents=view.intents + warm.intents,
+        endpoint=view.endpoint,
+        problem="; ".join(p for p in (view.problem, warm.problem) if p),
+    )
+
+
+def _plan_one(
+    model: ObservedModel, services: Mapping[tuple[str, str], ObservedService], name: str, *, warm: bool
+) -> ServiceView:
     found = services.get((model.namespace, name))
     if found is not None and found.controller_uid == model.uid:
         there = not (found.terminating or found.pending)
         return ServiceView(endpoint=endpoint_url(model.namespace, name) if there else "")
     if found is not None:
+        what = (
+            "no warm Service (a request at zero replicas waits for one)"
+            if warm
+            else ("no Service (the gateway cannot route to it)")
+        )
         return ServiceView(
             problem=(
                 f"Service {name} exists in {model.namespace} and is not this model's: it is left as it is, "
-                f"and the model has no Service (the gateway cannot route to it) until that one is "
-                f"renamed or deleted"
+                f"and the model has {what} until that one is renamed or deleted"
             )
         )
     if model.spec is None or model.deleting:
         return ServiceView()
-    return ServiceView(
-        intent=ServiceIntent(name, ModelRef(model.name, model.namespace, model.uid, model.spec))
-    )
+    ref = ModelRef(model.name, model.namespace, model.uid, model.spec)
+    return ServiceView(intents=(ServiceIntent(name, ref, warm=warm),))
 
 
 def render_service(intent: ServiceIntent) -> dict[str, Any]:
-    """The manifest of ``intent``: a ClusterIP Service on port 80 in front of the model's replicas."""
+    """The manifest of ``intent``: a ClusterIP Service on port 80 in front of the model's replicas (or,
+    the warm one, its share group's weight-holders)."""
     model = intent.owner
+    labels = {api.LABEL_MANAGED_BY: api.MANAGED_BY_VALUE, api.LABEL_MODEL: model.name}
+    selector = replica_selector(model.name)
+    if intent.warm:
+        labels[api.LABEL_ROLE] = api.ROLE_WEIGHTS
+        selector = holder_selector(model.share_group)
     return {
         "apiVersion": "v1",
         "kind": "Service",
@@ -116,12 +160,12 @@ def render_service(intent: ServiceIntent) -> dict[str, Any]:
             "name": intent.name,
             "namespace": model.namespace,
             # Copied onto its EndpointSlices, where the gateway looks for vnpu.io/model.
-            "labels": {api.LABEL_MANAGED_BY: api.MANAGED_BY_VALUE, api.LABEL_MODEL: model.name},
+            "labels": labels,
             "ownerReferences": owner_references([model]),
         },
         "spec": {
             "type": "ClusterIP",
-            "selector": replica_selector(model.name),
+            "selector": selector,
             "ports": [
                 {
                     "name": RUNTIME_PORT_NAME,

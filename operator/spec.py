@@ -17,6 +17,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from vnpu.api import (
+    DEFAULT_MIN_REPLICAS,
+    KEEP_WARM_AUTO,
+    KEEP_WARM_MODES,
+    holder_serves,
+)
 from vnpu.operator.packing import Spread, Toleration
 
 DEFAULT_REPLICAS = 1
@@ -29,10 +35,7 @@ DEFAULT_MAX_UNAVAILABLE: int | str = 0
 ROLLING_UPDATE = "RollingUpdate"
 RECREATE = "Recreate"
 #: Scale to zero: off unless minReplicas is 0; five idle minutes; holders kept by the forecast.
-DEFAULT_MIN_REPLICAS = 1
 DEFAULT_IDLE_SECONDS = 300
-KEEP_WARM_ALWAYS, KEEP_WARM_NEVER, KEEP_WARM_AUTO = "Always", "Never", "Auto"
-KEEP_WARM_MODES = (KEEP_WARM_ALWAYS, KEEP_WARM_NEVER, KEEP_WARM_AUTO)
 
 #: Spec fields that shape a pod: a change to any of them rolls the model's pods.
 POD_TEMPLATE_FIELDS = ("modelName", "source", "weights", "modelConfig", "memory", "offload", "runtime")
@@ -150,6 +153,11 @@ class Scaling:
     idle_seconds: int = DEFAULT_IDLE_SECONDS
     keep_warm: str = KEEP_WARM_AUTO
 
+    @property
+    def holder_serves(self) -> bool:
+        """Its weight-holders answer requests while no replica is ready (:func:`vnpu.api.holder_serves`)."""
+        return holder_serves(self.min_replicas, self.keep_warm)
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -170,6 +178,12 @@ class ModelSpec:
 
     def image(self, default: str) -> str:
         return self.runtime.image or default
+
+    @property
+    def holder_serves(self) -> bool:
+        """Its weight-holders answer requests while no replica is ready (:func:`vnpu.api.holder_serves`),
+        holding every weight on the device: not under async offload, where they hold only a part."""
+        return self.scaling.holder_serves and self.offload.mode != "async"
 
     @property
     def template_hash(self) -> str:

@@ -90,6 +90,9 @@ class ServeOptions:
     prefetch_depth: int = 2
     link_bytes_per_s: float | None = None  #: CPU only: emulate a host-to-device link of this bandwidth
     model_name: str = ""
+    #: Answer to any ``model`` a request names: a serving weight-holder answers for every model of its
+    #: share group (they all use its weights), under the names the gateway forwards.
+    any_model_name: bool = False
     max_batch: int = 16  #: sequences decoded together (``spec.memory.maxBatch``)
     default_priority: int = 0  #: priority of requests that give none (``spec.priority``)
     max_queue: int = 64  #: sequences waiting for a batch slot before new ones get 429

@@ -4,7 +4,8 @@ Subcommands:
 
 * ``weights-holder`` — load a model once into one arena on this device and serve it to the replicas of
   its share group over a unix socket (zero-copy import: memfd over SCM_RIGHTS on CPU, IPC handles on
-  CUDA/Ascend).
+  CUDA/Ascend). With ``--serve`` it also answers completions itself, one sequence at a time (a model
+  at zero replicas whose holder is kept warm).
 * ``serve`` — the OpenAI-style HTTP server (chat and text completions, continuous batching).
   Attaches to the share group's weights-holder when a socket directory is configured, otherwise
   loads the model itself. Allocates its own KV cache (a block pool).
@@ -16,7 +17,8 @@ the pods (see runtime/README.md): ``VNPU_MODEL_URI``, ``VNPU_MODEL_FORMAT``, ``V
 ``VNPU_MODEL_NAME``, ``VNPU_SHARE_NAMESPACE``, ``VNPU_SHARE_GROUP``, ``VNPU_WEIGHTS_ID``,
 ``VNPU_SHARE_KEY_FILE``, ``VNPU_SOCKET_DIR``, ``VNPU_DEVICE``, ``VNPU_MEMORY_LIMIT_MIB``,
 ``VNPU_OFFLOAD_BUDGET_MIB``, ``VNPU_PREFETCH_DEPTH``, ``VNPU_PORT``, ``VNPU_PVC_ROOT``, ``VNPU_HF_CACHE``,
-``VNPU_TORCH_DEVICE``, ``VNPU_MAX_CONTEXT``, ``VNPU_MAX_BATCH``, ``VNPU_DEFAULT_PRIORITY``.
+``VNPU_TORCH_DEVICE``, ``VNPU_MAX_CONTEXT``, ``VNPU_MAX_BATCH``, ``VNPU_DEFAULT_PRIORITY``,
+``VNPU_HOLDER_SERVE``.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from vnpu import api, sharing
 from vnpu.logs import setup_logging
@@ -179,8 +182,19 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="INFO", help="log level (default INFO)")
 
 
-def _add_serving_args(p: argparse.ArgumentParser, http: bool) -> None:
-    g = p.add_argument_group("serving")
+def _add_serving_args(p: argparse.ArgumentParser, http: bool, holder: bool = False) -> None:
+    """Serving options; a weights-holder's (``holder``) leave out attaching and offload: it serves the
+    weights it holds, all resident."""
+    g = p.add_argument_group("serving (with --serve)" if holder else "serving")
+    if not holder:
+        _add_mode_args(g)
+        _add_offload_args(g)
+    _add_model_serving_args(g)
+    if http:
+        _add_http_args(g)
+
+
+def _add_mode_args(g: argparse._ArgumentGroup) -> None:
     mode = g.add_mutually_exclusive_group()
     mode.add_argument(
         "--attach",
@@ -196,6 +210,29 @@ def _add_serving_args(p: argparse.ArgumentParser, http: bool) -> None:
         action="store_false",
         help="load the weights in this process (no share identity)",
     )
+
+
+def _add_offload_args(g: argparse._ArgumentGroup) -> None:
+    g.add_argument(
+        "--offload-budget-mib",
+        type=float,
+        default=_env("VNPU_OFFLOAD_BUDGET_MIB"),
+        help="device budget for weights: keep what fits resident, stream the rest [$VNPU_OFFLOAD_BUDGET_MIB]",
+    )
+    g.add_argument(
+        "--prefetch-depth",
+        type=int,
+        default=int(_env("VNPU_PREFETCH_DEPTH", default="2") or 2),
+        help="ring buffers for streamed layers [$VNPU_PREFETCH_DEPTH, default 2]",
+    )
+    g.add_argument(
+        "--link-gbps",
+        type=float,
+        help="CPU only: emulate a host-to-device link of this many GB/s for streamed layers",
+    )
+
+
+def _add_model_serving_args(g: argparse._ArgumentGroup) -> None:
     g.add_argument(
         "--max-context",
         type=int,
@@ -230,43 +267,28 @@ def _add_serving_args(p: argparse.ArgumentParser, http: bool) -> None:
         "as vLLM's --num-gpu-blocks-override)",
     )
     g.add_argument(
-        "--offload-budget-mib",
-        type=float,
-        default=_env("VNPU_OFFLOAD_BUDGET_MIB"),
-        help="device budget for weights: keep what fits resident, stream the rest [$VNPU_OFFLOAD_BUDGET_MIB]",
-    )
-    g.add_argument(
-        "--prefetch-depth",
-        type=int,
-        default=int(_env("VNPU_PREFETCH_DEPTH", default="2") or 2),
-        help="ring buffers for streamed layers [$VNPU_PREFETCH_DEPTH, default 2]",
-    )
-    g.add_argument(
-        "--link-gbps",
-        type=float,
-        help="CPU only: emulate a host-to-device link of this many GB/s for streamed layers",
-    )
-    g.add_argument(
         "--model-name",
         default=_env("VNPU_MODEL_NAME"),
         help="model name clients ask for (default: from the model file) [$VNPU_MODEL_NAME]",
     )
-    if http:
-        g.add_argument(
-            "--host", default="127.0.0.1", help="listen address (default 127.0.0.1; use 0.0.0.0 in a pod)"
-        )
-        g.add_argument(
-            "--port",
-            type=int,
-            default=_env_int("VNPU_PORT") or DEFAULT_PORT,
-            help=f"listen port [$VNPU_PORT, default {DEFAULT_PORT}]",
-        )
-        g.add_argument(
-            "--max-queue",
-            type=int,
-            default=64,
-            help="requests waiting for a batch slot before new ones get 429 (default 64)",
-        )
+
+
+def _add_http_args(g: argparse._ArgumentGroup) -> None:
+    g.add_argument(
+        "--host", default="127.0.0.1", help="listen address (default 127.0.0.1; use 0.0.0.0 in a pod)"
+    )
+    g.add_argument(
+        "--port",
+        type=int,
+        default=_env_int("VNPU_PORT") or DEFAULT_PORT,
+        help=f"listen port [$VNPU_PORT, default {DEFAULT_PORT}]",
+    )
+    g.add_argument(
+        "--max-queue",
+        type=int,
+        default=64,
+        help="requests waiting for a batch slot before new ones get 429 (default 64)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -289,6 +311,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--socket-mode", default="0600", help="socket permissions, octal (0600, or 0660 with --socket-group)"
     )
     holder.add_argument("--socket-group", help="group (name or gid) allowed to attach besides our own uid")
+    holder.add_argument(
+        "--serve",
+        action="store_true",
+        default=_env("VNPU_HOLDER_SERVE") == "1",
+        help="also answer completions over HTTP from the held weights, with KV memory of its own, for any "
+        "model of the share group: the operator sets it for models that may scale to zero and keep their "
+        "holders, so a request at zero replicas is answered at once [$VNPU_HOLDER_SERVE=1]",
+    )
+    _add_serving_args(holder, http=True, holder=True)
 
     serve = sub.add_parser(
         "serve",
@@ -377,6 +408,13 @@ def cmd_weights_holder(args: argparse.Namespace) -> int:
             int(args.socket_group) if args.socket_group.isdigit() else grp.getgrnam(args.socket_group).gr_gid
         )
     holder = WeightsHolder(weights, identity, key, path, int(args.socket_mode, 8), group)  # type: ignore[arg-type]
+    if args.serve:
+        from vnpu.runtime.errors import MemoryBudgetError
+
+        try:
+            return _hold_and_serve(args, holder, weights)
+        except MemoryBudgetError as e:  # still hold: the replicas need the weights more than this
+            log.error("the weights-holder cannot serve; holding only", extra={"error": str(e)})
     # The holder keeps the manifest encoded; the tokenizer tables as Python objects are dead weight.
     weights.manifest.tokenizer = {}  # type: ignore[attr-defined]
     release_free_heap()
@@ -390,27 +428,67 @@ def cmd_weights_holder(args: argparse.Namespace) -> int:
     return 0
 
 
-def _runtime(args: argparse.Namespace, engine_thread: bool = True) -> tuple[object, object | None]:
-    """A ModelRuntime with weights installed (loaded) or being attached (supervisor started)."""
-    from vnpu.runtime.engine import ModelRuntime, ServeOptions, apply_device_memory_limit
-    from vnpu.runtime.supervisor import SharedWeightsSupervisor
+def _hold_and_serve(args: argparse.Namespace, holder: Any, weights: Any) -> int:
+    """``weights-holder --serve``: the HTTP server over the held weights (the engine on this thread,
+    as ``serve``), its KV cache within the holder's memory limit beside the weights. The server is up
+    before the socket is bound, so whatever the readiness probe sees serving also answers HTTP."""
+    from vnpu.runtime.engine import ModelRuntime, apply_device_memory_limit
+    from vnpu.runtime.server import SHUTDOWN_TIMEOUT_S, HttpServerThread, make_app
 
-    options = ServeOptions(
+    apply_device_memory_limit(args.device, args.memory_limit_mib)
+    runtime = ModelRuntime(_serve_options(args), engine_thread=False)  # type: ignore[arg-type]
+    runtime.install(weights.manifest, weights.arena, shared=False, seconds=weights.seconds)
+    server = HttpServerThread(make_app(runtime), args.host, args.port)
+    try:
+        server.start()
+        holder.start()
+
+        def stop(signum: int, _frame: object) -> None:
+            log.info("stopping", extra={"signal": signal.Signals(signum).name})
+            server.stop_then(runtime.close)
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, stop)
+        info = {"event": "ready", "socket": str(holder.socket_path), "port": args.port, **holder.info()}
+        print(json.dumps(info), flush=True)
+        runtime.run_engine()
+    finally:
+        server.stop_then(lambda: None)
+        server.join(SHUTDOWN_TIMEOUT_S + 5)
+        runtime.close()
+        holder.stop()
+    return 0
+
+
+def _serve_options(args: argparse.Namespace) -> object:
+    from vnpu.runtime.engine import ServeOptions
+
+    offload_mib = getattr(args, "offload_budget_mib", None)
+    link_gbps = getattr(args, "link_gbps", None)
+    return ServeOptions(
         device=args.device,
         max_context=args.max_context,
         prefill_chunk=args.prefill_chunk,
         memory_limit_mib=args.memory_limit_mib,
-        offload_budget_mib=float(args.offload_budget_mib) if args.offload_budget_mib is not None else None,
-        prefetch_depth=args.prefetch_depth,
-        link_bytes_per_s=args.link_gbps * 1e9 if args.link_gbps else None,
+        offload_budget_mib=float(offload_mib) if offload_mib is not None else None,
+        prefetch_depth=getattr(args, "prefetch_depth", 2),
+        link_bytes_per_s=link_gbps * 1e9 if link_gbps else None,
         model_name=args.model_name or "",
+        any_model_name=args.command == "weights-holder",
         max_batch=args.max_batch,
         default_priority=args.default_priority,
         max_queue=getattr(args, "max_queue", 64),
         kv_blocks=args.kv_blocks,
     )
+
+
+def _runtime(args: argparse.Namespace, engine_thread: bool = True) -> tuple[object, object | None]:
+    """A ModelRuntime with weights installed (loaded) or being attached (supervisor started)."""
+    from vnpu.runtime.engine import ModelRuntime, apply_device_memory_limit
+    from vnpu.runtime.supervisor import SharedWeightsSupervisor
+
     apply_device_memory_limit(args.device, args.memory_limit_mib)
-    runtime = ModelRuntime(options, engine_thread=engine_thread)
+    runtime = ModelRuntime(_serve_options(args), engine_thread=engine_thread)
     attach = args.attach if args.attach is not None else share_identity(args) is not None
     if attach:
         identity, key, path = _sharing(args)

@@ -111,7 +111,7 @@ async def _read_json(request: web.Request) -> Any:
 
 
 def _check_model(runtime: ModelRuntime, model: str | None) -> None:
-    if model not in (None, runtime.model_name):
+    if model not in (None, runtime.model_name) and not runtime.options.any_model_name:
         raise HTTPError(
             404,
             f"model {model!r} does not exist here (this server serves {runtime.model_name!r})",
@@ -292,7 +292,7 @@ async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
             kind=kind,
             id=("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24],
             created=int(time.time()),
-            model=runtime.model_name,
+            model=req.model if req.model and runtime.options.any_model_name else runtime.model_name,
             prompt_tokens=len(ids),
             include_usage=req.include_usage,
             return_token_ids=req.return_token_ids,

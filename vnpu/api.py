@@ -52,6 +52,22 @@ ANNOTATION_WEIGHTS_MIB = f"{GROUP}/weights-mib"
 ANNOTATION_REQUESTS = f"{GROUP}/requests"
 ANNOTATION_LAST_REQUEST = f"{GROUP}/last-request"
 
+#: ``spec.scaling.keepWarm``: whether a model's weight-holders stay while it is scaled to zero.
+KEEP_WARM_ALWAYS, KEEP_WARM_NEVER, KEEP_WARM_AUTO = "Always", "Never", "Auto"
+KEEP_WARM_MODES = (KEEP_WARM_ALWAYS, KEEP_WARM_NEVER, KEEP_WARM_AUTO)
+DEFAULT_KEEP_WARM = KEEP_WARM_AUTO
+DEFAULT_MIN_REPLICAS = 1
+
+
+def holder_serves(min_replicas: int, keep_warm: str) -> bool:
+    """Whether the model's weight-holders answer its requests while no replica is ready: a model that
+    may scale to zero and may keep its holders meanwhile. Such a holder serves one sequence at a time
+    from memory of its own (counted with its weights), so a wake from warm answers at once, as Ollama's
+    loaded models do, while the gateway scales the model back to a replica. The operator (what it
+    creates) and the gateway (where it routes) both ask this, so they agree."""
+    return min_replicas == 0 and keep_warm != KEEP_WARM_NEVER
+
+
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGED_BY_VALUE = "vnpu-operator"
 LABEL_MODEL = f"{GROUP}/model"

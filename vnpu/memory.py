@@ -159,6 +159,10 @@ class MemoryEstimate:
     kv_bytes_per_token: int | None = None
     config: ModelConfig | None = None
     assumptions: tuple[str, ...] = ()  #: every term that was defaulted rather than given or read
+    #: What a weight-holder that answers requests needs besides the weights (see
+    #: :func:`vnpu.api.holder_serves`): one sequence's KV at the context length, the activations of one
+    #: sequence, and the overhead.
+    holder_serving_mib: int = 0
 
     @property
     def per_replica_mib(self) -> int:
@@ -222,6 +226,12 @@ def estimate_memory(
         kv_mib = mib_ceil(kv_cache_bytes(config, max_context_tokens, max_batch, kv_dtype_bytes, block_size))
     else:
         raise EstimateError("spec.memory needs kvCacheMiB, or maxContextTokens together with maxBatch")
+    if kv_cache_mib is not None:
+        one_kv_mib = -(-kv_mib // max(1, max_batch or 1))
+    else:
+        assert config is not None and max_context_tokens is not None
+        one_kv_mib = mib_ceil(kv_cache_bytes(config, max_context_tokens, 1, kv_dtype_bytes, block_size))
+    given_activation_mib = activation_mib
     if activation_mib is None:
         if config is not None:
             activation_mib = mib_ceil(default_activation_bytes(config, max_batch or 1))
@@ -248,6 +258,12 @@ def estimate_memory(
                 f"offload.deviceBudgetMiB={offload_budget_mib} is smaller than the prefetch ring "
                 f"({prefetch_depth} × {largest_layer_mib} MiB layers = {staging} MiB)"
             )
+    if given_activation_mib is not None:  # given for a whole replica: more than one sequence needs
+        one_activation_mib = given_activation_mib
+    elif config is not None:
+        one_activation_mib = mib_ceil(default_activation_bytes(config, 1))
+    else:
+        one_activation_mib = DEFAULT_ACTIVATION_MIB
     return MemoryEstimate(
         weights_mib=weights_mib,
         device_weights_mib=device_weights,
@@ -259,6 +275,7 @@ def estimate_memory(
         kv_bytes_per_token=per_token,
         config=config,
         assumptions=tuple(assumptions),
+        holder_serving_mib=one_kv_mib + one_activation_mib + overhead_mib,
     )
 
 

@@ -318,3 +318,25 @@ def test_sharing_arithmetic():
     assert est.saved_by_sharing_mib(3) == 28000
     assert est.saved_by_sharing_mib(1) == 0
     assert (est.weight_slices, est.replica_slices) == (14, 4)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    context=st.integers(min_value=1, max_value=32768),
+    batch=st.integers(min_value=1, max_value=64),
+    overhead=st.integers(min_value=0, max_value=2048),
+)
+def test_a_serving_holder_needs_one_sequence_of_a_replica(context, batch, overhead):
+    """A weight-holder that answers requests (one at a time) needs one sequence's KV and activations and
+    the overhead: never more than a replica, exactly a replica's when the replica holds one sequence."""
+    est = estimate_memory(
+        weights_mib=1000, config=LLAMA3_8B, max_context_tokens=context, max_batch=batch, overhead_mib=overhead
+    )
+    one = estimate_memory(
+        weights_mib=1000, config=LLAMA3_8B, max_context_tokens=context, max_batch=1, overhead_mib=overhead
+    )
+    assert est.holder_serving_mib == one.holder_serving_mib == one.per_replica_mib
+    assert est.holder_serving_mib <= est.per_replica_mib
+    # A KV size given for the whole replica is shared out per sequence, rounded up.
+    given_kv = estimate_memory(weights_mib=1000, kv_cache_mib=1001, max_batch=batch, activation_mib=7)
+    assert given_kv.holder_serving_mib == -(-1001 // batch) + 7

@@ -155,15 +155,36 @@ def test_a_model_at_zero_with_keep_warm_always_answers_its_next_request(cluster:
         "beta's replica gone",
     )
     started = time.monotonic()
-    answer = served.completions.create(model="beta", prompt="hello", max_tokens=2, temperature=0)
+    raw = served.completions.with_raw_response.create(
+        model="beta", prompt="hello", max_tokens=2, temperature=0
+    )
     woke_s = time.monotonic() - started
+    answer = raw.parse()
     assert answer.model == "beta" and answer.choices
+    # No replica was ready: the warm holder itself answered (minReplicas 0 with keepWarm), at once.
+    assert raw.headers["x-vnpu-replica"] == holder["metadata"]["name"]
     assert kget(cluster, "infm", "beta", "-n", NS)["spec"]["replicas"] == 1  # the gateway woke it
-    (replica,) = [
-        p
-        for p in live_pods(cluster, NS, api.ROLE_REPLICA)
-        if p["metadata"]["labels"][api.LABEL_MODEL] == "beta"
-    ]
+
+    def beta_replicas() -> list[dict[str, Any]]:
+        return [
+            p
+            for p in live_pods(cluster, NS, api.ROLE_REPLICA)
+            if p["metadata"]["labels"][api.LABEL_MODEL] == "beta" and is_ready(p)
+        ]
+
+    wait_until(lambda: len(beta_replicas()) == 1, 180, "beta's replica back and Ready")
+    (replica,) = beta_replicas()
+    # Once it is, the replica takes the traffic.
+    wait_until(
+        lambda: (
+            served.completions.with_raw_response.create(model="beta", prompt="hi", max_tokens=1).headers[
+                "x-vnpu-replica"
+            ]
+            == replica["metadata"]["name"]
+        ),
+        60,
+        "the replica answering",
+    )
     (still,) = [
         p
         for p in live_pods(cluster, NS, api.ROLE_WEIGHTS)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
@@ -117,10 +118,32 @@ def test_watch_objects_parse_into_routes() -> None:
             {"addresses": ["10.0.0.4"]},  # unset readiness means ready
         ],
     }
-    key, endpoints = parse_slice(slice_)
-    assert key == ModelKey("ns", "chat")
-    assert endpoints == (Endpoint("10.0.0.1", 8000, "chat-0"), Endpoint("10.0.0.4", 8000))
+    parsed = parse_slice(slice_)
+    assert parsed.key == ModelKey("ns", "chat") and not parsed.warm
+    assert parsed.endpoints == (Endpoint("10.0.0.1", 8000, "chat-0"), Endpoint("10.0.0.4", 8000))
     assert parse_slice({"metadata": {"name": "other", "labels": {}}}) is None
+    warm_labels = {api.LABEL_MODEL: "chat", api.LABEL_ROLE: api.ROLE_WEIGHTS}
+    assert parse_slice({**slice_, "metadata": {**slice_["metadata"], "labels": warm_labels}}).warm
+
+
+@pytest.mark.parametrize(
+    ("scaling", "serves"),
+    [
+        ({"minReplicas": 0}, True),  # keepWarm defaults to Auto
+        ({"minReplicas": 0, "keepWarm": "Always"}, True),
+        ({"minReplicas": 0, "keepWarm": "Never"}, False),
+        ({}, False),  # minReplicas defaults to 1: never at zero
+    ],
+)
+def test_a_models_holders_serve_it_only_while_no_replica_is_ready(scaling, serves) -> None:
+    """The operator and the gateway ask vnpu.api.holder_serves alike; a route's targets are its ready
+    replicas, and its warm holders only while it has none and its spec lets them answer."""
+    info = parse_model({"metadata": {"namespace": "ns", "name": "chat"}, "spec": {"scaling": scaling}})
+    assert info.holder_serves is serves
+    replica, holder = Endpoint("10.0.0.1", 8000, "chat-0"), Endpoint("10.0.0.9", 8000, "holder")
+    route = Route(ModelKey("ns", "chat"), "chat", 0, 0, warm=(holder,), holder_serves=serves)
+    assert route.targets == ((holder,) if serves else ())
+    assert replace(route, endpoints=(replica,)).targets == (replica,)
 
 
 def test_activity_annotations_add_and_keep_the_latest_time() -> None:

@@ -191,17 +191,23 @@ def model(namespace: str, name: str, model_name: str, replicas: int = 1, **spec:
     }
 
 
-def endpoint_slice(namespace: str, model_name: str, replicas: list[Any]) -> dict[str, Any]:
-    """What the EndpointSlice controller writes for a model's Service: ready endpoints on port http
-    (the replicas here listen on ports of their own, so each gets a slice of its own)."""
+def endpoint_slice(
+    namespace: str, model_name: str, replicas: list[Any], warm: bool = False
+) -> dict[str, Any]:
+    """What the EndpointSlice controller writes for a model's Service (``warm``: its warm Service, the
+    share group's serving weight-holders): ready endpoints on port http (the replicas here listen on
+    ports of their own, so each gets a slice of its own)."""
     assert len({r.port for r in replicas}) == 1
+    labels = {api.LABEL_MODEL: model_name, "kubernetes.io/service-name": model_name}
+    if warm:
+        labels |= {api.LABEL_ROLE: api.ROLE_WEIGHTS, "kubernetes.io/service-name": f"{model_name}-warm"}
     return {
         "apiVersion": "discovery.k8s.io/v1",
         "kind": "EndpointSlice",
         "metadata": {
             "name": f"{model_name}-{uuid.uuid4().hex[:5]}",
             "namespace": namespace,
-            "labels": {api.LABEL_MODEL: model_name, "kubernetes.io/service-name": model_name},
+            "labels": labels,
         },
         "addressType": "IPv4",
         "ports": [{"name": "http", "port": replicas[0].port if replicas else 1, "protocol": "TCP"}],
@@ -513,5 +519,66 @@ def test_a_wake_that_takes_too_long_is_a_503_with_retry_after(control_plane, nam
             and "became ready within 2 s (waking from zero)" in err.value.body["message"]
         )
         assert err.value.response.headers["Retry-After"] == "5"
+    finally:
+        gw.stop()
+
+
+def test_a_model_at_zero_is_answered_by_its_warm_holder_while_it_wakes(
+    control_plane, namespace, replicas, tmp_path
+) -> None:
+    """keepWarm with minReplicas 0: while no replica is ready, the share group's serving holder (the
+    warm Service's slice) answers at once and the model is woken; once a replica is ready it takes the
+    traffic. A model whose holders may not serve (keepWarm Never) never reaches them, and a holder that
+    fails to answer makes the request wait for a replica instead."""
+    warm_spec = {"scaling": {"minReplicas": 0, "keepWarm": "Always"}}
+    apply(
+        control_plane,
+        model(namespace, "warm", "warm", replicas=0, **warm_spec),
+        model(namespace, "cold", "cold", replicas=1, scaling={"minReplicas": 0, "keepWarm": "Never"}),
+        model(namespace, "flaky", "flaky", replicas=0, **warm_spec),
+        endpoint_slice(namespace, "warm", [replicas["a1"]], warm=True),
+        endpoint_slice(namespace, "cold", [replicas["a2"]], warm=True),
+    )
+    dead = FakeReplicaStub(replicas["c1"].address, next(replicas["c1"].net.ports))
+    apply(control_plane, endpoint_slice(namespace, "flaky", [dead], warm=True))
+    gw = Gateway(control_plane, tmp_path, namespace, extra=("--wake-timeout", "30"))
+    custom = client.CustomObjectsApi(control_plane.api_client())
+
+    def replicas_of(name: str) -> int:
+        obj = custom.get_namespaced_custom_object(api.GROUP, api.VERSION, namespace, api.PLURAL, name)
+        return int(obj["spec"]["replicas"])
+
+    try:
+        oa = gw.client()
+        assert answered_by(oa.completions.create(model="warm", prompt="x")) == "answered by a1"
+        wait_until(lambda: replicas_of("warm") == 1, 30, "the warm model woken all the same")
+        apply(control_plane, endpoint_slice(namespace, "warm", [replicas["b1"]]))
+        wait_until(lambda: ready_endpoints(gw, f"{namespace}/warm") == 1, 30, "its replica ready")
+        assert answered_by(oa.completions.create(model="warm", prompt="x")) == "answered by b1"
+
+        # keepWarm Never: its group's holder is not a place to send it, whatever serves there.
+        result: dict[str, Any] = {}
+        caller = threading.Thread(
+            target=lambda: result.update(answer=answered_by(oa.completions.create(model="cold", prompt="x")))
+        )
+        caller.start()
+        time.sleep(2)
+        assert caller.is_alive() and not replicas["a2"].requests, "held for a replica, not sent to a holder"
+        apply(control_plane, endpoint_slice(namespace, "cold", [replicas["c1"]]))
+        caller.join(30)
+        assert result["answer"] == "answered by c1"
+
+        # A serving holder that does not answer: the request waits for the replica the wake brings.
+        caller = threading.Thread(
+            target=lambda: result.update(flaky=answered_by(oa.completions.create(model="flaky", prompt="x")))
+        )
+        caller.start()
+        wait_until(lambda: replicas_of("flaky") == 1, 30, "the flaky model woken")
+        time.sleep(1)
+        assert caller.is_alive()
+        apply(control_plane, endpoint_slice(namespace, "flaky", [replicas["a2"]]))
+        caller.join(30)
+        assert result["flaky"] == "answered by a2"
+        assert metric(gw, "vnpu_gateway_warm_requests_total") == 1
     finally:
         gw.stop()

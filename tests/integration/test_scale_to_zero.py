@@ -9,6 +9,7 @@ does) lands on the warm holder's device and is not undone before the gateway rep
 from __future__ import annotations
 
 import datetime as dt
+import json
 import time
 
 import test_operator
@@ -18,6 +19,7 @@ from test_operator import GIB, apply, events_of, holder_pods, replica_pods, spec
 from vnpu import api
 from vnpu.cluster.processes import wait_until
 from vnpu.operator.kube import Kube
+from vnpu.operator.services import service_name, warm_service_name
 
 IDLE_S = 30  # the CRD's minimum
 # test_operator's fixtures: its kwok cluster, the operator process, the models claim (autouse).
@@ -55,6 +57,19 @@ def test_idle_models_go_to_zero_keep_warm_decides_and_a_wake_attaches(
     (warm_holder,) = [
         h for h in holder_pods(cluster, namespace) if h.metadata.labels[api.LABEL_SHARE_GROUP] == "warm"
     ]
+    # Its holder answers while it has no replica (--serve, port http) behind a warm Service; keepWarm
+    # Never's holder only holds, and has none.
+    holder_args = {
+        h.metadata.labels[api.LABEL_SHARE_GROUP]: h.spec.containers[0].args
+        for h in holder_pods(cluster, namespace)
+    }
+    assert "--serve" in holder_args["warm"] and "--serve" not in holder_args["cold"]
+    services = {
+        s["metadata"]["name"]: s
+        for s in json.loads(cluster.kubectl("get", "svc", "-n", namespace, "-o", "json").stdout)["items"]
+    }
+    assert services[warm_service_name("warm")]["spec"]["selector"][api.LABEL_SHARE_GROUP] == "warm"
+    assert warm_service_name("cold") not in services and service_name("cold") in services
 
     for name in ("warm", "cold"):
         wait_phase(cluster, namespace, name, "Idle", timeout=IDLE_S + 40)

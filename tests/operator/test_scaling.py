@@ -87,7 +87,7 @@ def _running(m: ObservedModel, nodes: list[Any], others: tuple[ObservedModel, ..
 
 def test_keep_warm_always_keeps_the_holder_and_frees_only_the_replicas() -> None:
     nodes = [node("n1")]
-    pods = _running(model("a", 2), nodes)
+    pods = _running(idle_model(replicas=2, keep_warm="Always"), nodes)
     at_zero = idle_model(replicas=0, keep_warm="Always")
     result = run([at_zero], nodes, pods)
     assert sorted(d.role for d in result.delete) == ["replica", "replica"]
@@ -117,7 +117,8 @@ def test_keep_warm_auto_keeps_the_likeliest_within_the_pool_budget() -> None:
     nodes = [node("n1", devices=2)]  # 32 GiB; 20% = 6.4 GiB: one 4 GiB holder
     busy_spec = {"shareGroup": "busy", "source": {"uri": "file:///busy.gguf"}}
     quiet_spec = {"shareGroup": "quiet", "source": {"uri": "file:///quiet.gguf"}}
-    pods = as_pods(run([model("busy", 1, **busy_spec), model("quiet", 1, **quiet_spec)], nodes).create)
+    running = [idle_model("busy", 1, "Auto", **busy_spec), idle_model("quiet", 1, "Auto", **quiet_spec)]
+    pods = as_pods(run(running, nodes).create)
     history = forecast.DemandState(updated_min=NOW.timestamp() / 60 - 5, total=100, rate=2.0)
     busy = replace(idle_model("busy", 0, "Auto", **busy_spec), status={"demand": history.to_dict()})
     busy = replace(busy, requests_total=110)
@@ -137,7 +138,7 @@ def test_a_waking_model_is_placed_on_its_warm_holders_device_and_attaches() -> N
     nodes = [node("n1", devices=2)]
     filler = model("filler", 1, shareGroup="filler", source={"uri": "file:///filler.gguf"})
     estimates = {("ns", "a"): estimate(), filler.key: estimate(weights=12 * 1024, per_replica=1024)}
-    first = run([model("a", 1), filler], nodes, estimates=estimates)
+    first = run([idle_model(replicas=1), filler], nodes, estimates=estimates)
     pods = as_pods(first.create)
     (holder,) = [p for p in pods if p.role == "weights" and p.model is None and p.share_group != "filler"]
     assert holder.device == "n1-npu1"

@@ -7,13 +7,13 @@ import re
 from dataclasses import replace
 
 import pytest
-from test_planner import NOW, model, node, run
+from test_planner import NOW, estimate, model, node, run
 
 from vnpu import api
 from vnpu.gateway.discovery import PORT_NAME
 from vnpu.operator.planner import Failure
 from vnpu.operator.pods import RUNTIME_PORT_NAME
-from vnpu.operator.services import render_service, service_name
+from vnpu.operator.services import render_service, service_name, warm_service_name
 from vnpu.operator.state import ObservedService, parse_service
 
 DNS1035 = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
@@ -103,3 +103,59 @@ def test_service_names_are_dns_labels_and_distinct(name: str) -> None:
         assert svc == f"vnpu-{name}"
     else:
         assert svc != service_name(name + "x") and svc.startswith("vnpu-")
+
+
+def serving_model(name: str = "chat", keep_warm: str = "Always", **spec):
+    return model(
+        name,
+        replicas=1,
+        scaling={"minReplicas": 0, "keepWarm": keep_warm},
+        memory={"maxContextTokens": 4096, "maxBatch": 8},
+        **spec,
+    )
+
+
+def test_a_model_at_zero_is_answered_by_its_holder_through_a_warm_service() -> None:
+    """minReplicas 0 with keepWarm Always or Auto: the holder runs ``--serve`` (one sequence, the
+    model's context, the http port, a readiness probe), its slices hold that beside the weights, and a
+    warm Service selects the group's holders, labelled for the gateway."""
+    m = serving_model()
+    est = replace(estimate(weights=4096), holder_serving_mib=600)
+    first = run([m], [node("n1", devices=1)], estimates={m.key: est})
+    (holder,) = [p for p in first.create if p["metadata"]["labels"][api.LABEL_ROLE] == api.ROLE_WEIGHTS]
+    (container,) = holder["spec"]["containers"]
+    assert container["args"][:4] == ["vnpu", "runtime", "weights-holder", "--serve"]
+    assert container["ports"] == [{"name": RUNTIME_PORT_NAME, "containerPort": 8000}]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["VNPU_MAX_BATCH"] == "1" and env["VNPU_MAX_CONTEXT"] == "4096"
+    assert holder["metadata"]["annotations"][api.ANNOTATION_SLICES] == "5"  # 4096 + 600 MiB in 1 GiB slices
+    own, warm = sorted(first.create_services, key=lambda i: i.warm)
+    assert (own.name, warm.name) == ("vnpu-chat", warm_service_name("chat"))
+    svc = render_service(warm)
+    assert svc["metadata"]["labels"][api.LABEL_MODEL] == "chat"
+    assert svc["metadata"]["labels"][api.LABEL_ROLE] == api.ROLE_WEIGHTS
+    selector = svc["spec"]["selector"].items()
+    assert [p["metadata"]["name"] for p in first.create if selector <= p["metadata"]["labels"].items()] == [
+        holder["metadata"]["name"]
+    ]
+    assert warm_service_name("chat") not in {service_name(n) for n in ("chat", "chat-warm", "chat.warm")}
+    # Created once: the next pass has both.
+    again = run([m], [node("n1", devices=1)], estimates={m.key: est}, services=created(first))
+    assert again.create_services == []
+
+
+@pytest.mark.parametrize(
+    "scaling",
+    [{"minReplicas": 1}, {"minReplicas": 0, "keepWarm": "Never"}],
+    ids=["never-at-zero", "keep-warm-never"],
+)
+def test_no_serving_holder_for_a_model_that_never_waits_at_zero_on_one(scaling) -> None:
+    m = model("chat", replicas=1, scaling=scaling)
+    est = replace(estimate(weights=4096), holder_serving_mib=600)
+    result = run([m], [node("n1", devices=1)], estimates={m.key: est})
+    (holder,) = [p for p in result.create if p["metadata"]["labels"][api.LABEL_ROLE] == api.ROLE_WEIGHTS]
+    assert "--serve" not in holder["spec"]["containers"][0]["args"]
+    assert "ports" not in holder["spec"]["containers"][0]
+    assert holder["metadata"]["annotations"][api.ANNOTATION_SLICES] == "4"
+    assert [i.name for i in result.create_services] == ["vnpu-chat"]

@@ -247,3 +247,61 @@ def _generating(proc: Proc) -> bool:
     except OSError:
         return False
     return "vnpu_runtime_requests_running 1.0" in text
+
+
+def test_a_serving_holder_answers_for_any_model_of_its_group_and_still_shares(
+    cluster: Cluster, standalone: dict[str, Any]
+) -> None:
+    """``weights-holder --serve`` (a model that may scale to zero and keeps its holder): the holder itself
+    answers, under whichever name of its share group the gateway forwards, with the tokens a replica
+    gives, while replicas still attach to its weights. Its own group and socket: the module's holder
+    is another process."""
+    sharing = cluster.sharing()
+    sharing[sharing.index("--share-group") + 1] = "serving-holder"
+    port = free_port()
+    holder = cluster.spawn(
+        "serving-holder",
+        "weights-holder",
+        "--serve",
+        *("--model", str(cluster.model), "--max-context", str(CONTEXT), "--max-batch", "1"),
+        *sharing,
+        port=port,
+    )
+    wait_for(lambda: '"event": "ready"' in holder.log.read_text(), holder, 180)
+    assert ready(holder)  # the HTTP server is up before the socket a readiness probe would see
+    for name in ("chat", "team-a-chat"):
+        status, body = http_json(holder.url + "/v1/completions", {**REQUEST, "model": name})
+        assert status == 200, body
+        assert body["model"] == name
+        assert body["choices"][0]["token_ids"] == standalone["choice"]["token_ids"]
+    replica = cluster.serve("serving-holder-replica", "--model", str(cluster.model), *sharing)
+    try:
+        wait_for(lambda: ready(replica), replica, 240)
+        assert complete(replica)["token_ids"] == standalone["choice"]["token_ids"]
+    finally:
+        replica.stop()
+        holder.stop()
+    assert holder.popen.returncode == 0, holder.log.read_text()[-2000:]
+
+
+def test_a_holder_too_small_to_serve_still_holds(cluster: Cluster) -> None:
+    """A memory limit with room for the weights but not one sequence's KV: the holder logs why it
+    cannot serve and holds (its replicas need the weights more than a warm answer)."""
+    sharing = cluster.sharing()
+    sharing[sharing.index("--share-group") + 1] = "tight-holder"
+    # float32 weights are 514 MiB; one sequence of 8192 tokens needs 360 MiB of KV.
+    holder = cluster.spawn(
+        "tight-holder",
+        "weights-holder",
+        "--serve",
+        *("--model", str(cluster.model), "--max-context", "8192", "--max-batch", "1"),
+        *("--memory-limit-mib", "560"),
+        *sharing,
+        port=free_port(),
+    )
+    try:
+        wait_for(lambda: '"event": "ready"' in holder.log.read_text(), holder, 180)
+        assert "cannot serve; holding only" in holder.log.read_text()
+        assert not ready(holder)
+    finally:
+        holder.stop()
