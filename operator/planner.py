@@ -297,8 +297,18 @@ def plan(
     refs = {key: _ref(m, config) for key, (m, _) in active.items()}
     # (namespace, group) -> its key Secret's uid, when the Secret exists and is not going away
     key_uid = {(x.namespace, x.share_group): x.uid for x in secrets if not x.terminating}
+    group_of = {
+        key: _group_key(m.namespace, m.spec.share_group, refs[key].weights_id)  # type: ignore[union-attr]
+        for key, (m, _) in active.items()
+    }
+    # Groups whose holders answer requests (vnpu.api.holder_serves): such a holder is another pod, and
+    # its replicas are of another template, so a change rolls them onto it instead of pulling the
+    # holder they map from under them.
+    serving_groups = {group_of[key] for key, (m, _) in active.items() if m.spec and m.spec.holder_serves}
     templates = {
-        key: m.spec.template_hash + _key_generation(key_uid, refs[key])  # type: ignore[union-attr]
+        key: m.spec.template_hash  # type: ignore[union-attr]
+        + _key_generation(key_uid, refs[key])
+        + ("/serving-holder" if group_of[key] in serving_groups else "")
         for key, (m, _) in active.items()
     }
     pods_by_name = {(p.namespace, p.name): p for p in ours}
@@ -346,11 +356,6 @@ def plan(
 
     # Scale to zero, keep-warm and wake (vnpu.operator.scaling): a group with no replicas keeps one
     # holder when warm; a waking model is offered the device of its group's holder first.
-    group_of = {
-        key: _group_key(m.namespace, m.spec.share_group, refs[key].weights_id)  # type: ignore[union-attr]
-        for key, (m, _) in active.items()
-    }
-    serving_groups = {group_of[key] for key, (m, _) in active.items() if m.spec and m.spec.holder_serves}
     holders_of = _current_holders(ours, active, refs, group_of, key_uid, lost_nodes, serving_groups)
     activities = {key: scaling.activity(m, now) for key, (m, _) in active.items()}
     demand_of = {key: scaling.demand(m, now) for key, (m, _) in active.items()}

@@ -7,7 +7,7 @@ import re
 from dataclasses import replace
 
 import pytest
-from test_planner import NOW, estimate, model, node, run
+from test_planner import NOW, as_pods, estimate, model, node, run
 
 from vnpu import api
 from vnpu.gateway.discovery import PORT_NAME
@@ -159,3 +159,27 @@ def test_no_serving_holder_for_a_model_that_never_waits_at_zero_on_one(scaling) 
     assert "ports" not in holder["spec"]["containers"][0]
     assert holder["metadata"]["annotations"][api.ANNOTATION_SLICES] == "4"
     assert [i.name for i in result.create_services] == ["vnpu-chat"]
+
+
+def test_turning_on_a_serving_holder_rolls_the_replicas_onto_it_without_pulling_the_old_one() -> None:
+    """keepWarm Never -> Always on a running model: the serving holder is a new pod, so its replicas are
+    of a new template and roll onto it (surge first), while the old replica keeps the holder it maps."""
+    never = model("chat", replicas=1, scaling={"minReplicas": 0, "keepWarm": "Never"})
+    nodes = [node("n1", devices=1)]
+    pods = as_pods(run([never], nodes).create)
+    (old_holder,) = [p for p in pods if p.role == api.ROLE_WEIGHTS]
+    (old_replica,) = [p for p in pods if p.role == api.ROLE_REPLICA]
+    always = replace(serving_model(), generation=2)
+    rolled = run([always], nodes, pods)
+    created = {p["metadata"]["labels"][api.LABEL_ROLE]: p for p in rolled.create}
+    assert set(created) == {api.ROLE_WEIGHTS, api.ROLE_REPLICA}
+    assert "--serve" in created[api.ROLE_WEIGHTS]["spec"]["containers"][0]["args"]
+    new_holder = created[api.ROLE_WEIGHTS]["metadata"]["name"]
+    assert created[api.ROLE_REPLICA]["metadata"]["annotations"][api.ANNOTATION_WEIGHT_HOLDER] == new_holder
+    assert rolled.delete == [], "nothing goes before the new replica is Ready"
+    # Once it is, the old replica goes, and then its holder.
+    pods = [*pods, *as_pods(rolled.create)]
+    done = run([always], nodes, pods)
+    assert {d.name for d in done.delete} == {old_replica.name}
+    pods = [p for p in pods if p.name != old_replica.name]
+    assert {d.name for d in run([always], nodes, pods).delete} == {old_holder.name}
