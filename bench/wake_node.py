@@ -81,7 +81,7 @@ class PodPhases:
         self._core = client.CoreV1Api(api_client)  # a client of its own: it polls from its own thread
         self.errors = 0
         self._selector = f"{api.LABEL_ROLE}={role}"
-        self._old = {p.metadata.name for p in self._pods()}
+        self._old = {p.metadata.uid for p in self._pods()}  # a re-created pod has its old name
         self.started, self.seen = started, {}  # type: ignore[var-annotated]
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -93,7 +93,7 @@ class PodPhases:
     def _run(self) -> None:
         while not self._stop.wait(0.1):
             try:
-                pods = [p for p in self._pods() if p.metadata.name not in self._old]
+                pods = [p for p in self._pods() if p.metadata.uid not in self._old]
             except Exception as exc:  # an API hiccup costs one sample, not the row
                 self.errors += 1
                 if self.errors == 1:
@@ -204,8 +204,8 @@ def measure_wake(out: Path, rounds: int = 2) -> dict[str, Any]:
                 if first is None and chunk.choices and chunk.choices[0].text:
                     first = time.monotonic() - started
             total = time.monotonic() - started
-            phases = replica.stop(wait_ready_s=300)
-            holder_ready = holder.stop(wait_ready_s=300).get("ready_s") if holder is not None else None
+            phases = replica.stop(wait_ready_s=120)
+            holder_ready = holder.stop(wait_ready_s=120).get("ready_s") if holder is not None else None
             rows.append(
                 {
                     "round": i // 2 + 1,
