@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--seed", type=int, default=11)
     parser.add_argument(
-        "--rounds", type=int, default=2, help="warm and cold wakes each (section real; default %(default)s)"
+        "--rounds", type=int, default=3, help="warm and cold wakes each (section real; default %(default)s)"
     )
     parser.add_argument("--out", type=Path, default=None, help="output folder (default bench/results)")
     args = parser.parse_args(argv)

@@ -117,7 +117,7 @@ class PodPhases:
         return dict(self.seen)
 
 
-def measure_wake(out: Path, rounds: int = 2) -> dict[str, Any]:
+def measure_wake(out: Path, rounds: int = 3) -> dict[str, Any]:
     """Start a real node, run ``rounds`` warm and ``rounds`` cold wakes, return rows and a table."""
     import openai
 
@@ -223,15 +223,27 @@ def measure_wake(out: Path, rounds: int = 2) -> dict[str, Any]:
         warm = sorted(r["ttft_s"] for r in rows if r["wake"] == "warm")
         cold = sorted(r["ttft_s"] for r in rows if r["wake"] == "cold")
         ratio = round(percentile(cold, 50) / percentile(warm, 50), 2)
-        goal_met = ratio >= 5.0
+        # The goal is judged on the worst pair, the slowest warm wake against the fastest cold one: with a
+        # few rounds a median hides the round where the woken replica's start slowed the holder's answer.
+        worst = round(min(cold) / max(warm), 2)
+        goal_met = worst >= 5.0
         table = (
             markdown_table(rows, "Wake on the real node: time to first token of the request that woke it")
-            + f"\nMedian TTFT warm {percentile(warm, 50)} s, cold {percentile(cold, 50)} s: cold / warm = "
-            f"{ratio} (goal >= 5: **{'met' if goal_met else 'NOT met'}**). SmolLM2-135M float32 (514 MiB) on "
-            "a real kubelet (containerd); absolute seconds hold for this machine only. The phase columns are "
-            "seconds from the request until the new replica pod exists (the operator has written it), its "
-            "container runs, the new holder (cold) and the replica are Ready.\n"
+            + f"\nTTFT warm {', '.join(map(str, warm))} s, cold {', '.join(map(str, cold))} s: cold / warm = "
+            f"{ratio} at the medians, {worst} for the slowest warm wake against the fastest cold one "
+            f"(goal >= 5: **{'met' if goal_met else 'NOT met'}**). Warm, the kept holder answers while the "
+            "replica it woke starts (on these 2 CPUs, beside it); cold, the request waits for the holder's "
+            "load and the replica. SmolLM2-135M float32 (514 MiB) on a real kubelet (containerd); absolute "
+            "seconds hold for this machine only. The phase columns are seconds from the request until the "
+            "new replica pod exists (the operator has written it), its container runs, the new holder "
+            "(cold) and the replica are Ready.\n"
         )
-        return {"rows": rows, "cold_over_warm_ttft_p50": ratio, "goal_met": goal_met, "table": table}
+        return {
+            "rows": rows,
+            "cold_over_warm_ttft_p50": ratio,
+            "cold_over_warm_ttft_worst": worst,
+            "goal_met": goal_met,
+            "table": table,
+        }
     finally:
         cluster.stop()
