@@ -185,12 +185,13 @@ def measure_wake(out: Path, rounds: int = 3) -> dict[str, Any]:
                 assert pods(api.ROLE_WEIGHTS), "keepWarm Always lost its holder"
 
                 def serving_holder_ready() -> bool:
-                    def ready(p: dict[str, Any]) -> bool:
-                        conditions = p.get("status", {}).get("conditions") or []
-                        return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
-
-                    holders = pods(api.ROLE_WEIGHTS)
-                    return any("--serve" in p["spec"]["containers"][0]["args"] and ready(p) for p in holders)
+                    """A serving holder has said it is ready (its HTTP server is up before that)."""
+                    for p in pods(api.ROLE_WEIGHTS):
+                        if "--serve" in p["spec"]["containers"][0]["args"]:
+                            logs = cp.kubectl("logs", "-n", NS, p["metadata"]["name"], check=False).stdout
+                            if '"event": "ready"' in logs:
+                                return True
+                    return False
 
                 wait_until(serving_holder_ready, 300, "the kept holder serving", interval=0.5)
             started = time.monotonic()

@@ -465,7 +465,9 @@ def _holder_pod(intent: PodIntent, config: OperatorConfig) -> dict[str, Any]:
 def _holder_serving(env: list[dict[str, Any]], serving: Sequence[ModelRef]) -> dict[str, Any]:
     """What a holder that answers requests adds (``weights-holder --serve``): the HTTP port the warm
     Service selects, one sequence at a time (the memory its slices hold for it), at the longest context
-    of the models it answers for, and a readiness probe on the server, which starts before the socket."""
+    of the models it answers for. No readiness probe on it: a holder is Ready when it holds, and its
+    replicas' readiness counts on that even where it cannot serve; until its server answers (while it
+    loads, or never when too small to serve) the gateway finds the port closed and waits for a replica."""
     port = serving[0].spec.runtime.port
     contexts = [o.spec.memory.max_context_tokens for o in serving if o.spec.memory.max_context_tokens]
     replaced = {"VNPU_MAX_BATCH", "VNPU_MAX_CONTEXT", "VNPU_PORT"}
@@ -478,7 +480,6 @@ def _holder_serving(env: list[dict[str, Any]], serving: Sequence[ModelRef]) -> d
         "args": ["vnpu", "runtime", "weights-holder", "--serve", "--host", "0.0.0.0", "--port", str(port)],
         "env": env,
         "ports": [{"name": RUNTIME_PORT_NAME, "containerPort": port}],
-        "readinessProbe": {"httpGet": {"path": "/readyz", "port": RUNTIME_PORT_NAME}, "periodSeconds": 1},
     }
 
 

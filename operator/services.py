@@ -130,7 +130,7 @@ def _plan_one(
         what = (
             "no warm Service (a request at zero replicas waits for one)"
             if warm
-            else ("no Service (the gateway cannot route to it)")
+            else "no Service (the gateway cannot route to it)"
         )
         return ServiceView(
             problem=(

@@ -431,7 +431,7 @@ def cmd_weights_holder(args: argparse.Namespace) -> int:
 def _hold_and_serve(args: argparse.Namespace, holder: Any, weights: Any) -> int:
     """``weights-holder --serve``: the HTTP server over the held weights (the engine on this thread,
     as ``serve``), its KV cache within the holder's memory limit beside the weights. The server is up
-    before the socket is bound, so whatever the readiness probe sees serving also answers HTTP."""
+    before the socket is bound: a holder that says it is ready also answers HTTP."""
     from vnpu.runtime.engine import ModelRuntime, apply_device_memory_limit
     from vnpu.runtime.server import SHUTDOWN_TIMEOUT_S, HttpServerThread, make_app
 

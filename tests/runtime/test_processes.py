@@ -268,7 +268,7 @@ def test_a_serving_holder_answers_for_any_model_of_its_group_and_still_shares(
         port=port,
     )
     wait_for(lambda: '"event": "ready"' in holder.log.read_text(), holder, 180)
-    assert ready(holder)  # the HTTP server is up before the socket a readiness probe would see
+    assert ready(holder)  # the HTTP server is up before the socket is bound and "ready" is said
     for name in ("chat", "team-a-chat"):
         status, body = http_json(holder.url + "/v1/completions", {**REQUEST, "model": name})
         assert status == 200, body
