@@ -340,7 +340,8 @@ def test_each_model_has_a_service_that_comes_back_and_never_takes_someone_elses(
             namespace, label_selector=api.LABEL_MODEL
         )
         found = [parse_slice(client.ApiClient().sanitize_for_serialization(x)) for x in slices.items]
-        pods = {e.pod for key, eps in filter(None, found) if key == ModelKey(namespace, "chat") for e in eps}
+        of_chat = [s for s in found if s is not None and s.key == ModelKey(namespace, "chat") and not s.warm]
+        pods = {e.pod for s in of_chat for e in s.endpoints}
         return pods == replicas
 
     wait_until(routable, 60, "the gateway's view of chat: both replicas ready on port http")
