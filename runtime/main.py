@@ -30,7 +30,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -429,19 +429,36 @@ def cmd_weights_holder(args: argparse.Namespace) -> int:
 
 
 def _hold_and_serve(args: argparse.Namespace, holder: Any, weights: Any) -> int:
-    """``weights-holder --serve``: the HTTP server over the held weights (the engine on this thread,
-    as ``serve``), its KV cache within the holder's memory limit beside the weights. The server is up
-    before the socket is bound: a holder that says it is ready also answers HTTP."""
+    """``weights-holder --serve``: the HTTP server over the held weights, its KV cache within the
+    holder's memory limit beside the weights. The server is up before the socket is bound: a holder
+    that says it is ready also answers HTTP."""
     from vnpu.runtime.engine import ModelRuntime, apply_device_memory_limit
-    from vnpu.runtime.server import SHUTDOWN_TIMEOUT_S, HttpServerThread, make_app
 
     apply_device_memory_limit(args.device, args.memory_limit_mib)
     runtime = ModelRuntime(_serve_options(args), engine_thread=False)  # type: ignore[arg-type]
     runtime.install(weights.manifest, weights.arena, shared=False, seconds=weights.seconds)
+
+    def listening() -> None:
+        holder.start()
+        info = {"event": "ready", "socket": str(holder.socket_path), "port": args.port, **holder.info()}
+        print(json.dumps(info), flush=True)
+
+    try:
+        return _serve_http(args, runtime, listening)
+    finally:
+        holder.stop()
+
+
+def _serve_http(args: argparse.Namespace, runtime: Any, listening: Callable[[], None] = lambda: None) -> int:
+    """The HTTP server on another thread and the model on this (the initial) one (see
+    ModelRuntime.run_engine for why), until SIGTERM or SIGINT; ``listening`` runs once it is up."""
+    from vnpu.runtime.server import SHUTDOWN_TIMEOUT_S, HttpServerThread, make_app
+
     server = HttpServerThread(make_app(runtime), args.host, args.port)
     try:
         server.start()
-        holder.start()
+        log.info("serving", extra={"host": args.host, "port": args.port})
+        listening()
 
         def stop(signum: int, _frame: object) -> None:
             log.info("stopping", extra={"signal": signal.Signals(signum).name})
@@ -449,14 +466,11 @@ def _hold_and_serve(args: argparse.Namespace, holder: Any, weights: Any) -> int:
 
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, stop)
-        info = {"event": "ready", "socket": str(holder.socket_path), "port": args.port, **holder.info()}
-        print(json.dumps(info), flush=True)
         runtime.run_engine()
     finally:
         server.stop_then(lambda: None)
         server.join(SHUTDOWN_TIMEOUT_S + 5)
         runtime.close()
-        holder.stop()
     return 0
 
 
@@ -513,30 +527,12 @@ def _expected(args: argparse.Namespace) -> object:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from vnpu.runtime.server import SHUTDOWN_TIMEOUT_S, HttpServerThread, make_app
-
-    # The model runs on this (the initial) thread and the HTTP server on another: see
-    # ModelRuntime.run_engine for why.
     runtime, supervisor = _runtime(args, engine_thread=False)
-    server = HttpServerThread(make_app(runtime), args.host, args.port)  # type: ignore[arg-type]
     try:
-        server.start()
-        log.info("serving", extra={"host": args.host, "port": args.port})
-
-        def stop(signum: int, _frame: object) -> None:
-            log.info("stopping", extra={"signal": signal.Signals(signum).name})
-            server.stop_then(runtime.close)  # type: ignore[attr-defined]
-
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, stop)
-        runtime.run_engine()  # type: ignore[attr-defined]
+        return _serve_http(args, runtime)
     finally:
-        server.stop_then(lambda: None)
-        server.join(SHUTDOWN_TIMEOUT_S + 5)
-        runtime.close()  # type: ignore[attr-defined]
         if supervisor is not None:
             supervisor.stop()  # type: ignore[attr-defined]
-    return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

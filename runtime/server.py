@@ -110,7 +110,8 @@ async def _read_json(request: web.Request) -> Any:
         raise BadRequest(f"the request body is not valid JSON: {e}") from e
 
 
-def _check_model(runtime: ModelRuntime, model: str | None) -> None:
+def _check_model(runtime: ModelRuntime, model: str | None) -> str:
+    """The name the answer carries: the one asked for where any is served, else the server's own."""
     if model not in (None, runtime.model_name) and not runtime.options.any_model_name:
         raise HTTPError(
             404,
@@ -121,6 +122,7 @@ def _check_model(runtime: ModelRuntime, model: str | None) -> None:
         )
     if not runtime.ready:
         raise _as_http(RuntimeUnavailableError(runtime.unavailable_reason or "not ready"))
+    return model if model and runtime.options.any_model_name else runtime.model_name
 
 
 def _context_error(
@@ -276,7 +278,7 @@ async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
             parse_chat if kind == "chat" else parse_completion
         )
         req = parse(await _read_json(request))
-        _check_model(runtime, req.model)
+        served_name = _check_model(runtime, req.model)
         ids, max_tokens = await asyncio.to_thread(_prepare, runtime, req)
         tokenizer = runtime.tokenizer
         loop = asyncio.get_running_loop()
@@ -292,7 +294,7 @@ async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
             kind=kind,
             id=("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24],
             created=int(time.time()),
-            model=req.model if req.model and runtime.options.any_model_name else runtime.model_name,
+            model=served_name,
             prompt_tokens=len(ids),
             include_usage=req.include_usage,
             return_token_ids=req.return_token_ids,
