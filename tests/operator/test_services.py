@@ -151,7 +151,7 @@ def test_a_model_at_zero_is_answered_by_its_holder_through_a_warm_service() -> N
     [{"minReplicas": 1}, {"minReplicas": 0, "keepWarm": "Never"}],
     ids=["never-at-zero", "keep-warm-never"],
 )
-def test_no_serving_holder_for_a_model_that_never_waits_at_zero_on_one(scaling) -> None:
+def test_no_serving_holder_or_warm_service_unless_min_replicas_0_keeps_its_holder(scaling) -> None:
     m = model("chat", replicas=1, scaling=scaling)
     est = replace(estimate(weights=4096), holder_serving_mib=600)
     result = run([m], [node("n1", devices=1)], estimates={m.key: est})
