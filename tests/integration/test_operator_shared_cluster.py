@@ -215,7 +215,12 @@ def test_capacity_and_status_come_from_what_really_runs(cluster, namespace, kwok
     apply(cluster, namespace, "big", spec(replicas=3, weights_mib=4 * GIB))  # 4 + 3 = 7 > 6 free
     big = wait_phase(cluster, namespace, "big", "CapacityPending")
     assert len(big["status"]["placements"]) == 2, "4 + 2 slices fit next to the squatter's 10, not 3"
-    assert all(p.status.phase == "Running" for p in replica_pods(cluster, namespace, "big"))
+    # Its placed replicas run (kwok starts them a moment after the status says where they go).
+    wait_until(
+        lambda: all(p.status.phase == "Running" for p in replica_pods(cluster, namespace, "big")),
+        30,
+        "big's placed replicas running",
+    )
     cluster.kubectl("delete", "-n", other, "pod", "squatter", "--wait=true")
     wait_phase(cluster, namespace, "big", "Ready")
 
