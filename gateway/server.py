@@ -47,7 +47,8 @@ log = logging.getLogger(__name__)
 
 #: Largest request body forwarded (a prompt of a few hundred thousand tokens fits).
 MAX_BODY = 16 * 1024 * 1024
-#: Headers never forwarded upstream: hop-by-hop ones, and the caller's key (it is for the gateway).
+#: Headers never forwarded upstream: hop-by-hop ones, the caller's key (it is for the gateway), and the
+#: body's framing and encoding (the body forwarded is the one aiohttp read: already decompressed).
 _DROP_REQUEST_HEADERS = {
     "host",
     "authorization",
@@ -59,6 +60,7 @@ _DROP_REQUEST_HEADERS = {
     "upgrade",
     "proxy-authorization",
     "content-length",
+    "content-encoding",
 }
 _DROP_RESPONSE_HEADERS = {"connection", "keep-alive", "transfer-encoding", "content-length", "server", "date"}
 

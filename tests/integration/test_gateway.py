@@ -12,6 +12,7 @@ server refuses loopback addresses in EndpointSlices, as it should. The client is
 from __future__ import annotations
 
 import asyncio
+import gzip
 import hashlib
 import json
 import os
@@ -449,6 +450,19 @@ def test_two_namespaces_one_name_api_keys_and_activity(control_plane, replicas, 
         with pytest.raises(openai.NotFoundError):  # ambiguous: never a guess between tenants
             ops.completions.create(model="smollm2", prompt="x")
         assert answered_by(ops.completions.create(model=f"{ns_b}/smollm2", prompt="x")) == "answered by b1"
+        # A gzip-encoded body is read decompressed, so it is forwarded without its Content-Encoding.
+        gzipped = urllib.request.Request(
+            f"{gw.url}/v1/completions",
+            data=gzip.compress(json.dumps({"model": f"{ns_b}/smollm2", "prompt": "x"}).encode()),
+            headers={
+                "Content-Type": "application/json",
+                "Content-Encoding": "gzip",
+                "Authorization": "Bearer ops-key-12345",
+            },
+        )
+        with urllib.request.urlopen(gzipped, timeout=30) as resp:
+            assert json.load(resp)["choices"][0]["text"] == "answered by b1"
+        assert replicas["b1"].requests[-1]["body"] == {"model": "smollm2", "prompt": "x"}
 
         custom = client.CustomObjectsApi(control_plane.api_client())
 
@@ -459,11 +473,11 @@ def test_two_namespaces_one_name_api_keys_and_activity(control_plane, replicas, 
             return int((notes.get("annotations") or {}).get(api.ANNOTATION_REQUESTS, "0"))
 
         wait_until(
-            lambda: requests_recorded(ns_a) == 1 and requests_recorded(ns_b) == 1, 30, "activity recorded"
+            lambda: requests_recorded(ns_a) == 1 and requests_recorded(ns_b) == 2, 30, "activity recorded"
         )
         for _ in range(3):
             ops.completions.create(model=f"{ns_b}/smollm2", prompt="x")
-        wait_until(lambda: requests_recorded(ns_b) == 4, 30, "activity added")
+        wait_until(lambda: requests_recorded(ns_b) == 5, 30, "activity added")
     finally:
         gw.stop()
 
