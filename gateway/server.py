@@ -230,7 +230,7 @@ class Gateway:
         raw = await request.read()
         try:
             body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):  # (nested too deeply)
             return openai_error(400, "The request body is not valid JSON.", "invalid_request_error")
         model = body.get("model") if isinstance(body, dict) else None
         if not isinstance(model, str) or not model:

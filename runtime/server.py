@@ -108,6 +108,8 @@ async def _read_json(request: web.Request) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise BadRequest(f"the request body is not valid JSON: {e}") from e
+    except RecursionError as e:  # the decoder's own limit on nesting ('[[[[...')
+        raise BadRequest("the request body is not valid JSON: nested too deeply") from e
 
 
 def _check_model(runtime: ModelRuntime, model: str | None) -> str:

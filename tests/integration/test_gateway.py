@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -450,6 +451,15 @@ def test_two_namespaces_one_name_api_keys_and_activity(control_plane, replicas, 
         with pytest.raises(openai.NotFoundError):  # ambiguous: never a guess between tenants
             ops.completions.create(model="smollm2", prompt="x")
         assert answered_by(ops.completions.create(model=f"{ns_b}/smollm2", prompt="x")) == "answered by b1"
+        # A body nested too deeply for the JSON decoder is a 400 like any invalid JSON, never a 500.
+        deep = urllib.request.Request(
+            f"{gw.url}/v1/completions",
+            data=b'{"model": ' + b"[" * 200_000,
+            headers={"Content-Type": "application/json", "Authorization": "Bearer ops-key-12345"},
+        )
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(deep, timeout=30)
+        assert refused.value.code == 400
         # A gzip-encoded body is read decompressed, so it is forwarded without its Content-Encoding.
         gzipped = urllib.request.Request(
             f"{gw.url}/v1/completions",

@@ -369,8 +369,17 @@ def test_bad_input_is_a_400_with_a_message(runtime: ModelRuntime, case: str) -> 
         (b'{"prompt": "hi", "temperature": NaN}', "'temperature' must be a finite number"),
         (b'{"prompt": "hi", "top_p": Infinity}', "'top_p' must be a finite number"),
         (b'{"prompt": "' + b"x" * (9 * 1024 * 1024) + b'"}', "larger than"),
+        (b'{"prompt": ' + b"[" * 200_000, "nested too deeply"),
     ],
-    ids=["latin-1 body", "invalid JSON", "not an object", "NaN temperature", "infinite top_p", "huge body"],
+    ids=[
+        "latin-1 body",
+        "invalid JSON",
+        "not an object",
+        "NaN temperature",
+        "infinite top_p",
+        "huge body",
+        "deep nesting",
+    ],
 )
 def test_bodies_the_client_cannot_send_are_400_too(runtime: ModelRuntime, data: bytes, needle: str) -> None:
     async def scenario(_: AsyncOpenAI, http: TestClient) -> None:
