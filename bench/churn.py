@@ -19,6 +19,12 @@ Where the extra devices go: at the end each plan's used slices are split into we
 share group and device) and replicas, and the free slices left on its used devices; the summary gives,
 against the fresh repack, the extra weight copies and the extra free slices, each in devices' worth.
 
+How far moves could take it: for each plan at the end, ``floor_with_goal_moves_left`` is a lower bound
+on the devices any set of the moves the goal still allows (5% of the replicas, less those made) could
+reach from it, over the fresh repack's devices (see :func:`devices_floor`). When it is above 1.05, no
+move policy applied at the end can meet the goal; only placing fewer weight copies in the first place
+can.
+
 Writes ``churn.json`` (with command, commit and load), ``churn.md`` and ``churn.png`` to ``--out``.
 """
 
@@ -26,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import time
 from dataclasses import replace
@@ -97,6 +104,40 @@ def footprint(result: PackResult, device_slices: int) -> dict[str, int]:
         "replica_slices": replica_slices,
         "free_slices": result.devices_used() * device_slices - weight_slices - replica_slices,
     }
+
+
+def devices_floor(result: PackResult, moves: int, device_slices: int) -> int:
+    """A lower bound on the devices ``result`` could use after at most ``moves`` more moves, whatever
+    they are. A move relocates one replica and its slices go with it, so moves save slices only by
+    emptying weight copies: emptying a copy of ``n`` replicas takes ``n`` moves and saves at most its
+    weight slices, and each share group keeps one copy (its fullest, the dearest to empty). The most
+    that can be saved is bounded by the fractional knapsack over those copies (best slices per move
+    first), and the rest needs at least ``ceil(slices / device_slices)`` devices even packed perfectly.
+    """
+    per_copy: dict[tuple[str, str, str], int] = {}
+    for a in result.assignments:
+        key = (a.share_group, a.node, a.device)
+        per_copy[key] = per_copy.get(key, 0) + 1
+    weights = {(h.share_group, h.node, h.device): h.slices for h in result.weight_holders}
+    fullest: dict[str, tuple[str, str, str]] = {}
+    for key, n in per_copy.items():
+        kept = fullest.get(key[0])
+        if kept is None or (n, key) > (per_copy[kept], kept):
+            fullest[key[0]] = key
+    emptiable = sorted(
+        ((weights.get(key, 0), n) for key, n in per_copy.items() if fullest[key[0]] != key),
+        key=lambda c: c[0] / c[1],
+        reverse=True,
+    )
+    saved, left = 0.0, moves
+    for slices, n in emptiable:
+        if left <= 0:
+            break
+        take = min(1.0, left / n)
+        saved += take * slices
+        left -= n
+    used = result.slices_used()
+    return math.ceil((used - saved) / device_slices)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,6 +229,10 @@ def main(argv: list[str] | None = None) -> int:
             ),
             "extra_free_in_devices": round((mine["free_slices"] - fresh["free_slices"]) / device_slices, 1),
         }
+        moves_left = max(0, math.floor(GOAL_MOVED * replicas_end) - moves[name])
+        summary["floor_with_goal_moves_left"] = round(
+            devices_floor(plans[name], moves_left, device_slices) / last["fresh_devices"], 4
+        )
         summary["goal_ratio_met"] = summary["ratio_at_end"] <= GOAL_RATIO
         summary["goal_moves_met"] = summary["moved_fraction"] <= GOAL_MOVED
         summaries.append(summary)

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import random
 
-from vnpu.bench.churn import main, trace
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vnpu.bench.churn import devices_floor, main, trace
 from vnpu.operator.packing import Demand, Device, Node, Placement, consolidate, pack
 
 
@@ -40,3 +44,46 @@ def test_a_short_run_writes_json_table_and_plot(tmp_path):
     assert abs(split - extra) <= 0.11  # both place every replica: their replica slices are equal
     assert sticky["weight_copies"] >= 1 and sticky["fresh_weight_copies"] >= 1
     assert (out / "churn.png").stat().st_size > 10_000 and (out / "churn.md").exists()
+    assert 0 < sticky["floor_with_goal_moves_left"] <= sticky["ratio_at_end"]
+
+
+def test_the_devices_floor_counts_only_weight_copies_moves_can_empty():
+    nodes = [Node("n", tuple(Device(f"d{i}", 16) for i in range(2)))]
+    demands = [Demand("a", "g", 2, 2 * 1024, 10 * 1024)]
+    # Two copies of one group's 10-slice weights, one 2-slice replica each: 24 slices on 2 devices.
+    plan = pack(nodes, demands, [Placement("a", 0, "n", "d0", 2), Placement("a", 1, "n", "d1", 2)])
+    assert plan.devices_used() == 2 and len(plan.weight_holders) == 2
+    assert devices_floor(plan, 0, 16) == 2
+    assert devices_floor(plan, 1, 16) == 1  # one move empties a copy: 14 slices fit one device
+    assert devices_floor(pack(nodes, demands), 5, 16) == 1  # one copy left: nothing more to empty
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.integers(1, 4), st.integers(1, 6), st.integers(0, 12), st.integers(0, 2)),
+        min_size=1,
+        max_size=6,
+    ),
+    st.integers(0, 2**16),
+)
+def test_no_plan_reached_with_m_moves_beats_the_devices_floor(models, seed):
+    """The floor is a bound: a fresh repack, reached with however many moves it makes, never uses fewer
+    devices than the floor for that many moves from the plan it left."""
+    nodes = [Node(f"n{i}", tuple(Device(f"d{j}", 32) for j in range(4))) for i in range(2)]
+    demands = [
+        Demand(f"m{i}", f"g{group}", replicas, replica_gib * 1024, weight_gib * 1024)
+        for i, (replicas, replica_gib, weight_gib, group) in enumerate(models)
+    ]
+    # A drifted running plan: the demands placed one at a time, in a seeded order.
+    order = random.Random(seed).sample(demands, len(demands))
+    current: list[Placement] = []
+    for i in range(len(order)):
+        current = pack(nodes, order[: i + 1], current).placements()
+    sticky = pack(nodes, demands, current)
+    fresh = pack(nodes, demands, current, defragment=True)
+    if sticky.unplaced or fresh.unplaced:
+        return
+    moves = fresh.moved_from(sticky.placements())
+    assert fresh.devices_used() >= devices_floor(sticky, moves, 32)
+    assert devices_floor(sticky, moves, 32) <= sticky.devices_used()
