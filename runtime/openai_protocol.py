@@ -197,6 +197,18 @@ def _bool(body: Mapping[str, Any], key: str) -> bool:
     return value
 
 
+def _unicode(text: str, what: str, param: str | None) -> str:
+    """``text`` if it is valid Unicode. A JSON ``\\ud800`` escape puts a lone surrogate in a string,
+    which no UTF-8 encoder and no tokenizer accepts: refused here instead of failing deep inside."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise BadRequest(
+            f"{what} is not valid Unicode: a lone surrogate at character {e.start}", param
+        ) from e
+    return text
+
+
 def _check_fields(body: Mapping[str, Any], allowed: set[str]) -> None:
     for key, value in body.items():
         if key in allowed:
@@ -236,6 +248,8 @@ def _sampling(body: Mapping[str, Any], max_tokens_key: str = "max_tokens") -> Sa
         stops = tuple(stop)
     else:
         raise BadRequest(f"'stop' must be a string or a list of up to {MAX_STOP} strings", "stop")
+    for s in stops:
+        _unicode(s, "'stop'", "stop")
     n = body.get("n")
     if n is not None and (isinstance(n, bool) or n != 1):
         raise BadRequest(f"only 'n': 1 is supported, got {n!r}", "n")
@@ -266,6 +280,8 @@ def _model(body: Mapping[str, Any]) -> str | None:
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise BadRequest("'model' must be a string", "model")
+    if model is not None:
+        _unicode(model, "'model'", "model")
     return model or None
 
 
@@ -290,7 +306,7 @@ def parse_completion(raw: Any) -> CompletionRequest:
     if isinstance(prompt, list) and len(prompt) == 1 and (isinstance(prompt[0], str) or _is_ids(prompt[0])):
         prompt = prompt[0]  # one prompt in a list (strings or token ids)
     if isinstance(prompt, str):
-        parsed: str | tuple[int, ...] = prompt
+        parsed: str | tuple[int, ...] = _unicode(prompt, "'prompt'", "prompt")
     elif _is_ids(prompt):
         parsed = tuple(prompt)
     else:
@@ -345,9 +361,12 @@ def _message(raw: Any, index: int) -> ChatMessage:
         content = "\n".join(texts)
     if not isinstance(content, str):
         raise BadRequest(f"{where}.content must be a string or a list of text parts", "messages")
+    _unicode(content, f"{where}.content", "messages")
     name = raw.get("name")
     if name is not None and not isinstance(name, str):
         raise BadRequest(f"{where}.name must be a string", "messages")
+    if name is not None:
+        _unicode(name, f"{where}.name", "messages")
     return ChatMessage(role, content, name)
 
 

@@ -370,6 +370,7 @@ def test_bad_input_is_a_400_with_a_message(runtime: ModelRuntime, case: str) -> 
         (b'{"prompt": "hi", "top_p": Infinity}', "'top_p' must be a finite number"),
         (b'{"prompt": "' + b"x" * (9 * 1024 * 1024) + b'"}', "larger than"),
         (b'{"prompt": ' + b"[" * 200_000, "nested too deeply"),
+        (b'{"prompt": "\\ud800x", "max_tokens": 2}', "'prompt' is not valid Unicode: a lone surrogate"),
     ],
     ids=[
         "latin-1 body",
@@ -379,6 +380,7 @@ def test_bad_input_is_a_400_with_a_message(runtime: ModelRuntime, case: str) -> 
         "infinite top_p",
         "huge body",
         "deep nesting",
+        "lone surrogate",
     ],
 )
 def test_bodies_the_client_cannot_send_are_400_too(runtime: ModelRuntime, data: bytes, needle: str) -> None:
@@ -389,6 +391,40 @@ def test_bodies_the_client_cannot_send_are_400_too(runtime: ModelRuntime, data: 
             error = (await response.json())["error"]
             assert needle in error["message"] or path.endswith("chat/completions"), error
             assert error["type"] == "invalid_request_error"
+
+    serve(runtime, scenario)
+
+
+@pytest.mark.parametrize(
+    ("fields", "needle"),
+    [
+        (
+            '"messages": [{"role": "user", "content": "a\\udfffb"}]',
+            "messages[0].content is not valid Unicode",
+        ),
+        (
+            '"messages": [{"role": "user", "content": [{"type": "text", "text": "\\ud800"}]}]',
+            "messages[0].content",
+        ),
+        ('"messages": [{"role": "user", "content": "hi", "name": "\\ud800"}]', "messages[0].name"),
+        ('"messages": [{"role": "user", "content": "hi"}], "stop": ["\\ud800"]', "'stop' is not valid"),
+        ('"messages": [{"role": "user", "content": "hi"}], "model": "\\ud800"', "'model' is not valid"),
+    ],
+    ids=["content", "content part", "name", "stop", "model"],
+)
+def test_a_lone_surrogate_anywhere_in_a_chat_is_a_400(
+    runtime: ModelRuntime, fields: str, needle: str
+) -> None:
+    """JSON escapes can carry what UTF-8 cannot: the tokenizer used to fail on it with a 500."""
+
+    async def scenario(_: AsyncOpenAI, http: TestClient) -> None:
+        data = ('{"max_tokens": 2, ' + fields + "}").encode()
+        response = await http.post(
+            "/v1/chat/completions", data=data, headers={"Content-Type": "application/json"}
+        )
+        assert response.status == 400
+        error = (await response.json())["error"]
+        assert needle in error["message"] and "lone surrogate" in error["message"], error
 
     serve(runtime, scenario)
 
