@@ -33,10 +33,13 @@ class OperatorConfig:
     node_grace_seconds: int = 300
     #: Where hf:// sources are looked up to size them (an HF hub cache or mirror); None: not sizable.
     model_cache_dir: str | None = None
-    #: Retry a failing model's writes after this many seconds, doubling up to ``max_backoff_seconds``.
+    #: The only directories whose file:// sources are read to size them (none: a tenant's spec must
+    #: not make the operator read its own files; such models declare their sizes instead).
+    model_file_roots: tuple[str, ...] = field(default_factory=tuple)
     #: Node label naming a node's pool: keep-warm budgets are per pool (nodes without it: "default").
     pool_label: str = "vnpu.io/pool"
     #: Fraction of a pool's device memory that holders of models at 0 replicas may keep (keepWarm Auto).
     keep_warm_fraction: float = 0.2
+    #: Retry a failing model's writes after this many seconds, doubling up to ``max_backoff_seconds``.
     backoff_seconds: float = 1.0
     max_backoff_seconds: float = 300.0

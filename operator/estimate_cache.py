@@ -30,10 +30,12 @@ class EstimateCache:
     def __init__(
         self,
         cache_dir: str | None = None,
+        file_roots: tuple[str, ...] = (),
         clock: Callable[[], float] = time.monotonic,
         estimate: Callable[..., MemoryEstimate] = estimate_from_spec,
     ) -> None:
         self.cache_dir = cache_dir
+        self.file_roots = file_roots
         self._clock = clock
         self._estimate = estimate
         self._ok: dict[tuple[str, int], MemoryEstimate] = {}
@@ -48,7 +50,7 @@ class EstimateCache:
         if failed is not None and self._clock() < failed.retry_at:
             return failed.error
         try:
-            estimate = self._estimate(model.raw_spec, cache_dir=self.cache_dir)
+            estimate = self._estimate(model.raw_spec, cache_dir=self.cache_dir, file_roots=self.file_roots)
         except EstimateError as exc:
             error = exc
         except OSError as exc:

@@ -97,6 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="local HF hub cache or mirror where hf:// sources are found to size them",
     )
     p.add_argument(
+        "--model-file-root",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a directory whose file:// sources the operator may read to size models (repeatable; "
+        "default none: a file:// model declares spec.weights.sizeMiB and its KV size or modelConfig, "
+        "so no tenant's spec can make the operator read a file of its own)",
+    )
+    p.add_argument(
         "--pool-label",
         default="vnpu.io/pool",
         help="node label naming a node's pool; keep-warm budgets are per pool (default %(default)s; "
@@ -220,6 +229,7 @@ def main(argv: list[str]) -> int:
         defragment=args.defragment,
         node_grace_seconds=args.node_grace_seconds,
         model_cache_dir=args.model_cache_dir,
+        model_file_roots=tuple(args.model_file_root),
         pool_label=args.pool_label,
         keep_warm_fraction=args.keep_warm_fraction,
     )

@@ -65,7 +65,7 @@ class Reconciler:
         self._passes = 0
         self._last_ok: float | None = None
         self._last_error = ""
-        self._estimates = EstimateCache(config.model_cache_dir)
+        self._estimates = EstimateCache(config.model_cache_dir, config.model_file_roots)
         self._lock = asyncio.Lock()
         self._failures: dict[str, Failure] = {}
         self._secrets: dict[tuple[str, str], ObservedSecret] = {}

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -300,6 +300,7 @@ def estimate_from_spec(
     *,
     slice_mib: int = DEFAULT_SLICE_MIB,
     cache_dir: str | os.PathLike[str] | None = None,
+    file_roots: Sequence[str | os.PathLike[str]] | None = None,
     model_file: ModelFileInfo | None = None,
     overhead_mib: int = 0,
     block_size: int | None = None,
@@ -310,8 +311,10 @@ def estimate_from_spec(
 
     Reads the source's header only when the spec lacks something it gives (``weights.sizeMiB``, the
     config for ``maxContextTokens``/``maxBatch``, the activation default, layer sizes for offload).
-    ``file://`` and plain paths are readable; ``hf://`` is readable inside ``cache_dir`` (an HF hub
-    cache or mirror) when one is configured; ``pvc://`` never is (the operator mounts no claims).
+    ``file://`` and plain paths are readable under ``file_roots`` (anywhere when None: a user's own
+    machine; the operator passes its ``--model-file-root`` directories, none by default, so that a
+    tenant's spec cannot make it read files of its own); ``hf://`` is readable inside ``cache_dir`` (an
+    HF hub cache or mirror) when one is configured; ``pvc://`` never is (the operator mounts no claims).
     An optional ``spec.modelConfig`` (config.json keys: ``num_hidden_layers``, ``num_key_value_heads``,
     ``head_dim``, ...) stands in for the header's config. ``model_file`` passes an already-read header
     (caching is the caller's business). Raises :class:`EstimateError` (a ValueError) naming the field
@@ -361,7 +364,7 @@ def estimate_from_spec(
     ]
     info = model_file
     if info is None and needs_header:
-        info = _read_source_header(uri, source.get("format"), cache_dir, read_header, missing)
+        info = _read_source_header(uri, source.get("format"), cache_dir, file_roots, read_header, missing)
     if config is None and info is not None:
         config = info.config
     assumptions: list[str] = []
@@ -429,20 +432,38 @@ def _unreadable_message(uri: str, missing: list[str]) -> str:
     elif uri.startswith("hf://"):
         where = "hf:// sources are readable only with a local model cache configured for the operator"
     else:
-        where = f"source {uri!r} is not readable by the operator"
+        where = (
+            f"source {uri!r} is not readable by the operator (it reads file:// sources only under the "
+            "directories its --model-file-root names, none by default)"
+        )
     return f"cannot size the model: {where}; set {' and '.join(missing)}"
+
+
+def _inside(path: os.PathLike[str], roots: Sequence[str | os.PathLike[str]]) -> bool:
+    """Is ``path``, symlinks resolved, one of ``roots`` or below one? Decided before anything is
+    opened, so a refusal says nothing about what lies outside."""
+    real = os.path.realpath(path)
+    for root in roots:
+        top = os.path.realpath(root)
+        if real == top or real.startswith(top.rstrip(os.sep) + os.sep):
+            return True
+    return False
 
 
 def _read_source_header(
     uri: str,
     fmt: Any,
     cache_dir: str | os.PathLike[str] | None,
+    file_roots: Sequence[str | os.PathLike[str]] | None,
     read_header: Callable[[str, Any], ModelFileInfo],
     missing: list[str],
 ) -> ModelFileInfo | None:
     """The header of the source, or None when it cannot be read and nothing depends on it (an optional
     refinement such as the activation estimate then falls back to its default)."""
     path = local_source_path(uri, cache_dir) if uri else None
+    roots = [cache_dir] if uri.startswith("hf://") and cache_dir is not None else file_roots
+    if path is not None and roots is not None and not _inside(path, roots):
+        path = None
     if path is None:
         if missing:
             raise EstimateError(_unreadable_message(uri, missing))

@@ -274,6 +274,13 @@ def test_bad_spec_is_refused_and_unreadable_source_fails_clearly(
     assert placed["reason"] == "InvalidSpec" and "sizeMiB" in placed["message"]
     assert not replica_pods(cluster, namespace, "unsized")
     assert "InvalidSpec" in [e.reason for e in events_of(cluster, namespace, "unsized")]
+    # A file:// source points into the operator's own filesystem: it is not read (no --model-file-root
+    # here), so the status tells nothing of the file; before, it quoted its first 8 bytes as a number.
+    apply(cluster, namespace, "snoop", {"modelName": "x", "source": {"uri": "file:///etc/passwd"}})
+    failed = wait_phase(cluster, namespace, "snoop", "Failed")
+    placed = {c["type"]: c for c in failed["status"]["conditions"]}["Placed"]
+    assert placed["reason"] == "InvalidSpec" and "--model-file-root" in placed["message"]
+    assert "header" not in placed["message"] and not any(ch.isdigit() for ch in placed["message"])
 
 
 def test_delete_cleans_up_pods_and_unneeded_holders(cluster, namespace, kwok_nodes, operator) -> None:

@@ -106,7 +106,7 @@ def test_estimate_failures_are_retried_with_backoff_not_cached() -> None:
     now = [0.0]
     calls = []
 
-    def flaky(spec, cache_dir=None):
+    def flaky(spec, cache_dir=None, file_roots=()):
         calls.append(now[0])
         if len(calls) < 3:
             raise OSError("Stale file handle")
@@ -239,3 +239,44 @@ def test_hf_sources_are_sized_from_the_configured_model_cache(tmp_path) -> None:
     assert estimates.get(m).weights_mib == 2  # the header, read from the cache: 512 Ki float32
     without = EstimateCache(None).get(m)
     assert isinstance(without, EstimateError) and "local model cache" in str(without)
+
+
+def test_file_sources_are_read_only_under_the_model_file_roots(tmp_path) -> None:
+    """A tenant's ``file://`` source must not make the operator read (and report bytes of) a file of its
+    own, such as its service-account token: only directories named by --model-file-root are read."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from vnpu.operator.config import OperatorConfig
+    from vnpu.operator.main import build_parser
+    from vnpu.operator.reconciler import Reconciler
+
+    models, secrets = tmp_path / "models", tmp_path / "secrets"
+    models.mkdir()
+    secrets.mkdir()
+    save_file({"w": np.zeros((1024, 512), dtype=np.float32)}, str(models / "m.safetensors"))
+    (secrets / "token").write_text("eyJhbGciOiJSUzI1NiJ9.secret")
+    (models / "escape").symlink_to(secrets / "token")  # a link inside the root to a file outside
+    sized = {"memory": {"kvCacheMiB": 64}}
+    inside = model("in", source={"uri": f"file://{models}/m.safetensors"}, **sized)
+    outside = [
+        model(name, source={"uri": uri}, **sized)
+        for name, uri in (
+            ("token", f"file://{secrets}/token"),
+            ("link", f"file://{models}/escape"),
+            ("absent", f"file://{secrets}/absent"),
+        )
+    ]
+
+    default = Reconciler(OperatorConfig())._estimates
+    assert isinstance(default.get(inside), EstimateError)  # none by default
+    args = build_parser().parse_args(["--model-file-root", str(models)])
+    estimates = Reconciler(OperatorConfig(model_file_roots=tuple(args.model_file_root)))._estimates
+    assert estimates.get(inside).weights_mib == 2  # the header, read under the root
+    messages = set()
+    for m in outside:
+        error = estimates.get(m)
+        assert isinstance(error, EstimateError) and "--model-file-root" in str(error)
+        messages.add(str(error).replace(str(m.raw_spec["source"]["uri"]), "URI"))
+    # The same answer whether the file exists or not, and nothing of what it holds.
+    assert len(messages) == 1 and "eyJ" not in messages.pop()
