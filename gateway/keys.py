@@ -48,7 +48,9 @@ class ApiKey:
 
 
 def _digest(text: str) -> bytes:
-    return hashlib.sha256(text.encode()).digest()
+    """SHA-256 of the key's bytes. aiohttp hands over a header that is not UTF-8 with its bytes kept as
+    surrogate escapes: hashed as those bytes, it matches no key (a 401, never a 500)."""
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).digest()
 
 
 def parse_keys(data: Any) -> tuple[ApiKey, ...]:

@@ -81,7 +81,8 @@ def test_api_keys_are_kept_as_digests_and_match_patterns(tmp_path) -> None:
     assert team_a is not None and team_a.name == "a"
     assert team_a.allows(("team-a/smollm2", "smollm2")) and not team_a.allows(("team-b/x", "x"))
     assert ring.authenticate("Bearer ops-secret-1").name == "ops"
-    for header in (None, "", "Bearer wrong", "Basic team-a-secret", "team-a-secret"):
+    # ("\udcff": a header byte that is not UTF-8, as aiohttp passes it on)
+    for header in (None, "", "Bearer wrong", "Basic team-a-secret", "team-a-secret", "Bearer \udcff\udcfe"):
         assert ring.authenticate(header) is None
     assert all(len(k.digest) == 32 for k in ring._keys)  # no key in the clear in memory
 

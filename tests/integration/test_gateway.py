@@ -440,6 +440,11 @@ def test_two_namespaces_one_name_api_keys_and_activity(control_plane, replicas, 
     try:
         with pytest.raises(openai.AuthenticationError):
             gw.client("wrong").models.list()
+        # A key that is not UTF-8 is just a wrong key: 401, not a 500.
+        with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as raw:
+            raw.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe\r\n"
+                        b"Connection: close\r\n\r\n")  # fmt: skip
+            assert raw.recv(64).startswith(b"HTTP/1.1 401")
         team_a, ops = gw.client("team-a-key-1"), gw.client("ops-key-12345")
         assert [m.id for m in team_a.models.list()] == [f"{ns_a}/smollm2"]  # the bare name is ambiguous
         assert sorted(m.id for m in ops.models.list()) == sorted([f"{ns_a}/smollm2", f"{ns_b}/smollm2"])
