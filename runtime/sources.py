@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from vnpu.modelfile import ModelFileInfo, local_source_path, read_model_file
+from vnpu.modelfile import ModelFileInfo, local_source_path, read_model_file, resolves_within
 
 FORMATS = ("gguf", "safetensors")
 DEFAULT_PVC_ROOT = "/mnt/pvc"
@@ -99,7 +99,7 @@ def local_path(
             raise SourceError(f"{uri!r}: expected pvc://<claim>/<path>")
         base = (Path(pvc_root or os.environ.get("VNPU_PVC_ROOT") or DEFAULT_PVC_ROOT) / claim).resolve()
         target = (base / rel).resolve()
-        if target != base and base not in target.parents:
+        if not resolves_within(target, base):
             raise SourceError(f"{uri!r}: path escapes its volume root {base}")
         return target
     cache = Path(hf_cache) if hf_cache else default_hf_cache()

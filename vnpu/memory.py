@@ -23,7 +23,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from vnpu.api import DEFAULT_SLICE_MIB, slices_for_mib
-from vnpu.modelfile import MIB, ModelConfig, ModelFileInfo, config_from_hf, local_source_path, read_model_file
+from vnpu.modelfile import (
+    MIB,
+    ModelConfig,
+    ModelFileInfo,
+    config_from_hf,
+    local_source_path,
+    read_model_file,
+    resolves_within,
+)
 
 #: Bytes per weight element for the CRD's ``weights.dtype`` values (ggml block types include scales).
 WEIGHT_DTYPE_BYTES: dict[str, float] = {
@@ -439,17 +447,6 @@ def _unreadable_message(uri: str, missing: list[str]) -> str:
     return f"cannot size the model: {where}; set {' and '.join(missing)}"
 
 
-def _inside(path: os.PathLike[str], roots: Sequence[str | os.PathLike[str]]) -> bool:
-    """Is ``path``, symlinks resolved, one of ``roots`` or below one? Decided before anything is
-    opened, so a refusal says nothing about what lies outside."""
-    real = os.path.realpath(path)
-    for root in roots:
-        top = os.path.realpath(root)
-        if real == top or real.startswith(top.rstrip(os.sep) + os.sep):
-            return True
-    return False
-
-
 def _read_source_header(
     uri: str,
     fmt: Any,
@@ -462,8 +459,8 @@ def _read_source_header(
     refinement such as the activation estimate then falls back to its default)."""
     path = local_source_path(uri, cache_dir) if uri else None
     roots = [cache_dir] if uri.startswith("hf://") and cache_dir is not None else file_roots
-    if path is not None and roots is not None and not _inside(path, roots):
-        path = None
+    if path is not None and roots is not None and not any(resolves_within(path, r) for r in roots):
+        path = None  # decided before anything is opened: a refusal says nothing about what lies outside
     if path is None:
         if missing:
             raise EstimateError(_unreadable_message(uri, missing))

@@ -777,6 +777,12 @@ def read_model_file(path: str | os.PathLike[str], fmt: Format | None = None) -> 
 # Source URIs
 
 
+def resolves_within(path: str | os.PathLike[str], root: str | os.PathLike[str]) -> bool:
+    """Is ``path``, symlinks resolved, ``root`` itself or below it (``root`` resolved too)? The one
+    containment rule for model sources: a claim's files in the runtime, the operator's readable roots."""
+    return Path(path).resolve().is_relative_to(Path(root).resolve())
+
+
 def local_source_path(uri: str, cache_dir: str | os.PathLike[str] | None = None) -> Path | None:
     """The local path of a model source, or None when this process cannot read it.
 
