@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 REGISTRY = CollectorRegistry(auto_describe=True)
+#: Labels of the per-model series (see :func:`forget_models`).
+MODEL_LABELS = ("namespace", "model")
+API_ERROR_LABELS = (*MODEL_LABELS, "reason")
 
 RECONCILE_SECONDS = Histogram(
     "vnpu_operator_reconcile_duration_seconds",
@@ -20,13 +25,13 @@ RECONCILE_ERRORS = Counter(
 PLACED_REPLICAS = Gauge(
     "vnpu_operator_placed_replicas",
     "Replicas placed on a device, per model.",
-    ["namespace", "model"],
+    MODEL_LABELS,
     registry=REGISTRY,
 )
 UNPLACED_REPLICAS = Gauge(
     "vnpu_operator_unplaced_replicas",
     "Replicas that fit nowhere, per model.",
-    ["namespace", "model"],
+    MODEL_LABELS,
     registry=REGISTRY,
 )
 UNPLACED_SLICES = Gauge(
@@ -37,7 +42,7 @@ UNPLACED_SLICES = Gauge(
 SAVED_BY_SHARING_MIB = Gauge(
     "vnpu_operator_memory_saved_by_sharing_mib",
     "Device memory saved by mapping one weight copy per device instead of one per replica.",
-    ["namespace", "model"],
+    MODEL_LABELS,
     registry=REGISTRY,
 )
 POD_ACTIONS = Counter(
@@ -56,7 +61,7 @@ API_REQUESTS = Counter(
 API_ERRORS = Counter(
     "vnpu_operator_api_errors_total",
     "Writes the API server refused, per model and reason (Forbidden, Invalid, ...); the model backs off.",
-    ["namespace", "model", "reason"],
+    API_ERROR_LABELS,
     registry=REGISTRY,
 )
 MODELS_IN_BACKOFF = Gauge(
@@ -84,7 +89,7 @@ IS_LEADER = Gauge(
 SCALED_TO_ZERO = Counter(
     "vnpu_operator_scaled_to_zero_total",
     "Idle models the operator scaled to 0 replicas (spec.scaling.minReplicas 0).",
-    ["namespace", "model"],
+    MODEL_LABELS,
     registry=REGISTRY,
 )
 WARM_HOLDERS = Gauge(
@@ -93,3 +98,34 @@ WARM_HOLDERS = Gauge(
     ["pool"],
     registry=REGISTRY,
 )
+
+#: The series labelled by model, with their label names in order: a model's go when the model does.
+PER_MODEL: tuple[tuple[Counter | Gauge, tuple[str, ...]], ...] = (
+    (PLACED_REPLICAS, MODEL_LABELS),
+    (UNPLACED_REPLICAS, MODEL_LABELS),
+    (SAVED_BY_SHARING_MIB, MODEL_LABELS),
+    (API_ERRORS, API_ERROR_LABELS),
+    (SCALED_TO_ZERO, MODEL_LABELS),
+)
+
+
+def forget_models(live: Collection[tuple[str, str]]) -> int:
+    """Remove the series of every model not in ``live`` (namespace, name); returns how many went.
+
+    A labelled child lives until removed: without this a deleted model's gauges would report their
+    last value forever (``sum(vnpu_operator_placed_replicas)`` counting replicas long gone), and a
+    tenant creating and deleting models would grow the operator's memory and the scrape without end.
+    """
+    removed = 0
+    for metric, names in PER_MODEL:
+        children = {
+            tuple(sample.labels[n] for n in names)
+            for family in metric.collect()
+            for sample in family.samples
+            if set(names) <= sample.labels.keys()
+        }
+        for values in children:
+            if (values[0], values[1]) not in live:
+                metric.remove(*values)
+                removed += 1
+    return removed

@@ -267,6 +267,7 @@ class Reconciler:
         self._settle_failures(result, failed, now)
         restatus(result, self._failures, now)
         self._submit_report(result)
+        metrics.forget_models({(m.namespace, m.name) for m in models})
         log.debug(
             "pass over %d models: plan %.2fs, writes %.2fs",
             len(models),

@@ -143,6 +143,10 @@ def test_shared_weights_one_holder_per_device(cluster, namespace, kwok_nodes, op
     for pod in [holder, *replicas]:
         volumes = {v.name: v for v in pod.spec.volumes}
         assert volumes["share-key"].secret.secret_name == secret.metadata.name
+    # A deleted model's series go with it; the other model's stay.
+    cluster.kubectl("delete", "infm", "chat-b", "-n", namespace, "--timeout=60s")
+    wait_until(lambda: 'model="chat-b"' not in operator.metrics(), 30, "chat-b's series removed")
+    assert f'vnpu_operator_placed_replicas{{model="chat",namespace="{namespace}"}} 2.0' in operator.metrics()
 
 
 def test_spread_across_nodes(cluster, namespace, kwok_nodes, operator) -> None:

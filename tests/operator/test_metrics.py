@@ -1,0 +1,35 @@
+"""The operator's per-model series go with their model (a deleted model's gauges must not report its
+last value forever, nor a tenant's create/delete churn grow the scrape without end)."""
+
+from __future__ import annotations
+
+from prometheus_client import generate_latest
+
+from vnpu.operator import metrics
+
+
+def series(model: str) -> list[str]:
+    text = generate_latest(metrics.REGISTRY).decode()
+    return [line for line in text.splitlines() if f'model="{model}"' in line and not line.startswith("#")]
+
+
+def test_forget_models_removes_every_series_of_a_gone_model_and_keeps_the_live() -> None:
+    for name in ("kept", "gone"):
+        metrics.PLACED_REPLICAS.labels("team-a", name).set(2)
+        metrics.UNPLACED_REPLICAS.labels("team-a", name).set(1)
+        metrics.SAVED_BY_SHARING_MIB.labels("team-a", name).set(512)
+        metrics.API_ERRORS.labels("team-a", name, "Forbidden").inc()
+        metrics.API_ERRORS.labels("team-a", name, "Invalid").inc()
+        metrics.SCALED_TO_ZERO.labels("team-a", name).inc()
+    # The same name in another namespace is another model.
+    metrics.PLACED_REPLICAS.labels("team-b", "gone").set(3)
+    kept_before = series("kept")
+
+    removed = metrics.forget_models({("team-a", "kept"), ("team-b", "gone")})
+
+    assert removed == 6
+    assert series("kept") == kept_before
+    assert series("gone") == ['vnpu_operator_placed_replicas{model="gone",namespace="team-b"} 3.0']
+    assert metrics.forget_models({("team-a", "kept"), ("team-b", "gone")}) == 0
+    metrics.forget_models(set())
+    assert series("kept") == series("gone") == []
