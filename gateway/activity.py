@@ -29,10 +29,8 @@ MAX_ATTEMPTS = 4
 
 def merged_activity(annotations: dict[str, str], added: int, last: dt.datetime) -> dict[str, str]:
     """The activity annotations after ``added`` more requests, the latest at ``last`` (pure)."""
-    try:
-        total = int(annotations.get(api.ANNOTATION_REQUESTS, "0"))
-    except ValueError:
-        total = 0  # a garbled counter restarts rather than blocking every update
+    # A garbled counter restarts rather than blocking every update.
+    total = api.parse_count(annotations.get(api.ANNOTATION_REQUESTS)) or 0
     seen = api.parse_time(annotations.get(api.ANNOTATION_LAST_REQUEST))
     latest = max(seen, last) if seen else last
     return {
@@ -112,6 +110,9 @@ class ActivityRecorder:
                         "cannot record activity", extra={"model": f"{namespace}/{name}", "status": exc.status}
                     )
                     return False
+            except Exception:  # anything else is this model's alone: the thread flushes every other model
+                log.exception("cannot record activity", extra={"model": f"{namespace}/{name}"})
+                return False
         return False
 
 

@@ -129,7 +129,7 @@ class Informer(Generic[T]):
         data = json.loads(resp.data)
         fresh: dict[str, T] = {}
         for obj in data.get("items") or []:
-            parsed = self._parse(obj)
+            parsed = self._parse_or_keep(obj)
             if parsed is not None:
                 fresh[parsed[0]] = parsed[1]
         with self._lock:
@@ -172,8 +172,21 @@ class Informer(Generic[T]):
             resp.release_conn()
         return version
 
+    def _parse_or_keep(self, obj: Mapping[str, Any]) -> tuple[str, T] | None:
+        """Parse one object; when the parser raises (input nobody foresaw, or a bug), keep what was
+        known of it. One tenant's object must neither blind the informer to every other (the relist
+        would fail the same way forever) nor look deleted (the operator would delete its pods)."""
+        try:
+            return self._parse(obj)
+        except Exception:
+            key = _key(obj.get("metadata", {}))
+            log.exception("%s informer: cannot parse %s; keeping what was known of it", self.name, key)
+            with self._lock:
+                known = self._store.get(key)
+            return None if known is None else (key, known)
+
     def _apply(self, kind: str | None, obj: Mapping[str, Any]) -> None:
-        parsed = self._parse(obj)
+        parsed = self._parse_or_keep(obj)
         meta = obj.get("metadata", {})
         key = parsed[0] if parsed else _key(meta)
         with self._lock:

@@ -218,7 +218,7 @@ def _int(section: Mapping[str, Any], key: str, where: str, default: int | None =
 def _int_or_percent(value: Any, where: str) -> int | str:
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return value
-    if isinstance(value, str) and value.endswith("%") and value[:-1].isdigit():
+    if isinstance(value, str) and value.endswith("%") and value[:-1].isascii() and value[:-1].isdigit():
         return value
     raise SpecError(f"spec.{where} must be a non-negative integer or a percentage like '25%', got {value!r}")
 

@@ -288,16 +288,9 @@ def parse_model(obj: Mapping[str, Any]) -> ObservedModel:
         spec_error=error,
         raw_spec=raw,
         resource_version=str(meta.get("resourceVersion", "")),
-        requests_total=_non_negative_int(annotations.get(api.ANNOTATION_REQUESTS)),
+        requests_total=api.parse_count(annotations.get(api.ANNOTATION_REQUESTS)),
         last_request=api.parse_time(annotations.get(api.ANNOTATION_LAST_REQUEST)),
     )
-
-
-def _non_negative_int(value: str | None) -> int | None:
-    """An annotation's counter; anything else (absent, garbled) is None, never an error."""
-    if value is None or not value.isdigit():
-        return None
-    return int(value)
 
 
 def parse_secret(obj: Mapping[str, Any]) -> ObservedSecret:

@@ -51,6 +51,8 @@ ANNOTATION_WEIGHTS_MIB = f"{GROUP}/weights-mib"
 #: latest request (RFC 3339).
 ANNOTATION_REQUESTS = f"{GROUP}/requests"
 ANNOTATION_LAST_REQUEST = f"{GROUP}/last-request"
+#: The most digits a counter in an annotation may have (below 2**63, as the gateway writes it).
+MAX_COUNT_DIGITS = 18
 
 #: ``spec.scaling.keepWarm``: whether a model's weight-holders stay while it is scaled to zero.
 KEEP_WARM_ALWAYS, KEEP_WARM_NEVER, KEEP_WARM_AUTO = "Always", "Never", "Auto"
@@ -137,13 +139,25 @@ def format_time(t: dt.datetime) -> str:
     return t.astimezone(dt.UTC).strftime(TIME_FORMAT)
 
 
+def parse_count(value: Any) -> int | None:
+    """A non-negative counter from an annotation; None when absent or anything else (a sign, spaces,
+    non-ASCII digits such as ``²``, more than :data:`MAX_COUNT_DIGITS` digits). Anyone who may edit a
+    model may write its annotations: ``int()`` raises on ``²`` and on 4,301 digits, and a 400-digit
+    count overflows a float rate, and neither may stop a reconcile or a flush."""
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_COUNT_DIGITS:
+        return None
+    return int(value) if value.isascii() and value.isdigit() else None
+
+
 def parse_time(value: Any) -> dt.datetime | None:
-    """An RFC 3339 timestamp (``2026-01-02T03:04:05Z``) as an aware datetime; None when absent or
-    unparsable: anyone may write an annotation, and a bad one must never stop a reconcile or a flush."""
+    """An RFC 3339 timestamp (``2026-01-02T03:04:05Z``) as a UTC datetime (no zone: UTC); None when
+    absent or unparsable: anyone may write an annotation, and a bad one must never stop a reconcile or a
+    flush. A time that is only valid in its own zone (``9999-12-31T23:59:59-23:59`` is in the year 10000
+    in UTC) is None too: it could be compared but never formatted again."""
     if not isinstance(value, str) or not value:
         return None
     try:
         parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
+        return parsed.astimezone(dt.UTC) if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
+    except (ValueError, OverflowError):
         return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)

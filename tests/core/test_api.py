@@ -38,3 +38,59 @@ def test_slices_for_mib_rejects_nonsense() -> None:
         api.slices_for_mib(-1)
     with pytest.raises(ValueError):
         api.slices_for_mib(1, 0)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("0", 0),
+        ("42", 42),
+        ("9" * api.MAX_COUNT_DIGITS, 10**api.MAX_COUNT_DIGITS - 1),
+        ("9" * (api.MAX_COUNT_DIGITS + 1), None),  # a rate from 400 digits overflows a float
+        ("9" * 5000, None),  # int() refuses more than 4,300 digits
+        ("²", None),  # str.isdigit() says yes, int() says no
+        ("١٢", None),  # Arabic-Indic digits: int() takes them, a counter is ASCII
+        ("-1", None),
+        (" 1", None),
+        ("1_000", None),
+        ("", None),
+        (None, None),
+        (12, None),
+    ],
+)
+def test_parse_count_reads_only_plain_counters(value: object, expected: int | None) -> None:
+    assert api.parse_count(value) == expected
+
+
+@given(st.text(max_size=40) | st.integers().map(str))
+def test_parse_count_never_raises_and_stays_in_range(value: str) -> None:
+    n = api.parse_count(value)
+    assert n is None or 0 <= n < 10**api.MAX_COUNT_DIGITS
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("2026-12-01T10:00:00Z", "2026-12-01T10:00:00Z"),
+        ("2026-12-01T11:00:00+01:00", "2026-12-01T10:00:00Z"),
+        ("2026-12-01T10:00:00", "2026-12-01T10:00:00Z"),  # no zone: UTC
+        ("9999-12-31T23:59:59-23:59", None),  # the year 10000 in UTC: could never be formatted again
+        ("0001-01-01T00:00:00+23:59", None),  # the year 0 in UTC
+        ("yesterday", None),
+        ("", None),
+        (None, None),
+    ],
+)
+def test_parse_time_gives_utc_or_none(value: object, expected: str | None) -> None:
+    parsed = api.parse_time(value)
+    assert (None if parsed is None else api.format_time(parsed)) == expected
+
+
+@given(st.datetimes(timezones=st.timezones()).map(lambda t: t.isoformat()) | st.text(max_size=40))
+def test_a_parsed_time_can_always_be_formatted_and_compared(value: str) -> None:
+    import datetime as dt
+
+    parsed = api.parse_time(value)
+    if parsed is not None:
+        assert parsed.tzinfo == dt.UTC
+        api.format_time(max(parsed, dt.datetime.now(dt.UTC)))

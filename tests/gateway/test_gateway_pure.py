@@ -161,6 +161,12 @@ def test_activity_annotations_add_and_keep_the_latest_time() -> None:
     assert naive[api.ANNOTATION_LAST_REQUEST] == "2026-12-01T11:00:00Z"
     junk = merged_activity({api.ANNOTATION_LAST_REQUEST: "yesterday"}, 1, t1)
     assert junk[api.ANNOTATION_LAST_REQUEST] == "2026-12-01T10:00:00Z"
+    # Values anyone who may edit the model can write: a superscript digit and 5,000 digits (int() raises),
+    # a time in the year 10000 once in UTC (formatting raised and ended the flush thread for every model).
+    for hostile in ({api.ANNOTATION_REQUESTS: "²"}, {api.ANNOTATION_REQUESTS: "9" * 5000}):
+        assert merged_activity(hostile, 1, t1)[api.ANNOTATION_REQUESTS] == "1"
+    beyond = merged_activity({api.ANNOTATION_LAST_REQUEST: "9999-12-31T23:59:59-23:59"}, 1, t1)
+    assert beyond[api.ANNOTATION_LAST_REQUEST] == "2026-12-01T10:00:00Z"
 
 
 def test_kv_usage_is_read_from_the_runtime_metrics() -> None:

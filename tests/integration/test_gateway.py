@@ -493,6 +493,16 @@ def test_two_namespaces_one_name_api_keys_and_activity(control_plane, replicas, 
         for _ in range(3):
             ops.completions.create(model=f"{ns_b}/smollm2", prompt="x")
         wait_until(lambda: requests_recorded(ns_b) == 5, 30, "activity added")
+        # Tenant b writes a last-request time that is the year 10000 in UTC on its own model. Formatting
+        # it raised in the flush thread, which died: no activity was recorded again for any model.
+        control_plane.kubectl(
+            "annotate", "--overwrite", "infm", "chat", "-n", ns_b,
+            f"{api.ANNOTATION_LAST_REQUEST}=9999-12-31T23:59:59-23:59",
+        )  # fmt: skip
+        ops.completions.create(model=f"{ns_b}/smollm2", prompt="x")
+        wait_until(lambda: requests_recorded(ns_b) == 6, 30, "activity recorded over the hostile time")
+        team_a.completions.create(model=f"{ns_a}/smollm2", prompt="x")
+        wait_until(lambda: requests_recorded(ns_a) == 2, 30, "the other tenant's activity still recorded")
     finally:
         gw.stop()
 

@@ -250,3 +250,33 @@ def test_capacity_and_status_come_from_what_really_runs(cluster, namespace, kwok
     big = get_model(cluster, namespace, "big")
     assert big["status"]["readyReplicas"] == 0 and big["status"]["phase"] == "Degraded"
     assert "restarted 2 times" in condition(big, "Degraded")["message"]
+
+
+def test_hostile_activity_annotations_never_blind_the_operator(
+    cluster, namespace, kwok_nodes, operator
+) -> None:
+    """The gateway's activity annotations are anyone's to write who may edit the model. A superscript
+    digit or 5,000 digits made the models informer's parse raise, so it relisted and failed forever and
+    no model anywhere was seen to change; 400 digits overflowed the demand forecast and failed every
+    pass. Each is now read as absent: the model stays Ready and a model created after it converges."""
+    kwok_nodes(1, devices=1, device_mib=16 * GIB)
+    apply(cluster, namespace, "hostile", spec(replicas=1, weights_mib=2 * GIB, shareGroup="h"))
+    wait_phase(cluster, namespace, "hostile", "Ready")
+
+    def annotate(key: str, value: str) -> None:
+        cluster.kubectl("annotate", "--overwrite", "infm", "hostile", "-n", namespace, f"{key}={value}")
+
+    annotate(api.ANNOTATION_REQUESTS, "1")  # a baseline the forecast folds the next value into
+    wait_until(
+        lambda: get_model(cluster, namespace, "hostile")["status"].get("demand", {}).get("total") == 1,
+        30,
+        "the counter in the model's demand",
+    )
+    for value in ("9" * 400, "²", "9" * 5000):
+        annotate(api.ANNOTATION_REQUESTS, value)
+    annotate(api.ANNOTATION_LAST_REQUEST, "9999-12-31T23:59:59-23:59")
+    apply(cluster, namespace, "after", spec(replicas=1, weights_mib=2 * GIB, shareGroup="a"))
+    wait_phase(cluster, namespace, "after", "Ready")
+    hostile = get_model(cluster, namespace, "hostile")
+    assert hostile["status"]["phase"] == "Ready" and len(replica_pods(cluster, namespace, "hostile")) == 1
+    assert "vnpu_operator_reconcile_errors_total 0.0" in operator.metrics()

@@ -59,14 +59,14 @@ def device_rows(nodes: Sequence[Mapping[str, Any]], pods: Sequence[Mapping[str, 
         if key not in rows or meta.get("deletionTimestamp"):
             continue
         row = used.setdefault(key, rows[key])
-        slices = int(annotations.get(api.ANNOTATION_SLICES, "0") or 0)
+        slices = api.parse_count(annotations.get(api.ANNOTATION_SLICES)) or 0
         row.used_slices += slices
         group = labels.get(api.LABEL_SHARE_GROUP, "")
         if labels.get(api.LABEL_ROLE) == api.ROLE_WEIGHTS:
             row.weight_slices += slices
             row.holder_slices[group] = slices
-            if annotations.get(api.ANNOTATION_WEIGHTS_MIB, "").isdigit():
-                row.holder_mib[group] = int(annotations[api.ANNOTATION_WEIGHTS_MIB])
+            if (mib := api.parse_count(annotations.get(api.ANNOTATION_WEIGHTS_MIB))) is not None:
+                row.holder_mib[group] = mib
         elif labels.get(api.LABEL_ROLE) == api.ROLE_REPLICA:
             model = labels.get(api.LABEL_MODEL, "?")
             row.replicas[model] = row.replicas.get(model, 0) + 1
