@@ -254,7 +254,7 @@ def parse_pod(obj: Mapping[str, Any], managed: bool = True) -> ObservedPod:
         replica=_int_or_none(labels.get(api.LABEL_REPLICA)),
         node=_pinned_node(spec),
         device=annotations.get(api.ANNOTATION_DEVICE),
-        slices=_int_or_none(annotations.get(api.ANNOTATION_SLICES)) or 0,
+        slices=api.parse_count(annotations.get(api.ANNOTATION_SLICES)) or 0,
         phase=phase,
         ready=conditions.get("Ready") == "True",
         terminating=meta.get("deletionTimestamp") is not None,
