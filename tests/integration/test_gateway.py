@@ -478,6 +478,15 @@ def test_two_namespaces_one_name_api_keys_and_activity(control_plane, replicas, 
         with urllib.request.urlopen(gzipped, timeout=30) as resp:
             assert json.load(resp)["choices"][0]["text"] == "answered by b1"
         assert replicas["b1"].requests[-1]["body"] == {"model": "smollm2", "prompt": "x"}
+        # A gzip bomb (128 MiB of zeros in 128 KiB) is refused once past the body limit, not inflated.
+        bomb = urllib.request.Request(
+            f"{gw.url}/v1/completions",
+            data=gzip.compress(b'{"model": "' + b"0" * (128 << 20), compresslevel=9),
+            headers={"Content-Encoding": "gzip", "Authorization": "Bearer ops-key-12345"},
+        )
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(bomb, timeout=30)
+        assert refused.value.code == 413
 
         custom = client.CustomObjectsApi(control_plane.api_client())
 

@@ -10,6 +10,7 @@ serialise) goes through a plain HTTP client.
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -391,6 +392,20 @@ def test_bodies_the_client_cannot_send_are_400_too(runtime: ModelRuntime, data: 
             error = (await response.json())["error"]
             assert needle in error["message"] or path.endswith("chat/completions"), error
             assert error["type"] == "invalid_request_error"
+
+    serve(runtime, scenario)
+
+
+def test_a_gzip_bomb_is_refused_at_the_body_limit(runtime: ModelRuntime) -> None:
+    """128 MiB of one letter in 128 KiB of gzip: inflated only up to the body limit, then a 400."""
+    bomb = gzip.compress(b'{"prompt": "' + b"x" * (128 << 20), compresslevel=9)
+
+    async def scenario(_: AsyncOpenAI, http: TestClient) -> None:
+        headers = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
+        response = await http.post("/v1/completions", data=bomb, headers=headers)
+        assert response.status == 400
+        assert "larger than" in (await response.json())["error"]["message"]
+        assert (await http.get("/healthz")).status == 200
 
     serve(runtime, scenario)
 
