@@ -82,6 +82,8 @@ class Reconciler:
         self._late_failures: dict[str, tuple[str, str]] = {}
         self._shared_lock = threading.Lock()  # the three above are shared with the reporter's threads
         self._requeue_after: float | None = None
+        #: The models of the last pass, as (namespace, name): the per-model metrics of any that went go.
+        self._models_seen: set[tuple[str, str]] = set()
         #: Services, status patches and Events go out from here (REPORT_CONCURRENCY threads) while the
         #: next pass plans and writes its pods; ``_reported`` lets that pass see the statuses as written.
         self._reports = ReportQueue()
@@ -267,7 +269,10 @@ class Reconciler:
         self._settle_failures(result, failed, now)
         restatus(result, self._failures, now)
         self._submit_report(result)
-        metrics.forget_models({(m.namespace, m.name) for m in models})
+        seen = {(m.namespace, m.name) for m in models}
+        if self._models_seen - seen:  # a model went: its series go too (a scan of every series, so only then)
+            metrics.forget_models(seen)
+        self._models_seen = seen
         log.debug(
             "pass over %d models: plan %.2fs, writes %.2fs",
             len(models),
