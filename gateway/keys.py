@@ -16,7 +16,8 @@ clear (``key``); the gateway keeps only digests and compares them in constant ti
         models: ["*"]
 
 A key that may not call a model gets the same 404 as a model that does not exist: no caller learns
-what other tenants serve.
+what other tenants serve. For the same reason ``/metrics``, which names every model, needs a key whose
+``models`` hold ``*`` (scrape it with that key as the bearer token).
 """
 
 from __future__ import annotations
@@ -41,6 +42,12 @@ class ApiKey:
     name: str
     digest: bytes  #: SHA-256 of the key
     models: tuple[str, ...]
+
+    @property
+    def sees_every_model(self) -> bool:
+        """Whether the key may call every model (its patterns hold ``*``): only such a key may read
+        what names them all."""
+        return "*" in self.models
 
     def allows(self, names: tuple[str, ...]) -> bool:
         """Whether any pattern matches any of the model's names (qualified or bare)."""

@@ -383,7 +383,20 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    body = generate_latest(request.app[GATEWAY_KEY].metrics.registry)
+    """The gateway's metrics. They name every model of every tenant, so with API keys on they need a key
+    that may call every model (a tenant's key would learn what the others serve)."""
+    gw = request.app[GATEWAY_KEY]
+    caller = gw.caller(request)
+    if isinstance(caller, web.Response):
+        return caller
+    if caller is not None and not caller.sees_every_model:
+        return openai_error(
+            403,
+            "The metrics name every tenant's models: read them with a key whose models hold '*'.",
+            "invalid_request_error",
+            "insufficient_permissions",
+        )
+    body = generate_latest(gw.metrics.registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

@@ -446,6 +446,17 @@ def test_two_namespaces_one_name_api_keys_and_activity(control_plane, replicas, 
                         b"Connection: close\r\n\r\n")  # fmt: skip
             assert raw.recv(64).startswith(b"HTTP/1.1 401")
         team_a, ops = gw.client("team-a-key-1"), gw.client("ops-key-12345")
+        # The metrics name every tenant's models: a key that may call them all, or nothing.
+        for key, code in ((None, 401), ("team-a-key-1", 403)):
+            scrape = urllib.request.Request(
+                f"{gw.url}/metrics", headers={"Authorization": f"Bearer {key}"} if key else {}
+            )
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(scrape, timeout=10)
+            assert refused.value.code == code and ns_b not in refused.value.read().decode()
+        ops_scrape = {"Authorization": "Bearer ops-key-12345"}
+        with urllib.request.urlopen(urllib.request.Request(f"{gw.url}/metrics", headers=ops_scrape)) as resp:
+            assert f'model="{ns_b}/smollm2"' in resp.read().decode()
         assert [m.id for m in team_a.models.list()] == [f"{ns_a}/smollm2"]  # the bare name is ambiguous
         assert sorted(m.id for m in ops.models.list()) == sorted([f"{ns_a}/smollm2", f"{ns_b}/smollm2"])
         assert answered_by(team_a.completions.create(model=f"{ns_a}/smollm2", prompt="x")) == "answered by a1"
