@@ -17,12 +17,13 @@ import logging
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from vnpu import api
 from vnpu.gateway.routing import Endpoint, ModelKey, Route, RouteTable
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: The port name of a replica's HTTP server (the operator's pods and Services use it).
 PORT_NAME = "http"
@@ -88,6 +89,23 @@ def parse_slice(obj: Mapping[str, Any]) -> SliceInfo | None:
     return SliceInfo(key, tuple(sorted(set(endpoints), key=str)), warm)
 
 
+def _parse_or_keep(
+    parse: Callable[[Mapping[str, Any]], T | None], obj: Mapping[str, Any], known: T | None
+) -> T | None:
+    """``parse(obj)``; when it raises (an object stored under an older, looser CRD schema is not
+    validated again until it is written, or a bug), log it and keep ``known``, what was known of the
+    object. One object must neither keep the gateway from syncing (a relist would fail the same way
+    forever) nor drop a route that serves."""
+    try:
+        return parse(obj)
+    except Exception:
+        meta = obj.get("metadata") or {}
+        log.exception(
+            "cannot parse %s/%s; keeping what was known of it", meta.get("namespace"), meta.get("name")
+        )
+        return known
+
+
 class Discovery:
     """The route table, kept current by watches; ``changed`` fires (on the loop) after every change."""
 
@@ -134,10 +152,10 @@ class Discovery:
         self.changed = asyncio.Event()  # waiters hold the old event; the next change sets a new one
 
     def apply_model(self, kind: str, obj: Mapping[str, Any]) -> None:
-        info = parse_model(obj) if kind != "DELETED" else None
         meta = obj.get("metadata", {})
         key = ModelKey(str(meta.get("namespace", "")), str(meta.get("name", "")))
         with self._lock:
+            info = _parse_or_keep(parse_model, obj, self._models.get(key)) if kind != "DELETED" else None
             if info is None:
                 self._models.pop(key, None)
             else:
@@ -147,8 +165,8 @@ class Discovery:
     def apply_slice(self, kind: str, obj: Mapping[str, Any]) -> None:
         meta = obj.get("metadata", {})
         name = (str(meta.get("namespace", "")), str(meta.get("name", "")))
-        parsed = parse_slice(obj) if kind != "DELETED" else None
         with self._lock:
+            parsed = _parse_or_keep(parse_slice, obj, self._slices.get(name)) if kind != "DELETED" else None
             if parsed is None:
                 self._slices.pop(name, None)
             else:
@@ -158,14 +176,21 @@ class Discovery:
     def replace_all(self, what: str, items: list[Mapping[str, Any]]) -> None:
         with self._lock:
             if what == "models":
-                self._models = {m.key: m for m in map(parse_model, items) if m is not None}
-            else:
-                self._slices = {}
+                models = {}
                 for obj in items:
-                    parsed = parse_slice(obj)
-                    if parsed is not None:
-                        meta = obj["metadata"]
-                        self._slices[(meta.get("namespace", ""), meta["name"])] = parsed
+                    meta = obj.get("metadata", {})
+                    key = ModelKey(str(meta.get("namespace", "")), str(meta.get("name", "")))
+                    if (info := _parse_or_keep(parse_model, obj, self._models.get(key))) is not None:
+                        models[key] = info
+                self._models = models
+            else:
+                slices = {}
+                for obj in items:
+                    meta = obj.get("metadata", {})
+                    name = (str(meta.get("namespace", "")), str(meta.get("name", "")))
+                    if (parsed := _parse_or_keep(parse_slice, obj, self._slices.get(name))) is not None:
+                        slices[name] = parsed
+                self._slices = slices
             self._rebuild()
         self.synced[what].set()
 

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from vnpu import api
 from vnpu.gateway.activity import merged_activity
-from vnpu.gateway.discovery import parse_model, parse_slice
+from vnpu.gateway.discovery import Discovery, parse_model, parse_slice
 from vnpu.gateway.keys import KeyFileError, KeyRing, parse_keys
 from vnpu.gateway.routing import Endpoint, ModelKey, Route, RouteTable, pick
 from vnpu.gateway.server import kv_usage_of
@@ -172,3 +172,28 @@ def test_activity_annotations_add_and_keep_the_latest_time() -> None:
 def test_kv_usage_is_read_from_the_runtime_metrics() -> None:
     text = "# HELP x\nvnpu_runtime_kv_cache_usage_ratio 0.25\nvnpu_runtime_ready 1.0\n"
     assert kv_usage_of(text) == 0.25 and kv_usage_of("nothing 1") is None
+
+
+def test_an_object_the_gateway_cannot_parse_keeps_what_was_known_and_blocks_no_sync() -> None:
+    """An InferenceModel stored under an older, looser schema is not validated again until written: one
+    whose replicas is not a number made every list fail, so the gateway never synced (503 for all)."""
+
+    def model(name: str, replicas: object) -> dict[str, object]:
+        return {
+            "metadata": {"namespace": "ns", "name": name},
+            "spec": {"modelName": name, "replicas": replicas},
+        }
+
+    discovery = Discovery(api_client=None)
+    discovery.replace_all("models", [model("good", 2), model("odd", "lots")])
+    assert discovery.synced["models"].is_set()
+    assert sorted(discovery.table.routes) == [ModelKey("ns", "good")]
+    # A later change the parser fails on keeps the route it had; a good one replaces it; a relist too.
+    discovery.apply_model("MODIFIED", model("good", "lots"))
+    assert discovery.table.routes[ModelKey("ns", "good")].replicas == 2
+    discovery.replace_all("models", [model("good", "lots")])
+    assert discovery.table.routes[ModelKey("ns", "good")].replicas == 2
+    discovery.apply_model("MODIFIED", model("good", 3))
+    assert discovery.table.routes[ModelKey("ns", "good")].replicas == 3
+    discovery.apply_model("DELETED", model("good", 3))
+    assert not discovery.table.routes
