@@ -250,14 +250,16 @@ class WeightsHolder:
             if op == "status":
                 send_message(conn, {"ok": True, "holder": self.info()})
                 return
+            # The lease is counted before the grant goes out: a replica whose attach has returned is
+            # always among `clients` (and in any status asked after it), never counted a moment late.
+            with self._lock:
+                lease_id = next(self._lease_ids)
+                self._leases[lease_id] = conn
             head = encode({"ok": True, "arena": self._arena_meta, "holder": self.info()})
             send_encoded(conn, head[:-1] + b',"manifest":' + self._manifest_json + b"}", self._arena_fds)
             conn.settimeout(None)
             in_handshake = False
             self._handshakes.release()
-            with self._lock:
-                lease_id = next(self._lease_ids)
-                self._leases[lease_id] = conn
             log.info(
                 "replica attached",
                 extra={
