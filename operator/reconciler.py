@@ -82,8 +82,7 @@ class Reconciler:
         self._late_failures: dict[str, tuple[str, str]] = {}
         self._shared_lock = threading.Lock()  # the three above are shared with the reporter's threads
         self._requeue_after: float | None = None
-        #: The models of the last pass, as (namespace, name): the per-model metrics of any that went go.
-        self._models_seen: set[tuple[str, str]] = set()
+        self._series = metrics.ModelSeries()  #: the per-model series of the models that went go
         #: Services, status patches and Events go out from here (REPORT_CONCURRENCY threads) while the
         #: next pass plans and writes its pods; ``_reported`` lets that pass see the statuses as written.
         self._reports = ReportQueue()
@@ -269,10 +268,7 @@ class Reconciler:
         self._settle_failures(result, failed, now)
         restatus(result, self._failures, now)
         self._submit_report(result)
-        seen = {(m.namespace, m.name) for m in models}
-        if self._models_seen - seen:  # a model went: its series go too (a scan of every series, so only then)
-            metrics.forget_models(seen)
-        self._models_seen = seen
+        self._series.after_pass({(m.namespace, m.name) for m in models})
         log.debug(
             "pass over %d models: plan %.2fs, writes %.2fs",
             len(models),
@@ -311,7 +307,7 @@ class Reconciler:
                 for model in models or ():
                     failed.setdefault(model, (reason, f"{what}: {message}"))
                     ns, name = model.split("/", 1)
-                    metrics.API_ERRORS.labels(ns, name, reason).inc()
+                    self._series.count_api_error(ns, name, reason)
 
         def delete(d: PodDeletion) -> None:
             def write() -> None:
@@ -477,7 +473,7 @@ class Reconciler:
                 if not isinstance(exc, ApiException):
                     raise
                 reason, message = api_error(exc)
-                metrics.API_ERRORS.labels(model.namespace, model.name, reason).inc()
+                self._series.count_api_error(model.namespace, model.name, reason)
                 log.warning("status of %s/%s refused: %s", model.namespace, model.name, message)
         for event in report.events:
             kube.post_event(model, event.type, event.reason, event.message)
@@ -497,7 +493,7 @@ class Reconciler:
                 raise
             reason, message = api_error(exc)
             log.warning("creating Service %s/%s refused: %s", *key, message, extra={"reason": reason})
-            metrics.API_ERRORS.labels(intent.namespace, intent.owner.name, reason).inc()
+            self._series.count_api_error(intent.namespace, intent.owner.name, reason)
             with self._shared_lock:
                 self._late_failures[intent.owner.key] = (reason, f"creating Service {intent.name}: {message}")
             self._wake_soon()  # the next pass backs the model off and says why in its status

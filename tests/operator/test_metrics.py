@@ -33,3 +33,27 @@ def test_forget_models_removes_every_series_of_a_gone_model_and_keeps_the_live()
     assert metrics.forget_models({("team-a", "kept"), ("team-b", "gone")}) == 0
     metrics.forget_models(set())
     assert series("kept") == series("gone") == []
+
+
+def test_a_late_count_for_a_gone_model_is_removed_by_the_next_pass() -> None:
+    tracker = metrics.ModelSeries()
+    metrics.PLACED_REPLICAS.labels("team-a", "late").set(1)
+    assert tracker.after_pass({("team-a", "late")}) == 0
+    assert tracker.after_pass(set()) >= 1  # the model went: its series with it
+    assert series("late") == []
+    # The reporter's thread, still writing the status that pass planned, meets a refusal after that.
+    tracker.count_api_error("team-a", "late", "NotFound")
+    assert series("late") != []
+    assert tracker.after_pass(set()) >= 1  # no model went in this pass, yet the revived series goes
+    assert series("late") == []
+    assert tracker.after_pass(set()) == 0  # and no scan is due after that
+
+
+def test_no_scan_while_no_model_goes() -> None:
+    tracker = metrics.ModelSeries()
+    metrics.PLACED_REPLICAS.labels("team-a", "stays").set(1)
+    tracker.after_pass({("team-a", "stays")})
+    tracker.count_api_error("team-a", "stays", "Conflict")  # a live model's count is kept
+    assert tracker.after_pass({("team-a", "stays"), ("team-a", "new")}) == 0
+    assert len(series("stays")) == 3  # the gauge, the counter and its _created
+    metrics.forget_models(set())
