@@ -99,11 +99,14 @@ def _parse_or_keep(
     try:
         return parse(obj)
     except Exception:
-        meta = obj.get("metadata") or {}
-        log.exception(
-            "cannot parse %s/%s; keeping what was known of it", meta.get("namespace"), meta.get("name")
-        )
+        log.exception("cannot parse %s/%s; keeping what was known of it", *_object_name(obj))
         return known
+
+
+def _object_name(obj: Mapping[str, Any]) -> tuple[str, str]:
+    """(namespace, name) of any object, read without failing: the key its parsed form is kept under."""
+    meta = obj.get("metadata") or {}
+    return str(meta.get("namespace", "")), str(meta.get("name", ""))
 
 
 class Discovery:
@@ -152,8 +155,7 @@ class Discovery:
         self.changed = asyncio.Event()  # waiters hold the old event; the next change sets a new one
 
     def apply_model(self, kind: str, obj: Mapping[str, Any]) -> None:
-        meta = obj.get("metadata", {})
-        key = ModelKey(str(meta.get("namespace", "")), str(meta.get("name", "")))
+        key = ModelKey(*_object_name(obj))
         with self._lock:
             info = _parse_or_keep(parse_model, obj, self._models.get(key)) if kind != "DELETED" else None
             if info is None:
@@ -163,8 +165,7 @@ class Discovery:
             self._rebuild()
 
     def apply_slice(self, kind: str, obj: Mapping[str, Any]) -> None:
-        meta = obj.get("metadata", {})
-        name = (str(meta.get("namespace", "")), str(meta.get("name", "")))
+        name = _object_name(obj)
         with self._lock:
             parsed = _parse_or_keep(parse_slice, obj, self._slices.get(name)) if kind != "DELETED" else None
             if parsed is None:
@@ -178,16 +179,14 @@ class Discovery:
             if what == "models":
                 models = {}
                 for obj in items:
-                    meta = obj.get("metadata", {})
-                    key = ModelKey(str(meta.get("namespace", "")), str(meta.get("name", "")))
+                    key = ModelKey(*_object_name(obj))
                     if (info := _parse_or_keep(parse_model, obj, self._models.get(key))) is not None:
                         models[key] = info
                 self._models = models
             else:
                 slices = {}
                 for obj in items:
-                    meta = obj.get("metadata", {})
-                    name = (str(meta.get("namespace", "")), str(meta.get("name", "")))
+                    name = _object_name(obj)
                     if (parsed := _parse_or_keep(parse_slice, obj, self._slices.get(name))) is not None:
                         slices[name] = parsed
                 self._slices = slices
