@@ -123,6 +123,7 @@ class Discovery:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.changed = asyncio.Event()
         self.synced = {"models": threading.Event(), "slices": threading.Event()}
+        self._listed: dict[str, set[str | None]] = {"models": set(), "slices": set()}  # namespaces listed
         self._watches: list[Any] = []
 
     # -- state --------------------------------------------------------------------------------------------
@@ -174,24 +175,37 @@ class Discovery:
                 self._slices[name] = parsed
             self._rebuild()
 
-    def replace_all(self, what: str, items: list[Mapping[str, Any]]) -> None:
+    def replace_all(self, what: str, items: list[Mapping[str, Any]], namespace: str | None = None) -> None:
+        """Replace what is known of ``what`` ("models" or "slices") with a fresh list: of ``namespace``
+        when the gateway lists namespace by namespace, else of all. Whatever the list lacks went while
+        no watch ran, and goes. ``synced[what]`` is set once every namespace has been listed: a gateway
+        ready after its first namespace would answer 404 for the models of the others."""
         with self._lock:
             if what == "models":
-                models = {}
+                models = {
+                    k: v
+                    for k, v in self._models.items()
+                    if namespace is not None and k.namespace != namespace
+                }
                 for obj in items:
                     key = ModelKey(*_object_name(obj))
                     if (info := _parse_or_keep(parse_model, obj, self._models.get(key))) is not None:
                         models[key] = info
                 self._models = models
             else:
-                slices = {}
+                slices = {
+                    k: v for k, v in self._slices.items() if namespace is not None and k[0] != namespace
+                }
                 for obj in items:
                     name = _object_name(obj)
                     if (parsed := _parse_or_keep(parse_slice, obj, self._slices.get(name))) is not None:
                         slices[name] = parsed
                 self._slices = slices
             self._rebuild()
-        self.synced[what].set()
+            self._listed[what].add(namespace)
+            synced = len(self._listed[what]) >= max(1, len(self.namespaces))
+        if synced:
+            self.synced[what].set()
 
     # -- watching ---------------------------------------------------------------------------------------
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -202,50 +216,56 @@ class Discovery:
         discovery = client.DiscoveryV1Api(self.api_client)
         selector = api.LABEL_MODEL
         if self.namespaces:
-            model_lists = [
+            model_lists: list[tuple[str | None, Callable[..., Any]]] = [
                 (
+                    ns,
                     lambda ns=ns, **kw: custom.list_namespaced_custom_object(
                         api.GROUP, api.VERSION, ns, api.PLURAL, **kw
-                    )
+                    ),
                 )
                 for ns in self.namespaces
             ]
-            slice_lists = [
+            slice_lists: list[tuple[str | None, Callable[..., Any]]] = [
                 (
+                    ns,
                     lambda ns=ns, **kw: discovery.list_namespaced_endpoint_slice(
                         ns, label_selector=selector, **kw
-                    )
+                    ),
                 )
                 for ns in self.namespaces
             ]
         else:
             model_lists = [
-                lambda **kw: custom.list_cluster_custom_object(api.GROUP, api.VERSION, api.PLURAL, **kw)
+                (
+                    None,
+                    lambda **kw: custom.list_cluster_custom_object(api.GROUP, api.VERSION, api.PLURAL, **kw),
+                )
             ]
             slice_lists = [
-                lambda **kw: discovery.list_endpoint_slice_for_all_namespaces(label_selector=selector, **kw)
+                (
+                    None,
+                    lambda **kw: discovery.list_endpoint_slice_for_all_namespaces(
+                        label_selector=selector, **kw
+                    ),
+                )
             ]
         self._start_watch("models", model_lists, self.apply_model)
         self._start_watch("slices", slice_lists, self.apply_slice)
 
     def _start_watch(
-        self, what: str, lists: list[Callable[..., Any]], apply: Callable[[str, Any], None]
+        self, what: str, lists: list[tuple[str | None, Callable[..., Any]]], apply: Callable[[str, Any], None]
     ) -> None:
-        if len(lists) > 1:  # several namespaces: one thread each, sharing the table
-            for fn in lists:
-                threading.Thread(
-                    target=self._watch,
-                    args=(what, fn, apply, False),
-                    daemon=True,
-                    name=f"gateway-watch-{what}",
-                ).start()
-            return
-        threading.Thread(
-            target=self._watch, args=(what, lists[0], apply, True), daemon=True, name=f"gateway-watch-{what}"
-        ).start()
+        """One thread per list (per namespace, or one for all), sharing the table."""
+        for namespace, list_fn in lists:
+            threading.Thread(
+                target=self._watch,
+                args=(what, namespace, list_fn, apply),
+                daemon=True,
+                name=f"gateway-watch-{what}-{namespace or 'all'}",
+            ).start()
 
     def _watch(
-        self, what: str, list_fn: Callable[..., Any], apply: Callable[[str, Any], None], whole: bool
+        self, what: str, namespace: str | None, list_fn: Callable[..., Any], apply: Callable[[str, Any], None]
     ) -> None:
         from kubernetes import watch
 
@@ -254,12 +274,7 @@ class Discovery:
             try:
                 body = json.loads(list_fn(_preload_content=False).data)
                 items = body.get("items") or []
-                if whole:
-                    self.replace_all(what, items)
-                else:
-                    for obj in items:
-                        apply("ADDED", obj)
-                    self.synced[what].set()
+                self.replace_all(what, items, namespace)
                 w = watch.Watch()
                 self._watches.append(w)
                 for event in w.stream(

@@ -197,3 +197,31 @@ def test_an_object_the_gateway_cannot_parse_keeps_what_was_known_and_blocks_no_s
     assert discovery.table.routes[ModelKey("ns", "good")].replicas == 3
     discovery.apply_model("DELETED", model("good", 3))
     assert not discovery.table.routes
+
+
+def test_a_gateway_of_several_namespaces_syncs_once_all_are_listed_and_a_relist_drops_what_went() -> None:
+    """Ready after its first namespace's list, the gateway answered 404 for the other namespaces' models;
+    and a namespace listed again after a broken watch kept the models deleted meanwhile, routing to them."""
+
+    def model(namespace: str, name: str) -> dict[str, object]:
+        return {"metadata": {"namespace": namespace, "name": name}, "spec": {"modelName": name}}
+
+    discovery = Discovery(api_client=None, namespaces=("team-a", "team-b"))
+    discovery.replace_all("models", [model("team-a", "chat")], "team-a")
+    assert not discovery.synced["models"].is_set()  # team-b not listed yet
+    discovery.replace_all("models", [model("team-b", "chat"), model("team-b", "code")], "team-b")
+    assert discovery.synced["models"].is_set()
+    # team-b's watch broke; meanwhile "code" was deleted. Its relist drops it and leaves team-a alone.
+    discovery.replace_all("models", [model("team-b", "chat")], "team-b")
+    assert set(discovery.table.routes) == {ModelKey("team-a", "chat"), ModelKey("team-b", "chat")}
+    slice_ = {
+        "metadata": {"namespace": "team-a", "name": "chat-x", "labels": {api.LABEL_MODEL: "chat"}},
+        "ports": [{"name": "http", "port": 8000}],
+        "endpoints": [{"addresses": ["10.0.0.1"], "targetRef": {"name": "chat-0"}}],
+    }
+    discovery.replace_all("slices", [slice_], "team-a")
+    discovery.replace_all("slices", [], "team-b")
+    assert discovery.synced["slices"].is_set()
+    assert [e.address for e in discovery.table.routes[ModelKey("team-a", "chat")].endpoints] == ["10.0.0.1"]
+    discovery.replace_all("slices", [], "team-a")  # the slice went while team-a's watch was down
+    assert discovery.table.routes[ModelKey("team-a", "chat")].endpoints == ()
