@@ -455,7 +455,7 @@ class Reconciler:
                 metrics.REPORTS_QUEUED.set(self._reports.backlog)
 
     def _write_report(self, report: Report) -> None:
-        """Create the model's Service, then write its status and Events."""
+        """Create the model's Service, then post its Events and write its status."""
         kube, model = self.kube, report.model
         if not self._is_leader():  # the new leader reports from its own passes
             self._reported.refused(model.uid, report.token)
@@ -465,6 +465,13 @@ class Reconciler:
             return
         for service in report.services:
             self._create_service(service)
+        # The Events first: whoever sees the status (a user, a controller, a test) finds the Events that
+        # explain it already there. Best effort, never in the way of the status.
+        for event in report.events:
+            try:
+                kube.post_event(model, event.type, event.reason, event.message)
+            except Exception:
+                log.exception("could not post event %s on %s/%s", event.reason, model.namespace, model.name)
         if report.status is not None:
             try:
                 kube.patch_model_status(model, report.status)
@@ -475,8 +482,6 @@ class Reconciler:
                 reason, message = api_error(exc)
                 self._series.count_api_error(model.namespace, model.name, reason)
                 log.warning("status of %s/%s refused: %s", model.namespace, model.name, message)
-        for event in report.events:
-            kube.post_event(model, event.type, event.reason, event.message)
 
     def _create_service(self, intent: ServiceIntent) -> None:
         key = (intent.namespace, intent.name)
