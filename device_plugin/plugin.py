@@ -307,12 +307,13 @@ class PluginRunner:
         sock = self.config.pod_resources_socket
         if not sock.exists():
             return
+        listed_at = time.time()  # an allocation made while the List runs is not in it, and must stay
         try:
             live = podresources.list_held_slices(sock)
         except grpc.RpcError as exc:
             log.warning("pod-resources List failed", extra={"socket": str(sock), "error": str(exc.code())})
             return
-        added, released = self.ledger.reconcile(live, grace_s=self.config.release_grace_s)
+        added, released = self.ledger.reconcile(live, grace_s=self.config.release_grace_s, now=listed_at)
         if added or released:
             log.info(
                 "ledger reconciled with pod-resources",

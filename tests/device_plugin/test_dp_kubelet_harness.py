@@ -134,7 +134,7 @@ def test_plugin_restart_rebuilds_allocations_from_checkpoint_and_pod_resources(h
     harness.call("start")
     harness.call("serve_podresources", socket=str(dirs.pod_resources_socket))
     port = free_port()
-    args = ("--no-api", "--metrics-port", str(port), "--release-grace", "0")
+    args = ("--no-api", "--metrics-port", str(port), "--release-grace", "1")
     plugin = plugin_process(*args)
     for resource in (R0, R1):
         harness.wait_event(connected(resource), timeout=20)

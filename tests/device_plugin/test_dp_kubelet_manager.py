@@ -25,7 +25,7 @@ def plugin_argv(dirs, port: int, *extra: str) -> list[str]:
     # Default --plugin-dir, --pod-resources-socket and --state-dir: the kubelet's real paths (tmpfs).
     return [sys.executable, "-m", "vnpu", "device-plugin", "--backend", "simulated", "--simulated-config",
             str(dirs.devices_file), "--socket-root", str(dirs.socket_root), "--metrics-port", str(port),
-            "--release-grace", "0", "--reconcile-interval", "0.5", *extra]  # fmt: skip
+            "--release-grace", "1", "--reconcile-interval", "0.5", *extra]  # fmt: skip
 
 
 def capacities(node) -> dict[str, int]:
@@ -108,8 +108,8 @@ def test_kubelet_admission_per_device_capacity_restarts_and_reconcile(kubelet_no
     # Kubelet restart: a new device manager reads the kubelet's checkpoint; every endpoint re-registers.
     kubelet_node.call("manager_stop")
     kubelet_node.call("manager_start")
-    wait_for(lambda: capacities(kubelet_node) == {R0: 4, R1: 8}, timeout=5, what="capacity after restart")
-    wait_for(lambda: registered(port, 4), timeout=5, what="both endpoints registered again")
+    wait_for(lambda: capacities(kubelet_node) == {R0: 4, R1: 8}, timeout=30, what="capacity after restart")
+    wait_for(lambda: registered(port, 4), timeout=30, what="both endpoints registered again")
     c = admit(kubelet_node, "c", 1, R1)
     assert c["ids"] == ["npu1-s7"]  # npu1's last free slice: the kubelet kept b and multi
 

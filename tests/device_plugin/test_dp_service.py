@@ -110,7 +110,7 @@ def test_allocate_refuses_other_devices_unknown_repeated_and_unhealthy(run_plugi
         dirs.devices_file, [TWO_DEVICES[0], dict(TWO_DEVICES[1], health="Unhealthy", reason="overheated")]
     )
     with pytest.raises(grpc.RpcError) as err:
-        wait_for(lambda: allocate(stub_for(runner, 1), ["npu1-s0"]) and False, timeout=3)
+        wait_for(lambda: allocate(stub_for(runner, 1), ["npu1-s0"]) and False, timeout=15)
     assert "npu1 is unhealthy: overheated" in err.value.details()
 
 
@@ -152,7 +152,8 @@ def test_malformed_backend_output_marks_devices_unhealthy_and_the_plugin_keeps_s
     dirs.devices_file.write_text("devices: [{memory_mib: lots}]\n")
     _, devices = watcher.next(timeout=3)
     assert set(devices.values()) == {"Unhealthy"} and list(devices) == NPU0  # same IDs, now unhealthy
-    assert "became unhealthy: simulated config device #0 is malformed" in caplog.text
+    # The poll logs the transition right after it woke the streams: wait for the line, not only the stream.
+    wait_for(lambda: "became unhealthy: simulated config device #0 is malformed" in caplog.text)
     assert stub.GetDevicePluginOptions(api_pb2.Empty()).get_preferred_allocation_available  # still serving
     write_devices(dirs.devices_file, TWO_DEVICES)
     _, devices = watcher.next(timeout=3)
