@@ -315,7 +315,6 @@ class ModelRuntime:
             self._installed = _Installed(
                 manifest, model, tokenizer, template, provider, shared, [arena, keep]
             )
-            self._unavailable = None
         self._start_loop()
         m = self.metrics
         m.kv_cache_bytes.set(cache.nbytes)
@@ -323,6 +322,8 @@ class ModelRuntime:
         m.weights_bytes.labels("shared" if shared else "own").set(manifest.total_bytes)
         m.weights_bytes.labels("own" if shared else "shared").set(0)
         m.attach_seconds.labels("attach" if shared else "load").set(seconds)
+        # Ready last: whoever sees /readyz answer 200 finds the loop running and the metrics set.
+        self._unavailable = None
         m.ready.set(1)
         log.info(
             "model ready",
@@ -402,7 +403,8 @@ class ModelRuntime:
         )
         priority = self.options.default_priority if request.priority is None else request.priority
         with self._cond:
-            if self._scheduler is None or self._stopping or self._installed is None:
+            # Not ready (being installed, or uninstalling: readiness goes first) takes no new work.
+            if self._scheduler is None or self._stopping or self._installed is None or not self.ready:
                 raise RuntimeUnavailableError(self._unavailable or "not ready")
             seq = ScheduledSequence(
                 id=uuid.uuid4().hex,

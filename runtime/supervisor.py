@@ -86,6 +86,7 @@ class SharedWeightsSupervisor:
             delay = self.retry_initial
             self.refused = False
             self._lease = lease
+            self.runtime.metrics.attaches.inc()  # before install makes the runtime ready: counted once seen
             try:
                 self.runtime.install(
                     lease.manifest, lease.arena, shared=True, seconds=lease.attach_seconds, keep=lease
@@ -96,7 +97,6 @@ class SharedWeightsSupervisor:
                 log.error("install failed", extra={"reason": str(e)})
                 lease.close()
                 return
-            self.runtime.metrics.attaches.inc()
             while not lease.wait_lost(0.5):
                 if self._stop.is_set():
                     return
