@@ -97,7 +97,6 @@ class FakeReplica:
         self.cancelled = 0
         self.release = threading.Event()
         self.release.set()
-        self.in_stream = threading.Event()
         self._ready = threading.Event()
         self._loop = asyncio.new_event_loop()
         threading.Thread(target=self._run, daemon=True).start()
@@ -146,7 +145,6 @@ class FakeReplica:
         try:
             for i, piece in enumerate([f"{self.name}:", " one", " two"]):
                 if i == 1:
-                    self.in_stream.set()
                     while not self.release.is_set():
                         await asyncio.sleep(0.01)
                 delta = {"delta": {"content": piece}} if chat else {"text": piece}
@@ -322,7 +320,7 @@ def test_routes_by_name_picks_the_least_loaded_streams_and_survives_a_dead_repli
         a2.release.clear()
         stream = oa.completions.create(model="smollm2", prompt="hi", stream=True)
         first = next(iter(stream))
-        holder = a1 if a1.in_stream.is_set() else a2
+        holder = a1 if first.choices[0].text == f"{a1.name}:" else a2  # the first chunk names its replica
         assert first.choices[0].text == f"{holder.name}:"
         # While that request is outstanding, the next goes to the other replica (fewest outstanding).
         other = a2 if holder is a1 else a1
@@ -335,8 +333,8 @@ def test_routes_by_name_picks_the_least_loaded_streams_and_survives_a_dead_repli
         a1.release.clear()
         a2.release.clear()
         stream = oa.completions.create(model="smollm2", prompt="hi", stream=True)
-        next(iter(stream))
-        holder = a1 if a1.in_stream.is_set() else a2
+        first = next(iter(stream))
+        holder = a1 if first.choices[0].text == f"{a1.name}:" else a2
         stream.close()
         wait_until(lambda: holder.cancelled == 1, 30, "the replica's stream cancelled")
         a1.release.set()
