@@ -42,6 +42,7 @@ from prometheus_client.registry import Collector
 from vnpu.gateway.discovery import Discovery
 from vnpu.gateway.keys import ApiKey, KeyFileError, KeyRing
 from vnpu.gateway.routing import Endpoint, Route, pick
+from vnpu.jsonbody import BodyError, read_json
 
 log = logging.getLogger(__name__)
 
@@ -227,11 +228,12 @@ class Gateway:
         caller = self.caller(request)
         if isinstance(caller, web.Response):
             return caller
-        raw = await request.read()
         try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):  # (nested too deeply)
-            return openai_error(400, "The request body is not valid JSON.", "invalid_request_error")
+            body = await read_json(request)
+        except BodyError as e:
+            message = str(e)
+            return openai_error(400, f"{message[0].upper()}{message[1:]}.", "invalid_request_error")
+        raw = await request.read()  # the bytes read_json parsed (aiohttp keeps them): forwarded as they are
         model = body.get("model") if isinstance(body, dict) else None
         if not isinstance(model, str) or not model:
             return openai_error(400, "You must provide a model parameter.", "invalid_request_error")

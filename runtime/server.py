@@ -38,11 +38,12 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from vnpu.jsonbody import BodyError, read_json
 from vnpu.runtime.engine import GenerationRequest, ModelRuntime, RequestHandle, RequestOutput
 from vnpu.runtime.errors import ContextLengthError, InvalidRequestError, RuntimeUnavailableError
 from vnpu.runtime.openai_protocol import (
@@ -58,6 +59,7 @@ from vnpu.runtime.sampling import TokenLogprob
 from vnpu.runtime.scheduler import QueueFullError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 RUNTIME_KEY = web.AppKey("runtime", ModelRuntime)
 _STARTED_KEY = web.AppKey("started", int)
 #: Largest request body (bytes); a bigger one is a 400, like any other oversize prompt.
@@ -95,21 +97,14 @@ def _as_http(error: Exception) -> HTTPError:
     return HTTPError(500, f"internal error: {error}", "server_error")
 
 
-async def _read_json(request: web.Request) -> Any:
+async def _read_request(request: web.Request, parse: Callable[[Any], T]) -> T:
+    """The body read and parsed into a typed request (off the loop when large; see vnpu.jsonbody)."""
     try:
-        data = await request.read()
+        return await read_json(request, parse)
     except web.HTTPRequestEntityTooLarge as e:
         raise BadRequest(f"the request body is larger than {MAX_BODY_BYTES} bytes") from e
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise BadRequest(f"the request body is not valid UTF-8 ({e.reason} at byte {e.start})") from e
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise BadRequest(f"the request body is not valid JSON: {e}") from e
-    except RecursionError as e:  # the decoder's own limit on nesting ('[[[[...')
-        raise BadRequest("the request body is not valid JSON: nested too deeply") from e
+    except BodyError as e:
+        raise BadRequest(str(e)) from e
 
 
 def _check_model(runtime: ModelRuntime, model: str | None) -> str:
@@ -279,7 +274,7 @@ async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
         parse: Callable[[Any], CompletionRequest | ChatRequest] = (
             parse_chat if kind == "chat" else parse_completion
         )
-        req = parse(await _read_json(request))
+        req = await _read_request(request, parse)
         served_name = _check_model(runtime, req.model)
         ids, max_tokens = await asyncio.to_thread(_prepare, runtime, req)
         tokenizer = runtime.tokenizer

@@ -496,6 +496,17 @@ def test_two_namespaces_one_name_api_keys_and_activity(control_plane, replicas, 
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(bomb, timeout=30)
         assert refused.value.code == 413
+        # "gzip" that is not gzip, and an integer past int()'s 4,300 digits, were 500s: now 400s.
+        for data, encoding in ((b'{"model": "x"}', "gzip"), (b'{"model": ' + b"9" * 5000 + b"}", "identity")):
+            hostile = urllib.request.Request(
+                f"{gw.url}/v1/completions",
+                data=data,
+                headers={"Content-Encoding": encoding, "Authorization": "Bearer ops-key-12345"},
+            )
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(hostile, timeout=30)
+            assert refused.value.code == 400
+            assert json.load(refused.value)["error"]["type"] == "invalid_request_error"
 
         custom = client.CustomObjectsApi(control_plane.api_client())
 

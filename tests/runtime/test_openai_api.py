@@ -318,6 +318,10 @@ BAD_REQUESTS = {
     ),
     "n above 1": (chat(n=2), "n", "only 'n': 1"),
     "too many stops": (chat(stop=["a", "b", "c", "d", "e"]), "stop", "up to 4 strings"),
+    "a stop too long": (chat(stop=["x" * 4097]), "stop", "up to 4096 characters, got 4097"),
+    # A 1 MB value is not echoed whole: the error names it in 80 characters.
+    "a huge unknown field": (chat(extra_body={"k" * 2**20: 1}), "k" * 80, "... (1048578 characters)"),
+    "a huge value": (text(max_tokens="9" * 2**20), "max_tokens", "... (1048578 characters)"),
     "completion logprobs above 5": (text(logprobs=9), "logprobs", "'logprobs' must be in [0, 5]"),
     "top_logprobs without logprobs": (chat(top_logprobs=2), "top_logprobs", "needs 'logprobs': true"),
     "priority not an integer": (
@@ -372,6 +376,10 @@ def test_bad_input_is_a_400_with_a_message(runtime: ModelRuntime, case: str) -> 
         (b'{"prompt": "' + b"x" * (9 * 1024 * 1024) + b'"}', "larger than"),
         (b'{"prompt": ' + b"[" * 200_000, "nested too deeply"),
         (b'{"prompt": "\\ud800x", "max_tokens": 2}', "'prompt' is not valid Unicode: a lone surrogate"),
+        # json.loads raises a plain ValueError past int()'s 4,300 digits: it was a 500.
+        (b'{"prompt": "hi", "max_tokens": ' + b"9" * 5000 + b"}", "not valid JSON: Exceeds the limit"),
+        # Large enough to be parsed on a worker thread: its errors are the same 400s.
+        (b'{"prompt": "' + b"x " * (200 * 1024) + b'", "temperature": NaN}', "'temperature' must be"),
     ],
     ids=[
         "latin-1 body",
@@ -382,6 +390,8 @@ def test_bad_input_is_a_400_with_a_message(runtime: ModelRuntime, case: str) -> 
         "huge body",
         "deep nesting",
         "lone surrogate",
+        "5000-digit integer",
+        "400 KiB body parsed off the loop",
     ],
 )
 def test_bodies_the_client_cannot_send_are_400_too(runtime: ModelRuntime, data: bytes, needle: str) -> None:
@@ -392,6 +402,22 @@ def test_bodies_the_client_cannot_send_are_400_too(runtime: ModelRuntime, data: 
             error = (await response.json())["error"]
             assert needle in error["message"] or path.endswith("chat/completions"), error
             assert error["type"] == "invalid_request_error"
+
+    serve(runtime, scenario)
+
+
+def test_a_body_its_content_encoding_does_not_decode_is_a_400(runtime: ModelRuntime) -> None:
+    """ "gzip" that is not gzip made request.read() raise out of the handler: a 500 and a traceback."""
+
+    async def scenario(_: AsyncOpenAI, http: TestClient) -> None:
+        for encoding in ("gzip", "deflate"):
+            # (aiohttp closes a connection whose body it could not read: one connection per try.)
+            headers = {"Content-Encoding": encoding, "Connection": "close"}
+            response = await http.post("/v1/completions", data=b'{"prompt": "hi"}', headers=headers)
+            assert response.status == 400
+            error = (await response.json())["error"]
+            assert "cannot be decoded" in error["message"] and error["type"] == "invalid_request_error"
+        assert (await http.get("/healthz")).status == 200
 
     serve(runtime, scenario)
 
