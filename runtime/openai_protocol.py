@@ -29,10 +29,23 @@ from vnpu.runtime.sampling import MAX_TEMPERATURE, MAX_TOP_LOGPROBS, MIN_TEMPERA
 
 #: OpenAI's limit on stop sequences.
 MAX_STOP = 4
+#: Longest stop sequence (characters). OpenAI states none; real stops are a few tokens. The bound keeps
+#: the matcher's tables (built per request) small.
+MAX_STOP_CHARS = 4096
 #: Most alternatives per token for ``/v1/completions`` ``logprobs`` (OpenAI's limit).
 MAX_COMPLETION_LOGPROBS = 5
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+#: Longest echo of a client's value in an error message: a 3 MB value made a 3 MB error body.
+MAX_SHOWN_CHARS = 80
+
+
+def _shown(value: object) -> str:
+    """``repr(value)``, cut to MAX_SHOWN_CHARS."""
+    text = repr(value)
+    return text if len(text) <= MAX_SHOWN_CHARS else f"{text[:MAX_SHOWN_CHARS]}... ({len(text)} characters)"
+
+
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 DEFAULT_COMPLETION_MAX_TOKENS = 16  #: OpenAI's default for /v1/completions
 
@@ -171,7 +184,7 @@ def _int(body: Mapping[str, Any], key: str, low: int, high: int) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
-        raise BadRequest(f"'{key}' must be an integer, got {value!r}", key)
+        raise BadRequest(f"'{key}' must be an integer, got {_shown(value)}", key)
     if not low <= value <= high:
         raise BadRequest(f"'{key}' must be in [{low}, {high}], got {value}", key)
     return value
@@ -182,7 +195,7 @@ def _number(body: Mapping[str, Any], key: str) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise BadRequest(f"'{key}' must be a number, got {value!r}", key)
+        raise BadRequest(f"'{key}' must be a number, got {_shown(value)}", key)
     if not math.isfinite(value):
         raise BadRequest(f"'{key}' must be a finite number, got {value}", key)
     return float(value)
@@ -193,7 +206,7 @@ def _bool(body: Mapping[str, Any], key: str) -> bool:
     if value is None:
         return False
     if not isinstance(value, bool):
-        raise BadRequest(f"'{key}' must be true or false, got {value!r}", key)
+        raise BadRequest(f"'{key}' must be true or false, got {_shown(value)}", key)
     return value
 
 
@@ -215,9 +228,12 @@ def _check_fields(body: Mapping[str, Any], allowed: set[str]) -> None:
             continue
         check = _NOT_IMPLEMENTED.get(key)
         if check is None:
-            raise BadRequest(f"unknown field {key!r} (this server refuses fields it does not know)", key)
+            raise BadRequest(
+                f"unknown field {_shown(key)} (this server refuses fields it does not know)",
+                key[:MAX_SHOWN_CHARS],
+            )
         if not check(value):
-            raise BadRequest(f"{key!r} = {value!r} is not supported by this server", key)
+            raise BadRequest(f"{_shown(key)} = {_shown(value)} is not supported by this server", key)
 
 
 def _sampling(body: Mapping[str, Any], max_tokens_key: str = "max_tokens") -> SamplingFields:
@@ -250,9 +266,13 @@ def _sampling(body: Mapping[str, Any], max_tokens_key: str = "max_tokens") -> Sa
         raise BadRequest(f"'stop' must be a string or a list of up to {MAX_STOP} strings", "stop")
     for s in stops:
         _unicode(s, "'stop'", "stop")
+        if len(s) > MAX_STOP_CHARS:
+            raise BadRequest(
+                f"a 'stop' sequence may hold up to {MAX_STOP_CHARS} characters, got {len(s)}", "stop"
+            )
     n = body.get("n")
     if n is not None and (isinstance(n, bool) or n != 1):
-        raise BadRequest(f"only 'n': 1 is supported, got {n!r}", "n")
+        raise BadRequest(f"only 'n': 1 is supported, got {_shown(n)}", "n")
     return SamplingFields(
         max_tokens=max_tokens,
         temperature=float(temperature),
@@ -337,10 +357,10 @@ def _message(raw: Any, index: int) -> ChatMessage:
         raise BadRequest(f"{where} must be an object with 'role' and 'content'", "messages")
     unknown = set(raw) - _MESSAGE_FIELDS
     if unknown:
-        raise BadRequest(f"{where} has unknown fields {sorted(unknown)}", "messages")
+        raise BadRequest(f"{where} has unknown fields {_shown(sorted(unknown))}", "messages")
     role = raw.get("role")
     if role not in CHAT_ROLES:
-        raise BadRequest(f"{where}.role must be one of {list(CHAT_ROLES)}, got {role!r}", "messages")
+        raise BadRequest(f"{where}.role must be one of {list(CHAT_ROLES)}, got {_shown(role)}", "messages")
     if (
         not _is_empty(raw.get("tool_calls"))
         or raw.get("function_call") is not None

@@ -9,6 +9,8 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from hypothesis import given
+from hypothesis import strategies as st
 from rt_helpers import load_tiny_llama
 
 from vnpu.runtime.engine import ModelRuntime, ServeOptions, StopMatcher
@@ -147,6 +149,37 @@ def test_stop_strings_cut_the_text() -> None:
     matcher = StopMatcher(["END"])
     out = "".join(matcher.feed(p) for p in ["a E", "b"]) + matcher.flush()
     assert out == "a Eb" and not matcher.stopped
+
+
+def cut_at_stops(pieces: list[str], stops: list[str]) -> tuple[str, bool]:
+    """What a stop cut means, on the whole text: the text before the earliest-starting occurrence of
+    any stop that has completed by the end of the piece it completes in."""
+    text = ""
+    for piece in pieces:
+        text += piece
+        hits = [text.find(s) for s in stops if s and s in text]
+        if hits:
+            return text[: min(hits)], True
+    return text, False
+
+
+@given(
+    st.lists(st.text("ab\u00e9", max_size=5), max_size=4),
+    st.lists(st.text("ab\u00e9", min_size=1, max_size=8), max_size=12),
+)
+def test_stop_strings_cut_where_the_whole_text_says(stops: list[str], pieces: list[str]) -> None:
+    matcher = StopMatcher(stops)
+    out = "".join(matcher.feed(p) for p in pieces) + matcher.flush()
+    assert (out, matcher.stopped) == cut_at_stops(pieces, stops)
+
+
+def test_long_stops_cost_the_engine_linear_work() -> None:
+    """Four 40,000-character stops, one matching all the text so far (so all of it is held back), over
+    8,000 tokens: trying every prefix was O(L^2) per token (3 minutes); the automata take linear work."""
+    out = "".join(f"w{i % 10}x " for i in range(8000))
+    matcher = StopMatcher([out + "\u0001", "\u0002" * 40_000, "\u0003" * 40_000, "\u0004" * 40_000])
+    sent = [matcher.feed(out[i : i + 4]) for i in range(0, len(out), 4)]
+    assert "".join(sent) == "" and matcher.flush() == out and not matcher.stopped
 
 
 def test_not_ready_is_503_and_readyz_says_why(tiny: Any) -> None:
