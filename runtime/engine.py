@@ -125,6 +125,13 @@ class _Installed:
     shared: bool
     keep: list[Any] = field(default_factory=list)  # objects whose lifetime the views depend on
 
+    @property
+    def vocab_size(self) -> int:
+        """The ids both the model and the tokenizer know. A checkpoint may pad its vocabulary past the
+        tokenizer's (embedding rows rounded up for the hardware): those ids are neither accepted in a
+        prompt nor sampled, since no text decodes from them."""
+        return min(self.manifest.config.vocab_size, self.tokenizer.vocab_size)
+
 
 def apply_device_memory_limit(device: str, limit_mib: int | None) -> float | None:
     """On CUDA/NPU, cap torch's allocator at ``limit_mib``; returns the fraction set (None on CPU)."""
@@ -379,7 +386,7 @@ class ModelRuntime:
         installed = self._installed
         if installed is None:
             raise RuntimeUnavailableError(self._unavailable or "not ready")
-        vocab = installed.manifest.config.vocab_size
+        vocab = installed.vocab_size
         if any(i < 0 or i >= vocab for i in ids):
             raise InvalidRequestError(f"prompt token ids must be in the vocabulary [0, {vocab})")
         check_context(len(ids), max_tokens, self.options.max_context)
@@ -604,7 +611,7 @@ class ModelRuntime:
         stats = getattr(installed.provider, "stats", None)
         before = (stats.bytes_copied, stats.stall_seconds) if stats else (0, 0.0)
         layout, rows = build_layout(steps, cache.block_size, cache.device)
-        logits = installed.model.forward_batch(layout, cache)
+        logits = installed.model.forward_batch(layout, cache)[:, : installed.vocab_size]
         # Logit rows come in layout order (decode sequences first): map each back to its chunk.
         sampling = sorted((i for i, row in enumerate(rows) if row >= 0), key=rows.__getitem__)
         picked, probs = sample_step(
@@ -636,32 +643,33 @@ class ModelRuntime:
         sched = self._scheduler
         assert sched is not None
         deliveries: list[tuple[RequestState, RequestOutput]] = []
+
+        def end_with(active: RequestState, failure: Exception) -> None:
+            seq = active.seq
+            sched.finish(seq)
+            self._active.pop(seq.id, None)
+            if not active.closed:
+                active.closed = True
+                output = RequestOutput(
+                    "", (), finish_reason="error", error=failure, completion_tokens=seq.num_generated
+                )
+                deliveries.append((active, output))
+
         for index, (chunk, active) in enumerate(zip(plan.chunks, actives, strict=True)):
             seq = chunk.sequence
             if seq.aborted or error is not None:
-                sched.finish(seq)
-                self._active.pop(seq.id, None)
-                if not active.closed:
-                    active.closed = True
-                    failure = error or RuntimeUnavailableError(self._unavailable or "not ready")
-                    deliveries.append(
-                        (
-                            active,
-                            RequestOutput(
-                                "",
-                                (),
-                                finish_reason="error",
-                                error=failure,
-                                completion_tokens=seq.num_generated,
-                            ),
-                        )
-                    )
+                end_with(active, error or RuntimeUnavailableError(self._unavailable or "not ready"))
                 continue
             token, logprob = sampled[index]
             if token is None:
                 continue  # a prefill chunk that does not reach the end of the prompt yet
             first = active.first_token_at is None
-            output = active.advance(token, logprob, now, self.options.max_context)
+            try:
+                output = active.advance(token, logprob, now, self.options.max_context)
+            except Exception as exc:  # a bug in one request's detokenizing or stop matching ends it alone
+                log.exception("request failed", extra={"request": seq.id})
+                end_with(active, RuntimeError(f"the request failed while its token was processed: {exc!r}"))
+                continue
             self.metrics.generated_tokens.inc()
             if first:
                 self.metrics.time_to_first_token.observe(now - active.submitted)

@@ -11,10 +11,10 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import given
 from hypothesis import strategies as st
-from rt_helpers import load_tiny_llama
+from rt_helpers import load_tiny_llama, write_tiny_llama
 
 from vnpu.runtime.engine import ModelRuntime, ServeOptions, StopMatcher
-from vnpu.runtime.errors import MemoryBudgetError
+from vnpu.runtime.errors import InvalidRequestError, MemoryBudgetError
 from vnpu.runtime.server import make_app
 
 CONTEXT = 64
@@ -251,3 +251,37 @@ def test_offloaded_serving_reports_offload_bytes(tiny: Any) -> None:
     assert rt.complete("offload", 6, temperature=0).text == plain.complete("offload", 6, temperature=0).text
     assert rt.metrics.offload_bytes._value.get() > 0
     rt.uninstall("done")
+
+
+def test_a_vocabulary_padded_past_the_tokenizer_is_never_sampled_nor_accepted(tmp_path: Any) -> None:
+    """Checkpoints pad their embedding rows past the tokenizer (Qwen2.5: 151,936 against 151,665). A
+    padded id the head favoured was sampled, had no text, and raised in the detokenizer on the engine
+    thread: every request of that step lost its output, again at every step."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from vnpu.runtime.loader import load_weights
+    from vnpu.runtime.sources import resolve
+
+    directory = write_tiny_llama(tmp_path / "padded")
+    config = json.loads((directory / "config.json").read_text())
+    config["vocab_size"] = 300  # the tokenizer has 257
+    (directory / "config.json").write_text(json.dumps(config))
+    tensors = load_file(str(directory / "model.safetensors"))
+    pad = torch.zeros(43, tensors["lm_head.weight"].shape[1])
+    head = torch.cat([tensors["lm_head.weight"], pad])
+    head[280] = tensors["model.norm.weight"] * 50  # aligned with every normed hidden state: the argmax
+    tensors["lm_head.weight"] = head
+    tensors["model.embed_tokens.weight"] = torch.cat([tensors["model.embed_tokens.weight"], pad])
+    save_file(tensors, str(directory / "model.safetensors"))
+    weights = load_weights(resolve(str(directory)), progress=False)
+    rt = ModelRuntime(ServeOptions(max_context=CONTEXT, model_name="tiny"))
+    rt.install(weights.manifest, weights.arena, shared=False, seconds=0.01)
+    try:
+        done = rt.complete("hello", 6, temperature=0)
+        assert len(done.result.token_ids) == 6 and all(t < 257 for t in done.result.token_ids)
+        assert done.result.finish_reason == "length"
+        with pytest.raises(InvalidRequestError, match=r"vocabulary \[0, 257\)"):
+            rt.complete([104, 290], 2)
+    finally:
+        rt.close()
