@@ -578,10 +578,9 @@ def bench_step(
 ) -> dict[str, Any]:
     """The ``step`` section (module docstring): medians of ``repeats`` interleaved runs per batch."""
     import torch
-    import torch.nn.functional as F
 
     from vnpu.runtime.loader import load_weights
-    from vnpu.runtime.model import LlamaModel, ResidentWeights
+    from vnpu.runtime.model import LlamaModel, ResidentWeights, linear_kernel
     from vnpu.runtime.paged import PagedKVCache, StepSequence, build_layout
     from vnpu.runtime.sources import resolve
 
@@ -622,9 +621,11 @@ def bench_step(
             n: torch.randn(b, n, dtype=dtype, device=args.device) for n in {t.shape[1] for t in matrices}
         }
 
+    linear = linear_kernel(torch.device(args.device), dtype)  # the kernel the model's steps use
+
     def gemms(b: int) -> None:
         for t in matrices:
-            F.linear(inputs[b][t.shape[1]], t)
+            linear(inputs[b][t.shape[1]], t)
 
     with torch.inference_mode():
         for b in levels:  # warm-up: first-touch of the cache pages and the kernels' own set-up

@@ -172,3 +172,22 @@ def _hf_tokenizer_json(tokenizer: Tokenizer, merges: list[str]) -> dict[str, Any
             "merges": list(merges),
         },
     }
+
+
+@pytest.mark.parametrize("shape", [(1, 576), (8, 576), (3, 5, 576)], ids=["decode 1", "decode 8", "3-d"])
+def test_the_cpu_linear_kernel_computes_what_f_linear_does(shape: tuple[int, ...]) -> None:
+    """The serving path's ``x @ w.T`` on CPU float32 (oneDNN where torch has it) against ``F.linear``,
+    on a weight that is a view into a larger buffer, as the arena's are."""
+    import torch.nn.functional as F
+
+    from vnpu.runtime.model import linear_kernel
+
+    g = torch.Generator().manual_seed(0)
+    arena = torch.randn(2 * 1536 * 576, generator=g)
+    weight = arena[1536 * 576 :].view(1536, 576)  # the second of two tensors packed back to back
+    x = torch.randn(*shape, generator=g)
+    linear = linear_kernel(torch.device("cpu"), torch.float32)
+    got, want = linear(x, weight), F.linear(x, weight)
+    assert got.shape == want.shape == (*shape[:-1], 1536)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    assert linear_kernel(torch.device("cpu"), torch.bfloat16) is F.linear  # other dtypes: torch's own
