@@ -101,17 +101,32 @@ class Runtimes:
         self.procs.append(proc)
         return proc
 
+    #: The share identity every process of the bench uses, and where its holder listens.
+    IDENTITY = ("bench", "bench", "bench")  # namespace, group, weights id
+
+    @property
+    def socket_path(self) -> Path:
+        return self.root / "sock" / "weights.sock"
+
+    @property
+    def key_file(self) -> Path:
+        """The share group's key (the operator's Secret in a cluster), made once."""
+        path = self.root / "share.key"
+        if not path.exists():
+            path.write_bytes(os.urandom(32))
+            path.chmod(0o600)
+        return path
+
+    def sharing(self) -> list[str]:
+        """The share identity, key and socket the operator and the device plugin would give a pod."""
+        namespace, group, weights_id = self.IDENTITY
+        return [
+            *("--share-namespace", namespace, "--share-group", group, "--weights-id", weights_id),
+            *("--share-key-file", str(self.key_file), "--socket", str(self.socket_path)),
+        ]
+
     def holder(self) -> subprocess.Popen:
-        proc = self.spawn(
-            "holder",
-            "weights-holder",
-            "--model",
-            str(self.model),
-            "--share-group",
-            "bench",
-            "--socket-dir",
-            str(self.root / "sock"),
-        )
+        proc = self.spawn("holder", "weights-holder", "--model", str(self.model), *self.sharing())
         self._wait(lambda: '"event": "ready"' in (self.root / "holder.log").read_text(), proc, "holder")
         return proc
 
@@ -119,7 +134,7 @@ class Runtimes:
         port = free_port()
         args = ["serve", "--port", str(port), "--max-context", str(self.context), "--threads", "1"]
         if attach:
-            args += ["--socket-dir", str(self.root / "sock"), "--share-group", "bench"]
+            args += ["--model", str(self.model), *self.sharing()]
         else:
             args += ["--standalone", "--model", str(self.model)]
         proc = self.spawn(name, *args)
@@ -201,6 +216,7 @@ def _drop_page_cache(path: Path) -> None:
 
 def bench_attach(model: Path, device: str, reps: int) -> dict[str, Any]:
     """Seconds until the weights are usable: attach to a running holder vs load from disk."""
+    from vnpu import sharing
     from vnpu.runtime.attach import attach
     from vnpu.runtime.engine import ModelRuntime, ServeOptions
     from vnpu.runtime.loader import load_weights
@@ -239,11 +255,11 @@ def bench_attach(model: Path, device: str, reps: int) -> dict[str, Any]:
     rt = Runtimes(model, device, 256)
     try:
         rt.holder()
-        socket_path = rt.root / "sock" / "weights.sock"
+        identity = sharing.ShareIdentity(*Runtimes.IDENTITY)
         attach_only, attach_ready = [], []
         for _ in range(reps * 3):
             start = time.perf_counter()
-            lease = attach(socket_path, "bench", device)
+            lease = attach(rt.socket_path, identity, rt.key_file.read_bytes(), device)
             attach_only.append(time.perf_counter() - start)
             runtime = to_ready(lease.manifest, lease.arena, True)
             attach_ready.append(time.perf_counter() - start)
