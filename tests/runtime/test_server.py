@@ -173,7 +173,7 @@ def test_stop_strings_cut_where_the_whole_text_says(stops: list[str], pieces: li
     assert (out, matcher.stopped) == cut_at_stops(pieces, stops)
 
 
-def test_long_stops_cost_the_engine_linear_work() -> None:
+def test_long_stops_that_hold_back_all_the_text_release_it_whole_at_the_end() -> None:
     """Four 40,000-character stops, one matching all the text so far (so all of it is held back), over
     8,000 tokens: trying every prefix was O(L^2) per token (3 minutes); the automata take linear work."""
     out = "".join(f"w{i % 10}x " for i in range(8000))
