@@ -573,6 +573,24 @@ def bench_ttft(model_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def gemm_weights(model: Any) -> list[Any]:
+    """The weight of every GEMM one step of ``model`` runs, as it runs them (stacked where it stacks)."""
+    from vnpu.runtime.model import STACKS
+
+    out = []
+    for unit in model.units:
+        if unit.kind == "embed":  # a row lookup, not a GEMM (a tied table is the head's weight too)
+            continue
+        with model.weights.unit(unit) as w:
+            used = dict(w)
+            for stack, keys in STACKS.items():
+                if stack in used:
+                    for key in keys:
+                        del used[key]
+            out += [t for t in used.values() if t.dim() == 2]
+    return out
+
+
 def bench_step(
     model_dir: Path, args: argparse.Namespace, context: int = 64, repeats: int = 9
 ) -> dict[str, Any]:
@@ -594,7 +612,7 @@ def bench_step(
     block = 16
     per_sequence = -(-(context + 1) // block)
     cache = PagedKVCache(config, 1 + per_sequence * max(levels), block, dtype, args.device)
-    matrices = [t for t in tensors.values() if t.dim() == 2]  # the embedding table doubles as the head
+    matrices = gemm_weights(model)
     matrix_bytes = sum(t.numel() * t.element_size() for t in matrices)
 
     def sync() -> None:

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from vnpu.runtime.manifest import WeightManifest
+from vnpu.runtime.model import with_stacks
 from vnpu.runtime.units import ATTN, EMBED, FFN, HEAD, NORM, Unit
 
 #: Resident priority by unit kind (lower first): attention, then output head, then feed-forward.
@@ -291,7 +292,7 @@ class OffloadedWeights:
             else:
                 flat = buffer[e.offset - base : e.offset - base + e.nbytes]
                 out[key] = flat.view(getattr(torch, e.dtype)).view(e.shape)
-        return out
+        return with_stacks(out)  # a slot keeps the arena's layout, so the same stacks apply
 
     # --- the ring ---------------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ from rt_helpers import load_tiny_llama
 from vnpu.runtime.checkpoint import GGUFCheckpoint
 from vnpu.runtime.generate import generate
 from vnpu.runtime.loader import load_weights
-from vnpu.runtime.model import LlamaModel, ResidentWeights
+from vnpu.runtime.model import LlamaModel, ResidentWeights, stacked_rows
 from vnpu.runtime.sources import resolve
 from vnpu.runtime.tokenizer import Tokenizer
 
@@ -114,6 +114,49 @@ def test_greedy_generation_matches_transformers(smollm2_weights: Any, tokenizer:
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3, msg=f"logits differ at step {step}")
     # The un-permuted RoPE layout is the right one: the model answers sensibly.
     assert "Paris" in tokenizer.decode(ours)
+
+
+def test_the_arena_stacks_q_k_v_and_gate_up_in_place(smollm2_weights: Any) -> None:
+    """The loader packs q, k, v (and gate, up) back to back: the model gets one view over each group,
+    into the same memory, holding exactly the rows of its parts."""
+    model = our_model(smollm2_weights)
+    for unit, stack, keys in (
+        (model._blocks[0], "qkv", "qkv"),
+        (model._blocks[1], "gate_up", ("gate", "up")),
+    ):
+        with model.weights.unit(unit) as w:
+            assert w[stack].data_ptr() == w[keys[0]].data_ptr()  # a view, no copy
+            torch.testing.assert_close(w[stack], torch.cat([w[k] for k in keys]), rtol=0, atol=0)
+
+
+def test_stacked_rows_refuses_weights_that_do_not_touch() -> None:
+    flat = torch.zeros(10 * 4 + 8)
+    a, b = flat[:16].view(4, 4), flat[16:32].view(4, 4)
+    assert stacked_rows([a, b]) is not None
+    assert stacked_rows([a, flat[20:36].view(4, 4)]) is None  # padding between them
+    assert stacked_rows([b, a]) is None  # out of order
+    assert stacked_rows([a, flat[16:32].clone().view(4, 4)]) is None  # another storage
+    assert stacked_rows([a, flat[16:32].view(2, 8)]) is None  # other columns
+    assert stacked_rows([a, flat[16:48].view(4, 8)[:, :4]]) is None  # not contiguous
+
+
+def test_separate_projections_give_the_tokens_stacked_ones_give(
+    smollm2_weights: Any, tokenizer: Tokenizer
+) -> None:
+    """Weights that do not touch (each its own copy) take one GEMM per projection: same greedy tokens."""
+    ids = tokenizer.encode(PROMPT)
+    copies = {
+        name: smollm2_weights.arena.view(entry).clone()
+        for name, entry in smollm2_weights.manifest.tensors.items()
+    }
+    separate = LlamaModel(smollm2_weights.manifest.config, ResidentWeights(copies), max_positions=512)
+    with separate.weights.unit(separate._blocks[0]) as w:
+        assert "qkv" not in w
+    ours, our_logits = our_greedy(our_model(smollm2_weights), ids, 12)
+    theirs, their_logits = our_greedy(separate, ids, 12)
+    assert ours == theirs
+    for a, b in zip(our_logits, their_logits, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3)
 
 
 def test_chunked_prefill_equals_one_shot(tmp_path: Path) -> None:
