@@ -35,6 +35,8 @@ examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from vnpu.jsonbody import BODY_TIMEOUT_S, IDLE_CONNECTION_TIMEOUT_S  # (it imports aiohttp)
+
     p = argparse.ArgumentParser(
         prog="vnpu gateway",
         description=DESCRIPTION,
@@ -67,6 +69,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long a request waits for a model to wake from zero (default %(default)s)",
     )
     p.add_argument("--no-wake", action="store_true", help="never scale a model up from zero")
+    p.add_argument(
+        "--body-timeout",
+        type=float,
+        default=BODY_TIMEOUT_S,
+        metavar="SECONDS",
+        help="how long a client may take to send a request body; then a 408 (default %(default)s)",
+    )
+    p.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=IDLE_CONNECTION_TIMEOUT_S,
+        metavar="SECONDS",
+        help="close a connection that has not sent a whole request head for this long: idle "
+        "keep-alives and clients that trickle their headers (default %(default)s)",
+    )
     p.add_argument(
         "--activity-flush",
         type=float,
@@ -112,14 +129,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     gateway = Gateway(
         discovery=Discovery(client, tuple(args.namespace)),
         keys=keys,
-        config=GatewayConfig(wake_timeout_s=args.wake_timeout),
+        config=GatewayConfig(wake_timeout_s=args.wake_timeout, body_timeout_s=args.body_timeout),
         wake=None if args.no_wake else (lambda ns, name: scale_from_zero(client, ns, name)),
         record=recorder.record,
     )
     recorder.start()
     log.info("gateway serving", extra={"host": args.host, "port": args.port, "keys": keys.enabled})
     try:
-        web.run_app(make_app(gateway), host=args.host, port=args.port, print=None, handler_cancellation=True)
+        web.run_app(
+            make_app(gateway),
+            host=args.host,
+            port=args.port,
+            print=None,
+            handler_cancellation=True,
+            keepalive_timeout=args.idle_timeout,
+        )
     finally:
         recorder.stop()
     return 0

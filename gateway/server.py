@@ -42,7 +42,7 @@ from prometheus_client.registry import Collector
 from vnpu.gateway.discovery import Discovery
 from vnpu.gateway.keys import ApiKey, KeyFileError, KeyRing
 from vnpu.gateway.routing import Endpoint, Route, pick
-from vnpu.jsonbody import BodyError, read_json
+from vnpu.jsonbody import BODY_TIMEOUT_S, BodyError, BodyTimeoutError, read_json
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +129,7 @@ class GatewayMetrics:
 @dataclass
 class GatewayConfig:
     wake_timeout_s: float = 120.0
+    body_timeout_s: float = BODY_TIMEOUT_S
     connect_timeout_s: float = 5.0
     kv_scrape_interval_s: float = 2.0
 
@@ -229,10 +230,10 @@ class Gateway:
         if isinstance(caller, web.Response):
             return caller
         try:
-            body = await read_json(request)
+            body = await read_json(request, timeout_s=self.config.body_timeout_s)
         except BodyError as e:
-            message = str(e)
-            return openai_error(400, f"{message[0].upper()}{message[1:]}.", "invalid_request_error")
+            message, status = str(e), 408 if isinstance(e, BodyTimeoutError) else 400
+            return openai_error(status, f"{message[0].upper()}{message[1:]}.", "invalid_request_error")
         raw = await request.read()  # the bytes read_json parsed (aiohttp keeps them): forwarded as they are
         model = body.get("model") if isinstance(body, dict) else None
         if not isinstance(model, str) or not model:

@@ -43,7 +43,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from vnpu.jsonbody import BodyError, read_json
+from vnpu.jsonbody import BODY_TIMEOUT_S, IDLE_CONNECTION_TIMEOUT_S, BodyError, BodyTimeoutError, read_json
 from vnpu.runtime.engine import GenerationRequest, ModelRuntime, RequestHandle, RequestOutput
 from vnpu.runtime.errors import ContextLengthError, InvalidRequestError, RuntimeUnavailableError
 from vnpu.runtime.openai_protocol import (
@@ -62,6 +62,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 RUNTIME_KEY = web.AppKey("runtime", ModelRuntime)
 _STARTED_KEY = web.AppKey("started", int)
+_BODY_TIMEOUT_KEY = web.AppKey("body_timeout_s", float)
 #: Largest request body (bytes); a bigger one is a 400, like any other oversize prompt.
 MAX_BODY_BYTES = 8 * 1024 * 1024
 #: How often a handler waiting for tokens checks that its client is still connected (seconds).
@@ -100,9 +101,11 @@ def _as_http(error: Exception) -> HTTPError:
 async def _read_request(request: web.Request, parse: Callable[[Any], T]) -> T:
     """The body read and parsed into a typed request (off the loop when large; see vnpu.jsonbody)."""
     try:
-        return await read_json(request, parse)
+        return await read_json(request, parse, timeout_s=request.app[_BODY_TIMEOUT_KEY])
     except web.HTTPRequestEntityTooLarge as e:
         raise BadRequest(f"the request body is larger than {MAX_BODY_BYTES} bytes") from e
+    except BodyTimeoutError as e:
+        raise HTTPError(408, str(e), "invalid_request_error", "request_timeout") from e
     except BodyError as e:
         raise BadRequest(str(e)) from e
 
@@ -469,11 +472,12 @@ async def openai_errors(request: web.Request, handler: Callable[[web.Request], A
         return web.json_response(error_body(e.reason, "invalid_request_error"), status=e.status)
 
 
-def make_app(runtime: ModelRuntime) -> web.Application:
+def make_app(runtime: ModelRuntime, body_timeout_s: float = BODY_TIMEOUT_S) -> web.Application:
     """The server's application; the waiting-queue limit is ``runtime.options.max_queue``."""
     app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[openai_errors])
     app[RUNTIME_KEY] = runtime
     app[_STARTED_KEY] = int(time.time())
+    app[_BODY_TIMEOUT_KEY] = body_timeout_s
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", models)
@@ -492,8 +496,11 @@ class HttpServerThread:
     """An aiohttp app served from its own thread and event loop; :meth:`stop_then` closes it gracefully
     (no new connections, requests in flight get up to ``SHUTDOWN_TIMEOUT_S``) and then calls ``after``."""
 
-    def __init__(self, app: web.Application, host: str, port: int) -> None:
+    def __init__(
+        self, app: web.Application, host: str, port: int, idle_timeout_s: float = IDLE_CONNECTION_TIMEOUT_S
+    ) -> None:
         self._app, self._host, self._port = app, host, port
+        self._idle_timeout_s = idle_timeout_s
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run, name="http", daemon=True)
         self._started = threading.Event()
@@ -511,7 +518,9 @@ class HttpServerThread:
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
         try:
-            self._runner = web.AppRunner(self._app, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+            self._runner = web.AppRunner(
+                self._app, shutdown_timeout=SHUTDOWN_TIMEOUT_S, keepalive_timeout=self._idle_timeout_s
+            )
             self._loop.run_until_complete(self._runner.setup())
             site = web.TCPSite(self._runner, self._host, self._port)
             self._loop.run_until_complete(site.start())

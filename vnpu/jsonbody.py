@@ -11,6 +11,12 @@ gateway's OpenAI endpoints.
 
 A body over the application's ``client_max_size`` raises aiohttp's ``HTTPRequestEntityTooLarge`` (a
 413), which each caller answers as its API does.
+
+Slow clients: a body that does not arrive within ``BODY_TIMEOUT_S`` raises :class:`BodyTimeoutError`
+(a 408), so a client trickling bytes cannot hold a handler and its buffers for good; and both servers
+close a connection that has not sent a whole request head within ``IDLE_CONNECTION_TIMEOUT_S`` (aiohttp's
+keep-alive timeout, which covers a connection that sent nothing or trickles its headers; an
+``AppRunner``'s default is 3,630 s).
 """
 
 from __future__ import annotations
@@ -30,8 +36,18 @@ T = TypeVar("T")
 OFF_LOOP_BYTES = 256 * 1024
 
 
+#: Seconds a client has to send a whole request body once its head is in (nginx's client_body_timeout).
+BODY_TIMEOUT_S = 60.0
+#: Seconds a connection may stay open without a whole request head (nginx's keepalive_timeout).
+IDLE_CONNECTION_TIMEOUT_S = 75.0
+
+
 class BodyError(ValueError):
     """Why a request body cannot be used: the client's mistake (a 400), said in words."""
+
+
+class BodyTimeoutError(BodyError):
+    """The body did not arrive within ``BODY_TIMEOUT_S``: a 408."""
 
 
 def parse_json(data: bytes) -> Any:
@@ -50,12 +66,17 @@ def parse_json(data: bytes) -> Any:
         raise BodyError(f"the request body is not valid JSON: {e}") from e
 
 
-async def read_json(request: web.Request, then: Callable[[Any], T] = lambda body: body) -> T:
+async def read_json(
+    request: web.Request, then: Callable[[Any], T] = lambda body: body, timeout_s: float = BODY_TIMEOUT_S
+) -> T:
     """The body parsed as JSON, passed through ``then`` (the caller's own parse into a typed request),
-    both off the event loop when the body is large. Raises BodyError for a body that cannot be used,
-    and whatever ``then`` raises."""
+    both off the event loop when the body is large. Raises BodyError for a body that cannot be used
+    (BodyTimeoutError when it is not all in within ``timeout_s``), and whatever ``then`` raises."""
     try:
-        data = await request.read()
+        async with asyncio.timeout(timeout_s):
+            data = await request.read()
+    except TimeoutError as e:
+        raise BodyTimeoutError(f"the request body did not arrive within {timeout_s:g} s") from e
     except (BadHttpMessage, web.RequestPayloadError) as e:  # e.g. a Content-Encoding that does not decode
         detail = str(e).strip().splitlines()[-1].strip()  # aiohttp's "400, message:\n  <why>": the why
         raise BodyError(f"the request body cannot be decoded: {detail}") from e

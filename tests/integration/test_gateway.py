@@ -33,6 +33,7 @@ import openai
 import pytest
 from aiohttp import web
 from kubernetes import client
+from slow_clients import probe
 
 from vnpu import api
 from vnpu.cluster.controlplane import free_port
@@ -589,6 +590,20 @@ def test_a_wake_that_takes_too_long_is_a_503_with_retry_after(control_plane, nam
         assert err.value.response.headers["Retry-After"] == "5"
     finally:
         gw.stop()
+
+
+def test_slow_clients_are_cut_off_while_others_are_served(control_plane, namespace, tmp_path) -> None:
+    """The gateway faces the clients: one that trickles its request head is hung up on after
+    --idle-timeout, one that trickles its body gets a 408 after --body-timeout, and another client is
+    served meanwhile."""
+    gw = Gateway(control_plane, tmp_path, namespace, extra=("--body-timeout", "1", "--idle-timeout", "1"))
+    try:
+        got = asyncio.run(probe(gw.port, limit_s=30))
+    finally:
+        gw.stop()
+    assert got["served"] and got["head_closed"]
+    assert got["status"] == 408
+    assert "did not arrive within 1 s" in got["body"]["error"]["message"]
 
 
 def test_a_model_at_zero_is_answered_by_its_warm_holder_while_it_wakes(

@@ -12,10 +12,11 @@ from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import given
 from hypothesis import strategies as st
 from rt_helpers import load_tiny_llama, write_tiny_llama
+from slow_clients import probe
 
 from vnpu.runtime.engine import ModelRuntime, ServeOptions, StopMatcher
 from vnpu.runtime.errors import InvalidRequestError, MemoryBudgetError
-from vnpu.runtime.server import make_app
+from vnpu.runtime.server import HttpServerThread, make_app
 
 CONTEXT = 64
 
@@ -285,3 +286,23 @@ def test_a_vocabulary_padded_past_the_tokenizer_is_never_sampled_nor_accepted(tm
             rt.complete([104, 290], 2)
     finally:
         rt.close()
+
+
+def test_slow_clients_are_cut_off_while_others_are_served(runtime: ModelRuntime) -> None:
+    """A client that trickles its request head is hung up on after the idle timeout, one that trickles
+    its body gets a 408 after the body timeout (neither holds a handler for good), and a third client
+    is served meanwhile. The server is the one ``serve`` runs, with its timeouts shortened."""
+    from vnpu.cluster.controlplane import free_port
+
+    port = free_port()
+    server = HttpServerThread(make_app(runtime, body_timeout_s=1.0), "127.0.0.1", port, idle_timeout_s=1.0)
+    server.start()
+    try:
+        got = asyncio.run(probe(port, limit_s=30))
+    finally:
+        server.stop_then(lambda: None)
+        server.join(30)
+    assert got["served"] and got["head_closed"]
+    assert got["status"] == 408
+    assert got["body"]["error"]["code"] == "request_timeout"
+    assert "did not arrive within 1 s" in got["body"]["error"]["message"]
