@@ -36,6 +36,7 @@ class ModelInfo:
     replicas: int
     min_replicas: int
     holder_serves: bool = False
+    priority: int = api.DEFAULT_PRIORITY
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ def parse_model(obj: Mapping[str, Any]) -> ModelInfo | None:
         replicas=replicas,
         min_replicas=min_replicas,
         holder_serves=api.holder_serves(min_replicas, str(scaling.get("keepWarm", api.DEFAULT_KEEP_WARM))),
+        priority=int(spec.get("priority", api.DEFAULT_PRIORITY)),
     )
 
 
@@ -144,6 +146,7 @@ class Discovery:
                 of(key, False),
                 warm=of(key, True),
                 holder_serves=m.holder_serves,
+                priority=m.priority,
             )
             for key, m in self._models.items()
         }

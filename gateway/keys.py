@@ -15,6 +15,16 @@ clear (``key``); the gateway keeps only digests and compares them in constant ti
         key: s3cr3t
         models: ["*"]
 
+A request may carry a ``priority`` (higher is more important: under memory pressure a replica
+preempts its lowest-priority sequences first). With keys, a request may ask for no more than its
+model's own ``spec.priority``, or the key's ``maxPriority`` where that is higher; asking for more is a
+403. Without the limit, any client of a model could push every other client's sequences out::
+
+      - name: pager-bot
+        sha256: ...
+        models: ["team-a/*"]
+        maxPriority: 100
+
 A key that may not call a model gets the same 404 as a model that does not exist: no caller learns
 what other tenants serve. For the same reason ``/metrics``, which names every model, needs a key whose
 ``models`` hold ``*`` (scrape it with that key as the bearer token).
@@ -42,6 +52,12 @@ class ApiKey:
     name: str
     digest: bytes  #: SHA-256 of the key
     models: tuple[str, ...]
+    #: The highest request priority the key may ask for (None: its model's own spec.priority).
+    max_priority: int | None = None
+
+    def priority_limit(self, model_priority: int) -> int:
+        """The highest priority this key's requests to a model of ``model_priority`` may carry."""
+        return model_priority if self.max_priority is None else max(model_priority, self.max_priority)
 
     @property
     def sees_every_model(self) -> bool:
@@ -86,7 +102,12 @@ def parse_keys(data: Any) -> tuple[ApiKey, ...]:
         models = entry.get("models")
         if not isinstance(models, list) or not models or not all(isinstance(m, str) and m for m in models):
             raise KeyFileError(f"{where} ({name}): 'models' must be a non-empty list of model name patterns")
-        keys.append(ApiKey(name, digest, tuple(models)))
+        max_priority = entry.get("maxPriority")
+        if max_priority is not None and (
+            not isinstance(max_priority, int) or isinstance(max_priority, bool) or abs(max_priority) >= 2**31
+        ):
+            raise KeyFileError(f"{where} ({name}): 'maxPriority' must be a 32-bit integer")
+        keys.append(ApiKey(name, digest, tuple(models), max_priority))
     return tuple(keys)
 
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from vnpu.api import DEFAULT_PRIORITY
+
 
 @dataclass(frozen=True)
 class Endpoint:
@@ -49,6 +51,7 @@ class Route:
     #: Its share group's serving weight-holders (its warm Service), used while no replica is ready.
     warm: tuple[Endpoint, ...] = ()
     holder_serves: bool = False  #: vnpu.api.holder_serves: its holders may answer it
+    priority: int = DEFAULT_PRIORITY  #: spec.priority: its requests' default priority
 
     @property
     def qualified_name(self) -> str:

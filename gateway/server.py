@@ -67,9 +67,14 @@ _DROP_RESPONSE_HEADERS = {"connection", "keep-alive", "transfer-encoding", "cont
 
 
 def openai_error(
-    status: int, message: str, kind: str, code: str | None = None, headers: dict[str, str] | None = None
+    status: int,
+    message: str,
+    kind: str,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+    param: str | None = None,
 ) -> web.Response:
-    body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
     return web.json_response(body, status=status, headers=headers)
 
 
@@ -244,6 +249,17 @@ class Gateway:
         ):
             self.metrics.requests.labels("", "404").inc()
             return not_found(model)
+        if caller is not None:
+            priority, limit = body.get("priority"), caller.priority_limit(route.priority)
+            if isinstance(priority, int | float) and not isinstance(priority, bool) and priority > limit:
+                self.metrics.requests.labels(route.qualified_name, "403").inc()
+                return openai_error(
+                    403,
+                    f"This API key may not ask for a priority above {limit} for {route.qualified_name}.",
+                    "invalid_request_error",
+                    "priority_not_allowed",
+                    param="priority",
+                )
         if model != route.model_name:
             # A replica knows only its own modelName: the namespace-qualified name is the gateway's.
             body["model"] = route.model_name

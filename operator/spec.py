@@ -19,6 +19,7 @@ from typing import Any
 
 from vnpu.api import (
     DEFAULT_MIN_REPLICAS,
+    DEFAULT_PRIORITY,
     KEEP_WARM_AUTO,
     KEEP_WARM_MODES,
     holder_serves,
@@ -27,7 +28,6 @@ from vnpu.operator.packing import Spread, Toleration
 
 DEFAULT_REPLICAS = 1
 DEFAULT_PORT = 8000
-DEFAULT_PRIORITY = 0
 DEFAULT_PREFETCH_DEPTH = 2
 #: Rolling-update defaults, as a Deployment's: a quarter more replicas while rolling, none unavailable.
 DEFAULT_MAX_SURGE: int | str = "25%"

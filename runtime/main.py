@@ -249,9 +249,9 @@ def _add_model_serving_args(g: argparse._ArgumentGroup) -> None:
     g.add_argument(
         "--default-priority",
         type=int,
-        default=_env_int("VNPU_DEFAULT_PRIORITY") or 0,
+        default=_env_int("VNPU_DEFAULT_PRIORITY") or api.DEFAULT_PRIORITY,
         help="priority of requests that give none; higher is served first and preempted last "
-        "(spec.priority) [$VNPU_DEFAULT_PRIORITY, default 0]",
+        f"(spec.priority) [$VNPU_DEFAULT_PRIORITY, default {api.DEFAULT_PRIORITY}]",
     )
     g.add_argument(
         "--prefill-chunk",

@@ -59,6 +59,10 @@ KEEP_WARM_ALWAYS, KEEP_WARM_NEVER, KEEP_WARM_AUTO = "Always", "Never", "Auto"
 KEEP_WARM_MODES = (KEEP_WARM_ALWAYS, KEEP_WARM_NEVER, KEEP_WARM_AUTO)
 DEFAULT_KEEP_WARM = KEEP_WARM_AUTO
 DEFAULT_MIN_REPLICAS = 1
+#: ``spec.priority``: placement priority, and the default priority of the model's requests (higher is
+#: more important). A request may ask for its own (the runtime's ``priority`` field); through the
+#: gateway with API keys, no higher than the model's own or its key's ``maxPriority``.
+DEFAULT_PRIORITY = 0
 
 
 def holder_serves(min_replicas: int, keep_warm: str) -> bool:

@@ -87,6 +87,20 @@ def test_api_keys_are_kept_as_digests_and_match_patterns(tmp_path) -> None:
     assert all(len(k.digest) == 32 for k in ring._keys)  # no key in the clear in memory
 
 
+def test_a_keys_priority_limit_is_its_models_own_unless_it_may_ask_for_more() -> None:
+    plain, pager = parse_keys(
+        {
+            "keys": [
+                {"name": "app", "key": "app-secret-1", "models": ["*"]},
+                {"name": "pager", "key": "pager-secret", "models": ["*"], "maxPriority": 100},
+            ]
+        }
+    )
+    assert (plain.max_priority, pager.max_priority) == (None, 100)
+    assert plain.priority_limit(5) == 5 and plain.priority_limit(-2) == -2
+    assert pager.priority_limit(5) == 100 and pager.priority_limit(500) == 500  # never below the model's
+
+
 @pytest.mark.parametrize(
     ("data", "message"),
     [
@@ -95,6 +109,9 @@ def test_api_keys_are_kept_as_digests_and_match_patterns(tmp_path) -> None:
         ({"keys": [{"name": "x", "key": "short", "models": ["*"]}]}, "at least 8 characters"),
         ({"keys": [{"name": "x", "sha256": "zz", "models": ["*"]}]}, "64 hex characters"),
         ({"keys": [{"name": "x", "key": "long-enough", "models": []}]}, "non-empty list"),
+        ({"keys": [{"name": "x", "key": "long-enough", "models": ["*"], "maxPriority": "9"}]}, "32-bit"),
+        ({"keys": [{"name": "x", "key": "long-enough", "models": ["*"], "maxPriority": True}]}, "32-bit"),
+        ({"keys": [{"name": "x", "key": "long-enough", "models": ["*"], "maxPriority": 2**31}]}, "32-bit"),
     ],
 )
 def test_a_bad_keys_file_is_refused_with_the_entry_named(data, message) -> None:
@@ -108,6 +125,11 @@ def test_watch_objects_parse_into_routes() -> None:
     info = parse_model(model)
     assert info is not None and (info.model_name, info.replicas, info.min_replicas) == ("smollm2", 0, 0)
     assert parse_model({"metadata": {"namespace": "ns", "name": "x"}, "spec": {}}).min_replicas == 1
+    assert (
+        parse_model({"metadata": {"namespace": "ns", "name": "x"}, "spec": {}}).priority
+        == api.DEFAULT_PRIORITY
+    )
+    assert parse_model({"metadata": {"namespace": "ns", "name": "x"}, "spec": {"priority": 7}}).priority == 7
     assert parse_model({**model, "metadata": {**model["metadata"], "deletionTimestamp": "now"}}) is None
     slice_ = {
         "metadata": {"namespace": "ns", "name": "chat-abc", "labels": {api.LABEL_MODEL: "chat"}},

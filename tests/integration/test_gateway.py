@@ -592,6 +592,43 @@ def test_a_wake_that_takes_too_long_is_a_503_with_retry_after(control_plane, nam
         gw.stop()
 
 
+def test_an_api_key_may_not_ask_for_more_priority_than_it_was_given(
+    control_plane, namespace, replicas, tmp_path
+) -> None:
+    """Priority decides whose sequences a replica preempts: with keys, a request may ask for no more
+    than its model's own spec.priority, or its key's maxPriority; more is a 403 that never reaches the
+    replica, so one client cannot push every other client of the model out."""
+    apply(
+        control_plane,
+        model(namespace, "chat", "smollm2", priority=5),
+        endpoint_slice(namespace, "chat", [replicas["a1"]]),
+    )
+    keys = tmp_path / "keys.yaml"
+    keys.write_text(
+        "keys:\n"
+        "  - {name: app, key: app-key-12345, models: ['*']}\n"
+        "  - {name: pager, key: pager-key-1234, models: ['*'], maxPriority: 100}\n"
+    )
+    gw = Gateway(control_plane, tmp_path, namespace, extra=("--api-keys", str(keys)))
+    try:
+        wait_until(lambda: gw.client("app-key-12345").models.list().data, 30, "the model listed")
+        app, pager = gw.client("app-key-12345"), gw.client("pager-key-1234")
+        for client, priority in ((app, None), (app, 5), (app, -3), (pager, 100)):
+            extra = {} if priority is None else {"priority": priority}
+            assert answered_by(client.completions.create(model="smollm2", prompt="x", extra_body=extra))
+            assert replicas["a1"].requests[-1]["body"].get("priority") == priority  # forwarded as asked
+        forwarded = len(replicas["a1"].requests)
+        for client, priority, limit in ((app, 6, 5), (app, 5.5, 5), (pager, 101, 100)):
+            with pytest.raises(openai.PermissionDeniedError) as refused:
+                client.completions.create(model="smollm2", prompt="x", extra_body={"priority": priority})
+            error = refused.value.body
+            assert error["code"] == "priority_not_allowed" and error["param"] == "priority"
+            assert f"above {limit} for {namespace}/smollm2" in error["message"]
+        assert len(replicas["a1"].requests) == forwarded
+    finally:
+        gw.stop()
+
+
 def test_slow_clients_are_cut_off_while_others_are_served(control_plane, namespace, tmp_path) -> None:
     """The gateway faces the clients: one that trickles its request head is hung up on after
     --idle-timeout, one that trickles its body gets a 408 after --body-timeout, and another client is
