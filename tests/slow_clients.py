@@ -34,6 +34,15 @@ async def _response(reader: asyncio.StreamReader) -> tuple[int, dict[str, Any]]:
     return int(lines[0].split()[1]), json.loads(body)
 
 
+async def _hung_up(reader: asyncio.StreamReader) -> bool:
+    """Whether the server closed the connection without answering (a reset counts: our trickle may
+    write after the server's FIN)."""
+    try:
+        return await reader.read() == b""
+    except ConnectionResetError:
+        return True
+
+
 async def _healthz(port: int) -> bytes:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(b"GET /healthz HTTP/1.1\r\nHost: vnpu\r\nConnection: close\r\n\r\n")
@@ -54,7 +63,7 @@ async def probe(port: int, limit_s: float) -> dict[str, Any]:
     ]
     try:
         served = await asyncio.wait_for(_healthz(port), limit_s)
-        head_closed = await asyncio.wait_for(head_reader.read(), limit_s) == b""
+        head_closed = await asyncio.wait_for(_hung_up(head_reader), limit_s)
         status, answer = await asyncio.wait_for(_response(body_reader), limit_s)
     finally:
         for task in trickles:
