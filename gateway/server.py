@@ -42,7 +42,7 @@ from prometheus_client.registry import Collector
 from vnpu.gateway.discovery import Discovery
 from vnpu.gateway.keys import ApiKey, KeyFileError, KeyRing
 from vnpu.gateway.routing import Endpoint, Route, pick
-from vnpu.jsonbody import BODY_TIMEOUT_S, BodyError, BodyTimeoutError, read_json
+from vnpu.jsonbody import BODY_TIMEOUT_S, BodyError, BodyTimeoutError, quiet_answered_body_errors, read_json
 
 log = logging.getLogger(__name__)
 
@@ -420,6 +420,7 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 def make_app(gateway: Gateway) -> web.Application:
+    quiet_answered_body_errors()
     app = web.Application(client_max_size=MAX_BODY)
     app[GATEWAY_KEY] = gateway
 

@@ -43,7 +43,14 @@ from typing import Any, TypeVar
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from vnpu.jsonbody import BODY_TIMEOUT_S, IDLE_CONNECTION_TIMEOUT_S, BodyError, BodyTimeoutError, read_json
+from vnpu.jsonbody import (
+    BODY_TIMEOUT_S,
+    IDLE_CONNECTION_TIMEOUT_S,
+    BodyError,
+    BodyTimeoutError,
+    quiet_answered_body_errors,
+    read_json,
+)
 from vnpu.runtime.engine import GenerationRequest, ModelRuntime, RequestHandle, RequestOutput
 from vnpu.runtime.errors import ContextLengthError, InvalidRequestError, RuntimeUnavailableError
 from vnpu.runtime.openai_protocol import (
@@ -474,6 +481,7 @@ async def openai_errors(request: web.Request, handler: Callable[[web.Request], A
 
 def make_app(runtime: ModelRuntime, body_timeout_s: float = BODY_TIMEOUT_S) -> web.Application:
     """The server's application; the waiting-queue limit is ``runtime.options.max_queue``."""
+    quiet_answered_body_errors()
     app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[openai_errors])
     app[RUNTIME_KEY] = runtime
     app[_STARTED_KEY] = int(time.time())

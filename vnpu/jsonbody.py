@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -40,6 +41,29 @@ OFF_LOOP_BYTES = 256 * 1024
 BODY_TIMEOUT_S = 60.0
 #: Seconds a connection may stay open without a whole request head (nginx's keepalive_timeout).
 IDLE_CONNECTION_TIMEOUT_S = 75.0
+
+
+class _AnsweredBodyErrors(logging.Filter):
+    """Drops aiohttp's "Unhandled exception" for a body that does not decode.
+
+    After a handler answers, aiohttp drains the unread rest of the body, and a body that does not
+    decode raises again there. aiohttp logs that with a traceback, once per hostile request, which
+    floods the logs. :func:`read_json` has already answered such a body with a 400, so the record
+    adds nothing."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not isinstance(error, web.RequestPayloadError | BadHttpMessage)
+
+
+_ANSWERED = _AnsweredBodyErrors()
+
+
+def quiet_answered_body_errors() -> None:
+    """Install the filter on aiohttp's server logger (once per process; each app calls this)."""
+    server_log = logging.getLogger("aiohttp.server")
+    if _ANSWERED not in server_log.filters:
+        server_log.addFilter(_ANSWERED)
 
 
 class BodyError(ValueError):
