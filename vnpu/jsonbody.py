@@ -53,7 +53,7 @@ class _AnsweredBodyErrors(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
-        return not isinstance(error, web.RequestPayloadError | BadHttpMessage)
+        return not isinstance(error, web.RequestPayloadError)
 
 
 _ANSWERED = _AnsweredBodyErrors()
