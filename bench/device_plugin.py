@@ -323,15 +323,6 @@ def measure_calls(
     return samples, server_side, real_path
 
 
-def write_simulated(path: Path, devices: list[dict[str, Any]]) -> None:
-    """The simulated backend's device file, replaced atomically (a poll never reads half of it)."""
-    import yaml
-
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(yaml.safe_dump({"model": "sim-910B", "devices": devices}))
-    os.replace(tmp, path)
-
-
 def measure_health_flips(flips: int) -> list[float]:
     """Seconds from a device turning unhealthy (or healthy again) in the backend's view to the
     ListAndWatch message that tells the kubelet, ``flips`` times, alternating. The plugin polls its
@@ -342,12 +333,13 @@ def measure_health_flips(flips: int) -> list[float]:
 
     from vnpu.cluster.binaries import ensure_binaries
     from vnpu.cluster.controlplane import ControlPlane
+    from vnpu.device_plugin.backends.simulated import write_config
     from vnpu.device_plugin.proto import api_pb2
 
     workdir = Path(tf.mkdtemp(prefix="vnpu-bench-dp-health-"))
     config = workdir / "devices.yaml"
     devices = [{"id": f"npu{i}", "memory_mib": 8192, "numa_node": 0} for i in range(2)]
-    write_simulated(config, devices)
+    write_config(config, devices)
     cp = ControlPlane(ensure_binaries(), workdir / "cp").start()
     plugin: PluginUnderTest | None = None
     latencies: list[float] = []
@@ -361,7 +353,7 @@ def measure_health_flips(flips: int) -> list[float]:
             health = "Unhealthy" if i % 2 == 0 else "Healthy"
             sick = dict(devices[1], health=health, reason="bench") if health == "Unhealthy" else devices[1]
             time.sleep(random.uniform(0, 0.5))  # land anywhere in the poll interval
-            write_simulated(config, [devices[0], sick])
+            write_config(config, [devices[0], sick])
             changed = time.perf_counter()
             message = next(stream)
             latencies.append(time.perf_counter() - changed)

@@ -19,6 +19,7 @@ evenly over NUMA_NODES nodes. Simulated devices behave like Ascend NPUs towards 
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,15 @@ def parse_spec(spec: str, model: str = DEFAULT_MODEL) -> list[PhysicalDevice]:
         )
         for i in range(count)
     ]
+
+
+def write_config(path: Path, devices: list[dict[str, Any]], model: str = DEFAULT_MODEL) -> Path:
+    """Write a config file of ``devices`` (entries as above), replaced atomically: the backend re-reads
+    the file when it changes, and a poll must never see half of it."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump({"model": model, "devices": devices}))
+    os.replace(tmp, path)
+    return path
 
 
 def parse_config(data: Any) -> list[PhysicalDevice]:

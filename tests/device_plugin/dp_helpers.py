@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import queue
 import signal
 import stat
@@ -20,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import yaml
 
+from vnpu.device_plugin.backends.simulated import write_config
 from vnpu.device_plugin.plugin import PluginConfig
 from vnpu.device_plugin.proto import api_pb2, api_pb2_grpc
 
@@ -32,11 +31,8 @@ PYTHON = sys.executable
 
 
 def write_devices(path: Path, devices: list[dict[str, Any]], model: str = "sim-910B") -> Path:
-    """Write a simulated-backend config (atomically, so a poll never sees half a file)."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(yaml.safe_dump({"model": model, "devices": devices}))
-    os.replace(tmp, path)
-    return path
+    """Write a simulated-backend config (the backend's own writer: atomic)."""
+    return write_config(path, devices, model)
 
 
 def wait_for(
