@@ -141,6 +141,11 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding, HF's "rotate half" layout."""
+    return x * cos + _rotate_half(x) * sin
+
+
 Linear = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -356,10 +361,10 @@ class LlamaModel:
             q = self._linear(h, w["q"]).view(*lead, heads, d)
             k = self._linear(h, w["k"]).view(*lead, kv_heads, d)
             v = self._linear(h, w["v"]).view(*lead, kv_heads, d)
-            return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v
+            return _apply_rope(q, cos, sin), _apply_rope(k, cos, sin), v
         out = self._linear(h, stacked).view(*lead, heads + 2 * kv_heads, d)
         qk, v = out[..., : heads + kv_heads, :], out[..., heads + kv_heads :, :]
-        qk = qk * cos + _rotate_half(qk) * sin
+        qk = _apply_rope(qk, cos, sin)
         return qk[..., :heads, :], qk[..., heads:, :], v
 
     def _feed_forward(self, x: torch.Tensor, w: Mapping[str, torch.Tensor]) -> torch.Tensor:
