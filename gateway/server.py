@@ -43,6 +43,7 @@ from vnpu.gateway.discovery import Discovery
 from vnpu.gateway.keys import ApiKey, KeyFileError, KeyRing
 from vnpu.gateway.routing import Endpoint, Route, pick
 from vnpu.jsonbody import BODY_TIMEOUT_S, BodyError, BodyTimeoutError, quiet_answered_body_errors, read_json
+from vnpu.openai_error import error_body
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +75,7 @@ def openai_error(
     headers: dict[str, str] | None = None,
     param: str | None = None,
 ) -> web.Response:
-    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
-    return web.json_response(body, status=status, headers=headers)
+    return web.json_response(error_body(message, kind, code, param), status=status, headers=headers)
 
 
 def not_found(model: str) -> web.Response:

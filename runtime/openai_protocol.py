@@ -425,11 +425,6 @@ def _replace(fields: SamplingFields, **changes: Any) -> SamplingFields:
 # --- responses -----------------------------------------------------------------------------------
 
 
-def error_body(message: str, kind: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
-    """OpenAI's error object."""
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
-
-
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     return {
         "prompt_tokens": prompt_tokens,

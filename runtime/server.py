@@ -51,13 +51,13 @@ from vnpu.jsonbody import (
     quiet_answered_body_errors,
     read_json,
 )
+from vnpu.openai_error import error_body
 from vnpu.runtime.engine import GenerationRequest, ModelRuntime, RequestHandle, RequestOutput
 from vnpu.runtime.errors import ContextLengthError, InvalidRequestError, RuntimeUnavailableError
 from vnpu.runtime.openai_protocol import (
     BadRequest,
     ChatRequest,
     CompletionRequest,
-    error_body,
     parse_chat,
     parse_completion,
     usage,
