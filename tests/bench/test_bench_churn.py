@@ -45,6 +45,11 @@ def test_a_short_run_writes_json_table_and_plot(tmp_path):
     assert sticky["weight_copies"] >= 1 and sticky["fresh_weight_copies"] >= 1
     assert (out / "churn.png").stat().st_size > 10_000 and (out / "churn.md").exists()
     assert 0 < sticky["floor_with_goal_moves_left"] <= sticky["ratio_at_end"]
+    # The end pass spends at most the moves the goal leaves, never loses ground, and never beats the floor.
+    for s in (sticky, consolidating):
+        limit = max(s["moves_total"], int(0.05 * s["replicas_at_end"]))
+        assert s["moves_total"] + s["end_pass_moves"] <= limit
+        assert s["floor_with_goal_moves_left"] <= s["end_pass_ratio"] <= s["ratio_at_end"]
 
 
 def test_the_devices_floor_counts_only_weight_copies_moves_can_empty():
