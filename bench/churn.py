@@ -30,6 +30,11 @@ the end, allowed every move the goal still allows (``end_pass_moves`` of them us
 acts while a move frees a device or saves ``--min-slices-per-move`` slices) and ``END_PASS_TRIES``
 candidates per move. The floor says how far any moves could go; the end pass, how far ours go.
 
+What the fresh repack itself costs: ``defragment_moves`` is the running replicas that
+``pack(..., defragment=True)`` (the operator's ``--defragment``) restarts to reach it from each
+plan's end state, its devices renamed onto the running ones where interchangeable
+(:mod:`vnpu.operator.packing.align`); ``defragment_moved_fraction`` is that over the replicas.
+
 Writes ``churn.json`` (with command, commit and load), ``churn.md`` and ``churn.png`` to ``--out``.
 """
 
@@ -251,6 +256,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         summary["end_pass_moves"] = end_pass.moved_from(plans[name].placements())
         summary["end_pass_ratio"] = round(end_pass.devices_used() / last["fresh_devices"], 4)
+        defragmented = pack(nodes, list(demands.values()), plans[name].placements(), defragment=True)
+        summary["defragment_moves"] = defragmented.moved_from(plans[name].placements())
+        summary["defragment_moved_fraction"] = round(summary["defragment_moves"] / max(1, replicas_end), 4)
+        summary["defragment_ratio"] = round(defragmented.devices_used() / last["fresh_devices"], 4)
         summary["goal_ratio_met"] = summary["ratio_at_end"] <= GOAL_RATIO
         summary["goal_moves_met"] = summary["moved_fraction"] <= GOAL_MOVED
         summaries.append(summary)

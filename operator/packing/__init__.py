@@ -21,7 +21,9 @@ Algorithm, per priority level from the highest down:
    are re-placed at their own level or reported unplaced.
 5. A local-improvement pass empties lightly used devices by moving their new replicas into the room
    left on other used devices (never moving kept replicas), then replica indices are matched to the
-   current placements so a replica that stays on its device keeps its index.
+   current placements so a replica that stays on its device keeps its index. A defragmenting repack
+   first renames its devices onto interchangeable running ones, where most of their replicas already
+   run (:mod:`vnpu.operator.packing.align`), so it restarts only what must move.
 
 The plan returned is the best (fewest unplaced replicas by priority, then fewest devices, slices and
 moves) of several runs from the same kept state: (A) the share-aware packing above; (B) a share-blind

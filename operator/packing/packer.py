@@ -8,6 +8,7 @@ import random
 from collections.abc import Sequence
 
 from vnpu.api import slices_for_mib
+from vnpu.operator.packing.align import device_mapping
 from vnpu.operator.packing.cluster import Cluster, Signature, blocking_taints, taint_str
 from vnpu.operator.packing.free_index import FreeIndex
 from vnpu.operator.packing.inputs import NO_EXECUTE, NO_SCHEDULE, Placement, Spread
@@ -33,7 +34,7 @@ class Packer:
         share: bool = True,
         current: dict[tuple[int, int], tuple[int, int]] | None = None,
     ) -> None:
-        c = cluster
+        c = self.cluster = cluster
         #: False: the share-blind model, every replica pays its own copy of the weights.
         self.share = share
         # Static data, shared read-only with the other runs of the same pack() call.
@@ -679,6 +680,23 @@ class Packer:
         )
         unplaced = sorted(self.unplaced, key=lambda u: (u.model, u.replica))
         return PackResult(tuple(assignments), tuple(holders), tuple(unplaced), tuple(dropped))
+
+    def aligned_with_current(self) -> Packer:
+        """This plan with its devices renamed onto interchangeable ones (see
+        :mod:`vnpu.operator.packing.align`) so that as many replicas as possible stay where ``current``
+        runs them: a new run of the same cluster, with the same devices used, slices and verdicts."""
+        mapping = device_mapping(
+            self.cluster,
+            ((di, o) for (di, _), (o, _, _) in self.placed.items()),
+            ((di, o) for (di, _), (o, _) in self.current.items()),
+        )
+        out = Packer(self.cluster, self.share, self.current)
+        for (di, replica), (o, _, kept) in sorted(self.placed.items()):
+            out.place(di, mapping[o], 1, kept=kept, replicas=[replica])
+        out.unplaced, out.dropped = list(self.unplaced), list(self.dropped)
+        out.kept_by_priority = list(self.kept_by_priority)
+        out.missing = [list(m) for m in self.missing]
+        return out
 
     def match_indices(self) -> None:
         """Renumber the new replicas of each demand so that one landing on the device where ``current``

@@ -103,13 +103,20 @@ def _best_plan(
                 packer.unplaced = []
                 packer.place_all(preempt)
                 packer.improve()
+        return align(packer)
+
+    def align(packer: Packer) -> Packer:
+        """A fresh plan renamed onto the running devices where interchangeable (fewest moves), with
+        its new replicas numbered after the running ones they replace."""
+        if not keep and current_map:
+            packer = packer.aligned_with_current()
         packer.match_indices()
         return packer
 
     if not share:
         blind = start(share_weights=False)
         blind.place_all(preempt)
-        blind.match_indices()
+        blind = align(blind)
         return blind.result()
     total_replicas = sum(d.replicas for d in cluster.demands)
     plan_a = start()

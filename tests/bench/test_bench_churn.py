@@ -50,6 +50,9 @@ def test_a_short_run_writes_json_table_and_plot(tmp_path):
         limit = max(s["moves_total"], int(0.05 * s["replicas_at_end"]))
         assert s["moves_total"] + s["end_pass_moves"] <= limit
         assert s["floor_with_goal_moves_left"] <= s["end_pass_ratio"] <= s["ratio_at_end"]
+        # A defragmenting repack reaches the fresh repack's devices, at most restarting every replica.
+        assert s["defragment_ratio"] <= s["ratio_at_end"]
+        assert 0 <= s["defragment_moves"] <= s["replicas_at_end"]
 
 
 def test_the_devices_floor_counts_only_weight_copies_moves_can_empty():

@@ -337,6 +337,27 @@ def test_bad_inputs_are_value_errors():
         pack(cluster(1), [Demand("m", "g", -1, 1)])
 
 
+def test_defragmentation_renames_the_new_plan_onto_running_devices():
+    """Two half-empty devices (what deletions leave): the repack needs one, and names it after one of
+    them, so one replica restarts, not both."""
+    demands = [Demand("a", "ga", 1, 6 * GIB, 0), Demand("b", "gb", 1, 6 * GIB, 0)]
+    current = [Placement("a", 0, "node-1", "npu3", 6), Placement("b", 0, "node-0", "npu5", 6)]
+    merged = pack(cluster(2, slices=16), demands, current, defragment=True)
+    assert merged.devices_used() == 1 and merged.moved_from(current) == 1
+    assert {(a.node, a.device) for a in merged.assignments} < {("node-1", "npu3"), ("node-0", "npu5")}
+
+
+def test_defragmentation_keeps_hard_spread_on_distinct_nodes_when_renaming():
+    demands = [Demand("s", "gs", 2, 2 * GIB, 0, spread=Spread.HARD), Demand("a", "ga", 4, 2 * GIB, 0)]
+    # A drifted layout: "a" spread over four devices, "s" on npu1 of each node.
+    current = [Placement("s", i, f"node-{i}", "npu1", 2) for i in range(2)]
+    current += [Placement("a", i, f"node-{i % 2}", f"npu{2 + i}", 2) for i in range(4)]
+    merged = pack(cluster(2, devices=6, slices=16), demands, current, defragment=True)
+    check_invariants(cluster(2, devices=6, slices=16), demands, merged, current)
+    assert merged.devices_used() < pack(cluster(2, devices=6, slices=16), demands, current).devices_used()
+    assert len({a.node for a in merged.assignments if a.model == "s"}) == 2
+
+
 # ------------------------------------------------------------------------------------------ properties
 
 LABELS = [{}, {"zone": "a"}, {"zone": "b"}, {"zone": "a", "pool": "big"}]
@@ -486,6 +507,34 @@ def test_property_repacking_the_result_keeps_everything(instance):
     after = {(a.model, a.replica, a.node, a.device, a.slices) for a in again.assignments if a.kept}
     assert before == after and not again.dropped
     assert {(u.model, u.replica) for u in again.unplaced} <= {(u.model, u.replica) for u in first.unplaced}
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.booleans().flatmap(lambda uniform: instances(uniform=uniform)), st.integers(0, 2**16))
+def test_property_defragmentation_renames_without_changing_the_plan(instance, seed):
+    """From a drifted running state (the demands grown, placed one at a time, then scaled back), a
+    defragmenting repack that wins is still valid (selectors, taints, capacity, hard spread), is as
+    good as a repack that knows nothing of what runs, and restarts no more replicas than that repack
+    would under its own names."""
+    nodes, demands = instance
+    rng = random.Random(seed)
+    grown = [replace(d, replicas=d.replicas + rng.randint(0, 4)) for d in demands]
+    order = rng.sample(grown, len(grown))
+    current: list[Placement] = []
+    for i in range(len(order)):
+        current = pack(nodes, order[: i + 1], current).placements()
+    stable = pack(nodes, demands, current)
+    merged = pack(nodes, demands, current, defragment=True)
+    check_invariants(nodes, demands, merged, current)
+    if merged == stable:
+        return
+    blind = pack(nodes, demands)
+    assert (len(merged.unplaced), merged.devices_used(), merged.slices_used()) == (
+        len(blind.unplaced),
+        blind.devices_used(),
+        blind.slices_used(),
+    )
+    assert merged.moved_from(current) <= blind.moved_from(current)
 
 
 def unshared(demands: list[Demand]) -> list[Demand]:
