@@ -102,6 +102,14 @@ class Packer:
             cost += self.w_slices[di][cls]
         return cost
 
+    def may_add(self, di: int, o: int) -> bool:
+        """Whether one more replica of demand ``di`` fits device ``o`` (room, and hard spread: none of
+        its replicas on that node yet). Eligibility is the caller's: it copies a placement that had it."""
+        hard = self.demands[di].spread == Spread.HARD
+        return self.cost(di, o) <= self.dev_free[o] and not (
+            hard and self.model_node_count[di].get(self.dev_node[o], 0) > 0
+        )
+
     def place(
         self,
         di: int,

@@ -127,7 +127,7 @@ def _best_plan(
         blind.place_all(preempt)
         plan_b = start()
         for (di, replica), (o, _, kept) in blind.placed.items():
-            if not kept and (di, replica) not in plan_b.placed and plan_b.cost(di, o) <= plan_b.dev_free[o]:
+            if not kept and (di, replica) not in plan_b.placed and plan_b.may_add(di, o):
                 plan_b.place(di, o, 1, replicas=[replica])
         runs.append(finish(plan_b))
         for seed in range(min(VARIANTS, VARIANT_BUDGET // (total_replicas + len(cluster.dev_id)))):

@@ -358,6 +358,31 @@ def test_defragmentation_keeps_hard_spread_on_distinct_nodes_when_renaming():
     assert len({a.node for a in merged.assignments if a.model == "s"}) == 2
 
 
+def test_hard_spread_holds_when_the_share_blind_plan_drops_a_kept_replica():
+    """Regression (found by the defragmentation property): the share-blind run (B) dropped a kept
+    hard-spread replica, placed a new one on that node, and its placement was copied into the
+    share-aware run that had kept the first: two replicas of a hard-spread model on one node."""
+    nodes = [
+        Node("n0", (Device("d0", 8), Device("d1", 16), Device("d2", 64, free_slices=36))),
+        Node("n1", (Device("d0", 32),)),
+        Node("n2", (Device("d0", 8), Device("d1", 8), Device("d2", 64))),
+    ]
+    demands = [
+        Demand("m0", "g1", 4, 5632, 11776, spread=Spread.BEST_EFFORT),
+        Demand("m1", "g0", 3, 512, 7680, spread=Spread.HARD),
+    ]
+    current = [
+        Placement("m0", i, node, dev, 6)
+        for i, (node, dev) in enumerate(
+            [("n0", "d2"), ("n0", "d2"), ("n1", "d0"), ("n1", "d0"), ("n2", "d2")]
+        )
+    ]
+    current += [Placement("m1", 0, "n0", "d2", 1), Placement("m1", 1, "n2", "d2", 1)]
+    result = pack(nodes, demands, current)
+    check_invariants(nodes, demands, result, current)
+    assert [u.replica for u in result.unplaced] == [2]
+
+
 # ------------------------------------------------------------------------------------------ properties
 
 LABELS = [{}, {"zone": "a"}, {"zone": "b"}, {"zone": "a", "pool": "big"}]
