@@ -30,6 +30,11 @@ the end, allowed every move the goal still allows (``end_pass_moves`` of them us
 acts while a move frees a device or saves ``--min-slices-per-move`` slices) and ``END_PASS_TRIES``
 candidates per move. The floor says how far any moves could go; the end pass, how far ours go.
 
+What moves buy, beyond the goal's budget: ``price_curves`` drains, per policy, the devices with the most
+waste (free slices and weight copies other than their group's fullest), ten more at a time, and lets
+the packer re-place their replicas with everything else kept (:func:`price_curve`);
+``drain_moves_to_goal_ratio`` is the moves of the first point that meets the goal ratio.
+
 What the fresh repack itself costs: ``defragment_moves`` is the running replicas that
 ``pack(..., defragment=True)`` (the operator's ``--defragment``) restarts to reach it from each
 plan's end state, its devices renamed onto the running ones where interchangeable
@@ -68,6 +73,8 @@ GOAL_RATIO = 1.05
 GOAL_MOVED = 0.05
 #: Candidates the end pass tries per move (the consolidation's default is 24: it runs every few events).
 END_PASS_TRIES = 400
+#: Devices the price curve drains per point.
+PRICE_STEP = 10
 
 
 def trace(seed: int, events: int, max_models: int) -> list[tuple[str, Demand | str, int]]:
@@ -118,14 +125,9 @@ def footprint(result: PackResult, device_slices: int) -> dict[str, int]:
     }
 
 
-def devices_floor(result: PackResult, moves: int, device_slices: int) -> int:
-    """A lower bound on the devices ``result`` could use after at most ``moves`` more moves, whatever
-    they are. A move relocates one replica and its slices go with it, so moves save slices only by
-    emptying weight copies: emptying a copy of ``n`` replicas takes ``n`` moves and saves at most its
-    weight slices, and each share group keeps one copy (its fullest, the dearest to empty). The most
-    that can be saved is bounded by the fractional knapsack over those copies (best slices per move
-    first), and the rest needs at least ``ceil(slices / device_slices)`` devices even packed perfectly.
-    """
+def weight_copies(result: PackResult) -> list[tuple[tuple[str, str, str], int, int, bool]]:
+    """Per weight copy, (share group, node, device), its replicas, its weight slices, and whether it is
+    its group's fullest copy: the one a group keeps whatever moves are made (the dearest to empty)."""
     per_copy: dict[tuple[str, str, str], int] = {}
     for a in result.assignments:
         key = (a.share_group, a.node, a.device)
@@ -136,8 +138,47 @@ def devices_floor(result: PackResult, moves: int, device_slices: int) -> int:
         kept = fullest.get(key[0])
         if kept is None or (n, key) > (per_copy[kept], kept):
             fullest[key[0]] = key
+    return [(key, n, weights.get(key, 0), fullest[key[0]] == key) for key, n in sorted(per_copy.items())]
+
+
+def price_curve(
+    nodes: list[Node], demands: list[Demand], plan: PackResult, fresh_devices: int, device_slices: int
+) -> list[dict[str, Any]]:
+    """What moves buy from ``plan``: the devices with the most waste (free slices, plus weight copies
+    that are not their group's fullest) are drained, ``PRICE_STEP`` more at a time, and their
+    replicas re-placed by the packer with everything else kept; each point is (devices drained, moves,
+    ratio to the fresh repack), up to the first that meets the goal ratio or every device drained."""
+    waste: dict[tuple[str, str], int] = {}
+    for (_, node, device), _, weight, fullest in weight_copies(plan):
+        waste[(node, device)] = waste.get((node, device), 0) + (0 if fullest else weight)
+    used: dict[tuple[str, str], int] = {}
+    for a in plan.assignments:
+        used[(a.node, a.device)] = used.get((a.node, a.device), 0) + a.slices
+    for h in plan.weight_holders:
+        used[(h.node, h.device)] = used.get((h.node, h.device), 0) + h.slices
+    order = sorted(used, key=lambda k: (-(device_slices - used[k] + waste.get(k, 0)), k))
+    running = plan.placements()
+    points: list[dict[str, Any]] = []
+    for k in [*range(PRICE_STEP, len(order), PRICE_STEP), len(order)]:
+        drained = set(order[:k])
+        result = pack(nodes, demands, [p for p in running if (p.node, p.device) not in drained])
+        ratio = round(result.devices_used() / fresh_devices, 4)
+        points.append({"drained": k, "moves": result.moved_from(running), "ratio": ratio})
+        if ratio <= GOAL_RATIO:
+            break
+    return points
+
+
+def devices_floor(result: PackResult, moves: int, device_slices: int) -> int:
+    """A lower bound on the devices ``result`` could use after at most ``moves`` more moves, whatever
+    they are. A move relocates one replica and its slices go with it, so moves save slices only by
+    emptying weight copies: emptying a copy of ``n`` replicas takes ``n`` moves and saves at most its
+    weight slices, and each share group keeps one copy (its fullest, the dearest to empty). The most
+    that can be saved is bounded by the fractional knapsack over those copies (best slices per move
+    first), and the rest needs at least ``ceil(slices / device_slices)`` devices even packed perfectly.
+    """
     emptiable = sorted(
-        ((weights.get(key, 0), n) for key, n in per_copy.items() if fullest[key[0]] != key),
+        ((weight, n) for (_, n, weight, fullest) in weight_copies(result) if not fullest),
         key=lambda c: c[0] / c[1],
         reverse=True,
     )
@@ -218,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     replicas_end = last["replicas"]
     fresh = footprint(plans["fresh"], device_slices)
     summaries = []
+    curves: dict[str, list[dict[str, Any]]] = {}
     for name in policies:
         mine = footprint(plans[name], device_slices)
         summary = {
@@ -260,6 +302,10 @@ def main(argv: list[str] | None = None) -> int:
         summary["defragment_moves"] = defragmented.moved_from(plans[name].placements())
         summary["defragment_moved_fraction"] = round(summary["defragment_moves"] / max(1, replicas_end), 4)
         summary["defragment_ratio"] = round(defragmented.devices_used() / last["fresh_devices"], 4)
+        curve = price_curve(nodes, list(demands.values()), plans[name], last["fresh_devices"], device_slices)
+        met = [p for p in curve if p["ratio"] <= GOAL_RATIO]
+        summary["drain_moves_to_goal_ratio"] = met[0]["moves"] if met else None
+        curves[name] = curve
         summary["goal_ratio_met"] = summary["ratio_at_end"] <= GOAL_RATIO
         summary["goal_moves_met"] = summary["moved_fraction"] <= GOAL_MOVED
         summaries.append(summary)
@@ -278,23 +324,29 @@ def main(argv: list[str] | None = None) -> int:
         "settings": settings,
         "goals": {"ratio": GOAL_RATIO, "moved_fraction": GOAL_MOVED},
         "summary": summaries,
+        "price_curves": curves,
         "steps": steps,
     }
     (out / "churn.json").write_text(json.dumps(payload, indent=2) + "\n")
     write_table(
         out / "churn.md", summaries, title="Churn trace through the packer: devices vs a fresh repack, moves"
     )
-    _plot(steps, summaries, out / "churn.png")
+    _plot(steps, summaries, curves, out / "churn.png")
     return 0
 
 
-def _plot(steps: list[dict[str, Any]], summaries: list[dict[str, Any]], path: Path) -> None:
+def _plot(
+    steps: list[dict[str, Any]],
+    summaries: list[dict[str, Any]],
+    curves: dict[str, list[dict[str, Any]]],
+    path: Path,
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 4.5))
+    fig, (ax, price) = plt.subplots(1, 2, figsize=(14, 4.5), gridspec_kw={"width_ratios": [3, 2]})
     for s in summaries:
         name = s["policy"]
         label = f"{name}: end ratio {s['ratio_at_end']}, {s['moves_total']} moves ({s['moved_fraction']:.1%})"
@@ -305,6 +357,25 @@ def _plot(steps: list[dict[str, Any]], summaries: list[dict[str, Any]], path: Pa
     ax.set_ylabel("devices used")
     ax.set_title(f"Churn: {summaries[0]['events']} arrivals, scale changes and deletions")
     ax.legend(fontsize=8)
+    # What moves buy at the end: the drain curve, the end pass and a defragmenting repack, per policy.
+    for s in summaries:
+        name, n = s["policy"], max(1, s["replicas_at_end"])
+        curve = [(0, s["ratio_at_end"])] + [(p["moves"] / n, p["ratio"]) for p in curves[s["policy"]]]
+        (line,) = price.plot(*zip(*curve, strict=True), marker=".", label=f"{name}: drain the most wasteful")
+        price.scatter([s["end_pass_moves"] / n], [s["end_pass_ratio"]], color=line.get_color(), marker="s")
+        price.scatter(
+            [s["defragment_moved_fraction"]],
+            [s["defragment_ratio"]],
+            color=line.get_color(),
+            marker="*",
+            s=80,
+        )
+    price.axhline(GOAL_RATIO, color="grey", linestyle=":", label=f"goal: ratio {GOAL_RATIO}")
+    price.axvline(GOAL_MOVED, color="grey", linestyle="--", label=f"goal: {GOAL_MOVED:.0%} moved")
+    price.set_xlabel("replicas moved at the end (fraction); square: end pass, star: --defragment")
+    price.set_ylabel("devices / fresh repack")
+    price.set_title("What moves buy at the end of the trace")
+    price.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

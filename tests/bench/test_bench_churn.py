@@ -53,6 +53,12 @@ def test_a_short_run_writes_json_table_and_plot(tmp_path):
         # A defragmenting repack reaches the fresh repack's devices, at most restarting every replica.
         assert s["defragment_ratio"] <= s["ratio_at_end"]
         assert 0 <= s["defragment_moves"] <= s["replicas_at_end"]
+        # The price curve drains more devices at each point, up to the goal or every device.
+        curve = data["price_curves"][s["policy"]]
+        assert [p["drained"] for p in curve] == sorted({p["drained"] for p in curve})
+        assert curve[-1]["ratio"] <= 1.05 or curve[-1]["drained"] >= s["devices_at_end"]
+        met = [p["moves"] for p in curve if p["ratio"] <= 1.05]
+        assert s["drain_moves_to_goal_ratio"] == (met[0] if met else None)
 
 
 def test_the_devices_floor_counts_only_weight_copies_moves_can_empty():
