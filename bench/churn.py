@@ -151,11 +151,7 @@ def price_curve(
     waste: dict[tuple[str, str], int] = {}
     for (_, node, device), _, weight, fullest in weight_copies(plan):
         waste[(node, device)] = waste.get((node, device), 0) + (0 if fullest else weight)
-    used: dict[tuple[str, str], int] = {}
-    for a in plan.assignments:
-        used[(a.node, a.device)] = used.get((a.node, a.device), 0) + a.slices
-    for h in plan.weight_holders:
-        used[(h.node, h.device)] = used.get((h.node, h.device), 0) + h.slices
+    used = plan.slices_by_device()
     order = sorted(used, key=lambda k: (-(device_slices - used[k] + waste.get(k, 0)), k))
     running = plan.placements()
     points: list[dict[str, Any]] = []

@@ -92,16 +92,17 @@ def _match(
     """Injective map of ``sources`` onto ``targets`` of the same profile: the pairs that keep the most
     (``gains(source)``: (target, replicas kept) for the targets worth a look) first, greedily, then each
     remaining source onto itself if free, else the first free target."""
+    profile_of = {t: profile(t) for t in targets}
     free_by_profile: dict[Hashable, list[int]] = {}
-    for t in targets:
-        free_by_profile.setdefault(profile(t), []).append(t)
-    free = {t for ts in free_by_profile.values() for t in ts}
+    for t, p in profile_of.items():
+        free_by_profile.setdefault(p, []).append(t)
+    free = set(profile_of)
     profiled = [(s, profile(s)) for s in sources]
     pairs = sorted(
         (-gain, s, t)
         for s, p in profiled
         for t, gain in gains(s)
-        if gain > 0 and t in free and profile(t) == p
+        if gain > 0 and t in free and profile_of[t] == p
     )
     out: dict[int, int] = {}
     for _, s, t in pairs:

@@ -81,6 +81,15 @@ class PackResult:
             {(a.node, a.device) for a in self.assignments} | {(h.node, h.device) for h in self.weight_holders}
         )
 
+    def slices_by_device(self) -> dict[tuple[str, str], int]:
+        """Slices used per (node, device): its replicas and its weight copies."""
+        used: dict[tuple[str, str], int] = {}
+        for a in self.assignments:
+            used[(a.node, a.device)] = used.get((a.node, a.device), 0) + a.slices
+        for h in self.weight_holders:
+            used[(h.node, h.device)] = used.get((h.node, h.device), 0) + h.slices
+        return used
+
     def slices_used(self) -> int:
         return sum(a.slices for a in self.assignments) + sum(h.slices for h in self.weight_holders)
 

@@ -105,10 +105,11 @@ class Packer:
     def may_add(self, di: int, o: int) -> bool:
         """Whether one more replica of demand ``di`` fits device ``o`` (room, and hard spread: none of
         its replicas on that node yet). Eligibility is the caller's: it copies a placement that had it."""
-        hard = self.demands[di].spread == Spread.HARD
-        return self.cost(di, o) <= self.dev_free[o] and not (
-            hard and self.model_node_count[di].get(self.dev_node[o], 0) > 0
-        )
+        return self.cost(di, o) <= self.dev_free[o] and not self._hard_spread_holds_node(di, self.dev_node[o])
+
+    def _hard_spread_holds_node(self, di: int, node: int) -> bool:
+        """Demand ``di`` spreads hard and already has a replica on ``node``: no other may go there."""
+        return self.demands[di].spread == Spread.HARD and self.model_node_count[di].get(node, 0) > 0
 
     def place(
         self,
@@ -175,7 +176,7 @@ class Packer:
         before: dict[int, int] = {}
         for p, di, o in candidates:
             node = self.dev_node[o]
-            if self.demands[di].spread == Spread.HARD and self.model_node_count[di].get(node, 0) > 0:
+            if self._hard_spread_holds_node(di, node):
                 reason = f"spreadAcrossNodes=hard: another replica already runs on node {p.node}"
             elif self.cost(di, o) > self.dev_free[o]:
                 reason = f"device {p.device} no longer has room for it"

@@ -197,17 +197,15 @@ def _drain_candidates(plan: PackResult, budget: int) -> list[tuple[str | None, t
     """(share group or None for the whole device, (node, device)) to empty, at most ``budget``
     replicas each: fewest replicas first, then the biggest weight copy, then the least-used device."""
     replicas: dict[tuple[str, str], int] = {}
-    used: dict[tuple[str, str], int] = {}
+    used = plan.slices_by_device()
     copies: dict[str, dict[tuple[str, str], int]] = {}  # group -> (node, device) -> its replicas there
     for a in plan.assignments:
         key = (a.node, a.device)
         replicas[key] = replicas.get(key, 0) + 1
-        used[key] = used.get(key, 0) + a.slices
         per_device = copies.setdefault(a.share_group, {})
         per_device[key] = per_device.get(key, 0) + 1
     weights: dict[tuple[str, tuple[str, str]], int] = {}
     for h in plan.weight_holders:
-        used[(h.node, h.device)] = used.get((h.node, h.device), 0) + h.slices
         weights[(h.share_group, (h.node, h.device))] = h.slices
     ranked: list[tuple[int, int, int, str, tuple[str, str]]] = [
         (n, 0, used[key], "", key) for key, n in replicas.items() if n <= budget

@@ -36,12 +36,7 @@ def cluster(n_nodes: int, devices: int = 8, slices: int = 64, **node_kwargs) -> 
 
 
 def per_device(result: PackResult) -> dict[tuple[str, str], int]:
-    used: dict[tuple[str, str], int] = defaultdict(int)
-    for a in result.assignments:
-        used[(a.node, a.device)] += a.slices
-    for h in result.weight_holders:
-        used[(h.node, h.device)] += h.slices
-    return used
+    return result.slices_by_device()
 
 
 # ------------------------------------------------------------------------------------------ sharing
