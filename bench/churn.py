@@ -36,7 +36,8 @@ the packer re-place their replicas with everything else kept (:func:`price_curve
 ``drain_moves_to_goal_ratio`` is the moves of the first point that meets the goal ratio.
 
 What the fresh repack itself costs: ``defragment_moves`` is the running replicas that
-``pack(..., defragment=True)`` (the operator's ``--defragment``) restarts to reach it from each
+``pack(..., defragment=True)`` (a fresh repack; the operator's ``--defragment`` drains in safe batches
+instead, :func:`vnpu.operator.packing.drain`) restarts to reach it from each
 plan's end state, its devices renamed onto the running ones where interchangeable
 (:mod:`vnpu.operator.packing.align`); ``defragment_moved_fraction`` is that over the replicas.
 
@@ -67,6 +68,8 @@ from vnpu.operator.packing import (
     Placement,
     consolidate,
     pack,
+    waste_by_device,
+    weight_copies,
 )
 
 GOAL_RATIO = 1.05
@@ -125,34 +128,15 @@ def footprint(result: PackResult, device_slices: int) -> dict[str, int]:
     }
 
 
-def weight_copies(result: PackResult) -> list[tuple[tuple[str, str, str], int, int, bool]]:
-    """Per weight copy, (share group, node, device), its replicas, its weight slices, and whether it is
-    its group's fullest copy: the one a group keeps whatever moves are made (the dearest to empty)."""
-    per_copy: dict[tuple[str, str, str], int] = {}
-    for a in result.assignments:
-        key = (a.share_group, a.node, a.device)
-        per_copy[key] = per_copy.get(key, 0) + 1
-    weights = {(h.share_group, h.node, h.device): h.slices for h in result.weight_holders}
-    fullest: dict[str, tuple[str, str, str]] = {}
-    for key, n in per_copy.items():
-        kept = fullest.get(key[0])
-        if kept is None or (n, key) > (per_copy[kept], kept):
-            fullest[key[0]] = key
-    return [(key, n, weights.get(key, 0), fullest[key[0]] == key) for key, n in sorted(per_copy.items())]
-
-
 def price_curve(
-    nodes: list[Node], demands: list[Demand], plan: PackResult, fresh_devices: int, device_slices: int
+    nodes: list[Node], demands: list[Demand], plan: PackResult, fresh_devices: int
 ) -> list[dict[str, Any]]:
     """What moves buy from ``plan``: the devices with the most waste (free slices, plus weight copies
     that are not their group's fullest) are drained, ``PRICE_STEP`` more at a time, and their
     replicas re-placed by the packer with everything else kept; each point is (devices drained, moves,
     ratio to the fresh repack), up to the first that meets the goal ratio or every device drained."""
-    waste: dict[tuple[str, str], int] = {}
-    for (_, node, device), _, weight, fullest in weight_copies(plan):
-        waste[(node, device)] = waste.get((node, device), 0) + (0 if fullest else weight)
-    used = plan.slices_by_device()
-    order = sorted(used, key=lambda k: (-(device_slices - used[k] + waste.get(k, 0)), k))
+    waste = waste_by_device(plan, nodes)
+    order = sorted(waste, key=lambda k: (-waste[k], k))
     running = plan.placements()
     points: list[dict[str, Any]] = []
     for k in [*range(PRICE_STEP, len(order), PRICE_STEP), len(order)]:
@@ -174,7 +158,7 @@ def devices_floor(result: PackResult, moves: int, device_slices: int) -> int:
     first), and the rest needs at least ``ceil(slices / device_slices)`` devices even packed perfectly.
     """
     emptiable = sorted(
-        ((weight, n) for (_, n, weight, fullest) in weight_copies(result) if not fullest),
+        ((c.slices, c.replicas) for c in weight_copies(result) if not c.fullest),
         key=lambda c: c[0] / c[1],
         reverse=True,
     )
@@ -298,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         summary["defragment_moves"] = defragmented.moved_from(plans[name].placements())
         summary["defragment_moved_fraction"] = round(summary["defragment_moves"] / max(1, replicas_end), 4)
         summary["defragment_ratio"] = round(defragmented.devices_used() / last["fresh_devices"], 4)
-        curve = price_curve(nodes, list(demands.values()), plans[name], last["fresh_devices"], device_slices)
+        curve = price_curve(nodes, list(demands.values()), plans[name], last["fresh_devices"])
         met = [p for p in curve if p["ratio"] <= GOAL_RATIO]
         summary["drain_moves_to_goal_ratio"] = met[0]["moves"] if met else None
         curves[name] = curve

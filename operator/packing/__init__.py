@@ -25,6 +25,9 @@ Algorithm, per priority level from the highest down:
    first renames its devices onto interchangeable running ones, where most of their replicas already
    run (:mod:`vnpu.operator.packing.align`), so it restarts only what must move.
 
+Defragmentation in the operator is :func:`drain`: a few devices, cordoned, their replicas re-placed
+into room that is free now (each move make-before-break), within a move budget.
+
 The plan returned is the best (fewest unplaced replicas by priority, then fewest devices, slices and
 moves) of several runs from the same kept state: (A) the share-aware packing above; (B) a share-blind
 best-fit-decreasing by replica, re-accounted with sharing and completed like A, which makes "sharing
@@ -42,6 +45,7 @@ Capacity bookkeeping is per device in that device's own slices (``slice_mib`` ma
 demands are given in MiB and converted per device with :func:`vnpu.api.slices_for_mib`.
 """
 
+from vnpu.operator.packing.drain import DRAIN_TRIES, WeightCopy, drain, waste_by_device, weight_copies
 from vnpu.operator.packing.inputs import (
     NO_EXECUTE,
     NO_SCHEDULE,
@@ -74,6 +78,7 @@ from vnpu.operator.packing.plans import (
 
 __all__ = [
     "CONSOLIDATE_BOUND",
+    "DRAIN_TRIES",
     "MIN_SLICES_PER_MOVE",
     "NO_EXECUTE",
     "NO_SCHEDULE",
@@ -92,8 +97,12 @@ __all__ = [
     "Taint",
     "Toleration",
     "Unplaced",
+    "WeightCopy",
     "WeightHolder",
     "consolidate",
+    "drain",
     "group_weight_mib",
     "pack",
+    "waste_by_device",
+    "weight_copies",
 ]

@@ -22,6 +22,7 @@ from vnpu.operator.packing import (
     Taint,
     Toleration,
     consolidate,
+    drain,
     pack,
 )
 
@@ -631,3 +632,82 @@ def test_consolidation_merges_a_thin_weight_copy_only_when_the_move_saves_enough
     assert where[("b", 0)] == "d0" and merged.slices_used() == 16 + 6
     stays = consolidate(nodes, demands, current, max_moves=1, bound=0.9, min_slices_per_move=9)
     assert all(a.kept for a in stays.assignments)
+
+
+# ------------------------------------------------------------------------------------------ draining
+
+
+def fragmented() -> tuple[list[Node], list[Demand], list[Placement]]:
+    """What a deletion leaves: ``c`` (5 GiB) beside a deleted model on npu0, ``b`` (10 GiB) alone on npu1;
+    both fit on one 16 GiB device."""
+    demands = [Demand("b", "gb", 1, 10 * GIB, 0), Demand("c", "gc", 1, 5 * GIB, 0)]
+    current = [Placement("b", 0, "node-0", "npu1", 10), Placement("c", 0, "node-0", "npu0", 5)]
+    return cluster(1, devices=2, slices=16), demands, current
+
+
+def test_a_drain_empties_a_device_into_room_that_is_free_now():
+    nodes, demands, current = fragmented()
+    drained = drain(nodes, demands, current, max_moves=1)
+    assert drained.devices_used() == 1 and drained.moved_from(current) == 1
+    (c,) = [a for a in drained.assignments if a.model == "c"]
+    assert (c.replica, c.node, c.device, c.kept) == (0, "node-0", "npu1", False)  # same index, new device
+    assert [(d.placement, d.reason) for d in drained.dropped] == [(current[1], "moved by defragmentation")]
+
+
+def test_a_drain_moves_nothing_without_budget_or_gain():
+    nodes, demands, current = fragmented()
+    stable = pack(nodes, demands, current)
+    assert drain(nodes, demands, current, max_moves=0) == stable
+    # Two 10 GiB replicas cannot share a 16 GiB device: nothing to gain, nothing moves.
+    wide = [Demand("b", "gb", 1, 10 * GIB, 0), Demand("c", "gc", 1, 10 * GIB, 0)]
+    running = [Placement("b", 0, "node-0", "npu1", 10), Placement("c", 0, "node-0", "npu0", 10)]
+    assert drain(nodes, wide, running, max_moves=4) == pack(nodes, wide, running)
+
+
+def test_a_drain_empties_the_device_that_costs_fewest_moves():
+    """12 GiB alone on npu0, 4 + 4 GiB on npu1: both devices fit on either; emptying npu0 restarts one
+    replica, emptying npu1 two."""
+    demands = [Demand("big", "g1", 1, 12 * GIB, 0), Demand("s", "g2", 2, 4 * GIB, 0)]
+    current = [
+        Placement("big", 0, "node-0", "npu0", 12),
+        Placement("s", 0, "node-0", "npu1", 4),
+        Placement("s", 1, "node-0", "npu1", 4),
+    ]
+    drained = drain(cluster(1, devices=2, slices=20), demands, current, max_moves=2)
+    assert {(a.model, a.device) for a in drained.assignments} == {("big", "npu1"), ("s", "npu1")}
+    assert drained.moved_from(current) == 1
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.booleans().flatmap(lambda uniform: instances(uniform=uniform)),
+    st.integers(0, 2**16),
+    st.integers(0, 6),
+)
+def test_property_a_drain_stays_within_its_budget_and_breaks_nothing_first(instance, seed, budget):
+    """From a drifted running state, a drain is a valid plan that moves at most ``budget`` running
+    replicas, each under its old index, never onto a device a moved replica leaves (each new pod can
+    start while the one it replaces still runs), with no more devices and nothing more unplaced than
+    the stable plan, whatever the input order."""
+    nodes, demands = instance
+    rng = random.Random(seed)
+    grown = [replace(d, replicas=d.replicas + rng.randint(0, 4)) for d in demands]
+    order = rng.sample(grown, len(grown))
+    current: list[Placement] = []
+    for i in range(len(order)):
+        current = pack(nodes, order[: i + 1], current).placements()
+    stable = pack(nodes, demands, current)
+    drained = drain(nodes, demands, current, max_moves=budget)
+    check_invariants(nodes, demands, drained, current)
+    assert drained.devices_used() <= stable.devices_used() and drained.unplaced == stable.unplaced
+    if drained == stable:
+        return
+    assert drained.devices_used() < stable.devices_used()
+    moved = [d.placement for d in drained.dropped]
+    assert 0 < drained.moved_from(stable.placements()) == len(moved) <= budget
+    left = {(p.node, p.device) for p in moved}
+    assert not any((a.node, a.device) in left for a in drained.assignments)
+    was = {(p.model, p.replica) for p in moved}
+    assert was == {(a.model, a.replica) for a in drained.assignments if not a.kept} & was
+    n2, d2, c2 = shuffled(nodes, demands, current, seed)
+    assert drain(n2, d2, c2, max_moves=budget) == drained
