@@ -26,8 +26,11 @@ class OperatorConfig:
     resync_seconds: float = 60.0
     #: Namespaces to watch; empty means all.
     namespaces: tuple[str, ...] = field(default_factory=tuple)
-    #: Move running replicas to free devices when that saves devices (off: placements are sticky).
+    #: Move running replicas to free devices when that saves devices (off: placements are sticky):
+    #: a batch at a time, only on a settled cluster, each move make-before-break.
     defragment: bool = False
+    #: The most running replicas one defragmentation batch moves.
+    defragment_max_moves: int = 10
     #: Seconds a NotReady (or unreachable) node keeps its pods before they are re-placed: the
     #: default of Kubernetes' taint-based eviction (DefaultTolerationSeconds).
     node_grace_seconds: int = 300

@@ -81,7 +81,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--defragment",
         action="store_true",
-        help="allow moving running replicas when that frees devices (default: placements are sticky)",
+        help="move running replicas when that frees devices (default: placements are sticky): one "
+        "batch at a time, only while every model pod is Ready and nothing else changes, each new pod "
+        "started beside the one it replaces, which goes once the new one is Ready",
+    )
+    p.add_argument(
+        "--defragment-max-moves",
+        type=_positive_int,
+        default=10,
+        help="the most running replicas one defragmentation batch moves (default %(default)s)",
     )
     p.add_argument("--resync-seconds", type=float, default=60.0, help="full re-plan at least this often")
     p.add_argument(
@@ -121,6 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-format", choices=["json", "text"], default="json")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return number
 
 
 def _lease_namespace(args: argparse.Namespace) -> str:
@@ -227,6 +242,7 @@ def main(argv: list[str]) -> int:
         resync_seconds=args.resync_seconds,
         namespaces=tuple(args.namespace),
         defragment=args.defragment,
+        defragment_max_moves=args.defragment_max_moves,
         node_grace_seconds=args.node_grace_seconds,
         model_cache_dir=args.model_cache_dir,
         model_file_roots=tuple(args.model_file_root),

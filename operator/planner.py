@@ -312,6 +312,9 @@ def plan(
         for key, (m, _) in active.items()
     }
     pods_by_name = {(p.namespace, p.name): p for p in ours}
+    # Defragmentation's moves in flight: the new pod is the replica's placement; the pod it replaces
+    # keeps serving, its memory held, until the new one is Ready (then it goes, below).
+    moving_out = _moves_in_flight(ours, active, templates)
 
     # Current placements of live replica pods of the current template (stability input), and the
     # replicas of older templates (rolled out below).
@@ -322,7 +325,7 @@ def plan(
         if p.role != api.ROLE_REPLICA or p.terminating or p.replica is None:
             continue
         key = _model_key(p.namespace, p.model or "")
-        if key not in active:
+        if key not in active or (p.namespace, p.name) in moving_out:
             continue
         model, _ = active[key]
         assert model.spec is not None
@@ -351,6 +354,7 @@ def plan(
         if p.terminating or (p.role == api.ROLE_REPLICA and key in frozen):
             outside.append(p)
     outside += [p for key in sorted(old_of) for p in old_of[key]]
+    outside += [pods_by_name[k] for k in sorted(moving_out)]
     used_holders = {(p.namespace, p.weight_holder) for p in outside if p.weight_holder and not p.terminating}
     outside += [pods_by_name[k] for k in sorted(used_holders) if k in pods_by_name]
 
@@ -389,7 +393,21 @@ def plan(
         else:
             allowed = want
         demands.append(_demand(m, est, refs[key].weights_id, allowed))
-    packed = packing.pack(_packer_nodes(nodes, held, view), demands, current, defragment=config.defragment)
+    packer_nodes = _packer_nodes(nodes, held, view)
+    packed = packing.pack(packer_nodes, demands, current)
+    # Defragmentation: a batch of moves only on a settled cluster (every pod of ours Ready, running
+    # where the plan keeps it, nothing moving, rolling, lost or backing off), as Karpenter consolidates.
+    moves: dict[tuple[str, int], ObservedPod] = {}  # (model, replica) -> the pod a move replaces
+    busy = bool(moving_out or old_of or backoff or view.suspect or lost_nodes)
+    if config.defragment and not busy and _settled(ours, current_pod, packed):
+        drained = packing.drain(packer_nodes, demands, current, max_moves=config.defragment_max_moves)
+        for d in drained.dropped:
+            old = current_pod[(d.placement.model, d.placement.replica)]
+            moves[(d.placement.model, d.placement.replica)] = old
+            kept_pods.add((old.namespace, old.name))  # it serves until its successor is Ready
+            if old.weight_holder:
+                kept_pods.add((old.namespace, old.weight_holder))
+        packed = drained
 
     intents: dict[tuple[str, str], PodIntent] = {}
     holder_of: dict[tuple[str, str, str], str] = {}
@@ -416,6 +434,7 @@ def plan(
             )
 
     placements_of: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    moved_of: dict[str, list[str]] = defaultdict(list)  # model -> its defragmentation moves this pass
     for a in packed.assignments:
         ref = refs[a.model]
         holder = holder_of.get((a.node, a.device, a.share_group))
@@ -435,6 +454,13 @@ def plan(
                 replica=a.replica,
                 holder=holder,
                 template=template_label(templates[a.model]),
+                replaces=moves[(a.model, a.replica)].name if (a.model, a.replica) in moves else None,
+            )
+        if (a.model, a.replica) in moves:
+            old = moves[(a.model, a.replica)]
+            moved_of[a.model].append(
+                f"moving replica {a.replica} from {old.node}/{old.device} to {a.node}/{a.device} to free "
+                f"devices: {old.name} serves until {name} is Ready"
             )
         placements_of[a.model].append(
             {
@@ -466,6 +492,9 @@ def plan(
 
     # Rolling out: old replicas go as the new ones become Ready (never below replicas - maxUnavailable).
     retiring: dict[tuple[str, str], str] = {}
+    for k, successor in sorted(moving_out.items()):
+        if successor.ready:
+            retiring[k] = f"moved by defragmentation: {successor.name} replaces it and is Ready"
     for key, old in sorted(old_of.items()):
         m, _ = active[key]
         assert m.spec is not None
@@ -570,6 +599,9 @@ def plan(
         rollout = rollouts.get(key)
         if rollout is not None:
             ready += sum(1 for p in old_of.get(key, []) if p.ready and (m.namespace, p.name) not in retiring)
+        # A replica on the move counts as ready while the pod it replaces still serves.
+        replaced = [pods_by_name[k] for k in moving_out if k not in retiring] + list(moves.values())
+        ready += sum(1 for p in replaced if p.ready and _model_key(p.namespace, p.model or "") == key)
         problems = [
             PodProblem(p.name, p.role, p.problem)
             for p in sorted(mine, key=lambda p: p.name)
@@ -593,6 +625,7 @@ def plan(
             frozen_replicas=len(replicas_of[key]) if key in frozen else 0,
             problems=tuple(problems),
             rollout=rollout,
+            moves=tuple(moved_of.get(key, ())),
             failure=failures.get(key),
             updated_replicas=len(placed) if rollout is not None else None,
             scaling=scaling.scaling_status(activities[key], m.generation, warm_of.get(key))
@@ -739,6 +772,65 @@ def _is_current(p: ObservedPod, model: ObservedModel, template: str) -> bool:
     return bool(p.node and p.device) and p.name == replica_pod_name(
         model.name, p.replica or 0, p.node or "", p.device or "", _pod_salt(p.slices, template)
     )
+
+
+def _moves_in_flight(
+    ours: Sequence[ObservedPod],
+    active: Mapping[str, tuple[ObservedModel, MemoryEstimate]],
+    templates: Mapping[str, str],
+) -> dict[tuple[str, str], ObservedPod]:
+    """(namespace, name) of each replica pod a defragmentation is replacing -> the pod replacing it.
+
+    A claim (vnpu.io/replaces) counts only between two live replica pods of the same model and index,
+    both of the current template, from a pod that nothing claims in turn, and only as the sole claim
+    on its target: anything else (a chain, a cycle, an annotation written by hand) is ignored, and the
+    duplicate index resolves as any other (the Ready pod is the placement, the other goes)."""
+    live = {
+        (p.namespace, p.name): p
+        for p in ours
+        if p.role == api.ROLE_REPLICA and not p.terminating and p.replica is not None
+    }
+
+    def current(p: ObservedPod) -> bool:
+        key = _model_key(p.namespace, p.model or "")
+        return key in active and _is_current(p, active[key][0], templates[key])
+
+    claims: dict[tuple[str, str], list[ObservedPod]] = defaultdict(list)
+    for p in live.values():
+        if p.replaces and p.replaces != p.name:
+            claims[(p.namespace, p.replaces)].append(p)
+    out: dict[tuple[str, str], ObservedPod] = {}
+    for target, successors in claims.items():
+        old = live.get(target)
+        if old is None or len(successors) != 1:
+            continue
+        (new,) = successors
+        if (new.namespace, new.name) in claims or (old.model, old.replica) != (new.model, new.replica):
+            continue
+        if current(old) and current(new):
+            out[target] = new
+    return out
+
+
+def _settled(
+    ours: Sequence[ObservedPod],
+    current_pod: Mapping[tuple[str, int], ObservedPod],
+    stable: packing.PackResult,
+) -> bool:
+    """Whether a defragmentation batch may start: every replica pod of ours is a current placement
+    that the stable plan keeps as it is, and every replica and weight-holder pod is Ready."""
+    if stable.unplaced or stable.dropped:
+        return False
+    placements = {id(p) for p in current_pod.values()}
+    kept = {(a.model, a.replica) for a in stable.assignments if a.kept}
+    if len(kept) != len(stable.assignments) or kept != set(current_pod):
+        return False
+    for p in ours:
+        if p.role == api.ROLE_REPLICA and (p.terminating or id(p) not in placements or not p.ready):
+            return False
+        if p.role == api.ROLE_WEIGHTS and (p.terminating or not p.ready):
+            return False
+    return True
 
 
 def _owners_of(p: ObservedPod) -> tuple[str, ...]:

@@ -94,6 +94,8 @@ class PodIntent:
     serves: bool = False
     #: Pod-template hash (and key generation) of a replica, its vnpu.io/template-hash label.
     template: str = ""
+    #: The replica pod this one replaces (a defragmentation's move): kept until this one is Ready.
+    replaces: str | None = None
 
     @property
     def models(self) -> tuple[str, ...]:
@@ -366,6 +368,8 @@ def _replica_pod(intent: PodIntent, config: OperatorConfig) -> dict[str, Any]:
     }
     if intent.holder:
         annotations[api.ANNOTATION_WEIGHT_HOLDER] = intent.holder
+    if intent.replaces:
+        annotations[api.ANNOTATION_REPLACES] = intent.replaces
     # Readiness every second, as Knative's queue-proxy probes a starting revision aggressively: a
     # replica woken from zero (or attached to warm weights in ~0.1 s) takes traffic as soon as it can,
     # not up to a period later. /readyz is a dict lookup; liveness stays at 5 s.

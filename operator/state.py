@@ -78,6 +78,8 @@ class ObservedPod:
     problem: str = ""
     #: Finished (Succeeded or Failed): it holds no device memory any more.
     finished: bool = False
+    #: The pod this replica replaces (vnpu.io/replaces): a defragmentation's move in flight.
+    replaces: str | None = None
 
 
 @dataclass(frozen=True)
@@ -265,6 +267,7 @@ def parse_pod(obj: Mapping[str, Any], managed: bool = True) -> ObservedPod:
         requests=vnpu_requests(spec),
         problem=pod_problem(status),
         finished=phase in ("Succeeded", "Failed"),
+        replaces=annotations.get(api.ANNOTATION_REPLACES),
     )
 
 

@@ -74,6 +74,8 @@ class ModelOutcome:
     frozen_replicas: int = 0
     problems: Sequence[PodProblem] = ()
     rollout: Rollout | None = None
+    #: Defragmentation moves of its replicas started in this pass, one message each.
+    moves: Sequence[str] = ()
     failure: Failure | None = None
     updated_replicas: int | None = None
     #: status.scaling (the idle clock, warm while at 0) and status.demand (the forecast's history).
@@ -263,6 +265,7 @@ def build_status(
                     Event(NORMAL, "RolloutComplete", f"all {want} replicas run the new pod template")
                 )
         report_degraded()
+        events += [Event(NORMAL, "Defragmenting", message) for message in outcome.moves]
         before = sorted(p.get("pod", "") for p in model.status.get("placements", []))
         after = sorted(p["pod"] for p in outcome.placements)
         if after != before and outcome.placements:

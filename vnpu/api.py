@@ -42,6 +42,10 @@ ANNOTATION_SHARE_GROUP = f"{GROUP}/share-group"
 #: Pod annotation naming the weight-holder pod a replica maps its weights from.
 ANNOTATION_WEIGHT_HOLDER = f"{GROUP}/weight-holder"
 
+#: Pod annotation on a replica started by a defragmentation: the pod (same model and replica index) it
+#: replaces, which the operator keeps running until this one is Ready (make-before-break).
+ANNOTATION_REPLACES = f"{GROUP}/replaces"
+
 #: Pod annotation on a weight-holder: MiB of the weight copy it holds (views of the memory saved by
 #: sharing count (replicas - 1) copies of this per device, as the operator's status does).
 ANNOTATION_WEIGHTS_MIB = f"{GROUP}/weights-mib"

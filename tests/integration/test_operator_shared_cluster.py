@@ -280,3 +280,93 @@ def test_hostile_activity_annotations_never_blind_the_operator(
     hostile = get_model(cluster, namespace, "hostile")
     assert hostile["status"]["phase"] == "Ready" and len(replica_pods(cluster, namespace, "hostile")) == 1
     assert "vnpu_operator_reconcile_errors_total 0.0" in operator.metrics()
+
+
+def test_defragmentation_moves_a_replica_make_before_break(cluster, namespace, kwok_nodes, tmp_path) -> None:
+    """A deletion leaves two half-used devices; with --defragment the operator moves one replica onto
+    the other device, starting the new pod beside the old one, which goes only once the new one is
+    Ready: every model keeps a Ready replica at every moment the API server went through."""
+    kwok_nodes(1, devices=2, device_mib=16 * GIB)
+
+    def sized(source: str, weights_gib: int) -> dict[str, Any]:
+        return {
+            **spec(replicas=1, weights_mib=weights_gib * GIB),
+            "source": {"uri": f"pvc://models/{source}"},
+        }
+
+    op = OperatorProcess(cluster, namespace, tmp_path).start("--defragment", "--defragment-max-moves", "1")
+    core = client.CoreV1Api(cluster.api_client())
+    selector = f"{api.LABEL_ROLE}={api.ROLE_REPLICA}"
+    try:
+        apply(cluster, namespace, "a", sized("a.safetensors", 4))
+        apply(cluster, namespace, "c", sized("c.safetensors", 8))
+        wait_phase(cluster, namespace, "a", "Ready", timeout=90)
+        wait_phase(cluster, namespace, "c", "Ready", timeout=90)
+        apply(cluster, namespace, "b", sized("b.safetensors", 4))
+        wait_phase(cluster, namespace, "b", "Ready", timeout=90)
+        devices = {
+            p.metadata.annotations[api.ANNOTATION_DEVICE] for p in live(pods_of(cluster, namespace, selector))
+        }
+        assert len(devices) == 2, devices
+
+        listed = core.list_namespaced_pod(namespace, label_selector=selector)
+        state = {p.metadata.name: p for p in listed.items}
+        lowest: dict[str, int] = {"a": 1, "b": 1}
+        done = threading.Event()
+
+        def ready(model: str) -> int:
+            return sum(
+                1
+                for p in state.values()
+                if p.metadata.labels.get(api.LABEL_MODEL) == model
+                and p.metadata.deletion_timestamp is None
+                and any(c.type == "Ready" and c.status == "True" for c in p.status.conditions or [])
+            )
+
+        def follow() -> None:
+            w = watch.Watch()
+            for ev in w.stream(
+                core.list_namespaced_pod,
+                namespace,
+                label_selector=selector,
+                resource_version=listed.metadata.resource_version,
+                timeout_seconds=180,
+            ):
+                pod = ev["object"]
+                if ev["type"] == "DELETED":
+                    state.pop(pod.metadata.name, None)
+                else:
+                    state[pod.metadata.name] = pod
+                for model in lowest:
+                    lowest[model] = min(lowest[model], ready(model))
+                if done.is_set():
+                    w.stop()
+
+        follower = threading.Thread(target=follow, daemon=True)
+        follower.start()
+        cluster.kubectl("delete", "infm", "c", "-n", namespace, "--timeout=60s")
+
+        def one_device() -> bool:
+            pods = [
+                p
+                for p in live(pods_of(cluster, namespace, selector))
+                if p.metadata.deletion_timestamp is None
+            ]
+            return len(pods) == 2 and len({p.metadata.annotations[api.ANNOTATION_DEVICE] for p in pods}) == 1
+
+        wait_until(one_device, 120, "a and b on one device")
+        done.set()
+        follower.join(30)
+        moved = [
+            e
+            for model in ("a", "b")
+            for e in events_of(cluster, namespace, model)
+            if e.reason == "Defragmenting"
+        ]
+        assert len(moved) == 1, [e.message for e in moved]
+        assert min(lowest.values()) >= 1, f"a model had no Ready replica at some moment: {lowest}"
+        wait_phase(cluster, namespace, "a", "Ready")
+        wait_phase(cluster, namespace, "b", "Ready")
+    finally:
+        cluster.kubectl("delete", "infm", "--all", "-n", namespace, "--timeout=60s", check=False)
+        op.stop()

@@ -470,3 +470,82 @@ def test_a_pod_the_kubelet_refused_at_admission_is_replaced() -> None:
     assert result.create == []  # same name: created once the failed pod is gone
     after = run([m], nodes, [p for p in pods if p.name != failed_name])
     assert [x["metadata"]["name"] for x in after.create] == [failed_name]
+
+
+DEFRAGMENT = OperatorConfig(defragment=True, defragment_max_moves=1)
+
+
+def fragmented_pods() -> tuple[list[ObservedModel], list[Any], dict[Any, MemoryEstimate], list[ObservedPod]]:
+    """``a`` (5 GiB) beside a deleted 10 GiB model on npu0, ``b`` (5 GiB) alone on npu1: one device
+    would do."""
+    nodes = [node("n1", devices=2)]
+    a, b, c = model("a", 1), model("b", 1, shareGroup="gb"), model("c", 1, shareGroup="gc")
+    est = {a.key: estimate(), b.key: estimate(), c.key: estimate(weights=8192, per_replica=2048)}
+    pods = as_pods(run([a, c], nodes, estimates=est).create)
+    pods += as_pods(run([a, b, c], nodes, pods, estimates=est).create)
+    gone = {d.name for d in run([a, b], nodes, pods, estimates=est).delete}
+    pods = [p for p in pods if p.name not in gone]
+    assert len({p.device for p in pods}) == 2
+    return [a, b], nodes, est, pods
+
+
+def test_defragmentation_moves_make_before_break_one_batch_at_a_time() -> None:
+    models, nodes, est, pods = fragmented_pods()
+    assert run(models, nodes, pods, estimates=est).create == []  # sticky by default
+    first = run(models, nodes, pods, estimates=est, config=DEFRAGMENT)
+    assert first.delete == []  # the pod it replaces serves until the new one is Ready
+    (moved,) = [p for p in first.create if p["metadata"]["labels"][api.LABEL_ROLE] == "replica"]
+    old = next(p for p in pods if p.name == moved["metadata"]["annotations"][api.ANNOTATION_REPLACES])
+    assert (old.model, old.replica) == (moved["metadata"]["labels"][api.LABEL_MODEL], 0)
+    assert moved["metadata"]["annotations"][api.ANNOTATION_DEVICE] != old.device
+    mine = next(s for s in first.statuses if s.model.name == old.model)
+    assert [e.reason for e in mine.events].count("Defragmenting") == 1
+    assert mine.status["phase"] == "Ready" and mine.status["readyReplicas"] == 1
+    # Starting: nothing goes, nothing more moves; a restarted operator reads the same from the pods.
+    starting = [*pods, *as_pods(first.create, ready=False)]
+    waiting = run(models, nodes, starting, estimates=est, config=DEFRAGMENT)
+    assert waiting.create == [] and waiting.delete == []
+    assert all(s.status["readyReplicas"] == 1 for s in waiting.statuses)
+    # Ready: the old replica goes; then its holder, once the replica is terminating.
+    ready = [*pods, *as_pods(first.create)]
+    done = run(models, nodes, ready, estimates=est, config=DEFRAGMENT)
+    assert [d.name for d in done.delete] == [old.name] and done.create == []
+    assert "defragmentation" in done.delete[0].reason
+    terminating = [replace(p, terminating=True) if p.name == old.name else p for p in ready]
+    holder = run(models, nodes, terminating, estimates=est, config=DEFRAGMENT)
+    assert [d.name for d in holder.delete] == [old.weight_holder]
+    left = [p for p in ready if p.name not in (old.name, old.weight_holder)]
+    assert len({p.device for p in left}) == 1
+    settled = run(models, nodes, left, estimates=est, config=DEFRAGMENT)
+    assert settled.create == [] and settled.delete == []
+
+
+def test_defragmentation_waits_for_a_settled_cluster() -> None:
+    models, nodes, est, pods = fragmented_pods()
+    not_ready = [replace(p, ready=False) if p.role == "weights" else p for p in pods]
+    assert run(models, nodes, not_ready, estimates=est, config=DEFRAGMENT).create == []
+    scaled = [model("a", 2), models[1]]  # a replica to add: that comes first
+    result = run(scaled, nodes, pods, estimates=est, config=DEFRAGMENT)
+    assert result.delete == [] and all(
+        api.ANNOTATION_REPLACES not in p["metadata"]["annotations"] for p in result.create
+    )
+
+
+def test_a_replaces_annotation_written_by_hand_deletes_nothing_it_should_not() -> None:
+    """A tenant can annotate its own pods; a claim on another model's pod, a cycle, or two claims on one
+    pod are ignored: the duplicate index resolves as any other and no other model loses a pod."""
+    models, nodes, est, pods = fragmented_pods()
+    a = next(p for p in pods if p.role == "replica" and p.model == "a")
+    b = next(p for p in pods if p.role == "replica" and p.model == "b")
+    hostile = [
+        replace(a, replaces=b.name)
+        if p.name == a.name
+        else replace(p, replaces=a.name)
+        if p.name == b.name
+        else p
+        for p in pods
+    ]
+    for attempt in (hostile, [replace(p, replaces=b.name) if p.name == a.name else p for p in pods]):
+        result = run(models, nodes, attempt, estimates=est)
+        assert result.delete == [] and result.create == []
+        assert all(s.status["readyReplicas"] == 1 for s in result.statuses)
