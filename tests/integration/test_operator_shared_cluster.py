@@ -41,6 +41,49 @@ def new_namespace(cp: Any, name: str, labels: dict[str, str] | None = None) -> s
     return name
 
 
+def serving(pod: Any) -> bool:
+    """Ready and not going away."""
+    return pod.metadata.deletion_timestamp is None and any(
+        c.type == "Ready" and c.status == "True" for c in pod.status.conditions or []
+    )
+
+
+class PodFollower:
+    """Every state of the pods matching ``selector`` that the API server goes through, one watch event
+    at a time, from a list taken now: ``on_state(pods by name, the event's pod)`` after each event."""
+
+    def __init__(self, cp: Any, namespace: str, selector: str, on_state: Any) -> None:
+        core = client.CoreV1Api(cp.api_client())
+        listed = core.list_namespaced_pod(namespace, label_selector=selector)
+        self.state = {p.metadata.name: p for p in listed.items}
+        self._done = threading.Event()
+        args = (core, namespace, selector, listed.metadata.resource_version, on_state)
+        self._thread = threading.Thread(target=self._follow, args=args, daemon=True)
+        self._thread.start()
+
+    def _follow(self, core: Any, namespace: str, selector: str, version: str, on_state: Any) -> None:
+        w = watch.Watch()
+        for ev in w.stream(
+            core.list_namespaced_pod,
+            namespace,
+            label_selector=selector,
+            resource_version=version,
+            timeout_seconds=180,
+        ):
+            pod = ev["object"]
+            if ev["type"] == "DELETED":
+                self.state.pop(pod.metadata.name, None)
+            else:
+                self.state[pod.metadata.name] = pod
+            on_state(self.state, pod)
+            if self._done.is_set():
+                w.stop()
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join(30)
+
+
 def test_one_tenant_never_stalls_another(cluster, namespace, kwok_nodes, tmp_path) -> None:
     """A restricted namespace, a namespace at its quota, an unplaceable model on a 3-node cluster and a
     healthy namespace, in one operator: each model ends as it should, none holds up the others."""
@@ -136,44 +179,15 @@ def test_a_context_change_rolls_four_replicas_and_four_stay_ready(
     kwok_nodes(2, devices=1, device_mib=16 * GIB)
     apply(cluster, namespace, "roll", spec(replicas=4))
     wait_phase(cluster, namespace, "roll", "Ready")
-    core = client.CoreV1Api(cluster.api_client())
     selector = f"{api.LABEL_MODEL}=roll,{api.LABEL_ROLE}={api.ROLE_REPLICA}"
-    listed = core.list_namespaced_pod(namespace, label_selector=selector)
-    state = {p.metadata.name: p for p in listed.items}
     lowest: list[int] = []
     templates: set[str] = set()
-    done = threading.Event()
 
-    def ready_count() -> int:
-        return sum(
-            1
-            for p in state.values()
-            if p.metadata.deletion_timestamp is None
-            and any(c.type == "Ready" and c.status == "True" for c in p.status.conditions or [])
-        )
+    def record(state: dict[str, Any], pod: Any) -> None:
+        templates.add(pod.metadata.labels.get(api.LABEL_TEMPLATE_HASH, ""))
+        lowest.append(sum(1 for p in state.values() if serving(p)))
 
-    def follow() -> None:
-        w = watch.Watch()
-        version = listed.metadata.resource_version
-        for ev in w.stream(
-            core.list_namespaced_pod,
-            namespace,
-            label_selector=selector,
-            resource_version=version,
-            timeout_seconds=180,
-        ):
-            pod = ev["object"]
-            if ev["type"] == "DELETED":
-                state.pop(pod.metadata.name, None)
-            else:
-                state[pod.metadata.name] = pod
-                templates.add(pod.metadata.labels.get(api.LABEL_TEMPLATE_HASH, ""))
-            lowest.append(ready_count())  # every state the API server went through, one event at a time
-            if done.is_set():
-                w.stop()
-
-    follower = threading.Thread(target=follow, daemon=True)
-    follower.start()
+    follower = PodFollower(cluster, namespace, selector, record)
     changed = spec(replicas=4)
     changed["memory"]["kvCacheMiB"] = 1792  # a longer context: 2 GiB per replica instead of 1
     apply(cluster, namespace, "roll", changed)
@@ -192,8 +206,7 @@ def test_a_context_change_rolls_four_replicas_and_four_stay_ready(
 
     wait_until(complete, 60, "the rollout complete in the model's status")
     model = get_model(cluster, namespace, "roll")
-    done.set()
-    follower.join(30)
+    follower.stop()
     assert lowest and min(lowest) >= 4, f"fewer than 4 ready replicas at some moment: {min(lowest)}"
     assert len(templates) >= 2, "the watch saw pods of both templates"
     reasons = [e.reason for e in events_of(cluster, namespace, "roll")]
@@ -295,7 +308,6 @@ def test_defragmentation_moves_a_replica_make_before_break(cluster, namespace, k
         }
 
     op = OperatorProcess(cluster, namespace, tmp_path).start("--defragment", "--defragment-max-moves", "1")
-    core = client.CoreV1Api(cluster.api_client())
     selector = f"{api.LABEL_ROLE}={api.ROLE_REPLICA}"
     try:
         apply(cluster, namespace, "a", sized("a.safetensors", 4))
@@ -309,41 +321,14 @@ def test_defragmentation_moves_a_replica_make_before_break(cluster, namespace, k
         }
         assert len(devices) == 2, devices
 
-        listed = core.list_namespaced_pod(namespace, label_selector=selector)
-        state = {p.metadata.name: p for p in listed.items}
         lowest: dict[str, int] = {"a": 1, "b": 1}
-        done = threading.Event()
 
-        def ready(model: str) -> int:
-            return sum(
-                1
-                for p in state.values()
-                if p.metadata.labels.get(api.LABEL_MODEL) == model
-                and p.metadata.deletion_timestamp is None
-                and any(c.type == "Ready" and c.status == "True" for c in p.status.conditions or [])
-            )
+        def record(state: dict[str, Any], _: Any) -> None:
+            for model in lowest:
+                mine = [p for p in state.values() if p.metadata.labels.get(api.LABEL_MODEL) == model]
+                lowest[model] = min(lowest[model], sum(1 for p in mine if serving(p)))
 
-        def follow() -> None:
-            w = watch.Watch()
-            for ev in w.stream(
-                core.list_namespaced_pod,
-                namespace,
-                label_selector=selector,
-                resource_version=listed.metadata.resource_version,
-                timeout_seconds=180,
-            ):
-                pod = ev["object"]
-                if ev["type"] == "DELETED":
-                    state.pop(pod.metadata.name, None)
-                else:
-                    state[pod.metadata.name] = pod
-                for model in lowest:
-                    lowest[model] = min(lowest[model], ready(model))
-                if done.is_set():
-                    w.stop()
-
-        follower = threading.Thread(target=follow, daemon=True)
-        follower.start()
+        follower = PodFollower(cluster, namespace, selector, record)
         cluster.kubectl("delete", "infm", "c", "-n", namespace, "--timeout=60s")
 
         def one_device() -> bool:
@@ -355,8 +340,7 @@ def test_defragmentation_moves_a_replica_make_before_break(cluster, namespace, k
             return len(pods) == 2 and len({p.metadata.annotations[api.ANNOTATION_DEVICE] for p in pods}) == 1
 
         wait_until(one_device, 120, "a and b on one device")
-        done.set()
-        follower.join(30)
+        follower.stop()
         moved = [
             e
             for model in ("a", "b")

@@ -530,6 +530,18 @@ def test_property_repacking_the_result_keeps_everything(instance):
     assert {(u.model, u.replica) for u in again.unplaced} <= {(u.model, u.replica) for u in first.unplaced}
 
 
+def drifted(nodes: list[Node], demands: list[Demand], seed: int) -> list[Placement]:
+    """A running state that drifted: the demands grown, then placed one at a time (the caller's
+    ``demands`` scale it back)."""
+    rng = random.Random(seed)
+    grown = [replace(d, replicas=d.replicas + rng.randint(0, 4)) for d in demands]
+    order = rng.sample(grown, len(grown))
+    current: list[Placement] = []
+    for i in range(len(order)):
+        current = pack(nodes, order[: i + 1], current).placements()
+    return current
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.booleans().flatmap(lambda uniform: instances(uniform=uniform)), st.integers(0, 2**16))
 def test_property_defragmentation_renames_without_changing_the_plan(instance, seed):
@@ -538,12 +550,7 @@ def test_property_defragmentation_renames_without_changing_the_plan(instance, se
     good as a repack that knows nothing of what runs, and restarts no more replicas than that repack
     would under its own names."""
     nodes, demands = instance
-    rng = random.Random(seed)
-    grown = [replace(d, replicas=d.replicas + rng.randint(0, 4)) for d in demands]
-    order = rng.sample(grown, len(grown))
-    current: list[Placement] = []
-    for i in range(len(order)):
-        current = pack(nodes, order[: i + 1], current).placements()
+    current = drifted(nodes, demands, seed)
     stable = pack(nodes, demands, current)
     merged = pack(nodes, demands, current, defragment=True)
     check_invariants(nodes, demands, merged, current)
@@ -690,12 +697,7 @@ def test_property_a_drain_stays_within_its_budget_and_breaks_nothing_first(insta
     start while the one it replaces still runs), with no more devices and nothing more unplaced than
     the stable plan, whatever the input order."""
     nodes, demands = instance
-    rng = random.Random(seed)
-    grown = [replace(d, replicas=d.replicas + rng.randint(0, 4)) for d in demands]
-    order = rng.sample(grown, len(grown))
-    current: list[Placement] = []
-    for i in range(len(order)):
-        current = pack(nodes, order[: i + 1], current).placements()
+    current = drifted(nodes, demands, seed)
     stable = pack(nodes, demands, current)
     drained = drain(nodes, demands, current, max_moves=budget)
     check_invariants(nodes, demands, drained, current)
