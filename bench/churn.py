@@ -3,8 +3,11 @@
 2,000 seeded events over a population of up to 300 models drawn from the packing suite's real
 architectures: arrivals, scale changes and deletions. After each event the packer runs as the
 operator runs it: with the previous placements as the running state (stable: running replicas stay).
-Two policies run side by side: ``sticky`` never moves a running replica; ``consolidating`` runs,
-every ``--consolidate-every`` events, the bounded consolidation
+Three policies run side by side: ``sticky`` never moves a running replica; ``draining`` runs, every
+``--consolidate-every`` events, one batch of the operator's ``--defragment``
+(:func:`vnpu.operator.packing.drain`: at most ``--drain-max-moves`` replicas, each into room free now,
+make-before-break); ``consolidating`` runs, every ``--consolidate-every`` events, the bounded
+consolidation
 (:func:`vnpu.operator.packing.consolidate`): only while the plan needs more than 1.05x the devices
 of a fresh repack, it moves at most ``--move-budget`` running replicas, off thin weight copies and
 near-empty devices, and only where a move frees a device or at least ``--min-slices-per-move``
@@ -35,6 +38,9 @@ waste (free slices and weight copies other than their group's fullest), ten more
 the packer re-place their replicas with everything else kept (:func:`price_curve`);
 ``drain_moves_to_goal_ratio`` is the moves of the first point that meets the goal ratio.
 
+What the operator's ``--defragment`` reaches from there: ``drain_batches_*`` are its batches (of
+``--drain-max-moves``) from each plan's end state, run one after another until one frees nothing.
+
 What the fresh repack itself costs: ``defragment_moves`` is the running replicas that
 ``pack(..., defragment=True)`` (a fresh repack; the operator's ``--defragment`` drains in safe batches
 instead, :func:`vnpu.operator.packing.drain`) restarts to reach it from each
@@ -58,6 +64,7 @@ from typing import Any
 from vnpu.api import slices_for_mib
 from vnpu.bench.packing import CATALOGUE, DEVICES_PER_NODE, deployment
 from vnpu.bench.report import provenance, results_dir, write_table
+from vnpu.operator.config import OperatorConfig
 from vnpu.operator.packing import (
     CONSOLIDATE_BOUND,
     MIN_SLICES_PER_MOVE,
@@ -67,6 +74,7 @@ from vnpu.operator.packing import (
     PackResult,
     Placement,
     consolidate,
+    drain,
     pack,
     waste_by_device,
     weight_copies,
@@ -149,6 +157,22 @@ def price_curve(
     return points
 
 
+def drain_batches(
+    nodes: list[Node], demands: list[Demand], plan: PackResult, max_moves: int
+) -> list[tuple[int, int]]:
+    """(moves, devices after it) of each batch the operator's ``--defragment`` runs from ``plan`` on a
+    settled cluster, one after another, until a batch frees nothing."""
+    out: list[tuple[int, int]] = []
+    running = plan.placements()
+    while True:
+        result = drain(nodes, demands, running, max_moves=max_moves)
+        moved = result.moved_from(running)
+        if not moved:
+            return out
+        out.append((moved, result.devices_used()))
+        running = result.placements()
+
+
 def devices_floor(result: PackResult, moves: int, device_slices: int) -> int:
     """A lower bound on the devices ``result`` could use after at most ``moves`` more moves, whatever
     they are. A move relocates one replica and its slices go with it, so moves save slices only by
@@ -184,6 +208,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--consolidate-every", type=int, default=10)
     parser.add_argument("--move-budget", type=int, default=2, help="moves one consolidation may make")
     parser.add_argument(
+        "--drain-max-moves",
+        type=int,
+        default=OperatorConfig.defragment_max_moves,
+        help="moves one drain batch may make (default %(default)s, the operator's --defragment-max-moves)",
+    )
+    parser.add_argument(
         "--min-slices-per-move",
         type=int,
         default=MIN_SLICES_PER_MOVE,
@@ -199,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(args.nodes)
     ]
     demands: dict[str, Demand] = {}
-    policies = {"sticky": 0, "consolidating": args.move_budget}
+    policies = ("sticky", "draining", "consolidating")
     current: dict[str, list[Placement]] = {name: [] for name in policies}
     plans: dict[str, PackResult] = {}
     moves = dict.fromkeys(policies, 0)
@@ -214,15 +244,18 @@ def main(argv: list[str] | None = None) -> int:
         else:
             del demands[str(what)]
         row: dict[str, Any] = {"step": step, "event": kind, "models": len(demands)}
-        for name, budget in policies.items():
-            if budget and step % args.consolidate_every == 0:
+        for name in policies:
+            due = step % args.consolidate_every == 0
+            if due and name == "consolidating":
                 result = consolidate(
                     nodes,
                     list(demands.values()),
                     current[name],
-                    max_moves=budget,
+                    max_moves=args.move_budget,
                     min_slices_per_move=args.min_slices_per_move,
                 )
+            elif due and name == "draining":
+                result = drain(nodes, list(demands.values()), current[name], max_moves=args.drain_max_moves)
             else:
                 result = pack(nodes, list(demands.values()), current[name])
             moved = result.moved_from(current[name])
@@ -278,6 +311,12 @@ def main(argv: list[str] | None = None) -> int:
         )
         summary["end_pass_moves"] = end_pass.moved_from(plans[name].placements())
         summary["end_pass_ratio"] = round(end_pass.devices_used() / last["fresh_devices"], 4)
+        batches = drain_batches(nodes, list(demands.values()), plans[name], args.drain_max_moves)
+        summary["drain_batches"] = len(batches)
+        summary["drain_batches_moves"] = sum(moved for moved, _ in batches)
+        summary["drain_batches_ratio"] = round(
+            (batches[-1][1] if batches else last[f"{name}_devices"]) / last["fresh_devices"], 4
+        )
         defragmented = pack(nodes, list(demands.values()), plans[name].placements(), defragment=True)
         summary["defragment_moves"] = defragmented.moved_from(plans[name].placements())
         summary["defragment_moved_fraction"] = round(summary["defragment_moves"] / max(1, replicas_end), 4)
@@ -292,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = {
         "consolidate_every": args.consolidate_every,
         "move_budget": args.move_budget,
+        "drain_max_moves": args.drain_max_moves,
         "min_slices_per_move": args.min_slices_per_move,
         "bound": CONSOLIDATE_BOUND,
         "nodes": args.nodes,
@@ -337,12 +377,16 @@ def _plot(
     ax.set_ylabel("devices used")
     ax.set_title(f"Churn: {summaries[0]['events']} arrivals, scale changes and deletions")
     ax.legend(fontsize=8)
-    # What moves buy at the end: the drain curve, the end pass and a defragmenting repack, per policy.
+    # What moves buy at the end: the drain curve, the end pass, the operator's drain batches and a fresh
+    # repack, per policy.
     for s in summaries:
         name, n = s["policy"], max(1, s["replicas_at_end"])
         curve = [(0, s["ratio_at_end"])] + [(p["moves"] / n, p["ratio"]) for p in curves[s["policy"]]]
         (line,) = price.plot(*zip(*curve, strict=True), marker=".", label=f"{name}: drain the most wasteful")
         price.scatter([s["end_pass_moves"] / n], [s["end_pass_ratio"]], color=line.get_color(), marker="s")
+        price.scatter(
+            [s["drain_batches_moves"] / n], [s["drain_batches_ratio"]], color=line.get_color(), marker="D"
+        )
         price.scatter(
             [s["defragment_moved_fraction"]],
             [s["defragment_ratio"]],
@@ -352,7 +396,10 @@ def _plot(
         )
     price.axhline(GOAL_RATIO, color="grey", linestyle=":", label=f"goal: ratio {GOAL_RATIO}")
     price.axvline(GOAL_MOVED, color="grey", linestyle="--", label=f"goal: {GOAL_MOVED:.0%} moved")
-    price.set_xlabel("replicas moved at the end (fraction); square: end pass, star: --defragment")
+    price.set_xlabel(
+        "replicas moved at the end (fraction); square: end pass, diamond: --defragment batches, "
+        "star: fresh repack"
+    )
     price.set_ylabel("devices / fresh repack")
     price.set_title("What moves buy at the end of the trace")
     price.legend(fontsize=8)

@@ -52,6 +52,11 @@ POD_ACTIONS = Counter(
     ["action", "role"],
     registry=REGISTRY,
 )
+DEFRAGMENT_MOVES = Counter(
+    "vnpu_operator_defragment_moves_total",
+    "Replicas moved to free devices (--defragment): a new pod started beside the one it replaces.",
+    registry=REGISTRY,
+)
 API_REQUESTS = Counter(
     "vnpu_operator_api_requests_total",
     "Requests the operator sent to the API server, by verb and resource (informers' lists and watches "

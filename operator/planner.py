@@ -454,7 +454,7 @@ def plan(
                 replica=a.replica,
                 holder=holder,
                 template=template_label(templates[a.model]),
-                replaces=moves[(a.model, a.replica)].name if (a.model, a.replica) in moves else None,
+                replaces=moves[(a.model, a.replica)].uid if (a.model, a.replica) in moves else None,
             )
         if (a.model, a.replica) in moves:
             old = moves[(a.model, a.replica)]
@@ -781,34 +781,35 @@ def _moves_in_flight(
 ) -> dict[tuple[str, str], ObservedPod]:
     """(namespace, name) of each replica pod a defragmentation is replacing -> the pod replacing it.
 
-    A claim (vnpu.io/replaces) counts only between two live replica pods of the same model and index,
-    both of the current template, from a pod that nothing claims in turn, and only as the sole claim
-    on its target: anything else (a chain, a cycle, an annotation written by hand) is ignored, and the
-    duplicate index resolves as any other (the Ready pod is the placement, the other goes)."""
+    A claim (vnpu.io/replaces, the uid of the pod replaced) counts only between two live replica pods of
+    the same namespace, model and index, both of the current template, from a pod that nothing claims
+    in turn, and only as the sole claim on its target: anything else (a chain, a cycle, an annotation
+    written by hand) is ignored, and the duplicate index resolves as any other (the Ready pod is the
+    placement, the other goes). A claim outlives its move on the pod that made it; the uid keeps it
+    from ever reaching a later pod that takes the old name."""
     live = {
-        (p.namespace, p.name): p
+        p.uid: p
         for p in ours
-        if p.role == api.ROLE_REPLICA and not p.terminating and p.replica is not None
+        if p.role == api.ROLE_REPLICA and not p.terminating and p.replica is not None and p.uid
     }
 
     def current(p: ObservedPod) -> bool:
         key = _model_key(p.namespace, p.model or "")
         return key in active and _is_current(p, active[key][0], templates[key])
 
-    claims: dict[tuple[str, str], list[ObservedPod]] = defaultdict(list)
+    claims: dict[str, list[ObservedPod]] = defaultdict(list)  # uid -> the pods claiming to replace it
     for p in live.values():
-        if p.replaces and p.replaces != p.name:
-            claims[(p.namespace, p.replaces)].append(p)
+        if p.replaces and p.replaces != p.uid:
+            claims[p.replaces].append(p)
     out: dict[tuple[str, str], ObservedPod] = {}
     for target, successors in claims.items():
         old = live.get(target)
         if old is None or len(successors) != 1:
             continue
         (new,) = successors
-        if (new.namespace, new.name) in claims or (old.model, old.replica) != (new.model, new.replica):
-            continue
-        if current(old) and current(new):
-            out[target] = new
+        same = (old.namespace, old.model, old.replica) == (new.namespace, new.model, new.replica)
+        if new.uid not in claims and same and current(old) and current(new):
+            out[(old.namespace, old.name)] = new
     return out
 
 

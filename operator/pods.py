@@ -94,7 +94,8 @@ class PodIntent:
     serves: bool = False
     #: Pod-template hash (and key generation) of a replica, its vnpu.io/template-hash label.
     template: str = ""
-    #: The replica pod this one replaces (a defragmentation's move): kept until this one is Ready.
+    #: The uid of the replica pod this one replaces (a defragmentation's move): kept until this one is
+    #: Ready.
     replaces: str | None = None
 
     @property

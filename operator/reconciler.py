@@ -321,6 +321,8 @@ class Reconciler:
             def write() -> None:
                 if kube.create_pod(render(intent, self.config)):
                     metrics.POD_ACTIONS.labels("create", intent.role).inc()
+                    if intent.replaces:
+                        metrics.DEFRAGMENT_MOVES.inc()
                     log.info("created %s pod %s/%s", intent.role, intent.namespace, intent.name)
 
             guarded(intent.models, f"creating {intent.role} pod {intent.name}", write)

@@ -78,8 +78,9 @@ class ObservedPod:
     problem: str = ""
     #: Finished (Succeeded or Failed): it holds no device memory any more.
     finished: bool = False
-    #: The pod this replica replaces (vnpu.io/replaces): a defragmentation's move in flight.
+    #: The uid of the pod this replica replaces (vnpu.io/replaces): a defragmentation's move.
     replaces: str | None = None
+    uid: str = ""
 
 
 @dataclass(frozen=True)
@@ -268,6 +269,7 @@ def parse_pod(obj: Mapping[str, Any], managed: bool = True) -> ObservedPod:
         problem=pod_problem(status),
         finished=phase in ("Succeeded", "Failed"),
         replaces=annotations.get(api.ANNOTATION_REPLACES),
+        uid=meta.get("uid", ""),
     )
 
 

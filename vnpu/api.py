@@ -42,8 +42,9 @@ ANNOTATION_SHARE_GROUP = f"{GROUP}/share-group"
 #: Pod annotation naming the weight-holder pod a replica maps its weights from.
 ANNOTATION_WEIGHT_HOLDER = f"{GROUP}/weight-holder"
 
-#: Pod annotation on a replica started by a defragmentation: the pod (same model and replica index) it
-#: replaces, which the operator keeps running until this one is Ready (make-before-break).
+#: Pod annotation on a replica started by a defragmentation: the uid of the pod (same model and replica
+#: index) it replaces, which the operator keeps running until this one is Ready (make-before-break). A
+#: uid, not a name: a later pod may take the old name, and a stale claim must never reach it.
 ANNOTATION_REPLACES = f"{GROUP}/replaces"
 
 #: Pod annotation on a weight-holder: MiB of the weight copy it holds (views of the memory saved by

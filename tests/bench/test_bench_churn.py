@@ -34,7 +34,7 @@ def test_a_short_run_writes_json_table_and_plot(tmp_path):
     assert main(["--events", "60", "--models", "20", "--nodes", "20", "--out", str(out)]) == 0
     data = json.loads((out / "churn.json").read_text())
     assert data["provenance"]["command"].startswith("vnpu bench churn")
-    sticky, consolidating = data["summary"]
+    sticky, draining, consolidating = data["summary"]
     assert sticky["policy"] == "sticky" and sticky["moves_total"] == 0
     assert consolidating["events"] == 60 and len(data["steps"]) == 60
     assert data["steps"][-1]["fresh_devices"] >= 1
@@ -46,7 +46,13 @@ def test_a_short_run_writes_json_table_and_plot(tmp_path):
     assert (out / "churn.png").stat().st_size > 10_000 and (out / "churn.md").exists()
     assert 0 < sticky["floor_with_goal_moves_left"] <= sticky["ratio_at_end"]
     # The end pass spends at most the moves the goal leaves, never loses ground, and never beats the floor.
-    for s in (sticky, consolidating):
+    assert draining["policy"] == "draining" and data["settings"]["drain_max_moves"] == 10
+    for row in data["steps"]:
+        assert row["draining_moves"] <= 10  # a batch moves at most --drain-max-moves replicas
+    for s in (sticky, draining, consolidating):
+        # The operator's batches from the end state never lose ground.
+        assert s["drain_batches_ratio"] <= s["ratio_at_end"]
+        assert s["drain_batches_moves"] <= 10 * s["drain_batches"]
         limit = max(s["moves_total"], int(0.05 * s["replicas_at_end"]))
         assert s["moves_total"] + s["end_pass_moves"] <= limit
         assert s["floor_with_goal_moves_left"] <= s["end_pass_ratio"] <= s["ratio_at_end"]

@@ -348,6 +348,7 @@ def test_defragmentation_moves_a_replica_make_before_break(cluster, namespace, k
             if e.reason == "Defragmenting"
         ]
         assert len(moved) == 1, [e.message for e in moved]
+        assert "vnpu_operator_defragment_moves_total 1.0" in op.metrics()
         assert min(lowest.values()) >= 1, f"a model had no Ready replica at some moment: {lowest}"
         wait_phase(cluster, namespace, "a", "Ready")
         wait_phase(cluster, namespace, "b", "Ready")

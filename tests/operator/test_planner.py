@@ -69,9 +69,12 @@ def run(models, nodes, pods=(), estimates=None, config=CONFIG, secrets=None, **k
 
 
 def as_pods(manifests: list[dict[str, Any]], ready: bool = True) -> list[ObservedPod]:
+    """The pods the API server would hold for these manifests (a uid each, Running, Ready or not)."""
     pods = []
     for m in manifests:
-        m = {**m, "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": str(ready)}]}}
+        meta = {**m["metadata"], "uid": m["metadata"].get("uid") or f"uid-{m['metadata']['name']}"}
+        status = {"phase": "Running", "conditions": [{"type": "Ready", "status": str(ready)}]}
+        m = {**m, "metadata": meta, "status": status}
         pods.append(parse_pod(m))
     return pods
 
@@ -495,7 +498,7 @@ def test_defragmentation_moves_make_before_break_one_batch_at_a_time() -> None:
     first = run(models, nodes, pods, estimates=est, config=DEFRAGMENT)
     assert first.delete == []  # the pod it replaces serves until the new one is Ready
     (moved,) = [p for p in first.create if p["metadata"]["labels"][api.LABEL_ROLE] == "replica"]
-    old = next(p for p in pods if p.name == moved["metadata"]["annotations"][api.ANNOTATION_REPLACES])
+    old = next(p for p in pods if p.uid == moved["metadata"]["annotations"][api.ANNOTATION_REPLACES])
     assert (old.model, old.replica) == (moved["metadata"]["labels"][api.LABEL_MODEL], 0)
     assert moved["metadata"]["annotations"][api.ANNOTATION_DEVICE] != old.device
     mine = next(s for s in first.statuses if s.model.name == old.model)
@@ -506,6 +509,10 @@ def test_defragmentation_moves_make_before_break_one_batch_at_a_time() -> None:
     waiting = run(models, nodes, starting, estimates=est, config=DEFRAGMENT)
     assert waiting.create == [] and waiting.delete == []
     assert all(s.status["readyReplicas"] == 1 for s in waiting.statuses)
+    # Given up (the new pod deleted by hand): the old pod is the replica again, nothing else moves.
+    abandoned = [replace(p, terminating=True) if p.replaces else p for p in starting]
+    kept = run(models, nodes, abandoned, estimates=est, config=DEFRAGMENT)
+    assert kept.create == [] and all(d.name != old.name for d in kept.delete)
     # Ready: the old replica goes; then its holder, once the replica is terminating.
     ready = [*pods, *as_pods(first.create)]
     done = run(models, nodes, ready, estimates=est, config=DEFRAGMENT)
@@ -518,6 +525,14 @@ def test_defragmentation_moves_make_before_break_one_batch_at_a_time() -> None:
     assert len({p.device for p in left}) == 1
     settled = run(models, nodes, left, estimates=est, config=DEFRAGMENT)
     assert settled.create == [] and settled.delete == []
+    # Moved back later: the new pod takes the old pod's name, and the claim the first move left on
+    # its successor names the old pod's uid, so it never reaches the new one.
+    (successor,) = [p for p in left if p.replaces]
+    back = replace(old, uid="uid-back", replaces=successor.uid, ready=False)
+    moving = run(models, nodes, [*left, back], estimates=est, config=DEFRAGMENT)
+    assert moving.delete == [] and roles(moving.create) == ["weights"]  # the holder it maps, again
+    arrived = run(models, nodes, [*left, replace(back, ready=True)], estimates=est, config=DEFRAGMENT)
+    assert [d.name for d in arrived.delete] == [successor.name]
 
 
 def test_defragmentation_waits_for_a_settled_cluster() -> None:
@@ -538,14 +553,14 @@ def test_a_replaces_annotation_written_by_hand_deletes_nothing_it_should_not() -
     a = next(p for p in pods if p.role == "replica" and p.model == "a")
     b = next(p for p in pods if p.role == "replica" and p.model == "b")
     hostile = [
-        replace(a, replaces=b.name)
+        replace(a, replaces=b.uid)
         if p.name == a.name
-        else replace(p, replaces=a.name)
+        else replace(p, replaces=a.uid)
         if p.name == b.name
         else p
         for p in pods
     ]
-    for attempt in (hostile, [replace(p, replaces=b.name) if p.name == a.name else p for p in pods]):
+    for attempt in (hostile, [replace(p, replaces=b.uid) if p.name == a.name else p for p in pods]):
         result = run(models, nodes, attempt, estimates=est)
         assert result.delete == [] and result.create == []
         assert all(s.status["readyReplicas"] == 1 for s in result.statuses)
