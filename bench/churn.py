@@ -397,7 +397,8 @@ def _plot(
     price.axhline(GOAL_RATIO, color="grey", linestyle=":", label=f"goal: ratio {GOAL_RATIO}")
     price.axvline(GOAL_MOVED, color="grey", linestyle="--", label=f"goal: {GOAL_MOVED:.0%} moved")
     price.set_xlabel(
-        "replicas moved at the end (fraction)\nsquare: end pass, diamond: --defragment batches, star: fresh repack"
+        "replicas moved at the end (fraction)\n"
+        "square: end pass, diamond: --defragment batches, star: fresh repack"
     )
     price.set_ylabel("devices / fresh repack")
     price.set_title("What moves buy at the end of the trace")
