@@ -254,8 +254,9 @@ def main(argv: list[str] | None = None) -> int:
                     max_moves=args.move_budget,
                     min_slices_per_move=args.min_slices_per_move,
                 )
-            elif due and name == "draining":
-                result = drain(nodes, list(demands.values()), current[name], max_moves=args.drain_max_moves)
+            elif due and name == "draining":  # the event's pass, then a batch once it has settled
+                settled = pack(nodes, list(demands.values()), current[name]).placements()
+                result = drain(nodes, list(demands.values()), settled, max_moves=args.drain_max_moves)
             else:
                 result = pack(nodes, list(demands.values()), current[name])
             moved = result.moved_from(current[name])

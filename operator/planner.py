@@ -822,12 +822,13 @@ def _settled(
     that the stable plan keeps as it is, and every replica and weight-holder pod is Ready."""
     if stable.unplaced or stable.dropped:
         return False
-    placements = {id(p) for p in current_pod.values()}
+    placements = {(p.namespace, p.name) for p in current_pod.values()}
     kept = {(a.model, a.replica) for a in stable.assignments if a.kept}
     if len(kept) != len(stable.assignments) or kept != set(current_pod):
         return False
     for p in ours:
-        if p.role == api.ROLE_REPLICA and (p.terminating or id(p) not in placements or not p.ready):
+        placed = (p.namespace, p.name) in placements
+        if p.role == api.ROLE_REPLICA and (p.terminating or not placed or not p.ready):
             return False
         if p.role == api.ROLE_WEIGHTS and (p.terminating or not p.ready):
             return False

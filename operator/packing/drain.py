@@ -79,34 +79,46 @@ def drain(
     Devices are considered most waste per replica first; one is added to the drained set when the
     packer then still places everything and uses fewer devices, within the budget. Drained devices are
     cordoned for the plan (no room for anything), so every moved replica lands in room that no pod
-    holds now. Returns the stable plan when no drain helps (or ``max_moves`` is 0, or something is
-    unplaced: capacity goes to that first). Moved replicas are listed in ``dropped``.
+    holds now. Only from a steady state: while the stable plan places, drops or leaves unplaced any
+    replica (a scale, a lost device, too little room), that comes first and the stable plan is
+    returned, as it is when no drain helps or ``max_moves`` is 0. Moved replicas are in ``dropped``.
     """
-    best = pack(nodes, demands, current)
-    if max_moves <= 0 or best.unplaced:
-        return best
-    waste = waste_by_device(best, nodes)
-    replicas: dict[DeviceKey, int] = {}
-    for a in best.assignments:
-        replicas[(a.node, a.device)] = replicas.get((a.node, a.device), 0) + 1
+    stable = pack(nodes, demands, current)
+    steady = not stable.unplaced and not stable.dropped and all(a.kept for a in stable.assignments)
+    if max_moves <= 0 or not steady:
+        return stable
+    waste = waste_by_device(stable, nodes)
+    running: dict[DeviceKey, list[Placement]] = {}  # what runs on each device and the plan keeps there
+    for a in stable.assignments:
+        if a.kept:
+            running.setdefault((a.node, a.device), []).append(
+                Placement(a.model, a.replica, a.node, a.device, a.slices)
+            )
     candidates = sorted(
-        (key for key, n in replicas.items() if n <= max_moves),
-        key=lambda key: (-waste[key] / replicas[key], replicas[key], key),
+        (key for key, on in running.items() if len(on) <= max_moves),
+        key=lambda key: (-waste[key] / len(running[key]), len(running[key]), key),
     )
-    kept = best.placements()
+    total = {(n.name, d.id): d.available for n in nodes for d in n.devices}
+    best, moves = stable, 0
     drained: set[DeviceKey] = set()
-    moves = 0
+    used, room = _room(best, total)
     for key in candidates[:tries]:
-        if moves + replicas[key] > max_moves:
+        if moves + len(running[key]) > max_moves:
             continue
-        trial = _pack_drained(nodes, demands, kept, drained | {key})
+        # Its replicas must fit in room on the other devices in use (one newly opened would free none):
+        # a cheap necessary test before a packer run.
+        mine = sum(a.slices for a in best.assignments if (a.node, a.device) == key)
+        if mine > room - (total.get(key, 0) - used[key]):
+            continue
+        trial = _pack_drained(nodes, demands, current, drained | {key})
         if trial.unplaced or trial.devices_used() >= best.devices_used():
             continue
-        best, moves = trial, moves + replicas[key]  # every replica of a drained device moves
+        best, moves = trial, moves + len(running[key])  # every running replica there moves
         drained.add(key)
+        used, room = _room(best, total)
     if not drained:
-        return best
-    moved = [p for p in kept if (p.node, p.device) in drained]
+        return stable
+    moved = [p for key in sorted(drained) for p in running[key]]
     return replace(
         _renumbered(best, moved), dropped=tuple(Dropped(p, "moved by defragmentation") for p in moved)
     )
@@ -137,8 +149,14 @@ def _renumbered(plan: PackResult, moved: Sequence[Placement]) -> PackResult:
     return replace(plan, assignments=assignments)
 
 
+def _room(plan: PackResult, total: dict[DeviceKey, int]) -> tuple[dict[DeviceKey, int], int]:
+    """Slices used per device in use, and the free slices on all of them together."""
+    used = plan.slices_by_device()
+    return used, sum(max(0, total.get(key, 0) - n) for key, n in used.items())
+
+
 def _pack_drained(
-    nodes: Sequence[Node], demands: Sequence[Demand], kept: Sequence[Placement], drained: set[DeviceKey]
+    nodes: Sequence[Node], demands: Sequence[Demand], current: Sequence[Placement], drained: set[DeviceKey]
 ) -> PackResult:
     cordoned = [
         replace(
@@ -147,4 +165,4 @@ def _pack_drained(
         )
         for n in nodes
     ]
-    return pack(cordoned, demands, [p for p in kept if (p.node, p.device) not in drained])
+    return pack(cordoned, demands, [p for p in current if (p.node, p.device) not in drained])
