@@ -165,7 +165,7 @@ def drain_batches(
     out: list[tuple[int, int]] = []
     running = plan.placements()
     while True:
-        result = drain(nodes, demands, running, max_moves=max_moves)
+        result = drain(nodes, demands, pack(nodes, demands, running), max_moves=max_moves)
         moved = result.moved_from(running)
         if not moved:
             return out
@@ -256,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
                 )
             elif due and name == "draining":  # the event's pass, then a batch once it has settled
                 settled = pack(nodes, list(demands.values()), current[name]).placements()
-                result = drain(nodes, list(demands.values()), settled, max_moves=args.drain_max_moves)
+                stable = pack(nodes, list(demands.values()), settled)
+                result = drain(nodes, list(demands.values()), stable, max_moves=args.drain_max_moves)
             else:
                 result = pack(nodes, list(demands.values()), current[name])
             moved = result.moved_from(current[name])

@@ -400,7 +400,7 @@ def plan(
     moves: dict[tuple[str, int], ObservedPod] = {}  # (model, replica) -> the pod a move replaces
     busy = bool(moving_out or old_of or backoff or view.suspect or lost_nodes)
     if config.defragment and not busy and _settled(ours, current_pod, packed):
-        drained = packing.drain(packer_nodes, demands, current, max_moves=config.defragment_max_moves)
+        drained = packing.drain(packer_nodes, demands, packed, max_moves=config.defragment_max_moves)
         for d in drained.dropped:
             old = current_pod[(d.placement.model, d.placement.replica)]
             moves[(d.placement.model, d.placement.replica)] = old
@@ -818,14 +818,11 @@ def _settled(
     current_pod: Mapping[tuple[str, int], ObservedPod],
     stable: packing.PackResult,
 ) -> bool:
-    """Whether a defragmentation batch may start: every replica pod of ours is a current placement
-    that the stable plan keeps as it is, and every replica and weight-holder pod is Ready."""
-    if stable.unplaced or stable.dropped:
+    """Whether a defragmentation batch may start: the stable plan is steady and keeps exactly the
+    current placements, and every replica and weight-holder pod of ours is Ready."""
+    if not stable.steady() or {(a.model, a.replica) for a in stable.assignments} != set(current_pod):
         return False
     placements = {(p.namespace, p.name) for p in current_pod.values()}
-    kept = {(a.model, a.replica) for a in stable.assignments if a.kept}
-    if len(kept) != len(stable.assignments) or kept != set(current_pod):
-        return False
     for p in ours:
         placed = (p.namespace, p.name) in placements
         if p.role == api.ROLE_REPLICA and (p.terminating or not placed or not p.ready):

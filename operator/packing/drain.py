@@ -57,9 +57,10 @@ def weight_copies(plan: PackResult) -> list[WeightCopy]:
 
 def waste_by_device(plan: PackResult, nodes: Sequence[Node]) -> dict[DeviceKey, int]:
     """Per used device, the slices emptying it would give back beyond its replicas' own: its free
-    slices plus its weight copies that are not their group's fullest."""
-    total = {(n.name, d.id): d.total_slices for n in nodes for d in n.devices}
-    waste = {key: total.get(key, used) - used for key, used in plan.slices_by_device().items()}
+    slices (those no pod holds, the plan's or another's) plus its weight copies that are not their
+    group's fullest."""
+    available = _available(nodes)
+    waste = {key: max(0, available.get(key, used) - used) for key, used in plan.slices_by_device().items()}
     for c in weight_copies(plan):
         if not c.fullest:
             waste[(c.node, c.device)] += c.slices
@@ -69,53 +70,51 @@ def waste_by_device(plan: PackResult, nodes: Sequence[Node]) -> dict[DeviceKey, 
 def drain(
     nodes: Sequence[Node],
     demands: Sequence[Demand],
-    current: Sequence[Placement],
+    stable: PackResult,
     *,
     max_moves: int,
     tries: int = DRAIN_TRIES,
 ) -> PackResult:
-    """The stable plan, or one that empties devices by moving at most ``max_moves`` running replicas.
+    """``stable`` (the plan :func:`pack` gives for what runs now), or one that empties devices by
+    moving at most ``max_moves`` of its running replicas.
 
     Devices are considered most waste per replica first; one is added to the drained set when the
     packer then still places everything and uses fewer devices, within the budget. Drained devices are
     cordoned for the plan (no room for anything), so every moved replica lands in room that no pod
-    holds now. Only from a steady state: while the stable plan places, drops or leaves unplaced any
-    replica (a scale, a lost device, too little room), that comes first and the stable plan is
-    returned, as it is when no drain helps or ``max_moves`` is 0. Moved replicas are in ``dropped``.
+    holds now. Only from a steady state (:meth:`PackResult.steady`): while the stable plan places,
+    drops or leaves unplaced any replica (a scale, a lost device, too little room), that comes first
+    and ``stable`` is returned, as it is when no drain helps or ``max_moves`` is 0. Moved replicas are
+    in ``dropped``.
     """
-    stable = pack(nodes, demands, current)
-    steady = not stable.unplaced and not stable.dropped and all(a.kept for a in stable.assignments)
-    if max_moves <= 0 or not steady:
+    if max_moves <= 0 or not stable.steady():
         return stable
+    current = stable.placements()  # steady: exactly what runs
     waste = waste_by_device(stable, nodes)
-    running: dict[DeviceKey, list[Placement]] = {}  # what runs on each device and the plan keeps there
-    for a in stable.assignments:
-        if a.kept:
-            running.setdefault((a.node, a.device), []).append(
-                Placement(a.model, a.replica, a.node, a.device, a.slices)
-            )
+    running: dict[DeviceKey, list[Placement]] = {}
+    for p in current:
+        running.setdefault((p.node, p.device), []).append(p)
     candidates = sorted(
         (key for key, on in running.items() if len(on) <= max_moves),
         key=lambda key: (-waste[key] / len(running[key]), len(running[key]), key),
     )
-    total = {(n.name, d.id): d.available for n in nodes for d in n.devices}
+    available = _available(nodes)
     best, moves = stable, 0
     drained: set[DeviceKey] = set()
-    used, room = _room(best, total)
+    used, room = _room(best, available)
     for key in candidates[:tries]:
         if moves + len(running[key]) > max_moves:
             continue
         # Its replicas must fit in room on the other devices in use (one newly opened would free none):
         # a cheap necessary test before a packer run.
         mine = sum(a.slices for a in best.assignments if (a.node, a.device) == key)
-        if mine > room - (total.get(key, 0) - used[key]):
+        if mine > room - (available.get(key, 0) - used[key]):
             continue
         trial = _pack_drained(nodes, demands, current, drained | {key})
         if trial.unplaced or trial.devices_used() >= best.devices_used():
             continue
         best, moves = trial, moves + len(running[key])  # every running replica there moves
         drained.add(key)
-        used, room = _room(best, total)
+        used, room = _room(best, available)
     if not drained:
         return stable
     moved = [p for key in sorted(drained) for p in running[key]]
@@ -149,10 +148,15 @@ def _renumbered(plan: PackResult, moved: Sequence[Placement]) -> PackResult:
     return replace(plan, assignments=assignments)
 
 
-def _room(plan: PackResult, total: dict[DeviceKey, int]) -> tuple[dict[DeviceKey, int], int]:
+def _available(nodes: Sequence[Node]) -> dict[DeviceKey, int]:
+    """Slices per device that no pod outside the plan holds."""
+    return {(n.name, d.id): d.available for n in nodes for d in n.devices}
+
+
+def _room(plan: PackResult, available: dict[DeviceKey, int]) -> tuple[dict[DeviceKey, int], int]:
     """Slices used per device in use, and the free slices on all of them together."""
     used = plan.slices_by_device()
-    return used, sum(max(0, total.get(key, 0) - n) for key, n in used.items())
+    return used, sum(max(0, available.get(key, 0) - n) for key, n in used.items())
 
 
 def _pack_drained(

@@ -76,6 +76,12 @@ class PackResult:
     unplaced: tuple[Unplaced, ...]
     dropped: tuple[Dropped, ...]
 
+    def steady(self) -> bool:
+        """Whether the plan keeps every running replica where it runs and adds, drops and leaves
+        unplaced none: nothing is left to do but wait (a scale, a lost device or missing room would
+        come first)."""
+        return not self.unplaced and not self.dropped and all(a.kept for a in self.assignments)
+
     def devices_used(self) -> int:
         return len(
             {(a.node, a.device) for a in self.assignments} | {(h.node, h.device) for h in self.weight_holders}
