@@ -535,6 +535,52 @@ def test_defragmentation_moves_make_before_break_one_batch_at_a_time() -> None:
     assert [d.name for d in arrived.delete] == [successor.name]
 
 
+def settle(models, nodes, pods, estimates, config) -> list[ObservedPod]:
+    """Passes until nothing changes: each pass's deletions go, its creations start not Ready and are
+    Ready by the next pass. At every pass each model still serves from a Ready replica."""
+    for _ in range(12):
+        result = run(models, nodes, pods, estimates=estimates, config=config)
+        assert all(s.status["readyReplicas"] >= 1 for s in result.statuses), "a model stopped serving"
+        if not result.create and not result.delete and all(p.ready for p in pods):
+            return pods
+        gone = {d.name for d in result.delete}
+        pods = [replace(p, ready=True) for p in pods if p.name not in gone] + as_pods(result.create, False)
+    raise AssertionError("did not settle")
+
+
+def test_a_move_in_flight_yields_to_a_deletion_a_scale_up_and_a_spec_change() -> None:
+    """The worst moments for a move: its model is deleted, scaled up or changed while the new pod is
+    still starting. The move never costs the model its serving replica, and never outlives it."""
+    models, nodes, est, pods = fragmented_pods()
+    first = run(models, nodes, pods, estimates=est, config=DEFRAGMENT)
+    starting = [*pods, *as_pods(first.create, ready=False)]
+    (successor,) = [p for p in starting if p.replaces]
+    old = next(p for p in pods if p.uid == successor.replaces)
+    assert successor.model == "a"
+    b = models[1]
+    # Deleted: both pods of the move go, with the holders they map; b keeps everything.
+    gone = run([b], nodes, starting, estimates=est, config=DEFRAGMENT)
+    assert gone.create == []
+    assert {d.name for d in gone.delete} == {
+        old.name,
+        successor.name,
+        old.weight_holder,
+        successor.weight_holder,
+    }
+    # Scaled up: the new replica joins and the move completes (the old pod serves until its successor
+    # is Ready); a ends with two replicas on b's device, and the old pod is gone.
+    scaled = settle([model("a", 2), b], nodes, starting, est, DEFRAGMENT)
+    replicas = [p for p in scaled if p.role == "replica"]
+    assert sorted((p.model, p.replica) for p in replicas) == [("a", 0), ("a", 1), ("b", 0)]
+    assert old.name not in {p.name for p in scaled} and len({p.device for p in scaled}) == 1
+    # Changed (a new image) while the successor starts: the successor is of the old template, so the
+    # rollout replaces it; a ends on one pod of the new template, and the old pod is gone.
+    changed = model("a", 1, runtime={"image": "vnpu:2"})
+    rolled = settle([changed, b], nodes, starting, est, DEFRAGMENT)
+    (last,) = [p for p in rolled if p.role == "replica" and p.model == "a"]
+    assert last.name not in {p.name for p in starting} and old.name not in {p.name for p in rolled}
+
+
 def test_defragmentation_waits_for_a_settled_cluster() -> None:
     models, nodes, est, pods = fragmented_pods()
     not_ready = [replace(p, ready=False) if p.role == "weights" else p for p in pods]
