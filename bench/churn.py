@@ -27,9 +27,10 @@ against the fresh repack, the extra weight copies and the extra free slices, eac
 
 How far moves could take it: for each plan at the end, ``floor_with_goal_moves_left`` is a lower bound
 on the devices any set of the moves the goal still allows (5% of the replicas, less those made) could
-reach from it, over the fresh repack's devices (see :func:`devices_floor`). When it is above 1.05, no
-move policy applied at the end can meet the goal; only placing fewer weight copies in the first place
-can.
+reach from it, over the fresh repack's devices (see :func:`devices_floor`: the slices left once moves
+empty the weight copies they can, and the devices left once moves empty the devices with the fewest
+replicas). When it is above 1.05, no move policy applied at the end can meet the goal; only a better
+plan in the first place can.
 
 What moves do reach from there: ``end_pass_ratio`` is the plan after one more bounded consolidation at
 the end, allowed every move the goal still allows (``end_pass_moves`` of them used), with no bound (it
@@ -60,6 +61,7 @@ import json
 import math
 import random
 import time
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -183,6 +185,9 @@ def devices_floor(result: PackResult, moves: int, device_slices: int) -> int:
     weight slices, and each share group keeps one copy (its fullest, the dearest to empty). The most
     that can be saved is bounded by the fractional knapsack over those copies (best slices per move
     first), and the rest needs at least ``ceil(slices / device_slices)`` devices even packed perfectly.
+    And a device is freed only when every replica on it moves: at most as many devices go as the
+    fewest-replica devices whose replicas add up to ``moves``, and every other device stays in use.
+    The floor is the larger of the two bounds.
     """
     emptiable = sorted(
         ((c.slices, c.replicas) for c in weight_copies(result) if not c.fullest),
@@ -196,8 +201,14 @@ def devices_floor(result: PackResult, moves: int, device_slices: int) -> int:
         take = min(1.0, left / n)
         saved += take * slices
         left -= n
-    used = result.slices_used()
-    return math.ceil((used - saved) / device_slices)
+    by_slices = math.ceil((result.slices_used() - saved) / device_slices)
+    on_device = Counter((a.node, a.device) for a in result.assignments)
+    freed, left = 0, moves
+    for n in sorted(on_device.values()):
+        if n > left:
+            break
+        freed, left = freed + 1, left - n
+    return max(by_slices, len(on_device) - freed)
 
 
 def main(argv: list[str] | None = None) -> int:

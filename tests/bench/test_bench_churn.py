@@ -78,6 +78,16 @@ def test_the_devices_floor_counts_only_weight_copies_moves_can_empty():
     assert devices_floor(pack(nodes, demands), 5, 16) == 1  # one copy left: nothing more to empty
 
 
+def test_the_devices_floor_counts_the_devices_moves_can_empty():
+    """Six 1-slice replicas, two on each of three devices: they fit one device, but emptying a device
+    takes two moves."""
+    nodes = [Node("n", tuple(Device(f"d{i}", 16) for i in range(3)))]
+    demands = [Demand("a", "g", 6, 1024, 0)]
+    plan = pack(nodes, demands, [Placement("a", r, "n", f"d{r // 2}", 1) for r in range(6)])
+    assert plan.devices_used() == 3
+    assert [devices_floor(plan, m, 16) for m in (0, 1, 2, 3, 4, 6)] == [3, 3, 2, 2, 1, 1]
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     st.lists(
