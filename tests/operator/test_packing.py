@@ -720,7 +720,7 @@ def test_property_a_drain_stays_within_its_budget_and_breaks_nothing_first(insta
     first = pack(nodes, demands, drifting)
     if not first.steady():
         assert drain(nodes, demands, first, max_moves=budget) == first  # a scale comes first
-    current = pack(nodes, demands, drifting).placements()  # ... then the steady state
+    current = first.placements()  # ... then the steady state
     stable = pack(nodes, demands, current)
     drained = drain(nodes, demands, stable, max_moves=budget)
     check_invariants(nodes, demands, drained, current)
