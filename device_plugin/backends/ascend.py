@@ -218,8 +218,16 @@ class AscendBackend(Backend):
         cmd = [self.npu_smi, *args]
         env = npu_smi_environment(os.environ, self.driver_path)
         try:
+            # Lenient decoding: npu-smi prints tenants' process names, which may hold any bytes; a strict
+            # decode would fail the whole poll and take every NPU on the node Unhealthy.
             done = subprocess.run(
-                cmd, capture_output=True, text=True, timeout=self.timeout_s, check=False, env=env
+                cmd,
+                capture_output=True,
+                encoding="utf-8",
+                errors="replace",
+                timeout=self.timeout_s,
+                check=False,
+                env=env,
             )
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise BackendError(f"{' '.join(cmd)} failed: {exc}") from exc

@@ -59,8 +59,9 @@ def scrape(port: int) -> dict[str, float]:
     return samples
 
 
-def fake_npu_smi(tmp_path: Path, info: str, *, exit_code: int = 0) -> Path:
-    """An executable standing in for npu-smi (the real one needs Ascend hardware): prints recorded output."""
+def fake_npu_smi(tmp_path: Path, info: str | Path, *, exit_code: int = 0) -> Path:
+    """An executable standing in for npu-smi (the real one needs Ascend hardware): prints recorded output
+    (``info`` names a recorded fixture, or is an absolute path to output a test wrote)."""
     script = tmp_path / "npu-smi"
     recorded = FIXTURES / "npu-smi"
     script.write_text(

@@ -86,6 +86,17 @@ def test_ascend_backend_reports_tool_failures(tmp_path):
         AscendBackend(npu_smi=str(tmp_path / "missing-npu-smi")).discover()
 
 
+def test_non_utf8_process_name_in_npu_smi_output_leaves_every_chip_healthy(tmp_path):
+    # Any tenant can set its process name to arbitrary bytes; npu-smi prints it in the process table.
+    recorded = (NPU_SMI / "910b-8x-info.txt").read_bytes()
+    garbled = recorded.replace(b"python3.9               ", b"python3.9\xff\xfe             ")
+    assert garbled != recorded
+    info = tmp_path / "info-with-bytes.txt"
+    info.write_bytes(garbled)
+    devices = AscendBackend(npu_smi=str(fake_npu_smi(tmp_path, info)), sysfs_root=tmp_path).discover()
+    assert [(d.id, d.healthy, d.reason) for d in devices] == [(f"npu{i}", True, "") for i in range(8)]
+
+
 def test_numa_lookup_accepts_nvml_style_bus_ids(tmp_path):
     sysfs = fake_sysfs(tmp_path, {"0000:17:00.0": 1})
     assert read_numa_node("00000000:17:00.0", sysfs) == 1
