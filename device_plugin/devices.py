@@ -37,6 +37,9 @@ class DeviceEntry:
     total_mib: int
     slice_mib: int
     slices: int
+    #: False when another device already held this device's index: ownership is read back from the
+    #: previous table, so an index stays with its first device however many polls follow.
+    owns_index: bool = True
 
     @property
     def id(self) -> str:
@@ -96,7 +99,8 @@ def merge(
             for k, e in previous.items()
         }
     table: dict[str, DeviceEntry] = {}
-    index_owner = {e.device.index: e.id for e in previous.values()}  # an index stays with its first device
+    # index -> the device holding it; an index stays with its first device, never with one it was refused to
+    index_owner = {e.device.index: e.id for e in previous.values() if e.owns_index}
     for dev in sorted(report, key=lambda d: (d.id not in previous, d.index, d.id)):
         prev = previous.get(dev.id)
         owner = index_owner.setdefault(dev.index, dev.id)
@@ -119,7 +123,9 @@ def merge(
                 reason=f"device id {dev.id!r} too long for slice ids of at most {MAX_DEVICE_ID_LEN} chars",
             )
             slices = 0
-        table[dev.id] = DeviceEntry(device=dev, total_mib=total, slice_mib=slice_mib, slices=slices)
+        table[dev.id] = DeviceEntry(
+            device=dev, total_mib=total, slice_mib=slice_mib, slices=slices, owns_index=owner == dev.id
+        )
     for key, entry in previous.items():
         if key not in table:
             table[key] = replace(

@@ -45,6 +45,17 @@ def test_device_smaller_than_a_slice_or_with_too_long_an_id_is_unhealthy():
     assert not long_id.healthy and long_id.slices == 0 and "too long" in long_id.reason
 
 
+def test_an_index_stays_with_its_first_device_over_many_polls():
+    clash = [dev(0), PhysicalDevice(id="npu1", index=0, model="m", total_mib=4096)]
+    table: dict = {}
+    for _ in range(3):  # the same report every poll: nothing may change hands
+        table = merge(table, clash, slice_mib=1024)
+        assert [(e.id, e.healthy, e.reason) for e in table.values()] == [
+            ("npu0", True, ""),
+            ("npu1", False, "device index 0 is already npu0's"),
+        ]
+
+
 def test_version_changes_only_on_visible_changes():
     table = DeviceTable(slice_mib=1024)
     table.update([dev(0, used_mib=1)])

@@ -137,10 +137,13 @@ def test_a_device_appearing_later_gets_its_own_endpoint(run_plugin, stub_for, di
 def test_two_devices_with_one_index_never_share_a_resource(run_plugin):
     clash = [dict(TWO_DEVICES[0]), dict(TWO_DEVICES[1], index=0)]
     runner = run_plugin(devices=clash)
-    assert sorted(runner.endpoints) == ["vnpu.io/memory-0"]
-    assert runner.endpoints["vnpu.io/memory-0"].device_id == "npu0"
-    npu1 = runner.table.entry("npu1")
-    assert npu1 is not None and not npu1.healthy and "index 0 is already npu0's" in npu1.reason
+    for _ in range(3):  # ownership must hold on every later poll of the same report, not only the first
+        runner.monitor.poll_once()
+        assert sorted(runner.endpoints) == ["vnpu.io/memory-0"]
+        assert runner.endpoints["vnpu.io/memory-0"].device_id == "npu0"
+        npu0, npu1 = runner.table.entry("npu0"), runner.table.entry("npu1")
+        assert npu0 is not None and npu0.healthy
+        assert npu1 is not None and not npu1.healthy and "index 0 is already npu0's" in npu1.reason
 
 
 def test_malformed_backend_output_marks_devices_unhealthy_and_the_plugin_keeps_serving(
