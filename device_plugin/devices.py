@@ -6,6 +6,9 @@
 * a device missing from the backend's report, or every device when the backend fails as a whole, stays
   in the table as Unhealthy with the reason: the kubelet must see it go unhealthy, not vanish;
 * unhealthy devices advertise all their slices as Unhealthy;
+* a device reporting more memory than :data:`MAX_SLICES_PER_DEVICE` slices can hold is unhealthy and keeps
+  its last known layout (none when it has none): such a size is a bogus report (a ``0xFFFFFFFF``
+  sentinel), and its slice list would not fit the kubelet's messages;
 * every device is its own extended resource, ``vnpu.io/memory-<index>``: a device whose index another
   device already has (or is out of range) is unhealthy, so two devices never share one resource.
 
@@ -27,6 +30,13 @@ from vnpu.device_plugin.backends.base import Backend, BackendError, PhysicalDevi
 from vnpu.inventory import HEALTHY, UNHEALTHY, DeviceInfo, NodeInventory
 
 log = logging.getLogger(__name__)
+
+#: The most slices one device advertises. One ListAndWatch message lists every slice of its device, and
+#: the kubelet receives at most 4 MiB per gRPC message. A slice costs at most 93 bytes there: a 63-char
+#: ID (65 bytes with tag and length), health "Unhealthy" (11), a topology with one NUMA node whose ID
+#: is a 10-byte varint at worst (15), plus 2 bytes framing the Device in the response. 16384 slices are
+#: at most 1.45 MiB, well under the limit, and still 1 TiB of memory in 64 MiB slices.
+MAX_SLICES_PER_DEVICE = 16384
 
 
 @dataclass(frozen=True)
@@ -114,6 +124,16 @@ def merge(
         if dev.total_mib is None and dev.healthy:
             dev = replace(dev, healthy=False, reason="device memory size unknown")
         slices = total // slice_mib
+        if slices > MAX_SLICES_PER_DEVICE:
+            dev = replace(
+                dev,
+                healthy=False,
+                reason=f"device memory {total} MiB is {slices} slices of {slice_mib} MiB, more than the"
+                f" {MAX_SLICES_PER_DEVICE} one device may advertise: a bogus memory report,"
+                " or raise --slice-mib",
+            )
+            total = prev.total_mib if prev else 0  # like an unreadable size: keep the last known layout
+            slices = total // slice_mib
         try:
             _check_id_length(dev.id, slices)
         except ValueError:
@@ -237,7 +257,14 @@ class HealthMonitor:
         except Exception as exc:  # a backend bug must not stop health reporting: mark devices unhealthy
             log.exception("backend raised unexpectedly", extra={"backend": self.backend.name})
             report = BackendError(f"{self.backend.name} backend failed: {exc!r}")
-        for level, message in self.table.update(report):
+        try:
+            transitions = self.table.update(report)
+        except Exception as exc:  # nor may a report the table cannot take: the health thread must live on
+            log.exception("device table update failed", extra={"backend": self.backend.name})
+            transitions = self.table.update(
+                BackendError(f"{self.backend.name} backend report could not be applied: {exc!r}")
+            )
+        for level, message in transitions:
             log.log(level, message, extra={"backend": self.backend.name})
 
     def start(self) -> None:

@@ -6,7 +6,8 @@ import logging
 import threading
 
 from vnpu.device_plugin.backends.base import Backend, BackendError, PhysicalDevice
-from vnpu.device_plugin.devices import DeviceTable, HealthMonitor, merge
+from vnpu.device_plugin.devices import MAX_SLICES_PER_DEVICE, DeviceTable, HealthMonitor, merge
+from vnpu.device_plugin.service import list_and_watch_response
 from vnpu.inventory import NodeInventory
 
 
@@ -56,6 +57,28 @@ def test_an_index_stays_with_its_first_device_over_many_polls():
         ]
 
 
+def test_a_device_with_more_slices_than_a_message_can_carry_is_unhealthy_without_them():
+    # The largest layout allowed, with the longest slice IDs and the widest NUMA ID, fits a ListAndWatch
+    # message with room to spare (the kubelet takes at most 4 MiB).
+    widest = PhysicalDevice(id="x" * 56, index=1, model="m", total_mib=MAX_SLICES_PER_DEVICE, numa_node=-1)
+    (largest,) = merge({}, [widest], slice_mib=1).values()
+    assert largest.healthy and largest.slices == MAX_SLICES_PER_DEVICE
+    assert len(list_and_watch_response(largest).SerializeToString()) < 2 * 2**20
+    # npu-smi's 0xFFFFFFFF sentinel, or any absurd size: unhealthy, the size named, no slice list built.
+    for total in (0xFFFFFFFF, 9999999999999, (MAX_SLICES_PER_DEVICE + 1) * 1024):
+        (entry,) = merge({}, [dev(0, total)], slice_mib=1024).values()
+        assert (entry.healthy, entry.slices) == (False, 0)
+        assert entry.reason == (
+            f"device memory {total} MiB is {total // 1024} slices of 1024 MiB, more than the"
+            f" {MAX_SLICES_PER_DEVICE} one device may advertise: a bogus memory report, or raise --slice-mib"
+        )
+    # A device already known keeps its layout (same slice IDs, now Unhealthy), as for an unreadable size.
+    before = merge({}, [dev(0)], slice_mib=1024)
+    after = merge(before, [dev(0, 0xFFFFFFFF)], slice_mib=1024)
+    assert after["npu0"].slice_ids() == before["npu0"].slice_ids() and not after["npu0"].healthy
+    assert "device memory 4294967295 MiB" in after["npu0"].reason
+
+
 def test_version_changes_only_on_visible_changes():
     table = DeviceTable(slice_mib=1024)
     table.update([dev(0, used_mib=1)])
@@ -103,6 +126,8 @@ class FlakyBackend(Backend):
             raise BackendError("npu-smi info output has no device table")
         if self.mode == "bug":
             raise KeyError("oops")
+        if self.mode == "bad-report":  # a backend bug the table cannot take: a size that is no number
+            return [dev(0, "4096")]  # type: ignore[arg-type]
         return [dev(0)]
 
     def container_env(self, device: PhysicalDevice) -> dict[str, str]:
@@ -124,3 +149,18 @@ def test_monitor_marks_devices_unhealthy_with_a_logged_reason_and_recovers(caplo
     backend.mode = "ok"
     monitor.poll_once()
     assert table.entries()[0].healthy and "device npu0 is healthy again" in caplog.text
+
+
+def test_a_report_the_table_cannot_take_marks_devices_unhealthy_and_polling_goes_on(caplog):
+    backend, table = FlakyBackend(), DeviceTable(slice_mib=1024)
+    monitor = HealthMonitor(backend, table)
+    monitor.poll_once()
+    backend.mode = "bad-report"
+    monitor.poll_once()  # must not raise: it runs on the health thread, which would die
+    (entry,) = table.entries()
+    assert not entry.healthy and entry.slices == 4
+    assert entry.reason.startswith("flaky backend report could not be applied: TypeError(")
+    assert "device table update failed" in caplog.text
+    backend.mode = "ok"
+    monitor.poll_once()
+    assert table.entries()[0].healthy
