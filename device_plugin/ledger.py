@@ -139,8 +139,9 @@ class Ledger:
 
     def load(self) -> int:
         """Restore from the snapshot and the journal; returns the number of slices restored. A corrupt
-        snapshot is logged and ignored (the pod-resources reconcile then rebuilds what live pods hold);
-        a torn last journal line (a crash mid-write) is skipped."""
+        snapshot or an unreadable journal is logged and ignored (the pod-resources reconcile then
+        rebuilds what live pods hold); a torn journal line (a crash mid-write) or one that is not even
+        UTF-8 (a bad sector) is skipped."""
         if self.checkpoint is None:
             return 0
         allocations: list[Allocation] = []
@@ -166,11 +167,17 @@ class Ledger:
     def _read_journal(self) -> list[Allocation]:
         if self.journal is None or not self.journal.exists():
             return []
-        lines = self.journal.read_text().splitlines()
+        try:
+            raw = self.journal.read_bytes()
+        except OSError as exc:
+            log.error("ignoring unreadable journal", extra={"path": str(self.journal), "error": repr(exc)})
+            return []
+        # Split as bytes and decode line by line: one bad byte costs its line, not the whole journal.
+        lines = raw.splitlines()
         out = []
         for n, line in enumerate(lines):
             try:
-                out.append(Allocation.from_json(json.loads(line)["record"]))
+                out.append(Allocation.from_json(json.loads(line.decode("utf-8"))["record"]))
             except (ValueError, KeyError, TypeError) as exc:
                 level = logging.INFO if n == len(lines) - 1 else logging.ERROR
                 log.log(level, "skipping unreadable journal line", extra={"line": n + 1, "error": repr(exc)})

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+from pathlib import Path
 
 import pytest
 
@@ -40,6 +42,41 @@ def test_a_torn_last_journal_line_is_skipped(tmp_path):
     with ledger.journal.open("a") as f:
         f.write('{"record":{"slices":["npu0-s1"],"dev')  # the crash hit mid-write
     assert Ledger(path).load() == 1
+
+
+def test_journal_lines_that_are_not_utf8_are_skipped_not_fatal(tmp_path, caplog):
+    path = tmp_path / "checkpoint.json"
+    ledger = Ledger(path)
+    ledger.record(alloc(["npu0-s0"], A))
+    ledger.close()
+    with ledger.journal.open("ab") as f:
+        f.write(b'{"record":{"slices":["npu0-s9"],"devices":["np\xb5"]}}\n')  # a bad sector mid-journal
+    ledger = Ledger(path)
+    ledger.record(alloc(["npu0-s1"], B))
+    ledger.close()
+    with ledger.journal.open("ab") as f:
+        f.write(b'{"record":{"slices":["npu0-s2"],"devices":["np\xff')  # torn, and not UTF-8 either
+    restored = Ledger(path)
+    assert restored.load() == 2
+    assert {sid: a.pod for sid, a in restored.held().items()} == {"npu0-s0": A, "npu0-s1": B}
+    assert "skipping unreadable journal line" in caplog.text
+
+
+def test_an_unreadable_journal_is_ignored_like_an_unreadable_snapshot(tmp_path, monkeypatch, caplog):
+    path = tmp_path / "checkpoint.json"
+    ledger = Ledger(path)
+    ledger.record(alloc(["npu0-s0"], A))
+    ledger.close()
+    real_open = Path.open
+
+    def media_error(self: Path, mode: str = "r", *args, **kwargs):
+        if self == ledger.journal and "r" in mode:  # reading fails, as on a bad disk; writing still works
+            raise OSError(errno.EIO, "Input/output error")
+        return real_open(self, mode, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", media_error)
+    assert Ledger(path).load() == 0  # the pod-resources reconcile rebuilds what live pods hold
+    assert "ignoring unreadable journal" in caplog.text
 
 
 def test_the_journal_is_compacted_as_it_grows(tmp_path, monkeypatch):
