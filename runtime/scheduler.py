@@ -17,7 +17,9 @@ One step, in the order vLLM's scheduler uses (``vllm/v1/core/sched/scheduler.py`
 3. **Prefill chunks, by rank**: running sequences still prefilling their prompt (or recomputing after
    a preemption) and waiting sequences share what is left of the step's token budget, best first, so
    chunked prefill interleaves with decode (no decode waits for a long prompt) and a high-priority
-   newcomer is not queued behind a low-priority prompt's remaining chunks. Waiting sequences are
+   newcomer is not queued behind a low-priority prompt's remaining chunks. A prefilling sequence short
+   of blocks preempts as in decode; a worse victim that decode already put into the step leaves it
+   (its token goes back to the budget), as vLLM V1 unschedules it. Waiting sequences are
    admitted while batch slots and blocks last (not in a step that had to preempt for blocks: the pool
    is full), and no waiting sequence jumps ahead of a better one that does not fit.
 
@@ -244,8 +246,12 @@ class Scheduler:
 
         def grow(seq: Sequence, count: int) -> bool:
             """Blocks for ``count`` more tokens of running ``seq``, preempting the worst running
-            sequences while none are free; False when ``seq`` itself had to give way."""
-            nonlocal short_of_blocks
+            sequences while none are free; False when ``seq`` itself had to give way.
+
+            A prefilling sequence can outrank one the decode pass already put into this step: that
+            victim's chunk leaves the step and its tokens go back to the budget (as vLLM V1 unschedules
+            a preempted request), since a chunk whose blocks were freed cannot be run."""
+            nonlocal short_of_blocks, budget
             while self.allocator.free < self._blocks_for(seq, count):
                 victim = self._worst_running()
                 self._preempt(victim)
@@ -253,6 +259,10 @@ class Scheduler:
                 short_of_blocks = True
                 if victim is seq:
                     return False
+                for i, chunk in enumerate(chunks):
+                    if chunk.sequence is victim:
+                        budget += chunks.pop(i).count
+                        break
             seq.blocks += self.allocator.allocate(self._blocks_for(seq, count))
             return True
 

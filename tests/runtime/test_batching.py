@@ -256,6 +256,37 @@ def test_preemption_when_blocks_run_out_keeps_greedy_outputs(tiny: Any) -> None:
         runtime.close()
 
 
+def test_a_prefill_that_preempts_a_sequence_already_in_the_step_fails_no_request(tiny: Any) -> None:
+    """A long high-priority prompt, prefilled in chunks, needs the blocks of a low-priority sequence the
+    decode pass already put into the step: the low one leaves the step and is recomputed later; no
+    request ends with an error and both outputs are the ones each has alone."""
+    options = {"max_context": 16, "max_batch": 4, "prefill_chunk": 8, "block_size": 4}
+    alone = runtime_for(tiny, **options)
+    runtime = ModelRuntime(ServeOptions(**options, kv_blocks=4), engine_thread=False)
+    runtime.install(tiny.manifest, tiny.arena, shared=False, seconds=0)
+    try:
+        prompts = [[5, 6, 7], list(range(10, 24))]
+        expected = [
+            alone_tokens(alone, [prompts[0]], greedy(12))[0],
+            alone_tokens(alone, [prompts[1]], greedy(2))[0],
+        ]
+        low, high = Collector(), Collector()
+        runtime.submit(GenerationRequest(tuple(prompts[0]), greedy(12), priority=0), low)
+        runtime._step()  # low is prefilled and decodes from now on
+        runtime.submit(GenerationRequest(tuple(prompts[1]), greedy(2), priority=1), high)
+        runtime._step()  # low decodes; high prefills 7 of its 14 tokens
+        runtime._step()  # high's next chunk needs low's blocks
+        assert runtime.stats()["preemptions"] == 1
+        while runtime.stats()["running"] or runtime.stats()["waiting"]:
+            runtime._step()
+        assert [c.wait(timeout=1).finish_reason for c in (low, high)] == ["length", "length"]
+        assert [low.tokens, high.tokens] == expected
+        assert runtime.stats()["blocks_used"] == 0
+    finally:
+        alone.close()
+        runtime.close()
+
+
 def test_higher_priority_requests_are_admitted_first(tiny: Any) -> None:
     runtime = runtime_for(tiny, max_batch=1)
     try:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import itertools
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from vnpu.runtime.scheduler import (
     BlockAllocator,
@@ -215,3 +217,94 @@ def test_a_better_newcomer_prefills_before_a_worse_prompt_in_progress() -> None:
     assert [c.sequence for c in plan.chunks] == [high, low]
     plan = step(s)
     assert counts(plan) == {high.id: 1, low.id: 7}  # decode first, then prefill
+
+
+def test_a_prefill_that_needs_blocks_takes_a_worse_sequence_out_of_the_step() -> None:
+    """The decode pass put the low-priority sequence into the step; the high-priority prompt's next chunk
+    then needs its blocks. The low one is preempted and its chunk leaves the step with it: a chunk
+    whose blocks were freed cannot be run (the engine would fail the whole step)."""
+    s = make(step_tokens=8, blocks=5)  # 4 usable blocks
+    low = seq(3, priority=0)
+    s.add(low)
+    step(s)  # low is decoding from now on
+    high = seq(16, priority=1)
+    s.add(high)
+    assert counts(step(s)) == {low.id: 1, high.id: 7}
+    plan = s.schedule()  # high's next 7 tokens need 2 more blocks: only low's 2 can give them
+    assert plan.preempted == (low,) and low.status is SequenceStatus.WAITING and not low.blocks
+    assert counts(plan) == {high.id: 7}
+    assert len(high.blocks) == 4 and s.allocator.free == 0
+    run(s, plan)
+    assert high.num_computed == 14 and low.num_computed == 0 and len(low.tokens) == 5
+
+
+def check_plan(s: Scheduler, plan: StepPlan) -> None:
+    """What the engine relies on: every chunk belongs to a running sequence, continues its cache and
+    fits its blocks; the blocks in use are exactly those the running sequences hold."""
+    cfg = s.config
+    seqs = [c.sequence for c in plan.chunks]
+    assert len(set(map(id, seqs))) == len(seqs)
+    assert plan.num_tokens <= cfg.max_step_tokens and len(s.running) <= cfg.max_batch
+    for chunk in plan.chunks:
+        q = chunk.sequence
+        assert q.status is SequenceStatus.RUNNING and q in s.running
+        assert chunk.start == q.num_computed and chunk.count >= 1
+        assert chunk.start + chunk.count <= min(len(q.tokens), len(q.blocks) * cfg.block_size)
+        assert chunk.samples == (chunk.start + chunk.count == len(q.tokens))
+    held = [b for q in s.running for b in q.blocks]
+    assert len(set(held)) == len(held) == s.allocator.used and 0 not in held
+    assert all(not q.blocks for q in s.waiting)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    max_batch=st.integers(1, 4),
+    extra_step_tokens=st.integers(0, 12),
+    blocks=st.integers(4, 12),
+    events=st.lists(
+        st.one_of(
+            st.none(),  # a step with no arrival
+            st.tuples(st.integers(1, 20), st.sampled_from([0, 0, 0, 5]), st.integers(1, 12)),
+        ),
+        min_size=1,
+        max_size=60,
+    ),
+)
+def test_every_plan_fits_under_mixed_priorities_and_a_small_pool(
+    max_batch: int,
+    extra_step_tokens: int,
+    blocks: int,
+    events: list[tuple[int, int, int] | None],
+) -> None:
+    """Random arrivals (prompt, priority, tokens to generate) under a small block pool, one step after
+    each event and then until every sequence is done: each plan satisfies :func:`check_plan`, and
+    every sequence finishes with the tokens it asked for."""
+    s = make(max_batch, max_batch + extra_step_tokens, blocks, waiting=64)
+    capacity = (blocks - 1) * BLOCK  # a sequence never outgrows the pool (the engine's max_context)
+    wanted: dict[str, int] = {}  # sequence id -> tokens it generates
+    done: list[Sequence] = []
+
+    def one_step() -> None:
+        plan = s.schedule()
+        check_plan(s, plan)
+        run(s, plan)
+        for chunk in plan.chunks:
+            q = chunk.sequence
+            if chunk.samples and q.num_generated == wanted[q.id]:
+                s.finish(q)
+                done.append(q)
+
+    for event in events:
+        if event is not None:
+            prompt, priority, generate = event
+            q = seq(min(prompt, capacity), priority)
+            wanted[q.id] = min(generate, capacity - q.prompt_len + 1)
+            s.add(q)
+        if s.has_work():
+            one_step()
+    for _ in range(10_000):
+        if not s.has_work():
+            break
+        one_step()
+    assert not s.has_work() and s.allocator.used == 0
+    assert {q.id: q.num_generated for q in done} == wanted
