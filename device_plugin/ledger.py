@@ -302,15 +302,23 @@ class Ledger:
         with self._lock:
             added = 0
             per_pod: dict[PodRef, list[str]] = {}
+            # id(allocation without a pod) -> the same allocation with its pod: one copy for all its
+            # slices, so it stays one allocation (one snapshot entry, released whole when displaced).
+            attached: dict[int, Allocation] = {}
             for sid, pod in live.items():
                 current = self._by_slice.get(sid)
                 if current is not None and pod.same_pod(current.pod):
                     continue
                 if current is not None and current.pod is None and current.source == "allocate":
                     # Allocated before the pod was known: attach the pod.
-                    self._by_slice[sid] = replace(current, pod=pod)
-                    added += 1
-                    continue
+                    with_pod = attached.get(id(current))
+                    if with_pod is None:
+                        with_pod = attached[id(current)] = replace(current, pod=pod)
+                    if pod.same_pod(with_pod.pod):
+                        self._by_slice[sid] = with_pod
+                        added += 1
+                        continue
+                    # Another pod holds a slice of the same allocation: the kubelet's word wins below.
                 per_pod.setdefault(pod, []).append(sid)
             for pod, sids in per_pod.items():
                 alloc = Allocation(

@@ -136,6 +136,21 @@ def test_reconcile_adopts_live_holders_and_releases_the_rest_after_grace(tmp_pat
     assert Ledger(tmp_path / "c.json").load() == 3
 
 
+def test_reconcile_attaches_a_pod_to_an_allocation_as_one_allocation(tmp_path):
+    path = tmp_path / "c.json"
+    ledger = Ledger(path)
+    slices = [f"npu0-s{i}" for i in range(6)]
+    ledger.record(alloc(slices, None, at=100.0))  # Allocate never says the pod
+    assert ledger.reconcile(dict.fromkeys(slices, A), grace_s=10, now=105.0) == (6, 0)
+    (attached,) = ledger.allocations()
+    assert (attached.slices, attached.pod) == (tuple(slices), A)
+    snapshot = json.loads(path.read_text())["allocations"]
+    assert [(a["slices"], a["pod"]["uid"]) for a in snapshot] == [(slices, "uid-a")]
+    # The kubelet hands one of its slices to another pod: A's container is gone, all its slices go.
+    assert [d.pod for d in ledger.record(alloc(["npu0-s3"], B))] == [A]
+    assert sorted(ledger.held()) == ["npu0-s3"] and ledger.held()["npu0-s3"].pod == B
+
+
 @pytest.mark.parametrize("mode", ["sync", "async", "off"])
 def test_every_sync_mode_restores_what_was_recorded(tmp_path, mode):
     path = tmp_path / "checkpoint.json"
