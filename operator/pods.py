@@ -318,8 +318,13 @@ def _runtime_env(spec: ModelSpec) -> list[dict[str, Any]]:
     ]
     if spec.source.format:
         env.append({"name": "VNPU_MODEL_FORMAT", "value": spec.source.format})
-    if spec.weights_dtype in api.RUNTIME_DTYPES:  # quantised file types are the file's business
+    if spec.weights_dtype in api.RUNTIME_DTYPES:
         env.append({"name": "VNPU_MODEL_DTYPE", "value": spec.weights_dtype})
+    elif spec.weights_dtype is None and not spec.runtime.image:
+        # Held at the dtype the weights were sized at, not at the device's default (float32 on CPU
+        # would double a bfloat16 file past the holder's slices). Another runtime's quantised types
+        # are its own business.
+        env.append({"name": "VNPU_MODEL_DTYPE", "value": api.DTYPE_FROM_FILE})
     if spec.memory.max_context_tokens is not None:
         env.append({"name": "VNPU_MAX_CONTEXT", "value": str(spec.memory.max_context_tokens)})
     if spec.memory.max_batch is not None:

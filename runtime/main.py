@@ -32,10 +32,13 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vnpu import api, sharing
 from vnpu.logs import setup_logging
+
+if TYPE_CHECKING:  # torch-free at import: the CLI's --help must not load the runtime
+    from vnpu.runtime.sources import ResolvedSource
 
 log = logging.getLogger("vnpu.runtime")
 
@@ -108,7 +111,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         "--dtype",
         default=_env("VNPU_MODEL_DTYPE"),
         help="dtype of the weights in memory: float32 | float16 | bfloat16 (quantised weights are "
-        "dequantised; default float32 on CPU, bfloat16 on accelerators) [$VNPU_MODEL_DTYPE]",
+        f"dequantised) | {api.DTYPE_FROM_FILE} (the file's own float dtype, bfloat16 for a quantised file: "
+        "what the operator sizes them at); default float32 on CPU, bfloat16 on accelerators "
+        "[$VNPU_MODEL_DTYPE]",
     )
     g.add_argument(
         "--pvc-root",
@@ -360,12 +365,18 @@ def _sharing(args: argparse.Namespace) -> tuple[sharing.ShareIdentity, bytes, Pa
     return identity, key, holder_socket_path(args, identity, key)
 
 
-def _dtype(args: argparse.Namespace) -> str | None:
+def _weights_dtype(args: argparse.Namespace, source: ResolvedSource) -> str:
+    """The dtype to hold ``source``'s weights at: --dtype, the file's (see :data:`api.DTYPE_FROM_FILE`),
+    or the device's default."""
+    if args.dtype == api.DTYPE_FROM_FILE:
+        from vnpu.memory import load_dtype
+
+        return load_dtype(source.info)
     if args.dtype in (None, "", "auto"):
-        return None
+        return _default_dtype(args.device)
     if args.dtype not in api.RUNTIME_DTYPES:
         log.warning("weights are dequantised to a float dtype", extra={"requested_dtype": args.dtype})
-        return None
+        return _default_dtype(args.device)
     return str(args.dtype)
 
 
@@ -377,9 +388,7 @@ def _load_local(args: argparse.Namespace) -> object:
         raise SystemExit("vnpu runtime: --model (or $VNPU_MODEL_URI) is required")
     source = resolve(args.model, args.format, pvc_root=args.pvc_root, hf_cache=args.hf_cache)
     arena_device = "cpu" if args.command != "weights-holder" else args.device
-    return load_weights(
-        source, arena_device, _dtype(args) or _default_dtype(args.device), progress=not args.no_progress
-    )
+    return load_weights(source, arena_device, _weights_dtype(args, source), progress=not args.no_progress)
 
 
 def _default_dtype(device: str) -> str:
@@ -523,7 +532,7 @@ def _expected(args: argparse.Namespace) -> object:
     if not args.model:
         raise SharingConfigError("--model (or $VNPU_MODEL_URI) is required to check the holder's weights")
     source = resolve(args.model, args.format, pvc_root=args.pvc_root, hf_cache=args.hf_cache)
-    return Expected(args.model, _dtype(args) or _default_dtype(args.device), source.header_digest)
+    return Expected(args.model, _weights_dtype(args, source), source.header_digest)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

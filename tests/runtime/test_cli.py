@@ -123,3 +123,36 @@ def test_a_replica_planned_to_attach_never_loads_its_own_weights(short_tmp: Path
     )
     assert proc.returncode == 1 and "no weights-holder is listening" in proc.stderr
     assert "loading" not in proc.stderr  # the loader's progress bar never started
+
+
+def test_the_runtime_holds_weights_within_what_the_operator_sized_them_at(
+    short_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bfloat16 file with ``weights.dtype`` unset: the operator sizes it as stored and sets
+    ``VNPU_MODEL_DTYPE=file``; the runtime then holds it at bfloat16, where its CPU default (float32)
+    would need twice the holder's slices."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from vnpu import api
+    from vnpu.memory import estimate_from_spec
+    from vnpu.runtime import main
+    from vnpu.runtime.loader import load_weights
+    from vnpu.runtime.sources import resolve
+
+    model = write_tiny_llama(short_tmp / "model")
+    weights = model / "model.safetensors"
+    save_file({k: v.to(torch.bfloat16) for k, v in load_file(str(weights)).items()}, str(weights))
+    source = resolve(str(model))
+    sized_mib = estimate_from_spec({"source": {"uri": str(model)}, "memory": {"kvCacheMiB": 1}}).weights_mib
+
+    monkeypatch.setenv("VNPU_MODEL_DTYPE", api.DTYPE_FROM_FILE)
+    told = main._weights_dtype(build_parser().parse_args(["weights-holder"]), source)
+    held = load_weights(source, "cpu", told, progress=False)
+    stored = source.info.total_bytes
+    assert sized_mib == -(-stored // 2**20)  # sized as stored
+    assert told == "bfloat16" and stored <= held.manifest.total_bytes < 1.01 * stored  # + alignment
+    monkeypatch.delenv("VNPU_MODEL_DTYPE")
+    default = main._weights_dtype(build_parser().parse_args(["weights-holder"]), source)
+    assert default == "float32"  # what it held before the operator said: twice what was sized
+    assert load_weights(source, "cpu", default, progress=False).manifest.total_bytes >= 2 * stored
