@@ -24,13 +24,14 @@ Each request is parsed, rendered and tokenized in the handler — tokenization i
 outside every lock, and the prompt's length is checked against the context before tokenizing when
 the text alone proves it too long — and then submitted to the engine
 (:class:`~vnpu.runtime.engine.ModelRuntime`), whose one loop batches all requests. A client that
-disconnects cancels its request: the handler notices (a failed write, or a closed transport while it
-waits) and aborts it, which frees its KV blocks.
+disconnects cancels its request: the handler notices (a failed write, or a closed transport, checked
+before each output and while it waits) and aborts it, which frees its KV blocks.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import threading
@@ -263,15 +264,18 @@ def _disconnected(request: web.Request) -> bool:
 
 
 async def _next_output(outputs: asyncio.Queue[RequestOutput], request: web.Request) -> RequestOutput | None:
-    """The request's next output, or None once its client has gone."""
+    """The request's next output, or None once its client has gone.
+
+    The client is checked before every output, not only after a quiet poll: tokens come faster than
+    ``DISCONNECT_POLL_S``, so a non-streamed request (or a stream whose steps write nothing) would
+    otherwise run to ``max_tokens`` for nobody, holding its batch slot and KV blocks."""
     while True:
+        if _disconnected(request):
+            return None
         if not outputs.empty():
             return outputs.get_nowait()
-        try:
+        with contextlib.suppress(TimeoutError):
             return await asyncio.wait_for(outputs.get(), DISCONNECT_POLL_S)
-        except TimeoutError:
-            if _disconnected(request):
-                return None
 
 
 async def _generate(request: web.Request, kind: str) -> web.StreamResponse:

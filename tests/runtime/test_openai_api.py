@@ -25,7 +25,7 @@ from openai import AsyncOpenAI
 from rt_helpers import load_tiny_llama
 
 from vnpu.runtime.engine import ModelRuntime, ServeOptions
-from vnpu.runtime.server import make_app
+from vnpu.runtime.server import HttpServerThread, make_app
 
 CONTEXT = 64
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello there"}]
@@ -563,6 +563,45 @@ def test_a_waiting_client_that_disconnects_is_cancelled_too(slow: ModelRuntime) 
         assert slow.metrics.generated_tokens._value.get() < 40
 
     serve(slow, scenario)
+
+
+def test_a_client_that_leaves_a_fast_non_streamed_request_cancels_it(tiny: Any) -> None:
+    """Tokens come faster than the disconnect poll here (a step takes a few ms): the client's departure
+    must still be seen at the next token, not only after a quiet poll that never comes. Served as
+    ``serve`` serves it (HttpServerThread: aiohttp does not cancel the handler when its client leaves,
+    unlike the TestServer the other tests use)."""
+    from vnpu.cluster.controlplane import free_port
+
+    max_tokens = 1000
+    rt = ModelRuntime(ServeOptions(max_context=1024, model_name="tiny", max_batch=4))
+    rt.install(tiny.manifest, tiny.arena, shared=False, seconds=0.01)
+    port = free_port()
+    server = HttpServerThread(make_app(rt), "127.0.0.1", port)
+    server.start()
+    answered = rt.metrics.requests.labels
+
+    async def scenario() -> None:
+        body = json.dumps({"model": "tiny", "prompt": "abc", "max_tokens": max_tokens, "ignore_eos": True})
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n{body}".encode()
+        )
+        await writer.drain()
+        await until(lambda: rt.metrics.generated_tokens._value.get() > 0)  # generating
+        writer.close()  # the client goes away mid-generation
+        await writer.wait_closed()
+        await until(lambda: answered("cancelled")._value.get() + answered("200")._value.get() == 1)
+        await until(lambda: rt.stats()["running"] == 0 and rt.stats()["blocks_used"] == 0)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        server.stop_then(lambda: None)
+        server.join(30)
+        rt.close()
+    assert (answered("cancelled")._value.get(), answered("200")._value.get()) == (1, 0)
+    assert rt.metrics.generated_tokens._value.get() < max_tokens
 
 
 def test_priority_extension_and_metrics(runtime: ModelRuntime) -> None:
