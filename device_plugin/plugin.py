@@ -6,6 +6,11 @@ kubelet's pod-resources API, then for every physical device serve its own gRPC e
 Then keep watching: serve and register devices that appear, re-serve and re-register when the
 kubelet restarts, reconcile periodically, annotate the node. The plugin never watches pods: what a
 container gets depends on the device alone.
+
+Each part of that upkeep (one device's endpoint, one endpoint's re-serving and registration, the
+reconcile) fails alone: it is logged and retried on the next look, and the other parts run on. One
+device whose endpoint cannot be set up (an ID that cannot name its socket directory, a directory that
+cannot be created) must neither stop the plugin from starting nor keep the other devices unserved.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +31,7 @@ from vnpu.api import DEFAULT_SLICE_MIB
 from vnpu.device_plugin import contract, podresources, registration
 from vnpu.device_plugin.annotator import NodeAnnotator
 from vnpu.device_plugin.backends import Backend, create_backend
-from vnpu.device_plugin.devices import DeviceTable, HealthMonitor
+from vnpu.device_plugin.devices import DeviceEntry, DeviceTable, HealthMonitor
 from vnpu.device_plugin.ledger import Ledger
 from vnpu.device_plugin.metrics import PluginMetrics
 from vnpu.device_plugin.proto import api_pb2_grpc
@@ -178,6 +184,8 @@ class PluginRunner:
         self._stop = threading.Event()
         self._watch_thread: threading.Thread | None = None
         self.registrations = 0
+        #: part of the upkeep -> the error it last failed with (logged once until it changes or clears)
+        self._failing: dict[str, str] = {}
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def start(self) -> PluginRunner:
@@ -234,22 +242,40 @@ class PluginRunner:
 
     # -- endpoints and registration -----------------------------------------------------------------
     def _add_endpoints(self) -> list[DeviceEndpoint]:
-        """Serve an endpoint for every device with a resource of its own that has none yet."""
+        """Serve an endpoint for every device with a resource of its own that has none yet. A device
+        whose endpoint cannot be set up is skipped (logged) and tried again on the next call."""
         added = []
         for entry in self.table.entries():
             resource = entry.resource
             if not resource or resource in self.endpoints:
                 continue
-            socket_dir = contract.device_socket_dir(self.config.socket_root, entry.id)
-            ensure_socket_dir(socket_dir)
-            service = DeviceService(
-                entry.id, self.table, self.ledger, self.backend, self.options, metrics=self.metrics
-            )
-            endpoint = DeviceEndpoint(self.config, resource, entry.device.index, service)
-            endpoint.serve()
-            self.endpoints[resource] = endpoint
-            added.append(endpoint)
+            if self._attempt(f"serving {resource} for device {entry.id!r}", self._add_endpoint, entry):
+                added.append(self.endpoints[resource])
         return added
+
+    def _add_endpoint(self, entry: DeviceEntry) -> None:
+        ensure_socket_dir(contract.device_socket_dir(self.config.socket_root, entry.id))
+        service = DeviceService(
+            entry.id, self.table, self.ledger, self.backend, self.options, metrics=self.metrics
+        )
+        endpoint = DeviceEndpoint(self.config, entry.resource, entry.device.index, service)
+        endpoint.serve()
+        self.endpoints[entry.resource] = endpoint
+
+    def _attempt(self, part: str, action: Callable[..., object], *args: Any) -> bool:
+        """Run one part of the upkeep; False when it failed. A failure is logged (again only when the
+        error changes) and never reaches the caller, so the parts after it still run."""
+        try:
+            action(*args)
+        except Exception as exc:
+            error = repr(exc)
+            if self._failing.get(part) != error:
+                self._failing[part] = error
+                log.exception("%s failed; will retry", part, extra={"error": error})
+            return False
+        if self._failing.pop(part, None) is not None:
+            log.info("%s works again", part)
+        return True
 
     def _try_register(self, endpoint: DeviceEndpoint, kubelet: registration.FileIdentity | None) -> bool:
         cfg = self.config
@@ -282,24 +308,26 @@ class PluginRunner:
         kubelet_socket = cfg.plugin_dir / registration.KUBELET_SOCKET_NAME
         next_reconcile = time.monotonic() + cfg.reconcile_interval_s
         while not self._stop.wait(cfg.watch_interval_s):
-            try:
-                self._add_endpoints()  # devices that appeared since the last look
-                kubelet = registration.file_identity(kubelet_socket)
-                for endpoint in self.endpoints.values():
-                    if not endpoint.socket_path.exists():
-                        log.warning(
-                            "plugin socket disappeared (kubelet restart?); serving again",
-                            extra={"socket": str(endpoint.socket_path)},
-                        )
-                        endpoint.serve()
-                    stale = kubelet is not None and kubelet != endpoint.registered_kubelet
-                    if stale and time.monotonic() >= endpoint.retry_at:
-                        self._try_register(endpoint, kubelet)
-                if time.monotonic() >= next_reconcile:
-                    next_reconcile = time.monotonic() + cfg.reconcile_interval_s
-                    self.reconcile()
-            except Exception:  # keep watching whatever happens
-                log.exception("kubelet watch iteration failed")
+            # Every part on its own: one that fails must not skip the others (see the module docstring).
+            self._attempt("serving devices that appeared", self._add_endpoints)
+            kubelet = registration.file_identity(kubelet_socket)
+            for resource, endpoint in list(self.endpoints.items()):
+                self._attempt(f"keeping {resource} served and registered", self._upkeep, endpoint, kubelet)
+            if time.monotonic() >= next_reconcile:
+                next_reconcile = time.monotonic() + cfg.reconcile_interval_s
+                self._attempt("reconciling with pod-resources", self.reconcile)
+
+    def _upkeep(self, endpoint: DeviceEndpoint, kubelet: registration.FileIdentity | None) -> None:
+        """Serve ``endpoint`` again if its socket is gone, register it again with a new kubelet."""
+        if not endpoint.socket_path.exists():
+            endpoint.serve()  # logged once it worked: a failure is logged by _attempt, not on every retry
+            log.warning(
+                "plugin socket disappeared (kubelet restart?); served it again",
+                extra={"socket": str(endpoint.socket_path)},
+            )
+        stale = kubelet is not None and kubelet != endpoint.registered_kubelet
+        if stale and time.monotonic() >= endpoint.retry_at:
+            self._try_register(endpoint, kubelet)
 
     # -- ledger upkeep ------------------------------------------------------------------------------
     def reconcile(self) -> None:

@@ -3,6 +3,7 @@ Go harness drives them with the kubelet's code)."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import queue
 import time
@@ -144,6 +145,61 @@ def test_two_devices_with_one_index_never_share_a_resource(run_plugin):
         npu0, npu1 = runner.table.entry("npu0"), runner.table.entry("npu1")
         assert npu0 is not None and npu0.healthy
         assert npu1 is not None and not npu1.healthy and "index 0 is already npu0's" in npu1.reason
+
+
+def test_a_device_whose_endpoint_cannot_be_set_up_neither_stops_the_start_nor_the_others(
+    run_plugin, stub_for, caplog
+):
+    caplog.set_level(logging.INFO, logger="vnpu.device_plugin.plugin")
+    bad = {"id": "..", "index": 1, "memory_mib": 8192}  # malformed backend output: no directory name
+    runner = run_plugin(devices=[TWO_DEVICES[0], bad])
+    assert sorted(runner.endpoints) == ["vnpu.io/memory-0"]
+    assert preferred(stub_for(runner, 0), NPU0, 1) == ["npu0-s0"]
+    # The kubelet restarts and wipes the sockets: the good device is served again although the bad
+    # one is still there (and still failing on every look).
+    socket = runner.endpoints["vnpu.io/memory-0"].socket_path
+    socket.unlink()
+    wait_for(socket.exists, timeout=5, what="npu0's socket served again")
+    assert preferred(stub_for(runner, 0), NPU0, 1) == ["npu0-s0"]
+    assert sorted(runner.endpoints) == ["vnpu.io/memory-0"]
+    failure = "serving vnpu.io/memory-1 for device '..' failed; will retry"
+    assert caplog.text.count(failure) == 1  # logged once, not on every look
+    assert "device id '..' cannot name a directory" in caplog.text
+
+
+def test_a_device_served_later_once_its_socket_directory_can_be_made(run_plugin, stub_for, dirs):
+    runner = run_plugin(devices=[TWO_DEVICES[0]], health_interval_s=0.1)
+    dirs.socket_root.joinpath("npu1").write_text("stray")  # npu1's socket directory cannot be created
+    write_devices(dirs.devices_file, TWO_DEVICES)
+    wait_for(lambda: runner.table.entry("npu1"), timeout=5, what="npu1 in the device table")
+    socket = runner.endpoints["vnpu.io/memory-0"].socket_path
+    socket.unlink()
+    wait_for(socket.exists, timeout=5, what="npu0's socket served again while npu1 cannot be served")
+    assert sorted(runner.endpoints) == ["vnpu.io/memory-0"]
+    dirs.socket_root.joinpath("npu1").unlink()
+    wait_for(lambda: "vnpu.io/memory-1" in runner.endpoints, timeout=5, what="npu1 served on a later look")
+    assert preferred(stub_for(runner, 1), NPU1, 1) == ["npu1-s0"]
+    assert preferred(stub_for(runner, 0), NPU0, 1) == ["npu0-s0"]
+
+
+def test_an_endpoint_that_cannot_be_served_again_does_not_keep_the_others_down(
+    run_plugin, stub_for, monkeypatch
+):
+    runner = run_plugin()
+    first, second = (runner.endpoints[f"vnpu.io/memory-{i}"] for i in (0, 1))
+
+    def disk_full() -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(first, "serve", disk_full)
+    first.socket_path.unlink()
+    second.socket_path.unlink()  # a kubelet restart wipes every socket
+    wait_for(second.socket_path.exists, timeout=5, what="npu1's socket served again")
+    assert preferred(stub_for(runner, 1), NPU1, 1) == ["npu1-s0"]
+    assert not first.socket_path.exists()
+    monkeypatch.undo()  # space again: npu0 is served on a later look
+    wait_for(first.socket_path.exists, timeout=5, what="npu0's socket served again")
+    assert preferred(stub_for(runner, 0), NPU0, 1) == ["npu0-s0"]
 
 
 def test_malformed_backend_output_marks_devices_unhealthy_and_the_plugin_keeps_serving(
