@@ -747,8 +747,8 @@ def _wake_placements(
             continue
         holders = holders_of.get(group)
         node = node_by_name.get(holders[0].node or "") if holders else None
-        if not holders or node is None or node.inventory is None:
-            continue
+        if not holders or node is None or node.inventory is None or node.inventory_error:
+            continue  # (an unusable inventory: nothing goes there, see _packer_nodes)
         h = holders[0]
         device = next((d for d in node.inventory.devices if d.id == h.device), None)
         if device is None:

@@ -158,6 +158,8 @@ def parse_node(obj: Mapping[str, Any]) -> ObservedNode:
                     f"devices {', '.join(unnamed)} have no per-device resource (vnpu.io/memory-<index>) in "
                     f"{api.ANNOTATION_DEVICES}: the node's device plugin predates vnpu 0.2; upgrade it"
                 )
+            else:
+                error = _inventory_problem(inventory)
     taints = tuple(
         Taint(t.get("key", ""), t.get("value", "") or "", t.get("effect", ""))
         for t in spec.get("taints") or []
@@ -173,6 +175,26 @@ def parse_node(obj: Mapping[str, Any]) -> ObservedNode:
         inventory_error=error,
         not_ready_since=None if ready else (api.parse_time(ready_since) or LONG_AGO),
     )
+
+
+def _inventory_problem(inventory: NodeInventory) -> str:
+    """What makes a well-formed inventory unusable, or empty. The packer refuses such devices (sizes it
+    cannot divide by, one id or resource twice) for the whole pass, so the node is left out instead."""
+    ids: set[str] = set()
+    resources: set[str] = set()
+    for d in inventory.devices:
+        if d.slice_mib <= 0 or d.slices < 0 or d.total_mib < 0:
+            return (
+                f"device {d.id} in {api.ANNOTATION_DEVICES} has slice_mib {d.slice_mib}, slices {d.slices}, "
+                f"total_mib {d.total_mib}: need slice_mib > 0 and no negative sizes"
+            )
+        if d.id in ids:
+            return f"device {d.id} appears twice in {api.ANNOTATION_DEVICES}"
+        if d.resource in resources:
+            return f"resource {d.resource} is advertised by two devices in {api.ANNOTATION_DEVICES}"
+        ids.add(d.id)
+        resources.add(d.resource)
+    return ""
 
 
 def _pinned_node(spec: Mapping[str, Any]) -> str | None:

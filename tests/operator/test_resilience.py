@@ -4,17 +4,20 @@ capacity and status come from what really runs. Pure: no API server (tests/integ
 from __future__ import annotations
 
 import datetime as dt
+import json
+from collections.abc import Callable
 from dataclasses import replace
 
 import pytest
 from test_planner import CONFIG, NOW, as_pods, estimate, model, node, run
 
 from vnpu import api
+from vnpu.cluster.kwok import npu_node_manifest
 from vnpu.memory import EstimateError
 from vnpu.operator.estimate_cache import EstimateCache
 from vnpu.operator.planner import Failure
 from vnpu.operator.spec import Rollout, SpecError, parse_spec
-from vnpu.operator.state import parse_node, parse_pod
+from vnpu.operator.state import ObservedNode, parse_node, parse_pod
 
 
 def conditions(update) -> dict:
@@ -297,3 +300,65 @@ def test_file_sources_are_read_only_under_the_model_file_roots(tmp_path) -> None
         messages.add(str(error).replace(str(m.raw_spec["source"]["uri"]), "URI"))
     # The same answer whether the file exists or not, and nothing of what it holds.
     assert len(messages) == 1 and "eyJ" not in messages.pop()
+
+
+def _node_with_inventory(name: str, change: Callable[[list[dict]], None]) -> ObservedNode:
+    """A Ready node whose device plugin wrote a well-formed inventory that ``change`` made unusable."""
+    manifest = npu_node_manifest(name, devices=2, device_mib=16 * 1024)
+    manifest["status"]["conditions"] = [{"type": "Ready", "status": "True"}]
+    inventory = json.loads(manifest["metadata"]["annotations"][api.ANNOTATION_DEVICES])
+    change(inventory["devices"])
+    manifest["metadata"]["annotations"][api.ANNOTATION_DEVICES] = json.dumps(inventory)
+    return parse_node(manifest)
+
+
+BAD_INVENTORIES = {
+    "slice_mib 0": (lambda devs: devs[0].update(slice_mib=0), "slice_mib 0"),
+    "slice_mib -1": (lambda devs: devs[0].update(slice_mib=-1), "slice_mib -1"),
+    "negative slices": (lambda devs: devs[0].update(slices=-5), "slices -5"),
+    "negative total_mib": (lambda devs: devs[0].update(total_mib=-1), "total_mib -1"),
+    "device id twice": (lambda devs: devs[1].update(id=devs[0]["id"]), "appears twice"),
+    "resource twice": (lambda devs: devs[1].update(resource=devs[0]["resource"]), "two devices"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INVENTORIES))
+def test_a_node_with_an_unusable_inventory_is_left_out_and_the_pass_goes_on(case: str) -> None:
+    """One node's odd inventory (valid JSON) must not stop the operator: the node is left out with the
+    reason, every model is placed on the other nodes, pass after pass."""
+    change, reason = BAD_INVENTORIES[case]
+    bad = _node_with_inventory("bad", change)
+    assert reason in bad.inventory_error
+    nodes = [node("good"), bad]
+    models = [model("a", 2, ns="team-a"), model("b", 1, ns="team-b")]
+    pods: list = []
+    for _ in range(3):
+        result = run(models, nodes, pods)
+        assert result.delete == []
+        pods += as_pods(result.create)
+    assert sorted((p.namespace, p.role, p.node) for p in pods) == [
+        ("team-a", "replica", "good"),
+        ("team-a", "replica", "good"),
+        ("team-a", "weights", "good"),
+        ("team-b", "replica", "good"),
+        ("team-b", "weights", "good"),
+    ]
+    assert all(s.status["readyReplicas"] == s.model.spec.replicas for s in result.statuses)
+
+
+def test_a_warm_holder_on_a_node_whose_inventory_went_bad_does_not_stop_a_wake() -> None:
+    """The wake offers the warm holder's device by its slice size: a node whose inventory turned
+    unusable is left out of that too, and the model wakes on another node."""
+    scaled = {"minReplicas": 0, "keepWarm": "Always"}
+    nodes = [node("n1", devices=1)]
+    pods = as_pods(run([model("a", 1, scaling=scaled)], nodes).create)
+    asleep = run([model("a", 0, scaling=scaled)], nodes, pods)
+    pods = [p for p in pods if p.name not in {d.name for d in asleep.delete}]
+    assert [p.role for p in pods] == ["weights"]  # kept warm
+    bad = _node_with_inventory("n1", lambda devs: devs[0].update(slice_mib=0))
+    woken = run([model("a", 1, scaling=scaled)], [bad, node("n2", devices=1)], pods)
+    placed = sorted(
+        (p["metadata"]["labels"][api.LABEL_ROLE], p["metadata"]["annotations"][api.ANNOTATION_DEVICE])
+        for p in woken.create
+    )
+    assert placed == [("replica", "n2-npu0"), ("weights", "n2-npu0")]
