@@ -35,7 +35,8 @@ examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from vnpu.jsonbody import BODY_TIMEOUT_S, IDLE_CONNECTION_TIMEOUT_S  # (it imports aiohttp)
+    from vnpu.gateway.server import MAX_WAITING  # (these import aiohttp)
+    from vnpu.jsonbody import BODY_TIMEOUT_S, IDLE_CONNECTION_TIMEOUT_S
 
     p = argparse.ArgumentParser(
         prog="vnpu gateway",
@@ -69,6 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long a request waits for a model to wake from zero (default %(default)s)",
     )
     p.add_argument("--no-wake", action="store_true", help="never scale a model up from zero")
+    p.add_argument(
+        "--max-waiting",
+        type=int,
+        default=MAX_WAITING,
+        metavar="N",
+        help="most requests held at once while their models wake or start; past it a 503 with "
+        "Retry-After (default %(default)s)",
+    )
     p.add_argument(
         "--body-timeout",
         type=float,
@@ -129,7 +138,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     gateway = Gateway(
         discovery=Discovery(client, tuple(args.namespace)),
         keys=keys,
-        config=GatewayConfig(wake_timeout_s=args.wake_timeout, body_timeout_s=args.body_timeout),
+        config=GatewayConfig(
+            wake_timeout_s=args.wake_timeout,
+            body_timeout_s=args.body_timeout,
+            max_waiting=args.max_waiting,
+        ),
         wake=None if args.no_wake else (lambda ns, name: scale_from_zero(client, ns, name)),
         record=recorder.record,
     )

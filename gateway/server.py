@@ -9,7 +9,9 @@ unknown model (or one the caller's key may not call) is a 404 that names nothing
 
 A model scaled to zero (``spec.scaling.minReplicas: 0`` and no replica) is woken through its scale
 subresource and the request is held until a replica is ready, or answered 503 with ``Retry-After``
-once ``--wake-timeout`` passes (Knative's activator does the same). Every request is counted towards
+once ``--wake-timeout`` passes (Knative's activator does the same); past ``--max-waiting`` requests held
+at once, a 503 with ``Retry-After`` at once. A held request keeps only its body's bytes, not the parsed
+body (many times larger). Every request is counted towards
 the model's activity (:mod:`.activity`), which the operator reads to scale idle models to zero.
 
 The gateway keeps no state that matters between requests: run as many replicas as you need.
@@ -42,13 +44,22 @@ from prometheus_client.registry import Collector
 from vnpu.gateway.discovery import Discovery
 from vnpu.gateway.keys import ApiKey, KeyFileError, KeyRing
 from vnpu.gateway.routing import Endpoint, Route, pick
-from vnpu.jsonbody import BODY_TIMEOUT_S, BodyError, BodyTimeoutError, quiet_answered_body_errors, read_json
+from vnpu.jsonbody import (
+    BODY_TIMEOUT_S,
+    MAX_BODY_BYTES,
+    BodyError,
+    BodyTimeoutError,
+    quiet_answered_body_errors,
+    read_json,
+)
 from vnpu.openai_error import error_body
 
 log = logging.getLogger(__name__)
 
-#: Largest request body forwarded (a prompt of a few hundred thousand tokens fits).
-MAX_BODY = 16 * 1024 * 1024
+#: Most requests one gateway holds while their model wakes or starts (each holds its body, up to
+#: MAX_BODY_BYTES, for up to --wake-timeout): past it a 503 with Retry-After, so a burst against a model
+#: at zero cannot grow the gateway until it is OOM-killed with every tenant's streams.
+MAX_WAITING = 64
 #: Headers never forwarded upstream: hop-by-hop ones, the caller's key (it is for the gateway), and the
 #: body's framing and encoding (the body forwarded is the one aiohttp read: already decompressed).
 _DROP_REQUEST_HEADERS = {
@@ -137,6 +148,7 @@ class GatewayConfig:
     body_timeout_s: float = BODY_TIMEOUT_S
     connect_timeout_s: float = 5.0
     kv_scrape_interval_s: float = 2.0
+    max_waiting: int = MAX_WAITING
 
 
 @dataclass
@@ -154,6 +166,8 @@ class Gateway:
     outstanding: dict[Endpoint, int] = field(default_factory=dict)
     kv_usage: dict[Endpoint, float] = field(default_factory=dict)
     turn: int = 0
+    #: requests now waiting in endpoints_of for a replica (bounded by config.max_waiting)
+    waiting: int = 0
     _waking: dict[tuple[str, str], asyncio.Task[None]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -196,7 +210,19 @@ class Gateway:
             return route, f"model {route.qualified_name} is scaled to 0 replicas and does not scale from zero"
         started = time.monotonic()
         if route.replicas == 0 and self.wake is not None:
-            self._start_wake(route)
+            self._start_wake(route)  # even for a request refused below: its retry finds the model waking
+        if self.waiting >= self.config.max_waiting:
+            return route, (
+                f"{self.waiting} requests already wait for a replica on this gateway "
+                f"(its limit, --max-waiting); retry {route.qualified_name} later"
+            )
+        self.waiting += 1
+        try:
+            return await self._wait_for_endpoints(route, warm, started)
+        finally:
+            self.waiting -= 1
+
+    async def _wait_for_endpoints(self, route: Route, warm: bool, started: float) -> tuple[Route, str | None]:
         deadline = started + self.config.wake_timeout_s
         while True:
             current = self.discovery.table.routes.get(route.key)
@@ -225,6 +251,27 @@ class Gateway:
         log.info("waking a model scaled to zero", extra={"model": route.qualified_name})
         self._waking[key] = asyncio.ensure_future(asyncio.to_thread(wake, *key))
 
+    def _admit(self, caller: ApiKey | None, body: Any) -> _Admission:
+        """What a parsed body decides: its route, whether its key may ask for its priority, and the body
+        to forward. Runs where read_json parses (a worker thread for a large body)."""
+        model = body.get("model") if isinstance(body, dict) else None
+        if not isinstance(model, str) or not model:
+            return _Admission(None)
+        route = self.discovery.table.resolve(model)
+        if route is None or (
+            caller is not None and not caller.allows((route.qualified_name, route.model_name))
+        ):
+            return _Admission(model)
+        if caller is not None:
+            priority, limit = body.get("priority"), caller.priority_limit(route.priority)
+            if isinstance(priority, int | float) and not isinstance(priority, bool) and priority > limit:
+                return _Admission(model, route, priority_limit=limit)
+        if model == route.model_name:
+            return _Admission(model, route)
+        # A replica knows only its own modelName: the namespace-qualified name is the gateway's.
+        body["model"] = route.model_name
+        return _Admission(model, route, rewritten=json.dumps(body).encode())
+
     def choose(self, route: Route, exclude: set[Endpoint]) -> Endpoint | None:
         self.turn += 1
         return pick(route.targets, self.outstanding, self.kv_usage, turn=self.turn, exclude=exclude)
@@ -235,35 +282,32 @@ class Gateway:
         if isinstance(caller, web.Response):
             return caller
         try:
-            body = await read_json(request, timeout_s=self.config.body_timeout_s)
+            # The parsed body never reaches this frame: it is tens of times its bytes in Python objects
+            # and the request may wait minutes below (a wake, a generation). What it decides comes back.
+            admission = await read_json(
+                request, lambda body: self._admit(caller, body), timeout_s=self.config.body_timeout_s
+            )
         except BodyError as e:
             message, status = str(e), 408 if isinstance(e, BodyTimeoutError) else 400
             return openai_error(status, f"{message[0].upper()}{message[1:]}.", "invalid_request_error")
-        raw = await request.read()  # the bytes read_json parsed (aiohttp keeps them): forwarded as they are
-        model = body.get("model") if isinstance(body, dict) else None
-        if not isinstance(model, str) or not model:
+        if admission.model is None:
             return openai_error(400, "You must provide a model parameter.", "invalid_request_error")
-        route = self.discovery.table.resolve(model)
-        if route is None or (
-            caller is not None and not caller.allows((route.qualified_name, route.model_name))
-        ):
+        route = admission.route
+        if route is None:
             self.metrics.requests.labels("", "404").inc()
-            return not_found(model)
-        if caller is not None:
-            priority, limit = body.get("priority"), caller.priority_limit(route.priority)
-            if isinstance(priority, int | float) and not isinstance(priority, bool) and priority > limit:
-                self.metrics.requests.labels(route.qualified_name, "403").inc()
-                return openai_error(
-                    403,
-                    f"This API key may not ask for a priority above {limit} for {route.qualified_name}.",
-                    "invalid_request_error",
-                    "priority_not_allowed",
-                    param="priority",
-                )
-        if model != route.model_name:
-            # A replica knows only its own modelName: the namespace-qualified name is the gateway's.
-            body["model"] = route.model_name
-            raw = json.dumps(body).encode()
+            return not_found(admission.model)
+        if admission.priority_limit is not None:
+            limit = admission.priority_limit
+            self.metrics.requests.labels(route.qualified_name, "403").inc()
+            return openai_error(
+                403,
+                f"This API key may not ask for a priority above {limit} for {route.qualified_name}.",
+                "invalid_request_error",
+                "priority_not_allowed",
+                param="priority",
+            )
+        # The bytes read_json parsed (aiohttp keeps them) are forwarded as they are, unless renamed.
+        raw = admission.rewritten if admission.rewritten is not None else await request.read()
         if self.record is not None:
             self.record(route.key.namespace, route.key.name)
         route, reason = await self.endpoints_of(route)
@@ -360,6 +404,16 @@ class Gateway:
             await asyncio.sleep(self.config.kv_scrape_interval_s)
 
 
+@dataclass(frozen=True)
+class _Admission:
+    """What the gateway takes from a request body; the parsed body itself is not kept."""
+
+    model: str | None  #: the model asked for; None: the body names none
+    route: Route | None = None  #: None: no such model, or the caller's key may not call it
+    priority_limit: int | None = None  #: set when the body asks for more priority than the key allows
+    rewritten: bytes | None = None  #: the body to forward when it is not the one received
+
+
 class _Unreachable(Exception):
     """The picked replica gave no response at all (connect refused or timed out, connection reset
     before the status line): safe to try another, as Envoy's ``reset,connect-failure`` retry policy."""
@@ -421,7 +475,7 @@ async def metrics(request: web.Request) -> web.Response:
 
 def make_app(gateway: Gateway) -> web.Application:
     quiet_answered_body_errors()
-    app = web.Application(client_max_size=MAX_BODY)
+    app = web.Application(client_max_size=MAX_BODY_BYTES)
     app[GATEWAY_KEY] = gateway
 
     async def lifecycle(app: web.Application) -> Any:

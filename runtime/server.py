@@ -47,6 +47,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from vnpu.jsonbody import (
     BODY_TIMEOUT_S,
     IDLE_CONNECTION_TIMEOUT_S,
+    MAX_BODY_BYTES,
     BodyError,
     BodyTimeoutError,
     quiet_answered_body_errors,
@@ -71,8 +72,6 @@ T = TypeVar("T")
 RUNTIME_KEY = web.AppKey("runtime", ModelRuntime)
 _STARTED_KEY = web.AppKey("started", int)
 _BODY_TIMEOUT_KEY = web.AppKey("body_timeout_s", float)
-#: Largest request body (bytes); a bigger one is a 400, like any other oversize prompt.
-MAX_BODY_BYTES = 8 * 1024 * 1024
 #: How often a handler waiting for tokens checks that its client is still connected (seconds).
 DISCONNECT_POLL_S = 0.1
 
@@ -110,7 +109,7 @@ async def _read_request(request: web.Request, parse: Callable[[Any], T]) -> T:
     """The body read and parsed into a typed request (off the loop when large; see vnpu.jsonbody)."""
     try:
         return await read_json(request, parse, timeout_s=request.app[_BODY_TIMEOUT_KEY])
-    except web.HTTPRequestEntityTooLarge as e:
+    except web.HTTPRequestEntityTooLarge as e:  # a 400 here, like any other oversize prompt
         raise BadRequest(f"the request body is larger than {MAX_BODY_BYTES} bytes") from e
     except BodyTimeoutError as e:
         raise HTTPError(408, str(e), "invalid_request_error", "request_timeout") from e

@@ -32,6 +32,9 @@ from aiohttp.http_exceptions import BadHttpMessage
 
 T = TypeVar("T")
 
+#: Largest request body (bytes) the runtime and the gateway accept: one limit, so the gateway never
+#: forwards what every replica refuses (a prompt of a few hundred thousand tokens fits).
+MAX_BODY_BYTES = 8 * 1024 * 1024
 #: Bodies from this size on are decoded and parsed on a worker thread (JSON parses at ~50 MB/s here:
 #: 256 KiB holds the loop ~5 ms; the 8 MiB limit, with the parse of its messages, over a second).
 OFF_LOOP_BYTES = 256 * 1024

@@ -1,0 +1,190 @@
+"""The gateway's HTTP server in-process: a route table the test sets (no API server) and replicas that are
+small aiohttp apps on loopback, so what the gateway holds, forwards and answers is asserted exactly.
+
+The end-to-end behaviour against a real API server is ``tests/integration/test_gateway.py``'s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from vnpu import jsonbody
+from vnpu.gateway.discovery import Discovery
+from vnpu.gateway.keys import KeyRing
+from vnpu.gateway.routing import Endpoint, ModelKey, Route, RouteTable
+from vnpu.gateway.server import Gateway, GatewayConfig, make_app
+from vnpu.jsonbody import MAX_BODY_BYTES
+
+KEY = ModelKey("team-a", "chat")
+
+
+class StaticDiscovery(Discovery):
+    """The route table as the test sets it."""
+
+    def __init__(self, *routes: Route) -> None:
+        super().__init__(api_client=None)
+        self.table = RouteTable({r.key: r for r in routes})
+        for synced in self.synced.values():
+            synced.set()
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+
+    def stop(self) -> None:
+        pass
+
+    def set(self, *routes: Route) -> None:
+        """Replace the routes (on the loop) and wake the requests waiting for a replica."""
+        self.table = RouteTable({r.key: r for r in routes})
+        self._pulse()
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class Replica:
+    """A replica on loopback: remembers the raw bodies it received, answers with ``handler``."""
+
+    def __init__(self, name: str, handler: Handler | None = None) -> None:
+        self.name = name
+        self.bodies: list[bytes] = []
+        self.handler = handler
+        app = web.Application(client_max_size=4 * MAX_BODY_BYTES)  # takes what the gateway sends
+        app.router.add_post("/v1/completions", self._complete)
+        app.router.add_post("/v1/chat/completions", self._complete)
+        self.server = TestServer(app)
+
+    async def _complete(self, request: web.Request) -> web.StreamResponse:
+        self.bodies.append(await request.read())
+        if self.handler is not None:
+            return await self.handler(request)
+        return web.json_response({"answered_by": self.name})
+
+    @property
+    def endpoint(self) -> Endpoint:
+        return Endpoint("127.0.0.1", self.server.port or 0, f"pod-{self.name}")
+
+
+def ready(*replicas: Replica, model_name: str = "smollm2") -> Route:
+    return Route(KEY, model_name, len(replicas), 1, tuple(r.endpoint for r in replicas))
+
+
+AT_ZERO = Route(KEY, "smollm2", 0, 0)
+
+
+@asynccontextmanager
+async def serving(gw: Gateway, *replicas: Replica) -> AsyncIterator[TestClient]:
+    """The gateway's app as ``vnpu gateway`` runs it (handler cancellation on, as TestServer's), the
+    replicas started first (routes name their ports: set them inside)."""
+    for replica in replicas:
+        await replica.server.start_server()
+    try:
+        async with TestClient(TestServer(make_app(gw))) as client:
+            yield client
+    finally:
+        for replica in replicas:
+            await replica.server.close()
+
+
+async def until(condition: Callable[[], Any]) -> None:
+    for _ in range(6000):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not reached")
+
+
+def gateway(discovery: Discovery, **config: Any) -> Gateway:
+    return Gateway(discovery=discovery, keys=KeyRing(None), config=GatewayConfig(**config))
+
+
+# --- memory: bodies and waiters ---------------------------------------------------------------------
+
+
+def test_a_request_waiting_for_a_wake_holds_its_bytes_not_its_parsed_body(monkeypatch) -> None:
+    """The parsed body is tens of times its bytes in Python objects (16 MiB of ``[{},...]`` made
+    ~380 MiB): a request held while its model wakes (minutes) must not keep it."""
+    parsed: list[weakref.ref[dict[str, Any]]] = []
+    parse = jsonbody.parse_json
+
+    class Body(dict):  # type: ignore[type-arg]  # a dict that can be weakly referenced
+        pass
+
+    def tracked(data: bytes) -> Any:
+        body = Body(parse(data))
+        parsed.append(weakref.ref(body))
+        return body
+
+    monkeypatch.setattr(jsonbody, "parse_json", tracked)
+    woken: list[tuple[str, str]] = []
+    discovery = StaticDiscovery(AT_ZERO)
+    gw = gateway(discovery, wake_timeout_s=60)
+    gw.wake = lambda ns, name: woken.append((ns, name))
+    replica = Replica("a")
+    sent = json.dumps({"model": "smollm2", "prompt": "hi", "metadata": {"k": ["v"] * 1000}}).encode()
+
+    async def scenario() -> None:
+        async with serving(gw, replica) as client:
+            answer = asyncio.ensure_future(
+                client.post("/v1/completions", data=sent, headers={"Content-Type": "application/json"})
+            )
+            await until(lambda: gw.waiting == 1)
+            gc.collect()
+            assert len(parsed) == 1 and parsed[0]() is None, "the waiting request keeps its parsed body"
+            discovery.set(ready(replica))
+            response = await answer
+            assert response.status == 200 and await response.json() == {"answered_by": "a"}
+
+    asyncio.run(scenario())
+    assert woken == [("team-a", "chat")]
+    assert replica.bodies == [sent]  # forwarded byte for byte
+    assert gw.waiting == 0
+
+
+def test_past_max_waiting_a_request_gets_a_503_with_retry_after_at_once() -> None:
+    woken: list[tuple[str, str]] = []
+    discovery = StaticDiscovery(AT_ZERO)
+    gw = gateway(discovery, wake_timeout_s=60, max_waiting=1)
+    gw.wake = lambda ns, name: woken.append((ns, name))
+    replica = Replica("a")
+    body = {"model": "team-a/smollm2", "prompt": "hi"}
+
+    async def scenario() -> None:
+        async with serving(gw, replica) as client:
+            first = asyncio.ensure_future(client.post("/v1/completions", json=body))
+            await until(lambda: gw.waiting == 1)
+            refused = await client.post("/v1/completions", json=body)
+            assert refused.status == 503 and refused.headers["Retry-After"] == "5"
+            error = (await refused.json())["error"]
+            assert error["type"] == "service_unavailable" and "--max-waiting" in error["message"]
+            discovery.set(ready(replica))
+            assert (await first).status == 200
+
+    asyncio.run(scenario())
+    assert len(replica.bodies) == 1 and gw.waiting == 0
+    assert set(woken) == {("team-a", "chat")}  # (the refused request asks for the wake too)
+
+
+def test_the_gateway_refuses_a_body_over_the_runtimes_limit_and_forwards_nothing() -> None:
+    replica = Replica("a")
+    discovery = StaticDiscovery()
+    gw = gateway(discovery)
+    prompt = "x" * MAX_BODY_BYTES  # over the limit once in a body
+
+    async def scenario() -> None:
+        async with serving(gw, replica) as client:
+            discovery.set(ready(replica))
+            response = await client.post("/v1/completions", json={"model": "smollm2", "prompt": prompt})
+            assert response.status == 413 and "X-Vnpu-Replica" not in response.headers
+
+    asyncio.run(scenario())
+    assert replica.bodies == []
