@@ -268,9 +268,14 @@ class Gateway:
                 return _Admission(model, route, priority_limit=limit)
         if model == route.model_name:
             return _Admission(model, route)
-        # A replica knows only its own modelName: the namespace-qualified name is the gateway's.
+        # A replica knows only its own modelName: the namespace-qualified name is the gateway's. Text as
+        # UTF-8 and no padding: ASCII escapes made a body of CJK text three times its size.
         body["model"] = route.model_name
-        return _Admission(model, route, rewritten=json.dumps(body).encode())
+        try:
+            rewritten = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+        except UnicodeEncodeError:  # a lone surrogate ("\ud800"): escaped, the replica refuses it itself
+            rewritten = json.dumps(body, separators=(",", ":")).encode()
+        return _Admission(model, route, rewritten=rewritten)
 
     def choose(self, route: Route, exclude: set[Endpoint]) -> Endpoint | None:
         self.turn += 1

@@ -7,7 +7,11 @@ gateway's OpenAI endpoints.
 - an integer of more than 4,300 digits: ``json.loads`` raises a plain ``ValueError`` (``int()``'s own
   limit), which was a 500;
 - megabytes of JSON (hundreds of thousands of chat messages) held the event loop for a second or more
-  per body, and with it every stream and the liveness probe: such bodies are parsed on a worker thread.
+  per body, and with it every stream and the liveness probe. Such bodies are parsed on a worker thread,
+  one at a time: ``json.loads`` holds the GIL while it runs, so the thread does not free the loop, it
+  only makes the parse take turns with it (the interpreter switches threads every 5 ms). The loop
+  still slows while a large body parses; with one parse at a time it keeps about half the GIL, where
+  several parsing threads would leave it a share each.
 
 A body over the application's ``client_max_size`` raises aiohttp's ``HTTPRequestEntityTooLarge`` (a
 413), which each caller answers as its API does.
@@ -24,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import weakref
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -35,9 +40,15 @@ T = TypeVar("T")
 #: Largest request body (bytes) the runtime and the gateway accept: one limit, so the gateway never
 #: forwards what every replica refuses (a prompt of a few hundred thousand tokens fits).
 MAX_BODY_BYTES = 8 * 1024 * 1024
-#: Bodies from this size on are decoded and parsed on a worker thread (JSON parses at ~50 MB/s here:
-#: 256 KiB holds the loop ~5 ms; the 8 MiB limit, with the parse of its messages, over a second).
+#: Bodies from this size on are decoded and parsed on a worker thread, one at a time (JSON parses at
+#: ~50 MB/s here: 256 KiB holds the loop ~5 ms; the 8 MiB limit, with the parse of its messages, over a
+#: second).
 OFF_LOOP_BYTES = 256 * 1024
+#: One large parse at a time per event loop (see the module's docstring). Keyed by loop: an asyncio
+#: semaphore belongs to the loop it first waits on, and the runtime serves from its own loop.
+_LARGE_PARSES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 #: Seconds a client has to send a whole request body once its head is in (nginx's client_body_timeout).
@@ -109,4 +120,18 @@ async def read_json(
         raise BodyError(f"the request body cannot be decoded: {detail}") from e
     if len(data) < OFF_LOOP_BYTES:
         return then(parse_json(data))
-    return await asyncio.to_thread(lambda: then(parse_json(data)))
+    loop = asyncio.get_running_loop()
+    gate = _LARGE_PARSES.get(loop)
+    if gate is None:
+        gate = _LARGE_PARSES[loop] = asyncio.Semaphore(1)
+    await gate.acquire()
+    parse = asyncio.ensure_future(asyncio.to_thread(lambda: then(parse_json(data))))
+    parse.add_done_callback(lambda done: _parsed(gate, done))
+    # A client that leaves cancels its handler, not the thread: the gate stays shut until the parse ends.
+    return await asyncio.shield(parse)
+
+
+def _parsed(gate: asyncio.Semaphore, parse: asyncio.Future[Any]) -> None:
+    gate.release()
+    if not parse.cancelled():
+        parse.exception()  # retrieved: a parse whose handler was cancelled logs no "never retrieved"

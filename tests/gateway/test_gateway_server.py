@@ -188,3 +188,75 @@ def test_the_gateway_refuses_a_body_over_the_runtimes_limit_and_forwards_nothing
 
     asyncio.run(scenario())
     assert replica.bodies == []
+
+
+# --- what is forwarded --------------------------------------------------------------------------------
+
+
+def test_a_renamed_body_is_forwarded_as_utf8_not_ascii_escapes() -> None:
+    """A body naming the gateway's qualified name is re-encoded with the replica's name: its text stays
+    UTF-8 (ASCII escapes made CJK text three times its size, past the replica's limit)."""
+    replica = Replica("a")
+    discovery = StaticDiscovery()
+    gw = gateway(discovery)
+    prompt = "héllo 世界 🙂 " * 1000
+    sent = json.dumps({"model": "team-a/smollm2", "prompt": prompt}, ensure_ascii=False).encode()
+    lone = b'{"model": "team-a/smollm2", "prompt": "a \\ud800 b"}'
+
+    async def scenario() -> None:
+        async with serving(gw, replica) as client:
+            discovery.set(ready(replica))
+            for data in (sent, lone):
+                response = await client.post(
+                    "/v1/completions", data=data, headers={"Content-Type": "application/json"}
+                )
+                assert response.status == 200
+
+    asyncio.run(scenario())
+    renamed, escaped = replica.bodies
+    expected = {"model": "smollm2", "prompt": prompt}
+    assert json.loads(renamed) == expected
+    assert len(renamed) == len(json.dumps(expected, ensure_ascii=False, separators=(",", ":")).encode())
+    assert len(renamed) < len(sent)  # the shorter name, no padding: never larger than what came in
+    # A lone surrogate has no UTF-8: it goes escaped, for the replica to refuse in its own words.
+    assert json.loads(escaped) == {"model": "smollm2", "prompt": "a \ud800 b"}
+
+
+def test_large_bodies_are_parsed_one_at_a_time(monkeypatch) -> None:
+    """json.loads holds the GIL: parses on several threads at once would take the loop's turns."""
+    import threading
+
+    parse = jsonbody.parse_json
+    lock = threading.Lock()
+    parsing, most = 0, 0
+    partner = threading.Event()
+
+    def tracked(data: bytes) -> Any:
+        nonlocal parsing, most
+        with lock:
+            parsing += 1
+            most = max(most, parsing)
+            if parsing > 1:
+                partner.set()
+        partner.wait(0.5)  # a parse running beside this one would come in meanwhile
+        with lock:
+            parsing -= 1
+        return parse(data)
+
+    monkeypatch.setattr(jsonbody, "parse_json", tracked)
+    replica = Replica("a")
+    discovery = StaticDiscovery()
+    gw = gateway(discovery)
+    large = json.dumps({"model": "smollm2", "prompt": "x" * jsonbody.OFF_LOOP_BYTES}).encode()
+
+    async def scenario() -> None:
+        async with serving(gw, replica) as client:
+            discovery.set(ready(replica))
+            headers = {"Content-Type": "application/json"}
+            responses = await asyncio.gather(
+                *(client.post("/v1/completions", data=large, headers=headers) for _ in range(3))
+            )
+            assert [r.status for r in responses] == [200, 200, 200]
+
+    asyncio.run(scenario())
+    assert most == 1 and len(replica.bodies) == 3
