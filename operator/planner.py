@@ -189,7 +189,10 @@ def _node_view(nodes: Sequence[ObservedNode], config: OperatorConfig, now: dt.da
 
 
 def _packer_nodes(
-    nodes: Sequence[ObservedNode], held: Mapping[tuple[str, str], int], view: _NodeView
+    nodes: Sequence[ObservedNode],
+    held: Mapping[tuple[str, str], int],
+    view: _NodeView,
+    loaded: Mapping[tuple[str, str], frozenset[str]],
 ) -> list[packing.Node]:
     out = []
     for n in nodes:
@@ -202,6 +205,7 @@ def _packer_nodes(
                 slice_mib=d.slice_mib,
                 healthy=d.healthy,
                 free_slices=d.slices - held.get((n.name, d.id), 0),
+                loaded=loaded.get((n.name, d.id), frozenset()),
             )
             for d in n.inventory.devices
         )
@@ -365,6 +369,7 @@ def plan(
     demand_of = {key: scaling.demand(m, now) for key, (m, _) in active.items()}
     warm_of, warm_holders = _warm(active, group_of, holders_of, demand_of, nodes, config, now)
     outside += warm_holders
+    outside = list({(p.namespace, p.name): p for p in outside}.values())  # each pod's memory once
     for h in warm_holders:
         node = node_by_name.get(h.node or "")
         pool = node.labels.get(config.pool_label, scaling.DEFAULT_POOL) if node else scaling.DEFAULT_POOL
@@ -393,7 +398,9 @@ def plan(
         else:
             allowed = want
         demands.append(_demand(m, est, refs[key].weights_id, allowed))
-    packer_nodes = _packer_nodes(nodes, held, view)
+    group_mib = packing.group_weight_mib(demands)
+    loaded = _loaded_weights(outside, holders_of, group_mib, nodes)
+    packer_nodes = _packer_nodes(nodes, held, view, loaded)
     packed = packing.pack(packer_nodes, demands, current)
     # Defragmentation: a batch of moves only on a settled cluster (every pod of ours Ready, running
     # where the plan keeps it, nothing moving, rolling, lost or backing off), as Karpenter consolidates.
@@ -411,7 +418,6 @@ def plan(
 
     intents: dict[tuple[str, str], PodIntent] = {}
     holder_of: dict[tuple[str, str, str], str] = {}
-    group_mib = packing.group_weight_mib(demands)
     for h in packed.weight_holders:
         owners = tuple(refs[m] for m in sorted(h.models))
         first = owners[0]
@@ -691,6 +697,34 @@ def _current_holders(
         if p.name == holder_pod_name(ref.share_group, ref.weights_id, p.node, p.device, salt):
             out[group].append(p)
     return out
+
+
+def _loaded_weights(
+    outside: Sequence[ObservedPod],
+    holders_of: Mapping[str, list[ObservedPod]],
+    group_mib: Mapping[str, int],
+    nodes: Sequence[ObservedNode],
+) -> dict[tuple[str, str], frozenset[str]]:
+    """(node, device) -> the groups whose current holder there is kept outside the plan (its memory
+    held: older replicas map it) and is the very holder the plan would start there (same name, same
+    size). New replicas of the group attach to it, so the packer must not charge them the weights again:
+    counted twice, a rolling update stalls on a full device or evicts another model."""
+    slice_mib = {
+        (n.name, d.id): d.slice_mib
+        for n in nodes
+        if n.inventory is not None and not n.inventory_error
+        for d in n.inventory.devices
+    }
+    group_of_holder = {(h.namespace, h.name): g for g, holders in holders_of.items() for h in holders}
+    out: dict[tuple[str, str], set[str]] = defaultdict(set)
+    for p in outside:
+        group = group_of_holder.get((p.namespace, p.name))
+        where = (p.node or "", p.device or "")
+        if group is None or p.terminating or where not in slice_mib:
+            continue
+        if p.slices == api.slices_for_mib(group_mib.get(group, 0), slice_mib[where]):
+            out[where].add(group)
+    return {k: frozenset(v) for k, v in out.items()}
 
 
 def _warm(

@@ -2,7 +2,10 @@
 
 Cost model (DESIGN.md "Placement"): the first replica of a share group on a device pays the group's
 weights + its own KV/activation; every further replica of that group on that device pays only its own
-part. The weights live in a weight-holder pod per (device, group), sized to the weights' slices.
+part. The weights live in a weight-holder pod per (device, group), sized to the weights' slices. A
+device may say its group's weights are there already (``Device.loaded``: a holder outside the problem,
+its slices not free, e.g. the one a rolling update's old replicas map): that group's replicas pay only
+their own part on it.
 
 Algorithm, per priority level from the highest down:
 

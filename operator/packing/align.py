@@ -3,12 +3,12 @@
 A fresh repack (``pack(..., defragment=True)``) names its devices by where its greedy filled them
 first, so nearly every running replica lands on "another" device even where the new plan holds the
 same replicas together. Renaming a planned device onto another of the same kind (slice size,
-capacity, free room, health) on a node that every demand's selector and tolerations treat alike gives
-the same plan: the same devices used, the same slices, every selector and taint still met. Devices
-holding a replica of a spread demand are renamed only within their node, so each node keeps its
-replicas of every spread demand (hard spread stays one per node). Of those renamings we pick, greedily
-by overlap, one that puts each planned device where the most of its replicas already run. Pure:
-device ordinals in, a mapping out.
+capacity, free room, health, weights already loaded) on a node that every demand's selector and
+tolerations treat alike gives the same plan: the same devices used, the same slices, every selector
+and taint still met. Devices holding a replica of a spread demand are renamed only within their node,
+so each node keeps its replicas of every spread demand (hard spread stays one per node). Of those
+renamings we pick, greedily by overlap, one that puts each planned device where the most of its
+replicas already run. Pure: device ordinals in, a mapping out.
 """
 
 from __future__ import annotations
@@ -36,8 +36,15 @@ def device_mapping(
     plan, run = _count(planned), _count(running)
     eligibility = [tuple(ok[ni] for ok in c.node_ok) for ni in range(len(c.nodes))]
 
-    def kind(o: int) -> tuple[int, int, int, bool, bool]:
-        return c.dev_cls[o], c.dev_total[o], c.dev_available[o], c.dev_ok_new[o], c.dev_ok_kept[o]
+    def kind(o: int) -> tuple[int, int, int, bool, bool, frozenset[str]]:
+        return (
+            c.dev_cls[o],
+            c.dev_total[o],
+            c.dev_available[o],
+            c.dev_ok_new[o],
+            c.dev_ok_kept[o],
+            c.dev_loaded[o],
+        )
 
     def pinned(o: int) -> bool:
         return any(c.demands[di].spread != Spread.NONE for di in plan[o])

@@ -57,6 +57,7 @@ class Cluster:
         self.dev_available: list[int] = []
         self.dev_ok_kept: list[bool] = []  # healthy device on a ready node
         self.dev_ok_new: list[bool] = []  # ... that is also schedulable
+        loaded: list[frozenset[str]] = []
         self.slice_sizes = sorted(
             {dev.slice_mib for n in self.nodes for dev in n.devices} or {DEFAULT_SLICE_MIB}
         )
@@ -74,10 +75,13 @@ class Cluster:
                 self.dev_available.append(dev.available)
                 self.dev_ok_kept.append(dev.healthy and node.ready)
                 self.dev_ok_new.append(dev.healthy and node.ready and node.schedulable)
+                loaded.append(dev.loaded)
         self.max_slices = [0] * len(self.slice_sizes)
         for o, total in enumerate(self.dev_total):
             self.max_slices[self.dev_cls[o]] = max(self.max_slices[self.dev_cls[o]], total)
         self.group_mib = group_weight_mib(self.demands)
+        # Per device: the groups (of these demands) whose weights are there already, held outside.
+        self.dev_loaded = [frozenset(g for g in gs if g in self.group_mib) for gs in loaded]
         self.rep_slices = [[slices_for_mib(d.replica_mib, s) for s in self.slice_sizes] for d in self.demands]
         self.w_slices = [
             [slices_for_mib(self.group_mib[d.share_group], s) for s in self.slice_sizes] for d in self.demands

@@ -53,6 +53,10 @@ class Device:
     slice_mib: int = DEFAULT_SLICE_MIB
     healthy: bool = True
     free_slices: int | None = None
+    #: Share groups whose weights a pod outside this problem already holds here (their slices are not
+    #: in ``free_slices``): a rolling update's old replicas still map the holder its new ones will use.
+    #: Replicas of these groups pay only their own slices on this device.
+    loaded: frozenset[str] = frozenset()
 
     @property
     def available(self) -> int:

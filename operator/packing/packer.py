@@ -59,6 +59,11 @@ class Packer:
         # Share groups present per device (replica counts), and the devices holding each group.
         self.dev_groups: list[dict[str, int]] = [{} for _ in self.dev_id]
         self.group_devices: dict[str, dict[int, None]] = {g: {} for g in self.group_mib}
+        # Groups whose weights are on a device already (held outside the plan): never charged there.
+        self.dev_loaded = c.dev_loaded
+        for o, groups in enumerate(self.dev_loaded):
+            for g in groups:
+                self.group_devices[g][o] = None
         # Chunk ordering knobs of the randomised variants (see ``perturb``); neutral by default.
         self.jitter = [1.0] * len(self.demands)
         self.balanced = [False] * len(self.demands)
@@ -98,9 +103,14 @@ class Packer:
         """Slices one more replica of demand ``di`` takes on device ``o`` (weights if not there yet)."""
         cls = self.dev_cls[o]
         cost = self.rep_slices[di][cls]
-        if not self.share or self.demands[di].share_group not in self.dev_groups[o]:
+        group = self.demands[di].share_group
+        if not self.share or (group not in self.dev_groups[o] and group not in self.dev_loaded[o]):
             cost += self.w_slices[di][cls]
         return cost
+
+    def _holds_weights(self, o: int, group: str) -> bool:
+        """Whether device ``o`` has ``group``'s weights: a replica of it placed there, or loaded."""
+        return group in self.dev_groups[o] or group in self.dev_loaded[o]
 
     def may_add(self, di: int, o: int) -> bool:
         """Whether one more replica of demand ``di`` fits device ``o`` (room, and hard spread: none of
@@ -129,7 +139,7 @@ class Packer:
         groups = self.dev_groups[o]
         cost = r * count if self.share else (r + self.w_slices[di][cls]) * count
         if d.share_group not in groups:
-            cost += self.w_slices[di][cls] if self.share else 0
+            cost += self.w_slices[di][cls] if self.share and d.share_group not in self.dev_loaded[o] else 0
             groups[d.share_group] = 0
             self.group_devices[d.share_group][o] = None
         groups[d.share_group] += count
@@ -156,8 +166,9 @@ class Packer:
         freed = r if self.share else r + w
         if groups[d.share_group] == 0:
             del groups[d.share_group]
-            del self.group_devices[d.share_group][o]
-            freed += w if self.share else 0
+            if d.share_group not in self.dev_loaded[o]:  # (loaded weights stay, held outside)
+                del self.group_devices[d.share_group][o]
+                freed += w if self.share else 0
         self._set_free(o, self.dev_free[o] + freed)
         counts = self.model_node_count[di]
         counts[self.dev_node[o]] -= 1
@@ -256,7 +267,7 @@ class Packer:
             need = self.rep_slices[di][cls] + self.w_slices[di][cls]
             for o in idx.walk(cls, need):
                 if counts.get(self.dev_node[o], 0) <= level and (
-                    not self.share or self.demands[di].share_group not in self.dev_groups[o]
+                    not self.share or not self._holds_weights(o, self.demands[di].share_group)
                 ):
                     candidates.append(((self.dev_free[o] - need) * self.slice_sizes[cls], o))
                     break
@@ -379,7 +390,7 @@ class Packer:
                 free += self.placed[(dj, replica)][1] + (0 if self.share else w)
                 g = self.demands[dj].share_group
                 group_left[g] -= 1
-                if group_left[g] == 0 and self.share:
+                if group_left[g] == 0 and self.share and g not in self.dev_loaded[o]:
                     free += w
             if free >= need and chosen:
                 key = (max(v[0] for v in chosen), len(chosen), free - need, o)
@@ -571,7 +582,7 @@ class Packer:
                 return False
             group = self.demands[di].share_group
             cost = self.rep_slices[di][self.dev_cls[target]]
-            if group not in self.dev_groups[target] and group not in added_groups.get(target, ()):
+            if not self._holds_weights(target, group) and group not in added_groups.get(target, ()):
                 cost += self.w_slices[di][self.dev_cls[target]]
             added_slices[target] = added_slices.get(target, 0) + cost
             added_groups.setdefault(target, set()).add(group)
@@ -636,7 +647,9 @@ class Packer:
             for o in devices:
                 cls = self.dev_cls[o]
                 slices += sum(
-                    slices_for_mib(self.group_mib[g], self.slice_sizes[cls]) for g in self.dev_groups[o]
+                    slices_for_mib(self.group_mib[g], self.slice_sizes[cls])
+                    for g in self.dev_groups[o]
+                    if g not in self.dev_loaded[o]
                 )
         return tuple(per_priority.get(level, 0) for level in levels), len(devices), slices, moves
 

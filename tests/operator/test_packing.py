@@ -64,6 +64,31 @@ def test_models_with_the_same_share_group_share_weights():
     assert result.slices_used() == 16 + 2 * 3 + 3 * 5
 
 
+def test_a_group_whose_weights_are_loaded_pays_only_its_replicas_there():
+    """``Device.loaded``: a holder outside the problem (its slices not free) already has the group's
+    weights on the device, so the group's replicas take only their own slices there, and taking them
+    off again never frees those weights (they stay held)."""
+    demand = Demand("m", "g", replicas=10, replica_mib=GIB, weight_mib=4 * GIB)
+    loaded = [Node("n", (Device("npu0", 16, free_slices=12, loaded=frozenset({"g"})),))]
+    result = pack(loaded, [demand])
+    assert [a.device for a in result.assignments] == ["npu0"] * 10 and result.unplaced == ()
+    # The holder is the one already there: the plan names it, so replicas map it.
+    assert [(h.device, h.slices) for h in result.weight_holders] == [("npu0", 4)]
+    # Without the flag the same room holds the weights and 8 replicas.
+    plain = pack([Node("n", (Device("npu0", 16, free_slices=12),))], [demand])
+    assert len(plain.assignments) == 8 and len(plain.unplaced) == 2
+    # A higher-priority model preempting every replica there gets their slices, not the weights.
+    urgent = Demand("u", "other", replicas=1, replica_mib=12 * GIB, priority=10)
+    kept = result.placements()
+    preempted = pack(loaded, [demand, urgent], kept)
+    assert [a.model for a in preempted.assignments] == ["u"] and len(preempted.unplaced) == 10
+    too_big = pack(loaded, [demand, replace(urgent, replica_mib=13 * GIB)], kept)
+    assert [u.model for u in too_big.unplaced] == ["u"] and len(too_big.assignments) == 10
+    # Other groups pay their weights there as usual.
+    other = pack(loaded, [Demand("o", "h", replicas=1, replica_mib=GIB, weight_mib=4 * GIB)])
+    assert other.slices_used() == 5 and [h.share_group for h in other.weight_holders] == ["h"]
+
+
 def test_a_group_overflowing_one_device_opens_a_second_copy():
     # 64-slice devices: weights 28 + 6 per replica -> 6 replicas per device.
     result = pack(cluster(1, devices=4), [Demand("m", "g", 8, 6 * GIB, 28 * GIB)])

@@ -610,3 +610,103 @@ def test_a_replaces_annotation_written_by_hand_deletes_nothing_it_should_not() -
         result = run(models, nodes, attempt, estimates=est)
         assert result.delete == [] and result.create == []
         assert all(s.status["readyReplicas"] == 1 for s in result.statuses)
+
+
+def step(pods: list[ObservedPod], result: Plan) -> list[ObservedPod]:
+    """The pods once ``result`` is applied: its deletions gone, what was there Ready, its creations
+    starting (Ready by the next pass)."""
+    gone = {(d.namespace, d.name) for d in result.delete}
+    kept = [replace(p, ready=True) for p in pods if (p.namespace, p.name) not in gone]
+    return kept + as_pods(result.create, ready=False)
+
+
+def slices_by_device(pods: list[ObservedPod]) -> dict[tuple[str, str], int]:
+    """Slices the pods hold per (node, device): what the scheduler and the device plugin would allow."""
+    used: dict[tuple[str, str], int] = {}
+    for p in pods:
+        if p.role != "placeholder" and p.node and p.device:
+            used[(p.node, p.device)] = used.get((p.node, p.device), 0) + p.slices
+    return used
+
+
+def test_a_rollout_that_keeps_the_weights_uses_the_running_holder_on_a_full_device() -> None:
+    """New-template replicas of unchanged weights map the holder the old ones map (the same pod): its
+    weights are not charged twice, so the rollout proceeds in the 2 free slices instead of waiting for
+    5 that never come."""
+    nodes = [node("n1", devices=1)]  # 16 slices
+    est = {("ns", "a"): estimate()}  # weights 4 slices, 1 per replica
+    pods = as_pods(run([model("a", 10)], nodes, estimates=est).create)  # 14 of 16
+    (holder,) = [p.name for p in pods if p.role == "weights"]
+    (old_template,) = {p.template for p in pods if p.role == "replica"}
+    changed = model("a", 10, memory={"kvCacheMiB": 1000})  # a new pod template, the same sizes
+    for _ in range(20):
+        result = run([changed], nodes, pods, estimates=est)
+        assert result.statuses[0].status["readyReplicas"] >= 10
+        assert not [d for d in result.delete if d.role == "weights"]
+        assert {d.reason for d in result.delete if d.role == "replica"} <= {
+            "replaced by the new pod template"
+        }
+        holders = {x["weightHolder"] for x in result.statuses[0].status["placements"]}
+        assert holders <= {holder}
+        if not result.create and not result.delete and all(p.ready for p in pods):
+            break
+        pods = step(pods, result)
+        assert slices_by_device(pods)[("n1", "n1-npu0")] <= 16
+    else:
+        raise AssertionError("did not settle")
+    replicas = [p for p in pods if p.role == "replica"]
+    assert len(replicas) == 10 and old_template not in {p.template for p in replicas}
+    assert [p.name for p in pods if p.role != "replica"] == [holder]
+
+
+def test_a_rollout_whose_holder_is_being_recreated_evicts_no_other_model() -> None:
+    """The holder the old replicas map was evicted as team-a changes kvCacheMiB: the new replica comes
+    with a new copy of it under the same name, which the old replicas then map too. Counted once, the
+    device has room for everything; counted twice, team-b's Ready replica was taken for it."""
+    nodes = [node("n1", devices=1)]  # 16 slices
+
+    def chat(kv: int) -> ObservedModel:
+        return model("chat", 2, ns="team-a", memory={"kvCacheMiB": kv})
+
+    x = model("x", 1, ns="team-b", memory={"kvCacheMiB": 2048})
+
+    def est(kv: int) -> dict[tuple[str, str], MemoryEstimate]:
+        return {("team-a", "chat"): estimate(per_replica=kv), x.key: estimate(per_replica=2048)}
+
+    pods = as_pods(run([chat(1024), x], nodes, estimates=est(1024)).create)  # 4+1+1 and 4+2 of 16
+    team_b = sorted(p.name for p in pods if p.namespace == "team-b")
+    pods = [p for p in pods if not (p.namespace == "team-a" and p.role == "weights")]
+    for _ in range(12):
+        result = run([chat(2048), x], nodes, pods, estimates=est(2048))
+        assert not [d for d in result.delete if d.namespace == "team-b"]
+        assert not [c for c in result.create if c["metadata"]["namespace"] == "team-b"]
+        assert {s.model.name: s.status["readyReplicas"] for s in result.statuses} == {"chat": 2, "x": 1}
+        if not result.create and not result.delete and all(p.ready for p in pods):
+            break
+        pods = step(pods, result)
+        assert slices_by_device(pods)[("n1", "n1-npu0")] <= 16
+    else:
+        raise AssertionError("did not settle")
+    assert sorted(p.name for p in pods if p.namespace == "team-b") == team_b
+    assert sorted((p.role, p.slices) for p in pods if p.namespace == "team-a") == [
+        ("replica", 2),
+        ("replica", 2),
+        ("weights", 4),
+    ]
+
+
+def test_a_terminating_holder_still_mapped_is_counted_once() -> None:
+    """A holder being deleted whose replicas still run (their model's estimate fails, so they are kept
+    as they are) holds its memory once, not once as terminating and again as mapped: the model beside
+    it on the full device keeps every replica."""
+    nodes = [node("n1", devices=1)]  # 16 slices
+    a, b = model("a", 2), model("b", 6, shareGroup="gb")
+    est = {a.key: estimate(), b.key: estimate()}
+    pods = as_pods(run([a, b], nodes, estimates=est).create)  # 4+2 and 4+6: full
+    (holder,) = [p.name for p in pods if p.role == "weights" and p.share_group != "gb"]
+    pods = [replace(p, terminating=True) if p.name == holder else p for p in pods]
+    failing = {**est, a.key: EstimateError("cannot read file:///models/m.gguf: stale NFS handle")}
+    for _ in range(3):
+        result = run([a, b], nodes, pods, estimates=failing)
+        assert result.create == [] and result.delete == []
+        assert {s.model.name: s.status["readyReplicas"] for s in result.statuses} == {"a": 2, "b": 6}
