@@ -3,7 +3,12 @@
 The operator sizes a model from its files before anything runs: weight bytes (per dtype) come from the
 tensor table in the header, and the architecture numbers the KV-cache formula needs (layers, KV heads,
 head dim) come from GGUF metadata or from the ``config.json`` beside a safetensors checkpoint. Only the
-header bytes are read, so sizing a 30 GB checkpoint costs a few kilobytes of I/O.
+header bytes are read, so sizing a 30 GB checkpoint costs kilobytes of I/O for safetensors and a few
+megabytes for GGUF (whose header carries the tokenizer's vocabulary, skipped rather than kept).
+
+A header is untrusted input to a process with little memory (the operator runs in 512Mi): what a parse
+may read and keep is bounded (the ``MAX_*`` limits below), well above any real model's header, and
+anything past a limit is a ``ValueError`` or, for long GGUF values, a summary.
 
 Pure Python on purpose (no numpy, torch or gguf): the operator image stays small. Every malformed or
 truncated input raises ``ValueError`` with the file and what is wrong; nothing else escapes the parsers.
@@ -94,10 +99,31 @@ GGML_TYPES: dict[int, tuple[str, int, int]] = {
     41: ("Q1_0", 128, 18),
 }
 
-#: safetensors caps the JSON header at 100 MB; so do we (a bigger one is corrupt or hostile).
-MAX_SAFETENSORS_HEADER = 100_000_000
+#: The safetensors library accepts JSON headers up to 100 MB, but parsed JSON takes up to ~12 times its
+#: size in Python objects (measured: short keys or numbers), and the operator runs in 512Mi. Real headers
+#: hold ~150 bytes a tensor, hundreds of kilobytes at most (a shard of a large MoE: a few thousand
+#: tensors), so 8 MiB is ample and bounds a parse to ~100 MiB.
+MAX_SAFETENSORS_HEADER = 8 * MIB
+#: Tensors one file may describe (safetensors or GGUF): real files hold hundreds to a few thousand; each
+#: costs up to ~1 KB while parsed. Also bounds the JSON objects and arrays a safetensors header may hold.
+MAX_TENSORS_PER_FILE = 65_536
+#: GGUF headers are bigger (the tokenizer's vocabulary and merges: ~2 MB for 50k tokens, ~12 MB for the
+#: largest vocabularies) but mostly skipped, not kept; past this many bytes a header is refused. With the
+#: limits below a parse keeps ~150 MiB at worst (measured apart: ~65 MiB for a header of keys or kept
+#: strings, ~40 MiB for MAX_KEPT_ITEMS, ~30 MiB for MAX_TENSORS_PER_FILE).
+MAX_GGUF_HEADER = 64 * MIB
+#: GGUF metadata entries at most (real files hold tens).
+MAX_GGUF_METADATA = 65_536
+#: The GGUF spec's limit on a metadata key (tensor names, limited to 64 bytes by ggml, get the same bound).
+MAX_GGUF_KEY = 65_535
 #: GGUF metadata arrays longer than this are kept as a :class:`ArraySummary` (type + length) only.
 MAX_KEPT_ARRAY = 1024
+#: GGUF metadata strings longer than this (bytes) are kept as a :class:`StringSummary` only; chat
+#: templates, the longest real ones, are tens of kilobytes.
+MAX_KEPT_STRING = MIB
+#: Array items a GGUF header may keep in all (each costs ~40 bytes as a Python object; the short arrays
+#: real files keep, per-layer counts and tags, hold hundreds).
+MAX_KEPT_ITEMS = 1 << 20
 #: The largest layer count, head count or dimension a model config may claim (the CRD's own largest
 #: bound, hidden_size's); real models stay far below it.
 MAX_CONFIG_DIMENSION = 1 << 20
@@ -126,6 +152,13 @@ class ArraySummary:
     """A long GGUF metadata array (e.g. the tokenizer vocabulary) kept as its item type and length."""
 
     item_type: str
+    length: int
+
+
+@dataclass(frozen=True)
+class StringSummary:
+    """A GGUF metadata string longer than :data:`MAX_KEPT_STRING` bytes, kept as its length only."""
+
     length: int
 
 
@@ -228,24 +261,37 @@ def layer_index(tensor_name: str) -> int | None:
 
 
 class _Reader:
-    """Sequential reads from a binary stream of known size; running past the end is a ValueError."""
+    """Sequential reads from a binary stream of known size; running past the end, or past ``limit``
+    (the most header bytes a parse may walk), is a ValueError."""
 
-    def __init__(self, stream: BinaryIO, size: int, name: str, byteorder: str = "<") -> None:
+    def __init__(
+        self, stream: BinaryIO, size: int, name: str, byteorder: str = "<", limit: int | None = None
+    ) -> None:
         self.stream = stream
         self.size = size
         self.name = name
         self.pos = 0
         self.byteorder = byteorder
+        self.limit = size if limit is None else limit
+        self.kept_items = 0  #: array items kept so far (GGUF metadata)
 
     @property
     def remaining(self) -> int:
         return self.size - self.pos
+
+    def _check(self, n: int) -> None:
+        if self.pos + n > self.limit:
+            raise ValueError(
+                f"{self.name}: header runs past {self.limit} bytes (at offset {self.pos}, {n} more): "
+                "larger than any model's; the file is corrupt or hostile"
+            )
 
     def read(self, n: int) -> bytes:
         if n < 0 or n > self.remaining:
             raise ValueError(
                 f"{self.name}: truncated: needs {n} bytes at offset {self.pos}, {self.remaining} left"
             )
+        self._check(n)
         data = self.stream.read(n)
         if len(data) != n:
             raise ValueError(f"{self.name}: truncated at offset {self.pos + len(data)}")
@@ -255,6 +301,7 @@ class _Reader:
     def skip(self, n: int) -> None:
         if n < 0 or n > self.remaining:
             raise ValueError(f"{self.name}: truncated: cannot skip {n} bytes at offset {self.pos}")
+        self._check(n)
         self.stream.seek(n, os.SEEK_CUR)
         self.pos += n
 
@@ -268,8 +315,16 @@ class _Reader:
     def u64(self) -> int:
         return int(self.unpack("Q"))
 
-    def string(self) -> str:
+    def string(self, limit: int | None = None, what: str = "string") -> str:
+        """A length-prefixed UTF-8 string; longer than ``limit`` bytes is a ValueError (checked before
+        anything is read)."""
         n = self.u64()
+        if limit is not None and n > limit:
+            raise ValueError(f"{self.name}: {what} at offset {self.pos} is {n} bytes long (at most {limit})")
+        return self.text(n)
+
+    def text(self, n: int) -> str:
+        """The next ``n`` bytes as UTF-8."""
         raw = self.read(n)
         try:
             return raw.decode("utf-8")
@@ -301,8 +356,19 @@ def parse_safetensors(
     reader = _Reader(stream, size, name)
     header_len = reader.u64()
     if header_len > MAX_SAFETENSORS_HEADER:
-        raise ValueError(f"{name}: header length {header_len} exceeds {MAX_SAFETENSORS_HEADER} bytes")
+        raise ValueError(
+            f"{name}: header length {header_len} exceeds {MAX_SAFETENSORS_HEADER} bytes "
+            "(real headers are at most a few MB)"
+        )
     raw = reader.read(header_len)
+    # Each tensor is one JSON object and two arrays: count them before json.loads builds them (a
+    # header of "[]" or "{}" alone would make ~20 times its size in Python objects).
+    containers = raw.count(b"{") + raw.count(b"[")
+    if containers > 3 * MAX_TENSORS_PER_FILE + 2:
+        raise ValueError(
+            f"{name}: header holds {containers} JSON objects and arrays, more than "
+            f"{MAX_TENSORS_PER_FILE} tensors need"
+        )
     try:
         header = json.loads(raw)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
@@ -385,12 +451,14 @@ def parse_gguf(
 ) -> tuple[tuple[TensorInfo, ...], dict[str, Any]]:
     """Parse a GGUF header from ``stream`` (positioned at the file start): tensors and metadata.
 
-    Metadata arrays longer than :data:`MAX_KEPT_ARRAY` become :class:`ArraySummary` values. Tensor
-    offsets are absolute; tensors running past ``size`` (the file size) are reported as truncation.
+    Metadata arrays longer than :data:`MAX_KEPT_ARRAY` become :class:`ArraySummary` values, strings
+    longer than :data:`MAX_KEPT_STRING` :class:`StringSummary` values. Tensor offsets are absolute;
+    tensors running past ``size`` (the file size) are reported as truncation. Headers past the
+    ``MAX_GGUF_*`` limits are a ValueError.
     """
     if size is None:
         size = _stream_size(stream)
-    reader = _Reader(stream, size, name)
+    reader = _Reader(stream, size, name, limit=MAX_GGUF_HEADER)
     if reader.read(4) != b"GGUF":
         raise ValueError(f"{name}: not a GGUF file (bad magic)")
     raw_version = reader.read(4)
@@ -403,18 +471,22 @@ def parse_gguf(
     n_tensors, n_kv = reader.u64(), reader.u64()
     if n_kv * 13 > reader.remaining:  # key length (8) + key (>= 1) + value type (4) + value (>= 0)
         raise ValueError(f"{name}: truncated: {n_kv} metadata entries cannot fit in {reader.remaining} bytes")
+    if n_kv > MAX_GGUF_METADATA:
+        raise ValueError(f"{name}: {n_kv} metadata entries (at most {MAX_GGUF_METADATA})")
     metadata: dict[str, Any] = {}
     for _ in range(n_kv):
-        key = reader.string()
+        key = reader.string(MAX_GGUF_KEY, "metadata key")
         value_type = reader.u32()
         metadata[key] = _gguf_value(reader, value_type, 0)
     if n_tensors * 24 > reader.remaining:  # name length (8) + n_dims (4) + type (4) + offset (8)
         raise ValueError(
             f"{name}: truncated: {n_tensors} tensor infos cannot fit in {reader.remaining} bytes"
         )
+    if n_tensors > MAX_TENSORS_PER_FILE:
+        raise ValueError(f"{name}: {n_tensors} tensors in one file (at most {MAX_TENSORS_PER_FILE})")
     infos = []
     for _ in range(n_tensors):
-        tname = reader.string()
+        tname = reader.string(MAX_GGUF_KEY, "tensor name")
         n_dims = reader.u32()
         if n_dims > _MAX_GGUF_DIMS:
             raise ValueError(f"{name}: tensor {tname!r} has {n_dims} dimensions (at most {_MAX_GGUF_DIMS})")
@@ -457,7 +529,11 @@ def _gguf_value(reader: _Reader, value_type: int, depth: int) -> Any:
     if fmt is not None:
         return reader.unpack(fmt)
     if value_type == 8:
-        return reader.string()
+        length = reader.u64()
+        if length > MAX_KEPT_STRING:
+            reader.skip(length)
+            return StringSummary(length)
+        return reader.text(length)
     if depth >= _MAX_ARRAY_DEPTH:
         raise ValueError(f"{reader.name}: metadata arrays nested deeper than {_MAX_ARRAY_DEPTH}")
     item_type = reader.u32()
@@ -475,6 +551,9 @@ def _gguf_value(reader: _Reader, value_type: int, depth: int) -> Any:
             for _ in range(count):
                 _skip_gguf_value(reader, item_type, depth + 1)
         return ArraySummary(item_name, count)
+    reader.kept_items += count
+    if reader.kept_items > MAX_KEPT_ITEMS:
+        raise ValueError(f"{reader.name}: metadata arrays keep more than {MAX_KEPT_ITEMS} items in all")
     if item_fmt is not None:
         return list(struct.unpack(f"{reader.byteorder}{count}{item_fmt}", reader.read(count * item_min)))
     return [_gguf_value(reader, item_type, depth + 1) for _ in range(count)]

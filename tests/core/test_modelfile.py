@@ -8,6 +8,7 @@ import importlib.util
 import io
 import json
 import struct
+import tracemalloc
 from pathlib import Path
 
 import gguf
@@ -20,8 +21,17 @@ from safetensors.numpy import save_file
 
 from vnpu import modelfile
 from vnpu.modelfile import (
+    MAX_GGUF_HEADER,
+    MAX_GGUF_KEY,
+    MAX_GGUF_METADATA,
+    MAX_KEPT_ARRAY,
+    MAX_KEPT_ITEMS,
+    MAX_KEPT_STRING,
+    MAX_SAFETENSORS_HEADER,
+    MAX_TENSORS_PER_FILE,
     ArraySummary,
     ModelConfig,
+    StringSummary,
     config_from_gguf_metadata,
     config_from_hf,
     layer_index,
@@ -272,6 +282,146 @@ def test_every_prefix_of_a_small_gguf_is_rejected(tmp_path):
     for cut in range(header_end + 1):
         with pytest.raises(ValueError):
             parse_gguf(io.BytesIO(raw[:cut]), cut)
+
+
+# ------------------------------------------------------------------------------ hostile headers
+# Sparse files (a hole reads as zeros): a header may claim gigabytes without using any disk.
+
+
+def _gguf_head(n_tensors: int, n_kv: int) -> bytes:
+    return struct.pack("<4sIQQ", b"GGUF", 3, n_tensors, n_kv)
+
+
+def _gguf_string(text: bytes) -> bytes:
+    return struct.pack("<Q", len(text)) + text
+
+
+def _gguf_kv_u32(key: bytes, value: int) -> bytes:
+    return _gguf_string(key) + struct.pack("<II", 4, value)
+
+
+def _sparse(path: Path, head: bytes, hole: int, tail: bytes = b"") -> Path:
+    """``head``, then ``hole`` bytes of zeros that take no disk, then ``tail``."""
+    with path.open("wb") as f:
+        f.write(head)
+        f.seek(hole, 1)
+        f.write(tail)
+        f.truncate()
+    return path
+
+
+def _parse_peak(path: Path) -> tuple[object, int]:
+    """What :func:`read_model_file` returns or raises, and the most bytes Python held meanwhile."""
+    tracemalloc.start()
+    try:
+        try:
+            result: object = read_model_file(path)
+        except ValueError as exc:
+            result = exc
+        return result, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_a_gguf_key_past_the_spec_limit_is_refused_before_it_is_read(tmp_path):
+    # The key claims 100 MiB (the file really is that long, as a hole): nothing of it is read.
+    n = 100 * 1024 * 1024
+    p = _sparse(tmp_path / "m.gguf", _gguf_head(0, 1) + struct.pack("<Q", n), n, struct.pack("<IB", 0, 1))
+    error, peak = _parse_peak(p)
+    assert isinstance(error, ValueError)
+    assert f"metadata key at offset 32 is {n} bytes long (at most 65535)" in str(error)
+    assert peak < 1024 * 1024
+    at_limit = _gguf_head(0, 1) + _gguf_string(b"k" * MAX_GGUF_KEY) + struct.pack("<IB", 0, 1)
+    _, metadata = parse_gguf(io.BytesIO(at_limit), len(at_limit))
+    assert metadata == {"k" * MAX_GGUF_KEY: 1}
+    long_name = _gguf_head(1, 0) + _gguf_string(b"t" * (MAX_GGUF_KEY + 1)) + b"\0" * 16
+    with pytest.raises(ValueError, match=f"tensor name at offset 32 is {MAX_GGUF_KEY + 1} bytes long"):
+        parse_gguf(io.BytesIO(long_name), len(long_name))
+
+
+def test_a_long_gguf_string_value_is_kept_as_its_length(tmp_path):
+    n = 5 * 1024 * 1024  # holes of zero bytes: valid UTF-8, so only the limit keeps them out
+    p = tmp_path / "m.gguf"
+    with p.open("wb") as f:
+        f.write(_gguf_head(0, 3) + _gguf_string(b"big") + struct.pack("<IQ", 8, n))
+        f.seek(n, 1)
+        f.write(_gguf_string(b"strings") + struct.pack("<IIQ", 9, 8, 2) + struct.pack("<Q", n))
+        f.seek(n, 1)
+        f.write(_gguf_string(b"x") + _gguf_kv_u32(b"after", 7))
+    info, peak = _parse_peak(p)
+    assert isinstance(info, modelfile.ModelFileInfo)
+    assert info.metadata == {"big": StringSummary(n), "strings": [StringSummary(n), "x"], "after": 7}
+    assert peak < 1024 * 1024
+    at_limit = (
+        _gguf_head(0, 1) + _gguf_string(b"s") + struct.pack("<I", 8) + _gguf_string(b"a" * MAX_KEPT_STRING)
+    )
+    assert parse_gguf(io.BytesIO(at_limit), len(at_limit))[1] == {"s": "a" * MAX_KEPT_STRING}
+
+
+def test_a_gguf_header_past_its_limit_is_refused(tmp_path):
+    # One string value as long as the whole header limit: skipped, but the walk stops at the limit.
+    head = _gguf_head(0, 1) + _gguf_string(b"s") + struct.pack("<IQ", 8, MAX_GGUF_HEADER)
+    p = _sparse(tmp_path / "m.gguf", head, MAX_GGUF_HEADER, b"\0" * 64)
+    error, peak = _parse_peak(p)
+    assert isinstance(error, ValueError)
+    assert f"header runs past {MAX_GGUF_HEADER} bytes (at offset {len(head)}" in str(error)
+    assert peak < 1024 * 1024
+
+
+def test_gguf_metadata_and_tensor_counts_are_capped(tmp_path):
+    # Zeros are valid entries: an empty key with a UINT8 value (13 bytes); a scalar F32 tensor (24).
+    entries = _sparse(
+        tmp_path / "kv.gguf", _gguf_head(0, MAX_GGUF_METADATA + 1), 13 * (MAX_GGUF_METADATA + 1)
+    )
+    with pytest.raises(ValueError, match=f"{MAX_GGUF_METADATA + 1} metadata entries \\(at most"):
+        read_model_file(entries)
+    tensors = _sparse(
+        tmp_path / "t.gguf", _gguf_head(MAX_TENSORS_PER_FILE + 1, 0), 24 * (MAX_TENSORS_PER_FILE + 1) + 64
+    )
+    with pytest.raises(ValueError, match=f"{MAX_TENSORS_PER_FILE + 1} tensors in one file \\(at most"):
+        read_model_file(tensors)
+    at_limit = _sparse(tmp_path / "ok.gguf", _gguf_head(0, MAX_GGUF_METADATA), 13 * MAX_GGUF_METADATA)
+    assert read_model_file(at_limit).metadata == {"": 0}
+
+
+def test_gguf_kept_array_items_are_capped(tmp_path):
+    array = struct.pack("<IIQ", 9, 0, MAX_KEPT_ARRAY) + bytes(MAX_KEPT_ARRAY)  # 1024 UINT8, kept
+    arrays = MAX_KEPT_ITEMS // MAX_KEPT_ARRAY
+    p = tmp_path / "m.gguf"
+    p.write_bytes(
+        _gguf_head(0, arrays + 1) + b"".join(_gguf_string(b"%d" % i) + array for i in range(arrays + 1))
+    )
+    with pytest.raises(ValueError, match=f"metadata arrays keep more than {MAX_KEPT_ITEMS} items"):
+        read_model_file(p)
+    p.write_bytes(_gguf_head(0, arrays) + b"".join(_gguf_string(b"%d" % i) + array for i in range(arrays)))
+    assert len(read_model_file(p).metadata) == arrays
+
+
+def test_a_safetensors_header_past_the_operator_limit_is_refused():
+    # Valid JSON padded with spaces (as the safetensors library pads): the length alone is refused.
+    raw = _safetensors_bytes(None, raw_header=b"{}" + b" " * (MAX_SAFETENSORS_HEADER - 1))
+    with pytest.raises(ValueError, match=f"exceeds {MAX_SAFETENSORS_HEADER} bytes"):
+        parse_safetensors(io.BytesIO(raw), len(raw))
+    raw = _safetensors_bytes(None, raw_header=b"{}" + b" " * (MAX_SAFETENSORS_HEADER - 2))
+    assert parse_safetensors(io.BytesIO(raw), len(raw)) == ((), {})
+
+
+def _zero_size_tensors(n: int) -> bytes:
+    entries = ",".join(f'"t{i}":{{"dtype":"F32","shape":[0],"data_offsets":[0,0]}}' for i in range(n))
+    return _safetensors_bytes(None, raw_header=("{" + entries + "}").encode())
+
+
+def test_safetensors_tensor_count_is_capped_before_the_json_is_built():
+    raw = _zero_size_tensors(MAX_TENSORS_PER_FILE)
+    assert len(parse_safetensors(io.BytesIO(raw), len(raw))[0]) == MAX_TENSORS_PER_FILE
+    raw = _zero_size_tensors(MAX_TENSORS_PER_FILE + 1)
+    with pytest.raises(ValueError, match=f"more than {MAX_TENSORS_PER_FILE} tensors need"):
+        parse_safetensors(io.BytesIO(raw), len(raw))
+    # Empty arrays cost ~20 times their 3 bytes as Python lists: counted, never built.
+    bomb = b'{"t":{"dtype":"F32","shape":[' + b",".join([b"[]"] * (3 * MAX_TENSORS_PER_FILE)) + b"]}}"
+    raw = _safetensors_bytes(None, raw_header=bomb)
+    with pytest.raises(ValueError, match=f"header holds {3 * MAX_TENSORS_PER_FILE + 3} JSON objects"):
+        parse_safetensors(io.BytesIO(raw), len(raw))
 
 
 # --------------------------------------------------------------------------------------- safetensors
