@@ -4,8 +4,9 @@
 model the body names (see :mod:`.routing` for names and picking), byte for byte, streaming included:
 chunks go out as they arrive, and a client that leaves cancels the upstream request (the replica then
 frees the sequence). A connection that cannot be made to the picked replica is retried once on
-another. ``GET /v1/models`` lists what the caller may call. Errors are OpenAI error objects; an
-unknown model (or one the caller's key may not call) is a 404 that names nothing else.
+another; a replica that fails after the request was sent is a 502, never a replay. ``GET /v1/models``
+lists what the caller may call. Errors are OpenAI error objects; an unknown model (or one the caller's
+key may not call) is a 404 that names nothing else.
 
 A model scaled to zero (``spec.scaling.minReplicas: 0`` and no replica) is woken through its scale
 subresource and the request is held until a replica is ready, or answered 503 with ``Retry-After``
@@ -364,10 +365,25 @@ class Gateway:
                 upstream = await session.post(
                     f"{endpoint.url}{request.path}", data=raw, headers=headers, timeout=timeout
                 )
-            except (TimeoutError, aiohttp.ClientConnectionError) as exc:
-                # Nothing came back yet (refused, reset, a pooled connection to a replica that died):
-                # the replica never answered, so another one may.
+            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+                # No connection (refused, unroutable, timed out): nothing was sent, another replica may.
                 raise _Unreachable(exc) from exc
+            except (TimeoutError, aiohttp.ClientConnectionError) as exc:
+                # The request went out and the connection failed before a status line. That is no proof
+                # the replica never worked on it: a non-streamed answer's status comes when it is done, a
+                # stream's at its first token. Replayed, a request that kills replicas would kill two.
+                log.warning(
+                    "replica failed before answering",
+                    extra={"model": route.qualified_name, "endpoint": endpoint.url, "error": repr(exc)},
+                )
+                self.metrics.requests.labels(route.qualified_name, "502").inc()
+                return openai_error(
+                    502,
+                    f"the replica of {route.qualified_name} failed before answering; not retried, as it may "
+                    "have worked on the request",
+                    "server_error",
+                    "bad_gateway",
+                )
             async with upstream:
                 response = web.StreamResponse(status=upstream.status)
                 for name, value in upstream.headers.items():
@@ -420,8 +436,9 @@ class _Admission:
 
 
 class _Unreachable(Exception):
-    """The picked replica gave no response at all (connect refused or timed out, connection reset
-    before the status line): safe to try another, as Envoy's ``reset,connect-failure`` retry policy."""
+    """No connection could be made to the picked replica (refused, timed out): the request never left,
+    so another may take it, as Envoy's ``connect-failure`` retry policy. A reset after the request was
+    sent is not retried (Envoy's ``reset`` would replay it): it is a 502."""
 
 
 def kv_usage_of(metrics_text: str) -> float | None:

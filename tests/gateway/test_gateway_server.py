@@ -260,3 +260,62 @@ def test_large_bodies_are_parsed_one_at_a_time(monkeypatch) -> None:
 
     asyncio.run(scenario())
     assert most == 1 and len(replica.bodies) == 3
+
+
+# --- replicas that fail ---------------------------------------------------------------------------------
+
+
+def test_a_refused_connection_is_retried_on_another_replica() -> None:
+    from vnpu.cluster.controlplane import free_port
+
+    dead = Endpoint("127.0.0.1", free_port(), "pod-dead")  # nothing listens there
+    live = Replica("b")
+    discovery = StaticDiscovery()
+    gw = gateway(discovery)
+    sent = json.dumps({"model": "smollm2", "prompt": "hi"}).encode()
+
+    async def scenario() -> None:
+        async with serving(gw, live) as client:
+            discovery.set(Route(KEY, "smollm2", 2, 1, (dead, live.endpoint)))
+            gw.kv_usage.update({dead: 0.0, live.endpoint: 0.9})  # the dead one is picked first
+            response = await client.post(
+                "/v1/completions", data=sent, headers={"Content-Type": "application/json"}
+            )
+            assert response.status == 200 and await response.json() == {"answered_by": "b"}
+            assert response.headers["X-Vnpu-Replica"] == "pod-b"
+
+    asyncio.run(scenario())
+    assert live.bodies == [sent] and gw.metrics.retries._value.get() == 1
+
+
+def test_a_replica_that_fails_after_the_request_was_sent_is_a_502_not_a_replay() -> None:
+    """The runtime sends its status line only when a non-streamed answer is done (a stream's at its first
+    token): a connection lost before it may be a replica that crashed working on the request."""
+
+    async def crash(request: web.Request) -> web.StreamResponse:
+        assert request.transport is not None
+        request.transport.abort()  # the process dies mid-generation
+        raise ConnectionResetError
+
+    crashing, other = Replica("a", crash), Replica("b")
+    discovery = StaticDiscovery()
+    gw = gateway(discovery)
+
+    async def scenario() -> None:
+        async with serving(gw, crashing, other) as client:
+            discovery.set(ready(crashing, other))
+            gw.kv_usage.update({crashing.endpoint: 0.0, other.endpoint: 0.9})  # the crashing one first
+            for stream in (False, True):
+                body = json.dumps({"model": "smollm2", "prompt": "hi", "stream": stream}).encode()
+                response = await client.post(
+                    "/v1/completions", data=body, headers={"Content-Type": "application/json"}
+                )
+                assert response.status == 502
+                error = (await response.json())["error"]
+                assert (error["type"], error["code"]) == ("server_error", "bad_gateway")
+                assert "not retried" in error["message"]
+
+    asyncio.run(scenario())
+    assert len(crashing.bodies) == 2 and other.bodies == []
+    assert gw.metrics.retries._value.get() == 0
+    assert gw.metrics.requests.labels("team-a/smollm2", "502")._value.get() == 2
