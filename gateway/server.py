@@ -52,6 +52,7 @@ from vnpu.jsonbody import (
     BodyTimeoutError,
     quiet_answered_body_errors,
     read_json,
+    shown,
 )
 from vnpu.openai_error import error_body
 
@@ -93,7 +94,7 @@ def openai_error(
 def not_found(model: str) -> web.Response:
     return openai_error(
         404,
-        f"The model `{model}` does not exist or you do not have access to it.",
+        f"The model `{shown(model)}` does not exist or you do not have access to it.",
         "invalid_request_error",
         "model_not_found",
     )

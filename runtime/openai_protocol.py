@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from vnpu.jsonbody import MAX_SHOWN_CHARS, shown
 from vnpu.runtime.errors import InvalidRequestError
 from vnpu.runtime.sampling import MAX_TEMPERATURE, MAX_TOP_LOGPROBS, MIN_TEMPERATURE, SamplingParams
 
@@ -36,14 +37,11 @@ MAX_STOP_CHARS = 4096
 MAX_COMPLETION_LOGPROBS = 5
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
-#: Longest echo of a client's value in an error message: a 3 MB value made a 3 MB error body.
-MAX_SHOWN_CHARS = 80
 
 
 def _shown(value: object) -> str:
-    """``repr(value)``, cut to MAX_SHOWN_CHARS."""
-    text = repr(value)
-    return text if len(text) <= MAX_SHOWN_CHARS else f"{text[:MAX_SHOWN_CHARS]}... ({len(text)} characters)"
+    """``repr(value)``, cut as every echo of a client's value is (vnpu.jsonbody.shown)."""
+    return shown(repr(value))
 
 
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")

@@ -52,6 +52,7 @@ from vnpu.jsonbody import (
     BodyTimeoutError,
     quiet_answered_body_errors,
     read_json,
+    shown,
 )
 from vnpu.openai_error import error_body
 from vnpu.runtime.engine import GenerationRequest, ModelRuntime, RequestHandle, RequestOutput
@@ -122,7 +123,7 @@ def _check_model(runtime: ModelRuntime, model: str | None) -> str:
     if model not in (None, runtime.model_name) and not runtime.options.any_model_name:
         raise HTTPError(
             404,
-            f"model {model!r} does not exist here (this server serves {runtime.model_name!r})",
+            f"model {shown(repr(model))} does not exist here (this server serves {runtime.model_name!r})",
             "invalid_request_error",
             "model_not_found",
             "model",
@@ -449,7 +450,7 @@ async def model(request: web.Request) -> web.Response:
     name = request.match_info["model"]
     if card is None or card["id"] != name:
         return HTTPError(
-            404, f"model {name!r} does not exist here", "invalid_request_error", "model_not_found"
+            404, f"model {shown(repr(name))} does not exist here", "invalid_request_error", "model_not_found"
         ).response()
     return web.json_response(card)
 

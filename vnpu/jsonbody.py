@@ -13,6 +13,8 @@ gateway's OpenAI endpoints.
   still slows while a large body parses; with one parse at a time it keeps about half the GIL, where
   several parsing threads would leave it a share each.
 
+A value from a body echoed in an error is cut by :func:`shown` (a 7 MiB ``model`` made a 7 MiB 404).
+
 A body over the application's ``client_max_size`` raises aiohttp's ``HTTPRequestEntityTooLarge`` (a
 413), which each caller answers as its API does.
 
@@ -40,6 +42,8 @@ T = TypeVar("T")
 #: Largest request body (bytes) the runtime and the gateway accept: one limit, so the gateway never
 #: forwards what every replica refuses (a prompt of a few hundred thousand tokens fits).
 MAX_BODY_BYTES = 8 * 1024 * 1024
+#: Longest echo of a client's value in an error message: a 3 MB value made a 3 MB error body.
+MAX_SHOWN_CHARS = 80
 #: Bodies from this size on are decoded and parsed on a worker thread, one at a time (JSON parses at
 #: ~50 MB/s here: 256 KiB holds the loop ~5 ms; the 8 MiB limit, with the parse of its messages, over a
 #: second).
@@ -78,6 +82,11 @@ def quiet_answered_body_errors() -> None:
     server_log = logging.getLogger("aiohttp.server")
     if _ANSWERED not in server_log.filters:
         server_log.addFilter(_ANSWERED)
+
+
+def shown(text: str) -> str:
+    """``text`` (a client's value, to echo in an error message) cut to MAX_SHOWN_CHARS."""
+    return text if len(text) <= MAX_SHOWN_CHARS else f"{text[:MAX_SHOWN_CHARS]}... ({len(text)} characters)"
 
 
 class BodyError(ValueError):

@@ -319,3 +319,25 @@ def test_a_replica_that_fails_after_the_request_was_sent_is_a_502_not_a_replay()
     assert len(crashing.bodies) == 2 and other.bodies == []
     assert gw.metrics.retries._value.get() == 0
     assert gw.metrics.requests.labels("team-a/smollm2", "502")._value.get() == 2
+
+
+# --- errors ---------------------------------------------------------------------------------------------
+
+
+def test_an_unknown_models_404_echoes_its_name_cut() -> None:
+    """The name is the client's: a 7 MiB one made a 7 MiB error body."""
+    gw = gateway(StaticDiscovery())
+    name = "m" * (7 * 2**20)
+
+    async def scenario() -> None:
+        async with serving(gw) as client:
+            response = await client.post("/v1/completions", json={"model": name, "prompt": "hi"})
+            assert response.status == 404
+            error = (await response.json())["error"]
+            assert error["code"] == "model_not_found"
+            assert error["message"] == (
+                f"The model `{'m' * 80}... ({7 * 2**20} characters)` does not exist or you do not have "
+                "access to it."
+            )
+
+    asyncio.run(scenario())

@@ -488,6 +488,22 @@ def test_other_model_is_404_and_unknown_paths_are_openai_errors(runtime: ModelRu
     serve(runtime, scenario)
 
 
+def test_a_404_echoes_a_huge_model_name_cut(runtime: ModelRuntime) -> None:
+    """The name is the client's: a 1 MiB one made a 1 MiB error body."""
+    name = "m" * 2**20
+
+    async def scenario(_: AsyncOpenAI, http: TestClient) -> None:
+        response = await http.post("/v1/completions", json={"model": name, "prompt": "hi"})
+        assert response.status == 404
+        error = (await response.json())["error"]
+        assert error["code"] == "model_not_found" and error["param"] == "model"
+        assert error["message"] == (
+            f"model '{'m' * 79}... ({2**20 + 2} characters) does not exist here (this server serves 'tiny')"
+        )
+
+    serve(runtime, scenario)
+
+
 def test_unavailable_weights_are_503(tiny: Any) -> None:
     rt = ModelRuntime(ServeOptions(max_context=CONTEXT, model_name="tiny"))
 
