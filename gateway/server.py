@@ -496,9 +496,26 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+@web.middleware
+async def openai_errors(request: web.Request, handler: Callable[[web.Request], Any]) -> web.StreamResponse:
+    """aiohttp's own refusals (a body over MAX_BODY_BYTES, an unknown path, a wrong method) as OpenAI
+    error objects too, not text/plain: clients read every error of the gateway one way."""
+    try:
+        return await handler(request)
+    except web.HTTPRequestEntityTooLarge:
+        message = f"The request body is larger than {MAX_BODY_BYTES} bytes, this gateway's limit."
+        return openai_error(413, message, "invalid_request_error")
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        headers = {"Allow": e.headers["Allow"]} if "Allow" in e.headers else None
+        message = f"{e.reason}: {request.method} {shown(request.path)}."
+        return openai_error(e.status, message, "invalid_request_error", headers=headers)
+
+
 def make_app(gateway: Gateway) -> web.Application:
     quiet_answered_body_errors()
-    app = web.Application(client_max_size=MAX_BODY_BYTES)
+    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[openai_errors])
     app[GATEWAY_KEY] = gateway
 
     async def lifecycle(app: web.Application) -> Any:

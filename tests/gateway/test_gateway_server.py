@@ -185,6 +185,12 @@ def test_the_gateway_refuses_a_body_over_the_runtimes_limit_and_forwards_nothing
             discovery.set(ready(replica))
             response = await client.post("/v1/completions", json={"model": "smollm2", "prompt": prompt})
             assert response.status == 413 and "X-Vnpu-Replica" not in response.headers
+            error = (await response.json())["error"]
+            assert error["type"] == "invalid_request_error"
+            assert (
+                error["message"]
+                == f"The request body is larger than {MAX_BODY_BYTES} bytes, this gateway's limit."
+            )
 
     asyncio.run(scenario())
     assert replica.bodies == []
@@ -339,5 +345,28 @@ def test_an_unknown_models_404_echoes_its_name_cut() -> None:
                 f"The model `{'m' * 80}... ({7 * 2**20} characters)` does not exist or you do not have "
                 "access to it."
             )
+
+    asyncio.run(scenario())
+
+
+def test_unknown_paths_and_wrong_methods_are_openai_errors() -> None:
+    gw = gateway(StaticDiscovery())
+
+    async def scenario() -> None:
+        async with serving(gw) as client:
+            unknown = await client.post("/v1/embeddings", json={"model": "smollm2", "input": "hi"})
+            assert unknown.status == 404 and unknown.content_type == "application/json"
+            assert await unknown.json() == {
+                "error": {
+                    "message": "Not Found: POST /v1/embeddings.",
+                    "type": "invalid_request_error",
+                    "param": None,
+                    "code": None,
+                }
+            }
+            wrong = await client.get("/v1/completions")
+            assert wrong.status == 405 and wrong.content_type == "application/json"
+            assert wrong.headers["Allow"] == "POST"
+            assert (await wrong.json())["error"]["message"] == "Method Not Allowed: GET /v1/completions."
 
     asyncio.run(scenario())
