@@ -374,7 +374,8 @@ def plan(
         node = node_by_name.get(h.node or "")
         pool = node.labels.get(config.pool_label, scaling.DEFAULT_POOL) if node else scaling.DEFAULT_POOL
         result.warm_holders[pool] = result.warm_holders.get(pool, 0) + 1
-    current += _wake_placements(active, group_of, holders_of, current, node_by_name)
+    live = {key for key, ps in replicas_of.items() if ps}  # models with a live replica, any template
+    wake = _wake_placements(active, group_of, holders_of, current, live, node_by_name)
     for key, act in sorted(activities.items()):
         down = scaling.scale_down(active[key][0], act)
         if down is not None and key not in backoff:
@@ -401,7 +402,7 @@ def plan(
     group_mib = packing.group_weight_mib(demands)
     loaded = _loaded_weights(outside, holders_of, group_mib, nodes)
     packer_nodes = _packer_nodes(nodes, held, view, loaded)
-    packed = packing.pack(packer_nodes, demands, current)
+    packed = packing.pack(packer_nodes, demands, current, offered=wake)
     # Defragmentation: a batch of moves only on a settled cluster (every pod of ours Ready, running
     # where the plan keeps it, nothing moving, rolling, lost or backing off), as Karpenter consolidates.
     moves: dict[tuple[str, int], ObservedPod] = {}  # (model, replica) -> the pod a move replaces
@@ -767,12 +768,14 @@ def _wake_placements(
     group_of: Mapping[str, str],
     holders_of: Mapping[str, list[ObservedPod]],
     current: Sequence[packing.Placement],
+    live: set[str],
     node_by_name: Mapping[str, ObservedNode],
 ) -> list[packing.Placement]:
-    """A waking model (replicas wanted, none running, no replica of its group anywhere) is offered its
-    group's existing holder's device for its first replica, as if that replica ran there: the packer
-    keeps it if it still fits, and the replica attaches to the held weights instead of loading them."""
-    running = {p.model for p in current}
+    """A waking model (replicas wanted, none running of any template, no replica of its group anywhere)
+    is offered its group's existing holder's device for its first replica: the packer takes the offer
+    if it still fits once every running replica is kept, and the replica attaches to the held weights
+    instead of loading them. (A model in a rolling update is not waking: its old replicas run.)"""
+    running = {p.model for p in current} | live
     groups_running = {group_of[k] for k in running if k in group_of}
     out = []
     for key, (m, est) in sorted(active.items()):

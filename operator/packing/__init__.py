@@ -10,7 +10,8 @@ their own part on it.
 Algorithm, per priority level from the highest down:
 
 1. Kept placements (``current``) are validated and committed first, highest priority first, so running
-   replicas stay where they are (unless ``defragment=True``).
+   replicas stay where they are (unless ``defragment=True``); then ``offered`` ones (replicas not running
+   yet, offered a device) where they still fit.
 2. Demands with ``spreadAcrossNodes`` are placed replica by replica on the nodes that hold the fewest
    replicas of that model (best effort: distinct nodes while possible, then the least-loaded ones;
    ``Spread.HARD``: distinct nodes or unplaced). Within a node, a device already holding the group's

@@ -165,6 +165,20 @@ class Cluster:
         candidates = [e for e in valid if (e[0].model, e[0].replica) not in excess]
         return candidates, dropped
 
+    def offer_candidates(
+        self, offered: Sequence[Placement], kept: Sequence[tuple[Placement, int, int]]
+    ) -> list[tuple[Placement, int, int]]:
+        """The offered placements (replicas that do not run yet, offered a device: a waking model's
+        first replica on its warm holder's) that are valid for a replica no kept placement has, as
+        (placement, demand, device) in the order they are tried, after every kept one."""
+        seen = {(p.model, p.replica) for p, _, _ in kept}
+        out = []
+        for p in sorted(offered, key=lambda p: (p.model, p.replica, p.node, p.device)):
+            if not self._why_not_keep(p, seen):
+                seen.add((p.model, p.replica))
+                out.append((p, self.demand_index[p.model], self.dev_ordinal[(p.node, p.device)]))
+        return out
+
     def _why_not_keep(self, p: Placement, seen: set[tuple[str, int]]) -> str:
         di = self.demand_index.get(p.model)
         if di is None:

@@ -179,10 +179,14 @@ class Packer:
     # -- phase 1: kept placements ----------------------------------------------------------------
 
     def keep_current(
-        self, candidates: Sequence[tuple[Placement, int, int]], static_drops: Sequence[Dropped]
+        self,
+        candidates: Sequence[tuple[Placement, int, int]],
+        static_drops: Sequence[Dropped],
+        offered: Sequence[tuple[Placement, int, int]] = (),
     ) -> None:
         """Commit the running replicas that are still valid (see :meth:`Cluster.keep_candidates`) and
-        still fit, highest priority first. The indexes are updated once per device at the end."""
+        still fit, highest priority first; then the offered placements that still fit (never in room a
+        running replica keeps). The indexes are updated once per device at the end."""
         self.dropped.extend(static_drops)
         before: dict[int, int] = {}
         for p, di, o in candidates:
@@ -197,6 +201,17 @@ class Packer:
                 self.kept_by_priority.append((self.demands[di].priority, di, p.replica))
                 continue
             self.dropped.append(Dropped(p, reason))
+        placed = [0] * len(self.demands)
+        for di, _ in self.placed:
+            placed[di] += 1
+        for p, di, o in offered:
+            if placed[di] >= self.demands[di].replicas or self._hard_spread_holds_node(di, self.dev_node[o]):
+                continue
+            if self.cost(di, o) <= self.dev_free[o]:  # (else it is placed like any new replica)
+                before.setdefault(o, self.dev_free[o])
+                self.place(di, o, 1, kept=True, replicas=[p.replica], update_index=False)
+                self.kept_by_priority.append((self.demands[di].priority, di, p.replica))
+                placed[di] += 1
         for o, old in before.items():
             new, self.dev_free[o] = self.dev_free[o], old
             self._set_free(o, new)

@@ -24,6 +24,7 @@ def pack(
     demands: Sequence[Demand],
     current: Sequence[Placement] = (),
     *,
+    offered: Sequence[Placement] = (),
     defragment: bool = False,
     preempt: bool = True,
     improve: bool = True,
@@ -31,18 +32,21 @@ def pack(
 ) -> PackResult:
     """Place every replica of ``demands`` on the devices of ``nodes``.
 
-    ``current`` placements are kept where still valid (stability). With ``defragment`` the cluster is
-    also re-packed from scratch, and that plan wins only if it leaves fewer replicas unplaced (highest
-    priority first) or uses fewer devices. ``preempt`` lets a replica that fits nowhere evict strictly
-    lower-priority ones. ``improve`` runs the local-improvement pass. ``share_weights=False`` gives the
-    share-blind plan (every replica carries its own weights: no weight-holders, replica slices include
-    the weights), for comparisons. Deterministic: equal inputs in any order give equal results.
-    Raises ValueError for duplicate node, device or model names, or negative sizes.
+    ``current`` placements are kept where still valid (stability). ``offered`` placements, of replicas
+    that do not run yet, are taken after every kept one, where they still fit: a waking model's first
+    replica offered its group's warm holder's device never takes the room of a running replica. With
+    ``defragment`` the cluster is also re-packed from scratch, and that plan wins only if it leaves
+    fewer replicas unplaced (highest priority first) or uses fewer devices. ``preempt`` lets a replica
+    that fits nowhere evict strictly lower-priority ones. ``improve`` runs the local-improvement pass.
+    ``share_weights=False`` gives the share-blind plan (every replica carries its own weights: no
+    weight-holders, replica slices include the weights), for comparisons. Deterministic: equal inputs
+    in any order give equal results. Raises ValueError for duplicate node, device or model names, or
+    negative sizes.
     """
     cluster = Cluster(nodes, demands)
     levels = sorted({d.priority for d in demands}, reverse=True)
     options = {"preempt": preempt, "improve": improve, "share": share_weights}
-    stable = _best_plan(cluster, current, levels, keep=True, **options)
+    stable = _best_plan(cluster, current, levels, keep=True, offered=offered, **options)
     if not defragment or not current:
         return stable
     fresh = _best_plan(cluster, current, levels, keep=False, **options)
@@ -77,6 +81,7 @@ def _best_plan(
     preempt: bool,
     improve: bool,
     share: bool,
+    offered: Sequence[Placement] = (),
 ) -> PackResult:
     """The best of several plans from the same kept state (lowest :func:`_score`, the first on ties):
 
@@ -86,13 +91,14 @@ def _best_plan(
     as many as :data:`VARIANT_BUDGET` allows for the size of the problem.
     """
 
-    current_map = cluster.current_map(current)
+    current_map = cluster.current_map([*current, *offered])  # (a replica taking its offer stays put)
     candidates, static_drops = cluster.keep_candidates(current) if keep else ([], [])
+    offers = cluster.offer_candidates(offered, candidates) if keep else []
 
     def start(share_weights: bool = True) -> Packer:
         packer = Packer(cluster, share_weights, current_map)
         if keep:
-            packer.keep_current(candidates, static_drops)
+            packer.keep_current(candidates, static_drops, offers)
         return packer
 
     def finish(packer: Packer) -> Packer:

@@ -710,3 +710,35 @@ def test_a_terminating_holder_still_mapped_is_counted_once() -> None:
         result = run([a, b], nodes, pods, estimates=failing)
         assert result.create == [] and result.delete == []
         assert {s.model.name: s.status["readyReplicas"] for s in result.statuses} == {"a": 2, "b": 6}
+
+
+def test_a_rollout_takes_no_room_from_another_tenants_running_replicas() -> None:
+    """team-a changes kvCacheMiB on a full device: its old replicas run, so it is not a waking model
+    offered its holder's device ahead of everyone. team-b's Ready replicas (sorting after team-a)
+    stay where they run; team-a's first new replica goes to the free device, the second to the room
+    its retired old replica leaves (beside the holder there)."""
+    nodes = [node("n1", devices=2)]
+    a, b = model("chat", 2, ns="team-a"), model("chat", 6, ns="team-b")
+    est = {a.key: estimate(), b.key: estimate()}
+    pods = as_pods(run([a, b], nodes, estimates=est).create)
+    assert slices_by_device(pods) == {("n1", "n1-npu0"): 16}  # 4+2 and 4+6
+    team_b = sorted(p.name for p in pods if p.namespace == "team-b")
+    changed = model("chat", 2, ns="team-a", memory={"kvCacheMiB": 1000})  # a new template, same sizes
+    for _ in range(12):
+        result = run([changed, b], nodes, pods, estimates=est)
+        assert not [d for d in result.delete if d.namespace == "team-b"]
+        assert not [c for c in result.create if c["metadata"]["namespace"] == "team-b"]
+        assert [s.status["readyReplicas"] for s in result.statuses] == [2, 6]
+        if not result.create and not result.delete and all(p.ready for p in pods):
+            break
+        pods = step(pods, result)
+    else:
+        raise AssertionError("did not settle")
+    assert sorted(p.name for p in pods if p.namespace == "team-b") == team_b
+    (new,) = {p.template for p in as_pods(run([changed], nodes).create) if p.role == "replica"}
+    assert sorted((p.role, p.device, p.template) for p in pods if p.namespace == "team-a") == [
+        ("replica", "n1-npu0", new),
+        ("replica", "n1-npu1", new),
+        ("weights", "n1-npu0", None),
+        ("weights", "n1-npu1", None),
+    ]

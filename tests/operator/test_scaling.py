@@ -7,7 +7,7 @@ import datetime as dt
 from dataclasses import replace
 from typing import Any
 
-from test_planner import NOW, as_pods, estimate, model, node, run
+from test_planner import NOW, as_pods, estimate, model, node, run, step
 
 from vnpu import api
 from vnpu.operator import forecast
@@ -151,3 +151,32 @@ def test_a_waking_model_is_placed_on_its_warm_holders_device_and_attaches() -> N
     assert replica["metadata"]["annotations"][api.ANNOTATION_DEVICE] == "n1-npu1"
     assert replica["metadata"]["annotations"]["vnpu.io/weight-holder"] == holder.name
     assert result.delete == []
+
+
+def test_a_wake_never_takes_the_room_of_a_running_replica() -> None:
+    """``a`` wakes on a full device: its warm holder's device is offered to its first replica only
+    after every running replica is kept, so ``b`` (the same priority, sorting after ``a``) keeps all
+    of its Ready replicas, and ``a`` waits for capacity (a placeholder)."""
+    nodes = [node("n1", devices=1)]  # 16 slices
+    b = model("b", 8, shareGroup="gb")
+    estimates = {("ns", "a"): estimate(), b.key: estimate()}
+    pods = as_pods(
+        run([idle_model(replicas=1), model("b", 7, shareGroup="gb")], nodes, estimates=estimates).create
+    )
+    asleep = run([idle_model(replicas=0), b], nodes, pods, estimates=estimates)  # a to zero, b grows
+    assert [d.role for d in asleep.delete] == ["replica"]
+    pods = [replace(p, ready=True) for p in step(pods, asleep)]
+    assert sum(p.slices for p in pods) == 16  # a's warm holder 4, b's 4 + 8
+    (holder,) = [p.name for p in pods if p.role == "weights" and p.share_group != "gb"]
+    b_pods = sorted(p.name for p in pods if p.name != holder)
+    woken = idle_model(replicas=1, generation=3)
+    for i in range(3):
+        result = run([woken, b], nodes, pods, estimates=estimates)
+        created = [c["metadata"]["name"] for c in result.create]
+        # The first pass: a placeholder for a, and a's holder goes (nothing of a fits on n1).
+        assert created == (["a-pending-0"] if i == 0 else [])
+        assert [d.name for d in result.delete] == ([holder] if i == 0 else [])
+        by_model = {s.model.name: s.status for s in result.statuses}
+        assert by_model["b"]["readyReplicas"] == 8 and by_model["a"]["phase"] == "CapacityPending"
+        pods = step(pods, result)
+    assert sorted(p.name for p in pods if p.role != "placeholder") == b_pods
