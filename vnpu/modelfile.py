@@ -199,6 +199,21 @@ class ModelConfig:
                 raise ValueError(
                     f"model config: {name} {value} is beyond any model (> {MAX_CONFIG_DIMENSION})"
                 )
+        # Optional counts and widths: absent (None) or positive, as at the parse edge (which names the
+        # source's key); the head widths within the same bound as head_dim.
+        for name in (
+            "vocab_size",
+            "context_length",
+            "ffn_size",
+            "value_head_dim",
+            "kv_lora_rank",
+            "qk_rope_head_dim",
+        ):
+            value = _as_int(getattr(self, name), name)
+            if value is not None and name.endswith(("head_dim", "rank")) and value > MAX_CONFIG_DIMENSION:
+                raise ValueError(
+                    f"model config: {name} {value} is beyond any model (> {MAX_CONFIG_DIMENSION})"
+                )
         if self.kv_heads_per_layer is not None and len(self.kv_heads_per_layer) != self.n_layers:
             raise ValueError(
                 f"model config: {len(self.kv_heads_per_layer)} per-layer KV head counts "
@@ -579,11 +594,26 @@ def _first(mapping: Mapping[str, Any], *keys: str) -> Any:
 
 
 def _as_int(value: Any, what: str) -> int | None:
+    """A count or width of a model config, None when absent. Zero or negative would make the memory
+    formulas shrink or go negative (a replica sized below its needs), so it is refused here."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"model config: {what} must be an integer, got {value!r}")
+    if value <= 0:
+        raise ValueError(f"model config: {what} must be a positive integer, got {value}")
     return value
+
+
+def _first_key(mapping: Mapping[str, Any], *keys: str) -> str | None:
+    """The first of ``keys`` that ``mapping`` sets (to anything but None)."""
+    return next((key for key in keys if mapping.get(key) is not None), None)
+
+
+def _config_int(config: Mapping[str, Any], *keys: str) -> int | None:
+    """The first of ``keys`` that ``config`` sets, as a positive integer; an error names that key."""
+    key = _first_key(config, *keys)
+    return None if key is None else _as_int(config[key], key)
 
 
 def _as_float(value: Any) -> float | None:
@@ -607,23 +637,27 @@ def config_from_hf(config: Mapping[str, Any]) -> ModelConfig:
     arch = config.get("model_type") or (
         architectures[0] if isinstance(architectures, list) and architectures else ""
     )
-    n_layers = _as_int(_first(config, "num_hidden_layers", "n_layer", "num_layers", "n_layers"), "layers")
-    n_heads = _as_int(_first(config, "num_attention_heads", "n_head", "num_heads", "n_heads"), "heads")
-    hidden = _as_int(_first(config, "hidden_size", "n_embd", "d_model", "dim"), "hidden size")
+    n_layers = _config_int(config, "num_hidden_layers", "n_layer", "num_layers", "n_layers")
+    n_heads = _config_int(config, "num_attention_heads", "n_head", "num_heads", "n_heads")
+    hidden = _config_int(config, "hidden_size", "n_embd", "d_model", "dim")
     if n_layers is None or n_heads is None or hidden is None:
         raise ValueError(
             "model config: needs the number of layers (num_hidden_layers), attention heads "
             "(num_attention_heads) and hidden size (hidden_size)"
         )
-    n_kv = _first(config, "num_key_value_heads", "n_head_kv", "num_kv_heads", "multi_query_group_num")
+    n_kv = _config_int(config, "num_key_value_heads", "n_head_kv", "num_kv_heads", "multi_query_group_num")
     if n_kv is None:
         n_kv = 1 if config.get("multi_query") is True else n_heads
-    n_kv = _as_int(n_kv, "KV heads")
-    head_dim = _as_int(config.get("head_dim"), "head dim") or (hidden // n_heads if n_heads else 0)
-    ffn = _first(config, "intermediate_size", "n_inner", "ffn_hidden_size", "ffn_dim")
+    head_dim = _config_int(config, "head_dim") or hidden // n_heads
+    ffn_key = (
+        _first_key(config, "intermediate_size", "n_inner", "ffn_hidden_size", "ffn_dim")
+        or "intermediate_size"
+    )
+    ffn = config.get(ffn_key)
     if isinstance(ffn, list):  # per-layer FFN widths (some families): the widest sizes the memory
         ffn = max(ffn) if ffn and all(_is_nonneg_int(v) for v in ffn) else None
-    kv_lora_rank = _as_int(config.get("kv_lora_rank"), "kv_lora_rank")
+    ffn_size = _as_int(ffn, ffn_key)
+    kv_lora_rank = _config_int(config, "kv_lora_rank")
     return ModelConfig(
         architecture=str(arch),
         n_layers=n_layers,
@@ -631,25 +665,20 @@ def config_from_hf(config: Mapping[str, Any]) -> ModelConfig:
         n_kv_heads=n_kv,
         head_dim=head_dim,
         hidden_size=hidden,
-        vocab_size=_as_int(_first(config, "vocab_size", "padded_vocab_size"), "vocab size"),
-        context_length=_as_int(
-            _first(
-                config,
-                "max_position_embeddings",
-                "n_positions",
-                "max_seq_len",
-                "seq_length",
-                "max_sequence_length",
-            ),
-            "context length",
+        vocab_size=_config_int(config, "vocab_size", "padded_vocab_size"),
+        context_length=_config_int(
+            config,
+            "max_position_embeddings",
+            "n_positions",
+            "max_seq_len",
+            "seq_length",
+            "max_sequence_length",
         ),
-        ffn_size=_as_int(ffn, "FFN size"),
+        ffn_size=ffn_size,
         dtype=_first(config, "torch_dtype", "dtype"),
-        value_head_dim=_as_int(config.get("v_head_dim"), "v_head_dim") if kv_lora_rank is None else None,
+        value_head_dim=_config_int(config, "v_head_dim") if kv_lora_rank is None else None,
         kv_lora_rank=kv_lora_rank,
-        qk_rope_head_dim=(
-            _as_int(config.get("qk_rope_head_dim"), "qk_rope_head_dim") if kv_lora_rank else None
-        ),
+        qk_rope_head_dim=_config_int(config, "qk_rope_head_dim") if kv_lora_rank else None,
         tie_word_embeddings=config.get("tie_word_embeddings")
         if isinstance(config.get("tie_word_embeddings"), bool)
         else None,
@@ -676,26 +705,29 @@ def config_from_gguf_metadata(metadata: Mapping[str, Any], tensors: Iterable[Ten
         if isinstance(value, list):
             if not value or not all(_is_nonneg_int(v) for v in value):
                 raise ValueError(f"GGUF metadata: {arch}.{key} must hold non-negative integers")
-            return max(value), tuple(value) if len(set(value)) > 1 else None
-        return _as_int(value, f"{arch}.{key}"), None
+            return _as_int(max(value), f"{arch}.{key}"), tuple(value) if len(set(value)) > 1 else None
+        return get_int(key), None
 
-    n_layers = _as_int(get("block_count"), f"{arch}.block_count")
+    def get_int(key: str) -> int | None:
+        return _as_int(get(key), f"{arch}.{key}")
+
+    n_layers = get_int("block_count")
     n_heads, _ = per_layer_max("attention.head_count")
     n_kv, kv_per_layer = per_layer_max("attention.head_count_kv")
-    hidden = _as_int(get("embedding_length"), f"{arch}.embedding_length")
+    hidden = get_int("embedding_length")
     if n_layers is None or n_heads is None or hidden is None:
         raise ValueError(
             f"GGUF metadata: needs {arch}.block_count, {arch}.attention.head_count "
             f"and {arch}.embedding_length"
         )
-    head_dim = _as_int(get("attention.key_length"), "key_length") or (hidden // n_heads if n_heads else 0)
-    value_dim = _as_int(get("attention.value_length"), "value_length")
-    vocab = _as_int(get("vocab_size"), "vocab_size")
+    head_dim = get_int("attention.key_length") or hidden // n_heads
+    value_dim = get_int("attention.value_length")
+    vocab = get_int("vocab_size")
     tokens = metadata.get("tokenizer.ggml.tokens")
     if vocab is None and isinstance(tokens, ArraySummary | list):
-        vocab = tokens.length if isinstance(tokens, ArraySummary) else len(tokens)
+        vocab = (tokens.length if isinstance(tokens, ArraySummary) else len(tokens)) or None
     ffn, _ = per_layer_max("feed_forward_length")
-    kv_lora_rank = _as_int(get("attention.kv_lora_rank"), "kv_lora_rank")
+    kv_lora_rank = get_int("attention.kv_lora_rank")
     by_type: dict[str, int] = {}
     for t in tensors:
         by_type[t.dtype] = by_type.get(t.dtype, 0) + t.nbytes
@@ -712,15 +744,13 @@ def config_from_gguf_metadata(metadata: Mapping[str, Any], tensors: Iterable[Ten
         head_dim=head_dim,
         hidden_size=hidden,
         vocab_size=vocab,
-        context_length=_as_int(get("context_length"), "context_length"),
+        context_length=get_int("context_length"),
         ffn_size=ffn,
         dtype=max(by_type, key=lambda k: (by_type[k], k)) if by_type else None,
         value_head_dim=value_dim if value_dim not in (None, head_dim) and kv_lora_rank is None else None,
         kv_heads_per_layer=kv_per_layer,
         kv_lora_rank=kv_lora_rank,
-        qk_rope_head_dim=(
-            _as_int(get("rope.dimension_count"), "rope.dimension_count") if kv_lora_rank else None
-        ),
+        qk_rope_head_dim=get_int("rope.dimension_count") if kv_lora_rank else None,
         tie_word_embeddings=None if not by_type else not any(t.name == "output.weight" for t in tensors),
         rope_theta=_as_float(get("rope.freq_base")),
         norm_eps=_as_float(

@@ -20,6 +20,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from vnpu import modelfile
+from vnpu.memory import estimate_from_spec
 from vnpu.modelfile import (
     MAX_GGUF_HEADER,
     MAX_GGUF_KEY,
@@ -632,6 +633,87 @@ def test_hf_config_variants():
         config_from_hf({"model_type": "x"})
     with pytest.raises(ValueError, match="positive"):
         config_from_hf({**LLAMA_CONFIG, "num_key_value_heads": 0})
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "instead_of"),
+    [
+        ("intermediate_size", -14336, None),
+        ("n_inner", 0, "intermediate_size"),  # an alias: the error names the key the config used
+        ("vocab_size", -128256, None),
+        ("max_position_embeddings", -7, None),
+        ("seq_length", 0, "max_position_embeddings"),
+        ("head_dim", -64, None),
+        ("num_key_value_heads", -2, None),
+        ("kv_lora_rank", -512, None),
+    ],
+)
+def test_hf_counts_and_widths_must_be_positive(key, value, instead_of):
+    config = {k: v for k, v in LLAMA_CONFIG.items() if k != instead_of}
+    with pytest.raises(ValueError, match=f"^model config: {key} must be a positive integer, got {value}$"):
+        config_from_hf({**config, key: value})
+
+
+def test_mla_widths_must_be_positive_and_bounded():
+    mla = {**LLAMA_CONFIG, "kv_lora_rank": 512, "qk_rope_head_dim": 64}
+    with pytest.raises(ValueError, match="qk_rope_head_dim must be a positive integer, got -64"):
+        config_from_hf({**mla, "qk_rope_head_dim": -64})
+    with pytest.raises(ValueError, match="v_head_dim must be a positive integer, got 0"):
+        config_from_hf({**LLAMA_CONFIG, "v_head_dim": 0})
+    with pytest.raises(ValueError, match=f"kv_lora_rank {2**40} is beyond any model"):
+        config_from_hf({**mla, "kv_lora_rank": 2**40})
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("feed_forward_length", -1),
+        ("feed_forward_length", [0, 0, 0]),  # per layer: the widest must be positive
+        ("context_length", 0),
+        ("vocab_size", -5),
+        ("attention.key_length", -32),
+        ("attention.value_length", 0),
+    ],
+)
+def test_gguf_counts_and_widths_must_be_positive(key, value):
+    metadata = {
+        "general.architecture": "llama",
+        "llama.block_count": 3,
+        "llama.attention.head_count": 4,
+        "llama.embedding_length": 128,
+        f"llama.{key}": value,
+    }
+    widest = max(value) if isinstance(value, list) else value
+    with pytest.raises(
+        ValueError, match=f"^model config: llama.{key} must be a positive integer, got {widest}$"
+    ):
+        config_from_gguf_metadata(metadata)
+
+
+def test_a_model_config_refuses_non_positive_optional_fields_wherever_it_is_built():
+    base = {
+        "architecture": "llama",
+        "n_layers": 2,
+        "n_heads": 4,
+        "n_kv_heads": 2,
+        "head_dim": 16,
+        "hidden_size": 64,
+    }
+    with pytest.raises(ValueError, match="ffn_size must be a positive integer, got -1"):
+        ModelConfig(**base, ffn_size=-1)
+    with pytest.raises(ValueError, match="context_length must be a positive integer, got 0"):
+        ModelConfig(**base, context_length=0)
+    # spec.modelConfig (config.json keys in the CRD) is read by the same parser: the error names the field.
+    spec = {
+        "source": {"uri": "pvc://claim/m"},
+        "weights": {"sizeMiB": 16000},
+        "memory": {"maxContextTokens": 8192, "maxBatch": 8},
+        "modelConfig": {**LLAMA_CONFIG, "intermediate_size": -14336},
+    }
+    with pytest.raises(
+        ValueError, match=r"spec\.modelConfig: .*intermediate_size must be a positive integer"
+    ):
+        estimate_from_spec(spec)
 
 
 def test_gguf_metadata_errors():
