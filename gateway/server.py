@@ -4,9 +4,8 @@
 model the body names (see :mod:`.routing` for names and picking), byte for byte, streaming included:
 chunks go out as they arrive, and a client that leaves cancels the upstream request (the replica then
 frees the sequence). A connection that cannot be made to the picked replica is retried once on
-another; a replica that fails after the request was sent is a 502, never a replay. ``GET /v1/models``
-lists what the caller may call. Errors are OpenAI error objects; an unknown model (or one the caller's
-key may not call) is a 404 that names nothing else.
+another. ``GET /v1/models`` lists what the caller may call. Errors are OpenAI error objects; an
+unknown model (or one the caller's key may not call) is a 404 that names nothing else.
 
 A model scaled to zero (``spec.scaling.minReplicas: 0`` and no replica) is woken through its scale
 subresource and the request is held until a replica is ready, or answered 503 with ``Retry-After``
@@ -323,7 +322,7 @@ class Gateway:
             return openai_error(503, reason, "service_unavailable", headers={"Retry-After": "5"})
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _DROP_REQUEST_HEADERS}
         tried: set[Endpoint] = set()
-        for _attempt in range(2):  # a connect failure is retried once on another replica
+        for _attempt in range(2):  # a replica that gave no answer is retried once, on another
             endpoint = self.choose(route, tried)
             if endpoint is None and tried and not route.endpoints:
                 # Only serving holders were there and they failed: wait for a replica instead.
@@ -366,25 +365,14 @@ class Gateway:
                 upstream = await session.post(
                     f"{endpoint.url}{request.path}", data=raw, headers=headers, timeout=timeout
                 )
-            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
-                # No connection (refused, unroutable, timed out): nothing was sent, another replica may.
-                raise _Unreachable(exc) from exc
             except (TimeoutError, aiohttp.ClientConnectionError) as exc:
-                # The request went out and the connection failed before a status line. That is no proof
-                # the replica never worked on it: a non-streamed answer's status comes when it is done, a
-                # stream's at its first token. Replayed, a request that kills replicas would kill two.
-                log.warning(
-                    "replica failed before answering",
-                    extra={"model": route.qualified_name, "endpoint": endpoint.url, "error": repr(exc)},
-                )
-                self.metrics.requests.labels(route.qualified_name, "502").inc()
-                return openai_error(
-                    502,
-                    f"the replica of {route.qualified_name} failed before answering; not retried, as it may "
-                    "have worked on the request",
-                    "server_error",
-                    "bad_gateway",
-                )
+                # Nothing came back yet (refused, reset, a pooled connection to a replica that died):
+                # the replica never answered, so another one may. A reset may also be a replica that
+                # crashed working on it (a non-streamed answer's status line comes when it is done):
+                # a completion has no side effect but its cost, and with one retry a request that
+                # kills replicas kills at most two, where a 502 would fail every request that met a
+                # stale pooled connection during a rollout.
+                raise _Unreachable(exc) from exc
             async with upstream:
                 response = web.StreamResponse(status=upstream.status)
                 for name, value in upstream.headers.items():
@@ -437,9 +425,8 @@ class _Admission:
 
 
 class _Unreachable(Exception):
-    """No connection could be made to the picked replica (refused, timed out): the request never left,
-    so another may take it, as Envoy's ``connect-failure`` retry policy. A reset after the request was
-    sent is not retried (Envoy's ``reset`` would replay it): it is a 502."""
+    """The picked replica gave no response at all (connect refused or timed out, connection reset
+    before the status line): safe to try another, as Envoy's ``reset,connect-failure`` retry policy."""
 
 
 def kv_usage_of(metrics_text: str) -> float | None:
