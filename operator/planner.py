@@ -43,6 +43,7 @@ from vnpu.operator.pods import (
     NODE_LOST_TAINTS,
     PLACEHOLDER_DEVICE_INDEX,
     ModelRef,
+    Owner,
     PodIntent,
     holder_pod_name,
     owner_references,
@@ -558,23 +559,39 @@ def plan(
     creations = [i for k, i in sorted(intents.items()) if k not in pods_by_name]
     order = {api.ROLE_WEIGHTS: 0, api.ROLE_REPLICA: 1, api.ROLE_PLACEHOLDER: 2}
     creations.sort(key=lambda i: (order[i.role], i.namespace, i.name))
+    # A holder is owned by the models it is planned for and by every other model whose live replicas
+    # still map it (an older template's, a frozen model's): else deleting the one planned model would
+    # have the garbage collector take it from under the others' running replicas.
+    live_models = {_model_key(m.namespace, m.name): m for m in models if not m.deleting}
+    mapped_by: dict[tuple[str, str], set[str]] = defaultdict(set)  # (namespace, holder) -> models
+    for key, replicas in replicas_of.items():
+        for p in replicas:
+            if p.weight_holder and key in live_models:
+                mapped_by[(p.namespace, p.weight_holder)].add(key)
     owner_updates = []
     for key_, intent in sorted(intents.items()):
         pod = pods_by_name.get(key_)
-        if (
-            pod is not None
-            and pod.role == api.ROLE_WEIGHTS
-            and set(pod.owner_uids) != {o.uid for o in intent.owners}
-        ):
+        if pod is None or pod.role != api.ROLE_WEIGHTS:
+            continue
+        owners: list[Owner] = [*intent.owners]
+        owners += [live_models[k] for k in sorted(mapped_by[key_] - set(intent.models))]
+        if set(pod.owner_uids) != {o.uid for o in owners}:
             owner_updates.append(
-                OwnersUpdate(key_[0], key_[1], owner_references(intent.owners), models=intent.models)
+                OwnersUpdate(key_[0], key_[1], owner_references(owners), models=intent.models)
             )
 
     # Models in backoff are left alone: none of their writes until it has passed.
     result.create = [i for i in creations if not backoff.intersection(i.models)]
     result.delete = [d for d in deletions if not backoff.intersection(d.models)]
     result.set_owners = [u for u in owner_updates if not backoff.intersection(u.models)]
-    _plan_secrets(result, refs.values(), ours, secrets, backoff)
+    # A frozen model's running pods mount its group's key: it stays an owner of the Secret.
+    frozen_of: dict[tuple[str, str], set[str]] = defaultdict(set)  # (namespace, group) -> models
+    for key in frozen:
+        for p in replicas_of[key]:
+            if p.share_group and key in live_models:
+                frozen_of[(p.namespace, p.share_group)].add(key)
+    also = {group: [live_models[k] for k in sorted(keys)] for group, keys in frozen_of.items()}
+    _plan_secrets(result, refs.values(), ours, secrets, backoff, also)
     services_by_key = {(s.namespace, s.name): s for s in services}  # (namespace, name) -> Service
     service_of = {_model_key(m.namespace, m.name): plan_service(m, services_by_key) for m in models}
     result.create_services = [
@@ -900,9 +917,11 @@ def _plan_secrets(
     pods: Sequence[ObservedPod],
     secrets: Sequence[ObservedSecret],
     backoff: set[str],
+    also: Mapping[tuple[str, str], Sequence[ObservedModel]],
 ) -> None:
-    """One key Secret per (namespace, group) with an active model, owned by those models; a Secret goes
-    once no model of its group is active and no pod of the group is left to mount it."""
+    """One key Secret per (namespace, group) with an active model, owned by those models and by the
+    models in ``also`` (frozen ones whose running pods mount it); a Secret goes once no model of its
+    group is active and no pod of the group is left to mount it."""
     owners: dict[tuple[str, str], list[ModelRef]] = defaultdict(list)
     for ref in sorted(refs, key=lambda r: r.name):
         owners[(ref.namespace, ref.share_group)].append(ref)
@@ -914,9 +933,13 @@ def _plan_secrets(
             continue
         if secret is None:
             result.create_secrets.append(SecretIntent(key[0], key[1], tuple(group_owners)))
-        elif not secret.terminating and set(secret.owner_uids) != {r.uid for r in group_owners}:
-            refs_ = owner_references(group_owners)
-            result.set_owners.append(OwnersUpdate(key[0], secret.name, refs_, kind="Secret", models=models))
+        else:
+            owners_: list[Owner] = [*group_owners, *also.get(key, ())]
+            if not secret.terminating and set(secret.owner_uids) != {o.uid for o in owners_}:
+                refs_ = owner_references(owners_)
+                result.set_owners.append(
+                    OwnersUpdate(key[0], secret.name, refs_, kind="Secret", models=models)
+                )
     in_use = {
         (p.namespace, p.share_group)
         for p in pods

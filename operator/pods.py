@@ -23,7 +23,7 @@ import base64
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from vnpu import api, sharing
 from vnpu.operator.config import PLACEHOLDER_PRIORITY_CLASS, OperatorConfig
@@ -172,7 +172,18 @@ def holder_selector(share_group: str) -> dict[str, str]:
     }
 
 
-def _owner(model: ModelRef) -> dict[str, Any]:
+class Owner(Protocol):
+    """What an ownerReference names of a model: a :class:`ModelRef`, or an observed model that is not
+    planned this pass (its estimate fails) but whose running pods still use the object."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def uid(self) -> str: ...
+
+
+def _owner(model: Owner) -> dict[str, Any]:
     return {
         "apiVersion": api.API_VERSION,
         "kind": api.KIND,
@@ -183,7 +194,7 @@ def _owner(model: ModelRef) -> dict[str, Any]:
     }
 
 
-def owner_references(owners: Sequence[ModelRef]) -> list[dict[str, Any]]:
+def owner_references(owners: Sequence[Owner]) -> list[dict[str, Any]]:
     """Every model as an owner, the first as the controller."""
     return [{**_owner(m), "controller": i == 0} for i, m in enumerate(owners)]
 

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 import pytest
-from test_planner import CONFIG, NOW, as_pods, estimate, model, node, run
+from test_planner import CONFIG, NOW, as_pods, estimate, keys_for, model, node, run
 
 from vnpu import api
 from vnpu.cluster.kwok import npu_node_manifest
@@ -362,3 +362,42 @@ def test_a_warm_holder_on_a_node_whose_inventory_went_bad_does_not_stop_a_wake()
         for p in woken.create
     )
     assert placed == [("replica", "n2-npu0"), ("weights", "n2-npu0")]
+
+
+def test_a_frozen_models_shared_holder_and_key_outlive_its_neighbour() -> None:
+    """``a`` (estimate failing, its pods kept as they are) and ``b`` share a group's holder and key
+    Secret. The plan keeps ``a`` among their owners, so when ``b`` is deleted the garbage collector
+    (simulated: it deletes what only ``b`` owned) leaves ``a``'s Ready replicas their holder and key."""
+    nodes = [node("n1", devices=1)]
+    a, b = model("a", 2, shareGroup="g"), model("b", 1, shareGroup="g")
+    pods = as_pods(run([a, b], nodes).create)
+    (secret,) = keys_for([a])
+    secrets = [replace(secret, owner_uids=(a.uid, b.uid))]
+    failing = {a.key: EstimateError("cannot read file:///models/m.gguf: stale NFS handle"), b.key: estimate()}
+
+    def apply(result, pods, secrets):
+        owners = {(u.kind, u.name): tuple(r["uid"] for r in u.owner_references) for u in result.set_owners}
+        gone = {d.name for d in result.delete}
+        pods = [
+            replace(p, owner_uids=owners.get(("Pod", p.name), p.owner_uids))
+            for p in pods
+            if p.name not in gone
+        ]
+        secrets = [replace(x, owner_uids=owners.get(("Secret", x.name), x.owner_uids)) for x in secrets]
+        return pods, secrets
+
+    for _ in range(2):
+        result = run([a, b], nodes, pods, estimates=failing, secrets=secrets)
+        assert result.delete == [] and result.create == []
+        assert {s.model.name: s.status["readyReplicas"] for s in result.statuses} == {"a": 2, "b": 1}
+        pods, secrets = apply(result, pods, secrets)
+    deleting = replace(b, deleting=True)
+    result = run([a, deleting], nodes, pods, estimates=failing, secrets=secrets)
+    assert sorted(d.name for d in result.delete) == sorted(p.name for p in pods if p.model == "b")
+    pods, secrets = apply(result, pods, secrets)
+    # b is gone: the garbage collector deletes what b alone owned.
+    pods = [p for p in pods if set(p.owner_uids) - {b.uid}]
+    secrets = [x for x in secrets if set(x.owner_uids) - {b.uid}]
+    assert sorted(p.role for p in pods) == ["replica", "replica", "weights"] and len(secrets) == 1
+    after = run([a], nodes, pods, estimates=failing, secrets=secrets)
+    assert after.delete == [] and after.create == [] and after.statuses[0].status["readyReplicas"] == 2
