@@ -819,13 +819,16 @@ def template_label(template: str) -> str:
 
 
 def _is_current(p: ObservedPod, model: ObservedModel, template: str) -> bool:
-    """Whether a replica pod is of the model's current pod template (and key generation)."""
-    if p.template:
-        return p.template == template_label(template)
-    # Pods from before the template label: the name says it (it hashes the template).
-    return bool(p.node and p.device) and p.name == replica_pod_name(
+    """Whether a replica pod is of the model's current pod template (and key generation), under the
+    name the plan gives it: one named otherwise (a long model name, cut before names were kept
+    distinct) is rolled like an older template, make-before-break."""
+    named = p.name == replica_pod_name(
         model.name, p.replica or 0, p.node or "", p.device or "", _pod_salt(p.slices, template)
     )
+    if p.template:
+        return p.template == template_label(template) and (named or not (p.node and p.device))
+    # Pods from before the template label: the name says it (it hashes the template).
+    return bool(p.node and p.device) and named
 
 
 def _moves_in_flight(

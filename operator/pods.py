@@ -107,9 +107,14 @@ def short_hash(*parts: str, length: int = 6) -> str:
     return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:length]
 
 
-def _name(prefix: str, suffix: str) -> str:
-    """``<prefix>-<suffix>`` cut to a valid length, keeping the (unique) suffix intact."""
+def _name(prefix: str, suffix: str, distinct: bool = False) -> str:
+    """``<prefix>-<suffix>`` cut to a valid length, keeping the (unique) suffix intact. ``distinct``:
+    a prefix that is cut leaves a hash of itself in the name, so two (model names) that differ only
+    past the cut never give one name; a name that fits is unchanged."""
     room = MAX_NAME - len(suffix) - 1
+    if distinct and len(prefix) > room:
+        tag = short_hash(prefix)
+        return f"{prefix[: room - len(tag) - 1].rstrip('-.')}-{tag}-{suffix}"
     return f"{prefix[:room].rstrip('-.')}-{suffix}"
 
 
@@ -117,7 +122,7 @@ def replica_pod_name(model: str, index: int, node: str, device: str, salt: str =
     """Deterministic per (replica index, placement, ``salt``: size and pod-template hash): moving or
     re-sizing a replica yields a new name, so the old pod can still be terminating while the new one
     starts, and a retry after a crash creates the very same name instead of a duplicate."""
-    return _name(model, f"{index}-{short_hash(node, device, salt)}")
+    return _name(model, f"{index}-{short_hash(node, device, salt)}", distinct=True)
 
 
 def holder_pod_name(share_group: str, weights_id: str, node: str, device: str, salt: str = "") -> str:
@@ -127,7 +132,7 @@ def holder_pod_name(share_group: str, weights_id: str, node: str, device: str, s
 
 
 def placeholder_pod_name(model: str, index: int) -> str:
-    return _name(f"{model}-pending", str(index))
+    return _name(f"{model}-pending", str(index), distinct=True)
 
 
 def render(intent: PodIntent, config: OperatorConfig) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from vnpu.cluster.kwok import npu_node_manifest
 from vnpu.memory import EstimateError, MemoryEstimate
 from vnpu.operator.config import OperatorConfig
 from vnpu.operator.planner import Plan, default_share_group, plan
-from vnpu.operator.pods import render
+from vnpu.operator.pods import placeholder_pod_name, render, replica_pod_name
 from vnpu.operator.spec import parse_spec
 from vnpu.operator.state import ObservedModel, ObservedPod, ObservedSecret, parse_node, parse_pod
 
@@ -742,3 +742,65 @@ def test_a_rollout_takes_no_room_from_another_tenants_running_replicas() -> None
         ("weights", "n1-npu0", None),
         ("weights", "n1-npu1", None),
     ]
+
+
+LONG = "llama-3-1-8b-instruct-q4-k-m-customer-support-finetune-v"  # 56 characters
+
+
+def test_two_long_model_names_that_differ_past_the_cut_get_their_own_pods() -> None:
+    """Pod names are cut to 63 characters: two models of one namespace, template and group whose names
+    differ only past the cut each get their own replica and placeholder, and each counts only its own
+    Ready replica."""
+    a, b = model(LONG + "1", 1, modelName="llama"), model(LONG + "2", 1, modelName="llama")
+    nodes = [node("n1", devices=1)]
+    first = run([a, b], nodes)
+    replicas = [p for p in first.create if p["metadata"]["labels"][api.LABEL_ROLE] == "replica"]
+    assert sorted(p["metadata"]["labels"][api.LABEL_MODEL] for p in replicas) == [a.name, b.name]
+    assert len({p["metadata"]["name"] for p in replicas}) == 2
+    assert all(len(p["metadata"]["name"]) <= 63 for p in first.create)
+    pods = as_pods(first.create)
+    second = run([a, b], nodes, pods)
+    assert second.create == [] and second.delete == []
+    for s in second.statuses:
+        (placed,) = s.status["placements"]
+        assert next(p for p in pods if p.name == placed["pod"]).model == s.model.name
+        assert s.status["readyReplicas"] == 1
+    # No room at all: one placeholder each.
+    est = {m.key: estimate(weights=32 * 1024) for m in (a, b)}
+    pending = run([a, b], nodes, estimates=est)
+    names = [p["metadata"]["name"] for p in pending.create]
+    assert len(names) == 2 and len(set(names)) == 2 and all(len(n) <= 63 for n in names)
+
+
+def test_names_that_fit_are_the_names_they_always_were() -> None:
+    """An upgrade renames (and so restarts) nothing whose name was not cut."""
+    assert replica_pod_name("llama", 0, "n1", "n1-npu0", "1/t") == "llama-0-f39857"
+    assert replica_pod_name("a" * 54, 3, "n1", "n1-npu0", "1/t") == "a" * 54 + "-3-f39857"  # 63: fits
+    assert placeholder_pod_name("llama", 3) == "llama-pending-3"
+
+
+def test_a_replica_under_its_old_cut_name_is_rolled_make_before_break() -> None:
+    """A long-named model's replicas named before names were kept distinct are of its current template
+    but not under the plan's name: they are replaced like an older template, never below the Ready
+    count, and nothing else restarts."""
+    m = model(LONG + "1", 2, modelName="llama")
+    nodes = [node("n1", devices=1)]
+
+    def cut(name: str) -> str:  # the old naming: the model name cut, nothing of it kept
+        suffix = name.rsplit("-", 2)
+        return f"{m.name[: 63 - len(suffix[1]) - len(suffix[2]) - 2].rstrip('-.')}-{suffix[1]}-{suffix[2]}"
+
+    created = as_pods(run([m], nodes).create)
+    pods = [replace(p, name=cut(p.name)) if p.role == "replica" else p for p in created]
+    old = sorted(p.name for p in pods if p.role == "replica")
+    assert len(set(old)) == 2 and not set(old) & {p.name for p in created}
+    for _ in range(12):
+        result = run([m], nodes, pods)
+        assert result.statuses[0].status["readyReplicas"] >= 2
+        assert {d.name for d in result.delete} <= set(old)
+        if not result.create and not result.delete and all(p.ready for p in pods):
+            break
+        pods = step(pods, result)
+    else:
+        raise AssertionError("did not settle")
+    assert sorted(p.name for p in pods) == sorted(p.name for p in created)
