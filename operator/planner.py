@@ -32,7 +32,7 @@ import datetime as dt
 import json
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from vnpu import api, sharing
@@ -286,10 +286,12 @@ def plan(
     # Models: active (placed by the packer), frozen (running, but no estimate: pods kept as they are).
     active: dict[str, tuple[ObservedModel, MemoryEstimate]] = {}
     frozen: set[str] = set()
-    replicas_of: dict[str, list[ObservedPod]] = defaultdict(list)
+    replicas_of: dict[str, list[ObservedPod]] = defaultdict(list)  # model -> its live replica pods
+    model_of = {_model_key(m.namespace, m.name): m for m in models}
     for p in ours:
-        if p.role == api.ROLE_REPLICA and p.model and not p.terminating:
-            replicas_of[_model_key(p.namespace, p.model)].append(p)
+        key = _model_key(p.namespace, p.model or "")
+        if p.role == api.ROLE_REPLICA and key in model_of and not p.terminating and _owned(p, model_of[key]):
+            replicas_of[key].append(p)
     for m in models:
         key = _model_key(m.namespace, m.name)
         est = estimates.get(m.key)
@@ -334,7 +336,7 @@ def plan(
             continue
         model, _ = active[key]
         assert model.spec is not None
-        if not _is_current(p, model, templates[key]):
+        if not _is_current(p, model, templates[key]) or not _owned(p, model):
             if p.node not in lost_nodes:
                 old_of[key].append(p)
             continue
@@ -417,6 +419,8 @@ def plan(
             if old.weight_holder:
                 kept_pods.add((old.namespace, old.weight_holder))
         packed = drained
+
+    packed = _clear_of_namesakes(packed, ours, active, set(current_pod))
 
     intents: dict[tuple[str, str], PodIntent] = {}
     holder_of: dict[tuple[str, str, str], str] = {}
@@ -515,11 +519,12 @@ def plan(
         budget = new_ready + sum(1 for p in old if p.ready) - (want - m.spec.rollout.unavailable(want))
         left = 0
         for p in sorted(old, key=lambda p: (p.ready, -(p.replica or 0), p.name)):
+            why = "replaced by the new pod template" if _owned(p, m) else _NAMESAKE
             if not p.ready:
-                retiring[(p.namespace, p.name)] = "replaced by the new pod template (not ready)"
+                retiring[(p.namespace, p.name)] = f"{why} (not ready)"
             elif budget > 0:
                 budget -= 1
-                retiring[(p.namespace, p.name)] = "replaced by the new pod template"
+                retiring[(p.namespace, p.name)] = why
             else:
                 left += 1
         rollouts[key] = Rollout(want, left, m.spec.rollout.describe(want), new_ready)
@@ -831,6 +836,56 @@ def _is_current(p: ObservedPod, model: ObservedModel, template: str) -> bool:
     return bool(p.node and p.device) and named
 
 
+#: Why a replica left by an earlier model of the same name goes (see :func:`_owned`).
+_NAMESAKE = "left by an earlier model of the same name (its owner is gone): replaced"
+
+
+def _owned(p: ObservedPod, model: ObservedModel) -> bool:
+    """Whether a replica pod is this model's. A model deleted and created again under its name (a new
+    uid) may find its predecessor's pods still running: the garbage collector deletes them (their
+    owner is gone) whenever it gets to them, so they are not counted as this model's; they are
+    replaced like an older template's, make-before-break, while they serve. (Adopting them instead
+    would race the collector, which may already have them in hand: ReplicaSets adopt only orphans.)"""
+    return model.uid in p.owner_uids
+
+
+def _clear_of_namesakes(
+    packed: packing.PackResult,
+    ours: Sequence[ObservedPod],
+    active: Mapping[str, tuple[ObservedModel, MemoryEstimate]],
+    running: set[tuple[str, int]],
+) -> packing.PackResult:
+    """The plan with each replica that has no pod yet (not in ``running``: (model, index) of the
+    model's own current pods) numbered clear of the indices the pods of an earlier model of the same
+    name hold (terminating ones too): a replica's name is its index and placement, so it could
+    otherwise be that pod's very name, and never start beside it."""
+    namesake: dict[str, set[int]] = defaultdict(set)  # model -> indices its namesake's pods hold
+    for p in ours:
+        key = _model_key(p.namespace, p.model or "")
+        if (
+            p.role == api.ROLE_REPLICA
+            and p.replica is not None
+            and key in active
+            and not _owned(p, active[key][0])
+        ):
+            namesake[key].add(p.replica)
+    if not namesake:
+        return packed
+    used: dict[str, set[int]] = defaultdict(set)  # model -> indices its planned replicas keep
+    for a in packed.assignments:
+        if (a.model, a.replica) in running or a.replica not in namesake.get(a.model, ()):
+            used[a.model].add(a.replica)
+    assignments = []
+    for a in packed.assignments:
+        if (a.model, a.replica) not in running and a.replica in namesake.get(a.model, ()):
+            blocked = namesake[a.model] | used[a.model]
+            index = next(i for i in range(len(blocked) + 1) if i not in blocked)
+            used[a.model].add(index)
+            a = replace(a, replica=index)
+        assignments.append(a)
+    return replace(packed, assignments=tuple(assignments))
+
+
 def _moves_in_flight(
     ours: Sequence[ObservedPod],
     active: Mapping[str, tuple[ObservedModel, MemoryEstimate]],
@@ -852,7 +907,7 @@ def _moves_in_flight(
 
     def current(p: ObservedPod) -> bool:
         key = _model_key(p.namespace, p.model or "")
-        return key in active and _is_current(p, active[key][0], templates[key])
+        return key in active and _is_current(p, active[key][0], templates[key]) and _owned(p, active[key][0])
 
     claims: dict[str, list[ObservedPod]] = defaultdict(list)  # uid -> the pods claiming to replace it
     for p in live.values():

@@ -804,3 +804,31 @@ def test_a_replica_under_its_old_cut_name_is_rolled_make_before_break() -> None:
     else:
         raise AssertionError("did not settle")
     assert sorted(p.name for p in pods) == sorted(p.name for p in created)
+
+
+def test_a_model_created_again_replaces_its_predecessors_pods_make_before_break() -> None:
+    """``a`` is deleted and created again (a new uid) before the garbage collector got to its pods: they
+    are not the new model's (the collector deletes them whenever it gets there), so new replicas owned
+    by the new uid start beside them under other names (indices the old pods do not hold), and the old
+    ones go only as those are Ready."""
+    nodes = [node("n1", devices=1)]
+    old = model("a", 3)
+    pods = as_pods(run([old], nodes).create)
+    left = sorted(p.name for p in pods if p.role == "replica")
+    again = replace(old, uid="uid-a-2")
+    for _ in range(20):
+        result = run([again], nodes, pods)
+        assert result.statuses[0].status["readyReplicas"] >= 3
+        assert {d.name for d in result.delete} <= set(left)
+        assert all("earlier model of the same name" in d.reason for d in result.delete)
+        by_name = {p.name: p for p in pods}
+        for x in result.statuses[0].status["placements"]:  # the plan's replicas: new pods, never old ones
+            assert x["pod"] not in by_name or by_name[x["pod"]].owner_uids == ("uid-a-2",)
+        if not result.create and not result.delete and all(p.ready for p in pods):
+            break
+        pods = step(pods, result)
+    else:
+        raise AssertionError("did not settle")
+    replicas = [p for p in pods if p.role == "replica"]
+    assert len(replicas) == 3 and all(p.owner_uids == ("uid-a-2",) for p in replicas)
+    assert run([again], nodes, pods).statuses[0].status["readyReplicas"] == 3
