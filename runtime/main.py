@@ -189,7 +189,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 def _add_serving_args(p: argparse.ArgumentParser, http: bool, holder: bool = False) -> None:
     """Serving options; a weights-holder's (``holder``) leave out attaching and offload: it serves the
-    weights it holds, all resident."""
+    weights it holds, all resident (its offload options are its replicas', see :func:`_holder_needs`)."""
     g = p.add_argument_group("serving (with --serve)" if holder else "serving")
     if not holder:
         _add_mode_args(g)
@@ -217,12 +217,18 @@ def _add_mode_args(g: argparse._ArgumentGroup) -> None:
     )
 
 
-def _add_offload_args(g: argparse._ArgumentGroup) -> None:
+def _add_offload_args(g: argparse._ArgumentGroup, holder: bool = False) -> None:
+    budget_help = (
+        "the group's replicas' device budget for weights: the holder keeps the weights in host memory "
+        "for them to stream from, and only what they keep resident counts against its limit"
+        if holder
+        else "device budget for weights: keep what fits resident, stream the rest"
+    )
     g.add_argument(
         "--offload-budget-mib",
         type=float,
         default=_env("VNPU_OFFLOAD_BUDGET_MIB"),
-        help="device budget for weights: keep what fits resident, stream the rest [$VNPU_OFFLOAD_BUDGET_MIB]",
+        help=f"{budget_help} [$VNPU_OFFLOAD_BUDGET_MIB]",
     )
     g.add_argument(
         "--prefetch-depth",
@@ -230,6 +236,8 @@ def _add_offload_args(g: argparse._ArgumentGroup) -> None:
         default=int(_env("VNPU_PREFETCH_DEPTH", default="2") or 2),
         help="ring buffers for streamed layers [$VNPU_PREFETCH_DEPTH, default 2]",
     )
+    if holder:
+        return
     g.add_argument(
         "--link-gbps",
         type=float,
@@ -325,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
         "holders, so a request at zero replicas is answered at once [$VNPU_HOLDER_SERVE=1]",
     )
     _add_serving_args(holder, http=True, holder=True)
+    _add_offload_args(holder.add_argument_group("async offload (the group's replicas')"), holder=True)
 
     serve = sub.add_parser(
         "serve",
@@ -387,7 +396,10 @@ def _load_local(args: argparse.Namespace) -> object:
     if not args.model:
         raise SystemExit("vnpu runtime: --model (or $VNPU_MODEL_URI) is required")
     source = resolve(args.model, args.format, pvc_root=args.pvc_root, hf_cache=args.hf_cache)
-    arena_device = "cpu" if args.command != "weights-holder" else args.device
+    # A replica's own weights are host memory it copies from; so are a holder's under offload, where
+    # the replicas keep a part on the device and stream the rest from there.
+    holds_on_device = args.command == "weights-holder" and args.offload_budget_mib is None
+    arena_device = args.device if holds_on_device else "cpu"
     return load_weights(source, arena_device, _weights_dtype(args, source), progress=not args.no_progress)
 
 
@@ -404,9 +416,10 @@ def cmd_weights_holder(args: argparse.Namespace) -> int:
     identity, key, path = _sharing(args)
     weights = _load_local(args)
     limit = args.memory_limit_mib
-    if limit is not None and weights.manifest.total_bytes > limit * 1024 * 1024:  # type: ignore[attr-defined]
+    needed, what = _holder_needs(args, weights.manifest)  # type: ignore[attr-defined]
+    if limit is not None and needed > limit * 1024 * 1024:
         raise SystemExit(
-            f"vnpu runtime weights-holder: the weights need {weights.manifest.total_bytes / 2**20:.1f} MiB "  # type: ignore[attr-defined]
+            f"vnpu runtime weights-holder: {what} need {needed / 2**20:.1f} MiB "
             f"but VNPU_MEMORY_LIMIT_MIB={limit}"
         )
     group = None
@@ -435,6 +448,26 @@ def cmd_weights_holder(args: argparse.Namespace) -> int:
     stop.wait()
     holder.stop()
     return 0
+
+
+def _holder_needs(args: argparse.Namespace, manifest: Any) -> tuple[int, str]:
+    """Device bytes the holder's slices pay for, and what they are: every weight, or under async offload
+    the part the replicas keep resident (the same plan they make; the operator sized the holder at the
+    budget less the prefetch ring), the rest staying in the holder's host memory."""
+    if args.offload_budget_mib is None:
+        return manifest.total_bytes, "the weights"
+    from vnpu.runtime.offload import OffloadPlanError, plan_offload, unit_sizes
+    from vnpu.runtime.units import model_units
+
+    try:
+        plan = plan_offload(
+            unit_sizes(model_units(manifest.config), manifest),
+            int(args.offload_budget_mib * 2**20),
+            args.prefetch_depth,
+        )
+    except OffloadPlanError as exc:
+        raise SystemExit(f"vnpu runtime weights-holder: {exc}") from exc
+    return plan.resident_bytes, "the weights kept resident under offload"
 
 
 def _hold_and_serve(args: argparse.Namespace, holder: Any, weights: Any) -> int:

@@ -156,3 +156,45 @@ def test_the_runtime_holds_weights_within_what_the_operator_sized_them_at(
     default = main._weights_dtype(build_parser().parse_args(["weights-holder"]), source)
     assert default == "float32"  # what it held before the operator said: twice what was sized
     assert load_weights(source, "cpu", default, progress=False).manifest.total_bytes >= 2 * stored
+
+
+def test_a_holder_under_offload_pays_its_limit_only_for_what_replicas_keep_resident(short_tmp: Path) -> None:
+    """Under async offload the operator sizes the group's holder at the budget less the prefetch ring,
+    not at every weight: the holder keeps the weights in host memory for its replicas to stream from
+    and checks only the part they keep resident against its limit (it used to load every weight, refuse
+    its limit and exit, leaving the replicas nothing to attach to)."""
+    from vnpu.runtime.sources import resolve
+
+    model = write_tiny_llama(short_tmp / "model", layers=16)
+    total = resolve(str(model)).info.total_bytes
+    assert total > 2**20  # more than the holder's 1 MiB limit
+    key = short_tmp / "key"
+    key.write_bytes(sharing.new_key())
+    cmd = [sys.executable, "-m", "vnpu", "runtime", "weights-holder", "--model", str(model), "--no-progress"]
+    cmd += [
+        "--share-namespace",
+        "ns",
+        "--share-group",
+        "g",
+        "--weights-id",
+        "w",
+        "--share-key-file",
+        str(key),
+    ]
+    cmd += ["--socket", str(short_tmp / "holder.sock")]
+    limited = {**os.environ, "VNPU_MEMORY_LIMIT_MIB": "1"}
+
+    refused = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=limited)
+    assert refused.returncode == 1 and "the weights need" in refused.stderr  # all of them, no offload
+
+    offloading = {**limited, "VNPU_OFFLOAD_BUDGET_MIB": "1", "VNPU_PREFETCH_DEPTH": "2"}
+    holder = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=offloading)
+    try:
+        assert holder.stdout is not None
+        ready = json.loads(holder.stdout.readline())
+        assert ready["event"] == "ready", holder.stderr.read() if holder.stderr else ""
+        assert (ready["backend"], ready["arena_bytes"]) == ("cpu", ready["arena_bytes"])
+        assert ready["arena_bytes"] >= total  # every weight held, on the host
+    finally:
+        holder.terminate()
+        holder.wait(30)
