@@ -100,14 +100,11 @@ def test_generate_standalone_and_probe_without_holder(short_tmp: Path) -> None:
     assert proc.returncode == 2 and "cannot read the share key /nonexistent/key" in proc.stderr
 
 
-def test_a_replica_planned_to_attach_never_loads_its_own_weights(short_tmp: Path) -> None:
-    """With a share identity but no holder answering, ``generate`` waits for the holder and gives up
-    with the reason; it never falls back to loading the model into its KV-sized slices."""
-    model = write_tiny_llama(short_tmp / "model")
-    key = short_tmp / "key"
+def _share_identity_args(root: Path) -> list[str]:
+    """A share identity and a fresh group key in ``root``, as the operator gives a model pod."""
+    key = root / "key"
     key.write_bytes(sharing.new_key())
-    cmd = [sys.executable, "-m", "vnpu", "runtime", "generate", "--model", str(model), "--prompt", "hi"]
-    cmd += [
+    return [
         "--share-namespace",
         "ns",
         "--share-group",
@@ -117,6 +114,14 @@ def test_a_replica_planned_to_attach_never_loads_its_own_weights(short_tmp: Path
         "--share-key-file",
         str(key),
     ]
+
+
+def test_a_replica_planned_to_attach_never_loads_its_own_weights(short_tmp: Path) -> None:
+    """With a share identity but no holder answering, ``generate`` waits for the holder and gives up
+    with the reason; it never falls back to loading the model into its KV-sized slices."""
+    model = write_tiny_llama(short_tmp / "model")
+    cmd = [sys.executable, "-m", "vnpu", "runtime", "generate", "--model", str(model), "--prompt", "hi"]
+    cmd += _share_identity_args(short_tmp)
     cmd += ["--socket", str(short_tmp / "holder.sock"), "--no-progress", "--max-context", "64"]
     proc = subprocess.run(
         cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "VNPU_ATTACH_WAIT_S": "2"}
@@ -168,19 +173,8 @@ def test_a_holder_under_offload_pays_its_limit_only_for_what_replicas_keep_resid
     model = write_tiny_llama(short_tmp / "model", layers=16)
     total = resolve(str(model)).info.total_bytes
     assert total > 2**20  # more than the holder's 1 MiB limit
-    key = short_tmp / "key"
-    key.write_bytes(sharing.new_key())
     cmd = [sys.executable, "-m", "vnpu", "runtime", "weights-holder", "--model", str(model), "--no-progress"]
-    cmd += [
-        "--share-namespace",
-        "ns",
-        "--share-group",
-        "g",
-        "--weights-id",
-        "w",
-        "--share-key-file",
-        str(key),
-    ]
+    cmd += _share_identity_args(short_tmp)
     cmd += ["--socket", str(short_tmp / "holder.sock")]
     limited = {**os.environ, "VNPU_MEMORY_LIMIT_MIB": "1"}
 
