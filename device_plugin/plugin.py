@@ -177,7 +177,9 @@ class PluginRunner:
         if core_api is not None:
             if not config.node_name:
                 raise ValueError("talking to the API server needs the node name (--node-name or NODE_NAME)")
-            self.annotator = NodeAnnotator(core_api, config.node_name, self.table)
+            self.annotator = NodeAnnotator(
+                core_api, config.node_name, self.table, unserved=lambda: dict(self._unserved)
+            )
         self.options = ServiceOptions(socket_root=str(config.socket_root))
         #: resource -> its endpoint; a resource keeps its endpoint (and device) for the plugin's life
         self.endpoints: dict[str, DeviceEndpoint] = {}
@@ -186,6 +188,8 @@ class PluginRunner:
         self.registrations = 0
         #: part of the upkeep -> the error it last failed with (logged once until it changes or clears)
         self._failing: dict[str, str] = {}
+        #: device id -> why its endpoint could not be set up (the node annotation says it is Unhealthy)
+        self._unserved: dict[str, str] = {}
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def start(self) -> PluginRunner:
@@ -245,12 +249,20 @@ class PluginRunner:
         """Serve an endpoint for every device with a resource of its own that has none yet. A device
         whose endpoint cannot be set up is skipped (logged) and tried again on the next call."""
         added = []
+        unserved: dict[str, str] = {}
         for entry in self.table.entries():
             resource = entry.resource
             if not resource or resource in self.endpoints:
                 continue
-            if self._attempt(f"serving {resource} for device {entry.id!r}", self._add_endpoint, entry):
+            part = f"serving {resource} for device {entry.id!r}"
+            if self._attempt(part, self._add_endpoint, entry):
                 added.append(self.endpoints[resource])
+            else:
+                unserved[entry.id] = self._failing[part]
+        if unserved != self._unserved:
+            self._unserved = unserved
+            if self.annotator is not None:
+                self.annotator.refresh()
         return added
 
     def _add_endpoint(self, entry: DeviceEntry) -> None:
@@ -268,7 +280,7 @@ class PluginRunner:
         try:
             action(*args)
         except Exception as exc:
-            error = repr(exc)
+            error = f"{type(exc).__name__}: {exc}"
             if self._failing.get(part) != error:
                 self._failing[part] = error
                 log.exception("%s failed; will retry", part, extra={"error": error})

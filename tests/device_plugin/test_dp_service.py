@@ -182,6 +182,54 @@ def test_a_device_served_later_once_its_socket_directory_can_be_made(run_plugin,
     assert preferred(stub_for(runner, 0), NPU0, 1) == ["npu0-s0"]
 
 
+class FakeNodes:
+    """The two calls the node annotator makes, on one node held in memory."""
+
+    def __init__(self) -> None:
+        self.annotations: dict[str, str] = {}
+
+    def read_node(self, name: str, **_: object) -> object:
+        from types import SimpleNamespace
+
+        return SimpleNamespace(metadata=SimpleNamespace(annotations=dict(self.annotations)))
+
+    def patch_node(self, name: str, body: dict, **_: object) -> None:
+        self.annotations.update(body["metadata"]["annotations"])
+
+    def health(self) -> dict[str, tuple[str, str]]:
+        from vnpu.api import ANNOTATION_DEVICES
+        from vnpu.inventory import NodeInventory
+
+        text = self.annotations.get(ANNOTATION_DEVICES)
+        devices = NodeInventory.from_json(text).devices if text else ()
+        return {d.id: (d.health, d.reason) for d in devices}
+
+
+def test_a_device_the_kubelet_was_not_offered_is_annotated_unhealthy_until_it_is(dirs):
+    """The operator plans from the annotation: a device whose endpoint could not be set up has no
+    resource on the node, so it must not look Healthy there (its pods would only stay Pending)."""
+    nodes = FakeNodes()
+    dirs.socket_root.mkdir(parents=True, exist_ok=True)
+    dirs.socket_root.joinpath("npu1").write_text("stray")  # npu1's socket directory cannot be created
+    write_devices(dirs.devices_file, TWO_DEVICES)
+    runner = PluginRunner(dirs.config(node_name="n1", health_interval_s=0.1), core_api=nodes).start()
+    try:
+        wait_for(
+            lambda: nodes.health().get("npu1", ("",))[0] == "Unhealthy", timeout=5, what="npu1 Unhealthy"
+        )
+        _, reason = nodes.health()["npu1"]
+        assert reason.startswith("not offered to the kubelet: FileExistsError: ") and "npu1" in reason
+        assert nodes.health()["npu0"] == ("Healthy", "")
+        assert sorted(runner.endpoints) == ["vnpu.io/memory-0"]
+        dirs.socket_root.joinpath("npu1").unlink()
+        wait_for(
+            lambda: "vnpu.io/memory-1" in runner.endpoints, timeout=5, what="npu1 served on a later look"
+        )
+        wait_for(lambda: nodes.health()["npu1"] == ("Healthy", ""), timeout=5, what="npu1 annotated Healthy")
+    finally:
+        runner.stop()
+
+
 def test_an_endpoint_that_cannot_be_served_again_does_not_keep_the_others_down(
     run_plugin, stub_for, monkeypatch
 ):
