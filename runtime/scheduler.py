@@ -274,7 +274,7 @@ class Scheduler:
         # 3. Prefill chunks in rank order: running sequences still prefilling (or recomputing after a
         #    preemption) and waiting ones, admitted while batch slots and blocks last. A newcomer that
         #    outranks a sequence in the middle of a long prefill gets the step's budget first.
-        admitting = not short_of_blocks
+        admitting = True  # and no preemption for blocks in this step (the pool is full), even a later one
         prefilling = [s for s in self.running if s.num_pending > 1]
         for seq in sorted(prefilling + self.waiting, key=lambda s: s.rank, reverse=True):
             if budget == 0:
@@ -284,7 +284,12 @@ class Scheduler:
                 if not grow(seq, count):
                     admitting = False
                     continue
-            elif seq.status is SequenceStatus.WAITING and admitting and seq in self.waiting:
+            elif (
+                seq.status is SequenceStatus.WAITING
+                and admitting
+                and not short_of_blocks
+                and seq in self.waiting
+            ):
                 needed = self._blocks_for(seq, count)
                 if len(self.running) >= cfg.max_batch or self.allocator.free < needed:
                     admitting = False  # no later (lower-ranked) waiting sequence jumps ahead of it

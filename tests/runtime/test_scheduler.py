@@ -238,6 +238,25 @@ def test_a_prefill_that_needs_blocks_takes_a_worse_sequence_out_of_the_step() ->
     assert high.num_computed == 14 and low.num_computed == 0 and len(low.tokens) == 5
 
 
+def test_no_newcomer_is_admitted_in_a_step_that_preempted_for_blocks_later_on() -> None:
+    """The prefill pass preempts the low sequence for the high prompt's blocks; a newcomer of low's
+    priority that arrived after it must not take the blocks that are left in that step: low, the
+    earlier of the two, would wait behind it (the pool is full: admission waits for the next step)."""
+    s = make(step_tokens=8, blocks=6)  # 5 usable blocks
+    low = seq(3, priority=0)
+    s.add(low)
+    step(s)
+    high = seq(16, priority=1)
+    s.add(high)
+    step(s)
+    newcomer = seq(1, priority=0)
+    s.add(newcomer)
+    plan = s.schedule()
+    assert plan.preempted == (low,) and counts(plan) == {high.id: 7}
+    assert newcomer.status is SequenceStatus.WAITING and s.waiting == [low, newcomer]
+    run(s, plan)
+
+
 def check_plan(s: Scheduler, plan: StepPlan) -> None:
     """What the engine relies on: every chunk belongs to a running sequence, continues its cache and
     fits its blocks; the blocks in use are exactly those the running sequences hold."""
