@@ -34,11 +34,12 @@ from pathlib import Path
 from typing import Any
 
 from vnpu import sharing
-from vnpu.runtime.ipc import ProtocolError, encode, recv_message, send_encoded, send_message
+from vnpu.runtime.ipc import ProtocolError, encode, recv_message, send_encoded, send_message, settimeout_until
 from vnpu.runtime.loader import LoadedWeights
 
 PROTOCOL_VERSION = 2
-#: Seconds a client has to complete the handshake, and how many may be in it at once.
+#: Seconds a client has to complete the whole handshake (one deadline, not a timeout per read), and
+#: how many may be in it at once.
 HANDSHAKE_TIMEOUT_S = 5.0
 MAX_HANDSHAKES = 32
 #: Requests are tiny JSON objects; anything bigger is refused before it is parsed.
@@ -180,15 +181,16 @@ class WeightsHolder:
     def _allowed(self, uid: int, gid: int) -> bool:
         return uid in (os.getuid(), 0) or (self.socket_group is not None and gid == self.socket_group)
 
-    def _handshake(self, conn: socket.socket, peer: str) -> str | None:
-        """Run the mutual authentication; returns the authenticated op ("attach" or "status"), or None
-        after refusing the client."""
-        hello = self._recv(conn)
+    def _handshake(self, conn: socket.socket, peer: str, deadline: float) -> str | None:
+        """Run the mutual authentication by ``deadline``; returns the authenticated op ("attach" or
+        "status"), or None after refusing the client."""
+        hello = self._recv(conn, deadline)
         if hello.get("op") != "hello" or hello.get("protocol") != PROTOCOL_VERSION:
             self._refuse(
                 conn,
                 f"{peer}: expected a protocol {PROTOCOL_VERSION} hello, got op {hello.get('op')!r} "
                 f"protocol {hello.get('protocol')!r} (replica and holder run different vnpu versions?)",
+                deadline,
             )
             return None
         raw = hello.get("identity")
@@ -200,13 +202,14 @@ class WeightsHolder:
             ours.weights_id,
         ):
             # Said without naming ours: an unauthenticated peer learns nothing about this group.
-            self._refuse(conn, f"{peer}: asked for another share identity than this holder serves")
+            self._refuse(conn, f"{peer}: asked for another share identity than this holder serves", deadline)
             return None
         client_nonce = hello.get("nonce")
         if not sharing.valid_nonce(client_nonce):
-            self._refuse(conn, f"{peer}: malformed nonce")
+            self._refuse(conn, f"{peer}: malformed nonce", deadline)
             return None
         server_nonce = sharing.new_nonce()
+        settimeout_until(conn, deadline)
         send_message(
             conn,
             {
@@ -216,20 +219,22 @@ class WeightsHolder:
                 "proof": sharing.proof(self._key, "holder", ours, client_nonce, server_nonce),
             },
         )
-        answer = self._recv(conn)
+        answer = self._recv(conn, deadline)
         expected = sharing.proof(self._key, "replica", ours, client_nonce, server_nonce)
         if not sharing.proof_matches(expected, answer.get("proof")):
-            self._refuse(conn, f"{peer}: authentication failed (it does not hold this share group's key)")
+            self._refuse(
+                conn, f"{peer}: authentication failed (it does not hold this share group's key)", deadline
+            )
             return None
         op = answer.get("op")
         if op not in ("attach", "status"):
-            self._refuse(conn, f"{peer}: unknown op {op!r}")
+            self._refuse(conn, f"{peer}: unknown op {op!r}", deadline)
             return None
         return str(op)
 
     @staticmethod
-    def _recv(conn: socket.socket) -> dict[str, Any]:
-        request, fds = recv_message(conn, max_size=MAX_REQUEST)  # bounded before parsing
+    def _recv(conn: socket.socket, deadline: float) -> dict[str, Any]:
+        request, fds = recv_message(conn, max_size=MAX_REQUEST, deadline=deadline)  # bounded before parsing
         for fd in fds:
             os.close(fd)
         return request
@@ -238,15 +243,18 @@ class WeightsHolder:
         lease_id = None
         in_handshake = True
         try:
+            # One deadline for the whole handshake: a peer trickling its bytes must not keep its slot.
+            deadline = time.monotonic() + HANDSHAKE_TIMEOUT_S
             pid, uid, gid = peer_credentials(conn)
             peer = f"peer pid {pid} uid {uid}"
-            conn.settimeout(HANDSHAKE_TIMEOUT_S)
+            settimeout_until(conn, deadline)
             if not self._allowed(uid, gid):
-                self._refuse(conn, f"{peer} gid {gid} may not use this weights-holder")
+                self._refuse(conn, f"{peer} gid {gid} may not use this weights-holder", deadline)
                 return
-            op = self._handshake(conn, peer)
+            op = self._handshake(conn, peer, deadline)
             if op is None:
                 return
+            settimeout_until(conn, deadline)
             if op == "status":
                 send_message(conn, {"ok": True, "holder": self.info()})
                 return
@@ -292,8 +300,9 @@ class WeightsHolder:
             else:
                 send_message(conn, {"ok": False, "error": f"unknown op {request.get('op')!r}"})
 
-    def _refuse(self, conn: socket.socket, reason: str) -> None:
+    def _refuse(self, conn: socket.socket, reason: str, deadline: float) -> None:
         self.refused += 1
         log.warning("refused client", extra={"reason": reason, "share": str(self.identity)})
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError):  # ProtocolError too: past the deadline, no answer
+            settimeout_until(conn, deadline)
             send_message(conn, {"ok": False, "error": reason})

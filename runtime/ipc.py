@@ -11,6 +11,7 @@ import json
 import os
 import socket
 import struct
+import time
 from typing import Any
 
 _HEADER = struct.Struct(">I")
@@ -42,9 +43,22 @@ def send_encoded(sock: socket.socket, payload: bytes, fds: list[int] | tuple[int
     sock.sendall(payload)
 
 
-def _recv_exact(sock: socket.socket, count: int) -> bytes:
+def settimeout_until(sock: socket.socket, deadline: float | None) -> None:
+    """Let the next socket call wait only until ``deadline`` (``time.monotonic()``; None: no change).
+    A timeout per call is not a deadline: a peer that sends a byte just before each runs out would
+    keep the exchange going forever."""
+    if deadline is None:
+        return
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise ProtocolError("the peer did not finish in time (deadline passed)")
+    sock.settimeout(left)
+
+
+def _recv_exact(sock: socket.socket, count: int, deadline: float | None = None) -> bytes:
     chunks = bytearray()
     while len(chunks) < count:
+        settimeout_until(sock, deadline)
         chunk = sock.recv(count - len(chunks))
         if not chunk:
             raise ProtocolError("connection closed by peer")
@@ -52,8 +66,13 @@ def _recv_exact(sock: socket.socket, count: int) -> bytes:
     return bytes(chunks)
 
 
-def recv_message(sock: socket.socket, max_size: int = MAX_MESSAGE) -> tuple[dict[str, Any], list[int]]:
-    """One message and the file descriptors that came with it (the caller owns and closes them)."""
+def recv_message(
+    sock: socket.socket, max_size: int = MAX_MESSAGE, deadline: float | None = None
+) -> tuple[dict[str, Any], list[int]]:
+    """One message and the file descriptors that came with it (the caller owns and closes them). With
+    a ``deadline`` (``time.monotonic()``) the whole message must have arrived by then, however the
+    peer spreads its bytes."""
+    settimeout_until(sock, deadline)
     data, fds, _flags, _addr = socket.recv_fds(sock, _HEADER.size, MAX_FDS)
     if not data:
         for fd in fds:
@@ -61,11 +80,11 @@ def recv_message(sock: socket.socket, max_size: int = MAX_MESSAGE) -> tuple[dict
         raise ProtocolError("connection closed by peer")
     try:
         if len(data) < _HEADER.size:
-            data += _recv_exact(sock, _HEADER.size - len(data))
+            data += _recv_exact(sock, _HEADER.size - len(data), deadline)
         (length,) = _HEADER.unpack(data)
         if length > max_size:
             raise ProtocolError(f"peer announced a {length}-byte message (limit {max_size})")
-        message = json.loads(_recv_exact(sock, length))
+        message = json.loads(_recv_exact(sock, length, deadline))
         if not isinstance(message, dict):
             raise ProtocolError("message is not a JSON object")
     except (ValueError, OSError) as e:
