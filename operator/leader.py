@@ -10,6 +10,14 @@ has not been renewed for ``lease_duration`` seconds as measured on the standby's
 holder's timestamps are never compared with ours, so clock skew does not matter). Hence the stated
 bound: a standby leads within ``lease_duration + retry_period`` (15 + 2 s by default) of the
 leader's death.
+
+Leadership lapses on time, not only when a renewal fails: :meth:`LeaderElector.is_leader` is true only
+while the last successful renewal began less than ``renew_deadline`` ago, so a renewal stuck on a dead
+connection cannot keep a writer alive past the point where a standby may take over (``renew_deadline <
+lease_duration``, and a standby counts ``lease_duration`` from when it sees our last write, which is
+after that write began). Every Lease call also carries a ``_request_timeout`` of ``retry_period``
+(connect, read, per attempt of the client's retries), so a stuck renewal fails in bounded time and
+``on_lost`` is called.
 """
 
 from __future__ import annotations
@@ -72,16 +80,18 @@ class LeaderElector:
         self._thread: threading.Thread | None = None
 
     def is_leader(self) -> bool:
-        return self._leading.is_set()
+        """Leading, and the last renewal began less than ``renew_deadline`` ago on our clock."""
+        return self._leading.is_set() and self._clock() - self._last_renew < self.config.renew_deadline
 
     def acquire(self, stop: threading.Event | None = None) -> bool:
         """Block until this replica leads (True) or ``stop`` is set (False)."""
         stop = stop or self._stop
         log.info("waiting to lead: Lease %s/%s", self.config.namespace, self.config.name)
         while not stop.is_set():
-            if self._try_acquire_or_renew():
+            began = self._clock()
+            if self._attempt():
+                self._last_renew = began
                 self._leading.set()
-                self._last_renew = self._clock()
                 metrics.IS_LEADER.set(1)
                 log.info("leading: Lease %s/%s", self.config.namespace, self.config.name)
                 return True
@@ -89,19 +99,24 @@ class LeaderElector:
         return False
 
     def keep_leading(self, on_lost: Callable[[], None]) -> None:
-        """Renew in a daemon thread; call ``on_lost`` once if renewing fails past the deadline."""
+        """Renew in a daemon thread; call ``on_lost`` once no renewal went through for ``renew_deadline``
+        seconds. A renewal that comes back only after the deadline does not restore leadership:
+        :meth:`is_leader` has been false meanwhile, and a fresh start is the only state known to be clean."""
 
         def renew() -> None:
             while not self._stop.wait(self.config.retry_period):
-                if self._try_acquire_or_renew():
-                    self._last_renew = self._clock()
-                    continue
-                if self._clock() - self._last_renew > self.config.renew_deadline:
+                began = self._clock()
+                renewed = self._attempt()
+                if self._stop.is_set():
+                    return  # released meanwhile: not a loss
+                if not self.is_leader():
                     self._leading.clear()
                     metrics.IS_LEADER.set(0)
                     log.error("lost the Lease %s/%s: stopping", self.config.namespace, self.config.name)
                     on_lost()
                     return
+                if renewed:
+                    self._last_renew = began
 
         self._thread = threading.Thread(target=renew, name="leader-renew", daemon=True)
         self._thread.start()
@@ -114,23 +129,43 @@ class LeaderElector:
         self._leading.clear()
         metrics.IS_LEADER.set(0)
         try:
-            lease = self._api.read_namespaced_lease(self.config.name, self.config.namespace)
+            timeout = self._request_timeout()
+            lease = self._api.read_namespaced_lease(
+                self.config.name, self.config.namespace, _request_timeout=timeout
+            )
             if lease.spec.holder_identity != self.config.identity:
                 return
             lease.spec.holder_identity = None
             lease.spec.lease_duration_seconds = 1
             lease.spec.renew_time = _micro_time(dt.datetime.now(dt.UTC))
-            self._api.replace_namespaced_lease(self.config.name, self.config.namespace, lease)
+            self._api.replace_namespaced_lease(
+                self.config.name, self.config.namespace, lease, _request_timeout=timeout
+            )
             log.info("released the Lease %s/%s", self.config.namespace, self.config.name)
         except ApiException as exc:
             log.warning("could not release the Lease: %s %s", exc.status, exc.reason)
+        except Exception as exc:  # a timeout or a broken connection: the Lease expires on its own
+            log.warning("could not release the Lease: %r", exc)
 
     # -- one attempt -----------------------------------------------------------------------------------
+    def _request_timeout(self) -> tuple[float, float]:
+        """(connect, read) seconds for one Lease call: a dead connection fails within a retry period."""
+        return (self.config.retry_period, self.config.retry_period)
+
+    def _attempt(self) -> bool:
+        """One try; a timeout or a broken connection (not an ApiException) counts as a failed try."""
+        try:
+            return self._try_acquire_or_renew()
+        except Exception as exc:
+            log.warning("reaching the Lease %s/%s: %r", self.config.namespace, self.config.name, exc)
+            return False
+
     def _try_acquire_or_renew(self) -> bool:
         cfg = self.config
         now = dt.datetime.now(dt.UTC)
+        timeout = self._request_timeout()
         try:
-            lease = self._api.read_namespaced_lease(cfg.name, cfg.namespace)
+            lease = self._api.read_namespaced_lease(cfg.name, cfg.namespace, _request_timeout=timeout)
         except ApiException as exc:
             if exc.status != 404:
                 log.warning("reading the Lease: %s %s", exc.status, exc.reason)
@@ -140,7 +175,7 @@ class LeaderElector:
                 spec=self._spec(now, now, 0),
             )
             try:
-                self._api.create_namespaced_lease(cfg.namespace, body)
+                self._api.create_namespaced_lease(cfg.namespace, body, _request_timeout=timeout)
             except ApiException as exc2:
                 log.info("creating the Lease: %s %s", exc2.status, exc2.reason)
                 return False
@@ -162,7 +197,7 @@ class LeaderElector:
         lease.spec = self._spec(acquired or now, now, transitions)
         try:
             # The resourceVersion in metadata makes this a compare-and-swap: of two candidates, one wins.
-            self._api.replace_namespaced_lease(cfg.name, cfg.namespace, lease)
+            self._api.replace_namespaced_lease(cfg.name, cfg.namespace, lease, _request_timeout=timeout)
         except ApiException as exc:
             if exc.status != 409:
                 log.warning("updating the Lease: %s %s", exc.status, exc.reason)
