@@ -19,7 +19,7 @@ import kopf
 
 from vnpu import api
 from vnpu.operator.config import OperatorConfig
-from vnpu.operator.reconciler import Reconciler
+from vnpu.operator.reconciler import Reconciler, Unhealthy
 
 log = logging.getLogger(__name__)
 
@@ -79,4 +79,11 @@ def register(
 
     @kopf.on.probe(id="reconciler", registry=registry)
     async def probe(memo: kopf.Memo, **_: Any) -> dict[str, Any]:
-        return reconciler(memo).health() if "reconciler" in memo else {"started": False}
+        if "reconciler" not in memo:
+            return {"started": False}
+        try:
+            return reconciler(memo).health()
+        except Unhealthy as exc:
+            # Permanent: kopf answers the probe with an error now (a temporary error would retry the
+            # handler for a minute while the probe times out).
+            raise kopf.PermanentError(str(exc)) from exc

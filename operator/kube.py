@@ -30,17 +30,24 @@ log = logging.getLogger(__name__)
 MANAGED_SELECTOR = f"{api.LABEL_MANAGED_BY}={api.MANAGED_BY_VALUE}"
 SHARE_KEY_SELECTOR = f"{MANAGED_SELECTOR},{api.LABEL_ROLE}={ROLE_SHARE_KEY}"
 METADATA_ONLY = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1"
+#: (connect, read) seconds of every call below: a call on a dead or half-open connection fails (and the
+#: pass with it, retried by the next) instead of blocking the reconcile loop for good. The informers'
+#: watches keep their own, longer timeouts (:mod:`vnpu.operator.cache`).
+REQUEST_TIMEOUT = (5.0, 30.0)
 
 
 def api_client_from_env() -> client.ApiClient:
-    """In a pod: its service account; elsewhere: $KUBECONFIG or ~/.kube/config."""
+    """In a pod: its service account; elsewhere: $KUBECONFIG or ~/.kube/config. TCP keepalive is on
+    (client-go's timings), so a connection the network dropped silently is noticed, watches included."""
     from kubernetes import config
 
+    configuration = client.Configuration()
     try:
-        config.load_incluster_config()
+        config.load_incluster_config(client_configuration=configuration)
     except config.ConfigException:
-        config.load_kube_config()
-    return client.ApiClient()
+        config.load_kube_config(client_configuration=configuration)
+    configuration.keep_alive = True
+    return client.ApiClient(configuration)
 
 
 class Kube:
@@ -62,6 +69,7 @@ class Kube:
             "label_selector": SHARE_KEY_SELECTOR,
             "_headers": {"Accept": METADATA_ONLY},
             "_preload_content": False,
+            "_request_timeout": REQUEST_TIMEOUT,
         }
         if not self.namespaces:
             responses = [self.core.list_secret_for_all_namespaces(**kwargs)]
@@ -75,7 +83,10 @@ class Kube:
         a list with a field selector: the operator's RBAC grants ``list`` on Services, not ``get``."""
         metrics.API_REQUESTS.labels("list", "services").inc()
         resp = self.core.list_namespaced_service(
-            namespace, field_selector=f"metadata.name={name}", _preload_content=False
+            namespace,
+            field_selector=f"metadata.name={name}",
+            _preload_content=False,
+            _request_timeout=REQUEST_TIMEOUT,
         )
         items = json.loads(resp.data).get("items") or []
         return parse_service(items[0]) if items else None
@@ -93,7 +104,12 @@ class Kube:
         """A namespaced create, counted; False on 409 (the name is taken), other errors raised."""
         metrics.API_REQUESTS.labels("create", resource).inc()
         try:
-            create(manifest["metadata"]["namespace"], manifest, _preload_content=False)
+            create(
+                manifest["metadata"]["namespace"],
+                manifest,
+                _preload_content=False,
+                _request_timeout=REQUEST_TIMEOUT,
+            )
         except ApiException as exc:
             if exc.status == 409:
                 return False
@@ -106,7 +122,10 @@ class Kube:
         metrics.API_REQUESTS.labels("create", "secrets").inc()
         try:
             resp = self.core.create_namespaced_secret(
-                manifest["metadata"]["namespace"], manifest, _preload_content=False
+                manifest["metadata"]["namespace"],
+                manifest,
+                _preload_content=False,
+                _request_timeout=REQUEST_TIMEOUT,
             )
         except ApiException as exc:
             if exc.status == 409:
@@ -119,7 +138,7 @@ class Kube:
     def delete_secret(self, namespace: str, name: str) -> bool:
         metrics.API_REQUESTS.labels("delete", "secrets").inc()
         try:
-            self.core.delete_namespaced_secret(name, namespace)
+            self.core.delete_namespaced_secret(name, namespace, _request_timeout=REQUEST_TIMEOUT)
         except ApiException as exc:
             if exc.status == 404:
                 return False
@@ -135,6 +154,7 @@ class Kube:
                 namespace,
                 {"metadata": {"ownerReferences": owner_references}},
                 _content_type="application/merge-patch+json",
+                _request_timeout=REQUEST_TIMEOUT,
             )
         except ApiException as exc:
             if exc.status != 404:
@@ -145,7 +165,11 @@ class Kube:
         metrics.API_REQUESTS.labels("delete", "pods").inc()
         try:
             self.core.delete_namespaced_pod(
-                name, namespace, grace_period_seconds=0 if force else None, _preload_content=False
+                name,
+                namespace,
+                grace_period_seconds=0 if force else None,
+                _preload_content=False,
+                _request_timeout=REQUEST_TIMEOUT,
             )
         except ApiException as exc:
             if exc.status == 404:
@@ -163,6 +187,7 @@ class Kube:
                 namespace,
                 {"metadata": {"ownerReferences": owner_references}},
                 _content_type="application/merge-patch+json",
+                _request_timeout=REQUEST_TIMEOUT,
             )
         except ApiException as exc:
             if exc.status != 404:
@@ -179,6 +204,7 @@ class Kube:
                 model.name,
                 {"status": dict(status)},
                 _preload_content=False,
+                _request_timeout=REQUEST_TIMEOUT,
             )
         except ApiException as exc:
             if exc.status != 404:  # deleted meanwhile
@@ -197,7 +223,14 @@ class Kube:
         }
         try:
             self.custom.replace_namespaced_custom_object_scale(
-                api.GROUP, api.VERSION, namespace, api.PLURAL, name, body, _preload_content=False
+                api.GROUP,
+                api.VERSION,
+                namespace,
+                api.PLURAL,
+                name,
+                body,
+                _preload_content=False,
+                _request_timeout=REQUEST_TIMEOUT,
             )
         except ApiException as exc:
             if exc.status in (404, 409):
@@ -210,7 +243,7 @@ class Kube:
         it; the operator never creates one). Read once at start so a missing class is named clearly:
         the API server refuses every placeholder pod without it. A refused read says nothing."""
         try:
-            self.scheduling.read_priority_class(PLACEHOLDER_PRIORITY_CLASS)
+            self.scheduling.read_priority_class(PLACEHOLDER_PRIORITY_CLASS, _request_timeout=REQUEST_TIMEOUT)
         except ApiException as exc:
             if exc.status == 404:
                 return True
@@ -244,7 +277,9 @@ class Kube:
         }
         metrics.API_REQUESTS.labels("create", "events").inc()
         try:
-            self.core.create_namespaced_event(model.namespace, body, _preload_content=False)
+            self.core.create_namespaced_event(
+                model.namespace, body, _preload_content=False, _request_timeout=REQUEST_TIMEOUT
+            )
         except ApiException as exc:  # events are best effort: never fail a reconcile over one
             log.warning(
                 "could not post event %s on %s/%s: %s", reason, model.namespace, model.name, exc.reason

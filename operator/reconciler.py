@@ -46,6 +46,14 @@ API_CONCURRENCY = 8
 REPORT_CONCURRENCY = 3
 #: Seconds to wait for the informers' first lists before the first pass.
 SYNC_TIMEOUT = 120.0
+#: :meth:`Reconciler.health` fails (and with it kopf's liveness probe, so the pod is restarted) once no
+#: pass has gone through for this many resync periods: a pass stuck on the API server, or failing each
+#: time, is not fixed by waiting.
+UNHEALTHY_AFTER_RESYNCS = 3
+
+
+class Unhealthy(RuntimeError):
+    """The reconcile loop has not completed a pass for too long (see :meth:`Reconciler.health`)."""
 
 
 class Reconciler:
@@ -63,6 +71,7 @@ class Reconciler:
         self._task: asyncio.Task[None] | None = None
         self._cache: Any = None
         self._passes = 0
+        self._loop_started: float | None = None
         self._last_ok: float | None = None
         self._last_error = ""
         self._estimates = EstimateCache(config.model_cache_dir, config.model_file_roots)
@@ -127,7 +136,8 @@ class Reconciler:
         for worker in self._reporters:
             await asyncio.to_thread(worker.join, 10)
         if self._cache is not None:
-            self._cache.stop()
+            # In a thread: closing a watch waits for its reader to get its next bytes.
+            await asyncio.to_thread(self._cache.stop)
 
     def _changed(self, why: str) -> None:
         """Called from an informer's thread."""
@@ -144,14 +154,25 @@ class Reconciler:
         return any(p.managed and p.namespace == namespace and p.model == model for p in pods)
 
     def health(self) -> dict[str, Any]:
+        """The loop's state for kopf's liveness probe; raises :class:`Unhealthy` when no pass went through
+        for ``UNHEALTHY_AFTER_RESYNCS`` resync periods (counted from the loop's start before the first)."""
+        now = time.monotonic()
+        since = self._last_ok if self._last_ok is not None else self._loop_started
+        limit = UNHEALTHY_AFTER_RESYNCS * self.config.resync_seconds
+        if since is not None and now - since > limit:
+            raise Unhealthy(
+                f"no reconcile pass went through for {now - since:.0f}s (limit {limit:g}s, "
+                f"{UNHEALTHY_AFTER_RESYNCS} resync periods); last error: {self._last_error or 'none'}"
+            )
         return {
             "passes": self._passes,
-            "last_ok_age_s": None if self._last_ok is None else round(time.monotonic() - self._last_ok, 1),
+            "last_ok_age_s": None if self._last_ok is None else round(now - self._last_ok, 1),
             "last_error": self._last_error,
             "models_in_backoff": len(self._failures),
         }
 
     async def _loop(self) -> None:
+        self._loop_started = time.monotonic()
         while True:
             timeout = self.config.resync_seconds
             if self._requeue_after is not None:

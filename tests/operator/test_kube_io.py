@@ -1,0 +1,98 @@
+"""The operator's API calls over a real socket (a stub server on 127.0.0.1): none can block for good."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import urllib3
+from apiserver_stub import ApiServerStub
+from test_planner import model
+
+from vnpu.operator import kube as kube_module
+from vnpu.operator.kube import Kube, api_client_from_env
+
+
+@pytest.fixture
+def stub() -> Iterator[ApiServerStub]:
+    server = ApiServerStub()
+    yield server
+    server.close()
+
+
+def pod(name: str) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"namespace": "ns", "name": name}}
+
+
+def every_call(kube: Kube) -> dict[str, Callable[[], Any]]:
+    m = model("a", 1)
+    return {
+        "list_secrets": kube.list_secrets,
+        "find_service": lambda: kube.find_service("ns", "vnpu-a"),
+        "create_service": lambda: kube.create_service({"metadata": {"namespace": "ns", "name": "vnpu-a"}}),
+        "create_pod": lambda: kube.create_pod(pod("p")),
+        "create_secret": lambda: kube.create_secret({"metadata": {"namespace": "ns", "name": "s"}}),
+        "delete_secret": lambda: kube.delete_secret("ns", "s"),
+        "set_secret_owners": lambda: kube.set_secret_owners("ns", "s", []),
+        "delete_pod": lambda: kube.delete_pod("ns", "p"),
+        "set_pod_owners": lambda: kube.set_pod_owners("ns", "p", []),
+        "patch_model_status": lambda: kube.patch_model_status(m, {"phase": "Running"}),
+        "scale_model": lambda: kube.scale_model("ns", "a", 0, "1"),
+        "placeholder_priority_class_missing": kube.placeholder_priority_class_missing,
+        "post_event": lambda: kube.post_event(m, "Normal", "Test", "a test"),
+    }
+
+
+def test_every_call_has_a_case_here() -> None:
+    public = {n for n in vars(Kube) if not n.startswith("_") and callable(getattr(Kube, n))}
+    assert public == set(every_call(Kube.__new__(Kube)))
+
+
+def test_no_call_blocks_on_a_server_that_never_answers(
+    stub: ApiServerStub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(kube_module, "REQUEST_TIMEOUT", (1.0, 0.2))
+    kube = Kube(stub.api_client(retries=0))
+    stub.hang.set()  # every request is read and never answered: a half-open connection
+    outcomes: dict[str, BaseException | None] = {}
+
+    def call(name: str, fn: Callable[[], Any]) -> None:
+        try:
+            fn()
+            outcomes[name] = None
+        except BaseException as exc:
+            outcomes[name] = exc
+
+    threads = [threading.Thread(target=call, args=item, daemon=True) for item in every_call(kube).items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)  # a call without a timeout would still be blocked here
+    assert set(outcomes) == set(every_call(kube))
+    assert {
+        n: type(e).__name__ for n, e in outcomes.items() if not isinstance(e, urllib3.exceptions.HTTPError)
+    } == {}
+    assert len(stub.requests) == len(outcomes)
+
+
+def test_the_client_from_the_environment_keeps_connections_alive(
+    stub: ApiServerStub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(
+        "apiVersion: v1\nkind: Config\ncurrent-context: c\n"
+        f"clusters: [{{name: c, cluster: {{server: '{stub.url}'}}}}]\n"
+        "users: [{name: u, user: {token: t}}]\n"
+        "contexts: [{name: c, context: {cluster: c, user: u}}]\n"
+    )
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.setattr("kubernetes.config.kube_config.KUBE_CONFIG_DEFAULT_LOCATION", str(kubeconfig))
+    api_client = api_client_from_env()
+    assert api_client.configuration.host == stub.url
+    options = api_client.rest_client.pool_manager.connection_pool_kw["socket_options"]
+    assert (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1) in options
+    assert Kube(api_client).create_pod(pod("p"))

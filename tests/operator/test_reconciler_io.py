@@ -1,0 +1,143 @@
+"""The reconciler's loop against a stub API server on 127.0.0.1: a stuck pass fails the liveness probe."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import kopf
+import pytest
+from apiserver_stub import ApiServerStub
+from kopf._core.engines.indexing import OperatorIndexers
+from kopf._core.engines.probing import health_reporter
+
+from vnpu import api
+from vnpu.cluster.kwok import npu_node_manifest
+from vnpu.operator import handlers
+from vnpu.operator.config import OperatorConfig
+from vnpu.operator.kube import Kube
+from vnpu.operator.reconciler import UNHEALTHY_AFTER_RESYNCS, Reconciler, Unhealthy
+
+
+@pytest.fixture
+def stub() -> Iterator[ApiServerStub]:
+    server = ApiServerStub()
+    node_manifest = npu_node_manifest("n1", devices=2, device_mib=16 * 1024)
+    node_manifest["status"]["conditions"] = [{"type": "Ready", "status": "True"}]
+    server.lists["nodes"] = [node_manifest]
+    server.lists["inferencemodels"] = [model_object("a")]
+    yield server
+    server.close()
+
+
+def model_object(name: str, uid: str = "") -> dict[str, Any]:
+    return {
+        "apiVersion": api.API_VERSION,
+        "kind": api.KIND,
+        "metadata": {
+            "namespace": "ns",
+            "name": name,
+            "uid": uid or f"uid-{name}",
+            "generation": 1,
+            "resourceVersion": "1",
+        },
+        "spec": {
+            "modelName": name,
+            "source": {"uri": "file:///models/m.gguf"},
+            "replicas": 1,
+            "weights": {"sizeMiB": 4096},
+            "memory": {"kvCacheMiB": 1024},
+        },
+    }
+
+
+class StuckKube(Kube):
+    """The real client, but a pod create never returns once ``stuck`` is set (until ``release``)."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.stuck = threading.Event()
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def create_pod(self, manifest: Any) -> bool:
+        if self.stuck.is_set():
+            self.entered.set()
+            self.release.wait()
+        return super().create_pod(manifest)
+
+
+async def probe_status(url: str) -> int:
+    def get() -> int:
+        try:
+            with urllib.request.urlopen(url, timeout=10) as resp:
+                return int(resp.status)
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    return await asyncio.to_thread(get)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_a_pass_stuck_on_the_api_server_fails_the_liveness_probe(stub: ApiServerStub) -> None:
+    config = OperatorConfig(placeholders=False, resync_seconds=0.2, debounce_seconds=0.01)
+    kube = StuckKube(stub.api_client())
+    kube.stuck.set()
+
+    async def scenario() -> None:
+        rec = Reconciler(config, kube=kube)
+        await rec.start()
+        try:
+            assert rec.health()["last_error"] == ""
+            # The first pass creates the share group's key Secret; the next one its pods, and sticks.
+            assert await asyncio.to_thread(kube.entered.wait, 10)
+            assert rec.health()["passes"] >= 1
+            for _ in range(200):
+                try:
+                    rec.health()
+                except Unhealthy as exc:
+                    message = str(exc)
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                pytest.fail("health() stayed green while the pass was stuck")
+            limit = UNHEALTHY_AFTER_RESYNCS * config.resync_seconds
+            assert message.startswith("no reconcile pass went through for ")
+            assert f"(limit {limit:g}s, {UNHEALTHY_AFTER_RESYNCS} resync periods)" in message
+            # kopf's liveness endpoint answers with an error (the kubelet restarts the pod).
+            registry = kopf.OperatorRegistry()
+            handlers.register(registry, config)
+            memo = kopf.Memo()
+            memo["reconciler"] = rec
+            url = f"http://127.0.0.1:{free_port()}/healthz"
+            ready = asyncio.Event()
+            server = asyncio.create_task(
+                health_reporter(
+                    url,
+                    memo=memo,
+                    indices=OperatorIndexers().indices,
+                    registry=registry,
+                    settings=kopf.OperatorSettings(),
+                    ready_flag=ready,
+                )
+            )
+            try:
+                await asyncio.wait_for(ready.wait(), 10)
+                assert await probe_status(url) == 500
+            finally:
+                server.cancel()
+        finally:
+            kube.release.set()
+            await rec.stop()
+
+    asyncio.run(scenario())
