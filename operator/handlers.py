@@ -59,6 +59,9 @@ def register(
 
     @kopf.on.startup(registry=registry)
     async def start(memo: kopf.Memo, settings: kopf.OperatorSettings, **_: Any) -> None:
+        # kopf retries a failed start: whatever an earlier attempt left running goes first.
+        if "reconciler" in memo:
+            await memo.pop("reconciler").stop()
         rec = Reconciler(config, is_leader=is_leader)
         memo["reconciler"] = rec
         await rec.start()

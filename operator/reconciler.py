@@ -115,10 +115,21 @@ class Reconciler:
                 "chart ships it, placeholderPriorityClass.create=true), or run with --no-placeholders",
                 PLACEHOLDER_PRIORITY_CLASS,
             )
-        self._cache = ClusterCache(kube.api_client, self.config.namespaces, self._changed)
-        self._cache.start()
-        if not await asyncio.to_thread(self._cache.wait_synced, SYNC_TIMEOUT):
-            raise RuntimeError("the informers did not list nodes, pods and InferenceModels in time")
+        cache = self._cache = ClusterCache(kube.api_client, self.config.namespaces, self._changed)
+        cache.start()
+        try:
+            if not await asyncio.to_thread(cache.wait_synced, SYNC_TIMEOUT):
+                informers = (cache.nodes, cache.pods, *cache.models, *cache.services)
+                late = sorted({i.name for i in informers if not i.synced.is_set()})
+                raise RuntimeError(
+                    f"the informers of {', '.join(late)} did not list in {SYNC_TIMEOUT:g}s (the log says "
+                    "why: a 403 wants the chart's RBAC)"
+                )
+        except BaseException:
+            # kopf retries a failed start with a new Reconciler: these informers must not keep listing.
+            self._cache = None
+            await asyncio.shield(asyncio.to_thread(cache.stop))
+            raise
         self._reporters = [
             threading.Thread(target=self._report_worker, name=f"vnpu-report-{i}", daemon=True)
             for i in range(REPORT_CONCURRENCY)

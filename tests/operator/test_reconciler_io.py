@@ -1,24 +1,28 @@
-"""The reconciler's loop against a stub API server on 127.0.0.1: a stuck pass fails the liveness probe."""
+"""The reconciler against a stub API server on 127.0.0.1: a stuck pass fails the liveness probe, a failed
+start leaves nothing running."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
 import threading
+import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import kopf
 import pytest
 from apiserver_stub import ApiServerStub
+from kopf._core.engines import activities
 from kopf._core.engines.indexing import OperatorIndexers
 from kopf._core.engines.probing import health_reporter
+from kopf._core.intents import causes
 
 from vnpu import api
 from vnpu.cluster.kwok import npu_node_manifest
-from vnpu.operator import handlers
+from vnpu.operator import handlers, reconciler
 from vnpu.operator.config import OperatorConfig
 from vnpu.operator.kube import Kube
 from vnpu.operator.reconciler import UNHEALTHY_AFTER_RESYNCS, Reconciler, Unhealthy
@@ -139,5 +143,69 @@ def test_a_pass_stuck_on_the_api_server_fails_the_liveness_probe(stub: ApiServer
         finally:
             kube.release.set()
             await rec.stop()
+
+    asyncio.run(scenario())
+
+
+def informer_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name.startswith("informer-") and t.is_alive()}
+
+
+def wait_until(condition: Callable[[], bool], seconds: float = 10) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def test_a_start_that_fails_leaves_no_informer_behind(
+    stub: ApiServerStub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """RBAC refuses listing Services: kopf retries the startup handler, each try must stop its informers."""
+    monkeypatch.setattr(reconciler, "SYNC_TIMEOUT", 0.3)
+    monkeypatch.setattr(reconciler, "api_client_from_env", stub.api_client)
+    stub.forbidden.add("services")
+    config = OperatorConfig(placeholders=False)
+    registry = kopf.OperatorRegistry()
+    handlers.register(registry, config)
+    settings = kopf.OperatorSettings()
+    settings.execution.default_backoff = 0.1
+    memo = kopf.Memo()
+    before = informer_threads()
+
+    def node_lists() -> int:
+        return sum(1 for method, path, watch in stub.requests if path == "/api/v1/nodes" and not watch)
+
+    async def scenario() -> None:
+        startup = asyncio.create_task(
+            activities.run_activity(
+                lifecycle=kopf.lifecycles.all_at_once,
+                registry=registry,
+                settings=settings,
+                activity=causes.Activity.STARTUP,
+                indices=OperatorIndexers().indices,
+                memo=memo,
+            )
+        )
+        try:
+            assert await asyncio.to_thread(wait_until, lambda: node_lists() >= 3)  # two tries failed
+            stub.forbidden.clear()  # the chart's RBAC is fixed: the next try starts
+            await asyncio.wait_for(startup, 20)
+            # One cache's informers run (nodes, pods, InferenceModels, Services); every failed try's
+            # stopped.
+            assert await asyncio.to_thread(wait_until, lambda: len(informer_threads() - before) == 4)
+            assert sorted(t.name for t in informer_threads() - before) == [
+                "informer-inferencemodels",
+                "informer-nodes",
+                "informer-pods",
+                "informer-services",
+            ]
+        finally:
+            startup.cancel()
+            if "reconciler" in memo:
+                await memo["reconciler"].stop()
+        assert await asyncio.to_thread(wait_until, lambda: not informer_threads() - before)
 
     asyncio.run(scenario())
