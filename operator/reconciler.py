@@ -482,6 +482,8 @@ class Reconciler:
                 self._write_report(report)
             except Exception:
                 log.exception("writing the status of %s failed", key)
+                # Never mistaken for a status being written: the next pass plans from the server's view.
+                self._reported.refused(report.model.uid, report.token)
             finally:
                 lag = self._reports.done(key)
                 if lag is not None:
@@ -526,12 +528,15 @@ class Reconciler:
             # AlreadyExists: ours, not yet seen by the informer, or someone else's (never touched).
             found = self.kube.find_service(intent.namespace, intent.name)
         except Exception as exc:
+            # Refused, or unanswered (a timeout, a broken connection): this Service alone failed, the
+            # model's Events and status still go.
             with self._shared_lock:
                 self._creating.pop(key, None)
-            if not isinstance(exc, ApiException):
-                raise
-            reason, message = api_error(exc)
-            log.warning("creating Service %s/%s refused: %s", *key, message, extra={"reason": reason})
+            if isinstance(exc, ApiException):
+                reason, message = api_error(exc)
+            else:
+                reason, message = type(exc).__name__, str(exc)
+            log.warning("creating Service %s/%s failed: %s", *key, message, extra={"reason": reason})
             self._series.count_api_error(intent.namespace, intent.owner.name, reason)
             with self._shared_lock:
                 self._late_failures[intent.owner.key] = (reason, f"creating Service {intent.name}: {message}")

@@ -23,6 +23,7 @@ class ApiServerStub:
         self.lists: dict[str, list[dict[str, Any]]] = {}  # last path segment -> items
         self.forbidden: set[str] = set()  # last path segments answered 403
         self.requests: list[tuple[str, str, bool]] = []  # (method, path, watch)
+        self.writes: list[tuple[str, str, Any]] = []  # (method, path, body) of the answered writes
         self.client_ports: set[int] = set()  # one per TCP connection the clients opened
         self.hang = threading.Event()
         self._closing = threading.Event()
@@ -73,7 +74,8 @@ class ApiServerStub:
                 body = self.rfile.read(length) if length else b"{}"
                 if stub._seen(self, False):
                     return
-                self._reply(201 if self.command == "POST" else 200, json.loads(body or b"{}"))
+                stub.writes.append((self.command, self.path, json.loads(body)))
+                self._reply(201 if self.command == "POST" else 200, json.loads(body))
 
             do_POST = do_PUT = do_PATCH = do_DELETE = _write
 
@@ -85,7 +87,11 @@ class ApiServerStub:
                 self.end_headers()
                 self.wfile.write(data)
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Server(ThreadingHTTPServer):
+            def handle_error(self, request: Any, client_address: Any) -> None:
+                pass  # a client that closed its connection (a watch it stopped) is no error here
+
+        self._server = Server(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, name="apiserver-stub", daemon=True)
         self._thread.start()

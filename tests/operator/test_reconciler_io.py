@@ -14,6 +14,7 @@ from typing import Any
 
 import kopf
 import pytest
+import urllib3
 from apiserver_stub import ApiServerStub
 from kopf._core.engines import activities
 from kopf._core.engines.indexing import OperatorIndexers
@@ -209,3 +210,100 @@ def test_a_start_that_fails_leaves_no_informer_behind(
         assert await asyncio.to_thread(wait_until, lambda: not informer_threads() - before)
 
     asyncio.run(scenario())
+
+
+class FlakyKube(Kube):
+    """The real client, but the first ``fail[method]`` calls of a method lose their connection."""
+
+    def __init__(self, api_client: Any, fail: dict[str, int]) -> None:
+        super().__init__(api_client)
+        self.fail = dict(fail)
+        self.raised: list[str] = []
+        self._lock = threading.Lock()
+
+    def _connection_lost(self, method: str) -> None:
+        with self._lock:
+            if not self.fail.get(method):
+                return
+            self.fail[method] -= 1
+            self.raised.append(method)
+        raise urllib3.exceptions.ProtocolError("Connection aborted.", ConnectionResetError(104, "reset"))
+
+    def create_service(self, manifest: Any) -> bool:
+        self._connection_lost("create_service")
+        return super().create_service(manifest)
+
+    def patch_model_status(self, model: Any, status: Any) -> None:
+        self._connection_lost("patch_model_status")
+        super().patch_model_status(model, status)
+
+
+def written(stub: ApiServerStub, path_end: str) -> list[Any]:
+    return [body for method, path, body in list(stub.writes) if path.endswith(path_end)]
+
+
+def run_until(kube: Kube, config: OperatorConfig, *checks: Callable[[], bool], nudge: bool = False) -> None:
+    """Start a reconciler on ``kube``; wait for each check in turn (triggering passes if ``nudge``)."""
+
+    async def scenario() -> None:
+        rec = Reconciler(config, kube=kube)
+        await rec.start()
+        try:
+            for check in checks:
+                for _ in range(200):
+                    if check():
+                        break
+                    if nudge:
+                        rec.trigger("test")
+                    await asyncio.sleep(0.05)
+                else:
+                    pytest.fail(f"not reached in 10 s: {check.__doc__}")
+        finally:
+            await rec.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_service_that_cannot_be_created_holds_back_neither_events_nor_status(stub: ApiServerStub) -> None:
+    kube = FlakyKube(stub.api_client(), fail={"create_service": 1})
+    config = OperatorConfig(placeholders=False, debounce_seconds=0.01)
+
+    def reported() -> bool:
+        """the model's first Events and status, in the report whose Service failed"""
+        return bool(written(stub, "/inferencemodels/a/status"))
+
+    def degraded() -> bool:
+        """the model Degraded, saying why"""
+        return any(
+            c["type"] == "Degraded" and c["status"] == "True"
+            for s in written(stub, "/inferencemodels/a/status")
+            for c in s["status"]["conditions"]
+        )
+
+    def service() -> bool:
+        """the Service created on the next try"""
+        return bool(written(stub, "/services"))
+
+    run_until(kube, config, reported, degraded, service)
+    assert kube.raised == ["create_service"]
+    events = written(stub, "/events")
+    assert [e["reason"] for e in events[:2]] == ["Placed", "ProtocolError"]
+    assert events[1]["message"].startswith("creating Service vnpu-a: ('Connection aborted.'")
+    first = written(stub, "/inferencemodels/a/status")[0]["status"]
+    assert first["phase"] == "Running"
+
+
+def test_a_status_write_that_lost_its_connection_is_written_again_by_the_next_pass(
+    stub: ApiServerStub,
+) -> None:
+    kube = FlakyKube(stub.api_client(), fail={"patch_model_status": 1})
+    # A resync far away: only a pass that knows the write failed writes the status again.
+    config = OperatorConfig(placeholders=False, debounce_seconds=0.01, resync_seconds=600)
+
+    def status() -> bool:
+        """the status written after the first attempt lost its connection"""
+        return bool(written(stub, "/inferencemodels/a/status"))
+
+    run_until(kube, config, status, nudge=True)
+    assert kube.raised == ["patch_model_status"]
+    assert [s["status"]["phase"] for s in written(stub, "/inferencemodels/a/status")] == ["Running"]
