@@ -194,7 +194,8 @@ def attach(
     expected: Expected | None = None,
 ) -> Lease:
     """Attach to the holder of ``identity`` at ``socket_path``; raises HolderUnavailableError (nothing
-    there, or it went away) or AttachRefusedError (authentication, identity or weights mismatch)."""
+    there, it went away, or it sent something unusable) or AttachRefusedError (authentication, identity
+    or weights mismatch), and nothing else: a caller retrying in a loop must not die of a peer's bytes."""
     path = Path(socket_path)
     start = time.perf_counter()
     sock = _connect(path, timeout)
@@ -207,6 +208,9 @@ def attach(
     except (ProtocolError, OSError) as e:
         sock.close()
         raise HolderUnavailableError(f"weights-holder at {path} went away during attach: {e}") from e
+    except Exception as e:  # whatever a peer sends must end as one of this function's two errors
+        sock.close()
+        raise HolderUnavailableError(f"weights-holder at {path} sent an unusable handshake: {e!r}") from e
     if not reply.get("ok"):
         for fd in fds:
             os.close(fd)
@@ -226,6 +230,9 @@ def attach(
     except (ArenaError, KeyError, ValueError) as e:
         sock.close()
         raise HolderUnavailableError(f"cannot import the arena from {path}: {e}") from e
+    except Exception as e:
+        sock.close()
+        raise HolderUnavailableError(f"cannot import the arena from {path}: {e!r}") from e
     sock.settimeout(None)
     return Lease(sock, manifest, arena, reply.get("holder", {}), time.perf_counter() - start)
 
@@ -244,6 +251,8 @@ def holder_status(
             raise
         except (ProtocolError, OSError) as e:
             raise HolderUnavailableError(f"weights-holder at {path} went away: {e}") from e
+        except Exception as e:
+            raise HolderUnavailableError(f"weights-holder at {path} sent an unusable handshake: {e!r}") from e
     for fd in fds:
         os.close(fd)
     if not reply.get("ok"):

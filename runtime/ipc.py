@@ -87,7 +87,7 @@ def recv_message(
         message = json.loads(_recv_exact(sock, length, deadline))
         if not isinstance(message, dict):
             raise ProtocolError("message is not a JSON object")
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, RecursionError) as e:  # RecursionError: JSON nested too deep to parse
         for fd in fds:
             _close_quietly(fd)
         if isinstance(e, ProtocolError):

@@ -65,43 +65,64 @@ class SharedWeightsSupervisor:
         self._thread.join(timeout=10)
 
     def _run(self) -> None:
+        """Attach and serve until stopped. No error ends this loop, an unforeseen one included: with
+        this thread gone the replica would stay unready for good, even once its holder is back."""
         delay = self.retry_initial
         while not self._stop.is_set():
             try:
-                lease = attach(
-                    self.socket_path, self.identity, self._key, self.device, expected=self.expected
-                )
-            except (HolderUnavailableError, AttachRefusedError) as e:
-                self.refused = isinstance(e, AttachRefusedError)
-                failure = "refused" if self.refused else "unavailable"
-                self.runtime.metrics.attach_failures.labels(failure).inc()
-                what = "weights-holder refused or untrusted" if self.refused else "weights-holder unavailable"
-                self.runtime.set_unavailable(f"{what}: {e}")
-                level = logging.ERROR if self.refused else logging.WARNING
-                extra = {"reason": str(e), "share": str(self.identity), "retry_s": round(delay, 2)}
-                log.log(level, "attach failed", extra=extra)
-                self._stop.wait(delay)
-                delay = min(delay * 2, self.retry_max)
+                if self._attach_and_serve():
+                    return
+                delay = self.retry_initial
                 continue
-            delay = self.retry_initial
-            self.refused = False
-            self._lease = lease
-            self.runtime.metrics.attaches.inc()  # before install makes the runtime ready: counted once seen
-            try:
-                self.runtime.install(
-                    lease.manifest, lease.arena, shared=True, seconds=lease.attach_seconds, keep=lease
-                )
-            except Exception as e:  # a holder serving an unusable model / budget error: stay down, loudly
-                self.fatal = str(e)
-                self.runtime.set_unavailable(f"cannot use the attached weights: {e}")
-                log.error("install failed", extra={"reason": str(e)})
-                lease.close()
-                return
+            except Exception as e:
+                self._attach_failed(e, delay)
+            self._stop.wait(delay)
+            delay = min(delay * 2, self.retry_max)
+
+    def _attach_failed(self, e: Exception, delay: float) -> None:
+        self.refused = isinstance(e, AttachRefusedError)
+        expected = isinstance(e, HolderUnavailableError | AttachRefusedError)
+        failure = "refused" if self.refused else "unavailable"
+        self.runtime.metrics.attach_failures.labels(failure).inc()
+        if self.refused:
+            what = "weights-holder refused or untrusted"
+        elif expected:
+            what = "weights-holder unavailable"
+        else:
+            what = "weights-holder unusable (unexpected error)"
+        self.runtime.set_unavailable(f"{what}: {e}")
+        level = logging.ERROR if self.refused or not expected else logging.WARNING
+        extra = {"reason": str(e), "share": str(self.identity), "retry_s": round(delay, 2)}
+        log.log(level, "attach failed", extra=extra, exc_info=not expected)
+
+    def _attach_and_serve(self) -> bool:
+        """Attach, install the weights, serve until the lease is lost. True when this supervisor is
+        done: stopped, or the attached model cannot be used at all."""
+        lease = attach(self.socket_path, self.identity, self._key, self.device, expected=self.expected)
+        self.refused = False
+        self._lease = lease
+        self.runtime.metrics.attaches.inc()  # before install makes the runtime ready: counted once seen
+        try:
+            self.runtime.install(
+                lease.manifest, lease.arena, shared=True, seconds=lease.attach_seconds, keep=lease
+            )
+        except Exception as e:  # a holder serving an unusable model / budget error: stay down, loudly
+            self.fatal = str(e)
+            self.runtime.set_unavailable(f"cannot use the attached weights: {e}")
+            log.error("install failed", extra={"reason": str(e)})
+            lease.close()
+            return True
+        try:
             while not lease.wait_lost(0.5):
                 if self._stop.is_set():
-                    return
+                    return True
             reason = f"weights-holder at {self.socket_path} went away ({lease.lost_reason}); reconnecting"
             self.runtime.uninstall(reason)
+        except BaseException:
             lease.close()
             self._lease = None
-            time.sleep(0)  # let views die before the next attach maps a new arena
+            raise
+        lease.close()
+        self._lease = None
+        time.sleep(0)  # let views die before the next attach maps a new arena
+        return False

@@ -145,5 +145,10 @@ def proof(key: bytes, role: str, identity: ShareIdentity, client_nonce: str, ser
 
 
 def proof_matches(expected: str, received: object) -> bool:
-    """Constant-time comparison of a received proof with the expected one."""
-    return isinstance(received, str) and hmac.compare_digest(expected.encode(), received.encode())
+    """Constant-time comparison of a received proof with the expected one. Whatever a peer sent, the
+    answer is a bool: a string that cannot be encoded (a lone surrogate) is simply not the proof."""
+    return (
+        isinstance(received, str)
+        and received.isascii()
+        and hmac.compare_digest(expected.encode(), received.encode())
+    )

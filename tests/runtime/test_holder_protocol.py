@@ -4,6 +4,8 @@ manifests a replica must not trust."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import socket
 import struct
 import threading
@@ -17,7 +19,10 @@ from rt_helpers import load_tiny_llama
 from vnpu import sharing
 from vnpu.runtime import holder as holder_module
 from vnpu.runtime.attach import AttachRefusedError, HolderUnavailableError, attach
+from vnpu.runtime.engine import ModelRuntime, ServeOptions
 from vnpu.runtime.holder import WeightsHolder
+from vnpu.runtime.ipc import recv_message, send_message
+from vnpu.runtime.supervisor import SharedWeightsSupervisor
 
 ID = sharing.ShareIdentity("team-a", "group-a", "w1")
 KEY = b"k" * 32
@@ -92,4 +97,199 @@ def test_peers_trickling_their_hello_are_cut_at_the_handshake_deadline(
                 t.join()
         for peer in peers:
             peer.close()
+        holder.stop()
+
+
+# --- odd frames: nothing a peer sends may end a replica's retries ------------------------------
+
+
+class FakeHolder:
+    """Listens at ``path`` and hands every connection to ``serve``: a squatter, or a broken holder."""
+
+    def __init__(self, path: Path, serve: Any) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(str(path))
+        self._listener.listen(8)
+        self._listener.settimeout(0.05)  # lets close() end the accept loop
+        self._serve = serve
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.settimeout(5)
+                with contextlib.suppress(OSError):
+                    self._serve(conn)
+
+    def close(self) -> None:
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        self._thread.join()
+        self._listener.close()
+        self.path.unlink()
+
+
+@pytest.fixture
+def fake_holder() -> Any:
+    """Makes FakeHolders, and closes whichever a test left open (a failed assertion included)."""
+    made: list[FakeHolder] = []
+
+    def make(path: Path, serve: Any) -> FakeHolder:
+        made.append(FakeHolder(path, serve))
+        return made[-1]
+
+    yield make
+    for fake in made:
+        fake.close()
+
+
+def _send_raw(conn: socket.socket, body: bytes) -> None:
+    recv_message(conn)  # the hello
+    conn.sendall(struct.pack(">I", len(body)) + body)
+
+
+def _challenge_with_key(conn: socket.socket) -> None:
+    """The holder's side of the handshake, by someone who has the group's key."""
+    hello, _ = recv_message(conn)
+    nonce = sharing.new_nonce()
+    challenge = {"ok": True, "op": "challenge", "nonce": nonce}
+    send_message(conn, challenge | {"proof": sharing.proof(KEY, "holder", ID, hello["nonce"], nonce)})
+    recv_message(conn)  # the replica's proof
+
+
+def _nested_json(conn: socket.socket) -> None:
+    _send_raw(conn, b"[" * 60_000)  # a frame json.loads cannot parse without RecursionError
+
+
+def _surrogate_proof(conn: socket.socket) -> None:
+    challenge = {"ok": True, "op": "challenge", "nonce": "0" * 32, "proof": "\ud800"}
+    _send_raw(conn, json.dumps(challenge).encode())  # a lone surrogate: its str cannot be encoded
+
+
+def _plain_file_arena(manifest: dict[str, Any], plain: Path) -> Any:
+    """A holder with the key that passes a regular file as the arena (no memfd, no seals)."""
+
+    def serve(conn: socket.socket) -> None:
+        _challenge_with_key(conn)
+        with open(plain, "rb") as f:
+            reply = {"ok": True, "arena": {"backend": "cpu", "nbytes": 4096}, "holder": {}}
+            send_message(conn, reply | {"manifest": manifest}, [f.fileno()])
+        conn.recv(1)  # until the replica hangs up
+
+    return serve
+
+
+@pytest.mark.parametrize(
+    ("odd", "error"),
+    [
+        ("nested-json", HolderUnavailableError),
+        ("surrogate-proof", AttachRefusedError),  # not the proof: a squatter, refused
+        ("plain-file-arena", HolderUnavailableError),
+    ],
+)
+def test_an_odd_frame_does_not_end_the_replicas_retries(
+    odd: str, error: type[Exception], tiny: Any, short_tmp: Path, monkeypatch: Any, fake_holder: Any
+) -> None:
+    """A squatter without the key (nested JSON, an unencodable proof) or a broken holder with it (a
+    regular file for the arena): the replica stays unready, keeps trying, and serves once its real
+    holder is up."""
+    uncaught: list[str] = []
+    monkeypatch.setattr(
+        threading, "excepthook", lambda a: uncaught.append(f"{a.thread.name}: {a.exc_value!r}")
+    )
+    plain = short_tmp / "plain"
+    plain.write_bytes(b"\0" * 4096)
+    serve = {
+        "nested-json": _nested_json,
+        "surrogate-proof": _surrogate_proof,
+        "plain-file-arena": _plain_file_arena(tiny.manifest.to_dict(), plain),
+    }[odd]
+    path = short_tmp / "s" / "weights.sock"
+    fake = fake_holder(path, serve)
+    with pytest.raises(error):  # one of attach's two errors, whatever the peer sent
+        attach(path, ID, KEY, timeout=5)
+    runtime = ModelRuntime(ServeOptions(max_context=64))
+    supervisor = SharedWeightsSupervisor(runtime, path, ID, KEY, retry_initial=0.05, retry_max=0.1)
+    supervisor.start()
+    try:
+        failures = runtime.metrics.attach_failures
+        # It failed (a squatter is refused, a broken holder is unavailable), and came back for more.
+        wait_until(lambda: sum(failures.labels(f)._value.get() for f in ("refused", "unavailable")) >= 2)
+        assert not runtime.ready and runtime.unavailable_reason
+        fake.close()
+        real = WeightsHolder(tiny, ID, KEY, path)
+        real.start()
+        try:
+            wait_until(lambda: runtime.ready)
+            assert runtime.complete("hello", 4, temperature=0).result.token_ids
+        finally:
+            real.stop()
+    finally:
+        supervisor.stop()
+    assert uncaught == [] and not supervisor._thread.is_alive()
+
+
+def test_the_holder_answers_odd_frames_and_keeps_serving(
+    tiny: Any, short_tmp: Path, monkeypatch: Any
+) -> None:
+    uncaught: list[str] = []
+    monkeypatch.setattr(
+        threading, "excepthook", lambda a: uncaught.append(f"{a.thread.name}: {a.exc_value!r}")
+    )
+    holder = WeightsHolder(tiny, ID, KEY, short_tmp / "s" / "weights.sock")
+    holder.start()
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(str(holder.socket_path))
+            body = b"[" * 60_000
+            s.sendall(struct.pack(">I", len(body)) + body)
+            assert s.recv(1) == b""  # not a frame: the holder hangs up
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(str(holder.socket_path))
+            identity = {"namespace": ID.namespace, "group": ID.group, "weights_id": ID.weights_id}
+            send_message(s, {"op": "hello", "protocol": 2, "identity": identity, "nonce": "0" * 32})
+            recv_message(s)
+            send_message(s, {"op": "attach", "proof": "\ud800"})
+            reply, fds = recv_message(s)
+            assert not reply["ok"] and "authentication failed" in reply["error"] and not fds
+        assert _attach_works(holder.socket_path)
+    finally:
+        holder.stop()
+    assert uncaught == []
+
+
+def test_the_supervisor_survives_an_error_nobody_foresaw(
+    tiny: Any, short_tmp: Path, monkeypatch: Any
+) -> None:
+    """Whatever escapes attach (a bug), the supervisor logs it, stays unready and retries."""
+    from vnpu.runtime import supervisor as supervisor_module
+
+    calls: list[int] = []
+
+    def flaky_attach(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) <= 2:
+            raise RuntimeError("a bug in attach")
+        return attach(*args, **kwargs)
+
+    monkeypatch.setattr(supervisor_module, "attach", flaky_attach)
+    holder = WeightsHolder(tiny, ID, KEY, short_tmp / "s" / "weights.sock")
+    holder.start()
+    runtime = ModelRuntime(ServeOptions(max_context=64))
+    supervisor = SharedWeightsSupervisor(runtime, holder.socket_path, ID, KEY, retry_initial=0.05)
+    supervisor.start()
+    try:
+        wait_until(lambda: runtime.ready)
+        assert len(calls) == 3 and runtime.metrics.attach_failures.labels("unavailable")._value.get() == 2
+    finally:
+        supervisor.stop()
         holder.stop()
