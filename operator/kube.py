@@ -76,7 +76,7 @@ class Kube:
         else:
             responses = [self.core.list_namespaced_secret(ns, **kwargs) for ns in self.namespaces]
         metrics.API_REQUESTS.labels("list", "secrets").inc(len(responses))
-        return [parse_secret(item) for r in responses for item in json.loads(r.data).get("items") or []]
+        return [parse_secret(item) for r in responses for item in _body(r).get("items") or []]
 
     def find_service(self, namespace: str, name: str) -> ObservedService | None:
         """The Service ``namespace/name`` whatever its labels (the informer sees only the operator's), by
@@ -88,7 +88,7 @@ class Kube:
             _preload_content=False,
             _request_timeout=REQUEST_TIMEOUT,
         )
-        items = json.loads(resp.data).get("items") or []
+        items = _body(resp).get("items") or []
         return parse_service(items[0]) if items else None
 
     # -- writing -----------------------------------------------------------------------------------------
@@ -104,11 +104,13 @@ class Kube:
         """A namespaced create, counted; False on 409 (the name is taken), other errors raised."""
         metrics.API_REQUESTS.labels("create", resource).inc()
         try:
-            create(
-                manifest["metadata"]["namespace"],
-                manifest,
-                _preload_content=False,
-                _request_timeout=REQUEST_TIMEOUT,
+            _release(
+                create(
+                    manifest["metadata"]["namespace"],
+                    manifest,
+                    _preload_content=False,
+                    _request_timeout=REQUEST_TIMEOUT,
+                )
             )
         except ApiException as exc:
             if exc.status == 409:
@@ -131,7 +133,7 @@ class Kube:
             if exc.status == 409:
                 return None
             raise
-        created = json.loads(resp.data)
+        created = _body(resp)
         created.pop("data", None)  # the key is not the operator's to keep
         return parse_secret(created)
 
@@ -164,13 +166,14 @@ class Kube:
         """Delete a pod; ``force`` skips the grace period (its node is gone and cannot confirm)."""
         metrics.API_REQUESTS.labels("delete", "pods").inc()
         try:
-            self.core.delete_namespaced_pod(
+            resp = self.core.delete_namespaced_pod(
                 name,
                 namespace,
                 grace_period_seconds=0 if force else None,
                 _preload_content=False,
                 _request_timeout=REQUEST_TIMEOUT,
             )
+            _release(resp)
         except ApiException as exc:
             if exc.status == 404:
                 return False
@@ -196,7 +199,7 @@ class Kube:
     def patch_model_status(self, model: ObservedModel, status: Mapping[str, Any]) -> None:
         metrics.API_REQUESTS.labels("patch", "inferencemodels/status").inc()
         try:
-            self.custom.patch_namespaced_custom_object_status(
+            resp = self.custom.patch_namespaced_custom_object_status(
                 api.GROUP,
                 api.VERSION,
                 model.namespace,
@@ -206,6 +209,7 @@ class Kube:
                 _preload_content=False,
                 _request_timeout=REQUEST_TIMEOUT,
             )
+            _release(resp)
         except ApiException as exc:
             if exc.status != 404:  # deleted meanwhile
                 raise
@@ -222,7 +226,7 @@ class Kube:
             "spec": {"replicas": replicas},
         }
         try:
-            self.custom.replace_namespaced_custom_object_scale(
+            resp = self.custom.replace_namespaced_custom_object_scale(
                 api.GROUP,
                 api.VERSION,
                 namespace,
@@ -232,6 +236,7 @@ class Kube:
                 _preload_content=False,
                 _request_timeout=REQUEST_TIMEOUT,
             )
+            _release(resp)
         except ApiException as exc:
             if exc.status in (404, 409):
                 return False
@@ -277,13 +282,30 @@ class Kube:
         }
         metrics.API_REQUESTS.labels("create", "events").inc()
         try:
-            self.core.create_namespaced_event(
-                model.namespace, body, _preload_content=False, _request_timeout=REQUEST_TIMEOUT
+            _release(
+                self.core.create_namespaced_event(
+                    model.namespace, body, _preload_content=False, _request_timeout=REQUEST_TIMEOUT
+                )
             )
         except ApiException as exc:  # events are best effort: never fail a reconcile over one
             log.warning(
                 "could not post event %s on %s/%s: %s", reason, model.namespace, model.name, exc.reason
             )
+
+
+def _body(resp: Any) -> Any:
+    """The JSON of a response read raw (``_preload_content=False``); its connection goes back to the pool."""
+    try:
+        return json.loads(resp.data)
+    finally:
+        resp.release_conn()
+
+
+def _release(resp: Any) -> None:
+    """Discard a raw response's body and hand its connection back to the pool: unread, the connection
+    stays checked out and the next call opens a new TCP (and TLS) connection."""
+    resp.drain_conn()
+    resp.release_conn()
 
 
 def names(pods: Iterable[ObservedPod]) -> list[str]:

@@ -96,3 +96,13 @@ def test_the_client_from_the_environment_keeps_connections_alive(
     options = api_client.rest_client.pool_manager.connection_pool_kw["socket_options"]
     assert (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1) in options
     assert Kube(api_client).create_pod(pod("p"))
+
+
+def test_calls_reuse_one_connection(stub: ApiServerStub) -> None:
+    kube = Kube(stub.api_client())
+    calls = every_call(kube)
+    for _ in range(3):
+        for call in calls.values():
+            call()
+    assert len(stub.requests) == 3 * len(calls)
+    assert len(stub.client_ports) == 1  # sequential calls: one keep-alive connection, never a new one
