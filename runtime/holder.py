@@ -42,6 +42,8 @@ PROTOCOL_VERSION = 2
 #: how many may be in it at once.
 HANDSHAKE_TIMEOUT_S = 5.0
 MAX_HANDSHAKES = 32
+#: Pause after a failed accept (out of file descriptors, say) before the next.
+ACCEPT_RETRY_S = 0.1
 #: Requests are tiny JSON objects; anything bigger is refused before it is parsed.
 MAX_REQUEST = 64 * 1024
 SOCKET_NAME = "weights.sock"
@@ -150,6 +152,8 @@ class WeightsHolder:
         self._stop.set()
         if self._listener is not None:
             with contextlib.suppress(OSError):
+                self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept loop, which then ends
+            with contextlib.suppress(OSError):
                 self._listener.close()
             with contextlib.suppress(OSError):
                 st = self.socket_path.lstat()
@@ -166,17 +170,36 @@ class WeightsHolder:
     # --- connections ---------------------------------------------------------------------------
 
     def _accept_loop(self) -> None:
-        assert self._listener is not None
+        """Accept until stopped. A failing accept (EMFILE, ENFILE, ENOBUFS under pressure) passes: were
+        this loop to end, the socket would still listen, serve no one, and keep a restarted holder out
+        ("already serving")."""
+        listener = self._listener
+        assert listener is not None
+        failing = False
         while not self._stop.is_set():
             try:
-                conn, _ = self._listener.accept()
-            except OSError:
-                return
+                conn, _ = listener.accept()
+            except OSError as e:
+                if self._stop.is_set() or listener.fileno() < 0:
+                    return
+                if not failing:
+                    log.error(
+                        "accept failed; retrying", extra={"reason": str(e), "share": str(self.identity)}
+                    )
+                failing = True
+                self._stop.wait(ACCEPT_RETRY_S)
+                continue
+            failing = False
             if not self._handshakes.acquire(blocking=False):
                 log.warning("refused client: too many connections in their handshake")
                 conn.close()
                 continue
-            threading.Thread(target=self._handle, args=(conn,), name="holder-conn", daemon=True).start()
+            try:
+                threading.Thread(target=self._handle, args=(conn,), name="holder-conn", daemon=True).start()
+            except RuntimeError as e:  # "can't start new thread": the slot and the connection go back
+                self._handshakes.release()
+                conn.close()
+                log.error("refused client: cannot start its thread", extra={"reason": str(e)})
 
     def _allowed(self, uid: int, gid: int) -> bool:
         return uid in (os.getuid(), 0) or (self.socket_group is not None and gid == self.socket_group)

@@ -5,6 +5,7 @@ manifests a replica must not trust."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import socket
 import struct
@@ -292,4 +293,67 @@ def test_the_supervisor_survives_an_error_nobody_foresaw(
         assert len(calls) == 3 and runtime.metrics.attach_failures.labels("unavailable")._value.get() == 2
     finally:
         supervisor.stop()
+        holder.stop()
+
+
+# --- the accept loop ----------------------------------------------------------------------------
+
+
+def test_the_holder_keeps_accepting_after_accept_fails_and_ends_when_stopped(
+    tiny: Any, short_tmp: Path, monkeypatch: Any
+) -> None:
+    """EMFILE from accept (file descriptors run out for a moment) is passed over, not the end of the
+    holder's service; stop() ends the loop."""
+    monkeypatch.setattr(holder_module, "ACCEPT_RETRY_S", 0.01)
+    real_accept = socket.socket.accept
+    failures = []
+    armed = threading.Event()
+
+    def accept(sock: socket.socket) -> Any:
+        armed.wait(10)  # until the test has found the loop's thread
+        if len(failures) < 3:
+            failures.append(1)
+            raise OSError(errno.EMFILE, "Too many open files")
+        return real_accept(sock)
+
+    monkeypatch.setattr(socket.socket, "accept", accept)
+    holder = WeightsHolder(tiny, ID, KEY, short_tmp / "s" / "weights.sock")
+    before = set(threading.enumerate())
+    holder.start()
+    (loop,) = [t for t in threading.enumerate() if t not in before and t.name == "holder-accept"]
+    armed.set()
+    try:
+        attach(holder.socket_path, ID, KEY, timeout=5).close()
+        assert len(failures) == 3
+    finally:
+        holder.stop()
+    loop.join(10)
+    assert not loop.is_alive()
+
+
+def test_a_connection_whose_thread_cannot_start_gives_its_slot_back(
+    tiny: Any, short_tmp: Path, monkeypatch: Any
+) -> None:
+    monkeypatch.setattr(holder_module, "MAX_HANDSHAKES", 2)
+    real_start = threading.Thread.start
+    failed = []
+
+    def start(thread: threading.Thread) -> None:
+        if thread.name == "holder-conn" and len(failed) < 3:
+            failed.append(thread)
+            raise RuntimeError("can't start new thread")
+        real_start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    holder = WeightsHolder(tiny, ID, KEY, short_tmp / "s" / "weights.sock")
+    holder.start()
+    try:
+        for _ in range(3):  # more than the cap: each is closed, its slot back
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(10)
+                s.connect(str(holder.socket_path))
+                assert s.recv(1) == b""
+        attach(holder.socket_path, ID, KEY, timeout=10).close()
+        assert len(failed) == 3
+    finally:
         holder.stop()
