@@ -119,18 +119,20 @@ class CpuArena(Arena):
 
     @classmethod
     def import_(cls, meta: dict[str, Any], fds: list[int]) -> CpuArena:
-        if len(fds) != 1:
-            raise ArenaError(f"cpu arena import expects one file descriptor, got {len(fds)}")
-        fd = fds[0]
-        size = os.fstat(fd).st_size
-        if size != meta["nbytes"]:
-            raise ArenaError(f"arena fd holds {size} bytes, manifest says {meta['nbytes']}")
-        if not fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_WRITE:
-            raise ArenaError("refusing an arena that is not write-sealed: weights could change under us")
+        """Map the holder's memfd read-only. Takes ``fds`` over: every one is closed, refused or not
+        (the mapping keeps the memory); a replica retrying would otherwise pin an arena per try."""
         try:
+            if len(fds) != 1:
+                raise ArenaError(f"cpu arena import expects one file descriptor, got {len(fds)}")
+            fd = fds[0]
+            size = os.fstat(fd).st_size
+            if size != meta["nbytes"]:
+                raise ArenaError(f"arena fd holds {size} bytes, manifest says {meta['nbytes']}")
+            if not fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_WRITE:
+                raise ArenaError("refusing an arena that is not write-sealed: weights could change under us")
             arena = cls(fd, size, writable=False)
         finally:
-            os.close(fd)  # the mapping keeps the memory; the fd is no longer needed
+            _close_all(fds)
         arena.fd = -1
         return arena
 
@@ -159,6 +161,12 @@ class CpuArena(Arena):
             with contextlib.suppress(OSError):
                 os.close(self.fd)
             self.fd = -1
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 def _encode(value: Any) -> Any:
@@ -251,8 +259,7 @@ class TorchIpcArena(Arena):
 
     @classmethod
     def import_(cls, meta: dict[str, Any], fds: list[int], device: str) -> TorchIpcArena:
-        for fd in fds:
-            os.close(fd)
+        _close_all(fds)
         backend = meta["backend"]
         dev = cls._torch_device(backend, device)
         args = [_decode(a) for a in meta["rebuild_args"]]
@@ -296,11 +303,11 @@ def allocate(nbytes: int, device: str = "cpu", label: str = "vnpu-weights") -> A
 
 
 def import_arena(meta: dict[str, Any], fds: list[int], device: str = "cpu") -> Arena:
-    backend = meta.get("backend")
+    """Import the arena ``meta`` describes. Takes ``fds`` over: closed on every path."""
+    backend = meta.get("backend") if isinstance(meta, dict) else None
     if backend == "cpu":
         return CpuArena.import_(meta, fds)
     if backend in ("cuda", "npu"):
         return TorchIpcArena.import_(meta, fds, device)
-    for fd in fds:
-        os.close(fd)
+    _close_all(fds)
     raise ArenaError(f"unknown arena backend {backend!r}")

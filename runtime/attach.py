@@ -129,6 +129,12 @@ class Lease:
         self.arena.close()
 
 
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
 def _connect(socket_path: Path, timeout: float) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
@@ -211,26 +217,28 @@ def attach(
     except Exception as e:  # whatever a peer sends must end as one of this function's two errors
         sock.close()
         raise HolderUnavailableError(f"weights-holder at {path} sent an unusable handshake: {e!r}") from e
-    if not reply.get("ok"):
-        for fd in fds:
-            os.close(fd)
-        sock.close()
-        raise AttachRefusedError(f"weights-holder at {path} refused to attach: {reply.get('error')}")
+    # Every received fd is closed on any failure until import_arena takes them over: a replica that
+    # retries would otherwise keep one arena's memory pinned per try.
     try:
+        if not reply.get("ok"):
+            raise AttachRefusedError(f"weights-holder at {path} refused to attach: {reply.get('error')}")
         manifest = WeightManifest.from_dict(reply["manifest"])
         mismatch = None if expected is None else manifest_mismatch(manifest, expected)
         if mismatch is not None:
             raise AttachRefusedError(f"the weights-holder of {identity} at {path} serves {mismatch}")
-        arena = import_arena(reply["arena"], fds, device)
+        meta = reply["arena"]
+        received, fds = fds, []
+        arena = import_arena(meta, received, device)  # closes them, imported or not
     except AttachRefusedError:
-        for fd in fds:
-            os.close(fd)
+        _close_all(fds)
         sock.close()
         raise
     except (ArenaError, KeyError, ValueError) as e:
+        _close_all(fds)
         sock.close()
         raise HolderUnavailableError(f"cannot import the arena from {path}: {e}") from e
     except Exception as e:
+        _close_all(fds)
         sock.close()
         raise HolderUnavailableError(f"cannot import the arena from {path}: {e!r}") from e
     sock.settimeout(None)

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
+import os
 import socket
 import struct
 import threading
@@ -19,7 +21,7 @@ from rt_helpers import load_tiny_llama
 
 from vnpu import sharing
 from vnpu.runtime import holder as holder_module
-from vnpu.runtime.attach import AttachRefusedError, HolderUnavailableError, attach
+from vnpu.runtime.attach import AttachRefusedError, Expected, HolderUnavailableError, attach
 from vnpu.runtime.engine import ModelRuntime, ServeOptions
 from vnpu.runtime.holder import WeightsHolder
 from vnpu.runtime.ipc import recv_message, send_message
@@ -357,3 +359,74 @@ def test_a_connection_whose_thread_cannot_start_gives_its_slot_back(
         assert len(failed) == 3
     finally:
         holder.stop()
+
+
+# --- file descriptors of a failed attach --------------------------------------------------------
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def _memfd(nbytes: int, seals: int) -> int:
+    fd = os.memfd_create("fake-arena", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, nbytes)
+    if seals:
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
+    return fd
+
+
+SEALED = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [
+        "unsealed",
+        "size-mismatch",
+        "two-fds",
+        "manifest-unparsable",
+        "arena-meta-not-an-object",
+        "other-weights",
+    ],
+)
+def test_a_failed_attach_keeps_no_file_descriptor(
+    broken: str, tiny: Any, short_tmp: Path, fake_holder: Any
+) -> None:
+    """A holder with the key whose attach cannot be used: each try must close every fd it received,
+    or a replica retrying pins another arena every time."""
+    manifest = tiny.manifest.to_dict()
+    nbytes = tiny.manifest.total_bytes
+    served = []
+
+    def serve(conn: socket.socket) -> None:
+        _challenge_with_key(conn)
+        fds = [_memfd(nbytes, 0 if broken == "unsealed" else SEALED)]
+        arena: Any = {"backend": "cpu", "nbytes": nbytes}
+        sent = manifest
+        if broken == "size-mismatch":
+            arena["nbytes"] = nbytes + 4096
+        elif broken == "two-fds":
+            fds.append(_memfd(4096, SEALED))
+        elif broken == "manifest-unparsable":
+            sent = {"tensors": []}
+        elif broken == "arena-meta-not-an-object":
+            arena = ["cpu"]
+        elif broken == "other-weights":
+            sent = manifest | {"source": "file:///other.gguf"}
+        try:
+            send_message(conn, {"ok": True, "arena": arena, "holder": {}, "manifest": sent}, fds)
+        finally:
+            for fd in fds:
+                os.close(fd)
+        conn.recv(1)  # until the replica hangs up
+        served.append(1)
+
+    path = short_tmp / "s" / "weights.sock"
+    fake_holder(path, serve)
+    before = _open_fds()
+    for attempt in range(1, 4):
+        with pytest.raises((HolderUnavailableError, AttachRefusedError)):
+            attach(path, ID, KEY, timeout=5, expected=Expected(tiny.manifest.source))
+        wait_until(lambda attempt=attempt: len(served) == attempt)  # the fake holder closed its side
+    assert _open_fds() == before

@@ -94,8 +94,7 @@ def test_unsealed_memfd_is_refused() -> None:
     fd = os.memfd_create("not-sealed", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     os.ftruncate(fd, 4096)
     with pytest.raises(ArenaError, match="not write-sealed"):
-        CpuArena.import_({"backend": "cpu", "nbytes": 4096}, [fd])
-    os.close(fd)
+        CpuArena.import_({"backend": "cpu", "nbytes": 4096}, [fd])  # closes fd, refused or not
 
 
 # --- the holder protocol ------------------------------------------------------------------------
