@@ -71,6 +71,15 @@ class Arena(ABC):
         """Release this process's mapping (views must be dropped first)."""
 
 
+#: The seals a CPU arena has once sealed (see CpuArena.seal), and a replica insists on; by name.
+_SEALS = {
+    "writes": fcntl.F_SEAL_WRITE,
+    "shrinking": fcntl.F_SEAL_SHRINK,
+    "growth": fcntl.F_SEAL_GROW,
+    "further sealing": fcntl.F_SEAL_SEAL,
+}
+
+
 class CpuArena(Arena):
     """A memfd mapped into this process. The owner maps it writable until :meth:`seal`."""
 
@@ -105,8 +114,7 @@ class CpuArena(Arena):
             return
         assert self._map is not None
         self._map.close()  # F_SEAL_WRITE needs the writable shared mapping gone
-        seals = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL
-        fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, seals)
+        fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, sum(_SEALS.values()))  # distinct bits: sum is their OR
         # MAP_POPULATE: the owner's mapping holds the pages, so they count (shared) in its PSS too.
         flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
         self._map = mmap.mmap(self.fd, self.nbytes, flags=flags, prot=mmap.PROT_READ)
@@ -128,8 +136,17 @@ class CpuArena(Arena):
             size = os.fstat(fd).st_size
             if size != meta["nbytes"]:
                 raise ArenaError(f"arena fd holds {size} bytes, manifest says {meta['nbytes']}")
-            if not fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_WRITE:
-                raise ArenaError("refusing an arena that is not write-sealed: weights could change under us")
+            try:
+                seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+            except OSError as e:
+                raise ArenaError(f"refusing an arena that is not a sealable memfd: {e}") from e
+            missing = [name for name, seal in _SEALS.items() if not seals & seal]
+            if missing:
+                # Without F_SEAL_SHRINK its sender could truncate it and every read here would SIGBUS.
+                raise ArenaError(
+                    f"refusing an arena that is not sealed against {', '.join(missing)}: "
+                    "its sender could still change it under us"
+                )
             arena = cls(fd, size, writable=False)
         finally:
             _close_all(fds)

@@ -21,6 +21,7 @@ from rt_helpers import load_tiny_llama
 
 from vnpu import sharing
 from vnpu.runtime import holder as holder_module
+from vnpu.runtime.arena import ArenaError, CpuArena
 from vnpu.runtime.attach import AttachRefusedError, Expected, HolderUnavailableError, attach
 from vnpu.runtime.engine import ModelRuntime, ServeOptions
 from vnpu.runtime.holder import WeightsHolder
@@ -430,3 +431,28 @@ def test_a_failed_attach_keeps_no_file_descriptor(
             attach(path, ID, KEY, timeout=5, expected=Expected(tiny.manifest.source))
         wait_until(lambda attempt=attempt: len(served) == attempt)  # the fake holder closed its side
     assert _open_fds() == before
+
+
+# --- arenas and manifests a replica must not trust ----------------------------------------------
+
+SEAL_NAMES = {
+    "writes": fcntl.F_SEAL_WRITE,
+    "shrinking": fcntl.F_SEAL_SHRINK,  # a holder could truncate it: every read here would SIGBUS
+    "growth": fcntl.F_SEAL_GROW,
+    "further sealing": fcntl.F_SEAL_SEAL,
+}
+
+
+@pytest.mark.parametrize("missing", list(SEAL_NAMES))
+def test_an_arena_its_sender_could_still_change_is_refused(missing: str) -> None:
+    fd = _memfd(4096, SEALED & ~SEAL_NAMES[missing])
+    with pytest.raises(ArenaError, match=f"not sealed against {missing}: its sender could still change it"):
+        CpuArena.import_({"backend": "cpu", "nbytes": 4096}, [fd])
+
+
+def test_an_arena_that_is_not_a_memfd_is_refused(short_tmp: Path) -> None:
+    plain = short_tmp / "plain"
+    plain.write_bytes(b"\0" * 4096)
+    fd = os.open(plain, os.O_RDONLY)
+    with pytest.raises(ArenaError, match="not a sealable memfd"):
+        CpuArena.import_({"backend": "cpu", "nbytes": 4096}, [fd])
