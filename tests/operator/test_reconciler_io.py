@@ -23,10 +23,17 @@ from kopf._core.intents import causes
 
 from vnpu import api
 from vnpu.cluster.kwok import npu_node_manifest
-from vnpu.operator import handlers, reconciler
+from vnpu.operator import handlers, metrics, reconciler
 from vnpu.operator.config import OperatorConfig
 from vnpu.operator.kube import Kube
 from vnpu.operator.reconciler import UNHEALTHY_AFTER_RESYNCS, Reconciler, Unhealthy
+
+
+@pytest.fixture(autouse=True)
+def no_model_series_left() -> Iterator[None]:
+    """The passes here set per-model series in the process-wide registry: gone with the test."""
+    yield
+    metrics.forget_models(set())
 
 
 @pytest.fixture
