@@ -68,6 +68,7 @@ class Failure:
     retry_at: dt.datetime
     attempts: int = 1
     reason: str = "ApiError"  #: the condition's reason: Forbidden, Invalid, ... (from the HTTP status)
+    uid: str = ""  #: the model's: a model deleted and created again under its name starts afresh
 
 
 @dataclass(frozen=True)

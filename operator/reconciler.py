@@ -278,8 +278,9 @@ class Reconciler:
         models = self._reported.overlay(models)
         self._estimates.forget_except(models)
         estimates = {m.key: self._estimates.get(m) for m in models if m.spec is not None}
-        live = {f"{m.namespace}/{m.name}" for m in models}
-        self._failures = {k: f for k, f in self._failures.items() if k in live}
+        live = {f"{m.namespace}/{m.name}": m.uid for m in models}  # "namespace/name" -> uid
+        # A model deleted and created again (a new uid) inherits neither backoff nor message.
+        self._failures = {k: f for k, f in self._failures.items() if live.get(k) == f.uid}
         started = time.perf_counter()
         result = plan(
             models,
@@ -297,7 +298,7 @@ class Reconciler:
         with self._shared_lock:
             late, self._late_failures = self._late_failures, {}
         failed.update({k: v for k, v in late.items() if k in live and k not in failed})
-        self._settle_failures(result, failed, now)
+        self._settle_failures(result, failed, now, live)
         restatus(result, self._failures, now)
         self._submit_report(result)
         self._series.after_pass({(m.namespace, m.name) for m in models})
@@ -427,14 +428,19 @@ class Reconciler:
                 log.warning("deleting Secret %s/%s: %s", gone.namespace, gone.name, api_error(exc)[1])
         return failed
 
-    def _settle_failures(self, result: Plan, failed: dict[str, tuple[str, str]], now: dt.datetime) -> None:
-        """Back off the models that failed now; forget those whose retry went through."""
+    def _settle_failures(
+        self, result: Plan, failed: dict[str, tuple[str, str]], now: dt.datetime, uids: dict[str, str]
+    ) -> None:
+        """Back off the models that failed now; forget those whose retry went through. ``uids``:
+        "namespace/name" -> uid of the models of the pass."""
         for key, (reason, message) in failed.items():
             before = self._failures.get(key)
             attempts = before.attempts + 1 if before else 1
             delay = min(self.config.max_backoff_seconds, self.config.backoff_seconds * 2 ** (attempts - 1))
             retry_at = now + dt.timedelta(seconds=delay)
-            self._failures[key] = Failure(f"{message} (retrying in {delay:g}s)", retry_at, attempts, reason)
+            self._failures[key] = Failure(
+                f"{message} (retrying in {delay:g}s)", retry_at, attempts, reason, uids.get(key, "")
+            )
         for key in list(self._failures):
             if key not in failed and self._failures[key].retry_at <= now:
                 del self._failures[key]  # retried in this pass (its writes were planned) and went through
