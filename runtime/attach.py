@@ -23,7 +23,7 @@ from vnpu import sharing
 from vnpu.runtime.arena import Arena, ArenaError, import_arena
 from vnpu.runtime.holder import PROTOCOL_VERSION
 from vnpu.runtime.ipc import ProtocolError, recv_message, send_message
-from vnpu.runtime.manifest import WeightManifest
+from vnpu.runtime.manifest import WeightManifest, layout_problem
 
 
 class HolderUnavailableError(ConnectionError):
@@ -229,6 +229,13 @@ def attach(
         meta = reply["arena"]
         received, fds = fds, []
         arena = import_arena(meta, received, device)  # closes them, imported or not
+        problem = layout_problem(manifest, arena.nbytes)
+        if problem is not None:
+            arena.close()
+            raise AttachRefusedError(
+                f"the weights-holder of {identity} at {path} sent a manifest that does not fit its arena: "
+                f"{problem}; not attaching to it"
+            )
     except AttachRefusedError:
         _close_all(fds)
         sock.close()

@@ -7,6 +7,7 @@ replica builds every parameter as a zero-copy view. Pure data, no I/O, no torch.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -73,7 +74,15 @@ class WeightManifest:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> WeightManifest:
-        tensors = {n: TensorEntry(n, d, tuple(s), o) for n, d, s, o in data["tensors"]}
+        """Parse what a holder sent (ValueError when it is not a manifest); whether the layout fits
+        the arena is :func:`layout_problem`'s question."""
+        tensors: dict[str, TensorEntry] = {}
+        for n, d, s, o in data["tensors"]:
+            if n in tensors:
+                raise ValueError(f"duplicate tensor {n!r}")
+            tensors[n] = TensorEntry(
+                str(n), str(d), tuple(_int(x, f"{n}: shape") for x in s), _int(o, f"{n}: offset")
+            )
         return cls(
             config=ModelConfig.from_dict(data["config"]),
             tensors=tensors,
@@ -82,6 +91,40 @@ class WeightManifest:
             tokenizer=dict(data.get("tokenizer", {})),
             header_digest=str(data.get("header_digest", "")),
         )
+
+
+def _int(value: Any, what: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"{what} must be an integer, got {value!r}")
+    return value
+
+
+def layout_problem(manifest: WeightManifest, arena_bytes: int) -> str | None:
+    """Why ``manifest`` does not describe an arena of ``arena_bytes`` laid out as :func:`pack` lays
+    one out, or None when it does (pure). A replica asks before it makes views: a negative offset
+    would alias other bytes (slicing counts from the end), overlapping tensors would share them, and
+    neither fails on its own."""
+    if manifest.total_bytes != arena_bytes:
+        return f"it says the arena holds {manifest.total_bytes} bytes, the arena holds {arena_bytes}"
+    spans = []
+    for t in manifest.tensors.values():
+        if t.dtype not in DTYPE_BYTES:
+            return f"{t.name}: unknown dtype {t.dtype!r} (an arena holds {', '.join(DTYPE_BYTES)})"
+        if any(d < 0 for d in t.shape):
+            return f"{t.name}: negative dimension in shape {list(t.shape)}"
+        if t.offset % ALIGNMENT:
+            return f"{t.name}: offset {t.offset} is not a multiple of {ALIGNMENT}"
+        if t.offset < 0 or t.offset + t.nbytes > arena_bytes:
+            return (
+                f"{t.name}: bytes [{t.offset}, {t.offset + t.nbytes}) lie outside the arena's {arena_bytes}"
+            )
+        spans.append((t.offset, t.offset + t.nbytes, t.name))
+    spans.sort()
+    # Sorted by start: if any two overlap, so do two neighbours.
+    for (_, end, name), (start, _, other) in itertools.pairwise(spans):
+        if start < end:
+            return f"{other} overlaps {name}"
+    return None
 
 
 def align_up(n: int, alignment: int = ALIGNMENT) -> int:

@@ -26,6 +26,7 @@ from vnpu.runtime.attach import AttachRefusedError, Expected, HolderUnavailableE
 from vnpu.runtime.engine import ModelRuntime, ServeOptions
 from vnpu.runtime.holder import WeightsHolder
 from vnpu.runtime.ipc import recv_message, send_message
+from vnpu.runtime.manifest import ALIGNMENT, WeightManifest, layout_problem, pack
 from vnpu.runtime.supervisor import SharedWeightsSupervisor
 
 ID = sharing.ShareIdentity("team-a", "group-a", "w1")
@@ -456,3 +457,74 @@ def test_an_arena_that_is_not_a_memfd_is_refused(short_tmp: Path) -> None:
     fd = os.open(plain, os.O_RDONLY)
     with pytest.raises(ArenaError, match="not a sealable memfd"):
         CpuArena.import_({"backend": "cpu", "nbytes": 4096}, [fd])
+
+
+def _relayout(manifest: dict[str, Any], broken: str) -> dict[str, Any]:
+    """``manifest`` (as a holder sends it) with one thing wrong about its layout."""
+    tensors = [list(t) for t in manifest["tensors"]]
+    first, second, last = tensors[0], tensors[1], tensors[-1]
+    total = manifest["total_bytes"]
+    if broken == "total-bytes":
+        total *= 10
+    elif broken == "negative-offset":
+        last[3] = -ALIGNMENT  # slicing would read the arena's last bytes
+    elif broken == "overlap":
+        second[3] = first[3]
+    elif broken == "misaligned":
+        second[3] += 4
+    elif broken == "past-the-end":
+        last[3] = total  # aligned, but its bytes lie beyond the arena
+    elif broken == "unknown-dtype":
+        first[1] = "int8"
+    elif broken == "negative-dimension":
+        first[2] = [-1, *first[2][1:]]
+    elif broken == "offset-not-an-integer":
+        first[3] = float(first[3])
+    return manifest | {"tensors": tensors, "total_bytes": total}
+
+
+@pytest.mark.parametrize(
+    ("broken", "problem"),
+    [
+        ("total-bytes", "it says the arena holds"),
+        ("negative-offset", "lie outside the arena"),
+        ("overlap", "overlaps"),
+        ("misaligned", f"is not a multiple of {ALIGNMENT}"),
+        ("past-the-end", "lie outside the arena"),
+        ("unknown-dtype", "unknown dtype 'int8'"),
+        ("negative-dimension", "negative dimension"),
+        ("offset-not-an-integer", "offset must be an integer"),
+        ("nothing", None),  # the fake holder itself is faithful: the real manifest attaches
+    ],
+)
+def test_a_manifest_that_does_not_fit_its_arena_is_refused(
+    broken: str, problem: str | None, tiny: Any, short_tmp: Path, fake_holder: Any
+) -> None:
+    """A holder with the key, the real sealed arena, and a manifest whose tensors lie where they
+    cannot: views would silently alias or share bytes, so the replica refuses it."""
+    manifest = tiny.manifest.to_dict()
+    if broken != "nothing":
+        manifest = _relayout(manifest, broken)
+
+    def serve(conn: socket.socket) -> None:
+        _challenge_with_key(conn)
+        reply = {"ok": True, "arena": {"backend": "cpu", "nbytes": tiny.arena.nbytes}, "holder": {}}
+        send_message(conn, reply | {"manifest": manifest}, [tiny.arena.fd])
+        conn.recv(1)  # until the replica hangs up
+
+    path = short_tmp / "s" / "weights.sock"
+    fake_holder(path, serve)
+    if problem is None:
+        lease = attach(path, ID, KEY, timeout=5)
+        assert lease.manifest.tensors == tiny.manifest.tensors
+        lease.close()
+        return
+    error = HolderUnavailableError if broken == "offset-not-an-integer" else AttachRefusedError
+    with pytest.raises(error, match=problem):
+        attach(path, ID, KEY, timeout=5)
+
+
+def test_every_packed_layout_fits_its_arena(tiny: Any) -> None:
+    assert layout_problem(tiny.manifest, tiny.arena.nbytes) is None
+    entries, total = pack([("a", "float32", (3,)), ("empty", "float16", (0,)), ("b", "bfloat16", (5, 7))])
+    assert layout_problem(WeightManifest(tiny.manifest.config, entries, total), total) is None
