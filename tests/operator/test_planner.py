@@ -543,8 +543,7 @@ def settle(models, nodes, pods, estimates, config) -> list[ObservedPod]:
         assert all(s.status["readyReplicas"] >= 1 for s in result.statuses), "a model stopped serving"
         if not result.create and not result.delete and all(p.ready for p in pods):
             return pods
-        gone = {d.name for d in result.delete}
-        pods = [replace(p, ready=True) for p in pods if p.name not in gone] + as_pods(result.create, False)
+        pods = step(pods, result)
     raise AssertionError("did not settle")
 
 
