@@ -705,21 +705,24 @@ def _current_holders(
     serving_groups: set[str],
 ) -> dict[str, list[ObservedPod]]:
     """Group key -> its live weight-holders that hold the group's current weights under its current
-    key (their names say so), the Ready ones first."""
-    expected: dict[tuple[str, str], tuple[str, ModelRef]] = {}  # (namespace, group) -> (key, ref)
-    for key in active:
+    key (their names say so), the Ready ones first. One share group of a namespace may hold several
+    weights (an explicit shareGroup named by models of different weights): one group key each."""
+    # (namespace, share group) -> group key -> a ref of it
+    expected: dict[tuple[str, str], dict[str, ModelRef]] = defaultdict(dict)
+    for key in sorted(active):
         ref = refs[key]
-        expected.setdefault((ref.namespace, ref.share_group), (group_of[key], ref))
+        expected[(ref.namespace, ref.share_group)].setdefault(group_of[key], ref)
     out: dict[str, list[ObservedPod]] = defaultdict(list)
     for p in sorted(ours, key=lambda p: (not p.ready, p.name)):
         if p.role != api.ROLE_WEIGHTS or p.terminating or p.finished or not p.node or not p.device:
             continue
-        if p.node in lost_nodes or (p.namespace, p.share_group or "") not in expected:
+        if p.node in lost_nodes:
             continue
-        group, ref = expected[(p.namespace, p.share_group or "")]
-        salt = _holder_salt(p.slices, group in serving_groups, key_uid, ref)
-        if p.name == holder_pod_name(ref.share_group, ref.weights_id, p.node, p.device, salt):
-            out[group].append(p)
+        for group, ref in expected.get((p.namespace, p.share_group or ""), {}).items():
+            salt = _holder_salt(p.slices, group in serving_groups, key_uid, ref)
+            if p.name == holder_pod_name(ref.share_group, ref.weights_id, p.node, p.device, salt):
+                out[group].append(p)
+                break
     return out
 
 

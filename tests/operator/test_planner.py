@@ -658,6 +658,35 @@ def test_a_rollout_that_keeps_the_weights_uses_the_running_holder_on_a_full_devi
     assert [p.name for p in pods if p.role != "replica"] == [holder]
 
 
+def test_two_weights_in_one_explicit_share_group_each_keep_their_running_holder() -> None:
+    """An explicit shareGroup named by two models of different weights is two weight copies: each
+    model's rollout maps its own running holder (the second model's, too), so neither rollout charges
+    its weights twice and stalls on a full device."""
+    nodes = [node("n1", devices=2)]  # 16 slices each
+
+    def family(name: str, kv: int) -> ObservedModel:
+        source = {"uri": f"file:///models/{name}.gguf"}
+        return model(name, 10, source=source, shareGroup="family", memory={"kvCacheMiB": kv})
+
+    est = {("ns", "a"): estimate(), ("ns", "b"): estimate()}  # weights 4 slices, 1 per replica
+    pods = as_pods(run([family("a", 1024), family("b", 1024)], nodes, estimates=est).create)  # 14 of 16 each
+    holders = sorted(p.name for p in pods if p.role == "weights")
+    assert len(holders) == 2
+    (old_b,) = {p.template for p in pods if p.model == "b"}
+    for _ in range(30):
+        result = run([family("a", 1024), family("b", 1000)], nodes, pods, estimates=est)
+        assert not [d for d in result.delete if d.role == "weights"]
+        if not result.create and not result.delete and all(p.ready for p in pods):
+            break
+        pods = step(pods, result)
+        assert max(slices_by_device(pods).values()) <= 16
+    else:
+        raise AssertionError("b's rollout did not settle")
+    assert sorted(p.name for p in pods if p.role == "weights") == holders
+    b = [p for p in pods if p.model == "b"]
+    assert len(b) == 10 and {p.role for p in b} == {"replica"} and old_b not in {p.template for p in b}
+
+
 def test_a_rollout_whose_holder_is_being_recreated_evicts_no_other_model() -> None:
     """The holder the old replicas map was evicted as team-a changes kvCacheMiB: the new replica comes
     with a new copy of it under the same name, which the old replicas then map too. Counted once, the
