@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable, Hashable, Mapping
@@ -85,13 +86,24 @@ class Informer(Generic[T]):
         self._thread.start()
 
     def stop(self) -> None:
+        """End the loop and its open watch now. The socket is shut down first: that wakes the reader
+        blocked on it, where closing the response alone leaves it waiting (with the connection held)
+        for the server's next bytes, up to a bookmark interval later."""
         self._stop.set()
         resp = self._resp
         if resp is not None:
-            try:
-                resp.close()
-            except Exception:  # the stream may already be closed
-                log.debug("closing the %s watch", self.name, exc_info=True)
+            sock = getattr(getattr(resp, "connection", None), "sock", None)
+            for close in (lambda: sock is not None and sock.shutdown(socket.SHUT_RDWR), resp.close):
+                try:
+                    close()
+                except Exception:  # the stream may already be closed
+                    log.debug("closing the %s watch", self.name, exc_info=True)
+
+    def join(self, timeout: float) -> bool:
+        """Wait for the loop to end after :meth:`stop`; whether it did within ``timeout`` seconds."""
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        return not self._thread.is_alive()
 
     def snapshot(self) -> list[T]:
         with self._lock:
@@ -152,6 +164,8 @@ class Informer(Generic[T]):
         metrics.API_REQUESTS.labels("watch", self.name).inc()
         self._resp = resp
         try:
+            if self._stop.is_set():  # stopped before the response was ours to shut down
+                return version
             for line in iter_resp_lines(resp):
                 if self._stop.is_set():
                     break
@@ -280,9 +294,13 @@ class ClusterCache:
         for informer in self._all:
             informer.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 10.0) -> bool:
+        """Stop every informer and wait up to ``timeout`` seconds for their threads to end (a list
+        still in flight ends at its own request timeout); whether they all did."""
         for informer in self._all:
             informer.stop()
+        deadline = time.monotonic() + timeout
+        return all(i.join(max(0.0, deadline - time.monotonic())) for i in self._all)
 
     def wait_synced(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout

@@ -146,9 +146,9 @@ class Reconciler:
         self._reports.close()
         for worker in self._reporters:
             await asyncio.to_thread(worker.join, 10)
-        if self._cache is not None:
-            # In a thread: closing a watch waits for its reader to get its next bytes.
-            await asyncio.to_thread(self._cache.stop)
+        # In a thread: it waits for the informers' threads to end.
+        if self._cache is not None and not await asyncio.to_thread(self._cache.stop):
+            log.warning("some informers had not stopped within 10 s; leaving them (daemon threads)")
 
     def _changed(self, why: str) -> None:
         """Called from an informer's thread."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -54,3 +55,21 @@ def test_an_unparseable_object_keeps_what_was_known_and_blinds_nothing(control_p
         assert sorted(fresh.snapshot()) == ["3"]
     finally:
         fresh.stop()
+
+
+def test_stop_ends_a_quiet_watch_now(control_plane, namespace) -> None:
+    """Stopping shuts the open watch's socket down, so neither stop() nor the reader thread waits for
+    the server's next bytes (on a quiet watch, a bookmark a minute or more later): the operator's
+    shutdown, and with it the Lease's release, is not held up by it."""
+    core = client.CoreV1Api(control_plane.api_client())
+    informer: Informer[str] = Informer(
+        "configmaps", functools.partial(core.list_namespaced_config_map, namespace), parse, lambda _: None
+    )
+    informer.start()
+    assert informer.synced.wait(30)
+    wait_until(lambda: informer._resp is not None, 30, "the watch open")  # (the informer's own field)
+    stopping = threading.Thread(target=informer.stop, daemon=True)  # (closing a TLS stream can block)
+    stopping.start()
+    stopping.join(10)
+    assert not stopping.is_alive(), "stop() waits for the server's next bytes on the watch"
+    assert informer.join(10), "the informer's thread still waits on a watch it was told to stop"
