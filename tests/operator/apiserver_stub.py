@@ -88,6 +88,10 @@ class ApiServerStub:
                 self.wfile.write(data)
 
         class Server(ThreadingHTTPServer):
+            # socketserver's default backlog of 5 drops the SYNs of a burst of connections (a test's
+            # 13 concurrent calls): their retransmission comes after the 1 s connect timeout.
+            request_queue_size = 128
+
             def handle_error(self, request: Any, client_address: Any) -> None:
                 pass  # a client that closed its connection (a watch it stopped) is no error here
 
