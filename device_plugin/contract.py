@@ -25,7 +25,8 @@ ENV_SOCKET_DIR = "VNPU_SOCKET_DIR"
 
 #: Fixed container path of the device's socket directory: a bind mount of ``<socket root>/<device>/``
 #: on the host, the same for every container on that device. Weight-holders create their sockets here
-#: under names only their group can compute (see :mod:`vnpu.sharing`).
+#: under names only their group can compute (see :mod:`vnpu.sharing`), and no other user can list it
+#: (see ``vnpu.device_plugin.plugin.ensure_socket_dir``).
 SOCKET_DIR_IN_CONTAINER = "/var/run/vnpu/share"
 #: Default host directory holding one socket directory per physical device.
 DEFAULT_SOCKET_ROOT = "/var/run/vnpu/devices"

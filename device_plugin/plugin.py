@@ -39,6 +39,9 @@ from vnpu.device_plugin.service import DeviceService, ServiceOptions
 
 log = logging.getLogger(__name__)
 
+#: Sticky, writable and searchable by all, readable by none but root: see ensure_socket_dir.
+SOCKET_DIR_MODE = 0o1733
+
 
 @dataclass
 class PluginConfig:
@@ -362,10 +365,14 @@ class PluginRunner:
 
 
 def ensure_socket_dir(path: Path) -> None:
-    """The host directory of one device's sockets, mounted into every container on that device.
-    Sticky and world-writable like /tmp: pods run as their share group's user (see vnpu.sharing) and
-    create their sockets here under names only their group can compute, and none can remove
-    another's."""
+    """The host directory of one device's sockets, mounted read-write into every container on that
+    device. Pods run as their share group's user (see vnpu.sharing) and create their sockets here
+    under names only their group can compute, so the directory is writable by all and sticky (none
+    can remove another's socket), and searchable but not readable by others: a pod reaches a socket
+    whose name it knows and cannot list the others'. With a listing, any tenant on the device would
+    learn every group's socket name, squat it after that group's holder stops, or (from a colliding
+    uid) unlink it. A directory left readable (the 1777 of earlier versions) is tightened here, on
+    every start."""
     path.mkdir(parents=True, exist_ok=True)
-    if path.stat().st_mode & 0o7777 != 0o1777:
-        path.chmod(0o1777)
+    if path.stat().st_mode & 0o7777 != SOCKET_DIR_MODE:
+        path.chmod(SOCKET_DIR_MODE)

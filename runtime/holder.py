@@ -12,8 +12,9 @@ share group's key (see :mod:`vnpu.sharing`):
    lease (``{"op": "ping"}`` -> ``{"ok": true, "op": "pong"}``), and when the holder goes away the
    replica sees EOF at once. ``status`` -> ``{"ok": true, "holder": {...}}`` (``vnpu runtime probe``).
 
-Access control, in layers: the socket's name is unguessable without the key, the file is ``0600`` (or
-``0660`` with ``socket_group``) and the pods of one group run as that group's user; the peer's
+Access control, in layers: the socket's name is unguessable without the key (and pods cannot list the
+device's socket directory, see ``vnpu.device_plugin.plugin.ensure_socket_dir``), the file is ``0600``
+(or ``0660`` with ``socket_group``) and the pods of one group run as that group's user; the peer's
 credentials (``SO_PEERCRED``) must match our uid, root, or that group; then the handshake above. A
 refusal is answered with ``{"ok": false, "error": ...}`` and logged with the peer's pid and uid; the
 handshake has a deadline and a cap on connections in it, so a hostile peer cannot pin the holder's
@@ -120,12 +121,7 @@ class WeightsHolder:
         directory = self.socket_path.parent
         directory.mkdir(parents=True, exist_ok=True, mode=0o750 if self.socket_group is not None else 0o700)
         if self.socket_path.exists() or self.socket_path.is_symlink():
-            if not stat.S_ISSOCK(self.socket_path.lstat().st_mode):
-                raise HolderError(f"{self.socket_path} exists and is not a socket")
-            with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-                probe.connect(str(self.socket_path))
-                raise HolderError(f"another weights-holder is already serving {self.socket_path}")
-            self.socket_path.unlink()  # stale socket of a holder that died
+            self._remove_stale_socket()
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old_umask = os.umask(0o177)  # the socket is born 0600: no window where others may connect
         try:
@@ -141,6 +137,33 @@ class WeightsHolder:
         self._listener = listener
         threading.Thread(target=self._accept_loop, name="holder-accept", daemon=True).start()
         log.info("weights-holder listening", extra=self.info() | {"socket": str(self.socket_path)})
+
+    def _remove_stale_socket(self) -> None:
+        """Remove the socket a holder that died left at our path; refuse one that is live, or that
+        another user owns (the socket directory is sticky: only its owner, or root, may remove it)."""
+        path, me = self.socket_path, os.geteuid()
+        st = path.lstat()
+        if not stat.S_ISSOCK(st.st_mode):
+            raise HolderError(f"{path} exists and is not a socket")
+        owner = (
+            ""
+            if st.st_uid == me
+            else f" (its socket belongs to uid {st.st_uid}, not to this holder's uid {me})"
+        )
+        with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            probe.connect(str(path))
+            raise HolderError(f"another weights-holder is already serving {path}{owner}")
+        try:
+            path.unlink()
+        except PermissionError as e:
+            if not owner:
+                raise HolderError(f"cannot remove the stale socket {path}: {e.strerror}") from e
+            raise HolderError(
+                f"cannot remove the stale socket {path}{owner}: the socket directory is sticky, so only "
+                "its owner or root may remove it. A process of another user left it under this share "
+                "group's name (this group's holder under an earlier uid, or another pod that learnt the "
+                "name); remove it on the node as root, then restart this holder"
+            ) from e
 
     def serve_forever(self) -> None:
         self._stop.wait()

@@ -640,6 +640,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from vnpu.runtime.attach import AttachRefusedError, HolderUnavailableError
     from vnpu.runtime.config import UnsupportedModelError
     from vnpu.runtime.errors import MemoryBudgetError
+    from vnpu.runtime.holder import HolderError
     from vnpu.runtime.sources import SourceError
 
     commands = {
@@ -655,6 +656,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         UnsupportedModelError,
         MemoryBudgetError,
         HolderUnavailableError,
+        HolderError,
         AttachRefusedError,
         SharingConfigError,
         sharing.ShareKeyError,

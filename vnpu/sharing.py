@@ -10,6 +10,8 @@ mounts it read-only into the group's holders and replicas. With the key:
 
 * **socket names** are ``HMAC(key, identity, device)``: nobody without the key can predict the name a
   holder will bind in the device's shared socket directory, so no other tenant can squat it first;
+  and no tenant can list that directory (mode 1733, see ``vnpu.device_plugin.plugin``) to learn the
+  name afterwards;
 * **mutual authentication**: on connect the replica sends a nonce, the holder answers with its own
   nonce and ``HMAC(key, "holder", identity, both nonces)``; the replica checks it (a squatter fails
   here) and answers ``HMAC(key, "replica", ...)``, which the holder checks (a pod of another namespace

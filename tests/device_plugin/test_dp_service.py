@@ -88,7 +88,7 @@ def test_allocate_is_a_function_of_the_device_alone(run_plugin, stub_for, dirs):
     assert [(m.host_path, m.container_path, m.read_only) for m in resp.mounts] == [
         (str(socket_dir), contract.SOCKET_DIR_IN_CONTAINER, False)
     ]
-    assert socket_dir.is_dir() and socket_dir.stat().st_mode & 0o7777 == 0o1777
+    assert socket_dir.is_dir() and socket_dir.stat().st_mode & 0o7777 == 0o1733
     assert not resp.devices
     # Asked again for other slices of the same size: the same answer but for the IDs' own values.
     again = allocate(stub_for(runner, 1), ["npu1-s5", "npu1-s6", "npu1-s7"])

@@ -214,11 +214,12 @@ def test_two_namespaces_with_the_same_model_get_a_holder_each(two_tenants: Any) 
 
 
 # -- a foreign pod --------------------------------------------------------------------------------------
-def attacker_pod(victim: dict[str, Any], namespace: str) -> dict[str, Any]:
+def attacker_pod(victim: dict[str, Any], namespace: str, sockets: list[str]) -> dict[str, Any]:
     """A pod of another namespace that copied everything it can see of a victim replica: its
     annotations, its share-group environment, its device's resource and its user id. It cannot mount
-    the victim's key Secret; it tries every socket on the device with a key of its own, under the
-    victim's identity and under its own namespace's."""
+    the victim's key Secret, and it tries and fails to list the device's socket directory (mode 1733);
+    handed the names of the holders' ``sockets`` there anyway (the worst case: they leaked), it tries
+    each with a key of its own, under the victim's identity and under its own namespace's."""
     env = {e["name"]: e.get("value") for e in victim["spec"]["containers"][0]["env"] if "value" in e}
     group, weights = env[sharing.ENV_SHARE_GROUP], env[sharing.ENV_WEIGHTS_ID]
     resources = victim["spec"]["containers"][0]["resources"]["limits"]
@@ -230,8 +231,11 @@ def attacker_pod(victim: dict[str, Any], namespace: str) -> dict[str, Any]:
         + weights
         + " --share-key-file /tmp/k --share-namespace"
     )
+    paths = " ".join(f"{contract.SOCKET_DIR_IN_CONTAINER}/{name}" for name in sockets)
     script = (
-        "head -c 32 /dev/urandom > /tmp/k; n=0; for s in /var/run/vnpu/share/*.sock; do n=$((n+1)); "
+        f"ls -A {contract.SOCKET_DIR_IN_CONTAINER} >/tmp/ls 2>&1; "
+        "echo \"listing: exit $? $(tr '\\n' ' ' </tmp/ls)\"; "
+        f"head -c 32 /dev/urandom > /tmp/k; n=0; for s in {paths}; do n=$((n+1)); "
         f'echo "== $s as victim"; {probe} {victim["metadata"]["namespace"]} 2>&1; echo "exit $?"; '
         f'echo "== $s as self"; {probe} {namespace} 2>&1; echo "exit $?"; done; '
         'echo "sockets $n"; sleep 3600'
@@ -273,7 +277,9 @@ def test_a_foreign_pod_with_a_copied_identity_is_refused(two_tenants: Any) -> No
         "--serviceaccount=mallory:default",
     )  # fmt: skip
     victim = live_pods(cluster, "team-a", api.ROLE_REPLICA)[0]
-    manifest = attacker_pod(victim, "mallory")
+    victim_socket = holder_socket(cluster, live_pods(cluster, "team-a", api.ROLE_WEIGHTS)[0])[0].name
+    other_socket = holder_socket(cluster, live_pods(cluster, "team-b", api.ROLE_WEIGHTS)[0])[0].name
+    manifest = attacker_pod(victim, "mallory", [victim_socket, other_socket])
     # A tenant's own identity: the chart's admission policy refuses the pod outright.
     refused = cluster.cp.kubectl(
         "create", "-f", "-", *as_identity("system:serviceaccount:mallory:default"),
@@ -290,10 +296,13 @@ def test_a_foreign_pod_with_a_copied_identity_is_refused(two_tenants: Any) -> No
         "the intruder's attempts",
     )
     log = cluster.cp.kubectl("logs", "intruder", "-n", "mallory").stdout
-    blocks = {b.split("\n", 1)[0]: b for b in log.split("== ")[1:]}  # "<socket> as victim|self" -> output
-    victim_socket = holder_socket(cluster, live_pods(cluster, "team-a", api.ROLE_WEIGHTS)[0])[0].name
-    other_socket = holder_socket(cluster, live_pods(cluster, "team-b", api.ROLE_WEIGHTS)[0])[0].name
-    assert log.count("exit 1") == len(blocks) and "exit 0" not in log, log
+    # The device's socket directory names nobody's socket to it.
+    listing, _, attempts = log.partition("\n")
+    assert listing.startswith("listing: exit ") and "Permission denied" in listing, log
+    assert not listing.startswith("listing: exit 0"), log
+    # "<socket> as victim|self" -> its output
+    blocks = {b.split("\n", 1)[0]: b for b in attempts.split("== ")[1:]}
+    assert len(blocks) == 4 and attempts.count("exit 1") == len(blocks) and "exit 0" not in attempts, log
     victim = {who: blocks[f"/var/run/vnpu/share/{victim_socket} as {who}"] for who in ("victim", "self")}
     # Under the victim's uid the kernel lets it connect: the handshake refuses it either way.
     assert "failed authentication: it does not hold the key of team-a/" in victim["victim"], log

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from other_user import OTHER_TENANT_UID, TENANT_UID, needs_root, run_as
 from rt_helpers import load_tiny_llama
 
 from vnpu import sharing
@@ -238,6 +239,41 @@ def test_second_holder_on_a_live_socket_is_refused_and_stale_sockets_are_replace
         assert holder_status(stale, ID, KEY)["share_group"] == "group-a"
     finally:
         replacement._listener.close()  # not stop(): the arena belongs to the fixture's holder
+
+
+@needs_root
+def test_a_holder_says_why_another_users_socket_blocks_its_name(tiny: Any, short_tmp: Path) -> None:
+    """A device's socket directory is sticky (see vnpu.device_plugin.plugin.ensure_socket_dir): a
+    socket another user left under the group's name can be removed by neither this group's holder nor
+    its pods, so the holder names the owner and what to do instead of failing with a bare EPERM."""
+    short_tmp.chmod(0o755)
+    directory = short_tmp / "npu0"
+    directory.mkdir()
+    directory.chmod(0o1733)
+    path = directory / "w.sock"
+    holder = WeightsHolder(tiny, ID, KEY, path)
+    owner = f"belongs to uid {OTHER_TENANT_UID}, not to this holder's uid {TENANT_UID}"
+
+    def start() -> str:
+        holder.start()
+        return "started"
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as stale:
+        stale.bind(str(path))  # closed unlistened: as a process of another user leaves it
+    os.chown(path, OTHER_TENANT_UID, OTHER_TENANT_UID)
+    refused = run_as(TENANT_UID, start)
+    assert refused["error"].startswith("HolderError: cannot remove the stale socket"), refused
+    assert owner in refused["error"] and "remove it on the node as root" in refused["error"], refused
+    assert path.exists()
+    path.unlink()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as squatter:  # live, and open to all
+        squatter.bind(str(path))
+        path.chmod(0o666)
+        os.chown(path, OTHER_TENANT_UID, OTHER_TENANT_UID)
+        squatter.listen(1)
+        refused = run_as(TENANT_UID, start)
+    assert refused["error"].startswith("HolderError: another weights-holder is already serving"), refused
+    assert owner in refused["error"], refused
 
 
 # The child imports only the standard library before dropping privileges (nobody cannot read the
