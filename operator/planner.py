@@ -19,7 +19,8 @@ What the plan never does, because each would be a needless outage:
 * replace all replicas at once on a spec change: replicas of an older pod template are rolled with
   ``maxSurge``/``maxUnavailable`` (default 25%/0), counting only Ready replicas as available;
 * write for a model whose last write the API server refused before its backoff has passed (other
-  models are planned and written as usual).
+  models are planned and written as usual; a refused placeholder backs off the model's placeholders
+  only, so a quota its placeholder exceeds never holds up its replicas).
 
 A group's pods are created only once its Secret exists, and their names carry the Secret's uid: the
 key is mounted from it, so a re-created Secret (a new key) rolls the group's holders and replicas
@@ -69,6 +70,22 @@ class Failure:
     attempts: int = 1
     reason: str = "ApiError"  #: the condition's reason: Forbidden, Invalid, ... (from the HTTP status)
     uid: str = ""  #: the model's: a model deleted and created again under its name starts afresh
+
+
+#: Suffix of a model's key in ``failures`` for its placeholders' writes: a refused placeholder (a quota
+#: that the model's pods fit but its weights-sized placeholder does not, a restricted PriorityClass)
+#: backs off the model's placeholders only, never the writes of the replicas and holders it serves with.
+PLACEHOLDERS_FAILURE = "/placeholders"
+
+
+def placeholders_failure_key(model: str) -> str:
+    """The ``failures`` key of the placeholders of ``model`` ("namespace/name")."""
+    return model + PLACEHOLDERS_FAILURE
+
+
+def failure_model(key: str) -> str:
+    """The model ("namespace/name") a ``failures`` key belongs to."""
+    return key.removesuffix(PLACEHOLDERS_FAILURE)
 
 
 @dataclass(frozen=True)
@@ -282,7 +299,11 @@ def plan(
     ours = [p for p in pods if p.managed]
     foreign = [p for p in pods if not p.managed]
     lost_nodes = {p.node for p in ours if p.node and (p.node not in node_by_name or p.node in view.lost)}
-    backoff = {k for k, f in failures.items() if f.retry_at > now}
+    backoff = {k for k, f in failures.items() if f.retry_at > now and failure_model(k) == k}
+    # Models whose placeholders were refused: those alone wait out their backoff.
+    placeholders_backoff = {
+        failure_model(k) for k, f in failures.items() if f.retry_at > now and failure_model(k) != k
+    }
 
     # Models: active (placed by the packer), frozen (running, but no estimate: pods kept as they are).
     active: dict[str, tuple[ObservedModel, MemoryEstimate]] = {}
@@ -587,7 +608,12 @@ def plan(
             )
 
     # Models in backoff are left alone: none of their writes until it has passed.
-    result.create = [i for i in creations if not backoff.intersection(i.models)]
+    result.create = [
+        i
+        for i in creations
+        if not backoff.intersection(i.models)
+        and not (i.role == api.ROLE_PLACEHOLDER and placeholders_backoff.intersection(i.models))
+    ]
     result.delete = [d for d in deletions if not backoff.intersection(d.models)]
     result.set_owners = [u for u in owner_updates if not backoff.intersection(u.models)]
     # A frozen model's running pods mount its group's key: it stays an owner of the Secret.
@@ -656,7 +682,7 @@ def plan(
             problems=tuple(problems),
             rollout=rollout,
             moves=tuple(moved_of.get(key, ())),
-            failure=failures.get(key),
+            failure=failures.get(key) or failures.get(placeholders_failure_key(key)),
             updated_replicas=len(placed) if rollout is not None else None,
             scaling=scaling.scaling_status(activities[key], m.generation, warm_of.get(key))
             if key in activities
@@ -688,9 +714,10 @@ def restatus(result: Plan, failures: Mapping[str, Failure], now: dt.datetime) ->
     server's message at once, not one pass later)."""
     for i, update in enumerate(result.statuses):
         key = _model_key(update.model.namespace, update.model.name)
-        if key in failures and key in result.outcomes:
+        failure = failures.get(key) or failures.get(placeholders_failure_key(key))
+        if failure is not None and key in result.outcomes:
             m, outcome = result.outcomes[key]
-            outcome = ModelOutcome(**{**outcome.__dict__, "failure": failures[key]})
+            outcome = ModelOutcome(**{**outcome.__dict__, "failure": failure})
             result.outcomes[key] = (m, outcome)
             result.statuses[i] = _status_update(m, outcome, now)
 

@@ -9,7 +9,9 @@ Failures are the failing model's alone. Every write belongs to the models it ser
 server refuses one (a PodSecurity 403, a namespace at its ResourceQuota, a LimitRange, a webhook), the
 model gets a ``Degraded`` condition with the server's message, a Warning Event, a count in
 ``vnpu_operator_api_errors_total`` and a backoff (1 s doubling to 5 minutes) during which the planner
-leaves its objects alone. Every other model in every namespace is written in the same pass.
+leaves its objects alone. Every other model in every namespace is written in the same pass. A refused
+placeholder backs off the model's placeholders alone: it is reported the same way, but the replicas
+and holders the model serves with are written as usual (a placeholder is optional, they are not).
 """
 
 from __future__ import annotations
@@ -32,7 +34,16 @@ from vnpu.operator import metrics, scaling
 from vnpu.operator.config import PLACEHOLDER_PRIORITY_CLASS, OperatorConfig
 from vnpu.operator.estimate_cache import EstimateCache
 from vnpu.operator.kube import Kube, api_client_from_env, api_error
-from vnpu.operator.planner import Failure, Plan, PodDeletion, SecretIntent, plan, restatus
+from vnpu.operator.planner import (
+    Failure,
+    Plan,
+    PodDeletion,
+    SecretIntent,
+    failure_model,
+    placeholders_failure_key,
+    plan,
+    restatus,
+)
 from vnpu.operator.pods import PodIntent, render, share_key_secret
 from vnpu.operator.reported import Report, ReportedStatuses, ReportQueue
 from vnpu.operator.services import ServiceIntent, render_service, service_name, warm_service_name
@@ -179,7 +190,7 @@ class Reconciler:
             "passes": self._passes,
             "last_ok_age_s": None if self._last_ok is None else round(now - self._last_ok, 1),
             "last_error": self._last_error,
-            "models_in_backoff": len(self._failures),
+            "models_in_backoff": self._models_in_backoff(),
         }
 
     async def _loop(self) -> None:
@@ -280,7 +291,7 @@ class Reconciler:
         estimates = {m.key: self._estimates.get(m) for m in models if m.spec is not None}
         live = {f"{m.namespace}/{m.name}": m.uid for m in models}  # "namespace/name" -> uid
         # A model deleted and created again (a new uid) inherits neither backoff nor message.
-        self._failures = {k: f for k, f in self._failures.items() if live.get(k) == f.uid}
+        self._failures = {k: f for k, f in self._failures.items() if live.get(failure_model(k)) == f.uid}
         started = time.perf_counter()
         result = plan(
             models,
@@ -339,7 +350,7 @@ class Reconciler:
                 log.warning("%s refused: %s", what, message, extra={"models": list(models), "reason": reason})
                 for model in models or ():
                     failed.setdefault(model, (reason, f"{what}: {message}"))
-                    ns, name = model.split("/", 1)
+                    ns, name = failure_model(model).split("/", 1)
                     self._series.count_api_error(ns, name, reason)
 
         def delete(d: PodDeletion) -> None:
@@ -358,7 +369,10 @@ class Reconciler:
                         metrics.DEFRAGMENT_MOVES.inc()
                     log.info("created %s pod %s/%s", intent.role, intent.namespace, intent.name)
 
-            guarded(intent.models, f"creating {intent.role} pod {intent.name}", write)
+            models = intent.models
+            if intent.role == api.ROLE_PLACEHOLDER:  # a refused placeholder backs off placeholders only
+                models = tuple(placeholders_failure_key(m) for m in models)
+            guarded(models, f"creating {intent.role} pod {intent.name}", write)
 
         def create_secret(intent: SecretIntent) -> None:
             def write() -> None:
@@ -439,12 +453,20 @@ class Reconciler:
             delay = min(self.config.max_backoff_seconds, self.config.backoff_seconds * 2 ** (attempts - 1))
             retry_at = now + dt.timedelta(seconds=delay)
             self._failures[key] = Failure(
-                f"{message} (retrying in {delay:g}s)", retry_at, attempts, reason, uids.get(key, "")
+                f"{message} (retrying in {delay:g}s)",
+                retry_at,
+                attempts,
+                reason,
+                uids.get(failure_model(key), ""),
             )
         for key in list(self._failures):
             if key not in failed and self._failures[key].retry_at <= now:
                 del self._failures[key]  # retried in this pass (its writes were planned) and went through
-        metrics.MODELS_IN_BACKOFF.set(len(self._failures))
+        metrics.MODELS_IN_BACKOFF.set(self._models_in_backoff())
+
+    def _models_in_backoff(self) -> int:
+        """Models whose writes wait out a backoff (a model whose placeholders alone do is not one)."""
+        return sum(1 for key in self._failures if failure_model(key) == key)
 
     def _submit_report(self, result: Plan) -> None:
         """Queue the pass's Services, statuses and Events for the reporter; set its gauges now."""

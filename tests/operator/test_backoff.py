@@ -9,10 +9,12 @@ from typing import Any
 
 import pytest
 from kubernetes.client.exceptions import ApiException
-from test_planner import keys_for, model, node
+from test_planner import as_pods, keys_for, model, node
 
+from vnpu import api
 from vnpu.operator import metrics
 from vnpu.operator.config import OperatorConfig
+from vnpu.operator.pods import render
 from vnpu.operator.reconciler import Reconciler
 
 QUOTA = "pods is forbidden: exceeded quota: compute"
@@ -73,3 +75,47 @@ def test_a_model_created_again_under_its_name_inherits_no_backoff() -> None:
     # Nor the old model's message (the old model's Service, still being created, is another matter).
     assert degraded(result.statuses[0])["reason"] != "Forbidden"
     assert QUOTA not in degraded(result.statuses[0])["message"]
+
+
+class PlaceholderQuotaKube(QuotaKube):
+    """A quota that the model's pods fit in and its weights-sized placeholder does not."""
+
+    def __init__(self, models: list[Any]) -> None:
+        super().__init__(models)
+        self.quota_full = False
+        self.deleted: list[str] = []
+
+    def create_pod(self, manifest: dict[str, Any]) -> bool:
+        if manifest["metadata"]["labels"][api.LABEL_ROLE] == api.ROLE_PLACEHOLDER:
+            exc = ApiException(status=403, reason="Forbidden")
+            exc.body = json.dumps({"reason": "Forbidden", "message": QUOTA})
+            raise exc
+        return super().create_pod(manifest)
+
+    def delete_pod(self, namespace: str, name: str, force: bool = False) -> bool:
+        self.deleted.append(name)
+        return True
+
+
+def test_a_refused_placeholder_never_holds_up_the_models_pods() -> None:
+    """The placeholder is optional, the replicas are not: its refusal is reported and backs off the
+    placeholders alone, so a failed replica is replaced in the next pass, not after the backoff."""
+    m = model("a", 7, weights={"sizeMiB": 4096})  # the weights and 6 replicas fill the device
+    kube = PlaceholderQuotaKube([m])
+    rec = Reconciler(OperatorConfig(backoff_seconds=60), kube=kube)  # type: ignore[arg-type]
+    nodes = [node("n1", devices=1)]
+    first = rec.reconcile([m], nodes, [])
+    assert [i.role for i in first.create].count("placeholder") == 1
+    assert len(kube.created) == 7  # the holder and 6 replicas, written in spite of the refusal
+    assert degraded(first.statuses[0])["reason"] == "Forbidden"
+    assert QUOTA in degraded(first.statuses[0])["message"]
+    pods = as_pods([render(i, rec.config) for i in first.create if i.name in kube.created])
+    victim = next(p for p in pods if p.role == "replica")
+    pods = [replace(p, phase="Failed", finished=True, ready=False) if p is victim else p for p in pods]
+    second = rec.reconcile([m], nodes, pods)
+    assert kube.deleted == [victim.name]  # within the placeholder's backoff
+    assert [i.role for i in second.create] == []  # the same name once the deletion shows; no placeholder
+    assert QUOTA in degraded(second.statuses[0])["message"]  # still reported
+    third = rec.reconcile([m], nodes, [p for p in pods if p.name != victim.name])
+    assert [i.name for i in third.create] == [victim.name] and kube.created[-1] == victim.name
+    assert rec.health()["models_in_backoff"] == 0
