@@ -11,6 +11,10 @@ PLACEHOLDER_PRIORITY_CLASS = "vnpu-placeholder"
 # Negative so real work always wins, but at or above the Cluster Autoscaler's default
 # --expendable-pods-priority-cutoff (-10): below it the autoscaler ignores the pod and never scales up.
 PLACEHOLDER_PRIORITY = -5
+#: ``--preemption``: whose running replicas a model's higher priority may evict. ``namespace`` (the
+#: default) keeps a tenant's priority its own business, as Kueue's default preempts only within a
+#: ClusterQueue; ``cluster`` is for clusters where whoever may write an InferenceModel is trusted.
+PREEMPTION_SCOPES = ("namespace", "cluster", "never")
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,8 @@ class OperatorConfig:
     pool_label: str = "vnpu.io/pool"
     #: Fraction of a pool's device memory that holders of models at 0 replicas may keep (keepWarm Auto).
     keep_warm_fraction: float = 0.2
+    #: Whose running replicas a higher-priority model may evict (see :data:`PREEMPTION_SCOPES`).
+    preemption: str = "namespace"
     #: Retry a failing model's writes after this many seconds, doubling up to ``max_backoff_seconds``.
     backoff_seconds: float = 1.0
     max_backoff_seconds: float = 300.0

@@ -14,7 +14,12 @@ import uuid
 from pathlib import Path
 
 from vnpu.logs import setup_logging
-from vnpu.operator.config import DEFAULT_PLACEHOLDER_IMAGE, DEFAULT_RUNTIME_IMAGE, OperatorConfig
+from vnpu.operator.config import (
+    DEFAULT_PLACEHOLDER_IMAGE,
+    DEFAULT_RUNTIME_IMAGE,
+    PREEMPTION_SCOPES,
+    OperatorConfig,
+)
 
 DESCRIPTION = """\
 Reconcile vnpu.io/v1alpha1 InferenceModel resources: pack replicas onto (node, device) pairs by
@@ -91,6 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=10,
         help="the most running replicas one defragmentation batch moves (default %(default)s)",
     )
+    p.add_argument(
+        "--preemption",
+        choices=PREEMPTION_SCOPES,
+        default="namespace",
+        help="whose running replicas a model of higher spec.priority may evict when it fits nowhere: "
+        "its own namespace's (default), any namespace's (cluster: for clusters where whoever may write "
+        "an InferenceModel is trusted), or none (never)",
+    )
     p.add_argument("--resync-seconds", type=float, default=60.0, help="full re-plan at least this often")
     p.add_argument(
         "--node-grace-seconds",
@@ -121,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--keep-warm-fraction",
-        type=float,
+        type=_fraction,
         default=0.2,
         help="fraction of a pool's device memory that weight-holders of models scaled to zero may keep "
         "when their keepWarm is Auto, chosen by the demand forecast (default %(default)s)",
@@ -129,6 +142,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-format", choices=["json", "text"], default="json")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
+
+
+def _fraction(value: str) -> float:
+    """A number in [0, 1] (NaN and infinities refused: the keep-warm budget is computed from it)."""
+    number = float(value)
+    if not 0.0 <= number <= 1.0:  # (False for NaN too)
+        raise argparse.ArgumentTypeError(f"{value!r} is not a fraction between 0 and 1")
+    return number
 
 
 def _positive_int(value: str) -> int:
@@ -226,15 +247,9 @@ async def run(args: argparse.Namespace, config: OperatorConfig) -> int:
     return 1 if lost.is_set() else 0
 
 
-def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(args.log_format, logging.DEBUG if args.verbose else logging.INFO)
-    if args.kubeconfig:
-        os.environ["KUBECONFIG"] = str(args.kubeconfig)
-
-    from vnpu.operator.metrics import REGISTRY
-
-    config = OperatorConfig(
+def config_from_args(args: argparse.Namespace) -> OperatorConfig:
+    """The settings the command line gives (parsed and checked by :func:`build_parser`)."""
+    return OperatorConfig(
         runtime_image=args.runtime_image,
         placeholder_image=args.placeholder_image,
         image_pull_policy=args.image_pull_policy,
@@ -243,12 +258,24 @@ def main(argv: list[str]) -> int:
         namespaces=tuple(args.namespace),
         defragment=args.defragment,
         defragment_max_moves=args.defragment_max_moves,
+        preemption=args.preemption,
         node_grace_seconds=args.node_grace_seconds,
         model_cache_dir=args.model_cache_dir,
         model_file_roots=tuple(args.model_file_root),
         pool_label=args.pool_label,
         keep_warm_fraction=args.keep_warm_fraction,
     )
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_format, logging.DEBUG if args.verbose else logging.INFO)
+    if args.kubeconfig:
+        os.environ["KUBECONFIG"] = str(args.kubeconfig)
+
+    from vnpu.operator.metrics import REGISTRY
+
+    config = config_from_args(args)
     if args.metrics_port:
         from prometheus_client import start_http_server
 

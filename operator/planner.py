@@ -52,6 +52,7 @@ from vnpu.operator.pods import (
     replica_pod_name,
     short_hash,
 )
+from vnpu.operator.reported import merge_patch, merge_patch_to
 from vnpu.operator.services import ServiceIntent, plan_service
 from vnpu.operator.spec import RECREATE, default_share_group
 from vnpu.operator.state import ObservedModel, ObservedNode, ObservedPod, ObservedSecret, ObservedService
@@ -101,6 +102,7 @@ class PodDeletion:
 @dataclass(frozen=True)
 class StatusUpdate:
     model: ObservedModel
+    #: The merge patch to write: the new status, with None for each key the server holds and it lacks.
     status: Mapping[str, Any]
     events: tuple[Event, ...]
     placed: int
@@ -697,15 +699,18 @@ def plan(
 
 
 def _status_update(m: ObservedModel, outcome: ModelOutcome, now: dt.datetime) -> StatusUpdate:
-    status, events = build_status(m, outcome, now)
+    wanted, events = build_status(m, outcome, now)
+    patch = merge_patch_to(m.status, wanted, keep=_NOT_OURS)
     return StatusUpdate(
         model=m,
-        status=status,
+        status=patch,
         events=tuple(events),
         placed=len(outcome.placements),
         unplaced=len(outcome.unplaced),
         saved_mib=outcome.saved_mib,
-        changed=_comparable(status) != _comparable(m.status),
+        # What the server will hold once patched, against what it holds: one patch, then none while
+        # nothing changes.
+        changed=_comparable(merge_patch(m.status, patch)) != _comparable(m.status),
     )
 
 
@@ -1039,9 +1044,14 @@ def _plan_secrets(
             result.delete_secrets.append(SecretDeletion(key[0], secret.name, key[1]))
 
 
+#: Status keys that are not the operator's to remove: kopf's bookkeeping, were it ever kept there (this
+#: operator keeps it in annotations).
+_NOT_OURS = ("kopf",)
+
+
 def _comparable(status: Mapping[str, Any]) -> Any:
     """A status without timestamps, to tell whether a patch would change anything."""
-    clean = {k: v for k, v in status.items() if k != "kopf"}
+    clean = {k: v for k, v in status.items() if k not in _NOT_OURS}
     clean["conditions"] = [
         {k: v for k, v in c.items() if k != "lastTransitionTime"} for c in status.get("conditions", [])
     ]

@@ -20,9 +20,9 @@ Algorithm, per priority level from the highest down:
    holding its weights (each replica costs only its own slices there), then opens the largest chunk
    ``weights + k·replica`` that the emptiest eligible device can take on the tightest device that fits
    it. Chunks of all demands of a level are taken largest first (a lazy priority queue).
-4. A replica that fits nowhere may preempt placements of strictly lower priority (kept ones; newly
-   placed lower levels are not placed yet) on the device where that evicts the least; evicted replicas
-   are re-placed at their own level or reported unplaced.
+4. A replica that fits nowhere may preempt placements of strictly lower priority of its own tenant
+   (``Demand.tenant``; kept ones: newly placed lower levels are not placed yet) on the device where
+   that evicts the least; evicted replicas are re-placed at their own level or reported unplaced.
 5. A local-improvement pass empties lightly used devices by moving their new replicas into the room
    left on other used devices (never moving kept replicas), then replica indices are matched to the
    current placements so a replica that stays on its device keeps its index. A defragmenting repack

@@ -89,7 +89,8 @@ class Spread(enum.StrEnum):
 class Demand:
     """What one model asks for. ``model`` is a unique key (e.g. ``namespace/name``); demands with the
     same ``share_group`` share one weight copy per device (the group's weights are the largest
-    ``weight_mib`` among its demands; 0 means no weight-holder)."""
+    ``weight_mib`` among its demands; 0 means no weight-holder). A replica that fits nowhere preempts
+    only lower-priority replicas of its own ``tenant`` (by default every demand is of one tenant)."""
 
     model: str
     share_group: str
@@ -100,6 +101,7 @@ class Demand:
     node_selector: Mapping[str, str] = field(default_factory=dict)
     tolerations: tuple[Toleration, ...] = ()
     spread: Spread = Spread.NONE
+    tenant: str = ""
 
 
 def group_weight_mib(demands: Iterable[Demand]) -> dict[str, int]:

@@ -374,8 +374,10 @@ class Packer:
         self.split = [rng.random() < 0.3 for _ in self.demands]
 
     def _preempt(self, di: int, max_level: int | None = None) -> bool:
-        """Evict strictly lower-priority replicas from the one device where that frees room for one
-        replica of ``di`` at the least cost; the victims go back to their own level's queue."""
+        """Evict strictly lower-priority replicas of the same tenant from the one device where that
+        frees room for one replica of ``di`` at the least cost; the victims go back to their own
+        level's queue. (A priority is the tenant's own to set: across tenants it would be a way to
+        evict another's running replicas.)"""
         d = self.demands[di]
         if not self.kept_by_priority or self.kept_by_priority[0][0] >= d.priority:
             return False  # nothing of lower priority runs (lower levels are placed after this one)
@@ -385,7 +387,8 @@ class Packer:
             if prio >= d.priority:
                 break
             where = self.placed.get((dj, replica))
-            if where is not None and self.demands[dj].share_group != d.share_group:
+            victim = self.demands[dj]
+            if where is not None and victim.share_group != d.share_group and victim.tenant == d.tenant:
                 victims_by_device.setdefault(where[0], []).append((prio, dj, replica))
         best: tuple[tuple[int, int, int, int], list[tuple[int, int, int]]] | None = None
         for o, victims in victims_by_device.items():

@@ -259,6 +259,24 @@ def test_higher_priority_preempts_running_lower_priority():
     assert [a.model for a in no_preempt.assignments] == ["low"]
 
 
+def test_a_priority_preempts_only_its_own_tenants_replicas():
+    """A priority is its tenant's own to set: it orders that tenant's demand, and never evicts another
+    tenant's running replica, however low that one's priority."""
+    nodes = cluster(1, devices=1, slices=16)
+    running = [Placement("b/low", 0, "node-0", "npu0", 10)]
+    other = [
+        Demand("b/low", "l", 1, 10 * GIB, 0, priority=-1000, tenant="b"),
+        Demand("a/high", "h", 1, 10 * GIB, 0, priority=1000, tenant="a"),
+    ]
+    result = pack(nodes, other, running)
+    assert [a.model for a in result.assignments] == ["b/low"] and not result.dropped
+    assert [u.model for u in result.unplaced] == ["a/high"]
+    own = [replace(other[0], tenant="a"), other[1]]
+    result = pack(nodes, own, running)
+    assert [a.model for a in result.assignments] == ["a/high"]
+    assert result.dropped[0].reason == "preempted by a/high (priority 1000)"
+
+
 # ----------------------------------------------------------------------------------------- stability
 
 
