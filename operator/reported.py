@@ -43,6 +43,44 @@ def merge_patch(target: Mapping[str, Any], patch: Mapping[str, Any]) -> dict[str
     return out
 
 
+def merge_patch_to(
+    current: Mapping[str, Any], wanted: Mapping[str, Any], keep: Iterable[str] = ()
+) -> dict[str, Any]:
+    """The merge patch that turns ``current`` into ``wanted`` (but for ``current``'s top-level keys named
+    in ``keep``, someone else's): ``wanted`` itself, with ``None`` for every key ``current`` holds and
+    ``wanted`` lacks, in nested objects too.
+
+    A status is written as a merge patch, and a merge patch leaves every key it does not name as it
+    is: without those ``None`` values a key the operator stopped setting (``scaling.warm`` once the model
+    wakes, ``memory`` while its estimate fails) stayed on the server forever, and since the planner
+    compares what it wants with what the server holds, it patched the model again on every pass.
+    With them, ``merge_patch(current, merge_patch_to(current, wanted)) == wanted``: what the planner
+    compares is what the server will hold."""
+    skip = set(keep)
+    out: dict[str, Any] = {k: None for k in current if k not in wanted and k not in skip}
+    for key, value in wanted.items():
+        now = current.get(key)
+        if isinstance(value, Mapping) and isinstance(now, Mapping):
+            out[key] = merge_patch_to(now, value)
+        else:
+            out[key] = value
+    return out
+
+
+def merge_patches(first: Mapping[str, Any], second: Mapping[str, Any]) -> dict[str, Any]:
+    """One merge patch that does ``first``, then ``second``. Exact but in one case: where ``first``
+    removes an object and ``second`` sets it again, keys of the target's old object that ``second``
+    does not name survive (the next pass, comparing with the server, removes them)."""
+    out = dict(first)
+    for key, value in second.items():
+        before = out.get(key)
+        if isinstance(value, Mapping) and isinstance(before, Mapping):
+            out[key] = merge_patches(before, value)
+        else:
+            out[key] = value
+    return out
+
+
 @dataclass(frozen=True)
 class _Written:
     token: int
@@ -112,11 +150,16 @@ class Report:
     events: tuple[Event, ...] = ()
 
     def then(self, later: Report) -> Report:
-        """This report followed by ``later``: the later status wins, Events add up."""
+        """This report followed by ``later``: the later status wins (the two merge patches as one: the
+        keys the earlier one removes stay removed), Events add up."""
+        if later.status is None or self.status is None:
+            status = later.status if later.status is not None else self.status
+        else:
+            status = merge_patches(self.status, later.status)
         return Report(
             model=later.model,
             services=self.services + tuple(s for s in later.services if s not in self.services),
-            status=later.status if later.status is not None else self.status,
+            status=status,
             token=later.token if later.status is not None else self.token,
             events=self.events + later.events,
         )

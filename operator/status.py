@@ -120,7 +120,8 @@ def _degradation(outcome: ModelOutcome) -> tuple[str, str] | None:
 def build_status(
     model: ObservedModel, outcome: ModelOutcome, now: dt.datetime
 ) -> tuple[dict[str, Any], list[Event]]:
-    """The new ``status`` and the events for ``model``."""
+    """The new ``status`` and the events for ``model``: the whole status, every key the operator sets
+    (the planner turns it into the merge patch that also removes the keys it no longer sets)."""
     previous = {c.get("type"): c for c in model.status.get("conditions", [])}
     stamp = api.format_time(now)
     conditions: list[dict[str, Any]] = []
@@ -163,8 +164,6 @@ def build_status(
         status["demand"] = dict(outcome.demand)
     if outcome.endpoint:
         status["endpoint"] = outcome.endpoint
-    elif "endpoint" in model.status:
-        status["endpoint"] = None  # the status is merge-patched: null removes the field
     degraded = _degradation(outcome)
 
     def report_degraded() -> None:

@@ -8,7 +8,7 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vnpu.operator.reported import Report, ReportedStatuses, ReportQueue, merge_patch
+from vnpu.operator.reported import Report, ReportedStatuses, ReportQueue, merge_patch, merge_patch_to
 from vnpu.operator.state import ObservedModel
 from vnpu.operator.status import Event
 
@@ -33,6 +33,46 @@ def test_merging_a_patch_twice_changes_nothing_more(target: dict[str, Any], patc
     """Why the overlay is safe to apply to a status the server already patched: merging is idempotent."""
     once = merge_patch(target, patch)
     assert merge_patch(once, patch) == once
+
+
+json_statuses = st.dictionaries(  # what a status holds: no nulls (a null in a patch removes a key)
+    st.text(max_size=3),
+    st.recursive(
+        st.booleans() | st.integers() | st.text(max_size=5),
+        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner, max_size=3),
+        max_leaves=10,
+    ),
+    max_size=4,
+)
+
+
+@given(json_objects, json_statuses)
+def test_the_patch_to_a_status_leaves_the_server_holding_that_status(
+    current: dict[str, Any], wanted: dict[str, Any]
+) -> None:
+    """Keys the operator no longer sets (``scaling.warm`` once awake, ``memory`` without an estimate) go:
+    a merge patch of the new status alone would leave them there."""
+    assert merge_patch(current, merge_patch_to(current, wanted)) == wanted
+
+
+def test_the_patch_to_a_status_leaves_someone_elses_keys_alone() -> None:
+    current = {"kopf": {"progress": {}}, "memory": {"weightsMiB": 1}, "scaling": {"warm": True, "g": 1}}
+    patch = merge_patch_to(current, {"scaling": {"g": 2}}, keep=["kopf"])
+    assert patch == {"memory": None, "scaling": {"warm": None, "g": 2}}
+
+
+def test_two_reports_merged_in_the_queue_keep_the_first_ones_removals() -> None:
+    """Written as one patch, the later status (computed over the earlier one) does not name the key the
+    earlier one removed: the merged patch still removes it."""
+    queue = ReportQueue()
+    queue.put("ns/a", Report(model(), status={"phase": "Ready", "scaling": {"warm": None, "g": 2}}, token=1))
+    queue.put("ns/a", Report(model(), status={"phase": "Running", "scaling": {"g": 2}}, token=2))
+    _, report = queue.take() or ("", None)
+    assert report is not None and report.status == {"phase": "Running", "scaling": {"warm": None, "g": 2}}
+    assert merge_patch({"scaling": {"warm": True, "g": 1}}, report.status) == {
+        "phase": "Running",
+        "scaling": {"g": 2},
+    }
 
 
 def model(status: dict[str, Any] | None = None, uid: str = "u1") -> ObservedModel:
