@@ -37,7 +37,8 @@ UNPLACED_REPLICAS = Gauge(
 )
 UNPLACED_SLICES = Gauge(
     "vnpu_operator_unplaced_slices",
-    "vnpu.io/memory slices of demand that could not be placed (what the autoscaler should add).",
+    "vnpu.io/memory slices of demand that could not be placed, in the slices of the devices its "
+    "placeholders stand for (what the autoscaler should add).",
     registry=REGISTRY,
 )
 SAVED_BY_SHARING_MIB = Gauge(

@@ -40,15 +40,14 @@ from vnpu import api, sharing
 from vnpu.memory import EstimateError, MemoryEstimate
 from vnpu.operator import forecast, packing, scaling
 from vnpu.operator.config import OperatorConfig
+from vnpu.operator.placeholders import plan_placeholders
 from vnpu.operator.pods import (
     NODE_LOST_TAINTS,
-    PLACEHOLDER_DEVICE_INDEX,
     ModelRef,
     Owner,
     PodIntent,
     holder_pod_name,
     owner_references,
-    placeholder_pod_name,
     replica_pod_name,
     short_hash,
 )
@@ -511,20 +510,11 @@ def plan(
     unplaced_of: dict[str, list[packing.Unplaced]] = defaultdict(list)
     for u in packed.unplaced:
         unplaced_of[u.model].append(u)
-        slices = api.slices_for_mib(u.replica_mib + u.weight_mib)
-        result.unplaced_slices += slices
+    for key, unplaced in sorted(unplaced_of.items()):
+        placeholders = plan_placeholders(refs[key], unplaced, packer_nodes, config.pool_label)
+        result.unplaced_slices += sum(i.slices for i in placeholders)
         if config.placeholders:
-            ref = refs[u.model]
-            name = placeholder_pod_name(ref.name, u.replica)
-            intents[(ref.namespace, name)] = PodIntent(
-                api.ROLE_PLACEHOLDER,
-                ref.namespace,
-                name,
-                (ref,),
-                slices,
-                api.device_resource(PLACEHOLDER_DEVICE_INDEX),
-                replica=u.replica,
-            )
+            intents.update({(i.namespace, i.name): i for i in placeholders})
 
     # Rolling out: old replicas go as the new ones become Ready (never below replicas - maxUnavailable).
     retiring: dict[tuple[str, str], str] = {}

@@ -97,6 +97,9 @@ class PodIntent:
     #: The uid of the replica pod this one replaces (a defragmentation's move): kept until this one is
     #: Ready.
     replaces: str | None = None
+    #: A placeholder's node labels beside the model's nodeSelector: the pool it stands for, when the
+    #: model's pools differ (see :mod:`vnpu.operator.placeholders`).
+    pool_selector: tuple[tuple[str, str], ...] = ()
 
     @property
     def models(self) -> tuple[str, ...]:
@@ -511,11 +514,13 @@ def _holder_serving(env: list[dict[str, Any]], serving: Sequence[ModelRef]) -> d
 
 def _placeholder_pod(intent: PodIntent, config: OperatorConfig) -> dict[str, Any]:
     """A pause pod standing for a replica that fits nowhere: it requests the replica's slices (and the
-    weights') of ``vnpu.io/memory-0``, so the Cluster Autoscaler sizes a new node from a template
-    advertising it (what fits on one device fits on a fresh node's first), with the model's
-    nodeSelector and tolerations. It names no node: a valid pod on any cluster. Were the scheduler to
-    find room the packer did not, the pod runs pause at a negative priority with preemption off, and
-    any replica preempts it, so it never keeps capacity from real work."""
+    weights') of ``vnpu.io/memory-0`` in the slices of the pool it stands for, so the Cluster
+    Autoscaler sizes a new node from a template advertising it (what fits on one device fits on a
+    fresh node's first), with the model's nodeSelector (and that pool's label where the model's pools
+    differ: :mod:`vnpu.operator.placeholders`) and tolerations. It names no node: a valid pod on any
+    cluster. Were the scheduler to find room the packer did not, the pod runs pause at a negative
+    priority with preemption off, and any replica preempts it, so it never keeps capacity from real
+    work."""
     (model,) = intent.owners
     spec = model.spec
     return _pod(
@@ -525,7 +530,7 @@ def _placeholder_pod(intent: PodIntent, config: OperatorConfig) -> dict[str, Any
         [_owner(model)],
         {
             "priorityClassName": PLACEHOLDER_PRIORITY_CLASS,
-            "nodeSelector": dict(spec.placement.node_selector),
+            "nodeSelector": {**spec.placement.node_selector, **dict(intent.pool_selector)},
             "tolerations": [t.manifest() for t in spec.placement.tolerations],
             "terminationGracePeriodSeconds": 0,
             "securityContext": _pod_security(PLACEHOLDER_UID),
