@@ -4,16 +4,19 @@ A placeholder is a pause pod at a negative priority (``vnpu-placeholder``) that 
 device's extended resource (``vnpu.io/memory-<index>``) with the model's nodeSelector and tolerations;
 :func:`vnpu.operator.pods.render` writes it. The autoscaler simulates pending pods on its node groups'
 templates by their requests, and one unit of ``vnpu.io/memory-<index>`` is one slice of *that node's*
-``sliceMiB``, so a placeholder asks, in the slices of the devices it stands for, what the packer needs
-for its replica on a fresh device: the weights and the replica, each rounded up to whole slices as the
-packer rounds them.
+``sliceMiB``, so the placeholders of a model ask, in the slices of the devices they stand for, what the
+packer needs for its unplaced replicas on fresh devices: one placeholder per device-worth (the weights
+once, each replica beside them, each part rounded up to whole slices as the packer rounds it), the
+``i``-th on device ``i`` mod the devices of a node. The autoscaler's estimator then fits a node's worth
+of them on one new node, as the packer fills a node's devices, instead of a node per replica.
 
-The devices it stands for are those of a pool (nodes by :attr:`OperatorConfig.pool_label`) with nodes
+The devices they stand for are those of a pool (nodes by :attr:`OperatorConfig.pool_label`) with nodes
 the model may use now (its nodeSelector matches, its tolerations pass their taints), their slice size
 and device size read from the device plugins' inventories. When those pools' devices differ, the
-placeholders target one of them, the one that holds the replica on the fewest devices, and name its
+placeholders target one of them, one whose device holds a replica, on the fewest nodes, and name its
 pool in their nodeSelector, so that the autoscaler sizes no other pool by another pool's slices. No
-such node known (a pool scaled to zero, a nodeSelector no node matches yet): the default slice size.
+such node known (a pool scaled to zero, a nodeSelector no node matches yet): the default slice size
+and one replica per placeholder, as for a model that spreads across nodes.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from dataclasses import dataclass, field
 
 from vnpu import api
 from vnpu.operator import packing
+from vnpu.operator.packing import Spread
 from vnpu.operator.packing.cluster import blocking_taints
 from vnpu.operator.pods import PLACEHOLDER_DEVICE_INDEX, ModelRef, PodIntent, placeholder_pod_name
 
@@ -35,6 +39,8 @@ class Target:
     slice_mib: int = api.DEFAULT_SLICE_MIB
     #: Slices of one such device; None when no node of the pool is known.
     device_slices: int | None = None
+    #: Devices of one such node.
+    devices: int = 1
     #: Node labels that pin the placeholders to the pool (when the eligible pools' devices differ).
     pool_selector: Mapping[str, str] = field(default_factory=dict)
 
@@ -51,7 +57,8 @@ def target(
     ``nodes`` (the packer's: those with an inventory)."""
     placement = ref.spec.placement
     tolerations = tuple(t.for_packer() for t in placement.tolerations)
-    shapes: dict[str | None, Counter[tuple[int, int]]] = {}  # pool (None: unlabelled) -> device shapes
+    # pool (None: unlabelled) -> its nodes' shapes: (slice MiB, slices per device, devices)
+    shapes: dict[str | None, Counter[tuple[int, int, int]]] = {}
     for n in nodes:
         if any(n.labels.get(k) != v for k, v in placement.node_selector.items()):
             continue
@@ -59,43 +66,54 @@ def target(
             continue
         first = min(n.devices, key=lambda d: d.id)
         size = min(d.total_slices for d in n.devices if d.slice_mib == first.slice_mib)
-        shapes.setdefault(n.labels.get(pool_label), Counter())[(first.slice_mib, size)] += 1
+        shapes.setdefault(n.labels.get(pool_label), Counter())[(first.slice_mib, size, len(n.devices))] += 1
     if not shapes:
         return Target()
-    # pool -> its most common device shape: (slice MiB, slices per device)
     shape_of = {pool: max(c.items(), key=lambda kv: (kv[1], kv[0]))[0] for pool, c in shapes.items()}
 
-    def devices_needed(pool: str | None) -> tuple[bool, int, str]:
-        slice_mib, size = shape_of[pool]
+    def needed(pool: str | None) -> tuple[bool, int, int, str]:
+        """(the replica does not fit a device, nodes, devices) the replicas take on fresh nodes."""
+        slice_mib, size, devices = shape_of[pool]
         w, r = api.slices_for_mib(weight_mib, slice_mib), api.slices_for_mib(replica_mib, slice_mib)
         per_device = (size - w) // r if r else replicas
-        return w + r > size, -(-replicas // max(1, per_device)), pool or ""
+        used = -(-replicas // max(1, per_device))
+        return w + r > size, -(-used // devices), used, pool or ""
 
-    pool = min(shape_of, key=devices_needed)
-    slice_mib, size = shape_of[pool]
+    pool = min(shape_of, key=needed)
+    slice_mib, size, devices = shape_of[pool]
     pin = len(set(shape_of.values())) > 1 and pool is not None
-    return Target(slice_mib, size, {pool_label: pool} if pin and pool is not None else {})
+    return Target(slice_mib, size, devices, {pool_label: pool} if pin and pool is not None else {})
 
 
 def plan_placeholders(
     ref: ModelRef, unplaced: Sequence[packing.Unplaced], nodes: Sequence[packing.Node], pool_label: str
 ) -> list[PodIntent]:
-    """The placeholders of the unplaced replicas of ``ref``."""
+    """The placeholders of the unplaced replicas of ``ref``: one per device-worth of them (the weights
+    and as many replicas as a device of the target holds, the rest in a last one), the ``i``-th on
+    device ``i`` mod the devices of a node, so the autoscaler fits them on as many nodes as the packer
+    would fill. A model that spreads across nodes, or a target unknown or too small for one replica:
+    one replica each, on a node's first device."""
     if not unplaced:
         return []
     replica_mib, weight_mib = unplaced[0].replica_mib, unplaced[0].weight_mib
     t = target(ref, len(unplaced), replica_mib, weight_mib, nodes, pool_label)
-    slices = api.slices_for_mib(weight_mib, t.slice_mib) + api.slices_for_mib(replica_mib, t.slice_mib)
-    return [
-        PodIntent(
-            api.ROLE_PLACEHOLDER,
-            ref.namespace,
-            placeholder_pod_name(ref.name, u.replica),
-            (ref,),
-            slices,
-            api.device_resource(PLACEHOLDER_DEVICE_INDEX),
-            replica=u.replica,
-            pool_selector=tuple(sorted(t.pool_selector.items())),
+    w, r = api.slices_for_mib(weight_mib, t.slice_mib), api.slices_for_mib(replica_mib, t.slice_mib)
+    per, devices = 1, 1
+    if t.device_slices is not None and w + r <= t.device_slices and ref.spec.placement.spread == Spread.NONE:
+        per, devices = (t.device_slices - w) // r if r else len(unplaced), t.devices
+    out = []
+    for i, first in enumerate(range(0, len(unplaced), per)):
+        replicas = min(per, len(unplaced) - first)
+        out.append(
+            PodIntent(
+                api.ROLE_PLACEHOLDER,
+                ref.namespace,
+                placeholder_pod_name(ref.name, i),
+                (ref,),
+                w + replicas * r,
+                api.device_resource(PLACEHOLDER_DEVICE_INDEX + i % devices),
+                replica=i,
+                pool_selector=tuple(sorted(t.pool_selector.items())),
+            )
         )
-        for u in unplaced
-    ]
+    return out

@@ -41,8 +41,8 @@ KEY_VOLUME = "share-key"
 #: Scratch space of model pods (their root filesystem is read-only).
 SCRATCH_VOLUME = "scratch"
 SCRATCH_DIR = "/tmp"
-#: The resource placeholders request: device 0 of a node the autoscaler would add (any device of a
-#: fresh node fits what fits on one device; a pod can name only one).
+#: The device a model's first placeholder requests: device 0 of a node the autoscaler would add (a pod
+#: can name only one; its next placeholders request the next devices, see vnpu.operator.placeholders).
 PLACEHOLDER_DEVICE_INDEX = 0
 #: The pause image's own non-root user.
 PLACEHOLDER_UID = 65535
@@ -513,14 +513,13 @@ def _holder_serving(env: list[dict[str, Any]], serving: Sequence[ModelRef]) -> d
 
 
 def _placeholder_pod(intent: PodIntent, config: OperatorConfig) -> dict[str, Any]:
-    """A pause pod standing for a replica that fits nowhere: it requests the replica's slices (and the
-    weights') of ``vnpu.io/memory-0`` in the slices of the pool it stands for, so the Cluster
-    Autoscaler sizes a new node from a template advertising it (what fits on one device fits on a
-    fresh node's first), with the model's nodeSelector (and that pool's label where the model's pools
-    differ: :mod:`vnpu.operator.placeholders`) and tolerations. It names no node: a valid pod on any
-    cluster. Were the scheduler to find room the packer did not, the pod runs pause at a negative
-    priority with preemption off, and any replica preempts it, so it never keeps capacity from real
-    work."""
+    """A pause pod standing for a device-worth of replicas that fit nowhere: it requests their slices
+    (and the weights') of ``vnpu.io/memory-<i>`` in the slices of the pool it stands for, so the
+    Cluster Autoscaler sizes new nodes from a template advertising it, with the model's nodeSelector
+    (and that pool's label where the model's pools differ) and tolerations
+    (:mod:`vnpu.operator.placeholders`). It names no node: a valid pod on any cluster. Were the
+    scheduler to find room the packer did not, the pod runs pause at a negative priority with
+    preemption off, and any replica preempts it, so it never keeps capacity from real work."""
     (model,) = intent.owners
     spec = model.spec
     return _pod(

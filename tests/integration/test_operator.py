@@ -167,10 +167,12 @@ def test_priority_decides_who_waits(cluster, namespace, kwok_nodes, operator) ->
     assert high["status"]["readyReplicas"] == 4
     pending = {c["type"]: c for c in low["status"]["conditions"]}["CapacityPending"]
     assert pending["status"] == "True" and pending["message"]
+    # One placeholder for low's 4 replicas: a device's worth, the weights once (what the packer needs).
     placeholders = live(pods_of(cluster, namespace, f"{api.LABEL_ROLE}={api.ROLE_PLACEHOLDER}"))
-    assert len(placeholders) == 4
+    assert len(placeholders) == 1
     for ph in placeholders:
         assert ph.spec.priority_class_name == "vnpu-placeholder" and ph.spec.priority < 0
+        assert ph.spec.containers[0].resources.requests == {"vnpu.io/memory-0": "8"}
 
     def unschedulable() -> bool:
         pods = live(pods_of(cluster, namespace, f"{api.LABEL_ROLE}={api.ROLE_PLACEHOLDER}"))

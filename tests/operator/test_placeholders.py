@@ -86,3 +86,57 @@ def test_placeholders_name_the_pool_when_the_models_pools_differ() -> None:
     (ph,) = placeholders(result)
     assert ph["spec"]["nodeSelector"] == {"tier": "npu"}
     assert requests(result) == [{"vnpu.io/memory-0": "24"}]
+
+
+def nodes_for(result: Any, template: dict[str, int]) -> int:
+    """The nodes of ``template`` (resource -> units) the Cluster Autoscaler's estimator adds for the
+    pending placeholders: first fit by their requests, as it bin-packs pods onto template nodes."""
+    free: list[dict[str, int]] = []
+    for request in requests(result):
+        ((resource, units),) = request.items()
+        for node in free:
+            if node.get(resource, 0) >= int(units):
+                node[resource] -= int(units)
+                break
+        else:
+            free.append(dict(template))
+            assert free[-1].get(resource, 0) >= int(units), "fits no fresh node"
+            free[-1][resource] -= int(units)
+    return len(free)
+
+
+def test_placeholders_ask_for_the_devices_the_packer_would_fill_not_a_node_per_replica() -> None:
+    """16 replicas of 4 GiB sharing 20 GiB of weights: the packer puts them on 2 devices of one fresh
+    8-device node (the weights once per device), so the placeholders ask for those 2 devices' worth,
+    one a device, not 16 copies of the weights that the autoscaler would spread over 8 nodes."""
+    n1 = pool_node("n1", devices=8, device_gib=64)
+    filler = model("filler", 8, placement={"spreadAcrossNodes": False})
+    m = model("m", 16, shareGroup="m", source={"uri": "file:///m.gguf"}, priority=-1)
+    est = {filler.key: estimate(weights=60 * GIB, per_replica=4 * GIB), m.key: estimate(20 * GIB, 4 * GIB)}
+    result = run([filler, m], [n1], estimates=est)
+    assert sum(u["replicas"] for u in result.statuses[1].status["unplaced"]) == 16
+    assert requests(result) == [{"vnpu.io/memory-0": "64"}, {"vnpu.io/memory-1": "40"}]  # 20 + 11·4, 20 + 5·4
+    assert result.unplaced_slices == 104
+    template = {f"vnpu.io/memory-{i}": 64 for i in range(8)}
+    assert nodes_for(result, template) == 1
+    fresh = run([m], [pool_node("new0", devices=8, device_gib=64)], estimates={m.key: est[m.key]})
+    assert not fresh.statuses[0].status["unplaced"]  # the packer needs that one node too
+    names = [p["metadata"]["name"] for p in placeholders(result)]
+    assert len(set(names)) == 2 and all(n.startswith("m-pending-") for n in names)
+    # The remainder shrinks as replicas get placed: one placeholder for what is left.
+    fewer = run([filler, model("m", 9, shareGroup="m", source={"uri": "file:///m.gguf"}, priority=-1)], [n1],
+                estimates=est)  # fmt: skip
+    assert requests(fewer) == [{"vnpu.io/memory-0": "56"}]
+
+
+def test_a_spread_model_or_an_unknown_pool_gets_a_placeholder_per_replica() -> None:
+    """spreadAcrossNodes wants a node per replica; with no node of the pool known, a device's size is
+    unknown: one replica each, on a node's first device."""
+    n1 = pool_node("n1", devices=1, device_gib=16)
+    filler = model("filler", 1, priority=1)
+    est = {filler.key: estimate(weights=14 * GIB, per_replica=2 * GIB)}
+    spread = model("s", 3, shareGroup="s", placement={"spreadAcrossNodes": True})
+    nowhere = model("x", 3, shareGroup="x", placement={"nodeSelector": {"pool": "none"}})
+    for m in (spread, nowhere):
+        result = run([filler, m], [n1], estimates={**est, m.key: estimate(4 * GIB, 2 * GIB)})
+        assert requests(result) == [{"vnpu.io/memory-0": "6"}] * 3, m.name
