@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import random
+from collections import Counter
 from collections.abc import Sequence
 
 from vnpu.operator.packing.cluster import Cluster
@@ -132,9 +133,15 @@ def _best_plan(
         blind = start(share_weights=False)
         blind.place_all(preempt)
         plan_b = start()
+        # A running replica the blind start could not keep (it pays its own weights there) is new in
+        # the blind plan but kept in plan B: copy only as many new replicas as plan B still misses.
+        placed = Counter(di for di, _ in plan_b.placed)
         for (di, replica), (o, _, kept) in blind.placed.items():
-            if not kept and (di, replica) not in plan_b.placed and plan_b.may_add(di, o):
+            if kept or (di, replica) in plan_b.placed or placed[di] >= cluster.demands[di].replicas:
+                continue
+            if plan_b.may_add(di, o):
                 plan_b.place(di, o, 1, replicas=[replica])
+                placed[di] += 1
         runs.append(finish(plan_b))
         for seed in range(min(VARIANTS, VARIANT_BUDGET // (total_replicas + len(cluster.dev_id)))):
             variant = start()

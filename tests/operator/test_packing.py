@@ -779,3 +779,23 @@ def test_property_a_drain_stays_within_its_budget_and_breaks_nothing_first(insta
     assert was == {(a.model, a.replica) for a in drained.assignments if not a.kept} & was
     n2, d2, c2 = shuffled(nodes, demands, current, seed)
     assert drain(n2, d2, pack(n2, d2, c2), max_moves=budget) == drained
+
+
+def test_a_scale_down_never_leaves_more_replicas_than_asked():
+    """Found by the defragmentation property: 7 replicas of m1 run, it scales to 4. The share-blind
+    start (every replica paying its own weights) keeps 3 of the 4 survivors and places a new one; the
+    share-aware plan B keeps all 4 and used to copy the blind plan's new replica too: 5 of 4."""
+    dev = lambda i, s: Device(i, s)  # noqa: E731
+    nodes = [Node("n0", (dev("d0", 8), dev("d1", 8), dev("d2", 32))), Node("n1", (dev("d0", 64),))]
+    demands = [
+        Demand("m0", "g0", 5, 3584, 6656, priority=1),
+        Demand("m1", "g3", 4, 2560, 0, priority=1, spread=Spread.BEST_EFFORT),
+        Demand("m2", "g1", 3, 512, 0, priority=0, spread=Spread.BEST_EFFORT),
+        Demand("m3", "g2", 7, 512, 12800, priority=0),
+        Demand("m4", "g1", 0, 2560, 8704, priority=0),
+    ]
+    current = drifted(nodes, demands, 0)
+    assert len([p for p in current if p.model == "m1"]) == 7
+    for result in (pack(nodes, demands, current), pack(nodes, demands, current, defragment=True)):
+        check_invariants(nodes, demands, result, current)
+        assert sorted(a.replica for a in result.assignments if a.model == "m1") == [3, 4, 5, 6]
