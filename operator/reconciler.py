@@ -45,7 +45,7 @@ from vnpu.operator.planner import (
     restatus,
 )
 from vnpu.operator.pods import PodIntent, render, share_key_secret
-from vnpu.operator.reported import Report, ReportedStatuses, ReportQueue
+from vnpu.operator.reported import PostedEvents, Report, ReportedStatuses, ReportQueue
 from vnpu.operator.services import ServiceIntent, render_service, service_name, warm_service_name
 from vnpu.operator.state import ObservedModel, ObservedNode, ObservedPod, ObservedSecret, ObservedService
 
@@ -61,6 +61,9 @@ SYNC_TIMEOUT = 120.0
 #: pass has gone through for this many resync periods: a pass stuck on the API server, or failing each
 #: time, is not fixed by waiting.
 UNHEALTHY_AFTER_RESYNCS = 3
+#: The same Event on the same model goes out once in this many seconds (client-go aggregates repeats
+#: over 10 minutes too): see :class:`vnpu.operator.reported.PostedEvents`.
+EVENT_REPEAT_SECONDS = 600.0
 
 
 class Unhealthy(RuntimeError):
@@ -108,6 +111,7 @@ class Reconciler:
         self._reports = ReportQueue()
         self._reporters: list[threading.Thread] = []
         self._reported = ReportedStatuses(stale_after=config.resync_seconds)
+        self._posted = PostedEvents(window=EVENT_REPEAT_SECONDS)
 
     @property
     def kube(self) -> Kube:
@@ -532,6 +536,8 @@ class Reconciler:
         # The Events first: whoever sees the status (a user, a controller, a test) finds the Events that
         # explain it already there. Best effort, never in the way of the status.
         for event in report.events:
+            if not self._posted.first(model.uid, event):
+                continue  # posted lately: a flip the server's status never recorded (its write refused)
             try:
                 kube.post_event(model, event.type, event.reason, event.message)
             except Exception:

@@ -139,6 +139,38 @@ class ReportedStatuses:
         return out
 
 
+class PostedEvents:
+    """The Events posted lately, so that one a pass repeats is not posted again: the same Event (type,
+    reason, message) on the same model (uid) goes out once per ``window`` seconds, as client-go's
+    EventCorrelator counts repeats instead of creating them (thread-safe: the reporter's threads post).
+
+    A pass posts an Event when it sees a condition flip against the status it plans from; when the API
+    server refuses the status that records the flip (a message past the CRD's limit, a webhook), the
+    next pass sees the same flip and would post it again: an Event per pass, forever. Whatever the
+    refusal, this bounds it to one per ``window``."""
+
+    def __init__(self, window: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._window = window
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._posted: dict[tuple[str, str, str, str], float] = {}  # (uid, type, reason, message) -> when
+        self._pruned = clock()
+
+    def first(self, uid: str, event: Event) -> bool:
+        """Whether ``event`` on model ``uid`` is to be posted (and then it counts as posted now)."""
+        now = self._clock()
+        key = (uid, event.type, event.reason, event.message)
+        with self._lock:
+            if now - self._pruned >= self._window:  # forget what no longer holds anything back
+                self._posted = {k: t for k, t in self._posted.items() if now - t < self._window}
+                self._pruned = now
+            last = self._posted.get(key)
+            if last is not None and now - last < self._window:
+                return False
+            self._posted[key] = now
+            return True
+
+
 @dataclass(frozen=True)
 class Report:
     """What is left to write for one model: its Services to create, its latest status, its Events."""

@@ -8,6 +8,9 @@ refused, the scheduler's or the kubelet's for a replica or weight-holder that do
 (Unschedulable, CrashLoopBackOff, ...), the estimate's error while running pods are kept, a node
 that is lost or inside its grace period, the operator's own when the model's Service name is taken. A
 replica counts as ready only with its weight-holder ready.
+
+Those words can be any length, so every condition and Event is cut to what the API server takes
+(``MAX_MESSAGE_CHARS``, ``MAX_EVENT_MESSAGE_CHARS``): one too long has the whole status refused.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from vnpu import api
+from vnpu.jsonbody import shown
 from vnpu.memory import EstimateError, MemoryEstimate
 from vnpu.operator.packing import Unplaced
 from vnpu.operator.services import REASON_NAME_TAKEN
@@ -28,6 +32,15 @@ if TYPE_CHECKING:
     from vnpu.operator.planner import Failure
 
 NORMAL, WARNING = "Normal", "Warning"
+#: Longest condition message written, cut past it. The CRD allows 32768 characters and the API server
+#: refuses a longer one, and with it the model's whole status, pass after pass; the words that come
+#: from outside (a tenant's nodeSelector the packer echoes, an API server's or a kubelet's message)
+#: can be any length.
+MAX_MESSAGE_CHARS = 4096
+#: Longest Event message: with shown()'s "... (N characters)" within the 1 KiB kube.post_event keeps.
+MAX_EVENT_MESSAGE_CHARS = 960
+#: Longest condition or Event reason (a reason is a word: the API server's, the kubelet's).
+MAX_REASON_CHARS = 128
 
 
 @dataclass(frozen=True)
@@ -89,7 +102,9 @@ class ModelOutcome:
 
 def _unplaced_summary(unplaced: Sequence[Unplaced]) -> list[dict[str, Any]]:
     counts = Counter(u.reason for u in unplaced)
-    return [{"replicas": n, "reason": reason} for reason, n in sorted(counts.items())]
+    return [
+        {"replicas": n, "reason": shown(reason, MAX_MESSAGE_CHARS)} for reason, n in sorted(counts.items())
+    ]
 
 
 def _degradation(outcome: ModelOutcome) -> tuple[str, str] | None:
@@ -126,7 +141,8 @@ def build_status(
     stamp = api.format_time(now)
     conditions: list[dict[str, Any]] = []
 
-    def condition(type_: str, ok: bool, reason: str, message: str) -> None:
+    def condition(type_: str, ok: bool, reason: str, message: str) -> dict[str, Any]:
+        """Adds the condition, as written (its reason and message cut to their limits)."""
         status = "True" if ok else "False"
         prev = previous.get(type_, {})
         since = prev.get("lastTransitionTime") if prev.get("status") == status else None
@@ -134,12 +150,13 @@ def build_status(
             {
                 "type": type_,
                 "status": status,
-                "reason": reason,
-                "message": message,
+                "reason": shown(reason, MAX_REASON_CHARS),
+                "message": shown(message, MAX_MESSAGE_CHARS),
                 "lastTransitionTime": since or stamp,
                 "observedGeneration": model.generation,
             }
         )
+        return conditions[-1]
 
     def flipped(type_: str, status: str, reason: str | None = None) -> bool:
         prev = previous.get(type_, {})
@@ -171,8 +188,11 @@ def build_status(
             condition("Degraded", False, "AsExpected", "")
             return
         reason, message = degraded
-        condition("Degraded", True, reason, message)
-        if flipped("Degraded", "True", reason) or previous.get("Degraded", {}).get("message") != message:
+        written = condition("Degraded", True, reason, message)  # compared as written
+        if (
+            flipped("Degraded", "True", written["reason"])
+            or previous.get("Degraded", {}).get("message") != written["message"]
+        ):
             events.append(Event(WARNING, reason, message))
 
     if model.deleting:
@@ -285,4 +305,8 @@ def build_status(
         else:
             status["phase"] = "Placing"
     status["conditions"] = conditions
+    events = [
+        Event(e.type, shown(e.reason, MAX_REASON_CHARS), shown(e.message, MAX_EVENT_MESSAGE_CHARS))
+        for e in events
+    ]
     return status, events

@@ -84,9 +84,9 @@ def quiet_answered_body_errors() -> None:
         server_log.addFilter(_ANSWERED)
 
 
-def shown(text: str) -> str:
-    """``text`` (a client's value, to echo in an error message) cut to MAX_SHOWN_CHARS."""
-    return text if len(text) <= MAX_SHOWN_CHARS else f"{text[:MAX_SHOWN_CHARS]}... ({len(text)} characters)"
+def shown(text: str, limit: int = MAX_SHOWN_CHARS) -> str:
+    """``text`` (a client's value, to echo in an error message) cut to ``limit`` characters, saying so."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 class BodyError(ValueError):

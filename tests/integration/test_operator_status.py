@@ -18,6 +18,7 @@ from kubernetes import client
 
 from vnpu import api
 from vnpu.cluster.kwok import npu_node_manifest
+from vnpu.cluster.processes import wait_until
 from vnpu.memory import EstimateError
 from vnpu.operator import metrics
 from vnpu.operator.config import OperatorConfig
@@ -130,3 +131,71 @@ def test_keys_the_operator_stops_setting_leave_the_server_and_a_settled_model_ge
     for _ in range(3):
         op.run("a")
     assert op.kube.status_patches == settled, "a status write on every pass"
+
+
+@pytest.fixture
+def refused_statuses(control_plane: Any, namespace: str) -> Iterator[None]:
+    """A ValidatingAdmissionPolicy that refuses every InferenceModel status write in ``namespace``: a
+    status the API server will not take, whatever the reason (a message past the CRD's limit was one)."""
+    name = f"refuse-status-{namespace}"
+    objects = [
+        {
+            "apiVersion": "admissionregistration.k8s.io/v1",
+            "kind": "ValidatingAdmissionPolicy",
+            "metadata": {"name": name},
+            "spec": {
+                "failurePolicy": "Fail",
+                "matchConstraints": {
+                    "resourceRules": [
+                        {
+                            "apiGroups": [api.GROUP],
+                            "apiVersions": ["*"],
+                            "operations": ["UPDATE"],
+                            "resources": [f"{api.PLURAL}/status"],
+                        }
+                    ]
+                },
+                "validations": [{"expression": "false", "message": "status writes refused by the test"}],
+            },
+        },
+        {
+            "apiVersion": "admissionregistration.k8s.io/v1",
+            "kind": "ValidatingAdmissionPolicyBinding",
+            "metadata": {"name": name},
+            "spec": {
+                "policyName": name,
+                "validationActions": ["Deny"],
+                "matchResources": {
+                    "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}}
+                },
+            },
+        },
+    ]
+    manifest = json.dumps({"apiVersion": "v1", "kind": "List", "items": objects})
+    control_plane.kubectl("apply", "-f", "-", input=manifest)
+    yield
+    control_plane.kubectl("delete", "-f", "-", "--ignore-not-found", input=manifest, check=False)
+
+
+def test_a_status_the_server_refuses_posts_no_event_per_pass(
+    control_plane: Any, namespace: str, refused_statuses: None
+) -> None:
+    """Each pass sees the model's flip to CapacityPending against the status the server holds, which
+    the refused write never changed: before the fix it posted a new Warning Event on every pass."""
+    op = Operator(control_plane, namespace, placeholders=False)
+    op.apply("a", spec(1, placement={"nodeSelector": {"zone": "none"}}))  # never placed
+    probe = parse_model(op.model("a"))
+
+    def refused() -> bool:  # the policy is in force (the API server loads it within a second or so)
+        try:
+            op.kube.patch_model_status(probe, {"phase": "Pending"})
+        except client.ApiException as exc:
+            return exc.status == 422 or exc.status == 403
+        return False
+
+    wait_until(refused, 30, "the admission policy refusing status writes")
+    for _ in range(4):
+        op.run("a")
+    assert op.kube.status_patches >= 4 + 1 and "status" not in op.model("a")  # every write refused
+    reasons = [e.reason for e in op.events("a")]
+    assert reasons.count("CapacityPending") == 1, reasons

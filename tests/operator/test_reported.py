@@ -8,7 +8,14 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vnpu.operator.reported import Report, ReportedStatuses, ReportQueue, merge_patch, merge_patch_to
+from vnpu.operator.reported import (
+    PostedEvents,
+    Report,
+    ReportedStatuses,
+    ReportQueue,
+    merge_patch,
+    merge_patch_to,
+)
 from vnpu.operator.state import ObservedModel
 from vnpu.operator.status import Event
 
@@ -177,3 +184,17 @@ def test_the_queue_says_how_far_the_reporter_trails() -> None:
     assert queue.backlog == 1
     now[0] = 110.0
     assert queue.take() is not None and queue.done("ns/a") == 5.0  # the later report, queued at 105
+
+
+def test_an_event_a_pass_repeats_is_posted_once_per_window() -> None:
+    """A pass that sees the same flip again (its status write refused, so never recorded) posts nothing."""
+    clock = Clock()
+    posted = PostedEvents(window=600, clock=clock)
+    pending = Event("Warning", "CapacityPending", "1 replica(s) unplaced")
+    assert posted.first("u1", pending)
+    clock.now = 599.0
+    assert not posted.first("u1", pending)
+    assert posted.first("u2", pending)  # another model (or the same name created again)
+    assert posted.first("u1", Event("Warning", "CapacityPending", "2 replica(s) unplaced"))
+    clock.now = 600.0
+    assert posted.first("u1", pending)  # the window is past: it goes out again

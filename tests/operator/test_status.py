@@ -3,14 +3,31 @@ its merge patch leaves there, so a settled model gets no status write."""
 
 from __future__ import annotations
 
+import datetime as dt
+import json
+from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
-from test_planner import as_pods, model, node, run, step
+import pytest
+from kubernetes.client.exceptions import ApiException
+from test_planner import NOW, as_pods, keys_for, model, node, run, step
 from test_scaling import idle_model
 
 from vnpu.memory import EstimateError
+from vnpu.operator import metrics
+from vnpu.operator.config import OperatorConfig
+from vnpu.operator.planner import Failure
+from vnpu.operator.reconciler import Reconciler
 from vnpu.operator.reported import merge_patch
+from vnpu.operator.status import MAX_MESSAGE_CHARS
+
+
+@pytest.fixture(autouse=True)
+def no_model_series_left() -> Iterator[None]:
+    """The reconciler's passes set per-model series in the process-wide registry: gone with the test."""
+    yield
+    metrics.forget_models(set())
 
 
 def passes(
@@ -55,3 +72,84 @@ def test_a_model_whose_estimate_fails_loses_its_memory_and_then_gets_no_status_w
     assert not {"memory", "scaling", "demand"} & set(server)
     assert server["phase"] == "Degraded"
     assert changed == [True, False, False, False]
+
+
+def test_no_condition_or_event_outgrows_what_the_api_server_takes() -> None:
+    """Words that come from outside can be any length: an API server's refusal, a kubelet's message, a
+    tenant's nodeSelector the packer echoes. The CRD refuses a condition message past 32768 characters,
+    and with it the whole status, on every pass; the messages are cut long before that, and a long
+    Degraded message, compared as written, posts its Event once."""
+    refusal = "admission webhook denied the request: " + "x" * 50_000
+    failures = {"ns/a": Failure(refusal, NOW + dt.timedelta(seconds=30), 1, "Forbidden", "uid-a")}
+    selector = {f"k{i:02d}.example.com/" + "x" * 1000: "v" for i in range(40)}  # matches no node
+    m = model("a", 2, placement={"nodeSelector": selector})
+    nodes = [node("n1")]
+    pods: list[Any] = []
+    _, server, _ = passes(m, nodes, pods, {}, 1, failures=failures)
+    conditions = {c["type"]: c for c in server["conditions"]}
+    assert (
+        conditions["CapacityPending"]["status"] == "True" and conditions["Degraded"]["reason"] == "Forbidden"
+    )
+    for c in server["conditions"]:
+        assert len(c["message"]) <= MAX_MESSAGE_CHARS + 30 and len(c["reason"]) <= 160, c["type"]
+    assert all(len(u["reason"]) <= MAX_MESSAGE_CHARS + 30 for u in server["unplaced"])
+    assert conditions["Degraded"]["message"].endswith(" characters)")  # says it was cut
+    first = run([replace(m, status={})], nodes, pods, failures=failures).statuses[0]
+    assert {e.reason for e in first.events} >= {"Forbidden", "CapacityPending"}
+    assert all(len(e.message) <= 1024 for e in first.events)  # what an Event takes (kube.post_event)
+    again = run([replace(m, status=server)], nodes, pods, failures=failures).statuses[0]
+    assert again.events == () and not again.changed
+
+
+def test_a_pod_problem_of_any_length_is_cut_in_the_degraded_condition() -> None:
+    m = model("a", 1)
+    nodes = [node("n1")]
+    pods = as_pods(run([m], nodes).create)
+    problem = "CrashLoopBackOff: " + "y" * 50_000
+    pods = [replace(p, problem=problem, ready=False) if p.role == "replica" else p for p in pods]
+    _, server, _ = passes(m, nodes, pods, {}, 1)
+    degraded = next(c for c in server["conditions"] if c["type"] == "Degraded")
+    assert degraded["reason"] == "CrashLoopBackOff" and len(degraded["message"]) <= MAX_MESSAGE_CHARS + 30
+
+
+class RefusingKube:
+    """In memory: takes every write but the model's status, which it refuses as the API server does a
+    status it finds invalid (422); counts the Events posted."""
+
+    api_client = None
+
+    def __init__(self, models: list[Any]) -> None:
+        self.models = models
+        self.events: list[str] = []
+        self.refused = 0
+
+    def list_secrets(self) -> list[Any]:
+        return keys_for(self.models)
+
+    def post_event(self, model: Any, event_type: str, reason: str, message: str) -> None:
+        self.events.append(reason)
+
+    def patch_model_status(self, model: Any, status: Any) -> None:
+        self.refused += 1
+        exc = ApiException(status=422, reason="Unprocessable Entity")
+        exc.body = json.dumps({"reason": "Invalid", "message": "InferenceModel.vnpu.io is invalid"})
+        raise exc
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args, **kwargs: True  # pods, Services, Secrets: created
+
+
+def test_a_refused_status_write_posts_no_event_per_pass() -> None:
+    """The pass's Events come from the flips it sees against the status it plans from; with that status
+    never written, every pass sees the same flip again. The reporter posts the same Event once."""
+    m = model("a", 1, weights={"sizeMiB": 4096}, placement={"nodeSelector": {"zone": "none"}})  # never placed
+    kube = RefusingKube([m])
+    rec = Reconciler(OperatorConfig(placeholders=False), kube=kube)  # type: ignore[arg-type]
+    for _ in range(4):
+        rec.reconcile([m], [node("n1")], [])  # the model as the server holds it: no status
+        while rec._reports.backlog:
+            key, report = rec._reports.take() or ("", None)
+            rec._write_report(report)  # type: ignore[arg-type]
+            rec._reports.done(key)
+    assert kube.refused == 4
+    assert kube.events == ["CapacityPending"]
