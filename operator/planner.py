@@ -642,8 +642,11 @@ def plan(
             holder = pods_by_name.get((m.namespace, x["weightHolder"])) if x["weightHolder"] else None
             if pp and pp.ready and (not x["weightHolder"] or (holder and holder.ready)):
                 ready += 1
+        # A frozen model's replicas that stay: those on a lost node or ended are deleted, and none is
+        # placed anew without an estimate. Ready as any replica is: with its holder Ready.
+        kept = [p for p in replicas_of[key] if p.node not in lost_nodes and not p.finished]
         if key in frozen:
-            ready = sum(1 for p in replicas_of[key] if p.ready)
+            ready = sum(1 for p in kept if p.ready and _holder_ready(p, pods_by_name, lost_nodes))
         rollout = rollouts.get(key)
         if rollout is not None:
             ready += sum(1 for p in old_of.get(key, []) if p.ready and (m.namespace, p.name) not in retiring)
@@ -670,7 +673,7 @@ def plan(
             saved_mib=saved.get(key, 0),
             lost_nodes=sorted({p.node for p in mine if p.node in lost_nodes and p.node}),
             suspect_nodes=sorted({p.node for p in mine if p.node in view.suspect and p.node}),
-            frozen_replicas=len(replicas_of[key]) if key in frozen else 0,
+            frozen_replicas=len(kept) if key in frozen else 0,
             problems=tuple(problems),
             rollout=rollout,
             moves=tuple(moved_of.get(key, ())),
@@ -702,6 +705,16 @@ def _status_update(m: ObservedModel, outcome: ModelOutcome, now: dt.datetime) ->
         # nothing changes.
         changed=_comparable(merge_patch(m.status, patch)) != _comparable(m.status),
     )
+
+
+def _holder_ready(
+    replica: ObservedPod, pods_by_name: Mapping[tuple[str, str], ObservedPod], lost_nodes: set[str]
+) -> bool:
+    """Whether the weight-holder ``replica`` maps (if any) is Ready, and not on a lost node."""
+    if not replica.weight_holder:
+        return True
+    holder = pods_by_name.get((replica.namespace, replica.weight_holder))
+    return holder is not None and holder.ready and holder.node not in lost_nodes
 
 
 def restatus(result: Plan, failures: Mapping[str, Failure], now: dt.datetime) -> None:

@@ -113,7 +113,16 @@ def _degradation(outcome: ModelOutcome) -> tuple[str, str] | None:
     if outcome.failure is not None:
         parts.append((outcome.failure.reason, outcome.failure.message))
     if outcome.lost_nodes:
-        parts.append(("NodeLost", f"re-placing replicas from lost node(s): {', '.join(outcome.lost_nodes)}"))
+        lost = ", ".join(outcome.lost_nodes)
+        if isinstance(outcome.estimate, MemoryEstimate):
+            parts.append(("NodeLost", f"re-placing replicas from lost node(s): {lost}"))
+        else:  # the planner places nothing without an estimate
+            parts.append(
+                (
+                    "NodeLost",
+                    f"the replicas on lost node(s) {lost} are gone: none re-placed without a memory estimate",
+                )
+            )
     for p in outcome.problems[:3]:
         parts.append(
             (p.reason, f"{'weight-holder' if p.role == api.ROLE_WEIGHTS else 'replica'} {p.pod}: {p.problem}")
@@ -209,15 +218,18 @@ def build_status(
             # Running replicas stay as they are: an estimate that fails now (an unreadable source
             # during a storage hiccup, a spec the operator cannot size) is no reason to stop them.
             kept = f"keeping the {outcome.frozen_replicas} running replica(s) as they are"
-            degraded = ("EstimateFailed", f"{message}; {kept}; retrying with backoff")
+            first = ("EstimateFailed", f"{message}; {kept}; retrying with backoff")
             status["phase"] = "Degraded"
             condition("Placed", True, "EstimateFailed", kept)
             condition("CapacityPending", False, "EstimateFailed", "")
         else:
-            degraded = ("InvalidSpec", message)
+            first = ("InvalidSpec", message)
             status["phase"] = "Failed"
             condition("Placed", False, "InvalidSpec", message)
             condition("CapacityPending", False, "InvalidSpec", "")
+        # Whatever else degrades the model (a lost node, a crash-looping replica, a refused write)
+        # is still said, after the estimate's error.
+        degraded = first if degraded is None else (first[0], f"{first[1]}; {degraded[1]}")
         condition(
             "Ready",
             ready,

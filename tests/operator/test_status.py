@@ -153,3 +153,36 @@ def test_a_refused_status_write_posts_no_event_per_pass() -> None:
             rec._reports.done(key)
     assert kube.refused == 4
     assert kube.events == ["CapacityPending"]
+
+
+def test_a_model_without_an_estimate_still_says_what_else_degrades_it() -> None:
+    """While the estimate fails, a lost node, a crash-looping replica and a refused write are still in
+    the Degraded condition; the replica on the lost node, deleted in this pass and not placed anew, is
+    neither kept nor Ready."""
+    m = model("a", 2, placement={"spreadAcrossNodes": True})
+    nodes = [node("n1"), node("n2")]
+    pods = as_pods(run([m], nodes).create)
+    lost = replace(nodes[1], ready=False, not_ready_since=NOW - dt.timedelta(hours=1))
+    crash = "CrashLoopBackOff: back-off 5m0s restarting failed container"
+    pods = [
+        replace(p, problem=crash, ready=False) if p.role == "replica" and p.node == "n1" else p for p in pods
+    ]
+    refused = {
+        "ns/a": Failure("secrets is forbidden", NOW + dt.timedelta(seconds=30), 1, "Forbidden", "uid-a")
+    }
+    failing = {m.key: EstimateError("hf cache unreadable")}
+    alone = run([m], [nodes[0], lost], pods, estimates=failing)
+    assert {d.name for d in alone.delete if d.force} == {p.name for p in pods if p.node == "n2"}
+    (degraded,) = [c for c in alone.statuses[0].status["conditions"] if c["type"] == "Degraded"]
+    assert "lost node(s) n2 are gone: none re-placed" in degraded["message"]
+    result = run([m], [nodes[0], lost], pods, estimates=failing, failures=refused)
+    status = result.statuses[0].status
+    conditions = {c["type"]: c for c in status["conditions"]}
+    degraded = conditions["Degraded"]
+    assert degraded["reason"] == "EstimateFailed" and status["phase"] == "Degraded"
+    assert "hf cache unreadable; keeping the 1 running replica(s) as they are" in degraded["message"]
+    assert "secrets is forbidden" in degraded["message"]
+    assert "lost node(s) n2 are gone: none re-placed" in degraded["message"]
+    assert "CrashLoopBackOff" in degraded["message"]
+    assert conditions["Ready"]["message"] == "0/2 replicas ready" and status["readyReplicas"] == 0
+    assert status["replicas"] == 1
