@@ -633,6 +633,10 @@ def plan(
         est = estimates.get(m.key)
         placed = sorted(placements_of.get(key, []), key=lambda x: x["pod"])
         mine = [p for p in ours if p.namespace == m.namespace and p.model == m.name]
+        unwritten = 0
+        if key in backoff:  # none of its writes went out: its status says what exists, not the plan
+            unwritten = sum(1 for x in placed if (m.namespace, x["pod"]) not in pods_by_name)
+            placed = _existing_placements(mine, old_of.get(key, []), moving_out, lost_nodes)
         holders_used = {x["weightHolder"] for x in placed if x["weightHolder"]} | {
             p.weight_holder for p in mine if p.weight_holder and p.role == api.ROLE_REPLICA
         }
@@ -668,6 +672,7 @@ def plan(
         outcome = ModelOutcome(
             estimate=est if m.spec is not None else EstimateError(m.spec_error),
             placements=placed,
+            unwritten=unwritten,
             unplaced=unplaced_of.get(key, []),
             ready_replicas=ready,
             saved_mib=saved.get(key, 0),
@@ -715,6 +720,34 @@ def _holder_ready(
         return True
     holder = pods_by_name.get((replica.namespace, replica.weight_holder))
     return holder is not None and holder.ready and holder.node not in lost_nodes
+
+
+def _existing_placements(
+    mine: Sequence[ObservedPod],
+    old: Sequence[ObservedPod],
+    moving_out: Mapping[tuple[str, str], ObservedPod],
+    lost_nodes: set[str],
+) -> list[dict[str, Any]]:
+    """The placements of a model's replica pods of the current template that exist (and stay: not on a
+    lost node, not ended, not moving out): what its status reports while its writes back off."""
+    skip = {(p.namespace, p.name) for p in old} | set(moving_out)
+    return [
+        {
+            "node": p.node,
+            "device": p.device,
+            "pod": p.name,
+            "slices": p.slices,
+            "weightHolder": p.weight_holder or "",
+        }
+        for p in sorted(mine, key=lambda p: p.name)
+        if p.role == api.ROLE_REPLICA
+        and not p.terminating
+        and not p.finished
+        and p.node
+        and p.device
+        and p.node not in lost_nodes
+        and (p.namespace, p.name) not in skip
+    ]
 
 
 def restatus(result: Plan, failures: Mapping[str, Failure], now: dt.datetime) -> None:

@@ -94,6 +94,9 @@ class ModelOutcome:
     #: status.scaling (the idle clock, warm while at 0) and status.demand (the forecast's history).
     scaling: Mapping[str, Any] | None = None
     demand: Mapping[str, Any] | None = None
+    #: Replicas the plan placed whose pods its writes' backoff kept from being created (placements
+    #: then lists the pods that exist).
+    unwritten: int = 0
     #: The URL of the model's Service once it exists (status.endpoint), else empty.
     endpoint: str = ""
     #: Why the model has no Service (its name is someone else's); empty when nothing is wrong.
@@ -259,6 +262,10 @@ def build_status(
             condition("CapacityPending", True, str(first.code), message)
             if flipped("CapacityPending", "True"):
                 events.append(Event(WARNING, "CapacityPending", f"{message}; {where}"))
+        elif outcome.unwritten:
+            message = f"{where}: {outcome.unwritten} more not created while the model's writes back off"
+            condition("Placed", False, "WritesBackingOff", message)
+            condition("CapacityPending", False, "WritesBackingOff", "")
         else:
             condition("Placed", True, "AllPlaced", where)
             condition("CapacityPending", False, "AllPlaced", "")

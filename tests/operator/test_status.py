@@ -186,3 +186,26 @@ def test_a_model_without_an_estimate_still_says_what_else_degrades_it() -> None:
     assert "CrashLoopBackOff" in degraded["message"]
     assert conditions["Ready"]["message"] == "0/2 replicas ready" and status["readyReplicas"] == 0
     assert status["replicas"] == 1
+
+
+def test_a_model_whose_writes_back_off_reports_the_pods_that_exist() -> None:
+    """Its planned pods are not created until the backoff is past: its placements, status.replicas (the
+    scale subresource's, what an HPA or KEDA reads) and Placed say what exists, not that plan."""
+    quota = Failure(
+        "pods is forbidden: exceeded quota", NOW + dt.timedelta(seconds=300), 4, "Forbidden", "uid-a"
+    )
+    nodes = [node("n1")]
+    nothing = run([model("a", 3)], nodes, [], failures={"ns/a": quota})
+    assert nothing.create == []
+    status = nothing.statuses[0].status
+    placed = {c["type"]: c for c in status["conditions"]}["Placed"]
+    assert status["replicas"] == 0 and status["placements"] == [] and status["phase"] == "Degraded"
+    assert (placed["status"], placed["reason"]) == ("False", "WritesBackingOff")
+    assert "0/3 replicas" in placed["message"] and "3 more not created" in placed["message"]
+    # Scaled up from 1 while backing off: the one replica that runs, not the three planned.
+    pods = as_pods(run([model("a", 1)], nodes).create)
+    (replica,) = [p for p in pods if p.role == "replica"]
+    one = run([model("a", 3)], nodes, pods, failures={"ns/a": quota}).statuses[0].status
+    assert [x["pod"] for x in one["placements"]] == [replica.name]
+    assert (one["replicas"], one["readyReplicas"]) == (1, 1)
+    assert "1/3 replicas" in {c["type"]: c for c in one["conditions"]}["Placed"]["message"]
