@@ -17,10 +17,15 @@ placeholders target one of them, one whose device holds a replica, on the fewest
 pool in their nodeSelector, so that the autoscaler sizes no other pool by another pool's slices. No
 such node known (a pool scaled to zero, a nodeSelector no node matches yet): the default slice size
 and one replica per placeholder, as for a model that spreads across nodes.
+
+A placeholder's name carries a hash of what it requests and where it may run (:func:`_shape`): when a
+model's size, nodeSelector, tolerations or pool change, the plan's placeholders have new names, and the
+old ones, no longer in the plan, are deleted.
 """
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -101,19 +106,37 @@ def plan_placeholders(
     per, devices = 1, 1
     if t.device_slices is not None and w + r <= t.device_slices and ref.spec.placement.spread == Spread.NONE:
         per, devices = (t.device_slices - w) // r if r else len(unplaced), t.devices
+    pool_selector = tuple(sorted(t.pool_selector.items()))
     out = []
     for i, first in enumerate(range(0, len(unplaced), per)):
-        replicas = min(per, len(unplaced) - first)
+        slices = w + min(per, len(unplaced) - first) * r
+        resource = api.device_resource(PLACEHOLDER_DEVICE_INDEX + i % devices)
+        shape = _shape(ref, slices, resource, pool_selector)
         out.append(
             PodIntent(
                 api.ROLE_PLACEHOLDER,
                 ref.namespace,
-                placeholder_pod_name(ref.name, i),
+                placeholder_pod_name(ref.name, i, shape),
                 (ref,),
-                w + replicas * r,
-                api.device_resource(PLACEHOLDER_DEVICE_INDEX + i % devices),
+                slices,
+                resource,
                 replica=i,
-                pool_selector=tuple(sorted(t.pool_selector.items())),
+                pool_selector=pool_selector,
             )
         )
     return out
+
+
+def _shape(ref: ModelRef, slices: int, resource: str, pool_selector: tuple[tuple[str, str], ...]) -> str:
+    """What a placeholder requests and where it may run, for its name: a placeholder whose size,
+    nodeSelector, tolerations or pool changed is replaced, never kept for the old ones."""
+    placement = ref.spec.placement
+    return json.dumps(
+        [
+            slices,
+            resource,
+            sorted({**placement.node_selector, **dict(pool_selector)}.items()),
+            [t.manifest() for t in placement.tolerations],
+        ],
+        sort_keys=True,
+    )

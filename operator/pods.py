@@ -134,8 +134,10 @@ def holder_pod_name(share_group: str, weights_id: str, node: str, device: str, s
     return _name(f"vnpu-w-{share_group}", short_hash(weights_id, node, device, salt))
 
 
-def placeholder_pod_name(model: str, index: int) -> str:
-    return _name(f"{model}-pending", str(index), distinct=True)
+def placeholder_pod_name(model: str, index: int, shape: str = "") -> str:
+    """Per (index, ``shape``: what it requests and where it may run): a placeholder whose size,
+    selector, tolerations or pool changes is a new pod, and the old one goes."""
+    return _name(f"{model}-pending", f"{index}-{short_hash(shape)}" if shape else str(index), distinct=True)
 
 
 def render(intent: PodIntent, config: OperatorConfig) -> dict[str, Any]:

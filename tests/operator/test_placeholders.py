@@ -140,3 +140,41 @@ def test_a_spread_model_or_an_unknown_pool_gets_a_placeholder_per_replica() -> N
     for m in (spread, nowhere):
         result = run([filler, m], [n1], estimates={**est, m.key: estimate(4 * GIB, 2 * GIB)})
         assert requests(result) == [{"vnpu.io/memory-0": "6"}] * 3, m.name
+
+
+def test_a_placeholder_is_replaced_when_what_it_stands_for_changes() -> None:
+    """A model moved to another pool, grown, or given another toleration: its placeholder goes and one of
+    the new shape comes, instead of the autoscaler scaling the old pool for the old size; unchanged, it
+    stays."""
+    nodes = [pool_node("n1")]
+    filler = model("filler", 1)
+    est = {filler.key: estimate(weights=14 * GIB, per_replica=GIB)}  # fills n1's only device
+    before = model("big", 1, shareGroup="big", placement={"nodeSelector": {"pool": "a"}})
+    first = run([filler, before], nodes, estimates={**est, before.key: estimate(8 * GIB)})
+    pods = as_pods(first.create)
+    (old,) = placeholders(first)
+    assert old["spec"]["nodeSelector"] == {"pool": "a"} and requests(first) == [{"vnpu.io/memory-0": "9"}]
+    same = run([filler, before], nodes, pods, estimates={**est, before.key: estimate(8 * GIB)})
+    assert same.create == [] and same.delete == []
+    toleration = {"key": "npu", "operator": "Exists", "effect": "NoSchedule"}
+    changes = {
+        "pool": (model("big", 1, shareGroup="big", placement={"nodeSelector": {"pool": "b"}}), 8 * GIB),
+        "size": (before, 40 * GIB),
+        "tolerations": (
+            model(
+                "big",
+                1,
+                shareGroup="big",
+                placement={"nodeSelector": {"pool": "a"}, "tolerations": [toleration]},
+            ),
+            8 * GIB,
+        ),
+    }
+    for what, (after, weights) in changes.items():
+        result = run([filler, after], nodes, pods, estimates={**est, after.key: estimate(weights)})
+        assert [d.name for d in result.delete] == [old["metadata"]["name"]], what
+        (new,) = placeholders(result)
+        assert new["metadata"]["name"] != old["metadata"]["name"], what
+        assert new["spec"]["nodeSelector"] == after.spec.placement.node_selector, what
+        assert new["spec"]["tolerations"] == [t.manifest() for t in after.spec.placement.tolerations], what
+        assert requests(result) == [{"vnpu.io/memory-0": str(weights // GIB + 1)}], what
