@@ -38,6 +38,10 @@ app.kubernetes.io/component: {{ .component }}
 {{- printf "%s-device-plugin" (include "vnpu.fullname" .) -}}
 {{- end -}}
 
+{{- define "vnpu.gatewayServiceAccount" -}}
+{{- printf "%s-gateway" (include "vnpu.fullname" .) -}}
+{{- end -}}
+
 {{/* The placeholder pods' PriorityClass: one per cluster, the name the operator uses (vnpu.operator.config). */}}
 {{- define "vnpu.placeholderPriorityClass" -}}
 vnpu-placeholder
