@@ -141,6 +141,44 @@ def test_one_tenant_never_stalls_another(cluster, namespace, kwok_nodes, tmp_pat
         op.stop()
 
 
+def test_a_placeholder_over_the_quota_never_holds_up_the_models_replicas(
+    cluster, namespace, kwok_nodes, operator
+) -> None:
+    """A quota on vnpu.io/memory-0 that the model's pods fit and its placeholder does not: the refusal is
+    the model's Degraded condition and Event, retried with a backoff of its own, while a replica that
+    goes is replaced at once (not after the placeholder's backoff, 32 s by its 6th refusal)."""
+    kwok_nodes(1, devices=1, device_mib=8 * GIB)  # 4 GiB of weights + 4 replicas of 1 GiB: the 5th waits
+    quota = {"apiVersion": "v1", "kind": "ResourceQuota", "metadata": {"name": "npu"},
+             "spec": {"hard": {"requests.vnpu.io/memory-0": "8"}}}  # fmt: skip
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(quota))
+    apply(cluster, namespace, "q", spec(replicas=5))
+
+    def refusals() -> int:
+        series = f'vnpu_operator_api_errors_total{{model="q",namespace="{namespace}",reason="Forbidden"}} '
+        lines = [line for line in operator.metrics().splitlines() if line.startswith(series)]
+        return int(float(lines[0].split()[-1])) if lines else 0
+
+    wait_until(lambda: refusals() >= 6, 90, "the placeholder refused 6 times")
+    model = get_model(cluster, namespace, "q")
+    degraded = condition(model, "Degraded")
+    assert degraded["reason"] == "Forbidden" and "placeholder" in degraded["message"]
+    assert "exceeded quota" in degraded["message"]
+    assert any(e.reason == "Forbidden" for e in events_of(cluster, namespace, "q"))
+    assert not live(pods_of(cluster, namespace, f"{api.LABEL_ROLE}={api.ROLE_PLACEHOLDER}"))
+    replicas = replica_pods(cluster, namespace, "q")
+    assert len(replicas) == 4 and all(serving(p) for p in replicas)
+    victim = replicas[0]
+    cluster.kubectl("delete", "pod", "-n", namespace, victim.metadata.name, "--wait=false")
+
+    def replaced() -> bool:
+        pods = {p.metadata.name: p for p in replica_pods(cluster, namespace, "q")}
+        new = pods.get(victim.metadata.name)
+        return new is not None and new.metadata.uid != victim.metadata.uid and serving(new)
+
+    wait_until(replaced, 15, "the deleted replica re-created within the placeholder's backoff")
+    assert refusals() < 8  # the placeholder is still backed off, not retried at every pass
+
+
 def test_two_operators_one_writer_and_the_standby_takes_over(
     cluster, namespace, kwok_nodes, tmp_path
 ) -> None:

@@ -104,12 +104,13 @@ def test_a_refused_placeholder_never_holds_up_the_models_pods() -> None:
     kube = PlaceholderQuotaKube([m])
     rec = Reconciler(OperatorConfig(backoff_seconds=60), kube=kube)  # type: ignore[arg-type]
     nodes = [node("n1", devices=1)]
-    first = rec.reconcile([m], nodes, [])
-    assert [i.role for i in first.create].count("placeholder") == 1
-    assert len(kube.created) == 7  # the holder and 6 replicas, written in spite of the refusal
+    placed = rec.reconcile([m], nodes, [])
+    assert len(kube.created) == 7  # the holder and 6 replicas, before the placeholder
+    pods = as_pods([render(i, rec.config) for i in placed.create])
+    first = rec.reconcile([m], nodes, pods)
+    assert [i.role for i in first.create] == ["placeholder"] and len(kube.created) == 7
     assert degraded(first.statuses[0])["reason"] == "Forbidden"
     assert QUOTA in degraded(first.statuses[0])["message"]
-    pods = as_pods([render(i, rec.config) for i in first.create if i.name in kube.created])
     victim = next(p for p in pods if p.role == "replica")
     pods = [replace(p, phase="Failed", finished=True, ready=False) if p is victim else p for p in pods]
     second = rec.reconcile([m], nodes, pods)

@@ -178,3 +178,23 @@ def test_a_placeholder_is_replaced_when_what_it_stands_for_changes() -> None:
         assert new["spec"]["nodeSelector"] == after.spec.placement.node_selector, what
         assert new["spec"]["tolerations"] == [t.manifest() for t in after.spec.placement.tolerations], what
         assert requests(result) == [{"vnpu.io/memory-0": str(weights // GIB + 1)}], what
+
+
+def test_new_placeholders_wait_for_the_models_pods_and_existing_ones_stay() -> None:
+    """A placeholder created beside its model's new pods could take the namespace quota they need (it
+    is admitted first: they wait for their key Secret): it waits for them. One that exists stays while
+    a replica of its model is re-created."""
+    m = model("big", 3)
+    est = {m.key: estimate(weights=12 * GIB, per_replica=3 * GIB)}
+    nodes = [pool_node("n1")]
+    unkeyed = run([m], nodes, estimates=est, secrets=[])
+    assert unkeyed.create == [] and unkeyed.create_secrets  # no pod before the key, nor a placeholder
+    placed = run([m], nodes, estimates=est)
+    assert "placeholder" not in [p["metadata"]["labels"][api.LABEL_ROLE] for p in placed.create]
+    pods = as_pods(placed.create)
+    pending = run([m], nodes, pods, estimates=est)
+    assert len(placeholders(pending)) == 2
+    pods += as_pods(pending.create)
+    replica = next(p for p in pods if p.role == "replica")
+    again = run([m], nodes, [p for p in pods if p is not replica], estimates=est)
+    assert [p["metadata"]["name"] for p in again.create] == [replica.name] and again.delete == []

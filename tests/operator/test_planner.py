@@ -156,7 +156,9 @@ def test_lost_node_pods_are_force_deleted_and_replaced_elsewhere() -> None:
 def test_unplaced_demand_gets_placeholders_until_capacity_arrives() -> None:
     m = model("big", 3)
     est = {m.key: estimate(weights=12 * 1024, per_replica=3 * 1024)}
-    first = run([m], [node("n1", devices=1)], estimates=est)
+    placed = run([m], [node("n1", devices=1)], estimates=est)
+    assert "placeholder" not in roles(placed.create)  # not before the pods it runs: they go first
+    first = run([m], [node("n1", devices=1)], as_pods(placed.create), estimates=est)
     placeholders = [p for p in first.create if p["metadata"]["labels"][api.LABEL_ROLE] == "placeholder"]
     assert len(placeholders) == 2 and first.unplaced_slices == 2 * (12 + 3)
     ph = placeholders[0]
@@ -170,7 +172,7 @@ def test_unplaced_demand_gets_placeholders_until_capacity_arrives() -> None:
     assert {c["type"]: c["status"] for c in status["conditions"]}["CapacityPending"] == "True"
     assert "CapacityPending" in [e.reason for e in first.statuses[0].events]
 
-    pods = as_pods(first.create)
+    pods = as_pods(placed.create + first.create)
     second = run([m], [node("n1", devices=1), node("n2", devices=2)], pods, estimates=est)
     assert sorted(d.name for d in second.delete) == sorted(p["metadata"]["name"] for p in placeholders)
     assert "placeholder" not in roles(second.create)
