@@ -261,19 +261,30 @@ def test_helm_install_into_the_real_apiserver(control_plane, kube_bin_dir) -> No
         wait_until(admin_may_create, 30, "the chart's admission policy removed")
 
 
-def test_defragmentation_reaches_the_operator_with_its_batch_size(kube_bin_dir) -> None:
-    def operator_args(*values: str) -> list[str]:
-        (deployment,) = [
-            d
-            for d in render(kube_bin_dir, *values)
-            if d["kind"] == "Deployment" and "operator" in d["metadata"]["name"]
-        ]
-        return deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+def operator_args(kube_bin_dir, *values: str) -> list[str]:
+    """The operator container's arguments, as the chart renders them with ``values``."""
+    (deployment,) = [
+        d
+        for d in render(kube_bin_dir, *values)
+        if d["kind"] == "Deployment" and "operator" in d["metadata"]["name"]
+    ]
+    return deployment["spec"]["template"]["spec"]["containers"][0]["args"]
 
-    assert not any(a.startswith("--defragment") for a in operator_args())  # sticky by default
-    args = operator_args("--set", "operator.defragment=true", "--set", "operator.defragmentMaxMoves=3")
+
+def test_defragmentation_reaches_the_operator_with_its_batch_size(kube_bin_dir) -> None:
+    assert not any(a.startswith("--defragment") for a in operator_args(kube_bin_dir))  # sticky by default
+    args = operator_args(
+        kube_bin_dir, "--set", "operator.defragment=true", "--set", "operator.defragmentMaxMoves=3"
+    )
     assert "--defragment" in args and "--defragment-max-moves=3" in args
     proc = helm(
         kube_bin_dir, "template", "x", str(CHART), "--set", "operator.defragmentMaxMoves=0", check=False
     )
     assert proc.returncode != 0 and "/operator/defragmentMaxMoves" in proc.stderr
+
+
+def test_preemption_scope_reaches_the_operator_and_defaults_to_the_namespace(kube_bin_dir) -> None:
+    assert "--preemption=namespace" in operator_args(kube_bin_dir)
+    assert "--preemption=cluster" in operator_args(kube_bin_dir, "--set", "operator.preemption=cluster")
+    proc = helm(kube_bin_dir, "template", "x", str(CHART), "--set", "operator.preemption=anyone", check=False)
+    assert proc.returncode != 0 and "/operator/preemption" in proc.stderr
