@@ -244,7 +244,9 @@ def _packer_nodes(
     return out
 
 
-def _demand(model: ObservedModel, estimate: MemoryEstimate, weights_id: str, replicas: int) -> packing.Demand:
+def _demand(
+    model: ObservedModel, estimate: MemoryEstimate, weights_id: str, replicas: int, config: OperatorConfig
+) -> packing.Demand:
     assert model.spec is not None
     spec = model.spec
     return packing.Demand(
@@ -258,6 +260,8 @@ def _demand(model: ObservedModel, estimate: MemoryEstimate, weights_id: str, rep
         node_selector=dict(spec.placement.node_selector),
         tolerations=tuple(t.for_packer() for t in spec.placement.tolerations),
         spread=spec.placement.spread,
+        # Whose replicas its priority may evict: its namespace's (--preemption=cluster: anyone's).
+        tenant=model.namespace if config.preemption == "namespace" else "",
     )
 
 
@@ -424,11 +428,11 @@ def plan(
             allowed = max(0, min(want, limit))
         else:
             allowed = want
-        demands.append(_demand(m, est, refs[key].weights_id, allowed))
+        demands.append(_demand(m, est, refs[key].weights_id, allowed, config))
     group_mib = packing.group_weight_mib(demands)
     loaded = _loaded_weights(outside, holders_of, group_mib, nodes)
     packer_nodes = _packer_nodes(nodes, held, view, loaded)
-    packed = packing.pack(packer_nodes, demands, current, offered=wake)
+    packed = packing.pack(packer_nodes, demands, current, offered=wake, preempt=config.preemption != "never")
     # Defragmentation: a batch of moves only on a settled cluster (every pod of ours Ready, running
     # where the plan keeps it, nothing moving, rolling, lost or backing off), as Karpenter consolidates.
     moves: dict[tuple[str, int], ObservedPod] = {}  # (model, replica) -> the pod a move replaces
