@@ -196,6 +196,41 @@ class Kube:
             if exc.status != 404:
                 raise
 
+    def set_pod_labels(self, namespace: str, name: str, labels: Mapping[str, str]) -> None:
+        """Add (or change) labels on a pod, the others left as they are (a JSON merge patch)."""
+        metrics.API_REQUESTS.labels("patch", "pods").inc()
+        try:
+            resp = self.core.patch_namespaced_pod(
+                name,
+                namespace,
+                {"metadata": {"labels": dict(labels)}},
+                _content_type="application/merge-patch+json",
+                _preload_content=False,
+                _request_timeout=REQUEST_TIMEOUT,
+            )
+            _release(resp)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
+    def set_service_selector(self, namespace: str, name: str, selector: Mapping[str, str]) -> None:
+        """Make a Service's spec.selector exactly ``selector`` (a JSON patch: a merge patch would keep
+        keys it no longer has), in place: its ClusterIP and EndpointSlices stay."""
+        metrics.API_REQUESTS.labels("patch", "services").inc()
+        try:
+            resp = self.core.patch_namespaced_service(
+                name,
+                namespace,
+                [{"op": "add", "path": "/spec/selector", "value": dict(selector)}],
+                _content_type="application/json-patch+json",
+                _preload_content=False,
+                _request_timeout=REQUEST_TIMEOUT,
+            )
+            _release(resp)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
     def patch_model_status(self, model: ObservedModel, status: Mapping[str, Any]) -> None:
         metrics.API_REQUESTS.labels("patch", "inferencemodels/status").inc()
         try:

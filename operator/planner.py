@@ -50,9 +50,10 @@ from vnpu.operator.pods import (
     owner_references,
     replica_pod_name,
     short_hash,
+    weights_label,
 )
 from vnpu.operator.reported import merge_patch, merge_patch_to
-from vnpu.operator.services import ServiceIntent, plan_service
+from vnpu.operator.services import SelectorUpdate, ServiceIntent, plan_service
 from vnpu.operator.spec import RECREATE, default_share_group
 from vnpu.operator.state import ObservedModel, ObservedNode, ObservedPod, ObservedSecret, ObservedService
 from vnpu.operator.status import Event, ModelOutcome, PodProblem, Rollout, build_status
@@ -124,6 +125,17 @@ class OwnersUpdate:
 
 
 @dataclass(frozen=True)
+class LabelsUpdate:
+    """Labels to add to an existing pod: a weight-holder from before ``vnpu.io/weights`` gets it, or
+    its model's warm Service (which selects it) would lose it until the holder is replaced."""
+
+    namespace: str
+    name: str
+    labels: Mapping[str, str]
+    models: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class SecretIntent:
     """A share group's key Secret to create; the reconciler draws the key (the plan stays pure)."""
 
@@ -153,6 +165,9 @@ class Plan:
     delete_secrets: list[SecretDeletion] = field(default_factory=list)
     #: Services to create: one per served model that has none.
     create_services: list[ServiceIntent] = field(default_factory=list)
+    #: The models' Services whose selector is not the one they want, and pods missing a label.
+    update_services: list[SelectorUpdate] = field(default_factory=list)
+    set_labels: list[LabelsUpdate] = field(default_factory=list)
     statuses: list[StatusUpdate] = field(default_factory=list)
     unplaced_slices: int = 0
     #: Seconds until something time-based changes the plan (a node's grace period, a backoff).
@@ -618,6 +633,9 @@ def plan(
     ]
     result.delete = [d for d in deletions if not backoff.intersection(d.models)]
     result.set_owners = [u for u in owner_updates if not backoff.intersection(u.models)]
+    result.set_labels = [
+        u for u in _holder_labels(holders_of, refs, group_of) if not backoff.intersection(u.models)
+    ]
     # A frozen model's running pods mount its group's key: it stays an owner of the Secret.
     frozen_of: dict[tuple[str, str], set[str]] = defaultdict(set)  # (namespace, group) -> models
     for key in frozen:
@@ -627,9 +645,17 @@ def plan(
     also = {group: [live_models[k] for k in sorted(keys)] for group, keys in frozen_of.items()}
     _plan_secrets(result, refs.values(), ours, secrets, backoff, also)
     services_by_key = {(s.namespace, s.name): s for s in services}  # (namespace, name) -> Service
-    service_of = {_model_key(m.namespace, m.name): plan_service(m, services_by_key) for m in models}
+    service_of = {
+        _model_key(m.namespace, m.name): plan_service(
+            m, services_by_key, model_weights_id(m, config) if m.spec else ""
+        )
+        for m in models
+    }
     result.create_services = [
         i for key, v in sorted(service_of.items()) if key not in backoff for i in v.intents
+    ]
+    result.update_services = [
+        u for key, v in sorted(service_of.items()) if key not in backoff for u in v.updates
     ]
 
     # Statuses and events.
@@ -801,6 +827,24 @@ def _current_holders(
             if p.name == holder_pod_name(ref.share_group, ref.weights_id, p.node, p.device, salt):
                 out[group].append(p)
                 break
+    return out
+
+
+def _holder_labels(
+    holders_of: Mapping[str, list[ObservedPod]], refs: Mapping[str, ModelRef], group_of: Mapping[str, str]
+) -> list[LabelsUpdate]:
+    """The label updates of the current holders created without ``vnpu.io/weights`` (or with another
+    value): the warm Services select by it."""
+    models_of: dict[str, list[str]] = defaultdict(list)  # group key -> its models
+    for key in sorted(group_of):
+        models_of[group_of[key]].append(key)
+    out = []
+    for group, holders in sorted(holders_of.items()):
+        wanted = weights_label(refs[models_of[group][0]].weights_id)
+        for p in holders:
+            if p.weights != wanted:
+                labels = {api.LABEL_WEIGHTS: wanted}
+                out.append(LabelsUpdate(p.namespace, p.name, labels, tuple(models_of[group])))
     return out
 
 

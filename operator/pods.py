@@ -173,12 +173,21 @@ def replica_selector(model: str) -> dict[str, str]:
     }
 
 
-def holder_selector(share_group: str) -> dict[str, str]:
-    """The labels that select the weight-holders of ``share_group`` (a model's warm Service)."""
+def weights_label(weights_id: str) -> str:
+    """The vnpu.io/weights label value of a holder of ``weights_id``: a hash (a label value is at most
+    63 characters; the id is a URI, a dtype and an image)."""
+    return short_hash(weights_id, length=16)
+
+
+def holder_selector(share_group: str, weights_id: str) -> dict[str, str]:
+    """The labels that select the weight-holders of ``share_group`` holding ``weights_id`` (a model's
+    warm Service): a holder answers whatever model name it is asked, so one of another model's weights
+    in the same explicit share group would answer in this model's name."""
     return {
         api.LABEL_MANAGED_BY: api.MANAGED_BY_VALUE,
         api.LABEL_ROLE: api.ROLE_WEIGHTS,
         api.LABEL_SHARE_GROUP: share_group,
+        api.LABEL_WEIGHTS: weights_label(weights_id),
     }
 
 
@@ -458,6 +467,7 @@ def _holder_pod(intent: PodIntent, config: OperatorConfig) -> dict[str, Any]:
     volumes, mounts = _model_volumes(first.spec)
     key_volume, key_mount = _key_volume(first)
     scratch, scratch_mount = _scratch()
+    weights = {api.LABEL_WEIGHTS: weights_label(first.weights_id)}  # what a warm Service selects by
     container = {
         "name": "weights",
         "image": first.spec.image(config.runtime_image),
@@ -473,7 +483,7 @@ def _holder_pod(intent: PodIntent, config: OperatorConfig) -> dict[str, Any]:
         container |= _holder_serving(container["env"], serving)
     return _pod(
         intent,
-        _labels(None, api.ROLE_WEIGHTS, first.share_group, {}),
+        _labels(None, api.ROLE_WEIGHTS, first.share_group, weights),
         {
             api.ANNOTATION_DEVICE: intent.device,
             api.ANNOTATION_SLICES: str(intent.slices),

@@ -36,6 +36,7 @@ from vnpu.operator.estimate_cache import EstimateCache
 from vnpu.operator.kube import Kube, api_client_from_env, api_error
 from vnpu.operator.planner import (
     Failure,
+    LabelsUpdate,
     Plan,
     PodDeletion,
     SecretIntent,
@@ -46,7 +47,13 @@ from vnpu.operator.planner import (
 )
 from vnpu.operator.pods import PodIntent, render, share_key_secret
 from vnpu.operator.reported import PostedEvents, Report, ReportedStatuses, ReportQueue
-from vnpu.operator.services import ServiceIntent, render_service, service_name, warm_service_name
+from vnpu.operator.services import (
+    SelectorUpdate,
+    ServiceIntent,
+    render_service,
+    service_name,
+    warm_service_name,
+)
 from vnpu.operator.state import ObservedModel, ObservedNode, ObservedPod, ObservedSecret, ObservedService
 
 log = logging.getLogger(__name__)
@@ -395,6 +402,20 @@ class Reconciler:
 
             guarded(intent.models, f"creating the key Secret of share group {intent.share_group}", write)
 
+        def set_labels(u: LabelsUpdate) -> None:
+            def write() -> None:
+                kube.set_pod_labels(u.namespace, u.name, u.labels)
+                log.info("labelled pod %s/%s %s", u.namespace, u.name, dict(u.labels))
+
+            guarded(u.models, f"labelling pod {u.name}", write)
+
+        def set_selector(u: SelectorUpdate) -> None:
+            def write() -> None:
+                kube.set_service_selector(u.namespace, u.name, u.selector)
+                log.info("set the selector of Service %s/%s to %s", u.namespace, u.name, dict(u.selector))
+
+            guarded(u.models, f"setting the selector of Service {u.name}", write)
+
         for update in result.set_owners:  # before deletions: a holder must never be left to one owner
 
             def set_owners(u: Any = update) -> None:
@@ -416,6 +437,9 @@ class Reconciler:
         others = [i for i in result.create if i.role != api.ROLE_WEIGHTS]
         phases: list[tuple[Callable[[Any], None], list[Any]]] = [
             (create_secret, list(result.create_secrets)),
+            # Holders labelled before the Services select by the label: a warm route never selects none.
+            (set_labels, list(result.set_labels)),
+            (set_selector, list(result.update_services)),
             (delete, list(result.delete)),
             (create, holders),
             (create, others),

@@ -81,6 +81,8 @@ class ObservedPod:
     #: The uid of the pod this replica replaces (vnpu.io/replaces): a defragmentation's move.
     replaces: str | None = None
     uid: str = ""
+    #: A weight-holder's vnpu.io/weights label (which weights it holds); None on holders from before it.
+    weights: str | None = None
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,8 @@ class ObservedService:
     terminating: bool
     #: Being created by this operator and not yet seen by its informer (no endpoint to give out yet).
     pending: bool = False
+    #: Its spec.selector; None when not known (one being created).
+    selector: Mapping[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -292,6 +296,7 @@ def parse_pod(obj: Mapping[str, Any], managed: bool = True) -> ObservedPod:
         finished=phase in ("Succeeded", "Failed"),
         replaces=annotations.get(api.ANNOTATION_REPLACES),
         uid=meta.get("uid", ""),
+        weights=labels.get(api.LABEL_WEIGHTS),
     )
 
 
@@ -341,4 +346,5 @@ def parse_service(obj: Mapping[str, Any]) -> ObservedService:
         uid=meta.get("uid", ""),
         controller_uid=controller.get("uid") if controller else None,
         terminating=meta.get("deletionTimestamp") is not None,
+        selector=dict((obj.get("spec") or {}).get("selector") or {}),
     )

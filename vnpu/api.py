@@ -92,6 +92,9 @@ ROLE_PLACEHOLDER = "placeholder"
 #: Pod labels: which replica of its model a pod is, and its share group (selectable, unlike annotations).
 LABEL_REPLICA = f"{GROUP}/replica"
 LABEL_SHARE_GROUP = f"{GROUP}/share-group"
+#: Weight-holder label: which weights it holds (a hash of vnpu.sharing.weights_id). One explicit share
+#: group may hold several weights; a model's warm Service selects only the holders of its own.
+LABEL_WEIGHTS = f"{GROUP}/weights"
 #: Pod label: the hash of the model's pod template (and key generation) a replica was created from;
 #: replicas of an older template are rolled out (like a Deployment's pod-template-hash).
 LABEL_TEMPLATE_HASH = f"{GROUP}/template-hash"

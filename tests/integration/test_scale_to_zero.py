@@ -13,11 +13,13 @@ import json
 import time
 
 import test_operator
+from kubernetes import client
 from operator_harness import get_model
 from test_operator import GIB, apply, events_of, holder_pods, replica_pods, spec, wait_phase
 
 from vnpu import api
 from vnpu.cluster.processes import wait_until
+from vnpu.gateway.discovery import parse_slice
 from vnpu.operator.kube import Kube
 from vnpu.operator.services import service_name, warm_service_name
 
@@ -120,3 +122,67 @@ def test_the_scale_down_loses_to_a_concurrent_wake(cluster, namespace, kwok_node
         "a scale at the current version",
     )
     assert get_model(cluster, namespace, "race")["spec"]["replicas"] == 0
+
+
+def test_a_warm_service_routes_to_its_own_weights_only_and_after_an_upgrade_too(
+    cluster, namespace, kwok_nodes, operator
+) -> None:
+    """Two models of one explicit shareGroup with different weights: a holder each, and each warm
+    Service's EndpointSlice lists its own model's holder only (a holder answers any model name). An
+    operator from before vnpu.io/weights left holders without the label and warm Services selecting
+    the whole group: the operator labels the holders and patches the selectors in place."""
+    kwok_nodes(1, devices=2, device_mib=16 * GIB)
+    at_zero = {"minReplicas": 0, "keepWarm": "Always"}
+    for name in ("llama", "mistral"):
+        uri = f"pvc://models/{name}.safetensors"
+        apply(
+            cluster,
+            namespace,
+            name,
+            spec(replicas=1, shareGroup="team", source={"uri": uri}, scaling=at_zero),
+        )
+    for name in ("llama", "mistral"):
+        wait_phase(cluster, namespace, name, "Ready")
+    holder_of = {
+        next(e.value for e in h.spec.containers[0].env if e.name == "VNPU_MODEL_URI").split("/")[-1]: h
+        for h in holder_pods(cluster, namespace)
+    }
+    assert set(holder_of) == {"llama.safetensors", "mistral.safetensors"}
+    core = client.CoreV1Api(cluster.api_client())
+    discovery = client.DiscoveryV1Api(cluster.api_client())
+
+    def warm_endpoints(model: str) -> set[str]:
+        slices = discovery.list_namespaced_endpoint_slice(
+            namespace, label_selector=f"{api.LABEL_MODEL}={model},{api.LABEL_ROLE}={api.ROLE_WEIGHTS}"
+        )
+        found = [parse_slice(client.ApiClient().sanitize_for_serialization(x)) for x in slices.items]
+        return {e.pod for s in found if s is not None and s.warm for e in s.endpoints}
+
+    def routed_alone() -> bool:
+        return all(
+            warm_endpoints(m) == {holder_of[f"{m}.safetensors"].metadata.name} for m in ("llama", "mistral")
+        )
+
+    wait_until(routed_alone, 60, "each warm Service's EndpointSlice: its own model's holder only")
+
+    # The state an older operator left: holders without the label, warm Services selecting the group.
+    for h in holder_of.values():
+        cluster.kubectl("label", "pod", h.metadata.name, "-n", namespace, f"{api.LABEL_WEIGHTS}-")
+    remove = [{"op": "remove", "path": "/spec/selector/" + api.LABEL_WEIGHTS.replace("/", "~1")}]
+    uid = {}
+    for m in ("llama", "mistral"):
+        name = warm_service_name(m)
+        uid[m] = core.read_namespaced_service(name, namespace).metadata.uid
+        cluster.kubectl("patch", "svc", name, "-n", namespace, "--type=json", "-p", json.dumps(remove))
+
+    def upgraded() -> bool:
+        labelled = all(
+            api.LABEL_WEIGHTS in (core.read_namespaced_pod(h.metadata.name, namespace).metadata.labels or {})
+            for h in holder_of.values()
+        )
+        selectors = [core.read_namespaced_service(warm_service_name(m), namespace).spec.selector for m in uid]
+        return labelled and all(api.LABEL_WEIGHTS in s for s in selectors) and routed_alone()
+
+    wait_until(upgraded, 60, "the holders labelled and the warm Services' selectors patched")
+    # In place: the same Services.
+    assert {m: core.read_namespaced_service(warm_service_name(m), namespace).metadata.uid for m in uid} == uid

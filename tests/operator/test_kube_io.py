@@ -41,6 +41,8 @@ def every_call(kube: Kube) -> dict[str, Callable[[], Any]]:
         "set_secret_owners": lambda: kube.set_secret_owners("ns", "s", []),
         "delete_pod": lambda: kube.delete_pod("ns", "p"),
         "set_pod_owners": lambda: kube.set_pod_owners("ns", "p", []),
+        "set_pod_labels": lambda: kube.set_pod_labels("ns", "p", {"a": "b"}),
+        "set_service_selector": lambda: kube.set_service_selector("ns", "vnpu-a", {"a": "b"}),
         "patch_model_status": lambda: kube.patch_model_status(m, {"phase": "Running"}),
         "scale_model": lambda: kube.scale_model("ns", "a", 0, "1"),
         "placeholder_priority_class_missing": kube.placeholder_priority_class_missing,
@@ -112,3 +114,19 @@ def test_calls_reuse_one_connection(stub: ApiServerStub) -> None:
             call()
     assert len(stub.requests) == 3 * len(calls)
     assert len(stub.client_ports) == 1  # sequential calls: one keep-alive connection, never a new one
+
+
+def test_a_services_selector_is_replaced_whole_and_a_pods_labels_added_to(stub: ApiServerStub) -> None:
+    """The selector by a JSON patch (a merge patch would keep a key the wanted selector lacks); labels by
+    a merge patch of the labels alone (the pod's others stay)."""
+    kube = Kube(stub.api_client(retries=0))
+    kube.set_service_selector("ns", "vnpu-a-warm", {"a": "b"})
+    kube.set_pod_labels("ns", "p", {"vnpu.io/weights": "abc"})
+    assert stub.writes == [
+        (
+            "PATCH",
+            "/api/v1/namespaces/ns/services/vnpu-a-warm",
+            [{"op": "add", "path": "/spec/selector", "value": {"a": "b"}}],
+        ),
+        ("PATCH", "/api/v1/namespaces/ns/pods/p", {"metadata": {"labels": {"vnpu.io/weights": "abc"}}}),
+    ]

@@ -184,3 +184,94 @@ def test_turning_on_a_serving_holder_rolls_the_replicas_onto_it_without_pulling_
     assert {d.name for d in done.delete} == {old_replica.name}
     pods = [p for p in pods if p.name != old_replica.name]
     assert {d.name for d in run([always], nodes, pods).delete} == {old_holder.name}
+
+
+def _holders(manifests) -> list[dict]:
+    return [p for p in manifests if p["metadata"]["labels"][api.LABEL_ROLE] == api.ROLE_WEIGHTS]
+
+
+def _source(pod: dict) -> str:
+    (container,) = pod["spec"]["containers"]
+    return next(e["value"] for e in container["env"] if e["name"] == "VNPU_MODEL_URI")
+
+
+def _two_weights_in_one_group():
+    """Two models in one explicit shareGroup with different weights: a holder each (both answering)."""
+    at_zero = {"minReplicas": 0, "keepWarm": "Always"}
+    return [
+        model(name, 1, shareGroup="team", source={"uri": f"file:///{name}.gguf"}, scaling=at_zero)
+        for name in ("llama", "mistral")
+    ]
+
+
+def test_a_warm_service_selects_only_the_holders_of_its_models_weights() -> None:
+    """A holder answers whatever model name it is asked: a warm Service selecting the share group's
+    holders alone would send llama's requests at zero replicas to mistral's holder, and the client
+    would get mistral's answer under llama's name."""
+    models = _two_weights_in_one_group()
+    result = run(models, [node("n1")])
+    holders = _holders(result.create)
+    assert sorted(_source(h) for h in holders) == ["file:///llama.gguf", "file:///mistral.gguf"]
+    for intent in [i for i in result.create_services if i.warm]:
+        selector = render_service(intent)["spec"]["selector"].items()
+        selected = [_source(h) for h in holders if selector <= h["metadata"]["labels"].items()]
+        assert selected == [f"file:///{intent.owner.name}.gguf"], intent.owner.name
+    # A label value: at most 63 characters, whatever the weights' URI.
+    assert all(len(h["metadata"]["labels"][api.LABEL_WEIGHTS]) <= 63 for h in holders)
+
+
+def test_a_warm_service_from_before_the_weights_label_gets_the_selector_it_wants() -> None:
+    """A Service is patched in place (its ClusterIP and EndpointSlices stay), never deleted and created
+    again; one with the selector it wants, or one being created, is left alone."""
+    models = _two_weights_in_one_group()
+    first = run(models, [node("n1")])
+    services = created(first)
+    wanted = {s.name: dict(s.selector or {}) for s in services}
+    old = [
+        replace(s, selector={k: v for k, v in (s.selector or {}).items() if k != api.LABEL_WEIGHTS})
+        for s in services
+    ]
+    pods = as_pods(first.create)
+    again = run(models, [node("n1")], pods, services=old)
+    assert again.create_services == []
+    warm = {warm_service_name("llama"), warm_service_name("mistral")}
+    assert {(u.name, u.owner) for u in again.update_services} == {
+        (warm_service_name("llama"), "ns/llama"),
+        (warm_service_name("mistral"), "ns/mistral"),
+    }
+    for u in again.update_services:
+        assert dict(u.selector) == wanted[u.name] and api.LABEL_WEIGHTS in u.selector
+    # The model's own Service, its selector changed by someone: put back too.
+    own = next(s for s in services if s.name == "vnpu-llama")
+    edited = [replace(own, selector={"app": "other"}), *(s for s in services if s.name != "vnpu-llama")]
+    (update,) = run(models, [node("n1")], pods, services=edited).update_services
+    assert (update.name, dict(update.selector)) == ("vnpu-llama", wanted["vnpu-llama"])
+    assert run(models, [node("n1")], pods, services=services).update_services == []
+    pending = [replace(s, selector=None, pending=True) if s.name in warm else s for s in old]
+    assert run(models, [node("n1")], pods, services=pending).update_services == []
+
+
+def test_a_holder_from_before_the_weights_label_gets_it_also_kept_warm_at_zero() -> None:
+    """Else the new selector selects nothing, and a model at zero loses its warm route until its
+    holder is replaced."""
+    models = _two_weights_in_one_group()
+    first = run(models, [node("n1")])
+    labelled = {
+        h["metadata"]["name"]: h["metadata"]["labels"][api.LABEL_WEIGHTS] for h in _holders(first.create)
+    }
+    unlabelled = [
+        replace(p, weights=None) if p.role == api.ROLE_WEIGHTS else p for p in as_pods(first.create)
+    ]
+    again = run(models, [node("n1")], unlabelled)
+    assert again.create == [] and again.delete == []
+    assert {u.name: dict(u.labels) for u in again.set_labels} == {
+        name: {api.LABEL_WEIGHTS: value} for name, value in labelled.items()
+    }
+    assert run(models, [node("n1")], as_pods(first.create)).set_labels == []
+    # At zero replicas the holders are kept warm outside the plan: labelled all the same.
+    at_zero = [replace(m, spec=replace(m.spec, replicas=0)) for m in models]
+    holders_only = [p for p in unlabelled if p.role == api.ROLE_WEIGHTS]
+    warm = run(at_zero, [node("n1")], holders_only)
+    assert warm.delete == []
+    assert {u.name for u in warm.set_labels} == set(labelled)
+    assert {u.models for u in warm.set_labels} == {("ns/llama",), ("ns/mistral",)}
