@@ -34,6 +34,9 @@ METADATA_ONLY = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v
 #: pass with it, retried by the next) instead of blocking the reconcile loop for good. The informers'
 #: watches keep their own, longer timeouts (:mod:`vnpu.operator.cache`).
 REQUEST_TIMEOUT = (5.0, 30.0)
+#: Content types of the patches the operator sends.
+MERGE_PATCH = "application/merge-patch+json"
+JSON_PATCH = "application/json-patch+json"
 
 
 def api_client_from_env() -> client.ApiClient:
@@ -149,18 +152,8 @@ class Kube:
 
     def set_secret_owners(self, namespace: str, name: str, owner_references: list[dict[str, Any]]) -> None:
         """Replace a Secret's ownerReferences (metadata stays mutable on an immutable Secret)."""
-        metrics.API_REQUESTS.labels("patch", "secrets").inc()
-        try:
-            self.core.patch_namespaced_secret(
-                name,
-                namespace,
-                {"metadata": {"ownerReferences": owner_references}},
-                _content_type="application/merge-patch+json",
-                _request_timeout=REQUEST_TIMEOUT,
-            )
-        except ApiException as exc:
-            if exc.status != 404:
-                raise
+        body = {"metadata": {"ownerReferences": owner_references}}
+        self._patch("secrets", self.core.patch_namespaced_secret, namespace, name, body)
 
     def delete_pod(self, namespace: str, name: str, *, force: bool = False) -> bool:
         """Delete a pod; ``force`` skips the grace period (its node is gone and cannot confirm)."""
@@ -183,46 +176,38 @@ class Kube:
     def set_pod_owners(self, namespace: str, name: str, owner_references: list[dict[str, Any]]) -> None:
         """Replace a pod's ownerReferences (a JSON merge patch replaces the list; a strategic merge
         would only add to it)."""
-        metrics.API_REQUESTS.labels("patch", "pods").inc()
-        try:
-            self.core.patch_namespaced_pod(
-                name,
-                namespace,
-                {"metadata": {"ownerReferences": owner_references}},
-                _content_type="application/merge-patch+json",
-                _request_timeout=REQUEST_TIMEOUT,
-            )
-        except ApiException as exc:
-            if exc.status != 404:
-                raise
+        body = {"metadata": {"ownerReferences": owner_references}}
+        self._patch("pods", self.core.patch_namespaced_pod, namespace, name, body)
 
     def set_pod_labels(self, namespace: str, name: str, labels: Mapping[str, str]) -> None:
         """Add (or change) labels on a pod, the others left as they are (a JSON merge patch)."""
-        metrics.API_REQUESTS.labels("patch", "pods").inc()
-        try:
-            resp = self.core.patch_namespaced_pod(
-                name,
-                namespace,
-                {"metadata": {"labels": dict(labels)}},
-                _content_type="application/merge-patch+json",
-                _preload_content=False,
-                _request_timeout=REQUEST_TIMEOUT,
-            )
-            _release(resp)
-        except ApiException as exc:
-            if exc.status != 404:
-                raise
+        self._patch(
+            "pods", self.core.patch_namespaced_pod, namespace, name, {"metadata": {"labels": dict(labels)}}
+        )
 
     def set_service_selector(self, namespace: str, name: str, selector: Mapping[str, str]) -> None:
         """Make a Service's spec.selector exactly ``selector`` (a JSON patch: a merge patch would keep
         keys it no longer has), in place: its ClusterIP and EndpointSlices stay."""
-        metrics.API_REQUESTS.labels("patch", "services").inc()
+        body = [{"op": "add", "path": "/spec/selector", "value": dict(selector)}]
+        self._patch("services", self.core.patch_namespaced_service, namespace, name, body, JSON_PATCH)
+
+    def _patch(
+        self,
+        resource: str,
+        patch: Callable[..., Any],
+        namespace: str,
+        name: str,
+        body: Any,
+        content_type: str = MERGE_PATCH,
+    ) -> None:
+        """One patch of an object; an object already gone is no error (the next pass sees it gone)."""
+        metrics.API_REQUESTS.labels("patch", resource).inc()
         try:
-            resp = self.core.patch_namespaced_service(
+            resp = patch(
                 name,
                 namespace,
-                [{"op": "add", "path": "/spec/selector", "value": dict(selector)}],
-                _content_type="application/json-patch+json",
+                body,
+                _content_type=content_type,
                 _preload_content=False,
                 _request_timeout=REQUEST_TIMEOUT,
             )
