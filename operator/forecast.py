@@ -85,7 +85,9 @@ def observe(state: DemandState, now_min: float, total: int) -> DemandState:
     if state.updated_min == 0.0:  # the first observation only sets the baseline
         return replace(state, updated_min=now_min, total=total)
     elapsed = now_min - state.updated_min
-    if elapsed <= 0:
+    if elapsed < 0:  # written under a clock that ran ahead: start counting again from now, or the
+        return replace(state, updated_min=now_min, total=total)  # history would freeze until then
+    if elapsed == 0:
         return state
     added = total - state.total if total >= state.total else total
     rate_now = added / elapsed

@@ -38,6 +38,19 @@ def test_a_counter_reset_counts_from_zero() -> None:
     assert s.total == 4 and s.rate > 0
 
 
+def test_a_history_written_under_a_clock_that_ran_ahead_goes_on_from_now() -> None:
+    """One pass under a clock a year ahead wrote updatedMinute in the future: from the next pass on
+    the counts are folded in again (the history would otherwise freeze until that minute came)."""
+    busy = observe(observe(DemandState(), 1000.0, 0), 1010.0, 200)
+    ahead = observe(busy, 1010.0 + 365 * DAY, 300)
+    s = observe(ahead, 1020.0, 300)  # the clock is right again
+    assert (s.updated_min, s.total) == (1020.0, 300)
+    quiet = s
+    for minute in range(1030, 1400, 10):  # six quiet hours: the rate cools down again
+        quiet = observe(quiet, float(minute), 300)
+    assert quiet.rate < busy.rate / 40
+
+
 def test_a_daily_habit_is_learned_and_warms_before_the_hour() -> None:
     s = observe(DemandState(), 1.0, 0)
     total = 0
