@@ -85,8 +85,9 @@ def placeholders_failure_key(model: str) -> str:
 
 
 def failure_model(key: str) -> str:
-    """The model ("namespace/name") a ``failures`` key belongs to."""
-    return key.removesuffix(PLACEHOLDERS_FAILURE)
+    """The model ("namespace/name") a ``failures`` key belongs to. Neither a namespace nor a name has a
+    '/', so only a key with two is a placeholders' key (a model may be named ``placeholders``)."""
+    return key.removesuffix(PLACEHOLDERS_FAILURE) if key.count("/") == 2 else key
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from test_planner import as_pods, keys_for, model, node
 from vnpu import api
 from vnpu.operator import metrics
 from vnpu.operator.config import OperatorConfig
+from vnpu.operator.planner import failure_model, placeholders_failure_key
 from vnpu.operator.pods import render
 from vnpu.operator.reconciler import Reconciler
 
@@ -120,3 +121,37 @@ def test_a_refused_placeholder_never_holds_up_the_models_pods() -> None:
     third = rec.reconcile([m], nodes, [p for p in pods if p.name != victim.name])
     assert [i.name for i in third.create] == [victim.name] and kube.created[-1] == victim.name
     assert rec.health()["models_in_backoff"] == 0
+
+
+def test_a_model_named_placeholders_is_a_model_like_any_other() -> None:
+    """Its key, "team-a/placeholders", is no other model's placeholders' key: its refused write
+    backs it off (and only it), and the pass goes on for every other tenant."""
+    assert failure_model("team-a/placeholders") == "team-a/placeholders"
+    assert failure_model(placeholders_failure_key("team-a/placeholders")) == "team-a/placeholders"
+    named = model("placeholders", 2, ns="team-a", weights={"sizeMiB": 1024})
+    other = model("b", 2, ns="team-b", weights={"sizeMiB": 1024})
+    kube = OneNamespaceQuotaKube([named, other], "team-a")
+    rec = Reconciler(OperatorConfig(backoff_seconds=60), kube=kube)  # type: ignore[arg-type]
+    nodes = [node("n1", devices=2)]
+    rec.reconcile([named, other], nodes, [])  # team-a's pods are refused; no error escapes
+    assert sorted(n for n in kube.created if n.startswith("b-")) and not [
+        n for n in kube.created if "placeholders" in n
+    ]
+    assert rec.health()["models_in_backoff"] == 1
+    again = rec.reconcile([named, other], nodes, [])
+    assert not [i for i in again.create if i.namespace == "team-a"]  # backing off
+
+
+class OneNamespaceQuotaKube(QuotaKube):
+    """Refuses every pod of one namespace (its quota is full); the others are created."""
+
+    def __init__(self, models: list[Any], full: str) -> None:
+        super().__init__(models)
+        self.full = full
+
+    def create_pod(self, manifest: dict[str, Any]) -> bool:
+        self.quota_full = manifest["metadata"]["namespace"] == self.full
+        return super().create_pod(manifest)
+
+    def delete_secret(self, namespace: str, name: str) -> bool:
+        return False
