@@ -97,7 +97,8 @@ def demand(model: ObservedModel, now: dt.datetime) -> forecast.DemandState:
     state = forecast.DemandState.from_dict(model.status.get("demand"))
     total = model.requests_total or 0
     now_min = minutes(now)
-    if state.updated_min and total == state.total and now_min - state.updated_min < DEMAND_REFRESH_MIN:
+    fresh = 0 <= now_min - state.updated_min < DEMAND_REFRESH_MIN  # (one in the future is not)
+    if state.updated_min and total == state.total and fresh:
         return state
     return forecast.observe(state, now_min, total)
 

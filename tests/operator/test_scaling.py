@@ -180,3 +180,17 @@ def test_a_wake_never_takes_the_room_of_a_running_replica() -> None:
         assert by_model["b"]["readyReplicas"] == 8 and by_model["a"]["phase"] == "CapacityPending"
         pods = step(pods, result)
     assert sorted(p.name for p in pods if p.role != "placeholder") == b_pods
+
+
+def test_an_idle_models_history_written_under_a_clock_that_ran_ahead_cools_down() -> None:
+    """No request since a pass under a clock a year ahead wrote its history: the rate still decays
+    (the history was kept as fresh, unobserved, until that minute came)."""
+    from vnpu.operator.scaling import demand, minutes
+
+    m = replace(model("a", 0, scaling={"minReplicas": 0, "keepWarm": "Auto"}), requests_total=1000)
+    ahead = forecast.DemandState(updated_min=minutes(NOW) + 365 * 24 * 60, total=1000, rate=50.0)
+    status = {"demand": ahead.to_dict()}
+    for hours in (0, 6):
+        state = demand(replace(m, status=status), NOW + dt.timedelta(hours=hours))
+        status = {"demand": state.to_dict()}
+    assert state.rate < 1.0
