@@ -14,7 +14,8 @@ The devices they stand for are those of a pool (nodes by :attr:`OperatorConfig.p
 the model may use now (its nodeSelector matches, its tolerations pass their taints), their slice size
 and device size read from the device plugins' inventories. When those pools' devices differ, the
 placeholders target one of them, one whose device holds a replica, on the fewest nodes, and name its
-pool in their nodeSelector, so that the autoscaler sizes no other pool by another pool's slices. No
+pool in their nodeSelector (the nodes without the pool label: a node affinity that the label does
+not exist), so that the autoscaler sizes no other pool by another pool's slices. No
 such node known (a pool scaled to zero, a nodeSelector no node matches yet): the default slice size
 and one replica per placeholder, as for a model that spreads across nodes.
 
@@ -48,6 +49,8 @@ class Target:
     devices: int = 1
     #: Node labels that pin the placeholders to the pool (when the eligible pools' devices differ).
     pool_selector: Mapping[str, str] = field(default_factory=dict)
+    #: The pool label a node must not have: the target is the unlabelled nodes (pinned likewise).
+    pool_absent: str = ""
 
 
 def target(
@@ -86,8 +89,11 @@ def target(
 
     pool = min(shape_of, key=needed)
     slice_mib, size, devices = shape_of[pool]
-    pin = len(set(shape_of.values())) > 1 and pool is not None
-    return Target(slice_mib, size, devices, {pool_label: pool} if pin and pool is not None else {})
+    if len(set(shape_of.values())) == 1:
+        return Target(slice_mib, size, devices)
+    if pool is None:  # the unlabelled nodes: a placeholder sized in their slices must not land elsewhere
+        return Target(slice_mib, size, devices, pool_absent=pool_label)
+    return Target(slice_mib, size, devices, {pool_label: pool})
 
 
 def plan_placeholders(
@@ -111,7 +117,7 @@ def plan_placeholders(
     for i, first in enumerate(range(0, len(unplaced), per)):
         slices = w + min(per, len(unplaced) - first) * r
         resource = api.device_resource(PLACEHOLDER_DEVICE_INDEX + i % devices)
-        shape = _shape(ref, slices, resource, pool_selector)
+        shape = _shape(ref, slices, resource, pool_selector, t.pool_absent)
         out.append(
             PodIntent(
                 api.ROLE_PLACEHOLDER,
@@ -122,12 +128,15 @@ def plan_placeholders(
                 resource,
                 replica=i,
                 pool_selector=pool_selector,
+                pool_absent=t.pool_absent,
             )
         )
     return out
 
 
-def _shape(ref: ModelRef, slices: int, resource: str, pool_selector: tuple[tuple[str, str], ...]) -> str:
+def _shape(
+    ref: ModelRef, slices: int, resource: str, pool_selector: tuple[tuple[str, str], ...], pool_absent: str
+) -> str:
     """What a placeholder requests and where it may run, for its name: a placeholder whose size,
     nodeSelector, tolerations or pool changed is replaced, never kept for the old ones."""
     placement = ref.spec.placement
@@ -137,6 +146,7 @@ def _shape(ref: ModelRef, slices: int, resource: str, pool_selector: tuple[tuple
             resource,
             sorted({**placement.node_selector, **dict(pool_selector)}.items()),
             [t.manifest() for t in placement.tolerations],
+            *([pool_absent] if pool_absent else []),  # (names without it are those they always were)
         ],
         sort_keys=True,
     )

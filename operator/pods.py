@@ -100,6 +100,8 @@ class PodIntent:
     #: A placeholder's node labels beside the model's nodeSelector: the pool it stands for, when the
     #: model's pools differ (see :mod:`vnpu.operator.placeholders`).
     pool_selector: tuple[tuple[str, str], ...] = ()
+    #: A node label a placeholder's node must not have: the pool it stands for is the unlabelled nodes.
+    pool_absent: str = ""
 
     @property
     def models(self) -> tuple[str, ...]:
@@ -524,6 +526,16 @@ def _holder_serving(env: list[dict[str, Any]], serving: Sequence[ModelRef]) -> d
     }
 
 
+def _without_label(key: str) -> dict[str, Any]:
+    """Pod spec fields that keep a pod off the nodes labelled ``key`` (a nodeSelector cannot say it)."""
+    term = {"matchExpressions": [{"key": key, "operator": "DoesNotExist"}]}
+    return {
+        "affinity": {
+            "nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [term]}}
+        }
+    }
+
+
 def _placeholder_pod(intent: PodIntent, config: OperatorConfig) -> dict[str, Any]:
     """A pause pod standing for a device-worth of replicas that fit nowhere: it requests their slices
     (and the weights') of ``vnpu.io/memory-<i>`` in the slices of the pool it stands for, so the
@@ -543,6 +555,7 @@ def _placeholder_pod(intent: PodIntent, config: OperatorConfig) -> dict[str, Any
             "priorityClassName": PLACEHOLDER_PRIORITY_CLASS,
             "nodeSelector": {**spec.placement.node_selector, **dict(intent.pool_selector)},
             "tolerations": [t.manifest() for t in spec.placement.tolerations],
+            **(_without_label(intent.pool_absent) if intent.pool_absent else {}),
             "terminationGracePeriodSeconds": 0,
             "securityContext": _pod_security(PLACEHOLDER_UID),
             "containers": [

@@ -88,6 +88,25 @@ def test_placeholders_name_the_pool_when_the_models_pools_differ() -> None:
     assert requests(result) == [{"vnpu.io/memory-0": "24"}]
 
 
+def test_placeholders_for_the_unlabelled_pool_keep_off_the_labelled_ones() -> None:
+    """The pool a placeholder stands for may be the nodes without the pool label: sized in their 4096
+    MiB slices, it must not bind to a node of a labelled pool of smaller slices (6 units there are
+    1.5 GiB, free on any node: nothing would stay pending and the autoscaler would never scale)."""
+    filler = model("filler", 1)
+    m = model("m", 1, shareGroup="m", placement={"nodeSelector": {"tier": "npu"}})
+    est = {filler.key: estimate(weights=60 * GIB, per_replica=4 * GIB), m.key: estimate(20 * GIB, 4 * GIB)}
+    small = pool_node("s1", device_gib=16, slice_mib=256, tier="npu", **{"vnpu.io/pool": "a-small"})
+    large = pool_node("l1", device_gib=64, slice_mib=4096, tier="npu")
+    result = run([filler, m], [small, large], estimates=est)
+    (ph,) = placeholders(result)
+    assert requests(result) == [{"vnpu.io/memory-0": "6"}]  # 5 + 1 slices of 4096 MiB
+    assert ph["spec"]["nodeSelector"] == {"tier": "npu"}
+    terms = ph["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert terms == {
+        "nodeSelectorTerms": [{"matchExpressions": [{"key": "vnpu.io/pool", "operator": "DoesNotExist"}]}]
+    }
+
+
 def nodes_for(result: Any, template: dict[str, int]) -> int:
     """The nodes of ``template`` (resource -> units) the Cluster Autoscaler's estimator adds for the
     pending placeholders: first fit by their requests, as it bin-packs pods onto template nodes."""
