@@ -276,8 +276,9 @@ class Kube:
                 raise
         return False
 
-    def post_event(self, model: ObservedModel, event_type: str, reason: str, message: str) -> None:
-        """A core/v1 Event on the InferenceModel (shown by ``kubectl describe infm``)."""
+    def post_event(self, model: ObservedModel, event_type: str, reason: str, message: str) -> str:
+        """A core/v1 Event on the InferenceModel (shown by ``kubectl describe infm``); its name, or ""
+        when it could not be posted."""
         now = dt.datetime.now(dt.UTC)
         body = {
             "apiVersion": "v1",
@@ -302,7 +303,7 @@ class Kube:
         }
         metrics.API_REQUESTS.labels("create", "events").inc()
         try:
-            _release(
+            created = _body(
                 self.core.create_namespaced_event(
                     model.namespace, body, _preload_content=False, _request_timeout=REQUEST_TIMEOUT
                 )
@@ -311,6 +312,16 @@ class Kube:
             log.warning(
                 "could not post event %s on %s/%s: %s", reason, model.namespace, model.name, exc.reason
             )
+            return ""
+        return str(((created or {}).get("metadata") or {}).get("name") or "")
+
+    def count_event(self, namespace: str, name: str, count: int) -> None:
+        """An Event seen again: its count and lastTimestamp (as client-go's recorder counts repeats)."""
+        body = {"count": count, "lastTimestamp": dt.datetime.now(dt.UTC).isoformat()}
+        try:
+            self._patch("events", self.core.patch_namespaced_event, namespace, name, body)
+        except ApiException as exc:  # best effort, like posting it
+            log.warning("could not count event %s/%s: %s", namespace, name, exc.reason)
 
 
 def _body(resp: Any) -> Any:

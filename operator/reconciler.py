@@ -560,10 +560,14 @@ class Reconciler:
         # The Events first: whoever sees the status (a user, a controller, a test) finds the Events that
         # explain it already there. Best effort, never in the way of the status.
         for event in report.events:
-            if not self._posted.first(model.uid, event):
-                continue  # posted lately: a flip the server's status never recorded (its write refused)
             try:
-                kube.post_event(model, event.type, event.reason, event.message)
+                repeat = self._posted.repeat_of(model.uid, event)
+                if repeat is None:
+                    self._posted.posted(
+                        model.uid, event, kube.post_event(model, event.type, event.reason, event.message)
+                    )
+                elif repeat.name:  # seen lately: a recurrence, or a flip whose status write was refused
+                    kube.count_event(model.namespace, repeat.name, repeat.count)
             except Exception:
                 log.exception("could not post event %s on %s/%s", event.reason, model.namespace, model.name)
         if report.status is not None:

@@ -139,36 +139,58 @@ class ReportedStatuses:
         return out
 
 
+@dataclass(frozen=True)
+class Repeat:
+    """An Event posted lately, seen again: its Event object (empty while its creation is under way or
+    failed) and the count it now reaches."""
+
+    name: str
+    count: int
+
+
 class PostedEvents:
-    """The Events posted lately, so that one a pass repeats is not posted again: the same Event (type,
-    reason, message) on the same model (uid) goes out once per ``window`` seconds, as client-go's
-    EventCorrelator counts repeats instead of creating them (thread-safe: the reporter's threads post).
+    """The Events posted lately, so that one seen again is counted on its Event, not created again: the
+    same Event (type, reason, message) on the same model (uid) within ``window`` seconds of its last
+    sighting is a :class:`Repeat`, as client-go's EventCorrelator bumps an Event's count and
+    lastTimestamp (thread-safe: the reporter's threads post).
 
     A pass posts an Event when it sees a condition flip against the status it plans from; when the API
     server refuses the status that records the flip (a message past the CRD's limit, a webhook), the
     next pass sees the same flip and would post it again: an Event per pass, forever. Whatever the
-    refusal, this bounds it to one per ``window``."""
+    refusal, this bounds the Event objects to one per ``window``; a flip that really recurs (a replica
+    crash-looping again) shows as the Event's count."""
 
     def __init__(self, window: float, clock: Callable[[], float] = time.monotonic) -> None:
         self._window = window
         self._clock = clock
         self._lock = threading.Lock()
-        self._posted: dict[tuple[str, str, str, str], float] = {}  # (uid, type, reason, message) -> when
+        # (uid, type, reason, message) -> (last seen, Event name, count)
+        self._posted: dict[tuple[str, str, str, str], tuple[float, str, int]] = {}
         self._pruned = clock()
 
-    def first(self, uid: str, event: Event) -> bool:
-        """Whether ``event`` on model ``uid`` is to be posted (and then it counts as posted now)."""
+    def repeat_of(self, uid: str, event: Event) -> Repeat | None:
+        """None when ``event`` on model ``uid`` is to be posted as a new Event (then :meth:`posted`
+        names it); else the Repeat to count on the Event posted lately."""
         now = self._clock()
         key = (uid, event.type, event.reason, event.message)
         with self._lock:
             if now - self._pruned >= self._window:  # forget what no longer holds anything back
-                self._posted = {k: t for k, t in self._posted.items() if now - t < self._window}
+                self._posted = {k: v for k, v in self._posted.items() if now - v[0] < self._window}
                 self._pruned = now
             last = self._posted.get(key)
-            if last is not None and now - last < self._window:
-                return False
-            self._posted[key] = now
-            return True
+            if last is not None and now - last[0] < self._window:
+                self._posted[key] = (now, last[1], last[2] + 1)
+                return Repeat(last[1], last[2] + 1)
+            self._posted[key] = (now, "", 1)
+            return None
+
+    def posted(self, uid: str, event: Event, name: str) -> None:
+        """The new Event :meth:`repeat_of` let through was created as ``name``."""
+        key = (uid, event.type, event.reason, event.message)
+        with self._lock:
+            if key in self._posted:
+                when, _, count = self._posted[key]
+                self._posted[key] = (when, name, count)
 
 
 @dataclass(frozen=True)

@@ -202,3 +202,5 @@ def test_a_status_the_server_refuses_posts_no_event_per_pass(
     assert "conditions" not in op.model("a").get("status", {})
     reasons = [e.reason for e in op.events("a")]
     assert reasons.count("CapacityPending") == 1, reasons
+    (pending,) = [e for e in op.events("a") if e.reason == "CapacityPending"]
+    assert pending.count == 4  # seen on every pass: counted on the one Event, as client-go counts

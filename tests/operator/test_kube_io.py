@@ -47,6 +47,7 @@ def every_call(kube: Kube) -> dict[str, Callable[[], Any]]:
         "scale_model": lambda: kube.scale_model("ns", "a", 0, "1"),
         "placeholder_priority_class_missing": kube.placeholder_priority_class_missing,
         "post_event": lambda: kube.post_event(m, "Normal", "Test", "a test"),
+        "count_event": lambda: kube.count_event("ns", "a.1", 2),
     }
 
 

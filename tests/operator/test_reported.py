@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from vnpu.operator.reported import (
     PostedEvents,
+    Repeat,
     Report,
     ReportedStatuses,
     ReportQueue,
@@ -186,15 +187,20 @@ def test_the_queue_says_how_far_the_reporter_trails() -> None:
     assert queue.take() is not None and queue.done("ns/a") == 5.0  # the later report, queued at 105
 
 
-def test_an_event_a_pass_repeats_is_posted_once_per_window() -> None:
-    """A pass that sees the same flip again (its status write refused, so never recorded) posts nothing."""
+def test_an_event_seen_again_within_the_window_is_counted_on_the_one_posted() -> None:
+    """A pass that sees the same flip again (its status write refused, so never recorded; or the flip
+    recurred) creates no Event: it counts on the one posted, as client-go does."""
     clock = Clock()
     posted = PostedEvents(window=600, clock=clock)
     pending = Event("Warning", "CapacityPending", "1 replica(s) unplaced")
-    assert posted.first("u1", pending)
+    assert posted.repeat_of("u1", pending) is None
+    assert posted.repeat_of("u1", pending) == Repeat("", 2)  # its creation is under way (or failed)
+    posted.posted("u1", pending, "a.17c3")
     clock.now = 599.0
-    assert not posted.first("u1", pending)
-    assert posted.first("u2", pending)  # another model (or the same name created again)
-    assert posted.first("u1", Event("Warning", "CapacityPending", "2 replica(s) unplaced"))
-    clock.now = 600.0
-    assert posted.first("u1", pending)  # the window is past: it goes out again
+    assert posted.repeat_of("u1", pending) == Repeat("a.17c3", 3)
+    assert posted.repeat_of("u2", pending) is None  # another model (or the same name created again)
+    assert posted.repeat_of("u1", Event("Warning", "CapacityPending", "2 replica(s) unplaced")) is None
+    clock.now = 1198.0
+    assert posted.repeat_of("u1", pending) == Repeat("a.17c3", 4)  # within 600 s of the last sighting
+    clock.now = 1800.0
+    assert posted.repeat_of("u1", pending) is None  # the window is past: a new Event

@@ -121,13 +121,18 @@ class RefusingKube:
     def __init__(self, models: list[Any]) -> None:
         self.models = models
         self.events: list[str] = []
+        self.counts: list[tuple[str, int]] = []
         self.refused = 0
 
     def list_secrets(self) -> list[Any]:
         return keys_for(self.models)
 
-    def post_event(self, model: Any, event_type: str, reason: str, message: str) -> None:
+    def post_event(self, model: Any, event_type: str, reason: str, message: str) -> str:
         self.events.append(reason)
+        return f"{model.name}.{len(self.events)}"
+
+    def count_event(self, namespace: str, name: str, count: int) -> None:
+        self.counts.append((name, count))
 
     def patch_model_status(self, model: Any, status: Any) -> None:
         self.refused += 1
@@ -153,6 +158,7 @@ def test_a_refused_status_write_posts_no_event_per_pass() -> None:
             rec._reports.done(key)
     assert kube.refused == 4
     assert kube.events == ["CapacityPending"]
+    assert kube.counts == [("a.1", 2), ("a.1", 3), ("a.1", 4)]  # seen again: counted on that Event
 
 
 def test_a_model_without_an_estimate_still_says_what_else_degrades_it() -> None:
