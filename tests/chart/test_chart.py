@@ -59,6 +59,18 @@ def render(bin_dir: Path, *args: str) -> list[dict[str, Any]]:
     return [d for d in yaml.safe_load_all(out.stdout) if d]
 
 
+def show_only(bin_dir: Path, release: str, namespace: str, *templates: str) -> list[dict[str, Any]]:
+    """The objects ``templates`` render for ``release`` in ``namespace`` (default values)."""
+    return [
+        d
+        for template in templates
+        for d in yaml.safe_load_all(
+            helm(bin_dir, "template", release, str(CHART), "-n", namespace, "--show-only", template).stdout
+        )
+        if d
+    ]
+
+
 LINT_SETS = {
     "defaults": [],
     "two-replicas": ["--set", "operator.replicas=2"],

@@ -22,10 +22,9 @@ from typing import Any
 
 import pytest
 import yaml
-from test_chart import helm
+from test_chart import show_only
 
 from vnpu import api
-from vnpu.cluster.helm import CHART
 from vnpu.cluster.processes import wait_until
 
 pytestmark = pytest.mark.integration
@@ -66,13 +65,14 @@ def setup(control_plane: Any, kube_bin_dir: Path, namespace: str) -> Iterator[Se
     release = f"vnpu-{uuid.uuid4().hex[:6]}"
     rendered = [
         d
-        for template in ("templates/device-plugin.yaml", "templates/device-plugin-node-policy.yaml")
-        for d in yaml.safe_load_all(
-            helm(
-                kube_bin_dir, "template", release, str(CHART), "-n", namespace, "--show-only", template
-            ).stdout
+        for d in show_only(
+            kube_bin_dir,
+            release,
+            namespace,
+            "templates/device-plugin.yaml",
+            "templates/device-plugin-node-policy.yaml",
         )
-        if d and d["kind"] != "DaemonSet"  # nothing runs here: only the identity and what binds it
+        if d["kind"] != "DaemonSet"  # nothing runs here: only the identity and what binds it
     ]
     kinds = sorted(d["kind"] for d in rendered)
     assert kinds == [

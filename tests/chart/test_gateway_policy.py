@@ -19,9 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from kubernetes import client
-from test_chart import helm, render
+from test_chart import render, show_only
 from test_device_plugin_policy import token_kubeconfig
 
 from vnpu import api
@@ -67,13 +66,10 @@ def setup(control_plane: Any, kube_bin_dir: Path, namespace: str, tmp_path: Path
     release = f"vnpu-{uuid.uuid4().hex[:6]}"
     rendered = [
         d
-        for template in ("templates/gateway.yaml", "templates/gateway-model-policy.yaml")
-        for d in yaml.safe_load_all(
-            helm(
-                kube_bin_dir, "template", release, str(CHART), "-n", namespace, "--show-only", template
-            ).stdout
+        for d in show_only(
+            kube_bin_dir, release, namespace, "templates/gateway.yaml", "templates/gateway-model-policy.yaml"
         )
-        if d and d["kind"] not in ("Deployment", "Service")  # nothing runs: the identity and its rules
+        if d["kind"] not in ("Deployment", "Service")  # nothing runs: the identity and its rules
     ]
     assert sorted(d["kind"] for d in rendered) == [
         "ClusterRole",
