@@ -346,7 +346,10 @@ def test_runtime_fails_clearly_while_the_holder_is_gone_and_recovers(tiny: Any, 
         cache = runtime._cache
         first.stop()  # the holder dies
         wait_until(lambda: not runtime.ready)
-        assert "went away" in (runtime.unavailable_reason or "")
+        # "went away" when it notices; the supervisor's next retry (50 ms later) may already say that
+        # none is listening (a loaded machine lets it run before this line).
+        reason = runtime.unavailable_reason or ""
+        assert "went away" in reason or "no weights-holder is listening" in reason, reason
         with pytest.raises(RuntimeUnavailableError, match="weights-holder"):
             runtime.complete("hello", 8, temperature=0)
         second_weights = load_tiny_llama(short_tmp / "model2")  # a new holder process: a new arena
