@@ -68,8 +68,9 @@ SYNC_TIMEOUT = 120.0
 #: pass has gone through for this many resync periods: a pass stuck on the API server, or failing each
 #: time, is not fixed by waiting.
 UNHEALTHY_AFTER_RESYNCS = 3
-#: The same Event on the same model goes out once in this many seconds (client-go aggregates repeats
-#: over 10 minutes too): see :class:`vnpu.operator.reported.PostedEvents`.
+#: The same Event on the same model seen again within this many seconds of its last sighting is counted
+#: on the Event posted (client-go's recorder counts repeats too): see
+#: :class:`vnpu.operator.reported.PostedEvents`.
 EVENT_REPEAT_SECONDS = 600.0
 
 
