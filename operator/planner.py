@@ -296,6 +296,18 @@ def _holds_memory(p: ObservedPod) -> bool:
     return bool(p.node) and not p.finished
 
 
+def _requested(p: ObservedPod, device_of: Mapping[tuple[str, str], str]) -> dict[tuple[str, str], int]:
+    """(node, device) -> the slices a bound pod's vnpu requests hold there: what the kubelet allocated
+    it, whoever wrote the pod (requests of a resource no inventory names are nobody's to place)."""
+    held: dict[tuple[str, str], int] = defaultdict(int)
+    if _holds_memory(p):
+        for resource, slices in p.requests:
+            device = device_of.get((p.node or "", resource))
+            if device:
+                held[(p.node or "", device)] += slices
+    return held
+
+
 def plan(
     models: Sequence[ObservedModel],
     nodes: Sequence[ObservedNode],
@@ -393,11 +405,18 @@ def plan(
     held: dict[tuple[str, str], int] = defaultdict(int)
     kept_pods: set[tuple[str, str]] = set()  # (namespace, name) of pods kept outside the plan
     for p in foreign:
-        if _holds_memory(p):
-            for resource, slices in p.requests:
-                device = device_of.get((p.node or "", resource))
-                if device:
-                    held[(p.node or "", device)] += slices
+        for where, slices in _requested(p, device_of).items():
+            held[where] += slices
+    # A pod with our label is charged below (or by the packer) at what its annotation says; what its
+    # requests hold beyond that is held too. Only a pod we did not write differs (requests are immutable):
+    # with the chart's pod admission policy off, a tenant could label a pod of its own as ours and
+    # under-declare it, and the packer would give its memory to another tenant, whose pods then sit
+    # Pending. (Our placeholders are not charged: they keep room for the replicas that preempt them.)
+    for p in ours:
+        if p.role == api.ROLE_PLACEHOLDER:
+            continue
+        for where, slices in _requested(p, device_of).items():
+            held[where] += max(0, slices - (p.slices if where == (p.node, p.device) else 0))
     outside: list[ObservedPod] = []
     for p in ours:
         key = _model_key(p.namespace, p.model or "")

@@ -150,6 +150,32 @@ def test_pods_anyone_else_made_that_hold_vnpu_memory_are_subtracted() -> None:
     ]
 
 
+def test_a_pod_labelled_ours_is_charged_what_its_requests_hold_not_what_its_annotation_says() -> None:
+    """With the chart's pod admission policy off, a tenant can label a pod of its own as ours. Its
+    requests are what the kubelet allocates, so they are what the packer must not give away."""
+    a, b = model("a", 1, ns="team-a"), model("b", 1, ns="team-b")
+    nodes = [node("n1", devices=1)]
+    pods = as_pods(run([a], nodes).create)
+    assert run([a], nodes, pods).create == []  # settled: a holder (4 slices) and a replica (1)
+    # The replica, as team-a could have written it itself: the same labels and annotations, but
+    # requests of 12 slices (the annotation still says 1).
+    forged = []
+    for p in run([a], nodes).create:
+        if p["metadata"]["labels"][api.LABEL_ROLE] == api.ROLE_REPLICA:
+            for c in p["spec"]["containers"]:
+                limits = c["resources"]["limits"]
+                for resource in [r for r in limits if api.is_vnpu_resource(r)]:
+                    limits[resource] = c["resources"]["requests"][resource] = "12"
+        forged.append(p)
+    forged_pods = as_pods(forged)
+    assert [p.slices for p in forged_pods if p.role == api.ROLE_REPLICA] == [1]
+    # b's holder and replica (5 slices) fit beside the honest pods, not beside the forged one.
+    honest = run([a, b], nodes, pods).create
+    assert {p["metadata"]["labels"][api.LABEL_ROLE] for p in honest} == {"weights", "replica"}
+    tricked = run([a, b], nodes, forged_pods).create
+    assert [p["metadata"]["labels"][api.LABEL_ROLE] for p in tricked] == ["placeholder"]
+
+
 def test_a_crash_looping_holder_makes_the_model_degraded_and_its_replicas_unready() -> None:
     m = model("a", 2)
     nodes = [node("n1", devices=1)]
