@@ -127,6 +127,16 @@ MAX_KEPT_ITEMS = 1 << 20
 #: The largest layer count, head count or dimension a model config may claim (the CRD's own largest
 #: bound, hidden_size's); real models stay far below it.
 MAX_CONFIG_DIMENSION = 1 << 20
+#: The bounds above are per file; these bound a whole checkpoint (a directory of shards), so that its
+#: files' kept headers together stay within what one file's parse may hold. Real checkpoints stay far
+#: below: the largest open ones (DeepSeek-V3/R1, Kimi-K2) have 60-170 shards and ~100k tensors.
+MAX_MODEL_FILES = 1024
+MAX_MODEL_TENSORS = 1 << 18
+#: Bytes of tensor names and safetensors ``__metadata__`` strings kept over all of a model's files.
+MAX_MODEL_KEPT_BYTES = 64 * MIB
+#: ``model.safetensors.index.json``: ~100 bytes a tensor in real ones (a few MB). Its entries are
+#: counted before the JSON is built, as a safetensors header's are.
+MAX_SHARD_INDEX = 32 * MIB
 _MAX_GGUF_DIMS = 8
 _MAX_ARRAY_DEPTH = 8
 
@@ -808,7 +818,7 @@ def detect_format(path: str | os.PathLike[str]) -> Format:
     if p.is_dir():
         if any(p.glob("*.gguf")):
             return "gguf"
-        if any(p.glob("*.safetensors")):
+        if any(p.glob("*.safetensors")) or (p / "model.safetensors.index.json").is_file():
             return "safetensors"
         raise ValueError(f"{p}: directory holds no *.safetensors or *.gguf file")
     try:
@@ -827,12 +837,7 @@ def _model_files(root: Path, fmt: Format) -> list[Path]:
     if fmt == "safetensors":
         index = root / "model.safetensors.index.json"
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-                names = sorted(set(weight_map.values()))
-            except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
-                raise ValueError(f"{index}: malformed shard index: {exc!r}") from exc
-            return [root / n for n in names]
+            return [_shard_path(root, index, n) for n in _shard_names(index)]
         files = sorted(root.glob("*.safetensors"))
     else:
         files = sorted(root.glob("*.gguf"))
@@ -843,6 +848,34 @@ def _model_files(root: Path, fmt: Format) -> list[Path]:
     if not files:
         raise ValueError(f"{root}: no *.{fmt} file in the directory")
     return files
+
+
+def _shard_names(index: Path) -> list[str]:
+    """The distinct files a ``model.safetensors.index.json`` maps tensors to, bounded as a header is."""
+    try:
+        with index.open("rb") as f:  # (read() allocates what it is asked for: ask for what is there)
+            size = os.fstat(f.fileno()).st_size
+            raw = f.read(size + 1) if size <= MAX_SHARD_INDEX else b""
+    except OSError as exc:
+        raise ValueError(f"{index}: cannot read: {exc.strerror or exc}") from exc
+    if size > MAX_SHARD_INDEX or len(raw) > MAX_SHARD_INDEX:  # (or it grew while read)
+        raise ValueError(f"{index}: shard index larger than {MAX_SHARD_INDEX} bytes")
+    if raw.count(b":") > MAX_MODEL_TENSORS + 1024:  # an entry is a key and a value, so one ':' at least
+        raise ValueError(f"{index}: shard index maps more than {MAX_MODEL_TENSORS} tensors")
+    try:
+        weight_map = json.loads(raw)["weight_map"]
+        return sorted(set(weight_map.values()))
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+        raise ValueError(f"{index}: malformed shard index: {exc!r}") from exc
+
+
+def _shard_path(root: Path, index: Path, name: str) -> Path:
+    """A shard named by the index, which must stay inside the checkpoint's directory: the index is
+    the checkpoint author's text, and the operator reads headers on behalf of any tenant."""
+    parts = Path(name).parts if isinstance(name, str) else ()
+    if not parts or Path(name).is_absolute() or ".." in parts or "\\" in name:
+        raise ValueError(f"{index}: shard {name!r} is not a file inside {root}")
+    return root / name
 
 
 def read_model_file(path: str | os.PathLike[str], fmt: Format | None = None) -> ModelFileInfo:
@@ -859,13 +892,26 @@ def read_model_file(path: str | os.PathLike[str], fmt: Format | None = None) -> 
     if fmt not in ("safetensors", "gguf"):
         raise ValueError(f"unknown model format {fmt!r} (safetensors or gguf)")
     files = _model_files(p, fmt) if p.is_dir() else [p]
+    if len(files) > MAX_MODEL_FILES:
+        raise ValueError(f"{p}: {len(files)} data files (at most {MAX_MODEL_FILES})")
     tensors: list[TensorInfo] = []
     metadata: dict[str, Any] = {}
+    kept = 0  # bytes of names and metadata strings kept so far
     for i, f in enumerate(files):
         file_tensors, file_meta = _parse_file(f, fmt)
         tensors.extend(file_tensors)
+        kept += sum(len(t.name) for t in file_tensors)
         if i == 0 or fmt == "safetensors":  # a GGUF split set keeps the model metadata in its first file
             metadata.update(file_meta)
+            if fmt == "safetensors":
+                kept += sum(len(k) + len(v) for k, v in file_meta.items())
+        if len(tensors) > MAX_MODEL_TENSORS:
+            raise ValueError(f"{p}: more than {MAX_MODEL_TENSORS} tensors in its {len(files)} files")
+        if kept > MAX_MODEL_KEPT_BYTES:
+            raise ValueError(
+                f"{p}: tensor names and metadata of its {len(files)} files exceed "
+                f"{MAX_MODEL_KEPT_BYTES} bytes"
+            )
     config: ModelConfig | None = None
     config_error: str | None = None
     try:

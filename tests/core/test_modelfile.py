@@ -28,7 +28,11 @@ from vnpu.modelfile import (
     MAX_KEPT_ARRAY,
     MAX_KEPT_ITEMS,
     MAX_KEPT_STRING,
+    MAX_MODEL_FILES,
+    MAX_MODEL_KEPT_BYTES,
+    MAX_MODEL_TENSORS,
     MAX_SAFETENSORS_HEADER,
+    MAX_SHARD_INDEX,
     MAX_TENSORS_PER_FILE,
     ArraySummary,
     ModelConfig,
@@ -478,6 +482,68 @@ def test_sharded_safetensors_directory(tmp_path):
     (tmp_path / "model.safetensors.index.json").write_text("[]")
     with pytest.raises(ValueError, match="shard index"):
         read_model_file(tmp_path)
+
+
+def _index(root: Path, *shards: object) -> None:
+    weight_map = {f"t{i}": shard for i, shard in enumerate(shards)}
+    (root / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+
+def test_a_shard_index_names_only_files_inside_its_directory(tmp_path):
+    # The index is the checkpoint author's text, read by the operator for any tenant: a name must not
+    # lead it to a file of its own (the error would tell whether it exists, and its first 8 bytes).
+    ckpt, outside = tmp_path / "ckpt", tmp_path / "outside.safetensors"
+    (ckpt / "sub").mkdir(parents=True)
+    save_file({"a": np.zeros((4,), dtype=np.float32)}, str(outside))
+    save_file({"b": np.zeros((2,), dtype=np.float32)}, str(ckpt / "sub" / "b.safetensors"))
+    for shards in [
+        ("sub/b.safetensors", "../outside.safetensors"),
+        ("sub/b.safetensors", str(outside)),
+        ("sub/b.safetensors", "sub/../../outside.safetensors"),
+        ("sub/b.safetensors", ""),
+        (7,),
+    ]:
+        _index(ckpt, *shards)
+        with pytest.raises(ValueError, match="is not a file inside"):
+            read_model_file(ckpt)
+    _index(ckpt, "sub/b.safetensors")  # a subfolder of its own is fine
+    assert read_model_file(ckpt).total_bytes == 8
+
+
+def test_a_shard_index_is_bounded_before_its_json_is_built(tmp_path):
+    index = tmp_path / "model.safetensors.index.json"
+    _sparse(index, b'{"weight_map": {}}', MAX_SHARD_INDEX)
+    with pytest.raises(ValueError, match=f"larger than {MAX_SHARD_INDEX} bytes"):
+        read_model_file(tmp_path, "safetensors")
+    # Short entries cost ~30 times their bytes as Python strings: counted, never built.
+    entries = ",".join(f'"{i}":"s"' for i in range(MAX_MODEL_TENSORS + 1025))
+    index.write_text('{"weight_map": {' + entries + "}}")
+    result, peak = _parse_peak(tmp_path)
+    assert isinstance(result, ValueError) and f"maps more than {MAX_MODEL_TENSORS} tensors" in str(result)
+    assert peak < 8 * 1024 * 1024  # the file's 2.6 MB read once, nothing built from it
+
+
+def test_a_checkpoint_is_bounded_over_all_its_files(tmp_path):
+    # Each file within the per-file bounds; together past what one model may keep.
+    for i in range(MAX_MODEL_FILES + 1):
+        (tmp_path / f"m-{i:05d}.safetensors").write_bytes(_safetensors_bytes({}))
+    with pytest.raises(ValueError, match=f"{MAX_MODEL_FILES + 1} data files \\(at most {MAX_MODEL_FILES}\\)"):
+        read_model_file(tmp_path)
+    many, long = tmp_path / "many", tmp_path / "long"
+    many.mkdir()
+    files = MAX_MODEL_TENSORS // MAX_TENSORS_PER_FILE + 1
+    for i in range(files):
+        (many / f"m-{i}.safetensors").write_bytes(_zero_size_tensors(MAX_TENSORS_PER_FILE))
+    with pytest.raises(ValueError, match=f"more than {MAX_MODEL_TENSORS} tensors in its {files} files"):
+        read_model_file(many)
+    long.mkdir()
+    name = "x" * (MAX_SAFETENSORS_HEADER // 2)  # one tensor with a 4 MiB name a file
+    files = MAX_MODEL_KEPT_BYTES // len(name) + 1
+    for i in range(files):
+        header = {name + str(i): {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]}}
+        (long / f"m-{i:03d}.safetensors").write_bytes(_safetensors_bytes(header))
+    with pytest.raises(ValueError, match=f"names and metadata of its {files} files exceed"):
+        read_model_file(long)
 
 
 def _one(shape: list, offsets: list, data: bytes = b"") -> bytes:
