@@ -182,12 +182,13 @@ class WeightsHolder:
                 st = self.socket_path.lstat()
                 if (st.st_dev, st.st_ino) == self._bound:
                     self.socket_path.unlink()
-        with self._lock:
+        with self._lock:  # after _stop is set: no lease is added past this point (see _handle)
             leases, self._leases = list(self._leases.values()), {}
+        # Shut, not closed: each lease's own thread closes its socket. Closed here, its number could be
+        # re-used while that thread is still inside a send on it.
         for conn in leases:
             with contextlib.suppress(OSError):
                 conn.shutdown(socket.SHUT_RDWR)
-            conn.close()
         self.weights.arena.close()
 
     # --- connections ---------------------------------------------------------------------------
@@ -306,11 +307,24 @@ class WeightsHolder:
                 return
             # The lease is counted before the grant goes out: a replica whose attach has returned is
             # always among `clients` (and in any status asked after it), never counted a moment late.
-            with self._lock:
-                lease_id = next(self._lease_ids)
-                self._leases[lease_id] = conn
-            head = encode({"ok": True, "arena": self._arena_meta, "holder": self.info()})
-            send_encoded(conn, head[:-1] + b',"manifest":' + self._manifest_json + b"}", self._arena_fds)
+            # Under the lock stop() takes after setting _stop: either stop() sees this lease and shuts
+            # it, or this thread sees the stop and grants nothing. The grant carries duplicates this
+            # thread owns: stop() closes the arena's own fds, and a closed number is re-used by the next
+            # file the process opens, which SCM_RIGHTS would then hand to the replica.
+            grant_fds: list[int] = []
+            try:
+                with self._lock:
+                    if self._stop.is_set():
+                        return
+                    lease_id = next(self._lease_ids)
+                    self._leases[lease_id] = conn
+                    for fd in self._arena_fds:
+                        grant_fds.append(os.dup(fd))
+                head = encode({"ok": True, "arena": self._arena_meta, "holder": self.info()})
+                send_encoded(conn, head[:-1] + b',"manifest":' + self._manifest_json + b"}", grant_fds)
+            finally:
+                for fd in grant_fds:
+                    os.close(fd)
             conn.settimeout(None)
             in_handshake = False
             self._handshakes.release()
