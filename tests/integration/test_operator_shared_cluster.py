@@ -253,6 +253,57 @@ def test_a_context_change_rolls_four_replicas_and_four_stay_ready(
     assert model["status"]["updatedReplicas"] == 4
 
 
+def test_an_operator_killed_again_and_again_mid_rollout_keeps_four_ready_and_no_duplicates(
+    cluster, namespace, kwok_nodes, tmp_path
+) -> None:
+    """The rollout's state is only what the API server holds: an operator SIGKILLed just after it
+    created a surge pod, or just after one became Ready, resumes it where it stood."""
+    kwok_nodes(2, devices=1, device_mib=16 * GIB)
+    op = OperatorProcess(cluster, namespace, tmp_path).start()
+    try:
+        apply(cluster, namespace, "roll", spec(replicas=4))
+        wait_phase(cluster, namespace, "roll", "Ready")
+        selector = f"{api.LABEL_MODEL}=roll,{api.LABEL_ROLE}={api.ROLE_REPLICA}"
+        lowest: list[int] = []
+        follower = PodFollower(
+            cluster, namespace, selector, lambda state, _: lowest.append(sum(map(serving, state.values())))
+        )
+        changed = spec(replicas=4)
+        changed["memory"]["kvCacheMiB"] = 1792  # 2 slices a replica instead of 1
+        apply(cluster, namespace, "roll", changed)
+
+        def new_ones(ready: bool) -> int:
+            return sum(
+                1
+                for p in replica_pods(cluster, namespace, "roll")
+                if p.metadata.annotations[api.ANNOTATION_SLICES] == "2" and (serving(p) or not ready)
+            )
+
+        for step in range(1, 4):  # killed after the step-th surge pod exists, then after it is Ready
+            for ready in (False, True):
+                wait_until(lambda r=ready, n=step: new_ones(r) >= n, 60, f"{step} new replica(s), {ready=}")
+                op.kill()
+                op.start()
+        wait_until(lambda: new_ones(True) == 4 and len(replica_pods(cluster, namespace, "roll")) == 4, 120,
+                   "every replica rolled")  # fmt: skip
+        follower.stop()
+        assert lowest and min(lowest) >= 4, f"fewer than 4 ready replicas at some moment: {min(lowest)}"
+        pods = live(pods_of(cluster, namespace))
+        indices = [
+            p.metadata.labels[api.LABEL_REPLICA]
+            for p in pods
+            if p.metadata.labels[api.LABEL_ROLE] == "replica"
+        ]
+        assert sorted(indices) == ["0", "1", "2", "3"], indices
+        holders = [(p.spec.node_name, p.metadata.annotations[api.ANNOTATION_DEVICE])
+                   for p in pods if p.metadata.labels[api.LABEL_ROLE] == api.ROLE_WEIGHTS]  # fmt: skip
+        assert len(holders) == len(set(holders)), f"two holders on one device: {holders}"
+        assert op.starts == 7
+    finally:
+        cluster.kubectl("delete", "infm", "--all", "-n", namespace, "--timeout=60s", check=False)
+        op.stop()
+
+
 def test_capacity_and_status_come_from_what_really_runs(cluster, namespace, kwok_nodes, operator) -> None:
     (node,) = kwok_nodes(1, devices=1, device_mib=16 * GIB)
     # Someone else's pod, in a namespace the operator does not serve, holds 10 of the device's 16 slices.
