@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from vnpu import sharing
-from vnpu.runtime.attach import AttachRefusedError, Expected, HolderUnavailableError, Lease, attach
+from vnpu.runtime.attach import AttachRefusedError, Expected, HolderUnavailableError, attach
 from vnpu.runtime.engine import ModelRuntime
 
 log = logging.getLogger("vnpu.runtime.supervisor")
@@ -46,7 +46,6 @@ class SharedWeightsSupervisor:
         self.retry_initial = retry_initial
         self.retry_max = retry_max
         self._stop = threading.Event()
-        self._lease: Lease | None = None
         self._thread = threading.Thread(target=self._run, name="weights-supervisor", daemon=True)
         self.fatal: str | None = None  #: the attached model cannot be used at all
         #: the last attach was refused (authentication, identity, other weights): not a holder to use
@@ -58,10 +57,10 @@ class SharedWeightsSupervisor:
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop, and wait for the thread: it alone closes the lease. Closed from here, a lease the thread
+        was still receiving (invisible here) stayed open, and one it was installing failed the install
+        as if the weights were unusable."""
         self._stop.set()
-        lease = self._lease
-        if lease is not None:
-            lease.close()
         self._thread.join(timeout=10)
 
     def _run(self) -> None:
@@ -99,8 +98,10 @@ class SharedWeightsSupervisor:
         """Attach, install the weights, serve until the lease is lost. True when this supervisor is
         done: stopped, or the attached model cannot be used at all."""
         lease = attach(self.socket_path, self.identity, self._key, self.device, expected=self.expected)
+        if self._stop.is_set():
+            lease.close()
+            return True
         self.refused = False
-        self._lease = lease
         self.runtime.metrics.attaches.inc()  # before install makes the runtime ready: counted once seen
         try:
             self.runtime.install(
@@ -115,14 +116,13 @@ class SharedWeightsSupervisor:
         try:
             while not lease.wait_lost(0.5):
                 if self._stop.is_set():
+                    lease.close()
                     return True
             reason = f"weights-holder at {self.socket_path} went away ({lease.lost_reason}); reconnecting"
             self.runtime.uninstall(reason)
         except BaseException:
             lease.close()
-            self._lease = None
             raise
         lease.close()
-        self._lease = None
         time.sleep(0)  # let views die before the next attach maps a new arena
         return False

@@ -13,8 +13,11 @@ from rt_helpers import load_tiny_llama
 
 from vnpu import sharing
 from vnpu.runtime import holder as holder_module
+from vnpu.runtime import supervisor as supervisor_module
 from vnpu.runtime.attach import attach
+from vnpu.runtime.engine import ModelRuntime, ServeOptions
 from vnpu.runtime.holder import WeightsHolder
+from vnpu.runtime.supervisor import SharedWeightsSupervisor
 
 ID = sharing.ShareIdentity("team-a", "group-a", "w1")
 KEY = b"k" * 32
@@ -94,3 +97,63 @@ def test_a_stopping_holder_never_hands_a_replica_a_closed_or_reused_fd(
     replica.join(20)
     if not isinstance(got[0], Exception):
         got[0].close()
+
+
+# --- SharedWeightsSupervisor.stop() while an attach is in progress ---------------------------------
+
+
+@pytest.mark.parametrize("point", ["attach returning", "install starting"])
+def test_a_supervisor_stopped_during_an_attach_keeps_no_lease(
+    tiny: Any, short_tmp: Path, monkeypatch: Any, point: str
+) -> None:
+    """stop() may come while the supervisor's thread holds a lease stop() cannot see yet (attach is
+    returning it) or is about to install it. Either way stop() ends with the lease closed (the holder
+    sees EOF), the thread gone, and no error blamed on the weights (``fatal``)."""
+    holder = WeightsHolder(tiny, ID, KEY, short_tmp / "s" / "w.sock")
+    holder.start()
+    runtime = ModelRuntime(ServeOptions(max_context=64))
+    supervisor = SharedWeightsSupervisor(runtime, holder.socket_path, ID, KEY)
+    paused, joining, go = threading.Event(), threading.Event(), threading.Event()
+    leases: list[Any] = []
+
+    def pause(here: str) -> None:
+        if here == point:
+            paused.set()
+            go.wait(20)
+
+    def slow_attach(*args: Any, **kwargs: Any) -> Any:
+        leases.append(attach(*args, **kwargs))
+        pause("attach returning")
+        return leases[-1]
+
+    real_install, real_join = runtime.install, supervisor._thread.join
+
+    def install(*args: Any, **kwargs: Any) -> None:
+        pause("install starting")
+        real_install(*args, **kwargs)
+
+    def join(timeout: float | None = None) -> None:
+        joining.set()  # stop() has done what it does before waiting for the thread
+        real_join(timeout)
+
+    monkeypatch.setattr(supervisor_module, "attach", slow_attach)
+    monkeypatch.setattr(runtime, "install", install)
+    monkeypatch.setattr(supervisor._thread, "join", join)
+    supervisor.start()
+    try:
+        assert paused.wait(20)
+        stopping, _ = _run(supervisor.stop, "stop")
+        assert joining.wait(20)
+        go.set()
+        stopping.join(20)
+        assert not stopping.is_alive() and not supervisor._thread.is_alive()
+        (lease,) = leases
+        assert lease._closed, "stop() returned with the lease still open"
+        assert supervisor.fatal is None, supervisor.fatal
+        if point == "attach returning":
+            assert not runtime.ready, "the weights were installed after stop()"
+    finally:
+        go.set()
+        for lease in leases:
+            lease.close()
+        holder.stop()
