@@ -24,6 +24,7 @@ threads.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import socket
@@ -31,6 +32,7 @@ import stat
 import struct
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -120,23 +122,80 @@ class WeightsHolder:
         """Bind the socket (refusing one a live holder still serves) and accept in the background."""
         directory = self.socket_path.parent
         directory.mkdir(parents=True, exist_ok=True, mode=0o750 if self.socket_group is not None else 0o700)
-        if self.socket_path.exists() or self.socket_path.is_symlink():
-            self._remove_stale_socket()
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old_umask = os.umask(0o177)  # the socket is born 0600: no window where others may connect
         try:
-            listener.bind(str(self.socket_path))
-        finally:
-            os.umask(old_umask)
-        st = self.socket_path.lstat()
-        self._bound = (st.st_dev, st.st_ino)
-        if self.socket_group is not None:
-            os.chown(self.socket_path, -1, self.socket_group)
-        os.chmod(self.socket_path, self.socket_mode)
-        listener.listen(64)
+            # Check, remove, bind and listen as one step: a holder starting beside us would otherwise
+            # find the same stale socket and unlink ours once we had bound it (or a bound socket not
+            # yet listening would look stale to it).
+            with self._holding_name():
+                if self.socket_path.exists() or self.socket_path.is_symlink():
+                    self._remove_stale_socket()
+                old_umask = os.umask(0o177)  # the socket is born 0600: no window where others may connect
+                try:
+                    listener.bind(str(self.socket_path))
+                finally:
+                    os.umask(old_umask)
+                st = self.socket_path.lstat()
+                self._bound = (st.st_dev, st.st_ino)
+                if self.socket_group is not None:
+                    os.chown(self.socket_path, -1, self.socket_group)
+                os.chmod(self.socket_path, self.socket_mode)
+                listener.listen(64)
+        except BaseException:
+            listener.close()
+            raise
         self._listener = listener
         threading.Thread(target=self._accept_loop, name="holder-accept", daemon=True).start()
         log.info("weights-holder listening", extra=self.info() | {"socket": str(self.socket_path)})
+
+    @contextlib.contextmanager
+    def _holding_name(self) -> Iterator[None]:
+        """Hold the lock on our socket's name (``flock`` on a sibling file, see
+        :func:`vnpu.sharing.lock_name`) while we change what the name points to. The file is ours
+        (0600, our uid: no other user can open it, let alone hold it) and exists only while held: it is
+        removed before it is released, so a holder that opened it meanwhile finds it gone and opens
+        the next one."""
+        path = self.socket_path.parent / sharing.lock_name(self._key, self.socket_path.name)
+        while True:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            except OSError as e:
+                raise HolderError(self._lock_refused(path, e.strerror or str(e))) from e
+            try:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+                    raise HolderError(self._lock_refused(path, "not a file of this holder's uid"))
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                with contextlib.suppress(FileNotFoundError):
+                    now = os.lstat(path)
+                    if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+                        break  # still the file at the path: the lock is ours
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)  # its holder removed it before releasing it: lock the one at the path now
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            os.close(fd)
+
+    @staticmethod
+    def _lock_refused(path: Path, reason: str) -> str:
+        """Why the lock file cannot be used, naming its owner: only this group's key names it, so a file
+        of another uid there is this group's holder under an earlier uid, left by a crash."""
+        try:
+            uid, me = path.lstat().st_uid, os.geteuid()
+        except OSError:
+            return f"cannot lock {path}: {reason}"
+        if uid == me:
+            return f"cannot lock {path}: {reason}"
+        return (
+            f"cannot lock {path} (it belongs to uid {uid}, this holder runs as uid {me}): {reason}. The "
+            "socket directory is sticky, so only the file's owner or root may remove it; remove it on "
+            "the node as root, then restart this holder"
+        )
 
     def _remove_stale_socket(self) -> None:
         """Remove the socket a holder that died left at our path; refuse one that is live, or that
@@ -178,10 +237,20 @@ class WeightsHolder:
                 self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept loop, which then ends
             with contextlib.suppress(OSError):
                 self._listener.close()
-            with contextlib.suppress(OSError):
-                st = self.socket_path.lstat()
-                if (st.st_dev, st.st_ino) == self._bound:
-                    self.socket_path.unlink()
+            # Under the name's lock: a holder starting now finds our socket stale (its listener is
+            # closed) and may replace it; checked and removed in one step, we never remove its socket.
+            # Without the lock the file stays: the next holder of this uid removes it as stale.
+            try:
+                with self._holding_name():
+                    st = self.socket_path.lstat()
+                    if (st.st_dev, st.st_ino) == self._bound:
+                        self.socket_path.unlink()
+            except FileNotFoundError:
+                pass
+            except (OSError, HolderError) as e:
+                log.warning(
+                    "socket file left behind", extra={"reason": str(e), "socket": str(self.socket_path)}
+                )
         with self._lock:  # after _stop is set: no lease is added past this point (see _handle)
             leases, self._leases = list(self._leases.values()), {}
         # Shut, not closed: each lease's own thread closes its socket. Closed here, its number could be

@@ -128,6 +128,15 @@ def socket_name(key: bytes, identity: ShareIdentity, device_id: str) -> str:
     return f"w-{mac.hexdigest()[:40]}.sock"
 
 
+def lock_name(key: bytes, socket_file: str) -> str:
+    """The file a holder ``flock``s beside its socket while it removes a stale one and binds, or removes
+    its own (see ``vnpu.runtime.holder``). Named from the key, not from the socket's name: whoever
+    learnt a socket's name (a stale one's owner, say) still cannot pre-create its lock to keep the
+    group's holders out."""
+    mac = hmac.new(key, b"lock\x00" + socket_file.encode(), "sha256")
+    return f"w-{mac.hexdigest()[:40]}.lock"
+
+
 def new_nonce() -> str:
     return secrets.token_hex(NONCE_HEX // 2)
 
