@@ -40,6 +40,12 @@ VALUE_SETS = {
         "--set",
         "operator.placeholders.enabled=false",
     ],
+    "model-policy": [
+        "--set-json",
+        'modelPolicy.allowedRuntimeImages=["registry.example.com/vnpu/"]',
+        "--set-json",
+        'modelPolicy.allowedSources=["hf://my-org/", "pvc://"]',
+    ],
 }
 
 
