@@ -4,6 +4,7 @@ it (no module-level globals that tests would have to patch)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 DEFAULT_RUNTIME_IMAGE = "ghcr.io/vnpu/vnpu:0.2.0"
 DEFAULT_PLACEHOLDER_IMAGE = "registry.k8s.io/pause:3.10"
@@ -49,6 +50,10 @@ class OperatorConfig:
     keep_warm_fraction: float = 0.2
     #: Whose running replicas a higher-priority model may evict (see :data:`PREEMPTION_SCOPES`).
     preemption: str = "namespace"
+    #: Keep a NetworkPolicy in each namespace with models (:mod:`vnpu.operator.network_policy`): model
+    #: pods take traffic only from their namespace's pods and from ``network_policy_peers``.
+    network_policy: bool = False
+    network_policy_peers: tuple[dict[str, Any], ...] = ()
     #: Retry a failing model's writes after this many seconds, doubling up to ``max_backoff_seconds``.
     backoff_seconds: float = 1.0
     max_backoff_seconds: float = 300.0

@@ -61,6 +61,7 @@ class Kube:
         self.core = client.CoreV1Api(api_client)
         self.custom = client.CustomObjectsApi(api_client)
         self.scheduling = client.SchedulingV1Api(api_client)
+        self.networking = client.NetworkingV1Api(api_client)
         self.namespaces = namespaces
 
     # -- reading (nodes, pods and models come from the watch-fed cache: vnpu.operator.cache) -------------
@@ -120,6 +121,40 @@ class Kube:
                 return False
             raise
         return True
+
+    def keep_network_policy(self, manifest: Mapping[str, Any]) -> str:
+        """Make the NetworkPolicy exist as ``manifest`` says: create it, or, when one of its name is
+        there, put back its spec when it differs in anything (an added selector term could leave pods
+        unprotected) and our labels when missing (others' labels stay). Returns what was done:
+        "created", "updated" or "kept"."""
+        namespace, name = manifest["metadata"]["namespace"], manifest["metadata"]["name"]
+        if self._create("networkpolicies", self.networking.create_namespaced_network_policy, manifest):
+            return "created"
+        metrics.API_REQUESTS.labels("get", "networkpolicies").inc()
+        current = _body(
+            self.networking.read_namespaced_network_policy(
+                name, namespace, _preload_content=False, _request_timeout=REQUEST_TIMEOUT
+            )
+        )
+        labels = (current.get("metadata") or {}).get("labels") or {}
+        ours = manifest["metadata"]["labels"]
+        if current.get("spec") == manifest["spec"] and labels.items() >= ours.items():
+            return "kept"
+        body = {
+            **manifest,
+            "metadata": {
+                **manifest["metadata"],
+                "labels": {**labels, **ours},
+                "resourceVersion": current["metadata"]["resourceVersion"],  # (a 409 if changed meanwhile)
+            },
+        }
+        metrics.API_REQUESTS.labels("update", "networkpolicies").inc()
+        _release(
+            self.networking.replace_namespaced_network_policy(
+                name, namespace, body, _preload_content=False, _request_timeout=REQUEST_TIMEOUT
+            )
+        )
+        return "updated"
 
     def create_secret(self, manifest: Mapping[str, Any]) -> ObservedSecret | None:
         """Create a Secret and return it (metadata only); None if it already exists (its key stays:

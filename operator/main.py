@@ -12,8 +12,10 @@ import threading
 import urllib.parse
 import uuid
 from pathlib import Path
+from typing import Any
 
 from vnpu.logs import setup_logging
+from vnpu.operator import network_policy
 from vnpu.operator.config import (
     DEFAULT_PLACEHOLDER_IMAGE,
     DEFAULT_RUNTIME_IMAGE,
@@ -139,6 +141,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="fraction of a pool's device memory that weight-holders of models scaled to zero may keep "
         "when their keepWarm is Auto, chosen by the demand forecast (default %(default)s)",
     )
+    p.add_argument(
+        "--network-policy",
+        action="store_true",
+        help="keep a NetworkPolicy 'vnpu-model-pods' in each namespace with models: model pods then take "
+        "traffic only from pods of their own namespace and from the --network-policy-from peers (where "
+        "the CNI enforces NetworkPolicy); a namespace whose policy is refused gets no new pods",
+    )
+    p.add_argument(
+        "--network-policy-from",
+        action="append",
+        default=[],
+        type=_network_policy_peer,
+        metavar="JSON",
+        help="a NetworkPolicyPeer that may also reach model pods, as JSON (repeatable), e.g. the "
+        'gateway\'s pods: \'{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": '
+        '"vnpu-system"}}, "podSelector": {"matchLabels": {"app.kubernetes.io/component": '
+        '"gateway"}}}\'',
+    )
     p.add_argument("--log-format", choices=["json", "text"], default="json")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
@@ -150,6 +170,13 @@ def _fraction(value: str) -> float:
     if not 0.0 <= number <= 1.0:  # (False for NaN too)
         raise argparse.ArgumentTypeError(f"{value!r} is not a fraction between 0 and 1")
     return number
+
+
+def _network_policy_peer(value: str) -> dict[str, Any]:
+    try:
+        return network_policy.parse_peer(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def _positive_int(value: str) -> int:
@@ -264,6 +291,8 @@ def config_from_args(args: argparse.Namespace) -> OperatorConfig:
         model_file_roots=tuple(args.model_file_root),
         pool_label=args.pool_label,
         keep_warm_fraction=args.keep_warm_fraction,
+        network_policy=args.network_policy,
+        network_policy_peers=tuple(args.network_policy_from),
     )
 
 

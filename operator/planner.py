@@ -38,7 +38,7 @@ from typing import Any
 
 from vnpu import api, sharing
 from vnpu.memory import EstimateError, MemoryEstimate
-from vnpu.operator import forecast, packing, scaling
+from vnpu.operator import forecast, network_policy, packing, scaling
 from vnpu.operator.config import OperatorConfig
 from vnpu.operator.placeholders import plan_placeholders
 from vnpu.operator.pods import (
@@ -177,6 +177,8 @@ class Plan:
     scale_down: list[scaling.ScaleDown] = field(default_factory=list)
     #: Node pool -> weight-holders kept warm for groups with no replicas.
     warm_holders: dict[str, int] = field(default_factory=dict)
+    #: NetworkPolicies to keep (``--network-policy``): one per namespace with models, before its pods.
+    network_policies: list[network_policy.NetworkPolicyIntent] = field(default_factory=list)
     #: Per model ("namespace/name"): what :func:`restatus` needs to redo its status after the writes.
     outcomes: dict[str, tuple[ObservedModel, ModelOutcome]] = field(default_factory=dict)
 
@@ -644,6 +646,15 @@ def plan(
                 OwnersUpdate(key_[0], key_[1], owner_references(owners), models=intent.models)
             )
 
+    # The namespaces' NetworkPolicies, written before their pods (vnpu.operator.network_policy); a
+    # model in backoff does not retry it until its backoff has passed.
+    if config.network_policy:
+        by_namespace: dict[str, list[str]] = defaultdict(list)
+        for m in models:
+            key = _model_key(m.namespace, m.name)
+            if not m.deleting and key not in backoff:
+                by_namespace[m.namespace].append(key)
+        result.network_policies = network_policy.intents(by_namespace)
     # Models in backoff are left alone: none of their writes until it has passed.
     result.create = [
         i

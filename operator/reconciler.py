@@ -30,7 +30,7 @@ from typing import Any
 from kubernetes.client.exceptions import ApiException
 
 from vnpu import api, sharing
-from vnpu.operator import metrics, scaling
+from vnpu.operator import metrics, network_policy, scaling
 from vnpu.operator.config import PLACEHOLDER_PRIORITY_CLASS, OperatorConfig
 from vnpu.operator.estimate_cache import EstimateCache
 from vnpu.operator.kube import Kube, api_client_from_env, api_error
@@ -111,6 +111,9 @@ class Reconciler:
         self._creating: dict[tuple[str, str], tuple[ObservedService, float]] = {}
         #: Writes the reporter had refused since the last pass: model -> (reason, message).
         self._late_failures: dict[str, tuple[str, str]] = {}
+        #: Namespaces whose NetworkPolicy was last found or made as wanted, and when (monotonic
+        #: seconds): looked at again after a resync period (a deleted or edited one comes back).
+        self._policies_kept: dict[str, float] = {}
         self._shared_lock = threading.Lock()  # the three above are shared with the reporter's threads
         self._requeue_after: float | None = None
         self._series = metrics.ModelSeries()  #: the per-model series of the models that went go
@@ -430,13 +433,28 @@ class Reconciler:
                     kube.set_pod_owners(u.namespace, u.name, u.owner_references)
 
             guarded(update.models, f"setting the owners of {update.kind} {update.name}", set_owners)
+
         # Key Secrets first (a group's pods are planned only once its Secret exists), then deletions (a
         # moving replica frees its old slot), then pods in the plan's order: weight-holders before the
         # replicas that map them. Each phase fans out over a few connections. The models' Services go
         # to the reporter with the statuses: a Service never holds back anyone's pods.
+        def keep_policy(intent: network_policy.NetworkPolicyIntent) -> None:
+            def write() -> None:
+                manifest = network_policy.manifest(intent.namespace, self.config.network_policy_peers)
+                done = kube.keep_network_policy(manifest)
+                self._policies_kept[intent.namespace] = time.monotonic()
+                if done != "kept":
+                    log.info("%s NetworkPolicy %s/%s", done, intent.namespace, network_policy.NAME)
+
+            # Refused, the namespace's models fail: none of their pods is created unprotected.
+            guarded(intent.models, f"keeping NetworkPolicy {network_policy.NAME}", write)
+
+        due = time.monotonic() - self.config.resync_seconds
+        policies = [i for i in result.network_policies if self._policies_kept.get(i.namespace, -1e18) < due]
         holders = [i for i in result.create if i.role == api.ROLE_WEIGHTS]
         others = [i for i in result.create if i.role != api.ROLE_WEIGHTS]
         phases: list[tuple[Callable[[Any], None], list[Any]]] = [
+            (keep_policy, policies),  # before any pod of theirs
             (create_secret, list(result.create_secrets)),
             # Holders labelled before the Services select by the label: a warm route never selects none.
             (set_labels, list(result.set_labels)),

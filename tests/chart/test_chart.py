@@ -306,3 +306,42 @@ def test_preemption_scope_reaches_the_operator_and_defaults_to_the_namespace(kub
     assert "--preemption=cluster" in operator_args(kube_bin_dir, "--set", "operator.preemption=cluster")
     proc = helm(kube_bin_dir, "template", "x", str(CHART), "--set", "operator.preemption=anyone", check=False)
     assert proc.returncode != 0 and "/operator/preemption" in proc.stderr
+
+
+def test_network_policy_reaches_the_operator_with_the_gateways_pods_as_a_peer(kube_bin_dir) -> None:
+    from vnpu.operator.main import build_parser, config_from_args
+
+    assert not any(a.startswith("--network-policy") for a in operator_args(kube_bin_dir))  # off by default
+    monitoring = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    args = operator_args(
+        kube_bin_dir, "--set", "operator.networkPolicy.enabled=true",
+        "--set-json", f"operator.networkPolicy.from=[{json.dumps(monitoring)}]",
+    )  # fmt: skip
+    # The chart's arguments are the operator's own: parsed by its command line as the pod would be.
+    assert args[:2] == ["vnpu", "operator"]
+    config = config_from_args(build_parser().parse_args(args[2:]))
+    (gateway,) = [
+        d for d in render(kube_bin_dir) if d["kind"] == "Deployment" and "gateway" in d["metadata"]["name"]
+    ]
+    assert config.network_policy and config.network_policy_peers == (
+        {
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "vnpu-system"}},
+            "podSelector": {"matchLabels": gateway["spec"]["selector"]["matchLabels"]},  # its pods
+        },
+        monitoring,
+    )
+    no_gateway = operator_args(
+        kube_bin_dir, "--set", "operator.networkPolicy.enabled=true", "--set", "gateway.enabled=false"
+    )
+    assert [a for a in no_gateway if a.startswith("--network-policy")] == ["--network-policy"]
+    bad = '{"podSelector": {}, "ports": [80]}'
+    proc = helm(
+        kube_bin_dir,
+        "template",
+        "x",
+        str(CHART),
+        "--set-json",
+        f"operator.networkPolicy.from=[{bad}]",
+        check=False,
+    )
+    assert proc.returncode != 0 and "/operator/networkPolicy/from/0" in proc.stderr

@@ -487,7 +487,12 @@ def test_operator_runs_under_exactly_the_chart_rbac(
     cluster, namespace, kwok_nodes, kube_bin_dir, tmp_path, namespaced
 ):
     release, release_ns = ("rbac-ns" if namespaced else "rbac-cw"), "vnpu-rbac"
-    values = ["--set", f"operator.watchNamespaces={{{namespace}}}"] if namespaced else []
+    # (The namespaced release also keeps NetworkPolicies: its Role holds that rule, and only there.)
+    values = (
+        ["--set", f"operator.watchNamespaces={{{namespace}}}", "--set", "operator.networkPolicy.enabled=true"]
+        if namespaced
+        else []
+    )
     rendered = subprocess.run(
         [str(kube_bin_dir / "helm"), "template", release, str(CHART), "-n", release_ns,
          "--show-only", "templates/operator-rbac.yaml", *values],
@@ -518,13 +523,17 @@ def test_operator_runs_under_exactly_the_chart_rbac(
     assert can_i("create", "pods", "-n", "default") is not namespaced
     assert can_i("create", "services", "-n", "default") is not namespaced
     assert can_i("list", "pods", "-A")
+    assert can_i("update", "networkpolicies", "-n", namespace) is namespaced
+    assert not can_i("delete", "networkpolicies", "-n", namespace)
     kwok_nodes(1, devices=1, device_mib=16 * GIB)
     op = OperatorProcess(cluster, namespace, tmp_path, kubeconfig=kubeconfig, clusterwide=not namespaced)
     try:
-        op.start()
+        op.start(*(["--network-policy"] if namespaced else []))
         apply(cluster, namespace, "rbac", spec(replicas=2))
         wait_phase(cluster, namespace, "rbac", "Ready")
         wait_until(lambda: get_model(cluster, namespace, "rbac")["status"].get("endpoint"), 30, "its Service")
+        if namespaced:
+            assert "created NetworkPolicy" in op.log()
         assert "CapacityPending" not in [e.reason for e in events_of(cluster, namespace, "rbac")]
         cluster.kubectl("delete", "-n", namespace, "infm/rbac", "--timeout=60s")
         assert not live(pods_of(cluster, namespace))

@@ -15,6 +15,7 @@ from apiserver_stub import ApiServerStub
 from test_planner import model
 
 from vnpu.operator import kube as kube_module
+from vnpu.operator import network_policy
 from vnpu.operator.kube import Kube, api_client_from_env
 
 
@@ -48,6 +49,7 @@ def every_call(kube: Kube) -> dict[str, Callable[[], Any]]:
         "placeholder_priority_class_missing": kube.placeholder_priority_class_missing,
         "post_event": lambda: kube.post_event(m, "Normal", "Test", "a test"),
         "count_event": lambda: kube.count_event("ns", "a.1", 2),
+        "keep_network_policy": lambda: kube.keep_network_policy(network_policy.manifest("ns", [])),
     }
 
 

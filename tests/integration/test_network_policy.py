@@ -1,0 +1,104 @@
+"""``--network-policy`` against the real API server: each namespace with models gets the policy
+before its pods, the operator keeps it as it wants it, and a namespace whose policy is refused gets
+no pods while another converges. (Enforcement is the CNI's; the clusters here run none that enforces
+NetworkPolicy, so what is checked is the object and which pods its selector takes.)"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+import test_operator
+from kubernetes import client
+from operator_harness import OperatorProcess, get_model, live, pods_of
+from test_operator import GIB, apply, spec, wait_phase
+from test_operator_shared_cluster import condition, local, new_namespace
+
+from vnpu import api
+from vnpu.cluster.processes import wait_until
+from vnpu.operator import network_policy
+
+# The fixtures of test_operator.py: the scheduler, controller-manager and kwok; the `models` claim.
+cluster = test_operator.cluster
+model_claim = test_operator.model_claim
+
+GATEWAY = {
+    "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "vnpu-system"}},
+    "podSelector": {"matchLabels": {"app.kubernetes.io/component": "gateway"}},
+}
+
+
+def test_each_namespace_gets_its_policy_before_its_pods_and_a_refused_one_gets_no_pods(
+    cluster, namespace, kwok_nodes, tmp_path
+) -> None:
+    kwok_nodes(1, devices=1, device_mib=16 * GIB)
+    networking = client.NetworkingV1Api(cluster.api_client())
+    core = client.CoreV1Api(cluster.api_client())
+    blocked = new_namespace(cluster, f"np-{namespace.removeprefix('t-')}")
+    quota = {"apiVersion": "v1", "kind": "ResourceQuota", "metadata": {"name": "no-policies"},
+             "spec": {"hard": {"count/networkpolicies.networking.k8s.io": "0"}}}  # fmt: skip
+    cluster.kubectl("apply", "-n", blocked, "-f", "-", input=json.dumps(quota))
+    wait_until(
+        lambda: core.read_namespaced_resource_quota("no-policies", blocked).status.hard, 30, "quota seen"
+    )
+    op = OperatorProcess(cluster, namespace, tmp_path).start(
+        "-n", blocked, "--network-policy", "--network-policy-from", json.dumps(GATEWAY)
+    )
+    try:
+        apply(cluster, namespace, "open", spec(replicas=2))
+        apply(cluster, blocked, "shut", local(replicas=1))
+        wait_phase(cluster, namespace, "open", "Ready")
+
+        def policy() -> client.V1NetworkPolicy:
+            return networking.read_namespaced_network_policy(network_policy.NAME, namespace)
+
+        made = policy()
+        assert made.metadata.labels[api.LABEL_MANAGED_BY] == api.MANAGED_BY_VALUE
+        body = client.ApiClient().sanitize_for_serialization(made.spec)
+        assert body == {
+            "podSelector": {"matchLabels": {api.LABEL_MANAGED_BY: api.MANAGED_BY_VALUE}},
+            "policyTypes": ["Ingress"],
+            "ingress": [{"from": [{"podSelector": {}}, GATEWAY]}],
+        }
+        # It takes every pod the operator made there (holder and replicas), and was there first.
+        selected = {
+            p.metadata.name
+            for p in live(pods_of(cluster, namespace, f"{api.LABEL_MANAGED_BY}={api.MANAGED_BY_VALUE}"))
+        }
+        assert {p.metadata.name for p in live(pods_of(cluster, namespace))} == selected and len(selected) == 3
+        first_pod = min(p.metadata.creation_timestamp for p in live(pods_of(cluster, namespace)))
+        assert made.metadata.creation_timestamp <= first_pod
+
+        # The refused namespace: no pods, and its model says why, in the server's words.
+        def refused() -> bool:
+            c = condition(get_model(cluster, blocked, "shut"), "Degraded")
+            return f"keeping NetworkPolicy {network_policy.NAME}" in c.get("message", "") and (
+                "exceeded quota" in c.get("message", "")
+            )
+
+        wait_until(refused, 60, "the refusal in the blocked model's status")
+        assert not live(pods_of(cluster, blocked)), "pods created without their policy"
+
+        # Deleted, it comes back; edited to let everyone in, it is put back (within a resync, 3 s here).
+        networking.delete_namespaced_network_policy(network_policy.NAME, namespace)
+        wait_until(lambda: policy().metadata.uid != made.metadata.uid, 30, "the policy re-created")
+        networking.patch_namespaced_network_policy(
+            network_policy.NAME, namespace, {"spec": {"ingress": [{}]}, "metadata": {"labels": {"team": "a"}}}
+        )
+        wait_until(lambda: len(policy().spec.ingress[0]._from or []) == 2, 30, "the policy put back")
+        assert policy().metadata.labels["team"] == "a"  # (others' labels stay)
+        assert "updated NetworkPolicy" in op.log() and "created NetworkPolicy" in op.log()
+        # Settled, it is read once a resync and never written again.
+        version = policy().metadata.resource_version
+        stamp = dt.datetime.now(dt.UTC)
+        wait_until(lambda: (dt.datetime.now(dt.UTC) - stamp).total_seconds() > 8, 10, "three resyncs")
+        assert policy().metadata.resource_version == version
+
+        # Quota lifted: the blocked namespace gets its policy, then its pods.
+        cluster.kubectl("delete", "-n", blocked, "resourcequota", "no-policies")
+        wait_phase(cluster, blocked, "shut", "Ready", timeout=120)
+        assert networking.read_namespaced_network_policy(network_policy.NAME, blocked)
+    finally:
+        for ns in (namespace, blocked):
+            cluster.kubectl("delete", "infm", "--all", "-n", ns, "--timeout=60s", check=False)
+        op.stop()
