@@ -62,3 +62,14 @@ def test_operator_and_device_plugin_never_import_torch() -> None:
     )
     imported, count = out.split()
     assert imported == "False" and int(count) >= len(OPERATOR_AND_PLUGIN_MODULES)
+
+
+def test_test_modules_have_unique_basenames() -> None:
+    """The test folders are not packages, so pytest imports each test module by its basename:
+    two files of one name anywhere under tests/ stop collection of the whole suite."""
+    seen: dict[str, Path] = {}
+    for path in sorted((REPO_ROOT / "tests").rglob("*.py")):
+        if path.name in ("conftest.py", "__init__.py"):
+            continue
+        other = seen.setdefault(path.name, path)
+        assert other == path, f"{path.relative_to(REPO_ROOT)} shadows {other.relative_to(REPO_ROOT)}"
