@@ -39,7 +39,7 @@ from typing import Any
 from vnpu import api, sharing
 from vnpu.memory import EstimateError, MemoryEstimate
 from vnpu.operator import forecast, network_policy, packing, scaling
-from vnpu.operator.config import OperatorConfig
+from vnpu.operator.config import PLACEHOLDER_PRIORITY_CLASS, OperatorConfig
 from vnpu.operator.placeholders import plan_placeholders
 from vnpu.operator.pods import (
     NODE_LOST_TAINTS,
@@ -413,12 +413,16 @@ def plan(
     # requests hold beyond that is held too. Only a pod we did not write differs (requests are immutable):
     # with the chart's pod admission policy off, a tenant could label a pod of its own as ours and
     # under-declare it, and the packer would give its memory to another tenant, whose pods then sit
-    # Pending. (Our placeholders are not charged: they keep room for the replicas that preempt them.)
+    # Pending. Our placeholders are not charged: they keep room for the replicas that preempt them. A
+    # pod labelled a placeholder that is not at the placeholder class is nobody's to preempt (a tenant's
+    # own pod, bound by nodeName at its own priority): charged all it requests.
     for p in ours:
-        if p.role == api.ROLE_PLACEHOLDER:
+        placeholder = p.role == api.ROLE_PLACEHOLDER
+        if placeholder and p.priority_class == PLACEHOLDER_PRIORITY_CLASS:
             continue
+        declared = 0 if placeholder else p.slices
         for where, slices in _requested(p, device_of).items():
-            held[where] += max(0, slices - (p.slices if where == (p.node, p.device) else 0))
+            held[where] += max(0, slices - (declared if where == (p.node, p.device) else 0))
     outside: list[ObservedPod] = []
     for p in ours:
         key = _model_key(p.namespace, p.model or "")

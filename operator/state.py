@@ -83,6 +83,8 @@ class ObservedPod:
     uid: str = ""
     #: A weight-holder's vnpu.io/weights label (which weights it holds); None on holders from before it.
     weights: str | None = None
+    #: spec.priorityClassName: a placeholder of ours runs at the placeholder class (preemptible).
+    priority_class: str = ""
 
 
 @dataclass(frozen=True)
@@ -297,6 +299,7 @@ def parse_pod(obj: Mapping[str, Any], managed: bool = True) -> ObservedPod:
         replaces=annotations.get(api.ANNOTATION_REPLACES),
         uid=meta.get("uid", ""),
         weights=labels.get(api.LABEL_WEIGHTS),
+        priority_class=str(spec.get("priorityClassName") or ""),
     )
 
 

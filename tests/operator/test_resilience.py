@@ -14,6 +14,7 @@ from test_planner import CONFIG, NOW, as_pods, estimate, keys_for, model, node, 
 from vnpu import api
 from vnpu.cluster.kwok import npu_node_manifest
 from vnpu.memory import EstimateError
+from vnpu.operator.config import PLACEHOLDER_PRIORITY_CLASS
 from vnpu.operator.estimate_cache import EstimateCache
 from vnpu.operator.planner import Failure
 from vnpu.operator.spec import Rollout, SpecError, parse_spec
@@ -174,6 +175,43 @@ def test_a_pod_labelled_ours_is_charged_what_its_requests_hold_not_what_its_anno
     assert {p["metadata"]["labels"][api.LABEL_ROLE] for p in honest} == {"weights", "replica"}
     tricked = run([a, b], nodes, forged_pods).create
     assert [p["metadata"]["labels"][api.LABEL_ROLE] for p in tricked] == ["placeholder"]
+
+
+def test_a_pod_labelled_our_placeholder_is_free_only_at_the_placeholder_class() -> None:
+    """Our placeholders are not charged: the replicas they keep room for preempt them. A tenant (pod
+    admission policy off) can pre-create the placeholder its unplaceable model is planned, bound to a
+    device by nodeName and at its own priority: nothing preempts that one, so it is charged."""
+    a, b = model("a", 1, ns="team-a"), model("b", 1, ns="team-b")
+    nodes = [node("n1", devices=1)]
+    estimates = {a.key: estimate(weights=40 * 1024), b.key: estimate()}  # a fits on no device
+    [placeholder] = run([a], nodes, estimates={a.key: estimates[a.key]}).create
+    assert placeholder["metadata"]["labels"][api.LABEL_ROLE] == api.ROLE_PLACEHOLDER
+    assert placeholder["spec"]["priorityClassName"] == PLACEHOLDER_PRIORITY_CLASS
+
+    def bound(manifest: dict, priority_class: str | None) -> dict:
+        pod = json.loads(json.dumps(manifest))
+        pod["spec"]["nodeName"] = "n1"
+        pod["spec"].pop("priorityClassName")
+        if priority_class:
+            pod["spec"]["priorityClassName"] = priority_class
+        for c in pod["spec"]["containers"]:
+            for what in ("requests", "limits"):
+                wanted = c["resources"][what]
+                for resource in [r for r in wanted if api.is_vnpu_resource(r)]:
+                    del wanted[resource]
+                wanted["vnpu.io/memory-0"] = "16"  # the whole device
+        return pod
+
+    def roles_of_b(pod: dict) -> list[str]:
+        created = run([a, b], nodes, as_pods([pod]), estimates=estimates).create
+        return sorted(
+            p["metadata"]["labels"][api.LABEL_ROLE] for p in created if p["metadata"]["namespace"] == "team-b"
+        )
+
+    # Ours, scheduled onto the device (a node came): b's replicas preempt it, so b is placed there.
+    assert roles_of_b(bound(placeholder, PLACEHOLDER_PRIORITY_CLASS)) == ["replica", "weights"]
+    # The tenant's own, at its own priority: b is not placed on memory nothing will give back.
+    assert roles_of_b(bound(placeholder, None)) == ["placeholder"]
 
 
 def test_a_crash_looping_holder_makes_the_model_degraded_and_its_replicas_unready() -> None:
