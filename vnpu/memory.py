@@ -325,7 +325,7 @@ def estimate_from_spec(
     overhead_mib: int = 0,
     block_size: int | None = None,
     kv_dtype_bytes: int | None = None,
-    read_header: Callable[[str, Any], ModelFileInfo] = read_model_file,
+    read_header: Callable[..., ModelFileInfo] = read_model_file,
 ) -> MemoryEstimate:
     """The estimate for an InferenceModel ``spec`` (the CRD's camelCase dict).
 
@@ -485,21 +485,24 @@ def _read_source_header(
     fmt: Any,
     cache_dir: str | os.PathLike[str] | None,
     file_roots: Sequence[str | os.PathLike[str]] | None,
-    read_header: Callable[[str, Any], ModelFileInfo],
+    read_header: Callable[..., ModelFileInfo],
     missing: list[str],
 ) -> ModelFileInfo | None:
     """The header of the source, or None when it cannot be read and nothing depends on it (an optional
     refinement such as the activation estimate then falls back to its default)."""
     path = local_source_path(uri, cache_dir) if uri else None
     roots = [cache_dir] if uri.startswith("hf://") and cache_dir is not None else file_roots
-    if path is not None and roots is not None and not any(resolves_within(path, r) for r in roots):
-        path = None  # decided before anything is opened: a refusal says nothing about what lies outside
+    root = None  # the root the source is read under: every file the header read opens must stay in it
+    if path is not None and roots is not None:
+        root = next((r for r in roots if resolves_within(path, r)), None)
+        if root is None:
+            path = None  # decided before anything is opened: a refusal says nothing about what lies outside
     if path is None:
         if missing:
             raise EstimateError(_unreadable_message(uri, missing))
         return None
     try:
-        return read_header(str(path), fmt)
+        return read_header(str(path), fmt, root=root)
     except ValueError as exc:
         if not missing:
             return None

@@ -13,6 +13,12 @@ anything past a limit is a ``ValueError`` or, for long GGUF values, a summary.
 Pure Python on purpose (no numpy, torch or gguf): the operator image stays small. Every malformed or
 truncated input raises ``ValueError`` with the file and what is wrong; nothing else escapes the parsers.
 
+Every file is opened through :func:`_open_model_file`: a regular file only (a FIFO would block the
+operator's pass, a device or directory is no header), opened without blocking, and, given a ``root``
+(the directory the source was allowed under), only when it resolves inside it: a checkpoint's files
+are its author's, and a symlink among them must not lead the operator to another tenant's files or
+its own. Links within the root stay fine (a Hugging Face cache's snapshots link into its ``blobs``).
+
 Formats (see notes/runtime.md §6):
 
 * safetensors: u64 little-endian header length N, N bytes of JSON ``{name: {dtype, shape,
@@ -28,6 +34,7 @@ import json
 import math
 import os
 import re
+import stat
 import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -771,11 +778,19 @@ def config_from_gguf_metadata(metadata: Mapping[str, Any], tensors: Iterable[Ten
     )
 
 
-def read_hf_config(path: str | os.PathLike[str]) -> ModelConfig:
-    """Read a ``config.json`` file into a :class:`ModelConfig`."""
+def read_hf_config(
+    path: str | os.PathLike[str], *, root: str | os.PathLike[str] | None = None
+) -> ModelConfig:
+    """Read a ``config.json`` file into a :class:`ModelConfig` (``root``: as for :func:`read_model_file`)."""
+    p = Path(path)
+    with _open_model_file(p, p.parent, root) as f:
+        try:
+            raw = f.read()
+        except OSError as exc:
+            raise ValueError(f"{path}: cannot read model config: {exc.strerror or exc}") from exc
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError) as exc:
+        data = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:
         raise ValueError(f"{path}: cannot read model config: {exc}") from exc
     try:
         return config_from_hf(data)
@@ -797,14 +812,53 @@ def read_gguf_file(path: str | os.PathLike[str]) -> ModelFileInfo:
     return read_model_file(path, "gguf")
 
 
-def _parse_file(path: Path, fmt: Format) -> tuple[tuple[TensorInfo, ...], dict[str, Any]]:
+def _open_model_file(path: Path, checkpoint: Path, root: str | os.PathLike[str] | None) -> BinaryIO:
+    """``path`` opened for reading: a regular file, resolving inside ``root`` (anywhere when None).
+
+    The one door every read of this module goes through. ``path`` is resolved (``os.path.realpath``)
+    and checked against ``root`` before anything is opened; what is opened is that resolved path, with
+    O_NOFOLLOW (a final component swapped for a link meanwhile is refused) and O_NONBLOCK (a FIFO
+    swapped in does not block), and what was opened is checked again. Errors name the file relative to
+    ``checkpoint`` and never say where a link points.
+    """
+    shown = path.relative_to(checkpoint) if path.is_relative_to(checkpoint) else path
+    real = os.path.realpath(path)
+    if root is not None and not resolves_within(real, root):
+        raise ValueError(f"{shown}: resolves outside {root}, the directory this model is read under")
     try:
-        with path.open("rb") as f:
+        mode = os.stat(real).st_mode
+        if not stat.S_ISREG(mode):  # refused before open(): opening a device may act on it
+            raise ValueError(f"{shown}: not a regular file ({_file_kind(mode)})")
+        fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError as exc:
+        raise ValueError(f"{shown}: cannot read: {exc.strerror or exc}") from exc
+    f = os.fdopen(fd, "rb")
+    mode = os.fstat(fd).st_mode
+    opened = f"/proc/self/fd/{fd}"  # what was opened, should a directory above it have been swapped
+    if not stat.S_ISREG(mode) or (
+        root is not None and os.path.exists(opened) and not resolves_within(os.readlink(opened), root)
+    ):
+        f.close()
+        why = "changed while opened" if stat.S_ISREG(mode) else f"not a regular file ({_file_kind(mode)})"
+        raise ValueError(f"{shown}: {why}")
+    return f
+
+
+def _file_kind(mode: int) -> str:
+    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"))
+    return next((kind for test, kind in kinds if test(mode)), "a device or special file")
+
+
+def _parse_file(
+    path: Path, fmt: Format, checkpoint: Path, root: str | os.PathLike[str] | None
+) -> tuple[tuple[TensorInfo, ...], dict[str, Any]]:
+    with _open_model_file(path, checkpoint, root) as f:
+        try:
             size = os.fstat(f.fileno()).st_size
             parse = parse_gguf if fmt == "gguf" else parse_safetensors
             tensors, metadata = parse(f, size, str(path))
-    except OSError as exc:
-        raise ValueError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+        except OSError as exc:
+            raise ValueError(f"{path}: cannot read: {exc.strerror or exc}") from exc
     return tuple(_with_file(t, str(path)) for t in tensors), metadata
 
 
@@ -812,8 +866,9 @@ def _with_file(t: TensorInfo, file: str) -> TensorInfo:
     return TensorInfo(t.name, t.dtype, t.shape, t.nbytes, t.offset, file)
 
 
-def detect_format(path: str | os.PathLike[str]) -> Format:
-    """``gguf`` or ``safetensors`` from a file's magic bytes (directories: from the files inside)."""
+def detect_format(path: str | os.PathLike[str], *, root: str | os.PathLike[str] | None = None) -> Format:
+    """``gguf`` or ``safetensors`` from a file's magic bytes (directories: from the files inside;
+    ``root``: as for :func:`read_model_file`)."""
     p = Path(path)
     if p.is_dir():
         if any(p.glob("*.gguf")):
@@ -821,43 +876,44 @@ def detect_format(path: str | os.PathLike[str]) -> Format:
         if any(p.glob("*.safetensors")) or (p / "model.safetensors.index.json").is_file():
             return "safetensors"
         raise ValueError(f"{p}: directory holds no *.safetensors or *.gguf file")
-    try:
-        with p.open("rb") as f:
+    with _open_model_file(p, p.parent, root) as f:
+        try:
             magic = f.read(4)
-    except OSError as exc:
-        raise ValueError(f"{p}: cannot read: {exc.strerror or exc}") from exc
+        except OSError as exc:
+            raise ValueError(f"{p}: cannot read: {exc.strerror or exc}") from exc
     return "gguf" if magic == b"GGUF" else "safetensors"
 
 
 _GGUF_SPLIT = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$")
 
 
-def _model_files(root: Path, fmt: Format) -> list[Path]:
-    """The data files of a checkpoint directory, in a stable order."""
+def _model_files(directory: Path, fmt: Format, root: str | os.PathLike[str] | None) -> list[Path]:
+    """The data files of a checkpoint directory, in a stable order (not yet opened, but for the index)."""
     if fmt == "safetensors":
-        index = root / "model.safetensors.index.json"
+        index = directory / "model.safetensors.index.json"
         if index.is_file():
-            return [_shard_path(root, index, n) for n in _shard_names(index)]
-        files = sorted(root.glob("*.safetensors"))
+            return [_shard_path(directory, index, n) for n in _shard_names(index, root)]
+        files = sorted(directory.glob("*.safetensors"))
     else:
-        files = sorted(root.glob("*.gguf"))
+        files = sorted(directory.glob("*.gguf"))
         if len(files) > 1 and not all(_GGUF_SPLIT.search(f.name) for f in files):
             raise ValueError(
-                f"{root}: several GGUF files ({', '.join(f.name for f in files)}): point the source at one"
+                f"{directory}: several GGUF files ({', '.join(f.name for f in files)}): "
+                "point the source at one"
             )
     if not files:
-        raise ValueError(f"{root}: no *.{fmt} file in the directory")
+        raise ValueError(f"{directory}: no *.{fmt} file in the directory")
     return files
 
 
-def _shard_names(index: Path) -> list[str]:
+def _shard_names(index: Path, root: str | os.PathLike[str] | None) -> list[str]:
     """The distinct files a ``model.safetensors.index.json`` maps tensors to, bounded as a header is."""
-    try:
-        with index.open("rb") as f:  # (read() allocates what it is asked for: ask for what is there)
+    with _open_model_file(index, index.parent, root) as f:
+        try:  # (read() allocates what it is asked for: ask for what is there)
             size = os.fstat(f.fileno()).st_size
             raw = f.read(size + 1) if size <= MAX_SHARD_INDEX else b""
-    except OSError as exc:
-        raise ValueError(f"{index}: cannot read: {exc.strerror or exc}") from exc
+        except OSError as exc:
+            raise ValueError(f"{index}: cannot read: {exc.strerror or exc}") from exc
     if size > MAX_SHARD_INDEX or len(raw) > MAX_SHARD_INDEX:  # (or it grew while read)
         raise ValueError(f"{index}: shard index larger than {MAX_SHARD_INDEX} bytes")
     if raw.count(b":") > MAX_MODEL_TENSORS + 1024:  # an entry is a key and a value, so one ':' at least
@@ -869,36 +925,45 @@ def _shard_names(index: Path) -> list[str]:
         raise ValueError(f"{index}: malformed shard index: {exc!r}") from exc
 
 
-def _shard_path(root: Path, index: Path, name: str) -> Path:
+def _shard_path(directory: Path, index: Path, name: str) -> Path:
     """A shard named by the index, which must stay inside the checkpoint's directory: the index is
-    the checkpoint author's text, and the operator reads headers on behalf of any tenant."""
+    the checkpoint author's text, and the operator reads headers on behalf of any tenant. (This is
+    the name only; where a link leads is checked when the file is opened.)"""
     parts = Path(name).parts if isinstance(name, str) else ()
     if not parts or Path(name).is_absolute() or ".." in parts or "\\" in name:
-        raise ValueError(f"{index}: shard {name!r} is not a file inside {root}")
-    return root / name
+        raise ValueError(f"{index}: shard {name!r} is not a file inside {directory}")
+    return directory / name
 
 
-def read_model_file(path: str | os.PathLike[str], fmt: Format | None = None) -> ModelFileInfo:
+def read_model_file(
+    path: str | os.PathLike[str],
+    fmt: Format | None = None,
+    *,
+    root: str | os.PathLike[str] | None = None,
+) -> ModelFileInfo:
     """Read the header(s) of a model: one file, or a checkpoint directory (sharded safetensors with or
     without ``model.safetensors.index.json``; one GGUF or a ``-0000N-of-0000M`` split set).
 
     The config comes from GGUF metadata, or from ``config.json`` in the safetensors' directory (None
-    when there is none). Raises ValueError for missing, unreadable or malformed files.
+    when there is none). Raises ValueError for missing, unreadable or malformed files, and for any
+    file that is not a regular file or, given ``root`` (the directory the source was allowed under),
+    that resolves outside it.
     """
     p = Path(path)
     if not p.exists():
         raise ValueError(f"{p}: no such file or directory")
-    fmt = fmt or detect_format(p)
+    fmt = fmt or detect_format(p, root=root)
     if fmt not in ("safetensors", "gguf"):
         raise ValueError(f"unknown model format {fmt!r} (safetensors or gguf)")
-    files = _model_files(p, fmt) if p.is_dir() else [p]
+    checkpoint = p if p.is_dir() else p.parent
+    files = _model_files(p, fmt, root) if p.is_dir() else [p]
     if len(files) > MAX_MODEL_FILES:
         raise ValueError(f"{p}: {len(files)} data files (at most {MAX_MODEL_FILES})")
     tensors: list[TensorInfo] = []
     metadata: dict[str, Any] = {}
     kept = 0  # bytes of names and metadata strings kept so far
     for i, f in enumerate(files):
-        file_tensors, file_meta = _parse_file(f, fmt)
+        file_tensors, file_meta = _parse_file(f, fmt, checkpoint, root)
         tensors.extend(file_tensors)
         kept += sum(len(t.name) for t in file_tensors)
         if i == 0 or fmt == "safetensors":  # a GGUF split set keeps the model metadata in its first file
@@ -918,9 +983,9 @@ def read_model_file(path: str | os.PathLike[str], fmt: Format | None = None) -> 
         if fmt == "gguf":
             config = config_from_gguf_metadata(metadata, tensors)
         else:
-            config_path = (p if p.is_dir() else p.parent) / "config.json"
+            config_path = checkpoint / "config.json"
             if config_path.is_file():
-                config = read_hf_config(config_path)
+                config = read_hf_config(config_path, root=root)
             else:
                 config_error = f"no config.json beside {p}"
     except ValueError as exc:  # the weights are still sized; what needs the config reports this
@@ -973,7 +1038,10 @@ def _resolve_hf(cache: Path, org: str, name: str, rev: str) -> Path | None:
     wanted = rev or "main"
     if hub.is_dir():
         ref = hub / "refs" / wanted
-        commit = ref.read_text(encoding="utf-8").strip() if ref.is_file() else wanted
+        commit = wanted
+        if ref.is_file():
+            with _open_model_file(ref, hub, cache) as f:
+                commit = f.read(4096).decode("utf-8", "replace").strip()
         snapshot = hub / "snapshots" / commit
         if snapshot.is_dir():
             return snapshot

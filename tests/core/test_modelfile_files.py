@@ -1,0 +1,152 @@
+"""Which files a model's header read opens: regular files only, inside the root its source was allowed
+under (a checkpoint is its author's; a link or a FIFO among its files must not lead the operator
+elsewhere or stall its pass)."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from vnpu.memory import EstimateError, estimate_from_spec
+from vnpu.modelfile import read_model_file
+
+CONFIG = {
+    "model_type": "llama",
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "vocab_size": 1000,
+}
+SECRET = b"TOPSECRET-KEY-MATERIAL" * 4
+
+
+def _shard(path: Path) -> None:
+    save_file({"t": np.zeros((4,), dtype=np.float32)}, str(path))
+
+
+def _index(ckpt: Path, *shards: str) -> None:
+    weight_map = {f"t{i}": shard for i, shard in enumerate(shards)}
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+
+def _spec(uri: str) -> dict:
+    return {"source": {"uri": uri}, "memory": {"kvCacheMiB": 1}}
+
+
+@pytest.fixture
+def roots(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """(root, a checkpoint inside it, a file outside it the operator can read)."""
+    root, secret = tmp_path / "models", tmp_path / "operator-secret"
+    ckpt = root / "tenant-a"
+    ckpt.mkdir(parents=True)
+    secret.write_bytes(SECRET)
+    return root, ckpt, secret
+
+
+@pytest.mark.parametrize("with_index", [True, False])
+def test_a_shard_linked_outside_the_root_is_refused(roots, with_index):
+    root, ckpt, secret = roots
+    _shard(ckpt / "a.safetensors")
+    os.symlink(secret, ckpt / "b.safetensors")  # lexically inside the checkpoint
+    if with_index:
+        _index(ckpt, "a.safetensors", "b.safetensors")
+    with pytest.raises(ValueError, match=r"^b\.safetensors: resolves outside") as refused:
+        read_model_file(ckpt, root=root)
+    with pytest.raises(EstimateError, match=r"b\.safetensors: resolves outside") as estimated:
+        estimate_from_spec(_spec(f"file://{ckpt}"), file_roots=[str(root)])
+    for exc in (refused.value, estimated.value):  # nothing of the target: not its path, not its bytes
+        assert str(secret) not in str(exc) and str(int.from_bytes(SECRET[:8], "little")) not in str(exc)
+    # The index and config.json are opened the same way (config.json: the weights are still sized).
+    (ckpt / "b.safetensors").unlink()
+    _shard(ckpt / "b.safetensors")
+    os.symlink(secret, ckpt / "config.json")
+    info = read_model_file(ckpt, root=root)
+    assert info.config is None and "config.json: resolves outside" in info.config_error
+    if with_index:
+        (ckpt / "model.safetensors.index.json").rename(secret.with_name("index.json"))
+        os.symlink(secret.with_name("index.json"), ckpt / "model.safetensors.index.json")
+        with pytest.raises(ValueError, match=r"^model\.safetensors\.index\.json: resolves outside"):
+            read_model_file(ckpt, root=root)
+
+
+def _read_in_thread(target, *args, **kwargs) -> tuple[threading.Thread, list]:
+    result: list = []
+
+    def run() -> None:
+        try:
+            result.append(target(*args, **kwargs))
+        except Exception as exc:
+            result.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(10)
+    return thread, result
+
+
+@pytest.mark.parametrize("with_index", [True, False])
+def test_a_fifo_shard_is_refused_without_blocking(roots, with_index):
+    # Estimates run in the operator's reconcile pass: an open() that waits for a writer stalls it.
+    root, ckpt, _ = roots
+    fifo = ckpt / "b.safetensors"
+    _shard(ckpt / "a.safetensors")
+    os.mkfifo(fifo)
+    if with_index:
+        _index(ckpt, "a.safetensors", "b.safetensors")
+    thread, result = _read_in_thread(read_model_file, ckpt, root=root)
+    if thread.is_alive():  # a writer's open releases the blocked reader, so no thread is left behind
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        thread.join(10)
+        pytest.fail("reading a checkpoint with a FIFO shard blocked")
+    assert isinstance(result[0], ValueError)
+    assert str(result[0]) == "b.safetensors: not a regular file (a FIFO)"
+
+
+@pytest.mark.parametrize("with_index", [True, False])
+def test_a_shard_that_is_a_directory_or_device_is_refused(roots, with_index):
+    root, ckpt, _ = roots
+    _shard(ckpt / "a.safetensors")
+    (ckpt / "b.safetensors").mkdir()
+    if with_index:
+        _index(ckpt, "a.safetensors", "b.safetensors")
+    with pytest.raises(ValueError, match=r"^b\.safetensors: not a regular file \(a directory\)$"):
+        read_model_file(ckpt, root=root)
+    with pytest.raises(ValueError, match=r"^b\.safetensors: not a regular file \(a directory\)$"):
+        read_model_file(ckpt)  # no root (a user's own machine, the runtime): still a regular file only
+    (ckpt / "b.safetensors").rmdir()
+    os.symlink("/dev/zero", ckpt / "b.safetensors")
+    with pytest.raises(ValueError, match=r"^b\.safetensors: not a regular file \(a device"):
+        read_model_file(ckpt)
+
+
+def test_a_hugging_face_cache_links_its_snapshots_into_its_blobs(tmp_path):
+    cache = tmp_path / "hub"
+    hub = cache / "models--org--tiny"
+    snapshot, blobs = hub / "snapshots" / "abc123", hub / "blobs"
+    snapshot.mkdir(parents=True)
+    blobs.mkdir()
+    (hub / "refs").mkdir()
+    (hub / "refs" / "main").write_text("abc123")
+    _shard(blobs / "1111")
+    (blobs / "2222").write_text(json.dumps(CONFIG))
+    os.symlink("../../blobs/1111", snapshot / "model.safetensors")
+    os.symlink("../../blobs/2222", snapshot / "config.json")
+    est = estimate_from_spec(_spec("hf://org/tiny"), cache_dir=cache)
+    assert est.weights_mib == 1
+    info = read_model_file(snapshot, root=cache)
+    assert info.total_bytes == 16 and info.config is not None and info.config.n_layers == 2
+    # A blob that is itself a link out of the cache is not.
+    secret = tmp_path / "operator-secret"
+    secret.write_bytes(SECRET)
+    (blobs / "1111").unlink()
+    os.symlink(secret, blobs / "1111")
+    with pytest.raises(EstimateError, match=r"model\.safetensors: resolves outside"):
+        estimate_from_spec(_spec("hf://org/tiny"), cache_dir=cache)
