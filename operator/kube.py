@@ -125,8 +125,9 @@ class Kube:
     def keep_network_policy(self, manifest: Mapping[str, Any]) -> str:
         """Make the NetworkPolicy exist as ``manifest`` says: create it, or, when one of its name is
         there, put back its spec when it differs in anything (an added selector term could leave pods
-        unprotected) and our labels when missing (others' labels stay). Returns what was done:
-        "created", "updated" or "kept"."""
+        unprotected) and our labels when missing. The rest of its metadata is others' and stays as it
+        is (labels, annotations, ownerReferences, finalizers). Returns what was done: "created",
+        "updated" or "kept"."""
         namespace, name = manifest["metadata"]["namespace"], manifest["metadata"]["name"]
         if self._create("networkpolicies", self.networking.create_namespaced_network_policy, manifest):
             return "created"
@@ -140,13 +141,11 @@ class Kube:
         ours = manifest["metadata"]["labels"]
         if current.get("spec") == manifest["spec"] and labels.items() >= ours.items():
             return "kept"
+        # The object as read, at its resourceVersion (a 409 if changed meanwhile), with our spec.
         body = {
-            **manifest,
-            "metadata": {
-                **manifest["metadata"],
-                "labels": {**labels, **ours},
-                "resourceVersion": current["metadata"]["resourceVersion"],  # (a 409 if changed meanwhile)
-            },
+            **current,
+            "metadata": {**current["metadata"], "labels": {**labels, **ours}},
+            "spec": manifest["spec"],
         }
         metrics.API_REQUESTS.labels("update", "networkpolicies").inc()
         _release(

@@ -82,11 +82,14 @@ def test_each_namespace_gets_its_policy_before_its_pods_and_a_refused_one_gets_n
         # Deleted, it comes back; edited to let everyone in, it is put back (within a resync, 3 s here).
         networking.delete_namespaced_network_policy(network_policy.NAME, namespace)
         wait_until(lambda: policy().metadata.uid != made.metadata.uid, 30, "the policy re-created")
+        others = {"labels": {"team": "a"}, "annotations": {"example.com/owner": "team-a"}}
         networking.patch_namespaced_network_policy(
-            network_policy.NAME, namespace, {"spec": {"ingress": [{}]}, "metadata": {"labels": {"team": "a"}}}
+            network_policy.NAME, namespace, {"spec": {"ingress": [{}]}, "metadata": others}
         )
         wait_until(lambda: len(policy().spec.ingress[0]._from or []) == 2, 30, "the policy put back")
-        assert policy().metadata.labels["team"] == "a"  # (others' labels stay)
+        # Others' labels and annotations stay: only the spec is put back.
+        assert policy().metadata.labels["team"] == "a"
+        assert policy().metadata.annotations["example.com/owner"] == "team-a"
         assert "updated NetworkPolicy" in op.log() and "created NetworkPolicy" in op.log()
         # Settled, it is read once a resync and never written again.
         version = policy().metadata.resource_version
