@@ -490,7 +490,12 @@ def _read_source_header(
 ) -> ModelFileInfo | None:
     """The header of the source, or None when it cannot be read and nothing depends on it (an optional
     refinement such as the activation estimate then falls back to its default)."""
-    path = local_source_path(uri, cache_dir) if uri else None
+    try:
+        path = local_source_path(uri, cache_dir) if uri else None
+    except ValueError as exc:  # a malformed URI, or a cache's ref file that is not one to follow
+        if not missing:
+            return None
+        raise EstimateError(f"cannot resolve {uri}: {exc}") from exc
     roots = [cache_dir] if uri.startswith("hf://") and cache_dir is not None else file_roots
     root = None  # the root the source is read under: every file the header read opens must stay in it
     if path is not None and roots is not None:

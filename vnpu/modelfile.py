@@ -144,6 +144,8 @@ MAX_MODEL_KEPT_BYTES = 64 * MIB
 #: ``model.safetensors.index.json``: ~100 bytes a tensor in real ones (a few MB). Its entries are
 #: counted before the JSON is built, as a safetensors header's are.
 MAX_SHARD_INDEX = 32 * MIB
+#: ``config.json``: a few KiB in real models (classifiers with large label maps reach a few hundred).
+MAX_CONFIG_FILE = 4 * MIB
 _MAX_GGUF_DIMS = 8
 _MAX_ARRAY_DEPTH = 8
 
@@ -785,9 +787,11 @@ def read_hf_config(
     p = Path(path)
     with _open_model_file(p, p.parent, root) as f:
         try:
-            raw = f.read()
+            raw = f.read(MAX_CONFIG_FILE + 1)
         except OSError as exc:
             raise ValueError(f"{path}: cannot read model config: {exc.strerror or exc}") from exc
+    if len(raw) > MAX_CONFIG_FILE:  # read whole, an endless one would take the operator's memory
+        raise ValueError(f"{path}: model config larger than {MAX_CONFIG_FILE} bytes")
     try:
         data = json.loads(raw.decode("utf-8"))
     except (ValueError, RecursionError) as exc:

@@ -4,17 +4,21 @@ elsewhere or stall its pass)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
+from vnpu import modelfile
 from vnpu.memory import EstimateError, estimate_from_spec
-from vnpu.modelfile import read_model_file
+from vnpu.modelfile import MAX_CONFIG_FILE, read_model_file
 
 CONFIG = {
     "model_type": "llama",
@@ -150,3 +154,47 @@ def test_a_hugging_face_cache_links_its_snapshots_into_its_blobs(tmp_path):
     os.symlink(secret, blobs / "1111")
     with pytest.raises(EstimateError, match=r"model\.safetensors: resolves outside"):
         estimate_from_spec(_spec("hf://org/tiny"), cache_dir=cache)
+
+
+def test_a_config_json_is_read_only_up_to_its_bound(roots, monkeypatch):
+    # Read whole, a huge (here sparse) config.json beside the weights would take the operator's memory.
+    root, ckpt, _ = roots
+    _shard(ckpt / "a.safetensors")
+    with open(ckpt / "config.json", "wb") as f:
+        f.truncate(16 * MAX_CONFIG_FILE)
+    opened = modelfile._open_model_file
+    asked: list[int] = []
+
+    class Counted:
+        def __init__(self, f: BinaryIO) -> None:
+            self.f = f
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.f, name)
+
+        def read(self, size: int = -1) -> bytes:
+            asked.append(size)
+            return self.f.read(size)
+
+    @contextlib.contextmanager
+    def counting(*args: Any) -> Iterator[Counted]:
+        with opened(*args) as f:
+            yield Counted(f)
+
+    monkeypatch.setattr(modelfile, "_open_model_file", counting)
+    info = read_model_file(ckpt, root=root)
+    assert asked and all(0 <= n <= MAX_CONFIG_FILE + 1 for n in asked)
+    assert info.config is None and info.config_error == (
+        f"{ckpt / 'config.json'}: model config larger than {MAX_CONFIG_FILE} bytes"
+    )
+
+
+def test_a_cache_ref_that_cannot_be_read_is_the_models_estimate_error(tmp_path):
+    # A ref linked out of the cache says why in the model's status, as any other unreadable source
+    # does: not as an unforeseen failure.
+    hub = tmp_path / "hub" / "models--org--tiny"
+    (hub / "refs").mkdir(parents=True)
+    (tmp_path / "elsewhere").write_text("abc123")
+    os.symlink(tmp_path / "elsewhere", hub / "refs" / "main")
+    with pytest.raises(EstimateError, match=r"^cannot resolve hf://org/tiny: refs/main: resolves outside"):
+        estimate_from_spec(_spec("hf://org/tiny"), cache_dir=tmp_path / "hub")
