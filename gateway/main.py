@@ -19,8 +19,9 @@ fewest requests outstanding, then the least KV cache in use), streaming answers 
 unbuffered, and a connect failure is retried once on another replica. Models are found by watching
 InferenceModels and the EndpointSlices of their Services (never by polling).
 
-A model answers to <namespace>/<modelName>, and to <modelName> alone when no other namespace serves
-that name. A model scaled to zero (spec.scaling.minReplicas: 0) is woken through its scale
+A model answers to <namespace>/<modelName> and to its bare <modelName> (which may hold '/'), looked up
+among the models the caller may call: a name several of them answer to is a 404, never a guess
+between tenants. A model scaled to zero (spec.scaling.minReplicas: 0) is woken through its scale
 subresource; the request waits until a replica is ready or gets a 503 with Retry-After.
 
 Credentials: in-cluster service account, else --kubeconfig / $KUBECONFIG / ~/.kube/config.

@@ -2,9 +2,16 @@
 
 The gateway's view of the cluster is a :class:`RouteTable`: every served model (an InferenceModel) by
 the name clients ask for, with its ready endpoints. Names are per namespace in Kubernetes but one
-flat space for an OpenAI client, so a model answers to ``<namespace>/<modelName>`` always and to the
-bare ``<modelName>`` when no other namespace serves that name (an ambiguous bare name is "not found",
-never a guess between tenants).
+flat space for an OpenAI client, and a modelName may itself hold '/' (a Hugging Face id such as
+``meta-llama/Llama-3.1-8B``), so a requested name cannot be split into namespace and name. Instead
+its candidates are the routes the caller may call (its API key's; every route with keys off) whose
+qualified name ``<namespace>/<modelName>`` or bare ``<modelName>`` equals it. One candidate is the
+route; none or several is "not found", the same 404 as a missing model: never a guess between
+tenants, and no caller learns another tenant's names. :meth:`RouteTable.listed` lists exactly the
+names that resolve, through the same candidates.
+
+Without keys, a model another namespace names ``team-a/chat`` thus makes team-a's qualified name
+``team-a/chat`` ambiguous (a 404) but never captures it.
 
 Picking follows the Gateway API Inference Extension's endpoint picker, scaled down: the endpoint
 with the fewest requests outstanding through this gateway, then the lowest KV-cache usage the
@@ -71,25 +78,25 @@ class RouteTable:
 
     routes: dict[ModelKey, Route] = field(default_factory=dict)
 
-    def resolve(self, requested: str) -> Route | None:
-        """The route a request's ``model`` names, or None when it names none or is ambiguous."""
-        if "/" in requested:
-            namespace, _, name = requested.partition("/")
-            found = [r for r in self.routes.values() if r.key.namespace == namespace and r.model_name == name]
-        else:
-            found = [r for r in self.routes.values() if r.model_name == requested]
+    def candidates(self, allowed: Iterable[Route] | None) -> dict[str, list[Route]]:
+        """Every name among the routes in ``allowed`` (None: every route), with the routes that answer
+        to it: by qualified name or by bare name. resolve and listed both read this, so they never
+        disagree."""
+        found: dict[str, list[Route]] = {}  # keyed by requested name
+        for r in self.routes.values() if allowed is None else allowed:
+            for name in (r.qualified_name, r.model_name):
+                found.setdefault(name, []).append(r)
+        return found
+
+    def resolve(self, requested: str, allowed: Iterable[Route] | None) -> Route | None:
+        """The route a request's ``model`` names for a caller who may call ``allowed`` (None: every
+        route), or None when it names none or several (ambiguous)."""
+        found = self.candidates(allowed).get(requested, [])
         return found[0] if len(found) == 1 else None
 
-    def listed(self, allowed: Iterable[Route] | None = None) -> list[str]:
-        """The names a client may use, sorted: qualified always, bare where unambiguous."""
-        routes = list(self.routes.values() if allowed is None else allowed)
-        counts: dict[str, int] = {}
-        for r in self.routes.values():
-            counts[r.model_name] = counts.get(r.model_name, 0) + 1
-        names = {r.qualified_name for r in routes} | {
-            r.model_name for r in routes if counts[r.model_name] == 1
-        }
-        return sorted(names)
+    def listed(self, allowed: Iterable[Route] | None) -> list[str]:
+        """The names that resolve for a caller who may call ``allowed`` (None: every route), sorted."""
+        return sorted(name for name, found in self.candidates(allowed).items() if len(found) == 1)
 
 
 def pick(

@@ -195,6 +195,7 @@ class Gateway:
         return key
 
     def visible(self, key: ApiKey | None) -> list[Route]:
+        """The routes a caller may call: every one with keys off, else those its key's patterns match."""
         routes = list(self.discovery.table.routes.values())
         if key is None:
             return routes
@@ -258,7 +259,9 @@ class Gateway:
         model = body.get("model") if isinstance(body, dict) else None
         if not isinstance(model, str) or not model:
             return _Admission(None)
-        route = self.discovery.table.resolve(model)
+        # Resolved among the routes the caller may call, so another tenant's model can neither capture
+        # nor shadow the name; the key is checked again on the route found, as a second line.
+        route = self.discovery.table.resolve(model, self.visible(caller))
         if route is None or (
             caller is not None and not caller.allows((route.qualified_name, route.model_name))
         ):

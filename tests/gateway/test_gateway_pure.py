@@ -31,19 +31,76 @@ def table(*routes: Route) -> RouteTable:
 
 def test_a_model_answers_to_its_qualified_name_and_to_its_bare_name_when_unique() -> None:
     t = table(route("team-a", "chat", "smollm2", A), route("team-a", "coder", "qwen", B))
-    assert t.resolve("smollm2").key == ModelKey("team-a", "chat")
-    assert t.resolve("team-a/qwen").key == ModelKey("team-a", "coder")
-    assert t.resolve("llama") is None and t.resolve("team-b/smollm2") is None
-    assert t.listed() == ["qwen", "smollm2", "team-a/qwen", "team-a/smollm2"]
+    assert t.resolve("smollm2", None).key == ModelKey("team-a", "chat")
+    assert t.resolve("team-a/qwen", None).key == ModelKey("team-a", "coder")
+    assert t.resolve("llama", None) is None and t.resolve("team-b/smollm2", None) is None
+    assert t.listed(None) == ["qwen", "smollm2", "team-a/qwen", "team-a/smollm2"]
 
 
 def test_a_bare_name_two_namespaces_serve_is_never_a_guess_between_tenants() -> None:
     t = table(route("team-a", "chat", "smollm2", A), route("team-b", "chat", "smollm2", B))
-    assert t.resolve("smollm2") is None
-    assert t.resolve("team-b/smollm2").key.namespace == "team-b"
-    assert t.listed() == ["team-a/smollm2", "team-b/smollm2"]
-    # A caller allowed only team-a's still sees only the qualified name: the bare one is ambiguous.
-    assert t.listed([t.routes[ModelKey("team-a", "chat")]]) == ["team-a/smollm2"]
+    assert t.resolve("smollm2", None) is None
+    assert t.resolve("team-b/smollm2", None).key.namespace == "team-b"
+    assert t.listed(None) == ["team-a/smollm2", "team-b/smollm2"]
+    # A caller allowed only team-a's has one candidate for the bare name: it is team-a's.
+    team_a = [t.routes[ModelKey("team-a", "chat")]]
+    assert t.resolve("smollm2", team_a) is team_a[0]
+    assert t.listed(team_a) == ["smollm2", "team-a/smollm2"]
+
+
+HF = "meta-llama/Llama-3.1-8B"
+
+
+def test_a_model_name_with_a_slash_answers_to_its_bare_name() -> None:
+    """A Hugging Face id is a modelName the CRD allows: its bare name is not <namespace>/<name>."""
+    t = table(route("team-a", "llama", HF, A))
+    assert t.resolve(HF, None).key == ModelKey("team-a", "llama")
+    assert t.resolve(f"team-a/{HF}", None).key == ModelKey("team-a", "llama")
+    assert t.listed(None) == [HF, f"team-a/{HF}"]
+
+
+def test_a_namespace_named_like_a_models_prefix_makes_the_name_ambiguous_never_captures_it() -> None:
+    """Namespace meta-llama serving Llama-3.1-8B has the qualified name team-a's model has as bare name:
+    no caller who may call both gets either, and each tenant's scoped key gets its own."""
+    victim, squatter = route("team-a", "llama", HF, A), route("meta-llama", "x", "Llama-3.1-8B", B)
+    t = table(victim, squatter)
+    assert t.resolve(HF, None) is None and HF not in t.listed(None)
+    assert t.resolve(f"team-a/{HF}", None) is victim
+    assert t.resolve(HF, [victim]) is victim and t.listed([victim]) == [HF, f"team-a/{HF}"]
+    assert t.resolve(HF, [squatter]) is squatter
+
+
+def test_a_model_named_like_another_namespaces_qualified_name_never_captures_it() -> None:
+    theirs, mine = route("team-b", "chat", "chat", A), route("team-a", "x", "team-b/chat", B)
+    t = table(theirs, mine)
+    assert t.resolve("team-b/chat", None) is None  # ambiguous: a 404, not team-a's model
+    assert t.resolve("team-b/chat", [theirs]) is theirs
+    assert t.resolve("team-a/team-b/chat", None) is mine
+
+
+_names = st.text(alphabet="ab/", min_size=1, max_size=4)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["a", "b"]), _names), max_size=6), st.data())
+def test_a_name_resolves_only_to_one_allowed_route_answering_to_it_and_is_listed_iff_it_resolves(
+    served, data
+) -> None:
+    """Namespaces and modelNames from one small alphabet with '/', so qualified and bare names collide."""
+    t = table(*(route(ns, f"m{i}", name) for i, (ns, name) in enumerate(served)))
+    every = list(t.routes.values())
+    allowed = data.draw(st.none() | st.lists(st.sampled_from(every), unique=True)) if every else None
+    pool = list(t.routes.values()) if allowed is None else allowed
+    listed = t.listed(allowed)
+    names = {n for r in t.routes.values() for n in (r.qualified_name, r.model_name)} | {"a", "a/b", "b/a"}
+    for name in names:
+        found = t.resolve(name, allowed)
+        assert (name in listed) == (found is not None)
+        if found is not None:
+            assert found in pool and name in (found.qualified_name, found.model_name)
+            others = [r for r in pool if r is not found and name in (r.qualified_name, r.model_name)]
+            assert not others
+    assert set(listed) <= names
 
 
 def test_pick_prefers_fewest_outstanding_then_least_kv_then_rotates() -> None:

@@ -196,6 +196,53 @@ def test_the_gateway_refuses_a_body_over_the_runtimes_limit_and_forwards_nothing
     assert replica.bodies == []
 
 
+# --- names --------------------------------------------------------------------------------------------
+
+
+def test_a_namespace_named_like_a_models_prefix_never_receives_that_models_prompts(tmp_path) -> None:
+    """team-a serves meta-llama/Llama-3.1-8B (a modelName with '/'); namespace meta-llama serves
+    Llama-3.1-8B, whose qualified name is the same. Without keys the name is ambiguous (a 404); team-a's
+    key, scoped to its namespace, reaches team-a's model by it. The squatter never gets team-a's prompts."""
+    hf = "meta-llama/Llama-3.1-8B"
+    victim, squatter = Replica("victim"), Replica("squatter")
+    keys = tmp_path / "keys.yaml"
+    keys.write_text("keys:\n  - {name: a, key: team-a-secret, models: ['team-a/*']}\n")
+    unscoped, scoped = StaticDiscovery(), StaticDiscovery()
+    team_a = {"Authorization": "Bearer team-a-secret"}
+
+    async def names(client: TestClient, headers: dict[str, str]) -> list[str]:
+        return [m["id"] for m in (await (await client.get("/v1/models", headers=headers)).json())["data"]]
+
+    async def ask(client: TestClient, model: str, headers: dict[str, str]) -> tuple[int, dict[str, Any]]:
+        answer = await client.post(
+            "/v1/completions", json={"model": model, "prompt": "secret"}, headers=headers
+        )
+        return answer.status, await answer.json()
+
+    async def scenario() -> None:
+        gw = Gateway(discovery=scoped, keys=KeyRing(keys), config=GatewayConfig())
+        async with (
+            serving(gateway(unscoped), victim, squatter) as client,
+            TestClient(TestServer(make_app(gw))) as keyed,
+        ):
+            routes = (
+                Route(ModelKey("team-a", "llama"), hf, 1, 1, (victim.endpoint,)),
+                Route(ModelKey("meta-llama", "x"), "Llama-3.1-8B", 1, 1, (squatter.endpoint,)),
+            )
+            unscoped.set(*routes)
+            scoped.set(*routes)
+            assert hf not in await names(client, {})
+            status, error = await ask(client, hf, {})
+            assert status == 404 and error["error"]["code"] == "model_not_found"
+            assert await ask(client, f"team-a/{hf}", {}) == (200, {"answered_by": "victim"})
+            assert await names(keyed, team_a) == [hf, f"team-a/{hf}"]
+            assert await ask(keyed, hf, team_a) == (200, {"answered_by": "victim"})
+
+    asyncio.run(scenario())
+    assert [json.loads(b) for b in victim.bodies] == [{"model": hf, "prompt": "secret"}] * 2
+    assert squatter.bodies == []
+
+
 # --- what is forwarded --------------------------------------------------------------------------------
 
 
