@@ -2,10 +2,14 @@
 
 The keys file is a Secret mounted into the gateway (``--api-keys``). Without it every request is let
 through (the gateway then sits behind your own authentication, as a Service in the cluster usually
-does). With it, a request needs ``Authorization: Bearer <key>`` and the key's ``models`` patterns
-must match the model it asks for (``<namespace>/<modelName>`` or the bare name; shell-style
-patterns: ``team-a/*``, ``*``). A key is stored as its SHA-256 (``sha256``) or, less safely, in the
-clear (``key``); the gateway keeps only digests and compares them in constant time::
+does). With it, a request needs ``Authorization: Bearer <key>`` and one of the key's ``models`` patterns
+(shell-style: ``team-a/*``, ``*``) must match the model: its ``<namespace>/<modelName>``, or, for a
+pattern without '/', its bare modelName too. A pattern with '/' names namespaces: matched against bare
+names as well, it would match another tenant's model whose modelName starts ``team-a/`` (a modelName
+may hold '/'), which could then take team-a's key's requests or make its names ambiguous. So
+``team-a/*`` is all of namespace team-a and nothing else; to name a model whose modelName holds '/',
+qualify it: ``team-a/meta-llama/Llama-3.1-8B``. A key is stored as its SHA-256 (``sha256``) or, less
+safely, in the clear (``key``); the gateway keeps only digests and compares them in constant time::
 
     keys:
       - name: team-a-app
@@ -42,6 +46,8 @@ from typing import Any
 
 import yaml
 
+from vnpu.gateway.routing import Route
+
 
 class KeyFileError(ValueError):
     """The keys file cannot be used (the message names the entry and the field)."""
@@ -65,9 +71,14 @@ class ApiKey:
         what names them all."""
         return "*" in self.models
 
-    def allows(self, names: tuple[str, ...]) -> bool:
-        """Whether any pattern matches any of the model's names (qualified or bare)."""
-        return any(fnmatch.fnmatchcase(n, p) for p in self.models for n in names)
+    def allows(self, route: Route) -> bool:
+        """Whether any pattern matches the model: its qualified name, or its bare name for a pattern
+        without '/' (one with '/' names namespaces; see the module's docstring)."""
+        return any(
+            fnmatch.fnmatchcase(route.qualified_name, p)
+            or ("/" not in p and fnmatch.fnmatchcase(route.model_name, p))
+            for p in self.models
+        )
 
 
 def _digest(text: str) -> bytes:

@@ -10,8 +10,10 @@ route; none or several is "not found", the same 404 as a missing model: never a 
 tenants, and no caller learns another tenant's names. :meth:`RouteTable.listed` lists exactly the
 names that resolve, through the same candidates.
 
-Without keys, a model another namespace names ``team-a/chat`` thus makes team-a's qualified name
-``team-a/chat`` ambiguous (a 404) but never captures it.
+With keys scoped per namespace (``team-a/*``: a pattern with '/' matches qualified names only, see
+:mod:`.keys`), another tenant cannot make a team's names ambiguous: its models are not the team's
+candidates. Without keys, a model another namespace names ``team-a/chat`` makes team-a's qualified
+name ``team-a/chat`` ambiguous (a 404) but never captures it.
 
 Picking follows the Gateway API Inference Extension's endpoint picker, scaled down: the endpoint
 with the fewest requests outstanding through this gateway, then the lowest KV-cache usage the

@@ -199,7 +199,7 @@ class Gateway:
         routes = list(self.discovery.table.routes.values())
         if key is None:
             return routes
-        return [r for r in routes if key.allows((r.qualified_name, r.model_name))]
+        return [r for r in routes if key.allows(r)]
 
     # -- endpoints ------------------------------------------------------------------------------------
     async def endpoints_of(self, route: Route, warm: bool = True) -> tuple[Route, str | None]:
@@ -262,9 +262,7 @@ class Gateway:
         # Resolved among the routes the caller may call, so another tenant's model can neither capture
         # nor shadow the name; the key is checked again on the route found, as a second line.
         route = self.discovery.table.resolve(model, self.visible(caller))
-        if route is None or (
-            caller is not None and not caller.allows((route.qualified_name, route.model_name))
-        ):
+        if route is None or (caller is not None and not caller.allows(route)):
             return _Admission(model)
         if caller is not None:
             priority, limit = body.get("priority"), caller.priority_limit(route.priority)

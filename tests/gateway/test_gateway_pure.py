@@ -136,7 +136,7 @@ def test_api_keys_are_kept_as_digests_and_match_patterns(tmp_path) -> None:
     ring = KeyRing(path)
     team_a = ring.authenticate("Bearer team-a-secret")
     assert team_a is not None and team_a.name == "a"
-    assert team_a.allows(("team-a/smollm2", "smollm2")) and not team_a.allows(("team-b/x", "x"))
+    assert team_a.allows(route("team-a", "chat", "smollm2")) and not team_a.allows(route("team-b", "x", "x"))
     assert ring.authenticate("Bearer ops-secret-1").name == "ops"
     # ("\udcff": a header byte that is not UTF-8, as aiohttp passes it on)
     for header in (None, "", "Bearer wrong", "Basic team-a-secret", "team-a-secret", "Bearer \udcff\udcfe"):
@@ -156,6 +156,30 @@ def test_a_keys_priority_limit_is_its_models_own_unless_it_may_ask_for_more() ->
     assert (plain.max_priority, pager.max_priority) == (None, 100)
     assert plain.priority_limit(5) == 5 and plain.priority_limit(-2) == -2
     assert pager.priority_limit(5) == 100 and pager.priority_limit(500) == 500  # never below the model's
+
+
+def test_a_pattern_with_a_slash_names_namespaces_never_another_tenants_model_name() -> None:
+    """A modelName may hold '/': matched against bare names, ``team-a/*`` took in any namespace's model
+    named ``team-a/...``, which team-a's key could then call and which made team-a's names ambiguous."""
+    scoped, by_name, hf = parse_keys(
+        {
+            "keys": [
+                {"name": "a", "key": "team-a-secret", "models": ["team-a/*"]},
+                {"name": "s", "key": "smollm2-any", "models": ["smollm2"]},
+                {"name": "h", "key": "hf-qualified", "models": ["team-a/meta-llama/*"]},
+            ]
+        }
+    )
+    mine, squatter = route("team-a", "chat", "chat"), route("evil", "x", "team-a/chat")
+    assert scoped.allows(mine) and not scoped.allows(squatter)
+    assert scoped.allows(route("team-a", "llama", "meta-llama/Llama-3.1-8B"))
+    t = table(mine, squatter)
+    visible = [r for r in t.routes.values() if scoped.allows(r)]
+    assert t.resolve("team-a/chat", visible) is mine and t.listed(visible) == ["chat", "team-a/chat"]
+    # A pattern without '/' still names a bare modelName in any namespace, as before.
+    assert by_name.allows(route("team-b", "c", "smollm2")) and not by_name.allows(route("x", "y", "smollm2x"))
+    assert hf.allows(route("team-a", "llama", "meta-llama/Llama-3.1-8B"))
+    assert not hf.allows(route("meta-llama", "x", "Llama-3.1-8B"))
 
 
 @pytest.mark.parametrize(

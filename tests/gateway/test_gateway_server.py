@@ -201,14 +201,22 @@ def test_the_gateway_refuses_a_body_over_the_runtimes_limit_and_forwards_nothing
 
 def test_a_namespace_named_like_a_models_prefix_never_receives_that_models_prompts(tmp_path) -> None:
     """team-a serves meta-llama/Llama-3.1-8B (a modelName with '/'); namespace meta-llama serves
-    Llama-3.1-8B, whose qualified name is the same. Without keys the name is ambiguous (a 404); team-a's
-    key, scoped to its namespace, reaches team-a's model by it. The squatter never gets team-a's prompts."""
+    Llama-3.1-8B, whose qualified name is the same. Without keys the name is ambiguous (a 404); with keys
+    scoped per namespace each tenant reaches its own model by it, and meta-llama's key never team-a's.
+    The squatter never gets team-a's prompts."""
     hf = "meta-llama/Llama-3.1-8B"
     victim, squatter = Replica("victim"), Replica("squatter")
     keys = tmp_path / "keys.yaml"
-    keys.write_text("keys:\n  - {name: a, key: team-a-secret, models: ['team-a/*']}\n")
+    keys.write_text(
+        "keys:\n"
+        "  - {name: a, key: team-a-secret, models: ['team-a/*']}\n"
+        "  - {name: m, key: meta-llama-secret, models: ['meta-llama/*']}\n"
+    )
     unscoped, scoped = StaticDiscovery(), StaticDiscovery()
-    team_a = {"Authorization": "Bearer team-a-secret"}
+    team_a, meta_llama = (
+        {"Authorization": "Bearer team-a-secret"},
+        {"Authorization": "Bearer meta-llama-secret"},
+    )
 
     async def names(client: TestClient, headers: dict[str, str]) -> list[str]:
         return [m["id"] for m in (await (await client.get("/v1/models", headers=headers)).json())["data"]]
@@ -237,10 +245,14 @@ def test_a_namespace_named_like_a_models_prefix_never_receives_that_models_promp
             assert await ask(client, f"team-a/{hf}", {}) == (200, {"answered_by": "victim"})
             assert await names(keyed, team_a) == [hf, f"team-a/{hf}"]
             assert await ask(keyed, hf, team_a) == (200, {"answered_by": "victim"})
+            assert await names(keyed, meta_llama) == ["Llama-3.1-8B", hf]
+            assert await ask(keyed, hf, meta_llama) == (200, {"answered_by": "squatter"})
+            status, error = await ask(keyed, f"team-a/{hf}", meta_llama)
+            assert status == 404 and error["error"]["code"] == "model_not_found"
 
     asyncio.run(scenario())
     assert [json.loads(b) for b in victim.bodies] == [{"model": hf, "prompt": "secret"}] * 2
-    assert squatter.bodies == []
+    assert [json.loads(b) for b in squatter.bodies] == [{"model": "Llama-3.1-8B", "prompt": "secret"}]
 
 
 # --- what is forwarded --------------------------------------------------------------------------------
