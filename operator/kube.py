@@ -123,20 +123,23 @@ class Kube:
         return True
 
     def keep_network_policy(self, manifest: Mapping[str, Any]) -> str:
-        """Make the NetworkPolicy exist as ``manifest`` says: create it, or, when one of its name is
-        there, put back its spec when it differs in anything (an added selector term could leave pods
-        unprotected) and our labels when missing. The rest of its metadata is others' and stays as it
-        is (labels, annotations, ownerReferences, finalizers). Returns what was done: "created",
-        "updated" or "kept"."""
+        """Make the NetworkPolicy exist as ``manifest`` says: read it; create it when there is none,
+        or, when there is one, put back its spec when it differs in anything (an added selector term
+        could leave pods unprotected) and our labels when missing. The rest of its metadata is others'
+        and stays as it is (labels, annotations, ownerReferences, finalizers). Returns what was done:
+        "created", "updated" or "kept".
+
+        Read before any create: quota admission runs before the API server looks for the name
+        (kubernetes/kubernetes#106842), so where a ResourceQuota on networkpolicies is filled by ours,
+        a create of the existing policy is refused 403 "exceeded quota", not 409."""
         namespace, name = manifest["metadata"]["namespace"], manifest["metadata"]["name"]
-        if self._create("networkpolicies", self.networking.create_namespaced_network_policy, manifest):
-            return "created"
-        metrics.API_REQUESTS.labels("get", "networkpolicies").inc()
-        current = _body(
-            self.networking.read_namespaced_network_policy(
-                name, namespace, _preload_content=False, _request_timeout=REQUEST_TIMEOUT
-            )
-        )
+        current = self._read_network_policy(namespace, name)
+        if current is None:
+            if self._create("networkpolicies", self.networking.create_namespaced_network_policy, manifest):
+                return "created"
+            # Made meanwhile (another writer won the race): compare what is there now. Gone again, the
+            # 404 fails this keep and the next pass creates it.
+            current = self._read_network_policy(namespace, name, missing_ok=False)
         labels = (current.get("metadata") or {}).get("labels") or {}
         ours = manifest["metadata"]["labels"]
         if current.get("spec") == manifest["spec"] and labels.items() >= ours.items():
@@ -154,6 +157,20 @@ class Kube:
             )
         )
         return "updated"
+
+    def _read_network_policy(self, namespace: str, name: str, *, missing_ok: bool = True) -> Any:
+        """The NetworkPolicy as the API server has it; None when there is none (and ``missing_ok``)."""
+        metrics.API_REQUESTS.labels("get", "networkpolicies").inc()
+        try:
+            return _body(
+                self.networking.read_namespaced_network_policy(
+                    name, namespace, _preload_content=False, _request_timeout=REQUEST_TIMEOUT
+                )
+            )
+        except ApiException as exc:
+            if exc.status == 404 and missing_ok:
+                return None
+            raise
 
     def create_secret(self, manifest: Mapping[str, Any]) -> ObservedSecret | None:
         """Create a Secret and return it (metadata only); None if it already exists (its key stays:

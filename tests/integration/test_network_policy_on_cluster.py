@@ -11,7 +11,7 @@ import json
 import test_operator
 from kubernetes import client
 from operator_harness import OperatorProcess, get_model, live, pods_of
-from test_operator import GIB, apply, spec, wait_phase
+from test_operator import GIB, apply, replica_pods, spec, wait_phase
 from test_operator_shared_cluster import condition, local, new_namespace
 
 from vnpu import api
@@ -104,4 +104,49 @@ def test_each_namespace_gets_its_policy_before_its_pods_and_a_refused_one_gets_n
     finally:
         for ns in (namespace, blocked):
             cluster.kubectl("delete", "infm", "--all", "-n", ns, "--timeout=60s", check=False)
+        op.stop()
+
+
+def test_a_namespace_whose_quota_our_policy_fills_goes_on_converging(
+    cluster, namespace, kwok_nodes, tmp_path
+) -> None:
+    """Quota admission runs before the API server looks for the name (kubernetes#106842): where a
+    ResourceQuota of one NetworkPolicy is filled by ours, creating it again is refused 403 "exceeded
+    quota", not 409. The policy there is read, never created again: resyncs and a restart later, the
+    models are not Degraded and the namespace still converges."""
+    kwok_nodes(1, devices=1, device_mib=16 * GIB)
+    core = client.CoreV1Api(cluster.api_client())
+    quota = {"apiVersion": "v1", "kind": "ResourceQuota", "metadata": {"name": "one-policy"},
+             "spec": {"hard": {"count/networkpolicies.networking.k8s.io": "1"}}}  # fmt: skip
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(quota))
+    wait_until(
+        lambda: core.read_namespaced_resource_quota("one-policy", namespace).status.hard, 30, "quota seen"
+    )
+    op = OperatorProcess(cluster, namespace, tmp_path).start("--network-policy")
+
+    def quiet_for_resyncs() -> None:
+        """Three resyncs (3 s each here) with the policy there: each keeps it without a refusal."""
+        stamp = dt.datetime.now(dt.UTC)
+        wait_until(lambda: (dt.datetime.now(dt.UTC) - stamp).total_seconds() > 10, 15, "three resyncs")
+        assert condition(get_model(cluster, namespace, "q"), "Degraded").get("status") != "True"
+        assert "exceeded quota" not in op.log()
+
+    try:
+        apply(cluster, namespace, "q", spec(replicas=1))
+        wait_phase(cluster, namespace, "q", "Ready")
+        used = core.read_namespaced_resource_quota("one-policy", namespace).status.used or {}
+        assert used.get("count/networkpolicies.networking.k8s.io") == "1"  # (quota admission counted it)
+        quiet_for_resyncs()
+        op.stop()
+        op.start("--network-policy")  # a new operator's first pass finds the policy there
+        quiet_for_resyncs()
+        apply(cluster, namespace, "q", spec(replicas=2))
+        wait_until(lambda: len(replica_pods(cluster, namespace, "q")) == 2, 60, "the second replica")
+        wait_until(
+            lambda: get_model(cluster, namespace, "q")["status"].get("readyReplicas") == 2, 60, "ready"
+        )
+        quiet_for_resyncs()
+        assert op.log().count("created NetworkPolicy") == 1
+    finally:
+        cluster.kubectl("delete", "infm", "--all", "-n", namespace, "--timeout=60s", check=False)
         op.stop()
