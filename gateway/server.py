@@ -61,6 +61,11 @@ log = logging.getLogger(__name__)
 #: MAX_BODY_BYTES, for up to --wake-timeout): past it a 503 with Retry-After, so a burst against a model
 #: at zero cannot grow the gateway until it is OOM-killed with every tenant's streams.
 MAX_WAITING = 64
+#: Most bytes of a replica's /metrics the KV-usage scrape reads. Ours is about 10 KB (measured: 9.9 KB
+#: after requests of every outcome; its label sets are bounded), so this leaves ample room; a tenant's
+#: own runtime image (spec.runtime.image) may answer without end, and the shared gateway (512Mi in the
+#: chart) buffered one scrape of it whole: 721 MiB. Past it the replica's usage is unknown.
+MAX_METRICS_BYTES = 256 * 1024
 #: Headers never forwarded upstream: hop-by-hop ones, the caller's key (it is for the gateway), and the
 #: body's framing and encoding (the body forwarded is the one aiohttp read: already decompressed).
 _DROP_REQUEST_HEADERS = {
@@ -170,6 +175,8 @@ class Gateway:
     #: requests now waiting in endpoints_of for a replica (bounded by config.max_waiting)
     waiting: int = 0
     _waking: dict[tuple[str, str], asyncio.Task[None]] = field(default_factory=dict)
+    #: replicas whose /metrics was over MAX_METRICS_BYTES, already warned about
+    _metrics_too_large: set[Endpoint] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         if self.metrics is None:
@@ -395,24 +402,35 @@ class Gateway:
 
     # -- load -------------------------------------------------------------------------------------------
     async def scrape_kv_usage(self, session: aiohttp.ClientSession) -> None:
-        """Refresh each replica's KV-cache usage (the runtime's metric) for tie-breaking."""
+        """Refresh each replica's KV-cache usage (the runtime's metric) for tie-breaking, for ever."""
         while True:
-            endpoints = {e for r in self.discovery.table.routes.values() for e in r.endpoints}
-            for stale in set(self.kv_usage) - endpoints:
-                del self.kv_usage[stale]
-            for endpoint in endpoints:
-                try:
-                    async with session.get(
-                        f"{endpoint.url}/metrics", timeout=aiohttp.ClientTimeout(total=1)
-                    ) as resp:
-                        text = await resp.text()
-                except (TimeoutError, aiohttp.ClientError):
-                    self.kv_usage.pop(endpoint, None)
-                    continue
-                usage = kv_usage_of(text)
-                if usage is not None:
-                    self.kv_usage[endpoint] = usage
+            await self.scrape_kv_usage_once(session)
             await asyncio.sleep(self.config.kv_scrape_interval_s)
+
+    async def scrape_kv_usage_once(self, session: aiohttp.ClientSession) -> None:
+        """One pass over the ready replicas. A replica that cannot be read, or whose /metrics is over
+        MAX_METRICS_BYTES, has unknown usage (it counts as full in :func:`.routing.pick`)."""
+        endpoints = {e for r in self.discovery.table.routes.values() for e in r.endpoints}
+        for stale in set(self.kv_usage) - endpoints:
+            del self.kv_usage[stale]
+        self._metrics_too_large &= endpoints
+        for endpoint in endpoints:
+            text: str | None = None
+            try:
+                text = await read_metrics(session, endpoint)
+            except (TimeoutError, aiohttp.ClientError):
+                pass
+            except MetricsTooLargeError as exc:
+                if endpoint not in self._metrics_too_large:  # once: it would repeat every scrape
+                    self._metrics_too_large.add(endpoint)
+                    log.warning(
+                        "a replica's /metrics is too large to read; its KV-cache usage counts as unknown",
+                        extra={"endpoint": endpoint.url, "pod": endpoint.pod, "error": str(exc)},
+                    )
+            if text is None:
+                self.kv_usage.pop(endpoint, None)
+            elif (usage := kv_usage_of(text)) is not None:
+                self.kv_usage[endpoint] = usage
 
 
 @dataclass(frozen=True)
@@ -428,6 +446,27 @@ class _Admission:
 class _Unreachable(Exception):
     """The picked replica gave no response at all (connect refused or timed out, connection reset
     before the status line): safe to try another, as Envoy's ``reset,connect-failure`` retry policy."""
+
+
+class MetricsTooLargeError(Exception):
+    """A replica's /metrics is larger than MAX_METRICS_BYTES (it was not read past it)."""
+
+
+async def read_metrics(session: aiohttp.ClientSession, endpoint: Endpoint) -> str:
+    """A replica's /metrics text, read no further than MAX_METRICS_BYTES: a Content-Length over it is
+    refused unread, a body that runs past it is cut off (its connection closed, never pooled)."""
+    timeout = aiohttp.ClientTimeout(total=1)
+    async with session.get(f"{endpoint.url}/metrics", timeout=timeout) as resp:
+        if resp.content_length is not None and resp.content_length > MAX_METRICS_BYTES:
+            resp.close()
+            raise MetricsTooLargeError(f"Content-Length {resp.content_length} > {MAX_METRICS_BYTES} bytes")
+        body = bytearray()
+        async for chunk in resp.content.iter_chunked(64 * 1024):
+            body += chunk
+            if len(body) > MAX_METRICS_BYTES:
+                resp.close()
+                raise MetricsTooLargeError(f"more than {MAX_METRICS_BYTES} bytes")
+    return body.decode("utf-8", "replace")
 
 
 def kv_usage_of(metrics_text: str) -> float | None:

@@ -9,11 +9,16 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import logging
+import socket
+import threading
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
+import aiohttp
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
@@ -21,7 +26,7 @@ from vnpu import jsonbody
 from vnpu.gateway.discovery import Discovery
 from vnpu.gateway.keys import KeyRing
 from vnpu.gateway.routing import Endpoint, ModelKey, Route, RouteTable
-from vnpu.gateway.server import Gateway, GatewayConfig, make_app
+from vnpu.gateway.server import MAX_METRICS_BYTES, Gateway, GatewayConfig, make_app
 from vnpu.jsonbody import MAX_BODY_BYTES
 
 KEY = ModelKey("team-a", "chat")
@@ -391,3 +396,75 @@ def test_a_replica_that_resets_is_retried_once_so_a_request_that_kills_replicas_
     asyncio.run(scenario())
     assert (len(first.bodies), len(second.bodies), len(healthy.bodies)) == (3, 2, 1)
     assert gw.metrics.retries._value.get() == 5  # every attempt that met a reset: 1, then 2 and 2
+
+
+# --- load ------------------------------------------------------------------------------------------------
+
+
+class MetricsStub:
+    """A replica whose /metrics is ``body``, or never ends (``body`` None), with or without a
+    Content-Length; counts the bytes of body each connection got sent (all the kernel took)."""
+
+    def __init__(self, body: bytes | None, content_length: int | None = None) -> None:
+        self.body, self.content_length = body, content_length
+        self.sent: list[int] = []
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.endpoint = Endpoint("127.0.0.1", self.sock.getsockname()[1], "pod-metrics")
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)  # the kernel holds little
+                conn.recv(65536)
+                length = self.content_length if self.body is None else len(self.body)
+                framing = b"Connection: close" if length is None else b"Content-Length: %d" % length
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n" + framing + b"\r\n\r\n")
+                sent, chunk = 0, b"# " + b"x" * 65533 + b"\n"
+                try:
+                    if self.body is not None:
+                        conn.sendall(self.body)
+                        sent = len(self.body)
+                    else:
+                        while True:
+                            sent += conn.send(chunk)
+                except OSError:
+                    pass
+                self.sent.append(sent)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.mark.parametrize("content_length", [None, 1 << 40], ids=["endless", "huge-content-length"])
+def test_a_replica_whose_metrics_never_end_is_read_no_further_than_the_bound(content_length, caplog) -> None:
+    """A tenant's own runtime image serving an endless /metrics made the shared gateway buffer it for the
+    scrape's whole second (hundreds of MiB). Now the scrape stops at MAX_METRICS_BYTES, the replica's
+    usage is unknown, and the gateway warns once, not every scrape."""
+    endless, small = (
+        MetricsStub(None, content_length),
+        MetricsStub(b"vnpu_runtime_kv_cache_usage_ratio 0.25\n"),
+    )
+    gw = gateway(StaticDiscovery(Route(KEY, "smollm2", 2, 1, (endless.endpoint, small.endpoint))))
+    gw.kv_usage[endless.endpoint] = 0.1
+
+    async def scenario() -> None:
+        async with aiohttp.ClientSession(auto_decompress=False) as session:
+            for _ in range(3):
+                await gw.scrape_kv_usage_once(session)
+        await until(lambda: len(endless.sent) == 3)
+
+    with caplog.at_level(logging.WARNING, logger="vnpu.gateway.server"):
+        asyncio.run(scenario())
+    endless.close()
+    small.close()
+    assert gw.kv_usage == {small.endpoint: 0.25}
+    # Past what the gateway read, only socket buffers: the whole second's read was 200-560 MiB.
+    assert max(endless.sent) <= MAX_METRICS_BYTES + 4 * 2**20, endless.sent
+    assert [r.getMessage() for r in caplog.records].count(
+        "a replica's /metrics is too large to read; its KV-cache usage counts as unknown"
+    ) == 1
