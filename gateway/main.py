@@ -36,7 +36,7 @@ examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from vnpu.gateway.server import MAX_WAITING  # (these import aiohttp)
+    from vnpu.gateway.server import MAX_WAITING, MAX_WAITING_PER_MODEL  # (these import aiohttp)
     from vnpu.jsonbody import BODY_TIMEOUT_S, IDLE_CONNECTION_TIMEOUT_S
 
     p = argparse.ArgumentParser(
@@ -78,6 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="most requests held at once while their models wake or start; past it a 503 with "
         "Retry-After (default %(default)s)",
+    )
+    p.add_argument(
+        "--max-waiting-per-model",
+        type=int,
+        default=MAX_WAITING_PER_MODEL,
+        metavar="N",
+        help="most of those held for one model, so a model that never gets ready cannot hold every "
+        "slot and turn away the other models' wakes; past it a 503 with Retry-After (default %(default)s)",
     )
     p.add_argument(
         "--body-timeout",
@@ -143,6 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             wake_timeout_s=args.wake_timeout,
             body_timeout_s=args.body_timeout,
             max_waiting=args.max_waiting,
+            max_waiting_per_model=args.max_waiting_per_model,
         ),
         wake=None if args.no_wake else (lambda ns, name: scale_from_zero(client, ns, name)),
         record=recorder.record,

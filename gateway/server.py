@@ -10,9 +10,10 @@ unknown model (or one the caller's key may not call) is a 404 that names nothing
 A model scaled to zero (``spec.scaling.minReplicas: 0`` and no replica) is woken through its scale
 subresource and the request is held until a replica is ready, or answered 503 with ``Retry-After``
 once ``--wake-timeout`` passes (Knative's activator does the same); past ``--max-waiting`` requests held
-at once, a 503 with ``Retry-After`` at once. A held request keeps only its body's bytes, not the parsed
-body (many times larger). Every request is counted towards
-the model's activity (:mod:`.activity`), which the operator reads to scale idle models to zero.
+at once, or ``--max-waiting-per-model`` for one model (so a model that never gets ready cannot turn
+away the others' wakes), a 503 with ``Retry-After`` at once. A held request keeps only its body's
+bytes, not the parsed body (many times larger). Every request is counted towards the model's activity
+(:mod:`.activity`), which the operator reads to scale idle models to zero.
 
 The gateway keeps no state that matters between requests: run as many replicas as you need.
 """
@@ -43,7 +44,7 @@ from prometheus_client.registry import Collector
 
 from vnpu.gateway.discovery import Discovery
 from vnpu.gateway.keys import ApiKey, KeyFileError, KeyRing
-from vnpu.gateway.routing import Endpoint, Route, pick
+from vnpu.gateway.routing import Endpoint, ModelKey, Route, pick
 from vnpu.jsonbody import (
     BODY_TIMEOUT_S,
     MAX_BODY_BYTES,
@@ -61,6 +62,9 @@ log = logging.getLogger(__name__)
 #: MAX_BODY_BYTES, for up to --wake-timeout): past it a 503 with Retry-After, so a burst against a model
 #: at zero cannot grow the gateway until it is OOM-killed with every tenant's streams.
 MAX_WAITING = 64
+#: Most of those held for one model: a model that never gets ready (crash-looping, a bad image) would
+#: otherwise hold every slot for --wake-timeout, and every other tenant's waking model would get 503s.
+MAX_WAITING_PER_MODEL = 16
 #: Most bytes of a replica's /metrics the KV-usage scrape reads. Ours is about 10 KB (measured: 9.9 KB
 #: after requests of every outcome; its label sets are bounded), so this leaves ample room; a tenant's
 #: own runtime image (spec.runtime.image) may answer without end, and the shared gateway (512Mi in the
@@ -155,6 +159,7 @@ class GatewayConfig:
     connect_timeout_s: float = 5.0
     kv_scrape_interval_s: float = 2.0
     max_waiting: int = MAX_WAITING
+    max_waiting_per_model: int = MAX_WAITING_PER_MODEL
 
 
 @dataclass
@@ -174,6 +179,8 @@ class Gateway:
     turn: int = 0
     #: requests now waiting in endpoints_of for a replica (bounded by config.max_waiting)
     waiting: int = 0
+    #: of those, by model (each bounded by config.max_waiting_per_model; absent: none)
+    waiting_by_model: dict[ModelKey, int] = field(default_factory=dict)
     _waking: dict[tuple[str, str], asyncio.Task[None]] = field(default_factory=dict)
     #: replicas whose /metrics was over MAX_METRICS_BYTES, already warned about
     _metrics_too_large: set[Endpoint] = field(default_factory=set)
@@ -220,16 +227,20 @@ class Gateway:
         started = time.monotonic()
         if route.replicas == 0 and self.wake is not None:
             self._start_wake(route)  # even for a request refused below: its retry finds the model waking
-        if self.waiting >= self.config.max_waiting:
-            return route, (
-                f"{self.waiting} requests already wait for a replica on this gateway "
-                f"(its limit, --max-waiting); retry {route.qualified_name} later"
-            )
+        refused = waiting_refused(
+            self.waiting, self.waiting_by_model.get(route.key, 0), self.config, route.qualified_name
+        )
+        if refused is not None:
+            return route, refused
         self.waiting += 1
+        self.waiting_by_model[route.key] = self.waiting_by_model.get(route.key, 0) + 1
         try:
             return await self._wait_for_endpoints(route, warm, started)
         finally:
             self.waiting -= 1
+            self.waiting_by_model[route.key] -= 1
+            if not self.waiting_by_model[route.key]:
+                del self.waiting_by_model[route.key]
 
     async def _wait_for_endpoints(self, route: Route, warm: bool, started: float) -> tuple[Route, str | None]:
         deadline = started + self.config.wake_timeout_s
@@ -467,6 +478,22 @@ async def read_metrics(session: aiohttp.ClientSession, endpoint: Endpoint) -> st
                 resp.close()
                 raise MetricsTooLargeError(f"more than {MAX_METRICS_BYTES} bytes")
     return body.decode("utf-8", "replace")
+
+
+def waiting_refused(waiting: int, for_model: int, config: GatewayConfig, model: str) -> str | None:
+    """Why one more request for ``model`` may not wait for a replica (``waiting`` wait on the gateway,
+    ``for_model`` of them for it), naming the limit it met; None when it may."""
+    if for_model >= config.max_waiting_per_model:
+        return (
+            f"{for_model} requests already wait for a replica of {model} on this gateway "
+            f"(its limit per model, --max-waiting-per-model); retry later"
+        )
+    if waiting >= config.max_waiting:
+        return (
+            f"{waiting} requests already wait for a replica on this gateway "
+            f"(its limit, --max-waiting); retry {model} later"
+        )
+    return None
 
 
 def kv_usage_of(metrics_text: str) -> float | None:

@@ -179,6 +179,48 @@ def test_past_max_waiting_a_request_gets_a_503_with_retry_after_at_once() -> Non
     assert set(woken) == {("team-a", "chat")}  # (the refused request asks for the wake too)
 
 
+def test_a_model_that_never_gets_ready_holds_only_its_own_waiting_slots() -> None:
+    """64 requests for one never-ready model held every --max-waiting slot for --wake-timeout, so every
+    other tenant's waking model got 503s. Now one model holds at most --max-waiting-per-model."""
+    woken: list[tuple[str, str]] = []
+    broken = Route(ModelKey("mallory", "m"), "never-ready", 1, 1)  # crash-looping: never a ready replica
+    discovery = StaticDiscovery(broken, AT_ZERO)
+    gw = gateway(discovery, wake_timeout_s=60)
+    gw.wake = lambda ns, name: woken.append((ns, name))
+    replica = Replica("a")
+    cap = gw.config.max_waiting_per_model
+    assert cap < gw.config.max_waiting
+
+    async def scenario() -> None:
+        async with serving(gw, replica) as client:
+            body = {"model": "never-ready", "prompt": "x"}
+            sent = [
+                asyncio.ensure_future(client.post("/v1/completions", json=body))
+                for _ in range(gw.config.max_waiting)
+            ]
+            await until(lambda: sum(r.done() for r in sent) == gw.config.max_waiting - cap)
+            assert gw.waiting == cap
+            refused = [r.result() for r in sent if r.done()]
+            for response in refused:
+                assert response.status == 503 and response.headers["Retry-After"] == "5"
+                assert "--max-waiting-per-model" in (await response.json())["error"]["message"]
+            # Another tenant's model at zero is still woken, and its request held until it is ready.
+            waking = asyncio.ensure_future(
+                client.post("/v1/completions", json={"model": "smollm2", "prompt": "hi"})
+            )
+            await until(lambda: gw.waiting == cap + 1)
+            discovery.set(broken, ready(replica))
+            assert (await waking).status == 200
+            for request in sent:
+                request.cancel()
+            await asyncio.gather(*sent, return_exceptions=True)
+            await until(lambda: gw.waiting == 0)
+
+    asyncio.run(scenario())
+    assert len(replica.bodies) == 1 and gw.waiting_by_model == {}
+    assert woken == [("team-a", "chat")]
+
+
 def test_the_gateway_refuses_a_body_over_the_runtimes_limit_and_forwards_nothing() -> None:
     replica = Replica("a")
     discovery = StaticDiscovery()
