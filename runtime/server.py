@@ -44,6 +44,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from vnpu.api import MAX_MODEL_NAME_LEN
 from vnpu.jsonbody import (
     BODY_TIMEOUT_S,
     IDLE_CONNECTION_TIMEOUT_S,
@@ -119,7 +120,16 @@ async def _read_request(request: web.Request, parse: Callable[[Any], T]) -> T:
 
 
 def _check_model(runtime: ModelRuntime, model: str | None) -> str:
-    """The name the answer carries: the one asked for where any is served, else the server's own."""
+    """The name the answer carries: the one asked for where any is served, else the server's own. A
+    name asked for is echoed in every chunk, so it may be no longer than a modelName can be (a 7 MiB
+    one made 0.66 GiB of stream)."""
+    if runtime.options.any_model_name and model is not None and len(model) > MAX_MODEL_NAME_LEN:
+        raise HTTPError(
+            400,
+            f"'model' is {len(model)} characters long; a model name may have at most {MAX_MODEL_NAME_LEN}",
+            "invalid_request_error",
+            param="model",
+        )
     if model not in (None, runtime.model_name) and not runtime.options.any_model_name:
         raise HTTPError(
             404,

@@ -17,6 +17,10 @@ PLURAL = "inferencemodels"
 SINGULAR = "inferencemodel"
 SHORT_NAME = "infm"
 
+#: Longest ``spec.modelName`` (the CRD's maxLength): what clients send as ``model``. A serving
+#: weight-holder answers to any name and echoes it in every chunk, so it refuses a longer one.
+MAX_MODEL_NAME_LEN = 253
+
 #: Extended resources: one per physical device, ``vnpu.io/memory-<index>`` (the device's index on its
 #: node); one unit is one slice of ``slice_mib`` MiB of that device. Per-device names let the scheduler
 #: and the kubelet enforce the device the operator chose; nothing has to guess it. (Before 0.2 there was

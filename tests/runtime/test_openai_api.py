@@ -15,15 +15,18 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
+import yaml
 from aiohttp import ClientTimeout
 from aiohttp.test_utils import TestClient, TestServer
 from openai import AsyncOpenAI
 from rt_helpers import load_tiny_llama
 
+from vnpu.api import MAX_MODEL_NAME_LEN
 from vnpu.runtime.engine import ModelRuntime, ServeOptions
 from vnpu.runtime.server import HttpServerThread, make_app
 
@@ -502,6 +505,38 @@ def test_a_404_echoes_a_huge_model_name_cut(runtime: ModelRuntime) -> None:
         )
 
     serve(runtime, scenario)
+
+
+def test_a_serving_holder_refuses_a_model_name_longer_than_a_model_name_can_be(tiny: Any) -> None:
+    """``weights-holder --serve`` answers to any name and echoes it in every chunk: a 7 MiB name made
+    0.66 GiB of stream. A name over the CRD's modelName maxLength is a 400; one at it is served."""
+    rt = ModelRuntime(ServeOptions(max_context=CONTEXT, model_name="tiny", max_batch=4, any_model_name=True))
+    rt.install(tiny.manifest, tiny.arena, shared=False, seconds=0.01)
+
+    async def scenario(client: AsyncOpenAI, http: TestClient) -> None:
+        for path, body in (
+            ("/v1/completions", {"prompt": "hi", "max_tokens": 2, "stream": True}),
+            ("/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 2}),
+        ):
+            response = await http.post(path, json={**body, "model": "m" * (MAX_MODEL_NAME_LEN + 1)})
+            assert response.status == 400
+            error = (await response.json())["error"]
+            assert error["type"] == "invalid_request_error" and error["param"] == "model"
+            assert f"at most {MAX_MODEL_NAME_LEN}" in error["message"]
+        longest = "team-a/" + "m" * (MAX_MODEL_NAME_LEN - 7)
+        answer = await client.completions.create(model=longest, prompt="hi", max_tokens=2)
+        assert answer.model == longest
+
+    try:
+        serve(rt, scenario)
+    finally:
+        rt.close()
+
+
+def test_the_model_name_limit_is_the_crds() -> None:
+    crd = yaml.safe_load((Path(__file__).parents[2] / "crds" / "inferencemodel.yaml").read_text())
+    spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    assert spec["properties"]["modelName"]["maxLength"] == MAX_MODEL_NAME_LEN
 
 
 def test_unavailable_weights_are_503(tiny: Any) -> None:
