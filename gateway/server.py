@@ -4,8 +4,9 @@
 model the body names (see :mod:`.routing` for names and picking), byte for byte, streaming included:
 chunks go out as they arrive, and a client that leaves cancels the upstream request (the replica then
 frees the sequence). A connection that cannot be made to the picked replica is retried once on
-another. ``GET /v1/models`` lists what the caller may call. Errors are OpenAI error objects; an
-unknown model (or one the caller's key may not call) is a 404 that names nothing else.
+another. ``GET /v1/models`` lists what the caller may call and ``GET /v1/models/{id}`` shows one of
+those. Errors are OpenAI error objects; an unknown model (or one the caller's key may not call) is a
+404 that names nothing else.
 
 A model scaled to zero (``spec.scaling.minReplicas: 0`` and no replica) is woken through its scale
 subresource and the request is held until a replica is ready, or answered 503 with ``Retry-After``
@@ -509,14 +510,30 @@ GATEWAY_KEY = web.AppKey("gateway", Gateway)
 SESSION_KEY = web.AppKey("session", aiohttp.ClientSession)
 
 
+def _model_card(name: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "vnpu"}
+
+
 async def models(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY_KEY]
     caller = gw.caller(request)
     if isinstance(caller, web.Response):
         return caller
     names = gw.discovery.table.listed(gw.visible(caller))
-    data = [{"id": n, "object": "model", "created": 0, "owned_by": "vnpu"} for n in names]
-    return web.json_response({"object": "list", "data": data})
+    return web.json_response({"object": "list", "data": [_model_card(n) for n in names]})
+
+
+async def model(request: web.Request) -> web.Response:
+    """One model by a name the caller may use (one that /v1/models lists for it); any other, the same
+    404 as a model that does not exist."""
+    gw = request.app[GATEWAY_KEY]
+    caller = gw.caller(request)
+    if isinstance(caller, web.Response):
+        return caller
+    name = request.match_info["model"]
+    if gw.discovery.table.resolve(name, gw.visible(caller)) is None:
+        return not_found(name)
+    return web.json_response(_model_card(name))
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
@@ -589,6 +606,7 @@ def make_app(gateway: Gateway) -> web.Application:
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", completions)
     app.router.add_get("/v1/models", models)
+    app.router.add_get("/v1/models/{model:.+}", model)  # the rest of the path: a name may hold '/'
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

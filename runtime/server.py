@@ -10,7 +10,8 @@
   ``seed``, ``stop``, ``logprobs`` (chat: ``logprobs`` + ``top_logprobs``), ``usage`` on every
   non-streamed response, and the extensions ``priority`` (higher first; default: the model's),
   ``ignore_eos`` and ``return_token_ids``. Fields are validated by :mod:`vnpu.runtime.openai_protocol`.
-* ``GET /v1/models`` (and ``/v1/models/{id}``) — the one model this process serves.
+* ``GET /v1/models`` (and ``/v1/models/{id}``, an id that may hold '/') — the one model this process
+  serves.
 * ``GET /healthz`` — the process is alive. ``GET /readyz`` — 200 only while the model can serve.
 * ``GET /metrics`` — Prometheus text format.
 
@@ -503,7 +504,7 @@ def make_app(runtime: ModelRuntime, body_timeout_s: float = BODY_TIMEOUT_S) -> w
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", models)
-    app.router.add_get("/v1/models/{model}", model)
+    app.router.add_get("/v1/models/{model:.+}", model)  # the rest of the path: a name may hold '/'
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

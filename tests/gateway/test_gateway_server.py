@@ -302,6 +302,47 @@ def test_a_namespace_named_like_a_models_prefix_never_receives_that_models_promp
     assert [json.loads(b) for b in squatter.bodies] == [{"model": "Llama-3.1-8B", "prompt": "secret"}]
 
 
+def test_a_model_is_shown_by_any_name_that_resolves_for_the_caller_and_no_other(tmp_path) -> None:
+    """GET /v1/models/{id}: the rest of the path (an id may hold '/'), resolved as a request's ``model``
+    is: another tenant's model is the same 404 as one that does not exist."""
+    hf = "meta-llama/Llama-3.1-8B"
+    keys = tmp_path / "keys.yaml"
+    keys.write_text("keys:\n  - {name: a, key: team-a-secret, models: ['team-a/*']}\n")
+    routes = (
+        Route(ModelKey("team-a", "llama"), hf, 1, 1),
+        Route(ModelKey("meta-llama", "x"), "Llama-3.1-8B", 1, 1),
+    )
+    unscoped, scoped = StaticDiscovery(*routes), StaticDiscovery(*routes)
+    gw = Gateway(discovery=scoped, keys=KeyRing(keys), config=GatewayConfig())
+    team_a = {"Authorization": "Bearer team-a-secret"}
+
+    def card(name: str) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": 0, "owned_by": "vnpu"}
+
+    async def shown(client: TestClient, path: str, headers: dict[str, str]) -> tuple[int, dict[str, Any]]:
+        response = await client.get(path, headers=headers)
+        return response.status, await response.json()
+
+    async def scenario() -> None:
+        async with serving(gateway(unscoped)) as client, TestClient(TestServer(make_app(gw))) as keyed:
+            for path in (f"/v1/models/{hf}", "/v1/models/meta-llama%2FLlama-3.1-8B"):
+                assert await shown(keyed, path, team_a) == (200, card(hf))
+            assert await shown(keyed, f"/v1/models/team-a/{hf}", team_a) == (200, card(f"team-a/{hf}"))
+            for name in ("nothing", "Llama-3.1-8B"):  # another tenant's: the same 404 as none at all
+                status, body = await shown(keyed, f"/v1/models/{name}", team_a)
+                assert status == 404 and body["error"]["code"] == "model_not_found"
+                assert (
+                    body["error"]["message"]
+                    == f"The model `{name}` does not exist or you do not have access to it."
+                )
+            assert (await shown(keyed, f"/v1/models/{hf}", {}))[0] == 401
+            # Without keys the name both models answer to is ambiguous: a 404, as for a request.
+            assert (await shown(client, f"/v1/models/{hf}", {}))[0] == 404
+            assert (await shown(client, "/v1/models/Llama-3.1-8B", {}))[0] == 200
+
+    asyncio.run(scenario())
+
+
 # --- what is forwarded --------------------------------------------------------------------------------
 
 

@@ -224,6 +224,27 @@ def test_models_lists_the_served_model(runtime: ModelRuntime) -> None:
     serve(runtime, scenario)
 
 
+def test_a_model_whose_name_holds_a_slash_is_retrieved_by_it(tiny: Any) -> None:
+    """A Hugging Face id (``org/name``) is a modelName the CRD allows: /v1/models/{id} takes the rest of
+    the path, not one segment (it was a 404)."""
+    rt = ModelRuntime(ServeOptions(max_context=CONTEXT, model_name="org/tiny", max_batch=4))
+    rt.install(tiny.manifest, tiny.arena, shared=False, seconds=0.01)
+
+    async def scenario(client: AsyncOpenAI, http: TestClient) -> None:
+        assert (await client.models.retrieve("org/tiny")).id == "org/tiny"
+        for path in ("/v1/models/org/tiny", "/v1/models/org%2Ftiny"):
+            response = await http.get(path)
+            assert response.status == 200 and (await response.json())["id"] == "org/tiny", path
+        for path in ("/v1/models/org/other", "/v1/models/org/tiny/more", "/v1/models/tiny"):
+            response = await http.get(path)
+            assert response.status == 404 and (await response.json())["error"]["code"] == "model_not_found"
+
+    try:
+        serve(rt, scenario)
+    finally:
+        rt.close()
+
+
 def test_stop_strings_and_seeds(runtime: ModelRuntime) -> None:
     full = runtime.complete("abc", 20, ignore_eos=True).text
     stop = full[5:7]
