@@ -12,8 +12,10 @@ names that resolve, through the same candidates.
 
 With keys scoped per namespace (``team-a/*``: a pattern with '/' matches qualified names only, see
 :mod:`.keys`), another tenant cannot make a team's names ambiguous: its models are not the team's
-candidates. Without keys, a model another namespace names ``team-a/chat`` makes team-a's qualified
-name ``team-a/chat`` ambiguous (a 404) but never captures it.
+candidates. Without keys names are one flat space for every caller: a model another namespace names
+``team-a/chat`` makes team-a's qualified name ``team-a/chat`` ambiguous (a 404) while team-a serves
+``chat``, and answers to it while team-a does not (before team-a's is created, after it is deleted).
+Keys are what keeps tenants apart.
 
 Picking follows the Gateway API Inference Extension's endpoint picker, scaled down: the endpoint
 with the fewest requests outstanding through this gateway, then the lowest KV-cache usage the
