@@ -14,7 +14,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from vnpu import api
-from vnpu.operator import metrics
+from vnpu.operator import metrics, network_policy
 from vnpu.operator.config import PLACEHOLDER_PRIORITY_CLASS
 from vnpu.operator.pods import ROLE_SHARE_KEY
 from vnpu.operator.state import (
@@ -142,7 +142,8 @@ class Kube:
             current = self._read_network_policy(namespace, name, missing_ok=False)
         labels = (current.get("metadata") or {}).get("labels") or {}
         ours = manifest["metadata"]["labels"]
-        if current.get("spec") == manifest["spec"] and labels.items() >= ours.items():
+        same = network_policy.canonical(current.get("spec")) == network_policy.canonical(manifest["spec"])
+        if same and labels.items() >= ours.items():
             return "kept"
         # The object as read, at its resourceVersion (a 409 if changed meanwhile), with our spec.
         body = {

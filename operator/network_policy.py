@@ -27,6 +27,10 @@ from vnpu import api
 NAME = "vnpu-model-pods"
 #: The fields of a NetworkPolicyPeer (networking.k8s.io/v1).
 PEER_FIELDS = frozenset({"podSelector", "namespaceSelector", "ipBlock"})
+#: Fields whose empty object means something, which the API server keeps: an empty selector selects
+#: all (``podSelector: {}`` every pod, ``namespaceSelector: {}`` every namespace, where an absent one
+#: means the policy's own namespace). The spec's own ``podSelector`` is one too.
+KEPT_WHEN_EMPTY = PEER_FIELDS
 
 
 @dataclass(frozen=True)
@@ -51,7 +55,21 @@ def parse_peer(text: str) -> dict[str, Any]:
         raise ValueError(f"unknown NetworkPolicyPeer fields {unknown} (allowed: {sorted(PEER_FIELDS)})")
     if not all(isinstance(v, dict) for v in peer.values()):
         raise ValueError("each NetworkPolicyPeer field is an object")
-    return peer
+    return canonical(peer)
+
+
+def canonical(value: Any) -> Any:
+    """``value`` (a NetworkPolicy spec or a part of it) as the API server returns it: a field holding
+    null, an empty list or an empty map is dropped (``matchLabels: {}``, ``except: []``,
+    ``values: []``: the same meaning as absent), except an empty map in :data:`KEPT_WHEN_EMPTY`; items
+    of a list all stay (an ingress rule ``{}`` lets everyone in). Spelled otherwise, a policy would
+    never compare equal to what the server stored, and be rewritten every resync."""
+    if isinstance(value, Mapping):
+        kept = {k: canonical(v) for k, v in value.items() if v is not None}
+        return {k: v for k, v in kept.items() if (k in KEPT_WHEN_EMPTY and v == {}) or v not in ({}, [])}
+    if isinstance(value, list | tuple):
+        return [canonical(v) for v in value]
+    return value
 
 
 def intents(namespaces_models: Mapping[str, Sequence[str]]) -> list[NetworkPolicyIntent]:

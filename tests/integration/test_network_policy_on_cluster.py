@@ -26,6 +26,23 @@ GATEWAY = {
     "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "vnpu-system"}},
     "podSelector": {"matchLabels": {"app.kubernetes.io/component": "gateway"}},
 }
+# Peers spelled with empty fields, which the API server drops when it stores them: the policy must
+# still settle (written once, then only read).
+MONITORING = {
+    "namespaceSelector": {"matchLabels": {"team": "monitoring"}, "matchExpressions": []},
+    "podSelector": {
+        "matchLabels": {},
+        "matchExpressions": [{"key": "app", "operator": "Exists", "values": []}],
+    },
+}
+NODES = {"ipBlock": {"cidr": "10.0.0.0/8", "except": []}}
+STORED = [
+    {
+        "namespaceSelector": {"matchLabels": {"team": "monitoring"}},
+        "podSelector": {"matchExpressions": [{"key": "app", "operator": "Exists"}]},
+    },
+    {"ipBlock": {"cidr": "10.0.0.0/8"}},
+]
 
 
 def test_each_namespace_gets_its_policy_before_its_pods_and_a_refused_one_gets_no_pods(
@@ -42,8 +59,9 @@ def test_each_namespace_gets_its_policy_before_its_pods_and_a_refused_one_gets_n
         lambda: core.read_namespaced_resource_quota("no-policies", blocked).status.hard, 30, "quota seen"
     )
     op = OperatorProcess(cluster, namespace, tmp_path).start(
-        "-n", blocked, "--network-policy", "--network-policy-from", json.dumps(GATEWAY)
-    )
+        "-n", blocked, "--network-policy", "--network-policy-from", json.dumps(GATEWAY),
+        *(f"--network-policy-from={json.dumps(peer)}" for peer in (MONITORING, NODES)),
+    )  # fmt: skip
     try:
         apply(cluster, namespace, "open", spec(replicas=2))
         apply(cluster, blocked, "shut", local(replicas=1))
@@ -58,7 +76,7 @@ def test_each_namespace_gets_its_policy_before_its_pods_and_a_refused_one_gets_n
         assert body == {
             "podSelector": {"matchLabels": {api.LABEL_MANAGED_BY: api.MANAGED_BY_VALUE}},
             "policyTypes": ["Ingress"],
-            "ingress": [{"from": [{"podSelector": {}}, GATEWAY]}],
+            "ingress": [{"from": [{"podSelector": {}}, GATEWAY, *STORED]}],
         }
         # It takes every pod the operator made there (holder and replicas), and was there first.
         selected = {
@@ -86,12 +104,14 @@ def test_each_namespace_gets_its_policy_before_its_pods_and_a_refused_one_gets_n
         networking.patch_namespaced_network_policy(
             network_policy.NAME, namespace, {"spec": {"ingress": [{}]}, "metadata": others}
         )
-        wait_until(lambda: len(policy().spec.ingress[0]._from or []) == 2, 30, "the policy put back")
+        wait_until(lambda: len(policy().spec.ingress[0]._from or []) == 4, 30, "the policy put back")
         # Others' labels and annotations stay: only the spec is put back.
         assert policy().metadata.labels["team"] == "a"
         assert policy().metadata.annotations["example.com/owner"] == "team-a"
-        assert "updated NetworkPolicy" in op.log() and "created NetworkPolicy" in op.log()
-        # Settled, it is read once a resync and never written again.
+        # (The operator logs once its write is done: the test may see the write first.)
+        wait_until(lambda: "updated NetworkPolicy" in op.log(), 10, "the put back logged")
+        assert "created NetworkPolicy" in op.log()
+        # Settled, it is read once a resync and never written again (its peers spelled as stored).
         version = policy().metadata.resource_version
         stamp = dt.datetime.now(dt.UTC)
         wait_until(lambda: (dt.datetime.now(dt.UTC) - stamp).total_seconds() > 8, 10, "three resyncs")

@@ -4,6 +4,7 @@ as given on the command line, and which namespaces a pass asks for."""
 from __future__ import annotations
 
 import datetime as dt
+import json
 from dataclasses import replace
 
 import pytest
@@ -74,3 +75,55 @@ def test_a_peer_that_is_not_a_network_policy_peer_is_refused_at_the_start(text, 
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--network-policy-from", text])
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("given", "stored"),
+    [
+        # An empty selector selects all: namespaceSelector {} is every namespace (absent, it would be
+        # the policy's own), so it stays; an empty matchLabels inside it means nothing and goes.
+        ({"namespaceSelector": {"matchLabels": {}}}, {"namespaceSelector": {}}),
+        (
+            {"podSelector": {}, "namespaceSelector": {"matchExpressions": []}},
+            {"podSelector": {}, "namespaceSelector": {}},
+        ),
+        ({"ipBlock": {"cidr": "10.0.0.0/8", "except": []}}, {"ipBlock": {"cidr": "10.0.0.0/8"}}),
+        (
+            {
+                "podSelector": {
+                    "matchLabels": {"app": ""},
+                    "matchExpressions": [{"key": "a", "operator": "Exists", "values": []}],
+                }
+            },
+            {
+                "podSelector": {
+                    "matchLabels": {"app": ""},
+                    "matchExpressions": [{"key": "a", "operator": "Exists"}],
+                }
+            },
+        ),
+    ],
+)
+def test_a_peer_is_spelled_as_the_api_server_stores_it_without_changing_what_it_selects(
+    given, stored
+) -> None:
+    """The server drops empty fields; spelled with them, the policy never compared equal to what it
+    stored and was rewritten every resync."""
+    assert network_policy.parse_peer(json.dumps(given)) == stored
+    assert network_policy.parse_peer(json.dumps(stored)) == stored
+
+
+def test_a_policy_compares_equal_to_what_the_server_stored_and_unequal_to_an_edit() -> None:
+    ours = network_policy.manifest("team-a", [{"namespaceSelector": {"matchLabels": {}}}])["spec"]
+    stored = {
+        "podSelector": {"matchLabels": {api.LABEL_MANAGED_BY: api.MANAGED_BY_VALUE}},
+        "policyTypes": ["Ingress"],
+        "ingress": [{"from": [{"podSelector": {}}, {"namespaceSelector": {}}]}],
+    }
+    assert network_policy.canonical(ours) == network_policy.canonical(stored)
+    # Every pod of the namespace is not every pod of every namespace; a rule {} lets everyone in.
+    swapped = {**stored, "ingress": [{"from": [{"namespaceSelector": {}}, {"namespaceSelector": {}}]}]}
+    assert network_policy.canonical(swapped) != network_policy.canonical(stored)
+    everyone = {**stored, "ingress": [{}]}
+    assert network_policy.canonical(everyone) == everyone != network_policy.canonical(stored)
+    assert network_policy.canonical({**stored, "ingress": [{"from": []}]}) == everyone
