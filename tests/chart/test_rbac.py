@@ -16,6 +16,7 @@ import yaml
 from test_chart import helm, render
 
 from vnpu.cluster.helm import CHART
+from vnpu.operator import network_policy
 from vnpu.operator.config import PLACEHOLDER_PRIORITY, PLACEHOLDER_PRIORITY_CLASS
 
 NAMESPACED = ["--set", "operator.watchNamespaces={team-a,team-b}"]
@@ -202,3 +203,28 @@ def test_namespaced_gateway_and_operator_are_confined_to_their_namespaces(
         assert not can("gateway", "list", "nodes")
     finally:
         control_plane.kubectl("delete", "-f", "-", "--ignore-not-found", input=listing, check=False)
+
+
+@pytest.mark.parametrize("values", [[], NAMESPACED], ids=["cluster-wide", "namespaced"])
+def test_the_operator_may_read_and_update_only_its_own_network_policy(
+    kube_bin_dir: Path, values: list[str]
+) -> None:
+    """get and update name the one policy the operator keeps; create cannot be named (RBAC does not
+    know the name of an object not yet made), so it is a rule of its own."""
+    assert not [
+        r
+        for role in rbac(render(kube_bin_dir, *values)).values()
+        for r in role.get("rules", [])
+        if "networkpolicies" in r["resources"]
+    ]  # off by default
+    docs = render(kube_bin_dir, *values, "--set", "operator.networkPolicy.enabled=true")
+    roles = [
+        role for (kind, _, name), role in rbac(docs).items() if kind.endswith("Role") and "operator" in name
+    ]
+    rules = [r for role in roles for r in role["rules"] if "networkpolicies" in r["resources"]]
+    group = {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"]}
+    expected = [
+        {**group, "verbs": ["create"]},
+        {**group, "resourceNames": [network_policy.NAME], "verbs": ["get", "update"]},
+    ]
+    assert rules == expected * (2 if values else 1)  # (namespaced: in each watched namespace's Role)

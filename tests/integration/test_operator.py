@@ -24,6 +24,7 @@ from vnpu.cluster.processes import wait_until
 from vnpu.cluster.volumes import ensure_local_claim
 from vnpu.gateway.discovery import parse_slice
 from vnpu.gateway.routing import ModelKey
+from vnpu.operator import network_policy
 from vnpu.operator.config import PLACEHOLDER_PRIORITY_CLASS
 
 GIB = 1024
@@ -523,7 +524,11 @@ def test_operator_runs_under_exactly_the_chart_rbac(
     assert can_i("create", "pods", "-n", "default") is not namespaced
     assert can_i("create", "services", "-n", "default") is not namespaced
     assert can_i("list", "pods", "-A")
-    assert can_i("update", "networkpolicies", "-n", namespace) is namespaced
+    # NetworkPolicies: created, and read and updated by the one name the operator keeps.
+    assert can_i("create", "networkpolicies", "-n", namespace) is namespaced
+    assert can_i("update", f"networkpolicies/{network_policy.NAME}", "-n", namespace) is namespaced
+    assert not can_i("update", "networkpolicies/someone-elses", "-n", namespace)
+    assert not can_i("get", "networkpolicies/someone-elses", "-n", namespace)
     assert not can_i("delete", "networkpolicies", "-n", namespace)
     kwok_nodes(1, devices=1, device_mib=16 * GIB)
     op = OperatorProcess(cluster, namespace, tmp_path, kubeconfig=kubeconfig, clusterwide=not namespaced)
