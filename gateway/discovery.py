@@ -3,8 +3,9 @@
 Two list+watch loops, each on a thread: InferenceModels (what clients may ask for: ``modelName``,
 ``replicas``, ``scaling.minReplicas``) and EndpointSlices carrying the ``vnpu.io/model`` label (the
 operator's Service of each model has it, and the EndpointSlice controller copies a Service's labels to
-its slices). Every change rebuilds the :class:`~vnpu.gateway.routing.RouteTable` and wakes whoever
-waits for a model's first ready endpoint. A watch that ends or fails re-lists: nothing is missed.
+its slices): only the controller's slices of the model's own Services count (:func:`parse_slice`).
+Every change rebuilds the :class:`~vnpu.gateway.routing.RouteTable` and wakes whoever waits for a
+model's first ready endpoint. A watch that ends or fails re-lists: nothing is missed.
 
 Parsing is pure (:func:`parse_model`, :func:`parse_slice`); the threads only feed it.
 """
@@ -68,14 +69,22 @@ def parse_model(obj: Mapping[str, Any]) -> ModelInfo | None:
 
 
 def parse_slice(obj: Mapping[str, Any]) -> SliceInfo | None:
-    """A model's EndpointSlice: its model and ready endpoints on the ``http`` port (None if unlabelled)."""
+    """A model's EndpointSlice: its model and ready endpoints on the ``http`` port; None unless the
+    EndpointSlice controller made it for the model's own Service or its warm one. The gateway passes
+    every NetworkPolicy the operator writes: a slice someone wrote by hand (a grant of EndpointSlice
+    writes, which the default roles do not give), or one of any Service labelled with a model, could
+    otherwise point it at any address, another namespace's pods included. The controller's slices
+    list only pods the Service's selector picks in its own namespace."""
     meta = obj.get("metadata", {})
     labels = meta.get("labels") or {}
     model = labels.get(api.LABEL_MODEL)
-    if not model:
+    if not model or labels.get(api.LABEL_SLICE_MANAGED_BY) != api.SLICE_CONTROLLER:
+        return None
+    service = labels.get(api.LABEL_SLICE_SERVICE)
+    warm = service == api.warm_service_name(model)
+    if not warm and service != api.service_name(model):
         return None
     key = ModelKey(str(meta.get("namespace", "")), model)
-    warm = labels.get(api.LABEL_ROLE) == api.ROLE_WEIGHTS
     ports = [p.get("port") for p in obj.get("ports") or [] if p.get("name") == PORT_NAME and p.get("port")]
     if not ports:
         return SliceInfo(key, (), warm)
@@ -217,7 +226,7 @@ class Discovery:
         self._loop = loop
         custom = client.CustomObjectsApi(self.api_client)
         discovery = client.DiscoveryV1Api(self.api_client)
-        selector = api.LABEL_MODEL
+        selector = f"{api.LABEL_MODEL},{api.LABEL_SLICE_MANAGED_BY}={api.SLICE_CONTROLLER}"
         if self.namespaces:
             model_lists: list[tuple[str | None, Callable[..., Any]]] = [
                 (

@@ -47,13 +47,7 @@ from vnpu.operator.planner import (
 )
 from vnpu.operator.pods import PodIntent, render, share_key_secret
 from vnpu.operator.reported import PostedEvents, Report, ReportedStatuses, ReportQueue
-from vnpu.operator.services import (
-    SelectorUpdate,
-    ServiceIntent,
-    render_service,
-    service_name,
-    warm_service_name,
-)
+from vnpu.operator.services import SelectorUpdate, ServiceIntent, render_service
 from vnpu.operator.state import ObservedModel, ObservedNode, ObservedPod, ObservedSecret, ObservedService
 
 log = logging.getLogger(__name__)
@@ -259,8 +253,8 @@ class Reconciler:
         """The informer's Services, plus the taken names, each looked at again once per resync (a taken
         name is the model's to use as soon as that Service is gone, or handed to the model), plus the
         Services being created (until the informer shows them, at most one resync)."""
-        wanted = {(m.namespace, service_name(m.name)) for m in models} | {
-            (m.namespace, warm_service_name(m.name))
+        wanted = {(m.namespace, api.service_name(m.name)) for m in models} | {
+            (m.namespace, api.warm_service_name(m.name))
             for m in models
             if m.spec is not None and m.spec.holder_serves
         }

@@ -13,12 +13,12 @@ port name ``http`` there.
 
 A model whose weight-holders answer while it has no ready replica (:func:`vnpu.api.holder_serves`:
 it may scale to zero and keeps its holders) has a second Service, its warm one
-(:func:`warm_service_name`): the same labels plus ``vnpu.io/role: weights``, selecting its share
+(:func:`vnpu.api.warm_service_name`): the same labels plus ``vnpu.io/role: weights``, selecting its share
 group's weight-holders of its own weights (``vnpu.io/weights``) on the same port name: a holder answers
 whatever model name it is asked, and one explicit share group may hold several models' weights. The
 gateway sends a request there only while the model's own Service has no ready endpoint.
 
-The name is deterministic (:func:`service_name`), so a retry after a crash creates the very same
+The name is deterministic (:func:`vnpu.api.service_name`), so a retry after a crash creates the very same
 object. A Service of that name that this model does not control is someone else's: it is left alone,
 and the model's ``Degraded`` condition says so (reason ``ServiceNameTaken``).
 
@@ -27,49 +27,25 @@ Pure, like :mod:`vnpu.operator.pods`: the planner decides, the reconciler writes
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from vnpu import api
+from vnpu.api import service_name, warm_service_name
 from vnpu.operator.pods import (
     RUNTIME_PORT_NAME,
     ModelRef,
     holder_selector,
     owner_references,
     replica_selector,
-    short_hash,
 )
 from vnpu.operator.state import ObservedModel, ObservedService
 
 #: The Service's port (what clients dial); it forwards to the replicas' named port ``http``.
 SERVICE_PORT = 80
-PREFIX = "vnpu-"
-#: A Service name must be an RFC 1035 label: lower-case alphanumerics and '-', starting with a letter.
-MAX_SERVICE_NAME = 63
-_DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 #: Why a model has no Service: the name is someone else's Service.
 REASON_NAME_TAKEN = "ServiceNameTaken"
-
-
-def service_name(model: str) -> str:
-    """``vnpu-<model>``: the prefix keeps it off the names users give their own Services, and makes a
-    model named ``7b`` a valid label. A model name that still is not one (dots, or longer than 58
-    characters) is cut and made unique by a hash of the whole name: ``vnpu-<cut name>-<hash>``."""
-    name = f"{PREFIX}{model}"
-    if len(name) <= MAX_SERVICE_NAME and _DNS1035.match(name):
-        return name
-    digest = short_hash(model, length=8)
-    room = MAX_SERVICE_NAME - len(PREFIX) - len(digest) - 1
-    cut = re.sub(r"[^a-z0-9-]+", "-", model.lower())[:room].strip("-")
-    return f"{PREFIX}{cut}-{digest}" if cut else f"{PREFIX}{digest}"
-
-
-def warm_service_name(model: str) -> str:
-    """The warm Service's name: :func:`service_name` of ``<model>/warm``, a name no model can have (a
-    model's name has no '/'), so it is cut and hashed: ``vnpu-<model>-warm-<hash>``."""
-    return service_name(f"{model}/warm")
 
 
 def endpoint_url(namespace: str, name: str) -> str:

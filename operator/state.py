@@ -101,7 +101,7 @@ class ObservedSecret:
 
 @dataclass(frozen=True)
 class ObservedService:
-    """A Service named like a model's (vnpu.operator.services.service_name): ours when its controller
+    """A Service named like a model's (vnpu.api.service_name): ours when its controller
     is that model, else someone else's, left alone."""
 
     namespace: str

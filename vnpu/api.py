@@ -6,6 +6,7 @@ Every component imports these constants instead of spelling the strings, so a re
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import re
 from typing import Any
 
@@ -102,6 +103,37 @@ LABEL_WEIGHTS = f"{GROUP}/weights"
 #: Pod label: the hash of the model's pod template (and key generation) a replica was created from;
 #: replicas of an older template are rolled out (like a Deployment's pod-template-hash).
 LABEL_TEMPLATE_HASH = f"{GROUP}/template-hash"
+
+#: A model's Services (the operator writes them, the gateway trusts only their EndpointSlices).
+SERVICE_PREFIX = "vnpu-"
+#: A Service name must be an RFC 1035 label: lower-case alphanumerics and '-', starting with a letter.
+MAX_SERVICE_NAME = 63
+_DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+#: The labels the EndpointSlice controller puts on the slices of a Service it serves (a slice anyone
+#: else writes may point anywhere).
+LABEL_SLICE_MANAGED_BY = "endpointslice.kubernetes.io/managed-by"
+SLICE_CONTROLLER = "endpointslice-controller.k8s.io"
+LABEL_SLICE_SERVICE = "kubernetes.io/service-name"
+
+
+def service_name(model: str) -> str:
+    """``vnpu-<model>``: the prefix keeps it off the names users give their own Services, and makes a
+    model named ``7b`` a valid label. A model name that still is not one (dots, or longer than 58
+    characters) is cut and made unique by a hash of the whole name: ``vnpu-<cut name>-<hash>``."""
+    name = f"{SERVICE_PREFIX}{model}"
+    if len(name) <= MAX_SERVICE_NAME and _DNS1035.match(name):
+        return name
+    digest = hashlib.sha256(model.encode()).hexdigest()[:8]
+    room = MAX_SERVICE_NAME - len(SERVICE_PREFIX) - len(digest) - 1
+    cut = re.sub(r"[^a-z0-9-]+", "-", model.lower())[:room].strip("-")
+    return f"{SERVICE_PREFIX}{cut}-{digest}" if cut else f"{SERVICE_PREFIX}{digest}"
+
+
+def warm_service_name(model: str) -> str:
+    """The warm Service's name: :func:`service_name` of ``<model>/warm``, a name no model can have (a
+    model's name has no '/'), so it is cut and hashed: ``vnpu-<model>-warm-<hash>``."""
+    return service_name(f"{model}/warm")
+
 
 #: Device IDs advertised to the kubelet are ``<device-id>-s<index>`` and at most this long.
 MAX_DEVICE_ID_LEN = 63

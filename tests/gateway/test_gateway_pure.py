@@ -213,7 +213,7 @@ def test_watch_objects_parse_into_routes() -> None:
     assert parse_model({"metadata": {"namespace": "ns", "name": "x"}, "spec": {"priority": 7}}).priority == 7
     assert parse_model({**model, "metadata": {**model["metadata"], "deletionTimestamp": "now"}}) is None
     slice_ = {
-        "metadata": {"namespace": "ns", "name": "chat-abc", "labels": {api.LABEL_MODEL: "chat"}},
+        "metadata": {"namespace": "ns", "name": "chat-abc", "labels": controller_labels("chat")},
         "ports": [{"name": "metrics", "port": 9000}, {"name": "http", "port": 8000}],
         "endpoints": [
             {"addresses": ["10.0.0.1"], "conditions": {"ready": True}, "targetRef": {"name": "chat-0"}},
@@ -226,8 +226,43 @@ def test_watch_objects_parse_into_routes() -> None:
     assert parsed.key == ModelKey("ns", "chat") and not parsed.warm
     assert parsed.endpoints == (Endpoint("10.0.0.1", 8000, "chat-0"), Endpoint("10.0.0.4", 8000))
     assert parse_slice({"metadata": {"name": "other", "labels": {}}}) is None
-    warm_labels = {api.LABEL_MODEL: "chat", api.LABEL_ROLE: api.ROLE_WEIGHTS}
+    warm_labels = controller_labels("chat", warm=True)
     assert parse_slice({**slice_, "metadata": {**slice_["metadata"], "labels": warm_labels}}).warm
+
+
+def controller_labels(model: str, *, warm: bool = False) -> dict[str, str]:
+    """The labels of an EndpointSlice the EndpointSlice controller made for ``model``'s Service."""
+    service = api.warm_service_name(model) if warm else api.service_name(model)
+    labels = {
+        api.LABEL_MODEL: model,
+        api.LABEL_SLICE_SERVICE: service,
+        api.LABEL_SLICE_MANAGED_BY: api.SLICE_CONTROLLER,
+    }
+    return labels | ({api.LABEL_ROLE: api.ROLE_WEIGHTS} if warm else {})
+
+
+@pytest.mark.parametrize(
+    "labels",
+    [
+        # Written by hand (anyone granted EndpointSlice writes), or mirrored from a selector-less Service.
+        {api.LABEL_MODEL: "chat", api.LABEL_SLICE_SERVICE: "vnpu-chat"},
+        controller_labels("chat") | {api.LABEL_SLICE_MANAGED_BY: "endpointslicemirroring-controller.k8s.io"},
+        # The controller's, of a Service that is not the model's (any Service labelled with its name).
+        controller_labels("chat") | {api.LABEL_SLICE_SERVICE: "my-own-service"},
+        controller_labels("chat") | {api.LABEL_SLICE_SERVICE: api.service_name("other")},
+    ],
+)
+def test_only_the_controllers_slices_of_the_models_own_services_give_it_endpoints(labels) -> None:
+    """The gateway passes every NetworkPolicy the operator writes: a slice pointing at another
+    namespace's pods would make it their proxy."""
+    slice_ = {
+        "metadata": {"namespace": "team-a", "name": "chat-x", "labels": labels},
+        "ports": [{"name": "http", "port": 8000}],
+        "endpoints": [
+            {"addresses": ["10.9.9.9"], "targetRef": {"name": "team-b-pod", "namespace": "team-b"}}
+        ],
+    }
+    assert parse_slice(slice_) is None
 
 
 @pytest.mark.parametrize(
@@ -318,7 +353,7 @@ def test_a_gateway_of_several_namespaces_syncs_once_all_are_listed_and_a_relist_
     discovery.replace_all("models", [model("team-b", "chat")], "team-b")
     assert set(discovery.table.routes) == {ModelKey("team-a", "chat"), ModelKey("team-b", "chat")}
     slice_ = {
-        "metadata": {"namespace": "team-a", "name": "chat-x", "labels": {api.LABEL_MODEL: "chat"}},
+        "metadata": {"namespace": "team-a", "name": "chat-x", "labels": controller_labels("chat")},
         "ports": [{"name": "http", "port": 8000}],
         "endpoints": [{"addresses": ["10.0.0.1"], "targetRef": {"name": "chat-0"}}],
     }

@@ -199,9 +199,14 @@ def endpoint_slice(
     share group's serving weight-holders): ready endpoints on port http (the replicas here listen on
     ports of their own, so each gets a slice of its own)."""
     assert len({r.port for r in replicas}) == 1
-    labels = {api.LABEL_MODEL: model_name, "kubernetes.io/service-name": model_name}
+    service = api.warm_service_name(model_name) if warm else api.service_name(model_name)
+    labels = {
+        api.LABEL_MODEL: model_name,
+        api.LABEL_SLICE_SERVICE: service,
+        api.LABEL_SLICE_MANAGED_BY: api.SLICE_CONTROLLER,
+    }
     if warm:
-        labels |= {api.LABEL_ROLE: api.ROLE_WEIGHTS, "kubernetes.io/service-name": f"{model_name}-warm"}
+        labels[api.LABEL_ROLE] = api.ROLE_WEIGHTS
     return {
         "apiVersion": "discovery.k8s.io/v1",
         "kind": "EndpointSlice",

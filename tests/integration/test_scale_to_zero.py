@@ -18,10 +18,10 @@ from operator_harness import get_model
 from test_operator import GIB, apply, events_of, holder_pods, replica_pods, spec, wait_phase
 
 from vnpu import api
+from vnpu.api import service_name, warm_service_name
 from vnpu.cluster.processes import wait_until
 from vnpu.gateway.discovery import parse_slice
 from vnpu.operator.kube import Kube
-from vnpu.operator.services import service_name, warm_service_name
 
 IDLE_S = 30  # the CRD's minimum
 # test_operator's fixtures: its kwok cluster, the operator process, the models claim (autouse).

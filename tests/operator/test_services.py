@@ -10,10 +10,11 @@ import pytest
 from test_planner import NOW, as_pods, estimate, model, node, run
 
 from vnpu import api
+from vnpu.api import service_name, warm_service_name
 from vnpu.gateway.discovery import PORT_NAME
 from vnpu.operator.planner import Failure
 from vnpu.operator.pods import RUNTIME_PORT_NAME
-from vnpu.operator.services import render_service, service_name, warm_service_name
+from vnpu.operator.services import render_service
 from vnpu.operator.state import ObservedService, parse_service
 
 DNS1035 = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
