@@ -712,8 +712,12 @@ def plan(
             p.weight_holder for p in mine if p.weight_holder and p.role == api.ROLE_REPLICA
         }
         ready = 0
+        taken: list[PodProblem] = []  # its replicas' names held by another model's pods
         for x in placed:
             pp = pods_by_name.get((m.namespace, x["pod"]))
+            if pp is not None and pp.model != m.name:
+                taken.append(PodProblem(pp.name, api.ROLE_REPLICA, _name_taken(pp)))
+                continue
             holder = pods_by_name.get((m.namespace, x["weightHolder"])) if x["weightHolder"] else None
             if pp and pp.ready and (not x["weightHolder"] or (holder and holder.ready)):
                 ready += 1
@@ -728,18 +732,22 @@ def plan(
         # A replica on the move counts as ready while the pod it replaces still serves.
         replaced = [pods_by_name[k] for k in moving_out if k not in retiring] + list(moves.values())
         ready += sum(1 for p in replaced if p.ready and _model_key(p.namespace, p.model or "") == key)
-        problems = [
-            PodProblem(p.name, p.role, p.problem)
-            for p in sorted(mine, key=lambda p: p.name)
-            if p.problem and not p.terminating and p.role in (api.ROLE_REPLICA, api.ROLE_WEIGHTS)
-        ] + [
-            PodProblem(h.name, h.role, h.problem)
-            for h in sorted(ours, key=lambda p: p.name)
-            if h.role == api.ROLE_WEIGHTS
-            and h.namespace == m.namespace
-            and h.name in holders_used
-            and h.problem
-        ]
+        problems = (
+            taken
+            + [
+                PodProblem(p.name, p.role, p.problem)
+                for p in sorted(mine, key=lambda p: p.name)
+                if p.problem and not p.terminating and p.role in (api.ROLE_REPLICA, api.ROLE_WEIGHTS)
+            ]
+            + [
+                PodProblem(h.name, h.role, h.problem)
+                for h in sorted(ours, key=lambda p: p.name)
+                if h.role == api.ROLE_WEIGHTS
+                and h.namespace == m.namespace
+                and h.name in holders_used
+                and h.problem
+            ]
+        )
         outcome = ModelOutcome(
             estimate=est if m.spec is not None else EstimateError(m.spec_error),
             placements=placed,
@@ -995,6 +1003,17 @@ def _is_current(p: ObservedPod, model: ObservedModel, template: str) -> bool:
         return p.template == template_label(template) and (named or not (p.node and p.device))
     # Pods from before the template label: the name says it (it hashes the template).
     return bool(p.node and p.device) and named
+
+
+def _name_taken(pod: ObservedPod) -> str:
+    """Why a replica of a model is not created: its name is another model's pod's. A model name too
+    long for a pod name is cut and tagged with a hash of it, and a model of the same namespace may be
+    named exactly that cut name: their replicas' names then meet, and the API server keeps one."""
+    owner = f"model {pod.model}'s" if pod.model else "a pod that is no model's"
+    return (
+        f"PodNameTaken: the pod name is {owner} (a model name too long for pod names is cut and hashed, "
+        "and this model's name is that cut name); rename one of the two models"
+    )
 
 
 #: Why a replica left by an earlier model of the same name goes (see :func:`_owned`).

@@ -17,6 +17,7 @@ from vnpu.memory import EstimateError
 from vnpu.operator.config import PLACEHOLDER_PRIORITY_CLASS
 from vnpu.operator.estimate_cache import EstimateCache
 from vnpu.operator.planner import Failure
+from vnpu.operator.pods import short_hash
 from vnpu.operator.spec import Rollout, SpecError, parse_spec
 from vnpu.operator.state import ObservedNode, parse_node, parse_pod
 
@@ -212,6 +213,31 @@ def test_a_pod_labelled_our_placeholder_is_free_only_at_the_placeholder_class() 
     assert roles_of_b(bound(placeholder, PLACEHOLDER_PRIORITY_CLASS)) == ["replica", "weights"]
     # The tenant's own, at its own priority: b is not placed on memory nothing will give back.
     assert roles_of_b(bound(placeholder, None)) == ["placeholder"]
+
+
+def test_a_model_named_like_anothers_cut_name_is_degraded_not_ready_on_the_others_pod() -> None:
+    """A model name too long for a pod name is cut and tagged with a hash of it; another model of the
+    namespace may be named exactly that. Their replicas' names then meet: the API server keeps one
+    pod, and the model without one must say so, not count the other's pod as its own."""
+    a_name = "chat-" + "x" * 55
+    room = 63 - len("0-abcdef") - 1
+    b_name = f"{a_name[: room - 7]}-{short_hash(a_name)}"
+    a, b = model(a_name, 1, modelName="llama"), model(b_name, 1, modelName="llama")
+    nodes = [node("n1", devices=1)]
+    created = {}
+    for p in as_pods(run([b, a], nodes).create):
+        created.setdefault(p.name, p)  # the API server keeps the first pod of a name
+    replicas = [p for p in created.values() if p.role == api.ROLE_REPLICA]
+    assert len(replicas) == 1  # the collision itself: one pod for two models
+    ready = [replace(p, ready=True, phase="Running") for p in created.values()]
+    result = run([a, b], nodes, ready)
+    status = {s.model.name: s.status for s in result.statuses}
+    winner, loser = (a_name, b_name) if replicas[0].model == a_name else (b_name, a_name)
+    assert status[winner]["readyReplicas"] == 1
+    assert status[loser]["readyReplicas"] == 0
+    degraded = next(c for c in status[loser]["conditions"] if c["type"] == "Degraded")
+    assert degraded["status"] == "True" and degraded["reason"] == "PodNameTaken"
+    assert f"model {winner}'s" in degraded["message"]
 
 
 def test_a_crash_looping_holder_makes_the_model_degraded_and_its_replicas_unready() -> None:
