@@ -35,6 +35,7 @@ import contextlib
 import json
 import logging
 import os
+import stat
 import tempfile
 import threading
 import time
@@ -97,15 +98,39 @@ class Allocation:
         return json.dumps(self.to_json(), separators=(",", ":"), sort_keys=True)
 
     @classmethod
-    def from_json(cls, raw: Mapping[str, Any]) -> Allocation:
-        pod = raw.get("pod")
+    def from_json(cls, raw: Any) -> Allocation:
+        """An allocation from its checkpoint entry; ValueError for an entry of any other shape."""
+        if not isinstance(raw, Mapping):
+            raise ValueError(f"an allocation entry is a JSON object, not a {type(raw).__name__}")
+        slices, devices, pod = raw.get("slices"), raw.get("devices"), raw.get("pod")
+        if not isinstance(slices, list) or not isinstance(devices, list):
+            raise ValueError("an allocation entry's 'slices' and 'devices' are lists")
+        if pod is not None and not isinstance(pod, Mapping):
+            raise ValueError(f"an allocation entry's 'pod' is an object or null, not a {type(pod).__name__}")
         return cls(
-            slices=tuple(str(s) for s in raw["slices"]),
-            devices=tuple(str(d) for d in raw["devices"]),
+            slices=tuple(str(s) for s in slices),
+            devices=tuple(str(d) for d in devices),
             pod=PodRef(str(pod["namespace"]), str(pod["name"]), str(pod.get("uid", ""))) if pod else None,
             allocated_at=float(raw.get("allocated_at", 0.0)),
             source=str(raw.get("source", "allocate")),
         )
+
+
+#: What reading a checkpoint or journal line of the wrong shape can raise: it is then unreadable.
+_UNREADABLE = (OSError, ValueError, KeyError, TypeError, RecursionError)
+
+
+def _parse_snapshot(text: str) -> list[Allocation]:
+    """The allocations of a snapshot file's text; ValueError for anything not of its shape."""
+    data = json.loads(text)
+    if not isinstance(data, Mapping):
+        raise ValueError(f"the checkpoint is a JSON object, not a {type(data).__name__}")
+    if data.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(f"checkpoint version {data.get('version')!r} != {CHECKPOINT_VERSION}")
+    entries = data.get("allocations")
+    if not isinstance(entries, list):
+        raise ValueError(f"the checkpoint's 'allocations' is a list, not a {type(entries).__name__}")
+    return [Allocation.from_json(a) for a in entries]
 
 
 def _device_of(sid: str) -> str:
@@ -147,14 +172,15 @@ class Ledger:
         allocations: list[Allocation] = []
         if self.checkpoint.exists():
             try:
-                data = json.loads(self.checkpoint.read_text())
-                if data.get("version") != CHECKPOINT_VERSION:
-                    raise ValueError(f"checkpoint version {data.get('version')!r} != {CHECKPOINT_VERSION}")
-                allocations = [Allocation.from_json(a) for a in data["allocations"]]
-            except (OSError, ValueError, KeyError, TypeError) as exc:
+                allocations = _parse_snapshot(self.checkpoint.read_text())
+            except _UNREADABLE as exc:
                 log.error(
-                    "ignoring unreadable checkpoint", extra={"path": str(self.checkpoint), "error": repr(exc)}
+                    "ignoring unreadable checkpoint %s; starting empty (the pod-resources reconcile "
+                    "rebuilds what live pods hold)",
+                    self.checkpoint,
+                    extra={"path": str(self.checkpoint), "error": repr(exc)},
                 )
+                self._move_aside_if_irreplaceable(self.checkpoint)
         with self._lock:
             self._by_slice = {}
             for alloc in allocations:
@@ -177,11 +203,25 @@ class Ledger:
         out = []
         for n, line in enumerate(lines):
             try:
-                out.append(Allocation.from_json(json.loads(line.decode("utf-8"))["record"]))
-            except (ValueError, KeyError, TypeError) as exc:
+                record = json.loads(line.decode("utf-8"))
+                if not isinstance(record, Mapping):
+                    raise ValueError(f"a journal line is a JSON object, not a {type(record).__name__}")
+                out.append(Allocation.from_json(record["record"]))
+            except _UNREADABLE as exc:
                 level = logging.INFO if n == len(lines) - 1 else logging.ERROR
                 log.log(level, "skipping unreadable journal line", extra={"line": n + 1, "error": repr(exc)})
         return out
+
+    @staticmethod
+    def _move_aside_if_irreplaceable(path: Path) -> None:
+        """A snapshot path the atomic replace cannot overwrite (a directory) is renamed to
+        ``<name>.corrupt-<timestamp>``, kept for a look, so that the plugin still starts."""
+        with contextlib.suppress(OSError):
+            if not stat.S_ISDIR(os.lstat(path).st_mode):
+                return  # a file or a link: os.replace overwrites it
+        aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
+        os.rename(path, aside)
+        log.error("moved the unreadable checkpoint aside", extra={"path": str(path), "to": str(aside)})
 
     def _append_locked(self, allocation: Allocation) -> None:
         if self.journal is None:

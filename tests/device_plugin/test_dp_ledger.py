@@ -101,6 +101,52 @@ def test_corrupt_or_foreign_checkpoints_are_ignored_not_fatal(tmp_path, caplog):
     assert "ignoring unreadable checkpoint" in caplog.text
 
 
+@pytest.mark.parametrize(
+    ("checkpoint", "journal"),
+    [
+        pytest.param("[]", None, id="top-level-list"),
+        pytest.param(json.dumps({"version": 1, "allocations": [["npu0-s0"]]}), None, id="entry-a-list"),
+        pytest.param(json.dumps({"version": 1, "allocations": {"a": 1}}), None, id="allocations-a-dict"),
+        pytest.param(
+            json.dumps({"version": 1, "allocations": [{"slices": [], "devices": [], "pod": 1}]}),
+            None,
+            id="pod-not-an-object",
+        ),
+        pytest.param("[" * 100_000 + "]" * 100_000, None, id="deep-nesting"),
+        pytest.param(None, '{"record":["npu0-s0"]}\n', id="journal-record-a-list"),
+        pytest.param(None, "[]\n", id="journal-line-a-list"),
+        pytest.param(None, "[" * 100_000 + "]" * 100_000 + "\n", id="journal-deep-nesting"),
+        pytest.param("directory", None, id="checkpoint-a-directory"),
+    ],
+)
+def test_a_checkpoint_or_journal_of_the_wrong_shape_is_ignored_not_fatal(
+    tmp_path, caplog, checkpoint, journal
+):
+    caplog.set_level("INFO")  # a bad last journal line is logged at INFO (it may be a torn write)
+    path = tmp_path / "checkpoint.json"
+    if checkpoint == "directory":
+        path.mkdir()
+    elif checkpoint is not None:
+        path.write_text(checkpoint)
+    if journal is not None:
+        (tmp_path / "checkpoint.json.journal").write_text(journal)
+    ledger = Ledger(path)
+    assert ledger.load() == 0  # starts empty: the pod-resources reconcile rebuilds what live pods hold
+    assert ledger.held() == {}
+    ledger.record(alloc(["npu0-s1"], A))  # and keeps working
+    ledger.close()
+    assert Ledger(path).load() == 1
+    if checkpoint is not None:
+        (record,) = [r for r in caplog.records if r.getMessage().startswith("ignoring unreadable checkpoint")]
+        assert str(path) in record.getMessage()
+        assert record.path == str(path)
+    else:
+        assert "skipping unreadable journal line" in caplog.text
+    if checkpoint == "directory":
+        (aside,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+        assert aside.name.startswith("checkpoint.json.corrupt-")
+
+
 def test_a_slice_is_never_held_twice_and_a_displaced_allocation_is_released_whole(tmp_path):
     ledger = Ledger(tmp_path / "c.json")
     ledger.record(alloc(["npu0-s0", "npu0-s1"], A))
