@@ -71,6 +71,29 @@ class Backend(abc.ABC):
         """Release backend resources (libraries, handles)."""
 
 
+#: The largest NUMA node ID taken as real, + 1: Linux's MAX_NUMNODES is at most 1024 (NODES_SHIFT
+#: <= 10). A larger one (a corrupt sysfs, a typo in a config) cannot be a node, and past int64 it
+#: cannot even be sent: the kubelet's TopologyInfo would fail every ListAndWatch of that device.
+MAX_NUMA_NODES = 1024
+_numa_warned: set[str] = set()  # the sources an out-of-range NUMA node was reported for (warned once)
+
+
+def numa_node_or_none(value: int, source: str) -> int | None:
+    """``value`` as a NUMA node: None (unknown) when negative or not below MAX_NUMA_NODES; an
+    out-of-range one is warned about once per ``source`` (the file or config entry it came from)."""
+    if 0 <= value < MAX_NUMA_NODES:
+        return value
+    if value >= MAX_NUMA_NODES and source not in _numa_warned:
+        _numa_warned.add(source)
+        log.warning(
+            "NUMA node %d out of range (0..%d); taking it as unknown",
+            value,
+            MAX_NUMA_NODES - 1,
+            extra={"source": source, "numa_node": value},
+        )
+    return None
+
+
 def read_numa_node(pci_bus_id: str, sysfs_root: str | Path = "/sys") -> int | None:
     """The NUMA node of a PCI device from sysfs, or None when unknown (missing file or -1)."""
     bus_id = pci_bus_id.strip().lower()
@@ -83,7 +106,7 @@ def read_numa_node(pci_bus_id: str, sysfs_root: str | Path = "/sys") -> int | No
         value = int(path.read_text().strip())
     except (OSError, ValueError):
         return None
-    return value if value >= 0 else None
+    return numa_node_or_none(value, str(path))
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from vnpu.device_plugin.backends.base import Backend, BackendError, PhysicalDevice
+from vnpu.device_plugin.backends.base import Backend, BackendError, PhysicalDevice, numa_node_or_none
 from vnpu.device_plugin.contract import ENV_ASCEND_VISIBLE_DEVICES
 from vnpu.inventory import HEALTHY, UNHEALTHY
 
@@ -93,7 +93,9 @@ def parse_config(data: Any) -> list[PhysicalDevice]:
                     model=str(raw.get("model", model)),
                     total_mib=total,
                     used_mib=int(raw.get("used_mib", 0)),
-                    numa_node=None if numa is None else int(numa),
+                    numa_node=None
+                    if numa is None
+                    else numa_node_or_none(int(numa), f"simulated config device #{i}"),
                     healthy=healthy,
                     reason=""
                     if healthy

@@ -10,9 +10,11 @@ from dp_helpers import FIXTURES, fake_npu_smi
 
 from vnpu.device_plugin.backends import BackendError, create_backend
 from vnpu.device_plugin.backends.ascend import AscendBackend, parse_chip_map, parse_info, to_devices
-from vnpu.device_plugin.backends.base import read_numa_node
+from vnpu.device_plugin.backends.base import PhysicalDevice, read_numa_node
 from vnpu.device_plugin.backends.nvidia import GpuReport, NvidiaBackend, to_device
 from vnpu.device_plugin.backends.simulated import SimulatedBackend, parse_config, parse_spec
+from vnpu.device_plugin.devices import DeviceTable
+from vnpu.device_plugin.service import list_and_watch_response
 
 NPU_SMI = FIXTURES / "npu-smi"
 
@@ -102,6 +104,21 @@ def test_numa_lookup_accepts_nvml_style_bus_ids(tmp_path):
     assert read_numa_node("00000000:17:00.0", sysfs) == 1
     assert read_numa_node("0000:17:00.0", sysfs) == 1
     assert read_numa_node("0000:99:00.0", sysfs) is None
+
+
+@pytest.mark.parametrize("node", [1024, 2**63, 99999999999999999999])
+def test_a_numa_node_out_of_range_is_unknown_and_listandwatch_still_builds(tmp_path, caplog, node):
+    sysfs = fake_sysfs(tmp_path, {"0000:17:00.0": node})
+    from_sysfs = read_numa_node("0000:17:00.0", sysfs)
+    (from_config,) = parse_config({"devices": [{"memory_mib": 1024, "numa_node": node}]})
+    assert from_sysfs is None and from_config.numa_node is None
+    assert "out of range" in caplog.text
+    table = DeviceTable(512)
+    table.update([PhysicalDevice("npu0", 0, "m", 1024, numa_node=from_sysfs), from_config])
+    for device_id in ("npu0", from_config.id):
+        response = list_and_watch_response(table.entry(device_id))  # raised ValueError: int64 overflow
+        assert response.devices and not any(d.HasField("topology") for d in response.devices)
+    assert read_numa_node("0000:17:00.0", fake_sysfs(tmp_path / "in-range", {"0000:17:00.0": 1023})) == 1023
 
 
 # --- simulated -----------------------------------------------------------------------------------------
