@@ -36,6 +36,23 @@ def preferred_allocation(
     return picked[:size]
 
 
+def validate_allocate(
+    containers: Sequence[Sequence[str]], device_of: Mapping[str, str], device_id: str
+) -> None:
+    """Check every container request of one Allocate (:func:`validate_request`), and that no slice ID
+    is asked for by two of them: each container would get a memory limit for it, more than the
+    device's slices hold. Raises AllocationError naming the ID."""
+    seen: dict[str, int] = {}
+    for n, ids in enumerate(containers):
+        validate_request(ids, device_of, device_id)
+        for sid in ids:
+            if (first := seen.setdefault(sid, n)) != n:
+                raise AllocationError(
+                    f"device ID {sid!r} is requested by container requests #{first} and #{n} of one "
+                    "Allocate: a slice goes to one container"
+                )
+
+
 def validate_request(ids: Sequence[str], device_of: Mapping[str, str], device_id: str) -> None:
     """Check one container's slice IDs for the endpoint of ``device_id``: non-empty, no repeats, every
     ID a slice of that device. ``device_of`` maps every known slice ID to its device. Raises

@@ -21,7 +21,7 @@ from vnpu.device_plugin.backends.base import Backend
 from vnpu.device_plugin.devices import DeviceEntry, DeviceTable
 from vnpu.device_plugin.ledger import Allocation, Ledger
 from vnpu.device_plugin.metrics import PluginMetrics
-from vnpu.device_plugin.placement import preferred_allocation, validate_request
+from vnpu.device_plugin.placement import preferred_allocation, validate_allocate
 from vnpu.device_plugin.proto import api_pb2, api_pb2_grpc
 from vnpu.inventory import HEALTHY, UNHEALTHY
 
@@ -143,11 +143,13 @@ class DeviceService(api_pb2_grpc.DevicePluginServicer):
     ) -> api_pb2.AllocateResponse:
         started = time.perf_counter()
         try:
-            return api_pb2.AllocateResponse(
-                container_responses=[
-                    self._allocate_container(list(r.devices_ids)) for r in request.container_requests
-                ]
-            )
+            containers = [list(r.devices_ids) for r in request.container_requests]
+            # Every container is checked and answered before any is recorded: a refused Allocate
+            # leaves nothing in the ledger.
+            responses = self._allocate_responses(containers)
+            for ids in containers:
+                self._record(ids)
+            return api_pb2.AllocateResponse(container_responses=responses)
         except AllocationError as exc:
             if self.metrics is not None:
                 self.metrics.allocate_errors.inc()
@@ -158,14 +160,25 @@ class DeviceService(api_pb2_grpc.DevicePluginServicer):
             if self.metrics is not None:
                 self.metrics.allocate_seconds.observe(time.perf_counter() - started)
 
-    def _allocate_container(self, ids: list[str]) -> api_pb2.ContainerAllocateResponse:
+    def _allocate_responses(self, containers: list[list[str]]) -> list[api_pb2.ContainerAllocateResponse]:
         entry = self.table.entry(self.device_id)
         if entry is None:
             raise AllocationError(f"device {self.device_id} is not in the device table")
-        device_of = {sid: owner.id for sid in ids if (owner := self.table.owner_of(sid)) is not None}
-        validate_request(ids, device_of, self.device_id)
-        edits = container_edits(entry, len(ids), self.backend, socket_root=self.options.socket_root)
-        response = allocate_response(edits)
+        device_of = {
+            sid: owner.id
+            for ids in containers
+            for sid in ids
+            if (owner := self.table.owner_of(sid)) is not None
+        }
+        validate_allocate(containers, device_of, self.device_id)
+        return [
+            allocate_response(
+                container_edits(entry, len(ids), self.backend, socket_root=self.options.socket_root)
+            )
+            for ids in containers
+        ]
+
+    def _record(self, ids: list[str]) -> None:
         displaced = self.ledger.record(Allocation(slices=tuple(ids), devices=(self.device_id,)))
         for old in displaced:
             # Normal when a pod ended and the kubelet re-used its slices before the plugin noticed.
@@ -174,4 +187,3 @@ class DeviceService(api_pb2_grpc.DevicePluginServicer):
                 extra={"slices": list(old.slices), "previous_pod": str(old.pod) if old.pod else None},
             )
         log.info("allocated", extra={"device": self.device_id, "slices": ids})
-        return response

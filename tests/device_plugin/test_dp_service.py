@@ -116,6 +116,39 @@ def test_allocate_refuses_other_devices_unknown_repeated_and_unhealthy(run_plugi
     assert "npu1 is unhealthy: overheated" in err.value.details()
 
 
+def allocate_all(stub, *containers: list[str]) -> api_pb2.AllocateResponse:
+    return stub.Allocate(
+        api_pb2.AllocateRequest(
+            container_requests=[api_pb2.ContainerAllocateRequest(devices_ids=ids) for ids in containers]
+        )
+    )
+
+
+def test_a_slice_asked_for_by_two_containers_of_one_allocate_is_refused(run_plugin, stub_for):
+    runner = run_plugin()
+    stub = stub_for(runner, 0)
+    with pytest.raises(grpc.RpcError) as err:
+        allocate_all(stub, ["npu0-s0", "npu0-s1"], ["npu0-s1", "npu0-s2"])
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "'npu0-s1'" in err.value.details()
+    assert runner.ledger.held() == {}
+    resp = allocate_all(stub, ["npu0-s0", "npu0-s1"], ["npu0-s2"])  # distinct slices: one each
+    assert len(resp.container_responses) == 2
+    assert {sid: a.slices for sid, a in runner.ledger.held().items()} == {
+        "npu0-s0": ("npu0-s0", "npu0-s1"),
+        "npu0-s1": ("npu0-s0", "npu0-s1"),
+        "npu0-s2": ("npu0-s2",),
+    }
+
+
+def test_a_refused_allocate_records_none_of_its_containers(run_plugin, stub_for):
+    runner = run_plugin()
+    stub = stub_for(runner, 0)
+    with pytest.raises(grpc.RpcError) as err:
+        allocate_all(stub, ["npu0-s3"], ["npu1-s0"])  # the second container is refused
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert runner.ledger.held() == {}  # the first left no phantom entry
+
+
 def test_preferred_allocation_prefers_free_slices_by_index(run_plugin, stub_for):
     runner = run_plugin()
     stub = stub_for(runner, 1)
