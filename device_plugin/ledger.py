@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import stat
 import tempfile
@@ -133,6 +134,31 @@ def _parse_snapshot(text: str) -> list[Allocation]:
     return [Allocation.from_json(a) for a in entries]
 
 
+def _sanitised(alloc: Allocation, now: float) -> Allocation | None:
+    """A loaded allocation the ledger can hold: slice IDs that are not ``<device>-s<index>`` dropped
+    (metrics group slices by device; one such ID broke every /metrics scrape), warned about, and
+    None when none is left; an ``allocated_at`` that is not finite or is in the future taken as
+    ``now`` (NaN compares false and +inf never ages: neither was ever released by the reconcile)."""
+    from vnpu.api import parse_slice_id
+
+    slices = []
+    for sid in alloc.slices:
+        try:
+            parse_slice_id(sid)
+        except ValueError:
+            log.warning("dropping an unparsable slice ID from the checkpoint", extra={"slice": sid})
+            continue
+        slices.append(sid)
+    if not slices:
+        return None
+    at = alloc.allocated_at
+    if not (math.isfinite(at) and at <= now):
+        at = now
+    if len(slices) == len(alloc.slices) and at == alloc.allocated_at:
+        return alloc
+    return replace(alloc, slices=tuple(slices), allocated_at=at)
+
+
 def _device_of(sid: str) -> str:
     from vnpu.api import parse_slice_id
 
@@ -181,12 +207,12 @@ class Ledger:
                     extra={"path": str(self.checkpoint), "error": repr(exc)},
                 )
                 self._move_aside_if_irreplaceable(self.checkpoint)
+        now = time.time()
         with self._lock:
             self._by_slice = {}
-            for alloc in allocations:
-                self._apply_locked(alloc)
-            for alloc in self._read_journal():
-                self._apply_locked(alloc)
+            for raw in [*allocations, *self._read_journal()]:
+                if (alloc := _sanitised(raw, now)) is not None:
+                    self._apply_locked(alloc)
             self._compact_locked()  # start from a clean snapshot and an empty journal
             return len(self._by_slice)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -145,6 +146,28 @@ def test_a_checkpoint_or_journal_of_the_wrong_shape_is_ignored_not_fatal(
     if checkpoint == "directory":
         (aside,) = [p for p in tmp_path.iterdir() if p.is_dir()]
         assert aside.name.startswith("checkpoint.json.corrupt-")
+
+
+def test_an_unparsable_slice_id_in_a_checkpoint_is_dropped_and_counting_still_works(tmp_path, caplog):
+    path = tmp_path / "checkpoint.json"
+    entry = {"slices": ["bogus", "npu0-s1"], "devices": ["npu0"], "pod": None, "allocated_at": 100.0}
+    only_bogus = dict(entry, slices=["bogus2"])
+    path.write_text(json.dumps({"version": 1, "allocations": [entry, only_bogus]}))
+    ledger = Ledger(path)
+    assert ledger.load() == 1
+    assert ledger.count_by_device() == {"npu0": 1}  # raised ValueError: 'bogus' is not a slice id
+    assert "dropping an unparsable slice ID" in caplog.text
+
+
+@pytest.mark.parametrize("at", ["NaN", "Infinity", "1e300"])
+def test_a_non_finite_or_future_allocated_at_is_still_released_after_grace(tmp_path, at):
+    path = tmp_path / "checkpoint.json"
+    entry = '{"slices":["npu0-s0"],"devices":["npu0"],"pod":null,"allocated_at":' + at + "}"
+    path.write_text('{"version":1,"allocations":[' + entry + "]}")
+    ledger = Ledger(path)
+    assert ledger.load() == 1
+    assert ledger.reconcile({}, grace_s=10, now=time.time() + 60) == (0, 1)
+    assert ledger.held() == {}
 
 
 def test_a_slice_is_never_held_twice_and_a_displaced_allocation_is_released_whole(tmp_path):
