@@ -217,7 +217,22 @@ class Ledger:
             return len(self._by_slice)
 
     def _read_journal(self) -> list[Allocation]:
-        if self.journal is None or not self.journal.exists():
+        if self.journal is None:
+            return []
+        try:
+            mode = os.lstat(self.journal).st_mode
+        except FileNotFoundError:
+            return []
+        except OSError:
+            mode = stat.S_IFREG  # read below, which logs why it cannot be
+        if not stat.S_ISREG(mode):
+            # A link (its target would be truncated by the compaction) or anything else: never
+            # followed; removed, and a fresh journal is created in its place.
+            log.error("replacing a journal that is not a regular file", extra={"path": str(self.journal)})
+            if stat.S_ISDIR(mode):
+                self._move_aside_if_irreplaceable(self.journal)
+            else:
+                self.journal.unlink()
             return []
         try:
             raw = self.journal.read_bytes()
@@ -240,21 +255,23 @@ class Ledger:
 
     @staticmethod
     def _move_aside_if_irreplaceable(path: Path) -> None:
-        """A snapshot path the atomic replace cannot overwrite (a directory) is renamed to
+        """A snapshot or journal path that cannot be overwritten (a directory) is renamed to
         ``<name>.corrupt-<timestamp>``, kept for a look, so that the plugin still starts."""
         with contextlib.suppress(OSError):
             if not stat.S_ISDIR(os.lstat(path).st_mode):
                 return  # a file or a link: os.replace overwrites it
         aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
         os.rename(path, aside)
-        log.error("moved the unreadable checkpoint aside", extra={"path": str(path), "to": str(aside)})
+        log.error("moved an unreadable ledger file aside", extra={"path": str(path), "to": str(aside)})
 
     def _append_locked(self, allocation: Allocation) -> None:
         if self.journal is None:
             return
         if self._journal_fd is None:
             self.journal.parent.mkdir(parents=True, exist_ok=True)
-            self._journal_fd = os.open(self.journal, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            self._journal_fd = os.open(
+                self.journal, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600
+            )
         os.write(self._journal_fd, f'{{"record":{allocation.json_text}}}\n'.encode())
         if self.sync == "sync":
             os.fdatasync(self._journal_fd)
@@ -278,7 +295,7 @@ class Ledger:
             if self.sync != "off":
                 os.fsync(self._journal_fd)
         elif self.journal is not None and self.journal.exists():
-            self.journal.write_bytes(b"")
+            os.close(os.open(self.journal, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW))
         self._journal_records = 0
 
     def _save_snapshot_locked(self) -> None:

@@ -170,6 +170,26 @@ def test_a_non_finite_or_future_allocated_at_is_still_released_after_grace(tmp_p
     assert ledger.held() == {}
 
 
+@pytest.mark.parametrize("kind", ["symlink", "directory"])
+def test_a_journal_that_is_not_a_regular_file_is_replaced_never_followed(tmp_path, kind):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("important\n")
+    path = tmp_path / "state" / "checkpoint.json"
+    path.parent.mkdir()
+    journal = path.with_name("checkpoint.json.journal")
+    if kind == "symlink":
+        journal.symlink_to(victim)
+    else:
+        journal.mkdir()
+    ledger = Ledger(path)
+    assert ledger.load() == 0
+    assert victim.read_text() == "important\n"  # the symlink's target was truncated
+    ledger.record(alloc(["npu0-s0"], A))
+    ledger.close()
+    assert journal.is_file() and not journal.is_symlink()
+    assert Ledger(path).load() == 1
+
+
 def test_a_slice_is_never_held_twice_and_a_displaced_allocation_is_released_whole(tmp_path):
     ledger = Ledger(tmp_path / "c.json")
     ledger.record(alloc(["npu0-s0", "npu0-s1"], A))
