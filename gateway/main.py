@@ -36,7 +36,11 @@ examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from vnpu.gateway.server import MAX_WAITING, MAX_WAITING_PER_MODEL  # (these import aiohttp)
+    from vnpu.gateway.server import (  # (these import aiohttp)
+        MAX_WAITING,
+        MAX_WAITING_PER_MODEL,
+        MAX_WAITING_PER_NAMESPACE,
+    )
     from vnpu.jsonbody import BODY_TIMEOUT_S, IDLE_CONNECTION_TIMEOUT_S
 
     p = argparse.ArgumentParser(
@@ -86,6 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="most of those held for one model, so a model that never gets ready cannot hold every "
         "slot and turn away the other models' wakes; past it a 503 with Retry-After (default %(default)s)",
+    )
+    p.add_argument(
+        "--max-waiting-per-namespace",
+        type=int,
+        default=MAX_WAITING_PER_NAMESPACE,
+        metavar="N",
+        help="most of those held for one namespace's models, so one tenant's models that never get "
+        "ready cannot hold every slot; past it a 503 with Retry-After (default %(default)s)",
     )
     p.add_argument(
         "--body-timeout",
@@ -152,6 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             body_timeout_s=args.body_timeout,
             max_waiting=args.max_waiting,
             max_waiting_per_model=args.max_waiting_per_model,
+            max_waiting_per_namespace=args.max_waiting_per_namespace,
         ),
         wake=None if args.no_wake else (lambda ns, name: scale_from_zero(client, ns, name)),
         record=recorder.record,

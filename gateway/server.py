@@ -11,8 +11,9 @@ those. Errors are OpenAI error objects; an unknown model (or one the caller's ke
 A model scaled to zero (``spec.scaling.minReplicas: 0`` and no replica) is woken through its scale
 subresource and the request is held until a replica is ready, or answered 503 with ``Retry-After``
 once ``--wake-timeout`` passes (Knative's activator does the same); past ``--max-waiting`` requests held
-at once, or ``--max-waiting-per-model`` for one model (so a model that never gets ready cannot turn
-away the others' wakes), a 503 with ``Retry-After`` at once. A held request keeps only its body's
+at once, ``--max-waiting-per-namespace`` for one namespace's models or ``--max-waiting-per-model`` for
+one model (so a model, or a tenant's models, that never get ready cannot turn away the others' wakes),
+a 503 with ``Retry-After`` at once. A held request keeps only its body's
 bytes, not the parsed body (many times larger). Every request is counted towards the model's activity
 (:mod:`.activity`), which the operator reads to scale idle models to zero.
 
@@ -66,6 +67,10 @@ MAX_WAITING = 64
 #: Most of those held for one model: a model that never gets ready (crash-looping, a bad image) would
 #: otherwise hold every slot for --wake-timeout, and every other tenant's waking model would get 503s.
 MAX_WAITING_PER_MODEL = 16
+#: Most of those held for one namespace's models: a tenant with several never-ready models would
+#: otherwise hold every slot (4 x 16 = 64) and turn away the other tenants' wakes; at half, two
+#: tenants must both misbehave to fill the gateway.
+MAX_WAITING_PER_NAMESPACE = 32
 #: Most bytes of a replica's /metrics the KV-usage scrape reads. Ours is about 10 KB (measured: 9.9 KB
 #: after requests of every outcome; its label sets are bounded), so this leaves ample room; a tenant's
 #: own runtime image (spec.runtime.image) may answer without end, and the shared gateway (512Mi in the
@@ -161,6 +166,7 @@ class GatewayConfig:
     kv_scrape_interval_s: float = 2.0
     max_waiting: int = MAX_WAITING
     max_waiting_per_model: int = MAX_WAITING_PER_MODEL
+    max_waiting_per_namespace: int = MAX_WAITING_PER_NAMESPACE
 
 
 @dataclass
@@ -182,6 +188,8 @@ class Gateway:
     waiting: int = 0
     #: of those, by model (each bounded by config.max_waiting_per_model; absent: none)
     waiting_by_model: dict[ModelKey, int] = field(default_factory=dict)
+    #: and by namespace (each bounded by config.max_waiting_per_namespace; absent: none)
+    waiting_by_namespace: dict[str, int] = field(default_factory=dict)
     _waking: dict[tuple[str, str], asyncio.Task[None]] = field(default_factory=dict)
     #: replicas whose /metrics was over MAX_METRICS_BYTES, already warned about
     _metrics_too_large: set[Endpoint] = field(default_factory=set)
@@ -228,20 +236,25 @@ class Gateway:
         started = time.monotonic()
         if route.replicas == 0 and self.wake is not None:
             self._start_wake(route)  # even for a request refused below: its retry finds the model waking
+        namespace = route.key.namespace
         refused = waiting_refused(
-            self.waiting, self.waiting_by_model.get(route.key, 0), self.config, route.qualified_name
+            self.waiting,
+            self.waiting_by_model.get(route.key, 0),
+            self.waiting_by_namespace.get(namespace, 0),
+            self.config,
+            route.qualified_name,
         )
         if refused is not None:
             return route, refused
         self.waiting += 1
-        self.waiting_by_model[route.key] = self.waiting_by_model.get(route.key, 0) + 1
+        _count(self.waiting_by_model, route.key, +1)
+        _count(self.waiting_by_namespace, namespace, +1)
         try:
             return await self._wait_for_endpoints(route, warm, started)
         finally:
             self.waiting -= 1
-            self.waiting_by_model[route.key] -= 1
-            if not self.waiting_by_model[route.key]:
-                del self.waiting_by_model[route.key]
+            _count(self.waiting_by_model, route.key, -1)
+            _count(self.waiting_by_namespace, namespace, -1)
 
     async def _wait_for_endpoints(self, route: Route, warm: bool, started: float) -> tuple[Route, str | None]:
         deadline = started + self.config.wake_timeout_s
@@ -481,13 +494,21 @@ async def read_metrics(session: aiohttp.ClientSession, endpoint: Endpoint) -> st
     return body.decode("utf-8", "replace")
 
 
-def waiting_refused(waiting: int, for_model: int, config: GatewayConfig, model: str) -> str | None:
+def waiting_refused(
+    waiting: int, for_model: int, for_namespace: int, config: GatewayConfig, model: str
+) -> str | None:
     """Why one more request for ``model`` may not wait for a replica (``waiting`` wait on the gateway,
-    ``for_model`` of them for it), naming the limit it met; None when it may."""
+    ``for_namespace`` of them for its namespace's models and ``for_model`` for it), naming the limit it
+    met; None when it may."""
     if for_model >= config.max_waiting_per_model:
         return (
             f"{for_model} requests already wait for a replica of {model} on this gateway "
             f"(its limit per model, --max-waiting-per-model); retry later"
+        )
+    if for_namespace >= config.max_waiting_per_namespace:
+        return (
+            f"{for_namespace} requests already wait for replicas of this namespace's models on this "
+            f"gateway (its limit per namespace, --max-waiting-per-namespace); retry {model} later"
         )
     if waiting >= config.max_waiting:
         return (
@@ -495,6 +516,15 @@ def waiting_refused(waiting: int, for_model: int, config: GatewayConfig, model: 
             f"(its limit, --max-waiting); retry {model} later"
         )
     return None
+
+
+def _count(counts: dict[Any, int], key: object, delta: int) -> None:
+    """Add ``delta`` to ``counts[key]``, dropping the key at zero (so the maps hold only what waits)."""
+    n = counts.get(key, 0) + delta
+    if n:
+        counts[key] = n
+    else:
+        counts.pop(key, None)
 
 
 def kv_usage_of(metrics_text: str) -> float | None:

@@ -221,6 +221,50 @@ def test_a_model_that_never_gets_ready_holds_only_its_own_waiting_slots() -> Non
     assert woken == [("team-a", "chat")]
 
 
+def test_a_tenant_whose_models_never_get_ready_holds_only_its_namespaces_waiting_slots() -> None:
+    """With the per-model bound alone, a tenant with four never-ready models (4 x 16) held every
+    --max-waiting slot, and every other tenant's waking model got 503s. Now one namespace's models
+    hold at most --max-waiting-per-namespace, and another namespace still wakes."""
+    woken: list[tuple[str, str]] = []
+    broken = [Route(ModelKey("mallory", f"m{i}"), f"never-ready-{i}", 1, 1) for i in range(4)]
+    discovery = StaticDiscovery(*broken, AT_ZERO)
+    gw = gateway(discovery, wake_timeout_s=60)
+    gw.wake = lambda ns, name: woken.append((ns, name))
+    replica = Replica("a")
+    per_model, per_namespace = gw.config.max_waiting_per_model, gw.config.max_waiting_per_namespace
+    assert per_model < per_namespace < gw.config.max_waiting <= 4 * per_model
+
+    async def scenario() -> None:
+        async with serving(gw, replica) as client:
+            sent = [
+                asyncio.ensure_future(
+                    client.post("/v1/completions", json={"model": r.model_name, "prompt": "x"})
+                )
+                for r in broken
+                for _ in range(per_model)
+            ]
+            await until(lambda: sum(r.done() for r in sent) == len(sent) - per_namespace)
+            assert gw.waiting == per_namespace and gw.waiting_by_namespace == {"mallory": per_namespace}
+            for response in [r.result() for r in sent if r.done()]:
+                assert response.status == 503 and response.headers["Retry-After"] == "5"
+                assert "--max-waiting-per-namespace" in (await response.json())["error"]["message"]
+            # Another tenant's model at zero is still woken, and its request held until it is ready.
+            waking = asyncio.ensure_future(
+                client.post("/v1/completions", json={"model": "smollm2", "prompt": "hi"})
+            )
+            await until(lambda: gw.waiting == per_namespace + 1)
+            discovery.set(*broken, ready(replica))
+            assert (await waking).status == 200
+            for request in sent:
+                request.cancel()
+            await asyncio.gather(*sent, return_exceptions=True)
+            await until(lambda: gw.waiting == 0)
+
+    asyncio.run(scenario())
+    assert woken == [("team-a", "chat")]
+    assert gw.waiting_by_model == {} and gw.waiting_by_namespace == {}
+
+
 def test_the_gateway_refuses_a_body_over_the_runtimes_limit_and_forwards_nothing() -> None:
     replica = Replica("a")
     discovery = StaticDiscovery()
