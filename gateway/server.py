@@ -71,6 +71,9 @@ MAX_WAITING_PER_MODEL = 16
 #: otherwise hold every slot (4 x 16 = 64) and turn away the other tenants' wakes; at half, two
 #: tenants must both misbehave to fill the gateway.
 MAX_WAITING_PER_NAMESPACE = 32
+#: Replicas whose /metrics one KV-usage scrape reads at once (each up to MAX_METRICS_BYTES for at most
+#: a second), so replicas that never answer delay the others' by one timeout, not one each.
+MAX_CONCURRENT_SCRAPES = 32
 #: Most bytes of a replica's /metrics the KV-usage scrape reads. Ours is about 10 KB (measured: 9.9 KB
 #: after requests of every outcome; its label sets are bounded), so this leaves ample room; a tenant's
 #: own runtime image (spec.runtime.image) may answer without end, and the shared gateway (512Mi in the
@@ -433,29 +436,40 @@ class Gateway:
             await asyncio.sleep(self.config.kv_scrape_interval_s)
 
     async def scrape_kv_usage_once(self, session: aiohttp.ClientSession) -> None:
-        """One pass over the ready replicas. A replica that cannot be read, or whose /metrics is over
-        MAX_METRICS_BYTES, has unknown usage (it counts as full in :func:`.routing.pick`)."""
+        """One pass over the ready replicas, up to MAX_CONCURRENT_SCRAPES at once: one at a time, each
+        replica that never answers (a tenant's own image, a hung pod) held every other replica's usage
+        back by its timeout. A replica that cannot be read, or whose /metrics is over MAX_METRICS_BYTES,
+        has unknown usage (it counts as full in :func:`.routing.pick`)."""
         endpoints = {e for r in self.discovery.table.routes.values() for e in r.endpoints}
         for stale in set(self.kv_usage) - endpoints:
             del self.kv_usage[stale]
         self._metrics_too_large &= endpoints
-        for endpoint in endpoints:
-            text: str | None = None
-            try:
-                text = await read_metrics(session, endpoint)
-            except (TimeoutError, aiohttp.ClientError):
-                pass
-            except MetricsTooLargeError as exc:
-                if endpoint not in self._metrics_too_large:  # once: it would repeat every scrape
-                    self._metrics_too_large.add(endpoint)
-                    log.warning(
-                        "a replica's /metrics is too large to read; its KV-cache usage counts as unknown",
-                        extra={"endpoint": endpoint.url, "pod": endpoint.pod, "error": str(exc)},
-                    )
+        slots = asyncio.Semaphore(MAX_CONCURRENT_SCRAPES)
+
+        async def scrape(endpoint: Endpoint) -> None:
+            async with slots:
+                text = await self._read_replica_metrics(session, endpoint)
             if text is None:
                 self.kv_usage.pop(endpoint, None)
             elif (usage := kv_usage_of(text)) is not None:
                 self.kv_usage[endpoint] = usage
+
+        await asyncio.gather(*(scrape(e) for e in endpoints))
+
+    async def _read_replica_metrics(self, session: aiohttp.ClientSession, endpoint: Endpoint) -> str | None:
+        """The replica's /metrics text; None when it cannot be read (a too-large one warned once)."""
+        try:
+            return await read_metrics(session, endpoint)
+        except (TimeoutError, aiohttp.ClientError):
+            return None
+        except MetricsTooLargeError as exc:
+            if endpoint not in self._metrics_too_large:  # once: it would repeat every scrape
+                self._metrics_too_large.add(endpoint)
+                log.warning(
+                    "a replica's /metrics is too large to read; its KV-cache usage counts as unknown",
+                    extra={"endpoint": endpoint.url, "pod": endpoint.pod, "error": str(exc)},
+                )
+            return None
 
 
 @dataclass(frozen=True)

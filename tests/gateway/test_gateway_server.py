@@ -595,3 +595,48 @@ def test_a_replica_whose_metrics_never_end_is_read_no_further_than_the_bound(con
     assert [r.getMessage() for r in caplog.records].count(
         "a replica's /metrics is too large to read; its KV-cache usage counts as unknown"
     ) == 1
+
+
+def test_the_kv_usage_scrape_reads_replicas_at_once_so_a_hung_one_holds_back_no_other() -> None:
+    """One replica at a time, each that never answered (a tenant's own image, a hung pod) held every
+    other replica's usage back by its timeout: 100 of them, by 100 s. Now a pass reads them at once
+    (bounded by MAX_CONCURRENT_SCRAPES): every request is in flight together, and a replica that
+    answers has its usage while the hung ones have none."""
+    in_flight, most = 0, 0
+    hung = asyncio.Event()  # never set: these replicas never answer within the scrape's timeout
+
+    def replica_app(usage: float | None) -> web.Application:
+        async def metrics(request: web.Request) -> web.Response:
+            nonlocal in_flight, most
+            in_flight += 1
+            most = max(most, in_flight)
+            try:
+                await asyncio.sleep(0.3)  # (so that requests in flight together are seen together)
+                if usage is None:
+                    await hung.wait()
+                return web.Response(text=f"vnpu_runtime_kv_cache_usage_ratio {usage}\n")
+            finally:
+                in_flight -= 1
+
+        app = web.Application()
+        app.router.add_get("/metrics", metrics)
+        return app
+
+    usages: list[float | None] = [None, None, None, None, 0.25, 0.5]
+    servers = [TestServer(replica_app(u)) for u in usages]
+
+    async def scenario() -> None:
+        for server in servers:
+            await server.start_server()
+        endpoints = tuple(Endpoint("127.0.0.1", s.port or 0, f"pod-{i}") for i, s in enumerate(servers))
+        gw = gateway(StaticDiscovery(Route(KEY, "smollm2", len(servers), 1, endpoints)))
+        try:
+            async with aiohttp.ClientSession() as session:
+                await gw.scrape_kv_usage_once(session)
+        finally:
+            for server in servers:
+                await server.close()
+        assert most == len(servers)
+        assert gw.kv_usage == {endpoints[4]: 0.25, endpoints[5]: 0.5}
+
+    asyncio.run(scenario())
