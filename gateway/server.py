@@ -160,6 +160,26 @@ class GatewayMetrics:
             buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120),
         )
 
+    def forget_models_except(self, models: set[str]) -> None:
+        """Remove every series labelled with a model not in ``models`` (a deleted model's): they stayed
+        until the gateway restarted, so a long-lived gateway's /metrics grew with every model ever
+        created. Requests naming no model (label "") are kept."""
+        labelled: list[tuple[Counter | Gauge, tuple[str, ...]]] = [
+            (self.requests, ("model", "code")),
+            (self.outstanding, ("model",)),
+            (self.wakes, ("model",)),
+            (self.warm_requests, ("model",)),
+        ]
+        for metric, names in labelled:
+            gone = {
+                tuple(sample.labels[name] for name in names)
+                for family in metric.collect()
+                for sample in family.samples
+                if sample.labels.get("model") and sample.labels["model"] not in models
+            }
+            for labels in gone:
+                metric.remove(*labels)
+
 
 @dataclass
 class GatewayConfig:
@@ -196,6 +216,8 @@ class Gateway:
     _waking: dict[tuple[str, str], asyncio.Task[None]] = field(default_factory=dict)
     #: replicas whose /metrics was over MAX_METRICS_BYTES, already warned about
     _metrics_too_large: set[Endpoint] = field(default_factory=set)
+    #: the models' names at the last KV-usage pass (their metric series are dropped once they go)
+    _named: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         if self.metrics is None:
@@ -436,11 +458,17 @@ class Gateway:
             await asyncio.sleep(self.config.kv_scrape_interval_s)
 
     async def scrape_kv_usage_once(self, session: aiohttp.ClientSession) -> None:
-        """One pass over the ready replicas, up to MAX_CONCURRENT_SCRAPES at once: one at a time, each
-        replica that never answers (a tenant's own image, a hung pod) held every other replica's usage
-        back by its timeout. A replica that cannot be read, or whose /metrics is over MAX_METRICS_BYTES,
-        has unknown usage (it counts as full in :func:`.routing.pick`)."""
-        endpoints = {e for r in self.discovery.table.routes.values() for e in r.endpoints}
+        """One pass over the ready replicas (and the metric series of models gone since the last), up to
+        MAX_CONCURRENT_SCRAPES at once: one at a time, each replica that never answers (a tenant's own
+        image, a hung pod) held every other replica's usage back by its timeout. A replica that cannot
+        be read, or whose /metrics is over MAX_METRICS_BYTES, has unknown usage (it counts as full in
+        :func:`.routing.pick`)."""
+        routes = self.discovery.table.routes.values()
+        named = {r.qualified_name for r in routes}
+        if self._named - named:
+            self.metrics.forget_models_except(named)
+        self._named = named
+        endpoints = {e for r in routes for e in r.endpoints}
         for stale in set(self.kv_usage) - endpoints:
             del self.kv_usage[stale]
         self._metrics_too_large &= endpoints

@@ -15,6 +15,7 @@ import threading
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from typing import Any
 
 import aiohttp
@@ -640,3 +641,32 @@ def test_the_kv_usage_scrape_reads_replicas_at_once_so_a_hung_one_holds_back_no_
         assert gw.kv_usage == {endpoints[4]: 0.25, endpoints[5]: 0.5}
 
     asyncio.run(scenario())
+
+
+def test_a_deleted_models_metric_series_go_with_it() -> None:
+    """Every model ever routed kept its request, wake and in-flight series until the gateway restarted,
+    so a long-lived gateway's /metrics grew with model churn. A model's series now go when its route
+    does; the others', and requests that named no model, stay."""
+    from prometheus_client import generate_latest
+
+    replica = Replica("a")
+    other = Route(ModelKey("team-b", "gone"), "gone", 1, 1)
+    discovery = StaticDiscovery(AT_ZERO, other)
+    gw = gateway(discovery)
+
+    async def scenario() -> None:
+        async with serving(gw, replica) as client:
+            discovery.set(ready(replica), replace(other, endpoints=(replica.endpoint,)))
+            for model in ("smollm2", "gone", "nothing-by-this-name"):
+                await client.post("/v1/completions", json={"model": model, "prompt": "x"})
+            async with aiohttp.ClientSession() as session:
+                await gw.scrape_kv_usage_once(session)
+                assert 'model="team-b/gone"' in generate_latest(gw.metrics.registry).decode()
+                discovery.set(ready(replica))
+                await gw.scrape_kv_usage_once(session)
+
+    asyncio.run(scenario())
+    text = generate_latest(gw.metrics.registry).decode()
+    assert "team-b/gone" not in text, text
+    assert 'vnpu_gateway_requests_total{code="200",model="team-a/smollm2"} 1.0' in text
+    assert 'vnpu_gateway_requests_total{code="404",model=""} 1.0' in text
