@@ -32,6 +32,7 @@ ever counted twice.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import math
@@ -121,6 +122,29 @@ class Allocation:
 _UNREADABLE = (OSError, ValueError, KeyError, TypeError, RecursionError)
 
 
+class NotARegularFileError(OSError):
+    """A ledger path that is a link, a directory, a FIFO or a device: never read through."""
+
+
+def _read_regular_file(path: Path) -> bytes:
+    """The bytes of ``path`` if it is a regular file, read without following a link or blocking on a
+    FIFO (opened ``O_NOFOLLOW | O_NONBLOCK``, checked with ``fstat`` on what was opened, so no swap
+    between a check and the read is followed); else :class:`NotARegularFileError`."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENXIO):  # a link; a socket
+            raise NotARegularFileError(exc.errno, f"not a regular file: {exc.strerror}", str(path)) from exc
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise NotARegularFileError(errno.EINVAL, "not a regular file", str(path))
+        with os.fdopen(os.dup(fd), "rb") as f:
+            return f.read()
+    finally:
+        os.close(fd)
+
+
 def _parse_snapshot(text: str) -> list[Allocation]:
     """The allocations of a snapshot file's text; ValueError for anything not of its shape."""
     data = json.loads(text)
@@ -196,9 +220,9 @@ class Ledger:
         if self.checkpoint is None:
             return 0
         allocations: list[Allocation] = []
-        if self.checkpoint.exists():
+        if os.path.lexists(self.checkpoint):
             try:
-                allocations = _parse_snapshot(self.checkpoint.read_text())
+                allocations = _parse_snapshot(_read_regular_file(self.checkpoint).decode())
             except _UNREADABLE as exc:
                 log.error(
                     "ignoring unreadable checkpoint %s; starting empty (the pod-resources reconcile "
@@ -220,22 +244,18 @@ class Ledger:
         if self.journal is None:
             return []
         try:
-            mode = os.lstat(self.journal).st_mode
+            raw = _read_regular_file(self.journal)
         except FileNotFoundError:
             return []
-        except OSError:
-            mode = stat.S_IFREG  # read below, which logs why it cannot be
-        if not stat.S_ISREG(mode):
-            # A link (its target would be truncated by the compaction) or anything else: never
-            # followed; removed, and a fresh journal is created in its place.
+        except NotARegularFileError:
+            # A link (its target would be truncated by the compaction), a FIFO (it would block the
+            # start) or anything else: never followed; removed, and a fresh journal made in its place.
             log.error("replacing a journal that is not a regular file", extra={"path": str(self.journal)})
-            if stat.S_ISDIR(mode):
+            if stat.S_ISDIR(os.lstat(self.journal).st_mode):
                 self._move_aside_if_irreplaceable(self.journal)
             else:
                 self.journal.unlink()
             return []
-        try:
-            raw = self.journal.read_bytes()
         except OSError as exc:
             log.error("ignoring unreadable journal", extra={"path": str(self.journal), "error": repr(exc)})
             return []

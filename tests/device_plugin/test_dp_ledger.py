@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import errno
 import json
+import os
+import stat
 import time
 from pathlib import Path
 
 import pytest
 
+import vnpu.device_plugin.ledger as ledger_module
 from vnpu.device_plugin.ledger import Allocation, Ledger, PodRef
 
 A = PodRef("ns", "a", "uid-a")
@@ -68,21 +72,19 @@ def test_an_unreadable_journal_is_ignored_like_an_unreadable_snapshot(tmp_path, 
     ledger = Ledger(path)
     ledger.record(alloc(["npu0-s0"], A))
     ledger.close()
-    real_open = Path.open
+    real_read = ledger_module._read_regular_file
 
-    def media_error(self: Path, mode: str = "r", *args, **kwargs):
-        if self == ledger.journal and "r" in mode:  # reading fails, as on a bad disk; writing still works
+    def media_error(path: Path) -> bytes:
+        if path == ledger.journal:  # reading fails, as on a bad disk; writing still works
             raise OSError(errno.EIO, "Input/output error")
-        return real_open(self, mode, *args, **kwargs)
+        return real_read(path)
 
-    monkeypatch.setattr(Path, "open", media_error)
+    monkeypatch.setattr(ledger_module, "_read_regular_file", media_error)
     assert Ledger(path).load() == 0  # the pod-resources reconcile rebuilds what live pods hold
     assert "ignoring unreadable journal" in caplog.text
 
 
 def test_the_journal_is_compacted_as_it_grows(tmp_path, monkeypatch):
-    import vnpu.device_plugin.ledger as ledger_module
-
     monkeypatch.setattr(ledger_module, "JOURNAL_COMPACT_AT", 3)
     path = tmp_path / "checkpoint.json"
     ledger = Ledger(path)
@@ -170,7 +172,20 @@ def test_a_non_finite_or_future_allocated_at_is_still_released_after_grace(tmp_p
     assert ledger.held() == {}
 
 
-@pytest.mark.parametrize("kind", ["symlink", "directory"])
+def load_within(ledger: Ledger, timeout_s: float = 10.0) -> int:
+    """``ledger.load()`` run on a thread: a load that blocks (on a FIFO) fails the test, not hangs it."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        future = pool.submit(ledger.load)
+        try:
+            return future.result(timeout=timeout_s)
+        except concurrent.futures.TimeoutError:
+            for fifo in Path(str(ledger.checkpoint)).parent.iterdir():  # unblock the reader, then fail
+                if stat.S_ISFIFO(os.lstat(fifo).st_mode):
+                    os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            pytest.fail("load() blocked")
+
+
+@pytest.mark.parametrize("kind", ["symlink", "directory", "fifo"])
 def test_a_journal_that_is_not_a_regular_file_is_replaced_never_followed(tmp_path, kind):
     victim = tmp_path / "victim.txt"
     victim.write_text("important\n")
@@ -179,15 +194,37 @@ def test_a_journal_that_is_not_a_regular_file_is_replaced_never_followed(tmp_pat
     journal = path.with_name("checkpoint.json.journal")
     if kind == "symlink":
         journal.symlink_to(victim)
+    elif kind == "fifo":
+        os.mkfifo(journal)
     else:
         journal.mkdir()
     ledger = Ledger(path)
-    assert ledger.load() == 0
+    assert load_within(ledger) == 0
     assert victim.read_text() == "important\n"  # the symlink's target was truncated
     ledger.record(alloc(["npu0-s0"], A))
     ledger.close()
     assert journal.is_file() and not journal.is_symlink()
     assert Ledger(path).load() == 1
+
+
+@pytest.mark.parametrize("kind", ["symlink", "fifo"])
+def test_a_checkpoint_that_is_not_a_regular_file_is_never_read_through_and_is_replaced(tmp_path, kind):
+    """A FIFO at the checkpoint's path blocked the plugin's start for ever (every device's endpoint
+    down), and a link was read through. Now neither is read: the ledger starts empty (the pod-resources
+    reconcile rebuilds it) and the path becomes a regular snapshot."""
+    elsewhere = tmp_path / "elsewhere.json"
+    entry = '{"slices":["npu0-s0"],"devices":["npu0"],"pod":null,"allocated_at":1}'
+    elsewhere.write_text('{"version":1,"allocations":[' + entry + "]}")
+    path = tmp_path / "state" / "checkpoint.json"
+    path.parent.mkdir()
+    if kind == "symlink":
+        path.symlink_to(elsewhere)
+    else:
+        os.mkfifo(path)
+    assert load_within(Ledger(path)) == 0
+    assert path.is_file() and not path.is_symlink()
+    assert json.loads(path.read_text())["allocations"] == []
+    assert "npu0-s0" in elsewhere.read_text()  # left as it was
 
 
 def test_a_slice_is_never_held_twice_and_a_displaced_allocation_is_released_whole(tmp_path):
