@@ -24,8 +24,10 @@ the pods (see runtime/README.md): ``VNPU_MODEL_URI``, ``VNPU_MODEL_FORMAT``, ``V
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -53,9 +55,55 @@ def _env(*names: str, default: str | None = None) -> str | None:
     return default
 
 
-def _env_int(name: str) -> int | None:
-    value = os.environ.get(name)
-    return int(value) if value else None
+def _whole(
+    env: str | None = None, minimum: int | None = None, maximum: int | None = None
+) -> Callable[[str], int]:
+    """An argparse ``type`` for a whole number in [minimum, maximum]. Give the option's default as the
+    environment's string (argparse converts a string default with ``type``), so a malformed ``$env``
+    is the same clear usage error as a malformed flag, naming both, never a traceback."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if (
+            value is None
+            or (minimum is not None and value < minimum)
+            or (maximum is not None and value > maximum)
+        ):
+            bounds = " and ".join(
+                b
+                for b in (
+                    f">= {minimum}" if minimum is not None else "",
+                    f"<= {maximum}" if maximum is not None else "",
+                )
+                if b
+            )
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a whole number{' ' + bounds if bounds else ''}"
+                + (f" (also read from ${env})" if env else "")
+            )
+        return value
+
+    return parse
+
+
+def _finite_mib(env: str | None = None) -> Callable[[str], float]:
+    """An argparse ``type`` for a finite, non-negative number of MiB (nan and inf are refused)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value) or value < 0:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a finite number of MiB >= 0" + (f" (also read from ${env})" if env else "")
+            )
+        return value
+
+    return parse
 
 
 class SharingConfigError(ValueError):
@@ -176,11 +224,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--memory-limit-mib",
-        type=int,
-        default=_env_int("VNPU_MEMORY_LIMIT_MIB"),
+        type=_whole("VNPU_MEMORY_LIMIT_MIB", minimum=1),
+        default=_env("VNPU_MEMORY_LIMIT_MIB"),
         help="device memory this container may use (set by the device plugin) [$VNPU_MEMORY_LIMIT_MIB]",
     )
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=_whole(minimum=1), help="torch CPU threads (default: torch's choice)")
     p.add_argument(
         "--log-format", choices=("json", "text"), default="json", help="log line format (default json)"
     )
@@ -226,14 +274,14 @@ def _add_offload_args(g: argparse._ArgumentGroup, holder: bool = False) -> None:
     )
     g.add_argument(
         "--offload-budget-mib",
-        type=float,
+        type=_finite_mib("VNPU_OFFLOAD_BUDGET_MIB"),
         default=_env("VNPU_OFFLOAD_BUDGET_MIB"),
         help=f"{budget_help} [$VNPU_OFFLOAD_BUDGET_MIB]",
     )
     g.add_argument(
         "--prefetch-depth",
-        type=int,
-        default=int(_env("VNPU_PREFETCH_DEPTH", default="2") or 2),
+        type=_whole("VNPU_PREFETCH_DEPTH", minimum=1),
+        default=_env("VNPU_PREFETCH_DEPTH", default="2"),
         help="ring buffers for streamed layers [$VNPU_PREFETCH_DEPTH, default 2]",
     )
     if holder:
@@ -248,34 +296,34 @@ def _add_offload_args(g: argparse._ArgumentGroup, holder: bool = False) -> None:
 def _add_model_serving_args(g: argparse._ArgumentGroup) -> None:
     g.add_argument(
         "--max-context",
-        type=int,
-        default=_env_int("VNPU_MAX_CONTEXT") or 2048,
+        type=_whole("VNPU_MAX_CONTEXT", minimum=1),
+        default=_env("VNPU_MAX_CONTEXT", default="2048"),
         help="tokens of KV cache (prompt + completion limit) [$VNPU_MAX_CONTEXT, default 2048]",
     )
     g.add_argument(
         "--max-batch",
-        type=int,
-        default=_env_int("VNPU_MAX_BATCH") or 16,
+        type=_whole("VNPU_MAX_BATCH", minimum=1),
+        default=_env("VNPU_MAX_BATCH", default="16"),
         help="sequences decoded together by continuous batching (spec.memory.maxBatch) "
         "[$VNPU_MAX_BATCH, default 16]",
     )
     g.add_argument(
         "--default-priority",
-        type=int,
-        default=_env_int("VNPU_DEFAULT_PRIORITY") or api.DEFAULT_PRIORITY,
+        type=_whole("VNPU_DEFAULT_PRIORITY", minimum=api.INT32_MIN, maximum=api.INT32_MAX),
+        default=_env("VNPU_DEFAULT_PRIORITY", default=str(api.DEFAULT_PRIORITY)),
         help="priority of requests that give none; higher is served first and preempted last "
         f"(spec.priority) [$VNPU_DEFAULT_PRIORITY, default {api.DEFAULT_PRIORITY}]",
     )
     g.add_argument(
         "--prefill-chunk",
-        type=int,
+        type=_whole(minimum=1),
         default=256,
         help="tokens per forward step, decode tokens included: longer prompts are prefilled in chunks "
         "interleaved with decoding (default 256)",
     )
     g.add_argument(
         "--kv-blocks",
-        type=int,
+        type=_whole(minimum=1),
         help="usable KV blocks of 16 tokens, overriding what the memory budget gives (experiments, "
         "as vLLM's --num-gpu-blocks-override)",
     )
@@ -292,13 +340,13 @@ def _add_http_args(g: argparse._ArgumentGroup) -> None:
     )
     g.add_argument(
         "--port",
-        type=int,
-        default=_env_int("VNPU_PORT") or DEFAULT_PORT,
+        type=_whole("VNPU_PORT", minimum=0, maximum=65535),
+        default=_env("VNPU_PORT", default=str(DEFAULT_PORT)),
         help=f"listen port [$VNPU_PORT, default {DEFAULT_PORT}]",
     )
     g.add_argument(
         "--max-queue",
-        type=int,
+        type=_whole(minimum=0),
         default=64,
         help="requests waiting for a batch slot before new ones get 429 (default 64)",
     )
@@ -641,8 +689,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from vnpu.runtime.config import UnsupportedModelError
     from vnpu.runtime.errors import MemoryBudgetError
     from vnpu.runtime.holder import HolderError
+    from vnpu.runtime.offload import OffloadPlanError
     from vnpu.runtime.sources import SourceError
 
+    # A fault in native code (a checkpoint file truncated under its mmap while loading: SIGBUS) leaves
+    # the Python stack in the log instead of a silent signal death.
+    faulthandler.enable()
     commands = {
         "weights-holder": cmd_weights_holder,
         "serve": cmd_serve,
@@ -655,6 +707,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         SourceError,
         UnsupportedModelError,
         MemoryBudgetError,
+        OffloadPlanError,
         HolderUnavailableError,
         HolderError,
         AttachRefusedError,

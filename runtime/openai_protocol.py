@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from vnpu.api import INT32_MAX, INT32_MIN
 from vnpu.jsonbody import MAX_SHOWN_CHARS, shown
 from vnpu.runtime.errors import InvalidRequestError
 from vnpu.runtime.sampling import MAX_TEMPERATURE, MAX_TOP_LOGPROBS, MIN_TEMPERATURE, SamplingParams
@@ -36,7 +37,6 @@ MAX_STOP_CHARS = 4096
 #: Most alternatives per token for ``/v1/completions`` ``logprobs`` (OpenAI's limit).
 MAX_COMPLETION_LOGPROBS = 5
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
-INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 
 
 def _shown(value: object) -> str:

@@ -76,6 +76,8 @@ DEFAULT_MIN_REPLICAS = 1
 #: more important). A request may ask for its own (the runtime's ``priority`` field); through the
 #: gateway with API keys, no higher than the model's own or its key's ``maxPriority``.
 DEFAULT_PRIORITY = 0
+#: Bounds of a request's integer fields (``priority``, ``max_tokens``): int32, as vLLM's and protobuf's.
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 
 
 def holder_serves(min_replicas: int, keep_warm: str) -> bool:

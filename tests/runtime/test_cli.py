@@ -60,6 +60,46 @@ def test_a_partial_share_identity_or_a_missing_socket_dir_is_a_clear_error(
         holder_socket_path(args, identity, b"k" * 32)
 
 
+@pytest.mark.parametrize(
+    ("env", "value"),
+    [
+        ("VNPU_MEMORY_LIMIT_MIB", "64Mi"),
+        ("VNPU_MEMORY_LIMIT_MIB", "0"),
+        ("VNPU_PORT", "http"),
+        ("VNPU_PORT", "70000"),
+        ("VNPU_MAX_CONTEXT", "-5"),
+        ("VNPU_MAX_CONTEXT", "0"),
+        ("VNPU_MAX_BATCH", "-1"),
+        ("VNPU_PREFETCH_DEPTH", "two"),
+        ("VNPU_OFFLOAD_BUDGET_MIB", "nan"),
+        ("VNPU_OFFLOAD_BUDGET_MIB", "inf"),
+        ("VNPU_OFFLOAD_BUDGET_MIB", "-1"),
+        ("VNPU_DEFAULT_PRIORITY", "9" * 30),
+    ],
+)
+@pytest.mark.parametrize("command", ["serve", "weights-holder", "probe"])
+def test_a_malformed_number_in_the_environment_is_a_usage_error_naming_it(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], env: str, value: str, command: str
+) -> None:
+    """A malformed integer variable raised while the parser was built, so every command (``probe``,
+    ``--help``) died with a traceback; nan/inf budgets, negative contexts and batches gave tracebacks or
+    blamed another setting, and 0 silently became the default. Each is now argparse's usage error (exit
+    2) naming the option and the variable; ``--help`` still works."""
+    from vnpu.runtime.main import main
+
+    monkeypatch.setenv(env, value)
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    if f"${env}" not in capsys.readouterr().out:
+        return  # (this command does not read the variable)
+    with pytest.raises(SystemExit) as exit_info:
+        main([command])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"${env}" in err and repr(value)[:40] in err and "Traceback" not in err
+
+
 def test_help_texts(capsys: pytest.CaptureFixture[str]) -> None:
     from vnpu.runtime.main import main
 
