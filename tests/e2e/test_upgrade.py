@@ -28,13 +28,11 @@ installed again afterwards, as those modules expect it.
 from __future__ import annotations
 
 import importlib.util
-import io
 import json
 import os
 import shutil
 import subprocess
 import sys
-import tarfile
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -58,17 +56,21 @@ from e2e_helpers import (
 
 from vnpu import api
 from vnpu.cluster import images
-from vnpu.cluster.helm import CHART, RELEASE, RELEASE_NAMESPACE, REPO_ROOT, local_node_values
+from vnpu.cluster.helm import (
+    CHART,
+    PREVIOUS_VERSION,
+    RELEASE,
+    RELEASE_NAMESPACE,
+    PreviousReleaseMissingError,
+    extract_previous_release,
+    local_node_values,
+)
 from vnpu.cluster.node import CONTAINERD_SOCKET, SingleNodeCluster
 from vnpu.cluster.nodens import _setns
 from vnpu.cluster.processes import wait_until
 from vnpu.cluster.volumes import ensure_local_claim
 from vnpu.operator.pods import ROLE_SHARE_KEY
 
-#: The previous release: chart 0.2.0 as on main before issue 14's least-privilege and upgrade work.
-#: Move both to the last release when this chart's version is bumped again.
-PREVIOUS_VERSION = "0.2.0"
-PREVIOUS_COMMIT = "daab16c574396b2e00e21ba93a4889e7520c0f0f"
 PREVIOUS_IMAGE = "local.test/vnpu:previous"
 NS = "upgrade"
 #: model -> (source, replicas); the sources differ, so two share groups: a weight-holder each.
@@ -82,19 +84,10 @@ CHECKPOINT = "/var/lib/vnpu/device-plugin/checkpoint.json"  # the chart's device
 @pytest.fixture(scope="module")
 def previous_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The repository at :data:`PREVIOUS_COMMIT` (git archive), for its chart and its image."""
-    proc = subprocess.run(
-        ["git", "-C", str(REPO_ROOT), "archive", "--format=tar", PREVIOUS_COMMIT],
-        capture_output=True, timeout=120, check=False,
-    )  # fmt: skip
-    if proc.returncode != 0:
-        pytest.fail(
-            f"the upgrade test needs commit {PREVIOUS_COMMIT} (vnpu {PREVIOUS_VERSION}) in the git "
-            f"history of {REPO_ROOT}: {proc.stderr.decode(errors='replace').strip()}",
-            pytrace=False,
-        )
-    root = tmp_path_factory.mktemp("previous")
-    with tarfile.open(fileobj=io.BytesIO(proc.stdout)) as archive:
-        archive.extractall(root, filter="data")
+    try:
+        root = extract_previous_release(tmp_path_factory.mktemp("previous"))
+    except PreviousReleaseMissingError as exc:
+        pytest.fail(str(exc), pytrace=False)
     chart = yaml.safe_load((root / "deploy/helm/vnpu/Chart.yaml").read_text())
     assert chart["version"] == PREVIOUS_VERSION
     current = yaml.safe_load((CHART / "Chart.yaml").read_text())["version"]

@@ -5,8 +5,10 @@ end-to-end, so both install exactly what a user would, on a machine like this on
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
+import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,33 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 CHART = REPO_ROOT / "deploy" / "helm" / "vnpu"
 RELEASE = "vnpu"
 RELEASE_NAMESPACE = "vnpu-system"
+#: The previous release, which the upgrade tests upgrade from: chart 0.2.0 as on main before issue
+#: 14's least-privilege and upgrade work. Move both to the last release when the chart's version is
+#: bumped again.
+PREVIOUS_VERSION = "0.2.0"
+PREVIOUS_COMMIT = "daab16c574396b2e00e21ba93a4889e7520c0f0f"
+
+
+class PreviousReleaseMissingError(RuntimeError):
+    """The git history here lacks :data:`PREVIOUS_COMMIT` (a shallow clone)."""
+
+
+def extract_previous_release(into: Path) -> Path:
+    """The repository at :data:`PREVIOUS_COMMIT`, extracted into ``into`` (``git archive``: its chart,
+    with the ``crds`` link resolving inside the tree, and its code); returns ``into``."""
+    proc = subprocess.run(
+        ["git", "-C", str(REPO_ROOT), "archive", "--format=tar", PREVIOUS_COMMIT],
+        capture_output=True, timeout=120, check=False,
+    )  # fmt: skip
+    if proc.returncode != 0:
+        raise PreviousReleaseMissingError(
+            f"the upgrade tests need commit {PREVIOUS_COMMIT} (vnpu {PREVIOUS_VERSION}) in the git history "
+            f"of {REPO_ROOT} (a full clone, not a shallow one): "
+            + proc.stderr.decode(errors="replace").strip()
+        )
+    with tarfile.open(fileobj=io.BytesIO(proc.stdout)) as archive:
+        archive.extractall(into, filter="data")
+    return into
 
 
 def local_node_values(*, simulated_devices: str = "", resync_seconds: int | None = None) -> dict[str, Any]:
