@@ -31,6 +31,26 @@ if ((${#missing[@]} == 0)); then
   exit 0
 fi
 
+# Kubernetes 1.34 (and the go.mod files below) need Go >= 1.24. A Go >= 1.21 takes that toolchain from
+# the module proxy itself (GOTOOLCHAIN, like any module); an older one cannot (Debian 12's golang-go is
+# 1.19), so say what to do here rather than fail deep inside a build.
+GO_NEEDED_MINOR=24
+go_minor=$(go version 2>/dev/null | sed -nE 's/.* go1\.([0-9]+).*/\1/p')
+if [[ -z $go_minor ]]; then
+  echo "vnpu: building the Kubernetes binaries needs Go >= 1.$GO_NEEDED_MINOR and there is no 'go' on PATH" \
+    "(or set VNPU_BIN_DIR to prebuilt binaries)" >&2
+  exit 1
+elif ((go_minor < 21)); then
+  echo "vnpu: building the Kubernetes binaries needs Go >= 1.$GO_NEEDED_MINOR; '$(go version)' is too old to" \
+    "fetch it (Debian 12's golang-go is 1.19): put a Go >= 1.21 first on PATH (it fetches go1.$GO_NEEDED_MINOR" \
+    "itself) or set VNPU_BIN_DIR to prebuilt binaries" >&2
+  exit 1
+elif ((go_minor < GO_NEEDED_MINOR)); then
+  export GOTOOLCHAIN=${GOTOOLCHAIN:-go1.$GO_NEEDED_MINOR.0}
+  echo "vnpu: $(go env GOVERSION 2>/dev/null || true) < go1.$GO_NEEDED_MINOR: using GOTOOLCHAIN=$GOTOOLCHAIN" \
+    "from the module proxy" >&2
+fi
+
 need() { [[ " ${missing[*]} " == *" $1 "* ]]; }
 total=0
 need etcd && total=$((total + 1))
