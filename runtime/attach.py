@@ -22,7 +22,7 @@ from typing import Any
 from vnpu import sharing
 from vnpu.runtime.arena import Arena, ArenaError, import_arena
 from vnpu.runtime.holder import PROTOCOL_VERSION
-from vnpu.runtime.ipc import ProtocolError, recv_message, send_message
+from vnpu.runtime.ipc import ProtocolError, recv_message, send_message, settimeout_until
 from vnpu.runtime.manifest import WeightManifest, layout_problem
 
 
@@ -135,10 +135,10 @@ def _close_all(fds: list[int]) -> None:
             os.close(fd)
 
 
-def _connect(socket_path: Path, timeout: float) -> socket.socket:
+def _connect(socket_path: Path, deadline: float) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(timeout)
     try:
+        settimeout_until(sock, deadline)
         sock.connect(str(socket_path))
     except (FileNotFoundError, ConnectionRefusedError) as e:
         sock.close()
@@ -149,14 +149,34 @@ def _connect(socket_path: Path, timeout: float) -> socket.socket:
     except PermissionError as e:
         sock.close()
         raise AttachRefusedError(f"not allowed to connect to {socket_path}: {e.strerror}") from e
-    except OSError as e:
+    except (OSError, ProtocolError) as e:
         sock.close()
         raise HolderUnavailableError(f"cannot connect to the weights-holder at {socket_path}: {e}") from e
     return sock
 
 
-def _handshake(sock: socket.socket, path: Path, identity: sharing.ShareIdentity, key: bytes, op: str) -> None:
-    """Authenticate the holder, then this client, for ``op`` (see vnpu.runtime.holder)."""
+def _went_away(
+    path: Path, during: str, timeout: float, deadline: float, e: Exception
+) -> HolderUnavailableError:
+    """The error for a connection that failed or ran out of time (``deadline``) before the grant."""
+    if isinstance(e, TimeoutError) or time.monotonic() >= deadline:
+        return HolderUnavailableError(
+            f"weights-holder at {path} did not complete the {during} within its {timeout:g} s timeout ({e})"
+        )
+    return HolderUnavailableError(f"weights-holder at {path} went away during the {during}: {e}")
+
+
+def _handshake(
+    sock: socket.socket,
+    path: Path,
+    identity: sharing.ShareIdentity,
+    key: bytes,
+    op: str,
+    deadline: float,
+) -> None:
+    """Authenticate the holder, then this client, for ``op`` (see vnpu.runtime.holder), all of it by
+    ``deadline`` (``time.monotonic()``): a peer without the key trickling its challenge a byte at a time
+    must not hold the caller past its timeout."""
     client_nonce = sharing.new_nonce()
     send_message(
         sock,
@@ -171,8 +191,9 @@ def _handshake(sock: socket.socket, path: Path, identity: sharing.ShareIdentity,
             "nonce": client_nonce,
             "pid": os.getpid(),
         },
+        deadline=deadline,
     )
-    challenge, fds = recv_message(sock, max_size=64 * 1024)
+    challenge, fds = recv_message(sock, max_size=64 * 1024, deadline=deadline)
     for fd in fds:
         os.close(fd)
     if not challenge.get("ok"):
@@ -187,7 +208,9 @@ def _handshake(sock: socket.socket, path: Path, identity: sharing.ShareIdentity,
             "(a socket squatted by another pod?); not attaching to it"
         )
     send_message(
-        sock, {"op": op, "proof": sharing.proof(key, "replica", identity, client_nonce, server_nonce)}
+        sock,
+        {"op": op, "proof": sharing.proof(key, "replica", identity, client_nonce, server_nonce)},
+        deadline=deadline,
     )
 
 
@@ -200,20 +223,22 @@ def attach(
     expected: Expected | None = None,
 ) -> Lease:
     """Attach to the holder of ``identity`` at ``socket_path``; raises HolderUnavailableError (nothing
-    there, it went away, or it sent something unusable) or AttachRefusedError (authentication, identity
-    or weights mismatch), and nothing else: a caller retrying in a loop must not die of a peer's bytes."""
+    there, it went away, it sent something unusable, or the grant was not in within ``timeout`` seconds,
+    one deadline from connecting to the grant) or AttachRefusedError (authentication, identity or
+    weights mismatch), and nothing else: a caller retrying in a loop must not die of a peer's bytes."""
     path = Path(socket_path)
     start = time.perf_counter()
-    sock = _connect(path, timeout)
+    deadline = time.monotonic() + timeout
+    sock = _connect(path, deadline)
     try:
-        _handshake(sock, path, identity, key, "attach")
-        reply, fds = recv_message(sock)
+        _handshake(sock, path, identity, key, "attach", deadline)
+        reply, fds = recv_message(sock, deadline=deadline)
     except AttachRefusedError:
         sock.close()
         raise
     except (ProtocolError, OSError) as e:
         sock.close()
-        raise HolderUnavailableError(f"weights-holder at {path} went away during attach: {e}") from e
+        raise _went_away(path, "attach", timeout, deadline, e) from e
     except Exception as e:  # whatever a peer sends must end as one of this function's two errors
         sock.close()
         raise HolderUnavailableError(f"weights-holder at {path} sent an unusable handshake: {e!r}") from e
@@ -255,17 +280,19 @@ def attach(
 def holder_status(
     socket_path: str | os.PathLike[str], identity: sharing.ShareIdentity, key: bytes, timeout: float = 5.0
 ) -> dict[str, Any]:
-    """The holder's self-description (``vnpu runtime probe``), after the same mutual authentication."""
+    """The holder's self-description (``vnpu runtime probe``), after the same mutual authentication;
+    all of it within ``timeout`` seconds (one deadline), else HolderUnavailableError."""
     path = Path(socket_path)
-    sock = _connect(path, timeout)
+    deadline = time.monotonic() + timeout
+    sock = _connect(path, deadline)
     with sock:
         try:
-            _handshake(sock, path, identity, key, "status")
-            reply, fds = recv_message(sock)
+            _handshake(sock, path, identity, key, "status", deadline)
+            reply, fds = recv_message(sock, deadline=deadline)
         except AttachRefusedError:
             raise
         except (ProtocolError, OSError) as e:
-            raise HolderUnavailableError(f"weights-holder at {path} went away: {e}") from e
+            raise _went_away(path, "status request", timeout, deadline, e) from e
         except Exception as e:
             raise HolderUnavailableError(f"weights-holder at {path} sent an unusable handshake: {e!r}") from e
     for fd in fds:

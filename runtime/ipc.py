@@ -27,19 +27,33 @@ def encode(message: dict[str, Any]) -> bytes:
     return json.dumps(message, separators=(",", ":")).encode()
 
 
-def send_message(sock: socket.socket, message: dict[str, Any], fds: list[int] | tuple[int, ...] = ()) -> None:
-    send_encoded(sock, encode(message), fds)
+def send_message(
+    sock: socket.socket,
+    message: dict[str, Any],
+    fds: list[int] | tuple[int, ...] = (),
+    deadline: float | None = None,
+) -> None:
+    send_encoded(sock, encode(message), fds, deadline)
 
 
-def send_encoded(sock: socket.socket, payload: bytes, fds: list[int] | tuple[int, ...] = ()) -> None:
-    """Send an already JSON-encoded object (lets a server encode a large constant part once)."""
+def send_encoded(
+    sock: socket.socket,
+    payload: bytes,
+    fds: list[int] | tuple[int, ...] = (),
+    deadline: float | None = None,
+) -> None:
+    """Send an already JSON-encoded object (lets a server encode a large constant part once). With a
+    ``deadline`` (``time.monotonic()``) the whole frame must be sent by then, however slowly the peer
+    reads."""
     if len(payload) > MAX_MESSAGE:
         raise ProtocolError(f"message of {len(payload)} bytes exceeds {MAX_MESSAGE}")
     header = _HEADER.pack(len(payload))
+    settimeout_until(sock, deadline)
     if fds:
         socket.send_fds(sock, [header], list(fds))
     else:
         sock.sendall(header)
+    settimeout_until(sock, deadline)
     sock.sendall(payload)
 
 
