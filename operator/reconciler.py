@@ -19,10 +19,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
@@ -59,9 +60,17 @@ REPORT_CONCURRENCY = 3
 #: Seconds to wait for the informers' first lists before the first pass.
 SYNC_TIMEOUT = 120.0
 #: :meth:`Reconciler.health` fails (and with it kopf's liveness probe, so the pod is restarted) once no
-#: pass has gone through for this many resync periods: a pass stuck on the API server, or failing each
-#: time, is not fixed by waiting.
+#: pass has gone through, and the pass in flight (if any) has got no answer from the API server, for this
+#: many resync periods (at least :data:`MIN_UNHEALTHY_SECONDS`): a pass stuck on the API server, or
+#: failing each time, is not fixed by waiting. A pass that is slow but getting answers is left to finish.
 UNHEALTHY_AFTER_RESYNCS = 3
+#: The liveness limit's floor, whatever ``resync_seconds`` is (the chart allows 1 s: a 3 s budget). One
+#: API call may take up to :data:`vnpu.operator.kube.REQUEST_TIMEOUT` (35 s) to be answered or to fail,
+#: and an API server under load (priority-and-fairness queueing, the first pass over a big cluster)
+#: answers slowly but answers; a short limit restarted such an operator, and the new one started the same
+#: pass again. 120 s is more than three such calls in a row without an answer; with the probe's period
+#: (20 s) and the kubelet's three failures, a stuck operator is still restarted within about 3 minutes.
+MIN_UNHEALTHY_SECONDS = 120.0
 #: The same Event on the same model seen again within this many seconds of its last sighting is counted
 #: on the Event posted (client-go's recorder counts repeats too): see
 #: :class:`vnpu.operator.reported.PostedEvents`.
@@ -72,14 +81,76 @@ class Unhealthy(RuntimeError):
     """The reconcile loop has not completed a pass for too long (see :meth:`Reconciler.health`)."""
 
 
+class PassProgress:
+    """What the pass in flight is doing and when it last got anywhere, for :meth:`Reconciler.health`.
+
+    Progress is an API call of the pass answered: done, or refused by the server (an answer too; a
+    timeout or a broken connection is not). It counts for the pass in flight only: a pass that fails
+    has got nowhere (the next one starts over), so a loop of failing passes stays unhealthy. Written
+    from the pass's threads (one per call in flight), read by the probe: under a lock."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._ids = itertools.count()
+        self.started: float | None = None  #: when the pass in flight began; None: no pass in flight
+        self.doing = ""  #: its stage ("planning", "writing the plan", ...)
+        self.answered = 0  #: its API calls answered so far
+        self.last_answer: tuple[float, str] | None = None  #: (when, what) of its last answered call
+        self.calls: dict[int, tuple[str, float]] = {}  #: its calls waiting for an answer: (what, since)
+
+    def begin(self) -> None:
+        with self._lock:
+            self.started, self.doing, self.answered, self.last_answer = self._clock(), "starting", 0, None
+            self.calls = {}
+
+    def end(self) -> None:
+        with self._lock:
+            self.started, self.doing, self.last_answer, self.calls = None, "", None, {}
+
+    def stage(self, doing: str) -> None:
+        with self._lock:
+            self.doing = doing
+
+    @contextlib.contextmanager
+    def call(self, what: str) -> Iterator[None]:
+        """Around one API call of the pass: ``what`` it is waiting for until it is answered."""
+        key = next(self._ids)
+        with self._lock:
+            self.calls[key] = (what, self._clock())
+        answered = False
+        try:
+            yield
+            answered = True
+        except ApiException:
+            answered = True
+            raise
+        finally:
+            with self._lock:
+                self.calls.pop(key, None)
+                if answered and self.started is not None:
+                    self.answered += 1
+                    self.last_answer = (self._clock(), what)
+
+    def snapshot(self) -> tuple[float | None, str, int, tuple[float, str] | None, list[tuple[str, float]]]:
+        """(started, doing, answered, last_answer, calls waiting, the oldest first)."""
+        with self._lock:
+            waiting = sorted(self.calls.values(), key=lambda c: c[1])
+            return self.started, self.doing, self.answered, self.last_answer, waiting
+
+
 class Reconciler:
     def __init__(
         self,
         config: OperatorConfig,
         kube: Kube | None = None,
         is_leader: Callable[[], bool] = lambda: True,
+        *,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
+        self._clock = clock  #: the liveness bookkeeping's clock (monotonic seconds)
+        self._progress = PassProgress(clock)
         self._kube = kube
         self._is_leader = is_leader
         self._wake = asyncio.Event()
@@ -184,26 +255,61 @@ class Reconciler:
         _, _, pods = self._cache.snapshot()
         return any(p.managed and p.namespace == namespace and p.model == model for p in pods)
 
+    @property
+    def unhealthy_after(self) -> float:
+        """Seconds without a pass gone through, or an answered call of the pass in flight, before
+        :meth:`health` fails: ``UNHEALTHY_AFTER_RESYNCS`` resync periods, at least
+        :data:`MIN_UNHEALTHY_SECONDS`."""
+        return max(UNHEALTHY_AFTER_RESYNCS * self.config.resync_seconds, MIN_UNHEALTHY_SECONDS)
+
     def health(self) -> dict[str, Any]:
-        """The loop's state for kopf's liveness probe; raises :class:`Unhealthy` when no pass went through
-        for ``UNHEALTHY_AFTER_RESYNCS`` resync periods (counted from the loop's start before the first)."""
-        now = time.monotonic()
-        since = self._last_ok if self._last_ok is not None else self._loop_started
-        limit = UNHEALTHY_AFTER_RESYNCS * self.config.resync_seconds
-        if since is not None and now - since > limit:
-            raise Unhealthy(
-                f"no reconcile pass went through for {now - since:.0f}s (limit {limit:g}s, "
-                f"{UNHEALTHY_AFTER_RESYNCS} resync periods); last error: {self._last_error or 'none'}"
+        """The loop's state for kopf's liveness probe; raises :class:`Unhealthy` when, for
+        :attr:`unhealthy_after` seconds, no pass went through (counted from the loop's start before the
+        first) and the pass in flight, if any, got no API call answered. A pass longer than the limit
+        that keeps getting answers (a first pass writing thousands of pods) is working, not stuck: a
+        restart would only start it over."""
+        now = self._clock()
+        done = self._last_ok if self._last_ok is not None else self._loop_started
+        started, doing, answered, last_answer, waiting = self._progress.snapshot()
+        since = done
+        if done is not None and started is not None and last_answer is not None:
+            since = max(done, last_answer[0])
+        limit = self.unhealthy_after
+        if done is not None and since is not None and now - since > limit:
+            why = (
+                f"limit {limit:g}s: {UNHEALTHY_AFTER_RESYNCS} resync periods of "
+                f"{self.config.resync_seconds:g}s, at least {MIN_UNHEALTHY_SECONDS:g}s"
             )
+            message = f"no reconcile pass went through for {now - done:.0f}s"
+            if started is None:
+                message += f" and none is running ({why})"
+            else:
+                last = (
+                    f"the last {now - last_answer[0]:.0f}s ago: {last_answer[1]}"
+                    if last_answer is not None
+                    else "none yet"
+                )
+                message += (
+                    f", and the pass in flight (started {now - started:.0f}s ago, {doing}; {answered} API "
+                    f"calls answered, {last}) has made no progress for {now - since:.0f}s ({why})"
+                )
+                if waiting:
+                    what, call_since = waiting[0]
+                    more = f" (and {len(waiting) - 1} more)" if len(waiting) > 1 else ""
+                    message += f"; waiting {now - call_since:.0f}s for the API server on: {what}{more}"
+            raise Unhealthy(f"{message}; last error: {self._last_error or 'none'}")
         return {
             "passes": self._passes,
             "last_ok_age_s": None if self._last_ok is None else round(now - self._last_ok, 1),
             "last_error": self._last_error,
             "models_in_backoff": self._models_in_backoff(),
+            "pass_in_flight_s": None if started is None else round(now - started, 1),
+            "pass_doing": doing,
+            "pass_calls_answered": answered,
         }
 
     async def _loop(self) -> None:
-        self._loop_started = time.monotonic()
+        self._loop_started = self._clock()
         while True:
             timeout = self.config.resync_seconds
             if self._requeue_after is not None:
@@ -229,10 +335,14 @@ class Reconciler:
     async def _pass(self) -> Plan:
         async with self._lock:  # one pass at a time: a pass acts on a consistent snapshot
             started = time.perf_counter()
-            result = await asyncio.to_thread(self._pass_sync)
+            self._progress.begin()
+            try:
+                result = await asyncio.to_thread(self._pass_sync)
+            finally:
+                self._progress.end()
             metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
             self._passes += 1
-            self._last_ok = time.monotonic()
+            self._last_ok = self._clock()
             self._last_error = ""
             return result
 
@@ -302,6 +412,7 @@ class Reconciler:
         # A model deleted and created again (a new uid) inherits neither backoff nor message.
         self._failures = {k: f for k, f in self._failures.items() if live.get(failure_model(k)) == f.uid}
         started = time.perf_counter()
+        self._progress.stage("planning")
         result = plan(
             models,
             nodes,
@@ -314,7 +425,9 @@ class Reconciler:
             self._service_snapshot(models, services),
         )
         planned = time.perf_counter()
+        self._progress.stage("writing the plan")
         failed = self._apply(result)
+        self._progress.stage("reporting")
         with self._shared_lock:
             late, self._late_failures = self._late_failures, {}
         failed.update({k: v for k, v in late.items() if k in live and k not in failed})
@@ -353,7 +466,8 @@ class Reconciler:
             if not self._is_leader():
                 raise RuntimeError("lost the leader Lease: refusing to write")
             try:
-                write()
+                with self._progress.call(what):  # an answer, even a refusal, is the pass's progress
+                    write()
             except ApiException as exc:
                 reason, message = api_error(exc)
                 log.warning("%s refused: %s", what, message, extra={"models": list(models), "reason": reason})

@@ -101,7 +101,10 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_a_pass_stuck_on_the_api_server_fails_the_liveness_probe(stub: ApiServerStub) -> None:
+def test_a_pass_stuck_on_the_api_server_fails_the_liveness_probe(
+    stub: ApiServerStub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(reconciler, "MIN_UNHEALTHY_SECONDS", 0.0)  # 3 resyncs of 0.2 s (the floor: 120 s)
     config = OperatorConfig(placeholders=False, resync_seconds=0.2, debounce_seconds=0.01)
     kube = StuckKube(stub.api_client())
     kube.stuck.set()
@@ -125,7 +128,10 @@ def test_a_pass_stuck_on_the_api_server_fails_the_liveness_probe(stub: ApiServer
                 pytest.fail("health() stayed green while the pass was stuck")
             limit = UNHEALTHY_AFTER_RESYNCS * config.resync_seconds
             assert message.startswith("no reconcile pass went through for ")
-            assert f"(limit {limit:g}s, {UNHEALTHY_AFTER_RESYNCS} resync periods)" in message
+            assert f"(limit {limit:g}s: {UNHEALTHY_AFTER_RESYNCS} resync periods of 0.2s" in message
+            # On-call reads what the pass was waiting for.
+            assert "the pass in flight (started " in message and "writing the plan" in message
+            assert "for the API server on: creating " in message and " pod " in message
             # kopf's liveness endpoint answers with an error (the kubelet restarts the pod).
             registry = kopf.OperatorRegistry()
             handlers.register(registry, config)
