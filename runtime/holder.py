@@ -18,7 +18,9 @@ device's socket directory, see ``vnpu.device_plugin.plugin.ensure_socket_dir``),
 credentials (``SO_PEERCRED``) must match our uid, root, or that group; then the handshake above. A
 refusal is answered with ``{"ok": false, "error": ...}`` and logged with the peer's pid and uid; the
 handshake has a deadline and a cap on connections in it, so a hostile peer cannot pin the holder's
-threads.
+threads. What a peer sent is echoed, in a refusal and in the log, cut to ``ipc.MAX_SHOWN_CHARS``
+characters; refusals are logged at most once per ``LOG_INTERVAL_S``, with the number left out since
+(``suppressed``), and each counts in ``WeightsHolder.refused``.
 """
 
 from __future__ import annotations
@@ -37,7 +39,15 @@ from pathlib import Path
 from typing import Any
 
 from vnpu import sharing
-from vnpu.runtime.ipc import ProtocolError, encode, recv_message, send_encoded, send_message, settimeout_until
+from vnpu.runtime.ipc import (
+    ProtocolError,
+    encode,
+    recv_message,
+    send_encoded,
+    send_message,
+    settimeout_until,
+    shown,
+)
 from vnpu.runtime.loader import LoadedWeights
 
 PROTOCOL_VERSION = 2
@@ -45,6 +55,9 @@ PROTOCOL_VERSION = 2
 #: how many may be in it at once.
 HANDSHAKE_TIMEOUT_S = 5.0
 MAX_HANDSHAKES = 32
+#: Seconds between two log lines of one kind that any peer can cause at will (refusals); the lines
+#: left out are counted in the next one.
+LOG_INTERVAL_S = 10.0
 #: Pause after a failed accept (out of file descriptors, say) before the next.
 ACCEPT_RETRY_S = 0.1
 #: Requests are tiny JSON objects; anything bigger is refused before it is parsed.
@@ -55,6 +68,28 @@ log = logging.getLogger("vnpu.runtime.holder")
 
 class HolderError(RuntimeError):
     """The holder cannot start (socket in use, bad directory, ...)."""
+
+
+class _Throttled:
+    """A log line any peer can cause at will, written at most once per ``LOG_INTERVAL_S``: each line
+    carries ``suppressed``, how many of its kind were left out since the previous one."""
+
+    def __init__(self, level: int, message: str) -> None:
+        self._level = level
+        self._message = message
+        self._lock = threading.Lock()
+        self._next_at: float | None = None
+        self._suppressed = 0
+
+    def __call__(self, **extra: Any) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if self._next_at is not None and now < self._next_at:
+                self._suppressed += 1
+                return
+            suppressed, self._suppressed = self._suppressed, 0
+            self._next_at = now + LOG_INTERVAL_S
+        log.log(self._level, self._message, extra=extra | {"suppressed": suppressed})
 
 
 def peer_credentials(conn: socket.socket) -> tuple[int, int, int]:
@@ -93,6 +128,7 @@ class WeightsHolder:
         self._lease_ids = iter(range(1, 1 << 62))
         self._handshakes = threading.BoundedSemaphore(MAX_HANDSHAKES)
         self.refused = 0  #: connections refused (authentication, identity, protocol, credentials)
+        self._log_refused = _Throttled(logging.WARNING, "refused client")
         self.started_at = time.time()
 
     @property
@@ -297,6 +333,10 @@ class WeightsHolder:
     def _allowed(self, uid: int, gid: int) -> bool:
         return uid in (os.getuid(), 0) or (self.socket_group is not None and gid == self.socket_group)
 
+    def _count_refused(self) -> None:
+        with self._lock:
+            self.refused += 1
+
     def _handshake(self, conn: socket.socket, peer: str, deadline: float) -> str | None:
         """Run the mutual authentication by ``deadline``; returns the authenticated op ("attach" or
         "status"), or None after refusing the client."""
@@ -304,8 +344,8 @@ class WeightsHolder:
         if hello.get("op") != "hello" or hello.get("protocol") != PROTOCOL_VERSION:
             self._refuse(
                 conn,
-                f"{peer}: expected a protocol {PROTOCOL_VERSION} hello, got op {hello.get('op')!r} "
-                f"protocol {hello.get('protocol')!r} (replica and holder run different vnpu versions?)",
+                f"{peer}: expected a protocol {PROTOCOL_VERSION} hello, got op {shown(hello.get('op'))} "
+                f"protocol {shown(hello.get('protocol'))} (replica and holder run different vnpu versions?)",
                 deadline,
             )
             return None
@@ -344,7 +384,7 @@ class WeightsHolder:
             return None
         op = answer.get("op")
         if op not in ("attach", "status"):
-            self._refuse(conn, f"{peer}: unknown op {op!r}", deadline)
+            self._refuse(conn, f"{peer}: unknown op {shown(op)}", deadline)
             return None
         return str(op)
 
@@ -427,11 +467,12 @@ class WeightsHolder:
             if request.get("op") == "ping":
                 send_message(conn, {"ok": True, "op": "pong", "clients": self.clients})
             else:
-                send_message(conn, {"ok": False, "error": f"unknown op {request.get('op')!r}"})
+                send_message(conn, {"ok": False, "error": f"unknown op {shown(request.get('op'))}"})
 
     def _refuse(self, conn: socket.socket, reason: str, deadline: float) -> None:
-        self.refused += 1
-        log.warning("refused client", extra={"reason": reason, "share": str(self.identity)})
+        """Count, log (throttled) and answer a refusal; ``reason`` holds no peer's value longer than
+        ``shown`` leaves it."""
+        self._count_refused()
+        self._log_refused(reason=reason, share=str(self.identity))
         with contextlib.suppress(OSError):  # ProtocolError too: past the deadline, no answer
-            settimeout_until(conn, deadline)
-            send_message(conn, {"ok": False, "error": reason})
+            send_message(conn, {"ok": False, "error": reason}, deadline=deadline)

@@ -17,6 +17,8 @@ from typing import Any
 _HEADER = struct.Struct(">I")
 MAX_MESSAGE = 64 * 1024 * 1024
 MAX_FDS = 8
+#: Longest echo of a peer's value in an error or a log line (see :func:`shown`).
+MAX_SHOWN_CHARS = 64
 
 
 class ProtocolError(ConnectionError):
@@ -55,6 +57,15 @@ def send_encoded(
         sock.sendall(header)
     settimeout_until(sock, deadline)
     sock.sendall(payload)
+
+
+def shown(value: object, limit: int = MAX_SHOWN_CHARS) -> str:
+    """``repr(value)`` of a peer's value, cut to ``limit`` characters (saying so) before it goes into an
+    error, a reply or a log line: a peer without the key may send a 64 KiB ``op``. The rule of
+    ``vnpu.jsonbody.shown``, which this module cannot import (it would load aiohttp into the holder and
+    every replica)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def settimeout_until(sock: socket.socket, deadline: float | None) -> None:

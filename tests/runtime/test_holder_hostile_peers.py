@@ -1,21 +1,77 @@
-"""Peers without the key against the holder and the replica: a squatter trickling its challenge."""
+"""Peers without the key against the holder and the replica: values echoed into every refusal, a
+squatter trickling its challenge. Each passes ``SO_PEERCRED`` (a process of the holder's uid, as a pod
+of the group's user would be)."""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import socket
 import struct
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from rt_helpers import load_tiny_llama
 
 from vnpu import sharing
-from vnpu.runtime.attach import HolderUnavailableError, attach, holder_status
-from vnpu.runtime.ipc import recv_message
+from vnpu.runtime import holder as holder_module
+from vnpu.runtime.attach import AttachRefusedError, HolderUnavailableError, attach, holder_status
+from vnpu.runtime.holder import WeightsHolder
+from vnpu.runtime.ipc import recv_message, send_message
 
 ID = sharing.ShareIdentity("team-a", "group-a", "w1")
 KEY = b"k" * 32
+HOLDER_LOG = "vnpu.runtime.holder"
+
+
+def _attach_works(path: Path) -> bool:
+    try:
+        attach(path, ID, KEY, timeout=2.0).close()
+    except (HolderUnavailableError, AttachRefusedError):
+        return False
+    return True
+
+
+def _records(caplog: pytest.LogCaptureFixture, message: str) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == HOLDER_LOG and r.getMessage().startswith(message)]
+
+
+@pytest.fixture
+def holder(short_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[WeightsHolder]:
+    # One log line per kind for the whole test: counting them is then exact.
+    monkeypatch.setattr(holder_module, "LOG_INTERVAL_S", 3600.0)
+    monkeypatch.setattr(holder_module, "MAX_HANDSHAKES", 4)
+    served = WeightsHolder(load_tiny_llama(short_tmp / "model"), ID, KEY, short_tmp / "s" / "weights.sock")
+    served.start()
+    yield served
+    served.stop()
+
+
+def test_a_refusal_never_echoes_a_long_peer_value(
+    holder: WeightsHolder, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A keyless peer sends a 30 kB ``op`` and ``protocol``: the refusal it gets back and the one log
+    line say what it sent, cut short; a stream of such peers makes one warning, not one each."""
+    caplog.set_level(logging.INFO, logger=HOLDER_LOG)
+    big_op, big_protocol = "A" * 30_000, "B" * 30_000  # the frame within the holder's 64 KiB
+    errors = []
+    for _ in range(20):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(10)
+            s.connect(str(holder.socket_path))
+            send_message(s, {"op": big_op, "protocol": big_protocol})
+            reply, _ = recv_message(s)
+            assert reply["ok"] is False
+            errors.append(reply["error"])
+    error = errors[0]
+    assert "AAAA" in error and "BBBB" in error and "30002 characters" in error  # repr: quotes included
+    assert len(error) < 400, error
+    (record,) = _records(caplog, "refused client")
+    assert record.reason == error  # type: ignore[attr-defined]
+    assert holder.refused == 20
+    assert _attach_works(holder.socket_path)
 
 
 class TricklingSquatter:
