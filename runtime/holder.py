@@ -16,17 +16,27 @@ Access control, in layers: the socket's name is unguessable without the key (and
 device's socket directory, see ``vnpu.device_plugin.plugin.ensure_socket_dir``), the file is ``0600``
 (or ``0660`` with ``socket_group``) and the pods of one group run as that group's user; the peer's
 credentials (``SO_PEERCRED``) must match our uid, root, or that group; then the handshake above. A
-refusal is answered with ``{"ok": false, "error": ...}`` and logged with the peer's pid and uid; the
-handshake has a deadline and a cap on connections in it, so a hostile peer cannot pin the holder's
-threads. What a peer sent is echoed, in a refusal and in the log, cut to ``ipc.MAX_SHOWN_CHARS``
-characters; refusals are logged at most once per ``LOG_INTERVAL_S``, with the number left out since
-(``suppressed``), and each counts in ``WeightsHolder.refused``.
+refusal is answered with ``{"ok": false, "error": ...}`` and logged with the peer's pid and uid.
+
+Limits a peer without the key runs into (it may pass ``SO_PEERCRED``: a pod of this group's uid):
+
+- its hello must be in within ``HELLO_TIMEOUT_S`` (a replica sends it as it connects), and the whole
+  handshake within ``HANDSHAKE_TIMEOUT_S``: one deadline each, however the peer spreads its bytes;
+- at most ``MAX_HANDSHAKES`` connections are in their handshake at once. Past that an *old* one is
+  cut to make room (the oldest still without its hello, else the oldest), not the newest refused:
+  holding a slot needs no key, so a peer reconnecting as soon as it was refused kept every slot and
+  locked every replica out. A replica sends its hello as it connects and completes its handshake in
+  milliseconds, before ``MAX_HANDSHAKES`` newer connections could push it out;
+- what it sent is echoed, in a refusal and in the log, cut to ``ipc.MAX_SHOWN_CHARS`` characters;
+- refusals, cuts and failed handshakes are logged at most once per ``LOG_INTERVAL_S`` each, with the
+  number left out since (``suppressed``); every refusal and cut counts in ``WeightsHolder.refused``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
 import logging
 import os
 import socket
@@ -51,12 +61,14 @@ from vnpu.runtime.ipc import (
 from vnpu.runtime.loader import LoadedWeights
 
 PROTOCOL_VERSION = 2
-#: Seconds a client has to complete the whole handshake (one deadline, not a timeout per read), and
-#: how many may be in it at once.
+#: Seconds a client has to complete the whole handshake (one deadline, not a timeout per read), and to
+#: send its first frame (the hello, which a replica sends as it connects).
 HANDSHAKE_TIMEOUT_S = 5.0
+HELLO_TIMEOUT_S = 1.0
+#: Connections in their handshake at once; a new one past this cuts the oldest (see _PendingHandshakes).
 MAX_HANDSHAKES = 32
-#: Seconds between two log lines of one kind that any peer can cause at will (refusals); the lines
-#: left out are counted in the next one.
+#: Seconds between two log lines of one kind that any peer can cause at will (refusals, cuts, failed
+#: handshakes); the lines left out are counted in the next one.
 LOG_INTERVAL_S = 10.0
 #: Pause after a failed accept (out of file descriptors, say) before the next.
 ACCEPT_RETRY_S = 0.1
@@ -68,6 +80,54 @@ log = logging.getLogger("vnpu.runtime.holder")
 
 class HolderError(RuntimeError):
     """The holder cannot start (socket in use, bad directory, ...)."""
+
+
+class _PendingHandshakes:
+    """The connections in their handshake, oldest first, at most ``limit`` of them.
+
+    Room for a new one is made by cutting the oldest that has not sent its whole hello yet, or failing
+    that the oldest: its socket is shut down, so its thread's next read or write fails and the thread
+    ends. A replica sends its hello as it connects, so peers stalling before theirs are cut before it
+    is. A connection leaves the table once its peer has proved it holds the key (an authenticated
+    replica is never cut) or when its thread ends."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._lock = threading.Lock()
+        self._pending: dict[int, socket.socket] = {}  # insertion order: the oldest first
+        self._heard: set[int] = set()  # the tokens of those whose hello is in
+        self._tokens = itertools.count(1)
+
+    def admit(self, conn: socket.socket) -> tuple[int, bool]:
+        """Add ``conn``; returns its token and whether another connection was cut to make room."""
+        with self._lock:
+            cut = len(self._pending) >= self._limit
+            if cut:
+                victim = next((t for t in self._pending if t not in self._heard), next(iter(self._pending)))
+                self._heard.discard(victim)
+                # Shut while holding the lock: its thread closes it only after leave(), which waits for
+                # the lock, so its descriptor cannot have been closed and re-used by another file yet.
+                with contextlib.suppress(OSError):
+                    self._pending.pop(victim).shutdown(socket.SHUT_RDWR)
+            token = next(self._tokens)
+            self._pending[token] = conn
+        return token, cut
+
+    def heard(self, token: int) -> None:
+        """The connection's hello is in."""
+        with self._lock:
+            if token in self._pending:
+                self._heard.add(token)
+
+    def holds(self, token: int) -> bool:
+        with self._lock:
+            return token in self._pending
+
+    def leave(self, token: int) -> bool:
+        """Take the connection out; False if it was no longer in (cut to make room)."""
+        with self._lock:
+            self._heard.discard(token)
+            return self._pending.pop(token, None) is not None
 
 
 class _Throttled:
@@ -126,9 +186,15 @@ class WeightsHolder:
         self._leases: dict[int, socket.socket] = {}
         self._lock = threading.Lock()
         self._lease_ids = iter(range(1, 1 << 62))
-        self._handshakes = threading.BoundedSemaphore(MAX_HANDSHAKES)
-        self.refused = 0  #: connections refused (authentication, identity, protocol, credentials)
+        self._pending = _PendingHandshakes(MAX_HANDSHAKES)
+        #: connections refused (authentication, identity, protocol, credentials) or cut in their
+        #: handshake to make room for a newer one
+        self.refused = 0
         self._log_refused = _Throttled(logging.WARNING, "refused client")
+        self._log_cut = _Throttled(
+            logging.WARNING, "cut an older client in its handshake: too many connections in their handshake"
+        )
+        self._log_handshake_ended = _Throttled(logging.INFO, "connection ended in its handshake")
         self.started_at = time.time()
 
     @property
@@ -319,14 +385,16 @@ class WeightsHolder:
                 self._stop.wait(ACCEPT_RETRY_S)
                 continue
             failing = False
-            if not self._handshakes.acquire(blocking=False):
-                log.warning("refused client: too many connections in their handshake")
-                conn.close()
-                continue
+            token, cut = self._pending.admit(conn)
+            if cut:
+                self._count_refused()
+                self._log_cut(limit=MAX_HANDSHAKES, share=str(self.identity))
             try:
-                threading.Thread(target=self._handle, args=(conn,), name="holder-conn", daemon=True).start()
+                threading.Thread(
+                    target=self._handle, args=(conn, token), name="holder-conn", daemon=True
+                ).start()
             except RuntimeError as e:  # "can't start new thread": the slot and the connection go back
-                self._handshakes.release()
+                self._pending.leave(token)
                 conn.close()
                 log.error("refused client: cannot start its thread", extra={"reason": str(e)})
 
@@ -337,10 +405,11 @@ class WeightsHolder:
         with self._lock:
             self.refused += 1
 
-    def _handshake(self, conn: socket.socket, peer: str, deadline: float) -> str | None:
-        """Run the mutual authentication by ``deadline``; returns the authenticated op ("attach" or
-        "status"), or None after refusing the client."""
-        hello = self._recv(conn, deadline)
+    def _handshake(
+        self, conn: socket.socket, peer: str, hello: dict[str, Any], deadline: float
+    ) -> str | None:
+        """Run the mutual authentication after ``hello`` by ``deadline``; returns the authenticated op
+        ("attach" or "status"), or None after refusing the client."""
         if hello.get("op") != "hello" or hello.get("protocol") != PROTOCOL_VERSION:
             self._refuse(
                 conn,
@@ -365,7 +434,6 @@ class WeightsHolder:
             self._refuse(conn, f"{peer}: malformed nonce", deadline)
             return None
         server_nonce = sharing.new_nonce()
-        settimeout_until(conn, deadline)
         send_message(
             conn,
             {
@@ -374,6 +442,7 @@ class WeightsHolder:
                 "nonce": server_nonce,
                 "proof": sharing.proof(self._key, "holder", ours, client_nonce, server_nonce),
             },
+            deadline=deadline,
         )
         answer = self._recv(conn, deadline)
         expected = sharing.proof(self._key, "replica", ours, client_nonce, server_nonce)
@@ -395,24 +464,31 @@ class WeightsHolder:
             os.close(fd)
         return request
 
-    def _handle(self, conn: socket.socket) -> None:
+    def _handle(self, conn: socket.socket, token: int) -> None:
+        """Serve one connection: its handshake (in the pending table under ``token`` until its peer has
+        proved it holds the key), then its status or its lease."""
         lease_id = None
         in_handshake = True
         try:
             # One deadline for the whole handshake: a peer trickling its bytes must not keep its slot.
-            deadline = time.monotonic() + HANDSHAKE_TIMEOUT_S
+            started = time.monotonic()
+            deadline = started + HANDSHAKE_TIMEOUT_S
             pid, uid, gid = peer_credentials(conn)
             peer = f"peer pid {pid} uid {uid}"
             settimeout_until(conn, deadline)
             if not self._allowed(uid, gid):
                 self._refuse(conn, f"{peer} gid {gid} may not use this weights-holder", deadline)
                 return
-            op = self._handshake(conn, peer, deadline)
+            hello = self._recv(conn, min(deadline, started + HELLO_TIMEOUT_S))
+            self._pending.heard(token)
+            op = self._handshake(conn, peer, hello, deadline)
             if op is None:
                 return
-            settimeout_until(conn, deadline)
+            in_handshake = False
+            if not self._pending.leave(token):
+                return  # cut to make room just before it authenticated: its socket is shut
             if op == "status":
-                send_message(conn, {"ok": True, "holder": self.info()})
+                send_message(conn, {"ok": True, "holder": self.info()}, deadline=deadline)
                 return
             # The lease is counted before the grant goes out: a replica whose attach has returned is
             # always among `clients` (and in any status asked after it), never counted a moment late.
@@ -430,13 +506,12 @@ class WeightsHolder:
                     for fd in self._arena_fds:
                         grant_fds.append(os.dup(fd))
                 head = encode({"ok": True, "arena": self._arena_meta, "holder": self.info()})
+                settimeout_until(conn, deadline)
                 send_encoded(conn, head[:-1] + b',"manifest":' + self._manifest_json + b"}", grant_fds)
             finally:
                 for fd in grant_fds:
                     os.close(fd)
             conn.settimeout(None)
-            in_handshake = False
-            self._handshakes.release()
             log.info(
                 "replica attached",
                 extra={
@@ -448,11 +523,15 @@ class WeightsHolder:
             )
             self._serve_lease(conn)
         except (ProtocolError, OSError) as e:
-            if not self._stop.is_set():
+            if self._stop.is_set():
+                pass
+            elif not in_handshake:
                 log.info("connection ended", extra={"reason": str(e), "share": str(self.identity)})
+            elif self._pending.holds(token):  # not cut: that was counted and logged when it was
+                self._log_handshake_ended(reason=str(e), share=str(self.identity))
         finally:
             if in_handshake:
-                self._handshakes.release()
+                self._pending.leave(token)  # before the close: see _PendingHandshakes.admit
             if lease_id is not None:
                 with self._lock:
                     self._leases.pop(lease_id, None)

@@ -1,6 +1,6 @@
-"""Peers without the key against the holder and the replica: values echoed into every refusal, a
-squatter trickling its challenge. Each passes ``SO_PEERCRED`` (a process of the holder's uid, as a pod
-of the group's user would be)."""
+"""Peers without the key against the holder and the replica: slots kept full by reconnecting, values
+echoed into every refusal, a squatter trickling its challenge. Each passes ``SO_PEERCRED`` (a process
+of the holder's uid, as a pod of the group's user would be)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import logging
 import socket
 import struct
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,14 @@ from vnpu.runtime.ipc import recv_message, send_message
 ID = sharing.ShareIdentity("team-a", "group-a", "w1")
 KEY = b"k" * 32
 HOLDER_LOG = "vnpu.runtime.holder"
+
+
+def wait_until(condition: Callable[[], bool], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.02)
 
 
 def _attach_works(path: Path) -> bool:
@@ -47,6 +56,64 @@ def holder(short_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Weights
     served.start()
     yield served
     served.stop()
+
+
+class SlotFillers:
+    """Peers that each connect, announce a hello that never comes and wait; cut, they reconnect at once."""
+
+    def __init__(self, path: Path, count: int) -> None:
+        self.path = path
+        self.reconnects = 0
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._open: set[socket.socket] = set()
+        self._threads = [threading.Thread(target=self._fill) for _ in range(count)]
+        for t in self._threads:
+            t.start()
+
+    def _fill(self) -> None:
+        while not self._stop.is_set():
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                with self._lock:
+                    if self._stop.is_set():
+                        return
+                    self._open.add(s)
+                with contextlib.suppress(OSError):
+                    s.connect(str(self.path))
+                    s.sendall(struct.pack(">I", 1000))  # a hello under MAX_REQUEST that never completes
+                    s.recv(1)  # b"" (or ECONNRESET) once the holder cuts it
+                with self._lock:
+                    self._open.discard(s)
+                    self.reconnects += 1
+
+    def close(self) -> None:
+        with self._lock:
+            self._stop.set()
+            for s in self._open:
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+        for t in self._threads:
+            t.join()
+
+
+def test_a_peer_refilling_every_handshake_slot_does_not_lock_out_replicas(
+    holder: WeightsHolder, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """More peers than slots, each stalling in its hello and reconnecting as soon as it is cut: the
+    slots never empty by themselves (the deadlines are a minute here). A replica still gets in: the
+    holder cuts an old connection for each new one instead of refusing the newest, and a replica's
+    handshake completes long before the fillers have pushed it out. Cuts are counted and logged once."""
+    monkeypatch.setattr(holder_module, "HANDSHAKE_TIMEOUT_S", 60.0)
+    monkeypatch.setattr(holder_module, "HELLO_TIMEOUT_S", 60.0)
+    caplog.set_level(logging.INFO, logger=HOLDER_LOG)
+    fillers = SlotFillers(holder.socket_path, holder_module.MAX_HANDSHAKES + 1)
+    try:
+        wait_until(lambda: fillers.reconnects >= 20, timeout=10)  # the slots are full and refilled
+        wait_until(lambda: _attach_works(holder.socket_path), timeout=10)
+    finally:
+        fillers.close()
+    assert holder.refused >= 20
+    assert len(_records(caplog, "cut an older client in its handshake")) == 1
 
 
 def test_a_refusal_never_echoes_a_long_peer_value(

@@ -57,15 +57,18 @@ def tiny(short_tmp: Path) -> Any:
 # --- the holder's handshake deadline ------------------------------------------------------------
 
 
-def test_peers_trickling_their_hello_are_cut_at_the_handshake_deadline(
-    tiny: Any, short_tmp: Path, monkeypatch: Any
+@pytest.mark.parametrize("stage", ["hello", "answer"])
+def test_peers_trickling_their_handshake_are_cut_at_its_deadline(
+    stage: str, tiny: Any, short_tmp: Path, monkeypatch: Any
 ) -> None:
-    """Peers without the key fill every handshake slot, each announcing a big hello and sending it a
-    byte at a time, every byte well within one read's timeout. The handshake has one deadline: they
-    are cut when it passes, and a replica gets in."""
+    """Peers without the key announce a big frame and send it a byte at a time, every byte well
+    within one read's timeout: their hello (cut at HELLO_TIMEOUT_S), or, after a valid hello, their
+    answer to the challenge (cut at HANDSHAKE_TIMEOUT_S). Each stage has one deadline: they are cut
+    when it passes, not counted as refused, and a replica gets in."""
     # Short enough for a quick test, long enough for a real replica's handshake on a loaded machine.
-    monkeypatch.setattr(holder_module, "HANDSHAKE_TIMEOUT_S", 1.5)
-    monkeypatch.setattr(holder_module, "MAX_HANDSHAKES", 2)
+    monkeypatch.setattr(holder_module, "HELLO_TIMEOUT_S", 1.0 if stage == "hello" else 60.0)
+    monkeypatch.setattr(holder_module, "HANDSHAKE_TIMEOUT_S", 1.5 if stage == "answer" else 60.0)
+    monkeypatch.setattr(holder_module, "MAX_HANDSHAKES", 3)  # room for the replica: nobody is cut for it
     path = short_tmp / "s" / "weights.sock"
     holder = WeightsHolder(tiny, ID, KEY, path)
     holder.start()
@@ -83,18 +86,18 @@ def test_peers_trickling_their_hello_are_cut_at_the_handshake_deadline(
     threads = [threading.Thread(target=trickle, args=(peer,)) for peer in peers]
     try:
         for peer in peers:
+            peer.settimeout(10)
             peer.connect(str(path))
-            peer.sendall(struct.pack(">I", 60_000))  # a hello under MAX_REQUEST that never completes
-        # The holder accepts in order: once it has closed the next connection (over the cap, at
-        # once), both peers have had their slot.
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as over:
-            over.settimeout(10)
-            over.connect(str(path))
-            assert over.recv(1) == b""
+            if stage == "answer":
+                send_message(peer, _hello())
+                challenge, _ = recv_message(peer)
+                assert challenge["op"] == "challenge"
+            peer.sendall(struct.pack(">I", 60_000))  # a frame under MAX_REQUEST that never completes
         for t in threads:
             t.start()
-        wait_until(lambda: _attach_works(path), timeout=15)
-        wait_until(lambda: len(cut) == 2, timeout=5)
+        wait_until(lambda: len(cut) == 2, timeout=10)
+        assert _attach_works(path)
+        assert holder.refused == 0
     finally:
         stop.set()
         for t in threads:
@@ -103,6 +106,11 @@ def test_peers_trickling_their_hello_are_cut_at_the_handshake_deadline(
         for peer in peers:
             peer.close()
         holder.stop()
+
+
+def _hello() -> dict[str, Any]:
+    identity = {"namespace": ID.namespace, "group": ID.group, "weights_id": ID.weights_id}
+    return {"op": "hello", "protocol": 2, "identity": identity, "nonce": sharing.new_nonce(), "pid": 1}
 
 
 # --- odd frames: nothing a peer sends may end a replica's retries ------------------------------

@@ -206,7 +206,7 @@ def test_a_stalled_handshake_times_out_and_connections_are_capped(holder: Any, m
         s.connect(str(holder.socket_path))
         idle.append(s)
     try:
-        # The holder keeps serving: beyond the cap it closes at once, and stalled ones time out.
+        # The holder keeps serving: beyond the cap it cuts the oldest at once, and the others time out.
         wait_until(
             lambda: holder.clients == 0 and _attach_works(holder),
             timeout=holder_module.HANDSHAKE_TIMEOUT_S * 3,
