@@ -99,6 +99,12 @@ SCALED_TO_ZERO = Counter(
     MODEL_LABELS,
     registry=REGISTRY,
 )
+CRD_OUTDATED = Gauge(
+    "vnpu_operator_crd_outdated",
+    "1 while the served InferenceModel CRD is older than this operator's (status fields it writes are "
+    "refused or dropped): apply deploy/helm/vnpu/crds/.",
+    registry=REGISTRY,
+)
 WARM_HOLDERS = Gauge(
     "vnpu_operator_warm_holders",
     "Weight-holders kept for share groups with no replicas (keepWarm), per node pool.",

@@ -33,6 +33,7 @@ from kubernetes.client.exceptions import ApiException
 from vnpu import api, sharing
 from vnpu.operator import metrics, network_policy, scaling
 from vnpu.operator.config import PLACEHOLDER_PRIORITY_CLASS, OperatorConfig
+from vnpu.operator.crd import CrdRevisionCheck
 from vnpu.operator.estimate_cache import EstimateCache
 from vnpu.operator.kube import Kube, api_client_from_env, api_error
 from vnpu.operator.planner import (
@@ -188,6 +189,7 @@ class Reconciler:
         self._reporters: list[threading.Thread] = []
         self._reported = ReportedStatuses(stale_after=config.resync_seconds)
         self._posted = PostedEvents(window=EVENT_REPEAT_SECONDS)
+        self._crd_check: CrdRevisionCheck | None = None
 
     @property
     def kube(self) -> Kube:
@@ -206,6 +208,8 @@ class Reconciler:
                 "chart ships it, placeholderPriorityClass.create=true), or run with --no-placeholders",
                 PLACEHOLDER_PRIORITY_CLASS,
             )
+        self._crd_check = CrdRevisionCheck(kube.api_client)
+        await asyncio.to_thread(self._crd_check.start)
         cache = self._cache = ClusterCache(kube.api_client, self.config.namespaces, self._changed)
         cache.start()
         try:
@@ -218,6 +222,7 @@ class Reconciler:
                 )
         except BaseException:
             # kopf retries a failed start with a new Reconciler: these informers must not keep listing.
+            self._crd_check.stop()
             self._cache = None
             await asyncio.shield(asyncio.to_thread(cache.stop))
             raise
@@ -230,6 +235,8 @@ class Reconciler:
         self._task = asyncio.create_task(self._loop(), name="vnpu-reconciler")
 
     async def stop(self) -> None:
+        if self._crd_check is not None:
+            self._crd_check.stop()
         if self._task:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

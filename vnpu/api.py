@@ -17,6 +17,12 @@ KIND = "InferenceModel"
 PLURAL = "inferencemodels"
 SINGULAR = "inferencemodel"
 SHORT_NAME = "infm"
+CRD_NAME = f"{PLURAL}.{GROUP}"
+#: The CRD's schema revision, also its annotation ``vnpu.io/crd-revision`` in crds/: bumped with every
+#: change of the CRD's spec (a test pins its hash), so an operator can tell that the served CRD is older
+#: than what it writes (Helm installs crds/ once and never upgrades them). A CRD without it is 0.
+CRD_REVISION = 1
+CRD_REVISION_ANNOTATION = f"{GROUP}/crd-revision"
 
 #: Longest ``spec.modelName`` (the CRD's maxLength): what clients send as ``model``. A serving
 #: weight-holder answers to any name and echoes it in every chunk, so it refuses a longer one.
