@@ -35,7 +35,7 @@ def served_revision(api_client: client.ApiClient, timeout_s: float = 30.0) -> in
         crds = client.ApiextensionsV1Api(api_client).list_custom_resource_definition(
             field_selector=f"metadata.name={api.CRD_NAME}", _request_timeout=timeout_s
         )
-    except (ApiException, OSError) as exc:
+    except (ApiException, OSError, ValueError) as exc:  # (ValueError: an answer that is not a CRD list)
         log.warning("cannot read the InferenceModel CRD to check its revision", extra={"error": str(exc)})
         return None
     if not crds.items:

@@ -63,6 +63,7 @@ class ApiServerStub:
                     "services",
                     "secrets",
                     "inferencemodels",
+                    "customresourcedefinitions",
                 ):
                     items = stub.lists.get(last, [])
                     self._reply(200, {"kind": "List", "metadata": {"resourceVersion": "1"}, "items": items})
