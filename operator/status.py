@@ -22,11 +22,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from vnpu import api
-from vnpu.jsonbody import shown
 from vnpu.memory import EstimateError, MemoryEstimate
 from vnpu.operator.packing import Unplaced
 from vnpu.operator.services import REASON_NAME_TAKEN
 from vnpu.operator.state import ObservedModel
+from vnpu.shown import shown
 
 if TYPE_CHECKING:
     from vnpu.operator.planner import Failure

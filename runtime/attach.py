@@ -24,6 +24,7 @@ from vnpu.runtime.arena import Arena, ArenaError, import_arena
 from vnpu.runtime.holder import PROTOCOL_VERSION
 from vnpu.runtime.ipc import ProtocolError, recv_message, send_message, settimeout_until
 from vnpu.runtime.manifest import WeightManifest, layout_problem
+from vnpu.shown import shown
 
 
 class HolderUnavailableError(ConnectionError):
@@ -197,7 +198,9 @@ def _handshake(
     for fd in fds:
         os.close(fd)
     if not challenge.get("ok"):
-        raise AttachRefusedError(f"weights-holder at {path} refused {identity}: {challenge.get('error')}")
+        raise AttachRefusedError(
+            f"weights-holder at {path} refused {identity}: {_peer_text(challenge.get('error'))}"
+        )
     server_nonce = challenge.get("nonce")
     if not sharing.valid_nonce(server_nonce):
         raise AttachRefusedError(f"weights-holder at {path} sent a malformed challenge")
@@ -298,5 +301,15 @@ def holder_status(
     for fd in fds:
         os.close(fd)
     if not reply.get("ok"):
-        raise AttachRefusedError(str(reply.get("error")))
+        raise AttachRefusedError(_peer_text(reply.get("error")))
     return dict(reply["holder"])
+
+
+#: Longest refusal text a replica takes from what answers at the holder's socket: the holder's own
+#: refusals are a line or two, but a squatter without the key could send 64 KiB per retry into the log.
+MAX_REFUSAL_CHARS = 512
+
+
+def _peer_text(value: object) -> str:
+    """The refusal a peer sent, as text, cut to MAX_REFUSAL_CHARS."""
+    return shown(str(value), MAX_REFUSAL_CHARS)

@@ -14,6 +14,8 @@ import struct
 import time
 from typing import Any
 
+import vnpu.shown
+
 _HEADER = struct.Struct(">I")
 MAX_MESSAGE = 64 * 1024 * 1024
 MAX_FDS = 8
@@ -61,11 +63,8 @@ def send_encoded(
 
 def shown(value: object, limit: int = MAX_SHOWN_CHARS) -> str:
     """``repr(value)`` of a peer's value, cut to ``limit`` characters (saying so) before it goes into an
-    error, a reply or a log line: a peer without the key may send a 64 KiB ``op``. The rule of
-    ``vnpu.jsonbody.shown``, which this module cannot import (it would load aiohttp into the holder and
-    every replica)."""
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+    error, a reply or a log line: a peer without the key may send a 64 KiB ``op``."""
+    return vnpu.shown.shown(repr(value), limit)
 
 
 def settimeout_until(sock: socket.socket, deadline: float | None) -> None:

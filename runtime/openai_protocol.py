@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from vnpu.api import INT32_MAX, INT32_MIN
-from vnpu.jsonbody import MAX_SHOWN_CHARS, shown
 from vnpu.runtime.errors import InvalidRequestError
 from vnpu.runtime.sampling import MAX_TEMPERATURE, MAX_TOP_LOGPROBS, MIN_TEMPERATURE, SamplingParams
+from vnpu.shown import MAX_SHOWN_CHARS, shown
 
 #: OpenAI's limit on stop sequences.
 MAX_STOP = 4
@@ -40,7 +40,7 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 def _shown(value: object) -> str:
-    """``repr(value)``, cut as every echo of a client's value is (vnpu.jsonbody.shown)."""
+    """``repr(value)``, cut as every echo of a client's value is (vnpu.shown.shown)."""
     return shown(repr(value))
 
 

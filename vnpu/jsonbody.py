@@ -37,13 +37,14 @@ from typing import Any, TypeVar
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage
 
+from vnpu.shown import MAX_SHOWN_CHARS as MAX_SHOWN_CHARS  # (re-exported for the servers)
+from vnpu.shown import shown as shown
+
 T = TypeVar("T")
 
 #: Largest request body (bytes) the runtime and the gateway accept: one limit, so the gateway never
 #: forwards what every replica refuses (a prompt of a few hundred thousand tokens fits).
 MAX_BODY_BYTES = 8 * 1024 * 1024
-#: Longest echo of a client's value in an error message: a 3 MB value made a 3 MB error body.
-MAX_SHOWN_CHARS = 80
 #: Bodies from this size on are decoded and parsed on a worker thread, one at a time (JSON parses at
 #: ~50 MB/s here: 256 KiB holds the loop ~5 ms; the 8 MiB limit, with the parse of its messages, over a
 #: second).
@@ -82,11 +83,6 @@ def quiet_answered_body_errors() -> None:
     server_log = logging.getLogger("aiohttp.server")
     if _ANSWERED not in server_log.filters:
         server_log.addFilter(_ANSWERED)
-
-
-def shown(text: str, limit: int = MAX_SHOWN_CHARS) -> str:
-    """``text`` (a client's value, to echo in an error message) cut to ``limit`` characters, saying so."""
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 class BodyError(ValueError):
