@@ -104,6 +104,14 @@ def test_values_schema_refuses_bad_values(kube_bin_dir) -> None:
         kube_bin_dir, "template", "x", str(CHART), "--set", "serviceMonitor.enabled=true", check=False
     )
     assert proc.returncode != 0 and "needs the Prometheus Operator CRDs" in proc.stderr
+    # Each of these rendered, and failed only at install ("roles ... already exists") or at run time
+    # (two servers on one port).
+    proc = helm(
+        kube_bin_dir, "template", "x", str(CHART), "--set", "operator.watchNamespaces={a,a}", check=False
+    )
+    assert proc.returncode != 0 and "/operator/watchNamespaces" in proc.stderr
+    proc = helm(kube_bin_dir, "template", "x", str(CHART), "--set", "operator.healthPort=8080", check=False)
+    assert proc.returncode != 0 and "cannot share a port" in proc.stderr
 
 
 def test_rendered_manifests_match_the_pinned_kubernetes_schemas(
