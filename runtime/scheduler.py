@@ -61,7 +61,7 @@ class SchedulerConfig:
     max_batch: int  #: running sequences at most (``spec.memory.maxBatch``)
     max_step_tokens: int  #: tokens per forward step: decode tokens plus prefill chunks
     block_size: int
-    max_waiting: int  #: waiting sequences at most; more are refused (429)
+    max_waiting: int  #: sequences waiting beyond the free batch slots at most; more are refused (429)
 
     def __post_init__(self) -> None:
         if self.max_batch < 1 or self.block_size < 1 or self.max_waiting < 0:
@@ -161,8 +161,12 @@ class Scheduler:
     # --- queue -------------------------------------------------------------------------------
 
     def add(self, seq: Sequence) -> None:
-        """Queue a new sequence; raises QueueFullError when ``max_waiting`` sequences already wait."""
-        if len(self.waiting) >= self.config.max_waiting:
+        """Queue a new sequence; raises QueueFullError when ``max_waiting`` sequences already wait for
+        a batch slot. Sequences that the next step admits straight into a free slot do not count: a
+        burst on an idle replica is refused only past its free slots plus ``max_waiting`` (counting
+        them made an idle ``max_batch`` 16, ``max_queue`` 4 replica refuse 8 of 12 requests)."""
+        free_slots = max(0, self.config.max_batch - len(self.running))
+        if len(self.waiting) >= self.config.max_waiting + free_slots:
             raise QueueFullError(f"too many queued requests (limit {self.config.max_waiting})")
         blocks_needed = -(-len(seq.tokens) // self.config.block_size)
         if blocks_needed > self.allocator.total:

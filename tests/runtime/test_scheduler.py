@@ -327,3 +327,16 @@ def test_every_plan_fits_under_mixed_priorities_and_a_small_pool(
         one_step()
     assert not s.has_work() and s.allocator.used == 0
     assert {q.id: q.num_generated for q in done} == wanted
+
+
+def test_a_burst_below_the_free_slots_is_not_refused() -> None:
+    """A burst arrives before any step: what the next step admits into free slots is not queued."""
+    s = make(max_batch=4, waiting=0)
+    burst = [seq(2) for _ in range(4)]
+    for sequence in burst:
+        s.add(sequence)  # no step in between: all four wait, but each has a free slot
+    with pytest.raises(QueueFullError, match="limit 0"):
+        s.add(seq(2))
+    assert counts(step(s)) == {sequence.id: 2 for sequence in burst}  # all admitted at once
+    with pytest.raises(QueueFullError):
+        s.add(seq(2))  # the batch is full: nothing may wait
