@@ -18,8 +18,9 @@
 Errors use OpenAI's error object ``{"error": {"message", "type", "param", "code"}}``: 400 for bad input
 (non-UTF-8 or invalid JSON bodies, unknown fields, out-of-range values, empty prompts, prompts beyond
 the context with code ``context_length_exceeded``), 404 for another model, 429 when the engine's
-waiting queue is full, 503 while the weights are unavailable. A failure after a stream started is sent
-as an ``error`` event before ``[DONE]``.
+waiting queue is full, 503 while the weights are unavailable (a 429 carries ``Retry-After: 1``, a
+503 ``Retry-After: 5``). A failure after a stream started is sent as an ``error`` event before
+``[DONE]``.
 
 Each request is parsed, rendered and tokenized in the handler — tokenization in a worker thread,
 outside every lock, and the prompt's length is checked against the context before tokenizing when
@@ -77,19 +78,31 @@ _STARTED_KEY = web.AppKey("started", int)
 _BODY_TIMEOUT_KEY = web.AppKey("body_timeout_s", float)
 #: How often a handler waiting for tokens checks that its client is still connected (seconds).
 DISCONNECT_POLL_S = 0.1
+#: ``Retry-After`` of a 429 (seconds): the queue drains at the pace of the engine's steps.
+RETRY_AFTER_QUEUE_FULL_S = 1
+#: ``Retry-After`` of a 503 (seconds): weights being loaded or re-attached, as the gateway's own 503.
+RETRY_AFTER_UNAVAILABLE_S = 5
 
 
 class HTTPError(Exception):
     """An OpenAI-shaped error response."""
 
     def __init__(
-        self, status: int, message: str, kind: str, code: str | None = None, param: str | None = None
+        self,
+        status: int,
+        message: str,
+        kind: str,
+        code: str | None = None,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status, self.kind, self.code, self.param = status, kind, code, param
+        self.headers = headers or {}
 
     def response(self) -> web.Response:
-        return web.json_response(error_body(str(self), self.kind, self.code, self.param), status=self.status)
+        body = error_body(str(self), self.kind, self.code, self.param)
+        return web.json_response(body, status=self.status, headers=self.headers)
 
 
 def _as_http(error: Exception) -> HTTPError:
@@ -102,9 +115,12 @@ def _as_http(error: Exception) -> HTTPError:
     if isinstance(error, InvalidRequestError):
         return HTTPError(400, str(error), "invalid_request_error")
     if isinstance(error, QueueFullError):
-        return HTTPError(429, str(error), "requests", "rate_limit_exceeded")
+        retry = {"Retry-After": str(RETRY_AFTER_QUEUE_FULL_S)}
+        return HTTPError(429, str(error), "requests", "rate_limit_exceeded", headers=retry)
     if isinstance(error, RuntimeUnavailableError):
-        return HTTPError(503, f"model is not available: {error}", "server_error", "service_unavailable")
+        retry = {"Retry-After": str(RETRY_AFTER_UNAVAILABLE_S)}
+        message = f"model is not available: {error}"
+        return HTTPError(503, message, "server_error", "service_unavailable", headers=retry)
     return HTTPError(500, f"internal error: {error}", "server_error")
 
 

@@ -306,3 +306,29 @@ def test_slow_clients_are_cut_off_while_others_are_served(runtime: ModelRuntime)
     assert got["status"] == 408
     assert got["body"]["error"]["code"] == "request_timeout"
     assert "did not arrive within 1 s" in got["body"]["error"]["message"]
+
+
+def test_429_and_503_carry_retry_after(tiny: Any) -> None:
+    """A client (or a proxy) told when to retry backs off instead of hammering a full or unready replica."""
+    from vnpu.runtime.engine import GenerationRequest
+    from vnpu.runtime.sampling import SamplingParams
+
+    rt = ModelRuntime(ServeOptions(max_context=CONTEXT, model_name="tiny", max_batch=1, max_queue=0))
+    rt.install(tiny.manifest, tiny.arena, shared=False, seconds=0.01)
+
+    async def scenario(client: TestClient) -> None:
+        with rt._lock:  # the engine holds off between steps: the batch's one slot stays taken
+            hog = rt.submit(GenerationRequest((5, 6), SamplingParams(8)), lambda _: None)
+            full = await client.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
+        hog.abort()
+        assert full.status == 429 and full.headers["Retry-After"] == "1"
+        assert (await full.json())["error"]["code"] == "rate_limit_exceeded"
+        rt.uninstall("weights-holder went away")
+        gone = await client.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
+        assert gone.status == 503 and gone.headers["Retry-After"] == "5"
+        assert "weights-holder went away" in (await gone.json())["error"]["message"]
+
+    try:
+        run(rt, scenario)
+    finally:
+        rt.close()
