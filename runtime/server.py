@@ -315,7 +315,12 @@ async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
         parse: Callable[[Any], CompletionRequest | ChatRequest] = (
             parse_chat if kind == "chat" else parse_completion
         )
-        req = await _read_request(request, parse)
+        try:
+            req = await _read_request(request, parse)
+        except ConnectionError:  # the client went away while its body was read
+            metrics.requests.labels("cancelled").inc()
+            log.info("client went away before its request arrived")
+            return web.Response(status=499)
         served_name = _check_model(runtime, req.model)
         ids, max_tokens = await asyncio.to_thread(_prepare, runtime, req)
         tokenizer = runtime.tokenizer
@@ -352,7 +357,7 @@ async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
         metrics.requests.labels(str(response.status)).inc()
         metrics.request_seconds.observe(time.perf_counter() - start)
         return response
-    except (ConnectionResetError, asyncio.CancelledError):
+    except asyncio.CancelledError:
         metrics.requests.labels("cancelled").inc()
         raise
     except Exception as e:
@@ -393,50 +398,49 @@ async def _collect(
 async def _stream(
     request: web.Request, call: _Call, outputs: asyncio.Queue[RequestOutput]
 ) -> web.StreamResponse | None:
+    """The request's outputs as server-sent events; None once its client has gone (a write to a closed
+    transport raises aiohttp's ClientConnectionResetError: that is the client leaving, not a failure)."""
     response: web.StreamResponse | None = None
     offset = 0
     while True:
         out = await _next_output(outputs, request)
         if out is None:
             return None
-        if out.error is not None:
-            if response is None:
-                raise out.error
-            error = _as_http(out.error)
-            await response.write(_sse(error_body(str(error), error.kind, error.code)))
-            await response.write(_sse("[DONE]"))
-            return response
+        if out.error is not None and response is None:
+            raise out.error  # nothing sent yet: an error response
+        events: list[bytes] = []
         if response is None:
             response = web.StreamResponse(
                 headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
             )
-            await response.prepare(request)
             if call.kind == "chat":  # the first chunk announces the role, as OpenAI's does
-                first = _envelope(
-                    call,
-                    [
-                        {
-                            "index": 0,
-                            "delta": {"role": "assistant", "content": ""},
-                            "logprobs": None,
-                            "finish_reason": None,
-                        }
-                    ],
-                    True,
-                )
-                await response.write(_sse(_with_usage(call, first)))
-        if out.text or out.logprobs or (call.return_token_ids and out.token_ids):
-            choice = _choice(call, out.text, list(out.token_ids), list(out.logprobs), None, True, offset)
-            await response.write(_sse(_with_usage(call, _envelope(call, [choice], True))))
-            offset += len(out.text)
-        if out.finish_reason is not None:
-            last = _choice(call, "", [], [], out.finish_reason, True, offset)
-            await response.write(_sse(_with_usage(call, _envelope(call, [last], True))))
-            if call.include_usage:
-                final = _envelope(call, [], True)
-                final["usage"] = usage(call.prompt_tokens, out.completion_tokens)
-                await response.write(_sse(final))
-            await response.write(_sse("[DONE]"))
+                role = {"index": 0, "delta": {"role": "assistant", "content": ""}}
+                first = _envelope(call, [{**role, "logprobs": None, "finish_reason": None}], True)
+                events.append(_sse(_with_usage(call, first)))
+        if out.error is not None:
+            error = _as_http(out.error)
+            events += [_sse(error_body(str(error), error.kind, error.code)), _sse("[DONE]")]
+        else:
+            if out.text or out.logprobs or (call.return_token_ids and out.token_ids):
+                choice = _choice(call, out.text, list(out.token_ids), list(out.logprobs), None, True, offset)
+                events.append(_sse(_with_usage(call, _envelope(call, [choice], True))))
+                offset += len(out.text)
+            if out.finish_reason is not None:
+                last = _choice(call, "", [], [], out.finish_reason, True, offset)
+                events.append(_sse(_with_usage(call, _envelope(call, [last], True))))
+                if call.include_usage:
+                    final = _envelope(call, [], True)
+                    final["usage"] = usage(call.prompt_tokens, out.completion_tokens)
+                    events.append(_sse(final))
+                events.append(_sse("[DONE]"))
+        try:
+            if not response.prepared:
+                await response.prepare(request)
+            if events:
+                await response.write(b"".join(events))
+        except ConnectionError:  # the client went away during the write
+            return None
+        if out.error is not None or out.finish_reason is not None:
             return response
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -332,3 +334,74 @@ def test_429_and_503_carry_retry_after(tiny: Any) -> None:
         run(rt, scenario)
     finally:
         rt.close()
+
+
+def _requests_by_status(runtime: ModelRuntime) -> dict[str, float]:
+    return {
+        s.labels["status"]: s.value
+        for m in runtime.metrics.requests.collect()
+        for s in m.samples
+        if s.name.endswith("_total")
+    }
+
+
+async def _idle(runtime: ModelRuntime, timeout: float = 30.0) -> dict[str, int]:
+    """The runtime's stats once nothing runs, waits or holds a block (bounded by ``timeout``)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        stats = runtime.stats()
+        if stats["running"] == stats["waiting"] == stats["blocks_used"] == 0:
+            return stats
+        assert asyncio.get_running_loop().time() < deadline, f"still busy: {stats}"
+        await asyncio.sleep(0.02)
+
+
+def test_a_disconnect_during_a_write_logs_no_error(
+    runtime: ModelRuntime, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client gone while its stream is written: aiohttp raises ClientConnectionResetError from the
+    write to the closed transport. That is the client leaving (counted as cancelled, its blocks freed),
+    not an aiohttp "Error handling request" with a traceback. The transport is closed under the n-th
+    write of each request, deterministically (a real early close hits a write only now and then)."""
+    import aiohttp
+    from aiohttp import web
+
+    prepare, write = web.StreamResponse.prepare, web.StreamResponse.write
+    state = {"cut_at": 0, "writes": 0}
+    requests: list[Any] = []
+
+    async def recording_prepare(self: web.StreamResponse, request: Any) -> Any:
+        requests.append(request)
+        if state["cut_at"] == 0 and self.content_type == "text/event-stream":
+            request.transport.abort()  # gone before the headers
+        return await prepare(self, request)
+
+    async def cutting_write(self: web.StreamResponse, data: bytes) -> None:
+        state["writes"] += 1
+        if state["writes"] == state["cut_at"]:
+            requests[-1].transport.abort()  # the client is gone: this write meets a closed transport
+        await write(self, data)
+
+    monkeypatch.setattr(web.StreamResponse, "prepare", recording_prepare)
+    monkeypatch.setattr(web.StreamResponse, "write", cutting_write)
+    cuts = [0, 1, 2, 3, 1, 2]
+
+    async def scenario(client: TestClient) -> None:
+        for kind, cut_at in enumerate(cuts):
+            state.update(cut_at=cut_at, writes=0)
+            path = "/v1/chat/completions" if kind % 2 else "/v1/completions"
+            body: dict[str, Any] = {"max_tokens": 12, "temperature": 0, "stream": True, "ignore_eos": True}
+            if kind % 2:
+                body["messages"] = [{"role": "user", "content": "hi"}]
+            else:
+                body["prompt"] = "hello"
+            with contextlib.suppress(aiohttp.ClientError):
+                response = await client.post(path, json=body)
+                await response.read()
+        await _idle(runtime)
+
+    with caplog.at_level(logging.INFO):
+        run(runtime, scenario)
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, [(r.name, r.getMessage()) for r in errors]
+    assert _requests_by_status(runtime) == {"cancelled": len(cuts)}
