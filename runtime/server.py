@@ -27,7 +27,11 @@ outside every lock, and the prompt's length is checked against the context befor
 the text alone proves it too long — and then submitted to the engine
 (:class:`~vnpu.runtime.engine.ModelRuntime`), whose one loop batches all requests. A client that
 disconnects cancels its request: the handler notices (a failed write, or a closed transport, checked
-before each output and while it waits) and aborts it, which frees its KV blocks.
+before each output and while it waits) and aborts it, which frees its KV blocks. So does a client that
+stops reading its stream: a write that cannot go out within ``WRITE_STALL_S`` (the client's buffers
+and the transport's are full) closes the connection and cancels the request, which would otherwise be
+generated to ``max_tokens`` for nobody, its output held in memory and its connection open for good
+(the idle timeout only applies between requests).
 """
 
 from __future__ import annotations
@@ -76,8 +80,12 @@ T = TypeVar("T")
 RUNTIME_KEY = web.AppKey("runtime", ModelRuntime)
 _STARTED_KEY = web.AppKey("started", int)
 _BODY_TIMEOUT_KEY = web.AppKey("body_timeout_s", float)
+_WRITE_STALL_KEY = web.AppKey("write_stall_s", float)
 #: How often a handler waiting for tokens checks that its client is still connected (seconds).
 DISCONNECT_POLL_S = 0.1
+#: Longest a stream's write may wait for its client to read (seconds) before the connection is closed
+#: and the request cancelled.
+WRITE_STALL_S = 30.0
 #: ``Retry-After`` of a 429 (seconds): the queue drains at the pace of the engine's steps.
 RETRY_AFTER_QUEUE_FULL_S = 1
 #: ``Retry-After`` of a 503 (seconds): weights being loaded or re-attached, as the gateway's own 503.
@@ -399,7 +407,9 @@ async def _stream(
     request: web.Request, call: _Call, outputs: asyncio.Queue[RequestOutput]
 ) -> web.StreamResponse | None:
     """The request's outputs as server-sent events; None once its client has gone (a write to a closed
-    transport raises aiohttp's ClientConnectionResetError: that is the client leaving, not a failure)."""
+    transport raises aiohttp's ClientConnectionResetError: that is the client leaving, not a failure)
+    or stopped reading (a write stalled for the app's ``write_stall_s``: the connection is closed)."""
+    stall_s = request.app[_WRITE_STALL_KEY]
     response: web.StreamResponse | None = None
     offset = 0
     while True:
@@ -434,11 +444,20 @@ async def _stream(
                     events.append(_sse(final))
                 events.append(_sse("[DONE]"))
         try:
-            if not response.prepared:
-                await response.prepare(request)
-            if events:
-                await response.write(b"".join(events))
+            async with asyncio.timeout(stall_s):
+                if not response.prepared:
+                    await response.prepare(request)
+                if events:
+                    await response.write(b"".join(events))
         except ConnectionError:  # the client went away during the write
+            return None
+        except TimeoutError:  # the client does not read: nothing more goes out on this connection
+            log.warning(
+                "client stopped reading its stream: connection closed, request cancelled",
+                extra={"response": call.id, "stalled_s": stall_s},
+            )
+            if request.transport is not None:
+                request.transport.abort()  # close() would wait for the unread bytes to go out
             return None
         if out.error is not None or out.finish_reason is not None:
             return response
@@ -514,13 +533,18 @@ async def openai_errors(request: web.Request, handler: Callable[[web.Request], A
         return web.json_response(error_body(e.reason, "invalid_request_error"), status=e.status)
 
 
-def make_app(runtime: ModelRuntime, body_timeout_s: float = BODY_TIMEOUT_S) -> web.Application:
-    """The server's application; the waiting-queue limit is ``runtime.options.max_queue``."""
+def make_app(
+    runtime: ModelRuntime, body_timeout_s: float = BODY_TIMEOUT_S, write_stall_s: float = WRITE_STALL_S
+) -> web.Application:
+    """The server's application; the waiting-queue limit is ``runtime.options.max_queue``, a request's
+    body must arrive within ``body_timeout_s`` and each write of a stream go out within
+    ``write_stall_s``."""
     quiet_answered_body_errors()
     app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[openai_errors])
     app[RUNTIME_KEY] = runtime
     app[_STARTED_KEY] = int(time.time())
     app[_BODY_TIMEOUT_KEY] = body_timeout_s
+    app[_WRITE_STALL_KEY] = write_stall_s
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", models)

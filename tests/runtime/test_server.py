@@ -405,3 +405,69 @@ def test_a_disconnect_during_a_write_logs_no_error(
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert not errors, [(r.name, r.getMessage()) for r in errors]
     assert _requests_by_status(runtime) == {"cancelled": len(cuts)}
+
+
+def test_a_stream_that_is_never_read_is_aborted_and_closed(
+    tiny: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client that sends a streamed request and never reads: once the socket's and the transport's
+    buffers are full a write waits for it for good (the idle timeout only runs between requests), while
+    the engine generated to max_tokens for nobody and its output piled up. A write stalled for the
+    app's ``write_stall_s`` closes the connection and cancels the request, as a disconnect does."""
+    import socket
+    import time
+
+    from vnpu.cluster.controlplane import free_port
+
+    rt = ModelRuntime(ServeOptions(max_context=1024, model_name="tiny"))
+    rt.install(tiny.manifest, tiny.arena, shared=False, seconds=0.01)
+    app = make_app(rt, write_stall_s=0.5)
+
+    async def small_send_buffer(request: Any, _: Any) -> None:
+        # The kernel grows a socket's send buffer up to tcp_wmem's maximum (4 MiB here), so that a
+        # stream shorter than that is taken whole and the handler never waits. Under TCP memory
+        # pressure (60 such streams) it does not grow: this pins the server's end small, as then.
+        request.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+
+    app.on_response_prepare.append(small_send_buffer)
+    port = free_port()
+    server = HttpServerThread(app, "127.0.0.1", port)
+    server.start()
+    body = json.dumps(  # about 1.5 KiB of stream per token: far beyond every buffer on the way
+        {
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 900,
+            "ignore_eos": True,
+            "stream": True,
+            "logprobs": True,
+            "top_logprobs": 20,
+            "return_token_ids": True,
+        }
+    ).encode()
+    client = socket.socket()
+    try:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.connect(("127.0.0.1", port))
+        head = "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        client.sendall(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        with caplog.at_level(logging.WARNING, logger="vnpu.runtime.server"):
+            deadline = time.monotonic() + 60
+            while _requests_by_status(rt).get("cancelled") != 1:  # the handler gave up on the client
+                assert time.monotonic() < deadline, f"the stream is still held: {_requests_by_status(rt)}"
+                time.sleep(0.05)
+            stats = asyncio.run(_idle(rt))
+        assert stats["running"] == stats["waiting"] == stats["blocks_used"] == 0
+        stalls = [r for r in caplog.records if "stopped reading" in r.getMessage()]
+        assert [r.levelno for r in stalls] == [logging.WARNING] and stalls[0].exc_info is None
+        # The client reads at last: what was buffered, then the end of a connection the server closed.
+        client.settimeout(30)
+        received = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := client.recv(1 << 16):
+                received += chunk
+        assert b"[DONE]" not in received
+    finally:
+        client.close()
+        server.stop_then(lambda: None)
+        server.join(30)
+        rt.close()
