@@ -18,6 +18,14 @@ callback it gave. A finished, cancelled or failed sequence returns its KV blocks
 Memory contract (``VNPU_MEMORY_LIMIT_MIB``): on CUDA/NPU the limit becomes torch's per-process memory
 fraction; on CPU it is a checked budget. Either way the KV pool gets what the limit leaves after the
 fixed costs (:mod:`vnpu.runtime.budget`), or the process refuses to start with the numbers.
+
+A step whose forward pass raises fails the requests in it, and the loop goes on. After
+``MAX_CONSECUTIVE_STEP_FAILURES`` failed steps in a row (a device in a sticky error state fails every
+step) the runtime takes itself out of service until the process restarts: every request fails with
+the reason, :attr:`~ModelRuntime.ready` and :attr:`~ModelRuntime.healthy` turn false (``/readyz``
+and ``/healthz`` answer 503, so readiness takes the replica out of its Service and its liveness probe
+restarts it), and ``vnpu_runtime_ready`` drops to 0. ``vnpu_runtime_step_failures_total`` counts
+failed steps.
 """
 
 from __future__ import annotations
@@ -78,6 +86,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 MIB = 1024 * 1024
+#: Failed engine steps in a row after which the runtime is out of service until it restarts.
+MAX_CONSECUTIVE_STEP_FAILURES = 3
 
 
 @dataclass
@@ -164,6 +174,8 @@ class ModelRuntime:
         self._active: dict[str, RequestState] = {}  # keyed by request id
         self._arrivals = itertools.count()
         self._unavailable = "weights are not loaded yet"
+        self._broken: str | None = None  # why the engine is out of service for good (see the module doc)
+        self._step_failures = 0  # failed steps in a row (the engine thread's own)
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.plan: OffloadPlan | None = None  #: the offload plan in use, if any
@@ -172,11 +184,17 @@ class ModelRuntime:
 
     @property
     def ready(self) -> bool:
-        return self._unavailable is None
+        return self._unavailable is None and self._broken is None
 
     @property
     def unavailable_reason(self) -> str | None:
-        return self._unavailable
+        return self._broken or self._unavailable
+
+    @property
+    def healthy(self) -> bool:
+        """False once the engine is out of service for good (its steps kept failing): only a restart
+        helps, which is what ``/healthz`` failing asks of the kubelet."""
+        return self._broken is None
 
     @property
     def model_name(self) -> str:
@@ -187,14 +205,14 @@ class ModelRuntime:
     def tokenizer(self) -> Tokenizer:
         installed = self._installed
         if installed is None:
-            raise RuntimeUnavailableError(self._unavailable or "not ready")
+            raise RuntimeUnavailableError(self.unavailable_reason or "not ready")
         return installed.tokenizer
 
     @property
     def chat_template(self) -> ChatTemplate | None:
         installed = self._installed
         if installed is None:
-            raise RuntimeUnavailableError(self._unavailable or "not ready")
+            raise RuntimeUnavailableError(self.unavailable_reason or "not ready")
         return installed.chat_template
 
     def stats(self) -> dict[str, int]:
@@ -331,7 +349,7 @@ class ModelRuntime:
         m.attach_seconds.labels("attach" if shared else "load").set(seconds)
         # Ready last: whoever sees /readyz answer 200 finds the loop running and the metrics set.
         self._unavailable = None
-        m.ready.set(1)
+        m.ready.set(1 if self.ready else 0)  # an engine out of service stays so with new weights
         log.info(
             "model ready",
             extra={
@@ -385,7 +403,7 @@ class ModelRuntime:
         """Refuse ids outside the vocabulary and prompts that do not fit the context (HTTP 400)."""
         installed = self._installed
         if installed is None:
-            raise RuntimeUnavailableError(self._unavailable or "not ready")
+            raise RuntimeUnavailableError(self.unavailable_reason or "not ready")
         vocab = installed.vocab_size
         if any(i < 0 or i >= vocab for i in ids):
             raise InvalidRequestError(f"prompt token ids must be in the vocabulary [0, {vocab})")
@@ -400,7 +418,7 @@ class ModelRuntime:
         self.validate_prompt(request.prompt_ids, request.params.max_tokens)
         installed = self._installed
         if installed is None:
-            raise RuntimeUnavailableError(self._unavailable or "not ready")
+            raise RuntimeUnavailableError(self.unavailable_reason or "not ready")
         tokenizer = installed.tokenizer
         eos = installed.manifest.config.eos_token_id
         stop_ids = (
@@ -412,7 +430,7 @@ class ModelRuntime:
         with self._cond:
             # Not ready (being installed, or uninstalling: readiness goes first) takes no new work.
             if self._scheduler is None or self._stopping or self._installed is None or not self.ready:
-                raise RuntimeUnavailableError(self._unavailable or "not ready")
+                raise RuntimeUnavailableError(self.unavailable_reason or "not ready")
             seq = ScheduledSequence(
                 id=uuid.uuid4().hex,
                 tokens=list(request.prompt_ids),
@@ -536,8 +554,28 @@ class ModelRuntime:
                     return
             try:
                 self._step()
-            except Exception:  # never let the loop die: fail what was in the step, keep serving
+            except Exception as e:  # never let the loop die: fail what was in the step, keep serving
                 log.exception("engine step failed")
+                if self._step_failed(e):
+                    with self._cond:
+                        self._fail_all(RuntimeUnavailableError(self.unavailable_reason or "not ready"))
+
+    def _step_failed(self, error: Exception) -> bool:
+        """Count a failed step; the ``MAX_CONSECUTIVE_STEP_FAILURES``-th in a row puts the runtime out
+        of service until the process restarts (see the module docstring), before the step's requests
+        hear of their failure. Returns whether it did; the caller then fails every other request."""
+        self.metrics.step_failures.inc()
+        self._step_failures += 1
+        if self._step_failures < MAX_CONSECUTIVE_STEP_FAILURES or self._broken is not None:
+            return False
+        reason = (
+            f"the engine failed {self._step_failures} steps in a row ({type(error).__name__}; the log has "
+            "the details): out of service until the process restarts"
+        )
+        self._broken = reason
+        self.metrics.ready.set(0)
+        log.error("engine out of service", extra={"reason": reason})
+        return True
 
     def _fail_all(self, error: Exception) -> None:
         """End every request with ``error`` (caller holds ``_cond``; sinks never block)."""
@@ -564,7 +602,7 @@ class ModelRuntime:
             installed, cache = self._installed, self._cache
             with self._cond:
                 if installed is None or cache is None or self._scheduler is None:
-                    self._fail_all(RuntimeUnavailableError(self._unavailable or "not ready"))
+                    self._fail_all(RuntimeUnavailableError(self.unavailable_reason or "not ready"))
                     return
                 plan = self._scheduler.schedule()
                 actives = [self._active[c.sequence.id] for c in plan.chunks]
@@ -582,12 +620,16 @@ class ModelRuntime:
                     tokens, logprobs = self._run(installed, cache, plan, actives)
                 except Exception as e:
                     log.exception("forward step failed", extra={"sequences": len(plan.chunks)})
+                    out_of_service = self._step_failed(e)
                     with self._cond:
                         self._scheduler.complete_step(plan)
                         for active in actives:
                             active.seq.aborted = True
                         self._finish_step(plan, actives, [], error=e)
+                        if out_of_service:
+                            self._fail_all(RuntimeUnavailableError(self.unavailable_reason or "not ready"))
                     return
+                self._step_failures = 0
         if not plan.chunks:  # nothing fits this step (blocks are being given back): look again soon
             with self._cond:
                 self._cond.wait(0.01)
@@ -658,7 +700,7 @@ class ModelRuntime:
         for index, (chunk, active) in enumerate(zip(plan.chunks, actives, strict=True)):
             seq = chunk.sequence
             if seq.aborted or error is not None:
-                end_with(active, error or RuntimeUnavailableError(self._unavailable or "not ready"))
+                end_with(active, error or RuntimeUnavailableError(self.unavailable_reason or "not ready"))
                 continue
             token, logprob = sampled[index]
             if token is None:

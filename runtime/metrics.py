@@ -92,6 +92,11 @@ class RuntimeMetrics:
         self.kv_cache_blocks = Gauge(
             _PREFIX + "kv_cache_blocks", "Usable blocks of the paged KV cache", registry=r
         )
+        self.step_failures = Counter(
+            _PREFIX + "step_failures",
+            "Engine steps whose forward pass failed (the requests in them failed)",
+            registry=r,
+        )
         self.preemptions = Counter(
             _PREFIX + "preemptions",
             "Sequences preempted (blocks freed, recomputed later) for higher-priority or longer ones",

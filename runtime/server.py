@@ -12,15 +12,19 @@
   ``ignore_eos`` and ``return_token_ids``. Fields are validated by :mod:`vnpu.runtime.openai_protocol`.
 * ``GET /v1/models`` (and ``/v1/models/{id}``, an id that may hold '/') — the one model this process
   serves.
-* ``GET /healthz`` — the process is alive. ``GET /readyz`` — 200 only while the model can serve.
+* ``GET /healthz`` — the process is alive, and 503 once its engine is out of service for good (its
+  steps failed ``MAX_CONSECUTIVE_STEP_FAILURES`` times in a row, as on a device in a sticky error
+  state: a replica's liveness probe then has the kubelet restart it). ``GET /readyz`` — 200 only while
+  the model can serve (503 with the reason otherwise).
 * ``GET /metrics`` — Prometheus text format.
 
 Errors use OpenAI's error object ``{"error": {"message", "type", "param", "code"}}``: 400 for bad input
 (non-UTF-8 or invalid JSON bodies, unknown fields, out-of-range values, empty prompts, prompts beyond
 the context with code ``context_length_exceeded``), 404 for another model, 429 when the engine's
 waiting queue is full, 503 while the weights are unavailable (a 429 carries ``Retry-After: 1``, a
-503 ``Retry-After: 5``). A failure after a stream started is sent as an ``error`` event before
-``[DONE]``.
+503 ``Retry-After: 5``), 500 for a failure, which says only "internal error": the exception is in
+the server's log, its traceback logged once (by the engine thread for a failed step). A failure after
+a stream started is sent as an ``error`` event before ``[DONE]``.
 
 Each request is parsed, rendered and tokenized in the handler — tokenization in a worker thread,
 outside every lock, and the prompt's length is checked against the context before tokenizing when
@@ -129,7 +133,15 @@ def _as_http(error: Exception) -> HTTPError:
         retry = {"Retry-After": str(RETRY_AFTER_UNAVAILABLE_S)}
         message = f"model is not available: {error}"
         return HTTPError(503, message, "server_error", "service_unavailable", headers=retry)
-    return HTTPError(500, f"internal error: {error}", "server_error")
+    return HTTPError(500, "internal error (the server's log has the details)", "server_error")
+
+
+class _Failed(Exception):
+    """The engine ended the request with ``error`` (and logged it, with its traceback, if unexpected)."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 async def _read_request(request: web.Request, parse: Callable[[Any], T]) -> T:
@@ -369,8 +381,11 @@ async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
         metrics.requests.labels("cancelled").inc()
         raise
     except Exception as e:
-        error = _as_http(e)
-        if error.status == 500:
+        failure = e.error if isinstance(e, _Failed) else e
+        error = _as_http(failure)
+        if error.status == 500 and isinstance(e, _Failed):  # the engine logged its traceback
+            log.info("request failed in the engine", extra={"error": repr(failure)})
+        elif error.status == 500:
             log.exception("request failed")
         metrics.requests.labels(str(error.status)).inc()
         finished = True
@@ -396,7 +411,7 @@ async def _collect(
         if out.finish_reason is not None:
             break
     if out.error is not None:
-        raise out.error
+        raise _Failed(out.error)
     choice = _choice(call, "".join(pieces), ids, probs, out.finish_reason, stream=False)
     body = _envelope(call, [choice], stream=False)
     body["usage"] = usage(call.prompt_tokens, out.completion_tokens)
@@ -417,7 +432,7 @@ async def _stream(
         if out is None:
             return None
         if out.error is not None and response is None:
-            raise out.error  # nothing sent yet: an error response
+            raise _Failed(out.error)  # nothing sent yet: an error response
         events: list[bytes] = []
         if response is None:
             response = web.StreamResponse(
@@ -506,6 +521,9 @@ async def model(request: web.Request) -> web.Response:
 
 
 async def healthz(request: web.Request) -> web.Response:
+    runtime = request.app[RUNTIME_KEY]
+    if not runtime.healthy:
+        return web.json_response({"status": "failed", "reason": runtime.unavailable_reason}, status=503)
     return web.json_response({"status": "ok"})
 
 

@@ -471,3 +471,65 @@ def test_a_stream_that_is_never_read_is_aborted_and_closed(
         server.stop_then(lambda: None)
         server.join(30)
         rt.close()
+
+
+def test_readiness_drops_after_repeated_step_failures(
+    tiny: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A device in a sticky error state fails every step. Each failed step fails its requests (500,
+    whose body keeps the exception to the log), and a step that succeeds starts the count again; the
+    ``MAX_CONSECUTIVE_STEP_FAILURES``-th failure in a row takes the replica out of service until it
+    restarts: /readyz (out of its Service) and /healthz (restarted by its liveness probe) answer 503
+    with the reason, new requests 503, vnpu_runtime_ready 0. Each step's traceback is logged once."""
+    from vnpu.runtime.engine import MAX_CONSECUTIVE_STEP_FAILURES
+
+    rt = ModelRuntime(ServeOptions(max_context=CONTEXT, model_name="tiny"))
+    rt.install(tiny.manifest, tiny.arena, shared=False, seconds=0.01)
+    assert rt._installed is not None
+    model = rt._installed.model
+    works = model.forward_batch
+
+    def broken(layout: Any, cache: Any) -> Any:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    request = {"prompt": "hello", "max_tokens": 4}
+
+    async def fails(client: TestClient) -> None:
+        response = await client.post("/v1/completions", json=request)
+        assert response.status == 500
+        message = (await response.json())["error"]["message"]
+        assert message.startswith("internal error") and "illegal memory access" not in message
+
+    async def scenario(client: TestClient) -> None:
+        for _ in range(2):  # short of the limit, then a step that works: the count starts again
+            monkeypatch.setattr(model, "forward_batch", broken)
+            for _ in range(MAX_CONSECUTIVE_STEP_FAILURES - 1):
+                await fails(client)
+                assert (await client.get("/readyz")).status == 200
+                assert (await client.get("/healthz")).status == 200
+            monkeypatch.setattr(model, "forward_batch", works)
+            assert (await client.post("/v1/completions", json=request)).status == 200
+        monkeypatch.setattr(model, "forward_batch", broken)
+        for _ in range(MAX_CONSECUTIVE_STEP_FAILURES):
+            await fails(client)
+        ready = await client.get("/readyz")
+        assert ready.status == 503
+        reason = (await ready.json())["reason"]
+        assert f"failed {MAX_CONSECUTIVE_STEP_FAILURES} steps in a row (RuntimeError" in reason
+        health = await client.get("/healthz")
+        assert health.status == 503 and (await health.json())["reason"] == reason
+        monkeypatch.setattr(model, "forward_batch", works)  # out of service even if the device recovers
+        refused = await client.post("/v1/completions", json=request)
+        assert refused.status == 503 and reason in (await refused.json())["error"]["message"]
+        text = await (await client.get("/metrics")).text()
+        assert "vnpu_runtime_ready 0.0" in text
+        failures = 3 * MAX_CONSECUTIVE_STEP_FAILURES - 2
+        assert f"vnpu_runtime_step_failures_total {failures}.0" in text
+
+    with caplog.at_level(logging.INFO):
+        try:
+            run(rt, scenario)
+        finally:
+            rt.close()
+    tracebacks = [r.getMessage() for r in caplog.records if r.exc_info]
+    assert tracebacks == ["forward step failed"] * (3 * MAX_CONSECUTIVE_STEP_FAILURES - 2)
