@@ -19,13 +19,14 @@ Memory contract (``VNPU_MEMORY_LIMIT_MIB``): on CUDA/NPU the limit becomes torch
 fraction; on CPU it is a checked budget. Either way the KV pool gets what the limit leaves after the
 fixed costs (:mod:`vnpu.runtime.budget`), or the process refuses to start with the numbers.
 
-A step whose forward pass raises fails the requests in it, and the loop goes on. After
-``MAX_CONSECUTIVE_STEP_FAILURES`` failed steps in a row (a device in a sticky error state fails every
-step) the runtime takes itself out of service until the process restarts: every request fails with
-the reason, :attr:`~ModelRuntime.ready` and :attr:`~ModelRuntime.healthy` turn false (``/readyz``
-and ``/healthz`` answer 503, so readiness takes the replica out of its Service and its liveness probe
-restarts it), and ``vnpu_runtime_ready`` drops to 0. ``vnpu_runtime_step_failures_total`` counts
-failed steps.
+A request whose logits come out not finite (NaN or inf: an overflow) fails alone; the others of its
+step are sampled as usual. A step whose forward pass raises fails the requests in it, and the loop
+goes on. After ``MAX_CONSECUTIVE_STEP_FAILURES`` failed steps in a row (a device in a sticky error
+state fails every step) the runtime takes itself out of service until the process restarts: every
+request fails with the reason, :attr:`~ModelRuntime.ready` and :attr:`~ModelRuntime.healthy` turn
+false (``/readyz`` and ``/healthz`` answer 503, so readiness takes the replica out of its Service
+and its liveness probe restarts it), and ``vnpu_runtime_ready`` drops to 0.
+``vnpu_runtime_step_failures_total`` counts failed steps.
 """
 
 from __future__ import annotations
@@ -617,7 +618,7 @@ class ModelRuntime:
                     )
             if plan.chunks:
                 try:
-                    tokens, logprobs = self._run(installed, cache, plan, actives)
+                    tokens, logprobs, nonfinite = self._run(installed, cache, plan, actives)
                 except Exception as e:
                     log.exception("forward step failed", extra={"sequences": len(plan.chunks)})
                     out_of_service = self._step_failed(e)
@@ -638,12 +639,14 @@ class ModelRuntime:
         self.metrics.step_seconds.observe(now - began)
         with self._cond:
             self._scheduler.complete_step(plan)
-            self._finish_step(plan, actives, list(zip(tokens, logprobs, strict=True)), now=now)
+            sampled = list(zip(tokens, logprobs, strict=True))
+            self._finish_step(plan, actives, sampled, now=now, nonfinite=nonfinite)
 
     def _run(
         self, installed: _Installed, cache: PagedKVCache, plan: StepPlan, actives: list[RequestState]
-    ) -> tuple[list[int | None], list[TokenLogprob | None]]:
-        """One forward step and the sampled token of every chunk that ends its sequence's tokens."""
+    ) -> tuple[list[int | None], list[TokenLogprob | None], set[int]]:
+        """One forward step and the sampled token of every chunk that ends its sequence's tokens; and
+        the chunks whose logits were not finite (nothing sampled: those requests fail alone)."""
         steps = [
             StepSequence(
                 c.sequence.tokens[c.start : c.start + c.count], c.start, list(c.sequence.blocks), c.samples
@@ -663,15 +666,18 @@ class ModelRuntime:
         )
         tokens: list[int | None] = [None] * len(steps)
         logprobs: list[TokenLogprob | None] = [None] * len(steps)
+        nonfinite: set[int] = set()
         for j, i in enumerate(sampling):
             tokens[i], logprobs[i] = picked[j], probs[j]
+            if picked[j] is None:
+                nonfinite.add(i)
         if stats:
             self.metrics.offload_bytes.inc(stats.bytes_copied - before[0])
             self.metrics.offload_stall_seconds.inc(stats.stall_seconds - before[1])
         m = self.metrics
         m.batch_size.observe(len(steps))
         m.step_tokens.observe(layout.num_tokens)
-        return tokens, logprobs
+        return tokens, logprobs, nonfinite
 
     def _finish_step(
         self,
@@ -680,8 +686,10 @@ class ModelRuntime:
         sampled: list[tuple[int | None, TokenLogprob | None]],
         error: Exception | None = None,
         now: float = 0.0,
+        nonfinite: set[int] | frozenset[int] = frozenset(),
     ) -> None:
-        """Append sampled tokens, emit text, end finished sequences (caller holds ``_cond``)."""
+        """Append sampled tokens, emit text, end finished sequences and those of the chunks in
+        ``nonfinite``, whose logits were not finite (caller holds ``_cond``)."""
         sched = self._scheduler
         assert sched is not None
         deliveries: list[tuple[RequestState, RequestOutput]] = []
@@ -701,6 +709,12 @@ class ModelRuntime:
             seq = chunk.sequence
             if seq.aborted or error is not None:
                 end_with(active, error or RuntimeUnavailableError(self.unavailable_reason or "not ready"))
+                continue
+            if index in nonfinite:
+                log.warning("request failed: its logits are not finite", extra={"request": seq.id})
+                end_with(
+                    active, RuntimeError("the model's logits for this request were not finite (NaN or inf)")
+                )
                 continue
             token, logprob = sampled[index]
             if token is None:

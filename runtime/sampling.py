@@ -6,7 +6,8 @@ batched step. Greedy rows are one ``argmax`` over the batch; sampled rows each d
 CPU ``torch.Generator`` (seeded from the request's ``seed``, so a seeded request reproduces whatever
 else shares its batch, and keeps its stream across a preemption). Log-probabilities are those of the
 model's distribution (``log_softmax`` of the raw logits, as vLLM reports by default), computed only
-for the rows that ask for them.
+for the rows that ask for them. A row whose logits are not all finite (NaN or infinite: an overflow)
+is not sampled: its sequence alone fails, and the others of the batch are sampled as usual.
 """
 
 from __future__ import annotations
@@ -70,20 +71,23 @@ def sample_step(
     logits: torch.Tensor,
     params: Sequence[SamplingParams],
     generators: Sequence[torch.Generator | None],
-) -> tuple[list[int], list[TokenLogprob | None]]:
-    """The next token for every row of ``logits`` ``[rows, vocab]`` (row i uses ``params[i]``)."""
+) -> tuple[list[int | None], list[TokenLogprob | None]]:
+    """The next token for every row of ``logits`` ``[rows, vocab]`` (row i uses ``params[i]``); None
+    for a row whose logits are not all finite (``torch.multinomial`` raised on one such row for the
+    whole batch, and ``argmax`` picked an arbitrary token from it)."""
     rows = len(params)
-    tokens = [0] * rows
-    greedy = [i for i in range(rows) if params[i].greedy]
+    finite = torch.isfinite(logits).all(dim=-1).tolist()
+    tokens: list[int | None] = [None] * rows
+    greedy = [i for i in range(rows) if params[i].greedy and finite[i]]
     if greedy:
         picked = torch.argmax(logits[greedy] if len(greedy) < rows else logits, dim=-1).tolist()
         for i, token in zip(greedy, picked, strict=True):
             tokens[i] = int(token)
     for i in range(rows):
-        if not params[i].greedy:
+        if finite[i] and not params[i].greedy:
             tokens[i] = sample_token(logits[i], params[i], generators[i])
     logprobs: list[TokenLogprob | None] = [None] * rows
-    wanted = [i for i in range(rows) if params[i].logprobs is not None]
+    wanted = [i for i in range(rows) if params[i].logprobs is not None and finite[i]]
     if wanted:
         table = torch.log_softmax(logits[wanted].float(), dim=-1).cpu()
         for row, i in enumerate(wanted):
@@ -92,5 +96,7 @@ def sample_step(
             if k:
                 values, ids = torch.topk(table[row], k)
                 top = tuple((int(t), float(v)) for t, v in zip(ids.tolist(), values.tolist(), strict=True))
-            logprobs[i] = TokenLogprob(tokens[i], float(table[row, tokens[i]]), top)
+            token = tokens[i]
+            assert token is not None  # a finite row
+            logprobs[i] = TokenLogprob(token, float(table[row, token]), top)
     return tokens, logprobs

@@ -415,3 +415,49 @@ def test_tokenizer_builds_outside_the_model_lock(tiny: Any) -> None:
         assert torch.equal(torch.tensor(runtime.tokenize("ab")), torch.tensor([97, 98]))
     finally:
         runtime.close()
+
+
+def test_nonfinite_logits_fail_only_their_request(tiny: Any) -> None:
+    """One request's logits overflow to NaN (the forward pass is patched to do it to the row of the
+    request whose prompt holds a marker token). That request alone ends with an error; its neighbours
+    in the same step, greedy and seeded, finish with the tokens they get alone. torch.multinomial
+    raised on the NaN row for the whole batch, failing every request of the step."""
+    marker = 2  # in no prompt of tiny_prompts (their ids are from 3)
+    runtime = runtime_for(tiny)
+    try:
+        neighbours = tiny_prompts(2)
+        seeded = SamplingParams(12, temperature=0.8, seed=99, ignore_eos=True)
+        alone = [submit_all(runtime, [neighbours[0]], greedy(12))[0].tokens]
+        alone.append(submit_all(runtime, [neighbours[1]], seeded)[0].tokens)
+        assert runtime._installed is not None
+        model = runtime._installed.model
+        forward = model.forward_batch
+
+        def overflowing(layout: Any, cache: Any) -> torch.Tensor:
+            logits = forward(layout, cache).clone()
+            ids, start = layout.input_ids.tolist(), 0
+            for row, end in enumerate(layout.sample_rows.tolist()):  # every chunk samples here
+                if marker in ids[start : end + 1]:
+                    logits[row] = float("nan")
+                start = end + 1
+            return logits
+
+        model.forward_batch = overflowing
+        for poisoned in (SamplingParams(12, temperature=1.0, seed=5), greedy(12)):
+            collectors = []
+            with engine_paused(runtime):  # all three in one step
+                for ids, params in (
+                    (neighbours[0], greedy(12)),
+                    ([marker, 5, 6, 7], poisoned),
+                    (neighbours[1], seeded),
+                ):
+                    collectors.append(Collector())
+                    runtime.submit(GenerationRequest(tuple(ids), params), collectors[-1])
+            ends = [c.wait() for c in collectors]
+            assert [e.finish_reason for e in (ends[0], ends[2])] == ["length", "length"]
+            assert [collectors[0].tokens, collectors[2].tokens] == alone
+            assert ends[1].finish_reason == "error" and "not finite" in str(ends[1].error)
+            assert collectors[1].tokens == []
+            wait_until(lambda: runtime.stats()["blocks_used"] == 0)
+    finally:
+        runtime.close()
