@@ -496,13 +496,16 @@ def test_operator_runs_under_exactly_the_chart_rbac(
     )
     rendered = subprocess.run(
         [str(kube_bin_dir / "helm"), "template", release, str(CHART), "-n", release_ns,
-         "--show-only", "templates/operator-rbac.yaml", *values],
+         "--show-only", "templates/operator-rbac.yaml",
+         "--show-only", "templates/operator-scope-policy.yaml", *values],
         capture_output=True, text=True, check=True, timeout=60,
     ).stdout  # fmt: skip
     kinds = sorted(d["kind"] for d in yaml.safe_load_all(rendered) if d)
-    # (One Role and RoleBinding are always there: the leader-election Lease in the release namespace.)
+    # (One Role and RoleBinding are always there: the leader-election Lease in the release namespace.
+    # The policy bounding what the operator's identity may write comes with its RBAC.)
     assert kinds == sorted(
         ["ClusterRole", "ClusterRoleBinding", "ServiceAccount", "Role", "RoleBinding"]
+        + ["ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"]
         + (["Role", "RoleBinding"] if namespaced else [])
     )
     cluster.kubectl("create", "namespace", release_ns, check=False)
@@ -554,4 +557,6 @@ def test_operator_runs_under_exactly_the_chart_rbac(
         if ("orbidden" in line or " 403" in line) and "because it is being terminated" not in line
     ]
     assert not denials, "\n".join(denials[:5])
+    refused = [line for line in op.log().splitlines() if f"{release}-vnpu-operator-scope" in line]
+    assert not refused, "\n".join(refused[:5])  # everything the operator writes passes its scope policy
     assert f"PriorityClass {PLACEHOLDER_PRIORITY_CLASS} is missing" not in op.log()  # it read the chart's
