@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -98,3 +100,23 @@ def load_tiny_llama(directory: Path, **kwargs: object) -> object:
     from vnpu.runtime.sources import resolve
 
     return load_weights(resolve(str(write_tiny_llama(directory, **kwargs))), progress=False)  # type: ignore[arg-type]
+
+
+def wait_until(condition: Callable[[], object], timeout: float = 20.0) -> None:
+    """Poll ``condition`` until it holds; an AssertionError after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.02)
+
+
+def attach_works(path: Path, identity: object, key: bytes, timeout: float = 1.0) -> bool:
+    """Whether a replica's attach to the holder at ``path`` succeeds now (the lease is closed at once)."""
+    from vnpu.runtime.attach import AttachRefusedError, HolderUnavailableError, attach
+
+    try:
+        attach(path, identity, key, timeout=timeout).close()  # type: ignore[arg-type]
+    except (HolderUnavailableError, AttachRefusedError, OSError):
+        return False
+    return True

@@ -9,38 +9,21 @@ import logging
 import socket
 import struct
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from rt_helpers import load_tiny_llama
+from rt_helpers import attach_works, load_tiny_llama, wait_until
 
 from vnpu import sharing
 from vnpu.runtime import holder as holder_module
-from vnpu.runtime.attach import AttachRefusedError, HolderUnavailableError, attach, holder_status
+from vnpu.runtime.attach import HolderUnavailableError, attach, holder_status
 from vnpu.runtime.holder import WeightsHolder
 from vnpu.runtime.ipc import recv_message, send_message
 
 ID = sharing.ShareIdentity("team-a", "group-a", "w1")
 KEY = b"k" * 32
 HOLDER_LOG = "vnpu.runtime.holder"
-
-
-def wait_until(condition: Callable[[], bool], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.02)
-
-
-def _attach_works(path: Path) -> bool:
-    try:
-        attach(path, ID, KEY, timeout=2.0).close()
-    except (HolderUnavailableError, AttachRefusedError):
-        return False
-    return True
 
 
 def _records(caplog: pytest.LogCaptureFixture, message: str) -> list[logging.LogRecord]:
@@ -109,7 +92,7 @@ def test_a_peer_refilling_every_handshake_slot_does_not_lock_out_replicas(
     fillers = SlotFillers(holder.socket_path, holder_module.MAX_HANDSHAKES + 1)
     try:
         wait_until(lambda: fillers.reconnects >= 20, timeout=10)  # the slots are full and refilled
-        wait_until(lambda: _attach_works(holder.socket_path), timeout=10)
+        wait_until(lambda: _attach(holder.socket_path), timeout=10)
     finally:
         fillers.close()
     assert holder.refused >= 20
@@ -138,7 +121,7 @@ def test_a_refusal_never_echoes_a_long_peer_value(
     (record,) = _records(caplog, "refused client")
     assert record.reason == error  # type: ignore[attr-defined]
     assert holder.refused == 20
-    assert _attach_works(holder.socket_path)
+    assert _attach(holder.socket_path)
 
 
 class TricklingSquatter:
@@ -209,3 +192,7 @@ def test_a_trickling_squatter_cannot_hold_an_attach_past_its_timeout(call: str, 
     (error,) = outcome
     assert isinstance(error, HolderUnavailableError), repr(error)
     assert "within its 1 s timeout" in str(error)
+
+
+def _attach(path: Path) -> bool:
+    return attach_works(path, ID, KEY, timeout=2.0)

@@ -12,12 +12,11 @@ import os
 import socket
 import struct
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from rt_helpers import load_tiny_llama
+from rt_helpers import attach_works, load_tiny_llama, wait_until
 
 from vnpu import sharing
 from vnpu.runtime import holder as holder_module
@@ -31,22 +30,6 @@ from vnpu.runtime.supervisor import SharedWeightsSupervisor
 
 ID = sharing.ShareIdentity("team-a", "group-a", "w1")
 KEY = b"k" * 32
-
-
-def wait_until(condition: Any, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.02)
-
-
-def _attach_works(path: Path) -> bool:
-    try:
-        attach(path, ID, KEY, timeout=1.0).close()
-    except (HolderUnavailableError, AttachRefusedError, OSError):
-        return False
-    return True
 
 
 @pytest.fixture
@@ -96,7 +79,7 @@ def test_peers_trickling_their_handshake_are_cut_at_its_deadline(
         for t in threads:
             t.start()
         wait_until(lambda: len(cut) == 2, timeout=10)
-        assert _attach_works(path)
+        assert _attach(path)
         assert holder.refused == 0
     finally:
         stop.set()
@@ -274,7 +257,7 @@ def test_the_holder_answers_odd_frames_and_keeps_serving(
             send_message(s, {"op": "attach", "proof": "\ud800"})
             reply, fds = recv_message(s)
             assert not reply["ok"] and "authentication failed" in reply["error"] and not fds
-        assert _attach_works(holder.socket_path)
+        assert _attach(holder.socket_path)
     finally:
         holder.stop()
     assert uncaught == []
@@ -536,3 +519,7 @@ def test_every_packed_layout_fits_its_arena(tiny: Any) -> None:
     assert layout_problem(tiny.manifest, tiny.arena.nbytes) is None
     entries, total = pack([("a", "float32", (3,)), ("empty", "float16", (0,)), ("b", "bfloat16", (5, 7))])
     assert layout_problem(WeightManifest(tiny.manifest.config, entries, total), total) is None
+
+
+def _attach(path: Path) -> bool:
+    return attach_works(path, ID, KEY, timeout=1.0)
