@@ -51,10 +51,12 @@ DEFAULT_NAMES = {
     ("ValidatingAdmissionPolicy", "vnpu-device-plugin-own-node"),
     ("ValidatingAdmissionPolicy", "vnpu-gateway-activity-only"),
     ("ValidatingAdmissionPolicy", "vnpu-operator-only-pods"),
+    ("ValidatingAdmissionPolicy", "vnpu-operator-scope"),
     ("ValidatingAdmissionPolicyBinding", "vnpu-allowed-model-images-and-sources"),
     ("ValidatingAdmissionPolicyBinding", "vnpu-device-plugin-own-node"),
     ("ValidatingAdmissionPolicyBinding", "vnpu-gateway-activity-only"),
     ("ValidatingAdmissionPolicyBinding", "vnpu-operator-only-pods"),
+    ("ValidatingAdmissionPolicyBinding", "vnpu-operator-scope"),
 }
 #: And the names its objects give each other (service accounts, bindings, the operator's Lease).
 DEFAULT_REFERENCES = {
@@ -63,6 +65,7 @@ DEFAULT_REFERENCES = {
     "policyName=vnpu-device-plugin-own-node",
     "policyName=vnpu-gateway-activity-only",
     "policyName=vnpu-operator-only-pods",
+    "policyName=vnpu-operator-scope",
     "roleRef=vnpu-device-plugin",
     "roleRef=vnpu-gateway",
     "roleRef=vnpu-operator",
