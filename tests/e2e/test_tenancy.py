@@ -166,6 +166,37 @@ def group_of(pod: dict[str, Any]) -> str:
     return str(pod["metadata"]["annotations"][api.ANNOTATION_SHARE_GROUP])
 
 
+def create_past_admission(cluster: Any, manifest: dict[str, Any]) -> None:
+    """Create ``manifest`` as an identity past the chart's admission policies: the operator's service
+    account (the only one the pod policy lets create vnpu pods), with its scope policy only auditing
+    while it does (that policy refuses the operator any pod without its managed-by label, and a pod with
+    it the operator would delete as not in its plan). What these tests check is what the device plugin,
+    the kubelet and the weight-holders do with such a pod."""
+    binding = "vnpu-operator-scope"
+
+    def actions(values: list[str]) -> None:
+        cluster.cp.kubectl(
+            "patch", "validatingadmissionpolicybinding", binding, "--type=merge",
+            "-p", json.dumps({"spec": {"validationActions": values}}),
+        )  # fmt: skip
+
+    actions(["Audit"])
+    try:
+        # (A binding's change reaches the API server's admission within a second or so.)
+        wait_until(
+            lambda: (
+                cluster.cp.kubectl(
+                    "create", "-f", "-", *as_identity(OPERATOR_SA), input=json.dumps(manifest), check=False
+                ).returncode
+                == 0
+            ),
+            30,
+            f"pod {manifest['metadata']['name']} created past admission",
+        )
+    finally:
+        actions(["Deny"])
+
+
 def as_identity(user: str) -> list[str]:
     return [f"--as={user}", "--as-group=system:serviceaccounts"]
 
@@ -287,9 +318,9 @@ def test_a_foreign_pod_with_a_copied_identity_is_refused(two_tenants: Any) -> No
     )  # fmt: skip
     assert refused.returncode != 0 and "ValidatingAdmissionPolicy" in refused.stderr, refused.stderr
     assert "only the vnpu operator" in refused.stderr
-    # With the policy bypassed (created as the operator would), the pod lands on the victim's device,
+    # Past the admission policies (created as the operator would), the pod lands on the victim's device,
     # as the victim's user, and reaches the sockets there: the handshake still refuses it.
-    cluster.cp.kubectl("create", "-f", "-", *as_identity(OPERATOR_SA), input=json.dumps(manifest))
+    create_past_admission(cluster, manifest)
     wait_until(
         lambda: "sockets " in cluster.cp.kubectl("logs", "intruder", "-n", "mallory", check=False).stdout,
         120,
@@ -459,7 +490,7 @@ def test_a_multi_container_pod_gets_each_containers_device(cluster: Any) -> None
             ],
         },
     }  # fmt: skip
-    cluster.cp.kubectl("create", "-f", "-", *as_identity(OPERATOR_SA), input=json.dumps(pod))
+    create_past_admission(cluster, pod)
     wait_until(lambda: is_ready(kget(cluster, "pod", "multi", "-n", "burst")), 120, "the multi-container pod")
     live = kget(cluster, "pod", "multi", "-n", "burst")
     allocations = {a.container: a for a in kubelet_allocations(cluster) if a.pod == "multi"}
