@@ -234,3 +234,24 @@ def test_the_cpu_linear_kernel_computes_what_f_linear_does(shape: tuple[int, ...
     assert got.shape == want.shape == (*shape[:-1], 1536)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
     assert linear_kernel(torch.device("cpu"), torch.bfloat16) is F.linear  # other dtypes: torch's own
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+@pytest.mark.parametrize(
+    ("rows", "kernel"), [(1, "aten::mm"), (3, "aten::mm"), (4, "mkldnn::_linear_pointwise")]
+)
+def test_the_cpu_linear_kernel_sends_a_few_rows_to_mkl_and_more_to_onednn(rows: int, kernel: str) -> None:
+    """Which library runs a decode step's GEMMs (MKL's matrix-vector path is the faster for one to
+    three rows, oneDNN above: see ``MKL_MAX_ROWS``), read from the ops torch records."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from vnpu.runtime.model import linear_kernel
+
+    linear = linear_kernel(torch.device("cpu"), torch.float32)
+    weight, x = torch.randn(64, 32), torch.randn(rows, 32)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        linear(x, weight)
+    ran = {event.key for event in prof.key_averages()}
+    assert kernel in ran
+    other = "mkldnn::_linear_pointwise" if kernel == "aten::mm" else "aten::mm"
+    assert other not in ran
