@@ -24,7 +24,9 @@ Sections:
   and 16 sequences, and the same step's matrix products alone (every weight matrix once, as a step
   streams them), with the rate they stream the weights at. On a CPU the weights do not fit in cache,
   so a step is bound by how fast its matrix products stream them; ``scaling_bound_at_8`` is how much
-  8 sequences per step can gain over 1 with these kernels, before any serving overhead.
+  8 sequences per step can gain over 1 with these kernels, before any serving overhead. On CPU in
+  float32 the matrix products are also timed with both kernels the runtime chooses between (MKL and
+  oneDNN, :func:`~vnpu.runtime.model.linear_kernel`), so the choice can be checked on any machine.
 
 Goals (issue 12): at 8 clients, aggregate >= 4x vnpu's own single-client rate and >= 1.3x transformers
 at batch 8 (never below 1.0x); single-client decode not slower than transformers; a request arriving
@@ -596,6 +598,7 @@ def bench_step(
 ) -> dict[str, Any]:
     """The ``step`` section (module docstring): medians of ``repeats`` interleaved runs per batch."""
     import torch
+    import torch.nn.functional as F
 
     from vnpu.runtime.loader import load_weights
     from vnpu.runtime.model import LlamaModel, ResidentWeights, linear_kernel
@@ -639,11 +642,16 @@ def bench_step(
             n: torch.randn(b, n, dtype=dtype, device=args.device) for n in {t.shape[1] for t in matrices}
         }
 
-    linear = linear_kernel(torch.device(args.device), dtype)  # the kernel the model's steps use
+    device = torch.device(args.device)
+    linear = linear_kernel(device, dtype)  # the kernel the model's steps use
+    # Both kernels linear_kernel chooses between, where it has a choice (CPU float32 with oneDNN).
+    onednn = linear_kernel(device, dtype, vendor="")
+    kernels = {"mkl": F.linear, "onednn": onednn} if onednn is not F.linear else {}
+    kernel_s: dict[tuple[str, int], list[float]] = {(k, b): [] for k in kernels for b in levels}
 
-    def gemms(b: int) -> None:
+    def gemms(b: int, kernel: Any = linear) -> None:
         for t in matrices:
-            linear(inputs[b][t.shape[1]], t)
+            kernel(inputs[b][t.shape[1]], t)
 
     with torch.inference_mode():
         for b in levels:  # warm-up: first-touch of the cache pages and the kernels' own set-up
@@ -653,6 +661,8 @@ def bench_step(
             for b in levels:
                 step_s[b].append(timed(lambda b=b: model.forward_batch(layouts[b], cache)))
                 gemm_s[b].append(timed(lambda b=b: gemms(b)))
+                for k, kernel in kernels.items():
+                    kernel_s[k, b].append(timed(lambda b=b, kernel=kernel: gemms(b, kernel)))
     rows = []
     for b in levels:
         step, gemm = statistics.median(step_s[b]), statistics.median(gemm_s[b])
@@ -664,6 +674,8 @@ def bench_step(
                 "gemm_ms": round(gemm * 1000, 1),
                 "gemm_weights_gb_per_s": round(matrix_bytes / gemm / 1e9, 1),
                 "gemm_share_of_step": round(gemm / step, 2),
+                "kernel": "mkl" if linear is F.linear else "onednn",
+                **{f"gemm_ms_{k}": round(statistics.median(kernel_s[k, b]) * 1000, 1) for k in kernels},
             }
         )
         print(f"step: {rows[-1]}", flush=True)

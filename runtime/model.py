@@ -149,35 +149,39 @@ def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
 Linear = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-#: Up to this many input rows a CPU float32 linear layer goes to MKL (``F.linear``), above it to oneDNN.
-#: Measured on this project's AMD EPYC bench machine, 2 threads, SmolLM2-135M's 121 weight matrices
-#: streamed from memory as in a decode step (ms per pass, MKL / oneDNN): 1 row 20.5 / 27.8, 2 rows
-#: 21.2 / 34.6, 3 rows 22.9 / 35.6, 4 rows 35.7 / 35.8, 8 rows 46.1 / 38.9, 12 rows 56.5 / 42.0,
-#: 16 rows 46.7 / 44.4. MKL's matrix-vector path wins for a few rows; oneDNN's blocked kernels above.
-MKL_MAX_ROWS = 3
+def cpu_vendor(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The CPU's ``vendor_id`` (``GenuineIntel``, ``AuthenticAMD``, ...), or "" where it is not said."""
+    try:
+        with open(cpuinfo, encoding="ascii", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "vendor_id":
+                    return value.strip()
+    except OSError:
+        pass
+    return ""
 
 
-def linear_kernel(device: torch.device, dtype: torch.dtype) -> Linear:
-    """``x @ w.T`` for weights ``[out, in]``: on CPU in float32, MKL or oneDNN by rows; else ``F.linear``.
+def linear_kernel(device: torch.device, dtype: torch.dtype, vendor: str | None = None) -> Linear:
+    """``x @ w.T`` for weights ``[out, in]``: on a non-Intel CPU in float32, oneDNN; else ``F.linear``.
 
-    PyTorch sends a CPU float32 ``F.linear`` to MKL's sgemm, which on AMD EPYC (this project's CI and
-    bench machine) takes a generic path for a batch of rows; oneDNN's kernels (what vLLM's CPU backend
-    uses for its linear layers) read the same weights in place, no copy and no prepacking, and took
-    25-40% less time per decode step at 8 to 16 sequences here. For one to three rows (a decode step of
-    one to three sequences) MKL's matrix-vector path is the faster by a quarter to a third
-    (:data:`MKL_MAX_ROWS`; ``vnpu bench serving --sections step`` measures both). Same float32 math,
-    another summation order: logits differ by ~1e-6 relative, as between batch sizes.
+    PyTorch sends a CPU float32 ``F.linear`` to MKL's sgemm. On Intel CPUs that is the fastest kernel
+    here; on others MKL takes a generic path, and oneDNN's kernels (what vLLM's CPU backend uses for
+    its linear layers), reading the same weights in place with no copy or prepacking, are faster.
+    Measured on SmolLM2-135M decode steps (``vnpu bench serving --sections step`` reports both):
+    on an AMD EPYC (2 threads), MKL / oneDNN 61.8 / 48.6 ms at 1 sequence and 110 / 68.9 ms at 8; on
+    an Intel Xeon with AVX-512 (2 threads), 29.0 / 38.2 ms at 1, 46 / 52 at 4, 54.5 / 55.9 at 8 and
+    90 / 95 at 32. Same float32 math, another summation order: logits differ by ~1e-6 relative, as
+    between batch sizes. ``vendor`` defaults to this machine's (:func:`cpu_vendor`).
     """
     if device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available():
         op = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
-        if op is not None:
+        if op is not None and (vendor if vendor is not None else cpu_vendor()) != "GenuineIntel":
 
-            def cpu_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-                if x.numel() <= MKL_MAX_ROWS * x.shape[-1]:
-                    return F.linear(x, w)
+            def onednn_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
                 return op(x, w, None, "none", [], "")
 
-            return cpu_linear
+            return onednn_linear
     return F.linear
 
 

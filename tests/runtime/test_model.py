@@ -229,7 +229,7 @@ def test_the_cpu_linear_kernel_computes_what_f_linear_does(shape: tuple[int, ...
     arena = torch.randn(2 * 1536 * 576, generator=g)
     weight = arena[1536 * 576 :].view(1536, 576)  # the second of two tensors packed back to back
     x = torch.randn(*shape, generator=g)
-    linear = linear_kernel(torch.device("cpu"), torch.float32)
+    linear = linear_kernel(torch.device("cpu"), torch.float32, vendor="AuthenticAMD")
     got, want = linear(x, weight), F.linear(x, weight)
     assert got.shape == want.shape == (*shape[:-1], 1536)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
@@ -238,20 +238,39 @@ def test_the_cpu_linear_kernel_computes_what_f_linear_does(shape: tuple[int, ...
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
 @pytest.mark.parametrize(
-    ("rows", "kernel"), [(1, "aten::mm"), (3, "aten::mm"), (4, "mkldnn::_linear_pointwise")]
+    ("vendor", "kernel"),
+    [
+        ("GenuineIntel", "aten::mm"),
+        ("AuthenticAMD", "mkldnn::_linear_pointwise"),
+        ("", "mkldnn::_linear_pointwise"),
+    ],
 )
-def test_the_cpu_linear_kernel_sends_a_few_rows_to_mkl_and_more_to_onednn(rows: int, kernel: str) -> None:
-    """Which library runs a decode step's GEMMs (MKL's matrix-vector path is the faster for one to
-    three rows, oneDNN above: see ``MKL_MAX_ROWS``), read from the ops torch records."""
+@pytest.mark.parametrize("rows", [1, 8])
+def test_the_cpu_linear_kernel_is_mkl_on_intel_and_onednn_elsewhere(
+    vendor: str, kernel: str, rows: int
+) -> None:
+    """Which library runs the GEMMs (MKL is the faster on Intel, oneDNN on AMD: see
+    ``linear_kernel``), read from the ops torch records."""
     from torch.profiler import ProfilerActivity, profile
 
     from vnpu.runtime.model import linear_kernel
 
-    linear = linear_kernel(torch.device("cpu"), torch.float32)
+    linear = linear_kernel(torch.device("cpu"), torch.float32, vendor=vendor)
     weight, x = torch.randn(64, 32), torch.randn(rows, 32)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         linear(x, weight)
     ran = {event.key for event in prof.key_averages()}
-    assert kernel in ran
     other = "mkldnn::_linear_pointwise" if kernel == "aten::mm" else "aten::mm"
+    assert kernel in ran
     assert other not in ran
+
+
+def test_the_cpu_vendor_is_read_from_cpuinfo(tmp_path: Path) -> None:
+    from vnpu.runtime.model import cpu_vendor
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\n")
+    assert cpu_vendor(str(info)) == "AuthenticAMD"
+    info.write_text("processor\t: 0\n")  # e.g. an arm64 kernel says no vendor_id
+    assert cpu_vendor(str(info)) == ""
+    assert cpu_vendor(str(tmp_path / "absent")) == ""
