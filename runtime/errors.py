@@ -17,3 +17,7 @@ class RuntimeUnavailableError(RuntimeError):
 
 class MemoryBudgetError(RuntimeError):
     """The configuration does not fit ``VNPU_MEMORY_LIMIT_MIB``."""
+
+
+class OffloadPlanError(ValueError):
+    """The device budget cannot hold even the prefetch ring (the message gives the numbers)."""

@@ -504,7 +504,8 @@ def _holder_needs(args: argparse.Namespace, manifest: Any) -> tuple[int, str]:
     budget less the prefetch ring), the rest staying in the holder's host memory."""
     if args.offload_budget_mib is None:
         return manifest.total_bytes, "the weights"
-    from vnpu.runtime.offload import OffloadPlanError, plan_offload, unit_sizes
+    from vnpu.runtime.errors import OffloadPlanError
+    from vnpu.runtime.offload import plan_offload, unit_sizes
     from vnpu.runtime.units import model_units
 
     try:
@@ -687,9 +688,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     from vnpu.runtime.attach import AttachRefusedError, HolderUnavailableError
     from vnpu.runtime.config import UnsupportedModelError
-    from vnpu.runtime.errors import MemoryBudgetError
+    from vnpu.runtime.errors import MemoryBudgetError, OffloadPlanError
     from vnpu.runtime.holder import HolderError
-    from vnpu.runtime.offload import OffloadPlanError
     from vnpu.runtime.sources import SourceError
 
     # A fault in native code (a checkpoint file truncated under its mmap while loading: SIGBUS) leaves

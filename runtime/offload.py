@@ -26,16 +26,13 @@ from typing import Any
 
 import torch
 
+from vnpu.runtime.errors import OffloadPlanError
 from vnpu.runtime.manifest import WeightManifest
 from vnpu.runtime.model import with_stacks
 from vnpu.runtime.units import ATTN, EMBED, FFN, HEAD, NORM, Unit
 
 #: Resident priority by unit kind (lower first): attention, then output head, then feed-forward.
 PRIORITY = {ATTN: 0, HEAD: 1, FFN: 2}
-
-
-class OffloadPlanError(ValueError):
-    """The device budget cannot hold even the prefetch ring (the message gives the numbers)."""
 
 
 @dataclass(frozen=True)

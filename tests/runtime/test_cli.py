@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from rt_helpers import load_tiny_llama, write_tiny_llama
+from rt_helpers import load_tiny_llama, smollm2_dir, write_tiny_llama
 
 from vnpu import sharing
 from vnpu.runtime.engine import ModelRuntime, ServeOptions
@@ -232,3 +232,31 @@ def test_a_holder_under_offload_pays_its_limit_only_for_what_replicas_keep_resid
     finally:
         holder.terminate()
         holder.wait(30)
+
+
+def test_a_weights_holder_and_a_probe_never_load_torch(short_tmp: Path) -> None:
+    """A holder that only holds (no ``--serve``) maps the weights and answers attaches, and ``probe``
+    asks a holder for its status: neither needs torch, which costs a holder about 260 MiB more PSS
+    (``vnpu bench runtime``'s memory section at 650c111, where an import of the offload module for its
+    error class loaded it for every runtime command) and a probe seconds of CPU. GGUF weights, read
+    with numpy (a safetensors checkpoint still loads torch: safetensors reads bfloat16 through it)."""
+    model = smollm2_dir()
+    share = _share_identity_args(short_tmp)
+    cmd = [sys.executable, "-m", "vnpu", "runtime", "weights-holder", "--model", str(model), "--no-progress"]
+    cmd += [*share, "--socket", str(short_tmp / "holder.sock")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert '"event": "ready"' in line, line
+        assert "libtorch" not in Path(f"/proc/{proc.pid}/maps").read_text()
+        probe = ["probe", "--socket", str(short_tmp / "holder.sock"), *share]
+        code = (
+            "import sys; from vnpu.runtime.main import main; "
+            f"code = main({probe!r}); print(code, 'torch' in sys.modules)"
+        )
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+        assert out.stdout.splitlines()[-1].split() == ["0", "False"], out.stdout + out.stderr
+    finally:
+        proc.terminate()
+        proc.wait(30)
