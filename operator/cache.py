@@ -5,7 +5,8 @@ the server is its writes, which grow with what changed, never with the size of t
 informer LISTs once, then WATCHes from the list's resourceVersion (with bookmarks); when the watch
 ends it resumes from the last version seen, and on ``410 Gone`` or any error it LISTs again and
 replaces its store, so an object deleted while no watch was open is noticed too. A LIST is read in
-pages (:func:`list_pages`), so what a relist holds at once is one page, not every pod of the cluster.
+pages (:func:`list_pages`), so what a relist holds at once is one page, not every pod of the cluster
+(unless its pages expire twice: then it is read whole, once).
 
 Objects are parsed once, on arrival, into the frozen dataclasses of :mod:`vnpu.operator.state`; a
 change that leaves the parsed object equal (a node's heartbeat, a pod's unrelated status field) wakes
@@ -27,7 +28,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Iterator, Mapping
 from typing import Any, Generic, TypeVar
 
 from kubernetes import client
@@ -83,10 +84,17 @@ def list_pages(
     The pages are one consistent snapshot, and each carries its resourceVersion: a watch from the
     last page's misses nothing that changed while they were read. When the server compacted past the
     snapshot before the last page (``410`` for the continue token), the list starts again from its
-    first page, and what was read of the old snapshot is dropped. Raises :class:`_Stopped` when
-    ``stop`` is set before a page is asked for.
+    first page, and what was read of the old snapshot is dropped. If that list expires too, reading
+    the pages takes longer than the server keeps a snapshot (it compacts every ~5 minutes; a big, slow
+    cluster), and starting over again would loop for ever with the operator never synced. So then
+    one LIST without ``limit`` reads the collection whole, as client-go's pager does
+    (k8s.io/client-go/tools/pager, ``FullListIfExpired``; it does so at the first expiry, here paging
+    is tried once more, since a list that merely straddled one compaction completes in pages). Its
+    memory peak is that of an unpaginated list, but only then; it is logged as a warning and counted
+    in ``vnpu_operator_unpaginated_lists_total``. Raises :class:`_Stopped` when ``stop`` is set
+    before a request is made.
     """
-    while True:
+    for attempt in range(2):
         kept: list[R] = []
         token: str | None = None
         try:
@@ -94,10 +102,7 @@ def list_pages(
                 if stop.is_set():
                     raise _Stopped
                 page = _list_page(list_call, name, token)
-                for obj in page.get("items") or []:
-                    value = convert(obj)
-                    if value is not None:
-                        kept.append(value)
+                kept.extend(_converted(page, convert))
                 meta = page.get("metadata") or {}
                 token = meta.get("continue") or None
                 if token is None:
@@ -106,15 +111,38 @@ def list_pages(
         except ApiException as exc:
             if exc.status != 410 or token is None:
                 raise
-            log.info("%s list: its snapshot expired before the last page; listing again", name)
-
-
-def _list_page(list_call: Callable[..., Any], name: str, token: str | None) -> dict[str, Any]:
-    """One page of a LIST, parsed (the response, and its bytes, are freed on return)."""
-    more = {"_continue": token} if token else {}
-    resp = list_call(
-        limit=LIST_PAGE_SIZE, _preload_content=False, _request_timeout=LIST_TIMEOUT_SECONDS, **more
+            if attempt == 0:
+                log.info("%s list: its snapshot expired before the last page; listing again", name)
+    del kept
+    log.warning(
+        "%s list: its snapshot expired before the last page twice (reading the pages takes longer than "
+        "the API server keeps a snapshot); listing it whole, without pages",
+        name,
     )
+    metrics.UNPAGINATED_LISTS.labels(name).inc()
+    if stop.is_set():
+        raise _Stopped
+    page = _list_page(list_call, name, None, paged=False)
+    return list(_converted(page, convert)), str((page.get("metadata") or {}).get("resourceVersion", ""))
+
+
+def _converted(page: Mapping[str, Any], convert: Callable[[Mapping[str, Any]], R | None]) -> Iterator[R]:
+    """What ``convert`` makes of each object of a page, its Nones dropped."""
+    for obj in page.get("items") or []:
+        value = convert(obj)
+        if value is not None:
+            yield value
+
+
+def _list_page(
+    list_call: Callable[..., Any], name: str, token: str | None, paged: bool = True
+) -> dict[str, Any]:
+    """One page of a LIST (or, not ``paged``, the whole list), parsed (the response, and its bytes, are
+    freed on return)."""
+    more: dict[str, Any] = {"limit": LIST_PAGE_SIZE} if paged else {}
+    if token:
+        more["_continue"] = token
+    resp = list_call(_preload_content=False, _request_timeout=LIST_TIMEOUT_SECONDS, **more)
     metrics.API_REQUESTS.labels("list", name).inc()
     page: dict[str, Any] = json.loads(resp.data)
     return page

@@ -65,6 +65,13 @@ API_REQUESTS = Counter(
     ["verb", "resource"],
     registry=REGISTRY,
 )
+UNPAGINATED_LISTS = Counter(
+    "vnpu_operator_unpaginated_lists_total",
+    "LISTs an informer read whole, without pages, by resource: its paged list expired twice (reading the "
+    "pages took longer than the API server keeps a snapshot), so the memory peak of a full list was paid.",
+    ["resource"],
+    registry=REGISTRY,
+)
 API_ERRORS = Counter(
     "vnpu_operator_api_errors_total",
     "Writes the API server refused, per model and reason (Forbidden, Invalid, ...); the model backs off.",

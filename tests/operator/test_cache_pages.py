@@ -1,7 +1,8 @@
 """The informers LIST in pages (operator/cache.py ``list_pages``): one unpaginated LIST of every pod of a
 shared cluster held its whole body, as bytes and parsed, at once, and OOMKilled the operator (10,000
 pods: over 1 GiB against the chart's 512Mi). Each page is converted before the next is asked for; an
-expired continue token lists again from the first page."""
+expired continue token lists again from the first page, and a second expiry reads the list whole, once
+(client-go's pager ``FullListIfExpired``), instead of starting over for ever."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import pytest
 from apiserver_stub import ApiServerStub
 from kubernetes.client.exceptions import ApiException
 
-from vnpu.operator import cache
+from vnpu.operator import cache, metrics
 from vnpu.operator.cache import ClusterCache, list_pages
 
 
@@ -28,9 +29,9 @@ class Response:
 
 
 class PagedServer:
-    """A list call serving ``snapshots`` in pages of its ``limit``; the continue token is
-    ``<snapshot>:<offset>``. Tokens of a snapshot in ``expired`` answer 410, as the API server does
-    once it compacted past the snapshot."""
+    """A list call serving ``snapshots`` in pages of its ``limit`` (whole without one); the continue
+    token is ``<snapshot>:<offset>``. Tokens of a snapshot in ``expired`` answer 410, as the API server
+    does once it compacted past the snapshot."""
 
     def __init__(self, *snapshots: list[dict[str, Any]]) -> None:
         self.snapshots = snapshots
@@ -43,7 +44,7 @@ class PagedServer:
     def __call__(self, **kwargs: Any) -> Response:
         self.calls.append(kwargs)
         self.held_at_a_request.append(sum(ref() is not None for ref in self.responses))
-        limit = kwargs["limit"]
+        limit = kwargs.get("limit")
         token = kwargs.get("_continue")
         if token:
             snapshot, offset = (int(part) for part in token.split(":"))
@@ -51,13 +52,33 @@ class PagedServer:
                 raise ApiException(status=410, reason="Expired")
         else:
             snapshot, offset = self.current, 0
-        items = self.snapshots[snapshot][offset : offset + limit]
+        end = len(self.snapshots[snapshot]) if limit is None else offset + limit
+        items = self.snapshots[snapshot][offset:end]
         meta: dict[str, Any] = {"resourceVersion": f"rv-{snapshot}"}
-        if offset + limit < len(self.snapshots[snapshot]):
-            meta["continue"] = f"{snapshot}:{offset + limit}"
+        if end < len(self.snapshots[snapshot]):
+            meta["continue"] = f"{snapshot}:{end}"
         resp = Response({"kind": "List", "metadata": meta, "items": items})
         self.responses.append(weakref.ref(resp))
         return resp
+
+
+class CompactingServer(PagedServer):
+    """A server that compacts right after every first page, as one does whose pages take longer to read
+    than it keeps a snapshot: every continue token expires, and each list sees a newer snapshot."""
+
+    def __call__(self, **kwargs: Any) -> Response:
+        if len(self.calls) >= 10:
+            raise AssertionError(f"still listing after {len(self.calls)} requests: {self.calls}")
+        resp = super().__call__(**kwargs)
+        if "limit" in kwargs and not kwargs.get("_continue"):
+            self.expired.add(self.current)
+            self.current = min(self.current + 1, len(self.snapshots) - 1)
+        return resp
+
+
+def unpaginated_lists(resource: str) -> float:
+    value = metrics.REGISTRY.get_sample_value("vnpu_operator_unpaginated_lists_total", {"resource": resource})
+    return value or 0.0
 
 
 def objects(prefix: str, count: int) -> list[dict[str, Any]]:
@@ -103,10 +124,38 @@ def test_an_expired_continue_token_lists_again_from_the_first_page(page_of_five)
             server.current = 1
         return name(obj)
 
+    before = unpaginated_lists("things")
     kept, version = list_pages(server, convert, "things", threading.Event())
     assert kept == [f"new{i:02d}" for i in range(8)], "nothing of the expired snapshot is kept"
     assert version == "rv-1"
     assert [call.get("_continue") for call in server.calls] == [None, "0:5", "0:10", None, "1:5"]
+    # One expiry only pages again: nothing is read whole.
+    assert all(call["limit"] == 5 for call in server.calls)
+    assert unpaginated_lists("things") == before
+
+
+def test_a_list_whose_pages_expire_twice_is_read_whole_once(page_of_five, caplog) -> None:
+    """Reading the pages takes longer than the server keeps a snapshot: paging again would expire
+    again, for ever, and the operator would never sync. The second expiry lists once without limit."""
+    server = CompactingServer(objects("first", 12), objects("second", 12), objects("whole", 13))
+    before = unpaginated_lists("things")
+
+    kept, version = list_pages(server, name, "things", threading.Event())
+
+    assert [(call.get("limit"), call.get("_continue")) for call in server.calls] == [
+        (5, None),
+        (5, "0:5"),  # 410: listed again in pages
+        (5, None),
+        (5, "1:5"),  # 410 again: read whole
+        (None, None),
+    ]
+    assert "limit" not in server.calls[-1] and "_continue" not in server.calls[-1]
+    assert server.calls[-1]["_request_timeout"] == cache.LIST_TIMEOUT_SECONDS
+    assert kept == [f"whole{i:02d}" for i in range(13)], "every object of one snapshot, none of the expired"
+    assert version == "rv-2", "the version of the snapshot read whole, to watch from"
+    assert unpaginated_lists("things") == before + 1
+    warnings = [r for r in caplog.records if r.levelname == "WARNING" and "things" in r.getMessage()]
+    assert len(warnings) == 1 and "without pages" in warnings[0].getMessage()
 
 
 def test_a_410_on_the_first_page_is_the_callers() -> None:
