@@ -7,7 +7,13 @@ plugin's policy against the API server tests/chart/test_device_plugin_policy.py.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
+import socket
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +57,17 @@ def rbac(docs: list[dict[str, Any]]) -> dict[tuple[str, str, str], dict[str, Any
 
 def resources(role: dict[str, Any]) -> set[str]:
     return {r for rule in role["rules"] for r in rule["resources"]}
+
+
+def lease_id(docs: list[dict[str, Any]]) -> tuple[str, str]:
+    """(namespace, name) of the Lease the operator's Deployment elects its leader on."""
+    (operator,) = [
+        d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"].endswith("-operator")
+    ]
+    args = operator["spec"]["template"]["spec"]["containers"][0]["args"]
+    value = {a.split("=", 1)[0]: a.split("=", 1)[-1] for a in args if a.startswith("--leader-")}
+    assert "--leader-elect" in value, args
+    return value["--leader-election-namespace"], value["--leader-election-id"]
 
 
 def test_cluster_wide_by_default_with_no_role(kube_bin_dir: Path) -> None:
@@ -120,12 +137,14 @@ def test_nobody_may_create_a_priority_class(kube_bin_dir: Path, values: list[str
         if any("leases" in r["resources"] for r in role.get("rules", []))
     ]
     assert [name for name, _ in leases] == ["vnpu-operator-leader-election"]
-    (lease_rule,) = leases[0][1]["rules"]
-    assert lease_rule == {
-        "apiGroups": ["coordination.k8s.io"],
-        "resources": ["leases"],
-        "verbs": ["get", "create", "update"],
-    }
+    # Read and renewed by the name the Deployment gives it, never listed, watched, patched or deleted;
+    # a create cannot be named (RBAC does not know the name of an object not yet made).
+    group = {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"]}
+    assert leases[0][1]["rules"] == [
+        {**group, "verbs": ["create"]},
+        {**group, "resourceNames": [lease_id(docs)[1]], "verbs": ["get", "update"]},
+    ]
+    assert lease_id(docs) == ("vnpu-system", "vnpu-operator")
 
 
 def test_without_placeholders_the_operator_reads_no_priority_class(kube_bin_dir: Path) -> None:
@@ -201,6 +220,115 @@ def test_namespaced_gateway_and_operator_are_confined_to_their_namespaces(
         assert not can("gateway", "list", "endpointslices.discovery.k8s.io", "--all-namespaces")
         assert not can("gateway", "patch", "inferencemodels.vnpu.io", "-n", "default")
         assert not can("gateway", "list", "nodes")
+    finally:
+        control_plane.kubectl("delete", "-f", "-", "--ignore-not-found", input=listing, check=False)
+
+
+@pytest.mark.integration
+def test_the_operator_leads_through_its_own_lease_and_may_not_take_another(
+    control_plane: Any, kube_bin_dir: Path, namespace: str, tmp_path: Path
+) -> None:
+    """Against the API server, under the chart's RBAC: the real operator, with the leader-election
+    arguments its Deployment gets, creates, holds and releases its Lease; given another Lease of the
+    release namespace, one expired (any candidate may take it over), it cannot read or update it."""
+    from kubernetes import client
+
+    from vnpu.cluster.controlplane import free_port
+    from vnpu.cluster.processes import ManagedProcess, wait_until
+
+    release = f"l{namespace[2:]}"  # short: the client certificate's CN (64 at most) names the account
+    out = helm(
+        kube_bin_dir, "template", release, str(CHART), "-n", namespace,
+        "--show-only", "templates/operator-rbac.yaml", "--show-only", "templates/operator-deployment.yaml",
+    ).stdout  # fmt: skip
+    docs = [d for d in yaml.safe_load_all(out) if d]
+    lease_ns, lease_name = lease_id(docs)
+    assert (lease_ns, lease_name) == (namespace, f"{release}-vnpu-operator")
+    listing = json.dumps({"apiVersion": "v1", "kind": "List", "items": list(rbac(docs).values())})
+    control_plane.kubectl("apply", "-f", "-", input=listing)
+    kubeconfig = control_plane.kubeconfig_for(
+        f"{release}-operator", f"system:serviceaccount:{namespace}:{release}-vnpu-operator"
+    )
+    leases = client.CoordinationV1Api(control_plane.api_client())
+
+    def can(*args: str) -> bool:
+        proc = control_plane.kubectl(
+            "auth", "can-i", *args, "-n", namespace, kubeconfig=kubeconfig, check=False
+        )
+        return proc.stdout.strip() == "yes"
+
+    def operator(lease: str) -> ManagedProcess:
+        return ManagedProcess(
+            f"operator-{lease}",
+            [
+                *(sys.executable, "-m", "vnpu", "operator", "--standalone", "--log-format", "text"),
+                *("--kubeconfig", str(kubeconfig), "-n", namespace, "--metrics-port", str(free_port())),
+                *("--runtime-image", "local.test/vnpu:dev", "--leader-elect"),
+                *(f"--leader-election-namespace={lease_ns}", f"--leader-election-id={lease}"),
+            ],
+            tmp_path / f"operator-{lease}.log",
+        )
+
+    try:
+        assert can("create", "leases") and can("get", f"leases/{lease_name}")
+        assert can("update", f"leases/{lease_name}")
+        for verb in ("get", "update", "patch", "delete"):
+            assert not can(verb, "leases/someone-elses"), verb
+        for verb in ("list", "watch", "patch", "delete", "deletecollection"):
+            assert not can(verb, "leases"), verb
+
+        leader = operator(lease_name)
+        try:
+            wait_until(lambda: "leading: Lease" in leader.log.read_text(), 90, "the operator to lead")
+            held = leases.read_namespaced_lease(lease_name, lease_ns).spec
+            assert held.holder_identity and held.holder_identity.startswith(socket.gethostname())
+            renewed = held.renew_time
+            wait_until(
+                lambda: leases.read_namespaced_lease(lease_name, lease_ns).spec.renew_time != renewed,
+                30,
+                "a renewal",
+            )
+        finally:
+            # What the kubelet sends; the operator releases the Lease as it shuts down. (Waiting for
+            # the release, not for the exit: the process may then linger until it is killed.)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(leader.pid, signal.SIGTERM)
+            with contextlib.suppress(TimeoutError):
+                wait_until(lambda: "released the Lease" in leader.log.read_text(), 30, "the release")
+            leader.stop(timeout=1)
+        log = leader.log.read_text()
+        assert "released the Lease" in log, log[-3000:]
+        assert leases.read_namespaced_lease(lease_name, lease_ns).spec.holder_identity is None
+        refused = ("orbidden", "reading the Lease:", "creating the Lease:", "updating the Lease:")
+        assert not [line for line in log.splitlines() if any(r in line for r in refused)], log[-3000:]
+
+        # Another controller's Lease, expired long ago: a candidate that may read and update it takes
+        # it over. The operator may not.
+        long_ago = "2020-01-01T00:00:00.000000Z"
+        someone_elses = {
+            "apiVersion": "coordination.k8s.io/v1",
+            "kind": "Lease",
+            "metadata": {"name": "someone-elses", "namespace": lease_ns},
+            "spec": {
+                "holderIdentity": "another-controller",
+                "leaseDurationSeconds": 1,
+                "acquireTime": long_ago,
+                "renewTime": long_ago,
+            },
+        }
+        control_plane.kubectl("create", "-f", "-", input=json.dumps(someone_elses))
+        other = operator("someone-elses")
+        try:
+            said = ("reading the Lease: 403", "leading: Lease")
+            wait_until(lambda: any(w in other.log.read_text() for w in said), 90, "a first try")
+            time.sleep(3)  # more than a retry period (2 s) past the Lease's duration (1 s)
+            log = other.log.read_text()
+            assert "reading the Lease: 403 Forbidden" in log and "leading: Lease" not in log, log[-3000:]
+        finally:
+            other.stop(timeout=1)
+        assert leases.read_namespaced_lease("someone-elses", lease_ns).spec.holder_identity == (
+            "another-controller"
+        )
     finally:
         control_plane.kubectl("delete", "-f", "-", "--ignore-not-found", input=listing, check=False)
 

@@ -73,6 +73,12 @@ app.kubernetes.io/component: {{ .component }}
 {{- printf "%s-gateway" (include "vnpu.fullname" .) -}}
 {{- end -}}
 
+{{/* The operator's leader-election Lease, in the release namespace: the Deployment's
+--leader-election-id and the only Lease its Role may read and update. */}}
+{{- define "vnpu.operatorLease" -}}
+{{- printf "%s-operator" (include "vnpu.fullname" .) -}}
+{{- end -}}
+
 {{/* The placeholder pods' PriorityClass: one per cluster, the name the operator uses (vnpu.operator.config). */}}
 {{- define "vnpu.placeholderPriorityClass" -}}
 vnpu-placeholder
