@@ -269,6 +269,10 @@ async def run(args: argparse.Namespace, config: OperatorConfig) -> int:
             identity=f"{socket.gethostname()}@{os.getpid()}",  # type: ignore[arg-type]
         )
     finally:
+        # kopf waits for a threading stop flag in a thread of the default executor, and asyncio.run
+        # waits for that executor's threads before it returns: unset, the flag kept the process alive
+        # after SIGTERM until the kubelet's SIGKILL.
+        stop.set()
         if elector is not None:
             elector.release()
     return 1 if lost.is_set() else 0

@@ -289,8 +289,8 @@ def test_the_operator_leads_through_its_own_lease_and_may_not_take_another(
                 "a renewal",
             )
         finally:
-            # What the kubelet sends; the operator releases the Lease as it shuts down. (Waiting for
-            # the release, not for the exit: the process may then linger until it is killed.)
+            # What the kubelet sends; the operator releases the Lease as it shuts down (and exits:
+            # tests/integration/test_operator_shutdown.py).
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(leader.pid, signal.SIGTERM)
             with contextlib.suppress(TimeoutError):

@@ -1,0 +1,35 @@
+"""The operator stops when the kubelet asks it to: SIGTERM ends the process, within the pod's grace
+period, with or without leader election (else every rollout of the operator waits out the grace
+period and ends in SIGKILL)."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+
+import pytest
+from operator_harness import OperatorProcess
+
+pytestmark = pytest.mark.integration
+
+#: Kubernetes' default terminationGracePeriodSeconds (the chart sets none): SIGKILL follows.
+GRACE_SECONDS = 30
+
+
+@pytest.mark.parametrize("leader_elect", [False, True], ids=["standalone", "leader-elect"])
+def test_sigterm_stops_the_operator_within_the_grace_period(
+    control_plane, namespace, tmp_path, leader_elect: bool
+) -> None:
+    args = ("--leader-elect", "--leader-election-namespace", namespace, "--leader-election-id", "lease")
+    operator = OperatorProcess(control_plane, namespace, tmp_path).start(*(args if leader_elect else ()))
+    assert operator.proc is not None
+    proc = operator.proc.proc
+    try:
+        proc.send_signal(signal.SIGTERM)  # to the operator alone, as the kubelet signals a container
+        try:
+            code = proc.wait(GRACE_SECONDS)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"still running {GRACE_SECONDS} s after SIGTERM:\n{operator.proc.tail(40)}")
+        assert code == 0, operator.proc.tail(40)
+    finally:
+        operator.stop()
