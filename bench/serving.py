@@ -630,7 +630,6 @@ def bench_step(
         return time.perf_counter() - started
 
     step_s: dict[int, list[float]] = {b: [] for b in levels}
-    gemm_s: dict[int, list[float]] = {b: [] for b in levels}
     layouts, inputs = {}, {}
     for b in levels:
         sequences = [
@@ -643,29 +642,33 @@ def bench_step(
         }
 
     device = torch.device(args.device)
-    linear = linear_kernel(device, dtype)  # the kernel the model's steps use
-    # Both kernels linear_kernel chooses between, where it has a choice (CPU float32 with oneDNN).
+    # Both kernels linear_kernel chooses between where it has a choice (CPU float32 with oneDNN),
+    # each timed once; the one the model's steps use is the step's ``gemm_ms``.
     onednn = linear_kernel(device, dtype, vendor="")
-    kernels = {"mkl": F.linear, "onednn": onednn} if onednn is not F.linear else {}
+    if onednn is F.linear:  # no choice here: torch's own
+        kernels, chosen = {"torch": F.linear}, "torch"
+    else:
+        kernels = {"mkl": F.linear, "onednn": onednn}
+        chosen = "mkl" if linear_kernel(device, dtype) is F.linear else "onednn"
     kernel_s: dict[tuple[str, int], list[float]] = {(k, b): [] for k in kernels for b in levels}
 
-    def gemms(b: int, kernel: Any = linear) -> None:
+    def gemms(b: int, kernel: Any) -> None:
         for t in matrices:
             kernel(inputs[b][t.shape[1]], t)
 
     with torch.inference_mode():
         for b in levels:  # warm-up: first-touch of the cache pages and the kernels' own set-up
             model.forward_batch(layouts[b], cache)
-            gemms(b)
+            for kernel in kernels.values():
+                gemms(b, kernel)
         for _ in range(repeats):
             for b in levels:
                 step_s[b].append(timed(lambda b=b: model.forward_batch(layouts[b], cache)))
-                gemm_s[b].append(timed(lambda b=b: gemms(b)))
                 for k, kernel in kernels.items():
                     kernel_s[k, b].append(timed(lambda b=b, kernel=kernel: gemms(b, kernel)))
     rows = []
     for b in levels:
-        step, gemm = statistics.median(step_s[b]), statistics.median(gemm_s[b])
+        step, gemm = statistics.median(step_s[b]), statistics.median(kernel_s[chosen, b])
         rows.append(
             {
                 "batch": b,
@@ -674,8 +677,12 @@ def bench_step(
                 "gemm_ms": round(gemm * 1000, 1),
                 "gemm_weights_gb_per_s": round(matrix_bytes / gemm / 1e9, 1),
                 "gemm_share_of_step": round(gemm / step, 2),
-                "kernel": "mkl" if linear is F.linear else "onednn",
-                **{f"gemm_ms_{k}": round(statistics.median(kernel_s[k, b]) * 1000, 1) for k in kernels},
+                "kernel": chosen,
+                **(
+                    {f"gemm_ms_{k}": round(statistics.median(kernel_s[k, b]) * 1000, 1) for k in kernels}
+                    if len(kernels) > 1
+                    else {}
+                ),
             }
         )
         print(f"step: {rows[-1]}", flush=True)
