@@ -25,6 +25,10 @@ SUITES: dict[str, tuple[str, str]] = {
         "arrivals, scale changes and deletions through the packer vs a fresh repack",
     ),
     "wake": ("vnpu.bench.wake", "keep-warm policies on a replayed trace; warm vs cold wake on a real node"),
+    "synthetic-model": (
+        "vnpu.bench.synthetic",
+        "write a llama GGUF of any shape with random weights and a real model's tokenizer",
+    ),
 }
 
 

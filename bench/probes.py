@@ -61,3 +61,25 @@ def http_json(url: str, body: dict[str, Any] | None = None, timeout: float = 120
             return response.status, json.loads(response.read() or b"{}")
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read() or b"{}")
+
+
+def gpu_memory_mib(index: int = 0) -> tuple[float, dict[int, float]]:
+    """Device memory in use on GPU ``index`` (MiB, every process), and per process where NVML can tell.
+
+    Read through NVML (``nvidia-ml-py``), so the reading process creates no CUDA context of its own.
+    A virtualised GPU may not report per-process figures: the dict is then empty.
+    """
+    import pynvml
+
+    pynvml.nvmlInit()
+    try:
+        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        used = pynvml.nvmlDeviceGetMemoryInfo(handle).used / 2**20
+        per_process = {
+            p.pid: p.usedGpuMemory / 2**20
+            for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
+            if p.usedGpuMemory is not None
+        }
+    finally:
+        pynvml.nvmlShutdown()
+    return used, per_process

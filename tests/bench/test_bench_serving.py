@@ -7,7 +7,8 @@ import argparse
 
 import torch
 
-from vnpu.bench.serving import bench_step, smollm2_dir
+from vnpu.bench.serving import bench_step
+from vnpu.bench.weights import smollm2_dir
 
 
 def test_the_step_section_times_the_decode_step_and_its_matrix_products():
