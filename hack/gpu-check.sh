@@ -31,7 +31,7 @@ for preset in $(printf '%s\n' "$SMALL" "$BIG" | sort -u); do
     --out "/tmp/vnpu-gpu/$preset.gguf" --preset "$preset"
 done
 step "runtime-$BIG" "${RUNTIME_LIMIT:-240}" python3 -m vnpu bench runtime --device "$DEVICE" \
-  --model "/tmp/vnpu-gpu/$BIG.gguf" --replicas "${REPLICAS:-1,8}" --tokens "${TOKENS:-1024}" \
+  --model "/tmp/vnpu-gpu/$BIG.gguf" --replicas "${REPLICAS:-1,8}" --tokens "${TOKENS:-1024}" --reps "${REPS:-3}" \
   --out-dir "$OUT/runtime"
 step "serving-$SMALL" "${SERVING_LIMIT:-200}" python3 -m vnpu bench serving --device "$DEVICE" \
   --model "/tmp/vnpu-gpu/$SMALL.gguf" --out-dir "$OUT/serving"
