@@ -16,8 +16,9 @@ Pods are watched in every namespace, whatever namespaces the operator serves: a 
 that requests a ``vnpu.io/memory-<index>`` resource holds device memory the packer must not hand out
 again. Of the pods outside the operator's own, only those are kept.
 
-Services are watched by the operator's managed-by label, in the namespaces it serves (or all): a model's
-Service that someone deletes is noticed at once and created again.
+Services and PodDisruptionBudgets are watched by the operator's managed-by label, in the namespaces it
+serves (or all): a model's Service or budget that someone deletes or edits is noticed at once and
+created again or put back.
 """
 
 from __future__ import annotations
@@ -39,10 +40,12 @@ from vnpu import api
 from vnpu.operator import metrics
 from vnpu.operator.kube import MANAGED_SELECTOR
 from vnpu.operator.state import (
+    ObservedBudget,
     ObservedModel,
     ObservedNode,
     ObservedPod,
     ObservedService,
+    parse_budget,
     parse_model,
     parse_node,
     parse_pod,
@@ -318,13 +321,14 @@ def model_fingerprint(m: ObservedModel) -> Hashable:
 
 class ClusterCache:
     """The informers of one operator: nodes, pods (all namespaces), and InferenceModels and the
-    operator's Services (the namespaces it serves, or all)."""
+    operator's Services and PodDisruptionBudgets (the namespaces it serves, or all)."""
 
     def __init__(
         self, api_client: client.ApiClient, namespaces: tuple[str, ...], on_change: Callable[[str], None]
     ) -> None:
         core = client.CoreV1Api(api_client)
         custom = client.CustomObjectsApi(api_client)
+        policy = client.PolicyV1Api(api_client)
         served = set(namespaces)
 
         def pod(obj: Mapping[str, Any]) -> tuple[str, ObservedPod] | None:
@@ -375,7 +379,24 @@ class ClusterCache:
         self.services = [
             Informer("services", call, service, lambda k: on_change(f"Service {k}")) for call in service_lists
         ]
-        self._all: list[Informer[Any]] = [self.nodes, self.pods, *self.models, *self.services]
+        list_budgets = policy.list_namespaced_pod_disruption_budget
+        budget_lists = (
+            [functools.partial(list_budgets, ns, label_selector=MANAGED_SELECTOR) for ns in namespaces]
+            if namespaces
+            else [functools.partial(policy.list_pod_disruption_budget_for_all_namespaces,
+                                    label_selector=MANAGED_SELECTOR)]
+        )  # fmt: skip
+
+        def budget(obj: Mapping[str, Any]) -> tuple[str, ObservedBudget] | None:
+            return _key(obj.get("metadata", {})), parse_budget(obj)
+
+        # (Its status, which the disruption controller rewrites as replicas come and go, is not parsed:
+        # it wakes no pass.)
+        self.budgets = [
+            Informer("poddisruptionbudgets", call, budget, lambda k: on_change(f"PodDisruptionBudget {k}"))
+            for call in budget_lists
+        ]
+        self._all: list[Informer[Any]] = [self.nodes, self.pods, *self.models, *self.services, *self.budgets]
 
     def start(self) -> None:
         for informer in self._all:
@@ -399,3 +420,6 @@ class ClusterCache:
 
     def services_snapshot(self) -> list[ObservedService]:
         return [s for informer in self.services for s in informer.snapshot()]
+
+    def budgets_snapshot(self) -> list[ObservedBudget]:
+        return [b for informer in self.budgets for b in informer.snapshot()]

@@ -8,7 +8,7 @@ import datetime as dt
 import json
 import logging
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
@@ -18,15 +18,18 @@ from vnpu.operator import metrics, network_policy
 from vnpu.operator.config import PLACEHOLDER_PRIORITY_CLASS
 from vnpu.operator.pods import ROLE_SHARE_KEY
 from vnpu.operator.state import (
+    ObservedBudget,
     ObservedModel,
     ObservedPod,
     ObservedSecret,
     ObservedService,
+    parse_budget,
     parse_secret,
     parse_service,
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 MANAGED_SELECTOR = f"{api.LABEL_MANAGED_BY}={api.MANAGED_BY_VALUE}"
 SHARE_KEY_SELECTOR = f"{MANAGED_SELECTOR},{api.LABEL_ROLE}={ROLE_SHARE_KEY}"
 METADATA_ONLY = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1"
@@ -62,6 +65,7 @@ class Kube:
         self.custom = client.CustomObjectsApi(api_client)
         self.scheduling = client.SchedulingV1Api(api_client)
         self.networking = client.NetworkingV1Api(api_client)
+        self.policy = client.PolicyV1Api(api_client)
         self.namespaces = namespaces
 
     # -- reading (nodes, pods and models come from the watch-fed cache: vnpu.operator.cache) -------------
@@ -83,22 +87,64 @@ class Kube:
         return [parse_secret(item) for r in responses for item in _body(r).get("items") or []]
 
     def find_service(self, namespace: str, name: str) -> ObservedService | None:
-        """The Service ``namespace/name`` whatever its labels (the informer sees only the operator's), by
-        a list with a field selector: the operator's RBAC grants ``list`` on Services, not ``get``."""
-        metrics.API_REQUESTS.labels("list", "services").inc()
-        resp = self.core.list_namespaced_service(
+        """The Service ``namespace/name`` whatever its labels (the informer sees only the operator's)."""
+        return self._find("services", self.core.list_namespaced_service, namespace, name, parse_service)
+
+    def find_budget(self, namespace: str, name: str) -> ObservedBudget | None:
+        """The PodDisruptionBudget ``namespace/name`` whatever its labels (the informer sees only the
+        operator's)."""
+        return self._find(
+            "poddisruptionbudgets",
+            self.policy.list_namespaced_pod_disruption_budget,
+            namespace,
+            name,
+            parse_budget,
+        )
+
+    def _find(
+        self,
+        resource: str,
+        list_call: Callable[..., Any],
+        namespace: str,
+        name: str,
+        parse: Callable[[Mapping[str, Any]], T],
+    ) -> T | None:
+        """One object by a list with a field selector on its name: the operator's RBAC grants ``list``
+        (its informers need it), not ``get``."""
+        metrics.API_REQUESTS.labels("list", resource).inc()
+        resp = list_call(
             namespace,
             field_selector=f"metadata.name={name}",
             _preload_content=False,
             _request_timeout=REQUEST_TIMEOUT,
         )
         items = _body(resp).get("items") or []
-        return parse_service(items[0]) if items else None
+        return parse(items[0]) if items else None
 
     # -- writing -----------------------------------------------------------------------------------------
     def create_service(self, manifest: Mapping[str, Any]) -> bool:
         """Create a Service; False if one of that name already exists (ours or not: the caller looks)."""
         return self._create("services", self.core.create_namespaced_service, manifest)
+
+    def create_budget(self, manifest: Mapping[str, Any]) -> bool:
+        """Create a PodDisruptionBudget; False if one of that name already exists (ours or not: the
+        caller looks)."""
+        return self._create(
+            "poddisruptionbudgets", self.policy.create_namespaced_pod_disruption_budget, manifest
+        )
+
+    def set_budget_spec(self, namespace: str, name: str, spec: Mapping[str, Any]) -> None:
+        """Make a PodDisruptionBudget's spec exactly ``spec`` (a JSON patch of the whole spec: a merge
+        patch would keep a ``minAvailable`` or ``matchExpressions`` someone added)."""
+        body = [{"op": "add", "path": "/spec", "value": dict(spec)}]
+        self._patch(
+            "poddisruptionbudgets",
+            self.policy.patch_namespaced_pod_disruption_budget,
+            namespace,
+            name,
+            body,
+            JSON_PATCH,
+        )
 
     def create_pod(self, manifest: Mapping[str, Any]) -> bool:
         """Create a pod; False if it already exists (a retry after a crash is not an error)."""

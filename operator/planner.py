@@ -1,14 +1,14 @@
 """One reconcile pass as a pure function: observed cluster state in, typed intents and statuses out.
 
-    plan(models, nodes, pods, estimates, config, now, secrets, failures, services) -> Plan
+    plan(models, nodes, pods, estimates, config, now, secrets, failures, services, budgets) -> Plan
 
 Steps: turn observed state into the packer's input (devices with what is really free on them, demands
 per model, the current placements for stability), pack, derive the desired pods as typed
 :class:`~vnpu.operator.pods.PodIntent` values (weight-holders, then replicas, then placeholders: the
-order they are created in), one key Secret per (namespace, share group) and one Service per model
-(:mod:`vnpu.operator.services`), diff them against what exists, and compute each model's status and
-the events worth posting. No API calls here: the reconciler applies the plan, and tests assert on it
-directly.
+order they are created in), one key Secret per (namespace, share group), one Service per model
+(:mod:`vnpu.operator.services`) and one PodDisruptionBudget per model (:mod:`vnpu.operator.disruption`),
+diff them against what exists, and compute each model's status and the events worth posting. No API
+calls here: the reconciler applies the plan, and tests assert on it directly.
 
 What the plan never does, because each would be a needless outage:
 
@@ -38,7 +38,7 @@ from typing import Any
 
 from vnpu import api, sharing
 from vnpu.memory import EstimateError, MemoryEstimate
-from vnpu.operator import forecast, network_policy, packing, scaling
+from vnpu.operator import disruption, forecast, network_policy, packing, scaling
 from vnpu.operator.config import PLACEHOLDER_PRIORITY_CLASS, OperatorConfig
 from vnpu.operator.placeholders import plan_placeholders
 from vnpu.operator.pods import (
@@ -55,7 +55,14 @@ from vnpu.operator.pods import (
 from vnpu.operator.reported import merge_patch, merge_patch_to
 from vnpu.operator.services import SelectorUpdate, ServiceIntent, plan_service
 from vnpu.operator.spec import RECREATE, default_share_group
-from vnpu.operator.state import ObservedModel, ObservedNode, ObservedPod, ObservedSecret, ObservedService
+from vnpu.operator.state import (
+    ObservedBudget,
+    ObservedModel,
+    ObservedNode,
+    ObservedPod,
+    ObservedSecret,
+    ObservedService,
+)
 from vnpu.operator.status import Event, ModelOutcome, PodProblem, Rollout, build_status
 
 __all__ = ["Event", "Failure", "Plan", "default_share_group", "plan"]
@@ -77,6 +84,10 @@ class Failure:
 #: that the model's pods fit but its weights-sized placeholder does not, a restricted PriorityClass)
 #: backs off the model's placeholders only, never the writes of the replicas and holders it serves with.
 PLACEHOLDERS_FAILURE = "/placeholders"
+#: Suffix of a model's key in ``failures`` for its PodDisruptionBudget's writes (a quota on budgets, a
+#: policy engine, the name taken): they back off the budget only. A model without its budget serves as
+#: before; one whose pods waited on a refused budget would be down longer than any drain takes it.
+BUDGET_FAILURE = "/disruption-budget"
 
 
 def placeholders_failure_key(model: str) -> str:
@@ -84,10 +95,36 @@ def placeholders_failure_key(model: str) -> str:
     return model + PLACEHOLDERS_FAILURE
 
 
+def budget_failure_key(model: str) -> str:
+    """The ``failures`` key of the PodDisruptionBudget of ``model`` ("namespace/name")."""
+    return model + BUDGET_FAILURE
+
+
 def failure_model(key: str) -> str:
     """The model ("namespace/name") a ``failures`` key belongs to. Neither a namespace nor a name has a
-    '/', so only a key with two is a placeholders' key (a model may be named ``placeholders``)."""
-    return key.removesuffix(PLACEHOLDERS_FAILURE) if key.count("/") == 2 else key
+    '/', so only a key with two is the key of a part of a model, its placeholders' or its budget's (a
+    model may be named ``placeholders``)."""
+    return key.rsplit("/", 1)[0] if key.count("/") == 2 else key
+
+
+def model_failure(failures: Mapping[str, Failure], model: str) -> Failure | None:
+    """What the model's status says was refused: its own writes first, then its placeholders', then its
+    budget's."""
+    return (
+        failures.get(model)
+        or failures.get(placeholders_failure_key(model))
+        or failures.get(budget_failure_key(model))
+    )
+
+
+def _parts_in_backoff(failures: Mapping[str, Failure], now: dt.datetime, part: str) -> set[str]:
+    """The models ("namespace/name") whose ``part`` (:data:`PLACEHOLDERS_FAILURE`,
+    :data:`BUDGET_FAILURE`) waits out a backoff."""
+    return {
+        failure_model(k)
+        for k, f in failures.items()
+        if f.retry_at > now and failure_model(k) != k and k.endswith(part)
+    }
 
 
 @dataclass(frozen=True)
@@ -179,6 +216,8 @@ class Plan:
     warm_holders: dict[str, int] = field(default_factory=dict)
     #: NetworkPolicies to keep (``--network-policy``): one per namespace with models, before its pods.
     network_policies: list[network_policy.NetworkPolicyIntent] = field(default_factory=list)
+    #: PodDisruptionBudgets to create or put back: one per model (vnpu.operator.disruption).
+    budgets: list[disruption.BudgetIntent] = field(default_factory=list)
     #: Per model ("namespace/name"): what :func:`restatus` needs to redo its status after the writes.
     outcomes: dict[str, tuple[ObservedModel, ModelOutcome]] = field(default_factory=dict)
 
@@ -320,6 +359,7 @@ def plan(
     secrets: Sequence[ObservedSecret] = (),
     failures: Mapping[str, Failure] | None = None,
     services: Sequence[ObservedService] = (),
+    budgets: Sequence[ObservedBudget] = (),
 ) -> Plan:
     now = now or dt.datetime.now(dt.UTC)
     failures = failures or {}
@@ -335,10 +375,9 @@ def plan(
     foreign = [p for p in pods if not p.managed]
     lost_nodes = {p.node for p in ours if p.node and (p.node not in node_by_name or p.node in view.lost)}
     backoff = {k for k, f in failures.items() if f.retry_at > now and failure_model(k) == k}
-    # Models whose placeholders were refused: those alone wait out their backoff.
-    placeholders_backoff = {
-        failure_model(k) for k, f in failures.items() if f.retry_at > now and failure_model(k) != k
-    }
+    # Models whose placeholders (or budget) were refused: those alone wait out their backoff.
+    placeholders_backoff = _parts_in_backoff(failures, now, PLACEHOLDERS_FAILURE)
+    budgets_backoff = _parts_in_backoff(failures, now, BUDGET_FAILURE)
 
     # Models: active (placed by the packer), frozen (running, but no estimate: pods kept as they are).
     active: dict[str, tuple[ObservedModel, MemoryEstimate]] = {}
@@ -692,6 +731,11 @@ def plan(
     result.update_services = [
         u for key, v in sorted(service_of.items()) if key not in backoff for u in v.updates
     ]
+    budgets_by_key = {(b.namespace, b.name): b for b in budgets}  # (namespace, name) -> budget
+    not_now = backoff | budgets_backoff
+    result.budgets = [
+        i for i in disruption.plan_budgets(models, budgets_by_key) if not not_now.intersection(i.models)
+    ]
 
     # Statuses and events.
     saved = packed.saved_by_sharing_mib(demands)
@@ -761,7 +805,7 @@ def plan(
             problems=tuple(problems),
             rollout=rollout,
             moves=tuple(moved_of.get(key, ())),
-            failure=failures.get(key) or failures.get(placeholders_failure_key(key)),
+            failure=model_failure(failures, key),
             updated_replicas=len(placed) if rollout is not None else None,
             scaling=scaling.scaling_status(activities[key], m.generation, warm_of.get(key))
             if key in activities
@@ -834,7 +878,7 @@ def restatus(result: Plan, failures: Mapping[str, Failure], now: dt.datetime) ->
     server's message at once, not one pass later)."""
     for i, update in enumerate(result.statuses):
         key = _model_key(update.model.namespace, update.model.name)
-        failure = failures.get(key) or failures.get(placeholders_failure_key(key))
+        failure = model_failure(failures, key)
         if failure is not None and key in result.outcomes:
             m, outcome = result.outcomes[key]
             outcome = ModelOutcome(**{**outcome.__dict__, "failure": failure})

@@ -11,7 +11,8 @@ model gets a ``Degraded`` condition with the server's message, a Warning Event, 
 ``vnpu_operator_api_errors_total`` and a backoff (1 s doubling to 5 minutes) during which the planner
 leaves its objects alone. Every other model in every namespace is written in the same pass. A refused
 placeholder backs off the model's placeholders alone: it is reported the same way, but the replicas
-and holders the model serves with are written as usual (a placeholder is optional, they are not).
+and holders the model serves with are written as usual (a placeholder is optional, they are not). So
+does a refused PodDisruptionBudget, written after the pods: it backs off the budget alone.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from typing import Any
 from kubernetes.client.exceptions import ApiException
 
 from vnpu import api, sharing
-from vnpu.operator import metrics, network_policy, scaling
+from vnpu.operator import disruption, metrics, network_policy, scaling
 from vnpu.operator.config import PLACEHOLDER_PRIORITY_CLASS, OperatorConfig
 from vnpu.operator.crd import CrdRevisionCheck
 from vnpu.operator.estimate_cache import EstimateCache
@@ -42,6 +43,7 @@ from vnpu.operator.planner import (
     Plan,
     PodDeletion,
     SecretIntent,
+    budget_failure_key,
     failure_model,
     placeholders_failure_key,
     plan,
@@ -50,7 +52,14 @@ from vnpu.operator.planner import (
 from vnpu.operator.pods import PodIntent, render, share_key_secret
 from vnpu.operator.reported import PostedEvents, Report, ReportedStatuses, ReportQueue
 from vnpu.operator.services import SelectorUpdate, ServiceIntent, render_service
-from vnpu.operator.state import ObservedModel, ObservedNode, ObservedPod, ObservedSecret, ObservedService
+from vnpu.operator.state import (
+    ObservedBudget,
+    ObservedModel,
+    ObservedNode,
+    ObservedPod,
+    ObservedSecret,
+    ObservedService,
+)
 
 log = logging.getLogger(__name__)
 #: Parallel API calls when applying a plan.
@@ -214,7 +223,7 @@ class Reconciler:
         cache.start()
         try:
             if not await asyncio.to_thread(cache.wait_synced, SYNC_TIMEOUT):
-                informers = (cache.nodes, cache.pods, *cache.models, *cache.services)
+                informers = (cache.nodes, cache.pods, *cache.models, *cache.services, *cache.budgets)
                 late = sorted({i.name for i in informers if not i.synced.is_set()})
                 raise RuntimeError(
                     f"the informers of {', '.join(late)} did not list in {SYNC_TIMEOUT:g}s (the log says "
@@ -355,7 +364,8 @@ class Reconciler:
 
     def _pass_sync(self) -> Plan:
         models, nodes, pods = self._cache.snapshot()
-        return self.reconcile(models, nodes, pods, self._cache.services_snapshot())
+        cache = self._cache
+        return self.reconcile(models, nodes, pods, cache.services_snapshot(), cache.budgets_snapshot())
 
     def _secret_snapshot(self) -> list[ObservedSecret]:
         """Key Secrets: listed at start and on every resync, else what this operator created and kept."""
@@ -407,6 +417,7 @@ class Reconciler:
         nodes: Sequence[ObservedNode],
         pods: Sequence[ObservedPod],
         services: Sequence[ObservedService] = (),
+        budgets: Sequence[ObservedBudget] = (),
     ) -> Plan:
         """One pass over the given state: plan, write, report."""
         if not self._is_leader():
@@ -430,6 +441,7 @@ class Reconciler:
             self._secret_snapshot(),
             self._failures,
             self._service_snapshot(models, services),
+            budgets,
         )
         planned = time.perf_counter()
         self._progress.stage("writing the plan")
@@ -564,6 +576,30 @@ class Reconciler:
             # Refused, the namespace's models fail: none of their pods is created unprotected.
             guarded(intent.models, f"keeping NetworkPolicy {network_policy.NAME}", write)
 
+        def keep_budget(intent: disruption.BudgetIntent) -> None:
+            # Its own failure key: a refused budget never holds back the model's pods.
+            keys = tuple(budget_failure_key(m) for m in intent.models)
+
+            def write() -> None:
+                if intent.update:
+                    kube.set_budget_spec(intent.namespace, intent.name, disruption.spec(intent.owner.name))
+                    log.info("put back the spec of PodDisruptionBudget %s/%s", intent.namespace, intent.name)
+                    return
+                if kube.create_budget(disruption.manifest(intent)):
+                    log.info("created PodDisruptionBudget %s/%s", intent.namespace, intent.name)
+                    return
+                # AlreadyExists: ours, not yet seen by the informer, or someone else's (never touched).
+                found = kube.find_budget(intent.namespace, intent.name)
+                if found is None or disruption.ours(found, intent.owner):
+                    return  # gone again (the next pass creates it), or ours
+                message = disruption.taken_message(intent, found)
+                log.warning("%s", message, extra={"models": list(intent.models)})
+                for key in keys:
+                    failed.setdefault(key, (disruption.REASON_NAME_TAKEN, message))
+
+            verb = "setting the spec of" if intent.update else "creating"
+            guarded(keys, f"{verb} PodDisruptionBudget {intent.name}", write)
+
         due = time.monotonic() - self.config.resync_seconds
         policies = [i for i in result.network_policies if self._policies_kept.get(i.namespace, -1e18) < due]
         holders = [i for i in result.create if i.role == api.ROLE_WEIGHTS]
@@ -577,6 +613,7 @@ class Reconciler:
             (delete, list(result.delete)),
             (create, holders),
             (create, others),
+            (keep_budget, list(result.budgets)),  # after the pods: a budget never holds one back
         ]
         with ThreadPoolExecutor(max_workers=API_CONCURRENCY) as pool:
             for action, items in phases:

@@ -117,6 +117,30 @@ class ObservedService:
 
 
 @dataclass(frozen=True)
+class ObservedBudget:
+    """A PodDisruptionBudget named like a model's (:func:`vnpu.operator.disruption.budget_name`): ours
+    when its controller is that model and it carries the operator's label, else someone else's, left
+    alone. Its status (the disruption controller's) is not kept: nothing the operator decides needs it,
+    and it changes with every replica's readiness."""
+
+    namespace: str
+    name: str
+    uid: str
+    #: The uid of its controller ownerReference; None when nothing controls it.
+    controller_uid: str | None
+    terminating: bool
+    #: Labelled app.kubernetes.io/managed-by=vnpu-operator (the only ones the operator may change).
+    managed: bool
+    #: spec.selector.matchLabels, sorted; None when the selector has matchExpressions or is absent.
+    selector: tuple[tuple[str, str], ...] | None
+    #: spec.maxUnavailable and spec.minAvailable as written (an int or a percentage); "" when absent.
+    max_unavailable: str
+    min_available: str
+    #: spec.unhealthyPodEvictionPolicy; "" when absent (the API server's IfHealthyBudget).
+    unhealthy_pod_eviction_policy: str
+
+
+@dataclass(frozen=True)
 class ObservedModel:
     namespace: str
     name: str
@@ -350,4 +374,24 @@ def parse_service(obj: Mapping[str, Any]) -> ObservedService:
         controller_uid=controller.get("uid") if controller else None,
         terminating=meta.get("deletionTimestamp") is not None,
         selector=dict((obj.get("spec") or {}).get("selector") or {}),
+    )
+
+
+def parse_budget(obj: Mapping[str, Any]) -> ObservedBudget:
+    meta, spec = obj.get("metadata", {}), obj.get("spec") or {}
+    controller = next((o for o in meta.get("ownerReferences") or [] if o.get("controller")), None)
+    selector = spec.get("selector") or {}
+    labels = selector.get("matchLabels") or {}
+    only_labels = bool(selector) and not selector.get("matchExpressions")
+    return ObservedBudget(
+        namespace=meta.get("namespace", ""),
+        name=meta["name"],
+        uid=meta.get("uid", ""),
+        controller_uid=controller.get("uid") if controller else None,
+        terminating=meta.get("deletionTimestamp") is not None,
+        managed=(meta.get("labels") or {}).get(api.LABEL_MANAGED_BY) == api.MANAGED_BY_VALUE,
+        selector=tuple(sorted((str(k), str(v)) for k, v in labels.items())) if only_labels else None,
+        max_unavailable="" if spec.get("maxUnavailable") is None else str(spec["maxUnavailable"]),
+        min_available="" if spec.get("minAvailable") is None else str(spec["minAvailable"]),
+        unhealthy_pod_eviction_policy=str(spec.get("unhealthyPodEvictionPolicy") or ""),
     )

@@ -36,6 +36,7 @@ OPERATOR_NAMESPACED = {
     "pods",
     "secrets",
     "services",
+    "poddisruptionbudgets",
     "events",
 }
 #: Cluster-wide in both modes: nodes, the namespaces kopf follows, the CRD kopf discovers, the
@@ -356,3 +357,25 @@ def test_the_operator_may_read_and_update_only_its_own_network_policy(
         {**group, "resourceNames": [network_policy.NAME], "verbs": ["get", "update"]},
     ]
     assert rules == expected * (2 if values else 1)  # (namespaced: in each watched namespace's Role)
+
+
+@pytest.mark.parametrize("values", [[], NAMESPACED], ids=["cluster-wide", "namespaced"])
+def test_the_operator_keeps_disruption_budgets_without_deleting_any(
+    kube_bin_dir: Path, values: list[str]
+) -> None:
+    """One rule: watched (an informer, by the operator's label), listed by name when the name is taken,
+    created, and patched to put a spec back. No get, update or delete: garbage collection removes a
+    model's budget with it."""
+    docs = render(kube_bin_dir, *values)
+    roles = [
+        role for (kind, _, name), role in rbac(docs).items() if kind.endswith("Role") and "operator" in name
+    ]
+    rules = [r for role in roles for r in role["rules"] if "poddisruptionbudgets" in r["resources"]]
+    expected = {
+        "apiGroups": ["policy"],
+        "resources": ["poddisruptionbudgets"],
+        "verbs": ["list", "watch", "create", "patch"],
+    }
+    assert rules == [expected] * (2 if values else 1)  # (namespaced: in each watched namespace's Role)
+    if values:  # nothing about budgets cluster-wide
+        assert "poddisruptionbudgets" not in resources(rbac(docs)[("ClusterRole", "", "vnpu-operator")])

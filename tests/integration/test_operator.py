@@ -540,6 +540,7 @@ def test_operator_runs_under_exactly_the_chart_rbac(
         apply(cluster, namespace, "rbac", spec(replicas=2))
         wait_phase(cluster, namespace, "rbac", "Ready")
         wait_until(lambda: get_model(cluster, namespace, "rbac")["status"].get("endpoint"), 30, "its Service")
+        wait_until(lambda: "created PodDisruptionBudget" in op.log(), 30, "its PodDisruptionBudget")
         if namespaced:
             assert "created NetworkPolicy" in op.log()
         assert "CapacityPending" not in [e.reason for e in events_of(cluster, namespace, "rbac")]

@@ -61,6 +61,7 @@ class ApiServerStub:
                     "pods",
                     "nodes",
                     "services",
+                    "poddisruptionbudgets",
                     "secrets",
                     "inferencemodels",
                     "customresourcedefinitions",

@@ -12,11 +12,12 @@ from kubernetes.client.exceptions import ApiException
 from test_planner import as_pods, keys_for, model, node
 
 from vnpu import api
-from vnpu.operator import metrics
+from vnpu.operator import disruption, metrics
 from vnpu.operator.config import OperatorConfig
 from vnpu.operator.planner import failure_model, placeholders_failure_key
 from vnpu.operator.pods import render
 from vnpu.operator.reconciler import Reconciler
+from vnpu.operator.state import ObservedBudget, parse_budget
 
 QUOTA = "pods is forbidden: exceeded quota: compute"
 
@@ -51,6 +52,9 @@ class QuotaKube:
 
     def set_secret_owners(self, namespace: str, name: str, owner_references: list[Any]) -> None:
         pass  # the key Secret changes hands to the new model
+
+    def create_budget(self, manifest: dict[str, Any]) -> bool:
+        return True  # the models' PodDisruptionBudgets are not what these tests are about
 
 
 def degraded(update: Any) -> dict[str, Any]:
@@ -155,3 +159,74 @@ class OneNamespaceQuotaKube(QuotaKube):
 
     def delete_secret(self, namespace: str, name: str) -> bool:
         return False
+
+
+class BudgetKube(QuotaKube):
+    """Pods fit; the models' PodDisruptionBudgets are refused (a quota on them), or their name is held
+    by ``holding`` (what a look at the name finds after AlreadyExists)."""
+
+    def __init__(self, models: list[Any], holding: ObservedBudget | None = None) -> None:
+        super().__init__(models)
+        self.quota_full = False
+        self.holding = holding
+        self.budget_calls: list[str] = []
+
+    def create_budget(self, manifest: dict[str, Any]) -> bool:
+        self.budget_calls.append(f"create {manifest['metadata']['name']}")
+        if self.holding is not None:
+            return False
+        exc = ApiException(status=403, reason="Forbidden")
+        exc.body = json.dumps({"reason": "Forbidden", "message": BUDGET_QUOTA})
+        raise exc
+
+    def find_budget(self, namespace: str, name: str) -> ObservedBudget | None:
+        self.budget_calls.append(f"find {name}")
+        return self.holding
+
+    def delete_pod(self, namespace: str, name: str, force: bool = False) -> bool:
+        return True
+
+
+BUDGET_QUOTA = "poddisruptionbudgets.policy is forbidden: exceeded quota: pdbs"
+
+
+def test_a_refused_budget_never_holds_up_the_models_pods() -> None:
+    """Its own backoff: reported on the model, but a failed replica is replaced in the next pass."""
+    m = model("a", 3, weights={"sizeMiB": 4096})
+    kube = BudgetKube([m])
+    rec = Reconciler(OperatorConfig(placeholders=False, backoff_seconds=60), kube=kube)  # type: ignore[arg-type]
+    nodes = [node("n1", devices=1)]
+    placed = rec.reconcile([m], nodes, [])
+    assert len(kube.created) == 4 and kube.budget_calls == ["create vnpu-a"]  # the pods first
+    assert degraded(placed.statuses[0])["reason"] == "Forbidden"
+    assert BUDGET_QUOTA in degraded(placed.statuses[0])["message"]
+    assert "PodDisruptionBudget vnpu-a" in degraded(placed.statuses[0])["message"]
+    assert rec.health()["models_in_backoff"] == 0  # the model is not backing off, its budget is
+    pods = as_pods([render(i, rec.config) for i in placed.create])
+    victim = next(p for p in pods if p.role == "replica")
+    again = rec.reconcile([m], nodes, [p for p in pods if p is not victim])
+    assert [i.name for i in again.create] == [victim.name] and kube.created[-1] == victim.name
+    assert again.budgets == [] and kube.budget_calls == ["create vnpu-a"]  # within its backoff
+    assert BUDGET_QUOTA in degraded(again.statuses[0])["message"]
+
+
+def test_a_budget_name_held_by_someone_else_is_left_alone_and_said() -> None:
+    m = model("a", 1, weights={"sizeMiB": 1024})
+    theirs = ObservedBudget("ns", "vnpu-a", "theirs", None, False, False, (("app", "x"),), "0", "", "")
+    kube = BudgetKube([m], holding=theirs)
+    rec = Reconciler(OperatorConfig(placeholders=False, backoff_seconds=60), kube=kube)  # type: ignore[arg-type]
+    result = rec.reconcile([m], [node("n1", devices=1)], [])
+    assert kube.budget_calls == ["create vnpu-a", "find vnpu-a"]  # never an update of theirs
+    assert len(kube.created) == 2
+    condition = degraded(result.statuses[0])
+    assert condition["reason"] == disruption.REASON_NAME_TAKEN
+    assert "PodDisruptionBudget vnpu-a exists in ns and is not labelled" in condition["message"]
+    # AlreadyExists for the model's own (created by the previous pass, not yet seen by the informer):
+    # no failure.
+    made = disruption.manifest(disruption.BudgetIntent(m))
+    mine = parse_budget({**made, "metadata": {**made["metadata"], "uid": "mine"}})
+    kube = BudgetKube([m], holding=mine)
+    rec = Reconciler(OperatorConfig(placeholders=False, backoff_seconds=60), kube=kube)  # type: ignore[arg-type]
+    result = rec.reconcile([m], [node("n1", devices=1)], [])
+    assert kube.budget_calls == ["create vnpu-a", "find vnpu-a"]
+    assert degraded(result.statuses[0])["status"] == "False"

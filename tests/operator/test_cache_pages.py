@@ -223,7 +223,7 @@ def test_every_informer_list_of_the_cluster_cache_carries_a_limit() -> None:
     lists = [
         urllib.parse.urlsplit(path) for method, path, watch in stub.requests if method == "GET" and not watch
     ]
-    # nodes, pods, models, services; then each of two namespaces' models and services
-    assert len({url.path for url in lists}) == 4 + 4
+    # nodes, pods, models, services, budgets; then each of two namespaces' models, services and budgets
+    assert len({url.path for url in lists}) == 5 + 6
     for url in lists:
         assert urllib.parse.parse_qs(url.query).get("limit") == [str(cache.LIST_PAGE_SIZE)], url

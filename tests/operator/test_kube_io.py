@@ -14,8 +14,8 @@ import urllib3
 from apiserver_stub import ApiServerStub
 from test_planner import model
 
+from vnpu.operator import disruption, network_policy
 from vnpu.operator import kube as kube_module
-from vnpu.operator import network_policy
 from vnpu.operator.kube import Kube, api_client_from_env
 
 
@@ -50,6 +50,9 @@ def every_call(kube: Kube) -> dict[str, Callable[[], Any]]:
         "post_event": lambda: kube.post_event(m, "Normal", "Test", "a test"),
         "count_event": lambda: kube.count_event("ns", "a.1", 2),
         "keep_network_policy": lambda: kube.keep_network_policy(network_policy.manifest("ns", [])),
+        "create_budget": lambda: kube.create_budget(disruption.manifest(disruption.BudgetIntent(m))),
+        "find_budget": lambda: kube.find_budget("ns", "vnpu-a"),
+        "set_budget_spec": lambda: kube.set_budget_spec("ns", "vnpu-a", disruption.spec("a")),
     }
 
 

@@ -54,6 +54,9 @@ class EmptyCache:
     def services_snapshot(self) -> list[Any]:
         return []
 
+    def budgets_snapshot(self) -> list[Any]:
+        return []
+
 
 class SlowKube:
     """Each label write takes ``seconds[i]`` on the clock before it is answered; ``refuse``: the names

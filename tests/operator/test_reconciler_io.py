@@ -209,12 +209,13 @@ def test_a_start_that_fails_leaves_no_informer_behind(
             assert await asyncio.to_thread(wait_until, lambda: node_lists() >= 3)  # two tries failed
             stub.forbidden.clear()  # the chart's RBAC is fixed: the next try starts
             await asyncio.wait_for(startup, 20)
-            # One cache's informers run (nodes, pods, InferenceModels, Services); every failed try's
-            # stopped.
-            assert await asyncio.to_thread(wait_until, lambda: len(informer_threads() - before) == 4)
+            # One cache's informers run (nodes, pods, InferenceModels, Services, PodDisruptionBudgets);
+            # every failed try's stopped.
+            assert await asyncio.to_thread(wait_until, lambda: len(informer_threads() - before) == 5)
             assert sorted(t.name for t in informer_threads() - before) == [
                 "informer-inferencemodels",
                 "informer-nodes",
+                "informer-poddisruptionbudgets",
                 "informer-pods",
                 "informer-services",
             ]
