@@ -1,0 +1,313 @@
+"""A PodDisruptionBudget per InferenceModel against the real API server, disruption controller, scheduler
+and kwok nodes: a node drain takes a model's replicas one at a time.
+
+The disruption controller (kube-controller-manager, under its own service account as in a real cluster)
+finds the pods a budget selects, follows their controller ownerReference to the InferenceModel and
+reads the model's scale subresource for the number of pods expected; the Eviction API then allows one
+replica at a time. A crash-looping model never blocks a drain, the operator keeps the budget as it
+wants it (put back when edited, created again when deleted, one only across restarts), never touches a
+budget of that name that is someone else's, and garbage collection deletes it with the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import test_operator
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+from operator_harness import OperatorProcess, get_model, live, pods_of
+from test_operator import GIB, apply, conditions_of, replica_pods, spec, wait_phase
+
+from vnpu import api
+from vnpu.cluster.processes import wait_until
+from vnpu.operator.disruption import budget_name
+from vnpu.operator.pods import replica_selector
+
+# test_operator's fixtures: its kwok cluster, the operator process, the models claim (autouse).
+cluster = test_operator.cluster
+operator = test_operator.operator
+model_claim = test_operator.model_claim
+
+#: What the Eviction API answers when a budget allows no disruption now.
+VIOLATES = "Cannot evict pod as it would violate the pod's disruption budget"
+
+
+def budgets(cp: Any) -> Any:
+    return client.PolicyV1Api(cp.api_client())
+
+
+def budget_status(cp: Any, namespace: str, model: str) -> Any:
+    """The model's budget's status, or None while it has none (or the controller has not seen it)."""
+    try:
+        pdb = budgets(cp).read_namespaced_pod_disruption_budget(budget_name(model), namespace)
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+    status = pdb.status
+    if status is None or status.observed_generation != pdb.metadata.generation:
+        return None
+    return status
+
+
+def wait_budget(
+    cp: Any, namespace: str, model: str, what: str, check: Callable[[Any], bool], timeout: float = 60
+) -> Any:
+    """Wait until the disruption controller's status of the model's budget passes ``check``."""
+    seen: list[Any] = []
+
+    def reached() -> bool:
+        status = budget_status(cp, namespace, model)
+        seen[:] = [status]
+        return status is not None and check(status)
+
+    try:
+        wait_until(reached, timeout, f"{model}'s budget: {what}")
+    except TimeoutError as exc:
+        raise AssertionError(f"{model}'s budget: {what}; last status {seen}") from exc
+    return seen[0]
+
+
+def allows_one_of_three(status: Any) -> bool:
+    return (
+        status.expected_pods == 3
+        and status.current_healthy == 3
+        and status.desired_healthy == 2
+        and status.disruptions_allowed == 1
+    )
+
+
+def evict(cp: Any, namespace: str, pod: str) -> tuple[int, str]:
+    """(HTTP status, message) of an eviction through the Eviction API, as kubectl drain sends it."""
+    body = {"apiVersion": "policy/v1", "kind": "Eviction", "metadata": {"name": pod, "namespace": namespace}}
+    core = client.CoreV1Api(cp.api_client())
+    try:
+        _, status, _ = core.create_namespaced_pod_eviction_with_http_info(pod, namespace, body)
+    except ApiException as exc:
+        return exc.status, str(exc.body)
+    return status, ""
+
+
+def ready_replicas_off(cp: Any, namespace: str, model: str, node: str) -> list[Any]:
+    """The model's Ready replicas that are not on ``node``."""
+    return [
+        p
+        for p in replica_pods(cp, namespace, model)
+        if p.spec.node_name != node
+        and any(c.type == "Ready" and c.status == "True" for c in p.status.conditions or [])
+    ]
+
+
+def test_a_drain_takes_a_models_replicas_one_at_a_time(cluster, namespace, kwok_nodes, operator) -> None:
+    kwok_nodes(2, devices=1, device_mib=16 * GIB)
+    apply(cluster, namespace, "chat", spec(replicas=3))
+    model = wait_phase(cluster, namespace, "chat", "Ready")
+    pdb = budgets(cluster).read_namespaced_pod_disruption_budget("vnpu-chat", namespace)
+    assert pdb.metadata.labels == {api.LABEL_MANAGED_BY: api.MANAGED_BY_VALUE, api.LABEL_MODEL: "chat"}
+    (owner,) = pdb.metadata.owner_references
+    assert (owner.kind, owner.name, owner.uid) == (api.KIND, "chat", model["metadata"]["uid"])
+    assert owner.controller and owner.block_owner_deletion
+    assert (
+        pdb.spec.selector.match_labels == replica_selector("chat") and not pdb.spec.selector.match_expressions
+    )
+    assert pdb.spec.max_unavailable == 1 and pdb.spec.min_available is None
+    assert pdb.spec.unhealthy_pod_eviction_policy == "AlwaysAllow"
+    # The disruption controller counts the pods expected through the replicas' controller, the
+    # InferenceModel's scale subresource: 3, and one of them may go.
+    wait_budget(
+        cluster, namespace, "chat", "3 expected, 3 healthy, 1 disruption allowed", allows_one_of_three
+    )
+
+    # Dense packing: the three replicas share one weight copy on one device of one node.
+    replicas = sorted(replica_pods(cluster, namespace, "chat"), key=lambda p: p.metadata.name)
+    (draining,) = {p.spec.node_name for p in replicas}
+    cluster.kubectl("cordon", draining)  # kubectl drain's first step: it takes nothing new
+    first, second, third = (p.metadata.name for p in replicas)
+    assert evict(cluster, namespace, first) == (201, "")
+    # While the first is not replaced, the second may not go: kubectl drain would retry it.
+    status, message = evict(cluster, namespace, second)
+    assert status == 429 and VIOLATES in message, (status, message)
+
+    # The operator places the evicted replica again, on the node that is not cordoned; once it is
+    # Ready the next one may go.
+    wait_until(
+        lambda: len(ready_replicas_off(cluster, namespace, "chat", draining)) == 1,
+        60,
+        "the evicted replica Ready on the other node",
+    )
+    wait_budget(cluster, namespace, "chat", "one disruption allowed again", allows_one_of_three)
+    assert evict(cluster, namespace, second) == (201, "")
+    # The rest as kubectl drain does it: every pod of the node, the budget's refusals retried (every
+    # 5 s) until the replacements are Ready.
+    drained = cluster.kubectl(
+        "drain", draining, "--ignore-daemonsets", "--delete-emptydir-data", "--timeout=120s", check=False
+    )
+    assert drained.returncode == 0, drained.stderr
+    wait_until(
+        lambda: len(ready_replicas_off(cluster, namespace, "chat", draining)) == 3,
+        60,
+        "three Ready replicas off the drained node",
+    )
+    assert not [p for p in live(pods_of(cluster, namespace)) if p.spec.node_name == draining]
+    assert third not in {p.metadata.name for p in replica_pods(cluster, namespace, "chat")}
+
+    # Deleting the model deletes its budget (garbage collection: it is the budget's controller).
+    cluster.kubectl("delete", "-n", namespace, "infm/chat", "--timeout=60s")
+    wait_until(lambda: budget_status(cluster, namespace, "chat") is None, 60, "the budget gone")
+    assert not budgets(cluster).list_namespaced_pod_disruption_budget(namespace).items
+
+
+def test_a_crash_looping_model_never_blocks_a_drain(cluster, namespace, kwok_nodes, operator) -> None:
+    """Every replica NotReady (crash-looping): none counts against the budget, each may be evicted
+    (unhealthyPodEvictionPolicy AlwaysAllow; with IfHealthyBudget, the default, none could go and the
+    drain would hang)."""
+    kwok_nodes(2, devices=1, device_mib=16 * GIB)
+    apply(cluster, namespace, "broken", spec(replicas=3))
+    wait_phase(cluster, namespace, "broken", "Ready")
+    wait_budget(cluster, namespace, "broken", "one of three may go", allows_one_of_three)
+    core = client.CoreV1Api(cluster.api_client())
+    replicas = replica_pods(cluster, namespace, "broken")
+    for pod in replicas:  # what the kubelet reports of a container in CrashLoopBackOff
+        waiting = {"reason": "CrashLoopBackOff", "message": "back-off 5m0s restarting failed container"}
+        crashing = {
+            "status": {
+                "conditions": [
+                    {"type": "Ready", "status": "False", "reason": "ContainersNotReady"},
+                    {"type": "ContainersReady", "status": "False", "reason": "ContainersNotReady"},
+                ],
+                "containerStatuses": [
+                    {
+                        "name": "runtime",
+                        "ready": False,
+                        "restartCount": 7,
+                        "image": pod.spec.containers[0].image,
+                        "imageID": "",
+                        "state": {"waiting": waiting},
+                        "lastState": {"terminated": {"exitCode": 1, "reason": "Error"}},
+                    }
+                ],
+            }
+        }
+        core.patch_namespaced_pod_status(pod.metadata.name, namespace, crashing)
+    wait_budget(
+        cluster,
+        namespace,
+        "broken",
+        "no replica healthy, no disruption allowed",
+        lambda s: s.expected_pods == 3 and s.current_healthy == 0 and s.disruptions_allowed == 0,
+    )
+    (node,) = {p.spec.node_name for p in replicas}
+    cluster.kubectl("cordon", node)
+    for pod in replicas:  # back to back, none replaced meanwhile
+        assert evict(cluster, namespace, pod.metadata.name) == (201, ""), pod.metadata.name
+
+
+def test_the_budget_is_kept_across_edits_deletes_and_restarts_and_never_takes_someone_elses(
+    cluster, namespace, kwok_nodes, tmp_path
+) -> None:
+    kwok_nodes(1, devices=1, device_mib=16 * GIB)
+    policy = budgets(cluster)
+    # Someone's own budget, under the name the operator would give the model "taken".
+    theirs = policy.create_namespaced_pod_disruption_budget(
+        namespace,
+        {
+            "metadata": {"name": "vnpu-taken", "labels": {"team": "a"}},
+            "spec": {"selector": {"matchLabels": {"app": "theirs"}}, "maxUnavailable": 0},
+        },
+    )
+    op = OperatorProcess(cluster, namespace, tmp_path)
+    try:
+        op.start()
+        apply(cluster, namespace, "chat", spec(replicas=2))
+        apply(cluster, namespace, "taken", spec(replicas=1))
+        wait_phase(cluster, namespace, "chat", "Ready")
+        made = policy.read_namespaced_pod_disruption_budget("vnpu-chat", namespace)
+
+        # Edited (no drain would ever pass): put back in place. Deleted: created again.
+        policy.patch_namespaced_pod_disruption_budget("vnpu-chat", namespace, {"spec": {"maxUnavailable": 0}})
+        wait_until(
+            lambda: (
+                policy.read_namespaced_pod_disruption_budget("vnpu-chat", namespace).spec.max_unavailable == 1
+            ),
+            30,
+            "the budget's spec put back",
+        )
+        assert policy.read_namespaced_pod_disruption_budget("vnpu-chat", namespace).metadata.uid == (
+            made.metadata.uid
+        )
+        policy.delete_namespaced_pod_disruption_budget("vnpu-chat", namespace)
+
+        def created_again() -> bool:
+            try:
+                return bool(
+                    policy.read_namespaced_pod_disruption_budget("vnpu-chat", namespace).metadata.uid
+                    != made.metadata.uid
+                )
+            except ApiException as exc:
+                if exc.status == 404:
+                    return False
+                raise
+
+        wait_until(created_again, 30, "the budget created again")
+
+        # The name "taken" would get is someone else's: left as it is, and the model says why.
+        wait_until(
+            lambda: (
+                conditions_of(cluster, namespace, "taken").get("Degraded", {}).get("reason")
+                == "DisruptionBudgetNameTaken"
+            ),
+            30,
+            "taken: Degraded, DisruptionBudgetNameTaken",
+        )
+        degraded = conditions_of(cluster, namespace, "taken")["Degraded"]
+        assert "PodDisruptionBudget vnpu-taken exists in" in degraded["message"]
+        still = policy.read_namespaced_pod_disruption_budget("vnpu-taken", namespace)
+        assert still.metadata.generation == theirs.metadata.generation and not still.metadata.owner_references
+        assert still.spec.selector.match_labels == {"app": "theirs"} and still.metadata.labels == {
+            "team": "a"
+        }
+        wait_until(  # its pods are not held back
+            lambda: get_model(cluster, namespace, "taken")["status"].get("readyReplicas") == 1,
+            60,
+            "taken: its replica Ready",
+        )
+
+        # Killed and started again: the same budget, not written again, and no second one.
+        before = policy.read_namespaced_pod_disruption_budget("vnpu-chat", namespace).metadata
+        op.kill()
+        op.start()
+        passes = "vnpu_operator_reconcile_duration_seconds_count"
+
+        def passes_done() -> float:
+            line = next((x for x in op.metrics().splitlines() if x.startswith(passes)), f"{passes} 0")
+            return float(line.split()[-1])
+
+        wait_until(lambda: passes_done() >= 3, 60, "three passes of the new operator")
+        ours = policy.list_namespaced_pod_disruption_budget(
+            namespace, label_selector=f"{api.LABEL_MANAGED_BY}={api.MANAGED_BY_VALUE}"
+        ).items
+        assert [(b.metadata.name, b.metadata.uid) for b in ours] == [("vnpu-chat", before.uid)]
+        # (Its generation counts writes of its spec; the disruption controller's status writes do not.)
+        assert policy.read_namespaced_pod_disruption_budget("vnpu-chat", namespace).metadata.generation == (
+            before.generation
+        )
+        second_log = (tmp_path / f"operator-{op.starts}.log").read_text()
+        assert "PodDisruptionBudget vnpu-chat" not in second_log, "the new operator wrote it again"
+
+        # Once their budget is gone, "taken" gets its own (after its backoff).
+        policy.delete_namespaced_pod_disruption_budget("vnpu-taken", namespace)
+        wait_until(
+            lambda: budget_status(cluster, namespace, "taken") is not None,
+            90,
+            "taken: its own budget once the name is free",
+        )
+        wait_until(
+            lambda: conditions_of(cluster, namespace, "taken")["Degraded"]["status"] == "False",
+            30,
+            "taken: no longer Degraded",
+        )
+    finally:
+        cluster.kubectl("delete", "infm", "--all", "-n", namespace, "--timeout=60s", check=False)
+        op.stop()
