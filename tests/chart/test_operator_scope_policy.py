@@ -11,6 +11,9 @@ deletes (rendered by its own code and written through its own :class:`vnpu.opera
 the token) passes; the rest is refused with the policy's message, and the same requests by the admin
 are untouched.
 
+A PodDisruptionBudget the operator writes must select only the operator's pods: a stolen token must
+not hold another tenant's pods on a draining node with a budget that allows no disruption.
+
 The chart is rendered for a release of this module's own (its names and service account) and the
 binding is narrowed to this module's two namespaces, so nothing else in the session is affected.
 """
@@ -38,7 +41,7 @@ from vnpu.cluster.helm import CHART, placeholder_priority_class
 from vnpu.cluster.kwok import npu_node_manifest
 from vnpu.cluster.processes import wait_until
 from vnpu.memory import MemoryEstimate
-from vnpu.operator import network_policy
+from vnpu.operator import disruption, network_policy
 from vnpu.operator.config import OperatorConfig
 from vnpu.operator.kube import MERGE_PATCH, Kube
 from vnpu.operator.planner import plan
@@ -61,6 +64,17 @@ ONE_POLICY = (
     f"keeps one NetworkPolicy, {network_policy.NAME}, selecting only the pods labelled "
     f"{api.LABEL_MANAGED_BY}={api.MANAGED_BY_VALUE}: "
 )
+OWN_PODS = (
+    "keeps PodDisruptionBudgets only over the pods it makes, its spec.selector.matchLabels holding "
+    f"{api.LABEL_MANAGED_BY}={api.MANAGED_BY_VALUE}: "
+)
+#: The kinds of the patch tests below: the Python client's name -> the API's.
+KINDS = {
+    "pod": "Pod",
+    "service": "Service",
+    "secret": "Secret",
+    "pod_disruption_budget": "PodDisruptionBudget",
+}
 #: A model with every kind of object the operator makes: a serving weight-holder (it may scale to
 #: zero and keeps its holders) mounting its group's key Secret and the claim its pvc:// source names,
 #: replicas mapping it, placeholders where nothing fits, its Service and its warm Service.
@@ -93,7 +107,7 @@ def create_namespace(control_plane: Any) -> str:
 
 
 def victims(namespace: str) -> list[dict[str, Any]]:
-    """Someone else's pod, Service and Secret: none carries the operator's label."""
+    """Someone else's pod, Service, Secret and PodDisruptionBudget: none carries the operator's label."""
     meta = {"name": "victim", "namespace": namespace, "labels": {"app": "victim"}}
     return [
         {
@@ -109,6 +123,12 @@ def victims(namespace: str) -> list[dict[str, Any]]:
             "spec": {"selector": {"app": "victim"}, "ports": [{"port": 80}]},
         },
         {"apiVersion": "v1", "kind": "Secret", "metadata": meta, "stringData": {"password": "x"}},
+        {
+            "apiVersion": "policy/v1",
+            "kind": "PodDisruptionBudget",
+            "metadata": meta,
+            "spec": {"selector": {"matchLabels": {"app": "victim"}}, "maxUnavailable": 1},
+        },
     ]
 
 
@@ -199,8 +219,9 @@ def delete(control_plane: Any, setup: Setup, kind: str, name: str, *, dry_run: b
 
 def the_operators_objects(model_obj: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """What the operator creates for ``model_obj`` (its own code: the planner's intents rendered by
-    vnpu.operator.pods and .services, the group's key Secret, the namespace's NetworkPolicy): on a
-    node with room, and placeholders where there is none. Keyed "<kind>[:<vnpu.io/role>]/<name>"."""
+    vnpu.operator.pods, .services and .disruption, the group's key Secret, the namespace's
+    NetworkPolicy): on a node with room, and placeholders where there is none. Keyed
+    "<kind>[:<vnpu.io/role>]/<name>"."""
     config = OperatorConfig()
     model = parse_model(model_obj)
     assert model.spec is not None and model.spec.holder_serves, model.spec_error
@@ -218,9 +239,11 @@ def the_operators_objects(model_obj: dict[str, Any]) -> dict[str, dict[str, Any]
     out: dict[str, dict[str, Any]] = {}
     for nodes in ([parse_node(node)], []):
         result = plan([model], nodes, [], {model.key: estimate}, config, secrets=secrets)
-        for manifest in [render_pod(i, config) for i in result.create] + [
-            render_service(i) for i in result.create_services
-        ]:
+        for manifest in (
+            [render_pod(i, config) for i in result.create]
+            + [render_service(i) for i in result.create_services]
+            + [disruption.manifest(i) for i in result.budgets]
+        ):
             role = manifest["metadata"]["labels"].get(api.LABEL_ROLE, "")
             out[f"{manifest['kind']}:{role}/{manifest['metadata']['name']}"] = manifest
     ref = ModelRef(model.name, model.namespace, model.uid, model.spec)
@@ -235,6 +258,7 @@ def the_operators_objects(model_obj: dict[str, Any]) -> dict[str, dict[str, Any]
         "Pod:placeholder",
         "Pod:replica",
         "Pod:weights",
+        "PodDisruptionBudget:",
         "Secret",
         "Service:",
         "Service:weights",  # the warm one
@@ -253,7 +277,7 @@ def test_everything_the_operator_writes_passes(control_plane, setup) -> None:
     assert model.spec is not None
     ref = ModelRef(model.name, model.namespace, model.uid, model.spec)
 
-    # Created: the key Secret first, then the pods, the Services and the NetworkPolicy.
+    # Created: the key Secret first, then the pods, the Services, the NetworkPolicy and the budget.
     (secret,) = [o for o in objects.values() if o["kind"] == "Secret"]
     assert kube.create_secret(secret) is not None
     pods = [o for o in objects.values() if o["kind"] == "Pod"]
@@ -278,6 +302,19 @@ def test_everything_the_operator_writes_passes(control_plane, setup) -> None:
     theirs["spec"]["podSelector"] = {"matchLabels": {"app": "victim"}}
     networking.create_namespaced_network_policy(setup.other, theirs)
     assert kube.keep_network_policy(network_policy.manifest(setup.other, [])) == "updated"
+
+    # The model's PodDisruptionBudget: created, found by its name when the create says AlreadyExists,
+    # and its spec put back when someone edits it.
+    (budget,) = [o for o in objects.values() if o["kind"] == "PodDisruptionBudget"]
+    pdb_name = budget["metadata"]["name"]
+    assert kube.create_budget(budget)
+    assert not kube.create_budget(budget)
+    found = kube.find_budget(home, pdb_name)
+    assert found is not None and disruption.ours(found, model) and disruption.as_wanted(found, MODEL)
+    budgets = client.PolicyV1Api(control_plane.api_client())
+    budgets.patch_namespaced_pod_disruption_budget(pdb_name, home, {"spec": {"maxUnavailable": 0}})
+    kube.set_budget_spec(home, pdb_name, disruption.spec(MODEL))
+    assert budgets.read_namespaced_pod_disruption_budget(pdb_name, home).spec.max_unavailable == 1
 
     # Events, and the model's status and scale (not matched by the policy).
     event = kube.post_event(model, "Normal", "Placed", "placed")
@@ -425,6 +462,24 @@ def selects_every_pod(policy: dict[str, Any]) -> None:
     policy["spec"]["podSelector"] = {}
 
 
+def holds_the_victims(budget: dict[str, Any]) -> None:
+    """The attack: no disruption allowed for another tenant's pods, so their node never drains."""
+    budget["spec"] = {"selector": {"matchLabels": {"app": "victim"}}, "maxUnavailable": 0}
+
+
+def selects_by_expression(budget: dict[str, Any]) -> None:
+    """The operator's label in matchExpressions only: the policy reads matchLabels, nothing else."""
+    budget["spec"]["selector"] = {
+        "matchExpressions": [
+            {"key": api.LABEL_MANAGED_BY, "operator": "In", "values": [api.MANAGED_BY_VALUE, "helm"]}
+        ]
+    }
+
+
+def managed_by_someone_else(budget: dict[str, Any]) -> None:
+    budget["spec"]["selector"]["matchLabels"][api.LABEL_MANAGED_BY] = "helm"
+
+
 @pytest.mark.parametrize(
     ("kind", "change", "message"),
     [
@@ -435,6 +490,26 @@ def selects_every_pod(policy: dict[str, Any]) -> None:
         ("Secret", service_account_token, OPAQUE + "kubernetes.io/service-account-token"),
         ("NetworkPolicy", other_name, ONE_POLICY + "NetworkPolicy {ns}/{name} is not that"),
         ("NetworkPolicy", selects_every_pod, ONE_POLICY + "NetworkPolicy {ns}/{name} is not that"),
+        (
+            "PodDisruptionBudget",
+            unlabelled,
+            "writes PodDisruptionBudgets " + LABELLED + "PodDisruptionBudget {ns}/{name} would not have it",
+        ),
+        (
+            "PodDisruptionBudget",
+            holds_the_victims,
+            OWN_PODS + "PodDisruptionBudget {ns}/{name} would select pods without that label",
+        ),
+        (
+            "PodDisruptionBudget",
+            selects_by_expression,
+            OWN_PODS + "PodDisruptionBudget {ns}/{name} would select pods without that label",
+        ),
+        (
+            "PodDisruptionBudget",
+            managed_by_someone_else,
+            OWN_PODS + "PodDisruptionBudget {ns}/{name} would select pods without that label",
+        ),
     ],
     ids=[
         "unlabelled-service",
@@ -444,9 +519,13 @@ def selects_every_pod(policy: dict[str, Any]) -> None:
         "token-secret",
         "policy-name",
         "policy-selects-all",
+        "unlabelled-budget",
+        "budget-over-the-victims",
+        "budget-by-expression",
+        "budget-over-someone-elses",
     ],
 )
-def test_a_service_secret_or_network_policy_the_operator_never_makes_is_refused(
+def test_a_service_secret_network_policy_or_budget_the_operator_never_makes_is_refused(
     control_plane, setup, kind, change, message
 ) -> None:
     obj = the_operators(setup, kind)
@@ -473,13 +552,66 @@ def test_the_operator_may_not_delete_what_it_did_not_make(control_plane, setup, 
     assert f"ValidatingAdmissionPolicy '{setup.policy}'" in out.stderr, out.stderr
     assert (
         f"the vnpu operator ({setup.operator}) may delete only objects it made, labelled "
-        f"{api.LABEL_MANAGED_BY}={api.MANAGED_BY_VALUE}: {kind.capitalize()} {setup.other}/victim is not"
+        f"{api.LABEL_MANAGED_BY}={api.MANAGED_BY_VALUE}: {KINDS[kind]} {setup.other}/victim is not"
     ) in out.stderr, out.stderr
     assert (
         kubectl(control_plane, setup, "delete", kind, "victim", "-n", setup.other, admin=True).returncode == 0
     )
-    # (Services: no delete in its RBAC at all; garbage collection removes a model's.)
+    # (Services and budgets: no delete in its RBAC at all; garbage collection removes a model's.)
     assert not can_i(control_plane, setup, "delete", "service")
+    assert not can_i(control_plane, setup, "delete", "poddisruptionbudget")
+
+
+def test_the_operator_may_not_delete_a_budget_it_did_not_make_even_where_rbac_lets_it(
+    control_plane, setup
+) -> None:
+    """The chart's RBAC has no delete of budgets; where a cluster admin grants one anyway (an aggregated
+    role, a hand-written Role), the policy still lets the operator delete only its own."""
+    rbac = "rbac.authorization.k8s.io"
+    grant = {
+        "apiVersion": "v1",
+        "kind": "List",
+        "items": [
+            {
+                "apiVersion": f"{rbac}/v1",
+                "kind": "Role",
+                "metadata": {"name": "delete-budgets", "namespace": setup.other},
+                "rules": [
+                    {"apiGroups": ["policy"], "resources": ["poddisruptionbudgets"], "verbs": ["delete"]}
+                ],
+            },
+            {
+                "apiVersion": f"{rbac}/v1",
+                "kind": "RoleBinding",
+                "metadata": {"name": "delete-budgets", "namespace": setup.other},
+                "roleRef": {"apiGroup": rbac, "kind": "Role", "name": "delete-budgets"},
+                "subjects": [{"kind": "User", "name": setup.operator}],
+            },
+        ],
+    }
+    control_plane.kubectl("apply", "-f", "-", input=json.dumps(grant))
+    try:
+        wait_until(lambda: can_i(control_plane, setup, "delete", "poddisruptionbudget"), 30, "the grant")
+        out = delete(control_plane, setup, "poddisruptionbudget", "victim")
+        assert out.returncode != 0
+        assert f"ValidatingAdmissionPolicy '{setup.policy}'" in out.stderr, out.stderr
+        assert (
+            f"the vnpu operator ({setup.operator}) may delete only objects it made, labelled "
+            f"{api.LABEL_MANAGED_BY}={api.MANAGED_BY_VALUE}: PodDisruptionBudget {setup.other}/victim is not"
+        ) in out.stderr, out.stderr
+        # Its own (labelled) may go.
+        own = the_operators(setup, "PodDisruptionBudget")
+        control_plane.kubectl("create", "-f", "-", input=json.dumps(own))
+        out = delete(control_plane, setup, "poddisruptionbudget", own["metadata"]["name"])
+        assert out.returncode == 0, out.stderr
+    finally:
+        control_plane.kubectl("delete", "-f", "-", "--ignore-not-found", input=json.dumps(grant), check=False)
+    assert (
+        kubectl(
+            control_plane, setup, "delete", "poddisruptionbudget", "victim", "-n", setup.other, admin=True
+        ).returncode
+        == 0
+    )
 
 
 def patch(
@@ -487,8 +619,9 @@ def patch(
 ) -> str:
     """A merge patch as the operator sends one (vnpu.operator.kube: no read first; its RBAC has no get),
     or by the admin (dry run); the API server's refusal message, or "" when admitted."""
-    core = client.CoreV1Api(control_plane.api_client(None if admin else setup.kubeconfig))
-    call = getattr(core, f"patch_namespaced_{kind}")
+    api_client = control_plane.api_client(None if admin else setup.kubeconfig)
+    group = client.PolicyV1Api if kind == "pod_disruption_budget" else client.CoreV1Api
+    call = getattr(group(api_client), f"patch_namespaced_{kind}")
     try:
         call(name, namespace, body, _content_type=MERGE_PATCH, **({"dry_run": "All"} if admin else {}))
     except ApiException as exc:
@@ -508,16 +641,26 @@ FOREIGN_OWNER = {"apiVersion": "v1", "kind": "ConfigMap", "name": "x", "uid": st
         ("service", {"spec": {"selector": {"app": "attacker"}}}),
         ("service", {"metadata": {"labels": MANAGED}}),
         ("secret", {"metadata": {"ownerReferences": [FOREIGN_OWNER]}}),
+        ("pod_disruption_budget", {"spec": {"maxUnavailable": 0}}),
+        ("pod_disruption_budget", {"metadata": {"labels": MANAGED}}),
     ],
-    ids=["pod-label", "pod-owners", "service-selector", "service-label", "secret-owners"],
+    ids=[
+        "pod-label",
+        "pod-owners",
+        "service-selector",
+        "service-label",
+        "secret-owners",
+        "budget-spec",
+        "budget-label",
+    ],
 )
 def test_the_operator_may_not_change_what_it_did_not_make(control_plane, setup, kind, body) -> None:
-    assert can_i(control_plane, setup, "patch", kind)  # RBAC alone would let it
+    assert can_i(control_plane, setup, "patch", kind.replace("_", ""))  # RBAC alone would let it
     refused = patch(control_plane, setup, kind, setup.other, "victim", body)
     assert f"ValidatingAdmissionPolicy '{setup.policy}'" in refused, refused
     assert (
         f"the vnpu operator ({setup.operator}) may change only objects it made, labelled "
-        f"{api.LABEL_MANAGED_BY}={api.MANAGED_BY_VALUE}: {kind.capitalize()} {setup.other}/victim is not"
+        f"{api.LABEL_MANAGED_BY}={api.MANAGED_BY_VALUE}: {KINDS[kind]} {setup.other}/victim is not"
     ) in refused, refused
     assert patch(control_plane, setup, kind, setup.other, "victim", body, admin=True) == ""
 
@@ -536,22 +679,41 @@ def test_the_operator_may_not_change_what_it_did_not_make(control_plane, setup, 
             {"spec": {"externalIPs": ["203.0.113.7"]}},
             CLUSTER_IP + "Service {ns}/{name} has externalIPs changed",
         ),
+        (
+            "pod_disruption_budget",
+            {"metadata": {"labels": {api.LABEL_MANAGED_BY: None}}},
+            "writes PodDisruptionBudgets " + LABELLED,
+        ),
+        (
+            "pod_disruption_budget",
+            {"spec": {"selector": {"matchLabels": {api.LABEL_MANAGED_BY: None, "app": "victim"}}}},
+            OWN_PODS + "PodDisruptionBudget {ns}/{name} would select pods without that label",
+        ),
     ],
-    ids=["pod-unlabelled", "service-node-port", "service-external-ip"],
+    ids=[
+        "pod-unlabelled",
+        "service-node-port",
+        "service-external-ip",
+        "budget-unlabelled",
+        "budget-over-the-victims",
+    ],
 )
 def test_the_operator_keeps_its_own_objects_as_it_made_them(
     control_plane, setup, kind, body, message
 ) -> None:
-    """Its own label stays on, and its Services stay ClusterIP without externalIPs."""
-    made = the_operators(setup, "Service") if kind == "service" else replica(setup)
+    """Its own label stays on, its Services stay ClusterIP without externalIPs, and its budgets over
+    its own pods."""
+    made = {
+        "service": lambda: the_operators(setup, "Service"),
+        "pod_disruption_budget": lambda: the_operators(setup, "PodDisruptionBudget"),
+    }.get(kind, lambda: replica(setup))()
     control_plane.kubectl("create", "-f", "-", input=json.dumps(made))  # as the admin
     name = made["metadata"]["name"]
-    # What it does change passes: a holder's ownerReferences, a Service's selector.
-    changes = (
-        {"spec": {"selector": {**MANAGED, "x": "y"}}}
-        if kind == "service"
-        else {"metadata": {"ownerReferences": []}}
-    )
+    # What it does change passes: a holder's ownerReferences, a Service's selector, a budget's spec.
+    changes = {
+        "service": {"spec": {"selector": {**MANAGED, "x": "y"}}},
+        "pod_disruption_budget": {"spec": {"maxUnavailable": 1, "unhealthyPodEvictionPolicy": "AlwaysAllow"}},
+    }.get(kind, {"metadata": {"ownerReferences": []}})
     assert patch(control_plane, setup, kind, setup.other, name, changes) == ""
     refused = patch(control_plane, setup, kind, setup.other, name, body)
     assert f"ValidatingAdmissionPolicy '{setup.policy}'" in refused, refused
@@ -620,3 +782,6 @@ def test_the_policy_names_the_operators_label_and_network_policy(kube_bin_dir) -
         f"object.spec.podSelector.matchLabels == {{'{api.LABEL_MANAGED_BY}': '{api.MANAGED_BY_VALUE}'}}"
         in text
     )
+    # A budget's selector holds the operator's label in matchLabels, as the operator writes it.
+    assert f"object.spec.selector.matchLabels['{api.LABEL_MANAGED_BY}'] == '{api.MANAGED_BY_VALUE}'" in text
+    assert disruption.spec("m")["selector"]["matchLabels"].items() >= MANAGED.items()
