@@ -36,6 +36,7 @@ from vnpu.device_plugin.ledger import Ledger
 from vnpu.device_plugin.metrics import PluginMetrics
 from vnpu.device_plugin.proto import api_pb2_grpc
 from vnpu.device_plugin.service import DeviceService, ServiceOptions
+from vnpu.signals import wait_until_set
 
 log = logging.getLogger(__name__)
 
@@ -244,8 +245,8 @@ class PluginRunner:
         self.stop()
 
     def wait(self) -> None:
-        """Block until stop() is called (from a signal handler)."""
-        self._stop.wait()
+        """Block until stop() is called (from a signal handler, which runs while this waits)."""
+        wait_until_set(self._stop)
 
     # -- endpoints and registration -----------------------------------------------------------------
     def _add_endpoints(self) -> list[DeviceEndpoint]:

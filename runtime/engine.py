@@ -74,6 +74,7 @@ from vnpu.runtime.scheduler import (
 )
 from vnpu.runtime.tokenizer import StreamDecoder, Tokenizer
 from vnpu.runtime.units import model_units
+from vnpu.signals import SIGNAL_POLL_S
 
 __all__ = [
     "GenerationRequest",
@@ -550,7 +551,7 @@ class ModelRuntime:
         while True:
             with self._cond:
                 while not self._stopping and not (self._scheduler and self._scheduler.has_work()):
-                    self._cond.wait()
+                    self._cond.wait(SIGNAL_POLL_S)  # on the main thread: see vnpu.signals
                 if self._stopping:
                     return
             try:

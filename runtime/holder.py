@@ -326,9 +326,6 @@ class WeightsHolder:
                 "name); remove it on the node as root, then restart this holder"
             ) from e
 
-    def serve_forever(self) -> None:
-        self._stop.wait()
-
     def stop(self) -> None:
         """Close the socket and every lease (replicas see EOF), then release the arena. The socket
         file is removed only if it is still ours: a holder replacing this one (a restarted pod) may

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 from vnpu import api, sharing
 from vnpu.logs import setup_logging
+from vnpu.signals import wait_until_set
 
 if TYPE_CHECKING:  # torch-free at import: the CLI's --help must not load the runtime
     from vnpu.runtime.sources import ResolvedSource
@@ -493,7 +494,7 @@ def cmd_weights_holder(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     print(json.dumps({"event": "ready", "socket": str(path), **holder.info()}), flush=True)
-    stop.wait()
+    wait_until_set(stop)  # wakes for a SIGTERM caught by another thread (vnpu.signals)
     holder.stop()
     return 0
 

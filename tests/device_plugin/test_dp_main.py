@@ -66,6 +66,20 @@ def test_sigterm_stops_cleanly_and_logs_json(plugin_process, dirs):
     json.dumps(plugin.log_lines())  # every line was a JSON object
 
 
+def test_sigterm_caught_by_another_thread_still_stops_the_plugin(plugin_process, dirs):
+    """The kernel may hand the kubelet's SIGTERM to one of gRPC's threads; the main thread, waiting for
+    the stop, still runs the handler (vnpu.signals) instead of sleeping until SIGKILL."""
+    from thread_signals import signal_another_thread
+
+    plugin = plugin_process("--no-api", "--metrics-port", "0")
+    socket = dirs.plugin_dir / "vnpu-memory-0.sock"
+    wait_for(socket.exists, timeout=30, what="the device's socket")
+    signal_another_thread(plugin.proc.pid)
+    assert plugin.proc.wait(15) == 0
+    assert not socket.exists()
+    assert "plugin stopped" in [e["msg"] for e in plugin.log_lines()]
+
+
 def test_harness_gomod_replaces_exactly_the_staging_modules_of_kubernetes():
     """go.mod must replace every staging module k/k requires at v0.0.0 (gen-gomod.sh derives the list)."""
     gomod = (GOHARNESS_SRC / "go.mod").read_text()

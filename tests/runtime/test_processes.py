@@ -305,3 +305,26 @@ def test_a_holder_too_small_to_serve_still_holds(cluster: Cluster) -> None:
         assert not ready(holder)
     finally:
         holder.stop()
+
+
+def test_sigterm_caught_by_another_thread_still_stops_a_replica_and_a_holder(cluster: Cluster) -> None:
+    """The kernel may hand the kubelet's SIGTERM to any thread; the handler runs on the main thread,
+    which must not sleep through it. On an H200 every replica outlived SIGTERM until SIGKILL: its main
+    thread waited for work without a timeout while a CUDA driver thread caught the signal."""
+    from thread_signals import signal_another_thread
+
+    sharing = cluster.sharing()
+    sharing[sharing.index("--share-group") + 1] = "signals"
+    holder = cluster.spawn("signals-holder", "weights-holder", "--model", str(cluster.model), *sharing)
+    wait_for(lambda: '"event": "ready"' in holder.log.read_text(), holder, 180)
+    replica = cluster.serve("signals-replica", "--model", str(cluster.model), *sharing)
+    wait_for(lambda: ready(replica), replica, 240)
+    complete(replica)  # the engine has run a step and waits for the next request
+    for proc in (replica, holder):
+        signal_another_thread(proc.popen.pid)
+        try:
+            code = proc.popen.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.stop(signal.SIGKILL)
+            raise AssertionError(f"{proc.name} outlived SIGTERM:\n{proc.log.read_text()[-2000:]}") from None
+        assert code == 0, proc.log.read_text()[-2000:]
