@@ -9,6 +9,7 @@ import subprocess
 
 import pytest
 from operator_harness import OperatorProcess
+from thread_signals import signal_another_thread
 
 pytestmark = pytest.mark.integration
 
@@ -16,16 +17,22 @@ pytestmark = pytest.mark.integration
 GRACE_SECONDS = 30
 
 
+@pytest.mark.parametrize("to_another_thread", [False, True], ids=["to-the-process", "to-another-thread"])
 @pytest.mark.parametrize("leader_elect", [False, True], ids=["standalone", "leader-elect"])
 def test_sigterm_stops_the_operator_within_the_grace_period(
-    control_plane, namespace, tmp_path, leader_elect: bool
+    control_plane, namespace, tmp_path, leader_elect: bool, to_another_thread: bool
 ) -> None:
+    """``to-another-thread``: the kernel may hand the kubelet's SIGTERM to any thread (vnpu.signals);
+    kopf's asyncio loop hears of it through its wakeup fd wherever it lands."""
     args = ("--leader-elect", "--leader-election-namespace", namespace, "--leader-election-id", "lease")
     operator = OperatorProcess(control_plane, namespace, tmp_path).start(*(args if leader_elect else ()))
     assert operator.proc is not None
     proc = operator.proc.proc
     try:
-        proc.send_signal(signal.SIGTERM)  # to the operator alone, as the kubelet signals a container
+        if to_another_thread:
+            signal_another_thread(proc.pid)
+        else:
+            proc.send_signal(signal.SIGTERM)  # to the operator alone, as the kubelet signals a container
         try:
             code = proc.wait(GRACE_SECONDS)
         except subprocess.TimeoutExpired:
