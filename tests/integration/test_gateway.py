@@ -16,6 +16,7 @@ import gzip
 import hashlib
 import json
 import os
+import signal
 import socket
 import struct
 import subprocess
@@ -707,5 +708,23 @@ def test_a_model_at_zero_is_answered_by_its_warm_holder_while_it_wakes(
         caller.join(30)
         assert result["flaky"] == "answered by a2"
         assert metric(gw, "vnpu_gateway_warm_requests_total") == 1
+    finally:
+        gw.stop()
+
+
+@pytest.mark.parametrize("to_another_thread", [False, True], ids=["to-the-process", "to-another-thread"])
+def test_sigterm_stops_the_gateway(control_plane, namespace, tmp_path, to_another_thread: bool) -> None:
+    """SIGTERM ends the gateway at once, wherever the kernel delivers it (vnpu.signals): aiohttp's
+    asyncio loop hears of a signal another thread caught through its wakeup fd."""
+    from thread_signals import signal_another_thread
+
+    gw = Gateway(control_plane, tmp_path, namespace)
+    proc = gw.proc.proc
+    try:
+        if to_another_thread:
+            signal_another_thread(proc.pid)
+        else:
+            proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0, gw.proc.tail(30)
     finally:
         gw.stop()
