@@ -34,18 +34,41 @@ touched: the model's ``Degraded`` condition says so (reason :data:`REASON_NAME_T
 tried again after a backoff. A write of a budget the API server refuses backs off the budget alone: it
 never holds up the model's pods (:func:`vnpu.operator.planner.budget_failure_key`).
 
+A budget per weight-holder pod too. The replicas of a share group on one device map the weights its
+holder holds; evicted with them still there, the holder takes every one of them out of service at once
+(the replica's supervisor loses its lease and stops serving, :mod:`vnpu.runtime.supervisor`), and the
+operator would start it again on the node being drained, where it stays Pending. The budget of a
+holder:
+
+* is named as the holder pod (:func:`holder_budget_name`), in its namespace, labelled as the operator's
+  and with the holder's role, share group and ``vnpu.io/holder``, and controlled by the holder pod (no
+  ``blockOwnerDeletion``): garbage collection deletes it with the pod;
+* selects that pod alone, by its ``vnpu.io/holder`` label (:func:`vnpu.operator.pods.holder_pod_selector`;
+  a holder from before that label gets it, :func:`holder_labels`);
+* allows no disruption (``minAvailable: 1``) while a replica maps the holder (:func:`holders_in_use`: a
+  replica that is neither terminating nor finished names it), and any once none does
+  (``minAvailable: 0``, patched: no delete). An integer ``minAvailable`` needs no scale subresource: the
+  disruption controller counts the pods the budget selects. So a drain takes the replicas first, one at
+  a time under the model's budget, the operator places each again elsewhere, and the holder goes last
+  (the operator usually deletes it itself once the last replica is placed elsewhere);
+* has ``unhealthyPodEvictionPolicy: AlwaysAllow``: a holder that is not Ready serves nobody.
+
+Its writes back off under the budget failure keys of the models that own the holder, and wait only
+while every one of them waits: one model's budget refused (its name taken) never leaves the other
+models' replicas without their holder's.
+
 Pure, like :mod:`vnpu.operator.services`: the planner decides, the reconciler writes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from vnpu import api
-from vnpu.operator.pods import owner_references, replica_selector
-from vnpu.operator.state import ObservedBudget, ObservedModel, parse_budget
+from vnpu.operator.pods import holder_pod_selector, owner_references, replica_selector
+from vnpu.operator.state import ObservedBudget, ObservedModel, ObservedPod, parse_budget
 
 #: Replicas of one model a drain may take at once (the rest keep serving).
 MAX_UNAVAILABLE = 1
@@ -67,6 +90,15 @@ class BudgetIntent:
 
     owner: ObservedModel
     update: bool = False
+
+    def spec(self) -> dict[str, Any]:
+        return spec(self.owner.name)
+
+    def manifest(self) -> dict[str, Any]:
+        return manifest(self)
+
+    def owns(self, found: ObservedBudget) -> bool:
+        return ours(found, self.owner)
 
     @property
     def namespace(self) -> str:
@@ -115,11 +147,14 @@ def _spec_of(budget: ObservedBudget) -> tuple[Any, ...]:
     )
 
 
+def _has_spec(budget: ObservedBudget, wanted: Mapping[str, Any]) -> bool:
+    """Whether ``budget``'s spec is ``wanted`` (compared as parsed, as the informer sees it)."""
+    return _spec_of(budget) == _spec_of(parse_budget({"metadata": {"name": budget.name}, "spec": wanted}))
+
+
 def as_wanted(budget: ObservedBudget, model: str) -> bool:
-    """Whether ``budget``'s spec is the one ``model``'s budget has (compared as parsed, as the informer
-    sees it)."""
-    wanted = parse_budget({"metadata": {"name": budget.name}, "spec": spec(model)})
-    return _spec_of(budget) == _spec_of(wanted)
+    """Whether ``budget``'s spec is the one ``model``'s budget has."""
+    return _has_spec(budget, spec(model))
 
 
 def ours(budget: ObservedBudget, model: ObservedModel) -> bool:
@@ -148,15 +183,136 @@ def plan_budgets(
     return intents
 
 
-def taken_message(intent: BudgetIntent, found: ObservedBudget) -> str:
-    """Why the model has no budget: the name is held by ``found``, which is not its own."""
+def taken_message(intent: BudgetIntent | HolderBudgetIntent, found: ObservedBudget) -> str:
+    """Why the model (or weight-holder) has no budget: the name is held by ``found``, which is not its
+    own."""
     whose = (
         f"is not labelled {api.LABEL_MANAGED_BY}={api.MANAGED_BY_VALUE}"
         if not found.managed
         else "is controlled by another object"
     )
+    risk = (
+        "all of this model's replicas on a node at once"
+        if isinstance(intent, BudgetIntent)
+        else f"weight-holder {intent.holder.name}, and with it every replica that maps it,"
+    )
     return (
         f"PodDisruptionBudget {intent.name} exists in {intent.namespace} and {whose}: it is left as it is, "
-        "and a drain may evict all of this model's replicas on a node at once until it is renamed or "
-        "deleted"
+        f"and a drain may evict {risk} until it is renamed or deleted"
     )
+
+
+# -- weight-holders ----------------------------------------------------------------------------------
+
+
+def holder_budget_name(holder: str) -> str:
+    """The holder pod's own name: ``kubectl get pod,pdb`` shows one name per holder."""
+    return holder
+
+
+def holders_in_use(pods: Sequence[ObservedPod]) -> set[tuple[str, str]]:
+    """(namespace, holder pod name) of the weight-holders a replica maps: one of ``pods`` that is a
+    replica, not terminating (a replica being evicted or deleted no longer counts: its successor maps
+    the holder of its own device) and not finished, and names that holder (vnpu.io/weight-holder)."""
+    return {
+        (p.namespace, p.weight_holder)
+        for p in pods
+        if p.role == api.ROLE_REPLICA and p.weight_holder and not p.terminating and not p.finished
+    }
+
+
+def holder_spec(holder: str, in_use: bool) -> dict[str, Any]:
+    """The spec of the budget of the holder pod ``holder``: no disruption while ``in_use``, any once not."""
+    return {
+        "selector": {"matchLabels": holder_pod_selector(holder)},
+        "minAvailable": 1 if in_use else 0,
+        "unhealthyPodEvictionPolicy": UNHEALTHY_POD_EVICTION_POLICY,
+    }
+
+
+@dataclass(frozen=True)
+class HolderBudgetIntent:
+    """The budget of the weight-holder pod ``holder`` to write: created, or (``update``) its spec set to
+    the one ``in_use`` calls for. ``models`` ("namespace/name") own the holder: its writes back off
+    under their budget failure keys."""
+
+    holder: ObservedPod
+    in_use: bool
+    models: tuple[str, ...]
+    update: bool = False
+
+    @property
+    def namespace(self) -> str:
+        return self.holder.namespace
+
+    @property
+    def name(self) -> str:
+        return holder_budget_name(self.holder.name)
+
+    def spec(self) -> dict[str, Any]:
+        return holder_spec(self.holder.name, self.in_use)
+
+    def manifest(self) -> dict[str, Any]:
+        h = self.holder
+        owner = {"apiVersion": "v1", "kind": "Pod", "name": h.name, "uid": h.uid, "controller": True}
+        return {
+            "apiVersion": "policy/v1",
+            "kind": "PodDisruptionBudget",
+            "metadata": {
+                "name": self.name,
+                "namespace": h.namespace,
+                "labels": {
+                    api.LABEL_MANAGED_BY: api.MANAGED_BY_VALUE,
+                    api.LABEL_ROLE: api.ROLE_WEIGHTS,
+                    api.LABEL_SHARE_GROUP: h.share_group or "",
+                    api.LABEL_HOLDER: h.name,
+                },
+                # No blockOwnerDeletion: it would need the update of pods/finalizers, and nothing waits
+                # on the budget.
+                "ownerReferences": [owner],
+            },
+            "spec": self.spec(),
+        }
+
+    def owns(self, found: ObservedBudget) -> bool:
+        """Whether ``found`` is this holder's own: controlled by the pod and labelled by the operator."""
+        return found.managed and found.controller_uid == self.holder.uid
+
+
+def plan_holder_budgets(
+    pods: Sequence[ObservedPod],
+    models: Sequence[ObservedModel],
+    budgets: Mapping[tuple[str, str], ObservedBudget],
+) -> list[HolderBudgetIntent]:
+    """The writes that give every live weight-holder of ``pods`` (ours) its budget as wanted, from the
+    budgets observed (keyed by (namespace, name)). A holder that no live model owns is on its way out
+    (garbage collection, or the operator's delete): it gets none. One of that name that is not the
+    holder's is planned as a create, as for a model (:func:`plan_budgets`)."""
+    used = holders_in_use(pods)
+    model_of_uid = {m.uid: f"{m.namespace}/{m.name}" for m in models if not m.deleting}
+    intents = []
+    for h in sorted(pods, key=lambda p: (p.namespace, p.name)):
+        if h.role != api.ROLE_WEIGHTS or h.terminating or h.finished or not h.uid:
+            continue
+        owners = tuple(sorted({model_of_uid[u] for u in h.owner_uids if u in model_of_uid}))
+        if not owners:
+            continue
+        intent = HolderBudgetIntent(h, (h.namespace, h.name) in used, owners)
+        found = budgets.get((h.namespace, intent.name))
+        if found is None or (not found.terminating and not intent.owns(found)):
+            intents.append(intent)
+        elif found.terminating:
+            continue  # an earlier holder's of that name, being collected: created again once gone
+        elif not _has_spec(found, intent.spec()):
+            intents.append(replace(intent, update=True))
+    return intents
+
+
+def holder_labels(pods: Sequence[ObservedPod]) -> dict[tuple[str, str], dict[str, str]]:
+    """(namespace, name) -> the label to add to a live weight-holder created before ``vnpu.io/holder``:
+    its budget selects it by that label."""
+    return {
+        (h.namespace, h.name): {api.LABEL_HOLDER: h.name}
+        for h in pods
+        if h.role == api.ROLE_WEIGHTS and not h.terminating and not h.finished and h.holder_label != h.name
+    }

@@ -6,9 +6,10 @@ Steps: turn observed state into the packer's input (devices with what is really 
 per model, the current placements for stability), pack, derive the desired pods as typed
 :class:`~vnpu.operator.pods.PodIntent` values (weight-holders, then replicas, then placeholders: the
 order they are created in), one key Secret per (namespace, share group), one Service per model
-(:mod:`vnpu.operator.services`) and one PodDisruptionBudget per model (:mod:`vnpu.operator.disruption`),
-diff them against what exists, and compute each model's status and the events worth posting. No API
-calls here: the reconciler applies the plan, and tests assert on it directly.
+(:mod:`vnpu.operator.services`), one PodDisruptionBudget per model and one per weight-holder pod
+(:mod:`vnpu.operator.disruption`), diff them against what exists, and compute each model's status and
+the events worth posting. No API calls here: the reconciler applies the plan, and tests assert on it
+directly.
 
 What the plan never does, because each would be a needless outage:
 
@@ -165,7 +166,8 @@ class OwnersUpdate:
 @dataclass(frozen=True)
 class LabelsUpdate:
     """Labels to add to an existing pod: a weight-holder from before ``vnpu.io/weights`` gets it, or
-    its model's warm Service (which selects it) would lose it until the holder is replaced."""
+    its model's warm Service (which selects it) would lose it until the holder is replaced; one from
+    before ``vnpu.io/holder`` gets it, or its PodDisruptionBudget would select nothing."""
 
     namespace: str
     name: str
@@ -218,6 +220,8 @@ class Plan:
     network_policies: list[network_policy.NetworkPolicyIntent] = field(default_factory=list)
     #: PodDisruptionBudgets to create or put back: one per model (vnpu.operator.disruption).
     budgets: list[disruption.BudgetIntent] = field(default_factory=list)
+    #: ... and one per weight-holder pod, set by whether a replica maps it.
+    holder_budgets: list[disruption.HolderBudgetIntent] = field(default_factory=list)
     #: Per model ("namespace/name"): what :func:`restatus` needs to redo its status after the writes.
     outcomes: dict[str, tuple[ObservedModel, ModelOutcome]] = field(default_factory=dict)
 
@@ -708,7 +712,9 @@ def plan(
     result.delete = [d for d in deletions if not backoff.intersection(d.models)]
     result.set_owners = [u for u in owner_updates if not backoff.intersection(u.models)]
     result.set_labels = [
-        u for u in _holder_labels(holders_of, refs, group_of) if not backoff.intersection(u.models)
+        u
+        for u in _holder_labels(holders_of, refs, group_of, ours, models)
+        if not backoff.intersection(u.models)
     ]
     # A frozen model's running pods mount its group's key: it stays an owner of the Secret.
     frozen_of: dict[tuple[str, str], set[str]] = defaultdict(set)  # (namespace, group) -> models
@@ -735,6 +741,15 @@ def plan(
     not_now = backoff | budgets_backoff
     result.budgets = [
         i for i in disruption.plan_budgets(models, budgets_by_key) if not not_now.intersection(i.models)
+    ]
+    # A holder's budget follows whether a replica maps it; one deleted this pass needs no write (its
+    # budget goes with it). It waits only while every model of the holder waits: one model's budget
+    # refused (its name taken) must not leave the others' replicas without their holder's.
+    deleted = {(d.namespace, d.name) for d in result.delete}
+    result.holder_budgets = [
+        i
+        for i in disruption.plan_holder_budgets(ours, models, budgets_by_key)
+        if not not_now.issuperset(i.models) and (i.namespace, i.holder.name) not in deleted
     ]
 
     # Statuses and events.
@@ -918,21 +933,37 @@ def _current_holders(
 
 
 def _holder_labels(
-    holders_of: Mapping[str, list[ObservedPod]], refs: Mapping[str, ModelRef], group_of: Mapping[str, str]
+    holders_of: Mapping[str, list[ObservedPod]],
+    refs: Mapping[str, ModelRef],
+    group_of: Mapping[str, str],
+    ours: Sequence[ObservedPod],
+    models: Sequence[ObservedModel],
 ) -> list[LabelsUpdate]:
     """The label updates of the current holders created without ``vnpu.io/weights`` (or with another
-    value): the warm Services select by it."""
+    value): the warm Services select by it; and of every live holder created without ``vnpu.io/holder``:
+    its PodDisruptionBudget selects by it (:func:`vnpu.operator.disruption.holder_labels`). One update
+    per pod."""
     models_of: dict[str, list[str]] = defaultdict(list)  # group key -> its models
     for key in sorted(group_of):
         models_of[group_of[key]].append(key)
-    out = []
+    labels_of: dict[tuple[str, str], dict[str, str]] = defaultdict(dict)  # (namespace, pod) -> labels
+    models_by_pod: dict[tuple[str, str], tuple[str, ...]] = {}  # (namespace, pod) -> models it serves
     for group, holders in sorted(holders_of.items()):
         wanted = weights_label(refs[models_of[group][0]].weights_id)
         for p in holders:
             if p.weights != wanted:
-                labels = {api.LABEL_WEIGHTS: wanted}
-                out.append(LabelsUpdate(p.namespace, p.name, labels, tuple(models_of[group])))
-    return out
+                labels_of[(p.namespace, p.name)][api.LABEL_WEIGHTS] = wanted
+                models_by_pod[(p.namespace, p.name)] = tuple(models_of[group])
+    model_of_uid = {m.uid: _model_key(m.namespace, m.name) for m in models}
+    pods_by_name = {(p.namespace, p.name): p for p in ours}
+    for where, labels in disruption.holder_labels(ours).items():
+        labels_of[where].update(labels)
+        owners = pods_by_name[where].owner_uids
+        models_by_pod.setdefault(where, tuple(sorted({model_of_uid[u] for u in owners if u in model_of_uid})))
+    return [
+        LabelsUpdate(ns, name, labels, models_by_pod[(ns, name)])
+        for (ns, name), labels in sorted(labels_of.items())
+    ]
 
 
 def _loaded_weights(

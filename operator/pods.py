@@ -193,6 +193,16 @@ def holder_selector(share_group: str, weights_id: str) -> dict[str, str]:
     }
 
 
+def holder_pod_selector(holder: str) -> dict[str, str]:
+    """The labels that select exactly the weight-holder pod named ``holder`` (its PodDisruptionBudget's
+    selector)."""
+    return {
+        api.LABEL_MANAGED_BY: api.MANAGED_BY_VALUE,
+        api.LABEL_ROLE: api.ROLE_WEIGHTS,
+        api.LABEL_HOLDER: holder,
+    }
+
+
 class Owner(Protocol):
     """What an ownerReference names of a model: a :class:`ModelRef`, or an observed model that is not
     planned this pass (its estimate fails) but whose running pods still use the object."""
@@ -469,7 +479,10 @@ def _holder_pod(intent: PodIntent, config: OperatorConfig) -> dict[str, Any]:
     volumes, mounts = _model_volumes(first.spec)
     key_volume, key_mount = _key_volume(first)
     scratch, scratch_mount = _scratch()
-    weights = {api.LABEL_WEIGHTS: weights_label(first.weights_id)}  # what a warm Service selects by
+    labels = {
+        api.LABEL_WEIGHTS: weights_label(first.weights_id),  # what a warm Service selects by
+        api.LABEL_HOLDER: intent.name,  # what its PodDisruptionBudget selects by
+    }
     container = {
         "name": "weights",
         "image": first.spec.image(config.runtime_image),
@@ -485,7 +498,7 @@ def _holder_pod(intent: PodIntent, config: OperatorConfig) -> dict[str, Any]:
         container |= _holder_serving(container["env"], serving)
     return _pod(
         intent,
-        _labels(None, api.ROLE_WEIGHTS, first.share_group, weights),
+        _labels(None, api.ROLE_WEIGHTS, first.share_group, labels),
         {
             api.ANNOTATION_DEVICE: intent.device,
             api.ANNOTATION_SLICES: str(intent.slices),

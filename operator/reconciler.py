@@ -576,21 +576,26 @@ class Reconciler:
             # Refused, the namespace's models fail: none of their pods is created unprotected.
             guarded(intent.models, f"keeping NetworkPolicy {network_policy.NAME}", write)
 
-        def keep_budget(intent: disruption.BudgetIntent) -> None:
+        def keep_budget(intent: disruption.BudgetIntent | disruption.HolderBudgetIntent) -> None:
             # Its own failure key: a refused budget never holds back the model's pods.
             keys = tuple(budget_failure_key(m) for m in intent.models)
 
             def write() -> None:
                 if intent.update:
-                    kube.set_budget_spec(intent.namespace, intent.name, disruption.spec(intent.owner.name))
-                    log.info("put back the spec of PodDisruptionBudget %s/%s", intent.namespace, intent.name)
+                    kube.set_budget_spec(intent.namespace, intent.name, intent.spec())
+                    log.info(
+                        "set the spec of PodDisruptionBudget %s/%s",
+                        intent.namespace,
+                        intent.name,
+                        extra={"spec": intent.spec()},
+                    )
                     return
-                if kube.create_budget(disruption.manifest(intent)):
+                if kube.create_budget(intent.manifest()):
                     log.info("created PodDisruptionBudget %s/%s", intent.namespace, intent.name)
                     return
                 # AlreadyExists: ours, not yet seen by the informer, or someone else's (never touched).
                 found = kube.find_budget(intent.namespace, intent.name)
-                if found is None or disruption.ours(found, intent.owner):
+                if found is None or intent.owns(found):
                     return  # gone again (the next pass creates it), or ours
                 message = disruption.taken_message(intent, found)
                 log.warning("%s", message, extra={"models": list(intent.models)})
@@ -613,7 +618,8 @@ class Reconciler:
             (delete, list(result.delete)),
             (create, holders),
             (create, others),
-            (keep_budget, list(result.budgets)),  # after the pods: a budget never holds one back
+            # After the pods: a budget never holds one back.
+            (keep_budget, [*result.budgets, *result.holder_budgets]),
         ]
         with ThreadPoolExecutor(max_workers=API_CONCURRENCY) as pool:
             for action, items in phases:

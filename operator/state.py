@@ -83,6 +83,9 @@ class ObservedPod:
     uid: str = ""
     #: A weight-holder's vnpu.io/weights label (which weights it holds); None on holders from before it.
     weights: str | None = None
+    #: A weight-holder's vnpu.io/holder label (its own name; its budget selects by it); None on holders
+    #: from before it.
+    holder_label: str | None = None
     #: spec.priorityClassName: a placeholder of ours runs at the placeholder class (preemptible).
     priority_class: str = ""
 
@@ -323,6 +326,7 @@ def parse_pod(obj: Mapping[str, Any], managed: bool = True) -> ObservedPod:
         replaces=annotations.get(api.ANNOTATION_REPLACES),
         uid=meta.get("uid", ""),
         weights=labels.get(api.LABEL_WEIGHTS),
+        holder_label=labels.get(api.LABEL_HOLDER),
         priority_class=str(spec.get("priorityClassName") or ""),
     )
 

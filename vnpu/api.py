@@ -108,6 +108,9 @@ LABEL_SHARE_GROUP = f"{GROUP}/share-group"
 #: Weight-holder label: which weights it holds (a hash of vnpu.sharing.weights_id). One explicit share
 #: group may hold several weights; a model's warm Service selects only the holders of its own.
 LABEL_WEIGHTS = f"{GROUP}/weights"
+#: Weight-holder label: its own pod name, so that its PodDisruptionBudget selects that pod alone (no
+#: other label tells two holders of one group and weights on two devices apart).
+LABEL_HOLDER = f"{GROUP}/holder"
 #: Pod label: the hash of the model's pod template (and key generation) a replica was created from;
 #: replicas of an older template are rolled out (like a Deployment's pod-template-hash).
 LABEL_TEMPLATE_HASH = f"{GROUP}/template-hash"

@@ -230,3 +230,51 @@ def test_a_budget_name_held_by_someone_else_is_left_alone_and_said() -> None:
     result = rec.reconcile([m], [node("n1", devices=1)], [])
     assert kube.budget_calls == ["create vnpu-a", "find vnpu-a"]
     assert degraded(result.statuses[0])["status"] == "False"
+
+
+class HolderBudgetKube(BudgetKube):
+    """Budgets are created (or, with ``refuse``, refused by a quota) and their specs set, in memory."""
+
+    def __init__(self, models: list[Any], refuse: bool = False) -> None:
+        super().__init__(models)
+        self.refuse = refuse
+
+    def create_budget(self, manifest: dict[str, Any]) -> bool:
+        if self.refuse:
+            return super().create_budget(manifest)
+        self.budget_calls.append(f"create {manifest['metadata']['name']}")
+        return True
+
+    def set_budget_spec(self, namespace: str, name: str, spec: dict[str, Any]) -> None:
+        self.budget_calls.append(f"set {name} minAvailable {spec['minAvailable']}")
+
+
+def test_a_holders_budget_comes_once_the_holder_is_seen_relaxes_in_place_and_backs_off_alone() -> None:
+    warm = {"minReplicas": 0, "idleSeconds": 300, "keepWarm": "Always"}
+    m = model("a", 1, weights={"sizeMiB": 1024}, scaling=warm)
+    kube = HolderBudgetKube([m])
+    rec = Reconciler(OperatorConfig(placeholders=False, backoff_seconds=60), kube=kube)  # type: ignore[arg-type]
+    nodes = [node("n1", devices=1)]
+    placed = rec.reconcile([m], nodes, [])
+    assert kube.budget_calls == ["create vnpu-a"]  # the holder not seen yet: no uid to be owned by
+    pods = as_pods([render(i, rec.config) for i in placed.create])
+    (holder,) = [p for p in pods if p.role == api.ROLE_WEIGHTS]
+    model_budget = parse_budget(disruption.manifest(disruption.BudgetIntent(m)))
+    seen = rec.reconcile([m], nodes, pods, budgets=[model_budget])
+    assert kube.budget_calls[1:] == [f"create {holder.name}"]
+    (held,) = seen.holder_budgets
+    assert held.in_use
+    # At zero (kept warm): nothing maps it, its budget is patched to let it go.
+    kept = [model_budget, parse_budget(held.manifest())]
+    rec.reconcile([replace(m, spec=replace(m.spec, replicas=0))], nodes, [holder], budgets=kept)
+    assert kube.budget_calls[2:] == [f"set {holder.name} minAvailable 0"]
+
+    # Refused (a quota on budgets): the model says so, its pods are not held back.
+    kube = HolderBudgetKube([m], refuse=True)
+    rec = Reconciler(OperatorConfig(placeholders=False, backoff_seconds=60), kube=kube)  # type: ignore[arg-type]
+    victim = next(p for p in pods if p.role == api.ROLE_REPLICA)
+    result = rec.reconcile([m], nodes, [p for p in pods if p is not victim], budgets=[model_budget])
+    assert kube.budget_calls == [f"create {holder.name}"] and kube.created == [victim.name]
+    condition = degraded(result.statuses[0])
+    assert condition["reason"] == "Forbidden"
+    assert f"creating PodDisruptionBudget {holder.name}" in condition["message"]
