@@ -18,12 +18,12 @@ import test_operator
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from operator_harness import OperatorProcess, get_model, live, pods_of
-from test_operator import GIB, apply, conditions_of, replica_pods, spec, wait_phase
+from test_operator import GIB, apply, conditions_of, holder_pods, replica_pods, spec, wait_phase
 
 from vnpu import api
 from vnpu.cluster.processes import wait_until
 from vnpu.operator.disruption import budget_name
-from vnpu.operator.pods import replica_selector
+from vnpu.operator.pods import holder_pod_selector, replica_selector
 
 # test_operator's fixtures: its kwok cluster, the operator process, the models claim (autouse).
 cluster = test_operator.cluster
@@ -38,14 +38,22 @@ def budgets(cp: Any) -> Any:
     return client.PolicyV1Api(cp.api_client())
 
 
-def budget_status(cp: Any, namespace: str, model: str) -> Any:
-    """The model's budget's status, or None while it has none (or the controller has not seen it)."""
+def read_budget(cp: Any, namespace: str, name: str) -> Any:
+    """The budget ``name``, or None when there is none."""
     try:
-        pdb = budgets(cp).read_namespaced_pod_disruption_budget(budget_name(model), namespace)
+        return budgets(cp).read_namespaced_pod_disruption_budget(name, namespace)
     except ApiException as exc:
         if exc.status == 404:
             return None
         raise
+
+
+def budget_status(cp: Any, namespace: str, model: str, name: str | None = None) -> Any:
+    """The status of the model's budget (or of the budget ``name``), or None while there is none (or the
+    controller has not seen its spec)."""
+    pdb = read_budget(cp, namespace, name or budget_name(model))
+    if pdb is None:
+        return None
     status = pdb.status
     if status is None or status.observed_generation != pdb.metadata.generation:
         return None
@@ -53,20 +61,28 @@ def budget_status(cp: Any, namespace: str, model: str) -> Any:
 
 
 def wait_budget(
-    cp: Any, namespace: str, model: str, what: str, check: Callable[[Any], bool], timeout: float = 60
+    cp: Any,
+    namespace: str,
+    model: str,
+    what: str,
+    check: Callable[[Any], bool],
+    timeout: float = 60,
+    name: str | None = None,
 ) -> Any:
-    """Wait until the disruption controller's status of the model's budget passes ``check``."""
+    """Wait until the disruption controller's status of the model's budget (or of the budget ``name``)
+    passes ``check``."""
     seen: list[Any] = []
+    whose = f"budget {name}" if name else f"{model}'s budget"
 
     def reached() -> bool:
-        status = budget_status(cp, namespace, model)
+        status = budget_status(cp, namespace, model, name)
         seen[:] = [status]
         return status is not None and check(status)
 
     try:
-        wait_until(reached, timeout, f"{model}'s budget: {what}")
+        wait_until(reached, timeout, f"{whose}: {what}")
     except TimeoutError as exc:
-        raise AssertionError(f"{model}'s budget: {what}; last status {seen}") from exc
+        raise AssertionError(f"{whose}: {what}; last status {seen}") from exc
     return seen[0]
 
 
@@ -157,6 +173,128 @@ def test_a_drain_takes_a_models_replicas_one_at_a_time(cluster, namespace, kwok_
     cluster.kubectl("delete", "-n", namespace, "infm/chat", "--timeout=60s")
     wait_until(lambda: budget_status(cluster, namespace, "chat") is None, 60, "the budget gone")
     assert not budgets(cluster).list_namespaced_pod_disruption_budget(namespace).items
+
+
+def holds_its_holder(status: Any) -> bool:
+    """A weight-holder's budget while replicas map it: the holder counted, none of it may go."""
+    return (
+        status.expected_pods == 1
+        and status.current_healthy == 1
+        and status.desired_healthy == 1
+        and status.disruptions_allowed == 0
+    )
+
+
+def test_a_drain_takes_a_weight_holder_only_after_the_replicas_that_map_it(
+    cluster, namespace, kwok_nodes, operator
+) -> None:
+    """Two replicas map one holder on one node. Cordoned, the node's holder may not be evicted while
+    either is there (with no budget kubectl drain evicted it at once, with every replica's weights); the
+    replicas go one at a time, placed again on the other node, and the holder goes last: deleted by the
+    operator once nothing on its node maps it (its budget, collected with it), never started again on
+    the cordoned node."""
+    kwok_nodes(2, devices=1, device_mib=16 * GIB)
+    apply(cluster, namespace, "chat", spec(replicas=2))
+    wait_phase(cluster, namespace, "chat", "Ready")
+    (holder,) = holder_pods(cluster, namespace)
+    name, draining = holder.metadata.name, holder.spec.node_name
+    replicas = sorted(replica_pods(cluster, namespace, "chat"), key=lambda p: p.metadata.name)
+    assert {p.spec.node_name for p in replicas} == {draining}
+    assert {p.metadata.annotations[api.ANNOTATION_WEIGHT_HOLDER] for p in replicas} == {name}
+    assert holder.metadata.labels[api.LABEL_HOLDER] == name
+
+    # Its budget: named as the pod, over that pod alone, owned by it (no blockOwnerDeletion), held.
+    wait_until(lambda: read_budget(cluster, namespace, name) is not None, 30, "the holder's budget")
+    pdb = read_budget(cluster, namespace, name)
+    assert pdb.metadata.labels == {
+        api.LABEL_MANAGED_BY: api.MANAGED_BY_VALUE,
+        api.LABEL_ROLE: api.ROLE_WEIGHTS,
+        api.LABEL_SHARE_GROUP: holder.metadata.labels[api.LABEL_SHARE_GROUP],
+        api.LABEL_HOLDER: name,
+    }
+    (owner,) = pdb.metadata.owner_references
+    assert (owner.api_version, owner.kind, owner.name, owner.uid) == ("v1", "Pod", name, holder.metadata.uid)
+    assert owner.controller and not owner.block_owner_deletion
+    assert pdb.spec.selector.match_labels == holder_pod_selector(name)
+    assert pdb.spec.min_available == 1 and pdb.spec.max_unavailable is None
+    assert pdb.spec.unhealthy_pod_eviction_policy == "AlwaysAllow"
+    # An integer minAvailable: the controller counts the pod it selects, no scale subresource.
+    wait_budget(cluster, namespace, "chat", "1 expected, 0 allowed", holds_its_holder, name=name)
+
+    def two_of_two(status: Any) -> bool:
+        return status.expected_pods == 2 and status.current_healthy == 2 and status.disruptions_allowed == 1
+
+    wait_budget(cluster, namespace, "chat", "one of two may go", two_of_two)
+    cluster.kubectl("cordon", draining)
+    status, message = evict(cluster, namespace, name)
+    assert status == 429 and VIOLATES in message, (status, message)
+    first, second = (p.metadata.name for p in replicas)
+    assert evict(cluster, namespace, first) == (201, "")
+    # One replica still maps it: still refused.
+    status, message = evict(cluster, namespace, name)
+    assert status == 429 and VIOLATES in message, (status, message)
+    wait_until(
+        lambda: len(ready_replicas_off(cluster, namespace, "chat", draining)) == 1,
+        60,
+        "the evicted replica Ready on the other node",
+    )
+    wait_budget(cluster, namespace, "chat", "one may go again", two_of_two)
+    status, message = evict(cluster, namespace, name)
+    assert status == 429 and VIOLATES in message, (status, message)
+
+    # kubectl drain does the rest: the second replica (201), and the holder (429, retried every 5 s)
+    # until the operator, the replica placed elsewhere, deletes it (a 404 ends the drain's wait).
+    drained = cluster.kubectl(
+        "drain", draining, "--ignore-daemonsets", "--delete-emptydir-data", "--timeout=120s", check=False
+    )
+    assert drained.returncode == 0, drained.stderr
+    assert f"pod/{second} evicted" in drained.stdout, drained.stdout
+    wait_until(
+        lambda: len(ready_replicas_off(cluster, namespace, "chat", draining)) == 2,
+        60,
+        "two Ready replicas off the drained node",
+    )
+    assert not [p for p in live(pods_of(cluster, namespace)) if p.spec.node_name == draining]
+    # Never started again on the cordoned node; its budget collected with it.
+    assert name not in {p.metadata.name for p in pods_of(cluster, namespace)}
+    assert operator.log().count(f"created weights pod {namespace}/{name}") == 1
+    wait_until(lambda: read_budget(cluster, namespace, name) is None, 60, "the holder's budget gone with it")
+    # The new holder on the other node has its own, held.
+    (moved,) = holder_pods(cluster, namespace)
+    assert moved.spec.node_name != draining
+    wait_budget(
+        cluster, namespace, "chat", "1 expected, 0 allowed", holds_its_holder, name=moved.metadata.name
+    )
+
+
+def test_a_warm_holder_without_replicas_may_be_evicted(cluster, namespace, kwok_nodes, operator) -> None:
+    """A model at zero keeps its holder warm: no replica maps it, its budget relaxes (minAvailable 0)
+    and the Eviction API lets it go; garbage collection takes the budget with it."""
+    kwok_nodes(1, devices=1, device_mib=16 * GIB)
+    at_zero = {"minReplicas": 0, "keepWarm": "Always"}
+    apply(cluster, namespace, "chat", spec(replicas=1, scaling=at_zero))
+    wait_phase(cluster, namespace, "chat", "Ready")
+    (holder,) = holder_pods(cluster, namespace)
+    name = holder.metadata.name
+    wait_budget(cluster, namespace, "chat", "held", holds_its_holder, name=name)
+    status, message = evict(cluster, namespace, name)
+    assert status == 429 and VIOLATES in message, (status, message)
+
+    apply(cluster, namespace, "chat", spec(replicas=0, scaling=at_zero))
+    wait_until(lambda: not replica_pods(cluster, namespace, "chat"), 60, "no replica left")
+    relaxed = wait_budget(
+        cluster,
+        namespace,
+        "chat",
+        "relaxed: 0 desired, 1 allowed",
+        lambda s: s.expected_pods == 1 and s.desired_healthy == 0 and s.disruptions_allowed == 1,
+        name=name,
+    )
+    assert relaxed.current_healthy == 1
+    assert read_budget(cluster, namespace, name).spec.min_available == 0
+    assert [p.metadata.uid for p in holder_pods(cluster, namespace)] == [holder.metadata.uid]  # kept warm
+    assert evict(cluster, namespace, name) == (201, "")
+    wait_until(lambda: read_budget(cluster, namespace, name) is None, 60, "the holder's budget gone with it")
 
 
 def test_a_crash_looping_model_never_blocks_a_drain(cluster, namespace, kwok_nodes, operator) -> None:
@@ -274,7 +412,22 @@ def test_the_budget_is_kept_across_edits_deletes_and_restarts_and_never_takes_so
             "taken: its replica Ready",
         )
 
-        # Killed and started again: the same budget, not written again, and no second one.
+        # Killed and started again: the same budgets (the model's, and its weight-holder's once the
+        # holder exists), not written again, and no second one.
+        (holder,) = holder_pods(cluster, namespace)
+        wait_until(
+            lambda: read_budget(cluster, namespace, holder.metadata.name) is not None,
+            30,
+            "the holder's budget",
+        )
+        managed = f"{api.LABEL_MANAGED_BY}={api.MANAGED_BY_VALUE}"
+
+        def ours() -> list[tuple[str, str, int]]:
+            found = policy.list_namespaced_pod_disruption_budget(namespace, label_selector=managed).items
+            return sorted((b.metadata.name, b.metadata.uid, b.metadata.generation) for b in found)
+
+        kept = ours()
+        assert [name for name, _, _ in kept] == sorted(["vnpu-chat", holder.metadata.name])
         before = policy.read_namespaced_pod_disruption_budget("vnpu-chat", namespace).metadata
         op.kill()
         op.start()
@@ -285,16 +438,16 @@ def test_the_budget_is_kept_across_edits_deletes_and_restarts_and_never_takes_so
             return float(line.split()[-1])
 
         wait_until(lambda: passes_done() >= 3, 60, "three passes of the new operator")
-        ours = policy.list_namespaced_pod_disruption_budget(
-            namespace, label_selector=f"{api.LABEL_MANAGED_BY}={api.MANAGED_BY_VALUE}"
-        ).items
-        assert [(b.metadata.name, b.metadata.uid) for b in ours] == [("vnpu-chat", before.uid)]
+        assert ours() == kept
         # (Its generation counts writes of its spec; the disruption controller's status writes do not.)
         assert policy.read_namespaced_pod_disruption_budget("vnpu-chat", namespace).metadata.generation == (
             before.generation
         )
         second_log = (tmp_path / f"operator-{op.starts}.log").read_text()
-        assert "PodDisruptionBudget vnpu-chat" not in second_log, "the new operator wrote it again"
+        assert f"PodDisruptionBudget {namespace}/vnpu-chat" not in second_log, (
+            "the new operator wrote it again"
+        )
+        assert f"PodDisruptionBudget {namespace}/{holder.metadata.name}" not in second_log
 
         # Once their budget is gone, "taken" gets its own (after its backoff).
         policy.delete_namespaced_pod_disruption_budget("vnpu-taken", namespace)
