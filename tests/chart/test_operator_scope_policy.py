@@ -48,7 +48,7 @@ from vnpu.operator.planner import plan
 from vnpu.operator.pods import ModelRef, holder_selector, owner_references, share_key_secret
 from vnpu.operator.pods import render as render_pod
 from vnpu.operator.services import render_service
-from vnpu.operator.state import ObservedSecret, parse_model, parse_node
+from vnpu.operator.state import ObservedSecret, parse_model, parse_node, parse_pod
 
 pytestmark = pytest.mark.integration
 
@@ -316,6 +316,22 @@ def test_everything_the_operator_writes_passes(control_plane, setup) -> None:
     kube.set_budget_spec(home, pdb_name, disruption.spec(MODEL))
     assert budgets.read_namespaced_pod_disruption_budget(pdb_name, home).spec.max_unavailable == 1
 
+    # The weight-holder's budget (owned by the holder pod, so made once the pod exists): created,
+    # relaxed once no replica maps the holder, held again.
+    (holder,) = [p for p in pods if p["metadata"]["labels"][api.LABEL_ROLE] == api.ROLE_WEIGHTS]
+    seen = admin.read_namespaced_pod(holder["metadata"]["name"], home)
+    holder_pod = parse_pod(admin.api_client.sanitize_for_serialization(seen))
+    held = disruption.HolderBudgetIntent(holder_pod, True, (model.key,))
+    assert kube.create_budget(held.manifest())
+    assert not kube.create_budget(held.manifest())
+    found = kube.find_budget(home, held.name)
+    assert found is not None and held.owns(found)
+    relaxed = disruption.HolderBudgetIntent(holder_pod, False, (model.key,), update=True)
+    kube.set_budget_spec(home, held.name, relaxed.spec())
+    assert budgets.read_namespaced_pod_disruption_budget(held.name, home).spec.min_available == 0
+    kube.set_budget_spec(home, held.name, held.spec())
+    assert budgets.read_namespaced_pod_disruption_budget(held.name, home).spec.min_available == 1
+
     # Events, and the model's status and scale (not matched by the policy).
     event = kube.post_event(model, "Normal", "Placed", "placed")
     assert event
@@ -327,11 +343,10 @@ def test_everything_the_operator_writes_passes(control_plane, setup) -> None:
     assert read["status"]["phase"] == "Pending"
     assert kube.scale_model(home, MODEL, 0, read["metadata"]["resourceVersion"])
 
-    # Changed as the operator changes its own: a holder's ownerReferences and vnpu.io/weights label,
-    # a Service's selector, the Secret's ownerReferences.
-    (holder,) = [p for p in pods if p["metadata"]["labels"][api.LABEL_ROLE] == api.ROLE_WEIGHTS]
+    # Changed as the operator changes its own: a holder's ownerReferences and vnpu.io/weights and
+    # vnpu.io/holder labels, a Service's selector, the Secret's ownerReferences.
     name = holder["metadata"]["name"]
-    kube.set_pod_labels(home, name, {api.LABEL_WEIGHTS: "0123456789abcdef"})
+    kube.set_pod_labels(home, name, {api.LABEL_WEIGHTS: "0123456789abcdef", api.LABEL_HOLDER: name})
     kube.set_pod_owners(home, name, owner_references([ref]))
     assert admin.read_namespaced_pod(name, home).metadata.labels[api.LABEL_WEIGHTS] == "0123456789abcdef"
     (warm,) = [s for s in services if s["metadata"]["labels"].get(api.LABEL_ROLE) == api.ROLE_WEIGHTS]
@@ -346,6 +361,7 @@ def test_everything_the_operator_writes_passes(control_plane, setup) -> None:
     older = copy.deepcopy(holder)
     older["metadata"]["name"] = "vnpu-w-g-older"
     del older["metadata"]["labels"][api.LABEL_WEIGHTS]
+    del older["metadata"]["labels"][api.LABEL_HOLDER]
     del older["spec"]["automountServiceAccountToken"]
     older["spec"]["serviceAccountName"] = "default"
     older["spec"]["volumes"].append(
@@ -355,7 +371,9 @@ def test_everything_the_operator_writes_passes(control_plane, setup) -> None:
         {"name": "kube-api-access-x", "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount"}
     )
     admin.create_namespaced_pod(home, older)
-    kube.set_pod_labels(home, "vnpu-w-g-older", {api.LABEL_WEIGHTS: "0123456789abcdef"})
+    kube.set_pod_labels(
+        home, "vnpu-w-g-older", {api.LABEL_WEIGHTS: "0123456789abcdef", api.LABEL_HOLDER: "vnpu-w-g-older"}
+    )
     kube.set_pod_owners(home, "vnpu-w-g-older", owner_references([ref]))
     assert kube.delete_pod(home, "vnpu-w-g-older", force=True)
 
