@@ -368,14 +368,19 @@ def parse_secret(obj: Mapping[str, Any]) -> ObservedSecret:
     )
 
 
+def _controller_uid(meta: Mapping[str, Any]) -> str | None:
+    """The uid of the object's controller (its ownerReference with ``controller: true``), if any."""
+    controller = next((o for o in meta.get("ownerReferences") or [] if o.get("controller")), None)
+    return controller.get("uid") if controller else None
+
+
 def parse_service(obj: Mapping[str, Any]) -> ObservedService:
     meta = obj.get("metadata", {})
-    controller = next((o for o in meta.get("ownerReferences") or [] if o.get("controller")), None)
     return ObservedService(
         namespace=meta.get("namespace", ""),
         name=meta["name"],
         uid=meta.get("uid", ""),
-        controller_uid=controller.get("uid") if controller else None,
+        controller_uid=_controller_uid(meta),
         terminating=meta.get("deletionTimestamp") is not None,
         selector=dict((obj.get("spec") or {}).get("selector") or {}),
     )
@@ -383,7 +388,6 @@ def parse_service(obj: Mapping[str, Any]) -> ObservedService:
 
 def parse_budget(obj: Mapping[str, Any]) -> ObservedBudget:
     meta, spec = obj.get("metadata", {}), obj.get("spec") or {}
-    controller = next((o for o in meta.get("ownerReferences") or [] if o.get("controller")), None)
     selector = spec.get("selector") or {}
     labels = selector.get("matchLabels") or {}
     only_labels = bool(selector) and not selector.get("matchExpressions")
@@ -391,7 +395,7 @@ def parse_budget(obj: Mapping[str, Any]) -> ObservedBudget:
         namespace=meta.get("namespace", ""),
         name=meta["name"],
         uid=meta.get("uid", ""),
-        controller_uid=controller.get("uid") if controller else None,
+        controller_uid=_controller_uid(meta),
         terminating=meta.get("deletionTimestamp") is not None,
         managed=(meta.get("labels") or {}).get(api.LABEL_MANAGED_BY) == api.MANAGED_BY_VALUE,
         selector=tuple(sorted((str(k), str(v)) for k, v in labels.items())) if only_labels else None,
