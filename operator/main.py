@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import socket
 import sys
 import threading
@@ -22,6 +23,8 @@ from vnpu.operator.config import (
     PREEMPTION_SCOPES,
     OperatorConfig,
 )
+
+log = logging.getLogger(__name__)
 
 DESCRIPTION = """\
 Reconcile vnpu.io/v1alpha1 InferenceModel resources: pack replicas onto (node, device) pairs by
@@ -218,6 +221,11 @@ async def run(args: argparse.Namespace, config: OperatorConfig) -> int:
     from vnpu.operator.leader import LeaderElector, LeaseConfig
 
     stop, lost = threading.Event(), threading.Event()
+    # kopf installs its own SIGTERM/SIGINT handlers once it runs. Until then (a standby waiting to lead,
+    # possibly for days, or a start-up) the default action would end the process mid-request, exit -15.
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
     elector = None
     if args.leader_elect:
         lease = LeaseConfig(
@@ -231,11 +239,14 @@ async def run(args: argparse.Namespace, config: OperatorConfig) -> int:
         elector = LeaderElector(api_client_from_env(), lease)
         standby = await _standby_health(args.liveness)
         try:
-            await asyncio.to_thread(elector.acquire)
+            leading = await asyncio.to_thread(elector.acquire, stop)
         finally:
             if standby is not None:
                 standby.close()
                 await standby.wait_closed()
+        if not leading:  # told to stop while standing by: nothing to hand over
+            log.info("stopped while waiting to lead")
+            return 0
 
         def on_lost() -> None:
             lost.set()

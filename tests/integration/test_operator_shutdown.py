@@ -4,12 +4,15 @@ period and ends in SIGKILL)."""
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 
 import pytest
 from operator_harness import OperatorProcess
 from thread_signals import signal_another_thread
+
+from vnpu.cluster.processes import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -38,5 +41,34 @@ def test_sigterm_stops_the_operator_within_the_grace_period(
         except subprocess.TimeoutExpired:
             pytest.fail(f"still running {GRACE_SECONDS} s after SIGTERM:\n{operator.proc.tail(40)}")
         assert code == 0, operator.proc.tail(40)
+    finally:
+        operator.stop()
+
+
+def test_a_standby_stops_at_sigterm_while_waiting_to_lead(control_plane, namespace, tmp_path) -> None:
+    """A standby replica waits to lead for as long as the leader lives (days). Before kopf runs, only
+    the operator's own handler stands between SIGTERM and the default action (exit -15)."""
+    import datetime as dt
+
+    now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    lease = {
+        "apiVersion": "coordination.k8s.io/v1",
+        "kind": "Lease",
+        "metadata": {"name": "lease", "namespace": namespace},
+        "spec": {"holderIdentity": "the-leader", "leaseDurationSeconds": 3600, "renewTime": now},
+    }
+    control_plane.kubectl("apply", "-f", "-", input=json.dumps(lease))
+    args = ("--leader-elect", "--leader-election-namespace", namespace, "--leader-election-id", "lease")
+    operator = OperatorProcess(control_plane, namespace, tmp_path).start(*args)  # healthy as a standby
+    assert operator.proc is not None
+    try:
+        wait_until(lambda: "waiting to lead" in operator.proc.tail(40), 30, "the standby waiting")
+        operator.proc.proc.send_signal(signal.SIGTERM)
+        try:
+            code = operator.proc.proc.wait(GRACE_SECONDS)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"still running {GRACE_SECONDS} s after SIGTERM:\n{operator.proc.tail(40)}")
+        assert code == 0, operator.proc.tail(40)
+        assert "stopped while waiting to lead" in operator.proc.tail(40)
     finally:
         operator.stop()
