@@ -396,23 +396,30 @@ class ClusterCache:
             Informer("poddisruptionbudgets", call, budget, lambda k: on_change(f"PodDisruptionBudget {k}"))
             for call in budget_lists
         ]
-        self._all: list[Informer[Any]] = [self.nodes, self.pods, *self.models, *self.services, *self.budgets]
+        #: Every informer of the cache.
+        self.informers: list[Informer[Any]] = [
+            self.nodes,
+            self.pods,
+            *self.models,
+            *self.services,
+            *self.budgets,
+        ]
 
     def start(self) -> None:
-        for informer in self._all:
+        for informer in self.informers:
             informer.start()
 
     def stop(self, timeout: float = 10.0) -> bool:
         """Stop every informer and wait up to ``timeout`` seconds for their threads to end (a list
         still in flight ends at its own request timeout); whether they all did."""
-        for informer in self._all:
+        for informer in self.informers:
             informer.stop()
         deadline = time.monotonic() + timeout
-        return all(i.join(max(0.0, deadline - time.monotonic())) for i in self._all)
+        return all(i.join(max(0.0, deadline - time.monotonic())) for i in self.informers)
 
     def wait_synced(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
-        return all(i.synced.wait(max(0.0, deadline - time.monotonic())) for i in self._all)
+        return all(i.synced.wait(max(0.0, deadline - time.monotonic())) for i in self.informers)
 
     def snapshot(self) -> tuple[list[ObservedModel], list[ObservedNode], list[ObservedPod]]:
         models = [m for informer in self.models for m in informer.snapshot()]

@@ -62,9 +62,9 @@ Pure, like :mod:`vnpu.operator.services`: the planner decides, the reconciler wr
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeVar
 
 from vnpu import api
 from vnpu.operator.pods import holder_pod_selector, owner_references, replica_selector
@@ -76,6 +76,8 @@ MAX_UNAVAILABLE = 1
 UNHEALTHY_POD_EVICTION_POLICY = "AlwaysAllow"
 #: Why a model has no budget: the name is someone else's PodDisruptionBudget.
 REASON_NAME_TAKEN = "DisruptionBudgetNameTaken"
+#: A model's budget or a weight-holder's (:func:`_write` decides both alike).
+Intent = TypeVar("Intent", "BudgetIntent", "HolderBudgetIntent")
 
 
 def budget_name(model: str) -> str:
@@ -122,20 +124,28 @@ def spec(model: str) -> dict[str, Any]:
     }
 
 
-def manifest(intent: BudgetIntent) -> dict[str, Any]:
-    """The budget of ``intent``'s model."""
-    model = intent.owner
+def _budget(
+    name: str, namespace: str, labels: Mapping[str, str], owners: list[dict[str, Any]], spec: dict[str, Any]
+) -> dict[str, Any]:
+    """A PodDisruptionBudget of the operator's (its managed-by label beside ``labels``)."""
     return {
         "apiVersion": "policy/v1",
         "kind": "PodDisruptionBudget",
         "metadata": {
-            "name": intent.name,
-            "namespace": model.namespace,
-            "labels": {api.LABEL_MANAGED_BY: api.MANAGED_BY_VALUE, api.LABEL_MODEL: model.name},
-            "ownerReferences": owner_references([model]),
+            "name": name,
+            "namespace": namespace,
+            "labels": {api.LABEL_MANAGED_BY: api.MANAGED_BY_VALUE, **labels},
+            "ownerReferences": owners,
         },
-        "spec": spec(model.name),
+        "spec": spec,
     }
+
+
+def manifest(intent: BudgetIntent) -> dict[str, Any]:
+    """The budget of ``intent``'s model."""
+    model = intent.owner
+    labels = {api.LABEL_MODEL: model.name}
+    return _budget(intent.name, model.namespace, labels, owner_references([model]), spec(model.name))
 
 
 def _spec_of(budget: ObservedBudget) -> tuple[Any, ...]:
@@ -169,18 +179,21 @@ def plan_budgets(
     """The writes that give every model (not being deleted) its budget as wanted, from the budgets
     observed (keyed by (namespace, name)). One of that name that is not the model's is planned as a
     create: the API server's AlreadyExists, and a look at what holds the name, tell the model why."""
-    intents = []
-    for m in models:
-        if m.deleting:
-            continue
-        found = budgets.get((m.namespace, budget_name(m.name)))
-        if found is None or (not found.terminating and not ours(found, m)):
-            intents.append(BudgetIntent(m))
-        elif found.terminating:
-            continue  # an earlier model's of that name, being collected: created again once gone
-        elif not as_wanted(found, m.name):
-            intents.append(BudgetIntent(m, update=True))
-    return intents
+    writes = (_write(BudgetIntent(m), budgets) for m in models if not m.deleting)
+    return [w for w in writes if w is not None]
+
+
+def _write(intent: Intent, budgets: Mapping[tuple[str, str], ObservedBudget]) -> Intent | None:
+    """What makes the budget of ``intent``'s name as ``intent`` wants it, from the budgets observed: a
+    create when there is none, or when someone else's holds the name (the API server's AlreadyExists
+    then tells why); none while an earlier one of that name is being collected (created again once
+    gone) or when it is already as wanted; else its spec put back (``update``)."""
+    found = budgets.get((intent.namespace, intent.name))
+    if found is None or (not found.terminating and not intent.owns(found)):
+        return intent
+    if found.terminating or _has_spec(found, intent.spec()):
+        return None
+    return replace(intent, update=True)
 
 
 def taken_message(intent: BudgetIntent | HolderBudgetIntent, found: ObservedBudget) -> str:
@@ -254,25 +267,15 @@ class HolderBudgetIntent:
 
     def manifest(self) -> dict[str, Any]:
         h = self.holder
-        owner = {"apiVersion": "v1", "kind": "Pod", "name": h.name, "uid": h.uid, "controller": True}
-        return {
-            "apiVersion": "policy/v1",
-            "kind": "PodDisruptionBudget",
-            "metadata": {
-                "name": self.name,
-                "namespace": h.namespace,
-                "labels": {
-                    api.LABEL_MANAGED_BY: api.MANAGED_BY_VALUE,
-                    api.LABEL_ROLE: api.ROLE_WEIGHTS,
-                    api.LABEL_SHARE_GROUP: h.share_group or "",
-                    api.LABEL_HOLDER: h.name,
-                },
-                # No blockOwnerDeletion: it would need the update of pods/finalizers, and nothing waits
-                # on the budget.
-                "ownerReferences": [owner],
-            },
-            "spec": self.spec(),
+        labels = {
+            api.LABEL_ROLE: api.ROLE_WEIGHTS,
+            api.LABEL_SHARE_GROUP: h.share_group or "",
+            api.LABEL_HOLDER: h.name,
         }
+        # No blockOwnerDeletion: it would need the update of pods/finalizers, and nothing waits on the
+        # budget.
+        owner = {"apiVersion": "v1", "kind": "Pod", "name": h.name, "uid": h.uid, "controller": True}
+        return _budget(self.name, h.namespace, labels, [owner], self.spec())
 
     def owns(self, found: ObservedBudget) -> bool:
         """Whether ``found`` is this holder's own: controlled by the pod and labelled by the operator."""
@@ -289,23 +292,28 @@ def plan_holder_budgets(
     (garbage collection, or the operator's delete): it gets none. One of that name that is not the
     holder's is planned as a create, as for a model (:func:`plan_budgets`)."""
     used = holders_in_use(pods)
-    model_of_uid = {m.uid: f"{m.namespace}/{m.name}" for m in models if not m.deleting}
+    model_of_uid = model_keys_by_uid(m for m in models if not m.deleting)
     intents = []
     for h in sorted(pods, key=lambda p: (p.namespace, p.name)):
         if h.role != api.ROLE_WEIGHTS or h.terminating or h.finished or not h.uid:
             continue
-        owners = tuple(sorted({model_of_uid[u] for u in h.owner_uids if u in model_of_uid}))
+        owners = owning_models(h, model_of_uid)
         if not owners:
             continue
-        intent = HolderBudgetIntent(h, (h.namespace, h.name) in used, owners)
-        found = budgets.get((h.namespace, intent.name))
-        if found is None or (not found.terminating and not intent.owns(found)):
-            intents.append(intent)
-        elif found.terminating:
-            continue  # an earlier holder's of that name, being collected: created again once gone
-        elif not _has_spec(found, intent.spec()):
-            intents.append(replace(intent, update=True))
+        write = _write(HolderBudgetIntent(h, (h.namespace, h.name) in used, owners), budgets)
+        if write is not None:
+            intents.append(write)
     return intents
+
+
+def model_keys_by_uid(models: Iterable[ObservedModel]) -> dict[str, str]:
+    """uid -> "namespace/name" of ``models``."""
+    return {m.uid: f"{m.namespace}/{m.name}" for m in models}
+
+
+def owning_models(pod: ObservedPod, model_of_uid: Mapping[str, str]) -> tuple[str, ...]:
+    """The models ("namespace/name", sorted) among ``model_of_uid`` that own ``pod``."""
+    return tuple(sorted({model_of_uid[u] for u in pod.owner_uids if u in model_of_uid}))
 
 
 def holder_labels(pods: Sequence[ObservedPod]) -> dict[tuple[str, str], dict[str, str]]:

@@ -954,12 +954,11 @@ def _holder_labels(
             if p.weights != wanted:
                 labels_of[(p.namespace, p.name)][api.LABEL_WEIGHTS] = wanted
                 models_by_pod[(p.namespace, p.name)] = tuple(models_of[group])
-    model_of_uid = {m.uid: _model_key(m.namespace, m.name) for m in models}
+    model_of_uid = disruption.model_keys_by_uid(models)
     pods_by_name = {(p.namespace, p.name): p for p in ours}
     for where, labels in disruption.holder_labels(ours).items():
         labels_of[where].update(labels)
-        owners = pods_by_name[where].owner_uids
-        models_by_pod.setdefault(where, tuple(sorted({model_of_uid[u] for u in owners if u in model_of_uid})))
+        models_by_pod.setdefault(where, disruption.owning_models(pods_by_name[where], model_of_uid))
     return [
         LabelsUpdate(ns, name, labels, models_by_pod[(ns, name)])
         for (ns, name), labels in sorted(labels_of.items())

@@ -223,8 +223,7 @@ class Reconciler:
         cache.start()
         try:
             if not await asyncio.to_thread(cache.wait_synced, SYNC_TIMEOUT):
-                informers = (cache.nodes, cache.pods, *cache.models, *cache.services, *cache.budgets)
-                late = sorted({i.name for i in informers if not i.synced.is_set()})
+                late = sorted({i.name for i in cache.informers if not i.synced.is_set()})
                 raise RuntimeError(
                     f"the informers of {', '.join(late)} did not list in {SYNC_TIMEOUT:g}s (the log says "
                     "why: a 403 wants the chart's RBAC)"
