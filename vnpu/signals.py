@@ -4,9 +4,10 @@ CPython runs every Python signal handler on the main thread, but the kernel hand
 signal (the kubelet's SIGTERM) to any thread of the process that does not block it: one of gRPC's,
 aiohttp's, or a GPU driver's. The main thread then learns of it only when it next runs Python code, so
 a main thread blocked in a wait without a timeout sleeps through SIGTERM until the kubelet's SIGKILL.
-Seen on an H200: every ``vnpu runtime serve`` outlived SIGTERM, a CUDA driver thread having caught it
-(tests/thread_signals.py makes that delivery certain on any machine). An asyncio main loop is immune
-(its signal handlers wake it through the wakeup fd); every other main-thread wait uses these.
+Seen on an H200: every ``vnpu runtime serve`` outlived SIGTERM, another thread (most likely one of the
+CUDA driver's) having caught it; tests/thread_signals.py makes that delivery certain on any machine. An
+asyncio main loop with its handlers installed is immune (they wake it through the wakeup fd); every
+other main-thread wait uses these.
 """
 
 from __future__ import annotations
