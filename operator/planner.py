@@ -473,7 +473,10 @@ def plan(
             outside.append(p)
     outside += [p for key in sorted(old_of) for p in old_of[key]]
     outside += [pods_by_name[k] for k in sorted(moving_out)]
-    used_holders = {(p.namespace, p.weight_holder) for p in outside if p.weight_holder and not p.terminating}
+    # The holders these pods map stay, a terminating replica's too: it is finishing the requests it has
+    # in flight, and deleted first its holder would wait for it anyway (weights-holder --drain-seconds),
+    # keeping a successor of the same name out. It goes once the replica has.
+    used_holders = {(p.namespace, p.weight_holder) for p in outside if p.weight_holder}
     outside += [pods_by_name[k] for k in sorted(used_holders) if k in pods_by_name]
 
     # Scale to zero, keep-warm and wake (vnpu.operator.scaling): a group with no replicas keeps one

@@ -512,6 +512,8 @@ def _holder_pod(intent: PodIntent, config: OperatorConfig) -> dict[str, Any]:
             "affinity": _pin_to_node(intent.node),
             "tolerations": _tolerations(first.spec, config.node_grace_seconds),
             "securityContext": _pod_security(_share_uid(first)),
+            # Outlives its replicas' grace: it waits for them to detach (vnpu.runtime.holder.stop).
+            "terminationGracePeriodSeconds": api.HOLDER_GRACE_S,
             "containers": [container],
             "volumes": [*volumes, key_volume, scratch],
         },

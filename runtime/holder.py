@@ -182,7 +182,8 @@ class WeightsHolder:
         self._manifest_json = encode(weights.manifest.to_dict())
         self._listener: socket.socket | None = None
         self._bound: tuple[int, int] | None = None  #: (device, inode) of the socket file we bound
-        self._stop = threading.Event()
+        self._closing = threading.Event()  #: no new lease: the listener is closed
+        self._stop = threading.Event()  #: every lease ends
         self._leases: dict[int, socket.socket] = {}
         self._lock = threading.Lock()
         self._lease_ids = iter(range(1, 1 << 62))
@@ -326,31 +327,30 @@ class WeightsHolder:
                 "name); remove it on the node as root, then restart this holder"
             ) from e
 
-    def stop(self) -> None:
-        """Close the socket and every lease (replicas see EOF), then release the arena. The socket
-        file is removed only if it is still ours: a holder replacing this one (a restarted pod) may
-        already have bound the path, and must keep it."""
-        self._stop.set()
-        if self._listener is not None:
-            with contextlib.suppress(OSError):
-                self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept loop, which then ends
-            with contextlib.suppress(OSError):
-                self._listener.close()
-            # Under the name's lock: a holder starting now finds our socket stale (its listener is
-            # closed) and may replace it; checked and removed in one step, we never remove its socket.
-            # Without the lock the file stays: the next holder of this uid removes it as stale.
-            try:
-                with self._holding_name():
-                    st = self.socket_path.lstat()
-                    if (st.st_dev, st.st_ino) == self._bound:
-                        self.socket_path.unlink()
-            except FileNotFoundError:
-                pass
-            except (OSError, HolderError) as e:
+    def stop(self, drain_s: float = 0.0) -> None:
+        """Close the socket, wait up to ``drain_s`` for the replicas attached to detach, then end every
+        lease left (those replicas see EOF) and release the arena.
+
+        The wait is what lets a replica stopping beside its holder finish the requests it has in flight:
+        a scale-down, a node drain or a model's deletion stops both at once, and a replica that loses
+        its weights mid-request fails that request. No new replica attaches meanwhile (its attach
+        retries, and finds the holder that replaces this one once it has bound the socket)."""
+        self.close_listener()
+        if drain_s > 0 and self.clients:
+            log.info(
+                "waiting for the replicas attached to detach",
+                extra={"clients": self.clients, "drain_s": drain_s, "share": str(self.identity)},
+            )
+            deadline = time.monotonic() + drain_s
+            while self.clients and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if self.clients:
                 log.warning(
-                    "socket file left behind", extra={"reason": str(e), "socket": str(self.socket_path)}
+                    "replicas still attached at the end of the drain; they lose the weights now",
+                    extra={"clients": self.clients, "drain_s": drain_s, "share": str(self.identity)},
                 )
-        with self._lock:  # after _stop is set: no lease is added past this point (see _handle)
+        self._stop.set()
+        with self._lock:  # after _closing is set: no lease is added past this point (see _handle)
             leases, self._leases = list(self._leases.values()), {}
         # Shut, not closed: each lease's own thread closes its socket. Closed here, its number could be
         # re-used while that thread is still inside a send on it.
@@ -358,6 +358,33 @@ class WeightsHolder:
             with contextlib.suppress(OSError):
                 conn.shutdown(socket.SHUT_RDWR)
         self.weights.arena.close()
+
+    def close_listener(self) -> None:
+        """Grant no new lease: close the socket, and remove its file if it is still ours (a holder
+        replacing this one, a restarted pod, may already have bound the path, and must keep it). The
+        leases granted stay. Idempotent."""
+        with self._lock:
+            if self._closing.is_set():
+                return
+            self._closing.set()
+        if self._listener is None:
+            return
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept loop, which then ends
+        with contextlib.suppress(OSError):
+            self._listener.close()
+        # Under the name's lock: a holder starting now finds our socket stale (its listener is closed)
+        # and may replace it; checked and removed in one step, we never remove its socket. Without the
+        # lock the file stays: the next holder of this uid removes it as stale.
+        try:
+            with self._holding_name():
+                st = self.socket_path.lstat()
+                if (st.st_dev, st.st_ino) == self._bound:
+                    self.socket_path.unlink()
+        except FileNotFoundError:
+            pass
+        except (OSError, HolderError) as e:
+            log.warning("socket file left behind", extra={"reason": str(e), "socket": str(self.socket_path)})
 
     # --- connections ---------------------------------------------------------------------------
 
@@ -368,18 +395,18 @@ class WeightsHolder:
         listener = self._listener
         assert listener is not None
         failing = False
-        while not self._stop.is_set():
+        while not self._closing.is_set():
             try:
                 conn, _ = listener.accept()
             except OSError as e:
-                if self._stop.is_set() or listener.fileno() < 0:
+                if self._closing.is_set() or listener.fileno() < 0:
                     return
                 if not failing:
                     log.error(
                         "accept failed; retrying", extra={"reason": str(e), "share": str(self.identity)}
                     )
                 failing = True
-                self._stop.wait(ACCEPT_RETRY_S)
+                self._closing.wait(ACCEPT_RETRY_S)
                 continue
             failing = False
             token, cut = self._pending.admit(conn)
@@ -489,14 +516,15 @@ class WeightsHolder:
                 return
             # The lease is counted before the grant goes out: a replica whose attach has returned is
             # always among `clients` (and in any status asked after it), never counted a moment late.
-            # Under the lock stop() takes after setting _stop: either stop() sees this lease and shuts
-            # it, or this thread sees the stop and grants nothing. The grant carries duplicates this
-            # thread owns: stop() closes the arena's own fds, and a closed number is re-used by the next
-            # file the process opens, which SCM_RIGHTS would then hand to the replica.
+            # Under the lock close_listener() takes to set _closing: either stop() later sees this lease
+            # (waits for it, then shuts it), or this thread sees the closing and grants nothing. The
+            # grant carries duplicates this thread owns: stop() closes the arena's own fds, and a closed
+            # number is re-used by the next file the process opens, which SCM_RIGHTS would then hand to
+            # the replica.
             grant_fds: list[int] = []
             try:
                 with self._lock:
-                    if self._stop.is_set():
+                    if self._closing.is_set():
                         return
                     lease_id = next(self._lease_ids)
                     self._leases[lease_id] = conn

@@ -374,6 +374,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     holder.add_argument("--socket-group", help="group (name or gid) allowed to attach besides our own uid")
     holder.add_argument(
+        "--drain-seconds",
+        type=float,
+        default=_env("VNPU_HOLDER_DRAIN_SECONDS", default=str(api.HOLDER_DRAIN_S)),
+        help="at SIGTERM, stop granting attaches and wait up to this long for the replicas attached to "
+        "detach (they finish their requests in flight first) before their weights go; default "
+        "%(default)s, inside the holder pod's grace period [$VNPU_HOLDER_DRAIN_SECONDS]",
+    )
+    holder.add_argument(
         "--serve",
         action="store_true",
         default=_env("VNPU_HOLDER_SERVE") == "1",
@@ -495,7 +503,7 @@ def cmd_weights_holder(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     print(json.dumps({"event": "ready", "socket": str(path), **holder.info()}), flush=True)
     wait_until_set(stop)  # wakes for a SIGTERM caught by another thread (vnpu.signals)
-    holder.stop()
+    holder.stop(drain_s=args.drain_seconds)
     return 0
 
 
@@ -538,7 +546,7 @@ def _hold_and_serve(args: argparse.Namespace, holder: Any, weights: Any) -> int:
     try:
         return _serve_http(args, runtime, listening)
     finally:
-        holder.stop()
+        holder.stop(drain_s=args.drain_seconds)
 
 
 def _serve_http(args: argparse.Namespace, runtime: Any, listening: Callable[[], None] = lambda: None) -> int:

@@ -61,6 +61,14 @@ ANNOTATION_WEIGHT_HOLDER = f"{GROUP}/weight-holder"
 #: uid, not a name: a later pod may take the old name, and a stale claim must never reach it.
 ANNOTATION_REPLACES = f"{GROUP}/replaces"
 
+#: ``terminationGracePeriodSeconds`` of a weight-holder pod: longer than a replica's (Kubernetes' default,
+#: 30 s), so that a holder stopped together with its replicas (a scale-down, a drain, a deletion) keeps
+#: their weights mapped until they have finished the requests in flight and detached.
+HOLDER_GRACE_S = 45
+#: Seconds a stopping weight-holder waits for its replicas to detach (``weights-holder --drain-seconds``):
+#: past a replica pod's grace period, short of the holder's, so it releases its arena before SIGKILL.
+HOLDER_DRAIN_S = HOLDER_GRACE_S - 5
+
 #: Pod annotation on a weight-holder: MiB of the weight copy it holds (views of the memory saved by
 #: sharing count (replicas - 1) copies of this per device, as the operator's status does).
 ANNOTATION_WEIGHTS_MIB = f"{GROUP}/weights-mib"

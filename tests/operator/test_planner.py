@@ -215,7 +215,9 @@ def test_spec_change_rolls_replicas_with_surge_and_never_below_the_ready_count()
     assert [d.name for d in second.delete] == [old_replica.name] and second.create == []
     terminating = [replace(p, terminating=True) if p.name == old_replica.name else p for p in ready]
     third = run([changed], nodes, terminating)
-    assert [d.name for d in third.delete] == [old_holder.name]
+    assert third.delete == [] and third.create == []
+    gone = run([changed], nodes, [p for p in ready if p.name != old_replica.name])
+    assert [d.name for d in gone.delete] == [old_holder.name]
     done = run([changed], nodes, [p for p in ready if p.name not in (old_replica.name, old_holder.name)])
     status = done.statuses[0].status
     assert {c["type"]: c for c in status["conditions"]}["Progressing"]["reason"] == "RolloutComplete"
@@ -515,13 +517,17 @@ def test_defragmentation_moves_make_before_break_one_batch_at_a_time() -> None:
     abandoned = [replace(p, terminating=True) if p.replaces else p for p in starting]
     kept = run(models, nodes, abandoned, estimates=est, config=DEFRAGMENT)
     assert kept.create == [] and all(d.name != old.name for d in kept.delete)
-    # Ready: the old replica goes; then its holder, once the replica is terminating.
+    # Ready: the old replica goes; then its holder, once the replica is gone (while it terminates, it
+    # finishes its requests in flight on the holder's weights).
     ready = [*pods, *as_pods(first.create)]
     done = run(models, nodes, ready, estimates=est, config=DEFRAGMENT)
     assert [d.name for d in done.delete] == [old.name] and done.create == []
     assert "defragmentation" in done.delete[0].reason
     terminating = [replace(p, terminating=True) if p.name == old.name else p for p in ready]
-    holder = run(models, nodes, terminating, estimates=est, config=DEFRAGMENT)
+    draining = run(models, nodes, terminating, estimates=est, config=DEFRAGMENT)
+    assert draining.delete == [] and draining.create == []
+    gone = [p for p in ready if p.name != old.name]
+    holder = run(models, nodes, gone, estimates=est, config=DEFRAGMENT)
     assert [d.name for d in holder.delete] == [old.weight_holder]
     left = [p for p in ready if p.name not in (old.name, old.weight_holder)]
     assert len({p.device for p in left}) == 1

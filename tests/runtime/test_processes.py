@@ -328,3 +328,56 @@ def test_sigterm_caught_by_another_thread_still_stops_a_replica_and_a_holder(clu
             proc.stop(signal.SIGKILL)
             raise AssertionError(f"{proc.name} outlived SIGTERM:\n{proc.log.read_text()[-2000:]}") from None
         assert code == 0, proc.log.read_text()[-2000:]
+
+
+def test_a_replica_stopped_with_its_holder_finishes_its_request_in_flight(cluster: Cluster) -> None:
+    """A scale-down, a node drain or a model's deletion stops a replica and its weights-holder at the
+    same moment. The holder waits for the replica to detach, so the request the replica is still
+    answering completes; before, the holder ended every lease at SIGTERM and that request failed."""
+    sharing = cluster.sharing()
+    sharing[sharing.index("--share-group") + 1] = "drain"
+    holder = cluster.spawn("drain-holder", "weights-holder", "--model", str(cluster.model), *sharing)
+    wait_for(lambda: '"event": "ready"' in holder.log.read_text(), holder, 180)
+    replica = cluster.serve("drain-replica", "--model", str(cluster.model), *sharing)
+    wait_for(lambda: ready(replica), replica, 240)
+    answers: list[tuple[int, Any]] = []
+    long = {**REQUEST, "max_tokens": 64, "ignore_eos": True}
+    client = threading.Thread(target=lambda: answers.append(http_json(replica.url + "/v1/completions", long)))
+    client.start()
+    wait_for(lambda: _generating(replica), replica, 60)
+    holder.popen.send_signal(signal.SIGTERM)  # the worst order: the holder first
+    replica.popen.send_signal(signal.SIGTERM)
+    client.join(120)
+    assert replica.popen.wait(60) == 0, replica.log.read_text()[-3000:]
+    assert holder.popen.wait(60) == 0, holder.log.read_text()[-3000:]
+    ((status, body),) = answers
+    assert status == 200 and body["usage"]["completion_tokens"] == 64, body
+    log = holder.log.read_text()
+    assert "waiting for the replicas attached to detach" in log
+    assert "still attached" not in log
+
+
+def test_a_holder_stops_after_its_drain_even_with_a_replica_attached(cluster: Cluster) -> None:
+    """The wait is bounded (``--drain-seconds``): a replica that is not stopping (its holder deleted
+    alone) loses the weights at the end of it and says so, as when a holder dies, and the holder exits
+    cleanly inside its pod's grace period."""
+    sharing = cluster.sharing()
+    sharing[sharing.index("--share-group") + 1] = "drain-bounded"
+    holder = cluster.spawn(
+        "bounded-holder",
+        "weights-holder",
+        *("--model", str(cluster.model), "--drain-seconds", "1"),
+        *sharing,
+    )
+    wait_for(lambda: '"event": "ready"' in holder.log.read_text(), holder, 180)
+    replica = cluster.serve("bounded-replica", "--model", str(cluster.model), *sharing)
+    try:
+        wait_for(lambda: ready(replica), replica, 240)
+        holder.popen.send_signal(signal.SIGTERM)
+        assert holder.popen.wait(30) == 0, holder.log.read_text()[-3000:]
+        assert "replicas still attached at the end of the drain" in holder.log.read_text()
+        wait_for(lambda: not ready(replica), replica, 30)
+        status, body = http_json(replica.url + "/v1/completions", REQUEST)
+        assert status == 503 and "weights-holder" in body["error"]["message"], body
+    finally:
+        replica.stop()
