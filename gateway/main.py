@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from vnpu.api import REPLICA_DRAIN_S
 from vnpu.logs import setup_logging
 
 log = logging.getLogger("vnpu.gateway")
@@ -179,6 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print=None,
             handler_cancellation=True,
             keepalive_timeout=args.idle_timeout,
+            shutdown_timeout=REPLICA_DRAIN_S,  # streams in flight at SIGTERM, as a replica gives its own
         )
     finally:
         recorder.stop()

@@ -440,6 +440,8 @@ def _replica_pod(intent: PodIntent, config: OperatorConfig) -> dict[str, Any]:
             "affinity": _pin_to_node(intent.node),
             "tolerations": _tolerations(spec, config.node_grace_seconds),
             "securityContext": _pod_security(_share_uid(model)),
+            # Room for the requests in flight at SIGTERM (the runtime drains them for REPLICA_DRAIN_S).
+            "terminationGracePeriodSeconds": api.REPLICA_GRACE_S,
             "containers": [
                 {
                     "name": "runtime",
@@ -512,7 +514,7 @@ def _holder_pod(intent: PodIntent, config: OperatorConfig) -> dict[str, Any]:
             "affinity": _pin_to_node(intent.node),
             "tolerations": _tolerations(first.spec, config.node_grace_seconds),
             "securityContext": _pod_security(_share_uid(first)),
-            # Outlives its replicas' grace: it waits for them to detach (vnpu.runtime.holder.stop).
+            # Outlives its replicas' grace: it waits for them to detach (weights-holder --drain-seconds).
             "terminationGracePeriodSeconds": api.HOLDER_GRACE_S,
             "containers": [container],
             "volumes": [*volumes, key_volume, scratch],

@@ -54,7 +54,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from vnpu.api import MAX_MODEL_NAME_LEN
+from vnpu.api import MAX_MODEL_NAME_LEN, REPLICA_DRAIN_S
 from vnpu.jsonbody import (
     BODY_TIMEOUT_S,
     IDLE_CONNECTION_TIMEOUT_S,
@@ -573,8 +573,9 @@ def make_app(
     return app
 
 
-#: Seconds a stopping server gives requests in flight to finish (aiohttp's run_app default).
-SHUTDOWN_TIMEOUT_S = 60.0
+#: Seconds a stopping server gives requests in flight to finish (aiohttp's run_app default; inside the
+#: replica pod's grace period, see ``vnpu.api.REPLICA_GRACE_S``).
+SHUTDOWN_TIMEOUT_S = float(REPLICA_DRAIN_S)
 
 
 class HttpServerThread:

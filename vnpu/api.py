@@ -61,13 +61,17 @@ ANNOTATION_WEIGHT_HOLDER = f"{GROUP}/weight-holder"
 #: uid, not a name: a later pod may take the old name, and a stale claim must never reach it.
 ANNOTATION_REPLACES = f"{GROUP}/replaces"
 
-#: ``terminationGracePeriodSeconds`` of a weight-holder pod: longer than a replica's (Kubernetes' default,
-#: 30 s), so that a holder stopped together with its replicas (a scale-down, a drain, a deletion) keeps
-#: their weights mapped until they have finished the requests in flight and detached.
-HOLDER_GRACE_S = 45
-#: Seconds a stopping weight-holder waits for its replicas to detach (``weights-holder --drain-seconds``):
-#: past a replica pod's grace period, short of the holder's, so it releases its arena before SIGKILL.
-HOLDER_DRAIN_S = HOLDER_GRACE_S - 5
+#: How the pods of a model stop (one chain, each bound inside the next; the kubelet sends SIGKILL at a
+#: pod's ``terminationGracePeriodSeconds``). A replica at SIGTERM takes no new request and gives those
+#: in flight up to ``REPLICA_DRAIN_S`` to finish (a long generation, streamed); its pod's grace adds the
+#: time to close. A weight-holder at SIGTERM grants no new attach and waits up to ``HOLDER_DRAIN_S``
+#: (``weights-holder --drain-seconds``) for its replicas to detach: past a replica's grace, so that a
+#: scale-down, a node drain or a model's deletion, which stop a replica and its holder together, never
+#: take the weights from under a request in flight; its pod's grace adds the time to release the arena.
+REPLICA_DRAIN_S = 60
+REPLICA_GRACE_S = REPLICA_DRAIN_S + 5
+HOLDER_DRAIN_S = REPLICA_GRACE_S + 10
+HOLDER_GRACE_S = HOLDER_DRAIN_S + 5
 
 #: Pod annotation on a weight-holder: MiB of the weight copy it holds (views of the memory saved by
 #: sharing count (replicas - 1) copies of this per device, as the operator's status does).

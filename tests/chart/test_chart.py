@@ -165,6 +165,14 @@ def test_security_contexts_are_restricted_where_possible(kube_bin_dir) -> None:
     assert {"/var/lib/kubelet/device-plugins", "/var/lib/kubelet/pod-resources"} <= mounts
 
 
+def test_the_gateway_outlives_the_streams_in_flight_at_sigterm(kube_bin_dir) -> None:
+    """A stopping gateway gives streams in flight as long as a replica gives its own requests; its
+    pod's grace period must cover that, or the kubelet's SIGKILL cuts them (Kubernetes' default is 30 s)."""
+    docs = {(d["kind"], d["metadata"]["name"]): d for d in render(kube_bin_dir)}
+    gateway = docs[("Deployment", "vnpu-gateway")]["spec"]["template"]["spec"]
+    assert gateway["terminationGracePeriodSeconds"] == api.REPLICA_GRACE_S > api.REPLICA_DRAIN_S
+
+
 def device_plugin(docs: list[dict[str, Any]]) -> dict[str, Any]:
     (ds,) = [d for d in docs if d["kind"] == "DaemonSet"]
     return dict(ds["spec"]["template"]["spec"])

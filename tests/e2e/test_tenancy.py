@@ -416,8 +416,11 @@ def test_a_replica_refuses_a_squatting_socket_and_says_so(two_tenants: Any) -> N
         assert not any("proof" in m for m in squatter.seen), "the replica sent its proof to a squatter"
     finally:
         squatter.close()
-    # The real holder back on its path (a restarted holder binds it again): the replica attaches.
-    cluster.cp.kubectl("delete", "pod", holder["metadata"]["name"], "-n", "team-a", "--wait=false")
+    # The real holder back on its path (a restarted holder binds it again): the replica attaches. The
+    # old holder first waits for the replicas still attached (--drain-seconds), and they serve meanwhile.
+    cluster.cp.kubectl(
+        "delete", "pod", holder["metadata"]["name"], "-n", "team-a", "--wait=true", "--timeout=120s"
+    )
     wait_models_ready(cluster, "team-a", ["chat"])
 
 

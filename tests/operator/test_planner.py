@@ -361,6 +361,11 @@ def test_model_pods_mount_the_pvc_and_carry_the_runtime_settings() -> None:
         assert pod["spec"]["automountServiceAccountToken"] is False
         assert env["TMPDIR"] == "/tmp"
         assert "VNPU_MODEL_DTYPE" not in env, "a file quantisation is not a runtime dtype"
+    # How they stop: a replica's grace covers its drain of the requests in flight; its holder waits for
+    # it to detach, past that grace, and is itself killed only after that wait.
+    grace = {pod["metadata"]["labels"][api.LABEL_ROLE]: pod["spec"]["terminationGracePeriodSeconds"]
+             for pod in result.create}  # fmt: skip
+    assert api.REPLICA_DRAIN_S < grace["replica"] < api.HOLDER_DRAIN_S < grace["weights"]
 
 
 def test_a_groups_key_secret_comes_first_and_its_pods_follow_once_it_exists() -> None:
