@@ -183,6 +183,7 @@ class WeightsHolder:
         self._listener: socket.socket | None = None
         self._bound: tuple[int, int] | None = None  #: (device, inode) of the socket file we bound
         self._closing = threading.Event()  #: no new lease: the listener is closed
+        self._closed_at = 0.0  #: when (monotonic) it was closed
         self._stop = threading.Event()  #: every lease ends
         self._leases: dict[int, socket.socket] = {}
         self._lock = threading.Lock()
@@ -341,7 +342,7 @@ class WeightsHolder:
                 "waiting for the replicas attached to detach",
                 extra={"clients": self.clients, "drain_s": drain_s, "share": str(self.identity)},
             )
-            deadline = time.monotonic() + drain_s
+            deadline = self._closed_at + drain_s  # (from the close: a serving holder closes at SIGTERM)
             while self.clients and time.monotonic() < deadline:
                 time.sleep(0.05)
             if self.clients:
@@ -362,11 +363,13 @@ class WeightsHolder:
     def close_listener(self) -> None:
         """Grant no new lease: close the socket, and remove its file if it is still ours (a holder
         replacing this one, a restarted pod, may already have bound the path, and must keep it). The
-        leases granted stay. Idempotent."""
+        leases granted stay. Idempotent. A serving holder calls it at SIGTERM, so that its replicas' drain
+        and its own HTTP server's run together, both inside its pod's grace period."""
         with self._lock:
             if self._closing.is_set():
                 return
             self._closing.set()
+            self._closed_at = time.monotonic()
         if self._listener is None:
             return
         with contextlib.suppress(OSError):

@@ -544,14 +544,20 @@ def _hold_and_serve(args: argparse.Namespace, holder: Any, weights: Any) -> int:
         print(json.dumps(info), flush=True)
 
     try:
-        return _serve_http(args, runtime, listening)
+        return _serve_http(args, runtime, listening, stopping=holder.close_listener)
     finally:
         holder.stop(drain_s=args.drain_seconds)
 
 
-def _serve_http(args: argparse.Namespace, runtime: Any, listening: Callable[[], None] = lambda: None) -> int:
+def _serve_http(
+    args: argparse.Namespace,
+    runtime: Any,
+    listening: Callable[[], None] = lambda: None,
+    stopping: Callable[[], None] = lambda: None,
+) -> int:
     """The HTTP server on another thread and the model on this (the initial) one (see
-    ModelRuntime.run_engine for why), until SIGTERM or SIGINT; ``listening`` runs once it is up."""
+    ModelRuntime.run_engine for why), until SIGTERM or SIGINT; ``listening`` runs once it is up,
+    ``stopping`` at the signal, before the server's drain."""
     from vnpu.runtime.server import SHUTDOWN_TIMEOUT_S, HttpServerThread, make_app
 
     server = HttpServerThread(make_app(runtime), args.host, args.port)
@@ -562,6 +568,8 @@ def _serve_http(args: argparse.Namespace, runtime: Any, listening: Callable[[], 
 
         def stop(signum: int, _frame: object) -> None:
             log.info("stopping", extra={"signal": signal.Signals(signum).name})
+            # Not on this thread: a handler runs wherever the main thread was, maybe under a lock.
+            threading.Thread(target=stopping, name="stopping", daemon=True).start()
             server.stop_then(runtime.close)
 
         for signum in (signal.SIGTERM, signal.SIGINT):

@@ -330,15 +330,26 @@ def test_sigterm_caught_by_another_thread_still_stops_a_replica_and_a_holder(clu
         assert code == 0, proc.log.read_text()[-2000:]
 
 
-def test_a_replica_stopped_with_its_holder_finishes_its_request_in_flight(cluster: Cluster) -> None:
+@pytest.mark.parametrize("serving", [False, True], ids=["holder", "serving-holder"])
+def test_a_replica_stopped_with_its_holder_finishes_its_request_in_flight(
+    cluster: Cluster, serving: bool
+) -> None:
     """A scale-down, a node drain or a model's deletion stops a replica and its weights-holder at the
     same moment. The holder waits for the replica to detach, so the request the replica is still
-    answering completes; before, the holder ended every lease at SIGTERM and that request failed."""
+    answering completes; before, the holder ended every lease at SIGTERM and that request failed. A
+    holder that also serves (scale to zero) drains its own HTTP server meanwhile."""
     sharing = cluster.sharing()
-    sharing[sharing.index("--share-group") + 1] = "drain"
-    holder = cluster.spawn("drain-holder", "weights-holder", "--model", str(cluster.model), *sharing)
+    sharing[sharing.index("--share-group") + 1] = f"drain-{serving}"
+    extra = ("--serve", "--max-context", str(CONTEXT), "--max-batch", "1") if serving else ()
+    holder = cluster.spawn(
+        f"drain-holder-{serving}",
+        "weights-holder",
+        *("--model", str(cluster.model), *extra),
+        *sharing,
+        port=free_port() if serving else None,
+    )
     wait_for(lambda: '"event": "ready"' in holder.log.read_text(), holder, 180)
-    replica = cluster.serve("drain-replica", "--model", str(cluster.model), *sharing)
+    replica = cluster.serve(f"drain-replica-{serving}", "--model", str(cluster.model), *sharing)
     wait_for(lambda: ready(replica), replica, 240)
     answers: list[tuple[int, Any]] = []
     long = {**REQUEST, "max_tokens": 64, "ignore_eos": True}
