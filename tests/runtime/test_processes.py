@@ -227,17 +227,24 @@ def test_sigterm_finishes_the_request_in_flight_then_exits(cluster: Cluster) -> 
     still stops gracefully, as aiohttp's run_app did: no new requests, the one in flight completes."""
     proc = cluster.serve("graceful", "--standalone", "--model", str(cluster.model))
     wait_for(lambda: ready(proc), proc, 240)
-    answers: list[tuple[int, Any]] = []
-    long = {**REQUEST, "max_tokens": 64, "ignore_eos": True}
-    client = threading.Thread(target=lambda: answers.append(http_json(proc.url + "/v1/completions", long)))
-    client.start()
-    wait_for(lambda: _generating(proc), proc, 60)
+    client, answers = _long_request_in_flight(proc)
     proc.popen.send_signal(signal.SIGTERM)
     client.join(120)
     assert proc.popen.wait(60) == 0, proc.log.read_text()[-3000:]
     ((status, body),) = answers
     assert status == 200 and body["usage"]["completion_tokens"] == 64, body
     assert not ready(proc)
+
+
+def _long_request_in_flight(proc: Proc) -> tuple[threading.Thread, list[tuple[int, Any]]]:
+    """A client thread whose 64-token completion ``proc`` is generating when this returns, and the list
+    its (status, body) lands in."""
+    answers: list[tuple[int, Any]] = []
+    long = {**REQUEST, "max_tokens": 64, "ignore_eos": True}
+    client = threading.Thread(target=lambda: answers.append(http_json(proc.url + "/v1/completions", long)))
+    client.start()
+    wait_for(lambda: _generating(proc), proc, 60)
+    return client, answers
 
 
 def _generating(proc: Proc) -> bool:
@@ -351,11 +358,7 @@ def test_a_replica_stopped_with_its_holder_finishes_its_request_in_flight(
     wait_for(lambda: '"event": "ready"' in holder.log.read_text(), holder, 180)
     replica = cluster.serve(f"drain-replica-{serving}", "--model", str(cluster.model), *sharing)
     wait_for(lambda: ready(replica), replica, 240)
-    answers: list[tuple[int, Any]] = []
-    long = {**REQUEST, "max_tokens": 64, "ignore_eos": True}
-    client = threading.Thread(target=lambda: answers.append(http_json(replica.url + "/v1/completions", long)))
-    client.start()
-    wait_for(lambda: _generating(replica), replica, 60)
+    client, answers = _long_request_in_flight(replica)
     holder.popen.send_signal(signal.SIGTERM)  # the worst order: the holder first
     replica.popen.send_signal(signal.SIGTERM)
     client.join(120)
