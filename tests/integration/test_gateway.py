@@ -728,3 +728,26 @@ def test_sigterm_stops_the_gateway(control_plane, namespace, tmp_path, to_anothe
         assert proc.wait(15) == 0, gw.proc.tail(30)
     finally:
         gw.stop()
+
+
+def test_sigterm_lets_the_streams_in_flight_finish(control_plane, namespace, replicas, tmp_path) -> None:
+    """A gateway rolled out (or its node drained) takes no new connection at SIGTERM and lets the
+    streams it is relaying finish, within its pod's grace period (the chart's 65 s)."""
+    a1 = replicas["a1"]
+    apply(control_plane, model(namespace, "chat", "smollm2"), endpoint_slice(namespace, "chat", [a1]))
+    gw = Gateway(control_plane, tmp_path, namespace)
+    proc = gw.proc.proc
+    try:
+        a1.release.clear()
+        stream = gw.client().completions.create(model="smollm2", prompt="hi", stream=True)
+        first = next(iter(stream))
+        assert first.choices[0].text == f"{a1.name}:"
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(1)  # the gateway is stopping, the stream still open
+        assert proc.poll() is None, gw.proc.tail(30)
+        a1.release.set()
+        assert "".join(c.choices[0].text for c in stream) == " one two"
+        assert proc.wait(15) == 0, gw.proc.tail(30)
+    finally:
+        a1.release.set()
+        gw.stop()
