@@ -25,6 +25,7 @@ import importlib.util
 import json
 import os
 import shutil
+import threading
 import time
 import uuid
 from collections import Counter
@@ -52,6 +53,7 @@ from e2e_helpers import (
 )
 
 from vnpu import api, sharing
+from vnpu.bench import probes
 from vnpu.cluster import images
 from vnpu.cluster.helm import RELEASE_NAMESPACE
 from vnpu.cluster.processes import wait_until
@@ -504,9 +506,29 @@ def test_operator_restart_keeps_every_pod(models) -> None:
 
 
 def test_deleting_the_nodes_pods_recreates_each_once(models) -> None:
+    """Every model pod deleted at once (what a model's deletion or a node drain does to a replica and
+    its weight-holder): the request a shared replica is answering still completes (it drains, and its
+    holder waits for it to detach), and each pod is re-created once."""
     cluster = models
     old_pods, _ = snapshot(cluster)
+    replica = next(
+        p
+        for p in runtime_pods(cluster)
+        if p["metadata"]["labels"][api.LABEL_ROLE] == api.ROLE_REPLICA
+        and p["metadata"]["annotations"][api.ANNOTATION_SHARE_GROUP] == SHARED_GROUP
+    )
+    url = f"http://{replica['status']['podIP']}:8000"
+    long = {"model": MODELS[replica["metadata"]["labels"][api.LABEL_MODEL]][0], "prompt": "The capital of"}
+    long |= {"max_tokens": 160, "ignore_eos": True, "temperature": 0}
+    answers: list[tuple[int, Any]] = []
+    ask = lambda: answers.append(probes.http_json(f"{url}/v1/completions", long, 180))  # noqa: E731
+    client = threading.Thread(target=ask)
+    client.start()
+    wait_until(lambda: metrics(f"{url}/metrics").get("vnpu_runtime_requests_running") == 1, 60, "it runs")
     cluster.cp.kubectl("delete", "pods", "-n", MODELS_NS, "--all", "--wait=false")
+    client.join(180)
+    ((status, answer),) = answers
+    assert status == 200 and answer["usage"]["completion_tokens"] == 160, answer
     wait_until(
         lambda: not set(old_pods.values()) & {p["metadata"]["uid"] for p in pods(cluster, MODELS_NS)},
         120,
