@@ -873,3 +873,28 @@ def test_a_model_created_again_replaces_its_predecessors_pods_make_before_break(
     replicas = [p for p in pods if p.role == "replica"]
     assert len(replicas) == 3 and all(p.owner_uids == ("uid-a-2",) for p in replicas)
     assert run([again], nodes, pods).statuses[0].status["readyReplicas"] == 3
+
+
+def test_a_scaled_down_replica_keeps_its_holder_while_it_terminates_on_a_full_device() -> None:
+    """8 replicas and their holder fill a device exactly. Scaled to 7, the replica that goes finishes
+    its requests in flight on the holder's weights: the holder stays while it terminates, charged once
+    (kept outside the plan, and the 7 that stay are not charged its weights again), so nothing else
+    moves; once the replica is gone, nothing changes either."""
+    nodes = [node("n1", devices=1)]
+    est = estimate(weights=8192, per_replica=1024)
+    full = model("llama", replicas=8)
+    created = run([full], nodes, estimates={full.key: est}).create
+    assert roles(created) == ["replica"] * 8 + ["weights"]
+    pods = as_pods(created)
+    fewer = model("llama", replicas=7)
+    first = run([fewer], nodes, pods, estimates={fewer.key: est})
+    (gone,) = first.delete
+    assert first.create == []
+    terminating = [replace(p, terminating=True) if p.name == gone.name else p for p in pods]
+    draining = run([fewer], nodes, terminating, estimates={fewer.key: est})
+    assert draining.create == [] and draining.delete == []
+    (holder,) = [p for p in pods if p.role == api.ROLE_WEIGHTS]
+    placements = draining.statuses[0].status["placements"]
+    assert len(placements) == 7 and {x["weightHolder"] for x in placements} == {holder.name}
+    after = run([fewer], nodes, [p for p in pods if p.name != gone.name], estimates={fewer.key: est})
+    assert after.create == [] and after.delete == []
