@@ -716,7 +716,7 @@ def plan(
     result.set_owners = [u for u in owner_updates if not backoff.intersection(u.models)]
     result.set_labels = [
         u
-        for u in _holder_labels(holders_of, refs, group_of, ours, models)
+        for u in _holder_labels(holders_of, refs, group_of, pods_by_name, models)
         if not backoff.intersection(u.models)
     ]
     # A frozen model's running pods mount its group's key: it stays an owner of the Secret.
@@ -939,7 +939,7 @@ def _holder_labels(
     holders_of: Mapping[str, list[ObservedPod]],
     refs: Mapping[str, ModelRef],
     group_of: Mapping[str, str],
-    ours: Sequence[ObservedPod],
+    pods_by_name: Mapping[tuple[str, str], ObservedPod],
     models: Sequence[ObservedModel],
 ) -> list[LabelsUpdate]:
     """The label updates of the current holders created without ``vnpu.io/weights`` (or with another
@@ -958,8 +958,7 @@ def _holder_labels(
                 labels_of[(p.namespace, p.name)][api.LABEL_WEIGHTS] = wanted
                 models_by_pod[(p.namespace, p.name)] = tuple(models_of[group])
     model_of_uid = disruption.model_keys_by_uid(models)
-    pods_by_name = {(p.namespace, p.name): p for p in ours}
-    for where, labels in disruption.holder_labels(ours).items():
+    for where, labels in disruption.holder_labels(list(pods_by_name.values())).items():
         labels_of[where].update(labels)
         models_by_pod.setdefault(where, disruption.owning_models(pods_by_name[where], model_of_uid))
     return [
