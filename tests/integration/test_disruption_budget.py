@@ -106,6 +106,12 @@ def evict(cp: Any, namespace: str, pod: str) -> tuple[int, str]:
     return status, ""
 
 
+def assert_refused(cp: Any, namespace: str, pod: str) -> None:
+    """An eviction of ``pod`` is refused by its disruption budget (429; kubectl drain retries it)."""
+    status, message = evict(cp, namespace, pod)
+    assert status == 429 and VIOLATES in message, (status, message)
+
+
 def ready_replicas_off(cp: Any, namespace: str, model: str, node: str) -> list[Any]:
     """The model's Ready replicas that are not on ``node``."""
     return [
@@ -143,8 +149,7 @@ def test_a_drain_takes_a_models_replicas_one_at_a_time(cluster, namespace, kwok_
     first, second, third = (p.metadata.name for p in replicas)
     assert evict(cluster, namespace, first) == (201, "")
     # While the first is not replaced, the second may not go: kubectl drain would retry it.
-    status, message = evict(cluster, namespace, second)
-    assert status == 429 and VIOLATES in message, (status, message)
+    assert_refused(cluster, namespace, second)
 
     # The operator places the evicted replica again, on the node that is not cordoned; once it is
     # Ready the next one may go.
@@ -226,21 +231,18 @@ def test_a_drain_takes_a_weight_holder_only_after_the_replicas_that_map_it(
 
     wait_budget(cluster, namespace, "chat", "one of two may go", two_of_two)
     cluster.kubectl("cordon", draining)
-    status, message = evict(cluster, namespace, name)
-    assert status == 429 and VIOLATES in message, (status, message)
+    assert_refused(cluster, namespace, name)
     first, second = (p.metadata.name for p in replicas)
     assert evict(cluster, namespace, first) == (201, "")
     # One replica still maps it: still refused.
-    status, message = evict(cluster, namespace, name)
-    assert status == 429 and VIOLATES in message, (status, message)
+    assert_refused(cluster, namespace, name)
     wait_until(
         lambda: len(ready_replicas_off(cluster, namespace, "chat", draining)) == 1,
         60,
         "the evicted replica Ready on the other node",
     )
     wait_budget(cluster, namespace, "chat", "one may go again", two_of_two)
-    status, message = evict(cluster, namespace, name)
-    assert status == 429 and VIOLATES in message, (status, message)
+    assert_refused(cluster, namespace, name)
 
     # kubectl drain does the rest: the second replica (201), and the holder (429, retried every 5 s)
     # until the operator, the replica placed elsewhere, deletes it (a 404 ends the drain's wait).
@@ -277,8 +279,7 @@ def test_a_warm_holder_without_replicas_may_be_evicted(cluster, namespace, kwok_
     (holder,) = holder_pods(cluster, namespace)
     name = holder.metadata.name
     wait_budget(cluster, namespace, "chat", "held", holds_its_holder, name=name)
-    status, message = evict(cluster, namespace, name)
-    assert status == 429 and VIOLATES in message, (status, message)
+    assert_refused(cluster, namespace, name)
 
     apply(cluster, namespace, "chat", spec(replicas=0, scaling=at_zero))
     wait_until(lambda: not replica_pods(cluster, namespace, "chat"), 60, "no replica left")
