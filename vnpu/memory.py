@@ -84,6 +84,11 @@ def kv_bytes_per_token(config: ModelConfig, kv_dtype_bytes: int = DEFAULT_KV_DTY
     return heads * per_head * kv_dtype_bytes
 
 
+def padded_tokens(tokens: int, block_size: int | None) -> int:
+    """``tokens`` rounded up to whole blocks of ``block_size`` (unchanged without paging)."""
+    return -(-tokens // block_size) * block_size if block_size else tokens
+
+
 def kv_cache_bytes(
     config: ModelConfig,
     max_context_tokens: int,
@@ -97,10 +102,9 @@ def kv_cache_bytes(
         raise EstimateError(
             f"need maxContextTokens > 0 and maxBatch > 0, got {max_context_tokens}, {max_batch}"
         )
-    tokens = max_context_tokens
-    if block_size:
-        tokens = -(-tokens // block_size) * block_size
-    return tokens * max_batch * kv_bytes_per_token(config, kv_dtype_bytes)
+    return (
+        padded_tokens(max_context_tokens, block_size) * max_batch * kv_bytes_per_token(config, kv_dtype_bytes)
+    )
 
 
 def estimate_param_count(config: ModelConfig) -> int:
@@ -117,14 +121,47 @@ def estimate_param_count(config: ModelConfig) -> int:
     return config.n_layers * per_layer + embeddings + h
 
 
-def default_activation_bytes(config: ModelConfig, max_batch: int, act_bytes: int = 2) -> int:
-    """A rough peak of one forward step: a prefill chunk through attention and the FFN plus the fp32
-    logits of a decode batch. Calibrate with a profile run and set ``memory.activationMiB`` instead."""
+def widest_layer_kv_bytes_per_token(config: ModelConfig, kv_dtype_bytes: int = DEFAULT_KV_DTYPE_BYTES) -> int:
+    """KV-cache bytes one token costs in the layer that caches the most (``n_kv_heads`` is the largest
+    per-layer count; MLA: the latent)."""
+    if config.kv_lora_rank:
+        return (config.kv_lora_rank + (config.qk_rope_head_dim or 0)) * kv_dtype_bytes
+    return config.n_kv_heads * (config.head_dim + (config.value_head_dim or config.head_dim)) * kv_dtype_bytes
+
+
+def default_activation_bytes(
+    config: ModelConfig,
+    max_batch: int,
+    context_gather_bytes: int,
+    act_bytes: int = 2,
+) -> int:
+    """A rough upper bound on one forward step's transient memory: a prefill chunk through attention
+    and the FFN, the fp32 logits of a decode batch, and the attention's context gather.
+
+    The gather is the largest term at long contexts: paged attention copies every decode sequence's
+    keys and values, padded to the longest, out of the block pool into one contiguous tensor per layer
+    (and a prefill chunk its own context), so one step holds ``context_gather_bytes`` at once —
+    :func:`context_gather_bytes`, one layer's share of a full batch's KV cache. Measured against the
+    runtime's own step by ``tests/runtime/test_activation_peak.py``. Calibrate with a profile run and
+    set ``memory.activationMiB`` instead."""
     tokens = max(max_batch, PREFILL_CHUNK_TOKENS)
     ffn = config.ffn_size or 4 * config.hidden_size
     step = tokens * (4 * config.hidden_size + 2 * ffn) * act_bytes
     logits = max_batch * (config.vocab_size or 0) * 4
-    return step + logits
+    return step + logits + context_gather_bytes
+
+
+def context_gather_bytes(
+    config: ModelConfig,
+    max_context_tokens: int,
+    max_batch: int,
+    kv_dtype_bytes: int = DEFAULT_KV_DTYPE_BYTES,
+    block_size: int | None = None,
+) -> int:
+    """Keys and values one layer's attention gathers in a step of ``max_batch`` sequences at
+    ``max_context_tokens`` (each padded to whole blocks): the widest layer's share of that KV cache."""
+    tokens = padded_tokens(max_context_tokens, block_size)
+    return max_batch * tokens * widest_layer_kv_bytes_per_token(config, kv_dtype_bytes)
 
 
 #: File tensor dtypes (safetensors / ggml names) as the CRD's ``weights.dtype`` values.
@@ -252,9 +289,21 @@ def estimate_memory(
         assert config is not None and max_context_tokens is not None
         one_kv_mib = mib_ceil(kv_cache_bytes(config, max_context_tokens, 1, kv_dtype_bytes, block_size))
     given_activation_mib = activation_mib
+    if config is not None:
+        if max_context_tokens is not None:
+            gather = context_gather_bytes(
+                config, max_context_tokens, max_batch or 1, kv_dtype_bytes, block_size
+            )
+            one_gather = context_gather_bytes(config, max_context_tokens, 1, kv_dtype_bytes, block_size)
+        else:  # a given pool: a step gathers at most one layer of it (the widest)
+            share = widest_layer_kv_bytes_per_token(config, kv_dtype_bytes) / kv_bytes_per_token(
+                config, kv_dtype_bytes
+            )
+            gather = math.ceil(kv_mib * MIB * share)
+            one_gather = math.ceil(one_kv_mib * MIB * share)
     if activation_mib is None:
         if config is not None:
-            activation_mib = mib_ceil(default_activation_bytes(config, max_batch or 1))
+            activation_mib = mib_ceil(default_activation_bytes(config, max_batch or 1, gather))
             assumptions.append(f"activationMiB={activation_mib} estimated analytically from the model config")
         else:
             activation_mib = DEFAULT_ACTIVATION_MIB
@@ -281,7 +330,7 @@ def estimate_memory(
     if given_activation_mib is not None:  # given for a whole replica: more than one sequence needs
         one_activation_mib = given_activation_mib
     elif config is not None:
-        one_activation_mib = mib_ceil(default_activation_bytes(config, 1))
+        one_activation_mib = mib_ceil(default_activation_bytes(config, 1, one_gather))
     else:
         one_activation_mib = DEFAULT_ACTIVATION_MIB
     return MemoryEstimate(

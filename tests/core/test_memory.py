@@ -16,6 +16,8 @@ from vnpu.memory import (
     DEFAULT_ACTIVATION_MIB,
     EstimateError,
     MemoryEstimate,
+    context_gather_bytes,
+    default_activation_bytes,
     estimate_from_spec,
     estimate_memory,
     estimate_param_count,
@@ -99,6 +101,50 @@ def test_paged_kv_rounds_each_sequence_up_to_whole_blocks(tokens, batch, block):
         assert paged % (block * per_token) == 0
 
 
+def test_the_activation_reserve_holds_one_layer_of_the_batch_context_gather():
+    """Paged decode copies every sequence's keys and values of one layer into one tensor: for Llama 3
+    8B at 16 x 4,096 that is 16 x 4,096 x 4 KiB = 256 MiB, about five times the rest of the step."""
+    gather = context_gather_bytes(LLAMA3_8B, 4096, 16, block_size=16)
+    assert gather == 256 * MIB == kv_cache_bytes(LLAMA3_8B, 4096, 16, block_size=16) // 32
+    rest = default_activation_bytes(LLAMA3_8B, 16, 0)
+    assert default_activation_bytes(LLAMA3_8B, 16, gather) == rest + gather and gather > 4 * rest
+    est = estimate_memory(weights_mib=15_317, config=LLAMA3_8B, max_context_tokens=4096, max_batch=16)
+    assert est.activation_mib == -(-(rest + gather) // MIB)
+    # Each sequence is padded to whole blocks, as the decode table pads it.
+    assert context_gather_bytes(LLAMA3_8B, 4097, 1, block_size=16) == 4112 * 4096
+
+
+def test_the_context_gather_takes_the_widest_layer():
+    mixed = ModelConfig(
+        "x", n_layers=3, n_heads=4, n_kv_heads=4, head_dim=8, hidden_size=32, kv_heads_per_layer=(1, 2, 4)
+    )
+    assert context_gather_bytes(mixed, 100, 2) == 2 * 100 * 4 * 2 * 8 * 2
+    mla = ModelConfig(
+        "deepseek_v3",
+        n_layers=61,
+        n_heads=128,
+        n_kv_heads=128,
+        head_dim=192,
+        hidden_size=7168,
+        kv_lora_rank=512,
+        qk_rope_head_dim=64,
+    )
+    assert context_gather_bytes(mla, 1000, 1) == kv_cache_bytes(mla, 1000, 1) // 61
+
+
+@settings(max_examples=100, deadline=None)
+@given(context=st.integers(1, 131_072), batch=st.integers(1, 256))
+def test_the_activation_estimate_grows_with_context_and_batch(context, batch):
+    def mib(c: int, b: int) -> int:
+        return estimate_memory(
+            weights_mib=1, config=LLAMA3_8B, max_context_tokens=c, max_batch=b, block_size=16
+        ).activation_mib
+
+    here = mib(context, batch)
+    assert mib(context + 16, batch) >= here and mib(context, batch + 1) >= here
+    assert here * MIB >= context_gather_bytes(LLAMA3_8B, context, batch, block_size=16)
+
+
 def test_param_count_of_known_models():
     assert estimate_param_count(LLAMA3_8B) == pytest.approx(8.03e9, rel=0.005)
     assert estimate_param_count(QWEN25_7B) == pytest.approx(7.61e9, rel=0.005)
@@ -123,7 +169,9 @@ def test_estimate_from_the_real_gguf():
     plain_path = estimate_from_spec(
         {"source": {"uri": str(SMOLLM2), "format": "gguf"}, "memory": {"kvCacheMiB": 2000}}, slice_mib=512
     )
-    assert plain_path.replica_slices == 4  # 2000 + analytic activation (a few MiB) in 512 MiB slices
+    # 2000 + the analytic activation: a step gathers at most one layer of the pool (2000 / 30 layers),
+    # plus a few MiB of prefill chunk and logits; 2073 MiB in 512 MiB slices.
+    assert plain_path.activation_mib == 73 and plain_path.replica_slices == 5
     assert any("activationMiB" in a for a in plain_path.assumptions)
 
 
