@@ -15,6 +15,7 @@ SUITES: dict[str, tuple[str, str]] = {
         "Allocate/GetPreferredAllocation latency, ListAndWatch size",
     ),
     "runtime": ("vnpu.bench.runtime", "shared-weight memory, attach vs load time, async-offload overlap"),
+    "activation": ("vnpu.bench.activation", "one forward step's transient memory vs the activation reserve"),
     "serving": (
         "vnpu.bench.serving",
         "continuous batching vs transformers generate: tokens/s, TTFT, inter-token latency, priority",
