@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
     }
     (out / "activation.json").write_text(json.dumps(results, indent=1) + "\n")
-    write_table(out / "activation.md", rows, "### One forward step's peak vs the activation reserve")
+    write_table(out / "activation.md", rows, "One forward step's peak vs the activation reserve")
     plot(rows, out / "activation.png")
     return 0
 
