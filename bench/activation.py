@@ -146,7 +146,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(max(6, len(rows) * 0.9), 4))
-    labels = [f"{r['model']}\n{r['batch']}x{r['context']}" for r in rows]
+    labels = [f"{r['model'].split('-')[0]}\n{r['batch']}x{r['context']}" for r in rows]
     xs = range(len(rows))
     ax.bar([x - 0.2 for x in xs], [r["reserve_over_peak"] for r in rows], 0.4, label="reserve / peak")
     ax.bar(
