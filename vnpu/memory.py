@@ -132,7 +132,7 @@ def widest_layer_kv_bytes_per_token(config: ModelConfig, kv_dtype_bytes: int = D
 def default_activation_bytes(
     config: ModelConfig,
     max_batch: int,
-    context_gather_bytes: int,
+    gather_bytes: int,
     act_bytes: int = 2,
 ) -> int:
     """A rough upper bound on one forward step's transient memory: a prefill chunk through attention
@@ -140,15 +140,15 @@ def default_activation_bytes(
 
     The gather is the largest term at long contexts: paged attention copies every decode sequence's
     keys and values, padded to the longest, out of the block pool into one contiguous tensor per layer
-    (and a prefill chunk its own context), so one step holds ``context_gather_bytes`` at once —
-    :func:`context_gather_bytes`, one layer's share of a full batch's KV cache. Measured against the
-    runtime's own step by ``tests/runtime/test_activation_peak.py``. Calibrate with a profile run and
-    set ``memory.activationMiB`` instead."""
+    (and a prefill chunk its own context), so one step holds ``gather_bytes`` at once
+    (:func:`context_gather_bytes`: one layer's share of a full batch's KV cache). Measured against the
+    runtime's own steps by ``vnpu bench activation``. Calibrate with a profile run and set
+    ``memory.activationMiB`` instead."""
     tokens = max(max_batch, PREFILL_CHUNK_TOKENS)
     ffn = config.ffn_size or 4 * config.hidden_size
     step = tokens * (4 * config.hidden_size + 2 * ffn) * act_bytes
     logits = max_batch * (config.vocab_size or 0) * 4
-    return step + logits + context_gather_bytes
+    return step + logits + gather_bytes
 
 
 def context_gather_bytes(
