@@ -28,9 +28,9 @@ class KVBudget:
     """One process's device memory: the fixed terms, one step's activations, and how many KV blocks
     the rest buys.
 
-    The activations are fixed but for the attention's context gather, which grows with the pool: a
-    step gathers, per layer, every decode sequence's blocks padded to the longest, and the sequences
-    of a pool of ``n`` blocks hold ``n`` blocks between them. So a limit that buys fewer than
+    A step's activations are fixed except the attention's context gather, which grows with the pool:
+    a step gathers, per layer, every decode sequence's blocks padded to the longest, and the sequences
+    in a pool of ``n`` blocks hold ``n`` blocks between them. So a limit that buys fewer than
     ``max_batch`` full sequences reserves the gather of the pool it buys, not of the full batch.
     """
 
