@@ -32,6 +32,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from vnpu.api import KV_BLOCK_SIZE
 from vnpu.bench.report import provenance, results_dir, write_table
 
 MIB = 2**20
@@ -86,9 +87,9 @@ def reserve_and_peaks(
     context gather), and each worst step's measured peak."""
     from vnpu.runtime.engine import ModelRuntime, ServeOptions
     from vnpu.runtime.model import LlamaModel, ResidentWeights
-    from vnpu.runtime.paged import DEFAULT_BLOCK_SIZE, PagedKVCache, build_layout
+    from vnpu.runtime.paged import PagedKVCache, build_layout
 
-    block = DEFAULT_BLOCK_SIZE
+    block = KV_BLOCK_SIZE
     manifest = weights.manifest
     options = ServeOptions(
         max_context=context, max_batch=batch, prefill_chunk=PREFILL_CHUNK, block_size=block

@@ -44,6 +44,7 @@ from typing import Any
 
 import torch
 
+from vnpu.api import KV_BLOCK_SIZE
 from vnpu.runtime.arena import Arena
 from vnpu.runtime.budget import KVBudget
 from vnpu.runtime.chat import ChatTemplate
@@ -53,7 +54,7 @@ from vnpu.runtime.manifest import WeightManifest
 from vnpu.runtime.metrics import RuntimeMetrics
 from vnpu.runtime.model import LlamaModel, ResidentWeights, WeightProvider
 from vnpu.runtime.offload import OffloadedWeights, OffloadPlan, ThrottledLink, plan_offload, unit_sizes
-from vnpu.runtime.paged import DEFAULT_BLOCK_SIZE, PagedKVCache, StepSequence, build_layout
+from vnpu.runtime.paged import PagedKVCache, StepSequence, build_layout
 from vnpu.runtime.requests import (
     GenerationRequest,
     RequestHandle,
@@ -108,7 +109,7 @@ class ServeOptions:
     max_batch: int = 16  #: sequences decoded together (``spec.memory.maxBatch``)
     default_priority: int = 0  #: priority of requests that give none (``spec.priority``)
     max_queue: int = 64  #: sequences waiting for a batch slot before new ones get 429
-    block_size: int = DEFAULT_BLOCK_SIZE
+    block_size: int = KV_BLOCK_SIZE
     #: Usable KV blocks, overriding the size the memory budget gives (vLLM's
     #: ``--num-gpu-blocks-override``: experiments and tests of preemption)
     kv_blocks: int | None = None

@@ -25,10 +25,9 @@ from dataclasses import dataclass
 
 import torch
 
+from vnpu.api import KV_BLOCK_SIZE
 from vnpu.runtime.config import ModelConfig
 
-#: Tokens per block (vLLM's default on CUDA).
-DEFAULT_BLOCK_SIZE = 16
 #: Block 0 is never allocated: zero-filled padding for gathers.
 NULL_BLOCK = 0
 
@@ -40,7 +39,7 @@ class PagedKVCache:
         self,
         config: ModelConfig,
         num_blocks: int,
-        block_size: int = DEFAULT_BLOCK_SIZE,
+        block_size: int = KV_BLOCK_SIZE,
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
     ) -> None:
@@ -92,7 +91,7 @@ class PagedKVCache:
         )
 
     @staticmethod
-    def bytes_per_block(config: ModelConfig, dtype_bytes: int, block_size: int = DEFAULT_BLOCK_SIZE) -> int:
+    def bytes_per_block(config: ModelConfig, dtype_bytes: int, block_size: int = KV_BLOCK_SIZE) -> int:
         return config.kv_bytes_per_token(dtype_bytes) * block_size
 
 

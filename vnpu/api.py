@@ -41,6 +41,10 @@ _DEVICE_RESOURCE = re.compile(r"^vnpu\.io/memory-(?P<index>0|[1-9][0-9]{0,3})$")
 #: Node annotation holding the JSON device inventory written by the device plugin.
 ANNOTATION_DEVICES = f"{GROUP}/devices"
 
+#: Tokens per block of the runtime's paged KV cache (vLLM's default on CUDA). The pool holds whole
+#: blocks plus one null block, and the operator's estimate sizes a replica's KV cache the same way.
+KV_BLOCK_SIZE = 16
+
 #: Weight dtypes vnpu's runtime holds on a device (quantized files are dequantised on load to one of
 #: these); the CRD refuses other ``weights.dtype`` values unless ``runtime.image`` names another runtime.
 RUNTIME_DTYPES = ("float32", "float16", "bfloat16")
