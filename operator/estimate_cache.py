@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from vnpu import api
 from vnpu.memory import EstimateError, MemoryEstimate, estimate_from_spec
 from vnpu.operator.state import ObservedModel
 
@@ -53,7 +54,12 @@ class EstimateCache:
         if failed is not None and self._clock() < failed.retry_at:
             return failed.error
         try:
-            estimate = self._estimate(model.raw_spec, cache_dir=self.cache_dir, file_roots=self.file_roots)
+            estimate = self._estimate(
+                model.raw_spec,
+                cache_dir=self.cache_dir,
+                file_roots=self.file_roots,
+                block_size=api.KV_BLOCK_SIZE,  # sized as the runtime's paged pool is
+            )
         except EstimateError as exc:
             error = exc
         except OSError as exc:

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from vnpu import memory
+from vnpu.modelfile import ModelConfig
 from vnpu.runtime.errors import MemoryBudgetError
 from vnpu.runtime.manifest import DTYPE_BYTES, WeightManifest
 
@@ -57,10 +58,35 @@ class KVBudget:
         limit_mib: int | None,
         override: int | None = None,
     ) -> KVBudget:
-        dtype_bytes = DTYPE_BYTES[next(iter(manifest.tensors.values())).dtype]
-        config = manifest.config.to_modelfile_config()
+        return cls.for_config(
+            manifest.config.to_modelfile_config(),
+            DTYPE_BYTES[next(iter(manifest.tensors.values())).dtype],
+            own_weight_bytes=own_weight_bytes,
+            ring_bytes=ring_bytes,
+            max_context=max_context,
+            max_batch=max_batch,
+            block_size=block_size,
+            limit_mib=limit_mib,
+            override=override,
+        )
+
+    @classmethod
+    def for_config(
+        cls,
+        config: ModelConfig,
+        dtype_bytes: int,
+        *,
+        own_weight_bytes: int,
+        ring_bytes: int,
+        max_context: int,
+        max_batch: int,
+        block_size: int,
+        limit_mib: int | None,
+        override: int | None = None,
+    ) -> KVBudget:
+        """The budget of a model of ``config`` held at ``dtype_bytes`` (keys, values and activations)."""
         return cls(
-            block_bytes=manifest.config.kv_bytes_per_token(dtype_bytes) * block_size,
+            block_bytes=memory.kv_bytes_per_token(config, dtype_bytes) * block_size,
             max_context=max_context,
             block_size=block_size,
             max_batch=max_batch,

@@ -263,7 +263,9 @@ def estimate_memory(
 ) -> MemoryEstimate:
     """The estimate from plain numbers (see :func:`estimate_from_spec` for the CRD form).
 
-    KV: ``kv_cache_mib`` when given, else ``max_context_tokens × max_batch`` tokens through the config.
+    KV: ``kv_cache_mib`` when given, else ``max_context_tokens × max_batch`` tokens through the config;
+    with ``block_size`` (a paged pool, as the operator sizes for vnpu's runtime) each sequence is padded to
+    whole blocks and the pool's null block is added, so the limit buys the runtime its whole pool.
     Offload: with ``offload_budget_mib`` below ``weights_mib``, the budget covers the resident weights
     (shared, in the weight-holder) plus each replica's prefetch ring of ``prefetch_depth`` buffers of the
     largest layer (per replica, because every replica streams layers for its own forward passes).
@@ -272,6 +274,8 @@ def estimate_memory(
     if weights_mib < 0 or overhead_mib < 0:
         raise EstimateError(f"weights and overhead must be non-negative, got {weights_mib}, {overhead_mib}")
     per_token = kv_bytes_per_token(config, kv_dtype_bytes) if config else None
+    # A paged pool holds one null block beside the sequences' (the runtime's padding for gathers).
+    null_block = (block_size or 0) * (per_token or 0)
     if kv_cache_mib is not None:
         kv_mib = kv_cache_mib
     elif max_context_tokens is not None and max_batch is not None:
@@ -280,15 +284,20 @@ def estimate_memory(
                 "memory.maxContextTokens/maxBatch need the model config (layers, KV heads, head dim): "
                 "use a source the operator can read, or set memory.kvCacheMiB"
             )
-        kv_mib = mib_ceil(kv_cache_bytes(config, max_context_tokens, max_batch, kv_dtype_bytes, block_size))
+        kv_mib = mib_ceil(
+            kv_cache_bytes(config, max_context_tokens, max_batch, kv_dtype_bytes, block_size) + null_block
+        )
     else:
         raise EstimateError("spec.memory needs kvCacheMiB, or maxContextTokens together with maxBatch")
     if kv_cache_mib is not None:
         one_kv_mib = -(-kv_mib // max(1, max_batch or 1))
     else:
         assert config is not None and max_context_tokens is not None
-        one_kv_mib = mib_ceil(kv_cache_bytes(config, max_context_tokens, 1, kv_dtype_bytes, block_size))
+        one_kv_mib = mib_ceil(
+            kv_cache_bytes(config, max_context_tokens, 1, kv_dtype_bytes, block_size) + null_block
+        )
     given_activation_mib = activation_mib
+    act_bytes = max(2, kv_dtype_bytes)  # activations in the model's dtype (a narrower KV cache: 16-bit)
     if config is not None:
         if max_context_tokens is not None:
             gather = context_gather_bytes(
@@ -303,7 +312,7 @@ def estimate_memory(
             one_gather = math.ceil(one_kv_mib * MIB * share)
     if activation_mib is None:
         if config is not None:
-            activation_mib = mib_ceil(default_activation_bytes(config, max_batch or 1, gather))
+            activation_mib = mib_ceil(default_activation_bytes(config, max_batch or 1, gather, act_bytes))
             assumptions.append(f"activationMiB={activation_mib} estimated analytically from the model config")
         else:
             activation_mib = DEFAULT_ACTIVATION_MIB
@@ -330,7 +339,7 @@ def estimate_memory(
     if given_activation_mib is not None:  # given for a whole replica: more than one sequence needs
         one_activation_mib = given_activation_mib
     elif config is not None:
-        one_activation_mib = mib_ceil(default_activation_bytes(config, 1, one_gather))
+        one_activation_mib = mib_ceil(default_activation_bytes(config, 1, one_gather, act_bytes))
     else:
         one_activation_mib = DEFAULT_ACTIVATION_MIB
     return MemoryEstimate(

@@ -8,6 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from vnpu.api import KV_BLOCK_SIZE
+from vnpu.memory import estimate_memory
+from vnpu.modelfile import ModelConfig
 from vnpu.runtime.budget import MIB, KVBudget
 from vnpu.runtime.errors import MemoryBudgetError
 
@@ -60,3 +63,65 @@ def test_the_limit_buys_the_largest_pool_whose_costs_fit(
     if blocks < b.wanted_blocks:
         more = replace(b, override=blocks + 1)
         assert sum(more.required().values()) > limit_mib * MIB
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    layers=st.integers(1, 96),
+    kv_heads=st.sampled_from([1, 2, 4, 8, 16]),
+    group=st.sampled_from([1, 2, 4, 7, 8]),
+    head_dim=st.sampled_from([64, 80, 128, 256]),
+    ffn_factor=st.integers(2, 5),
+    vocab=st.integers(256, 260_000),
+    dtype_bytes=st.sampled_from([2, 4]),
+    context=st.integers(1, 32_768),
+    batch=st.integers(1, 64),
+    slice_mib=st.sampled_from([256, 512, 1024]),
+)
+def test_the_slices_the_operator_gives_a_replica_buy_the_runtime_its_whole_pool(
+    layers: int,
+    kv_heads: int,
+    group: int,
+    head_dim: int,
+    ffn_factor: int,
+    vocab: int,
+    dtype_bytes: int,
+    context: int,
+    batch: int,
+    slice_mib: int,
+) -> None:
+    """The operator sizes a replica (:mod:`vnpu.memory`, as its estimate cache calls it); the runtime
+    under that limit gets ``maxBatch`` sequences of ``maxContextTokens``, not a few blocks fewer (which
+    would preempt at full load what the spec promised to hold)."""
+    heads = kv_heads * group
+    hidden = heads * head_dim
+    config = ModelConfig(
+        "llama",
+        n_layers=layers,
+        n_heads=heads,
+        n_kv_heads=kv_heads,
+        head_dim=head_dim,
+        hidden_size=hidden,
+        vocab_size=vocab,
+        ffn_size=ffn_factor * hidden,
+    )
+    estimate = estimate_memory(
+        weights_mib=1,
+        config=config,
+        max_context_tokens=context,
+        max_batch=batch,
+        kv_dtype_bytes=dtype_bytes,
+        block_size=KV_BLOCK_SIZE,
+        slice_mib=slice_mib,
+    )
+    runtime = KVBudget.for_config(
+        config,
+        dtype_bytes,
+        own_weight_bytes=0,  # an attached replica: its holder's slices pay for the weights
+        ring_bytes=0,
+        max_context=context,
+        max_batch=batch,
+        block_size=KV_BLOCK_SIZE,
+        limit_mib=estimate.replica_slices * slice_mib,
+    )
+    assert runtime.blocks() == runtime.wanted_blocks
