@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 import tempfile
 from collections.abc import Callable
@@ -181,7 +180,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out-dir", type=Path, default=None, help="default bench/results/ ($VNPU_BENCH_OUT)")
     args = parser.parse_args(argv)
-    logging.getLogger("vnpu").setLevel(logging.ERROR)
     from vnpu.bench.synthetic import PRESETS, write_random_llama
     from vnpu.bench.weights import smollm2_dir
 

@@ -4,12 +4,16 @@ asserted here: tests/runtime/test_activation_peak.py checks the reserve covers t
 from __future__ import annotations
 
 import json
+import logging
 
 from vnpu.bench import activation
 
 
 def test_a_small_run_writes_json_table_and_png(tmp_path) -> None:
+    level = logging.getLogger("vnpu").level
     assert activation.main(["--shapes", "2x256", "--no-wide", "--out-dir", str(tmp_path)]) == 0
+    # In-process, it leaves the logging as it found it (later tests read warnings from the log).
+    assert logging.getLogger("vnpu").level == level
     result = json.loads((tmp_path / "activation.json").read_text())
     (row,) = result["rows"]
     assert (row["model"], row["batch"], row["context"]) == ("smollm2-135m", 2, 256)
