@@ -296,27 +296,25 @@ def estimate_memory(
         one_kv_mib = mib_ceil(
             kv_cache_bytes(config, max_context_tokens, 1, kv_dtype_bytes, block_size) + null_block
         )
-    given_activation_mib = activation_mib
-    act_bytes = max(2, kv_dtype_bytes)  # activations in the model's dtype (a narrower KV cache: 16-bit)
-    if config is not None:
+    if activation_mib is not None:  # given for a whole replica: more than one sequence needs
+        one_activation_mib = activation_mib
+    elif config is not None:
         if max_context_tokens is not None:
-            gather = context_gather_bytes(
-                config, max_context_tokens, max_batch or 1, kv_dtype_bytes, block_size
+            gather, one_gather = (
+                context_gather_bytes(config, max_context_tokens, batch, kv_dtype_bytes, block_size)
+                for batch in (max_batch or 1, 1)
             )
-            one_gather = context_gather_bytes(config, max_context_tokens, 1, kv_dtype_bytes, block_size)
         else:  # a given pool: a step gathers at most one layer of it (the widest)
-            share = widest_layer_kv_bytes_per_token(config, kv_dtype_bytes) / kv_bytes_per_token(
-                config, kv_dtype_bytes
-            )
-            gather = math.ceil(kv_mib * MIB * share)
-            one_gather = math.ceil(one_kv_mib * MIB * share)
-    if activation_mib is None:
-        if config is not None:
-            activation_mib = mib_ceil(default_activation_bytes(config, max_batch or 1, gather, act_bytes))
-            assumptions.append(f"activationMiB={activation_mib} estimated analytically from the model config")
-        else:
-            activation_mib = DEFAULT_ACTIVATION_MIB
-            assumptions.append(f"activationMiB={activation_mib} (default: no model config to estimate from)")
+            widest = widest_layer_kv_bytes_per_token(config, kv_dtype_bytes)
+            share = widest / kv_bytes_per_token(config, kv_dtype_bytes)
+            gather, one_gather = (math.ceil(mib * MIB * share) for mib in (kv_mib, one_kv_mib))
+        act_bytes = max(2, kv_dtype_bytes)  # activations in the model's dtype (a narrower KV cache: 16-bit)
+        activation_mib = mib_ceil(default_activation_bytes(config, max_batch or 1, gather, act_bytes))
+        one_activation_mib = mib_ceil(default_activation_bytes(config, 1, one_gather, act_bytes))
+        assumptions.append(f"activationMiB={activation_mib} estimated analytically from the model config")
+    else:
+        activation_mib = one_activation_mib = DEFAULT_ACTIVATION_MIB
+        assumptions.append(f"activationMiB={activation_mib} (default: no model config to estimate from)")
     device_weights, staging = weights_mib, 0
     if offload_budget_mib is not None and offload_budget_mib < weights_mib:
         if prefetch_depth < 1:
@@ -336,12 +334,6 @@ def estimate_memory(
                 f"offload.deviceBudgetMiB={offload_budget_mib} is smaller than the prefetch ring "
                 f"({prefetch_depth} × {largest_layer_mib} MiB layers = {staging} MiB)"
             )
-    if given_activation_mib is not None:  # given for a whole replica: more than one sequence needs
-        one_activation_mib = given_activation_mib
-    elif config is not None:
-        one_activation_mib = mib_ceil(default_activation_bytes(config, 1, one_gather, act_bytes))
-    else:
-        one_activation_mib = DEFAULT_ACTIVATION_MIB
     return MemoryEstimate(
         weights_mib=weights_mib,
         device_weights_mib=device_weights,
