@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from vnpu import memory
 from vnpu.modelfile import ModelConfig
 from vnpu.runtime.errors import MemoryBudgetError
-from vnpu.runtime.manifest import DTYPE_BYTES, WeightManifest
 
 MIB = 1024 * 1024
 
@@ -44,31 +43,6 @@ class KVBudget:
     step_bytes: int = 0  #: one step's activations but the context gather (:mod:`vnpu.memory`)
     gather_block_bytes: int = 0  #: the widest layer's keys and values of one block
     override: int | None = None  #: a fixed number of usable blocks (``--kv-blocks``)
-
-    @classmethod
-    def of(
-        cls,
-        manifest: WeightManifest,
-        *,
-        own_weight_bytes: int,
-        ring_bytes: int,
-        max_context: int,
-        max_batch: int,
-        block_size: int,
-        limit_mib: int | None,
-        override: int | None = None,
-    ) -> KVBudget:
-        return cls.for_config(
-            manifest.config.to_modelfile_config(),
-            DTYPE_BYTES[next(iter(manifest.tensors.values())).dtype],
-            own_weight_bytes=own_weight_bytes,
-            ring_bytes=ring_bytes,
-            max_context=max_context,
-            max_batch=max_batch,
-            block_size=block_size,
-            limit_mib=limit_mib,
-            override=override,
-        )
 
     @classmethod
     def for_config(

@@ -50,7 +50,7 @@ from vnpu.runtime.budget import KVBudget
 from vnpu.runtime.chat import ChatTemplate
 from vnpu.runtime.errors import InvalidRequestError, RuntimeUnavailableError
 from vnpu.runtime.generate import GenerationResult, check_context
-from vnpu.runtime.manifest import WeightManifest
+from vnpu.runtime.manifest import DTYPE_BYTES, WeightManifest
 from vnpu.runtime.metrics import RuntimeMetrics
 from vnpu.runtime.model import LlamaModel, ResidentWeights, WeightProvider
 from vnpu.runtime.offload import OffloadedWeights, OffloadPlan, ThrottledLink, plan_offload, unit_sizes
@@ -240,8 +240,9 @@ class ModelRuntime:
         """This process's memory budget (see :mod:`vnpu.runtime.budget`). Weights: none when attached
         (the holder's slices pay for them), the resident part under offload, else all of them."""
         opts = self.options
-        return KVBudget.of(
-            manifest,
+        return KVBudget.for_config(
+            manifest.config.to_modelfile_config(),
+            DTYPE_BYTES[manifest.dtype],
             own_weight_bytes=0 if shared else (plan.resident_bytes if plan else manifest.total_bytes),
             ring_bytes=ring_bytes,
             max_context=opts.max_context,
@@ -277,7 +278,7 @@ class ModelRuntime:
         opts = self.options
         config = manifest.config
         units = model_units(config)
-        dtype = getattr(torch, next(iter(manifest.tensors.values())).dtype)
+        dtype = getattr(torch, manifest.dtype)
         provider: WeightProvider
         ring = 0
         plan: OffloadPlan | None = None
