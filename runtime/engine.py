@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 
-from vnpu.api import KV_BLOCK_SIZE
+from vnpu.api import DEFAULT_MAX_CONTEXT, KV_BLOCK_SIZE
 from vnpu.runtime.arena import Arena
 from vnpu.runtime.budget import KVBudget
 from vnpu.runtime.chat import ChatTemplate
@@ -96,7 +96,7 @@ MAX_CONSECUTIVE_STEP_FAILURES = 3
 @dataclass
 class ServeOptions:
     device: str = "cpu"
-    max_context: int = 2048
+    max_context: int = DEFAULT_MAX_CONTEXT
     prefill_chunk: int = 256  #: tokens per forward step, decode tokens included
     memory_limit_mib: int | None = None
     offload_budget_mib: float | None = None  #: None: everything resident

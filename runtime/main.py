@@ -298,8 +298,9 @@ def _add_model_serving_args(g: argparse._ArgumentGroup) -> None:
     g.add_argument(
         "--max-context",
         type=_whole("VNPU_MAX_CONTEXT", minimum=1),
-        default=_env("VNPU_MAX_CONTEXT", default="2048"),
-        help="tokens of KV cache (prompt + completion limit) [$VNPU_MAX_CONTEXT, default 2048]",
+        default=_env("VNPU_MAX_CONTEXT", default=str(api.DEFAULT_MAX_CONTEXT)),
+        help="tokens of KV cache (prompt + completion limit) "
+        f"[$VNPU_MAX_CONTEXT, default {api.DEFAULT_MAX_CONTEXT}]",
     )
     g.add_argument(
         "--max-batch",

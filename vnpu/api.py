@@ -45,6 +45,10 @@ ANNOTATION_DEVICES = f"{GROUP}/devices"
 #: blocks plus one null block, and the operator's estimate sizes a replica's KV cache the same way.
 KV_BLOCK_SIZE = 16
 
+#: Tokens of context the runtime holds per sequence when the spec gives no ``maxContextTokens`` (its
+#: ``--max-context`` default; what a weight-holder serving a ``kvCacheMiB``-only spec is sized for).
+DEFAULT_MAX_CONTEXT = 2048
+
 #: Weight dtypes vnpu's runtime holds on a device (quantized files are dequantised on load to one of
 #: these); the CRD refuses other ``weights.dtype`` values unless ``runtime.image`` names another runtime.
 RUNTIME_DTYPES = ("float32", "float16", "bfloat16")

@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from vnpu.api import DEFAULT_SLICE_MIB, RUNTIME_DTYPES, slices_for_mib
+from vnpu.api import DEFAULT_MAX_CONTEXT, DEFAULT_SLICE_MIB, RUNTIME_DTYPES, slices_for_mib
 from vnpu.modelfile import (
     MIB,
     ModelConfig,
@@ -289,13 +289,11 @@ def estimate_memory(
         )
     else:
         raise EstimateError("spec.memory needs kvCacheMiB, or maxContextTokens together with maxBatch")
-    if kv_cache_mib is not None:
-        one_kv_mib = -(-kv_mib // max(1, max_batch or 1))
+    if config is not None:  # one sequence at the context the runtime holds (a serving weight-holder's)
+        one_context = max_context_tokens or DEFAULT_MAX_CONTEXT
+        one_kv_mib = mib_ceil(kv_cache_bytes(config, one_context, 1, kv_dtype_bytes, block_size) + null_block)
     else:
-        assert config is not None and max_context_tokens is not None
-        one_kv_mib = mib_ceil(
-            kv_cache_bytes(config, max_context_tokens, 1, kv_dtype_bytes, block_size) + null_block
-        )
+        one_kv_mib = -(-kv_mib // max(1, max_batch or 1))
     if activation_mib is not None:  # given for a whole replica: more than one sequence needs
         one_activation_mib = activation_mib
     elif config is not None:

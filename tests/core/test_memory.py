@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import save_file
 
+from vnpu.api import DEFAULT_MAX_CONTEXT
 from vnpu.memory import (
     DEFAULT_ACTIVATION_MIB,
     EstimateError,
@@ -443,6 +444,18 @@ def test_a_serving_holder_needs_one_sequence_of_a_replica(context, batch, overhe
     )
     assert est.holder_serving_mib == one.holder_serving_mib == one.per_replica_mib
     assert est.holder_serving_mib <= est.per_replica_mib
-    # A KV size given for the whole replica is shared out per sequence, rounded up.
+    # A KV size given for the whole replica, with no config to size a sequence: shared out per sequence.
     given_kv = estimate_memory(weights_mib=1000, kv_cache_mib=1001, max_batch=batch, activation_mib=7)
     assert given_kv.holder_serving_mib == -(-1001 // batch) + 7
+    # With a config, one sequence at the context the runtime holds without maxContextTokens.
+    pool_only = estimate_memory(
+        weights_mib=1000, config=LLAMA3_8B, kv_cache_mib=1001, max_batch=batch, activation_mib=7
+    )
+    at_default = estimate_memory(
+        weights_mib=1000,
+        config=LLAMA3_8B,
+        max_context_tokens=DEFAULT_MAX_CONTEXT,
+        max_batch=1,
+        activation_mib=7,
+    )
+    assert pool_only.holder_serving_mib == at_default.holder_serving_mib

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vnpu.api import KV_BLOCK_SIZE
+from vnpu.api import DEFAULT_MAX_CONTEXT, KV_BLOCK_SIZE
 from vnpu.memory import estimate_memory
 from vnpu.modelfile import ModelConfig
 from vnpu.runtime.budget import MIB, KVBudget
@@ -125,3 +125,83 @@ def test_the_slices_the_operator_gives_a_replica_buy_the_runtime_its_whole_pool(
         limit_mib=estimate.replica_slices * slice_mib,
     )
     assert runtime.blocks() == runtime.wanted_blocks
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    layers=st.integers(1, 96),
+    kv_heads=st.sampled_from([1, 2, 4, 8, 16]),
+    group=st.sampled_from([1, 2, 4, 7, 8]),
+    head_dim=st.sampled_from([64, 80, 128, 256]),
+    ffn_factor=st.integers(2, 5),
+    vocab=st.integers(256, 260_000),
+    dtype_bytes=st.sampled_from([2, 4]),
+    context=st.integers(1, 32_768),
+    batch=st.integers(1, 64),
+    weight_bytes=st.integers(1, 64 * 1024 * MIB),
+    kv_cache_mib=st.none() | st.integers(1, 64 * 1024),
+    slice_mib=st.sampled_from([256, 512, 1024]),
+)
+def test_the_slices_the_operator_gives_a_serving_holder_buy_it_one_sequence(
+    layers: int,
+    kv_heads: int,
+    group: int,
+    head_dim: int,
+    ffn_factor: int,
+    vocab: int,
+    dtype_bytes: int,
+    context: int,
+    batch: int,
+    weight_bytes: int,
+    kv_cache_mib: int | None,
+    slice_mib: int,
+) -> None:
+    """A weight-holder that answers requests (scale to zero) holds the weights and serves one sequence
+    at the context length (``weights-holder --serve`` with ``VNPU_MAX_BATCH=1``) in the slices the
+    operator gives it: the weights and ``holder_serving_mib``. The runtime under that limit must start
+    (one sequence fits), or the model could never answer while scaled to zero."""
+    heads = kv_heads * group
+    hidden = heads * head_dim
+    config = ModelConfig(
+        "llama",
+        n_layers=layers,
+        n_heads=heads,
+        n_kv_heads=kv_heads,
+        head_dim=head_dim,
+        hidden_size=hidden,
+        vocab_size=vocab,
+        ffn_size=ffn_factor * hidden,
+    )
+    if kv_cache_mib is not None:
+        context = DEFAULT_MAX_CONTEXT  # a spec that gives the pool, not the context: the runtime's default
+    estimate = estimate_memory(
+        weights_mib=-(-weight_bytes // MIB),
+        config=config,
+        kv_cache_mib=kv_cache_mib,
+        max_context_tokens=None if kv_cache_mib is not None else context,
+        max_batch=batch,
+        kv_dtype_bytes=dtype_bytes,
+        block_size=KV_BLOCK_SIZE,
+        slice_mib=slice_mib,
+    )
+
+    def runtime(max_batch: int, own_weight_bytes: int, limit_mib: int) -> KVBudget:
+        return KVBudget.for_config(
+            config,
+            dtype_bytes,
+            own_weight_bytes=own_weight_bytes,
+            ring_bytes=0,
+            max_context=context,
+            max_batch=max_batch,
+            block_size=KV_BLOCK_SIZE,
+            limit_mib=limit_mib,
+        )
+
+    if kv_cache_mib is not None:
+        try:
+            runtime(batch, 0, estimate.replica_slices * slice_mib).blocks()
+        except MemoryBudgetError:
+            return  # a pool too small for one sequence: its replicas refuse to start too, and say why
+    holder_slices = -(-(estimate.device_weights_mib + estimate.holder_serving_mib) // slice_mib)
+    holder = runtime(1, weight_bytes, holder_slices * slice_mib)  # the holder's own arena
+    assert holder.blocks() == holder.wanted_blocks
