@@ -37,21 +37,26 @@ from vnpu.bench.report import provenance, results_dir, write_table
 MIB = 2**20
 PREFILL_CHUNK = 256
 GOAL_RESERVE_OVER_PEAK = 1.0
+STEPS = ("decode", "prefill end")  #: the worst steps measured (:func:`worst_steps`)
 
 
 def worst_steps(
     batch: int, context: int, block_size: int, chunk: int = PREFILL_CHUNK
 ) -> dict[str, list[Any]]:
     """Every sequence decoding its last position; and the last prefill chunk of a full-context prompt
-    beside ``batch - 1`` such decodes (the step's ``chunk`` tokens shared, as the scheduler shares them)."""
+    beside ``batch - 1`` such decodes (the step's ``chunk`` tokens shared, as the scheduler shares them),
+    where the decodes leave the chunk room for a prompt token."""
     from vnpu.runtime.paged import StepSequence
 
     per_sequence = -(-context // block_size)
     tables = [list(range(1 + i * per_sequence, 1 + (i + 1) * per_sequence)) for i in range(batch)]
     decodes = [StepSequence([5], context - 1, tables[i], True) for i in range(batch)]
-    prompt_tail = chunk - (batch - 1)
-    prefill = StepSequence([5] * prompt_tail, context - prompt_tail, tables[0], True)
-    return {"decode": decodes, "prefill end": [prefill, *decodes[1:]]}
+    steps = {"decode": decodes}
+    prompt_tail = min(chunk - (batch - 1), context)
+    if prompt_tail > 0:
+        prefill = StepSequence([5] * prompt_tail, context - prompt_tail, tables[0], True)
+        steps["prefill end"] = [prefill, *decodes[1:]]
+    return steps
 
 
 def step_peak_bytes(run: Callable[[], object], device: str = "cpu") -> int:
@@ -101,7 +106,7 @@ def reserve_and_peaks(
     tensors = {name: weights.arena.view(entry).to(device) for name, entry in manifest.tensors.items()}
     dtype = next(iter(tensors.values())).dtype
     model = LlamaModel(manifest.config, ResidentWeights(tensors), device, dtype, max_positions=context)
-    cache = PagedKVCache(manifest.config, 1 + batch * -(-context // block), block, dtype, device)
+    cache = PagedKVCache(manifest.config, 1 + budget.wanted_blocks, block, dtype, device)
     cache.initialise(cache.num_blocks - 1)
     peaks = {}
     for name, steps in worst_steps(batch, context, block).items():
@@ -127,7 +132,10 @@ def bench(models: dict[str, Path], shapes: list[tuple[int, int]], device: str) -
                     "dtype": str(next(iter(weights.manifest.tensors.values())).dtype),
                     "batch": batch,
                     "context": context,
-                    **{f"peak_{k.replace(' ', '_')}_mib": round(v / MIB, 2) for k, v in peaks.items()},
+                    **{  # (no prefill end beside a batch of decodes that fills the chunk)
+                        f"peak_{k.replace(' ', '_')}_mib": round(peaks[k] / MIB, 2) if k in peaks else None
+                        for k in STEPS
+                    },
                     "reserve_mib": round(reserve["reserve"] / MIB, 2),
                     "reserve_without_gather_mib": round(reserve["reserve_without_gather"] / MIB, 2),
                     "reserve_over_peak": round(reserve["reserve"] / peak, 3),

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import logging
 
+import pytest
+
 from vnpu.bench import activation
 
 
@@ -22,3 +24,20 @@ def test_a_small_run_writes_json_table_and_png(tmp_path) -> None:
     assert result["provenance"]["command"].startswith("vnpu bench activation --shapes 2x256")
     assert (tmp_path / "activation.png").stat().st_size > 0
     assert "smollm2" in (tmp_path / "activation.md").read_text()
+
+
+@pytest.mark.parametrize(("batch", "context"), [(1, 100), (8, 4096), (255, 512), (256, 512), (300, 64)])
+def test_the_worst_steps_are_steps_the_scheduler_could_run(batch: int, context: int) -> None:
+    """Each sequence ends at ``context`` within its own blocks, and a step's tokens fit one chunk
+    (the prefill's share is what the decodes leave; none when they fill it)."""
+    steps = activation.worst_steps(batch, context, block_size=16)
+    assert set(steps) <= set(activation.STEPS)
+    assert ("prefill end" in steps) == (batch < activation.PREFILL_CHUNK + 1)
+    for sequences in steps.values():
+        assert len(sequences) == batch
+        assert sum(len(s.tokens) for s in sequences) <= max(activation.PREFILL_CHUNK, batch)
+        for s in sequences:
+            assert s.start >= 0 and s.start + len(s.tokens) == context
+            assert len(s.blocks) * 16 >= context
+        tables = [b for s in sequences for b in s.blocks]
+        assert len(tables) == len(set(tables))
