@@ -529,12 +529,14 @@ def _holder_serving(env: list[dict[str, Any]], serving: Sequence[ModelRef]) -> d
     replicas' readiness counts on that even where it cannot serve; until its server answers (while it
     loads, or never when too small to serve) the gateway finds the port closed and waits for a replica."""
     port = serving[0].spec.runtime.port
-    contexts = [o.spec.memory.max_context_tokens for o in serving if o.spec.memory.max_context_tokens]
+    # The longest a model's replicas take (a spec without maxContextTokens: the runtime's default),
+    # which the group's holder size was estimated for (vnpu.memory: holder_serving_mib).
+    context = max(o.spec.memory.max_context_tokens or api.DEFAULT_MAX_CONTEXT for o in serving)
     replaced = {"VNPU_MAX_BATCH", "VNPU_MAX_CONTEXT", "VNPU_PORT"}
     env = [e for e in env if e["name"] not in replaced] + [
         {"name": "VNPU_MAX_BATCH", "value": "1"},
         {"name": "VNPU_PORT", "value": str(port)},
-        *([{"name": "VNPU_MAX_CONTEXT", "value": str(max(contexts))}] if contexts else []),
+        {"name": "VNPU_MAX_CONTEXT", "value": str(context)},
     ]
     return {
         "args": ["vnpu", "runtime", "weights-holder", "--serve", "--host", "0.0.0.0", "--port", str(port)],

@@ -147,6 +147,26 @@ def test_a_model_at_zero_is_answered_by_its_holder_through_a_warm_service() -> N
     assert again.create_services == []
 
 
+def test_a_serving_holder_takes_the_longest_context_any_of_its_models_replicas_take() -> None:
+    """Two models of one weights in one share group, both at zero: one holder answers for both, at the
+    longer context. A spec that gives only ``kvCacheMiB`` runs at the runtime's default context, and
+    its holder was sized for one sequence of it (:mod:`vnpu.memory`): the holder must not refuse that
+    model's longer prompts, which its replicas take."""
+    at_zero = {"minReplicas": 0, "keepWarm": "Always"}
+    short = model(
+        "short", 1, shareGroup="team", scaling=at_zero, memory={"maxContextTokens": 512, "maxBatch": 4}
+    )
+    pool = model("pool", 1, shareGroup="team", scaling=at_zero, memory={"kvCacheMiB": 2048, "maxBatch": 4})
+    result = run([short, pool], [node("n1", devices=1)])
+    (holder,) = _holders(result.create)
+    env = {e["name"]: e.get("value") for e in holder["spec"]["containers"][0]["env"]}
+    assert env["VNPU_MAX_CONTEXT"] == str(api.DEFAULT_MAX_CONTEXT)
+    alone = run([short], [node("n1", devices=1)])
+    (holder,) = _holders(alone.create)
+    env = {e["name"]: e.get("value") for e in holder["spec"]["containers"][0]["env"]}
+    assert env["VNPU_MAX_CONTEXT"] == "512"
+
+
 @pytest.mark.parametrize(
     "scaling",
     [{"minReplicas": 1}, {"minReplicas": 0, "keepWarm": "Never"}],
