@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from typing import Any, Protocol
 
 import numpy as np
@@ -178,8 +179,13 @@ def as_bytes(tensor: np.ndarray | Any, dtype: str) -> np.ndarray:
         return np.ascontiguousarray(tensor.astype(dtype, copy=False)).reshape(-1).view(np.uint8)
     import torch
 
-    t = torch.as_tensor(tensor) if isinstance(tensor, np.ndarray) else tensor
-    t = t.to(getattr(torch, dtype)).contiguous().reshape(-1)
+    if isinstance(tensor, np.ndarray):
+        # A read-only map of the file: torch warns that writing through it would be undefined, and
+        # nothing here writes (the arena gets a copy), so every holder's log need not carry the warning.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            tensor = torch.as_tensor(tensor)
+    t = tensor.to(getattr(torch, dtype)).contiguous().reshape(-1)
     return t.view(torch.uint8).numpy()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ import pytest
 import torch
 from rt_helpers import load_tiny_llama
 
-from vnpu.runtime.checkpoint import GGUFCheckpoint
+from vnpu.runtime.checkpoint import GGUFCheckpoint, as_bytes
 from vnpu.runtime.generate import generate
 from vnpu.runtime.loader import load_weights
 from vnpu.runtime.model import LlamaModel, ResidentWeights, stacked_rows
@@ -127,6 +128,18 @@ def test_the_arena_stacks_q_k_v_and_gate_up_in_place(smollm2_weights: Any) -> No
         with model.weights.unit(unit) as w:
             assert w[stack].data_ptr() == w[keys[0]].data_ptr()  # a view, no copy
             torch.testing.assert_close(w[stack], torch.cat([w[k] for k in keys]), rtol=0, atol=0)
+
+
+def test_a_read_only_map_of_the_file_converts_without_a_warning(tmp_path: Path) -> None:
+    """Weights come from a read-only map of the file; converting them for the arena reads it only, and
+    every weight-holder's log carried torch's "not writable" warning for each load."""
+    values = np.arange(12, dtype=np.float32)
+    values.tofile(tmp_path / "w.bin")
+    mapped = np.memmap(tmp_path / "w.bin", dtype=np.float32, mode="r")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        data = as_bytes(mapped, "bfloat16")
+    assert torch.equal(torch.frombuffer(bytearray(data), dtype=torch.bfloat16).float(), torch.arange(12.0))
 
 
 def test_stacked_rows_refuses_weights_that_do_not_touch() -> None:
