@@ -65,26 +65,39 @@ def test_the_limit_buys_the_largest_pool_whose_costs_fit(
         assert sum(more.required().values()) > limit_mib * MIB
 
 
+@st.composite
+def llama_configs(draw: st.DrawFn) -> ModelConfig:
+    """Llama-shaped configs across the range of real ones (GQA groups, head sizes, FFN widths)."""
+    kv_heads = draw(st.sampled_from([1, 2, 4, 8, 16]))
+    heads = kv_heads * draw(st.sampled_from([1, 2, 4, 7, 8]))
+    head_dim = draw(st.sampled_from([64, 80, 128, 256]))
+    hidden = heads * head_dim
+    return ModelConfig(
+        "llama",
+        n_layers=draw(st.integers(1, 96)),
+        n_heads=heads,
+        n_kv_heads=kv_heads,
+        head_dim=head_dim,
+        hidden_size=hidden,
+        vocab_size=draw(st.integers(256, 260_000)),
+        ffn_size=draw(st.integers(2, 5)) * hidden,
+    )
+
+
+#: What the operator sizes a model pod from: its config, dtype, context, batch and the slice size.
+SIZING = {
+    "config": llama_configs(),
+    "dtype_bytes": st.sampled_from([2, 4]),
+    "context": st.integers(1, 32_768),
+    "batch": st.integers(1, 64),
+    "slice_mib": st.sampled_from([256, 512, 1024]),
+}
+
+
 @settings(max_examples=300, deadline=None)
-@given(
-    layers=st.integers(1, 96),
-    kv_heads=st.sampled_from([1, 2, 4, 8, 16]),
-    group=st.sampled_from([1, 2, 4, 7, 8]),
-    head_dim=st.sampled_from([64, 80, 128, 256]),
-    ffn_factor=st.integers(2, 5),
-    vocab=st.integers(256, 260_000),
-    dtype_bytes=st.sampled_from([2, 4]),
-    context=st.integers(1, 32_768),
-    batch=st.integers(1, 64),
-    slice_mib=st.sampled_from([256, 512, 1024]),
-)
+@given(**SIZING)
 def test_the_slices_the_operator_gives_a_replica_buy_the_runtime_its_whole_pool(
-    layers: int,
-    kv_heads: int,
-    group: int,
-    head_dim: int,
-    ffn_factor: int,
-    vocab: int,
+    config: ModelConfig,
     dtype_bytes: int,
     context: int,
     batch: int,
@@ -93,18 +106,6 @@ def test_the_slices_the_operator_gives_a_replica_buy_the_runtime_its_whole_pool(
     """The operator sizes a replica (:mod:`vnpu.memory`, as its estimate cache calls it); the runtime
     under that limit gets ``maxBatch`` sequences of ``maxContextTokens``, not a few blocks fewer (which
     would preempt at full load what the spec promised to hold)."""
-    heads = kv_heads * group
-    hidden = heads * head_dim
-    config = ModelConfig(
-        "llama",
-        n_layers=layers,
-        n_heads=heads,
-        n_kv_heads=kv_heads,
-        head_dim=head_dim,
-        hidden_size=hidden,
-        vocab_size=vocab,
-        ffn_size=ffn_factor * hidden,
-    )
     estimate = estimate_memory(
         weights_mib=1,
         config=config,
@@ -129,26 +130,12 @@ def test_the_slices_the_operator_gives_a_replica_buy_the_runtime_its_whole_pool(
 
 @settings(max_examples=300, deadline=None)
 @given(
-    layers=st.integers(1, 96),
-    kv_heads=st.sampled_from([1, 2, 4, 8, 16]),
-    group=st.sampled_from([1, 2, 4, 7, 8]),
-    head_dim=st.sampled_from([64, 80, 128, 256]),
-    ffn_factor=st.integers(2, 5),
-    vocab=st.integers(256, 260_000),
-    dtype_bytes=st.sampled_from([2, 4]),
-    context=st.integers(1, 32_768),
-    batch=st.integers(1, 64),
+    **SIZING,
     weight_bytes=st.integers(1, 64 * 1024 * MIB),
     kv_cache_mib=st.none() | st.integers(1, 64 * 1024),
-    slice_mib=st.sampled_from([256, 512, 1024]),
 )
 def test_the_slices_the_operator_gives_a_serving_holder_buy_it_one_sequence(
-    layers: int,
-    kv_heads: int,
-    group: int,
-    head_dim: int,
-    ffn_factor: int,
-    vocab: int,
+    config: ModelConfig,
     dtype_bytes: int,
     context: int,
     batch: int,
@@ -160,18 +147,6 @@ def test_the_slices_the_operator_gives_a_serving_holder_buy_it_one_sequence(
     at the context length (``weights-holder --serve`` with ``VNPU_MAX_BATCH=1``) in the slices the
     operator gives it: the weights and ``holder_serving_mib``. The runtime under that limit must start
     (one sequence fits), or the model could never answer while scaled to zero."""
-    heads = kv_heads * group
-    hidden = heads * head_dim
-    config = ModelConfig(
-        "llama",
-        n_layers=layers,
-        n_heads=heads,
-        n_kv_heads=kv_heads,
-        head_dim=head_dim,
-        hidden_size=hidden,
-        vocab_size=vocab,
-        ffn_size=ffn_factor * hidden,
-    )
     if kv_cache_mib is not None:
         context = DEFAULT_MAX_CONTEXT  # a spec that gives the pool, not the context: the runtime's default
     estimate = estimate_memory(
