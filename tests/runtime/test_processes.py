@@ -314,6 +314,50 @@ def test_a_holder_too_small_to_serve_still_holds(cluster: Cluster) -> None:
         holder.stop()
 
 
+def test_a_holder_in_the_slices_the_operator_gives_it_serves(cluster: Cluster) -> None:
+    """The operator's estimate for a model at zero that gives only ``kvCacheMiB`` (a pool of 4 full
+    sequences for up to 8 shorter ones, as vLLM sizes its pool apart from its batch) sizes its serving
+    holder; the holder under exactly that limit (1 MiB slices: no rounding to hide behind), at the
+    context its replicas take, answers. Sized at ``kvCacheMiB / maxBatch`` (half a sequence) it held the
+    weights and could not serve."""
+    from vnpu.api import DEFAULT_MAX_CONTEXT, KV_BLOCK_SIZE
+    from vnpu.memory import estimate_from_spec
+
+    source = {"uri": f"file://{cluster.model}"}
+    one = estimate_from_spec(
+        {
+            "source": source,
+            "weights": {"dtype": "float32"},
+            "memory": {"maxContextTokens": 2048, "maxBatch": 1},
+        }
+    )
+    spec = {
+        "source": source,
+        "weights": {"dtype": "float32"},
+        "memory": {"kvCacheMiB": 4 * (DEFAULT_MAX_CONTEXT * one.kv_bytes_per_token >> 20), "maxBatch": 8},
+    }
+    estimate = estimate_from_spec(spec, slice_mib=1, block_size=KV_BLOCK_SIZE)
+    limit = estimate.device_weights_mib + estimate.holder_serving_mib
+    sharing = cluster.sharing()
+    sharing[sharing.index("--share-group") + 1] = "sized-holder"
+    holder = cluster.spawn(
+        "sized-holder",
+        "weights-holder",
+        "--serve",
+        *("--model", str(cluster.model), "--dtype", "float32", "--max-batch", "1"),
+        *("--memory-limit-mib", str(limit)),
+        *sharing,
+        port=free_port(),
+    )
+    try:
+        wait_for(lambda: '"event": "ready"' in holder.log.read_text(), holder, 180)
+        assert "cannot serve" not in holder.log.read_text()
+        status, body = http_json(holder.url + "/v1/completions", REQUEST)
+        assert status == 200, body
+    finally:
+        holder.stop()
+
+
 def test_sigterm_caught_by_another_thread_still_stops_a_replica_and_a_holder(cluster: Cluster) -> None:
     """The kernel may hand the kubelet's SIGTERM to any thread; the handler runs on the main thread,
     which must not sleep through it. On an H200 every replica outlived SIGTERM until SIGKILL: its main
