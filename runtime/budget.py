@@ -81,20 +81,9 @@ class KVBudget:
         return self.max_batch * self.blocks_per_sequence
 
     def gathered_blocks(self, blocks: int) -> int:
-        """The most blocks one layer's gather copies in a step over a pool of ``blocks``: ``r`` decode
-        rows padded to the longest, ``w`` blocks, where the rows hold ``w + r - 1`` blocks at least
-        (``r <= max_batch``, ``w <= blocks_per_sequence``). ``r * w`` peaks at ``r = n - w + 1``,
-        either at the longest ``w`` or where ``r`` and ``w`` meet."""
-        longest, rows = self.blocks_per_sequence, min(self.max_batch, blocks)
-        if rows < 1:
-            return 0
-        middle = (blocks + 1) // 2
-        candidates = {
-            max(1, min(rows, blocks - longest + 1)),
-            max(1, min(rows, middle)),
-            max(1, min(rows, middle + 1)),
-        }
-        return max(r * min(longest, blocks - r + 1) for r in candidates)
+        """The most blocks one layer's gather copies in a step over a pool of ``blocks``
+        (:func:`vnpu.memory.gathered_blocks`)."""
+        return memory.gathered_blocks(blocks, self.max_batch, self.blocks_per_sequence)
 
     def activation(self, blocks: int) -> int:
         """One step's activations over a pool of ``blocks`` usable blocks."""

@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 
-from vnpu.api import DEFAULT_MAX_CONTEXT, KV_BLOCK_SIZE
+from vnpu.api import DEFAULT_MAX_BATCH, DEFAULT_MAX_CONTEXT, KV_BLOCK_SIZE
 from vnpu.runtime.arena import Arena
 from vnpu.runtime.budget import KVBudget
 from vnpu.runtime.chat import ChatTemplate
@@ -106,7 +106,7 @@ class ServeOptions:
     #: Answer to any ``model`` a request names: a serving weight-holder answers for every model of its
     #: share group (they all use its weights), under the names the gateway forwards.
     any_model_name: bool = False
-    max_batch: int = 16  #: sequences decoded together (``spec.memory.maxBatch``)
+    max_batch: int = DEFAULT_MAX_BATCH  #: sequences decoded together (``spec.memory.maxBatch``)
     default_priority: int = 0  #: priority of requests that give none (``spec.priority``)
     max_queue: int = 64  #: sequences waiting for a batch slot before new ones get 429
     block_size: int = KV_BLOCK_SIZE

@@ -305,9 +305,9 @@ def _add_model_serving_args(g: argparse._ArgumentGroup) -> None:
     g.add_argument(
         "--max-batch",
         type=_whole("VNPU_MAX_BATCH", minimum=1),
-        default=_env("VNPU_MAX_BATCH", default="16"),
+        default=_env("VNPU_MAX_BATCH", default=str(api.DEFAULT_MAX_BATCH)),
         help="sequences decoded together by continuous batching (spec.memory.maxBatch) "
-        "[$VNPU_MAX_BATCH, default 16]",
+        f"[$VNPU_MAX_BATCH, default {api.DEFAULT_MAX_BATCH}]",
     )
     g.add_argument(
         "--default-priority",

@@ -48,6 +48,9 @@ KV_BLOCK_SIZE = 16
 #: Tokens of context the runtime holds per sequence when the spec gives no ``maxContextTokens`` (its
 #: ``--max-context`` default; what a weight-holder serving a ``kvCacheMiB``-only spec is sized for).
 DEFAULT_MAX_CONTEXT = 2048
+#: Sequences the runtime decodes together when the spec gives no ``maxBatch`` (its ``--max-batch``
+#: default; what a replica of a ``kvCacheMiB`` spec runs with, and is sized for).
+DEFAULT_MAX_BATCH = 16
 
 #: Weight dtypes vnpu's runtime holds on a device (quantized files are dequantised on load to one of
 #: these); the CRD refuses other ``weights.dtype`` values unless ``runtime.image`` names another runtime.

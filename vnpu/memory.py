@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from vnpu.api import DEFAULT_MAX_CONTEXT, DEFAULT_SLICE_MIB, RUNTIME_DTYPES, slices_for_mib
+from vnpu.api import DEFAULT_MAX_BATCH, DEFAULT_MAX_CONTEXT, DEFAULT_SLICE_MIB, RUNTIME_DTYPES, slices_for_mib
 from vnpu.modelfile import (
     MIB,
     ModelConfig,
@@ -164,6 +164,42 @@ def context_gather_bytes(
     return max_batch * tokens * widest_layer_kv_bytes_per_token(config, kv_dtype_bytes)
 
 
+def gathered_blocks(blocks: int, max_batch: int, blocks_per_sequence: int) -> int:
+    """The most blocks one layer's gather copies in a step over a pool of ``blocks``: ``r`` decode rows
+    padded to the longest, ``w`` blocks, where the rows hold ``w + r - 1`` blocks at least (``r <=
+    max_batch``, ``w <= blocks_per_sequence``). Padding makes it more than the pool: one long sequence
+    beside short ones gathers ``r`` times the long one. ``r * w`` peaks at ``r = n - w + 1``, either at
+    the longest ``w`` or where ``r`` and ``w`` meet."""
+    rows = min(max_batch, blocks)
+    if rows < 1:
+        return 0
+    middle = (blocks + 1) // 2
+    candidates = {
+        max(1, min(rows, blocks - blocks_per_sequence + 1)),
+        max(1, min(rows, middle)),
+        max(1, min(rows, middle + 1)),
+    }
+    return max(r * min(blocks_per_sequence, blocks - r + 1) for r in candidates)
+
+
+def pool_gather_bytes(
+    config: ModelConfig,
+    pool_mib: int,
+    max_context_tokens: int,
+    max_batch: int,
+    kv_dtype_bytes: int = DEFAULT_KV_DTYPE_BYTES,
+    block_size: int | None = None,
+) -> int:
+    """Keys and values one layer's attention gathers, at most, in a step over a KV pool of ``pool_mib``
+    (its null block included when paged): :func:`gathered_blocks` of the sequences the pool holds."""
+    block = block_size or 1
+    block_bytes = block * kv_bytes_per_token(config, kv_dtype_bytes)
+    blocks = pool_mib * MIB // block_bytes - (1 if block_size else 0)
+    per_sequence = -(-max_context_tokens // block)
+    widest = block * widest_layer_kv_bytes_per_token(config, kv_dtype_bytes)
+    return gathered_blocks(blocks, max_batch, per_sequence) * widest
+
+
 #: File tensor dtypes (safetensors / ggml names) as the CRD's ``weights.dtype`` values.
 _FILE_DTYPES = {
     "F32": "float32",
@@ -297,17 +333,15 @@ def estimate_memory(
     if activation_mib is not None:  # given for a whole replica: more than one sequence needs
         one_activation_mib = activation_mib
     elif config is not None:
+        # The runtime's batch and context where the spec gives a pool instead (vnpu.api's defaults).
+        batch, context = max_batch or DEFAULT_MAX_BATCH, max_context_tokens or DEFAULT_MAX_CONTEXT
         if max_context_tokens is not None:
-            gather, one_gather = (
-                context_gather_bytes(config, max_context_tokens, batch, kv_dtype_bytes, block_size)
-                for batch in (max_batch or 1, 1)
-            )
-        else:  # a given pool: a step gathers at most one layer of it (the widest)
-            widest = widest_layer_kv_bytes_per_token(config, kv_dtype_bytes)
-            share = widest / kv_bytes_per_token(config, kv_dtype_bytes)
-            gather, one_gather = (math.ceil(mib * MIB * share) for mib in (kv_mib, one_kv_mib))
+            gather = context_gather_bytes(config, context, batch, kv_dtype_bytes, block_size)
+        else:  # a given pool: the most a step of the runtime's batch gathers from it (rows padded)
+            gather = pool_gather_bytes(config, kv_mib, context, batch, kv_dtype_bytes, block_size)
+        one_gather = context_gather_bytes(config, context, 1, kv_dtype_bytes, block_size)
         act_bytes = max(2, kv_dtype_bytes)  # activations in the model's dtype (a narrower KV cache: 16-bit)
-        activation_mib = mib_ceil(default_activation_bytes(config, max_batch or 1, gather, act_bytes))
+        activation_mib = mib_ceil(default_activation_bytes(config, batch, gather, act_bytes))
         one_activation_mib = mib_ceil(default_activation_bytes(config, 1, one_gather, act_bytes))
         assumptions.append(f"activationMiB={activation_mib} estimated analytically from the model config")
     else:

@@ -22,9 +22,11 @@ from vnpu.memory import (
     estimate_from_spec,
     estimate_memory,
     estimate_param_count,
+    gathered_blocks,
     kv_bytes_per_token,
     kv_cache_bytes,
     load_dtype,
+    pool_gather_bytes,
 )
 from vnpu.modelfile import MAX_CONFIG_DIMENSION, MIB, ModelConfig, config_from_hf, read_model_file
 
@@ -116,6 +118,19 @@ def test_the_activation_reserve_holds_one_layer_of_the_batch_context_gather():
     assert context_gather_bytes(LLAMA3_8B, 4097, 1, block_size=16) == 4112 * 4096
 
 
+def test_a_small_pool_gathers_more_than_it_holds():
+    """Rows are padded to the longest: in a pool of 135 blocks, one sequence of 120 blocks beside 15 of
+    one block each gathers 16 x 120 blocks of one layer, 14 times that layer's share of the pool (the
+    estimate once reserved only the share). The runtime's batch and context bound it for a large pool."""
+    pool_mib = 136 * 16 * kv_bytes_per_token(LLAMA3_8B) // MIB  # 135 usable blocks and the null block
+    per_block_layer = 16 * 4096  # one layer's keys and values of one block
+    assert gathered_blocks(135, 16, 128) == 16 * 120
+    assert pool_gather_bytes(LLAMA3_8B, pool_mib, 2048, 16, block_size=16) == 16 * 120 * per_block_layer
+    assert pool_gather_bytes(LLAMA3_8B, 100_000, 2048, 16, block_size=16) == context_gather_bytes(
+        LLAMA3_8B, 2048, 16, block_size=16
+    )
+
+
 def test_the_context_gather_takes_the_widest_layer():
     mixed = ModelConfig(
         "x", n_layers=3, n_heads=4, n_kv_heads=4, head_dim=8, hidden_size=32, kv_heads_per_layer=(1, 2, 4)
@@ -161,9 +176,10 @@ def test_estimate_from_the_real_gguf():
     plain_path = estimate_from_spec(
         {"source": {"uri": str(SMOLLM2), "format": "gguf"}, "memory": {"kvCacheMiB": 2000}}, slice_mib=512
     )
-    # 2000 + the analytic activation: a step gathers at most one layer of the pool (2000 / 30 layers),
-    # plus a few MiB of prefill chunk and logits; 2073 MiB in 512 MiB slices.
-    assert plain_path.activation_mib == 73 and plain_path.replica_slices == 5
+    # 2000 + the analytic activation of the runtime's default batch (16) and context (2048): a step
+    # gathers at most 16 rows of 2048 tokens of one layer (24 MiB; the pool would allow more), the
+    # prefill chunk (5.25 MiB) and the logits of 16 rows (3 MiB); 2033 MiB in 512 MiB slices.
+    assert plain_path.activation_mib == 33 and plain_path.replica_slices == 4
     assert any("activationMiB" in a for a in plain_path.assumptions)
 
 
@@ -447,10 +463,9 @@ def test_a_serving_holder_needs_one_sequence_of_a_replica(context, batch, overhe
     # A KV size given for the whole replica, with no config to size a sequence: shared out per sequence.
     given_kv = estimate_memory(weights_mib=1000, kv_cache_mib=1001, max_batch=batch, activation_mib=7)
     assert given_kv.holder_serving_mib == -(-1001 // batch) + 7
-    # With a config, one sequence at the context the runtime holds without maxContextTokens.
-    pool_only = estimate_memory(
-        weights_mib=1000, config=LLAMA3_8B, kv_cache_mib=1001, max_batch=batch, activation_mib=7
-    )
+    # With a config (and, as the CRD has it, no maxBatch beside kvCacheMiB): one sequence at the
+    # context the runtime holds without maxContextTokens, not the whole pool.
+    pool_only = estimate_memory(weights_mib=1000, config=LLAMA3_8B, kv_cache_mib=1001, activation_mib=7)
     at_default = estimate_memory(
         weights_mib=1000,
         config=LLAMA3_8B,

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vnpu.api import DEFAULT_MAX_CONTEXT, KV_BLOCK_SIZE
+from vnpu.api import DEFAULT_MAX_BATCH, DEFAULT_MAX_CONTEXT, KV_BLOCK_SIZE
 from vnpu.memory import estimate_memory
 from vnpu.modelfile import ModelConfig
 from vnpu.runtime.budget import MIB, KVBudget
@@ -130,6 +130,47 @@ def test_the_slices_the_operator_gives_a_replica_buy_the_runtime_its_whole_pool(
 
 @settings(max_examples=300, deadline=None)
 @given(
+    config=llama_configs(),
+    dtype_bytes=SIZING["dtype_bytes"],
+    kv_cache_mib=st.integers(1, 64 * 1024),
+    slice_mib=SIZING["slice_mib"],
+)
+def test_the_slices_the_operator_gives_a_replica_buy_the_runtime_the_pool_its_spec_gives(
+    config: ModelConfig, dtype_bytes: int, kv_cache_mib: int, slice_mib: int
+) -> None:
+    """A spec that gives ``kvCacheMiB`` gives neither context nor batch (the CRD takes neither beside
+    it): its replicas run at the runtime's defaults. Under the slices the operator gives one, the
+    runtime's pool holds what ``kvCacheMiB`` buys in whole blocks (less the null block), or all its
+    batch can use; a pool too small for one sequence is refused, and says so."""
+    estimate = estimate_memory(
+        weights_mib=1,
+        config=config,
+        kv_cache_mib=kv_cache_mib,
+        kv_dtype_bytes=dtype_bytes,
+        block_size=KV_BLOCK_SIZE,
+        slice_mib=slice_mib,
+    )
+    runtime = KVBudget.for_config(
+        config,
+        dtype_bytes,
+        own_weight_bytes=0,
+        ring_bytes=0,
+        max_context=DEFAULT_MAX_CONTEXT,
+        max_batch=DEFAULT_MAX_BATCH,
+        block_size=KV_BLOCK_SIZE,
+        limit_mib=estimate.replica_slices * slice_mib,
+    )
+    asked = kv_cache_mib * MIB // runtime.block_bytes - 1
+    try:
+        blocks = runtime.blocks()
+    except MemoryBudgetError:
+        assert asked < runtime.blocks_per_sequence
+        return
+    assert blocks >= min(asked, runtime.wanted_blocks)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
     **SIZING,
     weight_bytes=st.integers(1, 64 * 1024 * MIB),
     kv_cache_mib=st.none() | st.integers(1, 64 * 1024),
@@ -146,37 +187,29 @@ def test_the_slices_the_operator_gives_a_serving_holder_buy_it_one_sequence(
     """A weight-holder that answers requests (scale to zero) holds the weights and serves one sequence
     at the context length (``weights-holder --serve`` with ``VNPU_MAX_BATCH=1``) in the slices the
     operator gives it: the weights and ``holder_serving_mib``. The runtime under that limit must start
-    (one sequence fits), or the model could never answer while scaled to zero."""
-    if kv_cache_mib is not None:
-        context = DEFAULT_MAX_CONTEXT  # a spec that gives the pool, not the context: the runtime's default
+    (one sequence fits), or the model could never answer while scaled to zero; and for a spec that
+    gives a pool, one sequence is all it takes (not the whole pool beside the weights)."""
+    if kv_cache_mib is not None:  # a spec that gives the pool: the runtime's default context
+        context = DEFAULT_MAX_CONTEXT
     estimate = estimate_memory(
         weights_mib=-(-weight_bytes // MIB),
         config=config,
         kv_cache_mib=kv_cache_mib,
         max_context_tokens=None if kv_cache_mib is not None else context,
-        max_batch=batch,
+        max_batch=None if kv_cache_mib is not None else batch,  # the CRD takes neither beside a pool
         kv_dtype_bytes=dtype_bytes,
         block_size=KV_BLOCK_SIZE,
         slice_mib=slice_mib,
     )
-
-    def runtime(max_batch: int, own_weight_bytes: int, limit_mib: int) -> KVBudget:
-        return KVBudget.for_config(
-            config,
-            dtype_bytes,
-            own_weight_bytes=own_weight_bytes,
-            ring_bytes=0,
-            max_context=context,
-            max_batch=max_batch,
-            block_size=KV_BLOCK_SIZE,
-            limit_mib=limit_mib,
-        )
-
-    if kv_cache_mib is not None:
-        try:
-            runtime(batch, 0, estimate.replica_slices * slice_mib).blocks()
-        except MemoryBudgetError:
-            return  # a pool too small for one sequence: its replicas refuse to start too, and say why
     holder_slices = -(-(estimate.device_weights_mib + estimate.holder_serving_mib) // slice_mib)
-    holder = runtime(1, weight_bytes, holder_slices * slice_mib)  # the holder's own arena
+    holder = KVBudget.for_config(
+        config,
+        dtype_bytes,
+        own_weight_bytes=weight_bytes,  # the holder's own arena
+        ring_bytes=0,
+        max_context=context,
+        max_batch=1,
+        block_size=KV_BLOCK_SIZE,
+        limit_mib=holder_slices * slice_mib,
+    )
     assert holder.blocks() == holder.wanted_blocks
