@@ -156,7 +156,7 @@ def test_a_serving_holder_takes_the_longest_context_any_of_its_models_replicas_t
     short = model(
         "short", 1, shareGroup="team", scaling=at_zero, memory={"maxContextTokens": 512, "maxBatch": 4}
     )
-    pool = model("pool", 1, shareGroup="team", scaling=at_zero, memory={"kvCacheMiB": 2048, "maxBatch": 4})
+    pool = model("pool", 1, shareGroup="team", scaling=at_zero, memory={"kvCacheMiB": 2048})
     result = run([short, pool], [node("n1", devices=1)])
     (holder,) = _holders(result.create)
     env = {e["name"]: e.get("value") for e in holder["spec"]["containers"][0]["env"]}

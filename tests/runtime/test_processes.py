@@ -316,10 +316,9 @@ def test_a_holder_too_small_to_serve_still_holds(cluster: Cluster) -> None:
 
 def test_a_holder_in_the_slices_the_operator_gives_it_serves(cluster: Cluster) -> None:
     """The operator's estimate for a model at zero that gives only ``kvCacheMiB`` (a pool of 4 full
-    sequences for up to 8 shorter ones, as vLLM sizes its pool apart from its batch) sizes its serving
-    holder; the holder under exactly that limit (1 MiB slices: no rounding to hide behind), at the
-    context its replicas take, answers. Sized at ``kvCacheMiB / maxBatch`` (half a sequence) it held the
-    weights and could not serve."""
+    sequences) sizes its serving holder for one sequence at the context its replicas take, no longer
+    for the whole pool beside the weights; the holder under exactly that limit (1 MiB slices: no
+    rounding to hide behind) answers."""
     from vnpu.api import DEFAULT_MAX_CONTEXT, KV_BLOCK_SIZE
     from vnpu.memory import estimate_from_spec
 
@@ -334,10 +333,11 @@ def test_a_holder_in_the_slices_the_operator_gives_it_serves(cluster: Cluster) -
     spec = {
         "source": source,
         "weights": {"dtype": "float32"},
-        "memory": {"kvCacheMiB": 4 * (DEFAULT_MAX_CONTEXT * one.kv_bytes_per_token >> 20), "maxBatch": 8},
+        "memory": {"kvCacheMiB": 4 * (DEFAULT_MAX_CONTEXT * one.kv_bytes_per_token >> 20)},
     }
     estimate = estimate_from_spec(spec, slice_mib=1, block_size=KV_BLOCK_SIZE)
     limit = estimate.device_weights_mib + estimate.holder_serving_mib
+    assert estimate.holder_serving_mib < estimate.kv_cache_mib  # one sequence, not the pool
     sharing = cluster.sharing()
     sharing[sharing.index("--share-group") + 1] = "sized-holder"
     holder = cluster.spawn(
