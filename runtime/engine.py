@@ -53,7 +53,14 @@ from vnpu.runtime.generate import GenerationResult, check_context
 from vnpu.runtime.manifest import DTYPE_BYTES, WeightManifest
 from vnpu.runtime.metrics import RuntimeMetrics
 from vnpu.runtime.model import LlamaModel, ResidentWeights, WeightProvider
-from vnpu.runtime.offload import OffloadedWeights, OffloadPlan, ThrottledLink, plan_offload, unit_sizes
+from vnpu.runtime.offload import (
+    OffloadedWeights,
+    OffloadPlan,
+    ThrottledLink,
+    plan_offload,
+    resident_cap_bytes,
+    unit_sizes,
+)
 from vnpu.runtime.paged import PagedKVCache, StepSequence, build_layout
 from vnpu.runtime.requests import (
     GenerationRequest,
@@ -101,6 +108,8 @@ class ServeOptions:
     memory_limit_mib: int | None = None
     offload_budget_mib: float | None = None  #: None: everything resident
     prefetch_depth: int = 2
+    #: What the group's weight-holder pays for of the resident weights (None: all the budget allows).
+    offload_resident_mib: float | None = None
     link_bytes_per_s: float | None = None  #: CPU only: emulate a host-to-device link of this bandwidth
     model_name: str = ""
     #: Answer to any ``model`` a request names: a serving weight-holder answers for every model of its
@@ -289,7 +298,10 @@ class ModelRuntime:
             offload = False
         if offload:
             plan = plan_offload(
-                unit_sizes(units, manifest), int((opts.offload_budget_mib or 0) * MIB), opts.prefetch_depth
+                unit_sizes(units, manifest),
+                int((opts.offload_budget_mib or 0) * MIB),
+                opts.prefetch_depth,
+                resident_cap_bytes(opts.offload_resident_mib),
             )
             ring = plan.ring_bytes
         blocks = self.kv_blocks(manifest, shared, ring, plan)  # refuse before allocating anything

@@ -285,6 +285,14 @@ def _add_offload_args(g: argparse._ArgumentGroup, holder: bool = False) -> None:
         default=_env("VNPU_PREFETCH_DEPTH", default="2"),
         help="ring buffers for streamed layers [$VNPU_PREFETCH_DEPTH, default 2]",
     )
+    g.add_argument(
+        "--offload-resident-mib",
+        type=_finite_mib("VNPU_OFFLOAD_RESIDENT_MIB"),
+        default=_env("VNPU_OFFLOAD_RESIDENT_MIB"),
+        help="at most this much of the weights resident (set by the operator: what the group's "
+        "weight-holder's slices pay for, so the holder and its replicas plan alike) "
+        "[$VNPU_OFFLOAD_RESIDENT_MIB]",
+    )
     if holder:
         return
     g.add_argument(
@@ -515,7 +523,7 @@ def _holder_needs(args: argparse.Namespace, manifest: Any) -> tuple[int, str]:
     if args.offload_budget_mib is None:
         return manifest.total_bytes, "the weights"
     from vnpu.runtime.errors import OffloadPlanError
-    from vnpu.runtime.offload import plan_offload, unit_sizes
+    from vnpu.runtime.offload import plan_offload, resident_cap_bytes, unit_sizes
     from vnpu.runtime.units import model_units
 
     try:
@@ -523,6 +531,7 @@ def _holder_needs(args: argparse.Namespace, manifest: Any) -> tuple[int, str]:
             unit_sizes(model_units(manifest.config), manifest),
             int(args.offload_budget_mib * 2**20),
             args.prefetch_depth,
+            resident_cap_bytes(args.offload_resident_mib),
         )
     except OffloadPlanError as exc:
         raise SystemExit(f"vnpu runtime weights-holder: {exc}") from exc
@@ -595,6 +604,7 @@ def _serve_options(args: argparse.Namespace) -> object:
         memory_limit_mib=args.memory_limit_mib,
         offload_budget_mib=float(offload_mib) if offload_mib is not None else None,
         prefetch_depth=getattr(args, "prefetch_depth", 2),
+        offload_resident_mib=getattr(args, "offload_resident_mib", None),
         link_bytes_per_s=link_gbps * 1e9 if link_gbps else None,
         model_name=args.model_name or "",
         any_model_name=args.command == "weights-holder",

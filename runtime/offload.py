@@ -99,7 +99,17 @@ def unit_sizes(units: Sequence[Unit], manifest: WeightManifest) -> list[UnitSize
     return sizes
 
 
-def plan_offload(units: Sequence[UnitSize], budget_bytes: int, prefetch_depth: int = 2) -> OffloadPlan:
+def resident_cap_bytes(resident_mib: float | None) -> int | None:
+    """``--offload-resident-mib`` in bytes (None: no cap)."""
+    return None if resident_mib is None else int(resident_mib * 2**20)
+
+
+def plan_offload(
+    units: Sequence[UnitSize],
+    budget_bytes: int,
+    prefetch_depth: int = 2,
+    resident_cap_bytes: int | None = None,
+) -> OffloadPlan:
     """Choose resident units under ``budget_bytes`` (see module docstring); deterministic.
 
     The embedding table is gathered on the host (only the rows of the current tokens are needed), so
@@ -108,6 +118,11 @@ def plan_offload(units: Sequence[UnitSize], budget_bytes: int, prefetch_depth: i
     need; one that does not fit streams and smaller ones after it may still fit. When only some
     blocks of a kind fit, the streamed ones are spread evenly over the layers (see
     :func:`_spread_streamed`).
+
+    ``resident_cap_bytes``: what the weight-holder's slices pay for (the operator's estimate, which
+    reserves a ring of its largest whole layer: more than the largest unit this ring holds). The
+    resident units stay within it as well, so the holder and every replica of the group make the
+    same plan and the holder's limit always holds it.
     """
     if prefetch_depth < 1:
         raise OffloadPlanError(f"prefetch depth must be at least 1, got {prefetch_depth}")
@@ -117,8 +132,11 @@ def plan_offload(units: Sequence[UnitSize], budget_bytes: int, prefetch_depth: i
     candidates = sorted(
         (u for u in units if u.kind in PRIORITY), key=lambda u: (PRIORITY[u.kind], order[u.name])
     )
+    cap = budget_bytes if resident_cap_bytes is None else min(budget_bytes, resident_cap_bytes)
     used = sum(u.nbytes for u in fixed)
-    if used + sum(u.nbytes for u in candidates) <= budget_bytes:
+    if used > cap:
+        raise OffloadPlanError(f"a resident cap of {cap} B cannot hold the {used} B of norms")
+    if used + sum(u.nbytes for u in candidates) <= cap:
         resident = fixed + candidates
         streamed: list[UnitSize] = []
     else:
@@ -133,7 +151,7 @@ def plan_offload(units: Sequence[UnitSize], budget_bytes: int, prefetch_depth: i
         for unit in candidates:
             rest = [u for u in remaining if u is not unit]
             ring = prefetch_depth * max((u.nbytes for u in rest), default=0)
-            if used + unit.nbytes + ring <= budget_bytes:
+            if used + unit.nbytes + ring <= budget_bytes and used + unit.nbytes <= cap:
                 resident.append(unit)
                 used += unit.nbytes
                 remaining = rest

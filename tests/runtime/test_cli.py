@@ -30,6 +30,7 @@ def test_cli_reads_the_pod_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         "VNPU_MEMORY_LIMIT_MIB": "2048",
         "VNPU_OFFLOAD_BUDGET_MIB": "512",
         "VNPU_PREFETCH_DEPTH": "3",
+        "VNPU_OFFLOAD_RESIDENT_MIB": "480",
         "VNPU_PORT": "8123",
     }
     for key, value in env.items():
@@ -40,6 +41,8 @@ def test_cli_reads_the_pod_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert identity == sharing.ShareIdentity("team-a", "g1", "0123456789abcdef")
     assert args.share_key_file == "/var/run/vnpu/credential/key"
     assert (args.memory_limit_mib, float(args.offload_budget_mib), args.prefetch_depth) == (2048, 512.0, 3)
+    assert float(args.offload_resident_mib) == 480.0
+    assert float(build_parser().parse_args(["weights-holder"]).offload_resident_mib) == 480.0
     assert args.port == 8123 and args.host == "127.0.0.1" and args.attach is None
     # The socket's name comes from the key: the same for holder and replica, unguessable without it.
     key = b"k" * 32
@@ -221,17 +224,26 @@ def test_a_holder_under_offload_pays_its_limit_only_for_what_replicas_keep_resid
     refused = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=limited)
     assert refused.returncode == 1 and "the weights need" in refused.stderr  # all of them, no offload
 
-    offloading = {**limited, "VNPU_OFFLOAD_BUDGET_MIB": "1", "VNPU_PREFETCH_DEPTH": "2"}
-    holder = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=offloading)
-    try:
-        assert holder.stdout is not None
-        ready = json.loads(holder.stdout.readline())
-        assert ready["event"] == "ready", holder.stderr.read() if holder.stderr else ""
-        assert (ready["backend"], ready["arena_bytes"]) == ("cpu", ready["arena_bytes"])
-        assert ready["arena_bytes"] >= total  # every weight held, on the host
-    finally:
-        holder.terminate()
-        holder.wait(30)
+    # A budget that holds every weight, and no cap: all resident, more than the limit.
+    roomy = {**limited, "VNPU_OFFLOAD_BUDGET_MIB": str(4 * total / 2**20), "VNPU_PREFETCH_DEPTH": "2"}
+    refused = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=roomy)
+    assert refused.returncode == 1 and "kept resident under offload need" in refused.stderr
+
+    tight = {**limited, "VNPU_OFFLOAD_BUDGET_MIB": "1", "VNPU_PREFETCH_DEPTH": "2"}
+    capped = {**roomy, "VNPU_OFFLOAD_RESIDENT_MIB": "1"}  # the operator's: what the holder's slices pay for
+    for offloading in (tight, capped):
+        holder = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=offloading
+        )
+        try:
+            assert holder.stdout is not None
+            ready = json.loads(holder.stdout.readline())
+            assert ready["event"] == "ready", holder.stderr.read() if holder.stderr else ""
+            assert (ready["backend"], ready["arena_bytes"]) == ("cpu", ready["arena_bytes"])
+            assert ready["arena_bytes"] >= total  # every weight held, on the host
+        finally:
+            holder.terminate()
+            holder.wait(30)
 
 
 def test_a_weights_holder_and_a_probe_never_load_torch(short_tmp: Path) -> None:

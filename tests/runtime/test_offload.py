@@ -8,8 +8,11 @@ from typing import Any
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from rt_helpers import load_tiny_llama
 
+from vnpu.memory import estimate_from_spec
 from vnpu.runtime.generate import generate
 from vnpu.runtime.model import LlamaModel, ResidentWeights
 from vnpu.runtime.offload import (
@@ -18,6 +21,7 @@ from vnpu.runtime.offload import (
     ThrottledLink,
     UnitSize,
     plan_offload,
+    resident_cap_bytes,
     unit_sizes,
 )
 from vnpu.runtime.units import ATTN, EMBED, FFN, HEAD, NORM, model_units
@@ -97,6 +101,61 @@ def test_depth_scales_the_ring_and_tiny_budgets_are_refused() -> None:
         plan_offload(units, 10 * MIB, prefetch_depth=2)
     with pytest.raises(OffloadPlanError):
         plan_offload(units, 100 * MIB, prefetch_depth=0)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    layers=st.integers(1, 8),
+    budget_mib=st.integers(1, 120),
+    depth=st.integers(1, 3),
+    cap_mib=st.none() | st.integers(0, 120),
+)
+def test_a_resident_cap_bounds_the_plan_and_leaves_the_ring_to_the_largest_unit(
+    layers: int, budget_mib: int, depth: int, cap_mib: int | None
+) -> None:
+    """With a cap (what the group's holder pays for), the resident units stay within it and within the
+    budget beside the ring; the ring never holds more than ``depth`` of the largest unit; no cap is the
+    budget's own plan."""
+    units = synthetic_units(layers)
+    cap = None if cap_mib is None else cap_mib * MIB
+    try:
+        plan = plan_offload(units, budget_mib * MIB, depth, cap)
+    except OffloadPlanError:
+        return
+    assert plan.resident_bytes + plan.ring_bytes <= budget_mib * MIB
+    assert cap is None or plan.resident_bytes <= cap
+    assert plan.ring_bytes <= depth * max(u.nbytes for u in units if u.kind in (ATTN, FFN, HEAD))
+    if cap is not None and cap >= budget_mib * MIB:
+        assert plan == plan_offload(units, budget_mib * MIB, depth)
+
+
+@pytest.mark.parametrize("slice_mib", [1, 256])
+@pytest.mark.parametrize("depth", [1, 2, 3])
+@pytest.mark.parametrize("budget_mib", [45, 100, 200, 400, 500])
+def test_the_slices_the_operator_gives_hold_the_plan_the_runtime_makes(
+    smollm2_weights: Any, smollm2_path: Path, budget_mib: int, depth: int, slice_mib: int
+) -> None:
+    """The operator sizes an offloaded model from the file's header (the holder: the budget less a
+    ring of its largest whole layer; each replica: that ring); the runtime plans from the units it
+    holds, whose largest is smaller than a layer, and so kept more resident than the holder's slices
+    (SmolLM2 at 100 MiB and depth 3: 67.6 MiB against 58): the holder refused its limit at start and
+    never came up. Under the cap the operator passes, the plan fits the holder, the ring a replica."""
+    spec = {
+        "source": {"uri": f"file://{next(smollm2_path.glob('*.gguf'))}"},
+        "weights": {"dtype": "float32"},  # as the fixture holds it
+        "memory": {"maxContextTokens": 256, "maxBatch": 1},
+        "offload": {"mode": "async", "deviceBudgetMiB": budget_mib, "prefetchDepth": depth},
+    }
+    estimate = estimate_from_spec(spec, slice_mib=slice_mib)
+    manifest = smollm2_weights.manifest
+    plan = plan_offload(
+        unit_sizes(model_units(manifest.config), manifest),
+        budget_mib * MIB,
+        depth,
+        resident_cap_bytes(estimate.device_weights_mib),
+    )
+    assert plan.resident_bytes <= estimate.weight_slices * slice_mib * MIB  # the holder starts
+    assert plan.ring_bytes <= estimate.staging_mib * MIB  # a replica's ring is paid for
 
 
 def test_head_is_chunked_no_bigger_than_an_ffn_block(smollm2_weights: Any) -> None:
