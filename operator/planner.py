@@ -579,6 +579,7 @@ def plan(
                 device=a.device,
                 replica=a.replica,
                 holder=holder,
+                weights_mib=group_mib.get(a.share_group, 0) if holder else 0,
                 template=template_label(templates[a.model]),
                 replaces=moves[(a.model, a.replica)].uid if (a.model, a.replica) in moves else None,
             )

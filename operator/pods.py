@@ -88,7 +88,8 @@ class PodIntent:
     replica: int | None = None
     #: The weight-holder pod a replica maps its weights from.
     holder: str | None = None
-    #: MiB of the weight copy a holder holds.
+    #: MiB of the weight copy a holder holds (a replica's: its holder's, under async offload the cap of
+    #: what it keeps resident, so that it plans as its holder does).
     weights_mib: int = 0
     #: A holder that also answers requests (its group has a model for which vnpu.api.holder_serves).
     serves: bool = False
@@ -348,7 +349,9 @@ def _model_volumes(spec: ModelSpec) -> tuple[list[dict[str, Any]], list[dict[str
     return [volume], [{"name": "model", "mountPath": f"{PVC_ROOT}/{claim}", "readOnly": True}]
 
 
-def _runtime_env(spec: ModelSpec) -> list[dict[str, Any]]:
+def _runtime_env(spec: ModelSpec, weights_mib: int = 0) -> list[dict[str, Any]]:
+    """The runtime's settings from the spec; ``weights_mib``: what the group's holder holds on the
+    device (under async offload, at most that much of the weights stays resident)."""
     env = [
         {"name": "VNPU_MODEL_NAME", "value": spec.model_name},
         {"name": "VNPU_MODEL_URI", "value": spec.source.uri},
@@ -377,6 +380,8 @@ def _runtime_env(spec: ModelSpec) -> list[dict[str, Any]]:
             {"name": "VNPU_OFFLOAD_BUDGET_MIB", "value": str(spec.offload.device_budget_mib)},
             {"name": "VNPU_PREFETCH_DEPTH", "value": str(spec.offload.prefetch_depth)},
         ]
+        if weights_mib:
+            env.append({"name": "VNPU_OFFLOAD_RESIDENT_MIB", "value": str(weights_mib)})
     return env
 
 
@@ -423,7 +428,7 @@ def _replica_pod(intent: PodIntent, config: OperatorConfig) -> dict[str, Any]:
     # not up to a period later. /readyz is a dict lookup; liveness stays at 5 s.
     readiness = {"httpGet": {"path": "/readyz", "port": RUNTIME_PORT_NAME}, "periodSeconds": 1}
     volumes, mounts = _model_volumes(spec)
-    env = _runtime_env(spec)
+    env = _runtime_env(spec, intent.weights_mib)
     if intent.holder:
         key_volume, key_mount = _key_volume(model)
         volumes, mounts = [*volumes, key_volume], [*mounts, key_mount]
@@ -490,7 +495,7 @@ def _holder_pod(intent: PodIntent, config: OperatorConfig) -> dict[str, Any]:
         "image": first.spec.image(config.runtime_image),
         "imagePullPolicy": config.image_pull_policy,
         "args": ["vnpu", "runtime", "weights-holder"],
-        "env": [*_runtime_env(first.spec), *_share_env(first)],
+        "env": [*_runtime_env(first.spec, intent.weights_mib), *_share_env(first)],
         "resources": _resources(first.spec, intent.resource, intent.slices),
         "securityContext": CONTAINER_SECURITY,
         "volumeMounts": [*mounts, key_mount, scratch_mount],

@@ -310,6 +310,23 @@ def _holder_manifest(result: Plan, name: str, pods: list[ObservedPod]) -> dict[s
     }
 
 
+def test_an_offloaded_groups_pods_keep_resident_at_most_what_its_holder_pays_for() -> None:
+    """Under async offload the holder's slices pay for the budget less the estimate's ring; the
+    runtime's ring is smaller (its units are smaller than a layer), so left to the budget alone it kept
+    more resident than that and the holder refused its limit. Holder and replicas get the cap alike."""
+    m = model("big", 2, offload={"mode": "async", "deviceBudgetMiB": 8000, "prefetchDepth": 2})
+    est = replace(estimate(weights=15_317), device_weights_mib=8000 - 834, staging_mib=834)
+    result = run([m], [node("n1", devices=1)], estimates={m.key: est})
+    assert roles(result.create) == ["replica", "replica", "weights"]
+    for pod in result.create:
+        env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+        assert env["VNPU_OFFLOAD_BUDGET_MIB"] == "8000"
+        assert env["VNPU_OFFLOAD_RESIDENT_MIB"] == str(8000 - 834)
+    plain = run([model("small", 1)], [node("n1", devices=1)])
+    for pod in plain.create:
+        assert "VNPU_OFFLOAD_RESIDENT_MIB" not in {e["name"] for e in pod["spec"]["containers"][0]["env"]}
+
+
 def test_model_pods_mount_the_pvc_and_carry_the_runtime_settings() -> None:
     m = model(
         "p",
