@@ -12,10 +12,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from vnpu.api import ARENA_ALIGNMENT
 from vnpu.runtime.config import ModelConfig
 
-#: 256 B keeps every tensor aligned for vector loads on CPUs and for GPU kernels' widest accesses.
-ALIGNMENT = 256
+#: Every tensor's offset is a multiple of it (:data:`vnpu.api.ARENA_ALIGNMENT`).
+ALIGNMENT = ARENA_ALIGNMENT
 
 #: Bytes per element of the dtypes an arena may hold (names as in torch / numpy).
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}

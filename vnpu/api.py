@@ -45,6 +45,10 @@ ANNOTATION_DEVICES = f"{GROUP}/devices"
 #: blocks plus one null block, and the operator's estimate sizes a replica's KV cache the same way.
 KV_BLOCK_SIZE = 16
 
+#: Bytes every tensor of the runtime's weight arena is aligned to (vector loads on CPUs, GPU kernels'
+#: widest accesses); the estimate counts the padding, so a holder's slices always hold its arena.
+ARENA_ALIGNMENT = 256
+
 #: Tokens of context the runtime holds per sequence when the spec gives no ``maxContextTokens`` (its
 #: ``--max-context`` default; what a weight-holder serving a ``kvCacheMiB``-only spec is sized for).
 DEFAULT_MAX_CONTEXT = 2048

@@ -22,11 +22,19 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from vnpu.api import DEFAULT_MAX_BATCH, DEFAULT_MAX_CONTEXT, DEFAULT_SLICE_MIB, RUNTIME_DTYPES, slices_for_mib
+from vnpu.api import (
+    ARENA_ALIGNMENT,
+    DEFAULT_MAX_BATCH,
+    DEFAULT_MAX_CONTEXT,
+    DEFAULT_SLICE_MIB,
+    RUNTIME_DTYPES,
+    slices_for_mib,
+)
 from vnpu.modelfile import (
     MIB,
     ModelConfig,
     ModelFileInfo,
+    TensorInfo,
     config_from_hf,
     layer_index,
     local_source_path,
@@ -481,13 +489,13 @@ def estimate_from_spec(
     if size_mib is None:
         if info is not None and on_device is not None and on_device != file_dtype(info):
             held_as = on_device
-            size_mib = mib_ceil(info.param_count * WEIGHT_DTYPE_BYTES[on_device])
-            if size_mib != info.weight_mib:
+            size_mib = _arena_mib(info, held_as)
+            if size_mib != _arena_mib(info, None):
                 assumptions.append(
                     f"weights.sizeMiB={size_mib}: {info.param_count} parameters as {on_device}"
                 )
         elif info is not None:
-            size_mib = info.weight_mib
+            size_mib = _arena_mib(info, None)
         elif config is not None and dtype is not None:
             size_mib = mib_ceil(estimate_param_count(config) * WEIGHT_DTYPE_BYTES[dtype])
             assumptions.append(f"weights.sizeMiB={size_mib} estimated from spec.modelConfig and {dtype}")
@@ -525,15 +533,25 @@ def estimate_from_spec(
     return estimate
 
 
+def _held_bytes(t: TensorInfo, held_as: str | None) -> int:
+    """One tensor as stored, or held at ``held_as``."""
+    return math.ceil(t.numel * WEIGHT_DTYPE_BYTES[held_as]) if held_as else t.nbytes
+
+
+def _arena_mib(info: ModelFileInfo, held_as: str | None) -> int:
+    """The weights as the runtime's arena holds them: every tensor (as stored, or at ``held_as``) at an
+    :data:`~vnpu.api.ARENA_ALIGNMENT` boundary."""
+    align = ARENA_ALIGNMENT
+    return mib_ceil(sum(-(-_held_bytes(t, held_as) // align) * align for t in info.tensors))
+
+
 def _largest_layer_mib(info: ModelFileInfo, held_as: str | None) -> int | None:
     """The largest transformer block (what the prefetch ring holds), as stored or held at ``held_as``."""
     blocks: dict[int, int] = {}
     for t in info.tensors:
         index = layer_index(t.name)
         if index is not None:
-            blocks[index] = blocks.get(index, 0) + (
-                t.numel * WEIGHT_DTYPE_BYTES[held_as] if held_as else t.nbytes
-            )
+            blocks[index] = blocks.get(index, 0) + _held_bytes(t, held_as)
     return mib_ceil(max(blocks.values())) if blocks else None
 
 

