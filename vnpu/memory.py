@@ -485,17 +485,18 @@ def estimate_from_spec(
     on_device = dtype
     if on_device is None and info is not None and not custom_runtime:
         on_device = load_dtype(info)
-    held_as: str | None = None  # the dtype the file's tensors are sized at, when not as stored
+    # The dtype the file's tensors are sized at when not as stored (layers for the offload ring too,
+    # whether or not weights.sizeMiB is given).
+    held_as = (
+        on_device if info is not None and on_device is not None and on_device != file_dtype(info) else None
+    )
     if size_mib is None:
-        if info is not None and on_device is not None and on_device != file_dtype(info):
-            held_as = on_device
+        if info is not None:
             size_mib = _arena_mib(info, held_as)
-            if size_mib != _arena_mib(info, None):
+            if held_as and size_mib != _arena_mib(info, None):
                 assumptions.append(
                     f"weights.sizeMiB={size_mib}: {info.param_count} parameters as {on_device}"
                 )
-        elif info is not None:
-            size_mib = _arena_mib(info, None)
         elif config is not None and dtype is not None:
             size_mib = mib_ceil(estimate_param_count(config) * WEIGHT_DTYPE_BYTES[dtype])
             assumptions.append(f"weights.sizeMiB={size_mib} estimated from spec.modelConfig and {dtype}")

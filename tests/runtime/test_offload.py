@@ -129,20 +129,24 @@ def test_a_resident_cap_bounds_the_plan_and_leaves_the_ring_to_the_largest_unit(
         assert plan == plan_offload(units, budget_mib * MIB, depth)
 
 
+@pytest.mark.parametrize("sized", [False, True], ids=["sized-from-header", "sizeMiB-given"])
 @pytest.mark.parametrize("slice_mib", [1, 256])
 @pytest.mark.parametrize("depth", [1, 2, 3])
 @pytest.mark.parametrize("budget_mib", [45, 100, 200, 400, 500])
 def test_the_slices_the_operator_gives_hold_the_plan_the_runtime_makes(
-    smollm2_weights: Any, smollm2_path: Path, budget_mib: int, depth: int, slice_mib: int
+    smollm2_weights: Any, smollm2_path: Path, budget_mib: int, depth: int, slice_mib: int, sized: bool
 ) -> None:
     """The operator sizes an offloaded model from the file's header (the holder: the budget less a
     ring of its largest whole layer; each replica: that ring); the runtime plans from the units it
     holds, whose largest is smaller than a layer, and so kept more resident than the holder's slices
     (SmolLM2 at 100 MiB and depth 3: 67.6 MiB against 58): the holder refused its limit at start and
-    never came up. Under the cap the operator passes, the plan fits the holder, the ring a replica."""
+    never came up. Under the cap the operator passes, the plan fits the holder, the ring a replica.
+    With ``weights.sizeMiB`` given, the ring was sized from the file's Q4_1 layers (2.2 MiB) while the
+    runtime streams them dequantised (10 MiB units): a replica's ring was not paid for."""
     spec = {
         "source": {"uri": f"file://{next(smollm2_path.glob('*.gguf'))}"},
-        "weights": {"dtype": "float32"},  # as the fixture holds it
+        # as the fixture holds it (514 MiB: what a user who read it from a holder's log would write)
+        "weights": {"dtype": "float32", **({"sizeMiB": 514} if sized else {})},
         "memory": {"maxContextTokens": 256, "maxBatch": 1},
         "offload": {"mode": "async", "deviceBudgetMiB": budget_mib, "prefetchDepth": depth},
     }
