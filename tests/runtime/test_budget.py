@@ -84,6 +84,22 @@ def llama_configs(draw: st.DrawFn) -> ModelConfig:
     )
 
 
+def attached_replica(
+    config: ModelConfig, dtype_bytes: int, context: int, batch: int, limit_mib: int
+) -> KVBudget:
+    """The budget of a replica attached to its holder (whose slices pay for the weights)."""
+    return KVBudget.for_config(
+        config,
+        dtype_bytes,
+        own_weight_bytes=0,
+        ring_bytes=0,
+        max_context=context,
+        max_batch=batch,
+        block_size=KV_BLOCK_SIZE,
+        limit_mib=limit_mib,
+    )
+
+
 #: What the operator sizes a model pod from: its config, dtype, context, batch and the slice size.
 SIZING = {
     "config": llama_configs(),
@@ -115,16 +131,7 @@ def test_the_slices_the_operator_gives_a_replica_buy_the_runtime_its_whole_pool(
         block_size=KV_BLOCK_SIZE,
         slice_mib=slice_mib,
     )
-    runtime = KVBudget.for_config(
-        config,
-        dtype_bytes,
-        own_weight_bytes=0,  # an attached replica: its holder's slices pay for the weights
-        ring_bytes=0,
-        max_context=context,
-        max_batch=batch,
-        block_size=KV_BLOCK_SIZE,
-        limit_mib=estimate.replica_slices * slice_mib,
-    )
+    runtime = attached_replica(config, dtype_bytes, context, batch, estimate.replica_slices * slice_mib)
     assert runtime.blocks() == runtime.wanted_blocks
 
 
@@ -150,15 +157,8 @@ def test_the_slices_the_operator_gives_a_replica_buy_the_runtime_the_pool_its_sp
         block_size=KV_BLOCK_SIZE,
         slice_mib=slice_mib,
     )
-    runtime = KVBudget.for_config(
-        config,
-        dtype_bytes,
-        own_weight_bytes=0,
-        ring_bytes=0,
-        max_context=DEFAULT_MAX_CONTEXT,
-        max_batch=DEFAULT_MAX_BATCH,
-        block_size=KV_BLOCK_SIZE,
-        limit_mib=estimate.replica_slices * slice_mib,
+    runtime = attached_replica(
+        config, dtype_bytes, DEFAULT_MAX_CONTEXT, DEFAULT_MAX_BATCH, estimate.replica_slices * slice_mib
     )
     asked = kv_cache_mib * MIB // runtime.block_bytes - 1
     try:
