@@ -556,6 +556,7 @@ def plan(
                 node=h.node,
                 device=h.device,
                 weights_mib=group_mib.get(h.share_group, 0),
+                host_mib=_host_weights_mib(h.models, active),
                 serves=serves,
             )
 
@@ -1207,6 +1208,13 @@ def _owners_of(p: ObservedPod) -> tuple[str, ...]:
 
 def _pod_salt(slices: int, template: str) -> str:
     return f"{slices}/{template}"
+
+
+def _host_weights_mib(keys: Iterable[str], active: Mapping[str, tuple[ObservedModel, MemoryEstimate]]) -> int:
+    """MiB of weights a holder of these models keeps in host memory: an offloaded group's holder keeps
+    every weight there for its replicas to stream from (0 otherwise: its arena is on the device)."""
+    offloaded = (est.weights_mib for m, est in (active[k] for k in keys) if m.spec and m.spec.offloaded)
+    return max(offloaded, default=0)
 
 
 def _ref(model: ObservedModel, config: OperatorConfig) -> ModelRef:

@@ -21,13 +21,18 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from kubernetes.utils import parse_quantity
+
 from vnpu import api, sharing
 from vnpu.operator.config import PLACEHOLDER_PRIORITY_CLASS, OperatorConfig
 from vnpu.operator.spec import ModelSpec, PodToleration
+
+MIB = 1024 * 1024
 
 SAFE_TO_EVICT = "cluster-autoscaler.kubernetes.io/safe-to-evict"
 RUNTIME_PORT_NAME = "http"
@@ -91,6 +96,8 @@ class PodIntent:
     #: MiB of the weight copy a holder holds (a replica's: its holder's, under async offload the cap of
     #: what it keeps resident, so that it plans as its holder does).
     weights_mib: int = 0
+    #: MiB of weights a holder keeps in host memory (an offloaded group's: every weight).
+    host_mib: int = 0
     #: A holder that also answers requests (its group has a model for which vnpu.api.holder_serves).
     serves: bool = False
     #: Pod-template hash (and key generation) of a replica, its vnpu.io/template-hash label.
@@ -251,10 +258,17 @@ def _tolerations(spec: ModelSpec, node_grace_seconds: int | None) -> list[dict[s
     return out
 
 
-def _resources(spec: ModelSpec | None, resource: str, slices: int) -> dict[str, Any]:
-    """The user's CPU/memory plus ``slices`` of the chosen device's own resource."""
+def _resources(spec: ModelSpec | None, resource: str, slices: int, host_mib: int = 0) -> dict[str, Any]:
+    """The user's CPU/memory plus ``slices`` of the chosen device's own resource. ``host_mib``: weights
+    a holder keeps in host memory (under async offload, all of them), added to the memory the user
+    sized for a replica, which holds none of them: else the holder met its replicas' limit as it loaded
+    and was OOM-killed, over and over."""
     requests = dict(spec.runtime.requests) if spec else {}
     limits = dict(spec.runtime.limits) if spec else {}
+    if host_mib:
+        for sized in (requests, limits):
+            if "memory" in sized:
+                sized["memory"] = f"{math.ceil(parse_quantity(sized['memory']) / MIB) + host_mib}Mi"
     # Extended resources must have requests == limits.
     requests[resource] = limits[resource] = str(slices)
     return {"requests": requests, "limits": limits}
@@ -375,7 +389,7 @@ def _runtime_env(spec: ModelSpec, weights_mib: int = 0) -> list[dict[str, Any]]:
     if spec.memory.max_batch is not None:
         env.append({"name": "VNPU_MAX_BATCH", "value": str(spec.memory.max_batch)})
     env.append({"name": "VNPU_DEFAULT_PRIORITY", "value": str(spec.priority)})
-    if spec.offload.mode == "async":
+    if spec.offloaded:
         env += [
             {"name": "VNPU_OFFLOAD_BUDGET_MIB", "value": str(spec.offload.device_budget_mib)},
             {"name": "VNPU_PREFETCH_DEPTH", "value": str(spec.offload.prefetch_depth)},
@@ -496,7 +510,7 @@ def _holder_pod(intent: PodIntent, config: OperatorConfig) -> dict[str, Any]:
         "imagePullPolicy": config.image_pull_policy,
         "args": ["vnpu", "runtime", "weights-holder"],
         "env": [*_runtime_env(first.spec, intent.weights_mib), *_share_env(first)],
-        "resources": _resources(first.spec, intent.resource, intent.slices),
+        "resources": _resources(first.spec, intent.resource, intent.slices, intent.host_mib),
         "securityContext": CONTAINER_SECURITY,
         "volumeMounts": [*mounts, key_mount, scratch_mount],
     }

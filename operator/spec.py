@@ -180,10 +180,15 @@ class ModelSpec:
         return self.runtime.image or default
 
     @property
+    def offloaded(self) -> bool:
+        """Async offload: its holders keep the weights in host memory, a part of them resident."""
+        return self.offload.mode == "async"
+
+    @property
     def holder_serves(self) -> bool:
         """Its weight-holders answer requests while no replica is ready (:func:`vnpu.api.holder_serves`),
         holding every weight on the device: not under async offload, where they hold only a part."""
-        return self.scaling.holder_serves and self.offload.mode != "async"
+        return self.scaling.holder_serves and not self.offloaded
 
     @property
     def template_hash(self) -> str:

@@ -327,6 +327,32 @@ def test_an_offloaded_groups_pods_keep_resident_at_most_what_its_holder_pays_for
         assert "VNPU_OFFLOAD_RESIDENT_MIB" not in {e["name"] for e in pod["spec"]["containers"][0]["env"]}
 
 
+@pytest.mark.parametrize(
+    ("offload", "holder_memory"),
+    [
+        ({"mode": "async", "deviceBudgetMiB": 8000, "prefetchDepth": 2}, ("16341Mi", "17365Mi")),
+        (None, ("1Gi", "2Gi")),
+    ],
+    ids=["offloaded", "resident"],
+)
+def test_an_offloaded_holder_asks_host_memory_for_the_weights_it_keeps_there(offload, holder_memory) -> None:
+    """``runtime.resources`` sizes a replica, which holds no weights; an offloaded group's holder keeps
+    every weight in host memory for its replicas to stream from, so its memory request and limit add
+    them (15,317 MiB here), or it met the replicas' limit as it loaded and was OOM-killed in a loop.
+    A holder whose arena is on the device takes the replicas' values as they are."""
+    resources = {"requests": {"memory": "1Gi", "cpu": "1"}, "limits": {"memory": "2Gi"}}
+    spec = {"runtime": {"resources": resources}} | ({"offload": offload} if offload else {})
+    m = model("big", 1, **spec)
+    est = replace(estimate(weights=15_317), device_weights_mib=8000 - 834 if offload else 15_317)
+    result = run([m], [node("n1", devices=1)], estimates={m.key: est})
+    by_role = {pod["metadata"]["labels"][api.LABEL_ROLE]: pod for pod in result.create}
+    holder = by_role["weights"]["spec"]["containers"][0]["resources"]
+    replica = by_role["replica"]["spec"]["containers"][0]["resources"]
+    assert (holder["requests"]["memory"], holder["limits"]["memory"]) == holder_memory
+    assert holder["requests"]["cpu"] == "1"
+    assert (replica["requests"]["memory"], replica["limits"]["memory"]) == ("1Gi", "2Gi")
+
+
 def test_model_pods_mount_the_pvc_and_carry_the_runtime_settings() -> None:
     m = model(
         "p",
