@@ -243,6 +243,21 @@ def test_memory_limit_is_a_checked_budget_on_cpu(tiny: Any) -> None:
     needs = offloaded.required_bytes(tiny.manifest, False, plan.ring_bytes, plan)
     assert needs["weights"] == plan.resident_bytes < tiny.manifest.total_bytes
     offloaded.uninstall("done")
+    # With the operator's cap (what the group's holder pays for), no more of it stays resident.
+    whole = ModelRuntime(ServeOptions(max_context=CONTEXT, offload_budget_mib=64))
+    whole.install(tiny.manifest, tiny.arena, shared=True, seconds=0)
+    cap_mib = 0.5 * whole.plan.resident_bytes / 2**20 if whole.plan else 0
+    capped = ModelRuntime(
+        ServeOptions(max_context=CONTEXT, offload_budget_mib=64, offload_resident_mib=cap_mib)
+    )
+    capped.install(tiny.manifest, tiny.arena, shared=True, seconds=0)
+    assert capped.plan is not None and capped.plan.streamed
+    assert capped.plan.resident_bytes <= cap_mib * 2**20 < whole.plan.resident_bytes  # type: ignore[union-attr]
+    assert (
+        capped.complete("offload", 6, temperature=0).text == whole.complete("offload", 6, temperature=0).text
+    )
+    for rt in (whole, capped):
+        rt.uninstall("done")
 
 
 def test_offloaded_serving_reports_offload_bytes(tiny: Any) -> None:
