@@ -29,10 +29,9 @@ from typing import Any, Protocol
 from kubernetes.utils import parse_quantity
 
 from vnpu import api, sharing
+from vnpu.modelfile import MIB
 from vnpu.operator.config import PLACEHOLDER_PRIORITY_CLASS, OperatorConfig
 from vnpu.operator.spec import ModelSpec, PodToleration
-
-MIB = 1024 * 1024
 
 SAFE_TO_EVICT = "cluster-autoscaler.kubernetes.io/safe-to-evict"
 RUNTIME_PORT_NAME = "http"

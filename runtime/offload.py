@@ -108,7 +108,7 @@ def plan_offload(
     units: Sequence[UnitSize],
     budget_bytes: int,
     prefetch_depth: int = 2,
-    resident_cap_bytes: int | None = None,
+    resident_cap: int | None = None,
 ) -> OffloadPlan:
     """Choose resident units under ``budget_bytes`` (see module docstring); deterministic.
 
@@ -119,10 +119,10 @@ def plan_offload(
     blocks of a kind fit, the streamed ones are spread evenly over the layers (see
     :func:`_spread_streamed`).
 
-    ``resident_cap_bytes``: what the weight-holder's slices pay for (the operator's estimate, which
-    reserves a ring of its largest whole layer: more than the largest unit this ring holds). The
-    resident units stay within it as well, so the holder and every replica of the group make the
-    same plan and the holder's limit always holds it.
+    ``resident_cap`` (bytes, :func:`resident_cap_bytes`): what the weight-holder's slices pay for
+    (the operator's estimate, which reserves a ring of its largest whole layer: more than the largest
+    unit this ring holds). The resident units stay within it as well, so the holder and every replica
+    of the group make the same plan and the holder's limit always holds it.
     """
     if prefetch_depth < 1:
         raise OffloadPlanError(f"prefetch depth must be at least 1, got {prefetch_depth}")
@@ -132,7 +132,7 @@ def plan_offload(
     candidates = sorted(
         (u for u in units if u.kind in PRIORITY), key=lambda u: (PRIORITY[u.kind], order[u.name])
     )
-    cap = budget_bytes if resident_cap_bytes is None else min(budget_bytes, resident_cap_bytes)
+    cap = budget_bytes if resident_cap is None else min(budget_bytes, resident_cap)
     used = sum(u.nbytes for u in fixed)
     if used > cap:
         raise OffloadPlanError(f"a resident cap of {cap} B cannot hold the {used} B of norms")
