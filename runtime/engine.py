@@ -53,14 +53,7 @@ from vnpu.runtime.generate import GenerationResult, check_context
 from vnpu.runtime.manifest import DTYPE_BYTES, WeightManifest
 from vnpu.runtime.metrics import RuntimeMetrics
 from vnpu.runtime.model import LlamaModel, ResidentWeights, WeightProvider
-from vnpu.runtime.offload import (
-    OffloadedWeights,
-    OffloadPlan,
-    ThrottledLink,
-    plan_offload,
-    resident_cap_bytes,
-    unit_sizes,
-)
+from vnpu.runtime.offload import OffloadedWeights, OffloadPlan, ThrottledLink, plan_for
 from vnpu.runtime.paged import PagedKVCache, StepSequence, build_layout
 from vnpu.runtime.requests import (
     GenerationRequest,
@@ -297,11 +290,8 @@ class ModelRuntime:
             log.warning("offload budget ignored: the weights-holder's arena is on the device already")
             offload = False
         if offload:
-            plan = plan_offload(
-                unit_sizes(units, manifest),
-                int((opts.offload_budget_mib or 0) * MIB),
-                opts.prefetch_depth,
-                resident_cap_bytes(opts.offload_resident_mib),
+            plan = plan_for(
+                manifest, opts.offload_budget_mib or 0, opts.prefetch_depth, opts.offload_resident_mib
             )
             ring = plan.ring_bytes
         blocks = self.kv_blocks(manifest, shared, ring, plan)  # refuse before allocating anything

@@ -523,16 +523,10 @@ def _holder_needs(args: argparse.Namespace, manifest: Any) -> tuple[int, str]:
     if args.offload_budget_mib is None:
         return manifest.total_bytes, "the weights"
     from vnpu.runtime.errors import OffloadPlanError
-    from vnpu.runtime.offload import plan_offload, resident_cap_bytes, unit_sizes
-    from vnpu.runtime.units import model_units
+    from vnpu.runtime.offload import plan_for
 
     try:
-        plan = plan_offload(
-            unit_sizes(model_units(manifest.config), manifest),
-            int(args.offload_budget_mib * 2**20),
-            args.prefetch_depth,
-            resident_cap_bytes(args.offload_resident_mib),
-        )
+        plan = plan_for(manifest, args.offload_budget_mib, args.prefetch_depth, args.offload_resident_mib)
     except OffloadPlanError as exc:
         raise SystemExit(f"vnpu runtime weights-holder: {exc}") from exc
     return plan.resident_bytes, "the weights kept resident under offload"

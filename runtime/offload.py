@@ -29,7 +29,7 @@ import torch
 from vnpu.runtime.errors import OffloadPlanError
 from vnpu.runtime.manifest import WeightManifest
 from vnpu.runtime.model import with_stacks
-from vnpu.runtime.units import ATTN, EMBED, FFN, HEAD, NORM, Unit
+from vnpu.runtime.units import ATTN, EMBED, FFN, HEAD, NORM, Unit, model_units
 
 #: Resident priority by unit kind (lower first): attention, then output head, then feed-forward.
 PRIORITY = {ATTN: 0, HEAD: 1, FFN: 2}
@@ -99,9 +99,15 @@ def unit_sizes(units: Sequence[Unit], manifest: WeightManifest) -> list[UnitSize
     return sizes
 
 
-def resident_cap_bytes(resident_mib: float | None) -> int | None:
-    """``--offload-resident-mib`` in bytes (None: no cap)."""
-    return None if resident_mib is None else int(resident_mib * 2**20)
+def plan_for(
+    manifest: WeightManifest, budget_mib: float, prefetch_depth: int, resident_mib: float | None
+) -> OffloadPlan:
+    """The plan of ``manifest``'s units under ``--offload-budget-mib`` and ``--offload-resident-mib``:
+    the one a weight-holder checks against its limit and each of its replicas installs."""
+    cap = None if resident_mib is None else int(resident_mib * 2**20)
+    return plan_offload(
+        unit_sizes(model_units(manifest.config), manifest), int(budget_mib * 2**20), prefetch_depth, cap
+    )
 
 
 def plan_offload(
@@ -119,7 +125,7 @@ def plan_offload(
     blocks of a kind fit, the streamed ones are spread evenly over the layers (see
     :func:`_spread_streamed`).
 
-    ``resident_cap`` (bytes, :func:`resident_cap_bytes`): what the weight-holder's slices pay for
+    ``resident_cap`` (bytes): what the weight-holder's slices pay for
     (the operator's estimate, which reserves a ring of its largest whole layer: more than the largest
     unit this ring holds). The resident units stay within it as well, so the holder and every replica
     of the group make the same plan and the holder's limit always holds it.

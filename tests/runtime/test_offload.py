@@ -20,8 +20,8 @@ from vnpu.runtime.offload import (
     OffloadPlanError,
     ThrottledLink,
     UnitSize,
+    plan_for,
     plan_offload,
-    resident_cap_bytes,
     unit_sizes,
 )
 from vnpu.runtime.units import ATTN, EMBED, FFN, HEAD, NORM, model_units
@@ -151,13 +151,8 @@ def test_the_slices_the_operator_gives_hold_the_plan_the_runtime_makes(
         "offload": {"mode": "async", "deviceBudgetMiB": budget_mib, "prefetchDepth": depth},
     }
     estimate = estimate_from_spec(spec, slice_mib=slice_mib)
-    manifest = smollm2_weights.manifest
-    plan = plan_offload(
-        unit_sizes(model_units(manifest.config), manifest),
-        budget_mib * MIB,
-        depth,
-        resident_cap_bytes(estimate.device_weights_mib),
-    )
+    # The plan holder and replicas make with the operator's env (VNPU_OFFLOAD_RESIDENT_MIB).
+    plan = plan_for(smollm2_weights.manifest, budget_mib, depth, estimate.device_weights_mib)
     assert plan.resident_bytes <= estimate.weight_slices * slice_mib * MIB  # the holder starts
     assert plan.ring_bytes <= estimate.staging_mib * MIB  # a replica's ring is paid for
 
