@@ -55,7 +55,7 @@ from vnpu.operator.pods import (
 )
 from vnpu.operator.reported import merge_patch, merge_patch_to
 from vnpu.operator.services import SelectorUpdate, ServiceIntent, plan_service
-from vnpu.operator.spec import RECREATE, default_share_group
+from vnpu.operator.spec import RECREATE, ModelSpec, default_share_group
 from vnpu.operator.state import (
     ObservedBudget,
     ObservedModel,
@@ -231,10 +231,21 @@ def share_group(model: ObservedModel) -> str:
 
 
 def model_weights_id(model: ObservedModel, config: OperatorConfig) -> str:
-    """What a holder of this model holds: source, dtype on the device, and the runtime image."""
+    """What a holder of this model holds: source, dtype on the device, the runtime image, and under
+    async offload how (models of equal weights that hold them otherwise never share a holder)."""
     assert model.spec is not None
     spec = model.spec
-    return sharing.weights_id(spec.source.uri, spec.weights_dtype or "", spec.image(config.runtime_image))
+    held = ""
+    if spec.offloaded:
+        held = sharing.offload_holding(spec.offload.device_budget_mib or 0, spec.offload.prefetch_depth)
+    return sharing.weights_id(
+        spec.source.uri, spec.weights_dtype or "", spec.image(config.runtime_image), held
+    )
+
+
+def _holding_generation(spec: ModelSpec) -> str:
+    """What an offloaded model's replica templates add (see ``templates`` in :func:`plan`)."""
+    return "/offload-holding" if spec.offloaded else ""
 
 
 def _model_key(namespace: str, name: str) -> str:
@@ -412,10 +423,14 @@ def plan(
     # its replicas are of another template, so a change rolls them onto it instead of pulling the
     # holder they map from under them.
     serving_groups = {group_of[key] for key, (m, _) in active.items() if m.spec and m.spec.holder_serves}
+    # An offloaded model's holder identity also names how it holds the weights, which an older
+    # operator's did not: its replicas, whose env carries the identity, are of another template, so an
+    # upgrade rolls them onto the new holder instead of leaving them to look for the old one.
     templates = {
         key: m.spec.template_hash  # type: ignore[union-attr]
         + _key_generation(key_uid, refs[key])
         + ("/serving-holder" if group_of[key] in serving_groups else "")
+        + _holding_generation(m.spec)  # type: ignore[arg-type]
         for key, (m, _) in active.items()
     }
     pods_by_name = {(p.namespace, p.name): p for p in ours}

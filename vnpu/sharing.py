@@ -86,10 +86,19 @@ def _digest(*parts: str, length: int) -> str:
     return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:length]
 
 
-def weights_id(uri: str, dtype: str, image: str) -> str:
+def weights_id(uri: str, dtype: str, image: str, held: str = "") -> str:
     """What a holder holds, as 16 hex characters: the source (an hf revision is in its URI), the dtype
-    on the device and the runtime image that loads it."""
-    return _digest("weights", uri, dtype or "", image or "", length=16)
+    on the device, the runtime image that loads it and, where not all on the device, how it is held
+    (``held``, see :func:`offload_holding`); a holder that holds them otherwise is another holder."""
+    parts = ("weights", uri, dtype or "", image or "") + ((held,) if held else ())
+    return _digest(*parts, length=16)
+
+
+def offload_holding(device_budget_mib: int, prefetch_depth: int) -> str:
+    """``held`` of :func:`weights_id` under async offload: the holder keeps the weights in host memory
+    and on the device the part its replicas' plan keeps resident, which the budget and depth decide.
+    Replicas of one holder must make the same plan to map that part rather than copy it."""
+    return f"offload:{device_budget_mib}/{prefetch_depth}"
 
 
 def secret_name(group: str) -> str:

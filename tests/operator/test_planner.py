@@ -11,6 +11,7 @@ import pytest
 from vnpu import api, sharing
 from vnpu.cluster.kwok import npu_node_manifest
 from vnpu.memory import EstimateError, MemoryEstimate
+from vnpu.operator import planner
 from vnpu.operator.config import OperatorConfig
 from vnpu.operator.planner import Plan, default_share_group, plan
 from vnpu.operator.pods import placeholder_pod_name, render, replica_pod_name
@@ -325,6 +326,86 @@ def test_an_offloaded_groups_pods_keep_resident_at_most_what_its_holder_pays_for
     plain = run([model("small", 1)], [node("n1", devices=1)])
     for pod in plain.create:
         assert "VNPU_OFFLOAD_RESIDENT_MIB" not in {e["name"] for e in pod["spec"]["containers"][0]["env"]}
+
+
+def test_models_of_equal_weights_held_otherwise_never_share_a_holder() -> None:
+    """One explicit group, one source: a model without offload holds every weight on the device, an
+    offloaded one holds them in host memory with a resident part its budget and depth decide. Sharing
+    one holder, whichever model sorted first set its env: a resident replica then copied all the
+    weights from host memory into its own slices on a GPU, or an offloaded one found a plan other than
+    the holder's. Each way of holding is its own holder, on the same device if it fits."""
+    resident = model("a", 1, shareGroup="g")
+    offloaded = model("b", 1, shareGroup="g", offload={"mode": "async", "deviceBudgetMiB": 3000})
+    other_budget = model("c", 1, shareGroup="g", offload={"mode": "async", "deviceBudgetMiB": 2000})
+    models = [resident, offloaded, other_budget]
+    estimates = {
+        resident.key: estimate(),
+        offloaded.key: replace(estimate(), device_weights_mib=2000, staging_mib=500),
+        other_budget.key: replace(estimate(), device_weights_mib=1000, staging_mib=500),
+    }
+    result = run(models, [node("n1", devices=1, device_gib=32)], estimates=estimates)
+    env_of = {
+        p["metadata"]["name"]: {e["name"]: e.get("value") for e in p["spec"]["containers"][0]["env"]}
+        for p in result.create
+    }
+    holders = {
+        env[sharing.ENV_WEIGHTS_ID]: (name, env) for name, env in env_of.items() if name.startswith("vnpu-w-")
+    }
+    assert len(holders) == 3  # one device, three holders
+    for p in result.create:
+        if p["metadata"]["labels"][api.LABEL_ROLE] != "replica":
+            continue
+        env = env_of[p["metadata"]["name"]]
+        holder_name, holder_env = holders[env[sharing.ENV_WEIGHTS_ID]]
+        assert p["metadata"]["annotations"]["vnpu.io/weight-holder"] == holder_name
+        for var in ("VNPU_OFFLOAD_BUDGET_MIB", "VNPU_PREFETCH_DEPTH", "VNPU_OFFLOAD_RESIDENT_MIB"):
+            assert env.get(var) == holder_env.get(var)
+    assert {env.get("VNPU_OFFLOAD_BUDGET_MIB") for _, env in holders.values()} == {None, "3000", "2000"}
+    # Without offload the identity is what it always was: an upgrade renames no other holder.
+    plain = sharing.weights_id("file:///models/m.gguf", "", CONFIG.runtime_image)
+    assert plain in holders and holders[plain][1].get("VNPU_OFFLOAD_BUDGET_MIB") is None
+    second = run(models, [node("n1", devices=1, device_gib=32)], as_pods(result.create), estimates)
+    assert second.create == [] and second.delete == []
+
+
+def test_an_upgrade_rolls_an_offloaded_models_replicas_onto_its_new_holder(monkeypatch) -> None:
+    """An older operator's offloaded pods carry an identity without the way of holding: the replicas
+    are of another template and roll (surge first) onto a holder of the new identity, while the old
+    holder stays for the old replicas that map it."""
+    m = model("b", 2, offload={"mode": "async", "deviceBudgetMiB": 3000})
+    est = {m.key: replace(estimate(), device_weights_mib=2000, staging_mib=500)}
+    n = [node("n1", devices=2)]
+    with monkeypatch.context() as older:  # the operator before the way of holding was in the identity
+        older.setattr(planner, "_holding_generation", lambda spec: "")
+        older.setattr(
+            planner,
+            "model_weights_id",
+            lambda model, config: sharing.weights_id(
+                model.spec.source.uri, "", model.spec.image(config.runtime_image)
+            ),
+        )
+        old = as_pods(run([m], n, estimates=est).create)
+    result = run([m], n, old, est)
+    assert result.delete == []  # surge: nothing goes before its successor is Ready
+    created = [p for p in result.create if p["metadata"]["labels"][api.LABEL_ROLE] == "replica"]
+    assert len(created) == 1  # maxSurge 25% of 2 replicas: one at a time
+    ids = {
+        e["value"]
+        for p in created
+        for e in p["spec"]["containers"][0]["env"]
+        if e["name"] == sharing.ENV_WEIGHTS_ID
+    }
+    assert ids == {planner.model_weights_id(m, CONFIG)}
+    # Pass after pass, each new pod Ready at once: the old replicas go as their successors are Ready,
+    # then their holder; at the end every pod is of the new identity.
+    pods = [*old, *as_pods(result.create)]
+    for _ in range(8):
+        step = run([m], n, pods, est)
+        deleted = {d.name for d in step.delete}
+        pods = [p for p in pods if p.name not in deleted] + as_pods(step.create)
+    assert not {p.name for p in pods} & {p.name for p in old}
+    fresh = run([m], n, estimates=est).create
+    assert {p.name for p in pods} == {p["metadata"]["name"] for p in fresh}
 
 
 @pytest.mark.parametrize(
