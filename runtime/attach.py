@@ -17,13 +17,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vnpu import sharing
 from vnpu.runtime.arena import Arena, ArenaError, import_arena
 from vnpu.runtime.holder import PROTOCOL_VERSION
 from vnpu.runtime.ipc import ProtocolError, recv_message, send_message, settimeout_until
 from vnpu.runtime.manifest import WeightManifest, layout_problem
+
+if TYPE_CHECKING:
+    from vnpu.runtime.offload import ResidentPart
 from vnpu.shown import shown
 
 
@@ -71,10 +74,13 @@ class Lease:
         arena: Arena,
         holder: dict[str, Any],
         seconds: float,
+        resident: ResidentPart | None = None,
     ) -> None:
         self._sock = sock
         self.manifest = manifest
         self.arena = arena
+        #: under async offload on a device, the holder's arena of the units its plan keeps resident
+        self.resident = resident
         self.holder = holder
         self.attach_seconds = seconds
         self.lost_reason: str | None = None
@@ -128,6 +134,8 @@ class Lease:
             self._sock.shutdown(socket.SHUT_RDWR)
         self._sock.close()
         self.arena.close()
+        if self.resident is not None:
+            self.resident.arena.close()
 
 
 def _close_all(fds: list[int]) -> None:
@@ -255,15 +263,33 @@ def attach(
         if mismatch is not None:
             raise AttachRefusedError(f"the weights-holder of {identity} at {path} serves {mismatch}")
         meta = reply["arena"]
-        received, fds = fds, []
-        arena = import_arena(meta, received, device)  # closes them, imported or not
+        resident_grant = reply.get("resident")
+        resident_fds = _resident_fd_count(resident_grant, len(fds))
+        host_fds, resident_received = fds[: len(fds) - resident_fds], fds[len(fds) - resident_fds :]
+        fds = []
+        try:
+            arena = import_arena(meta, host_fds, device)  # closes them, imported or not
+        except BaseException:
+            _close_all(resident_received)
+            raise
         problem = layout_problem(manifest, arena.nbytes)
         if problem is not None:
             arena.close()
+            _close_all(resident_received)
             raise AttachRefusedError(
                 f"the weights-holder of {identity} at {path} sent a manifest that does not fit its arena: "
                 f"{problem}; not attaching to it"
             )
+        resident = None
+        if resident_grant is not None:
+            from vnpu.runtime.offload import ResidentPart  # torch: a probe never gets here
+
+            try:
+                part = import_arena(resident_grant["arena"], resident_received, device)
+            except BaseException:
+                arena.close()
+                raise
+            resident = ResidentPart(part, tuple(resident_grant["units"]))
     except AttachRefusedError:
         _close_all(fds)
         sock.close()
@@ -277,7 +303,22 @@ def attach(
         sock.close()
         raise HolderUnavailableError(f"cannot import the arena from {path}: {e!r}") from e
     sock.settimeout(None)
-    return Lease(sock, manifest, arena, reply.get("holder", {}), time.perf_counter() - start)
+    return Lease(sock, manifest, arena, reply.get("holder", {}), time.perf_counter() - start, resident)
+
+
+def _resident_fd_count(grant: object, received: int) -> int:
+    """How many of the ``received`` file descriptors are the resident part's (the last ones), after
+    checking the grant's shape: ValueError for one that is not a resident part's."""
+    if grant is None:
+        return 0
+    if not isinstance(grant, dict) or not isinstance(grant.get("arena"), dict):
+        raise ValueError("its resident part is not an object with an arena")
+    units, count = grant.get("units"), grant.get("fds")
+    if not isinstance(units, list) or not all(isinstance(u, str) for u in units):
+        raise ValueError("its resident part's units are not a list of names")
+    if not isinstance(count, int) or isinstance(count, bool) or not 0 <= count <= received:
+        raise ValueError(f"its resident part claims {shown(count)} of the {received} descriptors sent")
+    return count
 
 
 def holder_status(

@@ -53,7 +53,7 @@ from vnpu.runtime.generate import GenerationResult, check_context
 from vnpu.runtime.manifest import DTYPE_BYTES, WeightManifest
 from vnpu.runtime.metrics import RuntimeMetrics
 from vnpu.runtime.model import LlamaModel, ResidentWeights, WeightProvider
-from vnpu.runtime.offload import OffloadedWeights, OffloadPlan, ThrottledLink, plan_for
+from vnpu.runtime.offload import OffloadedWeights, OffloadPlan, ResidentPart, ThrottledLink, plan_for
 from vnpu.runtime.paged import PagedKVCache, StepSequence, build_layout
 from vnpu.runtime.requests import (
     GenerationRequest,
@@ -237,15 +237,26 @@ class ModelRuntime:
     # --- memory ---------------------------------------------------------------------------------
 
     def budget(
-        self, manifest: WeightManifest, shared: bool, ring_bytes: int, plan: OffloadPlan | None = None
+        self,
+        manifest: WeightManifest,
+        shared: bool,
+        ring_bytes: int,
+        plan: OffloadPlan | None = None,
+        resident_copied: bool = False,
     ) -> KVBudget:
         """This process's memory budget (see :mod:`vnpu.runtime.budget`). Weights: none when attached
-        (the holder's slices pay for them), the resident part under offload, else all of them."""
+        (the holder's slices pay for them), the resident part under offload, else all of them; attached
+        under offload, the resident part when this process copies it to its device
+        (``resident_copied``: the holder offers none to map, or one of another plan)."""
         opts = self.options
+        if plan is not None:
+            own = plan.resident_bytes if not shared or resident_copied else 0
+        else:
+            own = 0 if shared else manifest.total_bytes
         return KVBudget.for_config(
             manifest.config.to_modelfile_config(),
             DTYPE_BYTES[manifest.dtype],
-            own_weight_bytes=0 if shared else (plan.resident_bytes if plan else manifest.total_bytes),
+            own_weight_bytes=own,
             ring_bytes=ring_bytes,
             max_context=opts.max_context,
             max_batch=opts.max_batch,
@@ -255,10 +266,15 @@ class ModelRuntime:
         )
 
     def kv_blocks(
-        self, manifest: WeightManifest, shared: bool, ring_bytes: int, plan: OffloadPlan | None = None
+        self,
+        manifest: WeightManifest,
+        shared: bool,
+        ring_bytes: int,
+        plan: OffloadPlan | None = None,
+        resident_copied: bool = False,
     ) -> int:
         """Usable KV blocks; raises MemoryBudgetError when one ``max_context`` sequence does not fit."""
-        return self.budget(manifest, shared, ring_bytes, plan).blocks()
+        return self.budget(manifest, shared, ring_bytes, plan, resident_copied).blocks()
 
     def required_bytes(
         self, manifest: WeightManifest, shared: bool, ring_bytes: int, plan: OffloadPlan | None = None
@@ -274,9 +290,18 @@ class ModelRuntime:
     # --- install / uninstall --------------------------------------------------------------------
 
     def install(
-        self, manifest: WeightManifest, arena: Arena, *, shared: bool, seconds: float, keep: Any = None
+        self,
+        manifest: WeightManifest,
+        arena: Arena,
+        *,
+        shared: bool,
+        seconds: float,
+        keep: Any = None,
+        resident: ResidentPart | None = None,
     ) -> None:
-        """Build the model over ``arena`` (views, no copy) and become ready."""
+        """Build the model over ``arena`` (views, no copy) and become ready. ``resident``: under async
+        offload, the holder's device arena of the units its plan keeps resident, mapped when this
+        replica's plan is the same (else they are copied from ``arena``, and counted as its own)."""
         opts = self.options
         config = manifest.config
         units = model_units(config)
@@ -294,7 +319,18 @@ class ModelRuntime:
                 manifest, opts.offload_budget_mib or 0, opts.prefetch_depth, opts.offload_resident_mib
             )
             ring = plan.ring_bytes
-        blocks = self.kv_blocks(manifest, shared, ring, plan)  # refuse before allocating anything
+        mapped: ResidentPart | None = None
+        if plan is not None and resident is not None:
+            problem = resident.fits(plan)
+            if problem is None:
+                mapped = resident
+            else:
+                log.warning(
+                    "not mapping the weights-holder's resident units: copying them",
+                    extra={"reason": problem},
+                )
+        copied = plan is not None and shared and mapped is None and not opts.device.startswith("cpu")
+        blocks = self.kv_blocks(manifest, shared, ring, plan, copied)  # refuse before allocating anything
         tokenizer = Tokenizer(manifest.tokenizer)  # outside the lock: requests keep flowing meanwhile
         template = None
         if tokenizer.chat_template:
@@ -305,10 +341,13 @@ class ModelRuntime:
             )
         if plan is not None:
             link = ThrottledLink(opts.link_bytes_per_s) if opts.device.startswith("cpu") else None
-            provider = OffloadedWeights(units, manifest, arena.byte_tensor(), plan, opts.device, link)
+            provider = OffloadedWeights(
+                units, manifest, arena.byte_tensor(), plan, opts.device, link, resident_part=mapped
+            )
             log.info(
                 "offload plan",
-                extra={k: v for k, v in plan.to_dict().items() if k not in ("resident", "streamed")},
+                extra={k: v for k, v in plan.to_dict().items() if k not in ("resident", "streamed")}
+                | {"resident_from": "holder" if mapped else ("copy" if copied else "arena")},
             )
         else:
             tensors = {name: arena.view(entry) for name, entry in manifest.tensors.items()}

@@ -46,7 +46,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vnpu import sharing
 from vnpu.runtime.ipc import (
@@ -59,6 +59,9 @@ from vnpu.runtime.ipc import (
     shown,
 )
 from vnpu.runtime.loader import LoadedWeights
+
+if TYPE_CHECKING:
+    from vnpu.runtime.offload import ResidentPart
 
 PROTOCOL_VERSION = 2
 #: Seconds a client has to complete the whole handshake (one deadline, not a timeout per read), and to
@@ -170,7 +173,10 @@ class WeightsHolder:
         socket_path: str | os.PathLike[str],
         socket_mode: int = 0o600,
         socket_group: int | None = None,
+        resident: ResidentPart | None = None,
     ) -> None:
+        """``resident``: under async offload on a device, the units the replicas' plan keeps resident,
+        in a device arena granted beside the host one (see :class:`vnpu.runtime.offload.ResidentPart`)."""
         self.weights = weights
         self.identity = identity
         self._key = key
@@ -178,6 +184,16 @@ class WeightsHolder:
         self.socket_mode = socket_mode
         self.socket_group = socket_group
         self._arena_meta, self._arena_fds = weights.arena.export()
+        self.resident = resident
+        self._resident_grant: dict[str, Any] | None = None
+        self._resident_fds: list[int] = []
+        if resident is not None:
+            meta, self._resident_fds = resident.arena.export()
+            self._resident_grant = {
+                "arena": meta,
+                "units": list(resident.units),
+                "fds": len(self._resident_fds),
+            }
         # Encoded once: the tokenizer tables make it ~2 MB; the Python objects would cost far more.
         self._manifest_json = encode(weights.manifest.to_dict())
         self._listener: socket.socket | None = None
@@ -215,6 +231,7 @@ class WeightsHolder:
             "backend": self._arena_meta["backend"],
             "device": self.weights.arena.device,
             "arena_bytes": m.total_bytes,
+            "resident_bytes": self.resident.arena.nbytes if self.resident is not None else 0,
             "load_seconds": round(self.weights.seconds, 3),
             "clients": self.clients,
             "protocol": PROTOCOL_VERSION,
@@ -359,6 +376,8 @@ class WeightsHolder:
             with contextlib.suppress(OSError):
                 conn.shutdown(socket.SHUT_RDWR)
         self.weights.arena.close()
+        if self.resident is not None:
+            self.resident.arena.close()
 
     def close_listener(self) -> None:
         """Grant no new lease: close the socket, and remove its file if it is still ours (a holder
@@ -531,9 +550,12 @@ class WeightsHolder:
                         return
                     lease_id = next(self._lease_ids)
                     self._leases[lease_id] = conn
-                    for fd in self._arena_fds:
+                    for fd in (*self._arena_fds, *self._resident_fds):  # the host arena's first
                         grant_fds.append(os.dup(fd))
-                head = encode({"ok": True, "arena": self._arena_meta, "holder": self.info()})
+                grant: dict[str, Any] = {"ok": True, "arena": self._arena_meta, "holder": self.info()}
+                if self._resident_grant is not None:
+                    grant["resident"] = self._resident_grant
+                head = encode(grant)
                 settimeout_until(conn, deadline)
                 send_encoded(conn, head[:-1] + b',"manifest":' + self._manifest_json + b"}", grant_fds)
             finally:

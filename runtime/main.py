@@ -482,12 +482,18 @@ def cmd_weights_holder(args: argparse.Namespace) -> int:
     identity, key, path = _sharing(args)
     weights = _load_local(args)
     limit = args.memory_limit_mib
-    needed, what = _holder_needs(args, weights.manifest)  # type: ignore[attr-defined]
+    needed, what, plan = _holder_needs(args, weights.manifest)  # type: ignore[attr-defined]
     if limit is not None and needed > limit * 1024 * 1024:
         raise SystemExit(
             f"vnpu runtime weights-holder: {what} need {needed / 2**20:.1f} MiB "
             f"but VNPU_MEMORY_LIMIT_MIB={limit}"
         )
+    resident = None
+    if plan is not None and plan.resident and not args.device.startswith("cpu"):
+        # On a device the replicas map the resident units from here rather than each copy them.
+        from vnpu.runtime.offload import build_resident_part
+
+        resident = build_resident_part(weights.manifest, weights.arena, plan, args.device)  # type: ignore[attr-defined]
     group = None
     if args.socket_group is not None:
         import grp
@@ -495,7 +501,7 @@ def cmd_weights_holder(args: argparse.Namespace) -> int:
         group = (
             int(args.socket_group) if args.socket_group.isdigit() else grp.getgrnam(args.socket_group).gr_gid
         )
-    holder = WeightsHolder(weights, identity, key, path, int(args.socket_mode, 8), group)  # type: ignore[arg-type]
+    holder = WeightsHolder(weights, identity, key, path, int(args.socket_mode, 8), group, resident)  # type: ignore[arg-type]
     if args.serve:
         from vnpu.runtime.errors import MemoryBudgetError
 
@@ -516,12 +522,13 @@ def cmd_weights_holder(args: argparse.Namespace) -> int:
     return 0
 
 
-def _holder_needs(args: argparse.Namespace, manifest: Any) -> tuple[int, str]:
-    """Device bytes the holder's slices pay for, and what they are: every weight, or under async offload
-    the part the replicas keep resident (the same plan they make; the operator sized the holder at the
-    budget less the prefetch ring), the rest staying in the holder's host memory."""
+def _holder_needs(args: argparse.Namespace, manifest: Any) -> tuple[int, str, Any]:
+    """Device bytes the holder's slices pay for, what they are, and the offload plan if any: every
+    weight, or under async offload the part the replicas keep resident (the same plan they make; the
+    operator sized the holder at the budget less the prefetch ring), the rest staying in the holder's
+    host memory."""
     if args.offload_budget_mib is None:
-        return manifest.total_bytes, "the weights"
+        return manifest.total_bytes, "the weights", None
     from vnpu.runtime.errors import OffloadPlanError
     from vnpu.runtime.offload import plan_for
 
@@ -529,7 +536,7 @@ def _holder_needs(args: argparse.Namespace, manifest: Any) -> tuple[int, str]:
         plan = plan_for(manifest, args.offload_budget_mib, args.prefetch_depth, args.offload_resident_mib)
     except OffloadPlanError as exc:
         raise SystemExit(f"vnpu runtime weights-holder: {exc}") from exc
-    return plan.resident_bytes, "the weights kept resident under offload"
+    return plan.resident_bytes, "the weights kept resident under offload", plan
 
 
 def _hold_and_serve(args: argparse.Namespace, holder: Any, weights: Any) -> int:

@@ -26,8 +26,9 @@ from typing import Any
 
 import torch
 
+from vnpu.runtime.arena import Arena
 from vnpu.runtime.errors import OffloadPlanError
-from vnpu.runtime.manifest import WeightManifest
+from vnpu.runtime.manifest import ALIGNMENT, WeightManifest
 from vnpu.runtime.model import with_stacks
 from vnpu.runtime.units import ATTN, EMBED, FFN, HEAD, NORM, Unit, model_units
 
@@ -92,11 +93,65 @@ def unit_byte_range(unit: Unit, manifest: WeightManifest) -> tuple[int, int]:
 
 
 def unit_sizes(units: Sequence[Unit], manifest: WeightManifest) -> list[UnitSize]:
+    """Each unit's bytes as a device arena of resident units lays them out (see
+    :func:`resident_layout`): its byte range, padded to the arena's alignment."""
     sizes = []
     for u in units:
         start, end = unit_byte_range(u, manifest)
-        sizes.append(UnitSize(u.name, u.kind, end - start))
+        sizes.append(UnitSize(u.name, u.kind, _aligned(end - start)))
     return sizes
+
+
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // ALIGNMENT) * ALIGNMENT
+
+
+def resident_layout(plan: OffloadPlan, manifest: WeightManifest) -> dict[str, int]:
+    """Where each resident unit's byte range starts in a holder's resident arena: one after another in
+    the plan's order, each at the alignment (tensors in a unit keep their offsets relative to its
+    start). The arena is ``plan.resident_bytes`` long. Pure: holder and replica derive it alike."""
+    ranges = {u.name: unit_byte_range(u, manifest) for u in model_units(manifest.config)}
+    layout, cursor = {}, 0
+    for name in plan.resident:
+        start, end = ranges[name]
+        layout[name] = cursor
+        cursor += _aligned(end - start)
+    return layout
+
+
+@dataclass(frozen=True)
+class ResidentPart:
+    """The units an offloaded model keeps resident, in one device arena of its weights-holder, which
+    every replica attached to it maps instead of copying them into its own device memory (the
+    holder's slices pay for them once): the arena and the units it holds, in the plan's order."""
+
+    arena: Arena
+    units: tuple[str, ...]
+
+    def fits(self, plan: OffloadPlan) -> str | None:
+        """Why this part cannot serve ``plan``'s resident units, or None when it can."""
+        if list(self.units) != plan.resident:
+            return f"it holds {len(self.units)} units resident, this replica's plan {len(plan.resident)}"
+        if self.arena.nbytes != plan.resident_bytes:
+            return f"its arena has {self.arena.nbytes} B, this replica's plan keeps {plan.resident_bytes}"
+        return None
+
+
+def build_resident_part(
+    manifest: WeightManifest, host: Arena, plan: OffloadPlan, device: str
+) -> ResidentPart:
+    """A holder's resident part on ``device``: the resident units' bytes copied out of the host arena
+    (see :func:`resident_layout`) and sealed. ``plan`` keeps at least one unit resident."""
+    from vnpu.runtime.arena import allocate
+
+    ranges = {u.name: unit_byte_range(u, manifest) for u in model_units(manifest.config)}
+    arena = allocate(plan.resident_bytes, device, label="vnpu-resident")
+    source = host.byte_tensor()
+    for name, offset in resident_layout(plan, manifest).items():
+        start, end = ranges[name]
+        arena.write(offset, source[start:end].numpy())
+    arena.seal()
+    return ResidentPart(arena, tuple(plan.resident))
 
 
 def plan_for(
@@ -246,9 +301,12 @@ class OffloadedWeights:
         device: str | torch.device = "cpu",
         link: ThrottledLink | None = None,
         synchronous: bool = False,
+        resident_part: ResidentPart | None = None,
     ) -> None:
         """``synchronous=True`` is the baseline accelerate's ``cpu_offload`` implements: each streamed
-        unit is copied right before its compute, nothing overlaps (one slot is used)."""
+        unit is copied right before its compute, nothing overlaps (one slot is used).
+        ``resident_part``: the holder's arena of ``plan``'s resident units (checked by the caller with
+        :meth:`ResidentPart.fits`), viewed in place; without it they are copied to ``device``."""
         self.plan = plan
         self.synchronous = synchronous
         self.device = torch.device(device)
@@ -263,9 +321,17 @@ class OffloadedWeights:
             self._ranges[u.name] = unit_byte_range(u, manifest)
         self._host = host_bytes
         self._resident: dict[str, dict[str, torch.Tensor]] = {}
+        mapped = resident_layout(plan, manifest) if resident_part is not None else {}
         for name in plan.resident + plan.host_units:
-            where = self.device if name in plan.resident else host_bytes.device
-            self._resident[name] = self._views(self._unit_bytes(name, where), name)
+            if name in mapped:
+                assert resident_part is not None
+                start, end = self._ranges[name]
+                offset = mapped[name]
+                buffer = resident_part.arena.byte_tensor()[offset : offset + end - start]
+            else:
+                where = self.device if name in plan.resident else host_bytes.device
+                buffer = self._unit_bytes(name, where)
+            self._resident[name] = self._views(buffer, name)
         self._streamed = list(plan.streamed)
         self._index = {name: i for i, name in enumerate(self._streamed)}
         depth = plan.prefetch_depth

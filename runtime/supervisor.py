@@ -105,7 +105,12 @@ class SharedWeightsSupervisor:
         self.runtime.metrics.attaches.inc()  # before install makes the runtime ready: counted once seen
         try:
             self.runtime.install(
-                lease.manifest, lease.arena, shared=True, seconds=lease.attach_seconds, keep=lease
+                lease.manifest,
+                lease.arena,
+                shared=True,
+                seconds=lease.attach_seconds,
+                keep=lease,
+                resident=lease.resident,
             )
         except Exception as e:  # a holder serving an unusable model / budget error: stay down, loudly
             self.fatal = str(e)

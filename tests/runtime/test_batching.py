@@ -21,6 +21,7 @@ from vnpu import sharing
 from vnpu.runtime.engine import GenerationRequest, ModelRuntime, RequestOutput, ServeOptions
 from vnpu.runtime.errors import MemoryBudgetError, RuntimeUnavailableError
 from vnpu.runtime.holder import WeightsHolder
+from vnpu.runtime.offload import build_resident_part, plan_for
 from vnpu.runtime.sampling import SamplingParams
 from vnpu.runtime.supervisor import SharedWeightsSupervisor
 from vnpu.runtime.tokenizer import Tokenizer
@@ -235,6 +236,73 @@ def test_batching_over_weights_attached_from_a_holder(tiny: Any, short_tmp: Path
         holder.stop()
         standalone.close()
         attached.close()
+
+
+@pytest.mark.parametrize("same_plan", [True, False], ids=["same-plan", "other-plan"])
+def test_offloaded_replicas_map_the_holders_resident_units(
+    tiny: Any, short_tmp: Path, same_plan: bool
+) -> None:
+    """Under async offload on a device the holder keeps the resident units in a device arena of its own
+    (its slices pay for them) and grants it beside the host arena; a replica of the same plan maps
+    those units there instead of copying them into its own device memory, which its slices do not
+    pay for. One of another plan cannot use them: it copies (from the host arena here, on CPU) and
+    answers the same. A CPU arena stands in for the device one: the grant and the views are the same."""
+    path = short_tmp / "s" / "weights.sock"
+    own = load_tiny_llama(short_tmp / "m", layers=4)
+    holder_plan = plan_for(own.manifest, 0.25, 2, None)
+    assert holder_plan.resident and holder_plan.streamed
+    part = build_resident_part(own.manifest, own.arena, holder_plan, "cpu")
+    assert part.arena.nbytes == holder_plan.resident_bytes
+    identity, key = sharing.ShareIdentity("ns", "group-r", "w1"), b"r" * 32
+    holder = WeightsHolder(own, identity, key, path, resident=part)
+    holder.start()
+    standalone = runtime_for(tiny)
+    budget = 0.25 if same_plan else 0.2
+    attached = ModelRuntime(ServeOptions(max_context=96, max_batch=4, offload_budget_mib=budget))
+    supervisor = SharedWeightsSupervisor(attached, path, identity, key, retry_initial=0.05)
+    supervisor.start()
+    try:
+        wait_until(lambda: attached.ready)
+        assert holder.info()["resident_bytes"] == holder_plan.resident_bytes
+        installed = attached._installed
+        assert installed is not None
+        lease = installed.keep[1]
+        assert lease.resident is not None and list(lease.resident.units) == holder_plan.resident
+        assert (attached.plan == holder_plan) is same_plan
+        provider = installed.provider
+        resident_span = _span(lease.resident.arena.byte_tensor())
+        host_span = _span(lease.arena.byte_tensor())
+        for name in attached.plan.resident:
+            for tensor in provider._resident[name].values():
+                start = tensor.data_ptr()
+                inside = resident_span[0] <= start < resident_span[1]
+                assert inside is same_plan
+                assert (host_span[0] <= start < host_span[1]) is not same_plan
+        prompts = tiny_prompts(4)
+        expected = alone_tokens(standalone, prompts, greedy(12))
+        assert [c.tokens for c in submit_all(attached, prompts, greedy(12))] == expected
+    finally:
+        supervisor.stop()
+        holder.stop()
+        standalone.close()
+        attached.close()
+
+
+def _span(tensor: torch.Tensor) -> tuple[int, int]:
+    return tensor.data_ptr(), tensor.data_ptr() + tensor.numel() * tensor.element_size()
+
+
+def test_a_replica_that_copies_the_resident_units_counts_them_as_its_own(tiny: Any) -> None:
+    """Attached under offload, a replica pays for no weight it maps; the resident units it copies to
+    its device (no resident part granted, or one of another plan) it does pay for: left out, it
+    reserved a KV pool its limit could not hold beside them."""
+    runtime = ModelRuntime(ServeOptions(max_context=96, offload_budget_mib=0.25))
+    plan = plan_for(tiny.manifest, 0.25, 2, None)
+    mapped = runtime.budget(tiny.manifest, True, plan.ring_bytes, plan).required()
+    copied = runtime.budget(tiny.manifest, True, plan.ring_bytes, plan, resident_copied=True).required()
+    own = runtime.budget(tiny.manifest, False, plan.ring_bytes, plan).required()
+    assert mapped["weights"] == 0
+    assert copied["weights"] == own["weights"] == plan.resident_bytes
 
 
 def test_preemption_when_blocks_run_out_keeps_greedy_outputs(tiny: Any) -> None:

@@ -381,6 +381,11 @@ SEALED = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_
         "manifest-unparsable",
         "arena-meta-not-an-object",
         "other-weights",
+        "resident-claims-more-fds",
+        "resident-units-not-names",
+        "resident-unsealed",
+        "resident-not-an-object",
+        "resident-of-another-backend",
     ],
 )
 def test_a_failed_attach_keeps_no_file_descriptor(
@@ -407,8 +412,21 @@ def test_a_failed_attach_keeps_no_file_descriptor(
             arena = ["cpu"]
         elif broken == "other-weights":
             sent = manifest | {"source": "file:///other.gguf"}
+        grant: dict[str, Any] = {"ok": True, "arena": arena, "holder": {}, "manifest": sent}
+        if broken.startswith("resident-"):  # a sound host arena, and a resident part that is not
+            fds.append(_memfd(4096, 0 if broken == "resident-unsealed" else SEALED))
+            part: Any = {"arena": {"backend": "cpu", "nbytes": 4096}, "units": ["model.norm"], "fds": 1}
+            if broken == "resident-claims-more-fds":
+                part["fds"] = 3
+            elif broken == "resident-units-not-names":
+                part["units"] = [{"name": "model.norm"}]
+            elif broken == "resident-not-an-object":
+                part = "everything"
+            elif broken == "resident-of-another-backend":
+                part["arena"] = {"backend": "cuda", "nbytes": 4096, "rebuild_args": []}
+            grant["resident"] = part
         try:
-            send_message(conn, {"ok": True, "arena": arena, "holder": {}, "manifest": sent}, fds)
+            send_message(conn, grant, fds)
         finally:
             for fd in fds:
                 os.close(fd)
