@@ -79,11 +79,13 @@ def _http(url: str, body: dict | None = None, timeout: float = 300) -> tuple[int
 class Runtimes:
     """``vnpu runtime`` subprocesses in one temporary directory, stopped together."""
 
-    def __init__(self, model: Path, device: str, context: int) -> None:
+    def __init__(self, model: Path, device: str, context: int, offload_mib: float | None = None) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="vnpu-bench-"))
         self.model = model
         self.device = device
         self.context = context
+        #: async offload for the holder and every replica: holder and replicas make one plan
+        self.offload = ["--offload-budget-mib", str(offload_mib)] if offload_mib is not None else []
         self.procs: list[subprocess.Popen] = []
 
     def spawn(self, name: str, *args: str) -> subprocess.Popen:
@@ -119,7 +121,9 @@ class Runtimes:
         ]
 
     def holder(self) -> subprocess.Popen:
-        proc = self.spawn("holder", "weights-holder", "--model", str(self.model), *self.sharing())
+        proc = self.spawn(
+            "holder", "weights-holder", "--model", str(self.model), *self.sharing(), *self.offload
+        )
         self._wait(lambda: '"event": "ready"' in (self.root / "holder.log").read_text(), proc, "holder")
         return proc
 
@@ -129,7 +133,16 @@ class Runtimes:
     def start_serve(self, name: str, attach: bool) -> tuple[subprocess.Popen, str]:
         """Start a serving replica (attached to the holder, or loading its own copy); not yet ready."""
         port = free_port()
-        args = ["serve", "--port", str(port), "--max-context", str(self.context), "--threads", "1"]
+        args = [
+            "serve",
+            "--port",
+            str(port),
+            "--max-context",
+            str(self.context),
+            "--threads",
+            "1",
+            *self.offload,
+        ]
         if attach:
             args += ["--model", str(self.model), *self.sharing()]
         else:
@@ -170,8 +183,12 @@ class Runtimes:
 # sections
 
 
-def bench_memory(model: Path, counts: list[int], context: int, device: str = "cpu") -> list[dict[str, Any]]:
-    """Memory of N replicas, sharing one holder vs each loading its own weights.
+def bench_memory(
+    model: Path, counts: list[int], context: int, device: str = "cpu", offload_mib: float | None = None
+) -> list[dict[str, Any]]:
+    """Memory of N replicas, sharing one holder vs each loading its own weights; with ``offload_mib``,
+    all of them under async offload at that budget (on CUDA an attached replica then maps the units the
+    holder keeps resident on the device: its own memory is its ring, KV cache and context).
 
     On CPU: total PSS of every process, and the part that is the weights' memfd. On CUDA: device memory
     in use (NVML, every process) over what was in use before the processes started. The replicas of
@@ -184,7 +201,7 @@ def bench_memory(model: Path, counts: list[int], context: int, device: str = "cp
     gpu_index = int(device.partition(":")[2] or 0)
     for shared in (True, False):
         for n in counts:
-            rt = Runtimes(model, device, context)
+            rt = Runtimes(model, device, context, offload_mib)
             baseline = gpu_memory_mib(gpu_index)[0] if cuda else 0.0
             try:
                 pids = [rt.holder().pid] if shared else []
@@ -198,6 +215,8 @@ def bench_memory(model: Path, counts: list[int], context: int, device: str = "cp
                     texts.add(body["choices"][0]["text"])
                     pids.append(proc.pid)
                 row: dict[str, Any] = {"replicas": n, "sharing": shared, "processes": len(pids)}
+                if offload_mib is not None:
+                    row["offload_budget_mib"] = offload_mib
                 row["texts"] = texts
                 if cuda:
                     used, per_process = gpu_memory_mib(gpu_index)
@@ -630,6 +649,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions (median reported)")
     parser.add_argument("--context", type=int, default=256, help="KV context of the memory-section replicas")
+    parser.add_argument(
+        "--memory-offload-mib",
+        type=float,
+        default=None,
+        help="run the memory section's holders and replicas under async offload at this device budget",
+    )
     parser.add_argument("--out-dir", type=Path, default=None, help="default bench/results/ ($VNPU_BENCH_OUT)")
     args = parser.parse_args(argv)
     logging.getLogger("vnpu").setLevel(logging.ERROR)  # uninstalls between runs are expected, not news
@@ -645,7 +670,11 @@ def main(argv: list[str] | None = None) -> int:
     results["load_average"] = {"start": round(os.getloadavg()[0], 2)}
     if "memory" in sections:
         results["memory"] = bench_memory(
-            model, [int(n) for n in args.replicas.split(",")], args.context, args.device
+            model,
+            [int(n) for n in args.replicas.split(",")],
+            args.context,
+            args.device,
+            args.memory_offload_mib,
         )
     if "attach" in sections:
         results["attach"] = bench_attach(model, args.device, args.reps)

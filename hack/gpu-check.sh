@@ -33,7 +33,12 @@ done
 step "runtime-$BIG" "${RUNTIME_LIMIT:-240}" python3 -m vnpu bench runtime --device "$DEVICE" \
   --model "/tmp/vnpu-gpu/$BIG.gguf" --replicas "${REPLICAS:-1,8}" --tokens "${TOKENS:-1024}" --reps "${REPS:-3}" \
   --out-dir "$OUT/runtime"
+# Shared weights under async offload: the holder keeps the resident units in a device arena its
+# replicas map (per replica: ring, KV cache and CUDA context, not the resident units again).
+step "offload-memory-$BIG" "${RUNTIME_LIMIT:-240}" python3 -m vnpu bench runtime --device "$DEVICE" \
+  --model "/tmp/vnpu-gpu/$BIG.gguf" --sections memory --replicas "${OFFLOAD_REPLICAS:-1,4}" \
+  --memory-offload-mib "${OFFLOAD_MIB:-1536}" --out-dir "$OUT/offload-memory"
 step "serving-$SMALL" "${SERVING_LIMIT:-200}" python3 -m vnpu bench serving --device "$DEVICE" \
   --model "/tmp/vnpu-gpu/$SMALL.gguf" --out-dir "$OUT/serving"
-for f in "$OUT"/runtime/runtime.md "$OUT"/serving/serving.md; do [ -f "$f" ] && cat "$f"; done
+for f in "$OUT"/runtime/runtime.md "$OUT"/offload-memory/runtime.md "$OUT"/serving/serving.md; do [ -f "$f" ] && cat "$f"; done
 for f in "$OUT"/*.log; do echo "--- $f"; tail -n 15 "$f"; done
