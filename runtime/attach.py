@@ -182,10 +182,12 @@ def _handshake(
     key: bytes,
     op: str,
     deadline: float,
+    drain_s: float | None = None,
 ) -> None:
     """Authenticate the holder, then this client, for ``op`` (see vnpu.runtime.holder), all of it by
     ``deadline`` (``time.monotonic()``): a peer without the key trickling its challenge a byte at a time
-    must not hold the caller past its timeout."""
+    must not hold the caller past its timeout. ``drain_s``: the request drain an attaching replica
+    announces (sent only once the holder has proved it holds the key)."""
     client_nonce = sharing.new_nonce()
     send_message(
         sock,
@@ -218,11 +220,13 @@ def _handshake(
             f"whatever listens at {path} failed authentication: it does not hold the key of {identity} "
             "(a socket squatted by another pod?); not attaching to it"
         )
-    send_message(
-        sock,
-        {"op": op, "proof": sharing.proof(key, "replica", identity, client_nonce, server_nonce)},
-        deadline=deadline,
-    )
+    request: dict[str, object] = {
+        "op": op,
+        "proof": sharing.proof(key, "replica", identity, client_nonce, server_nonce),
+    }
+    if drain_s is not None:
+        request["drain_s"] = drain_s
+    send_message(sock, request, deadline=deadline)
 
 
 def attach(
@@ -232,17 +236,20 @@ def attach(
     device: str = "cpu",
     timeout: float = 30.0,
     expected: Expected | None = None,
+    drain_s: float | None = None,
 ) -> Lease:
     """Attach to the holder of ``identity`` at ``socket_path``; raises HolderUnavailableError (nothing
     there, it went away, it sent something unusable, or the grant was not in within ``timeout`` seconds,
     one deadline from connecting to the grant) or AttachRefusedError (authentication, identity or
-    weights mismatch), and nothing else: a caller retrying in a loop must not die of a peer's bytes."""
+    weights mismatch), and nothing else: a caller retrying in a loop must not die of a peer's bytes.
+    ``drain_s``: how long this replica gives its requests in flight at SIGTERM; a holder stopped with it
+    keeps the weights that long (see :meth:`vnpu.runtime.holder.WeightsHolder.stop`)."""
     path = Path(socket_path)
     start = time.perf_counter()
     deadline = time.monotonic() + timeout
     sock = _connect(path, deadline)
     try:
-        _handshake(sock, path, identity, key, "attach", deadline)
+        _handshake(sock, path, identity, key, "attach", deadline, drain_s)
         reply, fds = recv_message(sock, deadline=deadline)
     except AttachRefusedError:
         sock.close()

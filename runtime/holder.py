@@ -6,11 +6,15 @@ share group's key (see :mod:`vnpu.sharing`):
 1. ``{"op": "hello", "protocol": 2, "identity": {namespace, group, weights_id}, "nonce": Nc, "pid": p}``
    -> ``{"ok": true, "op": "challenge", "nonce": Ns, "proof": HMAC(key, holder, identity, Nc, Ns)}``.
    The client checks the proof: a squatter without the key cannot make it.
-2. ``{"op": "attach" | "status", "proof": HMAC(key, replica, identity, Nc, Ns)}``. The holder checks it: a
-   pod of another namespace cannot make it. ``attach`` -> ``{"ok": true, "manifest": ..., "arena": meta,
-   "holder": {...}}`` plus the arena's file descriptors; the connection then stays open as the replica's
-   lease (``{"op": "ping"}`` -> ``{"ok": true, "op": "pong"}``), and when the holder goes away the
-   replica sees EOF at once. ``status`` -> ``{"ok": true, "holder": {...}}`` (``vnpu runtime probe``).
+2. ``{"op": "attach" | "status", "proof": HMAC(key, replica, identity, Nc, Ns), "drain_s": d}``. The
+   holder checks it: a pod of another namespace cannot make it. ``drain_s`` (optional) is how long the
+   replica gives its requests in flight at SIGTERM: a stopping holder keeps the weights that long.
+   ``attach`` -> ``{"ok": true, "manifest": ..., "arena": meta, "holder": {...}}`` (and under async
+   offload on a device ``"resident": {"arena", "units", "fds"}``, see
+   :class:`vnpu.runtime.offload.ResidentPart`) plus the arenas' file descriptors, the host arena's
+   first; the connection then stays open as the replica's lease (``{"op": "ping"}`` ->
+   ``{"ok": true, "op": "pong"}``), and when the holder goes away the replica sees EOF at once.
+   ``status`` -> ``{"ok": true, "holder": {...}}`` (``vnpu runtime probe``).
 
 Access control, in layers: the socket's name is unguessable without the key (and pods cannot list the
 device's socket directory, see ``vnpu.device_plugin.plugin.ensure_socket_dir``), the file is ``0600``
@@ -38,6 +42,7 @@ import contextlib
 import fcntl
 import itertools
 import logging
+import math
 import os
 import socket
 import stat
@@ -48,7 +53,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vnpu import sharing
+from vnpu import api, sharing
 from vnpu.runtime.ipc import (
     ProtocolError,
     encode,
@@ -162,6 +167,14 @@ def peer_credentials(conn: socket.socket) -> tuple[int, int, int]:
     return pid, uid, gid
 
 
+def announced_drain(value: object) -> float:
+    """The request drain a replica announced at attach, in seconds: a number in [0, MAX_DRAIN_S], or
+    the default drain for a replica that announced none (an older one) or an unusable value."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return float(api.REPLICA_DRAIN_S)
+    return float(min(max(value, 0), api.MAX_DRAIN_S))
+
+
 class WeightsHolder:
     """Serves one sealed arena to any number of replicas of one share identity."""
 
@@ -202,6 +215,7 @@ class WeightsHolder:
         self._closed_at = 0.0  #: when (monotonic) it was closed
         self._stop = threading.Event()  #: every lease ends
         self._leases: dict[int, socket.socket] = {}
+        self._lease_drains: dict[int, float] = {}  #: lease -> the request drain its replica announced
         self._lock = threading.Lock()
         self._lease_ids = iter(range(1, 1 << 62))
         self._pending = _PendingHandshakes(MAX_HANDSHAKES)
@@ -345,27 +359,42 @@ class WeightsHolder:
                 "name); remove it on the node as root, then restart this holder"
             ) from e
 
+    def replica_wait_s(self) -> float:
+        """How long a stopping holder waits for the replicas attached now: the longest request drain
+        they announced, plus the rest of their pods' grace and a margin (``vnpu.api``'s chain)."""
+        with self._lock:
+            drains = list(self._lease_drains.values())
+        return max(drains, default=0.0) + api.HOLDER_WAIT_MARGIN_S
+
     def stop(self, drain_s: float = 0.0) -> None:
-        """Close the socket, wait up to ``drain_s`` for the replicas attached to detach, then end every
-        lease left (those replicas see EOF) and release the arena.
+        """Close the socket, wait for the replicas attached to detach (:meth:`replica_wait_s`, at most
+        ``drain_s``), then end every lease left (those replicas see EOF) and release the arena.
 
         The wait is what lets a replica stopping beside its holder finish the requests it has in flight:
         a scale-down, a node drain or a model's deletion stops both at once, and a replica that loses
-        its weights mid-request fails that request. No new replica attaches meanwhile (its attach
-        retries, and finds the holder that replaces this one once it has bound the socket)."""
+        its weights mid-request fails that request. Bounded by what the replicas announced, a holder
+        stopped alone (its replicas keep running) does not sit out the longest drain any model may set.
+        No new replica attaches meanwhile (its attach retries, and finds the holder that replaces this
+        one once it has bound the socket)."""
         self.close_listener()
         if drain_s > 0 and self.clients:
+            wait_s = min(drain_s, self.replica_wait_s())
             log.info(
                 "waiting for the replicas attached to detach",
-                extra={"clients": self.clients, "drain_s": drain_s, "share": str(self.identity)},
+                extra={
+                    "clients": self.clients,
+                    "wait_s": wait_s,
+                    "drain_s": drain_s,
+                    "share": str(self.identity),
+                },
             )
-            deadline = self._closed_at + drain_s  # (from the close: a serving holder closes at SIGTERM)
+            deadline = self._closed_at + wait_s  # (from the close: a serving holder closes at SIGTERM)
             while self.clients and time.monotonic() < deadline:
                 time.sleep(0.05)
             if self.clients:
                 log.warning(
                     "replicas still attached at the end of the drain; they lose the weights now",
-                    extra={"clients": self.clients, "drain_s": drain_s, "share": str(self.identity)},
+                    extra={"clients": self.clients, "wait_s": wait_s, "share": str(self.identity)},
                 )
         self._stop.set()
         with self._lock:  # after _closing is set: no lease is added past this point (see _handle)
@@ -453,9 +482,10 @@ class WeightsHolder:
 
     def _handshake(
         self, conn: socket.socket, peer: str, hello: dict[str, Any], deadline: float
-    ) -> str | None:
+    ) -> tuple[str, float] | None:
         """Run the mutual authentication after ``hello`` by ``deadline``; returns the authenticated op
-        ("attach" or "status"), or None after refusing the client."""
+        ("attach" or "status") and the request drain the client announced (see :func:`announced_drain`),
+        or None after refusing the client."""
         if hello.get("op") != "hello" or hello.get("protocol") != PROTOCOL_VERSION:
             self._refuse(
                 conn,
@@ -501,7 +531,7 @@ class WeightsHolder:
         if op not in ("attach", "status"):
             self._refuse(conn, f"{peer}: unknown op {shown(op)}", deadline)
             return None
-        return str(op)
+        return str(op), announced_drain(answer.get("drain_s"))
 
     @staticmethod
     def _recv(conn: socket.socket, deadline: float) -> dict[str, Any]:
@@ -527,9 +557,10 @@ class WeightsHolder:
                 return
             hello = self._recv(conn, min(deadline, started + HELLO_TIMEOUT_S))
             self._pending.heard(token)
-            op = self._handshake(conn, peer, hello, deadline)
-            if op is None:
+            authenticated = self._handshake(conn, peer, hello, deadline)
+            if authenticated is None:
                 return
+            op, drain_s = authenticated
             in_handshake = False
             if not self._pending.leave(token):
                 return  # cut to make room just before it authenticated: its socket is shut
@@ -550,6 +581,7 @@ class WeightsHolder:
                         return
                     lease_id = next(self._lease_ids)
                     self._leases[lease_id] = conn
+                    self._lease_drains[lease_id] = drain_s
                     for fd in (*self._arena_fds, *self._resident_fds):  # the host arena's first
                         grant_fds.append(os.dup(fd))
                 grant: dict[str, Any] = {"ok": True, "arena": self._arena_meta, "holder": self.info()}
@@ -585,6 +617,7 @@ class WeightsHolder:
             if lease_id is not None:
                 with self._lock:
                     self._leases.pop(lease_id, None)
+                    self._lease_drains.pop(lease_id, None)
                 log.info("replica detached", extra={"clients": self.clients, "share": str(self.identity)})
             conn.close()
 

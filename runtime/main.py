@@ -360,6 +360,14 @@ def _add_http_args(g: argparse._ArgumentGroup) -> None:
         default=64,
         help="requests waiting for a batch slot before new ones get 429 (default 64)",
     )
+    g.add_argument(
+        "--request-drain-seconds",
+        type=_whole("VNPU_REQUEST_DRAIN_SECONDS", minimum=0, maximum=api.MAX_DRAIN_S),
+        default=_env("VNPU_REQUEST_DRAIN_SECONDS", default=str(api.REPLICA_DRAIN_S)),
+        help="at SIGTERM, take no new request and give those in flight up to this long to finish "
+        "(the model's runtime.drainSeconds; an attached replica tells its weights-holder, which keeps "
+        f"the weights that long) [$VNPU_REQUEST_DRAIN_SECONDS, default {api.REPLICA_DRAIN_S}]",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -386,9 +394,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--drain-seconds",
         type=float,
         default=_env("VNPU_HOLDER_DRAIN_SECONDS", default=str(api.HOLDER_DRAIN_S)),
-        help="at SIGTERM, stop granting attaches and wait up to this long for the replicas attached to "
-        "detach (they finish their requests in flight first) before their weights go; default "
-        "%(default)s, inside the holder pod's grace period [$VNPU_HOLDER_DRAIN_SECONDS]",
+        help="at SIGTERM, stop granting attaches and wait for the replicas attached to detach (they finish "
+        "their requests in flight first) before their weights go: as long as the longest request drain "
+        f"they announced plus {api.HOLDER_WAIT_MARGIN_S} s ({api.REPLICA_DRAIN_S} for one that announced "
+        "none), at most this long; default %(default)s, inside the holder pod's grace period "
+        "[$VNPU_HOLDER_DRAIN_SECONDS]",
     )
     holder.add_argument(
         "--serve",
@@ -569,9 +579,10 @@ def _serve_http(
     """The HTTP server on another thread and the model on this (the initial) one (see
     ModelRuntime.run_engine for why), until SIGTERM or SIGINT; ``listening`` runs once it is up,
     ``stopping`` at the signal, before the server's drain."""
-    from vnpu.runtime.server import SHUTDOWN_TIMEOUT_S, HttpServerThread, make_app
+    from vnpu.runtime.server import HttpServerThread, make_app
 
-    server = HttpServerThread(make_app(runtime), args.host, args.port)
+    drain_s = float(args.request_drain_seconds)
+    server = HttpServerThread(make_app(runtime), args.host, args.port, shutdown_timeout_s=drain_s)
     try:
         server.start()
         log.info("serving", extra={"host": args.host, "port": args.port})
@@ -588,7 +599,7 @@ def _serve_http(
         runtime.run_engine()
     finally:
         server.stop_then(lambda: None)
-        server.join(SHUTDOWN_TIMEOUT_S + 5)
+        server.join(drain_s + api.GRACE_MARGIN_S)
         runtime.close()
     return 0
 
@@ -626,7 +637,15 @@ def _runtime(args: argparse.Namespace, engine_thread: bool = True) -> tuple[obje
     attach = args.attach if args.attach is not None else share_identity(args) is not None
     if attach:
         identity, key, path = _sharing(args)
-        supervisor = SharedWeightsSupervisor(runtime, path, identity, key, args.device, _expected(args))
+        supervisor = SharedWeightsSupervisor(
+            runtime,
+            path,
+            identity,
+            key,
+            args.device,
+            _expected(args),
+            drain_s=getattr(args, "request_drain_seconds", api.REPLICA_DRAIN_S),
+        )
         supervisor.start()
         return runtime, supervisor
     weights = _load_local(args)

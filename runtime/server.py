@@ -573,20 +573,24 @@ def make_app(
     return app
 
 
-#: Seconds a stopping server gives requests in flight to finish (aiohttp's run_app default; inside the
-#: replica pod's grace period, see ``vnpu.api.REPLICA_GRACE_S``).
-SHUTDOWN_TIMEOUT_S = float(REPLICA_DRAIN_S)
-
-
 class HttpServerThread:
     """An aiohttp app served from its own thread and event loop; :meth:`stop_then` closes it gracefully
-    (no new connections, requests in flight get up to ``SHUTDOWN_TIMEOUT_S``) and then calls ``after``."""
+    (no new connections, requests in flight get up to ``shutdown_timeout_s``: the model's drain, inside
+    the replica pod's grace period, see ``vnpu.api.replica_grace_s``) and then calls ``after``."""
 
     def __init__(
-        self, app: web.Application, host: str, port: int, idle_timeout_s: float = IDLE_CONNECTION_TIMEOUT_S
+        self,
+        app: web.Application,
+        host: str,
+        port: int,
+        idle_timeout_s: float = IDLE_CONNECTION_TIMEOUT_S,
+        shutdown_timeout_s: float = float(REPLICA_DRAIN_S),
     ) -> None:
         self._app, self._host, self._port = app, host, port
         self._idle_timeout_s = idle_timeout_s
+        # aiohttp reads a timeout of 0 as none at all (it would wait for every request in flight, until
+        # the kubelet's SIGKILL): a drain of 0 is the shortest wait it does bound.
+        self._shutdown_timeout_s = max(shutdown_timeout_s, 0.01)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run, name="http", daemon=True)
         self._started = threading.Event()
@@ -605,7 +609,7 @@ class HttpServerThread:
         asyncio.set_event_loop(self._loop)
         try:
             self._runner = web.AppRunner(
-                self._app, shutdown_timeout=SHUTDOWN_TIMEOUT_S, keepalive_timeout=self._idle_timeout_s
+                self._app, shutdown_timeout=self._shutdown_timeout_s, keepalive_timeout=self._idle_timeout_s
             )
             self._loop.run_until_complete(self._runner.setup())
             site = web.TCPSite(self._runner, self._host, self._port)

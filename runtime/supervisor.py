@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from vnpu import sharing
+from vnpu.api import REPLICA_DRAIN_S
 from vnpu.runtime.attach import AttachRefusedError, Expected, HolderUnavailableError, attach
 from vnpu.runtime.engine import ModelRuntime
 
@@ -36,8 +37,12 @@ class SharedWeightsSupervisor:
         expected: Expected | None = None,
         retry_initial: float = 0.2,
         retry_max: float = 5.0,
+        drain_s: float = REPLICA_DRAIN_S,
     ) -> None:
+        """``drain_s``: how long this replica gives its requests in flight at SIGTERM, announced to the
+        holder at attach (it keeps the weights that long when both stop)."""
         self.runtime = runtime
+        self.drain_s = drain_s
         self.socket_path = Path(socket_path)
         self.identity = identity
         self._key = key
@@ -97,7 +102,14 @@ class SharedWeightsSupervisor:
     def _attach_and_serve(self) -> bool:
         """Attach, install the weights, serve until the lease is lost. True when this supervisor is
         done: stopped, or the attached model cannot be used at all."""
-        lease = attach(self.socket_path, self.identity, self._key, self.device, expected=self.expected)
+        lease = attach(
+            self.socket_path,
+            self.identity,
+            self._key,
+            self.device,
+            expected=self.expected,
+            drain_s=self.drain_s,
+        )
         if self._stop.is_set():
             lease.close()
             return True

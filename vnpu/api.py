@@ -21,7 +21,7 @@ CRD_NAME = f"{PLURAL}.{GROUP}"
 #: The CRD's schema revision, also its annotation ``vnpu.io/crd-revision`` in crds/: bumped with every
 #: change of the CRD's spec (a test pins its hash), so an operator can tell that the served CRD is older
 #: than what it writes (Helm installs crds/ once and never upgrades them). A CRD without it is 0.
-CRD_REVISION = 1
+CRD_REVISION = 2
 CRD_REVISION_ANNOTATION = f"{GROUP}/crd-revision"
 
 #: Longest ``spec.modelName`` (the CRD's maxLength): what clients send as ``model``. A serving
@@ -78,15 +78,28 @@ ANNOTATION_REPLACES = f"{GROUP}/replaces"
 
 #: How the pods of a model stop (one chain, each bound inside the next; the kubelet sends SIGKILL at a
 #: pod's ``terminationGracePeriodSeconds``). A replica at SIGTERM takes no new request and gives those
-#: in flight up to ``REPLICA_DRAIN_S`` to finish (a long generation, streamed); its pod's grace adds the
-#: time to close. A weight-holder at SIGTERM grants no new attach and waits up to ``HOLDER_DRAIN_S``
-#: (``weights-holder --drain-seconds``) for its replicas to detach: past a replica's grace, so that a
-#: scale-down, a node drain or a model's deletion, which stop a replica and its holder together, never
-#: take the weights from under a request in flight; its pod's grace adds the time to release the arena.
+#: in flight up to its model's ``runtime.drainSeconds`` to finish (a long generation, streamed; default
+#: ``REPLICA_DRAIN_S``, at most ``MAX_DRAIN_S``); its pod's grace adds ``GRACE_MARGIN_S`` to close. A
+#: weight-holder at SIGTERM grants no new attach and waits for its replicas to detach, up to the longest
+#: drain its attached replicas announced when they attached plus ``HOLDER_WAIT_MARGIN_S`` (past their
+#: grace), so that a scale-down, a node drain or a model's deletion, which stop a replica and its holder
+#: together, never take the weights from under a request in flight. Its pod's grace covers the longest
+#: drain a model may set (a holder outlives its models' spec changes, and exits as soon as no replica is
+#: attached): ``HOLDER_DRAIN_S`` (``weights-holder --drain-seconds``) bounds the wait, and the grace
+#: adds the time to release the arena.
 REPLICA_DRAIN_S = 60
-REPLICA_GRACE_S = REPLICA_DRAIN_S + 5
-HOLDER_DRAIN_S = REPLICA_GRACE_S + 10
-HOLDER_GRACE_S = HOLDER_DRAIN_S + 5
+MAX_DRAIN_S = 3600
+GRACE_MARGIN_S = 5
+REPLICA_GRACE_S = REPLICA_DRAIN_S + GRACE_MARGIN_S
+HOLDER_WAIT_MARGIN_S = GRACE_MARGIN_S + 10
+HOLDER_DRAIN_S = MAX_DRAIN_S + HOLDER_WAIT_MARGIN_S
+HOLDER_GRACE_S = HOLDER_DRAIN_S + GRACE_MARGIN_S
+
+
+def replica_grace_s(drain_s: int) -> int:
+    """A replica pod's ``terminationGracePeriodSeconds`` for a drain of ``drain_s`` seconds."""
+    return drain_s + GRACE_MARGIN_S
+
 
 #: Pod annotation on a weight-holder: MiB of the weight copy it holds (views of the memory saved by
 #: sharing count (replicas - 1) copies of this per device, as the operator's status does).

@@ -32,6 +32,7 @@ def test_cli_reads_the_pod_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         "VNPU_PREFETCH_DEPTH": "3",
         "VNPU_OFFLOAD_RESIDENT_MIB": "480",
         "VNPU_PORT": "8123",
+        "VNPU_REQUEST_DRAIN_SECONDS": "900",
     }
     for key, value in env.items():
         monkeypatch.setenv(key, value)
@@ -44,6 +45,7 @@ def test_cli_reads_the_pod_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert float(args.offload_resident_mib) == 480.0
     assert float(build_parser().parse_args(["weights-holder"]).offload_resident_mib) == 480.0
     assert args.port == 8123 and args.host == "127.0.0.1" and args.attach is None
+    assert args.request_drain_seconds == 900
     # The socket's name comes from the key: the same for holder and replica, unguessable without it.
     key = b"k" * 32
     path = holder_socket_path(args, identity, key)
@@ -78,6 +80,9 @@ def test_a_partial_share_identity_or_a_missing_socket_dir_is_a_clear_error(
         ("VNPU_OFFLOAD_BUDGET_MIB", "inf"),
         ("VNPU_OFFLOAD_BUDGET_MIB", "-1"),
         ("VNPU_DEFAULT_PRIORITY", "9" * 30),
+        ("VNPU_REQUEST_DRAIN_SECONDS", "-1"),
+        ("VNPU_REQUEST_DRAIN_SECONDS", "3601"),
+        ("VNPU_REQUEST_DRAIN_SECONDS", "1m"),
     ],
 )
 @pytest.mark.parametrize("command", ["serve", "weights-holder", "probe"])

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from rt_helpers import attach_works, load_tiny_llama, wait_until
 
-from vnpu import sharing
+from vnpu import api, sharing
 from vnpu.runtime import holder as holder_module
 from vnpu.runtime.arena import ArenaError, CpuArena
 from vnpu.runtime.attach import AttachRefusedError, Expected, HolderUnavailableError, attach
@@ -541,3 +541,62 @@ def test_every_packed_layout_fits_its_arena(tiny: Any) -> None:
 
 def _attach(path: Path) -> bool:
     return attach_works(path, ID, KEY, timeout=1.0)
+
+
+# --- how long a stopping holder keeps the weights ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("announced", "seconds"),
+    [
+        (900, 900.0),
+        (2.5, 2.5),
+        (0, 0.0),
+        (-30, 0.0),
+        (10**9, float(api.MAX_DRAIN_S)),
+        (None, float(api.REPLICA_DRAIN_S)),  # an older replica announces nothing
+        ("forever", float(api.REPLICA_DRAIN_S)),
+        (True, float(api.REPLICA_DRAIN_S)),
+        ([60], float(api.REPLICA_DRAIN_S)),
+    ],
+)
+def test_an_announced_drain_is_a_bounded_number_of_seconds(announced: object, seconds: float) -> None:
+    assert holder_module.announced_drain(announced) == seconds
+
+
+def test_a_stopping_holder_keeps_the_weights_as_long_as_its_replicas_drain(
+    tiny: Any, short_tmp: Path, monkeypatch: Any
+) -> None:
+    """Each replica tells its holder at attach how long it gives its requests in flight at SIGTERM (its
+    model's runtime.drainSeconds). A holder stopped with them waits for the longest of those attached,
+    plus the rest of their grace: a model draining 15 minutes keeps its weights that long, and a holder
+    stopped alone beside quick replicas exits after their drain, not after the longest any model may
+    set (``--drain-seconds``, the cap). A replica of an older version announces nothing: the default."""
+    holder = WeightsHolder(tiny, ID, KEY, short_tmp / "s" / "weights.sock")
+    holder.start()
+    slow = attach(holder.socket_path, ID, KEY, timeout=5, drain_s=900)
+    older = attach(holder.socket_path, ID, KEY, timeout=5)
+    try:
+        wait_until(lambda: holder.clients == 2)
+        assert holder.replica_wait_s() == 900 + api.HOLDER_WAIT_MARGIN_S
+        slow.close()
+        wait_until(lambda: holder.clients == 1)
+        assert holder.replica_wait_s() == api.REPLICA_DRAIN_S + api.HOLDER_WAIT_MARGIN_S
+    finally:
+        older.close()
+        holder.stop()
+    # The wait itself, at a scale a test can sit out: a replica that announced 0.2 s, and a margin of
+    # 0.2 s, against a cap of a minute. It does not detach: the holder ends its lease after 0.4 s.
+    monkeypatch.setattr(api, "HOLDER_WAIT_MARGIN_S", 0.2)
+    again = WeightsHolder(load_tiny_llama(short_tmp / "m2"), ID, KEY, short_tmp / "s" / "weights.sock")
+    again.start()
+    quick = attach(again.socket_path, ID, KEY, timeout=5, drain_s=0.2)
+    stopper = threading.Thread(target=again.stop, kwargs={"drain_s": 60.0})
+    try:
+        wait_until(lambda: again.clients == 1)
+        stopper.start()
+        stopper.join(30)
+        assert not stopper.is_alive(), "the holder waited past what its replica announced"
+        assert quick.wait_lost(5)  # the replica sees its weights go, as when a holder dies
+    finally:
+        quick.close()

@@ -238,10 +238,17 @@ def test_sigterm_finishes_the_request_in_flight_then_exits(cluster: Cluster) -> 
 
 def _long_request_in_flight(proc: Proc) -> tuple[threading.Thread, list[tuple[int, Any]]]:
     """A client thread whose 64-token completion ``proc`` is generating when this returns, and the list
-    its (status, body) lands in."""
+    its (status, body) lands in: (0, the error) when the server cut the connection."""
     answers: list[tuple[int, Any]] = []
     long = {**REQUEST, "max_tokens": 64, "ignore_eos": True}
-    client = threading.Thread(target=lambda: answers.append(http_json(proc.url + "/v1/completions", long)))
+
+    def ask() -> None:
+        try:
+            answers.append(http_json(proc.url + "/v1/completions", long))
+        except OSError as e:
+            answers.append((0, repr(e)))
+
+    client = threading.Thread(target=ask)
     client.start()
     wait_for(lambda: _generating(proc), proc, 60)
     return client, answers
@@ -413,6 +420,23 @@ def test_a_replica_stopped_with_its_holder_finishes_its_request_in_flight(
     log = holder.log.read_text()
     assert "waiting for the replicas attached to detach" in log
     assert "still attached" not in log
+
+
+def test_a_replica_gives_its_requests_in_flight_its_models_drain_and_no_more(cluster: Cluster) -> None:
+    """``--request-drain-seconds`` (the model's ``runtime.drainSeconds``) is what the server gives the
+    requests in flight at SIGTERM: at 0 the replica cuts its 64-token answer at once and exits, where
+    at the default it finishes it (the test above)."""
+    replica = cluster.serve(
+        "drain-zero", "--standalone", "--model", str(cluster.model), "--request-drain-seconds", "0"
+    )
+    wait_for(lambda: ready(replica), replica, 240)
+    client, answers = _long_request_in_flight(replica)
+    replica.popen.send_signal(signal.SIGTERM)
+    assert replica.popen.wait(30) == 0, replica.log.read_text()[-3000:]
+    client.join(30)
+    assert not client.is_alive()
+    ((status, body),) = answers
+    assert status != 200 or body["usage"]["completion_tokens"] < 64, body
 
 
 def test_a_holder_stops_after_its_drain_even_with_a_replica_attached(cluster: Cluster) -> None:
