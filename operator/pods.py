@@ -388,6 +388,7 @@ def _runtime_env(spec: ModelSpec, weights_mib: int = 0) -> list[dict[str, Any]]:
     if spec.memory.max_batch is not None:
         env.append({"name": "VNPU_MAX_BATCH", "value": str(spec.memory.max_batch)})
     env.append({"name": "VNPU_DEFAULT_PRIORITY", "value": str(spec.priority)})
+    env.append({"name": "VNPU_REQUEST_DRAIN_SECONDS", "value": str(spec.runtime.drain_seconds)})
     if spec.offloaded:
         env += [
             {"name": "VNPU_OFFLOAD_BUDGET_MIB", "value": str(spec.offload.device_budget_mib)},
@@ -458,8 +459,8 @@ def _replica_pod(intent: PodIntent, config: OperatorConfig) -> dict[str, Any]:
             "affinity": _pin_to_node(intent.node),
             "tolerations": _tolerations(spec, config.node_grace_seconds),
             "securityContext": _pod_security(_share_uid(model)),
-            # Room for the requests in flight at SIGTERM (the runtime drains them for REPLICA_DRAIN_S).
-            "terminationGracePeriodSeconds": api.REPLICA_GRACE_S,
+            # Room for the requests in flight at SIGTERM (the runtime drains them for drainSeconds).
+            "terminationGracePeriodSeconds": api.replica_grace_s(spec.runtime.drain_seconds),
             "containers": [
                 {
                     "name": "runtime",
@@ -532,7 +533,8 @@ def _holder_pod(intent: PodIntent, config: OperatorConfig) -> dict[str, Any]:
             "affinity": _pin_to_node(intent.node),
             "tolerations": _tolerations(first.spec, config.node_grace_seconds),
             "securityContext": _pod_security(_share_uid(first)),
-            # Outlives its replicas' grace: it waits for them to detach (weights-holder --drain-seconds).
+            # Outlives any replica's grace: it waits for those attached to detach, as long as the longest
+            # drain they announced (vnpu.api.HOLDER_DRAIN_S bounds it), and exits once none is left.
             "terminationGracePeriodSeconds": api.HOLDER_GRACE_S,
             "containers": [container],
             "volumes": [*volumes, key_volume, scratch],
@@ -550,11 +552,14 @@ def _holder_serving(env: list[dict[str, Any]], serving: Sequence[ModelRef]) -> d
     # The longest a model's replicas take (a spec without maxContextTokens: the runtime's default),
     # which the group's holder size was estimated for (vnpu.memory: holder_serving_mib).
     context = max(o.spec.memory.max_context_tokens or api.DEFAULT_MAX_CONTEXT for o in serving)
-    replaced = {"VNPU_MAX_BATCH", "VNPU_MAX_CONTEXT", "VNPU_PORT"}
+    # Its requests in flight at SIGTERM get as long as the longest any of these models gives its own.
+    drain = max(o.spec.runtime.drain_seconds for o in serving)
+    replaced = {"VNPU_MAX_BATCH", "VNPU_MAX_CONTEXT", "VNPU_PORT", "VNPU_REQUEST_DRAIN_SECONDS"}
     env = [e for e in env if e["name"] not in replaced] + [
         {"name": "VNPU_MAX_BATCH", "value": "1"},
         {"name": "VNPU_PORT", "value": str(port)},
         {"name": "VNPU_MAX_CONTEXT", "value": str(context)},
+        {"name": "VNPU_REQUEST_DRAIN_SECONDS", "value": str(drain)},
     ]
     return {
         "args": ["vnpu", "runtime", "weights-holder", "--serve", "--host", "0.0.0.0", "--port", str(port)],

@@ -22,6 +22,8 @@ from vnpu.api import (
     DEFAULT_PRIORITY,
     KEEP_WARM_AUTO,
     KEEP_WARM_MODES,
+    MAX_DRAIN_S,
+    REPLICA_DRAIN_S,
     holder_serves,
 )
 from vnpu.operator.packing import Spread, Toleration
@@ -96,6 +98,8 @@ class Runtime:
     port: int = DEFAULT_PORT
     requests: Mapping[str, str] = field(default_factory=dict)
     limits: Mapping[str, str] = field(default_factory=dict)
+    #: Seconds a stopping replica gives its requests in flight (``runtime.drainSeconds``).
+    drain_seconds: int = REPLICA_DRAIN_S
 
 
 @dataclass(frozen=True)
@@ -220,6 +224,14 @@ def _int(section: Mapping[str, Any], key: str, where: str, default: int | None =
     return value
 
 
+def _drain_seconds(runtime: Mapping[str, Any]) -> int:
+    value = _int(runtime, "drainSeconds", "runtime.", REPLICA_DRAIN_S)
+    assert value is not None
+    if not 0 <= value <= MAX_DRAIN_S:
+        raise SpecError(f"spec.runtime.drainSeconds must be between 0 and {MAX_DRAIN_S}, got {value}")
+    return value
+
+
 def _int_or_percent(value: Any, where: str) -> int | str:
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return value
@@ -282,6 +294,7 @@ def parse_spec(raw: Mapping[str, Any]) -> ModelSpec:
             port=_int(runtime, "port", "runtime.", DEFAULT_PORT) or DEFAULT_PORT,
             requests={k: str(v) for k, v in _section(resources, "requests").items()},
             limits={k: str(v) for k, v in _section(resources, "limits").items()},
+            drain_seconds=_drain_seconds(runtime),
         ),
         placement=Placement(
             node_selector={str(k): str(v) for k, v in _section(placement, "nodeSelector").items()},

@@ -78,6 +78,9 @@ BAD_SPECS = [
     ("context-without-batch", with_changes(memory={"maxContextTokens": 1024}), "given together"),
     ("kv-and-context", with_changes(memory__kvCacheMiB=512), "not both"),
     ("async-without-budget", with_changes(offload={"mode": "async"}), "offload.deviceBudgetMiB is required"),
+    ("negative-drain", with_changes(runtime={"drainSeconds": -1}), "spec.runtime.drainSeconds"),
+    ("drain-past-an-hour", with_changes(runtime={"drainSeconds": 3601}), "spec.runtime.drainSeconds"),
+    ("drain-as-text", with_changes(runtime={"drainSeconds": "60"}), "spec.runtime.drainSeconds"),
     ("bad-offload-mode", with_changes(offload={"mode": "sometimes"}), "spec.offload.mode"),
     (
         "zero-prefetch",
@@ -309,6 +312,8 @@ EDGE_SPECS = {
         }
     ),
     "extended-limit-only": with_changes(runtime={"resources": {"limits": {"a.b-c.example/x_y.z": "1e3"}}}),
+    # The longest drain: a replica's grace past it, a holder's past that (the pod's own limits).
+    "longest-drain": with_changes(runtime={"drainSeconds": 3600}, scaling={"minReplicas": 0}),
     "placement": with_changes(
         placement={
             "nodeSelector": {"a" * 253 + "/" + "k" * 63: "v" * 63, "k" * 63: "", "pool": "a.b_c-d"},

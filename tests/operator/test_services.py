@@ -167,6 +167,31 @@ def test_a_serving_holder_takes_the_longest_context_any_of_its_models_replicas_t
     assert env["VNPU_MAX_CONTEXT"] == "512"
 
 
+def test_each_model_drains_its_own_requests_and_a_serving_holder_the_longest() -> None:
+    """``runtime.drainSeconds``: a model's replicas give their requests in flight that long at SIGTERM,
+    and their pods' grace follows; a serving holder answers for each of its models, so it drains as
+    long as the longest of them. A holder's grace is the longest any model may set: it outlives spec
+    changes, and exits as soon as no replica is attached."""
+    at_zero = {"minReplicas": 0, "keepWarm": "Always"}
+    quick = model("quick", 1, shareGroup="team", scaling=at_zero)
+    slow = model("slow", 1, shareGroup="team", scaling=at_zero, runtime={"drainSeconds": 900})
+    result = run([quick, slow], [node("n1", devices=1)])
+    (holder,) = _holders(result.create)
+    env = {e["name"]: e.get("value") for e in holder["spec"]["containers"][0]["env"]}
+    assert env["VNPU_REQUEST_DRAIN_SECONDS"] == "900"
+    assert holder["spec"]["terminationGracePeriodSeconds"] == api.HOLDER_GRACE_S > api.MAX_DRAIN_S
+    replicas = {
+        p["metadata"]["labels"][api.LABEL_MODEL]: p
+        for p in result.create
+        if p["metadata"]["labels"][api.LABEL_ROLE] == api.ROLE_REPLICA
+    }
+    for name, drain in (("quick", api.REPLICA_DRAIN_S), ("slow", 900)):
+        pod = replicas[name]
+        env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+        assert env["VNPU_REQUEST_DRAIN_SECONDS"] == str(drain)
+        assert pod["spec"]["terminationGracePeriodSeconds"] == drain + api.GRACE_MARGIN_S
+
+
 @pytest.mark.parametrize(
     "scaling",
     [{"minReplicas": 1}, {"minReplicas": 0, "keepWarm": "Never"}],
