@@ -116,6 +116,15 @@ def build_parser() -> argparse.ArgumentParser:
         "keep-alives and clients that trickle their headers (default %(default)s)",
     )
     p.add_argument(
+        "--drain-seconds",
+        type=float,
+        default=float(REPLICA_DRAIN_S),
+        metavar="SECONDS",
+        help="at SIGTERM, take no new connection and give the requests and streams in flight this long "
+        "(inside the pod's grace period; the chart's gateway.drainSeconds: as long as the longest "
+        "runtime.drainSeconds of the models behind it) (default %(default)s)",
+    )
+    p.add_argument(
         "--activity-flush",
         type=float,
         default=10.0,
@@ -180,7 +189,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print=None,
             handler_cancellation=True,
             keepalive_timeout=args.idle_timeout,
-            shutdown_timeout=REPLICA_DRAIN_S,  # streams in flight at SIGTERM, as a replica gives its own
+            # Streams in flight at SIGTERM, as a replica gives its own (aiohttp reads 0 as no bound).
+            shutdown_timeout=max(args.drain_seconds, 0.01),
         )
     finally:
         recorder.stop()

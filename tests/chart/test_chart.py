@@ -171,6 +171,15 @@ def test_the_gateway_outlives_the_streams_in_flight_at_sigterm(kube_bin_dir) -> 
     docs = {(d["kind"], d["metadata"]["name"]): d for d in render(kube_bin_dir)}
     gateway = docs[("Deployment", "vnpu-gateway")]["spec"]["template"]["spec"]
     assert gateway["terminationGracePeriodSeconds"] == api.REPLICA_GRACE_S > api.REPLICA_DRAIN_S
+    assert f"--drain-seconds={api.REPLICA_DRAIN_S}" in gateway["containers"][0]["args"]
+    # Models that answer for longer (runtime.drainSeconds) get a gateway that waits as long.
+    docs = {
+        (d["kind"], d["metadata"]["name"]): d
+        for d in render(kube_bin_dir, "--set", "gateway.drainSeconds=900")
+    }
+    gateway = docs[("Deployment", "vnpu-gateway")]["spec"]["template"]["spec"]
+    assert gateway["terminationGracePeriodSeconds"] == 905
+    assert "--drain-seconds=900" in gateway["containers"][0]["args"]
 
 
 def device_plugin(docs: list[dict[str, Any]]) -> dict[str, Any]:
