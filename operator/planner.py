@@ -327,7 +327,7 @@ def _demand(
         replicas=replicas,
         replica_mib=estimate.per_replica_mib,
         # A holder that answers requests needs memory for that beside the weights, on every device.
-        weight_mib=estimate.device_weights_mib + (estimate.holder_serving_mib if spec.holder_serves else 0),
+        weight_mib=_holder_mib(spec, estimate),
         priority=spec.priority,
         node_selector=dict(spec.placement.node_selector),
         tolerations=tuple(t.for_packer() for t in spec.placement.tolerations),
@@ -335,6 +335,27 @@ def _demand(
         # Whose replicas its priority may evict: its namespace's (--preemption=cluster: anyone's).
         tenant=model.namespace if config.preemption == "namespace" else "",
     )
+
+
+def _holder_mib(spec: ModelSpec, estimate: MemoryEstimate) -> int:
+    """Device MiB a weight-holder of this model takes: the weights it keeps there, and beside them what
+    its process needs, as a replica's does (``memory.overheadMiB``: the framework and the device
+    context, which every process on the device has), or, answering requests itself, that and memory
+    to serve one sequence (:attr:`MemoryEstimate.holder_serving_mib`, which includes the overhead)."""
+    extra = estimate.holder_serving_mib if spec.holder_serves else estimate.overhead_mib
+    return estimate.device_weights_mib + extra
+
+
+def _group_weights_mib(
+    active: Mapping[str, tuple[ObservedModel, MemoryEstimate]], group_of: Mapping[str, str]
+) -> dict[str, int]:
+    """Group key -> MiB of the weights its holders keep on the device (the largest any of its models
+    sizes): what views count as shared and, under async offload, the resident cap; the holder's
+    slices hold this and its own needs (:func:`_holder_mib`)."""
+    out: dict[str, int] = {}
+    for key, (_, est) in active.items():
+        out[group_of[key]] = max(out.get(group_of[key], 0), est.device_weights_mib)
+    return out
 
 
 def _device_of(nodes: Sequence[ObservedNode]) -> dict[tuple[str, str], str]:
@@ -531,7 +552,8 @@ def plan(
         else:
             allowed = want
         demands.append(_demand(m, est, refs[key].weights_id, allowed, config))
-    group_mib = packing.group_weight_mib(demands)
+    group_mib = packing.group_weight_mib(demands)  # a holder's device MiB: its weights and its needs
+    group_weights = _group_weights_mib(active, group_of)
     loaded = _loaded_weights(outside, holders_of, group_mib, nodes)
     packer_nodes = _packer_nodes(nodes, held, view, loaded)
     packed = packing.pack(packer_nodes, demands, current, offered=wake, preempt=config.preemption != "never")
@@ -570,7 +592,7 @@ def plan(
                 resource_of[(h.node, h.device)],
                 node=h.node,
                 device=h.device,
-                weights_mib=group_mib.get(h.share_group, 0),
+                weights_mib=group_weights.get(h.share_group, 0),
                 host_mib=_host_weights_mib(h.models, active),
                 serves=serves,
             )
@@ -595,7 +617,7 @@ def plan(
                 device=a.device,
                 replica=a.replica,
                 holder=holder,
-                weights_mib=group_mib.get(a.share_group, 0) if holder else 0,
+                weights_mib=group_weights.get(a.share_group, 0) if holder else 0,
                 template=template_label(templates[a.model]),
                 replaces=moves[(a.model, a.replica)].uid if (a.model, a.replica) in moves else None,
             )

@@ -328,6 +328,34 @@ def test_an_offloaded_groups_pods_keep_resident_at_most_what_its_holder_pays_for
         assert "VNPU_OFFLOAD_RESIDENT_MIB" not in {e["name"] for e in pod["spec"]["containers"][0]["env"]}
 
 
+@pytest.mark.parametrize(
+    "offload", [None, {"mode": "async", "deviceBudgetMiB": 8000}], ids=["resident", "offloaded"]
+)
+def test_a_holder_pays_for_its_own_process_on_the_device_beside_the_weights(offload) -> None:
+    """``memory.overheadMiB`` is what a runtime process takes on the device besides its data (the
+    framework, the CUDA or CANN context: about 500 MiB per process on an H200). A weight-holder is such
+    a process: its slices hold it beside the weights, or a full device ran past its memory by one
+    context per holder. What it holds is still the weights alone: the resident cap its replicas plan to
+    under offload, and the figure views count as shared."""
+    spec = {"memory": {"kvCacheMiB": 1024, "overheadMiB": 512}} | ({"offload": offload} if offload else {})
+    m = model("big", 2, **spec)
+    weights = 7_166 if offload else 15_317
+    est = {m.key: replace(estimate(weights=15_317), device_weights_mib=weights, overhead_mib=512)}
+    result = run([m], [node("n1", devices=1, device_gib=32)], estimates=est)
+    by_role = {p["metadata"]["labels"][api.LABEL_ROLE]: p for p in result.create}
+    holder = by_role["weights"]
+    assert holder["metadata"]["annotations"][api.ANNOTATION_SLICES] == str(
+        api.slices_for_mib(weights + 512, 1024)
+    )
+    assert holder["metadata"]["annotations"][api.ANNOTATION_WEIGHTS_MIB] == str(weights)
+    for pod in result.create:
+        env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+        assert env.get("VNPU_OFFLOAD_RESIDENT_MIB") == (str(weights) if offload else None)
+    # A second pass over its own result changes nothing.
+    again = run([m], [node("n1", devices=1, device_gib=32)], as_pods(result.create), est)
+    assert again.create == [] and again.delete == []
+
+
 def test_models_of_equal_weights_held_otherwise_never_share_a_holder() -> None:
     """One explicit group, one source: a model without offload holds every weight on the device, an
     offloaded one holds them in host memory with a resident part its budget and depth decide. Sharing
