@@ -501,9 +501,13 @@ def cmd_weights_holder(args: argparse.Namespace) -> int:
     resident = None
     if plan is not None and plan.resident and not args.device.startswith("cpu"):
         # On a device the replicas map the resident units from here rather than each copy them.
+        from vnpu.runtime.arena import ArenaError
         from vnpu.runtime.offload import build_resident_part
 
-        resident = build_resident_part(weights.manifest, weights.arena, plan, args.device)  # type: ignore[attr-defined]
+        try:
+            resident = build_resident_part(weights.manifest, weights.arena, plan, args.device)  # type: ignore[attr-defined]
+        except ArenaError as exc:  # the device is out of memory, or no such device: say which, no traceback
+            raise SystemExit(f"vnpu runtime weights-holder: the resident units under offload: {exc}") from exc
     group = None
     if args.socket_group is not None:
         import grp

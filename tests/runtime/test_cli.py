@@ -251,6 +251,20 @@ def test_a_holder_under_offload_pays_its_limit_only_for_what_replicas_keep_resid
             holder.wait(30)
 
 
+def test_a_holder_under_offload_on_a_device_it_cannot_use_says_so(short_tmp: Path) -> None:
+    """On a device the holder keeps the resident units in a device arena of their own; a device out
+    of memory (or none at all, as here, or an ordinal past the machine's) is one clear line and exit
+    1, not a traceback from the allocator."""
+    model = write_tiny_llama(short_tmp / "model", layers=4)
+    cmd = [sys.executable, "-m", "vnpu", "runtime", "weights-holder", "--model", str(model), "--no-progress"]
+    cmd += [*_share_identity_args(short_tmp), "--socket", str(short_tmp / "holder.sock")]
+    cmd += ["--device", "cuda:99", "--offload-budget-mib", "0.5"]
+    refused = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 1, refused.stderr
+    assert "the resident units under offload: cannot allocate" in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+
 def test_a_weights_holder_and_a_probe_never_load_torch(short_tmp: Path) -> None:
     """A holder that only holds (no ``--serve``) maps the weights and answers attaches, and ``probe``
     asks a holder for its status: neither needs torch, which costs a holder about 260 MiB more PSS
