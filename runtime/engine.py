@@ -266,15 +266,10 @@ class ModelRuntime:
         )
 
     def kv_blocks(
-        self,
-        manifest: WeightManifest,
-        shared: bool,
-        ring_bytes: int,
-        plan: OffloadPlan | None = None,
-        resident_copied: bool = False,
+        self, manifest: WeightManifest, shared: bool, ring_bytes: int, plan: OffloadPlan | None = None
     ) -> int:
         """Usable KV blocks; raises MemoryBudgetError when one ``max_context`` sequence does not fit."""
-        return self.budget(manifest, shared, ring_bytes, plan, resident_copied).blocks()
+        return self.budget(manifest, shared, ring_bytes, plan).blocks()
 
     def required_bytes(
         self, manifest: WeightManifest, shared: bool, ring_bytes: int, plan: OffloadPlan | None = None
@@ -330,7 +325,8 @@ class ModelRuntime:
                     extra={"reason": problem},
                 )
         copied = plan is not None and shared and mapped is None and not opts.device.startswith("cpu")
-        blocks = self.kv_blocks(manifest, shared, ring, plan, copied)  # refuse before allocating anything
+        # Refuse (MemoryBudgetError) before allocating anything.
+        blocks = self.budget(manifest, shared, ring, plan, copied).blocks()
         tokenizer = Tokenizer(manifest.tokenizer)  # outside the lock: requests keep flowing meanwhile
         template = None
         if tokenizer.chat_template:

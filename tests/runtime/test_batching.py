@@ -216,26 +216,44 @@ def test_offloaded_weights_stream_each_layer_once_per_step_for_the_whole_batch(t
         offloaded.close()
 
 
-def test_batching_over_weights_attached_from_a_holder(tiny: Any, short_tmp: Path) -> None:
-    path = short_tmp / "s" / "weights.sock"
-    own = load_tiny_llama(short_tmp / "m", layers=4)  # the same weights; the holder closes its arena
-    identity, key = sharing.ShareIdentity("ns", "group-b", "w1"), b"b" * 32
-    holder = WeightsHolder(own, identity, key, path)
+@contextmanager
+def attached_to(holder: WeightsHolder, **options: Any) -> Iterator[ModelRuntime]:
+    """A replica attached to ``holder`` (started here), ready; stops both at the end."""
     holder.start()
-    standalone = runtime_for(tiny)
-    attached = ModelRuntime(ServeOptions(max_context=96, max_batch=4))
-    supervisor = SharedWeightsSupervisor(attached, path, identity, key, retry_initial=0.05)
+    attached = ModelRuntime(ServeOptions(**{"max_context": 96, "max_batch": 4, **options}))
+    supervisor = SharedWeightsSupervisor(
+        attached, holder.socket_path, holder.identity, SHARE_KEY, retry_initial=0.05
+    )
     supervisor.start()
     try:
         wait_until(lambda: attached.ready)
-        prompts = tiny_prompts(4)
-        expected = alone_tokens(standalone, prompts, greedy(12))
-        assert [c.tokens for c in submit_all(attached, prompts, greedy(12))] == expected
+        yield attached
     finally:
         supervisor.stop()
         holder.stop()
-        standalone.close()
         attached.close()
+
+
+SHARE_KEY = b"b" * 32  #: the key of the share groups of this module's holders
+
+
+def assert_answers_as_loaded(runtime: ModelRuntime, weights: Any) -> None:
+    """Four prompts batched on ``runtime`` give each the tokens it gets alone on ``weights`` loaded."""
+    standalone = runtime_for(weights)
+    try:
+        prompts = tiny_prompts(4)
+        expected = alone_tokens(standalone, prompts, greedy(12))
+        assert [c.tokens for c in submit_all(runtime, prompts, greedy(12))] == expected
+    finally:
+        standalone.close()
+
+
+def test_batching_over_weights_attached_from_a_holder(tiny: Any, short_tmp: Path) -> None:
+    own = load_tiny_llama(short_tmp / "m", layers=4)  # the same weights; the holder closes its arena
+    identity = sharing.ShareIdentity("ns", "group-b", "w1")
+    holder = WeightsHolder(own, identity, SHARE_KEY, short_tmp / "s" / "weights.sock")
+    with attached_to(holder) as attached:
+        assert_answers_as_loaded(attached, tiny)
 
 
 @pytest.mark.parametrize("same_plan", [True, False], ids=["same-plan", "other-plan"])
@@ -247,22 +265,15 @@ def test_offloaded_replicas_map_the_holders_resident_units(
     those units there instead of copying them into its own device memory, which its slices do not
     pay for. One of another plan cannot use them: it copies (from the host arena here, on CPU) and
     answers the same. A CPU arena stands in for the device one: the grant and the views are the same."""
-    path = short_tmp / "s" / "weights.sock"
     own = load_tiny_llama(short_tmp / "m", layers=4)
     holder_plan = plan_for(own.manifest, 0.25, 2, None)
     assert holder_plan.resident and holder_plan.streamed
     part = build_resident_part(own.manifest, own.arena, holder_plan, "cpu")
     assert part.arena.nbytes == holder_plan.resident_bytes
-    identity, key = sharing.ShareIdentity("ns", "group-r", "w1"), b"r" * 32
-    holder = WeightsHolder(own, identity, key, path, resident=part)
-    holder.start()
-    standalone = runtime_for(tiny)
-    budget = 0.25 if same_plan else 0.2
-    attached = ModelRuntime(ServeOptions(max_context=96, max_batch=4, offload_budget_mib=budget))
-    supervisor = SharedWeightsSupervisor(attached, path, identity, key, retry_initial=0.05)
-    supervisor.start()
-    try:
-        wait_until(lambda: attached.ready)
+    identity = sharing.ShareIdentity("ns", "group-r", "w1")
+    path = short_tmp / "s" / "weights.sock"
+    holder = WeightsHolder(own, identity, SHARE_KEY, path, resident=part)
+    with attached_to(holder, offload_budget_mib=0.25 if same_plan else 0.2) as attached:
         assert holder.info()["resident_bytes"] == holder_plan.resident_bytes
         installed = attached._installed
         assert installed is not None
@@ -278,14 +289,7 @@ def test_offloaded_replicas_map_the_holders_resident_units(
                 inside = resident_span[0] <= start < resident_span[1]
                 assert inside is same_plan
                 assert (host_span[0] <= start < host_span[1]) is not same_plan
-        prompts = tiny_prompts(4)
-        expected = alone_tokens(standalone, prompts, greedy(12))
-        assert [c.tokens for c in submit_all(attached, prompts, greedy(12))] == expected
-    finally:
-        supervisor.stop()
-        holder.stop()
-        standalone.close()
-        attached.close()
+        assert_answers_as_loaded(attached, tiny)
 
 
 def _span(tensor: torch.Tensor) -> tuple[int, int]:
