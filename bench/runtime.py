@@ -334,7 +334,8 @@ def bench_offload(
 
     from vnpu.runtime.loader import load_weights
     from vnpu.runtime.model import LlamaModel, ResidentWeights
-    from vnpu.runtime.offload import OffloadedWeights, ThrottledLink, plan_offload, unit_sizes
+    from vnpu.runtime.offload import OffloadedWeights, ThrottledLink
+    from vnpu.runtime.offload_plan import plan_offload, unit_sizes
     from vnpu.runtime.sources import resolve
     from vnpu.runtime.units import ATTN, EMBED, FFN, HEAD, model_units
 

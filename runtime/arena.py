@@ -255,9 +255,11 @@ class TorchIpcArena(Arena):
     def write(self, offset: int, data: np.ndarray) -> None:
         import torch
 
-        self._buf[offset : offset + data.nbytes].copy_(
-            torch.from_numpy(np.ascontiguousarray(data).reshape(-1))
-        )
+        with warnings.catch_warnings():
+            # A read-only host mapping (a sealed arena): the copy only reads it.
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            source = torch.from_numpy(np.ascontiguousarray(data).reshape(-1))
+        self._buf[offset : offset + data.nbytes].copy_(source)
 
     def seal(self) -> None:
         import torch

@@ -17,16 +17,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from vnpu import sharing
 from vnpu.runtime.arena import Arena, ArenaError, import_arena
 from vnpu.runtime.holder import PROTOCOL_VERSION
 from vnpu.runtime.ipc import ProtocolError, recv_message, send_message, settimeout_until
 from vnpu.runtime.manifest import WeightManifest, layout_problem
-
-if TYPE_CHECKING:
-    from vnpu.runtime.offload import ResidentPart
+from vnpu.runtime.offload_plan import ResidentPart
 from vnpu.shown import shown
 
 
@@ -289,8 +287,6 @@ def attach(
             )
         resident = None
         if resident_grant is not None:
-            from vnpu.runtime.offload import ResidentPart  # torch: a probe never gets here
-
             try:
                 part = import_arena(resident_grant["arena"], resident_received, device)
             except BaseException:

@@ -53,7 +53,8 @@ from vnpu.runtime.generate import GenerationResult, check_context
 from vnpu.runtime.manifest import DTYPE_BYTES, WeightManifest
 from vnpu.runtime.metrics import RuntimeMetrics
 from vnpu.runtime.model import LlamaModel, ResidentWeights, WeightProvider
-from vnpu.runtime.offload import OffloadedWeights, OffloadPlan, ResidentPart, ThrottledLink, plan_for
+from vnpu.runtime.offload import OffloadedWeights, ThrottledLink
+from vnpu.runtime.offload_plan import OffloadPlan, ResidentPart, plan_for
 from vnpu.runtime.paged import PagedKVCache, StepSequence, build_layout
 from vnpu.runtime.requests import (
     GenerationRequest,

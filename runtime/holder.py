@@ -11,7 +11,7 @@ share group's key (see :mod:`vnpu.sharing`):
    replica gives its requests in flight at SIGTERM: a stopping holder keeps the weights that long.
    ``attach`` -> ``{"ok": true, "manifest": ..., "arena": meta, "holder": {...}}`` (and under async
    offload on a device ``"resident": {"arena", "units", "fds"}``, see
-   :class:`vnpu.runtime.offload.ResidentPart`) plus the arenas' file descriptors, the host arena's
+   :class:`vnpu.runtime.offload_plan.ResidentPart`) plus the arenas' file descriptors, the host arena's
    first; the connection then stays open as the replica's lease (``{"op": "ping"}`` ->
    ``{"ok": true, "op": "pong"}``), and when the holder goes away the replica sees EOF at once.
    ``status`` -> ``{"ok": true, "holder": {...}}`` (``vnpu runtime probe``).
@@ -66,7 +66,7 @@ from vnpu.runtime.ipc import (
 from vnpu.runtime.loader import LoadedWeights
 
 if TYPE_CHECKING:
-    from vnpu.runtime.offload import ResidentPart
+    from vnpu.runtime.offload_plan import ResidentPart
 
 PROTOCOL_VERSION = 2
 #: Seconds a client has to complete the whole handshake (one deadline, not a timeout per read), and to
@@ -189,7 +189,8 @@ class WeightsHolder:
         resident: ResidentPart | None = None,
     ) -> None:
         """``resident``: under async offload on a device, the units the replicas' plan keeps resident,
-        in a device arena granted beside the host one (see :class:`vnpu.runtime.offload.ResidentPart`)."""
+        in a device arena granted beside the host one (see
+        :class:`vnpu.runtime.offload_plan.ResidentPart`)."""
         self.weights = weights
         self.identity = identity
         self._key = key

@@ -502,7 +502,7 @@ def cmd_weights_holder(args: argparse.Namespace) -> int:
     if plan is not None and plan.resident and not args.device.startswith("cpu"):
         # On a device the replicas map the resident units from here rather than each copy them.
         from vnpu.runtime.arena import ArenaError
-        from vnpu.runtime.offload import build_resident_part
+        from vnpu.runtime.offload_plan import build_resident_part
 
         try:
             resident = build_resident_part(weights.manifest, weights.arena, plan, args.device)  # type: ignore[attr-defined]
@@ -544,7 +544,7 @@ def _holder_needs(args: argparse.Namespace, manifest: Any) -> tuple[int, str, An
     if args.offload_budget_mib is None:
         return manifest.total_bytes, "the weights", None
     from vnpu.runtime.errors import OffloadPlanError
-    from vnpu.runtime.offload import plan_for
+    from vnpu.runtime.offload_plan import plan_for
 
     try:
         plan = plan_for(manifest, args.offload_budget_mib, args.prefetch_depth, args.offload_resident_mib)

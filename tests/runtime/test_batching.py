@@ -21,7 +21,7 @@ from vnpu import sharing
 from vnpu.runtime.engine import GenerationRequest, ModelRuntime, RequestOutput, ServeOptions
 from vnpu.runtime.errors import MemoryBudgetError, RuntimeUnavailableError
 from vnpu.runtime.holder import WeightsHolder
-from vnpu.runtime.offload import build_resident_part, plan_for
+from vnpu.runtime.offload_plan import build_resident_part, plan_for
 from vnpu.runtime.sampling import SamplingParams
 from vnpu.runtime.supervisor import SharedWeightsSupervisor
 from vnpu.runtime.tokenizer import Tokenizer

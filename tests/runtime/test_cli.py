@@ -265,16 +265,20 @@ def test_a_holder_under_offload_on_a_device_it_cannot_use_says_so(short_tmp: Pat
     assert "Traceback" not in refused.stderr
 
 
-def test_a_weights_holder_and_a_probe_never_load_torch(short_tmp: Path) -> None:
+@pytest.mark.parametrize("offload", [False, True], ids=["resident", "offloaded"])
+def test_a_weights_holder_and_a_probe_never_load_torch(short_tmp: Path, offload: bool) -> None:
     """A holder that only holds (no ``--serve``) maps the weights and answers attaches, and ``probe``
     asks a holder for its status: neither needs torch, which costs a holder about 260 MiB more PSS
     (``vnpu bench runtime``'s memory section at 650c111, where an import of the offload module for its
     error class loaded it for every runtime command) and a probe seconds of CPU. GGUF weights, read
-    with numpy (a safetensors checkpoint still loads torch: safetensors reads bfloat16 through it)."""
+    with numpy (a safetensors checkpoint still loads torch: safetensors reads bfloat16 through it).
+    Under async offload on CPU the holder makes its replicas' plan, which is torch-free too."""
     model = smollm2_dir()
     share = _share_identity_args(short_tmp)
     cmd = [sys.executable, "-m", "vnpu", "runtime", "weights-holder", "--model", str(model), "--no-progress"]
     cmd += [*share, "--socket", str(short_tmp / "holder.sock")]
+    if offload:
+        cmd += ["--offload-budget-mib", "64"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None

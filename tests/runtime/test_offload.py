@@ -13,17 +13,11 @@ from hypothesis import strategies as st
 from rt_helpers import load_tiny_llama
 
 from vnpu.memory import estimate_from_spec
+from vnpu.runtime.errors import OffloadPlanError
 from vnpu.runtime.generate import generate
 from vnpu.runtime.model import LlamaModel, ResidentWeights
-from vnpu.runtime.offload import (
-    OffloadedWeights,
-    OffloadPlanError,
-    ThrottledLink,
-    UnitSize,
-    plan_for,
-    plan_offload,
-    unit_sizes,
-)
+from vnpu.runtime.offload import OffloadedWeights, ThrottledLink
+from vnpu.runtime.offload_plan import UnitSize, plan_for, plan_offload, unit_sizes
 from vnpu.runtime.units import ATTN, EMBED, FFN, HEAD, NORM, model_units
 
 MIB = 1 << 20
