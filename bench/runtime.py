@@ -510,6 +510,9 @@ def write_report(out: Path, results: dict[str, Any]) -> None:
     if "memory" in results:
         on_device = "device_used_mib" in results["memory"][0]
         what = "device memory of all processes" if on_device else "PSS of all processes"
+        budget = results["memory"][0].get("offload_budget_mib")
+        if budget is not None:  # holder and replicas under async offload (--memory-offload-mib)
+            what += f", under async offload at a {budget:g} MiB device budget"
         parts.append(markdown_table(_memory_table(results["memory"]), f"Memory: N replicas, {what}"))
     if "attach" in results:
         a = results["attach"]
