@@ -201,6 +201,16 @@ def test_bad_spec_is_refused_naming_the_field(crd_api, namespace, name, spec, me
     assert message in json.loads(info.value.body)["message"]
 
 
+def test_the_drain_bound_is_the_crds() -> None:
+    """The CRD, the operator's spec parser, the runtime's flag and the holders' grace share one
+    bound (:data:`vnpu.api.MAX_DRAIN_S`)."""
+    crd = yaml.safe_load(CRD.read_text())
+    spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    drain = spec["properties"]["runtime"]["properties"]["drainSeconds"]
+    assert (drain["minimum"], drain["maximum"]) == (0, api.MAX_DRAIN_S)
+    assert api.HOLDER_GRACE_S > api.HOLDER_DRAIN_S > api.replica_grace_s(api.MAX_DRAIN_S)
+
+
 def test_bad_specs_cover_at_least_twelve_cases() -> None:
     assert len(BAD_SPECS) >= 12
 
