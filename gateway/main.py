@@ -158,6 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from vnpu.gateway.discovery import Discovery
     from vnpu.gateway.keys import KeyFileError, KeyRing
     from vnpu.gateway.server import Gateway, GatewayConfig, make_app
+    from vnpu.jsonbody import shutdown_timeout
 
     try:
         keys = KeyRing(args.api_keys)
@@ -189,8 +190,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print=None,
             handler_cancellation=True,
             keepalive_timeout=args.idle_timeout,
-            # Streams in flight at SIGTERM, as a replica gives its own (aiohttp reads 0 as no bound).
-            shutdown_timeout=max(args.drain_seconds, 0.01),
+            # Streams in flight at SIGTERM, as a replica gives its own.
+            shutdown_timeout=shutdown_timeout(args.drain_seconds),
         )
     finally:
         recorder.stop()

@@ -64,6 +64,7 @@ from vnpu.jsonbody import (
     quiet_answered_body_errors,
     read_json,
     shown,
+    shutdown_timeout,
 )
 from vnpu.openai_error import error_body
 from vnpu.runtime.engine import GenerationRequest, ModelRuntime, RequestHandle, RequestOutput
@@ -588,9 +589,7 @@ class HttpServerThread:
     ) -> None:
         self._app, self._host, self._port = app, host, port
         self._idle_timeout_s = idle_timeout_s
-        # aiohttp reads a timeout of 0 as none at all (it would wait for every request in flight, until
-        # the kubelet's SIGKILL): a drain of 0 is the shortest wait it does bound.
-        self._shutdown_timeout_s = max(shutdown_timeout_s, 0.01)
+        self._shutdown_timeout_s = shutdown_timeout(shutdown_timeout_s)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run, name="http", daemon=True)
         self._started = threading.Event()

@@ -62,6 +62,13 @@ BODY_TIMEOUT_S = 60.0
 IDLE_CONNECTION_TIMEOUT_S = 75.0
 
 
+def shutdown_timeout(drain_s: float) -> float:
+    """aiohttp's ``shutdown_timeout`` for a drain of ``drain_s`` seconds: aiohttp reads 0 as no bound
+    at all (it would wait for every request in flight, until the kubelet's SIGKILL), so a drain of 0
+    is the shortest wait it does bound."""
+    return max(drain_s, 0.01)
+
+
 class _AnsweredBodyErrors(logging.Filter):
     """Drops aiohttp's "Unhandled exception" for a body that does not decode.
 
