@@ -98,9 +98,8 @@ class OffloadedWeights:
         for name in plan.resident + plan.host_units:
             if name in mapped:
                 assert resident_part is not None
-                start, end = self._ranges[name]
-                offset = mapped[name]
-                buffer = resident_part.arena.byte_tensor()[offset : offset + end - start]
+                slot = mapped[name]
+                buffer = resident_part.arena.byte_tensor()[slot.offset : slot.offset + slot.end - slot.start]
             else:
                 where = self.device if name in plan.resident else host_bytes.device
                 buffer = self._unit_bytes(name, where)

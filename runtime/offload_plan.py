@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from vnpu.runtime.arena import Arena, CpuArena, allocate
 from vnpu.runtime.errors import OffloadPlanError
@@ -92,15 +92,24 @@ def _aligned(nbytes: int) -> int:
     return -(-nbytes // ALIGNMENT) * ALIGNMENT
 
 
-def resident_layout(plan: OffloadPlan, manifest: WeightManifest) -> dict[str, int]:
-    """Where each resident unit's byte range starts in a holder's resident arena: one after another in
-    the plan's order, each at the alignment (tensors in a unit keep their offsets relative to its
-    start). The arena is ``plan.resident_bytes`` long. Pure: holder and replica derive it alike."""
+class ResidentSlot(NamedTuple):
+    """Where a resident unit's bytes are: ``offset`` in the holder's resident arena, and its byte range
+    ``[start, end)`` in the host arena they are copied from."""
+
+    offset: int
+    start: int
+    end: int
+
+
+def resident_layout(plan: OffloadPlan, manifest: WeightManifest) -> dict[str, ResidentSlot]:
+    """Each resident unit's slot in a holder's resident arena: one after another in the plan's order,
+    each at the alignment (tensors in a unit keep their offsets relative to its start). The arena is
+    ``plan.resident_bytes`` long. Pure: holder and replica derive it alike."""
     ranges = {u.name: unit_byte_range(u, manifest) for u in model_units(manifest.config)}
     layout, cursor = {}, 0
     for name in plan.resident:
         start, end = ranges[name]
-        layout[name] = cursor
+        layout[name] = ResidentSlot(cursor, start, end)
         cursor += _aligned(end - start)
     return layout
 
@@ -128,12 +137,10 @@ def build_resident_part(
 ) -> ResidentPart:
     """A holder's resident part on ``device``: the resident units' bytes copied out of the host arena
     (see :func:`resident_layout`) and sealed. ``plan`` keeps at least one unit resident."""
-    ranges = {u.name: unit_byte_range(u, manifest) for u in model_units(manifest.config)}
     arena = allocate(plan.resident_bytes, device, label="vnpu-resident")
     source = host.numpy()  # the holder's arena under offload: host memory (a CpuArena)
-    for name, offset in resident_layout(plan, manifest).items():
-        start, end = ranges[name]
-        arena.write(offset, source[start:end])
+    for slot in resident_layout(plan, manifest).values():
+        arena.write(slot.offset, source[slot.start : slot.end])
     arena.seal()
     return ResidentPart(arena, tuple(plan.resident))
 
