@@ -32,6 +32,10 @@ class HolderUnavailableError(ConnectionError):
     """No weights-holder answers on the socket, or it went away."""
 
 
+class NoHolderListeningError(HolderUnavailableError):
+    """Nothing listens on the socket (yet): no socket file, or no process behind it."""
+
+
 class AttachRefusedError(PermissionError):
     """No attach is possible with this holder: it refused this replica (identity, key, protocol), it
     could not prove it holds the group's key (a squatter), or it serves other weights."""
@@ -149,7 +153,7 @@ def _connect(socket_path: Path, deadline: float) -> socket.socket:
         sock.connect(str(socket_path))
     except (FileNotFoundError, ConnectionRefusedError) as e:
         sock.close()
-        raise HolderUnavailableError(
+        raise NoHolderListeningError(
             f"no weights-holder is listening at {socket_path} ({e.strerror}); "
             "is the weights-holder of this share group running on this node?"
         ) from e

@@ -18,10 +18,22 @@ from pathlib import Path
 
 from vnpu import sharing
 from vnpu.api import REPLICA_DRAIN_S
-from vnpu.runtime.attach import AttachRefusedError, Expected, HolderUnavailableError, attach
+from vnpu.runtime.attach import (
+    AttachRefusedError,
+    Expected,
+    HolderUnavailableError,
+    NoHolderListeningError,
+    attach,
+)
 from vnpu.runtime.engine import ModelRuntime
 
 log = logging.getLogger("vnpu.runtime.supervisor")
+
+#: How long a replica that has never attached waits for its holder before each failed try is a
+#: warning. Replicas usually start beside a holder still loading the weights (seconds for a small
+#: model, a minute or two for a large one from network storage): an expected wait, logged once at
+#: INFO, so that warnings mean something to whoever reads the log.
+QUIET_START_S = 120.0
 
 
 class SharedWeightsSupervisor:
@@ -55,6 +67,9 @@ class SharedWeightsSupervisor:
         self.fatal: str | None = None  #: the attached model cannot be used at all
         #: the last attach was refused (authentication, identity, other weights): not a holder to use
         self.refused = False
+        self._attached_once = False
+        self._waiting_since = time.monotonic()
+        self._said_waiting = False
 
     def start(self) -> None:
         i = self.identity
@@ -95,9 +110,25 @@ class SharedWeightsSupervisor:
         else:
             what = "weights-holder unusable (unexpected error)"
         self.runtime.set_unavailable(f"{what}: {e}")
-        level = logging.ERROR if self.refused or not expected else logging.WARNING
         extra = {"reason": str(e), "share": str(self.identity), "retry_s": round(delay, 2)}
+        if self._starting_up(e):
+            # Most likely the holder is still loading: said once; /readyz and the metric keep the detail.
+            level = logging.DEBUG if self._said_waiting else logging.INFO
+            self._said_waiting = True
+            log.log(level, "waiting for the weights-holder", extra=extra)
+            return
+        level = logging.ERROR if self.refused or not expected else logging.WARNING
         log.log(level, "attach failed", extra=extra, exc_info=not expected)
+
+    def _starting_up(self, e: Exception) -> bool:
+        """Nothing listening on the holder's socket yet, before this replica ever attached, within
+        :data:`QUIET_START_S` of its start. A holder that answers badly, a refusal, a bug, or any failure
+        after a lost lease is logged as before."""
+        return (
+            isinstance(e, NoHolderListeningError)
+            and not self._attached_once
+            and time.monotonic() - self._waiting_since < QUIET_START_S
+        )
 
     def _attach_and_serve(self) -> bool:
         """Attach, install the weights, serve until the lease is lost. True when this supervisor is
@@ -114,6 +145,7 @@ class SharedWeightsSupervisor:
             lease.close()
             return True
         self.refused = False
+        self._attached_once = True
         self.runtime.metrics.attaches.inc()  # before install makes the runtime ready: counted once seen
         try:
             self.runtime.install(

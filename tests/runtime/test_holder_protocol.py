@@ -8,6 +8,7 @@ import contextlib
 import errno
 import fcntl
 import json
+import logging
 import os
 import socket
 import struct
@@ -20,6 +21,7 @@ from rt_helpers import attach_works, load_tiny_llama, wait_until
 
 from vnpu import api, sharing
 from vnpu.runtime import holder as holder_module
+from vnpu.runtime import supervisor as supervisor_module
 from vnpu.runtime.arena import ArenaError, CpuArena
 from vnpu.runtime.attach import AttachRefusedError, Expected, HolderUnavailableError, attach
 from vnpu.runtime.engine import ModelRuntime, ServeOptions
@@ -193,11 +195,18 @@ def _plain_file_arena(manifest: dict[str, Any], plain: Path) -> Any:
     ],
 )
 def test_an_odd_frame_does_not_end_the_replicas_retries(
-    odd: str, error: type[Exception], tiny: Any, short_tmp: Path, monkeypatch: Any, fake_holder: Any
+    odd: str,
+    error: type[Exception],
+    tiny: Any,
+    short_tmp: Path,
+    monkeypatch: Any,
+    fake_holder: Any,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A squatter without the key (nested JSON, an unencodable proof) or a broken holder with it (a
-    regular file for the arena): the replica stays unready, keeps trying, and serves once its real
-    holder is up."""
+    regular file for the arena): the replica stays unready, keeps trying, says so at once (no quiet
+    start: something answers on the socket), and serves once its real holder is up."""
+    caplog.set_level(logging.DEBUG, logger=SUPERVISOR_LOG)
     uncaught: list[str] = []
     monkeypatch.setattr(
         threading, "excepthook", lambda a: uncaught.append(f"{a.thread.name}: {a.exc_value!r}")
@@ -221,6 +230,9 @@ def test_an_odd_frame_does_not_end_the_replicas_retries(
         # It failed (a squatter is refused, a broken holder is unavailable), and came back for more.
         wait_until(lambda: sum(failures.labels(f)._value.get() for f in ("refused", "unavailable")) >= 2)
         assert not runtime.ready and runtime.unavailable_reason
+        said = _levels(caplog)
+        assert "waiting for the weights-holder" not in said
+        assert min(said["attach failed"]) >= logging.WARNING
         fake.close()
         real = WeightsHolder(tiny, ID, KEY, path)
         real.start()
@@ -267,8 +279,6 @@ def test_the_supervisor_survives_an_error_nobody_foresaw(
     tiny: Any, short_tmp: Path, monkeypatch: Any
 ) -> None:
     """Whatever escapes attach (a bug), the supervisor logs it, stays unready and retries."""
-    from vnpu.runtime import supervisor as supervisor_module
-
     calls: list[int] = []
 
     def flaky_attach(*args: Any, **kwargs: Any) -> Any:
@@ -289,6 +299,61 @@ def test_the_supervisor_survives_an_error_nobody_foresaw(
     finally:
         supervisor.stop()
         holder.stop()
+
+
+def test_a_replica_waits_quietly_for_a_loading_holder_and_warns_once_it_lost_one(
+    tiny: Any, short_tmp: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Replicas start beside a holder still loading: no socket yet is said once at INFO (every pod of
+    every start used to log a handful of warnings for it). Once the replica has lost a holder it had,
+    each failed try is a warning again; so is one past the quiet start, and one whose holder answers
+    badly."""
+    caplog.set_level(logging.DEBUG, logger=SUPERVISOR_LOG)
+    path = short_tmp / "s" / "weights.sock"
+    runtime = ModelRuntime(ServeOptions(max_context=64))
+    supervisor = SharedWeightsSupervisor(runtime, path, ID, KEY, retry_initial=0.02, retry_max=0.05)
+    supervisor.start()
+    failures = runtime.metrics.attach_failures.labels("unavailable")
+    try:
+        wait_until(lambda: failures._value.get() >= 3)
+        said = _levels(caplog)
+        assert list(said) == ["waiting for the weights-holder"]
+        first, *then = said["waiting for the weights-holder"]
+        assert first == logging.INFO and set(then) == {logging.DEBUG}
+        assert "no weights-holder is listening" in (runtime.unavailable_reason or "")
+        holder = WeightsHolder(tiny, ID, KEY, path)
+        holder.start()
+        wait_until(lambda: runtime.ready)
+        holder.stop()
+        before = failures._value.get()
+        wait_until(lambda: failures._value.get() >= before + 2)
+        assert logging.WARNING in _levels(caplog)["attach failed"]
+    finally:
+        supervisor.stop()
+
+    # Past the quiet start: a warning from the first try.
+    caplog.clear()
+    monkeypatch.setattr(supervisor_module, "QUIET_START_S", 0.0)
+    late = SharedWeightsSupervisor(runtime, short_tmp / "none.sock", ID, KEY, retry_initial=0.02)
+    late.start()
+    try:
+        wait_until(lambda: "attach failed" in _levels(caplog))
+        assert "waiting for the weights-holder" not in _levels(caplog)
+        assert _levels(caplog)["attach failed"][0] == logging.WARNING
+    finally:
+        late.stop()
+
+
+SUPERVISOR_LOG = "vnpu.runtime.supervisor"
+
+
+def _levels(caplog: pytest.LogCaptureFixture) -> dict[str, list[int]]:
+    """The supervisor's messages, each with the levels it was logged at, in order."""
+    levels: dict[str, list[int]] = {}
+    for record in caplog.records:
+        if record.name == SUPERVISOR_LOG:
+            levels.setdefault(record.getMessage(), []).append(record.levelno)
+    return levels
 
 
 # --- the accept loop ----------------------------------------------------------------------------
