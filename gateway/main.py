@@ -154,6 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(args.log_format, logging.DEBUG if args.verbose else logging.INFO)
     from aiohttp import web
 
+    from vnpu.accesslog import AccessLogger
     from vnpu.gateway.activity import ActivityRecorder, scale_from_zero
     from vnpu.gateway.discovery import Discovery
     from vnpu.gateway.keys import KeyFileError, KeyRing
@@ -189,6 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             port=args.port,
             print=None,
             handler_cancellation=True,
+            access_log_class=AccessLogger,  # probes and scrapes only when their status changes
             keepalive_timeout=args.idle_timeout,
             # Streams in flight at SIGTERM, as a replica gives its own.
             shutdown_timeout=shutdown_timeout(args.drain_seconds),

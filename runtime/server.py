@@ -54,6 +54,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from vnpu.accesslog import AccessLogger
 from vnpu.api import MAX_MODEL_NAME_LEN, REPLICA_DRAIN_S
 from vnpu.jsonbody import (
     BODY_TIMEOUT_S,
@@ -608,7 +609,10 @@ class HttpServerThread:
         asyncio.set_event_loop(self._loop)
         try:
             self._runner = web.AppRunner(
-                self._app, shutdown_timeout=self._shutdown_timeout_s, keepalive_timeout=self._idle_timeout_s
+                self._app,
+                shutdown_timeout=self._shutdown_timeout_s,
+                keepalive_timeout=self._idle_timeout_s,
+                access_log_class=AccessLogger,  # probes and scrapes only when their status changes
             )
             self._loop.run_until_complete(self._runner.setup())
             site = web.TCPSite(self._runner, self._host, self._port)

@@ -637,6 +637,35 @@ def test_an_api_key_may_not_ask_for_more_priority_than_it_was_given(
         gw.stop()
 
 
+def test_the_access_log_keeps_the_requests_and_only_status_changes_of_the_probes(
+    control_plane, namespace, replicas, tmp_path
+) -> None:
+    """The kubelet probes the gateway's /readyz and /healthz every few seconds and Prometheus scrapes
+    /metrics: each is logged only when its status changes, every request is logged."""
+    apply(
+        control_plane,
+        model(namespace, "chat", "smollm2"),
+        endpoint_slice(namespace, "chat", [replicas["a1"]]),
+    )
+    gw = Gateway(control_plane, tmp_path, namespace)
+    try:
+        wait_until(lambda: gw.client().models.list().data, 30, "the model listed")
+        for path in ("/readyz", "/readyz", "/readyz", "/healthz", "/healthz", "/metrics", "/metrics"):
+            with urllib.request.urlopen(f"{gw.url}{path}", timeout=5) as resp:  # a connection each
+                assert resp.status == 200
+        for _ in range(2):
+            assert answered_by(gw.client().completions.create(model="smollm2", prompt="x"))
+    finally:
+        gw.stop()
+    log = gw.proc.log.read_text()
+    assert log.count('"GET /readyz HTTP/1.1" 200') == 1  # the test's own wait for it included
+    assert log.count('"GET /readyz HTTP/1.1" 503') <= 1
+    assert log.count('"GET /healthz HTTP/1.1" 200') == 1
+    assert log.count('"GET /metrics HTTP/1.1" 200') == 1
+    assert log.count('"GET /v1/models HTTP/1.1" 200') >= 1
+    assert log.count('"POST /v1/completions HTTP/1.1" 200') == 2
+
+
 def test_slow_clients_are_cut_off_while_others_are_served(control_plane, namespace, tmp_path) -> None:
     """The gateway faces the clients: one that trickles its request head is hung up on after
     --idle-timeout, one that trickles its body gets a 408 after --body-timeout, and another client is

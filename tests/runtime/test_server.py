@@ -325,6 +325,57 @@ def test_slow_clients_are_cut_off_while_others_are_served(runtime: ModelRuntime)
     assert "did not arrive within 1 s" in got["body"]["error"]["message"]
 
 
+def test_the_access_log_keeps_the_requests_and_only_status_changes_of_the_probes(
+    tiny: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The kubelet probes /readyz every second and /healthz every 5 s, each on a new connection, and
+    the gateway scrapes /metrics: logged only when their status changes (a replica going ready shows
+    once), while every request is logged. The server is the one ``serve`` runs."""
+    import urllib.error
+    import urllib.request
+
+    from vnpu.cluster.controlplane import free_port
+
+    caplog.set_level(logging.INFO, logger="aiohttp.access")
+    rt = ModelRuntime(ServeOptions(max_context=CONTEXT, model_name="tiny"))
+    port = free_port()
+    server = HttpServerThread(make_app(rt), "127.0.0.1", port)
+    server.start()
+
+    def get(path: str, body: dict[str, Any] | None = None) -> int:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data)
+        request.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return response.status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    try:
+        assert [get("/readyz") for _ in range(3)] == [503] * 3  # no weights yet
+        rt.install(tiny.manifest, tiny.arena, shared=False, seconds=0.01)
+        assert [get("/readyz") for _ in range(3)] == [200] * 3
+        assert [get("/healthz") for _ in range(3)] == [200] * 3
+        assert [get("/metrics") for _ in range(2)] == [200] * 2
+        completion = {"prompt": "hello", "max_tokens": 2}
+        assert [get("/v1/completions", completion) for _ in range(2)] == [200] * 2
+        assert get("/readyz") == 200
+    finally:
+        server.stop_then(rt.close)
+        server.join(30)
+    lines = [r.getMessage() for r in caplog.records if r.name == "aiohttp.access"]
+    logged = [(line.split('"')[1].split()[1], int(line.split('"')[2].split()[0])) for line in lines]
+    assert logged == [
+        ("/readyz", 503),
+        ("/readyz", 200),
+        ("/healthz", 200),
+        ("/metrics", 200),
+        ("/v1/completions", 200),
+        ("/v1/completions", 200),
+    ]
+
+
 def test_429_and_503_carry_retry_after(tiny: Any) -> None:
     """A client (or a proxy) told when to retry backs off instead of hammering a full or unready replica."""
     from vnpu.runtime.engine import GenerationRequest
