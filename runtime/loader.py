@@ -9,7 +9,10 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import logging
+import sys
 import time
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from tqdm import tqdm
@@ -17,9 +20,14 @@ from tqdm import tqdm
 from vnpu.runtime.arena import Arena, allocate
 from vnpu.runtime.checkpoint import as_bytes, canonical_order, open_checkpoint
 from vnpu.runtime.config import UnsupportedModelError
-from vnpu.runtime.manifest import DTYPE_BYTES, WeightManifest, pack
+from vnpu.runtime.manifest import DTYPE_BYTES, TensorEntry, WeightManifest, pack
 from vnpu.runtime.sources import ResolvedSource
 from vnpu.runtime.units import all_tensor_names
+
+log = logging.getLogger("vnpu.runtime.loader")
+
+#: Seconds between progress lines in a log (not a terminal).
+PROGRESS_LOG_INTERVAL_S = 10.0
 
 
 @dataclass
@@ -59,8 +67,7 @@ def load_weights(
         names = canonical_order(list(shapes), ckpt.config)
         entries, total = pack((n, dtype, shapes[n]) for n in names)
         arena = allocate(total, device)
-        bar = tqdm(names, desc=f"loading {source.weights[0].name}", unit="tensor", disable=not progress)
-        for name in bar:
+        for name in _with_progress(names, entries, source.weights[0].name, progress):
             arena.write(entries[name].offset, as_bytes(ckpt.read(name), dtype))
         arena.seal()
         manifest = WeightManifest(
@@ -73,4 +80,51 @@ def load_weights(
     finally:
         ckpt.close()
     release_free_heap()
-    return LoadedWeights(manifest, arena, time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    log.info(
+        "weights loaded",
+        extra={
+            "source": source.uri,
+            "device": device,
+            "dtype": dtype,
+            "mib": round(total / 2**20, 1),
+            "seconds": round(seconds, 2),
+        },
+    )
+    return LoadedWeights(manifest, arena, seconds)
+
+
+def _with_progress(
+    names: Sequence[str], entries: Mapping[str, TensorEntry], label: str, progress: bool
+) -> Iterator[str]:
+    """``names`` in order, showing how far the load is: a bar on a terminal; in a log (a pod's), a
+    line every :data:`PROGRESS_LOG_INTERVAL_S`: the container runtime writes a log line at its newline
+    (or in 16 KiB pieces), so a bar's carriage-return updates reach ``kubectl logs`` as one line once
+    the load is done, and a load that seems stuck shows nothing."""
+    if not progress:
+        yield from names
+        return
+    if sys.stderr.isatty():
+        yield from tqdm(names, desc=f"loading {label}", unit="tensor")
+        return
+    total = sum(entries[n].nbytes for n in names) or 1
+    done, start = 0, time.monotonic()
+    said = start
+    _log_progress(label, 0, len(names), 0.0, 0.0)
+    for i, name in enumerate(names, 1):
+        yield name
+        done += entries[name].nbytes
+        now = time.monotonic()
+        if now - said >= PROGRESS_LOG_INTERVAL_S and i < len(names):  # the end: "weights loaded"
+            said = now
+            _log_progress(label, i, len(names), 100 * done / total, now - start)
+
+
+def _log_progress(label: str, done: int, count: int, percent: float, seconds: float) -> None:
+    extra = {
+        "source": label,
+        "tensors": f"{done}/{count}",
+        "percent": round(percent, 1),
+        "seconds": round(seconds, 1),
+    }
+    log.info("loading weights", extra=extra)

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from rt_helpers import load_tiny_llama, smollm2_dir, write_tiny_llama
@@ -170,12 +171,12 @@ def test_a_replica_planned_to_attach_never_loads_its_own_weights(short_tmp: Path
     model = write_tiny_llama(short_tmp / "model")
     cmd = [sys.executable, "-m", "vnpu", "runtime", "generate", "--model", str(model), "--prompt", "hi"]
     cmd += _share_identity_args(short_tmp)
-    cmd += ["--socket", str(short_tmp / "holder.sock"), "--no-progress", "--max-context", "64"]
+    cmd += ["--socket", str(short_tmp / "holder.sock"), "--max-context", "64"]  # progress on: see below
     proc = subprocess.run(
         cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "VNPU_ATTACH_WAIT_S": "2"}
     )
     assert proc.returncode == 1 and "no weights-holder is listening" in proc.stderr
-    assert "loading" not in proc.stderr  # the loader's progress bar never started
+    assert "loading" not in proc.stderr  # the loader never started (it says "loading weights")
 
 
 def test_the_runtime_holds_weights_within_what_the_operator_sized_them_at(
@@ -209,6 +210,35 @@ def test_the_runtime_holds_weights_within_what_the_operator_sized_them_at(
     default = main._weights_dtype(build_parser().parse_args(["weights-holder"]), source)
     assert default == "float32"  # what it held before the operator said: twice what was sized
     assert load_weights(source, "cpu", default, progress=False).manifest.total_bytes >= 2 * stored
+
+
+def test_loading_weights_in_a_pod_shows_progress_as_log_lines(
+    short_tmp: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, capsys: Any
+) -> None:
+    """Off a terminal (a pod's log) the load says it started, how far it is every 10 s (here at every
+    tensor) and when it is done, as log lines: a bar's carriage returns would reach ``kubectl logs``
+    as one line at the end. On a terminal the bar is unchanged; with ``--no-progress`` only the end."""
+    import logging
+
+    from vnpu.runtime import loader
+    from vnpu.runtime.sources import resolve
+
+    source = resolve(str(write_tiny_llama(short_tmp / "model")))
+    monkeypatch.setattr(loader, "PROGRESS_LOG_INTERVAL_S", 0.0)
+    caplog.set_level(logging.INFO, logger="vnpu.runtime.loader")
+    weights = loader.load_weights(source, "cpu", progress=True)
+    count = len(weights.manifest.tensors)
+    said = [(r.getMessage(), getattr(r, "tensors", ""), getattr(r, "percent", 0.0)) for r in caplog.records]
+    assert said[0] == ("loading weights", f"0/{count}", 0.0)
+    assert [t for _, t, _ in said[1:-1]] == [f"{i}/{count}" for i in range(1, count)]
+    percents = [p for _, _, p in said[:-1]]
+    assert percents == sorted(percents) and percents[-1] < 100
+    assert said[-1][0] == "weights loaded" and caplog.records[-1].mib > 0  # type: ignore[attr-defined]
+    assert "\r" not in capsys.readouterr().err  # no bar
+
+    caplog.clear()
+    loader.load_weights(source, "cpu", progress=False)
+    assert [r.getMessage() for r in caplog.records] == ["weights loaded"]
 
 
 def test_a_holder_under_offload_pays_its_limit_only_for_what_replicas_keep_resident(short_tmp: Path) -> None:
