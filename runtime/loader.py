@@ -67,7 +67,7 @@ def load_weights(
         names = canonical_order(list(shapes), ckpt.config)
         entries, total = pack((n, dtype, shapes[n]) for n in names)
         arena = allocate(total, device)
-        for name in _with_progress(names, entries, source.weights[0].name, progress):
+        for name in _with_progress(names, entries, source.weights[0].name, progress, start):
             arena.write(entries[name].offset, as_bytes(ckpt.read(name), dtype))
         arena.seal()
         manifest = WeightManifest(
@@ -95,12 +95,13 @@ def load_weights(
 
 
 def _with_progress(
-    names: Sequence[str], entries: Mapping[str, TensorEntry], label: str, progress: bool
+    names: Sequence[str], entries: Mapping[str, TensorEntry], label: str, progress: bool, start: float
 ) -> Iterator[str]:
     """``names`` in order, showing how far the load is: a bar on a terminal; in a log (a pod's), a
     line every :data:`PROGRESS_LOG_INTERVAL_S`: the container runtime writes a log line at its newline
     (or in 16 KiB pieces), so a bar's carriage-return updates reach ``kubectl logs`` as one line once
-    the load is done, and a load that seems stuck shows nothing."""
+    the load is done, and a load that seems stuck shows nothing. ``start``: when the load began
+    (``time.perf_counter``), so its lines count the checkpoint's opening too, as ``weights loaded`` does."""
     if not progress:
         yield from names
         return
@@ -108,13 +109,12 @@ def _with_progress(
         yield from tqdm(names, desc=f"loading {label}", unit="tensor")
         return
     total = sum(entries[n].nbytes for n in names) or 1
-    done, start = 0, time.monotonic()
-    said = start
-    _log_progress(label, 0, len(names), 0.0, 0.0)
+    done, said = 0, time.perf_counter()
+    _log_progress(label, 0, len(names), 0.0, said - start)
     for i, name in enumerate(names, 1):
         yield name
         done += entries[name].nbytes
-        now = time.monotonic()
+        now = time.perf_counter()
         if now - said >= PROGRESS_LOG_INTERVAL_S and i < len(names):  # the end: "weights loaded"
             said = now
             _log_progress(label, i, len(names), 100 * done / total, now - start)
@@ -125,6 +125,6 @@ def _log_progress(label: str, done: int, count: int, percent: float, seconds: fl
         "source": label,
         "tensors": f"{done}/{count}",
         "percent": round(percent, 1),
-        "seconds": round(seconds, 1),
+        "seconds": round(seconds, 2),  # as "weights loaded" says it
     }
     log.info("loading weights", extra=extra)

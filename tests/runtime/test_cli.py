@@ -234,6 +234,8 @@ def test_loading_weights_in_a_pod_shows_progress_as_log_lines(
     percents = [p for _, _, p in said[:-1]]
     assert percents == sorted(percents) and percents[-1] < 100
     assert said[-1][0] == "weights loaded" and caplog.records[-1].mib > 0  # type: ignore[attr-defined]
+    seconds = [r.seconds for r in caplog.records]  # type: ignore[attr-defined]
+    assert seconds == sorted(seconds)  # all counted from the start of the load, opening included
     assert "\r" not in capsys.readouterr().err  # no bar
 
     caplog.clear()
