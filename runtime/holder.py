@@ -51,7 +51,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from vnpu import api, sharing
 from vnpu.runtime.ipc import (
@@ -175,6 +175,13 @@ def announced_drain(value: object) -> float:
     return float(min(max(value, 0), api.MAX_DRAIN_S))
 
 
+class _Lease(NamedTuple):
+    """An attached replica: its connection, and the request drain it announced at attach."""
+
+    conn: socket.socket
+    drain_s: float
+
+
 class WeightsHolder:
     """Serves one sealed arena to any number of replicas of one share identity."""
 
@@ -215,8 +222,7 @@ class WeightsHolder:
         self._closing = threading.Event()  #: no new lease: the listener is closed
         self._closed_at = 0.0  #: when (monotonic) it was closed
         self._stop = threading.Event()  #: every lease ends
-        self._leases: dict[int, socket.socket] = {}
-        self._lease_drains: dict[int, float] = {}  #: lease -> the request drain its replica announced
+        self._leases: dict[int, _Lease] = {}
         self._lock = threading.Lock()
         self._lease_ids = iter(range(1, 1 << 62))
         self._pending = _PendingHandshakes(MAX_HANDSHAKES)
@@ -364,7 +370,7 @@ class WeightsHolder:
         """How long a stopping holder waits for the replicas attached now: the longest request drain
         they announced, plus the rest of their pods' grace and a margin (``vnpu.api``'s chain)."""
         with self._lock:
-            drains = list(self._lease_drains.values())
+            drains = [lease.drain_s for lease in self._leases.values()]
         return max(drains, default=0.0) + api.HOLDER_WAIT_MARGIN_S
 
     def stop(self, drain_s: float = 0.0) -> None:
@@ -399,7 +405,7 @@ class WeightsHolder:
                 )
         self._stop.set()
         with self._lock:  # after _closing is set: no lease is added past this point (see _handle)
-            leases, self._leases = list(self._leases.values()), {}
+            leases, self._leases = [lease.conn for lease in self._leases.values()], {}
         # Shut, not closed: each lease's own thread closes its socket. Closed here, its number could be
         # re-used while that thread is still inside a send on it.
         for conn in leases:
@@ -581,8 +587,7 @@ class WeightsHolder:
                     if self._closing.is_set():
                         return
                     lease_id = next(self._lease_ids)
-                    self._leases[lease_id] = conn
-                    self._lease_drains[lease_id] = drain_s
+                    self._leases[lease_id] = _Lease(conn, drain_s)
                     for fd in (*self._arena_fds, *self._resident_fds):  # the host arena's first
                         grant_fds.append(os.dup(fd))
                 grant: dict[str, Any] = {"ok": True, "arena": self._arena_meta, "holder": self.info()}
@@ -618,7 +623,6 @@ class WeightsHolder:
             if lease_id is not None:
                 with self._lock:
                     self._leases.pop(lease_id, None)
-                    self._lease_drains.pop(lease_id, None)
                 log.info("replica detached", extra={"clients": self.clients, "share": str(self.identity)})
             conn.close()
 
