@@ -170,7 +170,8 @@ def test_the_gateway_outlives_the_streams_in_flight_at_sigterm(kube_bin_dir) -> 
     pod's grace period must cover that, or the kubelet's SIGKILL cuts them (Kubernetes' default is 30 s)."""
     docs = {(d["kind"], d["metadata"]["name"]): d for d in render(kube_bin_dir)}
     gateway = docs[("Deployment", "vnpu-gateway")]["spec"]["template"]["spec"]
-    assert gateway["terminationGracePeriodSeconds"] == api.REPLICA_GRACE_S > api.REPLICA_DRAIN_S
+    grace = api.replica_grace_s(api.REPLICA_DRAIN_S)
+    assert gateway["terminationGracePeriodSeconds"] == grace > api.REPLICA_DRAIN_S
     assert f"--drain-seconds={api.REPLICA_DRAIN_S}" in gateway["containers"][0]["args"]
     # Models that answer for longer (runtime.drainSeconds) get a gateway that waits as long.
     docs = {
