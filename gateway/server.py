@@ -3,10 +3,11 @@
 ``POST /v1/completions`` and ``POST /v1/chat/completions`` are forwarded to one ready replica of the
 model the body names (see :mod:`.routing` for names and picking), byte for byte, streaming included:
 chunks go out as they arrive, and a client that leaves cancels the upstream request (the replica then
-frees the sequence). A connection that cannot be made to the picked replica is retried once on
-another. ``GET /v1/models`` lists what the caller may call and ``GET /v1/models/{id}`` shows one of
-those. Errors are OpenAI error objects; an unknown model (or one the caller's key may not call) is a
-404 that names nothing else.
+frees the sequence), as does one that stops reading: a write that cannot go out within
+``write_stall_s`` (:data:`vnpu.jsonbody.WRITE_STALL_S`) closes both connections. A connection that
+cannot be made to the picked replica is retried once on another. ``GET /v1/models`` lists what the
+caller may call and ``GET /v1/models/{id}`` shows one of those. Errors are OpenAI error objects; an
+unknown model (or one the caller's key may not call) is a 404 that names nothing else.
 
 A model scaled to zero (``spec.scaling.minReplicas: 0`` and no replica) is woken through its scale
 subresource and the request is held until a replica is ready, or answered 503 with ``Retry-After``
@@ -50,6 +51,7 @@ from vnpu.gateway.routing import Endpoint, ModelKey, Route, pick
 from vnpu.jsonbody import (
     BODY_TIMEOUT_S,
     MAX_BODY_BYTES,
+    WRITE_STALL_S,
     BodyError,
     BodyTimeoutError,
     quiet_answered_body_errors,
@@ -186,6 +188,8 @@ class GatewayConfig:
     wake_timeout_s: float = 120.0
     body_timeout_s: float = BODY_TIMEOUT_S
     connect_timeout_s: float = 5.0
+    #: longest one write of an answer may wait for its client to read before the connection is closed
+    write_stall_s: float = WRITE_STALL_S
     kv_scrape_interval_s: float = 2.0
     max_waiting: int = MAX_WAITING
     max_waiting_per_model: int = MAX_WAITING_PER_MODEL
@@ -437,18 +441,54 @@ class Gateway:
                     if name.lower() not in _DROP_RESPONSE_HEADERS:
                         response.headers[name] = value
                 response.headers["X-Vnpu-Replica"] = endpoint.pod or endpoint.address
-                await response.prepare(request)
-                # Chunks as they come: server-sent events reach the client token by token.
-                async for chunk in upstream.content.iter_any():
-                    await response.write(chunk)
-                await response.write_eof()
-                self.metrics.requests.labels(route.qualified_name, str(upstream.status)).inc()
+                code = await self._relay(request, response, upstream, route, endpoint)
+                self.metrics.requests.labels(route.qualified_name, code).inc()
                 return response
         finally:
             self.outstanding[endpoint] -= 1
             if not self.outstanding[endpoint]:
                 del self.outstanding[endpoint]
             gauge.dec()
+
+    async def _relay(
+        self,
+        request: web.Request,
+        response: web.StreamResponse,
+        upstream: aiohttp.ClientResponse,
+        route: Route,
+        endpoint: Endpoint,
+    ) -> str:
+        """Send the replica's answer to the client, chunks as they come (server-sent events reach it
+        token by token); the code the request is counted under.
+
+        A client that stops reading (a write stalled for ``write_stall_s``) has its connection closed
+        and the replica's request with it, so the replica frees the sequence: waiting for it would hold
+        the handler, its socket and buffers and the replica's ``outstanding`` count for good. Counted
+        "499" (nginx's client-closed-request): the answer never reached the client, through its fault.
+        The replica's request is closed explicitly: releasing it would too, as its answer is unread,
+        but that is the client library's choice, not a promise."""
+        try:
+            async with asyncio.timeout(self.config.write_stall_s):
+                await response.prepare(request)
+            async for chunk in upstream.content.iter_any():
+                async with asyncio.timeout(self.config.write_stall_s):
+                    await response.write(chunk)
+            async with asyncio.timeout(self.config.write_stall_s):
+                await response.write_eof()
+        except TimeoutError:
+            log.warning(
+                "client stopped reading its answer: connection closed, request to the replica closed",
+                extra={
+                    "model": route.qualified_name,
+                    "endpoint": endpoint.url,
+                    "stalled_s": self.config.write_stall_s,
+                },
+            )
+            upstream.close()
+            if request.transport is not None:
+                request.transport.abort()  # close() would wait for the unread bytes to go out
+            return "499"
+        return str(upstream.status)
 
     # -- load -------------------------------------------------------------------------------------------
     async def scrape_kv_usage(self, session: aiohttp.ClientSession) -> None:

@@ -60,6 +60,7 @@ from vnpu.jsonbody import (
     BODY_TIMEOUT_S,
     IDLE_CONNECTION_TIMEOUT_S,
     MAX_BODY_BYTES,
+    WRITE_STALL_S,
     BodyError,
     BodyTimeoutError,
     quiet_answered_body_errors,
@@ -89,9 +90,6 @@ _BODY_TIMEOUT_KEY = web.AppKey("body_timeout_s", float)
 _WRITE_STALL_KEY = web.AppKey("write_stall_s", float)
 #: How often a handler waiting for tokens checks that its client is still connected (seconds).
 DISCONNECT_POLL_S = 0.1
-#: Longest a stream's write may wait for its client to read (seconds) before the connection is closed
-#: and the request cancelled.
-WRITE_STALL_S = 30.0
 #: ``Retry-After`` of a 429 (seconds): the queue drains at the pace of the engine's steps.
 RETRY_AFTER_QUEUE_FULL_S = 1
 #: ``Retry-After`` of a 503 (seconds): weights being loaded or re-attached, as the gateway's own 503.

@@ -22,7 +22,11 @@ Slow clients: a body that does not arrive within ``BODY_TIMEOUT_S`` raises :clas
 (a 408), so a client trickling bytes cannot hold a handler and its buffers for good; and both servers
 close a connection that has not sent a whole request head within ``IDLE_CONNECTION_TIMEOUT_S`` (aiohttp's
 keep-alive timeout, which covers a connection that sent nothing or trickles its headers; an
-``AppRunner``'s default is 3,630 s).
+``AppRunner``'s default is 3,630 s). A client that stops reading its answer is the same threat the
+other way: a write of a streamed answer that cannot go out within ``WRITE_STALL_S`` (the client's
+buffers and the transport's are full) closes the connection. The idle timeout only applies between
+requests, so without it such a client held its handler, socket and buffers for good (and, on a
+replica, a sequence generated for nobody).
 """
 
 from __future__ import annotations
@@ -60,6 +64,10 @@ _LARGE_PARSES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Sema
 BODY_TIMEOUT_S = 60.0
 #: Seconds a connection may stay open without a whole request head (nginx's keepalive_timeout).
 IDLE_CONNECTION_TIMEOUT_S = 75.0
+#: Seconds one write of an answer may wait for its client to read (nginx's send_timeout) before the
+#: connection is closed (and the work for it stopped: the runtime cancels the request, the gateway
+#: closes its request to the replica).
+WRITE_STALL_S = 30.0
 
 
 def shutdown_timeout(drain_s: float) -> float:

@@ -101,8 +101,8 @@ async def serving(gw: Gateway, *replicas: Replica) -> AsyncIterator[TestClient]:
             await replica.server.close()
 
 
-async def until(condition: Callable[[], Any]) -> None:
-    for _ in range(6000):
+async def until(condition: Callable[[], Any], within_s: float = 60.0) -> None:
+    for _ in range(int(within_s * 100)):
         if condition():
             return
         await asyncio.sleep(0.01)
@@ -524,6 +524,61 @@ def test_a_replica_that_resets_is_retried_once_so_a_request_that_kills_replicas_
     asyncio.run(scenario())
     assert (len(first.bodies), len(second.bodies), len(healthy.bodies)) == (3, 2, 1)
     assert gw.metrics.retries._value.get() == 5  # every attempt that met a reset: 1, then 2 and 2
+
+
+def test_a_client_that_stops_reading_its_stream_is_cut_off_and_the_replicas_request_closed(caplog) -> None:
+    """A client that sends a streamed request and never reads: once the buffers on the way were full,
+    the gateway's write waited for it for good, holding the handler, its socket and buffers, the
+    replica's ``outstanding`` count and the replica's request (generated to max_tokens for nobody). A
+    write stalled for ``write_stall_s`` now closes the client's connection and the replica's request,
+    counted 499, with one warning."""
+    ended: list[bool] = []
+
+    async def endless(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        try:
+            while True:
+                await response.write(b"data: " + b"x" * 16000 + b"\n\n")
+        finally:
+            ended.append(True)  # its write failed or its handler was cancelled: its client went
+
+    async def small_send_buffer(request: web.Request, _: web.StreamResponse) -> None:
+        # (the kernel grows a send buffer up to 4 MiB: pinned small, the gateway's write waits sooner)
+        assert request.transport is not None
+        request.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+
+    replica = Replica("a", endless)
+    discovery = StaticDiscovery()
+    gw = gateway(discovery, write_stall_s=0.5)
+    app = make_app(gw)
+    app.on_response_prepare.append(small_send_buffer)
+    body = json.dumps({"model": "smollm2", "prompt": "x", "stream": True}).encode()
+
+    async def scenario() -> None:
+        await replica.server.start_server()
+        try:
+            async with TestClient(TestServer(app)) as client:
+                discovery.set(ready(replica))
+                reader = socket.socket()  # a client that sends its request and never reads
+                reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                reader.connect(("127.0.0.1", client.port))
+                head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                reader.sendall(head + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+                try:
+                    await until(lambda: gw.outstanding)
+                    await until(lambda: ended and not gw.outstanding, within_s=10)
+                finally:
+                    reader.close()
+        finally:
+            await replica.server.close()
+
+    with caplog.at_level(logging.WARNING, logger="vnpu.gateway.server"):
+        asyncio.run(scenario())
+    assert gw.metrics.requests.labels("team-a/smollm2", "499")._value.get() == 1
+    stalls = [r for r in caplog.records if "stopped reading" in r.getMessage()]
+    assert [r.levelno for r in stalls] == [logging.WARNING] and stalls[0].exc_info is None
+    assert stalls[0].model == "team-a/smollm2" and stalls[0].stalled_s == 0.5
 
 
 # --- load ------------------------------------------------------------------------------------------------
