@@ -5,7 +5,9 @@ model the body names (see :mod:`.routing` for names and picking), byte for byte,
 chunks go out as they arrive, and a client that leaves cancels the upstream request (the replica then
 frees the sequence), as does one that stops reading: a write that cannot go out within
 ``write_stall_s`` (:data:`vnpu.jsonbody.WRITE_STALL_S`) closes both connections. A connection that
-cannot be made to the picked replica is retried once on another. ``GET /v1/models`` lists what the
+cannot be made to the picked replica is retried once on another. A replica whose answer breaks off
+once begun (its pod died) ends a stream as a replica ends its own failures, with an ``error`` event
+and ``data: [DONE]``, and cuts off any other answer (counted 502). ``GET /v1/models`` lists what the
 caller may call and ``GET /v1/models/{id}`` shows one of those. Errors are OpenAI error objects; an
 unknown model (or one the caller's key may not call) is a 404 that names nothing else.
 
@@ -466,29 +468,59 @@ class Gateway:
         the handler, its socket and buffers and the replica's ``outstanding`` count for good. Counted
         "499" (nginx's client-closed-request): the answer never reached the client, through its fault.
         The replica's request is closed explicitly: releasing it would too, as its answer is unread,
-        but that is the client library's choice, not a promise."""
+        but that is the client library's choice, not a promise. A replica whose answer breaks off is
+        :meth:`_end_broken_answer`'s."""
+        stall_s = self.config.write_stall_s
         try:
-            async with asyncio.timeout(self.config.write_stall_s):
+            async with asyncio.timeout(stall_s):
                 await response.prepare(request)
-            async for chunk in upstream.content.iter_any():
-                async with asyncio.timeout(self.config.write_stall_s):
+            while True:
+                try:
+                    chunk = await upstream.content.readany()  # b"" at the end
+                except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
+                    return await self._end_broken_answer(request, response, upstream, route, endpoint, exc)
+                async with asyncio.timeout(stall_s):
+                    if not chunk:
+                        await response.write_eof()
+                        return str(upstream.status)
                     await response.write(chunk)
-            async with asyncio.timeout(self.config.write_stall_s):
-                await response.write_eof()
         except TimeoutError:
             log.warning(
                 "client stopped reading its answer: connection closed, request to the replica closed",
-                extra={
-                    "model": route.qualified_name,
-                    "endpoint": endpoint.url,
-                    "stalled_s": self.config.write_stall_s,
-                },
+                extra={"model": route.qualified_name, "endpoint": endpoint.url, "stalled_s": stall_s},
             )
             upstream.close()
             if request.transport is not None:
                 request.transport.abort()  # close() would wait for the unread bytes to go out
             return "499"
-        return str(upstream.status)
+
+    async def _end_broken_answer(
+        self,
+        request: web.Request,
+        response: web.StreamResponse,
+        upstream: aiohttp.ClientResponse,
+        route: Route,
+        endpoint: Endpoint,
+        error: aiohttp.ClientError,
+    ) -> str:
+        """End the client's answer when the replica's broke off (the pod died or was cut off mid-answer);
+        counted "502". A stream gets what the runtime sends for its own failure mid-stream, an ``error``
+        event and ``[DONE]``, so a client sees why it ended; any other answer has its connection
+        aborted, since a short body with a clean end would look complete. The error went up as an
+        aiohttp traceback, with no sample in the metrics and a stream cut off without a word."""
+        log.warning(
+            "the replica's answer broke off",
+            extra={"model": route.qualified_name, "endpoint": endpoint.url, "error": repr(error)},
+        )
+        if upstream.content_type == "text/event-stream":
+            message = f"The replica serving {route.qualified_name} failed mid-answer; retry the request."
+            event = json.dumps(error_body(message, "server_error", "upstream_error"))
+            async with asyncio.timeout(self.config.write_stall_s):  # (a stall: _relay cuts off)
+                await response.write(f"data: {event}\n\ndata: [DONE]\n\n".encode())
+                await response.write_eof()
+        elif request.transport is not None:
+            request.transport.abort()
+        return "502"
 
     # -- load -------------------------------------------------------------------------------------------
     async def scrape_kv_usage(self, session: aiohttp.ClientSession) -> None:

@@ -581,6 +581,64 @@ def test_a_client_that_stops_reading_its_stream_is_cut_off_and_the_replicas_requ
     assert stalls[0].model == "team-a/smollm2" and stalls[0].stalled_s == 0.5
 
 
+def test_a_replica_that_dies_mid_answer_ends_a_stream_with_an_error_event_and_cuts_off_other_answers(
+    caplog,
+) -> None:
+    """A replica that died mid-answer raised out of the gateway's copy loop: an aiohttp ERROR traceback,
+    no sample in the metrics, and a stream cut off with no ``error`` event and no ``[DONE]``, which the
+    runtime's own streams promise. Now a stream ends as the runtime ends its own failures, any other
+    answer is cut off (a short body with a clean end would look complete), the request is counted
+    502 and a warning without traceback says which replica."""
+    first = b'data: {"choices":[{"text":"a"}]}\n\n'
+
+    async def dies(request: web.Request) -> web.StreamResponse:
+        stream = json.loads(await request.read()).get("stream", False)
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream" if stream else "application/json"}
+        )
+        if not stream:
+            response.content_length = 1000
+        await response.prepare(request)
+        await response.write(first if stream else b'{"choices": [')
+        await asyncio.sleep(0.1)
+        assert request.transport is not None
+        request.transport.abort()  # the pod goes away mid-answer
+        await asyncio.sleep(1)
+        return response
+
+    replica = Replica("a", dies)
+    discovery = StaticDiscovery()
+    gw = gateway(discovery)
+
+    async def scenario() -> None:
+        async with serving(gw, replica) as client:
+            discovery.set(ready(replica))
+            streamed = await client.post(
+                "/v1/completions", json={"model": "smollm2", "prompt": "x", "stream": True}
+            )
+            assert streamed.status == 200
+            body = await streamed.read()  # ends cleanly
+            assert body.startswith(first) and body.endswith(b"data: [DONE]\n\n"), body
+            events = [e.removeprefix(b"data: ") for e in body.split(b"\n\n") if e]
+            assert len(events) == 3
+            error = json.loads(events[1])["error"]
+            assert error["type"] == "server_error" and error["code"] == "upstream_error"
+            assert "team-a/smollm2" in error["message"]
+            whole = await client.post("/v1/completions", json={"model": "smollm2", "prompt": "x"})
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await whole.read()
+
+    with caplog.at_level(logging.WARNING):
+        asyncio.run(scenario())
+    assert gw.metrics.requests.labels("team-a/smollm2", "502")._value.get() == 2
+    assert not gw.outstanding
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, [(r.name, r.getMessage()) for r in errors]
+    broke = [r for r in caplog.records if r.getMessage() == "the replica's answer broke off"]
+    assert [r.levelno for r in broke] == [logging.WARNING] * 2 and broke[0].exc_info is None
+    assert broke[0].model == "team-a/smollm2" and "ClientPayloadError" in broke[0].error
+
+
 # --- load ------------------------------------------------------------------------------------------------
 
 
