@@ -554,7 +554,13 @@ def plan(
         demands.append(_demand(m, est, refs[key].weights_id, allowed, config))
     group_mib = packing.group_weight_mib(demands)  # a holder's device MiB: its weights and its needs
     group_weights = _group_weights_mib(active, group_of)
-    loaded = _loaded_weights(outside, holders_of, group_mib, nodes)
+    # A holder that live replicas map stays their device's holder when its group's size now says
+    # another: see _resized_holders. Its memory is held at its own size.
+    for p in _resized_holders(ours, holders_of, group_mib, nodes, outside):
+        outside.append(p)
+        kept_pods.add((p.namespace, p.name))
+        held[(p.node or "", p.device or "")] += p.slices
+    loaded = _loaded_weights(outside, holders_of)
     packer_nodes = _packer_nodes(nodes, held, view, loaded)
     packed = packing.pack(packer_nodes, demands, current, offered=wake, preempt=config.preemption != "never")
     # Defragmentation: a batch of moves only on a settled cluster (every pod of ours Ready, running
@@ -575,12 +581,18 @@ def plan(
 
     intents: dict[tuple[str, str], PodIntent] = {}
     holder_of: dict[tuple[str, str, str], str] = {}
+    kept_holder = _kept_holders(outside, holders_of)
     for h in packed.weight_holders:
         owners = tuple(refs[m] for m in sorted(h.models))
         first = owners[0]
         serves = h.share_group in serving_groups
-        salt = _holder_salt(h.slices, serves, key_uid, first)
-        name = holder_pod_name(first.share_group, first.weights_id, h.node, h.device, salt)
+        kept = kept_holder.get((h.node, h.device, h.share_group))
+        if kept is not None:  # the group's weights are loaded there (see _loaded_weights): that holder
+            name, slices = kept.name, kept.slices
+        else:
+            slices = h.slices
+            salt = _holder_salt(slices, serves, key_uid, first)
+            name = holder_pod_name(first.share_group, first.weights_id, h.node, h.device, salt)
         holder_of[(h.node, h.device, h.share_group)] = name
         if (first.namespace, first.share_group) in key_uid:  # pods that mount the key wait for it
             intents[(first.namespace, name)] = PodIntent(
@@ -588,7 +600,7 @@ def plan(
                 first.namespace,
                 name,
                 owners,
-                h.slices,
+                slices,
                 resource_of[(h.node, h.device)],
                 node=h.node,
                 device=h.device,
@@ -1007,31 +1019,72 @@ def _holder_labels(
 
 
 def _loaded_weights(
-    outside: Sequence[ObservedPod],
+    outside: Sequence[ObservedPod], holders_of: Mapping[str, list[ObservedPod]]
+) -> dict[tuple[str, str], frozenset[str]]:
+    """(node, device) -> the groups whose current holder there is kept outside the plan (its memory
+    held: older replicas map it, it is kept warm, or resized: see :func:`_resized_holders`). New
+    replicas of the group there attach to it (:func:`_kept_holders`), so the packer must not charge
+    them the weights again: counted twice, a rolling update stalls on a full device or evicts another
+    model."""
+    group_of_holder = {(h.namespace, h.name): g for g, holders in holders_of.items() for h in holders}
+    out: dict[tuple[str, str], set[str]] = defaultdict(set)
+    for p in outside:
+        group = group_of_holder.get((p.namespace, p.name))
+        if group is not None and not p.terminating:
+            out[(p.node or "", p.device or "")].add(group)
+    return {k: frozenset(v) for k, v in out.items()}
+
+
+def _kept_holders(
+    outside: Sequence[ObservedPod], holders_of: Mapping[str, list[ObservedPod]]
+) -> dict[tuple[str, str, str], ObservedPod]:
+    """(node, device, group key) -> the group's current holder there kept outside the plan (the Ready
+    one first): the holder the plan's replicas of that group there map, whatever size the group's
+    holders are planned at now. Another holder of the group on that device would bind the same socket
+    (one per share identity and device, :func:`vnpu.sharing.socket_name`) and could not start."""
+    kept = {(p.namespace, p.name) for p in outside if not p.terminating}
+    out: dict[tuple[str, str, str], ObservedPod] = {}
+    for group, holders in holders_of.items():
+        for h in holders:  # Ready ones first
+            if (h.namespace, h.name) in kept:
+                out.setdefault((h.node or "", h.device or "", group), h)
+    return out
+
+
+def _resized_holders(
+    ours: Sequence[ObservedPod],
     holders_of: Mapping[str, list[ObservedPod]],
     group_mib: Mapping[str, int],
     nodes: Sequence[ObservedNode],
-) -> dict[tuple[str, str], frozenset[str]]:
-    """(node, device) -> the groups whose current holder there is kept outside the plan (its memory
-    held: older replicas map it) and is the very holder the plan would start there (same name, same
-    size). New replicas of the group attach to it, so the packer must not charge them the weights again:
-    counted twice, a rolling update stalls on a full device or evicts another model."""
+    outside: Sequence[ObservedPod],
+) -> list[ObservedPod]:
+    """The current holders, not yet kept outside the plan, that live replicas map and whose size is no
+    longer the one their group's holders are planned at (a model of another size joined or left the
+    group; an upgrade sized holders anew). Replaced, the new holder (another name, the same socket)
+    could not start beside the old one, and the old one, out of the plan, would be deleted from under
+    every replica mapping it, whose names (their own size and template) do not change. So such a holder
+    stays, at its own size, until nothing maps it; the new size comes with the next holder there."""
     slice_mib = {
         (n.name, d.id): d.slice_mib
         for n in nodes
         if n.inventory is not None and not n.inventory_error
         for d in n.inventory.devices
     }
-    group_of_holder = {(h.namespace, h.name): g for g, holders in holders_of.items() for h in holders}
-    out: dict[tuple[str, str], set[str]] = defaultdict(set)
-    for p in outside:
-        group = group_of_holder.get((p.namespace, p.name))
-        where = (p.node or "", p.device or "")
-        if group is None or p.terminating or where not in slice_mib:
-            continue
-        if p.slices == api.slices_for_mib(group_mib.get(group, 0), slice_mib[where]):
-            out[where].add(group)
-    return {k: frozenset(v) for k, v in out.items()}
+    mapped = {
+        (p.namespace, p.weight_holder)
+        for p in ours
+        if p.role == api.ROLE_REPLICA and p.weight_holder and not p.finished
+    }
+    kept = {(p.namespace, p.name) for p in outside}
+    out = []
+    for group, holders in sorted(holders_of.items()):
+        for h in holders:
+            where = (h.node or "", h.device or "")
+            if (h.namespace, h.name) in kept or (h.namespace, h.name) not in mapped or where not in slice_mib:
+                continue
+            if h.slices != api.slices_for_mib(group_mib.get(group, 0), slice_mib[where]):
+                out.append(h)
+    return out
 
 
 def _warm(

@@ -292,6 +292,76 @@ def test_a_holder_is_owned_by_every_model_using_it() -> None:
     assert holder.name not in {d.name for d in later.delete}
 
 
+def _holders(pods: list[ObservedPod]) -> list[str]:
+    return sorted(p.name for p in pods if p.role == "weights")
+
+
+def _mapped(pods: list[ObservedPod]) -> dict[str, str]:
+    """Replica pod -> the holder it maps (its vnpu.io/weight-holder annotation)."""
+    return {p.name: p.weight_holder or "" for p in pods if p.role == "replica"}
+
+
+def _apply(pods: list[ObservedPod], result: Plan) -> list[ObservedPod]:
+    """The pods after a pass's writes (deletions done, creations running and Ready)."""
+    gone = {(d.namespace, d.name) for d in result.delete}
+    return [p for p in pods if (p.namespace, p.name) not in gone] + as_pods(result.create)
+
+
+def test_a_holder_that_replicas_map_stays_when_its_group_is_sized_anew() -> None:
+    """A model of a larger holder need joins a running group. A holder's name hashes its size, a
+    replica's does not: the resized holder was a new pod (which cannot start beside the old one:
+    one socket per group and device) and the old one was deleted as out of the plan, from under every
+    replica of the device mapping it, which were never rolled. Now the mapped holder stays, charged at
+    its own size, and new replicas there map it; the new size comes once nothing maps it."""
+    nodes = [node("n1", devices=1, device_gib=32)]
+    a, b = model("a", 2, shareGroup="g"), model("b", 1, shareGroup="g")
+    bigger = {a.key: estimate(), b.key: replace(estimate(), overhead_mib=2048)}
+    pods = as_pods(run([a], nodes, estimates=bigger).create)
+    (holder,) = _holders(pods)
+
+    joined = run([a, b], nodes, pods, estimates=bigger)
+    assert roles(joined.create) == ["replica"] and not joined.delete
+    pods = _apply(pods, joined)
+    assert _holders(pods) == [holder]
+    assert set(_mapped(pods).values()) == {holder}  # b's new replica maps it too
+    (update,) = [u for u in joined.set_owners if u.kind == "Pod"]
+    assert update.name == holder and len(update.owner_references) == 2
+    assert {x["weightHolder"] for u in joined.statuses for x in u.status["placements"]} == {holder}
+    settled = run([a, b], nodes, pods, estimates=bigger)
+    assert not settled.create and not settled.delete
+    assert [(i.holder.name, i.in_use) for i in settled.holder_budgets] == [(holder, True)]
+
+    # Once nothing maps it (here the replicas are gone), a holder of the group's size now replaces it.
+    unmapped = [p for p in pods if p.role != "replica"]
+    fresh = run([a, b], nodes, unmapped, estimates=bigger)
+    assert [(d.role, d.name) for d in fresh.delete] == [("weights", holder)]
+    (created,) = [m for m in fresh.create if m["metadata"]["labels"][api.LABEL_ROLE] == "weights"]
+    assert created["metadata"]["name"] != holder
+
+
+def test_a_holder_that_replicas_map_stays_when_its_group_shrinks() -> None:
+    """The other way round: the larger model leaves the group. Its holder stays for the other model's
+    replicas, charged at its own (larger) size, so the packer never gives its memory away twice."""
+    nodes = [node("n1", devices=1, device_gib=9)]  # 9 slices of 1 GiB
+    a, b = model("a", 2, shareGroup="g"), model("b", 1, shareGroup="g")
+    c = model("c", 1, memory={"kvCacheMiB": 1024})  # no group of a's: needs its own weights
+    sizes = {a.key: estimate(weights=2048), b.key: replace(estimate(weights=2048), overhead_mib=2048)}
+    sizes[c.key] = estimate(weights=3072)
+    pods = as_pods(run([a, b], nodes, estimates=sizes).create)
+    (holder,) = _holders(pods)
+    assert next(p for p in pods if p.role == "weights").slices == 4  # 2 GiB of weights and b's 2 GiB
+    gone_b = replace(b, deleting=True)
+    left = run([a, gone_b], nodes, pods, estimates=sizes)
+    assert [d.role for d in left.delete] == ["replica"] and not left.create
+    pods = [p for p in _apply(pods, left) if p.model != "b"]
+    assert _holders(pods) == [holder] and set(_mapped(pods).values()) == {holder}
+    # 4 + 2 x 1 slices in use: c (3 for its weights, 1 replica) does not fit in the 3 left, as it would
+    # were the holder counted at a's 2 slices.
+    with_c = run([a, c], nodes, pods, estimates=sizes)
+    assert not with_c.delete
+    assert [m["metadata"]["labels"][api.LABEL_ROLE] for m in with_c.create] == ["placeholder"]
+
+
 def _holder_manifest(result: Plan, name: str, pods: list[ObservedPod]) -> dict[str, Any]:
     refs = next(u for u in result.set_owners if u.kind == "Pod").owner_references
     return {
