@@ -340,6 +340,8 @@ class Gateway:
             rewritten = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
         except UnicodeEncodeError:  # a lone surrogate ("\ud800"): escaped, the replica refuses it itself
             rewritten = json.dumps(body, separators=(",", ":")).encode()
+        except RecursionError as e:  # nesting json.loads just took: the encoder runs a few frames deeper
+            raise BodyError("the request body is not valid JSON: nested too deeply") from e
         return _Admission(model, route, rewritten=rewritten)
 
     def choose(self, route: Route, exclude: set[Endpoint]) -> Endpoint | None:

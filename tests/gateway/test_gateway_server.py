@@ -11,6 +11,7 @@ import gc
 import json
 import logging
 import socket
+import sys
 import threading
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -418,6 +419,38 @@ def test_a_renamed_body_is_forwarded_as_utf8_not_ascii_escapes() -> None:
     assert len(renamed) < len(sent)  # the shorter name, no padding: never larger than what came in
     # A lone surrogate has no UTF-8: it goes escaped, for the replica to refuse in its own words.
     assert json.loads(escaped) == {"model": "smollm2", "prompt": "a \ud800 b"}
+
+
+def test_a_body_nested_as_deep_as_the_parser_takes_is_a_400_when_it_is_renamed(caplog) -> None:
+    """A body nested just under the depth json.loads refuses was parsed, then its re-encoding for the
+    rename (the encoder runs a few frames deeper) raised RecursionError: aiohttp's plain-text 500 and
+    an ERROR traceback. Every depth around the parser's limit is now forwarded or a 400 in words. The
+    depths are scanned, not fixed: where the window lies depends on the stack at the call."""
+    replica = Replica("a")
+    discovery = StaticDiscovery()
+    gw = gateway(discovery)
+    limit = sys.getrecursionlimit()
+    statuses: dict[int, list[int]] = {}
+
+    async def scenario() -> None:
+        async with serving(gw, replica) as client:
+            discovery.set(ready(replica))
+            for depth in range(limit - 200, limit + 1):
+                nested = "[" * depth + "]" * depth
+                body = f'{{"model":"team-a/smollm2","prompt":"x","user":{nested}}}'
+                response = await client.post(
+                    "/v1/completions", data=body, headers={"Content-Type": "application/json"}
+                )
+                statuses.setdefault(response.status, []).append(depth)
+                if response.status == 400:
+                    error = (await response.json())["error"]
+                    assert error["message"] == "The request body is not valid JSON: nested too deeply."
+
+    with caplog.at_level(logging.ERROR):
+        asyncio.run(scenario())
+    assert set(statuses) == {200, 400}, {status: (min(d), max(d)) for status, d in statuses.items()}
+    assert max(statuses[200]) < min(statuses[400])
+    assert not caplog.records, [(r.name, r.getMessage()) for r in caplog.records]
 
 
 def test_large_bodies_are_parsed_one_at_a_time(monkeypatch) -> None:
