@@ -123,11 +123,18 @@ def parse_keys(data: Any) -> tuple[ApiKey, ...]:
 
 
 class KeyRing:
-    """The keys of a file, re-read when the file changes (a Secret update reaches the mount)."""
+    """The keys of a file, re-read when the file changes (a Secret update reaches the mount).
+
+    The file is checked on every request that needs a key, so what was read is remembered by the
+    file's stamp whether it was good or not: a file that turned bad, or went (a deleted Secret), is
+    reported once and not read again until it changes, while the last good keys keep serving. It was
+    re-read, re-parsed and logged at ERROR on every request, a log line any client without a key
+    could make."""
 
     def __init__(self, path: Path | None) -> None:
         self.path = path
-        self._stamp: tuple[int, int] | None = None
+        #: the file's (inode, mtime) when last read, good or bad; ("unreadable", errno) when os.stat failed
+        self._seen: tuple[object, object] | None = None
         self._keys: tuple[ApiKey, ...] = ()
         if path is not None:
             self.reload()
@@ -137,17 +144,27 @@ class KeyRing:
         return self.path is not None
 
     def reload(self) -> None:
-        """Read the file if it changed; a file that turned bad keeps the last good keys (and raises)."""
+        """Read the file if it changed. A file that turned bad, went or cannot be read keeps the last
+        good keys and raises (KeyFileError, OSError) once: until it changes, it is neither read nor
+        reported again."""
         assert self.path is not None
-        st = os.stat(self.path)
+        try:
+            st = os.stat(self.path)
+        except OSError as exc:
+            gone = ("unreadable", exc.errno)
+            if gone == self._seen:
+                return
+            self._seen = gone
+            raise
         stamp = (st.st_ino, st.st_mtime_ns)
-        if stamp == self._stamp:
+        if stamp == self._seen:
             return
+        self._seen = stamp
         try:
             keys = parse_keys(yaml.safe_load(self.path.read_text()))
         except yaml.YAMLError as exc:
             raise KeyFileError(f"the API keys file {self.path} is not YAML: {exc}") from exc
-        self._keys, self._stamp = keys, stamp
+        self._keys = keys
 
     def authenticate(self, authorization: str | None) -> ApiKey | None:
         """The key a request's ``Authorization: Bearer <key>`` header presents, or None."""

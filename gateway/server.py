@@ -236,8 +236,10 @@ class Gateway:
             return None
         try:
             self.keys.reload()
-        except (OSError, KeyFileError) as exc:  # keep serving with the last good keys
-            log.error("cannot reload the API keys file", extra={"error": str(exc)})
+        except (OSError, KeyFileError) as exc:  # once per change of the file; the last good keys serve
+            log.error(
+                "cannot reload the API keys file; serving with the last good keys", extra={"error": str(exc)}
+            )
         key = self.keys.authenticate(request.headers.get("Authorization"))
         if key is None:
             return openai_error(

@@ -389,6 +389,56 @@ def test_a_model_is_shown_by_any_name_that_resolves_for_the_caller_and_no_other(
     asyncio.run(scenario())
 
 
+def test_a_keys_file_that_turns_bad_or_goes_is_reported_once_per_change_and_the_last_good_keys_serve(
+    tmp_path, monkeypatch, caplog
+) -> None:
+    """A keys file that turned bad (or a Secret deleted) was re-read, re-parsed and logged at ERROR on
+    every request, a flood any client without a key could make. Now each change is read and reported
+    once; the last good keys serve meanwhile, and a file made good again is read at its change."""
+    from vnpu.gateway import keys as keys_module
+
+    path = tmp_path / "keys.yaml"
+    reads: list[str] = []
+    load = keys_module.yaml.safe_load
+
+    def counted(text: str) -> Any:
+        reads.append(text)
+        return load(text)
+
+    def rewrite(text: str) -> None:
+        """Replace the file, as a Secret's update does (a new inode: the change is seen at once)."""
+        fresh = tmp_path / "keys.yaml.new"
+        fresh.write_text(text)
+        fresh.replace(path)
+
+    rewrite("keys:\n  - {name: a, key: old-secret, models: ['*']}\n")
+    monkeypatch.setattr(keys_module.yaml, "safe_load", counted)
+    gw = Gateway(discovery=StaticDiscovery(), keys=KeyRing(path), config=GatewayConfig())
+
+    async def statuses(client: TestClient, key: str, times: int = 3) -> list[int]:
+        headers = {"Authorization": f"Bearer {key}"}
+        return [(await client.get("/v1/models", headers=headers)).status for _ in range(times)]
+
+    async def scenario() -> None:
+        async with serving(gw) as client:
+            assert await statuses(client, "old-secret") == [200] * 3
+            rewrite("keys: [\n")  # bad YAML
+            assert await statuses(client, "old-secret") == [200] * 3
+            assert await statuses(client, "no-such-key") == [401] * 3
+            path.unlink()
+            assert await statuses(client, "old-secret") == [200] * 3
+            rewrite("keys:\n  - {name: b, key: new-secret, models: ['*']}\n")
+            assert await statuses(client, "new-secret") == [200] * 3
+            assert await statuses(client, "old-secret") == [401] * 3
+
+    with caplog.at_level(logging.ERROR, logger="vnpu.gateway.server"):
+        asyncio.run(scenario())
+    assert len(reads) == 3  # the first file, the bad one and the new one: once each
+    reports = [r for r in caplog.records if r.getMessage().startswith("cannot reload the API keys file")]
+    assert len(reports) == 2, [r.error for r in reports]
+    assert "is not YAML" in reports[0].error and "No such file" in reports[1].error
+
+
 # --- what is forwarded --------------------------------------------------------------------------------
 
 
