@@ -426,12 +426,18 @@ class ModelRuntime:
         gc.collect()
         log.warning("model unavailable", extra={"reason": reason})
 
-    def close(self) -> None:
-        """Stop the engine thread (requests still inside fail)."""
+    def stop(self) -> None:
+        """Fail every request still inside with "the server is shutting down" and take no new one; the
+        engine loop ends after the step in flight, which frees the blocks of the requests in it. Does
+        not wait (an event loop calls it when a drain is over)."""
         with self._cond:
             self._stopping = True
             self._fail_all(RuntimeUnavailableError("the server is shutting down"))
             self._cond.notify_all()
+
+    def close(self) -> None:
+        """Stop the engine thread (requests still inside fail)."""
+        self.stop()
         if self._engine_thread and self._thread is not None:  # run_engine's caller returns by itself
             self._thread.join(timeout=30)
             self._thread = None

@@ -586,7 +586,7 @@ def _serve_http(
     from vnpu.runtime.server import HttpServerThread, make_app
 
     drain_s = float(args.request_drain_seconds)
-    server = HttpServerThread(make_app(runtime), args.host, args.port, shutdown_timeout_s=drain_s)
+    server = HttpServerThread(make_app(runtime), args.host, args.port, drain_s=drain_s)
     try:
         server.start()
         log.info("serving", extra={"host": args.host, "port": args.port})

@@ -24,7 +24,8 @@ the context with code ``context_length_exceeded``), 404 for another model, 429 w
 waiting queue is full, 503 while the weights are unavailable (a 429 carries ``Retry-After: 1``, a
 503 ``Retry-After: 5``), 500 for a failure, which says only "internal error": the exception is in
 the server's log, its traceback logged once (by the engine thread for a failed step). A failure after
-a stream started is sent as an ``error`` event before ``[DONE]``.
+a stream started is sent as an ``error`` event before ``[DONE]``; so is the 503 of a request still
+running when the server's drain runs out (see :class:`HttpServerThread`).
 
 Each request is parsed, rendered and tokenized in the handler — tokenization in a worker thread,
 outside every lock, and the prompt's length is checked against the context before tokenizing when
@@ -55,7 +56,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from vnpu.accesslog import AccessLogger
-from vnpu.api import MAX_MODEL_NAME_LEN, REPLICA_DRAIN_S
+from vnpu.api import DRAIN_ERROR_SEND_S, MAX_MODEL_NAME_LEN, REPLICA_DRAIN_S
 from vnpu.jsonbody import (
     BODY_TIMEOUT_S,
     IDLE_CONNECTION_TIMEOUT_S,
@@ -88,6 +89,8 @@ RUNTIME_KEY = web.AppKey("runtime", ModelRuntime)
 _STARTED_KEY = web.AppKey("started", int)
 _BODY_TIMEOUT_KEY = web.AppKey("body_timeout_s", float)
 _WRITE_STALL_KEY = web.AppKey("write_stall_s", float)
+#: The tasks of the completion handlers running, which a drain that runs out cancels.
+_HANDLERS_KEY = web.AppKey("handlers", set)
 #: How often a handler waiting for tokens checks that its client is still connected (seconds).
 DISCONNECT_POLL_S = 0.1
 #: ``Retry-After`` of a 429 (seconds): the queue drains at the pace of the engine's steps.
@@ -331,6 +334,8 @@ async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
     start = time.perf_counter()
     handle: RequestHandle | None = None
     finished = False
+    task = asyncio.current_task()
+    request.app[_HANDLERS_KEY].add(task)
     try:
         parse: Callable[[Any], CompletionRequest | ChatRequest] = (
             parse_chat if kind == "chat" else parse_completion
@@ -391,6 +396,7 @@ async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
         finished = True
         return error.response()
     finally:
+        request.app[_HANDLERS_KEY].discard(task)
         if handle is not None and not finished:
             handle.abort()
 
@@ -563,6 +569,7 @@ def make_app(
     app[_STARTED_KEY] = int(time.time())
     app[_BODY_TIMEOUT_KEY] = body_timeout_s
     app[_WRITE_STALL_KEY] = write_stall_s
+    app[_HANDLERS_KEY] = set()
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", models)
@@ -575,8 +582,14 @@ def make_app(
 
 class HttpServerThread:
     """An aiohttp app served from its own thread and event loop; :meth:`stop_then` closes it gracefully
-    (no new connections, requests in flight get up to ``shutdown_timeout_s``: the model's drain, inside
-    the replica pod's grace period, see ``vnpu.api.replica_grace_s``) and then calls ``after``."""
+    and then calls ``after``: no new connections, and requests in flight get up to ``drain_s`` (the
+    model's drain) to finish. Those still running then fail with "the server is shutting down" (a 503,
+    or an ``error`` event and ``[DONE]`` on a stream, as any failure mid-stream) and get
+    ``DRAIN_ERROR_SEND_S`` to send it; the handlers left then (a client that does not read) are
+    cancelled. The stop thus ends by ``drain_s + DRAIN_ERROR_SEND_S``, inside the replica pod's grace
+    period (``vnpu.api.replica_grace_s``). Left to aiohttp alone, a request still running at the end of
+    its ``shutdown_timeout`` was cut off without a word, and only after a second ``shutdown_timeout``
+    (aiohttp first cancels the request's body, which a handler waiting for tokens never reads)."""
 
     def __init__(
         self,
@@ -584,11 +597,13 @@ class HttpServerThread:
         host: str,
         port: int,
         idle_timeout_s: float = IDLE_CONNECTION_TIMEOUT_S,
-        shutdown_timeout_s: float = float(REPLICA_DRAIN_S),
+        drain_s: float = float(REPLICA_DRAIN_S),
     ) -> None:
         self._app, self._host, self._port = app, host, port
         self._idle_timeout_s = idle_timeout_s
-        self._shutdown_timeout_s = shutdown_timeout(shutdown_timeout_s)
+        self._drain_s = drain_s
+        # aiohttp's own bound, which the drain's end comes before (see _end_drain).
+        self._shutdown_timeout_s = shutdown_timeout(drain_s + DRAIN_ERROR_SEND_S)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run, name="http", daemon=True)
         self._started = threading.Event()
@@ -629,14 +644,33 @@ class HttpServerThread:
         self._stopping = True
 
         async def shutdown() -> None:
+            drain = self._loop.create_task(self._end_drain())
             try:
                 if self._runner is not None:
                     await self._runner.cleanup()
             finally:
+                drain.cancel()
                 after()
                 self._loop.stop()
 
         self._loop.call_soon_threadsafe(lambda: self._loop.create_task(shutdown()))
+
+    async def _end_drain(self) -> None:
+        """At the end of the drain, fail the requests still running (the runtime takes no new one) so
+        that their handlers answer with the error; ``DRAIN_ERROR_SEND_S`` later, cancel the handlers
+        still there (a write stalled on a client that does not read, a body still arriving)."""
+        await asyncio.sleep(self._drain_s)
+        handlers: set[asyncio.Task[Any]] = self._app[_HANDLERS_KEY]
+        if not handlers:
+            return
+        log.warning(
+            "drain over: the requests still running fail",
+            extra={"requests": len(handlers), "drain_s": self._drain_s},
+        )
+        self._app[RUNTIME_KEY].stop()
+        await asyncio.sleep(DRAIN_ERROR_SEND_S)
+        for task in list(handlers):
+            task.cancel()
 
     def join(self, timeout: float) -> None:
         self._thread.join(timeout)

@@ -79,7 +79,9 @@ ANNOTATION_REPLACES = f"{GROUP}/replaces"
 #: How the pods of a model stop (one chain, each bound inside the next; the kubelet sends SIGKILL at a
 #: pod's ``terminationGracePeriodSeconds``). A replica at SIGTERM takes no new request and gives those
 #: in flight up to its model's ``runtime.drainSeconds`` to finish (a long generation, streamed; default
-#: ``REPLICA_DRAIN_S``, at most ``MAX_DRAIN_S``); its pod's grace adds ``GRACE_MARGIN_S`` to close. A
+#: ``REPLICA_DRAIN_S``, at most ``MAX_DRAIN_S``); those still running then fail ("the server is shutting
+#: down") and get ``DRAIN_ERROR_SEND_S`` to send that error before their connections are closed; its
+#: pod's grace adds ``GRACE_MARGIN_S`` (that second, the step in flight and the process's exit). A
 #: weight-holder at SIGTERM grants no new attach and waits for its replicas to detach, up to the longest
 #: drain its attached replicas announced when they attached plus ``HOLDER_WAIT_MARGIN_S`` (past their
 #: grace), so that a scale-down, a node drain or a model's deletion, which stop a replica and its holder
@@ -90,6 +92,7 @@ ANNOTATION_REPLACES = f"{GROUP}/replaces"
 REPLICA_DRAIN_S = 60
 MAX_DRAIN_S = 3600
 GRACE_MARGIN_S = 5
+DRAIN_ERROR_SEND_S = 1
 HOLDER_WAIT_MARGIN_S = GRACE_MARGIN_S + 10
 HOLDER_DRAIN_S = MAX_DRAIN_S + HOLDER_WAIT_MARGIN_S
 HOLDER_GRACE_S = HOLDER_DRAIN_S + GRACE_MARGIN_S

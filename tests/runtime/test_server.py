@@ -539,6 +539,153 @@ def test_a_stream_that_is_never_read_is_aborted_and_closed(
         rt.close()
 
 
+def _slowed(rt: ModelRuntime, monkeypatch: pytest.MonkeyPatch, step_s: float) -> None:
+    """Each engine step of ``rt`` takes ``step_s`` longer: a generation outlasts a short drain."""
+    import time
+
+    assert rt._installed is not None
+    model = rt._installed.model
+    works = model.forward_batch
+
+    def slow(layout: Any, cache: Any) -> Any:
+        time.sleep(step_s)
+        return works(layout, cache)
+
+    monkeypatch.setattr(model, "forward_batch", slow)
+
+
+def test_requests_still_running_when_the_drain_runs_out_end_with_an_error(
+    tiny: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM gives the requests in flight the model's drain. Those still running at its end fail
+    with "the server is shutting down", as any failure: a stream sends an ``error`` event and
+    ``[DONE]``, a non-streamed request gets a 503, and their KV blocks are free before the runtime is
+    closed. Before, aiohttp cut the stream off after a normal chunk (the client saw a truncated
+    transfer, not why), and the engine kept generating for nobody until the runtime was closed."""
+    import threading
+    import time
+
+    import aiohttp
+
+    from vnpu.api import DRAIN_ERROR_SEND_S
+    from vnpu.cluster.controlplane import free_port
+
+    rt = ModelRuntime(ServeOptions(max_context=CONTEXT, model_name="tiny"))
+    rt.install(tiny.manifest, tiny.arena, shared=False, seconds=0.01)
+    _slowed(rt, monkeypatch, 0.2)  # 40 tokens: 8 s, far past the drain
+    drain_s = 1.0
+    port = free_port()
+    server = HttpServerThread(make_app(rt), "127.0.0.1", port, drain_s=drain_s)
+    server.start()
+    stopped = threading.Event()
+    body = {"prompt": "hello", "max_tokens": 40, "ignore_eos": True}
+
+    async def scenario() -> tuple[bytes, int, dict[str, Any]]:
+        url = f"http://127.0.0.1:{port}/v1/completions"
+        async with aiohttp.ClientSession() as session:
+            collected = asyncio.ensure_future(session.post(url, json=body))
+            async with session.post(url, json={**body, "stream": True}) as stream:
+                first = await stream.content.readuntil(b"\n\n")  # a token went out
+                while rt.stats()["running"] < 2:  # the non-streamed request runs too
+                    await asyncio.sleep(0.02)
+                server.stop_then(stopped.set)
+                rest = await stream.content.read()
+            async with await collected as response:
+                return first + rest, response.status, await response.json()
+
+    try:
+        began = time.monotonic()
+        streamed, status, answer = asyncio.run(scenario())
+        assert stopped.wait(drain_s + DRAIN_ERROR_SEND_S + 5)
+        assert time.monotonic() - began < drain_s + DRAIN_ERROR_SEND_S + 5
+        stats = asyncio.run(_idle(rt, timeout=5))  # the step in flight ends, then its blocks are free
+        assert stats["blocks_used"] == 0
+    finally:
+        server.stop_then(lambda: None)
+        server.join(30)
+        rt.close()
+    events = [e.removeprefix(b"data: ") for e in streamed.split(b"\n\n") if e]
+    assert events[-1] == b"[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert error["code"] == "service_unavailable" and "shutting down" in error["message"]
+    assert all("error" not in json.loads(e) for e in events[:-2])
+    assert status == 503 and "shutting down" in answer["error"]["message"]
+
+
+def test_a_drain_that_runs_out_ends_a_second_later_even_for_a_client_that_does_not_read(
+    tiny: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A stream whose client stopped reading cannot take its error event: ``DRAIN_ERROR_SEND_S`` after
+    the drain its handler is cancelled and its connection closed, so the stop ends inside the pod's
+    grace period (``vnpu.api.replica_grace_s``) however long the write stall allows. Before, aiohttp
+    waited for such a handler a second drain (it first cancels the request's body, which a handler
+    waiting on its client never reads): 120 s for the default drain, past the grace of 65 s."""
+    import socket
+    import threading
+    import time
+
+    from vnpu.api import DRAIN_ERROR_SEND_S
+    from vnpu.cluster.controlplane import free_port
+
+    rt = ModelRuntime(ServeOptions(max_context=1024, model_name="tiny"))
+    rt.install(tiny.manifest, tiny.arena, shared=False, seconds=0.01)
+    _slowed(rt, monkeypatch, 0.01)  # 900 tokens: 9 s at least, past the drain
+    app = make_app(rt)  # the write stall of 30 s: longer than the drain and its second
+
+    async def small_send_buffer(request: Any, _: Any) -> None:  # see the test above
+        request.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+
+    app.on_response_prepare.append(small_send_buffer)
+    drain_s = 3.0
+    port = free_port()
+    server = HttpServerThread(app, "127.0.0.1", port, drain_s=drain_s)
+    server.start()
+    body = json.dumps(  # about 1.5 KiB of stream per token
+        {
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 900,
+            "ignore_eos": True,
+            "stream": True,
+            "logprobs": True,
+            "top_logprobs": 20,
+        }
+    ).encode()
+    client = socket.socket()
+    stopped = threading.Event()
+    try:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.connect(("127.0.0.1", port))
+        head = "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        client.sendall(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        deadline = time.monotonic() + 60
+        while _generated(rt) < 150:  # over 200 KiB: far beyond every buffer on the way
+            assert time.monotonic() < deadline, f"{_generated(rt)} tokens generated"
+            time.sleep(0.05)
+        began = time.monotonic()
+        with caplog.at_level(logging.WARNING, logger="vnpu.runtime.server"):
+            server.stop_then(stopped.set)
+            assert stopped.wait(30)
+        took = time.monotonic() - began
+        assert drain_s <= took < drain_s + DRAIN_ERROR_SEND_S + 1, took
+        assert any("drain over" in r.getMessage() for r in caplog.records)
+        stats = asyncio.run(_idle(rt, timeout=5))
+        assert stats["blocks_used"] == 0
+    finally:
+        client.close()
+        server.stop_then(lambda: None)
+        server.join(30)
+        rt.close()
+
+
+def _generated(runtime: ModelRuntime) -> float:
+    return next(
+        s.value
+        for m in runtime.metrics.generated_tokens.collect()
+        for s in m.samples
+        if s.name.endswith("_total")
+    )
+
+
 def test_readiness_drops_after_repeated_step_failures(
     tiny: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
