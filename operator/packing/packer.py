@@ -77,7 +77,10 @@ class Packer:
         self.dropped: list[Dropped] = []
         # Where ``current`` had each replica (device, slices): decides ``Assignment.kept`` (shared).
         self.current: dict[tuple[int, int], tuple[int, int]] = current if current is not None else {}
-        self.kept_by_priority: list[tuple[int, int, int]] = []  # (priority, demand, replica) kept
+        # Per tenant (Demand.tenant): its kept replicas as (priority, demand, replica), lowest first: the
+        # replicas its higher priorities may preempt. Keyed so that one tenant's unplaceable demands
+        # never walk every other tenant's replicas (that made each pass, everyone's, seconds longer).
+        self.kept_by_tenant: dict[str, list[tuple[int, int, int]]] = {}
         self.node_verdicts: dict[int, tuple[int, tuple[Reason, str] | None]] = {}
         self.on_device: dict[int, list[tuple[int, int]]] = {}  # filled by ``improve``
 
@@ -198,7 +201,7 @@ class Packer:
             else:
                 before.setdefault(o, self.dev_free[o])
                 self.place(di, o, 1, kept=True, replicas=[p.replica], update_index=False)
-                self.kept_by_priority.append((self.demands[di].priority, di, p.replica))
+                self._keep(di, p.replica)
                 continue
             self.dropped.append(Dropped(p, reason))
         placed = [0] * len(self.demands)
@@ -210,11 +213,15 @@ class Packer:
             if self.cost(di, o) <= self.dev_free[o]:  # (else it is placed like any new replica)
                 before.setdefault(o, self.dev_free[o])
                 self.place(di, o, 1, kept=True, replicas=[p.replica], update_index=False)
-                self.kept_by_priority.append((self.demands[di].priority, di, p.replica))
+                self._keep(di, p.replica)
                 placed[di] += 1
         for o, old in before.items():
             new, self.dev_free[o] = self.dev_free[o], old
             self._set_free(o, new)
+
+    def _keep(self, di: int, replica: int) -> None:
+        d = self.demands[di]
+        self.kept_by_tenant.setdefault(d.tenant, []).append((d.priority, di, replica))
 
     # -- phases 2-4: new placements ---------------------------------------------------------------
 
@@ -227,7 +234,8 @@ class Packer:
             need = d.replicas - len(taken[di])
             free = (r for r in range(d.replicas + len(taken[di])) if r not in taken[di])
             self.missing[di] = [next(free) for _ in range(max(0, need))]
-        self.kept_by_priority.sort()
+        for kept in self.kept_by_tenant.values():
+            kept.sort()
         levels = sorted({d.priority for d in self.demands}, reverse=True)
         for level in levels:
             members = [di for di, d in enumerate(self.demands) if d.priority == level]
@@ -379,16 +387,16 @@ class Packer:
         level's queue. (A priority is the tenant's own to set: across tenants it would be a way to
         evict another's running replicas.)"""
         d = self.demands[di]
-        if not self.kept_by_priority or self.kept_by_priority[0][0] >= d.priority:
+        kept = self.kept_by_tenant.get(d.tenant, [])
+        if not kept or kept[0][0] >= d.priority:
             return False  # nothing of lower priority runs (lower levels are placed after this one)
         ok = self._eligible_nodes(di)
         victims_by_device: dict[int, list[tuple[int, int, int]]] = {}
-        for prio, dj, replica in self.kept_by_priority:
+        for prio, dj, replica in kept:
             if prio >= d.priority:
                 break
             where = self.placed.get((dj, replica))
-            victim = self.demands[dj]
-            if where is not None and victim.share_group != d.share_group and victim.tenant == d.tenant:
+            if where is not None and self.demands[dj].share_group != d.share_group:
                 victims_by_device.setdefault(where[0], []).append((prio, dj, replica))
         best: tuple[tuple[int, int, int, int], list[tuple[int, int, int]]] | None = None
         for o, victims in victims_by_device.items():
@@ -734,7 +742,7 @@ class Packer:
         for (di, replica), (o, _, kept) in sorted(self.placed.items()):
             out.place(di, mapping[o], 1, kept=kept, replicas=[replica])
         out.unplaced, out.dropped = list(self.unplaced), list(self.dropped)
-        out.kept_by_priority = list(self.kept_by_priority)
+        out.kept_by_tenant = {tenant: list(kept) for tenant, kept in self.kept_by_tenant.items()}
         out.missing = [list(m) for m in self.missing]
         return out
 
