@@ -812,11 +812,14 @@ def plan(
     waits += [(f.retry_at - now).total_seconds() for f in failures.values() if f.retry_at > now]
     waits += [a.due_in for a in activities.values() if a.due_in]
     result.requeue_after = max(0.5, min(waits)) if waits else None
+    pods_of_model: dict[tuple[str, str | None], list[ObservedPod]] = defaultdict(list)
+    for p in ours:  # (once: a scan of every pod per model made this loop models x pods)
+        pods_of_model[(p.namespace, p.model)].append(p)
     for m in models:
         key = _model_key(m.namespace, m.name)
         est = estimates.get(m.key)
         placed = sorted(placements_of.get(key, []), key=lambda x: x["pod"])
-        mine = [p for p in ours if p.namespace == m.namespace and p.model == m.name]
+        mine = pods_of_model[(m.namespace, m.name)]
         unwritten = 0
         if key in backoff:  # none of its writes went out: its status says what exists, not the plan
             unwritten = sum(1 for x in placed if (m.namespace, x["pod"]) not in pods_by_name)
@@ -854,10 +857,9 @@ def plan(
             ]
             + [
                 PodProblem(h.name, h.role, h.problem)
-                for h in sorted(ours, key=lambda p: p.name)
-                if h.role == api.ROLE_WEIGHTS
-                and h.namespace == m.namespace
-                and h.name in holders_used
+                for name in sorted(holders_used)
+                if (h := pods_by_name.get((m.namespace, name))) is not None
+                and h.role == api.ROLE_WEIGHTS
                 and h.problem
             ]
         )
