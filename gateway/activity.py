@@ -8,7 +8,11 @@ merge patch carrying the resourceVersion it read, so a concurrent update makes i
 keeps the API server's load proportional to activity, not to requests. The operator reads them to
 scale idle models to zero and to forecast which to keep warm.
 
-Waking patches the model's scale subresource to one replica, as ``kubectl scale`` would.
+Waking patches the model's scale subresource to one replica, as ``kubectl scale`` would; a wake that
+fails raises :class:`WakeError`, for the gateway to answer the requests waiting on it at once.
+
+An API server that cannot be reached (restarting, a network partition) is a warning without traceback,
+once per flush or wake: it is the cluster's state, not a bug, and it fails every model's write alike.
 """
 
 from __future__ import annotations
@@ -25,6 +29,18 @@ log = logging.getLogger(__name__)
 
 #: Attempts at one model's update before its counts wait for the next flush.
 MAX_ATTEMPTS = 4
+
+
+class WakeError(Exception):
+    """A wake the API server refused, or could not be asked for (the message says which)."""
+
+
+def unreachable_errors() -> tuple[type[Exception], ...]:
+    """What the kubernetes client raises when the API server cannot be reached (refused, reset, timed
+    out): urllib3's errors, and the OSErrors beneath them. (Imported late, as kubernetes is.)"""
+    import urllib3
+
+    return (urllib3.exceptions.HTTPError, OSError)
 
 
 def merged_activity(annotations: dict[str, str], added: int, last: dt.datetime) -> dict[str, str]:
@@ -71,16 +87,33 @@ class ActivityRecorder:
             self.flush()
 
     def flush(self) -> None:
+        """Write every model's pending counts; what cannot be written waits for the next flush. Once the
+        API server cannot be reached the other models are not tried (each would fail alike) and one
+        warning says so: every model's ERROR and traceback, every flush, flooded the log."""
         with self._lock:
             pending, self._pending = self._pending, Counter()
             last, self._last = self._last, {}
+        unreachable: Exception | None = None
         for key, count in pending.items():
-            if not self._write(key, count, last[key]):
+            written = False
+            if unreachable is None:
+                try:
+                    written = self._write(key, count, last[key])
+                except unreachable_errors() as exc:
+                    unreachable = exc
+            if not written:
                 with self._lock:  # keep it for the next flush
                     self._pending[key] += count
                     self._last[key] = max(self._last.get(key, last[key]), last[key])
+        if unreachable is not None:
+            log.warning(
+                "cannot record activity: the API server cannot be reached; counts kept for the next flush",
+                extra={"models": len(pending), "error": str(unreachable)},
+            )
 
     def _write(self, key: tuple[str, str], count: int, last: dt.datetime) -> bool:
+        """Add ``count`` to one model's annotations; False when it must wait for the next flush. Raises
+        what :func:`unreachable_errors` names (for :meth:`flush` to say once)."""
         from kubernetes.client.exceptions import ApiException
 
         namespace, name = key
@@ -110,6 +143,8 @@ class ActivityRecorder:
                         "cannot record activity", extra={"model": f"{namespace}/{name}", "status": exc.status}
                     )
                     return False
+            except unreachable_errors():
+                raise
             except Exception:  # anything else is this model's alone: the thread flushes every other model
                 log.exception("cannot record activity", extra={"model": f"{namespace}/{name}"})
                 return False
@@ -117,7 +152,8 @@ class ActivityRecorder:
 
 
 def scale_from_zero(api_client: Any, namespace: str, name: str) -> None:
-    """Scale a model to one replica through its scale subresource, unless it already has some."""
+    """Scale a model to one replica through its scale subresource, unless it already has some; raises
+    WakeError when the API server refuses or cannot be reached."""
     from kubernetes import client
     from kubernetes.client.exceptions import ApiException
 
@@ -130,4 +166,6 @@ def scale_from_zero(api_client: Any, namespace: str, name: str) -> None:
             api.GROUP, api.VERSION, namespace, api.PLURAL, name, {"spec": {"replicas": 1}}
         )
     except ApiException as exc:
-        log.warning("cannot wake the model", extra={"model": f"{namespace}/{name}", "status": exc.status})
+        raise WakeError(f"the API server refused to scale it: {exc.status} {exc.reason}") from exc
+    except unreachable_errors() as exc:
+        raise WakeError(f"the API server cannot be reached: {exc}") from exc

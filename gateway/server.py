@@ -13,11 +13,12 @@ unknown model (or one the caller's key may not call) is a 404 that names nothing
 
 A model scaled to zero (``spec.scaling.minReplicas: 0`` and no replica) is woken through its scale
 subresource and the request is held until a replica is ready, or answered 503 with ``Retry-After``
-once ``--wake-timeout`` passes (Knative's activator does the same); past ``--max-waiting`` requests held
-at once, ``--max-waiting-per-namespace`` for one namespace's models or ``--max-waiting-per-model`` for
-one model (so a model, or a tenant's models, that never get ready cannot turn away the others' wakes),
-a 503 with ``Retry-After`` at once. A held request keeps only its body's
-bytes, not the parsed body (many times larger). Every request is counted towards the model's activity
+once ``--wake-timeout`` passes (Knative's activator does the same), or at once when the wake itself
+fails (the API server refused it or cannot be reached: a warning in the log); past ``--max-waiting``
+requests held at once, ``--max-waiting-per-namespace`` for one namespace's models or
+``--max-waiting-per-model`` for one model (so a model, or a tenant's models, that never get ready
+cannot turn away the others' wakes), a 503 with ``Retry-After`` at once. A held request keeps only its
+body's bytes, not the parsed body (many times larger). Every request is counted towards the model's activity
 (:mod:`.activity`), which the operator reads to scale idle models to zero.
 
 The gateway keeps no state that matters between requests: run as many replicas as you need.
@@ -47,6 +48,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from vnpu.gateway.activity import WakeError
 from vnpu.gateway.discovery import Discovery
 from vnpu.gateway.keys import ApiKey, KeyFileError, KeyRing
 from vnpu.gateway.routing import Endpoint, ModelKey, Route, pick
@@ -205,7 +207,8 @@ class Gateway:
     discovery: Discovery
     keys: KeyRing
     config: GatewayConfig = field(default_factory=GatewayConfig)
-    #: scales a model (namespace, name) to at least one replica; None disables waking
+    #: scales a model (namespace, name) to at least one replica, raising WakeError when it cannot (runs on
+    #: a thread); None disables waking
     wake: Callable[[str, str], None] | None = None
     #: counts one request to a model (namespace, name) for its activity record
     record: Callable[[str, str], None] | None = None
@@ -219,7 +222,8 @@ class Gateway:
     waiting_by_model: dict[ModelKey, int] = field(default_factory=dict)
     #: and by namespace (each bounded by config.max_waiting_per_namespace; absent: none)
     waiting_by_namespace: dict[str, int] = field(default_factory=dict)
-    _waking: dict[tuple[str, str], asyncio.Task[None]] = field(default_factory=dict)
+    #: wakes asked for, by (namespace, name): each task's result is why it failed, or None
+    _waking: dict[tuple[str, str], asyncio.Task[str | None]] = field(default_factory=dict)
     #: replicas whose /metrics was over MAX_METRICS_BYTES, already warned about
     _metrics_too_large: set[Endpoint] = field(default_factory=set)
     #: the models' names at the last KV-usage pass (their metric series are dropped once they go)
@@ -267,8 +271,9 @@ class Gateway:
         if route.replicas == 0 and route.min_replicas > 0:
             return route, f"model {route.qualified_name} is scaled to 0 replicas and does not scale from zero"
         started = time.monotonic()
+        wake = None
         if route.replicas == 0 and self.wake is not None:
-            self._start_wake(route)  # even for a request refused below: its retry finds the model waking
+            wake = self._start_wake(route)  # even for a request refused below: its retry finds it waking
         namespace = route.key.namespace
         refused = waiting_refused(
             self.waiting,
@@ -283,13 +288,17 @@ class Gateway:
         _count(self.waiting_by_model, route.key, +1)
         _count(self.waiting_by_namespace, namespace, +1)
         try:
-            return await self._wait_for_endpoints(route, warm, started)
+            return await self._wait_for_endpoints(route, warm, started, wake)
         finally:
             self.waiting -= 1
             _count(self.waiting_by_model, route.key, -1)
             _count(self.waiting_by_namespace, namespace, -1)
 
-    async def _wait_for_endpoints(self, route: Route, warm: bool, started: float) -> tuple[Route, str | None]:
+    async def _wait_for_endpoints(
+        self, route: Route, warm: bool, started: float, wake: asyncio.Task[str | None] | None
+    ) -> tuple[Route, str | None]:
+        """Wait for the route to have somewhere to send the request, until ``--wake-timeout`` or until
+        ``wake``, the wake this request waits on, fails: a wake that failed answers at once."""
         deadline = started + self.config.wake_timeout_s
         while True:
             current = self.discovery.table.routes.get(route.key)
@@ -298,25 +307,53 @@ class Gateway:
             if current.endpoints or (warm and current.targets):
                 self.metrics.wake_seconds.observe(time.monotonic() - started)
                 return current, None
+            if wake is not None and wake.done() and wake.result() is not None:
+                return current, f"waking {route.qualified_name} from zero failed; retry later"
             left = deadline - time.monotonic()
             if left <= 0:
                 what = "waking from zero" if route.replicas == 0 else "starting"
                 bound = f"{self.config.wake_timeout_s:.0f} s"
                 return current, f"no replica of {route.qualified_name} became ready within {bound} ({what})"
-            changed = self.discovery.changed
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(changed.wait(), timeout=min(left, 1.0))
+            await self._next_change(wake, timeout=min(left, 1.0))
 
-    def _start_wake(self, route: Route) -> None:
+    async def _next_change(self, wake: asyncio.Task[str | None] | None, timeout: float) -> None:
+        """Return once the route table changes, ``wake`` ends, or ``timeout`` passes."""
+        changed = asyncio.ensure_future(self.discovery.changed.wait())
+        waits: set[asyncio.Future[Any]] = {changed} if wake is None or wake.done() else {changed, wake}
+        try:
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            changed.cancel()  # (asyncio.wait cancels nothing: the wake goes on for the other requests)
+
+    def _start_wake(self, route: Route) -> asyncio.Task[str | None]:
+        """The model's wake: the one under way, else a new one."""
         key = (route.key.namespace, route.key.name)
         task = self._waking.get(key)
         if task is not None and not task.done():
-            return
-        wake = self.wake
-        assert wake is not None
+            return task
         self.metrics.wakes.labels(route.qualified_name).inc()
         log.info("waking a model scaled to zero", extra={"model": route.qualified_name})
-        self._waking[key] = asyncio.ensure_future(asyncio.to_thread(wake, *key))
+        task = self._waking[key] = asyncio.ensure_future(self._wake(route))
+        return task
+
+    async def _wake(self, route: Route) -> str | None:
+        """Ask for the model's wake (on a thread: the API client blocks); why it failed, else None.
+
+        A failure is logged once, here, and answers the requests waiting on it (503, see
+        :meth:`_wait_for_endpoints`). It was an exception left in a task nobody read ("Task exception
+        was never retrieved", at garbage collection), while every waiting request ran out
+        --wake-timeout and was told only that no replica became ready."""
+        wake = self.wake
+        assert wake is not None
+        try:
+            await asyncio.to_thread(wake, route.key.namespace, route.key.name)
+        except WakeError as exc:  # refused, or the API server cannot be reached: no traceback
+            log.warning("cannot wake the model", extra={"model": route.qualified_name, "error": str(exc)})
+            return str(exc)
+        except Exception as exc:  # a bug: its traceback
+            log.exception("cannot wake the model", extra={"model": route.qualified_name})
+            return repr(exc)
+        return None
 
     def _admit(self, caller: ApiKey | None, body: Any) -> _Admission:
         """What a parsed body decides: its route, whether its key may ask for its priority, and the body

@@ -25,6 +25,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from vnpu import jsonbody
+from vnpu.gateway.activity import WakeError
 from vnpu.gateway.discovery import Discovery
 from vnpu.gateway.keys import KeyRing
 from vnpu.gateway.routing import Endpoint, ModelKey, Route, RouteTable
@@ -265,6 +266,49 @@ def test_a_tenant_whose_models_never_get_ready_holds_only_its_namespaces_waiting
     asyncio.run(scenario())
     assert woken == [("team-a", "chat")]
     assert gw.waiting_by_model == {} and gw.waiting_by_namespace == {}
+
+
+def test_a_wake_that_fails_answers_the_requests_waiting_on_it_at_once_and_says_so(caplog) -> None:
+    """A wake that failed (the API server unreachable) left its exception in a task nobody read ("Task
+    exception was never retrieved") and every request waiting on it ran out --wake-timeout, told only
+    that no replica became ready. Now the failure is one warning, the requests waiting on that wake are
+    answered 503 at once saying the wake failed, and the next request asks for a new wake."""
+    release = threading.Event()
+    asked: list[tuple[str, str]] = []
+
+    def wake(namespace: str, name: str) -> None:
+        asked.append((namespace, name))
+        release.wait(10)  # (the first wake fails once both requests wait on it)
+        raise WakeError("the API server cannot be reached: Connection refused")
+
+    gw = gateway(StaticDiscovery(AT_ZERO), wake_timeout_s=60)
+    gw.wake = wake
+    body = {"model": "smollm2", "prompt": "x"}
+
+    async def scenario() -> None:
+        async with serving(gw) as client:
+            sent = [asyncio.ensure_future(client.post("/v1/completions", json=body)) for _ in range(2)]
+            await until(lambda: gw.waiting == 2)
+            release.set()
+            answered = await asyncio.wait_for(asyncio.gather(*sent), timeout=10)
+            again = await asyncio.wait_for(client.post("/v1/completions", json=body), timeout=10)
+            for response in [*answered, again]:
+                assert response.status == 503 and response.headers["Retry-After"] == "5"
+                error = (await response.json())["error"]
+                assert error["message"] == "waking team-a/smollm2 from zero failed; retry later"
+            gw._waking.clear()
+            gc.collect()
+            await asyncio.sleep(0)
+
+    with caplog.at_level(logging.WARNING):
+        asyncio.run(scenario())
+    assert asked == [("team-a", "chat")] * 2  # one wake for both, a new one for the retry
+    assert gw.waiting == 0
+    failed = [r for r in caplog.records if r.getMessage() == "cannot wake the model"]
+    assert [(r.levelno, r.exc_info) for r in failed] == [(logging.WARNING, None)] * 2
+    assert "cannot be reached" in failed[0].error
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, [(r.name, r.getMessage()) for r in errors]
 
 
 def test_the_gateway_refuses_a_body_over_the_runtimes_limit_and_forwards_nothing() -> None:
