@@ -135,7 +135,8 @@ class Discovery:
         self.changed = asyncio.Event()
         self.synced = {"models": threading.Event(), "slices": threading.Event()}
         self._listed: dict[str, set[str | None]] = {"models": set(), "slices": set()}  # namespaces listed
-        self._watches: list[Any] = []
+        #: the watch each loop streams now, keyed by (what, namespace): stop() ends them
+        self._watches: dict[tuple[str, str | None], Any] = {}
 
     # -- state --------------------------------------------------------------------------------------------
     def _rebuild(self) -> None:
@@ -288,7 +289,9 @@ class Discovery:
                 items = body.get("items") or []
                 self.replace_all(what, items, namespace)
                 w = watch.Watch()
-                self._watches.append(w)
+                # The loop's previous watch has ended: replaced, not kept (a list of every watch since
+                # the start grew by one at every relist, every 5 minutes per loop).
+                self._watches[(what, namespace)] = w
                 for event in w.stream(
                     list_fn,
                     resource_version=body["metadata"]["resourceVersion"],
@@ -312,5 +315,5 @@ class Discovery:
 
     def stop(self) -> None:
         self._stop.set()
-        for w in self._watches:
+        for w in list(self._watches.values()):  # (a copy: the loops' threads may replace one meanwhile)
             w.stop()

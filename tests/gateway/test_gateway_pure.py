@@ -1,11 +1,14 @@
-"""The gateway's pure parts: model names, picking a replica, API keys, parsing watch objects,
-activity annotations."""
+"""The gateway's pure parts: model names, picking a replica, API keys, parsing watch objects (and the
+watch loop, fed by fakes), activity annotations."""
 
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import json
 from dataclasses import replace
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -363,3 +366,37 @@ def test_a_gateway_of_several_namespaces_syncs_once_all_are_listed_and_a_relist_
     assert [e.address for e in discovery.table.routes[ModelKey("team-a", "chat")].endpoints] == ["10.0.0.1"]
     discovery.replace_all("slices", [], "team-a")  # the slice went while team-a's watch was down
     assert discovery.table.routes[ModelKey("team-a", "chat")].endpoints == ()
+
+
+def test_a_watch_loop_keeps_only_its_current_watch_however_often_it_relists(monkeypatch) -> None:
+    """Every relist (a watch ends every 5 minutes, or on 410 Gone) appended its Watch to a list that
+    nothing emptied: a slow leak for the gateway's lifetime. A loop now holds its current watch only,
+    and stop() still reaches it."""
+    from kubernetes import watch
+
+    discovery = Discovery(api_client=None)
+    made: list[Any] = []
+    relists = 5
+
+    class OneEventWatch:
+        def __init__(self) -> None:
+            made.append(self)
+            self.stopped = False
+
+        def stream(self, list_fn: Any, **_: Any) -> Any:
+            if len(made) == relists:
+                discovery._stop.set()  # (ends the loop after this watch)
+            yield {"type": "ERROR", "raw_object": {"code": 410}}  # Gone: list again
+
+        def stop(self) -> None:
+            self.stopped = True
+
+    def list_models(**_: Any) -> SimpleNamespace:
+        return SimpleNamespace(data=json.dumps({"items": [], "metadata": {"resourceVersion": "1"}}))
+
+    monkeypatch.setattr(watch, "Watch", OneEventWatch)
+    discovery._watch("models", "team-a", list_models, discovery.apply_model)
+    assert len(made) == relists
+    assert len(discovery._watches) == 1
+    discovery.stop()
+    assert made[-1].stopped
