@@ -57,7 +57,10 @@ class BadRequest(InvalidRequestError):
 
 
 def _neutral(*values: Any) -> Callable[[Any], bool]:
-    return lambda v: v in values
+    """Accepts exactly ``values``, each in its own JSON type: ``v in values`` took ``true`` for ``1``
+    and ``false`` or ``0`` for each other (Python's ``True == 1``), where OpenAI's API refuses a value
+    of the wrong type. A number field lists both ``0`` and ``0.0``: OpenAI takes an integer for it."""
+    return lambda v: any(type(v) is type(n) and v == n for n in values)
 
 
 def _is_empty(v: Any) -> bool:
@@ -68,7 +71,9 @@ def _any(v: Any) -> bool:
     return True
 
 
-#: OpenAI fields this server does not implement -> which values it accepts (the neutral ones).
+#: OpenAI fields this server does not implement -> which values it accepts (the neutral ones, in the
+#: field's JSON type as OpenAI's API checks it: a number also as an integer, an integer never as
+#: ``1.0`` or ``true``, a boolean never as ``0``; vLLM's lax pydantic models take all of those).
 _NOT_IMPLEMENTED: dict[str, Callable[[Any], bool]] = {
     "frequency_penalty": _neutral(None, 0, 0.0),
     "presence_penalty": _neutral(None, 0, 0.0),
@@ -199,12 +204,15 @@ def _number(body: Mapping[str, Any], key: str) -> float | None:
     return float(value)
 
 
-def _bool(body: Mapping[str, Any], key: str) -> bool:
+def _bool(body: Mapping[str, Any], key: str, within: str | None = None) -> bool:
+    """``body[key]`` (false when absent); ``within``: the request's field whose object ``body`` is,
+    which the error names as its ``param``."""
     value = body.get(key)
     if value is None:
         return False
     if not isinstance(value, bool):
-        raise BadRequest(f"'{key}' must be true or false, got {_shown(value)}", key)
+        name = f"{within}.{key}" if within else key
+        raise BadRequest(f"'{name}' must be true or false, got {_shown(value)}", within or key)
     return value
 
 
@@ -269,7 +277,7 @@ def _sampling(body: Mapping[str, Any], max_tokens_key: str = "max_tokens") -> Sa
                 f"a 'stop' sequence may hold up to {MAX_STOP_CHARS} characters, got {len(s)}", "stop"
             )
     n = body.get("n")
-    if n is not None and (isinstance(n, bool) or n != 1):
+    if n is not None and (type(n) is not int or n != 1):  # not 1.0 nor true: an integer, as OpenAI's
         raise BadRequest(f"only 'n': 1 is supported, got {_shown(n)}", "n")
     return SamplingFields(
         max_tokens=max_tokens,
@@ -291,7 +299,7 @@ def _stream(body: Mapping[str, Any]) -> tuple[bool, bool]:
         raise BadRequest("'stream_options' is only allowed with 'stream': true", "stream_options")
     if not isinstance(options, dict) or set(options) - {"include_usage"}:
         raise BadRequest("'stream_options' may only hold 'include_usage'", "stream_options")
-    return stream, _bool(options, "include_usage")
+    return stream, _bool(options, "include_usage", "stream_options")
 
 
 def _model(body: Mapping[str, Any]) -> str | None:

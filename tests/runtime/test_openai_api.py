@@ -342,6 +342,17 @@ BAD_REQUESTS = {
         "is not supported",
     ),
     "n above 1": (chat(n=2), "n", "only 'n': 1"),
+    # Values of the wrong JSON type, as OpenAI's API refuses them (Python's True == 1 == 1.0 let
+    # them through).
+    "n as a decimal": (chat(n=1.0), "n", "only 'n': 1 is supported, got 1.0"),
+    "best_of true": (text(best_of=True), "best_of", "'best_of' = True is not supported"),
+    "frequency_penalty false": (chat(frequency_penalty=False), "frequency_penalty", "is not supported"),
+    "echo 0": (text(echo=0), "echo", "'echo' = 0 is not supported"),
+    "include_usage not a boolean": (
+        chat(stream_options={"include_usage": "yes"}),
+        "stream_options",
+        "'stream_options.include_usage' must be true or false, got 'yes'",
+    ),
     "too many stops": (chat(stop=["a", "b", "c", "d", "e"]), "stop", "up to 4 strings"),
     "a stop too long": (chat(stop=["x" * 4097]), "stop", "up to 4096 characters, got 4097"),
     # A 1 MB value is not echoed whole: the error names it in 80 characters.
@@ -377,7 +388,8 @@ def test_bad_input_is_a_400_with_a_message(runtime: ModelRuntime, case: str) -> 
 
     async def scenario(client: AsyncOpenAI, http: TestClient) -> None:
         create = client.chat.completions.create if endpoint == "chat" else client.completions.create
-        for stream in (False, True) if case != "stream_options without stream" else (False,):
+        streams = {"stream_options without stream": (False,), "include_usage not a boolean": (True,)}
+        for stream in streams.get(case, (False, True)):
             with pytest.raises(openai.BadRequestError) as caught:
                 await create(**kwargs, **({"stream": True} if stream else {}))  # type: ignore[call-overload]
             error = caught.value
@@ -386,6 +398,24 @@ def test_bad_input_is_a_400_with_a_message(runtime: ModelRuntime, case: str) -> 
             assert isinstance(body, dict) and body["type"] == "invalid_request_error"
             assert body["param"] == param
         assert (await http.get("/healthz")).status == 200  # still alive
+
+    serve(runtime, scenario)
+
+
+def test_unimplemented_fields_at_their_neutral_values_are_accepted(runtime: ModelRuntime) -> None:
+    """Clients that send a field's default get an answer: in its own JSON type, and a number field's
+    0 also as an integer, as OpenAI's API takes it."""
+    neutral = [
+        chat(frequency_penalty=0, presence_penalty=0.0, n=1, tools=[], tool_choice="none"),
+        chat(frequency_penalty=0.0, presence_penalty=0, response_format={"type": "text"}, logit_bias={}),
+        text(best_of=1, echo=False, suffix="", frequency_penalty=0, presence_penalty=0.0, n=1),
+    ]
+
+    async def scenario(client: AsyncOpenAI, _: TestClient) -> None:
+        for endpoint, kwargs in neutral:
+            create = client.chat.completions.create if endpoint == "chat" else client.completions.create
+            answer = await create(**{**kwargs, "max_tokens": 1})  # type: ignore[call-overload]
+            assert answer.usage is not None and answer.usage.completion_tokens == 1
 
     serve(runtime, scenario)
 
