@@ -146,11 +146,38 @@ def _close_all(fds: list[int]) -> None:
             os.close(fd)
 
 
+#: Pauses between two connects to a holder whose listen backlog is full: the first, doubled each try
+#: up to the last, until the caller's deadline.
+BACKLOG_RETRY_S = (0.001, 0.025)
+
+
 def _connect(socket_path: Path, deadline: float) -> socket.socket:
+    """A socket connected to the holder at ``socket_path`` by ``deadline``. A full listen backlog is
+    waited out: there a unix socket's connect with a timeout fails at once with EAGAIN instead of
+    waiting, and peers that only connect (which needs no key) can keep the backlog full for a while."""
+    pause = BACKLOG_RETRY_S[0]
+    while True:
+        try:
+            return _connect_once(socket_path, deadline)
+        except BlockingIOError as e:
+            if time.monotonic() + pause >= deadline:
+                raise HolderUnavailableError(
+                    f"the weights-holder at {socket_path} took no connection before the deadline: its "
+                    f"listen backlog stayed full ({e.strerror}; too many clients connecting at once)"
+                ) from e
+            time.sleep(pause)
+            pause = min(pause * 2, BACKLOG_RETRY_S[1])
+
+
+def _connect_once(socket_path: Path, deadline: float) -> socket.socket:
+    """One connect; BlockingIOError when the holder's listen backlog is full."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         settimeout_until(sock, deadline)
         sock.connect(str(socket_path))
+    except BlockingIOError:
+        sock.close()
+        raise
     except (FileNotFoundError, ConnectionRefusedError) as e:
         sock.close()
         raise NoHolderListeningError(

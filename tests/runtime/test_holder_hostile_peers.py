@@ -9,6 +9,7 @@ import logging
 import socket
 import struct
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -97,6 +98,52 @@ def test_a_peer_refilling_every_handshake_slot_does_not_lock_out_replicas(
         fillers.close()
     assert holder.refused >= 20
     assert len(_records(caplog, "cut an older client in its handshake")) == 1
+
+
+def test_a_replica_waits_out_a_full_listen_backlog(short_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Peers that connect and never speak (no key needed) fill the holder's listen backlog while it
+    does not accept. There a unix socket's connect fails at once (EAGAIN) however long its timeout: an
+    attach waits for room until its deadline instead, says why once that has passed, and attaches as
+    soon as the holder takes connections again."""
+    accepting = threading.Event()
+    accept_loop = WeightsHolder._accept_loop
+
+    def accept_later(self: WeightsHolder) -> None:
+        accepting.wait()
+        accept_loop(self)
+
+    monkeypatch.setattr(WeightsHolder, "_accept_loop", accept_later)
+    holder = WeightsHolder(load_tiny_llama(short_tmp / "model"), ID, KEY, short_tmp / "s" / "weights.sock")
+    holder.start()
+    fillers: list[socket.socket] = []
+    outcome: list[object] = []
+    caller = threading.Thread(target=lambda: outcome.append(_attach(holder.socket_path, timeout=15.0)))
+    try:
+        while True:  # until the backlog is full
+            filler = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            fillers.append(filler)
+            filler.setblocking(False)
+            try:
+                filler.connect(str(holder.socket_path))
+            except BlockingIOError:
+                break
+        started = time.monotonic()
+        with pytest.raises(HolderUnavailableError, match="listen backlog stayed full"):
+            attach(holder.socket_path, ID, KEY, timeout=0.5)
+        assert time.monotonic() - started >= 0.45
+        caller.start()
+        caller.join(0.5)
+        assert caller.is_alive(), outcome  # waiting for room, not failed
+        accepting.set()
+        caller.join(15)
+        assert outcome == [True]
+    finally:
+        accepting.set()
+        for filler in fillers:
+            filler.close()
+        if caller.ident is not None:
+            caller.join(15)
+        holder.stop()
 
 
 def test_a_refusal_never_echoes_a_long_peer_value(
@@ -194,5 +241,5 @@ def test_a_trickling_squatter_cannot_hold_an_attach_past_its_timeout(call: str, 
     assert "within its 1 s timeout" in str(error)
 
 
-def _attach(path: Path) -> bool:
-    return attach_works(path, ID, KEY, timeout=2.0)
+def _attach(path: Path, timeout: float = 2.0) -> bool:
+    return attach_works(path, ID, KEY, timeout=timeout)
