@@ -119,7 +119,8 @@ class Allocation:
 
 
 #: What reading a checkpoint or journal line of the wrong shape can raise: it is then unreadable.
-_UNREADABLE = (OSError, ValueError, KeyError, TypeError, RecursionError)
+#: OverflowError: a JSON integer too large for a float (``"allocated_at": 999…9``, 400 digits).
+_UNREADABLE = (OSError, ValueError, KeyError, TypeError, RecursionError, OverflowError)
 
 
 class NotARegularFileError(OSError):

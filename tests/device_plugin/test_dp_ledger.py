@@ -104,6 +104,11 @@ def test_corrupt_or_foreign_checkpoints_are_ignored_not_fatal(tmp_path, caplog):
     assert "ignoring unreadable checkpoint" in caplog.text
 
 
+#: An entry whose ``allocated_at`` is an integer no float can hold: float() raised OverflowError, which
+#: load() did not catch, so the plugin crash-looped on its own checkpoint.
+OVERSIZED = {"slices": ["npu0-s0"], "devices": ["npu0"], "pod": None, "allocated_at": int("9" * 400)}
+
+
 @pytest.mark.parametrize(
     ("checkpoint", "journal"),
     [
@@ -120,6 +125,12 @@ def test_corrupt_or_foreign_checkpoints_are_ignored_not_fatal(tmp_path, caplog):
         pytest.param(None, "[]\n", id="journal-line-a-list"),
         pytest.param(None, "[" * 100_000 + "]" * 100_000 + "\n", id="journal-deep-nesting"),
         pytest.param("directory", None, id="checkpoint-a-directory"),
+        pytest.param(
+            json.dumps({"version": 1, "allocations": [OVERSIZED]}),
+            None,
+            id="allocated-at-too-large-for-a-float",
+        ),
+        pytest.param(None, json.dumps({"record": OVERSIZED}) + "\n", id="journal-allocated-at-too-large"),
     ],
 )
 def test_a_checkpoint_or_journal_of_the_wrong_shape_is_ignored_not_fatal(
