@@ -136,19 +136,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def api_client(kubeconfig: Path | None) -> object:
-    from kubernetes import client, config
-
-    if kubeconfig is not None:
-        return config.new_client_from_config(config_file=str(kubeconfig))
-    try:
-        configuration = client.Configuration()
-        config.load_incluster_config(client_configuration=configuration)
-        return client.ApiClient(configuration)
-    except config.ConfigException:
-        return config.new_client_from_config()
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_format, logging.DEBUG if args.verbose else logging.INFO)
@@ -160,13 +147,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from vnpu.gateway.keys import KeyFileError, KeyRing
     from vnpu.gateway.server import Gateway, GatewayConfig, make_app
     from vnpu.jsonbody import shutdown_timeout
+    from vnpu.kubeclient import api_client_from_env
 
     try:
         keys = KeyRing(args.api_keys)
     except (OSError, KeyFileError) as exc:
         log.error("cannot read the API keys", extra={"error": str(exc)})
         return 2
-    client = api_client(args.kubeconfig)
+    client = api_client_from_env(args.kubeconfig)
     recorder = ActivityRecorder(client, flush_s=args.activity_flush)
     gateway = Gateway(
         discovery=Discovery(client, tuple(args.namespace)),

@@ -37,6 +37,7 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.watch.watch import iter_resp_lines
 
 from vnpu import api
+from vnpu.kubeclient import LIST_TIMEOUT_SECONDS, WATCH_MARGIN_SECONDS
 from vnpu.operator import metrics
 from vnpu.operator.kube import MANAGED_SELECTOR
 from vnpu.operator.state import (
@@ -60,8 +61,6 @@ WATCH_SECONDS = 300
 RETRY_SECONDS = 2.0
 #: Objects per LIST request (client-go's reflector asks for 500 too).
 LIST_PAGE_SIZE = 500
-#: Seconds one LIST request (one page) may take.
-LIST_TIMEOUT_SECONDS = 60
 R = TypeVar("R")
 
 
@@ -249,7 +248,7 @@ class Informer(Generic[T]):
             allow_watch_bookmarks=True,
             timeout_seconds=WATCH_SECONDS,
             _preload_content=False,
-            _request_timeout=WATCH_SECONDS + 30,
+            _request_timeout=WATCH_SECONDS + WATCH_MARGIN_SECONDS,
         )
         metrics.API_REQUESTS.labels("watch", self.name).inc()
         self._resp = resp

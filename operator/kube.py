@@ -1,6 +1,10 @@
 """All of the operator's Kubernetes API calls (sync ``kubernetes`` client; the async reconciler runs
 them in a worker thread). Kept in one module so the planner stays pure and RBAC needs are visible
-in one place — deploy/helm/vnpu/templates/operator-rbac.yaml grants exactly what this module uses."""
+in one place — deploy/helm/vnpu/templates/operator-rbac.yaml grants exactly what this module uses.
+
+Every call passes :data:`vnpu.kubeclient.REQUEST_TIMEOUT`: a call on a dead or half-open connection
+fails (and the pass with it, retried by the next) instead of blocking the reconcile loop for good. The
+informers' watches keep their own, longer timeouts (:mod:`vnpu.operator.cache`)."""
 
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from vnpu import api
+from vnpu.kubeclient import REQUEST_TIMEOUT
 from vnpu.operator import metrics, network_policy
 from vnpu.operator.config import PLACEHOLDER_PRIORITY_CLASS
 from vnpu.operator.pods import ROLE_SHARE_KEY
@@ -33,27 +38,9 @@ T = TypeVar("T")
 MANAGED_SELECTOR = f"{api.LABEL_MANAGED_BY}={api.MANAGED_BY_VALUE}"
 SHARE_KEY_SELECTOR = f"{MANAGED_SELECTOR},{api.LABEL_ROLE}={ROLE_SHARE_KEY}"
 METADATA_ONLY = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1"
-#: (connect, read) seconds of every call below: a call on a dead or half-open connection fails (and the
-#: pass with it, retried by the next) instead of blocking the reconcile loop for good. The informers'
-#: watches keep their own, longer timeouts (:mod:`vnpu.operator.cache`).
-REQUEST_TIMEOUT = (5.0, 30.0)
 #: Content types of the patches the operator sends.
 MERGE_PATCH = "application/merge-patch+json"
 JSON_PATCH = "application/json-patch+json"
-
-
-def api_client_from_env() -> client.ApiClient:
-    """In a pod: its service account; elsewhere: $KUBECONFIG or ~/.kube/config. TCP keepalive is on
-    (client-go's timings), so a connection the network dropped silently is noticed, watches included."""
-    from kubernetes import config
-
-    configuration = client.Configuration()
-    try:
-        config.load_incluster_config(client_configuration=configuration)
-    except config.ConfigException:
-        config.load_kube_config(client_configuration=configuration)
-    configuration.keep_alive = True
-    return client.ApiClient(configuration)
 
 
 class Kube:

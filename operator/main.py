@@ -216,8 +216,8 @@ async def _standby_health(liveness: str | None) -> asyncio.AbstractServer | None
 async def run(args: argparse.Namespace, config: OperatorConfig) -> int:
     import kopf
 
+    from vnpu.kubeclient import api_client_from_env
     from vnpu.operator import handlers
-    from vnpu.operator.kube import api_client_from_env
     from vnpu.operator.leader import LeaderElector, LeaseConfig
 
     stop, lost = threading.Event(), threading.Event()

@@ -32,11 +32,12 @@ from typing import Any
 from kubernetes.client.exceptions import ApiException
 
 from vnpu import api, sharing
+from vnpu.kubeclient import api_client_from_env
 from vnpu.operator import disruption, metrics, network_policy, scaling
 from vnpu.operator.config import PLACEHOLDER_PRIORITY_CLASS, OperatorConfig
 from vnpu.operator.crd import CrdRevisionCheck
 from vnpu.operator.estimate_cache import EstimateCache
-from vnpu.operator.kube import Kube, api_client_from_env, api_error
+from vnpu.operator.kube import Kube, api_error
 from vnpu.operator.planner import (
     Failure,
     LabelsUpdate,
@@ -75,7 +76,7 @@ SYNC_TIMEOUT = 120.0
 #: failing each time, is not fixed by waiting. A pass that is slow but getting answers is left to finish.
 UNHEALTHY_AFTER_RESYNCS = 3
 #: The liveness limit's floor, whatever ``resync_seconds`` is (the chart allows 1 s: a 3 s budget). One
-#: API call may take up to :data:`vnpu.operator.kube.REQUEST_TIMEOUT` (35 s) to be answered or to fail,
+#: API call may take up to :data:`vnpu.kubeclient.REQUEST_TIMEOUT` (35 s) to be answered or to fail,
 #: and an API server under load (priority-and-fairness queueing, the first pass over a big cluster)
 #: answers slowly but answers; a short limit restarted such an operator, and the new one started the same
 #: pass again. 120 s is more than three such calls in a row without an answer; with the probe's period

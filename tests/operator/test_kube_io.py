@@ -14,9 +14,10 @@ import urllib3
 from apiserver_stub import ApiServerStub
 from test_planner import model
 
+from vnpu.kubeclient import api_client_from_env
 from vnpu.operator import disruption, network_policy
 from vnpu.operator import kube as kube_module
-from vnpu.operator.kube import Kube, api_client_from_env
+from vnpu.operator.kube import Kube
 
 
 @pytest.fixture
