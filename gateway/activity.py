@@ -13,6 +13,10 @@ fails raises :class:`WakeError`, for the gateway to answer the requests waiting 
 
 An API server that cannot be reached (restarting, a network partition) is a warning without traceback,
 once per flush or wake: it is the cluster's state, not a bug, and it fails every model's write alike.
+One that takes the connection and never answers (a half-open connection) is the same: every call
+passes :data:`vnpu.kubeclient.REQUEST_TIMEOUT`. Without it a wake's thread blocked for good, and with
+it every later wake of that model (one at a time), and the flush thread too: the operator then saw no
+new request and scaled busy models to zero once their ``idleSeconds`` passed.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from collections import Counter
 from typing import Any
 
 from vnpu import api
+from vnpu.kubeclient import REQUEST_TIMEOUT
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +63,14 @@ def merged_activity(annotations: dict[str, str], added: int, last: dt.datetime) 
 class ActivityRecorder:
     """Counts requests per model and flushes them to the models' annotations on a thread."""
 
-    def __init__(self, api_client: Any, flush_s: float = 10.0) -> None:
+    def __init__(
+        self, api_client: Any, flush_s: float = 10.0, timeout: tuple[float, float] = REQUEST_TIMEOUT
+    ) -> None:
         from kubernetes import client
 
         self.custom = client.CustomObjectsApi(api_client)
         self.flush_s = flush_s
+        self.timeout = timeout  #: (connect, read) seconds of each API call
         self._pending: Counter[tuple[str, str]] = Counter()
         self._last: dict[tuple[str, str], dt.datetime] = {}
         self._lock = threading.Lock()
@@ -120,7 +128,7 @@ class ActivityRecorder:
         for _ in range(MAX_ATTEMPTS):
             try:
                 obj = self.custom.get_namespaced_custom_object(
-                    api.GROUP, api.VERSION, namespace, api.PLURAL, name
+                    api.GROUP, api.VERSION, namespace, api.PLURAL, name, _request_timeout=self.timeout
                 )
                 meta = obj["metadata"]
                 annotations = merged_activity(dict(meta.get("annotations") or {}), count, last)
@@ -133,6 +141,7 @@ class ActivityRecorder:
                     name,
                     patch,
                     _content_type="application/merge-patch+json",
+                    _request_timeout=self.timeout,
                 )
                 return True
             except ApiException as exc:
@@ -151,19 +160,30 @@ class ActivityRecorder:
         return False
 
 
-def scale_from_zero(api_client: Any, namespace: str, name: str) -> None:
+def scale_from_zero(
+    api_client: Any, namespace: str, name: str, timeout: tuple[float, float] = REQUEST_TIMEOUT
+) -> None:
     """Scale a model to one replica through its scale subresource, unless it already has some; raises
-    WakeError when the API server refuses or cannot be reached."""
+    WakeError when the API server refuses, cannot be reached or does not answer within ``timeout``
+    ((connect, read) seconds of each call)."""
     from kubernetes import client
     from kubernetes.client.exceptions import ApiException
 
     custom = client.CustomObjectsApi(api_client)
     try:
-        scale = custom.get_namespaced_custom_object_scale(api.GROUP, api.VERSION, namespace, api.PLURAL, name)
+        scale = custom.get_namespaced_custom_object_scale(
+            api.GROUP, api.VERSION, namespace, api.PLURAL, name, _request_timeout=timeout
+        )
         if int((scale.get("spec") or {}).get("replicas") or 0) > 0:
             return
         custom.patch_namespaced_custom_object_scale(
-            api.GROUP, api.VERSION, namespace, api.PLURAL, name, {"spec": {"replicas": 1}}
+            api.GROUP,
+            api.VERSION,
+            namespace,
+            api.PLURAL,
+            name,
+            {"spec": {"replicas": 1}},
+            _request_timeout=timeout,
         )
     except ApiException as exc:
         raise WakeError(f"the API server refused to scale it: {exc.status} {exc.reason}") from exc

@@ -7,6 +7,12 @@ its slices): only the controller's slices of the model's own Services count (:fu
 Every change rebuilds the :class:`~vnpu.gateway.routing.RouteTable` and wakes whoever waits for a
 model's first ready endpoint. A watch that ends or fails re-lists: nothing is missed.
 
+No call waits for ever (:mod:`vnpu.kubeclient`): a list gets :data:`~vnpu.kubeclient.LIST_TIMEOUT`, a
+watch its ``timeout_seconds`` plus a margin. On a half-open connection (the API server's node died, a
+control-plane failover, a load balancer that drops packets) a watch without one blocked for good, and
+the route table froze without a word in the log: it kept routing to replicas that were gone and never
+saw new ones. Now such a watch, or list, fails after its timeout: one warning, and the loop lists again.
+
 Parsing is pure (:func:`parse_model`, :func:`parse_slice`); the threads only feed it.
 """
 
@@ -20,7 +26,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from vnpu import api
+from vnpu import api, kubeclient
 from vnpu.gateway.routing import Endpoint, ModelKey, Route, RouteTable
 
 log = logging.getLogger(__name__)
@@ -28,6 +34,8 @@ T = TypeVar("T")
 
 #: The port name of a replica's HTTP server (the operator's pods and Services use it).
 PORT_NAME = "http"
+#: Seconds a watch request stays open before the API server ends it (and the loop lists again).
+WATCH_SECONDS = 300
 
 
 @dataclass(frozen=True)
@@ -120,12 +128,33 @@ def _object_name(obj: Mapping[str, Any]) -> tuple[str, str]:
     return str(meta.get("namespace", "")), str(meta.get("name", ""))
 
 
+def _why(exc: Exception) -> str:
+    """Why a call failed, in short. urllib3's MaxRetryError (the calls that ran out of tries, timed-out
+    ones among them) says its URL first, which can be long; its cause is what matters."""
+    import urllib3
+
+    cause = exc.reason if isinstance(exc, urllib3.exceptions.MaxRetryError) and exc.reason else exc
+    return repr(cause)[:300]
+
+
 class Discovery:
     """The route table, kept current by watches; ``changed`` fires (on the loop) after every change."""
 
-    def __init__(self, api_client: Any, namespaces: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        api_client: Any,
+        namespaces: tuple[str, ...] = (),
+        *,
+        watch_seconds: int = WATCH_SECONDS,
+        list_timeout: tuple[float, float] = kubeclient.LIST_TIMEOUT,
+        watch_timeout: tuple[float, float] | None = None,
+    ) -> None:
         self.api_client = api_client
         self.namespaces = namespaces
+        self.watch_seconds = watch_seconds
+        #: (connect, read) seconds of a list, and of a watch (default: ``watch_seconds`` and a margin)
+        self.list_timeout = list_timeout
+        self.watch_timeout = watch_timeout or kubeclient.watch_timeout(watch_seconds)
         self.table = RouteTable()
         self._models: dict[ModelKey, ModelInfo] = {}
         self._slices: dict[tuple[str, str], SliceInfo] = {}  # (namespace, slice name)
@@ -285,7 +314,7 @@ class Discovery:
         backoff = 0.5
         while not self._stop.is_set():
             try:
-                body = json.loads(list_fn(_preload_content=False).data)
+                body = json.loads(list_fn(_preload_content=False, _request_timeout=self.list_timeout).data)
                 items = body.get("items") or []
                 self.replace_all(what, items, namespace)
                 w = watch.Watch()
@@ -295,8 +324,9 @@ class Discovery:
                 for event in w.stream(
                     list_fn,
                     resource_version=body["metadata"]["resourceVersion"],
-                    timeout_seconds=300,
+                    timeout_seconds=self.watch_seconds,
                     allow_watch_bookmarks=True,
+                    _request_timeout=self.watch_timeout,
                 ):
                     if self._stop.is_set():
                         return
@@ -306,10 +336,10 @@ class Discovery:
                     if kind in ("ADDED", "MODIFIED", "DELETED"):
                         apply(kind, event["raw_object"])
                 backoff = 0.5
-            except Exception as exc:  # the API server restarting, a timeout: list and watch again
+            except Exception as exc:  # the API server restarting, a call timed out: list and watch again
                 if self._stop.is_set():
                     return
-                log.warning("watch failed; listing again", extra={"what": what, "error": repr(exc)[:300]})
+                log.warning("watch failed; listing again", extra={"what": what, "error": _why(exc)})
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 10.0)
 

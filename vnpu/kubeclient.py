@@ -2,9 +2,12 @@
 
 The ``kubernetes`` client waits for ever unless a call passes ``_request_timeout``. On a connection
 that went half-open (the API server's node died, a control-plane failover, a load balancer that drops
-packets instead of resetting) such a call blocks its thread for good, and nothing is logged. So every
-call the operator makes (:mod:`vnpu.operator.kube`, :mod:`vnpu.operator.cache`) passes one of the
-timeouts below, and a call that runs out of time fails as an unreachable API server does (urllib3's
+packets instead of resetting) such a call blocks its thread for good, and nothing is logged: the
+operator's reconcile pass, the gateway's watches (its route table froze: it kept routing to replicas
+that were gone and never saw new ones), its wakes and its activity flushes all ran on such threads. So
+every call the operator (:mod:`vnpu.operator.kube`, :mod:`vnpu.operator.cache`) and the gateway
+(:mod:`vnpu.gateway.discovery`, :mod:`vnpu.gateway.activity`) make passes one of the timeouts below,
+and a call that runs out of time fails as an unreachable API server does (urllib3's
 ``ConnectTimeoutError``, ``ReadTimeoutError`` or ``MaxRetryError``, all ``urllib3.exceptions.HTTPError``),
 for the caller's loop to try again.
 
