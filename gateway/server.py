@@ -222,7 +222,8 @@ class Gateway:
     waiting_by_model: dict[ModelKey, int] = field(default_factory=dict)
     #: and by namespace (each bounded by config.max_waiting_per_namespace; absent: none)
     waiting_by_namespace: dict[str, int] = field(default_factory=dict)
-    #: wakes asked for, by (namespace, name): each task's result is why it failed, or None
+    #: wakes under way, by (namespace, name): each task's result is why it failed, or None (a task that
+    #: ends is dropped: every model ever woken kept one for the gateway's lifetime)
     _waking: dict[tuple[str, str], asyncio.Task[str | None]] = field(default_factory=dict)
     #: replicas whose /metrics was over MAX_METRICS_BYTES, already warned about
     _metrics_too_large: set[Endpoint] = field(default_factory=set)
@@ -334,7 +335,13 @@ class Gateway:
         self.metrics.wakes.labels(route.qualified_name).inc()
         log.info("waking a model scaled to zero", extra={"model": route.qualified_name})
         task = self._waking[key] = asyncio.ensure_future(self._wake(route))
+        task.add_done_callback(lambda done: self._forget_wake(key, done))
         return task
+
+    def _forget_wake(self, key: tuple[str, str], task: asyncio.Task[str | None]) -> None:
+        """Drop a wake that ended (the requests waiting on it hold it), unless a newer one replaced it."""
+        if self._waking.get(key) is task:
+            del self._waking[key]
 
     async def _wake(self, route: Route) -> str | None:
         """Ask for the model's wake (on a thread: the API client blocks); why it failed, else None.
