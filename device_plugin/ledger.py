@@ -10,13 +10,18 @@ same container edits.
 
 
 * every allocation is appended to a journal before Allocate returns (one small write: far cheaper
-  than rewriting a file, which needs a new inode, a rename and a directory sync). How it reaches
-  the disk is the ``sync`` mode: ``sync`` fdatasyncs before returning; ``async`` (the default)
-  fdatasyncs on a background thread right after — the write already survives a crash of the plugin
-  (it is in the kernel's page cache), and the few milliseconds an OS crash could lose are rebuilt by
-  the pod-resources reconcile below; ``off`` never syncs (tmpfs, benchmarks). The journal is folded
-  into a snapshot file (atomic replace) on restart, on rare changes (releases, reconcile) and every
-  ``JOURNAL_COMPACT_AT`` records;
+  than rewriting a file, which needs a new inode, a rename and a directory sync), and enters the
+  ledger only once it is written: one the journal could not take (a full disk) raises
+  :class:`JournalWriteError` naming the journal, leaves the ledger and the journal as they were and
+  fails that Allocate. How it reaches the disk is the ``sync`` mode: ``sync`` fdatasyncs before
+  returning; ``async`` (the default) fdatasyncs on a background thread right after — the write
+  already survives a crash of the plugin (it is in the kernel's page cache), and the few
+  milliseconds an OS crash could lose are rebuilt by the pod-resources reconcile below; ``off``
+  never syncs (tmpfs, benchmarks). The journal is folded into a snapshot file (atomic replace) on
+  restart, on rare changes (releases, reconcile) and every ``JOURNAL_COMPACT_AT`` records. A
+  compaction that fails after an allocation was journaled does not fail that allocation (it is
+  safe in the journal): it is logged and tried again later, backing off from
+  ``COMPACT_RETRY_MIN_S`` to ``COMPACT_RETRY_MAX_S``;
 * after a restart the ledger is rebuilt from the checkpoint, then reconciled with the kubelet's
   pod-resources API (the authority on what live pods hold) when its socket exists: slices a live
   pod holds are (re)recorded, checkpointed slices no live pod holds are released after a grace
@@ -41,7 +46,7 @@ import stat
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
@@ -53,6 +58,9 @@ CHECKPOINT_VERSION = 1
 SYNC_MODES = ("sync", "async", "off")
 #: Journal records after which the journal is folded into the snapshot.
 JOURNAL_COMPACT_AT = 1024
+#: After a failed compaction the next try waits this long, doubling after each failure up to the max.
+COMPACT_RETRY_MIN_S = 1.0
+COMPACT_RETRY_MAX_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -121,6 +129,10 @@ class Allocation:
 #: What reading a checkpoint or journal line of the wrong shape can raise: it is then unreadable.
 #: OverflowError: a JSON integer too large for a float (``"allocated_at": 999…9``, 400 digits).
 _UNREADABLE = (OSError, ValueError, KeyError, TypeError, RecursionError, OverflowError)
+
+
+class JournalWriteError(OSError):
+    """The journal could not take an allocation (``filename`` is the journal); nothing was recorded."""
 
 
 class NotARegularFileError(OSError):
@@ -204,7 +216,13 @@ class Ledger:
         self._by_slice: dict[str, Allocation] = {}
         self._lock = threading.Lock()
         self._journal_fd: int | None = None
+        self._journal_bytes = 0  #: the journal's length: a failed append is cut back to it
         self._journal_records = 0
+        #: a compaction is owed (a reconcile changed the ledger, or one failed); tried once
+        #: time.monotonic() reaches _compact_retry_at
+        self._compact_wanted = False
+        self._compact_retry_at = 0.0
+        self._compact_backoff_s = 0.0
 
     # -- persistence ------------------------------------------------------------------------------
     @property
@@ -285,25 +303,71 @@ class Ledger:
         os.rename(path, aside)
         log.error("moved an unreadable ledger file aside", extra={"path": str(path), "to": str(aside)})
 
-    def _append_locked(self, allocation: Allocation) -> None:
+    def _append_locked(self, allocations: Sequence[Allocation]) -> None:
+        """Journal ``allocations`` in one write, all or none: on any error (a full disk, a journal path
+        that cannot be opened) what was written of them is cut off again and :class:`JournalWriteError`
+        is raised with the journal's path, so a later record never follows a torn line."""
         if self.journal is None:
             return
-        if self._journal_fd is None:
-            self.journal.parent.mkdir(parents=True, exist_ok=True)
-            self._journal_fd = os.open(
-                self.journal, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600
-            )
-        os.write(self._journal_fd, f'{{"record":{allocation.json_text}}}\n'.encode())
-        if self.sync == "sync":
-            os.fdatasync(self._journal_fd)
-        elif self.sync == "async":
+        data = "".join(f'{{"record":{a.json_text}}}\n' for a in allocations).encode()
+        try:
+            if self._journal_fd is None:
+                self.journal.parent.mkdir(parents=True, exist_ok=True)
+                self._journal_fd = os.open(
+                    self.journal, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600
+                )
+                self._journal_bytes = os.fstat(self._journal_fd).st_size
+            fd = self._journal_fd
+            try:
+                written = 0
+                while written < len(data):  # a short write is followed by one that says why (ENOSPC)
+                    written += os.write(fd, data[written:])
+                if self.sync == "sync":
+                    os.fdatasync(fd)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, self._journal_bytes)
+                raise
+        except OSError as exc:
+            raise JournalWriteError(exc.errno, exc.strerror, str(self.journal)) from exc
+        self._journal_bytes += len(data)
+        if self.sync == "async":
             if self._syncer is None:
                 self._syncer = threading.Thread(target=self._sync_loop, name="vnpu-ledger-sync", daemon=True)
                 self._syncer.start()
             self._sync_wanted.set()
-        self._journal_records += 1
+        self._journal_records += len(allocations)
+
+    def _compact_when_due_locked(self) -> None:
+        """Compact when it is owed (a long journal, a reconcile's changes) and no failed compaction
+        is backing off. A failure is logged and retried later, never raised: what asked for it is in
+        the journal already, or comes back from pod-resources."""
         if self._journal_records >= JOURNAL_COMPACT_AT:
+            self._compact_wanted = True
+        if not self._compact_wanted or time.monotonic() < self._compact_retry_at:
+            return
+        try:
             self._compact_locked()
+        except OSError as exc:
+            self._compact_backoff_s = min(
+                max(2 * self._compact_backoff_s, COMPACT_RETRY_MIN_S), COMPACT_RETRY_MAX_S
+            )
+            self._compact_retry_at = time.monotonic() + self._compact_backoff_s
+            log.error(
+                "cannot compact the ledger journal into %s; allocations are still journaled, will retry "
+                "in %.0f s",
+                self.checkpoint,
+                self._compact_backoff_s,
+                extra={
+                    "path": str(self.checkpoint),
+                    "error": repr(exc),
+                    "retry_in_s": self._compact_backoff_s,
+                },
+            )
+            return
+        if self._compact_backoff_s:
+            log.info("compacting the ledger journal works again", extra={"path": str(self.checkpoint)})
+        self._compact_backoff_s = self._compact_retry_at = 0.0
 
     def _compact_locked(self) -> None:
         """Write the whole ledger as the snapshot, then empty the journal (a crash in between only
@@ -313,11 +377,13 @@ class Ledger:
         self._save_snapshot_locked()
         if self._journal_fd is not None:
             os.ftruncate(self._journal_fd, 0)
+            self._journal_bytes = 0
             if self.sync != "off":
                 os.fsync(self._journal_fd)
         elif self.journal is not None and self.journal.exists():
             os.close(os.open(self.journal, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW))
         self._journal_records = 0
+        self._compact_wanted = False
 
     def _save_snapshot_locked(self) -> None:
         assert self.checkpoint is not None
@@ -373,9 +439,16 @@ class Ledger:
     # -- changes ------------------------------------------------------------------------------------
     def record(self, allocation: Allocation) -> list[Allocation]:
         """Record an allocation (journaled before returning); returns the allocations it displaced."""
+        return self.record_all([allocation])
+
+    def record_all(self, allocations: Sequence[Allocation]) -> list[Allocation]:
+        """Record the allocations of one Allocate, all or none: they are journaled in one write and
+        only then enter the ledger. :class:`JournalWriteError` when the journal cannot take them;
+        the ledger is then as it was. Returns the allocations they displaced."""
         with self._lock:
-            displaced = self._apply_locked(allocation)
-            self._append_locked(allocation)
+            self._append_locked(allocations)
+            displaced = [old for allocation in allocations for old in self._apply_locked(allocation)]
+            self._compact_when_due_locked()
             return displaced
 
     def _apply_locked(self, allocation: Allocation) -> list[Allocation]:
@@ -443,7 +516,8 @@ class Ledger:
             for sid in released:
                 del self._by_slice[sid]
             if added or released:
-                self._compact_locked()
+                self._compact_wanted = True
+            self._compact_when_due_locked()  # also the periodic retry of a compaction that failed
             return added, len(released)
 
     # -- queries ------------------------------------------------------------------------------------

@@ -74,7 +74,9 @@ class PluginMetrics:
             registry=self.registry,
         )
         self.allocate_errors = Counter(
-            "vnpu_allocate_errors", "Allocate calls refused.", registry=self.registry
+            "vnpu_allocate_errors",
+            "Allocate calls refused (bad device IDs) or failed (the journal could not take them).",
+            registry=self.registry,
         )
         self.registrations = Counter(
             "vnpu_kubelet_registrations", "Successful registrations with the kubelet.", registry=self.registry

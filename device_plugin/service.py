@@ -19,7 +19,7 @@ from vnpu.device_plugin import contract
 from vnpu.device_plugin.allocation import AllocationError, ContainerEdits, container_edits
 from vnpu.device_plugin.backends.base import Backend
 from vnpu.device_plugin.devices import DeviceEntry, DeviceTable
-from vnpu.device_plugin.ledger import Allocation, Ledger
+from vnpu.device_plugin.ledger import Allocation, JournalWriteError, Ledger
 from vnpu.device_plugin.metrics import PluginMetrics
 from vnpu.device_plugin.placement import preferred_allocation, validate_allocate
 from vnpu.device_plugin.proto import api_pb2, api_pb2_grpc
@@ -147,14 +147,29 @@ class DeviceService(api_pb2_grpc.DevicePluginServicer):
             # Every container is checked and answered before any is recorded: a refused Allocate
             # leaves nothing in the ledger.
             responses = self._allocate_responses(containers)
-            for ids in containers:
-                self._record(ids)
+            self._record(containers)
             return api_pb2.AllocateResponse(container_responses=responses)
         except AllocationError as exc:
             if self.metrics is not None:
                 self.metrics.allocate_errors.inc()
             log.warning("Allocate refused", extra={"device": self.device_id, "error": str(exc)})
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            raise  # not reached: abort raises
+        except JournalWriteError as exc:  # nothing was recorded
+            if self.metrics is not None:
+                self.metrics.allocate_errors.inc()
+            log.error(
+                "Allocate failed: cannot record it in the ledger's journal %s (%s); free space there or "
+                "fix --state-dir",
+                exc.filename,
+                exc.strerror,
+                extra={"device": self.device_id, "path": exc.filename, "error": repr(exc)},
+            )
+            context.abort(
+                grpc.StatusCode.INTERNAL,
+                f"the vnpu device plugin cannot record this allocation in its journal {exc.filename}: "
+                f"{exc.strerror} (free space there or fix the plugin's --state-dir)",
+            )
             raise  # not reached: abort raises
         finally:
             if self.metrics is not None:
@@ -178,12 +193,16 @@ class DeviceService(api_pb2_grpc.DevicePluginServicer):
             for ids in containers
         ]
 
-    def _record(self, ids: list[str]) -> None:
-        displaced = self.ledger.record(Allocation(slices=tuple(ids), devices=(self.device_id,)))
+    def _record(self, containers: list[list[str]]) -> None:
+        """Record every container's slices, all or none (JournalWriteError: none)."""
+        displaced = self.ledger.record_all(
+            [Allocation(slices=tuple(ids), devices=(self.device_id,)) for ids in containers]
+        )
         for old in displaced:
             # Normal when a pod ended and the kubelet re-used its slices before the plugin noticed.
             log.info(
                 "slices re-allocated by the kubelet; previous holder released",
                 extra={"slices": list(old.slices), "previous_pod": str(old.pod) if old.pod else None},
             )
-        log.info("allocated", extra={"device": self.device_id, "slices": ids})
+        for ids in containers:
+            log.info("allocated", extra={"device": self.device_id, "slices": ids})

@@ -5,8 +5,11 @@ from __future__ import annotations
 import concurrent.futures
 import errno
 import json
+import logging
 import os
 import stat
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -311,3 +314,82 @@ def test_a_checkpoint_of_an_older_plugin_still_loads(tmp_path):
     path.write_text(json.dumps({"version": 1, "allocations": [old]}))
     ledger = Ledger(path)
     assert ledger.load() == 1 and ledger.held()["npu0-s0"].devices == ("npu0",)
+
+
+#: Run in a child process: RLIMIT_FSIZE (a full disk, as the kernel reports it: a short write, then
+#: EFBIG) must not reach the test runner's own files.
+FULL_DISK_CHILD = """
+import json, resource, signal, sys
+from pathlib import Path
+from vnpu.device_plugin.ledger import Allocation, Ledger
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+ledger = Ledger(Path(sys.argv[1]), sync=sys.argv[2])
+ledger.record(Allocation(("npu0-s0",), ("npu0",)))
+size = ledger.journal.stat().st_size
+resource.setrlimit(resource.RLIMIT_FSIZE, (size + 10, resource.RLIM_INFINITY))  # room for 10 bytes
+try:
+    ledger.record(Allocation(("npu0-s1",), ("npu0",)))
+    error = None
+except OSError as exc:
+    error = {"type": type(exc).__name__, "filename": exc.filename}
+resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+out = {"error": error, "held": sorted(ledger.held()), "grew": ledger.journal.stat().st_size - size}
+ledger.record(Allocation(("npu0-s2",), ("npu0",)))  # space again
+ledger.close()
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("mode", ["sync", "off"])
+def test_an_allocation_the_journal_cannot_take_is_not_recorded_and_leaves_no_torn_line(
+    tmp_path, caplog, mode
+):
+    """The ledger took an allocation in memory before writing it, so a failed write left slices held
+    that no container had; and the part of the line a full disk took stayed in the journal, where
+    the next record was glued to it and lost on the next start."""
+    path = tmp_path / "checkpoint.json"
+    child = subprocess.run(
+        [sys.executable, "-c", FULL_DISK_CHILD, str(path), mode],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    out = json.loads(child.stdout)
+    assert out["error"] == {"type": "JournalWriteError", "filename": str(path) + ".journal"}
+    assert out["held"] == ["npu0-s0"]  # the failed allocation is not held
+    assert out["grew"] == 0  # what the disk took of it was cut off again
+    restored = Ledger(path)
+    assert restored.load() == 2
+    assert sorted(restored.held()) == ["npu0-s0", "npu0-s2"]
+    assert "skipping unreadable journal line" not in caplog.text
+
+
+def test_a_failed_compaction_fails_no_allocation_and_is_retried_with_a_backoff(tmp_path, monkeypatch, caplog):
+    """Once compacting failed at the JOURNAL_COMPACT_AT-th record, every later Allocate failed, though
+    the journal took each one. Now the allocation stands, the failure is logged, and compaction is
+    tried again after a backoff (not on every record) until it works."""
+    caplog.set_level(logging.INFO, logger="vnpu.device_plugin.ledger")
+    monkeypatch.setattr(ledger_module, "JOURNAL_COMPACT_AT", 3)
+    path = tmp_path / "checkpoint.json"
+    ledger = Ledger(path)
+    ledger.load()
+    path.unlink()
+    path.mkdir()  # the snapshot cannot be replaced: stands in for any snapshot write error
+    for i in range(5):
+        ledger.record(alloc([f"npu0-s{i}"], PodRef("ns", f"p{i}")))
+    assert len(ledger.held()) == 5
+    assert len(ledger.journal.read_text().splitlines()) == 5
+    failures = [r for r in caplog.records if r.getMessage().startswith("cannot compact the ledger journal")]
+    assert len(failures) == 1  # records 4 and 5 came within the backoff: not tried again
+    assert failures[0].levelno == logging.ERROR and failures[0].path == str(path)
+    # A reconcile's changes are not lost to a failed compaction either; it runs on.
+    live = {**{f"npu0-s{i}": PodRef("ns", f"p{i}") for i in range(5)}, "npu0-s5": A}
+    assert ledger.reconcile(live, grace_s=10, now=200.0) == (1, 0)
+    path.rmdir()
+    monkeypatch.setattr(ledger, "_compact_retry_at", 0.0)  # the backoff is over
+    ledger.record(alloc(["npu0-s6"], B))
+    assert ledger.journal.read_text() == ""  # compacted
+    assert "compacting the ledger journal works again" in caplog.text
+    ledger.close()
+    assert Ledger(path).load() == 7

@@ -369,3 +369,29 @@ def test_a_removed_socket_is_served_again_once_and_stays(run_plugin, stub_for, c
     assert socket.exists()
     assert caplog.text.count("plugin socket disappeared") == 1
     assert stub_for(runner, 1).GetDevicePluginOptions(api_pb2.Empty()).get_preferred_allocation_available
+
+
+def test_an_allocate_the_journal_cannot_take_fails_clearly_and_records_nothing(dirs, stub_for, caplog):
+    """A journal write that failed (a full disk) reached the kubelet as UNKNOWN with only grpc's
+    traceback in the log, vnpu_allocate_errors stayed 0, and the ledger kept the slices of the
+    Allocate that failed. Now: INTERNAL naming the journal, an ERROR line, the counter, nothing held."""
+    port = free_port()
+    write_devices(dirs.devices_file, TWO_DEVICES)
+    with PluginRunner(dirs.config(metrics_port=port)) as runner:
+        stub = stub_for(runner)
+        journal = runner.ledger.journal
+        journal.unlink(missing_ok=True)
+        journal.mkdir()  # the journal cannot be opened: stands in for any write error
+        with pytest.raises(grpc.RpcError) as err:
+            allocate_all(stub, ["npu0-s0"], ["npu0-s1", "npu0-s2"])
+        assert err.value.code() == grpc.StatusCode.INTERNAL
+        assert str(journal) in err.value.details() and "--state-dir" in err.value.details()
+        assert runner.ledger.held() == {}
+        assert scrape(port)["vnpu_allocate_errors_total"] == 1
+        (line,) = [r for r in caplog.records if r.getMessage().startswith("Allocate failed")]
+        assert line.levelno == logging.ERROR and line.path == str(journal)
+        journal.rmdir()  # space again: the next Allocate is recorded
+        allocate(stub, ["npu0-s3"])
+        assert sorted(runner.ledger.held()) == ["npu0-s3"]
+    with PluginRunner(dirs.config()) as restarted:
+        assert sorted(restarted.ledger.held()) == ["npu0-s3"]
