@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from vnpu.api import DEFAULT_SLICE_MIB, RESOURCE_PREFIX
@@ -43,6 +44,34 @@ examples:
   vnpu device-plugin --simulated-devices 8x65536:2 --no-api \\
       --plugin-dir /tmp/dp --state-dir /tmp/dp-state --metrics-port 0  # local try-out without a cluster
 """
+
+
+#: The longest interval a flag takes: a day. (A wait much longer than that overflows a thread's
+#: timeout: ``--health-interval inf`` killed the health thread, and a failing device stayed Healthy.)
+MAX_INTERVAL_S = 86400.0
+
+
+def seconds(*, zero_ok: bool = False, maximum: float | None = None) -> Callable[[str], float]:
+    """An argparse ``type`` for a finite number of seconds, > 0 (>= 0 with ``zero_ok``) and at most
+    ``maximum``: nan (which compares false, so nothing was ever reconciled or released), inf and
+    negatives (a busy loop) are refused with exit status 2."""
+    bounds = (">= 0" if zero_ok else "> 0") + (f" and <= {maximum:g}" if maximum is not None else "")
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if (
+            not math.isfinite(value)
+            or value < 0
+            or (value == 0 and not zero_ok)
+            or (maximum is not None and value > maximum)
+        ):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number of seconds {bounds}")
+        return value
+
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--health-interval",
-        type=float,
+        type=seconds(maximum=MAX_INTERVAL_S),
         default=d.health_interval_s,
         metavar="SECONDS",
         help="backend poll interval (default: %(default)s)",
@@ -157,14 +186,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--reconcile-interval",
-        type=float,
+        type=seconds(maximum=MAX_INTERVAL_S),
         default=d.reconcile_interval_s,
         metavar="SECONDS",
         help="how often to reconcile allocations with the pod-resources API (default: %(default)s)",
     )
     g.add_argument(
         "--release-grace",
-        type=float,
+        type=seconds(zero_ok=True),
         default=d.release_grace_s,
         metavar="SECONDS",
         help="how long an allocation unknown to pod-resources is kept (default: %(default)s)",

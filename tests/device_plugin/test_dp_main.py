@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from dp_helpers import GOHARNESS_SRC, wait_for
 
+from vnpu.device_plugin.main import build_parser
+
 VNPU = [sys.executable, "-m", "vnpu", "device-plugin"]
 
 
@@ -40,6 +42,10 @@ def test_help_documents_every_group():
     ("args", "message"),
     [
         (["--slice-mib", "0", "--no-api"], "--slice-mib must be >= 1"),
+        (
+            ["--health-interval", "inf", "--no-api"],
+            "argument --health-interval: 'inf' is not a finite number",
+        ),
         (["--kubeconfig", "/nonexistent/kubeconfig"], "needs the node name"),
         (
             ["--kubeconfig", "/nonexistent/kubeconfig", "--node-name", "n1"],
@@ -52,6 +58,42 @@ def test_bad_configuration_exits_2_with_a_clear_message(args, message, monkeypat
     out = run(*args)
     assert out.returncode == 2
     assert message in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [
+        # inf killed the health thread (OverflowError in Event.wait): a device that went bad stayed
+        # Healthy for ever; -1 and 0 polled the backend in a busy loop (forking npu-smi on Ascend).
+        ("--health-interval", "inf"),
+        ("--health-interval", "1e300"),
+        ("--health-interval", "-1"),
+        ("--health-interval", "0"),
+        ("--health-interval", "nan"),
+        # nan compares false: nothing was ever reconciled, or ever released.
+        ("--reconcile-interval", "nan"),
+        ("--reconcile-interval", "0"),
+        ("--reconcile-interval", "-5"),
+        ("--release-grace", "nan"),
+        ("--release-grace", "inf"),
+        ("--release-grace", "-1"),
+        ("--release-grace", "soon"),
+    ],
+)
+def test_an_interval_or_grace_that_is_not_a_finite_number_of_seconds_is_refused(flag, value, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args([flag, value])
+    assert exit_.value.code == 2
+    assert f"argument {flag}: {value!r} is not a finite number of seconds" in capsys.readouterr().err
+
+
+def test_intervals_and_grace_take_finite_seconds():
+    args = build_parser().parse_args(
+        ["--health-interval", "0.25", "--reconcile-interval", "86400", "--release-grace", "0"]
+    )
+    assert (args.health_interval, args.reconcile_interval, args.release_grace) == (0.25, 86400.0, 0.0)
+    defaults = build_parser().parse_args([])
+    assert (defaults.health_interval, defaults.reconcile_interval, defaults.release_grace) == (0.5, 5.0, 10.0)
 
 
 def test_sigterm_stops_cleanly_and_logs_json(plugin_process, dirs):
