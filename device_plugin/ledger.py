@@ -25,9 +25,17 @@ same container edits.
 * after a restart the ledger is rebuilt from the checkpoint, then reconciled with the kubelet's
   pod-resources API (the authority on what live pods hold) when its socket exists: slices a live
   pod holds are (re)recorded, checkpointed slices no live pod holds are released after a grace
-  period (an Allocate can precede the kubelet's own bookkeeping by a moment);
+  period;
 * slices no live pod holds any more (a pod finished or was deleted) are released by the same
   reconcile, which runs every few seconds.
+
+A slice is released only once every List for a whole grace period has left it out, counted from
+the first List that did (and never before its allocation is that old: an Allocate can precede the
+kubelet's own bookkeeping by a moment). One List that leaves it out proves nothing: a kubelet that
+has just restarted serves pod-resources before it has loaded its pods, and lists none of them for a
+while (the kubelet's own device manager waits for all its pod sources before it cleans up). A
+reconcile told not to release (the caller saw the kubelet restart) releases nothing and starts
+every grace period again.
 
 A slice is keyed once: recording an allocation for a slice that another allocation held replaces
 the old holder (the kubelet never hands out a slice in use, so the old holder is gone). Nothing is
@@ -214,6 +222,8 @@ class Ledger:
         self._closing = False
         self._syncer: threading.Thread | None = None
         self._by_slice: dict[str, Allocation] = {}
+        #: slice -> the reconcile time of the first List that left it out (and all since have)
+        self._missing_since: dict[str, float] = {}
         self._lock = threading.Lock()
         self._journal_fd: int | None = None
         self._journal_bytes = 0  #: the journal's length: a failed append is cut back to it
@@ -253,6 +263,7 @@ class Ledger:
         now = time.time()
         with self._lock:
             self._by_slice = {}
+            self._missing_since = {}
             for raw in [*allocations, *self._read_journal()]:
                 if (alloc := _sanitised(raw, now)) is not None:
                     self._apply_locked(alloc)
@@ -471,10 +482,18 @@ class Ledger:
         return old.pod is not None and old.pod.same_pod(new.pod)
 
     def reconcile(
-        self, live: Mapping[str, PodRef], *, grace_s: float, now: float | None = None
+        self,
+        live: Mapping[str, PodRef],
+        *,
+        grace_s: float,
+        now: float | None = None,
+        release: bool = True,
     ) -> tuple[int, int]:
-        """Make the ledger agree with what live pods hold (slice -> pod, from the pod-resources API).
-        Returns (slices added or re-attributed, slices released)."""
+        """Make the ledger agree with what live pods hold (slice -> pod, from the pod-resources API):
+        add what it lists, release a slice once it has been left out of every List for ``grace_s``
+        (see the module docstring). ``release=False`` (a List the kubelet may not have filled yet)
+        releases nothing and forgets when slices went missing. Returns (slices added or
+        re-attributed, slices released)."""
         now = time.time() if now is None else now
         with self._lock:
             added = 0
@@ -508,13 +527,18 @@ class Ledger:
                 for sid in sids:
                     self._by_slice[sid] = alloc
                 added += len(sids)
-            released = [
-                sid
-                for sid, a in self._by_slice.items()
-                if sid not in live and now - a.allocated_at >= grace_s
-            ]
+            missing_since: dict[str, float] = {}
+            released = []
+            for sid, a in self._by_slice.items():
+                if sid in live or not release:
+                    continue
+                since = missing_since[sid] = self._missing_since.get(sid, now)
+                if now - max(since, a.allocated_at) >= grace_s:
+                    released.append(sid)
             for sid in released:
                 del self._by_slice[sid]
+                del missing_since[sid]
+            self._missing_since = missing_since
             if added or released:
                 self._compact_wanted = True
             self._compact_when_due_locked()  # also the periodic retry of a compaction that failed

@@ -196,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=seconds(zero_ok=True),
         default=d.release_grace_s,
         metavar="SECONDS",
-        help="how long an allocation unknown to pod-resources is kept (default: %(default)s)",
+        help="a slice is released once every pod-resources List for this long has left it out, and "
+        "none within this long of a kubelet restart (default: %(default)s)",
     )
 
     g = p.add_argument_group("cluster")

@@ -194,6 +194,11 @@ class PluginRunner:
         self._failing: dict[str, str] = {}
         #: device id -> why its endpoint could not be set up (the node annotation says it is Unhealthy)
         self._unserved: dict[str, str] = {}
+        #: the pod-resources socket last seen: a new one is a kubelet that restarted
+        self._pod_resources_identity: registration.FileIdentity | None = None
+        #: time.monotonic() until which a reconcile releases nothing (a restarted kubelet's List
+        #: may not name its pods yet)
+        self._releases_held_until = 0.0
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def start(self) -> PluginRunner:
@@ -347,17 +352,34 @@ class PluginRunner:
 
     # -- ledger upkeep ------------------------------------------------------------------------------
     def reconcile(self) -> None:
-        """Align the ledger with the kubelet's pod-resources API when its socket exists."""
+        """Align the ledger with the kubelet's pod-resources API when its socket exists. For a grace
+        period after that socket is re-created (a kubelet restart) nothing is released: the kubelet
+        serves it before it has loaded its pods, so its List can leave out pods that still run."""
         sock = self.config.pod_resources_socket
-        if not sock.exists():
+        identity = registration.file_identity(sock)
+        if identity is None:
             return
+        if self._pod_resources_identity is not None and identity != self._pod_resources_identity:
+            self._releases_held_until = time.monotonic() + self.config.release_grace_s
+            log.info(
+                "the kubelet's pod-resources socket is new (a kubelet restart): releasing no slices for "
+                "%g s while the kubelet loads its pods",
+                self.config.release_grace_s,
+                extra={"socket": str(sock)},
+            )
+        self._pod_resources_identity = identity
         listed_at = time.time()  # an allocation made while the List runs is not in it, and must stay
         try:
             live = podresources.list_held_slices(sock)
         except grpc.RpcError as exc:
             log.warning("pod-resources List failed", extra={"socket": str(sock), "error": str(exc.code())})
             return
-        added, released = self.ledger.reconcile(live, grace_s=self.config.release_grace_s, now=listed_at)
+        added, released = self.ledger.reconcile(
+            live,
+            grace_s=self.config.release_grace_s,
+            now=listed_at,
+            release=time.monotonic() >= self._releases_held_until,
+        )
         if added or released:
             log.info(
                 "ledger reconciled with pod-resources",

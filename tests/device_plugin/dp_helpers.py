@@ -22,7 +22,7 @@ import grpc
 
 from vnpu.device_plugin.backends.simulated import write_config
 from vnpu.device_plugin.plugin import PluginConfig
-from vnpu.device_plugin.proto import api_pb2, api_pb2_grpc
+from vnpu.device_plugin.proto import api_pb2, api_pb2_grpc, podresources_pb2, podresources_pb2_grpc
 
 HERE = Path(__file__).resolve().parent
 FIXTURES = HERE / "fixtures"
@@ -151,6 +151,59 @@ def preferred(
         )
     )
     return list(resp.container_responses[0].deviceIDs)
+
+
+class FakePodResources(podresources_pb2_grpc.PodResourcesListerServicer):
+    """The kubelet's pod-resources API on a real socket, listing ``holders`` (pod name -> the slices
+    of ``resource`` it holds). ``restart()`` serves it again on a new socket, as a restarted kubelet
+    does; ``stop()`` removes it."""
+
+    def __init__(self, socket_path: Path, resource: str = "vnpu.io/memory-0") -> None:
+        self.socket_path = socket_path
+        self.resource = resource
+        self.holders: dict[str, list[str]] = {}
+        self.lists = 0
+        self._server: grpc.Server | None = None
+        self.start()
+
+    def List(self, request: Any, context: Any) -> podresources_pb2.ListPodResourcesResponse:
+        self.lists += 1
+        return podresources_pb2.ListPodResourcesResponse(
+            pod_resources=[
+                podresources_pb2.PodResources(
+                    name=name,
+                    namespace="ns",
+                    containers=[
+                        podresources_pb2.ContainerResources(
+                            name="c",
+                            devices=[
+                                podresources_pb2.ContainerDevices(resource_name=self.resource, device_ids=ids)
+                            ],
+                        )
+                    ],
+                )
+                for name, ids in self.holders.items()
+            ]
+        )
+
+    def start(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.socket_path.unlink(missing_ok=True)
+        self._server = grpc.server(ThreadPoolExecutor(max_workers=2))
+        podresources_pb2_grpc.add_PodResourcesListerServicer_to_server(self, self._server)
+        self._server.add_insecure_port(f"unix://{self.socket_path}")
+        self._server.start()
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.stop(grace=0).wait(5)
+            self._server = None
+        self.socket_path.unlink(missing_ok=True)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
 
 
 class StreamWatcher:

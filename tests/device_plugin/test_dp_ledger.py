@@ -182,7 +182,9 @@ def test_a_non_finite_or_future_allocated_at_is_still_released_after_grace(tmp_p
     path.write_text('{"version":1,"allocations":[' + entry + "]}")
     ledger = Ledger(path)
     assert ledger.load() == 1
-    assert ledger.reconcile({}, grace_s=10, now=time.time() + 60) == (0, 1)
+    now = time.time() + 60
+    assert ledger.reconcile({}, grace_s=10, now=now) == (0, 0)  # the first List without it
+    assert ledger.reconcile({}, grace_s=10, now=now + 10) == (0, 1)
     assert ledger.held() == {}
 
 
@@ -266,14 +268,49 @@ def test_reconcile_adopts_live_holders_and_releases_the_rest_after_grace(tmp_pat
     live = {"npu0-s0": PodRef("ns", "a"), "npu0-s3": PodRef("ns", "c"), "npu0-s4": PodRef("ns", "d")}
     added, released = ledger.reconcile(live, grace_s=10, now=200.0)
     held = ledger.held()
-    assert sorted(held) == ["npu0-s0", "npu0-s2", "npu0-s3", "npu0-s4"]
+    assert sorted(held) == ["npu0-s0", "npu0-s1", "npu0-s2", "npu0-s3", "npu0-s4"]
     assert held["npu0-s3"].pod == PodRef("ns", "c")  # attached to its pod, source kept
     assert held["npu0-s4"].source == "pod-resources"
-    assert (added, released) == (2, 1)
-    # Once the grace period has passed, the unconfirmed allocation goes too.
-    assert ledger.reconcile(live, grace_s=10, now=300.0) == (0, 1)
-    assert "npu0-s2" not in ledger.held()
+    assert (added, released) == (2, 0)  # one List leaving s1 and s2 out proves nothing yet
+    assert ledger.reconcile(live, grace_s=10, now=209.0) == (0, 0)
+    # Once every List for the grace period has left them out, they go.
+    assert ledger.reconcile(live, grace_s=10, now=210.0) == (0, 2)
+    assert sorted(ledger.held()) == ["npu0-s0", "npu0-s3", "npu0-s4"]
     assert Ledger(tmp_path / "c.json").load() == 3
+    # An allocation made while a List ran (after the time it was asked) keeps its own grace period.
+    ledger.record(alloc(["npu0-s5"], None, at=215.0))
+    assert ledger.reconcile(live, grace_s=10, now=214.0) == (0, 0)
+    assert ledger.reconcile(live, grace_s=10, now=224.0) == (0, 0)
+    assert ledger.reconcile(live, grace_s=10, now=225.0) == (0, 1)
+
+
+def test_a_slice_is_released_only_once_every_list_for_the_grace_period_has_left_it_out(tmp_path):
+    """The grace period counted from allocated_at, so one List that left out a running pod's slices
+    (a kubelet just restarted serves pod-resources before it has loaded its pods) released them at
+    once. Now it counts from the first List that left them out, and starts again when one names them."""
+    ledger = Ledger(tmp_path / "c.json")
+    ledger.record(alloc(["npu0-s0", "npu0-s1"], None, at=100.0))
+    live = dict.fromkeys(["npu0-s0", "npu0-s1"], A)
+    assert ledger.reconcile(live, grace_s=10, now=1000.0) == (2, 0)
+    assert ledger.reconcile({}, grace_s=10, now=1001.0) == (0, 0)  # the kubelet restarted
+    assert ledger.reconcile({}, grace_s=10, now=1010.5) == (0, 0)
+    assert ledger.reconcile(live, grace_s=10, now=1011.0) == (0, 0)  # its pods are loaded again
+    held = ledger.held()
+    assert {held[s].pod for s in live} == {A} and {held[s].source for s in live} == {"allocate"}
+    assert ledger.reconcile({}, grace_s=10, now=1020.0) == (0, 0)  # the pod ended: a new grace period
+    assert ledger.reconcile({}, grace_s=10, now=1029.9) == (0, 0)
+    assert ledger.reconcile({}, grace_s=10, now=1030.0) == (0, 2)
+    assert ledger.held() == {}
+
+
+def test_a_reconcile_told_not_to_release_releases_nothing_and_restarts_every_grace_period(tmp_path):
+    ledger = Ledger(tmp_path / "c.json")
+    ledger.record(alloc(["npu0-s0"], A, at=100.0))
+    assert ledger.reconcile({}, grace_s=10, now=1000.0) == (0, 0)
+    assert ledger.reconcile({"npu0-s9": B}, grace_s=10, now=1020.0, release=False) == (1, 0)
+    assert sorted(ledger.held()) == ["npu0-s0", "npu0-s9"]  # it still adds what is listed
+    assert ledger.reconcile({"npu0-s9": B}, grace_s=10, now=1021.0) == (0, 0)  # missing since 1021
+    assert ledger.reconcile({"npu0-s9": B}, grace_s=10, now=1031.0) == (0, 1)
 
 
 def test_reconcile_attaches_a_pod_to_an_allocation_as_one_allocation(tmp_path):

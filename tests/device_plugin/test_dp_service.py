@@ -12,6 +12,7 @@ import grpc
 import pytest
 from dp_helpers import (
     TWO_DEVICES,
+    FakePodResources,
     StreamWatcher,
     allocate,
     fake_npu_smi,
@@ -395,3 +396,40 @@ def test_an_allocate_the_journal_cannot_take_fails_clearly_and_records_nothing(d
         assert sorted(runner.ledger.held()) == ["npu0-s3"]
     with PluginRunner(dirs.config()) as restarted:
         assert sorted(restarted.ledger.held()) == ["npu0-s3"]
+
+
+def test_a_list_that_leaves_out_running_pods_after_a_restart_releases_nothing(run_plugin, stub_for, dirs):
+    """A kubelet that has just restarted serves pod-resources before it has loaded its pods: its List
+    left out a pod that still ran, and the plugin released that pod's slices at once. Now a slice
+    goes only once every List for the grace period has left it out, and not within a grace period
+    of a new pod-resources socket (a kubelet restart)."""
+    kubelet = FakePodResources(dirs.pod_resources_socket)
+    try:
+        runner = run_plugin(release_grace_s=1.0, reconcile_interval_s=3600)
+        allocate(stub_for(runner), ["npu0-s0", "npu0-s1"])
+        kubelet.holders = {"llm-0": ["npu0-s0", "npu0-s1"]}
+        runner.reconcile()
+        time.sleep(1.0)  # the allocation is older than the grace period
+        kubelet.holders = {}  # the kubelet's pod manager is not filled yet
+        runner.reconcile()
+        assert sorted(runner.ledger.held()) == ["npu0-s0", "npu0-s1"]
+        kubelet.holders = {"llm-0": ["npu0-s0", "npu0-s1"]}
+        runner.reconcile()
+        assert {a.source for a in runner.ledger.held().values()} == {"allocate"}  # the same allocation
+
+        kubelet.holders = {}
+        runner.reconcile()  # missing from now on
+        time.sleep(0.6)
+        kubelet.restart()  # a kubelet restart: a new socket, and a List without the pod for a while
+        runner.reconcile()  # releases held for the grace period from here
+        time.sleep(0.6)
+        runner.reconcile()
+        assert sorted(runner.ledger.held()) == ["npu0-s0", "npu0-s1"]  # missing for 1.2 s, but held
+        time.sleep(0.6)
+        runner.reconcile()  # the hold is over: a grace period starts
+        assert sorted(runner.ledger.held()) == ["npu0-s0", "npu0-s1"]
+        time.sleep(1.1)
+        runner.reconcile()  # the pod is really gone
+        assert runner.ledger.held() == {}
+    finally:
+        kubelet.stop()
