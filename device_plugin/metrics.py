@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -80,6 +80,12 @@ class PluginMetrics:
         )
         self.registrations = Counter(
             "vnpu_kubelet_registrations", "Successful registrations with the kubelet.", registry=self.registry
+        )
+        self.pod_resources_reconciled = Gauge(
+            "vnpu_pod_resources_last_reconcile_timestamp_seconds",
+            "When allocations were last reconciled with the kubelet's pod-resources API (Unix time; 0: "
+            "never). Slices of pods that ended are released only by this reconcile.",
+            registry=self.registry,
         )
         self._server: Any = None
 

@@ -194,6 +194,8 @@ class PluginRunner:
         self._failing: dict[str, str] = {}
         #: device id -> why its endpoint could not be set up (the node annotation says it is Unhealthy)
         self._unserved: dict[str, str] = {}
+        #: why the last reconcile could not list pod-resources (None: it could), logged once per change
+        self._pod_resources_problem: str | None = None
         #: the pod-resources socket last seen: a new one is a kubelet that restarted
         self._pod_resources_identity: registration.FileIdentity | None = None
         #: time.monotonic() until which a reconcile releases nothing (a restarted kubelet's List
@@ -358,6 +360,7 @@ class PluginRunner:
         sock = self.config.pod_resources_socket
         identity = registration.file_identity(sock)
         if identity is None:
+            self._pod_resources_trouble(f"its socket {sock} does not exist")
             return
         if self._pod_resources_identity is not None and identity != self._pod_resources_identity:
             self._releases_held_until = time.monotonic() + self.config.release_grace_s
@@ -372,7 +375,7 @@ class PluginRunner:
         try:
             live = podresources.list_held_slices(sock)
         except grpc.RpcError as exc:
-            log.warning("pod-resources List failed", extra={"socket": str(sock), "error": str(exc.code())})
+            self._pod_resources_trouble(f"its List at {sock} failed: {exc.code().name}: {exc.details()}")
             return
         added, released = self.ledger.reconcile(
             live,
@@ -380,11 +383,31 @@ class PluginRunner:
             now=listed_at,
             release=time.monotonic() >= self._releases_held_until,
         )
+        self.metrics.pod_resources_reconciled.set(listed_at)
+        self._pod_resources_trouble(None)
         if added or released:
             log.info(
                 "ledger reconciled with pod-resources",
                 extra={"added": added, "released": released, "held": len(self.ledger.held_slices())},
             )
+
+    def _pod_resources_trouble(self, problem: str | None) -> None:
+        """Log a reconcile's trouble with pod-resources once when it starts or changes, and once when
+        it is over (a reconcile runs every few seconds: one line each time would flood the log)."""
+        if problem == self._pod_resources_problem:
+            return
+        sock = str(self.config.pod_resources_socket)
+        if problem is not None:
+            log.warning(
+                "cannot reconcile allocations with the kubelet's pod-resources API: %s; slices of pods "
+                "that ended are not released until it can (is --pod-resources-socket, or the chart's "
+                "devicePlugin.kubeletRootDir, right?)",
+                problem,
+                extra={"socket": sock},
+            )
+        else:
+            log.info("the kubelet's pod-resources API answers again", extra={"socket": sock})
+        self._pod_resources_problem = problem
 
 
 def ensure_socket_dir(path: Path) -> None:

@@ -196,10 +196,10 @@ class FakePodResources(podresources_pb2_grpc.PodResourcesListerServicer):
         self._server.start()
 
     def stop(self) -> None:
+        self.socket_path.unlink(missing_ok=True)  # first: a client sees it gone, never a dead socket
         if self._server is not None:
             self._server.stop(grace=0).wait(5)
             self._server = None
-        self.socket_path.unlink(missing_ok=True)
 
     def restart(self) -> None:
         self.stop()

@@ -433,3 +433,37 @@ def test_a_list_that_leaves_out_running_pods_after_a_restart_releases_nothing(ru
         assert runner.ledger.held() == {}
     finally:
         kubelet.stop()
+
+
+def test_a_missing_pod_resources_socket_is_logged_once_each_way_and_shows_in_the_metrics(
+    run_plugin, dirs, caplog
+):
+    """A missing pod-resources socket (a wrong kubelet root, a missing mount) was silent: nothing was
+    ever released and nothing said so. Now one warning when it goes, one line when it is back, and a
+    gauge of the last reconcile's time."""
+    caplog.set_level(logging.INFO, logger="vnpu.device_plugin.plugin")
+    port = free_port()
+    run_plugin(reconcile_interval_s=0.05, metrics_port=port)
+    sock = str(dirs.pod_resources_socket)
+
+    def lines(text: str) -> list[logging.LogRecord]:
+        return [r for r in caplog.records if text in r.getMessage()]
+
+    time.sleep(0.5)  # some ten reconciles
+    (missing,) = lines("cannot reconcile allocations with the kubelet's pod-resources API")
+    assert missing.levelno == logging.WARNING and f"its socket {sock} does not exist" in missing.getMessage()
+    assert scrape(port)["vnpu_pod_resources_last_reconcile_timestamp_seconds"] == 0
+    kubelet = FakePodResources(dirs.pod_resources_socket)
+    try:
+        wait_for(
+            lambda: lines("pod-resources API answers again"), timeout=5, what="the line saying it is back"
+        )
+        reconciled = scrape(port)["vnpu_pod_resources_last_reconcile_timestamp_seconds"]
+        assert time.time() - 5 < reconciled <= time.time()
+        wait_for(lambda: kubelet.lists > 5, timeout=5, what="more reconciles")
+        assert len(lines("answers again")) == 1
+    finally:
+        kubelet.stop()
+    wait_for(lambda: len(lines("cannot reconcile allocations")) == 2, timeout=5, what="a warning again")
+    time.sleep(0.3)
+    assert len(lines("cannot reconcile allocations")) == 2
