@@ -42,6 +42,11 @@ log = logging.getLogger(__name__)
 
 #: Sticky, writable and searchable by all, readable by none but root: see ensure_socket_dir.
 SOCKET_DIR_MODE = 0o1733
+#: A registration that failed is tried again after this long, doubling up to the max while the
+#: same kubelet.sock refuses it (a kubelet that died leaves its socket behind); a new kubelet.sock
+#: (a kubelet that started) is tried at once.
+REGISTER_RETRY_MIN_S = 0.5
+REGISTER_RETRY_MAX_S = 10.0
 
 
 @dataclass
@@ -116,6 +121,10 @@ class DeviceEndpoint:
         self.socket_name = config.socket_name(index)
         self.socket_path = config.plugin_dir / self.socket_name
         self.registered_kubelet: registration.FileIdentity | None = None
+        #: the kubelet.sock the last registration failed with, the error, and when to try it again
+        self.refused_by: registration.FileIdentity | None = None
+        self.register_error: str | None = None
+        self.retry_delay_s = 0.0
         self.retry_at = 0.0
         self._server: grpc.Server | None = None
 
@@ -307,13 +316,25 @@ class PluginRunner:
         try:
             registration.register(cfg.plugin_dir, endpoint.socket_name, endpoint.resource)
         except grpc.RpcError as exc:
-            log.warning(
-                "registration with the kubelet failed; will retry",
-                extra={"resource": endpoint.resource, "error": f"{exc.code().name}: {exc.details()}"},
+            error = f"{exc.code().name}: {exc.details()}"
+            if kubelet != endpoint.refused_by:
+                endpoint.retry_delay_s = 0.0  # another kubelet: back off from the start
+            endpoint.retry_delay_s = min(
+                max(2 * endpoint.retry_delay_s, REGISTER_RETRY_MIN_S), REGISTER_RETRY_MAX_S
             )
-            endpoint.retry_at = time.monotonic() + 0.5
+            endpoint.retry_at = time.monotonic() + endpoint.retry_delay_s
+            endpoint.refused_by = kubelet
+            if error != endpoint.register_error:  # once, not on every retry (a dead kubelet: for ever)
+                log.warning(
+                    "registration with the kubelet failed; retrying with a backoff up to %g s (logged "
+                    "again only if the error changes)",
+                    REGISTER_RETRY_MAX_S,
+                    extra={"resource": endpoint.resource, "error": error},
+                )
+            endpoint.register_error = error
             return False
         endpoint.registered_kubelet = kubelet
+        endpoint.refused_by, endpoint.register_error, endpoint.retry_delay_s = None, None, 0.0
         self.registrations += 1
         self.metrics.registrations.inc()
         log.info(
@@ -349,7 +370,7 @@ class PluginRunner:
                 extra={"socket": str(endpoint.socket_path)},
             )
         stale = kubelet is not None and kubelet != endpoint.registered_kubelet
-        if stale and time.monotonic() >= endpoint.retry_at:
+        if stale and (kubelet != endpoint.refused_by or time.monotonic() >= endpoint.retry_at):
             self._try_register(endpoint, kubelet)
 
     # -- ledger upkeep ------------------------------------------------------------------------------

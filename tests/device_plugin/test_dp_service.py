@@ -26,7 +26,7 @@ from vnpu.cluster.controlplane import free_port
 from vnpu.device_plugin import contract
 from vnpu.device_plugin.backends.ascend import AscendBackend
 from vnpu.device_plugin.plugin import PluginRunner
-from vnpu.device_plugin.proto import api_pb2
+from vnpu.device_plugin.proto import api_pb2, api_pb2_grpc
 
 NPU0 = [f"npu0-s{i}" for i in range(4)]
 NPU1 = [f"npu1-s{i}" for i in range(8)]
@@ -467,3 +467,62 @@ def test_a_missing_pod_resources_socket_is_logged_once_each_way_and_shows_in_the
     wait_for(lambda: len(lines("cannot reconcile allocations")) == 2, timeout=5, what="a warning again")
     time.sleep(0.3)
     assert len(lines("cannot reconcile allocations")) == 2
+
+
+class FakeRegistration(api_pb2_grpc.RegistrationServicer):
+    """The kubelet's Registration service on ``kubelet.sock``: accepts every registration."""
+
+    def __init__(self, socket_path) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.resources: list[str] = []
+        self.server = grpc.server(ThreadPoolExecutor(max_workers=2))
+        api_pb2_grpc.add_RegistrationServicer_to_server(self, self.server)
+        self.server.add_insecure_port(f"unix://{socket_path}")
+        self.server.start()
+
+    def Register(self, request, context) -> api_pb2.Empty:
+        self.resources.append(request.resource_name)
+        return api_pb2.Empty()
+
+
+def test_registration_retries_back_off_and_are_logged_once_while_nothing_answers(
+    run_plugin, dirs, monkeypatch, caplog
+):
+    """A kubelet killed with SIGKILL leaves kubelet.sock behind: each endpoint retried every 0.5 s
+    and warned each time (136 warnings in 10 s for 8 devices). Now each backs off to 10 s and warns
+    once; a new kubelet.sock (the kubelet started again) is still tried at once."""
+    import socket as socket_module
+    from collections import Counter
+
+    from vnpu.device_plugin import registration
+
+    caplog.set_level(logging.WARNING, logger="vnpu.device_plugin.plugin")
+    kubelet_sock = dirs.plugin_dir / registration.KUBELET_SOCKET_NAME
+    with socket_module.socket(socket_module.AF_UNIX) as stale:
+        stale.bind(str(kubelet_sock))  # bound, never listening: connections are refused
+    attempts: Counter[str] = Counter()
+    real_register = registration.register
+
+    def counted(plugin_dir, endpoint, resource_name, **kwargs):
+        attempts[resource_name] += 1
+        return real_register(plugin_dir, endpoint, resource_name, **kwargs)
+
+    monkeypatch.setattr(registration, "register", counted)
+    devices = [{"id": f"npu{i}", "memory_mib": 4096} for i in range(4)]
+    runner = run_plugin(devices=devices)
+    resources = sorted(runner.endpoints)
+    time.sleep(4.0)
+    assert sorted(attempts) == resources and max(attempts.values()) <= 4, attempts  # 0, 0.5, 1.5, 3.5 s
+    warned = [r for r in caplog.records if r.getMessage().startswith("registration with the kubelet failed")]
+    assert sorted(r.resource for r in warned) == resources  # once each
+
+    kubelet_sock.unlink()
+    kubelet = FakeRegistration(kubelet_sock)  # the kubelet is back: a new kubelet.sock
+    try:
+        started = time.monotonic()
+        wait_for(lambda: sorted(kubelet.resources) == resources, timeout=5, what="every endpoint registered")
+        assert time.monotonic() - started < 2.0  # not after the backoff
+        assert runner.registrations == len(resources)
+    finally:
+        kubelet.server.stop(0)
