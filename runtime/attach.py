@@ -21,7 +21,7 @@ from typing import Any
 
 from vnpu import sharing
 from vnpu.runtime.arena import Arena, ArenaError, import_arena
-from vnpu.runtime.holder import PROTOCOL_VERSION
+from vnpu.runtime.holder import PROTOCOL_VERSION, hello_ticket
 from vnpu.runtime.ipc import ProtocolError, recv_message, send_message, settimeout_until
 from vnpu.runtime.manifest import WeightManifest, layout_problem
 from vnpu.runtime.offload_plan import ResidentPart
@@ -230,6 +230,7 @@ def _handshake(
             },
             "nonce": client_nonce,
             "pid": os.getpid(),
+            "ticket": hello_ticket(key, identity, client_nonce),
         },
         deadline=deadline,
     )

@@ -3,9 +3,12 @@
 Protocol (JSON frames, see :mod:`vnpu.runtime.ipc`), client first, authenticated both ways with the
 share group's key (see :mod:`vnpu.sharing`):
 
-1. ``{"op": "hello", "protocol": 2, "identity": {namespace, group, weights_id}, "nonce": Nc, "pid": p}``
+1. ``{"op": "hello", "protocol": 2, "identity": {namespace, group, weights_id}, "nonce": Nc, "pid": p,
+   "ticket": HMAC(key, replica, identity, Nc, "")}``
    -> ``{"ok": true, "op": "challenge", "nonce": Ns, "proof": HMAC(key, holder, identity, Nc, Ns)}``.
-   The client checks the proof: a squatter without the key cannot make it.
+   The client checks the proof: a squatter without the key cannot make it. The ``ticket`` (optional:
+   replicas of earlier versions send none) lets the holder tell a replica from peers without the key
+   while the handshake runs (see the limits below); it authenticates nothing, the proof in step 2 does.
 2. ``{"op": "attach" | "status", "proof": HMAC(key, replica, identity, Nc, Ns), "drain_s": d}``. The
    holder checks it: a pod of another namespace cannot make it. ``drain_s`` (optional) is how long the
    replica gives its requests in flight at SIGTERM: a stopping holder keeps the weights that long.
@@ -26,11 +29,15 @@ Limits a peer without the key runs into (it may pass ``SO_PEERCRED``: a pod of t
 
 - its hello must be in within ``HELLO_TIMEOUT_S`` (a replica sends it as it connects), and the whole
   handshake within ``HANDSHAKE_TIMEOUT_S``: one deadline each, however the peer spreads its bytes;
-- at most ``MAX_HANDSHAKES`` connections are in their handshake at once. Past that an *old* one is
-  cut to make room (the oldest still without its hello, else the oldest), not the newest refused:
-  holding a slot needs no key, so a peer reconnecting as soon as it was refused kept every slot and
-  locked every replica out. A replica sends its hello as it connects and completes its handshake in
-  milliseconds, before ``MAX_HANDSHAKES`` newer connections could push it out;
+- at most ``MAX_HANDSHAKES`` connections are in their handshake at once. Past that an older one is
+  cut to make room, not the newest refused: holding a slot needs no key, so a peer reconnecting as
+  soon as it was refused kept every slot and locked every replica out. The first cut is one that has
+  kept the holder waiting over ``STALL_GRACE_S`` (for its hello, or its answer to the challenge),
+  then one whose hello came without a valid ticket, then one whose hello is not in yet, the oldest
+  first in each. The group's identity is no secret (it is in every pod's environment), so a peer
+  without the key can send a complete hello and stall after the challenge; a replica sends its hello
+  with its ticket as it connects and answers in milliseconds, so from then on it is cut only for a
+  newer connection when all ``MAX_HANDSHAKES`` hold tickets and have waited less than the grace;
 - what it sent is echoed, in a refusal and in the log, cut to ``ipc.MAX_SHOWN_CHARS`` characters;
 - refusals, cuts and failed handshakes are logged at most once per ``LOG_INTERVAL_S`` each, with the
   number left out since (``suppressed``); every refusal and cut counts in ``WeightsHolder.refused``.
@@ -50,6 +57,7 @@ import struct
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -73,8 +81,13 @@ PROTOCOL_VERSION = 2
 #: send its first frame (the hello, which a replica sends as it connects).
 HANDSHAKE_TIMEOUT_S = 5.0
 HELLO_TIMEOUT_S = 1.0
-#: Connections in their handshake at once; a new one past this cuts the oldest (see _PendingHandshakes).
+#: Connections in their handshake at once; a new one past this cuts an older one (see _PendingHandshakes).
 MAX_HANDSHAKES = 32
+#: Seconds a connection in its handshake may keep the holder waiting (for its hello since it was
+#: accepted, then for its answer since the challenge) before it is the first cut to make room. A replica
+#: takes milliseconds: this leaves room for one that its pod's CPU limit stops for a whole CFS period
+#: (100 ms by default). A hello with a ticket that goes no further (a replay) keeps its slot no longer.
+STALL_GRACE_S = 0.25
 #: Seconds between two log lines of one kind that any peer can cause at will (refusals, cuts, failed
 #: handshakes); the lines left out are counted in the next one.
 LOG_INTERVAL_S = 10.0
@@ -90,42 +103,71 @@ class HolderError(RuntimeError):
     """The holder cannot start (socket in use, bad directory, ...)."""
 
 
+def hello_ticket(key: bytes, identity: sharing.ShareIdentity, client_nonce: str) -> str:
+    """What a replica's hello carries to show the holder that it holds the key: its proof for an
+    exchange without the holder's nonce. Its real proof binds the holder's nonce, so the ticket cannot
+    stand in for it: the holder only cuts a connection with a valid ticket last (see
+    _PendingHandshakes)."""
+    return sharing.proof(key, "replica", identity, client_nonce, "")
+
+
+@dataclass
+class _Handshake:
+    """A connection in its handshake, as the pending table sees it."""
+
+    conn: socket.socket
+    waiting_since: float = field(default_factory=time.monotonic)  #: for its hello, then for its answer
+    heard: bool = False  #: its hello is in
+    ticket: bool = False  #: its hello carried a valid ticket
+
+
 class _PendingHandshakes:
-    """The connections in their handshake, oldest first, at most ``limit`` of them.
+    """The connections in their handshake, at most ``limit`` of them.
 
-    Room for a new one is made by cutting the oldest that has not sent its whole hello yet, or failing
-    that the oldest: its socket is shut down, so its thread's next read or write fails and the thread
-    ends. A replica sends its hello as it connects, so peers stalling before theirs are cut before it
-    is. A connection leaves the table once its peer has proved it holds the key (an authenticated
-    replica is never cut) or when its thread ends."""
+    Room for a new one is made by cutting one: its socket is shut down, so its thread's next read or
+    write fails and the thread ends. Cut first, the oldest first in each: one that has kept the holder
+    waiting over ``grace_s``, one whose hello came without a valid ticket, one whose hello is not in
+    yet, and last one with a ticket (only replicas with the key make them). A connection leaves the
+    table once its peer has proved it holds the key (an authenticated replica is never cut) or when its
+    thread ends."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, grace_s: float) -> None:
         self._limit = limit
+        self._grace_s = grace_s
         self._lock = threading.Lock()
-        self._pending: dict[int, socket.socket] = {}  # insertion order: the oldest first
-        self._heard: set[int] = set()  # the tokens of those whose hello is in
+        self._pending: dict[int, _Handshake] = {}  # token -> handshake; tokens grow: the oldest first
         self._tokens = itertools.count(1)
+
+    def _cut_first(self, handshake: _Handshake, now: float) -> int:
+        """0 for the connections to cut first, up to 3 for those to cut last."""
+        if now - handshake.waiting_since > self._grace_s:
+            return 0
+        if not handshake.heard:
+            return 2
+        return 3 if handshake.ticket else 1
 
     def admit(self, conn: socket.socket) -> tuple[int, bool]:
         """Add ``conn``; returns its token and whether another connection was cut to make room."""
         with self._lock:
             cut = len(self._pending) >= self._limit
             if cut:
-                victim = next((t for t in self._pending if t not in self._heard), next(iter(self._pending)))
-                self._heard.discard(victim)
+                now = time.monotonic()
+                victim = min(self._pending, key=lambda t: (self._cut_first(self._pending[t], now), t))
                 # Shut while holding the lock: its thread closes it only after leave(), which waits for
                 # the lock, so its descriptor cannot have been closed and re-used by another file yet.
                 with contextlib.suppress(OSError):
-                    self._pending.pop(victim).shutdown(socket.SHUT_RDWR)
+                    self._pending.pop(victim).conn.shutdown(socket.SHUT_RDWR)
             token = next(self._tokens)
-            self._pending[token] = conn
+            self._pending[token] = _Handshake(conn)
         return token, cut
 
-    def heard(self, token: int) -> None:
-        """The connection's hello is in."""
+    def heard(self, token: int, ticket: bool) -> None:
+        """The connection's hello is in (with a valid ticket or not): its challenge goes out now."""
         with self._lock:
-            if token in self._pending:
-                self._heard.add(token)
+            handshake = self._pending.get(token)
+            if handshake is not None:
+                handshake.heard, handshake.ticket = True, ticket
+                handshake.waiting_since = time.monotonic()
 
     def holds(self, token: int) -> bool:
         with self._lock:
@@ -134,7 +176,6 @@ class _PendingHandshakes:
     def leave(self, token: int) -> bool:
         """Take the connection out; False if it was no longer in (cut to make room)."""
         with self._lock:
-            self._heard.discard(token)
             return self._pending.pop(token, None) is not None
 
 
@@ -225,7 +266,7 @@ class WeightsHolder:
         self._leases: dict[int, _Lease] = {}
         self._lock = threading.Lock()
         self._lease_ids = iter(range(1, 1 << 62))
-        self._pending = _PendingHandshakes(MAX_HANDSHAKES)
+        self._pending = _PendingHandshakes(MAX_HANDSHAKES, STALL_GRACE_S)
         #: connections refused (authentication, identity, protocol, credentials) or cut in their
         #: handshake to make room for a newer one
         self.refused = 0
@@ -540,6 +581,13 @@ class WeightsHolder:
             return None
         return str(op), announced_drain(answer.get("drain_s"))
 
+    def _has_ticket(self, hello: dict[str, Any]) -> bool:
+        """Whether ``hello`` carries a valid ticket for this holder's identity (see hello_ticket)."""
+        nonce = hello.get("nonce")
+        return sharing.valid_nonce(nonce) and sharing.proof_matches(
+            hello_ticket(self._key, self.identity, str(nonce)), hello.get("ticket")
+        )
+
     @staticmethod
     def _recv(conn: socket.socket, deadline: float) -> dict[str, Any]:
         request, fds = recv_message(conn, max_size=MAX_REQUEST, deadline=deadline)  # bounded before parsing
@@ -563,7 +611,7 @@ class WeightsHolder:
                 self._refuse(conn, f"{peer} gid {gid} may not use this weights-holder", deadline)
                 return
             hello = self._recv(conn, min(deadline, started + HELLO_TIMEOUT_S))
-            self._pending.heard(token)
+            self._pending.heard(token, self._has_ticket(hello))
             authenticated = self._handshake(conn, peer, hello, deadline)
             if authenticated is None:
                 return

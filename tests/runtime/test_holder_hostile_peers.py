@@ -12,11 +12,13 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from rt_helpers import attach_works, load_tiny_llama, wait_until
 
 from vnpu import sharing
+from vnpu.runtime import attach as attach_module
 from vnpu.runtime import holder as holder_module
 from vnpu.runtime.attach import HolderUnavailableError, attach, holder_status
 from vnpu.runtime.holder import WeightsHolder
@@ -98,6 +100,88 @@ def test_a_peer_refilling_every_handshake_slot_does_not_lock_out_replicas(
         fillers.close()
     assert holder.refused >= 20
     assert len(_records(caplog, "cut an older client in its handshake")) == 1
+
+
+def _stall_after_the_challenge(path: Path, ticket: bool) -> socket.socket:
+    """A peer that sends a complete hello with the group's identity (no secret: it is in every pod's
+    environment), with a valid ticket (a replay) or none (no key), reads the challenge and stalls."""
+    peer = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    peer.settimeout(10)
+    peer.connect(str(path))
+    nonce = sharing.new_nonce()
+    identity = {"namespace": ID.namespace, "group": ID.group, "weights_id": ID.weights_id}
+    hello = {"op": "hello", "protocol": 2, "identity": identity, "nonce": nonce, "pid": 1}
+    if ticket:
+        hello["ticket"] = holder_module.hello_ticket(KEY, ID, nonce)
+    send_message(peer, hello)
+    challenge, _ = recv_message(peer)
+    assert challenge["op"] == "challenge"
+    return peer
+
+
+def _was_cut(peer: socket.socket) -> bool:
+    peer.settimeout(0.2)
+    try:
+        return peer.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def test_peers_stalling_after_the_challenge_never_push_a_replica_out(
+    short_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a replica computes its answer to the challenge, twice as many peers without the key as
+    there are slots send a complete hello and stall after theirs: each new one cuts one of them, not the
+    replica, whose hello carried its ticket (the holder cut the oldest of them all, the replica)."""
+    monkeypatch.setattr(holder_module, "MAX_HANDSHAKES", 4)
+    monkeypatch.setattr(holder_module, "HANDSHAKE_TIMEOUT_S", 60.0)
+    monkeypatch.setattr(holder_module, "STALL_GRACE_S", 60.0)  # nobody overdue: the tickets decide
+    holder = WeightsHolder(load_tiny_llama(short_tmp / "model"), ID, KEY, short_tmp / "s" / "weights.sock")
+    holder.start()
+    stallers: list[socket.socket] = []
+    receive = attach_module.recv_message
+
+    def crowd_after_the_challenge(sock: socket.socket, **kwargs: Any) -> Any:
+        message, fds = receive(sock, **kwargs)
+        if message.get("op") == "challenge" and not stallers:
+            stallers.extend(_stall_after_the_challenge(holder.socket_path, ticket=False) for _ in range(8))
+        return message, fds
+
+    monkeypatch.setattr(attach_module, "recv_message", crowd_after_the_challenge)
+    try:
+        attach(holder.socket_path, ID, KEY, timeout=30).close()
+        assert len(stallers) == 8
+        assert holder.refused == 5  # 1 + 8 connections for 4 slots: 5 stallers cut
+        assert [_was_cut(peer) for peer in stallers] == [True] * 5 + [False] * 3
+    finally:
+        for peer in stallers:
+            peer.close()
+        holder.stop()
+
+
+def test_a_ticket_holds_its_slot_only_while_the_challenge_is_fresh(
+    short_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A connection with a valid ticket that does not answer its challenge (a replayed hello, or a
+    replica stopped for longer than a CPU throttle) is the first cut once its grace has passed."""
+    monkeypatch.setattr(holder_module, "MAX_HANDSHAKES", 4)
+    monkeypatch.setattr(holder_module, "HANDSHAKE_TIMEOUT_S", 60.0)
+    monkeypatch.setattr(holder_module, "STALL_GRACE_S", 0.2)
+    holder = WeightsHolder(load_tiny_llama(short_tmp / "model"), ID, KEY, short_tmp / "s" / "weights.sock")
+    holder.start()
+    peers: list[socket.socket] = []
+    try:
+        peers.append(_stall_after_the_challenge(holder.socket_path, ticket=True))
+        time.sleep(0.3)
+        peers.extend(_stall_after_the_challenge(holder.socket_path, ticket=False) for _ in range(4))
+        assert [_was_cut(peer) for peer in peers] == [True, False, False, False, False]
+        assert holder.refused == 1
+    finally:
+        for peer in peers:
+            peer.close()
+        holder.stop()
 
 
 def test_a_replica_waits_out_a_full_listen_backlog(short_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
