@@ -18,10 +18,10 @@ same container edits.
   already survives a crash of the plugin (it is in the kernel's page cache), and the few
   milliseconds an OS crash could lose are rebuilt by the pod-resources reconcile below; ``off``
   never syncs (tmpfs, benchmarks). The journal is folded into a snapshot file (atomic replace) on
-  restart, on rare changes (releases, reconcile) and every ``JOURNAL_COMPACT_AT`` records. A
-  compaction that fails after an allocation was journaled does not fail that allocation (it is
-  safe in the journal): it is logged and tried again later, backing off from
-  ``COMPACT_RETRY_MIN_S`` to ``COMPACT_RETRY_MAX_S``;
+  restart, on rare changes (releases, reconcile) and every ``JOURNAL_COMPACT_AT`` records or
+  ``JOURNAL_COMPACT_BYTES`` bytes. A compaction that fails after an allocation was journaled does
+  not fail that allocation (it is safe in the journal): it is logged and tried again later, backing
+  off from ``COMPACT_RETRY_MIN_S`` to ``COMPACT_RETRY_MAX_S``;
 * after a restart the ledger is rebuilt from the checkpoint, then reconciled with the kubelet's
   pod-resources API (the authority on what live pods hold) when its socket exists: slices a live
   pod holds are (re)recorded, checkpointed slices no live pod holds are released after a grace
@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import json
 import logging
 import math
@@ -54,18 +55,20 @@ import stat
 import tempfile
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_VERSION = 1
 SYNC_MODES = ("sync", "async", "off")
-#: Journal records after which the journal is folded into the snapshot.
+#: Journal records, or bytes, after which the journal is folded into the snapshot. (Records of
+#: whole devices of thousands of slices made 1024 records a journal of 50 MiB.)
 JOURNAL_COMPACT_AT = 1024
+JOURNAL_COMPACT_BYTES = 4 * 1024 * 1024
 #: After a failed compaction the next try waits this long, doubling after each failure up to the max.
 COMPACT_RETRY_MIN_S = 1.0
 COMPACT_RETRY_MAX_S = 60.0
@@ -147,8 +150,8 @@ class NotARegularFileError(OSError):
     """A ledger path that is a link, a directory, a FIFO or a device: never read through."""
 
 
-def _read_regular_file(path: Path) -> bytes:
-    """The bytes of ``path`` if it is a regular file, read without following a link or blocking on a
+def _open_regular_file(path: Path) -> BinaryIO:
+    """``path`` opened for reading if it is a regular file, without following a link or blocking on a
     FIFO (opened ``O_NOFOLLOW | O_NONBLOCK``, checked with ``fstat`` on what was opened, so no swap
     between a check and the read is followed); else :class:`NotARegularFileError`."""
     try:
@@ -160,10 +163,16 @@ def _read_regular_file(path: Path) -> bytes:
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise NotARegularFileError(errno.EINVAL, "not a regular file", str(path))
-        with os.fdopen(os.dup(fd), "rb") as f:
-            return f.read()
-    finally:
+        return os.fdopen(fd, "rb")
+    except BaseException:
         os.close(fd)
+        raise
+
+
+def _read_regular_file(path: Path) -> bytes:
+    """The bytes of ``path`` if it is a regular file (see :func:`_open_regular_file`)."""
+    with _open_regular_file(path) as f:
+        return f.read()
 
 
 def _parse_snapshot(text: str) -> list[Allocation]:
@@ -264,19 +273,23 @@ class Ledger:
         with self._lock:
             self._by_slice = {}
             self._missing_since = {}
-            for raw in [*allocations, *self._read_journal()]:
+            # Journal records are applied as they are read: a long journal of large records (whole
+            # devices of thousands of slices) never sits in memory at once.
+            for raw in itertools.chain(allocations, self._read_journal()):
                 if (alloc := _sanitised(raw, now)) is not None:
                     self._apply_locked(alloc)
             self._compact_locked()  # start from a clean snapshot and an empty journal
             return len(self._by_slice)
 
-    def _read_journal(self) -> list[Allocation]:
+    def _read_journal(self) -> Iterator[Allocation]:
+        """The journal's allocations, one line at a time. An unreadable line is skipped: logged at
+        ERROR, or at INFO when it is the last line (a crash mid-write leaves a torn one there)."""
         if self.journal is None:
-            return []
+            return
         try:
-            raw = _read_regular_file(self.journal)
+            f = _open_regular_file(self.journal)
         except FileNotFoundError:
-            return []
+            return
         except NotARegularFileError:
             # A link (its target would be truncated by the compaction), a FIFO (it would block the
             # start) or anything else: never followed; removed, and a fresh journal made in its place.
@@ -285,23 +298,41 @@ class Ledger:
                 self._move_aside_if_irreplaceable(self.journal)
             else:
                 self.journal.unlink()
-            return []
+            return
         except OSError as exc:
             log.error("ignoring unreadable journal", extra={"path": str(self.journal), "error": repr(exc)})
-            return []
-        # Split as bytes and decode line by line: one bad byte costs its line, not the whole journal.
-        lines = raw.splitlines()
-        out = []
-        for n, line in enumerate(lines):
+            return
+        # Read as bytes and decode line by line: one bad byte costs its line, not the whole journal.
+        skipped: tuple[int, BaseException] | None = None  # logged once it is known whether it was last
+        with f:
             try:
-                record = json.loads(line.decode("utf-8"))
-                if not isinstance(record, Mapping):
-                    raise ValueError(f"a journal line is a JSON object, not a {type(record).__name__}")
-                out.append(Allocation.from_json(record["record"]))
-            except _UNREADABLE as exc:
-                level = logging.INFO if n == len(lines) - 1 else logging.ERROR
-                log.log(level, "skipping unreadable journal line", extra={"line": n + 1, "error": repr(exc)})
-        return out
+                for n, line in enumerate(f, 1):
+                    if skipped is not None:
+                        self._log_skipped(*skipped, last=False)
+                        skipped = None
+                    try:
+                        record = json.loads(line.decode("utf-8"))
+                        if not isinstance(record, Mapping):
+                            raise ValueError(
+                                f"a journal line is a JSON object, not a {type(record).__name__}"
+                            )
+                        allocation = Allocation.from_json(record["record"])
+                    except _UNREADABLE as exc:
+                        skipped = (n, exc)
+                        continue
+                    yield allocation
+            except OSError as exc:  # a bad sector mid-journal: what was read stands
+                log.error(
+                    "ignoring the rest of an unreadable journal",
+                    extra={"path": str(self.journal), "error": repr(exc)},
+                )
+        if skipped is not None:
+            self._log_skipped(*skipped, last=True)
+
+    @staticmethod
+    def _log_skipped(line: int, exc: BaseException, *, last: bool) -> None:
+        level = logging.INFO if last else logging.ERROR
+        log.log(level, "skipping unreadable journal line", extra={"line": line, "error": repr(exc)})
 
     @staticmethod
     def _move_aside_if_irreplaceable(path: Path) -> None:
@@ -353,7 +384,7 @@ class Ledger:
         """Compact when it is owed (a long journal, a reconcile's changes) and no failed compaction
         is backing off. A failure is logged and retried later, never raised: what asked for it is in
         the journal already, or comes back from pod-resources."""
-        if self._journal_records >= JOURNAL_COMPACT_AT:
+        if self._journal_records >= JOURNAL_COMPACT_AT or self._journal_bytes >= JOURNAL_COMPACT_BYTES:
             self._compact_wanted = True
         if not self._compact_wanted or time.monotonic() < self._compact_retry_at:
             return

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 
@@ -75,14 +76,14 @@ def test_an_unreadable_journal_is_ignored_like_an_unreadable_snapshot(tmp_path, 
     ledger = Ledger(path)
     ledger.record(alloc(["npu0-s0"], A))
     ledger.close()
-    real_read = ledger_module._read_regular_file
+    real_open = ledger_module._open_regular_file
 
-    def media_error(path: Path) -> bytes:
+    def media_error(path: Path) -> BinaryIO:
         if path == ledger.journal:  # reading fails, as on a bad disk; writing still works
             raise OSError(errno.EIO, "Input/output error")
-        return real_read(path)
+        return real_open(path)
 
-    monkeypatch.setattr(ledger_module, "_read_regular_file", media_error)
+    monkeypatch.setattr(ledger_module, "_open_regular_file", media_error)
     assert Ledger(path).load() == 0  # the pod-resources reconcile rebuilds what live pods hold
     assert "ignoring unreadable journal" in caplog.text
 
@@ -430,3 +431,38 @@ def test_a_failed_compaction_fails_no_allocation_and_is_retried_with_a_backoff(t
     assert "compacting the ledger journal works again" in caplog.text
     ledger.close()
     assert Ledger(path).load() == 7
+
+
+def test_the_journal_is_compacted_once_it_holds_journal_compact_bytes(tmp_path, monkeypatch):
+    """Compaction counted records only: with records of whole devices of thousands of slices, 1023
+    of them made a journal of 50 MiB (and a restart that took 400 MiB to read it)."""
+    monkeypatch.setattr(ledger_module, "JOURNAL_COMPACT_BYTES", 4096)
+    path = tmp_path / "checkpoint.json"
+    ledger = Ledger(path, sync="off")
+    whole_device = [f"npu0-s{i}" for i in range(128)]  # one record: some 1.8 KiB
+    sizes = []
+    for _ in range(10):
+        ledger.record(alloc(whole_device))
+        sizes.append(ledger.journal.stat().st_size)
+    assert max(sizes) < 4096 + 2048 and sizes.count(0) >= 3  # compacted every third record or so
+    assert Ledger(path).load() == 128
+
+
+def test_a_long_journal_of_large_records_is_applied_as_it_is_read(tmp_path):
+    """load() read the whole journal, split it into lines and parsed every record into a list before
+    applying any: a 51 MiB journal (1023 records of 4096 slices) took 406 MiB on every restart.
+    Records are applied one at a time now, so reading needs about one record's memory."""
+    import tracemalloc
+
+    path = tmp_path / "checkpoint.json"
+    whole_device = [f"npu0-s{i}" for i in range(4096)]
+    line = json.dumps({"record": alloc(whole_device).to_json()}, separators=(",", ":")) + "\n"
+    path.with_name("checkpoint.json.journal").write_text(line * 64)  # 3.7 MiB: the pod came and went
+    ledger = Ledger(path, sync="off")
+    tracemalloc.start()
+    try:
+        assert ledger.load() == 4096
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 2**20, f"load() peaked at {peak / 2**20:.0f} MiB"
