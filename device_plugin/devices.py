@@ -10,7 +10,10 @@
   its last known layout (none when it has none): such a size is a bogus report (a ``0xFFFFFFFF``
   sentinel), and its slice list would not fit the kubelet's messages;
 * every device is its own extended resource, ``vnpu.io/memory-<index>``: a device whose index another
-  device already has (or is out of range) is unhealthy, so two devices never share one resource.
+  device already has (or is out of range) is unhealthy, so two devices never share one resource;
+* every device has its own socket directory, named after its ID (:func:`.contract.device_dir_name`):
+  a device whose ID names the directory another device already has (``npu:0`` and ``npu_0``) is
+  unhealthy, so the pods of two devices never share one directory.
 
 :class:`DeviceTable` holds the current table behind a lock and a version number that changes only
 when something the kubelet or the node annotation sees changes (not on memory-usage updates), so
@@ -26,6 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from vnpu.api import MAX_DEVICE_ID_LEN, MAX_DEVICE_INDEX, device_resource, slice_id
+from vnpu.device_plugin import contract
 from vnpu.device_plugin.backends.base import Backend, BackendError, PhysicalDevice
 from vnpu.inventory import HEALTHY, UNHEALTHY, DeviceInfo, NodeInventory
 
@@ -50,6 +54,9 @@ class DeviceEntry:
     #: False when another device already held this device's index: ownership is read back from the
     #: previous table, so an index stays with its first device however many polls follow.
     owns_index: bool = True
+    #: False when another device already held the socket directory this device's ID names (kept
+    #: like ``owns_index``).
+    owns_socket_dir: bool = True
 
     @property
     def id(self) -> str:
@@ -94,6 +101,15 @@ class DeviceEntry:
         )
 
 
+def _socket_dir_name(device_id: str) -> str | None:
+    """The socket directory name of ``device_id``; None when it cannot name one (its endpoint then
+    cannot be set up, which says so)."""
+    try:
+        return contract.device_dir_name(device_id)
+    except ValueError:
+        return None
+
+
 def _check_id_length(device_id: str, slices: int) -> None:
     if slices:
         slice_id(device_id, slices - 1)  # raises ValueError when the longest slice ID exceeds the limit
@@ -111,15 +127,26 @@ def merge(
     table: dict[str, DeviceEntry] = {}
     # index -> the device holding it; an index stays with its first device, never with one it was refused to
     index_owner = {e.device.index: e.id for e in previous.values() if e.owns_index}
+    # socket directory name -> the device holding it, kept the same way
+    dir_owner = {_socket_dir_name(e.id): e.id for e in previous.values() if e.owns_socket_dir}
     for dev in sorted(report, key=lambda d: (d.id not in previous, d.index, d.id)):
         prev = previous.get(dev.id)
         owner = index_owner.setdefault(dev.index, dev.id)
+        dir_name = _socket_dir_name(dev.id)
+        dir_holder = dir_owner.setdefault(dir_name, dev.id) if dir_name is not None else dev.id
         if not 0 <= dev.index <= MAX_DEVICE_INDEX:
             dev = replace(
                 dev, healthy=False, reason=f"device index {dev.index} is outside [0, {MAX_DEVICE_INDEX}]"
             )
         elif owner != dev.id:
             dev = replace(dev, healthy=False, reason=f"device index {dev.index} is already {owner}'s")
+        elif dir_holder != dev.id:
+            dev = replace(
+                dev,
+                healthy=False,
+                reason=f"device id {dev.id!r} names the socket directory {dir_name!r}, which device "
+                f"{dir_holder!r} already has: give one of them another ID",
+            )
         total = dev.total_mib if dev.total_mib is not None else (prev.total_mib if prev else 0)
         if dev.total_mib is None and dev.healthy:
             dev = replace(dev, healthy=False, reason="device memory size unknown")
@@ -144,7 +171,12 @@ def merge(
             )
             slices = 0
         table[dev.id] = DeviceEntry(
-            device=dev, total_mib=total, slice_mib=slice_mib, slices=slices, owns_index=owner == dev.id
+            device=dev,
+            total_mib=total,
+            slice_mib=slice_mib,
+            slices=slices,
+            owns_index=owner == dev.id,
+            owns_socket_dir=dir_holder == dev.id,
         )
     for key, entry in previous.items():
         if key not in table:

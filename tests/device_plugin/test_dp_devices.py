@@ -57,6 +57,26 @@ def test_an_index_stays_with_its_first_device_over_many_polls():
         ]
 
 
+def test_a_device_whose_id_names_another_devices_socket_directory_is_unhealthy():
+    """``npu:0`` and ``npu_0`` both name the socket directory ``npu_0``: the pods of both devices got
+    one directory, each able to reach the other's weight-holders, and both devices were Healthy."""
+    clash = [
+        PhysicalDevice(id="npu:0", index=0, model="m", total_mib=4096),
+        PhysicalDevice(id="npu_0", index=1, model="m", total_mib=4096),
+    ]
+    table: dict = {}
+    for _ in range(3):  # the same report every poll: nothing may change hands
+        table = merge(table, clash, slice_mib=1024)
+        assert [(e.id, e.healthy, e.reason) for e in table.values()] == [
+            ("npu:0", True, ""),
+            ("npu_0", False, "device id 'npu_0' names the socket directory 'npu_0', which device 'npu:0' "
+             "already has: give one of them another ID"),
+        ]  # fmt: skip
+    # A device reported first in a later poll does not take the directory from the one holding it.
+    later = merge(merge({}, clash[1:], slice_mib=1024), clash, slice_mib=1024)
+    assert [(e.id, e.healthy) for e in later.values()] == [("npu:0", False), ("npu_0", True)]
+
+
 def test_a_device_with_more_slices_than_a_message_can_carry_is_unhealthy_without_them():
     # The largest layout allowed, with the longest slice IDs and the widest NUMA ID, fits a ListAndWatch
     # message with room to spare (the kubelet takes at most 4 MiB).
