@@ -190,7 +190,7 @@ class _Throttled:
         self._next_at: float | None = None
         self._suppressed = 0
 
-    def __call__(self, **extra: Any) -> None:
+    def __call__(self, exc_info: BaseException | None = None, **extra: Any) -> None:
         now = time.monotonic()
         with self._lock:
             if self._next_at is not None and now < self._next_at:
@@ -198,7 +198,7 @@ class _Throttled:
                 return
             suppressed, self._suppressed = self._suppressed, 0
             self._next_at = now + LOG_INTERVAL_S
-        log.log(self._level, self._message, extra=extra | {"suppressed": suppressed})
+        log.log(self._level, self._message, exc_info=exc_info, extra=extra | {"suppressed": suppressed})
 
 
 def peer_credentials(conn: socket.socket) -> tuple[int, int, int]:
@@ -210,8 +210,11 @@ def peer_credentials(conn: socket.socket) -> tuple[int, int, int]:
 
 def announced_drain(value: object) -> float:
     """The request drain a replica announced at attach, in seconds: a number in [0, MAX_DRAIN_S], or
-    the default drain for a replica that announced none (an older one) or an unusable value."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    the default drain for a replica that announced none (an older one) or an unusable value. Ints are
+    compared as they are: JSON's have no bound, and ``10**400`` (past a float's range) is the longest."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return float(api.REPLICA_DRAIN_S)
+    if isinstance(value, float) and not math.isfinite(value):
         return float(api.REPLICA_DRAIN_S)
     return float(min(max(value, 0), api.MAX_DRAIN_S))
 
@@ -275,6 +278,7 @@ class WeightsHolder:
             logging.WARNING, "cut an older client in its handshake: too many connections in their handshake"
         )
         self._log_handshake_ended = _Throttled(logging.INFO, "connection ended in its handshake")
+        self._log_bug = _Throttled(logging.ERROR, "connection closed on an unexpected error (a bug)")
         self.started_at = time.time()
 
     @property
@@ -665,6 +669,8 @@ class WeightsHolder:
                 log.info("connection ended", extra={"reason": str(e), "share": str(self.identity)})
             elif self._pending.holds(token):  # not cut: that was counted and logged when it was
                 self._log_handshake_ended(reason=str(e), share=str(self.identity))
+        except Exception as e:  # with its traceback in the log: never a thread dying on stderr alone
+            self._log_bug(exc_info=e, reason=repr(e), share=str(self.identity))
         finally:
             if in_handshake:
                 self._pending.leave(token)  # before the close: see _PendingHandshakes.admit

@@ -619,6 +619,10 @@ def _attach(path: Path) -> bool:
         (0, 0.0),
         (-30, 0.0),
         (10**9, float(api.MAX_DRAIN_S)),
+        pytest.param(10**400, float(api.MAX_DRAIN_S), id="10**400"),  # a JSON int past a float's range
+        pytest.param(-(10**400), 0.0, id="-10**400"),
+        (float("inf"), float(api.REPLICA_DRAIN_S)),
+        (float("nan"), float(api.REPLICA_DRAIN_S)),
         (None, float(api.REPLICA_DRAIN_S)),  # an older replica announces nothing
         ("forever", float(api.REPLICA_DRAIN_S)),
         (True, float(api.REPLICA_DRAIN_S)),
@@ -627,6 +631,41 @@ def _attach(path: Path) -> bool:
 )
 def test_an_announced_drain_is_a_bounded_number_of_seconds(announced: object, seconds: float) -> None:
     assert holder_module.announced_drain(announced) == seconds
+
+
+def test_an_unforeseen_error_in_a_connection_is_logged_with_its_traceback(
+    tiny: Any, short_tmp: Path, monkeypatch: Any, caplog: Any
+) -> None:
+    """A bug met while serving one connection (here in reading the announced drain) ends that
+    connection with an ERROR and its traceback in the holder's log, not a thread dying with a traceback
+    on stderr alone; the holder serves the next replica."""
+    died: list[threading.ExceptHookArgs] = []
+    monkeypatch.setattr(threading, "excepthook", died.append)
+    real_announced_drain = holder_module.announced_drain
+    calls = []
+
+    def announced_drain(value: object) -> float:
+        calls.append(value)
+        if len(calls) == 1:
+            raise RuntimeError("a bug")
+        return real_announced_drain(value)
+
+    monkeypatch.setattr(holder_module, "announced_drain", announced_drain)
+    caplog.set_level(logging.INFO, logger="vnpu.runtime.holder")
+    holder = WeightsHolder(tiny, ID, KEY, short_tmp / "s" / "weights.sock")
+    holder.start()
+    try:
+        with pytest.raises(HolderUnavailableError):
+            attach(holder.socket_path, ID, KEY, timeout=10)
+        attach(holder.socket_path, ID, KEY, timeout=10).close()
+        wait_until(lambda: holder.clients == 0, timeout=10)
+    finally:
+        holder.stop()
+    assert died == []
+    (record,) = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert record.getMessage() == "connection closed on an unexpected error (a bug)"
+    assert record.exc_info is not None and "RuntimeError: a bug" in caplog.text
+    assert holder.refused == 0
 
 
 def test_a_stopping_holder_keeps_the_weights_as_long_as_its_replicas_drain(
