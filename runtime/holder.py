@@ -604,6 +604,7 @@ class WeightsHolder:
         proved it holds the key), then its status or its lease."""
         lease_id = None
         in_handshake = True
+        granted = False
         try:
             # One deadline for the whole handshake: a peer trickling its bytes must not keep its slot.
             started = time.monotonic()
@@ -648,6 +649,7 @@ class WeightsHolder:
                 head = encode(grant)
                 settimeout_until(conn, deadline)
                 send_encoded(conn, head[:-1] + b',"manifest":' + self._manifest_json + b"}", grant_fds)
+                granted = True
             finally:
                 for fd in grant_fds:
                     os.close(fd)
@@ -665,7 +667,12 @@ class WeightsHolder:
         except (ProtocolError, OSError) as e:
             if self._stop.is_set():
                 pass
-            elif not in_handshake:
+            elif lease_id is not None and not granted:  # out of fds for its dup, its send past the deadline
+                log.warning(
+                    "attach failed: the grant was not sent",
+                    extra={"reason": str(e), "peer_pid": pid, "peer_uid": uid, "share": str(self.identity)},
+                )
+            elif not in_handshake:  # the lease's end (the replica detached or died), or a status answer's
                 log.info("connection ended", extra={"reason": str(e), "share": str(self.identity)})
             elif self._pending.holds(token):  # not cut: that was counted and logged when it was
                 self._log_handshake_ended(reason=str(e), share=str(self.identity))
@@ -677,7 +684,8 @@ class WeightsHolder:
             if lease_id is not None:
                 with self._lock:
                     self._leases.pop(lease_id, None)
-                log.info("replica detached", extra={"clients": self.clients, "share": str(self.identity)})
+                if granted:
+                    log.info("replica detached", extra={"clients": self.clients, "share": str(self.identity)})
             conn.close()
 
     def _serve_lease(self, conn: socket.socket) -> None:

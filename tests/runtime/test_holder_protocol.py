@@ -668,6 +668,42 @@ def test_an_unforeseen_error_in_a_connection_is_logged_with_its_traceback(
     assert holder.refused == 0
 
 
+def test_a_grant_the_holder_cannot_send_is_a_warning_not_a_detach(
+    tiny: Any, short_tmp: Path, monkeypatch: Any, caplog: Any
+) -> None:
+    """The holder runs out of file descriptors for the grant's duplicates (EMFILE): the replica's
+    attach fails, and the holder's log says the grant was not sent, at WARNING, not that a connection
+    ended and a replica detached (INFO, what every replica's normal leaving looks like)."""
+    real_dup = os.dup
+    failed = []
+
+    def dup(fd: int) -> int:
+        if threading.current_thread().name == "holder-conn" and not failed:
+            failed.append(fd)
+            raise OSError(errno.EMFILE, "Too many open files")
+        return real_dup(fd)
+
+    monkeypatch.setattr(os, "dup", dup)
+    caplog.set_level(logging.INFO, logger="vnpu.runtime.holder")
+    holder = WeightsHolder(tiny, ID, KEY, short_tmp / "s" / "weights.sock")
+    holder.start()
+    try:
+        with pytest.raises(HolderUnavailableError):
+            attach(holder.socket_path, ID, KEY, timeout=10)
+        wait_until(lambda: any(r.levelno == logging.WARNING for r in caplog.records), timeout=10)
+        assert holder.clients == 0
+        attach(holder.socket_path, ID, KEY, timeout=10).close()  # the next one gets its grant
+        wait_until(lambda: holder.clients == 0, timeout=10)
+    finally:
+        holder.stop()
+    (warning,) = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warning.getMessage() == "attach failed: the grant was not sent"
+    assert "Too many open files" in warning.reason  # type: ignore[attr-defined]
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages.count("replica attached") == messages.count("replica detached") == 1
+    assert messages.count("connection ended") == 1  # the second replica's lease
+
+
 def test_a_stopping_holder_keeps_the_weights_as_long_as_its_replicas_drain(
     tiny: Any, short_tmp: Path, monkeypatch: Any
 ) -> None:
