@@ -40,7 +40,8 @@ Limits a peer without the key runs into (it may pass ``SO_PEERCRED``: a pod of t
   newer connection when all ``MAX_HANDSHAKES`` hold tickets and have waited less than the grace;
 - what it sent is echoed, in a refusal and in the log, cut to ``ipc.MAX_SHOWN_CHARS`` characters;
 - refusals, cuts and failed handshakes are logged at most once per ``LOG_INTERVAL_S`` each, with the
-  number left out since (``suppressed``); every refusal and cut counts in ``WeightsHolder.refused``.
+  number left out since (``suppressed``); every refusal and cut counts in ``WeightsHolder.refused``,
+  which :meth:`WeightsHolder.info` shows (``vnpu runtime probe``, the ready event).
 """
 
 from __future__ import annotations
@@ -287,6 +288,7 @@ class WeightsHolder:
             return len(self._leases)
 
     def info(self) -> dict[str, Any]:
+        """What the holder says of itself: in ``vnpu runtime probe``, its ready event and every grant."""
         m = self.weights.manifest
         return {
             "pid": os.getpid(),
@@ -300,6 +302,7 @@ class WeightsHolder:
             "resident_bytes": self.resident.arena.nbytes if self.resident is not None else 0,
             "load_seconds": round(self.weights.seconds, 3),
             "clients": self.clients,
+            "refused": self.refused,
             "protocol": PROTOCOL_VERSION,
         }
 

@@ -164,6 +164,21 @@ def test_a_client_that_skips_the_handshake_gets_nothing(holder: Any) -> None:
     assert holder.clients == 0
 
 
+def test_the_holders_status_counts_the_clients_it_refused(holder: Any) -> None:
+    """What `vnpu runtime probe` prints (and the holder's ready event) carries the count of refused and
+    cut connections: the one place on-call can see peers hammering a holder."""
+    from vnpu.runtime.ipc import recv_message, send_message
+
+    assert holder_status(holder.socket_path, ID, KEY)["refused"] == 0
+    for _ in range(2):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(str(holder.socket_path))
+            send_message(s, {"op": "status"})  # no handshake
+            reply, _ = recv_message(s)
+            assert not reply["ok"]
+    assert holder_status(holder.socket_path, ID, KEY)["refused"] == 2
+
+
 def test_a_squatting_socket_is_refused_by_the_replica(tiny: Any, short_tmp: Path) -> None:
     """Something listening where the holder should be, without the group's key (it answers the hello
     with a challenge of its own making): the replica refuses it and never sends its proof."""
