@@ -21,7 +21,8 @@ from typing import Any
 
 from vnpu import sharing
 from vnpu.runtime.arena import Arena, ArenaError, import_arena
-from vnpu.runtime.holder import PROTOCOL_VERSION, hello_ticket
+from vnpu.runtime.handshakes import hello_ticket
+from vnpu.runtime.holder import PROTOCOL_VERSION
 from vnpu.runtime.ipc import ProtocolError, recv_message, send_message, settimeout_until
 from vnpu.runtime.manifest import WeightManifest, layout_problem
 from vnpu.runtime.offload_plan import ResidentPart

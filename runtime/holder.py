@@ -4,7 +4,7 @@ Protocol (JSON frames, see :mod:`vnpu.runtime.ipc`), client first, authenticated
 share group's key (see :mod:`vnpu.sharing`):
 
 1. ``{"op": "hello", "protocol": 2, "identity": {namespace, group, weights_id}, "nonce": Nc, "pid": p,
-   "ticket": HMAC(key, replica, identity, Nc, "")}``
+   "ticket": HMAC(key, ticket, identity, Nc)}``
    -> ``{"ok": true, "op": "challenge", "nonce": Ns, "proof": HMAC(key, holder, identity, Nc, Ns)}``.
    The client checks the proof: a squatter without the key cannot make it. The ``ticket`` (optional:
    replicas of earlier versions send none) lets the holder tell a replica from peers without the key
@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import itertools
 import logging
 import math
 import os
@@ -58,11 +57,11 @@ import struct
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from vnpu import api, sharing
+from vnpu.runtime.handshakes import PendingHandshakes, ThrottledLog, hello_ticket
 from vnpu.runtime.ipc import (
     ProtocolError,
     encode,
@@ -82,7 +81,8 @@ PROTOCOL_VERSION = 2
 #: send its first frame (the hello, which a replica sends as it connects).
 HANDSHAKE_TIMEOUT_S = 5.0
 HELLO_TIMEOUT_S = 1.0
-#: Connections in their handshake at once; a new one past this cuts an older one (see _PendingHandshakes).
+#: Connections in their handshake at once; a new one past this cuts an older one (see
+#: vnpu.runtime.handshakes).
 MAX_HANDSHAKES = 32
 #: Seconds a connection in its handshake may keep the holder waiting (for its hello since it was
 #: accepted, then for its answer since the challenge) before it is the first cut to make room. A replica
@@ -102,104 +102,6 @@ log = logging.getLogger("vnpu.runtime.holder")
 
 class HolderError(RuntimeError):
     """The holder cannot start (socket in use, bad directory, ...)."""
-
-
-def hello_ticket(key: bytes, identity: sharing.ShareIdentity, client_nonce: str) -> str:
-    """What a replica's hello carries to show the holder that it holds the key: its proof for an
-    exchange without the holder's nonce. Its real proof binds the holder's nonce, so the ticket cannot
-    stand in for it: the holder only cuts a connection with a valid ticket last (see
-    _PendingHandshakes)."""
-    return sharing.proof(key, "replica", identity, client_nonce, "")
-
-
-@dataclass
-class _Handshake:
-    """A connection in its handshake, as the pending table sees it."""
-
-    conn: socket.socket
-    waiting_since: float = field(default_factory=time.monotonic)  #: for its hello, then for its answer
-    heard: bool = False  #: its hello is in
-    ticket: bool = False  #: its hello carried a valid ticket
-
-
-class _PendingHandshakes:
-    """The connections in their handshake, at most ``limit`` of them.
-
-    Room for a new one is made by cutting one: its socket is shut down, so its thread's next read or
-    write fails and the thread ends. Cut first, the oldest first in each: one that has kept the holder
-    waiting over ``grace_s``, one whose hello came without a valid ticket, one whose hello is not in
-    yet, and last one with a ticket (only replicas with the key make them). A connection leaves the
-    table once its peer has proved it holds the key (an authenticated replica is never cut) or when its
-    thread ends."""
-
-    def __init__(self, limit: int, grace_s: float) -> None:
-        self._limit = limit
-        self._grace_s = grace_s
-        self._lock = threading.Lock()
-        self._pending: dict[int, _Handshake] = {}  # token -> handshake; tokens grow: the oldest first
-        self._tokens = itertools.count(1)
-
-    def _cut_first(self, handshake: _Handshake, now: float) -> int:
-        """0 for the connections to cut first, up to 3 for those to cut last."""
-        if now - handshake.waiting_since > self._grace_s:
-            return 0
-        if not handshake.heard:
-            return 2
-        return 3 if handshake.ticket else 1
-
-    def admit(self, conn: socket.socket) -> tuple[int, bool]:
-        """Add ``conn``; returns its token and whether another connection was cut to make room."""
-        with self._lock:
-            cut = len(self._pending) >= self._limit
-            if cut:
-                now = time.monotonic()
-                victim = min(self._pending, key=lambda t: (self._cut_first(self._pending[t], now), t))
-                # Shut while holding the lock: its thread closes it only after leave(), which waits for
-                # the lock, so its descriptor cannot have been closed and re-used by another file yet.
-                with contextlib.suppress(OSError):
-                    self._pending.pop(victim).conn.shutdown(socket.SHUT_RDWR)
-            token = next(self._tokens)
-            self._pending[token] = _Handshake(conn)
-        return token, cut
-
-    def heard(self, token: int, ticket: bool) -> None:
-        """The connection's hello is in (with a valid ticket or not): its challenge goes out now."""
-        with self._lock:
-            handshake = self._pending.get(token)
-            if handshake is not None:
-                handshake.heard, handshake.ticket = True, ticket
-                handshake.waiting_since = time.monotonic()
-
-    def holds(self, token: int) -> bool:
-        with self._lock:
-            return token in self._pending
-
-    def leave(self, token: int) -> bool:
-        """Take the connection out; False if it was no longer in (cut to make room)."""
-        with self._lock:
-            return self._pending.pop(token, None) is not None
-
-
-class _Throttled:
-    """A log line any peer can cause at will, written at most once per ``LOG_INTERVAL_S``: each line
-    carries ``suppressed``, how many of its kind were left out since the previous one."""
-
-    def __init__(self, level: int, message: str) -> None:
-        self._level = level
-        self._message = message
-        self._lock = threading.Lock()
-        self._next_at: float | None = None
-        self._suppressed = 0
-
-    def __call__(self, exc_info: BaseException | None = None, **extra: Any) -> None:
-        now = time.monotonic()
-        with self._lock:
-            if self._next_at is not None and now < self._next_at:
-                self._suppressed += 1
-                return
-            suppressed, self._suppressed = self._suppressed, 0
-            self._next_at = now + LOG_INTERVAL_S
-        log.log(self._level, self._message, exc_info=exc_info, extra=extra | {"suppressed": suppressed})
 
 
 def peer_credentials(conn: socket.socket) -> tuple[int, int, int]:
@@ -270,16 +172,23 @@ class WeightsHolder:
         self._leases: dict[int, _Lease] = {}
         self._lock = threading.Lock()
         self._lease_ids = iter(range(1, 1 << 62))
-        self._pending = _PendingHandshakes(MAX_HANDSHAKES, STALL_GRACE_S)
+        self._pending = PendingHandshakes(MAX_HANDSHAKES, STALL_GRACE_S)
         #: connections refused (authentication, identity, protocol, credentials) or cut in their
         #: handshake to make room for a newer one
         self.refused = 0
-        self._log_refused = _Throttled(logging.WARNING, "refused client")
-        self._log_cut = _Throttled(
-            logging.WARNING, "cut an older client in its handshake: too many connections in their handshake"
+        self._log_refused = ThrottledLog(log, logging.WARNING, "refused client", LOG_INTERVAL_S)
+        self._log_cut = ThrottledLog(
+            log,
+            logging.WARNING,
+            "cut an older client in its handshake: too many connections in their handshake",
+            LOG_INTERVAL_S,
         )
-        self._log_handshake_ended = _Throttled(logging.INFO, "connection ended in its handshake")
-        self._log_bug = _Throttled(logging.ERROR, "connection closed on an unexpected error (a bug)")
+        self._log_handshake_ended = ThrottledLog(
+            log, logging.INFO, "connection ended in its handshake", LOG_INTERVAL_S
+        )
+        self._log_bug = ThrottledLog(
+            log, logging.ERROR, "connection closed on an unexpected error (a bug)", LOG_INTERVAL_S
+        )
         self.started_at = time.time()
 
     @property
@@ -683,7 +592,7 @@ class WeightsHolder:
             self._log_bug(exc_info=e, reason=repr(e), share=str(self.identity))
         finally:
             if in_handshake:
-                self._pending.leave(token)  # before the close: see _PendingHandshakes.admit
+                self._pending.leave(token)  # before the close: see PendingHandshakes.admit
             if lease_id is not None:
                 with self._lock:
                     self._leases.pop(lease_id, None)

@@ -155,9 +155,11 @@ def valid_nonce(value: object) -> bool:
 
 
 def proof(key: bytes, role: str, identity: ShareIdentity, client_nonce: str, server_nonce: str) -> str:
-    """``role`` ("holder" or "replica") proves it knows ``key`` for ``identity`` in this exchange."""
-    if role not in ("holder", "replica"):
-        raise ValueError(f"role must be 'holder' or 'replica', got {role!r}")
+    """``role`` ("holder" or "replica") proves it knows ``key`` for ``identity`` in this exchange; a
+    replica's hello ticket (:func:`vnpu.runtime.handshakes.hello_ticket`) is role "ticket", so that
+    no ticket is ever a proof."""
+    if role not in ("holder", "replica", "ticket"):
+        raise ValueError(f"role must be 'holder', 'replica' or 'ticket', got {role!r}")
     message = b"\x00".join(
         (b"vnpu-share-v1", role.encode(), identity._context(), client_nonce.encode(), server_nonce.encode())
     )

@@ -327,3 +327,14 @@ def test_a_trickling_squatter_cannot_hold_an_attach_past_its_timeout(call: str, 
 
 def _attach(path: Path, timeout: float = 2.0) -> bool:
     return attach_works(path, ID, KEY, timeout=timeout)
+
+
+def test_a_hello_ticket_is_no_proof() -> None:
+    """The ticket is an HMAC of the identity and the replica's nonce under the key: under the replica's
+    own role it would be that replica's proof for an exchange with an empty holder nonce. Its role of
+    its own keeps it from ever standing in for a proof, whatever nonce a holder sent."""
+    nonce = sharing.new_nonce()
+    ticket = holder_module.hello_ticket(KEY, ID, nonce)
+    for role in ("replica", "holder"):
+        assert ticket != sharing.proof(KEY, role, ID, nonce, "")
+    assert sharing.proof_matches(ticket, holder_module.hello_ticket(KEY, ID, nonce))
