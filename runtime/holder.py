@@ -94,6 +94,8 @@ STALL_GRACE_S = 0.25
 LOG_INTERVAL_S = 10.0
 #: Pause after a failed accept (out of file descriptors, say) before the next.
 ACCEPT_RETRY_S = 0.1
+#: Seconds between two tries to bind a socket that another live holder serves (see start_when_free).
+BUSY_RETRY_S = 1.0
 #: Requests are tiny JSON objects; anything bigger is refused before it is parsed.
 MAX_REQUEST = 64 * 1024
 SOCKET_NAME = "weights.sock"
@@ -102,6 +104,11 @@ log = logging.getLogger("vnpu.runtime.holder")
 
 class HolderError(RuntimeError):
     """The holder cannot start (socket in use, bad directory, ...)."""
+
+
+class SocketBusyError(HolderError):
+    """Another live weights-holder serves our socket: of this share identity and device (the socket's
+    name says so), so most likely the holder this one replaces, still stopping."""
 
 
 def peer_credentials(conn: socket.socket) -> tuple[int, int, int]:
@@ -240,12 +247,51 @@ class WeightsHolder:
                     os.chown(self.socket_path, -1, self.socket_group)
                 os.chmod(self.socket_path, self.socket_mode)
                 listener.listen(64)
+                with self._lock:  # close_listener takes the listener from here, or finds us stopping
+                    stopping = self._closing.is_set()
+                    if not stopping:
+                        self._listener = listener
+                if stopping:  # stopped while binding (start_when_free on another thread)
+                    self.socket_path.unlink()
+                    raise HolderError("the weights-holder is stopping")
         except BaseException:
             listener.close()
             raise
-        self._listener = listener
         threading.Thread(target=self._accept_loop, name="holder-accept", daemon=True).start()
         log.info("weights-holder listening", extra=self.info() | {"socket": str(self.socket_path)})
+
+    def start_when_free(self, stop: threading.Event) -> bool:
+        """:meth:`start`, waiting while another live holder serves the socket; True once bound, False
+        when ``stop`` is set (or the holder stops) first.
+
+        Holders of one share identity on one device share the socket's name, so a holder that replaces
+        another (a serving holder for a plain one when its group scales to zero, a holder renamed by an
+        upgrade) is created while the old one still serves its replicas. Refused, it exited and
+        restarted in a crash loop, loading the weights anew each time, and the replicas the old one
+        left had no holder until its next restart. Waiting, it binds as soon as the old one closes its
+        socket (at its SIGTERM), loaded, and their next attach finds it."""
+        waiting_since: float | None = None
+        while not (stop.is_set() or self._closing.is_set()):
+            try:
+                self.start()
+            except SocketBusyError as e:
+                if waiting_since is None:
+                    waiting_since = time.monotonic()
+                    log.warning(
+                        "another weights-holder serves this socket; waiting for it to stop",
+                        extra={"reason": str(e), "share": str(self.identity)},
+                    )
+                stop.wait(BUSY_RETRY_S)
+                continue
+            except HolderError:
+                if self._closing.is_set():
+                    return False
+                raise
+            if waiting_since is not None:
+                waited_s = round(time.monotonic() - waiting_since, 1)
+                log.info("socket free: bound it", extra={"waited_s": waited_s, "share": str(self.identity)})
+            return True
+        return False
 
     @contextlib.contextmanager
     def _holding_name(self) -> Iterator[None]:
@@ -310,7 +356,7 @@ class WeightsHolder:
         )
         with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
             probe.connect(str(path))
-            raise HolderError(f"another weights-holder is already serving {path}{owner}")
+            raise SocketBusyError(f"another weights-holder is already serving {path}{owner}")
         try:
             path.unlink()
         except PermissionError as e:

@@ -526,12 +526,12 @@ def cmd_weights_holder(args: argparse.Namespace) -> int:
     # The holder keeps the manifest encoded; the tokenizer tables as Python objects are dead weight.
     weights.manifest.tokenizer = {}  # type: ignore[attr-defined]
     release_free_heap()
-    holder.start()
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    print(json.dumps({"event": "ready", "socket": str(path), **holder.info()}), flush=True)
-    wait_until_set(stop)  # wakes for a SIGTERM caught by another thread (vnpu.signals)
+    if holder.start_when_free(stop):  # (the holder this one replaces may still serve the socket)
+        print(json.dumps({"event": "ready", "socket": str(path), **holder.info()}), flush=True)
+        wait_until_set(stop)  # wakes for a SIGTERM caught by another thread (vnpu.signals)
     holder.stop(drain_s=args.drain_seconds)
     return 0
 
@@ -563,14 +563,33 @@ def _hold_and_serve(args: argparse.Namespace, holder: Any, weights: Any) -> int:
     runtime = ModelRuntime(_serve_options(args), engine_thread=False)  # type: ignore[arg-type]
     runtime.install(weights.manifest, weights.arena, shared=False, seconds=weights.seconds)
 
+    stopped = threading.Event()
+
+    def bind() -> None:
+        # On its own thread: the holder this one replaces may still serve the socket, and meanwhile
+        # this one answers HTTP (the warm Service's requests) with the same weights.
+        from vnpu.runtime.holder import HolderError
+
+        try:
+            bound = holder.start_when_free(stopped)
+        except HolderError as e:  # as main() says it, and exits 1 for the kubelet to restart it
+            print(f"vnpu runtime weights-holder: {e}", file=sys.stderr, flush=True)
+            os._exit(1)
+        if bound:
+            info = {"event": "ready", "socket": str(holder.socket_path), "port": args.port, **holder.info()}
+            print(json.dumps(info), flush=True)
+
     def listening() -> None:
-        holder.start()
-        info = {"event": "ready", "socket": str(holder.socket_path), "port": args.port, **holder.info()}
-        print(json.dumps(info), flush=True)
+        threading.Thread(target=bind, name="holder-bind", daemon=True).start()
+
+    def stopping() -> None:
+        stopped.set()
+        holder.close_listener()
 
     try:
-        return _serve_http(args, runtime, listening, stopping=holder.close_listener)
+        return _serve_http(args, runtime, listening, stopping=stopping)
     finally:
+        stopped.set()
         holder.stop(drain_s=args.drain_seconds)
 
 

@@ -463,3 +463,32 @@ def test_a_holder_stops_after_its_drain_even_with_a_replica_attached(cluster: Cl
         assert status == 503 and "weights-holder" in body["error"]["message"], body
     finally:
         replica.stop()
+
+
+def test_a_holder_started_beside_the_one_it_replaces_waits_then_takes_over(cluster: Cluster) -> None:
+    """Real processes: a second holder of the same share identity and device (a serving holder for a
+    plain one, a holder renamed by an upgrade) is started while the first still serves a replica. It
+    stays up, loaded, saying once that it waits (before: it exited 1, for a crash loop); at the first
+    one's SIGTERM it binds the socket, and the replica, whose lease ends with the old holder's drain,
+    attaches to it and answers again."""
+    sharing = cluster.sharing()
+    sharing[sharing.index("--share-group") + 1] = "handover"
+    model = ("--model", str(cluster.model))
+    old = cluster.spawn("handover-old", "weights-holder", *model, "--drain-seconds", "1", *sharing)
+    wait_for(lambda: '"event": "ready"' in old.log.read_text(), old, 180)
+    replica = cluster.serve("handover-replica", *model, *sharing)
+    try:
+        wait_for(lambda: ready(replica), replica, 240)
+        expected = complete(replica)["token_ids"]
+        new = cluster.spawn("handover-new", "weights-holder", *model, *sharing)
+        wait_for(lambda: "waiting for it to stop" in new.log.read_text(), new, 180)
+        assert '"event": "ready"' not in new.log.read_text()
+        old.popen.send_signal(signal.SIGTERM)
+        assert old.popen.wait(30) == 0, old.log.read_text()[-3000:]
+        wait_for(lambda: '"event": "ready"' in new.log.read_text(), new, 30)
+        wait_for(lambda: ready(replica), replica, 60)
+        assert complete(replica)["token_ids"] == expected
+        assert new.popen.poll() is None
+        assert new.log.read_text().count("waiting for it to stop") == 1
+    finally:
+        replica.stop()

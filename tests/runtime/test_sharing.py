@@ -3,12 +3,14 @@ access control, squatters, weights that are not the replica's, leases."""
 
 from __future__ import annotations
 
+import logging
 import mmap
 import os
 import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ from other_user import OTHER_TENANT_UID, TENANT_UID, needs_root, run_as
 from rt_helpers import load_tiny_llama
 
 from vnpu import sharing
+from vnpu.runtime import holder as holder_module
 from vnpu.runtime.arena import ArenaError, CpuArena, import_arena
 from vnpu.runtime.attach import (
     AttachRefusedError,
@@ -256,6 +259,56 @@ def test_second_holder_on_a_live_socket_is_refused_and_stale_sockets_are_replace
         replacement._listener.close()  # not stop(): the arena belongs to the fixture's holder
 
 
+def test_a_holder_waits_for_the_holder_it_replaces_then_binds_its_socket(
+    tiny: Any, short_tmp: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Holders of one share identity on one device share the socket's name. A holder created while the
+    one it replaces still serves (a serving holder for a plain one, a holder renamed by an upgrade)
+    was refused and exited, to crash-loop, reloading its weights each time; it now waits, says so once,
+    and binds as soon as the old one closes its socket, where the next attach finds it."""
+    monkeypatch.setattr(holder_module, "BUSY_RETRY_S", 0.05)
+    path = short_tmp / "s" / "weights.sock"
+    old = WeightsHolder(tiny, ID, KEY, path)
+    old.start()
+    new = WeightsHolder(load_tiny_llama(short_tmp / "model2"), ID, KEY, path)
+    stop, bound = threading.Event(), []
+    waiting = threading.Thread(target=lambda: bound.append(new.start_when_free(stop)))
+    with caplog.at_level(logging.INFO, logger="vnpu.runtime.holder"):
+        waiting.start()
+        try:
+            time.sleep(0.5)  # ten tries
+            assert not bound and _attach_works(old)  # the old one still serves
+            old.stop()
+            waiting.join(5)
+            assert bound == [True]
+            lease = attach(path, ID, KEY, timeout=1.0)
+            assert new.clients == 1
+            lease.close()
+        finally:
+            stop.set()
+            new.stop()
+    said = [r.getMessage() for r in caplog.records if r.name == "vnpu.runtime.holder"]
+    assert said.count("another weights-holder serves this socket; waiting for it to stop") == 1
+    assert "socket free: bound it" in said
+
+
+def test_a_holder_waiting_for_its_socket_stops_when_told(tiny: Any, short_tmp: Path) -> None:
+    path = short_tmp / "s" / "weights.sock"
+    old = WeightsHolder(tiny, ID, KEY, path)
+    old.start()
+    new = WeightsHolder(load_tiny_llama(short_tmp / "model2"), ID, KEY, path)
+    stop = threading.Event()
+    stop.set()
+    try:
+        assert new.start_when_free(stop) is False
+        new.close_listener()  # a stopping holder: a late bind gives up and leaves the socket alone
+        assert new.start_when_free(threading.Event()) is False
+        assert _attach_works(old)
+    finally:
+        new.stop()
+        old.stop()
+
+
 @needs_root
 def test_a_holder_says_why_another_users_socket_blocks_its_name(tiny: Any, short_tmp: Path) -> None:
     """A device's socket directory is sticky (see vnpu.device_plugin.plugin.ensure_socket_dir): a
@@ -287,7 +340,7 @@ def test_a_holder_says_why_another_users_socket_blocks_its_name(tiny: Any, short
         os.chown(path, OTHER_TENANT_UID, OTHER_TENANT_UID)
         squatter.listen(1)
         refused = run_as(TENANT_UID, start)
-    assert refused["error"].startswith("HolderError: another weights-holder is already serving"), refused
+    assert refused["error"].startswith("SocketBusyError: another weights-holder is already serving"), refused
     assert owner in refused["error"], refused
 
 
