@@ -37,7 +37,7 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.watch.watch import iter_resp_lines
 
 from vnpu import api
-from vnpu.kubeclient import LIST_TIMEOUT_SECONDS, WATCH_MARGIN_SECONDS
+from vnpu.kubeclient import LIST_TIMEOUT, watch_timeout
 from vnpu.operator import metrics
 from vnpu.operator.kube import MANAGED_SELECTOR
 from vnpu.operator.state import (
@@ -144,7 +144,7 @@ def _list_page(
     more: dict[str, Any] = {"limit": LIST_PAGE_SIZE} if paged else {}
     if token:
         more["_continue"] = token
-    resp = list_call(_preload_content=False, _request_timeout=LIST_TIMEOUT_SECONDS, **more)
+    resp = list_call(_preload_content=False, _request_timeout=LIST_TIMEOUT, **more)
     metrics.API_REQUESTS.labels("list", name).inc()
     page: dict[str, Any] = json.loads(resp.data)
     return page
@@ -248,7 +248,7 @@ class Informer(Generic[T]):
             allow_watch_bookmarks=True,
             timeout_seconds=WATCH_SECONDS,
             _preload_content=False,
-            _request_timeout=WATCH_SECONDS + WATCH_MARGIN_SECONDS,
+            _request_timeout=watch_timeout(WATCH_SECONDS),
         )
         metrics.API_REQUESTS.labels("watch", self.name).inc()
         self._resp = resp

@@ -76,11 +76,13 @@ SYNC_TIMEOUT = 120.0
 #: failing each time, is not fixed by waiting. A pass that is slow but getting answers is left to finish.
 UNHEALTHY_AFTER_RESYNCS = 3
 #: The liveness limit's floor, whatever ``resync_seconds`` is (the chart allows 1 s: a 3 s budget). One
-#: API call may take up to :data:`vnpu.kubeclient.REQUEST_TIMEOUT` (35 s) to be answered or to fail,
-#: and an API server under load (priority-and-fairness queueing, the first pass over a big cluster)
+#: try of an API call may take up to :data:`vnpu.kubeclient.REQUEST_TIMEOUT` (35 s) to be answered or to
+#: fail, and an API server under load (priority-and-fairness queueing, the first pass over a big cluster)
 #: answers slowly but answers; a short limit restarted such an operator, and the new one started the same
-#: pass again. 120 s is more than three such calls in a row without an answer; with the probe's period
-#: (20 s) and the kubelet's three failures, a stuck operator is still restarted within about 3 minutes.
+#: pass again. 120 s is more than three such tries in a row without an answer (urllib3 retries a GET that
+#: timed out up to 3 times, so one GET to a server that never answers fails after about 140 s: that is
+#: an API server gone, which a restart does not fix either); with the probe's period (20 s) and the
+#: kubelet's three failures, a stuck operator is still restarted within about 3 minutes.
 MIN_UNHEALTHY_SECONDS = 120.0
 #: The same Event on the same model seen again within this many seconds of its last sighting is counted
 #: on the Event posted (client-go's recorder counts repeats too): see

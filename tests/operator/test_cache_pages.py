@@ -104,7 +104,7 @@ def test_a_list_asks_for_pages_follows_continue_and_holds_one_response_at_a_time
     assert version == "rv-0"
     assert [call["limit"] for call in server.calls] == [5, 5, 5]
     assert [call.get("_continue") for call in server.calls] == [None, "0:5", "0:10"]
-    assert all(call["_request_timeout"] == cache.LIST_TIMEOUT_SECONDS for call in server.calls)
+    assert all(call["_request_timeout"] == cache.LIST_TIMEOUT for call in server.calls)
     # Each page's response (its bytes) is gone before the next page is asked for.
     assert server.held_at_a_request == [0, 0, 0]
 
@@ -150,7 +150,7 @@ def test_a_list_whose_pages_expire_twice_is_read_whole_once(page_of_five, caplog
         (None, None),
     ]
     assert "limit" not in server.calls[-1] and "_continue" not in server.calls[-1]
-    assert server.calls[-1]["_request_timeout"] == cache.LIST_TIMEOUT_SECONDS
+    assert server.calls[-1]["_request_timeout"] == cache.LIST_TIMEOUT
     assert kept == [f"whole{i:02d}" for i in range(13)], "every object of one snapshot, none of the expired"
     assert version == "rv-2", "the version of the snapshot read whole, to watch from"
     assert unpaginated_lists("things") == before + 1
