@@ -278,7 +278,11 @@ class Ledger:
             for raw in itertools.chain(allocations, self._read_journal()):
                 if (alloc := _sanitised(raw, now)) is not None:
                     self._apply_locked(alloc)
-            self._compact_locked()  # start from a clean snapshot and an empty journal
+            # Start from a clean snapshot and an empty journal. A state volume that cannot take the
+            # snapshot now (full, read-only) is logged and retried later, as at any compaction: the
+            # journal still holds every allocation. Raised, it made the plugin crash-loop at start.
+            self._compact_wanted = True
+            self._compact_when_due_locked()
             return len(self._by_slice)
 
     def _read_journal(self) -> Iterator[Allocation]:

@@ -433,6 +433,36 @@ def test_a_failed_compaction_fails_no_allocation_and_is_retried_with_a_backoff(t
     assert Ledger(path).load() == 7
 
 
+def test_a_state_volume_that_cannot_take_the_snapshot_at_start_is_logged_not_fatal(
+    tmp_path, monkeypatch, caplog
+):
+    """A restart folds the journal into a new snapshot; a full (or read-only) state volume made that
+    raise out of load(), and the plugin crash-looped with a traceback. Now it starts with what the
+    snapshot and journal hold, logs the failure and compacts once the volume takes it again."""
+    caplog.set_level(logging.INFO, logger="vnpu.device_plugin.ledger")
+    path = tmp_path / "checkpoint.json"
+    ledger = Ledger(path)
+    ledger.load()
+    ledger.record(alloc(["npu0-s0"], A))
+    ledger.close()
+
+    restarted = Ledger(path)
+
+    def full() -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(restarted, "_save_snapshot_locked", full)
+    assert restarted.load() == 1
+    assert "cannot compact the ledger journal" in caplog.text
+    assert len(restarted.journal.read_text().splitlines()) == 1  # still all there
+    monkeypatch.undo()
+    monkeypatch.setattr(restarted, "_compact_retry_at", 0.0)  # the backoff is over
+    restarted.record(alloc(["npu0-s1"], B))
+    assert restarted.journal.read_text() == ""  # compacted
+    restarted.close()
+    assert Ledger(path).load() == 2
+
+
 def test_the_journal_is_compacted_once_it_holds_journal_compact_bytes(tmp_path, monkeypatch):
     """Compaction counted records only: with records of whole devices of thousands of slices, 1023
     of them made a journal of 50 MiB (and a restart that took 400 MiB to read it)."""
