@@ -17,6 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from kubernetes.utils import parse_quantity
+
 from vnpu.api import (
     DEFAULT_MIN_REPLICAS,
     DEFAULT_PRIORITY,
@@ -215,6 +217,28 @@ def _section(raw: Mapping[str, Any], key: str) -> Mapping[str, Any]:
     return value
 
 
+#: The largest resource quantity a pod may ask for: Kubernetes holds a quantity's value in an int64
+#: (``Quantity.Value()`` saturates there), and no node has more of anything.
+MAX_QUANTITY = 2**63 - 1
+
+
+def _quantities(resources: Mapping[str, Any], key: str) -> dict[str, str]:
+    """``runtime.resources.<key>`` as quantity strings, each one Kubernetes can hold. The API server
+    takes ``1e5000`` (an exponent of up to int32), which the operator then added MiB to and wrote out:
+    an integer of 5,000 digits, past Python's limit on converting one to text."""
+    out = {}
+    for name, value in _section(resources, key).items():
+        where = f"spec.runtime.resources.{key}.{name}"
+        try:
+            amount = parse_quantity(str(value))
+        except ValueError as exc:
+            raise SpecError(f"{where} must be a quantity such as 512Mi or 2, got {value!r}") from exc
+        if not amount.is_finite() or abs(amount) > MAX_QUANTITY:
+            raise SpecError(f"{where} is more than any node has (at most 2^63-1), got {value!r}")
+        out[str(name)] = str(value)
+    return out
+
+
 def _int(section: Mapping[str, Any], key: str, where: str, default: int | None = None) -> int | None:
     value = section.get(key, default)
     if value is None:
@@ -292,8 +316,8 @@ def parse_spec(raw: Mapping[str, Any]) -> ModelSpec:
         runtime=Runtime(
             image=runtime.get("image"),
             port=_int(runtime, "port", "runtime.", DEFAULT_PORT) or DEFAULT_PORT,
-            requests={k: str(v) for k, v in _section(resources, "requests").items()},
-            limits={k: str(v) for k, v in _section(resources, "limits").items()},
+            requests=_quantities(resources, "requests"),
+            limits=_quantities(resources, "limits"),
             drain_seconds=_drain_seconds(runtime),
         ),
         placement=Placement(

@@ -305,6 +305,19 @@ def test_the_spec_is_parsed_once_with_its_defaults_in_one_place() -> None:
         parse_spec({"modelName": "m"})
 
 
+@pytest.mark.parametrize("memory", ["1e5000", "-1e5000", "9223372036854775808", "a lot"])
+def test_a_resource_quantity_no_node_can_hold_is_an_invalid_spec(memory: str) -> None:
+    """The API server takes a quantity of ``1e5000`` (an int32 exponent); the operator then wrote an
+    offloaded holder's memory as an integer of 5,000 digits, past Python's limit on converting one to
+    text, and the pass failed for every model. It is now this model's InvalidSpec, naming the field."""
+    raw = {"source": {"uri": "file:///m"}, "runtime": {"resources": {"limits": {"memory": memory}}}}
+    with pytest.raises(SpecError, match=r"spec\.runtime\.resources\.limits\.memory"):
+        parse_spec(raw)
+    requests = {"memory": "1e3", "cpu": ".5"}
+    fine = {"source": {"uri": "file:///m"}, "runtime": {"resources": {"requests": requests}}}
+    assert parse_spec(fine).runtime.requests == requests
+
+
 def test_an_estimate_that_fails_unexpectedly_is_that_models_error_not_the_passs() -> None:
     """Whatever the estimate raises (a bug, an input nobody foresaw), the reconcile pass gets an
     EstimateError for that model, retried with backoff, and every other model still converges."""
