@@ -756,13 +756,18 @@ def plan(
             if not m.deleting and key not in backoff:
                 by_namespace[m.namespace].append(key)
         result.network_policies = network_policy.intents(by_namespace)
+
     # Models in backoff are left alone: none of their writes until it has passed.
-    result.create = [
-        i
-        for i in creations
-        if not backoff.intersection(i.models)
-        and not (i.role == api.ROLE_PLACEHOLDER and placeholders_backoff.intersection(i.models))
-    ]
+    def waits(i: PodIntent) -> bool:
+        # A weight-holder waits only while every model of it waits: one model's backoff (its own
+        # replicas refused) must not leave the others' replicas without the holder they map.
+        if i.role == api.ROLE_WEIGHTS:
+            return backoff.issuperset(i.models)
+        if i.role == api.ROLE_PLACEHOLDER and placeholders_backoff.intersection(i.models):
+            return True
+        return bool(backoff.intersection(i.models))
+
+    result.create = [i for i in creations if not waits(i)]
     result.delete = [d for d in deletions if not backoff.intersection(d.models)]
     result.set_owners = [u for u in owner_updates if not backoff.intersection(u.models)]
     result.set_labels = [

@@ -29,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
 
+import urllib3
 from kubernetes.client.exceptions import ApiException
 
 from vnpu import api, sharing
@@ -68,6 +69,9 @@ API_CONCURRENCY = 8
 #: Threads writing Services, status patches and Events. They run behind the next pass's pod writes (see
 #: :mod:`vnpu.operator.reported`), with fewer connections, so in a burst new models get pods first.
 REPORT_CONCURRENCY = 3
+#: A model's failure reason when one of its writes met a bug rather than a refusal (Kubernetes' own
+#: word for a server-side error).
+INTERNAL_ERROR = "InternalError"
 #: Seconds to wait for the informers' first lists before the first pass.
 SYNC_TIMEOUT = 120.0
 #: :meth:`Reconciler.health` fails (and with it kopf's liveness probe, so the pod is restarted) once no
@@ -481,9 +485,17 @@ class Reconciler:
         kube = self.kube
         failed: dict[str, tuple[str, str]] = {}
 
+        def fail(models: Sequence[str], reason: str, message: str) -> None:
+            for model in models or ():
+                failed.setdefault(model, (reason, message))
+                ns, name = failure_model(model).split("/", 1)
+                self._series.count_api_error(ns, name, reason)
+
         def guarded(models: Sequence[str], what: str, write: Callable[[], None]) -> None:
-            if failed.keys() & set(models):
-                return  # this model already failed in this pass: its later writes would too
+            if models and set(models) <= failed.keys():
+                # Its models already failed in this pass: their later writes would too. A write of
+                # several models (a shared weight-holder) still goes while one of them has not.
+                return
             if not self._is_leader():
                 raise RuntimeError("lost the leader Lease: refusing to write")
             try:
@@ -492,10 +504,14 @@ class Reconciler:
             except ApiException as exc:
                 reason, message = api_error(exc)
                 log.warning("%s refused: %s", what, message, extra={"models": list(models), "reason": reason})
-                for model in models or ():
-                    failed.setdefault(model, (reason, f"{what}: {message}"))
-                    ns, name = failure_model(model).split("/", 1)
-                    self._series.count_api_error(ns, name, reason)
+                fail(models, reason, f"{what}: {message}")
+            except (urllib3.exceptions.HTTPError, OSError):
+                raise  # no answer from the API server: the pass fails as a whole, and the next tries again
+            except Exception as exc:
+                # A bug met on one object's write (a manifest that cannot be rendered, say): that
+                # model's failure, with its traceback in the log, not an abort of every model's pass.
+                log.exception("%s failed", what, extra={"models": list(models)})
+                fail(models, INTERNAL_ERROR, f"{what}: {type(exc).__name__}: {exc}")
 
         def delete(d: PodDeletion) -> None:
             def write() -> None:
@@ -608,6 +624,11 @@ class Reconciler:
             guarded(keys, f"{verb} PodDisruptionBudget {intent.name}", write)
 
         due = time.monotonic() - self.config.resync_seconds
+        # Only the namespaces with a policy in this plan are remembered: a namespace deleted (its
+        # policy with it) and created again within a resync would otherwise have its new pods created
+        # before its new policy, unprotected; and the table grew with every namespace ever seen.
+        planned = {i.namespace for i in result.network_policies}
+        self._policies_kept = {ns: at for ns, at in self._policies_kept.items() if ns in planned}
         policies = [i for i in result.network_policies if self._policies_kept.get(i.namespace, -1e18) < due]
         holders = [i for i in result.create if i.role == api.ROLE_WEIGHTS]
         others = [i for i in result.create if i.role != api.ROLE_WEIGHTS]

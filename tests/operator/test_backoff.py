@@ -278,3 +278,109 @@ def test_a_holders_budget_comes_once_the_holder_is_seen_relaxes_in_place_and_bac
     condition = degraded(result.statuses[0])
     assert condition["reason"] == "Forbidden"
     assert f"creating PodDisruptionBudget {holder.name}" in condition["message"]
+
+
+class PerModelKube:
+    """In memory: create_pod of a model named in ``refused`` raises ``error`` (an API refusal or a bug);
+    every other write works and is logged."""
+
+    api_client = None
+
+    def __init__(self, models: list[Any], refused: dict[str, Exception]) -> None:
+        self.models = models
+        self.refused = refused
+        self.created: list[tuple[str, str]] = []  # (role, name)
+        self.policies: list[str] = []
+
+    def list_secrets(self) -> list[Any]:
+        return keys_for(self.models)
+
+    def create_pod(self, manifest: dict[str, Any]) -> bool:
+        labels = manifest["metadata"]["labels"]
+        error = self.refused.get(labels.get(api.LABEL_MODEL, ""))
+        if error is not None and labels[api.LABEL_ROLE] == api.ROLE_REPLICA:
+            raise error
+        self.created.append((labels[api.LABEL_ROLE], manifest["metadata"]["name"]))
+        return True
+
+    def delete_pod(self, namespace: str, name: str, force: bool = False) -> bool:
+        return True
+
+    def set_secret_owners(self, namespace: str, name: str, owner_references: list[Any]) -> None:
+        pass
+
+    def set_pod_owners(self, *args: Any) -> None:
+        pass
+
+    def create_budget(self, manifest: dict[str, Any]) -> bool:
+        return True
+
+    def keep_network_policy(self, manifest: dict[str, Any]) -> str:
+        self.policies.append(manifest["metadata"]["namespace"])
+        return "created"
+
+    def create_secret(self, manifest: dict[str, Any]) -> None:
+        return None
+
+    def delete_secret(self, namespace: str, name: str) -> bool:
+        return True
+
+
+def test_a_write_that_meets_a_bug_is_its_models_failure_and_every_other_model_converges() -> None:
+    """A write that raised anything but the API server's refusal (a manifest no code path could render,
+    a bug) escaped the pass: every model of every namespace stopped converging, none was backed off,
+    and the pass was retried every second with a traceback. Now it is that model's failure."""
+    sized = {"weights": {"sizeMiB": 2048}}
+    bad, good = model("bad", 1, ns="team-a", **sized), model("good", 1, ns="team-b", **sized)
+    kube = PerModelKube([bad, good], {"bad": ValueError("Exceeds the limit (4300 digits)")})
+    rec = Reconciler(OperatorConfig(placeholders=False, backoff_seconds=60), kube=kube)  # type: ignore[arg-type]
+    result = rec.reconcile([bad, good], [node("n1", devices=2)], [])
+    assert ("replica", next(i.name for i in result.create if "good" in i.name)) in kube.created
+    statuses = {u.model.name: u for u in result.statuses}
+    assert degraded(statuses["bad"]) == {
+        **degraded(statuses["bad"]),
+        "status": "True",
+        "reason": "InternalError",
+    }
+    assert "ValueError: Exceeds the limit" in degraded(statuses["bad"])["message"]
+    assert degraded(statuses["good"])["status"] == "False"
+    assert rec.health()["models_in_backoff"] == 1
+
+
+def test_a_shared_holder_is_written_while_one_of_its_models_backs_off() -> None:
+    """Two models share a weight-holder; only one's replicas are refused (a LimitRange on its own
+    resources). The holder went away (evicted, deleted by hand) and was not created again while that
+    model backed off, so the other model's replica had no holder for up to five minutes at a time."""
+    a = model("a", 1, weights={"sizeMiB": 4096}, shareGroup="g")
+    b = model("b", 1, weights={"sizeMiB": 4096}, shareGroup="g")
+    limit = ApiException(status=403, reason="Forbidden")
+    limit.body = json.dumps({"reason": "Forbidden", "message": "maximum memory usage per Container is 1Gi"})
+    kube = PerModelKube([a, b], {"a": limit})
+    rec = Reconciler(OperatorConfig(placeholders=False, backoff_seconds=60), kube=kube)  # type: ignore[arg-type]
+    nodes = [node("n1", devices=1)]
+    first = rec.reconcile([a, b], nodes, [])
+    assert [role for role, _ in kube.created] == ["weights", "replica"]  # the holder, b's replica
+    holder = next(name for role, name in kube.created if role == "weights")
+    written = as_pods([render(i, rec.config) for i in first.create if "a-0" not in i.name])
+    without_holder = [p for p in written if p.role != "weights"]
+    kube.created.clear()
+    rec.reconcile([a, b], nodes, without_holder)  # a is backing off
+    assert kube.created == [("weights", holder)]
+
+
+def test_a_namespace_created_again_gets_its_network_policy_before_its_pods() -> None:
+    """The operator remembered each namespace's policy for a resync period, and every namespace it
+    ever saw. A namespace deleted (its policy with it) and created again within that period had its
+    new model's pods created with no NetworkPolicy, against the rule that none is created unprotected."""
+    old = model("m", 1, weights={"sizeMiB": 2048})
+    kube = PerModelKube([old], {})
+    rec = Reconciler(OperatorConfig(placeholders=False, network_policy=True), kube=kube)  # type: ignore[arg-type]
+    nodes = [node("n1")]
+    rec.reconcile([old], nodes, [])
+    assert kube.policies == ["ns"]
+    kube.models = []
+    rec.reconcile([], nodes, [])  # the namespace is deleted: its model, pods and policy go
+    new = replace(model("m2", 1, weights={"sizeMiB": 2048}), uid="uid-new")
+    kube.models = [new]
+    rec.reconcile([new], nodes, [])
+    assert kube.policies == ["ns", "ns"]
