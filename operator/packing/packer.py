@@ -648,8 +648,10 @@ class Packer:
         for cls in range(len(self.slice_sizes)):
             need = self.rep_slices[di][cls] + self.w_slices[di][cls]
             for o in idx.walk(cls, need):
-                if self.dev_free[o] == self.dev_total[o]:
-                    break  # the remaining buckets hold empty devices (or bigger, rarer ones): stop here
+                if self.dev_free[o] == self.dev_total[o]:  # an empty device: not a target
+                    if self.dev_total[o] >= idx.largest_total[cls]:
+                        break  # no device has more room than this one: the rest are empty too
+                    continue  # a smaller empty one: a bigger used device further on may have room
                 free = self.dev_free[o] - added_slices.get(o, 0)
                 if o != exclude and o in self.on_device and free >= need:
                     candidates.append(((free - need) * self.slice_sizes[cls], o))

@@ -657,6 +657,21 @@ def test_property_lower_priority_is_left_unplaced_first(instance, replica_half_g
                 assert d.model not in placed_models, d
 
 
+def test_emptying_a_device_looks_past_smaller_empty_devices_to_a_bigger_used_one():
+    """Found by the property above: a small replica placed best fit on an 8-slice device could move to
+    the 64-slice device its neighbours use, but the search for a target stopped at the first empty
+    device (16 slices, fewer free than the used 64-slice one): with devices of mixed sizes, sharing
+    used two devices where not sharing used one."""
+    nodes = [
+        Node("n0", (Device("d0", 8), Device("d1", 8, free_slices=0), Device("d2", 16))),
+        Node("n1", (Device("d0", 64),)),
+    ]
+    demands = [Demand("m0", "g0", 2, 4608, 19968), Demand("m1", "g1", 1, 512, 0)]
+    shared, alone = pack(nodes, demands), pack(nodes, unshared(demands))
+    assert shared.devices_used() == alone.devices_used() == 1
+    assert {(a.node, a.device) for a in shared.assignments} == {("n1", "d0")}
+
+
 def test_consolidation_moves_nothing_within_its_bound():
     nodes = [Node("n", tuple(Device(f"d{i}", 16) for i in range(3)))]
     demands = [Demand("a", "ga", 1, 6 * 1024, 0), Demand("b", "gb", 1, 6 * 1024, 0)]
