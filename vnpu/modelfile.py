@@ -146,7 +146,11 @@ MAX_MODEL_KEPT_BYTES = 64 * MIB
 MAX_SHARD_INDEX = 32 * MIB
 #: ``config.json``: a few KiB in real models (classifiers with large label maps reach a few hundred).
 MAX_CONFIG_FILE = 4 * MIB
-_MAX_GGUF_DIMS = 8
+#: Dimensions of one tensor (ggml has 4, real safetensors weights at most 5), each below 2**63 (the
+#: formats' own u64/usize, torch's int64). A shape is kept for as long as the model's estimate is, in
+#: every file of a checkpoint: unbounded, one 8 MiB header of ``"shape": [0, 0, ...]`` kept ~32 MiB.
+MAX_TENSOR_DIMS = 8
+MAX_TENSOR_DIM = (1 << 63) - 1
 _MAX_ARRAY_DEPTH = 8
 
 
@@ -443,6 +447,11 @@ def _safetensors_entry(name: str, tname: str, entry: Any, data_start: int) -> Te
         raise ValueError(f"{name}: tensor {tname!r} has unknown dtype {dtype!r}")
     if not isinstance(shape, list) or not all(_is_nonneg_int(d) for d in shape):
         raise ValueError(f"{name}: tensor {tname!r} shape must be a list of non-negative integers")
+    if len(shape) > MAX_TENSOR_DIMS or any(d > MAX_TENSOR_DIM for d in shape):
+        raise ValueError(
+            f"{name}: tensor {tname!r} shape has {len(shape)} dimensions (at most {MAX_TENSOR_DIMS}, "
+            f"each at most {MAX_TENSOR_DIM}): no model's tensor; the file is corrupt or hostile"
+        )
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_nonneg_int(o) for o in offsets)):
         raise ValueError(f"{name}: tensor {tname!r} data_offsets must be [start, end]")
     start, end = offsets
@@ -522,8 +531,8 @@ def parse_gguf(
     for _ in range(n_tensors):
         tname = reader.string(MAX_GGUF_KEY, "tensor name")
         n_dims = reader.u32()
-        if n_dims > _MAX_GGUF_DIMS:
-            raise ValueError(f"{name}: tensor {tname!r} has {n_dims} dimensions (at most {_MAX_GGUF_DIMS})")
+        if n_dims > MAX_TENSOR_DIMS:
+            raise ValueError(f"{name}: tensor {tname!r} has {n_dims} dimensions (at most {MAX_TENSOR_DIMS})")
         dims = tuple(reader.u64() for _ in range(n_dims))
         type_id = reader.u32()
         offset = reader.u64()
