@@ -223,7 +223,8 @@ class ModelConfig:
                     f"model config: {name} {value} is beyond any model (> {MAX_CONFIG_DIMENSION})"
                 )
         # Optional counts and widths: absent (None) or positive, as at the parse edge (which names the
-        # source's key); the head widths within the same bound as head_dim.
+        # source's key); all but the context length within the same bound as head_dim (the estimate
+        # multiplies them into bytes and divides by a MiB as a float: 10**400 is an OverflowError).
         for name in (
             "vocab_size",
             "context_length",
@@ -233,7 +234,7 @@ class ModelConfig:
             "qk_rope_head_dim",
         ):
             value = _as_int(getattr(self, name), name)
-            if value is not None and name.endswith(("head_dim", "rank")) and value > MAX_CONFIG_DIMENSION:
+            if value is not None and name != "context_length" and value > MAX_CONFIG_DIMENSION:
                 raise ValueError(
                     f"model config: {name} {value} is beyond any model (> {MAX_CONFIG_DIMENSION})"
                 )

@@ -396,6 +396,21 @@ def test_a_config_hint_of_any_size_is_sized_or_refused_never_exhausts_memory(lay
         assert est.kv_bytes_per_token == 2 * layers * kv_heads * head_dim * 2
 
 
+@pytest.mark.parametrize("key", ["vocab_size", "intermediate_size"])
+def test_a_vocabulary_or_ffn_beyond_any_model_is_the_models_estimate_error(tmp_path, key):
+    """The activation estimate multiplies them into bytes and divides by a MiB as a float: 10**400 in a
+    tenant's config.json was an OverflowError, which the operator logged as a bug with a traceback."""
+    save_file({"t": np.zeros((4,), dtype=np.float32)}, str(tmp_path / "model.safetensors"))
+    config = {"num_hidden_layers": 2, "num_attention_heads": 4, "hidden_size": 64, key: 10**400}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    memory = {"maxContextTokens": 128, "maxBatch": 2}
+    field = "vocab_size" if key == "vocab_size" else "ffn_size"
+    with pytest.raises(EstimateError, match=f"config.json: model config: {field} 1000*0 is beyond any model"):
+        estimate_from_spec({"source": {"uri": str(tmp_path)}, "memory": memory})
+    with pytest.raises(EstimateError, match=f"spec.modelConfig: model config: {field} 1000*0 is beyond"):
+        estimate_from_spec({"source": {"uri": "pvc://m/m"}, "memory": memory, "modelConfig": config})
+
+
 def test_offload_keeps_the_budget_on_the_device():
     est = estimate_from_spec(
         {
