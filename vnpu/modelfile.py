@@ -141,6 +141,10 @@ MAX_MODEL_FILES = 1024
 MAX_MODEL_TENSORS = 1 << 18
 #: Bytes of tensor names and safetensors ``__metadata__`` strings kept over all of a model's files.
 MAX_MODEL_KEPT_BYTES = 64 * MIB
+#: Header bytes a parse may walk over all of a model's files: a file's header is bounded, but walking
+#: 64 MiB of GGUF metadata takes seconds of the operator's pass, and a split set of 1024 links to one
+#: such file took hours. Real checkpoints walk a few MB (a GGUF's first split holds the tokenizer).
+MAX_MODEL_HEADER_BYTES = 2 * MAX_GGUF_HEADER
 #: ``model.safetensors.index.json``: ~100 bytes a tensor in real ones (a few MB). Its entries are
 #: counted before the JSON is built, as a safetensors header's are.
 MAX_SHARD_INDEX = 32 * MIB
@@ -863,17 +867,27 @@ def _file_kind(mode: int) -> str:
     return next((kind for test, kind in kinds if test(mode)), "a device or special file")
 
 
+@dataclass(frozen=True)
+class _ParsedFile:
+    tensors: tuple[TensorInfo, ...]
+    metadata: dict[str, Any]
+    identity: tuple[int, int]  #: (st_dev, st_ino): the file itself, whatever name or link reached it
+    walked: int  #: header bytes the parse read or skipped
+
+
 def _parse_file(
     path: Path, fmt: Format, checkpoint: Path, root: str | os.PathLike[str] | None
-) -> tuple[tuple[TensorInfo, ...], dict[str, Any]]:
+) -> _ParsedFile:
     with _open_model_file(path, checkpoint, root) as f:
         try:
-            size = os.fstat(f.fileno()).st_size
+            st = os.fstat(f.fileno())
             parse = parse_gguf if fmt == "gguf" else parse_safetensors
-            tensors, metadata = parse(f, size, str(path))
+            tensors, metadata = parse(f, st.st_size, str(path))
+            walked = f.tell()
         except OSError as exc:
             raise ValueError(f"{path}: cannot read: {exc.strerror or exc}") from exc
-    return tuple(_with_file(t, str(path)) for t in tensors), metadata
+    tensors = tuple(_with_file(t, str(path)) for t in tensors)
+    return _ParsedFile(tensors, metadata, (st.st_dev, st.st_ino), walked)
 
 
 def _with_file(t: TensorInfo, file: str) -> TensorInfo:
@@ -975,9 +989,24 @@ def read_model_file(
         raise ValueError(f"{p}: {len(files)} data files (at most {MAX_MODEL_FILES})")
     tensors: list[TensorInfo] = []
     metadata: dict[str, Any] = {}
-    kept = 0  # bytes of names and metadata strings kept so far
+    kept = walked = 0  # bytes of names and metadata strings kept, of headers walked, so far
+    seen: dict[tuple[int, int], Path] = {}  # (st_dev, st_ino) -> the first name it was read under
     for i, f in enumerate(files):
-        file_tensors, file_meta = _parse_file(f, fmt, checkpoint, root)
+        parsed = _parse_file(f, fmt, checkpoint, root)
+        if parsed.identity in seen:  # (links or index names such as "./a" and "a")
+            first = seen[parsed.identity].relative_to(checkpoint)
+            raise ValueError(
+                f"{f.relative_to(checkpoint)}: the same file as {first}: a checkpoint names each of its "
+                "files once"
+            )
+        seen[parsed.identity] = f
+        walked += parsed.walked
+        if walked > MAX_MODEL_HEADER_BYTES:
+            raise ValueError(
+                f"{p}: headers of its {len(files)} files run past {MAX_MODEL_HEADER_BYTES} bytes "
+                f"(at {f.relative_to(checkpoint)}): larger than any model's"
+            )
+        file_tensors, file_meta = parsed.tensors, parsed.metadata
         tensors.extend(file_tensors)
         kept += sum(len(t.name) for t in file_tensors)
         if i == 0 or fmt == "safetensors":  # a GGUF split set keeps the model metadata in its first file
