@@ -8,6 +8,7 @@ replica attached to a holder rebuilds exactly the model the holder loaded.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,34 @@ SUPPORTED_ARCHITECTURES = ("llama",)
 
 class UnsupportedModelError(ValueError):
     """The model file describes something this runtime cannot run (with the reason in the message)."""
+
+
+#: Longest context a model file may declare (``max_position_embeddings``): the RoPE tables are built
+#: up to it. The longest released models declare about 10M tokens.
+MAX_POSITIONS = 2**24
+
+
+def _positive(value: Any, field: str, where: str) -> float:
+    """``value`` as a finite positive float, or UnsupportedModelError naming the field: a NaN RoPE
+    base or norm epsilon would load and answer garbage."""
+    number = math.nan
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except OverflowError:  # an integer past a float's range
+            number = math.inf
+    if not (math.isfinite(number) and number > 0):
+        raise UnsupportedModelError(f"{where}: {field} must be a finite positive number, got {value!r}")
+    return number
+
+
+def _token_id(value: Any, field: str, where: str, vocab_size: int) -> int | None:
+    """A special token id, within the vocabulary (or None), or UnsupportedModelError naming the field."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < vocab_size:
+        raise UnsupportedModelError(f"{where}: {field} must be a token id below {vocab_size}, got {value!r}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -124,6 +153,8 @@ class ModelConfig:
             bos, eos = meta.get("tokenizer.ggml.bos_token_id"), meta.get("tokenizer.ggml.eos_token_id")
         else:
             rope = meta.get("rope_parameters") or meta.get("rope_scaling") or {}
+            if not isinstance(rope, Mapping):
+                raise UnsupportedModelError(f"{info.paths[0]}: rope_scaling must be an object, got {rope!r}")
             if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
                 raise UnsupportedModelError(f"RoPE scaling {rope!r} is not supported")
             bos, eos = meta.get("bos_token_id"), meta.get("eos_token_id")
@@ -135,20 +166,27 @@ class ModelConfig:
         theta = cfg.rope_theta
         if theta is None and info.format != "gguf":
             theta = (meta.get("rope_parameters") or {}).get("rope_theta")
+        where = str(info.paths[0])
+        vocab = int(cfg.vocab_size or 0)
+        positions = int(cfg.context_length or 2048)
+        if not 0 < positions <= MAX_POSITIONS:
+            raise UnsupportedModelError(
+                f"{where}: the context length must be between 1 and {MAX_POSITIONS}, got {positions}"
+            )
         return cls(
-            vocab_size=int(cfg.vocab_size or 0),
+            vocab_size=vocab,
             hidden_size=cfg.hidden_size,
             intermediate_size=int(cfg.ffn_size or 0),
             num_hidden_layers=cfg.n_layers,
             num_attention_heads=cfg.n_heads,
             num_key_value_heads=cfg.n_kv_heads,
             head_dim=cfg.head_dim,
-            rope_theta=float(theta or 10000.0),
-            rms_norm_eps=float(cfg.norm_eps or 1e-6),
-            max_position_embeddings=int(cfg.context_length or 2048),
+            rope_theta=_positive(10000.0 if theta is None else theta, "rope_theta", where),
+            rms_norm_eps=_positive(1e-6 if cfg.norm_eps is None else cfg.norm_eps, "rms_norm_eps", where),
+            max_position_embeddings=positions,
             tie_word_embeddings=bool(tied),
-            bos_token_id=None if bos is None else int(bos),
-            eos_token_id=None if eos is None else int(eos),
+            bos_token_id=_token_id(bos, "bos_token_id", where, vocab),
+            eos_token_id=_token_id(eos, "eos_token_id", where, vocab),
             architecture=arch,
             name=str(meta.get("general.name") or meta.get("_name_or_path") or ""),
         )

@@ -650,7 +650,14 @@ def _config_int(config: Mapping[str, Any], *keys: str) -> int | None:
 
 
 def _as_float(value: Any) -> float | None:
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+    """A JSON number as a float (an integer past a float's range as infinity, which the runtime then
+    refuses by name: JSON integers have no bound), else None."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return None
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
 
 
 def config_from_hf(config: Mapping[str, Any]) -> ModelConfig:
