@@ -28,7 +28,7 @@ from collections import Counter
 from typing import Any
 
 from vnpu import api
-from vnpu.kubeclient import REQUEST_TIMEOUT
+from vnpu.kubeclient import REQUEST_TIMEOUT, unreachable_errors
 
 log = logging.getLogger(__name__)
 
@@ -38,14 +38,6 @@ MAX_ATTEMPTS = 4
 
 class WakeError(Exception):
     """A wake the API server refused, or could not be asked for (the message says which)."""
-
-
-def unreachable_errors() -> tuple[type[Exception], ...]:
-    """What the kubernetes client raises when the API server cannot be reached (refused, reset, timed
-    out): urllib3's errors, and the OSErrors beneath them. (Imported late, as kubernetes is.)"""
-    import urllib3
-
-    return (urllib3.exceptions.HTTPError, OSError)
 
 
 def merged_activity(annotations: dict[str, str], added: int, last: dt.datetime) -> dict[str, str]:
@@ -121,7 +113,7 @@ class ActivityRecorder:
 
     def _write(self, key: tuple[str, str], count: int, last: dt.datetime) -> bool:
         """Add ``count`` to one model's annotations; False when it must wait for the next flush. Raises
-        what :func:`unreachable_errors` names (for :meth:`flush` to say once)."""
+        what :func:`vnpu.kubeclient.unreachable_errors` names (for :meth:`flush` to say once)."""
         from kubernetes.client.exceptions import ApiException
 
         namespace, name = key

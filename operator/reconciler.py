@@ -29,11 +29,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
 
-import urllib3
 from kubernetes.client.exceptions import ApiException
 
 from vnpu import api, sharing
-from vnpu.kubeclient import api_client_from_env
+from vnpu.kubeclient import api_client_from_env, unreachable_errors
 from vnpu.operator import disruption, metrics, network_policy, scaling
 from vnpu.operator.config import PLACEHOLDER_PRIORITY_CLASS, OperatorConfig
 from vnpu.operator.crd import CrdRevisionCheck
@@ -505,7 +504,7 @@ class Reconciler:
                 reason, message = api_error(exc)
                 log.warning("%s refused: %s", what, message, extra={"models": list(models), "reason": reason})
                 fail(models, reason, f"{what}: {message}")
-            except (urllib3.exceptions.HTTPError, OSError):
+            except unreachable_errors():
                 raise  # no answer from the API server: the pass fails as a whole, and the next tries again
             except Exception as exc:
                 # A bug met on one object's write (a manifest that cannot be rendered, say): that

@@ -39,6 +39,15 @@ LIST_TIMEOUT = (CONNECT_SECONDS, float(LIST_TIMEOUT_SECONDS))
 WATCH_MARGIN_SECONDS = 30
 
 
+def unreachable_errors() -> tuple[type[Exception], ...]:
+    """What the kubernetes client raises when the API server cannot be reached (refused, reset, timed
+    out, a half-open connection past its timeout): urllib3's errors, and the OSErrors beneath them. A
+    refusal is an ``ApiException`` instead. (urllib3 is imported late, as kubernetes is.)"""
+    import urllib3
+
+    return (urllib3.exceptions.HTTPError, OSError)
+
+
 def watch_timeout(seconds: float) -> tuple[float, float]:
     """(connect, read) seconds of a watch the API server ends after ``seconds`` (its ``timeout_seconds``)."""
     return (CONNECT_SECONDS, seconds + WATCH_MARGIN_SECONDS)
