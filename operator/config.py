@@ -44,6 +44,10 @@ class OperatorConfig:
     #: The only directories whose file:// sources are read to size them (none: a tenant's spec must
     #: not make the operator read its own files; such models declare their sizes instead).
     model_file_roots: tuple[str, ...] = field(default_factory=tuple)
+    #: Threads (each with a child process it kills at ``estimate_timeout_seconds``) that read models'
+    #: files to size them, away from the reconcile pass (:mod:`vnpu.operator.estimate_cache`).
+    estimate_workers: int = 2
+    estimate_timeout_seconds: float = 20.0
     #: Node label naming a node's pool: keep-warm budgets are per pool (nodes without it: "default").
     pool_label: str = "vnpu.io/pool"
     #: Fraction of a pool's device memory that holders of models at 0 replicas may keep (keepWarm Auto).

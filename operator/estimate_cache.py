@@ -1,26 +1,52 @@
-"""Memory estimates per InferenceModel.
+"""Memory estimates per InferenceModel, kept out of the reconcile pass's way.
 
-A success is cached by (uid, generation): reading a model header is file I/O, and a spec that has not
-changed cannot change its estimate. A failure is not: it may be transient (an ``hf://`` cache on NFS
-during a hiccup, a file being copied in), so it is retried with exponential backoff (1 s doubling to
-5 minutes) until it works, and the planner keeps a running model's pods meanwhile.
+A success is cached by (uid, generation): a spec that has not changed cannot change its estimate. A
+failure is not: it may be transient (an ``hf://`` cache on NFS during a hiccup, a file being copied
+in), so it is retried with exponential backoff (1 s doubling to 5 minutes), and the planner keeps a
+running model's pods meanwhile.
+
+An estimate the spec alone gives (``weights.sizeMiB``, ``modelConfig``) is arithmetic, worked out in
+the pass. One that reads the model's files reads the tenant's bytes at the storage's speed: a hostile
+header costs seconds of CPU within every bound, a hung NFS read never ends. Those are read by worker
+threads, each with a child process it kills at the deadline (:mod:`vnpu.operator.estimate_worker`).
+The pass waits up to :data:`ESTIMATE_WAIT_S` for the reads it queued itself, so that a model with
+readable files is placed in the pass that first sees it; one still being read is
+:class:`~vnpu.memory.EstimatePending` (nothing placed for it yet, a running model's pods kept), and the
+pass after its answer starts at once (``on_ready``). Namespaces take turns, and a namespace reads one
+model at a time: a tenant's slow files hold one worker at most, and another tenant's estimate waits
+for none of them while a worker is free.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from collections.abc import Callable, Iterable
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from vnpu import api
-from vnpu.memory import EstimateError, MemoryEstimate, estimate_from_spec
+from vnpu.memory import EstimateError, EstimatePending, FilesNeeded, MemoryEstimate, estimate_from_spec
+from vnpu.operator import metrics
+from vnpu.operator.estimate_worker import EstimateBug, EstimateProcess, EstimateTimeout, checked
 from vnpu.operator.state import ObservedModel
 
 log = logging.getLogger(__name__)
 
 BACKOFF_SECONDS = 1.0
 MAX_BACKOFF_SECONDS = 300.0
+#: The longest a pass waits for the estimates it queued (a small model's files read in milliseconds).
+ESTIMATE_WAIT_S = 1.0
+#: Worker threads (each with its child process): ``--estimate-workers``.
+DEFAULT_WORKERS = 2
+#: The longest one estimate may read a model's files: ``--estimate-timeout``. A large real checkpoint's
+#: headers read in well under a second (a GGUF's metadata: its tokenizer's strings, about 1 us each).
+DEFAULT_TIMEOUT_S = 20.0
+
+Estimate = MemoryEstimate | EstimateError | EstimatePending
+_Key = tuple[str, int]  # (uid, generation)
 
 
 @dataclass(frozen=True)
@@ -30,61 +56,239 @@ class _Failed:
     attempts: int
 
 
+@dataclass(frozen=True)
+class _Job:
+    key: _Key
+    namespace: str
+    name: str
+    spec: Mapping[str, Any]
+
+
 class EstimateCache:
     def __init__(
         self,
         cache_dir: str | None = None,
         file_roots: tuple[str, ...] = (),
+        *,
+        workers: int = DEFAULT_WORKERS,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
         clock: Callable[[], float] = time.monotonic,
         estimate: Callable[..., MemoryEstimate] = estimate_from_spec,
+        isolate: bool = True,
+        on_ready: Callable[[], None] | None = None,
     ) -> None:
+        """``estimate`` is :func:`~vnpu.memory.estimate_from_spec` or a test's stand-in; ``isolate``
+        reads files in child processes (off: in the worker threads, with ``estimate``); ``on_ready`` is
+        called from a worker thread when an answer came that no pass is waiting for."""
         self.cache_dir = cache_dir
         self.file_roots = file_roots
+        self.workers = workers
+        self.timeout_s = timeout_s
         self._clock = clock
         self._estimate = estimate
-        self._ok: dict[tuple[str, int], MemoryEstimate] = {}
-        self._failed: dict[tuple[str, int], _Failed] = {}
+        self._isolate = isolate
+        self.on_ready = on_ready
+        self._cond = threading.Condition()
+        # Everything below is guarded by _cond.
+        self._ok: dict[_Key, MemoryEstimate] = {}
+        self._failed: dict[_Key, _Failed] = {}
+        #: namespace -> its models' reads, oldest first; the dict's order is the namespaces' turns.
+        self._queue: dict[str, deque[_Job]] = {}
+        self._reading: dict[_Key, str] = {}  # key -> namespace
+        self._awaited: set[_Key] = set()  # the reads a pass waits for now (their answers wake nobody)
+        self._threads: list[threading.Thread] = []
+        self._readers: list[EstimateProcess] = []
+        self._closed = False
 
-    def get(self, model: ObservedModel) -> MemoryEstimate | EstimateError:
-        """The estimate, or the EstimateError explaining what went wrong (retried once its backoff ends)."""
+    # -- the pass's side -------------------------------------------------------------------------------
+    def lookup(
+        self, models: Sequence[ObservedModel], wait_s: float | None = ESTIMATE_WAIT_S
+    ) -> dict[tuple[str, str], Estimate]:
+        """Each model's estimate, its error (retried once its backoff ends) or EstimatePending. Waits up
+        to ``wait_s`` (None: for good) for the files this call queued to be read."""
+        queued: set[_Key] = set()
+        for m in models:
+            key = (m.uid, m.generation)
+            with self._cond:
+                if key in self._ok or self._queued_or_reading(key) or self._backing_off(key):
+                    continue
+            spec = m.raw_spec
+            try:  # the spec alone, if it gives the estimate: nothing is opened
+                estimate = checked(lambda: self._run(spec, read_files=False))  # noqa: B023 (called here)
+            except FilesNeeded:
+                self._enqueue(_Job(key, m.namespace, m.name, m.raw_spec))
+                queued.add(key)
+            except EstimateError as exc:
+                self._record(key, f"{m.namespace}/{m.name}", exc)
+            else:
+                self._record(key, f"{m.namespace}/{m.name}", estimate)
+        if queued:
+            with self._cond:
+                self._awaited = queued
+                try:
+                    self._cond.wait_for(lambda: not any(map(self._queued_or_reading, queued)), wait_s)
+                finally:
+                    self._awaited = set()
+        with self._cond:
+            return {m.key: self._known((m.uid, m.generation)) for m in models}
+
+    def get(self, model: ObservedModel) -> Estimate:
+        """One model's estimate, waiting for its files to be read if they are (tests, tools)."""
+        self.lookup([model], wait_s=0)
         key = (model.uid, model.generation)
-        if key in self._ok:
-            return self._ok[key]
-        failed = self._failed.get(key)
-        if failed is not None and self._clock() < failed.retry_at:
-            return failed.error
-        try:
-            estimate = self._estimate(
-                model.raw_spec,
-                cache_dir=self.cache_dir,
-                file_roots=self.file_roots,
-                block_size=api.KV_BLOCK_SIZE,  # sized as the runtime's paged pool is
-            )
-        except EstimateError as exc:
-            error = exc
-        except OSError as exc:
-            error = EstimateError(f"spec.source.uri could not be read: {exc}")
-        except Exception as exc:  # a bug or an input nobody foresaw: this model's failure, not the pass's
-            log.exception(
-                "estimating a model failed unexpectedly", extra={"model": f"{model.namespace}/{model.name}"}
-            )
-            error = EstimateError(f"the memory estimate failed unexpectedly: {exc!r}")
-        else:
-            self._ok[key] = estimate
-            self._failed.pop(key, None)
-            return estimate
-        attempts = failed.attempts + 1 if failed else 1
-        delay = min(MAX_BACKOFF_SECONDS, BACKOFF_SECONDS * 2 ** (attempts - 1))
-        self._failed[key] = _Failed(error, self._clock() + delay, attempts)
-        return error
+        with self._cond:
+            self._cond.wait_for(lambda: not self._queued_or_reading(key))
+            return self._known(key)
 
     def retry_in(self, model: ObservedModel) -> float | None:
         """Seconds until a failed estimate of ``model`` is tried again (None: not failing)."""
-        failed = self._failed.get((model.uid, model.generation))
+        with self._cond:
+            failed = self._failed.get((model.uid, model.generation))
         return None if failed is None else max(0.0, failed.retry_at - self._clock())
 
     def forget_except(self, models: Iterable[ObservedModel]) -> None:
-        """Drop entries of models and generations that no longer exist."""
+        """Drop entries and queued reads of models and generations that no longer exist (a read under
+        way ends as it will; its answer goes with the next call)."""
         live = {(m.uid, m.generation) for m in models}
-        self._ok = {k: v for k, v in self._ok.items() if k in live}
-        self._failed = {k: v for k, v in self._failed.items() if k in live}
+        with self._cond:
+            self._ok = {k: v for k, v in self._ok.items() if k in live}
+            self._failed = {k: v for k, v in self._failed.items() if k in live}
+            for namespace, jobs in list(self._queue.items()):
+                kept = deque(j for j in jobs if j.key in live)
+                if kept:
+                    self._queue[namespace] = kept
+                else:
+                    del self._queue[namespace]
+            self._count_pending()
+
+    def close(self) -> None:
+        """Stop the workers and kill their child processes (a read under way ends as an error)."""
+        with self._cond:
+            self._closed = True
+            self._queue.clear()
+            self._cond.notify_all()
+            readers = list(self._readers)
+        for reader in readers:
+            reader.kill()
+
+    # -- under the lock --------------------------------------------------------------------------------
+    def _known(self, key: _Key) -> Estimate:
+        if key in self._ok:
+            return self._ok[key]
+        if key in self._reading:
+            return EstimatePending(reading=True)
+        for namespace, jobs in self._queue.items():
+            for i, job in enumerate(jobs):
+                if job.key == key:
+                    return EstimatePending(reading=False, ahead=i + (namespace in self._reading.values()))
+        failed = self._failed.get(key)
+        return failed.error if failed is not None else EstimatePending(reading=False)
+
+    def _queued_or_reading(self, key: _Key) -> bool:
+        return key in self._reading or any(j.key == key for jobs in self._queue.values() for j in jobs)
+
+    def _backing_off(self, key: _Key) -> bool:
+        failed = self._failed.get(key)
+        return failed is not None and self._clock() < failed.retry_at
+
+    def _count_pending(self) -> None:
+        metrics.ESTIMATES_PENDING.set(len(self._reading) + sum(len(jobs) for jobs in self._queue.values()))
+
+    def _take(self) -> _Job | None:
+        """The next read: the oldest of the first namespace in turn that reads nothing now."""
+        busy = set(self._reading.values())
+        for namespace in list(self._queue):
+            if namespace in busy:
+                continue
+            jobs = self._queue.pop(namespace)
+            job = jobs.popleft()
+            if jobs:
+                self._queue[namespace] = jobs  # to the back of the turns
+            self._reading[job.key] = namespace
+            return job
+        return None
+
+    # -- the workers' side -----------------------------------------------------------------------------
+    def _enqueue(self, job: _Job) -> None:
+        with self._cond:
+            if self._closed:
+                return
+            self._queue.setdefault(job.namespace, deque()).append(job)
+            self._count_pending()
+            if len(self._threads) < self.workers:
+                thread = threading.Thread(
+                    target=self._work, name=f"vnpu-estimate-{len(self._threads)}", daemon=True
+                )
+                self._threads.append(thread)
+                thread.start()
+            self._cond.notify_all()
+
+    def _work(self) -> None:
+        reader = EstimateProcess(self.timeout_s) if self._isolate else None
+        if reader is not None:
+            with self._cond:
+                self._readers.append(reader)
+        try:
+            while True:
+                with self._cond:
+                    job = None
+                    while not self._closed and (job := self._take()) is None:
+                        self._cond.wait()
+                    if job is None:
+                        return
+                started = time.monotonic()
+                result = self._read(job, reader)
+                outcome = (
+                    "ok" if isinstance(result, MemoryEstimate) else
+                    "timeout" if isinstance(result, EstimateTimeout) else "error"
+                )  # fmt: skip
+                metrics.ESTIMATE_READ_SECONDS.labels(outcome).observe(time.monotonic() - started)
+                with self._cond:
+                    del self._reading[job.key]
+                    self._record(job.key, f"{job.namespace}/{job.name}", result)
+                    wake = job.key not in self._awaited
+                    self._cond.notify_all()
+                if wake and self.on_ready is not None:
+                    self.on_ready()
+        finally:
+            if reader is not None:
+                reader.close()
+
+    def _read(self, job: _Job, reader: EstimateProcess | None) -> MemoryEstimate | EstimateError:
+        try:
+            if reader is not None:
+                return reader.estimate(
+                    job.spec,
+                    cache_dir=self.cache_dir,
+                    file_roots=self.file_roots,
+                    block_size=api.KV_BLOCK_SIZE,
+                )
+            return checked(lambda: self._run(job.spec, read_files=True))
+        except EstimateError as exc:
+            return exc
+
+    def _run(self, spec: Mapping[str, Any], *, read_files: bool) -> MemoryEstimate:
+        return self._estimate(
+            spec,
+            cache_dir=self.cache_dir,
+            file_roots=self.file_roots,
+            block_size=api.KV_BLOCK_SIZE,  # sized as the runtime's paged pool is
+            read_files=read_files,
+        )
+
+    def _record(self, key: _Key, model: str, result: MemoryEstimate | EstimateError) -> None:
+        """Keep a success for the generation; back a failure off. (Takes _cond: it is reentrant.)"""
+        with self._cond:
+            if isinstance(result, MemoryEstimate):
+                self._ok[key] = result
+                self._failed.pop(key, None)
+            else:
+                if isinstance(result, EstimateBug):
+                    log.error(
+                        "estimating a model failed unexpectedly\n%s", result.trace, extra={"model": model}
+                    )
+                failed = self._failed.get(key)
+                attempts = failed.attempts + 1 if failed else 1
+                delay = min(MAX_BACKOFF_SECONDS, BACKOFF_SECONDS * 2 ** (attempts - 1))
+                self._failed[key] = _Failed(result, self._clock() + delay, attempts)
+            self._count_pending()

@@ -15,6 +15,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from vnpu.argtypes import MAX_INTERVAL_S, seconds
 from vnpu.logs import setup_logging
 from vnpu.operator import network_policy
 from vnpu.operator.config import (
@@ -42,6 +43,8 @@ Credentials: in-cluster service account, else --kubeconfig / $KUBECONFIG / ~/.ku
 
 
 def build_parser() -> argparse.ArgumentParser:
+    d = OperatorConfig()
+    interval = seconds(maximum=MAX_INTERVAL_S)
     p = argparse.ArgumentParser(
         prog="vnpu operator", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -67,9 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--leader-election-id", default="vnpu-operator", help="name of the Lease (default %(default)s)"
     )
-    p.add_argument("--lease-duration", type=float, default=15.0, help="seconds (default %(default)s)")
-    p.add_argument("--renew-deadline", type=float, default=10.0, help="seconds (default %(default)s)")
-    p.add_argument("--retry-period", type=float, default=2.0, help="seconds (default %(default)s)")
+    p.add_argument("--lease-duration", type=interval, default=15.0, help="seconds (default %(default)s)")
+    p.add_argument("--renew-deadline", type=interval, default=10.0, help="seconds (default %(default)s)")
+    p.add_argument("--retry-period", type=interval, default=2.0, help="seconds (default %(default)s)")
     p.add_argument(
         "--standalone", action="store_true", help="accepted for compatibility (kopf peering is not used)"
     )
@@ -109,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
         "its own namespace's (default), any namespace's (cluster: for clusters where whoever may write "
         "an InferenceModel is trusted), or none (never)",
     )
-    p.add_argument("--resync-seconds", type=float, default=60.0, help="full re-plan at least this often")
+    p.add_argument("--resync-seconds", type=interval, default=60.0, help="full re-plan at least this often")
     p.add_argument(
         "--node-grace-seconds",
         type=int,
@@ -130,6 +133,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="a directory whose file:// sources the operator may read to size models (repeatable; "
         "default none: a file:// model declares spec.weights.sizeMiB and its KV size or modelConfig, "
         "so no tenant's spec can make the operator read a file of its own)",
+    )
+    p.add_argument(
+        "--estimate-workers",
+        type=_positive_int,
+        default=d.estimate_workers,
+        help="threads that read models' files to size them, away from the reconcile pass, each in a child "
+        "process (default %(default)s); a namespace reads one model at a time, so one tenant's slow files "
+        "hold one worker at most",
+    )
+    p.add_argument(
+        "--estimate-timeout",
+        type=seconds(maximum=3600),
+        default=d.estimate_timeout_seconds,
+        metavar="SECONDS",
+        help="the longest one model's files may take to read; past it the read is killed and the model "
+        "retried with backoff (default %(default)s)",
     )
     p.add_argument(
         "--pool-label",
@@ -304,6 +323,8 @@ def config_from_args(args: argparse.Namespace) -> OperatorConfig:
         node_grace_seconds=args.node_grace_seconds,
         model_cache_dir=args.model_cache_dir,
         model_file_roots=tuple(args.model_file_root),
+        estimate_workers=args.estimate_workers,
+        estimate_timeout_seconds=args.estimate_timeout,
         pool_label=args.pool_label,
         keep_warm_fraction=args.keep_warm_fraction,
         network_policy=args.network_policy,
@@ -312,7 +333,11 @@ def config_from_args(args: argparse.Namespace) -> OperatorConfig:
 
 
 def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.lease_duration > args.renew_deadline > args.retry_period:
+        # client-go's rule: a leader must renew before its Lease runs out, with retries in between.
+        parser.error("--lease-duration must exceed --renew-deadline, which must exceed --retry-period")
     setup_logging(args.log_format, logging.DEBUG if args.verbose else logging.INFO)
     if args.kubeconfig:
         os.environ["KUBECONFIG"] = str(args.kubeconfig)

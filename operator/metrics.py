@@ -95,6 +95,18 @@ REPORT_LAG_SECONDS = Histogram(
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
     registry=REGISTRY,
 )
+ESTIMATES_PENDING = Gauge(
+    "vnpu_operator_estimates_pending",
+    "Models whose memory estimate reads their files now or waits its turn (read away from the pass).",
+    registry=REGISTRY,
+)
+ESTIMATE_READ_SECONDS = Histogram(
+    "vnpu_operator_estimate_read_seconds",
+    "Wall time of one estimate that reads a model's files, by outcome (ok, error, timeout).",
+    ["outcome"],
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 60),
+    registry=REGISTRY,
+)
 IS_LEADER = Gauge(
     "vnpu_operator_leader",
     "1 while this replica holds the leader Lease (plans and writes), else 0.",

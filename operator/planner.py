@@ -14,7 +14,8 @@ directly.
 What the plan never does, because each would be a needless outage:
 
 * delete a running model's pods because its estimate failed (its pods are kept and counted as held
-  until the estimate works again; status says ``Degraded``);
+  until the estimate works again; status says ``Degraded``), nor while its new spec's files are read
+  (:class:`~vnpu.memory.EstimatePending`: kept the same way, and rolled once the estimate is known);
 * re-place the pods of a NotReady node before ``node_grace_seconds`` (default 300 s, as Kubernetes'
   taint-based eviction) have passed;
 * replace all replicas at once on a spec change: replicas of an older pod template are rolled with
@@ -38,7 +39,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from vnpu import api, sharing
-from vnpu.memory import EstimateError, MemoryEstimate
+from vnpu.memory import EstimateError, EstimatePending, MemoryEstimate
 from vnpu.operator import disruption, forecast, network_policy, packing, scaling
 from vnpu.operator.config import PLACEHOLDER_PRIORITY_CLASS, OperatorConfig
 from vnpu.operator.placeholders import plan_placeholders
@@ -389,7 +390,7 @@ def plan(
     models: Sequence[ObservedModel],
     nodes: Sequence[ObservedNode],
     pods: Sequence[ObservedPod],
-    estimates: Mapping[tuple[str, str], MemoryEstimate | EstimateError],
+    estimates: Mapping[tuple[str, str], MemoryEstimate | EstimateError | EstimatePending],
     config: OperatorConfig,
     now: dt.datetime | None = None,
     secrets: Sequence[ObservedSecret] = (),

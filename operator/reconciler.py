@@ -177,7 +177,13 @@ class Reconciler:
         self._loop_started: float | None = None
         self._last_ok: float | None = None
         self._last_error = ""
-        self._estimates = EstimateCache(config.model_cache_dir, config.model_file_roots)
+        self._estimates = EstimateCache(
+            config.model_cache_dir,
+            config.model_file_roots,
+            workers=config.estimate_workers,
+            timeout_s=config.estimate_timeout_seconds,
+            on_ready=self._wake_soon,  # an estimate read after its pass: plan with it now
+        )
         self._lock = asyncio.Lock()
         self._failures: dict[str, Failure] = {}
         self._secrets: dict[tuple[str, str], ObservedSecret] = {}
@@ -249,6 +255,7 @@ class Reconciler:
         self._task = asyncio.create_task(self._loop(), name="vnpu-reconciler")
 
     async def stop(self) -> None:
+        self._estimates.close()
         if self._crd_check is not None:
             self._crd_check.stop()
         if self._task:
@@ -430,7 +437,7 @@ class Reconciler:
         now = dt.datetime.now(dt.UTC)
         models = self._reported.overlay(models)
         self._estimates.forget_except(models)
-        estimates = {m.key: self._estimates.get(m) for m in models if m.spec is not None}
+        estimates = self._estimates.lookup([m for m in models if m.spec is not None])
         live = {f"{m.namespace}/{m.name}": m.uid for m in models}  # "namespace/name" -> uid
         # A model deleted and created again (a new uid) inherits neither backoff nor message.
         self._failures = {k: f for k, f in self._failures.items() if live.get(failure_model(k)) == f.uid}

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from vnpu import api
-from vnpu.memory import EstimateError, MemoryEstimate
+from vnpu.memory import EstimateError, EstimatePending, MemoryEstimate
 from vnpu.operator.packing import Unplaced
 from vnpu.operator.services import REASON_NAME_TAKEN
 from vnpu.operator.state import ObservedModel
@@ -75,7 +75,7 @@ class Rollout:
 
 @dataclass(frozen=True)
 class ModelOutcome:
-    estimate: MemoryEstimate | EstimateError | None
+    estimate: MemoryEstimate | EstimateError | EstimatePending | None
     placements: Sequence[Mapping[str, Any]]
     unplaced: Sequence[Unplaced]
     ready_replicas: int
@@ -142,6 +142,14 @@ def _degradation(outcome: ModelOutcome) -> tuple[str, str] | None:
     if not parts:
         return None
     return parts[0][0], "; ".join(m for _, m in parts)
+
+
+def _pending_message(pending: EstimatePending) -> str:
+    if pending.reading:
+        return "reading the model's files to size it"
+    if pending.ahead:
+        return f"waiting to read the model's files: {pending.ahead} of the namespace's models first"
+    return "waiting for a free worker to read the model's files"
 
 
 def build_status(
@@ -214,6 +222,33 @@ def build_status(
         condition("CapacityPending", False, "Deleting", "")
         condition("Progressing", False, "Deleting", "")
         condition("Degraded", False, "Deleting", "")
+    elif isinstance(outcome.estimate, EstimatePending):
+        # Its files are read away from the pass: nothing is placed without an estimate, and running
+        # replicas (a spec changed) stay as they are until the new spec is sized, then roll.
+        message = _pending_message(outcome.estimate)
+        frozen = outcome.frozen_replicas
+        ready = frozen > 0 and outcome.ready_replicas >= want
+        if frozen:
+            condition("Placed", True, "Estimating", f"keeping the {frozen} running replica(s) as they are")
+        else:
+            condition("Placed", False, "Estimating", message)
+        condition("CapacityPending", False, "Estimating", "")
+        condition(
+            "Ready",
+            ready,
+            "AllReplicasReady" if ready else "ReplicasNotReady" if frozen else "Estimating",
+            f"{outcome.ready_replicas}/{want} replicas ready" if frozen else message,
+        )
+        condition("Progressing", True, "Estimating", message)
+        if flipped("Progressing", "True", "Estimating"):
+            events.append(Event(NORMAL, "Estimating", message))
+        report_degraded()  # whatever degrades the replicas kept (a lost node, a crash loop) is said
+        if degraded is not None and degraded[0] != "NodeNotReady":
+            status["phase"] = "Degraded"
+        elif frozen:
+            status["phase"] = "Ready" if ready else "Running"
+        else:
+            status["phase"] = "Pending"
     elif isinstance(outcome.estimate, EstimateError) or outcome.estimate is None:
         message = str(outcome.estimate or "no memory estimate")
         ready = outcome.frozen_replicas > 0 and outcome.ready_replicas >= want

@@ -67,6 +67,19 @@ class EstimateError(ValueError):
     """The spec does not give enough to size the model (the message says which field to set)."""
 
 
+class FilesNeeded(Exception):
+    """``estimate_from_spec(..., read_files=False)``: the estimate needs the source's files, and nothing
+    has been opened (the operator reads them away from its reconcile pass)."""
+
+
+@dataclass(frozen=True)
+class EstimatePending:
+    """A model whose estimate is being read from its files, or waits its turn to be."""
+
+    reading: bool  #: its files are being read now (else it waits its turn)
+    ahead: int = 0  #: models of its namespace whose files are read before its own
+
+
 def mib_ceil(nbytes: float) -> int:
     """Whole MiB covering ``nbytes``."""
     return math.ceil(nbytes / MIB)
@@ -416,6 +429,7 @@ def estimate_from_spec(
     block_size: int | None = None,
     kv_dtype_bytes: int | None = None,
     read_header: Callable[..., ModelFileInfo] = read_model_file,
+    read_files: bool = True,
 ) -> MemoryEstimate:
     """The estimate for an InferenceModel ``spec`` (the CRD's camelCase dict).
 
@@ -427,8 +441,9 @@ def estimate_from_spec(
     HF hub cache or mirror) when one is configured; ``pvc://`` never is (the operator mounts no claims).
     An optional ``spec.modelConfig`` (config.json keys: ``num_hidden_layers``, ``num_key_value_heads``,
     ``head_dim``, ...) stands in for the header's config. ``model_file`` passes an already-read header
-    (caching is the caller's business). Raises :class:`EstimateError` (a ValueError) naming the field
-    to set when something is missing.
+    (caching is the caller's business); with ``read_files=False`` an estimate that would read the
+    source raises :class:`FilesNeeded` before it opens anything. Raises :class:`EstimateError` (a
+    ValueError) naming the field to set when something is missing.
     """
     source = _section(spec, "source")
     weights = _section(spec, "weights")
@@ -474,6 +489,8 @@ def estimate_from_spec(
     ]
     info = model_file
     if info is None and needs_header:
+        if not read_files:
+            raise FilesNeeded(uri)
         info = _read_source_header(uri, source.get("format"), cache_dir, file_roots, read_header, missing)
     if config is None and info is not None:
         config = info.config

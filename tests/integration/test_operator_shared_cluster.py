@@ -13,6 +13,7 @@ from typing import Any
 
 import test_operator
 from kubernetes import client, watch
+from model_files import hostile_gguf, safetensors
 from operator_harness import OperatorProcess, get_model, live, pods_of
 from test_operator import GIB, apply, events_of, replica_pods, spec, wait_phase
 
@@ -443,4 +444,61 @@ def test_defragmentation_moves_a_replica_make_before_break(cluster, namespace, k
         wait_phase(cluster, namespace, "b", "Ready")
     finally:
         cluster.kubectl("delete", "infm", "--all", "-n", namespace, "--timeout=60s", check=False)
+        op.stop()
+
+
+def test_a_tenants_slow_model_files_never_hold_up_another_tenants_model(
+    cluster, namespace, kwok_nodes, tmp_path
+) -> None:
+    """Three models of one namespace whose files take seconds of CPU each to read (a hostile GGUF
+    header inside every size bound), then a model of another namespace whose files read at once: that
+    one is placed and Ready while the first namespace's are still being read, one at a time, each
+    saying so in its status. The reads ran inside the reconcile pass before: the other tenant's model
+    waited for all three."""
+    kwok_nodes(1, devices=1, device_mib=16 * GIB)
+    roots = tmp_path / "model-files"
+    roots.mkdir()
+    hostile_gguf(roots / "slow.gguf")
+    safetensors(roots / "ok.safetensors")
+    evil = new_namespace(cluster, f"e-{namespace.removeprefix('t-')}")
+    op = OperatorProcess(cluster, namespace, tmp_path).start("-n", evil, "--model-file-root", str(roots))
+
+    def sized_by(file: str) -> dict[str, Any]:
+        return {
+            "modelName": "m",
+            "source": {"uri": f"file://{roots / file}"},
+            "replicas": 1,
+            "memory": {"kvCacheMiB": 256, "activationMiB": 64},
+        }
+
+    try:
+        for i in range(3):
+            apply(cluster, evil, f"slow-{i}", sized_by("slow.gguf"))
+
+        def reading() -> bool:
+            c = condition(get_model(cluster, evil, "slow-0"), "Progressing")
+            return c.get("reason") == "Estimating" and "reading" in c.get("message", "")
+
+        wait_until(reading, 60, "slow-0's files being read")
+
+        def queued() -> bool:
+            c = condition(get_model(cluster, evil, "slow-2"), "Placed")
+            return c.get("reason") == "Estimating" and "namespace's models first" in c.get("message", "")
+
+        wait_until(queued, 30, "slow-2 waiting its namespace's turn")
+        assert get_model(cluster, evil, "slow-2")["status"]["phase"] == "Pending"
+
+        apply(cluster, namespace, "fine", sized_by("ok.safetensors"))
+        fine = wait_phase(cluster, namespace, "fine", "Ready", timeout=60)
+        assert fine["status"]["memory"]["weightsMiB"] == 2  # sized from its file
+        still = [
+            n for n in ("slow-0", "slow-1", "slow-2")
+            if condition(get_model(cluster, evil, n), "Progressing").get("reason") == "Estimating"
+        ]  # fmt: skip
+        assert still, "the other namespace's model waited for every slow read"
+        assert "vnpu_operator_estimates_pending 0.0" not in op.metrics()
+        assert "vnpu_operator_reconcile_errors_total 0.0" in op.metrics()
+    finally:
+        for ns in (evil, namespace):
+            cluster.kubectl("delete", "infm", "--all", "-n", ns, "--timeout=60s", check=False)
         op.stop()

@@ -122,7 +122,8 @@ def test_keys_the_operator_stops_setting_leave_the_server_and_a_settled_model_ge
         op.run("a")
     assert op.kube.status_patches == settled, "a status write on every pass"
 
-    monkeypatch.setattr(op.rec._estimates, "get", lambda m: EstimateError("source unreadable"))
+    failing = EstimateError("source unreadable")
+    monkeypatch.setattr(op.rec._estimates, "lookup", lambda models: {m.key: failing for m in models})
     op.run("a")
     status = op.model("a")["status"]
     assert status["phase"] == "Degraded"  # its running replica kept

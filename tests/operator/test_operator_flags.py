@@ -19,3 +19,42 @@ def test_a_keep_warm_fraction_outside_0_to_1_is_refused_at_the_start(value: str)
 def test_a_keep_warm_fraction_in_0_to_1_is_taken(value: str) -> None:
     args = build_parser().parse_args(["--keep-warm-fraction", value])
     assert config_from_args(args).keep_warm_fraction == float(value)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--resync-seconds", "nan"],  # max(3 x nan, floor) is nan: the liveness limit was never reached
+        ["--resync-seconds", "0"],
+        ["--lease-duration", "inf"],
+        ["--retry-period", "-1"],
+        ["--estimate-timeout", "0"],
+        ["--estimate-timeout", "nan"],
+        ["--estimate-workers", "0"],
+    ],
+)
+def test_intervals_that_are_no_number_of_seconds_are_refused_at_the_start(argv: list[str]) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(argv)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--renew-deadline", "20"],  # past the 15 s Lease: a standby may lead while this one still writes
+        ["--lease-duration", "10"],
+        ["--retry-period", "10"],
+    ],
+)
+def test_lease_timings_that_would_allow_two_writers_are_refused(argv: list[str]) -> None:
+    from vnpu.operator.main import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+
+
+def test_the_estimate_settings_reach_the_config() -> None:
+    args = build_parser().parse_args(["--estimate-workers", "3", "--estimate-timeout", "5"])
+    config = config_from_args(args)
+    assert (config.estimate_workers, config.estimate_timeout_seconds) == (3, 5.0)

@@ -111,7 +111,7 @@ def test_estimate_failures_are_retried_with_backoff_not_cached() -> None:
     now = [0.0]
     calls = []
 
-    def flaky(spec, cache_dir=None, file_roots=(), block_size=None):
+    def flaky(spec, cache_dir=None, file_roots=(), block_size=None, read_files=True):
         calls.append(now[0])
         if len(calls) < 3:
             raise OSError("Stale file handle")
@@ -322,7 +322,7 @@ def test_an_estimate_that_fails_unexpectedly_is_that_models_error_not_the_passs(
     """Whatever the estimate raises (a bug, an input nobody foresaw), the reconcile pass gets an
     EstimateError for that model, retried with backoff, and every other model still converges."""
 
-    def broken(spec, cache_dir=None, file_roots=(), block_size=None):
+    def broken(spec, cache_dir=None, file_roots=(), block_size=None, read_files=True):
         raise TypeError("unhashable type: 'dict'")
 
     cache = EstimateCache(None, estimate=broken)
