@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 BACKOFF_SECONDS = 1.0
 MAX_BACKOFF_SECONDS = 300.0
 #: The longest a pass waits for the estimates it queued (a small model's files read in milliseconds).
-ESTIMATE_WAIT_S = 1.0
+ESTIMATE_WAIT_S = 0.5
 #: Worker threads (each with its child process): ``--estimate-workers``.
 DEFAULT_WORKERS = 2
 #: The longest one estimate may read a model's files: ``--estimate-timeout``. A large real checkpoint's
@@ -94,6 +94,7 @@ class EstimateCache:
         self._failed: dict[_Key, _Failed] = {}
         #: namespace -> its models' reads, oldest first; the dict's order is the namespaces' turns.
         self._queue: dict[str, deque[_Job]] = {}
+        self._queued: set[_Key] = set()  # the keys of the jobs in _queue
         self._reading: dict[_Key, str] = {}  # key -> namespace
         self._awaited: set[_Key] = set()  # the reads a pass waits for now (their answers wake nobody)
         self._threads: list[threading.Thread] = []
@@ -130,7 +131,8 @@ class EstimateCache:
                 finally:
                     self._awaited = set()
         with self._cond:
-            return {m.key: self._known((m.uid, m.generation)) for m in models}
+            ahead = self._ahead()
+            return {m.key: self._known((m.uid, m.generation), ahead) for m in models}
 
     def get(self, model: ObservedModel) -> Estimate:
         """One model's estimate, waiting for its files to be read if they are (tests, tools)."""
@@ -138,7 +140,7 @@ class EstimateCache:
         key = (model.uid, model.generation)
         with self._cond:
             self._cond.wait_for(lambda: not self._queued_or_reading(key))
-            return self._known(key)
+            return self._known(key, {})
 
     def retry_in(self, model: ObservedModel) -> float | None:
         """Seconds until a failed estimate of ``model`` is tried again (None: not failing)."""
@@ -159,6 +161,7 @@ class EstimateCache:
                     self._queue[namespace] = kept
                 else:
                     del self._queue[namespace]
+            self._queued &= live
             self._count_pending()
 
     def close(self) -> None:
@@ -166,33 +169,41 @@ class EstimateCache:
         with self._cond:
             self._closed = True
             self._queue.clear()
+            self._queued.clear()
             self._cond.notify_all()
             readers = list(self._readers)
         for reader in readers:
             reader.kill()
 
     # -- under the lock --------------------------------------------------------------------------------
-    def _known(self, key: _Key) -> Estimate:
+    def _known(self, key: _Key, ahead: Mapping[_Key, int]) -> Estimate:
         if key in self._ok:
             return self._ok[key]
         if key in self._reading:
             return EstimatePending(reading=True)
-        for namespace, jobs in self._queue.items():
-            for i, job in enumerate(jobs):
-                if job.key == key:
-                    return EstimatePending(reading=False, ahead=i + (namespace in self._reading.values()))
+        if key in self._queued:
+            return EstimatePending(reading=False, ahead=ahead.get(key, 0))
         failed = self._failed.get(key)
         return failed.error if failed is not None else EstimatePending(reading=False)
 
+    def _ahead(self) -> dict[_Key, int]:
+        """Each queued read's count of its namespace's reads before it (the one under way included)."""
+        reading = set(self._reading.values())
+        return {
+            job.key: i + (namespace in reading)
+            for namespace, jobs in self._queue.items()
+            for i, job in enumerate(jobs)
+        }
+
     def _queued_or_reading(self, key: _Key) -> bool:
-        return key in self._reading or any(j.key == key for jobs in self._queue.values() for j in jobs)
+        return key in self._reading or key in self._queued
 
     def _backing_off(self, key: _Key) -> bool:
         failed = self._failed.get(key)
         return failed is not None and self._clock() < failed.retry_at
 
     def _count_pending(self) -> None:
-        metrics.ESTIMATES_PENDING.set(len(self._reading) + sum(len(jobs) for jobs in self._queue.values()))
+        metrics.ESTIMATES_PENDING.set(len(self._reading) + len(self._queued))
 
     def _take(self) -> _Job | None:
         """The next read: the oldest of the first namespace in turn that reads nothing now."""
@@ -204,6 +215,7 @@ class EstimateCache:
             job = jobs.popleft()
             if jobs:
                 self._queue[namespace] = jobs  # to the back of the turns
+            self._queued.discard(job.key)
             self._reading[job.key] = namespace
             return job
         return None
@@ -214,6 +226,7 @@ class EstimateCache:
             if self._closed:
                 return
             self._queue.setdefault(job.namespace, deque()).append(job)
+            self._queued.add(job.key)
             self._count_pending()
             if len(self._threads) < self.workers:
                 thread = threading.Thread(
