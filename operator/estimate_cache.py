@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vnpu import api
+from vnpu.backoff import backoff_seconds
 from vnpu.memory import EstimateError, EstimatePending, FilesNeeded, MemoryEstimate, estimate_from_spec
 from vnpu.operator import metrics
 from vnpu.operator.estimate_worker import EstimateBug, EstimateProcess, EstimateTimeout, checked
@@ -262,7 +263,10 @@ class EstimateCache:
                     wake = job.key not in self._awaited
                     self._cond.notify_all()
                 if wake and self.on_ready is not None:
-                    self.on_ready()
+                    try:
+                        self.on_ready()
+                    except RuntimeError:  # the operator's loop is closed: it is stopping
+                        log.debug("no pass to wake for %s/%s's estimate", job.namespace, job.name)
         finally:
             if reader is not None:
                 reader.close()
@@ -279,6 +283,9 @@ class EstimateCache:
             return checked(lambda: self._run(job.spec, read_files=True))
         except EstimateError as exc:
             return exc
+        except Exception as exc:  # the worker outlives what it did not foresee (an answer it cannot read)
+            log.exception("reading %s/%s's files failed unexpectedly", job.namespace, job.name)
+            return EstimateError(f"the memory estimate failed unexpectedly: {exc!r}")
 
     def _run(self, spec: Mapping[str, Any], *, read_files: bool) -> MemoryEstimate:
         return self._estimate(
@@ -302,6 +309,6 @@ class EstimateCache:
                     )
                 failed = self._failed.get(key)
                 attempts = failed.attempts + 1 if failed else 1
-                delay = min(MAX_BACKOFF_SECONDS, BACKOFF_SECONDS * 2 ** (attempts - 1))
+                delay = backoff_seconds(attempts, BACKOFF_SECONDS, MAX_BACKOFF_SECONDS)
                 self._failed[key] = _Failed(result, self._clock() + delay, attempts)
             self._count_pending()

@@ -32,6 +32,7 @@ from typing import Any
 from kubernetes.client.exceptions import ApiException
 
 from vnpu import api, sharing
+from vnpu.backoff import backoff_seconds
 from vnpu.kubeclient import api_client_from_env, unreachable_errors
 from vnpu.operator import disruption, metrics, network_policy, scaling
 from vnpu.operator.config import PLACEHOLDER_PRIORITY_CLASS, OperatorConfig
@@ -684,7 +685,7 @@ class Reconciler:
         for key, (reason, message) in failed.items():
             before = self._failures.get(key)
             attempts = before.attempts + 1 if before else 1
-            delay = min(self.config.max_backoff_seconds, self.config.backoff_seconds * 2 ** (attempts - 1))
+            delay = backoff_seconds(attempts, self.config.backoff_seconds, self.config.max_backoff_seconds)
             retry_at = now + dt.timedelta(seconds=delay)
             self._failures[key] = Failure(
                 f"{message} (retrying in {delay:g}s)",

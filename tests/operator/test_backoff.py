@@ -384,3 +384,24 @@ def test_a_namespace_created_again_gets_its_network_policy_before_its_pods() -> 
     kube.models = [new]
     rec.reconcile([new], nodes, [])
     assert kube.policies == ["ns", "ns"]
+
+
+def test_a_model_refused_for_days_never_fails_everyones_pass() -> None:
+    """Its 1,025th refusal in a row (5 minutes apart: 3.5 days at a full quota) made ``1.0 * 2 ** 1024``,
+    which no float holds: OverflowError in every pass, whose statuses then never went out for anyone."""
+    m = model("a", 1, weights={"sizeMiB": 4096})
+    kube = QuotaKube([m])
+    rec = Reconciler(OperatorConfig(placeholders=False, backoff_seconds=0.0), kube=kube)  # type: ignore[arg-type]
+    first = rec.reconcile([m], [node("n1")], [])
+    assert degraded(first.statuses[0])["reason"] == "Forbidden"
+    (key,) = rec._failures
+    rec._failures[key] = replace(rec._failures[key], attempts=1024)
+    again = rec.reconcile([m], [node("n1")], [])  # no wait: retried at once, and refused
+    assert rec._failures[key].attempts == 1025 and "retrying in 0s" in degraded(again.statuses[0])["message"]
+
+
+@pytest.mark.parametrize("attempts", [1, 2, 9, 10, 1024, 1025, 10**6])
+def test_backoff_doubles_from_its_first_wait_up_to_its_cap(attempts: int) -> None:
+    from vnpu.backoff import backoff_seconds
+
+    assert backoff_seconds(attempts, 1.0, 300.0) == min(300.0, 2.0 ** min(attempts - 1, 60))

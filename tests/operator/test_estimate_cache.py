@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -226,3 +227,22 @@ def test_close_ends_a_read_under_way(tmp_path: Path) -> None:
     got = cache.lookup([bad], wait_s=0)[("ns", "bad")]
     assert "process ended" in str(got) and cache.retry_in(bad) is not None
     until(lambda: not cache._threads[0].is_alive(), "the worker's end")
+
+
+def test_an_estimate_failing_for_days_is_still_backed_off() -> None:
+    """The 1,025th failure in a row (3.5 days at the 5-minute cap) computed ``1.0 * 2 ** 1024``: an
+    OverflowError in the pass (or, for a read, in the worker thread, which died holding its model)."""
+    from vnpu.operator.estimate_cache import MAX_BACKOFF_SECONDS, _Failed
+
+    def unreadable(spec: dict[str, Any], **_: Any) -> MemoryEstimate:
+        raise EstimateError("spec.source.uri could not be read: Stale file handle")
+
+    now = [0.0]
+    cache = EstimateCache(estimate=unreadable, isolate=False, clock=lambda: now[0])
+    m = model("a")
+    assert isinstance(cache.get(m), EstimateError)
+    key = (m.uid, m.generation)
+    cache._failed[key] = replace(cache._failed[key], attempts=1024, retry_at=0.0)
+    now[0] = 1.0
+    assert isinstance(cache.lookup([m], wait_s=0)[m.key], EstimateError)
+    assert cache._failed[key] == _Failed(cache._failed[key].error, 1.0 + MAX_BACKOFF_SECONDS, 1025)
