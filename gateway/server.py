@@ -48,6 +48,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from vnpu import sse
 from vnpu.gateway.activity import WakeError
 from vnpu.gateway.discovery import Discovery
 from vnpu.gateway.keys import ApiKey, KeyFileError, KeyRing
@@ -562,9 +563,9 @@ class Gateway:
         )
         if upstream.content_type == "text/event-stream":
             message = f"The replica serving {route.qualified_name} failed mid-answer; retry the request."
-            event = json.dumps(error_body(message, "server_error", "upstream_error"))
+            event = sse.event(error_body(message, "server_error", "upstream_error"))
             async with asyncio.timeout(self.config.write_stall_s):  # (a stall: _relay cuts off)
-                await response.write(f"data: {event}\n\ndata: [DONE]\n\n".encode())
+                await response.write(event + sse.DONE)
                 await response.write_eof()
         elif request.transport is not None:
             request.transport.abort()

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import threading
 import time
@@ -55,6 +54,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from vnpu import sse
 from vnpu.accesslog import AccessLogger
 from vnpu.api import DRAIN_ERROR_SEND_S, MAX_MODEL_NAME_LEN, REPLICA_DRAIN_S
 from vnpu.jsonbody import (
@@ -304,10 +304,6 @@ def _envelope(call: _Call, choices: list[dict[str, Any]], stream: bool) -> dict[
     return data
 
 
-def _sse(data: dict[str, Any] | str) -> bytes:
-    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n".encode()
-
-
 def _disconnected(request: web.Request) -> bool:
     transport = request.transport
     return transport is None or transport.is_closing()
@@ -447,23 +443,23 @@ async def _stream(
             if call.kind == "chat":  # the first chunk announces the role, as OpenAI's does
                 role = {"index": 0, "delta": {"role": "assistant", "content": ""}}
                 first = _envelope(call, [{**role, "logprobs": None, "finish_reason": None}], True)
-                events.append(_sse(_with_usage(call, first)))
+                events.append(sse.event(_with_usage(call, first)))
         if out.error is not None:
             error = _as_http(out.error)
-            events += [_sse(error_body(str(error), error.kind, error.code)), _sse("[DONE]")]
+            events += [sse.event(error_body(str(error), error.kind, error.code)), sse.DONE]
         else:
             if out.text or out.logprobs or (call.return_token_ids and out.token_ids):
                 choice = _choice(call, out.text, list(out.token_ids), list(out.logprobs), None, True, offset)
-                events.append(_sse(_with_usage(call, _envelope(call, [choice], True))))
+                events.append(sse.event(_with_usage(call, _envelope(call, [choice], True))))
                 offset += len(out.text)
             if out.finish_reason is not None:
                 last = _choice(call, "", [], [], out.finish_reason, True, offset)
-                events.append(_sse(_with_usage(call, _envelope(call, [last], True))))
+                events.append(sse.event(_with_usage(call, _envelope(call, [last], True))))
                 if call.include_usage:
                     final = _envelope(call, [], True)
                     final["usage"] = usage(call.prompt_tokens, out.completion_tokens)
-                    events.append(_sse(final))
-                events.append(_sse("[DONE]"))
+                    events.append(sse.event(final))
+                events.append(sse.DONE)
         try:
             async with asyncio.timeout(stall_s):
                 if not response.prepared:
