@@ -427,6 +427,18 @@ class Gateway:
             )
         # The bytes read_json parsed (aiohttp keeps them) are forwarded as they are, unless renamed.
         raw = admission.rewritten if admission.rewritten is not None else await request.read()
+        try:
+            return await self._dispatch(request, route, raw)
+        except asyncio.CancelledError:
+            # aiohttp cancels the handler of a client that hung up (waiting for a replica to wake, or
+            # mid-answer): counted, as a client that stops reading is. (At the gateway's own stop the
+            # connection is still there: not the client's doing.)
+            if request.transport is None or request.transport.is_closing():
+                self.metrics.requests.labels(route.qualified_name, "499").inc()
+            raise
+
+    async def _dispatch(self, request: web.Request, route: Route, raw: bytes) -> web.StreamResponse:
+        """Wake the model if it must, then forward to a replica (one retry on another)."""
         if self.record is not None:
             self.record(route.key.namespace, route.key.name)
         route, reason = await self.endpoints_of(route)

@@ -910,3 +910,43 @@ def test_a_deleted_models_metric_series_go_with_it() -> None:
     assert "team-b/gone" not in text, text
     assert 'vnpu_gateway_requests_total{code="200",model="team-a/smollm2"} 1.0' in text
     assert 'vnpu_gateway_requests_total{code="404",model=""} 1.0' in text
+
+
+def test_a_client_that_hangs_up_mid_stream_is_counted_and_the_replicas_request_ends() -> None:
+    """aiohttp cancels the handler of a client that closes its connection (the gateway runs with
+    handler_cancellation, as main() starts it): the replica's request was closed, but nothing counted
+    the request, so a wave of clients giving up on a slow model left no trace in the metrics."""
+    ended: list[bool] = []
+
+    async def slow_stream(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        try:
+            while True:
+                await response.write(b'data: {"x": 1}\n\n')
+                await asyncio.sleep(0.05)
+        finally:
+            ended.append(True)  # its client (the gateway) went
+
+    replica = Replica("a", slow_stream)
+    discovery = StaticDiscovery()
+    gw = gateway(discovery)
+    body = json.dumps({"model": "smollm2", "prompt": "x", "stream": True}).encode()
+
+    async def scenario() -> None:
+        await replica.server.start_server()
+        try:
+            async with TestClient(TestServer(make_app(gw), handler_cancellation=True)) as client:
+                discovery.set(ready(replica))
+                reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+                head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                writer.write(head + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+                assert b"200" in await reader.readline()
+                await reader.readuntil(b"data: ")  # the stream is under way
+                writer.close()  # the client gives up
+                await until(lambda: ended and not gw.outstanding, within_s=10)
+        finally:
+            await replica.server.close()
+
+    asyncio.run(scenario())
+    assert gw.metrics.requests.labels("team-a/smollm2", "499")._value.get() == 1
