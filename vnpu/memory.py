@@ -40,6 +40,7 @@ from vnpu.modelfile import (
     local_source_path,
     read_model_file,
     resolves_within,
+    source_is_local,
 )
 
 #: Bytes per weight element for the CRD's ``weights.dtype`` values (ggml block types include scales).
@@ -489,9 +490,9 @@ def estimate_from_spec(
     ]
     info = model_file
     if info is None and needs_header:
-        if not read_files:
-            raise FilesNeeded(uri)
-        info = _read_source_header(uri, source.get("format"), cache_dir, file_roots, read_header, missing)
+        info = _read_source_header(
+            uri, source.get("format"), cache_dir, file_roots, read_header, missing, read_files
+        )
     if config is None and info is not None:
         config = info.config
     assumptions: list[str] = []
@@ -605,16 +606,20 @@ def _read_source_header(
     file_roots: Sequence[str | os.PathLike[str]] | None,
     read_header: Callable[..., ModelFileInfo],
     missing: list[str],
+    read_files: bool = True,
 ) -> ModelFileInfo | None:
     """The header of the source, or None when it cannot be read and nothing depends on it (an optional
-    refinement such as the activation estimate then falls back to its default)."""
+    refinement such as the activation estimate then falls back to its default). Without
+    ``read_files``, a source that would be looked at raises FilesNeeded before anything is opened."""
+    roots = [cache_dir] if uri.startswith("hf://") and cache_dir is not None else file_roots
+    if not read_files and uri and source_is_local(uri, cache_dir) and (roots is None or roots):
+        raise FilesNeeded(uri)
     try:
         path = local_source_path(uri, cache_dir) if uri else None
     except ValueError as exc:  # a malformed URI, or a cache's ref file that is not one to follow
         if not missing:
             return None
         raise EstimateError(f"cannot resolve {uri}: {exc}") from exc
-    roots = [cache_dir] if uri.startswith("hf://") and cache_dir is not None else file_roots
     root = None  # the root the source is read under: every file the header read opens must stay in it
     if path is not None and roots is not None:
         root = next((r for r in roots if resolves_within(path, r)), None)

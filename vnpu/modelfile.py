@@ -1053,6 +1053,13 @@ def resolves_within(path: str | os.PathLike[str], root: str | os.PathLike[str]) 
     return Path(path).resolve().is_relative_to(Path(root).resolve())
 
 
+def source_is_local(uri: str, cache_dir: str | os.PathLike[str] | None = None) -> bool:
+    """Could :func:`local_source_path` give a path for ``uri``? Decided without touching a file."""
+    if uri.startswith("hf://"):
+        return cache_dir is not None
+    return uri.startswith("file://") or "://" not in uri
+
+
 def local_source_path(uri: str, cache_dir: str | os.PathLike[str] | None = None) -> Path | None:
     """The local path of a model source, or None when this process cannot read it.
 
