@@ -145,8 +145,11 @@ class EstimateCache:
 
     def retry_in(self, model: ObservedModel) -> float | None:
         """Seconds until a failed estimate of ``model`` is tried again (None: not failing)."""
+        key = (model.uid, model.generation)
         with self._cond:
-            failed = self._failed.get((model.uid, model.generation))
+            if self._queued_or_reading(key):
+                return None  # its retry is under way: the answer wakes the next pass
+            failed = self._failed.get(key)
         return None if failed is None else max(0.0, failed.retry_at - self._clock())
 
     def forget_except(self, models: Iterable[ObservedModel]) -> None:
@@ -180,12 +183,13 @@ class EstimateCache:
     def _known(self, key: _Key, ahead: Mapping[_Key, int]) -> Estimate:
         if key in self._ok:
             return self._ok[key]
+        if key in self._failed:  # its last error stands while its retry is read (no flapping status)
+            return self._failed[key].error
         if key in self._reading:
             return EstimatePending(reading=True)
         if key in self._queued:
             return EstimatePending(reading=False, ahead=ahead.get(key, 0))
-        failed = self._failed.get(key)
-        return failed.error if failed is not None else EstimatePending(reading=False)
+        return EstimatePending(reading=False)
 
     def _ahead(self) -> dict[_Key, int]:
         """Each queued read's count of its namespace's reads before it (the one under way included)."""

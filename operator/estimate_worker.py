@@ -20,6 +20,7 @@ import select
 import struct
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable, Mapping
@@ -54,6 +55,10 @@ class EstimateProcess:
     def __init__(self, timeout_s: float) -> None:
         self.timeout_s = timeout_s
         self._proc: subprocess.Popen[bytes] | None = None
+        #: Set by kill(): no child starts after it (a kill that came between a worker taking a read and
+        #: its child starting would otherwise miss it, and the child would read on after the stop).
+        self._killed = False
+        self._lock = threading.Lock()  # _killed and _proc, between kill() and the reading thread
 
     def estimate(
         self,
@@ -92,14 +97,17 @@ class EstimateProcess:
 
     def kill(self) -> None:
         """Kill the child now (from any thread): a read under way ends as an error, and the thread
-        that made it closes this process."""
-        proc = self._proc
+        that made it closes this process. No child starts after it."""
+        with self._lock:
+            self._killed = True
+            proc = self._proc
         if proc is not None:
             proc.kill()
 
     def close(self) -> int | None:
         """Kill the child, if any; returns its exit code."""
-        proc, self._proc = self._proc, None
+        with self._lock:
+            proc, self._proc = self._proc, None
         if proc is None:
             return None
         proc.kill()
@@ -109,25 +117,32 @@ class EstimateProcess:
         return proc.wait()
 
     def _started(self) -> subprocess.Popen[bytes]:
-        if self._proc is None or self._proc.poll() is not None:
+        with self._lock:
+            if self._killed:
+                raise EstimateError("the operator is stopping: the model's files were not read")
+            if self._proc is not None and self._proc.poll() is None:
+                return self._proc
+            # Started under the lock: a kill() from now on finds the child and kills it.
             self._proc = subprocess.Popen(
                 [sys.executable, "-m", "vnpu.operator.estimate_worker"],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 close_fds=True,
             )
-        return self._proc
+            return self._proc
 
 
 def _read_frame(stream: BinaryIO, deadline: float) -> bytes:
     """One length-prefixed frame from ``stream``; TimeoutError past ``deadline``, EOFError at its end."""
+    poller = select.poll()  # (select() refuses a descriptor numbered 1024 or more)
     fd = stream.fileno()
+    poller.register(fd, select.POLLIN)
     data = b""
     want = _LENGTH.size
     header = True
     while len(data) < want:
         left = deadline - time.monotonic()
-        if left <= 0 or not select.select([fd], [], [], left)[0]:
+        if left <= 0 or not poller.poll(left * 1000):
             raise TimeoutError
         chunk = os.read(fd, want - len(data))
         if not chunk:

@@ -272,3 +272,75 @@ def test_a_source_under_a_model_file_root_is_read_by_a_worker(tmp_path: Path) ->
     m = model("a", source={"uri": f"file://{tmp_path}/m.safetensors"}, weights={"sizeMiB": 4096})
     assert cache.get(m) == cache.get(m) and len(cache._threads) == 1
     cache.close()
+
+
+def test_a_failed_read_keeps_its_error_while_its_retry_is_read_and_sets_no_timer(files: Files) -> None:
+    """A retry under way showed the model Pending (or a running one Ready) until it failed again, and
+    its past retry time asked for a pass every 0.5 s for as long as the read took: a tenant with many
+    failing models kept the operator planning twice a second."""
+    now = [0.0]
+    failing = [True]
+
+    def read(spec: dict[str, Any], read_files: bool = True, **_: Any) -> MemoryEstimate:
+        if not read_files:
+            raise FilesNeeded(spec["source"]["uri"])
+        if failing[0]:
+            raise EstimateError("spec.source.uri could not be read: Stale file handle")
+        return files(spec, read_files=True)
+
+    cache = EstimateCache(estimate=read, isolate=False, clock=lambda: now[0])
+    m = slow("a")
+    error = cache.get(m)
+    assert isinstance(error, EstimateError) and cache.retry_in(m) == pytest.approx(1)
+    failing[0] = False
+    now[0] = 2.0  # past its backoff: the next pass queues the retry, which blocks in files()
+    assert cache.lookup([m], wait_s=0)[m.key] is error
+    until(lambda: files.started == ["a"], "the retry under way")
+    assert cache.lookup([m], wait_s=0)[m.key] is error and cache.retry_in(m) is None
+    files.release("a")
+    until(lambda: isinstance(cache.lookup([m], wait_s=0)[m.key], MemoryEstimate), "the retry's answer")
+    assert cache.retry_in(m) is None
+    cache.close()
+
+
+def test_a_read_that_answers_within_the_pass_wait_is_in_that_pass(files: Files) -> None:
+    """The pass waits ESTIMATE_WAIT_S for the reads it queued: a model whose files read at once is
+    placed by the pass that first sees it, not the one its answer wakes."""
+    woken = threading.Event()
+    cache = cache_of(files, on_ready=woken.set)
+    files.release("a")
+    assert cache.lookup([slow("a")])[("ns", "a")] == estimate(weights=2048)  # the default wait
+    assert not woken.is_set()
+    cache.close()
+
+
+def test_no_child_starts_after_kill(tmp_path: Path) -> None:
+    """kill() from close() between a worker taking a read and its child starting found no child: the
+    child started after the stop and read on (for good, on a hung mount)."""
+    reader = EstimateProcess(timeout_s=600)
+    reader.kill()
+    good = file_spec(safetensors(tmp_path / "good.safetensors"))
+    with pytest.raises(EstimateError, match="stopping"):
+        reader.estimate(good, cache_dir=None, file_roots=(str(tmp_path),), block_size=16)
+    assert reader._proc is None
+
+
+def test_the_child_is_read_past_descriptor_1023(tmp_path: Path) -> None:
+    """select() refuses a descriptor numbered 1024 or more: an operator holding that many (watches,
+    connections) failed every file read as a dead child."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 2048:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(2048, hard), hard))
+    good = file_spec(safetensors(tmp_path / "good.safetensors"))
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    reader = EstimateProcess(timeout_s=60)
+    try:
+        got = reader.estimate(good, cache_dir=None, file_roots=(str(tmp_path),), block_size=16)
+        assert got.weights_mib == 2
+        assert reader._proc is not None and reader._proc.stdout.fileno() >= 1024  # type: ignore[union-attr]
+    finally:
+        reader.close()
+        for fd in held:
+            os.close(fd)
