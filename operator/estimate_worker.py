@@ -9,7 +9,7 @@ pickled :class:`~vnpu.memory.MemoryEstimate` or an error message. (The child is 
 code running with the operator's own rights: nothing it could send back is worth more than what it
 already has.)
 
-    python -m vnpu.operator.estimate_worker    # the child: frames on stdin, answers on stdout
+    python -m vnpu.operator.estimate_worker PID  # the child of PID: frames on stdin, answers on stdout
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, BinaryIO
 
 from vnpu.memory import EstimateError, FilesNeeded, MemoryEstimate, estimate_from_spec
+from vnpu.signals import die_with_parent
 
 #: The child's niceness: its CPU goes to the operator's own pass first.
 CHILD_NICENESS = 10
@@ -124,7 +125,7 @@ class EstimateProcess:
                 return self._proc
             # Started under the lock: a kill() from now on finds the child and kills it.
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "vnpu.operator.estimate_worker"],
+                [sys.executable, "-m", "vnpu.operator.estimate_worker", str(os.getpid())],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 close_fds=True,
@@ -184,7 +185,9 @@ def _answer(request: bytes) -> tuple[str, Any, str]:
 
 
 def main() -> None:
-    """The child's loop: a request per frame on stdin, an answer per frame on stdout, until EOF."""
+    """The child's loop: a request per frame on stdin, an answer per frame on stdout, until EOF. Killed
+    with the operator: a read on a hung mount would otherwise outlive it, for good."""
+    die_with_parent(int(sys.argv[1]) if len(sys.argv) > 1 else None)
     requests = sys.stdin.buffer
     answers = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # a stray print() must not corrupt the frames

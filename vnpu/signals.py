@@ -12,7 +12,13 @@ other main-thread wait uses these.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import os
+import signal
 import threading
+
+_PR_SET_PDEATHSIG = 1
 
 #: The longest a main-thread wait sleeps before it lets pending signal handlers run, in seconds.
 SIGNAL_POLL_S = 0.5
@@ -22,3 +28,13 @@ def wait_until_set(event: threading.Event) -> None:
     """Block until ``event`` is set (by a signal handler, say), running pending handlers meanwhile."""
     while not event.wait(SIGNAL_POLL_S):
         pass
+
+
+def die_with_parent(parent: int | None = None) -> None:
+    """Ask the kernel to SIGKILL this process when the thread that started it ends (Linux's parent-death
+    signal; elsewhere nothing), so that a helper cannot outlive a parent that was killed. ``parent``:
+    the pid that started us, to exit at once if it ended before the request could take effect."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if parent is not None and os.getppid() != parent:
+        os._exit(1)

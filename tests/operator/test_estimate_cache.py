@@ -8,6 +8,7 @@ files at the end.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections.abc import Iterator
@@ -344,3 +345,56 @@ def test_the_child_is_read_past_descriptor_1023(tmp_path: Path) -> None:
         reader.close()
         for fd in held:
             os.close(fd)
+
+
+def test_the_child_dies_with_the_operator(tmp_path: Path) -> None:
+    """An operator killed (OOM, SIGKILL) mid-read: its child read on to the end of the file, and on a
+    hung mount (a stopped child here) for good. It now gets the parent-death signal."""
+    import signal
+    import subprocess
+    import sys
+
+    hostile_gguf(tmp_path / "bad.gguf")
+    script = f"""
+import threading, time
+from vnpu.operator.estimate_worker import EstimateProcess
+reader = EstimateProcess(timeout_s=600)
+spec = {file_spec(tmp_path / "bad.gguf")!r}
+threading.Thread(
+    target=reader.estimate, args=(spec,),
+    kwargs=dict(cache_dir=None, file_roots=({str(tmp_path)!r},), block_size=16), daemon=True,
+).start()
+while reader._proc is None:
+    time.sleep(0.01)
+print(reader._proc.pid, flush=True)
+time.sleep(600)
+"""
+    operator = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(operator.stdout.readline())  # type: ignore[union-attr]
+
+        def reading() -> bool:
+            try:
+                return any(os.readlink(fd).endswith("bad.gguf") for fd in Path(f"/proc/{child}/fd").iterdir())
+            except OSError:  # an fd closed while looked at
+                return False
+
+        until(reading, "the child reading the file")
+        os.kill(child, signal.SIGSTOP)  # a read that never ends, as on a hung mount
+        operator.send_signal(signal.SIGKILL)
+        operator.wait(30)
+
+        def gone() -> bool:
+            try:
+                os.kill(child, 0)
+            except ProcessLookupError:
+                return True
+            # Reparented and killed: a zombie until its new parent reaps it.
+            return Path(f"/proc/{child}/stat").read_text().split(") ")[1].startswith("Z")
+
+        until(gone, "the child's end")
+    finally:
+        operator.kill()
+        operator.wait(30)
+        with contextlib.suppress(ProcessLookupError, UnboundLocalError):
+            os.kill(child, signal.SIGKILL)

@@ -4,7 +4,6 @@ signal, and is stopped (TERM, then KILL) together with everything it spawned."""
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import signal
 import subprocess
@@ -12,13 +11,12 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-_PR_SET_PDEATHSIG = 1
+from vnpu.signals import die_with_parent
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
     os.setsid()
-    with contextlib.suppress(OSError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    die_with_parent()
 
 
 class ManagedProcess:
