@@ -59,6 +59,7 @@ from vnpu.jsonbody import (
     WRITE_STALL_S,
     BodyError,
     BodyTimeoutError,
+    disconnected,
     quiet_answered_body_errors,
     read_json,
     shown,
@@ -433,7 +434,7 @@ class Gateway:
             # aiohttp cancels the handler of a client that hung up (waiting for a replica to wake, or
             # mid-answer): counted, as a client that stops reading is. (At the gateway's own stop the
             # connection is still there: not the client's doing.)
-            if request.transport is None or request.transport.is_closing():
+            if disconnected(request):
                 self.metrics.requests.labels(route.qualified_name, "499").inc()
             raise
 

@@ -64,6 +64,7 @@ from vnpu.jsonbody import (
     WRITE_STALL_S,
     BodyError,
     BodyTimeoutError,
+    disconnected,
     quiet_answered_body_errors,
     read_json,
     shown,
@@ -304,11 +305,6 @@ def _envelope(call: _Call, choices: list[dict[str, Any]], stream: bool) -> dict[
     return data
 
 
-def _disconnected(request: web.Request) -> bool:
-    transport = request.transport
-    return transport is None or transport.is_closing()
-
-
 async def _next_output(outputs: asyncio.Queue[RequestOutput], request: web.Request) -> RequestOutput | None:
     """The request's next output, or None once its client has gone.
 
@@ -316,7 +312,7 @@ async def _next_output(outputs: asyncio.Queue[RequestOutput], request: web.Reque
     ``DISCONNECT_POLL_S``, so a non-streamed request (or a stream whose steps write nothing) would
     otherwise run to ``max_tokens`` for nobody, holding its batch slot and KV blocks."""
     while True:
-        if _disconnected(request):
+        if disconnected(request):
             return None
         if not outputs.empty():
             return outputs.get_nowait()

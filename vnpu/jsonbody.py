@@ -70,6 +70,12 @@ IDLE_CONNECTION_TIMEOUT_S = 75.0
 WRITE_STALL_S = 30.0
 
 
+def disconnected(request: web.Request) -> bool:
+    """Has the request's client gone (its connection closed or closing)?"""
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
 def shutdown_timeout(drain_s: float) -> float:
     """aiohttp's ``shutdown_timeout`` for a drain of ``drain_s`` seconds: aiohttp reads 0 as no bound
     at all (it would wait for every request in flight, until the kubelet's SIGKILL), so a drain of 0
