@@ -118,7 +118,7 @@ class EstimateCache:
             try:  # the spec alone, if it gives the estimate: nothing is opened
                 estimate = checked(lambda: self._run(spec, read_files=False))  # noqa: B023 (called here)
             except FilesNeeded:
-                self._enqueue(_Job(key, m.namespace, m.name, m.raw_spec))
+                self._enqueue(_Job(key, m.namespace, m.name, spec))
                 queued.add(key)
             except EstimateError as exc:
                 self._record(key, f"{m.namespace}/{m.name}", exc)
@@ -278,12 +278,7 @@ class EstimateCache:
     def _read(self, job: _Job, reader: EstimateProcess | None) -> MemoryEstimate | EstimateError:
         try:
             if reader is not None:
-                return reader.estimate(
-                    job.spec,
-                    cache_dir=self.cache_dir,
-                    file_roots=self.file_roots,
-                    block_size=api.KV_BLOCK_SIZE,
-                )
+                return reader.estimate(job.spec, **self._options())
             return checked(lambda: self._run(job.spec, read_files=True))
         except EstimateError as exc:
             return exc
@@ -292,13 +287,12 @@ class EstimateCache:
             return EstimateError(f"the memory estimate failed unexpectedly: {exc!r}")
 
     def _run(self, spec: Mapping[str, Any], *, read_files: bool) -> MemoryEstimate:
-        return self._estimate(
-            spec,
-            cache_dir=self.cache_dir,
-            file_roots=self.file_roots,
-            block_size=api.KV_BLOCK_SIZE,  # sized as the runtime's paged pool is
-            read_files=read_files,
-        )
+        return self._estimate(spec, **self._options(), read_files=read_files)
+
+    def _options(self) -> dict[str, Any]:
+        """What every estimate is made with, in the pass, a worker or a child process."""
+        # The KV cache is sized in blocks, as the runtime's paged pool is.
+        return {"cache_dir": self.cache_dir, "file_roots": self.file_roots, "block_size": api.KV_BLOCK_SIZE}
 
     def _record(self, key: _Key, model: str, result: MemoryEstimate | EstimateError) -> None:
         """Keep a success for the generation; back a failure off. (Takes _cond: it is reentrant.)"""
