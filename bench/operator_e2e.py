@@ -7,7 +7,8 @@ to converge, and the API load of the operator per reconcile pass (from its own
 which grow with the changes, not with the cluster. A steady-state phase (one model scaled in a
 converged cluster) shows it; it starts once the statuses that trail the pods are written
 (``statuses_settled_seconds``: the reporter writes them behind the pods). Writes JSON (with command,
-commit and load), a table and a PNG histogram to ``--out`` (created if missing).
+commit and load), a table and a PNG histogram to ``--out`` (created if missing). The operator's peak
+resident memory (``VmHWM``) is recorded beside the chart's 512 Mi limit.
 
 Goals (issue 11): converge <= 60 s, create-to-pods p99 <= 10 s.
 
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from vnpu import api
+from vnpu.bench.probes import peak_rss_kib, rss_kib
 from vnpu.bench.report import percentile, provenance, results_dir, write_table
 
 GIB = 1024
@@ -178,6 +180,7 @@ def main(argv: list[str]) -> int:
             )
             time.sleep(10)
             steady = _api_load(metrics_port, since=burst)
+            peak_rss_mib, rss_mib = peak_rss_kib(operator.pid) / 1024, rss_kib(operator.pid) / 1024
             stop.set()
         finally:
             operator.stop()
@@ -200,6 +203,8 @@ def main(argv: list[str]) -> int:
         "api_reads_per_pass": round(burst["reads"] / max(1, burst["passes"]), 2),
         "steady_passes": steady["passes"],
         "steady_api_requests": steady["writes"] + steady["reads"],
+        "operator_peak_rss_mib": round(peak_rss_mib, 1),
+        "operator_rss_mib_at_end": round(rss_mib, 1),
         "goal_converge_met": t_total <= 60,
         "goal_p99_met": percentile(latencies, 99) <= 10,
     }

@@ -29,6 +29,15 @@ def rss_kib(pid: int) -> int:
     return _rollup(pid, "Rss")
 
 
+def peak_rss_kib(pid: int) -> int:
+    """The highest resident set size the process has had so far (``VmHWM``), in KiB: what a
+    container's memory limit must leave room for."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise LookupError(f"no VmHWM in /proc/{pid}/status")
+
+
 def mapping_kib(pid: int, needle: str) -> tuple[int, int]:
     """(Rss, Pss) in KiB of the mappings of ``pid`` whose path contains ``needle``."""
     rss = pss = 0
