@@ -170,14 +170,22 @@ class Cluster:
     ) -> list[tuple[Placement, int, int]]:
         """The offered placements (replicas that do not run yet, offered a device: a waking model's
         first replica on its warm holder's) that are valid for a replica no kept placement has, as
-        (placement, demand, device) in the order they are tried, after every kept one."""
+        (placement, demand, device) in the order they are tried, after every kept one. An offer is a
+        new pod: it must pass the rules of a new placement too (a device of a schedulable node whose
+        NoSchedule taints the model tolerates), or a warm holder on a cordoned node would pin the
+        woken replica there, Pending for as long as the cordon lasts."""
         seen = {(p.model, p.replica) for p, _, _ in kept}
         out = []
         for p in sorted(offered, key=lambda p: (p.model, p.replica, p.node, p.device)):
-            if not self._why_not_keep(p, seen):
+            if not self._why_not_keep(p, seen) and self._new_placement_ok(p):
                 seen.add((p.model, p.replica))
                 out.append((p, self.demand_index[p.model], self.dev_ordinal[(p.node, p.device)]))
         return out
+
+    def _new_placement_ok(self, p: Placement) -> bool:
+        """Whether a new replica of ``p``'s model may go on ``p``'s device (the packer's own rule)."""
+        o = self.dev_ordinal[(p.node, p.device)]
+        return self.dev_ok_new[o] and self.node_ok[self.sig_of[self.demand_index[p.model]]][self.dev_node[o]]
 
     def _why_not_keep(self, p: Placement, seen: set[tuple[str, int]]) -> str:
         di = self.demand_index.get(p.model)

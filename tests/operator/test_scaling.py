@@ -7,10 +7,12 @@ import datetime as dt
 from dataclasses import replace
 from typing import Any
 
+import pytest
 from test_planner import NOW, as_pods, estimate, model, node, run, step
 
 from vnpu import api
 from vnpu.operator import forecast
+from vnpu.operator.packing import Taint
 from vnpu.operator.state import ObservedModel, parse_model
 
 MINUTE = dt.timedelta(minutes=1)
@@ -151,6 +153,29 @@ def test_a_waking_model_is_placed_on_its_warm_holders_device_and_attaches() -> N
     assert replica["metadata"]["annotations"][api.ANNOTATION_DEVICE] == "n1-npu1"
     assert replica["metadata"]["annotations"]["vnpu.io/weight-holder"] == holder.name
     assert result.delete == []
+
+
+@pytest.mark.parametrize(
+    "hold_off",
+    [{"unschedulable": True}, {"taints": [{"key": "maint", "value": "1", "effect": "NoSchedule"}]}],
+    ids=["cordoned", "NoSchedule"],
+)
+def test_a_wake_never_pins_its_replica_to_a_node_new_pods_may_not_use(hold_off: dict[str, Any]) -> None:
+    """The warm holder sits on n1, which is then cordoned (a drain under way) or tainted NoSchedule.
+    The woken replica is a new pod: offered n1, it would stay Pending there (the scheduler refuses the
+    node) and its holder's budget would hold the drain for ever. It goes to n2, as a fresh placement
+    would."""
+    first = run([idle_model(replicas=1)], [node("n1", devices=1)])
+    holders = [p for p in as_pods(first.create) if p.role == api.ROLE_WEIGHTS]
+    assert [h.node for h in holders] == ["n1"]
+    n1 = node("n1", devices=1)
+    n1 = replace(n1, schedulable=not hold_off.get("unschedulable"), taints=tuple(
+        Taint(t["key"], t["value"], t["effect"]) for t in hold_off.get("taints", ())
+    ))  # fmt: skip
+    woken = run([idle_model(replicas=1, generation=3)], [n1, node("n2", devices=1)], holders)
+    replicas = [c for c in woken.create if c["metadata"]["labels"][api.LABEL_ROLE] == api.ROLE_REPLICA]
+    assert [r["metadata"]["annotations"][api.ANNOTATION_DEVICE] for r in replicas] == ["n2-npu0"]
+    assert [p["node"] for p in woken.statuses[0].status["placements"]] == ["n2"]
 
 
 def test_a_wake_never_takes_the_room_of_a_running_replica() -> None:
