@@ -515,6 +515,16 @@ def plan(
     # keeping a successor of the same name out. It goes once the replica has.
     used_holders = {(p.namespace, p.weight_holder) for p in outside if p.weight_holder}
     outside += [pods_by_name[k] for k in sorted(used_holders) if k in pods_by_name]
+    # A model with no estimate this pass (its files still being read after a restart, or a read that
+    # failed) keeps the holders it owns, as it keeps its running replicas: uncertainty deletes no pod.
+    # At zero replicas that is its warm holder, else gone as "no longer in the plan", its weights loaded
+    # again at the next wake.
+    unsized = {m.uid for m in models if not m.deleting and _model_key(m.namespace, m.name) not in active}
+    outside += [
+        p
+        for p in ours
+        if p.role == api.ROLE_WEIGHTS and not p.terminating and unsized.intersection(p.owner_uids)
+    ]
 
     # Scale to zero, keep-warm and wake (vnpu.operator.scaling): a group with no replicas keeps one
     # holder when warm; a waking model is offered the device of its group's holder first.
@@ -884,16 +894,25 @@ def plan(
             moves=tuple(moved_of.get(key, ())),
             failure=model_failure(failures, key),
             updated_replicas=len(placed) if rollout is not None else None,
+            # A model with no estimate this pass keeps its idle clock and its request history as
+            # written: an operator restart that re-reads its files must not erase a day of demand.
             scaling=scaling.scaling_status(activities[key], m.generation, warm_of.get(key))
             if key in activities
-            else None,
-            demand=demand_of[key].to_dict() if key in demand_of else None,
+            else _as_written(m, "scaling"),
+            demand=demand_of[key].to_dict() if key in demand_of else _as_written(m, "demand"),
             endpoint=service_of[key].endpoint,
             service_problem=service_of[key].problem,
         )
         result.outcomes[key] = (m, outcome)
         result.statuses.append(_status_update(m, outcome, now))
     return result
+
+
+def _as_written(m: ObservedModel, field_name: str) -> Mapping[str, Any] | None:
+    """``m``'s status field as written, when it is an object (anything else is dropped: a status
+    edited by hand must not fail the pass)."""
+    value = m.status.get(field_name)
+    return value if isinstance(value, Mapping) else None
 
 
 def _status_update(m: ObservedModel, outcome: ModelOutcome, now: dt.datetime) -> StatusUpdate:

@@ -11,6 +11,7 @@ import pytest
 from test_planner import NOW, as_pods, estimate, model, node, run, step
 
 from vnpu import api
+from vnpu.memory import EstimateError, EstimatePending
 from vnpu.operator import forecast
 from vnpu.operator.packing import Taint
 from vnpu.operator.state import ObservedModel, parse_model
@@ -219,3 +220,32 @@ def test_an_idle_models_history_written_under_a_clock_that_ran_ahead_cools_down(
         state = demand(replace(m, status=status), NOW + dt.timedelta(hours=hours))
         status = {"demand": state.to_dict()}
     assert state.rate < 1.0
+
+
+@pytest.mark.parametrize(
+    "unsized",
+    [EstimatePending(reading=True), EstimateError("reading hf://org/m: [Errno 5] Input/output error")],
+    ids=["pending", "error"],
+)
+def test_a_model_with_no_estimate_keeps_its_warm_holder_and_its_history(unsized: object) -> None:
+    """A pass with no estimate for a model at zero replicas (its files re-read after an operator
+    restart, or a read that failed for a moment) keeps what the model had: its warm holder (else
+    deleted as "no longer in the plan", its weights loaded again at the next wake), its idle clock
+    and a day of request history in status (else erased by the status patch). A status edited into
+    something that is not an object is dropped, never a failed pass."""
+    from vnpu.operator.scaling import minutes
+
+    nodes = [node("n1")]
+    (holder,) = [
+        p for p in as_pods(run([idle_model(replicas=1)], nodes).create) if p.role == api.ROLE_WEIGHTS
+    ]
+    history = forecast.DemandState(updated_min=minutes(NOW) - 5, total=12345, rate=3.5).to_dict()
+    clock = {"generation": 1, "activeSince": "2026-11-25T09:00:00Z", "warm": True}
+    asleep = replace(idle_model(replicas=0), status={"scaling": clock, "demand": history})
+    result = run([asleep], nodes, [holder], estimates={asleep.key: unsized})
+    assert result.delete == [] and result.create == []
+    status = result.statuses[0].status
+    assert status["scaling"] == clock and status["demand"] == history
+    garbled = replace(asleep, status={"scaling": "warm", "demand": [1, 2]})
+    status = run([garbled], nodes, [holder], estimates={asleep.key: unsized}).statuses[0].status
+    assert status.get("scaling") is None and status.get("demand") is None  # (removed)
