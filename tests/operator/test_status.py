@@ -61,15 +61,17 @@ def test_a_woken_model_loses_scaling_warm_and_then_gets_no_status_write() -> Non
 
 
 def test_a_model_whose_estimate_fails_loses_its_memory_and_then_gets_no_status_write() -> None:
-    """A frozen model (running replicas kept, no estimate) has no ``memory``, ``scaling`` or ``demand``:
-    one patch removes them, then nothing changes on the server and nothing is written."""
+    """A frozen model (running replicas kept, no estimate) has no ``memory``: one patch removes it,
+    then nothing changes on the server and nothing is written. Its idle clock (``scaling``) and request
+    history (``demand``) stay as written: a failed read must not erase them."""
     m = model("a", 1)
     nodes = [node("n1")]
     _, server, pods = passes(m, nodes, [], {}, 4)
     assert {"memory", "scaling", "demand"} <= set(server)
+    kept = {k: server[k] for k in ("scaling", "demand")}
     failing = {m.key: EstimateError("source unreadable")}
     changed, server, pods = passes(m, nodes, pods, server, 4, estimates=failing)
-    assert not {"memory", "scaling", "demand"} & set(server)
+    assert "memory" not in server and {k: server[k] for k in ("scaling", "demand")} == kept
     assert server["phase"] == "Degraded"
     assert changed == [True, False, False, False]
 
