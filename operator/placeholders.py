@@ -19,6 +19,10 @@ not exist), so that the autoscaler sizes no other pool by another pool's slices.
 such node known (a pool scaled to zero, a nodeSelector no node matches yet): the default slice size
 and one replica per placeholder, as for a model that spreads across nodes.
 
+A model has at most :data:`MAX_PER_MODEL` placeholders: a replica count the CRD allows (1,000) of a
+size no known device holds would be 1,000 pending pods per model, in every pass's plan. The
+autoscaler sizes a scale-up from those it is shown; once they are placed, the next ones follow.
+
 A placeholder's name carries a hash of what it requests and where it may run (:func:`_shape`): when a
 model's size, nodeSelector, tolerations or pool change, the plan's placeholders have new names, and the
 old ones, no longer in the plan, are deleted.
@@ -36,6 +40,9 @@ from vnpu.operator import packing
 from vnpu.operator.packing import Spread
 from vnpu.operator.packing.cluster import blocking_taints
 from vnpu.operator.pods import PLACEHOLDER_DEVICE_INDEX, ModelRef, PodIntent, placeholder_pod_name
+
+#: Placeholders of one model at most (device-worths, or replicas when one each).
+MAX_PER_MODEL = 64
 
 
 @dataclass(frozen=True)
@@ -96,16 +103,25 @@ def target(
     return Target(slice_mib, size, devices, {pool_label: pool})
 
 
+@dataclass(frozen=True)
+class Placeholders:
+    """A model's placeholders, and the slices all of its unplaced replicas ask in their layout (the
+    ``vnpu_operator_unplaced_slices`` gauge: past :data:`MAX_PER_MODEL`, more than the pods request)."""
+
+    intents: list[PodIntent]
+    slices: int
+
+
 def plan_placeholders(
     ref: ModelRef, unplaced: Sequence[packing.Unplaced], nodes: Sequence[packing.Node], pool_label: str
-) -> list[PodIntent]:
+) -> Placeholders:
     """The placeholders of the unplaced replicas of ``ref``: one per device-worth of them (the weights
     and as many replicas as a device of the target holds, the rest in a last one), the ``i``-th on
     device ``i`` mod the devices of a node, so the autoscaler fits them on as many nodes as the packer
     would fill. A model that spreads across nodes, or a target unknown or too small for one replica:
-    one replica each, on a node's first device."""
+    one replica each, on a node's first device. :data:`MAX_PER_MODEL` at most."""
     if not unplaced:
-        return []
+        return Placeholders([], 0)
     replica_mib, weight_mib = unplaced[0].replica_mib, unplaced[0].weight_mib
     t = target(ref, len(unplaced), replica_mib, weight_mib, nodes, pool_label)
     w, r = api.slices_for_mib(weight_mib, t.slice_mib), api.slices_for_mib(replica_mib, t.slice_mib)
@@ -114,10 +130,13 @@ def plan_placeholders(
         per, devices = (t.device_slices - w) // r if r else len(unplaced), t.devices
     pool_selector = tuple(sorted(t.pool_selector.items()))
     out = []
-    for i, first in enumerate(range(0, len(unplaced), per)):
+    shapes: dict[tuple[int, str], str] = {}  # (slices, resource) -> its shape: a few per model
+    for i, first in enumerate(range(0, min(len(unplaced), per * MAX_PER_MODEL), per)):
         slices = w + min(per, len(unplaced) - first) * r
         resource = api.device_resource(PLACEHOLDER_DEVICE_INDEX + i % devices)
-        shape = _shape(ref, slices, resource, pool_selector, t.pool_absent)
+        shape = shapes.get((slices, resource))
+        if shape is None:
+            shape = shapes[(slices, resource)] = _shape(ref, slices, resource, pool_selector, t.pool_absent)
         out.append(
             PodIntent(
                 api.ROLE_PLACEHOLDER,
@@ -131,7 +150,7 @@ def plan_placeholders(
                 pool_absent=t.pool_absent,
             )
         )
-    return out
+    return Placeholders(out, -(-len(unplaced) // per) * w + len(unplaced) * r)
 
 
 def _shape(

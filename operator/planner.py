@@ -665,13 +665,13 @@ def plan(
         unplaced_of[u.model].append(u)
     for key, unplaced in sorted(unplaced_of.items()):
         placeholders = plan_placeholders(refs[key], unplaced, packer_nodes, config.pool_label)
-        result.unplaced_slices += sum(i.slices for i in placeholders)
+        result.unplaced_slices += placeholders.slices
         # A model's new placeholders wait for the pods it is planned to run: created first, they would
         # take the namespace quota those pods then exceed.
         ns = refs[key].namespace
         planned = {(ns, n) for x in placements_of[key] for n in (x["pod"], x["weightHolder"]) if n}
         waits = not planned <= pods_by_name.keys()
-        for i in placeholders if config.placeholders else ():
+        for i in placeholders.intents if config.placeholders else ():
             if not waits or (i.namespace, i.name) in pods_by_name:
                 intents[(i.namespace, i.name)] = i
 

@@ -8,6 +8,7 @@ from test_planner import as_pods, estimate, model, run
 
 from vnpu import api
 from vnpu.cluster.kwok import npu_node_manifest
+from vnpu.operator.placeholders import MAX_PER_MODEL
 from vnpu.operator.state import parse_node
 
 GIB = 1024
@@ -217,3 +218,21 @@ def test_new_placeholders_wait_for_the_models_pods_and_existing_ones_stay() -> N
     replica = next(p for p in pods if p.role == "replica")
     again = run([m], nodes, [p for p in pods if p is not replica], estimates=est)
     assert [p["metadata"]["name"] for p in again.create] == [replica.name] and again.delete == []
+
+
+def test_a_model_has_at_most_max_per_model_placeholders_and_the_gauge_counts_all_it_asks() -> None:
+    """1,000 replicas (the CRD's most) of a size no known device holds were 1,000 pending pods of one
+    model, planned in every pass of every tenant. The autoscaler is shown the first
+    ``MAX_PER_MODEL``, one replica each; the gauge still counts what all 1,000 ask."""
+    huge = model("huge", 1000, weights={"sizeMiB": 64 * GIB})
+    result = run([huge], [pool_node("n1")], estimates={huge.key: estimate(weights=64 * GIB, per_replica=GIB)})
+    assert len(placeholders(result)) == MAX_PER_MODEL
+    assert set(map(str, requests(result))) == {str({"vnpu.io/memory-0": str(64 + 1)})}
+    assert result.unplaced_slices == 1000 * (64 + 1)
+    # Replicas that fit a device: a device-worth each (weights once, 15 replicas), capped alike.
+    # 15 run on n1; the placeholders of the other 985 wait for those pods, then come.
+    many, est = model("many", 1000), {("ns", "many"): estimate(weights=GIB, per_replica=GIB)}
+    pods = as_pods(run([many], [pool_node("n1")], estimates=est).create)
+    result = run([many], [pool_node("n1")], pods, estimates=est)
+    assert len(placeholders(result)) == MAX_PER_MODEL < -(-985 // 15)
+    assert result.unplaced_slices == -(-985 // 15) * 1 + 985 * 1
