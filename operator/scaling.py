@@ -5,9 +5,13 @@ passed since the later of its last request (the gateway's ``vnpu.io/last-request
 moment the operator first saw its current generation (``status.scaling.activeSince``). The second
 clock matters at a wake: the gateway scales a model to 1 the moment a request arrives, but flushes its
 request counts every few seconds; without it the operator would see a model at 1 replica whose last
-request is hours old and put it straight back to 0. The scale-down is a ``Scale`` update carrying the
-resourceVersion the operator read, so a wake that lands in between makes it fail (409) instead of
-undoing the wake.
+request is hours old and put it straight back to 0. A last request more than
+:data:`vnpu.api.LAST_REQUEST_MAX_AHEAD_S` ahead of the operator's clock counts as none: written by a
+gateway whose clock was ahead (or by hand), it would keep the model awake, holding its device memory,
+until the clock reached it, and the gateway's replicas with a right clock never write over a later
+time (they do over that one: :mod:`vnpu.gateway.activity`). The scale-down is a ``Scale`` update
+carrying the resourceVersion the operator read, so a wake that lands in between makes it fail (409)
+instead of undoing the wake.
 
 **Warm.** While a model has 0 replicas its share group's weight-holders may stay: ``keepWarm:
 Always`` keeps them, ``Never`` releases them, ``Auto`` keeps those the demand forecast
@@ -76,7 +80,8 @@ def activity(model: ObservedModel, now: dt.datetime) -> Activity:
     same_generation = scaling.get("generation") == model.generation
     since = api.parse_time(scaling.get("activeSince")) if same_generation else None
     since = min(since, now) if since else now
-    latest = max(since, model.last_request) if model.last_request else since
+    last = api.credible_last_request(model.last_request, now)  # (one far in the future: a wrong clock)
+    latest = max(since, last) if last else since
     idle_for = max(0.0, (now - latest).total_seconds())
     spec = model.spec
     due_in = None

@@ -114,6 +114,12 @@ ANNOTATION_REQUESTS = f"{GROUP}/requests"
 ANNOTATION_LAST_REQUEST = f"{GROUP}/last-request"
 #: The most digits a counter in an annotation may have (below 2**63, as the gateway writes it).
 MAX_COUNT_DIGITS = 18
+#: How far ahead of its reader's clock a ``vnpu.io/last-request`` may be and still count: the gateway's
+#: replicas and the operator run on different nodes, whose clocks differ a little. One further ahead was
+#: written by a wrong clock (a node's, or one stepped back since) or by hand, and would keep its model
+#: awake until the clocks reach it: the operator ignores it and the gateway writes over it
+#: (:func:`credible_last_request`).
+LAST_REQUEST_MAX_AHEAD_S = 60.0
 
 #: ``spec.scaling.keepWarm``: whether a model's weight-holders stay while it is scaled to zero.
 KEEP_WARM_ALWAYS, KEEP_WARM_NEVER, KEEP_WARM_AUTO = "Always", "Never", "Auto"
@@ -265,3 +271,11 @@ def parse_time(value: Any) -> dt.datetime | None:
         return parsed.astimezone(dt.UTC) if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
     except (ValueError, OverflowError):
         return None
+
+
+def credible_last_request(t: dt.datetime | None, now: dt.datetime) -> dt.datetime | None:
+    """``t``, a parsed ``vnpu.io/last-request``, unless it is more than
+    :data:`LAST_REQUEST_MAX_AHEAD_S` ahead of ``now`` (None then, as when absent)."""
+    if t is None or (t - now).total_seconds() > LAST_REQUEST_MAX_AHEAD_S:
+        return None
+    return t

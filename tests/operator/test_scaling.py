@@ -69,6 +69,22 @@ def test_min_replicas_one_never_scales_to_zero() -> None:
     assert run([m], [node("n1")]).scale_down == []
 
 
+def test_a_last_request_far_in_the_future_counts_as_none() -> None:
+    """A gateway replica whose clock ran a year ahead wrote vnpu.io/last-request once: the idle clock
+    read it as the latest request (idle for 0 s, due in 300 s) on every pass until the wall clock
+    reached it, and the model held its device memory for that year. Now a time further ahead than the
+    allowed skew counts as no request at all: the model is idle since it was woken (activeSince)."""
+    a_year_ahead = NOW + dt.timedelta(days=365)
+    m = idle_model(last_request=a_year_ahead, active_since=NOW - 60 * MINUTE)
+    (down,) = run([m], [node("n1")]).scale_down
+    assert (down.name, down.idle_seconds) == ("a", 3600)
+    # Within the skew (two nodes' clocks apart by seconds) it is a request just now: the model stays.
+    skew = dt.timedelta(seconds=api.LAST_REQUEST_MAX_AHEAD_S)
+    close = idle_model(last_request=NOW + skew, active_since=NOW - 60 * MINUTE)
+    result = run([close], [node("n1")])
+    assert result.scale_down == [] and result.requeue_after == 300
+
+
 def test_garbled_activity_annotations_are_ignored() -> None:
     obj = {
         "metadata": {
