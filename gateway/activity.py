@@ -8,6 +8,12 @@ merge patch carrying the resourceVersion it read, so a concurrent update makes i
 keeps the API server's load proportional to activity, not to requests. The operator reads them to
 scale idle models to zero and to forecast which to keep warm.
 
+The time written is never further ahead of this replica's clock than
+:data:`vnpu.api.LAST_REQUEST_MAX_AHEAD_S`: a stored one further ahead (a replica whose node's clock ran
+ahead, a clock stepped back, a hand edit) is written over, with a warning naming the model, instead of
+kept as "the latest" until the clocks reach it (kept, it held the model awake, and its device memory,
+until then). The operator ignores such a time too (:mod:`vnpu.operator.scaling`).
+
 Waking patches the model's scale subresource to one replica, as ``kubectl scale`` would; a wake that
 fails raises :class:`WakeError`, for the gateway to answer the requests waiting on it at once.
 
@@ -40,16 +46,31 @@ class WakeError(Exception):
     """A wake the API server refused, or could not be asked for (the message says which)."""
 
 
-def merged_activity(annotations: dict[str, str], added: int, last: dt.datetime) -> dict[str, str]:
-    """The activity annotations after ``added`` more requests, the latest at ``last`` (pure)."""
+def merged_activity(
+    annotations: dict[str, str], added: int, last: dt.datetime, now: dt.datetime
+) -> dict[str, str]:
+    """The activity annotations after ``added`` more requests, the latest at ``last``, as of ``now``
+    (pure). The time written is the later of the two, but never past ``now`` plus
+    :data:`vnpu.api.LAST_REQUEST_MAX_AHEAD_S`: a stored one further ahead is written over (see
+    :func:`ahead_of`), and ``last`` is never later than ``now`` (this clock stepped back since)."""
     # A garbled counter restarts rather than blocking every update.
     total = api.parse_count(annotations.get(api.ANNOTATION_REQUESTS)) or 0
-    seen = api.parse_time(annotations.get(api.ANNOTATION_LAST_REQUEST))
+    seen = api.credible_last_request(api.parse_time(annotations.get(api.ANNOTATION_LAST_REQUEST)), now)
+    last = min(last, now)
     latest = max(seen, last) if seen else last
     return {
         api.ANNOTATION_REQUESTS: str(total + added),
         api.ANNOTATION_LAST_REQUEST: api.format_time(latest),
     }
+
+
+def ahead_of(annotations: dict[str, str], now: dt.datetime) -> float | None:
+    """Seconds the stored last request is ahead of ``now``, when that is further than
+    :data:`vnpu.api.LAST_REQUEST_MAX_AHEAD_S` (:func:`merged_activity` writes over it); else None."""
+    seen = api.parse_time(annotations.get(api.ANNOTATION_LAST_REQUEST))
+    if seen is None or api.credible_last_request(seen, now) is not None:
+        return None
+    return (seen - now).total_seconds()
 
 
 class ActivityRecorder:
@@ -123,7 +144,19 @@ class ActivityRecorder:
                     api.GROUP, api.VERSION, namespace, api.PLURAL, name, _request_timeout=self.timeout
                 )
                 meta = obj["metadata"]
-                annotations = merged_activity(dict(meta.get("annotations") or {}), count, last)
+                stored, now = dict(meta.get("annotations") or {}), dt.datetime.now(dt.UTC)
+                ahead = ahead_of(stored, now)
+                if ahead is not None:
+                    log.warning(
+                        "the model's last request is ahead of this gateway's clock: writing over it (a "
+                        "node's clock was, or is, wrong; the operator ignores it meanwhile)",
+                        extra={
+                            "model": f"{namespace}/{name}",
+                            "last_request": stored.get(api.ANNOTATION_LAST_REQUEST),
+                            "ahead_s": round(ahead),
+                        },
+                    )
+                annotations = merged_activity(stored, count, last, now)
                 patch = {"metadata": {"resourceVersion": meta["resourceVersion"], "annotations": annotations}}
                 self.custom.patch_namespaced_custom_object(
                     api.GROUP,

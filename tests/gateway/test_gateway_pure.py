@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vnpu import api
-from vnpu.gateway.activity import merged_activity
+from vnpu.gateway.activity import ahead_of, merged_activity
 from vnpu.gateway.discovery import Discovery, parse_model, parse_slice
 from vnpu.gateway.keys import KeyFileError, KeyRing, parse_keys
 from vnpu.gateway.routing import Endpoint, ModelKey, Route, RouteTable, pick
@@ -290,24 +290,47 @@ def test_a_models_holders_serve_it_only_while_no_replica_is_ready(scaling, serve
 
 def test_activity_annotations_add_and_keep_the_latest_time() -> None:
     t1 = dt.datetime(2026, 12, 1, 10, 0, tzinfo=dt.UTC)
-    first = merged_activity({}, 3, t1)
+    first = merged_activity({}, 3, t1, t1)
     assert first == {api.ANNOTATION_REQUESTS: "3", api.ANNOTATION_LAST_REQUEST: "2026-12-01T10:00:00Z"}
     # Another gateway's flush with an older request time: counts add, the time stays the latest.
-    second = merged_activity(first, 2, t1 - dt.timedelta(minutes=5))
+    second = merged_activity(first, 2, t1 - dt.timedelta(minutes=5), t1)
     assert second == {api.ANNOTATION_REQUESTS: "5", api.ANNOTATION_LAST_REQUEST: "2026-12-01T10:00:00Z"}
-    garbled = merged_activity({api.ANNOTATION_REQUESTS: "lots"}, 1, t1)
+    garbled = merged_activity({api.ANNOTATION_REQUESTS: "lots"}, 1, t1, t1)
     assert garbled[api.ANNOTATION_REQUESTS] == "1"
     # A hand-written time without a zone is read as UTC (not compared naive against aware), junk ignored.
-    naive = merged_activity({api.ANNOTATION_LAST_REQUEST: "2026-12-01T11:00:00"}, 1, t1)
+    later = t1 + dt.timedelta(hours=2)
+    naive = merged_activity({api.ANNOTATION_LAST_REQUEST: "2026-12-01T11:00:00"}, 1, t1, later)
     assert naive[api.ANNOTATION_LAST_REQUEST] == "2026-12-01T11:00:00Z"
-    junk = merged_activity({api.ANNOTATION_LAST_REQUEST: "yesterday"}, 1, t1)
+    junk = merged_activity({api.ANNOTATION_LAST_REQUEST: "yesterday"}, 1, t1, t1)
     assert junk[api.ANNOTATION_LAST_REQUEST] == "2026-12-01T10:00:00Z"
     # Values anyone who may edit the model can write: a superscript digit and 5,000 digits (int() raises),
     # a time in the year 10000 once in UTC (formatting raised and ended the flush thread for every model).
     for hostile in ({api.ANNOTATION_REQUESTS: "²"}, {api.ANNOTATION_REQUESTS: "9" * 5000}):
-        assert merged_activity(hostile, 1, t1)[api.ANNOTATION_REQUESTS] == "1"
-    beyond = merged_activity({api.ANNOTATION_LAST_REQUEST: "9999-12-31T23:59:59-23:59"}, 1, t1)
+        assert merged_activity(hostile, 1, t1, t1)[api.ANNOTATION_REQUESTS] == "1"
+    beyond = merged_activity({api.ANNOTATION_LAST_REQUEST: "9999-12-31T23:59:59-23:59"}, 1, t1, t1)
     assert beyond[api.ANNOTATION_LAST_REQUEST] == "2026-12-01T10:00:00Z"
+
+
+def test_a_last_request_far_ahead_of_the_clock_is_written_over_never_kept() -> None:
+    """A replica whose clock ran a year ahead wrote its time once: max(stored, ours) kept it, so every
+    gateway with a right clock left it there, and the model stayed awake (holding its device memory)
+    until the clocks reached it. Now a stored time more than the allowed skew ahead is written over;
+    one within it (two nodes' clocks a few seconds apart) still counts as the latest."""
+    now = dt.datetime(2026, 12, 1, 10, 0, tzinfo=dt.UTC)
+    ours = now - dt.timedelta(seconds=5)
+    skew = dt.timedelta(seconds=api.LAST_REQUEST_MAX_AHEAD_S)
+    a_year_ahead = {api.ANNOTATION_REQUESTS: "7", api.ANNOTATION_LAST_REQUEST: "2027-12-01T10:00:00Z"}
+    merged = merged_activity(a_year_ahead, 2, ours, now)
+    assert merged == {api.ANNOTATION_REQUESTS: "9", api.ANNOTATION_LAST_REQUEST: "2026-12-01T09:59:55Z"}
+    assert ahead_of(a_year_ahead, now) == 365 * 86400
+    just_past = {api.ANNOTATION_LAST_REQUEST: api.format_time(now + skew + dt.timedelta(seconds=1))}
+    assert merged_activity(just_past, 1, ours, now)[api.ANNOTATION_LAST_REQUEST] == "2026-12-01T09:59:55Z"
+    within = {api.ANNOTATION_LAST_REQUEST: api.format_time(now + skew)}
+    assert merged_activity(within, 1, ours, now)[api.ANNOTATION_LAST_REQUEST] == api.format_time(now + skew)
+    assert ahead_of(within, now) is None and ahead_of({}, now) is None
+    # Our own request time is never written past our clock (it stepped back since the request came).
+    stepped_back = merged_activity({}, 1, now + dt.timedelta(hours=1), now)
+    assert stepped_back[api.ANNOTATION_LAST_REQUEST] == "2026-12-01T10:00:00Z"
 
 
 def test_kv_usage_is_read_from_the_runtime_metrics() -> None:
