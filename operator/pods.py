@@ -525,8 +525,12 @@ def _holder_pod(intent: PodIntent, config: OperatorConfig) -> dict[str, Any]:
             api.ANNOTATION_SLICES: str(intent.slices),
             api.ANNOTATION_SHARE_GROUP: first.share_group,
             api.ANNOTATION_WEIGHTS_MIB: str(intent.weights_mib),
-            # Replicas on this device map its memory: evicting it would break them.
-            SAFE_TO_EVICT: "false",
+            # Replicas on this device map its memory, and its budget (vnpu.operator.disruption) refuses
+            # its eviction while one does: the autoscaler honours it. Once none does (a warm holder of a
+            # model at zero) it may go, and its node with it. "false" kept every node with a holder, warm
+            # ones included, for good; without "true" its emptyDir and its controller (a custom
+            # resource) block scale-down all the same.
+            SAFE_TO_EVICT: "true",
         },
         owner_references(intent.owners),
         {

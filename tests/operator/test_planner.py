@@ -92,7 +92,7 @@ def test_replicas_share_one_weight_holder_per_device() -> None:
     replicas = [p for p in result.create if p["metadata"]["labels"][api.LABEL_ROLE] == "replica"]
     assert holder["metadata"]["annotations"][api.ANNOTATION_SLICES] == "4"
     assert holder["metadata"]["annotations"][api.ANNOTATION_WEIGHTS_MIB] == "4096"  # what views count
-    assert holder["metadata"]["annotations"]["cluster-autoscaler.kubernetes.io/safe-to-evict"] == "false"
+    assert holder["metadata"]["annotations"]["cluster-autoscaler.kubernetes.io/safe-to-evict"] == "true"
     for r in replicas:
         ann = r["metadata"]["annotations"]
         assert ann[api.ANNOTATION_DEVICE] == "n1-npu0"

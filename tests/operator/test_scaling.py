@@ -14,6 +14,7 @@ from vnpu import api
 from vnpu.memory import EstimateError, EstimatePending
 from vnpu.operator import forecast
 from vnpu.operator.packing import Taint
+from vnpu.operator.pods import SAFE_TO_EVICT
 from vnpu.operator.state import ObservedModel, parse_model
 
 MINUTE = dt.timedelta(minutes=1)
@@ -121,6 +122,24 @@ def test_keep_warm_always_keeps_the_holder_and_frees_only_the_replicas() -> None
         at_zero.key: estimate(), big.key: estimate(weights=12 * 1024, per_replica=1024),
     })  # fmt: skip
     assert crowded.statuses[1].status["phase"] == "CapacityPending"
+
+
+def test_a_warm_holder_leaves_its_node_to_the_cluster_autoscaler_and_its_budget() -> None:
+    """Every holder said safe-to-evict "false", fixed at creation: a warm holder of a model at zero
+    (kept for good with Always) made its node one the autoscaler never removes. A holder says "true"
+    (else its scratch emptyDir and its custom controller block scale-down alike) and its budget decides,
+    as the autoscaler honours it: no eviction while a replica maps it, any once none does."""
+    nodes = [node("n1")]
+    created = run([idle_model(replicas=1)], nodes).create
+    (holder,) = [p for p in created if p["metadata"]["labels"][api.LABEL_ROLE] == api.ROLE_WEIGHTS]
+    assert holder["metadata"]["annotations"][SAFE_TO_EVICT] == "true"
+    assert {"name": "scratch", "emptyDir": {}} in holder["spec"]["volumes"]  # local storage to the autoscaler
+    (in_use,) = run([idle_model(replicas=1)], nodes, as_pods(created)).holder_budgets
+    assert in_use.spec()["minAvailable"] == 1
+    holders = [p for p in as_pods(created) if p.role == api.ROLE_WEIGHTS]
+    at_zero = run([idle_model(replicas=0)], nodes, holders)
+    (warm,) = at_zero.holder_budgets
+    assert at_zero.warm_holders == {"default": 1} and warm.spec()["minAvailable"] == 0
 
 
 def test_keep_warm_never_releases_the_holder_too() -> None:
