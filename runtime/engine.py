@@ -21,8 +21,10 @@ fixed costs (:mod:`vnpu.runtime.budget`), or the process refuses to start with t
 
 A request whose logits come out not finite (NaN or inf: an overflow) fails alone; the others of its
 step are sampled as usual. A step whose forward pass raises fails the requests in it, and the loop
-goes on. After ``MAX_CONSECUTIVE_STEP_FAILURES`` failed steps in a row (a device in a sticky error
-state fails every step) the runtime takes itself out of service until the process restarts: every
+goes on. Either way the failed requests' KV blocks are zeroed before they are handed out again (the
+keys and values they wrote may not be finite, and would fail every later request given the blocks).
+After ``MAX_CONSECUTIVE_STEP_FAILURES`` failed steps in a row (a device in a sticky error state fails
+every step) the runtime takes itself out of service until the process restarts: every
 request fails with the reason, :attr:`~ModelRuntime.ready` and :attr:`~ModelRuntime.healthy` turn
 false (``/readyz`` and ``/healthz`` answer 503, so readiness takes the replica out of its Service
 and its liveness probe restarts it), and ``vnpu_runtime_ready`` drops to 0.
@@ -669,6 +671,7 @@ class ModelRuntime:
                 except Exception as e:
                     log.exception("forward step failed", extra={"sequences": len(plan.chunks)})
                     out_of_service = self._step_failed(e)
+                    self._scrub(cache, [c.sequence for c in plan.chunks])
                     with self._cond:
                         self._scheduler.complete_step(plan)
                         for active in actives:
@@ -678,6 +681,7 @@ class ModelRuntime:
                             self._fail_all(RuntimeUnavailableError(self.unavailable_reason or "not ready"))
                     return
                 self._step_failures = 0
+                self._scrub(cache, [plan.chunks[i].sequence for i in sorted(nonfinite)])
         if not plan.chunks:  # nothing fits this step (blocks are being given back): look again soon
             with self._cond:
                 self._cond.wait(0.01)
@@ -688,6 +692,20 @@ class ModelRuntime:
             self._scheduler.complete_step(plan)
             sampled = list(zip(tokens, logprobs, strict=True))
             self._finish_step(plan, actives, sampled, now=now, nonfinite=nonfinite)
+
+    def _scrub(self, cache: PagedKVCache, failed: list[ScheduledSequence]) -> None:
+        """Zero the blocks of the step's ``failed`` sequences before they go back to the free list: a
+        non-finite logit (or a failed step) means their keys and values may not be finite, and whoever
+        gets the blocks next would read them (:mod:`vnpu.runtime.paged`). Caller holds ``_lock``; the
+        blocks are stable (in the step). If zeroing fails too, the blocks still go back: the next
+        sequence to read a non-finite value fails alone and its own blocks are zeroed then."""
+        blocks = [b for seq in failed for b in seq.blocks]
+        if not blocks:
+            return
+        try:
+            cache.scrub(blocks)
+        except Exception:
+            log.exception("could not zero the KV blocks of failed requests", extra={"blocks": len(blocks)})
 
     def _run(
         self, installed: _Installed, cache: PagedKVCache, plan: StepPlan, actives: list[RequestState]

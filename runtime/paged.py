@@ -7,9 +7,12 @@ sequences of any length share one pool with no fragmentation beyond a block, and
 preempted sequence gives its blocks back at once. Attention reads a sequence's context a whole block
 at a time (one row copy per block instead of one per token). Block 0 is the *null block*: never handed
 out, it pads the block tables of shorter sequences in a decode batch. Positions past a sequence's
-length are masked out, but they must not hold uninitialised memory (NaN x 0 is NaN), so every block is
-zero-filled before its first use (:meth:`PagedKVCache.initialise`); after that it holds finite values
-of earlier sequences. On CPU the pool's pages therefore cost memory only once used.
+length are masked out, but they must hold finite values (NaN + -inf and inf x 0 are NaN, so one
+non-finite slot poisons every sequence that later gets its block): every block is zero-filled before
+its first use (:meth:`PagedKVCache.initialise`), and the blocks of a sequence that may have written
+non-finite keys or values (its logits were not finite, or its step failed) are zeroed before they go
+back to the free list (:meth:`PagedKVCache.scrub`); otherwise a block holds finite values of earlier
+sequences. On CPU the pool's pages therefore cost memory only once used.
 
 :class:`BatchLayout` flattens one step's sequences into one token batch — single-token (decode)
 sequences first, then prefill chunks — so every linear layer runs once per step for all of them (and
@@ -66,6 +69,14 @@ class PagedKVCache:
             end = (last_block + 1) * self.block_size
             self.storage[:, :, self._initialised * self.block_size : end].zero_()
             self._initialised = last_block + 1
+
+    def scrub(self, blocks: Sequence[int]) -> None:
+        """Zero ``blocks`` in every layer: what a failed sequence wrote there may not be finite, and the
+        next sequence to get them reads their unused slots (see the module docstring)."""
+        if blocks:
+            index = torch.tensor(list(blocks), dtype=torch.long, device=self.device)
+            per_block = self.storage.view(2, self.config.num_hidden_layers, self.num_blocks, -1)
+            per_block.index_fill_(2, index, 0)
 
     def blocks(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of ``layer`` as ``[num_blocks, block_size * kv_heads * head_dim]`` rows."""

@@ -538,3 +538,48 @@ def test_nonfinite_logits_fail_only_their_request(tiny: Any) -> None:
             wait_until(lambda: runtime.stats()["blocks_used"] == 0)
     finally:
         runtime.close()
+
+
+@pytest.mark.parametrize("failure", ["nonfinite logits", "step raises"])
+def test_a_request_whose_kv_went_nonfinite_leaves_its_blocks_clean(tiny: Any, failure: str) -> None:
+    """An overflow reaches a request's keys and values (inf, NaN) as well as its logits, or the step
+    fails after writing them. The request fails; the next one, which gets its freed blocks (the free
+    list is LIFO) and reads their unused slots masked, still answers as before, and no non-finite value
+    is left in the pool. The blocks went back as they were: NaN + -inf is NaN, so every later request
+    failed with non-finite logits while the replica stayed ready."""
+    marker = 2  # in no prompt of tiny_prompts (their ids are from 3)
+    runtime = runtime_for(tiny)
+    try:
+        normal = tiny_prompts(1)[0]  # 5 tokens: its decode reads the block's 11 unused slots
+        before = submit_all(runtime, [normal], greedy(8))[0].tokens
+        assert runtime._installed is not None and runtime._cache is not None
+        model = runtime._installed.model
+        forward = model.forward_batch
+
+        def overflowing(layout: Any, cache: Any) -> torch.Tensor:
+            logits = forward(layout, cache).clone()
+            ids, start = layout.input_ids.tolist(), 0
+            for row, end in enumerate(layout.sample_rows.tolist()):
+                if marker in ids[start : end + 1]:
+                    slots = layout.slots[start : end + 1]
+                    for layer in range(len(cache.keys)):
+                        cache.keys[layer][slots] = float("inf")
+                        cache.values[layer][slots] = float("nan")
+                    if failure == "step raises":
+                        raise RuntimeError("device error after the keys and values were written")
+                    logits[row] = float("nan")
+                start = end + 1
+            return logits
+
+        model.forward_batch = overflowing
+        poisoned = Collector()
+        runtime.submit(GenerationRequest((marker, *range(20, 34)), greedy(8)), poisoned)
+        assert poisoned.wait().finish_reason == "error"
+        wait_until(lambda: runtime.stats()["blocks_used"] == 0)
+        assert torch.isfinite(runtime._cache.storage).all()
+        later = [submit_all(runtime, [normal], greedy(8))[0] for _ in range(3)]
+        assert [c.seen[-1][1].finish_reason for c in later] == ["length"] * 3
+        assert [c.tokens for c in later] == [before] * 3
+        assert runtime.ready and runtime.healthy
+    finally:
+        runtime.close()
