@@ -34,7 +34,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -532,12 +532,9 @@ def plan(
     activities = {key: scaling.activity(m, now) for key, (m, _) in active.items()}
     demand_of = {key: scaling.demand(m, now) for key, (m, _) in active.items()}
     warm_of, warm_holders = _warm(active, group_of, holders_of, demand_of, nodes, config, now)
+    pinned = {(p.namespace, p.name) for p in outside}  # kept for a reason of their own, warm or not
     outside += warm_holders
     outside = list({(p.namespace, p.name): p for p in outside}.values())  # each pod's memory once
-    for h in warm_holders:
-        node = node_by_name.get(h.node or "")
-        pool = node.labels.get(config.pool_label, scaling.DEFAULT_POOL) if node else scaling.DEFAULT_POOL
-        result.warm_holders[pool] = result.warm_holders.get(pool, 0) + 1
     live = {key for key, ps in replicas_of.items() if ps}  # models with a live replica, any template
     wake = _wake_placements(active, group_of, holders_of, current, live, node_by_name)
     for key, act in sorted(activities.items()):
@@ -573,7 +570,31 @@ def plan(
         held[(p.node or "", p.device or "")] += p.slices
     loaded = _loaded_weights(outside, holders_of)
     packer_nodes = _packer_nodes(nodes, held, view, loaded)
-    packed = packing.pack(packer_nodes, demands, current, offered=wake, preempt=config.preemption != "never")
+    preempt = config.preemption != "never"
+    packed = packing.pack(packer_nodes, demands, current, offered=wake, preempt=preempt)
+    # A warm holder is a speculative copy: replicas that would wait, or preempt running ones, take its
+    # room (else a model at zero replicas held memory more firmly than a running one of any priority).
+    reclaimable = [h for h in warm_holders if (h.namespace, h.name) not in pinned]
+    reclaimed: set[tuple[str, str]] = set()
+    if reclaimable and _shortfall(packed):
+        reclaimed, packed = _reclaim_warm(reclaimable, packed, held, outside, holders_of, nodes, view,
+                                          lambda n: packing.pack(n, demands, current, offered=wake,
+                                                                 preempt=preempt))  # fmt: skip
+        if reclaimed:
+            for h in reclaimable:
+                if (h.namespace, h.name) in reclaimed:
+                    held[(h.node or "", h.device or "")] -= h.slices
+                    kept_pods.discard((h.namespace, h.name))
+            outside = [p for p in outside if (p.namespace, p.name) not in reclaimed]
+            warm_holders = [h for h in warm_holders if (h.namespace, h.name) not in reclaimed]
+            kept_groups = {g for g, hs in holders_of.items() if hs and hs[0] in warm_holders}
+            warm_of = {k: warm and group_of[k] in kept_groups for k, warm in warm_of.items()}
+            loaded = _loaded_weights(outside, holders_of)
+            packer_nodes = _packer_nodes(nodes, held, view, loaded)
+    for h in warm_holders:
+        node = node_by_name.get(h.node or "")
+        pool = node.labels.get(config.pool_label, scaling.DEFAULT_POOL) if node else scaling.DEFAULT_POOL
+        result.warm_holders[pool] = result.warm_holders.get(pool, 0) + 1
     # Defragmentation: a batch of moves only on a settled cluster (every pod of ours Ready, running
     # where the plan keeps it, nothing moving, rolling, lost or backing off), as Karpenter consolidates.
     moves: dict[tuple[str, int], ObservedPod] = {}  # (model, replica) -> the pod a move replaces
@@ -731,9 +752,8 @@ def plan(
             continue
         if (p.namespace, p.share_group) in awaiting_key:
             continue
-        deletions.append(
-            PodDeletion(p.namespace, p.name, p.role, "no longer in the plan", False, _owners_of(p))
-        )
+        why = WARM_RECLAIMED if key_ in reclaimed else "no longer in the plan"
+        deletions.append(PodDeletion(p.namespace, p.name, p.role, why, False, _owners_of(p)))
     creations = [i for k, i in sorted(intents.items()) if k not in pods_by_name]
     order = {api.ROLE_WEIGHTS: 0, api.ROLE_REPLICA: 1, api.ROLE_PLACEHOLDER: 2}
     creations.sort(key=lambda i: (order[i.role], i.namespace, i.name))
@@ -1147,6 +1167,54 @@ def _warm(
     kept = scaling.keep_warm(groups, budgets, demand_of, now)
     warm = {_model_key(m.namespace, m.name): g in kept for g, models in idle.items() for m in models}
     return warm, [holders_of[g][0] for g in sorted(kept)]
+
+
+#: Why a warm holder is deleted for replicas that need its room (:func:`_reclaim_warm`).
+WARM_RECLAIMED = "warm copy reclaimed: replicas that would wait need its device's room"
+
+
+def _shortfall(packed: packing.PackResult) -> int:
+    """Replicas a plan leaves waiting or takes from running: what room freed elsewhere could save."""
+    return len(packed.unplaced) + sum(1 for d in packed.dropped if d.reason.startswith("preempted by"))
+
+
+def _reclaim_warm(
+    reclaimable: Sequence[ObservedPod],
+    packed: packing.PackResult,
+    held: Mapping[tuple[str, str], int],
+    outside: Sequence[ObservedPod],
+    holders_of: Mapping[str, list[ObservedPod]],
+    nodes: Sequence[ObservedNode],
+    view: _NodeView,
+    pack: Callable[[list[packing.Node]], packing.PackResult],
+) -> tuple[set[tuple[str, str]], packing.PackResult]:
+    """The warm holders to delete, and the plan, when ``packed`` leaves replicas waiting or preempts:
+    packed again as if every reclaimable holder were gone, a plan that saves more takes the room of
+    those whose device it needs (the rest stay where it leaves room for them). Else none, and
+    ``packed`` as it was."""
+    gone = {(h.namespace, h.name) for h in reclaimable}
+    cold = dict(held)
+    for h in reclaimable:
+        cold[(h.node or "", h.device or "")] -= h.slices
+    rest = [p for p in outside if (p.namespace, p.name) not in gone]
+    retry = pack(_packer_nodes(nodes, cold, view, _loaded_weights(rest, holders_of)))
+    if _shortfall(retry) >= _shortfall(packed):
+        return set(), packed
+    used = retry.slices_by_device()
+    free = {
+        (n.name, d.id): d.slices - cold.get((n.name, d.id), 0)
+        for n in nodes
+        if n.inventory is not None
+        for d in n.inventory.devices
+    }
+    reclaimed = set()
+    for h in sorted(reclaimable, key=lambda h: (h.node or "", h.device or "", h.name)):
+        where = (h.node or "", h.device or "")
+        if used.get(where, 0) + h.slices <= free.get(where, 0):
+            used[where] = used.get(where, 0) + h.slices  # room for it beside the plan: it stays
+        else:
+            reclaimed.add((h.namespace, h.name))
+    return reclaimed, retry
 
 
 def _wake_placements(

@@ -12,7 +12,7 @@ from test_planner import NOW, as_pods, estimate, model, node, run, step
 
 from vnpu import api
 from vnpu.memory import EstimateError, EstimatePending
-from vnpu.operator import forecast
+from vnpu.operator import forecast, planner
 from vnpu.operator.packing import Taint
 from vnpu.operator.pods import SAFE_TO_EVICT
 from vnpu.operator.state import ObservedModel, parse_model
@@ -115,13 +115,15 @@ def test_keep_warm_always_keeps_the_holder_and_frees_only_the_replicas() -> None
     status = result.statuses[0].status
     assert status["phase"] == "Idle" and status["scaling"]["warm"] is True
     assert result.warm_holders == {"default": 1}
-    # The held weights are memory the packer does not hand to anyone else.
+    # The held weights are memory the packer hands to nobody, except replicas that would otherwise
+    # wait (test_a_warm_holder_gives_its_room_to_replicas_that_would_wait).
     big = model("big", 1, shareGroup="big", source={"uri": "file:///big.gguf"})
     holder = [p for p in pods if p.role == "weights"]
     crowded = run([at_zero, big], [node("n1", devices=1)], holder, estimates={
         at_zero.key: estimate(), big.key: estimate(weights=12 * 1024, per_replica=1024),
     })  # fmt: skip
-    assert crowded.statuses[1].status["phase"] == "CapacityPending"
+    assert crowded.statuses[1].status["phase"] == "Running"
+    assert [d.reason for d in crowded.delete] == [planner.WARM_RECLAIMED]
 
 
 def test_a_warm_holder_leaves_its_node_to_the_cluster_autoscaler_and_its_budget() -> None:
@@ -284,3 +286,29 @@ def test_a_model_with_no_estimate_keeps_its_warm_holder_and_its_history(unsized:
     garbled = replace(asleep, status={"scaling": "warm", "demand": [1, 2]})
     status = run([garbled], nodes, [holder], estimates={asleep.key: unsized}).statuses[0].status
     assert status.get("scaling") is None and status.get("demand") is None  # (removed)
+
+
+def test_a_warm_holder_gives_its_room_to_replicas_that_would_wait() -> None:
+    """A warm copy is speculative: another tenant's model that fits only in its room takes it (the
+    holder is deleted, the replica placed on its device), where before it stayed CapacityPending
+    behind a model at zero replicas that held memory more firmly than a running one. A warm holder
+    whose room nobody needs stays."""
+    nodes = [node("n1", devices=1)]  # one 16 GiB device
+    est = {("ns", "a"): estimate(weights=12 * 1024), ("other", "b"): estimate(weights=8 * 1024)}
+    b = model("b", 1, ns="other", shareGroup="gb")
+    (holder,) = [p for p in as_pods(run([idle_model(replicas=1)], nodes, estimates=est).create)
+                 if p.role == api.ROLE_WEIGHTS]  # fmt: skip
+    asleep = idle_model(replicas=0)  # keepWarm Always: beyond any budget, yet not beyond real demand
+    result = run([asleep, b], nodes, [holder], estimates=est)
+    assert [(d.name, d.reason) for d in result.delete] == [(holder.name, planner.WARM_RECLAIMED)]
+    created = [(c["metadata"]["namespace"], c["metadata"]["labels"][api.LABEL_ROLE]) for c in result.create]
+    assert sorted(created) == [("other", "replica"), ("other", "weights")]
+    status = {u.model.name: u.status for u in result.statuses}
+    assert status["b"]["phase"] != "CapacityPending" and status["a"]["scaling"]["warm"] is False
+    assert result.warm_holders == {}
+    # Room for both: the warm holder stays.
+    roomy = [node("n1", devices=2)]
+    (holder,) = [p for p in as_pods(run([idle_model(replicas=1)], roomy, estimates=est).create)
+                 if p.role == api.ROLE_WEIGHTS]  # fmt: skip
+    result = run([asleep, b], roomy, [holder], estimates=est)
+    assert result.delete == [] and result.warm_holders == {"default": 1}
