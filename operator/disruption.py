@@ -15,20 +15,37 @@ The budget of a model:
   model: garbage collection deletes it with the model, so the operator never deletes one;
 * selects exactly the model's replica pods (:func:`vnpu.operator.pods.replica_selector`, its Service's
   selector), never its weight-holders or placeholders;
-* allows ``maxUnavailable: 1``. The disruption controller counts the pods expected through the
-  replicas' controller ownerReference, the InferenceModel's scale subresource (``spec.replicas``), so the
-  budget follows every scale without a write. A model of one replica may still be evicted (it has
-  nothing to fail over to; blocking the drain for ever would be worse);
+* has an integer ``minAvailable``: the model's replica pods less one, counted as the pass leaves them
+  (:func:`replica_pods`: the live ones it keeps, and those it places, a rollout's surge included), and
+  no more than ``spec.replicas`` less one (:func:`min_available`). With an integer ``minAvailable``
+  the disruption controller counts the pods the budget selects and reads no scale subresource, so a
+  drain takes one at a time of the pods that exist. Not ``maxUnavailable: 1``: against it the
+  controller expects ``spec.replicas`` pods (the scale subresource), so a replica never placed (no
+  room, refused by a quota) counted as one already disrupted, and a model of ``replicas: 1000`` (the
+  right to edit an InferenceModel is all it takes) made every node holding one of its Ready replicas
+  undrainable, and those replicas' weight-holders with them. A missing replica blocks nothing; a model
+  of one pod may still be evicted (it has nothing to fail over to; blocking the drain for ever would be
+  worse); and the cap keeps a surge pod that never gets Ready (a rollout to a broken template) from
+  holding the old replicas for ever;
 * has ``unhealthyPodEvictionPolicy: AlwaysAllow``: a replica that is not Ready (crash-looping, stuck
   loading) may always be evicted, so a broken model never blocks a drain; only Ready replicas count
   against the budget.
 
-A model at zero replicas keeps its budget: it then selects no pod and blocks nothing, and the model
-woken from zero (by the gateway, possibly many times a day) is covered from its first replica on, with
-no write in the way of the wake.
+An evicted replica is terminating and no longer counts, but the replacement the same pass places on
+another node does (a planned pod counts before it exists, as does one waiting for a terminating pod of
+its name to go): the count stays, and the next eviction waits until the replacement is Ready. Only
+when the evicted replica fits nowhere does the count drop, and the drain goes on. A model whose writes
+were refused (a quota on pods), until they go through, and a frozen model (no estimate) count the pods
+they have: a pod refused is a replica missing.
 
-The operator keeps it as it wants it: created when missing, its spec put back when someone edits it
-(an informer watches budgets by the operator's label, so an edit is noticed at once). A budget of that
+So the budget's spec is written when that count changes (a scale, a replica placed or given up), never
+on readiness. A model at zero replicas keeps its budget: it then selects no pod and blocks nothing,
+and the model woken from zero (by the gateway, possibly many times a day) is covered from its first
+replica on with ``minAvailable: 0`` as at zero: no write in the way of the wake.
+
+The operator keeps it as it wants it: created when missing, its spec put back when someone edits it or
+the count changes (an informer watches budgets by the operator's label, so an edit is noticed at once;
+a budget of an older operator, ``maxUnavailable: 1``, is put back once in this shape). A budget of that
 name that the model does not control, or without the operator's label, is someone else's and never
 touched: the model's ``Degraded`` condition says so (reason :data:`REASON_NAME_TAKEN`), and the name is
 tried again after a backoff. A write of a budget the API server refuses backs off the budget alone: it
@@ -62,16 +79,17 @@ Pure, like :mod:`vnpu.operator.services`: the planner decides, the reconciler wr
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections import Counter
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from vnpu import api
-from vnpu.operator.pods import holder_pod_selector, owner_references, replica_selector
+from vnpu.operator.pods import PodIntent, holder_pod_selector, owner_references, replica_selector
 from vnpu.operator.state import ObservedBudget, ObservedModel, ObservedPod, parse_budget
 
 #: Replicas of one model a drain may take at once (the rest keep serving).
-MAX_UNAVAILABLE = 1
+DISRUPTIONS = 1
 #: Replicas that are not Ready may always be evicted: a crash-looping model never blocks a drain.
 UNHEALTHY_POD_EVICTION_POLICY = "AlwaysAllow"
 #: Why a model has no budget: the name is someone else's PodDisruptionBudget.
@@ -88,13 +106,15 @@ def budget_name(model: str) -> str:
 
 @dataclass(frozen=True)
 class BudgetIntent:
-    """The budget of ``owner`` to write: created, or (``update``) its spec put back."""
+    """The budget of ``owner`` to write, at ``min_available`` (:func:`min_available`): created, or
+    (``update``) its spec put back."""
 
     owner: ObservedModel
+    min_available: int = 0
     update: bool = False
 
     def spec(self) -> dict[str, Any]:
-        return spec(self.owner.name)
+        return spec(self.owner.name, self.min_available)
 
     def manifest(self) -> dict[str, Any]:
         return manifest(self)
@@ -115,13 +135,39 @@ class BudgetIntent:
         return (f"{self.owner.namespace}/{self.owner.name}",)
 
 
-def spec(model: str) -> dict[str, Any]:
-    """The spec of ``model``'s budget."""
+def spec(model: str, min_available: int = 0) -> dict[str, Any]:
+    """The spec of ``model``'s budget at ``min_available`` (:func:`min_available`; 0: no pod, or one)."""
     return {
         "selector": {"matchLabels": replica_selector(model)},
-        "maxUnavailable": MAX_UNAVAILABLE,
+        "minAvailable": min_available,
         "unhealthyPodEvictionPolicy": UNHEALTHY_POD_EVICTION_POLICY,
     }
+
+
+def min_available(pods: int, replicas: int | None) -> int:
+    """The ``minAvailable`` of the budget of a model of ``pods`` replica pods (:func:`replica_pods`) and
+    ``spec.replicas`` ``replicas`` (None when its spec cannot be read): all of them but one, never more
+    than ``replicas`` less one (a rollout's surge pods are not owed to anyone), never below 0."""
+    counted = pods if replicas is None else min(pods, replicas)
+    return max(0, counted - DISRUPTIONS)
+
+
+def replica_pods(
+    pods: Iterable[ObservedPod], planned: Iterable[PodIntent], deleted: Collection[tuple[str, str]]
+) -> Counter[tuple[str, str]]:
+    """(namespace, model) -> the model's replica pods once the pass's writes are done: those of ``pods``
+    that are neither terminating nor finished nor ``deleted`` ((namespace, name)), and the replicas
+    ``planned`` (the pods the pass wants, created now or kept; one that waits for a terminating pod
+    of its name to go counts already). Each pod once, by (namespace, name)."""
+    names: dict[tuple[str, str], str] = {}  # (namespace, pod) -> its model
+    for p in pods:
+        gone = p.terminating or p.finished or (p.namespace, p.name) in deleted
+        if p.role == api.ROLE_REPLICA and p.model and not gone:
+            names[(p.namespace, p.name)] = p.model
+    for i in planned:
+        if i.role == api.ROLE_REPLICA:
+            names[(i.namespace, i.name)] = i.owners[0].name
+    return Counter((namespace, model) for (namespace, _), model in names.items())
 
 
 def _budget(
@@ -145,7 +191,7 @@ def manifest(intent: BudgetIntent) -> dict[str, Any]:
     """The budget of ``intent``'s model."""
     model = intent.owner
     labels = {api.LABEL_MODEL: model.name}
-    return _budget(intent.name, model.namespace, labels, owner_references([model]), spec(model.name))
+    return _budget(intent.name, model.namespace, labels, owner_references([model]), intent.spec())
 
 
 def _spec_of(budget: ObservedBudget) -> tuple[Any, ...]:
@@ -162,9 +208,9 @@ def _has_spec(budget: ObservedBudget, wanted: Mapping[str, Any]) -> bool:
     return _spec_of(budget) == _spec_of(parse_budget({"metadata": {"name": budget.name}, "spec": wanted}))
 
 
-def as_wanted(budget: ObservedBudget, model: str) -> bool:
-    """Whether ``budget``'s spec is the one ``model``'s budget has."""
-    return _has_spec(budget, spec(model))
+def as_wanted(budget: ObservedBudget, model: str, min_available: int = 0) -> bool:
+    """Whether ``budget``'s spec is the one ``model``'s budget has at ``min_available``."""
+    return _has_spec(budget, spec(model, min_available))
 
 
 def ours(budget: ObservedBudget, model: ObservedModel) -> bool:
@@ -174,13 +220,24 @@ def ours(budget: ObservedBudget, model: ObservedModel) -> bool:
 
 
 def plan_budgets(
-    models: Sequence[ObservedModel], budgets: Mapping[tuple[str, str], ObservedBudget]
+    models: Sequence[ObservedModel],
+    budgets: Mapping[tuple[str, str], ObservedBudget],
+    pods: Mapping[tuple[str, str], int],
 ) -> list[BudgetIntent]:
     """The writes that give every model (not being deleted) its budget as wanted, from the budgets
-    observed (keyed by (namespace, name)). One of that name that is not the model's is planned as a
+    observed (keyed by (namespace, name)) and the models' replica pods as the pass leaves them (keyed by
+    (namespace, model): :func:`replica_pods`). One of that name that is not the model's is planned as a
     create: the API server's AlreadyExists, and a look at what holds the name, tell the model why."""
-    writes = (_write(BudgetIntent(m), budgets) for m in models if not m.deleting)
+    writes = (
+        _write(BudgetIntent(m, min_available(pods.get((m.namespace, m.name), 0), _replicas(m))), budgets)
+        for m in models
+        if not m.deleting
+    )
     return [w for w in writes if w is not None]
+
+
+def _replicas(model: ObservedModel) -> int | None:
+    return model.spec.replicas if model.spec is not None else None
 
 
 def _write(intent: Intent, budgets: Mapping[tuple[str, str], ObservedBudget]) -> Intent | None:

@@ -829,13 +829,20 @@ def plan(
     ]
     budgets_by_key = {(b.namespace, b.name): b for b in budgets}  # (namespace, name) -> budget
     not_now = backoff | budgets_backoff
+    deleted = {(d.namespace, d.name) for d in result.delete}
+    # A model's budget follows its replica pods as this pass leaves them, those it places included; a
+    # model whose writes were refused (a quota) and have not gone through since counts those it has.
+    refused = {k for k in failures if failure_model(k) == k}
+    pods_planned = [i for i in intents.values() if not refused.intersection(i.models)]
+    replicas_left = disruption.replica_pods(ours, pods_planned, deleted)
     result.budgets = [
-        i for i in disruption.plan_budgets(models, budgets_by_key) if not not_now.intersection(i.models)
+        i
+        for i in disruption.plan_budgets(models, budgets_by_key, replicas_left)
+        if not not_now.intersection(i.models)
     ]
     # A holder's budget follows whether a replica maps it; one deleted this pass needs no write (its
     # budget goes with it). It waits only while every model of the holder waits: one model's budget
     # refused (its name taken) must not leave the others' replicas without their holder's.
-    deleted = {(d.namespace, d.name) for d in result.delete}
     result.holder_budgets = [
         i
         for i in disruption.plan_holder_budgets(ours, models, budgets_by_key)

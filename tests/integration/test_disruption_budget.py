@@ -2,11 +2,11 @@
 and kwok nodes: a node drain takes a model's replicas one at a time.
 
 The disruption controller (kube-controller-manager, under its own service account as in a real cluster)
-finds the pods a budget selects, follows their controller ownerReference to the InferenceModel and
-reads the model's scale subresource for the number of pods expected; the Eviction API then allows one
-replica at a time. A crash-looping model never blocks a drain, the operator keeps the budget as it
-wants it (put back when edited, created again when deleted, one only across restarts), never touches a
-budget of that name that is someone else's, and garbage collection deletes it with the model.
+counts the pods a budget selects against its integer minAvailable (the model's pods less one); the
+Eviction API then allows one replica at a time, and a replica that was never placed blocks nothing. A
+crash-looping model never blocks a drain, the operator keeps the budget as it wants it (put back when
+edited, created again when deleted, one only across restarts), never touches a budget of that name
+that is someone else's, and garbage collection deletes it with the model.
 """
 
 from __future__ import annotations
@@ -112,14 +112,13 @@ def assert_refused(cp: Any, namespace: str, pod: str) -> None:
     assert status == 429 and VIOLATES in message, (status, message)
 
 
+def ready(pod: Any) -> bool:
+    return any(c.type == "Ready" and c.status == "True" for c in pod.status.conditions or [])
+
+
 def ready_replicas_off(cp: Any, namespace: str, model: str, node: str) -> list[Any]:
     """The model's Ready replicas that are not on ``node``."""
-    return [
-        p
-        for p in replica_pods(cp, namespace, model)
-        if p.spec.node_name != node
-        and any(c.type == "Ready" and c.status == "True" for c in p.status.conditions or [])
-    ]
+    return [p for p in replica_pods(cp, namespace, model) if p.spec.node_name != node and ready(p)]
 
 
 def test_a_drain_takes_a_models_replicas_one_at_a_time(cluster, namespace, kwok_nodes, operator) -> None:
@@ -134,10 +133,10 @@ def test_a_drain_takes_a_models_replicas_one_at_a_time(cluster, namespace, kwok_
     assert (
         pdb.spec.selector.match_labels == replica_selector("chat") and not pdb.spec.selector.match_expressions
     )
-    assert pdb.spec.max_unavailable == 1 and pdb.spec.min_available is None
+    assert pdb.spec.min_available == 2 and pdb.spec.max_unavailable is None
     assert pdb.spec.unhealthy_pod_eviction_policy == "AlwaysAllow"
-    # The disruption controller counts the pods expected through the replicas' controller, the
-    # InferenceModel's scale subresource: 3, and one of them may go.
+    # An integer minAvailable: the disruption controller counts the pods the budget selects, 3, and
+    # one of them may go.
     wait_budget(
         cluster, namespace, "chat", "3 expected, 3 healthy, 1 disruption allowed", allows_one_of_three
     )
@@ -178,6 +177,66 @@ def test_a_drain_takes_a_models_replicas_one_at_a_time(cluster, namespace, kwok_
     cluster.kubectl("delete", "-n", namespace, "infm/chat", "--timeout=60s")
     wait_until(lambda: budget_status(cluster, namespace, "chat") is None, 60, "the budget gone")
     assert not budgets(cluster).list_namespaced_pod_disruption_budget(namespace).items
+
+
+def not_ready(cp: Any, namespace: str, pod: Any) -> None:
+    """What the kubelet reports of a replica whose readiness probe fails (stuck loading)."""
+    status = {
+        "status": {
+            "conditions": [
+                {"type": "Ready", "status": "False", "reason": "ContainersNotReady"},
+                {"type": "ContainersReady", "status": "False", "reason": "ContainersNotReady"},
+            ]
+        }
+    }
+    client.CoreV1Api(cp.api_client()).patch_namespaced_pod_status(pod.metadata.name, namespace, status)
+
+
+def test_a_replica_never_placed_blocks_no_drain(cluster, namespace, kwok_nodes, operator) -> None:
+    """A model of 3 replicas of which its one node holds 2 (4 GiB of weights and 2 replicas of 1 GiB
+    on a 6 GiB device). Against spec.replicas (maxUnavailable: 1, the budget before) the third, never
+    placed, counted as disrupted: no Ready replica could be evicted, nor its node drained, for as long
+    as the model stayed short (a tenant's replicas: 1000 held its nodes for good). Its budget counts
+    the pods that exist: one of the two may go, not both at once. Placed in full, with one replica not
+    Ready, none of the Ready ones may go."""
+    kwok_nodes(1, devices=1, device_mib=6 * GIB)
+    apply(cluster, namespace, "big", spec(replicas=3))
+    wait_phase(cluster, namespace, "big", "CapacityPending")
+    wait_until(
+        lambda: len(ready_replicas_off(cluster, namespace, "big", "")) == 2,
+        60,
+        "the two placed replicas Ready",
+    )
+    counted = wait_budget(
+        cluster, namespace, "big", "both replicas healthy", lambda s: s.current_healthy == 2
+    )
+    first, second = sorted(p.metadata.name for p in replica_pods(cluster, namespace, "big"))
+    assert evict(cluster, namespace, first) == (201, "")  # (against spec.replicas: a 429)
+    assert (counted.expected_pods, counted.desired_healthy, counted.disruptions_allowed) == (2, 1, 1)
+    assert read_budget(cluster, namespace, "vnpu-big").spec.min_available == 1
+    # One at a time among the pods that exist: the other stays until the first is back and Ready.
+    assert_refused(cluster, namespace, second)
+
+    # Room for the third (another node): all three placed, the budget follows (all but one of 3).
+    kwok_nodes(1, devices=1, device_mib=6 * GIB)
+    wait_phase(cluster, namespace, "big", "Ready")
+    wait_budget(cluster, namespace, "big", "one of three may go", allows_one_of_three)
+    assert read_budget(cluster, namespace, "vnpu-big").spec.min_available == 2
+    # One not Ready (it counts as the one disrupted): no Ready replica may go; the unready one may.
+    replicas = sorted(replica_pods(cluster, namespace, "big"), key=lambda p: p.metadata.name)
+    assert len(replicas) == 3 and all(ready(p) for p in replicas)
+    unready, *rest = replicas
+    not_ready(cluster, namespace, unready)
+    wait_budget(
+        cluster,
+        namespace,
+        "big",
+        "3 expected, 2 healthy, none allowed",
+        lambda s: (s.expected_pods, s.current_healthy, s.disruptions_allowed) == (3, 2, 0),
+    )
+    for pod in rest:
+        assert_refused(cluster, namespace, pod.metadata.name)
+    assert evict(cluster, namespace, unready.metadata.name) == (201, "")
 
 
 def holds_its_holder(status: Any) -> bool:
@@ -365,10 +424,10 @@ def test_the_budget_is_kept_across_edits_deletes_and_restarts_and_never_takes_so
         made = policy.read_namespaced_pod_disruption_budget("vnpu-chat", namespace)
 
         # Edited (no drain would ever pass): put back in place. Deleted: created again.
-        policy.patch_namespaced_pod_disruption_budget("vnpu-chat", namespace, {"spec": {"maxUnavailable": 0}})
+        policy.patch_namespaced_pod_disruption_budget("vnpu-chat", namespace, {"spec": {"minAvailable": 2}})
         wait_until(
             lambda: (
-                policy.read_namespaced_pod_disruption_budget("vnpu-chat", namespace).spec.max_unavailable == 1
+                policy.read_namespaced_pod_disruption_budget("vnpu-chat", namespace).spec.min_available == 1
             ),
             30,
             "the budget's spec put back",

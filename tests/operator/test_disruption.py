@@ -1,6 +1,7 @@
 """A PodDisruptionBudget per InferenceModel, planned by the pure pass: over the model's replicas only,
-one at a time, unhealthy ones always evictable; created once, put back when edited, never touched when
-the name is someone else's, and never in the way of the model's pods."""
+one at a time of the pods that exist (a replica never placed blocks nothing), unhealthy ones always
+evictable; created once, put back when edited or when its pods' count changes, never touched when the
+name is someone else's, and never in the way of the model's pods."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import datetime as dt
 from dataclasses import replace
 from typing import Any
 
-from test_planner import NOW, as_pods, model, node, run
+from test_planner import CONFIG, NOW, as_pods, estimate, keys_for, model, node, run
 
 from vnpu import api
 from vnpu.operator import disruption
@@ -19,14 +20,17 @@ from vnpu.operator.disruption import (
     holder_budget_name,
     holders_in_use,
     manifest,
+    min_available,
     plan_budgets,
     plan_holder_budgets,
+    replica_pods,
 )
 from vnpu.operator.planner import (
     Failure,
     budget_failure_key,
     failure_model,
     placeholders_failure_key,
+    plan,
 )
 from vnpu.operator.pods import holder_pod_selector, replica_selector
 from vnpu.operator.state import ObservedBudget, ObservedPod, parse_budget
@@ -60,9 +64,11 @@ def test_a_model_gets_a_budget_over_its_replicas_only() -> None:
     (owner,) = pdb["metadata"]["ownerReferences"]
     assert (owner["apiVersion"], owner["kind"], owner["name"]) == (api.API_VERSION, api.KIND, "llama")
     assert owner["uid"] == "uid-llama" and owner["controller"] is True and owner["blockOwnerDeletion"]
+    # Three replicas placed: all but one of them must stay (an integer minAvailable: the disruption
+    # controller counts the pods it selects, not the scale subresource's spec.replicas).
     assert pdb["spec"] == {
         "selector": {"matchLabels": replica_selector("llama")},
-        "maxUnavailable": 1,
+        "minAvailable": 2,
         "unhealthyPodEvictionPolicy": "AlwaysAllow",
     }
     # Exactly the model's three replicas: not its weight-holder or placeholders, nor the other model's.
@@ -87,25 +93,26 @@ def test_the_budget_is_created_once_and_put_back_when_edited() -> None:
     nodes = [node("n1", devices=1)]
     first = run([m], nodes)
     (intent,) = first.budgets
-    assert not intent.update
+    assert not intent.update and intent.min_available == 1
     mine = observed(manifest(intent))
-    assert disruption.ours(mine, m) and disruption.as_wanted(mine, "llama")
+    assert disruption.ours(mine, m) and disruption.as_wanted(mine, "llama", 1)
     assert run([m], nodes, budgets=[mine]).budgets == []  # as wanted: no write at all
-    # Someone sets maxUnavailable 0 (no drain would ever pass), widens the selector, adds minAvailable
-    # or drops the unhealthy-pod policy: the spec is put back, in place.
+    # Someone sets minAvailable to every pod (no drain would ever pass), adds maxUnavailable, widens the
+    # selector or drops the unhealthy-pod policy: the spec is put back, in place.
     edits: list[dict[str, Any]] = [
-        {"maxUnavailable": 0},
+        {"minAvailable": 2},
+        {"minAvailable": "100%"},
+        {"minAvailable": None, "maxUnavailable": 0},
+        {"maxUnavailable": 1},
         {"selector": {"matchLabels": {api.LABEL_MANAGED_BY: api.MANAGED_BY_VALUE}}},
         {"selector": {"matchLabels": replica_selector("llama"), "matchExpressions": [EXISTS]}},
         {"unhealthyPodEvictionPolicy": "IfHealthyBudget"},
-        {"maxUnavailable": None, "minAvailable": 1},
-        {"maxUnavailable": "50%"},
     ]  # fmt: skip
     for edit in edits:
         pdb = manifest(intent)
         pdb["spec"] = {k: v for k, v in {**pdb["spec"], **edit}.items() if v is not None}
         (put_back,) = run([m], nodes, budgets=[observed(pdb)]).budgets
-        assert put_back == BudgetIntent(m, update=True), edit
+        assert put_back == BudgetIntent(m, 1, update=True), edit
     # Its labels are the operator's own: the informer (by label) sees it, so only its spec can differ.
 
 
@@ -120,8 +127,8 @@ def test_a_budget_that_is_not_the_models_is_never_changed() -> None:
         found = observed(theirs)
         assert not disruption.ours(found, m)
         # A create, never an update: the API server's AlreadyExists, and a look, tell the model why.
-        assert run([m], nodes, budgets=[found]).budgets == [BudgetIntent(m)]
-        message = disruption.taken_message(BudgetIntent(m), found)
+        assert run([m], nodes, budgets=[found]).budgets == [BudgetIntent(m, 1)]
+        message = disruption.taken_message(BudgetIntent(m, 1), found)
         assert "PodDisruptionBudget vnpu-llama exists in ns and" in message and "left as it is" in message
     # An earlier model's of that name, being collected: nothing until it is gone.
     going = observed(another_controller, deletionTimestamp="2026-01-01T00:00:00Z")
@@ -131,13 +138,168 @@ def test_a_budget_that_is_not_the_models_is_never_changed() -> None:
 def test_a_model_at_zero_replicas_keeps_its_budget_and_a_deleted_one_gets_none() -> None:
     idle = model("idle", replicas=0)
     kept = observed(manifest(BudgetIntent(idle)))
-    assert plan_budgets([idle], {}) == [BudgetIntent(idle)]
-    assert plan_budgets([idle], {("ns", kept.name): kept}) == []  # kept: it selects no pod, blocks nothing
+    assert plan_budgets([idle], {}, {}) == [BudgetIntent(idle)]
+    # Kept: it selects no pod, blocks nothing.
+    assert plan_budgets([idle], {("ns", kept.name): kept}, {}) == []
     going = replace(model("going"), deleting=True)
-    assert plan_budgets([going], {}) == []  # garbage collection deletes its budget with it
-    # A model whose spec the operator cannot read still gets one: its running replicas may stay.
+    assert plan_budgets([going], {}, {}) == []  # garbage collection deletes its budget with it
+    # A model whose spec the operator cannot read still gets one: its running replicas may stay, all
+    # but one of them (no spec.replicas to cap the count at).
     broken = replace(model("broken"), spec=None, spec_error="bad")
-    assert plan_budgets([broken], {}) == [BudgetIntent(broken)]
+    assert plan_budgets([broken], {}, {("ns", "broken"): 3}) == [BudgetIntent(broken, 2)]
+
+
+def disruptions_allowed(spec: dict[str, Any], healthy: int) -> int:
+    """What the disruption controller allows under an integer minAvailable: the healthy pods less it."""
+    return max(0, healthy - spec["minAvailable"])
+
+
+def test_the_budget_keeps_all_of_a_models_pods_but_one_and_never_more_than_its_replicas_less_one() -> None:
+    assert [min_available(pods, 3) for pods in range(6)] == [0, 0, 1, 2, 2, 2]
+    assert min_available(1, 1) == 0  # one pod: evictable (nothing to fail over to)
+    assert min_available(0, 0) == min_available(5, 0) == 0  # never below 0
+    assert min_available(4, None) == 3  # no spec to cap it
+
+
+def replica(name: str, model: str = "llama", ns: str = "ns", **fields: Any) -> ObservedPod:
+    pod = ObservedPod(ns, name, api.ROLE_REPLICA, model, "g", 0, "n1", "d", 1, "Running", True, False)
+    return replace(pod, **fields)
+
+
+def plan_intents(m: Any) -> list[Any]:
+    """The pod intents of ``m``'s first pass on one node, as the planner hands them (unrendered)."""
+    return plan(
+        [m], [node("n1", devices=1)], [], {m.key: estimate()}, CONFIG, NOW, secrets=keys_for([m])
+    ).create
+
+
+def test_a_models_pods_are_counted_as_the_pass_leaves_them() -> None:
+    intents = plan_intents(model("llama", replicas=2))
+    new = sorted(i.name for i in intents if i.role == api.ROLE_REPLICA)
+    assert len(intents) == 3 and len(new) == 2  # a holder and two replicas
+    pods = [
+        replica("a"),
+        replica("b"),
+        replica("evicted", terminating=True),
+        replica("ended", finished=True),
+        replica("retired"),
+        replica(new[0], terminating=True),  # its successor of that name waits for it to go: counted once
+        replica("x", model="other"),
+        replica("y", ns="team-b"),
+        replace(replica("holder"), role=api.ROLE_WEIGHTS),
+    ]
+    counted = replica_pods(pods, intents, {("ns", "retired")})
+    assert counted == {("ns", "llama"): 4, ("ns", "other"): 1, ("team-b", "llama"): 1}
+    # A planned pod that exists is counted once; nothing at all counts none.
+    assert replica_pods([replica(new[0])], intents, set()) == {("ns", "llama"): 2}
+    assert replica_pods([], [], set()) == {}
+
+
+def test_a_replica_never_placed_blocks_no_drain() -> None:
+    """One device fits 12 replicas: a model of 13 (or 1000) has 12 pods, and one of them may go. Against
+    spec.replicas (maxUnavailable: 1, the budget before) the missing one counted as disrupted: none."""
+    nodes = [node("n1", devices=1)]
+    for replicas in (12, 13, 1000):
+        m = model("victim", replicas=replicas)
+        pods = as_pods(run([m], nodes).create)
+        assert sum(p.role == api.ROLE_REPLICA for p in pods) == 12
+        (intent,) = run([m], nodes, pods).budgets
+        assert intent.min_available == 11, replicas
+        assert disruptions_allowed(intent.spec(), healthy=12) == 1
+        # One not Ready: the rest stay.
+        assert disruptions_allowed(intent.spec(), healthy=11) == 0
+    # A model of one pod may be evicted.
+    (one,) = run([model("solo", replicas=1)], nodes).budgets
+    assert one.min_available == 0 and disruptions_allowed(one.spec(), healthy=1) == 1
+
+
+def test_an_evicted_replica_keeps_the_budget_while_the_pass_places_it_again() -> None:
+    m = model("llama", replicas=3)
+    n1, n2 = node("n1", devices=1), node("n2", devices=1)
+    pods = as_pods(run([m], [n1]).create)
+    (intent,) = run([m], [n1], pods).budgets
+    kept = [observed(manifest(intent))]
+    assert intent.min_available == 2 and run([m], [n1, n2], pods, budgets=kept).budgets == []
+    evicted = sorted(p.name for p in pods if p.role == api.ROLE_REPLICA)[0]
+    pods = [replace(p, terminating=True) if p.name == evicted else p for p in pods]
+    cordoned = replace(n1, schedulable=False)
+    # Placed on n2 this very pass: still 3 pods, no write; the next eviction waits for it to be Ready.
+    moved = run([m], [cordoned, n2], pods, budgets=kept)
+    assert sum(p["metadata"]["labels"][api.LABEL_ROLE] == api.ROLE_REPLICA for p in moved.create) == 1
+    assert moved.budgets == []
+    # Not cordoned (evicted by something other than a drain): its successor of the same name waits for
+    # it to go, and counts meanwhile.
+    assert run([m], [n1], pods, budgets=kept).budgets == []
+    # Nowhere to go: 2 pods, one of which may go; the drain is not held by a replica with no room.
+    (fewer,) = run([m], [cordoned], pods, budgets=kept).budgets
+    assert fewer == BudgetIntent(m, 1, update=True)
+
+
+def test_a_model_woken_from_zero_needs_no_budget_write() -> None:
+    nodes = [node("n1", devices=1)]
+    at_zero = [observed(manifest(BudgetIntent(model("llama", replicas=0))))]
+    assert run([model("llama", replicas=0)], nodes, budgets=at_zero).budgets == []
+    woken = model("llama", replicas=1)
+    assert run([woken], nodes, budgets=at_zero).budgets == []
+    assert run([woken], nodes, as_pods(run([woken], nodes).create), budgets=at_zero).budgets == []
+    # A second replica: all but one of two stay.
+    (two,) = run([model("llama", replicas=2)], nodes, budgets=at_zero).budgets
+    assert two.update and two.min_available == 1
+
+
+def test_a_rollouts_surge_pods_count_up_to_the_models_replicas() -> None:
+    nodes = [node("n1", devices=2)]
+    pods = as_pods(run([model("a", 4)], nodes).create)
+    changed = model("a", 4, memory={"kvCacheMiB": 2048})
+    result = run([changed], nodes, pods, estimates={changed.key: estimate(per_replica=2048)})
+    surge = [p for p in result.create if p["metadata"]["labels"][api.LABEL_ROLE] == api.ROLE_REPLICA]
+    assert len(surge) == 1 and result.delete == []
+    # 5 pods, but 3 of the 4 replicas are owed: a surge pod that never gets Ready (a broken template)
+    # holds no old replica for ever.
+    (intent,) = result.budgets
+    assert intent.min_available == 3
+    assert disruptions_allowed(intent.spec(), healthy=4) == 1
+
+
+def test_a_budget_of_an_older_operator_is_put_back_once() -> None:
+    m = model("llama", replicas=3)
+    nodes = [node("n1", devices=1)]
+    pods = as_pods(run([m], nodes).create)
+    (intent,) = run([m], nodes, pods).budgets
+    older = manifest(intent)
+    older["spec"] = {k: v for k, v in older["spec"].items() if k != "minAvailable"} | {"maxUnavailable": 1}
+    (put_back,) = run([m], nodes, pods, budgets=[observed(older)]).budgets
+    assert put_back == BudgetIntent(m, 2, update=True)
+    assert run([m], nodes, pods, budgets=[observed(put_back.manifest())]).budgets == []
+
+
+def test_a_frozen_model_counts_the_pods_it_has() -> None:
+    """No estimate (the model's files unreadable for now): its pods are kept as they are, and counted."""
+    m = model("llama", replicas=5)
+    nodes = [node("n1", devices=1)]
+    pods = as_pods(run([model("llama", replicas=3)], nodes).create)
+    (intent,) = run([m], nodes, pods, estimates={"none": estimate()}).budgets
+    assert intent.min_available == 2
+
+
+def test_a_model_whose_pods_are_refused_counts_the_pods_it_has() -> None:
+    """A namespace quota lets 2 of 12 replica pods be created: while its writes are refused (in its
+    backoff, and on each retry until one goes through) the budget counts the 2, not the 12 planned."""
+    m = model("llama", replicas=12)
+    nodes = [node("n1", devices=1)]
+    planned = run([m], nodes).create
+    created = [p for p in as_pods(planned) if p.role == api.ROLE_WEIGHTS]
+    created += [p for p in as_pods(planned) if p.role == api.ROLE_REPLICA][:2]
+    (first,) = run([m], nodes, created).budgets
+    assert first.min_available == 11  # (the pass cannot know the quota yet)
+    quota = Failure(
+        "creating replica pod x: exceeded quota", NOW - dt.timedelta(seconds=1), reason="Forbidden"
+    )
+    retry = run([m], nodes, created, failures={"ns/llama": quota}, budgets=[observed(manifest(first))])
+    assert len(retry.create) == 10  # retried
+    assert retry.budgets == [BudgetIntent(m, 1, update=True)]
+    # Once they go through, the next pass counts what it places again.
+    assert run([m], nodes, created, budgets=[observed(manifest(first))]).budgets == []
 
 
 def test_a_refused_budget_backs_off_the_budget_alone() -> None:
