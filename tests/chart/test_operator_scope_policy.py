@@ -312,9 +312,9 @@ def test_everything_the_operator_writes_passes(control_plane, setup) -> None:
     found = kube.find_budget(home, pdb_name)
     assert found is not None and disruption.ours(found, model) and disruption.as_wanted(found, MODEL)
     budgets = client.PolicyV1Api(control_plane.api_client())
-    budgets.patch_namespaced_pod_disruption_budget(pdb_name, home, {"spec": {"maxUnavailable": 0}})
-    kube.set_budget_spec(home, pdb_name, disruption.spec(MODEL))
-    assert budgets.read_namespaced_pod_disruption_budget(pdb_name, home).spec.max_unavailable == 1
+    budgets.patch_namespaced_pod_disruption_budget(pdb_name, home, {"spec": {"minAvailable": 5}})
+    kube.set_budget_spec(home, pdb_name, disruption.spec(MODEL, 1))
+    assert budgets.read_namespaced_pod_disruption_budget(pdb_name, home).spec.min_available == 1
 
     # The weight-holder's budget (owned by the holder pod, so made once the pod exists): created,
     # relaxed once no replica maps the holder, held again.
@@ -730,7 +730,7 @@ def test_the_operator_keeps_its_own_objects_as_it_made_them(
     # What it does change passes: a holder's ownerReferences, a Service's selector, a budget's spec.
     changes = {
         "service": {"spec": {"selector": {**MANAGED, "x": "y"}}},
-        "pod_disruption_budget": {"spec": {"maxUnavailable": 1, "unhealthyPodEvictionPolicy": "AlwaysAllow"}},
+        "pod_disruption_budget": {"spec": {"minAvailable": 1, "unhealthyPodEvictionPolicy": "AlwaysAllow"}},
     }.get(kind, {"metadata": {"ownerReferences": []}})
     assert patch(control_plane, setup, kind, setup.other, name, changes) == ""
     refused = patch(control_plane, setup, kind, setup.other, name, body)
