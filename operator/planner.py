@@ -479,7 +479,7 @@ def plan(
             continue
         if (key, p.replica) in current_pod or not p.node or not p.device:
             continue  # (a scale-down is the packer's: it picks which replicas go)
-        current.append(packing.Placement(key, p.replica, p.node, p.device, p.slices))
+        current.append(packing.Placement(key, p.replica, p.node, p.device, p.slices, p.bound))
         current_pod[(key, p.replica)] = p
 
     # Memory the packer may not use: pods it does not place (terminating ones, anyone else's pods with

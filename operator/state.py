@@ -88,6 +88,8 @@ class ObservedPod:
     holder_label: str | None = None
     #: spec.priorityClassName: a placeholder of ours runs at the placeholder class (preemptible).
     priority_class: str = ""
+    #: spec.nodeName is set: on its node. False while the scheduler has yet to bind it (Pending).
+    bound: bool = True
 
 
 @dataclass(frozen=True)
@@ -328,6 +330,7 @@ def parse_pod(obj: Mapping[str, Any], managed: bool = True) -> ObservedPod:
         weights=labels.get(api.LABEL_WEIGHTS),
         holder_label=labels.get(api.LABEL_HOLDER),
         priority_class=str(spec.get("priorityClassName") or ""),
+        bound=bool(spec.get("nodeName")),
     )
 
 

@@ -213,6 +213,11 @@ class Cluster:
             return f"node {node.name} has an untolerated NoExecute taint {taint_str(evicting[0])}"
         if p.slices != self.rep_slices[di][self.dev_cls[o]]:
             return f"per-replica memory changed ({p.slices} -> {self.rep_slices[di][self.dev_cls[o]]} slices)"
+        if not p.bound and not self._new_placement_ok(p):
+            # (cordoned or tainted after it was placed: the scheduler never binds it there)
+            return (
+                f"not scheduled yet, and node {node.name} takes no new pod (cordoned or tainted NoSchedule)"
+            )
         return ""
 
 

@@ -114,10 +114,12 @@ def group_weight_mib(demands: Iterable[Demand]) -> dict[str, int]:
 
 @dataclass(frozen=True)
 class Placement:
-    """Where a replica runs now (input, for stability)."""
+    """Where a replica runs now (input, for stability). ``bound`` False: its pod waits for the
+    scheduler, a new pod still, kept only where a new replica may go."""
 
     model: str
     replica: int
     node: str
     device: str
     slices: int
+    bound: bool = True

@@ -333,6 +333,19 @@ def test_changed_replica_size_is_replaced_and_cordon_keeps():
     assert cordoned.unplaced[0].code == Reason.NO_ELIGIBLE_NODE and "cordoned" in cordoned.unplaced[0].reason
 
 
+def test_a_replica_not_yet_scheduled_on_a_node_cordoned_since_is_placed_again():
+    """A running replica stays on a cordoned node (the drain evicts it, one at a time under its
+    budget); one the scheduler has yet to bind there never will be, and it pinned its holder there too
+    (the holder's budget held the drain for ever). It is a new pod still: placed again elsewhere."""
+    nodes = [*cluster(1, schedulable=False), Node("node-1", (Device("npu0", 64),))]
+    demand = [Demand("m", "g", 1, 2 * GIB, 4 * GIB)]
+    running = pack(nodes, demand, [Placement("m", 0, "node-0", "npu0", 2)])
+    assert [(a.node, a.kept) for a in running.assignments] == [("node-0", True)]
+    waiting = pack(nodes, demand, [Placement("m", 0, "node-0", "npu0", 2, bound=False)])
+    assert [(a.node, a.kept) for a in waiting.assignments] == [("node-1", False)]
+    assert "not scheduled yet" in waiting.dropped[0].reason
+
+
 def test_current_placements_count_against_capacity():
     nodes = [Node("a", (Device("d", 16),))]
     current = [Placement("x", 0, "a", "d", 8)]

@@ -70,13 +70,15 @@ def run(models, nodes, pods=(), estimates=None, config=CONFIG, secrets=None, **k
 
 
 def as_pods(manifests: list[dict[str, Any]], ready: bool = True) -> list[ObservedPod]:
-    """The pods the API server would hold for these manifests (a uid each, Running, Ready or not)."""
+    """The pods the API server would hold for these manifests (a uid each, Running on the node they
+    are pinned to, Ready or not)."""
     pods = []
     for m in manifests:
         meta = {**m["metadata"], "uid": m["metadata"].get("uid") or f"uid-{m['metadata']['name']}"}
         status = {"phase": "Running", "conditions": [{"type": "Ready", "status": str(ready)}]}
         m = {**m, "metadata": meta, "status": status}
-        pods.append(parse_pod(m))
+        pinned = parse_pod(m).node  # (the scheduler binds it there: spec.nodeName)
+        pods.append(parse_pod({**m, "spec": {**m["spec"], "nodeName": pinned}} if pinned else m))
     return pods
 
 
@@ -1120,3 +1122,18 @@ def test_a_scaled_down_replica_keeps_its_holder_while_it_terminates_on_a_full_de
     assert len(placements) == 7 and {x["weightHolder"] for x in placements} == {holder.name}
     after = run([fewer], nodes, [p for p in pods if p.name != gone.name], estimates={fewer.key: est})
     assert after.create == [] and after.delete == []
+
+
+def test_a_replica_the_scheduler_has_not_bound_leaves_a_node_cordoned_since() -> None:
+    """Placed on n1, then n1 is cordoned before the scheduler bound the replica: it would stay Pending
+    there for as long as the cordon lasts. The pass places it on n2 and deletes the waiting pod; a
+    bound replica on the cordoned node stays (a drain evicts it under its budget)."""
+    pods = as_pods(run([model("a", 1)], [node("n1", devices=1)]).create)
+    cordoned = [replace(node("n1", devices=1), schedulable=False), node("n2", devices=1)]
+    assert run([model("a", 1)], cordoned, pods).delete == []
+    waiting = [replace(p, bound=False) if p.role == api.ROLE_REPLICA else p for p in pods]
+    result = run([model("a", 1)], cordoned, waiting)
+    assert sorted(d.role for d in result.delete) == [api.ROLE_REPLICA, api.ROLE_WEIGHTS]  # (n1's holder too)
+    created = [(c["metadata"]["labels"][api.LABEL_ROLE], c["metadata"]["annotations"][api.ANNOTATION_DEVICE])
+               for c in result.create]  # fmt: skip
+    assert (api.ROLE_REPLICA, "n2-npu0") in created
