@@ -103,9 +103,10 @@ def spec(replicas: int, **extra: Any) -> dict[str, Any]:
 def test_keys_the_operator_stops_setting_leave_the_server_and_a_settled_model_gets_no_write(
     control_plane: Any, namespace: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """``scaling.warm`` (set at zero replicas only) goes once the model wakes; ``memory``, ``scaling``
-    and ``demand`` go while its estimate fails. A JSON merge patch that does not name a key keeps it, so
-    before the fix the server kept them, and the operator patched the model on every pass."""
+    """``scaling.warm`` (set at zero replicas only) goes once the model wakes; ``memory`` goes while its
+    estimate fails (``scaling`` and ``demand``, the idle clock and the request history, stay as
+    written). A JSON merge patch that does not name a key keeps it, so before the fix the server kept
+    them, and the operator patched the model on every pass."""
     op = Operator(control_plane, namespace, placeholders=False)
     scaling = {"minReplicas": 0, "idleSeconds": 300, "keepWarm": "Never"}
     op.apply("a", spec(0, scaling=scaling))
@@ -123,11 +124,12 @@ def test_keys_the_operator_stops_setting_leave_the_server_and_a_settled_model_ge
     assert op.kube.status_patches == settled, "a status write on every pass"
 
     failing = EstimateError("source unreadable")
+    kept = {k: op.model("a")["status"][k] for k in ("scaling", "demand")}
     monkeypatch.setattr(op.rec._estimates, "lookup", lambda models: {m.key: failing for m in models})
     op.run("a")
     status = op.model("a")["status"]
     assert status["phase"] == "Degraded"  # its running replica kept
-    assert not {"memory", "scaling", "demand"} & set(status), status
+    assert "memory" not in status and {k: status[k] for k in ("scaling", "demand")} == kept, status
     settled = op.kube.status_patches
     for _ in range(3):
         op.run("a")
