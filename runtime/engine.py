@@ -113,7 +113,9 @@ class ServeOptions:
     any_model_name: bool = False
     max_batch: int = DEFAULT_MAX_BATCH  #: sequences decoded together (``spec.memory.maxBatch``)
     default_priority: int = 0  #: priority of requests that give none (``spec.priority``)
-    max_queue: int = 64  #: sequences waiting for a batch slot before new ones get 429
+    #: Sequences waiting for a batch slot before new ones get 429 (one of higher priority takes the
+    #: place of the worst waiting one instead, which gets the 429).
+    max_queue: int = 64
     block_size: int = KV_BLOCK_SIZE
     #: Usable KV blocks, overriding the size the memory budget gives (vLLM's
     #: ``--num-gpu-blocks-override``: experiments and tests of preemption)
@@ -463,7 +465,8 @@ class ModelRuntime:
         """Queue ``request``; ``sink`` gets its outputs from the engine thread (it must not block).
 
         Raises InvalidRequestError / ContextLengthError (400), QueueFullError (429) or
-        RuntimeUnavailableError (503) at once.
+        RuntimeUnavailableError (503) at once. On a full queue, a request that outranks a waiting one
+        with no output yet is queued, and that one ends with QueueFullError through its ``sink``.
         """
         self.validate_prompt(request.prompt_ids, request.params.max_tokens)
         installed = self._installed
@@ -498,10 +501,25 @@ class ModelRuntime:
                 stop_ids=stop_ids,
                 submitted=time.perf_counter(),
             )
-            self._scheduler.add(seq)  # QueueFullError when the queue is full
+            # QueueFullError when the queue is full of requests as good as this one; else the worst
+            # waiting one may give its place up and is refused instead.
+            displaced = self._scheduler.add(seq)
             self._active[seq.id] = active
+            refused = self._active.pop(displaced.id, None) if displaced is not None else None
+            if refused is not None:
+                refused.closed = True
             self._update_queue_metrics()
             self._cond.notify_all()
+        if refused is not None:
+            error = QueueFullError(
+                f"too many queued requests (limit {self.options.max_queue}): a request of higher "
+                "priority took this one's place"
+            )
+            refused.sink(RequestOutput("", (), finish_reason="error", error=error, completion_tokens=0))
+            log.info(
+                "queued request refused for a higher-priority one",
+                extra={"request": refused.seq.id, "priority": refused.seq.priority, "by": seq.id},
+            )
         return RequestHandle(active, self.abort)
 
     def abort(self, handle: RequestHandle) -> bool:

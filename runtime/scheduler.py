@@ -160,18 +160,39 @@ class Scheduler:
 
     # --- queue -------------------------------------------------------------------------------
 
-    def add(self, seq: Sequence) -> None:
-        """Queue a new sequence; raises QueueFullError when ``max_waiting`` sequences already wait for
-        a batch slot. Sequences that the next step admits straight into a free slot do not count: a
-        burst on an idle replica is refused only past its free slots plus ``max_waiting`` (counting
-        them made an idle ``max_batch`` 16, ``max_queue`` 4 replica refuse 8 of 12 requests)."""
-        free_slots = max(0, self.config.max_batch - len(self.running))
-        if len(self.waiting) >= self.config.max_waiting + free_slots:
-            raise QueueFullError(f"too many queued requests (limit {self.config.max_waiting})")
+    def add(self, seq: Sequence) -> Sequence | None:
+        """Queue a new sequence when fewer than ``max_waiting`` sequences wait for a batch slot.
+        Sequences that the next step admits straight into a free slot do not count: a burst on an idle
+        replica is refused only past its free slots plus ``max_waiting`` (counting them made an idle
+        ``max_batch`` 16, ``max_queue`` 4 replica refuse 8 of 12 requests).
+
+        On a full queue a newcomer that outranks the worst waiting sequence with no output yet takes
+        its place: that one is returned, finished, and its request fails as refused (the engine answers
+        it with QueueFullError), since the newcomer is what the scheduler would run, and preempt for,
+        first. A full queue of better or equal ranks raises QueueFullError."""
         blocks_needed = -(-len(seq.tokens) // self.config.block_size)
         if blocks_needed > self.allocator.total:
             raise ValueError(f"a sequence of {len(seq.tokens)} tokens can never fit the KV pool")
+        displaced = None
+        free_slots = max(0, self.config.max_batch - len(self.running))
+        if len(self.waiting) >= self.config.max_waiting + free_slots:
+            displaced = self._displaceable(seq)
+            if displaced is None:
+                raise QueueFullError(f"too many queued requests (limit {self.config.max_waiting})")
+            self.waiting.remove(displaced)
+            self._release(displaced)
         self._enqueue(seq)
+        return displaced
+
+    def _displaceable(self, newcomer: Sequence) -> Sequence | None:
+        """The worst waiting sequence ``newcomer`` outranks whose client has had no output (a
+        preempted sequence that already streamed tokens is not refused after the fact), if any."""
+        for seq in reversed(self.waiting):  # worst first
+            if seq.rank >= newcomer.rank:
+                return None
+            if seq.num_generated == 0 and not seq.in_step:
+                return seq
+        return None
 
     def _enqueue(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING

@@ -128,6 +128,40 @@ def test_queue_limit_counts_only_what_waits() -> None:
     assert len(s.waiting) == 2 and len(s.running) == 2
 
 
+def test_a_full_queue_gives_the_worst_waiting_place_to_a_better_newcomer() -> None:
+    """A replica saturated by low-priority work takes a high-priority request, which it would run (and
+    preempt for) first: the worst waiting sequence is refused in its place. A newcomer of the worst's
+    priority or lower is still refused, and so is one whose only worse peer already had output. The
+    queue limit refused every newcomer alike, the high-priority one included."""
+    s = make(max_batch=1, waiting=2)
+    s.add(seq(2))
+    step(s)  # the batch's one slot is taken
+    early, late = seq(2), seq(2)
+    s.add(early)
+    s.add(late)
+    used = s.allocator.used
+    high = seq(2, priority=5)
+    assert s.add(high) is late  # the later of the two lowest
+    assert late.status is SequenceStatus.FINISHED and late.blocks == []
+    assert s.waiting == [high, early] and s.allocator.used == used
+    for equal_or_worse in (seq(2), seq(2, priority=-1)):
+        with pytest.raises(QueueFullError, match="limit 2"):
+            s.add(equal_or_worse)
+    assert s.waiting == [high, early]
+
+    s = make(max_batch=1, waiting=1)
+    low = seq(2)
+    s.add(low)
+    step(s)
+    step(s)  # low has streamed a token
+    s.add(seq(2, priority=9))
+    step(s)  # ... and is preempted by the better one: it waits again, with output
+    assert s.waiting == [low] and low.num_generated > 0
+    with pytest.raises(QueueFullError):
+        s.add(seq(2, priority=3))
+    assert s.waiting == [low]
+
+
 def test_higher_priority_is_admitted_first() -> None:
     s = make(max_batch=1)
     first = seq(2, priority=0)

@@ -402,6 +402,42 @@ def test_429_and_503_carry_retry_after(tiny: Any) -> None:
         rt.close()
 
 
+def test_a_full_queue_refuses_its_worst_waiting_request_for_a_higher_priority_one(tiny: Any) -> None:
+    """Low-priority work fills the batch and the queue; a high-priority request is queued all the same
+    and the latest low-priority one, which had streamed nothing, gets the 429 in its place. Its blocks
+    (none yet) and its place are given back: everything else runs to its end."""
+    from vnpu.runtime.engine import GenerationRequest
+    from vnpu.runtime.sampling import SamplingParams
+
+    rt = ModelRuntime(ServeOptions(max_context=CONTEXT, model_name="tiny", max_batch=1, max_queue=1))
+    rt.install(tiny.manifest, tiny.arena, shared=False, seconds=0.01)
+    body = {"prompt": "x", "max_tokens": 4, "ignore_eos": True}
+
+    async def scenario(client: TestClient) -> None:
+        hog = []
+        with rt._lock:  # no step in between: the hog and the low one both wait, the queue is full
+            rt.submit(GenerationRequest((5, 6), SamplingParams(4), priority=0), hog.append)
+            low = asyncio.ensure_future(client.post("/v1/completions", json=body | {"stream": True}))
+            while rt.stats()["waiting"] < 2:
+                await asyncio.sleep(0.01)
+            high = asyncio.ensure_future(client.post("/v1/completions", json=body | {"priority": 5}))
+            # The low one is answered while the engine still holds off, before the high one.
+            done, _ = await asyncio.wait({low, high}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+            assert done == {low}, [(await t).status for t in done]
+            refused = await low
+        assert refused.status == 429 and refused.headers["Retry-After"] == "1"
+        assert "higher priority" in (await refused.json())["error"]["message"]
+        assert (await high).status == 200
+        assert (await _idle(rt))["blocks_used"] == 0
+        assert [out.finish_reason for out in hog if out.finish_reason] == ["length"]
+        assert _requests_by_status(rt) == {"200": 1.0, "429": 1.0}
+
+    try:
+        run(rt, scenario)
+    finally:
+        rt.close()
+
+
 def _requests_by_status(runtime: ModelRuntime) -> dict[str, float]:
     return {
         s.labels["status"]: s.value
