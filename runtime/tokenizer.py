@@ -18,6 +18,7 @@ from older holders (no ``chat_template``) still load: the model just has no chat
 
 from __future__ import annotations
 
+import codecs
 from collections.abc import Iterable, Mapping
 from functools import lru_cache
 from typing import Any
@@ -250,25 +251,20 @@ class Tokenizer:
 
 
 class StreamDecoder:
-    """Turns token ids into text incrementally, holding back bytes of an unfinished UTF-8 character."""
+    """Turns token ids into text incrementally, holding back bytes of an unfinished UTF-8 character.
+
+    The streamed pieces join to what decoding all the bytes at once gives, invalid bytes included
+    (U+FFFD where ``bytes.decode(errors="replace")`` puts one): Python's incremental UTF-8 decoder
+    keeps that contract. Retrying the last few cut points did not: a valid character after stray
+    bytes came out as U+FFFD too."""
 
     def __init__(self, tokenizer: Tokenizer, skip_special: bool = True) -> None:
         self._tok = tokenizer
         self._skip = skip_special
-        self._pending = b""
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def push(self, token_id: int) -> str:
-        data = self._pending + self._tok.decode_bytes([token_id], self._skip)
-        for cut in range(len(data), max(len(data) - 4, -1), -1):
-            try:
-                text = data[:cut].decode("utf-8")
-            except UnicodeDecodeError:
-                continue
-            self._pending = data[cut:]
-            return text
-        self._pending = b""
-        return data.decode("utf-8", errors="replace")
+        return self._utf8.decode(self._tok.decode_bytes([token_id], self._skip))
 
     def flush(self) -> str:
-        text, self._pending = self._pending.decode("utf-8", errors="replace"), b""
-        return text
+        return self._utf8.decode(b"", final=True)

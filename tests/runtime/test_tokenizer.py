@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from rt_helpers import GGUF_NAME
 
 from vnpu.runtime.checkpoint import GGUFCheckpoint
@@ -109,6 +111,48 @@ def test_stream_decoder_holds_partial_utf8(tokenizer: Tokenizer) -> None:
     pieces = [decoder.push(i) for i in ids] + [decoder.flush()]
     assert "".join(pieces) == text
     assert all("\ufffd" not in p for p in pieces)
+
+
+def _byte_tokens(tokenizer: Tokenizer) -> dict[int, int]:
+    """byte -> the id of the ordinary token of that one byte (the vocabulary has none for a few bytes,
+    0xc0 and 0xf5-0xff among them)."""
+    return {
+        b[0]: i for i, b in enumerate(tokenizer.token_bytes) if len(b) == 1 and i not in tokenizer.special_ids
+    }
+
+
+@st.composite
+def _token_runs(draw: st.DrawFn, tokenizer: Tokenizer) -> list[int]:
+    """Token ids whose bytes are random, valid UTF-8 or not, cut at random points: single-byte tokens
+    for random bytes and for encoded text (cut at every byte), mixed with any ordinary token."""
+    byte_token = _byte_tokens(tokenizer)
+    ordinary = st.integers(0, tokenizer.vocab_size - 1).filter(lambda i: i not in tokenizer.special_ids)
+    byte_runs = st.one_of(
+        st.lists(st.sampled_from(sorted(byte_token)), min_size=1, max_size=4),
+        st.text(max_size=3)
+        .map(lambda text: list(text.encode()))
+        .filter(lambda data: all(b in byte_token for b in data)),
+    ).map(lambda data: [byte_token[b] for b in data])
+    pieces = st.one_of(byte_runs, ordinary.map(lambda i: [i]))
+    return [i for piece in draw(st.lists(pieces, max_size=12)) for i in piece]
+
+
+def test_stream_decoder_keeps_a_character_after_stray_bytes(tokenizer: Tokenizer) -> None:
+    """The decoder retried only its last four cut points, then replaced everything it held: the "中"
+    after two stray continuation bytes came out as three U+FFFD, unlike in a whole decode."""
+    byte_token = _byte_tokens(tokenizer)
+    decoder = StreamDecoder(tokenizer)
+    streamed = "".join(decoder.push(byte_token[b]) for b in b"\x80\x80\xe4\xb8\xad!") + decoder.flush()
+    assert streamed == "\ufffd\ufffd中!"
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data())
+def test_streamed_text_equals_a_whole_decode(tokenizer: Tokenizer, data: st.DataObject) -> None:
+    ids = data.draw(_token_runs(tokenizer))
+    decoder = StreamDecoder(tokenizer)
+    streamed = "".join(decoder.push(i) for i in ids) + decoder.flush()
+    assert streamed == tokenizer.decode_bytes(ids).decode("utf-8", errors="replace")
 
 
 def test_unsupported_tokenizers_are_refused() -> None:
