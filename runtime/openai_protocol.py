@@ -14,6 +14,10 @@ important**, as Kubernetes PriorityClass and the model's ``spec.priority``; note
 runs the other way), ``ignore_eos`` and ``return_token_ids`` (as vLLM).
 
 Numbers: JSON's non-standard ``NaN``/``Infinity`` parse, then fail validation with the field named.
+
+Size: a prompt must fit the model's context, which bounds what a body that can succeed may hold
+(:func:`max_body_bytes`). The runtime refuses a larger body before reading it: a few MiB of JSON cost
+a second of CPU to parse that the engine thread, in the same process, loses (the GIL).
 """
 
 from __future__ import annotations
@@ -42,6 +46,27 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 def _shown(value: object) -> str:
     """``repr(value)``, cut as every echo of a client's value is (vnpu.shown.shown)."""
     return shown(repr(value))
+
+
+#: Most bytes one byte of prompt text takes in a JSON string: ``\u0001`` (6) for a control character;
+#: a character past U+FFFF as a surrogate pair is 12 bytes for its 4.
+JSON_BYTES_PER_TEXT_BYTE = 6
+#: Most bytes of a message's JSON besides its text ("role", the keys, OpenAI's 64-character "name",
+#: "tool_call_id", "refusal": null, "tool_calls": [], indentation), or of one token id in a prompt of ids.
+MESSAGE_ENVELOPE_BYTES = 256
+#: Most bytes of a body's other fields: four stops of ``MAX_STOP_CHARS`` characters escaped as surrogate
+#: pairs (192 KiB), plus 64 KiB for the model name, sampling fields, "user", "metadata" and the like.
+OTHER_FIELDS_BYTES = MAX_STOP * MAX_STOP_CHARS * 12 + 64 * 1024
+
+
+def max_body_bytes(max_context: int, max_token_bytes: int, cap: int) -> int:
+    """Largest body (bytes, at most ``cap``) a request can need whose prompt fits ``max_context``
+    tokens of at most ``max_token_bytes`` bytes each: its text JSON-escaped, a message's envelope per
+    token (a chat template gives each message at least one: its role markers) or a token id's,
+    and the other fields. A larger body can only be refused, after a parse that costs the engine its
+    GIL."""
+    per_token = JSON_BYTES_PER_TEXT_BYTE * max_token_bytes + MESSAGE_ENVELOPE_BYTES
+    return min(cap, OTHER_FIELDS_BYTES + max_context * per_token)
 
 
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")

@@ -20,11 +20,12 @@
 
 Errors use OpenAI's error object ``{"error": {"message", "type", "param", "code"}}``: 400 for bad input
 (non-UTF-8 or invalid JSON bodies, unknown fields, out-of-range values, empty prompts, prompts beyond
-the context with code ``context_length_exceeded``), 404 for another model, 429 when the engine's
-waiting queue is full, 503 while the weights are unavailable (a 429 carries ``Retry-After: 1``, a
-503 ``Retry-After: 5``), 500 for a failure, which says only "internal error": the exception is in
-the server's log, its traceback logged once (by the engine thread for a failed step). A failure after
-a stream started is sent as an ``error`` event before ``[DONE]``; so is the 503 of a request still
+the context with code ``context_length_exceeded``), 413 for a body larger than any request that fits
+the context needs (:func:`body_limit`), 404 for another model, 429 when the engine's waiting queue is
+full, 503 while the weights are unavailable (a 429 carries ``Retry-After: 1``, a 503
+``Retry-After: 5``), 500 for a failure, which says only "internal error": the exception is in the
+server's log, its traceback logged once (by the engine thread for a failed step). A failure after a
+stream started is sent as an ``error`` event before ``[DONE]``; so is the 503 of a request still
 running when the server's drain runs out (see :class:`HttpServerThread`).
 
 Each request is parsed, rendered and tokenized in the handler — tokenization in a worker thread,
@@ -65,8 +66,9 @@ from vnpu.jsonbody import (
     BodyError,
     BodyTimeoutError,
     disconnected,
+    parse_body,
     quiet_answered_body_errors,
-    read_json,
+    read_body,
     shown,
     shutdown_timeout,
 )
@@ -77,6 +79,7 @@ from vnpu.runtime.openai_protocol import (
     BadRequest,
     ChatRequest,
     CompletionRequest,
+    max_body_bytes,
     parse_chat,
     parse_completion,
     usage,
@@ -148,12 +151,33 @@ class _Failed(Exception):
         self.error = error
 
 
-async def _read_request(request: web.Request, parse: Callable[[Any], T]) -> T:
-    """The body read and parsed into a typed request (off the loop when large; see vnpu.jsonbody)."""
+def body_limit(runtime: ModelRuntime) -> int:
+    """Largest request body (bytes) this replica reads: what a prompt of its context can need
+    (:func:`~vnpu.runtime.openai_protocol.max_body_bytes`), at most ``MAX_BODY_BYTES``, the
+    gateway's limit. Before the weights are in (no tokenizer yet) that limit: such a request gets
+    its 503 once parsed."""
     try:
-        return await read_json(request, parse, timeout_s=request.app[_BODY_TIMEOUT_KEY])
-    except web.HTTPRequestEntityTooLarge as e:  # a 400 here, like any other oversize prompt
-        raise BadRequest(f"the request body is larger than {MAX_BODY_BYTES} bytes") from e
+        token_bytes = runtime.tokenizer.max_token_bytes
+    except RuntimeUnavailableError:
+        return MAX_BODY_BYTES
+    return max_body_bytes(runtime.options.max_context, token_bytes, MAX_BODY_BYTES)
+
+
+async def _read_request(request: web.Request, parse: Callable[[Any], T]) -> T:
+    """The body read and parsed into a typed request (off the loop when large; see vnpu.jsonbody);
+    a body over :func:`body_limit` is refused before it is read or parsed."""
+    runtime = request.app[RUNTIME_KEY]
+    limit = body_limit(runtime)
+    try:
+        return await parse_body(await read_body(request, request.app[_BODY_TIMEOUT_KEY], limit), parse)
+    except web.HTTPRequestEntityTooLarge as e:
+        context = runtime.options.max_context
+        raise HTTPError(
+            413,
+            f"the request body is larger than {limit} bytes, the most a request to this model can need "
+            f"(its context holds {context} tokens)",
+            "invalid_request_error",
+        ) from e
     except BodyTimeoutError as e:
         raise HTTPError(408, str(e), "invalid_request_error", "request_timeout") from e
     except BodyError as e:

@@ -15,8 +15,10 @@ gateway's OpenAI endpoints.
 
 A value from a body echoed in an error is cut by :func:`shown` (a 7 MiB ``model`` made a 7 MiB 404).
 
-A body over the application's ``client_max_size`` raises aiohttp's ``HTTPRequestEntityTooLarge`` (a
-413), which each caller answers as its API does.
+A body over the application's ``client_max_size``, or over the caller's own ``max_bytes`` (the
+runtime's limit for its context), raises aiohttp's ``HTTPRequestEntityTooLarge`` (a 413), which each
+caller answers as its API does; a ``Content-Length`` over ``max_bytes`` is refused before a byte of
+the body is read.
 
 Slow clients: a body that does not arrive within ``BODY_TIMEOUT_S`` raises :class:`BodyTimeoutError`
 (a 408), so a client trickling bytes cannot hold a handler and its buffers for good; and both servers
@@ -130,12 +132,16 @@ def parse_json(data: bytes) -> Any:
         raise BodyError(f"the request body is not valid JSON: {e}") from e
 
 
-async def read_json(
-    request: web.Request, then: Callable[[Any], T] = lambda body: body, timeout_s: float = BODY_TIMEOUT_S
-) -> T:
-    """The body parsed as JSON, passed through ``then`` (the caller's own parse into a typed request),
-    both off the event loop when the body is large. Raises BodyError for a body that cannot be used
-    (BodyTimeoutError when it is not all in within ``timeout_s``), and whatever ``then`` raises."""
+async def read_body(
+    request: web.Request, timeout_s: float = BODY_TIMEOUT_S, max_bytes: int | None = None
+) -> bytes:
+    """The body's bytes (decoded per its ``Content-Encoding``). Raises aiohttp's
+    ``HTTPRequestEntityTooLarge`` past ``max_bytes`` (or the app's ``client_max_size``), before reading
+    when ``Content-Length`` says so; BodyError for a body that does not decode, BodyTimeoutError when it
+    is not all in within ``timeout_s``."""
+    declared = request.content_length
+    if max_bytes is not None and declared is not None and declared > max_bytes:
+        raise web.HTTPRequestEntityTooLarge(max_size=max_bytes, actual_size=declared)
     try:
         async with asyncio.timeout(timeout_s):
             data = await request.read()
@@ -144,6 +150,15 @@ async def read_json(
     except (BadHttpMessage, web.RequestPayloadError) as e:  # e.g. a Content-Encoding that does not decode
         detail = str(e).strip().splitlines()[-1].strip()  # aiohttp's "400, message:\n  <why>": the why
         raise BodyError(f"the request body cannot be decoded: {detail}") from e
+    if max_bytes is not None and len(data) > max_bytes:  # chunked, or inflated past it
+        raise web.HTTPRequestEntityTooLarge(max_size=max_bytes, actual_size=len(data))
+    return data
+
+
+async def parse_body(data: bytes, then: Callable[[Any], T] = lambda body: body) -> T:
+    """``data`` parsed as JSON and passed through ``then`` (the caller's own parse into a typed
+    request), both off the event loop when the body is large. Raises BodyError for a body that is not
+    JSON, and whatever ``then`` raises."""
     if len(data) < OFF_LOOP_BYTES:
         return then(parse_json(data))
     loop = asyncio.get_running_loop()
@@ -155,6 +170,13 @@ async def read_json(
     parse.add_done_callback(lambda done: _parsed(gate, done))
     # A client that leaves cancels its handler, not the thread: the gate stays shut until the parse ends.
     return await asyncio.shield(parse)
+
+
+async def read_json(
+    request: web.Request, then: Callable[[Any], T] = lambda body: body, timeout_s: float = BODY_TIMEOUT_S
+) -> T:
+    """:func:`read_body`, then :func:`parse_body`."""
+    return await parse_body(await read_body(request, timeout_s), then)
 
 
 def _parsed(gate: asyncio.Semaphore, parse: asyncio.Future[Any]) -> None:

@@ -27,6 +27,7 @@ from openai import AsyncOpenAI
 from rt_helpers import load_tiny_llama
 
 from vnpu.api import MAX_MODEL_NAME_LEN
+from vnpu.jsonbody import OFF_LOOP_BYTES
 from vnpu.runtime.engine import ModelRuntime, ServeOptions
 from vnpu.runtime.server import HttpServerThread, make_app
 
@@ -355,9 +356,9 @@ BAD_REQUESTS = {
     ),
     "too many stops": (chat(stop=["a", "b", "c", "d", "e"]), "stop", "up to 4 strings"),
     "a stop too long": (chat(stop=["x" * 4097]), "stop", "up to 4096 characters, got 4097"),
-    # A 1 MB value is not echoed whole: the error names it in 80 characters.
-    "a huge unknown field": (chat(extra_body={"k" * 2**20: 1}), "k" * 80, "... (1048578 characters)"),
-    "a huge value": (text(max_tokens="9" * 2**20), "max_tokens", "... (1048578 characters)"),
+    # A 128 KiB value (under the body limit of a 64-token context) is not echoed whole: 80 characters.
+    "a huge unknown field": (chat(extra_body={"k" * 2**17: 1}), "k" * 80, "... (131074 characters)"),
+    "a huge value": (text(max_tokens="9" * 2**17), "max_tokens", "... (131074 characters)"),
     "completion logprobs above 5": (text(logprobs=9), "logprobs", "'logprobs' must be in [0, 5]"),
     "top_logprobs without logprobs": (chat(top_logprobs=2), "top_logprobs", "needs 'logprobs': true"),
     "priority not an integer": (
@@ -428,13 +429,13 @@ def test_unimplemented_fields_at_their_neutral_values_are_accepted(runtime: Mode
         (b"[1, 2]", "must be a JSON object"),
         (b'{"prompt": "hi", "temperature": NaN}', "'temperature' must be a finite number"),
         (b'{"prompt": "hi", "top_p": Infinity}', "'top_p' must be a finite number"),
-        (b'{"prompt": "' + b"x" * (9 * 1024 * 1024) + b'"}', "larger than"),
         (b'{"prompt": ' + b"[" * 200_000, "nested too deeply"),
         (b'{"prompt": "\\ud800x", "max_tokens": 2}', "'prompt' is not valid Unicode: a lone surrogate"),
         # json.loads raises a plain ValueError past int()'s 4,300 digits: it was a 500.
         (b'{"prompt": "hi", "max_tokens": ' + b"9" * 5000 + b"}", "not valid JSON: Exceeds the limit"),
-        # Large enough to be parsed on a worker thread: its errors are the same 400s.
-        (b'{"prompt": "' + b"x " * (200 * 1024) + b'", "temperature": NaN}', "'temperature' must be"),
+        # Large enough to be parsed on a worker thread (and under a 64-token context's body limit): its
+        # errors are the same 400s.
+        (b'{"prompt": "' + b"x" * OFF_LOOP_BYTES + b'", "temperature": NaN}', "'temperature' must be"),
     ],
     ids=[
         "latin-1 body",
@@ -442,11 +443,10 @@ def test_unimplemented_fields_at_their_neutral_values_are_accepted(runtime: Mode
         "not an object",
         "NaN temperature",
         "infinite top_p",
-        "huge body",
         "deep nesting",
         "lone surrogate",
         "5000-digit integer",
-        "400 KiB body parsed off the loop",
+        "256 KiB body parsed off the loop",
     ],
 )
 def test_bodies_the_client_cannot_send_are_400_too(runtime: ModelRuntime, data: bytes, needle: str) -> None:
@@ -484,13 +484,13 @@ def test_a_body_its_content_encoding_does_not_decode_is_a_400(
 
 
 def test_a_gzip_bomb_is_refused_at_the_body_limit(runtime: ModelRuntime) -> None:
-    """128 MiB of one letter in 128 KiB of gzip: inflated only up to the body limit, then a 400."""
+    """128 MiB of one letter in 128 KiB of gzip: inflated only up to the body limit, then a 413."""
     bomb = gzip.compress(b'{"prompt": "' + b"x" * (128 << 20), compresslevel=9)
 
     async def scenario(_: AsyncOpenAI, http: TestClient) -> None:
         headers = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
         response = await http.post("/v1/completions", data=bomb, headers=headers)
-        assert response.status == 400
+        assert response.status == 413
         assert "larger than" in (await response.json())["error"]["message"]
         assert (await http.get("/healthz")).status == 200
 
@@ -543,8 +543,9 @@ def test_other_model_is_404_and_unknown_paths_are_openai_errors(runtime: ModelRu
 
 
 def test_a_404_echoes_a_huge_model_name_cut(runtime: ModelRuntime) -> None:
-    """The name is the client's: a 1 MiB one made a 1 MiB error body."""
-    name = "m" * 2**20
+    """The name is the client's: a 1 MiB one made a 1 MiB error body (128 KiB here, under the body limit
+    of a 64-token context)."""
+    name = "m" * 2**17
 
     async def scenario(_: AsyncOpenAI, http: TestClient) -> None:
         response = await http.post("/v1/completions", json={"model": name, "prompt": "hi"})
@@ -552,7 +553,7 @@ def test_a_404_echoes_a_huge_model_name_cut(runtime: ModelRuntime) -> None:
         error = (await response.json())["error"]
         assert error["code"] == "model_not_found" and error["param"] == "model"
         assert error["message"] == (
-            f"model '{'m' * 79}... ({2**20 + 2} characters) does not exist here (this server serves 'tiny')"
+            f"model '{'m' * 79}... ({2**17 + 2} characters) does not exist here (this server serves 'tiny')"
         )
 
     serve(runtime, scenario)
