@@ -358,7 +358,9 @@ def _add_http_args(g: argparse._ArgumentGroup) -> None:
         "--max-queue",
         type=_whole(minimum=0),
         default=64,
-        help="requests waiting for a batch slot before new ones get 429 (default 64)",
+        help="requests waiting for a batch slot before new ones get 429 (default 64); a newcomer of a "
+        "higher priority takes the place of the lowest waiting request with no output yet, which gets "
+        "the 429 instead",
     )
     g.add_argument(
         "--request-drain-seconds",
