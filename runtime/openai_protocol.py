@@ -16,8 +16,9 @@ runs the other way), ``ignore_eos`` and ``return_token_ids`` (as vLLM).
 Numbers: JSON's non-standard ``NaN``/``Infinity`` parse, then fail validation with the field named.
 
 Size: a prompt must fit the model's context, which bounds what a body that can succeed may hold
-(:func:`max_body_bytes`). The runtime refuses a larger body before reading it: a few MiB of JSON cost
-a second of CPU to parse that the engine thread, in the same process, loses (the GIL).
+(:func:`max_body_bytes`, :func:`max_messages`). The runtime refuses a body past those bounds before
+parsing it (or, for messages, before parsing each one and rendering the template): a few MiB of JSON
+cost a second of CPU that the engine thread, in the same process, loses (the GIL).
 """
 
 from __future__ import annotations
@@ -62,11 +63,19 @@ OTHER_FIELDS_BYTES = MAX_STOP * MAX_STOP_CHARS * 12 + 64 * 1024
 def max_body_bytes(max_context: int, max_token_bytes: int, cap: int) -> int:
     """Largest body (bytes, at most ``cap``) a request can need whose prompt fits ``max_context``
     tokens of at most ``max_token_bytes`` bytes each: its text JSON-escaped, a message's envelope per
-    token (a chat template gives each message at least one: its role markers) or a token id's,
+    token (a chat template gives each message at least one; see :func:`max_messages`) or a token id's,
     and the other fields. A larger body can only be refused, after a parse that costs the engine its
     GIL."""
     per_token = JSON_BYTES_PER_TEXT_BYTE * max_token_bytes + MESSAGE_ENVELOPE_BYTES
     return min(cap, OTHER_FIELDS_BYTES + max_context * per_token)
+
+
+def max_messages(max_context: int) -> int:
+    """Most messages a chat request can hold whose prompt fits ``max_context`` tokens: a chat template
+    puts each message between role markers (ChatML's ``<|im_start|>user\\n…<|im_end|>``, Llama 3's
+    headers, Gemma's turns), at least one token each, and a message that rendered to nothing would be
+    invisible to the model. A request past it is refused before its messages are parsed and rendered."""
+    return max_context
 
 
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -421,13 +430,20 @@ def _message(raw: Any, index: int) -> ChatMessage:
     return ChatMessage(role, content, name)
 
 
-def parse_chat(raw: Any) -> ChatRequest:
-    """Validate a ``/v1/chat/completions`` body (raises :class:`BadRequest`)."""
+def parse_chat(raw: Any, context: int | None = None) -> ChatRequest:
+    """Validate a ``/v1/chat/completions`` body (raises :class:`BadRequest`), for a model whose context
+    holds ``context`` tokens (None: no bound on the number of messages)."""
     body = _object(raw)
     _check_fields(body, _CHAT_FIELDS)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise BadRequest("'messages' must be a non-empty list", "messages")
+    if context is not None and len(messages) > max_messages(context):
+        raise BadRequest(
+            f"'messages' holds {len(messages)} messages; this model's context of {context} tokens holds "
+            f"at most {max_messages(context)} (every message takes at least one token)",
+            "messages",
+        )
     parsed = tuple(_message(m, i) for i, m in enumerate(messages))
     want_logprobs = _bool(body, "logprobs")
     top = _int(body, "top_logprobs", 0, MAX_TOP_LOGPROBS)

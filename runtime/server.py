@@ -20,13 +20,13 @@
 
 Errors use OpenAI's error object ``{"error": {"message", "type", "param", "code"}}``: 400 for bad input
 (non-UTF-8 or invalid JSON bodies, unknown fields, out-of-range values, empty prompts, prompts beyond
-the context with code ``context_length_exceeded``), 413 for a body larger than any request that fits
-the context needs (:func:`body_limit`), 404 for another model, 429 when the engine's waiting queue is
-full, 503 while the weights are unavailable (a 429 carries ``Retry-After: 1``, a 503
-``Retry-After: 5``), 500 for a failure, which says only "internal error": the exception is in the
-server's log, its traceback logged once (by the engine thread for a failed step). A failure after a
-stream started is sent as an ``error`` event before ``[DONE]``; so is the 503 of a request still
-running when the server's drain runs out (see :class:`HttpServerThread`).
+the context with code ``context_length_exceeded``, more messages than the context has tokens), 413 for
+a body larger than any request that fits the context needs (:func:`body_limit`), 404 for another
+model, 429 when the engine's waiting queue is full, 503 while the weights are unavailable (a 429
+carries ``Retry-After: 1``, a 503 ``Retry-After: 5``), 500 for a failure, which says only "internal
+error": the exception is in the server's log, its traceback logged once (by the engine thread for a
+failed step). A failure after a stream started is sent as an ``error`` event before ``[DONE]``; so is
+the 503 of a request still running when the server's drain runs out (see :class:`HttpServerThread`).
 
 Each request is parsed, rendered and tokenized in the handler — tokenization in a worker thread,
 outside every lock, and the prompt's length is checked against the context before tokenizing when
@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import threading
 import time
@@ -354,7 +355,9 @@ async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
     request.app[_HANDLERS_KEY].add(task)
     try:
         parse: Callable[[Any], CompletionRequest | ChatRequest] = (
-            parse_chat if kind == "chat" else parse_completion
+            functools.partial(parse_chat, context=runtime.options.max_context)
+            if kind == "chat"
+            else parse_completion
         )
         try:
             req = await _read_request(request, parse)

@@ -3,7 +3,8 @@
 Megabytes of JSON (hundreds of thousands of empty chat messages) cost over a second of pure-Python CPU
 to parse and render, and the engine thread, in the same process, lost the GIL meanwhile: decode for
 every other user fell ~35x while a few clients posted bodies that were all refused. So a body larger
-than any request fitting the replica's context is a 413 before it is read.
+than any request fitting the replica's context is a 413 before it is read, and a chat with more
+messages than the context has tokens a 400 before its messages are parsed or rendered.
 """
 
 from __future__ import annotations
@@ -19,8 +20,16 @@ from rt_helpers import load_tiny_llama
 
 from vnpu import jsonbody
 from vnpu.jsonbody import MAX_BODY_BYTES, OFF_LOOP_BYTES
+from vnpu.runtime import server
 from vnpu.runtime.engine import ModelRuntime, ServeOptions
-from vnpu.runtime.openai_protocol import MAX_STOP, MAX_STOP_CHARS, max_body_bytes
+from vnpu.runtime.openai_protocol import (
+    MAX_STOP,
+    MAX_STOP_CHARS,
+    BadRequest,
+    max_body_bytes,
+    max_messages,
+    parse_chat,
+)
 from vnpu.runtime.server import body_limit, make_app
 
 CONTEXT = 64
@@ -79,7 +88,7 @@ def test_the_largest_body_a_full_context_can_need_is_under_the_limit() -> None:
     }
     body = {
         "model": "m" * 253,
-        "messages": [message] * context,
+        "messages": [message] * max_messages(context),
         "stop": ["\U0001f600" * MAX_STOP_CHARS] * MAX_STOP,
         "max_completion_tokens": 1,
         "user": "u" * 1024,
@@ -129,3 +138,40 @@ def test_a_content_length_over_the_limit_is_answered_before_the_body_is_sent(run
         assert status.split()[1] == b"413"
 
     serve(runtime, scenario)
+
+
+def test_a_chat_with_more_messages_than_the_context_has_tokens_is_a_400_before_its_messages_are_read(
+    runtime: ModelRuntime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rendered: list[Any] = []
+    monkeypatch.setattr(server, "_prepare", lambda *args: rendered.append(args))
+    too_many = [{"role": "user", "content": ""}] * CONTEXT + [{"not a message": 1}]
+
+    async def scenario(http: TestClient) -> None:
+        response = await http.post("/v1/chat/completions", json={"messages": too_many, "max_tokens": 1})
+        assert response.status == 400
+        error = (await response.json())["error"]
+        assert error["type"] == "invalid_request_error" and error["param"] == "messages"
+        assert error["message"] == (
+            f"'messages' holds {CONTEXT + 1} messages; this model's context of {CONTEXT} tokens holds at "
+            f"most {CONTEXT} (every message takes at least one token)"
+        )
+
+    serve(runtime, scenario)
+    assert rendered == []
+
+
+def test_a_chat_at_the_message_bound_is_not_refused_by_it() -> None:
+    messages = [{"role": "user", "content": ""}] * max_messages(CONTEXT)
+    assert len(parse_chat({"messages": messages}, context=CONTEXT).messages) == CONTEXT
+    with pytest.raises(BadRequest, match="holds 65 messages"):
+        parse_chat({"messages": [*messages, messages[0]]}, context=CONTEXT)
+
+
+def test_each_message_takes_a_token_in_the_test_models_template(runtime: ModelRuntime) -> None:
+    """What max_messages assumes, checked on the template the tests serve."""
+    template = runtime.chat_template
+    assert template is not None
+    empty = {"role": "user", "content": ""}
+    lengths = [len(runtime.tokenizer.encode(template.render([empty] * n))) for n in (1, 2, 3)]
+    assert lengths[1] - lengths[0] >= 1 and lengths[2] - lengths[1] >= 1
