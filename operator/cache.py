@@ -2,11 +2,22 @@
 
 A reconcile pass reads the cluster from these stores, not from the API server: the load a pass puts on
 the server is its writes, which grow with what changed, never with the size of the cluster. Each
-informer LISTs once, then WATCHes from the list's resourceVersion (with bookmarks); when the watch
-ends it resumes from the last version seen, and on ``410 Gone`` or any error it LISTs again and
-replaces its store, so an object deleted while no watch was open is noticed too. A LIST is read in
-pages (:func:`list_pages`), so what a relist holds at once is one page, not every pod of the cluster
-(unless its pages expire twice: then it is read whole, once).
+informer LISTs once, then WATCHes from the list's resourceVersion (with bookmarks). When the watch
+ends, or its connection breaks, or the server answers it with a 5xx or 429, it resumes from the last
+version seen; only on ``410 Gone`` (that version is compacted away), another 4xx or an error nobody
+foresaw does it LIST again and replace its store, so an object deleted while no watch was open is
+noticed too. A LIST is read in pages (:func:`list_pages`), so what a relist holds at once is one page,
+not every pod of the cluster (unless its pages expire twice: then it is read whole, once).
+
+Failures back off, as client-go's reflector does. A LIST that failed, and a watch that did not count
+(it ended, however, within :data:`SHORT_WATCH_SECONDS` with no event: an API server shutting down, a
+proxy cutting streams, a ``410`` right after each LIST), are followed by a pause of
+:data:`BACKOFF_FIRST_SECONDS` doubling to :data:`BACKOFF_MOST_SECONDS` (``vnpu.backoff``), less up to
+:data:`BACKOFF_JITTER` of it at random, so that informers and replicas that failed together do not
+retry together. A watch that counted starts the count over: after it, the next watch (or, after its
+``410``, the LIST) goes at once. Without this a watch answered ``200`` and closed at once was reopened
+some 300,000 times a second, and a ``410`` right after each LIST made a loop of full LISTs. Each
+failure is counted in ``vnpu_operator_informer_errors_total{verb,resource,reason}``.
 
 Objects are parsed once, on arrival, into the frozen dataclasses of :mod:`vnpu.operator.state`; a
 change that leaves the parsed object equal (a node's heartbeat, a pod's unrelated status field) wakes
@@ -26,17 +37,20 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import random
 import socket
 import threading
 import time
 from collections.abc import Callable, Hashable, Iterator, Mapping
 from typing import Any, Generic, TypeVar
 
+import urllib3
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from kubernetes.watch.watch import iter_resp_lines
 
 from vnpu import api
+from vnpu.backoff import backoff_seconds
 from vnpu.kubeclient import LIST_TIMEOUT, watch_timeout
 from vnpu.operator import metrics
 from vnpu.operator.kube import MANAGED_SELECTOR
@@ -57,8 +71,15 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 #: Seconds a watch request stays open before the server ends it (and the informer resumes it).
 WATCH_SECONDS = 300
-#: Pause before listing again after an error, so a broken API server is not hammered.
-RETRY_SECONDS = 2.0
+#: The pause after the first failure in a row (a LIST that failed, a watch that did not count), doubling
+#: with each further one up to :data:`BACKOFF_MOST_SECONDS` (client-go's reflector: 800 ms to 30 s).
+BACKOFF_FIRST_SECONDS = 0.8
+BACKOFF_MOST_SECONDS = 30.0
+#: Up to this fraction of each pause is taken off at random (so the most is never exceeded).
+BACKOFF_JITTER = 0.2
+#: A watch that ends (however) sooner than this, having delivered no event, failed: the API server is
+#: going away or something between cuts the stream (client-go: "very short watch", under 1 s).
+SHORT_WATCH_SECONDS = 1.0
 #: Objects per LIST request (client-go's reflector asks for 500 too).
 LIST_PAGE_SIZE = 500
 R = TypeVar("R")
@@ -144,8 +165,8 @@ def _list_page(
     more: dict[str, Any] = {"limit": LIST_PAGE_SIZE} if paged else {}
     if token:
         more["_continue"] = token
+    metrics.API_REQUESTS.labels("list", name).inc()  # sent, whatever its answer
     resp = list_call(_preload_content=False, _request_timeout=LIST_TIMEOUT, **more)
-    metrics.API_REQUESTS.labels("list", name).inc()
     page: dict[str, Any] = json.loads(resp.data)
     return page
 
@@ -155,6 +176,8 @@ class Informer(Generic[T]):
 
     ``parse`` turns a raw object into ``(key, value)``, or None for objects the store does not keep.
     ``fingerprint`` is what about a value must change to call ``on_change`` (default: the value).
+    ``clock`` (monotonic seconds), ``wait`` (pause for so many seconds; True when stopped meanwhile;
+    default: until :meth:`stop`) and ``rand`` (in [0, 1), for the jitter) are for tests.
     """
 
     def __init__(
@@ -164,6 +187,10 @@ class Informer(Generic[T]):
         parse: Callable[[Mapping[str, Any]], tuple[str, T] | None],
         on_change: Callable[[str], None],
         fingerprint: Callable[[T], Hashable] | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        wait: Callable[[float], bool] | None = None,
+        rand: Callable[[], float] = random.random,
     ) -> None:
         self.name = name
         self._list = list_call
@@ -176,6 +203,9 @@ class Informer(Generic[T]):
         self.synced = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"informer-{name}", daemon=True)
         self._resp: Any = None
+        self._clock = clock
+        self._wait = wait or self._stop.wait
+        self._random = rand
 
     def start(self) -> None:
         self._thread.start()
@@ -210,25 +240,57 @@ class Informer(Generic[T]):
 
     # -- the loop ------------------------------------------------------------------------------------
     def _run(self) -> None:
-        version: str | None = None
+        version: str | None = None  # to watch from; None: list first
+        failures = 0  # in a row: LISTs that failed, watches that did not count
         while not self._stop.is_set():
-            try:
-                if version is None:
+            if failures and self._wait(self._pause(failures)):
+                return
+            if version is None:
+                try:
                     version = self._relist()
-                version = self._watch(version)
-            except ApiException as exc:
-                if exc.status == 410:  # our resourceVersion is too old: start over from a list
-                    log.info("%s watch expired; listing again", self.name)
-                else:
-                    log.warning("%s informer: %s %s; listing again", self.name, exc.status, exc.reason)
-                    self._stop.wait(RETRY_SECONDS)
-                version = None
-            except Exception:
-                if self._stop.is_set():
+                except _Stopped:
                     return
-                log.warning("%s informer failed; listing again", self.name, exc_info=True)
-                self._stop.wait(RETRY_SECONDS)
+                except Exception as exc:
+                    if self._stop.is_set():
+                        return
+                    failures += 1
+                    self._failed("list", exc, failures, "listing again")
+                    continue
+            version, counted, error = self._watch(version)
+            if self._stop.is_set():
+                return
+            failures = 0 if counted else failures + 1
+            if error is not None and _relist_after(error):
                 version = None
+            if error is not None or not counted:
+                then = "listing again" if version is None else f"watching again from {version}"
+                self._failed("watch", error, failures, then)
+
+    def _pause(self, failures: int) -> float:
+        """Seconds to wait after ``failures`` failures in a row: the backoff, less its jitter."""
+        most = backoff_seconds(failures, BACKOFF_FIRST_SECONDS, BACKOFF_MOST_SECONDS)
+        return most * (1.0 - BACKOFF_JITTER * self._random())
+
+    def _failed(self, verb: str, error: Exception | None, failures: int, then: str) -> None:
+        """Count and log a failed LIST or WATCH (``error`` None: a watch that did not count), and what
+        comes next: at once after a watch that counted, else after a pause (failure ``failures`` in a
+        row)."""
+        reason = "short_watch" if error is None else _reason(error)
+        metrics.INFORMER_ERRORS.labels(verb, self.name, reason).inc()
+        if error is None:
+            why = f"ended within {SHORT_WATCH_SECONDS:g}s with no event"
+        elif isinstance(error, ApiException):
+            why = f"{error.status} {error.reason}"
+        else:
+            why = f"{type(error).__name__}: {error}"
+        when = " now"
+        if failures:
+            most = backoff_seconds(failures, BACKOFF_FIRST_SECONDS, BACKOFF_MOST_SECONDS)
+            when = f" in up to {most:g}s (failure {failures} in a row)"
+        # A 410 after a healthy watch is routine (its version was compacted away): not a warning.
+        level = logging.INFO if reason == "expired" and not failures else logging.WARNING
+        log.log(level, "%s %s: %s; %s%s", self.name, verb, why, then, when,
+                exc_info=error if reason == "error" else None)  # fmt: skip
 
     def _relist(self) -> str:
         parsed, version = list_pages(self._list, self._parse_or_keep, self.name, self._stop)
@@ -241,20 +303,29 @@ class Informer(Generic[T]):
             self._on_change(key)
         return version
 
-    def _watch(self, version: str) -> str:
-        resp = self._list(
-            watch=True,
-            resource_version=version,
-            allow_watch_bookmarks=True,
-            timeout_seconds=WATCH_SECONDS,
-            _preload_content=False,
-            _request_timeout=watch_timeout(WATCH_SECONDS),
-        )
-        metrics.API_REQUESTS.labels("watch", self.name).inc()
+    def _watch(self, version: str) -> tuple[str, bool, Exception | None]:
+        """Watch from ``version`` until the stream ends: the version to go on from (the last one seen),
+        whether the watch counted (it delivered an event, or lasted :data:`SHORT_WATCH_SECONDS`), and
+        the error that ended it, if any."""
+        opened = self._clock()
+        events = 0
+        metrics.API_REQUESTS.labels("watch", self.name).inc()  # sent, whatever its answer
+        try:
+            resp = self._list(
+                watch=True,
+                resource_version=version,
+                allow_watch_bookmarks=True,
+                timeout_seconds=WATCH_SECONDS,
+                _preload_content=False,
+                _request_timeout=watch_timeout(WATCH_SECONDS),
+            )
+        except Exception as exc:
+            return version, False, exc
         self._resp = resp
+        error: Exception | None = None
         try:
             if self._stop.is_set():  # stopped before the response was ours to shut down
-                return version
+                return version, True, None
             for line in iter_resp_lines(resp):
                 if self._stop.is_set():
                     break
@@ -268,12 +339,19 @@ class Informer(Generic[T]):
                 version = obj.get("metadata", {}).get("resourceVersion") or version
                 if kind == "BOOKMARK":
                     continue
+                events += 1
                 self._apply(kind, obj)
+        except Exception as exc:
+            error = exc
         finally:
             self._resp = None
-            resp.close()
-            resp.release_conn()
-        return version
+            for close in (resp.close, resp.release_conn):
+                try:
+                    close()
+                except Exception:  # a broken stream may fail to close too
+                    log.debug("closing the %s watch", self.name, exc_info=True)
+        counted = events > 0 or self._clock() - opened >= SHORT_WATCH_SECONDS
+        return version, counted, error
 
     def _parse_or_keep(self, obj: Mapping[str, Any]) -> tuple[str, T] | None:
         """Parse one object; when the parser raises (input nobody foresaw, or a bug), keep what was
@@ -306,6 +384,29 @@ class Informer(Generic[T]):
         if before is None or after is None:
             return before is not after
         return bool(self._fingerprint(before) != self._fingerprint(after))
+
+
+def _reason(error: Exception) -> str:
+    """The ``reason`` label of a failed request: ``expired`` (410), ``http_<status>``, ``transport``
+    (the connection failed or broke, or timed out) or ``error`` (anything else: a bug)."""
+    if isinstance(error, ApiException):
+        return "expired" if error.status == 410 else f"http_{error.status}"
+    if isinstance(error, urllib3.exceptions.HTTPError | OSError):
+        return "transport"
+    return "error"
+
+
+def _relist_after(error: Exception) -> bool:
+    """Whether a watch ended by ``error`` is followed by a LIST, not resumed from its version: on ``410
+    Gone`` (the version is compacted away), another 4xx but 429 (the request itself was refused: a
+    LIST finds out whether it still may read) and an error nobody foresaw (the store may have missed
+    an event). A broken connection, a timeout, a 5xx or a 429 says nothing of the version: the watch
+    resumes from it (a LIST of every pod of the cluster for each broken connection is what client-go
+    avoids too)."""
+    if isinstance(error, ApiException):
+        status = error.status or 0
+        return 400 <= status < 500 and status != 429
+    return _reason(error) != "transport"
 
 
 def _key(meta: Mapping[str, Any]) -> str:

@@ -72,6 +72,15 @@ UNPAGINATED_LISTS = Counter(
     ["resource"],
     registry=REGISTRY,
 )
+INFORMER_ERRORS = Counter(
+    "vnpu_operator_informer_errors_total",
+    "LISTs and WATCHes of the informers that failed, by verb, resource and reason: expired (410 Gone), "
+    "http_<status>, transport (the connection failed, broke or timed out), short_watch (a watch that "
+    "ended within 1 s with no event), error (a bug). Failures in a row wait longer each (0.8 s doubling "
+    "to 30 s).",
+    ["verb", "resource", "reason"],
+    registry=REGISTRY,
+)
 API_ERRORS = Counter(
     "vnpu_operator_api_errors_total",
     "Writes the API server refused, per model and reason (Forbidden, Invalid, ...); the model backs off.",
