@@ -30,7 +30,9 @@ the 503 of a request still running when the server's drain runs out (see :class:
 
 Each request is parsed, rendered and tokenized in the handler — tokenization in a worker thread,
 outside every lock, and the prompt's length is checked against the context before tokenizing when
-the text alone proves it too long — and then submitted to the engine
+the text alone proves it too long; for a large body (``vnpu.jsonbody.OFF_LOOP_BYTES``) the parse, and
+then the render and tokenizing, each wait their turn with every other large body's, so that one big
+CPU job at most takes the GIL from the engine thread — and then submitted to the engine
 (:class:`~vnpu.runtime.engine.ModelRuntime`), whose one loop batches all requests. A client that
 disconnects cancels its request: the handler notices (a failed write, or a closed transport, checked
 before each output and while it waits) and aborts it, which frees its KV blocks. So does a client that
@@ -67,6 +69,8 @@ from vnpu.jsonbody import (
     BodyError,
     BodyTimeoutError,
     disconnected,
+    in_turn,
+    is_large,
     parse_body,
     quiet_answered_body_errors,
     read_body,
@@ -164,13 +168,15 @@ def body_limit(runtime: ModelRuntime) -> int:
     return max_body_bytes(runtime.options.max_context, token_bytes, MAX_BODY_BYTES)
 
 
-async def _read_request(request: web.Request, parse: Callable[[Any], T]) -> T:
-    """The body read and parsed into a typed request (off the loop when large; see vnpu.jsonbody);
-    a body over :func:`body_limit` is refused before it is read or parsed."""
+async def _read_request(request: web.Request, parse: Callable[[Any], T]) -> tuple[T, bool]:
+    """The body read and parsed into a typed request (off the loop when large; see vnpu.jsonbody),
+    and whether it was large (its render and tokenizing then take their turn too); a body over
+    :func:`body_limit` is refused before it is read or parsed."""
     runtime = request.app[RUNTIME_KEY]
     limit = body_limit(runtime)
     try:
-        return await parse_body(await read_body(request, request.app[_BODY_TIMEOUT_KEY], limit), parse)
+        data = await read_body(request, request.app[_BODY_TIMEOUT_KEY], limit)
+        return await parse_body(data, parse), is_large(data)
     except web.HTTPRequestEntityTooLarge as e:
         context = runtime.options.max_context
         raise HTTPError(
@@ -360,13 +366,17 @@ async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
             else parse_completion
         )
         try:
-            req = await _read_request(request, parse)
+            req, large = await _read_request(request, parse)
         except ConnectionError:  # the client went away while its body was read
             metrics.requests.labels("cancelled").inc()
             log.info("client went away before its request arrived")
             return web.Response(status=499)
         served_name = _check_model(runtime, req.model)
-        ids, max_tokens = await asyncio.to_thread(_prepare, runtime, req)
+        prepare = functools.partial(_prepare, runtime, req)
+        if large:
+            ids, max_tokens = await in_turn(prepare)
+        else:
+            ids, max_tokens = await asyncio.to_thread(prepare)
         tokenizer = runtime.tokenizer
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()

@@ -11,7 +11,9 @@ gateway's OpenAI endpoints.
   one at a time: ``json.loads`` holds the GIL while it runs, so the thread does not free the loop, it
   only makes the parse take turns with it (the interpreter switches threads every 5 ms). The loop
   still slows while a large body parses; with one parse at a time it keeps about half the GIL, where
-  several parsing threads would leave it a share each.
+  several parsing threads would leave it a share each. Other CPU work a large body brings (the
+  runtime's rendering of its chat template and tokenizing) takes the same turns, through
+  :func:`in_turn`, so at most one such job competes with the loop and the runtime's engine thread.
 
 A value from a body echoed in an error is cut by :func:`shown` (a 7 MiB ``model`` made a 7 MiB 404).
 
@@ -55,9 +57,9 @@ MAX_BODY_BYTES = 8 * 1024 * 1024
 #: ~50 MB/s here: 256 KiB holds the loop ~5 ms; the 8 MiB limit, with the parse of its messages, over a
 #: second).
 OFF_LOOP_BYTES = 256 * 1024
-#: One large parse at a time per event loop (see the module's docstring). Keyed by loop: an asyncio
-#: semaphore belongs to the loop it first waits on, and the runtime serves from its own loop.
-_LARGE_PARSES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
+#: One large job (a parse, a render) at a time per event loop (see the module's docstring). Keyed by
+#: loop: an asyncio semaphore belongs to the loop it first waits on, and the runtime serves from its own.
+_LARGE_JOBS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
     weakref.WeakKeyDictionary()
 )
 
@@ -155,21 +157,18 @@ async def read_body(
     return data
 
 
+def is_large(data: bytes) -> bool:
+    """Is the work on this body (its parse, and what the caller derives from it) done in turns?"""
+    return len(data) >= OFF_LOOP_BYTES
+
+
 async def parse_body(data: bytes, then: Callable[[Any], T] = lambda body: body) -> T:
     """``data`` parsed as JSON and passed through ``then`` (the caller's own parse into a typed
-    request), both off the event loop when the body is large. Raises BodyError for a body that is not
-    JSON, and whatever ``then`` raises."""
-    if len(data) < OFF_LOOP_BYTES:
+    request): on the loop when small, else in turn (:func:`in_turn`). Raises BodyError for a body that
+    is not JSON, and whatever ``then`` raises."""
+    if not is_large(data):
         return then(parse_json(data))
-    loop = asyncio.get_running_loop()
-    gate = _LARGE_PARSES.get(loop)
-    if gate is None:
-        gate = _LARGE_PARSES[loop] = asyncio.Semaphore(1)
-    await gate.acquire()
-    parse = asyncio.ensure_future(asyncio.to_thread(lambda: then(parse_json(data))))
-    parse.add_done_callback(lambda done: _parsed(gate, done))
-    # A client that leaves cancels its handler, not the thread: the gate stays shut until the parse ends.
-    return await asyncio.shield(parse)
+    return await in_turn(lambda: then(parse_json(data)))
 
 
 async def read_json(
@@ -179,7 +178,21 @@ async def read_json(
     return await parse_body(await read_body(request, timeout_s), then)
 
 
-def _parsed(gate: asyncio.Semaphore, parse: asyncio.Future[Any]) -> None:
+async def in_turn(job: Callable[[], T]) -> T:
+    """``job()`` on a worker thread, one such job at a time per event loop (see the module's
+    docstring). A caller cancelled meanwhile does not stop the thread: the turn ends with the job."""
+    loop = asyncio.get_running_loop()
+    gate = _LARGE_JOBS.get(loop)
+    if gate is None:
+        gate = _LARGE_JOBS[loop] = asyncio.Semaphore(1)
+    await gate.acquire()
+    running = asyncio.ensure_future(asyncio.to_thread(job))
+    running.add_done_callback(lambda done: _ended(gate, done))
+    # A client that leaves cancels its handler, not the thread: the gate stays shut until the job ends.
+    return await asyncio.shield(running)
+
+
+def _ended(gate: asyncio.Semaphore, job: asyncio.Future[Any]) -> None:
     gate.release()
-    if not parse.cancelled():
-        parse.exception()  # retrieved: a parse whose handler was cancelled logs no "never retrieved"
+    if not job.cancelled():
+        job.exception()  # retrieved: a job whose caller was cancelled logs no "never retrieved"

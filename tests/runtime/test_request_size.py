@@ -3,14 +3,16 @@
 Megabytes of JSON (hundreds of thousands of empty chat messages) cost over a second of pure-Python CPU
 to parse and render, and the engine thread, in the same process, lost the GIL meanwhile: decode for
 every other user fell ~35x while a few clients posted bodies that were all refused. So a body larger
-than any request fitting the replica's context is a 413 before it is read, and a chat with more
-messages than the context has tokens a 400 before its messages are parsed or rendered.
+than any request fitting the replica's context is a 413 before it is read, a chat with more messages
+than the context has tokens a 400 before its messages are parsed or rendered, and a large body's parse
+and render take turns with every other large body's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
@@ -33,6 +35,7 @@ from vnpu.runtime.openai_protocol import (
 from vnpu.runtime.server import body_limit, make_app
 
 CONTEXT = 64
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello there"}]
 JSON = {"Content-Type": "application/json"}
 
 
@@ -175,3 +178,43 @@ def test_each_message_takes_a_token_in_the_test_models_template(runtime: ModelRu
     empty = {"role": "user", "content": ""}
     lengths = [len(runtime.tokenizer.encode(template.render([empty] * n))) for n in (1, 2, 3)]
     assert lengths[1] - lengths[0] >= 1 and lengths[2] - lengths[1] >= 1
+
+
+def test_large_valid_requests_are_served_their_parses_and_renders_one_at_a_time(
+    runtime: ModelRuntime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A large body's parse and its render (with tokenizing) are each one CPU job, and such jobs run
+    one at a time: three such requests never had two jobs running together."""
+    lock = threading.Lock()
+    running = most = jobs = 0
+    partner = threading.Event()
+
+    def tracked(job: Callable[..., Any]) -> Callable[..., Any]:
+        def run(*args: Any) -> Any:
+            nonlocal running, most, jobs
+            with lock:
+                running += 1
+                jobs += 1
+                most = max(most, running)
+                if running > 1:
+                    partner.set()
+            partner.wait(0.1)  # a job running beside this one would come in meanwhile
+            with lock:
+                running -= 1
+            return job(*args)
+
+        return run
+
+    monkeypatch.setattr(jsonbody, "parse_json", tracked(jsonbody.parse_json))
+    monkeypatch.setattr(server, "_prepare", tracked(server._prepare))
+    large = {"messages": MESSAGES, "max_tokens": 2, "user": "u" * OFF_LOOP_BYTES}
+    assert OFF_LOOP_BYTES <= len(json.dumps(large)) <= body_limit(runtime)
+
+    async def scenario(http: TestClient) -> None:
+        responses = await asyncio.gather(*(http.post("/v1/chat/completions", json=large) for _ in range(3)))
+        assert [r.status for r in responses] == [200, 200, 200]
+        for response in responses:
+            assert (await response.json())["usage"]["completion_tokens"] == 2
+
+    serve(runtime, scenario)
+    assert jobs == 6 and most == 1
