@@ -9,6 +9,7 @@ lives only in the operator's memory.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from typing import Any
 import kopf
 
 from vnpu import api
+from vnpu.backoff import backoff_seconds
 from vnpu.operator.config import OperatorConfig
 from vnpu.operator.reconciler import Reconciler, Unhealthy
 
@@ -25,6 +27,13 @@ log = logging.getLogger(__name__)
 
 
 SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+
+#: How long the delete handler waits in memory for a deleted model's pods to go before it hands the wait
+#: to kopf's retry: this long first, doubling with each retry, at most that long. Each retry of kopf's is
+#: an ERROR line and two writes to the model (its progress annotations, then a touch).
+POD_WAIT_FIRST_S, POD_WAIT_MOST_S = 60.0, 600.0
+#: How often it looks meanwhile: at the informers' cache, no API call.
+POD_POLL_S = 1.0
 
 
 def in_cluster_login() -> kopf.ConnectionInfo | None:
@@ -72,13 +81,24 @@ def register(
             await reconciler(memo).stop()
 
     @kopf.on.delete(api.GROUP, api.VERSION, api.PLURAL, registry=registry)
-    async def model_deleted(memo: kopf.Memo, namespace: str, name: str, **_: Any) -> None:
+    async def model_deleted(memo: kopf.Memo, namespace: str, name: str, retry: int, **_: Any) -> None:
         # The finalizer holds the object until its pods are gone, so a re-created model of the same
-        # name never races the old pods. The informer already woke the reconciler.
-        rec = reconciler(memo)
-        rec.trigger(f"InferenceModel {namespace}/{name} deleted")
-        if rec.has_pods(namespace, name):
-            raise kopf.TemporaryError("waiting for the model's pods to terminate", delay=1)
+        # name never races the old pods. The informer already woke the reconciler, which deletes them.
+        # The wait is here, on the watch-fed cache, not in kopf's retries: a retry a second was 2
+        # writes to the model and an ERROR line a second for as long as a pod stayed Terminating (a
+        # finalizer of its owner's, a lost node). A shutdown cancels the wait; the next operator resumes it.
+        reconciler(memo).trigger(f"InferenceModel {namespace}/{name} deleted")
+        loop = asyncio.get_running_loop()
+        wait = backoff_seconds(retry + 1, POD_WAIT_FIRST_S, POD_WAIT_MOST_S)
+        deadline = loop.time() + wait
+        while reconciler(memo).has_pods(namespace, name):  # memo's: a retried start replaces it
+            if loop.time() >= deadline:
+                raise kopf.TemporaryError(
+                    f"its pods are still there after {wait:.0f}s (one held by a finalizer, or on a lost "
+                    f"node?): kubectl get pods -n {namespace} -l {api.LABEL_MODEL}={name}",
+                    delay=1,
+                )
+            await asyncio.sleep(POD_POLL_S)
 
     @kopf.on.probe(id="reconciler", registry=registry)
     async def probe(memo: kopf.Memo, **_: Any) -> dict[str, Any]:
