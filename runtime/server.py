@@ -106,6 +106,12 @@ DISCONNECT_POLL_S = 0.1
 RETRY_AFTER_QUEUE_FULL_S = 1
 #: ``Retry-After`` of a 503 (seconds): weights being loaded or re-attached, as the gateway's own 503.
 RETRY_AFTER_UNAVAILABLE_S = 5
+#: Most of the time large bodies' parses, renders and tokenizing may take, one job at a time (see
+#: vnpu.jsonbody): the engine thread, which needs the GIL at every step, decodes in the gaps. Three
+#: clients posting 8 MiB chat bodies to a 131,072-token replica (under its body limit, all refused)
+#: left it 91 tok/s of ~1,500 with no gaps, 772 with these. Only large bodies wait: one for the rest
+#: of the one before it (three times that one's own time).
+LARGE_JOBS_SHARE = 0.25
 
 
 class HTTPError(Exception):
@@ -176,7 +182,7 @@ async def _read_request(request: web.Request, parse: Callable[[Any], T]) -> tupl
     limit = body_limit(runtime)
     try:
         data = await read_body(request, request.app[_BODY_TIMEOUT_KEY], limit)
-        return await parse_body(data, parse), is_large(data)
+        return await parse_body(data, parse, LARGE_JOBS_SHARE), is_large(data)
     except web.HTTPRequestEntityTooLarge as e:
         context = runtime.options.max_context
         raise HTTPError(
@@ -374,7 +380,7 @@ async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
         served_name = _check_model(runtime, req.model)
         prepare = functools.partial(_prepare, runtime, req)
         if large:
-            ids, max_tokens = await in_turn(prepare)
+            ids, max_tokens = await in_turn(prepare, LARGE_JOBS_SHARE)
         else:
             ids, max_tokens = await asyncio.to_thread(prepare)
         tokenizer = runtime.tokenizer

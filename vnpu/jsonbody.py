@@ -14,6 +14,10 @@ gateway's OpenAI endpoints.
   several parsing threads would leave it a share each. Other CPU work a large body brings (the
   runtime's rendering of its chat template and tokenizing) takes the same turns, through
   :func:`in_turn`, so at most one such job competes with the loop and the runtime's engine thread.
+  One is still too many for a thread that needs the GIL at every step: ``json.loads`` of 8 MiB holds
+  it for 80 ms in one C call, which the switch interval cannot cut, and the runtime's engine decoded at
+  ~5% of its rate while large jobs followed one another. So a caller may give large jobs a ``share``
+  of the time (the runtime gives them a quarter): the gaps between them are the engine's.
 
 A value from a body echoed in an error is cut by :func:`shown` (a 7 MiB ``model`` made a 7 MiB 404).
 
@@ -162,13 +166,13 @@ def is_large(data: bytes) -> bool:
     return len(data) >= OFF_LOOP_BYTES
 
 
-async def parse_body(data: bytes, then: Callable[[Any], T] = lambda body: body) -> T:
+async def parse_body(data: bytes, then: Callable[[Any], T] = lambda body: body, share: float = 1.0) -> T:
     """``data`` parsed as JSON and passed through ``then`` (the caller's own parse into a typed
-    request): on the loop when small, else in turn (:func:`in_turn`). Raises BodyError for a body that
-    is not JSON, and whatever ``then`` raises."""
+    request): on the loop when small, else in turn (:func:`in_turn`, with ``share``). Raises BodyError
+    for a body that is not JSON, and whatever ``then`` raises."""
     if not is_large(data):
         return then(parse_json(data))
-    return await in_turn(lambda: then(parse_json(data)))
+    return await in_turn(lambda: then(parse_json(data)), share)
 
 
 async def read_json(
@@ -178,21 +182,27 @@ async def read_json(
     return await parse_body(await read_body(request, timeout_s), then)
 
 
-async def in_turn(job: Callable[[], T]) -> T:
+async def in_turn(job: Callable[[], T], share: float = 1.0) -> T:
     """``job()`` on a worker thread, one such job at a time per event loop (see the module's
-    docstring). A caller cancelled meanwhile does not stop the thread: the turn ends with the job."""
+    docstring), and busy at most ``share`` of the time: after this job's t seconds the next one waits
+    another t * (1 / share - 1). A caller cancelled meanwhile does not stop the thread: the turn ends
+    with the job (and its rest)."""
     loop = asyncio.get_running_loop()
     gate = _LARGE_JOBS.get(loop)
     if gate is None:
         gate = _LARGE_JOBS[loop] = asyncio.Semaphore(1)
     await gate.acquire()
+    started = loop.time()
     running = asyncio.ensure_future(asyncio.to_thread(job))
-    running.add_done_callback(lambda done: _ended(gate, done))
+    running.add_done_callback(lambda done: _ended(gate, done, (loop.time() - started) * (1 / share - 1)))
     # A client that leaves cancels its handler, not the thread: the gate stays shut until the job ends.
     return await asyncio.shield(running)
 
 
-def _ended(gate: asyncio.Semaphore, job: asyncio.Future[Any]) -> None:
-    gate.release()
+def _ended(gate: asyncio.Semaphore, job: asyncio.Future[Any], rest_s: float) -> None:
+    if rest_s > 0:
+        asyncio.get_running_loop().call_later(rest_s, gate.release)
+    else:
+        gate.release()
     if not job.cancelled():
         job.exception()  # retrieved: a job whose caller was cancelled logs no "never retrieved"

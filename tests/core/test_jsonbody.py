@@ -1,13 +1,39 @@
-"""vnpu.jsonbody's turns: large jobs run one at a time on worker threads."""
+"""vnpu.jsonbody's turns: large jobs run one at a time, and rest for their share of the time."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
+from typing import Any
 
 import pytest
 
 from vnpu.jsonbody import in_turn
+
+
+def _rests(loop: asyncio.AbstractEventLoop) -> list[float]:
+    """The delays after which the loop's gate of large jobs is reopened, as they are scheduled."""
+    rests: list[float] = []
+    later = loop.call_later
+
+    def recorded(delay: float, callback: Any, *args: Any, **kwargs: Any) -> asyncio.TimerHandle:
+        if getattr(callback, "__name__", "") == "release":
+            rests.append(delay)
+        return later(delay, callback, *args, **kwargs)
+
+    loop.call_later = recorded  # type: ignore[method-assign]
+    return rests
+
+
+def test_a_job_with_the_whole_time_reopens_the_gate_at_once_and_one_with_a_share_rests() -> None:
+    async def main() -> None:
+        rests = _rests(asyncio.get_running_loop())
+        assert await in_turn(lambda: 1) == 1
+        assert rests == []
+        assert await in_turn(lambda: 2, share=0.25) == 2
+        assert len(rests) == 1 and rests[0] > 0
+
+    asyncio.run(main())
 
 
 def test_a_failed_job_ends_its_turn_and_its_error_reaches_its_caller() -> None:
