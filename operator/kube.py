@@ -12,6 +12,7 @@ import datetime as dt
 import json
 import logging
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import replace
 from typing import Any, TypeVar
 
 from kubernetes import client
@@ -29,6 +30,7 @@ from vnpu.operator.state import (
     ObservedSecret,
     ObservedService,
     parse_budget,
+    parse_pod,
     parse_secret,
     parse_service,
 )
@@ -88,6 +90,24 @@ class Kube:
             parse_budget,
         )
 
+    def find_secret(self, namespace: str, name: str) -> ObservedSecret | None:
+        """The Secret ``namespace/name`` whatever its labels, as metadata only (its data never reaches
+        the operator). Its ``share_group`` is "" unless it is labelled as the operator's key Secret
+        (what :meth:`list_secrets` selects): one of that name that is not is someone else's."""
+        return self._find(
+            "secrets",
+            self.core.list_namespaced_secret,
+            namespace,
+            name,
+            _parse_key_secret,
+            _headers={"Accept": METADATA_ONLY},
+        )
+
+    def find_pod(self, namespace: str, name: str) -> ObservedPod | None:
+        """The pod ``namespace/name`` whatever its labels; ``managed`` when it carries the operator's
+        label (the pods informer keeps no other pod that holds no device memory)."""
+        return self._find("pods", self.core.list_namespaced_pod, namespace, name, _parse_any_pod)
+
     def _find(
         self,
         resource: str,
@@ -95,6 +115,7 @@ class Kube:
         namespace: str,
         name: str,
         parse: Callable[[Mapping[str, Any]], T],
+        **kwargs: Any,
     ) -> T | None:
         """One object by a list with a field selector on its name: the operator's RBAC grants ``list``
         (its informers need it), not ``get``."""
@@ -104,6 +125,7 @@ class Kube:
             field_selector=f"metadata.name={name}",
             _preload_content=False,
             _request_timeout=REQUEST_TIMEOUT,
+            **kwargs,
         )
         items = _body(resp).get("items") or []
         return parse(items[0]) if items else None
@@ -134,7 +156,8 @@ class Kube:
         )
 
     def create_pod(self, manifest: Mapping[str, Any]) -> bool:
-        """Create a pod; False if it already exists (a retry after a crash is not an error)."""
+        """Create a pod; False if one of that name already exists (ours after a crash, not yet seen by
+        the informer, or someone else's: the caller looks, :meth:`find_pod`)."""
         return self._create("pods", self.core.create_namespaced_pod, manifest)
 
     def _create(self, resource: str, create: Callable[..., Any], manifest: Mapping[str, Any]) -> bool:
@@ -207,8 +230,8 @@ class Kube:
             raise
 
     def create_secret(self, manifest: Mapping[str, Any]) -> ObservedSecret | None:
-        """Create a Secret and return it (metadata only); None if it already exists (its key stays:
-        pods may already mount it)."""
+        """Create a Secret and return it (metadata only); None if one of that name already exists (its
+        key stays: pods may already mount it; ours or not, the caller looks: :meth:`find_secret`)."""
         metrics.API_REQUESTS.labels("create", "secrets").inc()
         try:
             resp = self.core.create_namespaced_secret(
@@ -407,6 +430,23 @@ class Kube:
             self._patch("events", self.core.patch_namespaced_event, namespace, name, body)
         except ApiException as exc:  # best effort, like posting it
             log.warning("could not count event %s/%s: %s", namespace, name, exc.reason)
+
+
+def _managed(meta: Mapping[str, Any]) -> bool:
+    return (meta.get("labels") or {}).get(api.LABEL_MANAGED_BY) == api.MANAGED_BY_VALUE
+
+
+def _parse_key_secret(obj: Mapping[str, Any]) -> ObservedSecret:
+    """A Secret found by name: its share group only when labelled as the operator's key Secret."""
+    meta = obj.get("metadata") or {}
+    secret = parse_secret(obj)
+    if _managed(meta) and (meta.get("labels") or {}).get(api.LABEL_ROLE) == ROLE_SHARE_KEY:
+        return secret
+    return replace(secret, share_group="")
+
+
+def _parse_any_pod(obj: Mapping[str, Any]) -> ObservedPod:
+    return parse_pod(obj, managed=_managed(obj.get("metadata") or {}))
 
 
 def _body(resp: Any) -> Any:

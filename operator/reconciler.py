@@ -12,7 +12,10 @@ model gets a ``Degraded`` condition with the server's message, a Warning Event, 
 leaves its objects alone. Every other model in every namespace is written in the same pass. A refused
 placeholder backs off the model's placeholders alone: it is reported the same way, but the replicas
 and holders the model serves with are written as usual (a placeholder is optional, they are not). So
-does a refused PodDisruptionBudget, written after the pods: it backs off the budget alone.
+does a refused PodDisruptionBudget, written after the pods: it backs off the budget alone. A name the
+operator creates that someone else's object holds (a pod's, a share group's key Secret's) fails the
+models it is for the same way, with the reason (``PodNameTaken``, ``KeySecretNameTaken``): the other
+object is left alone, and without this the name was planned, and its create refused, in every pass.
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ from vnpu.operator.planner import (
     plan,
     restatus,
 )
-from vnpu.operator.pods import PodIntent, render, share_key_secret
+from vnpu.operator.pods import ROLE_SHARE_KEY, PodIntent, render, share_key_secret
 from vnpu.operator.reported import PostedEvents, Report, ReportedStatuses, ReportQueue
 from vnpu.operator.services import SelectorUpdate, ServiceIntent, render_service
 from vnpu.operator.state import (
@@ -72,6 +75,11 @@ REPORT_CONCURRENCY = 3
 #: A model's failure reason when one of its writes met a bug rather than a refusal (Kubernetes' own
 #: word for a server-side error).
 INTERNAL_ERROR = "InternalError"
+#: A share group's models fail for this when their key Secret's name (computable from the group:
+#: :func:`vnpu.sharing.secret_name`) is held by a Secret that is not the operator's.
+KEY_SECRET_NAME_TAKEN = "KeySecretNameTaken"
+#: A model fails for this when one of its pods' names is held by a pod that is not the operator's.
+POD_NAME_TAKEN = "PodNameTaken"
 #: Seconds to wait for the informers' first lists before the first pass.
 SYNC_TIMEOUT = 120.0
 #: :meth:`Reconciler.health` fails (and with it kopf's liveness probe, so the pod is restarted) once no
@@ -477,8 +485,6 @@ class Reconciler:
         retries = [r for m in models if (r := self._estimates.retry_in(m)) is not None]
         waits = [w for w in (result.requeue_after, min(retries, default=None)) if w is not None]
         self._requeue_after = max(0.5, min(waits)) if waits else None
-        if result.create_secrets:  # the groups' pods are planned once their Secrets exist: go on now
-            self._wake_soon()
         return result
 
     def _wake_soon(self) -> None:
@@ -529,16 +535,31 @@ class Reconciler:
             guarded(d.models, f"deleting pod {d.namespace}/{d.name}", write)
 
         def create(intent: PodIntent) -> None:
+            models = intent.models
+            if intent.role == api.ROLE_PLACEHOLDER:  # a refused placeholder backs off placeholders only
+                models = tuple(placeholders_failure_key(m) for m in models)
+
             def write() -> None:
                 if kube.create_pod(render(intent, self.config)):
                     metrics.POD_ACTIONS.labels("create", intent.role).inc()
                     if intent.replaces:
                         metrics.DEFRAGMENT_MOVES.inc()
                     log.info("created %s pod %s/%s", intent.role, intent.namespace, intent.name)
+                    return
+                # AlreadyExists: ours (a crash, an informer behind) or someone else's, which the pods
+                # informer does not keep: planned again every pass, it must say why it never comes.
+                found = kube.find_pod(intent.namespace, intent.name)
+                if found is None or found.managed:
+                    return  # gone again (the next pass creates it), or ours
+                message = (
+                    f"pod {intent.name} exists in {intent.namespace} and is not labelled "
+                    f"{api.LABEL_MANAGED_BY}={api.MANAGED_BY_VALUE}: it is left as it is, and this "
+                    f"{intent.role} pod is not created until that pod is deleted or renamed"
+                )
+                log.warning("%s", message, extra={"models": list(intent.models)})
+                for model in models:
+                    failed.setdefault(model, (POD_NAME_TAKEN, message))
 
-            models = intent.models
-            if intent.role == api.ROLE_PLACEHOLDER:  # a refused placeholder backs off placeholders only
-                models = tuple(placeholders_failure_key(m) for m in models)
             guarded(models, f"creating {intent.role} pod {intent.name}", write)
 
         def create_secret(intent: SecretIntent) -> None:
@@ -548,13 +569,34 @@ class Reconciler:
                 made = kube.create_secret(
                     share_key_secret(intent.namespace, intent.share_group, intent.owners, key)
                 )
-                if made is None:
-                    self._secrets_listed = 0.0  # it exists already: learn its uid from a list
-                else:
+                if made is not None:
                     self._secrets[(made.namespace, made.name)] = made
                     log.info(
                         "created the key Secret of share group %s/%s", intent.namespace, intent.share_group
                     )
+                    self._wake_soon()  # the group's pods are planned once its Secret exists: go on now
+                    return
+                # AlreadyExists: ours (not listed yet) or someone else's, which the list by label
+                # never shows: planned again every pass, it must say why the group's pods never come.
+                name = sharing.secret_name(intent.share_group)
+                found = kube.find_secret(intent.namespace, name)
+                if found is None:
+                    return  # gone again: the next pass creates it
+                if found.share_group == intent.share_group:  # ours: plan with it
+                    self._secrets[(found.namespace, found.name)] = found
+                    if not found.terminating:
+                        self._wake_soon()
+                    return
+                message = (
+                    f"Secret {name} exists in {intent.namespace} and is not the key Secret of share group "
+                    f"{intent.share_group} (labelled {api.LABEL_MANAGED_BY}={api.MANAGED_BY_VALUE}, "
+                    f"{api.LABEL_ROLE}={ROLE_SHARE_KEY}, {api.LABEL_SHARE_GROUP}={intent.share_group}): it "
+                    "is left as it is, and the group's pods are not created until it is deleted or "
+                    "renamed, or the models get another spec.shareGroup"
+                )
+                log.warning("%s", message, extra={"models": list(intent.models)})
+                for model in intent.models:
+                    failed.setdefault(model, (KEY_SECRET_NAME_TAKEN, message))
 
             guarded(intent.models, f"creating the key Secret of share group {intent.share_group}", write)
 

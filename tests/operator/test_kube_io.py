@@ -14,10 +14,12 @@ import urllib3
 from apiserver_stub import ApiServerStub
 from test_planner import model
 
+from vnpu import api
 from vnpu.kubeclient import api_client_from_env
 from vnpu.operator import disruption, network_policy
 from vnpu.operator import kube as kube_module
 from vnpu.operator.kube import Kube
+from vnpu.operator.pods import ROLE_SHARE_KEY
 
 
 @pytest.fixture
@@ -36,6 +38,8 @@ def every_call(kube: Kube) -> dict[str, Callable[[], Any]]:
     return {
         "list_secrets": kube.list_secrets,
         "find_service": lambda: kube.find_service("ns", "vnpu-a"),
+        "find_secret": lambda: kube.find_secret("ns", "s"),
+        "find_pod": lambda: kube.find_pod("ns", "p"),
         "create_service": lambda: kube.create_service({"metadata": {"namespace": "ns", "name": "vnpu-a"}}),
         "create_pod": lambda: kube.create_pod(pod("p")),
         "create_secret": lambda: kube.create_secret({"metadata": {"namespace": "ns", "name": "s"}}),
@@ -138,3 +142,26 @@ def test_a_services_selector_is_replaced_whole_and_a_pods_labels_added_to(stub: 
         ),
         ("PATCH", "/api/v1/namespaces/ns/pods/p", {"metadata": {"labels": {"vnpu.io/weights": "abc"}}}),
     ]
+
+
+def test_a_name_held_by_someone_elses_object_is_found_and_told_apart_from_ours(stub: ApiServerStub) -> None:
+    """After AlreadyExists the operator looks the name up (a list by name: its RBAC grants list): a
+    Secret as metadata only (its data never reaches the operator), ours only when labelled as the key
+    Secret; a pod ours only when labelled as the operator's."""
+    labels = {api.LABEL_MANAGED_BY: api.MANAGED_BY_VALUE, api.LABEL_ROLE: ROLE_SHARE_KEY}
+    stub.lists["secrets"] = [
+        {"metadata": {"namespace": "ns", "name": "s", "uid": "u", "labels": {api.LABEL_SHARE_GROUP: "g"}}}
+    ]
+    stub.lists["pods"] = [{"metadata": {"namespace": "ns", "name": "p", "uid": "u"}}]
+    kube = Kube(stub.api_client(retries=0))
+    theirs = kube.find_secret("ns", "s")
+    assert theirs is not None and theirs.uid == "u" and theirs.share_group == ""
+    stub.lists["secrets"][0]["metadata"]["labels"].update(labels)
+    ours = kube.find_secret("ns", "s")
+    assert ours is not None and ours.share_group == "g"
+    pod = kube.find_pod("ns", "p")
+    assert pod is not None and not pod.managed
+    stub.lists["pods"][0]["metadata"]["labels"] = {api.LABEL_MANAGED_BY: api.MANAGED_BY_VALUE}
+    assert kube.find_pod("ns", "p").managed  # type: ignore[union-attr]
+    secret_gets = [(m, p) for m, p, _ in stub.requests if "/secrets" in p]
+    assert secret_gets and all(m == "GET" and "fieldSelector=metadata.name%3Ds" in p for m, p in secret_gets)
