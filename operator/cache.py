@@ -19,6 +19,11 @@ retry together. A watch that counted starts the count over: after it, the next w
 some 300,000 times a second, and a ``410`` right after each LIST made a loop of full LISTs. Each
 failure is counted in ``vnpu_operator_informer_errors_total{verb,resource,reason}``.
 
+While an informer fails it keeps serving its last store (and stays ``synced``): a pass plans from what
+it last saw, which is better than from nothing, but must not go on for ever unnoticed. How long that
+has been is :meth:`ClusterCache.stale_for` (for liveness) and
+``vnpu_operator_informer_stale_seconds{resource}``.
+
 Objects are parsed once, on arrival, into the frozen dataclasses of :mod:`vnpu.operator.state`; a
 change that leaves the parsed object equal (a node's heartbeat, a pod's unrelated status field) wakes
 nobody.
@@ -41,7 +46,7 @@ import random
 import socket
 import threading
 import time
-from collections.abc import Callable, Hashable, Iterator, Mapping
+from collections.abc import Callable, Collection, Hashable, Iterator, Mapping
 from typing import Any, Generic, TypeVar
 
 import urllib3
@@ -206,8 +211,12 @@ class Informer(Generic[T]):
         self._clock = clock
         self._wait = wait or self._stop.wait
         self._random = rand
+        # What :meth:`stale_for` reads (written by the loop's thread only; a float and a bool, no lock).
+        self._current_at = clock()  # when the store was last known current (monotonic seconds)
+        self._watching = False  # a watch is open
 
     def start(self) -> None:
+        self._current_at = self._clock()
         self._thread.start()
 
     def stop(self) -> None:
@@ -229,6 +238,20 @@ class Informer(Generic[T]):
         if self._thread.is_alive():
             self._thread.join(timeout)
         return not self._thread.is_alive()
+
+    def stale_for(self) -> float:
+        """Seconds for which this informer's store may have missed changes: 0 while a watch is open;
+        else the seconds since the store was last known current: its last LIST completed, its watch
+        last delivered a line (an event or a bookmark), or a watch that counted (an event, or open
+        :data:`SHORT_WATCH_SECONDS`) ended; before the first of these, since :meth:`start`.
+
+        A LIST in flight does not count until it completes (the store is the old one until then), nor
+        do a failed request, a ``410`` or a watch that ended at once with nothing. A watch whose
+        connection died silently counts as open until its read timeout ends it (``watch_timeout``: 330
+        s). Cheap and safe from any thread; it keeps growing after :meth:`stop`."""
+        if self._watching:
+            return 0.0
+        return max(0.0, self._clock() - self._current_at)
 
     def snapshot(self) -> list[T]:
         with self._lock:
@@ -297,6 +320,7 @@ class Informer(Generic[T]):
         fresh: dict[str, T] = dict(parsed)
         with self._lock:
             old, self._store = self._store, fresh
+        self._current_at = self._clock()
         changed = [k for k in old.keys() | fresh.keys() if self._changed(old.get(k), fresh.get(k))]
         self.synced.set()
         for key in changed:
@@ -322,6 +346,7 @@ class Informer(Generic[T]):
         except Exception as exc:
             return version, False, exc
         self._resp = resp
+        self._watching = True
         error: Exception | None = None
         try:
             if self._stop.is_set():  # stopped before the response was ours to shut down
@@ -336,6 +361,7 @@ class Informer(Generic[T]):
                 kind = event.get("type")
                 if kind == "ERROR":
                     raise ApiException(status=obj.get("code", 500), reason=obj.get("message", ""))
+                self._current_at = self._clock()  # the server says the store is current up to here
                 version = obj.get("metadata", {}).get("resourceVersion") or version
                 if kind == "BOOKMARK":
                     continue
@@ -344,13 +370,17 @@ class Informer(Generic[T]):
         except Exception as exc:
             error = exc
         finally:
+            ended = self._clock()
+            counted = events > 0 or ended - opened >= SHORT_WATCH_SECONDS
+            if counted:  # it was current while open (stale_for said 0): it is up to its end
+                self._current_at = ended
+            self._watching = False
             self._resp = None
             for close in (resp.close, resp.release_conn):
                 try:
                     close()
                 except Exception:  # a broken stream may fail to close too
                     log.debug("closing the %s watch", self.name, exc_info=True)
-        counted = events > 0 or self._clock() - opened >= SHORT_WATCH_SECONDS
         return version, counted, error
 
     def _parse_or_keep(self, obj: Mapping[str, Any]) -> tuple[str, T] | None:
@@ -407,6 +437,38 @@ def _relist_after(error: Exception) -> bool:
         status = error.status or 0
         return 400 <= status < 500 and status != 429
     return _reason(error) != "transport"
+
+
+def stalest(informers: Collection[Informer[Any]]) -> float:
+    """The most :meth:`Informer.stale_for` of ``informers`` (0 for none)."""
+    return max((i.stale_for() for i in informers), default=0.0)
+
+
+def export_staleness(informers: Collection[Informer[Any]]) -> Callable[[], None]:
+    """Serve ``vnpu_operator_informer_stale_seconds{resource}`` from ``informers``, read at each scrape:
+    the most :meth:`Informer.stale_for` of those with that name (the InferenceModels, Services and
+    budgets of several namespaces share one). Returns what takes the series away again (those another
+    export took over since are left)."""
+    by_name: dict[str, list[Informer[Any]]] = {}
+    for informer in informers:
+        by_name.setdefault(informer.name, []).append(informer)
+    exported: dict[str, Callable[[], float]] = {}
+    for name, same in by_name.items():
+        exported[name] = functools.partial(stalest, tuple(same))
+        metrics.INFORMER_STALE_SECONDS.labels(name).set_function(exported[name])
+        _STALENESS_EXPORTED[name] = exported[name]
+
+    def unexport() -> None:
+        for name, function in exported.items():
+            if _STALENESS_EXPORTED.get(name) is function:
+                del _STALENESS_EXPORTED[name]
+                metrics.INFORMER_STALE_SECONDS.remove(name)
+
+    return unexport
+
+
+#: resource -> the function its ``vnpu_operator_informer_stale_seconds`` series reads now.
+_STALENESS_EXPORTED: dict[str, Callable[[], float]] = {}
 
 
 def _key(meta: Mapping[str, Any]) -> str:
@@ -504,14 +566,17 @@ class ClusterCache:
             *self.services,
             *self.budgets,
         ]
+        self._unexport: Callable[[], None] = lambda: None  # takes the staleness series away
 
     def start(self) -> None:
         for informer in self.informers:
             informer.start()
+        self._unexport = export_staleness(self.informers)
 
     def stop(self, timeout: float = 10.0) -> bool:
         """Stop every informer and wait up to ``timeout`` seconds for their threads to end (a list
         still in flight ends at its own request timeout); whether they all did."""
+        self._unexport()
         for informer in self.informers:
             informer.stop()
         deadline = time.monotonic() + timeout
@@ -520,6 +585,22 @@ class ClusterCache:
     def wait_synced(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         return all(i.synced.wait(max(0.0, deadline - time.monotonic())) for i in self.informers)
+
+    def stale_for(self) -> float:
+        """Seconds for which what a pass reads from these caches may lag the cluster: the most any
+        informer's :meth:`Informer.stale_for` says (which one: ``max(self.informers, key=lambda i:
+        i.stale_for())``, its ``name``).
+
+        0 while every informer has a watch open (a quiet cluster too: an open watch is current). It
+        grows while one cannot LIST or WATCH (the API server down or refusing, the network cut): an
+        informer keeps serving its last store, and ``synced`` stays set, so a pass would plan from
+        it with nothing else saying so. Between a watch's end and the next, and while a LIST after a
+        ``410`` is read, it is briefly above 0 (a LIST of a big cluster: its seconds); failures in a
+        row are retried after up to 30 s, so a value past a minute or two means the informer has not
+        heard from the API server for that long. Monotonic seconds; cheap and safe from any thread
+        (no request, no lock); meaningful between :meth:`start` and :meth:`stop`. Exported per
+        resource as ``vnpu_operator_informer_stale_seconds``."""
+        return stalest(self.informers)
 
     def snapshot(self) -> tuple[list[ObservedModel], list[ObservedNode], list[ObservedPod]]:
         models = [m for informer in self.models for m in informer.snapshot()]

@@ -81,6 +81,14 @@ INFORMER_ERRORS = Counter(
     ["verb", "resource", "reason"],
     registry=REGISTRY,
 )
+INFORMER_STALE_SECONDS = Gauge(
+    "vnpu_operator_informer_stale_seconds",
+    "Seconds for which an informer's store may have missed changes, by resource (the most of its "
+    "namespaces'): 0 while its watch is open, else since its last LIST completed or its watch last "
+    "heard from the API server. Passes plan from that store meanwhile.",
+    ["resource"],
+    registry=REGISTRY,
+)
 API_ERRORS = Counter(
     "vnpu_operator_api_errors_total",
     "Writes the API server refused, per model and reason (Forbidden, Invalid, ...); the model backs off.",

@@ -107,6 +107,12 @@ def test_the_cluster_caches_read_pods_services_and_models_in_pages(
         assert sorted(m.name for m in models) == [f"m{i}" for i in range(5)]
         assert sorted(p.name for p in pods if p.namespace == namespace) == [f"m{i}" for i in range(5)]
         assert sorted(s.name for s in caches.services_snapshot()) == [f"m{i}" for i in range(5)]
+        # Every informer's watch opens: none of the stores is behind (ClusterCache.stale_for is 0).
+        wait_until(lambda: caches.stale_for() == 0, 30, "every informer watching")
+        stale = metrics.REGISTRY.get_sample_value(
+            "vnpu_operator_informer_stale_seconds", {"resource": "pods"}
+        )
+        assert stale == 0
     finally:
         assert caches.stop()
     for resource, count in before.items():

@@ -3,7 +3,9 @@ with nothing in it was reopened with no pause (~300,000 watch requests a second)
 each LIST made a loop of full LISTs, every broken watch connection LISTed everything again, and a
 failing LIST was retried every 2 s for ever, uncounted. Now the pauses grow from 0.8 s to 30 s (less a
 jitter), start over after a watch that counted, a broken watch resumes from its version, and each
-failure is counted.
+failure is counted. And how long an informer has not heard from the API server is said
+(``Informer.stale_for``, ``ClusterCache.stale_for``, ``vnpu_operator_informer_stale_seconds``): a
+failing informer kept serving its old store, ``synced`` set, with nothing saying so.
 
 The loop runs in the test's thread on a fake clock: ``wait`` records each pause and moves the clock on,
 and the script of answers stops the informer when it runs out."""
@@ -16,9 +18,11 @@ from typing import Any
 
 import pytest
 import urllib3
+from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from vnpu.operator import cache, metrics
+from vnpu.operator.cache import ClusterCache
 
 Answer = Callable[[], Any]  # what one request does: returns a response, or raises
 
@@ -44,14 +48,17 @@ class Script:
     """A fake API server answering the informer's LISTs and WATCHes from two scripts, on a fake clock.
     When a script runs out the informer is stopped (so a loop that never pauses still ends)."""
 
-    def __init__(self, lists: list[Answer], watches: list[Answer], rand: float = 0.0) -> None:
+    def __init__(
+        self, lists: list[Answer], watches: list[Answer], rand: float = 0.0, name: str = "things"
+    ) -> None:
         self.lists, self.watches = list(lists), list(watches)
         self.now = 1000.0
         self.pauses: list[float] = []
         self.requests: list[tuple[str, str | None]] = []  # ("list", None) or ("watch", its version)
+        self.stale: list[float] = []  # what stale_for() said as each request was sent
         self.rand = rand
         self.informer: cache.Informer[str] = cache.Informer(
-            "things", self, _parse, lambda _: None, clock=self.clock, wait=self.wait, rand=lambda: self.rand
+            name, self, _parse, lambda _: None, clock=self.clock, wait=self.wait, rand=lambda: self.rand
         )
 
     def clock(self) -> float:
@@ -60,6 +67,8 @@ class Script:
     def wait(self, seconds: float) -> bool:
         self.pauses.append(round(seconds, 6))
         self.now += seconds
+        if len(self.pauses) > 100:  # a loop gone wrong ends too
+            self.informer.stop()
         return self.informer._stop.is_set()
 
     def __call__(self, **kwargs: Any) -> Any:
@@ -69,6 +78,7 @@ class Script:
         if not script or len(self.requests) > 200:
             self.informer.stop()
             raise ConnectionResetError("the script is over")
+        self.stale.append(round(self.informer.stale_for(), 6))
         return script.pop(0)()
 
     def run(self) -> None:
@@ -98,12 +108,14 @@ def watched(
     script: Script, *events: dict[str, Any], lasting: float = 0.0, then: Exception | None = None
 ) -> Answer:
     """A watch that delivers ``events``, stays open ``lasting`` seconds of the fake clock, then ends (by
-    raising ``then`` from its stream, if given)."""
+    raising ``then`` from its stream, if given). What ``stale_for`` says then, while it is still open,
+    is appended to ``script.stale``."""
 
     def lines() -> Iterator[bytes]:
         for event in events:
             yield json.dumps(event).encode() + b"\n"
         script.now += lasting
+        script.stale.append(script.informer.stale_for())
         if then is not None:
             raise then
 
@@ -241,3 +253,65 @@ def test_the_pause_stays_within_its_jitter(rand: float) -> None:
     for failures, most in enumerate(GROWING, start=1):
         pause = script.informer._pause(failures)
         assert most * (1 - cache.BACKOFF_JITTER) <= pause <= most <= cache.BACKOFF_MOST_SECONDS
+
+
+# -- how long a store may have missed changes ---------------------------------------------------------
+
+
+def test_a_failing_list_says_how_long_the_store_it_keeps_serving_has_not_been_current() -> None:
+    """The API server goes away after a watch of 100 s: the relists fail, the informer keeps its store
+    and stays synced, and stale_for() grows from the end of that watch (0 while it was open)."""
+    down = ApiException(status=503, reason="Service Unavailable")
+    script = Script([listed("10", "a")] + [failing(down)] * 3, [])
+    script.watches = [watched(script, lasting=100, then=ApiException(status=410, reason="Gone"))]
+    script.run()
+    assert script.verbs() == ["list", "watch", "list", "list", "list", "list"]
+    # As each request was answered (and, the third value, once the watch had been open 100 s); then, as
+    # the last LIST is sent, after pauses of 0.8, 1.6 and 3.2 s:
+    assert script.stale == [0.0, 0.0, 0.0, 0.0, 0.8, 2.4]
+    assert script.informer.stale_for() == pytest.approx(5.6)
+    assert script.informer.synced.is_set() and script.informer.snapshot() == [""], "the old store, served"
+
+
+def test_a_watch_that_ends_at_once_with_nothing_is_no_news() -> None:
+    script = Script([listed("5", "a")], [])
+    script.watches = [watched(script) for _ in range(3)]
+    script.run()
+    # list, watch (0 while open), pause 0.8, watch, pause 1.6, watch, pause 3.2, the end of the script
+    assert script.stale == [0.0, 0.0, 0.0, 0.8, 0.0, 2.4, 0.0]
+    assert script.informer.stale_for() == pytest.approx(5.6)
+
+
+def test_an_event_or_a_bookmark_is_news_and_a_410_is_not() -> None:
+    script = Script([listed("10", "a"), failing(ConnectionRefusedError("refused"))], [])
+    bookmark = {"type": "BOOKMARK", "object": {"metadata": {"resourceVersion": "11"}}}
+    script.watches = [
+        watched(script, bookmark, then=urllib3.exceptions.ProtocolError("broken")),  # at once: no count
+        failing(ApiException(status=503, reason="Service Unavailable")),
+        watched(script, event("ADDED", "b", "12"), gone()),
+    ]
+    script.run()
+    # list at 1000; watch: its bookmark at 1000, then broke; pause 0.8; watch refused; pause 1.6;
+    # watch: its event at 1002.4, then 410 (it counted: an event); LIST at once, refused; pause 0.8.
+    assert script.pauses == [0.8, 1.6, 0.8]
+    assert script.stale == [0.0, 0.0, 0.0, 0.8, 2.4, 0.0]
+    assert script.informer.stale_for() == pytest.approx(0.8)
+
+
+def test_the_cache_says_its_stalest_informer_and_exports_each_resource() -> None:
+    def stale_seconds(resource: str) -> float | None:
+        labels = {"resource": resource}
+        return metrics.REGISTRY.get_sample_value("vnpu_operator_informer_stale_seconds", labels)
+
+    nodes, models_a, models_b = Script([], []), Script([], [], name="models"), Script([], [], name="models")
+    nodes.now, models_a.now, models_b.now = 1002.0, 1007.0, 1003.0  # none has listed: since construction
+    cluster = ClusterCache(client.ApiClient(client.Configuration()), ("a", "b"), lambda _: None)
+    cluster.informers = [nodes.informer, models_a.informer, models_b.informer]
+    assert cluster.stale_for() == 7.0
+
+    unexport = cache.export_staleness(cluster.informers)
+    assert (stale_seconds("things"), stale_seconds("models")) == (2.0, 7.0), "the most of a resource's"
+    models_a.informer._watching = True  # (its watch opened)
+    assert (cluster.stale_for(), stale_seconds("models")) == (3.0, 3.0)
+    unexport()
+    assert (stale_seconds("things"), stale_seconds("models")) == (None, None), "gone with the cache"
