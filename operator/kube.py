@@ -248,12 +248,19 @@ class Kube:
         created.pop("data", None)  # the key is not the operator's to keep
         return parse_secret(created)
 
-    def delete_secret(self, namespace: str, name: str) -> bool:
+    def delete_secret(self, namespace: str, name: str, uid: str) -> bool:
+        """Delete the Secret if it is still the one of ``uid`` (a precondition: one made again since,
+        by a new leader say, stays). False when it is gone, or is another (409)."""
         metrics.API_REQUESTS.labels("delete", "secrets").inc()
+        options = client.V1DeleteOptions(preconditions=client.V1Preconditions(uid=uid))
         try:
-            self.core.delete_namespaced_secret(name, namespace, _request_timeout=REQUEST_TIMEOUT)
+            _release(
+                self.core.delete_namespaced_secret(
+                    name, namespace, body=options, _preload_content=False, _request_timeout=REQUEST_TIMEOUT
+                )
+            )
         except ApiException as exc:
-            if exc.status == 404:
+            if exc.status in (404, 409):
                 return False
             raise
         return True

@@ -194,6 +194,8 @@ class SecretDeletion:
     namespace: str
     name: str
     share_group: str
+    #: The uid of the Secret seen: deleted only if it is still that one (not one made again since).
+    uid: str = ""
 
 
 @dataclass
@@ -1462,7 +1464,7 @@ def _plan_secrets(
     }
     for key, secret in sorted(existing.items()):
         if key not in owners and key not in in_use and not secret.terminating:
-            result.delete_secrets.append(SecretDeletion(key[0], secret.name, key[1]))
+            result.delete_secrets.append(SecretDeletion(key[0], secret.name, key[1], secret.uid))
 
 
 #: Status keys that are not the operator's to remove: kopf's bookkeeping, were it ever kept there (this

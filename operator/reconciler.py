@@ -47,6 +47,7 @@ from vnpu.operator.planner import (
     LabelsUpdate,
     Plan,
     PodDeletion,
+    SecretDeletion,
     SecretIntent,
     budget_failure_key,
     failure_model,
@@ -703,7 +704,7 @@ class Reconciler:
                 if kube.scale_model(d.namespace, d.name, 0, d.resource_version):
                     metrics.SCALED_TO_ZERO.labels(d.namespace, d.name).inc()
                     log.info("scaled %s to 0 replicas (idle for %.0fs)", d.key, d.idle_seconds)
-                    if d.key in result.outcomes:
+                    if d.key in result.outcomes and self._is_leader():
                         message = f"no request for {d.idle_seconds:.0f}s: scaled to 0 replicas"
                         kube.post_event(result.outcomes[d.key][0], "Normal", "ScaledToZero", message)
                 else:  # changed meanwhile (a wake won the race) or gone: look again with fresh state
@@ -711,12 +712,17 @@ class Reconciler:
 
             guarded((down.key,), f"scaling {down.key} to 0", scale)
         for gone in result.delete_secrets:
-            try:
-                if kube.delete_secret(gone.namespace, gone.name):
-                    self._secrets.pop((gone.namespace, gone.name), None)
-                    log.info("deleted the key Secret of share group %s/%s", gone.namespace, gone.share_group)
-            except ApiException as exc:
-                log.warning("deleting Secret %s/%s: %s", gone.namespace, gone.name, api_error(exc)[1])
+
+            def delete_secret(x: SecretDeletion = gone) -> None:
+                deleted = kube.delete_secret(x.namespace, x.name, x.uid)
+                self._secrets.pop((x.namespace, x.name), None)  # gone, or another one: listed again
+                if deleted:
+                    log.info("deleted the key Secret of share group %s/%s", x.namespace, x.share_group)
+                else:
+                    self._secrets_listed = 0.0
+
+            # No model's write: a refusal is logged, and the next pass plans the deletion again.
+            guarded((), f"deleting the key Secret of share group {gone.share_group}", delete_secret)
         return failed
 
     def _settle_failures(
@@ -796,19 +802,29 @@ class Reconciler:
                 metrics.REPORTS_QUEUED.set(self._reports.backlog)
 
     def _write_report(self, report: Report) -> None:
-        """Create the model's Service, then post its Events and write its status."""
+        """Create the model's Service, then post its Events and write its status. Leadership is asked
+        before each write (each may wait up to a request timeout): a Lease lost meanwhile stops the
+        rest, which the new leader reports from its own passes."""
         kube, model = self.kube, report.model
-        if not self._is_leader():  # the new leader reports from its own passes
+
+        def lost() -> bool:
+            if self._is_leader():
+                return False
             self._reported.refused(model.uid, report.token)
             with self._shared_lock:
                 for service in report.services:
                     self._creating.pop((service.namespace, service.name), None)
-            return
+            return True
+
         for service in report.services:
+            if lost():
+                return
             self._create_service(service)
         # The Events first: whoever sees the status (a user, a controller, a test) finds the Events that
         # explain it already there. Best effort, never in the way of the status.
         for event in report.events:
+            if lost():
+                return
             try:
                 repeat = self._posted.repeat_of(model.uid, event)
                 if repeat is None:
@@ -820,6 +836,8 @@ class Reconciler:
             except Exception:
                 log.exception("could not post event %s on %s/%s", event.reason, model.namespace, model.name)
         if report.status is not None:
+            if lost():
+                return
             try:
                 kube.patch_model_status(model, report.status)
             except Exception as exc:

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import urllib3
 from apiserver_stub import ApiServerStub
+from kubernetes.client.exceptions import ApiException
 from test_planner import model
 
 from vnpu import api
@@ -43,7 +44,7 @@ def every_call(kube: Kube) -> dict[str, Callable[[], Any]]:
         "create_service": lambda: kube.create_service({"metadata": {"namespace": "ns", "name": "vnpu-a"}}),
         "create_pod": lambda: kube.create_pod(pod("p")),
         "create_secret": lambda: kube.create_secret({"metadata": {"namespace": "ns", "name": "s"}}),
-        "delete_secret": lambda: kube.delete_secret("ns", "s"),
+        "delete_secret": lambda: kube.delete_secret("ns", "s", "uid-s"),
         "set_secret_owners": lambda: kube.set_secret_owners("ns", "s", []),
         "delete_pod": lambda: kube.delete_pod("ns", "p"),
         "set_pod_owners": lambda: kube.set_pod_owners("ns", "p", []),
@@ -165,3 +166,20 @@ def test_a_name_held_by_someone_elses_object_is_found_and_told_apart_from_ours(s
     assert kube.find_pod("ns", "p").managed  # type: ignore[union-attr]
     secret_gets = [(m, p) for m, p, _ in stub.requests if "/secrets" in p]
     assert secret_gets and all(m == "GET" and "fieldSelector=metadata.name%3Ds" in p for m, p in secret_gets)
+
+
+def test_a_key_secret_is_deleted_only_while_it_is_the_one_seen(stub: ApiServerStub) -> None:
+    """A uid precondition: a Secret made again since (a new leader's) is another one, and stays; the
+    API server's 409 for it is no error."""
+    kube = Kube(stub.api_client(retries=0))
+    assert kube.delete_secret("ns", "s", "uid-s")
+    method, path, body = stub.writes[-1]
+    assert (method, path) == ("DELETE", "/api/v1/namespaces/ns/secrets/s")
+    assert body["preconditions"] == {"uid": "uid-s"}
+
+    class Conflict:
+        def delete_namespaced_secret(self, *args: Any, **kwargs: Any) -> None:
+            raise ApiException(status=409, reason="Conflict")
+
+    kube.core = Conflict()  # type: ignore[assignment]
+    assert kube.delete_secret("ns", "s", "uid-s") is False
