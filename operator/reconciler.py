@@ -16,6 +16,9 @@ does a refused PodDisruptionBudget, written after the pods: it backs off the bud
 operator creates that someone else's object holds (a pod's, a share group's key Secret's) fails the
 models it is for the same way, with the reason (``PodNameTaken``, ``KeySecretNameTaken``): the other
 object is left alone, and without this the name was planned, and its create refused, in every pass.
+A refused status write (a webhook, a CRD rule) backs off the model's status and Events alone (the same
+delays): it cannot say so in the status, so the log does, and the count in
+``vnpu_operator_api_errors_total``.
 """
 
 from __future__ import annotations
@@ -208,10 +211,14 @@ class Reconciler:
         self._creating: dict[tuple[str, str], tuple[ObservedService, float]] = {}
         #: Writes the reporter had refused since the last pass: model -> (reason, message).
         self._late_failures: dict[str, tuple[str, str]] = {}
+        #: Models whose status write the API server refused, backing off: their statuses and Events go
+        #: again once ``retry_at`` has passed (``_clock`` seconds), or at once when the spec changed.
+        #: uid -> (refusals in a row, retry_at, generation refused)
+        self._status_refused: dict[str, tuple[int, float, int]] = {}
         #: Namespaces whose NetworkPolicy was last found or made as wanted, and when (monotonic
         #: seconds): looked at again after a resync period (a deleted or edited one comes back).
         self._policies_kept: dict[str, float] = {}
-        self._shared_lock = threading.Lock()  # the three above are shared with the reporter's threads
+        self._shared_lock = threading.Lock()  # the four above are shared with the reporter's threads
         self._requeue_after: float | None = None
         self._series = metrics.ModelSeries()  #: the per-model series of the models that went go
         #: Services, status patches and Events go out from here (REPORT_CONCURRENCY threads) while the
@@ -451,6 +458,9 @@ class Reconciler:
         live = {f"{m.namespace}/{m.name}": m.uid for m in models}  # "namespace/name" -> uid
         # A model deleted and created again (a new uid) inherits neither backoff nor message.
         self._failures = {k: f for k, f in self._failures.items() if live.get(failure_model(k)) == f.uid}
+        uids = set(live.values())
+        with self._shared_lock:
+            self._status_refused = {u: r for u, r in self._status_refused.items() if u in uids}
         started = time.perf_counter()
         self._progress.stage("planning")
         result = plan(
@@ -491,6 +501,12 @@ class Reconciler:
     def _wake_soon(self) -> None:
         if self._loop_ref is not None:
             self._loop_ref.call_soon_threadsafe(self._wake.set)
+
+    def _wake_in(self, seconds: float) -> None:
+        """A pass in ``seconds`` (from any thread)."""
+        loop = self._loop_ref
+        if loop is not None:
+            loop.call_soon_threadsafe(loop.call_later, seconds, self._wake.set)
 
     # -- writes ----------------------------------------------------------------------------------------
     def _apply(self, result: Plan) -> dict[str, tuple[str, str]]:
@@ -767,7 +783,7 @@ class Reconciler:
                 intent.owner.key, Report(result.outcomes[intent.owner.key][0], services=(intent,))
             )
         for u in result.statuses:
-            if not (u.changed or u.events):
+            if not (u.changed or u.events) or self._status_waits(u.model):
                 continue
             status, token = (
                 (u.status, self._reported.submitted(u.model.uid, u.status)) if u.changed else (None, 0)
@@ -784,6 +800,30 @@ class Reconciler:
             metrics.PLACED_REPLICAS.labels(*labels).set(update.placed)
             metrics.UNPLACED_REPLICAS.labels(*labels).set(update.unplaced)
             metrics.SAVED_BY_SHARING_MIB.labels(*labels).set(update.saved_mib)
+
+    def _status_waits(self, model: ObservedModel) -> bool:
+        """Whether the model's status (and with it its Events) waits out the backoff of a refused
+        write: the same refusal, and its Warning Event counted, once a pass, would be writes per pass
+        for as long as it lasts. A changed spec is tried at once."""
+        with self._shared_lock:
+            refused = self._status_refused.get(model.uid)
+            if refused is None:
+                return False
+            if refused[2] != model.generation:
+                del self._status_refused[model.uid]
+                return False
+            return self._clock() < refused[1]
+
+    def _status_refused_now(self, model: ObservedModel) -> float:
+        """Back the model's status writes off after a refusal; the seconds until they go again (a
+        pass is woken then)."""
+        with self._shared_lock:
+            before = self._status_refused.get(model.uid)
+            attempts = before[0] + 1 if before is not None and before[2] == model.generation else 1
+            delay = backoff_seconds(attempts, self.config.backoff_seconds, self.config.max_backoff_seconds)
+            self._status_refused[model.uid] = (attempts, self._clock() + delay, model.generation)
+        self._wake_in(delay)
+        return delay
 
     def _report_worker(self) -> None:
         """One of the reporter's threads: write each model's report in turn, until stopped."""
@@ -843,10 +883,21 @@ class Reconciler:
             except Exception as exc:
                 self._reported.refused(model.uid, report.token)
                 if not isinstance(exc, ApiException):
-                    raise
+                    raise  # unanswered: no refusal, the next pass writes it again
                 reason, message = api_error(exc)
                 self._series.count_api_error(model.namespace, model.name, reason)
-                log.warning("status of %s/%s refused: %s", model.namespace, model.name, message)
+                delay = self._status_refused_now(model)
+                log.warning(
+                    "status of %s/%s refused: %s (retrying in %gs)",
+                    model.namespace,
+                    model.name,
+                    message,
+                    delay,
+                    extra={"reason": reason},
+                )
+                return
+            with self._shared_lock:
+                self._status_refused.pop(model.uid, None)
 
     def _create_service(self, intent: ServiceIntent) -> None:
         key = (intent.namespace, intent.name)

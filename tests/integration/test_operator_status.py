@@ -184,8 +184,9 @@ def test_a_status_the_server_refuses_posts_no_event_per_pass(
     control_plane: Any, namespace: str, refused_statuses: None
 ) -> None:
     """Each pass sees the model's flip to CapacityPending against the status the server holds, which
-    the refused write never changed: before the fix it posted a new Warning Event on every pass."""
-    op = Operator(control_plane, namespace, placeholders=False)
+    the refused write never changed: before the fix it posted a new Warning Event on every pass. (No
+    backoff here, so every pass retries the refused status: tests/operator/test_status_refused.py.)"""
+    op = Operator(control_plane, namespace, placeholders=False, backoff_seconds=0)
     op.apply("a", spec(1, placement={"nodeSelector": {"zone": "none"}}))  # never placed
     probe = parse_model(op.model("a"))
 

@@ -148,10 +148,11 @@ class RefusingKube:
 
 def test_a_refused_status_write_posts_no_event_per_pass() -> None:
     """The pass's Events come from the flips it sees against the status it plans from; with that status
-    never written, every pass sees the same flip again. The reporter posts the same Event once."""
+    never written, every pass sees the same flip again. The reporter posts the same Event once. (No
+    backoff here: every pass retries the status, test_status_refused.py has the backoff.)"""
     m = model("a", 1, weights={"sizeMiB": 4096}, placement={"nodeSelector": {"zone": "none"}})  # never placed
     kube = RefusingKube([m])
-    rec = Reconciler(OperatorConfig(placeholders=False), kube=kube)  # type: ignore[arg-type]
+    rec = Reconciler(OperatorConfig(placeholders=False, backoff_seconds=0), kube=kube)  # type: ignore[arg-type]
     for _ in range(4):
         rec.reconcile([m], [node("n1")], [])  # the model as the server holds it: no status
         while rec._reports.backlog:
