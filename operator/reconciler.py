@@ -343,6 +343,17 @@ class Reconciler:
                     more = f" (and {len(waiting) - 1} more)" if len(waiting) > 1 else ""
                     message += f"; waiting {now - call_since:.0f}s for the API server on: {what}{more}"
             raise Unhealthy(f"{message}; last error: {self._last_error or 'none'}")
+        # Passes that go through on a store that stopped hearing from the API server (a LIST refused
+        # for minutes: RBAC taken away, a broken aggregation layer) plan from an old view of the
+        # cluster; a restart starts every informer over, and the restarts say so.
+        stale = self._cache.stale_for() if self._cache is not None else 0.0
+        if stale > limit:
+            which = max(self._cache.informers, key=lambda i: i.stale_for()).name
+            raise Unhealthy(
+                f"the {which} informer has not heard from the API server for {stale:.0f}s "
+                f"(limit {limit:g}s): passes plan from a store that may have missed changes; "
+                f"last error: {self._last_error or 'none'}"
+            )
         return {
             "passes": self._passes,
             "last_ok_age_s": None if self._last_ok is None else round(now - self._last_ok, 1),

@@ -45,8 +45,22 @@ class Clock:
             self.now += seconds
 
 
+class StaleInformer:
+    def __init__(self, name: str, stale: float) -> None:
+        self.name, self.stale = name, stale
+
+    def stale_for(self) -> float:
+        return self.stale
+
+
 class EmptyCache:
     """The informers' caches of a cluster with nothing in it: the plan comes from the test."""
+
+    def __init__(self, *informers: StaleInformer) -> None:
+        self.informers = list(informers)
+
+    def stale_for(self) -> float:
+        return max((i.stale_for() for i in self.informers), default=0.0)
 
     def snapshot(self) -> tuple[list[Any], list[Any], list[Any]]:
         return [], [], []
@@ -182,4 +196,19 @@ def test_a_failed_pass_leaves_no_progress_behind(monkeypatch: pytest.MonkeyPatch
     assert clock() - 1000 == MIN_UNHEALTHY_SECONDS  # the last pass that went through ended at 1000
     clock.advance(1)
     with pytest.raises(Unhealthy, match="went through for 121s and none is running"):
+        rec.health()
+
+
+def test_passes_on_a_store_that_stopped_hearing_from_the_api_server_are_unhealthy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Passes go through, but the pods informer's LIST has been refused for longer than the limit: they
+    plan from an old view of the cluster, and nothing said so. A restart starts every informer over."""
+    clock = Clock()
+    rec, run_pass = reconciler_on(clock, SlowKube(clock, []), monkeypatch, resync=10)
+    run_pass(Plan())
+    rec._cache = EmptyCache(StaleInformer("nodes", 0.0), StaleInformer("pods", MIN_UNHEALTHY_SECONDS - 1))
+    assert isinstance(rec.health(), dict)  # a LIST failing for a while: its backoff, not a restart
+    rec._cache.informers[1].stale = MIN_UNHEALTHY_SECONDS + 5
+    with pytest.raises(Unhealthy, match=r"the pods informer has not heard from the API server for 125s"):
         rec.health()
