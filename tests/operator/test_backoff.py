@@ -157,7 +157,7 @@ class OneNamespaceQuotaKube(QuotaKube):
         self.quota_full = manifest["metadata"]["namespace"] == self.full
         return super().create_pod(manifest)
 
-    def delete_secret(self, namespace: str, name: str) -> bool:
+    def delete_secret(self, namespace: str, name: str, uid: str = "") -> bool:
         return False
 
 
@@ -322,7 +322,7 @@ class PerModelKube:
     def create_secret(self, manifest: dict[str, Any]) -> None:
         return None
 
-    def delete_secret(self, namespace: str, name: str) -> bool:
+    def delete_secret(self, namespace: str, name: str, uid: str = "") -> bool:
         return True
 
 
