@@ -576,7 +576,9 @@ def plan(
     packed = packing.pack(packer_nodes, demands, current, offered=wake, preempt=preempt)
     # A warm holder is a speculative copy: replicas that would wait, or preempt running ones, take its
     # room (else a model at zero replicas held memory more firmly than a running one of any priority).
-    reclaimable = [h for h in warm_holders if (h.namespace, h.name) not in pinned]
+    reclaimable = [  # (those whose memory ``held`` counts: the ones a second packing can free)
+        h for h in warm_holders if (h.namespace, h.name) not in pinned and h.device and _holds_memory(h)
+    ]
     reclaimed: set[tuple[str, str]] = set()
     if reclaimable and _shortfall(packed):
         reclaimed, packed = _reclaim_warm(reclaimable, packed, held, outside, holders_of, nodes, view,
