@@ -279,7 +279,8 @@ def test_everything_the_operator_writes_passes(control_plane, setup) -> None:
 
     # Created: the key Secret first, then the pods, the Services, the NetworkPolicy and the budget.
     (secret,) = [o for o in objects.values() if o["kind"] == "Secret"]
-    assert kube.create_secret(secret) is not None
+    made = kube.create_secret(secret)
+    assert made is not None
     pods = [o for o in objects.values() if o["kind"] == "Pod"]
     for pod in pods:
         assert kube.create_pod(pod), pod["metadata"]["name"]
@@ -380,7 +381,7 @@ def test_everything_the_operator_writes_passes(control_plane, setup) -> None:
     # Deleted: every pod (one forced, as on a lost node) and the Secret.
     for i, pod in enumerate(pods):
         assert kube.delete_pod(home, pod["metadata"]["name"], force=i == 0)
-    assert kube.delete_secret(home, secret["metadata"]["name"])
+    assert kube.delete_secret(home, secret["metadata"]["name"], made.uid)
 
 
 def replica(setup: Setup) -> dict[str, Any]:
