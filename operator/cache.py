@@ -65,6 +65,7 @@ from vnpu.operator.state import (
     ObservedNode,
     ObservedPod,
     ObservedService,
+    labelled_managed,
     parse_budget,
     parse_model,
     parse_node,
@@ -495,10 +496,7 @@ class ClusterCache:
 
         def pod(obj: Mapping[str, Any]) -> tuple[str, ObservedPod] | None:
             meta = obj.get("metadata", {})
-            labels = meta.get("labels") or {}
-            ours = labels.get(api.LABEL_MANAGED_BY) == api.MANAGED_BY_VALUE and (
-                not served or meta.get("namespace") in served
-            )
+            ours = labelled_managed(meta) and (not served or meta.get("namespace") in served)
             parsed = parse_pod(obj, managed=ours)
             if not ours and not (parsed.requests and parsed.node and not parsed.finished):
                 return None

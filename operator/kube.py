@@ -29,6 +29,7 @@ from vnpu.operator.state import (
     ObservedPod,
     ObservedSecret,
     ObservedService,
+    labelled_managed,
     parse_budget,
     parse_pod,
     parse_secret,
@@ -439,21 +440,17 @@ class Kube:
             log.warning("could not count event %s/%s: %s", namespace, name, exc.reason)
 
 
-def _managed(meta: Mapping[str, Any]) -> bool:
-    return (meta.get("labels") or {}).get(api.LABEL_MANAGED_BY) == api.MANAGED_BY_VALUE
-
-
 def _parse_key_secret(obj: Mapping[str, Any]) -> ObservedSecret:
     """A Secret found by name: its share group only when labelled as the operator's key Secret."""
     meta = obj.get("metadata") or {}
     secret = parse_secret(obj)
-    if _managed(meta) and (meta.get("labels") or {}).get(api.LABEL_ROLE) == ROLE_SHARE_KEY:
+    if labelled_managed(meta) and (meta.get("labels") or {}).get(api.LABEL_ROLE) == ROLE_SHARE_KEY:
         return secret
     return replace(secret, share_group="")
 
 
 def _parse_any_pod(obj: Mapping[str, Any]) -> ObservedPod:
-    return parse_pod(obj, managed=_managed(obj.get("metadata") or {}))
+    return parse_pod(obj, managed=labelled_managed(obj.get("metadata") or {}))
 
 
 def _body(resp: Any) -> Any:

@@ -371,6 +371,12 @@ def parse_secret(obj: Mapping[str, Any]) -> ObservedSecret:
     )
 
 
+def labelled_managed(meta: Mapping[str, Any]) -> bool:
+    """Whether an object's labels mark it as this operator's (``vnpu.io/managed-by``). The one test
+    for it: the informers, the parsers and the reads by name all ask here."""
+    return (meta.get("labels") or {}).get(api.LABEL_MANAGED_BY) == api.MANAGED_BY_VALUE
+
+
 def _controller_uid(meta: Mapping[str, Any]) -> str | None:
     """The uid of the object's controller (its ownerReference with ``controller: true``), if any."""
     controller = next((o for o in meta.get("ownerReferences") or [] if o.get("controller")), None)
@@ -400,7 +406,7 @@ def parse_budget(obj: Mapping[str, Any]) -> ObservedBudget:
         uid=meta.get("uid", ""),
         controller_uid=_controller_uid(meta),
         terminating=meta.get("deletionTimestamp") is not None,
-        managed=(meta.get("labels") or {}).get(api.LABEL_MANAGED_BY) == api.MANAGED_BY_VALUE,
+        managed=labelled_managed(meta),
         selector=tuple(sorted((str(k), str(v)) for k, v in labels.items())) if only_labels else None,
         max_unavailable="" if spec.get("maxUnavailable") is None else str(spec["maxUnavailable"]),
         min_available="" if spec.get("minAvailable") is None else str(spec["minAvailable"]),
