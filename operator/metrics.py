@@ -164,6 +164,7 @@ def forget_models(live: Collection[tuple[str, str]]) -> int:
     A labelled child lives until removed: without this a deleted model's gauges would report their
     last value forever (``sum(vnpu_operator_placed_replicas)`` counting replicas long gone), and a
     tenant creating and deleting models would grow the operator's memory and the scrape without end.
+    It scans every series: the passes remove a gone model's by their labels instead (:class:`ModelSeries`).
     """
     removed = 0
     for metric, names in PER_MODEL:
@@ -175,30 +176,44 @@ def forget_models(live: Collection[tuple[str, str]]) -> int:
     return removed
 
 
+def forget_model(namespace: str, name: str, api_error_reasons: Collection[str] = ()) -> None:
+    """Remove one model's series by their labels: no scan, whatever the number of models."""
+    for metric, names in PER_MODEL:
+        if names == MODEL_LABELS:
+            metric.remove(namespace, name)
+    for reason in api_error_reasons:
+        API_ERRORS.remove(namespace, name, reason)
+
+
 class ModelSeries:
-    """When to call :func:`forget_models`: after a pass in which a model went, since it scans every
-    series (~7 ms at 500 models), and after a late count.
+    """Which models have series, so that a model's go with it, removed by their labels after the pass
+    in which it went (a scan of every series cost 0.63 s per deletion at 50,000 models).
 
     A count from another thread (the reporter's, writing a status the pass planned) can land just
     after its model's series went and bring one back; the model is noted here so that the next pass
-    removes it again instead of keeping it until some other model is deleted.
+    removes it again instead of keeping it for ever.
     """
 
     def __init__(self) -> None:
         self._seen: frozenset[tuple[str, str]] = frozenset()
         self._late: set[tuple[str, str]] = set()
+        self._error_reasons: dict[tuple[str, str], set[str]] = {}  #: the labels of its error series
         self._lock = threading.Lock()
 
     def count_api_error(self, namespace: str, name: str, reason: str) -> None:
         API_ERRORS.labels(namespace, name, reason).inc()
         with self._lock:  # after the count: a pass that takes this name finds the series to remove
             self._late.add((namespace, name))
+            self._error_reasons.setdefault((namespace, name), set()).add(reason)
 
     def after_pass(self, live: Collection[tuple[str, str]]) -> int:
-        """Remove the series of the models not in ``live``, if any can exist; returns how many went."""
+        """Remove the series of the models not in ``live``; returns how many models' went."""
+        live = frozenset(live)
         with self._lock:
             late, self._late = self._late, set()
-        live = frozenset(live)
-        removed = forget_models(live) if (self._seen | late) - live else 0
+            gone = (self._seen | late) - live
+            reasons = {model: self._error_reasons.pop(model, set()) for model in gone}
+        for namespace, name in gone:
+            forget_model(namespace, name, reasons[namespace, name])
         self._seen = live
-        return removed
+        return len(gone)

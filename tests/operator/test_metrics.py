@@ -57,3 +57,26 @@ def test_no_scan_while_no_model_goes() -> None:
     assert tracker.after_pass({("team-a", "stays"), ("team-a", "new")}) == 0
     assert len(series("stays")) == 3  # the gauge, the counter and its _created
     metrics.forget_models(set())
+
+
+def test_a_gone_model_s_series_go_by_their_labels_without_a_scan(monkeypatch) -> None:
+    """A scan of every series cost 0.63 s per deletion at 50,000 models: the pass removes by label."""
+    tracker = metrics.ModelSeries()
+    for name in ("stays", "goes"):
+        metrics.PLACED_REPLICAS.labels("team-a", name).set(1)
+        metrics.SCALED_TO_ZERO.labels("team-a", name).inc()
+        for reason in ("Forbidden", "Invalid"):
+            tracker.count_api_error("team-a", name, reason)
+    tracker.after_pass({("team-a", "stays"), ("team-a", "goes")})
+    stays = series("stays")
+
+    def no_scan(*_args: object) -> None:
+        raise AssertionError("the series were scanned")
+
+    for metric, _names in metrics.PER_MODEL:
+        monkeypatch.setattr(metric, "collect", no_scan)
+    assert tracker.after_pass({("team-a", "stays")}) == 1
+    monkeypatch.undo()
+    assert series("goes") == []
+    assert series("stays") == stays
+    metrics.forget_models(set())
