@@ -585,8 +585,7 @@ class Reconciler:
                     f"{intent.role} pod is not created until that pod is deleted or renamed"
                 )
                 log.warning("%s", message, extra={"models": list(intent.models)})
-                for model in models:
-                    failed.setdefault(model, (POD_NAME_TAKEN, message))
+                fail(models, POD_NAME_TAKEN, message)  # a refused write (409) as any other, and counted
 
             guarded(models, f"creating {intent.role} pod {intent.name}", write)
 
@@ -623,8 +622,7 @@ class Reconciler:
                     "renamed, or the models get another spec.shareGroup"
                 )
                 log.warning("%s", message, extra={"models": list(intent.models)})
-                for model in intent.models:
-                    failed.setdefault(model, (KEY_SECRET_NAME_TAKEN, message))
+                fail(intent.models, KEY_SECRET_NAME_TAKEN, message)
 
             guarded(intent.models, f"creating the key Secret of share group {intent.share_group}", write)
 

@@ -30,6 +30,11 @@ def no_model_series_left() -> Iterator[None]:
     metrics.forget_models(set())
 
 
+def api_errors(namespace: str, name: str, reason: str) -> float | None:
+    labels = {"namespace": namespace, "model": name, "reason": reason}
+    return metrics.REGISTRY.get_sample_value("vnpu_operator_api_errors_total", labels)
+
+
 class Response:
     def __init__(self, body: Any) -> None:
         self.data = json.dumps(body).encode()
@@ -134,6 +139,7 @@ def test_a_tenants_secret_on_the_key_name_backs_the_group_off_instead_of_a_pass_
     assert kube.pods == [] and rec._models_in_backoff() == 1
     ((key, failure),) = rec._failures.items()
     assert key == "team/chat" and failure.reason == KEY_SECRET_NAME_TAKEN
+    assert api_errors("team", "chat", KEY_SECRET_NAME_TAKEN) == posts  # counted as any refused write
 
 
 def test_the_groups_models_say_whose_secret_holds_the_name_and_retry_after_their_backoff() -> None:
@@ -235,6 +241,7 @@ def test_a_pod_name_held_by_someone_elses_pod_fails_the_model(managed: bool) -> 
             return
         assert condition["status"] == "True" and condition["reason"] == POD_NAME_TAKEN
         assert f"pod {replica} exists in ns and is not labelled" in condition["message"]
+        assert api_errors("ns", "a", POD_NAME_TAKEN) == 1  # counted as any refused write
         kube.calls.clear()
         again = rec.reconcile([m], [node("n1")], [])  # within its backoff: no POST
         assert kube.calls == [] and degraded(again.statuses[0])["reason"] == POD_NAME_TAKEN
