@@ -463,10 +463,27 @@ class Ledger:
             self._sync_wanted.clear()
             fd = self._journal_fd
             if fd is not None:
-                with contextlib.suppress(OSError):  # closed under us at shutdown: close() syncs once more
+                try:
                     os.fdatasync(fd)
+                except OSError as exc:
+                    if exc.errno != errno.EBADF and not self._closing:  # EBADF: closed under us at shutdown
+                        self._journal_sync_failed(exc)
             if self._closing:
                 return
+
+    def _journal_sync_failed(self, exc: OSError) -> None:
+        """A background fdatasync failed (EIO: the disk lost the write). The records are in memory,
+        and Linux may have marked their pages clean, so a later sync would not write them again:
+        write the whole ledger to a new snapshot at the next compaction chance (the next record or
+        reconcile, a few seconds), which takes nothing from the journal's failed pages."""
+        with self._lock:
+            self._compact_wanted = True
+            self._compact_retry_at = 0.0
+        log.error(
+            "syncing the ledger journal to disk failed; the ledger will be written whole to a new "
+            "snapshot at the next record or reconcile",
+            extra={"path": str(self.journal), "error": repr(exc)},
+        )
 
     def close(self) -> None:
         """Sync and close the journal (idempotent)."""

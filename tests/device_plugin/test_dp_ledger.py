@@ -496,3 +496,33 @@ def test_a_long_journal_of_large_records_is_applied_as_it_is_read(tmp_path):
     finally:
         tracemalloc.stop()
     assert peak < 8 * 2**20, f"load() peaked at {peak / 2**20:.0f} MiB"
+
+
+def test_a_failed_background_sync_writes_the_ledger_whole_to_a_new_snapshot(tmp_path, monkeypatch, caplog):
+    """``async`` mode fdatasyncs the journal on a thread; an EIO there was swallowed. On Linux the
+    failed pages may be marked clean, so no later sync writes them: the allocation lived only in the
+    page cache. Now the failure is logged and the next record (or reconcile) compacts: the whole
+    ledger goes to a new, synced snapshot."""
+    caplog.set_level(logging.INFO, logger="vnpu.device_plugin.ledger")
+    path = tmp_path / "checkpoint.json"
+    ledger = Ledger(path, sync="async")
+    ledger.load()
+    real_fdatasync, failed = os.fdatasync, []
+
+    def lost_write(fd: int) -> None:
+        if not failed:
+            failed.append(fd)
+            raise OSError(errno.EIO, "Input/output error")
+        real_fdatasync(fd)
+
+    monkeypatch.setattr(ledger_module.os, "fdatasync", lost_write)
+    ledger.record(alloc(["npu0-s0"], A))
+    deadline = time.monotonic() + 30
+    while "syncing the ledger journal to disk failed" not in caplog.text and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert failed and "syncing the ledger journal to disk failed" in caplog.text
+    ledger.record(alloc(["npu0-s1"], B))
+    assert ledger.journal.read_text() == ""  # compacted at once, not after JOURNAL_COMPACT_AT records
+    snapshot = json.loads(path.read_text())["allocations"]
+    assert sorted(s for a in snapshot for s in a["slices"]) == ["npu0-s0", "npu0-s1"]
+    ledger.close()
