@@ -109,27 +109,28 @@ class EstimateCache:
         """Each model's estimate, its error (retried once its backoff ends) or EstimatePending. Waits up
         to ``wait_s`` (None: for good) for the files this call queued to be read."""
         queued: set[_Key] = set()
-        for m in models:
-            key = (m.uid, m.generation)
-            with self._cond:
-                if key in self._ok or self._queued_or_reading(key) or self._backing_off(key):
-                    continue
-            spec = m.raw_spec
-            try:  # the spec alone, if it gives the estimate: nothing is opened
-                estimate = checked(lambda: self._run(spec, read_files=False))  # noqa: B023 (called here)
-            except FilesNeeded:
-                self._enqueue(_Job(key, m.namespace, m.name, spec))
-                queued.add(key)
-            except EstimateError as exc:
-                self._record(key, f"{m.namespace}/{m.name}", exc)
-            else:
-                self._record(key, f"{m.namespace}/{m.name}", estimate)
-        if queued:
-            with self._cond:
-                self._awaited = queued
-                try:
+        try:
+            for m in models:
+                key = (m.uid, m.generation)
+                with self._cond:
+                    if key in self._ok or self._queued_or_reading(key) or self._backing_off(key):
+                        continue
+                spec = m.raw_spec
+                try:  # the spec alone, if it gives the estimate: nothing is opened
+                    estimate = checked(lambda: self._run(spec, read_files=False))  # noqa: B023 (called here)
+                except FilesNeeded:
+                    self._enqueue(_Job(key, m.namespace, m.name, spec), awaited=True)
+                    queued.add(key)
+                except EstimateError as exc:
+                    self._record(key, f"{m.namespace}/{m.name}", exc)
+                else:
+                    self._record(key, f"{m.namespace}/{m.name}", estimate)
+            if queued:
+                with self._cond:
                     self._cond.wait_for(lambda: not any(map(self._queued_or_reading, queued)), wait_s)
-                finally:
+        finally:
+            if queued:  # (marked by _enqueue)
+                with self._cond:
                     self._awaited = set()
         with self._cond:
             ahead = self._ahead()
@@ -226,10 +227,14 @@ class EstimateCache:
         return None
 
     # -- the workers' side -----------------------------------------------------------------------------
-    def _enqueue(self, job: _Job) -> None:
+    def _enqueue(self, job: _Job, awaited: bool = False) -> None:
+        """Queue ``job``; ``awaited``: the pass waits for it (its answer wakes nobody), marked under
+        the same lock, so a worker that answers before the pass starts waiting knows it too."""
         with self._cond:
             if self._closed:
                 return
+            if awaited:
+                self._awaited.add(job.key)
             self._queue.setdefault(job.namespace, deque()).append(job)
             self._queued.add(job.key)
             self._count_pending()
