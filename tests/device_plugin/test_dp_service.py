@@ -464,9 +464,17 @@ def test_a_missing_pod_resources_socket_is_logged_once_each_way_and_shows_in_the
         assert len(lines("answers again")) == 1
     finally:
         kubelet.stop()
-    wait_for(lambda: len(lines("cannot reconcile allocations")) == 2, timeout=5, what="a warning again")
+
+    # A warning again. A reconcile whose List was under way when the socket went may warn first that
+    # the List failed; then the missing socket, once.
+    def missing_again() -> bool:
+        warnings = lines("cannot reconcile allocations")
+        return len(warnings) >= 2 and "does not exist" in warnings[-1].getMessage()
+
+    wait_for(missing_again, timeout=5, what="a warning again")
+    warned = len(lines("cannot reconcile allocations"))
     time.sleep(0.3)
-    assert len(lines("cannot reconcile allocations")) == 2
+    assert warned in (2, 3) and len(lines("cannot reconcile allocations")) == warned
 
 
 class FakeRegistration(api_pb2_grpc.RegistrationServicer):
@@ -522,7 +530,7 @@ def test_registration_retries_back_off_and_are_logged_once_while_nothing_answers
     try:
         started = time.monotonic()
         wait_for(lambda: sorted(kubelet.resources) == resources, timeout=5, what="every endpoint registered")
-        assert time.monotonic() - started < 2.0  # not after the backoff
+        assert time.monotonic() - started < 3.0  # not after the backoff (its next try: 7.5 s after the start)
         # The fake records a resource when the RPC arrives; the plugin counts it once the RPC returns.
         wait_for(lambda: runner.registrations == len(resources), timeout=5, what="registrations counted")
         time.sleep(0.5)

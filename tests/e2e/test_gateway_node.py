@@ -163,7 +163,8 @@ def test_a_model_at_zero_with_keep_warm_always_answers_its_next_request(cluster:
     assert answer.model == "beta" and answer.choices
     # No replica was ready: the warm holder itself answered (minReplicas 0 with keepWarm), at once.
     assert raw.headers["x-vnpu-replica"] == holder["metadata"]["name"]
-    assert kget(cluster, "infm", "beta", "-n", NS)["spec"]["replicas"] == 1  # the gateway woke it
+    # The gateway woke it: its scale PATCH runs beside the answer, and may land just after it.
+    wait_until(lambda: kget(cluster, "infm", "beta", "-n", NS)["spec"]["replicas"] == 1, 30, "woken")
 
     def beta_replicas() -> list[dict[str, Any]]:
         return [

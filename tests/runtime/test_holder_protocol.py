@@ -694,6 +694,8 @@ def test_a_grant_the_holder_cannot_send_is_a_warning_not_a_detach(
         assert holder.clients == 0
         attach(holder.socket_path, ID, KEY, timeout=10).close()  # the next one gets its grant
         wait_until(lambda: holder.clients == 0, timeout=10)
+        # (its lease goes a moment before the line saying so)
+        wait_until(lambda: "replica detached" in [r.getMessage() for r in caplog.records], timeout=10)
     finally:
         holder.stop()
     (warning,) = [r for r in caplog.records if r.levelno >= logging.WARNING]

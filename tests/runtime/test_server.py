@@ -702,7 +702,8 @@ def test_a_drain_that_runs_out_ends_a_second_later_even_for_a_client_that_does_n
             server.stop_then(stopped.set)
             assert stopped.wait(30)
         took = time.monotonic() - began
-        assert drain_s <= took < drain_s + DRAIN_ERROR_SEND_S + 1, took
+        # One drain, not two (the bug: a second full drain); 3 s of room for a loaded event loop.
+        assert drain_s <= took < drain_s + DRAIN_ERROR_SEND_S + 3, took
         assert any("drain over" in r.getMessage() for r in caplog.records)
         stats = asyncio.run(_idle(rt, timeout=5))
         assert stats["blocks_used"] == 0
