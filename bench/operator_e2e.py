@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from vnpu import api
-from vnpu.bench.probes import peak_rss_kib, rss_kib
+from vnpu.bench.probes import cpu_seconds, peak_rss_kib, rss_kib
 from vnpu.bench.report import percentile, provenance, results_dir, write_table
 
 GIB = 1024
@@ -56,6 +56,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--nodes", type=int, default=200)
     parser.add_argument("--devices-per-node", type=int, default=8)
     parser.add_argument("--timeout", type=float, default=600)
+    parser.add_argument(
+        "--rate", type=float, default=0.0,
+        help="models created per second (default 0: as fast as the API server takes them). A fixed "
+        "rate gives two commits the same arrivals: unpaced, an API server that takes creates faster "
+        "queues more models at the operator and shows as a longer create-to-pods latency",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=None, help="results directory (default bench/results)")
     args = parser.parse_args(argv)
     argv = list(argv)
@@ -141,8 +147,12 @@ def main(argv: list[str]) -> int:
                 ).start()
             time.sleep(3)  # operator start-up and initial listing are not what we measure
             created_at: dict[str, float] = {}
+            pids = {"operator": operator.pid} | {name: p.pid for name, p in cp.processes.items()}
+            cpu_at_start = {name: cpu_seconds(pid) for name, pid in pids.items()}
             t0 = time.perf_counter()
             for i in range(args.models):
+                if args.rate > 0:
+                    time.sleep(max(0.0, t0 + i / args.rate - time.perf_counter()))
                 body = _model(i, namespace)
                 custom.create_namespaced_custom_object(api.GROUP, api.VERSION, namespace, api.PLURAL, body)
                 created_at[body["metadata"]["name"]] = time.perf_counter()
@@ -164,6 +174,7 @@ def main(argv: list[str]) -> int:
 
             wait_until(converged, args.timeout, "all models placed and their pods created", interval=1.0)
             t_total = time.perf_counter() - t0
+            cpu_converge = {n: round(cpu_seconds(pid) - cpu_at_start[n], 2) for n, pid in pids.items()}
             # The statuses trail the pods (Ready as kwok starts them): the converge phase ends when
             # the operator has written nothing for 3 s (at most 120 s), then the steady state starts.
             burst = _api_load(metrics_port)
@@ -185,13 +196,15 @@ def main(argv: list[str]) -> int:
         finally:
             operator.stop()
 
-    latencies = sorted(max(first_seen[p] for p in pods) - created_at[name] for name, pods in expected.items())
+    by_arrival = [max(first_seen[p] for p in expected[name]) - created_at[name] for name in sorted(expected)]
+    latencies = sorted(by_arrival)
     pods_total = len({p for pods in expected.values() for p in pods})
     result = {
         "models": args.models,
         "nodes": args.nodes,
         "devices": args.nodes * args.devices_per_node,
         "pods": pods_total,
+        "arrival_rate_per_s": args.rate or None,
         "apply_seconds": round(t_applied, 2),
         "converge_seconds": round(t_total, 2),
         "statuses_settled_seconds": round(t_settled, 2),
@@ -203,6 +216,8 @@ def main(argv: list[str]) -> int:
         "api_reads_per_pass": round(burst["reads"] / max(1, burst["passes"]), 2),
         "steady_passes": steady["passes"],
         "steady_api_requests": steady["writes"] + steady["reads"],
+        "operator_cpu_s_converge": cpu_converge["operator"],
+        "apiserver_cpu_s_converge": cpu_converge.get("kube-apiserver"),
         "operator_peak_rss_mib": round(peak_rss_mib, 1),
         "operator_rss_mib_at_end": round(rss_mib, 1),
         "goal_converge_met": t_total <= 60,
@@ -213,9 +228,11 @@ def main(argv: list[str]) -> int:
     payload = {
         "provenance": provenance("operator", argv),
         "result": result,
+        "cpu_seconds_converge": cpu_converge,  # each process of the run, from the first create to converged
         "api_requests_converge": burst["by_kind"],
         "api_requests_steady": steady["by_kind"],
         "latencies_s": latencies,
+        "latencies_by_arrival_s": [round(x, 3) for x in by_arrival],
     }
     (out / "operator_e2e.json").write_text(json.dumps(payload, indent=2))
     write_table(out / "operator_e2e.md", [result], title="Operator end to end (real apiserver, kwok nodes)")
