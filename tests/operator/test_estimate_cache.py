@@ -143,6 +143,24 @@ def test_a_read_the_pass_waited_for_wakes_nobody(files: Files) -> None:
     assert not woken.is_set()
 
 
+def test_a_read_answered_before_the_pass_begins_its_wait_wakes_nobody(files: Files, monkeypatch) -> None:
+    """The pass marked its reads as awaited only after queueing them all: a worker that answered in
+    between saw no mark and woke a second pass for an answer the first one used."""
+    woken = threading.Event()
+    cache = cache_of(files, on_ready=woken.set)
+    files.release("a")
+    enqueue = cache._enqueue
+
+    def answered_before_returning(job: Any, **kwargs: Any) -> None:
+        enqueue(job, **kwargs)
+        until(lambda: not cache._queued_or_reading(job.key), "the read answered")
+
+    monkeypatch.setattr(cache, "_enqueue", answered_before_returning)
+    assert cache.lookup([slow("a")], wait_s=None)[("ns", "a")] == estimate(weights=2048)
+    assert not woken.wait(0.5)  # (the worker wakes a pass just after it records the answer)
+    cache.close()
+
+
 def test_a_new_generation_drops_the_old_ones_queued_read(files: Files) -> None:
     cache = cache_of(files, workers=1)
     cache.lookup([slow("a")], wait_s=0)
