@@ -836,13 +836,15 @@ def plan(
     deleted = {(d.namespace, d.name) for d in result.delete}
     # A model's budget follows its replica pods as this pass leaves them, those it places included; a
     # model whose writes were refused (a quota) and have not gone through since counts those it has.
+    # It waits for its own backoff only, not the model's: a budget left counting pods that a quota
+    # refused, or that were evicted since, would hold every drain of the model's nodes meanwhile.
     refused = {k for k in failures if failure_model(k) == k}
     pods_planned = [i for i in intents.values() if not refused.intersection(i.models)]
     replicas_left = disruption.replica_pods(ours, pods_planned, deleted)
     result.budgets = [
         i
         for i in disruption.plan_budgets(models, budgets_by_key, replicas_left)
-        if not not_now.intersection(i.models)
+        if not budgets_backoff.intersection(i.models)
     ]
     # A holder's budget follows whether a replica maps it; one deleted this pass needs no write (its
     # budget goes with it). It waits only while every model of the holder waits: one model's budget

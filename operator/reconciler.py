@@ -505,7 +505,12 @@ class Reconciler:
             extra={"creates": len(result.create), "deletes": len(result.delete), "failed": len(failed)},
         )
         retries = [r for m in models if (r := self._estimates.retry_in(m)) is not None]
-        waits = [w for w in (result.requeue_after, min(retries, default=None)) if w is not None]
+        # A model refused in this pass had its budget planned counting the replicas it was to create:
+        # the next pass counts those it has (its writes backing off) and puts the budget right, now.
+        refused_now = next(
+            (0.5 for i in result.create if i.role == api.ROLE_REPLICA and failed.keys() & set(i.models)), None
+        )
+        waits = [w for w in (result.requeue_after, min(retries, default=None), refused_now) if w is not None]
         self._requeue_after = max(0.5, min(waits)) if waits else None
         return result
 

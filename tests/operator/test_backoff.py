@@ -280,6 +280,53 @@ def test_a_holders_budget_comes_once_the_holder_is_seen_relaxes_in_place_and_bac
     assert f"creating PodDisruptionBudget {holder.name}" in condition["message"]
 
 
+class QuotaBudgetKube(QuotaKube):
+    """Pods refused while ``quota_full``; budgets created and their specs set, in memory."""
+
+    def __init__(self, models: list[Any]) -> None:
+        super().__init__(models)
+        self.budget_calls: list[str] = []
+
+    def create_budget(self, manifest: dict[str, Any]) -> bool:
+        self.budget_calls.append(f"create {manifest['metadata']['name']} {manifest['spec']['minAvailable']}")
+        return True
+
+    def set_budget_spec(self, namespace: str, name: str, spec: dict[str, Any]) -> None:
+        self.budget_calls.append(f"set {name} minAvailable {spec['minAvailable']}")
+
+    def delete_pod(self, namespace: str, name: str, force: bool = False) -> bool:
+        return True
+
+
+def test_a_model_refused_by_a_quota_has_its_budget_follow_the_pods_it_has_at_once() -> None:
+    """A replica evicted, its replacement refused by a full quota: the pass counted the replacement,
+    and the model's backoff then held its budget at 2 of 2 pods (no drain of its nodes) for the whole
+    backoff, up to 5 minutes. Now the next pass, half a second later, counts the 2 it has."""
+    m = model("a", 3, weights={"sizeMiB": 4096})
+    kube = QuotaBudgetKube([m])
+    kube.quota_full = False
+    rec = Reconciler(OperatorConfig(placeholders=False, backoff_seconds=60), kube=kube)  # type: ignore[arg-type]
+    nodes = [node("n1", devices=1)]
+    placed = rec.reconcile([m], nodes, [])
+    pods = as_pods([render(i, rec.config) for i in placed.create])
+
+    def model_budget_calls() -> list[str]:
+        return [c for c in kube.budget_calls if " vnpu-a " in c]  # (not its holder's)
+
+    assert model_budget_calls() == ["create vnpu-a 2"]
+    budget = parse_budget(disruption.manifest(placed.budgets[0]))
+
+    kube.quota_full = True
+    victim = next(p for p in pods if p.role == api.ROLE_REPLICA)
+    left = [p for p in pods if p is not victim]
+    refused = rec.reconcile([m], nodes, left, budgets=[budget])
+    assert degraded(refused.statuses[0])["reason"] == "Forbidden"
+    assert model_budget_calls() == ["create vnpu-a 2"]  # the replacement counted: nothing to change yet
+    assert rec._requeue_after == 0.5  # the next pass at once, not after the model's backoff
+    rec.reconcile([m], nodes, left, budgets=[budget])  # within the model's backoff
+    assert model_budget_calls()[1:] == ["set vnpu-a minAvailable 1"]  # one of its 2 may go
+
+
 class PerModelKube:
     """In memory: create_pod of a model named in ``refused`` raises ``error`` (an API refusal or a bug);
     every other write works and is logged."""

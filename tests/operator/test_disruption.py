@@ -316,9 +316,9 @@ def test_a_refused_budget_backs_off_the_budget_alone() -> None:
     # Nor the other way round: refused placeholders hold back neither the budget nor the replicas.
     waiting = run([m], [], failures={placeholders_failure_key(key): refused})
     assert waiting.create == [] and waiting.budgets == [BudgetIntent(m)]
-    # The model's own backoff holds its budget too (none of its writes until it has passed).
+    # The model's own backoff holds its pods, not its budget: that follows the pods it has (none here).
     held = run([m], [node("n1", devices=1)], failures={key: replace(refused, message="pods: quota")})
-    assert held.budgets == [] and held.create == []
+    assert held.budgets == [BudgetIntent(m)] and held.create == []
 
 
 def test_the_budgets_failure_key_is_the_models() -> None:
