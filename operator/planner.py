@@ -34,7 +34,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -445,8 +445,13 @@ def plan(
     }
     # Groups whose holders answer requests (vnpu.api.holder_serves): such a holder is another pod, and
     # its replicas are of another template, so a change rolls them onto it instead of pulling the
-    # holder they map from under them.
-    serving_groups = {group_of[key] for key, (m, _) in active.items() if m.spec and m.spec.holder_serves}
+    # holder they map from under them. From every model's spec, sized or not: a model still being sized
+    # (after a restart) must not flip its group, rolling the others and loading a second holder.
+    serving_groups = {
+        _group_key(m.namespace, m.spec.share_group, model_weights_id(m, config))
+        for m in models
+        if m.spec is not None and not m.deleting and m.spec.holder_serves
+    }
     # An offloaded model's holder identity also names how it holds the weights, which an older
     # operator's did not: its replicas, whose env carries the identity, are of another template, so an
     # upgrade rolls them onto the new holder instead of leaving them to look for the old one.
@@ -527,6 +532,13 @@ def plan(
         for p in ours
         if p.role == api.ROLE_WEIGHTS and not p.terminating and unsized.intersection(p.owner_uids)
     ]
+    # Its placeholders stay too (the packer charges them nothing): the autoscaler goes on seeing what
+    # the model asks for while its files are read.
+    kept_pods |= {
+        (p.namespace, p.name)
+        for p in ours
+        if p.role == api.ROLE_PLACEHOLDER and not p.terminating and unsized.intersection(p.owner_uids)
+    }
 
     # Scale to zero, keep-warm and wake (vnpu.operator.scaling): a group with no replicas keeps one
     # holder when warm; a waking model is offered the device of its group's holder first.
@@ -817,7 +829,9 @@ def plan(
             if p.share_group and key in live_models:
                 frozen_of[(p.namespace, p.share_group)].add(key)
     also = {group: [live_models[k] for k in sorted(keys)] for group, keys in frozen_of.items()}
-    _plan_secrets(result, refs.values(), ours, secrets, backoff, also)
+    # A model still being sized (files re-read after a restart) names its group too: its Secret stays.
+    named = {(m.namespace, m.spec.share_group) for m in models if m.spec is not None and not m.deleting}
+    _plan_secrets(result, refs.values(), ours, secrets, backoff, also, named)
     services_by_key = {(s.namespace, s.name): s for s in services}  # (namespace, name) -> Service
     service_of = {
         _model_key(m.namespace, m.name): plan_service(
@@ -937,8 +951,25 @@ def plan(
             service_problem=service_of[key].problem,
         )
         result.outcomes[key] = (m, outcome)
-        result.statuses.append(_status_update(m, outcome, now))
+        if _sized_before(m, est) and not outcome.lost_nodes and not outcome.problems:
+            result.statuses.append(_as_written_status(m, outcome))
+        else:
+            result.statuses.append(_status_update(m, outcome, now))
     return result
+
+
+def _sized_before(m: ObservedModel, est: object) -> bool:
+    """Whether ``m``'s files are being read again for a generation its status was already written
+    for: an operator that just started (estimates are kept in memory) sizing what the one before it
+    had. Its status then stays as written, not Estimating and back (two writes and an Event for each
+    such model at every restart), unless its pods say something new (a lost node, a problem)."""
+    return isinstance(est, EstimatePending) and m.status.get("observedGeneration") == m.generation
+
+
+def _as_written_status(m: ObservedModel, outcome: ModelOutcome) -> StatusUpdate:
+    placements = m.status.get("placements")
+    placed = len(placements) if isinstance(placements, list) else outcome.frozen_replicas
+    return StatusUpdate(m, {}, (), placed, 0, outcome.saved_mib, changed=False)
 
 
 def _as_written(m: ObservedModel, field_name: str) -> Mapping[str, Any] | None:
@@ -1439,10 +1470,12 @@ def _plan_secrets(
     secrets: Sequence[ObservedSecret],
     backoff: set[str],
     also: Mapping[tuple[str, str], Sequence[ObservedModel]],
+    named: Collection[tuple[str, str]],
 ) -> None:
     """One key Secret per (namespace, group) with an active model, owned by those models and by the
-    models in ``also`` (frozen ones whose running pods mount it); a Secret goes once no model of its
-    group is active and no pod of the group is left to mount it."""
+    models in ``also`` (frozen ones whose running pods mount it); a Secret goes once no model names
+    its group (``named``: (namespace, group) of every model not being deleted, sized or not) and no
+    pod of the group is left to mount it."""
     owners: dict[tuple[str, str], list[ModelRef]] = defaultdict(list)
     for ref in sorted(refs, key=lambda r: r.name):
         owners[(ref.namespace, ref.share_group)].append(ref)
@@ -1467,7 +1500,7 @@ def _plan_secrets(
         if p.share_group and p.role in (api.ROLE_REPLICA, api.ROLE_WEIGHTS)
     }
     for key, secret in sorted(existing.items()):
-        if key not in owners and key not in in_use and not secret.terminating:
+        if key not in owners and key not in in_use and key not in named and not secret.terminating:
             result.delete_secrets.append(SecretDeletion(key[0], secret.name, key[1], secret.uid))
 
 
