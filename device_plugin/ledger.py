@@ -142,6 +142,26 @@ class Allocation:
 _UNREADABLE = (OSError, ValueError, KeyError, TypeError, RecursionError, OverflowError)
 
 
+def _cut_torn_tail(fd: int) -> int:
+    """Cut the journal open on ``fd`` back to its last whole line; returns its size. A crash mid-write
+    leaves a torn last line, which load skips; a record appended to it would share its line and be
+    lost with it at the next load (when the compaction at load failed and kept the journal)."""
+    size = os.fstat(fd).st_size
+    end = size
+    while end > 0:
+        start = max(0, end - 65536)
+        chunk = os.pread(fd, end - start, start)
+        newline = chunk.rfind(b"\n")
+        if newline >= 0:
+            end = start + newline + 1
+            break
+        end = start
+    if end != size:
+        log.info("cut a torn line off the ledger journal", extra={"bytes": size - end})
+        os.ftruncate(fd, end)
+    return end
+
+
 class JournalWriteError(OSError):
     """The journal could not take an allocation (``filename`` is the journal); nothing was recorded."""
 
@@ -360,9 +380,9 @@ class Ledger:
             if self._journal_fd is None:
                 self.journal.parent.mkdir(parents=True, exist_ok=True)
                 self._journal_fd = os.open(
-                    self.journal, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600
+                    self.journal, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600
                 )
-                self._journal_bytes = os.fstat(self._journal_fd).st_size
+                self._journal_bytes = _cut_torn_tail(self._journal_fd)
             fd = self._journal_fd
             try:
                 written = 0

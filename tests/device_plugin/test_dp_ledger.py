@@ -526,3 +526,30 @@ def test_a_failed_background_sync_writes_the_ledger_whole_to_a_new_snapshot(tmp_
     snapshot = json.loads(path.read_text())["allocations"]
     assert sorted(s for a in snapshot for s in a["slices"]) == ["npu0-s0", "npu0-s1"]
     ledger.close()
+
+
+def test_a_record_after_a_torn_line_is_not_lost_with_it(tmp_path, monkeypatch):
+    """A crash mid-write leaves a torn last line; a restart whose compaction fails (a full volume)
+    keeps the journal, and the next record was appended onto that torn line: the load after skipped
+    both, losing an allocation the kubelet was told had succeeded. The torn tail is cut first."""
+    path = tmp_path / "checkpoint.json"
+    ledger = Ledger(path)
+    ledger.load()
+    ledger.record(alloc(["npu0-s0"], A))
+    ledger.close()
+    with ledger.journal.open("a") as f:
+        f.write('{"record":{"slices":["npu0-s1"],"dev')  # the crash, mid-record
+
+    def full() -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    restarted = Ledger(path)
+    monkeypatch.setattr(restarted, "_save_snapshot_locked", full)
+    assert restarted.load() == 1
+    restarted.record(alloc(["npu0-s2", "npu0-s3"], B))
+    restarted.close()
+    assert all(line.endswith("}") for line in ledger.journal.read_text().splitlines())
+    again = Ledger(path)
+    monkeypatch.setattr(again, "_save_snapshot_locked", full)
+    again.load()
+    assert sorted(again.held()) == ["npu0-s0", "npu0-s2", "npu0-s3"]
