@@ -383,11 +383,13 @@ class PluginRunner:
         if identity is None:
             self._pod_resources_trouble(f"its socket {sock} does not exist")
             return
-        if self._pod_resources_identity is not None and identity != self._pod_resources_identity:
+        if identity != self._pod_resources_identity:
+            # Also the first socket this plugin sees: it may have started while the kubelet restarted
+            # too, whose first Lists would leave out pods that still run.
             self._releases_held_until = time.monotonic() + self.config.release_grace_s
             log.info(
-                "the kubelet's pod-resources socket is new (a kubelet restart): releasing no slices for "
-                "%g s while the kubelet loads its pods",
+                "the kubelet's pod-resources socket is new to this plugin (the kubelet or the plugin "
+                "started): releasing no slices for %g s while the kubelet loads its pods",
                 self.config.release_grace_s,
                 extra={"socket": str(sock)},
             )

@@ -435,6 +435,27 @@ def test_a_list_that_leaves_out_running_pods_after_a_restart_releases_nothing(ru
         kubelet.stop()
 
 
+def test_a_pod_resources_socket_first_seen_after_the_start_holds_releases(run_plugin, stub_for, dirs):
+    """A plugin started while the kubelet restarts too (a node upgrade) saw no socket, then took the
+    new kubelet's for one it knew: that kubelet's first Lists, made before it has loaded its pods,
+    released the slices of a pod that still runs once the grace period was over."""
+    runner = run_plugin(release_grace_s=2.0, reconcile_interval_s=3600)
+    allocate(stub_for(runner), ["npu0-s0", "npu0-s1"])
+    runner.reconcile()  # no socket yet: the kubelet is starting
+    time.sleep(2.1)  # the allocation is older than the grace period
+    kubelet = FakePodResources(dirs.pod_resources_socket)  # up, its pods not loaded yet
+    try:
+        for _ in range(6):  # left out for 2.5 s: past the grace period, within the hold and a grace
+            runner.reconcile()
+            time.sleep(0.5)
+        assert sorted(runner.ledger.held()) == ["npu0-s0", "npu0-s1"]
+        kubelet.holders = {"llm-0": ["npu0-s0", "npu0-s1"]}  # loaded
+        runner.reconcile()
+        assert sorted(runner.ledger.held()) == ["npu0-s0", "npu0-s1"]
+    finally:
+        kubelet.stop()
+
+
 def test_a_missing_pod_resources_socket_is_logged_once_each_way_and_shows_in_the_metrics(
     run_plugin, dirs, caplog
 ):
