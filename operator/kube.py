@@ -271,20 +271,24 @@ class Kube:
         body = {"metadata": {"ownerReferences": owner_references}}
         self._patch("secrets", self.core.patch_namespaced_secret, namespace, name, body)
 
-    def delete_pod(self, namespace: str, name: str, *, force: bool = False) -> bool:
-        """Delete a pod; ``force`` skips the grace period (its node is gone and cannot confirm)."""
+    def delete_pod(self, namespace: str, name: str, *, force: bool = False, uid: str = "") -> bool:
+        """Delete a pod; ``force`` skips the grace period (its node is gone and cannot confirm); with
+        ``uid``, only while it is still that pod (a precondition: one made again under its name since
+        stays). False when it is gone, or is another (409)."""
         metrics.API_REQUESTS.labels("delete", "pods").inc()
+        options = client.V1DeleteOptions(preconditions=client.V1Preconditions(uid=uid)) if uid else None
         try:
             resp = self.core.delete_namespaced_pod(
                 name,
                 namespace,
                 grace_period_seconds=0 if force else None,
+                body=options,
                 _preload_content=False,
                 _request_timeout=REQUEST_TIMEOUT,
             )
             _release(resp)
         except ApiException as exc:
-            if exc.status == 404:
+            if exc.status == 404 or (uid and exc.status == 409):
                 return False
             raise
         return True

@@ -137,6 +137,9 @@ class PodDeletion:
     reason: str
     force: bool = False  #: skip the grace period: the pod's node is gone or lost for good
     models: tuple[str, ...] = ()  #: whose deletion this is ("namespace/name")
+    #: The uid of the pod seen: deleted only if it is still that one (not one made again since under
+    #: its name, by a new leader or by a pass this cache has not seen yet).
+    uid: str = ""
 
 
 @dataclass(frozen=True)
@@ -747,29 +750,29 @@ def plan(
     for key_, p in sorted(pods_by_name.items()):
         if p.terminating:
             if p.node in lost_nodes:  # a terminating pod on a lost node never finishes by itself
-                deletions.append(PodDeletion(p.namespace, p.name, p.role, "node lost", True, _owners_of(p)))
+                deletions.append(_deletion(p, "node lost", force=True))
             continue
         if p.node in lost_nodes:
-            deletions.append(PodDeletion(p.namespace, p.name, p.role, "node lost", True, _owners_of(p)))
+            deletions.append(_deletion(p, "node lost", force=True))
             continue
         if p.finished:
             # Ended for good (e.g. the kubelet refused it at admission right after a restart, before the
             # device plugin registered again): delete it; the next pass creates it anew under the same
             # name, as a ReplicaSet replaces its failed pods.
             why = f"pod {p.phase.lower()}: {p.problem or 'ended'}"
-            deletions.append(PodDeletion(p.namespace, p.name, p.role, why, False, _owners_of(p)))
+            deletions.append(_deletion(p, why))
             continue
         if key_ in intents:
             continue
         if key_ in retiring:
-            deletions.append(PodDeletion(p.namespace, p.name, p.role, retiring[key_], False, _owners_of(p)))
+            deletions.append(_deletion(p, retiring[key_]))
             continue
         if key_ in kept_pods and key_ not in retiring:
             continue
         if (p.namespace, p.share_group) in awaiting_key:
             continue
         why = WARM_RECLAIMED if key_ in reclaimed else "no longer in the plan"
-        deletions.append(PodDeletion(p.namespace, p.name, p.role, why, False, _owners_of(p)))
+        deletions.append(_deletion(p, why))
     creations = [i for k, i in sorted(intents.items()) if k not in pods_by_name]
     order = {api.ROLE_WEIGHTS: 0, api.ROLE_REPLICA: 1, api.ROLE_PLACEHOLDER: 2}
     creations.sort(key=lambda i: (order[i.role], i.namespace, i.name))
@@ -1433,6 +1436,10 @@ def _settled(
 
 def _owners_of(p: ObservedPod) -> tuple[str, ...]:
     return (_model_key(p.namespace, p.model),) if p.model else ()
+
+
+def _deletion(p: ObservedPod, reason: str, *, force: bool = False) -> PodDeletion:
+    return PodDeletion(p.namespace, p.name, p.role, reason, force, _owners_of(p), p.uid)
 
 
 def _pod_salt(slices: int, template: str) -> str:

@@ -561,7 +561,7 @@ class Reconciler:
 
         def delete(d: PodDeletion) -> None:
             def write() -> None:
-                if kube.delete_pod(d.namespace, d.name, force=d.force):
+                if kube.delete_pod(d.namespace, d.name, force=d.force, uid=d.uid):
                     metrics.POD_ACTIONS.labels("delete", d.role).inc()
                     log.info("deleted pod %s/%s (%s)", d.namespace, d.name, d.reason)
 

@@ -97,7 +97,7 @@ class PlaceholderQuotaKube(QuotaKube):
             raise exc
         return super().create_pod(manifest)
 
-    def delete_pod(self, namespace: str, name: str, force: bool = False) -> bool:
+    def delete_pod(self, namespace: str, name: str, force: bool = False, uid: str = "") -> bool:
         self.deleted.append(name)
         return True
 
@@ -183,7 +183,7 @@ class BudgetKube(QuotaKube):
         self.budget_calls.append(f"find {name}")
         return self.holding
 
-    def delete_pod(self, namespace: str, name: str, force: bool = False) -> bool:
+    def delete_pod(self, namespace: str, name: str, force: bool = False, uid: str = "") -> bool:
         return True
 
 
@@ -294,7 +294,7 @@ class QuotaBudgetKube(QuotaKube):
     def set_budget_spec(self, namespace: str, name: str, spec: dict[str, Any]) -> None:
         self.budget_calls.append(f"set {name} minAvailable {spec['minAvailable']}")
 
-    def delete_pod(self, namespace: str, name: str, force: bool = False) -> bool:
+    def delete_pod(self, namespace: str, name: str, force: bool = False, uid: str = "") -> bool:
         return True
 
 
@@ -350,7 +350,7 @@ class PerModelKube:
         self.created.append((labels[api.LABEL_ROLE], manifest["metadata"]["name"]))
         return True
 
-    def delete_pod(self, namespace: str, name: str, force: bool = False) -> bool:
+    def delete_pod(self, namespace: str, name: str, force: bool = False, uid: str = "") -> bool:
         return True
 
     def set_secret_owners(self, namespace: str, name: str, owner_references: list[Any]) -> None:

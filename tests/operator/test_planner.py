@@ -1137,3 +1137,12 @@ def test_a_replica_the_scheduler_has_not_bound_leaves_a_node_cordoned_since() ->
     created = [(c["metadata"]["labels"][api.LABEL_ROLE], c["metadata"]["annotations"][api.ANNOTATION_DEVICE])
                for c in result.create]  # fmt: skip
     assert (api.ROLE_REPLICA, "n2-npu0") in created
+
+
+def test_a_deletion_carries_the_uid_of_the_pod_it_means() -> None:
+    """Deleted with that uid as a precondition: a pod made again under the name since stays."""
+    m = model("llama", replicas=2)
+    nodes = [node("n1", devices=1)]
+    pods = as_pods(run([m], nodes).create)
+    (gone,) = run([replace(m, spec=replace(m.spec, replicas=1))], nodes, pods).delete
+    assert gone.uid == next(p.uid for p in pods if p.name == gone.name) != ""
