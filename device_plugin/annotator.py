@@ -64,6 +64,8 @@ class NodeAnnotator:
         """Write the annotation if it differs from the node's; True when the node is up to date."""
         from kubernetes.client.exceptions import ApiException
 
+        if not self.table.reported:  # the backend not heard yet: the annotation stays as it was
+            return True
         wanted = self.inventory().to_json()
         try:
             node = self.api.read_node(self.node_name, _request_timeout=10)

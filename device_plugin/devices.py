@@ -18,14 +18,19 @@
 :class:`DeviceTable` holds the current table behind a lock and a version number that changes only
 when something the kubelet or the node annotation sees changes (not on memory-usage updates), so
 ListAndWatch streams and the annotator wake exactly when they have something to send.
-:class:`HealthMonitor` polls the backend on a thread.
+:class:`HealthMonitor` polls the backend on a thread. A backend that fails as a whole (the management
+tool timing out under load) is applied only once it has failed for :data:`BACKEND_ERROR_GRACE_S`: one
+failed poll marked every device Unhealthy, and the operator re-placed every replica of the node at once.
+Until the first report is applied (devices, or an error past the grace) the table is not ``reported``,
+and the node annotation is left as the plugin before this one wrote it.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 from vnpu.api import MAX_DEVICE_ID_LEN, MAX_DEVICE_INDEX, device_resource, slice_id
@@ -199,6 +204,7 @@ class DeviceTable:
         self._entries: dict[str, DeviceEntry] = {}
         self._slice_owner: dict[str, DeviceEntry] = {}
         self._version = 0
+        self._reported = False
         self._cond = threading.Condition()
 
     # -- writers ------------------------------------------------------------------------------------
@@ -207,10 +213,10 @@ class DeviceTable:
         with self._cond:
             new = merge(self._entries, report, self.slice_mib)
             transitions = _transitions(self._entries, new)
-            changed = [e.visible_key() for e in self._entries.values()] != [
+            changed = not self._reported or [e.visible_key() for e in self._entries.values()] != [
                 e.visible_key() for e in new.values()
             ]
-            self._entries = new
+            self._entries, self._reported = new, True
             if changed:
                 self._slice_owner = {sid: e for e in new.values() for sid in e.slice_ids()}
                 self._version += 1
@@ -223,6 +229,12 @@ class DeviceTable:
             self._cond.notify_all()
 
     # -- readers ------------------------------------------------------------------------------------
+    @property
+    def reported(self) -> bool:
+        """Whether a report was applied yet (the devices, or a backend error past its grace)."""
+        with self._cond:
+            return self._reported
+
     @property
     def version(self) -> int:
         with self._cond:
@@ -271,13 +283,28 @@ def _transitions(old: dict[str, DeviceEntry], new: dict[str, DeviceEntry]) -> li
     return out
 
 
-class HealthMonitor:
-    """Polls the backend every ``interval_s`` seconds and feeds the device table."""
+#: How long a backend may fail as a whole before its devices are marked Unhealthy (see the module).
+BACKEND_ERROR_GRACE_S = 10.0
 
-    def __init__(self, backend: Backend, table: DeviceTable, interval_s: float = 0.5) -> None:
+
+class HealthMonitor:
+    """Polls the backend every ``interval_s`` seconds and feeds the device table; a backend failing
+    as a whole counts once it has failed for ``error_grace_s``."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        table: DeviceTable,
+        interval_s: float = 0.5,
+        error_grace_s: float = BACKEND_ERROR_GRACE_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.backend = backend
         self.table = table
         self.interval_s = interval_s
+        self.error_grace_s = error_grace_s
+        self._clock = clock
+        self._failing_since: float | None = None  #: when the backend's current run of failures began
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -289,6 +316,8 @@ class HealthMonitor:
         except Exception as exc:  # a backend bug must not stop health reporting: mark devices unhealthy
             log.exception("backend raised unexpectedly", extra={"backend": self.backend.name})
             report = BackendError(f"{self.backend.name} backend failed: {exc!r}")
+        if self._within_error_grace(report):
+            return
         try:
             transitions = self.table.update(report)
         except Exception as exc:  # nor may a report the table cannot take: the health thread must live on
@@ -298,6 +327,25 @@ class HealthMonitor:
             )
         for level, message in transitions:
             log.log(level, message, extra={"backend": self.backend.name})
+
+    def _within_error_grace(self, report: Sequence[PhysicalDevice] | BackendError) -> bool:
+        """Whether ``report`` is a backend failure not yet failing for the grace period (not applied)."""
+        now = self._clock()
+        if not isinstance(report, BackendError):
+            if self._failing_since is not None and now - self._failing_since < self.error_grace_s:
+                log.info("the backend answers again", extra={"backend": self.backend.name})
+            self._failing_since = None
+            return False
+        if self._failing_since is None:
+            self._failing_since = now
+            if self.error_grace_s > 0:
+                log.warning(
+                    "backend poll failed; devices keep their last reported health for up to %g s "
+                    "unless it answers again",
+                    self.error_grace_s,
+                    extra={"backend": self.backend.name, "error": str(report)},
+                )
+        return now - self._failing_since < self.error_grace_s
 
     def start(self) -> None:
         self.poll_once()

@@ -133,6 +133,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="backend poll interval (default: %(default)s)",
     )
+    g.add_argument(
+        "--backend-error-grace",
+        type=seconds(zero_ok=True, maximum=MAX_INTERVAL_S),
+        default=d.backend_error_grace_s,
+        metavar="SECONDS",
+        help="how long the backend may fail as a whole (its tool timing out, say) before every device "
+        "is marked Unhealthy: one failed poll had the operator re-place every replica of the node "
+        "(default: %(default)s)",
+    )
 
     g = p.add_argument_group("allocation")
     g.add_argument(
@@ -216,6 +225,7 @@ def config_from_args(args: argparse.Namespace) -> PluginConfig:
         npu_smi=args.npu_smi,
         sysfs_root=args.sysfs_root,
         health_interval_s=args.health_interval,
+        backend_error_grace_s=args.backend_error_grace,
         socket_root=args.socket_root,
         state_dir=args.state_dir,
         checkpoint_sync=args.checkpoint_sync,

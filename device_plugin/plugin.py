@@ -31,7 +31,7 @@ from vnpu.api import DEFAULT_SLICE_MIB
 from vnpu.device_plugin import contract, podresources, registration
 from vnpu.device_plugin.annotator import NodeAnnotator
 from vnpu.device_plugin.backends import Backend, create_backend
-from vnpu.device_plugin.devices import DeviceEntry, DeviceTable, HealthMonitor
+from vnpu.device_plugin.devices import BACKEND_ERROR_GRACE_S, DeviceEntry, DeviceTable, HealthMonitor
 from vnpu.device_plugin.ledger import Ledger
 from vnpu.device_plugin.metrics import PluginMetrics
 from vnpu.device_plugin.proto import api_pb2_grpc
@@ -63,6 +63,7 @@ class PluginConfig:
     npu_smi: str = "npu-smi"
     sysfs_root: Path = Path("/sys")
     health_interval_s: float = 0.5
+    backend_error_grace_s: float = BACKEND_ERROR_GRACE_S
     socket_root: Path = Path(contract.DEFAULT_SOCKET_ROOT)
     state_dir: Path = Path("/var/lib/vnpu/device-plugin")
     checkpoint_sync: str = "async"  #: sync | async | off (see vnpu.device_plugin.ledger)
@@ -177,7 +178,9 @@ class PluginRunner:
             sysfs_root=config.sysfs_root,
         )
         self.table = DeviceTable(config.slice_mib)
-        self.monitor = HealthMonitor(self.backend, self.table, config.health_interval_s)
+        self.monitor = HealthMonitor(
+            self.backend, self.table, config.health_interval_s, config.backend_error_grace_s
+        )
         self.ledger = Ledger(config.checkpoint_path, sync=config.checkpoint_sync)
         self.metrics = PluginMetrics(self.table, self.ledger)
         self.metrics_port: int | None = None

@@ -156,7 +156,7 @@ class FlakyBackend(Backend):
 
 def test_monitor_marks_devices_unhealthy_with_a_logged_reason_and_recovers(caplog):
     backend, table = FlakyBackend(), DeviceTable(slice_mib=1024)
-    monitor = HealthMonitor(backend, table)
+    monitor = HealthMonitor(backend, table, error_grace_s=0)  # (the grace: the test below)
     caplog.set_level(logging.INFO, logger="vnpu.device_plugin.devices")
     monitor.poll_once()
     backend.mode = "garbage"
@@ -184,3 +184,55 @@ def test_a_report_the_table_cannot_take_marks_devices_unhealthy_and_polling_goes
     backend.mode = "ok"
     monitor.poll_once()
     assert table.entries()[0].healthy
+
+
+def test_a_backend_failing_for_less_than_its_grace_changes_no_device(caplog):
+    """One failed poll (npu-smi timing out under load) marked every device Unhealthy, and the
+    operator re-placed every replica of the node at once. A backend failing as a whole now counts
+    once it has failed for the grace period; a device a working backend reports Unhealthy is so at
+    once."""
+    caplog.set_level(logging.INFO, logger="vnpu.device_plugin.devices")
+    now = [0.0]
+    backend, table = FlakyBackend(), DeviceTable(slice_mib=1024)
+    monitor = HealthMonitor(backend, table, error_grace_s=10, clock=lambda: now[0])
+    monitor.poll_once()
+    version = table.version
+    backend.mode = "garbage"
+    for now[0] in (0.5, 5.0, 9.9):
+        monitor.poll_once()
+    assert table.entries()[0].healthy and table.version == version
+    assert caplog.text.count("backend poll failed") == 1  # once, not every poll
+    backend.mode, now[0] = "ok", 10.2
+    monitor.poll_once()
+    assert "the backend answers again" in caplog.text
+    backend.mode = "garbage"
+    for now[0] in (11.0, 20.9):  # a new run of failures: its own grace
+        monitor.poll_once()
+    assert table.entries()[0].healthy
+    now[0] = 21.0
+    monitor.poll_once()
+    assert not table.entries()[0].healthy
+    assert "device npu0 became unhealthy: npu-smi info output has no device table" in caplog.text
+
+
+def test_a_plugin_whose_backend_fails_from_its_start_leaves_the_node_annotation_as_it_was():
+    """Applied at once, the first failed poll of a restarted plugin wrote an annotation with no device,
+    and the operator re-placed every replica of the node ("device no longer exists")."""
+    from test_dp_service import FakeNodes
+
+    from vnpu.device_plugin.annotator import NodeAnnotator
+
+    now = [0.0]
+    backend, table = FlakyBackend(), DeviceTable(slice_mib=1024)
+    backend.mode = "garbage"
+    monitor = HealthMonitor(backend, table, error_grace_s=10, clock=lambda: now[0])
+    nodes = FakeNodes()
+    nodes.annotations["vnpu.io/devices"] = "as the plugin before this one wrote it"
+    annotator = NodeAnnotator(nodes, "n1", table)
+    monitor.poll_once()
+    assert not table.reported and annotator.sync_once()
+    assert nodes.annotations["vnpu.io/devices"] == "as the plugin before this one wrote it"
+    backend.mode = "ok"
+    monitor.poll_once()
+    assert table.reported and annotator.sync_once()
+    assert nodes.health() == {"npu0": ("Healthy", "")}

@@ -288,7 +288,7 @@ def test_malformed_backend_output_marks_devices_unhealthy_and_the_plugin_keeps_s
     run_plugin, stub_for, dirs, caplog
 ):
     caplog.set_level(logging.WARNING, logger="vnpu.device_plugin.devices")
-    stub = stub_for(run_plugin(health_interval_s=0.1))
+    stub = stub_for(run_plugin(health_interval_s=0.1, backend_error_grace_s=0))  # (grace: test_dp_devices)
     watcher = StreamWatcher(stub)
     watcher.next()
     dirs.devices_file.write_text("devices: [{memory_mib: lots}]\n")
