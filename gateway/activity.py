@@ -28,9 +28,11 @@ new request and scaled busy models to zero once their ``idleSeconds`` passed.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
 import threading
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 from vnpu import api
@@ -73,8 +75,18 @@ def ahead_of(annotations: dict[str, str], now: dt.datetime) -> float | None:
     return (seen - now).total_seconds()
 
 
+#: What became of one model's write (:meth:`ActivityRecorder._write`).
+WRITTEN, NOT_WRITTEN, UNSURE = "written", "not written", "unsure"
+
+
 class ActivityRecorder:
-    """Counts requests per model and flushes them to the models' annotations on a thread."""
+    """Counts requests per model and flushes them to the models' annotations on a thread.
+
+    A request is activity from its arrival to its end: a model with a request still being answered (a
+    long stream) gets its last-request time written as "now" at each flush, and once more when it
+    ends, so the operator never takes it for idle mid-answer. A count whose write was sent but not
+    answered (a read timeout, a 5xx) may have landed: only its time is written again, never the count
+    (re-adding it counted every such batch again at each flush while answers kept failing)."""
 
     def __init__(
         self, api_client: Any, flush_s: float = 10.0, timeout: tuple[float, float] = REQUEST_TIMEOUT
@@ -86,21 +98,46 @@ class ActivityRecorder:
         self.timeout = timeout  #: (connect, read) seconds of each API call
         self._pending: Counter[tuple[str, str]] = Counter()
         self._last: dict[tuple[str, str], dt.datetime] = {}
+        self._in_flight: Counter[tuple[str, str]] = Counter()  #: requests being answered now
+        self._flushing: dict[tuple[str, str], dt.datetime] = {}  #: the last times a flush is writing
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="gateway-activity", daemon=True)
 
-    def record(self, namespace: str, name: str) -> None:
+    def record(self, namespace: str, name: str) -> Callable[[], None]:
+        """Count one request to the model; call what it returns when the request's answer ends."""
+        key = (namespace, name)
         with self._lock:
-            self._pending[(namespace, name)] += 1
-            self._last[(namespace, name)] = dt.datetime.now(dt.UTC)
+            self._pending[key] += 1
+            self._last[key] = dt.datetime.now(dt.UTC)
+            self._in_flight[key] += 1
+        return functools.partial(self._finished, key)
+
+    def _finished(self, key: tuple[str, str]) -> None:
+        with self._lock:
+            self._in_flight[key] -= 1
+            if self._in_flight[key] <= 0:
+                del self._in_flight[key]
+            self._touch_locked(key, dt.datetime.now(dt.UTC))
+
+    def _touch_locked(self, key: tuple[str, str], at: dt.datetime) -> None:
+        """Have the next flush write ``at`` as the model's last request, adding nothing to its count."""
+        self._pending[key] += 0
+        self._last[key] = max(self._last.get(key, at), at)
 
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, wait_s: float = 5.0) -> None:
+        """Stop the thread (waiting ``wait_s`` for a flush under way) and flush what is left."""
         self._stop.set()
-        self._thread.join(timeout=5)
+        self._thread.join(timeout=wait_s)
+        if self._thread.is_alive():
+            # A flush stuck on the API server holds its batch: its times go again (its counts may
+            # still land with it, so they are not added twice).
+            with self._lock:
+                for key, at in self._flushing.items():
+                    self._touch_locked(key, at)
         self.flush()
 
     def _run(self) -> None:
@@ -112,32 +149,41 @@ class ActivityRecorder:
         API server cannot be reached the other models are not tried (each would fail alike) and one
         warning says so: every model's ERROR and traceback, every flush, flooded the log."""
         with self._lock:
+            now = dt.datetime.now(dt.UTC)
+            for key in self._in_flight:  # a request still being answered is activity now
+                self._touch_locked(key, now)
             pending, self._pending = self._pending, Counter()
             last, self._last = self._last, {}
+            self._flushing = dict(last)
         unreachable: Exception | None = None
         for key, count in pending.items():
-            written = False
+            outcome = NOT_WRITTEN
             if unreachable is None:
                 try:
-                    written = self._write(key, count, last[key])
+                    outcome = self._write(key, count, last[key])
                 except unreachable_errors() as exc:
                     unreachable = exc
-            if not written:
-                with self._lock:  # keep it for the next flush
-                    self._pending[key] += count
-                    self._last[key] = max(self._last.get(key, last[key]), last[key])
+            if outcome != WRITTEN:
+                with self._lock:  # kept for the next flush: an unsure write, its time alone
+                    self._touch_locked(key, last[key])
+                    self._pending[key] += count if outcome == NOT_WRITTEN else 0
+        with self._lock:
+            self._flushing = {}
         if unreachable is not None:
             log.warning(
                 "cannot record activity: the API server cannot be reached; counts kept for the next flush",
                 extra={"models": len(pending), "error": str(unreachable)},
             )
 
-    def _write(self, key: tuple[str, str], count: int, last: dt.datetime) -> bool:
-        """Add ``count`` to one model's annotations; False when it must wait for the next flush. Raises
-        what :func:`vnpu.kubeclient.unreachable_errors` names (for :meth:`flush` to say once)."""
+    def _write(self, key: tuple[str, str], count: int, last: dt.datetime) -> str:
+        """Add ``count`` to one model's annotations: :data:`WRITTEN`, :data:`NOT_WRITTEN` (to wait for
+        the next flush) or :data:`UNSURE` (the patch was sent and not answered: it may have landed).
+        Raises what :func:`vnpu.kubeclient.unreachable_errors` names before a patch was sent (for
+        :meth:`flush` to say once)."""
         from kubernetes.client.exceptions import ApiException
 
         namespace, name = key
+        model = f"{namespace}/{name}"
         for _ in range(MAX_ATTEMPTS):
             try:
                 obj = self.custom.get_namespaced_custom_object(
@@ -145,19 +191,34 @@ class ActivityRecorder:
                 )
                 meta = obj["metadata"]
                 stored, now = dict(meta.get("annotations") or {}), dt.datetime.now(dt.UTC)
-                ahead = ahead_of(stored, now)
-                if ahead is not None:
-                    log.warning(
-                        "the model's last request is ahead of this gateway's clock: writing over it (a "
-                        "node's clock was, or is, wrong; the operator ignores it meanwhile)",
-                        extra={
-                            "model": f"{namespace}/{name}",
-                            "last_request": stored.get(api.ANNOTATION_LAST_REQUEST),
-                            "ahead_s": round(ahead),
-                        },
-                    )
-                annotations = merged_activity(stored, count, last, now)
-                patch = {"metadata": {"resourceVersion": meta["resourceVersion"], "annotations": annotations}}
+                patch = {
+                    "metadata": {
+                        "resourceVersion": meta["resourceVersion"],
+                        "annotations": merged_activity(stored, count, last, now),
+                    }
+                }
+            except ApiException as exc:
+                if exc.status == 404:
+                    return WRITTEN  # the model is gone: nothing to record
+                log.warning("cannot record activity", extra={"model": model, "status": exc.status})
+                return NOT_WRITTEN
+            except unreachable_errors():
+                raise
+            except Exception:  # anything else is this model's alone: the thread flushes every other model
+                log.exception("cannot record activity", extra={"model": model})
+                return NOT_WRITTEN
+            ahead = ahead_of(stored, now)
+            if ahead is not None:
+                log.warning(
+                    "the model's last request is ahead of this gateway's clock: writing over it (a "
+                    "node's clock was, or is, wrong; the operator ignores it meanwhile)",
+                    extra={
+                        "model": model,
+                        "last_request": stored.get(api.ANNOTATION_LAST_REQUEST),
+                        "ahead_s": round(ahead),
+                    },
+                )
+            try:
                 self.custom.patch_namespaced_custom_object(
                     api.GROUP,
                     api.VERSION,
@@ -168,21 +229,35 @@ class ActivityRecorder:
                     _content_type="application/merge-patch+json",
                     _request_timeout=self.timeout,
                 )
-                return True
+                return WRITTEN
             except ApiException as exc:
                 if exc.status == 404:
-                    return True  # the model is gone: nothing to record
-                if exc.status != 409:  # 409: another gateway updated it first; read again and add
-                    log.warning(
-                        "cannot record activity", extra={"model": f"{namespace}/{name}", "status": exc.status}
-                    )
-                    return False
-            except unreachable_errors():
-                raise
-            except Exception:  # anything else is this model's alone: the thread flushes every other model
-                log.exception("cannot record activity", extra={"model": f"{namespace}/{name}"})
-                return False
-        return False
+                    return WRITTEN
+                if exc.status == 409:  # another gateway updated it first: read again and add
+                    continue
+                log.warning("cannot record activity", extra={"model": model, "status": exc.status})
+                return UNSURE if exc.status >= 500 else NOT_WRITTEN
+            except unreachable_errors() as exc:
+                if _not_sent(exc):
+                    raise  # refused before it was sent: its counts wait, and the flush says so once
+                log.warning(
+                    "the API server did not answer an activity write: its time is written again, not "
+                    "its count (it may have landed)",
+                    extra={"model": model, "error": str(exc)[:300]},
+                )
+                return UNSURE
+            except Exception:
+                log.exception("cannot record activity", extra={"model": model})
+                return NOT_WRITTEN
+        return NOT_WRITTEN
+
+
+def _not_sent(exc: BaseException) -> bool:
+    """Whether a call failed before its request could reach the API server (no connection made)."""
+    import urllib3
+
+    reason = getattr(exc, "reason", None) or exc  # urllib3's MaxRetryError wraps the last error
+    return isinstance(reason, (urllib3.exceptions.ConnectTimeoutError, ConnectionRefusedError))
 
 
 def scale_from_zero(

@@ -212,8 +212,9 @@ class Gateway:
     #: scales a model (namespace, name) to at least one replica, raising WakeError when it cannot (runs on
     #: a thread); None disables waking
     wake: Callable[[str, str], None] | None = None
-    #: counts one request to a model (namespace, name) for its activity record
-    record: Callable[[str, str], None] | None = None
+    #: counts one request to a model (namespace, name) for its activity record; returns what to call
+    #: when its answer ends (a request is activity until then: a long stream keeps its model awake)
+    record: Callable[[str, str], Callable[[], None] | None] | None = None
     metrics: GatewayMetrics = field(default=None)  # type: ignore[assignment]
     outstanding: dict[Endpoint, int] = field(default_factory=dict)
     kv_usage: dict[Endpoint, float] = field(default_factory=dict)
@@ -439,9 +440,16 @@ class Gateway:
             raise
 
     async def _dispatch(self, request: web.Request, route: Route, raw: bytes) -> web.StreamResponse:
+        """Count the request for its model's activity, from its arrival to its answer's end."""
+        finished = self.record(route.key.namespace, route.key.name) if self.record is not None else None
+        try:
+            return await self._answer(request, route, raw)
+        finally:
+            if finished is not None:
+                finished()
+
+    async def _answer(self, request: web.Request, route: Route, raw: bytes) -> web.StreamResponse:
         """Wake the model if it must, then forward to a replica (one retry on another)."""
-        if self.record is not None:
-            self.record(route.key.namespace, route.key.name)
         route, reason = await self.endpoints_of(route)
         if reason is not None:
             self.metrics.requests.labels(route.qualified_name, "503").inc()

@@ -950,3 +950,44 @@ def test_a_client_that_hangs_up_mid_stream_is_counted_and_the_replicas_request_e
 
     asyncio.run(scenario())
     assert gw.metrics.requests.labels("team-a/smollm2", "499")._value.get() == 1
+
+
+def test_a_request_is_activity_until_its_answer_ends() -> None:
+    """Counted when it arrived and not after, a long stream let its model look idle mid-answer: the
+    gateway now tells the recorder when the answer ends."""
+    release = asyncio.Event()
+    events: list[str] = []
+
+    async def slow_stream(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        await response.write(b"data: first\n\n")
+        await release.wait()
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    def record(namespace: str, name: str) -> Callable[[], None]:
+        events.append(f"arrived {namespace}/{name}")
+        return lambda: events.append("ended")
+
+    live = Replica("b", slow_stream)
+    discovery = StaticDiscovery()
+    gw = gateway(discovery)
+    gw.record = record
+    sent = json.dumps({"model": "smollm2", "prompt": "hi", "stream": True}).encode()
+
+    async def scenario() -> None:
+        async with serving(gw, live) as client:
+            discovery.set(ready(live))
+            response = await client.post(
+                "/v1/completions", data=sent, headers={"Content-Type": "application/json"}
+            )
+            assert await response.content.readline() == b"data: first\n"
+            assert events == [f"arrived {KEY.namespace}/{KEY.name}"]  # mid-answer: not ended
+            release.set()
+            await response.read()
+            await until(lambda: events[-1] == "ended", within_s=10)
+
+    asyncio.run(scenario())
+    assert events.count("ended") == 1
