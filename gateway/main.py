@@ -173,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.info("gateway serving", extra={"host": args.host, "port": args.port, "keys": keys.enabled})
     try:
         web.run_app(
-            make_app(gateway),
+            make_app(gateway, drain_s=args.drain_seconds),
             host=args.host,
             port=args.port,
             print=None,

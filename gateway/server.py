@@ -722,6 +722,8 @@ def kv_usage_of(metrics_text: str) -> float | None:
 
 GATEWAY_KEY = web.AppKey("gateway", Gateway)
 SESSION_KEY = web.AppKey("session", aiohttp.ClientSession)
+#: The tasks of the completion handlers running, which a drain that runs out cancels.
+HANDLERS_KEY = web.AppKey("handlers", set)
 
 
 def _model_card(name: str) -> dict[str, Any]:
@@ -751,7 +753,13 @@ async def model(request: web.Request) -> web.Response:
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
-    return await request.app[GATEWAY_KEY].forward(request)
+    handlers = request.app[HANDLERS_KEY]
+    task = asyncio.current_task()
+    handlers.add(task)
+    try:
+        return await request.app[GATEWAY_KEY].forward(request)
+    finally:
+        handlers.discard(task)
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -798,10 +806,33 @@ async def openai_errors(request: web.Request, handler: Callable[[web.Request], A
         return openai_error(e.status, message, "invalid_request_error", headers=headers)
 
 
-def make_app(gateway: Gateway) -> web.Application:
+def make_app(gateway: Gateway, drain_s: float | None = None) -> web.Application:
+    """The gateway's app. With ``drain_s``, a stop gives the requests in flight that long, then cancels
+    the handlers still running: left to aiohttp (``shutdown_timeout``), a stream still running took a
+    second ``shutdown_timeout`` (aiohttp first cancels only the request's body), past the pod's grace
+    period, and the kubelet's SIGKILL lost the activity counts the gateway writes as it exits."""
     quiet_answered_body_errors()
     app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[openai_errors])
     app[GATEWAY_KEY] = gateway
+    app[HANDLERS_KEY] = set()
+
+    if drain_s is not None:
+
+        async def end_drain(app: web.Application) -> None:
+            async def cancel_the_rest() -> None:
+                await asyncio.sleep(drain_s)
+                handlers = app[HANDLERS_KEY]
+                if handlers:
+                    log.warning(
+                        "drain over: the requests still running are cut off",
+                        extra={"requests": len(handlers), "drain_s": drain_s},
+                    )
+                for task in list(handlers):
+                    task.cancel()
+
+            asyncio.get_running_loop().create_task(cancel_the_rest())
+
+        app.on_shutdown.append(end_drain)
 
     async def lifecycle(app: web.Application) -> Any:
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)

@@ -991,3 +991,45 @@ def test_a_request_is_activity_until_its_answer_ends() -> None:
 
     asyncio.run(scenario())
     assert events.count("ended") == 1
+
+
+def test_a_stop_cuts_the_streams_still_running_when_the_drain_runs_out_not_a_drain_later() -> None:
+    """aiohttp's shutdown_timeout alone took two of them for a stream still running (it first cancels
+    only the request's body): past the pod's grace period, the kubelet's SIGKILL then lost the activity
+    counts the gateway writes as it exits."""
+    from vnpu.cluster.controlplane import free_port
+    from vnpu.gateway.server import make_app
+
+    drain_s = 2.0
+
+    async def endless(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        while True:
+            await response.write(b"data: more\n\n")
+            await asyncio.sleep(0.05)
+
+    live = Replica("b", endless)
+    discovery = StaticDiscovery()
+    gw = gateway(discovery)
+    sent = json.dumps({"model": "smollm2", "prompt": "hi", "stream": True}).encode()
+
+    async def scenario() -> float:
+        await live.server.start_server()
+        discovery.set(ready(live))
+        runner = web.AppRunner(make_app(gw, drain_s=drain_s), shutdown_timeout=drain_s)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        async with aiohttp.ClientSession() as session:
+            url = f"http://127.0.0.1:{port}/v1/completions"
+            async with session.post(url, data=sent, headers={"Content-Type": "application/json"}) as resp:
+                assert await resp.content.readline() == b"data: more\n"
+                began = asyncio.get_running_loop().time()
+                await runner.cleanup()
+                took = asyncio.get_running_loop().time() - began
+        await live.server.close()
+        return took
+
+    took = asyncio.run(scenario())
+    assert drain_s <= took < drain_s + 1.5, took  # (aiohttp alone: two drains)
