@@ -232,6 +232,9 @@ class Gateway:
     _metrics_too_large: set[Endpoint] = field(default_factory=set)
     #: the models' names at the last KV-usage pass (their metric series are dropped once they go)
     _named: set[str] = field(default_factory=set)
+    #: set when the gateway stops: a request waiting for a replica is answered 503 (retry elsewhere)
+    #: at once, not cut off with its connection when the drain runs out
+    stopping: bool = False
 
     def __post_init__(self) -> None:
         if self.metrics is None:
@@ -311,6 +314,8 @@ class Gateway:
             if current.endpoints or (warm and current.targets):
                 self.metrics.wake_seconds.observe(time.monotonic() - started)
                 return current, None
+            if self.stopping:
+                return current, "this gateway replica is shutting down; retry"
             if wake is not None and wake.done() and wake.result() is not None:
                 return current, f"waking {route.qualified_name} from zero failed; retry later"
             left = deadline - time.monotonic()
@@ -819,6 +824,8 @@ def make_app(gateway: Gateway, drain_s: float | None = None) -> web.Application:
     if drain_s is not None:
 
         async def end_drain(app: web.Application) -> None:
+            gateway.stopping = True  # requests waiting for a replica: a 503 within a second
+
             async def cancel_the_rest() -> None:
                 await asyncio.sleep(drain_s)
                 handlers = app[HANDLERS_KEY]

@@ -1033,3 +1033,33 @@ def test_a_stop_cuts_the_streams_still_running_when_the_drain_runs_out_not_a_dra
 
     took = asyncio.run(scenario())
     assert drain_s <= took < drain_s + 1.5, took  # (aiohttp alone: two drains)
+
+
+def test_a_request_waiting_for_a_wake_when_the_gateway_stops_gets_a_503_to_retry_elsewhere() -> None:
+    """It waited on (up to --wake-timeout, longer than the drain) and was cut off without an answer."""
+    from vnpu.cluster.controlplane import free_port
+    from vnpu.gateway.server import make_app
+
+    discovery = StaticDiscovery(AT_ZERO)
+    gw = gateway(discovery, wake_timeout_s=120)
+    gw.wake = lambda ns, name: None  # asked; no replica comes in time
+    body = {"model": "team-a/smollm2", "prompt": "hi"}
+
+    async def scenario() -> tuple[int, str, float]:
+        runner = web.AppRunner(make_app(gw, drain_s=30.0), shutdown_timeout=30.0)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        async with aiohttp.ClientSession() as session:
+            url = f"http://127.0.0.1:{port}/v1/completions"
+            waiting = asyncio.ensure_future(session.post(url, json=body))
+            await until(lambda: gw.waiting == 1)
+            began = asyncio.get_running_loop().time()
+            await runner.cleanup()
+            took = asyncio.get_running_loop().time() - began
+            answer = await waiting
+            return answer.status, answer.headers.get("Retry-After", ""), took
+
+    status, retry_after, took = asyncio.run(scenario())
+    assert status == 503 and retry_after == "5"
+    assert took < 10  # within a second or so of the stop, not at the drain's end (30 s)
