@@ -55,14 +55,17 @@ from vnpu.gateway.keys import ApiKey, KeyFileError, KeyRing
 from vnpu.gateway.routing import Endpoint, ModelKey, Route, pick
 from vnpu.jsonbody import (
     BODY_TIMEOUT_S,
+    HANDLERS_KEY,
     MAX_BODY_BYTES,
     WRITE_STALL_S,
     BodyError,
     BodyTimeoutError,
+    cancel_handlers,
     disconnected,
     quiet_answered_body_errors,
     read_json,
     shown,
+    track_handler,
 )
 from vnpu.openai_error import error_body
 
@@ -727,8 +730,6 @@ def kv_usage_of(metrics_text: str) -> float | None:
 
 GATEWAY_KEY = web.AppKey("gateway", Gateway)
 SESSION_KEY = web.AppKey("session", aiohttp.ClientSession)
-#: The tasks of the completion handlers running, which a drain that runs out cancels.
-HANDLERS_KEY = web.AppKey("handlers", set)
 
 
 def _model_card(name: str) -> dict[str, Any]:
@@ -758,13 +759,11 @@ async def model(request: web.Request) -> web.Response:
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
-    handlers = request.app[HANDLERS_KEY]
-    task = asyncio.current_task()
-    handlers.add(task)
+    untrack = track_handler(request)
     try:
         return await request.app[GATEWAY_KEY].forward(request)
     finally:
-        handlers.discard(task)
+        untrack()
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -828,14 +827,11 @@ def make_app(gateway: Gateway, drain_s: float | None = None) -> web.Application:
 
             async def cancel_the_rest() -> None:
                 await asyncio.sleep(drain_s)
-                handlers = app[HANDLERS_KEY]
-                if handlers:
+                if cut := cancel_handlers(app):
                     log.warning(
                         "drain over: the requests still running are cut off",
-                        extra={"requests": len(handlers), "drain_s": drain_s},
+                        extra={"requests": cut, "drain_s": drain_s},
                     )
-                for task in list(handlers):
-                    task.cancel()
 
             asyncio.get_running_loop().create_task(cancel_the_rest())
 

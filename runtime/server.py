@@ -63,11 +63,13 @@ from vnpu.accesslog import AccessLogger
 from vnpu.api import DRAIN_ERROR_SEND_S, MAX_MODEL_NAME_LEN, REPLICA_DRAIN_S
 from vnpu.jsonbody import (
     BODY_TIMEOUT_S,
+    HANDLERS_KEY,
     IDLE_CONNECTION_TIMEOUT_S,
     MAX_BODY_BYTES,
     WRITE_STALL_S,
     BodyError,
     BodyTimeoutError,
+    cancel_handlers,
     disconnected,
     in_turn,
     is_large,
@@ -76,6 +78,7 @@ from vnpu.jsonbody import (
     read_body,
     shown,
     shutdown_timeout,
+    track_handler,
 )
 from vnpu.openai_error import error_body
 from vnpu.runtime.engine import GenerationRequest, ModelRuntime, RequestHandle, RequestOutput
@@ -98,8 +101,6 @@ RUNTIME_KEY = web.AppKey("runtime", ModelRuntime)
 _STARTED_KEY = web.AppKey("started", int)
 _BODY_TIMEOUT_KEY = web.AppKey("body_timeout_s", float)
 _WRITE_STALL_KEY = web.AppKey("write_stall_s", float)
-#: The tasks of the completion handlers running, which a drain that runs out cancels.
-_HANDLERS_KEY = web.AppKey("handlers", set)
 #: How often a handler waiting for tokens checks that its client is still connected (seconds).
 DISCONNECT_POLL_S = 0.1
 #: ``Retry-After`` of a 429 (seconds): the queue drains at the pace of the engine's steps.
@@ -363,8 +364,7 @@ async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
     start = time.perf_counter()
     handle: RequestHandle | None = None
     finished = False
-    task = asyncio.current_task()
-    request.app[_HANDLERS_KEY].add(task)
+    untrack = track_handler(request)
     try:
         parse: Callable[[Any], CompletionRequest | ChatRequest] = (
             functools.partial(parse_chat, context=runtime.options.max_context)
@@ -431,7 +431,7 @@ async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
         finished = True
         return error.response()
     finally:
-        request.app[_HANDLERS_KEY].discard(task)
+        untrack()
         if handle is not None and not finished:
             handle.abort()
 
@@ -604,7 +604,7 @@ def make_app(
     app[_STARTED_KEY] = int(time.time())
     app[_BODY_TIMEOUT_KEY] = body_timeout_s
     app[_WRITE_STALL_KEY] = write_stall_s
-    app[_HANDLERS_KEY] = set()
+    app[HANDLERS_KEY] = set()
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", models)
@@ -695,17 +695,16 @@ class HttpServerThread:
         that their handlers answer with the error; ``DRAIN_ERROR_SEND_S`` later, cancel the handlers
         still there (a write stalled on a client that does not read, a body still arriving)."""
         await asyncio.sleep(self._drain_s)
-        handlers: set[asyncio.Task[Any]] = self._app[_HANDLERS_KEY]
-        if not handlers:
+        running = len(self._app[HANDLERS_KEY])
+        if not running:
             return
         log.warning(
             "drain over: the requests still running fail",
-            extra={"requests": len(handlers), "drain_s": self._drain_s},
+            extra={"requests": running, "drain_s": self._drain_s},
         )
         self._app[RUNTIME_KEY].stop()
         await asyncio.sleep(DRAIN_ERROR_SEND_S)
-        for task in list(handlers):
-            task.cancel()
+        cancel_handlers(self._app)
 
     def join(self, timeout: float) -> None:
         self._thread.join(timeout)

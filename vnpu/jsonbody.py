@@ -91,6 +91,30 @@ def shutdown_timeout(drain_s: float) -> float:
     return max(drain_s, 0.01)
 
 
+#: The request handlers of an app that a drain that runs out cancels (the runtime's completions, the
+#: gateway's): left to aiohttp, one still running at the end of ``shutdown_timeout`` took a second one
+#: (aiohttp first cancels only the request's body, which a handler streaming an answer never reads).
+HANDLERS_KEY = web.AppKey("handlers", set)
+
+
+def track_handler(request: web.Request) -> Callable[[], None]:
+    """Note the task running ``request``'s handler for :func:`cancel_handlers` (the app holds
+    ``HANDLERS_KEY``); returns what forgets it, to call as the handler ends."""
+    handlers: set[asyncio.Task[Any]] = request.app[HANDLERS_KEY]
+    task = asyncio.current_task()
+    assert task is not None
+    handlers.add(task)
+    return lambda: handlers.discard(task)
+
+
+def cancel_handlers(app: web.Application) -> int:
+    """Cancel the handlers still running (a drain ran out); returns how many."""
+    handlers: set[asyncio.Task[Any]] = app[HANDLERS_KEY]
+    for task in list(handlers):
+        task.cancel()
+    return len(handlers)
+
+
 class _AnsweredBodyErrors(logging.Filter):
     """Drops aiohttp's "Unhandled exception" for a body that does not decode.
 
