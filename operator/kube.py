@@ -253,11 +253,14 @@ class Kube:
         """Delete the Secret if it is still the one of ``uid`` (a precondition: one made again since,
         by a new leader say, stays). False when it is gone, or is another (409)."""
         metrics.API_REQUESTS.labels("delete", "secrets").inc()
-        options = client.V1DeleteOptions(preconditions=client.V1Preconditions(uid=uid))
         try:
             _release(
                 self.core.delete_namespaced_secret(
-                    name, namespace, body=options, _preload_content=False, _request_timeout=REQUEST_TIMEOUT
+                    name,
+                    namespace,
+                    body=_only_if(uid),
+                    _preload_content=False,
+                    _request_timeout=REQUEST_TIMEOUT,
                 )
             )
         except ApiException as exc:
@@ -276,13 +279,12 @@ class Kube:
         ``uid``, only while it is still that pod (a precondition: one made again under its name since
         stays). False when it is gone, or is another (409)."""
         metrics.API_REQUESTS.labels("delete", "pods").inc()
-        options = client.V1DeleteOptions(preconditions=client.V1Preconditions(uid=uid)) if uid else None
         try:
             resp = self.core.delete_namespaced_pod(
                 name,
                 namespace,
                 grace_period_seconds=0 if force else None,
-                body=options,
+                body=_only_if(uid) if uid else None,
                 _preload_content=False,
                 _request_timeout=REQUEST_TIMEOUT,
             )
@@ -442,6 +444,11 @@ class Kube:
             self._patch("events", self.core.patch_namespaced_event, namespace, name, body)
         except ApiException as exc:  # best effort, like posting it
             log.warning("could not count event %s/%s: %s", namespace, name, exc.reason)
+
+
+def _only_if(uid: str) -> Any:
+    """Delete options that delete the object only while it is still the one of ``uid`` (else a 409)."""
+    return client.V1DeleteOptions(preconditions=client.V1Preconditions(uid=uid))
 
 
 def _parse_key_secret(obj: Mapping[str, Any]) -> ObservedSecret:
