@@ -7,9 +7,14 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from vnpu.api import REPLICA_DRAIN_S
+from vnpu.api import MAX_DRAIN_S, REPLICA_DRAIN_S, SHUTDOWN_DELAY_S, shutdown_delay_s
+from vnpu.argtypes import seconds
 from vnpu.logs import setup_logging
+
+if TYPE_CHECKING:
+    from vnpu.gateway.server import Gateway
 
 log = logging.getLogger("vnpu.gateway")
 
@@ -120,9 +125,18 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=float(REPLICA_DRAIN_S),
         metavar="SECONDS",
-        help="at SIGTERM, take no new connection and give the requests and streams in flight this long "
+        help="at SIGTERM, give the requests and streams in flight this long, counted from the signal "
         "(inside the pod's grace period; the chart's gateway.drainSeconds: as long as the longest "
         "runtime.drainSeconds of the models behind it) (default %(default)s)",
+    )
+    p.add_argument(
+        "--shutdown-delay-seconds",
+        type=seconds(zero_ok=True, maximum=MAX_DRAIN_S),
+        default=float(SHUTDOWN_DELAY_S),
+        metavar="SECONDS",
+        help="at SIGTERM, /readyz turns 503 at once but new connections are still taken this long, the "
+        "first part of the drain, while Kubernetes takes the gateway out of its Service (a connection "
+        "to a closed listener is refused); a second signal ends it (default %(default)s)",
     )
     p.add_argument(
         "--activity-flush",
@@ -171,12 +185,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     recorder.start()
     log.info("gateway serving", extra={"host": args.host, "port": args.port, "keys": keys.enabled})
+    listen_s = shutdown_delay_s(args.shutdown_delay_seconds, args.drain_seconds)
+    app = make_app(gateway, drain_s=args.drain_seconds - listen_s)
+    app.on_startup.append(lambda app: _stop_on_signals(gateway, listen_s))
     try:
         web.run_app(
-            make_app(gateway, drain_s=args.drain_seconds),
+            app,
             host=args.host,
             port=args.port,
             print=None,
+            handle_signals=False,  # _stop_on_signals
             handler_cancellation=True,
             access_log_class=AccessLogger,  # probes and scrapes only when their status changes
             keepalive_timeout=args.idle_timeout,
@@ -186,6 +204,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         recorder.stop()
     return 0
+
+
+async def _stop_on_signals(gateway: Gateway, listen_s: float) -> None:
+    """At SIGTERM or SIGINT, turn /readyz to 503 and stop ``listen_s`` later (aiohttp's own handlers
+    stop at once, closing the listener while the Service still sends connections here); a second
+    signal stops at once."""
+    import asyncio
+    import signal
+
+    from aiohttp.web import GracefulExit
+
+    loop = asyncio.get_running_loop()
+
+    def graceful_exit() -> None:
+        raise GracefulExit  # out of the loop, as aiohttp's own handler: run_app then cleans up
+
+    def stop(signame: str) -> None:
+        if gateway.leaving:
+            graceful_exit()
+        gateway.leaving = True
+        log.info("stopping: not ready, still accepting", extra={"signal": signame, "seconds": listen_s})
+        loop.call_later(listen_s, graceful_exit)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop, signum.name)
 
 
 if __name__ == "__main__":

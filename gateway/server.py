@@ -235,6 +235,9 @@ class Gateway:
     _metrics_too_large: set[Endpoint] = field(default_factory=set)
     #: the models' names at the last KV-usage pass (their metric series are dropped once they go)
     _named: set[str] = field(default_factory=set)
+    #: set at SIGTERM: /readyz answers 503, so that Kubernetes takes this gateway out of its Service,
+    #: while it still takes connections for the shutdown delay (vnpu.api.SHUTDOWN_DELAY_S)
+    leaving: bool = False
     #: set when the gateway stops: a request waiting for a replica is answered 503 (retry elsewhere)
     #: at once, not cut off with its connection when the drain runs out
     stopping: bool = False
@@ -771,7 +774,10 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    synced = all(e.is_set() for e in request.app[GATEWAY_KEY].discovery.synced.values())
+    gateway = request.app[GATEWAY_KEY]
+    if gateway.leaving:
+        return web.json_response({"status": "stopping"}, status=503)
+    synced = all(e.is_set() for e in gateway.discovery.synced.values())
     return web.json_response({"status": "ready" if synced else "syncing"}, status=200 if synced else 503)
 
 

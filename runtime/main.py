@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vnpu import api, sharing
+from vnpu.argtypes import seconds
 from vnpu.logs import setup_logging
 from vnpu.signals import wait_until_set
 
@@ -370,6 +371,15 @@ def _add_http_args(g: argparse._ArgumentGroup) -> None:
         "(the model's runtime.drainSeconds; an attached replica tells its weights-holder, which keeps "
         f"the weights that long) [$VNPU_REQUEST_DRAIN_SECONDS, default {api.REPLICA_DRAIN_S}]",
     )
+    g.add_argument(
+        "--shutdown-delay-seconds",
+        type=seconds(zero_ok=True, maximum=api.MAX_DRAIN_S),
+        default=float(api.SHUTDOWN_DELAY_S),
+        metavar="SECONDS",
+        help="at SIGTERM, /readyz turns 503 at once but new connections are still taken this long, "
+        "the first part of the request drain, while Kubernetes takes the pod out of its Services (a "
+        "connection to a closed listener is refused) (default %(default)s)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -607,7 +617,9 @@ def _serve_http(
     from vnpu.runtime.server import HttpServerThread, make_app
 
     drain_s = float(args.request_drain_seconds)
-    server = HttpServerThread(make_app(runtime), args.host, args.port, drain_s=drain_s)
+    server = HttpServerThread(
+        make_app(runtime), args.host, args.port, drain_s=drain_s, shutdown_delay=args.shutdown_delay_seconds
+    )
     try:
         server.start()
         log.info("serving", extra={"host": args.host, "port": args.port})

@@ -60,7 +60,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from vnpu import sse
 from vnpu.accesslog import AccessLogger
-from vnpu.api import DRAIN_ERROR_SEND_S, MAX_MODEL_NAME_LEN, REPLICA_DRAIN_S
+from vnpu.api import (
+    DRAIN_ERROR_SEND_S,
+    MAX_MODEL_NAME_LEN,
+    REPLICA_DRAIN_S,
+    SHUTDOWN_DELAY_S,
+    shutdown_delay_s,
+)
 from vnpu.jsonbody import (
     BODY_TIMEOUT_S,
     HANDLERS_KEY,
@@ -101,6 +107,8 @@ RUNTIME_KEY = web.AppKey("runtime", ModelRuntime)
 _STARTED_KEY = web.AppKey("started", int)
 _BODY_TIMEOUT_KEY = web.AppKey("body_timeout_s", float)
 _WRITE_STALL_KEY = web.AppKey("write_stall_s", float)
+#: Set when the server begins to stop: ``/readyz`` answers 503 while the listener is still open.
+STOPPING_KEY = web.AppKey("stopping", threading.Event)
 #: How often a handler waiting for tokens checks that its client is still connected (seconds).
 DISCONNECT_POLL_S = 0.1
 #: ``Retry-After`` of a 429 (seconds): the queue drains at the pace of the engine's steps.
@@ -570,6 +578,8 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     runtime = request.app[RUNTIME_KEY]
+    if request.app[STOPPING_KEY].is_set():  # still serving, but to be taken out of its Services
+        return web.json_response({"status": "unavailable", "reason": "shutting down"}, status=503)
     if runtime.ready:
         return web.json_response({"status": "ready", "model": runtime.model_name})
     return web.json_response({"status": "unavailable", "reason": runtime.unavailable_reason}, status=503)
@@ -605,6 +615,7 @@ def make_app(
     app[_BODY_TIMEOUT_KEY] = body_timeout_s
     app[_WRITE_STALL_KEY] = write_stall_s
     app[HANDLERS_KEY] = set()
+    app[STOPPING_KEY] = threading.Event()
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", models)
@@ -617,10 +628,12 @@ def make_app(
 
 class HttpServerThread:
     """An aiohttp app served from its own thread and event loop; :meth:`stop_then` closes it gracefully
-    and then calls ``after``: no new connections, and requests in flight get up to ``drain_s`` (the
-    model's drain) to finish. Those still running then fail with "the server is shutting down" (a 503,
-    or an ``error`` event and ``[DONE]`` on a stream, as any failure mid-stream) and get
-    ``DRAIN_ERROR_SEND_S`` to send it; the handlers left then (a client that does not read) are
+    and then calls ``after``: ``/readyz`` turns 503 at once, the listener stays open for the first
+    ``shutdown_delay`` of the drain (:data:`vnpu.api.SHUTDOWN_DELAY_S`: until Kubernetes has taken the
+    pod out of its Services), then no new connections, and requests in flight get up to ``drain_s`` (the
+    model's drain, counted from the stop) to finish. Those still running then fail with "the server is
+    shutting down" (a 503, or an ``error`` event and ``[DONE]`` on a stream, as any failure mid-stream)
+    and get ``DRAIN_ERROR_SEND_S`` to send it; the handlers left then (a client that does not read) are
     cancelled. The stop thus ends by ``drain_s + DRAIN_ERROR_SEND_S``, inside the replica pod's grace
     period (``vnpu.api.replica_grace_s``). Left to aiohttp alone, a request still running at the end of
     its ``shutdown_timeout`` was cut off without a word, and only after a second ``shutdown_timeout``
@@ -633,10 +646,12 @@ class HttpServerThread:
         port: int,
         idle_timeout_s: float = IDLE_CONNECTION_TIMEOUT_S,
         drain_s: float = float(REPLICA_DRAIN_S),
+        shutdown_delay: float = float(SHUTDOWN_DELAY_S),
     ) -> None:
         self._app, self._host, self._port = app, host, port
         self._idle_timeout_s = idle_timeout_s
         self._drain_s = drain_s
+        self._listen_s = shutdown_delay_s(shutdown_delay, drain_s)
         # aiohttp's own bound, which the drain's end comes before (see _end_drain).
         self._shutdown_timeout_s = shutdown_timeout(drain_s + DRAIN_ERROR_SEND_S)
         self._loop = asyncio.new_event_loop()
@@ -681,6 +696,10 @@ class HttpServerThread:
         async def shutdown() -> None:
             drain = self._loop.create_task(self._end_drain())
             try:
+                self._app[STOPPING_KEY].set()
+                if self._listen_s:
+                    log.info("stopping: not ready, still accepting", extra={"seconds": self._listen_s})
+                    await asyncio.sleep(self._listen_s)
                 if self._runner is not None:
                     await self._runner.cleanup()
             finally:

@@ -98,6 +98,19 @@ HOLDER_DRAIN_S = MAX_DRAIN_S + HOLDER_WAIT_MARGIN_S
 HOLDER_GRACE_S = HOLDER_DRAIN_S + GRACE_MARGIN_S
 
 
+#: Seconds a stopping server (a replica, the gateway) still accepts connections after SIGTERM, its
+#: ``/readyz`` at 503, while Kubernetes takes it out of the Services that reach it: kube-proxy and the
+#: gateway's EndpointSlice watch learn of a pod's deletion a moment after the kubelet's SIGTERM, and a
+#: connection made in between to a closed listener was refused. Part of the drain, not added to it: the
+#: drain still counts from SIGTERM, so the pod's grace stays as it is (a drain of 0 closes at once).
+SHUTDOWN_DELAY_S = 5
+
+
+def shutdown_delay_s(delay_s: float, drain_s: float) -> float:
+    """How long a server told ``delay_s`` keeps its listener open within a drain of ``drain_s``."""
+    return max(0.0, min(delay_s, drain_s))
+
+
 def replica_grace_s(drain_s: int) -> int:
     """A replica pod's ``terminationGracePeriodSeconds`` for a drain of ``drain_s`` seconds."""
     return drain_s + GRACE_MARGIN_S

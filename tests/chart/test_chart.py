@@ -173,6 +173,8 @@ def test_the_gateway_outlives_the_streams_in_flight_at_sigterm(kube_bin_dir) -> 
     grace = api.replica_grace_s(api.REPLICA_DRAIN_S)
     assert gateway["terminationGracePeriodSeconds"] == grace > api.REPLICA_DRAIN_S
     assert f"--drain-seconds={api.REPLICA_DRAIN_S}" in gateway["containers"][0]["args"]
+    # New connections are taken for the first seconds of the drain, inside the grace period.
+    assert f"--shutdown-delay-seconds={api.SHUTDOWN_DELAY_S}" in gateway["containers"][0]["args"]
     # Models that answer for longer (runtime.drainSeconds) get a gateway that waits as long.
     docs = {
         (d["kind"], d["metadata"]["name"]): d

@@ -245,6 +245,7 @@ class Gateway:
             "text",
             "--activity-flush",
             "1",
+            *("--shutdown-delay-seconds", "0"),  # stops at once; the tests of the delay set theirs
             *extra,
         ]
         for ns in namespaces:
@@ -754,6 +755,49 @@ def test_sigterm_stops_the_gateway(control_plane, namespace, tmp_path, to_anothe
             signal_another_thread(proc.pid)
         else:
             proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0, gw.proc.tail(30)
+    finally:
+        gw.stop()
+
+
+def test_a_stopping_gateway_is_unready_but_answers_new_connections_for_its_shutdown_delay(
+    control_plane, namespace, replicas, tmp_path
+) -> None:
+    """kube-proxy takes a stopping gateway out of its Service a moment after the kubelet's SIGTERM: for
+    the shutdown delay /readyz is 503 while new connections are still answered, then the gateway
+    stops. A second signal stops it at once."""
+    apply(
+        control_plane,
+        model(namespace, "chat", "smollm2"),
+        endpoint_slice(namespace, "chat", [replicas["a1"]]),
+    )
+    gw = Gateway(control_plane, tmp_path, namespace, extra=("--shutdown-delay-seconds", "3"))
+    proc = gw.proc.proc
+
+    def readyz() -> int:
+        try:
+            with urllib.request.urlopen(f"{gw.url}/readyz", timeout=5) as resp:
+                return resp.status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    try:
+        began = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        wait_until(lambda: readyz() == 503, 2, "/readyz at 503")
+        assert answered_by(gw.client().completions.create(model="smollm2", prompt="x")) == "answered by a1"
+        assert time.monotonic() - began < 3, "the calls above must fall inside the delay"
+        assert proc.wait(15) == 0, gw.proc.tail(30)
+        assert time.monotonic() - began >= 3
+    finally:
+        gw.stop()
+
+    gw = Gateway(control_plane, tmp_path, namespace, extra=("--shutdown-delay-seconds", "60"))
+    proc = gw.proc.proc
+    try:
+        proc.send_signal(signal.SIGTERM)
+        wait_until(lambda: readyz() == 503, 2, "/readyz at 503")
+        proc.send_signal(signal.SIGTERM)
         assert proc.wait(15) == 0, gw.proc.tail(30)
     finally:
         gw.stop()

@@ -648,6 +648,65 @@ def test_requests_still_running_when_the_drain_runs_out_end_with_an_error(
     assert status == 503 and "shutting down" in answer["error"]["message"]
 
 
+def test_a_stopping_server_is_unready_but_takes_new_connections_for_its_shutdown_delay(tiny: Any) -> None:
+    """At SIGTERM Kubernetes takes the pod out of its Services only a moment later (kube-proxy, the
+    gateway's EndpointSlice watch): for the shutdown delay /readyz is 503 while a new connection is
+    still served, and only then is the listener closed. Before, it closed at once, and a client the
+    Service sent there in that moment had its connection refused."""
+    import threading
+    import time
+    import urllib.error
+    import urllib.request
+
+    from vnpu.cluster.controlplane import free_port
+
+    rt = ModelRuntime(ServeOptions(max_context=CONTEXT, model_name="tiny"))
+    rt.install(tiny.manifest, tiny.arena, shared=False, seconds=0.01)
+    port, delay_s = free_port(), 3.0
+    server = HttpServerThread(make_app(rt), "127.0.0.1", port, drain_s=30.0, shutdown_delay=delay_s)
+    server.start()
+    stopped = threading.Event()
+
+    def call(path: str, body: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data)
+        request.add_header("Content-Type", "application/json")
+        request.add_header("Connection", "close")  # each call a new connection, as from a Service
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    try:
+        assert call("/readyz")[0] == 200
+        began = time.monotonic()
+        server.stop_then(stopped.set)
+        assert call("/readyz") == (503, {"status": "unavailable", "reason": "shutting down"})
+        status, answer = call("/v1/completions", {"prompt": "hello", "max_tokens": 2, "ignore_eos": True})
+        assert status == 200 and answer["usage"]["completion_tokens"] == 2
+        assert time.monotonic() - began < delay_s, "the calls above must fall inside the delay"
+        assert stopped.wait(30)  # nothing in flight: the stop ends with the delay, not the drain
+        assert time.monotonic() - began >= delay_s
+        with pytest.raises(urllib.error.URLError, match="refused"):
+            call("/readyz")
+    finally:
+        server.stop_then(lambda: None)
+        server.join(30)
+        rt.close()
+
+
+def test_a_drain_of_zero_closes_the_listener_at_once() -> None:
+    """The delay is part of the drain: a model that asks for no drain gets no delay either, and the
+    pod's grace period (drain + margin) always covers the stop."""
+    from vnpu.api import SHUTDOWN_DELAY_S, shutdown_delay_s
+
+    assert shutdown_delay_s(SHUTDOWN_DELAY_S, 0) == 0
+    assert shutdown_delay_s(SHUTDOWN_DELAY_S, 2) == 2
+    assert shutdown_delay_s(SHUTDOWN_DELAY_S, 60) == SHUTDOWN_DELAY_S
+    assert shutdown_delay_s(0, 60) == 0
+
+
 def test_a_drain_that_runs_out_ends_a_second_later_even_for_a_client_that_does_not_read(
     tiny: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
