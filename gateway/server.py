@@ -49,6 +49,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from vnpu import sse
+from vnpu.api import DRAIN_ERROR_SEND_S
 from vnpu.gateway.activity import WakeError
 from vnpu.gateway.discovery import Discovery
 from vnpu.gateway.keys import ApiKey, KeyFileError, KeyRing
@@ -550,8 +551,11 @@ class Gateway:
         "499" (nginx's client-closed-request): the answer never reached the client, through its fault.
         The replica's request is closed explicitly: releasing it would too, as its answer is unread,
         but that is the client library's choice, not a promise. A replica whose answer breaks off is
-        :meth:`_end_broken_answer`'s."""
+        :meth:`_end_broken_answer`'s, and a stream still running when the gateway's drain runs out gets
+        an ``error`` event too (:meth:`_end_cut_stream`). Streams go out whole event by whole event
+        (:class:`vnpu.sse.EventFramer`), so such an ending never lands inside a cut event."""
         stall_s = self.config.write_stall_s
+        framer = sse.EventFramer() if upstream.content_type == "text/event-stream" else None
         try:
             async with asyncio.timeout(stall_s):
                 await response.prepare(request)
@@ -562,9 +566,18 @@ class Gateway:
                     return await self._end_broken_answer(request, response, upstream, route, endpoint, exc)
                 async with asyncio.timeout(stall_s):
                     if not chunk:
+                        if framer is not None and framer.held:
+                            await response.write(framer.held)  # an unended last event, as it came
                         await response.write_eof()
                         return str(upstream.status)
-                    await response.write(chunk)
+                    if framer is not None:
+                        chunk = framer.feed(chunk)
+                    if chunk:
+                        await response.write(chunk)
+        except asyncio.CancelledError:
+            if self.stopping and framer is not None and response.prepared:
+                await self._end_cut_stream(response, route)
+            raise
         except TimeoutError:
             log.warning(
                 "client stopped reading its answer: connection closed, request to the replica closed",
@@ -602,6 +615,18 @@ class Gateway:
         elif request.transport is not None:
             request.transport.abort()
         return "502"
+
+    async def _end_cut_stream(self, response: web.StreamResponse, route: Route) -> None:
+        """End a stream the gateway's drain cut off (its handler cancelled) with an ``error`` event and
+        ``[DONE]``, as the runtime ends its own at the end of its drain, within ``DRAIN_ERROR_SEND_S``:
+        a client that does not read is not waited for. The stream just stopped before, which a client
+        library reads as an answer that ended normally."""
+        message = f"This gateway replica shut down before {route.qualified_name} finished; retry the request."
+        event = sse.event(error_body(message, "server_error", "service_unavailable"))
+        with contextlib.suppress(TimeoutError, ConnectionError, RuntimeError, aiohttp.ClientError):
+            async with asyncio.timeout(DRAIN_ERROR_SEND_S):
+                await response.write(event + sse.DONE)
+                await response.write_eof()
 
     # -- load -------------------------------------------------------------------------------------------
     async def scrape_kv_usage(self, session: aiohttp.ClientSession) -> None:

@@ -423,3 +423,47 @@ def test_a_watch_loop_keeps_only_its_current_watch_however_often_it_relists(monk
     assert len(discovery._watches) == 1
     discovery.stop()
     assert made[-1].stopped
+
+
+# --- relaying server-sent events -------------------------------------------------------------------------
+
+_EVENTS = st.lists(
+    st.tuples(st.binary(max_size=40).map(lambda b: b.replace(b"\n", b"").replace(b"\r", b"")), st.booleans()),
+    max_size=8,
+)
+
+
+@given(events=_EVENTS, cuts=st.lists(st.integers(min_value=0, max_value=400), max_size=12))
+@settings(max_examples=300, deadline=None)
+def test_a_relayed_stream_goes_out_whole_and_only_at_event_ends(
+    events: list[tuple[bytes, bool]], cuts: list[int]
+) -> None:
+    """However the replica's bytes are chunked, the framer passes on exactly what came, each piece
+    ending where an event ends (LF or CRLF blank lines, the SSE specification's both), and holds only
+    the start of an event whose end has not come."""
+    from vnpu.sse import EventFramer
+
+    stream = b"".join(b"data: " + data + (b"\r\n\r\n" if crlf else b"\n\n") for data, crlf in events)
+    stream += b"data: unended"
+    framer, sent = EventFramer(), b""
+    bounds = sorted({min(c, len(stream)) for c in cuts} | {len(stream)})
+    start = 0
+    for end in bounds:
+        piece = framer.feed(stream[start:end])
+        assert not piece or piece.endswith((b"\n\n", b"\r\n\r\n")), piece
+        sent += piece
+        start = end
+    assert sent + framer.held == stream
+    assert framer.held == b"data: unended"
+
+
+def test_a_stream_that_never_ends_an_event_is_passed_on_past_the_bound() -> None:
+    """A replica (a tenant's own image) that never frames its events cannot make the gateway hold its
+    whole answer: past MAX_HELD_BYTES what came goes out as it is."""
+    from vnpu.sse import EventFramer
+
+    framer = EventFramer(max_held=100)
+    assert framer.feed(b"x" * 100) == b""
+    assert framer.feed(b"y") == b"x" * 100 + b"y" and framer.held == b""
+    assert framer.feed(b"data: a\n") == b"" and framer.feed(b"\ndata: b") == b"data: a\n\n"
+    assert framer.held == b"data: b"

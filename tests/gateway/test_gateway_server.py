@@ -24,7 +24,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from vnpu import jsonbody
+from vnpu import jsonbody, sse
 from vnpu.gateway.activity import WakeError
 from vnpu.gateway.discovery import Discovery
 from vnpu.gateway.keys import KeyRing
@@ -715,8 +715,10 @@ def test_a_replica_that_dies_mid_answer_ends_a_stream_with_an_error_event_and_cu
     no sample in the metrics, and a stream cut off with no ``error`` event and no ``[DONE]``, which the
     runtime's own streams promise. Now a stream ends as the runtime ends its own failures, any other
     answer is cut off (a short body with a clean end would look complete), the request is counted
-    502 and a warning without traceback says which replica."""
+    502 and a warning without traceback says which replica. The event cut in half is not passed on:
+    the error event came right after its half, inside it, and the client could not parse either."""
     first = b'data: {"choices":[{"text":"a"}]}\n\n'
+    half = b'data: {"choices":[{"te'
 
     async def dies(request: web.Request) -> web.StreamResponse:
         stream = json.loads(await request.read()).get("stream", False)
@@ -726,10 +728,10 @@ def test_a_replica_that_dies_mid_answer_ends_a_stream_with_an_error_event_and_cu
         if not stream:
             response.content_length = 1000
         await response.prepare(request)
-        await response.write(first if stream else b'{"choices": [')
+        await response.write(first + half if stream else b'{"choices": [')
         await asyncio.sleep(0.1)
         assert request.transport is not None
-        request.transport.abort()  # the pod goes away mid-answer
+        request.transport.abort()  # the pod goes away mid-answer, mid-event
         await asyncio.sleep(1)
         return response
 
@@ -1033,6 +1035,52 @@ def test_a_stop_cuts_the_streams_still_running_when_the_drain_runs_out_not_a_dra
 
     took = asyncio.run(scenario())
     assert drain_s <= took < drain_s + 1.5, took  # (aiohttp alone: two drains)
+
+
+def test_a_stream_still_running_when_the_drain_runs_out_ends_with_an_error_event_after_whole_events() -> None:
+    """It just stopped, which a client library reads as an answer that ended normally (the OpenAI
+    SDK's stream simply ends): now it ends as the runtime ends its own at its drain's end, an
+    ``error`` event and ``[DONE]``, after the last whole event (never inside one half sent)."""
+    from vnpu.cluster.controlplane import free_port
+    from vnpu.gateway.server import make_app
+
+    whole = b'data: {"choices":[{"text":"a"}]}\n\n'
+
+    async def stalls_mid_event(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(whole + whole[:10])  # the next token's event, half of it
+        await asyncio.sleep(3600)
+        return response
+
+    live = Replica("b", stalls_mid_event)
+    discovery = StaticDiscovery()
+    gw = gateway(discovery)
+
+    async def scenario() -> bytes:
+        await live.server.start_server()
+        discovery.set(ready(live))
+        runner = web.AppRunner(make_app(gw, drain_s=1.0), shutdown_timeout=1.0)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        async with aiohttp.ClientSession() as session:
+            url = f"http://127.0.0.1:{port}/v1/completions"
+            body = {"model": "smollm2", "prompt": "hi", "stream": True}
+            async with session.post(url, json=body) as resp:
+                assert await resp.content.readuntil(b"\n\n") == whole
+                stop = asyncio.ensure_future(runner.cleanup())
+                received = whole + await resp.content.read()
+                await stop
+        await live.server.close()
+        return received
+
+    received = asyncio.run(scenario())
+    events = [e.removeprefix(b"data: ") for e in received.split(b"\n\n") if e]
+    assert received.startswith(whole) and received.endswith(sse.DONE), received
+    assert len(events) == 3, events
+    error = json.loads(events[1])["error"]
+    assert error["code"] == "service_unavailable" and "team-a/smollm2" in error["message"]
 
 
 def test_a_request_waiting_for_a_wake_when_the_gateway_stops_gets_a_503_to_retry_elsewhere() -> None:
