@@ -1002,7 +1002,7 @@ def test_a_stop_cuts_the_streams_still_running_when_the_drain_runs_out_not_a_dra
     from vnpu.cluster.controlplane import free_port
     from vnpu.gateway.server import make_app
 
-    drain_s = 2.0
+    drain_s = 3.0
 
     async def endless(request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse()
@@ -1034,7 +1034,7 @@ def test_a_stop_cuts_the_streams_still_running_when_the_drain_runs_out_not_a_dra
         return took
 
     took = asyncio.run(scenario())
-    assert drain_s <= took < drain_s + 1.5, took  # (aiohttp alone: two drains)
+    assert drain_s <= took < drain_s + 2.5, took  # (aiohttp alone: two drains, 6 s; room for a loaded loop)
 
 
 def test_a_stream_still_running_when_the_drain_runs_out_ends_with_an_error_event_after_whole_events() -> None:
