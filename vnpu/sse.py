@@ -17,8 +17,10 @@ DONE = event("[DONE]")
 
 
 #: The most of one event the gateway holds back waiting for its end; a stream that never ends its
-#: events within that is passed on as it comes.
-MAX_HELD_BYTES = 1 << 20
+#: events within that is passed on as it comes. A runtime's largest event (a token with 20 top
+#: logprobs) is about 1.5 KiB; the bound is per stream, and a tenant's replica that never frames its
+#: events must not make the shared gateway hold much for each of its streams.
+MAX_HELD_BYTES = 64 << 10
 
 
 class EventFramer:
