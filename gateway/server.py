@@ -608,10 +608,8 @@ class Gateway:
         )
         if upstream.content_type == "text/event-stream":
             message = f"The replica serving {route.qualified_name} failed mid-answer; retry the request."
-            event = sse.event(error_body(message, "server_error", "upstream_error"))
-            async with asyncio.timeout(self.config.write_stall_s):  # (a stall: _relay cuts off)
-                await response.write(event + sse.DONE)
-                await response.write_eof()
+            # (a stall: _relay cuts off)
+            await _end_with_error(response, message, "upstream_error", self.config.write_stall_s)
         elif request.transport is not None:
             request.transport.abort()
         return "502"
@@ -622,11 +620,8 @@ class Gateway:
         a client that does not read is not waited for. The stream just stopped before, which a client
         library reads as an answer that ended normally."""
         message = f"This gateway replica shut down before {route.qualified_name} finished; retry the request."
-        event = sse.event(error_body(message, "server_error", "service_unavailable"))
         with contextlib.suppress(TimeoutError, ConnectionError, RuntimeError, aiohttp.ClientError):
-            async with asyncio.timeout(DRAIN_ERROR_SEND_S):
-                await response.write(event + sse.DONE)
-                await response.write_eof()
+            await _end_with_error(response, message, "service_unavailable", DRAIN_ERROR_SEND_S)
 
     # -- load -------------------------------------------------------------------------------------------
     async def scrape_kv_usage(self, session: aiohttp.ClientSession) -> None:
@@ -754,6 +749,15 @@ def kv_usage_of(metrics_text: str) -> float | None:
             with contextlib.suppress(ValueError):
                 return float(line.rsplit(" ", 1)[1])
     return None
+
+
+async def _end_with_error(response: web.StreamResponse, message: str, code: str, within_s: float) -> None:
+    """End a stream as the runtime ends its own failures mid-stream: an ``error`` event, ``[DONE]``,
+    the end; raises TimeoutError when the client does not take it within ``within_s``."""
+    event = sse.event(error_body(message, "server_error", code))
+    async with asyncio.timeout(within_s):
+        await response.write(event + sse.DONE)
+        await response.write_eof()
 
 
 GATEWAY_KEY = web.AppKey("gateway", Gateway)
