@@ -103,6 +103,20 @@ async def serving(gw: Gateway, *replicas: Replica) -> AsyncIterator[TestClient]:
             await replica.server.close()
 
 
+@asynccontextmanager
+async def stoppable(gw: Gateway, drain_s: float) -> AsyncIterator[tuple[web.AppRunner, str]]:
+    """The gateway's app with a drain of ``drain_s`` on a loopback port, for a test that stops it
+    (``runner.cleanup()``, what SIGTERM comes to in ``vnpu gateway``); yields the runner and the
+    completions URL."""
+    from vnpu.cluster.controlplane import free_port
+
+    runner = web.AppRunner(make_app(gw, drain_s=drain_s), shutdown_timeout=drain_s)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    yield runner, f"http://127.0.0.1:{port}/v1/completions"
+
+
 async def until(condition: Callable[[], Any], within_s: float = 60.0) -> None:
     for _ in range(int(within_s * 100)):
         if condition():
@@ -999,9 +1013,6 @@ def test_a_stop_cuts_the_streams_still_running_when_the_drain_runs_out_not_a_dra
     """aiohttp's shutdown_timeout alone took two of them for a stream still running (it first cancels
     only the request's body): past the pod's grace period, the kubelet's SIGKILL then lost the activity
     counts the gateway writes as it exits."""
-    from vnpu.cluster.controlplane import free_port
-    from vnpu.gateway.server import make_app
-
     drain_s = 3.0
 
     async def endless(request: web.Request) -> web.StreamResponse:
@@ -1019,17 +1030,16 @@ def test_a_stop_cuts_the_streams_still_running_when_the_drain_runs_out_not_a_dra
     async def scenario() -> float:
         await live.server.start_server()
         discovery.set(ready(live))
-        runner = web.AppRunner(make_app(gw, drain_s=drain_s), shutdown_timeout=drain_s)
-        await runner.setup()
-        port = free_port()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        async with aiohttp.ClientSession() as session:
-            url = f"http://127.0.0.1:{port}/v1/completions"
-            async with session.post(url, data=sent, headers={"Content-Type": "application/json"}) as resp:
-                assert await resp.content.readline() == b"data: more\n"
-                began = asyncio.get_running_loop().time()
-                await runner.cleanup()
-                took = asyncio.get_running_loop().time() - began
+        headers = {"Content-Type": "application/json"}
+        async with (
+            stoppable(gw, drain_s) as (runner, url),
+            aiohttp.ClientSession() as session,
+            session.post(url, data=sent, headers=headers) as resp,
+        ):
+            assert await resp.content.readline() == b"data: more\n"
+            began = asyncio.get_running_loop().time()
+            await runner.cleanup()
+            took = asyncio.get_running_loop().time() - began
         await live.server.close()
         return took
 
@@ -1041,9 +1051,6 @@ def test_a_stream_still_running_when_the_drain_runs_out_ends_with_an_error_event
     """It just stopped, which a client library reads as an answer that ended normally (the OpenAI
     SDK's stream simply ends): now it ends as the runtime ends its own at its drain's end, an
     ``error`` event and ``[DONE]``, after the last whole event (never inside one half sent)."""
-    from vnpu.cluster.controlplane import free_port
-    from vnpu.gateway.server import make_app
-
     whole = b'data: {"choices":[{"text":"a"}]}\n\n'
 
     async def stalls_mid_event(request: web.Request) -> web.StreamResponse:
@@ -1060,12 +1067,7 @@ def test_a_stream_still_running_when_the_drain_runs_out_ends_with_an_error_event
     async def scenario() -> bytes:
         await live.server.start_server()
         discovery.set(ready(live))
-        runner = web.AppRunner(make_app(gw, drain_s=1.0), shutdown_timeout=1.0)
-        await runner.setup()
-        port = free_port()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        async with aiohttp.ClientSession() as session:
-            url = f"http://127.0.0.1:{port}/v1/completions"
+        async with stoppable(gw, 1.0) as (runner, url), aiohttp.ClientSession() as session:
             body = {"model": "smollm2", "prompt": "hi", "stream": True}
             async with session.post(url, json=body) as resp:
                 assert await resp.content.readuntil(b"\n\n") == whole
@@ -1085,21 +1087,13 @@ def test_a_stream_still_running_when_the_drain_runs_out_ends_with_an_error_event
 
 def test_a_request_waiting_for_a_wake_when_the_gateway_stops_gets_a_503_to_retry_elsewhere() -> None:
     """It waited on (up to --wake-timeout, longer than the drain) and was cut off without an answer."""
-    from vnpu.cluster.controlplane import free_port
-    from vnpu.gateway.server import make_app
-
     discovery = StaticDiscovery(AT_ZERO)
     gw = gateway(discovery, wake_timeout_s=120)
     gw.wake = lambda ns, name: None  # asked; no replica comes in time
     body = {"model": "team-a/smollm2", "prompt": "hi"}
 
     async def scenario() -> tuple[int, str, float]:
-        runner = web.AppRunner(make_app(gw, drain_s=30.0), shutdown_timeout=30.0)
-        await runner.setup()
-        port = free_port()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        async with aiohttp.ClientSession() as session:
-            url = f"http://127.0.0.1:{port}/v1/completions"
+        async with stoppable(gw, 30.0) as (runner, url), aiohttp.ClientSession() as session:
             waiting = asyncio.ensure_future(session.post(url, json=body))
             await until(lambda: gw.waiting == 1)
             began = asyncio.get_running_loop().time()
