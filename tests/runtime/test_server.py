@@ -696,7 +696,7 @@ def test_a_stopping_server_is_unready_but_takes_new_connections_for_its_shutdown
         rt.close()
 
 
-def test_a_drain_of_zero_closes_the_listener_at_once() -> None:
+def test_the_shutdown_delay_is_part_of_the_drain_and_never_longer() -> None:
     """The delay is part of the drain: a model that asks for no drain gets no delay either, and the
     pod's grace period (drain + margin) always covers the stop."""
     from vnpu.api import SHUTDOWN_DELAY_S, shutdown_delay_s
