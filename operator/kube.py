@@ -258,7 +258,7 @@ class Kube:
                 self.core.delete_namespaced_secret(
                     name,
                     namespace,
-                    body=_only_if(uid),
+                    body=_delete_options(uid),
                     _preload_content=False,
                     _request_timeout=REQUEST_TIMEOUT,
                 )
@@ -283,8 +283,7 @@ class Kube:
             resp = self.core.delete_namespaced_pod(
                 name,
                 namespace,
-                grace_period_seconds=0 if force else None,
-                body=_only_if(uid) if uid else None,
+                body=_delete_options(uid, grace_period_seconds=0 if force else None),
                 _preload_content=False,
                 _request_timeout=REQUEST_TIMEOUT,
             )
@@ -446,9 +445,13 @@ class Kube:
             log.warning("could not count event %s/%s: %s", namespace, name, exc.reason)
 
 
-def _only_if(uid: str) -> Any:
-    """Delete options that delete the object only while it is still the one of ``uid`` (else a 409)."""
-    return client.V1DeleteOptions(preconditions=client.V1Preconditions(uid=uid))
+def _delete_options(uid: str = "", *, grace_period_seconds: int | None = None) -> Any:
+    """Delete options: with ``uid``, delete the object only while it is still that one (else a 409);
+    with ``grace_period_seconds``, that grace period. Both go in the body: the API server reads a DELETE's
+    options from its body when it has one and then ignores the query (a ``gracePeriodSeconds=0`` query
+    next to a precondition body is dropped, and the pod waits out its grace period)."""
+    preconditions = client.V1Preconditions(uid=uid) if uid else None
+    return client.V1DeleteOptions(preconditions=preconditions, grace_period_seconds=grace_period_seconds)
 
 
 def _parse_key_secret(obj: Mapping[str, Any]) -> ObservedSecret:

@@ -32,3 +32,32 @@ def test_a_pod_delete_spares_a_pod_made_again_under_its_name(control_plane: Any,
     assert core.read_namespaced_pod("r-0", namespace).metadata.uid == again
     assert kube.delete_pod(namespace, "r-0", force=True, uid=again) is True
     assert kube.delete_pod(namespace, "r-0", uid=again) is False  # 404: gone
+
+
+def test_a_forced_delete_with_a_precondition_removes_a_bound_pod_at_once(
+    control_plane: Any, namespace: str
+) -> None:
+    """A pod bound to a lost node: no kubelet will ever confirm its end, so the operator forces the
+    delete. The grace period must travel in the body with the uid precondition: the API server reads a
+    DELETE's options from the body when there is one and ignores the query, and a query's
+    ``gracePeriodSeconds=0`` left the pod Terminating for its 30 s (until the pod GC took it)."""
+    core = client.CoreV1Api(control_plane.api_client())
+    kube = Kube(control_plane.api_client(), (namespace,))
+    bound = {**_pod("r-0"), "spec": {**_pod("r-0")["spec"], "nodeName": "a-lost-node"}}
+    uid = core.create_namespaced_pod(namespace, bound).metadata.uid
+
+    assert kube.delete_pod(namespace, "r-0", force=True, uid=uid) is True
+    names = [p.metadata.name for p in core.list_namespaced_pod(namespace).items]
+    assert "r-0" not in names  # gone, not Terminating
+
+
+def test_an_unforced_delete_of_a_bound_pod_waits_for_its_kubelet(control_plane: Any, namespace: str) -> None:
+    core = client.CoreV1Api(control_plane.api_client())
+    kube = Kube(control_plane.api_client(), (namespace,))
+    bound = {**_pod("r-1"), "spec": {**_pod("r-1")["spec"], "nodeName": "a-node"}}
+    uid = core.create_namespaced_pod(namespace, bound).metadata.uid
+
+    assert kube.delete_pod(namespace, "r-1", uid=uid) is True
+    pod = core.read_namespaced_pod("r-1", namespace)
+    assert pod.metadata.deletion_timestamp is not None and pod.metadata.deletion_grace_period_seconds == 30
+    core.delete_namespaced_pod("r-1", namespace, grace_period_seconds=0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import collections
+import datetime as dt
 import json
 import subprocess
 from typing import Any
@@ -20,6 +21,7 @@ from operator_harness import OperatorProcess, get_model, live, pods_of
 
 from vnpu import api, sharing
 from vnpu.cluster.helm import CHART, placeholder_priority_class
+from vnpu.cluster.kwok import KWOK_ANNOTATION, npu_node_manifest
 from vnpu.cluster.processes import wait_until
 from vnpu.cluster.volumes import ensure_local_claim
 from vnpu.gateway.discovery import parse_slice
@@ -80,11 +82,25 @@ def apply(cp, namespace: str, name: str, model_spec: dict[str, Any]) -> None:
 
 
 def wait_phase(cp, namespace: str, name: str, phase: str, timeout: float = 60) -> dict[str, Any]:
+    """Waits for the model's phase; a timeout says the phase and conditions it was left in."""
+
     def reached() -> bool:
         return get_model(cp, namespace, name).get("status", {}).get("phase") == phase
 
-    wait_until(reached, timeout, f"{name} phase {phase}")
+    try:
+        wait_until(reached, timeout, f"{name} phase {phase}")
+    except TimeoutError as exc:
+        raise TimeoutError(f"{exc}; the model was left with {status_summary(cp, namespace, name)}") from None
     return get_model(cp, namespace, name)
+
+
+def status_summary(cp, namespace: str, name: str) -> str:
+    status = get_model(cp, namespace, name).get("status", {})
+    conditions = [
+        f"{c['type']}={c['status']} ({c.get('reason', '')}: {c.get('message', '')})"
+        for c in status.get("conditions", [])
+    ]
+    return f"phase {status.get('phase')!r}, {status.get('readyReplicas', 0)} ready, " + "; ".join(conditions)
 
 
 def replica_pods(cp, namespace: str, model: str) -> list[Any]:
@@ -251,6 +267,45 @@ def test_node_loss_replaces_replicas(cluster, namespace, kwok_nodes, operator) -
     wait_until(moved, 90, "replica re-placed from the lost node")
     wait_phase(cluster, namespace, "ha", "Ready")
     assert all(h.spec.node_name != first for h in holder_pods(cluster, namespace))
+
+
+def test_a_node_not_ready_past_its_grace_loses_its_replicas_for_good_and_the_model_is_ready_again(
+    cluster, namespace, kwok_nodes, tmp_path
+) -> None:
+    """A node NotReady past the grace period, with no kubelet left to confirm that its pods ended: its
+    replicas are re-placed and its pods force-deleted. It still exists, so the pod GC never takes
+    them. A delete the API server took as graceful left them Terminating, and the model Degraded
+    (NodeLost), for as long as the node stayed."""
+    core = client.CoreV1Api(cluster.api_client())
+    op = OperatorProcess(cluster, namespace, tmp_path).start("--node-grace-seconds", "3")
+    try:
+        first, second = kwok_nodes(2, devices=1, device_mib=16 * GIB)
+        apply(cluster, namespace, "ha", spec(replicas=2, placement={"spreadAcrossNodes": True}))
+        wait_phase(cluster, namespace, "ha", "Ready")
+        (third,) = kwok_nodes(1, devices=1, device_mib=16 * GIB)
+
+        # The node's kubelet is gone for good: the node object is made again without kwok's annotation
+        # (kwok, which forgets a node once it is deleted, finishes none of its pods' deletes) and NotReady.
+        core.delete_node(first)
+        again = npu_node_manifest(first, devices=1, device_mib=16 * GIB)
+        del again["metadata"]["annotations"][KWOK_ANNOTATION]
+        core.create_node(again)
+        now = api.format_time(dt.datetime.now(dt.UTC))
+        stopped = {"type": "Ready", "status": "False", "reason": "KubeletStopped", "message": "gone"}
+        stopped |= {"lastHeartbeatTime": now, "lastTransitionTime": now}
+        core.patch_node_status(first, {"status": {"conditions": [stopped], **again["status"]}})
+
+        def replaced() -> bool:
+            return sorted(p.spec.node_name for p in pods_of(cluster, namespace)) == sorted(
+                [second, second, third, third]  # a replica and its weight-holder on each; none left
+            )
+
+        wait_until(replaced, 90, "every pod on the NotReady node gone and its replica re-placed")
+        assert wait_phase(cluster, namespace, "ha", "Ready")["status"]["readyReplicas"] == 2
+        assert [c.status for c in core.read_node(first).status.conditions if c.type == "Ready"] == ["False"]
+    finally:
+        cluster.kubectl("delete", "infm", "--all", "-n", namespace, "--timeout=60s", check=False)
+        op.stop()
 
 
 def test_bad_spec_is_refused_and_unreadable_source_fails_clearly(
