@@ -41,6 +41,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     items.sort(key=lambda item: item.get_closest_marker("node") is not None)
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[Any]:
+    """A failed test's report carries the post-mortem of every fixture that has one (the operator's
+    log): a CI run on a clean clone keeps no temporary directory, so the report is all there is."""
+    report = yield
+    if report.failed:
+        for name, value in getattr(item, "funcargs", {}).items():
+            post_mortem = getattr(value, "post_mortem", None)
+            if callable(post_mortem):
+                report.sections.append((f"post-mortem: {name}", post_mortem()))
+    return report
+
+
 @pytest.fixture(scope="session")
 def kube_bin_dir() -> Path:
     from vnpu.cluster.binaries import ensure_binaries

@@ -78,6 +78,13 @@ class OperatorProcess:
     def log(self) -> str:
         return "\n".join(p.read_text(errors="replace") for p in sorted(self.log_dir.glob("operator-*.log")))
 
+    def post_mortem(self) -> str:
+        """The newest lines of every start's log: what a failed test's report shows (see conftest)."""
+        return "\n".join(
+            f"--- {p.name} ---\n" + "\n".join(p.read_text(errors="replace").splitlines()[-150:])
+            for p in sorted(self.log_dir.glob("operator-*.log"))
+        )
+
 
 def get_model(cp: Any, namespace: str, name: str) -> dict[str, Any]:
     crd = client.CustomObjectsApi(cp.api_client())
