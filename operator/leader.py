@@ -55,8 +55,14 @@ class LeaseConfig:
             raise ValueError("need lease duration > renew deadline > retry period > 0")
 
 
-def _micro_time(t: dt.datetime) -> str:
-    return t.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+def _micro_time(t: dt.datetime) -> dt.datetime:
+    """``t`` for a Lease's MicroTime field, never on a whole second. The client writes a datetime (and a
+    string, which it parses first) with ``isoformat()``, which leaves the fraction out on a whole
+    second, and the API server reads MicroTime with exactly six fractional digits: such a write was a
+    400, and a leadership acquired on a whole second could never be renewed. A whole second is sent
+    1 µs later."""
+    t = t.astimezone(dt.UTC)
+    return t if t.microsecond else t.replace(microsecond=1)
 
 
 class LeaderElector:
@@ -191,8 +197,8 @@ class LeaderElector:
             return False
         transitions = int(spec.lease_transitions or 0)
         acquired = spec.acquire_time
-        if holder != cfg.identity:
-            transitions += 1 if holder else 0
+        if holder != cfg.identity:  # an acquisition: counted after a release too, as client-go counts
+            transitions += 1
             acquired = now
         lease.spec = self._spec(acquired or now, now, transitions)
         try:

@@ -121,3 +121,15 @@ def test_a_connection_error_while_acquiring_is_retried(leases: FakeLeases) -> No
     elector = LeaderElector(client.ApiClient(), CONFIG, clock=Clock(0.0))
     assert elector.acquire()
     assert elector.is_leader()
+
+
+def test_a_micro_time_is_never_on_a_whole_second() -> None:
+    """The client drops a zero fraction, and the API server wants six digits (see leader._micro_time)."""
+    import datetime as dt
+
+    whole = dt.datetime(2026, 12, 6, 12, 0, 0, tzinfo=dt.UTC)
+    assert leader._micro_time(whole) == whole.replace(microsecond=1)
+    assert leader._micro_time(whole.replace(microsecond=250)) == whole.replace(microsecond=250)
+    assert client.ApiClient().sanitize_for_serialization(leader._micro_time(whole)) == (
+        "2026-12-06T12:00:00.000001+00:00"
+    )
