@@ -33,6 +33,7 @@ OPERATOR_NAMESPACED = {
     "inferencemodels",
     "inferencemodels/status",
     "inferencemodels/scale",
+    "inferencemodels/finalizers",
     "pods",
     "secrets",
     "services",
