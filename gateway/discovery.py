@@ -310,6 +310,7 @@ class Discovery:
         self, what: str, namespace: str | None, list_fn: Callable[..., Any], apply: Callable[[str, Any], None]
     ) -> None:
         from kubernetes import watch
+        from kubernetes.client.exceptions import ApiException
 
         backoff = 0.5
         while not self._stop.is_set():
@@ -330,15 +331,17 @@ class Discovery:
                 ):
                     if self._stop.is_set():
                         return
-                    kind = event["type"]
-                    if kind == "ERROR":
-                        break  # 410 Gone and the like: list again
+                    kind = event["type"]  # (an ERROR event is raised by the client as an ApiException)
                     if kind in ("ADDED", "MODIFIED", "DELETED"):
                         apply(kind, event["raw_object"])
                 backoff = 0.5
             except Exception as exc:  # the API server restarting, a call timed out: list and watch again
                 if self._stop.is_set():
                     return
+                if isinstance(exc, ApiException) and exc.status == 410:
+                    # The version watched from was compacted away: routine, every few minutes.
+                    log.info("watch expired; listing again", extra={"what": what})
+                    continue
                 log.warning("watch failed; listing again", extra={"what": what, "error": _why(exc)})
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 10.0)

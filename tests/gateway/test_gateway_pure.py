@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import logging
 from dataclasses import replace
 from types import SimpleNamespace
 from typing import Any
@@ -391,11 +392,12 @@ def test_a_gateway_of_several_namespaces_syncs_once_all_are_listed_and_a_relist_
     assert discovery.table.routes[ModelKey("team-a", "chat")].endpoints == ()
 
 
-def test_a_watch_loop_keeps_only_its_current_watch_however_often_it_relists(monkeypatch) -> None:
+def test_a_watch_loop_keeps_only_its_current_watch_however_often_it_relists(monkeypatch, caplog) -> None:
     """Every relist (a watch ends every 5 minutes, or on 410 Gone) appended its Watch to a list that
     nothing emptied: a slow leak for the gateway's lifetime. A loop now holds its current watch only,
-    and stop() still reaches it."""
+    and stop() still reaches it. A 410 is routine: relisted at once, and no warning."""
     from kubernetes import watch
+    from kubernetes.client.exceptions import ApiException
 
     discovery = Discovery(api_client=None)
     made: list[Any] = []
@@ -409,7 +411,9 @@ def test_a_watch_loop_keeps_only_its_current_watch_however_often_it_relists(monk
         def stream(self, list_fn: Any, **_: Any) -> Any:
             if len(made) == relists:
                 discovery._stop.set()  # (ends the loop after this watch)
-            yield {"type": "ERROR", "raw_object": {"code": 410}}  # Gone: list again
+            yield {"type": "BOOKMARK", "raw_object": {}}
+            # The client raises an ERROR event (a 410 here: Gone, list again) when given timeout_seconds.
+            raise ApiException(status=410, reason="Expired: too old resource version")
 
         def stop(self) -> None:
             self.stopped = True
@@ -418,8 +422,10 @@ def test_a_watch_loop_keeps_only_its_current_watch_however_often_it_relists(monk
         return SimpleNamespace(data=json.dumps({"items": [], "metadata": {"resourceVersion": "1"}}))
 
     monkeypatch.setattr(watch, "Watch", OneEventWatch)
+    caplog.set_level(logging.INFO, logger="vnpu.gateway.discovery")
     discovery._watch("models", "team-a", list_models, discovery.apply_model)
     assert len(made) == relists
+    assert [r.getMessage() for r in caplog.records] == ["watch expired; listing again"] * (relists - 1)
     assert len(discovery._watches) == 1
     discovery.stop()
     assert made[-1].stopped
