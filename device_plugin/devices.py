@@ -10,7 +10,10 @@
   its last known layout (none when it has none): such a size is a bogus report (a ``0xFFFFFFFF``
   sentinel), and its slice list would not fit the kubelet's messages;
 * every device is its own extended resource, ``vnpu.io/memory-<index>``: a device whose index another
-  device already has (or is out of range) is unhealthy, so two devices never share one resource;
+  device already has (or is out of range) is unhealthy, so two devices never share one resource. An
+  index stays with the device that had it; in a first table (a plugin that restarted) it goes to a
+  device whose slices the ledger holds before one whose it does not, so a restart never hands a
+  running pod's resource to another device;
 * every device has its own socket directory, named after its ID (:func:`.contract.device_dir_name`):
   a device whose ID names the directory another device already has (``npu:0`` and ``npu_0``) is
   unhealthy, so the pods of two devices never share one directory.
@@ -30,7 +33,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, replace
 
 from vnpu.api import MAX_DEVICE_ID_LEN, MAX_DEVICE_INDEX, device_resource, slice_id
@@ -79,9 +82,12 @@ class DeviceEntry:
 
     @property
     def resource(self) -> str:
-        """The extended resource advertising this device's slices; empty for an index no resource
-        can carry (the device is then unhealthy and has no endpoint)."""
-        return device_resource(self.device.index) if 0 <= self.device.index <= MAX_DEVICE_INDEX else ""
+        """The extended resource advertising this device's slices; empty when it has none of its own:
+        an index no resource can carry, or one another device holds (the device is then unhealthy and
+        has no endpoint)."""
+        if not self.owns_index or not 0 <= self.device.index <= MAX_DEVICE_INDEX:
+            return ""
+        return device_resource(self.device.index)
 
     def slice_ids(self) -> list[str]:
         return [slice_id(self.id, i) for i in range(self.slices)]
@@ -121,9 +127,13 @@ def _check_id_length(device_id: str, slices: int) -> None:
 
 
 def merge(
-    previous: dict[str, DeviceEntry], report: Sequence[PhysicalDevice] | BackendError, slice_mib: int
+    previous: dict[str, DeviceEntry],
+    report: Sequence[PhysicalDevice] | BackendError,
+    slice_mib: int,
+    holding: Collection[str] = (),
 ) -> dict[str, DeviceEntry]:
-    """The next device table from the previous one and one backend poll (pure)."""
+    """The next device table from the previous one and one backend poll (pure). ``holding``: the IDs of
+    devices that have allocated slices, which take an index or socket directory no device had before."""
     if isinstance(report, BackendError):
         return {
             k: replace(e, device=replace(e.device, healthy=False, reason=str(report)))
@@ -134,7 +144,7 @@ def merge(
     index_owner = {e.device.index: e.id for e in previous.values() if e.owns_index}
     # socket directory name -> the device holding it, kept the same way
     dir_owner = {_socket_dir_name(e.id): e.id for e in previous.values() if e.owns_socket_dir}
-    for dev in sorted(report, key=lambda d: (d.id not in previous, d.index, d.id)):
+    for dev in sorted(report, key=lambda d: (d.id not in previous, d.id not in holding, d.index, d.id)):
         prev = previous.get(dev.id)
         owner = index_owner.setdefault(dev.index, dev.id)
         dir_name = _socket_dir_name(dev.id)
@@ -197,10 +207,12 @@ def merge(
 class DeviceTable:
     """The current device table, thread-safe, versioned for watchers."""
 
-    def __init__(self, slice_mib: int) -> None:
+    def __init__(self, slice_mib: int, holding: Callable[[], Collection[str]] = tuple) -> None:
+        """``holding`` names the devices with allocated slices (the ledger's): see :func:`merge`."""
         if slice_mib < 1:
             raise ValueError(f"slice size must be >= 1 MiB, got {slice_mib}")
         self.slice_mib = slice_mib
+        self._holding = holding
         self._entries: dict[str, DeviceEntry] = {}
         self._slice_owner: dict[str, DeviceEntry] = {}
         self._version = 0
@@ -211,7 +223,7 @@ class DeviceTable:
     def update(self, report: Sequence[PhysicalDevice] | BackendError) -> list[tuple[int, str]]:
         """Apply one poll; returns health transitions as (log level, message)."""
         with self._cond:
-            new = merge(self._entries, report, self.slice_mib)
+            new = merge(self._entries, report, self.slice_mib, self._holding())
             transitions = _transitions(self._entries, new)
             changed = not self._reported or [e.visible_key() for e in self._entries.values()] != [
                 e.visible_key() for e in new.values()

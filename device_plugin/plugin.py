@@ -177,11 +177,13 @@ class PluginRunner:
             npu_smi=config.npu_smi,
             sysfs_root=config.sysfs_root,
         )
-        self.table = DeviceTable(config.slice_mib)
+        self.ledger = Ledger(config.checkpoint_path, sync=config.checkpoint_sync)
+        # Loaded before the first poll (start): a restarted plugin gives a contested index to the device
+        # its running pods hold slices of.
+        self.table = DeviceTable(config.slice_mib, holding=lambda: self.ledger.count_by_device())
         self.monitor = HealthMonitor(
             self.backend, self.table, config.health_interval_s, config.backend_error_grace_s
         )
-        self.ledger = Ledger(config.checkpoint_path, sync=config.checkpoint_sync)
         self.metrics = PluginMetrics(self.table, self.ledger)
         self.metrics_port: int | None = None
         if core_api is None and config.use_api:

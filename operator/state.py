@@ -187,7 +187,11 @@ def parse_node(obj: Mapping[str, Any]) -> ObservedNode:
         except ValueError as exc:
             error = f"malformed {api.ANNOTATION_DEVICES} annotation: {exc}"
         else:
-            unnamed = [d.id for d in inventory.devices if api.device_resource_index(d.resource) is None]
+            # (An unhealthy device may have none of its own: its index is out of range, or another
+            # device's. It gets no placement either way.)
+            unnamed = [
+                d.id for d in inventory.devices if d.healthy and api.device_resource_index(d.resource) is None
+            ]
             if unnamed:
                 error = (
                     f"devices {', '.join(unnamed)} have no per-device resource (vnpu.io/memory-<index>) in "

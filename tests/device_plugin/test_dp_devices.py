@@ -57,6 +57,19 @@ def test_an_index_stays_with_its_first_device_over_many_polls():
         ]
 
 
+def test_a_first_table_gives_a_contested_index_to_the_device_whose_slices_are_held():
+    """A restarted plugin has no previous table: the index went to the lower ID, and a running pod's
+    resource (``vnpu.io/memory-0``, its slices on npu1) passed to npu0 while npu1 turned Unhealthy."""
+    clash = [dev(0), PhysicalDevice(id="npu1", index=0, model="m", total_mib=4096)]
+    table = merge({}, clash, slice_mib=1024, holding={"npu1"})
+    assert [(e.id, e.healthy, e.reason) for e in table.values()] == [
+        ("npu0", False, "device index 0 is already npu1's"),
+        ("npu1", True, ""),
+    ]
+    # Once a table exists, its owner keeps the index whatever is held.
+    assert merge(table, clash, slice_mib=1024, holding={"npu0"})["npu1"].healthy
+
+
 def test_a_device_whose_id_names_another_devices_socket_directory_is_unhealthy():
     """``npu:0`` and ``npu_0`` both name the socket directory ``npu_0``: the pods of both devices got
     one directory, each able to reach the other's weight-holders, and both devices were Healthy."""

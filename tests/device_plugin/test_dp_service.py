@@ -181,6 +181,19 @@ def test_two_devices_with_one_index_never_share_a_resource(run_plugin):
         assert npu1 is not None and not npu1.healthy and "index 0 is already npu0's" in npu1.reason
 
 
+def test_a_restarted_plugin_keeps_a_contested_index_with_the_device_its_pods_hold(dirs, stub_for):
+    """npu1 had index 0 alone (npu0 came later, with the same index) and a pod holds its slices: after a
+    restart, vnpu.io/memory-0 must still be npu1's, not go to the device whose ID sorts first."""
+    write_devices(dirs.devices_file, [dict(TWO_DEVICES[1], index=0)])
+    with PluginRunner(dirs.config()) as first:
+        allocate(stub_for(first), ["npu1-s0"])
+    write_devices(dirs.devices_file, [dict(TWO_DEVICES[0]), dict(TWO_DEVICES[1], index=0)])
+    with PluginRunner(dirs.config()) as second:
+        assert second.endpoints["vnpu.io/memory-0"].device_id == "npu1"
+        npu0 = second.table.entry("npu0")
+        assert npu0 is not None and not npu0.healthy and "index 0 is already npu1's" in npu0.reason
+
+
 def test_a_device_whose_endpoint_cannot_be_set_up_neither_stops_the_start_nor_the_others(
     run_plugin, stub_for, caplog
 ):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 from dataclasses import replace
 from typing import Any
 
@@ -684,6 +685,23 @@ def test_a_node_whose_device_plugin_predates_per_device_resources_is_not_used() 
     assert "predates vnpu 0.2" in old.inventory_error
     result = run([model("a", 1)], [old])
     assert result.create == [] or roles(result.create) == ["placeholder"]
+
+
+def test_an_unhealthy_device_without_a_resource_of_its_own_leaves_the_node_usable() -> None:
+    """The device plugin gives a device whose index another device holds no resource (it is unhealthy):
+    that is not a plugin older than per-device resources, and the node's other devices take replicas."""
+    manifest = npu_node_manifest("dup", devices=2, device_mib=16 * 1024)
+    inventory = json.loads(manifest["metadata"]["annotations"][api.ANNOTATION_DEVICES])
+    inventory["devices"][1] |= {"index": 0, "resource": "", "health": "Unhealthy", "reason": "index 0 taken"}
+    manifest["metadata"]["annotations"][api.ANNOTATION_DEVICES] = json.dumps(inventory)
+    manifest["status"]["conditions"] = [{"type": "Ready", "status": "True"}]
+    dup = parse_node(manifest)
+    assert dup.inventory_error == ""
+    result = run([model("a", 1)], [dup])
+    assert roles(result.create) == ["replica", "weights"]
+    for pod in result.create:
+        limits = pod["spec"]["containers"][0]["resources"]["limits"]
+        assert [r for r in limits if r.startswith("vnpu.io/")] == [api.device_resource(0)]
 
 
 def test_a_pod_the_kubelet_refused_at_admission_is_replaced() -> None:
