@@ -241,15 +241,18 @@ def _context_error(
     )
 
 
-def _tokenize(runtime: ModelRuntime, text: str, max_tokens: int | None) -> list[int]:
-    """Token ids of ``text``, refusing a prompt the text alone proves too long before tokenizing it."""
+def _tokenize(
+    runtime: ModelRuntime, text: str, max_tokens: int | None, *, add_bos: bool | None = None
+) -> list[int]:
+    """Token ids of ``text``, refusing a prompt the text alone proves too long before tokenizing it.
+    ``add_bos`` None: as the tokenizer's files say."""
     tokenizer = runtime.tokenizer
     if not text:
         raise InvalidRequestError("the prompt is empty")
     bound = tokenizer.min_tokens(text)
     if bound + (max_tokens or 1) > runtime.options.max_context:
         raise _context_error(runtime, bound, max_tokens or 1, at_least=True)
-    return tokenizer.encode(text)
+    return tokenizer.encode(text, add_bos=add_bos)
 
 
 def _prepare(runtime: ModelRuntime, req: CompletionRequest | ChatRequest) -> tuple[list[int], int]:
@@ -262,7 +265,10 @@ def _prepare(runtime: ModelRuntime, req: CompletionRequest | ChatRequest) -> tup
                 f"model {runtime.model_name!r} has no chat template in its files; use /v1/completions"
             )
         text = template.render([m.to_template() for m in req.messages], add_generation_prompt=True)
-        ids = _tokenize(runtime, text, max_tokens)
+        # The template writes the special tokens itself (``{{ bos_token }}`` in Llama 3's, Mistral's,
+        # Gemma's): a BOS added on top made two. transformers' apply_chat_template and vLLM tokenize a
+        # rendered chat without adding special tokens.
+        ids = _tokenize(runtime, text, max_tokens, add_bos=False)
     elif isinstance(req.prompt, str):
         ids = _tokenize(runtime, req.prompt, max_tokens)
     else:

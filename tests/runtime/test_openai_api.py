@@ -127,6 +127,54 @@ def test_chat_completion_renders_the_models_template(runtime: ModelRuntime) -> N
     serve(runtime, scenario)
 
 
+def test_a_chat_template_that_writes_the_bos_token_gets_one_bos_not_two(tmp_path: Path) -> None:
+    """Llama 3's, Mistral's and Gemma's templates start with ``{{ bos_token }}`` and their tokenizers add
+    a BOS to what they encode: the rendered chat was encoded with a second BOS in front. A chat is
+    tokenized as transformers' apply_chat_template and vLLM do, adding no special token; a text
+    completion still gets the tokenizer's BOS."""
+    from rt_helpers import write_tiny_llama
+
+    from vnpu.runtime.loader import load_weights
+    from vnpu.runtime.sources import resolve
+
+    directory = write_tiny_llama(tmp_path / "bos")
+    tokenizer = json.loads((directory / "tokenizer.json").read_text())
+    tokenizer["post_processor"] = {  # as Llama 3's tokenizer.json adds its BOS
+        "type": "TemplateProcessing",
+        "single": [
+            {"SpecialToken": {"id": "<|endoftext|>", "type_id": 0}},
+            {"Sequence": {"id": "A", "type_id": 0}},
+        ],
+        "pair": [],
+        "special_tokens": {
+            "<|endoftext|>": {"id": "<|endoftext|>", "ids": [256], "tokens": ["<|endoftext|>"]}
+        },
+    }
+    (directory / "tokenizer.json").write_text(json.dumps(tokenizer))
+    template = (
+        "{{ bos_token }}{% for m in messages %}{{ '<' + m['role'] + '>' + m['content'] + '\\n' }}{% endfor %}"
+    )
+    (directory / "tokenizer_config.json").write_text(json.dumps({"chat_template": template + "<assistant>"}))
+    weights = load_weights(resolve(str(directory)), progress=False)
+    rt = ModelRuntime(ServeOptions(max_context=CONTEXT, model_name="tiny", max_batch=4))
+    rt.install(weights.manifest, weights.arena, shared=False, seconds=0.01)
+    text = "<user>hi\n<assistant>"
+    assert rt.tokenize("x") == [256, ord("x")]  # the tokenizer adds its BOS
+
+    async def scenario(client: AsyncOpenAI, _: TestClient) -> None:
+        chat = await client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "hi"}], max_completion_tokens=1, temperature=0
+        )
+        assert chat.usage is not None and chat.usage.prompt_tokens == 1 + len(text)  # one BOS, then bytes
+        completion = await client.completions.create(model="tiny", prompt=text, max_tokens=1, temperature=0)
+        assert completion.usage is not None and completion.usage.prompt_tokens == 1 + len(text)
+
+    try:
+        serve(rt, scenario)
+    finally:
+        rt.close()
+
+
 def test_chat_streaming_sends_the_same_text_and_usage_last(runtime: ModelRuntime) -> None:
     async def scenario(client: AsyncOpenAI, _: TestClient) -> None:
         args: dict[str, Any] = {
