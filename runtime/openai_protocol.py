@@ -150,6 +150,7 @@ _MESSAGE_FIELDS = {
     "refusal",
     "function_call",
     "audio",
+    "annotations",  # the SDK's own assistant message has it (citations): sent back as history, empty
 }
 
 
@@ -331,8 +332,12 @@ def _stream(body: Mapping[str, Any]) -> tuple[bool, bool]:
         return stream, False
     if not stream:
         raise BadRequest("'stream_options' is only allowed with 'stream': true", "stream_options")
-    if not isinstance(options, dict) or set(options) - {"include_usage"}:
-        raise BadRequest("'stream_options' may only hold 'include_usage'", "stream_options")
+    if not isinstance(options, dict) or set(options) - {"include_usage", "include_obfuscation"}:
+        raise BadRequest(
+            "'stream_options' may only hold 'include_usage' and 'include_obfuscation'", "stream_options"
+        )
+    # Obfuscation pads chunks against length side channels; this server pads nothing, either way.
+    _bool(options, "include_obfuscation", "stream_options")
     return stream, _bool(options, "include_usage", "stream_options")
 
 
@@ -407,6 +412,8 @@ def _message(raw: Any, index: int) -> ChatMessage:
         or raw.get("audio") is not None
     ):
         raise BadRequest(f"{where}: tool and function calls and audio are not supported", "messages")
+    if not _is_empty(raw.get("annotations")):
+        raise BadRequest(f"{where}: annotations are not supported", "messages")
     content = raw.get("content")
     if isinstance(content, list):  # content parts: text only, joined as vLLM joins them
         texts = []

@@ -202,6 +202,39 @@ def test_chat_streaming_sends_the_same_text_and_usage_last(runtime: ModelRuntime
     serve(runtime, scenario)
 
 
+def test_the_sdks_own_reply_goes_back_as_history_and_its_stream_options_are_taken(
+    runtime: ModelRuntime,
+) -> None:
+    """``reply.choices[0].message.model_dump()`` holds ``annotations: None`` (a 400 "unknown field"), and
+    the SDK documents ``stream_options.include_obfuscation: false`` to save bandwidth (a 400 too)."""
+
+    hi = [{"role": "user", "content": "hi"}]
+
+    async def scenario(client: AsyncOpenAI, http: TestClient) -> None:
+        args: dict[str, Any] = {"model": "tiny", "max_tokens": 2, "temperature": 0}
+        first = await client.chat.completions.create(messages=hi, **args)  # type: ignore[arg-type]
+        said = first.choices[0].message.model_dump()
+        assert "annotations" in said
+        history = [*hi, said, {"role": "user", "content": "ok"}]
+        again = await client.chat.completions.create(messages=history, **args)  # type: ignore[arg-type]
+        assert again.choices[0].finish_reason in ("length", "stop")
+        options = {"include_usage": True, "include_obfuscation": False}
+        stream = await client.chat.completions.create(
+            messages=hi,
+            stream=True,
+            stream_options=options,
+            **args,  # type: ignore[arg-type]
+        )
+        assert [c async for c in stream][-1].usage is not None
+        cited = {**said, "annotations": [{"type": "url_citation", "url_citation": {"url": "https://x"}}]}
+        resp = await http.post("/v1/chat/completions", json={**args, "messages": [*hi, cited]})
+        assert (
+            resp.status == 400 and "annotations are not supported" in (await resp.json())["error"]["message"]
+        )
+
+    serve(runtime, scenario)
+
+
 def test_chat_default_max_tokens_is_what_the_context_leaves(runtime: ModelRuntime) -> None:
     async def scenario(client: AsyncOpenAI, _: TestClient) -> None:
         reply = await client.chat.completions.create(
