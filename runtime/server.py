@@ -317,7 +317,15 @@ def _logprobs_json(call: _Call, entries: list[TokenLogprob], offset: int) -> dic
     return {
         "tokens": [text(e.token_id) for e in entries],
         "token_logprobs": [e.logprob for e in entries],
-        "top_logprobs": [{text(t): lp for t, lp in e.top} for e in entries],
+        # "The API will always return the logprob of the sampled token, so there may be up to
+        # logprobs+1 elements" (OpenAI's legacy completions; vLLM too): a sampled token outside the
+        # top k is added, and ``logprobs: 0`` gives it alone.
+        "top_logprobs": [
+            {text(t): lp for t, lp in e.top} | {text(e.token_id): e.logprob}
+            if text(e.token_id) not in {text(t) for t, _ in e.top}
+            else {text(t): lp for t, lp in e.top}
+            for e in entries
+        ],
         "text_offset": offsets,
     }
 

@@ -384,6 +384,27 @@ def test_logprobs_for_chat_and_completions(runtime: ModelRuntime) -> None:
             # character both read U+FFFD and share a key.
             assert 1 <= len(top) <= 2 and token in top
         assert lp.text_offset == [sum(len(t) for t in (lp.tokens or [])[:i]) for i in range(4)]
+        # Sampled: the chosen token's logprob is always there, outside the top k too (up to k + 1).
+        for k in (0, 1):
+            sampled = await client.completions.create(
+                model="tiny",
+                prompt="abc",
+                max_tokens=8,
+                temperature=2.0,
+                seed=7,
+                logprobs=k,
+                extra_body={"ignore_eos": True},
+            )
+            lp = sampled.choices[0].logprobs
+            assert lp is not None
+            for token, logprob, top in zip(
+                lp.tokens or [], lp.token_logprobs or [], lp.top_logprobs or [], strict=True
+            ):
+                assert token in top and len(top) <= k + 1
+                if token != "\ufffd":  # (part of a character: shares its key with other such tokens)
+                    assert top[token] == pytest.approx(logprob)
+            if k == 0:
+                assert all(len(top) == 1 for top in lp.top_logprobs or [])
 
     serve(runtime, scenario)
 
