@@ -68,7 +68,7 @@ from vnpu.jsonbody import (
     shown,
     track_handler,
 )
-from vnpu.openai_error import error_body
+from vnpu.openai_error import SERVER_ERROR, SERVICE_UNAVAILABLE, error_body, unavailable_body
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +118,13 @@ def openai_error(
     param: str | None = None,
 ) -> web.Response:
     return web.json_response(error_body(message, kind, code, param), status=status, headers=headers)
+
+
+def unavailable(message: str, retry_after_s: int) -> web.Response:
+    """A 503 in the runtime's shape (type ``server_error``, code ``service_unavailable``)."""
+    return web.json_response(
+        unavailable_body(message), status=503, headers={"Retry-After": str(retry_after_s)}
+    )
 
 
 def not_found(model: str) -> web.Response:
@@ -465,7 +472,7 @@ class Gateway:
         route, reason = await self.endpoints_of(route)
         if reason is not None:
             self.metrics.requests.labels(route.qualified_name, "503").inc()
-            return openai_error(503, reason, "service_unavailable", headers={"Retry-After": "5"})
+            return unavailable(reason, retry_after_s=5)
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _DROP_REQUEST_HEADERS}
         tried: set[Endpoint] = set()
         for _attempt in range(2):  # a replica that gave no answer is retried once, on another
@@ -491,12 +498,7 @@ class Gateway:
                 current = self.discovery.table.routes.get(route.key)
                 route = current or route
         self.metrics.requests.labels(route.qualified_name, "503").inc()
-        return openai_error(
-            503,
-            f"no replica of {route.qualified_name} could be reached",
-            "service_unavailable",
-            headers={"Retry-After": "1"},
-        )
+        return unavailable(f"no replica of {route.qualified_name} could be reached", retry_after_s=1)
 
     async def _proxy(
         self, request: web.Request, route: Route, endpoint: Endpoint, raw: bytes, headers: dict[str, str]
@@ -621,7 +623,7 @@ class Gateway:
         library reads as an answer that ended normally."""
         message = f"This gateway replica shut down before {route.qualified_name} finished; retry the request."
         with contextlib.suppress(TimeoutError, ConnectionError, RuntimeError, aiohttp.ClientError):
-            await _end_with_error(response, message, "service_unavailable", DRAIN_ERROR_SEND_S)
+            await _end_with_error(response, message, SERVICE_UNAVAILABLE, DRAIN_ERROR_SEND_S)
 
     # -- load -------------------------------------------------------------------------------------------
     async def scrape_kv_usage(self, session: aiohttp.ClientSession) -> None:
@@ -754,7 +756,7 @@ def kv_usage_of(metrics_text: str) -> float | None:
 async def _end_with_error(response: web.StreamResponse, message: str, code: str, within_s: float) -> None:
     """End a stream as the runtime ends its own failures mid-stream: an ``error`` event, ``[DONE]``,
     the end; raises TimeoutError when the client does not take it within ``within_s``."""
-    event = sse.event(error_body(message, "server_error", code))
+    event = sse.event(error_body(message, SERVER_ERROR, code))
     async with asyncio.timeout(within_s):
         await response.write(event + sse.DONE)
         await response.write_eof()

@@ -86,7 +86,7 @@ from vnpu.jsonbody import (
     shutdown_timeout,
     track_handler,
 )
-from vnpu.openai_error import error_body
+from vnpu.openai_error import SERVER_ERROR, SERVICE_UNAVAILABLE, error_body
 from vnpu.runtime.engine import GenerationRequest, ModelRuntime, RequestHandle, RequestOutput
 from vnpu.runtime.errors import ContextLengthError, InvalidRequestError, RuntimeUnavailableError
 from vnpu.runtime.openai_protocol import (
@@ -159,8 +159,8 @@ def _as_http(error: Exception) -> HTTPError:
     if isinstance(error, RuntimeUnavailableError):
         retry = {"Retry-After": str(RETRY_AFTER_UNAVAILABLE_S)}
         message = f"model is not available: {error}"
-        return HTTPError(503, message, "server_error", "service_unavailable", headers=retry)
-    return HTTPError(500, "internal error (the server's log has the details)", "server_error")
+        return HTTPError(503, message, SERVER_ERROR, SERVICE_UNAVAILABLE, headers=retry)
+    return HTTPError(500, "internal error (the server's log has the details)", SERVER_ERROR)
 
 
 class _Failed(Exception):

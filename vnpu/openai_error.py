@@ -11,3 +11,14 @@ from typing import Any
 def error_body(message: str, kind: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
     """``{"error": {message, type, param, code}}``, as OpenAI's API answers."""
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+#: A request refused because nothing can serve it now (no replica, a drain, a full queue): the runtime's
+#: 503 body and its mid-stream error event, and the gateway's, all say it one way.
+SERVER_ERROR = "server_error"
+SERVICE_UNAVAILABLE = "service_unavailable"
+
+
+def unavailable_body(message: str) -> dict[str, Any]:
+    """The error object of a 503 (and of a stream ended for the same reason)."""
+    return error_body(message, SERVER_ERROR, SERVICE_UNAVAILABLE)
