@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import subprocess
 
 import pytest
 import yaml
@@ -53,3 +54,31 @@ def test_an_outdated_served_crd_is_an_error_saying_what_to_apply_until_it_is_app
         assert check.check_once() is False
     assert metrics.CRD_OUTDATED._value.get() == 0
     assert "up to date again" in caplog.text
+
+
+@pytest.mark.integration
+def test_the_chart_refuses_to_install_over_an_older_crd_saying_what_to_apply(
+    control_plane, kube_bin_dir, namespace
+) -> None:
+    """Helm never upgrades crds/: an upgrade, or a re-install over the CRD an uninstall left, ran the new
+    operator on the old schema. The chart now looks the served CRD up and refuses, naming the step
+    (the operator's own check says the same command)."""
+    from vnpu.cluster.helm import CHART
+
+    def install() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(kube_bin_dir / "helm"), "install", "crdcheck", str(CHART), "-n", namespace,
+             "--dry-run=server", "--kubeconfig", str(control_plane.kubeconfig)],
+            capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+
+    assert install().returncode == 0, install().stderr  # the served CRD is this revision
+    control_plane.kubectl("annotate", "--overwrite", "crd", api.CRD_NAME, f"{api.CRD_REVISION_ANNOTATION}=1")
+    try:
+        refused = install()
+        assert refused.returncode != 0
+        assert f"revision 1, older than this chart's {api.CRD_REVISION}" in refused.stderr, refused.stderr
+        assert APPLY_COMMAND in refused.stderr
+    finally:
+        control_plane.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRDS_DIR))
+    assert install().returncode == 0
