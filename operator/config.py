@@ -23,6 +23,9 @@ class OperatorConfig:
     runtime_image: str = DEFAULT_RUNTIME_IMAGE
     placeholder_image: str = DEFAULT_PLACEHOLDER_IMAGE
     image_pull_policy: str = "IfNotPresent"
+    #: Secrets the kubelet pulls model pods' images with (``--image-pull-secret``): by name, so each
+    #: must exist in every namespace with models (a pod names Secrets of its own namespace only).
+    image_pull_secrets: tuple[str, ...] = ()
     #: Create placeholder pods for demand that cannot be placed (for the Cluster Autoscaler).
     placeholders: bool = True
     #: Seconds to coalesce bursts of events into one reconcile pass.

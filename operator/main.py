@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -90,6 +91,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--placeholder-image", default=DEFAULT_PLACEHOLDER_IMAGE, help="image of placeholder pods")
     p.add_argument("--image-pull-policy", default="IfNotPresent", choices=["Always", "IfNotPresent", "Never"])
+    p.add_argument(
+        "--image-pull-secret",
+        action="append",
+        default=[],
+        type=_secret_name,
+        metavar="NAME",
+        help="a Secret (kubernetes.io/dockerconfigjson) the kubelet pulls model pods' images with; it must "
+        "exist in every namespace with models, as a pod names only Secrets of its own namespace (repeatable)",
+    )
     p.add_argument("--no-placeholders", action="store_true", help="do not create autoscaler placeholder pods")
     p.add_argument(
         "--defragment",
@@ -199,6 +209,17 @@ def _network_policy_peer(value: str) -> dict[str, Any]:
         return network_policy.parse_peer(value)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+#: A Secret's name: a DNS-1123 subdomain (lower-case alphanumerics, '-' and '.'; at most 253).
+_SECRET_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+
+
+def _secret_name(value: str) -> str:
+    """Refused at start, not as every model pod's 422 later."""
+    if len(value) > 253 or not _SECRET_NAME.match(value):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a Secret name (a DNS-1123 subdomain)")
+    return value
 
 
 def _positive_int(value: str) -> int:
@@ -312,6 +333,7 @@ def config_from_args(args: argparse.Namespace) -> OperatorConfig:
     """The settings the command line gives (parsed and checked by :func:`build_parser`)."""
     return OperatorConfig(
         runtime_image=args.runtime_image,
+        image_pull_secrets=tuple(args.image_pull_secret),
         placeholder_image=args.placeholder_image,
         image_pull_policy=args.image_pull_policy,
         placeholders=not args.no_placeholders,

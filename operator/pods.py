@@ -152,12 +152,16 @@ def placeholder_pod_name(model: str, index: int, shape: str = "") -> str:
 def render(intent: PodIntent, config: OperatorConfig) -> dict[str, Any]:
     """The manifest of ``intent``."""
     if intent.role == api.ROLE_REPLICA:
-        return _replica_pod(intent, config)
-    if intent.role == api.ROLE_WEIGHTS:
-        return _holder_pod(intent, config)
-    if intent.role == api.ROLE_PLACEHOLDER:
-        return _placeholder_pod(intent, config)
-    raise ValueError(f"unknown pod role {intent.role!r}")
+        manifest = _replica_pod(intent, config)
+    elif intent.role == api.ROLE_WEIGHTS:
+        manifest = _holder_pod(intent, config)
+    elif intent.role == api.ROLE_PLACEHOLDER:
+        manifest = _placeholder_pod(intent, config)
+    else:
+        raise ValueError(f"unknown pod role {intent.role!r}")
+    if config.image_pull_secrets:  # (absent otherwise: pods made before this option look the same)
+        manifest["spec"]["imagePullSecrets"] = [{"name": name} for name in config.image_pull_secrets]
+    return manifest
 
 
 def _labels(model: ModelRef | None, role: str, share_group: str, extra: dict[str, str]) -> dict[str, str]:

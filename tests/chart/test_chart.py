@@ -373,3 +373,21 @@ def test_network_policy_reaches_the_operator_with_the_gateways_pods_as_a_peer(ku
         check=False,
     )
     assert proc.returncode != 0 and "/operator/networkPolicy/from/0" in proc.stderr
+
+
+def test_image_pull_secrets_reach_the_charts_pods_and_the_model_pods(kube_bin_dir) -> None:
+    workloads = ("Deployment", "DaemonSet")
+    plain = [d for d in render(kube_bin_dir) if d["kind"] in workloads]
+    assert plain and all("imagePullSecrets" not in d["spec"]["template"]["spec"] for d in plain)
+    assert not any(a.startswith("--image-pull-secret") for a in operator_args(kube_bin_dir))
+    values = ("--set", "imagePullSecrets[0].name=regcred", "--set", "imagePullSecrets[1].name=mirror")
+    pulled = [d for d in render(kube_bin_dir, *values) if d["kind"] in workloads]
+    assert {d["metadata"]["name"] for d in pulled} == {d["metadata"]["name"] for d in plain}
+    for d in pulled:
+        assert d["spec"]["template"]["spec"]["imagePullSecrets"] == [{"name": "regcred"}, {"name": "mirror"}]
+    args = operator_args(kube_bin_dir, *values)
+    assert "--image-pull-secret=regcred" in args and "--image-pull-secret=mirror" in args
+    proc = helm(
+        kube_bin_dir, "template", "x", str(CHART), "--set", "imagePullSecrets[0].name=Reg_Cred", check=False
+    )
+    assert proc.returncode != 0 and "/imagePullSecrets/0/name" in proc.stderr, proc.stderr

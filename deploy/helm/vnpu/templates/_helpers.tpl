@@ -92,3 +92,13 @@ runAsNonRoot: true
 capabilities: {drop: [ALL]}
 seccompProfile: {type: RuntimeDefault}
 {{- end -}}
+
+{{/* The chart's pods pull with imagePullSecrets (the operator gives the model pods the same names). */}}
+{{- define "vnpu.imagePullSecrets" -}}
+{{- with .Values.imagePullSecrets }}
+imagePullSecrets:
+{{- range . }}
+  - name: {{ .name }}
+{{- end }}
+{{- end }}
+{{- end -}}
