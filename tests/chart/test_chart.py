@@ -391,3 +391,11 @@ def test_image_pull_secrets_reach_the_charts_pods_and_the_model_pods(kube_bin_di
         kube_bin_dir, "template", "x", str(CHART), "--set", "imagePullSecrets[0].name=Reg_Cred", check=False
     )
     assert proc.returncode != 0 and "/imagePullSecrets/0/name" in proc.stderr, proc.stderr
+
+
+def test_the_device_plugin_runs_on_tainted_accelerator_pools(kube_bin_dir) -> None:
+    """GKE and AKS taint GPU pools nvidia.com/gpu: NoSchedule; a plugin that does not tolerate it never
+    runs there, and no node advertises a slice."""
+    (plugin,) = [d for d in render(kube_bin_dir) if d["kind"] == "DaemonSet"]
+    tolerated = {(t["key"], t.get("effect")) for t in plugin["spec"]["template"]["spec"]["tolerations"]}
+    assert {("vnpu.io/npu", "NoSchedule"), ("nvidia.com/gpu", "NoSchedule")} <= tolerated
