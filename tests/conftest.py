@@ -66,7 +66,15 @@ def control_plane(kube_bin_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
     """etcd + kube-apiserver with RBAC on loopback, CRDs from crds/ applied and established."""
     from vnpu.cluster.controlplane import ControlPlane
 
-    cp = ControlPlane(kube_bin_dir, tmp_path_factory.mktemp("control-plane"))
+    # OwnerReferencesPermissionEnforcement, on in OpenShift, off upstream: setting blockOwnerDeletion
+    # on an owner reference then needs `update` on the owner's finalizers, which the chart's RBAC must
+    # grant (tests/integration/test_operator.py runs the operator under exactly that RBAC). Not in the
+    # node end-to-end's cluster: the previous release it upgrades from predates the grant.
+    cp = ControlPlane(
+        kube_bin_dir,
+        tmp_path_factory.mktemp("control-plane"),
+        apiserver_args=("--enable-admission-plugins=OwnerReferencesPermissionEnforcement",),
+    )
     cp.start()
     try:
         cp.kubectl("apply", "--server-side", "-f", str(CRDS_DIR))

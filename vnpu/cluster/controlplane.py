@@ -157,9 +157,6 @@ class ControlPlane:
     def _start_apiserver(self) -> None:
         p = self.pki
         admission = [] if self.service_account_admission else ["--disable-admission-plugins=ServiceAccount"]
-        # As OpenShift has it on: setting blockOwnerDeletion on an owner reference needs `update` on the
-        # owner's finalizers, which a controller's RBAC must then grant (off by default upstream).
-        admission.append("--enable-admission-plugins=OwnerReferencesPermissionEnforcement")
         # Who deleted which pod or model: an audit trail of deletions only (cheap, and the first question
         # when a test sees something vanish).
         policy = self.workdir / "audit-policy.yaml"
