@@ -61,13 +61,18 @@ def test_a_first_table_gives_a_contested_index_to_the_device_whose_slices_are_he
     """A restarted plugin has no previous table: the index went to the lower ID, and a running pod's
     resource (``vnpu.io/memory-0``, its slices on npu1) passed to npu0 while npu1 turned Unhealthy."""
     clash = [dev(0), PhysicalDevice(id="npu1", index=0, model="m", total_mib=4096)]
-    table = merge({}, clash, slice_mib=1024, holding={"npu1"})
+    table = merge({}, clash, slice_mib=1024, holding=lambda: {"npu1"})
     assert [(e.id, e.healthy, e.reason) for e in table.values()] == [
         ("npu0", False, "device index 0 is already npu1's"),
         ("npu1", True, ""),
     ]
-    # Once a table exists, its owner keeps the index whatever is held.
-    assert merge(table, clash, slice_mib=1024, holding={"npu0"})["npu1"].healthy
+
+    # Once a table exists, its owner keeps the index whatever is held; uncontested, nobody counts.
+    def not_asked() -> set[str]:
+        raise AssertionError("the ledger was counted with nothing contested")
+
+    assert merge(table, clash, slice_mib=1024, holding=not_asked)["npu1"].healthy
+    assert merge({}, [dev(0), dev(1)], slice_mib=1024, holding=not_asked)["npu1"].healthy
 
 
 def test_a_device_whose_id_names_another_devices_socket_directory_is_unhealthy():
