@@ -180,7 +180,7 @@ class PluginRunner:
         self.ledger = Ledger(config.checkpoint_path, sync=config.checkpoint_sync)
         # Loaded before the first poll (start): a restarted plugin gives a contested index to the device
         # its running pods hold slices of.
-        self.table = DeviceTable(config.slice_mib, holding=lambda: self.ledger.count_by_device())
+        self.table = DeviceTable(config.slice_mib, holding=self.ledger.count_by_device)
         self.monitor = HealthMonitor(
             self.backend, self.table, config.health_interval_s, config.backend_error_grace_s
         )

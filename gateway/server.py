@@ -68,7 +68,7 @@ from vnpu.jsonbody import (
     shown,
     track_handler,
 )
-from vnpu.openai_error import SERVER_ERROR, SERVICE_UNAVAILABLE, error_body, unavailable_body
+from vnpu.openai_error import SERVER_ERROR, SERVICE_UNAVAILABLE, error_body
 
 log = logging.getLogger(__name__)
 
@@ -122,8 +122,8 @@ def openai_error(
 
 def unavailable(message: str, retry_after_s: int) -> web.Response:
     """A 503 in the runtime's shape (type ``server_error``, code ``service_unavailable``)."""
-    return web.json_response(
-        unavailable_body(message), status=503, headers={"Retry-After": str(retry_after_s)}
+    return openai_error(
+        503, message, SERVER_ERROR, SERVICE_UNAVAILABLE, headers={"Retry-After": str(retry_after_s)}
     )
 
 

@@ -17,8 +17,3 @@ def error_body(message: str, kind: str, code: str | None = None, param: str | No
 #: 503 body and its mid-stream error event, and the gateway's, all say it one way.
 SERVER_ERROR = "server_error"
 SERVICE_UNAVAILABLE = "service_unavailable"
-
-
-def unavailable_body(message: str) -> dict[str, Any]:
-    """The error object of a 503 (and of a stream ended for the same reason)."""
-    return error_body(message, SERVER_ERROR, SERVICE_UNAVAILABLE)
