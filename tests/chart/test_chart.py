@@ -40,6 +40,10 @@ VALUE_SETS = {
         "--set",
         "operator.placeholders.enabled=false",
     ],
+    "device-plugin-rolling-percent": [
+        "--set",
+        "devicePlugin.updateStrategy.rollingUpdate.maxUnavailable=10%",
+    ],
     "model-policy": [
         "--set-json",
         'modelPolicy.allowedRuntimeImages=["registry.example.com/vnpu/"]',
@@ -399,3 +403,30 @@ def test_the_device_plugin_runs_on_tainted_accelerator_pools(kube_bin_dir) -> No
     (plugin,) = [d for d in render(kube_bin_dir) if d["kind"] == "DaemonSet"]
     tolerated = {(t["key"], t.get("effect")) for t in plugin["spec"]["template"]["spec"]["tolerations"]}
     assert {("vnpu.io/npu", "NoSchedule"), ("nvidia.com/gpu", "NoSchedule")} <= tolerated
+
+
+def test_the_device_plugin_update_strategy_is_a_value(kube_bin_dir) -> None:
+    """Operators of accelerator nodes update each node's plugin when they choose (OnDelete), as NVIDIA's
+    and HAMi's charts let them. The default renders what the chart always did, so an upgrade leaves the
+    DaemonSet of an existing install as it was."""
+
+    def strategy(*values: str) -> dict[str, Any]:
+        (ds,) = [d for d in render(kube_bin_dir, *values) if d["kind"] == "DaemonSet"]
+        return dict(ds["spec"]["updateStrategy"])
+
+    assert strategy() == {"type": "RollingUpdate"}
+    assert strategy("--set", "devicePlugin.updateStrategy.type=OnDelete") == {"type": "OnDelete"}
+    assert strategy("--set", "devicePlugin.updateStrategy.rollingUpdate.maxUnavailable=10%") == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxUnavailable": "10%"},
+    }
+    for setting, refusal in [
+        ("devicePlugin.updateStrategy.type=Recreate", "/devicePlugin/updateStrategy/type"),
+        ("devicePlugin.updateStrategy.rollingUpdate.maxUnavailable=150%", "/rollingUpdate/maxUnavailable"),
+        ("devicePlugin.updateStrategy.rollingUpdate.maxUnavailable=-1", "/rollingUpdate/maxUnavailable"),
+        ("devicePlugin.updateStrategy.rollingUpdate.maxUnavailable=one", "/rollingUpdate/maxUnavailable"),
+        # Two plugins on a node would bind the same sockets and write one checkpoint.
+        ("devicePlugin.updateStrategy.rollingUpdate.maxSurge=1", "a surge starts a node's new plugin"),
+    ]:
+        proc = helm(kube_bin_dir, "template", "x", str(CHART), "--set", setting, check=False)
+        assert proc.returncode != 0 and refusal in proc.stderr, (setting, proc.stderr)
