@@ -8,7 +8,12 @@ class InvalidRequestError(ValueError):
 
 
 class ContextLengthError(InvalidRequestError):
-    """Prompt plus requested tokens do not fit the context this process was started with."""
+    """Prompt plus requested tokens do not fit the context this process was started with; ``param``:
+    the request's field holding the prompt (None outside an HTTP request)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class RuntimeUnavailableError(RuntimeError):

@@ -36,15 +36,22 @@ class GenerationResult:
         return (len(self.token_ids) - 1) / decode_time if len(self.token_ids) > 1 and decode_time > 0 else 0.0
 
 
-def check_context(prompt_tokens: int, max_new_tokens: int, context: int) -> None:
+def check_context(prompt_tokens: int, max_new_tokens: int, context: int, param: str | None = None) -> None:
+    """Refuse a prompt that is empty or, with ``max_new_tokens``, does not fit ``context``; ``param``:
+    the request's field holding the prompt. The message is OpenAI's and vLLM's, which clients parse
+    ("maximum context length is (\\d+) tokens", vLLM's "you requested N output tokens and your prompt
+    contains M input tokens")."""
     if prompt_tokens == 0:
         raise InvalidRequestError("the prompt is empty")
     if max_new_tokens < 1:
         raise InvalidRequestError(f"max_tokens must be at least 1, got {max_new_tokens}")
     if prompt_tokens + max_new_tokens > context:
         raise ContextLengthError(
-            f"this model's maximum context length is {context} tokens, but {prompt_tokens} prompt tokens "
-            f"plus {max_new_tokens} completion tokens were requested"
+            f"This model's maximum context length is {context} tokens. However, you requested "
+            f"{max_new_tokens} output tokens and your prompt contains {prompt_tokens} input tokens, for a "
+            f"total of {prompt_tokens + max_new_tokens} tokens. Please reduce the length of the prompt or "
+            "the number of requested output tokens.",
+            param,
         )
 
 

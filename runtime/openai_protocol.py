@@ -277,10 +277,26 @@ def _check_fields(body: Mapping[str, Any], allowed: set[str]) -> None:
             raise BadRequest(f"{_shown(key)} = {_shown(value)} is not supported by this server", key)
 
 
-def _sampling(body: Mapping[str, Any], max_tokens_key: str = "max_tokens") -> SamplingFields:
-    max_tokens = _int(body, max_tokens_key, 1, INT32_MAX)
+def _max_tokens(body: Mapping[str, Any], key: str, context: int | None) -> int | None:
+    """``body[key]``: at least 1 and, for a model whose context holds ``context`` tokens, less than
+    that (the prompt takes at least one): a larger value fits no prompt, and is refused before the
+    prompt is tokenized."""
+    value = _int(body, key, 1, INT32_MAX)
+    if value is not None and context is not None and value >= context:
+        raise BadRequest(
+            f"'{key}' must be less than {context}: this model's maximum context length is {context} tokens, "
+            f"the prompt's included; got {value}",
+            key,
+        )
+    return value
+
+
+def _sampling(
+    body: Mapping[str, Any], max_tokens_key: str = "max_tokens", context: int | None = None
+) -> SamplingFields:
+    max_tokens = _max_tokens(body, max_tokens_key, context)
     if max_tokens_key != "max_tokens" and max_tokens is None:
-        max_tokens = _int(body, "max_tokens", 1, INT32_MAX)
+        max_tokens = _max_tokens(body, "max_tokens", context)
     temperature = _number(body, "temperature")
     if temperature is None:
         temperature = 1.0
@@ -363,8 +379,9 @@ def _is_ids(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in value)
 
 
-def parse_completion(raw: Any) -> CompletionRequest:
-    """Validate a ``/v1/completions`` body (raises :class:`BadRequest`)."""
+def parse_completion(raw: Any, context: int | None = None) -> CompletionRequest:
+    """Validate a ``/v1/completions`` body (raises :class:`BadRequest`), for a model whose context
+    holds ``context`` tokens (None: no bound on ``max_tokens``)."""
     body = _object(raw)
     _check_fields(body, _COMPLETION_FIELDS)
     prompt = body.get("prompt")
@@ -382,7 +399,7 @@ def parse_completion(raw: Any) -> CompletionRequest:
         )
     logprobs = _int(body, "logprobs", 0, MAX_COMPLETION_LOGPROBS)
     stream, usage = _stream(body)
-    sampling = _sampling(body)
+    sampling = _sampling(body, context=context)
     if sampling.max_tokens is None:
         sampling = _replace(sampling, max_tokens=DEFAULT_COMPLETION_MAX_TOKENS)
     return CompletionRequest(
@@ -406,15 +423,19 @@ def _message(raw: Any, index: int) -> ChatMessage:
     role = raw.get("role")
     if role not in CHAT_ROLES:
         raise BadRequest(f"{where}.role must be one of {list(CHAT_ROLES)}, got {_shown(role)}", "messages")
-    if (
-        not _is_empty(raw.get("tool_calls"))
-        or raw.get("function_call") is not None
-        or raw.get("audio") is not None
-    ):
-        raise BadRequest(f"{where}: tool and function calls and audio are not supported", "messages")
+    if not _is_empty(raw.get("tool_calls")):
+        raise BadRequest(f"{where}.tool_calls: tool calls are not supported by this server", "messages")
+    if raw.get("function_call") is not None:
+        raise BadRequest(
+            f"{where}.function_call: function calls are not supported by this server", "messages"
+        )
+    if raw.get("audio") is not None:
+        raise BadRequest(f"{where}.audio: audio is not supported by this server", "messages")
     if not _is_empty(raw.get("annotations")):
         raise BadRequest(f"{where}: annotations are not supported", "messages")
     content = raw.get("content")
+    if content is None and role == "assistant":  # optional for an assistant's message; empty, as vLLM's
+        content = ""
     if isinstance(content, list):  # content parts: text only, joined as vLLM joins them
         texts = []
         for part in content:
@@ -439,7 +460,7 @@ def _message(raw: Any, index: int) -> ChatMessage:
 
 def parse_chat(raw: Any, context: int | None = None) -> ChatRequest:
     """Validate a ``/v1/chat/completions`` body (raises :class:`BadRequest`), for a model whose context
-    holds ``context`` tokens (None: no bound on the number of messages)."""
+    holds ``context`` tokens (None: no bound on the number of messages nor on ``max_tokens``)."""
     body = _object(raw)
     _check_fields(body, _CHAT_FIELDS)
     messages = body.get("messages")
@@ -457,7 +478,7 @@ def parse_chat(raw: Any, context: int | None = None) -> ChatRequest:
     if top is not None and not want_logprobs:
         raise BadRequest("'top_logprobs' needs 'logprobs': true", "top_logprobs")
     stream, usage = _stream(body)
-    sampling = _sampling(body, "max_completion_tokens")
+    sampling = _sampling(body, "max_completion_tokens", context)
     if want_logprobs:
         sampling = _replace(sampling, logprobs=top or 0)
     return ChatRequest(

@@ -7,7 +7,9 @@ callback the caller gave (the HTTP server turns each into a stream chunk), the l
 :class:`~vnpu.runtime.scheduler.Sequence` and what turns its tokens into text: an incremental UTF-8
 decoder and a stop-string matcher that holds back text which might be the start of a stop string,
 so a client never sees part of one. Finishing: a stop token (EOS, unless ``ignore_eos``) or stop
-string -> "stop"; ``max_tokens`` or the context -> "length".
+string -> "stop"; ``max_tokens`` or the context -> "length". A stop token is generated like any other:
+it is in ``token_ids``, counted in ``completion_tokens`` and has its logprob (as vLLM's outputs), only
+its text is left out.
 """
 
 from __future__ import annotations
@@ -140,7 +142,7 @@ class RequestState:
                 finish = "length"
         if finish is not None and not self.matcher.stopped:
             text += self.matcher.feed(self.decoder.flush()) + self.matcher.flush()
-        logprobs = (logprob,) if logprob is not None and token not in self.stop_ids else ()
+        logprobs = (logprob,) if logprob is not None else ()
         return RequestOutput(text, (token,), logprobs, finish, completion_tokens=generated)
 
 

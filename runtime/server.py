@@ -20,7 +20,8 @@
 
 Errors use OpenAI's error object ``{"error": {"message", "type", "param", "code"}}``: 400 for bad input
 (non-UTF-8 or invalid JSON bodies, unknown fields, out-of-range values, empty prompts, prompts beyond
-the context with code ``context_length_exceeded``, more messages than the context has tokens), 413 for
+the context with code ``context_length_exceeded`` and the prompt's field as ``param``, more messages
+than the context has tokens), 413 for
 a body larger than any request that fits the context needs (:func:`body_limit`), 404 for another
 model, 429 when the engine's waiting queue is full, 503 while the weights are unavailable (a 429
 carries ``Retry-After: 1``, a 503 ``Retry-After: 5``), 500 for a failure, which says only "internal
@@ -89,6 +90,7 @@ from vnpu.jsonbody import (
 from vnpu.openai_error import SERVER_ERROR, SERVICE_UNAVAILABLE, error_body
 from vnpu.runtime.engine import GenerationRequest, ModelRuntime, RequestHandle, RequestOutput
 from vnpu.runtime.errors import ContextLengthError, InvalidRequestError, RuntimeUnavailableError
+from vnpu.runtime.generate import check_context
 from vnpu.runtime.openai_protocol import (
     BadRequest,
     ChatRequest,
@@ -150,7 +152,7 @@ def _as_http(error: Exception) -> HTTPError:
     if isinstance(error, BadRequest):
         return HTTPError(400, str(error), "invalid_request_error", None, error.param)
     if isinstance(error, ContextLengthError):
-        return HTTPError(400, str(error), "invalid_request_error", "context_length_exceeded")
+        return HTTPError(400, str(error), "invalid_request_error", "context_length_exceeded", error.param)
     if isinstance(error, InvalidRequestError):
         return HTTPError(400, str(error), "invalid_request_error")
     if isinstance(error, QueueFullError):
@@ -230,28 +232,27 @@ def _check_model(runtime: ModelRuntime, model: str | None) -> str:
     return model if model and runtime.options.any_model_name else runtime.model_name
 
 
-def _context_error(
-    runtime: ModelRuntime, prompt_tokens: int, max_tokens: int, at_least: bool
-) -> ContextLengthError:
-    context = runtime.options.max_context
-    bound = "at least " if at_least else ""
-    return ContextLengthError(
-        f"this model's maximum context length is {context} tokens, but {bound}{prompt_tokens} prompt tokens "
-        f"plus {max_tokens} completion tokens were requested"
-    )
-
-
 def _tokenize(
-    runtime: ModelRuntime, text: str, max_tokens: int | None, *, add_bos: bool | None = None
+    runtime: ModelRuntime, text: str, max_tokens: int | None, param: str, *, add_bos: bool | None = None
 ) -> list[int]:
-    """Token ids of ``text``, refusing a prompt the text alone proves too long before tokenizing it.
-    ``add_bos`` None: as the tokenizer's files say."""
+    """Token ids of ``text`` (the request's field ``param``), refusing a prompt the text alone proves
+    too long before tokenizing it (its characters more than the tokens the context leaves can hold, as
+    vLLM's check of characters does). ``add_bos`` None: as the tokenizer's files say."""
     tokenizer = runtime.tokenizer
     if not text:
         raise InvalidRequestError("the prompt is empty")
-    bound = tokenizer.min_tokens(text)
-    if bound + (max_tokens or 1) > runtime.options.max_context:
-        raise _context_error(runtime, bound, max_tokens or 1, at_least=True)
+    context, output = runtime.options.max_context, max_tokens or 1
+    room = context - output  #: input tokens the context leaves
+    if tokenizer.min_tokens(text) > room:
+        most = room * tokenizer.max_token_bytes
+        raise ContextLengthError(
+            f"This model's maximum context length is {context} tokens. However, you requested {output} "
+            f"output tokens and your prompt contains {len(text)} characters (more than {most} characters, "
+            f"the most that {room} input tokens hold: no token of this model holds more than "
+            f"{tokenizer.max_token_bytes} bytes). Please reduce the length of the prompt or the number of "
+            "requested output tokens.",
+            param,
+        )
     return tokenizer.encode(text, add_bos=add_bos)
 
 
@@ -259,6 +260,7 @@ def _prepare(runtime: ModelRuntime, req: CompletionRequest | ChatRequest) -> tup
     """Render and tokenize (in a worker thread: no lock held); returns the ids and max_tokens."""
     max_tokens = req.sampling.max_tokens
     if isinstance(req, ChatRequest):
+        param = "messages"
         template = runtime.chat_template
         if template is None:
             raise InvalidRequestError(
@@ -268,15 +270,17 @@ def _prepare(runtime: ModelRuntime, req: CompletionRequest | ChatRequest) -> tup
         # The template writes the special tokens itself (``{{ bos_token }}`` in Llama 3's, Mistral's,
         # Gemma's): a BOS added on top made two. transformers' apply_chat_template and vLLM tokenize a
         # rendered chat without adding special tokens.
-        ids = _tokenize(runtime, text, max_tokens, add_bos=False)
+        ids = _tokenize(runtime, text, max_tokens, param, add_bos=False)
     elif isinstance(req.prompt, str):
-        ids = _tokenize(runtime, req.prompt, max_tokens)
+        param = "prompt"
+        ids = _tokenize(runtime, req.prompt, max_tokens, param)
     else:
+        param = "prompt"
         ids = list(req.prompt)
-    if max_tokens is None:  # chat: as many as the context leaves
-        max_tokens = runtime.options.max_context - len(ids)
-        if max_tokens < 1:
-            raise _context_error(runtime, len(ids), 1, at_least=False)
+    context = runtime.options.max_context
+    if max_tokens is None:  # chat: as many as the context leaves (at least one)
+        max_tokens = max(context - len(ids), 1)
+    check_context(len(ids), max_tokens, context, param)
     runtime.validate_prompt(ids, max_tokens)
     return ids, max_tokens
 
@@ -388,10 +392,8 @@ async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
     finished = False
     untrack = track_handler(request)
     try:
-        parse: Callable[[Any], CompletionRequest | ChatRequest] = (
-            functools.partial(parse_chat, context=runtime.options.max_context)
-            if kind == "chat"
-            else parse_completion
+        parse: Callable[[Any], CompletionRequest | ChatRequest] = functools.partial(
+            parse_chat if kind == "chat" else parse_completion, context=runtime.options.max_context
         )
         try:
             req, large = await _read_request(request, parse)

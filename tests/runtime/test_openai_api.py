@@ -235,6 +235,38 @@ def test_the_sdks_own_reply_goes_back_as_history_and_its_stream_options_are_take
     serve(runtime, scenario)
 
 
+def test_an_assistant_message_without_content_is_empty_and_tool_calls_are_refused(
+    runtime: ModelRuntime,
+) -> None:
+    """OpenAI's API makes ``content`` optional in an assistant's message (one that carries tool calls
+    instead, as agents send their history back), and vLLM renders a null one as empty; the tool calls
+    themselves this server does not take, and the 400 names them."""
+
+    async def scenario(client: AsyncOpenAI, _: TestClient) -> None:
+        args: dict[str, Any] = {"model": "tiny", "max_tokens": 1, "temperature": 0}
+        empty = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]
+        empty.append({"role": "user", "content": "ok"})
+        for said in ({"role": "assistant", "content": None}, {"role": "assistant"}):
+            reply = await client.chat.completions.create(messages=[empty[0], said, empty[2]], **args)
+            assert reply.usage is not None  # a byte per token: the prompt is the template's text
+            assert reply.usage.prompt_tokens == len(rendered(runtime, empty))
+        call = {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}],
+        }
+        answer = {"role": "tool", "tool_call_id": "c1", "content": "42"}
+        with pytest.raises(openai.BadRequestError) as caught:
+            await client.chat.completions.create(messages=[empty[0], call, answer], **args)
+        assert "messages[1].tool_calls: tool calls are not supported" in caught.value.message
+        assert caught.value.body["param"] == "messages"  # type: ignore[index]
+        with pytest.raises(openai.BadRequestError) as caught:  # required in every other message
+            await client.chat.completions.create(messages=[{"role": "user", "content": None}], **args)
+        assert "messages[0].content must be a string" in caught.value.message
+
+    serve(runtime, scenario)
+
+
 def test_chat_default_max_tokens_is_what_the_context_leaves(runtime: ModelRuntime) -> None:
     async def scenario(client: AsyncOpenAI, _: TestClient) -> None:
         reply = await client.chat.completions.create(
@@ -263,6 +295,33 @@ def test_chat_on_the_real_model_answers_with_its_own_template(smollm2_weights: A
         )
         assert "Paris" in (reply.choices[0].message.content or "")
         assert reply.choices[0].finish_reason == "stop"  # the model ended its turn with <|im_end|>
+        # The end token is counted, so it has its logprob too, shown as its special token's text
+        # (as vLLM's chat and completions logprobs show it), though the text leaves it out.
+        args: dict[str, Any] = {"model": "smollm2", "messages": messages, "max_tokens": 24, "temperature": 0}
+        scored = await client.chat.completions.create(**args, logprobs=True, top_logprobs=2)
+        content = scored.choices[0].logprobs.content  # type: ignore[union-attr]
+        assert scored.usage is not None and content is not None
+        assert len(content) == scored.usage.completion_tokens and content[-1].token == "<|im_end|>"
+        assert bytes(content[-1].bytes or []) == b"<|im_end|>" and len(content[-1].top_logprobs) == 2
+        assert "".join(e.token for e in content[:-1]) == scored.choices[0].message.content
+        stream = await client.chat.completions.create(
+            **args, logprobs=True, stream=True, stream_options={"include_usage": True}
+        )
+        chunks = [c async for c in stream]
+        streamed = [
+            e
+            for c in chunks
+            if c.choices and c.choices[0].logprobs
+            for e in c.choices[0].logprobs.content or []
+        ]
+        assert [e.token for e in streamed] == [e.token for e in content]
+        assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == len(streamed)
+        plain = await client.completions.create(
+            model="smollm2", prompt=rendered(rt, messages), max_tokens=24, temperature=0, logprobs=1
+        )
+        lp = plain.choices[0].logprobs
+        assert plain.choices[0].finish_reason == "stop" and lp is not None and plain.usage is not None
+        assert len(lp.tokens or []) == plain.usage.completion_tokens and (lp.tokens or [])[-1] == "<|im_end|>"
 
     try:
         serve(rt, scenario)
@@ -429,13 +488,18 @@ BAD_REQUESTS = {
     "top_p above 1": (text(top_p=1.5), "top_p", "'top_p' must be in (0, 1]"),
     "empty prompt": (text(prompt=""), None, "the prompt is empty"),
     "empty messages": (chat(messages=[]), "messages", "'messages' must be a non-empty list"),
-    "oversize prompt": (text(prompt="word " * 500), None, "maximum context length is 64"),
+    "oversize prompt": (text(prompt="word " * 500), "prompt", "maximum context length is 64"),
     "oversize chat": (
         chat(messages=[{"role": "user", "content": "x" * 300}]),
-        None,
+        "messages",
         "maximum context length",
     ),
-    "prompt plus max_tokens beyond the context": (text(max_tokens=64), None, "maximum context length is 64"),
+    "max_tokens beyond the context": (text(max_tokens=64), "max_tokens", "'max_tokens' must be less than 64"),
+    "max_completion_tokens beyond the context": (
+        chat(max_completion_tokens=70),
+        "max_completion_tokens",
+        "'max_completion_tokens' must be less than 64: this model's maximum context length is 64 tokens",
+    ),
     "zero max_tokens": (text(max_tokens=0), "max_tokens", "'max_tokens' must be in [1,"),
     "unknown field": (chat(extra_body={"max_token": 5}), "max_token", "unknown field 'max_token'"),
     "unsupported penalty": (chat(frequency_penalty=0.5), "frequency_penalty", "is not supported"),
@@ -501,6 +565,56 @@ def test_bad_input_is_a_400_with_a_message(runtime: ModelRuntime, case: str) -> 
             assert isinstance(body, dict) and body["type"] == "invalid_request_error"
             assert body["param"] == param
         assert (await http.get("/healthz")).status == 200  # still alive
+
+    serve(runtime, scenario)
+
+
+def test_context_length_errors_count_what_they_refuse(runtime: ModelRuntime) -> None:
+    """In OpenAI's and vLLM's words, which clients parse ("maximum context length is N tokens", vLLM's
+    "you requested N output tokens and your prompt contains M input tokens"), with OpenAI's code and
+    the field holding the prompt as ``param``: the token count once tokenized; before, where the text
+    alone proves the prompt too long, its characters and the most the context leaves room for (as
+    vLLM's own check of characters), not a lower bound of tokens far below the real count."""
+
+    async def scenario(client: AsyncOpenAI, _: TestClient) -> None:
+        cases = [
+            (
+                text(prompt="x" * 54, max_tokens=11),
+                "prompt",
+                "This model's maximum context length is 64 tokens. However, you requested 11 output "
+                "tokens and your prompt contains 54 input tokens, for a total of 65 tokens. Please reduce "
+                "the length of the prompt or the number of requested output tokens.",
+            ),
+            (  # rendered "<user>" + 40 x + "\n<assistant>": 58 tokens
+                chat(messages=[{"role": "user", "content": "x" * 40}], max_tokens=10),
+                "messages",
+                "your prompt contains 58 input tokens, for a total of 68 tokens.",
+            ),
+            (  # no max_tokens: what the context leaves, here nothing
+                chat(messages=[{"role": "user", "content": "x" * 46}], max_tokens=None),
+                "messages",
+                "you requested 1 output tokens and your prompt contains 64 input tokens, for a total of 65",
+            ),
+            (  # no token of the tiny model holds more than 13 bytes ("<|endoftext|>")
+                text(prompt="word " * 500, max_tokens=4),
+                "prompt",
+                "This model's maximum context length is 64 tokens. However, you requested 4 output tokens "
+                "and your prompt contains 2500 characters (more than 780 characters, the most that 60 input "
+                "tokens hold: no token of this model holds more than 13 bytes). Please reduce the length of "
+                "the prompt or the number of requested output tokens.",
+            ),
+        ]
+        for (endpoint, kwargs), param, needle in cases:
+            create = client.chat.completions.create if endpoint == "chat" else client.completions.create
+            with pytest.raises(openai.BadRequestError) as caught:
+                await create(**{k: v for k, v in kwargs.items() if v is not None})  # type: ignore[call-overload]
+            assert needle in caught.value.message, caught.value.message
+            assert caught.value.body == {
+                "message": caught.value.body["message"],  # type: ignore[index]
+                "type": "invalid_request_error",
+                "param": param,
+                "code": "context_length_exceeded",
+            }
 
     serve(runtime, scenario)
 
