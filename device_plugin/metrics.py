@@ -1,16 +1,21 @@
 """Prometheus metrics of the device plugin, served on a loopback port by default.
 
 Device gauges are computed at scrape time from the device table and the ledger (no polling loop
-to keep in sync); the Allocate latency histogram is observed by the servicer.
+to keep in sync); the Allocate latency histogram is observed by the servicer. The same port answers
+``/healthz`` for the kubelet's liveness probe: 200, or 503 with the problem the plugin reports.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import socket
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
@@ -89,9 +94,25 @@ class PluginMetrics:
         )
         self._server: Any = None
 
-    def serve(self, address: str, port: int) -> int:
-        """Start the HTTP endpoint; returns the bound port (``port=0`` is not allowed: 0 disables serving)."""
-        server, _thread = start_http_server(port, addr=address, registry=self.registry)
+    def serve(self, address: str, port: int, health: Callable[[], str | None] = lambda: None) -> int:
+        """Start the HTTP endpoint (``/metrics``, and ``/healthz`` answering 503 with what ``health``
+        returns when it is not None); returns the bound port (``port=0`` is not allowed: 0 disables
+        serving)."""
+        metrics = make_wsgi_app(self.registry)
+
+        def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+            if environ.get("PATH_INFO") != "/healthz":
+                return metrics(environ, start_response)  # type: ignore[no-any-return]
+            problem = health()
+            status = "200 OK" if problem is None else "503 Service Unavailable"
+            start_response(status, [("Content-Type", "text/plain; charset=utf-8")])
+            return [f"{problem or 'ok'}\n".encode()]
+
+        class Server(ThreadingWSGIServer):
+            address_family = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM)[0][0]
+
+        server = make_server(address, port, app, Server, handler_class=_QuietHandler)
+        threading.Thread(target=server.serve_forever, name="vnpu-metrics", daemon=True).start()
         self._server = server
         return int(server.server_address[1])
 
@@ -100,3 +121,10 @@ class PluginMetrics:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """No access line per scrape or probe (every few seconds, for the plugin's life)."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass

@@ -42,6 +42,11 @@ log = logging.getLogger(__name__)
 
 #: Sticky, writable and searchable by all, readable by none but root: see ensure_socket_dir.
 SOCKET_DIR_MODE = 0o1733
+#: Seconds without progress of the watch loop (a part of its pass done, or a pass) before ``/healthz``
+#: fails. Every part is bounded by its calls' timeouts (a registration 10 s, a pod-resources List 5 s),
+#: so a minute without one is a hang (a deadlock, a call stuck past its timeout) that only a restart
+#: mends. A kubelet that is down or slow makes no part last longer than its timeout.
+WATCH_STALL_S = 60.0
 #: A registration that failed is tried again after this long, doubling up to the max while the
 #: same kubelet.sock refuses it (a kubelet that died leaves its socket behind); a new kubelet.sock
 #: (a kubelet that started) is tried at once.
@@ -71,6 +76,8 @@ class PluginConfig:
     reconcile_interval_s: float = 5.0
     release_grace_s: float = 10.0
     watch_interval_s: float = 0.2
+    #: a watch loop (registration, sockets, reconcile) with no progress this long is hung: /healthz fails
+    watch_stall_s: float = WATCH_STALL_S
     node_name: str | None = None
     kubeconfig: Path | None = None
     use_api: bool = True  #: talk to the API server when a kubeconfig or in-cluster config exists
@@ -203,6 +210,8 @@ class PluginRunner:
         self.endpoints: dict[str, DeviceEndpoint] = {}
         self._stop = threading.Event()
         self._watch_thread: threading.Thread | None = None
+        #: time.monotonic() of the watch loop's last progress: a part of a pass done (its start before)
+        self._watch_progress = time.monotonic()
         self.registrations = 0
         #: part of the upkeep -> the error it last failed with (logged once until it changes or clears)
         self._failing: dict[str, str] = {}
@@ -232,7 +241,7 @@ class PluginRunner:
         self.monitor.start()
         self.reconcile()
         if cfg.metrics_port:
-            self.metrics_port = self.metrics.serve(cfg.metrics_address, cfg.metrics_port)
+            self.metrics_port = self.metrics.serve(cfg.metrics_address, cfg.metrics_port, self.health)
             log.info("metrics endpoint", extra={"address": cfg.metrics_address, "port": self.metrics_port})
         if self.annotator is not None:
             self.annotator.start()
@@ -240,6 +249,7 @@ class PluginRunner:
         kubelet = registration.file_identity(cfg.plugin_dir / registration.KUBELET_SOCKET_NAME)
         for endpoint in self.endpoints.values():
             self._try_register(endpoint, kubelet)
+        self._watch_progress = time.monotonic()
         self._watch_thread = threading.Thread(target=self._watch_loop, name="vnpu-kubelet-watch", daemon=True)
         self._watch_thread.start()
         return self
@@ -264,6 +274,19 @@ class PluginRunner:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    def health(self) -> str | None:
+        """Why the plugin needs a restart (``/healthz`` answers 503 with it), or None. The watch loop
+        re-serves vanished sockets, registers with a restarted kubelet and releases ended pods' slices:
+        hung or dead, the node's devices drift from the kubelet's view until someone restarts the pod."""
+        if self._watch_thread is None or self._stop.is_set():
+            return None  # starting (the endpoint serves before the loop runs) or stopping
+        if not self._watch_thread.is_alive():
+            return "the kubelet watch loop has ended"
+        idle = time.monotonic() - self._watch_progress
+        if idle > self.config.watch_stall_s:
+            return f"the kubelet watch loop has made no progress for {idle:.0f}s (hung?)"
+        return None
 
     def wait(self) -> None:
         """Block until stop() is called (from a signal handler, which runs while this waits)."""
@@ -310,6 +333,8 @@ class PluginRunner:
                 self._failing[part] = error
                 log.exception("%s failed; will retry", part, extra={"error": error})
             return False
+        finally:
+            self._watch_progress = time.monotonic()  # done, either way: the loop is not hung (health)
         if self._failing.pop(part, None) is not None:
             log.info("%s works again", part)
         return True
@@ -365,6 +390,7 @@ class PluginRunner:
             if time.monotonic() >= next_reconcile:
                 next_reconcile = time.monotonic() + cfg.reconcile_interval_s
                 self._attempt("reconciling with pod-resources", self.reconcile)
+            self._watch_progress = time.monotonic()
 
     def _upkeep(self, endpoint: DeviceEndpoint, kubelet: registration.FileIdentity | None) -> None:
         """Serve ``endpoint`` again if its socket is gone, register it again with a new kubelet."""

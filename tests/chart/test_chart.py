@@ -430,3 +430,16 @@ def test_the_device_plugin_update_strategy_is_a_value(kube_bin_dir) -> None:
     ]:
         proc = helm(kube_bin_dir, "template", "x", str(CHART), "--set", setting, check=False)
         assert proc.returncode != 0 and refusal in proc.stderr, (setting, proc.stderr)
+
+
+def test_the_device_plugin_is_restarted_when_its_watch_loop_hangs(kube_bin_dir) -> None:
+    """The plugin's /healthz fails once its kubelet watch loop has made no progress for a minute
+    (tests/device_plugin: test_healthz_fails_while_the_kubelet_watch_loop_is_hung); the kubelet
+    probes it on the metrics port, the only port the plugin serves."""
+    (plugin,) = [d for d in render(kube_bin_dir) if d["kind"] == "DaemonSet"]
+    (container,) = plugin["spec"]["template"]["spec"]["containers"]
+    probe = container["livenessProbe"]
+    assert probe["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert {"name": "metrics", "containerPort": 9465} in container["ports"]
+    # Three misses 20 s apart: a plugin starting (journal load, first reconcile) is not killed.
+    assert probe["periodSeconds"] * probe["failureThreshold"] >= 60

@@ -6,7 +6,10 @@ from __future__ import annotations
 import errno
 import logging
 import queue
+import threading
 import time
+import urllib.error
+import urllib.request
 
 import grpc
 import pytest
@@ -23,6 +26,7 @@ from dp_helpers import (
 )
 
 from vnpu.cluster.controlplane import free_port
+from vnpu.cluster.processes import wait_until
 from vnpu.device_plugin import contract
 from vnpu.device_plugin.backends.ascend import AscendBackend
 from vnpu.device_plugin.plugin import PluginRunner
@@ -348,6 +352,40 @@ def test_metrics(run_plugin, stub_for, dirs):
     assert m['vnpu_device_memory_total_bytes{device="npu0",model="sim-910B"}'] == 4096 * 1024 * 1024
     assert m["vnpu_allocate_duration_seconds_count"] == 2
     assert m["vnpu_allocate_errors_total"] == 1
+
+
+def test_healthz_fails_while_the_kubelet_watch_loop_is_hung(run_plugin):
+    """The liveness probe's endpoint: 200 while the watch loop (sockets, registration, reconcile) makes
+    progress; 503 naming the hang once it has made none for ``watch_stall_s``; 200 again when it resumes.
+    The metrics endpoint alone answered 200 from its own thread whatever the loop did."""
+    port = free_port()
+    runner = run_plugin(metrics_port=port, watch_stall_s=0.5)
+
+    def healthz() -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as answer:
+                return answer.status, answer.read().decode()
+        except urllib.error.HTTPError as refused:
+            return refused.code, refused.read().decode()
+
+    assert healthz() == (200, "ok\n")
+    hung, resume = threading.Event(), threading.Event()
+    serve_new_devices = runner._add_endpoints
+
+    def stuck() -> list[object]:
+        hung.set()
+        resume.wait(30)
+        return serve_new_devices()
+
+    runner._add_endpoints = stuck  # type: ignore[method-assign]
+    assert hung.wait(5)
+    wait_until(lambda: healthz()[0] == 503, 5, "/healthz to fail")
+    _, text = healthz()
+    assert "no progress for" in text and "hung" in text, text
+    assert "vnpu_kubelet_registrations_total" in scrape(port)  # metrics still served meanwhile
+    runner._add_endpoints = serve_new_devices  # type: ignore[method-assign]
+    resume.set()
+    wait_until(lambda: healthz() == (200, "ok\n"), 5, "/healthz to pass again")
 
 
 def test_plugin_restart_restores_allocations_from_the_checkpoint(dirs, stub_for):
