@@ -1,11 +1,15 @@
 """Scale to zero and keep-warm decisions (issue 13), pure: observed models in, intents and status out.
 
 **Idle.** A model with ``scaling.minReplicas: 0`` and replicas is idle once ``idleSeconds`` have
-passed since the later of its last request (the gateway's ``vnpu.io/last-request`` annotation) and the
-moment the operator first saw its current generation (``status.scaling.activeSince``). The second
-clock matters at a wake: the gateway scales a model to 1 the moment a request arrives, but flushes its
+passed since the later of its last request (the gateway's ``vnpu.io/last-request`` annotation) and
+``status.scaling.activeSince``: the moment the operator first saw its current generation, or later saw
+the gateway's request counter (``vnpu.io/requests``) move, by the operator's own clock. The first
+matters at a wake: the gateway scales a model to 1 the moment a request arrives, but flushes its
 request counts every few seconds; without it the operator would see a model at 1 replica whose last
-request is hours old and put it straight back to 0. A last request more than
+request is hours old and put it straight back to 0. The second makes a gateway whose clock runs behind
+harmless: its last-request times look old, but its counter moves, and when it moved is the operator's
+observation (client-go's leader election reads a Lease the same way: when the record last changed, by
+the reader's clock, not the time written in it). A last request more than
 :data:`vnpu.api.LAST_REQUEST_MAX_AHEAD_S` ahead of the operator's clock counts as none: written by a
 gateway whose clock was ahead (or by hand), it would keep the model awake, holding its device memory,
 until the clock reached it, and the gateway's replicas with a right clock never write over a later
@@ -68,7 +72,8 @@ class ScaleDown:
 class Activity:
     """Where a model stands on the idle clock after this pass."""
 
-    active_since: dt.datetime  #: when the operator first saw the model's current generation
+    #: when the operator first saw the model's current generation, or last saw its request counter move
+    active_since: dt.datetime
     idle_for: float  #: seconds since the later of that and the last request
     due_in: float | None  #: seconds until it is scaled to 0 (None: it never is now; 0: now)
 
@@ -80,6 +85,8 @@ def activity(model: ObservedModel, now: dt.datetime) -> Activity:
     same_generation = scaling.get("generation") == model.generation
     since = api.parse_time(scaling.get("activeSince")) if same_generation else None
     since = min(since, now) if since else now
+    if counter_moved(model):  # a request since the last pass, whatever the gateway's clock says
+        since = now
     last = api.credible_last_request(model.last_request, now)  # (one far in the future: a wrong clock)
     latest = max(since, last) if last else since
     idle_for = max(0.0, (now - latest).total_seconds())
@@ -88,6 +95,14 @@ def activity(model: ObservedModel, now: dt.datetime) -> Activity:
     if spec.scaling.min_replicas == 0 and spec.replicas > 0:
         due_in = max(0.0, spec.scaling.idle_seconds - idle_for)
     return Activity(since, idle_for, due_in)
+
+
+def counter_moved(model: ObservedModel) -> bool:
+    """Whether the gateway's request counter differs from the one :func:`demand` last folded into the
+    status (which it does whenever it moved): requests came since the operator last looked."""
+    if model.requests_total is None:
+        return False
+    return model.requests_total != forecast.DemandState.from_dict(model.status.get("demand")).total
 
 
 def scale_down(model: ObservedModel, act: Activity) -> ScaleDown | None:

@@ -186,3 +186,30 @@ def test_a_warm_service_routes_to_its_own_weights_only_and_after_an_upgrade_too(
     wait_until(upgraded, 60, "the holders labelled and the warm Services' selectors patched")
     # In place: the same Services.
     assert {m: core.read_namespaced_service(warm_service_name(m), namespace).metadata.uid for m in uid} == uid
+
+
+def test_a_busy_model_stays_up_under_a_gateway_whose_clock_runs_behind(
+    cluster, namespace, kwok_nodes, operator
+) -> None:
+    """A gateway an hour behind writes last-request times an hour old while it counts requests: the
+    operator used to scale the busy model to 0 once idleSeconds passed from its first sight. It now
+    takes each move of the counter, seen by its own clock, as a request; once the counter stops, the
+    model goes to 0 as any idle one."""
+    kwok_nodes(1, devices=1, device_mib=16 * GIB)
+    apply(cluster, namespace, "busy", _scaled("Never", "busy"))
+    wait_phase(cluster, namespace, "busy", "Ready")
+
+    def report(total: int) -> None:  # a gateway flush, its clock an hour behind
+        cluster.kubectl(
+            "annotate", "infm", "busy", "-n", namespace, "--overwrite",
+            f"{api.ANNOTATION_LAST_REQUEST}={_long_ago()}", f"{api.ANNOTATION_REQUESTS}={total}",
+        )  # fmt: skip
+
+    total, until = 0, time.monotonic() + IDLE_S + 15
+    while time.monotonic() < until:
+        total += 2
+        report(total)
+        assert get_model(cluster, namespace, "busy")["spec"]["replicas"] == 2, f"scaled down at {total}"
+        time.sleep(3)
+    wait_phase(cluster, namespace, "busy", "Idle", timeout=IDLE_S + 40)  # no more requests
+    assert get_model(cluster, namespace, "busy")["spec"]["replicas"] == 0

@@ -12,7 +12,7 @@ from test_planner import NOW, as_pods, estimate, model, node, run, step
 
 from vnpu import api
 from vnpu.memory import EstimateError, EstimatePending
-from vnpu.operator import forecast, planner
+from vnpu.operator import forecast, planner, scaling
 from vnpu.operator.packing import Taint
 from vnpu.operator.pods import SAFE_TO_EVICT
 from vnpu.operator.state import ObservedModel, parse_model
@@ -312,3 +312,33 @@ def test_a_warm_holder_gives_its_room_to_replicas_that_would_wait() -> None:
                  if p.role == api.ROLE_WEIGHTS]  # fmt: skip
     result = run([asleep, b], roomy, [holder], estimates=est)
     assert result.delete == [] and result.warm_holders == {"default": 1}
+
+
+def test_a_gateway_clock_running_behind_never_makes_a_busy_model_idle() -> None:
+    """A gateway whose clock is an hour behind writes last-request times an hour old: the model looked
+    idle and was scaled to 0 while it served. Its request counter moves all the same: the operator
+    takes the move, seen by its own clock, as a request now (status.scaling.activeSince)."""
+    an_hour_behind = NOW - 60 * MINUTE
+    folded = forecast.DemandState(updated_min=scaling.minutes(NOW - 2 * MINUTE), total=5).to_dict()
+    busy = replace(
+        idle_model(last_request=an_hour_behind, active_since=NOW - 60 * MINUTE),
+        requests_total=9,  # four requests since the last pass
+    )
+    busy = replace(busy, status={**busy.status, "demand": folded})
+    result = run([busy], [node("n1")])
+    assert result.scale_down == [] and result.requeue_after == 300
+    status = result.statuses[0].status
+    assert status["scaling"]["activeSince"] == "2026-11-25T12:00:00Z"  # NOW, by the operator's clock
+    assert status["demand"]["total"] == 9  # folded: the next pass sees no move unless there is one
+
+    # The next pass, the counter unchanged: idle since the move, not since the gateway's time.
+    later = replace(
+        busy,
+        status={"scaling": {**status["scaling"], "generation": 1}, "demand": status["demand"]},
+    )
+    result = run([later], [node("n1")])
+    assert result.scale_down == [] and result.requeue_after == 300
+    # With no move at all, the hour-old time stands: idle, as before.
+    still = replace(busy, status={**busy.status, "demand": {**folded, "total": 9}})
+    (down,) = run([still], [node("n1")]).scale_down
+    assert down.idle_seconds == 3600
