@@ -116,3 +116,29 @@ def test_extra_env_values_are_strings(kube_bin_dir: Path, component: str) -> Non
     assert typo.returncode != 0 and "vaule" in typo.stderr, typo.stderr
     docs = render(kube_bin_dir, *base, "--set-string", f"{component}.extraEnv[0].value=1")
     assert "value: '1'" in yaml.safe_dump_all(docs)
+
+
+@pytest.mark.parametrize("component", ["operator", "devicePlugin", "gateway"])
+def test_resources_are_requests_and_limits_of_quantities(kube_bin_dir: Path, component: str) -> None:
+    """The gateway's took any object: a misspelt ``request`` rendered and was dropped by the API server
+    (the pod ran with no request at all), and a boolean failed at apply naming no key."""
+    for setting, refusal in [
+        (f"{component}.resources.request.cpu=1", "request"),
+        (f"{component}.resources.limits.memory=true", f"/{component}/resources/limits/memory"),
+    ]:
+        proc = helm(kube_bin_dir, "template", "x", str(CHART), "--set", setting, check=False)
+        assert proc.returncode != 0 and refusal in proc.stderr, (setting, proc.stderr)
+    docs = render(kube_bin_dir, "--set", f"{component}.resources.limits.cpu=2")
+    assert "cpu: 2" in yaml.safe_dump_all(docs)
+
+
+def test_an_empty_priority_class_leaves_the_field_out(kube_bin_dir: Path) -> None:
+    """``devicePlugin.priorityClassName=""`` (the cluster's default priority) rendered a null field."""
+    (plugin,) = [
+        d
+        for d in render(kube_bin_dir, "--set", "devicePlugin.priorityClassName=")
+        if d["kind"] == "DaemonSet"
+    ]
+    assert "priorityClassName" not in plugin["spec"]["template"]["spec"]
+    (default,) = [d for d in render(kube_bin_dir) if d["kind"] == "DaemonSet"]
+    assert default["spec"]["template"]["spec"]["priorityClassName"] == "system-node-critical"
