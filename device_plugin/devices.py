@@ -337,6 +337,7 @@ class HealthMonitor:
         self._failing_since: float | None = None  #: when the backend's current run of failures began
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._polled = clock()  #: when the last poll ended (its start, before the first)
 
     def poll_once(self) -> None:
         try:
@@ -379,12 +380,26 @@ class HealthMonitor:
 
     def start(self) -> None:
         self.poll_once()
+        self._polled = self._clock()
         self._thread = threading.Thread(target=self._run, name="vnpu-health", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
             self.poll_once()
+            self._polled = self._clock()
+
+    def stalled(self, limit_s: float) -> str | None:
+        """Why the polls stopped (a backend call that never returns: a wedged driver), or None; the
+        devices then keep the health last reported, right or not."""
+        if self._thread is None or self._stop.is_set():
+            return None
+        if not self._thread.is_alive():
+            return "the device health monitor has ended"
+        idle = self._clock() - self._polled
+        if idle > max(limit_s, 3 * self.interval_s):
+            return f"the device health monitor has made no poll for {idle:.0f}s (a backend call hung?)"
+        return None
 
     def stop(self) -> None:
         self._stop.set()

@@ -42,11 +42,12 @@ log = logging.getLogger(__name__)
 
 #: Sticky, writable and searchable by all, readable by none but root: see ensure_socket_dir.
 SOCKET_DIR_MODE = 0o1733
-#: Seconds without progress of the watch loop (a part of its pass done, or a pass) before ``/healthz``
-#: fails. Every part is bounded by its calls' timeouts (a registration 10 s, a pod-resources List 5 s),
-#: so a minute without one is a hang (a deadlock, a call stuck past its timeout) that only a restart
-#: mends. A kubelet that is down or slow makes no part last longer than its timeout.
-WATCH_STALL_S = 60.0
+#: Seconds without progress of a loop (the kubelet watch: a part of its pass done; the device health: a
+#: poll done) before ``/healthz`` fails. Every part is bounded by its calls' timeouts (a registration
+#: 10 s, a pod-resources List 5 s, an npu-smi run 10 s), so a minute without one is a hang (a deadlock,
+#: a driver call that never returns) that only a restart mends. A kubelet that is down or slow makes no
+#: part last longer than its timeout.
+STALL_S = 60.0
 #: A registration that failed is tried again after this long, doubling up to the max while the
 #: same kubelet.sock refuses it (a kubelet that died leaves its socket behind); a new kubelet.sock
 #: (a kubelet that started) is tried at once.
@@ -76,8 +77,8 @@ class PluginConfig:
     reconcile_interval_s: float = 5.0
     release_grace_s: float = 10.0
     watch_interval_s: float = 0.2
-    #: a watch loop (registration, sockets, reconcile) with no progress this long is hung: /healthz fails
-    watch_stall_s: float = WATCH_STALL_S
+    #: a loop (kubelet watch, device health) with no progress this long is hung: /healthz fails
+    stall_s: float = STALL_S
     node_name: str | None = None
     kubeconfig: Path | None = None
     use_api: bool = True  #: talk to the API server when a kubeconfig or in-cluster config exists
@@ -277,16 +278,17 @@ class PluginRunner:
 
     def health(self) -> str | None:
         """Why the plugin needs a restart (``/healthz`` answers 503 with it), or None. The watch loop
-        re-serves vanished sockets, registers with a restarted kubelet and releases ended pods' slices:
-        hung or dead, the node's devices drift from the kubelet's view until someone restarts the pod."""
+        re-serves vanished sockets, registers with a restarted kubelet and releases ended pods' slices;
+        the health monitor reports devices that break. Hung or dead, the node's devices drift from the
+        kubelet's view until someone restarts the pod."""
         if self._watch_thread is None or self._stop.is_set():
             return None  # starting (the endpoint serves before the loop runs) or stopping
         if not self._watch_thread.is_alive():
             return "the kubelet watch loop has ended"
         idle = time.monotonic() - self._watch_progress
-        if idle > self.config.watch_stall_s:
+        if idle > self.config.stall_s:
             return f"the kubelet watch loop has made no progress for {idle:.0f}s (hung?)"
-        return None
+        return self.monitor.stalled(self.config.stall_s)
 
     def wait(self) -> None:
         """Block until stop() is called (from a signal handler, which runs while this waits)."""

@@ -354,38 +354,41 @@ def test_metrics(run_plugin, stub_for, dirs):
     assert m["vnpu_allocate_errors_total"] == 1
 
 
-def test_healthz_fails_while_the_kubelet_watch_loop_is_hung(run_plugin):
-    """The liveness probe's endpoint: 200 while the watch loop (sockets, registration, reconcile) makes
-    progress; 503 naming the hang once it has made none for ``watch_stall_s``; 200 again when it resumes.
-    The metrics endpoint alone answered 200 from its own thread whatever the loop did."""
+def _healthz(port: int) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as answer:
+            return answer.status, answer.read().decode()
+    except urllib.error.HTTPError as refused:
+        return refused.code, refused.read().decode()
+
+
+@pytest.mark.parametrize("loop", ["kubelet watch", "device health"])
+def test_healthz_fails_while_a_loop_of_the_plugin_is_hung(run_plugin, loop: str) -> None:
+    """The liveness probe's endpoint: 200 while the kubelet watch loop (sockets, registration,
+    reconcile) and the device health monitor make progress; 503 naming the loop once one has made none
+    for ``stall_s`` (a deadlock, a driver call that never returns); 200 again when it resumes. The
+    metrics endpoint alone answered 200 from its own thread whatever the loops did."""
     port = free_port()
-    runner = run_plugin(metrics_port=port, watch_stall_s=0.5)
-
-    def healthz() -> tuple[int, str]:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as answer:
-                return answer.status, answer.read().decode()
-        except urllib.error.HTTPError as refused:
-            return refused.code, refused.read().decode()
-
-    assert healthz() == (200, "ok\n")
+    runner = run_plugin(metrics_port=port, stall_s=0.5, health_interval_s=0.05)
+    assert _healthz(port) == (200, "ok\n")
     hung, resume = threading.Event(), threading.Event()
-    serve_new_devices = runner._add_endpoints
+    owner, name = (runner, "_add_endpoints") if loop == "kubelet watch" else (runner.backend, "discover")
+    works = getattr(owner, name)
 
-    def stuck() -> list[object]:
+    def stuck() -> object:
         hung.set()
         resume.wait(30)
-        return serve_new_devices()
+        return works()
 
-    runner._add_endpoints = stuck  # type: ignore[method-assign]
+    setattr(owner, name, stuck)
     assert hung.wait(5)
-    wait_until(lambda: healthz()[0] == 503, 5, "/healthz to fail")
-    _, text = healthz()
-    assert "no progress for" in text and "hung" in text, text
+    wait_until(lambda: _healthz(port)[0] == 503, 5, "/healthz to fail")
+    _, text = _healthz(port)
+    assert f"the {loop} " in text and "hung" in text, text
     assert "vnpu_kubelet_registrations_total" in scrape(port)  # metrics still served meanwhile
-    runner._add_endpoints = serve_new_devices  # type: ignore[method-assign]
+    setattr(owner, name, works)
     resume.set()
-    wait_until(lambda: healthz() == (200, "ok\n"), 5, "/healthz to pass again")
+    wait_until(lambda: _healthz(port) == (200, "ok\n"), 5, "/healthz to pass again")
 
 
 def test_plugin_restart_restores_allocations_from_the_checkpoint(dirs, stub_for):
