@@ -92,28 +92,12 @@ def test_extra_env_values_are_strings(kube_bin_dir: Path, component: str) -> Non
     """``--set operator.extraEnv[0].value=1`` rendered an integer that the API server refused at apply
     (``cannot unmarshal number into Go struct field EnvVar ... of type string``), naming no key."""
     base = ["--set", f"{component}.extraEnv[0].name=X"]
-    proc = helm(
-        kube_bin_dir,
-        "template",
-        "x",
-        str(CHART),
-        *base,
-        "--set",
-        f"{component}.extraEnv[0].value=1",
-        check=False,
-    )
-    assert proc.returncode != 0 and f"/{component}/extraEnv/0/value': got number" in proc.stderr, proc.stderr
-    typo = helm(
-        kube_bin_dir,
-        "template",
-        "x",
-        str(CHART),
-        *base,
-        "--set",
-        f"{component}.extraEnv[0].vaule=a",
-        check=False,
-    )
-    assert typo.returncode != 0 and "vaule" in typo.stderr, typo.stderr
+    for setting, refusal in [
+        (f"{component}.extraEnv[0].value=1", f"/{component}/extraEnv/0/value': got number"),
+        (f"{component}.extraEnv[0].vaule=a", "vaule"),  # a misspelt key
+    ]:
+        proc = helm(kube_bin_dir, "template", "x", str(CHART), *base, "--set", setting, check=False)
+        assert proc.returncode != 0 and refusal in proc.stderr, (setting, proc.stderr)
     docs = render(kube_bin_dir, *base, "--set-string", f"{component}.extraEnv[0].value=1")
     assert "value: '1'" in yaml.safe_dump_all(docs)
 
