@@ -27,6 +27,7 @@ import os
 import shutil
 import threading
 import time
+import urllib.request
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -215,7 +216,14 @@ def test_device_plugin_registers_with_the_kubelet(installed) -> None:
         "vnpu-memory-0.sock",
         "vnpu-memory-1.sock",
     ]
-    assert is_ready(device_plugin_pod(cluster))
+    plugin = device_plugin_pod(cluster)
+    assert is_ready(plugin)
+    # The kubelet's liveness probe reaches it where the chart points it (metrics port, /healthz).
+    (container,) = plugin["spec"]["containers"]
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics", "scheme": "HTTP"}
+    port = next(p["containerPort"] for p in container["ports"] if p["name"] == "metrics")
+    with urllib.request.urlopen(f"http://{plugin['status']['podIP']}:{port}/healthz", timeout=5) as answer:
+        assert (answer.status, answer.read()) == (200, b"ok\n")
 
 
 # -- stage 3 ---------------------------------------------------------------------------------------------
@@ -429,6 +437,8 @@ def test_models_run_on_their_slices_share_weights_and_serve(models) -> None:
                    and p["metadata"]["labels"][api.LABEL_ROLE] == api.ROLE_REPLICA)  # fmt: skip
     streamed = metrics(f"http://{offload['status']['podIP']}:8000/metrics")
     assert streamed["vnpu_runtime_offload_bytes_total"] > 0  # layers were streamed, not all resident
+    # After the install and the models loading and serving beside it: the liveness probe never failed it.
+    assert device_plugin_pod(cluster)["status"]["containerStatuses"][0]["restartCount"] == 0
 
 
 # -- stage 4 ---------------------------------------------------------------------------------------------
