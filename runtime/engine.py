@@ -451,15 +451,16 @@ class ModelRuntime:
     def tokenize(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)
 
-    def validate_prompt(self, ids: Sequence[int], max_tokens: int) -> None:
-        """Refuse ids outside the vocabulary and prompts that do not fit the context (HTTP 400)."""
+    def validate_prompt(self, ids: Sequence[int], max_tokens: int, param: str | None = None) -> None:
+        """Refuse ids outside the vocabulary and prompts that do not fit the context (HTTP 400, naming
+        the request's field ``param``)."""
         installed = self._installed
         if installed is None:
             raise RuntimeUnavailableError(self.unavailable_reason or "not ready")
         vocab = installed.vocab_size
         if any(i < 0 or i >= vocab for i in ids):
             raise InvalidRequestError(f"prompt token ids must be in the vocabulary [0, {vocab})")
-        check_context(len(ids), max_tokens, self.options.max_context)
+        check_context(len(ids), max_tokens, self.options.max_context, param)
 
     def submit(self, request: GenerationRequest, sink: Callable[[RequestOutput], None]) -> RequestHandle:
         """Queue ``request``; ``sink`` gets its outputs from the engine thread (it must not block).

@@ -36,22 +36,30 @@ class GenerationResult:
         return (len(self.token_ids) - 1) / decode_time if len(self.token_ids) > 1 and decode_time > 0 else 0.0
 
 
+def context_length_error(context: int, output: int, prompt: str, param: str | None) -> ContextLengthError:
+    """The refusal of a prompt that leaves no room for ``output`` tokens in ``context``, in OpenAI's and
+    vLLM's words, which clients parse ("maximum context length is (\\d+) tokens", vLLM's "you requested N
+    output tokens and your prompt contains M input tokens"); ``prompt``: what the prompt was found to
+    hold; ``param``: the request's field holding it."""
+    return ContextLengthError(
+        f"This model's maximum context length is {context} tokens. However, you requested {output} output "
+        f"tokens and your prompt contains {prompt}. Please reduce the length of the prompt or the number of "
+        "requested output tokens.",
+        param,
+    )
+
+
 def check_context(prompt_tokens: int, max_new_tokens: int, context: int, param: str | None = None) -> None:
     """Refuse a prompt that is empty or, with ``max_new_tokens``, does not fit ``context``; ``param``:
-    the request's field holding the prompt. The message is OpenAI's and vLLM's, which clients parse
-    ("maximum context length is (\\d+) tokens", vLLM's "you requested N output tokens and your prompt
-    contains M input tokens")."""
+    the request's field holding the prompt."""
     if prompt_tokens == 0:
         raise InvalidRequestError("the prompt is empty")
     if max_new_tokens < 1:
         raise InvalidRequestError(f"max_tokens must be at least 1, got {max_new_tokens}")
     if prompt_tokens + max_new_tokens > context:
-        raise ContextLengthError(
-            f"This model's maximum context length is {context} tokens. However, you requested "
-            f"{max_new_tokens} output tokens and your prompt contains {prompt_tokens} input tokens, for a "
-            f"total of {prompt_tokens + max_new_tokens} tokens. Please reduce the length of the prompt or "
-            "the number of requested output tokens.",
-            param,
+        total = prompt_tokens + max_new_tokens
+        raise context_length_error(
+            context, max_new_tokens, f"{prompt_tokens} input tokens, for a total of {total} tokens", param
         )
 
 

@@ -90,7 +90,7 @@ from vnpu.jsonbody import (
 from vnpu.openai_error import SERVER_ERROR, SERVICE_UNAVAILABLE, error_body
 from vnpu.runtime.engine import GenerationRequest, ModelRuntime, RequestHandle, RequestOutput
 from vnpu.runtime.errors import ContextLengthError, InvalidRequestError, RuntimeUnavailableError
-from vnpu.runtime.generate import check_context
+from vnpu.runtime.generate import context_length_error
 from vnpu.runtime.openai_protocol import (
     BadRequest,
     ChatRequest,
@@ -244,13 +244,12 @@ def _tokenize(
     context, output = runtime.options.max_context, max_tokens or 1
     room = context - output  #: input tokens the context leaves
     if tokenizer.min_tokens(text) > room:
-        most = room * tokenizer.max_token_bytes
-        raise ContextLengthError(
-            f"This model's maximum context length is {context} tokens. However, you requested {output} "
-            f"output tokens and your prompt contains {len(text)} characters (more than {most} characters, "
-            f"the most that {room} input tokens hold: no token of this model holds more than "
-            f"{tokenizer.max_token_bytes} bytes). Please reduce the length of the prompt or the number of "
-            "requested output tokens.",
+        most, widest = room * tokenizer.max_token_bytes, tokenizer.max_token_bytes
+        raise context_length_error(
+            context,
+            output,
+            f"{len(text)} characters (more than {most} characters, the most that {room} input tokens hold: "
+            f"no token of this model holds more than {widest} bytes)",
             param,
         )
     return tokenizer.encode(text, add_bos=add_bos)
@@ -259,8 +258,8 @@ def _tokenize(
 def _prepare(runtime: ModelRuntime, req: CompletionRequest | ChatRequest) -> tuple[list[int], int]:
     """Render and tokenize (in a worker thread: no lock held); returns the ids and max_tokens."""
     max_tokens = req.sampling.max_tokens
+    param = "messages" if isinstance(req, ChatRequest) else "prompt"  # the field a context error names
     if isinstance(req, ChatRequest):
-        param = "messages"
         template = runtime.chat_template
         if template is None:
             raise InvalidRequestError(
@@ -272,16 +271,12 @@ def _prepare(runtime: ModelRuntime, req: CompletionRequest | ChatRequest) -> tup
         # rendered chat without adding special tokens.
         ids = _tokenize(runtime, text, max_tokens, param, add_bos=False)
     elif isinstance(req.prompt, str):
-        param = "prompt"
         ids = _tokenize(runtime, req.prompt, max_tokens, param)
     else:
-        param = "prompt"
         ids = list(req.prompt)
-    context = runtime.options.max_context
     if max_tokens is None:  # chat: as many as the context leaves (at least one)
-        max_tokens = max(context - len(ids), 1)
-    check_context(len(ids), max_tokens, context, param)
-    runtime.validate_prompt(ids, max_tokens)
+        max_tokens = max(runtime.options.max_context - len(ids), 1)
+    runtime.validate_prompt(ids, max_tokens, param)
     return ids, max_tokens
 
 
