@@ -40,6 +40,7 @@ from dataclasses import dataclass, replace
 from vnpu.api import MAX_DEVICE_ID_LEN, MAX_DEVICE_INDEX, device_resource, slice_id
 from vnpu.device_plugin import contract
 from vnpu.device_plugin.backends.base import Backend, BackendError, PhysicalDevice
+from vnpu.device_plugin.heartbeat import Heartbeat
 from vnpu.inventory import HEALTHY, UNHEALTHY, DeviceInfo, NodeInventory
 
 log = logging.getLogger(__name__)
@@ -337,7 +338,7 @@ class HealthMonitor:
         self._failing_since: float | None = None  #: when the backend's current run of failures began
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._polled = clock()  #: when the last poll ended (its start, before the first)
+        self.heartbeat = Heartbeat("device health monitor", "a backend call hung?", clock)  #: a beat per poll
 
     def poll_once(self) -> None:
         try:
@@ -380,26 +381,19 @@ class HealthMonitor:
 
     def start(self) -> None:
         self.poll_once()
-        self._polled = self._clock()
+        self.heartbeat.beat()
         self._thread = threading.Thread(target=self._run, name="vnpu-health", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
             self.poll_once()
-            self._polled = self._clock()
+            self.heartbeat.beat()
 
     def stalled(self, limit_s: float) -> str | None:
         """Why the polls stopped (a backend call that never returns: a wedged driver), or None; the
         devices then keep the health last reported, right or not."""
-        if self._thread is None or self._stop.is_set():
-            return None
-        if not self._thread.is_alive():
-            return "the device health monitor has ended"
-        idle = self._clock() - self._polled
-        if idle > max(limit_s, 3 * self.interval_s):
-            return f"the device health monitor has made no poll for {idle:.0f}s (a backend call hung?)"
-        return None
+        return self.heartbeat.stalled(self._thread, self._stop.is_set(), max(limit_s, 3 * self.interval_s))
 
     def stop(self) -> None:
         self._stop.set()

@@ -32,6 +32,7 @@ from vnpu.device_plugin import contract, podresources, registration
 from vnpu.device_plugin.annotator import NodeAnnotator
 from vnpu.device_plugin.backends import Backend, create_backend
 from vnpu.device_plugin.devices import BACKEND_ERROR_GRACE_S, DeviceEntry, DeviceTable, HealthMonitor
+from vnpu.device_plugin.heartbeat import Heartbeat
 from vnpu.device_plugin.ledger import Ledger
 from vnpu.device_plugin.metrics import PluginMetrics
 from vnpu.device_plugin.proto import api_pb2_grpc
@@ -211,8 +212,8 @@ class PluginRunner:
         self.endpoints: dict[str, DeviceEndpoint] = {}
         self._stop = threading.Event()
         self._watch_thread: threading.Thread | None = None
-        #: time.monotonic() of the watch loop's last progress: a part of a pass done (its start before)
-        self._watch_progress = time.monotonic()
+        #: a beat per part of the watch loop's pass done (each bounded by its calls' timeouts)
+        self._watch = Heartbeat("kubelet watch loop")
         self.registrations = 0
         #: part of the upkeep -> the error it last failed with (logged once until it changes or clears)
         self._failing: dict[str, str] = {}
@@ -250,7 +251,7 @@ class PluginRunner:
         kubelet = registration.file_identity(cfg.plugin_dir / registration.KUBELET_SOCKET_NAME)
         for endpoint in self.endpoints.values():
             self._try_register(endpoint, kubelet)
-        self._watch_progress = time.monotonic()
+        self._watch.beat()
         self._watch_thread = threading.Thread(target=self._watch_loop, name="vnpu-kubelet-watch", daemon=True)
         self._watch_thread.start()
         return self
@@ -281,14 +282,9 @@ class PluginRunner:
         re-serves vanished sockets, registers with a restarted kubelet and releases ended pods' slices;
         the health monitor reports devices that break. Hung or dead, the node's devices drift from the
         kubelet's view until someone restarts the pod."""
-        if self._watch_thread is None or self._stop.is_set():
-            return None  # starting (the endpoint serves before the loop runs) or stopping
-        if not self._watch_thread.is_alive():
-            return "the kubelet watch loop has ended"
-        idle = time.monotonic() - self._watch_progress
-        if idle > self.config.stall_s:
-            return f"the kubelet watch loop has made no progress for {idle:.0f}s (hung?)"
-        return self.monitor.stalled(self.config.stall_s)
+        # (None while starting: the endpoint serves before the loop runs)
+        watch = self._watch.stalled(self._watch_thread, self._stop.is_set(), self.config.stall_s)
+        return watch or self.monitor.stalled(self.config.stall_s)
 
     def wait(self) -> None:
         """Block until stop() is called (from a signal handler, which runs while this waits)."""
@@ -336,7 +332,7 @@ class PluginRunner:
                 log.exception("%s failed; will retry", part, extra={"error": error})
             return False
         finally:
-            self._watch_progress = time.monotonic()  # done, either way: the loop is not hung (health)
+            self._watch.beat()  # done, either way: the loop is not hung (health)
         if self._failing.pop(part, None) is not None:
             log.info("%s works again", part)
         return True
@@ -392,7 +388,6 @@ class PluginRunner:
             if time.monotonic() >= next_reconcile:
                 next_reconcile = time.monotonic() + cfg.reconcile_interval_s
                 self._attempt("reconciling with pod-resources", self.reconcile)
-            self._watch_progress = time.monotonic()
 
     def _upkeep(self, endpoint: DeviceEndpoint, kubelet: registration.FileIdentity | None) -> None:
         """Serve ``endpoint`` again if its socket is gone, register it again with a new kubelet."""
