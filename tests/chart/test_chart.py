@@ -432,10 +432,10 @@ def test_the_device_plugin_update_strategy_is_a_value(kube_bin_dir) -> None:
         assert proc.returncode != 0 and refusal in proc.stderr, (setting, proc.stderr)
 
 
-def test_the_device_plugin_is_restarted_when_its_watch_loop_hangs(kube_bin_dir) -> None:
-    """The plugin's /healthz fails once its kubelet watch loop has made no progress for a minute
-    (tests/device_plugin: test_healthz_fails_while_the_kubelet_watch_loop_is_hung); the kubelet
-    probes it on the metrics port, the only port the plugin serves."""
+def test_the_kubelet_probes_the_device_plugins_healthz_on_its_metrics_port(kube_bin_dir) -> None:
+    """The plugin's /healthz fails once its kubelet watch loop or its device health monitor has made no
+    progress for a minute (tests/device_plugin: test_healthz_fails_while_a_loop_of_the_plugin_is_hung);
+    the kubelet probes it on the metrics port, the only port the plugin serves."""
     (plugin,) = [d for d in render(kube_bin_dir) if d["kind"] == "DaemonSet"]
     (container,) = plugin["spec"]["template"]["spec"]["containers"]
     probe = container["livenessProbe"]
